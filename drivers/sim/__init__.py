@@ -1,0 +1,1 @@
+"""The synthetic source: seeded patient and pump streams with labelled injected events."""

@@ -1,0 +1,311 @@
+"""Fail-closed anonymization: what leaves the gateway carries keyed pseudonyms only.
+
+Identities (subject ids, device MACs and serials, source names, the gateway's name and host name)
+exist only on the gateway.  Outgoing records are *built* from an allow-list of fields - metric
+names, units, numbers, pseudonyms, short vocabulary tokens - never copied from raw objects, and
+every encoded record is then scanned for every identity seen so far, in raw, hex and base64 form.
+A record that fails either step is dropped and counted, never sent.
+
+Pseudonyms are HMAC-SHA-256 under a per-purpose key derived from a site key (32 random bytes
+created at first start, mode 0600).  An unkeyed hash of a MAC or serial number can be reversed by
+enumeration; a keyed one cannot without the site key.  Rotating the key breaks linkage on purpose.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import math
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.config import secret_file_problem
+from gateway.contracts import Alarm, Diagnostic, Lane, WindowRecord
+from gateway.errors import AnonymizationError, ConfigError
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 32
+PSEUDONYM_CHARS = 16  # base32 characters = 80 bits: collision-free for any realistic fleet
+SCHEMA_VERSION = 1
+# Free-text values are never sent; a string in a record's detail must be a short token.
+_TOKEN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """Read the site key, creating it (mode 0600, atomically) on first start."""
+    problem = secret_file_problem(path, must_exist=False)
+    if problem:
+        expected, found = problem
+        raise ConfigError(f"anonymizer {path}: site key refused: expected {expected}, found {found}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(
+            f"anonymizer {path}: cannot create the site key: {exc.strerror}: "
+            "make the state directory writable by the gateway's user"
+        ) from exc
+    else:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(KEY_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+        log.info("anonymizer: created a new site key at %s", path)
+    key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise ConfigError(
+            f"anonymizer {path}: site key has {len(key)} bytes, expected {KEY_BYTES}: "
+            "the file is damaged; move it away and restart to create a new key (pseudonyms will change)"
+        )
+    return key
+
+
+def rotate_key(path: Path) -> Path:
+    """Replace the site key with a new one; the old one is kept beside it, renamed, for the operator."""
+    retired = path.with_name(f"{path.name}.retired-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(KEY_BYTES))
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        path.rename(retired)
+    tmp.rename(path)
+    return retired
+
+
+class Pseudonymizer:
+    """Keyed, per-purpose pseudonyms: same identity and key give the same pseudonym."""
+
+    def __init__(self, site_key: bytes) -> None:
+        if len(site_key) < 16:
+            raise ValueError("Pseudonymizer: site key too short: need at least 16 random bytes")
+        self._keys: dict[str, bytes] = {}
+        self._site_key = site_key
+        self._cache: dict[tuple[str, str], str] = {}
+
+    def _purpose_key(self, purpose: str) -> bytes:
+        key = self._keys.get(purpose)
+        if key is None:
+            # Separate keys per purpose: a subject pseudonym cannot be matched to a device one.
+            key = hmac.new(self._site_key, b"edgetwin/pseudonym/" + purpose.encode(), hashlib.sha256).digest()
+            self._keys[purpose] = key
+        return key
+
+    def __call__(self, purpose: str, identity: str) -> str:
+        """The pseudonym of ``identity`` for ``purpose`` (e.g. "subject", "device", "gateway")."""
+        cached = self._cache.get((purpose, identity))
+        if cached is not None:
+            return cached
+        digest = hmac.new(self._purpose_key(purpose), identity.encode(), hashlib.sha256).digest()
+        value = base64.b32encode(digest).decode("ascii").lower()[:PSEUDONYM_CHARS]
+        self._cache[(purpose, identity)] = value
+        return value
+
+
+def identity_forms(identity: str) -> set[bytes]:
+    """The byte strings under which an identity could leak: raw, case variants, hex and base64."""
+    forms: set[str] = {identity, identity.lower(), identity.upper()}
+    compact = re.sub(r"[:\-\s.]", "", identity)
+    if compact != identity and len(compact) >= 4:
+        forms |= {compact, compact.lower(), compact.upper()}
+    out: set[bytes] = set()
+    for form in forms:
+        raw = form.encode()
+        out.add(raw)
+        out.add(binascii.hexlify(raw))
+        out.add(binascii.hexlify(raw).upper())
+        for enc in (base64.b64encode(raw), base64.urlsafe_b64encode(raw), base64.b32encode(raw)):
+            out.add(enc.rstrip(b"="))
+    # A MAC written as hex is also its raw 6 bytes.
+    if re.fullmatch(r"[0-9A-Fa-f]{12}", compact):
+        out.add(bytes.fromhex(compact))
+    return {f for f in out if len(f) >= 4}
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """An anonymized record, ready to encode: its lane, relative topic and payload."""
+
+    lane: Lane
+    topic: str
+    payload: Mapping[str, Any]
+    t_wall: float  # real creation time, for the outbox's age budget (never encoded)
+
+
+TimeMode = Literal["relative", "coarse", "exact"]
+
+
+class Anonymizer:
+    """Turns window records, alarms and diagnostics into identifier-free payloads, fail-closed."""
+
+    def __init__(
+        self,
+        pseudonym: Pseudonymizer,
+        *,
+        time_mode: TimeMode,
+        coarsen_s: float = 60.0,
+        start_wall: float | None = None,
+        local_identities: Iterable[str] = (),
+    ) -> None:
+        self._p = pseudonym
+        self._time_mode = time_mode
+        self._coarsen_s = coarsen_s
+        self._start_wall = time.time() if start_wall is None else start_wall
+        self._forms: set[bytes] = set()
+        self._registered: set[str] = set()
+        self.dropped = 0  # records refused because they could not be proven anonymous
+        for identity in (socket.gethostname(), *local_identities):
+            self.register(identity)
+
+    def register(self, identity: str) -> None:
+        """Add an identity whose every form must never appear in an outgoing record."""
+        if identity and identity not in self._registered:
+            self._registered.add(identity)
+            self._forms |= identity_forms(identity)
+
+    def gateway_pseudonym(self, name: str) -> str:
+        """The pseudonym that names this gateway on the wire."""
+        self.register(name)
+        return self._p("gateway", name)
+
+    def _t(self, t_wall: float) -> float:
+        if self._time_mode == "relative":
+            return round(t_wall - self._start_wall, 3)
+        if self._time_mode == "coarse":
+            return math.floor(t_wall / self._coarsen_s) * self._coarsen_s
+        return round(t_wall, 3)
+
+    def _subject(self, subject: str) -> str:
+        self.register(subject)
+        return self._p("subject", subject)
+
+    def _device(self, device: str, source: str) -> str:
+        self.register(device)
+        self.register(source)
+        return self._p("device", device)
+
+    def _detail(self, detail: Mapping[str, float | str]) -> dict[str, float | str]:
+        out: dict[str, float | str] = {}
+        for key, value in detail.items():
+            if not _TOKEN.match(key):
+                raise AnonymizationError(
+                    f"anonymizer: detail key {key[:3]!r}... is not a plain token: refused"
+                )
+            if isinstance(value, str):
+                if not _TOKEN.match(value):
+                    raise AnonymizationError(f"anonymizer: detail {key!r} holds free text: refused")
+                out[key] = value
+            elif isinstance(value, int | float) and math.isfinite(value):
+                out[key] = value
+        return out
+
+    def window(self, rec: WindowRecord) -> OutRecord:
+        """A window of features; raises AnonymizationError when it cannot be made safe."""
+        subject = self._subject(rec.subject)
+        streams = []
+        for sf in rec.streams:
+            metric = sf.stream.metric
+            entry: dict[str, Any] = {
+                "dev": self._device(sf.stream.device, sf.stream.source),
+                "metric": metric.name,
+                "unit": metric.unit,
+                "n": sf.count,
+                "missing": round(sf.missing, 4),
+            }
+            if metric.mdc is not None:
+                entry["mdc"] = metric.mdc
+            if sf.gap:
+                entry["gap"] = True
+            else:
+                entry["f"] = {k: float(v) for k, v in sf.features.items() if math.isfinite(v)}
+            streams.append(entry)
+        payload: dict[str, Any] = {
+            "v": SCHEMA_VERSION,
+            "type": "features",
+            "subject": subject,
+            "kind": rec.kind,
+            "t": self._t(rec.end_wall),
+            "win": rec.length_s,
+            "streams": streams,
+        }
+        if rec.scores:
+            payload["scores"] = {k: float(v) for k, v in rec.scores.items() if math.isfinite(v)}
+        return OutRecord(Lane.FEATURES, f"features/{subject}", payload, rec.end_wall)
+
+    def alarm(self, alarm: Alarm) -> OutRecord:
+        """An alarm record, with the contributing values."""
+        subject = self._subject(alarm.subject)
+        payload: dict[str, Any] = {
+            "v": SCHEMA_VERSION,
+            "type": "alarm",
+            "alarm": alarm.kind.value,
+            "subject": subject,
+            "t": self._t(alarm.t_wall),
+        }
+        if alarm.stream is not None:
+            payload["dev"] = self._device(alarm.stream.device, alarm.stream.source)
+            payload["metric"] = alarm.stream.metric.name
+        if alarm.detail:
+            payload["detail"] = self._detail(alarm.detail)
+        if alarm.contributions:
+            payload["contrib"] = {k: float(v) for k, v in alarm.contributions.items() if math.isfinite(v)}
+        return OutRecord(Lane.ALARMS, f"alarms/{subject}", payload, alarm.t_wall)
+
+    def diagnostic(self, diag: Diagnostic) -> OutRecord:
+        """A diagnostic record (gateway health, simulator ground truth)."""
+        if not _TOKEN.match(diag.kind):
+            raise AnonymizationError("anonymizer: diagnostic kind is not a plain token: refused")
+        payload: dict[str, Any] = {
+            "v": SCHEMA_VERSION,
+            "type": "diag",
+            "diag": diag.kind,
+            "t": self._t(diag.t_wall),
+        }
+        topic = "diag/gateway"
+        if diag.subject is not None:
+            payload["subject"] = self._subject(diag.subject)
+            topic = f"diag/{payload['subject']}"
+        if diag.detail:
+            payload["detail"] = self._detail(diag.detail)
+        return OutRecord(Lane.DIAGNOSTICS, topic, payload, diag.t_wall)
+
+    def check(self, encoded: bytes) -> None:
+        """Raise AnonymizationError if any known identity appears in the encoded bytes."""
+        for form in self._forms:
+            if form in encoded:
+                # Never log the identity itself: the log may leave the gateway too.
+                raise AnonymizationError(
+                    f"anonymizer: an identity ({len(form)}-byte form) appears in an outgoing record: "
+                    "record dropped; check metric names and driver metadata for identifiers"
+                )
+
+    def seal(
+        self, build: Callable[[], OutRecord], encode: Callable[[Mapping[str, Any]], bytes]
+    ) -> tuple[OutRecord, bytes] | None:
+        """Build, encode and check a record; None (and counted) when it is not provably anonymous."""
+        try:
+            rec = build()
+            data = encode(rec.payload)
+            self.check(data)
+            self.check(rec.topic.encode())
+        except AnonymizationError as exc:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error("%s (dropped so far: %d)", exc, self.dropped)  # noqa: TRY400 - no trace: it may hold data
+            return None
+        return rec, data

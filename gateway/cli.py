@@ -1,0 +1,222 @@
+"""The ``edgetwin`` command: run | check | demo | version | rotate-key.
+
+Exit codes (also in the README):
+  0   success, or an orderly stop on SIGTERM/SIGINT
+  1   the gateway failed at run time (see the log)
+  2   wrong command-line usage
+  78  the configuration is invalid (EX_CONFIG; systemd does not restart on it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+import tempfile
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from gateway import __version__, logs
+from gateway.anonymize import rotate_key
+from gateway.config import Config, load, validate
+from gateway.errors import InvalidConfigError
+from gateway.runtime import check_sources, run_gateway
+from gateway.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+
+log = logging.getLogger("edgetwin")
+
+#: A subcommand group's parsers; plugins add theirs with ``add_commands(groups)`` where groups maps
+#: "top", "scan" and "sim" to these. Each parser sets ``func`` to a callable(args) -> exit code.
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+EXAMPLES = Path(__file__).parent / "examples"
+
+#: The demo: a patient at a bedside and a water pump, each with labelled events in the first minute.
+DEMO_CONFIG = """
+[gateway]
+name = "demo-gateway"
+
+[privacy]
+time = "relative"
+
+[pipeline]
+window_s = 10.0
+hop_s = 5.0
+grace_s = 1.0
+sensor_lost_s = 6.0
+
+[[sources]]
+name = "bed-7-monitor"
+driver = "sim"
+subject = "patient-MRN-0048213"
+kind = "medical"
+profile = "patient"
+device = "A4:C1:38:5B:20:7E"
+seed = 7
+events = [
+  { kind = "desaturation", at_s = 12.0, duration_s = 30.0 },
+  { kind = "sensor_off", at_s = 48.0, duration_s = 8.0 },
+]
+
+[[sources]]
+name = "pump-3-plc"
+driver = "sim"
+subject = "plant-A/pump-3"
+kind = "industrial"
+profile = "pump"
+device = "SN-PLC-20931"
+seed = 3
+events = [
+  { kind = "valve_fault", at_s = 20.0, duration_s = 25.0 },
+]
+"""
+
+
+def _registry() -> Any:
+    # Imported here: the composition root is the only code that knows the drivers.
+    from drivers import REGISTRY  # noqa: PLC0415
+
+    return REGISTRY
+
+
+def _load(path: Path) -> Config | None:
+    try:
+        return load(path, _registry())
+    except InvalidConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a config file and report every problem at once."""
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    sources = check_sources(config)
+    print(f"config {args.config}: ok ({len(sources)} source(s): {', '.join(sources) or 'none'})")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the gateway until SIGTERM/SIGINT."""
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    logs.setup(args.log_level or config.core.logging.level, args.log_format or config.core.logging.format)
+    log.info("edgetwin %s starting with %s", __version__, args.config)
+    try:
+        return asyncio.run(run_gateway(config, _registry(), stop_after_s=args.duration))
+    except Exception:
+        log.exception("edgetwin stopped by an unexpected error (a bug; please report it with this trace)")
+        return EXIT_FAILURE
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run simulated sources through the whole pipeline and show what would leave the gateway."""
+    logs.setup(args.log_level or "info", args.log_format or "text")
+    data = tomllib.loads(DEMO_CONFIG)
+    with tempfile.TemporaryDirectory(prefix="edgetwin-demo-") as tmp:
+        state = args.state_dir or Path(tmp)
+        data["gateway"]["state_dir"] = str(state)
+        config = validate(data, "<demo>", _registry())
+        print(
+            "edgetwin demo: a simulated patient and pump -> windows -> features -> anonymizer -> outbox.\n"
+            "Each line below is a record as it would leave the gateway (pseudonyms only, relative time).\n"
+            f"Stops after {args.duration:g} s (Ctrl-C stops earlier).\n",
+            flush=True,
+        )
+        duration = args.duration if args.duration > 0 else None
+        return asyncio.run(run_gateway(config, _registry(), pretty=not args.json, stop_after_s=duration))
+
+
+def cmd_version(_args: argparse.Namespace) -> int:
+    """Print the version."""
+    print(f"edgetwin {__version__}")
+    return EXIT_OK
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    """Replace the site key: pseudonyms change, linkage to earlier records breaks on purpose."""
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    retired = rotate_key(config.core.site_key_path)
+    print(
+        f"new site key at {config.core.site_key_path}; the old key was kept as {retired}: "
+        "delete it once nothing needs to link old pseudonyms. Restart the gateway to use the new key."
+    )
+    return EXIT_OK
+
+
+def _add_plugin_commands(groups: dict[str, SubParsers]) -> None:
+    # Driver packages add their own subcommands (scan, sim, ...). A plugin whose optional
+    # dependencies are not installed is left out; its commands say so when missing.
+    from drivers import COMMAND_MODULES  # noqa: PLC0415
+
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            log.debug("commands of %s unavailable: %s", module_name, exc)
+            continue
+        module.add_commands(groups)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    parser = argparse.ArgumentParser(prog="edgetwin", description=__doc__.split("\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, SubParsers] = {"top": sub}
+    for name, text in (
+        ("scan", "look for devices and list what they offer"),
+        ("sim", "run a simulated device"),
+    ):
+        group = sub.add_parser(name, help=text)
+        groups[name] = group.add_subparsers(dest=f"{name}_what", required=True)
+
+    def logging_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+        p.add_argument("--log-format", choices=["text", "json"])
+
+    p = sub.add_parser("run", help="run the gateway (as the systemd service does)")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    logging_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate a config file, reporting every problem")
+    p.add_argument("--config", type=Path, required=True)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("demo", help="simulated sources end to end, records shown locally")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds to run (0 = until Ctrl-C)")
+    p.add_argument(
+        "--state-dir", type=Path, default=None, help="keep the outbox and key here (default: temporary)"
+    )
+    p.add_argument("--json", action="store_true", help="print records as JSON lines")
+    logging_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("rotate-key", help="replace the site key used for pseudonyms")
+    p.add_argument("--config", type=Path, required=True)
+    p.set_defaults(func=cmd_rotate_key)
+    _add_plugin_commands(groups)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edgetwin`` command."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

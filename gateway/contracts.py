@@ -1,0 +1,156 @@
+"""The small contracts every source, stage and uplink plugs into.
+
+* A **driver** turns one kind of device into :class:`~gateway.sample.Sample` objects:
+  ``async run(sink, *, started)`` connects, calls ``started()`` once it delivers data, and streams
+  into ``sink`` until cancelled.  It raises :mod:`gateway.errors` types (transient / auth / config)
+  and never sleeps-and-retries on its own: the supervisor owns retry policy.
+* The **sink** is synchronous on purpose: a driver hands samples over without an ``await`` and
+  without a queue hop, so per-sample cost stays a function call (see PERFORMANCE.md).
+* **Window records**, **alarms** and **diagnostics** are what the pipeline produces; they still
+  carry raw identities and become anonymous only in ``gateway.anonymize``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from gateway.sample import Sample, SampleBlock, Stream
+
+
+class Lane(enum.IntEnum):
+    """Outbox priority lanes; a lower value is delivered first."""
+
+    ALARMS = 0
+    FEATURES = 1
+    DIAGNOSTICS = 2
+
+
+class AlarmKind(enum.StrEnum):
+    """Why an alarm was raised. Sensor faults are told apart from patient or machine events."""
+
+    SENSOR_LOST = "sensor_lost"  # no data from a stream for longer than its timeout
+    SENSOR_RESTORED = "sensor_restored"  # data flows again after a loss or fault
+    SENSOR_FAULT = "sensor_fault"  # the device flags its own measurement as unusable
+    ANOMALY = "anomaly"  # a model or rule says the subject, not the sensor, is abnormal
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """An event that bypasses windowing and travels in the alarms lane."""
+
+    kind: AlarmKind
+    subject: str  # raw subject id (anonymized later)
+    t_mono: float
+    t_wall: float
+    stream: Stream | None = None
+    detail: Mapping[str, float | str] = field(default_factory=dict)  # numbers and short tokens only
+    # For anomalies: "<metric>.<feature>" -> share of the score, the explanation sent with it.
+    contributions: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFeatures:
+    """The features of one stream over one window, or a gap when it had no usable sample."""
+
+    stream: Stream
+    count: int  # usable samples in the window
+    missing: float  # fraction of expected samples absent or unusable, 0..1
+    features: Mapping[str, float]  # NaN-free: a feature that cannot be computed is absent
+
+    @property
+    def gap(self) -> bool:
+        """True when the window held no usable sample of this stream."""
+        return self.count == 0
+
+
+@dataclass(frozen=True, slots=True)
+class WindowRecord:
+    """Aligned features of every stream of one subject for one window ``[end - length, end)``."""
+
+    subject: str
+    kind: str  # "medical" or "industrial"
+    index: int  # window number on the subject's grid: end = index * hop (monotonic seconds)
+    end_mono: float
+    end_wall: float
+    length_s: float
+    streams: tuple[StreamFeatures, ...]
+    scores: Mapping[str, float] = field(default_factory=dict)  # model outputs, by model name
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """Gateway health and ground-truth labels from simulators; lowest priority lane."""
+
+    kind: str  # e.g. "sim_label", "unit_state", "counters"
+    subject: str | None
+    t_wall: float
+    detail: Mapping[str, float | str]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelResult:
+    """One model's verdict on one window."""
+
+    score: float  # higher = more anomalous; comparable to the model's threshold
+    anomaly: bool  # score crossed the calibrated threshold
+    contributions: Mapping[str, float] = field(default_factory=dict)  # feature -> share of the score
+    fallback: bool = False  # produced by the statistical fallback, not the model
+
+
+class WindowModel(Protocol):
+    """A model scoring window records. ``score_batch`` runs in a worker thread, never on the loop."""
+
+    name: str  # short token, e.g. "pump_ae"; becomes the key in WindowRecord.scores
+
+    def applies_to(self, record: WindowRecord) -> bool:
+        """True if this model scores this subject's windows (cheap; called on the loop)."""
+
+    def score_batch(self, records: Sequence[WindowRecord]) -> Sequence[ModelResult]:
+        """Score several windows at once; one result per record, same order."""
+
+
+class SampleSink(Protocol):
+    """Where a driver hands its data. All methods are synchronous and cheap."""
+
+    def put(self, sample: Sample) -> None:
+        """Accept one sample."""
+
+    def put_block(self, block: SampleBlock) -> None:
+        """Accept many samples of one stream at once."""
+
+    def alarm(self, alarm: Alarm) -> None:
+        """Report a device-level event now (device lost, sensor fault), bypassing windows."""
+
+    def diagnostic(self, diagnostic: Diagnostic) -> None:
+        """Report something worth knowing that is not a measurement (labels, device info)."""
+
+
+class Driver(Protocol):
+    """A source of samples. See the module docstring for the contract."""
+
+    async def run(self, sink: SampleSink, *, started: Callable[[], None]) -> None:
+        """Connect, call ``started()`` once data flows, stream into ``sink`` until cancelled."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """The keys every ``[[sources]]`` table has, whatever its driver."""
+
+    name: str  # unique source name from the config (local only)
+    subject: str  # patient/bed id or machine id this source measures (local only)
+    kind: str  # "medical" or "industrial"
+
+
+@dataclass(frozen=True, slots=True)
+class DriverSpec:
+    """One entry of the driver registry (``drivers/__init__.py``)."""
+
+    name: str  # the ``driver = "..."`` value in a source's config
+    config_model: type[BaseModel]  # validates the driver's own keys of a ``[[sources]]`` table
+    factory: Callable[[SourceInfo, Any], Driver]  # (common keys, validated driver config) -> driver
+    summary: str

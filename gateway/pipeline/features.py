@@ -1,0 +1,157 @@
+"""Window features: pure, vectorised numpy functions of arrays, with known answers to test against.
+
+Every function returns plain floats in a dict and never NaN or infinity: a feature that cannot
+be computed (too few points, no time spread, non-finite input) is left out, so consumers test
+for a key rather than for NaN.  Non-finite inputs are ignored, never interpolated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.errors import CorruptDataError
+
+F8 = npt.NDArray[np.float64]
+
+__all__ = [
+    "basic_features",
+    "basic_features_batch",
+    "basic_features_finite",
+    "hrv_features",
+    "missing_fraction",
+]
+
+#: Successive RR differences above this count towards pNN50 (milliseconds).
+PNN_THRESHOLD_MS = 50.0
+
+
+def _finite_dict(**values: float) -> dict[str, float]:
+    return {k: v for k, v in values.items() if math.isfinite(v)}
+
+
+def basic_features_finite(t: F8, v: F8) -> dict[str, float]:
+    """:func:`basic_features` for inputs already known to be finite and of equal length."""
+    n = v.size
+    if n == 0:
+        return {}
+    vmin = float(v.min())
+    vmax = float(v.max())
+    # Rounding can put a sum/n mean a hair outside [min, max]; clamp so constants stay exact.
+    mean = min(max(float(v.sum()) / n, vmin), vmax)
+    if vmin == vmax:
+        out = _finite_dict(mean=mean, std=0.0, min=vmin, max=vmax)
+        vc = None
+    else:
+        vc = v - mean
+        out = _finite_dict(mean=mean, std=math.sqrt(float(vc @ vc) / n), min=vmin, max=vmax)
+    if n >= 2:
+        # Least squares on centred time: t_mono is ~1e5-1e6 s, so centring keeps precision.
+        tc = t - float(t.sum()) / n
+        den = float(tc @ tc)
+        if den > 0.0:
+            slope = 0.0 if vc is None else float(tc @ vc) / den
+            if math.isfinite(slope):
+                out["slope"] = slope
+    return out
+
+
+def basic_features(t: F8, v: F8) -> dict[str, float]:
+    """Mean, population std, min, max and least-squares slope (units per second) of ``v`` over ``t``.
+
+    Rows with a non-finite time or value are ignored.  ``slope`` is absent with fewer than two
+    points or no time spread; everything is absent for an empty input.
+    """
+    t = np.asarray(t, np.float64)
+    v = np.asarray(v, np.float64)
+    if t.shape != v.shape or t.ndim != 1:
+        raise CorruptDataError(
+            f"features: basic_features: t {t.shape} and v {v.shape} differ or are not 1-D: "
+            "pass one time and one value per sample"
+        )
+    ok = np.isfinite(v) & np.isfinite(t)
+    if not ok.all():
+        t = t[ok]
+        v = v[ok]
+    return basic_features_finite(t, v)
+
+
+def hrv_features(rr_ms: F8) -> dict[str, float]:
+    """RMSSD, SDNN (ddof=1) and pNN50 (%) of RR intervals in milliseconds, in arrival order.
+
+    Non-finite intervals are ignored; successive differences are taken between the finite
+    intervals that remain.  All three need at least two intervals.
+    """
+    rr = np.asarray(rr_ms, np.float64)
+    if rr.ndim != 1:
+        raise CorruptDataError(
+            f"features: hrv_features: rr_ms has shape {rr.shape}: pass a 1-D array of intervals"
+        )
+    ok = np.isfinite(rr)
+    if not ok.all():
+        rr = rr[ok]
+    n = rr.size
+    if n < 2:
+        return {}
+    d = np.diff(rr)
+    mean = float(rr.sum()) / n
+    rc = rr - mean
+    return _finite_dict(
+        rmssd=math.sqrt(float(d @ d) / d.size),
+        sdnn=math.sqrt(float(rc @ rc) / (n - 1)),
+        pnn50=100.0 * int(np.count_nonzero(np.abs(d) > PNN_THRESHOLD_MS)) / d.size,
+    )
+
+
+def missing_fraction(usable: int, expected: float | None) -> float:
+    """Fraction of ``expected`` samples not usable, in [0, 1]; for event series (None) 0 or 1."""
+    if expected is None or not expected > 0.0:
+        return 0.0 if usable > 0 else 1.0
+    return min(1.0, max(0.0, 1.0 - usable / expected))
+
+
+def basic_features_batch(
+    t2d: F8, v2d: F8, counts: npt.NDArray[np.integer] | list[int]
+) -> list[dict[str, float]]:
+    """:func:`basic_features` of many windows at once: row ``i`` uses its first ``counts[i]`` columns.
+
+    Columns past a row's count are padding and may hold anything; non-finite rows are ignored as
+    in :func:`basic_features`.  Costs about as much as one call for a whole batch of short windows.
+    """
+    t2 = np.asarray(t2d, np.float64)
+    v2 = np.asarray(v2d, np.float64)
+    c = np.asarray(counts, np.int64)
+    if t2.shape != v2.shape or v2.ndim != 2 or c.shape != (v2.shape[0],):
+        raise CorruptDataError(
+            f"features: basic_features_batch: t2d {t2.shape}, v2d {v2.shape}, counts {c.shape} do not "
+            "match: pass two (windows, width) arrays and one count per window"
+        )
+    valid = (np.arange(v2.shape[1]) < c[:, None]) & np.isfinite(v2) & np.isfinite(t2)
+    n = valid.sum(axis=1)
+    safe_n = np.maximum(n, 1)
+    vz = np.where(valid, v2, 0.0)
+    vmin = np.where(valid, v2, np.inf).min(axis=1)
+    vmax = np.where(valid, v2, -np.inf).max(axis=1)
+    mean = np.clip(vz.sum(axis=1) / safe_n, vmin, vmax)
+    vc = np.where(valid, v2 - mean[:, None], 0.0)
+    std = np.sqrt((vc * vc).sum(axis=1) / safe_n)
+    std[vmin == vmax] = 0.0
+    tz = np.where(valid, t2, 0.0)
+    tc = np.where(valid, t2 - (tz.sum(axis=1) / safe_n)[:, None], 0.0)
+    den = (tc * tc).sum(axis=1)
+    num = (tc * vc).sum(axis=1)
+    num[vmin == vmax] = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = num / den
+    out: list[dict[str, float]] = []
+    for i in range(v2.shape[0]):
+        if n[i] == 0:
+            out.append({})
+            continue
+        row = _finite_dict(mean=float(mean[i]), std=float(std[i]), min=float(vmin[i]), max=float(vmax[i]))
+        if n[i] >= 2 and den[i] > 0.0 and math.isfinite(float(slope[i])):
+            row["slope"] = float(slope[i])
+        out.append(row)
+    return out

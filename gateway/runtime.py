@@ -1,0 +1,396 @@
+"""The composition of a running gateway: sources -> pipeline -> anonymizer -> outbox -> uplink.
+
+This is the only place that wires concrete parts together; the driver registry is handed in by
+the CLI so the core never imports a driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
+from gateway.config import Config
+from gateway.contracts import (
+    Alarm,
+    AlarmKind,
+    Diagnostic,
+    DriverSpec,
+    Lane,
+    SampleSink,
+    WindowModel,
+    WindowRecord,
+)
+from gateway.encode import decode, encode
+from gateway.errors import ConfigError
+from gateway.notify import Notifier
+from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
+from gateway.pipeline.windows import Windower
+from gateway.sample import Sample, SampleBlock
+from gateway.supervisor import EXIT_CONFIG, Group, Supervisor, Unit
+
+log = logging.getLogger(__name__)
+
+COUNTERS_EVERY_S = 60.0  # how often gateway counters go out as a diagnostic record
+
+
+class Pipeline:
+    """Windows and features per subject, then anonymize, encode and hand to the outbox.
+
+    The sink given to drivers (:attr:`sink`) forwards samples straight to the windower's bound
+    methods: no queue, no per-sample coroutine.  Alarms are sealed and submitted at once.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        anonymizer: Anonymizer,
+        outbox: AsyncOutbox,
+        models: Sequence[WindowModel] = (),
+    ) -> None:
+        p = config.core.pipeline
+        self._models = tuple(models)
+        self._anon = anonymizer
+        self._outbox = outbox
+        self._hop_s = p.hop_s
+        self.windower = Windower(
+            window_s=p.window_s,
+            hop_s=p.hop_s,
+            grace_s=p.grace_s,
+            lost_after_s=p.sensor_lost_s,
+            on_alarm=self.alarm,
+        )
+        self.sink: SampleSink = _Sink(self.windower.put, self.windower.put_block, self.alarm, self.diagnostic)
+        self.last_beat = time.monotonic()
+        self.submitted = dict.fromkeys(Lane, 0)
+        self._next_counters = time.monotonic() + COUNTERS_EVERY_S
+
+    def _submit(self, build: Callable[[], OutRecord]) -> None:
+        sealed = self._anon.seal(build, encode)
+        if sealed is None:
+            return
+        rec, data = sealed
+        self._outbox.submit(OutItem(rec.lane, rec.topic, data, rec.t_wall))
+        self.submitted[rec.lane] += 1
+
+    def alarm(self, alarm: Alarm) -> None:
+        """Seal and queue an alarm now; it never waits for a window."""
+        log.info("alarm %s on %s", alarm.kind.value, alarm.stream.key if alarm.stream else alarm.subject)
+        self._submit(lambda: self._anon.alarm(alarm))
+
+    def diagnostic(self, diagnostic: Diagnostic) -> None:
+        """Seal and queue a diagnostic record."""
+        self._submit(lambda: self._anon.diagnostic(diagnostic))
+
+    def window(self, record: WindowRecord) -> None:
+        """Seal and queue one window of features."""
+        self._submit(lambda: self._anon.window(record))
+
+    async def _score(self, records: list[WindowRecord]) -> list[WindowRecord]:
+        """Run every applicable model over the closed windows in a worker thread; raise anomalies."""
+        scores: list[dict[str, float]] = [{} for _ in records]
+        for model in self._models:
+            picked = [i for i, r in enumerate(records) if model.applies_to(r)]
+            if not picked:
+                continue
+            results = await asyncio.to_thread(model.score_batch, [records[i] for i in picked])
+            for i, result in zip(picked, results, strict=True):
+                scores[i][model.name] = result.score
+                if result.anomaly:
+                    rec = records[i]
+                    detail: dict[str, float | str] = {"model": model.name, "score": result.score}
+                    if result.fallback:
+                        detail["fallback"] = 1
+                    self.alarm(
+                        Alarm(
+                            AlarmKind.ANOMALY,
+                            rec.subject,
+                            rec.end_mono,
+                            rec.end_wall,
+                            detail=detail,
+                            contributions=result.contributions,
+                        )
+                    )
+        return [replace(r, scores=s) if s else r for r, s in zip(records, scores, strict=True)]
+
+    async def step(self, now_mono: float | None = None, now_wall: float | None = None) -> int:
+        """Close every window that is due, score and queue it; return how many were closed."""
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        now_wall = time.time() if now_wall is None else now_wall
+        records = self.windower.close_due(now_mono, now_wall)
+        if records and self._models:
+            records = await self._score(records)
+        for record in records:
+            self.window(record)
+        if now_mono >= self._next_counters:
+            self._next_counters = now_mono + COUNTERS_EVERY_S
+            self.diagnostic(Diagnostic("counters", None, now_wall, self.counters()))
+        self.last_beat = now_mono
+        return len(records)
+
+    def counters(self) -> dict[str, float | str]:
+        """Pipeline counters for diagnostics and STATUS."""
+        out: dict[str, float | str] = {f"windower_{k}": v for k, v in self.windower.counters().items()}
+        out["anonymizer_dropped"] = self._anon.dropped
+        for lane, n in self.submitted.items():
+            out[f"queued_{lane.name.lower()}"] = n
+        return out
+
+    async def run(self, started: Callable[[], None]) -> None:
+        """Close windows on the hop grid until cancelled."""
+        period = min(0.5, self._hop_s / 4)
+        started()
+        while True:
+            await self.step()
+            await asyncio.sleep(period)
+
+
+class _Sink:
+    """The SampleSink handed to drivers: bound methods only, no indirection on the hot path."""
+
+    __slots__ = ("alarm", "diagnostic", "put", "put_block")
+
+    def __init__(
+        self,
+        put: Callable[[Sample], None],
+        put_block: Callable[[SampleBlock], None],
+        alarm: Callable[[Alarm], None],
+        diagnostic: Callable[[Diagnostic], None],
+    ) -> None:
+        self.put = put
+        self.put_block = put_block
+        self.alarm = alarm
+        self.diagnostic = diagnostic
+
+
+def render_pretty(topic: str, record: Mapping[str, Any]) -> str:
+    """One human-readable line for an outgoing record (the demo's local view)."""
+    kind = record.get("type")
+    head = f"{topic:<28} t={record.get('t', 0):>10.1f}"
+    if kind == "features":
+        cells = []
+        for s in record.get("streams", []):
+            name = str(s.get("metric", "?")).removeprefix("MDC_")
+            if s.get("gap"):
+                cells.append(f"{name}=GAP")
+                continue
+            f = s.get("f", {})
+            main = f.get("rmssd", f.get("mean", math.nan))
+            cells.append(
+                f"{name}={main:.1f}{s.get('unit', '')}"
+                + (f" miss={s['missing']:.0%}" if s.get("missing") else "")
+            )
+        return f"{head} FEATURES " + "  ".join(cells)
+    if kind == "alarm":
+        detail = " ".join(f"{k}={v}" for k, v in record.get("detail", {}).items())
+        return f"{head} ALARM {record.get('alarm')} {record.get('metric', '')} {detail}".rstrip()
+    detail = " ".join(f"{k}={v}" for k, v in record.get("detail", {}).items())
+    return f"{head} DIAG {record.get('diag')} {detail}".rstrip()
+
+
+class LocalUplink:
+    """Shows what would leave the gateway: leases from the outbox, writes one line each, acks.
+
+    Stands in for the network uplink: the ack happens only after the line was written and
+    flushed, so the outbox contract (delete only after delivery) is exercised end to end.
+    """
+
+    def __init__(self, outbox: AsyncOutbox, out: IO[str], *, pretty: bool = False, batch: int = 64) -> None:
+        self._outbox = outbox
+        self._out = out
+        self._pretty = pretty
+        self._batch = batch
+        self.last_beat = time.monotonic()
+        self.delivered = 0
+
+    async def _deliver_once(self) -> int:
+        leased = await self._outbox.lease(self._batch)
+        if not leased:
+            return 0
+        lines = []
+        for item in leased:
+            record = decode(item.payload)
+            if self._pretty:
+                lines.append(render_pretty(item.topic, record))
+            else:
+                lines.append(
+                    json.dumps({"topic": item.topic, "lane": item.lane.name.lower(), "record": record})
+                )
+        try:
+            self._out.write("\n".join(lines) + "\n")
+            self._out.flush()
+        except BaseException:
+            await self._outbox.release([i.id for i in leased])
+            raise
+        await self._outbox.ack([i.id for i in leased])
+        self.delivered += len(leased)
+        return len(leased)
+
+    async def run(self, started: Callable[[], None]) -> None:
+        """Deliver until cancelled."""
+        started()
+        while True:
+            self.last_beat = time.monotonic()
+            if await self._deliver_once() == 0:
+                await asyncio.sleep(0.2)
+
+    async def drain(self, deadline: float) -> None:
+        """Deliver what is queued until the outbox is empty or the deadline passes."""
+        while time.monotonic() < deadline and await self._deliver_once():
+            pass
+
+
+class _NoUplink:
+    last_beat = math.inf
+
+    async def run(self, started: Callable[[], None]) -> None:
+        started()
+        await asyncio.Event().wait()
+
+    async def drain(self, deadline: float) -> None:
+        del deadline  # nothing leaves the gateway: the outbox keeps it all
+
+
+def budgets_for(config: Config) -> dict[Lane, LaneBudget]:
+    """The outbox lane budgets the config asks for."""
+    budgets = dict(DEFAULT_BUDGETS)
+    features = budgets[Lane.FEATURES]
+    budgets[Lane.FEATURES] = LaneBudget(
+        features.max_bytes, config.core.outbox.feature_max_age_h * 3600.0, features.policy
+    )
+    return budgets
+
+
+async def run_gateway(
+    config: Config,
+    registry: Mapping[str, DriverSpec],
+    *,
+    notifier: Notifier | None = None,
+    out: IO[str] | None = None,
+    pretty: bool = False,
+    stop_after_s: float | None = None,
+    install_signal_handlers: bool = True,
+) -> int:
+    """Run the gateway until SIGTERM/SIGINT (or ``stop_after_s``); return the process exit code."""
+    core = config.core
+    notifier = notifier or Notifier.from_env()
+    try:
+        key = load_or_create_key(core.site_key_path)
+    except ConfigError as exc:
+        log.error("%s", exc)  # noqa: TRY400 - the message is the whole story; no trace needed
+        return EXIT_CONFIG
+    identities: list[str] = [core.gateway.name]
+    for entry in config.sources:
+        identities += [entry.info.name, entry.info.subject]
+    anonymizer = Anonymizer(
+        Pseudonymizer(key),
+        time_mode=core.privacy.time,
+        coarsen_s=core.privacy.coarsen_s,
+        local_identities=identities,
+    )
+    outbox_path: Path = core.outbox_path
+    budgets = budgets_for(config)
+    total = int(core.outbox.max_mb * 1024 * 1024)
+    sync: Literal["FULL", "NORMAL"] = "FULL" if core.outbox.synchronous == "full" else "NORMAL"
+
+    def open_outbox() -> Outbox:
+        return Outbox(outbox_path, budgets=budgets, total_max_bytes=total, synchronous=sync)
+
+    try:
+        outbox_cm = AsyncOutbox(open_outbox)
+        outbox = await outbox_cm.__aenter__()
+    except ConfigError as exc:
+        log.error("%s", exc)  # noqa: TRY400
+        return EXIT_CONFIG
+    try:
+        return await _supervise(
+            config, registry, notifier, anonymizer, outbox, out, pretty, stop_after_s, install_signal_handlers
+        )
+    finally:
+        await outbox_cm.__aexit__(None, None, None)
+        log.info("outbox closed")
+
+
+async def _supervise(
+    config: Config,
+    registry: Mapping[str, DriverSpec],
+    notifier: Notifier,
+    anonymizer: Anonymizer,
+    outbox: AsyncOutbox,
+    out: IO[str] | None,
+    pretty: bool,
+    stop_after_s: float | None,
+    install_signal_handlers: bool,
+) -> int:
+    core = config.core
+    pipeline = Pipeline(config, anonymizer, outbox)
+    sup = Supervisor(notifier, start_timeout_s=core.runtime.start_timeout_s)
+    uplink: LocalUplink | _NoUplink
+    if core.uplink.kind == "local":
+        stream: IO[str] = out or sys.stdout
+        if core.uplink.path is not None and out is None:
+            stream = core.uplink.path.open("a", encoding="utf-8")
+        uplink = LocalUplink(outbox, stream, pretty=pretty)
+    else:
+        uplink = _NoUplink()
+
+    async def hold_outbox(started: Callable[[], None]) -> None:
+        started()
+        await asyncio.Event().wait()
+
+    sup.add(Unit("outbox", Group.OUTBOX, hold_outbox, critical=True, heartbeat=lambda: outbox.last_beat))
+    sup.add(Unit("uplink", Group.UPLINK, uplink.run, heartbeat=lambda: uplink.last_beat, stale_after_s=30.0))
+    sup.add(
+        Unit("pipeline", Group.PIPELINE, pipeline.run, critical=True, heartbeat=lambda: pipeline.last_beat)
+    )
+    for entry in config.sources:
+        if not entry.enabled:
+            log.info("source %s is disabled in the config", entry.info.name)
+            continue
+        driver = registry[entry.driver].factory(entry.info, entry.config)
+
+        async def run_source(started: Callable[[], None], driver: Any = driver) -> None:
+            await driver.run(pipeline.sink, started=started)
+
+        sup.add(Unit(f"source:{entry.info.name}", Group.SOURCES, run_source))
+
+    def summary() -> str:
+        return f"outbox pending {outbox.pending}, delivered {getattr(uplink, 'delivered', 0)}"
+
+    sup.summary = summary
+    loop = asyncio.get_running_loop()
+    if install_signal_handlers:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, sup.request_stop)
+    stop_timer = loop.call_later(stop_after_s, sup.request_stop) if stop_after_s is not None else None
+
+    async def drain(deadline: float) -> None:
+        await pipeline.step()
+        await outbox.flush()
+        await uplink.drain(deadline)
+
+    try:
+        return await sup.run(drain, core.runtime.drain_deadline_s)
+    finally:
+        if stop_timer is not None:
+            stop_timer.cancel()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
+def check_sources(config: Config) -> Sequence[str]:
+    """Short descriptions of the configured sources, for ``edgetwin check``."""
+    return [
+        f"{e.info.name} ({e.driver}, {e.info.kind}{'' if e.enabled else ', disabled'})"
+        for e in config.sources
+    ]

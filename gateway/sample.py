@@ -1,0 +1,122 @@
+"""What a driver emits: :class:`Sample` (one value) and :class:`SampleBlock` (many, columnar).
+
+A *stream* is one metric from one device attached to one subject (a patient/bed or a machine).
+Stream objects are created once per stream by the driver and shared by every sample of it, so a
+sample costs one small object and no string work on the hot path.
+
+Identities (``Stream.subject``, ``Stream.device``, ``Stream.source``) are real identifiers -
+bed ids, MAC addresses, serial numbers - and never leave the gateway: ``gateway.anonymize``
+replaces them with keyed pseudonyms before anything is encoded.
+
+Medical metrics are named by their IEEE 11073-10101 code with a UCUM unit (:data:`MDC`);
+industrial metrics by source path (an OPC UA browse path, say) and engineering unit.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+
+class Quality(enum.IntFlag):
+    """Quality flags of a sample; ``GOOD`` is the empty set."""
+
+    GOOD = 0
+    SENSOR_OFF = 1  # probe off the finger, electrode detached: a sensor fault, not the patient
+    ARTIFACT = 2  # motion or noise flagged by the device
+    LOW_PERFUSION = 4  # signal too weak to trust
+    BAD_STATUS = 8  # device or server said the value is bad (OPC UA Bad_*, device error bit)
+    IMPUTED = 16  # value filled in by the device, not measured
+    UNCERTAIN = 32  # device says the value is usable but doubtful (OPC UA Uncertain_*)
+
+
+#: Flags that make a sample unusable as a measurement of the subject: it says the sensor, not
+#: the patient or machine, is at fault.
+FAULT_FLAGS = Quality.SENSOR_OFF | Quality.BAD_STATUS
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """What is measured: a stable name, its unit, and for medical metrics the MDC code."""
+
+    name: str  # e.g. "MDC_PULS_OXIM_SAT_O2" or "Pump1/Motor/Current"
+    unit: str  # UCUM for medical metrics ("%", "/min", "ms"), engineering unit otherwise
+    mdc: int | None = None  # IEEE 11073-10101 32-bit code, partition * 65536 + term
+    rr: bool = False  # an RR-interval series: gets HRV features (RMSSD, SDNN, pNN50)
+
+
+#: IEEE 11073-10101 metrics with UCUM units (codes from STANDARDS.md section 1).
+MDC: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("MDC_PULS_OXIM_SAT_O2", "%", 150456),
+        Metric("MDC_PULS_OXIM_PULS_RATE", "/min", 149530),
+        Metric("MDC_PULS_RATE_NON_INV", "/min", 149546),
+        Metric("MDC_ECG_HEART_RATE", "/min", 147842),
+        Metric("MDC_ECG_TIME_PD_RR_GL", "ms", 147240, rr=True),
+        Metric("MDC_TEMP_BODY", "Cel", 150364),
+        Metric("MDC_PRESS_BLD_NONINV_SYS", "mm[Hg]", 150021),
+        Metric("MDC_PRESS_BLD_NONINV_DIA", "mm[Hg]", 150022),
+        Metric("MDC_PRESS_BLD_NONINV_MEAN", "mm[Hg]", 150023),
+        Metric("MDC_PULS_OXIM_PERF_REL", "%", 150448),
+        Metric("MDC_RESP_RATE", "/min", 151562),
+    )
+}
+
+
+def industrial_metric(path: str, unit: str) -> Metric:
+    """A metric named by its source path (e.g. an OPC UA browse path) and engineering unit."""
+    return Metric(path, unit)
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """One metric of one device on one subject. Create once, share across samples."""
+
+    source: str  # the config's source name (local; may itself be identifying)
+    subject: str  # patient/bed id or machine id - identifying, never sent
+    device: str  # MAC address, serial number, endpoint - identifying, never sent
+    metric: Metric
+    kind: str = "medical"  # "medical" or "industrial"
+    rate_hz: float | None = None  # nominal rate, for the missing fraction; None for event series
+    key: str = field(init=False)  # local key "source/device/metric" for maps and logs
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.source}/{self.device}/{self.metric.name}")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One measured value. ``t_mono`` orders and windows; ``t_wall`` is kept for the record."""
+
+    stream: Stream
+    t_mono: float  # seconds, time.monotonic() of the gateway when the value was taken/received
+    t_wall: float  # seconds since the epoch (UTC), device time if trusted, else gateway time
+    value: float  # NaN when the device reported "no value"
+    quality: Quality = Quality.GOOD
+
+
+@dataclass(frozen=True, slots=True)
+class SampleBlock:
+    """Many samples of one stream, columnar. High-rate drivers hand these off to skip per-sample cost."""
+
+    stream: Stream
+    t_mono: npt.NDArray[np.float64]
+    t_wall: npt.NDArray[np.float64]
+    value: npt.NDArray[np.float64]
+    quality: npt.NDArray[np.uint8]
+
+    def __post_init__(self) -> None:
+        n = len(self.t_mono)
+        if not (len(self.t_wall) == len(self.value) == len(self.quality) == n):
+            raise ValueError(
+                f"SampleBlock {self.stream.key}: columns differ in length "
+                f"(t_mono {n}, t_wall {len(self.t_wall)}, value {len(self.value)}, "
+                f"quality {len(self.quality)}): build all four from the same samples"
+            )
+
+    def __len__(self) -> int:
+        return len(self.t_mono)

@@ -1,0 +1,230 @@
+"""Supervisor: start order, restart by error class, READY/WATCHDOG/STOPPING, drain deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import AuthError, ConfigError, TransientError
+from gateway.notify import Notifier
+from gateway.supervisor import EXIT_CONFIG, Backoff, Group, Supervisor, Unit, UnitState
+
+FAST = Backoff(base_s=0.01, cap_s=0.05, auth_s=5.0, healthy_after_s=60.0)
+
+
+class Receiver:
+    """A test-owned NOTIFY_SOCKET: collects every datagram the supervisor sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.path = path
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.messages
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    r = Receiver(tmp_path / "notify.sock")
+    yield r
+    r.sock.close()
+
+
+@pytest.fixture
+def notifier(receiver: Receiver) -> Iterator[Notifier]:
+    n = Notifier(str(receiver.path))
+    yield n
+    n.close()
+
+
+def _forever(log: list[str], name: str) -> Callable[[Callable[[], None]], object]:
+    async def run(started: Callable[[], None]) -> None:
+        log.append(name)
+        started()
+        await asyncio.Event().wait()
+
+    return run
+
+
+async def _nothing_to_drain(deadline: float) -> None:
+    return None
+
+
+def test_start_order_ready_and_stop(receiver: Receiver, notifier: Notifier) -> None:
+    order: list[str] = []
+
+    async def main() -> int:
+        sup = Supervisor(notifier, backoff=FAST)
+        # Registered out of order on purpose: the group decides.
+        sup.add(Unit("src", Group.SOURCES, _forever(order, "src")))  # type: ignore[arg-type]
+        sup.add(Unit("up", Group.UPLINK, _forever(order, "up")))  # type: ignore[arg-type]
+        sup.add(Unit("box", Group.OUTBOX, _forever(order, "box")))  # type: ignore[arg-type]
+        asyncio.get_running_loop().call_later(0.3, sup.request_stop)
+        code = await sup.run(_nothing_to_drain, 1.0)
+        assert all(u.state == UnitState.STOPPED for u in sup.units)
+        return code
+
+    assert asyncio.run(main()) == 0
+    assert order == ["box", "up", "src"]
+    messages = receiver.drain()
+    assert messages[0].startswith("READY=1\nSTATUS=3/3 units running")
+    assert messages[-1].startswith("STOPPING=1")
+
+
+def test_transient_errors_retry_until_recovery() -> None:
+    attempts: list[float] = []
+
+    async def flaky(started: Callable[[], None]) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) < 4:
+            raise TransientError("flaky: link down")
+        started()
+        await asyncio.Event().wait()
+
+    async def main() -> Supervisor:
+        sup = Supervisor(Notifier(None), backoff=FAST)
+        sup.add(Unit("flaky", Group.SOURCES, flaky))
+        asyncio.get_running_loop().call_later(0.5, sup.request_stop)
+        await sup.run(_nothing_to_drain, 1.0)
+        return sup
+
+    sup = asyncio.run(main())
+    assert len(attempts) == 4
+    assert sup.units[0].failures == 0  # reset on recovery
+
+
+def test_config_error_fails_one_source_and_the_rest_keep_running(
+    receiver: Receiver, notifier: Notifier
+) -> None:
+    calls = {"bad": 0}
+    ticks: list[float] = []
+
+    async def bad(started: Callable[[], None]) -> None:
+        calls["bad"] += 1
+        raise ConfigError("source bad /dev/ttyUSB9: no such port: fix sources[1].port")
+
+    async def good(started: Callable[[], None]) -> None:
+        started()
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.02)
+
+    async def main() -> tuple[int, Supervisor]:
+        sup = Supervisor(notifier, backoff=FAST)
+        sup.add(Unit("bad", Group.SOURCES, bad))
+        sup.add(Unit("good", Group.SOURCES, good))
+        asyncio.get_running_loop().call_later(0.4, sup.request_stop)
+        return await sup.run(_nothing_to_drain, 1.0), sup
+
+    code, sup = asyncio.run(main())
+    assert code == 0
+    assert calls["bad"] == 1  # never retried
+    assert len(ticks) > 5
+    assert sup.units[0].state == UnitState.FAILED
+    assert "fix sources[1].port" in sup.units[0].last_error
+    ready = next(m for m in receiver.drain() if m.startswith("READY=1"))
+    assert "1/2 units running" in ready
+    assert "failed (see log): bad" in ready
+
+
+def test_config_error_in_a_critical_unit_stops_with_78() -> None:
+    async def broken(started: Callable[[], None]) -> None:
+        raise ConfigError("outbox /nonexistent: directory not writable")
+
+    async def main() -> int:
+        sup = Supervisor(Notifier(None), backoff=FAST)
+        sup.add(Unit("outbox", Group.OUTBOX, broken, critical=True))
+        sup.add(Unit("src", Group.SOURCES, _forever([], "src")))  # type: ignore[arg-type]
+        return await asyncio.wait_for(sup.run(_nothing_to_drain, 1.0), 5.0)
+
+    assert asyncio.run(main()) == EXIT_CONFIG
+
+
+def test_backoff_by_error_class() -> None:
+    b = Backoff(base_s=1.0, cap_s=60.0, auth_s=300.0)
+    for attempt in range(1, 12):
+        d = b.delay(TransientError("x"), attempt)
+        nominal = min(60.0, 2 ** (attempt - 1))
+        assert nominal / 2 <= d <= nominal
+    assert 150.0 <= b.delay(AuthError("refused"), 1) <= 300.0
+    delays = {round(b.delay(TransientError("x"), 5), 6) for _ in range(20)}
+    assert len(delays) > 1  # jittered
+
+
+def test_auth_error_waits_long() -> None:
+    calls: list[float] = []
+
+    async def refused(started: Callable[[], None]) -> None:
+        calls.append(time.monotonic())
+        raise AuthError("broker 127.0.0.1:8883: not authorised")
+
+    async def main() -> Supervisor:
+        sup = Supervisor(Notifier(None), backoff=FAST)
+        sup.add(Unit("uplink", Group.UPLINK, refused))
+        asyncio.get_running_loop().call_later(0.5, sup.request_stop)
+        await sup.run(_nothing_to_drain, 1.0)
+        return sup
+
+    sup = asyncio.run(main())
+    assert len(calls) == 1  # the next try is seconds to minutes away, not milliseconds
+    assert sup.units[0].failures == 1
+    assert sup.units[0].last_error.startswith("AuthError")
+
+
+def test_watchdog_only_while_heartbeats_are_fresh(receiver: Receiver) -> None:
+    beat = {"t": time.monotonic()}
+
+    async def stage(started: Callable[[], None]) -> None:
+        started()
+        while True:
+            beat["t"] = time.monotonic()
+            await asyncio.sleep(0.02)
+
+    async def main() -> None:
+        notifier = Notifier(str(receiver.path), watchdog_usec=200_000)
+        sup = Supervisor(notifier, backoff=FAST)
+        unit = Unit("stage", Group.PIPELINE, stage, heartbeat=lambda: beat["t"], stale_after_s=0.15)
+        sup.add(unit)
+        task = asyncio.create_task(sup.run(_nothing_to_drain, 1.0), name="test:supervisor")
+        await asyncio.sleep(0.5)
+        healthy = receiver.drain().count("WATCHDOG=1")
+        # Freeze the stage's heartbeat (a wedged stage, loop still turning).
+        unit.heartbeat = lambda: beat["t"] - 1000.0
+        await asyncio.sleep(0.1)
+        receiver.messages.clear()
+        await asyncio.sleep(0.5)
+        wedged = receiver.drain().count("WATCHDOG=1")
+        sup.request_stop()
+        await task
+        notifier.close()
+        assert healthy >= 3
+        assert wedged == 0
+
+    asyncio.run(main())
+
+
+def test_drain_is_cut_at_the_deadline() -> None:
+    async def slow_drain(deadline: float) -> None:
+        await asyncio.sleep(10)
+
+    async def main() -> float:
+        sup = Supervisor(Notifier(None), backoff=FAST)
+        sup.add(Unit("src", Group.SOURCES, _forever([], "src")))  # type: ignore[arg-type]
+        asyncio.get_running_loop().call_later(0.1, sup.request_stop)
+        t0 = time.monotonic()
+        await sup.run(slow_drain, 0.3)
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 2.0

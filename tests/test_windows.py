@@ -1,0 +1,471 @@
+"""Windower: window grid, due logic, alignment, gaps, catch-up, alarms - on synthetic samples."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+
+from gateway.contracts import Alarm, AlarmKind, WindowRecord
+from gateway.errors import ConfigError
+from gateway.pipeline.windows import Windower
+from gateway.sample import MDC, Metric, Quality, Sample, SampleBlock, Stream, industrial_metric
+
+T0 = 1000.0  # monotonic seconds at the start of every scenario
+WALL = 1.7e9  # wall clock = monotonic + WALL - T0 for the devices below
+
+
+def stream(
+    device: str = "dev1",
+    *,
+    subject: str = "bed1",
+    metric: Metric = MDC["MDC_PULS_OXIM_SAT_O2"],
+    rate_hz: float | None = 10.0,
+    kind: str = "medical",
+) -> Stream:
+    return Stream("src", subject, device, metric, kind=kind, rate_hz=rate_hz)
+
+
+def samples(
+    s: Stream,
+    start: float,
+    stop: float,
+    rate_hz: float,
+    value: float = 1.0,
+    quality: Quality = Quality.GOOD,
+) -> list[Sample]:
+    n = round((stop - start) * rate_hz)
+    return [Sample(s, start + i / rate_hz, WALL - T0 + start + i / rate_hz, value, quality) for i in range(n)]
+
+
+class Rig:
+    """A windower plus the alarms it raised."""
+
+    def __init__(self, *, window_s: float = 1.0, hop_s: float = 1.0, grace_s: float = 0.5, lost: float = 3.0):
+        self.alarms: list[Alarm] = []
+        self.w = Windower(
+            window_s=window_s, hop_s=hop_s, grace_s=grace_s, lost_after_s=lost, on_alarm=self.alarms.append
+        )
+
+    def feed(self, items: Iterable[Sample]) -> None:
+        for item in items:
+            self.w.put(item)
+
+    def close(self, now: float) -> list[WindowRecord]:
+        return self.w.close_due(now, WALL - T0 + now)
+
+    def kinds(self) -> list[AlarmKind]:
+        return [a.kind for a in self.alarms]
+
+
+def test_windows_cover_hop_grid_with_features() -> None:
+    rig = Rig()
+    s = stream()
+    rig.feed(samples(s, T0 + 0.05, T0 + 3.05, 10.0, value=7.0))
+    recs = rig.close(T0 + 3.5)  # windows ending at T0+1, +2, +3 are due (grace 0.5)
+    assert [r.index for r in recs] == [1001, 1002, 1003]
+    assert [r.end_mono for r in recs] == [T0 + 1, T0 + 2, T0 + 3]
+    for r in recs:
+        assert r.subject == "bed1"
+        assert r.kind == "medical"
+        assert r.length_s == 1.0
+        (sf,) = r.streams
+        assert sf.stream == s
+        assert sf.count == 10
+        assert sf.missing == 0.0
+        assert sf.features == {"mean": 7.0, "std": 0.0, "min": 7.0, "max": 7.0, "slope": 0.0}
+    assert rig.w.counters()["windows"] == 3
+
+
+def test_first_window_is_the_first_ending_after_the_first_sample() -> None:
+    rig = Rig()
+    rig.feed(samples(stream(), T0 + 2.3, T0 + 2.6, 10.0))
+    (rec,) = rig.close(T0 + 3.5)
+    assert rec.index == 1003
+    assert rec.streams[0].count == 3
+    assert rec.streams[0].missing == pytest.approx(0.7)
+
+
+def test_due_only_after_grace_and_each_window_once() -> None:
+    rig = Rig(grace_s=0.25)
+    rig.feed(samples(stream(), T0, T0 + 1.2, 10.0))
+    assert rig.close(T0 + 1.2) == []
+    assert rig.close(T0 + 1.2499) == []
+    assert [r.index for r in rig.close(T0 + 1.25)] == [1001]
+    assert rig.close(T0 + 1.25) == []
+    assert rig.close(T0 + 2.0) == []
+    assert [r.index for r in rig.close(T0 + 2.25)] == [1002]
+
+
+def test_late_sample_within_grace_is_counted() -> None:
+    rig = Rig(grace_s=0.5)
+    s = stream()
+    rig.feed(samples(s, T0, T0 + 0.9, 10.0))
+    assert rig.close(T0 + 1.3) == []
+    rig.feed([Sample(s, T0 + 0.95, WALL, 1.0)])  # arrives 0.35 s late, before the grace ends
+    (rec,) = rig.close(T0 + 1.5)
+    assert rec.streams[0].count == 10
+
+
+def test_streams_of_a_subject_are_aligned_at_different_rates() -> None:
+    rig = Rig()
+    fast = stream("fast", rate_hz=10.0)
+    slow = stream("slow", metric=MDC["MDC_TEMP_BODY"], rate_hz=4.0)
+    other = stream("x", subject="bed2", rate_hz=10.0)
+    rig.feed(samples(slow, T0, T0 + 2.0, 4.0, value=37.0))
+    rig.feed(samples(fast, T0, T0 + 2.0, 10.0, value=98.0))
+    rig.feed(samples(other, T0 + 0.5, T0 + 2.0, 10.0))
+    recs = rig.close(T0 + 2.5)
+    assert [(r.subject, r.index) for r in recs] == [
+        ("bed1", 1001),
+        ("bed2", 1001),
+        ("bed1", 1002),
+        ("bed2", 1002),
+    ]
+    for r in recs:
+        if r.subject != "bed1":
+            continue
+        assert r.end_mono == T0 + (r.index - 1000)
+        by_key = {sf.stream.device: sf for sf in r.streams}
+        assert by_key["fast"].count == 10
+        assert by_key["slow"].count == 4
+        assert by_key["slow"].missing == 0.0
+        assert by_key["slow"].features["mean"] == 37.0
+        assert by_key["fast"].features["mean"] == 98.0
+    assert [sf.stream.device for sf in recs[0].streams] == ["fast", "slow"]  # stable order by key
+
+
+def test_gap_when_a_stream_has_no_usable_sample() -> None:
+    rig = Rig(lost=100.0)
+    a = stream("a")
+    b = stream("b")
+    rig.feed(samples(a, T0, T0 + 3.0, 10.0))
+    rig.feed(samples(b, T0, T0 + 1.0, 10.0))  # b stops after the first second
+    recs = rig.close(T0 + 3.5)
+    assert len(recs) == 3
+    for r in recs[1:]:
+        sb = next(sf for sf in r.streams if sf.stream == b)
+        assert sb.gap
+        assert sb.count == 0
+        assert sb.missing == 1.0
+        assert sb.features == {}
+    assert not recs[0].streams[1].gap
+    assert rig.w.counters()["gaps"] == 2
+
+
+def test_flagged_and_nan_values_are_not_used_and_not_interpolated() -> None:
+    rig = Rig()
+    s = stream()
+    t = [T0 + i / 10 for i in range(10)]
+    rig.feed(
+        [
+            Sample(s, t[0], WALL, 1.0),
+            Sample(s, t[1], WALL, 100.0, Quality.ARTIFACT),
+            Sample(s, t[2], WALL, 100.0, Quality.SENSOR_OFF),
+            Sample(s, t[3], WALL, 100.0, Quality.BAD_STATUS),
+            Sample(s, t[4], WALL, math.nan),
+            Sample(s, t[5], WALL, 3.0, Quality.LOW_PERFUSION),  # weak but still a measurement
+            Sample(s, t[6], WALL, 5.0, Quality.UNCERTAIN),
+        ]
+    )
+    (rec,) = rig.close(T0 + 1.5)
+    sf = rec.streams[0]
+    assert sf.count == 3
+    assert sf.missing == pytest.approx(0.7)
+    assert sf.features["mean"] == 3.0
+    assert sf.features["min"] == 1.0
+    assert sf.features["max"] == 5.0
+    assert all(math.isfinite(x) for x in sf.features.values())
+
+
+def test_rr_stream_gets_hrv_features_and_event_missing_fraction() -> None:
+    rig = Rig(window_s=5.0, hop_s=5.0)
+    rr = stream("ecg", metric=MDC["MDC_ECG_TIME_PD_RR_GL"], rate_hz=None)
+    intervals = [800.0, 810.0, 790.0, 850.0, 845.0]
+    t = T0
+    for ms in intervals:
+        t += ms / 1000.0
+        rig.w.put(Sample(rr, t, WALL, ms))
+    recs = rig.close(T0 + 10.5)
+    assert [r.index for r in recs] == [201, 202]
+    first, second = recs[0].streams[0], recs[1].streams[0]
+    assert first.count == 5
+    assert first.missing == 0.0
+    assert first.features["rmssd"] == pytest.approx(math.sqrt(4125.0 / 4.0))
+    assert first.features["sdnn"] == pytest.approx(math.sqrt(730.0))
+    assert first.features["pnn50"] == 25.0
+    assert first.features["mean"] == 819.0
+    assert second.gap
+    assert second.missing == 1.0
+
+
+def test_catch_up_after_a_stall_emits_every_window_in_order() -> None:
+    rig = Rig(lost=100.0)
+    rig.feed(samples(stream(), T0, T0 + 6.0, 10.0))  # 60 rows: the 64-row ring still holds them
+    recs = rig.close(T0 + 6.5)  # nobody closed windows for 6 s
+    assert [r.index for r in recs] == list(range(1001, 1007))
+    assert all(r.streams[0].count == 10 for r in recs)
+    assert rig.close(T0 + 6.5) == []
+    assert rig.w.counters()["overwritten"] == 0
+
+
+def test_catch_up_beyond_the_ring_reports_gaps_not_skips() -> None:
+    rig = Rig(lost=1000.0)
+    s = stream()  # 10 Hz: ring of 64 rows (the minimum)
+    rig.feed(samples(s, T0, T0 + 100.0, 10.0))
+    recs = rig.close(T0 + 100.5)
+    assert [r.index for r in recs] == list(range(1001, 1101))
+    counts = [r.streams[0].count for r in recs]
+    assert counts[:93] == [0] * 93  # overwritten before anyone looked: reported as gaps
+    assert counts[-6:] == [10] * 6  # the newest 64 rows are still there
+    c = rig.w.counters()
+    assert c["overwritten"] == 1000 - 64
+    assert c["gaps"] >= 93
+
+
+def test_ring_grows_when_a_stream_is_faster_than_its_nominal_rate() -> None:
+    rig = Rig(lost=100.0)
+    s = stream(rate_hz=10.0)  # says 10 Hz, sends 100 Hz: the 64-row ring holds 0.64 s
+    counts = []
+    for step in range(20):
+        start = T0 + step * 0.5
+        rig.feed(samples(s, start, start + 0.5, 100.0))
+        counts += [r.streams[0].count for r in rig.close(start + 0.5)]
+    assert counts[0] < 100
+    assert counts[-3:] == [100, 100, 100]  # the ring grew to hold a whole window
+    assert counts == sorted(counts)
+
+
+def test_overlapping_windows_share_samples() -> None:
+    rig = Rig(window_s=2.0, hop_s=1.0)
+    rig.feed(samples(stream(), T0, T0 + 4.0, 10.0))
+    recs = rig.close(T0 + 4.5)
+    assert [r.index for r in recs] == [1001, 1002, 1003, 1004]
+    assert [r.streams[0].count for r in recs] == [10, 20, 20, 20]  # the first has only 1 s of data
+    assert recs[0].streams[0].missing == 0.5
+
+
+def test_window_not_a_multiple_of_hop() -> None:
+    rig = Rig(window_s=1.5, hop_s=1.0)
+    rig.feed(samples(stream(), T0, T0 + 4.0, 10.0))
+    recs = rig.close(T0 + 4.5)
+    assert [r.streams[0].count for r in recs] == [10, 15, 15, 15]
+
+
+def test_adjacent_windows_partition_samples_with_awkward_hop() -> None:
+    # A little grace: with none, a window may close a hair before its last sample is handed over.
+    wide = Rig(window_s=0.3, hop_s=0.1, grace_s=0.05, lost=100.0)
+    narrow = Rig(window_s=0.1, hop_s=0.1, grace_s=0.05, lost=100.0)
+    s = stream(rate_hz=100.0)
+    items = samples(s, T0, T0 + 5.0, 100.0)
+    recs: list[WindowRecord] = []
+    wide_recs: list[WindowRecord] = []
+    for i in range(0, len(items), 10):
+        narrow.feed(items[i : i + 10])
+        wide.feed(items[i : i + 10])
+        recs += narrow.close(items[i].t_mono + 0.1)
+        wide_recs += wide.close(items[i].t_mono + 0.1)
+    recs += narrow.close(T0 + 5.1)
+    wide_recs += wide.close(T0 + 5.1)
+    assert len(recs) == 50
+    # Each sample lands in exactly one window of width == hop, whatever rounding 0.1 brings.
+    assert sum(r.streams[0].count for r in recs) == len(items)
+    # A 0.3 s window is exactly the union of the three 0.1 s windows that end inside it.
+    narrow_count = {r.index: r.streams[0].count for r in recs}
+    assert [r.index for r in wide_recs] == [r.index for r in recs]
+    for r in wide_recs:
+        parts = sum(narrow_count.get(k, 0) for k in (r.index - 2, r.index - 1, r.index))
+        assert r.streams[0].count == parts
+    assert narrow.w.counters()["overwritten"] == 0
+
+
+def test_end_wall_uses_the_device_wall_offset() -> None:
+    rig = Rig()
+    s = stream()
+    rig.feed([Sample(s, T0 + 0.5, 5000.5, 1.0), Sample(s, T0 + 1.2, 5001.2, 1.0)])
+    (rec,) = rig.w.close_due(T0 + 1.5, 99999.0)
+    assert rec.end_wall == pytest.approx(5001.0)
+
+
+def test_kind_comes_from_the_streams() -> None:
+    rig = Rig()
+    s = stream(metric=industrial_metric("Pump1/Motor/Current", "A"), kind="industrial", subject="pump1")
+    rig.feed(samples(s, T0, T0 + 1.0, 10.0))
+    (rec,) = rig.close(T0 + 1.5)
+    assert rec.kind == "industrial"
+    assert rec.subject == "pump1"
+
+
+def test_stream_joining_before_the_first_window_moves_the_start_back() -> None:
+    rig = Rig()
+    a = stream("a")
+    b = stream("b")
+    rig.feed(samples(a, T0 + 2.0, T0 + 3.0, 10.0))
+    rig.feed(samples(b, T0 + 0.5, T0 + 3.0, 10.0))  # older data arrives later (slower link)
+    recs = rig.close(T0 + 3.5)
+    assert [r.index for r in recs] == [1001, 1002, 1003]
+
+
+def test_out_of_order_samples_are_dropped_and_counted() -> None:
+    rig = Rig()
+    s = stream()
+    rig.feed(samples(s, T0, T0 + 1.0, 10.0))
+    rig.feed([Sample(s, T0 + 0.35, WALL, 500.0)])
+    (rec,) = rig.close(T0 + 1.5)
+    assert rec.streams[0].count == 10
+    assert rec.streams[0].features["max"] == 1.0
+    c = rig.w.counters()
+    assert c["out_of_order"] == 1
+    assert c["samples"] == 10
+
+
+def test_equal_stream_objects_share_one_ring() -> None:
+    rig = Rig()
+    rig.feed(samples(stream(), T0, T0 + 0.5, 10.0))
+    rig.feed(samples(stream(), T0 + 0.5, T0 + 1.0, 10.0))  # a driver restarted, new Stream object
+    (rec,) = rig.close(T0 + 1.5)
+    assert len(rec.streams) == 1
+    assert rec.streams[0].count == 10
+    assert rig.w.counters()["streams"] == 1
+
+
+# ---- alarms --------------------------------------------------------------------------------
+
+
+def test_fault_and_restore_alarms_once_per_state_change() -> None:
+    rig = Rig()
+    s = stream()
+    rig.feed(samples(s, T0, T0 + 0.5, 10.0))
+    rig.feed(samples(s, T0 + 0.5, T0 + 0.8, 10.0, quality=Quality.SENSOR_OFF | Quality.ARTIFACT))
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT]
+    fault = rig.alarms[0]
+    assert fault.t_mono == pytest.approx(T0 + 0.5)
+    assert fault.stream == s
+    assert fault.subject == "bed1"
+    assert fault.detail["quality"] == int(Quality.SENSOR_OFF | Quality.ARTIFACT)
+    rig.feed(samples(s, T0 + 0.8, T0 + 1.0, 10.0, quality=Quality.ARTIFACT))  # noisy, not a fault
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_RESTORED]
+    assert rig.alarms[1].t_mono == pytest.approx(T0 + 0.8)
+    assert rig.alarms[1].detail["after"] == "sensor_fault"
+    rig.feed(samples(s, T0 + 1.0, T0 + 1.5, 10.0, quality=Quality.BAD_STATUS))
+    assert rig.kinds()[-1] == AlarmKind.SENSOR_FAULT
+    assert len(rig.alarms) == 3
+    assert rig.w.counters()["alarms"] == 3
+
+
+def test_lost_alarm_once_then_restored_by_new_data() -> None:
+    rig = Rig(lost=3.0)
+    s = stream()
+    rig.feed(samples(s, T0, T0 + 1.0, 10.0))
+    last = T0 + 0.9
+    rig.close(last + 3.0)
+    assert rig.alarms == []
+    rig.close(last + 3.01)
+    assert rig.kinds() == [AlarmKind.SENSOR_LOST]
+    lost = rig.alarms[0]
+    assert lost.t_mono == last + 3.01
+    assert lost.detail["silent_s"] == pytest.approx(3.01)
+    rig.close(last + 10.0)
+    assert len(rig.alarms) == 1
+    rig.feed(samples(s, T0 + 12.0, T0 + 12.5, 10.0))
+    assert rig.kinds() == [AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED]
+    assert rig.alarms[1].detail["after"] == "sensor_lost"
+    assert rig.alarms[1].t_mono == T0 + 12.0
+
+
+def test_faulty_data_after_loss_is_a_fault_not_a_restore() -> None:
+    rig = Rig(lost=1.0)
+    s = stream()
+    rig.feed(samples(s, T0, T0 + 0.5, 10.0))
+    rig.close(T0 + 5.0)
+    rig.feed(samples(s, T0 + 5.0, T0 + 5.5, 10.0, quality=Quality.SENSOR_OFF))
+    assert rig.kinds() == [AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_FAULT]
+
+
+def test_lost_stream_still_produces_gap_windows() -> None:
+    rig = Rig(lost=1.0)
+    rig.feed(samples(stream(), T0, T0 + 1.0, 10.0))
+    recs = rig.close(T0 + 5.5)
+    assert [r.streams[0].gap for r in recs] == [False, True, True, True, True]
+
+
+def block(s: Stream, t: list[float], quality: list[int], value: float = 1.0) -> SampleBlock:
+    ta = np.asarray(t, np.float64)
+    return SampleBlock(s, ta, ta + WALL - T0, np.full(ta.size, value), np.asarray(quality, np.uint8))
+
+
+def test_block_state_changes_in_row_order() -> None:
+    rig = Rig()
+    s = stream()
+    off, art = int(Quality.SENSOR_OFF), int(Quality.ARTIFACT)
+    rig.w.put_block(
+        block(s, [T0, T0 + 0.1, T0 + 0.2, T0 + 0.3, T0 + 0.4, T0 + 0.5], [0, art, off, off, 0, off])
+    )
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_RESTORED, AlarmKind.SENSOR_FAULT]
+    assert [a.t_mono for a in rig.alarms] == [T0 + 0.2, T0 + 0.4, T0 + 0.5]
+    rig.w.put_block(block(s, [T0 + 0.6, T0 + 0.7], [off, off]))  # still faulty: nothing new
+    assert len(rig.alarms) == 3
+    rig.w.put_block(block(s, [T0 + 0.8, T0 + 0.9], [0, 0]))
+    assert rig.kinds()[-1] == AlarmKind.SENSOR_RESTORED
+    assert rig.alarms[-1].t_mono == T0 + 0.8
+    assert len(rig.alarms) == 4
+
+
+def test_block_ignores_dropped_rows_for_state() -> None:
+    rig = Rig()
+    s = stream()
+    rig.w.put_block(block(s, [T0, T0 + 0.5], [0, 0]))
+    # The faulty row is older than the newest stored one: dropped, so it raises nothing.
+    rig.w.put_block(block(s, [T0 + 0.6, T0 + 0.2, T0 + 0.7], [0, int(Quality.SENSOR_OFF), 0]))
+    assert rig.alarms == []
+    assert rig.w.counters()["out_of_order"] == 1
+    assert rig.w.counters()["samples"] == 4
+
+
+def test_block_restores_a_lost_stream_and_empty_block_is_harmless() -> None:
+    rig = Rig(lost=1.0)
+    s = stream()
+    rig.w.put_block(block(s, [T0, T0 + 0.1], [0, 0]))
+    rig.close(T0 + 5.0)
+    rig.w.put_block(block(s, [], []))
+    rig.w.put_block(block(s, [T0 + 5.0, T0 + 5.1], [0, 0]))
+    assert rig.kinds() == [AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED]
+
+
+def test_blocks_and_single_samples_give_the_same_windows() -> None:
+    rng = np.random.default_rng(3)
+    s = stream(rate_hz=50.0)
+    t = T0 + np.arange(400) / 50.0
+    v = rng.normal(size=400)
+    v[rng.integers(0, 400, 20)] = math.nan
+    q = np.where(rng.random(400) < 0.1, int(Quality.ARTIFACT), 0).astype(np.uint8)
+    one, many = Rig(), Rig()
+    a: list[WindowRecord] = []
+    b: list[WindowRecord] = []
+    for i in range(0, 400, 25):
+        for j in range(i, i + 25):
+            one.w.put(Sample(s, float(t[j]), float(t[j]) + 1.0, float(v[j]), Quality(int(q[j]))))
+        many.w.put_block(SampleBlock(s, t[i : i + 25], t[i : i + 25] + 1.0, v[i : i + 25], q[i : i + 25]))
+        a += one.close(float(t[i]) + 0.5)
+        b += many.close(float(t[i]) + 0.5)
+    assert len(a) == len(b) == 7
+    assert a == b
+    assert 0 < sum(r.streams[0].count for r in a) < 350  # some NaN and flagged rows were left out
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"window_s": 0.0},
+        {"hop_s": -1.0},
+        {"grace_s": -0.1},
+        {"lost_after_s": math.nan},
+        {"window_s": math.inf},
+    ],
+)
+def test_settings_are_validated(kwargs: dict[str, float]) -> None:
+    settings = {"window_s": 1.0, "hop_s": 1.0, "grace_s": 0.0, "lost_after_s": 5.0, **kwargs}
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        Windower(**settings, on_alarm=lambda a: None)
