@@ -84,7 +84,9 @@ class Pipeline:
 
     def alarm(self, alarm: Alarm) -> None:
         """Seal and queue an alarm now; it never waits for a window."""
-        log.info("alarm %s on %s", alarm.kind.value, alarm.stream.key if alarm.stream else alarm.subject)
+        # Sensor alarms are logged by the windower or driver that raised them; anomalies here.
+        if alarm.kind == AlarmKind.ANOMALY:
+            log.warning("anomaly on %s: %s", alarm.subject, dict(alarm.detail))
         self._submit(lambda: self._anon.alarm(alarm))
 
     def diagnostic(self, diagnostic: Diagnostic) -> None:

@@ -366,7 +366,7 @@ def test_lost_alarm_once_then_restored_by_new_data() -> None:
     assert rig.kinds() == [AlarmKind.SENSOR_LOST]
     lost = rig.alarms[0]
     assert lost.t_mono == last + 3.01
-    assert lost.detail["silent_s"] == pytest.approx(3.01)
+    assert lost.detail["silent_s"] == pytest.approx(3.0)  # rounded to 0.1 s
     rig.close(last + 10.0)
     assert len(rig.alarms) == 1
     rig.feed(samples(s, T0 + 12.0, T0 + 12.5, 10.0))
@@ -469,3 +469,31 @@ def test_settings_are_validated(kwargs: dict[str, float]) -> None:
     settings = {"window_s": 1.0, "hop_s": 1.0, "grace_s": 0.0, "lost_after_s": 5.0, **kwargs}
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
         Windower(**settings, on_alarm=lambda a: None)
+
+
+def test_ring_capacity_follows_rate_and_spans_window_grace_and_hop() -> None:
+    w = Windower(window_s=1.0, hop_s=1.0, grace_s=0.5, lost_after_s=5.0, on_alarm=lambda a: None)
+    assert w.capacity_for(stream(rate_hz=256.0)) == 1280  # 256 Hz x 2.5 s x 2
+    assert w.capacity_for(stream(rate_hz=None)) == 64  # event series: 8/s x 2.5 s x 2, floor 64
+    long = Windower(window_s=60.0, hop_s=10.0, grace_s=2.0, lost_after_s=5.0, on_alarm=lambda a: None)
+    assert long.capacity_for(stream(rate_hz=None)) == 1152  # 8/s x 72 s x 2
+
+
+def test_slow_stream_is_lost_only_after_three_missed_samples() -> None:
+    rig = Rig(lost=3.0)
+    slow = Stream("thermo", "bed-1", "dev-9", MDC["MDC_TEMP_BODY"], rate_hz=0.1)
+    rig.feed(samples(slow, T0, T0 + 0.5, 10.0))
+    last = T0 + 0.4
+    rig.close(last + 29.0)
+    assert rig.alarms == []  # 10 s between samples is normal for a thermometer
+    rig.close(last + 30.5)
+    assert rig.kinds() == [AlarmKind.SENSOR_LOST]
+
+
+def test_imputed_values_are_not_features() -> None:
+    rig = Rig(lost=30.0)
+    s = stream()
+    rig.feed(samples(s, T0, T0 + 2.0, 10.0, quality=Quality.IMPUTED))
+    records = rig.close(T0 + 100.0)
+    assert records
+    assert all(sf.gap for r in records for sf in r.streams)

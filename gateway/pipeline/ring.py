@@ -281,7 +281,7 @@ class RingBuffer:
         return self._logical(0, self._size)
 
     def resize(self, capacity: int) -> None:
-        """Reallocate to ``capacity`` rows, keeping the newest rows (any dropped ones are counted)."""
+        """Reallocate to ``capacity`` rows, keeping the newest; dropped rows count as overwritten."""
         if capacity < 1:
             raise ConfigError(
                 f"ring buffer: resize to {capacity}: must hold at least one row: pass a positive capacity"

@@ -39,7 +39,8 @@ __all__ = ["Windower"]
 log = logging.getLogger(__name__)
 
 #: Samples with any of these flags are not measurements of the subject and are not used.
-UNUSABLE_FLAGS = int(Quality.SENSOR_OFF | Quality.BAD_STATUS | Quality.ARTIFACT)
+# IMPUTED values were filled in, not measured: features describe measurements only.
+UNUSABLE_FLAGS = int(Quality.SENSOR_OFF | Quality.BAD_STATUS | Quality.ARTIFACT | Quality.IMPUTED)
 _FAULT = int(FAULT_FLAGS)
 # Indexing a tuple costs ~15 ns; `quality & FAULT_FLAGS` on an IntFlag costs ~650 ns.
 _IS_FAULT: tuple[bool, ...] = tuple(bool(q & _FAULT) for q in range(256))
@@ -61,10 +62,13 @@ _STATUS_ALARM = {_FAULTED: AlarmKind.SENSOR_FAULT, _LOST: AlarmKind.SENSOR_LOST}
 
 
 class _StreamState:
-    __slots__ = ("aliases", "expected", "lost_rows", "ring", "rr", "status", "stream")
+    __slots__ = ("aliases", "expected", "lost_after_s", "lost_rows", "ring", "rr", "status", "stream")
 
-    def __init__(self, stream: Stream, ring: RingBuffer, window_s: float) -> None:
+    def __init__(self, stream: Stream, ring: RingBuffer, window_s: float, lost_after_s: float) -> None:
         self.stream = stream
+        # A slow stream (a temperature every 10 s) is lost only after three missed samples,
+        # not after the gateway-wide timeout that suits 1 Hz vitals.
+        self.lost_after_s = max(lost_after_s, 3.0 / stream.rate_hz) if stream.rate_hz else lost_after_s
         self.ring = ring
         self.status = _OK
         self.rr = stream.metric.rr
@@ -88,7 +92,11 @@ class _SubjectState:
 
 
 class Windower:
-    """Per-stream rings, per-subject aligned windows with features, and sensor alarms."""
+    """Per-stream rings, per-subject aligned windows with features, and sensor alarms.
+
+    Not thread-safe: call it from the event loop only.  ``on_alarm`` runs synchronously inside
+    :meth:`put`, :meth:`put_block` and :meth:`close_due`, so it must be cheap and must not raise.
+    """
 
     def __init__(
         self,
@@ -174,7 +182,7 @@ class Windower:
         """State for a stream seen under a new object id: an equal stream's, or a fresh one."""
         st = self._by_stream.get(stream)
         if st is None:
-            st = _StreamState(stream, RingBuffer(self.capacity_for(stream)), self.window_s)
+            st = _StreamState(stream, RingBuffer(self.capacity_for(stream)), self.window_s, self.lost_after_s)
             self._by_stream[stream] = st
             subj = self._subjects.get(stream.subject)
             if subj is None:
@@ -210,7 +218,7 @@ class Windower:
             log.warning("windower: stream %s: sensor fault (quality flags %d)", stream.key, quality)
         else:
             kind = AlarmKind.SENSOR_LOST
-            detail = {"silent_s": t_mono - st.ring.last_t_mono}
+            detail = {"silent_s": round(t_mono - st.ring.last_t_mono, 1)}
             log.warning(
                 "windower: stream %s: sensor lost (no data for %.1f s)", stream.key, detail["silent_s"]
             )
@@ -247,10 +255,10 @@ class Windower:
         """Cut every window due at ``now_mono`` (each once, in order) and report lost sensors."""
         records: list[WindowRecord] = []
         last_due = self._last_due(now_mono)
-        for subj in self._subjects.values():
+        for subj in list(self._subjects.values()):  # an alarm handler may hand over new streams
             for st in subj.streams:
                 ring = st.ring
-                if st.status != _LOST and len(ring) and now_mono - ring.last_t_mono > self.lost_after_s:
+                if st.status != _LOST and len(ring) and now_mono - ring.last_t_mono > st.lost_after_s:
                     self._change(st, _LOST, now_mono, now_wall, 0)
             if not subj.emitted:
                 first = min(subj.first_t, *(st.ring.first_t_mono for st in subj.streams))
