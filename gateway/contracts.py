@@ -37,6 +37,7 @@ class AlarmKind(enum.StrEnum):
     SENSOR_RESTORED = "sensor_restored"  # data flows again after a loss or fault
     SENSOR_FAULT = "sensor_fault"  # the device flags its own measurement as unusable
     ANOMALY = "anomaly"  # a model or rule says the subject, not the sensor, is abnormal
+    ANOMALY_CLEARED = "anomaly_cleared"  # the same model finds the subject normal again
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ class Pipeline:
     ) -> None:
         p = config.core.pipeline
         self._models = tuple(models)
+        self._anomalous: set[tuple[str, str]] = set()  # (subject, model) in an anomaly episode
         self._anon = anonymizer
         self._outbox = outbox
         self._hop_s = p.hop_s
@@ -107,21 +108,31 @@ class Pipeline:
             results = await asyncio.to_thread(model.score_batch, [records[i] for i in picked])
             for i, result in zip(picked, results, strict=True):
                 scores[i][model.name] = result.score
+                rec = records[i]
+                key = (rec.subject, model.name)
+                # One alarm per episode, not per window: overlapping windows of one event would
+                # otherwise page the nurse every hop (alarm fatigue).
+                if result.anomaly == (key in self._anomalous):
+                    continue
+                detail: dict[str, float | str] = {"model": model.name, "score": round(result.score, 4)}
+                if result.fallback:
+                    detail["fallback"] = 1
                 if result.anomaly:
-                    rec = records[i]
-                    detail: dict[str, float | str] = {"model": model.name, "score": result.score}
-                    if result.fallback:
-                        detail["fallback"] = 1
-                    self.alarm(
-                        Alarm(
-                            AlarmKind.ANOMALY,
-                            rec.subject,
-                            rec.end_mono,
-                            rec.end_wall,
-                            detail=detail,
-                            contributions=result.contributions,
-                        )
+                    self._anomalous.add(key)
+                    kind, contributions = AlarmKind.ANOMALY, result.contributions
+                else:
+                    self._anomalous.discard(key)
+                    kind, contributions = AlarmKind.ANOMALY_CLEARED, {}
+                self.alarm(
+                    Alarm(
+                        kind,
+                        rec.subject,
+                        rec.end_mono,
+                        rec.end_wall,
+                        detail=detail,
+                        contributions=contributions,
                     )
+                )
         return [replace(r, scores=s) if s else r for r, s in zip(records, scores, strict=True)]
 
     async def step(self, now_mono: float | None = None, now_wall: float | None = None) -> int:
@@ -337,11 +348,11 @@ async def _supervise(
     pipeline = Pipeline(config, anonymizer, outbox)
     sup = Supervisor(notifier, start_timeout_s=core.runtime.start_timeout_s)
     uplink: LocalUplink | _NoUplink
+    opened: IO[str] | None = None
     if core.uplink.kind == "local":
-        stream: IO[str] = out or sys.stdout
         if core.uplink.path is not None and out is None:
-            stream = core.uplink.path.open("a", encoding="utf-8")
-        uplink = LocalUplink(outbox, stream, pretty=pretty)
+            opened = core.uplink.path.open("a", encoding="utf-8")
+        uplink = LocalUplink(outbox, opened or out or sys.stdout, pretty=pretty)
     else:
         uplink = _NoUplink()
 
@@ -383,6 +394,8 @@ async def _supervise(
     try:
         return await sup.run(drain, core.runtime.drain_deadline_s)
     finally:
+        if opened is not None:
+            opened.close()
         if stop_timer is not None:
             stop_timer.cancel()
         if install_signal_handlers:

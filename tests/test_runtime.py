@@ -1,0 +1,94 @@
+"""The composed pipeline: samples in, sealed records in the real outbox, model scores and anomalies."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drivers import REGISTRY
+from gateway.anonymize import Anonymizer, Pseudonymizer
+from gateway.config import validate
+from gateway.contracts import Lane, ModelResult, WindowRecord
+from gateway.encode import decode
+from gateway.outbox import AsyncOutbox, Outbox
+from gateway.runtime import Pipeline
+from gateway.sample import MDC, SampleBlock, Stream
+
+SUBJECT = "MRN-777"
+HR = Stream("strap", SUBJECT, "C0:FF:EE:00:11:22", MDC["MDC_ECG_HEART_RATE"], rate_hz=10.0)
+
+
+class ThresholdModel:
+    """A minimal WindowModel: flags a heart rate window whose mean exceeds a limit."""
+
+    name = "hr_limit"
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.threads: set[str] = set()
+
+    def applies_to(self, record: WindowRecord) -> bool:
+        return record.kind == "medical"
+
+    def score_batch(self, records: Sequence[WindowRecord]) -> Sequence[ModelResult]:
+        self.threads.add(threading.current_thread().name)
+        out = []
+        for rec in records:
+            mean = next(sf.features.get("mean", 0.0) for sf in rec.streams)
+            out.append(
+                ModelResult(
+                    mean / self.limit,
+                    mean > self.limit,
+                    {"MDC_ECG_HEART_RATE.mean": 0.8, "MDC_ECG_HEART_RATE.std": 0.2},
+                )
+            )
+        return out
+
+
+def _block(t0: float, n: int, value: float) -> SampleBlock:
+    t = t0 + np.arange(n) / 10.0
+    return SampleBlock(HR, t, t + 1.7e9, np.full(n, value), np.zeros(n, np.uint8))
+
+
+def test_pipeline_scores_windows_and_raises_explained_anomalies(tmp_path: Path) -> None:
+    config = validate(
+        {
+            "gateway": {"state_dir": str(tmp_path)},
+            "pipeline": {"window_s": 2.0, "hop_s": 1.0, "grace_s": 0.0},
+        },
+        "<test>",
+        REGISTRY,
+    )
+    model = ThresholdModel(limit=100.0)
+
+    async def main() -> list[tuple[Lane, dict[str, Any]]]:
+        anon = Anonymizer(Pseudonymizer(b"s" * 32), time_mode="relative", start_wall=1.7e9)
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            pipeline = Pipeline(config, anon, outbox, models=[model])
+            pipeline.sink.put_block(_block(100.0, 20, 70.0))  # calm: 100.0 .. 101.9
+            pipeline.sink.put_block(_block(102.0, 20, 150.0))  # tachycardia: 102.0 .. 103.9
+            await pipeline.step(now_mono=104.0, now_wall=1.7e9 + 104.0)
+            pipeline.sink.put_block(_block(104.0, 40, 70.0))  # calm again: 104.0 .. 107.9
+            await pipeline.step(now_mono=108.0, now_wall=1.7e9 + 108.0)
+            await outbox.flush()
+            leased = await outbox.lease(100)
+            return [(item.lane, decode(item.payload)) for item in leased]
+
+    records = asyncio.run(main())
+    assert model.threads
+    assert "MainThread" not in model.threads  # scored off the event loop
+    alarms = [r for lane, r in records if lane == Lane.ALARMS]
+    features = [r for lane, r in records if lane == Lane.FEATURES]
+    # One alarm for the episode (not one per overlapping window), then one when it clears.
+    assert [a["alarm"] for a in alarms] == ["anomaly", "anomaly_cleared"]
+    assert alarms[0]["contrib"] == {"MDC_ECG_HEART_RATE.mean": 0.8, "MDC_ECG_HEART_RATE.std": 0.2}
+    assert alarms[0]["detail"]["model"] == "hr_limit"
+    assert len(features) >= 2
+    assert all("hr_limit" in f["scores"] for f in features)
+    assert max(f["scores"]["hr_limit"] for f in features) >= 1.0
+    assert SUBJECT not in repr(records)
