@@ -80,6 +80,20 @@ def test_between_across_the_wrap() -> None:
     assert r.between(7.0, 3.0)[0].tolist() == []
 
 
+def test_peek_across_the_wrap_and_on_empty_ring() -> None:
+    r = RingBuffer(8)
+    assert [c.size for c in r.peek(0.0, 1.0)] == [0, 0, 0]
+    for i in range(12):
+        r.append(float(i), 0.0, float(i) * 3, i)
+    t, v, q = r.peek(5.0, 10.0)
+    assert t.tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
+    assert v.tolist() == [15.0, 18.0, 21.0, 24.0, 27.0]
+    assert q.tolist() == [5, 6, 7, 8, 9]
+    assert r.peek(9.0, 11.0)[0].tolist() == [9.0, 10.0]
+    assert r.peek(4.0, 6.0)[0].tolist() == [4.0, 5.0]
+    assert r.peek(20.0, 30.0)[0].size == 0
+
+
 def test_between_returns_copies() -> None:
     r = RingBuffer(4)
     for i in range(3):
@@ -284,3 +298,5 @@ def test_ring_matches_brute_force_model(
     assert got[1].tolist() == [row[1] for row in expect]
     assert got[2].tolist() == [row[2] for row in expect]
     assert got[3].tolist() == [row[3] for row in expect]
+    pt, pv, pq = r.peek(t0, t1)
+    assert (pt.tolist(), pv.tolist(), pq.tolist()) == (got[0].tolist(), got[2].tolist(), got[3].tolist())
