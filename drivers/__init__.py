@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, cast
 
+from drivers.opcua.config import OpcUaConfig
 from drivers.sim.config import SimConfig
 from gateway.contracts import Driver, DriverSpec, SourceInfo
 from gateway.errors import ConfigError
@@ -45,8 +46,14 @@ REGISTRY: dict[str, DriverSpec] = {
         _LazyFactory("drivers.sim.driver"),
         "synthetic patient and pump streams with labelled events",
     ),
+    "opcua": DriverSpec(
+        "opcua",
+        OpcUaConfig,
+        _LazyFactory("drivers.opcua.driver"),
+        "OPC UA subscriptions (PLCs) with verified recovery, security and per-node health",
+    ),
 }
 
 #: Modules that add CLI subcommands (``edgetwin scan ...``, ``edgetwin sim ...``) through an
 #: ``add_commands(groups)`` function; the CLI skips one whose optional dependencies are missing.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("drivers.opcua.commands",)

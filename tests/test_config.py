@@ -84,7 +84,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
     (
         "unknown driver",
         "[[sources]]\nname = 'ox'\ndriver = 'oximeter'\nsubject = 'bed-1'\n",
-        ["sources[0].driver: expected one of the drivers (sim), found 'oximeter'"],
+        ["sources[0].driver: expected one of the drivers (opcua, sim), found 'oximeter'"],
     ),
     (
         "missing subject",

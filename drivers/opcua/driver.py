@@ -1,0 +1,849 @@
+"""The OPC UA driver: subscriptions on asyncua with verified recovery and per-node health.
+
+Recovery is this driver's own job, inside ``run``: a PLC that restarts or is switched off for the
+weekend must be picked up again within seconds, every monitored item verified, without the
+gateway being restarted.  So ``run`` keeps an inner loop with its own capped, jittered backoff
+(``reconnect_min_s`` .. ``reconnect_max_s``) around one *connection*: connect (security checked
+against the PKI folder), resolve browse paths, check every node (is a variable, numeric data
+type, engineering unit), create the subscription and its monitored items, then stream.  It calls
+``started()`` the first time that succeeds, once.  Only authentication and configuration errors
+leave ``run`` (the supervisor then applies its long backoff, or none): retrying those fast helps
+nobody.  Why not let the supervisor restart ``run`` for every link loss: its backoff grows to
+60 s and resets only after a minute of health, and per-node health would be forgotten each time.
+
+Per-node health: a node that vanished, changed to a non-numeric data type or was refused by the
+server is reported once (log + ``SENSOR_FAULT`` alarm with ``{"status": "bad_nodeidunknown"}``);
+the others continue; the node is retried on every verification cycle and reported restored when
+it comes back.  Outages leave no samples: the windower records them as gaps and raises
+``SENSOR_LOST``; a ``opcua_link`` diagnostic gives the outage and recovery figures.
+
+Every asyncua call is bounded by ``request_timeout_s`` of our own (``asyncio.timeout``), on top
+of asyncua's request timeout, so a half-open socket can never hang the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.common.subscription import Subscription
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.status_codes import StatusCodes
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+
+from drivers.opcua.config import NodeSpec, OpcUaConfig
+from drivers.opcua.protocol import (
+    NUMERIC_TYPES,
+    Stamper,
+    clean_name,
+    endpoint_display,
+    metric_name_for_path,
+    parse_browse_path,
+    quality_of,
+    status_token,
+    to_float,
+)
+from drivers.opcua.security import ConnectOptions, Unreachable, abandon, bounded, connect, quiet_asyncua
+from drivers.opcua.uahelp import UA_FALSE, UA_TRUE, node_id
+from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
+from gateway.errors import ConfigError, TransientError
+from gateway.sample import Quality, Sample, Stream, industrial_metric
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+OBJECTS_FOLDER = 85
+HIERARCHICAL_REFERENCES = 33
+HAS_PROPERTY = 46
+CLOCK_REPORT_S = 60.0  # how often the timestamp skew diagnostic goes out
+_BAD = int(Quality.BAD_STATUS)
+_NAN = math.nan
+
+# Per-node statuses that mean "check this node again now" rather than "the value is bad".
+_NODE_GONE = frozenset(
+    {
+        StatusCodes.BadNodeIdUnknown,
+        StatusCodes.BadNodeIdInvalid,
+        StatusCodes.BadTypeMismatch,
+        StatusCodes.BadAttributeIdInvalid,
+    }
+)
+
+
+class LinkLost(Exception):  # noqa: N818 - a signal inside the driver, never raised out of it
+    """The connection or subscription is gone; the inner loop reconnects."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Item:
+    """One configured node and everything known about it."""
+
+    __slots__ = (
+        "data_type",
+        "handle",
+        "index",
+        "last_t_mono",
+        "monitored_id",
+        "name",
+        "node_id",
+        "spec",
+        "state",
+        "stream",
+        "token",
+        "unit",
+    )
+
+    def __init__(self, index: int, spec: NodeSpec) -> None:
+        self.index = index
+        self.spec = spec
+        self.node_id: ua.NodeId | None = None
+        self.data_type: ua.NodeId | None = None
+        self.name: str | None = spec.name or (
+            metric_name_for_path(spec.browse_path) if spec.browse_path else None
+        )
+        self.unit: str | None = None
+        self.stream: Stream | None = None
+        self.handle = 0
+        self.monitored_id: int | None = None
+        self.state = "pending"  # pending | good | bad
+        self.token = "pending"  # noqa: S105 - "good" or the status token of the problem
+        self.last_t_mono = -math.inf
+
+
+class _Backoff:
+    """Capped, jittered exponential delays for reconnecting."""
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low = low
+        self.high = high
+        self.attempt = 0
+
+    def reset(self) -> None:
+        """Start over after a success."""
+        self.attempt = 0
+
+    def next(self) -> float:
+        """The next delay: low, 2 low, 4 low ... high, each jittered into [d/2, d]."""
+        nominal = min(self.high, self.low * 2.0 ** min(self.attempt, 30))
+        self.attempt += 1
+        # Jitter: gateways that lost one PLC at the same moment do not all come back in step.
+        return nominal / 2 + random.random() * nominal / 2
+
+
+class _Feed(Subscription):
+    """A subscription whose publish responses go straight to the driver's hot path.
+
+    asyncua's handler API starts one task per notification; its iterator API copies each into a
+    bounded queue that drops silently when full.  Overriding ``publish_callback`` turns a whole
+    publish response into samples in one synchronous pass instead.
+    """
+
+    on_publish: Callable[[ua.PublishResult], None]
+
+    async def publish_callback(self, publish_result: ua.PublishResult) -> None:
+        """Hand the publish response to the connection."""
+        self.last_publish_at = time.monotonic()
+        self.on_publish(publish_result)
+
+
+class OpcUaDriver:
+    """Monitors OPC UA variables by subscription and keeps them monitored across any outage."""
+
+    def __init__(self, info: SourceInfo, cfg: OpcUaConfig) -> None:
+        self._info = info
+        self._cfg = cfg
+        self._endpoint = endpoint_display(cfg.endpoint)
+        self.items = [_Item(i, spec) for i, spec in enumerate(cfg.nodes)]
+        self._device: str | None = None
+        self.connect_options = ConnectOptions.from_config(f"opcua {info.name}", cfg)
+        self.link_up = False
+        self.connects = 0
+        self.outages: list[float] = []  # seconds from loss to verified data flow, per recovery
+        self.samples = 0
+        self.notifications = 0
+        self._sink: SampleSink | None = None
+
+    # ---- what tests and status lines read --------------------------------------------------
+
+    @property
+    def health(self) -> dict[str, str]:
+        """Per-node health by configured address: ``good`` or the status token of the problem."""
+        return {item.spec.address: item.token for item in self.items}
+
+    @property
+    def device(self) -> str | None:
+        """The server's identity (application URI and endpoint) once connected."""
+        return self._device
+
+    # ---- the run loop ------------------------------------------------------------------------
+
+    async def run(self, sink: SampleSink, *, started: Callable[[], None]) -> None:
+        """Connect, verify, stream; reconnect on any loss until cancelled (see the module docstring)."""
+        self._sink = sink
+        backoff = _Backoff(self._cfg.reconnect_min_s, self._cfg.reconnect_max_s)
+        has_started = False
+        down_since: float | None = None
+        down_reason = ""
+        while True:
+            conn = _Connection(self, sink)
+            try:
+                await conn.open()
+                self.connects += 1
+                self.link_up = True
+                if down_since is not None and self.connects > 1:
+                    outage = time.monotonic() - down_since
+                    self.outages.append(outage)
+                    log.info(
+                        "opcua %s %s: link restored after %.1f s; %d/%d nodes good",
+                        self._info.name,
+                        self._endpoint,
+                        outage,
+                        conn.good_count,
+                        len(self.items),
+                    )
+                    self._diagnostic("opcua_link", {"state": "up", "outage_s": round(outage, 3)}, conn)
+                else:
+                    log.info(
+                        "opcua %s %s: connected (%s); %d/%d nodes good",
+                        self._info.name,
+                        self._endpoint,
+                        self._cfg.security_policy,
+                        conn.good_count,
+                        len(self.items),
+                    )
+                    self._diagnostic("opcua_link", {"state": "up"}, conn)
+                down_since = None
+                backoff.reset()
+                if not has_started:
+                    has_started = True
+                    started()
+                await conn.stream()
+            except (LinkLost, Unreachable) as exc:
+                reason = str(exc)
+            except (OSError, TransientError, UaError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                self.link_up = False
+                await conn.close()
+            if down_since is None:
+                down_since = time.monotonic()
+                down_reason = reason
+                log.warning(
+                    "opcua %s %s: %s (%s); reconnecting with backoff up to %g s",
+                    self._info.name,
+                    self._endpoint,
+                    "link down" if self.connects else "cannot connect yet",
+                    reason,
+                    self._cfg.reconnect_max_s,
+                )
+                self._diagnostic("opcua_link", {"state": "down"}, None)
+            elif reason != down_reason:
+                down_reason = reason
+                log.info("opcua %s %s: still down (%s)", self._info.name, self._endpoint, reason)
+            else:
+                log.debug("opcua %s %s: still down (%s)", self._info.name, self._endpoint, reason)
+            await asyncio.sleep(backoff.next())
+
+    def _diagnostic(self, kind: str, detail: dict[str, float | str], conn: _Connection | None) -> None:
+        if self._sink is None:
+            return
+        full = dict(detail)
+        if conn is not None:
+            full["nodes_good"] = conn.good_count
+            full["nodes_bad"] = len(self.items) - conn.good_count
+        self._sink.diagnostic(Diagnostic(kind, self._info.subject, time.time(), full))
+
+    # ---- per-node health ---------------------------------------------------------------------
+
+    def set_health(self, item: _Item, token: str) -> None:
+        """Record a node's health; a change between good and bad is logged once and raised as an alarm."""
+        if item.token == token:
+            return
+        state = "good" if token == "good" else "bad"  # noqa: S105 - a status token, not a secret
+        was, was_token = item.state, item.token
+        item.state = state
+        item.token = token
+        if state == was:
+            # Still bad, for another reason (vanished -> its browse path finds nothing): no new alarm.
+            log.info(
+                "opcua %s: node %s still bad: %s (was %s)",
+                self._info.name,
+                item.spec.address,
+                token,
+                was_token,
+            )
+            return
+        sink = self._sink
+        now_mono, now_wall = time.monotonic(), time.time()
+        if state == "bad":
+            log.warning(
+                "opcua %s %s: node %s (%s) is bad: %s; the other nodes continue, it is retried every %g s",
+                self._info.name,
+                self._endpoint,
+                item.spec.address,
+                item.name or "?",
+                token,
+                self._cfg.verify_interval_s,
+            )
+            detail: dict[str, float | str] = {"status": token}
+            if item.stream is None:
+                detail["item"] = item.index
+            if sink is not None:
+                sink.alarm(
+                    Alarm(AlarmKind.SENSOR_FAULT, self._info.subject, now_mono, now_wall, item.stream, detail)
+                )
+        elif was == "bad":
+            log.info("opcua %s %s: node %s is good again", self._info.name, self._endpoint, item.spec.address)
+            if sink is not None:
+                detail = {"after": AlarmKind.SENSOR_FAULT.value, "status": "good"}
+                sink.alarm(
+                    Alarm(
+                        AlarmKind.SENSOR_RESTORED, self._info.subject, now_mono, now_wall, item.stream, detail
+                    )
+                )
+
+    def stream_for(self, item: _Item, device: str) -> Stream:
+        """The item's stream, created once and rebuilt only when its name, unit or server changes."""
+        spec = item.spec
+        name = item.name or f"node{item.index}"
+        unit = spec.unit if spec.unit is not None else (item.unit or "")
+        current = item.stream
+        if (
+            current is not None
+            and current.metric.name == name
+            and current.metric.unit == unit
+            and current.device == device
+        ):
+            return current
+        if current is not None:
+            log.info(
+                "opcua %s: node %s now reports as %s [%s] (was %s [%s])",
+                self._info.name,
+                spec.address,
+                name,
+                unit,
+                current.metric.name,
+                current.metric.unit,
+            )
+        sampling = (
+            spec.sampling_interval_ms
+            if spec.sampling_interval_ms is not None
+            else self._cfg.sampling_interval_ms
+        )
+        deadband = spec.deadband or self._cfg.deadband
+        rate = spec.rate_hz
+        if rate is None and deadband == "none" and sampling > 0:
+            rate = min(1000.0, 1000.0 / sampling)
+        stream = Stream(
+            source=self._info.name,
+            subject=self._info.subject,
+            device=device,
+            metric=industrial_metric(name, unit),
+            kind=self._info.kind,
+            rate_hz=rate,
+        )
+        item.stream = stream
+        return stream
+
+    def set_device(self, server_uri: str) -> str:
+        """The server identity for Stream.device; a different server at the same endpoint is logged."""
+        device = f"{server_uri} at {self._endpoint}"
+        if self._device is not None and device != self._device:
+            log.warning(
+                "opcua %s %s: the server now identifies as %s (was %s): a different PLC; its streams start afresh",
+                self._info.name,
+                self._endpoint,
+                server_uri,
+                self._device,
+            )
+        self._device = device
+        return device
+
+
+class _Connection:
+    """One connection: client, session, subscription; created and thrown away per attempt."""
+
+    def __init__(self, driver: OpcUaDriver, sink: SampleSink) -> None:
+        self.d = driver
+        self.cfg = driver._cfg
+        self.sink = sink
+        self.client: Client | None = None
+        self.sub: _Feed | None = None
+        self.lost = asyncio.Event()
+        self.lost_reason = ""
+        self.verify_now = False
+        self.by_handle: dict[int, _Item] = {}
+        self.next_handle = 1
+        self.ns_array: list[str] = []
+        self.device = ""
+        cfg = self.cfg
+        max_age = (
+            max(2 * cfg.publishing_interval_ms, cfg.queue_size * cfg.sampling_interval_ms) / 1000.0 + 1.0
+        )
+        self.stamper = Stamper(max_age)
+        self.last_publish = time.monotonic()
+        self.src_lag: float | None = None
+        self.srv_lag: float | None = None
+        self.untrusted_ts = 0
+        self.next_clock_report = time.monotonic() + CLOCK_REPORT_S
+
+    @property
+    def good_count(self) -> int:
+        """Nodes verified and monitored."""
+        return sum(1 for item in self.d.items if item.state == "good")
+
+    def _call(self, what: str, aw: Awaitable[_T], factor: float = 1.0) -> Awaitable[_T]:
+        return bounded(what, self.cfg.request_timeout_s * factor, aw)
+
+    # ---- opening -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, check security, resolve and verify every node, subscribe."""
+        cfg = self.cfg
+        self.client = client = await connect(
+            self.d.connect_options,
+            watchdog_s=min(5.0, cfg.keepalive_timeout_s / 2),
+            session_timeout_ms=max(60_000, int(cfg.keepalive_timeout_s * 3000)),
+            on_lost=self._on_connection_lost,
+        )
+        ns_node = client.get_node(node_id(ObjectIds.Server_NamespaceArray))
+        server_array = client.get_node(node_id(ObjectIds.Server_ServerArray))
+        ns_array, servers = await self._call("read namespaces", client.read_values([ns_node, server_array]))
+        self.ns_array = list(ns_array or [])
+        server_uri = servers[0] if servers else "unknown-server"
+        self.device = self.d.set_device(str(server_uri))
+        await self._subscribe()
+        await self._resolve(self.d.items)
+
+    async def _subscribe(self) -> None:
+        cfg = self.cfg
+        assert self.client is not None
+        keepalive_count = max(1, math.ceil(cfg.keepalive_timeout_s * 1000 / 3 / cfg.publishing_interval_ms))
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=cfg.publishing_interval_ms,
+            RequestedLifetimeCount=keepalive_count * 6,
+            RequestedMaxKeepAliveCount=keepalive_count,
+            MaxNotificationsPerPublish=0,
+            PublishingEnabled=True,
+            Priority=0,
+        )
+        sub = _Feed(self.client.uaclient.session, params)
+        sub.on_publish = self._on_publish
+        self.sub = sub
+        try:
+            result = await self._call("create subscription", sub.init())
+        except UaStatusCodeError as exc:
+            raise LinkLost(f"create subscription: {status_token(exc.code)}") from exc
+        self.last_publish = time.monotonic()
+        if result.RevisedPublishingInterval != cfg.publishing_interval_ms:
+            log.info(
+                "opcua %s %s: server revised the publishing interval to %g ms",
+                self.d._info.name,
+                self.d._endpoint,
+                result.RevisedPublishingInterval,
+            )
+
+    # ---- resolving and verifying nodes ---------------------------------------------------------
+
+    def _parse_node_id(self, text: str) -> ua.NodeId:
+        if text.startswith("nsu="):
+            uri, _, rest = text[4:].partition(";")
+            if uri not in self.ns_array:
+                raise LookupError(uri)
+            text = f"ns={self.ns_array.index(uri)};{rest}"
+        return ua.NodeId.from_string(text)
+
+    def _namespace_index(self, ns: int | None) -> int:
+        if ns is not None:
+            return ns
+        uri = self.cfg.namespace_uri or ""
+        if uri not in self.ns_array:
+            raise LookupError(uri)
+        return self.ns_array.index(uri)
+
+    async def _resolve(self, items: Sequence[_Item]) -> None:
+        """Find, check and monitor ``items``: NodeIds, data types, units, monitored items."""
+        assert self.client is not None
+        client = self.client
+        found: list[_Item] = []
+        by_path: list[tuple[_Item, ua.BrowsePath]] = []
+        for item in items:
+            spec = item.spec
+            try:
+                if spec.node_id is not None:
+                    item.node_id = self._parse_node_id(spec.node_id)
+                    found.append(item)
+                    continue
+                assert spec.browse_path is not None
+                elements = [
+                    ua.RelativePathElement(
+                        ReferenceTypeId=node_id(HIERARCHICAL_REFERENCES),
+                        IsInverse=UA_FALSE,
+                        IncludeSubtypes=UA_TRUE,
+                        TargetName=ua.QualifiedName(seg.name, self._namespace_index(seg.ns)),
+                    )
+                    for seg in parse_browse_path(spec.browse_path)
+                ]
+            except LookupError:
+                self._bad(item, "bad_namespaceunknown")
+                continue
+            except (ValueError, UaError):
+                self._bad(item, "bad_nodeidinvalid")
+                continue
+            path = ua.BrowsePath(
+                StartingNode=node_id(OBJECTS_FOLDER), RelativePath=ua.RelativePath(Elements=elements)
+            )
+            by_path.append((item, path))
+        if by_path:
+            results = await self._call(
+                "translate browse paths",
+                client.uaclient.translate_browsepaths_to_nodeids([p for _, p in by_path]),
+                factor=2.0,
+            )
+            for (item, _), res in zip(by_path, results, strict=True):
+                if not res.StatusCode.is_good():
+                    self._bad(item, status_token(res.StatusCode.value))
+                elif not res.Targets:
+                    self._bad(item, "bad_nomatch")
+                else:
+                    item.node_id = res.Targets[0].TargetId
+                    found.append(item)
+        checked = await self._check_attributes(found)
+        await self._read_units(checked)
+        await self._monitor(checked)
+
+    async def _read(self, reads: list[ua.ReadValueId], what: str) -> list[ua.DataValue]:
+        assert self.client is not None
+        if not reads:
+            return []
+        params = ua.ReadParameters(NodesToRead=reads, TimestampsToReturn=ua.TimestampsToReturn.Neither)
+        return await self._call(what, self.client.uaclient.read(params), factor=2.0)
+
+    async def _check_attributes(self, items: Sequence[_Item]) -> list[_Item]:
+        """NodeClass, DataType and (for names) BrowseName of each node, in one Read; the good ones."""
+        attrs = (AttributeIds.NodeClass, AttributeIds.DataType, AttributeIds.BrowseName)
+        reads = [ua.ReadValueId(NodeId=item.node_id, AttributeId=attr) for item in items for attr in attrs]
+        values = await self._read(reads, "read node attributes")
+        passed = []
+        for n, item in enumerate(items):
+            node_class, data_type, browse_name = values[3 * n : 3 * n + 3]
+            if not node_class.StatusCode or not node_class.StatusCode.is_good():
+                self._bad(
+                    item, status_token(node_class.StatusCode.value if node_class.StatusCode else 0x80000000)
+                )
+                continue
+            if node_class.Value is None or node_class.Value.Value != ua.NodeClass.Variable:
+                self._bad(item, "bad_nodeclassinvalid")
+                continue
+            dt = data_type.Value.Value if data_type.Value is not None else None
+            if not isinstance(dt, ua.NodeId) or (
+                dt.NamespaceIndex == 0 and dt.Identifier not in NUMERIC_TYPES
+            ):
+                self._bad(item, "bad_typemismatch")
+                continue
+            item.data_type = dt
+            if item.name is None:
+                bn = browse_name.Value.Value if browse_name.Value is not None else None
+                if isinstance(bn, ua.QualifiedName) and bn.Name:
+                    item.name = clean_name(bn.Name)
+            passed.append(item)
+        return passed
+
+    async def _read_units(self, items: Sequence[_Item]) -> None:
+        """EUInformation of each node that has an EngineeringUnits property."""
+        assert self.client is not None
+        wanted = [item for item in items if item.spec.unit is None]
+        if not wanted:
+            return
+        paths = [
+            ua.BrowsePath(
+                StartingNode=item.node_id,
+                RelativePath=ua.RelativePath(
+                    Elements=[
+                        ua.RelativePathElement(
+                            ReferenceTypeId=node_id(HAS_PROPERTY),
+                            IsInverse=UA_FALSE,
+                            IncludeSubtypes=UA_TRUE,
+                            TargetName=ua.QualifiedName("EngineeringUnits", 0),
+                        )
+                    ]
+                ),
+            )
+            for item in wanted
+        ]
+        results = await self._call(
+            "find engineering units", self.client.uaclient.translate_browsepaths_to_nodeids(paths), factor=2.0
+        )
+        with_eu = [
+            (item, res.Targets[0].TargetId)
+            for item, res in zip(wanted, results, strict=True)
+            if res.StatusCode.is_good() and res.Targets
+        ]
+        values = await self._read(
+            [ua.ReadValueId(NodeId=node, AttributeId=AttributeIds.Value) for _, node in with_eu],
+            "read engineering units",
+        )
+        for (item, _), dv in zip(with_eu, values, strict=True):
+            eu = dv.Value.Value if dv.Value is not None else None
+            if isinstance(eu, ua.EUInformation) and eu.DisplayName.Text:
+                item.unit = eu.DisplayName.Text
+
+    def _filter(self, spec: NodeSpec) -> ua.DataChangeFilter | None:
+        kind = spec.deadband or self.cfg.deadband
+        if kind == "none":
+            return None
+        value = spec.deadband_value if spec.deadband_value is not None else self.cfg.deadband_value
+        return ua.DataChangeFilter(
+            Trigger=ua.DataChangeTrigger.StatusValue,
+            DeadbandType=1 if kind == "absolute" else 2,
+            DeadbandValue=value,
+        )
+
+    async def _monitor(self, items: Sequence[_Item]) -> None:
+        """Create the monitored items of ``items`` (streams first, so the first values land)."""
+        if not items:
+            return
+        assert self.sub is not None
+        cfg = self.cfg
+        requests = []
+        for item in items:
+            spec = item.spec
+            self.d.stream_for(item, self.device)
+            item.handle = self.next_handle
+            self.next_handle += 1
+            self.by_handle[item.handle] = item
+            params = ua.MonitoringParameters(
+                ClientHandle=item.handle,
+                SamplingInterval=spec.sampling_interval_ms
+                if spec.sampling_interval_ms is not None
+                else cfg.sampling_interval_ms,
+                QueueSize=spec.queue_size or cfg.queue_size,
+                DiscardOldest=True,
+            )
+            flt = self._filter(spec)
+            if flt is not None:
+                params.Filter = flt
+            requests.append(
+                ua.MonitoredItemCreateRequest(
+                    ItemToMonitor=ua.ReadValueId(NodeId=item.node_id, AttributeId=AttributeIds.Value),
+                    MonitoringMode=ua.MonitoringMode.Reporting,
+                    RequestedParameters=params,
+                )
+            )
+        try:
+            results = await self._call(
+                "create monitored items", self.sub.create_monitored_items(requests), factor=2.0
+            )
+        except UaStatusCodeError as exc:
+            raise LinkLost(f"create monitored items: {status_token(exc.code)}") from exc
+        for item, res in zip(items, results, strict=True):
+            if isinstance(res, ua.StatusCode):
+                self.by_handle.pop(item.handle, None)
+                self._bad(item, status_token(res.value))
+            else:
+                item.monitored_id = res
+                self.d.set_health(item, "good")
+
+    def _bad(self, item: _Item, token: str) -> None:
+        self.by_handle.pop(item.handle, None)
+        item.monitored_id = None
+        self.d.set_health(item, token)
+
+    async def _unmonitor(self, items: Sequence[_Item]) -> None:
+        ids = [item.monitored_id for item in items if item.monitored_id is not None]
+        for item in items:
+            self.by_handle.pop(item.handle, None)
+            item.monitored_id = None
+        if ids and self.sub is not None and self.client is not None:
+            params = ua.DeleteMonitoredItemsParameters(
+                SubscriptionId=self.sub.subscription_id, MonitoredItemIds=ids
+            )
+            # Best effort: a node that vanished may already have taken its monitored item along.
+            with contextlib.suppress(UaError):
+                await self._call(
+                    "delete monitored items", self.client.uaclient.delete_monitored_items(params)
+                )
+
+    async def verify(self) -> None:
+        """Check every good node still exists with the same data type; retry the bad ones."""
+        good = [item for item in self.d.items if item.state == "good"]
+        reads = [ua.ReadValueId(NodeId=item.node_id, AttributeId=AttributeIds.DataType) for item in good]
+        values = await self._read(reads, "verify nodes")
+        changed: list[_Item] = []
+        for item, dv in zip(good, values, strict=True):
+            if dv.StatusCode is not None and not dv.StatusCode.is_good():
+                await self._unmonitor([item])
+                self._bad(item, status_token(dv.StatusCode.value))
+                continue
+            dt = dv.Value.Value if dv.Value is not None else None
+            if dt != item.data_type:
+                log.info(
+                    "opcua %s %s: node %s changed data type to %s; monitoring it again",
+                    self.d._info.name,
+                    self.d._endpoint,
+                    item.spec.address,
+                    dt,
+                )
+                changed.append(item)
+        if changed:
+            await self._unmonitor(changed)
+        retry = [item for item in self.d.items if item.state != "good" or item in changed]
+        if retry:
+            for item in retry:
+                if item.spec.browse_path is not None:
+                    item.node_id = None  # re-resolve: the path may lead elsewhere now
+            await self._resolve(retry)
+
+    # ---- streaming ---------------------------------------------------------------------------
+
+    async def stream(self) -> None:
+        """Wait for loss, re-verify on schedule; raise LinkLost when the connection is gone."""
+        cfg = self.cfg
+        next_verify = time.monotonic() + cfg.verify_interval_s
+        tick = min(1.0, cfg.keepalive_timeout_s / 4)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(tick):
+                    await self.lost.wait()
+            if self.lost.is_set():
+                raise LinkLost(self.lost_reason)
+            now = time.monotonic()
+            if now - self.last_publish > cfg.keepalive_timeout_s:
+                raise LinkLost(f"no publish response for {now - self.last_publish:.1f} s")
+            if now >= next_verify or self.verify_now:
+                self.verify_now = False
+                next_verify = now + cfg.verify_interval_s
+                await self.verify()
+            if now >= self.next_clock_report:
+                self.next_clock_report = now + CLOCK_REPORT_S
+                self._report_clock()
+
+    def _report_clock(self) -> None:
+        detail: dict[str, float | str] = {"untrusted_timestamps": self.untrusted_ts}
+        if self.src_lag is not None:
+            detail["source_lag_s"] = round(self.src_lag, 3)
+        if self.srv_lag is not None:
+            detail["server_lag_s"] = round(self.srv_lag, 3)
+        self.untrusted_ts = 0
+        self.sink.diagnostic(Diagnostic("opcua_clock", self.d._info.subject, time.time(), detail))
+
+    async def _on_connection_lost(self, exc: Exception) -> None:
+        self._lose(f"connection lost: {exc.__class__.__name__}")
+
+    def _lose(self, reason: str) -> None:
+        if not self.lost.is_set():
+            self.lost_reason = reason
+            self.lost.set()
+
+    def _on_publish(self, result: ua.PublishResult) -> None:
+        """The hot path: one publish response -> samples, synchronously."""
+        self.last_publish = time.monotonic()
+        data = result.NotificationMessage.NotificationData
+        if not data:
+            return
+        recv_mono = time.monotonic()
+        recv_wall = time.time()
+        stamper = self.stamper
+        stamper.batch(recv_wall)
+        by_handle = self.by_handle
+        put = self.sink.put
+        tol = self.cfg.clock_tolerance_s
+        count = 0
+        for notif in data:
+            if type(notif) is not ua.DataChangeNotification:
+                if isinstance(notif, ua.StatusChangeNotification):
+                    self._lose(f"subscription status {status_token(notif.Status.value)}")
+                continue
+            for mi in notif.MonitoredItems:
+                item = by_handle.get(mi.ClientHandle)
+                if item is None:
+                    continue  # a monitored item being replaced; its last values are of no use
+                dv = mi.Value
+                code = dv.StatusCode
+                status = code.value if code is not None else 0
+                variant = dv.Value
+                raw = variant.Value if variant is not None else None
+                if status == 0 and type(raw) is float:
+                    value: float = raw
+                    quality = 0
+                else:
+                    quality = int(quality_of(status))
+                    if quality & _BAD:
+                        value = _NAN
+                        if status & 0xFFFF0000 in _NODE_GONE:
+                            self.verify_now = True
+                    else:
+                        number = to_float(raw)
+                        if number is None:
+                            # A value that is not a single number: the node changed under us.
+                            self.verify_now = True
+                            self.d.set_health(item, "bad_typemismatch")
+                            by_handle.pop(mi.ClientHandle, None)
+                            continue
+                        value = number
+                ts = None
+                src = dv.SourceTimestamp
+                if src is not None:
+                    s = src.timestamp()
+                    self.src_lag = recv_wall - s
+                    if -tol <= recv_wall - s <= tol:
+                        ts = s
+                srv = dv.ServerTimestamp
+                if srv is not None:
+                    s = srv.timestamp()
+                    self.srv_lag = recv_wall - s
+                    if ts is None and -tol <= recv_wall - s <= tol:
+                        ts = s
+                if ts is None:
+                    t_wall = recv_wall
+                    t_mono = recv_mono
+                    if src is not None or srv is not None:
+                        self.untrusted_ts += 1
+                else:
+                    t_wall = ts
+                    t_mono = recv_mono - stamper.age(ts, recv_wall)
+                t_mono = max(t_mono, item.last_t_mono)
+                item.last_t_mono = t_mono
+                stream = item.stream
+                assert stream is not None
+                put(Sample(stream, t_mono, t_wall, value, Quality(quality) if quality else Quality.GOOD))
+                count += 1
+        self.d.samples += count
+        self.d.notifications += 1
+
+    # ---- closing -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Drop the session and socket, bounded and shielded: never holds a reconnect or a stop."""
+        client = self.client
+        if client is None:
+            return
+        self.client = None
+        self.by_handle.clear()
+        await abandon(client)
+
+
+def factory(info: SourceInfo, cfg: OpcUaConfig) -> OpcUaDriver:
+    """Build an OPC UA driver (asyncua imported only now)."""
+    if info.kind != "industrial":
+        raise ConfigError(
+            f'opcua source {info.name}: kind {info.kind!r}: OPC UA sources measure machines: set kind = "industrial"'
+        )
+    quiet_asyncua()
+    return OpcUaDriver(info, cfg)
+
+
+__all__ = ["LinkLost", "OpcUaDriver", "factory"]
