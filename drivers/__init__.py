@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, cast
 
+from drivers.ble.config import BleConfig
+from drivers.mcu.config import McuConfig
 from drivers.opcua.config import OpcUaConfig
 from drivers.sim.config import SimConfig
 from gateway.contracts import Driver, DriverSpec, SourceInfo
@@ -52,8 +54,20 @@ REGISTRY: dict[str, DriverSpec] = {
         _LazyFactory("drivers.opcua.driver"),
         "OPC UA subscriptions (PLCs) with verified recovery, security and per-node health",
     ),
+    "mcu": DriverSpec(
+        "mcu",
+        McuConfig,
+        _LazyFactory("drivers.mcu.driver"),
+        "microcontroller sensor nodes over a framed serial link, signed firmware updates",
+    ),
+    "ble": DriverSpec(
+        "ble",
+        BleConfig,
+        _LazyFactory("drivers.ble.driver"),
+        "BLE health wearables (heart rate, pulse oximeter, thermometer, blood pressure) over BlueZ",
+    ),
 }
 
 #: Modules that add CLI subcommands (``edgetwin scan ...``, ``edgetwin sim ...``) through an
 #: ``add_commands(groups)`` function; the CLI skips one whose optional dependencies are missing.
-COMMAND_MODULES: tuple[str, ...] = ("drivers.opcua.commands",)
+COMMAND_MODULES: tuple[str, ...] = ("drivers.opcua.commands", "drivers.mcu.commands", "drivers.ble.commands")

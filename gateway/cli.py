@@ -71,8 +71,12 @@ profile = "pump"
 device = "SN-PLC-20931"
 seed = 3
 events = [
-  { kind = "valve_fault", at_s = 20.0, duration_s = 25.0 },
+  { kind = "valve_fault", at_s = 45.0, duration_s = 30.0 },
 ]
+
+[models]
+# The pump model learns this machine's normal on its first 30 s (commissioning), then scores.
+use = [{ name = "pump_skab", commissioning_s = 30.0 }]
 """
 
 
@@ -193,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="simulated sources end to end, records shown locally")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds to run (0 = until Ctrl-C)")
+    p.add_argument("--duration", type=float, default=90.0, help="seconds to run (0 = until Ctrl-C)")
     p.add_argument(
         "--state-dir", type=Path, default=None, help="keep the outbox and key here (default: temporary)"
     )

@@ -26,6 +26,7 @@ from pydantic_core import PydanticCustomError
 
 from gateway.contracts import DriverSpec, SourceInfo
 from gateway.errors import ConfigProblem, InvalidConfigError
+from gateway.inference.build import ModelsSection
 
 #: Key names that hold secrets; inline values for them are refused (reference a file instead).
 SECRET_KEY_NAMES = frozenset(
@@ -139,6 +140,7 @@ class CoreConfig(ConfigModel):
     uplink: UplinkSection = UplinkSection()
     logging: LoggingSection = LoggingSection()
     runtime: RuntimeSection = RuntimeSection()
+    models: ModelsSection = ModelsSection()
 
     @property
     def site_key_path(self) -> Path:

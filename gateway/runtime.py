@@ -32,6 +32,8 @@ from gateway.contracts import (
 )
 from gateway.encode import decode, encode
 from gateway.errors import ConfigError
+from gateway.inference.build import build_models, plausibility_checker
+from gateway.inference.ectopic import EctopyMonitor
 from gateway.notify import Notifier
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
@@ -70,10 +72,39 @@ class Pipeline:
             lost_after_s=p.sensor_lost_s,
             on_alarm=self.alarm,
         )
-        self.sink: SampleSink = _Sink(self.windower.put, self.windower.put_block, self.alarm, self.diagnostic)
+        m = config.core.models
+        self._plausibility = plausibility_checker(m)
+        self._ectopy = EctopyMonitor() if m.ectopy else None
+        self.sink: SampleSink = _Sink(self.put, self.put_block, self.alarm, self.diagnostic)
         self.last_beat = time.monotonic()
         self.submitted = dict.fromkeys(Lane, 0)
         self._next_counters = time.monotonic() + COUNTERS_EVERY_S
+
+    def put(self, sample: Sample) -> None:
+        """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""
+        self.windower.put(sample)
+        alarm = self._plausibility.check_sample(sample)
+        if alarm is not None:
+            self.alarm(alarm)
+        if self._ectopy is not None and sample.stream.metric.rr:
+            beat_alarm = self._ectopy.update(sample)
+            if beat_alarm is not None:
+                self.alarm(beat_alarm)
+
+    def put_block(self, block: SampleBlock) -> None:
+        """A block of one stream: as :meth:`put`, vectorised where the stage allows."""
+        self.windower.put_block(block)
+        for alarm in self._plausibility.check_block(block):
+            self.alarm(alarm)
+        if self._ectopy is not None and block.stream.metric.rr:
+            for i in range(len(block)):
+                beat_alarm = self._ectopy.update(
+                    Sample(
+                        block.stream, float(block.t_mono[i]), float(block.t_wall[i]), float(block.value[i])
+                    )
+                )
+                if beat_alarm is not None:
+                    self.alarm(beat_alarm)
 
     def _submit(self, build: Callable[[], OutRecord]) -> None:
         sealed = self._anon.seal(build, encode)
@@ -133,6 +164,13 @@ class Pipeline:
                         contributions=contributions,
                     )
                 )
+        for model in self._models:
+            # Sensor faults found by a model's plausibility checks, and its health changes.
+            for event in getattr(model, "drain_events", list)():
+                if isinstance(event, Alarm):
+                    self.alarm(event)
+                else:
+                    self.diagnostic(event)
         return [replace(r, scores=s) if s else r for r, s in zip(records, scores, strict=True)]
 
     async def step(self, now_mono: float | None = None, now_wall: float | None = None) -> int:
@@ -345,7 +383,17 @@ async def _supervise(
     install_signal_handlers: bool,
 ) -> int:
     core = config.core
-    pipeline = Pipeline(config, anonymizer, outbox)
+    try:
+        models = build_models(
+            core.models,
+            hop_s=core.pipeline.hop_s,
+            window_s=core.pipeline.window_s,
+            state_dir=core.gateway.state_dir,
+        )
+    except ConfigError as exc:
+        log.error("%s", exc)  # noqa: TRY400 - the message says what to fix
+        return EXIT_CONFIG
+    pipeline = Pipeline(config, anonymizer, outbox, models)
     sup = Supervisor(notifier, start_timeout_s=core.runtime.start_timeout_s)
     uplink: LocalUplink | _NoUplink
     opened: IO[str] | None = None

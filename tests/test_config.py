@@ -24,7 +24,7 @@ profile = "patient"
 device = "A4:C1:38:00:00:01"
 """
 
-CORE_KEYS = "gateway, logging, outbox, pipeline, privacy, runtime, sources, uplink"
+CORE_KEYS = "gateway, logging, models, outbox, pipeline, privacy, runtime, sources, uplink"
 
 # (name, config text, [exact problem lines without the "<file>: " prefix])
 BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
@@ -84,7 +84,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
     (
         "unknown driver",
         "[[sources]]\nname = 'ox'\ndriver = 'oximeter'\nsubject = 'bed-1'\n",
-        ["sources[0].driver: expected one of the drivers (opcua, sim), found 'oximeter'"],
+        ["sources[0].driver: expected one of the drivers (ble, mcu, opcua, sim), found 'oximeter'"],
     ),
     (
         "missing subject",
@@ -218,3 +218,12 @@ def test_check_exit_code_and_output_on_bad_config(tmp_path: Path) -> None:
     assert f"{path}: pipeline.window_s: expected a number > 0, found -1.0" in result.stderr
     assert f"{path}: outbox.max_mb: expected a number, found 'lots'" in result.stderr
     assert "2 problem(s)" in result.stderr
+
+
+def test_models_section_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "edgetwin.toml"
+    path.write_text(
+        "[models]\nuse = [{ name = 'pump_skab', subjects = ['line2/pump-1'], commissioning_s = 60.0 }]\n"
+    )
+    (use,) = load(path, REGISTRY).core.models.use
+    assert (use.name, list(use.subjects), use.commissioning_s) == ("pump_skab", ["line2/pump-1"], 60.0)

@@ -50,6 +50,8 @@ class NormalisationSpec(_Strict):
     kind: Literal["commissioning", "fixed"]
     # commissioning: per subject, learned from its first ``windows`` complete windows
     windows: int = Field(27, ge=5, le=100_000)
+    # When set, the runtime derives ``windows`` from the pipeline hop: ceil(commissioning_s / hop_s).
+    commissioning_s: float | None = Field(None, gt=0)
     # fixed: learned at training time, one per input
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
@@ -98,6 +100,8 @@ class ModelCard(_Strict):
     calibration: str  # how the threshold was chosen
     files: dict[Literal["fp32", "int8"], ModelFile]
     default_precision: Literal["fp32", "int8"]
+    # The same model as .tflite for the LiteRT backend, where a converter was available.
+    tflite_files: dict[Literal["fp32", "int8"], ModelFile] = Field(default_factory=dict)
     fallback: FallbackSpec = FallbackSpec()
     health: HealthSpec = HealthSpec()
     training: dict[str, Any] = Field(default_factory=dict)
@@ -153,13 +157,14 @@ def load_card(path: Path) -> ModelCard:
     return card
 
 
-def read_verified(card: ModelCard, card_dir: Path, precision: str) -> bytes:
+def read_verified(card: ModelCard, card_dir: Path, precision: str, *, tflite: bool = False) -> bytes:
     """The bytes of the card's model file in ``precision``, refused unless its sha256 matches."""
-    spec = card.files.get(precision)  # type: ignore[call-overload]
+    files = card.tflite_files if tflite else card.files
+    spec = next((f for key, f in files.items() if key == precision), None)
     if spec is None:
         raise ConfigError(
-            f"models {card.name}: precision {precision!r}: the card lists only {sorted(card.files)}: "
-            "pick one of those"
+            f"models {card.name}: precision {precision!r}: the card lists only {sorted(files)}"
+            f"{' as .tflite' if tflite else ''}: pick one of those"
         )
     path = card_dir / spec.path
     try:

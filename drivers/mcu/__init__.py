@@ -1,0 +1,1 @@
+"""Microcontroller sensor nodes over a framed serial link (the firmware bridge protocol)."""

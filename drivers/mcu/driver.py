@@ -1,0 +1,375 @@
+"""The microcontroller node source: handshake, time sync and sample streaming over a serial link."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable
+
+from drivers.mcu.config import McuConfig
+from drivers.mcu.link import Link, NodeRefusedError
+from drivers.mcu.protocol import SampleAssembler, metric_for
+from drivers.mcu.simnode import run_sim_node
+from firmware_bridge.framing import Frame
+from firmware_bridge.messages import (
+    BootState,
+    Cap,
+    Channel,
+    ErrorCode,
+    ErrorReport,
+    Health,
+    Hello,
+    MessageError,
+    MsgType,
+    Samples,
+    TimeSyncReply,
+    channel_req_body,
+    format_version,
+    time_sync_body,
+)
+from firmware_bridge.timesync import ClockSync
+from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
+from gateway.errors import ConfigError, TransientError
+from gateway.sample import Stream
+
+_LOGGER = logging.getLogger(__name__)
+
+_INITIAL_SYNCS = 5
+_LOSS_REPORT_S = 1.0  # gaps are summed and reported at most this often
+_TICK_S = 0.05
+
+
+class McuDriver:
+    """Sample batches from a microcontroller node, with time sync and loss accounting."""
+
+    def __init__(self, info: SourceInfo, cfg: McuConfig) -> None:
+        self._info = info
+        self._cfg = cfg
+        self._who = f"mcu {info.name}"
+        self._sink: SampleSink | None = None
+        self._started: Callable[[], None] | None = None
+        self._asm: SampleAssembler | None = None
+        self._clock: ClockSync | None = None
+        self._link: Link | None = None
+        self._hello: Hello | None = None
+        self._rebooted = False
+        self._wall_offset = time.time() - time.monotonic()
+        self._pending_gaps: dict[str, list[int]] = {}
+        self.counters: dict[str, float] = {}
+        self._final: dict[str, float] = {}
+        self.streams: dict[str, Stream] = {}
+
+    @property
+    def assembler(self) -> SampleAssembler | None:
+        """The current session's sample assembler (kept after the run ends, for inspection)."""
+        return self._asm
+
+    @property
+    def hello(self) -> Hello | None:
+        """The node's latest hello (None before the first handshake)."""
+        return self._hello
+
+    async def run(self, sink: SampleSink, *, started: Callable[[], None]) -> None:
+        """Connect, stream sample blocks into ``sink`` until cancelled; re-handshake after a node reboot."""
+        self._sink = sink
+        self._started = started
+        cfg = self._cfg
+        async with contextlib.AsyncExitStack() as stack:
+            if cfg.simulate is not None:
+                path = (await stack.enter_async_context(run_sim_node(cfg.simulate, self._who))).path
+            else:
+                assert cfg.port is not None
+                path = cfg.port
+            link = Link(
+                path,
+                baud=cfg.baud,
+                timeout_s=cfg.request_timeout_s,
+                retries=cfg.retries,
+                on_frame=self._on_frame,
+                who=self._who,
+            )
+            await stack.enter_async_context(link)
+            self._link = link
+            try:
+                while True:
+                    await self._handshake(link, sink)
+                    await self._stream(link, sink)
+            finally:
+                self._link = None
+                self._final = self.snapshot_of(link)
+
+    # -- handshake ---------------------------------------------------------------------------
+
+    async def _handshake(self, link: Link, sink: SampleSink) -> None:
+        self._asm = None
+        self._rebooted = False
+        try:
+            hello = Hello.decode(await link.request(MsgType.HELLO_REQ))
+            if not hello.caps & Cap.SAMPLES:
+                raise ConfigError(
+                    f"{self._who} node {hello.node_id}: does not stream samples (capabilities {hello.caps!r}): "
+                    "use this node for firmware updates only, or flash a sampling firmware"
+                )
+            channels = [
+                Channel.decode(await link.request(MsgType.CHANNEL_REQ, channel_req_body(i)))
+                for i in range(hello.n_channels)
+            ]
+        except (MessageError, NodeRefusedError) as exc:
+            raise TransientError(
+                f"{self._who} port {link.path}: handshake failed: {exc}: check the node's firmware version"
+            ) from exc
+        clock = ClockSync(hello.tick_hz)
+        for _ in range(_INITIAL_SYNCS):
+            await self._sync(link, clock)
+        if not clock.ready:
+            raise TransientError(
+                f"{self._who} node {hello.node_id}: no answer to time sync: check the node's firmware"
+            )
+        streams: dict[int, tuple[Channel, Stream]] = {}
+        for ch in channels:
+            stream = Stream(
+                source=self._info.name,
+                subject=self._info.subject,
+                device=hello.node_id,
+                metric=metric_for(ch, self._cfg.metrics),
+                kind=self._info.kind,
+                rate_hz=ch.rate_hz,
+            )
+            streams[ch.channel] = (ch, stream)
+            self.streams[ch.name] = stream
+        self._clock = clock
+        self._hello = hello
+        self._pending_gaps.clear()
+        self._asm = SampleAssembler(streams, clock)
+        _LOGGER.info(
+            "%s: node %s connected on %s: firmware %s (%s, health %s), %d channels: %s",
+            self._who,
+            hello.node_id,
+            link.path,
+            format_version(hello.fw_version),
+            hello.boot_state.name.lower(),
+            hello.health.name.lower(),
+            len(channels),
+            ", ".join(f"{c.name} [{c.unit}] {c.rate_hz:g} Hz" for c in channels),
+        )
+        now = time.time()
+        sink.diagnostic(
+            Diagnostic(
+                "mcu_node",
+                self._info.subject,
+                now,
+                {
+                    "fw_major": float(hello.fw_version >> 24),
+                    "fw_minor": float((hello.fw_version >> 16) & 0xFF),
+                    "fw_patch": float(hello.fw_version & 0xFFFF),
+                    "boot_state": hello.boot_state.name.lower(),
+                    "health": hello.health.name.lower(),
+                    "channels": float(len(channels)),
+                    "node_verifies_signatures": float(bool(hello.caps & Cap.ED25519)),
+                },
+            )
+        )
+        if hello.boot_state == BootState.TRIAL:
+            _LOGGER.warning(
+                "%s: node %s runs an uncommitted trial image %s: it rolls back unless an update commits it",
+                self._who,
+                hello.node_id,
+                format_version(hello.fw_version),
+            )
+        if hello.health == Health.FAILED:
+            self._fault_alarm(sink, "node_selftest_failed")
+
+    async def _sync(self, link: Link, clock: ClockSync) -> bool:
+        t0 = time.monotonic()
+        stamp = int(t0 * 1e6)
+        try:
+            # One try: a retransmitted sync would measure a long round trip and be discarded anyway.
+            body = await link.request(MsgType.TIME_SYNC, time_sync_body(stamp), retries=0)
+            reply = TimeSyncReply.decode(body)
+        except (TransientError, NodeRefusedError, MessageError):
+            link.check()  # a dead link is fatal; a lost answer is not
+            self._count("sync_failures")
+            return False
+        t1 = time.monotonic()
+        if reply.gateway_us != stamp:
+            self._count("sync_failures")
+            return False
+        clock.add(t0, t1, reply.node_tick)
+        self._wall_offset = time.time() - time.monotonic()
+        return True
+
+    # -- streaming ---------------------------------------------------------------------------
+
+    async def _stream(self, link: Link, sink: SampleSink) -> None:
+        cfg = self._cfg
+        clock = self._clock
+        assert clock is not None
+        now = time.monotonic()
+        next_sync = now + cfg.time_sync_s
+        next_report = now + cfg.report_s
+        next_loss = now + _LOSS_REPORT_S
+        while True:
+            await asyncio.sleep(_TICK_S)
+            link.check()
+            if self._rebooted:
+                _LOGGER.info("%s: node rebooted, connecting again", self._who)
+                return
+            now = time.monotonic()
+            if now - link.last_rx > cfg.silence_s:
+                raise TransientError(
+                    f"{self._who} port {link.path}: node silent for {cfg.silence_s:g} s: "
+                    "check power and cable; reconnecting"
+                )
+            if now >= next_sync:
+                await self._sync(link, clock)
+                next_sync = now + cfg.time_sync_s
+            if now >= next_loss:
+                self._report_gaps(sink)
+                next_loss = now + _LOSS_REPORT_S
+            if now >= next_report:
+                sink.diagnostic(Diagnostic("mcu_link", self._info.subject, time.time(), self.snapshot()))
+                next_report = now + cfg.report_s
+
+    def _on_frame(self, frame: Frame) -> None:
+        sink = self._sink
+        if sink is None:
+            return
+        if frame.type == MsgType.SAMPLES:
+            asm = self._asm
+            if asm is None:
+                self._count("samples_before_sync")
+                return
+            try:
+                batch = Samples.decode(frame.payload)
+            except MessageError:
+                self._count("malformed")
+                return
+            block, gap = asm.add(batch, self._wall_offset)
+            if gap is not None:
+                entry = self._pending_gaps.setdefault(gap.channel, [0, 0])
+                entry[0] += gap.missing
+                entry[1] += 1
+                self.counters["lost_samples"] = self.counters.get("lost_samples", 0.0) + gap.missing
+            if block is not None:
+                self.counters["delivered_samples"] = self.counters.get("delivered_samples", 0.0) + len(block)
+                sink.put_block(block)
+                if self._started is not None:
+                    started, self._started = self._started, None
+                    started()
+        elif frame.type == MsgType.HELLO:
+            # During the handshake a boot hello only says what the handshake is finding out anyway.
+            if self._asm is not None:
+                self._asm = None  # stop delivering: channels and clock are re-learned
+                self._rebooted = True
+        elif frame.type == MsgType.ERROR:
+            self._on_error(sink, frame)
+        else:
+            self._count("unexpected_frames")
+
+    def _on_error(self, sink: SampleSink, frame: Frame) -> None:
+        try:
+            err = ErrorReport.decode(frame.payload)
+        except MessageError:
+            self._count("malformed")
+            return
+        try:
+            code = ErrorCode(err.code).name.lower()
+        except ValueError:
+            code = f"code_{err.code}"
+        _LOGGER.warning("%s: node reports %s: %s (detail %d)", self._who, code, err.text, err.detail)
+        sink.diagnostic(
+            Diagnostic(
+                "mcu_error",
+                self._info.subject,
+                time.time(),
+                {"error": code, "detail": float(err.detail)},  # the text stays in the local log
+            )
+        )
+        if err.code == ErrorCode.SELFTEST:
+            self._fault_alarm(sink, "node_selftest_failed")
+
+    def _fault_alarm(self, sink: SampleSink, why: str) -> None:
+        sink.alarm(
+            Alarm(
+                AlarmKind.SENSOR_FAULT,
+                self._info.subject,
+                time.monotonic(),
+                time.time(),
+                detail={"reason": why},
+            )
+        )
+
+    def _report_gaps(self, sink: SampleSink) -> None:
+        if not self._pending_gaps:
+            return
+        now = time.time()
+        link = self._link
+        for channel, (missing, gaps) in self._pending_gaps.items():
+            _LOGGER.debug("%s: %d samples of %s missing in %d gaps", self._who, missing, channel, gaps)
+            sink.diagnostic(
+                Diagnostic(
+                    "mcu_loss",
+                    self._info.subject,
+                    now,
+                    {
+                        "channel": token(channel),
+                        "missing_samples": float(missing),
+                        "gaps": float(gaps),
+                        "lost_frames_total": float(link.stats.lost_frames if link else 0),
+                    },
+                )
+            )
+        self._pending_gaps.clear()
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0.0) + 1.0
+
+    def snapshot(self) -> dict[str, float]:
+        """Link and stream counters: frames, losses, corrupt frames by reason, clock state."""
+        if self._link is None and self._final:
+            return dict(self._final)  # the last run's figures
+        return self.snapshot_of(self._link)
+
+    def snapshot_of(self, link: Link | None) -> dict[str, float]:
+        """Counters as seen through ``link``."""
+        out = dict(self.counters)
+        if link is not None:
+            s = link.stats
+            out.update(
+                frames_in=float(s.frames_in),
+                frames_out=float(s.frames_out),
+                lost_frames=float(s.lost_frames),
+                retransmits=float(s.retransmits),
+                timeouts=float(s.timeouts),
+                stray_acks=float(s.stray_acks),
+            )
+            if s.first_seq is not None and s.last_seq is not None:
+                out["first_seq"] = float(s.first_seq)
+                out["last_seq"] = float(s.last_seq)
+            drops = link.drops
+            out["corrupt_frames"] = float(sum(drops.values()))
+            for reason, count in drops.items():
+                out[f"corrupt_{reason}"] = float(count)
+        asm = self._asm
+        if asm is not None:
+            out["clock_steps"] = float(asm.clock_steps)
+        clock = self._clock
+        if clock is not None and clock.ready:
+            out["drift_ppm"] = clock.drift_ppm
+            out["rtt_ms"] = clock.rtt_s * 1000.0
+            out["sync_points"] = float(clock.points)
+        return out
+
+
+def token(name: str) -> str:
+    """A channel name as a plain token (lower-case letters, digits, '_'), as diagnostics require."""
+    out = re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_")[:30]
+    return out if out[:1].isalpha() else f"ch_{out}"[:32]
+
+
+def factory(info: SourceInfo, cfg: McuConfig) -> McuDriver:
+    """Build an MCU driver for one ``[[sources]]`` table."""
+    return McuDriver(info, cfg)

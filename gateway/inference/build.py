@@ -1,0 +1,143 @@
+"""From the ``[models]`` config section to the WindowModel objects the pipeline runs.
+
+Where model files are found: ``[models] dir`` when set, else the ``models/`` folder of the source
+tree or installed distribution (beside the ``gateway`` package, or an importable ``models``
+package).  Each model is a ``<name>.card.json`` there plus the files the card lists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.errors import ConfigError
+from gateway.inference.card import CARD_SUFFIX, load_card
+from gateway.inference.plausibility import DEFAULT_RULES, PlausibilityChecker, Rule
+from gateway.inference.runner import AnomalyModel
+
+__all__ = ["ModelUse", "ModelsSection", "PlausibilityRule", "build_models", "default_models_dir"]
+
+log = logging.getLogger(__name__)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelUse(_Section):
+    """One ``[[models.use]]`` table: which model to run, and local overrides of its card."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    precision: Literal["fp32", "int8"] | None = None  # default: the card's
+    threshold: float | None = None  # default: the card's calibrated threshold
+    commissioning_s: float | None = Field(None, gt=0, le=86_400)  # per-machine calibration span
+    subjects: list[str] = Field(default_factory=list)  # empty: every subject of the card's kind
+    latency_budget_us: float | None = Field(None, gt=0)
+
+
+class PlausibilityRule(_Section):
+    """A ``[models.plausibility."<metric>"]`` table overriding or adding a range/rate rule."""
+
+    lo: float
+    hi: float
+    max_rate_per_s: float | None = Field(None, gt=0)
+
+
+class ModelsSection(_Section):
+    """The ``[models]`` section."""
+
+    dir: Annotated[Path, Field(strict=False)] | None = None  # TOML has no path type: a string
+    backend: Literal["onnxruntime", "litert"] = "onnxruntime"
+    # Ectopic-beat detection on RR-interval streams (a physiology rule, no model file needed).
+    ectopy: bool = True
+    use: list[ModelUse] = Field(default_factory=list)  # TOML arrays are lists (strict mode)
+    plausibility: dict[str, PlausibilityRule] = Field(default_factory=dict)
+
+
+def default_models_dir() -> Path:
+    """The shipped ``models/`` folder: beside the ``gateway`` package, else the ``models`` package."""
+    beside = Path(__file__).resolve().parents[2] / "models"
+    if any(beside.glob(f"*{CARD_SUFFIX}")):
+        return beside
+    spec = importlib.util.find_spec("models")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            if any(Path(loc).glob(f"*{CARD_SUFFIX}")):
+                return Path(loc)
+    return beside
+
+
+def plausibility_checker(section: ModelsSection) -> PlausibilityChecker:
+    """The default rules with the config's overrides."""
+    rules: dict[str, Rule] = dict(DEFAULT_RULES)
+    for metric, r in section.plausibility.items():
+        if not r.lo < r.hi:
+            raise ConfigError(
+                f"config [models.plausibility.{metric!r}]: lo {r.lo} >= hi {r.hi}: make lo smaller than hi"
+            )
+        rules[metric] = Rule(r.lo, r.hi, r.max_rate_per_s)
+    return PlausibilityChecker(rules)
+
+
+def build_models(
+    section: ModelsSection, *, hop_s: float, window_s: float, state_dir: Path | None = None
+) -> list[AnomalyModel]:
+    """Load, verify and open every model the section uses; refuse the first one that fails.
+
+    ``hop_s`` turns a card's commissioning span into a number of windows; a pipeline ``window_s``
+    other than the card's is allowed (per-machine normalisation absorbs part of it) but logged.
+    """
+    directory = section.dir or default_models_dir()
+    checker = plausibility_checker(section)
+    out: list[AnomalyModel] = []
+    seen: set[str] = set()
+    for use in section.use:
+        if use.name in seen:
+            raise ConfigError(f"config [[models.use]] {use.name}: listed twice: keep one entry")
+        seen.add(use.name)
+        card_path = directory / f"{use.name}{CARD_SUFFIX}"
+        if not card_path.exists():
+            found = sorted(p.name.removesuffix(CARD_SUFFIX) for p in directory.glob(f"*{CARD_SUFFIX}"))
+            raise ConfigError(
+                f"models {use.name} {directory}: no card {card_path.name}: available: {found or 'none'}: "
+                "fix the name or [models] dir"
+            )
+        card = load_card(card_path)
+        if use.latency_budget_us is not None:
+            card = card.model_copy(
+                update={"health": card.health.model_copy(update={"latency_budget_us": use.latency_budget_us})}
+            )
+        span = use.commissioning_s or card.normalisation.commissioning_s
+        windows = max(5, math.ceil(span / hop_s)) if span is not None else None
+        if abs(card.window_s - window_s) > 1e-6:
+            log.warning(
+                "models %s: trained on %.0f s windows, pipeline windows are %.0f s: scores may be less sharp",
+                card.name,
+                card.window_s,
+                window_s,
+            )
+        out.append(
+            AnomalyModel(
+                card,
+                directory,
+                precision=use.precision,
+                backend=section.backend,
+                threshold=use.threshold,
+                commissioning_windows=windows,
+                plausibility=checker,
+                state_dir=state_dir,
+                subjects=tuple(use.subjects),
+            )
+        )
+    return out
+
+
+def model_names(models: Sequence[AnomalyModel]) -> list[str]:
+    """Names of built models, for logs and STATUS."""
+    return [m.name for m in models]

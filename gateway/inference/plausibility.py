@@ -1,0 +1,205 @@
+"""Sensor fault or real event: physical ranges and rate-of-change limits per metric.
+
+A value no body or machine can produce (SpO2 of 0 %, a temperature step of 3 Cel in a second, a
+negative flow) says the sensor is at fault.  Such violations become ``SENSOR_FAULT`` alarms, raised
+on state changes only, and windows holding them are not scored by the anomaly models: a probe
+falling off must not page a nurse as a desaturation (alarm fatigue is the enemy at a bedside).
+
+The device's own status flags (``Quality.SENSOR_OFF``, ``BAD_STATUS``) are handled by the windower,
+which raises ``SENSOR_FAULT`` for them and keeps flagged samples out of the features; this module
+adds the checks a device cannot make about itself.  Pure logic, no I/O; not thread-safe (one
+checker per thread).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowRecord
+from gateway.sample import Sample, SampleBlock, Stream
+
+__all__ = ["DEFAULT_RULES", "PlausibilityChecker", "Rule", "Violation"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Plausible values ``[lo, hi]`` and the largest believable change per second (None: unlimited)."""
+
+    lo: float
+    hi: float
+    max_rate_per_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """Why one value or window of one stream is implausible."""
+
+    stream: Stream
+    rule: str  # "range" or "rate"
+    value: float  # the offending value, or the rate in units per second
+    limit: float  # the bound it crossed
+
+
+#: Ranges from physiology (a live adult) and from the SKAB pump's physics, by metric name; a key
+#: without "/" also matches any industrial metric ending in "/<key>".
+DEFAULT_RULES: Mapping[str, Rule] = {
+    "MDC_ECG_HEART_RATE": Rule(20.0, 300.0, 25.0),
+    "MDC_PULS_OXIM_PULS_RATE": Rule(20.0, 300.0, 25.0),
+    "MDC_PULS_RATE_NON_INV": Rule(20.0, 300.0, 25.0),
+    "MDC_PULS_OXIM_SAT_O2": Rule(50.0, 100.0, 4.0),
+    "MDC_ECG_TIME_PD_RR_GL": Rule(200.0, 3000.0),  # ectopic beats change RR abruptly: no rate limit
+    "MDC_RESP_RATE": Rule(2.0, 80.0, 10.0),
+    "MDC_TEMP_BODY": Rule(25.0, 44.0, 0.1),
+    "MDC_PRESS_BLD_NONINV_SYS": Rule(40.0, 300.0),
+    "MDC_PRESS_BLD_NONINV_DIA": Rule(15.0, 200.0),
+    "MDC_PRESS_BLD_NONINV_MEAN": Rule(20.0, 250.0),
+    "MDC_PULS_OXIM_PERF_REL": Rule(0.0, 100.0),
+    # SKAB-type pump: vibration RMS in g, motor current A, pressure bar, temperatures Cel, volts, l/min.
+    "Accelerometer1RMS": Rule(0.0, 10.0),
+    "Accelerometer2RMS": Rule(0.0, 10.0),
+    "Current": Rule(0.0, 50.0),
+    "Pressure": Rule(-1.0, 16.0),
+    "Temperature": Rule(-20.0, 150.0, 2.0),
+    "Thermocouple": Rule(-20.0, 150.0, 2.0),
+    "Voltage": Rule(0.0, 500.0),
+    "RateRMS": Rule(0.0, 1000.0),
+}
+
+_MIN_DT_S = 0.2  # bursts delivered together are not a rate of change
+
+
+class _State:
+    __slots__ = ("faulted", "t", "v")
+
+    def __init__(self) -> None:
+        self.t = math.nan
+        self.v = math.nan
+        self.faulted = False
+
+
+class PlausibilityChecker:
+    """Range and rate checks per stream; alarms on state changes, windows vetted for the models."""
+
+    def __init__(self, rules: Mapping[str, Rule] = DEFAULT_RULES) -> None:
+        self._rules = dict(rules)
+        # Keyed by id(): hashing a Stream hashes all its fields, ~1 us per lookup on the hot path.
+        self._by_id: dict[int, tuple[Stream, Rule | None]] = {}
+        self._state: dict[Stream, _State] = {}
+
+    def rule_for(self, stream: Stream) -> Rule | None:
+        """The rule of a stream's metric: exact name, else the last path segment; None if unknown."""
+        got = self._by_id.get(id(stream))
+        if got is not None and got[0] is stream:
+            return got[1]
+        name = stream.metric.name
+        rule = self._rules.get(name)
+        if rule is None and "/" in name:
+            rule = self._rules.get(name.rsplit("/", 1)[1])
+        self._by_id[id(stream)] = (stream, rule)  # holding the stream keeps its id from being reused
+        return rule
+
+    def violation(self, stream: Stream, t: float, v: float, t_prev: float, v_prev: float) -> Violation | None:
+        """The first rule value ``v`` at ``t`` breaks, given the previous plausible value (pure)."""
+        rule = self.rule_for(stream)
+        if rule is None or not math.isfinite(v):
+            return None
+        if v < rule.lo:
+            return Violation(stream, "range", v, rule.lo)
+        if v > rule.hi:
+            return Violation(stream, "range", v, rule.hi)
+        if rule.max_rate_per_s is not None and math.isfinite(v_prev) and math.isfinite(t_prev):
+            dt = max(t - t_prev, _MIN_DT_S)
+            rate = (v - v_prev) / dt
+            if abs(rate) > rule.max_rate_per_s:
+                return Violation(stream, "rate", rate, rule.max_rate_per_s)
+        return None
+
+    def check_sample(self, sample: Sample) -> Alarm | None:
+        """Check one sample; an alarm only when the stream enters or leaves the faulted state."""
+        st = self._state.get(sample.stream)
+        if st is None:
+            st = self._state[sample.stream] = _State()
+        bad = self.violation(sample.stream, sample.t_mono, sample.value, st.t, st.v)
+        return self._step(st, bad, sample.stream, sample.t_mono, sample.t_wall, sample.value)
+
+    def check_block(self, block: SampleBlock) -> list[Alarm]:
+        """Check a block of one stream in order; returns the state-change alarms it caused."""
+        stream = block.stream
+        rule = self.rule_for(stream)
+        if rule is None or len(block) == 0:
+            return []
+        v = block.value
+        in_range = ~((v < rule.lo) | (v > rule.hi))  # NaN counts as in range: "no value" is not a fault
+        st = self._state.get(stream)
+        if st is None:
+            st = self._state[stream] = _State()
+        if rule.max_rate_per_s is None and not st.faulted and bool(in_range.all()):
+            finite = np.flatnonzero(np.isfinite(v))
+            if finite.size:
+                st.t, st.v = float(block.t_mono[finite[-1]]), float(v[finite[-1]])
+            return []
+        out: list[Alarm] = []
+        for i in range(len(block)):
+            t, x = float(block.t_mono[i]), float(v[i])
+            alarm = self._step(
+                st, self.violation(stream, t, x, st.t, st.v), stream, t, float(block.t_wall[i]), x
+            )
+            if alarm is not None:
+                out.append(alarm)
+        return out
+
+    def _step(
+        self, st: _State, bad: Violation | None, stream: Stream, t_mono: float, t_wall: float, v: float
+    ) -> Alarm | None:
+        if bad is None and math.isfinite(v):
+            # Only plausible values become the reference for the next rate check.
+            st.t, st.v = t_mono, v
+        if bad is not None and not st.faulted:
+            st.faulted = True
+            return Alarm(AlarmKind.SENSOR_FAULT, stream.subject, t_mono, t_wall, stream, _detail(bad))
+        if bad is None and st.faulted and math.isfinite(v):
+            st.faulted = False
+            return Alarm(
+                AlarmKind.SENSOR_RESTORED,
+                stream.subject,
+                t_mono,
+                t_wall,
+                stream,
+                {"after": "sensor_fault", "rule": "plausibility"},
+            )
+        return None
+
+    def check_window(self, record: WindowRecord) -> list[Violation]:
+        """Streams of a window whose min/max leave the range or whose slope beats the rate limit."""
+        out: list[Violation] = []
+        for sf in record.streams:
+            bad = self.window_violation(sf)
+            if bad is not None:
+                out.append(bad)
+        return out
+
+    def window_violation(self, sf: StreamFeatures) -> Violation | None:
+        """The first rule one stream's window features break, or None (pure)."""
+        rule = self.rule_for(sf.stream)
+        if rule is None or sf.gap:
+            return None
+        f = sf.features
+        lo = f.get("min", math.inf)
+        hi = f.get("max", -math.inf)
+        if lo < rule.lo:
+            return Violation(sf.stream, "range", lo, rule.lo)
+        if hi > rule.hi:
+            return Violation(sf.stream, "range", hi, rule.hi)
+        slope = f.get("slope")
+        if rule.max_rate_per_s is not None and slope is not None and abs(slope) > rule.max_rate_per_s:
+            return Violation(sf.stream, "rate", slope, rule.max_rate_per_s)
+        return None
+
+
+def _detail(bad: Violation) -> dict[str, float | str]:
+    """Alarm detail of a violation: numbers and plain tokens only (the anonymizer refuses text)."""
+    return {"rule": bad.rule, "value": bad.value, "limit": bad.limit}

@@ -1,0 +1,510 @@
+"""The window-model runtime: card-checked model, per-subject normalisation, fallback, self-healing.
+
+:class:`AnomalyModel` is a :class:`gateway.contracts.WindowModel`.  ``score_batch`` runs in a worker
+thread and does, per batch of windows (any mix of subjects):
+
+1. pick the card's inputs (``<metric>.<feature>``) from each window; windows whose input streams
+   break a plausibility rule are not scored and raise a ``SENSOR_FAULT`` event instead;
+2. normalise per subject: ``commissioning`` cards learn each subject's mean and spread over its
+   first N complete windows (a new machine is not scored until then), ``fixed`` cards use the
+   training statistics;
+3. run the backend once for the whole batch, then check the outputs (finite?), the inputs (far
+   outside the training statistics?) and the time per window against the card's budget;
+4. explain each anomaly by occlusion: the share of the score lost when one input is set to its
+   normal value (``z = 0``), over the inputs that lower it.
+
+Self-healing: a model that returns NaN/inf, raises, sees inputs beyond ``health.ood_z`` or overruns
+its latency budget ``health.overruns_to_demote`` batches in a row is demoted: its windows are scored
+by the statistical fallback (largest ``|z|``) and flagged ``fallback``.  While demoted the model
+still runs as a probe, and ``health.healthy_to_promote`` healthy probes in a row promote it back.
+Both changes are queued as ``model_health`` diagnostics (see :meth:`AnomalyModel.drain_events`).
+
+Commissioning statistics live in memory and, when a ``state_dir`` is given, in one small JSON file
+per model and subject there, so a restart does not recommission a machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.contracts import Alarm, AlarmKind, Diagnostic, ModelResult, StreamFeatures, WindowRecord
+from gateway.inference.backends import Backend, open_backend
+from gateway.inference.card import ModelCard
+from gateway.inference.plausibility import PlausibilityChecker, Violation
+from gateway.sample import Stream
+
+__all__ = ["TOP_CONTRIBUTIONS", "AnomalyModel", "Event", "Normaliser"]
+
+log = logging.getLogger(__name__)
+
+F64 = npt.NDArray[np.float64]
+
+#: Contributions sent with an anomaly: the largest few, shares of the whole score.
+TOP_CONTRIBUTIONS = 5
+_LATENCY_KEEP = 4096
+
+Event: TypeAlias = Alarm | Diagnostic
+
+
+@dataclass(slots=True)
+class Normaliser:
+    """One subject's input statistics: collected over commissioning windows, then frozen."""
+
+    n: int
+    need: int
+    total: F64
+    total_sq: F64
+    mean: F64 | None = None
+    std: F64 | None = None
+
+    @classmethod
+    def empty(cls, n: int, need: int) -> Normaliser:
+        """A normaliser that still has ``need`` windows to see."""
+        return cls(0, need, np.zeros(n), np.zeros(n))
+
+    def add(self, x: F64, min_rel: float, min_abs: float) -> bool:
+        """Count one complete window; True when this completes commissioning."""
+        self.n += 1
+        self.total += x
+        self.total_sq += x * x
+        if self.n < self.need:
+            return False
+        mean = self.total / self.n
+        var = np.maximum(self.total_sq / self.n - mean * mean, 0.0)
+        self.mean = mean
+        self.std = np.maximum(np.sqrt(var), np.maximum(min_rel * np.abs(mean), min_abs))
+        return True
+
+
+@dataclass(slots=True)
+class _Resolved:
+    """Where each card input sits in a subject's window: (stream position, feature) or None."""
+
+    ids: tuple[int, ...]
+    streams: tuple[Stream, ...]
+    slots: tuple[tuple[int, str] | None, ...]
+    found: int
+
+
+@dataclass(slots=True)
+class _Health:
+    demoted: bool = False
+    reason: str = ""
+    overruns: int = 0
+    healthy_probes: int = 0
+    demotions: int = 0
+    promotions: int = 0
+    fallback_windows: int = 0
+    model_windows: int = 0
+    latencies_us: deque[float] = field(default_factory=lambda: deque(maxlen=_LATENCY_KEEP))
+
+
+class AnomalyModel:
+    """A carded anomaly model scoring window records; see the module docstring."""
+
+    def __init__(
+        self,
+        card: ModelCard,
+        card_dir: Path,
+        *,
+        precision: str | None = None,
+        backend: str = "onnxruntime",
+        threshold: float | None = None,
+        commissioning_windows: int | None = None,
+        plausibility: PlausibilityChecker | None = None,
+        state_dir: Path | None = None,
+        opened: Backend | None = None,
+        subjects: Sequence[str] = (),
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.card = card
+        self.name = card.name
+        self.backend: Backend = opened or open_backend(card, card_dir, precision=precision, backend=backend)
+        self.threshold = card.threshold if threshold is None else threshold
+        norm = card.normalisation
+        self._need = commissioning_windows or norm.windows
+        self._fixed = norm.kind == "fixed"
+        self._fixed_mean = np.asarray(norm.mean, np.float64)
+        self._fixed_std = np.asarray(norm.std, np.float64)
+        self._keys = card.feature_keys()
+        self._n = card.n_inputs
+        self._checker = plausibility or PlausibilityChecker()
+        self._state_dir = state_dir
+        self._clock = clock
+        self._subjects = frozenset(subjects)
+        self._norm: dict[str, Normaliser] = {}
+        self._resolved: dict[str, _Resolved] = {}
+        self._faulted: set[tuple[str, str]] = set()
+        self._events: deque[Event] = deque(maxlen=1024)
+        self._health = _Health()
+        log.info(
+            "models %s %s loaded (%s, %s, threshold %.4g)",
+            card.name,
+            card.version,
+            self.backend.name,
+            self.backend.precision,
+            self.threshold,
+        )
+
+    # ---- loop side ---------------------------------------------------------------------
+
+    def applies_to(self, record: WindowRecord) -> bool:
+        """True for windows of the card's subject kind (and listed subjects) holding an input stream."""
+        if record.kind != self.card.subject_kind or (self._subjects and record.subject not in self._subjects):
+            return False
+        return self._resolve(record).found > 0
+
+    def drain_events(self) -> list[Event]:
+        """Sensor-fault alarms and model-health diagnostics raised since the last call (thread-safe)."""
+        out: list[Event] = []
+        while self._events:
+            out.append(self._events.popleft())
+        return out
+
+    @property
+    def demoted(self) -> bool:
+        """True while the statistical fallback scores this model's windows."""
+        return self._health.demoted
+
+    def stats(self) -> dict[str, float | str]:
+        """Health and per-window latency figures (microseconds) for diagnostics."""
+        h = self._health
+        lat = np.asarray(h.latencies_us) if h.latencies_us else np.zeros(1)
+        return {
+            "model": self.name,
+            "state": "demoted" if h.demoted else "healthy",
+            "precision": self.backend.precision,
+            "latency_p50_us": float(np.percentile(lat, 50)),
+            "latency_p99_us": float(np.percentile(lat, 99)),
+            "model_windows": h.model_windows,
+            "fallback_windows": h.fallback_windows,
+            "demotions": h.demotions,
+            "promotions": h.promotions,
+        }
+
+    def recommission(self, subject: str) -> None:
+        """Forget a subject's statistics (after maintenance): its next N windows commission it again."""
+        self._norm.pop(subject, None)
+        path = self._norm_path(subject)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    # ---- worker-thread side ------------------------------------------------------------
+
+    def _resolve(self, record: WindowRecord) -> _Resolved:
+        ids = tuple(id(sf.stream) for sf in record.streams)
+        got = self._resolved.get(record.subject)
+        if got is not None and got.ids == ids:
+            return got
+        slots: list[tuple[int, str] | None] = []
+        for spec in self.card.inputs:
+            suffix = "/" + spec.metric
+            pos = next(
+                (
+                    i
+                    for i, sf in enumerate(record.streams)
+                    if sf.stream.metric.name == spec.metric or sf.stream.metric.name.endswith(suffix)
+                ),
+                None,
+            )
+            slots.append(None if pos is None else (pos, spec.feature))
+        got = _Resolved(
+            ids, tuple(sf.stream for sf in record.streams), tuple(slots), sum(s is not None for s in slots)
+        )
+        self._resolved[record.subject] = got
+        return got
+
+    def _vector(self, record: WindowRecord) -> tuple[F64, int, list[Violation]]:
+        """Raw input vector (NaN where absent), how many inputs are present, plausibility breaches."""
+        res = self._resolve(record)
+        x = np.full(self._n, np.nan)
+        seen: set[int] = set()
+        bad: list[Violation] = []
+        present = 0
+        streams = record.streams
+        for j, slot in enumerate(res.slots):
+            if slot is None:
+                continue
+            pos, feat = slot
+            sf: StreamFeatures = streams[pos]
+            if pos not in seen:
+                seen.add(pos)
+                v = self._checker.window_violation(sf)
+                if v is not None:
+                    bad.append(v)
+            value = sf.features.get(feat)
+            if value is not None:
+                x[j] = value
+                present += 1
+        return x, present, bad
+
+    def _fault_events(self, record: WindowRecord, bad: list[Violation]) -> None:
+        """Raise SENSOR_FAULT / SENSOR_RESTORED for the model's input streams on state changes only."""
+        now_bad = {v.stream.key: v for v in bad}
+        for v in bad:
+            key = (record.subject, v.stream.key)
+            if key not in self._faulted:
+                self._faulted.add(key)
+                self._events.append(
+                    Alarm(
+                        AlarmKind.SENSOR_FAULT,
+                        record.subject,
+                        record.end_mono,
+                        record.end_wall,
+                        v.stream,
+                        {"rule": v.rule, "value": v.value, "limit": v.limit, "model": self.name},
+                    )
+                )
+        for key in [k for k in self._faulted if k[0] == record.subject and k[1] not in now_bad]:
+            self._faulted.discard(key)
+            stream = next((sf.stream for sf in record.streams if sf.stream.key == key[1]), None)
+            self._events.append(
+                Alarm(
+                    AlarmKind.SENSOR_RESTORED,
+                    record.subject,
+                    record.end_mono,
+                    record.end_wall,
+                    stream,
+                    {"after": "sensor_fault", "rule": "plausibility", "model": self.name},
+                )
+            )
+
+    def _normaliser(self, subject: str) -> Normaliser:
+        norm = self._norm.get(subject)
+        if norm is None:
+            norm = self._load_norm(subject) or Normaliser.empty(self._n, self._need)
+            self._norm[subject] = norm
+        return norm
+
+    def _z(self, record: WindowRecord, x: F64, present: int) -> F64 | None:
+        """Normalised inputs, or None while the subject is commissioning or too little is present."""
+        if self._fixed:
+            mean, std = self._fixed_mean, self._fixed_std
+        else:
+            norm = self._normaliser(record.subject)
+            if norm.mean is None or norm.std is None:
+                if present == self._n:
+                    spec = self.card.normalisation
+                    if norm.add(x, spec.min_std_rel, spec.min_std_abs):
+                        log.info("models %s: subject commissioned after %d windows", self.name, norm.n)
+                        self._save_norm(record.subject, norm)
+                return None
+            mean, std = norm.mean, norm.std
+        if 2 * present < self._n:
+            return None
+        z = (x - mean) / std
+        z[~np.isfinite(z)] = 0.0  # an absent input sits at its normal value
+        return z
+
+    def score_batch(self, records: Sequence[WindowRecord]) -> Sequence[ModelResult]:
+        """Score windows (any subjects) in one backend call; see the module docstring."""
+        t0 = self._clock()
+        h = self._health
+        spec = self.card.health
+        nan = math.nan
+        results: list[ModelResult] = [ModelResult(nan, False) for _ in records]
+        rows: list[int] = []
+        zs: list[F64] = []
+        for i, rec in enumerate(records):
+            x, present, bad = self._vector(rec)
+            if bad or self._faulted:
+                self._fault_events(rec, bad)
+            if bad:
+                continue
+            z = self._z(rec, x, present)
+            if z is not None:
+                rows.append(i)
+                zs.append(z)
+        if not rows:
+            return results
+        z_all = np.vstack(zs)
+        clip = self.card.normalisation.clip
+        zmax = np.abs(z_all).max(axis=1)
+        ood = zmax > spec.ood_z
+        model_ok = ~ood
+        reason = "input_out_of_range" if ood.any() else ""
+        scores = np.full(len(rows), np.nan)
+        if model_ok.any():
+            xin = np.clip(z_all[model_ok], -clip, clip).astype(np.float32)
+            try:
+                out = self.backend.run(xin)
+            except Exception:  # a failing backend must not take the pipeline down
+                log.exception("models %s: backend raised; the fallback scores this batch", self.name)
+                reason = "backend_error"
+            else:
+                if not np.isfinite(out).all():
+                    reason = "non_finite_output"
+                scores[model_ok] = out
+        use_model = model_ok & np.isfinite(scores)
+        if not h.demoted and reason:
+            self._demote(reason)
+        elif h.demoted and not h.reason.startswith("latency"):
+            self._probe(not reason)
+        serve_model = use_model & (not h.demoted)
+        anomalous = serve_model & (scores > self.threshold)
+        contrib_rows = np.flatnonzero(anomalous)
+        contribs = self._explain(z_all[contrib_rows], scores[contrib_rows], clip) if contrib_rows.size else []
+        by_row = dict(zip(contrib_rows.tolist(), contribs, strict=True))
+        fb_z = self.card.fallback.z
+        for r, i in enumerate(rows):
+            if serve_model[r]:
+                s = float(scores[r])
+                results[i] = ModelResult(s, bool(anomalous[r]), by_row.get(r, {}))
+                h.model_windows += 1
+            else:
+                s = float(zmax[r])
+                flag = s > fb_z
+                results[i] = ModelResult(
+                    s, flag, _zshare(z_all[r], self._keys) if flag else {}, fallback=True
+                )
+                h.fallback_windows += 1
+        per_window_us = (self._clock() - t0) * 1e6 / len(records)
+        h.latencies_us.append(per_window_us)
+        self._latency(per_window_us, spec.latency_budget_us, spec.overruns_to_demote)
+        return results
+
+    def _latency(self, per_window_us: float, budget_us: float, limit: int) -> None:
+        h = self._health
+        if per_window_us > budget_us:
+            h.overruns += 1
+            if not h.demoted and h.overruns >= limit:
+                self._demote("latency_budget")
+        else:
+            h.overruns = 0
+            if h.demoted and h.reason.startswith("latency"):
+                self._probe(True)
+
+    def _explain(self, z: F64, scores: F64, clip: float) -> list[dict[str, float]]:
+        """Occlusion shares: score lost when each input alone returns to ``z = 0``."""
+        k, n = z.shape
+        probe = np.repeat(np.clip(z, -clip, clip), n, axis=0).reshape(k, n, n)
+        probe[:, np.arange(n), np.arange(n)] = 0.0
+        try:
+            out = self.backend.run(probe.reshape(k * n, n).astype(np.float32)).reshape(k, n)
+        except Exception:  # explanations are best effort; the anomaly itself still goes out
+            log.exception("models %s: explanation failed; sending the z-score shares", self.name)
+            return [_zshare(row, self._keys) for row in z]
+        drops = np.maximum(scores[:, None] - out, 0.0)
+        drops[~np.isfinite(drops)] = 0.0
+        result: list[dict[str, float]] = []
+        for r in range(k):
+            total = float(drops[r].sum())
+            result.append(_top(drops[r] / total, self._keys) if total > 0.0 else _zshare(z[r], self._keys))
+        return result
+
+    def _demote(self, reason: str) -> None:
+        h = self._health
+        h.demoted = True
+        h.reason = reason
+        h.healthy_probes = 0
+        h.demotions += 1
+        log.warning("models %s: demoted to the statistical fallback: %s", self.name, reason)
+        self._events.append(
+            Diagnostic(
+                "model_health",
+                None,
+                time.time(),
+                {
+                    "model": self.name,
+                    "state": "demoted",
+                    "reason": reason,
+                    "precision": self.backend.precision,
+                },
+            )
+        )
+
+    def _probe(self, healthy: bool) -> None:
+        h = self._health
+        h.healthy_probes = h.healthy_probes + 1 if healthy else 0
+        if h.healthy_probes >= self.card.health.healthy_to_promote:
+            h.demoted = False
+            h.promotions += 1
+            h.overruns = 0
+            log.info(
+                "models %s: promoted back after %d healthy probes (%s)", self.name, h.healthy_probes, h.reason
+            )
+            self._events.append(
+                Diagnostic(
+                    "model_health",
+                    None,
+                    time.time(),
+                    {
+                        "model": self.name,
+                        "state": "promoted",
+                        "reason": h.reason,
+                        "precision": self.backend.precision,
+                    },
+                )
+            )
+            h.reason = ""
+            h.healthy_probes = 0
+
+    # ---- persistence of commissioning statistics -----------------------------------------
+
+    def _norm_path(self, subject: str) -> Path | None:
+        if self._state_dir is None:
+            return None
+        tag = hashlib.sha256(subject.encode()).hexdigest()[:16]
+        return self._state_dir / "models" / f"{self.name}-{tag}.json"
+
+    def _load_norm(self, subject: str) -> Normaliser | None:
+        path = self._norm_path(subject)
+        if path is None or not path.exists():
+            return None
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            mean = np.asarray(raw["mean"], np.float64)
+            std = np.asarray(raw["std"], np.float64)
+            ok = raw["version"] == self.card.version and mean.shape == std.shape == (self._n,)
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if not ok or not (np.isfinite(mean).all() and (std > 0).all()):
+            log.warning("models %s: stored commissioning statistics unusable; commissioning again", self.name)
+            return None
+        norm = Normaliser.empty(self._n, self._need)
+        norm.n, norm.mean, norm.std = self._need, mean, std
+        return norm
+
+    def _save_norm(self, subject: str, norm: Normaliser) -> None:
+        path = self._norm_path(subject)
+        if path is None or norm.mean is None or norm.std is None:
+            return
+        body = {
+            "version": self.card.version,
+            "windows": norm.n,
+            "mean": norm.mean.tolist(),
+            "std": norm.std.tolist(),
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(body), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning(
+                "models %s: cannot store commissioning statistics in %s: %s", self.name, path, exc.strerror
+            )
+
+
+def _top(shares: F64, keys: Sequence[str]) -> dict[str, float]:
+    order = np.argsort(-shares)[:TOP_CONTRIBUTIONS]
+    return {keys[j]: round(float(shares[j]), 4) for j in order if shares[j] > 0.0}
+
+
+def _zshare(z: F64, keys: Sequence[str]) -> dict[str, float]:
+    """Shares of ``z**2``: the explanation of the fallback score and of a failed occlusion."""
+    sq = np.where(np.isfinite(z), z * z, 0.0)
+    total = float(sq.sum())
+    return _top(sq / total, keys) if total > 0.0 else {}

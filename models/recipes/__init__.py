@@ -1,0 +1,1 @@
+"""Training recipes: fixed seeds, public data from ``--data``, model files and cards written here."""

@@ -1,0 +1,108 @@
+"""Shipped models against real labelled data (runs only where ../shared/data exists), plus card checks.
+
+The full evaluations live in the recipes (``python -m models.recipes.<name>``); these tests are the
+fast part: train/serve parity of the pump model on SKAB, the RR rule on MIT-BIH 100, the battery
+EKF on a few NASA cycles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.contracts import StreamFeatures, WindowRecord
+from gateway.inference.battery import CellModel
+from gateway.inference.build import default_models_dir
+from gateway.inference.card import CARD_SUFFIX, load_card
+from gateway.inference.runner import AnomalyModel
+from gateway.sample import Stream, industrial_metric
+from models.recipes.battery_ekf import FIT, cycles, evaluate_cell, fit_ocv
+from models.recipes.common import binary_scores, run, session
+from models.recipes.pump_skab import FIT_ROWS, INPUTS, SIGNALS, load, window_features, z_scores
+from models.recipes.rr_ectopic import BEAT_CODES, FS, PREMATURE_CODES, classify, read_atr, scores
+
+MODELS = default_models_dir()
+DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+needs_data = pytest.mark.skipif(
+    not (DATA / "README.md").exists(),
+    reason=f"real labelled data not found at {DATA} (set EDGETWIN_DATA to the shared data folder)",
+)
+
+
+def test_every_card_parses_and_every_file_is_small() -> None:
+    cards = sorted(MODELS.glob(f"*{CARD_SUFFIX}"))
+    names = {p.name.removesuffix(CARD_SUFFIX) for p in cards}
+    assert {"pump_skab", "rr_ectopic", "battery_ekf"} <= names
+    for p in cards:
+        raw = json.loads(p.read_text())
+        assert raw["evaluation"], p
+        assert raw["training"]["recipe"].startswith("python -m models.recipes."), p
+        if raw.get("files"):
+            card = load_card(p)
+            for f in card.files.values():
+                assert (MODELS / f.path).stat().st_size < 1_000_000
+
+
+@needs_data
+def test_rr_rule_on_mitdb_100() -> None:
+    times, codes = read_atr(DATA / "physio" / "mitdb_100" / "100.atr")
+    beats = np.isin(codes, list(BEAT_CODES))
+    bt, bc = times[beats], codes[beats]
+    assert len(bt) == 2273  # 2,239 N + 33 A + 1 V
+    truth = np.isin(bc[1:], list(PREMATURE_CODES))
+    assert int(truth.sum()) == 34
+    res = scores(classify(np.diff(bt) / FS * 1000.0), truth)
+    assert res["f1"] >= 0.94
+    assert res["fp"] <= 2
+
+
+@needs_data
+def test_pump_model_runtime_matches_recipe_on_skab() -> None:
+    card = load_card(MODELS / f"pump_skab{CARD_SUFFIX}")
+    w = round(card.window_s)
+    valve, _ = load(DATA)
+    streams = [
+        Stream("skab", "rig", "skab", industrial_metric(f"Pump/{s}", "u"), "industrial", 1.0) for s in SIGNALS
+    ]
+    for e in valve[:2]:
+        model = AnomalyModel(card, MODELS, precision="int8", commissioning_windows=FIT_ROWS - (w - 1))
+        feats = window_features(e.x, w)
+        records = []
+        for row in range(w - 1, len(e.x)):
+            sfs = tuple(
+                StreamFeatures(
+                    st,
+                    w,
+                    0.0,
+                    {"min": 0.0, "max": 1.0}
+                    | {f: float(feats[row, c]) for c, (sig, f) in enumerate(INPUTS) if sig == SIGNALS[j]},
+                )
+                for j, st in enumerate(streams)
+            )
+            records.append(WindowRecord("rig", "industrial", row, float(row), float(row), float(w), sfs))
+        results = [r for i in range(0, len(records), 64) for r in model.score_batch(records[i : i + 64])]
+        served = np.array([r.score for r in results])[FIT_ROWS - (w - 1) :]
+        assert all(math.isnan(r.score) for r in results[: FIT_ROWS - (w - 1)])
+        z, y = z_scores(e, w)
+        offline = run(session(MODELS / card.files["int8"].path), z)
+        assert np.abs(served - offline).max() < 1e-5  # the runtime computes what the recipe evaluated
+        anomalies = [r for r in results if r.anomaly]
+        assert anomalies
+        assert all(r.contributions for r in anomalies)
+        assert binary_scores(served > card.threshold, y)["f1"] > 0.5
+
+
+@needs_data
+def test_battery_ekf_on_nasa_b0007() -> None:
+    fit = cycles(DATA / "industrial" / "nasa_battery" / f"{FIT[0]}.csv")[FIT[1]]
+    cell = CellModel(fit_ocv(*fit), 0.07, 0.04, 30.0)
+    b7 = cycles(DATA / "industrial" / "nasa_battery" / "B0007.csv")
+    few = {k: b7[k] for k in sorted(b7)[:15]}
+    res = evaluate_cell(cell, "B0007", few, 1e-2)
+    assert res["soc_rmse"] < 0.03
+    assert 1.8 < res["capacity_ah_first"] < 2.0
