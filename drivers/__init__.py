@@ -13,6 +13,7 @@ from typing import Any, cast
 from drivers.ble.config import BleConfig
 from drivers.mcu.config import McuConfig
 from drivers.opcua.config import OpcUaConfig
+from drivers.serial.config import SerialConfig
 from drivers.sim.config import SimConfig
 from gateway.contracts import Driver, DriverSpec, SourceInfo
 from gateway.errors import ConfigError
@@ -66,8 +67,19 @@ REGISTRY: dict[str, DriverSpec] = {
         _LazyFactory("drivers.ble.driver"),
         "BLE health wearables (heart rate, pulse oximeter, thermometer, blood pressure) over BlueZ",
     ),
+    "serial": DriverSpec(
+        "serial",
+        SerialConfig,
+        _LazyFactory("drivers.serial.driver"),
+        "pulse oximeters on RS-232/USB serial: Nonin, Masimo, Contec",
+    ),
 }
 
 #: Modules that add CLI subcommands (``edgetwin scan ...``, ``edgetwin sim ...``) through an
 #: ``add_commands(groups)`` function; the CLI skips one whose optional dependencies are missing.
-COMMAND_MODULES: tuple[str, ...] = ("drivers.opcua.commands", "drivers.mcu.commands", "drivers.ble.commands")
+COMMAND_MODULES: tuple[str, ...] = (
+    "drivers.opcua.commands",
+    "drivers.mcu.commands",
+    "drivers.ble.commands",
+    "drivers.serial.commands",
+)

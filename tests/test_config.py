@@ -84,7 +84,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
     (
         "unknown driver",
         "[[sources]]\nname = 'ox'\ndriver = 'oximeter'\nsubject = 'bed-1'\n",
-        ["sources[0].driver: expected one of the drivers (ble, mcu, opcua, sim), found 'oximeter'"],
+        ["sources[0].driver: expected one of the drivers (ble, mcu, opcua, serial, sim), found 'oximeter'"],
     ),
     (
         "missing subject",

@@ -1,0 +1,1 @@
+"""Pulse oximeters on RS-232/USB serial: Nonin, Masimo and Contec protocols, a pty simulator."""

@@ -1,0 +1,402 @@
+"""The serial oximeter driver end to end over real pseudo-terminals (socat pairs and the pty simulator).
+
+Nothing is mocked: socat makes a pty pair whose one end the test writes as the monitor would, the
+driver opens the other end with pyserial; the simulator is a real pty written from a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.serial import contec, masimo, nonin
+from drivers.serial.config import SerialConfig
+from drivers.serial.driver import PI, PULSE, SPO2, SerialOximeter, factory
+from drivers.serial.formats import PARSERS
+from drivers.serial.port import DeviceAbsentError, DeviceLostError
+from drivers.serial.protocol import Status
+from drivers.serial.sim import Corruption, PtyOximeter, VitalsModel
+from gateway.anonymize import Anonymizer, Pseudonymizer
+from gateway.contracts import Alarm, AlarmKind, Diagnostic, SourceInfo
+from gateway.encode import encode
+from gateway.errors import ConfigError, TransientError
+from gateway.notify import Notifier
+from gateway.pipeline.windows import Windower
+from gateway.sample import Quality, Sample, SampleBlock
+from gateway.supervisor import Backoff, Group, Supervisor, Unit
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("socat") is None, reason="socat is not installed (apt install socat)"
+)
+
+INFO = SourceInfo("bed7-spo2", "ward3-bed7", "medical")
+TOKEN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class Sink:
+    """Records what the driver hands over."""
+
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+        self.alarms: list[Alarm] = []
+        self.diagnostics: list[Diagnostic] = []
+
+    def put(self, sample: Sample) -> None:
+        self.samples.append(sample)
+
+    def put_block(self, block: SampleBlock) -> None:
+        raise AssertionError("the serial driver hands over single samples")
+
+    def alarm(self, alarm: Alarm) -> None:
+        self.alarms.append(alarm)
+
+    def diagnostic(self, diagnostic: Diagnostic) -> None:
+        self.diagnostics.append(diagnostic)
+
+    def values(self, metric: str) -> list[float]:
+        return [s.value for s in self.samples if s.stream.metric.name == metric]
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def driver(port: str, **keys: Any) -> SerialOximeter:
+    return factory(INFO, SerialConfig.model_validate({"port": port, **keys}))
+
+
+@contextlib.asynccontextmanager
+async def running(drv: SerialOximeter, sink: Sink) -> AsyncIterator[asyncio.Task[None]]:
+    started = asyncio.Event()
+    task = asyncio.create_task(drv.run(sink, started=started.set), name="test:serial-driver")
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+@pytest.fixture
+def socat_pair(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """A socat pty pair: the driver's end (a path) and the device's end (an open fd)."""
+    a, b = tmp_path / "monitor", tmp_path / "device"
+    proc = subprocess.Popen(
+        ["socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 5.0
+        while not (a.exists() and b.exists()):
+            assert proc.poll() is None, "socat exited"
+            assert time.monotonic() < deadline, "socat made no ptys"
+            time.sleep(0.01)
+        fd = os.open(b, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            yield str(a), fd
+        finally:
+            os.close(fd)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+def device_bytes(protocol: str) -> bytes:
+    """A few seconds of one monitor's output: SpO2 97, pulse 72 (PI 3.6 where it exists)."""
+    if protocol in ("nonin2", "nonin7"):
+        return nonin.encode_packet(2 if protocol == "nonin2" else 7, 72, 97, 0, list(range(25))) * 4
+    if protocol == "nonin8":
+        return nonin.encode_df8(72, 97, 0) * 4
+    if protocol == "nonin13":
+        return nonin.encode_df13(72, 97, 0, (2024, 1, 15, 10, 30, 0))
+    if protocol == "nonin_ascii":
+        return nonin.encode_ascii(72, 97) * 3
+    if protocol == "masimo":
+        return masimo.encode_line((2024, 1, 15, 10, 30, 0), 97, 72, 3.6, masimo.EXC_SET) * 4
+    encode_frame = contec.encode_legacy if protocol == "cms50" else contec.encode_v46
+    return b"".join(encode_frame(72, 97, 0, k % 100) for k in range(45))
+
+
+def read_available(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except BlockingIOError:
+        return b""
+
+
+@pytest.mark.parametrize(
+    "protocol", ["nonin2", "nonin7", "nonin8", "nonin13", "nonin_ascii", "masimo", "cms50", "cms50v46"]
+)
+def test_each_protocol_end_to_end_through_a_pty_pair(protocol: str, socat_pair: tuple[str, int]) -> None:
+    port, fd = socat_pair
+
+    async def main() -> Sink:
+        sink = Sink()
+        drv = driver(port, protocol=protocol, allow_start_command=protocol == "cms50v46")
+        async with running(drv, sink):
+            await asyncio.sleep(0.2)  # the port is open and flushed
+            if protocol == "cms50v46":
+                got = b""
+                deadline = time.monotonic() + 3
+                while contec.START_COMMAND not in got and time.monotonic() < deadline:
+                    got += read_available(fd)
+                    await asyncio.sleep(0.02)
+                assert contec.START_COMMAND in got, "the driver did not ask the device to start"
+            os.write(fd, device_bytes(protocol))
+            await until(lambda: len(sink.values(SPO2.name)) >= 1 and len(sink.values(PULSE.name)) >= 1)
+        return sink
+
+    sink = asyncio.run(main())
+    assert set(sink.values(SPO2.name)) == {97.0}
+    assert set(sink.values(PULSE.name)) == {72.0}
+    assert all(s.quality == Quality.GOOD for s in sink.samples)
+    assert {s.stream.subject for s in sink.samples} == {INFO.subject}
+    assert {s.stream.rate_hz for s in sink.samples} == {PARSERS[protocol].reading_rate_hz}
+    if protocol == "masimo":
+        assert set(sink.values(PI.name)) == {3.6}
+        assert {s.stream.device for s in sink.samples} == {"0000056661"}
+    else:
+        assert PI.name not in {s.stream.metric.name for s in sink.samples}
+        assert {s.stream.device for s in sink.samples} == {port}
+
+
+def test_sensor_off_and_missing_values_are_quality_flags_not_numbers(socat_pair: tuple[str, int]) -> None:
+    port, fd = socat_pair
+    off = nonin.encode_df8(math.nan, math.nan, int(Status.FINGER_OUT))
+
+    async def main() -> Sink:
+        sink = Sink()
+        async with running(driver(port, protocol="nonin8"), sink):
+            await asyncio.sleep(0.2)
+            os.write(fd, nonin.encode_df8(72, 97, 0) * 2 + off * 3)
+            await until(lambda: len(sink.values(SPO2.name)) >= 4)
+        return sink
+
+    sink = asyncio.run(main())
+    off_samples = [s for s in sink.samples if math.isnan(s.value)]
+    assert off_samples
+    assert all(s.quality & Quality.SENSOR_OFF for s in off_samples)
+    assert all(v in (72.0, 97.0) for v in (s.value for s in sink.samples) if not math.isnan(v))
+    # Windowed by the core, these become a sensor fault - not a patient event.
+    alarms: list[Alarm] = []
+    windower = Windower(window_s=10, hop_s=5, grace_s=1, lost_after_s=15, on_alarm=alarms.append)
+    for s in sink.samples:
+        windower.put(s)
+    assert {a.kind for a in alarms} == {AlarmKind.SENSOR_FAULT}
+
+
+def test_low_battery_is_a_device_alarm(socat_pair: tuple[str, int]) -> None:
+    port, fd = socat_pair
+
+    async def main() -> Sink:
+        sink = Sink()
+        async with running(driver(port, protocol="nonin8"), sink):
+            await asyncio.sleep(0.2)
+            os.write(
+                fd, nonin.encode_df8(72, 97, int(Status.LOW_BATTERY)) * 3 + nonin.encode_df8(72, 97, 0) * 3
+            )
+            await until(lambda: len(sink.alarms) >= 2)
+        return sink
+
+    sink = asyncio.run(main())
+    assert [(a.kind, a.detail["cause"]) for a in sink.alarms] == [
+        (AlarmKind.SENSOR_FAULT, "low_battery"),
+        (AlarmKind.SENSOR_RESTORED, "low_battery"),
+    ]
+    assert all(s.quality == Quality.GOOD for s in sink.samples)
+
+
+def test_silent_device_raises_stale_data(socat_pair: tuple[str, int]) -> None:
+    port, _fd = socat_pair
+    sink = Sink()
+    drv = driver(port, protocol="nonin2", stale_after_s=0.4)
+
+    async def main() -> None:
+        await drv.run(sink, started=lambda: None)
+
+    with pytest.raises(TransientError, match="stale data: no valid frame"):
+        asyncio.run(main())
+    assert [(a.kind, a.detail) for a in sink.alarms] == [(AlarmKind.SENSOR_LOST, {"cause": "stale"})]
+    assert sink.diagnostics
+    assert sink.diagnostics[-1].kind == "serial_link"
+    assert sink.diagnostics[-1].detail["protocol"] == "nonin2"
+
+
+def test_absent_port_alarms_once_and_is_retried(tmp_path: Path) -> None:
+    sink = Sink()
+    drv = driver(str(tmp_path / "usb-Nonin_Medical-if00"), protocol="nonin2")
+
+    async def main() -> None:
+        for _ in range(2):
+            with pytest.raises(DeviceAbsentError, match="port not found"):
+                await drv.run(sink, started=lambda: None)
+
+    asyncio.run(main())
+    assert len(sink.alarms) == 1
+    assert sink.alarms[0].kind is AlarmKind.SENSOR_LOST
+    assert sink.alarms[0].detail == {"cause": "absent"}
+    assert isinstance(DeviceAbsentError("x"), TransientError)
+
+
+def test_wrong_speed_is_reported_as_no_recognisable_frames(tmp_path: Path) -> None:
+    sim = PtyOximeter("nonin2", link=tmp_path / "ox", corruption=Corruption(wrong_speed=19200))
+    sink = Sink()
+    with sim:
+        drv = driver(sim.path, protocol="nonin2", detect_timeout_s=1.5)
+
+        async def main() -> None:
+            await drv.run(sink, started=lambda: None)
+
+        with pytest.raises(ConfigError) as info:
+            asyncio.run(main())
+    assert [(a.kind, dict(a.detail)) for a in sink.alarms] == [
+        (AlarmKind.SENSOR_LOST, {"cause": "no_frames"})
+    ]
+    assert sink.samples == []
+    text = str(info.value)
+    assert f"no recognisable frames at 9600 8N1 on {sim.path}" in text
+    assert "check the monitor's output format and speed" in text
+
+
+def test_wrong_speed_with_auto_names_every_setting_tried(tmp_path: Path) -> None:
+    sim = PtyOximeter("nonin2", link=tmp_path / "ox", corruption=Corruption(wrong_speed=2400))
+    with sim:
+        drv = driver(sim.path, protocol="auto", probe_s=0.7)
+        with pytest.raises(ConfigError, match=r"no recognisable frames at 9600 8N1, 19200 8O1 on "):
+            asyncio.run(drv.run(Sink(), started=lambda: None))
+
+
+@pytest.mark.parametrize("protocol", ["nonin2", "masimo", "cms50", "cms50v46"])
+def test_auto_detects_the_protocol(protocol: str, tmp_path: Path) -> None:
+    with PtyOximeter(protocol, link=tmp_path / "ox") as sim:
+        # A line a second needs two lines heard; 60 frames a second are recognised at once.
+        probe_s = 2.5 if protocol == "masimo" else 1.0
+        drv = driver(sim.path, protocol="auto", probe_s=probe_s, allow_start_command=protocol == "cms50v46")
+
+        async def main() -> Sink:
+            sink = Sink()
+            async with running(drv, sink):
+                await until(lambda: len(sink.values(SPO2.name)) >= 1, timeout=12)
+            return sink
+
+        sink = asyncio.run(main())
+    assert sink.values(SPO2.name)
+    assert drv.detected == protocol  # what auto found, kept for the next run
+
+
+def test_auto_never_writes_without_consent(tmp_path: Path) -> None:
+    with PtyOximeter("cms50v46", link=tmp_path / "ox") as sim:
+        drv = driver(sim.path, protocol="auto", probe_s=0.5)
+        with pytest.raises(TransientError, match="sent nothing while probed"):
+            asyncio.run(drv.run(Sink(), started=lambda: None))
+        assert sim.commands == []
+
+
+def test_unplug_and_replug_under_the_same_path(tmp_path: Path) -> None:
+    """Supervised: the device vanishes (pty closed, link removed), is retried, and comes back."""
+    vitals = VitalsModel(3, desat_every_s=0, sensor_off_every_s=0)
+    sim = PtyOximeter("nonin2", link=tmp_path / "usb-Nonin_OEM_III-if00", vitals=vitals).start()
+    sink = Sink()
+    drv = driver(sim.path, protocol="nonin2")
+
+    async def main() -> None:
+        sup = Supervisor(Notifier(None), start_timeout_s=5, backoff=Backoff(base_s=0.1, cap_s=0.2))
+
+        async def unit(started: Callable[[], None]) -> None:
+            await drv.run(sink, started=started)
+
+        sup.add(Unit("source:bed7-spo2", Group.SOURCES, unit))
+
+        async def drain(_deadline: float) -> None:
+            return None
+
+        run = asyncio.create_task(sup.run(drain, 1.0), name="test:supervisor")
+        try:
+            await until(lambda: len(sink.values(SPO2.name)) >= 2)
+            sim.unplug()
+            await until(lambda: any(a.kind is AlarmKind.SENSOR_LOST for a in sink.alarms))
+            assert not Path(sim.path).exists()
+            await asyncio.sleep(0.5)  # retried while absent: no second alarm
+            before = len(sink.samples)
+            sim.replug()
+            await until(lambda: len(sink.samples) > before + 4)
+            await until(lambda: any(a.kind is AlarmKind.SENSOR_RESTORED for a in sink.alarms))
+        finally:
+            sup.request_stop()
+            await asyncio.wait_for(run, 10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        sim.stop()
+    kinds = [(a.kind, dict(a.detail)) for a in sink.alarms]
+    assert kinds == [
+        (AlarmKind.SENSOR_LOST, {"cause": "unplugged"}),
+        (AlarmKind.SENSOR_RESTORED, {"after": "sensor_lost", "cause": "unplugged"}),
+    ]
+    assert {s.stream.device for s in sink.samples} == {sim.path}
+    assert len({id(s.stream) for s in sink.samples if s.stream.metric is SPO2}) == 1
+    assert isinstance(DeviceLostError("x"), TransientError)
+
+
+def test_identities_stay_on_the_gateway(socat_pair: tuple[str, int]) -> None:
+    port, fd = socat_pair
+    line = masimo.encode_line((2024, 1, 15, 10, 30, 0), 97, 72, 3.6, masimo.EXC_SET, serial="0000418273")
+
+    async def main() -> Sink:
+        sink = Sink()
+        async with running(driver(port, protocol="masimo", stale_after_s=0.5), sink):
+            await asyncio.sleep(0.2)
+            os.write(fd, line * 3)
+            await until(lambda: any(a.kind is AlarmKind.SENSOR_LOST for a in sink.alarms))
+        return sink
+
+    sink = asyncio.run(main())
+    assert {s.stream.device for s in sink.samples} == {"0000418273"}
+    anon = Anonymizer(Pseudonymizer(b"k" * 32), time_mode="relative")
+    for alarm in sink.alarms:
+        assert alarm.stream is not None
+        assert alarm.stream.device == "0000418273"
+        assert all(isinstance(v, float | int) or TOKEN.match(v) for v in alarm.detail.values())
+        sealed = anon.seal(functools.partial(anon.alarm, alarm), encode)
+        assert sealed is not None
+        assert b"0000418273" not in sealed[1]
+        assert b"418273" not in sealed[1]
+    for diag in sink.diagnostics:
+        assert all(isinstance(v, float | int) or TOKEN.match(v) for v in diag.detail.values())
+        sealed = anon.seal(functools.partial(anon.diagnostic, diag), encode)
+        assert sealed is not None
+
+
+def test_factory_and_config_checks(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="kind 'industrial'"):
+        factory(SourceInfo("x", "y", "industrial"), SerialConfig.model_validate({"port": "/dev/ttyUSB0"}))
+    with pytest.raises(ValueError, match="allow_start_command"):
+        SerialConfig.model_validate({"port": "/dev/ttyUSB0", "protocol": "cms50v46"})
+    with pytest.raises(ValueError, match="extra"):
+        SerialConfig.model_validate({"port": "/dev/ttyUSB0", "speed": 9600})
+    cfg = SerialConfig.model_validate(
+        {"port": "/dev/serial/by-id/usb-x", "protocol": "masimo", "device": "rad8-3"}
+    )
+    assert factory(INFO, cfg).device == "rad8-3"
+    regular = tmp_path / "not-a-tty"
+    regular.write_bytes(b"")
+    with pytest.raises(ConfigError, match="not a serial port"):
+        asyncio.run(driver(str(regular), protocol="nonin2").run(Sink(), started=lambda: None))
