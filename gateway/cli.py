@@ -76,7 +76,7 @@ events = [
 
 [models]
 # The pump model learns this machine's normal on its first 30 s (commissioning), then scores.
-use = [{ name = "pump_skab", commissioning_s = 30.0 }]
+use = [{ name = "pump_skab", commissioning_s = 30.0 }, { name = "vitals_mimic" }]
 """
 
 
