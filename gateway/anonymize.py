@@ -39,7 +39,26 @@ KEY_BYTES = 32
 PSEUDONYM_CHARS = 16  # base32 characters = 80 bits: collision-free for any realistic fleet
 SCHEMA_VERSION = 1
 # Free-text values are never sent; a string in a record's detail must be a short token.
-_TOKEN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_TOKEN = re.compile(r"[a-z][a-z0-9_]{0,31}")  # used with fullmatch: no trailing newline
+
+
+def _write_key_file(path: Path) -> None:
+    """Write a new random key to ``path`` atomically: a crash leaves no key or a whole one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(KEY_BYTES))
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)  # fails if a key appeared meanwhile: that one wins
+    finally:
+        tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -48,22 +67,19 @@ def load_or_create_key(path: Path) -> bytes:
     if problem:
         expected, found = problem
         raise ConfigError(f"anonymizer {path}: site key refused: expected {expected}, found {found}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError(
-            f"anonymizer {path}: cannot create the site key: {exc.strerror}: "
-            "make the state directory writable by the gateway's user"
-        ) from exc
-    else:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(KEY_BYTES))
-            f.flush()
-            os.fsync(f.fileno())
-        log.info("anonymizer: created a new site key at %s", path)
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _write_key_file(path)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ConfigError(
+                f"anonymizer {path}: cannot create the site key: {exc.strerror}: "
+                "make the state directory writable by the gateway's user"
+            ) from exc
+        else:
+            log.info("anonymizer: created a new site key at %s", path)
     key = path.read_bytes()
     if len(key) != KEY_BYTES:
         raise ConfigError(
@@ -76,15 +92,13 @@ def load_or_create_key(path: Path) -> bytes:
 def rotate_key(path: Path) -> Path:
     """Replace the site key with a new one; the old one is kept beside it, renamed, for the operator."""
     retired = path.with_name(f"{path.name}.retired-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-    tmp = path.with_name(path.name + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(KEY_BYTES))
-        f.flush()
-        os.fsync(f.fileno())
     if path.exists():
-        path.rename(retired)
-    tmp.rename(path)
+        # A hard link first: at every moment either the old or the new key is at ``path``.
+        os.link(path, retired)
+    new = path.with_name(path.name + ".new")
+    new.unlink(missing_ok=True)
+    _write_key_file(new)
+    new.replace(path)
     return retired
 
 
@@ -115,6 +129,35 @@ class Pseudonymizer:
         value = base64.b32encode(digest).decode("ascii").lower()[:PSEUDONYM_CHARS]
         self._cache[(purpose, identity)] = value
         return value
+
+
+def text_forms(identity: str) -> set[bytes]:
+    """Lower-cased text and hex forms of an identity, for a case-insensitive scan."""
+    compact = re.sub(r"[:\-\s.]", "", identity)
+    out = set()
+    for form in {identity.lower(), compact.lower()}:
+        raw = form.encode()
+        out |= {raw, binascii.hexlify(raw)}
+    return out
+
+
+#: Words the gateway itself writes into records and topics. An identity inside one of them would
+#: make every such record fail the scan, so registering one is warned about.
+VOCABULARY = (
+    "features",
+    "alarms",
+    "diag/gateway",
+    "counters",
+    "sim_label",
+    *(k for k in ("mean", "std", "min", "max", "slope", "rmssd", "sdnn", "pnn50", "missing")),
+    *(
+        m.lower()
+        for m in ("MDC_PULS_OXIM_SAT_O2", "MDC_ECG_HEART_RATE", "MDC_ECG_TIME_PD_RR_GL", "MDC_RESP_RATE")
+    ),
+    "pump_skab",
+    "vitals_mimic",
+    "rr_ectopic",
+)
 
 
 def identity_forms(identity: str) -> set[bytes]:
@@ -167,6 +210,7 @@ class Anonymizer:
         self._coarsen_s = coarsen_s
         self._start_wall = time.time() if start_wall is None else start_wall
         self._forms: set[bytes] = set()
+        self._folded: set[bytes] = set()  # lower-cased text and hex forms, for the case-blind scan
         self._registered: set[str] = set()
         self.dropped = 0  # records refused because they could not be proven anonymous
         for identity in (socket.gethostname(), *local_identities):
@@ -177,6 +221,15 @@ class Anonymizer:
         if identity and identity not in self._registered:
             self._registered.add(identity)
             self._forms |= identity_forms(identity)
+            self._folded |= {f for f in text_forms(identity) if len(f) >= 4}
+            clash = [word for word in VOCABULARY if len(identity) >= 4 and identity.lower() in word]
+            if clash:
+                log.warning(
+                    "anonymizer: the identity %r also occurs in the gateway's own words (%s): every record "
+                    "carrying them will be dropped; rename the source, subject or gateway",
+                    identity,
+                    ", ".join(clash[:3]),
+                )
 
     def gateway_pseudonym(self, name: str) -> str:
         """The pseudonym that names this gateway on the wire."""
@@ -184,6 +237,8 @@ class Anonymizer:
         return self._p("gateway", name)
 
     def _t(self, t_wall: float) -> float:
+        if not math.isfinite(t_wall):
+            raise AnonymizationError("anonymizer: record time is not a finite number: refused")
         if self._time_mode == "relative":
             return round(t_wall - self._start_wall, 3)
         if self._time_mode == "coarse":
@@ -202,15 +257,21 @@ class Anonymizer:
     def _detail(self, detail: Mapping[str, float | str]) -> dict[str, float | str]:
         out: dict[str, float | str] = {}
         for key, value in detail.items():
-            if not _TOKEN.match(key):
+            if not _TOKEN.fullmatch(key):
                 raise AnonymizationError(
                     f"anonymizer: detail key {key[:3]!r}... is not a plain token: refused"
                 )
             if isinstance(value, str):
-                if not _TOKEN.match(value):
+                if not _TOKEN.fullmatch(value):
                     raise AnonymizationError(f"anonymizer: detail {key!r} holds free text: refused")
                 out[key] = value
             elif isinstance(value, int | float) and math.isfinite(value):
+                # CBOR writes integers in binary, out of the byte scan's sight: a serial number
+                # passed as a number is caught here instead.
+                if float(value).is_integer() and str(int(value)) in self._registered:
+                    raise AnonymizationError(
+                        f"anonymizer: detail {key!r} holds an identity as a number: refused"
+                    )
                 out[key] = value
         return out
 
@@ -268,7 +329,7 @@ class Anonymizer:
 
     def diagnostic(self, diag: Diagnostic) -> OutRecord:
         """A diagnostic record (gateway health, simulator ground truth)."""
-        if not _TOKEN.match(diag.kind):
+        if not _TOKEN.fullmatch(diag.kind):
             raise AnonymizationError("anonymizer: diagnostic kind is not a plain token: refused")
         payload: dict[str, Any] = {
             "v": SCHEMA_VERSION,
@@ -286,6 +347,15 @@ class Anonymizer:
 
     def check(self, encoded: bytes) -> None:
         """Raise AnonymizationError if any known identity appears in the encoded bytes."""
+        lowered = encoded.lower()
+        # Text and hex forms in any letter case ("Plant-A/Pump-3" hides "plant-a/pump-3");
+        # base64/base32 forms are case-significant and are matched exactly.
+        for form in self._folded:
+            if form in lowered:
+                raise AnonymizationError(
+                    f"anonymizer: an identity ({len(form)}-byte form) appears in an outgoing record: "
+                    "record dropped; check metric names and driver metadata for identifiers"
+                )
         for form in self._forms:
             if form in encoded:
                 # Never log the identity itself: the log may leave the gateway too.
@@ -306,6 +376,12 @@ class Anonymizer:
         except AnonymizationError as exc:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.error("%s (dropped so far: %d)", exc, self.dropped)  # noqa: TRY400 - no trace: it may hold data
+                log.error("%s (dropped so far: %d)", exc, self.dropped)
+            return None
+        except Exception:
+            # Fail closed on anything unexpected too: drop, count, and show the first trace.
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.exception("anonymizer: record could not be built (dropped so far: %d)", self.dropped)
             return None
         return rec, data

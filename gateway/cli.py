@@ -24,7 +24,7 @@ from gateway import __version__, logs
 from gateway.anonymize import rotate_key
 from gateway.config import Config, load, validate
 from gateway.errors import InvalidConfigError
-from gateway.runtime import check_sources, run_gateway
+from gateway.runtime import build_problems, check_sources, run_gateway
 from gateway.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 log = logging.getLogger("edgetwin")
@@ -99,6 +99,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Validate a config file and report every problem at once."""
     config = _load(args.config)
     if config is None:
+        return EXIT_CONFIG
+    # What only shows when parts are built: a driver refusing its settings, a model file.
+    problems = build_problems(config, _registry())
+    if problems:
+        print(f"config {args.config}: {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
     sources = check_sources(config)
     print(f"config {args.config}: ok ({len(sources)} source(s): {', '.join(sources) or 'none'})")

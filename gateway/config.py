@@ -128,8 +128,9 @@ class LoggingSection(ConfigModel):
 
 
 class RuntimeSection(ConfigModel):
-    drain_deadline_s: float = Field(15.0, gt=0, le=300)  # SIGTERM -> exit within this
-    start_timeout_s: float = Field(30.0, gt=0, le=600)  # READY at the latest after this
+    # Both stay inside the systemd unit's TimeoutStopSec=30s and default TimeoutStartSec=90s.
+    drain_deadline_s: float = Field(15.0, gt=0, le=25)  # SIGTERM -> exit within this
+    start_timeout_s: float = Field(30.0, gt=0, le=60)  # READY at the latest after this
 
 
 class CoreConfig(ConfigModel):

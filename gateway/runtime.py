@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -31,7 +31,7 @@ from gateway.contracts import (
     WindowRecord,
 )
 from gateway.encode import decode, encode
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, CorruptDataError
 from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.ectopic import EctopyMonitor
 from gateway.notify import Notifier
@@ -62,6 +62,7 @@ class Pipeline:
         p = config.core.pipeline
         self._models = tuple(models)
         self._anomalous: set[tuple[str, str]] = set()  # (subject, model) in an anomaly episode
+        self._step_lock = asyncio.Lock()
         self._anon = anonymizer
         self._outbox = outbox
         self._hop_s = p.hop_s
@@ -175,13 +176,23 @@ class Pipeline:
 
     async def step(self, now_mono: float | None = None, now_wall: float | None = None) -> int:
         """Close every window that is due, score and queue it; return how many were closed."""
-        now_mono = time.monotonic() if now_mono is None else now_mono
-        now_wall = time.time() if now_wall is None else now_wall
-        records = self.windower.close_due(now_mono, now_wall)
-        if records and self._models:
-            records = await self._score(records)
-        for record in records:
-            self.window(record)
+        # One step at a time: the drain's final step waits for an in-flight one instead of racing
+        # it (and the stateful models) in a second worker thread.
+        async with self._step_lock:
+            now_mono = time.monotonic() if now_mono is None else now_mono
+            now_wall = time.time() if now_wall is None else now_wall
+            records = self.windower.close_due(now_mono, now_wall)
+            if records and self._models:
+                try:
+                    records = await self._score(records)
+                except BaseException:
+                    # close_due has moved on: these windows exist nowhere else. Queue them
+                    # unscored rather than lose them, then let the cancellation or error go on.
+                    for record in records:
+                        self.window(record)
+                    raise
+            for record in records:
+                self.window(record)
         if now_mono >= self._next_counters:
             self._next_counters = now_mono + COUNTERS_EVERY_S
             self.diagnostic(Diagnostic("counters", None, now_wall, self.counters()))
@@ -262,28 +273,38 @@ class LocalUplink:
         self._batch = batch
         self.last_beat = time.monotonic()
         self.delivered = 0
+        self.corrupt = 0
 
     async def _deliver_once(self) -> int:
         leased = await self._outbox.lease(self._batch)
         if not leased:
             return 0
         lines = []
-        for item in leased:
-            record = decode(item.payload)
-            if self._pretty:
-                lines.append(render_pretty(item.topic, record))
-            else:
-                lines.append(
-                    json.dumps({"topic": item.topic, "lane": item.lane.name.lower(), "record": record})
-                )
         try:
-            self._out.write("\n".join(lines) + "\n")
-            self._out.flush()
+            for item in leased:
+                try:
+                    record = decode(item.payload)
+                except CorruptDataError as exc:
+                    # Undeliverable as it stands; holding it would strand its whole batch forever.
+                    self.corrupt += 1
+                    log.error(
+                        "local uplink: record %d dropped: %s (corrupt so far: %d)", item.id, exc, self.corrupt
+                    )
+                    continue
+                if self._pretty:
+                    lines.append(render_pretty(item.topic, record))
+                else:
+                    lines.append(
+                        json.dumps({"topic": item.topic, "lane": item.lane.name.lower(), "record": record})
+                    )
+            if lines:
+                self._out.write("\n".join(lines) + "\n")
+                self._out.flush()
         except BaseException:
             await self._outbox.release([i.id for i in leased])
             raise
         await self._outbox.ack([i.id for i in leased])
-        self.delivered += len(leased)
+        self.delivered += len(lines)
         return len(leased)
 
     async def run(self, started: Callable[[], None]) -> None:
@@ -309,6 +330,38 @@ class _NoUplink:
 
     async def drain(self, deadline: float) -> None:
         del deadline  # nothing leaves the gateway: the outbox keeps it all
+
+
+def _failing(error: ConfigError) -> Callable[[Callable[[], None]], Coroutine[Any, Any, None]]:
+    async def run(started: Callable[[], None]) -> None:
+        del started  # never starts: the driver could not even be built
+        raise error
+
+    return run
+
+
+#: Driver config keys whose string values are device identities (addresses, serial numbers,
+#: ports, endpoints). They are registered with the anonymizer before the first sample, so a
+#: diagnostic sent before any window cannot carry one.
+IDENTITY_KEYS = frozenset({"device", "address", "port", "endpoint", "node_id", "serial", "url", "link"})
+
+
+def driver_identities(config: Any) -> list[str]:
+    """The identity strings in a driver's config (see :data:`IDENTITY_KEYS`), at any depth."""
+    found: list[str] = []
+
+    def walk(value: Any, key: str | None) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, str | Path) and key in IDENTITY_KEYS and len(str(value)) >= 4:
+            found.append(str(value))
+
+    walk(config.model_dump() if hasattr(config, "model_dump") else config, None)
+    return found
 
 
 def budgets_for(config: Config) -> dict[Lane, LaneBudget]:
@@ -337,7 +390,7 @@ async def run_gateway(
     try:
         key = load_or_create_key(core.site_key_path)
     except ConfigError as exc:
-        log.error("%s", exc)  # noqa: TRY400 - the message is the whole story; no trace needed
+        log.error("%s", exc)
         return EXIT_CONFIG
     identities: list[str] = [core.gateway.name]
     for entry in config.sources:
@@ -360,7 +413,7 @@ async def run_gateway(
         outbox_cm = AsyncOutbox(open_outbox)
         outbox = await outbox_cm.__aenter__()
     except ConfigError as exc:
-        log.error("%s", exc)  # noqa: TRY400
+        log.error("%s", exc)
         return EXIT_CONFIG
     try:
         return await _supervise(
@@ -391,7 +444,7 @@ async def _supervise(
             state_dir=core.gateway.state_dir,
         )
     except ConfigError as exc:
-        log.error("%s", exc)  # noqa: TRY400 - the message says what to fix
+        log.error("%s", exc)
         return EXIT_CONFIG
     pipeline = Pipeline(config, anonymizer, outbox, models)
     sup = Supervisor(notifier, start_timeout_s=core.runtime.start_timeout_s)
@@ -399,7 +452,15 @@ async def _supervise(
     opened: IO[str] | None = None
     if core.uplink.kind == "local":
         if core.uplink.path is not None and out is None:
-            opened = core.uplink.path.open("a", encoding="utf-8")
+            try:
+                opened = core.uplink.path.open("a", encoding="utf-8")
+            except OSError as exc:
+                log.error(
+                    "local uplink %s: cannot open for writing: %s: fix uplink.path",
+                    core.uplink.path,
+                    exc.strerror,
+                )
+                return EXIT_CONFIG
         uplink = LocalUplink(outbox, opened or out or sys.stdout, pretty=pretty)
     else:
         uplink = _NoUplink()
@@ -417,7 +478,14 @@ async def _supervise(
         if not entry.enabled:
             log.info("source %s is disabled in the config", entry.info.name)
             continue
-        driver = registry[entry.driver].factory(entry.info, entry.config)
+        try:
+            driver: Any = registry[entry.driver].factory(entry.info, entry.config)
+        except ConfigError as exc:
+            # One source's mistake: that source is marked failed, the others run.
+            sup.add(Unit(f"source:{entry.info.name}", Group.SOURCES, _failing(exc)))
+            continue
+        for identity in driver_identities(entry.config):
+            anonymizer.register(identity)
 
         async def run_source(started: Callable[[], None], driver: Any = driver) -> None:
             await driver.run(pipeline.sink, started=started)
@@ -449,6 +517,26 @@ async def _supervise(
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+
+def build_problems(config: Config, registry: Mapping[str, DriverSpec]) -> list[str]:
+    """Build every enabled driver and model without starting them; the errors they raise."""
+    problems: list[str] = []
+    for i, entry in enumerate(config.sources):
+        if not entry.enabled:
+            continue
+        try:
+            registry[entry.driver].factory(entry.info, entry.config)
+        except ConfigError as exc:
+            problems.append(f"sources[{i}] ({entry.info.name}): {exc}")
+    core = config.core
+    try:
+        build_models(core.models, hop_s=core.pipeline.hop_s, window_s=core.pipeline.window_s)
+    except ConfigError as exc:
+        problems.append(f"models: {exc}")
+    if core.uplink.kind == "local" and core.uplink.path is not None and not core.uplink.path.parent.is_dir():
+        problems.append(f"uplink.path: directory {core.uplink.path.parent} does not exist")
+    return problems
 
 
 def check_sources(config: Config) -> Sequence[str]:

@@ -24,10 +24,11 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
-from gateway.errors import AuthError, ConfigError, TransientError
+from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
 from gateway.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -139,60 +140,94 @@ class Supervisor:
         """True once READY has been sent."""
         return self._ready
 
-    async def run(self, drain: Callable[[float], Awaitable[None]], drain_deadline_s: float) -> int:
+    async def run(self, drain: Callable[[float], Coroutine[Any, Any, None]], drain_deadline_s: float) -> int:
         """Start everything, run until a stop is requested, drain, stop in reverse; return the exit code."""
+        # Named, tracked tasks rather than a TaskGroup: leaving a TaskGroup waits for every child
+        # without limit, and a unit that swallows cancellation must not hold the stop (and the
+        # outbox's final flush) hostage. Every wait below is bounded.
         tasks: dict[str, asyncio.Task[None]] = {}
-        async with asyncio.TaskGroup() as tg:
-            watchdog_task = tg.create_task(self._watchdog(), name="supervisor:watchdog")
+        helpers = [asyncio.create_task(self._watchdog(), name="supervisor:watchdog")]
+        try:
+            start_deadline = time.monotonic() + self._start_timeout_s
             for group in sorted({u.group for u in self._units}):
                 members = [u for u in self._units if u.group == group]
                 for unit in members:
-                    tasks[unit.name] = tg.create_task(self._keep_running(unit), name=f"unit:{unit.name}")
-                await self._await_first_outcome(members)
+                    tasks[unit.name] = asyncio.create_task(self._keep_running(unit), name=f"unit:{unit.name}")
+                await self._await_first_outcome(members, start_deadline)
                 if self._stop.is_set():
                     break
+            if not self._stop.is_set():
+                await self._await_critical(start_deadline)
             if not self._stop.is_set():
                 self._ready = True
                 self._notifier.ready(self.status_line())
                 log.info("gateway ready: %s", self.status_line())
-            status_task = tg.create_task(self._status_loop(), name="supervisor:status")
+            helpers.append(asyncio.create_task(self._status_loop(), name="supervisor:status"))
             await self._stop.wait()
 
             self._notifier.stopping("stopping: draining")
             log.info("stopping: intake closed, draining for at most %.0f s", drain_deadline_s)
             deadline = time.monotonic() + drain_deadline_s
-            # Stop intake first: sources, then pipeline, then drain what was accepted.
-            for group in (Group.SOURCES,):
-                await self._cancel(
-                    [tasks[u.name] for u in self._units if u.group == group and u.name in tasks]
-                )
-            try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    await asyncio.shield(drain(deadline))
-            except TimeoutError:
-                log.warning(
-                    "stopping: drain deadline of %.0f s passed; what is left stays in the outbox",
-                    drain_deadline_s,
-                )
+            # Stop intake first, then drain what was accepted, then stop the rest in reverse order.
+            await self._cancel(
+                [tasks[u.name] for u in self._units if u.group == Group.SOURCES and u.name in tasks]
+            )
+            await self._drain(drain, deadline, drain_deadline_s)
             for group in sorted({u.group for u in self._units}, reverse=True):
                 await self._cancel(
                     [tasks[u.name] for u in self._units if u.group == group and u.name in tasks]
                 )
-            status_task.cancel()
-            watchdog_task.cancel()
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.wait(helpers, timeout=1.0)
+            await self._cancel(list(tasks.values()))
         for unit in self._units:
             if unit.state != UnitState.FAILED:
                 unit.state = UnitState.STOPPED
         return self._exit_code
 
-    async def _cancel(self, tasks: list[asyncio.Task[None]]) -> None:
-        for task in tasks:
+    async def _drain(
+        self, drain: Callable[[float], Coroutine[Any, Any, None]], deadline: float, budget_s: float
+    ) -> None:
+        task = asyncio.create_task(drain(deadline), name="supervisor:drain")
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            log.warning(
+                "stopping: drain deadline of %.0f s passed; what is left stays in the outbox", budget_s
+            )
             task.cancel()
-        if tasks:
-            # Bounded: a unit that ignores cancellation must not hold the stop forever.
-            await asyncio.wait(tasks, timeout=5.0)
+            await asyncio.wait({task}, timeout=2.0)
+        elif not task.cancelled() and task.exception() is not None:
+            # A full disk or a closed stdout must not skip the ordered stop below.
+            log.error("stopping: drain failed: %s; what is left stays in the outbox", task.exception())
 
-    async def _await_first_outcome(self, members: list[Unit]) -> None:
+    async def _cancel(self, tasks: list[asyncio.Task[None]]) -> None:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            # Bounded: a unit that ignores cancellation must not hold the stop forever.
+            _, stuck = await asyncio.wait(pending, timeout=5.0)
+            if stuck:
+                log.error(
+                    "stopping: %s did not stop within 5 s; going on without them",
+                    ", ".join(t.get_name() for t in stuck),
+                )
+
+    async def _await_critical(self, deadline: float) -> None:
+        """READY needs the critical units (outbox, pipeline) running, not merely retrying."""
+        while not self._stop.is_set():
+            down = [u.name for u in self._units if u.critical and u.state != UnitState.RUNNING]
+            if not down:
+                return
+            if time.monotonic() >= deadline:
+                log.error("gateway cannot start: %s not running (see the errors above)", ", ".join(down))
+                self.request_stop(EXIT_FAILURE)
+                return
+            await asyncio.sleep(0.05)
+
+    async def _await_first_outcome(self, members: list[Unit], deadline: float) -> None:
         async def all_started() -> None:
             for unit in members:
                 await unit.first_outcome.wait()
@@ -202,7 +237,9 @@ class Supervisor:
             asyncio.create_task(self._stop.wait(), name="supervisor:stop-wait"),
         }
         try:
-            await asyncio.wait(waiters, timeout=self._start_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waiters, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for waiter in waiters:
                 waiter.cancel()
@@ -243,17 +280,24 @@ class Supervisor:
                 unit.state = UnitState.FAILED
                 unit.last_error = str(exc)
                 unit.first_outcome.set()
-                log.error("unit %s failed and will not be retried: %s", unit.name, exc)  # noqa: TRY400
+                log.error("unit %s failed and will not be retried: %s", unit.name, exc)
                 if unit.critical:
                     self.request_stop(EXIT_CONFIG)
                 return
             except (TransientError, AuthError, OSError, TimeoutError) as exc:
+                error = exc
+            except EdgetwinError as exc:
+                # Corrupt data, refused records: known conditions, worth a retry, not a trace.
                 error = exc
             except Exception as exc:
                 log.exception(
                     "unit %s: unexpected error (a bug; please report it with this trace)", unit.name
                 )
                 error = exc
+            if self._stop.is_set():
+                # Stopping: nothing restarts, whatever the unit did with its cancellation.
+                unit.state = UnitState.STOPPED
+                return
             if started_at is not None and time.monotonic() - started_at >= self._backoff.healthy_after_s:
                 attempt = 0
             attempt += 1

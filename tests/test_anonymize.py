@@ -131,3 +131,38 @@ def test_time_modes(mode: str, expected: float) -> None:
     )
     assert sealed is not None
     assert decode(sealed[1])["t"] == pytest.approx(expected)
+
+
+def test_identity_in_another_letter_case_is_caught() -> None:
+    anon = _anon()
+    anon.register("plant-a/pump-3")
+    leaky = Stream("s", "bed-x", "dev-1", Metric("Plant-A/Pump-3/Motor/Current", "A"))
+    assert anon.seal(lambda: anon.window(_window(leaky)), encode) is None
+
+
+def test_identity_passed_as_a_number_is_refused() -> None:
+    anon = _anon()
+    anon.register("20931")
+    alarm = Alarm(AlarmKind.SENSOR_FAULT, PATIENT, 1.0, 1001.0, SPO2, {"serial": 20931})
+    assert anon.seal(lambda: anon.alarm(alarm), encode) is None
+    ok = Alarm(AlarmKind.SENSOR_FAULT, PATIENT, 1.0, 1001.0, SPO2, {"battery": 12})
+    assert anon.seal(lambda: anon.alarm(ok), encode) is not None
+
+
+def test_token_with_a_trailing_newline_is_free_text() -> None:
+    anon = _anon()
+    bad = Alarm(AlarmKind.SENSOR_FAULT, PATIENT, 1.0, 1001.0, SPO2, {"cause": "probe_off\n"})
+    assert anon.seal(lambda: anon.alarm(bad), encode) is None
+
+
+def test_a_record_that_cannot_be_built_is_dropped_not_raised() -> None:
+    anon = _anon(time_mode="coarse")
+    alarm = Alarm(AlarmKind.SENSOR_LOST, PATIENT, 1.0, float("nan"), SPO2)
+    assert anon.seal(lambda: anon.alarm(alarm), encode) is None
+    assert anon.dropped == 1
+
+
+def test_identity_clashing_with_the_gateways_own_words_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    anon = _anon()
+    anon.register("pump")
+    assert "also occurs in the gateway's own words" in caplog.text

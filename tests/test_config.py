@@ -227,3 +227,21 @@ def test_models_section_from_toml(tmp_path: Path) -> None:
     )
     (use,) = load(path, REGISTRY).core.models.use
     assert (use.name, list(use.subjects), use.commissioning_s) == ("pump_skab", ["line2/pump-1"], 60.0)
+
+
+def test_check_builds_drivers_and_models(tmp_path: Path) -> None:
+    path = tmp_path / "edgetwin.toml"
+    # Valid keys, but the sim refuses a pump profile on a medical source, and no such model ships.
+    path.write_text(
+        SIM.replace('profile = "patient"', 'profile = "pump"') + "[models]\nuse = [{ name = 'nope' }]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 78
+    assert "sources[0] (bed1):" in result.stderr
+    assert "models: models nope" in result.stderr

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +18,9 @@ from drivers import REGISTRY
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import validate
 from gateway.contracts import Lane, ModelResult, WindowRecord
-from gateway.encode import decode
-from gateway.outbox import AsyncOutbox, Outbox
-from gateway.runtime import Pipeline
+from gateway.encode import decode, encode
+from gateway.outbox import AsyncOutbox, Outbox, OutItem
+from gateway.runtime import LocalUplink, Pipeline, run_gateway
 from gateway.sample import MDC, SampleBlock, Stream
 
 SUBJECT = "MRN-777"
@@ -99,3 +103,80 @@ def test_pipeline_scores_windows_and_raises_explained_anomalies(tmp_path: Path) 
     assert all("hr_limit" in f["scores"] for f in features)
     assert max(f["scores"]["hr_limit"] for f in features) >= 1.0
     assert SUBJECT not in repr(records)
+
+
+def test_one_broken_source_does_not_stop_the_others(tmp_path: Path) -> None:
+    sources = [
+        # The sim refuses a pump on a medical source: a config error of this source alone.
+        {"name": "bad", "driver": "sim", "subject": "bed-9", "profile": "pump", "device": "SN-0001"},
+        {"name": "good", "driver": "sim", "subject": "bed-8", "profile": "patient", "device": "SN-0002"},
+    ]
+    config = validate(
+        {
+            "gateway": {"state_dir": str(tmp_path)},
+            "pipeline": {"window_s": 1.0, "hop_s": 0.5, "grace_s": 0.0},
+            "sources": sources,
+        },
+        "<test>",
+        REGISTRY,
+    )
+    out = io.StringIO()
+    code = asyncio.run(
+        run_gateway(config, REGISTRY, out=out, stop_after_s=3.0, install_signal_handlers=False)
+    )
+    assert code == 0
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert any(rec["record"]["type"] == "features" for rec in lines)
+
+
+def test_local_uplink_drops_an_undecodable_record_and_delivers_the_rest(tmp_path: Path) -> None:
+    async def main() -> tuple[list[str], int, int]:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            good = encode({"v": 1, "type": "diag", "diag": "x", "t": 1.0})
+            for payload in (good, b"\xff\x00garbage", good):
+                outbox.submit(OutItem(Lane.DIAGNOSTICS, "diag/gateway", payload, 1.0))
+            await outbox.flush()
+            out = io.StringIO()
+            uplink = LocalUplink(outbox, out)
+            await uplink.drain(time.monotonic() + 5.0)
+            left = (await outbox.stats()).queued
+            return out.getvalue().splitlines(), uplink.corrupt, left
+
+    lines, corrupt, left = asyncio.run(main())
+    assert len(lines) == 2
+    assert corrupt == 1
+    assert left == 0
+
+
+class SlowModel(ThresholdModel):
+    def score_batch(self, records: Sequence[WindowRecord]) -> Sequence[ModelResult]:
+        time.sleep(0.5)
+        return super().score_batch(records)
+
+
+def test_windows_survive_a_cancelled_scoring_step(tmp_path: Path) -> None:
+    config = validate(
+        {
+            "gateway": {"state_dir": str(tmp_path)},
+            "pipeline": {"window_s": 2.0, "hop_s": 1.0, "grace_s": 0.0},
+        },
+        "<test>",
+        REGISTRY,
+    )
+
+    async def main() -> int:
+        anon = Anonymizer(Pseudonymizer(b"s" * 32), time_mode="relative", start_wall=1.7e9)
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            pipeline = Pipeline(config, anon, outbox, models=[SlowModel(limit=100.0)])
+            pipeline.sink.put_block(_block(100.0, 40, 70.0))
+            step = asyncio.create_task(
+                pipeline.step(now_mono=104.0, now_wall=1.7e9 + 104.0), name="test:step"
+            )
+            await asyncio.sleep(0.1)
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await step
+            await outbox.flush()
+            return len([i for i in await outbox.lease(100) if i.lane == Lane.FEATURES])
+
+    assert asyncio.run(main()) >= 3  # cut by close_due, queued unscored rather than lost

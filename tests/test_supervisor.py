@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -228,3 +229,63 @@ def test_drain_is_cut_at_the_deadline() -> None:
         return time.monotonic() - t0
 
     assert asyncio.run(main()) < 2.0
+
+
+def test_a_unit_that_swallows_cancellation_cannot_hold_the_stop() -> None:
+    async def stubborn(started: Callable[[], None]) -> None:
+        started()
+        for _ in range(30):  # bounded: ignores cancellation for up to 3 s
+            try:
+                await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                continue
+
+    async def main() -> float:
+        sup = Supervisor(Notifier(None), backoff=FAST)
+        sup.add(Unit("stubborn", Group.SOURCES, stubborn))
+        asyncio.get_running_loop().call_later(0.1, sup.request_stop)
+        t0 = time.monotonic()
+        await sup.run(_nothing_to_drain, 1.0)
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 4.5
+
+
+def test_a_failing_drain_still_stops_in_order() -> None:
+    stopped: list[str] = []
+
+    def unit(name: str) -> Callable[[Callable[[], None]], Coroutine[Any, Any, None]]:
+        async def run(started: Callable[[], None]) -> None:
+            started()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                stopped.append(name)
+
+        return run
+
+    async def broken_drain(deadline: float) -> None:
+        raise TransientError("outbox: disk full")
+
+    async def main() -> int:
+        sup = Supervisor(Notifier(None), backoff=FAST)
+        for name, group in (("box", Group.OUTBOX), ("pipe", Group.PIPELINE), ("src", Group.SOURCES)):
+            sup.add(Unit(name, group, unit(name)))
+        asyncio.get_running_loop().call_later(0.1, sup.request_stop)
+        return await sup.run(broken_drain, 1.0)
+
+    assert asyncio.run(main()) == 0
+    assert stopped == ["src", "pipe", "box"]
+
+
+def test_no_ready_while_a_critical_unit_is_down(receiver: Receiver, notifier: Notifier) -> None:
+    async def down(started: Callable[[], None]) -> None:
+        raise TransientError("pipeline: not yet")
+
+    async def main() -> int:
+        sup = Supervisor(notifier, backoff=FAST, start_timeout_s=0.5)
+        sup.add(Unit("pipeline", Group.PIPELINE, down, critical=True))
+        return await asyncio.wait_for(sup.run(_nothing_to_drain, 1.0), 5.0)
+
+    assert asyncio.run(main()) == 1
+    assert not any(m.startswith("READY=1") for m in receiver.drain())
