@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import sys
 import tempfile
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from gateway import __version__, logs
+from gateway import __version__, demo, logs
 from gateway.anonymize import rotate_key
 from gateway.config import Config, load, validate
 from gateway.errors import InvalidConfigError
@@ -34,50 +34,6 @@ log = logging.getLogger("edgetwin")
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 EXAMPLES = Path(__file__).parent / "examples"
-
-#: The demo: a patient at a bedside and a water pump, each with labelled events in the first minute.
-DEMO_CONFIG = """
-[gateway]
-name = "demo-gateway"
-
-[privacy]
-time = "relative"
-
-[pipeline]
-window_s = 10.0
-hop_s = 5.0
-grace_s = 1.0
-sensor_lost_s = 6.0
-
-[[sources]]
-name = "bed-7-monitor"
-driver = "sim"
-subject = "patient-MRN-0048213"
-kind = "medical"
-profile = "patient"
-device = "A4:C1:38:5B:20:7E"
-seed = 7
-events = [
-  { kind = "desaturation", at_s = 12.0, duration_s = 30.0 },
-  { kind = "sensor_off", at_s = 48.0, duration_s = 8.0 },
-]
-
-[[sources]]
-name = "pump-3-plc"
-driver = "sim"
-subject = "plant-A/pump-3"
-kind = "industrial"
-profile = "pump"
-device = "SN-PLC-20931"
-seed = 3
-events = [
-  { kind = "valve_fault", at_s = 45.0, duration_s = 30.0 },
-]
-
-[models]
-# The pump model learns this machine's normal on its first 30 s (commissioning), then scores.
-use = [{ name = "pump_skab", commissioning_s = 30.0 }, { name = "vitals_mimic" }]
-"""
 
 
 def _registry() -> Any:
@@ -127,16 +83,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run simulated sources through the whole pipeline and show what would leave the gateway."""
+    """Run simulated devices through the whole gateway and show what would leave it."""
     logs.setup(args.log_level or "info", args.log_format or "text")
-    data = tomllib.loads(DEMO_CONFIG)
-    with tempfile.TemporaryDirectory(prefix="edgetwin-demo-") as tmp:
-        state = args.state_dir or Path(tmp)
-        data["gateway"]["state_dir"] = str(state)
+    with tempfile.TemporaryDirectory(prefix="edgetwin-demo-") as tmp, contextlib.ExitStack() as stack:
+        data, notes = demo.compose(stack, Path(tmp))
+        data["gateway"]["state_dir"] = str(args.state_dir or Path(tmp))
         config = validate(data, "<demo>", _registry())
         print(
-            "edgetwin demo: a simulated patient and pump -> windows -> features -> anonymizer -> outbox.\n"
-            "Each line below is a record as it would leave the gateway (pseudonyms only, relative time).\n"
+            "edgetwin demo: simulated devices -> drivers -> windows -> features -> models -> anonymizer\n"
+            "-> durable outbox -> uplink. Devices:\n" + "\n".join(notes) + "\n"
+            "Each line below is a record as it leaves the gateway (pseudonyms only, relative time).\n"
             f"Stops after {args.duration:g} s (Ctrl-C stops earlier).\n",
             flush=True,
         )

@@ -442,6 +442,9 @@ async def _supervise(
             hop_s=core.pipeline.hop_s,
             window_s=core.pipeline.window_s,
             state_dir=core.gateway.state_dir,
+            # The pipeline checks every sample against the plausibility rules and raises the
+            # sensor-fault alarms; the models only leave implausible windows unscored.
+            fault_alarms=False,
         )
     except ConfigError as exc:
         log.error("%s", exc)

@@ -86,7 +86,12 @@ def plausibility_checker(section: ModelsSection) -> PlausibilityChecker:
 
 
 def build_models(
-    section: ModelsSection, *, hop_s: float, window_s: float, state_dir: Path | None = None
+    section: ModelsSection,
+    *,
+    hop_s: float,
+    window_s: float,
+    state_dir: Path | None = None,
+    fault_alarms: bool = True,
 ) -> list[AnomalyModel]:
     """Load, verify and open every model the section uses; refuse the first one that fails.
 
@@ -133,6 +138,7 @@ def build_models(
                 plausibility=checker,
                 state_dir=state_dir,
                 subjects=tuple(use.subjects),
+                fault_alarms=fault_alarms,
             )
         )
     return out

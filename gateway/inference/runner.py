@@ -128,9 +128,13 @@ class AnomalyModel:
         opened: Backend | None = None,
         subjects: Sequence[str] = (),
         clock: Callable[[], float] = time.perf_counter,
+        fault_alarms: bool = True,
     ) -> None:
         self.card = card
         self.name = card.name
+        # False where the pipeline already checks every sample against the same rules: one
+        # sensor fault must page once, not once per checker.
+        self._fault_alarms = fault_alarms
         self.backend: Backend = opened or open_backend(card, card_dir, precision=precision, backend=backend)
         self.threshold = card.threshold if threshold is None else threshold
         norm = card.normalisation
@@ -319,7 +323,7 @@ class AnomalyModel:
         zs: list[F64] = []
         for i, rec in enumerate(records):
             x, present, bad = self._vector(rec)
-            if bad or self._faulted:
+            if (bad or self._faulted) and self._fault_alarms:
                 self._fault_events(rec, bad)
             if bad:
                 continue
