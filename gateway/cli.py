@@ -23,7 +23,7 @@ from typing import Any, TypeAlias
 from gateway import __version__, demo, logs
 from gateway.anonymize import rotate_key
 from gateway.config import Config, load, validate
-from gateway.errors import InvalidConfigError
+from gateway.errors import ConfigError, InvalidConfigError
 from gateway.runtime import build_problems, check_sources, run_gateway
 from gateway.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
@@ -63,6 +63,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    if config.core.uplink.mqtt is not None:
+        from gateway.uplink.mqtt import check_certificates  # noqa: PLC0415 - the optional mqtt extra
+
+        for line in check_certificates(config.core.uplink.mqtt):
+            print(f"  {line}")
     sources = check_sources(config)
     print(f"config {args.config}: ok ({len(sources)} source(s): {', '.join(sources) or 'none'})")
     return EXIT_OK
@@ -83,20 +88,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run simulated devices through the whole gateway and show what would leave it."""
+    """Run simulated devices through the whole gateway, over TLS MQTT, to a twin that prints them."""
     logs.setup(args.log_level or "info", args.log_format or "text")
+    duration = args.duration if args.duration > 0 else None
     with tempfile.TemporaryDirectory(prefix="edgetwin-demo-") as tmp, contextlib.ExitStack() as stack:
         data, notes = demo.compose(stack, Path(tmp))
         data["gateway"]["state_dir"] = str(args.state_dir or Path(tmp))
+        try:
+            from gateway.uplink.demo import demo_link  # noqa: PLC0415 - the optional mqtt extra
+
+            link = stack.enter_context(demo_link(Path(tmp) / "link", sys.stdout, as_json=args.json))
+        except (ImportError, ConfigError) as exc:
+            path = f"the local view instead ({type(exc).__name__}: {exc})"
+        else:
+            data["uplink"] = {"kind": "mqtt", "mqtt": link.mqtt_config()}
+            path = f"MQTT {link.protocol} over TLS with client certificates to a broker on {link.host}:{link.port}"
         config = validate(data, "<demo>", _registry())
         print(
             "edgetwin demo: simulated devices -> drivers -> windows -> features -> models -> anonymizer\n"
-            "-> durable outbox -> uplink. Devices:\n" + "\n".join(notes) + "\n"
-            "Each line below is a record as it leaves the gateway (pseudonyms only, relative time).\n"
+            f"-> durable outbox -> {path} -> the twin. Devices:\n" + "\n".join(notes) + "\n"
+            "Each line below is a record as the twin receives and decodes it (pseudonyms only).\n"
             f"Stops after {args.duration:g} s (Ctrl-C stops earlier).\n",
             flush=True,
         )
-        duration = args.duration if args.duration > 0 else None
         return asyncio.run(run_gateway(config, _registry(), pretty=not args.json, stop_after_s=duration))
 
 
@@ -124,7 +138,7 @@ def _add_plugin_commands(groups: dict[str, SubParsers]) -> None:
     # dependencies are not installed is left out; its commands say so when missing.
     from drivers import COMMAND_MODULES  # noqa: PLC0415
 
-    for module_name in COMMAND_MODULES:
+    for module_name in ("gateway.uplink.commands", *COMMAND_MODULES):
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:

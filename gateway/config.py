@@ -19,9 +19,9 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from gateway.contracts import DriverSpec, SourceInfo
@@ -87,6 +87,10 @@ class ConfigModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+# The uplink's own section builds on ConfigModel above: imported here, after it exists.
+from gateway.uplink.config import MqttSection  # noqa: E402
+
+
 class GatewaySection(ConfigModel):
     name: str = Field("edgetwin", min_length=1, max_length=64)  # a local label, never sent
     state_dir: PathField = Path("/var/lib/edgetwin")
@@ -116,10 +120,20 @@ class OutboxSection(ConfigModel):
 
 
 class UplinkSection(ConfigModel):
-    # "local" shows what would leave the gateway (decoded records, one JSON line each) on stdout
-    # or into a file; "none" keeps everything in the outbox.
-    kind: Literal["local", "none"] = "local"
+    # "mqtt" publishes to the cloud twin over TLS; "local" shows what would leave the gateway
+    # (decoded records, one JSON line each) on stdout or into a file; "none" keeps everything in
+    # the outbox.
+    kind: Literal["local", "mqtt", "none"] = "local"
     path: PathField | None = None  # local: a JSON-lines file instead of stdout
+    mqtt: MqttSection | None = None  # [uplink.mqtt], for kind = "mqtt"
+
+    @model_validator(mode="after")
+    def _mqtt_needs_its_table(self) -> Self:
+        if self.kind == "mqtt" and self.mqtt is None:
+            raise ValueError(
+                'kind = "mqtt" needs an [uplink.mqtt] table (host, ca_file, cert_file, key_file)'
+            )
+        return self
 
 
 class LoggingSection(ConfigModel):

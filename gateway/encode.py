@@ -1,7 +1,8 @@
-"""Record encoding for the outbox: CBOR (RFC 8949), compact and schema-versioned.
+"""Record encoding for the outbox and the wire: SenML-CBOR packs (RFC 8428 over RFC 8949).
 
 Records are plain maps built by ``gateway.anonymize``; this module only turns them into bytes and
-back.  Floats are written in the shortest form that keeps their value (cbor2 canonical rules).
+back (``gateway.senml`` holds the layout).  The anonymizer scans exactly these bytes for
+identities, so what is stored is what leaves; the uplink only prepends a sequence record.
 """
 
 from __future__ import annotations
@@ -9,24 +10,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import cbor2
+from gateway.senml import CONTENT_TYPE, decode_record, encode_record
 
-from gateway.errors import CorruptDataError
-
-CONTENT_TYPE = "application/cbor"
+__all__ = ["CONTENT_TYPE", "decode", "encode"]
 
 
 def encode(payload: Mapping[str, Any]) -> bytes:
-    """Encode a record map to CBOR bytes."""
-    return bytes(cbor2.dumps(dict(payload), canonical=True))
+    """Encode a record map to a SenML-CBOR pack."""
+    return encode_record(payload)
 
 
 def decode(data: bytes) -> dict[str, Any]:
-    """Decode CBOR bytes to a record map; CorruptDataError if they are not one."""
-    try:
-        value = cbor2.loads(data)
-    except (cbor2.CBORDecodeError, ValueError, EOFError) as exc:
-        raise CorruptDataError(f"decoder: record of {len(data)} bytes is not valid CBOR: {exc}") from exc
-    if not isinstance(value, dict):
-        raise CorruptDataError(f"decoder: record is a CBOR {type(value).__name__}, expected a map")
-    return value
+    """Decode a pack (or a plain CBOR map stored by an earlier version) to a record map.
+
+    Raises CorruptDataError when the bytes are neither.
+    """
+    return decode_record(data)

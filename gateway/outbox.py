@@ -10,6 +10,10 @@ Contract (ARCHITECTURE.md, core abstraction 5):
   sequence numbers let the twin drop duplicates).  How often a record was leased is persisted.
 * ``ack`` deletes.  Nothing is deleted before it is acknowledged, except by a lane's stated full
   policy, and every such drop is counted (persisted) and logged as a state change.
+* Record ids are never reused (AUTOINCREMENT), so they serve as the gateway's sequence numbers;
+  a fresh database gets a new random :attr:`Outbox.epoch`, so a sequence that restarts after a
+  corruption recovery is told apart from loss.  ``lease`` can be limited to an id range, which lets
+  the uplink send live records first and replay an older backlog behind them.
 * Full policy (:data:`DEFAULT_BUDGETS`): alarms are never dropped, even past the total budget;
   features drop their oldest records (a stale feature is worth less than a fresh one);
   diagnostics refuse the newest (the first diagnostics of an outage explain it best).
@@ -25,6 +29,7 @@ import contextlib
 import enum
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -284,6 +289,11 @@ def _check_wal_header(wal: Path) -> str | None:
     return None
 
 
+def _new_epoch() -> int:
+    """A random id for a new database: 1 .. 2**31 - 1 (0 never names an epoch)."""
+    return secrets.randbelow(2**31 - 1) + 1
+
+
 def _shorten(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -333,6 +343,8 @@ class Outbox:
         self._over_total = False
         self._freed_since_vacuum = 0
         self._closed = False
+        self._epoch = 0
+        self._high_id = 0  # highest record id this process ever leased
         self._prepare_directory()
         self._conn = self._open_or_recover()
 
@@ -342,6 +354,17 @@ class Outbox:
     def path(self) -> Path:
         """Where the database lives."""
         return self._path
+
+    @property
+    def epoch(self) -> int:
+        """Random id of this database file, new whenever a fresh database is started."""
+        return self._epoch
+
+    def last_id(self) -> int:
+        """The highest record id ever assigned in this database (0 when none was)."""
+        with self._lock:
+            self._require_open()
+            return self._guarded("last_id", self._last_id)
 
     def put_many(self, items: Sequence[OutItem]) -> None:
         """Store a batch in one transaction, then apply the lane and total budgets."""
@@ -355,13 +378,21 @@ class Outbox:
         """Store one record (one transaction: prefer ``put_many``)."""
         self.put_many((item,))
 
-    def lease(self, n: int) -> list[Leased]:
-        """Hand out up to ``n`` records not leased now: alarms first, then oldest first."""
-        if n <= 0:
+    def lease(self, n: int, *, after_id: int = 0, through_id: int | None = None) -> list[Leased]:
+        """Hand out up to ``n`` records not leased now: alarms first, then oldest first.
+
+        ``after_id`` / ``through_id`` limit the ids handed out to ``after_id < id <= through_id``.
+        """
+        if n <= 0 or (through_id is not None and through_id <= after_id):
             return []
         with self._lock:
             self._require_open()
-            return self._guarded("lease", lambda: self._lease(n))
+            leased = self._guarded("lease", lambda: self._lease(n, after_id, through_id))
+            if leased:
+                # Remembered outside the file: if it turns out corrupt, the fresh one's ids must
+                # start above every id handed out from it (a late ack names one of those).
+                self._high_id = max(self._high_id, *(r.id for r in leased))
+            return leased
 
     def ack(self, ids: Iterable[int]) -> None:
         """Delete delivered records. Only leased ids are deleted; any other id is ignored."""
@@ -514,6 +545,7 @@ class Outbox:
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            conn.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (_new_epoch(),))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -552,9 +584,19 @@ class Outbox:
             except (KeyError, ValueError, TypeError):
                 _LOG.warning("outbox %s: ignoring unknown counter %r in meta", self._path, key)
         self._count, self._bytes, self._dropped = count, size, dropped
+        self._epoch = self._load_epoch(conn)
         self._leased.clear()
         self._leased_count = dict.fromkeys(Lane, 0)
         self._freed_since_vacuum = 0
+
+    def _load_epoch(self, conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        if row is not None and isinstance(row[0], int) and row[0] > 0:
+            return row[0]
+        # A database created before epochs existed: its ids go on, so giving it one now is safe.
+        epoch = _new_epoch()
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+        return epoch
 
     def _set_aside(self, why: str, *, wal_only: bool) -> Path:
         """Rename the damaged file(s) out of the way, loudly; return the name it was set aside as."""
@@ -604,6 +646,9 @@ class Outbox:
         """Corruption found while running: set the file aside and continue on a fresh one."""
         carried = {lane: dict(reasons) for lane, reasons in self._dropped.items()}
         lost = dict(self._count)
+        # Ids handed out from the old file may still be in an uplink's hands: the fresh file's ids
+        # start above them, so a late ack can never delete a different record under the same id.
+        floor = max(self._high_id, max(self._leased, default=0))
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
         self._closed = True  # until a fresh database is open
@@ -624,6 +669,8 @@ class Outbox:
         counters = {(lane, reason): n for lane in Lane for reason, n in carried[lane].items()}
         with self._transaction():
             self._persist_counters(counters)
+            if floor:
+                self._conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (floor,))
         self._apply_counters(counters)
 
     def _guarded(self, what: str, op: Callable[[], _T]) -> _T:
@@ -790,9 +837,14 @@ class Outbox:
         for (lane, reason), n in counters.items():
             self._dropped[lane][reason] = n
 
-    def _lease(self, n: int) -> list[Leased]:
+    def _last_id(self) -> int:
+        row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _lease(self, n: int, after_id: int = 0, through_id: int | None = None) -> list[Leased]:
         if all(self._count[lane] <= self._leased_count[lane] for lane in Lane):
             return []  # nothing to hand out: spare the uplink's polling a transaction
+        upper = (1 << 63) - 1 if through_id is None else through_id
         picked: list[tuple[Leased, int]] = []
         with self._transaction() as conn:
             for lane in sorted(Lane):
@@ -803,8 +855,8 @@ class Outbox:
                 # Leased records are skipped here, so at most that many extra rows are read.
                 rows = conn.execute(
                     "SELECT id, topic, payload, t_wall, attempts, size FROM records "
-                    "WHERE lane = ? ORDER BY id LIMIT ?",
-                    (int(lane), want + self._leased_count[lane]),
+                    "WHERE lane = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+                    (int(lane), after_id, upper, want + self._leased_count[lane]),
                 ).fetchall()
                 for rid, topic, payload, t_wall, attempts, size in rows:
                     if rid in self._leased:
@@ -1006,6 +1058,7 @@ class AsyncOutbox:
         self._failing = False
         self._refusing = False
         self._pending_dropped = 0
+        self._committed = asyncio.Event()
 
     @property
     def pending_dropped(self) -> int:
@@ -1065,16 +1118,31 @@ class AsyncOutbox:
                 )
             return
         self._pending.append(item)
-        if len(self._pending) >= self._flush_batch:
+        # An alarm is committed at once rather than at the next interval: it must not wait.
+        if item.lane is Lane.ALARMS or len(self._pending) >= self._flush_batch:
             self._wake.set()
 
     async def flush(self) -> None:
         """Commit everything submitted so far."""
         await self._flush_pending()
 
-    async def lease(self, n: int) -> list[Leased]:
+    async def lease(self, n: int, *, after_id: int = 0, through_id: int | None = None) -> list[Leased]:
         """See :meth:`Outbox.lease`."""
-        return await asyncio.to_thread(self.outbox.lease, n)
+        return await asyncio.to_thread(self.outbox.lease, n, after_id=after_id, through_id=through_id)
+
+    async def last_id(self) -> int:
+        """See :meth:`Outbox.last_id`."""
+        return await asyncio.to_thread(self.outbox.last_id)
+
+    async def wait_committed(self, within_s: float) -> bool:
+        """Wait until records were committed since the last call, at most ``within_s``; True if so."""
+        if not self._committed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within_s):
+                    await self._committed.wait()
+        was = self._committed.is_set()
+        self._committed.clear()
+        return was
 
     async def ack(self, ids: Iterable[int]) -> None:
         """See :meth:`Outbox.ack`."""
@@ -1155,6 +1223,8 @@ class AsyncOutbox:
     def _requeue_if_failed(self, write: asyncio.Future[None], batch: list[OutItem]) -> None:
         if write.cancelled() or write.exception() is not None:
             self._pending[:0] = batch  # first in line again, order kept
+        else:
+            self._committed.set()
 
     async def _shutdown(self) -> None:
         self._stopping = True

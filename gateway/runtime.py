@@ -451,7 +451,7 @@ async def _supervise(
         return EXIT_CONFIG
     pipeline = Pipeline(config, anonymizer, outbox, models)
     sup = Supervisor(notifier, start_timeout_s=core.runtime.start_timeout_s)
-    uplink: LocalUplink | _NoUplink
+    uplink: Any
     opened: IO[str] | None = None
     if core.uplink.kind == "local":
         if core.uplink.path is not None and out is None:
@@ -465,6 +465,13 @@ async def _supervise(
                 )
                 return EXIT_CONFIG
         uplink = LocalUplink(outbox, opened or out or sys.stdout, pretty=pretty)
+    elif core.uplink.kind == "mqtt" and core.uplink.mqtt is not None:
+        # Imported only when used: paho-mqtt is the optional "mqtt" extra.
+        from gateway.uplink.mqtt import MqttUplink  # noqa: PLC0415
+
+        mq = core.uplink.mqtt
+        password = mq.password_file.read_text(encoding="utf-8").strip() if mq.password_file else None
+        uplink = MqttUplink(outbox, mq, anonymizer.gateway_pseudonym(core.gateway.name), password=password)
     else:
         uplink = _NoUplink()
 

@@ -36,11 +36,10 @@ def test_demo_runs_all_devices_and_shows_anonymous_records(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr[-3000:]
     assert "left out" not in result.stdout, result.stdout
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    kinds = {r["record"].get("kind") for r in records if r["record"]["type"] == "features"}
+    features = [r["record"] for r in records if r["record"].get("type") == "features"]
+    kinds = {f.get("kind") for f in features}
     assert kinds == {"medical", "industrial"}
-    metrics = {
-        s["metric"] for r in records if r["record"]["type"] == "features" for s in r["record"]["streams"]
-    }
+    metrics = {s["metric"] for f in features for s in f["streams"]}
     # One metric from each transport: sim, serial oximeter, BLE strap, OPC UA PLC, microcontroller node.
     assert {
         "MDC_TEMP_BODY",
@@ -49,6 +48,10 @@ def test_demo_runs_all_devices_and_shows_anonymous_records(tmp_path: Path) -> No
         "Pump1/Motor/Current",
         "motor_current",
     } <= metrics
+    # The twin received them over TLS MQTT, in sequence.
+    assert any(r.get("topic") == "status" and r["record"].get("state") == "online" for r in records)
+    seqs = [r["seq"] for r in records if r.get("seq") is not None]
+    assert seqs == sorted(seqs)
     text = result.stdout
     for identity in (
         "patient-MRN-0048213",

@@ -599,6 +599,30 @@ def test_corruption_found_by_lease_recovers_once(db: Path, caplog: pytest.LogCap
         assert ob.stats().dropped[Lane.FEATURES] == {"corrupt": 6000}
 
 
+def test_ids_after_recovery_start_above_the_old_ones(db: Path) -> None:
+    # A lease handed out before the corruption may still be acked later: its id must not name a
+    # record of the fresh file.
+    with Outbox(db) as ob:
+        ob.put_many([item(Lane.FEATURES, i, size=1000) for i in range(6000)])
+    ob = Outbox(db)
+    try:
+        handed_out = ob.lease(10)  # still with the uplink when the file turns out corrupt
+        with db.open("r+b") as f:
+            f.seek(4096)
+            f.write(os.urandom(64 * 1024))
+        ob.put_many([item(Lane.ALARMS, i) for i in range(5)])
+        assert set_aside_files(db)
+        fresh = ob.lease(100)
+        assert fresh
+        assert min(r.id for r in fresh) > max(r.id for r in handed_out)
+        ob.ack([r.id for r in handed_out])  # the late ack deletes nothing of the fresh file
+        assert len(ob.lease(100)) == 0
+        ob.release([r.id for r in fresh])
+        assert len(ob.lease(100)) == len(fresh)
+    finally:
+        ob.close()
+
+
 def test_corruption_found_by_put_keeps_the_batch(db: Path, caplog: pytest.LogCaptureFixture) -> None:
     with big_outbox_corrupted_behind_its_back(db, 4096) as ob:
         batch = [item(Lane.ALARMS, i) for i in range(10)]
@@ -778,3 +802,64 @@ def test_async_open_errors_propagate(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError):
         asyncio.run(main())
+
+
+# --- sequence support for the uplink: epoch, id ranges, commit notification ------------------------
+
+
+def test_epoch_is_kept_across_reopen_and_new_after_corruption(db: Path) -> None:
+    with Outbox(db) as ob:
+        epoch = ob.epoch
+        ob.put_many([item(Lane.FEATURES, i) for i in range(3)])
+    assert epoch > 0
+    with Outbox(db) as ob:
+        assert ob.epoch == epoch
+        assert ob.last_id() == 3
+    db.write_bytes(os.urandom(8192))
+    with Outbox(db) as ob:
+        assert ob.epoch not in (0, epoch)  # a fresh database: the sequence restarts in a new epoch
+        assert ob.last_id() == 0
+
+
+def test_a_database_without_an_epoch_gets_one_that_sticks(db: Path) -> None:
+    with Outbox(db) as ob:
+        ob.put(item(Lane.FEATURES, 0))
+    conn = sqlite3.connect(db)
+    conn.execute("DELETE FROM meta WHERE key = 'epoch'")
+    conn.commit()
+    conn.close()
+    with Outbox(db) as ob:
+        first = ob.epoch
+        assert first > 0
+    with Outbox(db) as ob:
+        assert ob.epoch == first
+        assert len(drain(ob)) == 1
+
+
+def test_lease_by_id_range_serves_live_before_backlog(ob: Outbox) -> None:
+    ob.put_many([item(Lane.FEATURES, i) for i in range(5)] + [item(Lane.ALARMS, 5)])
+    boundary = ob.last_id()
+    ob.put_many([item(Lane.FEATURES, 6), item(Lane.ALARMS, 7)])
+    live = ob.lease(10, after_id=boundary)
+    assert [r.topic for r in live] == ["t/0007", "t/0006"]  # alarms first inside the range too
+    backlog = ob.lease(3, through_id=boundary)
+    assert [r.topic for r in backlog] == ["t/0005", "t/0000", "t/0001"]
+    assert ob.lease(10, after_id=boundary) == []
+    assert [r.topic for r in ob.lease(10, through_id=boundary)] == ["t/0002", "t/0003", "t/0004"]
+    assert ob.lease(10, after_id=3, through_id=3) == []
+
+
+def test_async_alarm_is_committed_without_waiting_for_the_interval(db: Path) -> None:
+    async def main() -> float:
+        async with AsyncOutbox(lambda: Outbox(db), flush_interval_s=60) as ao:
+            assert not await ao.wait_committed(0.01)
+            ao.submit(item(Lane.FEATURES, 0))
+            assert not await ao.wait_committed(0.1)  # features wait for the interval or a full batch
+            start = time.monotonic()
+            ao.submit(item(Lane.ALARMS, 1))
+            assert await ao.wait_committed(5.0)
+            took = time.monotonic() - start
+            assert [r.topic for r in await ao.lease(10)] == ["t/0001", "t/0000"]
+            return took
+
+    assert asyncio.run(main()) < 1.0

@@ -1,0 +1,979 @@
+"""The MQTT uplink: lease from the outbox, publish at QoS 1 over TLS, acknowledge on PUBACK.
+
+Delivery contract (``docs/records.md``):
+
+* A record leaves the outbox only when the broker has acknowledged it (PUBACK); what is leased but
+  not acknowledged when the connection drops is released and sent again (at least once).
+* At most ``max_inflight`` records are leased and unacknowledged at a time.
+* Live records go first.  At each connection, every record already queued is the *backlog*: it is
+  replayed behind live data, paced by a token bucket (messages/s and bytes/s), and marked as
+  historical.
+* Each message carries its sequence number (the outbox row id) and the outbox epoch, in the pack
+  and, with MQTT 5, as user properties, so the twin can tell loss from duplication.
+* A retained status topic says "online" (with the drop counters) and, through the Will, "offline".
+
+paho-mqtt's network loop runs on the event loop (its external-loop interface: a reader and a
+writer on the socket, ``loop_misc`` once a second): one thread, so no lock or GIL hand-over per
+message, and PUBACKs are handled in batches.  Only the blocking TCP and TLS handshake runs in a
+worker thread.  Connection attempts back off with capped jitter; the log shows state changes
+only: connected, lost, reconnected, refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import json
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from gateway import senml
+from gateway.contracts import Lane
+from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
+from gateway.outbox import AsyncOutbox, Leased
+from gateway.uplink import certs, tls
+from gateway.uplink.config import MqttSection, is_loopback
+from gateway.uplink.pacing import Pacer
+from gateway.uplink.profiles import PROFILES, azure_topic, azure_username
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+_IDLE_POLL_S = 1.0  # wake at least this often: heartbeat, and records committed by another process
+_CLEANUP_DEADLINE_S = 5.0
+_MONITOR_EVERY_S = 10.0
+_CERT_CHECK_EVERY_S = 6 * 3600.0
+# A broker that closes the connection between the TLS handshake and CONNACK is refusing our client
+# certificate more often than it is restarting; after this many in a row it is reported as such.
+_SILENT_REFUSALS_FOR_AUTH = 3
+
+# CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 return codes onto them).
+_CONNACK_AUTH = frozenset({0x86, 0x87, 0x8A, 0x8C, 0x85, 0x8B})  # bad credentials, not authorized, banned...
+_CONNACK_TRANSIENT = frozenset({0x88, 0x89, 0x97, 0x9F, 0x80, 0x83})  # unavailable, busy, quota, rate...
+_PUBACK_AUTH = frozenset({0x87})  # not authorized (a broker policy forbids the topic)
+
+
+@dataclass(slots=True)
+class UplinkCounters:
+    """What the uplink did since it was created."""
+
+    published: int = 0
+    acked: int = 0
+    republished: int = 0  # records leased again after an earlier attempt (duplicates are possible)
+    historical: int = 0
+    too_large: int = 0  # records the broker or profile cannot take: dropped, counted, logged
+    connects: int = 0
+    refused: int = 0  # PUBACKs with a failure reason code
+
+
+class _Client(paho.Client):
+    """paho's client reading the socket in large chunks.
+
+    paho asks for one byte, then the length, then the rest of each packet: three TLS reads per
+    PUBACK.  Serving those from a buffer filled by one large read takes two thirds of the reads
+    (and a fifth of the CPU per message) away.
+    """
+
+    _rbuf = b""
+    _rpos = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(65536)  # BlockingIOError when there is nothing: paho expects it
+            if not data:
+                return data
+            self._rbuf, self._rpos = data, 0
+        end = self._rpos + bufsize
+        chunk = self._rbuf[self._rpos : end]
+        self._rpos = end
+        return chunk
+
+    def buffered(self) -> bool:
+        """True while read bytes wait in the buffer (the socket will not signal them)."""
+        return self._rpos < len(self._rbuf)
+
+
+@dataclass(eq=False)
+class _Session:
+    """One connection: the paho client and what is in flight on it."""
+
+    client: _Client
+    loop: asyncio.AbstractEventLoop
+    connack: asyncio.Future[tuple[int, str, Any]]
+    thread: int = field(default_factory=threading.get_ident)  # the event loop's thread
+    sock: Any = None  # the socket registered with the event loop
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # publisher: window freed, records committed
+    ack_wake: asyncio.Event = field(default_factory=asyncio.Event)  # acker: PUBACKs arrived
+    acks: collections.deque[tuple[int, int]] = field(default_factory=collections.deque)
+    ack_scheduled: bool = False
+    lost: EdgetwinError | None = None
+    connected: bool = False
+    last_log_error: str = ""
+    by_mid: dict[int, int] = field(default_factory=dict)  # paho message id -> outbox id
+    leased: dict[int, int] = field(default_factory=dict)  # outbox id -> size, leased and not acked
+    acked_ids: list[int] = field(default_factory=list)  # PUBACKed, not yet deleted from the outbox
+    max_packet: int | None = None
+    retain: bool = True
+    status_mid: int | None = None
+    status_acked: asyncio.Event = field(default_factory=asyncio.Event)
+    misc: asyncio.TimerHandle | None = None
+    props_head: bytes = b""  # MQTT 5 properties common to every record of this session
+    send_limit: int = 65535  # published and not yet acknowledged, at most
+    more_live: bool = True  # records may have been committed since the last live lease
+    live: collections.deque[Leased] = field(default_factory=collections.deque)  # leased, to publish first
+    backlog: collections.deque[Leased] = field(default_factory=collections.deque)  # leased, replayed behind
+    replayed: int = 0
+    replaying: bool = False
+
+
+class MqttUplink:
+    """Delivers the outbox to an MQTT broker; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        outbox: AsyncOutbox,
+        config: MqttSection,
+        gateway_id: str,
+        *,
+        password: str | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._cfg = config
+        self._profile = PROFILES[config.profile]
+        self.client_id = gateway_id
+        self.topic_root = f"{config.topic_prefix}/{gateway_id}"
+        self.status_topic = f"{self.topic_root}/status"
+        self._password = password
+        self.last_beat = time.monotonic()
+        self.delivered = 0
+        self.counters = UplinkCounters()
+        self.connected = False
+        self._session: _Session | None = None
+        self._replay = Pacer(
+            _min(config.replay_msgs_per_s, self._profile.publishes_per_s),
+            _min(config.replay_bytes_per_s, self._profile.bytes_per_s),
+            now=time.monotonic(),
+        )
+        self._limit = Pacer(self._profile.publishes_per_s, self._profile.bytes_per_s, now=time.monotonic())
+        self._epoch = 0
+        self._dropped_seen: dict[str, int] | None = None
+        self._refusing_big = False
+        self._next_cert_check = 0.0
+        self._ssl: tls.NamedContext | None = None
+        self.backlog_through = 0  # records up to this id are the backlog of the current connection
+
+    # --- checks before connecting -------------------------------------------------------------------
+
+    def preflight(self) -> list[str]:
+        """Check the configuration against the profile; return warnings, raise ConfigError on errors."""
+        cfg, where = self._cfg, f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
+        warnings: list[str] = []
+        problems = self._profile.problems(
+            client_id=self.client_id, topic=self._topic("features/" + "x" * 16), payload_bytes=0
+        )
+        keepalive = self._profile.check_keepalive(cfg.keepalive_s)
+        if keepalive:
+            problems.append(keepalive)
+        if cfg.protocol not in self._profile.protocols:
+            problems.append(f"protocol MQTT {cfg.protocol} not offered")
+        if problems:
+            raise ConfigError(
+                f"{where}: profile {self._profile.name}: {'; '.join(problems)}: "
+                "change the settings named, or pick the profile of your broker"
+            )
+        if not cfg.tls:
+            if is_loopback(cfg.host):
+                warnings.append(f"{where}: plain TCP to a broker on this machine (tls = false)")
+            else:
+                warnings.append(
+                    f"{where}: plain TCP to a remote broker (allow_insecure = true): records and "
+                    "credentials cross the network in clear text: switch to TLS"
+                )
+        return warnings
+
+    def _check_certificate(self) -> None:
+        """Warn 30 days before our client certificate expires; refuse to connect once it has."""
+        if self._cfg.cert_file is None:
+            return
+        info = certs.cert_info(self._cfg.cert_file)
+        found = certs.expiry_message(info)
+        if found is None:
+            return
+        expired, message = found
+        if expired:
+            raise AuthError(f"uplink mqtt {self._cfg.host}:{self._cfg.port}: {message}")
+        log.warning("uplink mqtt: %s", message)
+
+    # --- topics and properties ----------------------------------------------------------------------
+
+    def _topic(self, relative: str, props: dict[str, str] | None = None) -> str:
+        if self._profile.static_topic:
+            bag = {"topic": relative, **(props or {})}
+            return azure_topic(self.client_id, bag)
+        return f"{self.topic_root}/{relative}"
+
+    def _properties_head(self) -> bytes:
+        """The MQTT 5 properties every record of a session shares, already encoded."""
+        head = (
+            b"\x03" + _utf8(senml.CONTENT_TYPE) + _user("sv", SCHEMA_VERSION) + _user("ep", str(self._epoch))
+        )
+        if self._cfg.message_expiry_s is not None:
+            head += b"\x02" + self._cfg.message_expiry_s.to_bytes(4, "big")
+        return head
+
+    def _properties(self, session: _Session, seq: int, historical: bool) -> Properties | None:
+        # Encoded by hand: paho's Properties object costs more per message than the rest of the path.
+        if self._cfg.protocol != "5":
+            return None
+        body = session.props_head + _user("seq", str(seq))
+        if historical:
+            body += _HIST
+        return cast(Properties, _Packed(_varint(len(body)) + body))
+
+    def _status_payload(
+        self, state: str, *, clean: bool = True, dropped: dict[str, int] | None = None
+    ) -> bytes:
+        body: dict[str, Any] = {"state": state, "sv": int(SCHEMA_VERSION), "ep": self._epoch}
+        if state == "offline":
+            body["clean"] = clean
+        if dropped:
+            body["dropped"] = dropped
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    def _status_topic(self) -> str:
+        return self._topic("status") if self._profile.static_topic else self.status_topic
+
+    # --- connecting -----------------------------------------------------------------------------------
+
+    def _new_client(self, loop: asyncio.AbstractEventLoop) -> _Session:
+        cfg = self._cfg
+        v5 = cfg.protocol == "5"
+        client = _Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else True,
+            reconnect_on_failure=False,
+        )
+        session = _Session(client, loop, loop.create_future())
+        client.user_data_set(session)
+        client.connect_timeout = cfg.connect_timeout_s
+        client.max_queued_messages_set(0)
+        # Unlimited in paho (it scans every message in flight per PUBACK otherwise); the uplink's
+        # window bounds what is in flight, and the broker's receive maximum is applied at CONNACK.
+        client.max_inflight_messages_set(0)
+        if cfg.tls:
+            assert self._ssl is not None
+            client.tls_set_context(self._ssl)
+        username = cfg.username
+        if cfg.profile == "azure" and username is None and cfg.azure_hub is not None:
+            username = azure_username(cfg.azure_hub, self.client_id)
+        if username is not None:
+            client.username_pw_set(username, self._password)
+        client.will_set(
+            self._status_topic(),
+            self._status_payload("offline", clean=False, dropped=self._dropped_seen),
+            qos=1,
+            retain=self._profile.retain,
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_log = self._on_log
+        return session
+
+    # paho's callbacks run on the event loop (external-loop mode), except while the worker thread
+    # does the TCP and TLS handshake: _call hands over to the loop from there.
+
+    @staticmethod
+    def _on_log(_client: paho.Client, session: _Session, level: int, buf: str) -> None:
+        if level == paho.MQTT_LOG_ERR:
+            session.last_log_error = buf
+
+    @staticmethod
+    def _on_connect(
+        _client: paho.Client, session: _Session, _flags: Any, rc: ReasonCode, props: Properties | None
+    ) -> None:
+        info = (int(rc.value), str(rc), props)
+
+        def deliver() -> None:
+            if not session.connack.done():
+                session.connack.set_result(info)
+
+        _call(session, deliver)
+
+    @staticmethod
+    def _on_disconnect(
+        _client: paho.Client, session: _Session, _flags: Any, rc: ReasonCode, _props: Properties | None
+    ) -> None:
+        reason = str(rc)
+        last = session.last_log_error
+
+        def deliver() -> None:
+            session.connected = False
+            if session.lost is None:
+                session.lost = TransientError(f"connection lost ({reason}{'; ' + last if last else ''})")
+            if not session.connack.done():
+                session.connack.set_exception(session.lost)
+            session.wake.set()
+            session.ack_wake.set()
+
+        _call(session, deliver)
+
+    @staticmethod
+    def _on_publish(
+        _client: paho.Client, session: _Session, mid: int, rc: ReasonCode, _props: Properties | None
+    ) -> None:
+        session.acks.append((mid, int(rc.value)))
+        if not session.ack_scheduled:
+            session.ack_scheduled = True
+            _call(session, session.wake.set)
+
+    async def _connect(self, silent_refusals: int) -> _Session:
+        """Open one connection and wait for CONNACK; the error says why it failed."""
+        cfg = self._cfg
+        loop = asyncio.get_running_loop()
+        session = self._new_client(loop)
+        client = session.client
+        properties = None
+        if cfg.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 0
+        try:
+            if cfg.protocol == "5":
+                await asyncio.to_thread(
+                    client.connect,
+                    cfg.host,
+                    cfg.port,
+                    cfg.keepalive_s,
+                    clean_start=True,
+                    properties=properties,
+                )
+            else:
+                await asyncio.to_thread(client.connect, cfg.host, cfg.port, cfg.keepalive_s)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            with contextlib.suppress(Exception):
+                client.disconnect()
+            if self._ssl is not None:
+                self._ssl.close_failed()
+            raise tls.classify(exc, cfg) from exc
+        self._attach(session)
+        try:
+            async with asyncio.timeout(cfg.connect_timeout_s):
+                code, reason, props = await session.connack
+        except BaseException as exc:
+            await self._stop_client(session)
+            if isinstance(exc, TimeoutError):
+                raise TransientError(
+                    f"uplink mqtt {cfg.host}:{cfg.port}: no CONNACK within {cfg.connect_timeout_s:g} s: retrying"
+                ) from exc
+            if isinstance(exc, TransientError):
+                raise self._closed_before_connack(session, silent_refusals) from exc
+            raise
+        if code >= 0x80:
+            await self._stop_client(session)
+            raise self._connack_error(code, reason)
+        client.on_log = None  # from here on, paho would format a debug line per publish for it
+        session.connected = True
+        if props is not None:
+            session.max_packet = getattr(props, "MaximumPacketSize", None)
+            # The broker's receive maximum bounds what is published and unacknowledged (MQTT 5).
+            session.send_limit = int(getattr(props, "ReceiveMaximum", 65535))
+            session.retain = bool(getattr(props, "RetainAvailable", 1)) and self._profile.retain
+        else:
+            session.retain = self._profile.retain
+        return session
+
+    def _closed_before_connack(self, session: _Session, silent_refusals: int) -> EdgetwinError:
+        cfg, where = self._cfg, f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
+        text = session.last_log_error
+        known = tls.from_text(text, cfg) if text else None
+        if known is not None:
+            return known
+        if cfg.tls and cfg.cert_file is None:
+            return AuthError(
+                f"{where}: the broker closed the connection right after the TLS handshake: it requires a "
+                "client certificate and none is configured: set uplink.mqtt.cert_file and key_file "
+                "(edgetwin provision key)"
+            )
+        if cfg.tls and silent_refusals + 1 >= _SILENT_REFUSALS_FOR_AUTH:
+            return AuthError(
+                f"{where}: the broker closed the connection right after the TLS handshake "
+                f"{silent_refusals + 1} times in a row: it most likely refuses the client certificate "
+                f"{cfg.cert_file}: check it is issued by a CA the broker trusts and not revoked"
+            )
+        return TransientError(
+            f"{where}: the broker closed the connection before CONNACK ({text or 'no reason'}): retrying"
+        )
+
+    def _connack_error(self, code: int, reason: str) -> EdgetwinError:
+        where = f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
+        if code in _CONNACK_AUTH:
+            return AuthError(
+                f"{where}: the broker refused the connection: {reason}: check that the client certificate "
+                f"(or user name) is registered and allowed to connect as client id {self.client_id}"
+            )
+        if code in _CONNACK_TRANSIENT:
+            return TransientError(f"{where}: the broker refused the connection for now: {reason}: retrying")
+        return ConfigError(
+            f"{where}: the broker refused the connection: {reason}: check uplink.mqtt.protocol and profile"
+        )
+
+    def _attach(self, session: _Session) -> None:
+        """Drive paho's network loop from the event loop: reader, writer and a misc timer."""
+        client, loop = session.client, session.loop
+        sock = client.socket()
+        if sock is None:
+            raise TransientError(
+                f"uplink mqtt {self._cfg.host}:{self._cfg.port}: connection closed at once: retrying"
+            )
+        session.sock = sock
+
+        def readable() -> None:
+            # TLS (and our buffer) may hold bytes the socket no longer signals: read them all now.
+            while client.loop_read() == paho.MQTT_ERR_SUCCESS and client.socket() is not None:
+                ssl_sock = client.socket()
+                if not client.buffered() and not (isinstance(ssl_sock, ssl.SSLSocket) and ssl_sock.pending()):
+                    break
+            if session.live or session.backlog:
+                self._pump(session)
+
+        def writable() -> None:
+            client.loop_write()
+
+        def register_write(_c: paho.Client, _u: Any, s: Any) -> None:
+            loop.add_writer(s, writable)
+
+        def unregister_write(_c: paho.Client, _u: Any, s: Any) -> None:
+            loop.remove_writer(s)
+
+        def closed(_c: paho.Client, _u: Any, s: Any) -> None:
+            loop.remove_reader(s)
+            loop.remove_writer(s)
+
+        def misc() -> None:
+            if client.loop_misc() == paho.MQTT_ERR_SUCCESS:
+                session.misc = loop.call_later(1.0, misc)
+
+        client.on_socket_register_write = register_write
+        client.on_socket_unregister_write = unregister_write
+        client.on_socket_close = closed
+        loop.add_reader(sock, readable)
+        if client.want_write():
+            loop.add_writer(sock, writable)
+        session.misc = loop.call_later(1.0, misc)
+
+    async def _stop_client(self, session: _Session) -> None:
+        client, loop = session.client, session.loop
+        if session.misc is not None:
+            session.misc.cancel()
+        with contextlib.suppress(Exception):
+            client.disconnect()
+            client.loop_write()  # DISCONNECT goes out now; paho closes the socket after it
+        if session.sock is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(session.sock)
+                loop.remove_writer(session.sock)
+        with contextlib.suppress(Exception):
+            sock = client.socket()
+            if sock is not None:
+                sock.close()
+
+    # --- running ------------------------------------------------------------------------------------------
+
+    async def run(self, started: Callable[[], None]) -> None:
+        """Connect, deliver, reconnect with backoff until cancelled; Auth/Config errors propagate."""
+        cfg, where = self._cfg, f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
+        for warning in self.preflight():
+            log.warning("%s", warning)
+        self._ssl = tls.client_context(cfg) if cfg.tls else None
+        self._check_certificate()
+        self._next_cert_check = time.monotonic() + _CERT_CHECK_EVERY_S
+        started()
+        attempt, silent, down_since = 0, 0, None
+        while True:
+            self.last_beat = time.monotonic()
+            try:
+                session = await self._connect(silent)
+            except TransientError as exc:
+                silent = (
+                    silent + 1
+                    if "right after the TLS handshake" in str(exc) or "before CONNACK" in str(exc)
+                    else 0
+                )
+                attempt += 1
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("%s (records stay in the outbox)", exc)
+                else:
+                    log.debug("still cannot connect (attempt %d): %s", attempt, exc)
+                await self._sleep_beating(self._backoff(attempt))
+                continue
+            silent = 0
+            self.counters.connects += 1
+            if down_since is not None:
+                log.info(
+                    "%s: connected again after %.1f s (%d attempt(s))",
+                    where,
+                    time.monotonic() - down_since,
+                    attempt,
+                )
+            attempt, down_since = 0, None
+            try:
+                await self._serve(session)
+            except TransientError as exc:
+                down_since = time.monotonic()
+                log.warning("%s: %s; records stay in the outbox, reconnecting", where, exc)
+                attempt = 1
+                await self._sleep_beating(self._backoff(attempt))
+
+    def _backoff(self, attempt: int) -> float:
+        nominal = min(self._cfg.reconnect_max_s, self._cfg.reconnect_min_s * 2 ** min(attempt - 1, 30))
+        return float(nominal / 2 + random.random() * nominal / 2)
+
+    async def _sleep_beating(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.last_beat = time.monotonic()
+            await asyncio.sleep(min(left, _IDLE_POLL_S))
+
+    async def _serve(self, session: _Session) -> None:
+        """Deliver on one connection until it drops (TransientError) or the task is cancelled."""
+        cfg = self._cfg
+        self._session = session
+        self.connected = True
+        graceful = False
+        try:
+            self._epoch = self._outbox.outbox.epoch
+            session.props_head = self._properties_head()
+            self.backlog_through = await self._outbox.last_id()
+            stats = await self._outbox.stats()
+            self._dropped_seen = _dropped(stats.dropped)
+            self._publish_status(session, "online", dropped=self._dropped_seen)
+            queued = stats.queued
+            tls_desc = tls.describe_peer(session.client.socket())
+            log.info(
+                "uplink mqtt %s:%d: connected as %s (MQTT %s%s); %d record(s) queued to replay",
+                cfg.host,
+                cfg.port,
+                self.client_id,
+                cfg.protocol,
+                f", {tls_desc}" if tls_desc else ", no TLS",
+                queued,
+            )
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._watch_commits(session), name="uplink-mqtt:commits")
+                    tg.create_task(self._monitor(session), name="uplink-mqtt:monitor")
+                    tg.create_task(self._acker(session), name="uplink-mqtt:acker")
+                    await self._publish_loop(session)
+            except BaseExceptionGroup as group:
+                raise _first(group) from None
+        except asyncio.CancelledError:
+            graceful = session.connected
+            raise
+        finally:
+            self.connected = False
+            self._session = None
+            cleanup = asyncio.create_task(self._end_session(session, graceful), name="uplink-mqtt:cleanup")
+            await _finish_shielded(cleanup, _CLEANUP_DEADLINE_S)
+
+    async def _watch_commits(self, session: _Session) -> None:
+        while True:
+            if await self._outbox.wait_committed(_IDLE_POLL_S):
+                session.more_live = True
+                session.wake.set()
+
+    async def _monitor(self, session: _Session) -> None:
+        """Republish the status when drop counters change; re-check our certificate now and then."""
+        while True:
+            await asyncio.sleep(_MONITOR_EVERY_S)
+            stats = await self._outbox.stats()
+            dropped = _dropped(stats.dropped)
+            if dropped != self._dropped_seen:
+                log.info("uplink mqtt: outbox drop counters now %s: told the twin", dropped)
+                self._dropped_seen = dropped
+                self._publish_status(session, "online", dropped=dropped)
+            if time.monotonic() >= self._next_cert_check:
+                self._next_cert_check = time.monotonic() + _CERT_CHECK_EVERY_S
+                self._check_certificate()
+
+    def _publish_status(self, session: _Session, state: str, **kw: Any) -> paho.MQTTMessageInfo:
+        props = None
+        if self._cfg.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ContentType = "application/json"
+            props.UserProperty = [("sv", SCHEMA_VERSION)]
+        info = session.client.publish(
+            self._status_topic(),
+            self._status_payload(state, **kw),
+            qos=1,
+            retain=session.retain,
+            properties=props,
+        )
+        session.status_mid = info.mid
+        return info
+
+    async def _publish_loop(self, session: _Session) -> None:
+        cfg = self._cfg
+        live, backlog = session.live, session.backlog
+        session.replaying = self.backlog_through > 0
+        replay_started = time.monotonic()
+        while True:
+            session.wake.clear()  # anything that happens from here on wakes the wait below
+            self._raise_if_lost(session)
+            self.last_beat = time.monotonic()
+            self._take_acks(session)
+            # Leasing is a worker-thread hop and a transaction: only when something may be there
+            # (records committed since the last look) and the local queue runs short.
+            free = cfg.max_inflight - len(session.leased)
+            if session.more_live and free > 0 and len(live) < cfg.batch:
+                want = min(free, cfg.batch)
+                session.more_live = False  # a commit during the lease sets it again
+                got = await self._lease(session, want, after_id=self.backlog_through)
+                live.extend(got)
+                free -= len(got)
+                if len(got) == want:
+                    session.more_live = True
+            if session.replaying and free > 0 and len(backlog) < cfg.batch // 2 + 1:
+                got = await self._lease(session, min(free, cfg.batch), through_id=self.backlog_through)
+                backlog.extend(got)
+                if not got and not backlog:
+                    session.replaying = False
+                    if session.replayed:
+                        log.info(
+                            "uplink mqtt: backlog of %d record(s) replayed in %.1f s",
+                            session.replayed,
+                            time.monotonic() - replay_started,
+                        )
+            self._raise_if_lost(session)
+            wait = self._pump(session)
+            if session.wake.is_set():
+                await asyncio.sleep(0)  # let paho's reader and the acker run before looking again
+                continue
+            try:
+                async with asyncio.timeout(wait):
+                    await session.wake.wait()
+            except TimeoutError:
+                session.more_live = True  # a poll now and then, whatever the commit signal said
+
+    def _pump(self, session: _Session) -> float:
+        """Publish what room and pacing allow, live first; return how long pacing asks to wait.
+
+        Called by the publish loop and straight from paho's read handler, so a PUBACK frees room
+        and the next message goes out in the same loop turn, as in paho's own threaded loop.
+        """
+        if session.lost is not None or not session.connected:
+            return _IDLE_POLL_S
+        self._take_acks(session)
+        live, backlog = session.live, session.backlog
+        wait = _IDLE_POLL_S
+        now = time.monotonic()
+        room = session.send_limit - len(session.by_mid)
+        published = 0
+        limited = not self._limit.unlimited
+        paced = limited or not self._replay.unlimited
+        while live and room > 0:
+            pause = self._limit.wait_for(len(live[0].payload), now) if limited else 0.0
+            if pause > 0:
+                wait = min(wait, pause)
+                break
+            self._publish(session, live.popleft(), historical=False, now=now)
+            room -= 1
+            published += 1
+        while backlog and not live and room > 0:
+            size = len(backlog[0].payload)
+            pause = max(self._limit.wait_for(size, now), self._replay.wait_for(size, now)) if paced else 0.0
+            if pause > 0:
+                wait = min(wait, pause)
+                break
+            self._publish(session, backlog.popleft(), historical=True, now=now)
+            room -= 1
+            published += 1
+            session.replayed += 1
+        if published and session.client.want_write():
+            session.client.loop_write()  # now, not one loop turn later: the socket is non-blocking
+        short = self._cfg.batch // 2
+        if (session.more_live and len(live) < short) or (session.replaying and len(backlog) < short):
+            session.wake.set()  # running short: the publish loop leases more
+        return wait
+
+    async def _acker(self, session: _Session) -> None:
+        """Delete acknowledged records in batches while publishing goes on."""
+        while True:
+            await session.ack_wake.wait()
+            session.ack_wake.clear()
+            self._take_acks(session)
+            if session.acked_ids:
+                ids, session.acked_ids = session.acked_ids, []
+                await self._ack(session, ids)
+                session.wake.set()  # the window has room again
+
+    def _raise_if_lost(self, session: _Session) -> None:
+        if session.lost is not None:
+            raise session.lost
+
+    def _publish(self, session: _Session, item: Leased, *, historical: bool, now: float) -> None:
+        payload = senml.wrap(item.payload, item.id, self._epoch, historical)
+        props: dict[str, str] | None = None
+        if self._profile.static_topic:
+            props = {
+                "seq": str(item.id),
+                "ep": str(self._epoch),
+                "sv": SCHEMA_VERSION,
+                "$.ct": senml.CONTENT_TYPE,
+            }
+            if historical:
+                props["hist"] = "1"
+        topic = self._topic(item.topic, props)
+        limit = self._profile.max_payload_bytes
+        if session.max_packet is not None:
+            limit = min(limit, session.max_packet - len(topic) - 64)
+        if len(payload) > limit:
+            self._drop_too_large(session, item, len(payload), limit)
+            return
+        info = session.client.publish(
+            topic, payload, qos=1, retain=False, properties=self._properties(session, item.id, historical)
+        )
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            # Not sent: it stays leased in this session and is released when the session ends.
+            session.lost = session.lost or TransientError(f"publish failed ({paho.error_string(info.rc)})")
+            return
+        session.by_mid[info.mid] = item.id
+        size = len(payload)
+        self._limit.take(size, now)
+        if historical:
+            self._replay.take(size, now)
+            self.counters.historical += 1
+        if item.attempts:
+            self.counters.republished += 1
+        self.counters.published += 1
+
+    def _drop_too_large(self, session: _Session, item: Leased, size: int, limit: int) -> None:
+        self.counters.too_large += 1
+        if not self._refusing_big:
+            self._refusing_big = True
+            log.error(
+                "uplink mqtt: record %d (%s, %d bytes) is larger than the broker takes (%d bytes): dropped "
+                "and counted; the twin sees a gap: shorten windows or lower the number of streams per subject",
+                item.id,
+                item.lane.name.lower(),
+                size,
+                limit,
+            )
+        session.acked_ids.append(item.id)
+        session.ack_wake.set()
+
+    def _take_acks(self, session: _Session) -> None:
+        """Move PUBACKs handed over by paho's thread into the list of ids to delete."""
+        session.ack_scheduled = False
+        acks = session.acks
+        while acks:
+            mid, code = acks.popleft()
+            if mid == session.status_mid:
+                session.status_acked.set()
+                continue
+            rid = session.by_mid.pop(mid, None)
+            if rid is None:
+                continue
+            if code >= 0x80:
+                self.counters.refused += 1
+                session.leased.pop(rid, None)
+                with contextlib.suppress(RuntimeError):
+                    self._outbox.outbox.release([rid])
+                name = ReasonCode(PacketTypes.PUBACK, identifier=code).getName()
+                where = f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
+                if code in _PUBACK_AUTH:
+                    session.lost = AuthError(
+                        f"{where}: the broker refused a publish: {name}: allow this client to publish to "
+                        f"{self.topic_root}/# in the broker's policy"
+                    )
+                elif session.lost is None:
+                    session.lost = TransientError(f"the broker refused a publish ({name})")
+                continue
+            session.acked_ids.append(rid)
+        if session.acked_ids:
+            session.ack_wake.set()
+
+    async def _ack(self, session: _Session, ids: list[int]) -> None:
+        await self._outbox.ack(ids)
+        for rid in ids:
+            session.leased.pop(rid, None)
+        self.counters.acked += len(ids)
+        self.delivered += len(ids)
+
+    async def _lease(self, session: _Session, n: int, **where: int) -> list[Leased]:
+        """Lease; if cancelled meanwhile, whatever the worker thread still leases is released."""
+        task = asyncio.create_task(self._outbox.lease(n, **where), name="uplink-mqtt:lease")
+        try:
+            got = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_orphans)
+            raise
+        for item in got:
+            session.leased[item.id] = len(item.payload)
+        return got
+
+    def _release_orphans(self, task: asyncio.Task[list[Leased]]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        with contextlib.suppress(RuntimeError):
+            self._outbox.outbox.release([item.id for item in task.result()])
+
+    async def _end_session(self, session: _Session, graceful: bool) -> None:
+        """Delete what was acknowledged, release the rest, say goodbye if the link is still up."""
+        self._take_acks(session)
+        try:
+            if session.acked_ids:
+                ids, session.acked_ids = session.acked_ids, []
+                await self._ack(session, ids)
+        finally:
+            unacked = list(session.leased)
+            session.leased.clear()
+            if unacked:
+                with contextlib.suppress(RuntimeError):
+                    await self._outbox.release(unacked)
+                log.debug(
+                    "uplink mqtt: %d unacknowledged record(s) released for the next connection", len(unacked)
+                )
+            if graceful:
+                session.status_acked.clear()
+                with contextlib.suppress(Exception):
+                    self._publish_status(session, "offline", clean=True, dropped=self._dropped_seen)
+                    async with asyncio.timeout(1.0):
+                        while not session.status_acked.is_set():
+                            await asyncio.sleep(0.01)
+                            self._take_acks(session)
+            await self._stop_client(session)
+
+    async def drain(self, deadline: float) -> None:
+        """Wait while connected until everything queued is acknowledged or the deadline passes."""
+        while time.monotonic() < deadline:
+            session = self._session
+            if session is None or not session.connected:
+                return  # nothing can leave now; the outbox keeps it
+            if not session.leased and (await self._outbox.stats()).queued == 0:
+                return
+            await asyncio.sleep(0.05)
+
+
+def _call(session: _Session, fn: Callable[[], None]) -> None:
+    """Run ``fn`` on the session's event loop: now when already there, else handed over."""
+    if threading.get_ident() == session.thread:
+        fn()
+    else:
+        session.loop.call_soon_threadsafe(fn)
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _user(key: str, value: str) -> bytes:
+    return b"\x26" + _utf8(key) + _utf8(value)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_HIST = _user("hist", "1")
+
+
+class _Packed:
+    """MQTT 5 properties already encoded; stands in for paho's Properties (it only calls pack())."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def pack(self) -> bytes:
+        """The encoded properties, length prefix included."""
+        return self._data
+
+    def __str__(self) -> str:
+        return f"<{len(self._data)} bytes of properties>"
+
+
+def _min(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _dropped(by_lane: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for lane, reasons in by_lane.items():
+        total = sum(reasons.values())
+        if total:
+            out[Lane(lane).name.lower()] = int(total)
+    return out
+
+
+async def _finish_shielded(task: asyncio.Task[None], deadline_s: float) -> None:
+    """Wait for a cleanup task up to a deadline, even when cancelled meanwhile; re-raise the cancel."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    cancelled = False
+    while not task.done() and (left := end - loop.time()) > 0:
+        try:
+            await asyncio.wait({task}, timeout=left)
+        except asyncio.CancelledError:
+            cancelled = True
+    if not task.done():
+        log.error("uplink mqtt: closing the connection took longer than %.0f s; abandoned", deadline_s)
+        task.cancel()
+    elif not task.cancelled() and task.exception() is not None:
+        log.error("uplink mqtt: closing the connection failed: %s", task.exception())
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def check_certificates(config: MqttSection, now: dt.datetime | None = None) -> list[str]:
+    """Lines for ``edgetwin check``: each certificate of the uplink, its subject and expiry."""
+    out: list[str] = []
+    for label, path in (("client certificate", config.cert_file), ("CA bundle", config.ca_file)):
+        if path is None:
+            continue
+        try:
+            info = certs.cert_info(path)
+        except EdgetwinError as exc:
+            out.append(f"{label}: {exc}")
+            continue
+        found = certs.expiry_message(info, now)
+        status = (
+            found[1] if found else f"valid until {info.not_after:%Y-%m-%d} ({info.days_left(now):.0f} days)"
+        )
+        out.append(f"{label} {path} ({info.subject}): {status}")
+    return out
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error of a task group (the one that ended the session)."""
+    first = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first

@@ -1,0 +1,89 @@
+"""Shared pieces of the uplink and twin tests: a demo PKI, mosquitto, uplink configs, a twin."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.outbox import AsyncOutbox, Outbox, OutItem
+from gateway.twin.listen import Listener, ListenOptions
+from gateway.uplink.broker import MosquittoBroker, mosquitto_available
+from gateway.uplink.certs import DemoPKI
+from gateway.uplink.config import MqttSection
+from gateway.uplink.mqtt import MqttUplink
+
+GATEWAY_ID = "gwk3j2x7q9m4t8vb"
+
+
+def require_mosquitto() -> None:
+    if not mosquitto_available():
+        pytest.fail("mosquitto is not installed: run 'bash .ci/setup test' (or apt-get install mosquitto)")
+
+
+def uplink_config(broker: MosquittoBroker, pki: DemoPKI, **overrides: Any) -> MqttSection:
+    base: dict[str, Any] = {
+        "host": broker.host,
+        "port": broker.port,
+        "ca_file": pki.ca_file,
+        "cert_file": pki.gateway.cert,
+        "key_file": pki.gateway.key,
+        "reconnect_min_s": 0.1,
+        "reconnect_max_s": 0.5,
+        "connect_timeout_s": 3.0,
+        "replay_msgs_per_s": 100_000.0,
+        "replay_bytes_per_s": 1e9,
+    }
+    base.update(overrides)
+    return MqttSection.model_validate(base)
+
+
+def listener(broker: MosquittoBroker, pki: DemoPKI, **kw: Any) -> Listener:
+    opts = ListenOptions(
+        host=broker.host,
+        port=broker.port,
+        ca_file=pki.ca_file,
+        cert_file=pki.twin.cert,
+        key_file=pki.twin.key,
+        **kw,
+    )
+    twin = Listener(opts)
+    twin.start()
+    return twin
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class RunningUplink:
+    """An MqttUplink running as a task, stopped (and its errors surfaced) by ``stop``."""
+
+    def __init__(self, uplink: MqttUplink) -> None:
+        self.uplink = uplink
+        self.started = asyncio.Event()
+        self.task = asyncio.create_task(uplink.run(self.started.set), name="test-uplink")
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def with_outbox(path: Path, body: Callable[[AsyncOutbox], Awaitable[None]], **kw: Any) -> None:
+    async with AsyncOutbox(lambda: Outbox(path, **kw), flush_interval_s=0.02) as outbox:
+        await body(outbox)
+
+
+def items(kind: str, n: int, payload: Callable[[int], bytes], lane: Any, start: int = 0) -> list[OutItem]:
+    now = time.time()
+    return [OutItem(lane, f"{kind}/subj{i % 3}", payload(i), now) for i in range(start, start + n)]
