@@ -18,6 +18,8 @@ import pytest
 pytest.importorskip("bleak")
 pytest.importorskip("bluezoo")
 
+from peers import RecordingSink
+
 from drivers.ble.commands import add_commands, cmd_sim_wearable, format_scan, scan_ble
 from drivers.ble.config import BleConfig
 from drivers.ble.driver import BleDriver, factory
@@ -36,10 +38,10 @@ from drivers.ble.protocol import (
 from drivers.ble.testbed.harness import Testbed, WearableProcess
 from drivers.ble.testbed.wearables import load_record_beats
 from gateway.anonymize import Anonymizer, Pseudonymizer
-from gateway.contracts import Alarm, AlarmKind, Diagnostic, SourceInfo
+from gateway.contracts import Alarm, AlarmKind, SourceInfo
 from gateway.encode import encode
 from gateway.errors import ConfigError, TransientError
-from gateway.sample import Quality, Sample, SampleBlock
+from gateway.sample import Quality
 
 pytestmark = pytest.mark.slow
 
@@ -48,33 +50,6 @@ _addresses = (f"C0:FF:EE:00:{i // 256:02X}:{i % 256:02X}" for i in itertools.cou
 
 def new_address() -> str:
     return next(_addresses)
-
-
-class Sink:
-    """Collects what the driver hands over."""
-
-    def __init__(self) -> None:
-        self.samples: list[Sample] = []
-        self.alarms: list[Alarm] = []
-        self.diagnostics: list[Diagnostic] = []
-
-    def put(self, sample: Sample) -> None:
-        self.samples.append(sample)
-
-    def put_block(self, block: SampleBlock) -> None:
-        raise AssertionError("the BLE driver hands over single samples")
-
-    def alarm(self, alarm: Alarm) -> None:
-        self.alarms.append(alarm)
-
-    def diagnostic(self, diagnostic: Diagnostic) -> None:
-        self.diagnostics.append(diagnostic)
-
-    def of(self, address: str, metric: str) -> list[Sample]:
-        return [s for s in self.samples if s.stream.device == address and s.stream.metric.name == metric]
-
-    def alarms_of(self, kind: AlarmKind) -> list[Alarm]:
-        return [a for a in self.alarms if a.kind == kind]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +89,7 @@ async def wait_for(cond: Callable[[], bool], timeout_s: float = 5.0, what: str =
 
 
 @asynccontextmanager
-async def running(drv: BleDriver, sink: Sink) -> AsyncIterator[None]:
+async def running(drv: BleDriver, sink: RecordingSink) -> AsyncIterator[None]:
     started = asyncio.Event()
     task = asyncio.create_task(drv.run(sink, started=started.set), name="ble-driver-under-test")
     try:
@@ -206,7 +181,7 @@ def test_every_profile_delivers_its_test_vectors_as_samples(
             {"address": bp.address, "profile": "bp"},
         ]
     )
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
 
     async def scenario() -> None:
         async with running(drv, sink):
@@ -286,7 +261,7 @@ def test_every_profile_delivers_its_test_vectors_as_samples(
 def test_forced_disconnect_reconnects(testbed: Testbed, wearables: Callable[..., WearableProcess]) -> None:
     w = wearables("hr", rate=20)
     drv = driver([{"address": w.address, "profile": "hr"}])
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
 
     async def scenario() -> None:
         async with running(drv, sink):
@@ -306,7 +281,7 @@ def test_out_of_range_raises_device_lost_then_resumes(
 ) -> None:
     w = wearables("plx", rate=20)
     drv = driver([{"address": w.address, "profile": "plx"}], lost_after_s=0.6)
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
 
     async def scenario() -> None:
         async with running(drv, sink):
@@ -336,7 +311,7 @@ def test_wearable_powered_off_then_on_again(
 ) -> None:
     w = wearables("thermo", rate=10)
     drv = driver([{"address": w.address, "profile": "thermo"}], lost_after_s=0.6)
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
 
     async def scenario() -> None:
         async with running(drv, sink):
@@ -369,7 +344,7 @@ def test_strangers_and_wrong_profiles_are_never_connected(
         ],
         lost_after_s=0.5,
     )
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
 
     async def scenario() -> None:
         async with running(drv, sink):
@@ -391,7 +366,7 @@ def test_slot_budget_makes_the_extra_device_wait_with_a_clear_status(
 ) -> None:
     a, b = wearables("hr", rate=10), wearables("plx", rate=10)
     drv = driver([{"address": a.address, "profile": "hr"}, {"address": b.address, "profile": "plx"}], slots=1)
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
     first: list[str] = []
 
     async def scenario() -> None:
@@ -425,7 +400,7 @@ def test_in_progress_is_cleared_by_removing_the_device(
     # Stale BlueZ state: every Connect says InProgress until the device is removed.
     testbed.inject_connect_fault(w.address, "org.bluez.Error.InProgress", "In Progress", count=0)
     drv = driver([{"address": w.address, "profile": "hr"}])
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
 
     async def scenario() -> None:
         async with running(drv, sink):
@@ -450,7 +425,7 @@ def test_failed_connects_make_bounded_attempts_per_cycle(
         connect_budget_s=5.0,
         reconnect_min_s=0.5,
     )
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
     seen: dict[str, Any] = {}
 
     async def scenario() -> None:
@@ -491,7 +466,7 @@ def test_connect_timeouts_are_bounded_in_total_time(
         reconnect_min_s=5.0,
         reconnect_max_s=5.0,
     )
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
 
     async def scenario() -> None:
         async with running(drv, sink):
@@ -513,7 +488,7 @@ def test_scan_watchdog_restarts_a_scan_gone_quiet(
 ) -> None:
     w = wearables("hr", rate=10)
     drv = driver([{"address": w.address, "profile": "hr"}], scan_watchdog_s=0.4)
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
 
     async def scenario() -> None:
         async with running(drv, sink):
@@ -542,7 +517,7 @@ def test_strap_replays_mit_bih_record_100_with_its_ectopic_beats(
     # 200 simulated seconds per second, so the record's premature beats come by quickly.
     w = wearables("hr", rate=200, data=MITDB)
     drv = driver([{"address": w.address, "profile": "hr"}])
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
     beats = load_record_beats(MITDB)
     ectopic = [i for i, b in enumerate(beats) if b.symbol != "N"]
     expected = [round(b.rr_ms * 1024 / 1000) * 125 / 128 for b in beats]
@@ -588,7 +563,7 @@ def test_demo_radio_brings_one_streaming_strap() -> None:
             {k: v for k, v in table.items() if k not in ("name", "driver", "subject", "kind")}
         )
         drv = factory(SourceInfo(table["name"], table["subject"], table["kind"]), cfg)
-        sink = Sink()
+        sink = RecordingSink(blocks=False)
 
         async def scenario() -> None:
             async with running(drv, sink):

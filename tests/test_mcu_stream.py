@@ -7,46 +7,22 @@ import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import RecordingSink
 
 from drivers.mcu.config import McuConfig, SimNodeConfig
 from drivers.mcu.driver import McuDriver, factory
 from drivers.mcu.simnode import RunningSimNode, run_sim_node
-from gateway.contracts import Alarm, Diagnostic, SourceInfo
+from gateway.contracts import SourceInfo
 from gateway.errors import TransientError
-from gateway.sample import Sample, SampleBlock
 
 pytestmark = pytest.mark.slow
 
 NODE_ID = "MOTOR-7731"
 INFO = SourceInfo("motor7-adc", "plant-A/motor-7", "industrial")
-
-
-@dataclass
-class RecordingSink:
-    blocks: list[tuple[float, SampleBlock]] = field(default_factory=list)
-    diagnostics: list[Diagnostic] = field(default_factory=list)
-    alarms: list[Alarm] = field(default_factory=list)
-
-    def put(self, sample: Sample) -> None:
-        raise AssertionError("the MCU driver hands over blocks only")
-
-    def put_block(self, block: SampleBlock) -> None:
-        self.blocks.append((time.monotonic(), block))
-
-    def alarm(self, alarm: Alarm) -> None:
-        self.alarms.append(alarm)
-
-    def diagnostic(self, diagnostic: Diagnostic) -> None:
-        self.diagnostics.append(diagnostic)
-
-    def series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        bs = [b for _, b in self.blocks if b.stream.metric.name == name]
-        return np.concatenate([b.t_mono for b in bs]), np.concatenate([b.value for b in bs])
 
 
 async def _drive(
@@ -57,7 +33,7 @@ async def _drive(
     **cfg: float,
 ) -> tuple[McuDriver, RecordingSink, BaseException | None]:
     """Run the driver against a simulated node for ``seconds`` after it started delivering."""
-    sink = RecordingSink()
+    sink = RecordingSink(samples=False)
     async with run_sim_node(node_cfg, "test node", extra) as node:
         driver = factory(INFO, McuConfig(port=node.path, **cfg))  # type: ignore[arg-type]
         started = asyncio.Event()
@@ -213,7 +189,7 @@ def test_driver_runs_its_own_simulated_node(tmp_path: Path) -> None:
             SourceInfo("bedside-probe", "ward3-bed12", "medical"),
             cfg.model_copy(update={"metrics": {"winding_temp": "MDC_TEMP_BODY"}}),
         )
-        sink = RecordingSink()
+        sink = RecordingSink(samples=False)
         started = asyncio.Event()
         task = asyncio.create_task(driver.run(sink, started=started.set), name="mcu-driver-sim")
         try:

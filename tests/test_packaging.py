@@ -10,7 +10,7 @@ from pathlib import Path
 import gateway
 
 ROOT = Path(__file__).resolve().parent.parent
-OUR_PACKAGES = ("gateway", "drivers", "firmware_bridge")
+OUR_PACKAGES = ("gateway", "drivers", "firmware_bridge", "models")
 
 
 def test_layout() -> None:

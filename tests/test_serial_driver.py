@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peers import RecordingSink
 
 from drivers.serial import contec, masimo, nonin
 from drivers.serial.config import SerialConfig
@@ -29,12 +30,12 @@ from drivers.serial.port import DeviceAbsentError, DeviceLostError
 from drivers.serial.protocol import Status
 from drivers.serial.sim import Corruption, PtyOximeter, VitalsModel
 from gateway.anonymize import Anonymizer, Pseudonymizer
-from gateway.contracts import Alarm, AlarmKind, Diagnostic, SourceInfo
+from gateway.contracts import Alarm, AlarmKind, SourceInfo
 from gateway.encode import encode
 from gateway.errors import ConfigError, TransientError
 from gateway.notify import Notifier
 from gateway.pipeline.windows import Windower
-from gateway.sample import Quality, Sample, SampleBlock
+from gateway.sample import Quality
 from gateway.supervisor import Backoff, Group, Supervisor, Unit
 
 pytestmark = pytest.mark.skipif(
@@ -43,30 +44,6 @@ pytestmark = pytest.mark.skipif(
 
 INFO = SourceInfo("bed7-spo2", "ward3-bed7", "medical")
 TOKEN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-
-
-class Sink:
-    """Records what the driver hands over."""
-
-    def __init__(self) -> None:
-        self.samples: list[Sample] = []
-        self.alarms: list[Alarm] = []
-        self.diagnostics: list[Diagnostic] = []
-
-    def put(self, sample: Sample) -> None:
-        self.samples.append(sample)
-
-    def put_block(self, block: SampleBlock) -> None:
-        raise AssertionError("the serial driver hands over single samples")
-
-    def alarm(self, alarm: Alarm) -> None:
-        self.alarms.append(alarm)
-
-    def diagnostic(self, diagnostic: Diagnostic) -> None:
-        self.diagnostics.append(diagnostic)
-
-    def values(self, metric: str) -> list[float]:
-        return [s.value for s in self.samples if s.stream.metric.name == metric]
 
 
 async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -82,7 +59,7 @@ def driver(port: str, **keys: Any) -> SerialOximeter:
 
 
 @contextlib.asynccontextmanager
-async def running(drv: SerialOximeter, sink: Sink) -> AsyncIterator[asyncio.Task[None]]:
+async def running(drv: SerialOximeter, sink: RecordingSink) -> AsyncIterator[asyncio.Task[None]]:
     started = asyncio.Event()
     task = asyncio.create_task(drv.run(sink, started=started.set), name="test:serial-driver")
     try:
@@ -147,8 +124,8 @@ def read_available(fd: int) -> bytes:
 def test_each_protocol_end_to_end_through_a_pty_pair(protocol: str, socat_pair: tuple[str, int]) -> None:
     port, fd = socat_pair
 
-    async def main() -> Sink:
-        sink = Sink()
+    async def main() -> RecordingSink:
+        sink = RecordingSink(blocks=False)
         drv = driver(port, protocol=protocol, allow_start_command=protocol == "cms50v46")
         async with running(drv, sink):
             await asyncio.sleep(0.2)  # the port is open and flushed
@@ -181,8 +158,8 @@ def test_sensor_off_and_missing_values_are_quality_flags_not_numbers(socat_pair:
     port, fd = socat_pair
     off = nonin.encode_df8(math.nan, math.nan, int(Status.FINGER_OUT))
 
-    async def main() -> Sink:
-        sink = Sink()
+    async def main() -> RecordingSink:
+        sink = RecordingSink(blocks=False)
         async with running(driver(port, protocol="nonin8"), sink):
             await asyncio.sleep(0.2)
             os.write(fd, nonin.encode_df8(72, 97, 0) * 2 + off * 3)
@@ -205,8 +182,8 @@ def test_sensor_off_and_missing_values_are_quality_flags_not_numbers(socat_pair:
 def test_low_battery_is_a_device_alarm(socat_pair: tuple[str, int]) -> None:
     port, fd = socat_pair
 
-    async def main() -> Sink:
-        sink = Sink()
+    async def main() -> RecordingSink:
+        sink = RecordingSink(blocks=False)
         async with running(driver(port, protocol="nonin8"), sink):
             await asyncio.sleep(0.2)
             os.write(
@@ -225,7 +202,7 @@ def test_low_battery_is_a_device_alarm(socat_pair: tuple[str, int]) -> None:
 
 def test_silent_device_raises_stale_data(socat_pair: tuple[str, int]) -> None:
     port, _fd = socat_pair
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
     drv = driver(port, protocol="nonin2", stale_after_s=0.4)
 
     async def main() -> None:
@@ -240,7 +217,7 @@ def test_silent_device_raises_stale_data(socat_pair: tuple[str, int]) -> None:
 
 
 def test_absent_port_alarms_once_and_is_retried(tmp_path: Path) -> None:
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
     drv = driver(str(tmp_path / "usb-Nonin_Medical-if00"), protocol="nonin2")
 
     async def main() -> None:
@@ -257,7 +234,7 @@ def test_absent_port_alarms_once_and_is_retried(tmp_path: Path) -> None:
 
 def test_wrong_speed_is_reported_as_no_recognisable_frames(tmp_path: Path) -> None:
     sim = PtyOximeter("nonin2", link=tmp_path / "ox", corruption=Corruption(wrong_speed=19200))
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
     with sim:
         drv = driver(sim.path, protocol="nonin2", detect_timeout_s=1.5)
 
@@ -280,7 +257,7 @@ def test_wrong_speed_with_auto_names_every_setting_tried(tmp_path: Path) -> None
     with sim:
         drv = driver(sim.path, protocol="auto", probe_s=0.7)
         with pytest.raises(ConfigError, match=r"no recognisable frames at 9600 8N1, 19200 8O1 on "):
-            asyncio.run(drv.run(Sink(), started=lambda: None))
+            asyncio.run(drv.run(RecordingSink(blocks=False), started=lambda: None))
 
 
 @pytest.mark.parametrize("protocol", ["nonin2", "masimo", "cms50", "cms50v46"])
@@ -290,8 +267,8 @@ def test_auto_detects_the_protocol(protocol: str, tmp_path: Path) -> None:
         probe_s = 2.5 if protocol == "masimo" else 1.0
         drv = driver(sim.path, protocol="auto", probe_s=probe_s, allow_start_command=protocol == "cms50v46")
 
-        async def main() -> Sink:
-            sink = Sink()
+        async def main() -> RecordingSink:
+            sink = RecordingSink(blocks=False)
             async with running(drv, sink):
                 await until(lambda: len(sink.values(SPO2.name)) >= 1, timeout=12)
             return sink
@@ -305,7 +282,7 @@ def test_auto_never_writes_without_consent(tmp_path: Path) -> None:
     with PtyOximeter("cms50v46", link=tmp_path / "ox") as sim:
         drv = driver(sim.path, protocol="auto", probe_s=0.5)
         with pytest.raises(TransientError, match="sent nothing while probed"):
-            asyncio.run(drv.run(Sink(), started=lambda: None))
+            asyncio.run(drv.run(RecordingSink(blocks=False), started=lambda: None))
         assert sim.commands == []
 
 
@@ -313,7 +290,7 @@ def test_unplug_and_replug_under_the_same_path(tmp_path: Path) -> None:
     """Supervised: the device vanishes (pty closed, link removed), is retried, and comes back."""
     vitals = VitalsModel(3, desat_every_s=0, sensor_off_every_s=0)
     sim = PtyOximeter("nonin2", link=tmp_path / "usb-Nonin_OEM_III-if00", vitals=vitals).start()
-    sink = Sink()
+    sink = RecordingSink(blocks=False)
     drv = driver(sim.path, protocol="nonin2")
 
     async def main() -> None:
@@ -360,8 +337,8 @@ def test_identities_stay_on_the_gateway(socat_pair: tuple[str, int]) -> None:
     port, fd = socat_pair
     line = masimo.encode_line((2024, 1, 15, 10, 30, 0), 97, 72, 3.6, masimo.EXC_SET, serial="0000418273")
 
-    async def main() -> Sink:
-        sink = Sink()
+    async def main() -> RecordingSink:
+        sink = RecordingSink(blocks=False)
         async with running(driver(port, protocol="masimo", stale_after_s=0.5), sink):
             await asyncio.sleep(0.2)
             os.write(fd, line * 3)
@@ -399,4 +376,6 @@ def test_factory_and_config_checks(tmp_path: Path) -> None:
     regular = tmp_path / "not-a-tty"
     regular.write_bytes(b"")
     with pytest.raises(ConfigError, match="not a serial port"):
-        asyncio.run(driver(str(regular), protocol="nonin2").run(Sink(), started=lambda: None))
+        asyncio.run(
+            driver(str(regular), protocol="nonin2").run(RecordingSink(blocks=False), started=lambda: None)
+        )

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 import pytest
+from peers import RecordingSink
 from pydantic import ValidationError
 
 from drivers.sim.config import SimConfig, SimEvent, StallSpec
@@ -32,9 +33,9 @@ from drivers.sim.protocol import (
     Series,
     make_generator,
 )
-from gateway.contracts import Alarm, Diagnostic, SourceInfo
+from gateway.contracts import Diagnostic, SourceInfo
 from gateway.errors import ConfigError
-from gateway.sample import Quality, Sample, SampleBlock
+from gateway.sample import Quality
 
 PATIENT_EVENTS = (
     Label("desaturation", 200.0, 320.0),
@@ -381,28 +382,6 @@ def test_factory_rejects_a_kind_that_contradicts_the_profile() -> None:
 
 
 # -- the real-time driver -----------------------------------------------------------------------
-
-
-class RecordingSink:
-    """A SampleSink that keeps everything it is handed, with the time it arrived."""
-
-    def __init__(self) -> None:
-        self.samples: list[Sample] = []
-        self.blocks: list[tuple[float, SampleBlock]] = []
-        self.alarms: list[Alarm] = []
-        self.diagnostics: list[Diagnostic] = []
-
-    def put(self, sample: Sample) -> None:
-        self.samples.append(sample)
-
-    def put_block(self, block: SampleBlock) -> None:
-        self.blocks.append((time.monotonic(), block))
-
-    def alarm(self, alarm: Alarm) -> None:
-        self.alarms.append(alarm)
-
-    def diagnostic(self, diagnostic: Diagnostic) -> None:
-        self.diagnostics.append(diagnostic)
 
 
 async def _run_for(driver: SimDriver, sink: RecordingSink, seconds: float, started: list[float]) -> None:

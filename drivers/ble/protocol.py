@@ -136,34 +136,30 @@ def _scaled(mantissa: int, exponent: int) -> float:
     return mantissa / scale
 
 
-def sfloat(raw: int) -> Mder:
-    """Decode a 16-bit SFLOAT: signed 4-bit exponent (top nibble), signed 12-bit mantissa."""
-    raw &= 0xFFFF
-    special = _SFLOAT_SPECIAL.get(raw)
+def _signed(value: int, bits: int) -> int:
+    """A ``bits``-wide two's-complement field as a Python int."""
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def _mder(raw: int, mantissa_bits: int, exponent_bits: int, specials: dict[int, Special]) -> Mder:
+    """Decode an MDER number: signed exponent in the top bits, signed mantissa below it."""
+    raw &= (1 << (mantissa_bits + exponent_bits)) - 1
+    special = specials.get(raw)
     if special is not None:
         return Mder(math.nan, special)
-    mantissa = raw & 0x0FFF
-    if mantissa >= 0x0800:
-        mantissa -= 0x1000
-    exponent = raw >> 12
-    if exponent >= 0x8:
-        exponent -= 0x10
+    mantissa = _signed(raw & ((1 << mantissa_bits) - 1), mantissa_bits)
+    exponent = _signed(raw >> mantissa_bits, exponent_bits)
     return Mder(_scaled(mantissa, exponent), None, mantissa, exponent)
+
+
+def sfloat(raw: int) -> Mder:
+    """Decode a 16-bit SFLOAT: signed 4-bit exponent (top nibble), signed 12-bit mantissa."""
+    return _mder(raw, 12, 4, _SFLOAT_SPECIAL)
 
 
 def float32(raw: int) -> Mder:
     """Decode a 32-bit FLOAT: signed 8-bit exponent (top byte), signed 24-bit mantissa."""
-    raw &= 0xFFFFFFFF
-    special = _FLOAT_SPECIAL.get(raw)
-    if special is not None:
-        return Mder(math.nan, special)
-    mantissa = raw & 0x00FFFFFF
-    if mantissa >= 0x00800000:
-        mantissa -= 0x01000000
-    exponent = raw >> 24
-    if exponent >= 0x80:
-        exponent -= 0x100
-    return Mder(_scaled(mantissa, exponent), None, mantissa, exponent)
+    return _mder(raw, 24, 8, _FLOAT_SPECIAL)
 
 
 def encode_sfloat(mantissa: int, exponent: int) -> bytes:

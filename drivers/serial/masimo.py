@@ -32,9 +32,8 @@ from dataclasses import replace
 from drivers.serial.protocol import (
     NAN,
     DropReason,
+    LineParser,
     LineSettings,
-    LineSplitter,
-    Parser,
     Reading,
     Status,
 )
@@ -152,7 +151,7 @@ def decode_line(line: bytes) -> tuple[Reading, tuple[bytes, ...]] | DropReason |
     return Reading(spo2, pulse, pi, status, serial), tuple(keys)
 
 
-class MasimoAscii(Parser):
+class MasimoAscii(LineParser):
     """Masimo serial ASCII 1 / ASCII 2 lines, one a second."""
 
     name = "masimo"
@@ -162,43 +161,21 @@ class MasimoAscii(Parser):
     reading_rate_hz = 1.0
 
     def __init__(self) -> None:
-        super().__init__()
-        self._lines = LineSplitter(max_len=400)
+        super().__init__(max_len=400)
         self._locked: tuple[tuple[bytes, ...], int] | None = None  # (keys, length) of accepted lines
         self._candidate: tuple[tuple[bytes, ...], int] | None = None
         self._candidate_seen = 0
         self._serial: str | None = None  # serial number confirmed by two lines running
         self._last_serial: str | None = None
 
-    def feed(self, data: bytes) -> list[Reading]:
-        """Consume bytes; return one reading per data line."""
-        self.bytes_in += len(data)
-        before = self._lines.overlong
-        out: list[Reading] = []
-        for line in self._lines.feed(data):
-            got = decode_line(line)
-            if got is None:
-                self.ignored += 1
-                continue
-            if isinstance(got, DropReason):
-                self._drop(got)
-                continue
-            reading, keys = got
-            if not self._length_fits(keys, len(line)):
-                self.drop_framing += 1
-                continue
-            self.frames += 1
-            self.good_bytes += len(line) + 2
-            confirmed = self._confirm_serial(reading)
-            if confirmed is None:
-                self.ignored += 1
-                continue
-            self.readings += 1
-            out.append(confirmed)
-        self.drop_framing += self._lines.overlong - before
-        return out
+    def _decode(self, line: bytes) -> Reading | DropReason | None:
+        got = decode_line(line)
+        if got is None or isinstance(got, DropReason):
+            return got
+        reading, keys = got
+        return reading if self._length_fits(keys, len(line)) else DropReason.FRAMING
 
-    def _confirm_serial(self, reading: Reading) -> Reading | None:
+    def _take(self, reading: Reading) -> Reading | None:
         # A serial number names the device: one damaged line must not rename it, and values
         # are not attributed to a device before its number is known.
         seen = reading.serial

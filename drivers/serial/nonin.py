@@ -34,8 +34,8 @@ from typing import ClassVar
 from drivers.serial.protocol import (
     NAN,
     DropReason,
+    LineParser,
     LineSettings,
-    LineSplitter,
     Parser,
     Reading,
     Status,
@@ -526,7 +526,7 @@ def decode_ascii(line: bytes) -> Reading | DropReason | None:
     return Reading(spo2, hr)
 
 
-class NoninAscii(Parser):
+class NoninAscii(LineParser):
     """The ASCII line of Nonin 8500, 2500, 7500FO, Avant 9600, BT4000: once a second."""
 
     name = "nonin_ascii"
@@ -536,27 +536,10 @@ class NoninAscii(Parser):
     reading_rate_hz = 1.0
 
     def __init__(self) -> None:
-        super().__init__()
-        self._lines = LineSplitter(max_len=80)
+        super().__init__(max_len=80)
 
-    def feed(self, data: bytes) -> list[Reading]:
-        """Consume bytes; return one reading per data line."""
-        self.bytes_in += len(data)
-        before = self._lines.overlong
-        out: list[Reading] = []
-        for line in self._lines.feed(data):
-            got = decode_ascii(line)
-            if got is None:
-                self.ignored += 1
-            elif isinstance(got, DropReason):
-                self._drop(got)
-            else:
-                self.frames += 1
-                self.good_bytes += len(line) + 2
-                self.readings += 1
-                out.append(got)
-        self.drop_framing += self._lines.overlong - before
-        return out
+    def _decode(self, line: bytes) -> Reading | DropReason | None:
+        return decode_ascii(line)
 
 
 # ---- encoders (simulator and tests) --------------------------------------------------------------

@@ -231,3 +231,42 @@ class LineSplitter:
             rest = b""
         self._buf = rest
         return lines
+
+
+class LineParser(Parser):
+    """A parser of text lines, one reading per data line; subclasses decode a line."""
+
+    def __init__(self, max_len: int) -> None:
+        super().__init__()
+        self._lines = LineSplitter(max_len=max_len)
+
+    @abc.abstractmethod
+    def _decode(self, line: bytes) -> Reading | DropReason | None:
+        """One line: a reading, why a data line is rejected, or None for a line with no data."""
+
+    def _take(self, reading: Reading) -> Reading | None:
+        """The reading of a whole line as handed on, or None to hold it back (counted as ignored)."""
+        return reading
+
+    def feed(self, data: bytes) -> list[Reading]:
+        """Consume bytes; return one reading per data line."""
+        self.bytes_in += len(data)
+        before = self._lines.overlong
+        out: list[Reading] = []
+        for line in self._lines.feed(data):
+            got = self._decode(line)
+            if got is None:
+                self.ignored += 1
+            elif isinstance(got, DropReason):
+                self._drop(got)
+            else:
+                self.frames += 1
+                self.good_bytes += len(line) + 2
+                taken = self._take(got)
+                if taken is None:
+                    self.ignored += 1
+                else:
+                    self.readings += 1
+                    out.append(taken)
+        self.drop_framing += self._lines.overlong - before
+        return out

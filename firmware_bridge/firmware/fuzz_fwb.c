@@ -17,25 +17,7 @@
 #include "fwb.h"
 
 #define SLOT 4096u
-static uint8_t ram[2 * FWB_META_SECTOR + 2 * SLOT];
-static int ram_read(void *c, uint32_t a, uint8_t *o, uint32_t n) {
-    (void)c;
-    if ((uint64_t)a + n > sizeof(ram)) return -1;
-    memcpy(o, ram + a, n);
-    return 0;
-}
-static int ram_write(void *c, uint32_t a, const uint8_t *d, uint32_t n) {
-    (void)c;
-    if ((uint64_t)a + n > sizeof(ram)) return -1;
-    memcpy(ram + a, d, n);
-    return 0;
-}
-static int ram_erase(void *c, uint32_t a, uint32_t n) {
-    (void)c;
-    if ((uint64_t)a + n > sizeof(ram)) return -1;
-    memset(ram + a, 0xFF, n);
-    return 0;
-}
+#include "ram_flash.h"
 
 static unsigned long sent_frames;
 static uint32_t fake_ticks(void *ctx) {

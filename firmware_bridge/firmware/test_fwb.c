@@ -347,25 +347,7 @@ static void test_vectors(const char *path) {
 
 /* ---- update state machine on a RAM flash -------------------------------------------------- */
 #define SLOT 8192u
-static uint8_t ram[2 * FWB_META_SECTOR + 2 * SLOT];
-static int ram_read(void *c, uint32_t a, uint8_t *o, uint32_t n) {
-    (void)c;
-    if ((uint64_t)a + n > sizeof(ram)) return -1;
-    memcpy(o, ram + a, n);
-    return 0;
-}
-static int ram_write(void *c, uint32_t a, const uint8_t *d, uint32_t n) {
-    (void)c;
-    if ((uint64_t)a + n > sizeof(ram)) return -1;
-    memcpy(ram + a, d, n);
-    return 0;
-}
-static int ram_erase(void *c, uint32_t a, uint32_t n) {
-    (void)c;
-    if ((uint64_t)a + n > sizeof(ram)) return -1;
-    memset(ram + a, 0xFF, n);
-    return 0;
-}
+#include "ram_flash.h"
 static const fwb_flash RAM_FLASH = {NULL, ram_read, ram_write, ram_erase};
 
 static uint8_t pubkey[32], seckey[64];

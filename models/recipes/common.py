@@ -99,6 +99,17 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: F32) -> None:
     )
 
 
+def export_fp32_int8(
+    layers: Sequence[tuple[F64, F64]], calib: F64, out_dir: Path, stem: str, *, n_inputs: int
+) -> tuple[Path, Path]:
+    """``<stem>.fp32.onnx`` and its static-QDQ int8 twin ``<stem>.int8.onnx`` of a sigmoid network."""
+    fp32 = out_dir / f"{stem}.fp32.onnx"
+    int8 = out_dir / f"{stem}.int8.onnx"
+    fp32.write_bytes(mlp_onnx(layers, name=stem, n_inputs=n_inputs, sigmoid=True))
+    quantize_int8(fp32, int8, calib.astype(np.float32))
+    return fp32, int8
+
+
 def session(path: Path) -> Any:
     """A one-thread onnxruntime session on ``path`` (evaluation only)."""
     import onnxruntime as ort  # type: ignore[import-untyped]  # noqa: PLC0415
@@ -128,6 +139,13 @@ def batch1_latency_us(sess: Any, row: F64, repeats: int = 3000) -> float:
         sess.run(out, x)
         times[i] = time.perf_counter() - t
     return float(np.median(times) * 1e6)
+
+
+def latency_figures(s32: Any, s8: Any, row: F64) -> dict[str, float]:
+    """Batch-1 microseconds of the fp32 and int8 sessions on one row, and their ratio."""
+    lat32 = batch1_latency_us(s32, row)
+    lat8 = batch1_latency_us(s8, row)
+    return {"fp32": lat32, "int8": lat8, "int8_over_fp32": lat8 / lat32}
 
 
 def file_entry(path: Path) -> dict[str, Any]:

@@ -37,11 +37,10 @@ from gateway.inference.runner import Normaliser
 from gateway.pipeline.features import basic_features_batch
 from models.recipes.common import (
     MODELS_DIR,
-    batch1_latency_us,
     binary_scores,
+    export_fp32_int8,
     file_entry,
-    mlp_onnx,
-    quantize_int8,
+    latency_figures,
     rounded,
     run,
     session,
@@ -206,13 +205,8 @@ def choose_window(
 
 def export(coef: F64, bias: float, calib: F64, out_dir: Path, stem: str) -> tuple[Path, Path]:
     """fp32 and static-QDQ int8 ONNX files of the logistic model."""
-    fp32 = out_dir / f"{stem}.fp32.onnx"
-    int8 = out_dir / f"{stem}.int8.onnx"
-    fp32.write_bytes(
-        mlp_onnx([(coef.reshape(-1, 1), np.array([bias]))], name=stem, n_inputs=len(coef), sigmoid=True)
-    )
-    quantize_int8(fp32, int8, calib.astype(np.float32))
-    return fp32, int8
+    layers = [(coef.reshape(-1, 1), np.array([bias]))]
+    return export_fp32_int8(layers, calib, out_dir, stem, n_inputs=len(coef))
 
 
 def calibration_rows(valve: list[Experiment], normal: list[Experiment], train: list[int], w: int) -> F64:
@@ -290,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_rows(valve, normal, everything, w)
     fp32, int8 = export(coef, bias, calib, args.out, NAME)
     s32, s8 = session(fp32), session(int8)
-    lat32 = batch1_latency_us(s32, calib[0])
-    lat8 = batch1_latency_us(s8, calib[0])
-    ev["model_batch1_latency_us"] = {"fp32": lat32, "int8": lat8, "int8_over_fp32": lat8 / lat32}
+    ev["model_batch1_latency_us"] = latency_figures(s32, s8, calib[0])
     ev["bytes"] = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
     keys = [f"{s}.{f}" for s, f in INPUTS]
     ev["weights"] = dict(zip(keys, coef.tolist(), strict=True))

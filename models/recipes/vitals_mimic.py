@@ -62,11 +62,10 @@ from gateway.pipeline.windows import Windower
 from gateway.sample import MDC, SampleBlock, Stream
 from models.recipes.common import (
     MODELS_DIR,
-    batch1_latency_us,
     binary_scores,
+    export_fp32_int8,
     file_entry,
-    mlp_onnx,
-    quantize_int8,
+    latency_figures,
     rounded,
     run,
     session,
@@ -668,15 +667,6 @@ def sim_check(card_dir: Path, precision: str, threshold: float, hours: float = 6
 # ---- export and evaluation ----------------------------------------------------------------
 
 
-def export(layers: Layers, calib: F64, out_dir: Path, stem: str) -> tuple[Path, Path]:
-    """fp32 and static-QDQ int8 ONNX files of the network."""
-    fp32 = out_dir / f"{stem}.fp32.onnx"
-    int8 = out_dir / f"{stem}.int8.onnx"
-    fp32.write_bytes(mlp_onnx(layers, name=stem, n_inputs=len(INPUTS), sigmoid=True))
-    quantize_int8(fp32, int8, calib.astype(np.float32))
-    return fp32, int8
-
-
 def calibration_rows(scenarios: Sequence[Scenario], norm: Norm) -> F64:
     """Up to 4,096 scored training rows (normal and event) for int8 ranges, fixed seed."""
     z = np.vstack([norm.z(sc)[0][norm.z(sc)[1]] for sc in scenarios])
@@ -705,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     norm, layers, thr, inner = fit(halves)
     log.info("threshold %.4f (out-of-fold: %s)", thr, rounded(inner))
     calib = calibration_rows(train_all, norm)
-    fp32, int8 = export(layers, calib, args.out, NAME)
+    fp32, int8 = export_fp32_int8(layers, calib, args.out, NAME, n_inputs=len(INPUTS))
     s32, s8 = session(fp32), session(int8)
     ev: dict[str, Any] = {
         "protocol": "train: s00001 minutes 0-1199 (2 halves x 12 shifted replicas with injected events); "
@@ -737,9 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     ev["f1_delta_int8_minus_fp32"] = ev["int8"]["window"]["f1"] - ev["fp32"]["window"]["f1"]
     ev["decision_agreement_int8_fp32"] = float(np.mean(agree[0] == agree[1]))
     ev["max_abs_score_diff_int8_fp32"] = max_abs
-    lat32 = batch1_latency_us(s32, calib[0])
-    lat8 = batch1_latency_us(s8, calib[0])
-    ev["model_batch1_latency_us"] = {"fp32": lat32, "int8": lat8, "int8_over_fp32": lat8 / lat32}
+    ev["model_batch1_latency_us"] = latency_figures(s32, s8, calib[0])
     ev["bytes"] = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
     loko: dict[str, Any] = {}
     for c, kind in enumerate(KINDS):

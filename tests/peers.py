@@ -1,0 +1,59 @@
+"""Test peers shared by the driver tests: a SampleSink that records what a driver hands over."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from gateway.contracts import Alarm, AlarmKind, Diagnostic
+from gateway.sample import Sample, SampleBlock
+
+
+class RecordingSink:
+    """A SampleSink that keeps everything it is handed; blocks with the monotonic time they arrived.
+
+    ``samples=False`` or ``blocks=False`` makes handing over that kind a test failure, for drivers
+    that must deliver only the other.
+    """
+
+    def __init__(self, *, samples: bool = True, blocks: bool = True) -> None:
+        self._takes_samples = samples
+        self._takes_blocks = blocks
+        self.samples: list[Sample] = []
+        self.blocks: list[tuple[float, SampleBlock]] = []
+        self.alarms: list[Alarm] = []
+        self.diagnostics: list[Diagnostic] = []
+
+    def put(self, sample: Sample) -> None:
+        if not self._takes_samples:
+            raise AssertionError("the driver under test hands over blocks only")
+        self.samples.append(sample)
+
+    def put_block(self, block: SampleBlock) -> None:
+        if not self._takes_blocks:
+            raise AssertionError("the driver under test hands over single samples")
+        self.blocks.append((time.monotonic(), block))
+
+    def alarm(self, alarm: Alarm) -> None:
+        self.alarms.append(alarm)
+
+    def diagnostic(self, diagnostic: Diagnostic) -> None:
+        self.diagnostics.append(diagnostic)
+
+    def of(self, device: str, metric: str) -> list[Sample]:
+        """The samples of one device's metric."""
+        return [s for s in self.samples if s.stream.device == device and s.stream.metric.name == metric]
+
+    def values(self, metric: str) -> list[float]:
+        """The values of the samples of one metric."""
+        return [s.value for s in self.samples if s.stream.metric.name == metric]
+
+    def series(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """Times and values of the blocks of one metric, concatenated."""
+        bs = [b for _, b in self.blocks if b.stream.metric.name == metric]
+        return np.concatenate([b.t_mono for b in bs]), np.concatenate([b.value for b in bs])
+
+    def alarms_of(self, kind: AlarmKind) -> list[Alarm]:
+        """The alarms of one kind."""
+        return [a for a in self.alarms if a.kind == kind]
