@@ -270,6 +270,9 @@ class MqttUplink:
             reconnect_on_failure=False,
         )
         session = _Session(client, loop, loop.create_future())
+        # A connection lost before anyone awaits the CONNACK (a cancelled connect) must not end as
+        # "Future exception was never retrieved": the loss is reported through session.lost.
+        session.connack.add_done_callback(_consume_exception)
         client.user_data_set(session)
         client.connect_timeout = cfg.connect_timeout_s
         client.max_queued_messages_set(0)
@@ -977,3 +980,8 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
     return first
+
+
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
