@@ -110,6 +110,9 @@ class PipelineSection(ConfigModel):
     hop_s: float = Field(10.0, gt=0, le=3600)
     grace_s: float = Field(2.0, ge=0, le=60)  # wait for late samples before closing a window
     sensor_lost_s: float = Field(15.0, gt=0, le=3600)
+    # After a sensor fault, good data must flow this long before it counts as restored, so a
+    # flapping probe raises one fault and one restore, not a pair per flip; 0 restores at once.
+    sensor_restore_s: float = Field(2.0, ge=0, le=60)
 
 
 class OutboxSection(ConfigModel):

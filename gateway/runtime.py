@@ -72,6 +72,7 @@ class Pipeline:
             grace_s=p.grace_s,
             lost_after_s=p.sensor_lost_s,
             on_alarm=self.alarm,
+            restore_after_s=p.sensor_restore_s,
         )
         m = config.core.models
         self._plausibility = plausibility_checker(m)

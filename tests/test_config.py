@@ -38,7 +38,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
         "[pipeline]\nwindw_s = 30.0\n",
         [
             "pipeline.windw_s: expected one of the known keys "
-            "(grace_s, hop_s, sensor_lost_s, window_s), found unknown key 'windw_s'"
+            "(grace_s, hop_s, sensor_lost_s, sensor_restore_s, window_s), found unknown key 'windw_s'"
         ],
     ),
     (
@@ -182,6 +182,7 @@ def test_defaults_and_paths(tmp_path: Path) -> None:
     assert config.core.outbox_path == tmp_path / "outbox.db"
     assert config.core.site_key_path == tmp_path / "site.key"
     assert config.core.pipeline.window_s == 30.0
+    assert config.core.pipeline.sensor_restore_s == 2.0
     (entry,) = config.sources
     assert (entry.info.name, entry.info.subject, entry.info.kind, entry.driver) == (
         "bed1",
@@ -218,6 +219,16 @@ def test_check_exit_code_and_output_on_bad_config(tmp_path: Path) -> None:
     assert f"{path}: pipeline.window_s: expected a number > 0, found -1.0" in result.stderr
     assert f"{path}: outbox.max_mb: expected a number, found 'lots'" in result.stderr
     assert "2 problem(s)" in result.stderr
+
+
+def test_sensor_restore_hold_is_read_and_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "edgetwin.toml"
+    path.write_text("[pipeline]\nsensor_restore_s = 0\n")
+    assert load(path, REGISTRY).core.pipeline.sensor_restore_s == 0.0
+    path.write_text("[pipeline]\nsensor_restore_s = 61.0\n")
+    with pytest.raises(InvalidConfigError) as info:
+        load(path, REGISTRY)
+    assert any("pipeline.sensor_restore_s" in str(p) for p in info.value.problems)
 
 
 def test_models_section_from_toml(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from gateway.contracts import Lane, ModelResult, WindowRecord
 from gateway.encode import decode, encode
 from gateway.outbox import AsyncOutbox, Outbox, OutItem
 from gateway.runtime import LocalUplink, Pipeline, run_gateway
-from gateway.sample import MDC, SampleBlock, Stream
+from gateway.sample import MDC, Quality, SampleBlock, Stream
 
 SUBJECT = "MRN-777"
 HR = Stream("strap", SUBJECT, "C0:FF:EE:00:11:22", MDC["MDC_ECG_HEART_RATE"], rate_hz=10.0)
@@ -180,3 +180,40 @@ def test_windows_survive_a_cancelled_scoring_step(tmp_path: Path) -> None:
             return len([i for i in await outbox.lease(100) if i.lane == Lane.FEATURES])
 
     assert asyncio.run(main()) >= 3  # cut by close_due, queued unscored rather than lost
+
+
+def test_sensor_restore_hold_comes_from_the_pipeline_settings(tmp_path: Path) -> None:
+    config = validate(
+        {
+            "gateway": {"state_dir": str(tmp_path)},
+            "pipeline": {"window_s": 2.0, "hop_s": 1.0, "grace_s": 0.0, "sensor_restore_s": 1.0},
+        },
+        "<test>",
+        REGISTRY,
+    )
+    off = int(Quality.SENSOR_OFF)
+
+    def block(t0: float, n: int, quality: int) -> SampleBlock:
+        t = t0 + np.arange(n) / 10.0
+        return SampleBlock(HR, t, t + 1.7e9, np.full(n, 70.0), np.full(n, quality, np.uint8))
+
+    async def main() -> tuple[float, list[str], list[str]]:
+        anon = Anonymizer(Pseudonymizer(b"s" * 32), time_mode="relative", start_wall=1.7e9)
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            pipeline = Pipeline(config, anon, outbox, models=[])
+
+            async def sensor_alarms() -> list[str]:
+                await outbox.flush()
+                items = [decode(i.payload) for i in await outbox.lease(100) if i.lane == Lane.ALARMS]
+                return [a["alarm"] for a in items if a["alarm"].startswith("sensor")]
+
+            pipeline.sink.put_block(block(100.0, 5, off))  # faulty 100.0 .. 100.4
+            pipeline.sink.put_block(block(100.5, 9, 0))  # good for 0.8 s: still held
+            held = await sensor_alarms()
+            pipeline.sink.put_block(block(101.4, 5, 0))  # 101.5 completes 1.0 s of good data
+            return pipeline.windower.restore_after_s, held, await sensor_alarms()
+
+    restore_s, held, after = asyncio.run(main())
+    assert restore_s == 1.0
+    assert held == ["sensor_fault"]
+    assert after == ["sensor_restored"]

@@ -43,10 +43,23 @@ def samples(
 class Rig:
     """A windower plus the alarms it raised."""
 
-    def __init__(self, *, window_s: float = 1.0, hop_s: float = 1.0, grace_s: float = 0.5, lost: float = 3.0):
+    def __init__(
+        self,
+        *,
+        window_s: float = 1.0,
+        hop_s: float = 1.0,
+        grace_s: float = 0.5,
+        lost: float = 3.0,
+        restore: float = 2.0,
+    ):
         self.alarms: list[Alarm] = []
         self.w = Windower(
-            window_s=window_s, hop_s=hop_s, grace_s=grace_s, lost_after_s=lost, on_alarm=self.alarms.append
+            window_s=window_s,
+            hop_s=hop_s,
+            grace_s=grace_s,
+            lost_after_s=lost,
+            on_alarm=self.alarms.append,
+            restore_after_s=restore,
         )
 
     def feed(self, items: Iterable[Sample]) -> None:
@@ -335,7 +348,7 @@ def test_equal_stream_objects_share_one_ring() -> None:
 
 
 def test_fault_and_restore_alarms_once_per_state_change() -> None:
-    rig = Rig()
+    rig = Rig(restore=0.0)  # immediate restore: one alarm per flip
     s = stream()
     rig.feed(samples(s, T0, T0 + 0.5, 10.0))
     rig.feed(samples(s, T0 + 0.5, T0 + 0.8, 10.0, quality=Quality.SENSOR_OFF | Quality.ARTIFACT))
@@ -397,7 +410,7 @@ def block(s: Stream, t: list[float], quality: list[int], value: float = 1.0) -> 
 
 
 def test_block_state_changes_in_row_order() -> None:
-    rig = Rig()
+    rig = Rig(restore=0.0)  # immediate restore: one alarm per flip
     s = stream()
     off, art = int(Quality.SENSOR_OFF), int(Quality.ARTIFACT)
     rig.w.put_block(
@@ -434,6 +447,113 @@ def test_block_restores_a_lost_stream_and_empty_block_is_harmless() -> None:
     assert rig.kinds() == [AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED]
 
 
+# ---- restore hold after a fault (flapping probes) --------------------------------------------
+
+OFF = int(Quality.SENSOR_OFF)
+
+
+def feed_rows(rig: Rig, s: Stream, t: np.ndarray, q: np.ndarray, how: str) -> None:
+    """Hand rows over one sample at a time, as one block, or in blocks of 7 rows."""
+    if how == "put":
+        for i in range(t.size):
+            rig.w.put(Sample(s, float(t[i]), float(t[i]) + WALL - T0, 1.0, Quality(int(q[i]))))
+        return
+    step = t.size if how == "block" else 7
+    for i in range(0, t.size, step):
+        rig.w.put_block(block(s, t[i : i + step].tolist(), q[i : i + step].tolist()))
+
+
+def flapping_then_good(good_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """10 s of a 10 Hz probe flipping good/faulty every sample, then ``good_s`` of good samples."""
+    n_flap = 100
+    n = n_flap + round(good_s * 10)
+    t = T0 + np.arange(n) / 10.0
+    q = np.zeros(n, np.uint8)
+    q[1:n_flap:2] = OFF
+    return t, q
+
+
+@pytest.mark.parametrize("how", ["put", "block", "blocks_of_7"])
+def test_flapping_stream_raises_one_fault_and_one_restore_after_the_hold(how: str) -> None:
+    s = stream()
+    t, q = flapping_then_good(1.9)
+    rig = Rig(lost=30.0)
+    feed_rows(rig, s, t, q, how)
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT]  # good for 1.9 s only: still held
+    assert rig.alarms[0].t_mono == t[1]
+    t, q = flapping_then_good(3.0)
+    rig = Rig(lost=30.0)
+    feed_rows(rig, s, t, q, how)
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_RESTORED]
+    restored = rig.alarms[1]
+    # The sample that completed 2 s of unbroken good data (the first good one is row 100).
+    done = int(np.flatnonzero(t >= t[100] + 2.0)[0])
+    assert restored.t_mono == t[done]
+    assert restored.t_mono - t[100] == pytest.approx(2.0)
+    assert restored.t_wall == t[done] + WALL - T0
+    assert restored.detail == {"after": "sensor_fault", "quality": 0}
+    assert rig.w.counters()["alarms"] == 2
+
+
+@pytest.mark.parametrize("how", ["put", "block", "blocks_of_7"])
+def test_restore_after_zero_keeps_one_alarm_per_flip(how: str) -> None:
+    s = stream()
+    t, q = flapping_then_good(1.0)
+    rig = Rig(lost=30.0, restore=0.0)
+    feed_rows(rig, s, t, q, how)
+    assert len(rig.alarms) == 100  # 50 faulty rows, each followed by a good one
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_RESTORED] * 50
+    assert [a.t_mono for a in rig.alarms] == t[1:101].tolist()
+
+
+@pytest.mark.parametrize("how", ["put", "block", "blocks_of_7"])
+def test_hold_interrupted_by_a_faulty_sample_restarts(how: str) -> None:
+    s = stream()
+    t = T0 + np.arange(50) / 10.0
+    q = np.zeros(50, np.uint8)
+    q[0] = OFF  # fault at row 0
+    q[16] = OFF  # good rows 1..15 (1.5 s), one faulty row, then good from row 17
+    rig = Rig(lost=30.0)
+    feed_rows(rig, s, t, q, how)
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_RESTORED]  # no second fault
+    assert rig.alarms[0].t_mono == t[0]
+    assert rig.alarms[1].t_mono == t[int(np.flatnonzero(t >= t[17] + 2.0)[0])]
+    assert rig.alarms[1].t_mono == pytest.approx(T0 + 3.7)  # not T0 + 2.1, where the first hold ended
+
+
+def test_loss_during_a_hold_is_restored_at_once_by_new_data() -> None:
+    rig = Rig(lost=1.0)
+    s = stream()
+    rig.feed(samples(s, T0, T0 + 0.5, 10.0, quality=Quality.SENSOR_OFF))
+    rig.feed(samples(s, T0 + 0.5, T0 + 1.0, 10.0))  # holding
+    rig.close(T0 + 3.0)
+    rig.feed(samples(s, T0 + 3.0, T0 + 3.2, 10.0))
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED]
+    assert rig.alarms[2].detail["after"] == "sensor_lost"
+    assert rig.alarms[2].t_mono == T0 + 3.0
+
+
+@pytest.mark.parametrize("restore", [0.0, 0.35, 2.0])
+def test_blocks_and_single_samples_raise_the_same_alarms(restore: float) -> None:
+    rng = np.random.default_rng(11)
+    s = stream(rate_hz=20.0)
+    n = 3000
+    t = T0 + np.arange(n) / 20.0
+    # Long good and faulty stretches with flapping in between, cut into blocks of random sizes.
+    p_fault = np.repeat(rng.choice([0.0, 0.5, 1.0, 0.05], n // 100), 100)
+    q = np.where(rng.random(n) < p_fault, OFF, np.where(rng.random(n) < 0.1, int(Quality.ARTIFACT), 0))
+    q = q.astype(np.uint8)
+    one, many = Rig(lost=30.0, restore=restore), Rig(lost=30.0, restore=restore)
+    feed_rows(one, s, t, q, "put")
+    i = 0
+    while i < n:
+        k = int(rng.integers(1, 60))
+        many.w.put_block(block(s, t[i : i + k].tolist(), q[i : i + k].tolist()))
+        i += k
+    assert len(one.alarms) >= 4
+    assert one.alarms == many.alarms
+
+
 def test_blocks_and_single_samples_give_the_same_windows() -> None:
     rng = np.random.default_rng(3)
     s = stream(rate_hz=50.0)
@@ -463,6 +583,8 @@ def test_blocks_and_single_samples_give_the_same_windows() -> None:
         {"grace_s": -0.1},
         {"lost_after_s": math.nan},
         {"window_s": math.inf},
+        {"restore_after_s": -0.5},
+        {"restore_after_s": math.nan},
     ],
 )
 def test_settings_are_validated(kwargs: dict[str, float]) -> None:

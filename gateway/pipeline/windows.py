@@ -12,8 +12,10 @@ A stream with no usable sample in a window is reported as a gap (count 0, no fea
 is interpolated.
 
 Alarms do not wait for windows: a sensor fault is reported on the sample that shows it, a lost
-sensor by the next :meth:`Windower.close_due`, and a restore on the first good sample after
-either.  Only state changes raise alarms, never every faulty sample.
+sensor by the next :meth:`Windower.close_due`, and a restore on the first good sample after a
+loss.  After a fault the restore waits until good samples have kept coming for
+``restore_after_s`` (a faulty one starts the wait over), so a flapping probe raises one fault and
+one restore instead of a pair per flip.  Only state changes raise alarms, never every faulty sample.
 
 Memory: state is created per stream on first sight and kept for the life of the windower, so
 memory is bounded by the configured streams (a few tens of kB per stream at 256 Hz).  A lost
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import logging
 import math
+from bisect import bisect_left
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowRecord
 from gateway.errors import ConfigError
@@ -57,12 +61,25 @@ MIN_CAPACITY = 64
 #: A ring that loses rows not yet windowed doubles, up to this many rows (~6.5 MB).
 MAX_CAPACITY = 1 << 18
 
+F8 = npt.NDArray[np.float64]
+U1 = npt.NDArray[np.uint8]
+
 _OK, _FAULTED, _LOST = 0, 1, 2
 _STATUS_ALARM = {_FAULTED: AlarmKind.SENSOR_FAULT, _LOST: AlarmKind.SENSOR_LOST}
 
 
 class _StreamState:
-    __slots__ = ("aliases", "expected", "lost_after_s", "lost_rows", "ring", "rr", "status", "stream")
+    __slots__ = (
+        "aliases",
+        "expected",
+        "lost_after_s",
+        "lost_rows",
+        "restore_at",
+        "ring",
+        "rr",
+        "status",
+        "stream",
+    )
 
     def __init__(self, stream: Stream, ring: RingBuffer, window_s: float, lost_after_s: float) -> None:
         self.stream = stream
@@ -76,6 +93,9 @@ class _StreamState:
         # Equal Stream objects seen under other ids; held so their ids cannot be reused.
         self.aliases: list[Stream] = []
         self.lost_rows = 0  # ring.overwritten when last looked at
+        # While faulted: t_mono from which good samples restore the stream (first good sample of
+        # the current unbroken good run + restore_after_s); None until a good sample comes.
+        self.restore_at: float | None = None
 
 
 class _SubjectState:
@@ -106,22 +126,25 @@ class Windower:
         grace_s: float,
         lost_after_s: float,
         on_alarm: Callable[[Alarm], None],
+        restore_after_s: float = 2.0,
     ) -> None:
-        for name, value, ok in (
-            ("window_s", window_s, window_s > 0),
-            ("hop_s", hop_s, hop_s > 0),
-            ("grace_s", grace_s, grace_s >= 0),
-            ("lost_after_s", lost_after_s, lost_after_s > 0),
+        for name, value, zero_ok in (
+            ("window_s", window_s, False),
+            ("hop_s", hop_s, False),
+            ("grace_s", grace_s, True),
+            ("lost_after_s", lost_after_s, False),
+            ("restore_after_s", restore_after_s, True),
         ):
-            if not (ok and math.isfinite(value)):
+            if not ((value >= 0 if zero_ok else value > 0) and math.isfinite(value)):
                 raise ConfigError(
                     f"windower: {name}: got {value!r}: must be a finite number of seconds, "
-                    f"{'>= 0' if name == 'grace_s' else '> 0'}: fix the pipeline settings"
+                    f"{'>= 0' if zero_ok else '> 0'}: fix the pipeline settings"
                 )
         self.window_s = float(window_s)
         self.hop_s = float(hop_s)
         self.grace_s = float(grace_s)
         self.lost_after_s = float(lost_after_s)
+        self.restore_after_s = float(restore_after_s)
         self._on_alarm = on_alarm
         ratio = self.window_s / self.hop_s
         # When the window is a whole number of hops, start = (k - m) * hop equals an earlier end
@@ -145,8 +168,20 @@ class Windower:
             if _IS_FAULT[sample.quality]:
                 if st.status != _FAULTED:
                     self._change(st, _FAULTED, sample.t_mono, sample.t_wall, int(sample.quality))
+                else:
+                    st.restore_at = None  # the stream has to prove itself again from scratch
             elif st.status:
-                self._change(st, _OK, sample.t_mono, sample.t_wall, int(sample.quality))
+                self._good_while_down(st, sample.t_mono, sample.t_wall, int(sample.quality))
+
+    def _good_while_down(self, st: _StreamState, t_mono: float, t_wall: float, quality: int) -> None:
+        """A good sample of a faulted or lost stream: restore a fault only after the hold."""
+        if st.status == _FAULTED:
+            due = st.restore_at
+            if due is None:
+                due = st.restore_at = t_mono + self.restore_after_s
+            if t_mono < due:
+                return
+        self._change(st, _OK, t_mono, t_wall, quality)
 
     def put_block(self, block: SampleBlock) -> None:
         """Accept many samples of one stream; state changes are evaluated row by row, in order."""
@@ -166,17 +201,51 @@ class Windower:
         if stored != n:
             keep = in_order(tm, before)
             tm, tw, q = tm[keep], tw[keep], q[keep]
-        if not q.tobytes().translate(None, _NOT_FAULT_BYTES):  # no faulty row
+        if st.status != _FAULTED and not q.tobytes().translate(None, _NOT_FAULT_BYTES):  # no faulty row
             if st.status:
                 self._change(st, _OK, float(tm[0]), float(tw[0]), int(q[0]))
             return
+        self._block_states(st, tm, tw, q)
+
+    def _block_states(self, st: _StreamState, tm: F8, tw: F8, q: U1) -> None:
+        """Raise the alarms :meth:`put` would raise for these rows, from their fault/good runs."""
         faulty = (q & _FAULT) != 0
-        # Rows where the fault state flips, plus row 0 when it differs from the current state.
-        flips = (np.flatnonzero(faulty[1:] != faulty[:-1]) + 1).tolist()
-        if st.status == _LOST or bool(faulty[0]) != (st.status == _FAULTED):
-            flips.insert(0, 0)
-        for i in flips:
-            self._change(st, _FAULTED if faulty[i] else _OK, float(tm[i]), float(tw[i]), int(q[i]))
+        n = faulty.size
+        edges = np.flatnonzero(faulty[1:] != faulty[:-1]) + 1
+        starts = np.concatenate(([0], edges))
+        ends = np.concatenate((edges, [n]))
+        first_faulty = bool(faulty[0])
+        # Runs alternate between faulty and good, so every other run is of one kind.
+        fault_starts = starts[0 if first_faulty else 1 :: 2].tolist()
+        good_starts = starts[1 if first_faulty else 0 :: 2]
+        good_ends = ends[1 if first_faulty else 0 :: 2]
+        # Each good run would restore a faulted stream at its first row at or after `due`; a
+        # good first run continues the hold a faulted stream already started.
+        due = tm[good_starts] + self.restore_after_s
+        if not first_faulty and st.status == _FAULTED and st.restore_at is not None:
+            due[0] = st.restore_at
+        done = np.maximum(np.searchsorted(tm, due, side="left"), good_starts)
+        restores = done[done < good_ends].tolist()
+        # Walk the state changes only (fault -> next restore -> next fault ...), not the rows.
+        status = st.status
+        events: list[tuple[int, int]] = []
+        after = 0
+        if status == _LOST:  # any data ends a loss: a faulty row is a fault, a good one a restore
+            status = _FAULTED if first_faulty else _OK
+            events.append((0, status))
+            after = 1
+        while True:
+            rows = restores if status == _FAULTED else fault_starts
+            k = bisect_left(rows, after)
+            if k == len(rows):
+                break
+            status = _OK if status == _FAULTED else _FAULTED
+            events.append((rows[k], status))
+            after = rows[k] + 1
+        for i, new in events:
+            self._change(st, new, float(tm[i]), float(tw[i]), int(q[i]))
+        # A hold still running at the end of the block carries over into the next one.
+        st.restore_at = float(due[-1]) if status == _FAULTED and not faulty[-1] else None
 
     def _adopt(self, stream: Stream, t_first: float) -> _StreamState:
         """State for a stream seen under a new object id: an equal stream's, or a fresh one."""
@@ -207,6 +276,7 @@ class Windower:
         """Move a stream to a new sensor state and raise the alarm that says so."""
         old = st.status
         st.status = status
+        st.restore_at = None
         stream = st.stream
         if status == _OK:
             kind = AlarmKind.SENSOR_RESTORED
