@@ -149,7 +149,7 @@ VOCABULARY = (
     "diag/gateway",
     "counters",
     "sim_label",
-    *(k for k in ("mean", "std", "min", "max", "slope", "rmssd", "sdnn", "pnn50", "missing")),
+    *("mean", "std", "min", "max", "slope", "rmssd", "sdnn", "pnn50", "missing"),
     *(
         m.lower()
         for m in ("MDC_PULS_OXIM_SAT_O2", "MDC_ECG_HEART_RATE", "MDC_ECG_TIME_PD_RR_GL", "MDC_RESP_RATE")

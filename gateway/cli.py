@@ -1,4 +1,4 @@
-"""The ``edgetwin`` command: run | check | demo | version | rotate-key.
+"""The ``edgetwin`` command: run the gateway, check its config, demo, scan and simulate devices.
 
 Exit codes (also in the README):
   0   success, or an orderly stop on SIGTERM/SIGINT

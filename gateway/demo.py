@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import socket
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -70,13 +69,6 @@ SIM_PUMP: dict[str, Any] = {
 Starter = Callable[[contextlib.ExitStack, Path], list[dict[str, Any]]]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def oximeter(stack: contextlib.ExitStack, tmp: Path) -> list[dict[str, Any]]:
     """A Nonin oximeter (data format #2) on a pseudo-terminal, with desaturations and probe-off."""
     from drivers.serial.sim import start_demo_oximeter  # noqa: PLC0415 - optional extra
@@ -110,8 +102,9 @@ def plc(stack: contextlib.ExitStack, tmp: Path) -> list[dict[str, Any]]:
     """A pump PLC: an OPC UA server with a process model and a valve fault at 45 s."""
     del tmp
     from drivers.opcua.plcsim import PlcSimProcess  # noqa: PLC0415 - optional extra
+    from gateway.uplink.broker import free_port  # noqa: PLC0415 - optional extra
 
-    port = _free_port()
+    port = free_port()
     server = PlcSimProcess(port, "--fault", "valve_fault:45:30")
     server.start()
     stack.callback(server.stop)

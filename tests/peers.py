@@ -1,7 +1,8 @@
-"""Test peers shared by the driver tests: a SampleSink that records what a driver hands over."""
+"""Test peers shared by the driver tests: a SampleSink that records what a driver hands over, a free port."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import numpy as np
@@ -57,3 +58,11 @@ class RecordingSink:
     def alarms_of(self, kind: AlarmKind) -> list[Alarm]:
         """The alarms of one kind."""
         return [a for a in self.alarms if a.kind == kind]
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

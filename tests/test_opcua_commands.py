@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from peers import free_port
 
 from drivers.opcua.commands import add_commands
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.plcsim import PlcSimProcess
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def cli(argv: list[str]) -> int:

@@ -10,12 +10,12 @@ import asyncio
 import itertools
 import math
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from peers import free_port
 
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.driver import OpcUaDriver, factory
@@ -37,13 +37,6 @@ NODES = [
     {"node_id": f"nsu={NAMESPACE_URI};s=Pump1.Vibration.Accelerometer1RMS", "name": "Pump1/Vibration/1"},
     {"browse_path": "Pump1/Status/Running"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Recorder:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from peers import free_port
 
 from drivers.opcua.commands import add_commands
 from drivers.opcua.config import OpcUaConfig
@@ -27,13 +27,6 @@ from gateway.errors import AuthError, ConfigError
 from gateway.sample import Sample, SampleBlock
 
 INFO = SourceInfo("pump-3-plc", "plant-A/pump-3", "industrial")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Recorder:
