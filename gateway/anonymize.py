@@ -325,6 +325,13 @@ class Anonymizer:
             payload["detail"] = self._detail(alarm.detail)
         if alarm.contributions:
             payload["contrib"] = {k: float(v) for k, v in alarm.contributions.items() if math.isfinite(v)}
+        # Alarm semantics (IEC 60601-1-8 / ISA-18.2): class, priority, limit, value, time held.
+        payload["class"] = alarm.alarm_class.value
+        if alarm.priority is not None:
+            payload["priority"] = alarm.priority.value
+        for name, number in (("limit", alarm.limit), ("value", alarm.value), ("held_s", alarm.held_s)):
+            if number is not None and math.isfinite(number):
+                payload[name] = float(number)
         return OutRecord(Lane.ALARMS, f"alarms/{subject}", payload, alarm.t_wall)
 
     def diagnostic(self, diag: Diagnostic) -> OutRecord:

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from gateway.alarms.config import AlarmsSection
 from gateway.contracts import DriverSpec, SourceInfo
 from gateway.errors import ConfigProblem, InvalidConfigError
 from gateway.inference.build import ModelsSection
@@ -159,6 +160,7 @@ class CoreConfig(ConfigModel):
     logging: LoggingSection = LoggingSection()
     runtime: RuntimeSection = RuntimeSection()
     models: ModelsSection = ModelsSection()
+    alarms: AlarmsSection = AlarmsSection()
 
     @property
     def site_key_path(self) -> Path:

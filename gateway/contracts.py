@@ -38,6 +38,40 @@ class AlarmKind(enum.StrEnum):
     SENSOR_FAULT = "sensor_fault"  # the device flags its own measurement as unusable
     ANOMALY = "anomaly"  # a model or rule says the subject, not the sensor, is abnormal
     ANOMALY_CLEARED = "anomaly_cleared"  # the same model finds the subject normal again
+    # Inside an episode the model cannot judge (gap, implausible input, ...): not a clearance.
+    ANOMALY_INDETERMINATE = "anomaly_indeterminate"
+    LIMIT = "limit"  # a value beyond a configured limit for the alarm condition delay
+    LIMIT_CLEARED = "limit_cleared"  # back inside the limit (by the deadband, for the off-delay)
+    DEVICE_LOST = "device_lost"  # every stream of one device lost at once: one outage, one alarm
+    DEVICE_RESTORED = "device_restored"  # data flows again from that device
+
+
+#: Kinds that concern the equipment, never the patient or the process (IEC 60601-1-8 "technical").
+TECHNICAL_KINDS = frozenset(
+    {
+        AlarmKind.SENSOR_LOST,
+        AlarmKind.SENSOR_RESTORED,
+        AlarmKind.SENSOR_FAULT,
+        AlarmKind.DEVICE_LOST,
+        AlarmKind.DEVICE_RESTORED,
+    }
+)
+
+
+class AlarmPriority(enum.StrEnum):
+    """How soon someone must act: IEC 60601-1-8 high / medium / low (ISA-18.2 uses the same three)."""
+
+    HIGH = "high"  # immediate response
+    MEDIUM = "medium"  # prompt response
+    LOW = "low"  # awareness
+
+
+class AlarmClass(enum.StrEnum):
+    """What an alarm is about: the equipment, a patient or a process."""
+
+    TECHNICAL = "technical"
+    PHYSIOLOGICAL = "physiological"
+    PROCESS = "process"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +86,19 @@ class Alarm:
     detail: Mapping[str, float | str] = field(default_factory=dict)  # numbers and short tokens only
     # For anomalies: "<metric>.<feature>" -> share of the score, the explanation sent with it.
     contributions: Mapping[str, float] = field(default_factory=dict)
+    priority: AlarmPriority | None = None
+    limit: float | None = None  # the limit crossed, in the stream's unit
+    value: float | None = None  # the value that holds the condition, in the stream's unit
+    held_s: float | None = None  # how long the condition has held when this was raised
+    subject_kind: str | None = None  # "medical" / "industrial" when there is no stream to say it
+
+    @property
+    def alarm_class(self) -> AlarmClass:
+        """Technical for sensor and device kinds, else physiological or process by subject kind."""
+        if self.kind in TECHNICAL_KINDS:
+            return AlarmClass.TECHNICAL
+        kind = self.subject_kind or (self.stream.kind if self.stream is not None else "medical")
+        return AlarmClass.PROCESS if kind == "industrial" else AlarmClass.PHYSIOLOGICAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +148,16 @@ class ModelResult:
     anomaly: bool  # score crossed the calibrated threshold
     contributions: Mapping[str, float] = field(default_factory=dict)  # feature -> share of the score
     fallback: bool = False  # produced by the statistical fallback, not the model
+    # Non-empty when the window could not be judged: "gap", "implausible_input", "missing_inputs",
+    # "commissioning", "demoted". Such a verdict is indeterminate, neither anomalous nor normal.
+    reason: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """``"anomalous"``, ``"normal"`` or ``"indeterminate"``."""
+        if self.anomaly:
+            return "anomalous"
+        return "indeterminate" if self.reason else "normal"
 
 
 class WindowModel(Protocol):

@@ -18,6 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from gateway.alarms import with_priority
+from gateway.alarms.config import limit_checker
+from gateway.alarms.episodes import EpisodeTracker, episode_alarm
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config
 from gateway.contracts import (
@@ -37,12 +40,13 @@ from gateway.inference.ectopic import EctopyMonitor
 from gateway.notify import Notifier
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
-from gateway.sample import Sample, SampleBlock
+from gateway.sample import Quality, Sample, SampleBlock
 from gateway.supervisor import EXIT_CONFIG, Group, Supervisor, Unit
 
 log = logging.getLogger(__name__)
 
 COUNTERS_EVERY_S = 60.0  # how often gateway counters go out as a diagnostic record
+_LOGGED_HERE = frozenset({AlarmKind.ANOMALY, AlarmKind.ANOMALY_INDETERMINATE})
 
 
 class Pipeline:
@@ -61,7 +65,7 @@ class Pipeline:
     ) -> None:
         p = config.core.pipeline
         self._models = tuple(models)
-        self._anomalous: set[tuple[str, str]] = set()  # (subject, model) in an anomaly episode
+        self._episodes = EpisodeTracker(config.core.models.clear_after_windows)
         self._step_lock = asyncio.Lock()
         self._anon = anonymizer
         self._outbox = outbox
@@ -77,6 +81,7 @@ class Pipeline:
         m = config.core.models
         self._plausibility = plausibility_checker(m)
         self._ectopy = EctopyMonitor() if m.ectopy else None
+        self._limits = limit_checker(config.core.alarms)
         self.sink: SampleSink = _Sink(self.put, self.put_block, self.alarm, self.diagnostic)
         self.last_beat = time.monotonic()
         self.submitted = dict.fromkeys(Lane, 0)
@@ -86,6 +91,9 @@ class Pipeline:
         """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""
         self.windower.put(sample)
         alarm = self._plausibility.check_sample(sample)
+        if alarm is not None:
+            self.alarm(alarm)
+        alarm = self._limits.check_sample(sample)
         if alarm is not None:
             self.alarm(alarm)
         if self._ectopy is not None and sample.stream.metric.rr:
@@ -98,11 +106,17 @@ class Pipeline:
         self.windower.put_block(block)
         for alarm in self._plausibility.check_block(block):
             self.alarm(alarm)
+        for alarm in self._limits.check_block(block):
+            self.alarm(alarm)
         if self._ectopy is not None and block.stream.metric.rr:
             for i in range(len(block)):
                 beat_alarm = self._ectopy.update(
                     Sample(
-                        block.stream, float(block.t_mono[i]), float(block.t_wall[i]), float(block.value[i])
+                        block.stream,
+                        float(block.t_mono[i]),
+                        float(block.t_wall[i]),
+                        float(block.value[i]),
+                        Quality(int(block.quality[i])),
                     )
                 )
                 if beat_alarm is not None:
@@ -118,9 +132,10 @@ class Pipeline:
 
     def alarm(self, alarm: Alarm) -> None:
         """Seal and queue an alarm now; it never waits for a window."""
+        alarm = with_priority(alarm)
         # Sensor alarms are logged by the windower or driver that raised them; anomalies here.
-        if alarm.kind == AlarmKind.ANOMALY:
-            log.warning("anomaly on %s: %s", alarm.subject, dict(alarm.detail))
+        if alarm.kind in _LOGGED_HERE:
+            log.warning("%s on %s: %s", alarm.kind.value, alarm.subject, dict(alarm.detail))
         self._submit(lambda: self._anon.alarm(alarm))
 
     def diagnostic(self, diagnostic: Diagnostic) -> None:
@@ -140,32 +155,14 @@ class Pipeline:
                 continue
             results = await asyncio.to_thread(model.score_batch, [records[i] for i in picked])
             for i, result in zip(picked, results, strict=True):
-                scores[i][model.name] = result.score
+                if math.isfinite(result.score):
+                    scores[i][model.name] = result.score
                 rec = records[i]
-                key = (rec.subject, model.name)
                 # One alarm per episode, not per window: overlapping windows of one event would
                 # otherwise page the nurse every hop (alarm fatigue).
-                if result.anomaly == (key in self._anomalous):
-                    continue
-                detail: dict[str, float | str] = {"model": model.name, "score": round(result.score, 4)}
-                if result.fallback:
-                    detail["fallback"] = 1
-                if result.anomaly:
-                    self._anomalous.add(key)
-                    kind, contributions = AlarmKind.ANOMALY, result.contributions
-                else:
-                    self._anomalous.discard(key)
-                    kind, contributions = AlarmKind.ANOMALY_CLEARED, {}
-                self.alarm(
-                    Alarm(
-                        kind,
-                        rec.subject,
-                        rec.end_mono,
-                        rec.end_wall,
-                        detail=detail,
-                        contributions=contributions,
-                    )
-                )
+                emission = self._episodes.update((rec.subject, model.name), result)
+                if emission is not None:
+                    self.alarm(episode_alarm(emission, rec, model.name))
         for model in self._models:
             # Sensor faults found by a model's plausibility checks, and its health changes.
             for event in getattr(model, "drain_events", list)():

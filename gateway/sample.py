@@ -36,6 +36,9 @@ class Quality(enum.IntFlag):
 #: Flags that make a sample unusable as a measurement of the subject: it says the sensor, not
 #: the patient or machine, is at fault.
 FAULT_FLAGS = Quality.SENSOR_OFF | Quality.BAD_STATUS
+#: Flags that make a sample no measurement of the subject: kept out of features and detectors.
+# IMPUTED values were filled in, not measured.
+UNUSABLE_FLAGS = int(Quality.SENSOR_OFF | Quality.BAD_STATUS | Quality.ARTIFACT | Quality.IMPUTED)
 
 
 @dataclass(frozen=True, slots=True)

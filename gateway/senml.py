@@ -172,6 +172,16 @@ def _features_pack(p: Mapping[str, Any]) -> list[dict[Any, Any]]:
     return pack
 
 
+#: Alarm semantics in the alarm header: record key -> SenML extension label (docs/records.md).
+_ALARM_FIELDS = (
+    ("class", "cls"),
+    ("priority", "pri"),
+    ("limit", "lim"),
+    ("value", "val"),
+    ("held_s", "held"),
+)
+
+
 def _alarm_pack(p: Mapping[str, Any]) -> list[dict[Any, Any]]:
     head = _header(p, "alarm")
     head[VS] = p["alarm"]
@@ -179,6 +189,9 @@ def _alarm_pack(p: Mapping[str, Any]) -> list[dict[Any, Any]]:
         head["dev"] = p["dev"]
     if "metric" in p:
         head["metric"] = p["metric"]
+    for key, label in _ALARM_FIELDS:
+        if key in p:
+            head[label] = p[key] if isinstance(p[key], str) else _num(p[key])
     pack = [head]
     pack += _detail_records(p.get("detail", {}))
     pack += _detail_records(p.get("contrib", {}), "c/")
@@ -298,6 +311,9 @@ def _decode_alarm(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]]) ->
         out["dev"] = head["dev"]
     if "metric" in head:
         out["metric"] = head["metric"]
+    for key, label in _ALARM_FIELDS:
+        if label in head:
+            out[key] = _restore(head[label])
     detail: dict[str, Any] = {}
     contrib: dict[str, Any] = {}
     for rec in rest:

@@ -39,8 +39,7 @@ def verdicts(rr: np.ndarray) -> np.ndarray:
     det = EctopicDetector()
     out = np.zeros(len(rr), bool)
     for x in rr:
-        beat = det.update(float(x))
-        if beat is not None:
+        for beat in det.feed(float(x)):
             out[beat.index] = beat.ectopic
     return out
 

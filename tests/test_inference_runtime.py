@@ -92,6 +92,8 @@ def commission(model: AnomalyModel, rng: np.random.Generator, subject: str = "pu
     for k in range(COMMISSION):
         (r,) = model.score_batch([pump_window(k, rng, subject=subject)])
         assert math.isnan(r.score)
+        assert r.verdict == "indeterminate"
+        assert r.reason == "commissioning"
         assert not r.anomaly
     return COMMISSION
 
@@ -300,24 +302,35 @@ def test_nan_output_demotes_to_fallback_with_an_event(tmp_path: Path) -> None:
     assert model.stats()["fallback_windows"] == 12
 
 
-def test_out_of_range_inputs_demote_then_promote_when_healthy() -> None:
+def test_out_of_range_inputs_demote_one_subject_only_then_promote_it() -> None:
     model = pump_model()
     rng = np.random.default_rng(6)
     commission(model, rng)
-    (r,) = model.score_batch([pump_window(20, rng, shift={"Accelerometer1RMS": 3.0})])
+    commission(model, rng, subject="pump-2")
+    idle = pump_window(20, rng, shift={"Accelerometer1RMS": 3.0})
+    (r, other) = model.score_batch([idle, pump_window(20, rng, subject="pump-2")])
     assert r.fallback
     assert r.anomaly
-    assert model.demoted
-    assert [e.detail["reason"] for e in health_events(model)] == ["input_out_of_range"]
+    assert model.demoted_for("pump-1")
+    assert not model.demoted  # the model itself is healthy
+    assert not model.demoted_for("pump-2")
+    assert not other.fallback  # the other pump keeps its model verdict
+    (ev,) = health_events(model)
+    assert (ev.subject, ev.detail["state"], ev.detail["reason"]) == ("pump-1", "demoted", "input_out_of_range")
+    assert ev.detail["input"] == "Accelerometer1RMS.mean"
     for k in range(4):
         (r,) = model.score_batch([pump_window(21 + k, rng)])
         assert r.fallback
+        assert r.verdict == "indeterminate"  # a fallback "normal" cannot end an episode
+        assert r.reason == "demoted"
     (r,) = model.score_batch([pump_window(25, rng)])
-    assert model.stats()["state"] == "healthy"
-    assert [e.detail["state"] for e in health_events(model)] == ["promoted"]
+    assert not model.demoted_for("pump-1")
+    (ev,) = health_events(model)
+    assert (ev.subject, ev.detail["state"]) == ("pump-1", "promoted")
     (r,) = model.score_batch([pump_window(26, rng)])
     assert not r.fallback
     assert math.isfinite(r.score)
+    assert r.verdict == "normal"
 
 
 def test_latency_overrun_demotes_and_recovers() -> None:

@@ -56,6 +56,9 @@ class ModelsSection(_Section):
     backend: Literal["onnxruntime", "litert"] = "onnxruntime"
     # Ectopic-beat detection on RR-interval streams (a physiology rule, no model file needed).
     ectopy: bool = True
+    # Scored normal windows in a row that end an anomaly episode (hysteresis); an indeterminate
+    # window (a gap, an implausible input) never ends one.
+    clear_after_windows: int = Field(3, ge=1, le=1000)
     use: list[ModelUse] = Field(default_factory=list)  # TOML arrays are lists (strict mode)
     plausibility: dict[str, PlausibilityRule] = Field(default_factory=dict)
 

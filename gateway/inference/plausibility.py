@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowRecord
+from gateway.sample import UNUSABLE_FLAGS as UNUSABLE
 from gateway.sample import Sample, SampleBlock, Stream
 
 __all__ = ["DEFAULT_RULES", "PlausibilityChecker", "Rule", "Violation"]
@@ -120,6 +121,8 @@ class PlausibilityChecker:
 
     def check_sample(self, sample: Sample) -> Alarm | None:
         """Check one sample; an alarm only when the stream enters or leaves the faulted state."""
+        if sample.quality & UNUSABLE:
+            return None  # flagged by the device: not a measurement, neither a fault nor a reference
         st = self._state.get(sample.stream)
         if st is None:
             st = self._state[sample.stream] = _State()
@@ -133,6 +136,9 @@ class PlausibilityChecker:
         if rule is None or len(block) == 0:
             return []
         v = block.value
+        flagged = (np.asarray(block.quality, np.uint8) & UNUSABLE) != 0
+        if flagged.any():
+            v = np.where(flagged, np.nan, v)  # NaN: neither a fault nor a reference for the rate
         in_range = ~((v < rule.lo) | (v > rule.hi))  # NaN counts as in range: "no value" is not a fault
         st = self._state.get(stream)
         if st is None:

@@ -13,11 +13,19 @@ thread and does, per batch of windows (any mix of subjects):
 4. explain each anomaly by occlusion: the share of the score lost when one input is set to its
    normal value (``z = 0``), over the inputs that lower it.
 
-Self-healing: a model that returns NaN/inf, raises, sees inputs beyond ``health.ood_z`` or overruns
-its latency budget ``health.overruns_to_demote`` batches in a row is demoted: its windows are scored
-by the statistical fallback (largest ``|z|``) and flagged ``fallback``.  While demoted the model
-still runs as a probe, and ``health.healthy_to_promote`` healthy probes in a row promote it back.
-Both changes are queued as ``model_health`` diagnostics (see :meth:`AnomalyModel.drain_events`).
+Self-healing: a model that returns NaN/inf, raises or overruns its latency budget
+``health.overruns_to_demote`` batches in a row is demoted: its windows are scored by the
+statistical fallback (largest ``|z|``) and flagged ``fallback``.  While demoted the model still
+runs as a probe, and ``health.healthy_to_promote`` healthy probes in a row promote it back.  The
+latency is the worker thread's own CPU time (``time.thread_time``; the backend runs in that
+thread), so a busy machine does not change verdicts.  Inputs beyond ``health.ood_z`` demote the
+model for *that subject only*, which is promoted back after ``healthy_to_promote`` of its windows
+in range.  Every change is queued as a ``model_health`` diagnostic saying why (see
+:meth:`AnomalyModel.drain_events`).
+
+Each result is a three-valued verdict (:attr:`gateway.contracts.ModelResult.verdict`): a window
+that cannot be judged carries the reason - ``implausible_input``, ``commissioning``, ``gap``,
+``missing_inputs``, or ``demoted`` for a fallback score that does not flag it.
 
 Commissioning statistics live in memory and, when a ``state_dir`` is given, in one small JSON file
 per model and subject there, so a restart does not recommission a machine.
@@ -127,7 +135,7 @@ class AnomalyModel:
         state_dir: Path | None = None,
         opened: Backend | None = None,
         subjects: Sequence[str] = (),
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = time.thread_time,
         fault_alarms: bool = True,
     ) -> None:
         self.card = card
@@ -153,6 +161,9 @@ class AnomalyModel:
         self._faulted: set[tuple[str, str]] = set()
         self._events: deque[Event] = deque(maxlen=1024)
         self._health = _Health()
+        # Subjects demoted for out-of-range inputs (-> why), and their in-range windows since.
+        self._subject_demoted: dict[str, str] = {}
+        self._subject_probes: dict[str, int] = {}
         log.info(
             "models %s %s loaded (%s, %s, threshold %.4g)",
             card.name,
@@ -292,8 +303,8 @@ class AnomalyModel:
             self._norm[subject] = norm
         return norm
 
-    def _z(self, record: WindowRecord, x: F64, present: int) -> F64 | None:
-        """Normalised inputs, or None while the subject is commissioning or too little is present."""
+    def _z(self, record: WindowRecord, x: F64, present: int) -> tuple[F64 | None, str]:
+        """Normalised inputs, or None and why not (commissioning, a gap, too little present)."""
         if self._fixed:
             mean, std = self._fixed_mean, self._fixed_std
         else:
@@ -304,13 +315,21 @@ class AnomalyModel:
                     if norm.add(x, spec.min_std_rel, spec.min_std_abs):
                         log.info("models %s: subject commissioned after %d windows", self.name, norm.n)
                         self._save_norm(record.subject, norm)
-                return None
+                return None, "commissioning"
             mean, std = norm.mean, norm.std
         if 2 * present < self._n:
-            return None
+            return None, self._absent_reason(record)
         z = (x - mean) / std
         z[~np.isfinite(z)] = 0.0  # an absent input sits at its normal value
-        return z
+        return z, ""
+
+    def _absent_reason(self, record: WindowRecord) -> str:
+        """Why too few inputs are present: "gap" (streams there, no usable sample) or "missing_inputs"."""
+        res = self._resolve(record)
+        slots = [s for s in res.slots if s is not None]
+        if slots and any(record.streams[pos].gap for pos, _ in slots):
+            return "gap"
+        return "missing_inputs"
 
     def score_batch(self, records: Sequence[WindowRecord]) -> Sequence[ModelResult]:
         """Score windows (any subjects) in one backend call; see the module docstring."""
@@ -326,9 +345,12 @@ class AnomalyModel:
             if (bad or self._faulted) and self._fault_alarms:
                 self._fault_events(rec, bad)
             if bad:
+                results[i] = ModelResult(nan, False, reason="implausible_input")
                 continue
-            z = self._z(rec, x, present)
-            if z is not None:
+            z, why = self._z(rec, x, present)
+            if z is None:
+                results[i] = ModelResult(nan, False, reason=why)
+            else:
                 rows.append(i)
                 zs.append(z)
         if not rows:
@@ -338,7 +360,10 @@ class AnomalyModel:
         zmax = np.abs(z_all).max(axis=1)
         ood = zmax > spec.ood_z
         model_ok = ~ood
-        reason = "input_out_of_range" if ood.any() else ""
+        # Out-of-range inputs are one subject's matter (a pump commissioned while idle): that
+        # subject alone goes to the fallback, and comes back once its inputs are in range again.
+        subject_ok = self._subject_health([records[i].subject for i in rows], ood, z_all)
+        reason = ""
         scores = np.full(len(rows), np.nan)
         if model_ok.any():
             xin = np.clip(z_all[model_ok], -clip, clip).astype(np.float32)
@@ -356,7 +381,7 @@ class AnomalyModel:
             self._demote(reason)
         elif h.demoted and not h.reason.startswith("latency"):
             self._probe(not reason)
-        serve_model = use_model & (not h.demoted)
+        serve_model = use_model & subject_ok & (not h.demoted)
         anomalous = serve_model & (scores > self.threshold)
         contrib_rows = np.flatnonzero(anomalous)
         contribs = self._explain(z_all[contrib_rows], scores[contrib_rows], clip) if contrib_rows.size else []
@@ -370,14 +395,66 @@ class AnomalyModel:
             else:
                 s = float(zmax[r])
                 flag = s > fb_z
+                # The fallback is far less sensitive than the model: its "normal" does not show
+                # the subject is normal, so it cannot end an episode (indeterminate, "demoted").
                 results[i] = ModelResult(
-                    s, flag, _zshare(z_all[r], self._keys) if flag else {}, fallback=True
+                    s, flag, _zshare(z_all[r], self._keys) if flag else {}, fallback=True, reason="demoted"
                 )
                 h.fallback_windows += 1
         per_window_us = (self._clock() - t0) * 1e6 / len(records)
         h.latencies_us.append(per_window_us)
         self._latency(per_window_us, spec.latency_budget_us, spec.overruns_to_demote)
         return results
+
+    def _subject_health(
+        self, subjects: list[str], ood: npt.NDArray[np.bool_], z: F64
+    ) -> npt.NDArray[np.bool_]:
+        """Demote and promote per subject on its inputs' range; True where the model may serve."""
+        ok = np.ones(len(subjects), bool)
+        need = self.card.health.healthy_to_promote
+        for r, subject in enumerate(subjects):
+            if ood[r]:
+                self._subject_probes[subject] = 0
+                if subject not in self._subject_demoted:
+                    j = int(np.argmax(np.abs(z[r])))
+                    why = (
+                        f"input {self._keys[j]} at z={z[r, j]:.0f}, beyond +-{self.card.health.ood_z:g} "
+                        "of the subject's commissioning statistics"
+                    )
+                    self._subject_demoted[subject] = why
+                    self._health_event("demoted", "input_out_of_range", subject, self._keys[j], why)
+                ok[r] = False
+            elif subject in self._subject_demoted:
+                n = self._subject_probes.get(subject, 0) + 1
+                self._subject_probes[subject] = n
+                if n >= need:
+                    del self._subject_demoted[subject]
+                    self._subject_probes.pop(subject, None)
+                    self._health_event(
+                        "promoted", "input_out_of_range", subject, "", f"inputs in range for {n} windows"
+                    )
+                else:
+                    ok[r] = False
+        return ok
+
+    def _health_event(self, state: str, reason: str, subject: str | None, key: str, why: str) -> None:
+        """Log and queue one ``model_health`` diagnostic (a subject's or the model's)."""
+        (log.warning if state == "demoted" else log.info)(
+            "models %s: %s for subject %s: %s", self.name, state, subject, why
+        )
+        detail: dict[str, float | str] = {
+            "model": self.name,
+            "state": state,
+            "reason": reason,
+            "precision": self.backend.precision,
+        }
+        if key:
+            detail["input"] = key
+        self._events.append(Diagnostic("model_health", subject, time.time(), detail))
+
+    def demoted_for(self, subject: str) -> bool:
+        """True while the fallback scores this subject (the model's or the subject's demotion)."""
+        return self._health.demoted or subject in self._subject_demoted
 
     def _latency(self, per_window_us: float, budget_us: float, limit: int) -> None:
         h = self._health

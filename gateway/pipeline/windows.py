@@ -36,15 +36,12 @@ from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowRecord
 from gateway.errors import ConfigError
 from gateway.pipeline.features import basic_features_finite, hrv_features, missing_fraction
 from gateway.pipeline.ring import RingBuffer, in_order
-from gateway.sample import FAULT_FLAGS, Quality, Sample, SampleBlock, Stream
+from gateway.sample import FAULT_FLAGS, UNUSABLE_FLAGS, Sample, SampleBlock, Stream
 
 __all__ = ["Windower"]
 
 log = logging.getLogger(__name__)
 
-#: Samples with any of these flags are not measurements of the subject and are not used.
-# IMPUTED values were filled in, not measured: features describe measurements only.
-UNUSABLE_FLAGS = int(Quality.SENSOR_OFF | Quality.BAD_STATUS | Quality.ARTIFACT | Quality.IMPUTED)
 _FAULT = int(FAULT_FLAGS)
 # Indexing a tuple costs ~15 ns; `quality & FAULT_FLAGS` on an IntFlag costs ~650 ns.
 _IS_FAULT: tuple[bool, ...] = tuple(bool(q & _FAULT) for q in range(256))

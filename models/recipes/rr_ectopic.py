@@ -85,8 +85,7 @@ def classify(rr: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
     det = EctopicDetector()
     out = np.zeros(len(rr), bool)
     for x in rr:
-        beat = det.update(float(x))
-        if beat is not None:
+        for beat in det.feed(float(x)):
             out[beat.index] = beat.ectopic
     return out
 

@@ -1,0 +1,118 @@
+"""Anomaly episodes from three-valued verdicts, with hysteresis: one alarm per episode.
+
+A window's verdict is anomalous, normal or indeterminate (with a reason: a gap, an implausible
+input, missing inputs, commissioning, a demoted model).  Only scored *normal* windows end an
+episode, and only ``clear_after`` of them in a row: a probe slipping off during a desaturation
+leaves the episode open and says so (``anomaly_indeterminate`` with the reason) instead of telling
+the twin the patient recovered.
+
+Transitions (per subject and model)::
+
+    idle   --anomalous-->  active   emit anomaly
+    active --normal x N--> idle     emit anomaly_cleared        (N = clear_after)
+    active --indeterminate-> unsure emit anomaly_indeterminate (reason)
+    unsure --anomalous-->  active   emit anomaly (resumed)
+    unsure --normal x N--> idle     emit anomaly_cleared
+    idle   --normal / indeterminate--> idle (nothing)
+
+An indeterminate window inside an episode starts the run of normal windows over.  Pure logic.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from gateway.contracts import Alarm, AlarmKind, ModelResult, WindowRecord
+
+__all__ = ["Emission", "EpisodeState", "EpisodeTracker", "episode_alarm"]
+
+
+class EpisodeState(enum.Enum):
+    """Where one (subject, model) episode stands."""
+
+    IDLE = "idle"
+    ACTIVE = "active"
+    UNSURE = "unsure"  # inside an episode, the latest verdicts could not judge the subject
+
+
+@dataclass(frozen=True, slots=True)
+class Emission:
+    """What to raise for one verdict: the alarm kind and what to put in its detail."""
+
+    kind: AlarmKind
+    detail: dict[str, float | str] = field(default_factory=dict)
+    result: ModelResult | None = None
+
+
+@dataclass(slots=True)
+class _Episode:
+    state: EpisodeState = EpisodeState.IDLE
+    normal_run: int = 0
+    reason: str = ""
+
+
+class EpisodeTracker:
+    """Per-key episode state machines; :meth:`update` says what each verdict must raise."""
+
+    def __init__(self, clear_after: int = 2) -> None:
+        if clear_after < 1:
+            raise ValueError(f"episodes: clear_after {clear_after}: must be >= 1")
+        self.clear_after = clear_after
+        self._eps: dict[tuple[str, str], _Episode] = {}
+
+    def state(self, key: tuple[str, str]) -> EpisodeState:
+        """The state of one (subject, model) episode."""
+        ep = self._eps.get(key)
+        return EpisodeState.IDLE if ep is None else ep.state
+
+    def update(self, key: tuple[str, str], result: ModelResult) -> Emission | None:
+        """Fold one window's verdict into its episode; the alarm it raises, if any."""
+        ep = self._eps.get(key)
+        if ep is None:
+            ep = self._eps[key] = _Episode()
+        verdict = result.verdict
+        if verdict == "anomalous":
+            ep.normal_run = 0
+            if ep.state is EpisodeState.ACTIVE:
+                return None
+            resumed = ep.state is EpisodeState.UNSURE
+            ep.state, ep.reason = EpisodeState.ACTIVE, ""
+            return Emission(AlarmKind.ANOMALY, {"episode": "resumed"} if resumed else {}, result)
+        if ep.state is EpisodeState.IDLE:
+            return None
+        if verdict == "indeterminate":
+            ep.normal_run = 0
+            if ep.state is EpisodeState.UNSURE and ep.reason == result.reason:
+                return None
+            ep.state, ep.reason = EpisodeState.UNSURE, result.reason
+            return Emission(AlarmKind.ANOMALY_INDETERMINATE, {"reason": result.reason}, result)
+        ep.normal_run += 1
+        if ep.normal_run < self.clear_after:
+            return None
+        ep.state, ep.normal_run, ep.reason = EpisodeState.IDLE, 0, ""
+        return Emission(AlarmKind.ANOMALY_CLEARED, {"normal_windows": self.clear_after}, result)
+
+
+def episode_alarm(emission: Emission, record: WindowRecord, model: str) -> Alarm:
+    """The alarm an emission raises for the window that caused it."""
+    result = emission.result
+    detail: dict[str, float | str] = {"model": model}
+    contributions: dict[str, float] = {}
+    if result is not None and math.isfinite(result.score):
+        detail["score"] = round(result.score, 4)
+    if result is not None and result.fallback:
+        detail["fallback"] = 1
+    detail.update(emission.detail)
+    if emission.kind is AlarmKind.ANOMALY and result is not None:
+        contributions = dict(result.contributions)
+    return Alarm(
+        emission.kind,
+        record.subject,
+        record.end_mono,
+        record.end_wall,
+        detail=detail,
+        contributions=contributions,
+        subject_kind=record.kind,
+    )

@@ -1,0 +1,232 @@
+"""Limit alarms on single streams: IEC 60601-1-8 physiological limits, ISA-18.2 process limits.
+
+A limit needs no model: any stream with a rule gets it.  A rule has up to four levels - LL, L, H,
+HH (``low_low``, ``low``, ``high``, ``high_high``) - each with its priority (IEC 60601-1-8 high /
+medium / low), and three timings that keep it from crying wolf:
+
+* **on-delay** (IEC 60601-1-8 "alarm condition delay"): the value must stay beyond the limit this
+  long before the alarm is raised (SpO2 < 90 % for 10 s);
+* **deadband** (ISA-18.2): once raised, the value must come back inside the limit by this much
+  before the condition counts as gone, so noise around the limit does not chatter;
+* **off-delay** (ISA-18.2): ... and stay there this long before the alarm clears.
+
+Per stream there is one alarm at a time: a SpO2 falling through 90 % and then 85 % raises a
+medium-priority ``limit`` and then a high-priority one (an escalation), and one ``limit_cleared``
+when it is back.  Every alarm carries its level, priority, limit, value and how long the
+condition has held.  Samples flagged unusable (probe off) are no measurement: they neither raise
+nor clear a limit alarm - the technical alarm says what is wrong.  Pure logic, no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.contracts import Alarm, AlarmKind, AlarmPriority
+from gateway.sample import UNUSABLE_FLAGS, Sample, SampleBlock, Stream
+
+__all__ = ["LEVELS", "LimitChecker", "LimitRule"]
+
+log = logging.getLogger(__name__)
+
+#: The levels of a rule: (name, side: -1 low / +1 high, severity within its side).
+LEVELS: tuple[tuple[str, int, int], ...] = (
+    ("low_low", -1, 2),
+    ("low", -1, 1),
+    ("high", 1, 1),
+    ("high_high", 1, 2),
+)
+_SIDE = {name: side for name, side, _ in LEVELS}
+_SEVERITY = {name: sev for name, _, sev in LEVELS}
+_WORDS = {
+    "low_low": "below the low-low",
+    "low": "below the low",
+    "high": "above the high",
+    "high_high": "above the high-high",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRule:
+    """The limits of one stream, in ``unit`` (None: the stream's own unit), and their timings."""
+
+    bounds: Mapping[str, float]  # level name -> limit
+    priorities: Mapping[str, AlarmPriority]  # level name -> priority
+    on_delay_s: float = 0.0
+    off_delay_s: float = 0.0
+    deadband: float = 0.0  # in the rule's unit
+    unit: str | None = None
+
+    def beyond(self, level: str, v: float, latched: bool) -> bool:
+        """True when ``v`` is beyond ``level``'s limit (inside it by less than the deadband if latched)."""
+        bound = self.bounds[level]
+        band = self.deadband if latched else 0.0
+        return v < bound + band if _SIDE[level] < 0 else v > bound - band
+
+
+@dataclass(slots=True)
+class _State:
+    onset: dict[str, float] = field(default_factory=dict)  # level -> start of its current stretch
+    active: str | None = None
+    active_since: float = math.nan
+    release_at: float | None = None  # when the active level's condition went away
+
+
+class LimitChecker:
+    """Limit alarms per stream from a rule lookup; see the module docstring."""
+
+    def __init__(
+        self,
+        rules: Mapping[str, LimitRule | None],
+        subjects: Mapping[str, Mapping[str, LimitRule | None]] | None = None,
+    ) -> None:
+        # A None rule is a disabled one: it hides a general rule of the same metric.
+        self._rules = dict(rules)
+        self._subjects = {s: dict(r) for s, r in (subjects or {}).items()}
+        self._by_id: dict[int, tuple[Stream, LimitRule | None]] = {}
+        self._state: dict[str, _State] = {}
+        self.alarms = 0
+
+    def rule_for(self, stream: Stream) -> LimitRule | None:
+        """The stream's rule: its subject's, else the general one; by metric name or last path segment."""
+        got = self._by_id.get(id(stream))
+        if got is not None and got[0] is stream:
+            return got[1]
+        rule = None
+        for table in (self._subjects.get(stream.subject, {}), self._rules):
+            key = _key(table, stream.metric.name)
+            if key is not None:
+                rule = table[key]
+                break
+        if rule is not None and rule.unit is not None and rule.unit != stream.metric.unit:
+            rule = None  # limits in another unit are not compared (see `edgetwin check`)
+        self._by_id[id(stream)] = (stream, rule)
+        return rule
+
+    def check_sample(self, sample: Sample) -> Alarm | None:
+        """Check one sample; an alarm when the stream's limit state changes."""
+        rule = self.rule_for(sample.stream)
+        if rule is None or sample.quality & UNUSABLE_FLAGS or not math.isfinite(sample.value):
+            return None
+        return self._step(rule, sample.stream, sample.t_mono, sample.t_wall, sample.value)
+
+    def check_block(self, block: SampleBlock) -> list[Alarm]:
+        """Check a block of one stream in order; the state-change alarms it caused."""
+        stream = block.stream
+        rule = self.rule_for(stream)
+        if rule is None or len(block) == 0:
+            return []
+        v = block.value
+        st = self._state.get(stream.key)
+        if st is None or (st.active is None and not st.onset):
+            # Fast path: nothing pending and every value inside every limit.
+            lo = max((b for n, b in rule.bounds.items() if _SIDE[n] < 0), default=-math.inf)
+            hi = min((b for n, b in rule.bounds.items() if _SIDE[n] > 0), default=math.inf)
+            if not bool(((v < lo) | (v > hi)).any()):
+                return []
+        usable = ((np.asarray(block.quality, np.uint8) & UNUSABLE_FLAGS) == 0) & np.isfinite(v)
+        out: list[Alarm] = []
+        for i in np.flatnonzero(usable).tolist():
+            alarm = self._step(rule, stream, float(block.t_mono[i]), float(block.t_wall[i]), float(v[i]))
+            if alarm is not None:
+                out.append(alarm)
+        return out
+
+    def _step(self, rule: LimitRule, stream: Stream, t: float, t_wall: float, v: float) -> Alarm | None:
+        st = self._state.get(stream.key)
+        if st is None:
+            st = self._state[stream.key] = _State()
+        active = st.active
+        for level in rule.bounds:
+            latched = (
+                active is not None and _SIDE[level] == _SIDE[active] and _SEVERITY[level] <= _SEVERITY[active]
+            )
+            if rule.beyond(level, v, latched):
+                st.onset.setdefault(level, t)
+            else:
+                st.onset.pop(level, None)
+        held = [lv for lv, t0 in st.onset.items() if t - t0 >= rule.on_delay_s]
+        target = max(held, key=lambda lv: _SEVERITY[lv], default=None)
+        if active is None:
+            if target is None:
+                return None
+            st.active, st.active_since, st.release_at = target, st.onset[target], None
+            return self._raise(AlarmKind.LIMIT, rule, stream, target, t, t_wall, v, t - st.onset[target])
+        if target is not None and _SEVERITY[target] > _SEVERITY[active]:
+            st.active, st.release_at = target, None  # escalation: a second, higher-priority alarm
+            return self._raise(AlarmKind.LIMIT, rule, stream, target, t, t_wall, v, t - st.onset[target])
+        if active in st.onset:
+            st.release_at = None
+            return None
+        if st.release_at is None:
+            st.release_at = t
+        if t - st.release_at < rule.off_delay_s:
+            return None
+        st.release_at = None
+        if target is not None:
+            st.active = target  # de-escalation: still beyond the milder limit
+            return self._raise(AlarmKind.LIMIT, rule, stream, target, t, t_wall, v, t - st.onset[target])
+        st.active = None
+        return self._raise(AlarmKind.LIMIT_CLEARED, rule, stream, active, t, t_wall, v, t - st.active_since)
+
+    def _raise(
+        self,
+        kind: AlarmKind,
+        rule: LimitRule,
+        stream: Stream,
+        level: str,
+        t: float,
+        t_wall: float,
+        v: float,
+        held_s: float,
+    ) -> Alarm:
+        bound = rule.bounds[level]
+        unit = stream.metric.unit
+        priority = rule.priorities[level]
+        self.alarms += 1
+        if kind is AlarmKind.LIMIT:
+            log.warning(
+                "limit: stream %s: %g %s %s limit %g %s for %.1f s (%s priority)",
+                stream.key,
+                v,
+                unit,
+                _WORDS[level],
+                bound,
+                unit,
+                held_s,
+                priority.value,
+            )
+        else:
+            log.info(
+                "limit: stream %s: back within the %s limit %g %s after %.1f s",
+                stream.key,
+                level,
+                bound,
+                unit,
+                held_s,
+            )
+        return Alarm(
+            kind,
+            stream.subject,
+            t,
+            t_wall,
+            stream,
+            {"level": level},
+            priority=priority if kind is AlarmKind.LIMIT else None,
+            limit=bound,
+            value=v,
+            held_s=round(held_s, 3),
+        )
+
+
+def _key(table: Mapping[str, object], name: str) -> str | None:
+    """The key of ``table`` that names a metric: the whole name, else its last path segment."""
+    if name in table:
+        return name
+    if "/" in name and (last := name.rsplit("/", 1)[1]) in table:
+        return last
+    return None
