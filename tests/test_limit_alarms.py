@@ -1,0 +1,159 @@
+"""Limit alarms: alarm condition delays, priorities, deadband, off-delays, per-subject limits, config."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from drivers import REGISTRY
+from gateway.alarms.config import AlarmsSection, limit_checker
+from gateway.config import validate
+from gateway.contracts import Alarm, AlarmClass, AlarmKind, AlarmPriority
+from gateway.errors import InvalidConfigError
+from gateway.sample import MDC, Quality, Sample, SampleBlock, Stream, industrial_metric
+
+SPO2 = Stream("ox", "bed-7", "OX-1", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)
+HR = Stream("ox", "bed-7", "OX-1", MDC["MDC_ECG_HEART_RATE"], rate_hz=1.0)
+PRESSURE = Stream(
+    "plc", "pump-3", "PLC-1", industrial_metric("Pump1/Hydraulics/Pressure", "bar"), "industrial", 1.0
+)
+
+
+def feed(
+    stream: Stream,
+    values: list[float],
+    *,
+    section: dict[str, Any] | None = None,
+    t0: float = 0.0,
+    quality: list[int] | None = None,
+) -> list[Alarm]:
+    """One sample a second through a checker; the alarms raised."""
+    checker = limit_checker(AlarmsSection.model_validate(section or {}))
+    out = []
+    for i, v in enumerate(values):
+        q = Quality(quality[i]) if quality else Quality.GOOD
+        a = checker.check_sample(Sample(stream, t0 + i, 1.7e9 + t0 + i, v, q))
+        if a is not None:
+            out.append(a)
+    return out
+
+
+def test_spo2_below_90_for_10_s_is_a_medium_priority_physiological_alarm() -> None:
+    # 9 s below 90 % is nothing; 12 s is one alarm, raised when the condition has held 10 s.
+    values = [97.0] * 5 + [88.0] * 9 + [97.0] * 5 + [88.0] * 12 + [97.0] * 3
+    alarms = feed(SPO2, values)
+    assert [a.kind for a in alarms] == [AlarmKind.LIMIT, AlarmKind.LIMIT_CLEARED]
+    raised, cleared = alarms
+    assert raised.t_mono == 19 + 10  # onset at t=19, held 10 s
+    assert (raised.priority, raised.limit, raised.value, raised.held_s) == (
+        AlarmPriority.MEDIUM,
+        90.0,
+        88.0,
+        10.0,
+    )
+    assert raised.alarm_class is AlarmClass.PHYSIOLOGICAL
+    assert raised.detail == {"level": "low"}
+    assert cleared.t_mono == 31
+    assert cleared.held_s == 12.0  # the whole condition
+    assert cleared.priority is None
+
+
+def test_a_deeper_fall_escalates_to_high_priority_then_clears_once() -> None:
+    values = [97.0] * 3 + [88.0] * 4 + [83.0] * 12 + [88.0] * 4 + [97.0] * 2
+    alarms = feed(SPO2, values)
+    assert [(a.kind, a.priority, a.limit) for a in alarms] == [
+        (AlarmKind.LIMIT, AlarmPriority.MEDIUM, 90.0),  # < 90 since t=3, held 10 s at t=13
+        (AlarmKind.LIMIT, AlarmPriority.HIGH, 85.0),  # < 85 since t=7, held 10 s at t=17
+        (AlarmKind.LIMIT, AlarmPriority.MEDIUM, 90.0),  # back above 85 + deadband: still below 90
+        (AlarmKind.LIMIT_CLEARED, None, 90.0),
+    ]
+    assert [a.t_mono for a in alarms] == [13, 17, 19, 23]
+
+
+def test_deadband_keeps_noise_around_the_limit_from_chattering() -> None:
+    # Around 90 % after the alarm: 90 and 89 alternate; clearing needs >= 91 (deadband 1 %).
+    values = [88.0] * 11 + [90.0, 89.0] * 10 + [91.0]
+    alarms = feed(SPO2, values)
+    assert [a.kind for a in alarms] == [AlarmKind.LIMIT, AlarmKind.LIMIT_CLEARED]
+    assert alarms[1].t_mono == len(values) - 1
+
+
+def test_heart_rate_high_and_high_high_priorities() -> None:
+    alarms = feed(HR, [70.0] * 2 + [130.0] * 11 + [70.0])
+    assert [(a.kind, a.priority, a.limit) for a in alarms] == [
+        (AlarmKind.LIMIT, AlarmPriority.MEDIUM, 120.0),
+        (AlarmKind.LIMIT_CLEARED, None, 120.0),
+    ]
+    alarms = feed(HR, [70.0] * 2 + [160.0] * 11 + [70.0])
+    assert [(a.kind, a.priority, a.detail["level"]) for a in alarms] == [
+        (AlarmKind.LIMIT, AlarmPriority.HIGH, "high_high"),  # H and HH both held 10 s: the worse
+        (AlarmKind.LIMIT_CLEARED, None, "high_high"),
+    ]
+
+
+def test_probe_off_samples_neither_raise_nor_clear() -> None:
+    values = [88.0] * 11 + [0.0] * 20 + [88.0, 95.0]
+    quality = [0] * 11 + [int(Quality.SENSOR_OFF)] * 20 + [0, 0]
+    alarms = feed(SPO2, values, quality=quality)
+    assert [a.kind for a in alarms] == [AlarmKind.LIMIT, AlarmKind.LIMIT_CLEARED]
+    assert alarms[1].value == 95.0  # cleared by a measurement, not by the probe coming off
+    assert not feed(SPO2, [math.nan] * 20)
+
+
+def test_industrial_low_pressure_with_isa_on_and_off_delays() -> None:
+    # Default pressure limits (bar): L 0.9 medium, LL 0.6 high, 15 s on and off delays, 0.02 deadband.
+    noise = np.random.default_rng(1).normal(0.0, 0.01, 100)
+    healthy = (1.2 + noise[:40]).tolist()
+    assert not feed(PRESSURE, healthy)
+    values = [1.2] * 5 + [0.7] * 20 + [0.91] * 20 + [1.2] * 20  # 0.91 is inside by less than the deadband
+    alarms = feed(PRESSURE, values)
+    assert [(a.kind, a.t_mono) for a in alarms] == [(AlarmKind.LIMIT, 20), (AlarmKind.LIMIT_CLEARED, 45 + 15)]
+    assert alarms[0].alarm_class is AlarmClass.PROCESS
+    assert alarms[0].priority is AlarmPriority.MEDIUM
+    assert alarms[1].held_s == 55.0
+
+
+def test_a_block_raises_what_the_samples_would() -> None:
+    values = np.array([97.0] * 5 + [88.0] * 12 + [97.0] * 3)
+    quality = np.zeros(values.size, np.uint8)
+    t = np.arange(values.size, dtype=float)
+    checker = limit_checker(AlarmsSection())
+    alarms = checker.check_block(SampleBlock(SPO2, t, t + 1.7e9, values, quality))
+    assert [(a.kind, a.t_mono) for a in alarms] == [(AlarmKind.LIMIT, 15.0), (AlarmKind.LIMIT_CLEARED, 17.0)]
+    healthy = np.full(100, 97.0)
+    t = np.arange(100, 200, dtype=float)
+    assert not checker.check_block(SampleBlock(SPO2, t, t, healthy, np.zeros(100, np.uint8)))
+
+
+def test_limits_in_another_unit_are_not_applied() -> None:
+    kpa = Stream("plc", "pump-3", "PLC-1", industrial_metric("Line/Pressure", "kPa"), "industrial", 1.0)
+    assert limit_checker(AlarmsSection()).rule_for(kpa) is None  # 250 kPa is not "above 2.5 bar"
+    assert limit_checker(AlarmsSection()).rule_for(PRESSURE) is not None
+
+
+def test_per_subject_limits_merge_onto_the_defaults() -> None:
+    section = {
+        "limits": {"MDC_PULS_OXIM_SAT_O2": {"low": 88.0}},
+        "subjects": {"bed-9": {"MDC_PULS_OXIM_SAT_O2": {"enabled": False}}},
+    }
+    values = [97.0] + [89.0] * 12
+    assert not feed(SPO2, values, section=section)  # 89 is above this ward's 88
+    (a,) = feed(SPO2, [97.0] + [84.0] * 12, section=section)
+    assert a.limit == 85.0  # low_low kept from the defaults
+    bed9 = Stream("ox", "bed-9", "OX-2", SPO2.metric, rate_hz=1.0)
+    assert not feed(bed9, [97.0] + [70.0] * 20, section=section)
+    assert not feed(SPO2, [97.0] + [70.0] * 20, section={"defaults": False})
+
+
+def test_limit_config_problems_name_the_key() -> None:
+    with pytest.raises(InvalidConfigError) as info:
+        validate({"alarms": {"limits": {"MDC_PULS_OXIM_SAT_O2": {"low": 80.0}}}}, "<t>", REGISTRY)
+    text = str(info.value)
+    assert "alarms" in text
+    assert "low_low 85 is not below low 80" in text
+    with pytest.raises(InvalidConfigError) as info:
+        validate({"alarms": {"limits": {"X": {"priority_low": "urgent"}}}}, "<t>", REGISTRY)
+    assert "priority_low" in str(info.value)
