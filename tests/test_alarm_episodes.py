@@ -63,7 +63,11 @@ CASES: list[tuple[str, list[ModelResult], list[tuple[str, dict[str, Any]]]]] = [
             ("anomaly_cleared", {}),
         ],
     ),
-    ("hysteresis: one normal window does not clear", [A, N, A, N, N], [("anomaly", {}), ("anomaly_cleared", {})]),
+    (
+        "hysteresis: one normal window does not clear",
+        [A, N, A, N, N],
+        [("anomaly", {}), ("anomaly_cleared", {})],
+    ),
     (
         "an indeterminate window restarts the normal run",
         [A, N, ind("gap"), N, N],
@@ -125,7 +129,9 @@ def run_pipeline(tmp: Path, verdicts: list[ModelResult]) -> list[dict[str, Any]]
             pipeline = Pipeline(config, anon, outbox, models=[model])
             for k in range(len(verdicts)):
                 t = np.array([100.0 + k])
-                pipeline.sink.put_block(SampleBlock(SPO2, t, t + 1.7e9, np.array([97.0]), np.zeros(1, np.uint8)))
+                pipeline.sink.put_block(
+                    SampleBlock(SPO2, t, t + 1.7e9, np.array([97.0]), np.zeros(1, np.uint8))
+                )
                 await pipeline.step(now_mono=101.0 + k, now_wall=1.7e9 + 101.0 + k)
             await outbox.flush()
             return [decode(i.payload) for i in await outbox.lease(100) if i.lane == Lane.ALARMS]

@@ -316,7 +316,11 @@ def test_out_of_range_inputs_demote_one_subject_only_then_promote_it() -> None:
     assert not model.demoted_for("pump-2")
     assert not other.fallback  # the other pump keeps its model verdict
     (ev,) = health_events(model)
-    assert (ev.subject, ev.detail["state"], ev.detail["reason"]) == ("pump-1", "demoted", "input_out_of_range")
+    assert (ev.subject, ev.detail["state"], ev.detail["reason"]) == (
+        "pump-1",
+        "demoted",
+        "input_out_of_range",
+    )
     assert ev.detail["input"] == "Accelerometer1RMS.mean"
     for k in range(4):
         (r,) = model.score_batch([pump_window(21 + k, rng)])

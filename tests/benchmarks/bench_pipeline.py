@@ -32,8 +32,8 @@ import numpy as np
 
 from gateway.contracts import Alarm, WindowRecord
 from gateway.pipeline.features import basic_features, basic_features_finite
-from gateway.pipeline.windows import UNUSABLE_FLAGS, Windower
-from gateway.sample import MDC, Quality, Sample, SampleBlock, Stream
+from gateway.pipeline.windows import Windower
+from gateway.sample import MDC, UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream
 
 T0 = 10_000.0  # monotonic seconds at the first sample
 WALL0 = 1.7e9
