@@ -1,0 +1,67 @@
+"""Model health judged on the model's own work: a busy process does not change verdicts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from test_inference_runtime import MODELS, PUMP, commission, pump_window
+
+from gateway.inference.card import CARD_SUFFIX, load_card
+from gateway.inference.runner import AnomalyModel
+
+BUDGET_US = 5000.0  # per window; the pump model needs ~100 us of CPU (~2 ms on a cold first call)
+
+
+@contextmanager
+def busy_threads(n: int) -> Iterator[None]:
+    """Python threads spinning for the GIL, as drivers and the event loop do on a loaded gateway."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        deadline = time.monotonic() + 60.0  # bounded even if the test dies
+        x = 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            x += 1
+
+    threads = [threading.Thread(target=spin, name=f"busy-{i}", daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5.0)
+
+
+def loaded_run(clock: Callable[[], float]) -> tuple[AnomalyModel, list[float]]:
+    card = load_card(MODELS / f"{PUMP}{CARD_SUFFIX}")
+    card = card.model_copy(
+        update={
+            "health": card.health.model_copy(update={"latency_budget_us": BUDGET_US, "overruns_to_demote": 1})
+        }
+    )
+    model = AnomalyModel(card, MODELS, commissioning_windows=30, clock=clock)
+    rng = np.random.default_rng(11)
+    commission(model, rng)
+    with busy_threads(4):
+        for k in range(30):
+            model.score_batch([pump_window(40 + k, rng)])
+    return model, list(model._health.latencies_us)
+
+
+def test_cpu_time_budget_keeps_the_model_under_load() -> None:
+    model, lat = loaded_run(time.thread_time)
+    assert model.stats()["demotions"] == 0, f"per-window CPU time {max(lat):.0f} us"
+    assert max(lat) < BUDGET_US
+
+
+def test_the_same_load_would_demote_a_wall_clock_budget() -> None:
+    # The control: wall time includes waiting for the interpreter, so it depends on load.
+    model, lat = loaded_run(time.perf_counter)
+    assert int(model.stats()["demotions"]) >= 1
+    assert max(lat) > BUDGET_US
