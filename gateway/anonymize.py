@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.config import secret_file_problem
-from gateway.contracts import Alarm, Diagnostic, Lane, WindowRecord
+from gateway.contracts import Alarm, AlarmKind, Diagnostic, Lane, WindowRecord
 from gateway.errors import AnonymizationError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ PSEUDONYM_CHARS = 16  # base32 characters = 80 bits: collision-free for any real
 SCHEMA_VERSION = 1
 # Free-text values are never sent; a string in a record's detail must be a short token.
 _TOKEN = re.compile(r"[a-z][a-z0-9_]{0,31}")  # used with fullmatch: no trailing newline
+_DEVICE_KINDS = frozenset({AlarmKind.DEVICE_LOST, AlarmKind.DEVICE_RESTORED})
 
 
 def _write_key_file(path: Path) -> None:
@@ -320,7 +321,8 @@ class Anonymizer:
         }
         if alarm.stream is not None:
             payload["dev"] = self._device(alarm.stream.device, alarm.stream.source)
-            payload["metric"] = alarm.stream.metric.name
+            if alarm.kind not in _DEVICE_KINDS:  # a device alarm names the device, not one stream
+                payload["metric"] = alarm.stream.metric.name
         if alarm.detail:
             payload["detail"] = self._detail(alarm.detail)
         if alarm.contributions:

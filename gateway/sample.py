@@ -85,6 +85,8 @@ class Stream:
     metric: Metric
     kind: str = "medical"  # "medical" or "industrial"
     rate_hz: float | None = None  # nominal rate, for the missing fraction; None for event series
+    # Reports only when its value changes (a Boolean, a state): silence is not a loss.
+    on_change: bool = False
     key: str = field(init=False)  # local key "source/device/metric" for maps and logs
 
     def __post_init__(self) -> None:

@@ -345,7 +345,9 @@ class OpcUaDriver:
         )
         deadband = spec.deadband or self._cfg.deadband
         rate = spec.rate_hz
-        if rate is None and deadband == "none" and sampling > 0:
+        # A Boolean reports on change only (the server sends no notification while it holds).
+        on_change = item.data_type is not None and item.data_type == ua.NodeId(1, 0)
+        if rate is None and deadband == "none" and sampling > 0 and not on_change:
             rate = min(1000.0, 1000.0 / sampling)
         stream = Stream(
             source=self._info.name,
@@ -354,6 +356,7 @@ class OpcUaDriver:
             metric=industrial_metric(name, unit),
             kind=self._info.kind,
             rate_hz=rate,
+            on_change=on_change,
         )
         item.stream = stream
         return stream

@@ -72,6 +72,7 @@ class _StreamState:
         "lost_after_s",
         "lost_rows",
         "restore_at",
+        "revived_at",
         "ring",
         "rr",
         "status",
@@ -83,6 +84,11 @@ class _StreamState:
         # A slow stream (a temperature every 10 s) is lost only after three missed samples,
         # not after the gateway-wide timeout that suits 1 Hz vitals.
         self.lost_after_s = max(lost_after_s, 3.0 / stream.rate_hz) if stream.rate_hz else lost_after_s
+        if stream.on_change:
+            # A Boolean or a state reports only when it changes: silence is no loss.
+            self.lost_after_s = math.inf
+        # When its device came back: silence is counted from here, not from its last sample.
+        self.revived_at = -math.inf
         self.ring = ring
         self.status = _OK
         self.rr = stream.metric.rr
@@ -150,6 +156,8 @@ class Windower:
         self._by_id: dict[int, _StreamState] = {}
         self._by_stream: dict[Stream, _StreamState] = {}
         self._subjects: dict[str, _SubjectState] = {}
+        # Devices whose streams went silent together: (source, device) -> those streams.
+        self._device_lost: dict[tuple[str, str], list[_StreamState]] = {}
         self._windows = 0
         self._gaps = 0
         self._alarms = 0
@@ -275,6 +283,12 @@ class Windower:
         st.status = status
         st.restore_at = None
         stream = st.stream
+        if old == _LOST and self._device_lost:
+            group = self._device_lost.pop((stream.source, stream.device), None)
+            if group is not None:
+                self._device_restored(st, group, t_mono, t_wall)
+                if status == _OK:
+                    return
         if status == _OK:
             kind = AlarmKind.SENSOR_RESTORED
             detail: dict[str, float | str] = {"after": _STATUS_ALARM[old].value, "quality": quality}
@@ -322,11 +336,8 @@ class Windower:
         """Cut every window due at ``now_mono`` (each once, in order) and report lost sensors."""
         records: list[WindowRecord] = []
         last_due = self._last_due(now_mono)
+        self._find_lost(now_mono, now_wall)
         for subj in list(self._subjects.values()):  # an alarm handler may hand over new streams
-            for st in subj.streams:
-                ring = st.ring
-                if st.status != _LOST and len(ring) and now_mono - ring.last_t_mono > st.lost_after_s:
-                    self._change(st, _LOST, now_mono, now_wall, 0)
             if not subj.emitted:
                 first = min(subj.first_t, *(st.ring.first_t_mono for st in subj.streams))
                 if not math.isfinite(first):
@@ -348,6 +359,81 @@ class Windower:
         if len(self._subjects) > 1:
             records.sort(key=lambda r: r.index)  # stable: subjects keep their order within a window
         return records
+
+    def _find_lost(self, now_mono: float, now_wall: float) -> None:
+        """Streams silent beyond their timeout: one device alarm when a device's streams go together.
+
+        A PLC or monitor that drops off takes all its streams with it; that is one incident and
+        raises one ``device_lost`` naming how many streams it took down, not one alarm per stream.
+        A lone silent stream is a ``sensor_lost`` of its own.
+        """
+        newly: dict[tuple[str, str], list[_StreamState]] = {}
+        for subj in list(self._subjects.values()):  # an alarm handler may hand over new streams
+            for st in subj.streams:
+                ring = st.ring
+                if (
+                    st.status != _LOST
+                    and len(ring)
+                    and now_mono - max(ring.last_t_mono, st.revived_at) > st.lost_after_s
+                ):
+                    newly.setdefault((st.stream.source, st.stream.device), []).append(st)
+        for key, group in newly.items():
+            known = self._device_lost.get(key)
+            if known is not None:  # a slower stream of a device already reported lost
+                for st in group:
+                    st.status, st.restore_at = _LOST, None
+                known.extend(group)
+            elif len(group) == 1:
+                self._change(group[0], _LOST, now_mono, now_wall, 0)
+            else:
+                for st in group:
+                    st.status, st.restore_at = _LOST, None
+                self._device_lost[key] = group
+                first = group[0]
+                silent = round(now_mono - max(st.ring.last_t_mono for st in group), 1)
+                log.warning(
+                    "windower: device %s of source %s: lost (%d streams silent for %.1f s)",
+                    key[1],
+                    key[0],
+                    len(group),
+                    silent,
+                )
+                self._alarms += 1
+                self._on_alarm(
+                    Alarm(
+                        AlarmKind.DEVICE_LOST,
+                        first.stream.subject,
+                        now_mono,
+                        now_wall,
+                        first.stream,
+                        {"streams": len(group), "silent_s": silent},
+                    )
+                )
+
+    def _device_restored(
+        self, st: _StreamState, group: list[_StreamState], t_mono: float, t_wall: float
+    ) -> None:
+        """Data from a lost device again: one restore; its other streams get a fresh timeout."""
+        for other in group:
+            if other is not st and other.status == _LOST:
+                other.status, other.revived_at = _OK, t_mono
+        log.info(
+            "windower: device %s of source %s: restored (%d streams had gone)",
+            st.stream.device,
+            st.stream.source,
+            len(group),
+        )
+        self._alarms += 1
+        self._on_alarm(
+            Alarm(
+                AlarmKind.DEVICE_RESTORED,
+                st.stream.subject,
+                t_mono,
+                t_wall,
+                st.stream,
+                {"after": AlarmKind.DEVICE_LOST.value, "streams": len(group)},
+            )
+        )
 
     def _grow_short_rings(self, subj: _SubjectState) -> None:
         """Double a ring that overwrote rows not yet windowed, so the loss does not recur."""
