@@ -60,6 +60,8 @@ from gateway.sample import Quality, Sample, Stream, industrial_metric
 
 log = logging.getLogger(__name__)
 
+_BOOLEAN = next(i for i, name in NUMERIC_TYPES.items() if name == "Boolean")  # ns=0;i=1
+
 _T = TypeVar("_T")
 
 OBJECTS_FOLDER = 85
@@ -346,7 +348,8 @@ class OpcUaDriver:
         deadband = spec.deadband or self._cfg.deadband
         rate = spec.rate_hz
         # A Boolean reports on change only (the server sends no notification while it holds).
-        on_change = item.data_type is not None and item.data_type == ua.NodeId(1, 0)
+        dt = item.data_type
+        on_change = dt is not None and dt.NamespaceIndex == 0 and dt.Identifier == _BOOLEAN
         if rate is None and deadband == "none" and sampling > 0 and not on_change:
             rate = min(1000.0, 1000.0 / sampling)
         stream = Stream(
