@@ -24,6 +24,7 @@ from gateway import __version__, demo, logs
 from gateway.anonymize import rotate_key
 from gateway.config import Config, load, validate
 from gateway.errors import ConfigError, InvalidConfigError
+from gateway.inference.coverage import check_coverage
 from gateway.runtime import build_problems, check_sources, run_gateway
 from gateway.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
@@ -63,6 +64,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    if _coverage_fails(args.config, config):
+        return EXIT_CONFIG
     if config.core.uplink.mqtt is not None:
         from gateway.uplink.mqtt import check_certificates  # noqa: PLC0415 - the optional mqtt extra
 
@@ -71,6 +74,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     sources = check_sources(config)
     print(f"config {args.config}: ok ({len(sources)} source(s): {', '.join(sources) or 'none'})")
     return EXIT_OK
+
+
+def _coverage_fails(path: Path, config: Config) -> bool:
+    """Print which models score which subject; True when a configured model can score nothing."""
+    lines, problems = check_coverage(config)
+    for line in lines:
+        print(f"  {line}")
+    if problems:
+        print(f"config {path}: {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+    return bool(problems)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

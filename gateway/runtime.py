@@ -36,6 +36,7 @@ from gateway.contracts import (
 from gateway.encode import decode, encode
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.inference.build import build_models, plausibility_checker
+from gateway.inference.coverage import log_coverage
 from gateway.inference.ectopic import EctopyMonitor
 from gateway.notify import Notifier
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
@@ -447,6 +448,7 @@ async def _supervise(
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
+    log_coverage(config)
     pipeline = Pipeline(config, anonymizer, outbox, models)
     sup = Supervisor(notifier, start_timeout_s=core.runtime.start_timeout_s)
     uplink: Any

@@ -16,9 +16,11 @@ from drivers.opcua import plcsim
 from drivers.opcua.config import DEFAULT_PKI_DIR, OpcUaConfig
 from drivers.opcua.pki import Pki
 from drivers.opcua.protocol import config_snippet, render_tree
-from drivers.opcua.scan import scan, select
+from drivers.opcua.scan import model_use_snippet, scan, select
 from drivers.opcua.security import ConnectOptions, Unreachable, quiet_asyncua
-from gateway.errors import AuthError, ConfigError
+from gateway.errors import AuthError, ConfigError, CorruptDataError
+from gateway.inference.build import default_models_dir
+from gateway.inference.card import CARD_SUFFIX, load_card
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -97,6 +99,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
         except ValueError as exc:
             _err(f"scan: {exc}: check --select")
             return EXIT_USAGE
+        if args.model is not None:
+            try:
+                card = load_card(default_models_dir() / f"{args.model}{CARD_SUFFIX}")
+            except (ConfigError, CorruptDataError) as exc:
+                _err(f"scan --model {args.model}: {exc}")
+                return EXIT_USAGE
+            text += model_use_snippet(card.name, [i.metric for i in card.inputs], chosen)
         if str(args.write_config) == "-":
             print(text, end="")  # noqa: T201
         else:
@@ -159,6 +168,9 @@ def add_commands(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentP
         help="write a [[sources]] table ('-': stdout)",
     )
     p.add_argument("--name", default="plc", help="source name in the written config")
+    p.add_argument(
+        "--model", default=None, help="also write a [[models.use]] table mapping this model's inputs to nodes"
+    )
     p.add_argument("--subject", default="machine-1", help="subject (machine id) in the written config")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_scan)

@@ -36,6 +36,12 @@ def split_browse_path(path: str) -> list[str]:
     return parts
 
 
+def _segment_name(seg: str) -> str:
+    """A browse-path segment's name without its ``<ns>:`` prefix."""
+    ns, sep, name = seg.partition(":")
+    return name if sep and ns.isdigit() else seg
+
+
 class NodeSpec(ConfigModel):
     """One monitored variable, by NodeId or by browse path (below the Objects folder)."""
 
@@ -150,6 +156,18 @@ class OpcUaConfig(ConfigModel):
             ) > 100:
                 raise ValueError(f"nodes[{i}]: a percent deadband is at most 100")
         return self
+
+    def metric_names(self) -> list[str] | None:
+        """The streams' metric names as the config gives them; None when some come from the server."""
+        names: list[str] = []
+        for node in self.nodes:
+            if node.name is not None:
+                names.append(node.name)
+            elif node.browse_path is not None:
+                names.append("/".join(_segment_name(seg) for seg in split_browse_path(node.browse_path)))
+            else:
+                return None  # a node_id without a name is named by its BrowseName at run time
+        return names
 
 
 def is_loopback(host: str) -> bool:

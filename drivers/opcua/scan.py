@@ -233,3 +233,59 @@ async def _variable_details(
             depth=depth,
         )
     return out
+
+
+#: Other names PLCs give the quantities a model's inputs are named after (tag name, last segment).
+INPUT_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "RateRMS": ("Flow", "FlowRate", "VolumeFlow", "VolumeFlowRate"),
+    "Thermocouple": ("FluidTemperature", "WaterTemperature", "MediumTemperature"),
+    "Temperature": ("MotorTemperature", "WindingTemperature"),
+    "Accelerometer1RMS": ("Accelerometer1", "Vibration1"),
+    "Accelerometer2RMS": ("Accelerometer2", "Vibration2"),
+    "Current": ("MotorCurrent",),
+    "Voltage": ("MotorVoltage", "SupplyVoltage"),
+    "Pressure": ("OutletPressure", "DischargePressure"),
+}
+
+
+def _plain(browse_path: str) -> str:
+    return "/".join(seg.partition(":")[2] or seg for seg in browse_path.split("/"))
+
+
+def model_inputs(
+    input_metrics: Sequence[str], variables: Sequence[ScannedVariable]
+) -> tuple[dict[str, str], list[str]]:
+    """Which scanned variable carries each model input: by its name, else a known synonym.
+
+    Returns (input -> the metric name the driver gives that variable, inputs left unmapped).
+    Each variable serves one input; only numeric variables are considered.
+    """
+    numeric = [_plain(v.browse_path) for v in variables if v.numeric]
+    used: set[str] = set()
+    mapping: dict[str, str] = {}
+    missing: list[str] = []
+    for metric in dict.fromkeys(input_metrics):
+        hit = None
+        for name in (metric, *INPUT_SYNONYMS.get(metric, ())):
+            hit = next((p for p in numeric if p not in used and p.rsplit("/", 1)[-1] == name), None)
+            if hit is not None:
+                break
+        if hit is None:
+            missing.append(metric)
+        else:
+            used.add(hit)
+            mapping[metric] = hit
+    return mapping, missing
+
+
+def model_use_snippet(model: str, input_metrics: Sequence[str], variables: Sequence[ScannedVariable]) -> str:
+    """A ``[[models.use]]`` table mapping a model's inputs onto the scanned variables."""
+    mapping, missing = model_inputs(input_metrics, variables)
+    pairs = ", ".join(f'{metric} = "{name}"' for metric, name in mapping.items())
+    lines = ["", "[[models.use]]", f'name = "{model}"', f"inputs = {{ {pairs} }}"]  # TOML: one line
+    if missing:
+        lines.append(
+            f"# not found on this server: {', '.join(missing)}: add them to inputs by hand, "
+            "or the model cannot score this machine (edgetwin check says so)"
+        )
+    return "\n".join(lines) + "\n"

@@ -44,3 +44,7 @@ class SerialConfig(ConfigModel):
                 "set allow_start_command = true"
             )
         return self
+
+    def metric_names(self) -> list[str]:
+        """The streams every oximeter gives: SpO2, pulse rate, perfusion index."""
+        return ["MDC_PULS_OXIM_SAT_O2", "MDC_PULS_OXIM_PULS_RATE", "MDC_PULS_OXIM_PERF_REL"]

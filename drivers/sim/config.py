@@ -10,7 +10,7 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from drivers.sim.protocol import EVENTS_BY_PROFILE, Label
+from drivers.sim.protocol import EVENTS_BY_PROFILE, Label, make_generator
 from gateway.config import ConfigModel
 
 EventKindName = Literal[
@@ -63,3 +63,8 @@ class SimConfig(_Strict):
                     f"use one of {', '.join(allowed)}"
                 )
         return self
+
+    def metric_names(self) -> list[str]:
+        """The streams of the profile."""
+        gen = make_generator(self.profile, seed=self.seed, rate_hz=self.rate_hz)
+        return [sig.metric.name for sig in gen.signals]

@@ -39,6 +39,9 @@ class ModelUse(_Section):
     commissioning_s: float | None = Field(None, gt=0, le=86_400)  # per-machine calibration span
     subjects: list[str] = Field(default_factory=list)  # empty: every subject of the card's kind
     latency_budget_us: float | None = Field(None, gt=0)
+    # Card input metric -> the stream that carries it, where the names differ (e.g. a PLC's tags):
+    # inputs = { RateRMS = "Pump1/Hydraulics/Flow" } (a whole metric name or its last segments).
+    inputs: dict[str, str] = Field(default_factory=dict)
 
 
 class PlausibilityRule(_Section):
@@ -117,6 +120,12 @@ def build_models(
                 "fix the name or [models] dir"
             )
         card = load_card(card_path)
+        unknown = sorted(set(use.inputs) - {spec.metric for spec in card.inputs})
+        if unknown:
+            raise ConfigError(
+                f"config [[models.use]] {use.name} inputs: {', '.join(unknown)} not inputs of the model: "
+                f"map its inputs {', '.join(dict.fromkeys(s.metric for s in card.inputs))}"
+            )
         if use.latency_budget_us is not None:
             card = card.model_copy(
                 update={"health": card.health.model_copy(update={"latency_budget_us": use.latency_budget_us})}
@@ -141,6 +150,7 @@ def build_models(
                 plausibility=checker,
                 state_dir=state_dir,
                 subjects=tuple(use.subjects),
+                inputs=use.inputs,
                 fault_alarms=fault_alarms,
             )
         )

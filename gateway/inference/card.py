@@ -25,6 +25,7 @@ __all__ = [
     "ModelFile",
     "NormalisationSpec",
     "file_sha256",
+    "input_matches",
     "load_card",
     "read_verified",
 ]
@@ -115,6 +116,12 @@ class ModelCard(_Strict):
     def feature_keys(self) -> tuple[str, ...]:
         """``<metric>.<feature>`` of every input, the names explanations use."""
         return tuple(f"{i.metric}.{i.feature}" for i in self.inputs)
+
+
+def input_matches(card_metric: str, mapped: str | None, stream_metric: str) -> bool:
+    """True when a stream's metric name is the one a card input (or its configured mapping) names."""
+    want = mapped or card_metric
+    return stream_metric == want or stream_metric.endswith("/" + want)
 
 
 def file_sha256(path: Path) -> str:

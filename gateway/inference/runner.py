@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeAlias
@@ -49,7 +49,7 @@ import numpy.typing as npt
 
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, ModelResult, StreamFeatures, WindowRecord
 from gateway.inference.backends import Backend, open_backend
-from gateway.inference.card import ModelCard
+from gateway.inference.card import ModelCard, input_matches
 from gateway.inference.plausibility import PlausibilityChecker, Violation
 from gateway.sample import Stream
 
@@ -137,6 +137,7 @@ class AnomalyModel:
         subjects: Sequence[str] = (),
         clock: Callable[[], float] = time.thread_time,
         fault_alarms: bool = True,
+        inputs: Mapping[str, str] | None = None,
     ) -> None:
         self.card = card
         self.name = card.name
@@ -156,6 +157,8 @@ class AnomalyModel:
         self._state_dir = state_dir
         self._clock = clock
         self._subjects = frozenset(subjects)
+        self._inputs = dict(inputs or {})  # card input metric -> configured stream name
+        self._reported: set[str] = set()  # subjects whose missing inputs were logged
         self._norm: dict[str, Normaliser] = {}
         self._resolved: dict[str, _Resolved] = {}
         self._faulted: set[tuple[str, str]] = set()
@@ -225,12 +228,12 @@ class AnomalyModel:
             return got
         slots: list[tuple[int, str] | None] = []
         for spec in self.card.inputs:
-            suffix = "/" + spec.metric
+            mapped = self._inputs.get(spec.metric)
             pos = next(
                 (
                     i
                     for i, sf in enumerate(record.streams)
-                    if sf.stream.metric.name == spec.metric or sf.stream.metric.name.endswith(suffix)
+                    if input_matches(spec.metric, mapped, sf.stream.metric.name)
                 ),
                 None,
             )
@@ -239,6 +242,22 @@ class AnomalyModel:
             ids, tuple(sf.stream for sf in record.streams), tuple(slots), sum(s is not None for s in slots)
         )
         self._resolved[record.subject] = got
+        if got.found < self._n and record.subject not in self._reported:
+            self._reported.add(record.subject)
+            missing = list(
+                dict.fromkeys(
+                    s.metric for s, slot in zip(self.card.inputs, slots, strict=True) if slot is None
+                )
+            )
+            log.warning(
+                "models %s: subject %s: inputs %s not among its streams (%s): "
+                'map them in [[models.use]] inputs = { %s = "<stream>" }',
+                self.name,
+                record.subject,
+                ", ".join(missing),
+                ", ".join(sf.stream.metric.name for sf in record.streams),
+                missing[0],
+            )
         return got
 
     def _vector(self, record: WindowRecord) -> tuple[F64, int, list[Violation]]:

@@ -1,0 +1,190 @@
+"""Model coverage: which models will score which subject, and what is missing where they will not.
+
+A model scores a subject when the subject's streams hold its inputs.  An input is found by the
+model card's metric name - the stream's whole name or its last path segments (``RateRMS`` matches
+``Pump1/RateRMS``) - unless ``[[models.use]] inputs`` maps it to a stream of another name::
+
+    [[models.use]]
+    name = "pump_skab"
+    inputs = { RateRMS = "Pump1/Hydraulics/Flow", Thermocouple = "Pump1/Hydraulics/FluidTemperature" }
+
+A model that normalises per subject (``commissioning``) learns only from windows holding every
+input, so it needs all of them; a ``fixed`` one scores with half of them present.  What the
+streams of a source are called is known before it runs for most drivers (the driver config's
+``metric_names()``); where it is not, the runner reports missing inputs once the first windows
+arrive.  Pure, no I/O beyond reading model cards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway.alarms.config import AlarmsSection, merged_limits
+from gateway.inference.build import ModelsSection, default_models_dir
+from gateway.inference.card import CARD_SUFFIX, ModelCard, input_matches, load_card
+
+if TYPE_CHECKING:
+    from gateway.config import Config
+
+__all__ = [
+    "ModelCoverage",
+    "SubjectCoverage",
+    "check_coverage",
+    "idle_models",
+    "log_coverage",
+    "subject_coverage",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCoverage:
+    """One model's view of one subject."""
+
+    model: str
+    scores: bool
+    found: Mapping[str, str]  # card input metric -> stream metric
+    missing: tuple[str, ...]  # card input metrics with no stream
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectCoverage:
+    """What covers one subject: its models and its limit rules."""
+
+    subject: str
+    kind: str
+    metrics: tuple[str, ...] | None  # None: some stream names are known only at run time
+    models: tuple[ModelCoverage, ...] = ()
+    limits: tuple[str, ...] = ()  # metrics with a limit rule
+    not_for_kind: tuple[str, ...] = field(default=())  # models of the other subject kind
+
+    @property
+    def covered(self) -> bool:
+        """True when some model scores it or some limit watches it (or it cannot be told yet)."""
+        return self.metrics is None or bool(self.limits) or any(m.scores for m in self.models)
+
+    def lines(self) -> list[str]:
+        """Human-readable lines for ``edgetwin check`` and the start log."""
+        head = f"subject {self.subject} ({self.kind})"
+        out: list[str] = []
+        if self.metrics is None:
+            out.append(f"{head}: stream names known only once its sources run; the runner reports gaps")
+        for m in self.models:
+            if m.scores:
+                out.append(f"{head}: model {m.model} scores it ({len(m.found)} input streams)")
+            else:
+                example = ", ".join(f'{name} = "<stream>"' for name in m.missing[:3])
+                out.append(
+                    f"{head}: model {m.model} will not score it: missing inputs {', '.join(m.missing)}: "
+                    f"map them in [[models.use]] {m.model}: inputs = {{ {example} }}"
+                    + (f" (its streams: {', '.join(self.metrics)})" if self.metrics else "")
+                )
+        if self.limits:
+            out.append(f"{head}: limit alarms on {', '.join(self.limits)}")
+        if not self.covered:
+            out.append(f"{head}: NOT COVERED: no model scores it and no limit watches it")
+        return out
+
+
+def _cards(section: ModelsSection) -> dict[str, ModelCard]:
+    directory = section.dir or default_models_dir()
+    out: dict[str, ModelCard] = {}
+    for use in section.use:
+        path = directory / f"{use.name}{CARD_SUFFIX}"
+        if path.exists():  # a missing card is reported by build_problems
+            out[use.name] = load_card(path)
+    return out
+
+
+def subject_coverage(
+    sources: Sequence[Any], models: ModelsSection, alarms: AlarmsSection
+) -> list[SubjectCoverage]:
+    """Coverage of every subject of the enabled sources (``config.sources`` entries)."""
+    by_subject: dict[str, tuple[str, list[str] | None]] = {}
+    for entry in sources:
+        if not entry.enabled:
+            continue
+        names_of = getattr(entry.config, "metric_names", None)
+        names: list[str] | None = names_of() if callable(names_of) else None
+        kind, known = by_subject.get(entry.info.subject, (entry.info.kind, []))
+        by_subject[entry.info.subject] = (kind, None if known is None or names is None else known + names)
+    cards = _cards(models)
+    general, per_subject = merged_limits(alarms)
+    out: list[SubjectCoverage] = []
+    for subject, (kind, metrics) in by_subject.items():
+        cover: list[ModelCoverage] = []
+        other_kind: list[str] = []
+        for use in models.use:
+            card = cards.get(use.name)
+            if card is None or (use.subjects and subject not in use.subjects):
+                continue
+            if card.subject_kind != kind:
+                other_kind.append(use.name)
+                continue
+            if metrics is None:
+                continue
+            found: dict[str, str] = {}
+            for spec in card.inputs:
+                hit = next(
+                    (m for m in metrics if input_matches(spec.metric, use.inputs.get(spec.metric), m)), None
+                )
+                if hit is not None:
+                    found[spec.metric] = hit
+            wanted = list(dict.fromkeys(spec.metric for spec in card.inputs))
+            missing = tuple(m for m in wanted if m not in found)
+            present = sum(spec.metric in found for spec in card.inputs)
+            need = card.n_inputs if card.normalisation.kind == "commissioning" else (card.n_inputs + 1) // 2
+            cover.append(ModelCoverage(use.name, present >= need, found, missing))
+        limits: tuple[str, ...] = ()
+        if metrics is not None:
+            table = {**general, **per_subject.get(subject, {})}
+            limits = tuple(
+                m
+                for m in metrics
+                if (spec := table.get(m, table.get(m.rsplit("/", 1)[-1]))) is not None and spec.enabled
+            )
+        out.append(
+            SubjectCoverage(
+                subject,
+                kind,
+                None if metrics is None else tuple(metrics),
+                tuple(cover),
+                limits,
+                tuple(other_kind),
+            )
+        )
+    return out
+
+
+def idle_models(coverage: Sequence[SubjectCoverage], models: ModelsSection) -> list[str]:
+    """Configured models that score no subject although every subject's streams are known."""
+    if any(c.metrics is None for c in coverage):
+        return []
+    scoring = {m.model for c in coverage for m in c.models if m.scores}
+    return [use.name for use in models.use if use.name not in scoring]
+
+
+def check_coverage(config: Config) -> tuple[list[str], list[str]]:
+    """For ``edgetwin check``: a line per subject and model, and the problems that fail the check."""
+    core = config.core
+    coverage = subject_coverage(config.sources, core.models, core.alarms)
+    lines = [line for c in coverage for line in c.lines()]
+    problems = [
+        f"models {name}: scores no subject: its inputs are missing from every subject it could score "
+        "(see the lines above): map them with [[models.use]] inputs, or remove the model"
+        for name in idle_models(coverage, core.models)
+    ]
+    return lines, problems
+
+
+def log_coverage(config: Config) -> None:
+    """The start log: per subject, what scores or watches it; warnings for what will not."""
+    core = config.core
+    for c in subject_coverage(config.sources, core.models, core.alarms):
+        for line in c.lines():
+            quiet = c.covered and "will not" not in line
+            (log.info if quiet else log.warning)("%s", line)

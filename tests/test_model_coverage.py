@@ -1,0 +1,124 @@
+"""Model coverage: the config `scan opcua --write-config --model` writes for the PLC simulator is scored;
+without the input mapping `edgetwin check` names the missing inputs and fails."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from peers import free_port
+from test_opcua_commands import cli as scan_cli
+
+from drivers import REGISTRY
+from drivers.opcua.plcsim import PlcSimProcess
+from drivers.opcua.protocol import ScannedVariable
+from drivers.opcua.scan import model_inputs
+from gateway import cli
+from gateway.config import load
+from gateway.runtime import run_gateway
+from gateway.supervisor import EXIT_CONFIG
+
+pytestmark = pytest.mark.slow
+
+HOP_S = 1.0
+COMMISSION_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def plc() -> Iterator[PlcSimProcess]:
+    sim = PlcSimProcess(free_port(), "--rate-hz", "10")
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+def write_config(tmp: Path, plc: PlcSimProcess, *, model: bool) -> Path:
+    snippet = tmp / "plc.toml"
+    args = ["scan", "opcua", plc.endpoint, "--select", "Pump1/*/*", "--write-config", str(snippet)]
+    args += ["--name", "pump-3-plc", "--subject", "plant-A/pump-3"]
+    if model:
+        args += ["--model", "pump_skab"]
+    assert scan_cli(args) == 0
+    text = snippet.read_text(encoding="utf-8")
+    if not model:
+        text += '\n[[models.use]]\nname = "pump_skab"\n'
+    path = tmp / "edgetwin.toml"
+    path.write_text(
+        f"""
+[gateway]
+state_dir = "{tmp / "state"}"
+[pipeline]
+window_s = 2.0
+hop_s = {HOP_S}
+grace_s = 0.2
+[uplink]
+kind = "local"
+path = "{tmp / "out.jsonl"}"
+[runtime]
+drain_deadline_s = 3.0
+"""
+        + text.replace('name = "pump_skab"', f'name = "pump_skab"\ncommissioning_s = {COMMISSION_S}'),
+        encoding="utf-8",
+    )
+    (tmp / "state").mkdir(exist_ok=True)
+    return path
+
+
+def test_the_scanned_config_with_the_model_mapping_is_scored_after_commissioning(
+    plc: PlcSimProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, plc, model=True)
+    text = path.read_text(encoding="utf-8")
+    assert 'RateRMS = "Pump1/Hydraulics/Flow"' in text
+    assert 'Thermocouple = "Pump1/Hydraulics/FluidTemperature"' in text
+    capsys.readouterr()
+    assert cli.main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "subject plant-A/pump-3 (industrial): model pump_skab scores it" in out
+    config = load(path, REGISTRY)
+    code = asyncio.run(
+        run_gateway(config, REGISTRY, stop_after_s=COMMISSION_S + 6.0, install_signal_handlers=False)
+    )
+    assert code == 0
+    lines = [json.loads(x)["record"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    windows = [r for r in lines if r["type"] == "features"]
+    scored = [r for r in windows if math.isfinite(r.get("scores", {}).get("pump_skab", math.nan))]
+    assert scored, "no window was scored"
+    # Scored within the commissioning span (plus a few hops for the first complete windows).
+    first = windows[0]["t"]
+    assert scored[0]["t"] - first <= COMMISSION_S + 4 * HOP_S
+
+
+def test_without_the_mapping_check_names_the_missing_inputs_and_fails(
+    plc: PlcSimProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, plc, model=False)
+    capsys.readouterr()
+    assert cli.main(["check", "--config", str(path)]) == EXIT_CONFIG
+    captured = capsys.readouterr()
+    assert "model pump_skab will not score it: missing inputs Thermocouple, RateRMS" in captured.out
+    assert 'inputs = { Thermocouple = "<stream>", RateRMS = "<stream>" }' in captured.out
+    assert "models pump_skab: scores no subject" in captured.err
+
+
+def var(path: str, numeric: bool = True) -> ScannedVariable:
+    return ScannedVariable(path, "ns=2;s=x", "Double", numeric, None, "0", 3)
+
+
+def test_input_naming_prefers_exact_names_then_synonyms_and_uses_each_node_once() -> None:
+    found: dict[str, Any]
+    found, missing = model_inputs(
+        ["Temperature", "Thermocouple", "RateRMS", "Voltage"],
+        [
+            var("2:Line/2:Motor/2:Temperature"),
+            var("2:Line/2:Water/2:WaterTemperature"),
+            var("2:Line/2:Flow", numeric=False),
+        ],
+    )
+    assert found == {"Temperature": "Line/Motor/Temperature", "Thermocouple": "Line/Water/WaterTemperature"}
+    assert missing == ["RateRMS", "Voltage"]
