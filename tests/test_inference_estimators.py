@@ -161,7 +161,7 @@ def test_range_and_rate_violations_are_sensor_faults_on_state_change() -> None:
     assert kinds == [
         (2, AlarmKind.SENSOR_FAULT, "range"),
         (4, AlarmKind.SENSOR_RESTORED, "plausibility"),
-        (5, AlarmKind.SENSOR_FAULT, "rate"),
+        (6, AlarmKind.SENSOR_FAULT, "rate"),  # the second sample over the rate limit (debounce)
         (7, AlarmKind.SENSOR_RESTORED, "plausibility"),  # 70 stays a jump from the last plausible 96
     ]
     # NaN is "no value", not a fault.

@@ -145,7 +145,7 @@ def subject_coverage(
             limits = tuple(
                 m
                 for m in metrics
-                if (spec := table.get(m, table.get(m.rsplit("/", 1)[-1]))) is not None and spec.enabled
+                if (lim := table.get(m, table.get(m.rsplit("/", 1)[-1]))) is not None and lim.enabled
             )
         out.append(
             SubjectCoverage(

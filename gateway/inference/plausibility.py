@@ -13,6 +13,7 @@ checker per thread).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowRecord
 from gateway.sample import UNUSABLE_FLAGS as UNUSABLE
 from gateway.sample import Sample, SampleBlock, Stream
 
-__all__ = ["DEFAULT_RULES", "PlausibilityChecker", "Rule", "Violation"]
+__all__ = ["DEFAULT_RULES", "PlausibilityChecker", "Rule", "Violation", "describe"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,16 +73,22 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     "RateRMS": Rule(0.0, 1000.0),
 }
 
-_MIN_DT_S = 0.2  # bursts delivered together are not a rate of change
+#: A rate of change is measured over at least this span: a 1 % step of a 5 Hz SpO2 is not 5 %/s.
+RATE_SPAN_S = 1.0
+#: A rate fault needs this many consecutive samples over the limit, spanning RATE_SPAN_S: noise
+#: spikes do not persist, a real jump (measured against the last plausible value) does.
+RATE_DEBOUNCE = 2
 
 
 class _State:
-    __slots__ = ("faulted", "t", "v")
+    __slots__ = ("faulted", "rate_run", "rate_since", "t", "v")
 
     def __init__(self) -> None:
-        self.t = math.nan
+        self.t = math.nan  # the reference for the rate: a plausible sample >= RATE_SPAN_S old
         self.v = math.nan
         self.faulted = False
+        self.rate_run = 0  # consecutive samples over the rate limit
+        self.rate_since = math.nan  # when that run started
 
 
 class PlausibilityChecker:
@@ -113,7 +122,7 @@ class PlausibilityChecker:
         if v > rule.hi:
             return Violation(stream, "range", v, rule.hi)
         if rule.max_rate_per_s is not None and math.isfinite(v_prev) and math.isfinite(t_prev):
-            dt = max(t - t_prev, _MIN_DT_S)
+            dt = max(t - t_prev, RATE_SPAN_S)
             rate = (v - v_prev) / dt
             if abs(rate) > rule.max_rate_per_s:
                 return Violation(stream, "rate", rate, rule.max_rate_per_s)
@@ -161,14 +170,24 @@ class PlausibilityChecker:
     def _step(
         self, st: _State, bad: Violation | None, stream: Stream, t_mono: float, t_wall: float, v: float
     ) -> Alarm | None:
-        if bad is None and math.isfinite(v):
-            # Only plausible values become the reference for the next rate check.
+        if bad is not None and bad.rule == "rate" and not st.faulted:
+            if st.rate_run == 0:
+                st.rate_since = t_mono
+            st.rate_run += 1
+            if st.rate_run < RATE_DEBOUNCE or t_mono - st.rate_since < RATE_SPAN_S:
+                return None  # not yet a fault, and not a reference either
+        elif bad is None:
+            st.rate_run = 0
+        if bad is None and math.isfinite(v) and not t_mono - st.t < RATE_SPAN_S:
+            # Only plausible values become the reference for the rate, at most one per span.
             st.t, st.v = t_mono, v
         if bad is not None and not st.faulted:
             st.faulted = True
+            log.warning("plausibility: stream %s: sensor fault: %s", stream.key, describe(bad))
             return Alarm(AlarmKind.SENSOR_FAULT, stream.subject, t_mono, t_wall, stream, _detail(bad))
         if bad is None and st.faulted and math.isfinite(v):
             st.faulted = False
+            log.info("plausibility: stream %s: plausible again (%g %s)", stream.key, v, stream.metric.unit)
             return Alarm(
                 AlarmKind.SENSOR_RESTORED,
                 stream.subject,
@@ -204,6 +223,15 @@ class PlausibilityChecker:
         if rule.max_rate_per_s is not None and slope is not None and abs(slope) > rule.max_rate_per_s:
             return Violation(sf.stream, "rate", slope, rule.max_rate_per_s)
         return None
+
+
+def describe(bad: Violation) -> str:
+    """A violation in words, e.g. "rate +2.3 Cel/s beyond +-2 Cel/s"."""
+    unit = bad.stream.metric.unit
+    if bad.rule == "rate":
+        return f"rate {bad.value:+.3g} {unit}/s beyond +-{bad.limit:g} {unit}/s"
+    side = "below" if bad.value < bad.limit else "above"
+    return f"value {bad.value:g} {unit} {side} the plausible {bad.limit:g} {unit}"
 
 
 def _detail(bad: Violation) -> dict[str, float | str]:
