@@ -64,7 +64,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    if _coverage_fails(args.config, config):
+    coverage, coverage_problems = check_coverage(config)
+    if coverage_problems:
+        _print_coverage(args.config, coverage, coverage_problems)
         return EXIT_CONFIG
     if config.core.uplink.mqtt is not None:
         from gateway.uplink.mqtt import check_certificates  # noqa: PLC0415 - the optional mqtt extra
@@ -73,19 +75,18 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  {line}")
     sources = check_sources(config)
     print(f"config {args.config}: ok ({len(sources)} source(s): {', '.join(sources) or 'none'})")
+    _print_coverage(args.config, coverage)
     return EXIT_OK
 
 
-def _coverage_fails(path: Path, config: Config) -> bool:
-    """Print which models score which subject; True when a configured model can score nothing."""
-    lines, problems = check_coverage(config)
+def _print_coverage(path: Path, lines: Sequence[str], problems: Sequence[str] = ()) -> None:
+    """Which models score which subject and what watches it; the problems that fail the check."""
     for line in lines:
         print(f"  {line}")
     if problems:
         print(f"config {path}: {len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
-    return bool(problems)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

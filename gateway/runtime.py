@@ -66,7 +66,9 @@ class Pipeline:
     ) -> None:
         p = config.core.pipeline
         self._models = tuple(models)
-        self._episodes = EpisodeTracker(config.core.models.clear_after_windows)
+        self._episodes = EpisodeTracker(
+            config.core.models.clear_after_windows, config.core.models.raise_after_windows
+        )
         self._step_lock = asyncio.Lock()
         self._anon = anonymizer
         self._outbox = outbox

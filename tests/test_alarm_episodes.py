@@ -152,3 +152,14 @@ def test_pipeline_sends_indeterminate_never_cleared_while_the_probe_is_off(tmp_p
     assert "priority" not in cleared
     # The windows the model could not score carry no score, not a NaN.
     assert SUBJECT not in repr(alarms)
+
+
+def test_alarm_condition_delay_needs_anomalous_windows_in_a_row() -> None:
+    tracker = EpisodeTracker(clear_after=2, raise_after=2)
+    verdicts = [A, N, A, ind("gap"), A, A, A, N, N]
+    got = [
+        (i, e.kind.value)
+        for i, v in enumerate(verdicts)
+        if (e := tracker.update(("pump", "m"), v)) is not None
+    ]
+    assert got == [(5, "anomaly"), (8, "anomaly_cleared")]  # single anomalous windows page nobody

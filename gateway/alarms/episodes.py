@@ -8,7 +8,7 @@ the twin the patient recovered.
 
 Transitions (per subject and model)::
 
-    idle   --anomalous-->  active   emit anomaly
+    idle   --anomalous x M--> active emit anomaly              (M = raise_after, the condition delay)
     active --normal x N--> idle     emit anomaly_cleared        (N = clear_after)
     active --indeterminate-> unsure emit anomaly_indeterminate (reason)
     unsure --anomalous-->  active   emit anomaly (resumed)
@@ -50,16 +50,18 @@ class Emission:
 class _Episode:
     state: EpisodeState = EpisodeState.IDLE
     normal_run: int = 0
+    anomalous_run: int = 0  # while idle: anomalous windows in a row (alarm condition delay)
     reason: str = ""
 
 
 class EpisodeTracker:
     """Per-key episode state machines; :meth:`update` says what each verdict must raise."""
 
-    def __init__(self, clear_after: int = 2) -> None:
-        if clear_after < 1:
-            raise ValueError(f"episodes: clear_after {clear_after}: must be >= 1")
+    def __init__(self, clear_after: int = 2, raise_after: int = 1) -> None:
+        if clear_after < 1 or raise_after < 1:
+            raise ValueError(f"episodes: clear_after {clear_after}, raise_after {raise_after}: must be >= 1")
         self.clear_after = clear_after
+        self.raise_after = raise_after
         self._eps: dict[tuple[str, str], _Episode] = {}
 
     def state(self, key: tuple[str, str]) -> EpisodeState:
@@ -78,9 +80,15 @@ class EpisodeTracker:
             if ep.state is EpisodeState.ACTIVE:
                 return None
             resumed = ep.state is EpisodeState.UNSURE
+            if not resumed:
+                ep.anomalous_run += 1
+                if ep.anomalous_run < self.raise_after:
+                    return None
+            ep.anomalous_run = 0
             ep.state, ep.reason = EpisodeState.ACTIVE, ""
             return Emission(AlarmKind.ANOMALY, {"episode": "resumed"} if resumed else {}, result)
         if ep.state is EpisodeState.IDLE:
+            ep.anomalous_run = 0
             return None
         if verdict == "indeterminate":
             ep.normal_run = 0

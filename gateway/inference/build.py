@@ -62,6 +62,9 @@ class ModelsSection(_Section):
     # Scored normal windows in a row that end an anomaly episode (hysteresis); an indeterminate
     # window (a gap, an implausible input) never ends one.
     clear_after_windows: int = Field(3, ge=1, le=1000)
+    # Anomalous windows in a row before an episode is raised: the alarm condition delay of
+    # IEC 60601-1-8, so one window just over the threshold does not page anyone.
+    raise_after_windows: int = Field(2, ge=1, le=1000)
     use: list[ModelUse] = Field(default_factory=list)  # TOML arrays are lists (strict mode)
     plausibility: dict[str, PlausibilityRule] = Field(default_factory=dict)
 
