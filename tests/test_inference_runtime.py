@@ -44,8 +44,18 @@ LEVEL = {
     "Voltage": 231.0,
     "RateRMS": 32.0,
 }
+UNITS = {
+    "Accelerometer1RMS": "g",
+    "Accelerometer2RMS": "g",
+    "Current": "A",
+    "Pressure": "bar",
+    "Temperature": "Cel",
+    "Thermocouple": "Cel",
+    "Voltage": "V",
+    "RateRMS": "l/min",
+}
 STREAMS = {
-    s: Stream("plc", "pump-1", "SN-1", industrial_metric(f"Pump1/{s}", "u"), "industrial", 1.0)
+    s: Stream("plc", "pump-1", "SN-1", industrial_metric(f"Pump1/{s}", UNITS[s]), "industrial", 1.0)
     for s in SIGNALS
 }
 

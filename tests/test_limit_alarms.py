@@ -128,10 +128,17 @@ def test_a_block_raises_what_the_samples_would() -> None:
     assert not checker.check_block(SampleBlock(SPO2, t, t, healthy, np.zeros(100, np.uint8)))
 
 
-def test_limits_in_another_unit_are_not_applied() -> None:
+def test_limits_are_converted_to_the_stream_unit_or_not_applied() -> None:
     kpa = Stream("plc", "pump-3", "PLC-1", industrial_metric("Line/Pressure", "kPa"), "industrial", 1.0)
-    assert limit_checker(AlarmsSection()).rule_for(kpa) is None  # 250 kPa is not "above 2.5 bar"
-    assert limit_checker(AlarmsSection()).rule_for(PRESSURE) is not None
+    rule = limit_checker(AlarmsSection()).rule_for(kpa)
+    assert rule is not None
+    assert rule.bounds == pytest.approx({"low_low": 60.0, "low": 90.0, "high": 250.0})  # 0.6/0.9/2.5 bar
+    assert rule.deadband == pytest.approx(2.0)
+    assert not feed(kpa, [240.0] * 30)  # 240 kPa is inside 2.5 bar
+    (a,) = feed(kpa, [120.0] * 5 + [80.0] * 16)
+    assert (a.limit, a.value, a.priority) == (pytest.approx(90.0), 80.0, AlarmPriority.MEDIUM)
+    counts = Stream("plc", "pump-3", "PLC-1", industrial_metric("Line/Pressure", "counts"), "industrial", 1.0)
+    assert limit_checker(AlarmsSection()).rule_for(counts) is None  # raw counts: no limits to compare
 
 
 def test_per_subject_limits_merge_onto_the_defaults() -> None:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from gateway.contracts import AlarmKind
-from gateway.inference.plausibility import PlausibilityChecker
+from gateway.inference.plausibility import DEFAULT_RULES, PlausibilityChecker, Rule
 from gateway.sample import MDC, Sample, SampleBlock, Stream, industrial_metric
+from gateway.units import converter
 
 SPO2_5HZ = Stream("ox", "bed-1", "OX-1", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=5.0)
 MOTOR = Stream(
@@ -56,7 +57,7 @@ def test_a_noisy_healthy_motor_temperature_for_an_hour_raises_no_rate_fault() ->
 def test_a_real_jump_is_a_fault_logged_once_in_words(caplog: pytest.LogCaptureFixture) -> None:
     chk = PlausibilityChecker()
     values = [72.0] * 20 + [95.0] * 20 + [72.0] * 20
-    t = np.arange(len(values)) * 0.1
+    t = np.asarray(np.arange(len(values)) * 0.1, np.float64)
     with caplog.at_level(logging.INFO, logger="gateway.inference.plausibility"):
         alarms = chk.check_block(SampleBlock(MOTOR, t, t, np.array(values), np.zeros(len(values), np.uint8)))
     assert [a.kind for a in alarms] == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_RESTORED]
@@ -66,3 +67,64 @@ def test_a_real_jump_is_a_fault_logged_once_in_words(caplog: pytest.LogCaptureFi
     assert "sensor fault: rate +" in faults[0]
     assert "Cel/s beyond +-2 Cel/s" in faults[0]
     assert any("plausible again" in r.getMessage() for r in caplog.records)
+
+
+#: A second unit for each unit the default rules are written in.
+OTHER_UNIT = {
+    "/min": "1/s",
+    "%": "1",
+    "ms": "s",
+    "Cel": "K",
+    "mm[Hg]": "kPa",
+    "A": "mA",
+    "bar": "kPa",
+    "V": "mV",
+    "l/min": "m3/h",
+}
+
+
+def _faults(stream: Stream, values: list[float], dt: float = 1.0) -> list[str]:
+    chk = PlausibilityChecker()
+    out = []
+    for i, v in enumerate(values):
+        a = chk.check_sample(Sample(stream, i * dt, i * dt, v))
+        if a is not None:
+            out.append(f"{a.kind.value}:{a.detail.get('rule', '')}")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("metric", "rule"),
+    [(m, r) for m, r in DEFAULT_RULES.items() if r.unit in OTHER_UNIT],
+    ids=[m for m, r in DEFAULT_RULES.items() if r.unit in OTHER_UNIT],
+)
+def test_each_default_rule_holds_in_two_units(metric: str, rule: Rule) -> None:
+    assert rule.unit is not None
+    for unit in (rule.unit, OTHER_UNIT[rule.unit]):
+        to = converter(rule.unit, unit)
+        assert to is not None, unit
+        name = metric if metric.startswith("MDC_") else f"Line/{metric}"
+        s = Stream("src", "subj", "dev", industrial_metric(name, unit), rate_hz=1.0)
+        mid = (rule.lo + rule.hi) / 2
+        assert _faults(s, [to(mid)] * 3 + [to(rule.hi - 1e-6 * (rule.hi - rule.lo))]) == [], unit
+        over = [to(mid)] * 3 + [to(rule.hi + 0.01 * (rule.hi - rule.lo))] + [to(mid)] * 3
+        assert _faults(s, over) == ["sensor_fault:range", "sensor_restored:plausibility"], unit
+        if rule.max_rate_per_s is not None:
+            step = min(mid + 3 * rule.max_rate_per_s, rule.hi)  # a jump 3x the limit within a second
+            jump = [to(mid)] * 3 + [to(step)] * 2 + [to(mid)] * 3  # held 2 s, then back
+            assert _faults(s, jump) == ["sensor_fault:rate", "sensor_restored:plausibility"], unit
+
+
+def test_a_line_at_250_kpa_is_in_range_and_a_stream_in_an_unknown_unit_gets_no_rule() -> None:
+    kpa = Stream("plc", "line", "PLC", industrial_metric("Line2/Pressure", "kPa"), "industrial", 1.0)
+    assert _faults(kpa, [250.0] * 10) == []  # 2.5 bar, not "above 16 bar"
+    rule = PlausibilityChecker().rule_for(kpa)
+    assert rule is not None
+    assert (rule.lo, rule.hi, rule.unit) == (pytest.approx(-100.0), pytest.approx(1600.0), "kPa")
+    raw = Stream("plc", "line", "PLC", industrial_metric("Line2/Pressure", "counts"), "industrial", 1.0)
+    assert PlausibilityChecker().rule_for(raw) is None
+    hot = Stream("plc", "m", "PLC", industrial_metric("M/Temperature", "K"), "industrial", 1.0)
+    k_rule = PlausibilityChecker().rule_for(hot)
+    assert k_rule is not None
+    assert k_rule.max_rate_per_s == pytest.approx(2.0)  # a rate of 2 Cel/s is 2 K/s, not 275 K/s
+    assert k_rule.hi == pytest.approx(423.15)

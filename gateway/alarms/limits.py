@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from gateway.contracts import Alarm, AlarmKind, AlarmPriority
 from gateway.sample import UNUSABLE_FLAGS, Sample, SampleBlock, Stream
+from gateway.units import converter
 
 __all__ = ["LEVELS", "LimitChecker", "LimitRule"]
 
@@ -60,6 +61,17 @@ class LimitRule:
     off_delay_s: float = 0.0
     deadband: float = 0.0  # in the rule's unit
     unit: str | None = None
+
+    def in_unit(self, unit: str) -> LimitRule | None:
+        """The rule for a stream in ``unit`` (converted), or None when the units do not convert."""
+        if self.unit is None or self.unit == unit:
+            return self
+        absolute = converter(self.unit, unit)
+        delta = converter(self.unit, unit, delta=True)
+        if absolute is None or delta is None:
+            return None
+        bounds = {level: absolute(b) for level, b in self.bounds.items()}
+        return replace(self, bounds=bounds, deadband=abs(delta(self.deadband)), unit=unit)
 
     def beyond(self, level: str, v: float, latched: bool) -> bool:
         """True when ``v`` is beyond ``level``'s limit (inside it by less than the deadband if latched)."""
@@ -102,8 +114,8 @@ class LimitChecker:
             if key is not None:
                 rule = table[key]
                 break
-        if rule is not None and rule.unit is not None and rule.unit != stream.metric.unit:
-            rule = None  # limits in another unit are not compared (see `edgetwin check`)
+        if rule is not None:
+            rule = rule.in_unit(stream.metric.unit)  # None: limits in a unit this one is not
         self._by_id[id(stream)] = (stream, rule)
         return rule
 

@@ -23,6 +23,7 @@ import numpy as np
 from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowRecord
 from gateway.sample import UNUSABLE_FLAGS as UNUSABLE
 from gateway.sample import Sample, SampleBlock, Stream
+from gateway.units import converter
 
 __all__ = ["DEFAULT_RULES", "PlausibilityChecker", "Rule", "Violation", "describe"]
 
@@ -36,6 +37,19 @@ class Rule:
     lo: float
     hi: float
     max_rate_per_s: float | None = None
+    unit: str | None = None  # the unit lo/hi/rate are in; None: whatever the stream's unit is
+
+    def in_unit(self, unit: str) -> Rule | None:
+        """The rule for a stream in ``unit`` (converted), or None when the units do not convert."""
+        if self.unit is None or self.unit == unit:
+            return self
+        absolute = converter(self.unit, unit)
+        delta = converter(self.unit, unit, delta=True)
+        if absolute is None or delta is None:
+            return None
+        lo, hi = sorted((absolute(self.lo), absolute(self.hi)))
+        rate = None if self.max_rate_per_s is None else abs(delta(self.max_rate_per_s))
+        return Rule(lo, hi, rate, unit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,29 +62,31 @@ class Violation:
     limit: float  # the bound it crossed
 
 
-#: Ranges from physiology (a live adult) and from the SKAB pump's physics, by metric name; a key
-#: without "/" also matches any industrial metric ending in "/<key>".
+#: Ranges from physiology (a live adult) and from the SKAB pump's physics, by metric name, each in
+#: its unit and converted to a stream's own (kPa, K, mA...); a key without "/" also matches any
+#: industrial metric ending in "/<key>".  A stream whose unit does not convert gets no rule.
 DEFAULT_RULES: Mapping[str, Rule] = {
-    "MDC_ECG_HEART_RATE": Rule(20.0, 300.0, 25.0),
-    "MDC_PULS_OXIM_PULS_RATE": Rule(20.0, 300.0, 25.0),
-    "MDC_PULS_RATE_NON_INV": Rule(20.0, 300.0, 25.0),
-    "MDC_PULS_OXIM_SAT_O2": Rule(50.0, 100.0, 4.0),
-    "MDC_ECG_TIME_PD_RR_GL": Rule(200.0, 3000.0),  # ectopic beats change RR abruptly: no rate limit
-    "MDC_RESP_RATE": Rule(2.0, 80.0, 10.0),
-    "MDC_TEMP_BODY": Rule(25.0, 44.0, 0.1),
-    "MDC_PRESS_BLD_NONINV_SYS": Rule(40.0, 300.0),
-    "MDC_PRESS_BLD_NONINV_DIA": Rule(15.0, 200.0),
-    "MDC_PRESS_BLD_NONINV_MEAN": Rule(20.0, 250.0),
-    "MDC_PULS_OXIM_PERF_REL": Rule(0.0, 100.0),
+    "MDC_ECG_HEART_RATE": Rule(20.0, 300.0, 25.0, "/min"),
+    "MDC_PULS_OXIM_PULS_RATE": Rule(20.0, 300.0, 25.0, "/min"),
+    "MDC_PULS_RATE_NON_INV": Rule(20.0, 300.0, 25.0, "/min"),
+    "MDC_PULS_OXIM_SAT_O2": Rule(50.0, 100.0, 4.0, "%"),
+    # Ectopic beats change RR abruptly: no rate limit.
+    "MDC_ECG_TIME_PD_RR_GL": Rule(200.0, 3000.0, None, "ms"),
+    "MDC_RESP_RATE": Rule(2.0, 80.0, 10.0, "/min"),
+    "MDC_TEMP_BODY": Rule(25.0, 44.0, 0.1, "Cel"),
+    "MDC_PRESS_BLD_NONINV_SYS": Rule(40.0, 300.0, None, "mm[Hg]"),
+    "MDC_PRESS_BLD_NONINV_DIA": Rule(15.0, 200.0, None, "mm[Hg]"),
+    "MDC_PRESS_BLD_NONINV_MEAN": Rule(20.0, 250.0, None, "mm[Hg]"),
+    "MDC_PULS_OXIM_PERF_REL": Rule(0.0, 100.0, None, "%"),
     # SKAB-type pump: vibration RMS in g, motor current A, pressure bar, temperatures Cel, volts, l/min.
-    "Accelerometer1RMS": Rule(0.0, 10.0),
-    "Accelerometer2RMS": Rule(0.0, 10.0),
-    "Current": Rule(0.0, 50.0),
-    "Pressure": Rule(-1.0, 16.0),
-    "Temperature": Rule(-20.0, 150.0, 2.0),
-    "Thermocouple": Rule(-20.0, 150.0, 2.0),
-    "Voltage": Rule(0.0, 500.0),
-    "RateRMS": Rule(0.0, 1000.0),
+    "Accelerometer1RMS": Rule(0.0, 10.0, None, "g"),
+    "Accelerometer2RMS": Rule(0.0, 10.0, None, "g"),
+    "Current": Rule(0.0, 50.0, None, "A"),
+    "Pressure": Rule(-1.0, 16.0, None, "bar"),
+    "Temperature": Rule(-20.0, 150.0, 2.0, "Cel"),
+    "Thermocouple": Rule(-20.0, 150.0, 2.0, "Cel"),
+    "Voltage": Rule(0.0, 500.0, None, "V"),
+    "RateRMS": Rule(0.0, 1000.0, None, "l/min"),
 }
 
 #: A rate of change is measured over at least this span: a 1 % step of a 5 Hz SpO2 is not 5 %/s.
@@ -109,6 +125,18 @@ class PlausibilityChecker:
         rule = self._rules.get(name)
         if rule is None and "/" in name:
             rule = self._rules.get(name.rsplit("/", 1)[1])
+        if rule is not None:
+            converted = rule.in_unit(stream.metric.unit)
+            if converted is None:
+                log.warning(
+                    "plausibility: stream %s: unit %r does not convert from the rule's %r: no range or "
+                    "rate check; set [models.plausibility.%r] with limits in its unit",
+                    stream.key,
+                    stream.metric.unit,
+                    rule.unit,
+                    name,
+                )
+            rule = converted
         self._by_id[id(stream)] = (stream, rule)  # holding the stream keeps its id from being reused
         return rule
 
