@@ -33,7 +33,7 @@ print(json.dumps({{"import_s": t1 - t0, "convert_s": t2 - t1,
 
 def run(convert: bool) -> dict[str, float]:
     """One fresh interpreter's figures (the median of five)."""
-    runs = []
+    runs: list[dict[str, float]] = []
     for _ in range(5):
         out = subprocess.run(
             [sys.executable, "-c", CASE.format(convert=convert)], capture_output=True, text=True, check=True
