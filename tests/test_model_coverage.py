@@ -122,3 +122,44 @@ def test_input_naming_prefers_exact_names_then_synonyms_and_uses_each_node_once(
     )
     assert found == {"Temperature": "Line/Motor/Temperature", "Thermocouple": "Line/Water/WaterTemperature"}
     assert missing == ["RateRMS", "Voltage"]
+
+
+def test_coverage_names_uncovered_subjects_and_units_without_rules(caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.config import validate  # noqa: PLC0415
+    from gateway.inference.coverage import log_coverage, subject_coverage  # noqa: PLC0415
+
+    config = validate(
+        {
+            "alarms": {"defaults": False},
+            "sources": [
+                {
+                    "name": "p",
+                    "driver": "sim",
+                    "subject": "pump-9",
+                    "kind": "industrial",
+                    "profile": "pump",
+                    "device": "D1",
+                },
+                {
+                    "name": "plc",
+                    "driver": "opcua",
+                    "subject": "line-2",
+                    "kind": "industrial",
+                    "endpoint": "opc.tcp://127.0.0.1:4840",
+                    "nodes": [{"browse_path": "2:Line2/2:Pressure", "unit": "counts"}],
+                },
+            ],
+        },
+        "<t>",
+        REGISTRY,
+    )
+    core = config.core
+    pump, line = subject_coverage(config.sources, core.models, core.alarms)
+    assert not pump.covered
+    assert line.unit_notes == (
+        "stream Line2/Pressure: unit 'counts' does not convert from the default rule's 'bar': "
+        "no plausibility check; set [models.plausibility.'Line2/Pressure'] in its unit",
+    )
+    with caplog.at_level("WARNING", logger="gateway.inference.coverage"):
+        log_coverage(config)
+    assert any("subject pump-9 (industrial): NOT COVERED" in r.getMessage() for r in caplog.records)

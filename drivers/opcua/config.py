@@ -169,6 +169,11 @@ class OpcUaConfig(ConfigModel):
                 return None  # a node_id without a name is named by its BrowseName at run time
         return names
 
+    def metric_units(self) -> dict[str, str]:
+        """The units the config sets (``unit``); the others come from the server's EUInformation."""
+        names = self.metric_names() or []
+        return {name: node.unit for name, node in zip(names, self.nodes, strict=False) if node.unit}
+
 
 def is_loopback(host: str) -> bool:
     """True for names and addresses of this machine's loopback interface."""

@@ -47,4 +47,8 @@ class SerialConfig(ConfigModel):
 
     def metric_names(self) -> list[str]:
         """The streams every oximeter gives: SpO2, pulse rate, perfusion index."""
-        return ["MDC_PULS_OXIM_SAT_O2", "MDC_PULS_OXIM_PULS_RATE", "MDC_PULS_OXIM_PERF_REL"]
+        return list(self.metric_units())
+
+    def metric_units(self) -> dict[str, str]:
+        """The UCUM unit of each stream."""
+        return {"MDC_PULS_OXIM_SAT_O2": "%", "MDC_PULS_OXIM_PULS_RATE": "/min", "MDC_PULS_OXIM_PERF_REL": "%"}

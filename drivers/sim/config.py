@@ -66,5 +66,9 @@ class SimConfig(_Strict):
 
     def metric_names(self) -> list[str]:
         """The streams of the profile."""
+        return list(self.metric_units())
+
+    def metric_units(self) -> dict[str, str]:
+        """The unit of each stream of the profile."""
         gen = make_generator(self.profile, seed=self.seed, rate_hz=self.rate_hz)
-        return [sig.metric.name for sig in gen.signals]
+        return {sig.metric.name: sig.metric.unit for sig in gen.signals}

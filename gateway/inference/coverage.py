@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.alarms.config import AlarmsSection, merged_limits
-from gateway.inference.build import ModelsSection, default_models_dir
+from gateway.inference.build import ModelsSection, default_models_dir, plausibility_checker
 from gateway.inference.card import CARD_SUFFIX, ModelCard, input_matches, load_card
+from gateway.inference.plausibility import PlausibilityChecker
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -61,6 +62,7 @@ class SubjectCoverage:
     models: tuple[ModelCoverage, ...] = ()
     limits: tuple[str, ...] = ()  # metrics with a limit rule
     not_for_kind: tuple[str, ...] = field(default=())  # models of the other subject kind
+    unit_notes: tuple[str, ...] = ()  # streams whose unit leaves them without a default rule
 
     @property
     def covered(self) -> bool:
@@ -85,6 +87,7 @@ class SubjectCoverage:
                 )
         if self.limits:
             out.append(f"{head}: limit alarms on {', '.join(self.limits)}")
+        out += [f"{head}: {note}" for note in self.unit_notes]
         if not self.covered:
             out.append(f"{head}: NOT COVERED: no model scores it and no limit watches it")
         return out
@@ -105,14 +108,18 @@ def subject_coverage(
 ) -> list[SubjectCoverage]:
     """Coverage of every subject of the enabled sources (``config.sources`` entries)."""
     by_subject: dict[str, tuple[str, list[str] | None]] = {}
+    units: dict[str, dict[str, str]] = {}
     for entry in sources:
         if not entry.enabled:
             continue
         names_of = getattr(entry.config, "metric_names", None)
         names: list[str] | None = names_of() if callable(names_of) else None
+        units_of = getattr(entry.config, "metric_units", None)
+        units.setdefault(entry.info.subject, {}).update(units_of() if callable(units_of) else {})
         kind, known = by_subject.get(entry.info.subject, (entry.info.kind, []))
         by_subject[entry.info.subject] = (kind, None if known is None or names is None else known + names)
     cards = _cards(models)
+    checker = plausibility_checker(models)
     general, per_subject = merged_limits(alarms)
     out: list[SubjectCoverage] = []
     for subject, (kind, metrics) in by_subject.items():
@@ -147,6 +154,9 @@ def subject_coverage(
                 for m in metrics
                 if (lim := table.get(m, table.get(m.rsplit("/", 1)[-1]))) is not None and lim.enabled
             )
+        notes = tuple(
+            note for m, u in units.get(subject, {}).items() if (note := _unit_note(m, u, checker)) is not None
+        )
         out.append(
             SubjectCoverage(
                 subject,
@@ -155,9 +165,21 @@ def subject_coverage(
                 tuple(cover),
                 limits,
                 tuple(other_kind),
+                notes,
             )
         )
     return out
+
+
+def _unit_note(metric: str, unit: str, checker: PlausibilityChecker) -> str | None:
+    """Why a stream of a known unit gets no plausibility rule, or None when it does (or has none)."""
+    rule = checker.base_rule(metric)
+    if rule is None or rule.in_unit(unit) is not None:
+        return None
+    return (
+        f"stream {metric}: unit {unit!r} does not convert from the default rule's {rule.unit!r}: "
+        f"no plausibility check; set [models.plausibility.{metric!r}] in its unit"
+    )
 
 
 def idle_models(coverage: Sequence[SubjectCoverage], models: ModelsSection) -> list[str]:

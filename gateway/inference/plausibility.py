@@ -116,15 +116,20 @@ class PlausibilityChecker:
         self._by_id: dict[int, tuple[Stream, Rule | None]] = {}
         self._state: dict[Stream, _State] = {}
 
+    def base_rule(self, name: str) -> Rule | None:
+        """The rule of a metric name as written (exact name, else its last segment), unconverted."""
+        rule = self._rules.get(name)
+        if rule is None and "/" in name:
+            rule = self._rules.get(name.rsplit("/", 1)[1])
+        return rule
+
     def rule_for(self, stream: Stream) -> Rule | None:
         """The rule of a stream's metric: exact name, else the last path segment; None if unknown."""
         got = self._by_id.get(id(stream))
         if got is not None and got[0] is stream:
             return got[1]
         name = stream.metric.name
-        rule = self._rules.get(name)
-        if rule is None and "/" in name:
-            rule = self._rules.get(name.rsplit("/", 1)[1])
+        rule = self.base_rule(name)
         if rule is not None:
             converted = rule.in_unit(stream.metric.unit)
             if converted is None:
