@@ -25,8 +25,8 @@ from gateway.supervisor import EXIT_CONFIG
 
 pytestmark = pytest.mark.slow
 
-HOP_S = 1.0
-COMMISSION_S = 5.0
+HOP_S = 0.5
+COMMISSION_S = 2.5
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def write_config(tmp: Path, plc: PlcSimProcess, *, model: bool) -> Path:
 [gateway]
 state_dir = "{tmp / "state"}"
 [pipeline]
-window_s = 2.0
+window_s = 1.0
 hop_s = {HOP_S}
 grace_s = 0.2
 [uplink]
@@ -82,7 +82,7 @@ def test_the_scanned_config_with_the_model_mapping_is_scored_after_commissioning
     assert "subject plant-A/pump-3 (industrial): model pump_skab scores it" in out
     config = load(path, REGISTRY)
     code = asyncio.run(
-        run_gateway(config, REGISTRY, stop_after_s=COMMISSION_S + 6.0, install_signal_handlers=False)
+        run_gateway(config, REGISTRY, stop_after_s=COMMISSION_S + 5.0, install_signal_handlers=False)
     )
     assert code == 0
     lines = [json.loads(x)["record"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
