@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from gateway.alarms import with_priority
+from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
@@ -85,7 +85,7 @@ class Pipeline:
         self._plausibility = plausibility_checker(m)
         self._ectopy = EctopyMonitor() if m.ectopy else None
         self._limits = limit_checker(config.core.alarms)
-        self.sink: SampleSink = _Sink(self.put, self.put_block, self.alarm, self.diagnostic)
+        self.sink: SampleSink = _Sink(self.put, self.put_block, self.driver_alarm, self.diagnostic)
         self.last_beat = time.monotonic()
         self.submitted = dict.fromkeys(Lane, 0)
         self._next_counters = time.monotonic() + COUNTERS_EVERY_S
@@ -140,6 +140,12 @@ class Pipeline:
         if alarm.kind in _LOGGED_HERE:
             log.warning("%s on %s: %s", alarm.kind.value, alarm.subject, dict(alarm.detail))
         self._submit(lambda: self._anon.alarm(alarm))
+
+    def driver_alarm(self, alarm: Alarm) -> None:
+        """An alarm from a driver; a device it reports lost or back is folded into one device alarm."""
+        folded = fold_device_alarm(alarm, self.windower)
+        if folded is not None:
+            self.alarm(folded)
 
     def diagnostic(self, diagnostic: Diagnostic) -> None:
         """Seal and queue a diagnostic record."""

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+from drivers import REGISTRY
+from drivers.serial.sim import PtyOximeter, VitalsModel
+from gateway.alarms import fold_device_alarm
+from gateway.config import validate
 from gateway.contracts import Alarm, AlarmClass, AlarmKind
 from gateway.pipeline.windows import Windower
+from gateway.runtime import run_gateway
 from gateway.sample import Sample, Stream, industrial_metric
 
 
@@ -83,3 +93,86 @@ def test_a_lone_silent_stream_is_still_a_sensor_alarm() -> None:
     for now in range(10, 30, 2):
         w.close_due(float(now + 2), 1.7e9 + now + 2)
     assert [a.kind for a in alarms] == [AlarmKind.SENSOR_LOST]
+
+
+def test_a_driver_reported_outage_and_the_windower_raise_one_alarm_each_way() -> None:
+    w, alarms = rig()
+    put(w, [FLOW, PRESSURE, CURRENT], 0.0, 10.0)
+    lost = fold_device_alarm(
+        Alarm(AlarmKind.SENSOR_LOST, "pump-3", 10.5, 0.0, FLOW, {"cause": "unplugged"}), w
+    )
+    assert lost is not None
+    assert (lost.kind, lost.detail) == (AlarmKind.DEVICE_LOST, {"cause": "unplugged", "streams": 3})
+    for now in range(10, 40, 2):  # the windower says nothing more about this outage
+        w.close_due(float(now + 2), 1.7e9 + now + 2)
+    assert alarms == []
+    back = Alarm(
+        AlarmKind.SENSOR_RESTORED, "pump-3", 40.0, 0.0, FLOW, {"after": "sensor_lost", "cause": "unplugged"}
+    )
+    restored = fold_device_alarm(back, w)
+    assert restored is not None
+    assert (restored.kind, restored.detail["streams"]) == (AlarmKind.DEVICE_RESTORED, 3)
+    put(w, [FLOW, PRESSURE, CURRENT], 40.0, 50.0)
+    w.close_due(50.0, 1.7e9 + 50.0)
+    assert alarms == []
+
+
+def test_a_driver_alarm_after_the_windower_saw_the_outage_is_not_sent_again() -> None:
+    w, alarms = rig()
+    put(w, [FLOW, PRESSURE, CURRENT], 0.0, 10.0)
+    w.close_due(20.0, 1.7e9 + 20.0)
+    assert [a.kind for a in alarms] == [AlarmKind.DEVICE_LOST]
+    assert (
+        fold_device_alarm(Alarm(AlarmKind.SENSOR_LOST, "pump-3", 21.0, 0.0, FLOW, {"cause": "stale"}), w)
+        is None
+    )
+    put(w, [FLOW, PRESSURE, CURRENT], 30.0, 32.0)
+    assert [a.kind for a in alarms] == [AlarmKind.DEVICE_LOST, AlarmKind.DEVICE_RESTORED]
+    back = Alarm(AlarmKind.SENSOR_RESTORED, "pump-3", 30.5, 0.0, FLOW, {"after": "sensor_lost"})
+    assert fold_device_alarm(back, w) is None
+    # A restore the windower knows nothing about (after a fault, say) stands as it is.
+    other = Alarm(AlarmKind.SENSOR_RESTORED, "pump-3", 33.0, 0.0, OTHER, {"cause": "reconnected"})
+    assert fold_device_alarm(other, w) is other
+
+
+def test_an_unplugged_oximeter_is_one_device_alarm_and_one_restore_end_to_end(tmp_path: Path) -> None:
+    """A real serial driver on a pty through the running gateway: unplugged 2 s, then back."""
+    sim = PtyOximeter(
+        "nonin2", link=tmp_path / "usb-Nonin", vitals=VitalsModel(3, desat_every_s=0, sensor_off_every_s=0)
+    )
+    out = tmp_path / "out.jsonl"
+    config = validate(
+        {
+            "gateway": {"state_dir": str(tmp_path)},
+            "pipeline": {"window_s": 1.0, "hop_s": 0.5, "grace_s": 0.1, "sensor_lost_s": 1.0},
+            "uplink": {"kind": "local", "path": str(out)},
+            "runtime": {"drain_deadline_s": 2.0},
+            "sources": [
+                {
+                    "name": "bed7-spo2",
+                    "driver": "serial",
+                    "subject": "bed-7",
+                    "port": str(tmp_path / "usb-Nonin"),
+                    "protocol": "nonin2",
+                }
+            ],
+        },
+        "<test>",
+        REGISTRY,
+    )
+    timers = [threading.Timer(2.5, sim.unplug), threading.Timer(4.5, sim.replug)]
+    with sim:
+        for t in timers:
+            t.start()
+        try:
+            code = asyncio.run(run_gateway(config, REGISTRY, stop_after_s=9.5, install_signal_handlers=False))
+        finally:
+            for t in timers:
+                t.cancel()
+    assert code == 0
+    records = [json.loads(line)["record"] for line in out.read_text().splitlines()]
+    technical = [r for r in records if r["type"] == "alarm" and r["class"] == "technical"]
+    assert [r["alarm"] for r in technical] == ["device_lost", "device_restored"], technical
+    assert technical[0]["detail"]["cause"] == "unplugged"
+    assert technical[0]["detail"]["streams"] >= 2  # SpO2 and pulse (and PI where the format has it)
+    assert "metric" not in technical[0]

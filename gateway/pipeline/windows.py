@@ -28,6 +28,7 @@ import logging
 import math
 from bisect import bisect_left
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -158,6 +159,8 @@ class Windower:
         self._subjects: dict[str, _SubjectState] = {}
         # Devices whose streams went silent together: (source, device) -> those streams.
         self._device_lost: dict[tuple[str, str], list[_StreamState]] = {}
+        # Devices whose data ended an outage before their driver said they were back.
+        self._device_back: set[tuple[str, str]] = set()
         self._windows = 0
         self._gaps = 0
         self._alarms = 0
@@ -286,6 +289,7 @@ class Windower:
         if old == _LOST and self._device_lost:
             group = self._device_lost.pop((stream.source, stream.device), None)
             if group is not None:
+                self._device_back.add((stream.source, stream.device))
                 self._device_restored(st, group, t_mono, t_wall)
                 if status == _OK:
                     return
@@ -409,6 +413,40 @@ class Windower:
                         {"streams": len(group), "silent_s": silent},
                     )
                 )
+
+    def hold_device(self, stream: Stream) -> int | None:
+        """A driver reports the device of ``stream`` lost: its streams join one outage, silently.
+
+        Returns how many streams the outage takes down, or None when the windower already
+        reported this device lost (the driver's alarm then repeats the same incident).
+        """
+        key = (stream.source, stream.device)
+        self._device_back.discard(key)
+        if key in self._device_lost:
+            return None
+        group = [st for st in self._by_stream.values() if (st.stream.source, st.stream.device) == key]
+        for st in group:
+            st.status, st.restore_at = _LOST, None
+        self._device_lost[key] = group
+        return len(group)
+
+    def release_device(self, stream: Stream, t_mono: float) -> int | Literal["repeat", "unknown"]:
+        """A driver reports the device back: how many streams return.
+
+        ``"repeat"`` when its data already ended the outage (and the windower said so), ``"unknown"``
+        when no outage of this device is known (the driver's alarm stands on its own).
+        """
+        key = (stream.source, stream.device)
+        group = self._device_lost.pop(key, None)
+        if group is None:
+            if key in self._device_back:
+                self._device_back.discard(key)
+                return "repeat"
+            return "unknown"
+        for st in group:
+            if st.status == _LOST:
+                st.status, st.revived_at = _OK, t_mono
+        return len(group)
 
     def _device_restored(
         self, st: _StreamState, group: list[_StreamState], t_mono: float, t_wall: float
