@@ -438,7 +438,8 @@ class AnomalyModel:
                     j = int(np.argmax(np.abs(z[r])))
                     why = (
                         f"input {self._keys[j]} at z={z[r, j]:.0f}, beyond +-{self.card.health.ood_z:g} "
-                        "of the subject's commissioning statistics"
+                        "of the subject's commissioning statistics (commissioned while idle? delete "
+                        f"{self._norm_path(subject) or 'its statistics'} to commission it again)"
                     )
                     self._subject_demoted[subject] = why
                     self._health_event("demoted", "input_out_of_range", subject, self._keys[j], why)
