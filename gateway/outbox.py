@@ -40,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self, TypeVar
 
+from gateway.cleanup import finish_shielded
 from gateway.contracts import Lane
 from gateway.errors import ConfigError, CorruptDataError, EdgetwinError, TransientError
 
@@ -1244,30 +1245,8 @@ class AsyncOutbox:
 
     async def _await_shielded(self, cleanup: asyncio.Task[None]) -> None:
         """Wait for ``cleanup`` up to the close deadline, even if this task is cancelled meanwhile."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._close_timeout
-        cancelled = False
-        while not cleanup.done():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait({cleanup}, timeout=remaining)
-            except asyncio.CancelledError:
-                cancelled = True  # finish the cleanup first, then let the cancellation through
-        if not cleanup.done():
-            _LOG.error(
-                "outbox: closing did not finish within %.1f s: %d record(s) not written are lost",
-                self._close_timeout,
-                self.pending,
-            )
-            cleanup.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({cleanup}, timeout=1.0)
-        elif cleanup.exception() is not None:
-            _LOG.error("outbox: closing failed: %s", cleanup.exception())
-        if cancelled:
-            raise asyncio.CancelledError
+        if not await finish_shielded(cleanup, self._close_timeout, who="outbox: closing"):
+            _LOG.error("outbox: %d record(s) not written when closing was abandoned are lost", self.pending)
 
 
 __all__ = [

@@ -22,12 +22,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import backoff
 from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
 from gateway.notify import Notifier
 
@@ -73,11 +73,8 @@ class Backoff:
     def delay(self, error: BaseException, attempt: int) -> float:
         """Seconds to wait before the next attempt after ``error`` (attempt counts from 1)."""
         if isinstance(error, AuthError):
-            nominal = self.auth_s
-        else:
-            nominal = min(self.cap_s, self.base_s * 2 ** min(attempt - 1, 30))
-        # Jitter in [nominal/2, nominal]: gateways restarted by one power cut do not retry in step.
-        return nominal / 2 + random.random() * nominal / 2
+            return backoff.jittered(self.auth_s)
+        return backoff.delay(attempt, self.base_s, self.cap_s)
 
 
 @dataclass(slots=True)
