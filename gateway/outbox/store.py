@@ -1,55 +1,39 @@
-"""The durable outbox: a priority queue of encoded records on SQLite (WAL) between pipeline and uplink.
-
-Contract (ARCHITECTURE.md, core abstraction 5):
-
-* ``put_many`` commits a whole batch in one transaction: durability costs one fsync per batch,
-  not one per record (group commit, PERFORMANCE.md).
-* ``lease(n)`` hands out up to ``n`` records, alarms first, then oldest first inside a lane.  A
-  leased record is not handed out again until it is released.  Leases live in memory only: after
-  a restart or a crash every un-acknowledged record is queued again (at-least-once; the uplink's
-  sequence numbers let the twin drop duplicates).  How often a record was leased is persisted.
-* ``ack`` deletes.  Nothing is deleted before it is acknowledged, except by a lane's stated full
-  policy, and every such drop is counted (persisted) and logged as a state change.
-* Record ids are never reused (AUTOINCREMENT), so they serve as the gateway's sequence numbers;
-  a fresh database gets a new random :attr:`Outbox.epoch`, so a sequence that restarts after a
-  corruption recovery is told apart from loss.  ``lease`` can be limited to an id range, which lets
-  the uplink send live records first and replay an older backlog behind them.
-* Full policy (:data:`DEFAULT_BUDGETS`): alarms are never dropped, even past the total budget;
-  features drop their oldest records (a stale feature is worth less than a fresh one);
-  diagnostics refuse the newest (the first diagnostics of an outage explain it best).
-* A corrupt or unreadable database is renamed to ``<name>.corrupt-<UTC time>``, its ``-wal`` and
-  ``-shm`` alongside so that ``sqlite3 <name>.corrupt-<UTC time>`` opens it with its log, logged at
-  CRITICAL, and a fresh database is started: the gateway recovers without a human.
-"""
+"""The outbox store: one SQLite database (WAL) holding the queued records; see the package for the contract."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import enum
 import logging
 import os
-import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self, TypeVar
 
-from gateway.cleanup import finish_shielded
 from gateway.contracts import Lane
-from gateway.errors import ConfigError, CorruptDataError, EdgetwinError, TransientError
+from gateway.errors import ConfigError, CorruptDataError
+from gateway.outbox.budget import DROP_WHY, LanePlan
+from gateway.outbox.errors import CorruptDatabaseError, Fault, classify, to_error
+from gateway.outbox.records import (
+    DEFAULT_BUDGETS,
+    DEFAULT_TOTAL_MAX_BYTES,
+    DropReason,
+    FullPolicy,
+    LaneBudget,
+    LaneStats,
+    Leased,
+    MiB,
+    OutboxStats,
+    OutItem,
+)
+from gateway.outbox.recovery import check_wal_header, new_epoch, set_aside, shorten
 
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("gateway.outbox")
 
 _T = TypeVar("_T")
-
-MiB = 1024 * 1024
-_DAY_S = 86_400.0
 
 SCHEMA_VERSION = 1
 _SCHEMA = (
@@ -75,237 +59,6 @@ _SCAN_PAGE = 512  # rows fetched per query while looking for records to drop
 # A gateway without a battery-backed clock stamps records near 1970 until NTP syncs: those are
 # mis-stamped, not stale, so the age budget leaves them alone (the byte budget still bounds them).
 _PLAUSIBLE_WALL_S = 1_577_836_800.0  # 2020-01-01T00:00:00Z
-
-_WAL_MAGICS = (0x377F0682, 0x377F0683)  # the two byte orders of SQLite's WAL header checksum
-_WAL_VERSION = 3007000
-
-
-class FullPolicy(enum.Enum):
-    """What a lane does when it is over its byte or age budget."""
-
-    NEVER_DROP = "never_drop"  # keep everything, even past the total budget (alarms)
-    DROP_OLDEST = "drop_oldest"  # delete the oldest records that are not leased
-    DROP_NEWEST = "drop_newest"  # refuse the newest incoming records
-
-
-class DropReason(enum.StrEnum):
-    """Why records left the outbox without an acknowledgement."""
-
-    BUDGET = "budget"  # over the lane's byte budget or the outbox's total budget
-    AGE = "age"  # older than the lane's age budget
-    CORRUPT = "corrupt"  # in a database file that had to be set aside while running
-
-
-@dataclass(frozen=True, slots=True)
-class OutItem:
-    """A record going into the outbox."""
-
-    lane: Lane
-    topic: str  # relative topic, already anonymized, e.g. "features/k3j2..."
-    payload: bytes
-    t_wall: float  # creation time (epoch s), used for the age budget
-
-
-@dataclass(frozen=True, slots=True)
-class Leased:
-    """A record handed to the uplink; it stays in the outbox until acknowledged."""
-
-    id: int
-    lane: Lane
-    topic: str
-    payload: bytes
-    t_wall: float
-    attempts: int  # how many times it was leased before (0 on the first lease), persisted
-
-
-@dataclass(frozen=True, slots=True)
-class LaneBudget:
-    """How much one lane may hold and what happens beyond that."""
-
-    max_bytes: int | None  # None = unbounded for this lane
-    max_age_s: float | None  # None = never ages out
-    policy: FullPolicy
-
-
-DEFAULT_BUDGETS: Mapping[Lane, LaneBudget] = {
-    Lane.ALARMS: LaneBudget(None, None, FullPolicy.NEVER_DROP),
-    Lane.FEATURES: LaneBudget(192 * MiB, 7 * _DAY_S, FullPolicy.DROP_OLDEST),
-    Lane.DIAGNOSTICS: LaneBudget(16 * MiB, 2 * _DAY_S, FullPolicy.DROP_NEWEST),
-}
-DEFAULT_TOTAL_MAX_BYTES = 256 * MiB
-
-
-@dataclass(frozen=True, slots=True)
-class LaneStats:
-    """The state of one lane."""
-
-    queued: int  # un-acknowledged records, leased ones included
-    queued_bytes: int  # payload plus topic bytes
-    oldest_age_s: float | None  # age of the lane's head record, None when the lane is empty
-    leased: int
-    dropped: Mapping[str, int]  # by DropReason, since this database file was created
-
-
-@dataclass(frozen=True)
-class OutboxStats:
-    """A snapshot of the outbox for health reports and tests."""
-
-    lanes: Mapping[Lane, LaneStats]
-    total_bytes: int
-    recovered_from: tuple[Path, ...]  # files this process set aside as corrupt
-
-    @property
-    def queued(self) -> int:
-        """Un-acknowledged records in all lanes."""
-        return sum(s.queued for s in self.lanes.values())
-
-    @property
-    def dropped(self) -> Mapping[Lane, Mapping[str, int]]:
-        """Dropped records per lane and reason."""
-        return {lane: s.dropped for lane, s in self.lanes.items()}
-
-    @property
-    def dropped_total(self) -> int:
-        """Dropped records of every lane and reason."""
-        return sum(sum(s.dropped.values()) for s in self.lanes.values())
-
-
-def record_size(item: OutItem) -> int:
-    """The bytes a record counts against its budgets: payload plus UTF-8 topic."""
-    return len(item.payload) + len(item.topic.encode())
-
-
-# --- budget planning (pure: stored records come in as an iterator) -----------------------------
-
-
-class _LanePlan:
-    """What one batch does to one lane: the slice of incoming records kept, stored records dropped."""
-
-    __slots__ = ("_stored", "_stored_factory", "deleted", "deleted_bytes", "end", "first", "policy", "sizes")
-
-    def __init__(
-        self, policy: FullPolicy, sizes: list[int], stored: Callable[[], Iterator[tuple[int, int]]]
-    ) -> None:
-        self.policy = policy
-        self.sizes = sizes  # of the incoming records of this lane, in batch order
-        self.first = 0  # incoming records [first, end) are kept
-        self.end = len(sizes)
-        self.deleted: list[int] = []  # ids of stored records to delete
-        self.deleted_bytes = 0
-        self._stored_factory = stored
-        self._stored: Iterator[tuple[int, int]] | None = None
-
-    @property
-    def kept_bytes(self) -> int:
-        """Bytes of the incoming records that will be inserted."""
-        return sum(self.sizes[self.first : self.end])
-
-    @property
-    def dropped(self) -> int:
-        """Records this batch drops in this lane: refused incoming plus deleted stored ones."""
-        return len(self.sizes) - (self.end - self.first) + len(self.deleted)
-
-    def drop(self, need: int) -> int:
-        """Drop records by the lane's policy until ``need`` bytes are freed; return bytes freed."""
-        freed = 0
-        if self.policy is FullPolicy.DROP_NEWEST:
-            while freed < need and self.end > self.first:
-                self.end -= 1
-                freed += self.sizes[self.end]
-        elif self.policy is FullPolicy.DROP_OLDEST:
-            # Stored records are older than anything in this batch, so they go first.
-            if self._stored is None:
-                self._stored = self._stored_factory()
-            while freed < need:
-                nxt = next(self._stored, None)
-                if nxt is None:
-                    break
-                self.deleted.append(nxt[0])
-                self.deleted_bytes += nxt[1]
-                freed += nxt[1]
-            while freed < need and self.first < self.end:
-                freed += self.sizes[self.first]
-                self.first += 1
-        return freed
-
-
-# --- classification of SQLite errors (the one place that looks at codes and messages) -----------
-
-
-_DROP_WHY: Mapping[DropReason, str] = {
-    DropReason.BUDGET: "over a byte budget",
-    DropReason.AGE: "older than the age budget",
-    DropReason.CORRUPT: "in a corrupt file",
-}
-
-
-class _Fault(enum.Enum):
-    CORRUPT = "corrupt"  # set the file aside and start a fresh one
-    CONFIG = "config"  # the path cannot work: retrying will not help
-    TRANSIENT = "transient"  # busy, I/O error, disk full: may clear by itself
-
-
-# SQLite primary result codes (the low byte of an extended code).
-_FAULT_BY_CODE: Mapping[int, _Fault] = {
-    sqlite3.SQLITE_CORRUPT: _Fault.CORRUPT,
-    sqlite3.SQLITE_NOTADB: _Fault.CORRUPT,
-    sqlite3.SQLITE_CANTOPEN: _Fault.CONFIG,
-    sqlite3.SQLITE_READONLY: _Fault.CONFIG,
-    sqlite3.SQLITE_PERM: _Fault.CONFIG,
-    sqlite3.SQLITE_AUTH: _Fault.CONFIG,
-}
-# Errors raised by the sqlite3 module itself carry no code; these messages are SQLite's own
-# wording for corruption (sqlite3ErrStr), the only way to recognise it then.
-_CORRUPT_MESSAGES = ("database disk image is malformed", "file is not a database")
-
-
-def _classify(exc: sqlite3.Error) -> _Fault:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int) and (code & 0xFF) in _FAULT_BY_CODE:
-        return _FAULT_BY_CODE[code & 0xFF]
-    message = str(exc).lower()
-    if any(m in message for m in _CORRUPT_MESSAGES):
-        return _Fault.CORRUPT
-    return _Fault.TRANSIENT
-
-
-class _CorruptDatabaseError(Exception):
-    """A database SQLite can read but that fails our checks (quick_check, schema, values)."""
-
-
-def _check_wal_header(wal: Path) -> str | None:
-    """Why a ``-wal`` file is not a SQLite write-ahead log, or None when it is one (or empty)."""
-    try:
-        with wal.open("rb") as f:
-            head = f.read(8)
-    except FileNotFoundError:
-        return None
-    if not head:
-        return None
-    if len(head) < 8:
-        return f"the write-ahead log is {len(head)} bytes long, shorter than its header"
-    magic, version = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")
-    if magic not in _WAL_MAGICS or version != _WAL_VERSION:
-        return f"the write-ahead log header is not SQLite's (magic {magic:#010x}, version {version})"
-    return None
-
-
-def _new_epoch() -> int:
-    """A random id for a new database: 1 .. 2**31 - 1 (0 never names an epoch)."""
-    return secrets.randbelow(2**31 - 1) + 1
-
-
-def _shorten(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make renames in ``directory`` survive a power cut."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Outbox:
@@ -485,21 +238,21 @@ class Outbox:
             )
 
     def _open_or_recover(self) -> sqlite3.Connection:
-        bad_wal = _check_wal_header(Path(f"{self._path}-wal"))
+        bad_wal = check_wal_header(Path(f"{self._path}-wal"))
         if bad_wal is not None:
             self._set_aside(bad_wal, wal_only=True)
         try:
             return self._open_db()
-        except _CorruptDatabaseError as exc:
+        except CorruptDatabaseError as exc:
             why = str(exc)
         except sqlite3.Error as exc:
-            if _classify(exc) is not _Fault.CORRUPT:
-                raise self._error("open", exc) from exc
+            if classify(exc) is not Fault.CORRUPT:
+                raise to_error(self._path, "open", exc) from exc
             why = f"{exc} ({getattr(exc, 'sqlite_errorname', 'no code')})"
         self._set_aside(why, wal_only=False)
         try:
             return self._open_db()
-        except (sqlite3.Error, _CorruptDatabaseError) as exc:
+        except (sqlite3.Error, CorruptDatabaseError) as exc:
             raise CorruptDataError(
                 f"outbox {self._path}: cannot start a fresh database after setting the old one aside: {exc}: "
                 "check the disk and the directory's permissions"
@@ -532,7 +285,7 @@ class Outbox:
         check = conn.execute("PRAGMA quick_check").fetchall()
         if check != [("ok",)]:
             found = "; ".join(str(row[0]) for row in check).replace("\n", "; ")
-            raise _CorruptDatabaseError(f"quick_check failed: {_shorten(found)}")
+            raise CorruptDatabaseError(f"quick_check failed: {shorten(found)}")
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not tables:
             self._create_schema(conn)
@@ -546,7 +299,7 @@ class Outbox:
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            conn.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (_new_epoch(),))
+            conn.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (new_epoch(),))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -555,13 +308,13 @@ class Outbox:
     @staticmethod
     def _verify_schema(conn: sqlite3.Connection, tables: set[str]) -> None:
         if not {"records", "meta"} <= tables:
-            raise _CorruptDatabaseError(f"not an outbox database (tables: {', '.join(sorted(tables))})")
+            raise CorruptDatabaseError(f"not an outbox database (tables: {', '.join(sorted(tables))})")
         columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(records)"))
         if columns != _RECORD_COLUMNS:
-            raise _CorruptDatabaseError(f"unexpected columns in records: {', '.join(columns)}")
+            raise CorruptDatabaseError(f"unexpected columns in records: {', '.join(columns)}")
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None or row[0] != SCHEMA_VERSION:
-            raise _CorruptDatabaseError(
+            raise CorruptDatabaseError(
                 f"schema version {None if row is None else row[0]!r}, this gateway reads {SCHEMA_VERSION}"
             )
 
@@ -575,7 +328,7 @@ class Outbox:
                 lane = Lane(lane_value)
             except ValueError as exc:
                 # Records in an unknown lane would never be leased nor dropped.
-                raise _CorruptDatabaseError(f"{n} records in unknown lane {lane_value!r}") from exc
+                raise CorruptDatabaseError(f"{n} records in unknown lane {lane_value!r}") from exc
             count[lane], size[lane] = int(n), int(total)
         dropped: dict[Lane, dict[DropReason, int]] = {lane: {} for lane in Lane}
         for key, value in conn.execute("SELECT key, value FROM meta WHERE key LIKE 'dropped.%'"):
@@ -595,51 +348,13 @@ class Outbox:
         if row is not None and isinstance(row[0], int) and row[0] > 0:
             return row[0]
         # A database created before epochs existed: its ids go on, so giving it one now is safe.
-        epoch = _new_epoch()
+        epoch = new_epoch()
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
         return epoch
 
     def _set_aside(self, why: str, *, wal_only: bool) -> Path:
         """Rename the damaged file(s) out of the way, loudly; return the name it was set aside as."""
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        source = Path(f"{self._path}-wal") if wal_only else self._path
-        base = source.with_name(f"{source.name}.corrupt-{stamp}")
-        k = 0
-        while any(Path(f"{base}{s}").exists() for s in ("", "-wal", "-shm")):
-            k += 1
-            base = source.with_name(f"{source.name}.corrupt-{stamp}-{k}")
-        if wal_only:
-            moves = [(source, base), (Path(f"{self._path}-shm"), Path(f"{base}-shm"))]
-        else:
-            # The main file moves first: should a later rename fail, no fresh database is created
-            # next to a log that belongs to the old one.
-            moves = [(Path(f"{self._path}{s}"), Path(f"{base}{s}")) for s in ("", "-wal", "-shm")]
-        try:
-            for src, dst in moves:
-                if src.exists():
-                    src.rename(dst)
-            _fsync_directory(self._path.parent)
-        except OSError as exc:
-            raise CorruptDataError(
-                f"outbox {self._path}: the database is unreadable ({why}) and cannot be set aside: "
-                f"{exc.strerror or exc}: move {self._path} and its -wal/-shm files away by hand"
-            ) from exc
-        if wal_only:
-            _LOG.critical(
-                "outbox %s: write-ahead log unreadable: %s: set aside as %s and opened the database without "
-                "it: records committed only to that log were not delivered; the file is kept for inspection",
-                self._path,
-                why,
-                base,
-            )
-        else:
-            _LOG.critical(
-                "outbox %s: database unreadable: %s: set aside as %s and started an empty outbox: "
-                "the set-aside file can be inspected with sqlite3; records in it were not delivered",
-                self._path,
-                why,
-                base,
-            )
+        base = set_aside(self._path, why, wal_only=wal_only)
         self._recovered.append(base)
         return base
 
@@ -656,7 +371,7 @@ class Outbox:
         self._set_aside(why, wal_only=False)
         try:
             self._conn = self._open_db()
-        except (sqlite3.Error, _CorruptDatabaseError) as exc:
+        except (sqlite3.Error, CorruptDatabaseError) as exc:
             raise CorruptDataError(
                 f"outbox {self._path}: cannot start a fresh database after setting the old one aside: {exc}: "
                 "check the disk and restart the gateway"
@@ -683,37 +398,20 @@ class Outbox:
             raise  # a bug in the caller (a value SQLite cannot store), not a state of the database
         except sqlite3.Error as exc:
             self._rollback_quietly()
-            if _classify(exc) is not _Fault.CORRUPT:
-                raise self._error(what, exc) from exc
+            if classify(exc) is not Fault.CORRUPT:
+                raise to_error(self._path, what, exc) from exc
             why = f"{exc} ({getattr(exc, 'sqlite_errorname', 'no code')}) during {what}"
         self._recover_in_place(why)
         try:
             return op()
         except sqlite3.Error as exc:
             self._rollback_quietly()
-            raise self._error(what, exc) from exc
+            raise to_error(self._path, what, exc) from exc
 
     def _rollback_quietly(self) -> None:
         if self._conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
-
-    def _error(self, what: str, exc: sqlite3.Error) -> EdgetwinError:
-        where = f"outbox {self._path}"
-        name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
-        fault = _classify(exc)
-        if fault is _Fault.CORRUPT:
-            return CorruptDataError(
-                f"{where}: {what} failed: {exc} ({name}) again on a fresh database: check the disk (dmesg)"
-            )
-        if fault is _Fault.CONFIG:
-            return ConfigError(
-                f"{where}: {what} failed: {exc} ({name}): make the file and its directory writable "
-                "by the gateway's user or configure another outbox path"
-            )
-        return TransientError(
-            f"{where}: {what} failed: {exc} ({name}): retried later; check free disk space if it persists"
-        )
 
     def _require_open(self) -> None:
         if self._closed:
@@ -758,11 +456,11 @@ class Outbox:
                 incoming[item.lane] = [size]
             else:
                 lane_sizes.append(size)
-        plans: dict[Lane, _LanePlan] = {}
+        plans: dict[Lane, LanePlan] = {}
 
-        def plan(lane: Lane) -> _LanePlan:
+        def plan(lane: Lane) -> LanePlan:
             if lane not in plans:
-                plans[lane] = _LanePlan(
+                plans[lane] = LanePlan(
                     self._budgets[lane].policy, incoming.get(lane, []), lambda: self._oldest_unleased(lane)
                 )
             return plans[lane]
@@ -983,7 +681,7 @@ class Outbox:
     def _note_drops(self, lane: Lane, reason: DropReason, n: int) -> None:
         key = (lane, reason)
         total = self._dropped[lane].get(reason, 0)
-        why = _DROP_WHY[reason]
+        why = DROP_WHY[reason]
         if n and key not in self._dropping:
             self._dropping.add(key)
             _LOG.warning(
@@ -1025,241 +723,3 @@ class Outbox:
                 "outbox %s: back within the total budget (%d of %d bytes)", self._path, total, self._total_max
             )
         self._over_total = over
-
-
-class AsyncOutbox:
-    """The event-loop side of the outbox: batches submissions and runs blocking calls in threads."""
-
-    def __init__(
-        self,
-        outbox_factory: Callable[[], Outbox],
-        *,
-        flush_interval_s: float = 0.05,
-        flush_batch: int = 512,
-        close_timeout_s: float = 5.0,
-        max_pending: int = 200_000,
-        expire_interval_s: float = 60.0,
-    ) -> None:
-        self._factory = outbox_factory
-        self._interval = flush_interval_s
-        self._expire_interval = expire_interval_s
-        self._flush_batch = flush_batch
-        self._close_timeout = close_timeout_s
-        self._max_pending = max_pending  # in memory, not yet durable: bounded like any queue
-        self._outbox: Outbox | None = None
-        self._pending: list[OutItem] = []
-        self._inflight = 0
-        self._wake = asyncio.Event()
-        self._flush_lock = asyncio.Lock()
-        self._flusher: asyncio.Task[None] | None = None
-        self._entered = False
-        self._closing = False
-        self._stopping = False
-        self._last_beat = time.monotonic()
-        self._failing = False
-        self._refusing = False
-        self._pending_dropped = 0
-        self._committed = asyncio.Event()
-
-    @property
-    def pending_dropped(self) -> int:
-        """Submissions refused because ``max_pending`` records were waiting to be written."""
-        return self._pending_dropped
-
-    @property
-    def last_beat(self) -> float:
-        """``time.monotonic()`` of the flusher's last completed turn; stalls while writes fail."""
-        return self._last_beat
-
-    @property
-    def pending(self) -> int:
-        """Submitted records not yet committed."""
-        return len(self._pending) + self._inflight
-
-    @property
-    def outbox(self) -> Outbox:
-        """The synchronous outbox this owns (only inside ``async with``)."""
-        if self._outbox is None or self._closing:
-            raise RuntimeError("AsyncOutbox: used outside its 'async with' block")
-        return self._outbox
-
-    async def __aenter__(self) -> Self:
-        if self._entered:
-            raise RuntimeError("AsyncOutbox: already entered; it is not re-entrant")
-        self._entered = True
-        self._outbox = await asyncio.to_thread(self._factory)
-        self._last_beat = time.monotonic()
-        self._flusher = asyncio.create_task(
-            self._run_flusher(), name=f"outbox-flusher:{self._outbox.path.name}"
-        )
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._outbox is None or self._closing:
-            return
-        self._closing = True
-        shutdown = asyncio.create_task(self._shutdown(), name=f"outbox-shutdown:{self._outbox.path.name}")
-        await self._await_shielded(shutdown)
-
-    def submit(self, item: OutItem) -> None:
-        """Queue a record for the next group commit (no await: called by stages on the loop)."""
-        if self._closing:
-            raise RuntimeError("AsyncOutbox: submit() after close: the record would be lost")
-        if len(self._pending) >= self._max_pending and item.lane is not Lane.ALARMS:
-            # Writes are failing or far behind; keep memory bounded, alarms excepted.
-            self._pending_dropped += 1
-            if not self._refusing:
-                self._refusing = True
-                _LOG.warning(
-                    "outbox: %d records waiting to be written, refusing new %s records until it drains",
-                    len(self._pending),
-                    item.lane.name.lower(),
-                )
-            return
-        self._pending.append(item)
-        # An alarm is committed at once rather than at the next interval: it must not wait.
-        if item.lane is Lane.ALARMS or len(self._pending) >= self._flush_batch:
-            self._wake.set()
-
-    async def flush(self) -> None:
-        """Commit everything submitted so far."""
-        await self._flush_pending()
-
-    async def lease(self, n: int, *, after_id: int = 0, through_id: int | None = None) -> list[Leased]:
-        """See :meth:`Outbox.lease`."""
-        return await asyncio.to_thread(self.outbox.lease, n, after_id=after_id, through_id=through_id)
-
-    async def last_id(self) -> int:
-        """See :meth:`Outbox.last_id`."""
-        return await asyncio.to_thread(self.outbox.last_id)
-
-    async def wait_committed(self, within_s: float) -> bool:
-        """Wait until records were committed since the last call, at most ``within_s``; True if so."""
-        if not self._committed.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(within_s):
-                    await self._committed.wait()
-        was = self._committed.is_set()
-        self._committed.clear()
-        return was
-
-    async def ack(self, ids: Iterable[int]) -> None:
-        """See :meth:`Outbox.ack`."""
-        await asyncio.to_thread(self.outbox.ack, list(ids))
-
-    async def release(self, ids: Iterable[int]) -> None:
-        """See :meth:`Outbox.release`."""
-        await asyncio.to_thread(self.outbox.release, list(ids))
-
-    async def expire(self, now_wall: float | None = None) -> int:
-        """See :meth:`Outbox.expire`."""
-        return await asyncio.to_thread(self.outbox.expire, now_wall)
-
-    async def stats(self) -> OutboxStats:
-        """See :meth:`Outbox.stats`."""
-        return await asyncio.to_thread(self.outbox.stats)
-
-    # --- internals -----------------------------------------------------------------------------------
-
-    async def _run_flusher(self) -> None:
-        next_expiry = time.monotonic() + self._expire_interval
-        try:
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._interval):
-                        await self._wake.wait()
-                self._wake.clear()
-                if self._stopping:
-                    break  # the final flush belongs to __aexit__
-                try:
-                    await self._flush_pending()
-                    if time.monotonic() >= next_expiry and self._outbox is not None:
-                        next_expiry = time.monotonic() + self._expire_interval
-                        await asyncio.to_thread(self._outbox.expire)
-                except EdgetwinError as exc:
-                    # The batch is back in the pending list; the beat stalls so the watchdog sees it.
-                    if not self._failing:
-                        self._failing = True
-                        _LOG.warning("outbox: cannot write %d pending record(s): %s", self.pending, exc)
-                    else:
-                        _LOG.debug("outbox: still cannot write: %s", exc)
-                    continue
-                if self._failing:
-                    self._failing = False
-                    _LOG.info("outbox: writing again")
-                self._last_beat = time.monotonic()
-        except Exception:
-            _LOG.exception("outbox: the flusher stopped: records are kept in memory until shutdown")
-            raise
-
-    async def _flush_pending(self) -> None:
-        async with self._flush_lock:
-            if not self._pending:
-                return
-            outbox = self._outbox
-            if outbox is None:
-                raise RuntimeError("AsyncOutbox: flush() before 'async with'")
-            batch, self._pending = self._pending, []
-            self._inflight = len(batch)
-            loop = asyncio.get_running_loop()
-            write = loop.run_in_executor(None, outbox.put_many, batch)
-            try:
-                # Shielded: a cancelled caller must not lose track of a write already under way.
-                await asyncio.shield(write)
-            finally:
-                self._inflight = 0
-                if not write.done():
-                    write.add_done_callback(lambda w: self._requeue_if_failed(w, batch))
-                else:
-                    self._requeue_if_failed(write, batch)
-            if self._refusing and len(self._pending) < self._max_pending:
-                self._refusing = False
-                _LOG.info(
-                    "outbox: pending records drained; accepting again (%d refused in all)",
-                    self._pending_dropped,
-                )
-
-    def _requeue_if_failed(self, write: asyncio.Future[None], batch: list[OutItem]) -> None:
-        if write.cancelled() or write.exception() is not None:
-            self._pending[:0] = batch  # first in line again, order kept
-        else:
-            self._committed.set()
-
-    async def _shutdown(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        try:
-            if self._flusher is not None:
-                await asyncio.wait({self._flusher})
-                if not self._flusher.cancelled():
-                    self._flusher.exception()  # already logged by the flusher; the final flush still runs
-            try:
-                await self._flush_pending()
-            except Exception as exc:  # noqa: BLE001 - whatever the cause, the outbox is still closed
-                _LOG.error("outbox: final flush failed: %d record(s) not written: %s", self.pending, exc)
-        finally:
-            if self._outbox is not None:
-                await asyncio.to_thread(self._outbox.close)
-
-    async def _await_shielded(self, cleanup: asyncio.Task[None]) -> None:
-        """Wait for ``cleanup`` up to the close deadline, even if this task is cancelled meanwhile."""
-        if not await finish_shielded(cleanup, self._close_timeout, who="outbox: closing"):
-            _LOG.error("outbox: %d record(s) not written when closing was abandoned are lost", self.pending)
-
-
-__all__ = [
-    "DEFAULT_BUDGETS",
-    "DEFAULT_TOTAL_MAX_BYTES",
-    "AsyncOutbox",
-    "DropReason",
-    "FullPolicy",
-    "LaneBudget",
-    "LaneStats",
-    "Leased",
-    "OutItem",
-    "Outbox",
-    "OutboxStats",
-    "record_size",
-]
