@@ -1,4 +1,12 @@
-"""The event-loop side of the outbox: group commit of submissions, blocking calls in threads, shutdown."""
+"""The event-loop side of the outbox: group commit of submissions, blocking calls in threads, shutdown.
+
+Nothing here waits on a commit from the event loop: ``submit`` and ``release`` return at once,
+every call that touches SQLite runs in a worker thread, and the drop counters and health are
+read without the store's lock.  The records waiting for the next group commit are bounded in
+bytes; a full disk or failing writes degrade the outbox (alarms kept, lower lanes refused and
+counted) rather than stop it, and the flusher's heartbeat goes on meanwhile so that a watchdog
+does not restart a gateway that can do nothing better than wait for space.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +14,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
 from gateway.cleanup import finish_shielded
 from gateway.contracts import Lane
 from gateway.errors import EdgetwinError
-from gateway.outbox.records import Leased, OutboxStats, OutItem
+from gateway.outbox.records import DropReason, Leased, MiB, OutboxStats, OutItem, record_size
 from gateway.outbox.store import Outbox
 
 _LOG = logging.getLogger("gateway.outbox")
+
+DEFAULT_MAX_PENDING_BYTES = 32 * MiB
+_SPACE_CHECK_EVERY_S = 1.0
+_STATE_SAVE_EVERY_S = 1.0
 
 
 class AsyncOutbox:
@@ -29,7 +41,7 @@ class AsyncOutbox:
         flush_interval_s: float = 0.05,
         flush_batch: int = 512,
         close_timeout_s: float = 5.0,
-        max_pending: int = 200_000,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         expire_interval_s: float = 60.0,
     ) -> None:
         self._factory = outbox_factory
@@ -37,9 +49,12 @@ class AsyncOutbox:
         self._expire_interval = expire_interval_s
         self._flush_batch = flush_batch
         self._close_timeout = close_timeout_s
-        self._max_pending = max_pending  # in memory, not yet durable: bounded like any queue
+        # In memory, not yet durable: bounded in bytes like any queue.  Alarms may use twice as
+        # much (the spill kept while the disk refuses them), and are refused, counted, only then.
+        self._max_pending_bytes = max_pending_bytes
         self._outbox: Outbox | None = None
         self._pending: list[OutItem] = []
+        self._pending_bytes = 0
         self._inflight = 0
         self._wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -48,19 +63,14 @@ class AsyncOutbox:
         self._closing = False
         self._stopping = False
         self._last_beat = time.monotonic()
-        self._failing = False
-        self._refusing = False
-        self._pending_dropped = 0
+        self._failing: str | None = None
+        self._refusing: set[tuple[Lane, DropReason]] = set()
+        self._refused: dict[tuple[Lane, DropReason], int] = {}  # counted here, not yet in the store
         self._committed = asyncio.Event()
 
     @property
-    def pending_dropped(self) -> int:
-        """Submissions refused because ``max_pending`` records were waiting to be written."""
-        return self._pending_dropped
-
-    @property
     def last_beat(self) -> float:
-        """``time.monotonic()`` of the flusher's last completed turn; stalls while writes fail."""
+        """``time.monotonic()`` of the flusher's last turn; it beats on while degraded."""
         return self._last_beat
 
     @property
@@ -69,11 +79,35 @@ class AsyncOutbox:
         return len(self._pending) + self._inflight
 
     @property
+    def pending_bytes(self) -> int:
+        """Bytes of the submitted records waiting for the next commit."""
+        return self._pending_bytes
+
+    @property
     def outbox(self) -> Outbox:
         """The synchronous outbox this owns (only inside ``async with``)."""
         if self._outbox is None or self._closing:
             raise RuntimeError("AsyncOutbox: used outside its 'async with' block")
         return self._outbox
+
+    def health(self) -> str | None:
+        """Why the outbox is degraded (disk full, writes failing), or None when it is not."""
+        outbox = self._outbox
+        degraded = None if outbox is None else outbox.degraded
+        return degraded or self._failing
+
+    def drop_counts(self) -> dict[str, dict[str, int]]:
+        """Every drop so far by lane name and reason (persisted ones and those not yet written)."""
+        outbox = self._outbox
+        out = {lane: dict(reasons) for lane, reasons in (outbox.drop_counts() if outbox else {}).items()}
+        for (lane, reason), n in self._refused.items():
+            by_reason = out.setdefault(lane.name.lower(), {})
+            by_reason[str(reason)] = by_reason.get(str(reason), 0) + n
+        return out
+
+    def dropped_total(self) -> int:
+        """All drops of every lane and reason."""
+        return sum(sum(reasons.values()) for reasons in self.drop_counts().values())
 
     async def __aenter__(self) -> Self:
         if self._entered:
@@ -93,24 +127,27 @@ class AsyncOutbox:
             return
         self._closing = True
         shutdown = asyncio.create_task(self._shutdown(), name=f"outbox-shutdown:{self._outbox.path.name}")
-        await self._await_shielded(shutdown)
+        if not await finish_shielded(shutdown, self._close_timeout, who="outbox: closing"):
+            _LOG.error("outbox: %d record(s) not written when closing was abandoned are lost", self.pending)
 
     def submit(self, item: OutItem) -> None:
         """Queue a record for the next group commit (no await: called by stages on the loop)."""
         if self._closing:
             raise RuntimeError("AsyncOutbox: submit() after close: the record would be lost")
-        if len(self._pending) >= self._max_pending and item.lane is not Lane.ALARMS:
-            # Writes are failing or far behind; keep memory bounded, alarms excepted.
-            self._pending_dropped += 1
-            if not self._refusing:
-                self._refusing = True
-                _LOG.warning(
-                    "outbox: %d records waiting to be written, refusing new %s records until it drains",
-                    len(self._pending),
-                    item.lane.name.lower(),
-                )
+        size = record_size(item)
+        if item.lane is not Lane.ALARMS:
+            outbox = self._outbox
+            if outbox is not None and outbox.degraded is not None:
+                self._refuse(item.lane, DropReason.DISK_FULL, 1)
+                return
+            if self._pending_bytes + size > self._max_pending_bytes:
+                self._refuse(item.lane, DropReason.QUEUE_FULL, 1)
+                return
+        elif self._pending_bytes + size > 2 * self._max_pending_bytes:
+            self._refuse(item.lane, DropReason.QUEUE_FULL, 1)
             return
         self._pending.append(item)
+        self._pending_bytes += size
         # An alarm is committed at once rather than at the next interval: it must not wait.
         if item.lane is Lane.ALARMS or len(self._pending) >= self._flush_batch:
             self._wake.set()
@@ -142,8 +179,12 @@ class AsyncOutbox:
         await asyncio.to_thread(self.outbox.ack, list(ids))
 
     async def release(self, ids: Iterable[int]) -> None:
-        """See :meth:`Outbox.release`."""
-        await asyncio.to_thread(self.outbox.release, list(ids))
+        """See :meth:`Outbox.release` (never waits for the store's lock)."""
+        self.outbox.release(list(ids))
+
+    async def dead_letter(self, ids: Iterable[int], reason: str) -> int:
+        """See :meth:`Outbox.dead_letter`."""
+        return await asyncio.to_thread(self.outbox.dead_letter, list(ids), reason)
 
     async def expire(self, now_wall: float | None = None) -> int:
         """See :meth:`Outbox.expire`."""
@@ -155,48 +196,97 @@ class AsyncOutbox:
 
     # --- internals -----------------------------------------------------------------------------------
 
+    def _refuse(self, lane: Lane, reason: DropReason, n: int) -> None:
+        key = (lane, reason)
+        self._refused[key] = self._refused.get(key, 0) + n
+        if key not in self._refusing:
+            self._refusing.add(key)
+            why = "the disk is full" if reason is DropReason.DISK_FULL else "the in-memory queue is full"
+            log = _LOG.critical if lane is Lane.ALARMS else _LOG.warning
+            log(
+                "outbox: refusing %s records: %s (%d bytes waiting to be written): counted as %s drops",
+                lane.name.lower(),
+                why,
+                self._pending_bytes,
+                reason,
+            )
+        self._wake.set()  # the counters reach the store with the next flush
+
+    def _accepting_again(self) -> None:
+        outbox = self._outbox
+        degraded = outbox is not None and outbox.degraded is not None
+        for key in list(self._refusing):
+            lane, reason = key
+            full = reason is DropReason.DISK_FULL and degraded
+            if full or self._pending_bytes > self._max_pending_bytes // 2:
+                continue
+            self._refusing.discard(key)
+            _LOG.info("outbox: accepting %s records again", lane.name.lower())
+
     async def _run_flusher(self) -> None:
-        next_expiry = time.monotonic() + self._expire_interval
+        loop = asyncio.get_running_loop()
+        next_expiry = loop.time() + self._expire_interval
+        next_space = next_state = loop.time()
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._interval):
                         await self._wake.wait()
                 self._wake.clear()
+                # A sign of life, whatever the disk says: degraded is shown in the status, and a
+                # watchdog restart would not bring space back, only lose what is in memory.
+                self._last_beat = time.monotonic()
                 if self._stopping:
                     break  # the final flush belongs to __aexit__
+                outbox = self._outbox
+                if outbox is None:
+                    continue
                 try:
+                    if outbox.degraded is not None and loop.time() >= next_space:
+                        next_space = loop.time() + _SPACE_CHECK_EVERY_S
+                        await asyncio.to_thread(outbox.check_space)
                     await self._flush_pending()
-                    if time.monotonic() >= next_expiry and self._outbox is not None:
-                        next_expiry = time.monotonic() + self._expire_interval
-                        await asyncio.to_thread(self._outbox.expire)
+                    if loop.time() >= next_expiry:
+                        next_expiry = loop.time() + self._expire_interval
+                        await asyncio.to_thread(outbox.expire)
+                    if loop.time() >= next_state:
+                        next_state = loop.time() + _STATE_SAVE_EVERY_S
+                        await asyncio.to_thread(outbox.save_state)
                 except EdgetwinError as exc:
-                    # The batch is back in the pending list; the beat stalls so the watchdog sees it.
-                    if not self._failing:
-                        self._failing = True
-                        _LOG.warning("outbox: cannot write %d pending record(s): %s", self.pending, exc)
+                    # The batch is back in the pending list, alarms first; retried next turn.
+                    if self._failing is None:
+                        self._failing = f"cannot write: {exc}"
+                        _LOG.error("outbox: cannot write %d pending record(s): %s", self.pending, exc)
                     else:
                         _LOG.debug("outbox: still cannot write: %s", exc)
                     continue
-                if self._failing:
-                    self._failing = False
+                if self._failing is not None:
+                    self._failing = None
                     _LOG.info("outbox: writing again")
-                self._last_beat = time.monotonic()
+                self._accepting_again()
         except Exception:
             _LOG.exception("outbox: the flusher stopped: records are kept in memory until shutdown")
             raise
 
     async def _flush_pending(self) -> None:
         async with self._flush_lock:
-            if not self._pending:
+            if not self._pending and not self._refused:
                 return
             outbox = self._outbox
             if outbox is None:
                 raise RuntimeError("AsyncOutbox: flush() before 'async with'")
             batch, self._pending = self._pending, []
+            if outbox.degraded is not None and any(it.lane is not Lane.ALARMS for it in batch):
+                # Submitted before the disk filled: only alarms go into the reserve.
+                for it in batch:
+                    if it.lane is not Lane.ALARMS:
+                        self._refuse(it.lane, DropReason.DISK_FULL, 1)
+                        self._pending_bytes -= record_size(it)
+                batch = [it for it in batch if it.lane is Lane.ALARMS]
+            refused, self._refused = self._refused, {}
             self._inflight = len(batch)
             loop = asyncio.get_running_loop()
-            write = loop.run_in_executor(None, outbox.put_many, batch)
+            write = loop.run_in_executor(None, _write, outbox, batch, refused)
             try:
                 # Shielded: a cancelled caller must not lose track of a write already under way.
                 await asyncio.shield(write)
@@ -206,18 +296,17 @@ class AsyncOutbox:
                     write.add_done_callback(lambda w: self._requeue_if_failed(w, batch))
                 else:
                     self._requeue_if_failed(write, batch)
-            if self._refusing and len(self._pending) < self._max_pending:
-                self._refusing = False
-                _LOG.info(
-                    "outbox: pending records drained; accepting again (%d refused in all)",
-                    self._pending_dropped,
-                )
 
     def _requeue_if_failed(self, write: asyncio.Future[None], batch: list[OutItem]) -> None:
         if write.cancelled() or write.exception() is not None:
-            self._pending[:0] = batch  # first in line again, order kept
+            # First in line again, alarms ahead of the rest: they are written first when space returns.
+            alarms = [it for it in batch if it.lane is Lane.ALARMS]
+            others = [it for it in batch if it.lane is not Lane.ALARMS]
+            self._pending[:0] = alarms + others  # (the refused counts reached the store before the put)
         else:
-            self._committed.set()
+            self._pending_bytes -= sum(record_size(it) for it in batch)
+            if batch:
+                self._committed.set()
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -235,7 +324,12 @@ class AsyncOutbox:
             if self._outbox is not None:
                 await asyncio.to_thread(self._outbox.close)
 
-    async def _await_shielded(self, cleanup: asyncio.Task[None]) -> None:
-        """Wait for ``cleanup`` up to the close deadline, even if this task is cancelled meanwhile."""
-        if not await finish_shielded(cleanup, self._close_timeout, who="outbox: closing"):
-            _LOG.error("outbox: %d record(s) not written when closing was abandoned are lost", self.pending)
+
+def _write(outbox: Outbox, batch: Sequence[OutItem], refused: Mapping[tuple[Lane, DropReason], int]) -> None:
+    """One group commit, with the drops counted in memory since the last one (worker thread)."""
+    if refused:
+        outbox.count_drops(refused)
+    outbox.put_many(batch)
+
+
+__all__ = ["DEFAULT_MAX_PENDING_BYTES", "AsyncOutbox"]

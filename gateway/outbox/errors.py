@@ -11,13 +11,15 @@ from gateway.errors import ConfigError, CorruptDataError, EdgetwinError, Transie
 
 
 class Fault(enum.Enum):
+    FULL = "full"  # the disk is full: degrade (alarms only) until space returns
     CORRUPT = "corrupt"  # set the file aside and start a fresh one
     CONFIG = "config"  # the path cannot work: retrying will not help
-    TRANSIENT = "transient"  # busy, I/O error, disk full: may clear by itself
+    TRANSIENT = "transient"  # busy, I/O error: may clear by itself
 
 
 # SQLite primary result codes (the low byte of an extended code).
 _FAULT_BY_CODE: Mapping[int, Fault] = {
+    sqlite3.SQLITE_FULL: Fault.FULL,
     sqlite3.SQLITE_CORRUPT: Fault.CORRUPT,
     sqlite3.SQLITE_NOTADB: Fault.CORRUPT,
     sqlite3.SQLITE_CANTOPEN: Fault.CONFIG,

@@ -26,7 +26,11 @@ class DropReason(enum.StrEnum):
 
     BUDGET = "budget"  # over the lane's byte budget or the outbox's total budget
     AGE = "age"  # older than the lane's age budget
-    CORRUPT = "corrupt"  # in a database file that had to be set aside while running
+    CORRUPT = "corrupt"  # in a database or log that was damaged, replaced or set aside
+    DISK_FULL = "disk_full"  # refused while the disk was full (alarms are kept, never refused)
+    QUEUE_FULL = "queue_full"  # refused because the in-memory queue was over its byte bound
+    OVERSIZE = "oversize"  # larger than the broker or profile takes, and not moved to dead letters
+    DEAD_LETTER = "dead_letter"  # moved to the dead-letter table: kept on disk for inspection
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +52,7 @@ class Leased:
     topic: str
     payload: bytes
     t_wall: float
-    attempts: int  # how many times it was leased before (0 on the first lease), persisted
+    attempts: int  # how many times this process leased it before (0 on the first lease)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,44 @@ class LaneStats:
     dropped: Mapping[str, int]  # by DropReason, since this database file was created
 
 
+@dataclass(frozen=True, slots=True)
+class LossEvent:
+    """A recovery that may have lost committed records: the sequence goes on in a new epoch."""
+
+    prev_epoch: int
+    epoch: int
+    last_id: int  # the highest id the old epoch was known to have assigned (0 when unknown)
+    lost: Mapping[str, int]  # records lost, by lane name (counted as "corrupt" drops too)
+    why: str
+    t_wall: float
+
+    def as_dict(self) -> dict[str, object]:
+        """The event as JSON-ready data (state file, status topic)."""
+        return {
+            "prev_ep": self.prev_epoch,
+            "ep": self.epoch,
+            "last": self.last_id,
+            "lost": dict(self.lost),
+            "why": self.why,
+            "t": round(self.t_wall, 3),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> LossEvent:
+        """Read back what :meth:`as_dict` wrote (ValueError/TypeError/KeyError when it is not that)."""
+        lost = data["lost"]
+        if not isinstance(lost, Mapping):
+            raise TypeError("lost is not a mapping")
+        return cls(
+            int(str(data["prev_ep"])),
+            int(str(data["ep"])),
+            int(str(data["last"])),
+            {str(k): int(str(v)) for k, v in lost.items()},
+            str(data["why"]),
+            float(str(data["t"])),
+        )
+
+
 @dataclass(frozen=True)
 class OutboxStats:
     """A snapshot of the outbox for health reports and tests."""
@@ -86,6 +128,10 @@ class OutboxStats:
     lanes: Mapping[Lane, LaneStats]
     total_bytes: int
     recovered_from: tuple[Path, ...]  # files this process set aside as corrupt
+    epoch: int = 0
+    losses: tuple[LossEvent, ...] = ()  # recoveries that lost records, oldest first (the last few)
+    degraded: str | None = None  # why the outbox is refusing lower lanes (a full disk), None when not
+    dead_letters: int = 0  # records kept in the dead-letter table
 
     @property
     def queued(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -9,12 +10,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from gateway.contracts import Lane
-from gateway.errors import ConfigError, CorruptDataError
+from gateway.errors import ConfigError, CorruptDataError, TransientError
 from gateway.outbox.budget import DROP_WHY, LanePlan
 from gateway.outbox.errors import CorruptDatabaseError, Fault, classify, to_error
 from gateway.outbox.records import (
@@ -25,11 +27,21 @@ from gateway.outbox.records import (
     LaneBudget,
     LaneStats,
     Leased,
+    LossEvent,
     MiB,
     OutboxStats,
     OutItem,
 )
-from gateway.outbox.recovery import check_wal_header, new_epoch, set_aside, shorten
+from gateway.outbox.recovery import (
+    StateFile,
+    check_wal_header,
+    keep_copy,
+    new_epoch,
+    salvage_counts,
+    scan_wal,
+    set_aside,
+    shorten,
+)
 
 _LOG = logging.getLogger("gateway.outbox")
 
@@ -46,7 +58,12 @@ _SCHEMA = (
     "CREATE INDEX records_lane_id ON records (lane, id)",
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value)",
 )
-_RECORD_COLUMNS = ("id", "lane", "topic", "payload", "t_wall", "size", "attempts")
+_RECORD_COLUMNS = ("id", "lane", "topic", "payload", "t_wall", "size", "attempts")  # attempts: unused since 2
+# Records the uplink cannot send: kept for inspection, out of the queue.  Created when first used.
+_DEAD_TABLE = (
+    "CREATE TABLE IF NOT EXISTS dead (id INTEGER PRIMARY KEY, lane INTEGER NOT NULL, topic TEXT NOT NULL, "
+    "payload BLOB NOT NULL, t_wall REAL NOT NULL, size INTEGER NOT NULL, reason TEXT NOT NULL, t_dead REAL NOT NULL)"
+)
 
 _BUSY_TIMEOUT_S = 5.0
 # A big batch can grow the log past one checkpoint; cap what stays on disk once it is reset.
@@ -59,6 +76,14 @@ _SCAN_PAGE = 512  # rows fetched per query while looking for records to drop
 # A gateway without a battery-backed clock stamps records near 1970 until NTP syncs: those are
 # mis-stamped, not stale, so the age budget leaves them alone (the byte budget still bounds them).
 _PLAUSIBLE_WALL_S = 1_577_836_800.0  # 2020-01-01T00:00:00Z
+# Ids are reserved in the state file ahead of use, this many at a time: one small write per
+# chunk, and after any loss the new epoch starts above every id ever handed out.
+_ID_CHUNK = 100_000
+_STATE_SAVE_EVERY_S = 1.0  # counters and queue sizes reach the state file at most this late
+_LOSSES_KEPT = 8
+# Kept free on the outbox's filesystem: released when the disk fills, so alarms, acknowledgements
+# and checkpoints still find room; re-taken once twice as much is free again.
+DEFAULT_RESERVE_BYTES = 4 * MiB
 
 
 class Outbox:
@@ -71,6 +96,7 @@ class Outbox:
         budgets: Mapping[Lane, LaneBudget] = DEFAULT_BUDGETS,
         total_max_bytes: int | None = DEFAULT_TOTAL_MAX_BYTES,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
     ) -> None:
         self._path = Path(path)
         self._budgets = self._resolve_budgets(budgets)
@@ -99,8 +125,27 @@ class Outbox:
         self._closed = False
         self._epoch = 0
         self._high_id = 0  # highest record id this process ever leased
+        self._attempts: dict[
+            int, int
+        ] = {}  # id -> leases by this process (not persisted: leasing writes nothing)
+        self._released: collections.deque[int] = collections.deque()  # handed back, applied under the lock
+        self._state = StateFile(Path(f"{self._path}.state"))
+        self._reserve = Path(f"{self._path}.reserve")
+        self._reserve_bytes = max(0, reserve_bytes)
+        self._seq = 0  # highest id assigned in this database
+        self._floor = 0  # ids up to this are reserved in the state file
+        self._losses: list[LossEvent] = []
+        self._state_dirty = False
+        self._state_saved_at = 0.0
+        self._state_failing = False
+        self._degraded: str | None = None
+        self._degraded_logged = False
+        self._space_checked_at = 0.0
+        self._dead = 0
+        self._drop_view: Mapping[str, Mapping[str, int]] = {}
         self._prepare_directory()
         self._conn = self._open_or_recover()
+        self._take_reserve()
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -141,6 +186,7 @@ class Outbox:
             return []
         with self._lock:
             self._require_open()
+            self._apply_released()
             leased = self._guarded("lease", lambda: self._lease(n, after_id, through_id))
             if leased:
                 # Remembered outside the file: if it turns out corrupt, the fresh one's ids must
@@ -153,16 +199,57 @@ class Outbox:
         wanted = list(dict.fromkeys(ids))
         with self._lock:
             self._require_open()
+            self._apply_released()
             self._guarded("ack", lambda: self._ack(wanted))
 
     def release(self, ids: Iterable[int]) -> None:
-        """Return leased records to the queue, at the position they had."""
+        """Return leased records to the queue, at the position they had.
+
+        Never waits: the ids are noted and applied by the next call that holds the lock, so the
+        event loop can call this while a commit's fsync runs in another thread.
+        """
+        self._released.extend(ids)
+
+    def dead_letter(self, ids: Iterable[int], reason: str) -> int:
+        """Move leased records the uplink cannot send to the dead-letter table; return how many.
+
+        They leave the queue but stay on disk for inspection (``sqlite3 <outbox> 'SELECT * FROM
+        dead'``), counted as ``dead_letter`` drops of their lane and logged.
+        """
+        wanted = list(dict.fromkeys(ids))
         with self._lock:
             self._require_open()
-            for rid in ids:
-                entry = self._leased.pop(rid, None)
-                if entry is not None:
-                    self._leased_count[entry[0]] -= 1
+            self._apply_released()
+            return self._guarded("dead_letter", lambda: self._dead_letter(wanted, reason))
+
+    def count_drops(self, counts: Mapping[tuple[Lane, DropReason], int]) -> None:
+        """Add drops that happened outside the database (refused in memory) to the counters."""
+        with self._lock:
+            self._require_open()
+            self._add_counters(counts)
+
+    def drop_counts(self) -> Mapping[str, Mapping[str, int]]:
+        """The drop counters by lane name and reason; never waits (safe on the event loop)."""
+        return self._drop_view
+
+    @property
+    def degraded(self) -> str | None:
+        """Why lower lanes are refused (a full disk), or None; never waits."""
+        return self._degraded
+
+    def check_space(self) -> bool:
+        """While degraded, see whether space has returned and take the reserve again; True if so."""
+        if self._degraded is None:
+            return True
+        with self._lock:
+            self._require_open()
+            return self._try_recover_space()
+
+    def save_state(self) -> None:
+        """Write counters and queue sizes to the state file if they changed since the last save."""
+        with self._lock:
+            if not self._closed:
+                self._save_state(force=False, due_only=False)
 
     def expire(self, now_wall: float | None = None) -> int:
         """Drop records older than their lane's age budget; return how many were dropped."""
@@ -175,6 +262,7 @@ class Outbox:
         """A snapshot of counts, bytes, ages, leases, drops and recoveries."""
         with self._lock:
             self._require_open()
+            self._apply_released()
             return self._guarded("stats", self._stats)
 
     def close(self) -> None:
@@ -182,6 +270,7 @@ class Outbox:
         with self._lock:
             if self._closed:
                 return
+            self._save_state(force=False, due_only=False)
             self._closed = True
             try:
                 self._conn.close()
@@ -238,25 +327,258 @@ class Outbox:
             )
 
     def _open_or_recover(self) -> sqlite3.Connection:
-        bad_wal = check_wal_header(Path(f"{self._path}-wal"))
+        state = self._state.load()
+        wal = Path(f"{self._path}-wal")
+        lost_why: str | None = None
+        bad_wal = check_wal_header(wal)
         if bad_wal is not None:
             self._set_aside(bad_wal, wal_only=True)
+            lost_why = f"write-ahead log set aside ({bad_wal})"
+        else:
+            scan = scan_wal(wal)
+            if scan is not None and scan.broken_at is not None and scan.committed_after:
+                copy = keep_copy(wal)
+                lost_why = (
+                    f"write-ahead log damaged at frame {scan.broken_at}: {scan.committed_after} committed "
+                    "transaction(s) behind it cannot be read"
+                )
+                _LOG.critical(
+                    "outbox %s: %s: opening with the %d frame(s) before it; a copy of the log is kept as %s",
+                    self._path,
+                    lost_why,
+                    scan.frames,
+                    copy or "(no copy: no space)",
+                )
+        salvaged: dict[int, int] | None = None
         try:
-            return self._open_db()
+            conn = self._open_db()
         except CorruptDatabaseError as exc:
             why = str(exc)
         except sqlite3.Error as exc:
             if classify(exc) is not Fault.CORRUPT:
                 raise to_error(self._path, "open", exc) from exc
             why = f"{exc} ({getattr(exc, 'sqlite_errorname', 'no code')})"
-        self._set_aside(why, wal_only=False)
+        else:
+            self._conn = conn
+            self._settle_epoch(state, lost_why, salvaged)
+            return conn
+        base = self._set_aside(why, wal_only=False)
+        salvaged = salvage_counts(base)
+        lost_why = f"database set aside ({why})"
         try:
-            return self._open_db()
+            conn = self._open_db()
         except (sqlite3.Error, CorruptDatabaseError) as exc:
             raise CorruptDataError(
                 f"outbox {self._path}: cannot start a fresh database after setting the old one aside: {exc}: "
                 "check the disk and the directory's permissions"
             ) from exc
+        self._conn = conn
+        self._settle_epoch(state, lost_why, salvaged)
+        return conn
+
+    def _settle_epoch(
+        self, state: Mapping[str, Any] | None, lost_why: str | None, salvaged: Mapping[int, int] | None
+    ) -> None:
+        """Reconcile the database with the state file; start a new epoch if records may be lost."""
+        self._seq = self._last_id()
+        known = _parse_state(state)
+        counters = {(lane, reason): n for lane in Lane for reason, n in self._dropped[lane].items()}
+        for key, n in known.dropped.items():
+            counters[key] = max(counters.get(key, 0), n)
+        self._losses = list(known.losses)
+        if lost_why is None and state is not None and known.epoch and known.epoch != self._epoch:
+            lost_why = f"the database is not the one last used (epoch {self._epoch}, expected {known.epoch})"
+            _LOG.critical("outbox %s: %s: counting its records as lost", self._path, lost_why)
+        if lost_why is None:
+            self._apply_counters(counters)
+            self._floor = max(known.floor, self._seq)
+        else:
+            self._start_new_epoch(known, lost_why, salvaged, counters)
+        self._reserve_ids(0)
+        self._state_dirty = True
+        self._save_state(force=False, due_only=False)
+
+    def _start_new_epoch(
+        self,
+        known: _KnownState,
+        why: str,
+        salvaged: Mapping[int, int] | None,
+        counters: dict[tuple[Lane, DropReason], int],
+    ) -> None:
+        lost: dict[Lane, int] = {}
+        for lane in Lane:
+            from_state = max(0, known.queued.get(lane, 0) - self._count[lane])
+            from_file = 0 if salvaged is None else salvaged.get(int(lane), 0)
+            if max(from_state, from_file):
+                lost[lane] = max(from_state, from_file)
+        for lane, n in lost.items():
+            key = (lane, DropReason.CORRUPT)
+            counters[key] = counters.get(key, 0) + n
+        prev = known.epoch or self._epoch
+        epoch = new_epoch()
+        while epoch == prev:
+            epoch = new_epoch()
+        floor = max(known.floor, known.last_id, self._seq, self._high_id)
+
+        def write() -> None:
+            with self._transaction() as conn:
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+                self._set_sequence(floor)
+                self._persist_counters(counters)
+
+        try:
+            write()
+        except sqlite3.Error as exc:
+            if classify(exc) is not Fault.FULL:
+                raise to_error(self._path, "start a new epoch", exc) from exc
+            self._release_reserve("starting a new epoch")
+            try:
+                write()
+            except sqlite3.Error as again:
+                raise to_error(self._path, "start a new epoch", again) from again
+        self._apply_counters(counters)
+        event = LossEvent(
+            prev, epoch, known.last_id, {lane.name.lower(): n for lane, n in lost.items()}, why, time.time()
+        )
+        self._losses = [*self._losses, event][-_LOSSES_KEPT:]
+        self._epoch, self._seq, self._floor = epoch, floor, floor
+        _LOG.critical(
+            "outbox %s: %s: records may be lost, so the sequence goes on in a new epoch %d (was %d) from id %d; "
+            "%d record(s) counted as lost (%s); the twin is told through the drop counters",
+            self._path,
+            why,
+            epoch,
+            prev,
+            floor + 1,
+            sum(lost.values()),
+            ", ".join(f"{lane.name.lower()} {n}" for lane, n in lost.items()) or "none known",
+        )
+
+    def _set_sequence(self, value: int) -> None:
+        if (
+            self._conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'records'", (value,)).rowcount
+            == 0
+        ):
+            self._conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (value,))
+
+    # --- the state file and the id floor ---------------------------------------------------------------
+
+    def _reserve_ids(self, n: int) -> None:
+        """Make sure ids up to ``seq + n`` are reserved in the state file before they are used."""
+        if self._seq + n <= self._floor and self._floor > 0:
+            return
+        self._floor = self._seq + n + _ID_CHUNK
+        self._save_state(force=True, due_only=False)
+
+    def _state_data(self) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "epoch": self._epoch,
+            "floor": self._floor,
+            "last_id": self._seq,
+            "queued": {lane.name.lower(): self._count[lane] for lane in Lane},
+            "dropped": {
+                f"{lane.name.lower()}.{reason.value}": n
+                for lane in Lane
+                for reason, n in self._dropped[lane].items()
+                if n
+            },
+            "losses": [event.as_dict() for event in self._losses],
+        }
+
+    def _save_state(self, *, force: bool, due_only: bool = True) -> None:
+        """Write the state file: always when ``force``, else when dirty (and due, with ``due_only``)."""
+        now = time.monotonic()
+        if not force and (
+            not self._state_dirty or (due_only and now - self._state_saved_at < _STATE_SAVE_EVERY_S)
+        ):
+            return
+        try:
+            self._state.save(self._state_data())
+        except OSError as exc:
+            if not self._state_failing:
+                self._state_failing = True
+                _LOG.warning(
+                    "outbox %s: cannot write the state file %s: %s: counters are kept in the database only",
+                    self._path,
+                    self._state.path,
+                    exc.strerror or exc,
+                )
+            if force:
+                raise TransientError(
+                    f"outbox {self._path}: cannot reserve record ids in {self._state.path}: "
+                    f"{exc.strerror or exc}: retried later; check the disk"
+                ) from exc
+            return
+        if self._state_failing:
+            self._state_failing = False
+            _LOG.info("outbox %s: state file written again", self._path)
+        self._state_dirty = False
+        self._state_saved_at = now
+
+    # --- full disk -------------------------------------------------------------------------------------
+
+    def _take_reserve(self) -> bool:
+        """Hold ``reserve_bytes`` of disk for when it fills; True when held (or none is wanted)."""
+        if not self._reserve_bytes:
+            return True
+        try:
+            fd = os.open(self._reserve, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self._reserve_bytes)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self._reserve.unlink()
+            self._enter_degraded(
+                f"the disk is full (no room for the {self._reserve_bytes}-byte reserve: {exc.strerror or exc})"
+            )
+            return False
+        return True
+
+    def _release_reserve(self, why: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._reserve.unlink()
+        self._enter_degraded(f"the disk is full ({why})")
+
+    def _enter_degraded(self, why: str) -> None:
+        if self._degraded is None:
+            self._degraded = why
+            if not self._degraded_logged:
+                self._degraded_logged = True
+                _LOG.critical(
+                    "outbox %s: %s: alarms are still written (into the reserve) and the backlog is still "
+                    "delivered; features and diagnostics are refused and counted until space returns: free "
+                    "space on %s",
+                    self._path,
+                    why,
+                    self._path.parent,
+                )
+            else:
+                _LOG.warning("outbox %s: %s again: refusing features and diagnostics", self._path, why)
+
+    def _try_recover_space(self) -> bool:
+        now = time.monotonic()
+        if now - self._space_checked_at < 1.0:
+            return False
+        self._space_checked_at = now
+        with contextlib.suppress(sqlite3.Error):
+            # Deliveries freed pages: give them back to the filesystem, shrink the log.
+            self._vacuum()
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        try:
+            st = os.statvfs(self._path.parent)
+        except OSError:
+            return False
+        if st.f_bavail * st.f_frsize < max(2 * self._reserve_bytes, MiB):
+            return False
+        why = self._degraded
+        self._degraded = None
+        if not self._take_reserve():
+            return False
+        _LOG.info("outbox %s: space is back (was: %s): accepting every lane again", self._path, why)
+        return True
 
     def _open_db(self) -> sqlite3.Connection:
         """Open (or create) the database, check it and load the in-memory totals."""
@@ -272,8 +594,11 @@ class Outbox:
         return conn
 
     def _configure_and_check(self, conn: sqlite3.Connection) -> None:
-        # Only takes effect on a new, empty database: it must precede the first table.
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            # Only takes effect on a new, empty database: it must precede the first table.  Never
+            # set on an existing one: it writes, and opening must work on a full disk.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise ConfigError(
@@ -286,7 +611,6 @@ class Outbox:
         if check != [("ok",)]:
             found = "; ".join(str(row[0]) for row in check).replace("\n", "; ")
             raise CorruptDatabaseError(f"quick_check failed: {shorten(found)}")
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not tables:
             self._create_schema(conn)
         else:
@@ -338,6 +662,9 @@ class Outbox:
             except (KeyError, ValueError, TypeError):
                 _LOG.warning("outbox %s: ignoring unknown counter %r in meta", self._path, key)
         self._count, self._bytes, self._dropped = count, size, dropped
+        self._dead = 0
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dead'").fetchone():
+            self._dead = int(conn.execute("SELECT COUNT(*) FROM dead").fetchone()[0])
         self._epoch = self._load_epoch(conn)
         self._leased.clear()
         self._leased_count = dict.fromkeys(Lane, 0)
@@ -360,11 +687,18 @@ class Outbox:
 
     def _recover_in_place(self, why: str) -> None:
         """Corruption found while running: set the file aside and continue on a fresh one."""
-        carried = {lane: dict(reasons) for lane, reasons in self._dropped.items()}
-        lost = dict(self._count)
-        # Ids handed out from the old file may still be in an uplink's hands: the fresh file's ids
-        # start above them, so a late ack can never delete a different record under the same id.
-        floor = max(self._high_id, max(self._leased, default=0))
+        # What this process knew about the old file carries over: its counters, and the records
+        # still queued in it, now counted as lost.  Ids handed out from it may still be in an
+        # uplink's hands: the fresh file's ids start above the floor, so a late ack can never
+        # delete a different record under the same id.
+        known = _KnownState(
+            epoch=self._epoch,
+            floor=max(self._floor, self._high_id, max(self._leased, default=0)),
+            last_id=self._seq,
+            queued=dict(self._count),
+            dropped={(lane, reason): n for lane in Lane for reason, n in self._dropped[lane].items()},
+            losses=tuple(self._losses),
+        )
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()
         self._closed = True  # until a fresh database is open
@@ -376,18 +710,12 @@ class Outbox:
                 f"outbox {self._path}: cannot start a fresh database after setting the old one aside: {exc}: "
                 "check the disk and restart the gateway"
             ) from exc
-        # What this process knew about the old file carries over: its counters, and the records
-        # that were still queued in it, now counted as dropped.
-        for lane, n in lost.items():
-            if n:
-                carried[lane][DropReason.CORRUPT] = carried[lane].get(DropReason.CORRUPT, 0) + n
         self._closed = False
-        counters = {(lane, reason): n for lane in Lane for reason, n in carried[lane].items()}
-        with self._transaction():
-            self._persist_counters(counters)
-            if floor:
-                self._conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)", (floor,))
-        self._apply_counters(counters)
+        self._seq = self._last_id()
+        self._losses = list(known.losses)
+        self._start_new_epoch(known, f"database set aside while running ({why})", None, dict(known.dropped))
+        self._state_dirty = True
+        self._save_state(force=False, due_only=False)
 
     def _guarded(self, what: str, op: Callable[[], _T]) -> _T:
         """Run ``op``; on corruption set the file aside and run it once more on a fresh database."""
@@ -398,7 +726,16 @@ class Outbox:
             raise  # a bug in the caller (a value SQLite cannot store), not a state of the database
         except sqlite3.Error as exc:
             self._rollback_quietly()
-            if classify(exc) is not Fault.CORRUPT:
+            fault = classify(exc)
+            if fault is Fault.FULL:
+                # Give the reserve back to the filesystem and try once more in it.
+                self._release_reserve(f"{exc} during {what}")
+                try:
+                    return op()
+                except sqlite3.Error as again:
+                    self._rollback_quietly()
+                    raise to_error(self._path, what, again) from again
+            if fault is not Fault.CORRUPT:
                 raise to_error(self._path, what, exc) from exc
             why = f"{exc} ({getattr(exc, 'sqlite_errorname', 'no code')}) during {what}"
         self._recover_in_place(why)
@@ -465,6 +802,7 @@ class Outbox:
                 )
             return plans[lane]
 
+        self._reserve_ids(len(items))
         with self._transaction() as conn:
             for lane, lane_sizes in incoming.items():
                 budget = self._budgets[lane]
@@ -501,6 +839,7 @@ class Outbox:
             conn.executemany(
                 "INSERT INTO records (lane, topic, payload, t_wall, size) VALUES (?, ?, ?, ?, ?)", rows
             )
+            seq = self._last_id()
             counters = {
                 (lane, DropReason.BUDGET): self._dropped[lane].get(DropReason.BUDGET, 0) + p.dropped
                 for lane, p in plans.items()
@@ -508,6 +847,8 @@ class Outbox:
             }
             self._persist_counters(counters)
         self._apply_counters(counters)
+        self._seq = seq
+        self._state_dirty = True
         for lane, lane_sizes in incoming.items():
             p = plans.get(lane)
             kept = lane_sizes if p is None else lane_sizes[p.first : p.end]
@@ -521,6 +862,7 @@ class Outbox:
             if lane in incoming or n:
                 self._note_drops(lane, DropReason.BUDGET, n)
         self._note_total()
+        self._save_state(force=False)
 
     def _persist_counters(self, counters: Mapping[tuple[Lane, DropReason], int]) -> None:
         if counters:
@@ -535,6 +877,81 @@ class Outbox:
     def _apply_counters(self, counters: Mapping[tuple[Lane, DropReason], int]) -> None:
         for (lane, reason), n in counters.items():
             self._dropped[lane][reason] = n
+        if counters:
+            self._state_dirty = True
+            # Rebuilt, never changed in place: readers on the event loop take it without the lock.
+            self._drop_view = {
+                lane.name.lower(): {str(reason): n for reason, n in self._dropped[lane].items() if n}
+                for lane in Lane
+                if any(self._dropped[lane].values())
+            }
+
+    def _add_counters(self, counts: Mapping[tuple[Lane, DropReason], int]) -> None:
+        """Count drops made outside a transaction; persisted now if the disk allows, else later."""
+        totals = {
+            (lane, reason): self._dropped[lane].get(reason, 0) + n
+            for (lane, reason), n in counts.items()
+            if n
+        }
+        if not totals:
+            return
+        self._apply_counters(totals)
+        for lane, reason in totals:
+            self._note_drops(lane, reason, counts[(lane, reason)])
+        try:
+            with self._transaction():
+                self._persist_counters(totals)
+        except sqlite3.Error:
+            self._rollback_quietly()  # a full disk: the state file (written in place) still gets them
+        self._save_state(force=False)
+
+    def _apply_released(self) -> None:
+        released = self._released
+        while released:
+            rid = released.popleft()
+            entry = self._leased.pop(rid, None)
+            if entry is not None:
+                self._leased_count[entry[0]] -= 1
+
+    def _dead_letter(self, ids: list[int], reason: str) -> int:
+        mine = [rid for rid in ids if rid in self._leased]
+        if not mine:
+            return 0
+        by_lane: dict[Lane, int] = {}
+        for rid in mine:
+            lane = self._leased[rid][0]
+            by_lane[lane] = by_lane.get(lane, 0) + 1
+        counters = {
+            (lane, DropReason.DEAD_LETTER): self._dropped[lane].get(DropReason.DEAD_LETTER, 0) + n
+            for lane, n in by_lane.items()
+        }
+        now = time.time()
+        with self._transaction() as conn:
+            conn.execute(_DEAD_TABLE)
+            conn.executemany(
+                "INSERT OR REPLACE INTO dead (id, lane, topic, payload, t_wall, size, reason, t_dead) "
+                "SELECT id, lane, topic, payload, t_wall, size, ?, ? FROM records WHERE id = ?",
+                [(reason, now, rid) for rid in mine],
+            )
+            conn.executemany("DELETE FROM records WHERE id = ?", [(rid,) for rid in mine])
+            self._persist_counters(counters)
+            self._dead = int(conn.execute("SELECT COUNT(*) FROM dead").fetchone()[0])
+        self._apply_counters(counters)
+        for rid in mine:
+            lane, size = self._leased.pop(rid)
+            self._attempts.pop(rid, None)
+            self._leased_count[lane] -= 1
+            self._count[lane] -= 1
+            self._bytes[lane] -= size
+        _LOG.warning(
+            "outbox %s: %d record(s) moved to the dead-letter table (%s): %s; kept for inspection",
+            self._path,
+            len(mine),
+            ", ".join(f"{lane.name.lower()} {n}" for lane, n in by_lane.items()),
+            reason,
+        )
+        self._save_state(force=False)
+        return len(mine)
 
     def _last_id(self) -> int:
         row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
@@ -545,31 +962,29 @@ class Outbox:
             return []  # nothing to hand out: spare the uplink's polling a transaction
         upper = (1 << 63) - 1 if through_id is None else through_id
         picked: list[tuple[Leased, int]] = []
-        with self._transaction() as conn:
-            for lane in sorted(Lane):
-                free = self._count[lane] - self._leased_count[lane]
-                if free <= 0:
+        # A read only: leasing writes nothing, so the backlog can be delivered on a full disk.
+        conn = self._conn
+        for lane in sorted(Lane):
+            free = self._count[lane] - self._leased_count[lane]
+            if free <= 0:
+                continue
+            want = min(n - len(picked), free)
+            # Leased records are skipped here, so at most that many extra rows are read.
+            rows = conn.execute(
+                "SELECT id, topic, payload, t_wall, size FROM records "
+                "WHERE lane = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+                (int(lane), after_id, upper, want + self._leased_count[lane]),
+            ).fetchall()
+            for rid, topic, payload, t_wall, size in rows:
+                if rid in self._leased:
                     continue
-                want = min(n - len(picked), free)
-                # Leased records are skipped here, so at most that many extra rows are read.
-                rows = conn.execute(
-                    "SELECT id, topic, payload, t_wall, attempts, size FROM records "
-                    "WHERE lane = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
-                    (int(lane), after_id, upper, want + self._leased_count[lane]),
-                ).fetchall()
-                for rid, topic, payload, t_wall, attempts, size in rows:
-                    if rid in self._leased:
-                        continue
-                    picked.append((Leased(rid, lane, topic, payload, t_wall, attempts), size))
-                    if len(picked) == n:
-                        break
+                picked.append((Leased(rid, lane, topic, payload, t_wall, self._attempts.get(rid, 0)), size))
                 if len(picked) == n:
                     break
-            if picked:
-                conn.executemany(
-                    "UPDATE records SET attempts = attempts + 1 WHERE id = ?", [(r.id,) for r, _ in picked]
-                )
+            if len(picked) == n:
+                break
         for record, size in picked:
+            self._attempts[record.id] = record.attempts + 1
             self._leased[record.id] = (record.lane, size)
             self._leased_count[record.lane] += 1
         return [record for record, _ in picked]
@@ -582,10 +997,13 @@ class Outbox:
             conn.executemany("DELETE FROM records WHERE id = ?", [(rid,) for rid in mine])
         for rid in mine:
             lane, size = self._leased.pop(rid)
+            self._attempts.pop(rid, None)
             self._leased_count[lane] -= 1
             self._count[lane] -= 1
             self._bytes[lane] -= size
             self._freed_since_vacuum += size
+        self._state_dirty = True
+        self._save_state(force=False)
         self._note_total()
         if self._freed_since_vacuum >= _VACUUM_EVERY_BYTES:
             self._freed_since_vacuum = 0
@@ -630,6 +1048,7 @@ class Outbox:
             if budget.max_age_s is not None:
                 self._note_drops(lane, DropReason.AGE, len(found))
         self._note_total()
+        self._save_state(force=False)
         return sum(len(found) for found in victims.values())
 
     def _aged(self, lane: Lane, cutoff: float) -> list[tuple[int, int]]:
@@ -673,7 +1092,13 @@ class Outbox:
                 dropped={str(reason): n for reason, n in self._dropped[lane].items()},
             )
         return OutboxStats(
-            lanes=lanes, total_bytes=sum(self._bytes.values()), recovered_from=tuple(self._recovered)
+            lanes=lanes,
+            total_bytes=sum(self._bytes.values()),
+            recovered_from=tuple(self._recovered),
+            epoch=self._epoch,
+            losses=tuple(self._losses),
+            degraded=self._degraded,
+            dead_letters=self._dead,
         )
 
     # --- state-change logging ----------------------------------------------------------------------
@@ -723,3 +1148,46 @@ class Outbox:
                 "outbox %s: back within the total budget (%d of %d bytes)", self._path, total, self._total_max
             )
         self._over_total = over
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownState:
+    """What the state file said at open."""
+
+    epoch: int = 0
+    floor: int = 0
+    last_id: int = 0
+    queued: Mapping[Lane, int] = field(default_factory=dict)
+    dropped: Mapping[tuple[Lane, DropReason], int] = field(default_factory=dict)
+    losses: tuple[LossEvent, ...] = ()
+
+
+def _parse_state(state: Mapping[str, Any] | None) -> _KnownState:
+    """Read the state file's data, keeping what makes sense of it."""
+    if state is None:
+        return _KnownState()
+
+    def number(key: str) -> int:
+        value = state.get(key)
+        return value if isinstance(value, int) and value > 0 else 0
+
+    queued: dict[Lane, int] = {}
+    raw_queued = state.get("queued")
+    if isinstance(raw_queued, Mapping):
+        for name, n in raw_queued.items():
+            with contextlib.suppress(KeyError, ValueError, TypeError):
+                queued[Lane[str(name).upper()]] = max(0, int(n))
+    dropped: dict[tuple[Lane, DropReason], int] = {}
+    raw_dropped = state.get("dropped")
+    if isinstance(raw_dropped, Mapping):
+        for key, n in raw_dropped.items():
+            with contextlib.suppress(KeyError, ValueError, TypeError):
+                lane_name, reason = str(key).split(".", 1)
+                dropped[(Lane[lane_name.upper()], DropReason(reason))] = max(0, int(n))
+    losses: list[LossEvent] = []
+    raw_losses = state.get("losses")
+    if isinstance(raw_losses, list):
+        for entry in raw_losses:
+            with contextlib.suppress(KeyError, ValueError, TypeError):
+                losses.append(LossEvent.from_dict(entry))
+    return _KnownState(number("epoch"), number("floor"), number("last_id"), queued, dropped, tuple(losses))
