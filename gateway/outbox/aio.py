@@ -29,6 +29,7 @@ _LOG = logging.getLogger("gateway.outbox")
 DEFAULT_MAX_PENDING_BYTES = 32 * MiB
 _SPACE_CHECK_EVERY_S = 1.0
 _STATE_SAVE_EVERY_S = 1.0
+_MAX_COMMIT_BYTES = 512 * 1024
 
 
 class AsyncOutbox:
@@ -270,32 +271,41 @@ class AsyncOutbox:
 
     async def _flush_pending(self) -> None:
         async with self._flush_lock:
-            if not self._pending and not self._refused:
-                return
             outbox = self._outbox
             if outbox is None:
                 raise RuntimeError("AsyncOutbox: flush() before 'async with'")
-            batch, self._pending = self._pending, []
-            if outbox.degraded is not None and any(it.lane is not Lane.ALARMS for it in batch):
-                # Submitted before the disk filled: only alarms go into the reserve.
-                for it in batch:
-                    if it.lane is not Lane.ALARMS:
-                        self._refuse(it.lane, DropReason.DISK_FULL, 1)
-                        self._pending_bytes -= record_size(it)
-                batch = [it for it in batch if it.lane is Lane.ALARMS]
-            refused, self._refused = self._refused, {}
-            self._inflight = len(batch)
-            loop = asyncio.get_running_loop()
-            write = loop.run_in_executor(None, _write, outbox, batch, refused)
-            try:
-                # Shielded: a cancelled caller must not lose track of a write already under way.
-                await asyncio.shield(write)
-            finally:
-                self._inflight = 0
-                if not write.done():
-                    write.add_done_callback(lambda w: self._requeue_if_failed(w, batch))
-                else:
-                    self._requeue_if_failed(write, batch)
+            while self._pending or self._refused:
+                if outbox.degraded is not None and any(it.lane is not Lane.ALARMS for it in self._pending):
+                    # Submitted before the disk filled: only alarms go into the reserve.
+                    for it in self._pending:
+                        if it.lane is not Lane.ALARMS:
+                            self._refuse(it.lane, DropReason.DISK_FULL, 1)
+                            self._pending_bytes -= record_size(it)
+                    self._pending = [it for it in self._pending if it.lane is Lane.ALARMS]
+                # One transaction of at most _MAX_COMMIT_BYTES: the log (and what a checkpoint
+                # needs in new space) stays well inside the disk-full reserve.
+                taken = 0
+                end = 0
+                while end < len(self._pending) and (end == 0 or taken < _MAX_COMMIT_BYTES):
+                    taken += record_size(self._pending[end])
+                    end += 1
+                batch, self._pending = self._pending[:end], self._pending[end:]
+                await self._write(outbox, batch)
+
+    async def _write(self, outbox: Outbox, batch: list[OutItem]) -> None:
+        refused, self._refused = self._refused, {}
+        self._inflight = len(batch)
+        loop = asyncio.get_running_loop()
+        write = loop.run_in_executor(None, _write, outbox, batch, refused)
+        try:
+            # Shielded: a cancelled caller must not lose track of a write already under way.
+            await asyncio.shield(write)
+        finally:
+            self._inflight = 0
+            if not write.done():
+                write.add_done_callback(lambda w: self._requeue_if_failed(w, batch))
+            else:
+                self._requeue_if_failed(write, batch)
 
     def _requeue_if_failed(self, write: asyncio.Future[None], batch: list[OutItem]) -> None:
         if write.cancelled() or write.exception() is not None:

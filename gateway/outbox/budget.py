@@ -9,7 +9,11 @@ from gateway.outbox.records import DropReason, FullPolicy
 DROP_WHY: Mapping[DropReason, str] = {
     DropReason.BUDGET: "over a byte budget",
     DropReason.AGE: "older than the age budget",
-    DropReason.CORRUPT: "in a corrupt file",
+    DropReason.CORRUPT: "in a damaged or replaced file",
+    DropReason.DISK_FULL: "refused while the disk is full",
+    DropReason.QUEUE_FULL: "refused while the in-memory queue is full",
+    DropReason.OVERSIZE: "larger than the broker takes",
+    DropReason.DEAD_LETTER: "moved to the dead-letter table",
 }
 
 

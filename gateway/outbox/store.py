@@ -67,11 +67,13 @@ _DEAD_TABLE = (
 
 _BUSY_TIMEOUT_S = 5.0
 # A big batch can grow the log past one checkpoint; cap what stays on disk once it is reset.
-_WAL_SIZE_LIMIT = 8 * MiB
+_WAL_SIZE_LIMIT = 4 * MiB
+_WAL_AUTOCHECKPOINT_PAGES = 256  # about 1 MiB of log at the default 4 KiB page
 # Free pages are reused by the next inserts, so only give back what exceeds a small reserve,
 # and only look after enough was acknowledged for it to matter.
 _VACUUM_EVERY_BYTES = 1 * MiB
 _VACUUM_KEEP_PAGES = 256
+_DEGRADED_VACUUM_PAGES = 64
 _SCAN_PAGE = 512  # rows fetched per query while looking for records to drop
 # A gateway without a battery-backed clock stamps records near 1970 until NTP syncs: those are
 # mis-stamped, not stale, so the age budget leaves them alone (the byte budget still bounds them).
@@ -563,15 +565,17 @@ class Outbox:
         if now - self._space_checked_at < 1.0:
             return False
         self._space_checked_at = now
-        with contextlib.suppress(sqlite3.Error):
-            # Deliveries freed pages: give them back to the filesystem, shrink the log.
-            self._vacuum()
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         try:
-            st = os.statvfs(self._path.parent)
+            with contextlib.suppress(sqlite3.Error):
+                # Empty the log into the file, then give pages freed by deliveries back to the
+                # filesystem - only with some room to spare, since moving pages needs the log.
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                if _free_bytes(self._path.parent) >= _DEGRADED_VACUUM_PAGES * 4 * 4096:
+                    self._vacuum()
+            free = _free_bytes(self._path.parent)
         except OSError:
             return False
-        if st.f_bavail * st.f_frsize < max(2 * self._reserve_bytes, MiB):
+        if free < max(2 * self._reserve_bytes, MiB):
             return False
         why = self._degraded
         self._degraded = None
@@ -581,11 +585,32 @@ class Outbox:
         return True
 
     def _open_db(self) -> sqlite3.Connection:
+        """Open the database; on a full disk give the reserve back, then try without shared memory."""
+        try:
+            return self._open_db_once(exclusive=False)
+        except sqlite3.Error as exc:
+            if classify(exc) not in (Fault.FULL, Fault.TRANSIENT):
+                raise
+            why = f"{exc} ({getattr(exc, 'sqlite_errorname', 'no code')}) while opening"
+        self._release_reserve(why)
+        try:
+            return self._open_db_once(exclusive=False)
+        except sqlite3.Error as exc:
+            if classify(exc) not in (Fault.FULL, Fault.TRANSIENT):
+                raise
+        # The log's shared-memory index (-shm) needs a new file: without room for it, this process
+        # alone opens the database, with the index in memory (sqlite3 on the side must wait).
+        _LOG.warning("outbox %s: no room for the -shm file: opened for this process alone", self._path)
+        return self._open_db_once(exclusive=True)
+
+    def _open_db_once(self, *, exclusive: bool) -> sqlite3.Connection:
         """Open (or create) the database, check it and load the in-memory totals."""
         conn = sqlite3.connect(
             self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
         try:
+            if exclusive:
+                conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._configure_and_check(conn)
             self._load_state(conn)
         except BaseException:
@@ -607,6 +632,9 @@ class Outbox:
             )
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+        # A checkpoint copies the log into the file, needing up to the log's size in new space:
+        # a short log keeps that well inside the disk-full reserve.
+        conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
         check = conn.execute("PRAGMA quick_check").fetchall()
         if check != [("ok",)]:
             found = "; ".join(str(row[0]) for row in check).replace("\n", "; ")
@@ -728,8 +756,14 @@ class Outbox:
             self._rollback_quietly()
             fault = classify(exc)
             if fault is Fault.FULL:
-                # Give the reserve back to the filesystem and try once more in it.
+                # Give the reserve back to the filesystem, empty the log into the file, and try
+                # once more in that room - except a batch of records: the caller retries it with
+                # alarms only, rather than let features fill the reserve.
                 self._release_reserve(f"{exc} during {what}")
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                if what == "put":
+                    raise to_error(self._path, what, exc) from exc
                 try:
                     return op()
                 except sqlite3.Error as again:
@@ -895,9 +929,7 @@ class Outbox:
         }
         if not totals:
             return
-        self._apply_counters(totals)
-        for lane, reason in totals:
-            self._note_drops(lane, reason, counts[(lane, reason)])
+        self._apply_counters(totals)  # logged as a state change by whoever refused them
         try:
             with self._transaction():
                 self._persist_counters(totals)
@@ -1013,9 +1045,16 @@ class Outbox:
         """Give free pages beyond a reserve back to the filesystem, so the file does not only grow."""
         free_pages = int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
         if free_pages > 2 * _VACUUM_KEEP_PAGES:
+            steps = free_pages - _VACUUM_KEEP_PAGES
+            if self._degraded is not None:
+                # Moving pages writes them to the log first: on a full disk, a few at a time, the
+                # log emptied after each round, so giving space back never takes the last of it.
+                steps = min(steps, _DEGRADED_VACUUM_PAGES)
             # This pragma frees one page per step, and execute() steps a statement without result
             # columns only once; executescript() steps it to the end.
-            self._conn.executescript(f"PRAGMA incremental_vacuum({free_pages - _VACUUM_KEEP_PAGES});")
+            self._conn.executescript(f"PRAGMA incremental_vacuum({steps});")
+            if self._degraded is not None:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _expire(self, now: float) -> int:
         victims: dict[Lane, list[tuple[int, int]]] = {}
@@ -1191,3 +1230,9 @@ def _parse_state(state: Mapping[str, Any] | None) -> _KnownState:
             with contextlib.suppress(KeyError, ValueError, TypeError):
                 losses.append(LossEvent.from_dict(entry))
     return _KnownState(number("epoch"), number("floor"), number("last_id"), queued, dropped, tuple(losses))
+
+
+def _free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged process may still write on ``directory``'s filesystem."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
