@@ -206,6 +206,7 @@ class Pipeline:
         out["anonymizer_dropped"] = self._anon.dropped
         for lane, n in self.submitted.items():
             out[f"queued_{lane.name.lower()}"] = n
+        out.update(self._outbox.counters())
         return out
 
     async def run(self, started: Callable[[], None]) -> None:
@@ -504,7 +505,11 @@ async def _supervise(
         sup.add(Unit(f"source:{entry.info.name}", Group.SOURCES, run_source))
 
     def summary() -> str:
-        return f"outbox pending {outbox.pending}, delivered {getattr(uplink, 'delivered', 0)}"
+        health = outbox.health()
+        return (
+            f"outbox pending {outbox.pending}, delivered {getattr(uplink, 'delivered', 0)}, "
+            f"dropped {outbox.dropped_total()}" + (f", OUTBOX DEGRADED: {health}" if health else "")
+        )
 
     sup.summary = summary
     loop = asyncio.get_running_loop()

@@ -106,6 +106,17 @@ class AsyncOutbox:
             by_reason[str(reason)] = by_reason.get(str(reason), 0) + n
         return out
 
+    def counters(self) -> dict[str, float | str]:
+        """Drop counters and health as flat diagnostic counters (never waits)."""
+        out: dict[str, float | str] = {
+            f"outbox_dropped_{lane}_{reason}": n
+            for lane, reasons in self.drop_counts().items()
+            for reason, n in reasons.items()
+        }
+        out["outbox_pending_bytes"] = self._pending_bytes
+        out["outbox_degraded"] = self.health() or ""
+        return out
+
     def dropped_total(self) -> int:
         """All drops of every lane and reason."""
         return sum(sum(reasons.values()) for reasons in self.drop_counts().values())

@@ -218,8 +218,8 @@ class StateFile:
         self._generation = best[0]
         return best[1]
 
-    def save(self, state: Mapping[str, Any]) -> None:
-        """Write ``state`` durably into the older slot (OSError when the disk refuses)."""
+    def save(self, state: Mapping[str, Any], *, sync: bool = True) -> None:
+        """Write ``state`` into the older slot, durably with ``sync`` (OSError when the disk refuses)."""
         body = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
         if _STATE_HEAD.size + len(body) > _STATE_SLOT:
             raise ValueError(f"outbox state of {len(body)} bytes does not fit a {_STATE_SLOT}-byte slot")
@@ -232,10 +232,19 @@ class StateFile:
                 # Allocated once at its full size: later saves overwrite blocks it already has.
                 os.posix_fallocate(fd, 0, 2 * _STATE_SLOT)
             os.pwrite(fd, record.ljust(_STATE_SLOT, b"\0"), slot * _STATE_SLOT)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         self._generation = generation
+
+    def sync(self) -> None:
+        """Make what was written durable."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def salvage_counts(db: Path) -> dict[int, int] | None:

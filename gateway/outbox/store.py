@@ -138,6 +138,7 @@ class Outbox:
         self._floor = 0  # ids up to this are reserved in the state file
         self._losses: list[LossEvent] = []
         self._state_dirty = False
+        self._state_unsynced = False
         self._state_saved_at = 0.0
         self._state_failing = False
         self._degraded: str | None = None
@@ -248,10 +249,10 @@ class Outbox:
             return self._try_recover_space()
 
     def save_state(self) -> None:
-        """Write counters and queue sizes to the state file if they changed since the last save."""
+        """Make the state file (counters, queue sizes, id floor) durable if a change is not yet."""
         with self._lock:
             if not self._closed:
-                self._save_state(force=False, due_only=False)
+                self._save_state(sync=True)
 
     def expire(self, now_wall: float | None = None) -> int:
         """Drop records older than their lane's age budget; return how many were dropped."""
@@ -272,7 +273,7 @@ class Outbox:
         with self._lock:
             if self._closed:
                 return
-            self._save_state(force=False, due_only=False)
+            self._save_state(sync=True)
             self._closed = True
             try:
                 self._conn.close()
@@ -398,7 +399,7 @@ class Outbox:
             self._start_new_epoch(known, lost_why, salvaged, counters)
         self._reserve_ids(0)
         self._state_dirty = True
-        self._save_state(force=False, due_only=False)
+        self._save_state(sync=True)
 
     def _start_new_epoch(
         self,
@@ -470,7 +471,7 @@ class Outbox:
         if self._seq + n <= self._floor and self._floor > 0:
             return
         self._floor = self._seq + n + _ID_CHUNK
-        self._save_state(force=True, due_only=False)
+        self._save_state(sync=True, required=True)
 
     def _state_data(self) -> dict[str, Any]:
         return {
@@ -488,15 +489,21 @@ class Outbox:
             "losses": [event.as_dict() for event in self._losses],
         }
 
-    def _save_state(self, *, force: bool, due_only: bool = True) -> None:
-        """Write the state file: always when ``force``, else when dirty (and due, with ``due_only``)."""
+    def _save_state(self, *, sync: bool, required: bool = False) -> None:
+        """Write the state file if it changed; fsync it when ``sync`` or a second after the last fsync.
+
+        Written after every change - one small write, no fsync - so a killed process leaves exact
+        numbers behind; made durable against a power cut at most a second later.
+        """
         now = time.monotonic()
-        if not force and (
-            not self._state_dirty or (due_only and now - self._state_saved_at < _STATE_SAVE_EVERY_S)
-        ):
+        due = sync or now - self._state_saved_at >= _STATE_SAVE_EVERY_S
+        if not self._state_dirty and not (due and self._state_unsynced) and not required:
             return
         try:
-            self._state.save(self._state_data())
+            if self._state_dirty or required:
+                self._state.save(self._state_data(), sync=due)
+            elif due:
+                self._state.sync()
         except OSError as exc:
             if not self._state_failing:
                 self._state_failing = True
@@ -506,7 +513,7 @@ class Outbox:
                     self._state.path,
                     exc.strerror or exc,
                 )
-            if force:
+            if required:
                 raise TransientError(
                     f"outbox {self._path}: cannot reserve record ids in {self._state.path}: "
                     f"{exc.strerror or exc}: retried later; check the disk"
@@ -516,7 +523,9 @@ class Outbox:
             self._state_failing = False
             _LOG.info("outbox %s: state file written again", self._path)
         self._state_dirty = False
-        self._state_saved_at = now
+        self._state_unsynced = not due
+        if due:
+            self._state_saved_at = now
 
     # --- full disk -------------------------------------------------------------------------------------
 
@@ -743,7 +752,7 @@ class Outbox:
         self._losses = list(known.losses)
         self._start_new_epoch(known, f"database set aside while running ({why})", None, dict(known.dropped))
         self._state_dirty = True
-        self._save_state(force=False, due_only=False)
+        self._save_state(sync=True)
 
     def _guarded(self, what: str, op: Callable[[], _T]) -> _T:
         """Run ``op``; on corruption set the file aside and run it once more on a fresh database."""
@@ -896,7 +905,7 @@ class Outbox:
             if lane in incoming or n:
                 self._note_drops(lane, DropReason.BUDGET, n)
         self._note_total()
-        self._save_state(force=False)
+        self._save_state(sync=False)
 
     def _persist_counters(self, counters: Mapping[tuple[Lane, DropReason], int]) -> None:
         if counters:
@@ -935,7 +944,7 @@ class Outbox:
                 self._persist_counters(totals)
         except sqlite3.Error:
             self._rollback_quietly()  # a full disk: the state file (written in place) still gets them
-        self._save_state(force=False)
+        self._save_state(sync=False)
 
     def _apply_released(self) -> None:
         released = self._released
@@ -982,7 +991,7 @@ class Outbox:
             ", ".join(f"{lane.name.lower()} {n}" for lane, n in by_lane.items()),
             reason,
         )
-        self._save_state(force=False)
+        self._save_state(sync=False)
         return len(mine)
 
     def _last_id(self) -> int:
@@ -1035,7 +1044,7 @@ class Outbox:
             self._bytes[lane] -= size
             self._freed_since_vacuum += size
         self._state_dirty = True
-        self._save_state(force=False)
+        self._save_state(sync=False)
         self._note_total()
         if self._freed_since_vacuum >= _VACUUM_EVERY_BYTES:
             self._freed_since_vacuum = 0
@@ -1087,7 +1096,7 @@ class Outbox:
             if budget.max_age_s is not None:
                 self._note_drops(lane, DropReason.AGE, len(found))
         self._note_total()
-        self._save_state(force=False)
+        self._save_state(sync=False)
         return sum(len(found) for found in victims.values())
 
     def _aged(self, lane: Lane, cutoff: float) -> list[tuple[int, int]]:
