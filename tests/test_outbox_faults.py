@@ -126,6 +126,14 @@ def test_a_log_with_a_garbage_header_is_set_aside_into_a_new_epoch(db: Path) -> 
         assert lost > 0
         check_new_epoch(ob, epoch, last, lost)
 
+    async def diagnostics() -> dict[str, float | str]:
+        async with AsyncOutbox(lambda: Outbox(db)) as ao:
+            return ao.counters()
+
+    counters = asyncio.run(diagnostics())
+    assert sum(v for k, v in counters.items() if k.endswith("_corrupt") and isinstance(v, int)) == lost
+    assert f"epoch {epoch} (up to id {last})" in str(counters["outbox_last_loss"])
+
 
 def test_a_truncated_database_starts_a_new_epoch_with_its_records_counted(db: Path) -> None:
     epoch, last, queued = killed_writer(db)
@@ -260,6 +268,7 @@ def test_full_disk_keeps_alarms_delivers_the_backlog_and_recovers(tmp_path: Path
                     if features % 200 == 0:
                         await asyncio.sleep(0.03)
                 assert "full" in str(ao.health())
+                assert "full" in str(ao.counters()["outbox_degraded"])  # the diagnostic says so too
                 for i in range(20):
                     ao.submit(OutItem(Lane.ALARMS, f"a/{i}", b"alarm" * 20, NOW))
                     ao.submit(OutItem(Lane.DIAGNOSTICS, f"d/{i}", b"diag" * 20, NOW))

@@ -7,13 +7,24 @@ Contract (ARCHITECTURE.md, core abstraction 5):
 * ``lease(n)`` hands out up to ``n`` records, alarms first, then oldest first inside a lane.  A
   leased record is not handed out again until it is released.  Leases live in memory only: after
   a restart or a crash every un-acknowledged record is queued again (at-least-once; the uplink's
-  sequence numbers let the twin drop duplicates).  How often a record was leased is persisted.
+  sequence numbers let the twin drop duplicates).  Leasing writes nothing (so the backlog can be
+  delivered on a full disk): how often a record was leased is counted by this process only.
+  ``release`` never waits: it is applied by the next call that holds the lock.
 * ``ack`` deletes.  Nothing is deleted before it is acknowledged, except by a lane's stated full
-  policy, and every such drop is counted (persisted) and logged as a state change.
-* Record ids are never reused (AUTOINCREMENT), so they serve as the gateway's sequence numbers;
-  a fresh database gets a new random :attr:`Outbox.epoch`, so a sequence that restarts after a
-  corruption recovery is told apart from loss.  ``lease`` can be limited to an id range, which lets
-  the uplink send live records first and replay an older backlog behind them.
+  policy, and every such drop is counted (persisted) and logged as a state change.  Records the
+  uplink cannot send go to a kept ``dead`` table (``dead_letter``), counted too.
+* One persisted set of drop counters, by lane and :class:`DropReason`, for every drop anywhere
+  (budget, age, corrupt, disk full, queue full, oversize, dead letter): in the database and in
+  ``<name>.state``, a small file written in place after every change, so it outlives the database.
+* Record ids are never reused, so they serve as the gateway's sequence numbers, within a random
+  :attr:`Outbox.epoch`.  Any recovery that may have lost committed records (a log or database set
+  aside, a log damaged mid-way, a database that is not the one last used) starts a new epoch whose
+  ids begin above an id floor reserved in the state file, counts what was lost as ``corrupt`` and
+  records a :class:`LossEvent`.  ``lease`` can be limited to an id range, which lets the uplink
+  send live records first and replay an older backlog behind them.
+* A full disk degrades rather than stops: a reserve file is given back at the first SQLITE_FULL,
+  alarms are still written, lower lanes refused and counted, the backlog delivered; once space
+  returns the reserve is taken again.  Opening works on a full disk.
 * Full policy (:data:`DEFAULT_BUDGETS`): alarms are never dropped, even past the total budget;
   features drop their oldest records (a stale feature is worth less than a fresh one);
   diagnostics refuse the newest (the first diagnostics of an outage explain it best).
@@ -36,6 +47,7 @@ from gateway.outbox.records import (
     LaneBudget,
     LaneStats,
     Leased,
+    LossEvent,
     OutboxStats,
     OutItem,
     record_size,
@@ -51,6 +63,7 @@ __all__ = [
     "LaneBudget",
     "LaneStats",
     "Leased",
+    "LossEvent",
     "OutItem",
     "Outbox",
     "OutboxStats",

@@ -115,6 +115,17 @@ class AsyncOutbox:
         }
         out["outbox_pending_bytes"] = self._pending_bytes
         out["outbox_degraded"] = self.health() or ""
+        outbox = self._outbox
+        if outbox is not None:
+            out["outbox_epoch"] = outbox.epoch
+            losses = outbox.losses
+            out["outbox_losses"] = len(losses)
+            if losses:
+                last = losses[-1]
+                out["outbox_last_loss"] = (
+                    f"epoch {last.prev_epoch} (up to id {last.last_id}) -> {last.epoch}: "
+                    f"{sum(last.lost.values())} lost: {last.why}"
+                )
         return out
 
     def dropped_total(self) -> int:

@@ -231,6 +231,11 @@ class Outbox:
             self._require_open()
             self._add_counters(counts)
 
+    @property
+    def losses(self) -> tuple[LossEvent, ...]:
+        """Recoveries that lost records, oldest first (the last few); never waits."""
+        return tuple(self._losses)
+
     def drop_counts(self) -> Mapping[str, Mapping[str, int]]:
         """The drop counters by lane name and reason; never waits (safe on the event loop)."""
         return self._drop_view
@@ -397,7 +402,13 @@ class Outbox:
             self._floor = max(known.floor, self._seq)
         else:
             self._start_new_epoch(known, lost_why, salvaged, counters)
-        self._reserve_ids(0)
+        try:
+            self._reserve_ids(0)
+        except TransientError:
+            # A state file that cannot be created on a full disk: the reserve makes room.
+            self._release_reserve("no room for the state file")
+            with contextlib.suppress(TransientError):
+                self._reserve_ids(0)
         self._state_dirty = True
         self._save_state(sync=True)
 
