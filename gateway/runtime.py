@@ -31,14 +31,14 @@ from gateway.contracts import (
     WindowRecord,
 )
 from gateway.encode import decode, encode
-from gateway.errors import ConfigError, CorruptDataError
+from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
 from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.ectopic import EctopyMonitor
 from gateway.notify import Notifier
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
 from gateway.sample import Sample, SampleBlock
-from gateway.supervisor import EXIT_CONFIG, Group, Supervisor, Unit
+from gateway.supervisor import EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +417,10 @@ async def run_gateway(
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
+    except EdgetwinError as exc:
+        # Retried for a while already (AsyncOutbox); a clear message, not a trace.
+        log.error("%s", exc)
+        return EXIT_FAILURE
     try:
         return await _supervise(
             config, registry, notifier, anonymizer, outbox, out, pretty, stop_after_s, install_signal_handlers

@@ -314,3 +314,34 @@ def test_opening_on_a_full_disk_degrades_instead_of_failing(tmp_path: Path) -> N
         with Outbox(path, reserve_bytes=1024 * 1024) as ob:
             assert ob.degraded is not None
             assert ob.stats().queued == 400
+
+
+def test_an_open_that_fails_for_a_while_is_retried_not_crashed(db: Path) -> None:
+    from gateway.errors import TransientError  # noqa: PLC0415
+
+    attempts: list[float] = []
+
+    def flaky() -> Outbox:  # an I/O error that clears (a disk coming back)
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise TransientError(f"outbox {db}: open failed: disk I/O error: retried later")
+        return Outbox(db)
+
+    async def main() -> int:
+        async with AsyncOutbox(flaky, open_retry_s=30.0) as ao:
+            return ao.outbox.epoch
+
+    assert asyncio.run(main()) > 0
+    assert len(attempts) == 3
+
+    def broken() -> Outbox:
+        raise TransientError(f"outbox {db}: open failed: disk I/O error: retried later")
+
+    async def gives_up() -> None:
+        async with AsyncOutbox(broken, open_retry_s=1.0):
+            pytest.fail("opened")
+
+    start = time.monotonic()
+    with pytest.raises(TransientError):
+        asyncio.run(gives_up())
+    assert time.monotonic() - start < 5.0

@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
+from gateway.backoff import Backoff
 from gateway.cleanup import finish_shielded
 from gateway.contracts import Lane
-from gateway.errors import EdgetwinError
+from gateway.errors import ConfigError, EdgetwinError
 from gateway.outbox.records import DropReason, Leased, MiB, OutboxStats, OutItem, record_size
 from gateway.outbox.store import Outbox
 
@@ -44,8 +45,10 @@ class AsyncOutbox:
         close_timeout_s: float = 5.0,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         expire_interval_s: float = 60.0,
+        open_retry_s: float = 60.0,
     ) -> None:
         self._factory = outbox_factory
+        self._open_retry_s = open_retry_s
         self._interval = flush_interval_s
         self._expire_interval = expire_interval_s
         self._flush_batch = flush_batch
@@ -136,7 +139,7 @@ class AsyncOutbox:
         if self._entered:
             raise RuntimeError("AsyncOutbox: already entered; it is not re-entrant")
         self._entered = True
-        self._outbox = await asyncio.to_thread(self._factory)
+        self._outbox = await self._open()
         self._last_beat = time.monotonic()
         self._flusher = asyncio.create_task(
             self._run_flusher(), name=f"outbox-flusher:{self._outbox.path.name}"
@@ -152,6 +155,26 @@ class AsyncOutbox:
         shutdown = asyncio.create_task(self._shutdown(), name=f"outbox-shutdown:{self._outbox.path.name}")
         if not await finish_shielded(shutdown, self._close_timeout, who="outbox: closing"):
             _LOG.error("outbox: %d record(s) not written when closing was abandoned are lost", self.pending)
+
+    async def _open(self) -> Outbox:
+        """Open the store; a failure that may clear by itself (I/O errors) is retried for a while."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._open_retry_s
+        backoff = Backoff(0.5, 5.0)
+        while True:
+            try:
+                return await asyncio.to_thread(self._factory)
+            except ConfigError:
+                raise
+            except (EdgetwinError, OSError) as exc:
+                delay = backoff.next()
+                if loop.time() + delay > give_up:
+                    raise
+                if backoff.failures == 1:
+                    _LOG.error("outbox: cannot open: %s: retrying for up to %.0f s", exc, self._open_retry_s)
+                else:
+                    _LOG.debug("outbox: still cannot open: %s", exc)
+                await asyncio.sleep(delay)
 
     def submit(self, item: OutItem) -> None:
         """Queue a record for the next group commit (no await: called by stages on the loop)."""
@@ -313,6 +336,7 @@ class AsyncOutbox:
                     end += 1
                 batch, self._pending = self._pending[:end], self._pending[end:]
                 await self._write(outbox, batch)
+                self._last_beat = time.monotonic()  # a long backlog of commits is progress too
 
     async def _write(self, outbox: Outbox, batch: list[OutItem]) -> None:
         refused, self._refused = self._refused, {}
