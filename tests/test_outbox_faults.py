@@ -156,6 +156,20 @@ def test_an_overwritten_header_starts_a_new_epoch_with_its_records_counted(db: P
         check_new_epoch(ob, epoch, last, sum(queued.values()))
 
 
+def test_an_older_copy_put_back_is_a_new_epoch_not_reused_ids(db: Path) -> None:
+    with Outbox(db) as ob:
+        ob.put_many([OutItem(Lane.FEATURES, f"t/{i}", b"a" * 50, NOW) for i in range(10)])
+    backup = db.with_name("backup.db")
+    shutil.copyfile(db, backup)
+    with Outbox(db) as ob:
+        epoch = ob.epoch
+        ob.put_many([OutItem(Lane.FEATURES, f"t/{i}", b"b" * 50, NOW) for i in range(10, 25)])
+        last = ob.last_id()
+    shutil.copyfile(backup, db)  # a restore from last week's backup
+    with Outbox(db) as ob:
+        check_new_epoch(ob, epoch, last, 15)
+
+
 def test_drop_counters_outlive_the_database(db: Path) -> None:
     with Outbox(db) as ob:
         ob.count_drops({(Lane.FEATURES, DropReason.BUDGET): 7})

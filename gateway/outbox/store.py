@@ -396,7 +396,13 @@ class Outbox:
         self._losses = list(known.losses)
         if lost_why is None and state is not None and known.epoch and known.epoch != self._epoch:
             lost_why = f"the database is not the one last used (epoch {self._epoch}, expected {known.epoch})"
-            _LOG.critical("outbox %s: %s: counting its records as lost", self._path, lost_why)
+        elif lost_why is None and known.last_id > self._seq:
+            # The state file is written after each commit: a database behind it lost commits (a
+            # copy put back, storage that dropped writes) and would hand the same ids out again.
+            lost_why = (
+                f"the database has ids up to {self._seq} but {known.last_id} were handed out "
+                "(an older copy, or storage that lost writes)"
+            )
         if lost_why is None:
             self._apply_counters(counters)
             self._floor = max(known.floor, self._seq)
