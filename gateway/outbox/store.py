@@ -439,11 +439,22 @@ class Outbox:
         while epoch == prev:
             epoch = new_epoch()
         floor = max(known.floor, known.last_id, self._seq, self._high_id)
+        survivors = sum(self._count.values())
 
         def write() -> None:
             with self._transaction() as conn:
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
-                self._set_sequence(floor)
+                if survivors:
+                    # What survived is numbered anew, densely, above the floor: the new epoch is
+                    # one unbroken sequence, so a gap in it is still a loss at the twin.
+                    conn.execute(
+                        "CREATE TEMP TABLE renumber AS SELECT id AS old, ? + ROW_NUMBER() OVER (ORDER BY id) "
+                        "AS new FROM records",
+                        (floor,),
+                    )
+                    conn.execute("UPDATE records SET id = (SELECT new FROM renumber WHERE old = records.id)")
+                    conn.execute("DROP TABLE temp.renumber")
+                self._set_sequence(floor + survivors)
                 self._persist_counters(counters)
 
         try:
@@ -461,15 +472,17 @@ class Outbox:
             prev, epoch, known.last_id, {lane.name.lower(): n for lane, n in lost.items()}, why, time.time()
         )
         self._losses = [*self._losses, event][-_LOSSES_KEPT:]
-        self._epoch, self._seq, self._floor = epoch, floor, floor
+        self._epoch, self._seq, self._floor = epoch, floor + survivors, floor + survivors
         _LOG.critical(
-            "outbox %s: %s: records may be lost, so the sequence goes on in a new epoch %d (was %d) from id %d; "
-            "%d record(s) counted as lost (%s); the twin is told through the drop counters",
+            "outbox %s: %s: records may be lost, so the sequence goes on in a new epoch %d (was %d) from id %d "
+            "(%d surviving record(s) numbered anew); %d record(s) counted as lost (%s); the twin is told "
+            "through the drop counters",
             self._path,
             why,
             epoch,
             prev,
             floor + 1,
+            survivors,
             sum(lost.values()),
             ", ".join(f"{lane.name.lower()} {n}" for lane, n in lost.items()) or "none known",
         )
