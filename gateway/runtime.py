@@ -34,7 +34,7 @@ from gateway.contracts import (
     WindowRecord,
 )
 from gateway.encode import decode, encode
-from gateway.errors import ConfigError, CorruptDataError
+from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
 from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.coverage import log_coverage
 from gateway.inference.ectopic import EctopyMonitor
@@ -42,7 +42,7 @@ from gateway.notify import Notifier
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
 from gateway.sample import Quality, Sample, SampleBlock
-from gateway.supervisor import EXIT_CONFIG, Group, Supervisor, Unit
+from gateway.supervisor import EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ class Pipeline:
         out["anonymizer_dropped"] = self._anon.dropped
         for lane, n in self.submitted.items():
             out[f"queued_{lane.name.lower()}"] = n
+        out.update(self._outbox.counters())
         return out
 
     async def run(self, started: Callable[[], None]) -> None:
@@ -422,6 +423,10 @@ async def run_gateway(
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
+    except EdgetwinError as exc:
+        # Retried for a while already (AsyncOutbox); a clear message, not a trace.
+        log.error("%s", exc)
+        return EXIT_FAILURE
     try:
         return await _supervise(
             config, registry, notifier, anonymizer, outbox, out, pretty, stop_after_s, install_signal_handlers
@@ -511,7 +516,11 @@ async def _supervise(
         sup.add(Unit(f"source:{entry.info.name}", Group.SOURCES, run_source))
 
     def summary() -> str:
-        return f"outbox pending {outbox.pending}, delivered {getattr(uplink, 'delivered', 0)}"
+        health = outbox.health()
+        return (
+            f"outbox pending {outbox.pending}, delivered {getattr(uplink, 'delivered', 0)}, "
+            f"dropped {outbox.dropped_total()}" + (f", OUTBOX DEGRADED: {health}" if health else "")
+        )
 
     sup.summary = summary
     loop = asyncio.get_running_loop()

@@ -22,12 +22,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import backoff
 from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
 from gateway.notify import Notifier
 
@@ -58,6 +58,16 @@ class UnitState(enum.StrEnum):
     STOPPED = "stopped"
 
 
+# The whole stop, from SIGTERM to the supervisor's return, fits this budget: every wait on the
+# way is cut to what is left of it.  With the outbox's close after it (its close timeout plus
+# the grace given to a cancelled cleanup, 6 s) and a margin of 4 s, it stays inside the unit's
+# TimeoutStopSec=30s (tests/test_stop_budget.py forces every wait to its maximum).
+STOP_BUDGET_S = 20.0
+UNIT_STOP_S = 5.0  # one group of units, at most, to end after its cancellation
+_CANCEL_RESERVE_S = 3.0  # kept back from the drain for the units' cancellation after it
+_DRAIN_CANCEL_S = 2.0  # a drain past its deadline, to end after its cancellation
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Capped, jittered exponential backoff, per error class."""
@@ -73,11 +83,8 @@ class Backoff:
     def delay(self, error: BaseException, attempt: int) -> float:
         """Seconds to wait before the next attempt after ``error`` (attempt counts from 1)."""
         if isinstance(error, AuthError):
-            nominal = self.auth_s
-        else:
-            nominal = min(self.cap_s, self.base_s * 2 ** min(attempt - 1, 30))
-        # Jitter in [nominal/2, nominal]: gateways restarted by one power cut do not retry in step.
-        return nominal / 2 + random.random() * nominal / 2
+            return backoff.jittered(self.auth_s)
+        return backoff.delay(attempt, self.base_s, self.cap_s)
 
 
 @dataclass(slots=True)
@@ -107,8 +114,11 @@ class Supervisor:
         start_timeout_s: float = 30.0,
         backoff: Backoff | None = None,
         status_interval_s: float = 5.0,
+        stop_budget_s: float = STOP_BUDGET_S,
     ) -> None:
         self._notifier = notifier
+        self._stop_budget_s = stop_budget_s
+        self._stop_deadline: float | None = None
         self._start_timeout_s = start_timeout_s
         self._backoff = backoff or Backoff()
         self._status_interval_s = status_interval_s
@@ -166,12 +176,17 @@ class Supervisor:
             await self._stop.wait()
 
             self._notifier.stopping("stopping: draining")
+            self._stop_deadline = time.monotonic() + self._stop_budget_s
+            # The drain gets what the stop budget leaves once the units' cancellation is reserved.
+            drain_deadline_s = max(
+                0.0, min(drain_deadline_s, self._stop_budget_s - UNIT_STOP_S - _CANCEL_RESERVE_S)
+            )
             log.info("stopping: intake closed, draining for at most %.0f s", drain_deadline_s)
-            deadline = time.monotonic() + drain_deadline_s
             # Stop intake first, then drain what was accepted, then stop the rest in reverse order.
             await self._cancel(
                 [tasks[u.name] for u in self._units if u.group == Group.SOURCES and u.name in tasks]
             )
+            deadline = min(time.monotonic() + drain_deadline_s, self._stop_deadline - _CANCEL_RESERVE_S)
             await self._drain(drain, deadline, drain_deadline_s)
             for group in sorted({u.group for u in self._units}, reverse=True):
                 await self._cancel(
@@ -180,7 +195,7 @@ class Supervisor:
         finally:
             for helper in helpers:
                 helper.cancel()
-            await asyncio.wait(helpers, timeout=1.0)
+            await asyncio.wait(helpers, timeout=min(1.0, self._stop_left()))
             await self._cancel(list(tasks.values()))
         for unit in self._units:
             if unit.state != UnitState.FAILED:
@@ -197,7 +212,7 @@ class Supervisor:
                 "stopping: drain deadline of %.0f s passed; what is left stays in the outbox", budget_s
             )
             task.cancel()
-            await asyncio.wait({task}, timeout=2.0)
+            await asyncio.wait({task}, timeout=min(_DRAIN_CANCEL_S, self._stop_left()))
         elif not task.cancelled() and task.exception() is not None:
             # A full disk or a closed stdout must not skip the ordered stop below.
             log.error("stopping: drain failed: %s; what is left stays in the outbox", task.exception())
@@ -207,13 +222,22 @@ class Supervisor:
         for task in pending:
             task.cancel()
         if pending:
-            # Bounded: a unit that ignores cancellation must not hold the stop forever.
-            _, stuck = await asyncio.wait(pending, timeout=5.0)
+            # Bounded: a unit that ignores cancellation must not hold the stop forever, nor all
+            # of them together the stop past its budget.
+            limit = min(UNIT_STOP_S, self._stop_left())
+            _, stuck = await asyncio.wait(pending, timeout=limit) if limit > 0 else (set(), set(pending))
             if stuck:
                 log.error(
-                    "stopping: %s did not stop within 5 s; going on without them",
+                    "stopping: %s did not stop within %.1f s; going on without them",
                     ", ".join(t.get_name() for t in stuck),
+                    limit,
                 )
+
+    def _stop_left(self) -> float:
+        """Seconds left of the stop budget (all of a unit's wait before the stop began)."""
+        if self._stop_deadline is None:
+            return UNIT_STOP_S
+        return max(0.0, self._stop_deadline - time.monotonic())
 
     async def _await_critical(self, deadline: float) -> None:
         """READY needs the critical units (outbox, pipeline) running, not merely retrying."""

@@ -18,8 +18,9 @@ from bleak_retry_connector import BleakConnectionError, BleakNotFoundError
 
 from drivers.ble.config import BleConfig
 from drivers.ble.driver import factory
-from drivers.ble.manager import Backoff, ManagedDevice, ScanWatchdog, SlotBudget, classify
+from drivers.ble.manager import ManagedDevice, ScanWatchdog, SlotBudget, classify
 from drivers.ble.protocol import PROFILES
+from gateway.backoff import Backoff
 from gateway.config import COMMON_SOURCE_KEYS
 from gateway.contracts import SourceInfo
 

@@ -48,6 +48,7 @@ from dbus_fast.aio import MessageBus
 
 from drivers.ble.config import BleConfig
 from drivers.ble.protocol import Profile
+from gateway.backoff import Backoff
 from gateway.errors import TransientError
 
 _LOGGER = logging.getLogger(__name__)
@@ -77,26 +78,6 @@ class DeviceState(enum.StrEnum):
 
 
 # -- pure policy -----------------------------------------------------------------------------------
-
-
-class Backoff:
-    """Capped exponential backoff with jitter in [nominal/2, nominal]: devices do not retry in step."""
-
-    def __init__(self, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self.min_s = min_s
-        self.max_s = max_s
-        self.failures = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        """The delay before the next cycle; each call counts one more failure."""
-        nominal = min(self.max_s, self.min_s * 2.0**self.failures)
-        self.failures += 1
-        return nominal * self._rng.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        """A cycle succeeded: start from the minimum again."""
-        self.failures = 0
 
 
 class ScanWatchdog:

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -54,6 +53,7 @@ from drivers.opcua.protocol import (
 )
 from drivers.opcua.security import ConnectOptions, Unreachable, abandon, bounded, connect, quiet_asyncua
 from drivers.opcua.uahelp import UA_FALSE, UA_TRUE, node_id
+from gateway.backoff import Backoff
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
 from gateway.sample import Quality, Sample, Stream, industrial_metric
@@ -125,26 +125,6 @@ class _Item:
         self.last_t_mono = -math.inf
 
 
-class _Backoff:
-    """Capped, jittered exponential delays for reconnecting."""
-
-    def __init__(self, low: float, high: float) -> None:
-        self.low = low
-        self.high = high
-        self.attempt = 0
-
-    def reset(self) -> None:
-        """Start over after a success."""
-        self.attempt = 0
-
-    def next(self) -> float:
-        """The next delay: low, 2 low, 4 low ... high, each jittered into [d/2, d]."""
-        nominal = min(self.high, self.low * 2.0 ** min(self.attempt, 30))
-        self.attempt += 1
-        # Jitter: gateways that lost one PLC at the same moment do not all come back in step.
-        return nominal / 2 + random.random() * nominal / 2
-
-
 class _Feed(Subscription):
     """A subscription whose publish responses go straight to the driver's hot path.
 
@@ -195,7 +175,7 @@ class OpcUaDriver:
     async def run(self, sink: SampleSink, *, started: Callable[[], None]) -> None:
         """Connect, verify, stream; reconnect on any loss until cancelled (see the module docstring)."""
         self._sink = sink
-        backoff = _Backoff(self._cfg.reconnect_min_s, self._cfg.reconnect_max_s)
+        backoff = Backoff(self._cfg.reconnect_min_s, self._cfg.reconnect_max_s)
         has_started = False
         down_since: float | None = None
         down_reason = ""

@@ -25,6 +25,7 @@ from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from drivers.opcua.config import OpcUaConfig, is_loopback
 from drivers.opcua.pki import Pki
 from drivers.opcua.protocol import endpoint_display, status_token
+from gateway.cleanup import finish_shielded
 from gateway.errors import AuthError, ConfigError
 
 _T = TypeVar("_T")
@@ -276,11 +277,9 @@ async def abandon(client: Client) -> None:
     """Close a client's session and socket, shielded and bounded by CLOSE_DEADLINE_S."""
     task = asyncio.create_task(_disconnect_quietly(client), name="opcua:disconnect")
     try:
-        async with asyncio.timeout(CLOSE_DEADLINE_S):
-            await asyncio.shield(task)
-    except TimeoutError:
-        client.disconnect_socket()
-        task.cancel()
+        await finish_shielded(task, CLOSE_DEADLINE_S, who="opcua: disconnect")
+    finally:
+        client.disconnect_socket()  # idempotent: also after a disconnect that was abandoned
 
 
 class _LinkNoise(logging.Filter):

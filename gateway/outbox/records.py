@@ -1,0 +1,154 @@
+"""What goes into and comes out of the outbox: records, lanes' budgets and policies, statistics."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.contracts import Lane
+
+MiB = 1024 * 1024
+_DAY_S = 86_400.0
+
+
+class FullPolicy(enum.Enum):
+    """What a lane does when it is over its byte or age budget."""
+
+    NEVER_DROP = "never_drop"  # keep everything, even past the total budget (alarms)
+    DROP_OLDEST = "drop_oldest"  # delete the oldest records that are not leased
+    DROP_NEWEST = "drop_newest"  # refuse the newest incoming records
+
+
+class DropReason(enum.StrEnum):
+    """Why records left the outbox without an acknowledgement."""
+
+    BUDGET = "budget"  # over the lane's byte budget or the outbox's total budget
+    AGE = "age"  # older than the lane's age budget
+    CORRUPT = "corrupt"  # in a database or log that was damaged, replaced or set aside
+    DISK_FULL = "disk_full"  # refused while the disk was full (alarms are kept, never refused)
+    QUEUE_FULL = "queue_full"  # refused because the in-memory queue was over its byte bound
+    OVERSIZE = "oversize"  # larger than the broker or profile takes, and not moved to dead letters
+    DEAD_LETTER = "dead_letter"  # moved to the dead-letter table: kept on disk for inspection
+
+
+@dataclass(frozen=True, slots=True)
+class OutItem:
+    """A record going into the outbox."""
+
+    lane: Lane
+    topic: str  # relative topic, already anonymized, e.g. "features/k3j2..."
+    payload: bytes
+    t_wall: float  # creation time (epoch s), used for the age budget
+
+
+@dataclass(frozen=True, slots=True)
+class Leased:
+    """A record handed to the uplink; it stays in the outbox until acknowledged."""
+
+    id: int
+    lane: Lane
+    topic: str
+    payload: bytes
+    t_wall: float
+    attempts: int  # how many times this process leased it before (0 on the first lease)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneBudget:
+    """How much one lane may hold and what happens beyond that."""
+
+    max_bytes: int | None  # None = unbounded for this lane
+    max_age_s: float | None  # None = never ages out
+    policy: FullPolicy
+
+
+DEFAULT_BUDGETS: Mapping[Lane, LaneBudget] = {
+    Lane.ALARMS: LaneBudget(None, None, FullPolicy.NEVER_DROP),
+    Lane.FEATURES: LaneBudget(192 * MiB, 7 * _DAY_S, FullPolicy.DROP_OLDEST),
+    Lane.DIAGNOSTICS: LaneBudget(16 * MiB, 2 * _DAY_S, FullPolicy.DROP_NEWEST),
+}
+DEFAULT_TOTAL_MAX_BYTES = 256 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStats:
+    """The state of one lane."""
+
+    queued: int  # un-acknowledged records, leased ones included
+    queued_bytes: int  # payload plus topic bytes
+    oldest_age_s: float | None  # age of the lane's head record, None when the lane is empty
+    leased: int
+    dropped: Mapping[str, int]  # by DropReason, since this database file was created
+
+
+@dataclass(frozen=True, slots=True)
+class LossEvent:
+    """A recovery that may have lost committed records: the sequence goes on in a new epoch."""
+
+    prev_epoch: int
+    epoch: int
+    last_id: int  # the highest id the old epoch was known to have assigned (0 when unknown)
+    lost: Mapping[str, int]  # records lost, by lane name (counted as "corrupt" drops too)
+    why: str
+    t_wall: float
+
+    def as_dict(self) -> dict[str, object]:
+        """The event as JSON-ready data (state file, status topic)."""
+        return {
+            "prev_ep": self.prev_epoch,
+            "ep": self.epoch,
+            "last": self.last_id,
+            "lost": dict(self.lost),
+            "why": self.why,
+            "t": round(self.t_wall, 3),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> LossEvent:
+        """Read back what :meth:`as_dict` wrote (ValueError/TypeError/KeyError when it is not that)."""
+        lost = data["lost"]
+        if not isinstance(lost, Mapping):
+            raise TypeError("lost is not a mapping")
+        return cls(
+            int(str(data["prev_ep"])),
+            int(str(data["ep"])),
+            int(str(data["last"])),
+            {str(k): int(str(v)) for k, v in lost.items()},
+            str(data["why"]),
+            float(str(data["t"])),
+        )
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """A snapshot of the outbox for health reports and tests."""
+
+    lanes: Mapping[Lane, LaneStats]
+    total_bytes: int
+    recovered_from: tuple[Path, ...]  # files this process set aside as corrupt
+    epoch: int = 0
+    losses: tuple[LossEvent, ...] = ()  # recoveries that lost records, oldest first (the last few)
+    degraded: str | None = None  # why the outbox is refusing lower lanes (a full disk), None when not
+    dead_letters: int = 0  # records kept in the dead-letter table
+
+    @property
+    def queued(self) -> int:
+        """Un-acknowledged records in all lanes."""
+        return sum(s.queued for s in self.lanes.values())
+
+    @property
+    def dropped(self) -> Mapping[Lane, Mapping[str, int]]:
+        """Dropped records per lane and reason."""
+        return {lane: s.dropped for lane, s in self.lanes.items()}
+
+    @property
+    def dropped_total(self) -> int:
+        """Dropped records of every lane and reason."""
+        return sum(sum(s.dropped.values()) for s in self.lanes.values())
+
+
+def record_size(item: OutItem) -> int:
+    """The bytes a record counts against its budgets: payload plus UTF-8 topic."""
+    return len(item.payload) + len(item.topic.encode())
