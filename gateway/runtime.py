@@ -38,7 +38,7 @@ from gateway.notify import Notifier
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
 from gateway.sample import Sample, SampleBlock
-from gateway.supervisor import EXIT_CONFIG, Group, Supervisor, Unit
+from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, Group, Supervisor, Unit
 
 log = logging.getLogger(__name__)
 
@@ -501,7 +501,15 @@ async def _supervise(
         async def run_source(started: Callable[[], None], driver: Any = driver) -> None:
             await driver.run(pipeline.sink, started=started)
 
-        sup.add(Unit(f"source:{entry.info.name}", Group.SOURCES, run_source))
+        sup.add(
+            Unit(
+                f"source:{entry.info.name}",
+                Group.SOURCES,
+                run_source,
+                pulse=getattr(driver, "pulse", None),  # drivers that report liveness
+                backoff=DEVICE_BACKOFF,
+            )
+        )
 
     def summary() -> str:
         return f"outbox pending {outbox.pending}, delivered {getattr(uplink, 'delivered', 0)}"

@@ -1,0 +1,49 @@
+"""Liveness end to end: ``edgetwin run`` with a source that hangs on purpose, under a test-owned watchdog."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from test_e2e import SOURCE_NAMES, NotifySocket, _config, _records, _start, _stop, notify
+
+pytestmark = pytest.mark.slow
+
+__all__ = ["notify"]  # the fixture, shared with the end-to-end tests
+
+
+def test_a_hanging_source_is_restarted_while_the_watchdog_pings_go_on(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    proc = _start(
+        _config(tmp_path, stall="hang = { at_s = 3.0, duration_s = 600.0 }"), notify, watchdog_usec=1_000_000
+    )
+    try:
+        notify.wait_for("READY=1", 20)
+        deadline = time.monotonic() + 14
+        while time.monotonic() < deadline:
+            notify.poll(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    finally:
+        stderr = _stop(proc)
+    pings = notify.pings()
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert len(pings) > 30
+    # The period is a quarter of the 1 s watchdog; the hung source never held the pings back.
+    assert max(gaps) < 0.75, max(gaps)
+    assert f"unit source:{SOURCE_NAMES[0]} stalled" in stderr
+    assert f"unit source:{SOURCE_NAMES[0]} recovered" in stderr
+    assert stderr.count(f"sim {SOURCE_NAMES[0]}: streaming") == 2  # restarted once, the process not
+    heart = [
+        bool(s.get("gap"))
+        for r in _records(tmp_path / "out.jsonl")
+        if r["record"]["type"] == "features"
+        for s in r["record"]["streams"]
+        if s["metric"] == "MDC_ECG_HEART_RATE"
+    ]
+    assert any(heart)  # the hang shows as gaps ...
+    assert heart[-3:] == [False, False, False]  # ... and the restarted source delivers again
