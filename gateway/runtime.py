@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from gateway import logs
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config
 from gateway.contracts import (
@@ -120,7 +121,9 @@ class Pipeline:
         """Seal and queue an alarm now; it never waits for a window."""
         # Sensor alarms are logged by the windower or driver that raised them; anomalies here.
         if alarm.kind == AlarmKind.ANOMALY:
-            log.warning("anomaly on %s: %s", alarm.subject, dict(alarm.detail))
+            log.warning(
+                "anomaly on %s: %s", self._anon.log_label("subject", alarm.subject), dict(alarm.detail)
+            )
         self._submit(lambda: self._anon.alarm(alarm))
 
     def diagnostic(self, diagnostic: Diagnostic) -> None:
@@ -345,11 +348,17 @@ def _failing(error: ConfigError) -> Callable[[Callable[[], None]], Coroutine[Any
 #: ports, endpoints). They are registered with the anonymizer before the first sample, so a
 #: diagnostic sent before any window cannot carry one.
 IDENTITY_KEYS = frozenset({"device", "address", "port", "endpoint", "node_id", "serial", "url", "link"})
+DEVICE_KEYS = frozenset({"device", "address", "serial"})  # of these, the ones naming a device
 
 
 def driver_identities(config: Any) -> list[str]:
     """The identity strings in a driver's config (see :data:`IDENTITY_KEYS`), at any depth."""
-    found: list[str] = []
+    return [value for _, value in driver_identity_items(config)]
+
+
+def driver_identity_items(config: Any) -> list[tuple[str, str]]:
+    """The identities in a driver's config with the key each was found under."""
+    found: list[tuple[str, str]] = []
 
     def walk(value: Any, key: str | None) -> None:
         if isinstance(value, Mapping):
@@ -359,7 +368,7 @@ def driver_identities(config: Any) -> list[str]:
             for v in value:
                 walk(v, key)
         elif isinstance(value, str | Path) and key in IDENTITY_KEYS and len(str(value)) >= 4:
-            found.append(str(value))
+            found.append((key, str(value)))
 
     walk(config.model_dump() if hasattr(config, "model_dump") else config, None)
     return found
@@ -402,6 +411,17 @@ async def run_gateway(
         coarsen_s=core.privacy.coarsen_s,
         local_identities=identities,
     )
+    # Logs name subjects by pseudonym and devices by source; see gateway.logs.
+    anonymizer.on_identity = logs.register_identity
+    logs.register_identity(core.gateway.name, anonymizer.log_label("gateway", core.gateway.name))
+    for entry in config.sources:
+        logs.register_identity(entry.info.subject, anonymizer.log_label("subject", entry.info.subject))
+        for field_name, identity in driver_identity_items(entry.config):
+            # A device by the pseudonym its records carry; a port or an endpoint by its source.
+            label = f"{entry.info.name}.{field_name}"
+            if field_name in DEVICE_KEYS:
+                label = anonymizer.log_label("device", identity)
+            logs.register_identity(identity, label)
     outbox_path: Path = core.outbox_path
     budgets = budgets_for(config)
     total = int(core.outbox.max_mb * 1024 * 1024)
