@@ -458,7 +458,10 @@ async def _supervise(
 ) -> int:
     core = config.core
     try:
-        models = build_models(
+        # Loading model files and importing drivers take a while: in threads, so no callback of
+        # the loop (the watchdog's included) waits on them.
+        models = await asyncio.to_thread(
+            build_models,
             core.models,
             hop_s=core.pipeline.hop_s,
             window_s=core.pipeline.window_s,
@@ -510,7 +513,7 @@ async def _supervise(
             log.info("source %s is disabled in the config", entry.info.name)
             continue
         try:
-            driver: Any = registry[entry.driver].factory(entry.info, entry.config)
+            driver: Any = await asyncio.to_thread(registry[entry.driver].factory, entry.info, entry.config)
         except ConfigError as exc:
             # One source's mistake: that source is marked failed, the others run.
             sup.add(Unit(f"source:{entry.info.name}", Group.SOURCES, _failing(exc)))

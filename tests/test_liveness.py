@@ -32,11 +32,11 @@ def test_a_hanging_source_is_restarted_while_the_watchdog_pings_go_on(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
     proc = _start(
-        _config(tmp_path, stall="hang = { at_s = 3.0, duration_s = 600.0 }"), notify, watchdog_usec=1_000_000
+        _config(tmp_path, stall="hang = { at_s = 1.0, duration_s = 600.0 }"), notify, watchdog_usec=1_000_000
     )
     try:
         notify.wait_for("READY=1", 20)
-        deadline = time.monotonic() + 14
+        deadline = time.monotonic() + 11
         while time.monotonic() < deadline:
             notify.poll(0.1)
         proc.send_signal(signal.SIGTERM)
@@ -68,7 +68,7 @@ def _scan_run(tmp_path: Path, notify: NotifySocket, extra: str) -> str:
     proc = _start(config, notify, watchdog_usec=0)
     try:
         notify.wait_for("READY=1", 20)
-        deadline = time.monotonic() + 6
+        deadline = time.monotonic() + 3.5
         while time.monotonic() < deadline:
             notify.poll(0.2)
         proc.send_signal(signal.SIGTERM)
