@@ -504,7 +504,16 @@ async def _supervise(
         await asyncio.Event().wait()
 
     sup.add(Unit("outbox", Group.OUTBOX, hold_outbox, critical=True, heartbeat=lambda: outbox.last_beat))
-    sup.add(Unit("uplink", Group.UPLINK, uplink.run, heartbeat=lambda: uplink.last_beat, stale_after_s=30.0))
+    sup.add(
+        Unit(
+            "uplink",
+            Group.UPLINK,
+            uplink.run,
+            heartbeat=lambda: uplink.last_beat,
+            stale_after_s=30.0,
+            pulse=getattr(uplink, "pulse", None),  # an uplink that declares its bounded waits
+        )
+    )
     sup.add(
         Unit("pipeline", Group.PIPELINE, pipeline.run, critical=True, heartbeat=lambda: pipeline.last_beat)
     )

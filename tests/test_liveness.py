@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +26,8 @@ from test_e2e import (
     _stop,
     notify,
 )
+
+from gateway.uplink.certs import demo_pki
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +100,80 @@ def test_logs_carry_no_identity_unless_enabled(tmp_path: Path, notify: NotifySoc
     stderr = _scan_run(tmp_path, notify, "identities = true")
     assert "logging.identities is on" in stderr
     assert BED_MAC in stderr
+
+
+class HangingBroker:
+    """Accepts TCP connections and never answers: a broker (or a middlebox) that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test:hanging-broker", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = self.sock.accept()
+                self.accepted += 1
+                self._held.append(conn)  # held open, never read or answered
+
+    def __enter__(self) -> HangingBroker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for conn in self._held:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.mark.campaign
+def test_watchdog_pings_never_stop_while_the_broker_hangs(tmp_path: Path, notify: NotifySocket) -> None:
+    """A broker that accepts TCP and hangs, with a 10 s connect timeout, for 5 minutes."""
+    run_s = float(os.environ.get("EDGETWIN_CAMPAIGN_HANG_S", "300"))
+    pki = demo_pki(tmp_path / "pki")
+    with HangingBroker() as broker:
+        config = _config(tmp_path)
+        text = config.read_text().replace(
+            f'[uplink]\nkind = "local"\npath = "{tmp_path / "out.jsonl"}"',
+            f"""[uplink]
+kind = "mqtt"
+
+[uplink.mqtt]
+host = "127.0.0.1"
+port = {broker.port}
+ca_file = "{pki.ca_file}"
+cert_file = "{pki.gateway.cert}"
+key_file = "{pki.gateway.key}"
+connect_timeout_s = 10.0
+reconnect_min_s = 1.0
+reconnect_max_s = 10.0""",
+        )
+        assert 'kind = "mqtt"' in text
+        config.write_text(text)
+        proc = _start(config, notify, watchdog_usec=2_000_000)
+        try:
+            notify.wait_for("READY=1", 30)
+            deadline = time.monotonic() + run_s
+            while time.monotonic() < deadline:
+                notify.poll(0.2)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        finally:
+            stderr = _stop(proc)
+        accepted = broker.accepted
+    pings = notify.pings()
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    print(
+        f"{len(pings)} pings over {run_s:g} s, longest gap {max(gaps):.2f} s, {accepted} connections accepted"
+    )
+    print("\n".join(line for line in stderr.splitlines() if "uplink" in line)[-3000:])
+    assert accepted >= 2  # the uplink kept trying
+    assert pings[-1] - pings[0] >= run_s - 5
+    assert max(gaps) < 2.0  # WatchdogSec=2 s here: systemd would never have aborted the gateway

@@ -7,6 +7,7 @@ replug to the driver's "device back" line, stamped as it arrives on the gateway'
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from test_e2e import NotifySocket
 
 from drivers.serial.sim import PtyOximeter, VitalsModel
+from firmware_bridge.build import build_sim_node
 
 pytestmark = pytest.mark.slow
 
@@ -126,6 +128,14 @@ def replug_latencies(
     """Run the gateway through (unplugged for, then healthy for) steps; time to first data after each."""
     gw = Gateway(_config(tmp_path, Path(sim.path)), notify)
     latencies: list[float] = []
+    done = threading.Event()
+
+    def collect() -> None:  # stamps each ping as it arrives
+        while not done.is_set():
+            notify.poll(0.05)
+
+    collector = threading.Thread(target=collect, name="test:notify", daemon=True)
+    collector.start()
     try:
         gw.wait_line("open at", 0.0, 30)
         time.sleep(1.0)
@@ -136,10 +146,14 @@ def replug_latencies(
             sim.replug()
             latencies.append(gw.wait_line(BACK, t_replug, 30) - t_replug)
             time.sleep(healthy_s)
-            notify.poll(0.0)
     finally:
         code = gw.stop()
+        done.set()
+        collector.join(timeout=5)
     assert code == 0, "\n".join(line for _, line in gw.lines[-30:])
+    gaps = [b - a for a, b in itertools.pairwise(notify.pings())]
+    print(f"longest WATCHDOG gap: {max(gaps):.2f} s over {len(gaps)} pings")
+    assert max(gaps) < 2.0  # WATCHDOG_USEC is 2 s: never in danger while the device was away
     return latencies
 
 
@@ -159,4 +173,86 @@ def test_replug_loop_with_two_replugs_within_60_s(
     plan = [(10.0, 8.0), (3.0, 6.0), (1.0, 2.0), (15.0, 5.0), (0.5, 10.0), (5.0, 1.0)]
     latencies = replug_latencies(tmp_path, notify, oximeter, plan)
     print("time to first data after replug:", [round(x, 2) for x in latencies])
+    assert max(latencies) <= 2.0, latencies
+
+
+class SimNode:
+    """The C node simulator behind a stable link; ``reset`` stops the process and starts it again."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.binary = build_sim_node()
+        self.link = tmp / "usb-motor7-if00"
+        self.flash = tmp / "flash.bin"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> float:
+        """Start the node; the monotonic time it is sending (its pty is up)."""
+        args = [
+            "--flash",
+            str(self.flash),
+            "--node-id",
+            "MOTOR-7731",
+            "--seed",
+            "5",
+            "--link",
+            str(self.link),
+        ]
+        self.proc = subprocess.Popen(
+            [str(self.binary), *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("PTY "), line
+        return time.monotonic()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.proc = None
+
+
+@pytest.mark.campaign
+def test_mcu_node_resets_in_quick_succession(tmp_path: Path, notify: NotifySocket) -> None:
+    node = SimNode(tmp_path)
+    node.start()
+    config = _config(tmp_path, node.link)
+    text = config.read_text()
+    head = text[: text.index("[[sources]]")]
+    config.write_text(
+        head
+        + f"""[[sources]]
+name = "motor7-adc"
+driver = "mcu"
+subject = "plant-A/motor-7"
+kind = "industrial"
+port = "{node.link}"
+silence_s = 1.0
+"""
+    )
+    gw = Gateway(config, notify)
+    latencies: list[float] = []
+    # (off for, then running for): resets in quick succession, and a 10 s outage 20 s after one.
+    plan = [(0.2, 20.0), (10.0, 3.0), (0.2, 3.0), (0.2, 20.0), (10.0, 5.0)]
+    try:
+        gw.wait_line("connected on", 0.0, 30)
+        time.sleep(2.0)
+        for off_s, running_s in plan:
+            node.stop()
+            time.sleep(off_s)
+            t_boot = node.start()
+            latencies.append(gw.wait_line("connected on", t_boot, 30) - t_boot)
+            time.sleep(running_s)
+    finally:
+        code = gw.stop()
+        node.stop()
+    assert code == 0
+    print("time to the node's handshake after each reset:", [round(x, 2) for x in latencies])
+    assert "MOTOR-7731" not in "\n".join(line for _, line in gw.lines)  # the node id stays out of the log
     assert max(latencies) <= 2.0, latencies

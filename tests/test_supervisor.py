@@ -15,7 +15,7 @@ import pytest
 from gateway.errors import AuthError, ConfigError, TransientError
 from gateway.liveness import WAIT_GRACE_S, Pulse
 from gateway.notify import Notifier
-from gateway.supervisor import EXIT_CONFIG, Backoff, Group, Supervisor, Unit, UnitState
+from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, Backoff, Group, Supervisor, Unit, UnitState
 
 FAST = Backoff(base_s=0.01, cap_s=0.05, auth_s=5.0, healthy_after_s=60.0)
 
@@ -362,3 +362,50 @@ def test_no_ready_while_a_critical_unit_is_down(receiver: Receiver, notifier: No
 
     assert asyncio.run(main()) == 1
     assert not any(m.startswith("READY=1") for m in receiver.drain())
+
+
+def test_device_backoff_polls_an_absent_device_and_slows_a_flapping_one() -> None:
+    b = DEVICE_BACKOFF
+    # Away (never started): polled at least every second, however long it stays away.
+    assert all(b.delay(TransientError("absent"), attempt) <= b.cap_s for attempt in range(1, 200))
+    # Started and dropped within the healthy period again and again: ever slower, up to the flap cap.
+    flapping = [
+        b.delay(TransientError("dropped"), attempt, flaps) for attempt, flaps in ((3, 2), (5, 4), (9, 8))
+    ]
+    nominal = [min(30.0, 0.25 * 2**f) for f in (2, 4, 8)]
+    assert all(n / 2 <= d <= n for d, n in zip(flapping, nominal, strict=True))
+    assert b.delay(TransientError("dropped"), 9, 8) >= 15.0
+    # The default backoff (uplink, pipeline) knows nothing of flaps.
+    assert Backoff().delay(TransientError("x"), 1, flaps=5) <= 1.0
+
+
+def test_a_glitch_after_a_healthy_run_is_retried_fast_a_flapping_unit_slower() -> None:
+    scaled = Backoff(base_s=0.01, cap_s=0.04, healthy_after_s=0.3, flap_cap_s=2.0)
+    runs: dict[str, list[float]] = {"glitch": [], "flap": []}
+
+    def unit(name: str, ran_s: float) -> Callable[[Callable[[], None]], Coroutine[Any, Any, None]]:
+        async def run(started: Callable[[], None]) -> None:
+            runs[name].append(time.monotonic())
+            started()
+            await asyncio.sleep(ran_s)
+            raise TransientError(f"{name}: device dropped")
+
+        return run
+
+    async def main() -> None:
+        sup = Supervisor(Notifier(None), backoff=FAST)
+        sup.add(Unit("glitch", Group.SOURCES, unit("glitch", 0.35), backoff=scaled))
+        sup.add(Unit("flap", Group.SOURCES, unit("flap", 0.02), backoff=scaled))
+        asyncio.get_running_loop().call_later(2.5, sup.request_stop)
+        await sup.run(_nothing_to_drain, 1.0)
+
+    asyncio.run(main())
+    glitch_waits = [b - a - 0.35 for a, b in itertools.pairwise(runs["glitch"])]
+    flap_waits = [b - a - 0.02 for a, b in itertools.pairwise(runs["flap"])]
+    # Each glitch came after a healthy run: retried at the first, fast delay every time.
+    assert len(glitch_waits) >= 4
+    assert max(glitch_waits) < 0.1
+    # The flapping unit: fast at first, then each wait longer (0.04, 0.08, 0.16, ... s nominal).
+    assert flap_waits[0] < 0.1
+    assert flap_waits[-1] > 0.3
+    assert len(flap_waits) < 12
