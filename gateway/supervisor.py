@@ -129,15 +129,17 @@ class Unit:
     failures: int = 0
     retry_at: float = 0.0
     stall_restarts: int = 0  # restarts for a stall since the unit last showed life after one
+    attempting: bool = False  # an attempt runs (not in a backoff sleep, not stopped)
     first_outcome: asyncio.Event = field(default_factory=asyncio.Event)
 
     def stale_reason(self, now: float) -> str | None:
-        """Why this running unit counts as stalled, or None (alive, or it reports no liveness)."""
-        if self.state != UnitState.RUNNING:
+        """Why this unit counts as stalled, or None (alive, between attempts, or reports no liveness)."""
+        if not self.attempting:
             return None
         if self.pulse is not None:
+            # Judged from the attempt's start (a connect that hangs before started() is stalled too).
             return self.pulse.stale_reason(now)
-        if self.heartbeat is not None:
+        if self.heartbeat is not None and self.state == UnitState.RUNNING:
             return stale_reason(self.heartbeat(), self.stale_after_s, now)
         return None
 
@@ -370,6 +372,9 @@ class Supervisor:
 
         task = asyncio.create_task(run(), name=f"unit:{unit.name}:run")
         begun = time.monotonic()
+        if unit.pulse is not None:
+            unit.pulse.beat()  # starting an attempt is progress
+        unit.attempting = True
         try:
             while True:
                 due = time.monotonic() + STALL_CHECK_S
@@ -414,6 +419,8 @@ class Supervisor:
             # Bounded: a unit that ignores cancellation must not hold the stop forever.
             await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
             raise
+        finally:
+            unit.attempting = False
 
     def stale_units(self, now: float | None = None) -> list[str]:
         """Names of running units that neither progress nor wait within a declared bound."""

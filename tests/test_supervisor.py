@@ -409,3 +409,29 @@ def test_a_glitch_after_a_healthy_run_is_retried_fast_a_flapping_unit_slower() -
     assert flap_waits[0] < 0.1
     assert flap_waits[-1] > 0.3
     assert len(flap_waits) < 12
+
+
+def test_an_attempt_that_hangs_before_it_started_is_restarted_too() -> None:
+    pulse = Pulse(stale_after_s=0.3)
+    attempts: list[float] = []
+
+    async def connect_hangs_once(started: Callable[[], None]) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            await asyncio.Event().wait()  # a connect with no timeout, before started()
+        while True:
+            pulse.beat()
+            started()
+            await asyncio.sleep(0.02)
+
+    async def main() -> Supervisor:
+        sup = Supervisor(Notifier(None), backoff=FAST, start_timeout_s=0.1)
+        sup.add(Unit("src", Group.SOURCES, connect_hangs_once, pulse=pulse))
+        asyncio.get_running_loop().call_later(2.0, sup.request_stop)
+        await sup.run(_nothing_to_drain, 1.0)
+        return sup
+
+    sup = asyncio.run(main())
+    assert len(attempts) == 2
+    assert 0.3 <= attempts[1] - attempts[0] <= 1.5
+    assert sup.units[0].failures == 0  # running since its restart
