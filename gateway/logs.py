@@ -45,8 +45,8 @@ class IdentityRedactor:
         self.enabled = True
 
     def add(self, identity: str, label: str) -> None:
-        """Name ``identity`` as ``label`` in logs (its compact form too: ``A4C1...`` for ``A4:C1:...``)."""
-        forms = {identity, re.sub(r"[:\-\s.]", "", identity)}
+        """Name ``identity`` as ``label`` in logs, in its compact (``A4C1...``) and D-Bus (``A4_C1_...``) forms too."""
+        forms = {identity, re.sub(r"[:\-\s.]", "", identity), re.sub(r"[:\-]", "_", identity)}
         with self._lock:
             fresh = False
             for form in forms:

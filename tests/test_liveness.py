@@ -7,6 +7,8 @@ import itertools
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from test_e2e import (
     PATIENT_ID,
     PUMP_ID,
     PUMP_SERIAL,
+    ROOT,
     SOURCE_NAMES,
     NotifySocket,
     _config,
@@ -27,6 +30,7 @@ from test_e2e import (
     notify,
 )
 
+from gateway import demo
 from gateway.uplink.certs import demo_pki
 
 pytestmark = pytest.mark.slow
@@ -177,3 +181,34 @@ reconnect_max_s = 10.0""",
     assert accepted >= 2  # the uplink kept trying
     assert pings[-1] - pings[0] >= run_s - 5
     assert max(gaps) < 2.0  # WatchdogSec=2 s here: systemd would never have aborted the gateway
+
+
+@pytest.mark.campaign
+def test_a_demo_run_with_every_driver_logs_no_identity() -> None:
+    """The demo starts every simulator this machine can run; its log at the default level is scanned."""
+    from drivers.ble.testbed.harness import DEMO_ADDRESS  # noqa: PLC0415 - the optional BLE extra
+
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "demo", "--duration", "20"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr
+    assert "gateway ready" in log
+    identifiers = [
+        demo.PATIENT,
+        "patient-MRN-0051177",  # the sim patient's subject in demo.BASE_CONFIG
+        "A4:C1:38:5B:20:7E",  # its device
+        DEMO_ADDRESS,  # the BLE strap
+        "0000056661",  # the oximeter's serial number, reported by the device
+        "SIM-MOTOR-7",  # the MCU node's id
+        "demo-gateway",
+    ]
+    for identifier in identifiers:
+        for form in _forms(identifier):
+            assert form not in log, f"{identifier!r} logged as {form!r}"
+    assert "device~" in log

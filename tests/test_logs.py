@@ -37,8 +37,10 @@ def _record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
 
 def test_every_form_of_a_known_identity_is_replaced(redactor: IdentityRedactor) -> None:
     redactor.add(MAC, "strap.device")
-    text = redactor(f"a {MAC} b {MAC.lower()} c {MAC.replace(':', '')} d")
-    assert text == "a strap.device b strap.device c strap.device d"
+    text = redactor(
+        f"a {MAC} b {MAC.lower()} c {MAC.replace(':', '')} d /org/bluez/hci0/dev_{MAC.replace(':', '_')}"
+    )
+    assert text == "a strap.device b strap.device c strap.device d /org/bluez/hci0/dev_strap.device"
     assert redactor("no identity here") == "no identity here"
     redactor.add("abc", "too-short")  # would blank ordinary words: ignored
     assert redactor("abcdef") == "abcdef"
