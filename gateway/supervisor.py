@@ -473,8 +473,15 @@ class Supervisor:
             if u.state == UnitState.BACKOFF
         ]
         failed = [u.name for u in self._units if u.state == UnitState.FAILED]
+        waiting = [
+            f"{u.name} ({u.pulse.wait})"
+            for u in self._units
+            if u.attempting and u.pulse is not None and u.pulse.wait is not None
+        ]
         if retrying:
             parts.append("retrying: " + ", ".join(retrying))
+        if waiting:
+            parts.append("waiting: " + ", ".join(waiting))
         if failed:
             parts.append("failed (see log): " + ", ".join(failed))
         extra = self.summary()

@@ -145,7 +145,7 @@ def _run_and_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, full: boo
 
 def test_no_callback_over_50_ms_with_key_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast subset: synthetic patient, serial oximeter, OPC UA with security, models."""
-    _run_and_check(tmp_path, monkeypatch, full=False, run_s=6.0)
+    _run_and_check(tmp_path, monkeypatch, full=False, run_s=4.0)
 
 
 @pytest.mark.campaign

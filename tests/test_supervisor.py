@@ -289,6 +289,27 @@ def test_pulse_bounded_waits_and_progress() -> None:
     assert pulse.last_beat >= t0  # leaving the wait is progress
 
 
+def test_status_names_what_a_unit_waits_for() -> None:
+    pulse = Pulse()
+
+    async def connecting(started: Callable[[], None]) -> None:
+        started()
+        with pulse.waiting("connecting to broker", 10.0):
+            await asyncio.Event().wait()
+
+    async def main() -> str:
+        sup = Supervisor(Notifier(None), backoff=FAST)
+        sup.add(Unit("uplink", Group.UPLINK, connecting, pulse=pulse))
+        task = asyncio.create_task(sup.run(_nothing_to_drain, 1.0), name="test:supervisor")
+        await asyncio.sleep(0.2)
+        line = sup.status_line()
+        sup.request_stop()
+        await task
+        return line
+
+    assert "waiting: uplink (connecting to broker)" in asyncio.run(main())
+
+
 def test_drain_is_cut_at_the_deadline() -> None:
     async def slow_drain(deadline: float) -> None:
         await asyncio.sleep(10)
