@@ -213,6 +213,8 @@ class Anonymizer:
         self._forms: set[bytes] = set()
         self._folded: set[bytes] = set()  # lower-cased text and hex forms, for the case-blind scan
         self._registered: set[str] = set()
+        # Told (identity, log label) the first time a subject or device is seen: the log redactor.
+        self.on_identity: Callable[[str, str], None] | None = None
         self.dropped = 0  # records refused because they could not be proven anonymous
         for identity in (socket.gethostname(), *local_identities):
             self.register(identity)
@@ -246,11 +248,19 @@ class Anonymizer:
             return math.floor(t_wall / self._coarsen_s) * self._coarsen_s
         return round(t_wall, 3)
 
+    def log_label(self, purpose: str, identity: str) -> str:
+        """How logs name an identity: its purpose and the pseudonym records carry (``subject~k3n...``)."""
+        return f"{purpose}~{self._p(purpose, identity)}"
+
     def _subject(self, subject: str) -> str:
+        if subject not in self._registered and self.on_identity is not None:
+            self.on_identity(subject, self.log_label("subject", subject))
         self.register(subject)
         return self._p("subject", subject)
 
     def _device(self, device: str, source: str) -> str:
+        if device not in self._registered and self.on_identity is not None:
+            self.on_identity(device, self.log_label("device", device))
         self.register(device)
         self.register(source)
         return self._p("device", device)

@@ -94,8 +94,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    logs.setup(args.log_level or config.core.logging.level, args.log_format or config.core.logging.format)
+    cl = config.core.logging
+    logs.setup(args.log_level or cl.level, args.log_format or cl.format, identities=cl.identities)
     log.info("edgetwin %s starting with %s", __version__, args.config)
+    if cl.identities:
+        log.warning(
+            "config %s: logging.identities is on: logs carry raw subject ids, serial numbers and "
+            "addresses: keep them on this gateway, and turn it off when the bench work is done",
+            args.config,
+        )
     try:
         return asyncio.run(run_gateway(config, _registry(), stop_after_s=args.duration))
     except Exception:

@@ -143,6 +143,9 @@ class UplinkSection(ConfigModel):
 class LoggingSection(ConfigModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    # Raw subject ids, serial numbers and addresses in the logs instead of source names and
+    # pseudonyms; for bench work only (a warning says so at start).
+    identities: bool = False
 
 
 class RuntimeSection(ConfigModel):

@@ -3,7 +3,9 @@
 * A **driver** turns one kind of device into :class:`~gateway.sample.Sample` objects:
   ``async run(sink, *, started)`` connects, calls ``started()`` once it delivers data, and streams
   into ``sink`` until cancelled.  It raises :mod:`gateway.errors` types (transient / auth / config)
-  and never sleeps-and-retries on its own: the supervisor owns retry policy.
+  and never sleeps-and-retries on its own: the supervisor owns retry policy.  A driver may expose
+  ``pulse`` (a :class:`gateway.liveness.Pulse`): it beats on progress and declares its bounded
+  waits, and the supervisor restarts it when it does neither (see ``gateway.liveness``).
 * The **sink** is synchronous on purpose: a driver hands samples over without an ``await`` and
   without a queue hop, so per-sample cost stays a function call (see PERFORMANCE.md).
 * **Window records**, **alarms** and **diagnostics** are what the pipeline produces; they still

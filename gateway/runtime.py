@@ -21,6 +21,7 @@ from typing import IO, Any, Literal
 from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
+from gateway import logs
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config
 from gateway.contracts import (
@@ -42,7 +43,7 @@ from gateway.notify import Notifier
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
 from gateway.sample import Quality, Sample, SampleBlock
-from gateway.supervisor import EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
+from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,12 @@ class Pipeline:
         alarm = with_priority(alarm)
         # Sensor alarms are logged by the windower or driver that raised them; anomalies here.
         if alarm.kind in _LOGGED_HERE:
-            log.warning("%s on %s: %s", alarm.kind.value, alarm.subject, dict(alarm.detail))
+            log.warning(
+                "%s on %s: %s",
+                alarm.kind.value,
+                self._anon.log_label("subject", alarm.subject),
+                dict(alarm.detail),
+            )
         self._submit(lambda: self._anon.alarm(alarm))
 
     def driver_alarm(self, alarm: Alarm) -> None:
@@ -352,11 +358,17 @@ def _failing(error: ConfigError) -> Callable[[Callable[[], None]], Coroutine[Any
 #: ports, endpoints). They are registered with the anonymizer before the first sample, so a
 #: diagnostic sent before any window cannot carry one.
 IDENTITY_KEYS = frozenset({"device", "address", "port", "endpoint", "node_id", "serial", "url", "link"})
+DEVICE_KEYS = frozenset({"device", "address", "serial"})  # of these, the ones naming a device
 
 
 def driver_identities(config: Any) -> list[str]:
     """The identity strings in a driver's config (see :data:`IDENTITY_KEYS`), at any depth."""
-    found: list[str] = []
+    return [value for _, value in driver_identity_items(config)]
+
+
+def driver_identity_items(config: Any) -> list[tuple[str, str]]:
+    """The identities in a driver's config with the key each was found under."""
+    found: list[tuple[str, str]] = []
 
     def walk(value: Any, key: str | None) -> None:
         if isinstance(value, Mapping):
@@ -366,7 +378,7 @@ def driver_identities(config: Any) -> list[str]:
             for v in value:
                 walk(v, key)
         elif isinstance(value, str | Path) and key in IDENTITY_KEYS and len(str(value)) >= 4:
-            found.append(str(value))
+            found.append((key, str(value)))
 
     walk(config.model_dump() if hasattr(config, "model_dump") else config, None)
     return found
@@ -409,6 +421,17 @@ async def run_gateway(
         coarsen_s=core.privacy.coarsen_s,
         local_identities=identities,
     )
+    # Logs name subjects by pseudonym and devices by source; see gateway.logs.
+    anonymizer.on_identity = logs.register_identity
+    logs.register_identity(core.gateway.name, anonymizer.log_label("gateway", core.gateway.name))
+    for entry in config.sources:
+        logs.register_identity(entry.info.subject, anonymizer.log_label("subject", entry.info.subject))
+        for field_name, identity in driver_identity_items(entry.config):
+            # A device by the pseudonym its records carry; a port or an endpoint by its source.
+            label = f"{entry.info.name}.{field_name}"
+            if field_name in DEVICE_KEYS:
+                label = anonymizer.log_label("device", identity)
+            logs.register_identity(identity, label)
     outbox_path: Path = core.outbox_path
     budgets = budgets_for(config)
     total = int(core.outbox.max_mb * 1024 * 1024)
@@ -449,7 +472,10 @@ async def _supervise(
 ) -> int:
     core = config.core
     try:
-        models = build_models(
+        # Loading model files and importing drivers take a while: in threads, so no callback of
+        # the loop (the watchdog's included) waits on them.
+        models = await asyncio.to_thread(
+            build_models,
             core.models,
             hop_s=core.pipeline.hop_s,
             window_s=core.pipeline.window_s,
@@ -493,7 +519,16 @@ async def _supervise(
         await asyncio.Event().wait()
 
     sup.add(Unit("outbox", Group.OUTBOX, hold_outbox, critical=True, heartbeat=lambda: outbox.last_beat))
-    sup.add(Unit("uplink", Group.UPLINK, uplink.run, heartbeat=lambda: uplink.last_beat, stale_after_s=30.0))
+    sup.add(
+        Unit(
+            "uplink",
+            Group.UPLINK,
+            uplink.run,
+            heartbeat=lambda: uplink.last_beat,
+            stale_after_s=30.0,
+            pulse=getattr(uplink, "pulse", None),  # an uplink that declares its bounded waits
+        )
+    )
     sup.add(
         Unit("pipeline", Group.PIPELINE, pipeline.run, critical=True, heartbeat=lambda: pipeline.last_beat)
     )
@@ -502,7 +537,7 @@ async def _supervise(
             log.info("source %s is disabled in the config", entry.info.name)
             continue
         try:
-            driver: Any = registry[entry.driver].factory(entry.info, entry.config)
+            driver: Any = await asyncio.to_thread(registry[entry.driver].factory, entry.info, entry.config)
         except ConfigError as exc:
             # One source's mistake: that source is marked failed, the others run.
             sup.add(Unit(f"source:{entry.info.name}", Group.SOURCES, _failing(exc)))
@@ -513,7 +548,15 @@ async def _supervise(
         async def run_source(started: Callable[[], None], driver: Any = driver) -> None:
             await driver.run(pipeline.sink, started=started)
 
-        sup.add(Unit(f"source:{entry.info.name}", Group.SOURCES, run_source))
+        sup.add(
+            Unit(
+                f"source:{entry.info.name}",
+                Group.SOURCES,
+                run_source,
+                pulse=getattr(driver, "pulse", None),  # drivers that report liveness
+                backoff=DEVICE_BACKOFF,
+            )
+        )
 
     def summary() -> str:
         health = outbox.health()

@@ -13,8 +13,17 @@ What a failure means is decided by the error's class (``gateway.errors``):
   *critical* (the outbox, the pipeline), in which case the daemon stops with exit code 78;
 * anything else is a bug: logged with its traceback, then treated as transient.
 
-WATCHDOG=1 is sent only while the event loop turns (the sender is a task on it) and every unit
-with a heartbeat has beaten recently, so a blocked loop or a wedged stage gets the service restarted.
+Liveness (``gateway.liveness``): a unit is alive while it makes progress or waits inside a bound
+it declared; a reconnect loop that keeps trying is alive.  A unit that is neither is *stalled*: the
+supervisor cancels that unit alone and restarts it with its backoff.  WATCHDOG=1 is sent whenever
+the event loop turns (the sender is a task on it), so only a blocked loop stops the pings - and a
+critical unit (outbox, pipeline) still stalled right after its restart, which nothing inside the
+process can mend, so the service manager restarts the process.
+
+Device units get their own backoff (:data:`DEVICE_BACKOFF`): a device that is away is polled
+quickly, so it delivers within a second or two of coming back; a device that drops again soon after
+each start is flapping and is retried ever more slowly; one glitch after a short healthy run starts
+the count over.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from typing import Any
 
 from gateway import backoff
 from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
+from gateway.liveness import Pulse, stale_reason
 from gateway.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -79,12 +89,34 @@ class Backoff:
     auth_s: float = 300.0
     # A unit that ran this long after starting is healthy again: its backoff starts over.
     healthy_after_s: float = 60.0
+    # Runs that ended before ``healthy_after_s`` in a row (flaps) grow the delay up to this cap.
+    flap_cap_s: float | None = None
 
-    def delay(self, error: BaseException, attempt: int) -> float:
-        """Seconds to wait before the next attempt after ``error`` (attempt counts from 1)."""
+    def delay(self, error: BaseException, attempt: int, flaps: int = 0) -> float:
+        """Seconds to wait before the next attempt after ``error`` (attempt counts from 1).
+
+        ``flaps`` counts the runs in a row that started and then failed before ``healthy_after_s``.
+        """
         if isinstance(error, AuthError):
             return backoff.jittered(self.auth_s)
+        if self.flap_cap_s is not None and flaps >= 2:
+            # Started and dropped again and again: a bad cable or a device at the edge of range.
+            # Reconnecting at once would flap alarms and logs; slow down, up to flap_cap_s.
+            return backoff.jittered(min(self.flap_cap_s, self.base_s * 2 ** min(flaps, 30)))
         return backoff.delay(attempt, self.base_s, self.cap_s)
+
+
+#: Backoff of device units (sources).  A device that is away (unplugged, out of range, PLC
+#: down) costs one cheap open or connect per attempt, so it is tried at least every second and
+#: delivers within about a second of coming back; 5 s of running mark a glitch as over.
+DEVICE_BACKOFF = Backoff(base_s=0.25, cap_s=1.0, healthy_after_s=5.0, flap_cap_s=30.0)
+
+STALL_CHECK_S = 0.5  # how often a running unit's liveness is looked at
+CANCEL_WAIT_S = 5.0  # how long a cancelled unit may take to end
+
+
+class StalledError(TransientError):
+    """A unit neither made progress nor waited within a declared bound; it was cancelled."""
 
 
 @dataclass(slots=True)
@@ -97,11 +129,26 @@ class Unit:
     critical: bool = False  # a config error here stops the whole daemon
     heartbeat: Callable[[], float] | None = None  # monotonic time of the unit's last sign of life
     stale_after_s: float = 10.0
+    pulse: Pulse | None = None  # progress and bounded waits; judged instead of ``heartbeat``
+    backoff: Backoff | None = None  # instead of the supervisor's default (device units)
     state: UnitState = UnitState.STARTING
     last_error: str = ""
     failures: int = 0
     retry_at: float = 0.0
+    stall_restarts: int = 0  # restarts for a stall since the unit last showed life after one
+    attempting: bool = False  # an attempt runs (not in a backoff sleep, not stopped)
     first_outcome: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def stale_reason(self, now: float) -> str | None:
+        """Why this unit counts as stalled, or None (alive, between attempts, or reports no liveness)."""
+        if not self.attempting:
+            return None
+        if self.pulse is not None:
+            # Judged from the attempt's start (a connect that hangs before started() is stalled too).
+            return self.pulse.stale_reason(now)
+        if self.heartbeat is not None and self.state == UnitState.RUNNING:
+            return stale_reason(self.heartbeat(), self.stale_after_s, now)
+        return None
 
 
 class Supervisor:
@@ -276,7 +323,8 @@ class Supervisor:
                 )
 
     async def _keep_running(self, unit: Unit) -> None:
-        attempt = 0
+        policy = unit.backoff or self._backoff
+        attempt = flaps = 0
         while True:
             started_at: float | None = None
 
@@ -293,7 +341,7 @@ class Supervisor:
                 unit.first_outcome.set()
 
             try:
-                await unit.run(started)
+                await self._attempt(unit, started)
                 error: BaseException = TransientError(
                     f"unit {unit.name}: run() returned: it should run until cancelled"
                 )
@@ -322,12 +370,15 @@ class Supervisor:
                 # Stopping: nothing restarts, whatever the unit did with its cancellation.
                 unit.state = UnitState.STOPPED
                 return
-            if started_at is not None and time.monotonic() - started_at >= self._backoff.healthy_after_s:
-                attempt = 0
+            if started_at is not None:
+                if time.monotonic() - started_at >= policy.healthy_after_s:
+                    attempt = flaps = 0  # a glitch after a healthy run: start over, retry fast
+                else:
+                    flaps += 1
             attempt += 1
             unit.failures += 1
             unit.last_error = f"{type(error).__name__}: {error}"
-            delay = self._backoff.delay(error, attempt)
+            delay = policy.delay(error, attempt, flaps)
             unit.retry_at = time.monotonic() + delay
             if unit.state != UnitState.BACKOFF:
                 log.warning("unit %s failed (%s); retrying in %.1f s", unit.name, unit.last_error, delay)
@@ -337,34 +388,101 @@ class Supervisor:
             unit.first_outcome.set()
             await asyncio.sleep(delay)
 
+    async def _attempt(self, unit: Unit, started: Callable[[], None]) -> None:
+        """One run of ``unit`` as a task of its own, cancelled if it stalls (:class:`StalledError`)."""
+
+        async def run() -> None:
+            await unit.run(started)
+
+        task = asyncio.create_task(run(), name=f"unit:{unit.name}:run")
+        begun = time.monotonic()
+        if unit.pulse is not None:
+            unit.pulse.beat()  # starting an attempt is progress
+        unit.attempting = True
+        try:
+            while True:
+                due = time.monotonic() + STALL_CHECK_S
+                await asyncio.wait({task}, timeout=STALL_CHECK_S)
+                if task.done():
+                    task.result()  # the unit's error, if it failed
+                    return
+                now = time.monotonic()
+                if now - due > STALL_CHECK_S:
+                    continue  # the whole loop was blocked: give the unit a turn before judging it
+                reason = unit.stale_reason(now)
+                if reason is None:
+                    sign = unit.pulse.last_beat if unit.pulse is not None else None
+                    if sign is None and unit.heartbeat is not None:
+                        sign = unit.heartbeat()
+                    if unit.stall_restarts and sign is not None and sign > begun:
+                        unit.stall_restarts = 0  # alive again after a restart for a stall
+                    continue
+                if self._stop.is_set():
+                    continue  # the ordered stop cancels it anyway
+                unit.stall_restarts += 1
+                # A stall is a bug or a wait without a bound: worth an ERROR once, not per restart.
+                log.log(
+                    logging.ERROR if unit.stall_restarts == 1 else logging.DEBUG,
+                    "unit %s stalled: %s: cancelling it to restart it",
+                    unit.name,
+                    reason,
+                )
+                task.cancel()
+                await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
+                if not task.done():
+                    log.error(
+                        "unit %s did not end within %.0f s of its cancellation: it is restarted when it "
+                        "ends (a bug: please report it)",
+                        unit.name,
+                        CANCEL_WAIT_S,
+                    )
+                    await asyncio.wait({task})
+                raise StalledError(f"unit {unit.name}: stalled: {reason}")
+        except asyncio.CancelledError:
+            task.cancel()
+            # Bounded: a unit that ignores cancellation must not hold the stop forever.
+            await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
+            raise
+        finally:
+            unit.attempting = False
+
     def stale_units(self, now: float | None = None) -> list[str]:
-        """Names of running units whose heartbeat is older than they allow."""
+        """Names of running units that neither progress nor wait within a declared bound."""
         now = time.monotonic() if now is None else now
-        return [
-            u.name
-            for u in self._units
-            if u.heartbeat is not None
-            and u.state == UnitState.RUNNING
-            and now - u.heartbeat() > u.stale_after_s
-        ]
+        return [u.name for u in self._units if u.stale_reason(now) is not None]
+
+    def escalated_units(self) -> list[str]:
+        """Critical units still stalled after a restart: only the service manager can mend them."""
+        return [u.name for u in self._units if u.critical and u.stall_restarts >= 2]
 
     async def _watchdog(self) -> None:
         interval = self._notifier.watchdog_interval_s
         if interval is None:
             return
         period = interval / 4  # systemd's advice is half; a quarter leaves room for a slow turn
-        was_stale: list[str] = []
+        was_escalated: list[str] = []
+        loop_late = False
         while True:
+            due = time.monotonic() + period
             await asyncio.sleep(period)
-            stale = self.stale_units()
-            if stale:
-                if stale != was_stale:
-                    log.error("watchdog: withholding keep-alive, stalled: %s", ", ".join(stale))
+            late = time.monotonic() - due
+            # This task runs only when the loop turns: a late wake-up is a blocked loop, seen after.
+            if late > period and not loop_late:
+                log.warning("watchdog: the event loop was blocked for %.1f s", late)
+            loop_late = late > period
+            escalated = self.escalated_units()
+            if escalated:
+                if escalated != was_escalated:
+                    log.error(
+                        "watchdog: withholding keep-alive: critical unit(s) %s stalled again after a "
+                        "restart: the service manager is to restart the gateway",
+                        ", ".join(escalated),
+                    )
             else:
-                if was_stale:
-                    log.info("watchdog: all units alive again")
+                if was_escalated:
+                    log.info("watchdog: critical units alive again; keep-alive resumed")
                 self._notifier.watchdog()
-            was_stale = stale
+            was_escalated = escalated
 
     def status_line(self) -> str:
         """One line for STATUS= and logs: what runs, what retries, what failed."""
@@ -379,8 +497,15 @@ class Supervisor:
             if u.state == UnitState.BACKOFF
         ]
         failed = [u.name for u in self._units if u.state == UnitState.FAILED]
+        waiting = [
+            f"{u.name} ({u.pulse.wait})"
+            for u in self._units
+            if u.attempting and u.pulse is not None and u.pulse.wait is not None
+        ]
         if retrying:
             parts.append("retrying: " + ", ".join(retrying))
+        if waiting:
+            parts.append("waiting: " + ", ".join(waiting))
         if failed:
             parts.append("failed (see log): " + ", ".join(failed))
         extra = self.summary()

@@ -96,7 +96,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
         SIM + "port = '/dev/ttyUSB0'\n",
         [
             "sources[0].port: expected one of the known keys "
-            "(device, events, profile, random_events_per_hour, rate_hz, seed, stall_loop), found unknown key 'port'"
+            "(device, events, hang, profile, random_events_per_hour, rate_hz, seed, stall_loop), found unknown key 'port'"
         ],
     ),
     (

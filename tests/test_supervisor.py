@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -12,8 +13,9 @@ from typing import Any
 import pytest
 
 from gateway.errors import AuthError, ConfigError, TransientError
+from gateway.liveness import WAIT_GRACE_S, Pulse
 from gateway.notify import Notifier
-from gateway.supervisor import EXIT_CONFIG, Backoff, Group, Supervisor, Unit, UnitState
+from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, Backoff, Group, Supervisor, Unit, UnitState
 
 FAST = Backoff(base_s=0.01, cap_s=0.05, auth_s=5.0, healthy_after_s=60.0)
 
@@ -184,36 +186,128 @@ def test_auth_error_waits_long() -> None:
     assert sup.units[0].last_error.startswith("AuthError")
 
 
-def test_watchdog_only_while_heartbeats_are_fresh(receiver: Receiver) -> None:
+async def _collect(receiver: Receiver) -> None:
+    """Keep the test's notify socket drained, with arrival times, so no ping is dropped."""
+    while True:
+        receiver.drain()
+        await asyncio.sleep(0.01)
+
+
+def test_a_stalled_unit_is_restarted_while_the_pings_go_on(receiver: Receiver) -> None:
+    attempts: list[float] = []
+    cancelled: list[float] = []
+    pulse = Pulse(stale_after_s=0.3)
+    pings: list[float] = []
+
+    async def stage(started: Callable[[], None]) -> None:
+        attempts.append(time.monotonic())
+        started()
+        try:
+            for _ in range(5):
+                pulse.beat()
+                await asyncio.sleep(0.02)
+            if len(attempts) == 1:
+                await asyncio.Event().wait()  # the first run hangs: no beat, no declared wait
+            while True:
+                pulse.beat()
+                await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            cancelled.append(time.monotonic())
+            raise
+
+    async def main() -> Supervisor:
+        notifier = Notifier(str(receiver.path), watchdog_usec=200_000)
+        sup = Supervisor(notifier, backoff=FAST)
+        sup.add(Unit("stage", Group.PIPELINE, stage, pulse=pulse))
+        task = asyncio.create_task(sup.run(_nothing_to_drain, 1.0), name="test:supervisor")
+        t_end = time.monotonic() + 2.0
+        while time.monotonic() < t_end:
+            await asyncio.sleep(0.01)
+            before = len(receiver.messages)
+            receiver.drain()
+            pings.extend(time.monotonic() for m in receiver.messages[before:] if m == "WATCHDOG=1")
+        sup.request_stop()
+        await task
+        notifier.close()
+        return sup
+
+    sup = asyncio.run(main())
+    assert len(attempts) == 2  # restarted once, by the supervisor, and healthy since
+    assert len(cancelled) == 2  # the hung run was cancelled; the second one at the stop
+    assert 0.3 <= cancelled[0] - attempts[0] <= 1.5
+    assert sup.units[0].stall_restarts == 0  # alive again after its restart
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert len(pings) >= 20
+    assert max(gaps) < 0.2  # the pings never stopped (the period is 0.05 s)
+
+
+def test_a_critical_unit_stalled_again_after_its_restart_stops_the_pings(receiver: Receiver) -> None:
     beat = {"t": time.monotonic()}
 
     async def stage(started: Callable[[], None]) -> None:
         started()
-        while True:
-            beat["t"] = time.monotonic()
-            await asyncio.sleep(0.02)
+        await asyncio.Event().wait()  # never beats again: a wedged writer thread, say
 
-    async def main() -> None:
+    async def main() -> tuple[int, int]:
         notifier = Notifier(str(receiver.path), watchdog_usec=200_000)
         sup = Supervisor(notifier, backoff=FAST)
-        unit = Unit("stage", Group.PIPELINE, stage, heartbeat=lambda: beat["t"], stale_after_s=0.15)
+        unit = Unit("box", Group.OUTBOX, stage, critical=True, heartbeat=lambda: beat["t"], stale_after_s=0.3)
         sup.add(unit)
+        collector = asyncio.create_task(_collect(receiver), name="test:collect")
         task = asyncio.create_task(sup.run(_nothing_to_drain, 1.0), name="test:supervisor")
-        await asyncio.sleep(0.5)
-        healthy = receiver.drain().count("WATCHDOG=1")
-        # Freeze the stage's heartbeat (a wedged stage, loop still turning).
-        unit.heartbeat = lambda: beat["t"] - 1000.0
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.25)
+        early = receiver.messages.count("WATCHDOG=1")
+        await asyncio.sleep(1.5)  # stall, restart, stall again: escalated
         receiver.messages.clear()
         await asyncio.sleep(0.5)
-        wedged = receiver.drain().count("WATCHDOG=1")
+        late = receiver.messages.count("WATCHDOG=1")
         sup.request_stop()
         await task
+        collector.cancel()
         notifier.close()
-        assert healthy >= 3
-        assert wedged == 0
+        return early, late
 
-    asyncio.run(main())
+    early, late = asyncio.run(main())
+    assert early >= 2
+    assert late == 0
+
+
+def test_pulse_bounded_waits_and_progress() -> None:
+    pulse = Pulse(stale_after_s=5.0)
+    t0 = pulse.last_beat
+    assert pulse.stale_reason(t0 + 4.0) is None
+    assert "no progress for 6 s" in (pulse.stale_reason(t0 + 6.0) or "")
+    with pulse.waiting("connecting to broker", 10.0):
+        inside = pulse.wait
+        assert inside == "connecting to broker"
+        # A reconnect inside its declared bound is alive, long after the last beat.
+        assert pulse.stale_reason(t0 + 11.0) is None
+        reason = pulse.stale_reason(t0 + 10.0 + WAIT_GRACE_S + 1.0)
+        assert reason is not None
+        assert reason.startswith("connecting to broker: waiting for 13 s, past its bound of 10 s")
+    assert pulse.wait is None
+    assert pulse.last_beat >= t0  # leaving the wait is progress
+
+
+def test_status_names_what_a_unit_waits_for() -> None:
+    pulse = Pulse()
+
+    async def connecting(started: Callable[[], None]) -> None:
+        started()
+        with pulse.waiting("connecting to broker", 10.0):
+            await asyncio.Event().wait()
+
+    async def main() -> str:
+        sup = Supervisor(Notifier(None), backoff=FAST)
+        sup.add(Unit("uplink", Group.UPLINK, connecting, pulse=pulse))
+        task = asyncio.create_task(sup.run(_nothing_to_drain, 1.0), name="test:supervisor")
+        await asyncio.sleep(0.2)
+        line = sup.status_line()
+        sup.request_stop()
+        await task
+        return line
+
+    assert "waiting: uplink (connecting to broker)" in asyncio.run(main())
 
 
 def test_drain_is_cut_at_the_deadline() -> None:
@@ -289,3 +383,76 @@ def test_no_ready_while_a_critical_unit_is_down(receiver: Receiver, notifier: No
 
     assert asyncio.run(main()) == 1
     assert not any(m.startswith("READY=1") for m in receiver.drain())
+
+
+def test_device_backoff_polls_an_absent_device_and_slows_a_flapping_one() -> None:
+    b = DEVICE_BACKOFF
+    # Away (never started): polled at least every second, however long it stays away.
+    assert all(b.delay(TransientError("absent"), attempt) <= b.cap_s for attempt in range(1, 200))
+    # Started and dropped within the healthy period again and again: ever slower, up to the flap cap.
+    flapping = [
+        b.delay(TransientError("dropped"), attempt, flaps) for attempt, flaps in ((3, 2), (5, 4), (9, 8))
+    ]
+    nominal = [min(30.0, 0.25 * 2**f) for f in (2, 4, 8)]
+    assert all(n / 2 <= d <= n for d, n in zip(flapping, nominal, strict=True))
+    assert b.delay(TransientError("dropped"), 9, 8) >= 15.0
+    # The default backoff (uplink, pipeline) knows nothing of flaps.
+    assert Backoff().delay(TransientError("x"), 1, flaps=5) <= 1.0
+
+
+def test_a_glitch_after_a_healthy_run_is_retried_fast_a_flapping_unit_slower() -> None:
+    scaled = Backoff(base_s=0.01, cap_s=0.04, healthy_after_s=0.3, flap_cap_s=2.0)
+    runs: dict[str, list[float]] = {"glitch": [], "flap": []}
+
+    def unit(name: str, ran_s: float) -> Callable[[Callable[[], None]], Coroutine[Any, Any, None]]:
+        async def run(started: Callable[[], None]) -> None:
+            runs[name].append(time.monotonic())
+            started()
+            await asyncio.sleep(ran_s)
+            raise TransientError(f"{name}: device dropped")
+
+        return run
+
+    async def main() -> None:
+        sup = Supervisor(Notifier(None), backoff=FAST)
+        sup.add(Unit("glitch", Group.SOURCES, unit("glitch", 0.35), backoff=scaled))
+        sup.add(Unit("flap", Group.SOURCES, unit("flap", 0.02), backoff=scaled))
+        asyncio.get_running_loop().call_later(2.5, sup.request_stop)
+        await sup.run(_nothing_to_drain, 1.0)
+
+    asyncio.run(main())
+    glitch_waits = [b - a - 0.35 for a, b in itertools.pairwise(runs["glitch"])]
+    flap_waits = [b - a - 0.02 for a, b in itertools.pairwise(runs["flap"])]
+    # Each glitch came after a healthy run: retried at the first, fast delay every time.
+    assert len(glitch_waits) >= 4
+    assert max(glitch_waits) < 0.1
+    # The flapping unit: fast at first, then each wait longer (0.04, 0.08, 0.16, ... s nominal).
+    assert flap_waits[0] < 0.1
+    assert flap_waits[-1] > 0.3
+    assert len(flap_waits) < 12
+
+
+def test_an_attempt_that_hangs_before_it_started_is_restarted_too() -> None:
+    pulse = Pulse(stale_after_s=0.3)
+    attempts: list[float] = []
+
+    async def connect_hangs_once(started: Callable[[], None]) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            await asyncio.Event().wait()  # a connect with no timeout, before started()
+        while True:
+            pulse.beat()
+            started()
+            await asyncio.sleep(0.02)
+
+    async def main() -> Supervisor:
+        sup = Supervisor(Notifier(None), backoff=FAST, start_timeout_s=0.1)
+        sup.add(Unit("src", Group.SOURCES, connect_hangs_once, pulse=pulse))
+        asyncio.get_running_loop().call_later(2.0, sup.request_stop)
+        await sup.run(_nothing_to_drain, 1.0)
+        return sup
+
+    sup = asyncio.run(main())
+    assert len(attempts) == 2
+    assert 0.3 <= attempts[1] - attempts[0] <= 1.5
+    assert sup.units[0].failures == 0  # running since its restart

@@ -77,6 +77,8 @@ def test_unit_declares_notify_watchdog_and_config_exit() -> None:
     assert values["Type"] == "notify"
     assert values["NotifyAccess"] == "main"
     assert values["WatchdogSec"] == "30s"
+    # A watchdog abort must leave no core holding the site key.
+    assert values["LimitCORE"] == "0"
     assert values["RestartPreventExitStatus"] == "78"
     assert values["Restart"] == "on-failure"
     assert values["User"] == "edgetwin"

@@ -32,6 +32,7 @@ from drivers.ble.protocol import (
 )
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError
+from gateway.logs import register_identity
 from gateway.sample import MDC, Sample, Stream
 
 _LOGGER = logging.getLogger(__name__)
@@ -166,7 +167,10 @@ class BleDriver:
                 async with asyncio.timeout(GATT_TIMEOUT_S):
                     dev.info[field_name] = parse_utf8(bytes(await client.read_gatt_char(ch)))
         if dev.info:
-            # Names and serial numbers identify the device: local debug log only, never sent.
+            # Names and serial numbers identify the device: never sent, and logged by source name
+            # unless raw identities are enabled.
+            if "serial" in dev.info:
+                register_identity(dev.info["serial"], f"{self._info.name}.serial_number")
             _LOGGER.debug("ble %s: %s device information: %s", self._info.name, dev.label, dev.info)
 
     # -- values ------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from firmware_bridge.messages import (
 from firmware_bridge.timesync import ClockSync
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
+from gateway.logs import register_identity
 from gateway.sample import Stream
 
 _LOGGER = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ class McuDriver:
         self._hello = hello
         self._pending_gaps.clear()
         self._asm = SampleAssembler(streams, clock)
+        # Declared before it is logged: logs name the node by its source unless identities are on.
+        register_identity(hello.node_id, f"{self._info.name}.node")
         _LOGGER.info(
             "%s: node %s connected on %s: firmware %s (%s, health %s), %d channels: %s",
             self._who,

@@ -185,7 +185,11 @@ def _choose(opts: ConnectOptions, endpoints: list[ua.EndpointDescription]) -> ua
 async def _check_server_certificate(opts: ConnectOptions, client: Client) -> None:
     where = f"{opts.who} {endpoint_display(opts.endpoint)}"
     pki = Pki(opts.pki_dir)
-    cert_path, key_path = pki.ensure_own(application_uri=opts.app_uri, hostname=socket.gethostname())
+    # Key generation (RSA, ~0.1-1 s) and certificate parsing run in a thread: the event loop
+    # carries every other source and the watchdog meanwhile.
+    cert_path, key_path = await asyncio.to_thread(
+        pki.ensure_own, application_uri=opts.app_uri, hostname=socket.gethostname()
+    )
     policy = POLICIES[opts.security_policy]
     mode = MODES[opts.security_mode]
     chosen = [_choose(opts, await _endpoints(opts, client))]
@@ -195,9 +199,9 @@ async def _check_server_certificate(opts: ConnectOptions, client: Client) -> Non
             f"{where}: security: the server sent no certificate with its {opts.security_policy} endpoint: "
             "it cannot be authenticated: fix the server's certificate setup"
         )
-    verdict = pki.verdict(der)
+    verdict = await asyncio.to_thread(pki.verdict, der)
     if not verdict.trusted:
-        saved = pki.reject(der)
+        saved = await asyncio.to_thread(pki.reject, der)
         raise AuthError(
             f"{where}: security: the server's certificate is {verdict.reason} (thumbprint {verdict.thumbprint}); "
             f"saved as {saved}: if this is your PLC, trust it with "
@@ -208,7 +212,12 @@ async def _check_server_certificate(opts: ConnectOptions, client: Client) -> Non
         await bounded(
             "load certificates",
             opts.request_timeout_s,
-            client.set_security(policy, str(cert_path), str(key_path), server_certificate=der, mode=mode),
+            # Parsing our RSA key (~40 ms) and the certificates runs on a loop of its own in a
+            # thread: set_security only stores the parsed objects on the client.
+            asyncio.to_thread(
+                asyncio.run,
+                client.set_security(policy, str(cert_path), str(key_path), server_certificate=der, mode=mode),
+            ),
         )
     except (ValueError, OSError) as exc:
         raise ConfigError(

@@ -37,6 +37,7 @@ from drivers.serial.port import DeviceAbsentError, DeviceLostError, Link, open_l
 from drivers.serial.protocol import LineSettings, Parser, Reading, Status
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
+from gateway.logs import register_identity
 from gateway.sample import FAULT_FLAGS, MDC, Metric, Quality, Sample, Stream
 
 _LOGGER = logging.getLogger(__name__)
@@ -306,7 +307,8 @@ class SerialOximeter:
 
     def _identity(self, serial: str) -> None:
         if serial != self._serial_number:
-            # Logged here only: logs stay on the gateway; the number leaves only as a pseudonym.
+            # Declared first, so the line names it by its source unless raw identities are enabled.
+            register_identity(serial, f"{self._info.name}.serial_number")
             _LOGGER.info("%s %s: monitor serial number %s", self._who, self._port, serial)
             self._serial_number = serial
 

@@ -41,6 +41,13 @@ class StallSpec(_Strict):
     duration_s: float = Field(gt=0, le=600)
 
 
+class HangSpec(_Strict):
+    """Fault injection: stop once without blocking the loop (no data, no beat), to test stall restarts."""
+
+    at_s: float = Field(ge=0)
+    duration_s: float = Field(gt=0, le=3600)
+
+
 class SimConfig(_Strict):
     """Keys of a ``driver = "sim"`` source."""
 
@@ -51,6 +58,7 @@ class SimConfig(_Strict):
     events: list[SimEvent] = Field(default_factory=list)
     random_events_per_hour: float = Field(default=0.0, ge=0, le=60)
     stall_loop: StallSpec | None = None
+    hang: HangSpec | None = None
 
     @model_validator(mode="after")
     def _events_fit_profile(self) -> Self:

@@ -12,12 +12,14 @@ from drivers.sim.config import SimConfig
 from drivers.sim.protocol import STREAM_KIND, Chunk, Generator, make_generator
 from gateway.contracts import Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError
+from gateway.liveness import Pulse
 from gateway.sample import SampleBlock, Stream
 
 _LOGGER = logging.getLogger(__name__)
 
 TICK_S = 0.1  # hand-off period: one block per stream per tick keeps per-sample loop cost nil
 MAX_SPAN_S = 5.0  # after the loop was held up, catch up in slices of this much simulated time
+STALE_AFTER_S = 5.0  # a tick is due every 0.1 s: 5 s without one is a stuck source
 
 
 def _block_loop(seconds: float) -> None:
@@ -31,6 +33,8 @@ class SimDriver:
     def __init__(self, info: SourceInfo, cfg: SimConfig) -> None:
         self._info = info
         self._cfg = cfg
+        self.pulse = Pulse(stale_after_s=STALE_AFTER_S)
+        self._hung = False  # the hang injection happens once per process, not once per restart
         self._streams = {
             sig.metric.name: Stream(
                 source=info.name,
@@ -105,9 +109,19 @@ class SimDriver:
                 upto = min(now_s, done_s + MAX_SPAN_S)
                 self._emit(sink, gen.generate(done_s, upto), start_mono, start_wall)
                 done_s = upto
+            self.pulse.beat()
             if first:
                 first = False
                 started()
+            hang = self._cfg.hang
+            if hang is not None and not self._hung and now_s >= hang.at_s:
+                self._hung = True
+                _LOGGER.warning(
+                    "sim %s: hanging for %.1f s on purpose (hang fault injection): no data, no sign of life",
+                    self._info.name,
+                    hang.duration_s,
+                )
+                await asyncio.sleep(hang.duration_s)
             if stall is not None and not stalled and now_s >= stall.at_s:
                 stalled = True
                 _LOGGER.warning(

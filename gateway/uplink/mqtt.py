@@ -503,8 +503,9 @@ class MqttUplink:
         cfg, where = self._cfg, f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
         for warning in self.preflight():
             log.warning("%s", warning)
-        self._ssl = tls.client_context(cfg) if cfg.tls else None
-        self._check_certificate()
+        # Loading a trust store and parsing certificates take up to ~0.1 s: off the event loop.
+        self._ssl = await asyncio.to_thread(tls.client_context, cfg) if cfg.tls else None
+        await asyncio.to_thread(self._check_certificate)
         self._next_cert_check = time.monotonic() + _CERT_CHECK_EVERY_S
         started()
         attempt, silent, down_since = 0, 0, None
@@ -613,7 +614,7 @@ class MqttUplink:
                 self._publish_status(session, "online", dropped=dropped)
             if time.monotonic() >= self._next_cert_check:
                 self._next_cert_check = time.monotonic() + _CERT_CHECK_EVERY_S
-                self._check_certificate()
+                await asyncio.to_thread(self._check_certificate)
 
     def _publish_status(self, session: _Session, state: str, **kw: Any) -> paho.MQTTMessageInfo:
         props = None
