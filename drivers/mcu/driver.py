@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from drivers.mcu.config import McuConfig
 from drivers.mcu.link import Link, NodeRefusedError
-from drivers.mcu.protocol import SampleAssembler, metric_for
+from drivers.mcu.protocol import NodeRestartedError, SampleAssembler, metric_for
 from drivers.mcu.simnode import run_sim_node
 from firmware_bridge.framing import Frame
 from firmware_bridge.messages import (
@@ -56,6 +56,8 @@ class McuDriver:
         self._link: Link | None = None
         self._hello: Hello | None = None
         self._rebooted = False
+        self._seq_restarts = 0  # the link's count when the current session began
+        self._restart_why = ""
         self._wall_offset = time.time() - time.monotonic()
         self._pending_gaps: dict[str, list[int]] = {}
         self.counters: dict[str, float] = {}
@@ -129,6 +131,7 @@ class McuDriver:
                 f"{self._who} node {hello.node_id}: no answer to time sync: check the node's firmware"
             )
         streams: dict[int, tuple[Channel, Stream]] = {}
+        previous, self.streams = self.streams, {}
         for ch in channels:
             stream = Stream(
                 source=self._info.name,
@@ -138,8 +141,13 @@ class McuDriver:
                 kind=self._info.kind,
                 rate_hz=ch.rate_hz,
             )
+            # One object per stream across handshakes: the pipeline's caches are keyed by object,
+            # so a node in a reset loop must not hand it a new one each time.
+            if previous.get(ch.name) == stream:
+                stream = previous[ch.name]
             streams[ch.channel] = (ch, stream)
             self.streams[ch.name] = stream
+        self._seq_restarts = link.seq_restarts
         self._clock = clock
         self._hello = hello
         self._pending_gaps.clear()
@@ -215,7 +223,7 @@ class McuDriver:
             await asyncio.sleep(_TICK_S)
             link.check()
             if self._rebooted:
-                _LOGGER.info("%s: node rebooted, connecting again", self._who)
+                _LOGGER.info("%s: node rebooted (%s), connecting again", self._who, self._restart_why)
                 return
             now = time.monotonic()
             if now - link.last_rx > cfg.silence_s:
@@ -247,7 +255,16 @@ class McuDriver:
             except MessageError:
                 self._count("malformed")
                 return
-            block, gap = asm.add(batch, self._wall_offset)
+            # Its boot HELLO may be lost (or never sent): the data says it rebooted all the same.
+            link = self._link
+            if link is not None and link.seq_restarts != self._seq_restarts:
+                self._restarted("its frame numbers started again")
+                return
+            try:
+                block, gap = asm.add(batch, self._wall_offset)
+            except NodeRestartedError as exc:
+                self._restarted(str(exc))
+                return
             if gap is not None:
                 entry = self._pending_gaps.setdefault(gap.channel, [0, 0])
                 entry[0] += gap.missing
@@ -262,12 +279,19 @@ class McuDriver:
         elif frame.type == MsgType.HELLO:
             # During the handshake a boot hello only says what the handshake is finding out anyway.
             if self._asm is not None:
-                self._asm = None  # stop delivering: channels and clock are re-learned
-                self._rebooted = True
+                self._restarted("boot hello")
         elif frame.type == MsgType.ERROR:
             self._on_error(sink, frame)
         else:
             self._count("unexpected_frames")
+
+    def _restarted(self, why: str) -> None:
+        """Stop delivering at once; the stream loop connects again (channels and clock re-learned)."""
+        self._asm = None
+        self._rebooted = True
+        self._count("node_restarts")
+        _LOGGER.debug("%s: node restart seen: %s", self._who, why)
+        self._restart_why = why
 
     def _on_error(self, sink: SampleSink, frame: Frame) -> None:
         try:

@@ -162,6 +162,11 @@ class Link:
         """Dropped frames by reason."""
         return {str(k): v for k, v in self._decoder.drops.items()}
 
+    @property
+    def seq_restarts(self) -> int:
+        """How often the node's sequence numbers went far back outside a HELLO: reboots."""
+        return self._seq.resets
+
     def reset_seq(self) -> None:
         """Forget the node's sequence numbers (it rebooted)."""
         self._seq.reset()
