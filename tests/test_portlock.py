@@ -7,7 +7,6 @@ command line, a pyserial reader) in their own processes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peers import RecordingSink, socat_ptys
+from peers import RecordingSink, running_driver, socat_ptys
 
 from drivers.mcu.config import McuConfig, SimNodeConfig
 from drivers.mcu.driver import factory
@@ -39,10 +38,7 @@ def test_a_firmware_command_cannot_take_the_port_a_running_driver_reads(tmp_path
             driver = factory(
                 SourceInfo("motor7-adc", "plant-A/motor-7", "industrial"), McuConfig(port=node.path)
             )
-            started = asyncio.Event()
-            task = asyncio.create_task(driver.run(sink, started=started.set), name="mcu-driver-under-test")
-            try:
-                await asyncio.wait_for(started.wait(), 10)
+            async with running_driver(driver, sink):
                 t0 = time.monotonic()
                 cli = await asyncio.to_thread(
                     subprocess.run,
@@ -60,10 +56,6 @@ def test_a_firmware_command_cannot_take_the_port_a_running_driver_reads(tmp_path
                 await asyncio.sleep(0.5)
                 assert len(sink.blocks) > n  # the driver kept reading throughout
                 return cli, driver.snapshot(), took
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
 
     cli, snap, took = asyncio.run(main())
     assert cli.returncode == 1, cli

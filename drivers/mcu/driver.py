@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 from drivers.mcu.config import McuConfig
+from drivers.mcu.handover import HandoverServer
 from drivers.mcu.link import Link, NodeRefusedError
 from drivers.mcu.protocol import NodeRestartedError, SampleAssembler, metric_for
 from drivers.mcu.simnode import run_sim_node
@@ -58,6 +59,7 @@ class McuDriver:
         self._rebooted = False
         self._seq_restarts = 0  # the link's count when the current session began
         self._restart_why = ""
+        self._lent: tuple[float, float] | None = None  # (lent at, seconds held) of the last push
         self._wall_offset = time.time() - time.monotonic()
         self._pending_gaps: dict[str, list[int]] = {}
         self.counters: dict[str, float] = {}
@@ -85,23 +87,28 @@ class McuDriver:
             else:
                 assert cfg.port is not None
                 path = cfg.port
-            link = Link(
-                path,
-                baud=cfg.baud,
-                timeout_s=cfg.request_timeout_s,
-                retries=cfg.retries,
-                on_frame=self._on_frame,
-                who=self._who,
-            )
-            await stack.enter_async_context(link)
-            self._link = link
-            try:
-                while True:
-                    await self._handshake(link, sink)
-                    await self._stream(link, sink)
-            finally:
-                self._link = None
-                self._final = self.snapshot_of(link)
+            handover: HandoverServer | None = None
+            while True:
+                link = Link(
+                    path,
+                    baud=cfg.baud,
+                    timeout_s=cfg.request_timeout_s,
+                    retries=cfg.retries,
+                    on_frame=self._on_frame,
+                    who=self._who,
+                )
+                async with link:
+                    if handover is None:  # once the port is known to be there and ours
+                        handover = await stack.enter_async_context(HandoverServer(path, self._who))
+                    self._link = link
+                    try:
+                        while not await self._stream(link, sink, handover):
+                            pass
+                    finally:
+                        self._link = None
+                        self._final = self.snapshot_of(link)
+                # The port is closed now: lend it to the firmware push, then open it again.
+                await self._lend(handover)
 
     # -- handshake ---------------------------------------------------------------------------
 
@@ -211,7 +218,24 @@ class McuDriver:
 
     # -- streaming ---------------------------------------------------------------------------
 
-    async def _stream(self, link: Link, sink: SampleSink) -> None:
+    async def _lend(self, handover: HandoverServer) -> None:
+        """Hand the closed port to a firmware push until it hangs up (bounded)."""
+        _LOGGER.info("%s: port lent to a firmware push; streaming stopped", self._who)
+        t0 = time.monotonic()
+        pid, held = await handover.hand_over()
+        self._lent = (t0, held)
+        _LOGGER.info("%s: port back from PID %d after %.1f s; connecting again", self._who, pid, held)
+        self._count("handovers")
+
+    async def _stream(self, link: Link, sink: SampleSink, handover: HandoverServer) -> bool:
+        """Handshake and stream until the node reboots (False) or the port is to be lent (True)."""
+        await self._handshake(link, sink)
+        if self._lent is not None:
+            (lent_at, held), self._lent = self._lent, None
+            gap = time.monotonic() - lent_at
+            _LOGGER.info("%s: connected again %.1f s after the port was lent", self._who, gap)
+            detail: dict[str, float | str] = {"held_s": round(held, 3), "gap_s": round(gap, 3)}
+            sink.diagnostic(Diagnostic("mcu_handover", self._info.subject, time.time(), detail))
         cfg = self._cfg
         clock = self._clock
         assert clock is not None
@@ -222,9 +246,11 @@ class McuDriver:
         while True:
             await asyncio.sleep(_TICK_S)
             link.check()
+            if handover.requested.is_set():
+                return True
             if self._rebooted:
                 _LOGGER.info("%s: node rebooted (%s), connecting again", self._who, self._restart_why)
-                return
+                return False
             now = time.monotonic()
             if now - link.last_rx > cfg.silence_s:
                 raise TransientError(
