@@ -365,3 +365,15 @@ def test_factory_and_config_checks(tmp_path: Path) -> None:
         asyncio.run(
             driver(str(regular), protocol="nonin2").run(RecordingSink(blocks=False), started=lambda: None)
         )
+
+
+def test_streams_remembered_across_runs_stay_bounded_whatever_serial_numbers_a_device_reports() -> None:
+    drv = driver("/dev/ttyUSB0")
+    first = drv.stream(SPO2)
+    assert drv.stream(SPO2) is first  # one object per identity, reused
+    for n in range(1000):
+        drv._serial_number = f"SN{n:05d}"  # what a device reporting a new identity each time does
+        drv.stream(SPO2)
+    assert len(drv._streams) <= 64
+    drv._serial_number = "SN00999"
+    assert drv.stream(SPO2).device == "SN00999"
