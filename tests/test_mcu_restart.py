@@ -14,14 +14,15 @@ import resource
 import signal
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from peers import RecordingSink
+from peers import RecordingSink, running_driver
 
 from drivers.mcu.config import McuConfig, SimNodeConfig
 from drivers.mcu.driver import McuDriver, factory
-from drivers.mcu.simnode import run_sim_node
+from drivers.mcu.simnode import RunningSimNode, run_sim_node
 from gateway.contracts import Alarm, SourceInfo
 from gateway.inference.plausibility import PlausibilityChecker
 from gateway.pipeline.windows import Windower
@@ -58,23 +59,26 @@ class PipelineSink(RecordingSink):
         return next((at for at, b in self.blocks if at > t and float(b.t_mono[0]) > t), None)
 
 
-async def _running(driver: McuDriver, sink: PipelineSink) -> asyncio.Task[None]:
-    started = asyncio.Event()
-    task = asyncio.create_task(driver.run(sink, started=started.set), name="mcu-driver-under-test")
-    await asyncio.wait_for(started.wait(), 10)
-    return task
-
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
 async def _ticker(sink: PipelineSink) -> None:
     while True:
         sink.windower.close_due(time.monotonic(), time.time())
         await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def _streaming(
+    tmp_path: Path, sink: PipelineSink, time_sync_s: float = 1.0
+) -> AsyncIterator[tuple[RunningSimNode, McuDriver]]:
+    """A simulated node and the driver reading it into ``sink``, windows closed on time."""
+    node_cfg = SimNodeConfig(node_id="MOTOR-7731", seed=3, flash=tmp_path / "flash.bin")
+    async with run_sim_node(node_cfg, "test node") as node:
+        driver = factory(INFO, McuConfig(port=node.path, time_sync_s=time_sync_s))
+        async with running_driver(driver, sink):
+            ticker = asyncio.create_task(_ticker(sink), name="test:ticker")
+            try:
+                yield node, driver
+            finally:
+                ticker.cancel()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGUSR1], ids=["hello-lost", "with-hello"])
@@ -84,30 +88,22 @@ def test_resets_in_quick_succession_are_picked_up_from_the_data(tmp_path: Path, 
     async def main() -> tuple[list[float], PipelineSink, McuDriver]:
         sink = PipelineSink()
         back: list[float] = []
-        node_cfg = SimNodeConfig(node_id="MOTOR-7731", seed=3, flash=tmp_path / "flash.bin")
-        async with run_sim_node(node_cfg, "test node") as node:
-            driver = factory(INFO, McuConfig(port=node.path, time_sync_s=1.0))
-            task = await _running(driver, sink)
-            ticker = asyncio.create_task(_ticker(sink), name="test:ticker")
-            try:
-                await asyncio.sleep(1.5)
-                streams = dict(driver.streams)
-                for k in range(resets):
-                    before = sink.sessions()
-                    t_reset = time.monotonic()
-                    os.kill(node.process.pid, sig)
-                    while sink.first_after(t_reset) is None and time.monotonic() - t_reset < 5:
-                        await asyncio.sleep(0.01)
-                    first = sink.first_after(t_reset)
-                    assert first is not None, f"reset {k}: no data within 5 s"
-                    back.append(first - t_reset)
-                    assert sink.sessions() == before + 1
-                    assert all(driver.streams[n] is s for n, s in streams.items())  # same objects
-                    await asyncio.sleep(0.7)  # resets in quick succession
-                await asyncio.sleep(1.5)
-            finally:
-                ticker.cancel()
-                await _stop(task)
+        async with _streaming(tmp_path, sink) as (node, driver):
+            await asyncio.sleep(1.5)
+            streams = dict(driver.streams)
+            for k in range(resets):
+                before = sink.sessions()
+                t_reset = time.monotonic()
+                os.kill(node.process.pid, sig)
+                while sink.first_after(t_reset) is None and time.monotonic() - t_reset < 5:
+                    await asyncio.sleep(0.01)
+                first = sink.first_after(t_reset)
+                assert first is not None, f"reset {k}: no data within 5 s"
+                back.append(first - t_reset)
+                assert sink.sessions() == before + 1
+                assert all(driver.streams[n] is s for n, s in streams.items())  # same objects
+                await asyncio.sleep(0.7)  # resets in quick succession
+            await asyncio.sleep(1.5)
         return back, sink, driver
 
     back, sink, driver = asyncio.run(main())
@@ -139,45 +135,39 @@ def _reconnect_many(tmp_path: Path, n: int) -> dict[str, float]:
     async def main() -> dict[str, float]:
         sink = PipelineSink()
         sink.keep_blocks = False  # the test's own record must not be what grows
-        node_cfg = SimNodeConfig(node_id="MOTOR-7731", seed=3, flash=tmp_path / "flash.bin")
-        async with run_sim_node(node_cfg, "test node") as node:
-            driver = factory(INFO, McuConfig(port=node.path, time_sync_s=5.0))
-            task = await _running(driver, sink)
-            try:
-                out: dict[str, float] = {}
-                for k in range(n + 1):
-                    if k == min(20, n // 2):  # past the first allocations
-                        sink.diagnostics.clear()
-                        gc.collect()
-                        out.update(
-                            streams_before=_stream_objects(),
-                            windower_before=len(sink.windower._by_id),
-                            plausibility_before=len(sink.plausibility._by_id),
-                            rss_before=_rss_kib(),
-                            objects_before=len(gc.get_objects()),
-                        )
-                        base = k
-                    want = sink.sessions() + 1
-                    os.kill(node.process.pid, signal.SIGUSR1 if k % 2 else signal.SIGUSR2)
-                    t0 = time.monotonic()
-                    while sink.sessions() < want:
-                        assert time.monotonic() - t0 < 5, f"reconnect {k}: no new session"
-                        await asyncio.sleep(0.005)
-                    await asyncio.sleep(0.05)  # a few batches through the pipeline
-                    sink.diagnostics = [d for d in sink.diagnostics if d.kind == "mcu_node"][-1:]
-                gc.collect()
-                out.update(
-                    reconnects=float(n - base),
-                    streams_after=_stream_objects(),
-                    windower_after=len(sink.windower._by_id),
-                    plausibility_after=len(sink.plausibility._by_id),
-                    rss_after=_rss_kib(),
-                    objects_after=len(gc.get_objects()),
-                    node_restarts=driver.counters["node_restarts"],
-                )
-                return out
-            finally:
-                await _stop(task)
+        async with _streaming(tmp_path, sink, time_sync_s=5.0) as (node, driver):
+            out: dict[str, float] = {}
+            for k in range(n + 1):
+                if k == min(20, n // 2):  # past the first allocations
+                    sink.diagnostics.clear()
+                    gc.collect()
+                    out.update(
+                        streams_before=_stream_objects(),
+                        windower_before=len(sink.windower._by_id),
+                        plausibility_before=len(sink.plausibility._by_id),
+                        rss_before=_rss_kib(),
+                        objects_before=len(gc.get_objects()),
+                    )
+                    base = k
+                want = sink.sessions() + 1
+                os.kill(node.process.pid, signal.SIGUSR1 if k % 2 else signal.SIGUSR2)
+                t0 = time.monotonic()
+                while sink.sessions() < want:
+                    assert time.monotonic() - t0 < 5, f"reconnect {k}: no new session"
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.05)  # a few batches through the pipeline
+                sink.diagnostics = [d for d in sink.diagnostics if d.kind == "mcu_node"][-1:]
+            gc.collect()
+            out.update(
+                reconnects=float(n - base),
+                streams_after=_stream_objects(),
+                windower_after=len(sink.windower._by_id),
+                plausibility_after=len(sink.plausibility._by_id),
+                rss_after=_rss_kib(),
+                objects_after=len(gc.get_objects()),
+                node_restarts=driver.counters["node_restarts"],
+            )
+            return out
 
     return asyncio.run(main())
 
@@ -206,3 +196,30 @@ def test_a_thousand_reconnects_keep_memory_bounded(tmp_path: Path) -> None:
     out = _reconnect_many(tmp_path, 1000)
     _check_bounded(out)
     assert out["rss_after"] - out["rss_before"] < 2048  # KiB; it grew ~1.2 MB per 1,000 before
+
+
+def test_a_node_rebooted_while_the_gateway_was_paused_is_back_within_2_s(tmp_path: Path) -> None:
+    async def main() -> tuple[float, PipelineSink, McuDriver]:
+        sink = PipelineSink()
+        async with _streaming(tmp_path, sink) as (node, driver):
+            await asyncio.sleep(1.5)
+            # The whole gateway stalls (the event loop blocked, as by a slow disk or a
+            # stopped process); the node reboots meanwhile, its boot HELLO lost on the wire.
+            time.sleep(1.0)
+            os.kill(node.process.pid, signal.SIGUSR2)
+            time.sleep(1.5)
+            resumed = time.monotonic()
+            while sink.first_after(resumed) is None:
+                assert time.monotonic() - resumed < 5, "no data after the pause"
+                await asyncio.sleep(0.01)
+            back = (sink.first_after(resumed) or 0.0) - resumed
+            await asyncio.sleep(3.0)  # past the windower's restore delay
+        return back, sink, driver
+
+    back, sink, driver = asyncio.run(main())
+    print(f"\nMCU node rebooted during a 2.5 s gateway stall: data back {back:.2f} s after the stall")
+    assert back < 2.0
+    assert driver.counters["node_restarts"] == 1
+    # The stall is a gap: at most one lost and one restored per stream, never a flapping series.
+    per_stream = Counter((a.stream.key if a.stream else "", a.kind) for a in sink.pipeline_alarms)
+    assert all(n == 1 for n in per_stream.values()), per_stream
