@@ -1,13 +1,19 @@
-"""Test peers shared by the driver tests: a SampleSink that records what a driver hands over, a free port."""
+"""Test peers shared by the driver tests: a SampleSink that records what a driver hands over, a
+driver running as a task, a free port, a socat pseudo-terminal pair."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
+import subprocess
 import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import numpy as np
 
-from gateway.contracts import Alarm, AlarmKind, Diagnostic
+from gateway.contracts import Alarm, AlarmKind, Diagnostic, Driver, SampleSink
 from gateway.sample import Sample, SampleBlock
 
 
@@ -66,3 +72,37 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def socat_ptys(a: Path, b: Path) -> Iterator[None]:
+    """A socat pty pair linked at ``a`` and ``b`` (both there on entry), stopped on exit."""
+    proc = subprocess.Popen(
+        ["socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 5.0
+        while not (a.exists() and b.exists()):
+            assert proc.poll() is None, "socat exited"
+            assert time.monotonic() < deadline, "socat made no ptys"
+            time.sleep(0.01)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+@contextlib.asynccontextmanager
+async def running_driver(driver: Driver, sink: SampleSink, start_s: float = 10.0) -> AsyncIterator[None]:
+    """``driver.run`` as a task: entered once it called ``started()``, cancelled on exit."""
+    started = asyncio.Event()
+    task = asyncio.create_task(driver.run(sink, started=started.set), name="driver-under-test")
+    try:
+        await asyncio.wait_for(started.wait(), start_s)
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

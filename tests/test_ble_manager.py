@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 import tomllib
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from bleak_retry_connector import BleakConnectionError, BleakNotFoundError
 
 from drivers.ble.config import BleConfig
 from drivers.ble.driver import factory
-from drivers.ble.manager import ManagedDevice, ScanWatchdog, SlotBudget, classify
+from drivers.ble.manager import DeviceState, ManagedDevice, ScanWatchdog, SlotBudget, classify
 from drivers.ble.protocol import PROFILES
 from gateway.backoff import Backoff
 from gateway.config import COMMON_SOURCE_KEYS
@@ -133,6 +134,30 @@ def test_lost_cause() -> None:
     assert dev.lost_cause() == "out_of_range"
     dev.last_error = "wrong_service"
     assert dev.lost_cause() == "wrong_service"
+    dev.last_error = None
+    dev.state = DeviceState.WAITING_SLOT
+    assert dev.lost_cause() == "waiting_slot"  # it never tried: not connect_failed
+
+
+def test_slot_turns_go_to_the_longest_holder_once_the_first_waiter_waited_long_enough() -> None:
+    async def scenario() -> None:
+        slots = SlotBudget(2)
+        assert slots.try_acquire("a")
+        assert slots.try_acquire("b")
+        slots.held_since.update(a=100.0, b=90.0)  # b has held its slot longest
+        t = time.monotonic()
+        waiter = asyncio.create_task(slots.acquire("c"), name="c")
+        await asyncio.sleep(0)
+        assert slots.turn_due(t + 5, 30.0) == []  # c has not waited long enough
+        assert slots.turn_due(t + 31, 30.0) == ["b", "a"]
+        slots.held_since["a"] = t + 10
+        assert slots.turn_due(t + 31, 30.0) == ["b"]  # a has not held its slot long enough
+        slots.release("b")
+        await waiter
+        assert slots.holders == {"a", "c"}
+        assert slots.turn_due(t + 100, 30.0) == []  # nobody waits
+
+    asyncio.run(scenario())
 
 
 def test_config_allowlist_rules() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import math
 import time
@@ -388,6 +389,93 @@ def test_slot_budget_makes_the_extra_device_wait_with_a_clear_status(
     assert waits
     assert {"slots_used": 1, "slots": 1}.items() <= dict(waits[0].detail).items()
     assert testbed.count("connect", first[0]) == 1  # never tried before a slot was free
+
+
+def _first_value_after(sink: RecordingSink, address: str, t: float) -> float | None:
+    return next((s.t_mono for s in sink.samples if s.stream.device == address and s.t_mono > t), None)
+
+
+def delivered_after(sink: RecordingSink, address: str, t: float) -> bool:
+    return _first_value_after(sink, address, t) is not None
+
+
+def not_connected(drv: BleDriver, address: str) -> bool:
+    return state(drv, address) != "connected"
+
+
+def slot_rotation(
+    testbed: Testbed, wearables: Callable[..., WearableProcess], rounds: int, turn_s: float
+) -> tuple[list[float], RecordingSink, list[str]]:
+    """Three wearables, two slots: one at a time leaves and returns; time to its first value back."""
+    ws = [wearables("hr", rate=10), wearables("plx", rate=10), wearables("thermo", rate=10)]
+    addresses = [w.address for w in ws]
+    drv = driver(
+        [{"address": w.address, "profile": p} for w, p in zip(ws, ("hr", "plx", "thermo"), strict=True)],
+        slots=2,
+        slot_turn_s=turn_s,
+        lost_after_s=1.0,
+    )
+    sink = RecordingSink(blocks=False)
+    back: list[float] = []
+
+    async def scenario() -> None:
+        async with running(drv, sink):
+            await wait_for(lambda: "waiting_slot" in {state(drv, a) for a in addresses}, 5, "a waiter")
+            waiter = next(a for a in addresses if state(drv, a) == "waiting_slot")
+            await wait_for(
+                lambda: any(a.detail["cause"] == "waiting_slot" for a in sink.alarms), 5, "its alarm"
+            )
+            assert testbed.count("connect", waiter) == 0  # reported as waiting, not as failing
+            for k in range(rounds):
+                leaver = next(a for a in addresses if state(drv, a) == "connected")
+                await asyncio.to_thread(testbed.set_in_range, leaver, False)
+                await wait_for(functools.partial(not_connected, drv, leaver), 5, "the link to drop")
+                await asyncio.sleep(1.5)  # long enough for its lost alarm and for the slot to go
+                t_in = time.monotonic()
+                await asyncio.to_thread(testbed.set_in_range, leaver, True)
+                await wait_for(
+                    functools.partial(delivered_after, sink, leaver, t_in),
+                    turn_s + 6,
+                    f"round {k}: data from the returning wearable",
+                )
+                first = _first_value_after(sink, leaver, t_in)
+                assert first is not None
+                back.append(first - t_in)
+            # every wearable had its turn: all delivered values in the last few turns
+            t = time.monotonic()
+            await wait_for(
+                lambda: all(_first_value_after(sink, a, t) is not None for a in addresses),
+                3 * turn_s + 6,
+                "every wearable to deliver again",
+            )
+
+    asyncio.run(scenario())
+    return back, sink, addresses
+
+
+def test_a_returning_wearable_gets_a_slot_in_bounded_time_with_fewer_slots_than_wearables(
+    testbed: Testbed, wearables: Callable[..., WearableProcess]
+) -> None:
+    turn_s = 1.5
+    back, sink, _ = slot_rotation(testbed, wearables, 2, turn_s)
+    print(
+        f"\nBLE, 3 wearables on 2 slots, turn {turn_s:g} s: first value {min(back):.2f}-{max(back):.2f} s after return"
+    )
+    assert max(back) < turn_s + 4.0, back
+    causes = {str(a.detail["cause"]) for a in sink.alarms_of(AlarmKind.SENSOR_LOST)}
+    assert "connect_failed" not in causes  # nobody failed: they were away or waiting
+    assert {"out_of_range", "waiting_slot"} <= causes
+
+
+@pytest.mark.campaign
+def test_wearables_leaving_and_returning_campaign(
+    testbed: Testbed, wearables: Callable[..., WearableProcess]
+) -> None:
+    turn_s = 5.0
+    back, sink, _ = slot_rotation(testbed, wearables, 12, turn_s)
+    print(f"\nBLE campaign, 12 returns, turn {turn_s:g} s: first value {min(back):.2f}-{max(back):.2f} s")
+    assert max(back) < turn_s + 4.0, back
+    assert "connect_failed" not in {str(a.detail["cause"]) for a in sink.alarms_of(AlarmKind.SENSOR_LOST)}
 
 
 # -- injected BlueZ errors ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from drivers.mcu.protocol import SampleAssembler, SeqTracker, metric_for
+from drivers.mcu.protocol import NodeRestartedError, SampleAssembler, SeqTracker, metric_for
 from firmware_bridge.messages import Channel, Samples
 from firmware_bridge.timesync import ClockSync, TickUnwrapper
 from gateway.sample import MDC, Quality, Stream
@@ -120,6 +120,25 @@ def test_assembler_reports_gaps_without_filling_them_and_drops_duplicates() -> N
     assert asm.duplicates == 1
     assert asm.add(Samples(9, 0, 0, (1,)), 0.0) == (None, None)
     assert asm.unknown_channel == 1
+
+
+def test_a_repeated_frame_is_neither_a_loss_nor_a_restart() -> None:
+    t = SeqTracker()
+    for seq in (10, 11, 12, 12, 11, 13):
+        assert t.see(seq) == 0
+    assert (t.lost, t.resets) == (0, 0)
+
+
+def test_assembler_sees_a_reboot_in_the_sample_counter_or_the_clock() -> None:
+    asm, _ = _assembler()
+    for k in range(5):
+        assert asm.add(Samples(0, 10 * k, 100 * k, tuple(range(10))), 0.0)[0] is not None
+    with pytest.raises(NodeRestartedError, match="counter of pressure went back from 50 to 0"):
+        asm.add(Samples(0, 0, 0, (1, 2, 3)), 0.0)  # a node that booted again, its HELLO lost
+    asm, _ = _assembler()
+    asm.add(Samples(0, 1000, 5000, (1, 2)), 0.0)
+    with pytest.raises(NodeRestartedError, match=r"clock of pressure went back 4\.0 s"):
+        asm.add(Samples(0, 1002, 1000, (3,)), 0.0)  # counter kept, clock started again
 
 
 def test_assembler_never_moves_time_backwards_after_a_clock_refit() -> None:

@@ -8,13 +8,16 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from peers import RecordingSink, running_driver
 
 from drivers.mcu.commands import add_commands
-from drivers.mcu.config import SimNodeConfig
+from drivers.mcu.config import McuConfig, SimNodeConfig
+from drivers.mcu.driver import McuDriver, factory
 from drivers.mcu.link import Link, NodeRefusedError
 from drivers.mcu.simnode import RunningSimNode, run_sim_node
 from drivers.mcu.update import PushResult, UpdateRefusedError, node_hello, push_firmware
@@ -31,6 +34,7 @@ from firmware_bridge.manifest import (
     sign_image,
 )
 from firmware_bridge.messages import BootState, Cap, Health, MsgType, NackCode, begin_body, parse_version
+from gateway.contracts import SourceInfo
 from gateway.errors import TransientError
 
 pytestmark = pytest.mark.slow
@@ -318,3 +322,55 @@ def test_sim_node_command_runs_the_node_on_a_linked_pty(tmp_path: Path) -> None:
     assert proc.returncode == 0  # the node itself got SIGTERM: the command became the node
     assert "stats sent=" in err
     assert not link.exists()
+
+
+def test_a_push_to_a_node_a_running_driver_reads_borrows_the_port_and_gives_it_back(
+    tmp_path: Path, keys: Keys
+) -> None:
+    image = tmp_path / "fw.bin"
+    assert _cli("sim", "node-image", str(image), "--version", "1.1.0") == 0
+    signing = ("--key", str(keys.private), "--target", SIM_TARGET, "--version", "1.1.0")
+    assert _cli("firmware", "sign", str(image), *signing) == 0
+    push = [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "firmware",
+        "push",
+        str(image),
+        "--pubkey",
+        str(keys.public_file),
+    ]
+
+    async def main() -> tuple[str, float, float, McuDriver, RecordingSink]:
+        sink = RecordingSink(samples=False)
+        async with run_sim_node(_node_cfg(tmp_path, keys), "test node") as node:
+            driver = factory(
+                SourceInfo("motor7-adc", "plant-A/motor-7", "industrial"), McuConfig(port=node.path)
+            )
+            async with running_driver(driver, sink):
+                t0 = time.monotonic()
+                # A separate program, as on site: it finds the port taken and borrows it.
+                proc = await asyncio.create_subprocess_exec(
+                    *push, "--port", str(node.path), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                )
+                out, err = await asyncio.wait_for(proc.communicate(), 60)
+                t_done = time.monotonic()
+                assert proc.returncode == 0, err.decode()
+                while not any(at > t_done for at, _ in sink.blocks):
+                    assert time.monotonic() - t_done < 5, "no data after the push"
+                    await asyncio.sleep(0.01)
+                back = next(at for at, _ in sink.blocks if at > t_done) - t_done
+                return out.decode(), back, t_done - t0, driver, sink
+
+    out, back, push_s, driver, sink = asyncio.run(main())
+    print(f"\nfirmware push through a running driver: {push_s:.2f} s; data back {back:.2f} s after it ended")
+    assert "paused for the push" in out
+    assert "COMMITTED node SIM-0001: 1.0.0 -> 1.1.0" in out
+    assert back < 2.0
+    assert driver.hello is not None
+    assert driver.hello.fw_version == V1_1_0  # connected again to the new image
+    (lent,) = [d.detail for d in sink.diagnostics if d.kind == "mcu_handover"]
+    assert 0 < float(lent["held_s"]) <= push_s
+    assert float(lent["held_s"]) <= float(lent["gap_s"]) <= push_s + back
+    assert driver.counters["handovers"] == 1

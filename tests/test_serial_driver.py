@@ -13,14 +13,13 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import RecordingSink
+from peers import RecordingSink, socat_ptys
 
 from drivers.serial import contec, masimo, nonin
 from drivers.serial.config import SerialConfig
@@ -74,25 +73,12 @@ async def running(drv: SerialOximeter, sink: RecordingSink) -> AsyncIterator[asy
 def socat_pair(tmp_path: Path) -> Iterator[tuple[str, int]]:
     """A socat pty pair: the driver's end (a path) and the device's end (an open fd)."""
     a, b = tmp_path / "monitor", tmp_path / "device"
-    proc = subprocess.Popen(
-        ["socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 5.0
-        while not (a.exists() and b.exists()):
-            assert proc.poll() is None, "socat exited"
-            assert time.monotonic() < deadline, "socat made no ptys"
-            time.sleep(0.01)
+    with socat_ptys(a, b):
         fd = os.open(b, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         try:
             yield str(a), fd
         finally:
             os.close(fd)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=5)
 
 
 def device_bytes(protocol: str) -> bytes:
@@ -379,3 +365,15 @@ def test_factory_and_config_checks(tmp_path: Path) -> None:
         asyncio.run(
             driver(str(regular), protocol="nonin2").run(RecordingSink(blocks=False), started=lambda: None)
         )
+
+
+def test_streams_remembered_across_runs_stay_bounded_whatever_serial_numbers_a_device_reports() -> None:
+    drv = driver("/dev/ttyUSB0")
+    first = drv.stream(SPO2)
+    assert drv.stream(SPO2) is first  # one object per identity, reused
+    for n in range(1000):
+        drv._serial_number = f"SN{n:05d}"  # what a device reporting a new identity each time does
+        drv.stream(SPO2)
+    assert len(drv._streams) <= 64
+    drv._serial_number = "SN00999"
+    assert drv.stream(SPO2).device == "SN00999"

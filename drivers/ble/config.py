@@ -43,6 +43,9 @@ class BleConfig(ConfigModel):
     # Reconnect backoff after a failed cycle or a lost link: capped, jittered exponential.
     reconnect_min_s: float = Field(default=1.0, gt=0, le=60)
     reconnect_max_s: float = Field(default=60.0, gt=0, le=3600)
+    # With more devices heard than slots: a device that has waited this long takes the slot of the
+    # device that has held one longest (and at least this long), which waits in turn.
+    slot_turn_s: float = Field(default=30.0, ge=1, le=3600)
     # A device not connected for this long (out of range, powered off) raises SENSOR_LOST.
     lost_after_s: float = Field(default=15.0, gt=0, le=3600)
     # Restart a scan that reported nothing for this long while a device is being looked for.

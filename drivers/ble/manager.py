@@ -4,7 +4,10 @@ Field experience with BlueZ (Home Assistant's Bluetooth stack runs into all of i
 policy:
 
 * An adapter holds 5-7 connections in all; past that ``Connect`` fails in odd ways. The source
-  takes at most ``slots`` of them and a device beyond the budget waits, saying so.
+  takes at most ``slots`` of them and a device beyond the budget waits, saying so.  Waiting is
+  bounded: a device that has waited ``slot_turn_s`` takes the slot of the device that has held
+  one longest (at least ``slot_turn_s``), which queues in turn; so a wearable that left and came
+  back while another took its slot is not shut out for the rest of the run.
 * A connection cycle makes at most ``max_connect_attempts`` attempts (one BlueZ ``Connect`` and
   service discovery each, at most ``connect_timeout_s``) within ``connect_budget_s`` all told,
   through ``bleak-retry-connector``.
@@ -155,7 +158,29 @@ class SlotBudget:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self.holders: set[str] = set()
+        self.held_since: dict[str, float] = {}  # holder -> when it took its slot (monotonic)
         self._waiters: collections.OrderedDict[str, asyncio.Future[None]] = collections.OrderedDict()
+        self._queued_at: dict[str, float] = {}
+
+    def _hold(self, address: str) -> None:
+        self.holders.add(address)
+        self.held_since[address] = time.monotonic()
+
+    def turn_due(self, now: float, turn_s: float) -> list[str]:
+        """Holders that should give their slot to the first waiter now, longest holder first.
+
+        Empty unless the first waiter has waited ``turn_s``; only holders that have held their
+        slot ``turn_s`` or longer are listed.
+        """
+        if not self._waiters:
+            return []
+        first = next(iter(self._waiters))
+        if now - self._queued_at.get(first, now) < turn_s:
+            return []
+        return sorted(
+            (a for a in self.holders if now - self.held_since.get(a, now) >= turn_s),
+            key=lambda a: self.held_since[a],
+        )
 
     @property
     def used(self) -> int:
@@ -172,7 +197,7 @@ class SlotBudget:
         if address in self.holders:
             return True
         if len(self.holders) < self.slots and not self._waiters:
-            self.holders.add(address)
+            self._hold(address)
             return True
         return False
 
@@ -182,11 +207,13 @@ class SlotBudget:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[address] = fut
+        self._queued_at[address] = time.monotonic()
         try:
             await fut
         except BaseException:
             if self._waiters.get(address) is fut:
                 del self._waiters[address]
+                self._queued_at.pop(address, None)
             elif fut.done() and not fut.cancelled():
                 # The slot was handed over just as we were cancelled: give it back.
                 self.release(address)
@@ -197,11 +224,13 @@ class SlotBudget:
         if address not in self.holders:
             return
         self.holders.discard(address)
+        self.held_since.pop(address, None)
         while self._waiters and len(self.holders) < self.slots:
             nxt, fut = self._waiters.popitem(last=False)
+            self._queued_at.pop(nxt, None)
             if fut.done():
                 continue
-            self.holders.add(nxt)
+            self._hold(nxt)
             fut.set_result(None)
 
 
@@ -226,6 +255,9 @@ class ManagedDevice:
     connections: int = 0
     last_error: str | None = None  # failure token of the last attempt
     lost: bool = False  # a SENSOR_LOST alarm is standing
+    lost_as: str | None = None  # the cause that alarm named
+    lost_told_at: float = 0.0  # when it (or its last cause update) was raised
+    slot_warned: bool = False  # the first wait for a slot is a warning, the later ones are not
     info: dict[str, str] = field(default_factory=dict)  # Device Information: local only
     battery: int | None = None
     heard: asyncio.Event = field(default_factory=asyncio.Event)
@@ -240,6 +272,8 @@ class ManagedDevice:
         """Why the device is away, as an alarm token."""
         if self.last_error == "wrong_service":
             return "wrong_service"
+        if self.state == DeviceState.WAITING_SLOT:
+            return "waiting_slot"  # heard and ready: it never tried, every slot is taken
         if self.heard_at is None or self.heard_at < self.down_since or self.last_error in UNREACHABLE:
             return "out_of_range"
         return "connect_failed"
@@ -306,6 +340,8 @@ class ConnectionManager:
         self._rng = rng or random.Random()
         self._scanner: BleakScanner | None = None
         self._clients: dict[str, BleakClient] = {}
+        self._link_down: dict[str, asyncio.Event] = {}  # connected devices: set to end the link
+        self._turn_over: set[str] = set()  # devices told to give their slot to a waiting one
         self._bus: MessageBus | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._fatal: asyncio.Future[None] | None = None
@@ -340,7 +376,9 @@ class ConnectionManager:
         dev.state = state
         dev.since = time.monotonic()
         if state == DeviceState.WAITING_SLOT:
-            _LOGGER.warning(
+            log = _LOGGER.debug if dev.slot_warned else _LOGGER.warning
+            dev.slot_warned = True
+            log(
                 "ble %s: %s waits for a connection slot: %d of %d in use on %s; raise 'slots' if the "
                 "adapter has room, or move devices to another adapter",
                 self.name,
@@ -422,7 +460,8 @@ class ConnectionManager:
                     and now - dev.down_since >= self.cfg.lost_after_s
                 ):
                     dev.lost = True
-                    cause = dev.lost_cause()
+                    cause = dev.lost_as = dev.lost_cause()
+                    dev.lost_told_at = now
                     _LOGGER.warning(
                         "ble %s: %s lost for %.0f s (%s); still trying to reconnect",
                         self.name,
@@ -431,6 +470,22 @@ class ConnectionManager:
                         cause,
                     )
                     self.handler.lost(dev, cause)
+                elif (
+                    dev.lost
+                    and dev.state != DeviceState.CONNECTED
+                    and now - dev.lost_told_at >= self.cfg.lost_after_s
+                    and (cause := dev.lost_cause()) != dev.lost_as
+                    and DeviceState.WAITING_SLOT.value in (cause, dev.lost_as)
+                ):
+                    # Back in range but waiting for a slot (or the reverse): the standing alarm's
+                    # cause is no longer true. At most one update per lost_after_s: no flapping.
+                    _LOGGER.info(
+                        "ble %s: %s still away, now %s (was %s)", self.name, dev.label, cause, dev.lost_as
+                    )
+                    dev.lost_as = cause
+                    dev.lost_told_at = now
+                    self.handler.lost(dev, cause)
+            self._take_turns(now)
             looking = any(
                 d.state in (DeviceState.SCANNING, DeviceState.BACKOFF) for d in self.devices.values()
             )
@@ -446,6 +501,26 @@ class ConnectionManager:
                 await self._stop_scanner()
                 await self._start_scanner()
                 self.watchdog.restarted(time.monotonic())
+
+    def _take_turns(self, now: float) -> None:
+        """Give a long-waiting device the slot of the longest connected holder (see the module doc)."""
+        if self._turn_over:
+            return  # one hand-over at a time
+        for address in self.slots.turn_due(now, self.cfg.slot_turn_s):
+            down = self._link_down.get(address)
+            if down is None:
+                continue  # still connecting: never cut an attempt short
+            waiter = self.devices[self.slots.waiting[0]]
+            _LOGGER.info(
+                "ble %s: %s gives its slot to %s, waiting %.0f s; it queues for the next free slot",
+                self.name,
+                self.devices[address].label,
+                waiter.label,
+                now - waiter.since,
+            )
+            self._turn_over.add(address)
+            down.set()
+            return
 
     # -- BlueZ housekeeping ------------------------------------------------------------------------
 
@@ -590,6 +665,7 @@ class ConnectionManager:
     async def _connected(self, dev: ManagedDevice, client: BleakClient, link_down: asyncio.Event) -> None:
         """Run the driver's session until the link drops or the session fails."""
         self._clients[dev.address] = client
+        self._link_down[dev.address] = link_down
         dev.connections += 1
         self._set(dev, DeviceState.CONNECTED)
         if dev.lost:
@@ -614,8 +690,12 @@ class ConnectionManager:
             dev.down_since = time.monotonic()
             dev.heard.clear()
             self._clients.pop(dev.address, None)
+            self._link_down.pop(dev.address, None)
             await self._disconnect(client)
-        if session.done() and not session.cancelled() and (exc := session.exception()) is not None:
+        if dev.address in self._turn_over:
+            self._turn_over.discard(dev.address)
+            dev.last_error = "slot_turn"
+        elif session.done() and not session.cancelled() and (exc := session.exception()) is not None:
             if isinstance(exc, WrongServiceError):
                 dev.last_error = "wrong_service"
                 _LOGGER.error(

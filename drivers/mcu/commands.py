@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from drivers.mcu.config import BAUD_RATES, SimNodeConfig
+from drivers.mcu.handover import port_from_gateway
 from drivers.mcu.link import Link
 from drivers.mcu.simnode import sim_node_args
-from drivers.mcu.update import UpdateRefusedError, node_hello, push_firmware
+from drivers.mcu.update import PushResult, UpdateRefusedError, node_hello, push_firmware
+from drivers.portlock import PortInUseError
 from firmware_bridge.build import build_sim_node, cache_dir
 from firmware_bridge.manifest import (
     SIM_FLAG_SELFTEST_FAIL,
@@ -130,18 +132,29 @@ async def _push(args: argparse.Namespace, image: bytes, signed: SignedManifest, 
         if args.progress:
             sys.stderr.write(f"\r{done}/{total} bytes")
 
-    async with Link(
-        args.port, baud=args.baud, timeout_s=args.timeout, retries=args.retries, who="firmware push"
-    ) as link:
-        res = await push_firmware(
-            link,
-            image,
-            signed,
-            public,
-            health_timeout_s=args.health_timeout,
-            force=args.force,
-            progress=progress,
-        )
+    async def push() -> PushResult:
+        async with Link(
+            args.port, baud=args.baud, timeout_s=args.timeout, retries=args.retries, who="firmware push"
+        ) as link:
+            return await push_firmware(
+                link,
+                image,
+                signed,
+                public,
+                health_timeout_s=args.health_timeout,
+                force=args.force,
+                progress=progress,
+            )
+
+    try:
+        res = await push()
+    except PortInUseError as busy:
+        # A running gateway reads this node: it lends the port for the push and takes it back.
+        async with port_from_gateway(args.port, "firmware push") as lent:
+            if not lent:
+                raise busy from None
+            _say(f"the gateway's source on {args.port} paused for the push; it resumes when the push ends")
+            res = await push()
     if args.progress:
         sys.stderr.write("\n")
     detail = (
@@ -185,6 +198,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    # A status query never pauses a gateway's source: a port in use is refused, naming the holder.
     async with Link(args.port, baud=args.baud, timeout_s=args.timeout, who="firmware status") as link:
         h = await node_hello(link)
     caps = ", ".join((c.name or "").lower() for c in Cap if c in h.caps) if h.caps else "none"

@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable
 
 from drivers.mcu.config import McuConfig
+from drivers.mcu.handover import HandoverServer
 from drivers.mcu.link import Link, NodeRefusedError
-from drivers.mcu.protocol import SampleAssembler, metric_for
+from drivers.mcu.protocol import NodeRestartedError, SampleAssembler, metric_for
 from drivers.mcu.simnode import run_sim_node
 from firmware_bridge.framing import Frame
 from firmware_bridge.messages import (
@@ -57,6 +58,9 @@ class McuDriver:
         self._link: Link | None = None
         self._hello: Hello | None = None
         self._rebooted = False
+        self._seq_restarts = 0  # the link's count when the current session began
+        self._restart_why = ""
+        self._lent: tuple[float, float] | None = None  # (lent at, seconds held) of the last push
         self._wall_offset = time.time() - time.monotonic()
         self._pending_gaps: dict[str, list[int]] = {}
         self.counters: dict[str, float] = {}
@@ -84,23 +88,28 @@ class McuDriver:
             else:
                 assert cfg.port is not None
                 path = cfg.port
-            link = Link(
-                path,
-                baud=cfg.baud,
-                timeout_s=cfg.request_timeout_s,
-                retries=cfg.retries,
-                on_frame=self._on_frame,
-                who=self._who,
-            )
-            await stack.enter_async_context(link)
-            self._link = link
-            try:
-                while True:
-                    await self._handshake(link, sink)
-                    await self._stream(link, sink)
-            finally:
-                self._link = None
-                self._final = self.snapshot_of(link)
+            handover: HandoverServer | None = None
+            while True:
+                link = Link(
+                    path,
+                    baud=cfg.baud,
+                    timeout_s=cfg.request_timeout_s,
+                    retries=cfg.retries,
+                    on_frame=self._on_frame,
+                    who=self._who,
+                )
+                async with link:
+                    if handover is None:  # once the port is known to be there and ours
+                        handover = await stack.enter_async_context(HandoverServer(path, self._who))
+                    self._link = link
+                    try:
+                        while not await self._stream(link, sink, handover):
+                            pass
+                    finally:
+                        self._link = None
+                        self._final = self.snapshot_of(link)
+                # The port is closed now: lend it to the firmware push, then open it again.
+                await self._lend(handover)
 
     # -- handshake ---------------------------------------------------------------------------
 
@@ -130,6 +139,7 @@ class McuDriver:
                 f"{self._who} node {hello.node_id}: no answer to time sync: check the node's firmware"
             )
         streams: dict[int, tuple[Channel, Stream]] = {}
+        previous, self.streams = self.streams, {}
         for ch in channels:
             stream = Stream(
                 source=self._info.name,
@@ -139,8 +149,13 @@ class McuDriver:
                 kind=self._info.kind,
                 rate_hz=ch.rate_hz,
             )
+            # One object per stream across handshakes: the pipeline's caches are keyed by object,
+            # so a node in a reset loop must not hand it a new one each time.
+            if previous.get(ch.name) == stream:
+                stream = previous[ch.name]
             streams[ch.channel] = (ch, stream)
             self.streams[ch.name] = stream
+        self._seq_restarts = link.seq_restarts
         self._clock = clock
         self._hello = hello
         self._pending_gaps.clear()
@@ -206,7 +221,24 @@ class McuDriver:
 
     # -- streaming ---------------------------------------------------------------------------
 
-    async def _stream(self, link: Link, sink: SampleSink) -> None:
+    async def _lend(self, handover: HandoverServer) -> None:
+        """Hand the closed port to a firmware push until it hangs up (bounded)."""
+        _LOGGER.info("%s: port lent to a firmware push; streaming stopped", self._who)
+        t0 = time.monotonic()
+        pid, held = await handover.hand_over()
+        self._lent = (t0, held)
+        _LOGGER.info("%s: port back from PID %d after %.1f s; connecting again", self._who, pid, held)
+        self._count("handovers")
+
+    async def _stream(self, link: Link, sink: SampleSink, handover: HandoverServer) -> bool:
+        """Handshake and stream until the node reboots (False) or the port is to be lent (True)."""
+        await self._handshake(link, sink)
+        if self._lent is not None:
+            (lent_at, held), self._lent = self._lent, None
+            gap = time.monotonic() - lent_at
+            _LOGGER.info("%s: connected again %.1f s after the port was lent", self._who, gap)
+            detail: dict[str, float | str] = {"held_s": round(held, 3), "gap_s": round(gap, 3)}
+            sink.diagnostic(Diagnostic("mcu_handover", self._info.subject, time.time(), detail))
         cfg = self._cfg
         clock = self._clock
         assert clock is not None
@@ -217,9 +249,11 @@ class McuDriver:
         while True:
             await asyncio.sleep(_TICK_S)
             link.check()
+            if handover.requested.is_set():
+                return True
             if self._rebooted:
-                _LOGGER.info("%s: node rebooted, connecting again", self._who)
-                return
+                _LOGGER.info("%s: node rebooted (%s), connecting again", self._who, self._restart_why)
+                return False
             now = time.monotonic()
             if now - link.last_rx > cfg.silence_s:
                 raise TransientError(
@@ -250,7 +284,16 @@ class McuDriver:
             except MessageError:
                 self._count("malformed")
                 return
-            block, gap = asm.add(batch, self._wall_offset)
+            # Its boot HELLO may be lost (or never sent): the data says it rebooted all the same.
+            link = self._link
+            if link is not None and link.seq_restarts != self._seq_restarts:
+                self._restarted("its frame numbers started again")
+                return
+            try:
+                block, gap = asm.add(batch, self._wall_offset)
+            except NodeRestartedError as exc:
+                self._restarted(str(exc))
+                return
             if gap is not None:
                 entry = self._pending_gaps.setdefault(gap.channel, [0, 0])
                 entry[0] += gap.missing
@@ -265,12 +308,19 @@ class McuDriver:
         elif frame.type == MsgType.HELLO:
             # During the handshake a boot hello only says what the handshake is finding out anyway.
             if self._asm is not None:
-                self._asm = None  # stop delivering: channels and clock are re-learned
-                self._rebooted = True
+                self._restarted("boot hello")
         elif frame.type == MsgType.ERROR:
             self._on_error(sink, frame)
         else:
             self._count("unexpected_frames")
+
+    def _restarted(self, why: str) -> None:
+        """Stop delivering at once; the stream loop connects again (channels and clock re-learned)."""
+        self._asm = None
+        self._rebooted = True
+        self._count("node_restarts")
+        _LOGGER.debug("%s: node restart seen: %s", self._who, why)
+        self._restart_why = why
 
     def _on_error(self, sink: SampleSink, frame: Frame) -> None:
         try:

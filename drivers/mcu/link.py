@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Self
 
 from drivers.mcu.protocol import SeqTracker
+from drivers.portlock import in_use_error, lock_exclusive
 from firmware_bridge.framing import DropReason, Frame, FrameDecoder, encode_frame
 from firmware_bridge.messages import Ack, MessageError, MsgType, Nack, NackCode
 from gateway.errors import ConfigError, EdgetwinError, TransientError
@@ -71,8 +72,8 @@ class LinkStats:
     drops: dict[str, int] = field(default_factory=dict)
 
 
-def open_serial(path: Path, baud: int) -> int:
-    """Open a tty raw, 8N1, non-blocking, no flow control; return its descriptor."""
+def open_serial(path: Path, baud: int, who: str = "mcu") -> int:
+    """Open a tty raw, 8N1, non-blocking, no flow control, locked against other programs; its descriptor."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError as exc:
@@ -84,11 +85,15 @@ def open_serial(path: Path, baud: int) -> int:
             f"mcu port {path}: cannot open: permission denied: add the gateway's user to the dialout group"
         ) from exc
     except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise in_use_error(who, path) from exc
         raise TransientError(f"mcu port {path}: cannot open: {exc.strerror}: check the device") from exc
     if not os.isatty(fd):
         os.close(fd)
         raise ConfigError(f"mcu port {path}: not a terminal device: set port to a serial device")
     try:
+        # Before any setting: a second reader would take part of the node's frames.
+        lock_exclusive(fd, who, path)
         tty.setraw(fd)
         attrs = termios.tcgetattr(fd)
         speed = _SPEEDS.get(baud, termios.B115200)
@@ -134,7 +139,7 @@ class Link:
 
     async def __aenter__(self) -> Self:
         """Open the port and start reading."""
-        self._fd = open_serial(self.path, self.baud)
+        self._fd = open_serial(self.path, self.baud, self.who)
         asyncio.get_running_loop().add_reader(self._fd, self._on_readable)
         self.last_rx = time.monotonic()
         _LOGGER.debug("%s: link open on %s", self.who, self.path)
@@ -161,6 +166,11 @@ class Link:
     def drops(self) -> dict[str, int]:
         """Dropped frames by reason."""
         return {str(k): v for k, v in self._decoder.drops.items()}
+
+    @property
+    def seq_restarts(self) -> int:
+        """How often the node's sequence numbers went far back outside a HELLO: reboots."""
+        return self._seq.resets
 
     def reset_seq(self) -> None:
         """Forget the node's sequence numbers (it rebooted)."""

@@ -18,6 +18,11 @@ from firmware_bridge.timesync import ClockSync, TickUnwrapper
 from gateway.sample import MDC, Metric, Quality, SampleBlock, Stream, industrial_metric
 
 _SEQ_WRAP = 1 << 16
+_SEQ_REPLAY = 2  # a frame this few numbers behind is a repeat on the line, not a restart
+
+
+class NodeRestartedError(Exception):
+    """The node's sample counter or clock went backwards: it rebooted (seen with or without a HELLO)."""
 
 
 class SeqTracker:
@@ -37,6 +42,9 @@ class SeqTracker:
         if expected is None:
             return 0
         gap = (seq - expected) % _SEQ_WRAP
+        if gap >= _SEQ_WRAP - _SEQ_REPLAY:
+            self._next = expected  # a repeated frame: neither a loss nor a restart
+            return 0
         if gap >= _SEQ_WRAP // 2:
             # Far behind: the node restarted its counter (a reboot), not 30,000 lost frames.
             self.resets += 1
@@ -78,6 +86,7 @@ class _ChannelState:
     first_index: int | None = None
     next_index: int | None = None
     last_t: float = float("-inf")
+    last_tick: float = float("-inf")  # the latest batch's first tick, unwrapped
     delivered: int = 0
     missing: int = 0
 
@@ -122,6 +131,8 @@ class SampleAssembler:
         """The block of a batch (None if nothing new) and the gap before it (None if none).
 
         ``wall_offset`` is ``time.time() - time.monotonic()`` of the gateway, for ``t_wall``.
+        Raises :class:`NodeRestartedError` when the batch's sample counter or clock went back
+        further than a repeated batch could: the node rebooted, its clock must be learnt again.
         """
         st = self._ch.get(batch.channel)
         if st is None:
@@ -129,6 +140,15 @@ class SampleAssembler:
             return None, None
         n = len(batch.raw)
         first = st.index(batch.first_index)
+        tick = self.clock.unwrap(batch.first_tick)
+        if st.next_index is not None and st.next_index - first > 2 * max(n, 1):
+            raise NodeRestartedError(
+                f"sample counter of {st.desc.name} went back from {st.next_index} to {first}"
+            )
+        if tick < st.last_tick - self.clock.tick_hz:
+            back_s = (st.last_tick - tick) / self.clock.tick_hz
+            raise NodeRestartedError(f"clock of {st.desc.name} went back {back_s:.1f} s")
+        st.last_tick = max(st.last_tick, tick)
         gap: Gap | None = None
         skip = 0
         if st.next_index is not None:
@@ -145,7 +165,7 @@ class SampleAssembler:
         st.next_index = first + n
         raw = np.asarray(batch.raw[skip:], np.int64)
         k = np.arange(skip, n, dtype=np.float64)
-        ticks = self.clock.unwrap(batch.first_tick) + k * st.step_ticks
+        ticks = tick + k * st.step_ticks
         t_mono = self.clock.to_gateway(ticks)
         if t_mono[0] <= st.last_t:
             # A refit of the clock moved time back a little: shift the batch, never reorder.

@@ -110,7 +110,8 @@ class OpcUaConfig(ConfigModel):
     # A connection that delivered no publish response (data or keep-alive) for this long is dead.
     keepalive_timeout_s: float = Field(default=10.0, ge=1, le=600)
     reconnect_min_s: float = Field(default=0.5, gt=0, le=60)
-    reconnect_max_s: float = Field(default=5.0, gt=0, le=600)
+    # A refused connect to a PLC costs nothing; a short cap keeps pickup within ~3 s of it listening.
+    reconnect_max_s: float = Field(default=2.0, gt=0, le=600)
     # How often every node is checked again (still there, same data type); bad nodes are retried then.
     verify_interval_s: float = Field(default=10.0, ge=1, le=3600)
     # Source/server timestamps further than this from the gateway clock are not used for t_wall.

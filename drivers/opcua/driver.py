@@ -82,6 +82,15 @@ _NODE_GONE = frozenset(
 )
 
 
+# A node addressed by NodeId that the server no longer knows was often recreated by a PLC program
+# download under a new NodeId: say what would follow it.
+_GONE_TOKENS = frozenset({"bad_nodeidunknown", "bad_nodeidinvalid"})
+_RECREATED_HINT = (
+    "; it is addressed by node_id: if the PLC recreated it under a new NodeId, "
+    "address it by browse_path instead, which follows a recreated node"
+)
+
+
 class LinkLost(Exception):  # noqa: N818 - a signal inside the driver, never raised out of it
     """The connection or subscription is gone; the inner loop reconnects."""
 
@@ -95,10 +104,8 @@ class _Item:
 
     __slots__ = (
         "data_type",
-        "handle",
         "index",
         "last_t_mono",
-        "monitored_id",
         "name",
         "node_id",
         "spec",
@@ -118,8 +125,6 @@ class _Item:
         )
         self.unit: str | None = None
         self.stream: Stream | None = None
-        self.handle = 0
-        self.monitored_id: int | None = None
         self.state = "pending"  # pending | good | bad
         self.token = "pending"  # noqa: S105 - "good" or the status token of the problem
         self.last_t_mono = -math.inf
@@ -272,13 +277,14 @@ class OpcUaDriver:
         now_mono, now_wall = time.monotonic(), time.time()
         if state == "bad":
             log.warning(
-                "opcua %s %s: node %s (%s) is bad: %s; the other nodes continue, it is retried every %g s",
+                "opcua %s %s: node %s (%s) is bad: %s; the other nodes continue, it is retried every %g s%s",
                 self._info.name,
                 self._endpoint,
                 item.spec.address,
                 item.name or "?",
                 token,
                 self._cfg.verify_interval_s,
+                _RECREATED_HINT if item.spec.node_id is not None and token in _GONE_TOKENS else "",
             )
             detail: dict[str, float | str] = {"status": token}
             if item.stream is None:
@@ -360,7 +366,12 @@ class OpcUaDriver:
 
 
 class _Connection:
-    """One connection: client, session, subscription; created and thrown away per attempt."""
+    """One connection: client, session, subscription; created and thrown away per attempt.
+
+    Client handles and monitored item ids belong to one session, so they live here, keyed by the
+    item's index, and die with the connection: a handle remembered from a previous session would
+    name another node in this one.
+    """
 
     def __init__(self, driver: OpcUaDriver, sink: SampleSink) -> None:
         self.d = driver
@@ -371,7 +382,9 @@ class _Connection:
         self.lost = asyncio.Event()
         self.lost_reason = ""
         self.verify_now = False
-        self.by_handle: dict[int, _Item] = {}
+        self.by_handle: dict[int, _Item] = {}  # client handle -> item, this session only
+        self.handle_of: dict[int, int] = {}  # item index -> its client handle in this session
+        self.monitored_id: dict[int, int] = {}  # item index -> its monitored item id in this session
         self.next_handle = 1
         self.ns_array: list[str] = []
         self.device = ""
@@ -388,8 +401,12 @@ class _Connection:
 
     @property
     def good_count(self) -> int:
-        """Nodes verified and monitored."""
-        return sum(1 for item in self.d.items if item.state == "good")
+        """Nodes verified and monitored in this session, with their values delivered."""
+        return sum(
+            1
+            for item in self.d.items
+            if item.state == "good" and self.by_handle.get(self.handle_of.get(item.index, 0)) is item
+        )
 
     def _call(self, what: str, aw: Awaitable[_T], factor: float = 1.0) -> Awaitable[_T]:
         return bounded(what, self.cfg.request_timeout_s * factor, aw)
@@ -608,11 +625,12 @@ class _Connection:
         for item in items:
             spec = item.spec
             self.d.stream_for(item, self.device)
-            item.handle = self.next_handle
+            handle = self.next_handle
             self.next_handle += 1
-            self.by_handle[item.handle] = item
+            self.handle_of[item.index] = handle
+            self.by_handle[handle] = item
             params = ua.MonitoringParameters(
-                ClientHandle=item.handle,
+                ClientHandle=handle,
                 SamplingInterval=spec.sampling_interval_ms
                 if spec.sampling_interval_ms is not None
                 else cfg.sampling_interval_ms,
@@ -637,22 +655,24 @@ class _Connection:
             raise LinkLost(f"create monitored items: {status_token(exc.code)}") from exc
         for item, res in zip(items, results, strict=True):
             if isinstance(res, ua.StatusCode):
-                self.by_handle.pop(item.handle, None)
                 self._bad(item, status_token(res.value))
             else:
-                item.monitored_id = res
+                self.monitored_id[item.index] = res
                 self.d.set_health(item, "good")
 
+    def _forget(self, item: _Item) -> int | None:
+        """Stop delivering ``item``'s values; its monitored item id in this session, if any."""
+        handle = self.handle_of.pop(item.index, None)
+        if handle is not None:
+            self.by_handle.pop(handle, None)
+        return self.monitored_id.pop(item.index, None)
+
     def _bad(self, item: _Item, token: str) -> None:
-        self.by_handle.pop(item.handle, None)
-        item.monitored_id = None
+        self._forget(item)
         self.d.set_health(item, token)
 
     async def _unmonitor(self, items: Sequence[_Item]) -> None:
-        ids = [item.monitored_id for item in items if item.monitored_id is not None]
-        for item in items:
-            self.by_handle.pop(item.handle, None)
-            item.monitored_id = None
+        ids = [mid for mid in (self._forget(item) for item in items) if mid is not None]
         if ids and self.sub is not None and self.client is not None:
             params = ua.DeleteMonitoredItemsParameters(
                 SubscriptionId=self.sub.subscription_id, MonitoredItemIds=ids
@@ -684,9 +704,9 @@ class _Connection:
                     dt,
                 )
                 changed.append(item)
-        if changed:
-            await self._unmonitor(changed)
         retry = [item for item in self.d.items if item.state != "good" or item in changed]
+        # Changed nodes, and nodes found bad in a publish, may still hold a monitored item here.
+        await self._unmonitor([item for item in retry if item.index in self.monitored_id])
         if retry:
             for item in retry:
                 if item.spec.browse_path is not None:
@@ -777,7 +797,7 @@ class _Connection:
                             # A value that is not a single number: the node changed under us.
                             self.verify_now = True
                             self.d.set_health(item, "bad_typemismatch")
-                            by_handle.pop(mi.ClientHandle, None)
+                            by_handle.pop(mi.ClientHandle, None)  # its monitored item goes at the check
                             continue
                         value = number
                 ts = None
@@ -819,6 +839,8 @@ class _Connection:
             return
         self.client = None
         self.by_handle.clear()
+        self.handle_of.clear()
+        self.monitored_id.clear()
         await abandon(client)
 
 

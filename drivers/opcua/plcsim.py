@@ -19,6 +19,8 @@ with ``OK ...`` or ``ERR ...`` on standard output::
 
     remove <var>            delete a variable node (e.g. "Hydraulics/Pressure" or "Pressure")
     add <var>               put it back (same NodeId, browse name, properties)
+    recreate <var>          delete it and add it again under a new NodeId (same browse name), as a
+                            PLC program download does; a browse path follows it, its old NodeId not
     retype <var> <type>     replace it by one of data type double|float|int32|boolean|string
     fault <kind> <seconds>  valve_fault | bearing_wear (process model), sensor_off (vibration
                             values Bad_SensorFailure), stale (values frozen, Uncertain_LastUsableValue)
@@ -264,6 +266,7 @@ class PlcSim:
     server: Server = field(init=False)
     nodes: dict[str, Node] = field(init=False, default_factory=dict)
     types: dict[str, str] = field(init=False, default_factory=dict)
+    generation: dict[str, int] = field(init=False, default_factory=dict)  # recreations per variable
     faults: _Faults = field(init=False, default_factory=_Faults)
     last: dict[str, float] = field(init=False, default_factory=dict)
     t0_mono: float = field(init=False, default=0.0)
@@ -334,8 +337,9 @@ class PlcSim:
             parent = self.server.get_node(node_id(f"{ROOT}.{var.path.rpartition('/')[0]}", self.idx))
         vtype, convert = _TYPES[kind]
         initial: Any = "SN-PLC-0001" if var.path == "Info/SerialNumber" else convert(0.0)
+        gen = self.generation.get(var.path, 0)
         node = await parent.add_variable(
-            node_id(var.node_text, self.idx),
+            node_id(f"{var.node_text}.v{gen}" if gen else var.node_text, self.idx),
             ua.QualifiedName(var.path.rpartition("/")[2], self.idx),
             ua.Variant(initial, vtype),
         )
@@ -367,6 +371,16 @@ class PlcSim:
         if var.path in self.nodes:
             raise ValueError(f"{var.path} is already there")
         await self._add(var, kind or var.kind)
+        return var.path
+
+    async def recreate(self, name: str) -> str:
+        """Delete a variable and add it again under a new NodeId (same browse name and type)."""
+        var = find_var(name, self.extra_vars)
+        kind = self.types.get(var.path, var.kind)
+        if var.path in self.nodes:
+            await self.remove(var.path)
+        self.generation[var.path] = self.generation.get(var.path, 0) + 1
+        await self._add(var, kind)
         return var.path
 
     async def retype(self, name: str, kind: str) -> str:
@@ -471,6 +485,8 @@ async def _command(sim: PlcSim, source: ModelSource | SkabSource, line: str) -> 
             return f"OK remove {await sim.remove(args[0])}"
         if cmd == "add" and len(args) == 1:
             return f"OK add {await sim.add(args[0])}"
+        if cmd == "recreate" and len(args) == 1:
+            return f"OK recreate {await sim.recreate(args[0])}"
         if cmd == "retype" and len(args) == 2:
             return f"OK retype {await sim.retype(args[0], args[1].lower())}"
         if cmd == "fault" and len(args) == 2:
@@ -479,7 +495,7 @@ async def _command(sim: PlcSim, source: ModelSource | SkabSource, line: str) -> 
             return f"OK status {sim.status()}"
     except (KeyError, ValueError, UaError) as exc:
         return f"ERR {cmd}: {exc}"
-    return f"ERR unknown command {line.strip()!r}: remove|add|retype|fault|status|quit"
+    return f"ERR unknown command {line.strip()!r}: remove|add|recreate|retype|fault|status|quit"
 
 
 def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:
@@ -489,9 +505,21 @@ def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None
     loop.call_soon_threadsafe(queue.put_nowait, None)
 
 
-async def serve(sim: PlcSim, source: ModelSource | SkabSource, *, control: str, out: IO[str]) -> None:
+async def serve(
+    sim: PlcSim,
+    source: ModelSource | SkabSource,
+    *,
+    control: str,
+    out: IO[str],
+    start_with: Sequence[str] = (),
+) -> None:
     """Run the simulator until ``quit``, end of input (with stdin control) or a signal."""
     await sim.setup()
+    for command in start_with:
+        # Applied before listening, so a restarted PLC comes back already changed.
+        answer = await _command(sim, source, command)
+        if not answer.startswith("OK"):
+            raise ValueError(f"--start-with {command!r}: {answer}")
     await sim.server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -552,6 +580,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--trusted-clients", type=Path, default=None, help="accept only client certificates in here"
     )
     p.add_argument("--extra", type=int, default=0, help="add this many Bench/ItemNNNN variables (benchmarks)")
+    p.add_argument(
+        "--start-with",
+        action="append",
+        default=[],
+        metavar="COMMAND",
+        help='a control command applied before listening, e.g. "recreate Pressure"; repeatable',
+    )
     p.add_argument("--control", choices=["stdin", "none"], default="stdin")
     p.add_argument("--log-level", default="warning")
     return p
@@ -605,7 +640,7 @@ async def _main_async(args: argparse.Namespace) -> int:
     sim, source, faults = sim_from_args(args)
     for kind, at_s, duration_s in faults:
         sim.fault(source, kind, duration_s, at_s)
-    await serve(sim, source, control=args.control, out=sys.stdout)
+    await serve(sim, source, control=args.control, out=sys.stdout, start_with=args.start_with)
     return 0
 
 

@@ -53,6 +53,9 @@ _MISSING_QUALITY = Quality.BAD_STATUS  # a "no value" the device gave without sa
 _FAULT = int(FAULT_FLAGS)
 
 
+_MAX_STREAMS = 64  # streams remembered across runs (device identities x metrics x rates)
+
+
 class SerialOximeter:
     """A pulse oximeter on a serial port (Nonin, Masimo, Contec)."""
 
@@ -89,6 +92,10 @@ class SerialOximeter:
         st = self._streams.get(key)
         if st is None:
             st = Stream(self._info.name, self._info.subject, self.device, metric, "medical", self._rate)
+            if len(self._streams) >= _MAX_STREAMS:
+                # The identity comes from the device (its serial number): one that reports a new
+                # one each time must not grow this map; the oldest entry goes.
+                del self._streams[next(iter(self._streams))]
             self._streams[key] = st
         return st
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import serial
 import serial_asyncio_fast
 
+from drivers.portlock import in_use_error
 from drivers.serial.protocol import LineSettings
 from gateway.errors import ConfigError, TransientError
 
@@ -73,10 +74,7 @@ def open_port(who: str, path: str, settings: LineSettings) -> serial.Serial:
                 "add that user to the 'dialout' group (or fix the udev rule) and restart"
             ) from exc
         if code in (errno.EBUSY, errno.EAGAIN, errno.EWOULDBLOCK):
-            raise TransientError(
-                f"{who} {path}: port busy: another program holds it: "
-                "close the other program (a terminal, a scan); it is retried"
-            ) from exc
+            raise in_use_error(who, path) from exc  # names the holder; it is retried
         if code == errno.ENOTTY or "configure" in str(exc):
             raise ConfigError(
                 f"{who} {path}: not a serial port: {exc}: point port at a /dev/serial/by-id/... link"

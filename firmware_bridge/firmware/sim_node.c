@@ -11,6 +11,9 @@
  * A "simulated image" starts with "SIMG", u32 flags (1: self-test fails, 2: silent), u32
  * version; anything else fails the self-test.  A trial image that is not committed within
  * --trial-timeout-ms reboots the node, which rolls back to the previous slot.
+ *
+ * SIGUSR1 reboots the node (a reset button, a brown-out); SIGUSR2 reboots it with its boot HELLO
+ * lost on the wire, as a noisy line or a busy gateway may lose it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,10 +41,12 @@
 #define FACTORY_IMAGE_LEN 16384u
 
 static volatile sig_atomic_t g_stop = 0;
+static volatile sig_atomic_t g_reset = 0; /* 1: reboot, 2: reboot and lose the boot HELLO */
 static void on_signal(int sig) {
     (void)sig;
     g_stop = 1;
 }
+static void on_reset(int sig) { g_reset = sig == SIGUSR2 ? 2 : 1; }
 
 typedef struct {
     /* options */
@@ -253,6 +258,8 @@ static int run_boot(sim *s) {
     }
     s->boot_us = mono_us();
     s->reboot = 0;
+    int hello_lost = g_reset == 2;
+    g_reset = 0;
     uint32_t flags = 0;
     int bad = self_test(s, &upd, &flags);
     uint8_t boot_state = fwb_update_boot_state(&upd);
@@ -271,7 +278,11 @@ static int run_boot(sim *s) {
     uint8_t flush = 0;
     if (!silent) {
         write_all(s, &flush, 1); /* ends whatever partial frame the gateway may hold */
-        fwb_node_send_hello(&node);
+        if (hello_lost) {
+            node.tx_seq++; /* sent, as far as the node knows, and lost on the wire */
+        } else {
+            fwb_node_send_hello(&node);
+        }
     }
     uint64_t reboot_at = 0;
     if (bad) fwb_node_send_error(&node, FWB_ERR_SELFTEST, (uint32_t)bad, "self-test failed");
@@ -300,7 +311,7 @@ static int run_boot(sim *s) {
     cs[2].level = 0.25 * (1.0 + 0.2 * (uniform(&s->rng) - 0.5));
 
     uint8_t in[512];
-    while (!g_stop && !s->reboot) {
+    while (!g_stop && !s->reboot && !g_reset) {
         struct pollfd pfd = {s->master, POLLIN, 0};
         int pr = poll(&pfd, 1, 5);
         if (pr > 0 && (pfd.revents & POLLIN)) {
@@ -474,6 +485,9 @@ int main(int argc, char **argv) {
     sa.sa_handler = on_signal;
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = on_reset;
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGUSR2, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
     printf("PTY %s\n", path);
     fflush(stdout);
