@@ -18,10 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from gateway import logs
 from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
-from gateway import logs
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config
 from gateway.contracts import (
