@@ -23,7 +23,7 @@ from peers import RecordingSink, running_driver
 from drivers.mcu.config import McuConfig, SimNodeConfig
 from drivers.mcu.driver import McuDriver, factory
 from drivers.mcu.simnode import RunningSimNode, run_sim_node
-from gateway.contracts import Alarm, SourceInfo
+from gateway.contracts import Alarm, Diagnostic, SourceInfo
 from gateway.inference.plausibility import PlausibilityChecker
 from gateway.pipeline.windows import Windower
 from gateway.sample import SampleBlock, Stream
@@ -44,6 +44,12 @@ class PipelineSink(RecordingSink):
         )
         self.plausibility = PlausibilityChecker()
         self.keep_blocks = True
+        self.session_at: list[float] = []  # when each handshake completed (monotonic)
+
+    def diagnostic(self, diagnostic: Diagnostic) -> None:
+        super().diagnostic(diagnostic)
+        if diagnostic.kind == "mcu_node":
+            self.session_at.append(time.monotonic())
 
     def put_block(self, block: SampleBlock) -> None:
         if self.keep_blocks:
@@ -55,8 +61,11 @@ class PipelineSink(RecordingSink):
         return sum(1 for d in self.diagnostics if d.kind == "mcu_node")
 
     def first_after(self, t: float) -> float | None:
-        """Arrival of the first block holding samples taken after ``t`` (gateway time)."""
-        return next((at for at, b in self.blocks if at > t and float(b.t_mono[0]) > t), None)
+        """Arrival of the first block of a session begun after ``t`` (an old one's may still come)."""
+        begun = next((at for at in self.session_at if at > t), None)
+        if begun is None:
+            return None
+        return next((at for at, b in self.blocks if at >= begun and float(b.t_mono[0]) > t), None)
 
 
 async def _ticker(sink: PipelineSink) -> None:

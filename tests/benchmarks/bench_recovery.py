@@ -55,7 +55,7 @@ from firmware_bridge.manifest import (
     sign_image,
 )
 from firmware_bridge.messages import parse_version
-from gateway.contracts import SourceInfo
+from gateway.contracts import Diagnostic, SourceInfo
 from gateway.sample import Sample
 
 Row = tuple[str, list[float], float]
@@ -67,6 +67,11 @@ class Arrivals(RecordingSink):
     def __init__(self) -> None:
         super().__init__()
         self.at: dict[tuple[str, str], float] = {}
+        self.sessions: list[float] = []  # MCU handshakes completed (monotonic)
+
+    def diagnostic(self, diagnostic: Diagnostic) -> None:
+        if diagnostic.kind == "mcu_node":
+            self.sessions.append(time.monotonic())
 
     def put(self, sample: Sample) -> None:
         self.at[(sample.stream.device, sample.stream.metric.name)] = time.monotonic()
@@ -81,6 +86,16 @@ class Arrivals(RecordingSink):
 def fresh_count(sink: Arrivals, since: float, n: int) -> Callable[[], bool]:
     """True once ``n`` streams delivered after ``since``."""
     return lambda: len(sink.fresh(since)) >= n
+
+
+def new_session_data(sink: Arrivals, since: float) -> Callable[[], bool]:
+    """True once a session begun after ``since`` delivered (an old one's last batches may trail)."""
+
+    def check() -> bool:
+        begun = next((t for t in sink.sessions if t > since), None)
+        return begun is not None and bool(sink.fresh(begun))
+
+    return check
 
 
 def fresh_from(sink: Arrivals, since: float, device: str | None = None) -> Callable[[], bool]:
@@ -171,7 +186,7 @@ async def bench_mcu(rounds: int, tmp: Path) -> list[Row]:
             for k in range(2 * rounds):
                 t0 = time.monotonic()
                 os.kill(node.process.pid, signal.SIGUSR2 if k % 2 else signal.SIGUSR1)
-                took = await until(fresh_from(sink, t0 + 0.05), 5, "first data")
+                took = await until(new_session_data(sink, t0), 5, "first data")
                 (lost_hello if k % 2 else reset).append(took)
                 await asyncio.sleep(0.5)
             for r in range(rounds):
