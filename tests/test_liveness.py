@@ -56,8 +56,9 @@ def test_a_hanging_source_is_restarted_while_the_watchdog_pings_go_on(
     pings = notify.pings()
     gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert len(pings) > 30
-    # The period is a quarter of the 1 s watchdog; the hung source never held the pings back.
-    assert max(gaps) < 0.75, max(gaps)
+    # The period is a quarter of the 1 s watchdog; the hung source never held the pings back
+    # (the source was stalled for 5 s; systemd would abort only after a 1 s gap).
+    assert max(gaps) < 1.0, max(gaps)
     assert f"unit source:{SOURCE_NAMES[0]} stalled" in stderr
     assert f"unit source:{SOURCE_NAMES[0]} recovered" in stderr
     assert stderr.count(f"sim {SOURCE_NAMES[0]}: streaming") == 2  # restarted once, the process not
@@ -75,6 +76,7 @@ def test_a_hanging_source_is_restarted_while_the_watchdog_pings_go_on(
 def _scan_run(tmp_path: Path, notify: NotifySocket, extra: str) -> str:
     config = _config(tmp_path)
     config.write_text(config.read_text().replace("[runtime]", f"[logging]\n{extra}\n\n[runtime]"))
+    notify.received.clear()  # a READY from an earlier run must not count for this one
     proc = _start(config, notify, watchdog_usec=0)
     try:
         notify.wait_for("READY=1", 20)

@@ -138,7 +138,8 @@ def _run_and_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, full: boo
     assert (tmp_path / "gateway-pki" / "own" / "private" / "key.pem").exists()  # made during the run
     for wall, cpu, what in times.busy:
         print(f"slow callback: {wall * 1000:.0f} ms wall, {cpu * 1000:.0f} ms on the loop's CPU: {what}")
-    assert len(slow.lines) == len(times.busy)  # both views see the same callbacks
+    # asyncio's own timing (debug mode) wraps ours, so it sees every slow callback we see.
+    assert len(times.busy) <= len(slow.lines)
     worked = [f"{cpu * 1000:.0f} ms: {what}" for _, cpu, what in times.busy if cpu >= SLOW_S]
     assert not worked, "\n".join(worked)
 

@@ -238,7 +238,9 @@ def test_a_stalled_unit_is_restarted_while_the_pings_go_on(receiver: Receiver) -
     assert sup.units[0].stall_restarts == 0  # alive again after its restart
     gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert len(pings) >= 20
-    assert max(gaps) < 0.2  # the pings never stopped (the period is 0.05 s)
+    # The pings never stopped (the period is 0.05 s); before, they stopped 0.3 s after the last beat
+    # and never came back, as nothing restarted the unit.
+    assert max(gaps) < 0.45
 
 
 def test_a_critical_unit_stalled_again_after_its_restart_stops_the_pings(receiver: Receiver) -> None:
@@ -257,7 +259,11 @@ def test_a_critical_unit_stalled_again_after_its_restart_stops_the_pings(receive
         task = asyncio.create_task(sup.run(_nothing_to_drain, 1.0), name="test:supervisor")
         await asyncio.sleep(0.25)
         early = receiver.messages.count("WATCHDOG=1")
-        await asyncio.sleep(1.5)  # stall, restart, stall again: escalated
+        for _ in range(500):  # stall, restart, stall again: escalated (bounded wait)
+            if sup.escalated_units():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # a ping already on its way
         receiver.messages.clear()
         await asyncio.sleep(0.5)
         late = receiver.messages.count("WATCHDOG=1")
@@ -423,12 +429,12 @@ def test_a_glitch_after_a_healthy_run_is_retried_fast_a_flapping_unit_slower() -
     asyncio.run(main())
     glitch_waits = [b - a - 0.35 for a, b in itertools.pairwise(runs["glitch"])]
     flap_waits = [b - a - 0.02 for a, b in itertools.pairwise(runs["flap"])]
-    # Each glitch came after a healthy run: retried at the first, fast delay every time.
+    # Each glitch came after a healthy run: retried at the first, fast delay (0.01 s) every time.
     assert len(glitch_waits) >= 4
-    assert max(glitch_waits) < 0.1
-    # The flapping unit: fast at first, then each wait longer (0.04, 0.08, 0.16, ... s nominal).
-    assert flap_waits[0] < 0.1
-    assert flap_waits[-1] > 0.3
+    assert max(glitch_waits) < 0.25
+    # The flapping unit: fast at first, then ever longer (0.04, 0.08, 0.16, ... s nominal, jittered).
+    assert flap_waits[0] < 0.25
+    assert max(flap_waits) > 0.5
     assert len(flap_waits) < 12
 
 
