@@ -105,7 +105,9 @@ def test_logs_carry_no_identity_unless_enabled(tmp_path: Path, notify: NotifySoc
     (tmp_path / "state" / "outbox.db").unlink()
     stderr = _scan_run(tmp_path, notify, "identities = true")
     assert "logging.identities is on" in stderr
-    assert BED_MAC in stderr
+    # The start log names the subjects it covers; a sensor fault, when one falls inside the short
+    # run on a loaded machine, names the bed's address too.
+    assert PATIENT_ID in stderr
 
 
 class HangingBroker:
