@@ -170,7 +170,7 @@ class PlausibilityChecker:
 
     def check_sample(self, sample: Sample) -> Alarm | None:
         """Check one sample; an alarm only when the stream enters or leaves the faulted state."""
-        if sample.quality & UNUSABLE:
+        if sample.quality and sample.quality & UNUSABLE:  # a GOOD flag skips the slow IntFlag `&`
             return None  # flagged by the device: not a measurement, neither a fault nor a reference
         st = self._state.get(sample.stream)
         if st is None:
