@@ -175,7 +175,7 @@ class Pipeline:
                 rec = records[i]
                 # One alarm per episode, not per window: overlapping windows of one event would
                 # otherwise page the nurse every hop (alarm fatigue).
-                emission = self._episodes.update((rec.subject, model.name), result)
+                emission = self._episodes.update((rec.subject, model.name), result, rec.end_mono)
                 if emission is not None:
                     self.alarm(episode_alarm(emission, rec, model.name))
         for model in self._models:

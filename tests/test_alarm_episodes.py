@@ -149,6 +149,8 @@ def test_pipeline_sends_indeterminate_never_cleared_while_the_probe_is_off(tmp_p
     assert unsure["detail"] == {"model": "scripted", "reason": "gap"}
     assert (unsure["class"], unsure["priority"]) == ("physiological", "low")
     assert cleared["detail"] == {"model": "scripted", "score": 0.1, "normal_windows": 2}
+    # Raised on the second anomalous window (condition delay), held from the first one on.
+    assert (first["held_s"], unsure["held_s"], cleared["held_s"]) == (1.0, 2.0, 5.0)
     assert "priority" not in cleared
     # The windows the model could not score carry no score, not a NaN.
     assert SUBJECT not in repr(alarms)

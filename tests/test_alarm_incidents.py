@@ -176,3 +176,34 @@ def test_an_unplugged_oximeter_is_one_device_alarm_and_one_restore_end_to_end(tm
     assert technical[0]["detail"]["cause"] == "unplugged"
     assert technical[0]["detail"]["streams"] >= 2  # SpO2 and pulse (and PI where the format has it)
     assert "metric" not in technical[0]
+
+
+def test_spot_check_devices_report_on_demand_and_are_not_timed_out() -> None:
+    from drivers.ble.config import BleConfig  # noqa: PLC0415
+    from drivers.serial.config import SerialConfig  # noqa: PLC0415
+    from gateway.contracts import SourceInfo  # noqa: PLC0415
+    from gateway.sample import MDC  # noqa: PLC0415
+
+    info = SourceInfo("ward", "bed-7", "medical")
+    ble = REGISTRY["ble"].factory(
+        info,
+        BleConfig.model_validate(
+            {
+                "devices": [
+                    {"address": "A4:C1:38:00:00:01", "profile": "bp"},
+                    {"address": "A4:C1:38:00:00:02", "profile": "hr"},
+                ]
+            }
+        ),
+    )
+    streams = ble.streams  # type: ignore[attr-defined]
+    assert all(s.on_change for s in streams["A4:C1:38:00:00:01"].values())  # a cuff: on demand
+    assert not any(s.on_change for s in streams["A4:C1:38:00:00:02"].values())  # a strap: continuous
+    spot = REGISTRY["serial"].factory(
+        info, SerialConfig.model_validate({"port": "/dev/null", "protocol": "nonin13"})
+    )
+    assert spot.stream(MDC["MDC_PULS_OXIM_SAT_O2"]).on_change  # type: ignore[attr-defined]
+    live = REGISTRY["serial"].factory(
+        info, SerialConfig.model_validate({"port": "/dev/null", "protocol": "nonin2"})
+    )
+    assert not live.stream(MDC["MDC_PULS_OXIM_SAT_O2"]).on_change  # type: ignore[attr-defined]

@@ -25,11 +25,12 @@ from gateway.uplink.certs import DemoPKI, demo_pki
 
 pytestmark = pytest.mark.slow
 
-DESAT_FROM_S, DESAT_TO_S = 1.0, 12.5
+# The gateway starts in well under 2.5 s even on a loaded machine: the fall is seen from its start.
+DESAT_FROM_S, DESAT_TO_S = 2.5, 14.0
 
 
 class Desaturation:
-    """SpO2 97 %, then 86 % from 1 s to 12.5 s after the monitor starts, then 97 % again."""
+    """SpO2 97 %, then 86 % from 2.5 s to 14 s after the monitor starts, then 97 % again."""
 
     def at(self, t: float) -> Vitals:
         spo2 = 86.0 if DESAT_FROM_S <= t < DESAT_TO_S else 97.0
@@ -107,11 +108,11 @@ def test_spo2_below_90_for_10_s_reaches_the_twin_as_a_medium_limit_alarm(
     assert raised["metric"] == "MDC_PULS_OXIM_SAT_O2"
     assert (raised["class"], raised["priority"]) == ("physiological", "medium")
     assert (raised["limit"], raised["value"]) == (90.0, 86.0)
-    assert 10.0 <= raised["held_s"] < 11.0
+    assert 10.0 <= raised["held_s"] < 11.5  # raised once 10 s have passed (and a report came)
     assert raised["detail"] == {"level": "low"}
     assert cleared["alarm"] == "limit_cleared"
     assert cleared["value"] == 97.0
-    assert 10.5 <= cleared["held_s"] <= 12.0  # the whole desaturation, as the gateway saw it
+    assert 10.5 <= cleared["held_s"] <= 12.5  # the whole 11.5 s desaturation, as the gateway saw it
     assert "priority" not in cleared
     # No high-priority alarm: SpO2 never went below 85 %.
     assert all(a.get("priority") != "high" for a in limit_alarms(twin))

@@ -37,6 +37,9 @@ from gateway.sample import MDC, Sample, Stream
 
 _LOGGER = logging.getLogger(__name__)
 
+#: Profiles whose device measures on demand (a spot check), not continuously.
+_SPOT_PROFILES = frozenset({"thermo", "bp"})
+
 #: Low battery re-arms once the level is this much above the threshold again.
 BATTERY_HYSTERESIS_PCT = 5
 GATT_TIMEOUT_S = 10.0
@@ -79,6 +82,8 @@ class BleDriver:
                     metric=MDC[name],
                     kind=info.kind,
                     rate_hz=profile.rates_hz[name],
+                    # Thermometers and cuffs send a measurement when one is taken: no timeout.
+                    on_change=profile.name in _SPOT_PROFILES,
                 )
                 for name in profile.metrics
             }

@@ -91,7 +91,16 @@ class SerialOximeter:
         key = (self.device, metric.name, self._rate)
         st = self._streams.get(key)
         if st is None:
-            st = Stream(self._info.name, self._info.subject, self.device, metric, "medical", self._rate)
+            # A spot-check monitor (no reading rate) speaks only when measured: silence is no loss.
+            st = Stream(
+                self._info.name,
+                self._info.subject,
+                self.device,
+                metric,
+                "medical",
+                self._rate,
+                self._rate is None,
+            )
             if len(self._streams) >= _MAX_STREAMS:
                 # The identity comes from the device (its serial number): one that reports a new
                 # one each time must not grow this map; the oldest entry goes.

@@ -44,6 +44,7 @@ class Emission:
     kind: AlarmKind
     detail: dict[str, float | str] = field(default_factory=dict)
     result: ModelResult | None = None
+    held_s: float | None = None  # since the episode's first anomalous window (when times are given)
 
 
 @dataclass(slots=True)
@@ -52,6 +53,7 @@ class _Episode:
     normal_run: int = 0
     anomalous_run: int = 0  # while idle: anomalous windows in a row (alarm condition delay)
     reason: str = ""
+    onset: float = math.nan  # time of the first anomalous window of the run or episode
 
 
 class EpisodeTracker:
@@ -69,8 +71,8 @@ class EpisodeTracker:
         ep = self._eps.get(key)
         return EpisodeState.IDLE if ep is None else ep.state
 
-    def update(self, key: tuple[str, str], result: ModelResult) -> Emission | None:
-        """Fold one window's verdict into its episode; the alarm it raises, if any."""
+    def update(self, key: tuple[str, str], result: ModelResult, t: float = math.nan) -> Emission | None:
+        """Fold one window's verdict (its end at ``t``) into its episode; the alarm it raises, if any."""
         ep = self._eps.get(key)
         if ep is None:
             ep = self._eps[key] = _Episode()
@@ -81,12 +83,15 @@ class EpisodeTracker:
                 return None
             resumed = ep.state is EpisodeState.UNSURE
             if not resumed:
+                if ep.anomalous_run == 0:
+                    ep.onset = t
                 ep.anomalous_run += 1
                 if ep.anomalous_run < self.raise_after:
                     return None
             ep.anomalous_run = 0
             ep.state, ep.reason = EpisodeState.ACTIVE, ""
-            return Emission(AlarmKind.ANOMALY, {"episode": "resumed"} if resumed else {}, result)
+            detail: dict[str, float | str] = {"episode": "resumed"} if resumed else {}
+            return Emission(AlarmKind.ANOMALY, detail, result, self._held(ep, t))
         if ep.state is EpisodeState.IDLE:
             ep.anomalous_run = 0
             return None
@@ -95,12 +100,21 @@ class EpisodeTracker:
             if ep.state is EpisodeState.UNSURE and ep.reason == result.reason:
                 return None
             ep.state, ep.reason = EpisodeState.UNSURE, result.reason
-            return Emission(AlarmKind.ANOMALY_INDETERMINATE, {"reason": result.reason}, result)
+            return Emission(
+                AlarmKind.ANOMALY_INDETERMINATE, {"reason": result.reason}, result, self._held(ep, t)
+            )
         ep.normal_run += 1
         if ep.normal_run < self.clear_after:
             return None
         ep.state, ep.normal_run, ep.reason = EpisodeState.IDLE, 0, ""
-        return Emission(AlarmKind.ANOMALY_CLEARED, {"normal_windows": self.clear_after}, result)
+        return Emission(
+            AlarmKind.ANOMALY_CLEARED, {"normal_windows": self.clear_after}, result, self._held(ep, t)
+        )
+
+    @staticmethod
+    def _held(ep: _Episode, t: float) -> float | None:
+        held = t - ep.onset
+        return round(held, 3) if math.isfinite(held) else None
 
 
 def episode_alarm(emission: Emission, record: WindowRecord, model: str) -> Alarm:
@@ -122,5 +136,6 @@ def episode_alarm(emission: Emission, record: WindowRecord, model: str) -> Alarm
         record.end_wall,
         detail=detail,
         contributions=contributions,
+        held_s=emission.held_s,
         subject_kind=record.kind,
     )

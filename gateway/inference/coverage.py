@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.alarms.config import AlarmsSection, merged_limits
 from gateway.inference.build import ModelsSection, default_models_dir, plausibility_checker
 from gateway.inference.card import CARD_SUFFIX, ModelCard, input_matches, load_card
 from gateway.inference.plausibility import PlausibilityChecker
+from gateway.sample import MDC
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -61,13 +62,13 @@ class SubjectCoverage:
     metrics: tuple[str, ...] | None  # None: some stream names are known only at run time
     models: tuple[ModelCoverage, ...] = ()
     limits: tuple[str, ...] = ()  # metrics with a limit rule
-    not_for_kind: tuple[str, ...] = field(default=())  # models of the other subject kind
+    ectopy: tuple[str, ...] = ()  # RR-interval streams the ectopic-beat detector watches
     unit_notes: tuple[str, ...] = ()  # streams whose unit leaves them without a default rule
 
     @property
     def covered(self) -> bool:
-        """True when some model scores it or some limit watches it (or it cannot be told yet)."""
-        return self.metrics is None or bool(self.limits) or any(m.scores for m in self.models)
+        """True when a model scores it or a limit or detector watches it (or it cannot be told yet)."""
+        return self.metrics is None or bool(self.limits or self.ectopy) or any(m.scores for m in self.models)
 
     def lines(self) -> list[str]:
         """Human-readable lines for ``edgetwin check`` and the start log."""
@@ -87,6 +88,8 @@ class SubjectCoverage:
                 )
         if self.limits:
             out.append(f"{head}: limit alarms on {', '.join(self.limits)}")
+        if self.ectopy:
+            out.append(f"{head}: ectopic-beat detection on {', '.join(self.ectopy)}")
         out += [f"{head}: {note}" for note in self.unit_notes]
         if not self.covered:
             out.append(f"{head}: NOT COVERED: no model scores it and no limit watches it")
@@ -124,15 +127,11 @@ def subject_coverage(
     out: list[SubjectCoverage] = []
     for subject, (kind, metrics) in by_subject.items():
         cover: list[ModelCoverage] = []
-        other_kind: list[str] = []
         for use in models.use:
             card = cards.get(use.name)
             if card is None or (use.subjects and subject not in use.subjects):
                 continue
-            if card.subject_kind != kind:
-                other_kind.append(use.name)
-                continue
-            if metrics is None:
+            if card.subject_kind != kind or metrics is None:
                 continue
             found: dict[str, str] = {}
             for spec in card.inputs:
@@ -164,7 +163,9 @@ def subject_coverage(
                 None if metrics is None else tuple(metrics),
                 tuple(cover),
                 limits,
-                tuple(other_kind),
+                tuple(
+                    m for m in metrics or () if models.ectopy and (mdc := MDC.get(m)) is not None and mdc.rr
+                ),
                 notes,
             )
         )

@@ -168,7 +168,7 @@ class EctopyMonitor:
             self._alarmed[key] = False
             self._since[key] = 0
             self._unsure[key] = False
-        if sample.quality & UNUSABLE:
+        if sample.quality and sample.quality & UNUSABLE:
             det.interrupt()
             if self._alarmed[key] and not self._unsure[key]:
                 self._unsure[key] = True

@@ -5,10 +5,17 @@ negative flow) says the sensor is at fault.  Such violations become ``SENSOR_FAU
 on state changes only, and windows holding them are not scored by the anomaly models: a probe
 falling off must not page a nurse as a desaturation (alarm fatigue is the enemy at a bedside).
 
+Each rule is written in a unit and checked in the stream's own (a pressure rule in bar applies to
+a stream in kPa, converted once per stream by :mod:`gateway.units`); a stream whose unit does not
+convert gets no rule, and the log says so.  A rate is measured over at least ``RATE_SPAN_S``
+against the last plausible value, and is a fault only when it persists (``RATE_DEBOUNCE``
+samples over that span): a whole-percent SpO2 at 5 Hz or a noisy temperature does not trip it,
+a probe that jumps and stays there does.  Each fault is logged once, in words.
+
 The device's own status flags (``Quality.SENSOR_OFF``, ``BAD_STATUS``) are handled by the windower,
-which raises ``SENSOR_FAULT`` for them and keeps flagged samples out of the features; this module
-adds the checks a device cannot make about itself.  Pure logic, no I/O; not thread-safe (one
-checker per thread).
+which raises ``SENSOR_FAULT`` for them and keeps flagged samples out of the features; flagged
+samples are neither checked nor used as a reference here.  This module adds the checks a device
+cannot make about itself.  Pure logic, no I/O; not thread-safe (one checker per thread).
 """
 
 from __future__ import annotations
@@ -163,7 +170,7 @@ class PlausibilityChecker:
 
     def check_sample(self, sample: Sample) -> Alarm | None:
         """Check one sample; an alarm only when the stream enters or leaves the faulted state."""
-        if sample.quality & UNUSABLE:
+        if sample.quality and sample.quality & UNUSABLE:  # a GOOD flag skips the slow IntFlag `&`
             return None  # flagged by the device: not a measurement, neither a fault nor a reference
         st = self._state.get(sample.stream)
         if st is None:

@@ -37,7 +37,7 @@ from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowRecord
 from gateway.errors import ConfigError
 from gateway.pipeline.features import basic_features_finite, hrv_features, missing_fraction
 from gateway.pipeline.ring import RingBuffer, in_order
-from gateway.sample import FAULT_FLAGS, UNUSABLE_FLAGS, Sample, SampleBlock, Stream
+from gateway.sample import FAULT_FLAGS, UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream
 
 __all__ = ["Windower"]
 
@@ -63,6 +63,22 @@ F8 = npt.NDArray[np.float64]
 U1 = npt.NDArray[np.uint8]
 
 _OK, _FAULTED, _LOST = 0, 1, 2
+#: What a device's quality flags say, in words for the log.
+_FLAG_WORDS = (
+    (Quality.SENSOR_OFF, "sensor off (probe off, electrode detached)"),
+    (Quality.BAD_STATUS, "the device reports the value bad"),
+    (Quality.ARTIFACT, "artifact"),
+    (Quality.IMPUTED, "value filled in, not measured"),
+    (Quality.LOW_PERFUSION, "low perfusion"),
+    (Quality.UNCERTAIN, "value uncertain"),
+)
+
+
+def fault_words(quality: int) -> str:
+    """A sample's quality flags in words, e.g. "sensor off (probe off, electrode detached)"."""
+    return ", ".join(words for flag, words in _FLAG_WORDS if quality & int(flag)) or "no flag"
+
+
 _STATUS_ALARM = {_FAULTED: AlarmKind.SENSOR_FAULT, _LOST: AlarmKind.SENSOR_LOST}
 
 
@@ -300,7 +316,12 @@ class Windower:
         elif status == _FAULTED:
             kind = AlarmKind.SENSOR_FAULT
             detail = {"quality": quality}
-            log.warning("windower: stream %s: sensor fault (quality flags %d)", stream.key, quality)
+            log.warning(
+                "windower: stream %s: sensor fault: %s (quality flags %d)",
+                stream.key,
+                fault_words(quality),
+                quality,
+            )
         else:
             kind = AlarmKind.SENSOR_LOST
             detail = {"silent_s": round(t_mono - st.ring.last_t_mono, 1)}
