@@ -172,6 +172,18 @@ def test_an_older_copy_put_back_is_a_new_epoch_not_reused_ids(db: Path) -> None:
         check_new_epoch(ob, epoch, last, 15)
 
 
+def test_drops_counted_on_the_loop_are_persisted_with_the_next_commit(db: Path) -> None:
+    async def main() -> None:
+        async with AsyncOutbox(lambda: Outbox(db), flush_interval_s=60) as ao:
+            ao.count_drop(Lane.ALARMS, DropReason.OVERSIZE, 2)
+            assert ao.drop_counts() == {"alarms": {"oversize": 2}}  # at once, before any commit
+            await ao.flush()
+
+    asyncio.run(main())
+    with Outbox(db) as ob:
+        assert ob.stats().dropped[Lane.ALARMS] == {"oversize": 2}
+
+
 def test_drop_counters_outlive_the_database(db: Path) -> None:
     with Outbox(db) as ob:
         ob.count_drops({(Lane.FEATURES, DropReason.BUDGET): 7})
