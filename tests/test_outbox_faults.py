@@ -211,11 +211,15 @@ def test_dead_letters_leave_the_queue_but_stay_on_disk_counted(db: Path) -> None
         assert stats.queued == 2
         assert stats.dead_letters == 1
         assert stats.dropped[Lane.ALARMS] == {"dead_letter": 1}
+        assert ob.dead_letters() == [(leased[0].id, leased[0].topic, "larger than the broker takes")]
+    with Outbox(db) as ob:  # kept across a restart
+        assert ob.stats().dead_letters == 1
+        assert [d[0] for d in ob.dead_letters()] == [leased[0].id]
     import sqlite3  # noqa: PLC0415 - the inspection a person would do
 
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("SELECT id, reason FROM dead").fetchall() == [
+        assert conn.execute("SELECT id, reason FROM dead_letter").fetchall() == [
             (leased[0].id, "larger than the broker takes")
         ]
     finally:

@@ -61,7 +61,7 @@ _SCHEMA = (
 _RECORD_COLUMNS = ("id", "lane", "topic", "payload", "t_wall", "size", "attempts")  # attempts: unused since 2
 # Records the uplink cannot send: kept for inspection, out of the queue.  Created when first used.
 _DEAD_TABLE = (
-    "CREATE TABLE IF NOT EXISTS dead (id INTEGER PRIMARY KEY, lane INTEGER NOT NULL, topic TEXT NOT NULL, "
+    "CREATE TABLE IF NOT EXISTS dead_letter (id INTEGER PRIMARY KEY, lane INTEGER NOT NULL, topic TEXT NOT NULL, "
     "payload BLOB NOT NULL, t_wall REAL NOT NULL, size INTEGER NOT NULL, reason TEXT NOT NULL, t_dead REAL NOT NULL)"
 )
 
@@ -216,14 +216,24 @@ class Outbox:
     def dead_letter(self, ids: Iterable[int], reason: str) -> int:
         """Move leased records the uplink cannot send to the dead-letter table; return how many.
 
-        They leave the queue but stay on disk for inspection (``sqlite3 <outbox> 'SELECT * FROM
-        dead'``), counted as ``dead_letter`` drops of their lane and logged.
+        They leave the queue but stay on disk for inspection (:meth:`dead_letters`, or ``sqlite3
+        <outbox> 'SELECT id, reason FROM dead_letter'``), counted as ``dead_letter`` drops of their
+        lane and logged.
         """
         wanted = list(dict.fromkeys(ids))
         with self._lock:
             self._require_open()
             self._apply_released()
             return self._guarded("dead_letter", lambda: self._dead_letter(wanted, reason))
+
+    def dead_letters(self) -> list[tuple[int, str, str]]:
+        """(id, topic, reason) of each record in the dead-letter table, oldest first."""
+        with self._lock:
+            self._require_open()
+            if not self._dead:
+                return []
+            rows = self._conn.execute("SELECT id, topic, reason FROM dead_letter ORDER BY id").fetchall()
+            return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
 
     def count_drops(self, counts: Mapping[tuple[Lane, DropReason], int]) -> None:
         """Add drops that happened outside the database (refused in memory) to the counters."""
@@ -730,8 +740,8 @@ class Outbox:
                 _LOG.warning("outbox %s: ignoring unknown counter %r in meta", self._path, key)
         self._count, self._bytes, self._dropped = count, size, dropped
         self._dead = 0
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dead'").fetchone():
-            self._dead = int(conn.execute("SELECT COUNT(*) FROM dead").fetchone()[0])
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dead_letter'").fetchone():
+            self._dead = int(conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0])
         self._epoch = self._load_epoch(conn)
         self._leased.clear()
         self._leased_count = dict.fromkeys(Lane, 0)
@@ -1000,13 +1010,13 @@ class Outbox:
         with self._transaction() as conn:
             conn.execute(_DEAD_TABLE)
             conn.executemany(
-                "INSERT OR REPLACE INTO dead (id, lane, topic, payload, t_wall, size, reason, t_dead) "
+                "INSERT OR REPLACE INTO dead_letter (id, lane, topic, payload, t_wall, size, reason, t_dead) "
                 "SELECT id, lane, topic, payload, t_wall, size, ?, ? FROM records WHERE id = ?",
                 [(reason, now, rid) for rid in mine],
             )
             conn.executemany("DELETE FROM records WHERE id = ?", [(rid,) for rid in mine])
             self._persist_counters(counters)
-            self._dead = int(conn.execute("SELECT COUNT(*) FROM dead").fetchone()[0])
+            self._dead = int(conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0])
         self._apply_counters(counters)
         for rid in mine:
             lane, size = self._leased.pop(rid)
