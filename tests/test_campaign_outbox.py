@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -320,7 +321,8 @@ def _run_storage(tmp_path: Path, broker: MosquittoBroker, pki: DemoPKI, scenario
 
     broker.start()
     twin = listener(broker, pki)
-    gw = Gateway.start(config)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    gw = Gateway.start(config, {"NOTIFY_SOCKET": str(notify.path)})
 
     def arrived() -> int:
         """Accepted records the twin got (survivors are numbered anew: matched by content)."""
@@ -338,6 +340,7 @@ def _run_storage(tmp_path: Path, broker: MosquittoBroker, pki: DemoPKI, scenario
     finally:
         gw.kill()
         twin.stop()
+        notify.close()
     got = delivered(twin)
     epochs = {e for e, _ in got}
     assert old_epoch not in epochs
@@ -349,6 +352,10 @@ def _run_storage(tmp_path: Path, broker: MosquittoBroker, pki: DemoPKI, scenario
     assert reported >= lost, f"{lost} lost, {reported} reported\n{gw.log[-3000:]}"
     assert min(s for _, s in got) > max(accepted)  # no id of the old epoch used again
     assert "new epoch" in gw.log
+    # The systemd STATUS= line says so too, from the first one on (READY).
+    status_drops = [int(m.group(1)) for st in notify.statuses() if (m := re.search(r"dropped (\d+)", st))]
+    assert status_drops, notify.statuses()[:3]
+    assert status_drops[0] >= lost
     report(
         {
             "scenario": f"storage: {scenario}",
