@@ -145,6 +145,7 @@ class Outbox:
         self._degraded_logged = False
         self._space_checked_at = 0.0
         self._dead = 0
+        self._dead_logged = False
         self._drop_view: Mapping[str, Mapping[str, int]] = {}
         self._prepare_directory()
         self._conn = self._open_or_recover()
@@ -740,7 +741,9 @@ class Outbox:
                 _LOG.warning("outbox %s: ignoring unknown counter %r in meta", self._path, key)
         self._count, self._bytes, self._dropped = count, size, dropped
         self._dead = 0
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dead_letter'").fetchone():
+        if conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dead_letter'"
+        ).fetchone():
             self._dead = int(conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0])
         self._epoch = self._load_epoch(conn)
         self._leased.clear()
@@ -1024,12 +1027,17 @@ class Outbox:
             self._leased_count[lane] -= 1
             self._count[lane] -= 1
             self._bytes[lane] -= size
-        _LOG.warning(
-            "outbox %s: %d record(s) moved to the dead-letter table (%s): %s; kept for inspection",
+        # The first of a process at WARNING, the rest at DEBUG: the counters say how many.
+        log = _LOG.debug if self._dead_logged else _LOG.warning
+        self._dead_logged = True
+        log(
+            "outbox %s: %d record(s) moved to the dead-letter table (%s): %s; kept for inspection, "
+            "%d there in all",
             self._path,
             len(mine),
             ", ".join(f"{lane.name.lower()} {n}" for lane, n in by_lane.items()),
             reason,
+            self._dead,
         )
         self._save_state(sync=False)
         return len(mine)
