@@ -23,7 +23,8 @@ import pytest
 
 from gateway.contracts import Lane
 from gateway.outbox import AsyncOutbox, DropReason, Outbox, OutItem
-from gateway.outbox.recovery import StateFile, scan_wal
+from gateway.outbox.recovery import scan_wal
+from gateway.outbox.state import StateFile
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = 1_760_000_000.0
