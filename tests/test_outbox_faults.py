@@ -23,7 +23,8 @@ import pytest
 
 from gateway.contracts import Lane
 from gateway.outbox import AsyncOutbox, DropReason, Outbox, OutItem
-from gateway.outbox.recovery import StateFile, scan_wal
+from gateway.outbox.recovery import scan_wal
+from gateway.outbox.state import StateFile
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = 1_760_000_000.0
@@ -172,6 +173,18 @@ def test_an_older_copy_put_back_is_a_new_epoch_not_reused_ids(db: Path) -> None:
         check_new_epoch(ob, epoch, last, 15)
 
 
+def test_drops_counted_on_the_loop_are_persisted_with_the_next_commit(db: Path) -> None:
+    async def main() -> None:
+        async with AsyncOutbox(lambda: Outbox(db), flush_interval_s=60) as ao:
+            ao.count_drop(Lane.ALARMS, DropReason.OVERSIZE, 2)
+            assert ao.drop_counts() == {"alarms": {"oversize": 2}}  # at once, before any commit
+            await ao.flush()
+
+    asyncio.run(main())
+    with Outbox(db) as ob:
+        assert ob.stats().dropped[Lane.ALARMS] == {"oversize": 2}
+
+
 def test_drop_counters_outlive_the_database(db: Path) -> None:
     with Outbox(db) as ob:
         ob.count_drops({(Lane.FEATURES, DropReason.BUDGET): 7})
@@ -199,11 +212,15 @@ def test_dead_letters_leave_the_queue_but_stay_on_disk_counted(db: Path) -> None
         assert stats.queued == 2
         assert stats.dead_letters == 1
         assert stats.dropped[Lane.ALARMS] == {"dead_letter": 1}
+        assert ob.dead_letters() == [(leased[0].id, leased[0].topic, "larger than the broker takes")]
+    with Outbox(db) as ob:  # kept across a restart
+        assert ob.stats().dead_letters == 1
+        assert [d[0] for d in ob.dead_letters()] == [leased[0].id]
     import sqlite3  # noqa: PLC0415 - the inspection a person would do
 
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("SELECT id, reason FROM dead").fetchall() == [
+        assert conn.execute("SELECT id, reason FROM dead_letter").fetchall() == [
             (leased[0].id, "larger than the broker takes")
         ]
     finally:

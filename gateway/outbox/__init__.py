@@ -33,9 +33,11 @@ Contract (ARCHITECTURE.md, core abstraction 5):
   CRITICAL, and a fresh database is started: the gateway recovers without a human.
 
 Modules: :mod:`~gateway.outbox.records` (records, budgets, statistics), :mod:`~gateway.outbox.store`
-(the SQLite store), :mod:`~gateway.outbox.budget` (which records a batch drops),
-:mod:`~gateway.outbox.recovery` (damaged files), :mod:`~gateway.outbox.errors` (SQLite error
-classes), :mod:`~gateway.outbox.aio` (the event-loop side: group commit and shutdown).
+(the SQLite queue), :mod:`~gateway.outbox.budget` (which records a batch drops),
+:mod:`~gateway.outbox.recovery` (damaged logs and databases), :mod:`~gateway.outbox.state` (the state
+file: epoch, id floor, counters), :mod:`~gateway.outbox.space` (the full-disk reserve),
+:mod:`~gateway.outbox.errors` (SQLite error classes), :mod:`~gateway.outbox.aio` (the event-loop side:
+group commit, bounded pending bytes, shutdown).
 """
 
 from gateway.outbox.aio import AsyncOutbox

@@ -198,6 +198,16 @@ class AsyncOutbox:
         if item.lane is Lane.ALARMS or len(self._pending) >= self._flush_batch:
             self._wake.set()
 
+    def count_drop(self, lane: Lane, reason: DropReason, n: int = 1) -> None:
+        """Count records dropped before reaching the outbox (e.g. ``OVERSIZE``); never waits.
+
+        Counted at once in :meth:`drop_counts`, persisted with the next group commit.
+        """
+        if n > 0:
+            key = (lane, reason)
+            self._refused[key] = self._refused.get(key, 0) + n
+            self._wake.set()
+
     async def flush(self) -> None:
         """Commit everything submitted so far."""
         await self._flush_pending()

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import secrets
 import shutil
 import sqlite3
 import struct
-import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from gateway.errors import CorruptDataError
 
@@ -171,80 +167,6 @@ def scan_wal(wal: Path) -> WalScan | None:
         elif ours and commit:
             after += 1
     return WalScan(frames=usable, broken_at=broken, committed_after=after)
-
-
-# --- the state file: epoch, id floor and drop counters outside the database ---------------------
-
-_STATE_MAGIC = b"ETOS"
-_STATE_SLOT = 4096
-_STATE_HEAD = struct.Struct(">4sQII")  # magic, generation, crc32 of the body, body length
-
-
-class StateFile:
-    """A small file that outlives the database: its epoch, the id floor, the drop counters.
-
-    Two fixed slots written in turn, each with a generation number and a checksum: a write torn
-    by a power cut leaves the other slot intact.  The file is allocated once at its full size and
-    then only overwritten in place, so saving needs no new disk blocks and works on a full disk.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._generation = 0
-
-    def load(self) -> dict[str, Any] | None:
-        """The newest intact state, or None when there is none (no file, both slots damaged)."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        best: tuple[int, dict[str, Any]] | None = None
-        for slot in range(2):
-            chunk = data[slot * _STATE_SLOT : (slot + 1) * _STATE_SLOT]
-            if len(chunk) < _STATE_HEAD.size:
-                continue
-            magic, generation, crc, length = _STATE_HEAD.unpack_from(chunk)
-            body = chunk[_STATE_HEAD.size : _STATE_HEAD.size + length]
-            if magic != _STATE_MAGIC or len(body) != length or zlib.crc32(body) != crc:
-                continue
-            try:
-                state = json.loads(body)
-            except ValueError:
-                continue
-            if isinstance(state, dict) and (best is None or generation > best[0]):
-                best = (generation, state)
-        if best is None:
-            return None
-        self._generation = best[0]
-        return best[1]
-
-    def save(self, state: Mapping[str, Any], *, sync: bool = True) -> None:
-        """Write ``state`` into the older slot, durably with ``sync`` (OSError when the disk refuses)."""
-        body = json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
-        if _STATE_HEAD.size + len(body) > _STATE_SLOT:
-            raise ValueError(f"outbox state of {len(body)} bytes does not fit a {_STATE_SLOT}-byte slot")
-        generation = self._generation + 1
-        slot = generation % 2
-        record = _STATE_HEAD.pack(_STATE_MAGIC, generation, zlib.crc32(body), len(body)) + body
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size < 2 * _STATE_SLOT:
-                # Allocated once at its full size: later saves overwrite blocks it already has.
-                os.posix_fallocate(fd, 0, 2 * _STATE_SLOT)
-            os.pwrite(fd, record.ljust(_STATE_SLOT, b"\0"), slot * _STATE_SLOT)
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._generation = generation
-
-    def sync(self) -> None:
-        """Make what was written durable."""
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def salvage_counts(db: Path) -> dict[int, int] | None:

@@ -10,7 +10,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
@@ -33,7 +32,6 @@ from gateway.outbox.records import (
     OutItem,
 )
 from gateway.outbox.recovery import (
-    StateFile,
     check_wal_header,
     keep_copy,
     new_epoch,
@@ -42,6 +40,8 @@ from gateway.outbox.recovery import (
     set_aside,
     shorten,
 )
+from gateway.outbox.space import DEFAULT_RESERVE_BYTES, DiskReserve, free_bytes
+from gateway.outbox.state import KnownState, StateKeeper, parse_state
 
 _LOG = logging.getLogger("gateway.outbox")
 
@@ -61,7 +61,7 @@ _SCHEMA = (
 _RECORD_COLUMNS = ("id", "lane", "topic", "payload", "t_wall", "size", "attempts")  # attempts: unused since 2
 # Records the uplink cannot send: kept for inspection, out of the queue.  Created when first used.
 _DEAD_TABLE = (
-    "CREATE TABLE IF NOT EXISTS dead (id INTEGER PRIMARY KEY, lane INTEGER NOT NULL, topic TEXT NOT NULL, "
+    "CREATE TABLE IF NOT EXISTS dead_letter (id INTEGER PRIMARY KEY, lane INTEGER NOT NULL, topic TEXT NOT NULL, "
     "payload BLOB NOT NULL, t_wall REAL NOT NULL, size INTEGER NOT NULL, reason TEXT NOT NULL, t_dead REAL NOT NULL)"
 )
 
@@ -81,11 +81,9 @@ _PLAUSIBLE_WALL_S = 1_577_836_800.0  # 2020-01-01T00:00:00Z
 # Ids are reserved in the state file ahead of use, this many at a time: one small write per
 # chunk, and after any loss the new epoch starts above every id ever handed out.
 _ID_CHUNK = 100_000
-_STATE_SAVE_EVERY_S = 1.0  # counters and queue sizes reach the state file at most this late
 _LOSSES_KEPT = 8
 # Kept free on the outbox's filesystem: released when the disk fills, so alarms, acknowledgements
 # and checkpoints still find room; re-taken once twice as much is free again.
-DEFAULT_RESERVE_BYTES = 4 * MiB
 
 
 class Outbox:
@@ -131,24 +129,17 @@ class Outbox:
             int, int
         ] = {}  # id -> leases by this process (not persisted: leasing writes nothing)
         self._released: collections.deque[int] = collections.deque()  # handed back, applied under the lock
-        self._state = StateFile(Path(f"{self._path}.state"))
-        self._reserve = Path(f"{self._path}.reserve")
-        self._reserve_bytes = max(0, reserve_bytes)
+        self._state = StateKeeper(self._path, self._state_data)
+        self._space = DiskReserve(self._path, reserve_bytes)
         self._seq = 0  # highest id assigned in this database
         self._floor = 0  # ids up to this are reserved in the state file
         self._losses: list[LossEvent] = []
-        self._state_dirty = False
-        self._state_unsynced = False
-        self._state_saved_at = 0.0
-        self._state_failing = False
-        self._degraded: str | None = None
-        self._degraded_logged = False
-        self._space_checked_at = 0.0
         self._dead = 0
+        self._dead_logged = False
         self._drop_view: Mapping[str, Mapping[str, int]] = {}
         self._prepare_directory()
         self._conn = self._open_or_recover()
-        self._take_reserve()
+        self._space.take()
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -216,14 +207,24 @@ class Outbox:
     def dead_letter(self, ids: Iterable[int], reason: str) -> int:
         """Move leased records the uplink cannot send to the dead-letter table; return how many.
 
-        They leave the queue but stay on disk for inspection (``sqlite3 <outbox> 'SELECT * FROM
-        dead'``), counted as ``dead_letter`` drops of their lane and logged.
+        They leave the queue but stay on disk for inspection (:meth:`dead_letters`, or ``sqlite3
+        <outbox> 'SELECT id, reason FROM dead_letter'``), counted as ``dead_letter`` drops of their
+        lane and logged.
         """
         wanted = list(dict.fromkeys(ids))
         with self._lock:
             self._require_open()
             self._apply_released()
             return self._guarded("dead_letter", lambda: self._dead_letter(wanted, reason))
+
+    def dead_letters(self) -> list[tuple[int, str, str]]:
+        """(id, topic, reason) of each record in the dead-letter table, oldest first."""
+        with self._lock:
+            self._require_open()
+            if not self._dead:
+                return []
+            rows = self._conn.execute("SELECT id, topic, reason FROM dead_letter ORDER BY id").fetchall()
+            return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
 
     def count_drops(self, counts: Mapping[tuple[Lane, DropReason], int]) -> None:
         """Add drops that happened outside the database (refused in memory) to the counters."""
@@ -243,11 +244,11 @@ class Outbox:
     @property
     def degraded(self) -> str | None:
         """Why lower lanes are refused (a full disk), or None; never waits."""
-        return self._degraded
+        return self._space.degraded
 
     def check_space(self) -> bool:
         """While degraded, see whether space has returned and take the reserve again; True if so."""
-        if self._degraded is None:
+        if self._space.degraded is None:
             return True
         with self._lock:
             self._require_open()
@@ -257,7 +258,7 @@ class Outbox:
         """Make the state file (counters, queue sizes, id floor) durable if a change is not yet."""
         with self._lock:
             if not self._closed:
-                self._save_state(sync=True)
+                self._state.save(sync=True)
 
     def expire(self, now_wall: float | None = None) -> int:
         """Drop records older than their lane's age budget; return how many were dropped."""
@@ -278,7 +279,7 @@ class Outbox:
         with self._lock:
             if self._closed:
                 return
-            self._save_state(sync=True)
+            self._state.save(sync=True)
             self._closed = True
             try:
                 self._conn.close()
@@ -389,7 +390,7 @@ class Outbox:
     ) -> None:
         """Reconcile the database with the state file; start a new epoch if records may be lost."""
         self._seq = self._last_id()
-        known = _parse_state(state)
+        known = parse_state(state)
         counters = {(lane, reason): n for lane in Lane for reason, n in self._dropped[lane].items()}
         for key, n in known.dropped.items():
             counters[key] = max(counters.get(key, 0), n)
@@ -415,12 +416,12 @@ class Outbox:
             self._release_reserve("no room for the state file")
             with contextlib.suppress(TransientError):
                 self._reserve_ids(0)
-        self._state_dirty = True
-        self._save_state(sync=True)
+        self._state.dirty = True
+        self._state.save(sync=True)
 
     def _start_new_epoch(
         self,
-        known: _KnownState,
+        known: KnownState,
         why: str,
         salvaged: Mapping[int, int] | None,
         counters: dict[tuple[Lane, DropReason], int],
@@ -501,7 +502,7 @@ class Outbox:
         if self._seq + n <= self._floor and self._floor > 0:
             return
         self._floor = self._seq + n + _ID_CHUNK
-        self._save_state(sync=True, required=True)
+        self._state.save(sync=True, required=True)
 
     def _state_data(self) -> dict[str, Any]:
         return {
@@ -519,109 +520,24 @@ class Outbox:
             "losses": [event.as_dict() for event in self._losses],
         }
 
-    def _save_state(self, *, sync: bool, required: bool = False) -> None:
-        """Write the state file if it changed; fsync it when ``sync`` or a second after the last fsync.
-
-        Written after every change - one small write, no fsync - so a killed process leaves exact
-        numbers behind; made durable against a power cut at most a second later.
-        """
-        now = time.monotonic()
-        due = sync or now - self._state_saved_at >= _STATE_SAVE_EVERY_S
-        if not self._state_dirty and not (due and self._state_unsynced) and not required:
-            return
-        try:
-            if self._state_dirty or required:
-                self._state.save(self._state_data(), sync=due)
-            elif due:
-                self._state.sync()
-        except OSError as exc:
-            if not self._state_failing:
-                self._state_failing = True
-                _LOG.warning(
-                    "outbox %s: cannot write the state file %s: %s: counters are kept in the database only",
-                    self._path,
-                    self._state.path,
-                    exc.strerror or exc,
-                )
-            if required:
-                raise TransientError(
-                    f"outbox {self._path}: cannot reserve record ids in {self._state.path}: "
-                    f"{exc.strerror or exc}: retried later; check the disk"
-                ) from exc
-            return
-        if self._state_failing:
-            self._state_failing = False
-            _LOG.info("outbox %s: state file written again", self._path)
-        self._state_dirty = False
-        self._state_unsynced = not due
-        if due:
-            self._state_saved_at = now
-
     # --- full disk -------------------------------------------------------------------------------------
 
-    def _take_reserve(self) -> bool:
-        """Hold ``reserve_bytes`` of disk for when it fills; True when held (or none is wanted)."""
-        if not self._reserve_bytes:
-            return True
-        try:
-            fd = os.open(self._reserve, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, self._reserve_bytes)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                self._reserve.unlink()
-            self._enter_degraded(
-                f"the disk is full (no room for the {self._reserve_bytes}-byte reserve: {exc.strerror or exc})"
-            )
-            return False
-        return True
-
     def _release_reserve(self, why: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._reserve.unlink()
-        self._enter_degraded(f"the disk is full ({why})")
-
-    def _enter_degraded(self, why: str) -> None:
-        if self._degraded is None:
-            self._degraded = why
-            if not self._degraded_logged:
-                self._degraded_logged = True
-                _LOG.critical(
-                    "outbox %s: %s: alarms are still written (into the reserve) and the backlog is still "
-                    "delivered; features and diagnostics are refused and counted until space returns: free "
-                    "space on %s",
-                    self._path,
-                    why,
-                    self._path.parent,
-                )
-            else:
-                _LOG.warning("outbox %s: %s again: refusing features and diagnostics", self._path, why)
+        self._space.release(why)
 
     def _try_recover_space(self) -> bool:
-        now = time.monotonic()
-        if now - self._space_checked_at < 1.0:
+        if not self._space.due():
             return False
-        self._space_checked_at = now
         try:
             with contextlib.suppress(sqlite3.Error):
                 # Empty the log into the file, then give pages freed by deliveries back to the
                 # filesystem - only with some room to spare, since moving pages needs the log.
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-                if _free_bytes(self._path.parent) >= _DEGRADED_VACUUM_PAGES * 4 * 4096:
+                if free_bytes(self._path.parent) >= _DEGRADED_VACUUM_PAGES * 4 * 4096:
                     self._vacuum()
-            free = _free_bytes(self._path.parent)
         except OSError:
             return False
-        if free < max(2 * self._reserve_bytes, MiB):
-            return False
-        why = self._degraded
-        self._degraded = None
-        if not self._take_reserve():
-            return False
-        _LOG.info("outbox %s: space is back (was: %s): accepting every lane again", self._path, why)
-        return True
+        return self._space.try_recover()
 
     def _open_db(self) -> sqlite3.Connection:
         """Open the database; on a full disk give the reserve back, then try without shared memory."""
@@ -730,8 +646,10 @@ class Outbox:
                 _LOG.warning("outbox %s: ignoring unknown counter %r in meta", self._path, key)
         self._count, self._bytes, self._dropped = count, size, dropped
         self._dead = 0
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dead'").fetchone():
-            self._dead = int(conn.execute("SELECT COUNT(*) FROM dead").fetchone()[0])
+        if conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dead_letter'"
+        ).fetchone():
+            self._dead = int(conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0])
         self._epoch = self._load_epoch(conn)
         self._leased.clear()
         self._leased_count = dict.fromkeys(Lane, 0)
@@ -758,7 +676,7 @@ class Outbox:
         # still queued in it, now counted as lost.  Ids handed out from it may still be in an
         # uplink's hands: the fresh file's ids start above the floor, so a late ack can never
         # delete a different record under the same id.
-        known = _KnownState(
+        known = KnownState(
             epoch=self._epoch,
             floor=max(self._floor, self._high_id, max(self._leased, default=0)),
             last_id=self._seq,
@@ -781,8 +699,8 @@ class Outbox:
         self._seq = self._last_id()
         self._losses = list(known.losses)
         self._start_new_epoch(known, f"database set aside while running ({why})", None, dict(known.dropped))
-        self._state_dirty = True
-        self._save_state(sync=True)
+        self._state.dirty = True
+        self._state.save(sync=True)
 
     def _guarded(self, what: str, op: Callable[[], _T]) -> _T:
         """Run ``op``; on corruption set the file aside and run it once more on a fresh database."""
@@ -921,7 +839,7 @@ class Outbox:
             self._persist_counters(counters)
         self._apply_counters(counters)
         self._seq = seq
-        self._state_dirty = True
+        self._state.dirty = True
         for lane, lane_sizes in incoming.items():
             p = plans.get(lane)
             kept = lane_sizes if p is None else lane_sizes[p.first : p.end]
@@ -935,7 +853,7 @@ class Outbox:
             if lane in incoming or n:
                 self._note_drops(lane, DropReason.BUDGET, n)
         self._note_total()
-        self._save_state(sync=False)
+        self._state.save(sync=False)
 
     def _persist_counters(self, counters: Mapping[tuple[Lane, DropReason], int]) -> None:
         if counters:
@@ -951,7 +869,7 @@ class Outbox:
         for (lane, reason), n in counters.items():
             self._dropped[lane][reason] = n
         if counters:
-            self._state_dirty = True
+            self._state.dirty = True
             # Rebuilt, never changed in place: readers on the event loop take it without the lock.
             self._drop_view = {
                 lane.name.lower(): {str(reason): n for reason, n in self._dropped[lane].items() if n}
@@ -974,7 +892,7 @@ class Outbox:
                 self._persist_counters(totals)
         except sqlite3.Error:
             self._rollback_quietly()  # a full disk: the state file (written in place) still gets them
-        self._save_state(sync=False)
+        self._state.save(sync=False)
 
     def _apply_released(self) -> None:
         released = self._released
@@ -1000,13 +918,13 @@ class Outbox:
         with self._transaction() as conn:
             conn.execute(_DEAD_TABLE)
             conn.executemany(
-                "INSERT OR REPLACE INTO dead (id, lane, topic, payload, t_wall, size, reason, t_dead) "
+                "INSERT OR REPLACE INTO dead_letter (id, lane, topic, payload, t_wall, size, reason, t_dead) "
                 "SELECT id, lane, topic, payload, t_wall, size, ?, ? FROM records WHERE id = ?",
                 [(reason, now, rid) for rid in mine],
             )
             conn.executemany("DELETE FROM records WHERE id = ?", [(rid,) for rid in mine])
             self._persist_counters(counters)
-            self._dead = int(conn.execute("SELECT COUNT(*) FROM dead").fetchone()[0])
+            self._dead = int(conn.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0])
         self._apply_counters(counters)
         for rid in mine:
             lane, size = self._leased.pop(rid)
@@ -1014,14 +932,19 @@ class Outbox:
             self._leased_count[lane] -= 1
             self._count[lane] -= 1
             self._bytes[lane] -= size
-        _LOG.warning(
-            "outbox %s: %d record(s) moved to the dead-letter table (%s): %s; kept for inspection",
+        # The first of a process at WARNING, the rest at DEBUG: the counters say how many.
+        log = _LOG.debug if self._dead_logged else _LOG.warning
+        self._dead_logged = True
+        log(
+            "outbox %s: %d record(s) moved to the dead-letter table (%s): %s; kept for inspection, "
+            "%d there in all",
             self._path,
             len(mine),
             ", ".join(f"{lane.name.lower()} {n}" for lane, n in by_lane.items()),
             reason,
+            self._dead,
         )
-        self._save_state(sync=False)
+        self._state.save(sync=False)
         return len(mine)
 
     def _last_id(self) -> int:
@@ -1073,8 +996,8 @@ class Outbox:
             self._count[lane] -= 1
             self._bytes[lane] -= size
             self._freed_since_vacuum += size
-        self._state_dirty = True
-        self._save_state(sync=False)
+        self._state.dirty = True
+        self._state.save(sync=False)
         self._note_total()
         if self._freed_since_vacuum >= _VACUUM_EVERY_BYTES:
             self._freed_since_vacuum = 0
@@ -1085,14 +1008,14 @@ class Outbox:
         free_pages = int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
         if free_pages > 2 * _VACUUM_KEEP_PAGES:
             steps = free_pages - _VACUUM_KEEP_PAGES
-            if self._degraded is not None:
+            if self._space.degraded is not None:
                 # Moving pages writes them to the log first: on a full disk, a few at a time, the
                 # log emptied after each round, so giving space back never takes the last of it.
                 steps = min(steps, _DEGRADED_VACUUM_PAGES)
             # This pragma frees one page per step, and execute() steps a statement without result
             # columns only once; executescript() steps it to the end.
             self._conn.executescript(f"PRAGMA incremental_vacuum({steps});")
-            if self._degraded is not None:
+            if self._space.degraded is not None:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _expire(self, now: float) -> int:
@@ -1126,7 +1049,7 @@ class Outbox:
             if budget.max_age_s is not None:
                 self._note_drops(lane, DropReason.AGE, len(found))
         self._note_total()
-        self._save_state(sync=False)
+        self._state.save(sync=False)
         return sum(len(found) for found in victims.values())
 
     def _aged(self, lane: Lane, cutoff: float) -> list[tuple[int, int]]:
@@ -1175,7 +1098,7 @@ class Outbox:
             recovered_from=tuple(self._recovered),
             epoch=self._epoch,
             losses=tuple(self._losses),
-            degraded=self._degraded,
+            degraded=self._space.degraded,
             dead_letters=self._dead,
         )
 
@@ -1226,52 +1149,3 @@ class Outbox:
                 "outbox %s: back within the total budget (%d of %d bytes)", self._path, total, self._total_max
             )
         self._over_total = over
-
-
-@dataclass(frozen=True, slots=True)
-class _KnownState:
-    """What the state file said at open."""
-
-    epoch: int = 0
-    floor: int = 0
-    last_id: int = 0
-    queued: Mapping[Lane, int] = field(default_factory=dict)
-    dropped: Mapping[tuple[Lane, DropReason], int] = field(default_factory=dict)
-    losses: tuple[LossEvent, ...] = ()
-
-
-def _parse_state(state: Mapping[str, Any] | None) -> _KnownState:
-    """Read the state file's data, keeping what makes sense of it."""
-    if state is None:
-        return _KnownState()
-
-    def number(key: str) -> int:
-        value = state.get(key)
-        return value if isinstance(value, int) and value > 0 else 0
-
-    queued: dict[Lane, int] = {}
-    raw_queued = state.get("queued")
-    if isinstance(raw_queued, Mapping):
-        for name, n in raw_queued.items():
-            with contextlib.suppress(KeyError, ValueError, TypeError):
-                queued[Lane[str(name).upper()]] = max(0, int(n))
-    dropped: dict[tuple[Lane, DropReason], int] = {}
-    raw_dropped = state.get("dropped")
-    if isinstance(raw_dropped, Mapping):
-        for key, n in raw_dropped.items():
-            with contextlib.suppress(KeyError, ValueError, TypeError):
-                lane_name, reason = str(key).split(".", 1)
-                dropped[(Lane[lane_name.upper()], DropReason(reason))] = max(0, int(n))
-    losses: list[LossEvent] = []
-    raw_losses = state.get("losses")
-    if isinstance(raw_losses, list):
-        for entry in raw_losses:
-            with contextlib.suppress(KeyError, ValueError, TypeError):
-                losses.append(LossEvent.from_dict(entry))
-    return _KnownState(number("epoch"), number("floor"), number("last_id"), queued, dropped, tuple(losses))
-
-
-def _free_bytes(directory: Path) -> int:
-    """Bytes an unprivileged process may still write on ``directory``'s filesystem."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
