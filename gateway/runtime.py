@@ -560,9 +560,12 @@ async def _supervise(
 
     def summary() -> str:
         health = outbox.health()
+        describe = getattr(uplink, "describe", None)  # the MQTT uplink: connected or degraded (why)
         return (
             f"outbox pending {outbox.pending}, delivered {getattr(uplink, 'delivered', 0)}, "
-            f"dropped {outbox.dropped_total()}" + (f", OUTBOX DEGRADED: {health}" if health else "")
+            f"dropped {outbox.dropped_total()}"
+            + (f", uplink {describe()}" if describe is not None else "")
+            + (f", OUTBOX DEGRADED: {health}" if health else "")
         )
 
     sup.summary = summary

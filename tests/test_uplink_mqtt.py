@@ -28,7 +28,6 @@ from uplink_support import (
 
 from gateway.contracts import Lane
 from gateway.encode import encode
-from gateway.errors import AuthError
 from gateway.outbox import AsyncOutbox, FullPolicy, LaneBudget, Outbox, OutItem
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoCA, DemoPKI, demo_pki
@@ -295,16 +294,22 @@ def test_disk_budget_during_an_outage_keeps_alarms_and_reports_drops(
 # --- refused connections: which check failed and what to do ------------------------------------------
 
 
-def _run_until_error(tmp_path: Path, cfg: Any) -> BaseException:
-    async def main() -> BaseException:
+def _run_until_error(tmp_path: Path, cfg: Any) -> str:
+    """Run the uplink until it reports itself degraded; the reason it gives (it keeps retrying)."""
+
+    async def main() -> str:
         async with AsyncOutbox(lambda: Outbox(tmp_path / "ob.db")) as outbox:
             uplink = MqttUplink(outbox, cfg, GATEWAY_ID)
+            running = RunningUplink(uplink)
             try:
-                async with asyncio.timeout(10):
-                    await uplink.run(lambda: None)
-            except AuthError as exc:
-                return exc
-        raise AssertionError("no error")
+                await wait_until(
+                    lambda: uplink.problem not in (None, "not connected yet"), 10, "a degraded uplink"
+                )
+                assert not running.task.done(), "the uplink gave up instead of retrying"
+                assert uplink.describe().startswith("degraded (")
+                return str(uplink.problem)
+            finally:
+                await running.stop()
 
     return asyncio.run(main())
 

@@ -28,10 +28,11 @@ import datetime as dt
 import json
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -45,7 +46,7 @@ from gateway import senml
 from gateway.contracts import Lane
 from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
 from gateway.outbox import AsyncOutbox, Leased
-from gateway.uplink import certs, tls
+from gateway.uplink import certs, tls, transport
 from gateway.uplink.config import MqttSection, is_loopback
 from gateway.uplink.pacing import Pacer
 from gateway.uplink.profiles import PROFILES, azure_topic, azure_username
@@ -57,6 +58,11 @@ _IDLE_POLL_S = 1.0  # wake at least this often: heartbeat, and records committed
 _CLEANUP_DEADLINE_S = 5.0
 _MONITOR_EVERY_S = 10.0
 _CERT_CHECK_EVERY_S = 6 * 3600.0
+# While backing off, how often to check whether the step that failed would pass now: a broker
+# listening again is used within about this long.  A TLS probe costs the broker a handshake.
+_PROBE_EVERY_S = 1.0
+_PROBE_TLS_EVERY_S = 2.0
+_HEALTHY_SESSION_S = 10.0  # a connection that lasted this long resets the backoff
 # A broker that closes the connection between the TLS handshake and CONNACK is refusing our client
 # certificate more often than it is restarting; after this many in a row it is reported as such.
 _SILENT_REFUSALS_FOR_AUTH = 3
@@ -64,6 +70,7 @@ _SILENT_REFUSALS_FOR_AUTH = 3
 # CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 return codes onto them).
 _CONNACK_AUTH = frozenset({0x86, 0x87, 0x8A, 0x8C, 0x85, 0x8B})  # bad credentials, not authorized, banned...
 _CONNACK_TRANSIENT = frozenset({0x88, 0x89, 0x97, 0x9F, 0x80, 0x83})  # unavailable, busy, quota, rate...
+_CONNACK_REDIRECT = frozenset({0x9C, 0x9D})  # use another server, server moved
 _PUBACK_AUTH = frozenset({0x87})  # not authorized (a broker policy forbids the topic)
 
 
@@ -106,6 +113,18 @@ class _Client(paho.Client):
         """True while read bytes wait in the buffer (the socket will not signal them)."""
         return self._rpos < len(self._rbuf)
 
+    # The TCP connection is opened on the event loop (name lookup and connect each with a timeout,
+    # see transport.open_tcp); paho takes it from here for the TLS handshake and CONNECT.
+    ready_socket: socket.socket | None = None
+
+    def _create_socket_connection(self) -> socket.socket:
+        sock, self.ready_socket = self.ready_socket, None
+        if sock is None:
+            raise ConnectionError("no connected socket handed over")
+        sock.setblocking(True)
+        sock.settimeout(self._connect_timeout)
+        return sock
+
 
 @dataclass(eq=False)
 class _Session:
@@ -138,6 +157,8 @@ class _Session:
     backlog: collections.deque[Leased] = field(default_factory=collections.deque)  # leased, replayed behind
     replayed: int = 0
     replaying: bool = False
+    tls_desc: str = ""  # "TLSv1.3 TLS_AES_256_GCM_SHA384", taken when the handshake completes
+    to_release: list[int] = field(default_factory=list)  # refused by the broker, released by the acker
 
 
 class MqttUplink:
@@ -158,7 +179,9 @@ class MqttUplink:
         self.topic_root = f"{config.topic_prefix}/{gateway_id}"
         self.status_topic = f"{self.topic_root}/status"
         self._password = password
-        self.last_beat = time.monotonic()
+        self._beat = time.monotonic()
+        self._bounded_until = 0.0  # inside a wait bounded by its own timeout until then
+        self.problem: str | None = "not connected yet"  # why the uplink is degraded; None when connected
         self.delivered = 0
         self.counters = UplinkCounters()
         self.connected = False
@@ -173,8 +196,38 @@ class MqttUplink:
         self._dropped_seen: dict[str, int] | None = None
         self._refusing_big = False
         self._next_cert_check = 0.0
-        self._ssl: tls.NamedContext | None = None
+        self._tls = transport.TlsMaterial(config) if config.tls else None
+        self._releasing: set[asyncio.Future[None]] = set()
         self.backlog_through = 0  # records up to this id are the backlog of the current connection
+
+    @property
+    def last_beat(self) -> float:
+        """Monotonic time of the last sign of life; "now" while inside a wait bounded by a timeout."""
+        now = time.monotonic()
+        return now if now < self._bounded_until else self._beat
+
+    @last_beat.setter
+    def last_beat(self, value: float) -> None:
+        self._beat = value
+
+    @contextlib.contextmanager
+    def _bounded(self, seconds: float) -> Iterator[None]:
+        """Report alive while inside a wait that its own timeouts end within ``seconds``.
+
+        A connection attempt against a broker that accepts TCP and never answers is slow but
+        bounded; the heartbeat must not go stale for it.  A wait that overruns its bound (a bug)
+        goes stale after the bound, as it should.
+        """
+        self._bounded_until = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._bounded_until = 0.0
+            self._beat = time.monotonic()
+
+    def describe(self) -> str:
+        """``connected`` or ``degraded (why)``, for the STATUS line."""
+        return "connected" if self.problem is None else f"degraded ({self.problem})"
 
     # --- checks before connecting -------------------------------------------------------------------
 
@@ -259,7 +312,7 @@ class MqttUplink:
 
     # --- connecting -----------------------------------------------------------------------------------
 
-    def _new_client(self, loop: asyncio.AbstractEventLoop) -> _Session:
+    def _new_client(self, loop: asyncio.AbstractEventLoop, context: ssl.SSLContext | None) -> _Session:
         cfg = self._cfg
         v5 = cfg.protocol == "5"
         client = _Client(
@@ -279,9 +332,8 @@ class MqttUplink:
         # Unlimited in paho (it scans every message in flight per PUBACK otherwise); the uplink's
         # window bounds what is in flight, and the broker's receive maximum is applied at CONNACK.
         client.max_inflight_messages_set(0)
-        if cfg.tls:
-            assert self._ssl is not None
-            client.tls_set_context(self._ssl)
+        if context is not None:
+            client.tls_set_context(context)
         username = cfg.username
         if cfg.profile == "azure" and username is None and cfg.azure_hub is not None:
             username = azure_username(cfg.azure_hub, self.client_id)
@@ -347,49 +399,81 @@ class MqttUplink:
             _call(session, session.wake.set)
 
     async def _connect(self, silent_refusals: int) -> _Session:
-        """Open one connection and wait for CONNACK; the error says why it failed."""
+        """Open one connection and wait for CONNACK, each step bounded; AttemptError says where it failed."""
         cfg = self._cfg
         loop = asyncio.get_running_loop()
-        session = self._new_client(loop)
+        context = self._tls.context() if self._tls is not None else None
+        try:
+            self._check_certificate()
+        except EdgetwinError as exc:
+            raise transport.AttemptError(exc, transport.Stage.FILES) from exc
+        sock = await transport.open_tcp(cfg, cfg.connect_timeout_s)
+        session = self._new_client(loop, context)
         client = session.client
-        properties = None
+        client.ready_socket = sock
+        stage = transport.Stage.TLS if cfg.tls else transport.Stage.MQTT
+        kwargs: dict[str, Any] = {}
         if cfg.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = 0
+            kwargs = {"clean_start": True, "properties": properties}
+        handshake = asyncio.create_task(
+            asyncio.to_thread(client.connect, cfg.host, cfg.port, cfg.keepalive_s, **kwargs),
+            name="uplink-mqtt:handshake",
+        )
         try:
-            if cfg.protocol == "5":
-                await asyncio.to_thread(
-                    client.connect,
-                    cfg.host,
-                    cfg.port,
-                    cfg.keepalive_s,
-                    clean_start=True,
-                    properties=properties,
-                )
-            else:
-                await asyncio.to_thread(client.connect, cfg.host, cfg.port, cfg.keepalive_s)
-        except (OSError, ssl.SSLError, ValueError) as exc:
+            # The handshake's socket has the connect timeout; this outer bound only backs it up.
+            async with asyncio.timeout(cfg.connect_timeout_s + 2.0):
+                await asyncio.shield(handshake)
+        except BaseException as exc:
+            sock.close()  # ends a handshake still running in the worker thread (plain TCP)
+            if isinstance(context, tls.NamedContext):
+                context.close_failed()  # the TLS socket owns the connection once wrapped
+            handshake.add_done_callback(_consume_exception)
             with contextlib.suppress(Exception):
                 client.disconnect()
-            if self._ssl is not None:
-                self._ssl.close_failed()
-            raise tls.classify(exc, cfg) from exc
-        self._attach(session)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, TimeoutError):  # the socket's timeout, or the outer bound
+                step = "TLS handshake" if cfg.tls else "CONNECT"
+                raise transport.AttemptError(
+                    TransientError(
+                        f"{transport.where(cfg)}: TCP connected but the {step} got no answer within "
+                        f"{cfg.connect_timeout_s:g} s: retrying; check the broker and what lies between"
+                    ),
+                    stage,
+                ) from exc
+            if not isinstance(exc, OSError | ssl.SSLError | ValueError):
+                raise
+            raise transport.AttemptError(tls.classify(exc, cfg), stage) from exc
+        session.tls_desc = tls.describe_peer(client.socket())
+        try:
+            self._attach(session)
+        except TransientError as exc:  # closed during the CONNECT write: what the broker said, if anything
+            raise transport.AttemptError(
+                self._closed_before_connack(session, silent_refusals), transport.Stage.MQTT
+            ) from exc
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
                 code, reason, props = await session.connack
         except BaseException as exc:
             await self._stop_client(session)
+            stage = transport.Stage.MQTT
             if isinstance(exc, TimeoutError):
-                raise TransientError(
-                    f"uplink mqtt {cfg.host}:{cfg.port}: no CONNACK within {cfg.connect_timeout_s:g} s: retrying"
+                raise transport.AttemptError(
+                    TransientError(
+                        f"{transport.where(cfg)}: no CONNACK within {cfg.connect_timeout_s:g} s: retrying"
+                    ),
+                    stage,
                 ) from exc
             if isinstance(exc, TransientError):
-                raise self._closed_before_connack(session, silent_refusals) from exc
+                raise transport.AttemptError(
+                    self._closed_before_connack(session, silent_refusals), stage
+                ) from exc
             raise
         if code >= 0x80:
             await self._stop_client(session)
-            raise self._connack_error(code, reason)
+            raise transport.AttemptError(self._connack_error(code, reason, props), transport.Stage.MQTT)
         client.on_log = None  # from here on, paho would format a debug line per publish for it
         session.connected = True
         if props is not None:
@@ -423,8 +507,15 @@ class MqttUplink:
             f"{where}: the broker closed the connection before CONNACK ({text or 'no reason'}): retrying"
         )
 
-    def _connack_error(self, code: int, reason: str) -> EdgetwinError:
+    def _connack_error(self, code: int, reason: str, props: Any) -> EdgetwinError:
         where = f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
+        if code in _CONNACK_REDIRECT:
+            target = getattr(props, "ServerReference", None)
+            return TransientError(
+                f"{where}: the broker sends us to another server ({reason}"
+                + (f": {target}" if target else "")
+                + "): retrying here; if it lasts, set uplink.mqtt.host to the server it names"
+            )
         if code in _CONNACK_AUTH:
             return AuthError(
                 f"{where}: the broker refused the connection: {reason}: check that the client certificate "
@@ -433,7 +524,8 @@ class MqttUplink:
         if code in _CONNACK_TRANSIENT:
             return TransientError(f"{where}: the broker refused the connection for now: {reason}: retrying")
         return ConfigError(
-            f"{where}: the broker refused the connection: {reason}: check uplink.mqtt.protocol and profile"
+            f"{where}: the broker refused the connection: {reason} (0x{code:02X}): retrying; "
+            "check uplink.mqtt.protocol and profile"
         )
 
     def _attach(self, session: _Session) -> None:
@@ -499,61 +591,88 @@ class MqttUplink:
     # --- running ------------------------------------------------------------------------------------------
 
     async def run(self, started: Callable[[], None]) -> None:
-        """Connect, deliver, reconnect with backoff until cancelled; Auth/Config errors propagate."""
-        cfg, where = self._cfg, f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
+        """Connect, deliver, reconnect until cancelled; only a configuration the profile rejects is final.
+
+        Everything met at run time - a refused or dropped connection, a port that does not speak
+        TLS, certificate errors, missing or renewed certificate files, unknown CONNACK codes,
+        redirects - is retried under a capped backoff, with a probe that cuts the wait short when
+        the failed step would now pass; meanwhile :attr:`problem` says why the uplink is degraded.
+        """
+        cfg, where = self._cfg, transport.where(self._cfg)
         for warning in self.preflight():
             log.warning("%s", warning)
-        # Loading a trust store and parsing certificates take up to ~0.1 s: off the event loop.
-        self._ssl = await asyncio.to_thread(tls.client_context, cfg) if cfg.tls else None
-        await asyncio.to_thread(self._check_certificate)
         self._next_cert_check = time.monotonic() + _CERT_CHECK_EVERY_S
         started()
-        attempt, silent, down_since = 0, 0, None
+        attempt, silent, streak, down_since = 0, 0, 0, time.monotonic()
+        reported = ""
         while True:
             self.last_beat = time.monotonic()
             try:
-                session = await self._connect(silent)
-            except TransientError as exc:
-                silent = (
-                    silent + 1
-                    if "right after the TLS handshake" in str(exc) or "before CONNACK" in str(exc)
-                    else 0
-                )
+                # Each step has its own timeout (files, name, TCP, TLS, CONNACK): bounded.
+                with self._bounded(4 * cfg.connect_timeout_s + 5.0):
+                    session = await _attempt(self._connect(silent))
+            except transport.AttemptError as exc:
+                silent = silent + 1 if "right after the TLS handshake" in str(exc) else 0
                 attempt += 1
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning("%s (records stay in the outbox)", exc)
+                self.problem = str(exc.cause)
+                if str(exc.cause) != reported:
+                    reported = str(exc.cause)
+                    retrying = "" if "retrying" in reported else "retrying; "
+                    log.warning("%s (%srecords stay in the outbox)", exc.cause, retrying)
                 else:
-                    log.debug("still cannot connect (attempt %d): %s", attempt, exc)
-                await self._sleep_beating(self._backoff(attempt))
+                    log.debug("still cannot connect (attempt %d): %s", attempt, exc.cause)
+                await self._wait_retry(self._backoff(attempt), exc.stage)
                 continue
             silent = 0
             self.counters.connects += 1
-            if down_since is not None:
+            if attempt:
                 log.info(
                     "%s: connected again after %.1f s (%d attempt(s))",
                     where,
                     time.monotonic() - down_since,
-                    attempt,
+                    attempt + 1,
                 )
-            attempt, down_since = 0, None
+            streak, attempt, reported = streak + 1, 0, ""
+            self.problem = None
+            acked_before, up_since = self.counters.acked, time.monotonic()
             try:
                 await self._serve(session)
-            except TransientError as exc:
+            except EdgetwinError as exc:
                 down_since = time.monotonic()
+                self.problem = str(exc)
                 log.warning("%s: %s; records stay in the outbox, reconnecting", where, exc)
-                attempt = 1
-                await self._sleep_beating(self._backoff(attempt))
+                # A session that delivered, or lasted, was healthy: retry soon.  One that the broker
+                # ends at once (a refused publish) backs off like a refused connection.
+                if self.counters.acked > acked_before or down_since - up_since >= _HEALTHY_SESSION_S:
+                    streak = 0
+                attempt = streak
+                reported = str(exc)
+                await self._wait_retry(self._backoff(attempt + 1), transport.Stage.MQTT)
+
+    async def _wait_retry(self, delay: float, failed: transport.Stage) -> None:
+        """Wait ``delay`` s before the next attempt, cut short when a probe says the failed step passes."""
+        cfg = self._cfg
+        now = time.monotonic()
+        end = now + delay
+        every = _PROBE_TLS_EVERY_S if failed is transport.Stage.TLS else _PROBE_EVERY_S
+        next_probe = now + every
+        while (left := end - now) > 0:
+            self.last_beat = now
+            if failed < transport.Stage.MQTT and now >= next_probe:
+                with self._bounded(2 * cfg.connect_timeout_s + 3.0):
+                    passes = await transport.probe(cfg, self._tls, failed, cfg.connect_timeout_s)
+                if passes:
+                    log.debug("uplink mqtt: the %s step passes again: connecting now", failed.name.lower())
+                    return
+                now = time.monotonic()
+                next_probe = now + every
+                continue
+            await asyncio.sleep(min(left, max(0.0, next_probe - now), _IDLE_POLL_S))
+            now = time.monotonic()
 
     def _backoff(self, attempt: int) -> float:
         nominal = min(self._cfg.reconnect_max_s, self._cfg.reconnect_min_s * 2 ** min(attempt - 1, 30))
         return float(nominal / 2 + random.random() * nominal / 2)
-
-    async def _sleep_beating(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            self.last_beat = time.monotonic()
-            await asyncio.sleep(min(left, _IDLE_POLL_S))
 
     async def _serve(self, session: _Session) -> None:
         """Deliver on one connection until it drops (TransientError) or the task is cancelled."""
@@ -569,14 +688,14 @@ class MqttUplink:
             self._dropped_seen = _dropped(stats.dropped)
             self._publish_status(session, "online", dropped=self._dropped_seen)
             queued = stats.queued
-            tls_desc = tls.describe_peer(session.client.socket())
+            tls_desc = session.tls_desc
             log.info(
                 "uplink mqtt %s:%d: connected as %s (MQTT %s%s); %d record(s) queued to replay",
                 cfg.host,
                 cfg.port,
                 self.client_id,
                 cfg.protocol,
-                f", {tls_desc}" if tls_desc else ", no TLS",
+                f", {tls_desc}" if cfg.tls else ", no TLS",
                 queued,
             )
             try:
@@ -614,7 +733,7 @@ class MqttUplink:
                 self._publish_status(session, "online", dropped=dropped)
             if time.monotonic() >= self._next_cert_check:
                 self._next_cert_check = time.monotonic() + _CERT_CHECK_EVERY_S
-                await asyncio.to_thread(self._check_certificate)
+                self._check_certificate()
 
     def _publish_status(self, session: _Session, state: str, **kw: Any) -> paho.MQTTMessageInfo:
         props = None
@@ -722,6 +841,9 @@ class MqttUplink:
             await session.ack_wake.wait()
             session.ack_wake.clear()
             self._take_acks(session)
+            if session.to_release:
+                ids, session.to_release = session.to_release, []
+                await self._outbox.release(ids)
             if session.acked_ids:
                 ids, session.acked_ids = session.acked_ids, []
                 await self._ack(session, ids)
@@ -797,8 +919,7 @@ class MqttUplink:
             if code >= 0x80:
                 self.counters.refused += 1
                 session.leased.pop(rid, None)
-                with contextlib.suppress(RuntimeError):
-                    self._outbox.outbox.release([rid])
+                session.to_release.append(rid)  # by the acker, off the loop: release waits on a lock
                 name = ReasonCode(PacketTypes.PUBACK, identifier=code).getName()
                 where = f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
                 if code in _PUBACK_AUTH:
@@ -810,7 +931,7 @@ class MqttUplink:
                     session.lost = TransientError(f"the broker refused a publish ({name})")
                 continue
             session.acked_ids.append(rid)
-        if session.acked_ids:
+        if session.acked_ids or session.to_release:
             session.ack_wake.set()
 
     async def _ack(self, session: _Session, ids: list[int]) -> None:
@@ -835,8 +956,21 @@ class MqttUplink:
     def _release_orphans(self, task: asyncio.Task[list[Leased]]) -> None:
         if task.cancelled() or task.exception() is not None:
             return
-        with contextlib.suppress(RuntimeError):
-            self._outbox.outbox.release([item.id for item in task.result()])
+        ids = [item.id for item in task.result()]
+        if ids:
+            # Off the loop (release waits on the outbox's lock); kept referenced until done.
+            release = asyncio.ensure_future(self._outbox.release(ids))
+            self._releasing.add(release)
+            release.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Future[None]) -> None:
+        self._releasing.discard(task)
+        if (
+            not task.cancelled()
+            and isinstance(task.exception(), Exception)
+            and not isinstance(task.exception(), RuntimeError)
+        ):
+            log.error("uplink mqtt: releasing leased records failed: %s", task.exception())
 
     async def _end_session(self, session: _Session, graceful: bool) -> None:
         """Delete what was acknowledged, release the rest, say goodbye if the link is still up."""
@@ -846,8 +980,9 @@ class MqttUplink:
                 ids, session.acked_ids = session.acked_ids, []
                 await self._ack(session, ids)
         finally:
-            unacked = list(session.leased)
+            unacked = list(session.leased) + session.to_release
             session.leased.clear()
+            session.to_release = []
             if unacked:
                 with contextlib.suppress(RuntimeError):
                     await self._outbox.release(unacked)
@@ -873,6 +1008,16 @@ class MqttUplink:
             if not session.leased and (await self._outbox.stats()).queued == 0:
                 return
             await asyncio.sleep(0.05)
+
+
+async def _attempt(connecting: Coroutine[Any, Any, _Session]) -> _Session:
+    """Await a connection attempt; any edgetwin error it raises is an AttemptError (MQTT stage at least)."""
+    try:
+        return await connecting
+    except transport.AttemptError:
+        raise
+    except EdgetwinError as exc:
+        raise transport.AttemptError(exc, transport.Stage.MQTT) from exc
 
 
 def _call(session: _Session, fn: Callable[[], None]) -> None:
