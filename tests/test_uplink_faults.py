@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 from test_supervisor import Receiver
-from uplink_support import GATEWAY_ID, RunningUplink, require_mosquitto, uplink_config, wait_until
+from uplink_support import GATEWAY_ID, RunningUplink, mosquitto_pki, uplink_config, wait_until
 
 from gateway.notify import Notifier
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.supervisor import Backoff, Group, Supervisor, Unit
 from gateway.uplink.broker import MosquittoBroker, free_port
-from gateway.uplink.certs import DemoCA, DemoPKI, demo_pki
+from gateway.uplink.certs import DemoCA, DemoPKI
 from gateway.uplink.config import MqttSection
 from gateway.uplink.mqtt import MqttUplink
 
@@ -35,8 +35,7 @@ RECONNECT_BOUND_S = 5.0
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DemoPKI:
-    require_mosquitto()
-    return demo_pki(tmp_path_factory.mktemp("pki"))
+    return mosquitto_pki(tmp_path_factory)
 
 
 @pytest.fixture

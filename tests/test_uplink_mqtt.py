@@ -21,7 +21,8 @@ from uplink_support import (
     GATEWAY_ID,
     RunningUplink,
     listener,
-    require_mosquitto,
+    mosquitto_pki,
+    running_broker,
     uplink_config,
     wait_until,
 )
@@ -30,7 +31,7 @@ from gateway.contracts import Lane
 from gateway.encode import encode
 from gateway.outbox import AsyncOutbox, FullPolicy, LaneBudget, Outbox, OutItem
 from gateway.uplink.broker import MosquittoBroker
-from gateway.uplink.certs import DemoCA, DemoPKI, demo_pki
+from gateway.uplink.certs import DemoCA, DemoPKI
 from gateway.uplink.mqtt import MqttUplink
 
 pytestmark = pytest.mark.slow
@@ -89,16 +90,12 @@ def records(n_features: int, n_alarms: int = 0, start: int = 0) -> list[OutItem]
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DemoPKI:
-    require_mosquitto()
-    return demo_pki(tmp_path_factory.mktemp("pki"))
+    return mosquitto_pki(tmp_path_factory)
 
 
 @pytest.fixture
 def broker(tmp_path: Path, pki: DemoPKI) -> Iterator[MosquittoBroker]:
-    b = MosquittoBroker(tmp_path / "broker", pki, persistence=True)
-    b.start()
-    yield b
-    b.stop()
+    yield from running_broker(tmp_path, pki, persistence=True)
 
 
 def raw_properties(broker: MosquittoBroker, pki: DemoPKI, got: list[Any]) -> paho.Client:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import pytest
 from gateway.outbox import AsyncOutbox, Outbox, OutItem
 from gateway.twin.listen import Listener, ListenOptions
 from gateway.uplink.broker import MosquittoBroker, mosquitto_available
-from gateway.uplink.certs import DemoPKI
+from gateway.uplink.certs import DemoPKI, demo_pki
 from gateway.uplink.config import MqttSection
 from gateway.uplink.mqtt import MqttUplink
 
@@ -24,6 +24,20 @@ GATEWAY_ID = "gwk3j2x7q9m4t8vb"
 def require_mosquitto() -> None:
     if not mosquitto_available():
         pytest.fail("mosquitto is not installed: run 'bash .ci/setup test' (or apt-get install mosquitto)")
+
+
+def mosquitto_pki(factory: pytest.TempPathFactory) -> DemoPKI:
+    """A demo PKI for a module's tests against mosquitto (fails clearly when it is not installed)."""
+    require_mosquitto()
+    return demo_pki(factory.mktemp("pki"))
+
+
+def running_broker(tmp_path: Path, pki: DemoPKI, **kw: Any) -> Iterator[MosquittoBroker]:
+    """A started mosquitto for one test; stopped after it (the body of a yield fixture)."""
+    b = MosquittoBroker(tmp_path / "broker", pki, **kw)
+    b.start()
+    yield b
+    b.stop()
 
 
 def uplink_config(broker: MosquittoBroker, pki: DemoPKI, **overrides: Any) -> MqttSection:

@@ -79,6 +79,7 @@ class MosquittoBroker:
         port: int | None = None,
         executable: str | None = None,
         persistence: bool = False,
+        max_packet_size: int | None = None,
     ) -> None:
         exe = (
             executable
@@ -100,6 +101,9 @@ class MosquittoBroker:
         self.log_file = workdir / "mosquitto.log"
         self.conf_file = workdir / "mosquitto.conf"
         self.persistence = persistence  # keep sessions and queued messages across a restart
+        self.max_packet_size = (
+            max_packet_size  # sent to MQTT 5 clients in CONNACK; larger packets end the link
+        )
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -121,6 +125,7 @@ class MosquittoBroker:
             "connection_messages true",
             # Slow subscribers (a twin under load) must not lose QoS 1 messages to a queue limit.
             "max_queued_messages 1000000",
+            *([f"max_packet_size {self.max_packet_size}"] if self.max_packet_size else []),
             f"listener {self.port} {self.host}",
             f"cafile {self.pki.ca_file}",
             f"certfile {self.pki.server.cert}",

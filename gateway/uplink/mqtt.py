@@ -46,7 +46,7 @@ from gateway import senml
 from gateway.contracts import Lane
 from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
 from gateway.outbox import AsyncOutbox, Leased
-from gateway.uplink import certs, tls, transport
+from gateway.uplink import certs, packets, tls, transport
 from gateway.uplink.config import MqttSection, is_loopback
 from gateway.uplink.pacing import Pacer
 from gateway.uplink.profiles import PROFILES, azure_topic, azure_username
@@ -72,6 +72,8 @@ _CONNACK_AUTH = frozenset({0x86, 0x87, 0x8A, 0x8C, 0x85, 0x8B})  # bad credentia
 _CONNACK_TRANSIENT = frozenset({0x88, 0x89, 0x97, 0x9F, 0x80, 0x83})  # unavailable, busy, quota, rate...
 _CONNACK_REDIRECT = frozenset({0x9C, 0x9D})  # use another server, server moved
 _PUBACK_AUTH = frozenset({0x87})  # not authorized (a broker policy forbids the topic)
+# The broker will never take this record, however often it is sent: it goes to the dead-letter lane.
+_PUBACK_NEVER = frozenset({0x99})  # payload format invalid
 
 
 @dataclass(slots=True)
@@ -82,7 +84,8 @@ class UplinkCounters:
     acked: int = 0
     republished: int = 0  # records leased again after an earlier attempt (duplicates are possible)
     historical: int = 0
-    too_large: int = 0  # records the broker or profile cannot take: dropped, counted, logged
+    trimmed: int = 0  # alarms and diagnostics sent without their optional detail, to fit the broker
+    dead_lettered: int = 0  # records no packet can carry: moved to the outbox's dead-letter lane
     connects: int = 0
     refused: int = 0  # PUBACKs with a failure reason code
 
@@ -159,6 +162,7 @@ class _Session:
     replaying: bool = False
     tls_desc: str = ""  # "TLSv1.3 TLS_AES_256_GCM_SHA384", taken when the handshake completes
     to_release: list[int] = field(default_factory=list)  # refused by the broker, released by the acker
+    to_dead_letter: list[tuple[int, str]] = field(default_factory=list)  # (id, why), moved by the acker
 
 
 class MqttUplink:
@@ -194,7 +198,7 @@ class MqttUplink:
         self._limit = Pacer(self._profile.publishes_per_s, self._profile.bytes_per_s, now=time.monotonic())
         self._epoch = 0
         self._dropped_seen: dict[str, int] | None = None
-        self._refusing_big = False
+        self._oversize_seen = False  # logged at ERROR once per run of oversize records, then DEBUG
         self._next_cert_check = 0.0
         self._tls = transport.TlsMaterial(config) if config.tls else None
         self._releasing: set[asyncio.Future[None]] = set()
@@ -281,21 +285,13 @@ class MqttUplink:
 
     def _properties_head(self) -> bytes:
         """The MQTT 5 properties every record of a session shares, already encoded."""
-        head = (
-            b"\x03" + _utf8(senml.CONTENT_TYPE) + _user("sv", SCHEMA_VERSION) + _user("ep", str(self._epoch))
-        )
-        if self._cfg.message_expiry_s is not None:
-            head += b"\x02" + self._cfg.message_expiry_s.to_bytes(4, "big")
-        return head
+        return packets.record_head(SCHEMA_VERSION, self._epoch, self._cfg.message_expiry_s)
 
-    def _properties(self, session: _Session, seq: int, historical: bool) -> Properties | None:
+    def _properties(self, session: _Session, seq: int, historical: bool) -> packets.Packed | None:
         # Encoded by hand: paho's Properties object costs more per message than the rest of the path.
         if self._cfg.protocol != "5":
             return None
-        body = session.props_head + _user("seq", str(seq))
-        if historical:
-            body += _HIST
-        return cast(Properties, _Packed(_varint(len(body)) + body))
+        return packets.record_properties(session.props_head, seq, historical)
 
     def _status_payload(
         self, state: str, *, clean: bool = True, dropped: dict[str, int] | None = None
@@ -844,6 +840,12 @@ class MqttUplink:
             if session.to_release:
                 ids, session.to_release = session.to_release, []
                 await self._outbox.release(ids)
+            if session.to_dead_letter:
+                moving, session.to_dead_letter = session.to_dead_letter, []
+                for rid, why in moving:
+                    await asyncio.to_thread(self._outbox.outbox.dead_letter, [rid], why)
+                    session.leased.pop(rid, None)
+                session.wake.set()
             if session.acked_ids:
                 ids, session.acked_ids = session.acked_ids, []
                 await self._ack(session, ids)
@@ -866,15 +868,20 @@ class MqttUplink:
             if historical:
                 props["hist"] = "1"
         topic = self._topic(item.topic, props)
-        limit = self._profile.max_payload_bytes
-        if session.max_packet is not None:
-            limit = min(limit, session.max_packet - len(topic) - 64)
-        if len(payload) > limit:
-            self._drop_too_large(session, item, len(payload), limit)
-            return
-        info = session.client.publish(
-            topic, payload, qos=1, retain=False, properties=self._properties(session, item.id, historical)
-        )
+        properties = self._properties(session, item.id, historical)
+        over = self._over_limit(session, topic, len(payload), properties)
+        if over > 0:
+            smaller = packets.trimmed(item.payload, over)
+            if smaller is not None:
+                payload = senml.wrap(smaller, item.id, self._epoch, historical)
+                if self._over_limit(session, topic, len(payload), properties) <= 0:
+                    self._note_oversize(item, over, "sent without its optional detail, with a note saying so")
+                    self.counters.trimmed += 1
+                    over = 0
+            if over > 0:
+                self._dead_letter(session, item, over)
+                return
+        info = session.client.publish(topic, payload, qos=1, retain=False, properties=cast(Any, properties))
         if info.rc != paho.MQTT_ERR_SUCCESS:
             # Not sent: it stays leased in this session and is released when the session ends.
             session.lost = session.lost or TransientError(f"publish failed ({paho.error_string(info.rc)})")
@@ -889,19 +896,42 @@ class MqttUplink:
             self.counters.republished += 1
         self.counters.published += 1
 
-    def _drop_too_large(self, session: _Session, item: Leased, size: int, limit: int) -> None:
-        self.counters.too_large += 1
-        if not self._refusing_big:
-            self._refusing_big = True
+    def _over_limit(
+        self, session: _Session, topic: str, payload_len: int, properties: packets.Packed | None
+    ) -> int:
+        """Bytes by which this PUBLISH exceeds the profile's payload or the broker's packet limit."""
+        over = payload_len - self._profile.max_payload_bytes
+        if session.max_packet is not None:
+            size = packets.publish_size(topic, payload_len, properties, v5=self._cfg.protocol == "5")
+            over = max(over, size - session.max_packet)
+        return over
+
+    def _note_oversize(self, item: Leased, over: int, what: str) -> None:
+        if not self._oversize_seen:
+            self._oversize_seen = True
             log.error(
-                "uplink mqtt: record %d (%s, %d bytes) is larger than the broker takes (%d bytes): dropped "
-                "and counted; the twin sees a gap: shorten windows or lower the number of streams per subject",
+                "uplink mqtt: record %d (%s) is %d bytes over what the broker takes: %s; "
+                "shorten windows or lower the number of streams per subject",
                 item.id,
                 item.lane.name.lower(),
-                size,
-                limit,
+                over,
+                what,
             )
-        session.acked_ids.append(item.id)
+        else:
+            log.debug(
+                "uplink mqtt: record %d (%s) is %d bytes over: %s",
+                item.id,
+                item.lane.name.lower(),
+                over,
+                what,
+            )
+
+    def _dead_letter(self, session: _Session, item: Leased, over: int) -> None:
+        """Hand a record no packet can carry to the dead-letter lane (kept, counted, reported)."""
+        self._note_oversize(item, over, "moved to the outbox's dead-letter lane, kept there and counted")
+        self.counters.dead_lettered += 1
+        limit = f"maximum packet size {session.max_packet}" if session.max_packet else "payload limit"
+        session.to_dead_letter.append((item.id, f"{over} bytes over the broker's {limit}"))
         session.ack_wake.set()
 
     def _take_acks(self, session: _Session) -> None:
@@ -915,6 +945,17 @@ class MqttUplink:
                 continue
             rid = session.by_mid.pop(mid, None)
             if rid is None:
+                continue
+            if code in _PUBACK_NEVER:
+                self.counters.refused += 1
+                self.counters.dead_lettered += 1
+                name = ReasonCode(PacketTypes.PUBACK, identifier=code).getName()
+                log.error(
+                    "uplink mqtt: the broker refused record %d for good (%s): moved to the dead-letter lane",
+                    rid,
+                    name,
+                )
+                session.to_dead_letter.append((rid, f"refused by the broker: {name}"))
                 continue
             if code >= 0x80:
                 self.counters.refused += 1
@@ -931,7 +972,7 @@ class MqttUplink:
                     session.lost = TransientError(f"the broker refused a publish ({name})")
                 continue
             session.acked_ids.append(rid)
-        if session.acked_ids or session.to_release:
+        if session.acked_ids or session.to_release or session.to_dead_letter:
             session.ack_wake.set()
 
     async def _ack(self, session: _Session, ids: list[int]) -> None:
@@ -1026,43 +1067,6 @@ def _call(session: _Session, fn: Callable[[], None]) -> None:
         fn()
     else:
         session.loop.call_soon_threadsafe(fn)
-
-
-def _utf8(text: str) -> bytes:
-    data = text.encode()
-    return len(data).to_bytes(2, "big") + data
-
-
-def _user(key: str, value: str) -> bytes:
-    return b"\x26" + _utf8(key) + _utf8(value)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-_HIST = _user("hist", "1")
-
-
-class _Packed:
-    """MQTT 5 properties already encoded; stands in for paho's Properties (it only calls pack())."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def pack(self) -> bytes:
-        """The encoded properties, length prefix included."""
-        return self._data
-
-    def __str__(self) -> str:
-        return f"<{len(self._data)} bytes of properties>"
 
 
 def _min(a: float | None, b: float | None) -> float | None:
