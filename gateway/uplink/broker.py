@@ -80,6 +80,7 @@ class MosquittoBroker:
         executable: str | None = None,
         persistence: bool = False,
         max_packet_size: int | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         exe = (
             executable
@@ -101,9 +102,9 @@ class MosquittoBroker:
         self.log_file = workdir / "mosquitto.log"
         self.conf_file = workdir / "mosquitto.conf"
         self.persistence = persistence  # keep sessions and queued messages across a restart
-        self.max_packet_size = (
-            max_packet_size  # sent to MQTT 5 clients in CONNACK; larger packets end the link
-        )
+        # Sent to MQTT 5 clients in CONNACK; a client sending a larger packet loses its connection.
+        self.max_packet_size = max_packet_size
+        self.wrapper = wrapper  # mosquitto runs under it, e.g. ("ip", "netns", "exec", NAME)
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -146,7 +147,7 @@ class MosquittoBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.conf_file.write_text(self._config())
         self._proc = subprocess.Popen(  # noqa: S603
-            [self.executable, "-c", str(self.conf_file)],
+            [*self.wrapper, self.executable, "-c", str(self.conf_file)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -62,6 +62,7 @@ _CERT_CHECK_EVERY_S = 6 * 3600.0
 # listening again is used within about this long.  A TLS probe costs the broker a handshake.
 _PROBE_EVERY_S = 1.0
 _PROBE_TLS_EVERY_S = 2.0
+_ACK_STALL_S = 15.0  # messages in flight and no PUBACK for this long (at most keepalive): link dead
 _HEALTHY_SESSION_S = 10.0  # a connection that lasted this long resets the backoff
 # A broker that closes the connection between the TLS handshake and CONNACK is refusing our client
 # certificate more often than it is restarting; after this many in a row it is reported as such.
@@ -160,6 +161,7 @@ class _Session:
     backlog: collections.deque[Leased] = field(default_factory=collections.deque)  # leased, replayed behind
     replayed: int = 0
     replaying: bool = False
+    last_ack: float = 0.0  # monotonic time of the last PUBACK, or of the first publish after idle
     tls_desc: str = ""  # "TLSv1.3 TLS_AES_256_GCM_SHA384", taken when the handshake completes
     to_release: list[int] = field(default_factory=list)  # refused by the broker, released by the acker
     to_dead_letter: list[tuple[int, str]] = field(default_factory=list)  # (id, why), moved by the acker
@@ -407,6 +409,7 @@ class MqttUplink:
         session = self._new_client(loop, context)
         client = session.client
         client.ready_socket = sock
+        fd = sock.fileno()
         stage = transport.Stage.TLS if cfg.tls else transport.Stage.MQTT
         kwargs: dict[str, Any] = {}
         if cfg.protocol == "5":
@@ -422,10 +425,10 @@ class MqttUplink:
             async with asyncio.timeout(cfg.connect_timeout_s + 2.0):
                 await asyncio.shield(handshake)
         except BaseException as exc:
-            sock.close()  # ends a handshake still running in the worker thread (plain TCP)
             if isinstance(context, tls.NamedContext):
-                context.close_failed()  # the TLS socket owns the connection once wrapped
-            handshake.add_done_callback(_consume_exception)
+                context.close_failed(fd)  # the TLS socket owns the connection once wrapped
+            sock.close()  # plain TCP, or not wrapped yet
+            handshake.add_done_callback(lambda task: _abandon(task, client, context, fd))
             with contextlib.suppress(Exception):
                 client.disconnect()
             if isinstance(exc, asyncio.CancelledError):
@@ -442,6 +445,8 @@ class MqttUplink:
             if not isinstance(exc, OSError | ssl.SSLError | ValueError):
                 raise
             raise transport.AttemptError(tls.classify(exc, cfg), stage) from exc
+        if isinstance(context, tls.NamedContext):
+            context.forget(fd)
         session.tls_desc = tls.describe_peer(client.socket())
         try:
             self._attach(session)
@@ -756,6 +761,7 @@ class MqttUplink:
             session.wake.clear()  # anything that happens from here on wakes the wait below
             self._raise_if_lost(session)
             self.last_beat = time.monotonic()
+            self._check_stalled(session, self.last_beat)
             self._take_acks(session)
             # Leasing is a worker-thread hop and a transaction: only when something may be there
             # (records committed since the last look) and the local queue runs short.
@@ -851,6 +857,21 @@ class MqttUplink:
                 await self._ack(session, ids)
                 session.wake.set()  # the window has room again
 
+    def _check_stalled(self, session: _Session, now: float) -> None:
+        """End a connection that has had messages in flight and no PUBACK for too long.
+
+        A cut link drops nothing and refuses nothing: TCP retransmits with a backoff that, after a
+        minute's cut, waits half a minute more after the link is back, and MQTT's keep-alive
+        notices only after one and a half periods.  A fresh connection, probed every second, is
+        up within seconds instead; what was in flight is sent again (duplicates, counted).
+        """
+        stall = min(_ACK_STALL_S, float(self._cfg.keepalive_s))
+        if session.by_mid and session.lost is None and now - session.last_ack > stall:
+            session.lost = TransientError(
+                f"no PUBACK for {stall:g} s with {len(session.by_mid)} message(s) in flight: "
+                "the link looks dead: reconnecting"
+            )
+
     def _raise_if_lost(self, session: _Session) -> None:
         if session.lost is not None:
             raise session.lost
@@ -886,6 +907,8 @@ class MqttUplink:
             # Not sent: it stays leased in this session and is released when the session ends.
             session.lost = session.lost or TransientError(f"publish failed ({paho.error_string(info.rc)})")
             return
+        if not session.by_mid:
+            session.last_ack = now  # the wait for a PUBACK starts with the first message in flight
         session.by_mid[info.mid] = item.id
         size = len(payload)
         self._limit.take(size, now)
@@ -938,6 +961,8 @@ class MqttUplink:
         """Move PUBACKs handed over by paho's thread into the list of ids to delete."""
         session.ack_scheduled = False
         acks = session.acks
+        if acks:
+            session.last_ack = time.monotonic()
         while acks:
             mid, code = acks.popleft()
             if mid == session.status_mid:
@@ -1049,6 +1074,17 @@ class MqttUplink:
             if not session.leased and (await self._outbox.stats()).queued == 0:
                 return
             await asyncio.sleep(0.05)
+
+
+def _abandon(task: asyncio.Future[Any], client: _Client, context: ssl.SSLContext | None, fd: int) -> None:
+    """Close what a handshake given up on opened, whenever its worker thread ends."""
+    _consume_exception(task)
+    if isinstance(context, tls.NamedContext):
+        context.close_failed(fd)
+    with contextlib.suppress(Exception):
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
 
 
 async def _attempt(connecting: Coroutine[Any, Any, _Session]) -> _Session:

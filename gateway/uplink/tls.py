@@ -33,8 +33,6 @@ class NamedContext(ssl.SSLContext):
     """
 
     server_name: str | None = None
-    # The socket of the latest handshake: paho does not close it when the handshake fails.
-    last_socket: ssl.SSLSocket | None = None
 
     def wrap_socket(
         self,
@@ -45,6 +43,7 @@ class NamedContext(ssl.SSLContext):
         server_hostname: str | bytes | None = None,
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLSocket:
+        fd = sock.fileno()
         wrapped = super().wrap_socket(
             sock,
             server_side=server_side,
@@ -53,12 +52,25 @@ class NamedContext(ssl.SSLContext):
             server_hostname=self.server_name or server_hostname,
             session=session,
         )
-        self.last_socket = wrapped
+        # Kept by file descriptor (the wrapped socket takes over the plain one's): paho does not
+        # close the socket of a handshake that fails, and one given up on may still be running.
+        self._wrapped()[fd] = wrapped
         return wrapped
 
-    def close_failed(self) -> None:
-        """Close the socket of a handshake that failed (paho leaves it open)."""
-        sock, self.last_socket = self.last_socket, None
+    def _wrapped(self) -> dict[int, ssl.SSLSocket]:
+        found: dict[int, ssl.SSLSocket] | None = getattr(self, "_by_fd", None)
+        if found is None:
+            found = {}
+            self._by_fd = found
+        return found
+
+    def forget(self, fd: int) -> None:
+        """The handshake on ``fd`` succeeded: its socket belongs to the connection now."""
+        self._wrapped().pop(fd, None)
+
+    def close_failed(self, fd: int) -> None:
+        """Close the TLS socket wrapped around descriptor ``fd`` by a handshake that failed or was given up."""
+        sock = self._wrapped().pop(fd, None)
         if sock is not None:
             sock.close()
 
