@@ -12,32 +12,31 @@ Delivery contract (``docs/records.md``):
   and, with MQTT 5, as user properties, so the twin can tell loss from duplication.
 * A retained status topic says "online" (with the drop counters) and, through the Will, "offline".
 
-paho-mqtt's network loop runs on the event loop (its external-loop interface: a reader and a
-writer on the socket, ``loop_misc`` once a second): one thread, so no lock or GIL hand-over per
-message, and PUBACKs are handled in batches.  Only the blocking TCP and TLS handshake runs in a
-worker thread.  Connection attempts back off with capped jitter; the log shows state changes
-only: connected, lost, reconnected, refused.
+* A record no packet the broker takes can carry is not deleted as delivered: an alarm or a
+  diagnostic goes without its optional detail (with a note), anything else to the outbox's
+  dead-letter lane, counted (sizes: :mod:`gateway.uplink.packets`).
+
+The pieces: :class:`~gateway.uplink.connection.Connection` is the transport, a reusable async
+context manager for one connection; :meth:`MqttUplink.run` is the one reconnect loop around it
+(capped, jittered backoff, cut short by :func:`gateway.uplink.transport.probe`); the rest of this
+class is the delivery stage that leases, publishes and acknowledges on one connection.  The log
+shows state changes only: connected, lost, reconnected, refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import datetime as dt
 import json
 import logging
 import random
-import socket
-import ssl
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -46,10 +45,11 @@ from gateway import senml
 from gateway.contracts import Lane
 from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
 from gateway.outbox import AsyncOutbox, Leased
-from gateway.uplink import certs, packets, tls, transport
+from gateway.uplink import certs, packets, transport
 from gateway.uplink.config import MqttSection, is_loopback
+from gateway.uplink.connection import Connection, Session
 from gateway.uplink.pacing import Pacer
-from gateway.uplink.profiles import PROFILES, azure_topic, azure_username
+from gateway.uplink.profiles import PROFILES, azure_topic
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,6 @@ _PROBE_EVERY_S = 1.0
 _PROBE_TLS_EVERY_S = 2.0
 _ACK_STALL_S = 15.0  # messages in flight and no PUBACK for this long (at most keepalive): link dead
 _HEALTHY_SESSION_S = 10.0  # a connection that lasted this long resets the backoff
-# A broker that closes the connection between the TLS handshake and CONNACK is refusing our client
-# certificate more often than it is restarting; after this many in a row it is reported as such.
-_SILENT_REFUSALS_FOR_AUTH = 3
-
-# CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1 return codes onto them).
-_CONNACK_AUTH = frozenset({0x86, 0x87, 0x8A, 0x8C, 0x85, 0x8B})  # bad credentials, not authorized, banned...
-_CONNACK_TRANSIENT = frozenset({0x88, 0x89, 0x97, 0x9F, 0x80, 0x83})  # unavailable, busy, quota, rate...
-_CONNACK_REDIRECT = frozenset({0x9C, 0x9D})  # use another server, server moved
 _PUBACK_AUTH = frozenset({0x87})  # not authorized (a broker policy forbids the topic)
 # The broker will never take this record, however often it is sent: it goes to the dead-letter lane.
 _PUBACK_NEVER = frozenset({0x99})  # payload format invalid
@@ -89,82 +81,6 @@ class UplinkCounters:
     dead_lettered: int = 0  # records no packet can carry: moved to the outbox's dead-letter lane
     connects: int = 0
     refused: int = 0  # PUBACKs with a failure reason code
-
-
-class _Client(paho.Client):
-    """paho's client reading the socket in large chunks.
-
-    paho asks for one byte, then the length, then the rest of each packet: three TLS reads per
-    PUBACK.  Serving those from a buffer filled by one large read takes two thirds of the reads
-    (and a fifth of the CPU per message) away.
-    """
-
-    _rbuf = b""
-    _rpos = 0
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rpos >= len(self._rbuf):
-            data = super()._sock_recv(65536)  # BlockingIOError when there is nothing: paho expects it
-            if not data:
-                return data
-            self._rbuf, self._rpos = data, 0
-        end = self._rpos + bufsize
-        chunk = self._rbuf[self._rpos : end]
-        self._rpos = end
-        return chunk
-
-    def buffered(self) -> bool:
-        """True while read bytes wait in the buffer (the socket will not signal them)."""
-        return self._rpos < len(self._rbuf)
-
-    # The TCP connection is opened on the event loop (name lookup and connect each with a timeout,
-    # see transport.open_tcp); paho takes it from here for the TLS handshake and CONNECT.
-    ready_socket: socket.socket | None = None
-
-    def _create_socket_connection(self) -> socket.socket:
-        sock, self.ready_socket = self.ready_socket, None
-        if sock is None:
-            raise ConnectionError("no connected socket handed over")
-        sock.setblocking(True)
-        sock.settimeout(self._connect_timeout)
-        return sock
-
-
-@dataclass(eq=False)
-class _Session:
-    """One connection: the paho client and what is in flight on it."""
-
-    client: _Client
-    loop: asyncio.AbstractEventLoop
-    connack: asyncio.Future[tuple[int, str, Any]]
-    thread: int = field(default_factory=threading.get_ident)  # the event loop's thread
-    sock: Any = None  # the socket registered with the event loop
-    wake: asyncio.Event = field(default_factory=asyncio.Event)  # publisher: window freed, records committed
-    ack_wake: asyncio.Event = field(default_factory=asyncio.Event)  # acker: PUBACKs arrived
-    acks: collections.deque[tuple[int, int]] = field(default_factory=collections.deque)
-    ack_scheduled: bool = False
-    lost: EdgetwinError | None = None
-    connected: bool = False
-    last_log_error: str = ""
-    by_mid: dict[int, int] = field(default_factory=dict)  # paho message id -> outbox id
-    leased: dict[int, int] = field(default_factory=dict)  # outbox id -> size, leased and not acked
-    acked_ids: list[int] = field(default_factory=list)  # PUBACKed, not yet deleted from the outbox
-    max_packet: int | None = None
-    retain: bool = True
-    status_mid: int | None = None
-    status_acked: asyncio.Event = field(default_factory=asyncio.Event)
-    misc: asyncio.TimerHandle | None = None
-    props_head: bytes = b""  # MQTT 5 properties common to every record of this session
-    send_limit: int = 65535  # published and not yet acknowledged, at most
-    more_live: bool = True  # records may have been committed since the last live lease
-    live: collections.deque[Leased] = field(default_factory=collections.deque)  # leased, to publish first
-    backlog: collections.deque[Leased] = field(default_factory=collections.deque)  # leased, replayed behind
-    replayed: int = 0
-    replaying: bool = False
-    last_ack: float = 0.0  # monotonic time of the last PUBACK, or of the first publish after idle
-    tls_desc: str = ""  # "TLSv1.3 TLS_AES_256_GCM_SHA384", taken when the handshake completes
-    to_release: list[int] = field(default_factory=list)  # refused by the broker, released by the acker
-    to_dead_letter: list[tuple[int, str]] = field(default_factory=list)  # (id, why), moved by the acker
 
 
 class MqttUplink:
@@ -191,7 +107,7 @@ class MqttUplink:
         self.delivered = 0
         self.counters = UplinkCounters()
         self.connected = False
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._replay = Pacer(
             _min(config.replay_msgs_per_s, self._profile.publishes_per_s),
             _min(config.replay_bytes_per_s, self._profile.bytes_per_s),
@@ -202,7 +118,9 @@ class MqttUplink:
         self._dropped_seen: dict[str, int] | None = None
         self._oversize_seen = False  # logged at ERROR once per run of oversize records, then DEBUG
         self._next_cert_check = 0.0
-        self._tls = transport.TlsMaterial(config) if config.tls else None
+        self._connection = Connection(
+            config, self._profile, gateway_id, password=password, will=self._will, bounded=self._bounded
+        )
         self._releasing: set[asyncio.Future[None]] = set()
         self.backlog_through = 0  # records up to this id are the backlog of the current connection
 
@@ -264,19 +182,6 @@ class MqttUplink:
                 )
         return warnings
 
-    def _check_certificate(self) -> None:
-        """Warn 30 days before our client certificate expires; refuse to connect once it has."""
-        if self._cfg.cert_file is None:
-            return
-        info = certs.cert_info(self._cfg.cert_file)
-        found = certs.expiry_message(info)
-        if found is None:
-            return
-        expired, message = found
-        if expired:
-            raise AuthError(f"uplink mqtt {self._cfg.host}:{self._cfg.port}: {message}")
-        log.warning("uplink mqtt: %s", message)
-
     # --- topics and properties ----------------------------------------------------------------------
 
     def _topic(self, relative: str, props: dict[str, str] | None = None) -> str:
@@ -289,7 +194,7 @@ class MqttUplink:
         """The MQTT 5 properties every record of a session shares, already encoded."""
         return packets.record_head(SCHEMA_VERSION, self._epoch, self._cfg.message_expiry_s)
 
-    def _properties(self, session: _Session, seq: int, historical: bool) -> packets.Packed | None:
+    def _properties(self, session: Session, seq: int, historical: bool) -> packets.Packed | None:
         # Encoded by hand: paho's Properties object costs more per message than the rest of the path.
         if self._cfg.protocol != "5":
             return None
@@ -305,289 +210,11 @@ class MqttUplink:
             body["dropped"] = dropped
         return json.dumps(body, separators=(",", ":")).encode()
 
+    def _will(self) -> tuple[str, bytes]:
+        return self._status_topic(), self._status_payload("offline", clean=False, dropped=self._dropped_seen)
+
     def _status_topic(self) -> str:
         return self._topic("status") if self._profile.static_topic else self.status_topic
-
-    # --- connecting -----------------------------------------------------------------------------------
-
-    def _new_client(self, loop: asyncio.AbstractEventLoop, context: ssl.SSLContext | None) -> _Session:
-        cfg = self._cfg
-        v5 = cfg.protocol == "5"
-        client = _Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-            clean_session=None if v5 else True,
-            reconnect_on_failure=False,
-        )
-        session = _Session(client, loop, loop.create_future())
-        # A connection lost before anyone awaits the CONNACK (a cancelled connect) must not end as
-        # "Future exception was never retrieved": the loss is reported through session.lost.
-        session.connack.add_done_callback(_consume_exception)
-        client.user_data_set(session)
-        client.connect_timeout = cfg.connect_timeout_s
-        client.max_queued_messages_set(0)
-        # Unlimited in paho (it scans every message in flight per PUBACK otherwise); the uplink's
-        # window bounds what is in flight, and the broker's receive maximum is applied at CONNACK.
-        client.max_inflight_messages_set(0)
-        if context is not None:
-            client.tls_set_context(context)
-        username = cfg.username
-        if cfg.profile == "azure" and username is None and cfg.azure_hub is not None:
-            username = azure_username(cfg.azure_hub, self.client_id)
-        if username is not None:
-            client.username_pw_set(username, self._password)
-        client.will_set(
-            self._status_topic(),
-            self._status_payload("offline", clean=False, dropped=self._dropped_seen),
-            qos=1,
-            retain=self._profile.retain,
-        )
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_log = self._on_log
-        return session
-
-    # paho's callbacks run on the event loop (external-loop mode), except while the worker thread
-    # does the TCP and TLS handshake: _call hands over to the loop from there.
-
-    @staticmethod
-    def _on_log(_client: paho.Client, session: _Session, level: int, buf: str) -> None:
-        if level == paho.MQTT_LOG_ERR:
-            session.last_log_error = buf
-
-    @staticmethod
-    def _on_connect(
-        _client: paho.Client, session: _Session, _flags: Any, rc: ReasonCode, props: Properties | None
-    ) -> None:
-        info = (int(rc.value), str(rc), props)
-
-        def deliver() -> None:
-            if not session.connack.done():
-                session.connack.set_result(info)
-
-        _call(session, deliver)
-
-    @staticmethod
-    def _on_disconnect(
-        _client: paho.Client, session: _Session, _flags: Any, rc: ReasonCode, _props: Properties | None
-    ) -> None:
-        reason = str(rc)
-        last = session.last_log_error
-
-        def deliver() -> None:
-            session.connected = False
-            if session.lost is None:
-                session.lost = TransientError(f"connection lost ({reason}{'; ' + last if last else ''})")
-            if not session.connack.done():
-                session.connack.set_exception(session.lost)
-            session.wake.set()
-            session.ack_wake.set()
-
-        _call(session, deliver)
-
-    @staticmethod
-    def _on_publish(
-        _client: paho.Client, session: _Session, mid: int, rc: ReasonCode, _props: Properties | None
-    ) -> None:
-        session.acks.append((mid, int(rc.value)))
-        if not session.ack_scheduled:
-            session.ack_scheduled = True
-            _call(session, session.wake.set)
-
-    async def _connect(self, silent_refusals: int) -> _Session:
-        """Open one connection and wait for CONNACK, each step bounded; AttemptError says where it failed."""
-        cfg = self._cfg
-        loop = asyncio.get_running_loop()
-        context = self._tls.context() if self._tls is not None else None
-        try:
-            self._check_certificate()
-        except EdgetwinError as exc:
-            raise transport.AttemptError(exc, transport.Stage.FILES) from exc
-        sock = await transport.open_tcp(cfg, cfg.connect_timeout_s)
-        session = self._new_client(loop, context)
-        client = session.client
-        client.ready_socket = sock
-        fd = sock.fileno()
-        stage = transport.Stage.TLS if cfg.tls else transport.Stage.MQTT
-        kwargs: dict[str, Any] = {}
-        if cfg.protocol == "5":
-            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = 0
-            kwargs = {"clean_start": True, "properties": properties}
-        handshake = asyncio.create_task(
-            asyncio.to_thread(client.connect, cfg.host, cfg.port, cfg.keepalive_s, **kwargs),
-            name="uplink-mqtt:handshake",
-        )
-        try:
-            # The handshake's socket has the connect timeout; this outer bound only backs it up.
-            async with asyncio.timeout(cfg.connect_timeout_s + 2.0):
-                await asyncio.shield(handshake)
-        except BaseException as exc:
-            if isinstance(context, tls.NamedContext):
-                context.close_failed(fd)  # the TLS socket owns the connection once wrapped
-            sock.close()  # plain TCP, or not wrapped yet
-            handshake.add_done_callback(lambda task: _abandon(task, client, context, fd))
-            with contextlib.suppress(Exception):
-                client.disconnect()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            if isinstance(exc, TimeoutError):  # the socket's timeout, or the outer bound
-                step = "TLS handshake" if cfg.tls else "CONNECT"
-                raise transport.AttemptError(
-                    TransientError(
-                        f"{transport.where(cfg)}: TCP connected but the {step} got no answer within "
-                        f"{cfg.connect_timeout_s:g} s: retrying; check the broker and what lies between"
-                    ),
-                    stage,
-                ) from exc
-            if not isinstance(exc, OSError | ssl.SSLError | ValueError):
-                raise
-            raise transport.AttemptError(tls.classify(exc, cfg), stage) from exc
-        if isinstance(context, tls.NamedContext):
-            context.forget(fd)
-        session.tls_desc = tls.describe_peer(client.socket())
-        try:
-            self._attach(session)
-        except TransientError as exc:  # closed during the CONNECT write: what the broker said, if anything
-            raise transport.AttemptError(
-                self._closed_before_connack(session, silent_refusals), transport.Stage.MQTT
-            ) from exc
-        try:
-            async with asyncio.timeout(cfg.connect_timeout_s):
-                code, reason, props = await session.connack
-        except BaseException as exc:
-            await self._stop_client(session)
-            stage = transport.Stage.MQTT
-            if isinstance(exc, TimeoutError):
-                raise transport.AttemptError(
-                    TransientError(
-                        f"{transport.where(cfg)}: no CONNACK within {cfg.connect_timeout_s:g} s: retrying"
-                    ),
-                    stage,
-                ) from exc
-            if isinstance(exc, TransientError):
-                raise transport.AttemptError(
-                    self._closed_before_connack(session, silent_refusals), stage
-                ) from exc
-            raise
-        if code >= 0x80:
-            await self._stop_client(session)
-            raise transport.AttemptError(self._connack_error(code, reason, props), transport.Stage.MQTT)
-        client.on_log = None  # from here on, paho would format a debug line per publish for it
-        session.connected = True
-        if props is not None:
-            session.max_packet = getattr(props, "MaximumPacketSize", None)
-            # The broker's receive maximum bounds what is published and unacknowledged (MQTT 5).
-            session.send_limit = int(getattr(props, "ReceiveMaximum", 65535))
-            session.retain = bool(getattr(props, "RetainAvailable", 1)) and self._profile.retain
-        else:
-            session.retain = self._profile.retain
-        return session
-
-    def _closed_before_connack(self, session: _Session, silent_refusals: int) -> EdgetwinError:
-        cfg, where = self._cfg, f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
-        text = session.last_log_error
-        known = tls.from_text(text, cfg) if text else None
-        if known is not None:
-            return known
-        if cfg.tls and cfg.cert_file is None:
-            return AuthError(
-                f"{where}: the broker closed the connection right after the TLS handshake: it requires a "
-                "client certificate and none is configured: set uplink.mqtt.cert_file and key_file "
-                "(edgetwin provision key)"
-            )
-        if cfg.tls and silent_refusals + 1 >= _SILENT_REFUSALS_FOR_AUTH:
-            return AuthError(
-                f"{where}: the broker closed the connection right after the TLS handshake "
-                f"{silent_refusals + 1} times in a row: it most likely refuses the client certificate "
-                f"{cfg.cert_file}: check it is issued by a CA the broker trusts and not revoked"
-            )
-        return TransientError(
-            f"{where}: the broker closed the connection before CONNACK ({text or 'no reason'}): retrying"
-        )
-
-    def _connack_error(self, code: int, reason: str, props: Any) -> EdgetwinError:
-        where = f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
-        if code in _CONNACK_REDIRECT:
-            target = getattr(props, "ServerReference", None)
-            return TransientError(
-                f"{where}: the broker sends us to another server ({reason}"
-                + (f": {target}" if target else "")
-                + "): retrying here; if it lasts, set uplink.mqtt.host to the server it names"
-            )
-        if code in _CONNACK_AUTH:
-            return AuthError(
-                f"{where}: the broker refused the connection: {reason}: check that the client certificate "
-                f"(or user name) is registered and allowed to connect as client id {self.client_id}"
-            )
-        if code in _CONNACK_TRANSIENT:
-            return TransientError(f"{where}: the broker refused the connection for now: {reason}: retrying")
-        return ConfigError(
-            f"{where}: the broker refused the connection: {reason} (0x{code:02X}): retrying; "
-            "check uplink.mqtt.protocol and profile"
-        )
-
-    def _attach(self, session: _Session) -> None:
-        """Drive paho's network loop from the event loop: reader, writer and a misc timer."""
-        client, loop = session.client, session.loop
-        sock = client.socket()
-        if sock is None:
-            raise TransientError(
-                f"uplink mqtt {self._cfg.host}:{self._cfg.port}: connection closed at once: retrying"
-            )
-        session.sock = sock
-
-        def readable() -> None:
-            # TLS (and our buffer) may hold bytes the socket no longer signals: read them all now.
-            while client.loop_read() == paho.MQTT_ERR_SUCCESS and client.socket() is not None:
-                ssl_sock = client.socket()
-                if not client.buffered() and not (isinstance(ssl_sock, ssl.SSLSocket) and ssl_sock.pending()):
-                    break
-            if session.live or session.backlog:
-                self._pump(session)
-
-        def writable() -> None:
-            client.loop_write()
-
-        def register_write(_c: paho.Client, _u: Any, s: Any) -> None:
-            loop.add_writer(s, writable)
-
-        def unregister_write(_c: paho.Client, _u: Any, s: Any) -> None:
-            loop.remove_writer(s)
-
-        def closed(_c: paho.Client, _u: Any, s: Any) -> None:
-            loop.remove_reader(s)
-            loop.remove_writer(s)
-
-        def misc() -> None:
-            if client.loop_misc() == paho.MQTT_ERR_SUCCESS:
-                session.misc = loop.call_later(1.0, misc)
-
-        client.on_socket_register_write = register_write
-        client.on_socket_unregister_write = unregister_write
-        client.on_socket_close = closed
-        loop.add_reader(sock, readable)
-        if client.want_write():
-            loop.add_writer(sock, writable)
-        session.misc = loop.call_later(1.0, misc)
-
-    async def _stop_client(self, session: _Session) -> None:
-        client, loop = session.client, session.loop
-        if session.misc is not None:
-            session.misc.cancel()
-        with contextlib.suppress(Exception):
-            client.disconnect()
-            client.loop_write()  # DISCONNECT goes out now; paho closes the socket after it
-        if session.sock is not None:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(session.sock)
-                loop.remove_writer(session.sock)
-        with contextlib.suppress(Exception):
-            sock = client.socket()
-            if sock is not None:
-                sock.close()
 
     # --- running ------------------------------------------------------------------------------------------
 
@@ -599,21 +226,32 @@ class MqttUplink:
         redirects - is retried under a capped backoff, with a probe that cuts the wait short when
         the failed step would now pass; meanwhile :attr:`problem` says why the uplink is degraded.
         """
-        cfg, where = self._cfg, transport.where(self._cfg)
+        where = transport.where(self._cfg)
         for warning in self.preflight():
             log.warning("%s", warning)
         self._next_cert_check = time.monotonic() + _CERT_CHECK_EVERY_S
         started()
-        attempt, silent, streak, down_since = 0, 0, 0, time.monotonic()
+        attempt, streak, down_since = 0, 0, time.monotonic()
         reported = ""
         while True:
             self.last_beat = time.monotonic()
+            acked_before, up_since = self.counters.acked, 0.0
             try:
-                # Each step has its own timeout (files, name, TCP, TLS, CONNACK): bounded.
-                with self._bounded(4 * cfg.connect_timeout_s + 5.0):
-                    session = await _attempt(self._connect(silent))
+                # The one reconnect loop: each pass enters the connection again.
+                async with self._connection as session:
+                    self.counters.connects += 1
+                    if attempt:
+                        log.info(
+                            "%s: connected again after %.1f s (%d attempt(s))",
+                            where,
+                            time.monotonic() - down_since,
+                            attempt + 1,
+                        )
+                    streak, attempt, reported = streak + 1, 0, ""
+                    self.problem = None
+                    up_since = time.monotonic()
+                    await self._serve(session)
             except transport.AttemptError as exc:
-                silent = silent + 1 if "right after the TLS handshake" in str(exc) else 0
                 attempt += 1
                 self.problem = str(exc.cause)
                 if str(exc.cause) != reported:
@@ -623,21 +261,6 @@ class MqttUplink:
                 else:
                     log.debug("still cannot connect (attempt %d): %s", attempt, exc.cause)
                 await self._wait_retry(self._backoff(attempt), exc.stage)
-                continue
-            silent = 0
-            self.counters.connects += 1
-            if attempt:
-                log.info(
-                    "%s: connected again after %.1f s (%d attempt(s))",
-                    where,
-                    time.monotonic() - down_since,
-                    attempt + 1,
-                )
-            streak, attempt, reported = streak + 1, 0, ""
-            self.problem = None
-            acked_before, up_since = self.counters.acked, time.monotonic()
-            try:
-                await self._serve(session)
             except EdgetwinError as exc:
                 down_since = time.monotonic()
                 self.problem = str(exc)
@@ -661,7 +284,7 @@ class MqttUplink:
             self.last_beat = now
             if failed < transport.Stage.MQTT and now >= next_probe:
                 with self._bounded(2 * cfg.connect_timeout_s + 3.0):
-                    passes = await transport.probe(cfg, self._tls, failed, cfg.connect_timeout_s)
+                    passes = await transport.probe(cfg, self._connection.tls, failed, cfg.connect_timeout_s)
                 if passes:
                     log.debug("uplink mqtt: the %s step passes again: connecting now", failed.name.lower())
                     return
@@ -675,12 +298,18 @@ class MqttUplink:
         nominal = min(self._cfg.reconnect_max_s, self._cfg.reconnect_min_s * 2 ** min(attempt - 1, 30))
         return float(nominal / 2 + random.random() * nominal / 2)
 
-    async def _serve(self, session: _Session) -> None:
+    async def _serve(self, session: Session) -> None:
         """Deliver on one connection until it drops (TransientError) or the task is cancelled."""
         cfg = self._cfg
         self._session = session
         self.connected = True
         graceful = False
+
+        def after_read() -> None:
+            if session.live or session.backlog:
+                self._pump(session)
+
+        session.after_read = after_read
         try:
             self._epoch = self._outbox.outbox.epoch
             session.props_head = self._properties_head()
@@ -716,13 +345,13 @@ class MqttUplink:
             cleanup = asyncio.create_task(self._end_session(session, graceful), name="uplink-mqtt:cleanup")
             await _finish_shielded(cleanup, _CLEANUP_DEADLINE_S)
 
-    async def _watch_commits(self, session: _Session) -> None:
+    async def _watch_commits(self, session: Session) -> None:
         while True:
             if await self._outbox.wait_committed(_IDLE_POLL_S):
                 session.more_live = True
                 session.wake.set()
 
-    async def _monitor(self, session: _Session) -> None:
+    async def _monitor(self, session: Session) -> None:
         """Republish the status when drop counters change; re-check our certificate now and then."""
         while True:
             await asyncio.sleep(_MONITOR_EVERY_S)
@@ -734,9 +363,9 @@ class MqttUplink:
                 self._publish_status(session, "online", dropped=dropped)
             if time.monotonic() >= self._next_cert_check:
                 self._next_cert_check = time.monotonic() + _CERT_CHECK_EVERY_S
-                self._check_certificate()
+                self._connection.check_certificate()
 
-    def _publish_status(self, session: _Session, state: str, **kw: Any) -> paho.MQTTMessageInfo:
+    def _publish_status(self, session: Session, state: str, **kw: Any) -> paho.MQTTMessageInfo:
         props = None
         if self._cfg.protocol == "5":
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -752,7 +381,7 @@ class MqttUplink:
         session.status_mid = info.mid
         return info
 
-    async def _publish_loop(self, session: _Session) -> None:
+    async def _publish_loop(self, session: Session) -> None:
         cfg = self._cfg
         live, backlog = session.live, session.backlog
         session.replaying = self.backlog_through > 0
@@ -796,7 +425,7 @@ class MqttUplink:
             except TimeoutError:
                 session.more_live = True  # a poll now and then, whatever the commit signal said
 
-    def _pump(self, session: _Session) -> float:
+    def _pump(self, session: Session) -> float:
         """Publish what room and pacing allow, live first; return how long pacing asks to wait.
 
         Called by the publish loop and straight from paho's read handler, so a PUBACK frees room
@@ -837,7 +466,7 @@ class MqttUplink:
             session.wake.set()  # running short: the publish loop leases more
         return wait
 
-    async def _acker(self, session: _Session) -> None:
+    async def _acker(self, session: Session) -> None:
         """Delete acknowledged records in batches while publishing goes on."""
         while True:
             await session.ack_wake.wait()
@@ -857,7 +486,7 @@ class MqttUplink:
                 await self._ack(session, ids)
                 session.wake.set()  # the window has room again
 
-    def _check_stalled(self, session: _Session, now: float) -> None:
+    def _check_stalled(self, session: Session, now: float) -> None:
         """End a connection that has had messages in flight and no PUBACK for too long.
 
         A cut link drops nothing and refuses nothing: TCP retransmits with a backoff that, after a
@@ -872,11 +501,11 @@ class MqttUplink:
                 "the link looks dead: reconnecting"
             )
 
-    def _raise_if_lost(self, session: _Session) -> None:
+    def _raise_if_lost(self, session: Session) -> None:
         if session.lost is not None:
             raise session.lost
 
-    def _publish(self, session: _Session, item: Leased, *, historical: bool, now: float) -> None:
+    def _publish(self, session: Session, item: Leased, *, historical: bool, now: float) -> None:
         payload = senml.wrap(item.payload, item.id, self._epoch, historical)
         props: dict[str, str] | None = None
         if self._profile.static_topic:
@@ -920,7 +549,7 @@ class MqttUplink:
         self.counters.published += 1
 
     def _over_limit(
-        self, session: _Session, topic: str, payload_len: int, properties: packets.Packed | None
+        self, session: Session, topic: str, payload_len: int, properties: packets.Packed | None
     ) -> int:
         """Bytes by which this PUBLISH exceeds the profile's payload or the broker's packet limit."""
         over = payload_len - self._profile.max_payload_bytes
@@ -949,7 +578,7 @@ class MqttUplink:
                 what,
             )
 
-    def _dead_letter(self, session: _Session, item: Leased, over: int) -> None:
+    def _dead_letter(self, session: Session, item: Leased, over: int) -> None:
         """Hand a record no packet can carry to the dead-letter lane (kept, counted, reported)."""
         self._note_oversize(item, over, "moved to the outbox's dead-letter lane, kept there and counted")
         self.counters.dead_lettered += 1
@@ -957,7 +586,7 @@ class MqttUplink:
         session.to_dead_letter.append((item.id, f"{over} bytes over the broker's {limit}"))
         session.ack_wake.set()
 
-    def _take_acks(self, session: _Session) -> None:
+    def _take_acks(self, session: Session) -> None:
         """Move PUBACKs handed over by paho's thread into the list of ids to delete."""
         session.ack_scheduled = False
         acks = session.acks
@@ -1000,14 +629,14 @@ class MqttUplink:
         if session.acked_ids or session.to_release or session.to_dead_letter:
             session.ack_wake.set()
 
-    async def _ack(self, session: _Session, ids: list[int]) -> None:
+    async def _ack(self, session: Session, ids: list[int]) -> None:
         await self._outbox.ack(ids)
         for rid in ids:
             session.leased.pop(rid, None)
         self.counters.acked += len(ids)
         self.delivered += len(ids)
 
-    async def _lease(self, session: _Session, n: int, **where: int) -> list[Leased]:
+    async def _lease(self, session: Session, n: int, **where: int) -> list[Leased]:
         """Lease; if cancelled meanwhile, whatever the worker thread still leases is released."""
         task = asyncio.create_task(self._outbox.lease(n, **where), name="uplink-mqtt:lease")
         try:
@@ -1038,7 +667,7 @@ class MqttUplink:
         ):
             log.error("uplink mqtt: releasing leased records failed: %s", task.exception())
 
-    async def _end_session(self, session: _Session, graceful: bool) -> None:
+    async def _end_session(self, session: Session, graceful: bool) -> None:
         """Delete what was acknowledged, release the rest, say goodbye if the link is still up."""
         self._take_acks(session)
         try:
@@ -1063,7 +692,6 @@ class MqttUplink:
                         while not session.status_acked.is_set():
                             await asyncio.sleep(0.01)
                             self._take_acks(session)
-            await self._stop_client(session)
 
     async def drain(self, deadline: float) -> None:
         """Wait while connected until everything queued is acknowledged or the deadline passes."""
@@ -1074,35 +702,6 @@ class MqttUplink:
             if not session.leased and (await self._outbox.stats()).queued == 0:
                 return
             await asyncio.sleep(0.05)
-
-
-def _abandon(task: asyncio.Future[Any], client: _Client, context: ssl.SSLContext | None, fd: int) -> None:
-    """Close what a handshake given up on opened, whenever its worker thread ends."""
-    _consume_exception(task)
-    if isinstance(context, tls.NamedContext):
-        context.close_failed(fd)
-    with contextlib.suppress(Exception):
-        sock = client.socket()
-        if sock is not None:
-            sock.close()
-
-
-async def _attempt(connecting: Coroutine[Any, Any, _Session]) -> _Session:
-    """Await a connection attempt; any edgetwin error it raises is an AttemptError (MQTT stage at least)."""
-    try:
-        return await connecting
-    except transport.AttemptError:
-        raise
-    except EdgetwinError as exc:
-        raise transport.AttemptError(exc, transport.Stage.MQTT) from exc
-
-
-def _call(session: _Session, fn: Callable[[], None]) -> None:
-    """Run ``fn`` on the session's event loop: now when already there, else handed over."""
-    if threading.get_ident() == session.thread:
-        fn()
-    else:
-        session.loop.call_soon_threadsafe(fn)
 
 
 def _min(a: float | None, b: float | None) -> float | None:
@@ -1166,8 +765,3 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
     return first
-
-
-def _consume_exception(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
