@@ -32,7 +32,8 @@ from gateway.outbox import AsyncOutbox, DropReason, Outbox, OutItem
 from gateway.uplink import packets
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoPKI
-from gateway.uplink.mqtt import SCHEMA_VERSION, MqttUplink
+from gateway.uplink.delivery import SCHEMA_VERSION
+from gateway.uplink.mqtt import MqttUplink
 
 MAX_PACKET = 2048
 PREFIX = f"edgetwin/v1/{GATEWAY_ID}"

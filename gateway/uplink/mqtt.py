@@ -18,9 +18,10 @@ Delivery contract (``docs/records.md``):
 
 The pieces: :class:`~gateway.uplink.connection.Connection` is the transport, a reusable async
 context manager for one connection; :meth:`MqttUplink.run` is the one reconnect loop around it
-(capped, jittered backoff, cut short by :func:`gateway.uplink.transport.probe`); the rest of this
-class is the delivery stage that leases, publishes and acknowledges on one connection.  The log
-shows state changes only: connected, lost, reconnected, refused.
+(capped, jittered backoff, cut short by :func:`gateway.uplink.transport.probe`), which also keeps
+the status topic; :class:`~gateway.uplink.delivery.Delivery` is the stage that leases, publishes
+and acknowledges on one connection.  The log shows state changes only: connected, lost,
+reconnected, refused.
 """
 
 from __future__ import annotations
@@ -33,28 +34,23 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway import senml
 from gateway.contracts import Lane
-from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
-from gateway.outbox import AsyncOutbox, Leased
-from gateway.uplink import certs, packets, transport
+from gateway.errors import ConfigError, EdgetwinError
+from gateway.outbox import AsyncOutbox
+from gateway.uplink import certs, transport
 from gateway.uplink.config import MqttSection, is_loopback
 from gateway.uplink.connection import Connection, Session
-from gateway.uplink.pacing import Pacer
+from gateway.uplink.delivery import IDLE_POLL_S, SCHEMA_VERSION, Delivery
 from gateway.uplink.profiles import PROFILES, azure_topic
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
-_IDLE_POLL_S = 1.0  # wake at least this often: heartbeat, and records committed by another process
 _CLEANUP_DEADLINE_S = 5.0
 _MONITOR_EVERY_S = 10.0
 _CERT_CHECK_EVERY_S = 6 * 3600.0
@@ -62,25 +58,7 @@ _CERT_CHECK_EVERY_S = 6 * 3600.0
 # listening again is used within about this long.  A TLS probe costs the broker a handshake.
 _PROBE_EVERY_S = 1.0
 _PROBE_TLS_EVERY_S = 2.0
-_ACK_STALL_S = 15.0  # messages in flight and no PUBACK for this long (at most keepalive): link dead
 _HEALTHY_SESSION_S = 10.0  # a connection that lasted this long resets the backoff
-_PUBACK_AUTH = frozenset({0x87})  # not authorized (a broker policy forbids the topic)
-# The broker will never take this record, however often it is sent: it goes to the dead-letter lane.
-_PUBACK_NEVER = frozenset({0x99})  # payload format invalid
-
-
-@dataclass(slots=True)
-class UplinkCounters:
-    """What the uplink did since it was created."""
-
-    published: int = 0
-    acked: int = 0
-    republished: int = 0  # records leased again after an earlier attempt (duplicates are possible)
-    historical: int = 0
-    trimmed: int = 0  # alarms and diagnostics sent without their optional detail, to fit the broker
-    dead_lettered: int = 0  # records no packet can carry: moved to the outbox's dead-letter lane
-    connects: int = 0
-    refused: int = 0  # PUBACKs with a failure reason code
 
 
 class MqttUplink:
@@ -104,25 +82,30 @@ class MqttUplink:
         self._beat = time.monotonic()
         self._bounded_until = 0.0  # inside a wait bounded by its own timeout until then
         self.problem: str | None = "not connected yet"  # why the uplink is degraded; None when connected
-        self.delivered = 0
-        self.counters = UplinkCounters()
         self.connected = False
         self._session: Session | None = None
-        self._replay = Pacer(
-            _min(config.replay_msgs_per_s, self._profile.publishes_per_s),
-            _min(config.replay_bytes_per_s, self._profile.bytes_per_s),
-            now=time.monotonic(),
-        )
-        self._limit = Pacer(self._profile.publishes_per_s, self._profile.bytes_per_s, now=time.monotonic())
-        self._epoch = 0
         self._dropped_seen: dict[str, int] | None = None
-        self._oversize_seen = False  # logged at ERROR once per run of oversize records, then DEBUG
         self._next_cert_check = 0.0
         self._connection = Connection(
             config, self._profile, gateway_id, password=password, will=self._will, bounded=self._bounded
         )
-        self._releasing: set[asyncio.Future[None]] = set()
-        self.backlog_through = 0  # records up to this id are the backlog of the current connection
+        self._delivery = Delivery(
+            outbox, config, self._profile, self._topic, self._set_beat, topic_root=self.topic_root
+        )
+        self.counters = self._delivery.counters
+
+    @property
+    def delivered(self) -> int:
+        """Records acknowledged by the broker (and deleted from the outbox) since start."""
+        return self._delivery.delivered
+
+    @property
+    def backlog_through(self) -> int:
+        """Records up to this id are the backlog of the current connection."""
+        return self._delivery.backlog_through
+
+    def _set_beat(self, now: float) -> None:
+        self._beat = now
 
     @property
     def last_beat(self) -> float:
@@ -190,20 +173,10 @@ class MqttUplink:
             return azure_topic(self.client_id, bag)
         return f"{self.topic_root}/{relative}"
 
-    def _properties_head(self) -> bytes:
-        """The MQTT 5 properties every record of a session shares, already encoded."""
-        return packets.record_head(SCHEMA_VERSION, self._epoch, self._cfg.message_expiry_s)
-
-    def _properties(self, session: Session, seq: int, historical: bool) -> packets.Packed | None:
-        # Encoded by hand: paho's Properties object costs more per message than the rest of the path.
-        if self._cfg.protocol != "5":
-            return None
-        return packets.record_properties(session.props_head, seq, historical)
-
     def _status_payload(
         self, state: str, *, clean: bool = True, dropped: dict[str, int] | None = None
     ) -> bytes:
-        body: dict[str, Any] = {"state": state, "sv": int(SCHEMA_VERSION), "ep": self._epoch}
+        body: dict[str, Any] = {"state": state, "sv": int(SCHEMA_VERSION), "ep": self._delivery.epoch}
         if state == "offline":
             body["clean"] = clean
         if dropped:
@@ -291,7 +264,7 @@ class MqttUplink:
                 now = time.monotonic()
                 next_probe = now + every
                 continue
-            await asyncio.sleep(min(left, max(0.0, next_probe - now), _IDLE_POLL_S))
+            await asyncio.sleep(min(left, max(0.0, next_probe - now), IDLE_POLL_S))
             now = time.monotonic()
 
     def _backoff(self, attempt: int) -> float:
@@ -305,15 +278,8 @@ class MqttUplink:
         self.connected = True
         graceful = False
 
-        def after_read() -> None:
-            if session.live or session.backlog:
-                self._pump(session)
-
-        session.after_read = after_read
         try:
-            self._epoch = self._outbox.outbox.epoch
-            session.props_head = self._properties_head()
-            self.backlog_through = await self._outbox.last_id()
+            await self._delivery.start(session, self._outbox.outbox.epoch)
             stats = await self._outbox.stats()
             self._dropped_seen = _dropped(stats.dropped)
             self._publish_status(session, "online", dropped=self._dropped_seen)
@@ -330,10 +296,8 @@ class MqttUplink:
             )
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._watch_commits(session), name="uplink-mqtt:commits")
                     tg.create_task(self._monitor(session), name="uplink-mqtt:monitor")
-                    tg.create_task(self._acker(session), name="uplink-mqtt:acker")
-                    await self._publish_loop(session)
+                    await self._delivery.serve(session)
             except BaseExceptionGroup as group:
                 raise _first(group) from None
         except asyncio.CancelledError:
@@ -344,12 +308,6 @@ class MqttUplink:
             self._session = None
             cleanup = asyncio.create_task(self._end_session(session, graceful), name="uplink-mqtt:cleanup")
             await _finish_shielded(cleanup, _CLEANUP_DEADLINE_S)
-
-    async def _watch_commits(self, session: Session) -> None:
-        while True:
-            if await self._outbox.wait_committed(_IDLE_POLL_S):
-                session.more_live = True
-                session.wake.set()
 
     async def _monitor(self, session: Session) -> None:
         """Republish the status when drop counters change; re-check our certificate now and then."""
@@ -381,309 +339,11 @@ class MqttUplink:
         session.status_mid = info.mid
         return info
 
-    async def _publish_loop(self, session: Session) -> None:
-        cfg = self._cfg
-        live, backlog = session.live, session.backlog
-        session.replaying = self.backlog_through > 0
-        replay_started = time.monotonic()
-        while True:
-            session.wake.clear()  # anything that happens from here on wakes the wait below
-            self._raise_if_lost(session)
-            self.last_beat = time.monotonic()
-            self._check_stalled(session, self.last_beat)
-            self._take_acks(session)
-            # Leasing is a worker-thread hop and a transaction: only when something may be there
-            # (records committed since the last look) and the local queue runs short.
-            free = cfg.max_inflight - len(session.leased)
-            if session.more_live and free > 0 and len(live) < cfg.batch:
-                want = min(free, cfg.batch)
-                session.more_live = False  # a commit during the lease sets it again
-                got = await self._lease(session, want, after_id=self.backlog_through)
-                live.extend(got)
-                free -= len(got)
-                if len(got) == want:
-                    session.more_live = True
-            if session.replaying and free > 0 and len(backlog) < cfg.batch // 2 + 1:
-                got = await self._lease(session, min(free, cfg.batch), through_id=self.backlog_through)
-                backlog.extend(got)
-                if not got and not backlog:
-                    session.replaying = False
-                    if session.replayed:
-                        log.info(
-                            "uplink mqtt: backlog of %d record(s) replayed in %.1f s",
-                            session.replayed,
-                            time.monotonic() - replay_started,
-                        )
-            self._raise_if_lost(session)
-            wait = self._pump(session)
-            if session.wake.is_set():
-                await asyncio.sleep(0)  # let paho's reader and the acker run before looking again
-                continue
-            try:
-                async with asyncio.timeout(wait):
-                    await session.wake.wait()
-            except TimeoutError:
-                session.more_live = True  # a poll now and then, whatever the commit signal said
-
-    def _pump(self, session: Session) -> float:
-        """Publish what room and pacing allow, live first; return how long pacing asks to wait.
-
-        Called by the publish loop and straight from paho's read handler, so a PUBACK frees room
-        and the next message goes out in the same loop turn, as in paho's own threaded loop.
-        """
-        if session.lost is not None or not session.connected:
-            return _IDLE_POLL_S
-        self._take_acks(session)
-        live, backlog = session.live, session.backlog
-        wait = _IDLE_POLL_S
-        now = time.monotonic()
-        room = session.send_limit - len(session.by_mid)
-        published = 0
-        limited = not self._limit.unlimited
-        paced = limited or not self._replay.unlimited
-        while live and room > 0:
-            pause = self._limit.wait_for(len(live[0].payload), now) if limited else 0.0
-            if pause > 0:
-                wait = min(wait, pause)
-                break
-            self._publish(session, live.popleft(), historical=False, now=now)
-            room -= 1
-            published += 1
-        while backlog and not live and room > 0:
-            size = len(backlog[0].payload)
-            pause = max(self._limit.wait_for(size, now), self._replay.wait_for(size, now)) if paced else 0.0
-            if pause > 0:
-                wait = min(wait, pause)
-                break
-            self._publish(session, backlog.popleft(), historical=True, now=now)
-            room -= 1
-            published += 1
-            session.replayed += 1
-        if published and session.client.want_write():
-            session.client.loop_write()  # now, not one loop turn later: the socket is non-blocking
-        short = self._cfg.batch // 2
-        if (session.more_live and len(live) < short) or (session.replaying and len(backlog) < short):
-            session.wake.set()  # running short: the publish loop leases more
-        return wait
-
-    async def _acker(self, session: Session) -> None:
-        """Delete acknowledged records in batches while publishing goes on."""
-        while True:
-            await session.ack_wake.wait()
-            session.ack_wake.clear()
-            self._take_acks(session)
-            if session.to_release:
-                ids, session.to_release = session.to_release, []
-                await self._outbox.release(ids)
-            if session.to_dead_letter:
-                moving, session.to_dead_letter = session.to_dead_letter, []
-                for rid, why in moving:
-                    await asyncio.to_thread(self._outbox.outbox.dead_letter, [rid], why)
-                    session.leased.pop(rid, None)
-                session.wake.set()
-            if session.acked_ids:
-                ids, session.acked_ids = session.acked_ids, []
-                await self._ack(session, ids)
-                session.wake.set()  # the window has room again
-
-    def _check_stalled(self, session: Session, now: float) -> None:
-        """End a connection that has had messages in flight and no PUBACK for too long.
-
-        A cut link drops nothing and refuses nothing: TCP retransmits with a backoff that, after a
-        minute's cut, waits half a minute more after the link is back, and MQTT's keep-alive
-        notices only after one and a half periods.  A fresh connection, probed every second, is
-        up within seconds instead; what was in flight is sent again (duplicates, counted).
-        """
-        stall = min(_ACK_STALL_S, float(self._cfg.keepalive_s))
-        if session.by_mid and session.lost is None and now - session.last_ack > stall:
-            session.lost = TransientError(
-                f"no PUBACK for {stall:g} s with {len(session.by_mid)} message(s) in flight: "
-                "the link looks dead: reconnecting"
-            )
-
-    def _raise_if_lost(self, session: Session) -> None:
-        if session.lost is not None:
-            raise session.lost
-
-    def _publish(self, session: Session, item: Leased, *, historical: bool, now: float) -> None:
-        payload = senml.wrap(item.payload, item.id, self._epoch, historical)
-        props: dict[str, str] | None = None
-        if self._profile.static_topic:
-            props = {
-                "seq": str(item.id),
-                "ep": str(self._epoch),
-                "sv": SCHEMA_VERSION,
-                "$.ct": senml.CONTENT_TYPE,
-            }
-            if historical:
-                props["hist"] = "1"
-        topic = self._topic(item.topic, props)
-        properties = self._properties(session, item.id, historical)
-        over = self._over_limit(session, topic, len(payload), properties)
-        if over > 0:
-            smaller = packets.trimmed(item.payload, over)
-            if smaller is not None:
-                payload = senml.wrap(smaller, item.id, self._epoch, historical)
-                if self._over_limit(session, topic, len(payload), properties) <= 0:
-                    self._note_oversize(item, over, "sent without its optional detail, with a note saying so")
-                    self.counters.trimmed += 1
-                    over = 0
-            if over > 0:
-                self._dead_letter(session, item, over)
-                return
-        info = session.client.publish(topic, payload, qos=1, retain=False, properties=cast(Any, properties))
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            # Not sent: it stays leased in this session and is released when the session ends.
-            session.lost = session.lost or TransientError(f"publish failed ({paho.error_string(info.rc)})")
-            return
-        if not session.by_mid:
-            session.last_ack = now  # the wait for a PUBACK starts with the first message in flight
-        session.by_mid[info.mid] = item.id
-        size = len(payload)
-        self._limit.take(size, now)
-        if historical:
-            self._replay.take(size, now)
-            self.counters.historical += 1
-        if item.attempts:
-            self.counters.republished += 1
-        self.counters.published += 1
-
-    def _over_limit(
-        self, session: Session, topic: str, payload_len: int, properties: packets.Packed | None
-    ) -> int:
-        """Bytes by which this PUBLISH exceeds the profile's payload or the broker's packet limit."""
-        over = payload_len - self._profile.max_payload_bytes
-        if session.max_packet is not None:
-            size = packets.publish_size(topic, payload_len, properties, v5=self._cfg.protocol == "5")
-            over = max(over, size - session.max_packet)
-        return over
-
-    def _note_oversize(self, item: Leased, over: int, what: str) -> None:
-        if not self._oversize_seen:
-            self._oversize_seen = True
-            log.error(
-                "uplink mqtt: record %d (%s) is %d bytes over what the broker takes: %s; "
-                "shorten windows or lower the number of streams per subject",
-                item.id,
-                item.lane.name.lower(),
-                over,
-                what,
-            )
-        else:
-            log.debug(
-                "uplink mqtt: record %d (%s) is %d bytes over: %s",
-                item.id,
-                item.lane.name.lower(),
-                over,
-                what,
-            )
-
-    def _dead_letter(self, session: Session, item: Leased, over: int) -> None:
-        """Hand a record no packet can carry to the dead-letter lane (kept, counted, reported)."""
-        self._note_oversize(item, over, "moved to the outbox's dead-letter lane, kept there and counted")
-        self.counters.dead_lettered += 1
-        limit = f"maximum packet size {session.max_packet}" if session.max_packet else "payload limit"
-        session.to_dead_letter.append((item.id, f"{over} bytes over the broker's {limit}"))
-        session.ack_wake.set()
-
-    def _take_acks(self, session: Session) -> None:
-        """Move PUBACKs handed over by paho's thread into the list of ids to delete."""
-        session.ack_scheduled = False
-        acks = session.acks
-        if acks:
-            session.last_ack = time.monotonic()
-        while acks:
-            mid, code = acks.popleft()
-            if mid == session.status_mid:
-                session.status_acked.set()
-                continue
-            rid = session.by_mid.pop(mid, None)
-            if rid is None:
-                continue
-            if code in _PUBACK_NEVER:
-                self.counters.refused += 1
-                self.counters.dead_lettered += 1
-                name = ReasonCode(PacketTypes.PUBACK, identifier=code).getName()
-                log.error(
-                    "uplink mqtt: the broker refused record %d for good (%s): moved to the dead-letter lane",
-                    rid,
-                    name,
-                )
-                session.to_dead_letter.append((rid, f"refused by the broker: {name}"))
-                continue
-            if code >= 0x80:
-                self.counters.refused += 1
-                session.leased.pop(rid, None)
-                session.to_release.append(rid)  # by the acker, off the loop: release waits on a lock
-                name = ReasonCode(PacketTypes.PUBACK, identifier=code).getName()
-                where = f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
-                if code in _PUBACK_AUTH:
-                    session.lost = AuthError(
-                        f"{where}: the broker refused a publish: {name}: allow this client to publish to "
-                        f"{self.topic_root}/# in the broker's policy"
-                    )
-                elif session.lost is None:
-                    session.lost = TransientError(f"the broker refused a publish ({name})")
-                continue
-            session.acked_ids.append(rid)
-        if session.acked_ids or session.to_release or session.to_dead_letter:
-            session.ack_wake.set()
-
-    async def _ack(self, session: Session, ids: list[int]) -> None:
-        await self._outbox.ack(ids)
-        for rid in ids:
-            session.leased.pop(rid, None)
-        self.counters.acked += len(ids)
-        self.delivered += len(ids)
-
-    async def _lease(self, session: Session, n: int, **where: int) -> list[Leased]:
-        """Lease; if cancelled meanwhile, whatever the worker thread still leases is released."""
-        task = asyncio.create_task(self._outbox.lease(n, **where), name="uplink-mqtt:lease")
-        try:
-            got = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(self._release_orphans)
-            raise
-        for item in got:
-            session.leased[item.id] = len(item.payload)
-        return got
-
-    def _release_orphans(self, task: asyncio.Task[list[Leased]]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        ids = [item.id for item in task.result()]
-        if ids:
-            # Off the loop (release waits on the outbox's lock); kept referenced until done.
-            release = asyncio.ensure_future(self._outbox.release(ids))
-            self._releasing.add(release)
-            release.add_done_callback(self._released)
-
-    def _released(self, task: asyncio.Future[None]) -> None:
-        self._releasing.discard(task)
-        if (
-            not task.cancelled()
-            and isinstance(task.exception(), Exception)
-            and not isinstance(task.exception(), RuntimeError)
-        ):
-            log.error("uplink mqtt: releasing leased records failed: %s", task.exception())
-
     async def _end_session(self, session: Session, graceful: bool) -> None:
         """Delete what was acknowledged, release the rest, say goodbye if the link is still up."""
-        self._take_acks(session)
         try:
-            if session.acked_ids:
-                ids, session.acked_ids = session.acked_ids, []
-                await self._ack(session, ids)
+            await self._delivery.finish(session)
         finally:
-            unacked = list(session.leased) + session.to_release
-            session.leased.clear()
-            session.to_release = []
-            if unacked:
-                with contextlib.suppress(RuntimeError):
-                    await self._outbox.release(unacked)
-                log.debug(
-                    "uplink mqtt: %d unacknowledged record(s) released for the next connection", len(unacked)
-                )
             if graceful:
                 session.status_acked.clear()
                 with contextlib.suppress(Exception):
@@ -691,7 +351,7 @@ class MqttUplink:
                     async with asyncio.timeout(1.0):
                         while not session.status_acked.is_set():
                             await asyncio.sleep(0.01)
-                            self._take_acks(session)
+                            self._delivery.take_acks(session)
 
     async def drain(self, deadline: float) -> None:
         """Wait while connected until everything queued is acknowledged or the deadline passes."""
@@ -702,14 +362,6 @@ class MqttUplink:
             if not session.leased and (await self._outbox.stats()).queued == 0:
                 return
             await asyncio.sleep(0.05)
-
-
-def _min(a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return min(a, b)
 
 
 def _dropped(by_lane: Any) -> dict[str, int]:
