@@ -139,7 +139,7 @@ class Connection:
         *,
         password: str | None,
         will: Callable[[], tuple[str, bytes]],
-        bounded: Callable[[float], contextlib.AbstractContextManager[None]],
+        bounded: Callable[[str, float], contextlib.AbstractContextManager[None]],
     ) -> None:
         self._cfg = config
         self._profile = profile
@@ -160,7 +160,7 @@ class Connection:
         if self._session is not None:
             raise RuntimeError("Connection: already entered; it is reusable, not re-entrant")
         # Each step has its own timeout (files, name, TCP, TLS, CONNACK): bounded.
-        with self._bounded(4 * self._cfg.connect_timeout_s + 5.0):
+        with self._bounded("connecting to the broker", 4 * self._cfg.connect_timeout_s + 5.0):
             try:
                 session = await self._connect(self._silent)
             except transport.AttemptError as exc:
@@ -280,9 +280,10 @@ class Connection:
         """Open one connection and wait for CONNACK, each step bounded; AttemptError says where it failed."""
         cfg = self._cfg
         loop = asyncio.get_running_loop()
-        context = self._tls.context() if self._tls is not None else None
+        # Loading a trust store and parsing certificates take up to ~0.1 s: off the event loop.
+        context = await asyncio.to_thread(self._tls.context) if self._tls is not None else None
         try:
-            self.check_certificate()
+            await asyncio.to_thread(self.check_certificate)
         except EdgetwinError as exc:
             raise transport.AttemptError(exc, transport.Stage.FILES) from exc
         sock = await transport.open_tcp(cfg, cfg.connect_timeout_s)

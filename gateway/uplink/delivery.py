@@ -232,7 +232,7 @@ class Delivery:
             if session.to_dead_letter:
                 moving, session.to_dead_letter = session.to_dead_letter, []
                 for rid, why in moving:
-                    await asyncio.to_thread(self._outbox.outbox.dead_letter, [rid], why)
+                    await self._outbox.dead_letter([rid], why)
                     session.leased.pop(rid, None)
                 session.wake.set()
             if session.acked_ids:

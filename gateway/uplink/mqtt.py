@@ -31,7 +31,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -40,8 +39,11 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway import backoff
+from gateway.cleanup import run_shielded
 from gateway.contracts import Lane
 from gateway.errors import ConfigError, EdgetwinError
+from gateway.liveness import Pulse
 from gateway.outbox import AsyncOutbox
 from gateway.uplink import certs, transport
 from gateway.uplink.config import MqttSection, is_loopback
@@ -79,6 +81,8 @@ class MqttUplink:
         self.topic_root = f"{config.topic_prefix}/{gateway_id}"
         self.status_topic = f"{self.topic_root}/status"
         self._password = password
+        # Progress and bounded waits, as the supervisor reads them (gateway.liveness).
+        self.pulse = Pulse(stale_after_s=30.0)
         self._beat = time.monotonic()
         self._bounded_until = 0.0  # inside a wait bounded by its own timeout until then
         self.problem: str | None = "not connected yet"  # why the uplink is degraded; None when connected
@@ -105,7 +109,7 @@ class MqttUplink:
         return self._delivery.backlog_through
 
     def _set_beat(self, now: float) -> None:
-        self._beat = now
+        self._beat = self.pulse.last_beat = now
 
     @property
     def last_beat(self) -> float:
@@ -115,10 +119,10 @@ class MqttUplink:
 
     @last_beat.setter
     def last_beat(self, value: float) -> None:
-        self._beat = value
+        self._set_beat(value)
 
     @contextlib.contextmanager
-    def _bounded(self, seconds: float) -> Iterator[None]:
+    def _bounded(self, what: str, seconds: float) -> Iterator[None]:
         """Report alive while inside a wait that its own timeouts end within ``seconds``.
 
         A connection attempt against a broker that accepts TCP and never answers is slow but
@@ -127,10 +131,11 @@ class MqttUplink:
         """
         self._bounded_until = time.monotonic() + seconds
         try:
-            yield
+            with self.pulse.waiting(what, seconds):
+                yield
         finally:
             self._bounded_until = 0.0
-            self._beat = time.monotonic()
+            self._set_beat(time.monotonic())
 
     def describe(self) -> str:
         """``connected`` or ``degraded (why)``, for the STATUS line."""
@@ -256,7 +261,7 @@ class MqttUplink:
         while (left := end - now) > 0:
             self.last_beat = now
             if failed < transport.Stage.MQTT and now >= next_probe:
-                with self._bounded(2 * cfg.connect_timeout_s + 3.0):
+                with self._bounded("probing the broker", 2 * cfg.connect_timeout_s + 3.0):
                     passes = await transport.probe(cfg, self._connection.tls, failed, cfg.connect_timeout_s)
                 if passes:
                     log.debug("uplink mqtt: the %s step passes again: connecting now", failed.name.lower())
@@ -268,8 +273,7 @@ class MqttUplink:
             now = time.monotonic()
 
     def _backoff(self, attempt: int) -> float:
-        nominal = min(self._cfg.reconnect_max_s, self._cfg.reconnect_min_s * 2 ** min(attempt - 1, 30))
-        return float(nominal / 2 + random.random() * nominal / 2)
+        return backoff.delay(attempt, self._cfg.reconnect_min_s, self._cfg.reconnect_max_s)
 
     async def _serve(self, session: Session) -> None:
         """Deliver on one connection until it drops (TransientError) or the task is cancelled."""
@@ -306,8 +310,7 @@ class MqttUplink:
         finally:
             self.connected = False
             self._session = None
-            cleanup = asyncio.create_task(self._end_session(session, graceful), name="uplink-mqtt:cleanup")
-            await _finish_shielded(cleanup, _CLEANUP_DEADLINE_S)
+            await run_shielded(self._end_session(session, graceful), _CLEANUP_DEADLINE_S, who="uplink mqtt")
 
     async def _monitor(self, session: Session) -> None:
         """Republish the status when drop counters change; re-check our certificate now and then."""
@@ -321,7 +324,8 @@ class MqttUplink:
                 self._publish_status(session, "online", dropped=dropped)
             if time.monotonic() >= self._next_cert_check:
                 self._next_cert_check = time.monotonic() + _CERT_CHECK_EVERY_S
-                self._connection.check_certificate()
+                # Parsing a certificate takes a while: off the event loop.
+                await asyncio.to_thread(self._connection.check_certificate)
 
     def _publish_status(self, session: Session, state: str, **kw: Any) -> paho.MQTTMessageInfo:
         props = None
@@ -371,25 +375,6 @@ def _dropped(by_lane: Any) -> dict[str, int]:
         if total:
             out[Lane(lane).name.lower()] = int(total)
     return out
-
-
-async def _finish_shielded(task: asyncio.Task[None], deadline_s: float) -> None:
-    """Wait for a cleanup task up to a deadline, even when cancelled meanwhile; re-raise the cancel."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    cancelled = False
-    while not task.done() and (left := end - loop.time()) > 0:
-        try:
-            await asyncio.wait({task}, timeout=left)
-        except asyncio.CancelledError:
-            cancelled = True
-    if not task.done():
-        log.error("uplink mqtt: closing the connection took longer than %.0f s; abandoned", deadline_s)
-        task.cancel()
-    elif not task.cancelled() and task.exception() is not None:
-        log.error("uplink mqtt: closing the connection failed: %s", task.exception())
-    if cancelled:
-        raise asyncio.CancelledError
 
 
 def check_certificates(config: MqttSection, now: dt.datetime | None = None) -> list[str]:
