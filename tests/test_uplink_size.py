@@ -8,9 +8,7 @@ connection of a client that sends a larger packet).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -142,8 +140,7 @@ def test_records_at_and_over_the_brokers_maximum_packet_size(tmp_path: Path, pki
                 await asyncio.sleep(0.5)  # a broker that ends the link for a packet does it by now
                 seen["connects"] = uplink.counters.connects
                 seen["counters"] = uplink.counters
-                with contextlib.closing(sqlite3.connect(tmp_path / "ob.db")) as db:
-                    seen["dead"] = db.execute("SELECT id, topic, reason FROM dead ORDER BY id").fetchall()
+                seen["dead"] = outbox.outbox.dead_letters()
                 seen["dropped"] = outbox.outbox.stats().lanes[Lane.FEATURES].dropped
             finally:
                 await run.stop()
