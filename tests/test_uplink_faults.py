@@ -233,11 +233,12 @@ def test_a_broker_that_accepts_tcp_and_never_answers_never_starves_the_watchdog(
     tmp_path: Path, pki: DemoPKI, receiver: Receiver
 ) -> None:
     port = free_port()
-    # Each attempt waits out a 2 s handshake timeout; the unit's heartbeat allows only 1.5 s.
+    # Each attempt waits out a 3 s handshake timeout; the unit's heartbeat allows only 1 s, so an
+    # attempt that did not count as a bounded wait would be taken for a stalled unit.
     cfg = uplink_config(
         MosquittoBroker(tmp_path / "unused", pki, port=port),
         pki,
-        connect_timeout_s=2.0,
+        connect_timeout_s=3.0,
         reconnect_min_s=0.1,
         reconnect_max_s=0.5,
     )
@@ -254,7 +255,7 @@ def test_a_broker_that_accepts_tcp_and_never_answers_never_starves_the_watchdog(
             sup = Supervisor(notifier, backoff=Backoff(base_s=0.1, cap_s=0.5))
             sup.add(
                 Unit(
-                    "uplink", Group.UPLINK, uplink.run, heartbeat=lambda: uplink.last_beat, stale_after_s=1.5
+                    "uplink", Group.UPLINK, uplink.run, heartbeat=lambda: uplink.last_beat, stale_after_s=1.0
                 )
             )
             task = asyncio.create_task(sup.run(lambda _d: asyncio.sleep(0), 1.0), name="test:supervisor")
@@ -266,6 +267,7 @@ def test_a_broker_that_accepts_tcp_and_never_answers_never_starves_the_watchdog(
                 await asyncio.sleep(0.05)
             seen["accepted"] = fake.accepted
             seen["problem"] = uplink.problem
+            seen["restarts"] = sup.units[0].failures
             sup.request_stop()
             await task
             notifier.close()
@@ -276,6 +278,8 @@ def test_a_broker_that_accepts_tcp_and_never_answers_never_starves_the_watchdog(
         f"hanging broker: {len(pings)} WATCHDOG pings, longest gap {max(gaps):.2f} s, {seen['accepted']} attempts"
     )
     assert seen["accepted"] >= 2, "the uplink did not retry"
-    assert "TLS handshake got no answer within 2 s" in str(seen["problem"])
-    assert len(pings) >= 40
-    assert max(gaps) < 1.0
+    # Neither taken for stalled and restarted by the supervisor, nor starving the watchdog.
+    assert seen["restarts"] == 0
+    assert "TLS handshake got no answer within 3 s" in str(seen["problem"])
+    assert len(pings) >= 30
+    assert max(gaps) < 1.5  # a loaded machine may delay a ping by a few tenths, not more
