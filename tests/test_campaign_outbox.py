@@ -189,6 +189,23 @@ def committed(db: Path) -> tuple[set[int], int]:
     return set(), 0
 
 
+def last_seq(db: Path) -> int:
+    """The highest record id an outbox database ever assigned (0 before its first record)."""
+    if not db.exists():
+        return 0
+    for _ in range(20):
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+            try:
+                row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+                return int(row[0]) if row else 0
+            finally:
+                conn.close()
+        except sqlite3.OperationalError:
+            time.sleep(0.1)
+    return 0
+
+
 def signature(topic: str, record: Any) -> str:
     """A record's identity by content: its topic and decoded map."""
     return topic + " " + json.dumps(record, sort_keys=True, default=str)
@@ -409,9 +426,15 @@ def test_twenty_sigkills_while_writing_and_replaying_lose_nothing(
     try:
         for k in range(20):
             outage = k % 4 == 2  # a backlog builds up; the next run replays it and is killed meanwhile
+            start_seq = last_seq(db)
             gw = Gateway.start(unreachable if outage else config)
             try:
-                time.sleep(rng.uniform(3.0, 6.0) if outage else rng.uniform(1.0, 4.0))
+                # Killed while writing: once this run has committed, at a random moment after.
+                def wrote(since: int = start_seq) -> bool:
+                    return last_seq(db) > since
+
+                wait(wrote, 60, "this run's first commit", gw)
+                time.sleep(rng.uniform(2.0, 5.0) if outage else rng.uniform(0.2, 3.0))
             finally:
                 gw.kill()
             ids, epoch = committed(db)
