@@ -209,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             "a beat the strap misses doubles an interval and can be reported as a pause",
             "runs longer than three beats are a rate change to the rule (tachycardia is out of scope)",
         ],
-        "compute": "pure Python on at most 18 intervals per RR update; see BENCHMARKS.md (rhythm patterns)",
+        "compute": (
+            "pure Python on at most 32 intervals per RR update: 51 us per update on one core of the "
+            "reference machine (2026-12-03, tests/benchmarks/bench_rhythm.py; 4.9x the single-beat "
+            "monitor), 0.006 % of a core at 75 beats/min"
+        ),
         "training": {
             "data": "none (rule)",
             "recipe": "python -m models.recipes.rr_rhythm --data <shared data>",
