@@ -69,6 +69,11 @@ def test_a_mildly_premature_pattern_is_one_named_episode_with_its_burden_then_cl
         assert float(raised.detail["coupling"]) == pytest.approx(0.92, abs=0.03)
     assert 320 < end <= 320 + (rhythm.CLEAR_CYCLES + 2) * k  # cleared once the pattern is over
     assert float(cleared.detail["burden"]) < float(raised.detail["burden"]) + 0.5
+    # held_s counts from the first premature beat: to the alarm, then the whole episode.
+    t = np.cumsum(r.rr) / 1000.0
+    first = int(np.flatnonzero(r.premature)[0])
+    assert raised.held_s == pytest.approx(t[at] - t[first], abs=0.01)
+    assert cleared.held_s == pytest.approx(t[end] - t[first], abs=0.01)
 
 
 @pytest.mark.parametrize("pattern", ["couplet", "run", "pause"])

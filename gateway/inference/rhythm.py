@@ -30,7 +30,8 @@ no longer seen) re-raises it with ``episode=changed``;
 ``anomaly_cleared`` follows when the pattern has been absent for ``CLEAR_CYCLES`` cycles
 (bigeminy, trigeminy) or ``BURDEN_BEATS // 2`` beats with the burden under ``CLEAR_BURDEN``
 (the others).  Quality-flagged beats never reach the detector; inside an episode they make it
-``anomaly_indeterminate``.  Pure Python on at most a dozen intervals per update.
+``anomaly_indeterminate``.  Every alarm's ``held_s`` counts from the episode's first premature beat
+(for the cleared event: the episode's length).  Pure Python on at most a dozen intervals per update.
 """
 
 from __future__ import annotations
@@ -244,6 +245,13 @@ class _State:
         self.pattern = ""  # "" while idle
         self.unsure = False
         self.quiet = 0  # intervals without evidence of the episode's pattern
+        self.times: deque[float] = deque(maxlen=BURDEN_BEATS + 1)  # t_mono of the latest beats
+        self.onset = math.nan  # t_mono of the episode's first premature beat (or its alarm)
+
+    def first_premature_t(self, now: float) -> float:
+        """Time of the oldest premature beat still in the window, else ``now``."""
+        pos = min(self.premature) - (self.n - len(self.times)) if self.premature else -1
+        return self.times[pos] if 0 <= pos < len(self.times) else now
 
 
 class RhythmMonitor:
@@ -260,17 +268,15 @@ class RhythmMonitor:
         st = self._state.get(sample.stream.key)
         if st is None:
             st = self._state[sample.stream.key] = _State()
-        if sample.quality & UNUSABLE:
+        st.times.append(sample.t_mono)
+        if sample.quality and sample.quality & UNUSABLE:  # GOOD first: IntFlag's & costs ~1 us
             st.det.interrupt()
             st.n += 1
             if st.pattern and not st.unsure:
                 st.unsure = True
                 st.quiet = 0
-                return self._alarm(
-                    AlarmKind.ANOMALY_INDETERMINATE,
-                    sample,
-                    {"pattern": st.pattern, "reason": "sensor_quality"},
-                )
+                why: _Detail = {"pattern": st.pattern, "reason": "sensor_quality"}
+                return self._alarm(AlarmKind.ANOMALY_INDETERMINATE, sample, why, held=st.onset)
             return None
         v = st.det.feed(sample.value)
         idx = st.n
@@ -315,7 +321,7 @@ class RhythmMonitor:
         st.pattern, st.unsure, st.quiet = "", False, 0
         st.premature.clear()  # the ended episode's beats must not raise the next one
         log.info("rhythm on %s: %s ended (burden %.3f), episode cleared", sample.stream.key, ended, share)
-        return self._alarm(AlarmKind.ANOMALY_CLEARED, sample, {"pattern": ended, **detail})
+        return self._alarm(AlarmKind.ANOMALY_CLEARED, sample, {"pattern": ended, **detail}, held=st.onset)
 
     def _raise(
         self,
@@ -326,16 +332,27 @@ class RhythmMonitor:
         coupling: float,
         episode: str,
     ) -> Alarm:
+        if not episode:
+            st.onset = st.first_premature_t(sample.t_mono)
         st.pattern, st.unsure, st.quiet = pattern, False, 0
         out: dict[str, float | str] = {"pattern": pattern, **detail}
         if pattern in _SUSTAINED and math.isfinite(coupling):
             out["coupling"] = round(coupling, 3)
         if episode:
             out["episode"] = episode
-        return self._alarm(AlarmKind.ANOMALY, sample, out, {f"{sample.stream.metric.name}.{pattern}": 1.0})
+        why = {f"{sample.stream.metric.name}.{pattern}": 1.0}
+        return self._alarm(AlarmKind.ANOMALY, sample, out, why, held=st.onset)
 
     def _alarm(
-        self, kind: AlarmKind, sample: Sample, detail: _Detail, why: dict[str, float] | None = None
+        self,
+        kind: AlarmKind,
+        sample: Sample,
+        detail: _Detail,
+        why: dict[str, float] | None = None,
+        *,
+        held: float = math.nan,
     ) -> Alarm:
+        """The alarm, with ``held_s`` since the episode's first premature beat at ``held``."""
         s, full = sample, {"model": self.model, **detail}
-        return Alarm(kind, s.stream.subject, s.t_mono, s.t_wall, s.stream, full, why or {})
+        held_s = round(s.t_mono - held, 3) if math.isfinite(held) else None
+        return Alarm(kind, s.stream.subject, s.t_mono, s.t_wall, s.stream, full, why or {}, held_s=held_s)
