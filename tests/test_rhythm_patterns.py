@@ -14,7 +14,7 @@ import pytest
 
 from drivers import REGISTRY
 from drivers.sim import rhythms
-from drivers.sim.protocol import RR
+from drivers.sim.protocol import RR, Label, make_generator
 from gateway import inference
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import validate
@@ -29,6 +29,7 @@ from models.recipes.rr_ectopic import scores
 from models.recipes.rr_rhythm import classify, mitdb_100
 
 RRS = Stream("strap", "bed1", "strap-1", MDC[RR])
+T0, WALL0 = 1000.0, 1.7e9
 DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CARD = Path(inference.__file__).resolve().parents[2] / "models" / "rr_rhythm.card.json"
 
@@ -176,37 +177,27 @@ def test_the_shipped_card_states_protocol_limits_and_its_parameters_are_the_runn
     assert ev["synthetic"]["trigeminy_pooled"]["f1"] >= 0.9
 
 
-def test_an_rr_stream_through_the_pipeline_raises_one_named_alarm_and_its_cleared_event(
-    tmp_path: Path,
-) -> None:
+def through_pipeline(
+    tmp_path: Path, steps: list[list[SampleBlock]], hop_s: float = 10.0
+) -> list[dict[str, Any]]:
+    """The alarm records the composed pipeline sends for blocks fed hop by hop on a simulated clock."""
     config = validate(
         {
             "gateway": {"state_dir": str(tmp_path)},
-            "pipeline": {"window_s": 20.0, "hop_s": 10.0, "grace_s": 0.0},
+            "pipeline": {"window_s": 20.0, "hop_s": hop_s, "grace_s": 0.0},
         },
         "<rhythm>",
         REGISTRY,
     )
-    r = episode("bigeminy", coupling=0.9)
-    t = np.cumsum(r.rr) / 1000.0
-    wall0, t0 = 1.7e9, 1000.0
 
     async def main() -> list[dict[str, Any]]:
-        anon = Anonymizer(Pseudonymizer(b"r" * 32), time_mode="relative", start_wall=wall0)
+        anon = Anonymizer(Pseudonymizer(b"r" * 32), time_mode="relative", start_wall=WALL0)
         async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
             pipeline = Pipeline(config, anon, outbox, [])
-            step = 10.0
-            edge = 0.0
-            while edge < t[-1]:
-                sel = (t >= edge) & (t < edge + step)
-                if sel.any():
-                    pipeline.sink.put_block(
-                        SampleBlock(
-                            RRS, t0 + t[sel], wall0 + t[sel], r.rr[sel], np.zeros(int(sel.sum()), np.uint8)
-                        )
-                    )
-                edge += step
-                await pipeline.step(now_mono=t0 + edge, now_wall=wall0 + edge)
+            for n, blocks in enumerate(steps, start=1):
+                for block in blocks:
+                    pipeline.sink.put_block(block)
+                await pipeline.step(now_mono=T0 + n * hop_s, now_wall=WALL0 + n * hop_s)
             await outbox.flush()
             out = []
             while batch := await outbox.lease(1000):
@@ -214,7 +205,48 @@ def test_an_rr_stream_through_the_pipeline_raises_one_named_alarm_and_its_cleare
                 await outbox.ack([i.id for i in batch])
             return out
 
-    alarms = asyncio.run(main())
-    rhythm_alarms = [a for a in alarms if "rr_rhythm" in json.dumps(a, default=str)]
-    assert [a["alarm"] for a in rhythm_alarms] == ["anomaly", "anomaly_cleared"], alarms
-    assert all("bigeminy" in json.dumps(a, default=str) for a in rhythm_alarms)
+    return asyncio.run(main())
+
+
+def rhythm_alarms(alarms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [a for a in alarms if "rr_rhythm" in json.dumps(a, default=str)]
+
+
+def test_an_rr_stream_through_the_pipeline_raises_one_named_alarm_and_its_cleared_event(
+    tmp_path: Path,
+) -> None:
+    r = episode("bigeminy", coupling=0.9)
+    t = np.cumsum(r.rr) / 1000.0
+    steps = []
+    for n in range(int(t[-1] // 10.0) + 1):
+        sel = (t >= n * 10.0) & (t < (n + 1) * 10.0)
+        q = np.zeros(int(sel.sum()), np.uint8)
+        steps.append([SampleBlock(RRS, T0 + t[sel], WALL0 + t[sel], r.rr[sel], q)] if sel.any() else [])
+    alarms = rhythm_alarms(through_pipeline(tmp_path, steps))
+    assert [a["alarm"] for a in alarms] == ["anomaly", "anomaly_cleared"], alarms
+    assert all("bigeminy" in json.dumps(a, default=str) for a in alarms)
+
+
+def test_the_sim_source_bigeminy_event_raises_one_bigeminy_alarm_and_its_cleared_event(
+    tmp_path: Path,
+) -> None:
+    gen = make_generator("patient", seed=5, rate_hz=1.0, events=[Label("bigeminy", 300.0, 600.0)])
+    streams = {
+        sig.metric.name: Stream("sim-src", "bed-9", "DEV-bed-9", sig.metric, "medical", sig.rate_hz)
+        for sig in gen.signals
+    }
+    steps = []
+    for n in range(90):  # 900 s
+        chunk = gen.generate(n * 10.0, (n + 1) * 10.0)
+        steps.append(
+            [
+                SampleBlock(streams[name], T0 + s.t, WALL0 + s.t, s.value, s.quality)
+                for name, s in chunk.series.items()
+                if len(s)
+            ]
+        )
+    alarms = through_pipeline(tmp_path, steps)
+    ours = rhythm_alarms(alarms)
+    assert [a["alarm"] for a in ours] == ["anomaly", "anomaly_cleared"], alarms
+    assert all("bigeminy" in json.dumps(a, default=str) for a in ours)
+    assert len(alarms) == 2, alarms  # and nothing else: the rest of the patient is healthy
