@@ -113,9 +113,9 @@ def test_sinus_arrhythmia_and_a_gradual_rate_change_raise_nothing() -> None:
 
 
 def test_atrial_fibrillation_is_not_called_bigeminy_or_trigeminy() -> None:
-    a = rhythms.atrial_fibrillation(3000, 7)
-    names = {str(al.detail["pattern"]) for al, _ in monitor(a.rr) if al.kind is AlarmKind.ANOMALY}
-    assert not names & {"bigeminy", "trigeminy", "couplet", "frequent"}
+    for seed in (7, 302):  # 302 has a chance short-short-short-long at its start
+        a = rhythms.atrial_fibrillation(3000, seed)
+        assert monitor(a.rr) == []
 
 
 def test_flagged_beats_never_reach_the_detector_and_make_the_episode_indeterminate() -> None:

@@ -169,10 +169,14 @@ class RhythmDetector:
         self._seen.clear()
 
     def irregular(self) -> bool:
-        """Irregularly irregular RR (atrial fibrillation): typical beat-to-beat change over ``IRREGULAR``."""
+        """Irregularly irregular RR (atrial fibrillation): typical beat-to-beat change over ``IRREGULAR``.
+
+        Until ``IRREGULAR_BEATS // 2`` intervals were seen it cannot be told, and counts as irregular:
+        single premature beats are judged only once the rhythm is known to be regular.
+        """
         x = self._long
         if len(x) < IRREGULAR_BEATS // 2:
-            return False
+            return True
         return median(abs(b - a) for a, b in pairwise(x)) > IRREGULAR * median(x)
 
     def feed(self, rr_ms: float) -> Verdict:

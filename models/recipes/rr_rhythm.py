@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             "at coupling 0.95 (5 % premature) precision drops to 0.97-0.99: the first sinus beats after an episode are sometimes marked",
             "thresholds were chosen on the same synthetic generator they are scored on (other seeds in the tests); real records may differ",
             "breathing at exactly 2 or 3 beats per breath with RSA as deep as ectopy would look like a pattern",
-            "atrial fibrillation raises 'frequent' (isolated premature beats by the fixed rule), not a named pattern",
+            "atrial fibrillation is not named (no irregular-rhythm alarm here); premature beats are not judged inside it, nor in the first 16 beats of a stream",
             "a beat the strap misses doubles an interval and can be reported as a pause",
             "runs longer than three beats are a rate change to the rule (tachycardia is out of scope)",
         ],
