@@ -158,6 +158,7 @@ VOCABULARY = (
     "pump_skab",
     "vitals_mimic",
     "rr_ectopic",
+    *("rr_rhythm", "bigeminy", "trigeminy", "couplet", "pause", "frequent", "coupling", "burden"),
 )
 
 

@@ -38,7 +38,7 @@ from gateway.encode import decode, encode
 from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
 from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.coverage import log_coverage
-from gateway.inference.ectopic import EctopyMonitor
+from gateway.inference.rhythm import RhythmMonitor
 from gateway.notify import Notifier
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
@@ -84,7 +84,7 @@ class Pipeline:
         )
         m = config.core.models
         self._plausibility = plausibility_checker(m)
-        self._ectopy = EctopyMonitor() if m.ectopy else None
+        self._ectopy = RhythmMonitor() if m.ectopy else None
         self._limits = limit_checker(config.core.alarms)
         self.sink: SampleSink = _Sink(self.put, self.put_block, self.driver_alarm, self.diagnostic)
         self.last_beat = time.monotonic()

@@ -14,7 +14,7 @@ from drivers.sim.protocol import EVENTS_BY_PROFILE, Label, make_generator
 from gateway.config import ConfigModel
 
 EventKindName = Literal[
-    "desaturation", "bradycardia", "bearing_wear", "valve_fault", "sensor_off", "disconnect"
+    "desaturation", "bradycardia", "bearing_wear", "valve_fault", "sensor_off", "disconnect", "bigeminy"
 ]
 
 

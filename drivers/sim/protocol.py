@@ -72,7 +72,13 @@ PATIENT_EVENTS: Mapping[str, EventKind] = {
     "bradycardia": EventKind(0.3, 30.0, 120.0),
     "sensor_off": EventKind(0.2, 10.0, 60.0),
     "disconnect": EventKind(0.1, 10.0, 60.0),
+    # Never drawn at random (weight 0, so random draws are unchanged); configured explicitly.
+    "bigeminy": EventKind(0.0, 60.0, 600.0),
 }
+
+#: Every other beat premature at this coupling ratio during a "bigeminy" event, then a fully
+#: compensatory pause (a ventricular bigeminy only 10 % premature: see drivers/sim/rhythms.py).
+BIGEMINY_COUPLING = 0.9
 
 #: Event kinds of the pump profile.
 PUMP_EVENTS: Mapping[str, EventKind] = {
@@ -465,6 +471,7 @@ class PatientGenerator(Generator):
         self._beat_prev = -1.0
         self._beat_rr = math.nan
         self._beat_pos = 0.0
+        self._beat_debt = 0.0  # what a premature beat took from the sinus interval, paid back next
 
     def _event_series(self, name: str, t0: float, t1: float) -> tuple[F64, F64]:
         if name != RR:
@@ -485,6 +492,11 @@ class PatientGenerator(Generator):
             (ev.label.start_s, ev.label.end_s)
             for ev in self._plan.overlapping(max(self._beat_prev, 0.0), t1)
             if ev.label.kind in self._gap_kinds
+        ]
+        bigeminy = [
+            (ev.label.start_s, ev.label.end_s)
+            for ev in self._plan.overlapping(max(self._beat_prev, 0.0), t1)
+            if ev.label.kind == "bigeminy"
         ]
         tag = _tag("rr/scatter")
         w_rsa = 2.0 * math.pi * self._resp0 / 60.0
@@ -512,6 +524,10 @@ class PatientGenerator(Generator):
                 + self._lf_ms * math.sin(w_lf * t + self._lf_phase)
                 + self._rr_sd_ms * scatter
             )
+            if self._beat_debt:
+                rr, self._beat_debt = rr + self._beat_debt, 0.0
+            elif self._beat_n % 2 == 0 and any(s <= t < e for s, e in bigeminy):
+                rr, self._beat_debt = BIGEMINY_COUPLING * rr, (1.0 - BIGEMINY_COUPLING) * rr
             rr = float(round(min(max(rr, 300.0), 2000.0)))  # whole milliseconds, like a chest strap
             self._beat_prev = t
             self._beat_t = t + rr / 1000.0
