@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -266,3 +267,25 @@ def test_battery_learns_a_faded_capacity_and_raises_low_soc_and_low_health(tmp_p
     again = Estimation(EstimatorsSection(battery=[spec]), {"motor-1": "industrial"}, sent.append,
                        alarms.append, tmp_path)  # fmt: skip
     assert again.estimators[0].capacity_ah == pytest.approx(est.capacity_ah)
+
+
+# ---- real numerics (runs only where ../shared/data exists) --------------------------------------------
+
+DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.mark.skipif(
+    not (DATA / "physio" / "mimic_numerics").is_dir(),
+    reason=f"MIMIC numerics not found under {DATA} (set EDGETWIN_DATA to the shared data folder)",
+)
+def test_fused_hr_on_mimic_numerics_beats_the_corrupted_source_and_covers_its_absence() -> None:
+    from models.recipes.hr_fusion import RECORDS, read_numerics, run_scenario  # noqa: PLC0415
+
+    data = [read_numerics(DATA / "physio" / "mimic_numerics", header) for header, _ in RECORDS]
+    dropped = run_scenario("ecg_dropped", data)
+    assert dropped["fused"]["coverage"] > dropped["ecg_alone"]["coverage"] + 0.1
+    assert dropped["fused"]["rmse"] < dropped["pulse_alone"]["rmse"]
+    artifact = run_scenario("ecg_artifact", data)
+    assert artifact["fused"]["rmse"] < 0.25 * artifact["ecg_alone"]["rmse"]
+    assert artifact["fused"]["rmse"] < artifact["pulse_alone"]["rmse"]
+    assert artifact["fused"]["within_2sd"] > 0.9

@@ -72,7 +72,7 @@ class Estimation:
             BatteryState(spec, kinds.get(spec.subject, "industrial"), emit, alarm) for spec in section.battery
         ]
         self._subjects = frozenset(e.spec.subject for e in self.estimators)
-        self._routes: dict[Stream, list[tuple[Any, str]]] = {}
+        self._routes: dict[str, list[tuple[Any, str]]] = {}  # by Stream.key: a cached str hash
         self._path = state_dir / STATE_FILE if state_dir is not None and self.estimators else None
         self._next_save = now_mono + SAVE_EVERY_S
         self._save_failed = False
@@ -83,10 +83,10 @@ class Estimation:
         return bool(self.estimators)
 
     def _route(self, stream: Stream) -> list[tuple[Any, str]]:
-        routes = self._routes.get(stream)
+        routes = self._routes.get(stream.key)
         if routes is None:
             routes = [(e, role) for e in self.estimators if (role := e.route(stream)) is not None]
-            self._routes[stream] = routes
+            self._routes[stream.key] = routes
         return routes
 
     def put(self, sample: Sample) -> None:
