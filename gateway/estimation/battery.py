@@ -2,7 +2,8 @@
 
 Fed the pack's voltage, current and (optionally) temperature streams.  Each voltage sample steps
 :class:`gateway.inference.battery.BatteryEkf` with the latest current over the time since the
-previous step (per cell: the pack voltage divided by the cells in series).  Capacity is learnt
+previous step (per cell: the pack voltage divided by the cells in series), learning the series
+resistance as it goes (``learn_r0``; it roughly triples as a cell ages).  Capacity is learnt
 online from rest to rest: when the pack has rested (|I| below ``REST_A`` for ``REST_S``) its
 voltage is an open-circuit voltage, so two rests bracketing a discharge give the SoC drop, and the
 charge counted in between divided by it is the capacity; at each such rest the SoC is also
@@ -28,10 +29,10 @@ REST_A = 0.05  # below this the pack rests
 REST_S = 600.0  # ... for this long: its voltage is then an open-circuit voltage
 MIN_DROP = 0.3  # SoC drop between rests needed for a capacity sample
 DEADBAND = 2.0  # percentage points above a limit before its alarm clears
-CAPACITY_GAIN = 0.5
-REST_SOC_SD = (
-    0.02  # SoC read from a rested pack's OCV  # weight of a new capacity sample against the running estimate
-)
+CAPACITY_GAIN = 0.5  # weight of a new capacity sample against the running estimate
+REST_SOC_SD = 0.02  # SoC read from a rested pack's OCV
+R0_SD = 0.02  # ohm: uncertainty of the series resistance when the filter starts
+Q_R0 = 1e-12  # ohm^2/s: its random walk (models/recipes/battery_ekf.py)
 
 
 class BatteryState:
@@ -62,6 +63,7 @@ class BatteryState:
         self._next_emit = -math.inf
         self._raised: set[str] = set()
         self._restored: dict[str, Any] | None = None
+        self._r0 = spec.r0
 
     @property
     def key(self) -> str:
@@ -99,7 +101,16 @@ class BatteryState:
             sd0 = 0.1
             if self._restored is not None:
                 soc0, sd0 = float(self._restored["soc"]), float(self._restored["soc_sd"])
-            self.ekf = BatteryEkf(self.cell, self.capacity_ah, soc0=soc0, soc0_sd=sd0, r_v=self.spec.r_v)
+            self.ekf = BatteryEkf(
+                self.cell,
+                self.capacity_ah,
+                soc0=soc0,
+                soc0_sd=sd0,
+                r_v=self.spec.r_v,
+                r0=self._r0,
+                r0_sd=R0_SD if self.spec.learn_r0 else 0.0,
+                q_r0=Q_R0,
+            )
             self._t = t_mono
         dt = max(t_mono - self._t, 0.0)
         self._t = t_mono
@@ -138,7 +149,10 @@ class BatteryState:
         soc = 100.0 * min(max(self.ekf.soc, 0.0), 1.0)
         soh = 100.0 * self.capacity_ah / self.spec.rated_ah
         sources = tuple((s, 1.0) for s in self._streams.values())
-        detail: dict[str, float | str] = {"capacity_ah": round(self.capacity_ah, 4)}
+        detail: dict[str, float | str] = {
+            "capacity_ah": round(self.capacity_ah, 4),
+            "r0_ohm": round(self.ekf.r0, 4),
+        }
         if math.isfinite(self._temperature):
             detail["temperature"] = self._temperature
         state = "measured"
@@ -202,6 +216,7 @@ class BatteryState:
             "soc_sd": self.ekf.soc_sd,
             "capacity_ah": self.capacity_ah,
             "capacity_samples": self.capacity_samples,
+            "r0": self.ekf.r0,
         }
 
     def restore(self, state: dict[str, Any], now_mono: float, now_wall: float) -> None:
@@ -215,3 +230,6 @@ class BatteryState:
             return
         if math.isfinite(capacity) and capacity > 0:
             self.capacity_ah, self.capacity_samples = capacity, samples
+        r0 = state.get("r0")
+        if isinstance(r0, float) and math.isfinite(r0) and r0 > 0:
+            self._r0 = r0

@@ -102,7 +102,8 @@ class BatterySpec(_Section):
     r0: float = Field(0.07, gt=0)
     r1: float = Field(0.04, ge=0)
     tau_s: float = Field(30.0, gt=0)
-    r_v: float = Field(0.01, gt=0)  # voltage measurement variance per cell, V^2
+    r_v: float = Field(0.003, gt=0)  # voltage measurement variance per cell, V^2
+    learn_r0: bool = True  # learn the series resistance online (it grows as the cell ages)
     low_soc: float = Field(20.0, ge=0, le=100)
     low_soc_priority: Priority = "medium"
     low_health: float = Field(80.0, ge=0, le=100)
