@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import time
@@ -289,3 +290,16 @@ def test_fused_hr_on_mimic_numerics_beats_the_corrupted_source_and_covers_its_ab
     assert artifact["fused"]["rmse"] < 0.25 * artifact["ecg_alone"]["rmse"]
     assert artifact["fused"]["rmse"] < artifact["pulse_alone"]["rmse"]
     assert artifact["fused"]["within_2sd"] > 0.9
+
+
+@pytest.mark.skipif(
+    not (DATA / "industrial" / "cmapss_fd001").is_dir(),
+    reason=f"C-MAPSS FD001 not found under {DATA} (set EDGETWIN_DATA to the shared data folder)",
+)
+def test_rul_on_cmapss_fd001_beats_the_svr_baseline_and_its_interval_covers(tmp_path: Path) -> None:
+    from models.recipes.rul_cmapss import main  # noqa: PLC0415
+
+    assert main(["--data", str(DATA), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "rul_cmapss.eval.json").read_text(encoding="utf-8"))
+    assert result["test_rmse"] < result["baselines_rmse"]["SVR (Babu et al. 2016)"]
+    assert result["interval_coverage_test"] >= 0.8
