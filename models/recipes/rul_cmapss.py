@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             for u in fold:
                 # As the test set: each held-out engine cut at a few random points.
                 for cut in rng.integers(WINDOW, len(feats[u]), 5):
-                    pred = float(np.clip(feats[u][cut] @ coef, 0.0, CAP))
-                    errs.append(pred - float(targets[u][cut]))
+                    guess = float(np.clip(feats[u][cut] @ coef, 0.0, CAP))
+                    errs.append(guess - float(targets[u][cut]))
         cv[lam] = float(np.sqrt(np.mean(np.square(errs))))
         held_err[lam] = errs
     lam = min(cv, key=lambda k: cv[k])
