@@ -303,3 +303,43 @@ def test_rul_on_cmapss_fd001_beats_the_svr_baseline_and_its_interval_covers(tmp_
     result = json.loads((tmp_path / "rul_cmapss.eval.json").read_text(encoding="utf-8"))
     assert result["test_rmse"] < result["baselines_rmse"]["SVR (Babu et al. 2016)"]
     assert result["interval_coverage_test"] >= 0.8
+
+
+def test_spo2_from_two_oximeters_picks_each_by_source_and_ignores_the_faulted_one() -> None:
+    finger = Stream("ox-finger", SUBJECT, "SN-OX-1", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)
+    ear = Stream("ox-ear", SUBJECT, "SN-OX-2", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)
+    other = Stream("ox-other", SUBJECT, "SN-OX-3", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)
+    section = EstimatorsSection.model_validate(
+        {
+            "fusion": [
+                {
+                    "subject": SUBJECT,
+                    "name": "spo2",
+                    "unit": "%",
+                    "lo": 50.0,
+                    "hi": 100.0,
+                    "q_per_s": 0.05,
+                    "sources": [
+                        {"metric": "MDC_PULS_OXIM_SAT_O2", "source": "ox-finger", "noise": 1.0},
+                        {"metric": "MDC_PULS_OXIM_SAT_O2", "source": "ox-ear", "noise": 4.0},
+                    ],
+                }
+            ]
+        }
+    )
+    sent: list[Estimate] = []
+    stage = Estimation(section, {}, sent.append, lambda a: None)
+    for k in range(60):
+        t = 100.0 + k
+        # The finger probe comes off at 30 s; an unlisted third probe never counts.
+        quality = Quality.SENSOR_OFF if k >= 30 else Quality.GOOD
+        stage.put(Sample(finger, t, WALL + t, 0.0 if k >= 30 else 97.0, quality))
+        stage.put(Sample(ear, t + 0.5, WALL + t + 0.5, 95.0))
+        stage.put(Sample(other, t + 0.7, WALL + t + 0.7, 60.0))
+    first, last = sent[1], sent[-1]  # sent[0] came with the very first sample
+    assert {s.source for s, _ in first.sources} == {"ox-finger", "ox-ear"}
+    assert {s.source for s, _ in last.sources} == {"ox-ear"}
+    assert 96.0 < first.value < 97.0  # the finger probe weighs 4x
+    assert last.value == pytest.approx(95.0, abs=0.3)  # carried by the ear probe, no fall to 0
+    assert all(e.state == "measured" for e in sent)
+    assert all(e.value > 94.5 for e in sent)

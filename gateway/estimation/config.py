@@ -75,7 +75,7 @@ class FusionSpec(_Section):
     gate: float = Field(3.0, gt=0)  # innovation SDs beyond which a source loses weight
     lo: float = 20.0  # plausible range; outside it a value is no measurement
     hi: float = 300.0
-    every_s: float = Field(1.0, gt=0, le=3600)  # at most one estimate record per this
+    every_s: float = Field(5.0, gt=0, le=3600)  # at most one estimate record per this
     stale_s: float = Field(3.0, gt=0, le=600)  # no source for longer: the estimate is "bridged"
 
 
