@@ -171,6 +171,10 @@ class Pipeline:
         """Seal and queue a state estimate (``gateway.estimation``)."""
         self._submit(lambda: self._anon.estimate(estimate))
 
+    def save_estimators(self) -> None:
+        """Keep the estimators' state for the next start (at the stop; periodically in the step)."""
+        self._estimation.save(time.monotonic(), time.time())
+
     def window(self, record: WindowRecord) -> None:
         """Seal and queue one window of features."""
         self._submit(lambda: self._anon.window(record))
@@ -591,6 +595,7 @@ async def _supervise(
 
     async def drain(deadline: float) -> None:
         await pipeline.step()
+        pipeline.save_estimators()
         await outbox.flush()
         await uplink.drain(deadline)
 
