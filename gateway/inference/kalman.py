@@ -6,7 +6,9 @@ is a measurement of the same state with its own noise variance; a sample flagged
 is ignored.  Agreement counts too: a measurement further than ``gate`` standard deviations of its
 innovation from the estimate has its variance inflated by the square of the excess (a soft,
 Huber-like gate), so a source drifting away from the others loses weight instead of dragging the
-estimate.  Between measurements the estimate is carried forward with growing variance, so a short
+estimate.  A source noisier than configured is found out: its noise is tracked from the
+innovations (``adapt``, an exponential average) and used when above the configured one, so the
+stated uncertainty stays honest.  Between measurements the estimate is carried forward with growing variance, so a short
 gap (``max_gap_s``) is bridged - the estimate is marked ``imputed`` - and a long one ends the
 estimate until a source returns.  The estimate is ``trusted`` while a measurement taken at full
 weight (no quality flag, inside the gate) is at most ``max_gap_s`` old.  Pure compute, no I/O,
@@ -52,6 +54,7 @@ class HrFusion:
         lo: float = 20.0,
         hi: float = 300.0,
         gate: float = 3.0,
+        adapt: float = 0.05,
     ) -> None:
         self.q = q_per_s
         self.r = dict(sources)
@@ -59,6 +62,9 @@ class HrFusion:
         self.inflate = inflate
         self.lo, self.hi = lo, hi
         self.gate = gate
+        self.adapt = adapt
+        #: Per source: its noise as the innovations show it (never below the configured one).
+        self.noise = dict(self.r)
         self.x = math.nan
         self.p = math.nan
         self.t = math.nan
@@ -80,6 +86,7 @@ class HrFusion:
         if quality & int(FAULT_FLAGS) or not (math.isfinite(hr) and self.lo <= hr <= self.hi):
             return self.estimate(t)
         full = not quality & _INFLATE
+        r = max(r, self.noise[source])
         if not full:
             r *= self.inflate
         if not math.isfinite(self.x) or t - self.t_measured > self.max_gap_s:
@@ -88,7 +95,13 @@ class HrFusion:
         else:
             t = max(t, self.t)
             self._predict(t)
-            z = abs(hr - self.x) / math.sqrt(self.p + r)
+            y2 = (hr - self.x) ** 2
+            if full and self.adapt > 0:
+                # Innovation minus prediction variance estimates the source's noise; a spike
+                # counts at most as a gate-sized one, so artefacts cannot inflate it unbounded.
+                sample = min(y2, 4.0 * self.gate**2 * (self.p + r)) - self.p
+                self.noise[source] += self.adapt * (max(sample, 0.0) - self.noise[source])
+            z = math.sqrt(y2 / (self.p + r))
             if z > self.gate:
                 r *= (z / self.gate) ** 2  # disagrees with the estimate: less weight, not none
                 full = False
