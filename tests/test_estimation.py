@@ -220,6 +220,12 @@ def test_estimate_record_round_trips_and_the_twin_shows_value_plus_minus_sd() ->
 def test_estimator_config_errors_name_the_key() -> None:
     with pytest.raises(InvalidConfigError, match=r"estimators\.fusion\.0\.sources|estimators.fusion\[0\]"):
         validate({"estimators": {"fusion": [{"subject": "x", "sources": []}]}}, "<test>", REGISTRY)
+    twice = [{"metric": "MDC_ECG_HEART_RATE"}, {"metric": "MDC_ECG_HEART_RATE"}]
+    with pytest.raises(InvalidConfigError, match="listed twice"):
+        validate({"estimators": {"fusion": [{"subject": "x", "sources": twice}]}}, "<test>", REGISTRY)
+    same = {"subject": "m", "voltage": "V", "current": "V"}
+    with pytest.raises(InvalidConfigError, match="same stream"):
+        validate({"estimators": {"battery": [same]}}, "<test>", REGISTRY)
     with pytest.raises(InvalidConfigError, match="nois"):
         validate(
             {"estimators": {"fusion": [{"subject": "x", "sources": [{"metric": "m", "noise": -1.0}]}]}},

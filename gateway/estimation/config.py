@@ -26,9 +26,9 @@ Battery state for an asset reporting pack voltage, current and temperature::
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["BatterySpec", "EstimatorsSection", "FusionSource", "FusionSpec", "default_noise"]
 
@@ -78,6 +78,23 @@ class FusionSpec(_Section):
     every_s: float = Field(5.0, gt=0, le=3600)  # at most one estimate record per this
     stale_s: float = Field(3.0, gt=0, le=600)  # no source for longer: the estimate is "bridged"
 
+    @model_validator(mode="after")
+    def _sources_distinct(self) -> Self:
+        seen: set[tuple[str, str | None]] = set()
+        for s in self.sources:
+            if (s.metric, s.source) in seen:
+                raise ValueError(
+                    f"[[estimators.fusion]] {self.name!r} of {self.subject!r}: source {s.metric!r}"
+                    + (f" from {s.source!r}" if s.source else "")
+                    + " is listed twice: list each once (add `source` to tell two devices apart)"
+                )
+            seen.add((s.metric, s.source))
+        if not self.lo < self.hi:
+            raise ValueError(
+                f"[[estimators.fusion]] {self.name!r}: lo {self.lo:g} is not below hi {self.hi:g}"
+            )
+        return self
+
 
 class BatterySpec(_Section):
     """One ``[[estimators.battery]]`` table: SoC by EKF and SoH from online capacity."""
@@ -109,6 +126,16 @@ class BatterySpec(_Section):
     low_health: float = Field(80.0, ge=0, le=100)
     low_health_priority: Priority = "low"
     every_s: float = Field(10.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _roles_distinct(self) -> Self:
+        roles = [m for m in (self.voltage, self.current, self.temperature) if m is not None]
+        if len(set(roles)) != len(roles):
+            raise ValueError(
+                f"[[estimators.battery]] of {self.subject!r}: voltage, current and temperature name "
+                "the same stream: give each its own metric"
+            )
+        return self
 
 
 class EstimatorsSection(_Section):
