@@ -72,6 +72,22 @@ class Estimation:
             BatteryState(spec, kinds.get(spec.subject, "industrial"), emit, alarm) for spec in section.battery
         ]
         self._subjects = frozenset(e.spec.subject for e in self.estimators)
+        if kinds:
+            tables: tuple[tuple[str, list[str]], ...] = (
+                ("fusion", [f.subject for f in section.fusion]),
+                ("battery", [b.subject for b in section.battery]),
+            )
+            for table, subjects in tables:
+                for i, subject in enumerate(subjects):
+                    if subject not in kinds:
+                        # Not fatal (a source may come later), but nothing feeds it as it stands.
+                        # The subject itself is not logged: it may name a patient.
+                        log.warning(
+                            "estimation: estimators.%s[%d]: its subject has no [[sources]] entry: it "
+                            "will never estimate: check the subject's spelling",
+                            table,
+                            i,
+                        )
         self._routes: dict[str, list[tuple[Any, str]]] = {}  # by Stream.key: a cached str hash
         self._path = state_dir / STATE_FILE if state_dir is not None and self.estimators else None
         self._next_save = now_mono + SAVE_EVERY_S
