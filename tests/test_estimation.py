@@ -400,3 +400,17 @@ def test_a_gateway_restart_resumes_the_fused_estimate_from_the_saved_state(tmp_p
     # precision of a filter that has run, not the single first measurement's.
     assert second[0]["value"] == pytest.approx(state["value"], abs=3.0 * second[0]["sd"] + 1.0)
     assert second[0]["sd"] < 1.0  # a fresh start has the first source's noise: sd 1.0 or more
+
+
+def test_an_estimator_that_raises_never_reaches_the_driver(caplog: pytest.LogCaptureFixture) -> None:
+    sent: list[Estimate] = []
+    stage = Estimation(EstimatorsSection.model_validate(HR_CONFIG), {}, sent.append, lambda a: None)
+
+    def broken(*args: Any) -> None:
+        raise ZeroDivisionError("boom")
+
+    stage.estimators[0].update = broken
+    stage.put(Sample(STRAP, 1.0, WALL + 1.0, 70.0))
+    stage.put_block(_block(STRAP, np.array([2.0, 3.0]), np.array([70.0, 71.0])))
+    assert stage.failures == 2
+    assert "an estimator failed" in caplog.text

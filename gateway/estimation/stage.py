@@ -92,6 +92,7 @@ class Estimation:
         self._path = state_dir / STATE_FILE if state_dir is not None and self.estimators else None
         self._next_save = now_mono + SAVE_EVERY_S
         self._save_failed = False
+        self.failures = 0  # samples an estimator raised on (a bug: logged, never propagated)
         if self._path is not None:
             self._load(now_mono, now_wall)
 
@@ -109,8 +110,13 @@ class Estimation:
         """One sample to every estimator that uses its stream."""
         if sample.stream.subject not in self._subjects:
             return
-        for est, role in self._route(sample.stream):
-            est.update(role, sample.stream, sample.t_mono, sample.t_wall, sample.value, int(sample.quality))
+        try:
+            for est, role in self._route(sample.stream):
+                est.update(
+                    role, sample.stream, sample.t_mono, sample.t_wall, sample.value, int(sample.quality)
+                )
+        except Exception as exc:  # noqa: BLE001 - an estimator's fault must never reach the driver's sink
+            self._failed(exc)
 
     def put_block(self, block: SampleBlock) -> None:
         """A block of one stream, sample by sample (estimators are sequential filters)."""
@@ -121,9 +127,22 @@ class Estimation:
             return
         t_mono, t_wall = block.t_mono.tolist(), block.t_wall.tolist()
         values, quality = block.value.tolist(), block.quality.tolist()
-        for i in range(len(t_mono)):
-            for est, role in routes:
-                est.update(role, block.stream, t_mono[i], t_wall[i], values[i], quality[i])
+        try:
+            for i in range(len(t_mono)):
+                for est, role in routes:
+                    est.update(role, block.stream, t_mono[i], t_wall[i], values[i], quality[i])
+        except Exception as exc:  # noqa: BLE001 - as in put
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        if self.failures == 1 or self.failures % 1000 == 0:
+            log.error(
+                "estimation: an estimator failed on a sample (%d so far): the sample is skipped; "
+                "the windows and alarms are not affected",
+                self.failures,
+                exc_info=exc,
+            )
 
     def tick(self, now_mono: float, now_wall: float) -> None:
         """Bridge or end estimates whose sources fell silent; save the state when due."""
