@@ -3,7 +3,8 @@
 Each configured estimator claims the streams it needs (``route``); a sample of any other subject
 costs one set lookup.  Estimators run on samples as they arrive; :meth:`Estimation.tick` (from
 the pipeline's step) lets them bridge or end an estimate when every source is silent and writes
-their state to ``<state_dir>/estimators.json`` every ``SAVE_EVERY_S`` (atomically), so a restart
+their state to ``<state_dir>/estimators.json`` every ``SAVE_EVERY_S`` and at the stop (atomically;
+the file is local state and names subjects as the config does), so a restart
 resumes from the last estimate instead of from nothing.
 """
 
