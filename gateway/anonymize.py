@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.config import secret_file_problem
-from gateway.contracts import Alarm, AlarmKind, Diagnostic, Lane, WindowRecord
+from gateway.contracts import Alarm, AlarmKind, Diagnostic, Estimate, Lane, WindowRecord
 from gateway.errors import AnonymizationError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ def text_forms(identity: str) -> set[bytes]:
 VOCABULARY = (
     "features",
     "alarms",
+    "estimates",
     "diag/gateway",
     "counters",
     "sim_label",
@@ -364,6 +365,35 @@ class Anonymizer:
         if diag.detail:
             payload["detail"] = self._detail(diag.detail)
         return OutRecord(Lane.DIAGNOSTICS, topic, payload, diag.t_wall)
+
+    # --- state estimates (gateway.estimation; docs/records.md "Estimate records") ---------------
+
+    def estimate(self, est: Estimate) -> OutRecord:
+        """A state estimate with its uncertainty and the (pseudonymous) streams that fed it."""
+        if not (_TOKEN.fullmatch(est.name) and _TOKEN.fullmatch(est.state)):
+            raise AnonymizationError("anonymizer: estimate name or state is not a plain token: refused")
+        subject = self._subject(est.subject)
+        payload: dict[str, Any] = {
+            "v": SCHEMA_VERSION,
+            "type": "estimate",
+            "subject": subject,
+            "kind": est.kind,
+            "t": self._t(est.t_wall),
+            "est": est.name,
+            "unit": est.unit,
+            "state": est.state,
+        }
+        if math.isfinite(est.value) and math.isfinite(est.sd):
+            payload["value"] = float(est.value)
+            payload["sd"] = float(est.sd)
+        payload["src"] = [
+            {"dev": self._device(s.device, s.source), "metric": s.metric.name, "w": round(float(w), 4)}
+            for s, w in est.sources
+            if math.isfinite(w)
+        ]
+        if est.detail:
+            payload["detail"] = self._detail(est.detail)
+        return OutRecord(Lane.FEATURES, f"estimates/{subject}", payload, est.t_wall)
 
     def check(self, encoded: bytes) -> None:
         """Raise AnonymizationError if any known identity appears in the encoded bytes."""

@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError
 from gateway.alarms.config import AlarmsSection
 from gateway.contracts import DriverSpec, SourceInfo
 from gateway.errors import ConfigProblem, InvalidConfigError
+from gateway.estimation.config import EstimatorsSection
 from gateway.inference.build import ModelsSection
 
 #: Key names that hold secrets; inline values for them are refused (reference a file instead).
@@ -164,6 +165,7 @@ class CoreConfig(ConfigModel):
     runtime: RuntimeSection = RuntimeSection()
     models: ModelsSection = ModelsSection()
     alarms: AlarmsSection = AlarmsSection()
+    estimators: EstimatorsSection = EstimatorsSection()
 
     @property
     def site_key_path(self) -> Path:

@@ -133,6 +133,29 @@ class WindowRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Estimate:
+    """A state estimate of one subject (fused heart rate, battery charge, ...) with its uncertainty.
+
+    ``state``: "measured" (a full-weight source within the estimator's horizon), "bridged" (carried
+    over a gap of every source), "untrusted" (only flagged or disagreeing sources) or "lost" (no
+    estimate: ``value`` and ``sd`` are NaN).  ``sources`` names the streams that fed it with the
+    share of each; see ``gateway.estimation``.
+    """
+
+    subject: str  # raw subject id (anonymized later)
+    kind: str  # "medical" or "industrial"
+    name: str  # short token: "hr", "spo2", "soc", "soh"...
+    unit: str
+    t_mono: float
+    t_wall: float
+    value: float
+    sd: float
+    state: str
+    sources: tuple[tuple[Stream, float], ...] = ()
+    detail: Mapping[str, float | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Diagnostic:
     """Gateway health and ground-truth labels from simulators; lowest priority lane."""
 

@@ -49,6 +49,23 @@ events = [
   { kind = "sensor_off", at_s = 70.0, duration_s = 8.0 },
 ]
 
+# Fused heart rate with its uncertainty and sources (README "Estimators"). Bed 7: the strap's HR and
+# RR intervals and the oximeter's pulse rate; bed 8: the monitor's HR and RR intervals - when the
+# probe comes off at 70 s its HR is blanked and the RR intervals carry the estimate on.
+[[estimators.fusion]]
+subject = "patient-MRN-0048213"
+sources = [
+  { metric = "MDC_ECG_HEART_RATE" },
+  { metric = "MDC_ECG_TIME_PD_RR_GL" },
+  { metric = "MDC_PULS_OXIM_PULS_RATE" },
+]
+every_s = 5.0
+
+[[estimators.fusion]]
+subject = "patient-MRN-0051177"
+sources = [{ metric = "MDC_ECG_HEART_RATE" }, { metric = "MDC_ECG_TIME_PD_RR_GL" }]
+every_s = 5.0
+
 [models]
 # The pump model learns each machine's normal over its first 30 s (commissioning), then scores.
 use = [{ name = "pump_skab", commissioning_s = 30.0 }, { name = "vitals_mimic" }]

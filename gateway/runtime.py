@@ -29,6 +29,7 @@ from gateway.contracts import (
     AlarmKind,
     Diagnostic,
     DriverSpec,
+    Estimate,
     Lane,
     SampleSink,
     WindowModel,
@@ -36,6 +37,8 @@ from gateway.contracts import (
 )
 from gateway.encode import decode, encode
 from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
+from gateway.estimation import Estimation
+from gateway.estimation.text import estimate_text
 from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.coverage import log_coverage
 from gateway.inference.rhythm import RhythmMonitor
@@ -86,6 +89,11 @@ class Pipeline:
         self._plausibility = plausibility_checker(m)
         self._ectopy = RhythmMonitor() if m.ectopy else None
         self._limits = limit_checker(config.core.alarms)
+        kinds = {e.info.subject: e.info.kind for e in config.sources}
+        self._estimation = Estimation(
+            config.core.estimators, kinds, self.estimate, self.alarm, config.core.gateway.state_dir,
+            now_mono=time.monotonic(), now_wall=time.time(),
+        )  # fmt: skip
         self.sink: SampleSink = _Sink(self.put, self.put_block, self.driver_alarm, self.diagnostic)
         self.last_beat = time.monotonic()
         self.submitted = dict.fromkeys(Lane, 0)
@@ -94,6 +102,7 @@ class Pipeline:
     def put(self, sample: Sample) -> None:
         """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""
         self.windower.put(sample)
+        self._estimation.put(sample)
         alarm = self._plausibility.check_sample(sample)
         if alarm is not None:
             self.alarm(alarm)
@@ -108,6 +117,7 @@ class Pipeline:
     def put_block(self, block: SampleBlock) -> None:
         """A block of one stream: as :meth:`put`, vectorised where the stage allows."""
         self.windower.put_block(block)
+        self._estimation.put_block(block)
         for alarm in self._plausibility.check_block(block):
             self.alarm(alarm)
         for alarm in self._limits.check_block(block):
@@ -157,6 +167,14 @@ class Pipeline:
         """Seal and queue a diagnostic record."""
         self._submit(lambda: self._anon.diagnostic(diagnostic))
 
+    def estimate(self, estimate: Estimate) -> None:
+        """Seal and queue a state estimate (``gateway.estimation``)."""
+        self._submit(lambda: self._anon.estimate(estimate))
+
+    def save_estimators(self) -> None:
+        """Keep the estimators' state for the next start (at the stop; periodically in the step)."""
+        self._estimation.save(time.monotonic(), time.time())
+
     def window(self, record: WindowRecord) -> None:
         """Seal and queue one window of features."""
         self._submit(lambda: self._anon.window(record))
@@ -195,6 +213,7 @@ class Pipeline:
             now_mono = time.monotonic() if now_mono is None else now_mono
             now_wall = time.time() if now_wall is None else now_wall
             records = self.windower.close_due(now_mono, now_wall)
+            self._estimation.tick(now_mono, now_wall)
             if records and self._models:
                 try:
                     records = await self._score(records)
@@ -266,6 +285,8 @@ def render_pretty(topic: str, record: Mapping[str, Any]) -> str:
                 + (f" miss={s['missing']:.0%}" if s.get("missing") else "")
             )
         return f"{head} FEATURES " + "  ".join(cells)
+    if kind == "estimate":
+        return f"{head} ESTIMATE {estimate_text(record)}"
     if kind == "alarm":
         detail = " ".join(f"{k}={v}" for k, v in record.get("detail", {}).items())
         return f"{head} ALARM {record.get('alarm')} {record.get('metric', '')} {detail}".rstrip()
@@ -577,6 +598,7 @@ async def _supervise(
 
     async def drain(deadline: float) -> None:
         await pipeline.step()
+        pipeline.save_estimators()
         await outbox.flush()
         await uplink.drain(deadline)
 

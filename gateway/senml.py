@@ -204,7 +204,63 @@ def _diag_pack(p: Mapping[str, Any]) -> list[dict[Any, Any]]:
     return [head, *_detail_records(p.get("detail", {}))]
 
 
-_PACKERS = {"features": _features_pack, "alarm": _alarm_pack, "diag": _diag_pack}
+# --- estimate records (docs/records.md "Estimate records") ---------------------------------------
+
+
+def _estimate_pack(p: Mapping[str, Any]) -> list[dict[Any, Any]]:
+    head = _header(p, "est")
+    head[VS] = p["est"]
+    head["kind"] = p["kind"]
+    head["st"] = p["state"]
+    value: dict[Any, Any] = {N: p["est"], U: p["unit"]}
+    if "value" in p:
+        value[V] = _num(p["value"])
+        value["sd"] = _num(p["sd"])
+    else:
+        value[VS] = ""  # no estimate ("lost"): a record still needs a value
+    pack = [head, value]
+    for src in p.get("src", []):
+        rec: dict[Any, Any] = {}
+        rec[N] = _name("src/", src["metric"], rec, "metric")
+        rec[V] = _num(src["w"])
+        rec["dev"] = src["dev"]
+        pack.append(rec)
+    pack += _detail_records(p.get("detail", {}), "d/")
+    return pack
+
+
+def _decode_estimate(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]]) -> dict[str, Any]:
+    base = _decode_header(head, "estimate")
+    value = rest[0]
+    out: dict[str, Any] = {
+        "v": base["v"],
+        "type": "estimate",
+        "subject": base.get("subject"),
+        "kind": head["kind"],
+        "t": base["t"],
+        "est": head[VS],
+        "unit": value[U],
+        "state": head["st"],
+    }
+    if V in value:
+        out["value"] = _restore(value[V])
+        out["sd"] = _restore(value["sd"])
+    src: list[dict[str, Any]] = []
+    detail: dict[str, Any] = {}
+    for rec in rest[1:]:
+        name = str(rec.get(N, ""))
+        if name.startswith("src/"):
+            metric = str(rec["metric"]) if "metric" in rec else name[4:]
+            src.append({"dev": rec["dev"], "metric": metric, "w": _restore(rec[V])})
+        else:
+            detail[_key(rec, "d/")] = _value(rec)
+    out["src"] = src
+    if detail:
+        out["detail"] = detail
+    return out
+
+
+_PACKERS = {"features": _features_pack, "alarm": _alarm_pack, "diag": _diag_pack, "estimate": _estimate_pack}
 
 
 def encode_record(payload: Mapping[str, Any]) -> bytes:
@@ -340,7 +396,7 @@ def _decode_diag(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]]) -> 
     return out
 
 
-_UNPACKERS = {"win": _decode_features, "alarm": _decode_alarm, "diag": _decode_diag}
+_UNPACKERS = {"win": _decode_features, "alarm": _decode_alarm, "diag": _decode_diag, "est": _decode_estimate}
 
 
 def _is_meta(rec: Any) -> bool:

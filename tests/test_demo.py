@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.twin.decoder import LANE_BY_KIND
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,10 +50,21 @@ def test_demo_runs_all_devices_and_shows_anonymous_records(tmp_path: Path) -> No
         "Pump1/Motor/Current",
         "motor_current",
     } <= metrics
+    # Fused heart rate of both beds, with its uncertainty and the sources that fed it.
+    estimates = [r["record"] for r in records if r["record"].get("type") == "estimate"]
+    measured = [e for e in estimates if e["state"] == "measured"]
+    assert len({e["subject"] for e in measured}) == 2, estimates
+    assert all(e["sd"] > 0 and 30 < e["value"] < 200 for e in measured)
+    assert max(len(e["src"]) for e in measured) >= 2
     # The twin received them over TLS MQTT, in sequence.
     assert any(r.get("topic") == "status" and r["record"].get("state") == "online" for r in records)
-    seqs = [r["seq"] for r in records if r.get("seq") is not None]
-    assert seqs == sorted(seqs)
+    # In sequence within a lane (docs/records.md): a lane of higher priority may overtake.
+    lanes: dict[str, list[int]] = {}
+    for r in records:
+        if r.get("seq") is not None:
+            lanes.setdefault(LANE_BY_KIND[r["topic"].split("/", 1)[0]].name, []).append(r["seq"])
+    assert lanes
+    assert all(seqs == sorted(seqs) for seqs in lanes.values()), lanes
     text = result.stdout
     for identity in (
         "patient-MRN-0048213",

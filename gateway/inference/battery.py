@@ -6,7 +6,10 @@ when discharging); measurement the terminal voltage ``V = OCV(SoC) - R0 i - V1``
 
 The prediction is coulomb counting against the capacity ``capacity_ah`` (the state of health sets
 it: capacity fades as a cell ages); the voltage update corrects what counting cannot know - the
-starting charge and the current sensor's drift.  Pure compute, no I/O.
+starting charge and the current sensor's drift.  An aging cell's series resistance grows too
+(on the NASA cells from 0.07 to ~0.2 ohm); with ``r0_sd`` > 0 it is a third state, a random walk
+(``q_r0``) learnt from the voltage step at each change of current, so the voltage update does not
+read the extra drop as lost charge.  Pure compute, no I/O.
 """
 
 from __future__ import annotations
@@ -68,20 +71,29 @@ class BatteryEkf:
         q_soc: float = 1e-10,
         q_v1: float = 1e-6,
         r_v: float = 1e-4,
+        r0: float | None = None,
+        r0_sd: float = 0.0,
+        q_r0: float = 1e-12,
     ) -> None:
         if not capacity_ah > 0:
             raise ValueError(f"battery ekf: capacity {capacity_ah} Ah: must be > 0")
         self.cell = cell
         self.capacity_ah = capacity_ah
-        self.x = np.array([soc0, 0.0])
-        self.p = np.diag([soc0_sd**2, 1e-4])
-        self.q = np.diag([q_soc, q_v1])
+        # State [SoC, V1, R0]; with r0_sd = 0 the resistance is fixed (its variance stays 0).
+        self.x = np.array([soc0, 0.0, cell.r0 if r0 is None else r0])
+        self.p = np.diag([soc0_sd**2, 1e-4, r0_sd**2])
+        self.q = np.diag([q_soc, q_v1, q_r0 if r0_sd > 0 else 0.0])
         self.r = r_v
 
     @property
     def soc(self) -> float:
         """State of charge, 0..1."""
         return float(self.x[0])
+
+    @property
+    def r0(self) -> float:
+        """Series resistance (ohm): the cell model's, or the learnt one."""
+        return float(self.x[2])
 
     @property
     def soc_sd(self) -> float:
@@ -92,22 +104,23 @@ class BatteryEkf:
         """Advance by ``dt_s`` under discharge current ``current_a`` and fold in ``voltage``; return SoC."""
         cell = self.cell
         a = math.exp(-dt_s / cell.tau_s) if dt_s > 0 else 1.0
-        f = np.array([[1.0, 0.0], [0.0, a]])
+        f = np.diag([1.0, a, 1.0])
         self.x = np.array(
             [
                 self.x[0] - current_a * dt_s / (3600.0 * self.capacity_ah),
                 a * self.x[1] + cell.r1 * (1.0 - a) * current_a,
+                self.x[2],
             ]
         )
         self.p = f @ self.p @ f.T + self.q * max(dt_s, 1e-3)
         if math.isfinite(voltage):
             ocv, docv = cell.ocv_at(float(self.x[0]))
-            h = np.array([docv, -1.0])
-            y = voltage - (ocv - cell.r0 * current_a - float(self.x[1]))
+            h = np.array([docv, -1.0, -current_a])
+            y = voltage - (ocv - float(self.x[2]) * current_a - float(self.x[1]))
             s = float(h @ self.p @ h) + self.r
             k = (self.p @ h) / s
             self.x = self.x + k * y
-            self.p = (np.eye(2) - np.outer(k, h)) @ self.p
+            self.p = (np.eye(3) - np.outer(k, h)) @ self.p
         return self.soc
 
     def run(

@@ -19,6 +19,7 @@ DEFAULT_PREFIX = "edgetwin/v1"
 LANE_BY_KIND: Mapping[str, Lane] = {
     "alarms": Lane.ALARMS,
     "features": Lane.FEATURES,
+    "estimates": Lane.FEATURES,
     "diag": Lane.DIAGNOSTICS,
 }
 
@@ -29,7 +30,7 @@ class TwinMessage:
 
     gateway: str  # the gateway's pseudonym
     topic: str  # relative topic, e.g. "features/<subject pseudonym>" or "status"
-    kind: str  # "features", "alarms", "diag" or "status"
+    kind: str  # "features", "estimates", "alarms", "diag" or "status"
     record: Mapping[str, Any]  # the record map (for "status", the status document)
     seq: int | None = None
     epoch: int | None = None

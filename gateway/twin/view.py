@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.estimation.text import estimate_text
 from gateway.twin.decoder import TwinMessage
 
 
@@ -25,6 +26,7 @@ class SubjectState:
     last_alarm: Mapping[str, Any] | None = None
     alarms: int = 0
     windows: int = 0
+    estimates: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> newest estimate
 
 
 @dataclass(slots=True)
@@ -65,6 +67,11 @@ class TwinView:
             for s in rec.get("streams", []):
                 state.streams[str(s.get("metric"))] = dict(s)
             state.scores.update(rec.get("scores", {}))
+        elif msg.kind == "estimates":
+            name = str(rec.get("est"))
+            newest = state.estimates.get(name)
+            if newest is None or t >= float(newest.get("t", -math.inf)):
+                state.estimates[name] = dict(rec)
         elif msg.kind == "alarms":
             state.alarms += 1
             if state.last_alarm is None or t >= float(state.last_alarm.get("t", -math.inf)):
@@ -84,6 +91,7 @@ class TwinView:
                         "alarms": s.alarms,
                         "streams": s.streams,
                         "scores": s.scores,
+                        "estimates": s.estimates,
                         "last_alarm": dict(s.last_alarm) if s.last_alarm else None,
                     }
                     for s in gw.subjects.values()
@@ -120,6 +128,7 @@ class TwinView:
                 )
                 if cells:
                     lines.append("    " + "  ".join(cells))
+                lines.extend(f"    estimate {estimate_text(rec)}" for rec in s.estimates.values())
                 if s.last_alarm is not None:
                     a = s.last_alarm
                     lines.append(
@@ -150,6 +159,8 @@ def describe(msg: TwinMessage) -> str:
             value = f.get("rmssd", f.get("mean"))
             cells.append(f"{name}={value:.4g}" if value is not None else f"{name}=?")
         return f"{head} t={t:>8.1f} FEATURES " + " ".join(cells)
+    if msg.kind == "estimates":
+        return f"{head} t={t:>8.1f} ESTIMATE {estimate_text(rec)}"
     if msg.kind == "alarms":
         detail = " ".join(f"{k}={v}" for k, v in rec.get("detail", {}).items())
         return f"{head} t={t:>8.1f} ALARM {rec.get('alarm')} {rec.get('metric', '')} {detail}".rstrip()

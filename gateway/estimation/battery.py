@@ -1,0 +1,235 @@
+"""Battery state of a pack-powered asset: state of charge by EKF, state of health by capacity.
+
+Fed the pack's voltage, current and (optionally) temperature streams.  Each voltage sample steps
+:class:`gateway.inference.battery.BatteryEkf` with the latest current over the time since the
+previous step (per cell: the pack voltage divided by the cells in series), learning the series
+resistance as it goes (``learn_r0``; it roughly triples as a cell ages).  Capacity is learnt
+online from rest to rest: when the pack has rested (|I| below ``REST_A`` for ``REST_S``) its
+voltage is an open-circuit voltage, so two rests bracketing a discharge give the SoC drop, and the
+charge counted in between divided by it is the capacity; at each such rest the SoC is also
+re-anchored to the one the OCV says.  SoH is that capacity over the rated
+one.  Low SoC and low health raise process (or physiological, on a medical subject) alarms with
+the configured priorities, cleared with a deadband.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from gateway.contracts import Alarm, AlarmKind, AlarmPriority, Estimate
+from gateway.estimation.config import BatterySpec
+from gateway.inference.battery import BatteryEkf, CellModel
+from gateway.sample import FAULT_FLAGS, Stream
+
+__all__ = ["BatteryState"]
+
+REST_A = 0.05  # below this the pack rests
+REST_S = 600.0  # ... for this long: its voltage is then an open-circuit voltage
+MIN_DROP = 0.3  # SoC drop between rests needed for a capacity sample
+DEADBAND = 2.0  # percentage points above a limit before its alarm clears
+CAPACITY_GAIN = 0.5  # weight of a new capacity sample against the running estimate
+REST_SOC_SD = 0.02  # SoC read from a rested pack's OCV
+R0_SD = 0.02  # ohm: uncertainty of the series resistance when the filter starts
+Q_R0 = 1e-12  # ohm^2/s: its random walk (models/recipes/battery_ekf.py)
+
+
+class BatteryState:
+    """One ``[[estimators.battery]]`` estimator; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: BatterySpec,
+        kind: str,
+        emit: Callable[[Estimate], None],
+        alarm: Callable[[Alarm], None],
+    ) -> None:
+        self.spec = spec
+        self.kind = kind
+        self._emit = emit
+        self._alarm = alarm
+        self.cell = CellModel(tuple(spec.ocv), spec.r0, spec.r1, spec.tau_s)
+        self.capacity_ah = spec.rated_ah
+        self.capacity_samples = 0
+        self.ekf: BatteryEkf | None = None
+        self._current = math.nan
+        self._temperature = math.nan
+        self._t = math.nan
+        self._streams: dict[str, Stream] = {}
+        self._rest_since = math.nan
+        self._rest_soc = math.nan  # SoC at the last rest
+        self._ah_since_rest = 0.0
+        self._next_emit = -math.inf
+        self._raised: set[str] = set()
+        self._restored: dict[str, Any] | None = None
+        self._r0 = spec.r0
+
+    @property
+    def key(self) -> str:
+        """Where this estimator's state is kept across restarts."""
+        return f"battery/{self.spec.subject}"
+
+    def route(self, stream: Stream) -> str | None:
+        """The role of ``stream`` in the pack (voltage, current, temperature), or None."""
+        if stream.subject != self.spec.subject:
+            return None
+        name = stream.metric.name
+        for role in ("voltage", "current", "temperature"):
+            if getattr(self.spec, role) == name:
+                return role
+        return None
+
+    def update(
+        self, role: str, stream: Stream, t_mono: float, t_wall: float, value: float, quality: int
+    ) -> None:
+        """Fold one sample in; a voltage sample steps the filter."""
+        if quality & int(FAULT_FLAGS) or not math.isfinite(value):
+            return
+        self._streams[role] = stream
+        if role == "current":
+            self._current = value
+        elif role == "temperature":
+            self._temperature = value
+        elif math.isfinite(self._current):
+            self._step(t_mono, t_wall, value / self.spec.cells_in_series)
+
+    def _step(self, t_mono: float, t_wall: float, v_cell: float) -> None:
+        i = self._current
+        if self.ekf is None:
+            soc0 = self.cell.soc_from_rest(v_cell + self.spec.r0 * i)
+            sd0 = 0.1
+            if self._restored is not None:
+                soc0, sd0 = float(self._restored["soc"]), float(self._restored["soc_sd"])
+            self.ekf = BatteryEkf(
+                self.cell,
+                self.capacity_ah,
+                soc0=soc0,
+                soc0_sd=sd0,
+                r_v=self.spec.r_v,
+                r0=self._r0,
+                r0_sd=R0_SD if self.spec.learn_r0 else 0.0,
+                q_r0=Q_R0,
+            )
+            self._t = t_mono
+        dt = max(t_mono - self._t, 0.0)
+        self._t = t_mono
+        self.ekf.step(dt, i, v_cell)
+        self._ah_since_rest += i * dt / 3600.0
+        self._learn_capacity(t_mono, v_cell, i)
+        if t_mono >= self._next_emit:
+            self._next_emit = t_mono + self.spec.every_s
+            self._report(t_mono, t_wall)
+
+    def _learn_capacity(self, t_mono: float, v_cell: float, i: float) -> None:
+        if abs(i) >= REST_A:
+            self._rest_since = math.nan
+            return
+        if math.isnan(self._rest_since):
+            self._rest_since = t_mono
+        if t_mono - self._rest_since < REST_S:
+            return
+        soc = self.cell.soc_from_rest(v_cell)
+        if math.isfinite(self._rest_soc) and self._rest_soc - soc >= MIN_DROP and self._ah_since_rest > 0:
+            sample = self._ah_since_rest / (self._rest_soc - soc)
+            # The rated capacity is only a prior: the first measured one replaces it.
+            gain = CAPACITY_GAIN if self.capacity_samples else 1.0
+            self.capacity_ah += gain * (sample - self.capacity_ah)
+            self.capacity_samples += 1
+        if self.ekf is not None:
+            # A rested pack's voltage is its OCV: re-anchor the SoC there (with a narrow interval).
+            self.ekf.capacity_ah = self.capacity_ah
+            self.ekf.x[0] = soc
+            self.ekf.p[0, 0] = min(float(self.ekf.p[0, 0]), REST_SOC_SD**2)
+        self._rest_soc, self._ah_since_rest = soc, 0.0
+        self._rest_since = t_mono  # the same rest counts once
+
+    def _report(self, t_mono: float, t_wall: float) -> None:
+        assert self.ekf is not None
+        soc = 100.0 * min(max(self.ekf.soc, 0.0), 1.0)
+        soh = 100.0 * self.capacity_ah / self.spec.rated_ah
+        sources = tuple((s, 1.0) for s in self._streams.values())
+        detail: dict[str, float | str] = {
+            "capacity_ah": round(self.capacity_ah, 4),
+            "r0_ohm": round(self.ekf.r0, 4),
+        }
+        if math.isfinite(self._temperature):
+            detail["temperature"] = self._temperature
+        state = "measured"
+        self._emit(
+            Estimate(
+                self.spec.subject,
+                self.kind,
+                "soc",
+                "%",
+                t_mono,
+                t_wall,
+                soc,
+                100.0 * self.ekf.soc_sd,
+                state,
+                sources,
+                detail,
+            )
+        )
+        # Capacity from rest to rest: unlearnt, it is the rated one with a wide interval.
+        soh_sd = 5.0 if self.capacity_samples else 20.0
+        self._emit(
+            Estimate(
+                self.spec.subject, self.kind, "soh", "%", t_mono, t_wall, soh, soh_sd, state, sources, detail
+            )
+        )
+        self._check("soc", soc, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
+        self._check("soh", soh, self.spec.low_health, self.spec.low_health_priority, t_mono, t_wall)
+
+    def _check(
+        self, name: str, value: float, limit: float, priority: str, t_mono: float, t_wall: float
+    ) -> None:
+        if name not in self._raised and value < limit:
+            self._raised.add(name)
+            kind = AlarmKind.LIMIT
+        elif name in self._raised and value >= limit + DEADBAND:
+            self._raised.discard(name)
+            kind = AlarmKind.LIMIT_CLEARED
+        else:
+            return
+        self._alarm(
+            Alarm(
+                kind,
+                self.spec.subject,
+                t_mono,
+                t_wall,
+                detail={"estimate": name, "level": "low"},
+                priority=AlarmPriority(priority),
+                limit=limit,
+                value=value,
+                subject_kind=self.kind,
+            )
+        )
+
+    def save(self, now_mono: float, now_wall: float) -> dict[str, Any] | None:
+        """The state to keep across a restart: SoC with its SD, and the learnt capacity."""
+        del now_mono, now_wall
+        if self.ekf is None:
+            return None
+        return {
+            "soc": self.ekf.soc,
+            "soc_sd": self.ekf.soc_sd,
+            "capacity_ah": self.capacity_ah,
+            "capacity_samples": self.capacity_samples,
+            "r0": self.ekf.r0,
+        }
+
+    def restore(self, state: dict[str, Any], now_mono: float, now_wall: float) -> None:
+        """Resume from :meth:`save`'s state (the SoC seeds the filter at its first sample)."""
+        del now_mono, now_wall
+        try:
+            capacity = float(state["capacity_ah"])
+            self._restored = {"soc": float(state["soc"]), "soc_sd": float(state["soc_sd"])}
+            samples = int(state["capacity_samples"])
+        except (KeyError, TypeError, ValueError):
+            return
+        if math.isfinite(capacity) and capacity > 0:
+            self.capacity_ah, self.capacity_samples = capacity, samples
+        r0 = state.get("r0")
+        if isinstance(r0, float) and math.isfinite(r0) and r0 > 0:
+            self._r0 = r0

@@ -1,0 +1,200 @@
+"""The estimation stage: samples in, estimate records (and battery alarms) out, state kept on disk.
+
+Each configured estimator claims the streams it needs (``route``); a sample of any other subject
+costs one set lookup.  Estimators run on samples as they arrive; :meth:`Estimation.tick` (from
+the pipeline's step) lets them bridge or end an estimate when every source is silent and writes
+their state to ``<state_dir>/estimators.json`` every ``SAVE_EVERY_S`` and at the stop (atomically;
+the file is local state and names subjects as the config does), so a restart
+resumes from the last estimate instead of from nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.contracts import Alarm, Estimate
+from gateway.estimation.battery import BatteryState
+from gateway.estimation.config import EstimatorsSection
+from gateway.estimation.fusion import FusedRate
+from gateway.sample import Sample, SampleBlock, Stream
+
+__all__ = ["SAVE_EVERY_S", "Estimation", "Estimator"]
+
+log = logging.getLogger(__name__)
+
+SAVE_EVERY_S = 10.0
+STATE_FILE = "estimators.json"
+
+
+class Estimator(Protocol):
+    """What the stage asks of an estimator."""
+
+    @property
+    def key(self) -> str:
+        """Where its state is kept across restarts."""
+
+    def route(self, stream: Stream) -> str | None:
+        """The role or source label ``stream`` has here, or None."""
+
+    def update(
+        self, role: str, stream: Stream, t_mono: float, t_wall: float, value: float, quality: int
+    ) -> None:
+        """Fold one sample in."""
+
+    def save(self, now_mono: float, now_wall: float) -> dict[str, Any] | None:
+        """The state to keep, or None."""
+
+    def restore(self, state: dict[str, Any], now_mono: float, now_wall: float) -> None:
+        """Resume from a saved state."""
+
+
+class Estimation:
+    """Every configured estimator of this gateway; see the module docstring."""
+
+    def __init__(
+        self,
+        section: EstimatorsSection,
+        kinds: Mapping[str, str],
+        emit: Callable[[Estimate], None],
+        alarm: Callable[[Alarm], None],
+        state_dir: Path | None = None,
+        *,
+        now_mono: float = 0.0,
+        now_wall: float = 0.0,
+    ) -> None:
+        self.estimators: list[Any] = [
+            FusedRate(spec, kinds.get(spec.subject, "medical"), emit) for spec in section.fusion
+        ]
+        self.estimators += [
+            BatteryState(spec, kinds.get(spec.subject, "industrial"), emit, alarm) for spec in section.battery
+        ]
+        self._subjects = frozenset(e.spec.subject for e in self.estimators)
+        if kinds:
+            tables: tuple[tuple[str, list[str]], ...] = (
+                ("fusion", [f.subject for f in section.fusion]),
+                ("battery", [b.subject for b in section.battery]),
+            )
+            for table, subjects in tables:
+                for i, subject in enumerate(subjects):
+                    if subject not in kinds:
+                        # Not fatal (a source may come later), but nothing feeds it as it stands.
+                        # The subject itself is not logged: it may name a patient.
+                        log.warning(
+                            "estimation: estimators.%s[%d]: its subject has no [[sources]] entry: it "
+                            "will never estimate: check the subject's spelling",
+                            table,
+                            i,
+                        )
+        self._routes: dict[str, list[tuple[Any, str]]] = {}  # by Stream.key: a cached str hash
+        self._path = state_dir / STATE_FILE if state_dir is not None and self.estimators else None
+        self._next_save = now_mono + SAVE_EVERY_S
+        self._save_failed = False
+        self.failures = 0  # samples an estimator raised on (a bug: logged, never propagated)
+        if self._path is not None:
+            self._load(now_mono, now_wall)
+
+    def __bool__(self) -> bool:
+        return bool(self.estimators)
+
+    def _route(self, stream: Stream) -> list[tuple[Any, str]]:
+        routes = self._routes.get(stream.key)
+        if routes is None:
+            routes = [(e, role) for e in self.estimators if (role := e.route(stream)) is not None]
+            self._routes[stream.key] = routes
+        return routes
+
+    def put(self, sample: Sample) -> None:
+        """One sample to every estimator that uses its stream."""
+        if sample.stream.subject not in self._subjects:
+            return
+        try:
+            for est, role in self._route(sample.stream):
+                est.update(
+                    role, sample.stream, sample.t_mono, sample.t_wall, sample.value, int(sample.quality)
+                )
+        except Exception as exc:  # noqa: BLE001 - an estimator's fault must never reach the driver's sink
+            self._failed(exc)
+
+    def put_block(self, block: SampleBlock) -> None:
+        """A block of one stream, sample by sample (estimators are sequential filters)."""
+        if block.stream.subject not in self._subjects:
+            return
+        routes = self._route(block.stream)
+        if not routes:
+            return
+        t_mono, t_wall = block.t_mono.tolist(), block.t_wall.tolist()
+        values, quality = block.value.tolist(), block.quality.tolist()
+        try:
+            for i in range(len(t_mono)):
+                for est, role in routes:
+                    est.update(role, block.stream, t_mono[i], t_wall[i], values[i], quality[i])
+        except Exception as exc:  # noqa: BLE001 - as in put
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        if self.failures == 1 or self.failures % 1000 == 0:
+            log.error(
+                "estimation: an estimator failed on a sample (%d so far): the sample is skipped; "
+                "the windows and alarms are not affected",
+                self.failures,
+                exc_info=exc,
+            )
+
+    def tick(self, now_mono: float, now_wall: float) -> None:
+        """Bridge or end estimates whose sources fell silent; save the state when due."""
+        for est in self.estimators:
+            tick = getattr(est, "tick", None)
+            if tick is not None:
+                tick(now_mono)
+        if self._path is not None and now_mono >= self._next_save:
+            self._next_save = now_mono + SAVE_EVERY_S
+            self.save(now_mono, now_wall)
+
+    def save(self, now_mono: float, now_wall: float) -> None:
+        """Write every estimator's state atomically; a failure is logged once, never raised."""
+        if self._path is None:
+            return
+        states = {e.key: s for e in self.estimators if (s := e.save(now_mono, now_wall)) is not None}
+        tmp = self._path.with_name(f".{self._path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps({"v": 1, "t_wall": now_wall, "estimators": states}), encoding="utf-8")
+            tmp.replace(self._path)
+        except OSError as exc:
+            if not self._save_failed:
+                log.warning(
+                    "estimation %s: cannot save the estimators' state: %s: "
+                    "a restart will start them afresh; make the state directory writable",
+                    self._path,
+                    exc.strerror,
+                )
+            self._save_failed = True
+            return
+        if self._save_failed:
+            log.info("estimation %s: state saved again", self._path)
+        self._save_failed = False
+
+    def _load(self, now_mono: float, now_wall: float) -> None:
+        assert self._path is not None
+        try:
+            states = json.loads(self._path.read_text(encoding="utf-8"))["estimators"]
+            states.items()  # a table, or AttributeError
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning(
+                "estimation %s: saved state unreadable: %s: the estimators start afresh", self._path, exc
+            )
+            return
+        resumed = 0
+        for est in self.estimators:
+            state = states.get(est.key)
+            if isinstance(state, dict):
+                est.restore(state, now_mono, now_wall)
+                resumed += 1
+        if resumed:
+            log.info("estimation: %d estimator(s) resume from the saved state", resumed)

@@ -1,0 +1,102 @@
+"""Per-sample CPU cost of the estimation stage, against the windower's on the same samples.
+
+Two HR streams of one subject (1 Hz ECG heart rate, 1 Hz oximeter pulse rate) feed one
+``[[estimators.fusion]]`` estimator; a third subject's stream feeds none (its cost is the
+routing check alone).  The same samples go through ``Windower.put`` (the pipeline's existing
+per-sample path) in the same run, as the baseline.  Estimate records are built (the stage's
+emit callback collects them) but not encoded; a battery estimator is timed the same way on
+voltage/current pairs.
+
+Run: ``.venv/bin/python tests/benchmarks/bench_estimation.py [--n 200000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+
+from gateway.contracts import Estimate
+from gateway.estimation import Estimation, EstimatorsSection
+from gateway.pipeline.windows import Windower
+from gateway.sample import MDC, Sample, Stream, industrial_metric
+
+WALL = 1.7e9
+
+
+def samples(n: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(fused HR samples, samples of an unconfigured subject, battery samples), ``n`` each."""
+    rng = np.random.default_rng(1)
+    ecg = Stream("strap", "bed1", "dev1", MDC["MDC_ECG_HEART_RATE"], rate_hz=1.0)
+    oxi = Stream("oxi", "bed1", "dev2", MDC["MDC_PULS_OXIM_PULS_RATE"], rate_hz=1.0)
+    other = Stream("oxi", "bed2", "dev3", MDC["MDC_PULS_OXIM_PULS_RATE"], rate_hz=1.0)
+    volt = Stream("plc", "m1", "plc1", industrial_metric("Pack/V", "V"), "industrial", rate_hz=1.0)
+    amps = Stream("plc", "m1", "plc1", industrial_metric("Pack/I", "A"), "industrial", rate_hz=1.0)
+    hr = 70.0 + rng.normal(0.0, 2.0, n)
+    fused = [Sample(ecg if i % 2 == 0 else oxi, i / 2, WALL + i / 2, float(hr[i])) for i in range(n)]
+    rest = [Sample(other, i / 2, WALL + i / 2, float(hr[i])) for i in range(n)]
+    battery = [
+        Sample(amps, i / 2, WALL + i / 2, 2.0)
+        if i % 2 == 0
+        else Sample(volt, i / 2, WALL + i / 2, 3.7 - 1e-5 * i)
+        for i in range(n)
+    ]
+    return fused, rest, battery
+
+
+def timed(put: Callable[[Sample], None], data: list[Sample]) -> float:
+    """Seconds of CPU to hand every sample to ``put``."""
+    start = time.process_time()
+    for s in data:
+        put(s)
+    return time.process_time() - start
+
+
+def main() -> int:
+    """Print the per-sample costs and their ratio to the windower's."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    fused, rest, battery = samples(args.n)
+    section = EstimatorsSection.model_validate(
+        {
+            "fusion": [
+                {
+                    "subject": "bed1",
+                    "sources": [{"metric": "MDC_ECG_HEART_RATE"}, {"metric": "MDC_PULS_OXIM_PULS_RATE"}],
+                }
+            ],
+            "battery": [{"subject": "m1", "voltage": "Pack/V", "current": "Pack/I"}],
+        }
+    )
+    rows: dict[str, list[float]] = {"windower": [], "fusion": [], "unrouted": [], "battery": []}
+    emitted = 0
+    for _ in range(args.runs):
+        out: list[Estimate] = []
+        stage = Estimation(section, {}, out.append, lambda a: None)
+        win = Windower(window_s=30.0, hop_s=10.0, grace_s=2.0, lost_after_s=15.0, on_alarm=lambda a: None)
+        rows["windower"].append(timed(win.put, fused))
+        rows["fusion"].append(timed(stage.put, fused))
+        rows["unrouted"].append(timed(stage.put, rest))
+        rows["battery"].append(timed(stage.put, battery))
+        emitted = len(out)
+    base = statistics.median(rows["windower"])
+    print(f"{args.n} samples per case, median of {args.runs} runs; {emitted} estimate records built per run")
+    print("| case | µs per sample | vs windower |")
+    print("|---|---|---|")
+    for name, secs in rows.items():
+        med = statistics.median(secs)
+        print(f"| {name} | {1e6 * med / args.n:.2f} | {med / base:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
