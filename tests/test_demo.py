@@ -58,11 +58,13 @@ def test_demo_runs_all_devices_and_shows_anonymous_records(tmp_path: Path) -> No
     assert max(len(e["src"]) for e in measured) >= 2
     # The twin received them over TLS MQTT, in sequence.
     assert any(r.get("topic") == "status" and r["record"].get("state") == "online" for r in records)
-    # In sequence within a lane (docs/records.md): a lane of higher priority may overtake.
+    # In sequence within a lane, live and historical each (docs/records.md): a lane of higher
+    # priority may overtake, and live records go ahead of the backlog queued before the connection.
     lanes: dict[str, list[int]] = {}
     for r in records:
         if r.get("seq") is not None:
-            lanes.setdefault(LANE_BY_KIND[r["topic"].split("/", 1)[0]].name, []).append(r["seq"])
+            lane = LANE_BY_KIND[r["topic"].split("/", 1)[0]].name
+            lanes.setdefault(f"{lane}{' historical' if r.get('historical') else ''}", []).append(r["seq"])
     assert lanes
     assert all(seqs == sorted(seqs) for seqs in lanes.values()), lanes
     text = result.stdout
