@@ -39,6 +39,7 @@ from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
 from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.coverage import log_coverage
 from gateway.inference.ectopic import EctopyMonitor
+from gateway.inference.novelty import build_novelty
 from gateway.notify import Notifier
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
@@ -488,7 +489,9 @@ async def _supervise(
         log.error("%s", exc)
         return EXIT_CONFIG
     log_coverage(config)
-    pipeline = Pipeline(config, anonymizer, outbox, models)
+    # Per-machine novelty detection ([models.novelty]), beside the carded models.
+    novelty = build_novelty(core.models.novelty, hop_s=core.pipeline.hop_s, state_dir=core.gateway.state_dir)
+    pipeline = Pipeline(config, anonymizer, outbox, [*models, *novelty])
     sup = Supervisor(notifier, start_timeout_s=core.runtime.start_timeout_s)
     uplink: Any
     opened: IO[str] | None = None
