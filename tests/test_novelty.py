@@ -171,3 +171,45 @@ def test_the_shipped_tep_figures_are_reproduced_from_the_shared_data() -> None:
     for f in (2, 14, 21):
         got = mdr(novelty_scores(fit, runs[f"d{f:02d}_te"]) > 1.0, FAULT_AT_TE)
         assert got == pytest.approx(own[f"fault_{f:02d}"], abs=1e-4)
+
+
+def single_stream(values: np.ndarray, start: int = 0, subject: str = "tank-1") -> list[WindowRecord]:
+    """Window records of one tag."""
+    st = Stream("plc", subject, "SN-2", industrial_metric("Tank1/Level", "m"), "industrial", 1.0)
+    return [
+        WindowRecord(
+            subject,
+            "industrial",
+            start + i,
+            float(start + i),
+            1e9 + start + i,
+            1.0,
+            (StreamFeatures(st, 10, 0.0, {"mean": float(v)}),),
+        )
+        for i, v in enumerate(values)
+    ]
+
+
+def test_the_stream_detector_flags_a_step_and_a_drift_once_and_stays_quiet_on_noise(tmp_path: Path) -> None:
+    from gateway.inference.streams import StreamChange, StreamUse  # noqa: PLC0415
+
+    rng = np.random.default_rng(2)
+    use = StreamUse(commissioning_s=300.0)
+    det = StreamChange(use, hop_s=1.0, state_dir=tmp_path)
+    noise = 2.0 + 0.05 * rng.standard_normal(300 + 5000)
+    res = det.score_batch(single_stream(noise))
+    assert all(r.reason == "commissioning" for r in res[:300])
+    assert not any(r.anomaly for r in res[300:])  # 5000 normal windows, no false flag
+    # A restart keeps the commissioning; a step of two spreads is found within a few dozen windows.
+    det = StreamChange(use, hop_s=1.0, state_dir=tmp_path)
+    step = 2.1 + 0.05 * rng.standard_normal(200)
+    res = det.score_batch(single_stream(step, start=5300))
+    first = next(i for i, r in enumerate(res) if r.anomaly)
+    assert first < 30
+    assert res[first].contributions == {"Tank1/Level": 1.0}
+    assert all(r.anomaly for r in res[first:])  # one episode, not a string of them
+    drift = StreamChange(use, hop_s=1.0)
+    drift.score_batch(single_stream(noise[:300], subject="tank-2"))
+    ramp = 2.0 + np.linspace(0.0, 0.2, 400) + 0.05 * rng.standard_normal(400)
+    res = drift.score_batch(single_stream(ramp, start=300, subject="tank-2"))
+    assert 50 < next(i for i, r in enumerate(res) if r.anomaly) < 250

@@ -1,6 +1,7 @@
 """End to end: the PLC simulator over OPC UA, the gateway commissions the pump on its own normal
 operation, then a valve fault (a kind the detector's settings never saw) raises one anomaly alarm
-naming its contributing inputs."""
+naming its contributing inputs; the same pressure tag alone, as a subject no model covers, raises
+one alarm from the per-stream detector."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from gateway.runtime import run_gateway
 
 pytestmark = pytest.mark.slow
 
+SINGLE = "plant-A/line-pressure"
 HOP_S = 0.1
 COMMISSION_S = 20.0  # 200 windows (half a second each, 10 samples)
 INPUTS = (
@@ -35,13 +37,18 @@ INPUTS = (
 )
 
 
-def test_an_unseen_valve_fault_raises_one_novelty_alarm_with_its_contributing_inputs(tmp_path: Path) -> None:
+def test_an_unseen_valve_fault_raises_one_novelty_alarm_and_one_per_stream_alarm(tmp_path: Path) -> None:
     sim = PlcSimProcess(free_port(), "--rate-hz", "20", "--seed", "3")
     sim.start()
     try:
         snippet = tmp_path / "plc.toml"
         args = ["scan", "opcua", sim.endpoint, "--select", "Pump1/*/*", "--write-config", str(snippet)]
         assert scan_cli([*args, "--name", "pump-3-plc", "--subject", "plant-A/pump-3"]) == 0
+        # A second subject of one tag only, which no model scores: the per-stream detector's.
+        single = tmp_path / "tag.toml"
+        args = ["scan", "opcua", sim.endpoint, "--select", "Pump1/Hydraulics/Pressure"]
+        args += ["--write-config", str(single), "--name", "line-plc", "--subject", SINGLE]
+        assert scan_cli(args) == 0
         path = tmp_path / "edgetwin.toml"
         path.write_text(
             f"""
@@ -60,9 +67,13 @@ drain_deadline_s = 3.0
 defaults = false
 [models.novelty]
 commissioning_s = {COMMISSION_S}
+subjects = ["plant-A/pump-3"]
 inputs = {json.dumps(list(INPUTS))}
+[models.streams]
+commissioning_s = {COMMISSION_S}
 """
-            + snippet.read_text(encoding="utf-8"),
+            + snippet.read_text(encoding="utf-8")
+            + single.read_text(encoding="utf-8"),
             encoding="utf-8",
         )
         (tmp_path / "state").mkdir()
@@ -82,9 +93,11 @@ inputs = {json.dumps(list(INPUTS))}
     finally:
         sim.stop()
     lines = [json.loads(x)["record"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    alarms: list[dict[str, Any]] = [
-        r for r in lines if r.get("type") == "alarm" and r.get("detail", {}).get("model") == "novelty"
-    ]
+
+    def model_alarms(model: str) -> list[dict[str, Any]]:
+        return [r for r in lines if r.get("type") == "alarm" and r.get("detail", {}).get("model") == model]
+
+    alarms = model_alarms("novelty")
     raised = [a for a in alarms if a["alarm"] == "anomaly"]
     assert len(raised) == 1, alarms
     contributions = raised[0]["contrib"]
@@ -94,3 +107,8 @@ inputs = {json.dumps(list(INPUTS))}
     assert [a["alarm"] for a in alarms][-1] == "anomaly_cleared"
     # Scored windows before the fault were not flagged: the one alarm is the fault's.
     assert raised[0]["t"] - lines[0]["t"] >= fault_at - 2.0
+    # The lone pressure tag: one alarm from the per-stream detector, naming it, then cleared.
+    stream_alarms = model_alarms("stream_change")
+    assert [a["alarm"] for a in stream_alarms] == ["anomaly", "anomaly_cleared"], stream_alarms
+    assert list(stream_alarms[0]["contrib"]) == ["Pump1/Hydraulics/Pressure"]
+    assert stream_alarms[0]["t"] - lines[0]["t"] >= fault_at - 2.0

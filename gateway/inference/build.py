@@ -21,6 +21,7 @@ from gateway.inference.card import CARD_SUFFIX, load_card
 from gateway.inference.novelty import NoveltyUse
 from gateway.inference.plausibility import DEFAULT_RULES, PlausibilityChecker, Rule
 from gateway.inference.runner import AnomalyModel
+from gateway.inference.streams import StreamUse
 
 __all__ = ["ModelUse", "ModelsSection", "PlausibilityRule", "build_models", "default_models_dir"]
 
@@ -70,6 +71,8 @@ class ModelsSection(_Section):
     plausibility: dict[str, PlausibilityRule] = Field(default_factory=dict)
     # Per-machine novelty detection learned at commissioning (gateway.inference.novelty): on when set.
     novelty: NoveltyUse | None = None
+    # The per-stream detector for subjects no model scores (gateway.inference.streams): on when set.
+    streams: StreamUse | None = None
 
 
 def default_models_dir() -> Path:
