@@ -17,6 +17,7 @@ from test_opcua_commands import cli as scan_cli
 
 from drivers import REGISTRY
 from drivers.opcua.plcsim import PlcSimProcess
+from gateway import cli
 from gateway.config import load
 from gateway.runtime import run_gateway
 
@@ -37,7 +38,9 @@ INPUTS = (
 )
 
 
-def test_an_unseen_valve_fault_raises_one_novelty_alarm_and_one_per_stream_alarm(tmp_path: Path) -> None:
+def test_an_unseen_valve_fault_raises_one_novelty_alarm_and_one_per_stream_alarm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     sim = PlcSimProcess(free_port(), "--rate-hz", "20", "--seed", "3")
     sim.start()
     try:
@@ -77,6 +80,11 @@ commissioning_s = {COMMISSION_S}
             encoding="utf-8",
         )
         (tmp_path / "state").mkdir()
+        capsys.readouterr()
+        assert cli.main(["check", "--config", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "subject plant-A/pump-3 (industrial): model novelty scores it (8 input streams)" in out
+        assert f"subject {SINGLE} (industrial): model stream_change scores it (1 input streams)" in out
         config = load(path, REGISTRY)
         # Commissioning starts with the first complete window (~2 s after start); the fault
         # comes well after it ends and lasts long enough to be judged, then normal returns.

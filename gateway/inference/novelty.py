@@ -294,6 +294,10 @@ class NoveltyUse(BaseModel):
     adapt_rate: float = Field(0.001, ge=0, lt=0.5)  # 0: no adaptation
     latency_budget_us: float = Field(2000.0, gt=0)
 
+    def wants(self, metric: str) -> bool:
+        """True if a stream of this metric name is an input (``inputs``: whole names or last segments)."""
+        return not self.inputs or any(metric == m or metric.endswith("/" + m) for m in self.inputs)
+
 
 @dataclass(slots=True)
 class _Subject:
@@ -347,9 +351,7 @@ class NoveltyModel:
         return any(self._wanted(sf.stream.metric.name) for sf in record.streams)
 
     def _wanted(self, metric: str) -> bool:
-        if not self.use.inputs:
-            return True
-        return any(metric == m or metric.endswith("/" + m) for m in self.use.inputs)
+        return self.use.wants(metric)
 
     def fit_of(self, subject: str) -> PcaFit | None:
         """The subject's fitted detector, None while it commissions."""
