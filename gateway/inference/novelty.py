@@ -33,7 +33,6 @@ one JSON file under ``<state_dir>/models/``, so a restart neither loses nor repe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -49,6 +48,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.contracts import ModelResult, WindowRecord
+from gateway.inference.statefile import state_file, store_json
 
 __all__ = [
     "NoveltyModel",
@@ -479,10 +479,7 @@ class NoveltyModel:
     # ---- persistence ---------------------------------------------------------------------
 
     def _path(self, subject: str) -> Path | None:
-        if self._state_dir is None:
-            return None
-        tag = hashlib.sha256(subject.encode()).hexdigest()[:16]
-        return self._state_dir / "models" / f"{self.name}-{tag}.json"
+        return state_file(self._state_dir, self.name, subject)
 
     def _load(self, subject: str) -> _Subject | None:
         path = self._path(subject)
@@ -514,8 +511,6 @@ class NoveltyModel:
 
     def _save(self, subject: str, subj: _Subject) -> None:
         path = self._path(subject)
-        if path is None:
-            return
         body = {
             "version": STATE_VERSION,
             "spec": list(self._spec_key()),
@@ -523,13 +518,7 @@ class NoveltyModel:
             "rows": subj.rows,
             "fit": None if subj.fit is None else subj.fit.to_json(),
         }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(body), encoding="utf-8")
-            tmp.replace(path)
-        except OSError as exc:
-            log.warning("models %s: cannot store state in %s: %s", self.name, path, exc.strerror)
+        store_json(path, body, self.name)
 
 
 def build_novelty(use: NoveltyUse | None, *, hop_s: float, state_dir: Path | None) -> list[NoveltyModel]:

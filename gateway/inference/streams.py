@@ -22,7 +22,6 @@ Commissioning values and fitted levels persist per subject under ``<state_dir>/m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.contracts import ModelResult, WindowModel, WindowRecord
+from gateway.inference.statefile import state_file, store_json
 
 __all__ = ["StreamChange", "StreamUse", "build_stream_change"]
 
@@ -164,10 +164,7 @@ class StreamChange:
     # ---- persistence ---------------------------------------------------------------------
 
     def _path(self, subject: str) -> Path | None:
-        if self._state_dir is None:
-            return None
-        tag = hashlib.sha256(subject.encode()).hexdigest()[:16]
-        return self._state_dir / "models" / f"{NAME}-{tag}.json"
+        return state_file(self._state_dir, NAME, subject)
 
     def _load(self, subject: str) -> dict[str, _Stream]:
         path = self._path(subject)
@@ -187,21 +184,13 @@ class StreamChange:
 
     def _save(self, subject: str, streams: dict[str, _Stream]) -> None:
         path = self._path(subject)
-        if path is None:
-            return
         body = {
             "need": self._need,
             "streams": {
                 k: {"values": s.values, "level": s.level, "spread": s.spread} for k, s in streams.items()
             },
         }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(body), encoding="utf-8")
-            tmp.replace(path)
-        except OSError as exc:
-            log.warning("models %s: cannot store state in %s: %s", NAME, path, exc.strerror)
+        store_json(path, body, NAME)
 
 
 def build_stream_change(
