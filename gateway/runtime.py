@@ -41,7 +41,9 @@ from gateway.estimation import Estimation
 from gateway.estimation.text import estimate_text
 from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.coverage import log_coverage
+from gateway.inference.novelty import build_novelty
 from gateway.inference.rhythm import RhythmMonitor
+from gateway.inference.streams import build_stream_change
 from gateway.notify import Notifier
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
@@ -509,7 +511,12 @@ async def _supervise(
         log.error("%s", exc)
         return EXIT_CONFIG
     log_coverage(config)
-    pipeline = Pipeline(config, anonymizer, outbox, models)
+    # Per-machine novelty detection ([models.novelty]) and the per-stream detector for subjects
+    # no model scores ([models.streams]), beside the carded models.
+    hop, state = core.pipeline.hop_s, core.gateway.state_dir
+    scored: list[WindowModel] = [*models, *build_novelty(core.models.novelty, hop_s=hop, state_dir=state)]
+    scored += build_stream_change(core.models.streams, hop_s=hop, state_dir=state, others=scored)
+    pipeline = Pipeline(config, anonymizer, outbox, scored)
     sup = Supervisor(notifier, start_timeout_s=core.runtime.start_timeout_s)
     uplink: Any
     opened: IO[str] | None = None

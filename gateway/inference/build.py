@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.errors import ConfigError
 from gateway.inference.card import CARD_SUFFIX, load_card
+from gateway.inference.novelty import NoveltyUse
 from gateway.inference.plausibility import DEFAULT_RULES, PlausibilityChecker, Rule
 from gateway.inference.runner import AnomalyModel
+from gateway.inference.streams import StreamUse
 
 __all__ = ["ModelUse", "ModelsSection", "PlausibilityRule", "build_models", "default_models_dir"]
 
@@ -67,6 +69,10 @@ class ModelsSection(_Section):
     raise_after_windows: int = Field(2, ge=1, le=1000)
     use: list[ModelUse] = Field(default_factory=list)  # TOML arrays are lists (strict mode)
     plausibility: dict[str, PlausibilityRule] = Field(default_factory=dict)
+    # Per-machine novelty detection learned at commissioning (gateway.inference.novelty): on when set.
+    novelty: NoveltyUse | None = None
+    # The per-stream detector for subjects no model scores (gateway.inference.streams): on when set.
+    streams: StreamUse | None = None
 
 
 def default_models_dir() -> Path:

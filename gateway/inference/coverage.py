@@ -96,6 +96,11 @@ class SubjectCoverage:
         return out
 
 
+def _for(want_kind: str, subjects: Sequence[str], kind: str, subject: str) -> bool:
+    """True if a detector for ``want_kind`` (and ``subjects``, if any) watches this subject."""
+    return want_kind == kind and (not subjects or subject in subjects)
+
+
 def _cards(section: ModelsSection) -> dict[str, ModelCard]:
     directory = section.dir or default_models_dir()
     out: dict[str, ModelCard] = {}
@@ -145,6 +150,18 @@ def subject_coverage(
             present = sum(spec.metric in found for spec in card.inputs)
             need = card.n_inputs if card.normalisation.kind == "commissioning" else (card.n_inputs + 1) // 2
             cover.append(ModelCoverage(use.name, present >= need, found, missing))
+        # Detectors learned on the gateway: novelty per machine; per stream where nothing else scores.
+        nov, per_stream = models.novelty, models.streams
+        if nov is not None and metrics is not None and _for(nov.subject_kind, nov.subjects, kind, subject):
+            wanted = [m for m in metrics if nov.wants(m)]
+            cover.append(ModelCoverage("novelty", bool(wanted), {m: m for m in wanted}, ()))
+        alone = per_stream is not None and metrics and not any(c.scores for c in cover)
+        if (
+            alone
+            and per_stream is not None
+            and _for(per_stream.subject_kind, per_stream.subjects, kind, subject)
+        ):
+            cover.append(ModelCoverage("stream_change", True, {m: m for m in metrics or ()}, ()))
         limits: tuple[str, ...] = ()
         if metrics is not None:
             table = {**general, **per_subject.get(subject, {})}

@@ -33,7 +33,6 @@ per model and subject there, so a restart does not recommission a machine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -51,6 +50,7 @@ from gateway.contracts import Alarm, AlarmKind, Diagnostic, ModelResult, StreamF
 from gateway.inference.backends import Backend, open_backend
 from gateway.inference.card import ModelCard, input_matches
 from gateway.inference.plausibility import PlausibilityChecker, Violation
+from gateway.inference.statefile import state_file, store_json
 from gateway.sample import Stream
 
 __all__ = ["TOP_CONTRIBUTIONS", "AnomalyModel", "Event", "Normaliser"]
@@ -555,10 +555,7 @@ class AnomalyModel:
     # ---- persistence of commissioning statistics -----------------------------------------
 
     def _norm_path(self, subject: str) -> Path | None:
-        if self._state_dir is None:
-            return None
-        tag = hashlib.sha256(subject.encode()).hexdigest()[:16]
-        return self._state_dir / "models" / f"{self.name}-{tag}.json"
+        return state_file(self._state_dir, self.name, subject)
 
     def _load_norm(self, subject: str) -> Normaliser | None:
         path = self._norm_path(subject)
@@ -588,15 +585,7 @@ class AnomalyModel:
             "mean": norm.mean.tolist(),
             "std": norm.std.tolist(),
         }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(body), encoding="utf-8")
-            tmp.replace(path)
-        except OSError as exc:
-            log.warning(
-                "models %s: cannot store commissioning statistics in %s: %s", self.name, path, exc.strerror
-            )
+        store_json(path, body, self.name)
 
 
 def _top(shares: F64, keys: Sequence[str]) -> dict[str, float]:

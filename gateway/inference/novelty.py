@@ -1,0 +1,526 @@
+"""Per-machine novelty detection learned from normal operation only: (dynamic) PCA with T² and SPE.
+
+No fault kind is learned.  Each machine (subject) is commissioned on its own first windows: the
+inputs are standardised, optionally smoothed (EWMA over windows) and stacked with ``lags`` earlier
+windows (dynamic PCA, for slow processes whose normal is a trajectory, not a point); a principal
+subspace keeping ``var_keep`` of the variance is fitted.  A window is scored by
+
+* Hotelling's T² inside the subspace (an unusual *combination* of normal directions), and
+* SPE / Q, the squared residual off the subspace (a relation between inputs that normal never
+  broke),
+
+each divided by its own limit, the larger taken, and divided by a threshold.  Limits and threshold
+are the ``1 - far`` quantiles of *out-of-fold* scores of the commissioning data (contiguous blocks
+held out in turn), so the stated false-alarm rate is one the detector actually shows on normal
+data it was not fitted on, not a distributional assumption.  A score above 1 is anomalous.
+
+Explanation: each input's share of the score, from the complete decomposition of T² and the
+squared residuals of SPE, summed over its lags.
+
+Guarded adaptation: after commissioning, a window well inside normal (score below
+``adapt_below``) that follows ``adapt_guard`` normal windows in a row moves the standardisation
+(mean and spread) a step ``adapt_rate`` towards it; anomalous or unjudged windows freeze it, so a
+slowly developing fault is not learned as normal while it is flagged.  The subspace and limits stay
+those of commissioning.
+
+After commissioning and after every restart, the first ``lags + 3 / ewma`` windows only settle
+the smoothing and the lags (indeterminate, "commissioning"): a smoothed input that starts from one
+raw window is far noisier than those the subspace was fitted on.
+
+State (the commissioning rows while collecting, the fitted detector after) is kept per subject in
+one JSON file under ``<state_dir>/models/``, so a restart neither loses nor repeats commissioning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.contracts import ModelResult, WindowRecord
+from gateway.inference.statefile import state_file, store_json
+
+__all__ = [
+    "NoveltyModel",
+    "NoveltyUse",
+    "PcaFit",
+    "PcaSpec",
+    "build_novelty",
+    "fit_pca",
+    "min_rows",
+    "prepare",
+    "score_rows",
+]
+
+log = logging.getLogger(__name__)
+
+F64 = npt.NDArray[np.float64]
+
+STATE_VERSION = 1
+_SAVE_EVERY = 20  # commissioning rows between saves of the partial state
+
+
+@dataclass(frozen=True, slots=True)
+class PcaSpec:
+    """Settings of the detector (chosen once by the recipe on tuning fault kinds)."""
+
+    lags: int = 0
+    ewma: float = 1.0  # weight of the newest window in the smoothed input (1 = no smoothing)
+    var_keep: float = 0.9
+    far: float = 0.01  # false-alarm rate the limits and threshold are set at
+    folds: int = 5
+    min_std_rel: float = 0.01
+    min_std_abs: float = 1e-3
+
+
+@dataclass(slots=True)
+class PcaFit:
+    """A fitted detector: standardisation, subspace, limits."""
+
+    spec: PcaSpec
+    mean: F64  # (d,) base inputs
+    std: F64
+    center: F64  # (d * (lags + 1),) mean of the stacked, standardised rows
+    load: F64  # (D, k)
+    eig: F64  # (k,)
+    lim_t2: float
+    lim_spe: float
+    threshold: float
+
+    @property
+    def n_inputs(self) -> int:
+        """Base inputs (before lags)."""
+        return int(self.mean.shape[0])
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able form."""
+        s = self.spec
+        return {
+            "spec": [s.lags, s.ewma, s.var_keep, s.far, s.folds, s.min_std_rel, s.min_std_abs],
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "center": self.center.tolist(),
+            "load": self.load.tolist(),
+            "eig": self.eig.tolist(),
+            "limits": [self.lim_t2, self.lim_spe, self.threshold],
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> PcaFit:
+        """Back from :meth:`to_json`; raises ValueError/KeyError/TypeError on a bad body."""
+        lags, ewma, var_keep, far, folds, rel, abs_ = raw["spec"]
+        spec = PcaSpec(
+            int(lags), float(ewma), float(var_keep), float(far), int(folds), float(rel), float(abs_)
+        )
+        lim_t2, lim_spe, thr = (float(v) for v in raw["limits"])
+        fit = cls(
+            spec,
+            np.asarray(raw["mean"], np.float64),
+            np.asarray(raw["std"], np.float64),
+            np.asarray(raw["center"], np.float64),
+            np.asarray(raw["load"], np.float64).reshape(len(raw["center"]), -1),
+            np.asarray(raw["eig"], np.float64),
+            lim_t2,
+            lim_spe,
+            thr,
+        )
+        d = fit.n_inputs
+        ok = (
+            fit.std.shape == (d,)
+            and fit.center.shape == (d * blocks(spec),)
+            and fit.load.shape[1] == fit.eig.shape[0]
+            and bool((fit.std > 0).all() and (fit.eig > 0).all())
+            and min(lim_t2, lim_spe, thr) > 0
+            and all(np.isfinite(a).all() for a in (fit.mean, fit.center, fit.load))
+        )
+        if not ok:
+            raise ValueError("inconsistent shapes or non-positive limits")
+        return fit
+
+
+def _ewma(z: F64, alpha: float) -> F64:
+    if alpha >= 1.0:
+        return z
+    out = np.empty_like(z)
+    acc = z[0].copy()
+    for i in range(z.shape[0]):
+        acc += alpha * (z[i] - acc)
+        out[i] = acc
+    return out
+
+
+def _stack(z: F64, lags: int) -> F64:
+    """Rows ``[z_t, z_{t-1}, ..., z_{t-lags}]`` for every t with a full history."""
+    if lags == 0:
+        return z
+    n = z.shape[0]
+    return np.hstack([z[lags - j : n - j] for j in range(lags + 1)])
+
+
+def blocks(spec: PcaSpec) -> int:
+    """Copies of the inputs in a prepared row: (raw [+ smoothed]) x (lags + 1)."""
+    return (1 if spec.ewma >= 1.0 else 2) * (spec.lags + 1)
+
+
+def _scales(z: F64, spec: PcaSpec) -> F64:
+    """The standardised rows, and beside them their EWMA when smoothing is on.
+
+    Both: smoothing finds slow drifts the raw rows hide in noise, but averages away fast
+    oscillations (a sticking valve) that the raw rows show.
+    """
+    return z if spec.ewma >= 1.0 else np.hstack([z, _ewma(z, spec.ewma)])
+
+
+def prepare(x: F64, mean: F64, std: F64, spec: PcaSpec) -> F64:
+    """Raw rows (time order) to the stacked, standardised (and smoothed) rows the subspace sees."""
+    return _stack(_scales((x - mean) / std, spec), spec.lags)
+
+
+def _subspace(z: F64, var_keep: float) -> tuple[F64, F64, F64]:
+    center = z.mean(axis=0)
+    zc = z - center
+    # SVD of the data: eigenvalues of the covariance without forming it.
+    _, s, vt = np.linalg.svd(zc, full_matrices=False)
+    eig = s * s / max(z.shape[0] - 1, 1)
+    total = float(eig.sum())
+    if total <= 0.0:
+        return center, vt[:1].T, np.ones(1)
+    k = int(np.searchsorted(np.cumsum(eig) / total, var_keep) + 1)
+    k = min(k, max(1, z.shape[1] - 1), int((eig > 1e-12 * total).sum()))
+    return center, vt[:k].T, eig[:k]
+
+
+def _stats(z: F64, center: F64, load: F64, eig: F64) -> tuple[F64, F64]:
+    zc = z - center
+    t = zc @ load
+    t2 = (t * t / eig).sum(axis=1)
+    resid = zc - t @ load.T
+    spe = (resid * resid).sum(axis=1)
+    return t2, spe
+
+
+def _gap(spec: PcaSpec) -> int:
+    """Rows next to a held-out block that share its lags or most of its smoothing."""
+    return spec.lags + (0 if spec.ewma >= 1.0 else math.ceil(1.0 / spec.ewma))
+
+
+def min_rows(spec: PcaSpec) -> int:
+    """Fewest commissioning rows :func:`fit_pca` accepts: every fold's fit keeps at least 20 rows."""
+    return spec.folds * (spec.lags + 5) + 2 * _gap(spec) + 20
+
+
+def fit_pca(x: F64, spec: PcaSpec) -> PcaFit:
+    """Fit on normal rows ``x`` (time order, shape (n, d)); limits from out-of-fold scores."""
+    x = np.asarray(x, np.float64)
+    n = x.shape[0]
+    if n < min_rows(spec):
+        raise ValueError(f"novelty: {n} normal rows: at least {min_rows(spec)} needed for {spec.folds} folds")
+    mean = x.mean(axis=0)
+    std = np.maximum(x.std(axis=0), np.maximum(spec.min_std_rel * np.abs(mean), spec.min_std_abs))
+    z = prepare(x, mean, std, spec)
+    bounds = np.linspace(0, z.shape[0], spec.folds + 1).astype(int)
+    oof_t2: list[F64] = []
+    oof_spe: list[F64] = []
+    gap = _gap(spec)
+    for f in range(spec.folds):
+        lo, hi = bounds[f], bounds[f + 1]
+        # Rows next to the held-out block share lags/smoothing with it: leave them out of the fit.
+        keep = np.r_[0 : max(lo - gap, 0), min(hi + gap, z.shape[0]) : z.shape[0]]
+        c, p, e = _subspace(z[keep], spec.var_keep)
+        t2, spe = _stats(z[lo:hi], c, p, e)
+        oof_t2.append(t2)
+        oof_spe.append(spe)
+    t2_all = np.concatenate(oof_t2)
+    spe_all = np.concatenate(oof_spe)
+    q = 1.0 - spec.far
+    lim_t2 = max(float(np.quantile(t2_all, q)), 1e-9)
+    lim_spe = max(float(np.quantile(spe_all, q)), 1e-9)
+    combined = np.maximum(t2_all / lim_t2, spe_all / lim_spe)
+    threshold = max(float(np.quantile(combined, q)), 1e-9)
+    center, load, eig = _subspace(z, spec.var_keep)
+    return PcaFit(spec, mean, std, center, load, eig, lim_t2, lim_spe, threshold)
+
+
+def score_rows(fit: PcaFit, z: F64) -> tuple[F64, F64, F64]:
+    """Scores (anomalous above 1), T² and SPE of prepared rows."""
+    t2, spe = _stats(z, fit.center, fit.load, fit.eig)
+    return np.maximum(t2 / fit.lim_t2, spe / fit.lim_spe) / fit.threshold, t2, spe
+
+
+def contributions(fit: PcaFit, z: F64, keys: Sequence[str], top: int = 5) -> dict[str, float]:
+    """Each input's share of one prepared row's score (T² decomposition + SPE residuals, over lags)."""
+    zc = z - fit.center
+    t = zc @ fit.load
+    t2_part = np.maximum(zc * (fit.load @ (t / fit.eig)), 0.0) / fit.lim_t2
+    resid = zc - t @ fit.load.T
+    spe_part = resid * resid / fit.lim_spe
+    per = (t2_part + spe_part).reshape(blocks(fit.spec), fit.n_inputs).sum(axis=0)
+    total = float(per.sum())
+    if not total > 0.0:
+        return {}
+    order = np.argsort(-per)[:top]
+    return {keys[j]: round(float(per[j] / total), 4) for j in order if per[j] > 0.0}
+
+
+# ---- the gateway model -------------------------------------------------------------------------
+
+
+class NoveltyUse(BaseModel):
+    """The ``[models.novelty]`` table: per-machine novelty detection (present = on)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    subject_kind: str = "industrial"
+    subjects: list[str] = Field(default_factory=list)  # empty: every subject of that kind
+    # Stream metric names (whole, or last segments) to use; empty: every numeric stream it has.
+    inputs: list[str] = Field(default_factory=list)
+    features: list[str] = Field(default_factory=lambda: ["mean"])
+    commissioning_s: float = Field(1800.0, gt=0, le=30 * 86_400)
+    false_alarm_rate: float = Field(0.01, gt=0, lt=0.5)
+    # Defaults: the settings models/recipes/novelty_tep.py chose on its tuning faults.
+    lags: int = Field(0, ge=0, le=10)
+    ewma: float = Field(0.2, gt=0, le=1)
+    var_keep: float = Field(0.95, gt=0, lt=1)
+    adapt_rate: float = Field(0.001, ge=0, lt=0.5)  # 0: no adaptation
+    latency_budget_us: float = Field(2000.0, gt=0)
+
+    def wants(self, metric: str) -> bool:
+        """True if a stream of this metric name is an input (``inputs``: whole names or last segments)."""
+        return not self.inputs or any(metric == m or metric.endswith("/" + m) for m in self.inputs)
+
+
+@dataclass(slots=True)
+class _Subject:
+    keys: tuple[str, ...]
+    rows: list[list[float]] = field(default_factory=list)
+    fit: PcaFit | None = None
+    smooth: F64 | None = None  # EWMA state of the standardised input
+    history: deque[F64] = field(default_factory=deque)
+    normal_run: int = 0
+    adapted: int = 0
+    warm: int = 0  # windows scored since the detector (re)started for this subject
+
+
+class NoveltyModel:
+    """A :class:`gateway.contracts.WindowModel` commissioning and scoring each machine on its own."""
+
+    ADAPT_BELOW = 0.5  # a window adapts the standardisation only this far inside normal
+
+    def __init__(
+        self,
+        use: NoveltyUse,
+        *,
+        hop_s: float,
+        state_dir: Path | None = None,
+        name: str = "novelty",
+        clock: Callable[[], float] = time.thread_time,
+    ) -> None:
+        self.name = name
+        self.use = use
+        self.spec = PcaSpec(use.lags, use.ewma, use.var_keep, use.false_alarm_rate)
+        self._need = max(min_rows(self.spec), math.ceil(use.commissioning_s / hop_s))
+        self._state_dir = state_dir
+        self._subjects = frozenset(use.subjects)
+        self._clock = clock
+        self._subj: dict[str, _Subject] = {}
+        self.latencies_us: deque[float] = deque(maxlen=4096)
+        self.adapt_guard = use.lags + 5
+        self._warmup = use.lags + (0 if use.ewma >= 1.0 else math.ceil(3.0 / use.ewma))
+
+    @property
+    def commissioning_windows(self) -> int:
+        """Complete windows a subject needs before it is scored."""
+        return self._need
+
+    # ---- loop side ---------------------------------------------------------------------
+
+    def applies_to(self, record: WindowRecord) -> bool:
+        """Windows of the configured subject kind (and subjects) with at least one input stream."""
+        if record.kind != self.use.subject_kind or (self._subjects and record.subject not in self._subjects):
+            return False
+        return any(self._wanted(sf.stream.metric.name) for sf in record.streams)
+
+    def _wanted(self, metric: str) -> bool:
+        return self.use.wants(metric)
+
+    def fit_of(self, subject: str) -> PcaFit | None:
+        """The subject's fitted detector, None while it commissions."""
+        s = self._subj.get(subject) or self._load(subject)
+        return None if s is None else s.fit
+
+    # ---- worker-thread side ------------------------------------------------------------
+
+    def _keys(self, record: WindowRecord) -> tuple[str, ...]:
+        return tuple(
+            sorted(
+                f"{sf.stream.metric.name}.{feat}"
+                for sf in record.streams
+                if self._wanted(sf.stream.metric.name)
+                for feat in self.use.features
+            )
+        )
+
+    @staticmethod
+    def _values(record: WindowRecord) -> dict[str, float]:
+        return {
+            f"{sf.stream.metric.name}.{feat}": v for sf in record.streams for feat, v in sf.features.items()
+        }
+
+    def score_batch(self, records: Sequence[WindowRecord]) -> Sequence[ModelResult]:
+        """Commission or score each window in time order; see the module docstring."""
+        t0 = self._clock()
+        out = [self._one(r) for r in records]
+        if records:
+            self.latencies_us.append((self._clock() - t0) * 1e6 / len(records))
+        return out
+
+    def _one(self, record: WindowRecord) -> ModelResult:
+        nan = math.nan
+        subj = self._subj.get(record.subject) or self._load(record.subject)
+        if subj is None:
+            subj = _Subject(self._keys(record))
+            log.info(
+                "models %s: subject %s: commissioning on %d inputs", self.name, record.subject, len(subj.keys)
+            )
+        self._subj[record.subject] = subj
+        values = self._values(record)
+        x = np.array([values.get(k, nan) for k in subj.keys])
+        present = int(np.isfinite(x).sum())
+        if subj.fit is None:
+            if present == len(subj.keys):
+                subj.rows.append(x.tolist())
+                if len(subj.rows) >= self._need:
+                    self._commission(record.subject, subj)
+                elif len(subj.rows) % _SAVE_EVERY == 0:
+                    self._save(record.subject, subj)
+            return ModelResult(nan, False, reason="commissioning")
+        fit = subj.fit
+        if 2 * present < len(subj.keys):
+            subj.normal_run = 0
+            gap = any(sf.gap for sf in record.streams if self._wanted(sf.stream.metric.name))
+            return ModelResult(nan, False, reason="gap" if gap else "missing_inputs")
+        z = (x - fit.mean) / fit.std
+        z[~np.isfinite(z)] = 0.0  # an absent input sits at its normal value
+        if subj.smooth is None:
+            subj.smooth = z
+        else:
+            subj.smooth = subj.smooth + fit.spec.ewma * (z - subj.smooth)
+        subj.history.appendleft(subj.smooth if fit.spec.ewma >= 1.0 else np.concatenate([z, subj.smooth]))
+        while len(subj.history) > fit.spec.lags + 1:
+            subj.history.pop()
+        subj.warm += 1
+        if subj.warm <= self._warmup:
+            # The smoothed input starts at one raw window, far noisier than the smoothed rows
+            # the subspace was fitted on: not judged until the smoothing (and lags) settle.
+            return ModelResult(nan, False, reason="commissioning")
+        row = np.concatenate(list(subj.history))[None, :]
+        score = float(score_rows(fit, row)[0][0])
+        anomalous = score > 1.0
+        if anomalous:
+            subj.normal_run = 0
+            return ModelResult(score, True, contributions(fit, row[0], subj.keys))
+        subj.normal_run += 1
+        if self.use.adapt_rate > 0 and score < self.ADAPT_BELOW and subj.normal_run > self.adapt_guard:
+            self._adapt(record.subject, subj, x)
+        return ModelResult(score, False)
+
+    def _adapt(self, subject: str, subj: _Subject, x: F64) -> None:
+        """Move the standardisation a small step towards a clearly normal window."""
+        fit = subj.fit
+        assert fit is not None
+        ok = np.isfinite(x)
+        r = self.use.adapt_rate
+        delta = np.where(ok, x - fit.mean, 0.0)
+        fit.mean = fit.mean + r * delta
+        var = (1 - r) * fit.std**2 + r * delta * delta
+        floor = np.maximum(fit.spec.min_std_rel * np.abs(fit.mean), fit.spec.min_std_abs)
+        fit.std = np.maximum(np.sqrt(var), floor)
+        subj.adapted += 1
+        if subj.adapted % 100 == 0:
+            self._save(subject, subj)
+
+    def _commission(self, subject: str, subj: _Subject) -> None:
+        try:
+            subj.fit = fit_pca(np.asarray(subj.rows, np.float64), self.spec)
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            log.warning(
+                "models %s: subject %s: commissioning failed: %s: collecting again", self.name, subject, exc
+            )
+            subj.rows.clear()
+            return
+        log.info(
+            "models %s: subject %s commissioned on %d windows (%d inputs, %d components)",
+            self.name,
+            subject,
+            len(subj.rows),
+            len(subj.keys),
+            subj.fit.eig.shape[0],
+        )
+        subj.rows = []
+        self._save(subject, subj)
+
+    def recommission(self, subject: str) -> None:
+        """Forget a subject (after maintenance): it commissions again from its next windows."""
+        self._subj.pop(subject, None)
+        path = self._path(subject)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    # ---- persistence ---------------------------------------------------------------------
+
+    def _path(self, subject: str) -> Path | None:
+        return state_file(self._state_dir, self.name, subject)
+
+    def _load(self, subject: str) -> _Subject | None:
+        path = self._path(subject)
+        if path is None or not path.exists():
+            return None
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if raw["version"] != STATE_VERSION or raw["spec"] != list(self._spec_key()):
+                log.info(
+                    "models %s: stored state of another version or settings; commissioning again", self.name
+                )
+                return None
+            subj = _Subject(tuple(raw["keys"]), [list(map(float, r)) for r in raw["rows"]])
+            subj.fit = None if raw["fit"] is None else PcaFit.from_json(raw["fit"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("models %s: stored state %s unusable (%s); commissioning again", self.name, path, exc)
+            return None
+        if subj.fit is not None and subj.fit.n_inputs != len(subj.keys):
+            log.warning(
+                "models %s: stored state %s: inputs and fit differ; commissioning again", self.name, path
+            )
+            return None
+        self._subj[subject] = subj
+        return subj
+
+    def _spec_key(self) -> tuple[float, ...]:
+        s = self.spec
+        return (s.lags, s.ewma, s.var_keep, s.far, self._need)
+
+    def _save(self, subject: str, subj: _Subject) -> None:
+        path = self._path(subject)
+        body = {
+            "version": STATE_VERSION,
+            "spec": list(self._spec_key()),
+            "keys": list(subj.keys),
+            "rows": subj.rows,
+            "fit": None if subj.fit is None else subj.fit.to_json(),
+        }
+        store_json(path, body, self.name)
+
+
+def build_novelty(use: NoveltyUse | None, *, hop_s: float, state_dir: Path | None) -> list[NoveltyModel]:
+    """The novelty model the ``[models.novelty]`` table asks for (none without it)."""
+    return [] if use is None else [NoveltyModel(use, hop_s=hop_s, state_dir=state_dir)]

@@ -1,0 +1,268 @@
+"""Per-machine novelty detector (dynamic PCA, T² + SPE) on the Tennessee Eastman reference runs.
+
+Run: ``python -m models.recipes.novelty_tep --data /work/shared/data`` (about half a minute).
+
+Data: ``industrial/tep_braatz``: ``d00.dat`` (500 normal samples, 3 min apart, 52 variables,
+stored transposed), ``d00_te.dat`` (960 normal samples, 48 h), ``dNN.dat`` (480 samples, fault NN
+from sample 20) and ``dNN_te.dat`` (960 samples, fault NN from sample 160), NN = 01..21.
+
+Protocol (nothing is fitted on a fault; no setting is chosen on a fault it is reported on):
+
+1. **Fit on normal only**: every candidate is fitted on ``d00`` alone.  Its limits and threshold
+   are the 99 % quantiles of out-of-fold scores of ``d00`` (5 contiguous folds), i.e. a stated
+   1 % false-alarm rate on normal data the fit did not see.
+2. **Choose settings on tuning faults**: lags, EWMA weight and kept variance are chosen on the
+   *training* runs ``dNN.dat`` of the tuning faults ``TUNE`` (every third fault from 1) only, by the
+   lowest mean missed-detection rate.
+3. **Report on the held-out faults**: the test runs ``dNN_te.dat`` of the other 14 faults
+   (including the hard 3, 9, 15 and 21) and ``d00_te`` for the false-alarm rate and the false
+   episodes (with the gateway's episode logic: 2 anomalous windows raise, 3 normal clear).
+
+Baseline in the same run: static PCA (components keeping 90 % of the variance of ``d00``) with
+the textbook limits at 99 % (F distribution for T², approximated; Jackson-Mudholkar for Q).  Because operating
+points differ, a second table sets every statistic's threshold to exactly 1 % false alarms on
+``d00_te`` (an oracle, the same for all) to compare detectors at equal false alarms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.alarms.episodes import EpisodeTracker
+from gateway.contracts import AlarmKind, ModelResult
+from gateway.inference.novelty import NoveltyUse, PcaFit, PcaSpec, fit_pca, prepare, score_rows
+from models.recipes.common import MODELS_DIR
+
+log = logging.getLogger(__name__)
+
+F64 = npt.NDArray[np.float64]
+
+NAME = "novelty"
+VERSION = "1.0.0"
+FAULTS = tuple(range(1, 22))
+TUNE = (1, 4, 7, 10, 13, 16, 19)
+HARD = (3, 9, 15, 21)
+FAULT_AT_TE = 160
+FAULT_AT_TRAIN = 20
+FAR = 0.01
+GRID_LAGS = (0, 1, 2, 3)
+GRID_EWMA = (1.0, 0.5, 0.2)
+GRID_VAR = (0.8, 0.9, 0.95)
+HOURS_TE = 48.0
+
+
+def load(root: Path) -> dict[str, F64]:
+    """Every run of the reference set, samples in rows."""
+    base = root / "industrial" / "tep_braatz"
+    runs: dict[str, F64] = {}
+    for path in sorted(base.glob("d*.dat")):
+        x = np.loadtxt(path)
+        runs[path.stem] = x.T if x.shape[0] == 52 else x  # d00.dat is stored transposed
+    if "d00" not in runs or "d00_te" not in runs:
+        raise SystemExit(
+            f"novelty_tep {base}: d00.dat / d00_te.dat missing: pass --data with the shared data"
+        )
+    return runs
+
+
+def novelty_scores(fit: PcaFit, x: F64) -> F64:
+    """Scores of a run, padded at the start where the lags are not yet filled (never anomalous)."""
+    s = score_rows(fit, prepare(x, fit.mean, fit.std, fit.spec))[0]
+    return np.concatenate([np.zeros(fit.spec.lags), s])
+
+
+def mdr(flags: npt.NDArray[np.bool_], start: int) -> float:
+    """Missed-detection rate: share of faulty samples not flagged."""
+    return float(1.0 - flags[start:].mean())
+
+
+def false_episodes(flags: npt.NDArray[np.bool_]) -> int:
+    """Anomaly alarms the gateway's episode logic (raise after 2, clear after 3) raises on a run."""
+    tracker = EpisodeTracker(clear_after=3, raise_after=2)
+    n = 0
+    for f in flags:
+        e = tracker.update(("m", "novelty"), ModelResult(1.0 if f else 0.0, bool(f)))
+        n += e is not None and e.kind is AlarmKind.ANOMALY
+    return n
+
+
+def classic_pca(x: F64, var_keep: float = 0.9, alpha: float = 0.01) -> dict[str, Any]:
+    """Static PCA with textbook T² (F) and Q (Jackson-Mudholkar) limits."""
+    mean, std = x.mean(0), x.std(0, ddof=1)
+    z = (x - mean) / std
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    eig = s * s / (z.shape[0] - 1)
+    k = int(np.searchsorted(np.cumsum(eig) / eig.sum(), var_keep) + 1)
+    n = z.shape[0]
+    ca = NormalDist().inv_cdf(1 - alpha)
+    # F(k, n - k) quantile by Wilson-Hilferty's chi-square one (n - k is ~490 here: within 1 %).
+    f_q = (1 - 2 / (9 * k) + ca * np.sqrt(2 / (9 * k))) ** 3
+    t2_lim = k * (n - 1) * (n + 1) / (n * (n - k)) * f_q
+    th = [float((eig[k:] ** i).sum()) for i in (1, 2, 3)]
+    h0 = 1 - 2 * th[0] * th[2] / (3 * th[1] ** 2)
+    q_lim = th[0] * (ca * np.sqrt(2 * th[1] * h0**2) / th[0] + 1 + th[1] * h0 * (h0 - 1) / th[0] ** 2) ** (
+        1 / h0
+    )
+    return {"mean": mean, "std": std, "p": vt[:k].T, "eig": eig[:k], "t2": t2_lim, "q": q_lim, "k": k}
+
+
+def classic_stats(m: dict[str, Any], x: F64) -> tuple[F64, F64]:
+    """T² and Q of a run under a classic PCA."""
+    z = (x - m["mean"]) / m["std"]
+    t = z @ m["p"]
+    r = z - t @ m["p"].T
+    return (t * t / m["eig"]).sum(1), (r * r).sum(1)
+
+
+def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
+    """The grid point with the lowest mean missed-detection rate on the tuning faults' training runs."""
+    grid: list[dict[str, Any]] = []
+    for lags, ewma, var in itertools.product(GRID_LAGS, GRID_EWMA, GRID_VAR):
+        spec = PcaSpec(lags=lags, ewma=ewma, var_keep=var, far=FAR)
+        fit = fit_pca(runs["d00"], spec)
+        m = [mdr(novelty_scores(fit, runs[f"d{f:02d}"]) > 1.0, FAULT_AT_TRAIN) for f in TUNE]
+        grid.append({"lags": lags, "ewma": ewma, "var_keep": var, "tune_mdr": round(float(np.mean(m)), 4)})
+    best = min(grid, key=lambda g: (g["tune_mdr"], g["lags"], -g["ewma"]))
+    return PcaSpec(lags=best["lags"], ewma=best["ewma"], var_keep=best["var_keep"], far=FAR), grid
+
+
+def evaluate(runs: dict[str, F64], spec: PcaSpec) -> dict[str, Any]:
+    """Per-fault missed-detection rates of the chosen detector and the classic PCA, both tables."""
+    normal = runs["d00"]
+    fit = fit_pca(normal, spec)
+    static = fit_pca(normal, PcaSpec(var_keep=0.9, far=FAR))
+    classic = classic_pca(normal)
+    te0 = runs["d00_te"]
+
+    def candidates(x: F64) -> dict[str, F64]:
+        t2, q = classic_stats(classic, x)
+        return {
+            "pca_t2": t2,
+            "pca_q": q,
+            "pca_static_t2q": novelty_scores(static, x),
+            "novelty": novelty_scores(fit, x),
+        }
+
+    own_limit = {"pca_t2": classic["t2"], "pca_q": classic["q"], "pca_static_t2q": 1.0, "novelty": 1.0}
+    normal_scores = candidates(te0)
+    # Equal false alarms: each statistic's 99 % quantile on d00_te (after its fault-free warm-up).
+    equal = {k: float(np.quantile(v[spec.lags :], 1 - FAR)) for k, v in normal_scores.items()}
+    table: dict[str, Any] = {"own_limits": {}, "equal_far": {}}
+    for mode, limits in (("own_limits", own_limit), ("equal_far", equal)):
+        rows: dict[str, Any] = {}
+        for k, v in normal_scores.items():
+            flags = v > limits[k]
+            rows[k] = {
+                "far_d00_te": round(float(flags[spec.lags :].mean()), 4),
+                "false_episodes_per_day": round(false_episodes(flags) * 24.0 / HOURS_TE, 2),
+            }
+        for f in FAULTS:
+            sc = candidates(runs[f"d{f:02d}_te"])
+            for k, v in sc.items():
+                rows[k][f"fault_{f:02d}"] = round(mdr(v > limits[k], FAULT_AT_TE), 4)
+        table[mode] = rows
+    # Compute per window: one prepared row scored, as the gateway does.
+    row = prepare(te0[:10], fit.mean, fit.std, spec)[-1:]
+    reps = 2000
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        score_rows(fit, row)
+    us = (time.perf_counter() - t0) * 1e6 / reps
+    table["score_us_per_window_52_inputs"] = round(us, 1)
+    table["components"] = int(fit.eig.shape[0])
+    return table
+
+
+def report(ev: dict[str, Any], spec: PcaSpec) -> str:
+    """The markdown tables of BENCHMARKS.md / the eval file."""
+    names = ("pca_t2", "pca_q", "pca_static_t2q", "novelty")
+    lines: list[str] = []
+    for mode, title in (("own_limits", "each at its own limit"), ("equal_far", "all at 1 % FAR on d00_te")):
+        rows = ev[mode]
+        lines += [f"Missed-detection rate per fault, {title} (T = tuning fault, * = hard fault):", ""]
+        lines.append("| fault | " + " | ".join(names) + " |")
+        lines.append("|---" * (len(names) + 1) + "|")
+        for f in FAULTS:
+            tag = " T" if f in TUNE else (" *" if f in HARD else "")
+            lines.append(
+                f"| {f}{tag} | " + " | ".join(f"{rows[n][f'fault_{f:02d}']:.3f}" for n in names) + " |"
+            )
+        held = [f for f in FAULTS if f not in TUNE]
+        lines.append(
+            "| mean, held-out | "
+            + " | ".join(f"{np.mean([rows[n][f'fault_{f:02d}'] for f in held]):.3f}" for n in names)
+            + " |"
+        )
+        lines.append("| FAR d00_te | " + " | ".join(f"{rows[n]['far_d00_te']:.3f}" for n in names) + " |")
+        lines.append(
+            "| false episodes/day | "
+            + " | ".join(f"{rows[n]['false_episodes_per_day']:.1f}" for n in names)
+            + " |"
+        )
+        lines.append("")
+    lines.append(
+        f"Chosen on tuning faults {', '.join(map(str, TUNE))}: lags {spec.lags}, EWMA {spec.ewma}, "
+        f"variance kept {spec.var_keep}; {ev['components']} components; "
+        f"{ev['score_us_per_window_52_inputs']} us per window (52 inputs)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Choose, evaluate and write the detector card and report."""
+    ap = argparse.ArgumentParser(prog="python -m models.recipes.novelty_tep", description=__doc__)
+    ap.add_argument("--data", type=Path, default=Path("/work/shared/data"))
+    ap.add_argument("--out", type=Path, default=MODELS_DIR)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    np.random.seed(0)  # nothing here draws; fixed for any future randomised candidate
+    runs = load(args.data)
+    spec, grid = choose(runs)
+    log.info("chosen %s", spec)
+    ev = evaluate(runs, spec)
+    text = report(ev, spec)
+    sys.stdout.write(text)
+    defaults = NoveltyUse()
+    card = {
+        "name": NAME,
+        "version": VERSION,
+        "kind": "per-machine novelty detector (dynamic PCA, T2 + SPE), fitted on each machine's commissioning",
+        "protocol": __doc__.split("Protocol")[1].split("Baseline")[0].strip() if __doc__ else "",
+        "data": "Tennessee Eastman reference runs (tep_braatz, BSD-3-Clause): d00 fit, d00_te FAR, dNN_te report",
+        "chosen": {"lags": spec.lags, "ewma": spec.ewma, "var_keep": spec.var_keep, "false_alarm_rate": FAR},
+        "gateway_defaults": {
+            "lags": defaults.lags,
+            "ewma": defaults.ewma,
+            "var_keep": defaults.var_keep,
+            "false_alarm_rate": defaults.false_alarm_rate,
+        },
+        "tuning_faults": list(TUNE),
+        "grid": grid,
+        "evaluation": ev,
+        "limits": (
+            "Settings transfer as counts of windows, not minutes: TEP samples are 3 min apart. "
+            "Faults that leave the joint distribution of the measured variables unchanged (3, 9, 15 "
+            "in TEP) are not separable from normal by any detector of normal data alone. The subspace "
+            "is fixed at commissioning; only the standardisation adapts, and only on clearly normal windows."
+        ),
+    }
+    (args.out / f"{NAME}.detector.json").write_text(
+        json.dumps(card, indent=1, sort_keys=True) + "\n", "utf-8"
+    )
+    (args.out / f"{NAME}.eval.md").write_text(f"# {NAME} {VERSION} on TEP\n\n{text}", "utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Per-window compute of the gateway-learned detectors against the carded pump model in the same run.
+
+Run: ``python tests/benchmarks/bench_novelty.py`` (one core: ``taskset -c 0 python ...``).
+
+Each detector scores the same committed 8-signal pump windows one at a time (batch 1, the worst
+case) after commissioning; the figure is worker-thread CPU time per window, as the runtime's
+latency budget counts it.  Baseline: ``pump_skab`` fp32 (onnxruntime) on the same windows.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from gateway.contracts import StreamFeatures, WindowModel, WindowRecord
+from gateway.inference.build import default_models_dir
+from gateway.inference.card import CARD_SUFFIX, load_card
+from gateway.inference.novelty import NoveltyModel, NoveltyUse
+from gateway.inference.runner import AnomalyModel
+from gateway.inference.streams import StreamChange, StreamUse
+from gateway.sample import Stream, industrial_metric
+
+SIGNALS = (
+    "Accelerometer1RMS",
+    "Accelerometer2RMS",
+    "Current",
+    "Pressure",
+    "Temperature",
+    "Thermocouple",
+    "Voltage",
+    "RateRMS",
+)
+LEVEL = (0.03, 0.045, 1.3, 1.2, 72.0, 27.0, 231.0, 32.0)
+UNITS = ("g", "g", "A", "bar", "Cel", "Cel", "V", "l/min")
+N_COMMISSION = 400
+N_SCORE = 3000
+
+
+def windows(n: int, rng: np.random.Generator) -> list[WindowRecord]:
+    """Pump windows with mean and std per signal."""
+    streams = [
+        Stream("plc", "pump-1", "SN-1", industrial_metric(s, u), "industrial", 1.0)
+        for s, u in zip(SIGNALS, UNITS, strict=True)
+    ]
+    out = []
+    for k in range(n):
+        sfs = tuple(
+            StreamFeatures(st, 20, 0.0, {"mean": lv * (1 + 0.01 * rng.standard_normal()), "std": 0.01 * lv})
+            for st, lv in zip(streams, LEVEL, strict=True)
+        )
+        out.append(WindowRecord("pump-1", "industrial", k, float(k), 1e9 + k, 20.0, sfs))
+    return out
+
+
+def per_window_us(score: WindowModel, recs: list[WindowRecord]) -> float:
+    """Median thread CPU time per window, scoring one window at a time."""
+    fn = score.score_batch
+    lat = []
+    for r in recs:
+        t0 = time.thread_time()
+        fn([r])
+        lat.append((time.thread_time() - t0) * 1e6)
+    return float(np.median(lat))
+
+
+def main() -> None:
+    """Print per-window CPU time of each detector and its ratio to the carded model."""
+    rng = np.random.default_rng(0)
+    warm = windows(N_COMMISSION, rng)
+    test = windows(N_SCORE, rng)
+    models_dir = default_models_dir()
+    card = load_card(models_dir / f"pump_skab{CARD_SUFFIX}")
+    base = AnomalyModel(card, models_dir, precision="fp32", commissioning_windows=50)
+    nov = NoveltyModel(NoveltyUse(commissioning_s=float(N_COMMISSION), features=["mean", "std"]), hop_s=1.0)
+    per = StreamChange(StreamUse(commissioning_s=float(N_COMMISSION)), hop_s=1.0)
+    for m in (base, nov, per):
+        m.score_batch(warm)
+    b = per_window_us(base, test)
+    print(f"pump_skab fp32 (baseline): {b:.1f} us/window")
+    for name, m in (("novelty (16 inputs)", nov), ("stream_change (8 streams)", per)):
+        us = per_window_us(m, test)
+        print(f"{name}: {us:.1f} us/window, {us / b:.2f}x the baseline")
+
+
+if __name__ == "__main__":
+    main()
