@@ -7,6 +7,7 @@ the CLI so the core never imports a driver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.coverage import log_coverage
 from gateway.inference.ectopic import EctopyMonitor
 from gateway.notify import Notifier
+from gateway.observe.lock import StateDirBusyError, state_dir_lock
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
 from gateway.sample import Quality, Sample, SampleBlock
@@ -405,6 +407,27 @@ async def run_gateway(
     install_signal_handlers: bool = True,
 ) -> int:
     """Run the gateway until SIGTERM/SIGINT (or ``stop_after_s``); return the process exit code."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(state_dir_lock(config.core.gateway.state_dir))
+        except ConfigError as exc:
+            # A second gateway on one state directory: leave at once, naming the one running.
+            log.error("%s", exc)
+            return EXIT_FAILURE if isinstance(exc, StateDirBusyError) else EXIT_CONFIG
+        return await _run_locked(
+            config, registry, notifier, out, pretty, stop_after_s, install_signal_handlers
+        )
+
+
+async def _run_locked(
+    config: Config,
+    registry: Mapping[str, DriverSpec],
+    notifier: Notifier | None,
+    out: IO[str] | None,
+    pretty: bool,
+    stop_after_s: float | None,
+    install_signal_handlers: bool,
+) -> int:
     core = config.core
     notifier = notifier or Notifier.from_env()
     try:
