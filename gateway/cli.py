@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from gateway import __version__, demo, logs
-from gateway.anonymize import rotate_key
+from gateway.anonymize import Pseudonymizer, rotate_key
 from gateway.config import Config, load, validate
-from gateway.errors import ConfigError, InvalidConfigError
-from gateway.inference.coverage import check_coverage
-from gateway.runtime import build_problems, check_sources, run_gateway
+from gateway.errors import ConfigError, EdgetwinError, InvalidConfigError
+from gateway.runtime import run_gateway
 from gateway.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 log = logging.getLogger("edgetwin")
@@ -53,40 +52,27 @@ def _load(path: Path) -> Config | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate a config file and report every problem at once."""
-    config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
-    # What only shows when parts are built: a driver refusing its settings, a model file.
-    problems = build_problems(config, _registry())
-    if problems:
-        print(f"config {args.config}: {len(problems)} problem(s):", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return EXIT_CONFIG
-    coverage, coverage_problems = check_coverage(config)
-    if coverage_problems:
-        _print_coverage(args.config, coverage, coverage_problems)
-        return EXIT_CONFIG
-    if config.core.uplink.mqtt is not None:
-        from gateway.uplink.mqtt import check_certificates  # noqa: PLC0415 - the optional mqtt extra
+    """Check a config file, and with --online its environment; report every problem at once."""
+    from gateway.observe.check import run_check  # noqa: PLC0415
 
-        for line in check_certificates(config.core.uplink.mqtt):
-            print(f"  {line}")
-    sources = check_sources(config)
-    print(f"config {args.config}: ok ({len(sources)} source(s): {', '.join(sources) or 'none'})")
-    _print_coverage(args.config, coverage)
-    return EXIT_OK
+    report = run_check(
+        args.config, _registry(), with_online=args.online, client_id=_check_client_id(args.config)
+    )
+    print(report.render(verbose=not args.quiet))
+    return report.exit_code()
 
 
-def _print_coverage(path: Path, lines: Sequence[str], problems: Sequence[str] = ()) -> None:
-    """Which models score which subject and what watches it; the problems that fail the check."""
-    for line in lines:
-        print(f"  {line}")
-    if problems:
-        print(f"config {path}: {len(problems)} problem(s):", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
+def _check_client_id(path: Path) -> str:
+    # The CONNACK probe must not take the running gateway's session over: its own client id.
+    try:
+        config = load(path, _registry())
+        key = config.core.site_key_path.read_bytes()
+    except (ConfigError, OSError):
+        return "edgetwin-check"
+    try:
+        return Pseudonymizer(key)("gateway", config.core.gateway.name) + "-check"
+    except (ValueError, EdgetwinError):
+        return "edgetwin-check"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -192,8 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     logging_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check", help="validate a config file, reporting every problem")
+    p = sub.add_parser(
+        "check",
+        help="check a config file (and with --online its environment), reporting every problem at once",
+        description="Exit codes: 0 no failure, 78 the config is wrong, 1 only the environment is.",
+    )
     p.add_argument("--config", type=Path, required=True)
+    p.add_argument(
+        "--online",
+        action="store_true",
+        help="also check DNS, the broker (TCP, TLS, CONNACK), clock, devices, disk, state directory",
+    )
+    p.add_argument("--quiet", action="store_true", help="show failures and warnings only (default: all)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="simulated sources end to end, records shown locally")

@@ -201,8 +201,11 @@ def test_examples_pass_check(example: Path) -> None:
         check=False,
         timeout=60,
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"config {example}: ok")
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[-1].startswith(f"config {example}: ok (")
+    assert "warning" not in lines[-1]
+    assert all(line.startswith(("pass  ", "config ")) for line in lines), result.stdout
 
 
 def test_check_exit_code_and_output_on_bad_config(tmp_path: Path) -> None:
@@ -216,9 +219,9 @@ def test_check_exit_code_and_output_on_bad_config(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 78
-    assert f"{path}: pipeline.window_s: expected a number > 0, found -1.0" in result.stderr
-    assert f"{path}: outbox.max_mb: expected a number, found 'lots'" in result.stderr
-    assert "2 problem(s)" in result.stderr
+    assert "fail  config: pipeline.window_s: expected a number > 0, found -1.0" in result.stdout
+    assert "fail  config: outbox.max_mb: expected a number, found 'lots'" in result.stdout
+    assert f"config {path}: 2 failure(s), 0 warning(s)" in result.stdout
 
 
 def test_sensor_restore_hold_is_read_and_bounded(tmp_path: Path) -> None:
@@ -254,5 +257,5 @@ def test_check_builds_drivers_and_models(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 78
-    assert "sources[0] (bed1):" in result.stderr
-    assert "models: models nope" in result.stderr
+    assert "fail  build: sources[0] (bed1):" in result.stdout
+    assert "fail  build: models: models nope" in result.stdout
