@@ -147,7 +147,7 @@ def _add_plugin_commands(groups: dict[str, SubParsers]) -> None:
     # dependencies are not installed is left out; its commands say so when missing.
     from drivers import COMMAND_MODULES  # noqa: PLC0415
 
-    for module_name in ("gateway.uplink.commands", *COMMAND_MODULES):
+    for module_name in ("gateway.uplink.commands", "gateway.observe.commands", *COMMAND_MODULES):
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:

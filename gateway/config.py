@@ -89,6 +89,7 @@ class ConfigModel(BaseModel):
 
 
 # The uplink's own section builds on ConfigModel above: imported here, after it exists.
+from gateway.observe.config import StatusSection  # noqa: E402
 from gateway.uplink.config import MqttSection  # noqa: E402
 
 
@@ -164,6 +165,7 @@ class CoreConfig(ConfigModel):
     runtime: RuntimeSection = RuntimeSection()
     models: ModelsSection = ModelsSection()
     alarms: AlarmsSection = AlarmsSection()
+    status: StatusSection = StatusSection()
 
     @property
     def site_key_path(self) -> Path:

@@ -41,7 +41,10 @@ from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.coverage import log_coverage
 from gateway.inference.ectopic import EctopyMonitor
 from gateway.notify import Notifier
+from gateway.observe.config import socket_path
+from gateway.observe.control import ControlServer
 from gateway.observe.lock import StateDirBusyError, state_dir_lock
+from gateway.observe.status import StatusBoard
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
 from gateway.sample import Quality, Sample, SampleBlock
@@ -213,6 +216,10 @@ class Pipeline:
             self.diagnostic(Diagnostic("counters", None, now_wall, self.counters()))
         self.last_beat = now_mono
         return len(records)
+
+    def anomalous(self) -> set[tuple[str, str]]:
+        """(subject, model) pairs in an anomaly episode now."""
+        return set(self._anomalous)
 
     def counters(self) -> dict[str, float | str]:
         """Pipeline counters for diagnostics and STATUS."""
@@ -592,6 +599,26 @@ async def _supervise(
         )
 
     sup.summary = summary
+    board = StatusBoard(
+        supervisor=sup,
+        pipeline=pipeline,
+        outbox=outbox,
+        uplink=uplink,
+        uplink_kind=core.uplink.kind,
+        models=models,
+        sources=[(e.info.name, e.driver) for e in config.sources],
+        pseudonym=anonymizer.subject_pseudonym,
+        budget_bytes=int(core.outbox.max_mb * 1024 * 1024),
+    )
+    control = ControlServer(
+        socket_path(core.status, core.gateway.state_dir),
+        board,
+        group=core.status.group,
+        refresh_s=core.status.refresh_s,
+    )
+    sup.add(Unit("status", Group.OUTBOX, control.run))
+    # STATUS= says what matters most, from the same snapshot ``edgetwin status`` shows.
+    sup.describe = lambda: str(board.compose()["headline"])
     loop = asyncio.get_running_loop()
     if install_signal_handlers:
         for sig in (signal.SIGTERM, signal.SIGINT):
