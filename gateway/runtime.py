@@ -617,6 +617,11 @@ async def _supervise(
         refresh_s=core.status.refresh_s,
     )
     sup.add(Unit("status", Group.OUTBOX, control.run))
+    if core.status.http is not None:
+        # Imported only when used: aiohttp and prometheus_client are the optional "web" extra.
+        from gateway.observe.web import StatusWeb  # noqa: PLC0415
+
+        sup.add(Unit("web", Group.OUTBOX, StatusWeb(core.status, board).run))
     # STATUS= says what matters most, from the same snapshot ``edgetwin status`` shows.
     sup.describe = lambda: str(board.compose()["headline"])
     loop = asyncio.get_running_loop()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from gateway.config import ConfigModel, PathField
+from gateway.config import ConfigModel, PathField, SecretFile
 
 #: systemd's RuntimeDirectory=edgetwin (see the unit file): root and the edgetwin group only.
 DEFAULT_RUNTIME_DIR = Path("/run/edgetwin")
@@ -22,6 +24,54 @@ class StatusSection(ConfigModel):
     socket: PathField | None = None
     group: str = Field("edgetwin", min_length=1, max_length=32)  # may read status (mode 0660)
     refresh_s: float = Field(1.0, ge=0.1, le=60)  # how often the snapshot is gathered
+    # The status page and /metrics: off unless set. "127.0.0.1:9180" serves this machine only;
+    # any other address needs TLS (tls_cert_file, tls_key_file) and a token or client certificates.
+    http: str | None = Field(None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+    tls_cert_file: PathField | None = None
+    tls_key_file: SecretFile | None = None
+    token_file: SecretFile | None = None  # a bearer token viewers must give (mode 0600)
+    client_ca_file: PathField | None = None  # viewers must present a certificate issued by this CA
+
+    @model_validator(mode="after")
+    def _lan_needs_tls_and_auth(self) -> Self:
+        if self.http is None:
+            return self
+        host, _, port = self.http.rpartition(":")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"http port {port} is not in 1..65535")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if not is_loopback(host):
+            if self.tls_cert_file is None:
+                raise ValueError(
+                    f"http on {host} reaches beyond this machine: set tls_cert_file and tls_key_file"
+                )
+            if self.token_file is None and self.client_ca_file is None:
+                raise ValueError(
+                    f"http on {host} reaches beyond this machine: set token_file or client_ca_file"
+                )
+        return self
+
+    @property
+    def http_host(self) -> str:
+        """The address to listen on."""
+        return (self.http or "").rpartition(":")[0].strip("[]")
+
+    @property
+    def http_port(self) -> int:
+        """The port to listen on."""
+        return int((self.http or ":0").rpartition(":")[2])
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` is this machine only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def socket_path(section: StatusSection, state_dir: Path, environ: dict[str, str] | None = None) -> Path:

@@ -97,6 +97,7 @@ class StatusBoard:
             "outbox": self._outbox_state(stats),
             "uplink": self._uplink_state(now, stats.queued if stats is not None else 0),
             "alarms": self._alarms(now),
+            "pipeline": self._pipeline.counters(),
         }
         snap["health"] = health(snap)
         snap["headline"] = headline(snap)
@@ -133,6 +134,7 @@ class StatusBoard:
                     "subject": self._pseudonym(st["subject"]),
                     "status": st["status"],
                     "last_sample_age_s": round(now - last, 1) if math.isfinite(last) else None,
+                    "value": round(st["last_value"], 3) if math.isfinite(st["last_value"]) else None,
                     "samples": st["accepted"],
                     "dropped": {"out_of_order": st["out_of_order"], "overwritten": st["overwritten"]},
                 }
@@ -282,10 +284,18 @@ def _problems(snap: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     up = snap["uplink"]
     if up["state"] not in {"connected", "none"}:
         degraded.append(f"uplink {up['state']} {up['since_s']:.0f} s, {snap['outbox']['queued']} queued")
-    degraded += [
+    sources = [
+        f"{s['name']} link {s['link']} {s['since_s']:.0f} s"
+        for s in snap["sources"]
+        if s["link"] in {"failed", "retrying"}
+    ]
+    others = [
         f"{u['name']} {u['state']}"
         for u in snap["units"]
-        if not u["critical"] and u["state"] in {"failed", "retrying"} and u["name"] != "uplink"
+        if not u["critical"]
+        and u["state"] in {"failed", "retrying"}
+        and u["name"] != "uplink"
+        and not u["name"].startswith("source:")
     ]
     ob = snap["outbox"]
     if ob["budget_bytes"] and ob["bytes"] >= NEAR_BUDGET * ob["budget_bytes"]:
@@ -293,6 +303,7 @@ def _problems(snap: Mapping[str, Any]) -> tuple[list[str], list[str]]:
             f"outbox at {100 * ob['bytes'] / ob['budget_bytes']:.0f}% of its {_size(ob['budget_bytes'])} budget, "
             f"{ob['queued']} queued"
         )
+    degraded += sources + others
     for alarm in snap["alarms"]:
         if alarm["kind"] in {"sensor_lost", "sensor_fault"}:
             what = "lost" if alarm["kind"] == "sensor_lost" else "faulted"

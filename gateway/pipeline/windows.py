@@ -565,6 +565,7 @@ class Windower:
                 "unit": st.stream.metric.unit,
                 "status": names[st.status],
                 "last_t_mono": st.ring.last_t_mono,
+                "last_value": st.ring.last_value,
                 "accepted": st.ring.accepted,
                 "out_of_order": st.ring.out_of_order,
                 "overwritten": st.ring.overwritten,
