@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return HEALTH_EXIT.get(str(snap.get("health")), EXIT_UNKNOWN)
 
 
+def cmd_support_bundle(args: argparse.Namespace) -> int:
+    """Write a support bundle with no secret and no identity in it."""
+    from drivers import REGISTRY  # noqa: PLC0415
+    from gateway.observe.bundle import write_bundle  # noqa: PLC0415
+
+    output = args.output or Path(f"edgetwin-support-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.tar.gz")
+    path = write_bundle(
+        args.config, REGISTRY, output, journal_lines=args.journal_lines, online=not args.offline
+    )
+    sys.stdout.write(
+        f"support bundle written to {path} (mode 0600): identities are pseudonyms, secrets are left out; "
+        "look inside with 'tar -tzf' before sending it\n"
+    )
+    return 0
+
+
 def add_commands(groups: dict[str, Any]) -> None:
-    """Add ``status``."""
+    """Add ``status`` and ``support-bundle``."""
     p = groups["top"].add_parser(
         "status",
         help="show the running gateway's state (exit 0 healthy, 1 degraded, 2 down, 3 unreachable)",
@@ -57,3 +74,19 @@ def add_commands(groups: dict[str, Any]) -> None:
     p.add_argument("--json", action="store_true", help="print the whole snapshot as JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     p.set_defaults(func=cmd_status)
+
+    p = groups["top"].add_parser(
+        "support-bundle",
+        help="write one archive for support: versions, check --online, status, logs, redacted config",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the gateway's config")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="archive to write (default: edgetwin-support-<time>.tar.gz here)",
+    )
+    p.add_argument("--journal-lines", type=int, default=2000, help="recent log lines to include")
+    p.add_argument("--offline", action="store_true", help="leave out the online checks (no network traffic)")
+    p.set_defaults(func=cmd_support_bundle)
