@@ -36,6 +36,23 @@ SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 EXAMPLES = Path(__file__).parent / "examples"
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except on required options (they have none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every command's --help shows each option's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def _registry() -> Any:
     # Imported here: the composition root is the only code that knows the drivers.
     from drivers import REGISTRY  # noqa: PLC0415
@@ -123,9 +140,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return asyncio.run(run_gateway(config, _registry(), pretty=not args.json, stop_after_s=duration))
 
 
-def cmd_version(_args: argparse.Namespace) -> int:
-    """Print the version."""
-    print(f"edgetwin {__version__}")
+def cmd_version(args: argparse.Namespace) -> int:
+    """Print the version (with --verbose: Python, OS, kernel and every installed distribution)."""
+    if args.verbose:
+        from gateway.observe.bundle import versions  # noqa: PLC0415
+
+        print(versions(), end="")
+    else:
+        print(f"edgetwin {__version__}")
     return EXIT_OK
 
 
@@ -134,12 +156,26 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
+    name = config.core.gateway.name
+    before = _pseudonym_of(config.core.site_key_path, name)
     retired = rotate_key(config.core.site_key_path)
+    after = _pseudonym_of(config.core.site_key_path, name)
     print(
         f"new site key at {config.core.site_key_path}; the old key was kept as {retired}: "
-        "delete it once nothing needs to link old pseudonyms. Restart the gateway to use the new key."
+        "delete it once nothing needs to link old pseudonyms. Restart the gateway to use the new key.\n"
+        f"What changes: every subject and device pseudonym; the gateway's pseudonym ({before or '-'} -> {after}), "
+        "which is its MQTT client id, its topic root and the name its certificate must carry: run "
+        "'edgetwin provision key', have the new CSR signed and import it before restarting, or the broker "
+        "may refuse the gateway; tell the twin's operators that records continue under new names."
     )
     return EXIT_OK
+
+
+def _pseudonym_of(key_path: Path, name: str) -> str:
+    try:
+        return Pseudonymizer(key_path.read_bytes())("gateway", name)
+    except (OSError, ValueError):
+        return ""
 
 
 def _add_plugin_commands(groups: dict[str, SubParsers]) -> None:
@@ -158,7 +194,12 @@ def _add_plugin_commands(groups: dict[str, SubParsers]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    parser = argparse.ArgumentParser(prog="edgetwin", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser: argparse.ArgumentParser = _Parser(
+        prog="edgetwin",
+        description=__doc__.split("\n")[0] if __doc__ else None,
+        epilog="Exit codes: 0 success, 1 run-time failure, 2 usage, 78 invalid config. "
+        "'edgetwin <command> --help' shows each command's options with their defaults.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, SubParsers] = {"top": sub}
     for name, text in (
@@ -169,12 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
         groups[name] = group.add_subparsers(dest=f"{name}_what", required=True)
 
     def logging_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-        p.add_argument("--log-format", choices=["text", "json"])
+        p.add_argument(
+            "--log-level", choices=["debug", "info", "warning", "error"], help="overrides [logging] level"
+        )
+        p.add_argument("--log-format", choices=["text", "json"], help="overrides [logging] format")
 
-    p = sub.add_parser("run", help="run the gateway (as the systemd service does)")
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p = sub.add_parser(
+        "run",
+        help="run the gateway (as the systemd service does)",
+        epilog="Example: edgetwin run --config /etc/edgetwin/edgetwin.toml",
+    )
+    p.add_argument("--config", type=Path, required=True, help="the gateway's TOML config file")
+    p.add_argument(
+        "--duration", type=float, default=None, help="stop after this many seconds (none: until SIGTERM)"
+    )
     logging_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -183,13 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a config file (and with --online its environment), reporting every problem at once",
         description="Exit codes: 0 no failure, 78 the config is wrong, 1 only the environment is.",
     )
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="the TOML config file to check")
     p.add_argument(
         "--online",
         action="store_true",
         help="also check DNS, the broker (TCP, TLS, CONNACK), clock, devices, disk, state directory",
     )
-    p.add_argument("--quiet", action="store_true", help="show failures and warnings only (default: all)")
+    p.add_argument("--quiet", action="store_true", help="show failures and warnings only, not the passes")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="simulated sources end to end, records shown locally")
@@ -202,10 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("version", help="print the version")
+    p.add_argument(
+        "--verbose", action="store_true", help="also Python, OS, kernel and every installed distribution"
+    )
     p.set_defaults(func=cmd_version)
 
-    p = sub.add_parser("rotate-key", help="replace the site key used for pseudonyms")
-    p.add_argument("--config", type=Path, required=True)
+    p = sub.add_parser(
+        "rotate-key",
+        help="replace the site key used for pseudonyms (the gateway's pseudonym and client id change)",
+    )
+    p.add_argument("--config", type=Path, required=True, help="the gateway's TOML config file")
     p.set_defaults(func=cmd_rotate_key)
     _add_plugin_commands(groups)
     return parser

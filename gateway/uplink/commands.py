@@ -18,6 +18,7 @@ from gateway.errors import AuthError, ConfigError, EdgetwinError
 from gateway.twin.decoder import DEFAULT_PREFIX
 from gateway.twin.listen import ListenOptions, run_listen
 from gateway.uplink import certs
+from gateway.uplink.brokerconf import write_mosquitto_conf
 from gateway.uplink.config import is_loopback
 
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -88,9 +89,11 @@ def cmd_provision_demo_ca(args: argparse.Namespace) -> int:
     """Create a throwaway CA with broker, gateway and twin certificates (demo and tests only)."""
     hosts = tuple(args.host or ("127.0.0.1", "localhost"))
     pki = certs.demo_pki(args.out_dir, gateway_cn=args.cn, hosts=hosts)
+    conf, note = write_mosquitto_conf(pki, args.out_dir, port=args.port, listen=args.listen or "")
     _say(
         f"demo CA {pki.ca_file}\nbroker {pki.server.cert} (for {', '.join(hosts)})\n"
         f"gateway {pki.gateway.cert} / {pki.gateway.key}\ntwin {pki.twin.cert} / {pki.twin.key}\n"
+        f"mosquitto configuration {conf}: start the broker with 'mosquitto -c {conf}'; {note}\n"
         "For demos and tests only: anyone with the CA key can impersonate the broker."
     )
     return EXIT_OK
@@ -192,6 +195,8 @@ def add_commands(groups: dict[str, SubParsers]) -> None:
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--host", action="append", default=None, help="broker host name or address (repeatable)")
     p.add_argument("--cn", default="gateway", help="the gateway certificate's common name")
+    p.add_argument("--port", type=int, default=8883, help="the port in the mosquitto configuration written")
+    p.add_argument("--listen", default=None, help="the address mosquitto listens on (none: every address)")
     p.set_defaults(func=_guard(cmd_provision_demo_ca))
 
     twin = top.add_parser("twin", help="the cloud twin's side: listen to gateways")
