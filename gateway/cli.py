@@ -73,10 +73,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     from gateway.observe.check import run_check  # noqa: PLC0415
 
     report = run_check(
-        args.config, _registry(), with_online=args.online, client_id=_check_client_id(args.config)
+        args.config,
+        _registry(),
+        with_online=args.online,
+        client_id=_check_client_id(args.config),
+        probes=_probes() if args.online else None,
     )
     print(report.render(verbose=not args.quiet))
     return report.exit_code()
+
+
+def _probes() -> dict[str, Any]:
+    # A driver may ship drivers/<name>/probe.py with probe(source name, config) for check --online.
+    found: dict[str, Any] = {}
+    for name in _registry():
+        try:
+            module = importlib.import_module(f"drivers.{name}.probe")
+        except ImportError:
+            continue
+        found[name] = module.probe
+    return found
 
 
 def _check_client_id(path: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from peers import free_port
 from uplink_support import require_mosquitto
 
 from drivers import REGISTRY
+from drivers.opcua.plcsim import PlcSimProcess
 from gateway.cli import main
 from gateway.config import load
 from gateway.observe.check import Level, clock_synchronised, run_check
@@ -580,7 +582,8 @@ CASES: list[Case] = [
         ),
         True,
         [
-            "fail  opcua: source plc: cannot connect to 127.0.0.1:{free_port}: Connection refused",
+            "fail  opcua: source plc: opc.tcp://127.0.0.1:{free_port}: cannot open a session: get endpoints: "
+            "ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', {free_port})",
             "      fix: check that the PLC's OPC UA server runs and the endpoint in the config",
             SUMMARY_FAIL.format(f=1, w=0),
         ],
@@ -650,6 +653,14 @@ def test_check_table(
         for k, v in subs.items():
             text = text.replace(k, v)
         want.append(text)
+    if name == "online-disk-too-small":
+        # Free space moves while the suite runs: the reported figure must be close to a fresh one.
+        found = next(
+            (re.search(r"does not fit: (\d+) MB free", line) for line in out if "does not fit" in line), None
+        )
+        assert found is not None, out
+        assert abs(int(found.group(1)) - int(free_mb)) < 500
+        want = [w.replace(f"{free_mb} MB free", f"{found.group(1)} MB free") for w in want]
     if name == "model-and-driver-refuse":
         # The drivers' and models' own messages; what is checked here is that both come in one pass.
         build0, build1 = build_problems(load(path, REGISTRY), REGISTRY)
@@ -700,3 +711,52 @@ def test_verbose_shows_the_passes(env: Env) -> None:
         f"pass  certificates: client certificate {env.pki.gateway.cert} matches its key {env.pki.gateway.key}"
         in text
     )
+
+
+@pytest.fixture(scope="module")
+def plc() -> Iterator[PlcSimProcess]:
+    sim = PlcSimProcess(free_port(), "--rate-hz", "5", "--control", "none")
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+def test_online_opcua_policy_and_every_browse_path(
+    env: Env, plc: PlcSimProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ep = plc.endpoint
+    path = env.config(
+        f"""
+[[sources]]
+name = "plc"
+driver = "opcua"
+subject = "pump-3"
+kind = "industrial"
+endpoint = "{ep}"
+security_policy = "None"
+security_mode = "None"
+namespace_uri = "urn:edgetwin:plcsim"
+nodes = [{{ browse_path = "Pump1/Motor/Current" }}, {{ browse_path = "Pump1/Motor/Nope" }}, {{ node_id = "ns=2;s=Nope" }}]
+[[sources]]
+name = "plc2"
+driver = "opcua"
+subject = "pump-4"
+kind = "industrial"
+endpoint = "{ep}"
+security_policy = "Aes256_Sha256_RsaPss"
+pki_dir = "{env.tmp / "pki-ua"}"
+namespace_uri = "urn:edgetwin:plcsim"
+nodes = [{{ browse_path = "Pump1/Motor/Current" }}]
+"""
+    )
+    assert main(["check", "--config", str(path), "--online"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    fails = [line for line in out if line.startswith("fail")]
+    assert fails == [
+        f"fail  opcua: source plc: {ep}: browse path 'Pump1/Motor/Nope' not found (bad_nomatch)",
+        f"fail  opcua: source plc: {ep}: node 'ns=2;s=Nope' not found (bad_nodeidunknown)",
+        f"fail  opcua: source plc2: {ep}: security: the server offers no Aes256_Sha256_RsaPss/SignAndEncrypt "
+        "endpoint: it offers None/None_",
+    ]
+    assert f"pass  opcua: source plc: {ep}: session open with None/None" in out
+    assert f"pass  opcua: source plc: {ep}: browse path 'Pump1/Motor/Current' found" in out

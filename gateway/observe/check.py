@@ -655,7 +655,11 @@ def _strip_where(text: str, mq: Any) -> str:
     return text.removeprefix(f"uplink mqtt {mq.host}:{mq.port}: ")
 
 
-def _sources(config: Config) -> list[Finding]:
+#: A driver's own online probe: (source name, its config) -> [(level, message, fix)].
+Probe = Callable[[str, Any], list[tuple[str, str, str]]]
+
+
+def _sources(config: Config, probes: Mapping[str, Probe]) -> list[Finding]:
     out: list[Finding] = []
     for entry in config.sources:
         if not entry.enabled:
@@ -685,7 +689,12 @@ def _sources(config: Config) -> list[Finding]:
             else:
                 out.append(_env(Level.PASS, "serial", f"{name}: {port} present"))
         endpoint = getattr(cfg, "endpoint", None)
-        if isinstance(endpoint, str) and endpoint.startswith("opc.tcp://"):
+        if entry.driver in probes:
+            out += [
+                _env(Level(level), entry.driver, message, fix)
+                for level, message, fix in probes[entry.driver](entry.info.name, cfg)
+            ]
+        elif isinstance(endpoint, str) and endpoint.startswith("opc.tcp://"):
             out += _opcua(name, endpoint)
         adapter = getattr(cfg, "adapter", None)
         if isinstance(adapter, str) and adapter.startswith("hci"):
@@ -721,7 +730,9 @@ def _opcua(name: str, endpoint: str) -> list[Finding]:
     return [_env(Level.PASS, "opcua", f"{name}: {host}:{port} accepts connections")]
 
 
-def online(config: Config, client_id: str, now: dt.datetime | None = None) -> list[Finding]:
+def online(
+    config: Config, client_id: str, now: dt.datetime | None = None, probes: Mapping[str, Probe] | None = None
+) -> list[Finding]:
     """The online findings for a valid config."""
     now = now or dt.datetime.now(dt.UTC)
     return [
@@ -729,7 +740,7 @@ def online(config: Config, client_id: str, now: dt.datetime | None = None) -> li
         *_disk(config),
         *_clock(config, now),
         *_mqtt(config, client_id),
-        *_sources(config),
+        *_sources(config, probes or {}),
     ]
 
 
@@ -740,9 +751,10 @@ def run_check(
     with_online: bool = False,
     client_id: str = "edgetwin-check",
     now: dt.datetime | None = None,
+    probes: Mapping[str, Probe] | None = None,
 ) -> Report:
     """Every finding for ``path``: offline always, online when asked and the config is valid."""
     report, _ = offline(path, registry, now)
     if with_online and report.config is not None:
-        report.findings += online(report.config, client_id, now)
+        report.findings += online(report.config, client_id, now, probes)
     return report
