@@ -21,6 +21,7 @@ from uplink_support import require_mosquitto
 
 from drivers import REGISTRY
 from drivers.opcua.plcsim import PlcSimProcess
+from drivers.serial.sim import PtyOximeter, VitalsModel
 from gateway.cli import main
 from gateway.config import load
 from gateway.observe.check import Level, clock_synchronised, run_check
@@ -551,7 +552,7 @@ CASES: list[Case] = [
         ),
         True,
         [
-            "fail  serial: source spo2: no serial port /dev/ttyUSB97",
+            "fail  serial: source spo2: /dev/ttyUSB97: no such port",
             "      fix: plug the adapter in, or correct the port (ls /dev/serial/by-id/)",
             "config <tmp>/edgetwin.toml: 1 failure(s), 0 warning(s): fix them and run 'edgetwin check --config "
             "<tmp>/edgetwin.toml' again",
@@ -760,3 +761,26 @@ nodes = [{{ browse_path = "Pump1/Motor/Current" }}]
     ]
     assert f"pass  opcua: source plc: {ep}: session open with None/None" in out
     assert f"pass  opcua: source plc: {ep}: browse path 'Pump1/Motor/Current' found" in out
+
+
+def test_online_serial_port_probed_when_free(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    oxi = PtyOximeter(
+        "nonin2", link=env.tmp / "usb-ox", vitals=VitalsModel(2, desat_every_s=0, sensor_off_every_s=0)
+    )
+    oxi.start()
+    try:
+        table = '[[sources]]\nname = "{n}"\ndriver = "serial"\nsubject = "bed-{n}"\nport = "{p}"\nprotocol = "{proto}"\nprobe_s = 1.0\n'
+        path = env.config(
+            table.format(n="right", p=oxi.path, proto="nonin2")
+            + table.format(n="wrong", p=oxi.path, proto="masimo")
+        )
+        assert main(["check", "--config", str(path), "--online"]) == 1
+        out = capsys.readouterr().out.splitlines()
+    finally:
+        oxi.stop()
+    serial = [line for line in out if line.startswith(("pass  serial", "fail  serial"))]
+    assert len(serial) == 2, out
+    assert re.fullmatch(
+        rf"pass  serial: source right: {oxi.path}: speaks nonin2 at .* \(\d+ whole frames\)", serial[1]
+    )
+    assert serial[0].startswith(f"fail  serial: source wrong: {oxi.path}: no recognisable frames at ")

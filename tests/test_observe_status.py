@@ -1,8 +1,8 @@
 """``edgetwin status`` against a running gateway (``edgetwin run`` as a subprocess) in each state.
 
 Healthy, broker down and device unplugged in one run (mosquitto with TLS, a serial oximeter on
-a pseudo-terminal, a simulated patient); outbox near its budget and a demoted model in runs of
-their own.  Each state is asserted in the text, the JSON, the exit code and the STATUS= line.
+a pseudo-terminal, a simulated patient); outbox near its budget and a demoted model together in
+a second run.  Each state is asserted in the text, the JSON, the exit code and the STATUS= line.
 """
 
 from __future__ import annotations
@@ -251,54 +251,56 @@ protocol = "nonin2"
     assert "no socket there: is the gateway running?" in capsys.readouterr().err
 
 
-def test_outbox_near_budget(tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]) -> None:
+def test_outbox_near_budget_and_model_demoted(
+    tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
+) -> None:
     state = tmp_path / "state"
     with Outbox(state / "outbox.db") as ob:
         now = time.time()
         ob.put_many([OutItem(Lane.FEATURES, "features/aaaa", b"x" * 1000, now) for _ in range(92)])
-    config = _config(tmp_path, '[outbox]\nmax_mb = 0.1\n[uplink]\nkind = "none"\n' + SIM)
+    # A latency budget no model can meet: three overruns in a row demote it to the fallback.
+    config = _config(
+        tmp_path,
+        '[outbox]\nmax_mb = 0.1\n[uplink]\nkind = "none"\n'
+        '[models]\nuse = [{ name = "vitals_mimic", latency_budget_us = 0.001 }]\n' + SIM,
+    )
     gw = Gateway(config, notify)
     try:
+        # Outbox near its budget: the first thing the headline says.
         snap = gw.wait(
             capsys,
             lambda s: s["outbox"]["queued"] >= 92 and all(u["state"] == "running" for u in s["units"]),
             "started",
         )
         assert snap["health"] == "degraded"
-        assert re.fullmatch(r"outbox at (8\d|9\d|100)% of its 102 KB budget, \d+ queued", snap["headline"])
+        budget = r"outbox at (8\d|9\d|100)% of its 102 KB budget, \d+ queued"
+        assert re.fullmatch(budget + r"( \(\+1 more\))?", snap["headline"])
         lane = snap["outbox"]["lanes"]["features"]
         assert lane["queued"] >= 92
         assert lane["oldest_age_s"] >= 0
         rc, text = gw.status(capsys)
         assert rc == 1
         assert re.search(r"^  features +\d+ queued +\d+ bytes  oldest \d+ s", text, re.MULTILINE)
-        assert re.match(r"outbox at \d+% of its 102 KB budget", _wait_status_line(notify, "^outbox at"))
-    finally:
-        err = gw.stop()
-    assert gw.proc.returncode == 0, err
+        assert re.match(budget, _wait_status_line(notify, "^outbox at"))
 
-
-def test_model_demoted(tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]) -> None:
-    # A latency budget no model can meet: three overruns in a row demote it to the fallback.
-    config = _config(
-        tmp_path,
-        f'[uplink]\nkind = "local"\npath = "{tmp_path / "out.jsonl"}"\n'
-        '[models]\nuse = [{ name = "vitals_mimic", latency_budget_us = 0.001 }]\n' + SIM,
-    )
-    gw = Gateway(config, notify)
-    try:
+        # Model demoted: per subject in the JSON and the text, counted in the headline.
         snap = gw.wait(capsys, lambda s: s["models"] and s["models"][0]["state"] == "demoted", "demoted")
         (model,) = snap["models"]
         assert [x["state"] for x in model["subjects"]] == ["demoted"]
         assert snap["health"] == "degraded"
-        assert snap["headline"] == "model vitals_mimic demoted"
+        assert re.fullmatch(budget + r" \(\+1 more\)", snap["headline"])
         rc, text = gw.status(capsys)
         assert rc == 1
         assert re.search(r"^  vitals_mimic: demoted; [a-z2-7]{16} demoted$", text, re.MULTILINE)
-        assert _wait_status_line(notify, "^model vitals_mimic demoted$")
     finally:
         err = gw.stop()
     assert gw.proc.returncode == 0, err
+
+
+def test_model_demoted_is_the_headline_when_alone() -> None:
+    snap = _snap(models=[{"name": "vitals_mimic", "state": "demoted", "subjects": []}])
+    assert health(snap) == "degraded"
+    assert headline(snap) == "model vitals_mimic demoted"
 
 
 def _snap(**over: Any) -> dict[str, Any]:

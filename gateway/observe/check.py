@@ -667,7 +667,7 @@ def _sources(config: Config, probes: Mapping[str, Probe]) -> list[Finding]:
         cfg = entry.config
         name = f"source {entry.info.name}"
         port = getattr(cfg, "port", None)
-        if isinstance(port, Path):
+        if isinstance(port, Path) and entry.driver not in probes:  # a driver's probe covers its port
             if not port.exists():
                 out.append(
                     _env(

@@ -34,7 +34,8 @@ try {
   const second = await values();
   await page.waitForFunction(() => document.querySelectorAll("svg.trend polyline").length > 0, null, { timeout: 20000 });
   const points = await page.$$eval("svg.trend polyline", ps => ps.map(p => p.getAttribute("points").split(" ").length));
-  await page.waitForTimeout(4000); // a few seconds of trend in the screenshot
+  // A few seconds of trend in the committed screenshot; a short look otherwise.
+  await page.waitForTimeout(process.env.EDGETWIN_UPDATE_SCREENSHOTS ? 4000 : 1000);
   await page.screenshot({ path: `${shots}/status-page.png`, fullPage: true });
   say("live", {
     status: loaded.status(),
