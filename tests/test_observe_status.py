@@ -26,6 +26,7 @@ from uplink_support import require_mosquitto
 from drivers.serial.sim import PtyOximeter, VitalsModel
 from gateway.cli import main
 from gateway.contracts import Lane
+from gateway.observe.config import StatusSection, socket_path
 from gateway.observe.status import headline, health
 from gateway.outbox import Outbox, OutItem
 from gateway.uplink.broker import MosquittoBroker
@@ -331,3 +332,14 @@ def test_status_without_a_gateway_exits_3(tmp_path: Path, capsys: pytest.Capture
     rc = main(["status", "--socket", str(tmp_path / "none.sock")])
     assert rc == 3
     assert "no socket there: is the gateway running?" in capsys.readouterr().err
+
+
+def test_socket_path_follows_systemd_then_config_then_state_dir(tmp_path: Path) -> None:
+    default = StatusSection()
+    env = {"RUNTIME_DIRECTORY": "/run/edgetwin-test:/run/other"}
+    assert socket_path(default, tmp_path, env) == Path("/run/edgetwin-test/control.sock")
+    chosen = StatusSection.model_validate({"socket": str(tmp_path / "s.sock")})
+    assert socket_path(chosen, tmp_path, env) == tmp_path / "s.sock"
+    if not Path("/run/edgetwin").exists():
+        assert socket_path(default, tmp_path, {}) == tmp_path / "control.sock"
+        assert socket_path(default, tmp_path, {}, client=True) == tmp_path / "control.sock"

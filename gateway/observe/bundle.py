@@ -214,7 +214,7 @@ def write_bundle(
     snapshot: dict[str, Any] | None = None
     if config is not None:
         try:
-            snapshot = query(socket_path(config.core.status, config.core.gateway.state_dir))
+            snapshot = query(socket_path(config.core.status, config.core.gateway.state_dir, client=True))
         except StatusUnavailableError as exc:
             files["status.txt"] = f"{exc}\n"
         else:

@@ -24,7 +24,7 @@ def _socket_for(args: argparse.Namespace) -> Path:
     from gateway.observe.config import socket_path  # noqa: PLC0415
 
     config = load(args.config, REGISTRY)
-    return socket_path(config.core.status, config.core.gateway.state_dir)
+    return socket_path(config.core.status, config.core.gateway.state_dir, client=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

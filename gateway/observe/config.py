@@ -74,7 +74,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def socket_path(section: StatusSection, state_dir: Path, environ: dict[str, str] | None = None) -> Path:
+def socket_path(
+    section: StatusSection, state_dir: Path, environ: dict[str, str] | None = None, *, client: bool = False
+) -> Path:
     """Where the control socket of a gateway with this config is (server and client agree)."""
     if section.socket is not None:
         return section.socket
@@ -83,5 +85,9 @@ def socket_path(section: StatusSection, state_dir: Path, environ: dict[str, str]
     if runtime:
         return Path(runtime) / SOCKET_NAME
     if DEFAULT_RUNTIME_DIR.is_dir() and os.access(DEFAULT_RUNTIME_DIR, os.W_OK | os.X_OK):
+        return DEFAULT_RUNTIME_DIR / SOCKET_NAME
+    # A member of the edgetwin group may enter /run/edgetwin but not write it: as a client it
+    # still finds the gateway's socket there.
+    if client and (DEFAULT_RUNTIME_DIR / SOCKET_NAME).exists():
         return DEFAULT_RUNTIME_DIR / SOCKET_NAME
     return state_dir / SOCKET_NAME
