@@ -185,7 +185,11 @@ protocol = "nonin2"
         # Healthy: every unit runs, the uplink is connected, every stream is fresh.
         snap = gw.wait(
             capsys,
-            lambda s: s["health"] == "healthy" and all(st["streams"] for st in s["sources"]),
+            lambda s: (
+                s["health"] == "healthy"
+                and all(st["streams"] for st in s["sources"])
+                and s["uplink"]["publish_latency_p50_s"] is not None
+            ),
             "healthy",
         )
         rc, text = gw.status(capsys)
@@ -197,6 +201,7 @@ protocol = "nonin2"
             r"  healthy: 6/6 units running, \d+ stream\(s\), uplink connected [\d.]+/s, \d+ queued", second
         )
         assert snap["uplink"]["state"] == "connected"
+        assert 0 < snap["uplink"]["publish_latency_p50_s"] < 5  # publish to PUBACK on loopback
         assert {s["name"]: s["link"] for s in snap["sources"]} == {"bed7-sim": "up", "bed7-spo2": "up"}
         spo2 = next(s for s in snap["sources"] if s["name"] == "bed7-spo2")
         assert {st["metric"] for st in spo2["streams"]} >= {"MDC_PULS_OXIM_SAT_O2", "MDC_PULS_OXIM_PULS_RATE"}

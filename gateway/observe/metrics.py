@@ -98,15 +98,18 @@ def families(snap: dict[str, Any]) -> Iterator[GaugeMetricFamily | CounterMetric
     delivered.add_metric([upl["kind"]], upl["delivered"])
     backlog = _gauge("edgetwin_uplink_replay_backlog_records", "records waiting to be replayed")
     backlog.add_metric([], upl["replay_backlog"])
-    yield from (connected, since, delivered, backlog)
+    latency = _gauge("edgetwin_uplink_publish_latency_seconds", "median publish-to-PUBACK time (sampled)")
+    if upl.get("publish_latency_p50_s") is not None:
+        latency.add_metric([], upl["publish_latency_p50_s"])
+    yield from (connected, since, delivered, backlog, latency)
 
     demoted = _gauge("edgetwin_model_demoted", "1 while the model is demoted to its fallback", ["model"])
-    latency = _gauge("edgetwin_model_latency_seconds", "median model latency per window", ["model"])
+    model_latency = _gauge("edgetwin_model_latency_seconds", "median model latency per window", ["model"])
     for m in snap["models"]:
         demoted.add_metric([m["name"]], 1.0 if m["state"] == "demoted" else 0.0)
         if m.get("latency_p50_us") is not None:
-            latency.add_metric([m["name"]], m["latency_p50_us"] / 1e6)
-    yield from (demoted, latency)
+            model_latency.add_metric([m["name"]], m["latency_p50_us"] / 1e6)
+    yield from (demoted, model_latency)
 
     alarms = _gauge("edgetwin_alarms_active", "alarms active now per kind", ["kind"])
     counts: dict[str, int] = {}

@@ -225,6 +225,8 @@ class StatusBoard:
         session = getattr(up, "_session", None)
         replaying = bool(getattr(session, "replaying", False)) if state == "connected" else False
         last_error = getattr(up, "last_error", "") or (unit.last_error if unit is not None else "")
+        latencies = sorted(getattr(up, "publish_latency_s", ()))
+        p50 = round(latencies[len(latencies) // 2], 4) if latencies else None
         return {
             "kind": self._uplink_kind,
             "state": state,
@@ -235,6 +237,7 @@ class StatusBoard:
             # Everything not yet acknowledged is what a reconnect replays.
             "replay_backlog": queued if state != "connected" or replaying else 0,
             "replaying": replaying,
+            "publish_latency_p50_s": p50,  # publish to PUBACK, MQTT only
         }
 
     def _alarms(self, now: float) -> list[dict[str, Any]]:
