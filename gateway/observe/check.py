@@ -697,7 +697,7 @@ def _sources(config: Config, probes: Mapping[str, Probe]) -> list[Finding]:
         elif isinstance(endpoint, str) and endpoint.startswith("opc.tcp://"):
             out += _opcua(name, endpoint)
         adapter = getattr(cfg, "adapter", None)
-        if isinstance(adapter, str) and adapter.startswith("hci"):
+        if isinstance(adapter, str) and adapter.startswith("hci") and entry.driver not in probes:
             if Path("/sys/class/bluetooth", adapter).exists():
                 out.append(_env(Level.PASS, "ble", f"{name}: adapter {adapter} present"))
             else:
