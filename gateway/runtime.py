@@ -94,6 +94,7 @@ class Pipeline:
         self.sink: SampleSink = _Sink(self.put, self.put_block, self.driver_alarm, self.diagnostic)
         self.last_beat = time.monotonic()
         self.submitted = dict.fromkeys(Lane, 0)
+        self.last_diagnostics: dict[tuple[str, str | None], Diagnostic] = {}
         self._next_counters = time.monotonic() + COUNTERS_EVERY_S
 
     def put(self, sample: Sample) -> None:
@@ -159,7 +160,8 @@ class Pipeline:
             self.alarm(folded)
 
     def diagnostic(self, diagnostic: Diagnostic) -> None:
-        """Seal and queue a diagnostic record."""
+        """Seal and queue a diagnostic record (the latest of each kind and subject is kept for status)."""
+        self.last_diagnostics[(diagnostic.kind, diagnostic.subject)] = diagnostic
         self._submit(lambda: self._anon.diagnostic(diagnostic))
 
     def window(self, record: WindowRecord) -> None:

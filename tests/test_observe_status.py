@@ -178,6 +178,7 @@ driver = "serial"
 subject = "{PATIENT}"
 port = "{oxi.path}"
 protocol = "nonin2"
+diagnostics_every_s = 1.0
 """,
     )
     gw = Gateway(config, notify)
@@ -202,6 +203,11 @@ protocol = "nonin2"
         )
         assert snap["uplink"]["state"] == "connected"
         assert 0 < snap["uplink"]["publish_latency_p50_s"] < 5  # publish to PUBACK on loopback
+        snap = gw.wait(capsys, lambda s: any(r["kind"] == "serial_link" for r in s["reports"]), "link report")
+        (link,) = [r for r in snap["reports"] if r["kind"] == "serial_link"]
+        assert link["subject"] == snap["sources"][0]["streams"][0]["subject"]  # a pseudonym
+        assert link["counters"]  # the driver's own frame and byte counters, numbers only
+        assert all(isinstance(v, int | float) for v in link["counters"].values())
         assert {s["name"]: s["link"] for s in snap["sources"]} == {"bed7-sim": "up", "bed7-spo2": "up"}
         spo2 = next(s for s in snap["sources"] if s["name"] == "bed7-spo2")
         assert {st["metric"] for st in spo2["streams"]} >= {"MDC_PULS_OXIM_SAT_O2", "MDC_PULS_OXIM_PULS_RATE"}

@@ -98,6 +98,7 @@ class StatusBoard:
             "uplink": self._uplink_state(now, stats.queued if stats is not None else 0),
             "alarms": self._alarms(now),
             "pipeline": self._pipeline.counters(),
+            "reports": self._reports(),
         }
         snap["health"] = health(snap)
         snap["headline"] = headline(snap)
@@ -240,6 +241,26 @@ class StatusBoard:
             "publish_latency_p50_s": p50,  # publish to PUBACK, MQTT only
         }
 
+    def _reports(self) -> list[dict[str, Any]]:
+        """The latest link and health counters each driver and model reported (numbers only)."""
+        out = []
+        wall = time.time()
+        for (kind, subject), diag in sorted(
+            getattr(self._pipeline, "last_diagnostics", {}).items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
+        ):
+            if kind in {"counters", "sim_label"}:
+                continue  # the gateway's own counters are above; simulator labels are ground truth
+            numbers = {k: v for k, v in diag.detail.items() if isinstance(v, int | float)}
+            out.append(
+                {
+                    "kind": kind,
+                    "subject": self._pseudonym(subject) if subject else "",
+                    "age_s": round(max(0.0, wall - diag.t_wall), 1),
+                    "counters": numbers,
+                }
+            )
+        return out
+
     def _alarms(self, now: float) -> list[dict[str, Any]]:
         out = []
         for st in self._pipeline.windower.stream_states():
@@ -381,6 +402,13 @@ def render_text(snap: Mapping[str, Any]) -> str:
                 f"    {st['metric']:<28} {st['status']:<8} last sample {_age(st['last_sample_age_s'])} ago"
                 f"  subject {st['subject']}"
             )
+    reports = snap.get("reports", [])
+    if reports:
+        lines += ["", "driver and model reports (latest):"]
+        for r in reports:
+            counters = ", ".join(f"{k} {v:g}" for k, v in sorted(r["counters"].items())) or "-"
+            who = f" subject {r['subject']}" if r["subject"] else ""
+            lines.append(f"  {r['kind']}{who} ({_age(r['age_s'])} ago): {counters}")
     if snap["models"]:
         lines += ["", "models:"]
         for m in snap["models"]:
