@@ -104,7 +104,8 @@ class ControlServer:
             line = await asyncio.wait_for(reader.readline(), _REQUEST_TIMEOUT_S)
             request = line[:_MAX_REQUEST].decode(errors="replace").strip()
             if request == "status":
-                body: Any = self._board.snapshot or await self._board.refresh()
+                # Composed now (cheap); only the outbox's figures come from the last refresh.
+                body: Any = self._board.compose() if self._board.snapshot else await self._board.refresh()
             else:
                 body = {"error": f"unknown request {request[:40]!r}: send 'status'"}
             writer.write(json.dumps(body, separators=(",", ":")).encode() + b"\n")

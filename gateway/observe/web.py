@@ -108,7 +108,9 @@ class StatusWeb:
         return web.json_response(self._board.compose())
 
     async def _metrics(self, _request: web.Request) -> web.StreamResponse:
-        body = await asyncio.to_thread(render, self._registry)
+        # On the loop, not in a thread: the collector reads the pipeline's live state, which only
+        # the loop may touch; a scrape is a few hundred lines.
+        body = render(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
