@@ -6,6 +6,7 @@ scraped over HTTP and parsed with the Prometheus client's own parser.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +65,11 @@ def _config(tmp: Path, status: str, body: str) -> Path:
 def run_gateway() -> Iterator[Any]:
     procs: list[subprocess.Popen[str]] = []
 
-    def start(config: Path) -> subprocess.Popen[str]:
+    def start(config: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[str]:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         env.pop("NOTIFY_SOCKET", None)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
+            [*prefix, sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -106,6 +107,57 @@ def _wait_http(url: str, proc: subprocess.Popen[str], ctx: ssl.SSLContext | None
         except OSError:
             time.sleep(0.2)
     raise AssertionError(f"{url} never answered")
+
+
+@contextlib.contextmanager
+def _lan() -> Iterator[tuple[list[str], str]]:
+    """A private network namespace with a non-loopback address; (command prefix, address).
+
+    Where no namespace can be made (no root, no iproute2), loopback stands in: the token is then
+    still required (it is configured), only the address is not a LAN one.
+    """
+    name = f"edgetwin-web-{os.getpid()}"
+    ip = shutil.which("ip")
+    if ip is None or subprocess.run([ip, "netns", "add", name], capture_output=True, check=False).returncode:
+        yield [], "127.0.0.1"
+        return
+    try:
+        for cmd in (
+            ["link", "add", "etw0", "type", "veth", "peer", "name", "etw1"],
+            ["addr", "add", "10.231.0.1/24", "dev", "etw0"],
+            ["link", "set", "etw0", "up"],
+            ["link", "set", "etw1", "up"],
+            ["link", "set", "lo", "up"],
+        ):
+            subprocess.run([ip, "netns", "exec", name, ip, *cmd], check=True, capture_output=True)
+        yield [ip, "netns", "exec", name], "10.231.0.1"
+    finally:
+        subprocess.run([ip, "netns", "del", name], check=False, capture_output=True)
+
+
+_FETCH = """
+import ssl, sys, urllib.error, urllib.request
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=3, context=ctx) as r:
+        print(r.status)
+except urllib.error.HTTPError as exc:
+    print(exc.code)
+except OSError:
+    print(0)
+"""
+
+
+def _fetch(prefix: Sequence[str], url: str, cafile: Path) -> int:
+    """The HTTP status of ``url`` fetched from inside the namespace (0: no connection)."""
+    done = subprocess.run(
+        [*prefix, sys.executable, "-c", _FETCH, url, str(cafile)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    return int(done.stdout.strip() or 0)
 
 
 def _samples(families: list[Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -198,8 +250,19 @@ def _require_browser() -> str:
 
 def test_status_page_in_chromium(tmp_path: Path, run_gateway: Any) -> None:
     node = _require_browser()
+    with _lan() as (prefix, host):
+        steps = _browse(tmp_path, run_gateway, node, prefix, host)
+    # Served on a LAN address in a private network namespace (loopback only where none can be made).
+    assert host == "10.231.0.1" or not prefix
+    print(f"status page served on {host} ({'a private network namespace' if prefix else 'loopback'})")
+    _check_steps(steps, tmp_path / "shots")
+
+
+def _browse(
+    tmp_path: Path, run_gateway: Any, node: str, prefix: list[str], host: str
+) -> dict[str, dict[str, Any]]:
     ca = DemoCA(tmp_path / "pki", "edgetwin status CA")
-    web = ca.issue("web", "edgetwin status page", server=True, hosts=("127.0.0.1",))
+    web = ca.issue("web", "edgetwin status page", server=True, hosts=(host,))
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
@@ -209,24 +272,27 @@ def test_status_page_in_chromium(tmp_path: Path, run_gateway: Any) -> None:
     port = free_port()
     config = _config(
         tmp_path,
-        f'http = "127.0.0.1:{port}"\ntls_cert_file = "{web.cert}"\ntls_key_file = "{web.key}"\n'
+        f'http = "{host}:{port}"\ntls_cert_file = "{web.cert}"\ntls_key_file = "{web.key}"\n'
         f'token_file = "{token}"',
         _sim()
         + f'[[sources]]\nname = "bed4-spo2"\ndriver = "serial"\nsubject = "{PATIENT}"\nport = "{oxi.path}"\n'
         'protocol = "nonin2"\n',
     )
-    proc = run_gateway(config)
-    ctx = ssl.create_default_context(cafile=str(ca.ca_file))
-    url = f"https://127.0.0.1:{port}/"
+    proc = run_gateway(config, prefix)
+    url = f"https://{host}:{port}/"
+    steps: dict[str, dict[str, Any]] = {}
     try:
-        _wait_http(url, proc, ctx)
-        assert _get(url + "metrics", ctx)[0] == 401  # the token guards every route
-        assert _get(url + "api/status?token=" + TOKEN, ctx)[0] == 200
+        deadline = time.monotonic() + 30
+        while _fetch(prefix, url + "metrics", ca.ca_file) == 0:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, f"{url} never answered"
+            time.sleep(0.3)
+        assert _fetch(prefix, url + "metrics", ca.ca_file) == 401  # the token guards every route
+        assert _fetch(prefix, url + "api/status?token=" + TOKEN, ca.ca_file) == 200
         shots = tmp_path / "shots"
         shots.mkdir()
-        steps: dict[str, dict[str, Any]] = {}
         with subprocess.Popen(
-            [node, str(BROWSER / "statuspage.mjs"), f"{url}?token={TOKEN}", str(shots)],
+            [*prefix, node, str(BROWSER / "statuspage.mjs"), f"{url}?token={TOKEN}", str(shots)],
             cwd=BROWSER,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -255,7 +321,13 @@ def test_status_page_in_chromium(tmp_path: Path, run_gateway: Any) -> None:
         assert "alarm" in steps, err
     finally:
         oxi.stop()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+    return steps
 
+
+def _check_steps(steps: dict[str, dict[str, Any]], shots: Path) -> None:
     refused = steps["without-token"]
     assert refused["status"] == 401
     assert refused["text"].startswith("edgetwin status: a token is required")
