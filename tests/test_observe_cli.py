@@ -41,6 +41,24 @@ def test_every_option_has_help_showing_its_default(command: str) -> None:
             assert f"(default: {action.default})" in " ".join(text.split()), action.option_strings[0]
 
 
+def _all_parsers(
+    parser: argparse.ArgumentParser, path: str = "edgetwin"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield path, parser
+    for name, sub in _subparsers(parser).items():
+        yield from _all_parsers(sub, f"{path} {name}")
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    missing = [
+        f"{path} {action.option_strings[0]}"
+        for path, parser in _all_parsers(build_parser())
+        for action in parser._actions
+        if action.option_strings and not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert missing == []
+
+
 def test_plugin_commands_show_defaults_too() -> None:
     text = " ".join(_subparsers(_subparsers(build_parser())["provision"])["demo-ca"].format_help().split())
     assert "(default: 8883)" in text
