@@ -221,7 +221,7 @@ class Pipeline:
 
     def anomalous(self) -> set[tuple[str, str]]:
         """(subject, model) pairs in an anomaly episode now."""
-        return set(self._anomalous)
+        return set(self._episodes.active())
 
     def counters(self) -> dict[str, float | str]:
         """Pipeline counters for diagnostics and STATUS."""

@@ -195,6 +195,7 @@ def test_metrics_follow_the_running_state(tmp_path: Path, run_gateway: Any) -> N
         "edgetwin_outbox_oldest_age_seconds",
         "edgetwin_outbox_dropped",
         "edgetwin_outbox_budget_bytes",
+        "edgetwin_outbox_degraded",
         "edgetwin_uplink_connected",
         "edgetwin_uplink_delivered",
         "edgetwin_model_demoted",
@@ -207,6 +208,7 @@ def test_metrics_follow_the_running_state(tmp_path: Path, run_gateway: Any) -> N
     assert types["edgetwin_outbox_records"] == "gauge"
     got = _samples(families)
     assert got[("edgetwin_health", ())] == 0.0
+    assert got[("edgetwin_outbox_degraded", ())] == 0.0
     units = {dict(k[1])["unit"]: v for k, v in got.items() if k[0] == "edgetwin_unit_up"}
     assert units == {u["name"]: 1.0 for u in after["units"]}
     assert {"outbox", "uplink", "pipeline", "source:bed4-sim", "status", "web"} == set(units)

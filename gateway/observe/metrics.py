@@ -85,7 +85,11 @@ def families(snap: dict[str, Any]) -> Iterator[GaugeMetricFamily | CounterMetric
             dropped.add_metric([lane, reason], n)
     budget = _gauge("edgetwin_outbox_budget_bytes", "the outbox's byte budget")
     budget.add_metric([], ob["budget_bytes"])
-    yield from (depth, size, oldest, dropped, budget)
+    degraded = _gauge(
+        "edgetwin_outbox_degraded", "1 while the outbox refuses lower lanes (disk full, failing writes)"
+    )
+    degraded.add_metric([], 1.0 if ob.get("degraded") else 0.0)
+    yield from (depth, size, oldest, dropped, budget, degraded)
 
     upl = snap["uplink"]
     connected = _gauge("edgetwin_uplink_connected", "1 while the uplink is connected", ["kind"])

@@ -187,21 +187,28 @@ class StatusBoard:
         return out
 
     def _outbox_state(self, stats: Any) -> dict[str, Any]:
+        # Drops as the outbox counts them now: persisted ones and those refused before a write.
+        drops: dict[str, dict[str, int]] = (
+            self._outbox.drop_counts() if hasattr(self._outbox, "drop_counts") else {}
+        )
         lanes = {}
         for lane, ls in stats.lanes.items() if stats is not None else ():
-            lanes[lane.name.lower()] = {
+            name = lane.name.lower()
+            lanes[name] = {
                 "queued": ls.queued,
                 "bytes": ls.queued_bytes,
                 "oldest_age_s": round(ls.oldest_age_s, 1) if ls.oldest_age_s is not None else None,
                 "leased": ls.leased,
-                "dropped": dict(ls.dropped),
+                "dropped": dict(drops.get(name, ls.dropped)),
             }
         return {
             "queued": stats.queued if stats is not None else 0,
             "bytes": stats.total_bytes if stats is not None else 0,
             "budget_bytes": self._budget,
             "pending_write": self._outbox.pending,
-            "refused_unwritten": self._outbox.pending_dropped,
+            "dropped": sum(sum(r.values()) for r in drops.values()),
+            # Why it refuses lower lanes (a full disk, failing writes), or None.
+            "degraded": self._outbox.health() if hasattr(self._outbox, "health") else None,
             "lanes": lanes,
         }
 
@@ -305,6 +312,9 @@ def _problems(snap: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     starting = [u["name"] for u in snap["units"] if u["state"] == "starting"]
     if starting:
         degraded.append("starting: " + ", ".join(starting))
+    if snap["outbox"].get("degraded"):
+        # Capitals: a full disk or failing writes lose data; nothing else matters as much.
+        degraded.append(f"OUTBOX DEGRADED: {snap['outbox']['degraded']}")
     up = snap["uplink"]
     if up["state"] not in {"connected", "none"}:
         degraded.append(f"uplink {up['state']} {up['since_s']:.0f} s, {snap['outbox']['queued']} queued")
@@ -353,9 +363,10 @@ def headline(snap: Mapping[str, Any]) -> str:
     streams = sum(len(s["streams"]) for s in snap["sources"])
     up = snap["uplink"]
     uplink = "no uplink" if up["state"] == "none" else f"uplink {up['state']} {up['records_per_s']:g}/s"
+    dropped = snap["outbox"].get("dropped", 0)
     return (
         f"healthy: {running}/{len(snap['units'])} units running, {streams} stream(s), {uplink}, "
-        f"{snap['outbox']['queued']} queued"
+        f"{snap['outbox']['queued']} queued" + (f", {dropped} dropped" if dropped else "")
     )
 
 
@@ -417,7 +428,8 @@ def render_text(snap: Mapping[str, Any]) -> str:
     ob = snap["outbox"]
     lines += [
         "",
-        f"outbox: {ob['queued']} queued, {_size(ob['bytes'])} of its {_size(ob['budget_bytes'])} budget",
+        f"outbox: {ob['queued']} queued, {_size(ob['bytes'])} of its {_size(ob['budget_bytes'])} budget, "
+        f"{ob.get('dropped', 0)} dropped" + (f"; DEGRADED: {ob['degraded']}" if ob.get("degraded") else ""),
     ]
     for lane, ls in ob["lanes"].items():
         lines.append(
