@@ -27,7 +27,7 @@ from drivers.serial.sim import PtyOximeter, VitalsModel
 from gateway.cli import main
 from gateway.contracts import Lane
 from gateway.observe.config import StatusSection, socket_path
-from gateway.observe.status import headline, health
+from gateway.observe.status import headline, health, render_text
 from gateway.outbox import Outbox, OutItem
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import demo_pki
@@ -318,13 +318,20 @@ def test_model_demoted_is_the_headline_when_alone() -> None:
 def _snap(**over: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "units": [
-            {"name": "outbox", "state": "running", "critical": True, "last_error": ""},
-            {"name": "pipeline", "state": "running", "critical": True, "last_error": ""},
+            {"name": "outbox", "state": "running", "critical": True, "last_error": "", "since_s": 5.0},
+            {"name": "pipeline", "state": "running", "critical": True, "last_error": "", "since_s": 5.0},
         ],
         "sources": [],
         "models": [],
-        "outbox": {"queued": 0, "bytes": 0, "budget_bytes": 1000},
-        "uplink": {"state": "none", "since_s": 0.0, "records_per_s": 0.0},
+        "outbox": {"queued": 0, "bytes": 0, "budget_bytes": 1000, "lanes": {}},
+        "uplink": {
+            "kind": "none",
+            "state": "none",
+            "since_s": 0.0,
+            "records_per_s": 0.0,
+            "replay_backlog": 0,
+            "last_error": "",
+        },
         "alarms": [],
     }
     base.update(over)
@@ -354,3 +361,23 @@ def test_socket_path_follows_systemd_then_config_then_state_dir(tmp_path: Path) 
     if not Path("/run/edgetwin").exists():
         assert socket_path(default, tmp_path, {}) == tmp_path / "control.sock"
         assert socket_path(default, tmp_path, {}, client=True) == tmp_path / "control.sock"
+
+
+def test_a_stalled_unit_is_named_with_its_reason() -> None:
+    snap = _snap()
+    snap["units"].append(
+        {
+            "name": "source:plc",
+            "state": "running",
+            "critical": False,
+            "last_error": "",
+            "since_s": 3.0,
+            "stalled": "connect: waiting for 40 s, past its bound of 10 s",
+            "waiting": "connect",
+        }
+    )
+    snap.update(version="0.1.0", pid=1, uptime_s=5.0, health=health(snap), headline=headline(snap))
+    assert snap["health"] == "degraded"
+    assert snap["headline"] == "source:plc stalled: connect: waiting for 40 s, past its bound of 10 s"
+    text = render_text(snap)
+    assert "waiting: connect  STALLED: connect: waiting for 40 s" in text

@@ -119,6 +119,9 @@ class StatusBoard:
                     "since_s": round(self._since.see(f"unit:{unit.name}", state, now), 1),
                     "failures": unit.failures,
                     "last_error": unit.last_error,
+                    # What an attempt is waiting for (a connect, a device), and why it counts as stalled.
+                    "waiting": unit.pulse.wait if unit.attempting and unit.pulse is not None else None,
+                    "stalled": unit.stale_reason(now) if hasattr(unit, "stale_reason") else None,
                 }
             )
         return out
@@ -309,6 +312,7 @@ def _problems(snap: Mapping[str, Any]) -> tuple[list[str], list[str]]:
         for u in snap["units"]
         if u["critical"] and u["state"] not in {"running", "starting"}
     ]
+    degraded += [f"{u['name']} stalled: {u['stalled']}" for u in snap["units"] if u.get("stalled")]
     starting = [u["name"] for u in snap["units"] if u["state"] == "starting"]
     if starting:
         degraded.append("starting: " + ", ".join(starting))
@@ -402,6 +406,10 @@ def render_text(snap: Mapping[str, Any]) -> str:
     ]
     for u in snap["units"]:
         err = f"  ({u['last_error']})" if u["last_error"] and u["state"] != "running" else ""
+        if u.get("waiting"):
+            err += f"  waiting: {u['waiting']}"
+        if u.get("stalled"):
+            err += f"  STALLED: {u['stalled']}"
         lines.append(f"  {u['name']:<24} {u['state']:<9} since {_age(u['since_s'])}{err}")
     lines += ["", "sources:"]
     for s in snap["sources"]:
