@@ -229,7 +229,7 @@ diagnostics_every_s = 1.0
             "broker down",
         )
         assert snap["health"] == "degraded"
-        assert re.fullmatch(r"uplink down \d+ s, \d+ queued", snap["headline"])
+        assert re.fullmatch(r"uplink down \d+ s, \d+ queued(, dropped \d+)?", snap["headline"])
         assert snap["uplink"]["last_error"]
         assert snap["uplink"]["replay_backlog"] == snap["outbox"]["queued"]
         rc, text = gw.status(capsys)
@@ -237,7 +237,7 @@ diagnostics_every_s = 1.0
         assert text.splitlines()[0].endswith("): DEGRADED")
         assert re.search(r"^uplink \(mqtt\): down since \d+ s, .*; last error: ", text, re.MULTILINE)
         assert re.fullmatch(
-            r"uplink down \d+ s, \d+ queued", _wait_status_line(notify, r"^uplink down [1-9]")
+            r"uplink down \d+ s, \d+ queued(, dropped \d+)?", _wait_status_line(notify, r"^uplink down [1-9]")
         )
 
         # Device unplugged: its link retries, its streams are lost, an alarm is active.
@@ -286,7 +286,7 @@ def test_outbox_near_budget_and_model_demoted(
         )
         assert snap["health"] == "degraded"
         budget = r"outbox at (8\d|9\d|100)% of its 102 KB budget, \d+ queued"
-        assert re.fullmatch(budget + r"( \(\+1 more\))?", snap["headline"])
+        assert re.fullmatch(budget + r"( \(\+1 more\))?(, dropped \d+)?", snap["headline"])
         lane = snap["outbox"]["lanes"]["features"]
         assert lane["queued"] >= 92
         assert lane["oldest_age_s"] >= 0
@@ -300,7 +300,7 @@ def test_outbox_near_budget_and_model_demoted(
         (model,) = snap["models"]
         assert [x["state"] for x in model["subjects"]] == ["demoted"]
         assert snap["health"] == "degraded"
-        assert re.fullmatch(budget + r" \(\+1 more\)", snap["headline"])
+        assert re.fullmatch(budget + r" \(\+1 more\)(, dropped \d+)?", snap["headline"])
         rc, text = gw.status(capsys)
         assert rc == 1
         assert re.search(r"^  vitals_mimic: demoted; [a-z2-7]{16} demoted$", text, re.MULTILINE)
@@ -381,3 +381,11 @@ def test_a_stalled_unit_is_named_with_its_reason() -> None:
     assert snap["headline"] == "source:plc stalled: connect: waiting for 40 s, past its bound of 10 s"
     text = render_text(snap)
     assert "waiting: connect  STALLED: connect: waiting for 40 s" in text
+
+
+def test_drops_are_in_every_headline() -> None:
+    snap = _snap()
+    snap["outbox"]["dropped"] = 3
+    assert headline(snap) == "healthy: 2/2 units running, 0 stream(s), no uplink, 0 queued, dropped 3"
+    snap["units"][1].update(state="failed", last_error="x")
+    assert headline(snap) == "down: pipeline failed: x, dropped 3"

@@ -360,17 +360,19 @@ def headline(snap: Mapping[str, Any]) -> str:
     """The one thing that matters most, for STATUS= and the first line of ``status``."""
     down, degraded = _problems(snap)
     problems = down + degraded
+    dropped = snap["outbox"].get("dropped", 0)
+    # Records lost undelivered are always worth the few characters, whatever else is said.
+    lost = f", dropped {dropped}" if dropped else ""
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        return ("down: " if down else "") + problems[0] + more
+        return ("down: " if down else "") + problems[0] + more + lost
     running = sum(1 for u in snap["units"] if u["state"] == "running")
     streams = sum(len(s["streams"]) for s in snap["sources"])
     up = snap["uplink"]
     uplink = "no uplink" if up["state"] == "none" else f"uplink {up['state']} {up['records_per_s']:g}/s"
-    dropped = snap["outbox"].get("dropped", 0)
     return (
         f"healthy: {running}/{len(snap['units'])} units running, {streams} stream(s), {uplink}, "
-        f"{snap['outbox']['queued']} queued" + (f", {dropped} dropped" if dropped else "")
+        f"{snap['outbox']['queued']} queued{lost}"
     )
 
 
