@@ -235,9 +235,10 @@ class StatusBoard:
         rate = max(0.0, (acked - n0) / (now - t0)) if now > t0 else 0.0
         session = getattr(up, "_session", None)
         replaying = bool(getattr(session, "replaying", False)) if state == "connected" else False
-        last_error = getattr(up, "last_error", "") or (unit.last_error if unit is not None else "")
-        latencies = sorted(getattr(up, "publish_latency_s", ()))
-        p50 = round(latencies[len(latencies) // 2], 4) if latencies else None
+        # The uplink's own account of why it is not connected, else the unit's last failure.
+        last_error = getattr(up, "problem", None) or (unit.last_error if unit is not None else "")
+        if state == "connected":
+            last_error = unit.last_error if unit is not None and unit.failures else ""
         return {
             "kind": self._uplink_kind,
             "state": state,
@@ -248,7 +249,6 @@ class StatusBoard:
             # Everything not yet acknowledged is what a reconnect replays.
             "replay_backlog": queued if state != "connected" or replaying else 0,
             "replaying": replaying,
-            "publish_latency_p50_s": p50,  # publish to PUBACK, MQTT only
         }
 
     def _reports(self) -> list[dict[str, Any]]:
