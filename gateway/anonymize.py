@@ -241,6 +241,10 @@ class Anonymizer:
         self.register(name)
         return self._p("gateway", name)
 
+    def subject_pseudonym(self, subject: str) -> str:
+        """The pseudonym a subject travels under (for local views that must not show the subject)."""
+        return self._subject(subject)
+
     def _t(self, t_wall: float) -> float:
         if not math.isfinite(t_wall):
             raise AnonymizationError("anonymizer: record time is not a finite number: refused")

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from gateway import __version__, demo, logs
-from gateway.anonymize import rotate_key
+from gateway.anonymize import Pseudonymizer, rotate_key
 from gateway.config import Config, load, validate
-from gateway.errors import ConfigError, InvalidConfigError
-from gateway.inference.coverage import check_coverage
-from gateway.runtime import build_problems, check_sources, run_gateway
+from gateway.errors import ConfigError, EdgetwinError, InvalidConfigError
+from gateway.runtime import run_gateway
 from gateway.supervisor import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 log = logging.getLogger("edgetwin")
@@ -35,6 +34,23 @@ log = logging.getLogger("edgetwin")
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 EXAMPLES = Path(__file__).parent / "examples"
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except on required options (they have none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every command's --help shows each option's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
 
 def _registry() -> Any:
@@ -53,40 +69,43 @@ def _load(path: Path) -> Config | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate a config file and report every problem at once."""
-    config = _load(args.config)
-    if config is None:
-        return EXIT_CONFIG
-    # What only shows when parts are built: a driver refusing its settings, a model file.
-    problems = build_problems(config, _registry())
-    if problems:
-        print(f"config {args.config}: {len(problems)} problem(s):", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return EXIT_CONFIG
-    coverage, coverage_problems = check_coverage(config)
-    if coverage_problems:
-        _print_coverage(args.config, coverage, coverage_problems)
-        return EXIT_CONFIG
-    if config.core.uplink.mqtt is not None:
-        from gateway.uplink.mqtt import check_certificates  # noqa: PLC0415 - the optional mqtt extra
+    """Check a config file, and with --online its environment; report every problem at once."""
+    from gateway.observe.check import run_check  # noqa: PLC0415
 
-        for line in check_certificates(config.core.uplink.mqtt):
-            print(f"  {line}")
-    sources = check_sources(config)
-    print(f"config {args.config}: ok ({len(sources)} source(s): {', '.join(sources) or 'none'})")
-    _print_coverage(args.config, coverage)
-    return EXIT_OK
+    report = run_check(
+        args.config,
+        _registry(),
+        with_online=args.online,
+        client_id=_check_client_id(args.config),
+        probes=_probes() if args.online else None,
+    )
+    print(report.render(verbose=not args.quiet))
+    return report.exit_code()
 
 
-def _print_coverage(path: Path, lines: Sequence[str], problems: Sequence[str] = ()) -> None:
-    """Which models score which subject and what watches it; the problems that fail the check."""
-    for line in lines:
-        print(f"  {line}")
-    if problems:
-        print(f"config {path}: {len(problems)} problem(s):", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
+def _probes() -> dict[str, Any]:
+    # A driver may ship drivers/<name>/probe.py with probe(source name, config) for check --online.
+    found: dict[str, Any] = {}
+    for name in _registry():
+        try:
+            module = importlib.import_module(f"drivers.{name}.probe")
+        except ImportError:
+            continue
+        found[name] = module.probe
+    return found
+
+
+def _check_client_id(path: Path) -> str:
+    # The CONNACK probe must not take the running gateway's session over: its own client id.
+    try:
+        config = load(path, _registry())
+        key = config.core.site_key_path.read_bytes()
+    except (ConfigError, OSError):
+        return "edgetwin-check"
+    try:
+        return Pseudonymizer(key)("gateway", config.core.gateway.name) + "-check"
+    except (ValueError, EdgetwinError):
+        return "edgetwin-check"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -137,9 +156,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return asyncio.run(run_gateway(config, _registry(), pretty=not args.json, stop_after_s=duration))
 
 
-def cmd_version(_args: argparse.Namespace) -> int:
-    """Print the version."""
-    print(f"edgetwin {__version__}")
+def cmd_version(args: argparse.Namespace) -> int:
+    """Print the version (with --verbose: Python, OS, kernel and every installed distribution)."""
+    if args.verbose:
+        from gateway.observe.bundle import versions  # noqa: PLC0415
+
+        print(versions(), end="")
+    else:
+        print(f"edgetwin {__version__}")
     return EXIT_OK
 
 
@@ -148,12 +172,26 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
+    name = config.core.gateway.name
+    before = _pseudonym_of(config.core.site_key_path, name)
     retired = rotate_key(config.core.site_key_path)
+    after = _pseudonym_of(config.core.site_key_path, name)
     print(
         f"new site key at {config.core.site_key_path}; the old key was kept as {retired}: "
-        "delete it once nothing needs to link old pseudonyms. Restart the gateway to use the new key."
+        "delete it once nothing needs to link old pseudonyms. Restart the gateway to use the new key.\n"
+        f"What changes: every subject and device pseudonym; the gateway's pseudonym ({before or '-'} -> {after}), "
+        "which is its MQTT client id, its topic root and the name its certificate must carry: run "
+        "'edgetwin provision key', have the new CSR signed and import it before restarting, or the broker "
+        "may refuse the gateway; tell the twin's operators that records continue under new names."
     )
     return EXIT_OK
+
+
+def _pseudonym_of(key_path: Path, name: str) -> str:
+    try:
+        return Pseudonymizer(key_path.read_bytes())("gateway", name)
+    except (OSError, ValueError):
+        return ""
 
 
 def _add_plugin_commands(groups: dict[str, SubParsers]) -> None:
@@ -161,7 +199,7 @@ def _add_plugin_commands(groups: dict[str, SubParsers]) -> None:
     # dependencies are not installed is left out; its commands say so when missing.
     from drivers import COMMAND_MODULES  # noqa: PLC0415
 
-    for module_name in ("gateway.uplink.commands", *COMMAND_MODULES):
+    for module_name in ("gateway.uplink.commands", "gateway.observe.commands", *COMMAND_MODULES):
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
@@ -172,7 +210,12 @@ def _add_plugin_commands(groups: dict[str, SubParsers]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    parser = argparse.ArgumentParser(prog="edgetwin", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser: argparse.ArgumentParser = _Parser(
+        prog="edgetwin",
+        description=__doc__.split("\n")[0] if __doc__ else None,
+        epilog="Exit codes: 0 success, 1 run-time failure, 2 usage, 78 invalid config. "
+        "'edgetwin <command> --help' shows each command's options with their defaults.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, SubParsers] = {"top": sub}
     for name, text in (
@@ -183,17 +226,35 @@ def build_parser() -> argparse.ArgumentParser:
         groups[name] = group.add_subparsers(dest=f"{name}_what", required=True)
 
     def logging_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-        p.add_argument("--log-format", choices=["text", "json"])
+        p.add_argument(
+            "--log-level", choices=["debug", "info", "warning", "error"], help="overrides [logging] level"
+        )
+        p.add_argument("--log-format", choices=["text", "json"], help="overrides [logging] format")
 
-    p = sub.add_parser("run", help="run the gateway (as the systemd service does)")
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p = sub.add_parser(
+        "run",
+        help="run the gateway (as the systemd service does)",
+        epilog="Example: edgetwin run --config /etc/edgetwin/edgetwin.toml",
+    )
+    p.add_argument("--config", type=Path, required=True, help="the gateway's TOML config file")
+    p.add_argument(
+        "--duration", type=float, default=None, help="stop after this many seconds (none: until SIGTERM)"
+    )
     logging_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check", help="validate a config file, reporting every problem")
-    p.add_argument("--config", type=Path, required=True)
+    p = sub.add_parser(
+        "check",
+        help="check a config file (and with --online its environment), reporting every problem at once",
+        description="Exit codes: 0 no failure, 78 the config is wrong, 1 only the environment is.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="the TOML config file to check")
+    p.add_argument(
+        "--online",
+        action="store_true",
+        help="also check DNS, the broker (TCP, TLS, CONNACK), clock, devices, disk, state directory",
+    )
+    p.add_argument("--quiet", action="store_true", help="show failures and warnings only, not the passes")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="simulated sources end to end, records shown locally")
@@ -206,10 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("version", help="print the version")
+    p.add_argument(
+        "--verbose", action="store_true", help="also Python, OS, kernel and every installed distribution"
+    )
     p.set_defaults(func=cmd_version)
 
-    p = sub.add_parser("rotate-key", help="replace the site key used for pseudonyms")
-    p.add_argument("--config", type=Path, required=True)
+    p = sub.add_parser(
+        "rotate-key",
+        help="replace the site key used for pseudonyms (the gateway's pseudonym and client id change)",
+    )
+    p.add_argument("--config", type=Path, required=True, help="the gateway's TOML config file")
     p.set_defaults(func=cmd_rotate_key)
     _add_plugin_commands(groups)
     return parser

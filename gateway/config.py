@@ -90,6 +90,7 @@ class ConfigModel(BaseModel):
 
 
 # The uplink's own section builds on ConfigModel above: imported here, after it exists.
+from gateway.observe.config import StatusSection  # noqa: E402
 from gateway.uplink.config import MqttSection  # noqa: E402
 
 
@@ -166,6 +167,7 @@ class CoreConfig(ConfigModel):
     models: ModelsSection = ModelsSection()
     alarms: AlarmsSection = AlarmsSection()
     estimators: EstimatorsSection = EstimatorsSection()
+    status: StatusSection = StatusSection()
 
     @property
     def site_key_path(self) -> Path:

@@ -7,6 +7,7 @@ the CLI so the core never imports a driver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -45,6 +46,10 @@ from gateway.inference.novelty import build_novelty
 from gateway.inference.rhythm import RhythmMonitor
 from gateway.inference.streams import build_stream_change
 from gateway.notify import Notifier
+from gateway.observe.config import socket_path
+from gateway.observe.control import ControlServer
+from gateway.observe.lock import StateDirBusyError, state_dir_lock
+from gateway.observe.status import StatusBoard
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
 from gateway.sample import Quality, Sample, SampleBlock
@@ -99,6 +104,7 @@ class Pipeline:
         self.sink: SampleSink = _Sink(self.put, self.put_block, self.driver_alarm, self.diagnostic)
         self.last_beat = time.monotonic()
         self.submitted = dict.fromkeys(Lane, 0)
+        self.last_diagnostics: dict[tuple[str, str | None], Diagnostic] = {}
         self._next_counters = time.monotonic() + COUNTERS_EVERY_S
 
     def put(self, sample: Sample) -> None:
@@ -166,7 +172,8 @@ class Pipeline:
             self.alarm(folded)
 
     def diagnostic(self, diagnostic: Diagnostic) -> None:
-        """Seal and queue a diagnostic record."""
+        """Seal and queue a diagnostic record (the latest of each kind and subject is kept for status)."""
+        self.last_diagnostics[(diagnostic.kind, diagnostic.subject)] = diagnostic
         self._submit(lambda: self._anon.diagnostic(diagnostic))
 
     def estimate(self, estimate: Estimate) -> None:
@@ -232,6 +239,10 @@ class Pipeline:
             self.diagnostic(Diagnostic("counters", None, now_wall, self.counters()))
         self.last_beat = now_mono
         return len(records)
+
+    def anomalous(self) -> set[tuple[str, str]]:
+        """(subject, model) pairs in an anomaly episode now."""
+        return set(self._episodes.active())
 
     def counters(self) -> dict[str, float | str]:
         """Pipeline counters for diagnostics and STATUS."""
@@ -428,6 +439,27 @@ async def run_gateway(
     install_signal_handlers: bool = True,
 ) -> int:
     """Run the gateway until SIGTERM/SIGINT (or ``stop_after_s``); return the process exit code."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(state_dir_lock(config.core.gateway.state_dir))
+        except ConfigError as exc:
+            # A second gateway on one state directory: leave at once, naming the one running.
+            log.error("%s", exc)
+            return EXIT_FAILURE if isinstance(exc, StateDirBusyError) else EXIT_CONFIG
+        return await _run_locked(
+            config, registry, notifier, out, pretty, stop_after_s, install_signal_handlers
+        )
+
+
+async def _run_locked(
+    config: Config,
+    registry: Mapping[str, DriverSpec],
+    notifier: Notifier | None,
+    out: IO[str] | None,
+    pretty: bool,
+    stop_after_s: float | None,
+    install_signal_handlers: bool,
+) -> int:
     core = config.core
     notifier = notifier or Notifier.from_env()
     try:
@@ -597,6 +629,31 @@ async def _supervise(
         )
 
     sup.summary = summary
+    board = StatusBoard(
+        supervisor=sup,
+        pipeline=pipeline,
+        outbox=outbox,
+        uplink=uplink,
+        uplink_kind=core.uplink.kind,
+        models=models,
+        sources=[(e.info.name, e.driver) for e in config.sources],
+        pseudonym=anonymizer.subject_pseudonym,
+        budget_bytes=int(core.outbox.max_mb * 1024 * 1024),
+    )
+    control = ControlServer(
+        socket_path(core.status, core.gateway.state_dir),
+        board,
+        group=core.status.group,
+        refresh_s=core.status.refresh_s,
+    )
+    sup.add(Unit("status", Group.OUTBOX, control.run))
+    if core.status.http is not None:
+        # Imported only when used: aiohttp and prometheus_client are the optional "web" extra.
+        from gateway.observe.web import StatusWeb  # noqa: PLC0415
+
+        sup.add(Unit("web", Group.OUTBOX, StatusWeb(core.status, board).run))
+    # STATUS= says what matters most, from the same snapshot ``edgetwin status`` shows.
+    sup.describe = lambda: str(board.compose()["headline"])
     loop = asyncio.get_running_loop()
     if install_signal_handlers:
         for sig in (signal.SIGTERM, signal.SIGINT):

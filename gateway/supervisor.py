@@ -174,6 +174,8 @@ class Supervisor:
         self._exit_code = EXIT_OK
         self._ready = False
         self.summary: Callable[[], str] = lambda: ""  # extra STATUS text (queue depth, counters)
+        # The whole STATUS text when it returns one (the gateway's status snapshot headline).
+        self.describe: Callable[[], str | None] = lambda: None
 
     @property
     def units(self) -> tuple[Unit, ...]:
@@ -486,6 +488,9 @@ class Supervisor:
 
     def status_line(self) -> str:
         """One line for STATUS= and logs: what runs, what retries, what failed."""
+        described = self.describe()
+        if described:
+            return described
         counts = dict.fromkeys(UnitState, 0)
         for u in self._units:
             counts[u.state] += 1

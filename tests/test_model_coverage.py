@@ -103,7 +103,7 @@ def test_without_the_mapping_check_names_the_missing_inputs_and_fails(
     captured = capsys.readouterr()
     assert "model pump_skab will not score it: missing inputs Thermocouple, RateRMS" in captured.out
     assert 'inputs = { Thermocouple = "<stream>", RateRMS = "<stream>" }' in captured.out
-    assert "models pump_skab: scores no subject" in captured.err
+    assert "fail  models: models pump_skab: scores no subject" in captured.out
 
 
 def var(path: str, numeric: bool = True) -> ScannedVariable:

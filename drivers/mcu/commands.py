@@ -272,7 +272,7 @@ def cmd_sim_node_image(args: argparse.Namespace) -> int:
 
 def _port_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=Path, required=True, help="serial device or pty of the node")
-    p.add_argument("--baud", type=int, default=115200, choices=BAUD_RATES)
+    p.add_argument("--baud", type=int, default=115200, choices=BAUD_RATES, help="the serial link speed")
     p.add_argument("--timeout", type=float, default=0.5, help="seconds to wait for each answer")
 
 
@@ -296,14 +296,18 @@ def add_commands(groups: dict[str, Any]) -> None:
     p = sub.add_parser("verify", help="check an image's signature and hash")
     p.add_argument("image", type=Path)
     p.add_argument("--pubkey", type=Path, required=True, help="trusted public key (hex or PEM)")
-    p.add_argument("--manifest", type=Path, default=None)
+    p.add_argument(
+        "--manifest", type=Path, default=None, help="the signed manifest (default: next to the image)"
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("push", help="install a signed image on a node (resumable, rolled back if unhealthy)")
     p.add_argument("image", type=Path)
     _port_args(p)
     p.add_argument("--pubkey", type=Path, required=True, help="trusted public key (hex or PEM)")
-    p.add_argument("--manifest", type=Path, default=None)
+    p.add_argument(
+        "--manifest", type=Path, default=None, help="the signed manifest (default: next to the image)"
+    )
     p.add_argument("--retries", type=int, default=3, help="retransmissions of each request")
     p.add_argument(
         "--health-timeout", type=float, default=30.0, help="seconds for the node to come back healthy"
@@ -319,20 +323,25 @@ def add_commands(groups: dict[str, Any]) -> None:
     p = groups["sim"].add_parser("node", help="a simulated microcontroller node on a pseudo-terminal")
     p.add_argument("--link", type=Path, default=None, help="also make this symlink to the pty")
     p.add_argument("--flash", type=Path, default=None, help="flash file (default: in the user's cache)")
-    p.add_argument("--node-id", default="SIM-0001")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--drift-ppm", type=float, default=0.0)
+    p.add_argument("--node-id", default="SIM-0001", help="the simulated node's id")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the simulated node")
+    p.add_argument("--drift-ppm", type=float, default=0.0, help="the node crystal's error, in ppm")
     p.add_argument("--pubkey", type=Path, default=None, help="public key the node checks images against")
-    p.add_argument("--trial-timeout", type=float, default=10.0)
-    p.add_argument("--drop-prob", type=float, default=0.0)
-    p.add_argument("--corrupt-prob", type=float, default=0.0)
-    p.add_argument("--garbage-prob", type=float, default=0.0)
+    p.add_argument(
+        "--trial-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a new image has to be committed before rollback",
+    )
+    p.add_argument("--drop-prob", type=float, default=0.0, help="probability of dropping a frame")
+    p.add_argument("--corrupt-prob", type=float, default=0.0, help="probability of corrupting a frame")
+    p.add_argument("--garbage-prob", type=float, default=0.0, help="probability of sending garbage bytes")
     p.set_defaults(func=cmd_sim_node)
 
     p = groups["sim"].add_parser("node-image", help="write a firmware image the simulated node runs")
     p.add_argument("out", type=Path)
     p.add_argument("--version", required=True, help="MAJOR.MINOR.PATCH (informative; the manifest decides)")
-    p.add_argument("--size", type=int, default=24576)
+    p.add_argument("--size", type=int, default=24576, help="image size in bytes")
     p.add_argument(
         "--fail-selftest", action="store_true", help="the node's self-test fails: it must roll back"
     )

@@ -146,16 +146,31 @@ def add_commands(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentP
     """Add ``scan opcua``, ``sim plc`` and ``opcua trust`` to the edgetwin CLI."""
     p = groups["scan"].add_parser("opcua", help="browse an OPC UA server: tree, data types, units")
     p.add_argument("endpoint", help="opc.tcp://host:port[/path]")
-    p.add_argument("--security-policy", default="None", choices=["None", *_policies()])
-    p.add_argument("--security-mode", default="None", choices=["None", "Sign", "SignAndEncrypt"])
+    p.add_argument(
+        "--security-policy",
+        default="None",
+        choices=["None", *_policies()],
+        help="the security policy to connect with",
+    )
+    p.add_argument(
+        "--security-mode",
+        default="None",
+        choices=["None", "Sign", "SignAndEncrypt"],
+        help="the message security mode (None goes with policy None)",
+    )
     p.add_argument(
         "--allow-insecure", action="store_true", help="allow policy None to a server off this machine"
     )
-    p.add_argument("--pki-dir", type=Path, default=DEFAULT_PKI_DIR)
-    p.add_argument("--username", default=None)
-    p.add_argument("--password-file", type=Path, default=None)
+    p.add_argument(
+        "--pki-dir",
+        type=Path,
+        default=DEFAULT_PKI_DIR,
+        help="the PKI folder: own certificate, trusted and rejected servers",
+    )
+    p.add_argument("--username", default=None, help="user login (with --password-file)")
+    p.add_argument("--password-file", type=Path, default=None, help="a file holding the password (mode 0600)")
     p.add_argument("--depth", type=int, default=8, help="levels below Objects (default 8)")
-    p.add_argument("--max-nodes", type=int, default=5000)
+    p.add_argument("--max-nodes", type=int, default=5000, help="stop browsing after this many nodes")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
     p.add_argument(
         "--select", action="append", default=[], metavar="GLOB", help="browse paths to keep (repeatable)"
@@ -172,7 +187,7 @@ def add_commands(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentP
         "--model", default=None, help="also write a [[models.use]] table mapping this model's inputs to nodes"
     )
     p.add_argument("--subject", default="machine-1", help="subject (machine id) in the written config")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_scan)
 
     p = groups["sim"].add_parser("plc", help="an OPC UA PLC simulator (pump/motor address space)")
@@ -183,7 +198,12 @@ def add_commands(groups: dict[str, argparse._SubParsersAction[argparse.ArgumentP
     sub = top.add_subparsers(dest="opcua_what", required=True)
     p = sub.add_parser("trust", help="trust a rejected server certificate (or list them)")
     p.add_argument("certificates", nargs="*", help="file, file name or thumbprint (8+ hex digits)")
-    p.add_argument("--pki-dir", type=Path, default=DEFAULT_PKI_DIR)
+    p.add_argument(
+        "--pki-dir",
+        type=Path,
+        default=DEFAULT_PKI_DIR,
+        help="the PKI folder: own certificate, trusted and rejected servers",
+    )
     p.add_argument("--all", action="store_true", help="trust every rejected certificate")
     p.add_argument("--list", action="store_true", help="only list rejected and trusted certificates")
     p.set_defaults(func=cmd_trust)

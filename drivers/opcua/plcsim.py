@@ -557,9 +557,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     """The simulator's command-line options (shared with ``edgetwin sim plc``)."""
     p = parser or argparse.ArgumentParser(prog="plcsim", description="OPC UA PLC simulator (pump/motor)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
-    p.add_argument("--port", type=int, default=4840)
+    p.add_argument("--port", type=int, default=4840, help="TCP port to serve OPC UA on (loopback)")
     p.add_argument("--rate-hz", type=float, default=10.0, help="process value updates per second")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="random seed of the simulated process")
     p.add_argument("--skab", type=Path, default=None, help="replay this SKAB CSV instead of the model")
     p.add_argument("--speed", type=float, default=1.0, help="SKAB rows per second")
     p.add_argument(
@@ -587,8 +587,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         metavar="COMMAND",
         help='a control command applied before listening, e.g. "recreate Pressure"; repeatable',
     )
-    p.add_argument("--control", choices=["stdin", "none"], default="stdin")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument(
+        "--control",
+        choices=["stdin", "none"],
+        default="stdin",
+        help="read fault commands from stdin, or run unattended",
+    )
+    p.add_argument("--log-level", default="warning", help="the simulator's log level")
     return p
 
 

@@ -208,11 +208,13 @@ def add_commands(groups: dict[str, argparse._SubParsersAction]) -> None:  # type
     p.set_defaults(func=cmd_scan_serial)
 
     p = groups["sim"].add_parser("oximeter", help="a simulated pulse oximeter on a pseudo-terminal")
-    p.add_argument("--protocol", choices=SIM_PROTOCOLS, required=True)
+    p.add_argument(
+        "--protocol", choices=SIM_PROTOCOLS, required=True, help="the monitor protocol to simulate"
+    )
     p.add_argument("--link", type=Path, default=None, help="keep a symlink to the pty here")
     p.add_argument("--data", type=Path, default=None, help="replay a MIMIC numerics record (.hea)")
     p.add_argument("--speed", type=float, default=60.0, help="record seconds per second with --data")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the simulated patient")
     p.add_argument("--serial-number", default="0000056661", help="the monitor's SN= (Masimo)")
     p.add_argument("--bit-flips", type=_probability, default=0.0, metavar="P", help="per byte")
     p.add_argument("--drop-bytes", type=_probability, default=0.0, metavar="P", help="per byte")

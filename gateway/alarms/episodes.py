@@ -71,6 +71,10 @@ class EpisodeTracker:
         ep = self._eps.get(key)
         return EpisodeState.IDLE if ep is None else ep.state
 
+    def active(self) -> list[tuple[str, str]]:
+        """The (subject, model) keys inside an episode now (active or unsure)."""
+        return [key for key, ep in self._eps.items() if ep.state is not EpisodeState.IDLE]
+
     def update(self, key: tuple[str, str], result: ModelResult, t: float = math.nan) -> Emission | None:
         """Fold one window's verdict (its end at ``t``) into its episode; the alarm it raises, if any."""
         ep = self._eps.get(key)

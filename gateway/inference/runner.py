@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeAlias
@@ -211,6 +211,22 @@ class AnomalyModel:
             "demotions": h.demotions,
             "promotions": h.promotions,
         }
+
+    def subject_states(self, known: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
+        """Per subject: ``commissioning`` (learning its normal), ``active`` or ``demoted``.
+
+        ``known`` adds (subject, kind) pairs the pipeline has seen, so subjects without a window
+        scored yet are listed too.
+        """
+        demoted = self._health.demoted
+        out: dict[str, str] = {}
+        for subject, kind in known:
+            if kind == self.card.subject_kind and (not self._subjects or subject in self._subjects):
+                out[subject] = "demoted" if demoted else "active" if self._fixed else "commissioning"
+        for subject, norm in list(self._norm.items()):
+            learning = not self._fixed and (norm.mean is None or norm.std is None)
+            out[subject] = "demoted" if demoted else "commissioning" if learning else "active"
+        return out
 
     def recommission(self, subject: str) -> None:
         """Forget a subject's statistics (after maintenance): its next N windows commission it again."""

@@ -96,6 +96,13 @@ class RingBuffer:
         return float(self._tw[self._head - 1])  # index -1 is the last slot, as wanted after a wrap
 
     @property
+    def last_value(self) -> float:
+        """Value of the newest row held; NaN when the ring is empty."""
+        if self._size == 0:
+            return math.nan
+        return float(self._v[self._head - 1])
+
+    @property
     def first_t_mono(self) -> float:
         """Oldest ``t_mono`` still held; ``+inf`` when the ring is empty."""
         if self._size == 0:

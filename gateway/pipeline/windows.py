@@ -28,7 +28,7 @@ import logging
 import math
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -552,6 +552,26 @@ class Windower:
         )
 
     # ---- accounting ----------------------------------------------------------------------
+
+    def stream_states(self) -> list[dict[str, Any]]:
+        """Per stream: source, subject, metric, status (ok/faulted/lost), last sample time, ring counters."""
+        names = {_OK: "ok", _FAULTED: "faulted", _LOST: "lost"}
+        return [
+            {
+                "source": st.stream.source,
+                "subject": st.stream.subject,
+                "kind": st.stream.kind,
+                "metric": st.stream.metric.name,
+                "unit": st.stream.metric.unit,
+                "status": names[st.status],
+                "last_t_mono": st.ring.last_t_mono,
+                "last_value": st.ring.last_value,
+                "accepted": st.ring.accepted,
+                "out_of_order": st.ring.out_of_order,
+                "overwritten": st.ring.overwritten,
+            }
+            for st in self._by_stream.values()
+        ]
 
     def counters(self) -> dict[str, int]:
         """Running totals: samples accepted, dropped out of order, overwritten, windows, gaps, alarms."""

@@ -18,6 +18,7 @@ from gateway.errors import AuthError, ConfigError, EdgetwinError
 from gateway.twin.decoder import DEFAULT_PREFIX
 from gateway.twin.listen import ListenOptions, run_listen
 from gateway.uplink import certs
+from gateway.uplink.brokerconf import write_mosquitto_conf
 from gateway.uplink.config import is_loopback
 
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -88,9 +89,11 @@ def cmd_provision_demo_ca(args: argparse.Namespace) -> int:
     """Create a throwaway CA with broker, gateway and twin certificates (demo and tests only)."""
     hosts = tuple(args.host or ("127.0.0.1", "localhost"))
     pki = certs.demo_pki(args.out_dir, gateway_cn=args.cn, hosts=hosts)
+    conf, note = write_mosquitto_conf(pki, args.out_dir, port=args.port, listen=args.listen or "")
     _say(
         f"demo CA {pki.ca_file}\nbroker {pki.server.cert} (for {', '.join(hosts)})\n"
         f"gateway {pki.gateway.cert} / {pki.gateway.key}\ntwin {pki.twin.cert} / {pki.twin.key}\n"
+        f"mosquitto configuration {conf}: start the broker with 'mosquitto -c {conf}'; {note}\n"
         "For demos and tests only: anyone with the CA key can impersonate the broker."
     )
     return EXIT_OK
@@ -173,25 +176,37 @@ def add_commands(groups: dict[str, SubParsers]) -> None:
     p = psub.add_parser("key", help="create the gateway key (0600) and a CSR named by its pseudonym")
     p.add_argument("--config", type=Path, help="the gateway's config (names the CSR by its pseudonym)")
     p.add_argument("--cn", help="the CSR's common name instead (e.g. a device id given by the cloud)")
-    p.add_argument("--out-dir", type=Path, default=Path("/etc/edgetwin/tls"))
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("/etc/edgetwin/tls"),
+        help="where the key and CSR / the imported pair go",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p.set_defaults(func=_guard(cmd_provision_key))
 
     p = psub.add_parser("import", help="import a certificate and its key (checked to match)")
-    p.add_argument("--cert", type=Path, required=True)
-    p.add_argument("--key", type=Path, required=True)
-    p.add_argument("--out-dir", type=Path, default=Path("/etc/edgetwin/tls"))
+    p.add_argument("--cert", type=Path, required=True, help="a PEM certificate")
+    p.add_argument("--key", type=Path, required=True, help="its PEM private key")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("/etc/edgetwin/tls"),
+        help="where the key and CSR / the imported pair go",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p.set_defaults(func=_guard(cmd_provision_import))
 
     p = psub.add_parser("show", help="a certificate's subject and expiry")
-    p.add_argument("--cert", type=Path, required=True)
+    p.add_argument("--cert", type=Path, required=True, help="a PEM certificate")
     p.set_defaults(func=_guard(cmd_provision_show))
 
     p = psub.add_parser("demo-ca", help="a throwaway CA with broker and client certificates (demo, tests)")
-    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True, help="where the demo CA and certificates go")
     p.add_argument("--host", action="append", default=None, help="broker host name or address (repeatable)")
     p.add_argument("--cn", default="gateway", help="the gateway certificate's common name")
+    p.add_argument("--port", type=int, default=8883, help="the port in the mosquitto configuration written")
+    p.add_argument("--listen", default=None, help="the address mosquitto listens on (none: every address)")
     p.set_defaults(func=_guard(cmd_provision_demo_ca))
 
     twin = top.add_parser("twin", help="the cloud twin's side: listen to gateways")
@@ -203,7 +218,7 @@ def add_commands(groups: dict[str, SubParsers]) -> None:
     p.add_argument("--key", type=Path, help="its key")
     p.add_argument("--server-name", help="the name in the broker's certificate, if not the host")
     p.add_argument("--no-tls", action="store_true", help="plain TCP (loopback brokers only)")
-    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
+    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="the MQTT protocol version")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix of the gateways")
     p.add_argument("--group", help="shared subscription group: listeners in one group split the stream")
     p.add_argument("--json", action="store_true", help="one JSON line per message")

@@ -439,21 +439,21 @@ def build_parser(
 ) -> argparse.ArgumentParser:
     """Arguments of a simulated wearable (shared with ``edgetwin sim wearable``)."""
     p = parser or argparse.ArgumentParser(description="a simulated BLE wearable on the emulated radio")
-    p.add_argument("--profile", choices=sorted(PROFILES), required=True)
+    p.add_argument("--profile", choices=sorted(PROFILES), required=True, help="the GATT profile to simulate")
     p.add_argument(
         "--address", required=address_required, help="the wearable's BLE address, e.g. C2:00:00:00:00:01"
     )
     p.add_argument("--name", help="advertised name (not an identity)")
     p.add_argument("--serial", help="Device Information serial number")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--battery", type=int, default=87)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the simulated measurements")
+    p.add_argument("--battery", type=int, default=87, help="battery level reported, in percent")
     p.add_argument("--rate", type=float, help="measurements per second (default: the profile's)")
     p.add_argument(
         "--interval", type=float, help="simulated seconds per measurement (default: the profile's)"
     )
     p.add_argument("--data", help="directory of MIT-BIH record 100 (100.hea, 100.atr) for the strap's RR")
     p.add_argument("--exit-on-eof", action="store_true", help="stop when stdin closes")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the wearable does")
     return p
 
 

@@ -1,0 +1,390 @@
+"""``edgetwin status`` against a running gateway (``edgetwin run`` as a subprocess) in each state.
+
+Healthy, broker down and device unplugged in one run (mosquitto with TLS, a serial oximeter on
+a pseudo-terminal, a simulated patient); outbox near its budget and a demoted model together in
+a second run.  Each state is asserted in the text, the JSON, the exit code and the STATUS= line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from uplink_support import require_mosquitto
+
+from drivers.serial.sim import PtyOximeter, VitalsModel
+from gateway.cli import main
+from gateway.contracts import Lane
+from gateway.observe.config import StatusSection, socket_path
+from gateway.observe.status import headline, health, render_text
+from gateway.outbox import Outbox, OutItem
+from gateway.uplink.broker import MosquittoBroker
+from gateway.uplink.certs import demo_pki
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+PATIENT = "MRN-7731-JONES"
+
+SIM = f"""
+[[sources]]
+name = "bed7-sim"
+driver = "sim"
+subject = "{PATIENT}"
+profile = "patient"
+device = "A4:C1:38:00:00:07"
+"""
+
+FAST = """
+[pipeline]
+window_s = 2.0
+hop_s = 1.0
+grace_s = 0.3
+sensor_lost_s = 2.0
+[runtime]
+drain_deadline_s = 3.0
+start_timeout_s = 10.0
+"""
+
+
+class Notify:
+    """The service manager's side of sd_notify."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.path = path
+        self.messages: list[str] = []
+
+    def statuses(self) -> list[str]:
+        self.sock.settimeout(0.0)
+        try:
+            while True:
+                self.messages.append(self.sock.recv(4096).decode())
+        except (BlockingIOError, TimeoutError):
+            pass
+        return [line[7:] for m in self.messages for line in m.splitlines() if line.startswith("STATUS=")]
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[Notify]:
+    n = Notify(tmp_path / "notify.sock")
+    yield n
+    n.sock.close()
+
+
+def _config(tmp: Path, body: str) -> Path:
+    path = tmp / "edgetwin.toml"
+    path.write_text(f'[gateway]\nname = "ward7-hub"\nstate_dir = "{tmp / "state"}"\n' + FAST + body)
+    return path
+
+
+class Gateway:
+    def __init__(self, config: Path, notify: Notify) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(notify.path))
+        env.pop("RUNTIME_DIRECTORY", None)
+        self.config = config
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def status(self, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
+        rc = main(["status", "--config", str(self.config), *extra])
+        return rc, capsys.readouterr().out
+
+    def wait(
+        self,
+        capsys: pytest.CaptureFixture[str],
+        until: Callable[[dict[str, Any]], bool],
+        what: str,
+        timeout: float = 30,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        snap: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.communicate()[1]
+            rc, out = self.status(capsys, "--json")
+            if rc != 3:
+                snap = json.loads(out)
+                if until(snap):
+                    return snap
+            time.sleep(0.3)
+        raise AssertionError(f"not {what} within {timeout} s: {snap.get('headline')}")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=10)
+        return err
+
+
+def _wait_status_line(notify: Notify, pattern: str, timeout: float = 15) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [s for s in notify.statuses() if re.search(pattern, s)]
+        if found:
+            return found[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"no STATUS= matching {pattern!r}: {notify.statuses()[-3:]}")
+
+
+def test_healthy_then_broker_down_then_device_unplugged(
+    tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require_mosquitto()
+    pki = demo_pki(tmp_path / "pki")
+    broker = MosquittoBroker(tmp_path / "broker", pki)
+    broker.start()
+    oxi = PtyOximeter(
+        "nonin2", link=tmp_path / "usb-oximeter", vitals=VitalsModel(3, desat_every_s=0, sensor_off_every_s=0)
+    ).start()
+    config = _config(
+        tmp_path,
+        f"""
+[uplink]
+kind = "mqtt"
+[uplink.mqtt]
+host = "{broker.host}"
+port = {broker.port}
+ca_file = "{pki.ca_file}"
+cert_file = "{pki.gateway.cert}"
+key_file = "{pki.gateway.key}"
+reconnect_min_s = 0.2
+reconnect_max_s = 1.0
+connect_timeout_s = 3.0
+{SIM}
+[[sources]]
+name = "bed7-spo2"
+driver = "serial"
+subject = "{PATIENT}"
+port = "{oxi.path}"
+protocol = "nonin2"
+diagnostics_every_s = 1.0
+""",
+    )
+    gw = Gateway(config, notify)
+    try:
+        # Healthy: every unit runs, the uplink is connected, every stream is fresh.
+        snap = gw.wait(
+            capsys,
+            lambda s: (
+                s["health"] == "healthy"
+                and all(st["streams"] for st in s["sources"])
+                and s["uplink"]["delivered"] > 0
+            ),
+            "healthy",
+        )
+        rc, text = gw.status(capsys)
+        assert rc == 0
+        first, second = text.splitlines()[:2]
+        assert first.startswith(f"edgetwin 0.1.0 (PID {gw.proc.pid}, up ")
+        assert first.endswith("): HEALTHY")
+        assert re.fullmatch(
+            r"  healthy: 6/6 units running, \d+ stream\(s\), uplink connected [\d.]+/s, \d+ queued", second
+        )
+        assert snap["uplink"]["state"] == "connected"
+        snap = gw.wait(capsys, lambda s: any(r["kind"] == "serial_link" for r in s["reports"]), "link report")
+        (link,) = [r for r in snap["reports"] if r["kind"] == "serial_link"]
+        assert link["subject"] == snap["sources"][0]["streams"][0]["subject"]  # a pseudonym
+        assert link["counters"]  # the driver's own frame and byte counters, numbers only
+        assert all(isinstance(v, int | float) for v in link["counters"].values())
+        assert {s["name"]: s["link"] for s in snap["sources"]} == {"bed7-sim": "up", "bed7-spo2": "up"}
+        spo2 = next(s for s in snap["sources"] if s["name"] == "bed7-spo2")
+        assert {st["metric"] for st in spo2["streams"]} >= {"MDC_PULS_OXIM_SAT_O2", "MDC_PULS_OXIM_PULS_RATE"}
+        assert all(st["last_sample_age_s"] < 5 for st in spo2["streams"])
+        assert PATIENT not in text  # pseudonyms only
+        assert PATIENT not in json.dumps(snap)
+        assert len({st["subject"] for s in snap["sources"] for st in s["streams"]}) == 1
+        sock = tmp_path / "state" / "control.sock"
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+        assert re.search(r"healthy: 6/6 units running", _wait_status_line(notify, "^healthy"))
+
+        # Broker down: degraded, the headline says for how long and how much is queued.
+        broker.stop()
+        snap = gw.wait(
+            capsys,
+            lambda s: (
+                s["uplink"]["state"] == "down" and s["outbox"]["queued"] > 0 and s["uplink"]["since_s"] >= 2
+            ),
+            "broker down",
+        )
+        assert snap["health"] == "degraded"
+        assert re.fullmatch(r"uplink down \d+ s, \d+ queued(, dropped \d+)?", snap["headline"])
+        assert snap["uplink"]["last_error"]
+        assert snap["uplink"]["replay_backlog"] == snap["outbox"]["queued"]
+        rc, text = gw.status(capsys)
+        assert rc == 1
+        assert text.splitlines()[0].endswith("): DEGRADED")
+        assert re.search(r"^uplink \(mqtt\): down since \d+ s, .*; last error: ", text, re.MULTILINE)
+        assert re.fullmatch(
+            r"uplink down \d+ s, \d+ queued(, dropped \d+)?", _wait_status_line(notify, r"^uplink down [1-9]")
+        )
+
+        # Device unplugged: its link retries, its streams are lost, an alarm is active.
+        oxi.unplug()
+        snap = gw.wait(
+            capsys,
+            lambda s: any(a["kind"] == "sensor_lost" and a["source"] == "bed7-spo2" for a in s["alarms"]),
+            "device unplugged",
+        )
+        spo2 = next(s for s in snap["sources"] if s["name"] == "bed7-spo2")
+        assert {st["status"] for st in spo2["streams"]} == {"lost"}
+        assert snap["health"] == "degraded"
+        rc, text = gw.status(capsys)
+        assert rc == 1
+        assert re.search(r"^  sensor_lost +bed7-spo2 +MDC_PULS_OXIM_SAT_O2 ", text, re.MULTILINE)
+        assert re.search(r"\(\+\d+ more\)$", snap["headline"])  # the uplink stays first
+    finally:
+        err = gw.stop()
+        oxi.stop()
+        broker.stop()
+    assert gw.proc.returncode == 0, err
+    assert main(["status", "--config", str(config)]) == 3  # nobody answers once it stopped
+    assert "no socket there: is the gateway running?" in capsys.readouterr().err
+
+
+def test_outbox_near_budget_and_model_demoted(
+    tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    with Outbox(state / "outbox.db") as ob:
+        now = time.time()
+        ob.put_many([OutItem(Lane.FEATURES, "features/aaaa", b"x" * 1000, now) for _ in range(92)])
+    # A latency budget no model can meet: three overruns in a row demote it to the fallback.
+    config = _config(
+        tmp_path,
+        '[outbox]\nmax_mb = 0.1\n[uplink]\nkind = "none"\n'
+        '[models]\nuse = [{ name = "vitals_mimic", latency_budget_us = 0.001 }]\n' + SIM,
+    )
+    gw = Gateway(config, notify)
+    try:
+        # Outbox near its budget: the first thing the headline says.
+        snap = gw.wait(
+            capsys,
+            lambda s: s["outbox"]["queued"] >= 92 and all(u["state"] == "running" for u in s["units"]),
+            "started",
+        )
+        assert snap["health"] == "degraded"
+        budget = r"outbox at (8\d|9\d|100)% of its 102 KB budget, \d+ queued"
+        assert re.fullmatch(budget + r"( \(\+1 more\))?(, dropped \d+)?", snap["headline"])
+        lane = snap["outbox"]["lanes"]["features"]
+        assert lane["queued"] >= 92
+        assert lane["oldest_age_s"] >= 0
+        rc, text = gw.status(capsys)
+        assert rc == 1
+        assert re.search(r"^  features +\d+ queued +\d+ bytes  oldest \d+ s", text, re.MULTILINE)
+        assert re.match(budget, _wait_status_line(notify, "^outbox at"))
+
+        # Model demoted: per subject in the JSON and the text, counted in the headline.
+        snap = gw.wait(capsys, lambda s: s["models"] and s["models"][0]["state"] == "demoted", "demoted")
+        (model,) = snap["models"]
+        assert [x["state"] for x in model["subjects"]] == ["demoted"]
+        assert snap["health"] == "degraded"
+        assert re.fullmatch(budget + r" \(\+1 more\)(, dropped \d+)?", snap["headline"])
+        rc, text = gw.status(capsys)
+        assert rc == 1
+        assert re.search(r"^  vitals_mimic: demoted; [a-z2-7]{16} demoted$", text, re.MULTILINE)
+    finally:
+        err = gw.stop()
+    assert gw.proc.returncode == 0, err
+
+
+def test_model_demoted_is_the_headline_when_alone() -> None:
+    snap = _snap(models=[{"name": "vitals_mimic", "state": "demoted", "subjects": []}])
+    assert health(snap) == "degraded"
+    assert headline(snap) == "model vitals_mimic demoted"
+
+
+def _snap(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "units": [
+            {"name": "outbox", "state": "running", "critical": True, "last_error": "", "since_s": 5.0},
+            {"name": "pipeline", "state": "running", "critical": True, "last_error": "", "since_s": 5.0},
+        ],
+        "sources": [],
+        "models": [],
+        "outbox": {"queued": 0, "bytes": 0, "budget_bytes": 1000, "lanes": {}},
+        "uplink": {
+            "kind": "none",
+            "state": "none",
+            "since_s": 0.0,
+            "records_per_s": 0.0,
+            "replay_backlog": 0,
+            "last_error": "",
+        },
+        "alarms": [],
+    }
+    base.update(over)
+    return base
+
+
+def test_down_when_a_critical_unit_is_not_running() -> None:
+    snap = _snap()
+    assert health(snap) == "healthy"
+    snap["units"][1].update(state="failed", last_error="ConfigError: models x: no such model")
+    assert health(snap) == "down"
+    assert headline(snap) == "down: pipeline failed: ConfigError: models x: no such model"
+
+
+def test_status_without_a_gateway_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["status", "--socket", str(tmp_path / "none.sock")])
+    assert rc == 3
+    assert "no socket there: is the gateway running?" in capsys.readouterr().err
+
+
+def test_socket_path_follows_systemd_then_config_then_state_dir(tmp_path: Path) -> None:
+    default = StatusSection()
+    env = {"RUNTIME_DIRECTORY": "/run/edgetwin-test:/run/other"}
+    assert socket_path(default, tmp_path, env) == Path("/run/edgetwin-test/control.sock")
+    chosen = StatusSection.model_validate({"socket": str(tmp_path / "s.sock")})
+    assert socket_path(chosen, tmp_path, env) == tmp_path / "s.sock"
+    if not Path("/run/edgetwin").exists():
+        assert socket_path(default, tmp_path, {}) == tmp_path / "control.sock"
+        assert socket_path(default, tmp_path, {}, client=True) == tmp_path / "control.sock"
+
+
+def test_a_stalled_unit_is_named_with_its_reason() -> None:
+    snap = _snap()
+    snap["units"].append(
+        {
+            "name": "source:plc",
+            "state": "running",
+            "critical": False,
+            "last_error": "",
+            "since_s": 3.0,
+            "stalled": "connect: waiting for 40 s, past its bound of 10 s",
+            "waiting": "connect",
+        }
+    )
+    snap.update(version="0.1.0", pid=1, uptime_s=5.0, health=health(snap), headline=headline(snap))
+    assert snap["health"] == "degraded"
+    assert snap["headline"] == "source:plc stalled: connect: waiting for 40 s, past its bound of 10 s"
+    text = render_text(snap)
+    assert "waiting: connect  STALLED: connect: waiting for 40 s" in text
+
+
+def test_drops_are_in_every_headline() -> None:
+    snap = _snap()
+    snap["outbox"]["dropped"] = 3
+    assert headline(snap) == "healthy: 2/2 units running, 0 stream(s), no uplink, 0 queued, dropped 3"
+    snap["units"][1].update(state="failed", last_error="x")
+    assert headline(snap) == "down: pipeline failed: x, dropped 3"
