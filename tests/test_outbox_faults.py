@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.contracts import Lane
+from gateway.anonymize import Anonymizer, Pseudonymizer
+from gateway.contracts import Diagnostic, Lane
 from gateway.outbox import AsyncOutbox, DropReason, Outbox, OutItem
 from gateway.outbox.recovery import scan_wal
 from gateway.outbox.state import StateFile
@@ -46,6 +47,12 @@ lanes = ob.stats().lanes
 print("ready", ob.epoch, ob.last_id(), *(lanes[lane].queued for lane in Lane), flush=True)
 time.sleep(60)
 """
+
+
+def assert_leaves_the_gateway(counters: dict[str, float | str]) -> None:
+    """The counters diagnostic passes the anonymizer whole: a refused one would hide the loss."""
+    anon = Anonymizer(Pseudonymizer(b"o" * 32), time_mode="relative", start_wall=1.7e9)
+    anon.diagnostic(Diagnostic("counters", None, 1.7e9, counters))  # raises when refused
 
 
 def killed_writer(db: Path, n: int = 600, acked: int = 100) -> tuple[int, int, dict[Lane, int]]:
@@ -135,7 +142,10 @@ def test_a_log_with_a_garbage_header_is_set_aside_into_a_new_epoch(db: Path) -> 
 
     counters = asyncio.run(diagnostics())
     assert sum(v for k, v in counters.items() if k.endswith("_corrupt") and isinstance(v, int)) == lost
-    assert f"epoch {epoch} (up to id {last})" in str(counters["outbox_last_loss"])
+    assert counters["outbox_last_loss_from_epoch"] == epoch
+    assert counters["outbox_last_loss_up_to_id"] == last
+    assert counters["outbox_last_loss_count"] == lost
+    assert_leaves_the_gateway(counters)
 
 
 def test_a_truncated_database_starts_a_new_epoch_with_its_records_counted(db: Path) -> None:
@@ -301,7 +311,10 @@ def test_full_disk_keeps_alarms_delivers_the_backlog_and_recovers(tmp_path: Path
                     if features % 200 == 0:
                         await asyncio.sleep(0.03)
                 assert "full" in str(ao.health())
-                assert "full" in str(ao.counters()["outbox_degraded"])  # the diagnostic says so too
+                # The diagnostic says so too, in a form the anonymizer lets out.
+                counters = ao.counters()
+                assert (counters["outbox_degraded"], counters["outbox_degraded_why"]) == (1, "disk_full")
+                assert_leaves_the_gateway(counters)
                 for i in range(20):
                     ao.submit(OutItem(Lane.ALARMS, f"a/{i}", b"alarm" * 20, NOW))
                     ao.submit(OutItem(Lane.DIAGNOSTICS, f"d/{i}", b"diag" * 20, NOW))

@@ -110,14 +110,21 @@ class AsyncOutbox:
         return out
 
     def counters(self) -> dict[str, float | str]:
-        """Drop counters and health as flat diagnostic counters (never waits)."""
+        """Drop counters and health as flat diagnostic counters (never waits).
+
+        Keys and text values are plain tokens of at most 32 characters, the only form the
+        anonymizer lets out: a counter it refused would hide the very loss it reports.
+        """
         out: dict[str, float | str] = {
-            f"outbox_dropped_{lane}_{reason}": n
+            f"drop_{lane}_{reason}": n
             for lane, reasons in self.drop_counts().items()
             for reason, n in reasons.items()
         }
         out["outbox_pending_bytes"] = self._pending_bytes
-        out["outbox_degraded"] = self.health() or ""
+        health = self.health()
+        out["outbox_degraded"] = 0 if health is None else 1
+        if health is not None:
+            out["outbox_degraded_why"] = "disk_full" if "full" in health.lower() else "write_failing"
         outbox = self._outbox
         if outbox is not None:
             out["outbox_epoch"] = outbox.epoch
@@ -125,10 +132,9 @@ class AsyncOutbox:
             out["outbox_losses"] = len(losses)
             if losses:
                 last = losses[-1]
-                out["outbox_last_loss"] = (
-                    f"epoch {last.prev_epoch} (up to id {last.last_id}) -> {last.epoch}: "
-                    f"{sum(last.lost.values())} lost: {last.why}"
-                )
+                out["outbox_last_loss_from_epoch"] = last.prev_epoch
+                out["outbox_last_loss_up_to_id"] = last.last_id
+                out["outbox_last_loss_count"] = sum(last.lost.values())
         return out
 
     def dropped_total(self) -> int:
