@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from gateway import __version__, demo, logs
-from gateway.anonymize import rotate_key
 from gateway.config import Config, load, validate
 from gateway.errors import ConfigError, InvalidConfigError
 from gateway.inference.coverage import check_coverage
@@ -144,15 +143,40 @@ def cmd_version(_args: argparse.Namespace) -> int:
 
 
 def cmd_rotate_key(args: argparse.Namespace) -> int:
-    """Replace the site key: pseudonyms change, linkage to earlier records breaks on purpose."""
+    """Start a new gateway identity: new site key, outbox and time base (nothing links old and new)."""
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    retired = rotate_key(config.core.site_key_path)
+    from gateway.rotation import rotate_identity  # noqa: PLC0415
+
+    done = rotate_identity(config.core)
     print(
-        f"new site key at {config.core.site_key_path}; the old key was kept as {retired}: "
-        "delete it once nothing needs to link old pseudonyms. Restart the gateway to use the new key."
+        f"new site key at {config.core.site_key_path}; the old key was kept as {done.retired_key}: "
+        "delete it once nothing needs to link old pseudonyms."
     )
+    if done.outbox_retired is not None:
+        print(
+            f"the outbox was set aside as {done.outbox_retired} with "
+            f"{'an unknown number of' if done.undelivered is None else done.undelivered} undelivered "
+            "record(s): they carry the old pseudonyms and are not sent."
+        )
+    renew = (
+        f"have {done.csr} signed and install it with its key ('edgetwin provision import')"
+        if done.csr is not None
+        else f"renew its certificate ('edgetwin provision key --config {args.config} --force', then sign)"
+    )
+    print(f"the gateway is now {done.gateway_pseudonym} (MQTT client id, topics): {renew}; then restart it.")
+    return EXIT_OK
+
+
+def cmd_legend(args: argparse.Namespace) -> int:
+    """Print which pseudonym is which gateway, bed, patient, machine or device (local only)."""
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from gateway.legend import render  # noqa: PLC0415
+
+    print(render(config))
     return EXIT_OK
 
 
@@ -208,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
 
-    p = sub.add_parser("rotate-key", help="replace the site key used for pseudonyms")
+    p = sub.add_parser("legend", help="which pseudonym is which bed, patient, machine or device (local)")
+    p.add_argument("--config", type=Path, required=True)
+    p.set_defaults(func=cmd_legend)
+
+    p = sub.add_parser("rotate-key", help="start a new identity: site key, outbox, time base")
     p.add_argument("--config", type=Path, required=True)
     p.set_defaults(func=cmd_rotate_key)
     _add_plugin_commands(groups)
