@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from firmware_bridge.messages import SIG_LEN, Manifest, format_version, parse_version
-from gateway.config import secret_file_problem
+from gateway.config_base import secret_file_problem
 from gateway.errors import ConfigError, CorruptDataError
 
 MANIFEST_FORMAT = "edgetwin-firmware-manifest/1"

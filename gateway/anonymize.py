@@ -27,20 +27,37 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from gateway.config import secret_file_problem
+from gateway.config_base import secret_file_problem
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, Estimate, Lane, WindowRecord
 from gateway.errors import AnonymizationError, ConfigError
+from gateway.legend import Legend
+from gateway.records import (
+    AlarmRecord,
+    Clock,
+    DiagnosticRecord,
+    EstimateRecord,
+    EstimateSource,
+    FeaturesWindow,
+    Record,
+    StreamWindow,
+)
+from gateway.records.units import to_ucum
+from gateway.timebase import TimeBase
 
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 PSEUDONYM_CHARS = 16  # base32 characters = 80 bits: collision-free for any realistic fleet
-SCHEMA_VERSION = 1
 # Free-text values are never sent; a string in a record's detail must be a short token.
 _TOKEN = re.compile(r"[a-z][a-z0-9_]{0,31}")  # used with fullmatch: no trailing newline
 _DEVICE_KINDS = frozenset({AlarmKind.DEVICE_LOST, AlarmKind.DEVICE_RESTORED})
+
+
+def _finite(x: float | None) -> float | None:
+    """``x`` as a float, or None when it is absent or not a finite number."""
+    return float(x) if x is not None and math.isfinite(x) else None
 
 
 def _write_key_file(path: Path) -> None:
@@ -189,7 +206,7 @@ class OutRecord:
 
     lane: Lane
     topic: str
-    payload: Mapping[str, Any]
+    payload: Record
     t_wall: float  # real creation time, for the outbox's age budget (never encoded)
 
 
@@ -207,11 +224,16 @@ class Anonymizer:
         coarsen_s: float = 60.0,
         start_wall: float | None = None,
         local_identities: Iterable[str] = (),
+        timebase: TimeBase | None = None,
+        legend: Legend | None = None,
     ) -> None:
         self._p = pseudonym
         self._time_mode = time_mode
         self._coarsen_s = coarsen_s
-        self._start_wall = time.time() if start_wall is None else start_wall
+        # Record time and run: persisted in the state directory by the runtime; in memory otherwise.
+        self.timebase = timebase or TimeBase.ephemeral(start_wall)
+        # Which pseudonym is which identity, for technicians on site (local only, never sent).
+        self.legend = legend or Legend(None)
         self._forms: set[bytes] = set()
         self._folded: set[bytes] = set()  # lower-cased text and hex forms, for the case-blind scan
         self._registered: set[str] = set()
@@ -239,20 +261,26 @@ class Anonymizer:
     def gateway_pseudonym(self, name: str) -> str:
         """The pseudonym that names this gateway on the wire."""
         self.register(name)
+        self.legend.note("gateway", name)
         return self._p("gateway", name)
 
     def subject_pseudonym(self, subject: str) -> str:
         """The pseudonym a subject travels under (for local views that must not show the subject)."""
         return self._subject(subject)
 
+    @property
+    def _clock(self) -> Clock:
+        return "unix" if self._time_mode == "exact" else "site"
+
     def _t(self, t_wall: float) -> float:
+        """Record time: seconds since the site origin (coarsened as configured), or exact Unix time."""
         if not math.isfinite(t_wall):
             raise AnonymizationError("anonymizer: record time is not a finite number: refused")
         if self._time_mode == "relative":
-            return round(t_wall - self._start_wall, 3)
+            return round(self.timebase.site(t_wall), 3)
         if self._time_mode == "coarse":
-            return math.floor(t_wall / self._coarsen_s) * self._coarsen_s
-        return round(t_wall, 3)
+            return math.floor(self.timebase.site(t_wall) / self._coarsen_s) * self._coarsen_s
+        return round(self.timebase.unix(t_wall), 3)
 
     def log_label(self, purpose: str, identity: str) -> str:
         """How logs name an identity: its purpose and the pseudonym records carry (``subject~k3n...``)."""
@@ -262,6 +290,7 @@ class Anonymizer:
         if subject not in self._registered and self.on_identity is not None:
             self.on_identity(subject, self.log_label("subject", subject))
         self.register(subject)
+        self.legend.note("subject", subject)
         return self._p("subject", subject)
 
     def _device(self, device: str, source: str) -> str:
@@ -269,6 +298,7 @@ class Anonymizer:
             self.on_identity(device, self.log_label("device", device))
         self.register(device)
         self.register(source)
+        self.legend.note("device", device, source)
         return self._p("device", device)
 
     def _detail(self, detail: Mapping[str, float | str]) -> dict[str, float | str]:
@@ -298,76 +328,69 @@ class Anonymizer:
         streams = []
         for sf in rec.streams:
             metric = sf.stream.metric
-            entry: dict[str, Any] = {
-                "dev": self._device(sf.stream.device, sf.stream.source),
-                "metric": metric.name,
-                "unit": metric.unit,
-                "n": sf.count,
-                "missing": round(sf.missing, 4),
-            }
-            if metric.mdc is not None:
-                entry["mdc"] = metric.mdc
-            if sf.gap:
-                entry["gap"] = True
-            else:
-                entry["f"] = {k: float(v) for k, v in sf.features.items() if math.isfinite(v)}
-            streams.append(entry)
-        payload: dict[str, Any] = {
-            "v": SCHEMA_VERSION,
-            "type": "features",
-            "subject": subject,
-            "kind": rec.kind,
-            "t": self._t(rec.end_wall),
-            "win": rec.length_s,
-            "streams": streams,
-        }
-        if rec.scores:
-            payload["scores"] = {k: float(v) for k, v in rec.scores.items() if math.isfinite(v)}
+            streams.append(
+                StreamWindow(
+                    metric=metric.name,
+                    unit=to_ucum(metric.unit),
+                    dev=self._device(sf.stream.device, sf.stream.source),
+                    n=sf.count,
+                    missing=round(sf.missing, 4),
+                    mdc=metric.mdc,
+                    gap=sf.gap,
+                    features={k: float(v) for k, v in sf.features.items() if math.isfinite(v)},
+                    shape=metric.shape,
+                )
+            )
+        payload = FeaturesWindow(
+            subject=subject,
+            kind=rec.kind,
+            t=self._t(rec.end_wall),
+            win=rec.length_s,
+            streams=tuple(streams),
+            scores={k: float(v) for k, v in rec.scores.items() if math.isfinite(v)},
+            run=self.timebase.run,
+            clock=self._clock,
+        )
         return OutRecord(Lane.FEATURES, f"features/{subject}", payload, rec.end_wall)
 
     def alarm(self, alarm: Alarm) -> OutRecord:
         """An alarm record, with the contributing values."""
         subject = self._subject(alarm.subject)
-        payload: dict[str, Any] = {
-            "v": SCHEMA_VERSION,
-            "type": "alarm",
-            "alarm": alarm.kind.value,
-            "subject": subject,
-            "t": self._t(alarm.t_wall),
-        }
-        if alarm.stream is not None:
-            payload["dev"] = self._device(alarm.stream.device, alarm.stream.source)
-            if alarm.kind not in _DEVICE_KINDS:  # a device alarm names the device, not one stream
-                payload["metric"] = alarm.stream.metric.name
-        if alarm.detail:
-            payload["detail"] = self._detail(alarm.detail)
-        if alarm.contributions:
-            payload["contrib"] = {k: float(v) for k, v in alarm.contributions.items() if math.isfinite(v)}
-        # Alarm semantics (IEC 60601-1-8 / ISA-18.2): class, priority, limit, value, time held.
-        payload["class"] = alarm.alarm_class.value
-        if alarm.priority is not None:
-            payload["priority"] = alarm.priority.value
-        for name, number in (("limit", alarm.limit), ("value", alarm.value), ("held_s", alarm.held_s)):
-            if number is not None and math.isfinite(number):
-                payload[name] = float(number)
+        stream = alarm.stream
+        payload = AlarmRecord(
+            alarm=alarm.kind.value,
+            subject=subject,
+            t=self._t(alarm.t_wall),
+            dev=None if stream is None else self._device(stream.device, stream.source),
+            # A device alarm names the device, not one of its streams.
+            metric=None if stream is None or alarm.kind in _DEVICE_KINDS else stream.metric.name,
+            detail=self._detail(alarm.detail),
+            contrib={k: float(v) for k, v in alarm.contributions.items() if math.isfinite(v)},
+            alarm_class=alarm.alarm_class.value,
+            # Alarm semantics (IEC 60601-1-8 / ISA-18.2): class, priority, limit, value, time held.
+            priority=None if alarm.priority is None else alarm.priority.value,
+            limit=_finite(alarm.limit),
+            value=_finite(alarm.value),
+            held_s=_finite(alarm.held_s),
+            run=self.timebase.run,
+            clock=self._clock,
+        )
         return OutRecord(Lane.ALARMS, f"alarms/{subject}", payload, alarm.t_wall)
 
     def diagnostic(self, diag: Diagnostic) -> OutRecord:
         """A diagnostic record (gateway health, simulator ground truth)."""
         if not _TOKEN.fullmatch(diag.kind):
             raise AnonymizationError("anonymizer: diagnostic kind is not a plain token: refused")
-        payload: dict[str, Any] = {
-            "v": SCHEMA_VERSION,
-            "type": "diag",
-            "diag": diag.kind,
-            "t": self._t(diag.t_wall),
-        }
-        topic = "diag/gateway"
-        if diag.subject is not None:
-            payload["subject"] = self._subject(diag.subject)
-            topic = f"diag/{payload['subject']}"
-        if diag.detail:
-            payload["detail"] = self._detail(diag.detail)
+        subject = None if diag.subject is None else self._subject(diag.subject)
+        payload = DiagnosticRecord(
+            diag=diag.kind,
+            t=self._t(diag.t_wall),
+            subject=subject,
+            detail=self._detail(diag.detail),
+            run=self.timebase.run,
+            clock=self._clock,
+        )
+        topic = "diag/gateway" if subject is None else f"diag/{subject}"
         return OutRecord(Lane.DIAGNOSTICS, topic, payload, diag.t_wall)
 
     # --- state estimates (gateway.estimation; docs/records.md "Estimate records") ---------------
@@ -377,26 +400,25 @@ class Anonymizer:
         if not (_TOKEN.fullmatch(est.name) and _TOKEN.fullmatch(est.state)):
             raise AnonymizationError("anonymizer: estimate name or state is not a plain token: refused")
         subject = self._subject(est.subject)
-        payload: dict[str, Any] = {
-            "v": SCHEMA_VERSION,
-            "type": "estimate",
-            "subject": subject,
-            "kind": est.kind,
-            "t": self._t(est.t_wall),
-            "est": est.name,
-            "unit": est.unit,
-            "state": est.state,
-        }
-        if math.isfinite(est.value) and math.isfinite(est.sd):
-            payload["value"] = float(est.value)
-            payload["sd"] = float(est.sd)
-        payload["src"] = [
-            {"dev": self._device(s.device, s.source), "metric": s.metric.name, "w": round(float(w), 4)}
-            for s, w in est.sources
-            if math.isfinite(w)
-        ]
-        if est.detail:
-            payload["detail"] = self._detail(est.detail)
+        measured = math.isfinite(est.value) and math.isfinite(est.sd)
+        payload = EstimateRecord(
+            subject=subject,
+            kind=est.kind,
+            t=self._t(est.t_wall),
+            est=est.name,
+            unit=to_ucum(est.unit),
+            state=est.state,
+            value=float(est.value) if measured else None,
+            sd=float(est.sd) if measured else None,
+            src=tuple(
+                EstimateSource(self._device(s.device, s.source), s.metric.name, round(float(w), 4))
+                for s, w in est.sources
+                if math.isfinite(w)
+            ),
+            detail=self._detail(est.detail),
+            run=self.timebase.run,
+            clock=self._clock,
+        )
         return OutRecord(Lane.FEATURES, f"estimates/{subject}", payload, est.t_wall)
 
     def check(self, encoded: bytes) -> None:
@@ -419,7 +441,7 @@ class Anonymizer:
                 )
 
     def seal(
-        self, build: Callable[[], OutRecord], encode: Callable[[Mapping[str, Any]], bytes]
+        self, build: Callable[[], OutRecord], encode: Callable[[Record], bytes]
     ) -> tuple[OutRecord, bytes] | None:
         """Build, encode and check a record; None (and counted) when it is not provably anonymous."""
         try:

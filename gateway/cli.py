@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from gateway import __version__, demo, logs
-from gateway.anonymize import Pseudonymizer, rotate_key
+from gateway.anonymize import Pseudonymizer
 from gateway.config import Config, load, validate
 from gateway.errors import ConfigError, EdgetwinError, InvalidConfigError
 from gateway.runtime import run_gateway
@@ -168,22 +168,46 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_rotate_key(args: argparse.Namespace) -> int:
-    """Replace the site key: pseudonyms change, linkage to earlier records breaks on purpose."""
+    """Start a new gateway identity: new site key, outbox and time base (nothing links old and new)."""
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    name = config.core.gateway.name
-    before = _pseudonym_of(config.core.site_key_path, name)
-    retired = rotate_key(config.core.site_key_path)
-    after = _pseudonym_of(config.core.site_key_path, name)
+    from gateway.rotation import rotate_identity  # noqa: PLC0415
+
+    before = _pseudonym_of(config.core.site_key_path, config.core.gateway.name)
+    done = rotate_identity(config.core)
     print(
-        f"new site key at {config.core.site_key_path}; the old key was kept as {retired}: "
-        "delete it once nothing needs to link old pseudonyms. Restart the gateway to use the new key.\n"
-        f"What changes: every subject and device pseudonym; the gateway's pseudonym ({before or '-'} -> {after}), "
-        "which is its MQTT client id, its topic root and the name its certificate must carry: run "
-        "'edgetwin provision key', have the new CSR signed and import it before restarting, or the broker "
-        "may refuse the gateway; tell the twin's operators that records continue under new names."
+        f"new site key at {config.core.site_key_path}; the old key was kept as {done.retired_key}: "
+        "delete it once nothing needs to link old pseudonyms.\n"
+        "What changes: every subject and device pseudonym, the epoch, the sequence and the time base; "
+        f"the gateway's pseudonym ({before or '-'} -> {done.gateway_pseudonym}), which is its MQTT client id, "
+        "its topic root and the name its certificate must carry: run 'edgetwin provision key', have the new "
+        "CSR signed and import it before restarting, or the broker may refuse the gateway; tell the twin's "
+        "operators that records continue under new names."
     )
+    if done.outbox_retired is not None:
+        print(
+            f"the outbox was set aside as {done.outbox_retired} with "
+            f"{'an unknown number of' if done.undelivered is None else done.undelivered} undelivered "
+            "record(s): they carry the old pseudonyms and are not sent."
+        )
+    renew = (
+        f"have {done.csr} signed and install it with its key ('edgetwin provision import')"
+        if done.csr is not None
+        else f"renew its certificate ('edgetwin provision key --config {args.config} --force', then sign)"
+    )
+    print(f"the gateway is now {done.gateway_pseudonym} (MQTT client id, topics): {renew}; then restart it.")
+    return EXIT_OK
+
+
+def cmd_legend(args: argparse.Namespace) -> int:
+    """Print which pseudonym is which gateway, bed, patient, machine or device (local only)."""
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from gateway.legend import render  # noqa: PLC0415
+
+    print(render(config))
     return EXIT_OK
 
 
@@ -272,9 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_version)
 
+    p = sub.add_parser("legend", help="which pseudonym is which bed, patient, machine or device (local)")
+    p.add_argument("--config", type=Path, required=True, help="the gateway's TOML config file")
+    p.set_defaults(func=cmd_legend)
+
     p = sub.add_parser(
         "rotate-key",
-        help="replace the site key used for pseudonyms (the gateway's pseudonym and client id change)",
+        help="start a new identity: site key, outbox epoch, time base (the gateway's pseudonym and client id change)",
     )
     p.add_argument("--config", type=Path, required=True, help="the gateway's TOML config file")
     p.set_defaults(func=cmd_rotate_key)

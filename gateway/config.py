@@ -14,21 +14,22 @@ core never imports a driver (the registry is passed in by the composition root).
 from __future__ import annotations
 
 import math
-import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from gateway.alarms.config import AlarmsSection
+from gateway.config_base import ConfigModel, CreatableSecretFile, PathField
 from gateway.contracts import DriverSpec, SourceInfo
 from gateway.errors import ConfigProblem, InvalidConfigError
 from gateway.estimation.config import EstimatorsSection
 from gateway.inference.build import ModelsSection
+from gateway.observe.config import StatusSection
+from gateway.uplink.config import MqttSection
 
 #: Key names that hold secrets; inline values for them are refused (reference a file instead).
 SECRET_KEY_NAMES = frozenset(
@@ -36,62 +37,6 @@ SECRET_KEY_NAMES = frozenset(
 )
 #: Keys shared by every ``[[sources]]`` table; everything else belongs to the driver.
 COMMON_SOURCE_KEYS = ("name", "driver", "subject", "kind", "enabled")
-
-
-def secret_file_problem(path: Path, *, must_exist: bool = True) -> tuple[str, str] | None:
-    """What is wrong with a secret file as (expected, found), or None when it is fine."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return (
-            ("an existing secret file (create it with mode 0600)", f"no file at {path}")
-            if must_exist
-            else None
-        )
-    except OSError as exc:
-        return ("a secret file the gateway can read", f"{path}: {exc.strerror}")
-    if not stat.S_ISREG(st.st_mode):
-        return ("a regular file", f"{path} is not one")
-    if st.st_mode & 0o077:
-        return (
-            f"a file only its owner can read (run 'chmod 600 {path}')",
-            f"mode {stat.S_IMODE(st.st_mode):04o}",
-        )
-    return None
-
-
-def _secret_validator(must_exist: bool) -> AfterValidator:
-    def check(path: Path) -> Path:
-        problem = secret_file_problem(path, must_exist=must_exist)
-        if problem:
-            expected, found = problem
-            raise PydanticCustomError("secret_file", "{expected}", {"expected": expected, "found": found})
-        return path
-
-    return AfterValidator(check)
-
-
-#: A path in a config: TOML has no path type, so strings are accepted here (and only here).
-PathField = Annotated[Path, Field(strict=False)]
-#: A path to a secret that must exist with mode 0600 (or stricter).
-SecretFile = Annotated[Path, Field(strict=False), _secret_validator(True)]
-#: A path to a secret the gateway creates on first start; if it exists it must be 0600.
-CreatableSecretFile = Annotated[Path, Field(strict=False), _secret_validator(False)]
-
-
-class ConfigModel(BaseModel):
-    """Base of every config section, the drivers' included: strict types, unknown keys refused.
-
-    Strict: TOML has real types, so "30" for a number or "yes" for a boolean is a mistake to
-    report, not to guess at.  Use :data:`PathField` for paths.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-# The uplink's own section builds on ConfigModel above: imported here, after it exists.
-from gateway.observe.config import StatusSection  # noqa: E402
-from gateway.uplink.config import MqttSection  # noqa: E402
 
 
 class GatewaySection(ConfigModel):
@@ -102,8 +47,9 @@ class GatewaySection(ConfigModel):
 class PrivacySection(ConfigModel):
     # Created at first start in the state directory (mode 0600) when not given.
     site_key_file: CreatableSecretFile | None = None
-    # What wall time leaves the gateway: "relative" (seconds since the gateway started),
-    # "coarse" (rounded down to coarsen_s) or "exact". Dates finer than a year identify patients.
+    # What time leaves the gateway: "relative" (seconds since the site's origin, kept in the state
+    # directory), "coarse" (the same, rounded down to coarsen_s) or "exact" (Unix time). Dates
+    # finer than a year identify patients.
     time: Literal["relative", "coarse", "exact"] = "relative"
     coarsen_s: float = Field(60.0, gt=0, le=86400)
 

@@ -36,15 +36,15 @@ from gateway.contracts import (
     WindowModel,
     WindowRecord,
 )
-from gateway.encode import decode, encode
-from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
+from gateway.errors import ConfigError, EdgetwinError
 from gateway.estimation import Estimation
-from gateway.estimation.text import estimate_text
 from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.coverage import log_coverage
 from gateway.inference.novelty import build_novelty
 from gateway.inference.rhythm import RhythmMonitor
 from gateway.inference.streams import build_stream_change
+from gateway.legend import FILE_NAME as LEGEND_FILE
+from gateway.legend import Legend
 from gateway.notify import Notifier
 from gateway.observe.config import socket_path
 from gateway.observe.control import ControlServer
@@ -52,8 +52,11 @@ from gateway.observe.lock import StateDirBusyError, state_dir_lock
 from gateway.observe.status import StatusBoard
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
+from gateway.records import Record, RecordError, as_map, decode, encode
+from gateway.records.render import describe
 from gateway.sample import Quality, Sample, SampleBlock
 from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
+from gateway.timebase import TimeBase
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +237,9 @@ class Pipeline:
                     raise
             for record in records:
                 self.window(record)
+        for found in self._anon.timebase.take_steps():
+            detail = {"step_s": round(found.step_s, 3), "applied_s": round(found.applied_s, 3)}
+            self.diagnostic(Diagnostic("clock_step", None, now_wall, detail))
         if now_mono >= self._next_counters:
             self._next_counters = now_mono + COUNTERS_EVERY_S
             self.diagnostic(Diagnostic("counters", None, now_wall, self.counters()))
@@ -280,31 +286,9 @@ class _Sink:
         self.diagnostic = diagnostic
 
 
-def render_pretty(topic: str, record: Mapping[str, Any]) -> str:
+def render_pretty(topic: str, record: Record) -> str:
     """One human-readable line for an outgoing record (the demo's local view)."""
-    kind = record.get("type")
-    head = f"{topic:<28} t={record.get('t', 0):>10.1f}"
-    if kind == "features":
-        cells = []
-        for s in record.get("streams", []):
-            name = str(s.get("metric", "?")).removeprefix("MDC_")
-            if s.get("gap"):
-                cells.append(f"{name}=GAP")
-                continue
-            f = s.get("f", {})
-            main = f.get("rmssd", f.get("mean", math.nan))
-            cells.append(
-                f"{name}={main:.1f}{s.get('unit', '')}"
-                + (f" miss={s['missing']:.0%}" if s.get("missing") else "")
-            )
-        return f"{head} FEATURES " + "  ".join(cells)
-    if kind == "estimate":
-        return f"{head} ESTIMATE {estimate_text(record)}"
-    if kind == "alarm":
-        detail = " ".join(f"{k}={v}" for k, v in record.get("detail", {}).items())
-        return f"{head} ALARM {record.get('alarm')} {record.get('metric', '')} {detail}".rstrip()
-    detail = " ".join(f"{k}={v}" for k, v in record.get("detail", {}).items())
-    return f"{head} DIAG {record.get('diag')} {detail}".rstrip()
+    return f"{topic:<28} {describe(record)}"
 
 
 class LocalUplink:
@@ -332,7 +316,7 @@ class LocalUplink:
             for item in leased:
                 try:
                     record = decode(item.payload)
-                except CorruptDataError as exc:
+                except RecordError as exc:
                     # Undeliverable as it stands; holding it would strand its whole batch forever.
                     self.corrupt += 1
                     log.error(
@@ -343,7 +327,9 @@ class LocalUplink:
                     lines.append(render_pretty(item.topic, record))
                 else:
                     lines.append(
-                        json.dumps({"topic": item.topic, "lane": item.lane.name.lower(), "record": record})
+                        json.dumps(
+                            {"topic": item.topic, "lane": item.lane.name.lower(), "record": as_map(record)}
+                        )
                     )
             if lines:
                 self._out.write("\n".join(lines) + "\n")
@@ -470,11 +456,18 @@ async def _run_locked(
     identities: list[str] = [core.gateway.name]
     for entry in config.sources:
         identities += [entry.info.name, entry.info.subject]
+    try:
+        timebase = TimeBase.open(core.gateway.state_dir)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
     anonymizer = Anonymizer(
         Pseudonymizer(key),
         time_mode=core.privacy.time,
         coarsen_s=core.privacy.coarsen_s,
         local_identities=identities,
+        timebase=timebase,
+        legend=Legend(core.gateway.state_dir / LEGEND_FILE),
     )
     # Logs name subjects by pseudonym and devices by source; see gateway.logs.
     anonymizer.on_identity = logs.register_identity
@@ -510,6 +503,7 @@ async def _run_locked(
             config, registry, notifier, anonymizer, outbox, out, pretty, stop_after_s, install_signal_handlers
         )
     finally:
+        timebase.close()
         await outbox_cm.__aexit__(None, None, None)
         log.info("outbox closed")
 

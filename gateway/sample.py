@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from gateway.records.model import Shape
+from gateway.records.units import MDC_TERMS
+
 
 class Quality(enum.IntFlag):
     """Quality flags of a sample; ``GOOD`` is the empty set."""
@@ -49,30 +52,22 @@ class Metric:
     unit: str  # UCUM for medical metrics ("%", "/min", "ms"), engineering unit otherwise
     mdc: int | None = None  # IEEE 11073-10101 32-bit code, partition * 65536 + term
     rr: bool = False  # an RR-interval series: gets HRV features (RMSSD, SDNN, pNN50)
+    # How the values behave, which decides the features: "level", "waveform" (AC current,
+    # vibration: RMS, peak, crest factor, dominant frequency), "interval" (RR) or "state".
+    shape: Shape = "level"
+
+    def __post_init__(self) -> None:
+        if self.rr and self.shape == "level":
+            object.__setattr__(self, "shape", "interval")
 
 
-#: IEEE 11073-10101 metrics with UCUM units (codes from STANDARDS.md section 1).
-MDC: dict[str, Metric] = {
-    m.name: m
-    for m in (
-        Metric("MDC_PULS_OXIM_SAT_O2", "%", 150456),
-        Metric("MDC_PULS_OXIM_PULS_RATE", "/min", 149530),
-        Metric("MDC_PULS_RATE_NON_INV", "/min", 149546),
-        Metric("MDC_ECG_HEART_RATE", "/min", 147842),
-        Metric("MDC_ECG_TIME_PD_RR_GL", "ms", 147240, rr=True),
-        Metric("MDC_TEMP_BODY", "Cel", 150364),
-        Metric("MDC_PRESS_BLD_NONINV_SYS", "mm[Hg]", 150021),
-        Metric("MDC_PRESS_BLD_NONINV_DIA", "mm[Hg]", 150022),
-        Metric("MDC_PRESS_BLD_NONINV_MEAN", "mm[Hg]", 150023),
-        Metric("MDC_PULS_OXIM_PERF_REL", "%", 150448),
-        Metric("MDC_RESP_RATE", "/min", 151562),
-    )
-}
+#: IEEE 11073-10101 metrics with UCUM units (the table lives with the record contract).
+MDC: dict[str, Metric] = {t.name: Metric(t.name, t.unit, t.code, rr=t.rr) for t in MDC_TERMS.values()}
 
 
-def industrial_metric(path: str, unit: str) -> Metric:
+def industrial_metric(path: str, unit: str, shape: Shape = "level") -> Metric:
     """A metric named by its source path (e.g. an OPC UA browse path) and engineering unit."""
-    return Metric(path, unit)
+    return Metric(path, unit, shape=shape)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,9 @@ from drivers.sim.protocol import STREAM_KIND, Label, make_generator
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import validate
 from gateway.contracts import Alarm, AlarmKind, Lane
-from gateway.encode import decode
 from gateway.inference.build import build_models
 from gateway.outbox import AsyncOutbox, Outbox
+from gateway.records import as_map, decode
 from gateway.runtime import Pipeline
 from gateway.sample import SampleBlock, Stream
 
@@ -91,7 +91,11 @@ def run(tmp: Path, seconds: float, events: dict[str, list[Label]], seed: int = 5
             await outbox.flush()
             out = []
             while batch := await outbox.lease(1000):
-                out += [decode(i.payload) | {"_t": i.t_wall - WALL0} for i in batch if i.lane == Lane.ALARMS]
+                out += [
+                    as_map(decode(i.payload)) | {"_t": i.t_wall - WALL0}
+                    for i in batch
+                    if i.lane == Lane.ALARMS
+                ]
                 await outbox.ack([i.id for i in batch])
             return out
 
@@ -140,7 +144,7 @@ def test_every_injected_event_is_alarmed_in_its_class(tmp_path: Path) -> None:
     alarms = run(tmp_path, 3600.0, EVENTS)
     anon = Anonymizer(Pseudonymizer(b"c" * 32), time_mode="relative", start_wall=WALL0)
     pseudonym = {
-        s: anon.alarm(Alarm(AlarmKind.ANOMALY, s, 0.0, WALL0)).payload["subject"] for s in (PATIENT, PUMP)
+        s: anon.alarm(Alarm(AlarmKind.ANOMALY, s, 0.0, WALL0)).payload.subject for s in (PATIENT, PUMP)
     }
     labels = {(lb.kind, subj): lb for subj, lbs in EVENTS.items() for lb in lbs}
     missing = []

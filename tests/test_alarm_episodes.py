@@ -16,8 +16,8 @@ from gateway.alarms.episodes import EpisodeTracker
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import validate
 from gateway.contracts import Lane, ModelResult, WindowRecord
-from gateway.encode import decode
 from gateway.outbox import AsyncOutbox, Outbox
+from gateway.records import as_map, decode
 from gateway.runtime import Pipeline
 from gateway.sample import MDC, SampleBlock, Stream
 
@@ -134,7 +134,7 @@ def run_pipeline(tmp: Path, verdicts: list[ModelResult]) -> list[dict[str, Any]]
                 )
                 await pipeline.step(now_mono=101.0 + k, now_wall=1.7e9 + 101.0 + k)
             await outbox.flush()
-            return [decode(i.payload) for i in await outbox.lease(100) if i.lane == Lane.ALARMS]
+            return [as_map(decode(i.payload)) for i in await outbox.lease(100) if i.lane == Lane.ALARMS]
 
     return asyncio.run(main())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.contracts import Alarm, AlarmKind, AlarmPriority
-from gateway.encode import decode, encode
+from gateway.records import as_map, decode, encode
 from gateway.sample import MDC, Stream
 
 SPO2 = Stream("bed7-ox", "MRN-0042", "00:1C:05:AA:BB:CC", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)
@@ -15,7 +15,7 @@ def roundtrip(alarm: Alarm) -> dict[str, object]:
     rec = anon.alarm(alarm)
     data = encode(rec.payload)
     anon.check(data)
-    return decode(data)
+    return as_map(decode(data))
 
 
 def test_a_limit_alarm_carries_its_priority_limit_value_and_time_held() -> None:

@@ -40,8 +40,8 @@ from drivers.ble.testbed.harness import Testbed, WearableProcess
 from drivers.ble.testbed.wearables import load_record_beats
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.contracts import Alarm, AlarmKind, SourceInfo
-from gateway.encode import encode
 from gateway.errors import ConfigError, TransientError
+from gateway.records import encode
 from gateway.sample import Quality
 
 pytestmark = pytest.mark.slow

@@ -39,8 +39,8 @@ import pytest
 from peers import free_port
 from uplink_support import listener, require_mosquitto
 
-from gateway import senml
 from gateway.outbox.recovery import scan_wal
+from gateway.records import StatusRecord, as_map, decode_pack
 from gateway.twin.listen import Listener
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoPKI, demo_pki
@@ -216,7 +216,7 @@ def signatures(db: Path) -> Counter[str]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
         return Counter(
-            signature(t, senml.decode_pack(p)[1])
+            signature(t, as_map(decode_pack(p)[1]))
             for t, p in conn.execute("SELECT topic, payload FROM records")
         )
     finally:
@@ -246,9 +246,11 @@ def reported_dropped(twin: Listener) -> dict[str, int]:
     """The drop counters of the gateway's latest status message, by lane."""
     with twin._lock:
         statuses = [
-            m.record for m in twin.messages if m.kind == "status" and m.record.get("state") == "online"
+            m.record
+            for m in twin.messages
+            if isinstance(m.record, StatusRecord) and m.record.state == "online"
         ]
-    return dict(statuses[-1].get("dropped") or {}) if statuses else {}
+    return dict(statuses[-1].dropped) if statuses else {}
 
 
 def report(row: dict[str, Any]) -> None:
@@ -347,7 +349,12 @@ def _run_storage(tmp_path: Path, broker: MosquittoBroker, pki: DemoPKI, scenario
 
     def arrived() -> int:
         """Accepted records the twin got (survivors are numbered anew: matched by content)."""
-        return sum((contents & Counter(signature(m.topic, m.record) for m in twin.records())).values())
+        received = Counter(
+            signature(m.topic, as_map(m.record))
+            for m in twin.records()
+            if not isinstance(m.record, StatusRecord)
+        )
+        return sum((contents & received).values())
 
     try:
         t0 = time.monotonic()

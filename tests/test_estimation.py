@@ -18,12 +18,12 @@ from drivers import REGISTRY
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import validate
 from gateway.contracts import Alarm, Estimate, Lane
-from gateway.encode import decode, encode
 from gateway.errors import InvalidConfigError
 from gateway.estimation import Estimation, EstimatorsSection
 from gateway.estimation.config import BatterySpec
 from gateway.inference.kalman import HrFusion
 from gateway.outbox import AsyncOutbox, Outbox
+from gateway.records import EstimateRecord, EstimateSource, as_map, decode, encode
 from gateway.runtime import Pipeline, render_pretty, run_gateway
 from gateway.sample import MDC, Quality, Sample, SampleBlock, Stream, industrial_metric
 from gateway.twin.decoder import decode_message
@@ -101,7 +101,7 @@ async def _records(outbox: AsyncOutbox) -> list[tuple[Lane, str, dict[str, Any]]
     await outbox.flush()
     leased = await outbox.lease(10_000)
     await outbox.ack([i.id for i in leased])
-    return [(i.lane, i.topic, decode(i.payload)) for i in leased]
+    return [(i.lane, i.topic, as_map(decode(i.payload))) for i in leased]
 
 
 def test_strap_dropped_mid_run_fused_hr_continues_within_its_uncertainty_and_resumes_after_restart(
@@ -194,18 +194,23 @@ def test_estimate_record_round_trips_and_the_twin_shows_value_plus_minus_sd() ->
     assert out.topic.startswith("estimates/")
     assert out.lane == Lane.FEATURES
     rec = decode(data)
-    assert rec == {**out.payload, "src": rec["src"]}
-    assert [(s["metric"], s["w"]) for s in rec["src"]] == [
-        ("MDC_ECG_HEART_RATE", 0.9),
-        ("MDC_PULS_OXIM_PULS_RATE", 0.1),
-    ]
-    assert rec["value"] == pytest.approx(71.25)
-    assert rec["sd"] == pytest.approx(0.8)
+    assert isinstance(rec, EstimateRecord)
+    assert rec == out.payload
+    assert rec.src == (
+        EstimateSource(rec.src[0].dev, "MDC_ECG_HEART_RATE", 0.9),
+        EstimateSource(rec.src[1].dev, "MDC_PULS_OXIM_PULS_RATE", 0.1),
+    )
+    assert rec.value == 71.25
+    assert rec.sd == 0.8  # read back as the shortest decimal single precision holds
+    assert (rec.unit, rec.state, rec.kind, rec.est) == ("/min", "measured", "medical", "hr")
+    assert STRAP.device not in repr(rec)
     lost = anon.seal(lambda: anon.estimate(Estimate(SUBJECT, "medical", "hr", "/min", 6.0, WALL + 6.0,
                                                     math.nan, math.nan, "lost")), encode)  # fmt: skip
     assert lost is not None
-    assert "value" not in decode(lost[1])
-    assert decode(lost[1])["state"] == "lost"
+    gone = decode(lost[1])
+    assert isinstance(gone, EstimateRecord)
+    assert (gone.value, gone.sd, gone.state) == (None, None, "lost")
+    assert "value" not in as_map(gone)
     view = TwinView()
     msg = decode_message(f"edgetwin/v1/gw1/{out.topic}", data)
     assert msg is not None

@@ -19,6 +19,7 @@ from uplink_support import listener, require_mosquitto
 from drivers import REGISTRY
 from drivers.serial.sim import PtyOximeter, Vitals
 from gateway.config import validate
+from gateway.records import AlarmRecord, as_map
 from gateway.runtime import run_gateway
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoPKI, demo_pki
@@ -89,9 +90,9 @@ def test_spo2_below_90_for_10_s_reaches_the_twin_as_a_medium_limit_alarm(
 
     def limit_alarms(t: Any) -> list[dict[str, Any]]:
         return [
-            m.record
+            as_map(m.record)
             for m in t.records()
-            if m.kind == "alarms" and str(m.record.get("alarm")).startswith("limit")
+            if isinstance(m.record, AlarmRecord) and m.record.alarm.startswith("limit")
         ]
 
     try:

@@ -19,10 +19,10 @@ from gateway import inference
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import validate
 from gateway.contracts import Alarm, AlarmKind, Lane
-from gateway.encode import decode
 from gateway.inference import rhythm
 from gateway.inference.rhythm import RhythmMonitor
 from gateway.outbox import AsyncOutbox, Outbox
+from gateway.records import as_map, decode
 from gateway.runtime import Pipeline
 from gateway.sample import MDC, Quality, Sample, SampleBlock, Stream
 from models.recipes.rr_ectopic import scores
@@ -207,7 +207,7 @@ def through_pipeline(
             await outbox.flush()
             out = []
             while batch := await outbox.lease(1000):
-                out += [decode(i.payload) for i in batch if i.lane == Lane.ALARMS]
+                out += [as_map(decode(i.payload)) for i in batch if i.lane == Lane.ALARMS]
                 await outbox.ack([i.id for i in batch])
             return out
 

@@ -18,8 +18,8 @@ from drivers import REGISTRY
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import validate
 from gateway.contracts import Lane, ModelResult, WindowRecord
-from gateway.encode import decode, encode
 from gateway.outbox import AsyncOutbox, Outbox, OutItem
+from gateway.records import DiagnosticRecord, as_map, decode, encode
 from gateway.runtime import LocalUplink, Pipeline, run_gateway
 from gateway.sample import MDC, Quality, SampleBlock, Stream
 
@@ -81,7 +81,7 @@ def test_pipeline_scores_windows_and_raises_explained_anomalies(tmp_path: Path) 
             await pipeline.step(now_mono=108.0, now_wall=1.7e9 + 108.0)
             await outbox.flush()
             leased = await outbox.lease(100)
-            return [(item.lane, decode(item.payload)) for item in leased]
+            return [(item.lane, as_map(decode(item.payload))) for item in leased]
 
     records = asyncio.run(main())
     assert model.threads
@@ -132,7 +132,7 @@ def test_one_broken_source_does_not_stop_the_others(tmp_path: Path) -> None:
 def test_local_uplink_drops_an_undecodable_record_and_delivers_the_rest(tmp_path: Path) -> None:
     async def main() -> tuple[list[str], int, int]:
         async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
-            good = encode({"v": 1, "type": "diag", "diag": "x", "t": 1.0})
+            good = encode(DiagnosticRecord("x", 1.0))
             for payload in (good, b"\xff\x00garbage", good):
                 outbox.submit(OutItem(Lane.DIAGNOSTICS, "diag/gateway", payload, 1.0))
             await outbox.flush()
@@ -204,7 +204,7 @@ def test_sensor_restore_hold_comes_from_the_pipeline_settings(tmp_path: Path) ->
 
             async def sensor_alarms() -> list[str]:
                 await outbox.flush()
-                items = [decode(i.payload) for i in await outbox.lease(100) if i.lane == Lane.ALARMS]
+                items = [as_map(decode(i.payload)) for i in await outbox.lease(100) if i.lane == Lane.ALARMS]
                 return [a["alarm"] for a in items if a["alarm"].startswith("sensor")]
 
             pipeline.sink.put_block(block(100.0, 5, off))  # faulty 100.0 .. 100.4

@@ -30,10 +30,10 @@ from drivers.serial.protocol import Status
 from drivers.serial.sim import Corruption, PtyOximeter, VitalsModel
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.contracts import Alarm, AlarmKind, SourceInfo
-from gateway.encode import encode
 from gateway.errors import ConfigError, TransientError
 from gateway.notify import Notifier
 from gateway.pipeline.windows import Windower
+from gateway.records import encode
 from gateway.sample import Quality
 from gateway.supervisor import Backoff, Group, Supervisor, Unit
 

@@ -13,11 +13,12 @@ from cryptography import x509
 from pydantic import ValidationError
 
 from gateway.errors import AuthError, ConfigError, TransientError
+from gateway.records.topics import azure_topic, parse_azure_topic
 from gateway.uplink import certs, tls
 from gateway.uplink.commands import main as commands_main
 from gateway.uplink.config import MqttSection, is_loopback
 from gateway.uplink.pacing import Pacer, TokenBucket
-from gateway.uplink.profiles import AWS, AZURE, GENERIC, azure_topic, azure_username, parse_azure_topic
+from gateway.uplink.profiles import AWS, AZURE, GENERIC, azure_username
 
 GW = "gwk3j2x7q9m4t8vb"
 

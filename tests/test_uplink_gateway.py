@@ -47,6 +47,7 @@ async def _gateway(config_path: Path, mqtt_path: Path) -> int:
     from gateway.outbox import AsyncOutbox, Outbox  # noqa: PLC0415
     from gateway.runtime import Pipeline, budgets_for  # noqa: PLC0415
     from gateway.supervisor import Group, Supervisor, Unit  # noqa: PLC0415
+    from gateway.timebase import TimeBase  # noqa: PLC0415
     from gateway.uplink.config import MqttSection  # noqa: PLC0415
     from gateway.uplink.mqtt import MqttUplink  # noqa: PLC0415
 
@@ -55,7 +56,10 @@ async def _gateway(config_path: Path, mqtt_path: Path) -> int:
     core = config.core
     key = load_or_create_key(core.site_key_path)
     identities = [core.gateway.name] + [x for e in config.sources for x in (e.info.name, e.info.subject)]
-    anonymizer = Anonymizer(Pseudonymizer(key), time_mode="relative", local_identities=identities)
+    timebase = TimeBase.open(core.gateway.state_dir)
+    anonymizer = Anonymizer(
+        Pseudonymizer(key), time_mode="relative", local_identities=identities, timebase=timebase
+    )
     budgets = budgets_for(config)
     async with AsyncOutbox(lambda: Outbox(core.outbox_path, budgets=budgets)) as outbox:
         pipeline = Pipeline(config, anonymizer, outbox)
@@ -88,7 +92,10 @@ async def _gateway(config_path: Path, mqtt_path: Path) -> int:
             await outbox.flush()
             await uplink.drain(deadline)
 
-        return await sup.run(drain, core.runtime.drain_deadline_s)
+        try:
+            return await sup.run(drain, core.runtime.drain_deadline_s)
+        finally:
+            timebase.close()
 
 
 def main() -> int:
@@ -96,7 +103,13 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--mqtt", type=Path, required=True)
+    parser.add_argument(
+        "--wall-offset-s", type=float, default=0.0, help="an injected wall clock this far off"
+    )
     args = parser.parse_args()
+    if args.wall_offset_s:
+        real_time = time.time
+        time.time = lambda: real_time() + args.wall_offset_s
     import logging  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -106,9 +119,11 @@ def main() -> int:
 # --- the tests ---------------------------------------------------------------------------------------
 
 if __name__ != "__main__":
+    import cbor2
     from uplink_support import listener, require_mosquitto
 
     from gateway.anonymize import identity_forms
+    from gateway.records import AlarmRecord, FeaturesWindow, StatusRecord
     from gateway.uplink.broker import MosquittoBroker
     from gateway.uplink.certs import DemoPKI, demo_pki
 
@@ -173,11 +188,15 @@ rate_hz = 10.0
     return config, mqtt
 
 
-def _start(config: Path, mqtt: Path) -> subprocess.Popen[str]:
+def _start(config: Path, mqtt: Path, wall_offset_s: float = 0.0) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("NOTIFY_SOCKET", None)
     return subprocess.Popen(
-        [sys.executable, str(Path(__file__)), "--config", str(config), "--mqtt", str(mqtt)],
+        [
+            sys.executable,
+            str(Path(__file__)),
+            *("--config", str(config), "--mqtt", str(mqtt), "--wall-offset-s", str(wall_offset_s)),
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -257,13 +276,85 @@ def test_sigkill_while_the_broker_is_down_loses_nothing_accepted(
     assert state.gaps == []
 
 
-def test_a_sniffer_on_every_topic_sees_no_identifier(
+def _newest(twin: Any) -> dict[str, tuple[int, float]]:
+    """(run, t) of the newest window the twin's view shows, per subject."""
+    with twin._lock:
+        return {
+            s.subject: (s.run, s.t)
+            for gw in twin.view.gateways.values()
+            for s in gw.subjects.values()
+            if s.t is not None
+        }
+
+
+def test_a_restarted_gateway_with_its_wall_clock_an_hour_back_is_shown_at_once(
     tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker
 ) -> None:
+    broker.start()
+    twin = listener(broker, pki)
+    config, mqtt = _write_config(tmp_path, broker, pki)
+    proc = _start(config, mqtt)
+    try:
+        assert twin.wait_for(lambda t: len(_newest(t)) == 2, 20), "run 1's windows"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        _finish(proc)
+        before = _newest(twin)
+        assert {run for run, _ in before.values()} == {1}
+        # Restarted with the wall clock an hour behind (no NTP yet after a reboot).
+        proc = _start(config, mqtt, wall_offset_s=-3600.0)
+        t0 = time.monotonic()
+        shown = twin.wait_for(lambda t: {run for run, _ in _newest(t).values()} == {2}, 20)
+        waited = time.monotonic() - t0
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+    finally:
+        _, err = _finish(proc)
+        twin.stop()
+    assert shown, f"the twin kept showing run 1: {_newest(twin)}\n{err}"
+    assert code == 0, err
+    after = _newest(twin)
+    for subject, (_, t) in after.items():
+        assert t > before[subject][1]  # time went on, not an hour back
+    # Within one window (1 s) of the new run's first records, plus its start-up.
+    assert waited < 15.0
+    (state,) = twin.checker.gateways.values()
+    assert (state.restarts, state.missing, state.duplicates) == (1, 0, 0), state.summary()
+    (gw,) = twin.view.gateways.values()
+    assert all(s.stale == 0 for s in gw.subjects.values())  # no fresh window was taken as old
+
+
+def test_the_will_of_a_killed_gateway_names_its_epoch(
+    tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker
+) -> None:
+    broker.start()
+    twin = listener(broker, pki)
+    config, mqtt = _write_config(tmp_path, broker, pki)
+    proc = _start(config, mqtt)
+    try:
+        assert twin.wait_for(lambda t: len(t.records()) >= 3, 20)
+        proc.send_signal(signal.SIGKILL)  # no orderly offline: the broker publishes the Will
+        proc.wait(timeout=5)
+
+        def offline(t: Any) -> bool:
+            gw = next(iter(t.view.gateways.values()))
+            return gw.status is not None and gw.status.state == "offline"
+
+        assert twin.wait_for(offline, 10)
+    finally:
+        _finish(proc)
+        twin.stop()
+    (gw,) = twin.view.gateways.values()
+    assert gw.status is not None
+    assert gw.status.clean is False
+    assert gw.status.ep == twin.records()[0].epoch != 0  # the epoch of its records, not 0
+
+
+def _sniffer(broker: MosquittoBroker, pki: DemoPKI) -> tuple[Any, list[bytes], threading.Lock]:
+    """A raw subscriber to every topic: keeps each message's topic, payload and user properties."""
     import paho.mqtt.client as paho  # noqa: PLC0415
     from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
 
-    broker.start()
     seen: list[bytes] = []
     lock = threading.Lock()
 
@@ -284,6 +375,94 @@ def test_a_sniffer_on_every_topic_sees_no_identifier(
     sniffer.subscribe("#", qos=1)
     sniffer.loop_start()
     assert subscribed.wait(5)
+    return sniffer, seen, lock
+
+
+def _phase(config: Path, mqtt: Path, twin: Any, seen: list[bytes], lock: threading.Lock) -> tuple[str, bytes]:
+    """Run the gateway until the twin has 8 windows of it; its client id and what the sniffer saw."""
+    with lock:
+        start = len(seen)
+    twin_start = len(twin.records())
+    proc = _start(config, mqtt)
+    try:
+        ok = twin.wait_for(lambda t: len(t.records()) - twin_start >= 8, 20)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+    finally:
+        out, err = _finish(proc)
+    assert ok, err
+    assert code == 0, err
+    with lock:
+        blob = b"\n".join(seen[start:])
+    return out.split("client-id ", 1)[1].split()[0], blob
+
+
+def test_after_rotate_key_nothing_links_the_old_and_the_new_gateway(
+    tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker
+) -> None:
+    from drivers import REGISTRY  # noqa: PLC0415
+    from gateway.config import load  # noqa: PLC0415
+    from gateway.rotation import rotate_identity  # noqa: PLC0415
+
+    broker.start()
+    sniffer, seen, lock = _sniffer(broker, pki)
+    twin = listener(broker, pki)
+    config, mqtt = _write_config(tmp_path, broker, pki)
+    try:
+        old_id, _ = _phase(config, mqtt, twin, seen, lock)
+        old = list(twin.messages)
+        done = rotate_identity(load(config, REGISTRY).core)
+        rotated = time.monotonic()
+        new_id, new_blob = _phase(config, mqtt, twin, seen, lock)
+        since_rotation = time.monotonic() - rotated
+        new = twin.messages[len(old) :]
+    finally:
+        twin.stop()
+        sniffer.disconnect()
+        sniffer.loop_stop()
+    assert new_id == done.gateway_pseudonym != old_id  # the client id is the new pseudonym
+
+    def facts(msgs: list[Any]) -> dict[str, set[Any]]:
+        out: dict[str, set[Any]] = {k: set() for k in ("gw", "subject", "dev", "epoch", "seq", "run", "t")}
+        for m in msgs:
+            out["gw"].add(m.gateway)
+            rec = m.record
+            if isinstance(rec, StatusRecord):
+                out["epoch"].add(rec.ep)
+                continue
+            out["subject"].add(rec.subject)
+            out["epoch"].add(m.epoch)
+            out["seq"].add(m.seq)
+            out["run"].add(rec.run)
+            out["t"].add(rec.t)
+            devs = [s.dev for s in rec.streams] if isinstance(rec, FeaturesWindow) else []
+            out["dev"] |= set(devs) | ({rec.dev} if isinstance(rec, AlarmRecord) and rec.dev else set())
+        return out
+
+    before, after = facts(old), facts(new)
+    for key in ("gw", "subject", "dev", "epoch"):
+        assert before[key], key
+        assert after[key], key
+        assert not before[key] & after[key], key
+    # Sequence, run and time start again: nothing carries on from the old identity.
+    assert min(after["seq"]) == 1
+    assert before["run"] == after["run"] == {1}
+    # Time counts from an origin set at the rotation, not on from the old identity's.
+    assert max(after["t"]) <= since_rotation + 0.5
+    # No pseudonym or epoch of the old identity appears anywhere in what the new one sent.
+    for value in before["gw"] | before["subject"] | before["dev"]:
+        assert value.encode() not in new_blob
+    for epoch in before["epoch"]:
+        assert str(epoch).encode() not in new_blob
+        assert cbor2.dumps(epoch) not in new_blob
+    assert done.outbox_retired is not None
+
+
+def test_a_sniffer_on_every_topic_sees_no_identifier(
+    tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker
+) -> None:
+    broker.start()
+    sniffer, seen, lock = _sniffer(broker, pki)
     config, mqtt = _write_config(tmp_path, broker, pki)
     proc = _start(config, mqtt)
     try:

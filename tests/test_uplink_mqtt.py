@@ -28,8 +28,8 @@ from uplink_support import (
 )
 
 from gateway.contracts import Lane
-from gateway.encode import encode
 from gateway.outbox import AsyncOutbox, FullPolicy, LaneBudget, Outbox, OutItem
+from gateway.records import AlarmRecord, FeaturesWindow, StatusRecord, StreamWindow, encode
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoCA, DemoPKI
 from gateway.uplink.mqtt import MqttUplink
@@ -39,40 +39,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def feature_payload(i: int) -> bytes:
-    return encode(
-        {
-            "v": 1,
-            "type": "features",
-            "subject": "subj0000pseudo00",
-            "kind": "medical",
-            "t": float(i),
-            "win": 10.0,
-            "streams": [
-                {
-                    "dev": "devpseudonym0001",
-                    "metric": "MDC_PULS_OXIM_SAT_O2",
-                    "unit": "%",
-                    "n": 10,
-                    "missing": 0.0,
-                    "mdc": 150456,
-                    "f": {"mean": 97.5, "min": 96.0},
-                },
-            ],
-        }
+    stream = StreamWindow(
+        "MDC_PULS_OXIM_SAT_O2", "%", "devpseudonym0001", 10, mdc=150456, features={"mean": 97.5, "min": 96.0}
     )
+    return encode(FeaturesWindow("subj0000pseudo00", "medical", float(i), 10.0, (stream,)))
 
 
 def alarm_payload(i: int) -> bytes:
-    return encode(
-        {
-            "v": 1,
-            "type": "alarm",
-            "alarm": "sensor_fault",
-            "subject": "subj0000pseudo00",
-            "t": float(i),
-            "detail": {"n": i},
-        }
-    )
+    return encode(AlarmRecord("sensor_fault", "subj0000pseudo00", float(i), detail={"n": i}))
+
+
+def _state(twin: Any) -> str | None:
+    gw = twin.view.gateways.get(GATEWAY_ID)
+    return gw.status.state if gw is not None and gw.status is not None else None
 
 
 def records(n_features: int, n_alarms: int = 0, start: int = 0) -> list[OutItem]:
@@ -136,7 +115,7 @@ def test_publish_acks_on_puback_and_the_twin_sees_every_record(
 
     try:
         epoch = asyncio.run(main())
-        assert twin.wait_for(lambda t: t.view.gateways[GATEWAY_ID].status.get("state") == "offline", 5)
+        assert twin.wait_for(lambda t: _state(t) == "offline", 5)
     finally:
         twin.stop()
         raw.disconnect()
@@ -148,7 +127,7 @@ def test_publish_acks_on_puback_and_the_twin_sees_every_record(
     assert all(m.topic.startswith(("features/", "alarms/")) for m in recs)
     (state,) = twin.checker.gateways.values()
     assert (state.gaps, state.duplicates, state.reordered) == ([], 0, 0)
-    assert twin.view.gateways[GATEWAY_ID].status == {"state": "offline", "sv": 1, "ep": epoch, "clean": True}
+    assert twin.view.gateways[GATEWAY_ID].status == StatusRecord("offline", ep=epoch, clean=True)
     record_props = [p for t, p, _ in props if "/status" not in t]
     assert len(record_props) == 45
     if protocol == "5":
@@ -285,7 +264,9 @@ def test_disk_budget_during_an_outage_keeps_alarms_and_reports_drops(
     # Ids 1-20 (the first features) precede the first id the twin saw; the other 150 are gaps.
     assert state.seen.first == 21
     assert state.missing == 150
-    assert twin.view.gateways[GATEWAY_ID].status.get("dropped") == {"features": 170}
+    status = twin.view.gateways[GATEWAY_ID].status
+    assert status is not None
+    assert status.dropped == {"features": 170}
 
 
 # --- refused connections: which check failed and what to do ------------------------------------------
@@ -474,7 +455,7 @@ def test_demo_link_shows_decoded_records_and_the_twin_view(tmp_path: Path) -> No
     text = out.getvalue()
     assert text.count("twin <- ") >= 4
     assert "ALARM sensor_fault" in text
-    assert "FEATURES PULS_OXIM_SAT_O2=97.5" in text
+    assert "FEATURES SpO2 mean 97.5 %" in text  # the feature is named, with its unit
     assert "The twin's view:" in text
     assert f"gateway {GATEWAY_ID}: offline" in text
     assert "4 received" in text

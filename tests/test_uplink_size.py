@@ -11,7 +11,6 @@ import asyncio
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
@@ -25,10 +24,9 @@ from uplink_support import (
     wait_until,
 )
 
-from gateway import senml
 from gateway.contracts import Lane
-from gateway.encode import encode
 from gateway.outbox import AsyncOutbox, DropReason, Outbox, OutItem
+from gateway.records import AlarmRecord, FeaturesWindow, SeqMeta, StreamWindow, encode, wrap
 from gateway.uplink import packets
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoPKI
@@ -91,13 +89,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> DemoPKI:
 
 def _record(kind: str, pad: int) -> bytes:
     """A features record padded by a device pseudonym of ``pad`` bytes, or an alarm by its detail."""
-    body: dict[str, Any] = {"v": 1, "type": kind, "subject": "subj0000pseudo00", "t": 12.0}
     if kind == "alarm":
-        body.update(alarm="sensor_fault", detail={"trace": "t" * pad, "n": 7})
-    else:
-        stream = {"dev": "d" * pad, "metric": "MDC_PULS_OXIM_SAT_O2", "unit": "%", "n": 10, "missing": 0.0}
-        body.update(kind="medical", win=10.0, streams=[{**stream, "f": {"mean": 97.5}}])
-    return encode(body)
+        return encode(
+            AlarmRecord("sensor_fault", "subj0000pseudo00", 12.0, detail={"trace": "t" * pad, "n": 7})
+        )
+    stream = StreamWindow("MDC_PULS_OXIM_SAT_O2", "%", "d" * pad, 10, features={"mean": 97.5})
+    return encode(FeaturesWindow("subj0000pseudo00", "medical", 12.0, 10.0, (stream,)))
 
 
 def _features_of_size(target: int, seq: int, epoch: int, topic: str) -> bytes:
@@ -106,7 +103,7 @@ def _features_of_size(target: int, seq: int, epoch: int, topic: str) -> bytes:
     props = packets.record_properties(head, seq, historical=True)
     for pad in range(1, target):
         payload = _record("features", pad)
-        size = packets.publish_size(f"{PREFIX}/{topic}", len(senml.wrap(payload, seq, epoch, True)), props)
+        size = packets.publish_size(f"{PREFIX}/{topic}", len(wrap(payload, SeqMeta(seq, epoch, True))), props)
         if size == target:
             return payload
         assert size < target, f"no padding gives {target} bytes"
@@ -158,9 +155,10 @@ def test_records_at_and_over_the_brokers_maximum_packet_size(tmp_path: Path, pki
     assert seen["dropped"] == {DropReason.DEAD_LETTER.value: 1}
     # The alarm is delivered without its optional detail, with a note saying so.
     alarm = recs[3].record
-    assert alarm["alarm"] == "sensor_fault"
-    assert "trace" not in alarm["detail"]
-    assert "bytes over the broker's limit" in alarm["detail"]["trimmed"]
+    assert isinstance(alarm, AlarmRecord)
+    assert alarm.alarm == "sensor_fault"
+    assert "trace" not in alarm.detail
+    assert "bytes over the broker's limit" in str(alarm.detail["trimmed"])
     counters = seen["counters"]
     assert getattr(counters, "trimmed") == 1  # noqa: B009
     assert getattr(counters, "dead_lettered") == 1  # noqa: B009

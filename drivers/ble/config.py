@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, Field, model_validator
 
-from gateway.config import ConfigModel
+from gateway.config_base import ConfigModel
 
 #: A public or static-random BLE address, as BlueZ prints it.
 ADDRESS_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"

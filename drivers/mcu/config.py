@@ -10,7 +10,7 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
-from gateway.config import ConfigModel, PathField
+from gateway.config_base import ConfigModel, PathField
 
 #: Line speeds a UART bridge offers; ptys ignore the setting.
 BAUD_RATES = (9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600, 1000000, 2000000)

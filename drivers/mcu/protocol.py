@@ -15,6 +15,7 @@ import numpy as np
 
 from firmware_bridge.messages import SAMPLE_INVALID, Channel, Samples
 from firmware_bridge.timesync import ClockSync, TickUnwrapper
+from gateway.records.model import Shape
 from gateway.sample import MDC, Metric, Quality, SampleBlock, Stream, industrial_metric
 
 _SEQ_WRAP = 1 << 16
@@ -66,13 +67,18 @@ class Gap:
     missing: int
 
 
+#: A channel sampled at least this fast carries a waveform (a phase current, a vibration), not a level.
+WAVEFORM_MIN_HZ = 100.0
+
+
 def metric_for(channel: Channel, mapping: Mapping[str, str]) -> Metric:
     """The gateway metric of a channel: a configured MDC or custom name, else the channel's name."""
     name = mapping.get(channel.name, channel.name)
     mdc = MDC.get(name)
     if mdc is not None:
         return mdc
-    return industrial_metric(name, channel.unit)
+    shape: Shape = "waveform" if channel.rate_hz >= WAVEFORM_MIN_HZ else "level"
+    return industrial_metric(name, channel.unit, shape)
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 
-from gateway.config import ConfigModel, PathField, SecretFile
+from gateway.config_base import ConfigModel, PathField, SecretFile
 
 #: Where the PKI folder lives unless a source says otherwise (inside systemd's StateDirectory).
 DEFAULT_PKI_DIR = Path("/var/lib/edgetwin/opcua/pki")
@@ -57,6 +57,10 @@ class NodeSpec(ConfigModel):
     deadband_value: float | None = Field(default=None, ge=0)
     # Nominal rate for the missing fraction; default 1000 / sampling_interval_ms without a deadband.
     rate_hz: float | None = Field(default=None, gt=0, le=1000)
+    # How the values behave, which decides the features sent: "waveform" (an AC current, a
+    # vibration: RMS, peak, crest factor, dominant frequency), "state" (on-change: last value and
+    # changes) or "level" (mean, std, min, max, slope).
+    shape: Literal["level", "waveform", "state"] = "level"
 
     @model_validator(mode="after")
     def _one_address(self) -> Self:

@@ -342,7 +342,7 @@ class OpcUaDriver:
             source=self._info.name,
             subject=self._info.subject,
             device=device,
-            metric=industrial_metric(name, unit),
+            metric=industrial_metric(name, unit, spec.shape),
             kind=self._info.kind,
             rate_hz=rate,
             on_change=on_change,

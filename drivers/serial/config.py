@@ -9,7 +9,7 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from gateway.config import ConfigModel, PathField
+from gateway.config_base import ConfigModel, PathField
 
 ProtocolName = Literal[
     "auto", "nonin2", "nonin7", "nonin8", "nonin13", "nonin_ascii", "masimo", "cms50", "cms50v46"

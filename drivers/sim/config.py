@@ -11,7 +11,7 @@ from typing import Literal, Self
 from pydantic import Field, model_validator
 
 from drivers.sim.protocol import EVENTS_BY_PROFILE, Label, make_generator
-from gateway.config import ConfigModel
+from gateway.config_base import ConfigModel
 
 EventKindName = Literal[
     "desaturation", "bradycardia", "bearing_wear", "valve_fault", "sensor_off", "disconnect", "bigeminy"

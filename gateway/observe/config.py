@@ -9,7 +9,7 @@ from typing import Self
 
 from pydantic import Field, model_validator
 
-from gateway.config import ConfigModel, PathField, SecretFile
+from gateway.config_base import ConfigModel, PathField, SecretFile
 
 #: systemd's RuntimeDirectory=edgetwin (see the unit file): root and the edgetwin group only.
 DEFAULT_RUNTIME_DIR = Path("/run/edgetwin")

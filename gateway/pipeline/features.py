@@ -22,6 +22,8 @@ __all__ = [
     "basic_features_finite",
     "hrv_features",
     "missing_fraction",
+    "state_features",
+    "waveform_features",
 ]
 
 #: Successive RR differences above this count towards pNN50 (milliseconds).
@@ -103,6 +105,52 @@ def hrv_features(rr_ms: F8) -> dict[str, float]:
         sdnn=math.sqrt(float(rc @ rc) / (n - 1)),
         pnn50=100.0 * int(np.count_nonzero(np.abs(d) > PNN_THRESHOLD_MS)) / d.size,
     )
+
+
+#: Fewest samples a dominant frequency is estimated from.
+FDOM_MIN_SAMPLES = 16
+
+
+def waveform_features(v: F8, rate_hz: float | None) -> dict[str, float]:
+    """RMS, peak (largest absolute value), crest factor and dominant frequency of a waveform.
+
+    The mean of a 50 Hz current or a vibration is about 0 whatever the load: these are what a
+    technician reads instead.  ``fdom`` (Hz) is the strongest spectral peak of the mean-removed,
+    Hann-windowed signal (refined between bins), only when the rate is known and the window holds
+    at least :data:`FDOM_MIN_SAMPLES` samples; it is meaningful below half the rate.
+    """
+    x = np.asarray(v, np.float64)
+    x = x[np.isfinite(x)]
+    n = x.size
+    if n == 0:
+        return {}
+    rms = math.sqrt(float(x @ x) / n)
+    peak = float(np.abs(x).max())
+    out = _finite_dict(rms=rms, peak=peak)
+    if rms > 0.0:
+        out["crest"] = peak / rms
+    if rate_hz and n >= FDOM_MIN_SAMPLES:
+        spectrum = np.abs(np.fft.rfft((x - float(x.mean())) * np.hanning(n)))
+        spectrum[0] = 0.0
+        k = int(spectrum.argmax())
+        if spectrum[k] > 0.0:
+            shift = 0.0
+            if 0 < k < spectrum.size - 1:
+                # Parabolic interpolation of the log magnitude around the peak (Hann: ~0.01 bin).
+                a, b, c = (math.log(max(float(spectrum[i]), 1e-300)) for i in (k - 1, k, k + 1))
+                den = a - 2.0 * b + c
+                shift = 0.5 * (a - c) / den if den != 0.0 else 0.0
+            out["fdom"] = (k + shift) * rate_hz / n
+    return out
+
+
+def state_features(v: F8) -> dict[str, float]:
+    """The last value of an on-change state series and how often it changed in the window."""
+    x = np.asarray(v, np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return {}
+    return {"last": float(x[-1]), "changes": float(np.count_nonzero(np.diff(x)))}
 
 
 def missing_fraction(usable: int, expected: float | None) -> float:

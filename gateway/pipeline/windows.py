@@ -35,7 +35,13 @@ import numpy.typing as npt
 
 from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowRecord
 from gateway.errors import ConfigError
-from gateway.pipeline.features import basic_features_finite, hrv_features, missing_fraction
+from gateway.pipeline.features import (
+    basic_features_finite,
+    hrv_features,
+    missing_fraction,
+    state_features,
+    waveform_features,
+)
 from gateway.pipeline.ring import RingBuffer, in_order
 from gateway.sample import FAULT_FLAGS, UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream
 
@@ -92,6 +98,7 @@ class _StreamState:
         "revived_at",
         "ring",
         "rr",
+        "shape",
         "status",
         "stream",
     )
@@ -109,6 +116,7 @@ class _StreamState:
         self.ring = ring
         self.status = _OK
         self.rr = stream.metric.rr
+        self.shape = stream.metric.shape
         self.expected = window_s * stream.rate_hz if stream.rate_hz else None
         # Equal Stream objects seen under other ids; held so their ids cannot be reused.
         self.aliases: list[Stream] = []
@@ -536,6 +544,10 @@ class Windower:
                 features = basic_features_finite(t, v)
                 if st.rr:
                     features.update(hrv_features(v))
+                elif st.shape == "waveform":
+                    features.update(waveform_features(v, st.stream.rate_hz))
+                elif st.shape == "state":
+                    features.update(state_features(v))
             else:
                 features = {}
                 self._gaps += 1

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -24,11 +25,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.errors import AuthError, ConfigError, CorruptDataError, EdgetwinError, TransientError
+from gateway.records import RecordError, StatusRecord, as_map, status_map
 from gateway.twin.decoder import DEFAULT_PREFIX, TwinMessage, decode_message
+from gateway.twin.errors import TwinAuthError, TwinConfigError, TwinConnectError, TwinError
 from gateway.twin.sequence import SeqEvent, SequenceChecker
 from gateway.twin.view import TwinView, describe
-from gateway.uplink.tls import NamedContext
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,17 @@ class ListenOptions:
         return f"$share/{self.group}/{base}" if self.group else base
 
 
+class _NamedContext(ssl.SSLContext):
+    """A client context that sends and verifies a given name, whatever address paho dials."""
+
+    server_name: str | None = None
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        if self.server_name:
+            kwargs["server_hostname"] = self.server_name
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
 OnMessage = Callable[[TwinMessage, SeqEvent | None], None]
 
 
@@ -79,12 +91,12 @@ class Listener:
         self._lock = threading.RLock()  # predicates given to wait_for may call records()
         self._changed = threading.Condition(self._lock)
         self._subscribed = threading.Event()
-        self._error: EdgetwinError | None = None
+        self._error: TwinError | None = None
         self._client: paho.Client | None = None
 
     def _context(self) -> ssl.SSLContext:
         o = self.options
-        ctx = NamedContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.server_name = o.server_name
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
@@ -95,14 +107,17 @@ class Listener:
             if o.cert_file is not None:
                 ctx.load_cert_chain(str(o.cert_file), str(o.key_file) if o.key_file else None)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
+            raise TwinConfigError(
                 f"twin listen {o.host}:{o.port}: cannot load TLS files: {exc}: check --ca, --cert, --key"
             ) from exc
         return ctx
 
     def start(self, timeout: float = 10.0) -> None:
-        """Connect and subscribe; raise an EdgetwinError saying why when that fails."""
+        """Connect and subscribe; raise a TwinError saying why when that fails."""
         o = self.options
+        # A restart (the same Listener started again) waits for its own subscription.
+        self._subscribed.clear()
+        self._error = cast("TwinError | None", None)  # set by paho's thread: not narrowed here
         v5 = o.protocol == "5"
         persistent = o.session_expiry_s > 0 and o.client_id is not None
         client = paho.Client(
@@ -130,18 +145,18 @@ class Listener:
             else:
                 client.connect(o.host, o.port, keepalive=30)
         except ssl.SSLCertVerificationError as exc:
-            raise AuthError(
+            raise TwinAuthError(
                 f"twin listen {o.host}:{o.port}: the broker's certificate was refused: "
                 f"{exc.verify_message}: check --ca and the broker's host name"
             ) from exc
         except (OSError, ssl.SSLError) as exc:
-            raise TransientError(
+            raise TwinConnectError(
                 f"twin listen {o.host}:{o.port}: cannot connect: {exc}: is the broker running?"
             ) from exc
         client.loop_start()
         if not self._subscribed.wait(timeout):
             self.stop()
-            raise self._error or TransientError(
+            raise self._error or TwinConnectError(
                 f"twin listen {o.host}:{o.port}: not subscribed within {timeout:g} s: check the broker and --cert"
             )
         if self._error is not None:
@@ -157,7 +172,7 @@ class Listener:
 
     def _connected(self, client: paho.Client, _u: Any, _flags: Any, rc: ReasonCode, _props: Any) -> None:
         if rc.is_failure:
-            self._error = AuthError(f"twin listen: the broker refused the connection: {rc}")
+            self._error = TwinAuthError(f"twin listen: the broker refused the connection: {rc}")
             self._subscribed.set()
             return
         client.subscribe(self.options.topic_filter, qos=1)
@@ -166,14 +181,14 @@ class Listener:
         self, _client: paho.Client, _u: Any, _mid: int, codes: list[ReasonCode], _props: Any
     ) -> None:
         if any(c.is_failure for c in codes):
-            self._error = AuthError(
+            self._error = TwinAuthError(
                 f"twin listen: subscription to {self.options.topic_filter} refused: {codes[0]}"
             )
         self._subscribed.set()
 
     def _disconnected(self, _client: paho.Client, _u: Any, _flags: Any, rc: ReasonCode, _props: Any) -> None:
         if not self._subscribed.is_set():
-            self._error = TransientError(
+            self._error = TwinConnectError(
                 f"twin listen: the broker closed the connection ({rc}): check --cert/--key"
             )
             self._subscribed.set()
@@ -185,7 +200,7 @@ class Listener:
             props = dict(mp.UserProperty)
         try:
             msg = decode_message(message.topic, bytes(message.payload), props, self.options.prefix)
-        except CorruptDataError as exc:
+        except RecordError as exc:
             with self._changed:
                 self.corrupt += 1
                 self._changed.notify_all()
@@ -198,8 +213,11 @@ class Listener:
             self.received += 1
             if msg.kind != "status":
                 self.records_received += 1
-            if msg.seq is not None and msg.epoch is not None and msg.lane is not None:
-                event = self.checker.observe(msg.gateway, msg.epoch, msg.seq, msg.kind, msg.historical)
+            rec = msg.record
+            if msg.seq is not None and msg.epoch is not None and not isinstance(rec, StatusRecord):
+                event = self.checker.observe(
+                    msg.gateway, msg.epoch, msg.seq, msg.kind, msg.historical, rec.run
+                )
             self.view.update(msg)
             if self._keep:
                 self.messages.append(msg)
@@ -232,7 +250,7 @@ def json_line(msg: TwinMessage, event: SeqEvent | None) -> str:
         "seq": msg.seq,
         "epoch": msg.epoch,
         "historical": msg.historical,
-        "record": msg.record,
+        "record": status_map(msg.record) if isinstance(msg.record, StatusRecord) else as_map(msg.record),
     }
     if event is not None:
         body["event"] = event.kind

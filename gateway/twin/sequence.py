@@ -1,4 +1,4 @@
-"""Per-gateway sequence checking: gaps (loss), duplicates (at-least-once), reorderings, restarts.
+"""Per-gateway sequence checking: gaps (loss), duplicates, reorderings, replays, restarts, new epochs.
 
 A gateway numbers its records with the outbox row id, within an *epoch* (a random id of its outbox
 database).  Ids are per gateway, not per lane, and live records overtake the replayed backlog, so:
@@ -8,8 +8,12 @@ database).  Ids are per gateway, not per lane, and live records overtake the rep
 * a **duplicate** is an id seen before (a PUBACK lost before the connection dropped);
 * a **reordering** is an id lower than the last one of the same lane and the same class (live or
   historical): that order is what the gateway keeps;
-* a **restart** is a new epoch: the gateway's outbox was replaced (corruption recovery), its ids
-  start again.
+* a **replay** is a record marked historical: queued while the gateway was offline, sent behind
+  live data; counted, not a fault;
+* a **restart** is a new run of the gateway (its process started again): ids go on in the same
+  epoch, so a restart costs no ids and shows no gap;
+* a **new epoch** means the gateway's sequence itself started again (its outbox was replaced, or
+  its key rotated): ids start again, and gaps are counted per epoch.
 
 Pure: no I/O, no clock.
 """
@@ -81,8 +85,19 @@ class GatewaySequence:
     duplicates: int = 0
     reordered: int = 0
     historical: int = 0
-    restarts: int = 0  # epochs seen before this one
+    epochs_before: int = 0  # epochs seen before this one
+    runs: set[int] = field(default_factory=set)  # the gateway's runs (process starts) seen
     last_by_class: dict[tuple[str, bool], int] = field(default_factory=dict)
+
+    @property
+    def run(self) -> int:
+        """The newest run seen (0: none stated)."""
+        return max(self.runs, default=0)
+
+    @property
+    def restarts(self) -> int:
+        """Process restarts seen: runs beyond the first, in whatever order they arrived."""
+        return max(len(self.runs) - 1, 0)
 
     @property
     def gaps(self) -> list[tuple[int, int]]:
@@ -103,8 +118,9 @@ class GatewaySequence:
             f"gateway {self.gateway} epoch {self.epoch}: {self.received} received "
             f"(seq {self.seen.first}..{self.seen.last}, {self.historical} replayed), "
             f"{self.missing} missing in {len(gaps)} gap(s){': ' + shown + more if gaps else ''}, "
-            f"{self.duplicates} duplicate(s), {self.reordered} reordered"
-            + (f", {self.restarts} restart(s)" if self.restarts else "")
+            f"{self.duplicates} duplicate(s), {self.reordered} reordered, "
+            f"{self.restarts} restart(s) (run {self.run})"
+            + (f", {self.epochs_before} earlier epoch(s)" if self.epochs_before else "")
         )
 
 
@@ -112,7 +128,7 @@ class GatewaySequence:
 class SeqEvent:
     """Something worth reporting about one message."""
 
-    kind: str  # "duplicate", "gap", "reordered", "restart"
+    kind: str  # "duplicate", "gap", "reordered", "restart", "new_epoch"
     gateway: str
     seq: int
     detail: str = ""
@@ -124,16 +140,22 @@ class SequenceChecker:
     def __init__(self) -> None:
         self.gateways: dict[str, GatewaySequence] = {}
 
-    def observe(self, gateway: str, epoch: int, seq: int, lane: str, historical: bool) -> SeqEvent | None:
+    def observe(
+        self, gateway: str, epoch: int, seq: int, lane: str, historical: bool, run: int = 0
+    ) -> SeqEvent | None:
         """Account one message; return what is notable about it, if anything."""
         state = self.gateways.get(gateway)
         event: SeqEvent | None = None
         if state is None or state.epoch != epoch:
-            restarts = 0 if state is None else state.restarts + 1
+            before = 0 if state is None else state.epochs_before + 1
             if state is not None:
-                event = SeqEvent("restart", gateway, seq, f"epoch {state.epoch} -> {epoch}")
-            state = GatewaySequence(gateway, epoch, restarts=restarts)
+                event = SeqEvent("new_epoch", gateway, seq, f"epoch {state.epoch} -> {epoch}")
+            state = GatewaySequence(gateway, epoch, epochs_before=before)
             self.gateways[gateway] = state
+        if run and run not in state.runs:
+            if state.runs and run > state.run:
+                event = event or SeqEvent("restart", gateway, seq, f"run {state.run} -> {run}")
+            state.runs.add(run)
         state.received += 1
         if historical:
             state.historical += 1

@@ -1,17 +1,33 @@
-"""The latest state of every twin: per gateway and subject, the newest features, alarm and status.
+"""The twin's latest state per gateway and subject, and how it is shown (``gateway.records.render``).
 
-Pure: messages in, state and text out.
+Records of one gateway are ordered by (epoch, run, t): epochs in the order the twin first saw
+them, then the gateway's run (a new one per process start), then the record's time.  So a
+restarted gateway's first window is shown at once, and a replayed backlog never overwrites a
+newer value.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.estimation.text import estimate_text
+from gateway.records import (
+    AlarmRecord,
+    EstimateRecord,
+    FeaturesWindow,
+    StatusRecord,
+    StreamWindow,
+    as_map,
+    order_key,
+    status_map,
+    stream_map,
+)
+from gateway.records.render import describe as describe_record
+from gateway.records.render import estimate_text, number, stream_text
+from gateway.records.units import metric_label
 from gateway.twin.decoder import TwinMessage
+
+Order = tuple[int, int, float]  # (epoch rank, run, t)
 
 
 @dataclass(slots=True)
@@ -20,13 +36,18 @@ class SubjectState:
 
     subject: str
     kind: str | None = None
+    newest: Order | None = None  # order of the newest window shown
+    run: int = 0
     t: float | None = None  # time of the newest window
-    streams: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> newest stream entry
+    streams: dict[str, StreamWindow] = field(default_factory=dict)  # metric -> newest stream
     scores: dict[str, float] = field(default_factory=dict)
-    last_alarm: Mapping[str, Any] | None = None
+    last_alarm: AlarmRecord | None = None
+    last_alarm_order: Order | None = None
     alarms: int = 0
     windows: int = 0
-    estimates: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> newest estimate
+    stale: int = 0  # windows older than the one shown (a replayed backlog), counted, not shown
+    estimates: dict[str, EstimateRecord] = field(default_factory=dict)  # name -> newest estimate
+    estimate_order: dict[str, Order] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -34,13 +55,22 @@ class GatewayState:
     """One gateway: its status and its subjects."""
 
     gateway: str
-    status: Mapping[str, Any] = field(default_factory=dict)
+    status: StatusRecord | None = None
     subjects: dict[str, SubjectState] = field(default_factory=dict)
     diagnostics: int = 0
+    epochs: list[int] = field(default_factory=list)  # in the order first seen
+
+    def rank(self, epoch: int | None) -> int:
+        """The epoch's place in the order first seen (a new one ranks above every earlier one)."""
+        if epoch is None:
+            return 0
+        if epoch not in self.epochs:
+            self.epochs.append(epoch)
+        return self.epochs.index(epoch)
 
 
 class TwinView:
-    """Keeps the newest state; a replayed (historical) window never overwrites a newer one."""
+    """Keeps the newest state; see the module docstring for what "newest" means."""
 
     def __init__(self) -> None:
         self.gateways: dict[str, GatewayState] = {}
@@ -49,50 +79,51 @@ class TwinView:
         """Fold one message into the state."""
         gw = self.gateways.setdefault(msg.gateway, GatewayState(msg.gateway))
         rec = msg.record
-        if msg.kind == "status":
-            gw.status = dict(rec)
+        if isinstance(rec, StatusRecord):
+            gw.status = rec
+            gw.rank(rec.ep if rec.state == "online" else None)
             return
         if msg.kind == "diag":
             gw.diagnostics += 1
             return
-        subject = str(rec.get("subject", "?"))
+        subject = rec.subject or "?"
         state = gw.subjects.setdefault(subject, SubjectState(subject))
-        t = float(rec.get("t", 0.0))
-        if msg.kind == "features":
+        order: Order = (gw.rank(msg.epoch), *order_key(rec))
+        if isinstance(rec, FeaturesWindow):
             state.windows += 1
-            if state.t is not None and t < state.t:
-                return  # an older window replayed after a newer one
-            state.t = t
-            state.kind = rec.get("kind")
-            for s in rec.get("streams", []):
-                state.streams[str(s.get("metric"))] = dict(s)
-            state.scores.update(rec.get("scores", {}))
-        elif msg.kind == "estimates":
-            name = str(rec.get("est"))
-            newest = state.estimates.get(name)
-            if newest is None or t >= float(newest.get("t", -math.inf)):
-                state.estimates[name] = dict(rec)
-        elif msg.kind == "alarms":
+            if state.newest is not None and order < state.newest:
+                state.stale += 1
+                return
+            state.newest, state.run, state.t, state.kind = order, rec.run, rec.t, rec.kind
+            for s in rec.streams:
+                state.streams[s.metric] = s
+            state.scores.update(rec.scores)
+        elif isinstance(rec, EstimateRecord):
+            newest = state.estimate_order.get(rec.est)
+            if newest is None or order >= newest:
+                state.estimates[rec.est], state.estimate_order[rec.est] = rec, order
+        elif isinstance(rec, AlarmRecord):
             state.alarms += 1
-            if state.last_alarm is None or t >= float(state.last_alarm.get("t", -math.inf)):
-                state.last_alarm = rec
+            if state.last_alarm_order is None or order >= state.last_alarm_order:
+                state.last_alarm, state.last_alarm_order = rec, order
 
     def snapshot(self) -> dict[str, Any]:
         """The whole state as plain data (for JSON)."""
         return {
             gw.gateway: {
-                "status": dict(gw.status),
+                "status": status_map(gw.status) if gw.status else {},
                 "diagnostics": gw.diagnostics,
                 "subjects": {
                     s.subject: {
                         "kind": s.kind,
+                        "run": s.run,
                         "t": s.t,
                         "windows": s.windows,
                         "alarms": s.alarms,
-                        "streams": s.streams,
+                        "streams": {m: stream_map(x) for m, x in s.streams.items()},
                         "scores": s.scores,
-                        "estimates": s.estimates,
-                        "last_alarm": dict(s.last_alarm) if s.last_alarm else None,
+                        "estimates": {name: as_map(e) for name, e in s.estimates.items()},
+                        "last_alarm": as_map(s.last_alarm) if s.last_alarm else None,
                     }
                     for s in gw.subjects.values()
                 },
@@ -104,65 +135,36 @@ class TwinView:
         """A few lines per twin, for a terminal."""
         lines: list[str] = []
         for gw in self.gateways.values():
-            status = gw.status.get("state", "unknown")
-            dropped = gw.status.get("dropped")
+            st = gw.status
+            dropped = st.dropped if st else None
             lines.append(
-                f"gateway {gw.gateway}: {status}"
-                + (f", dropped at the gateway: {dropped}" if dropped else "")
+                f"gateway {gw.gateway}: {st.state if st else 'unknown'}"
+                + (f", dropped at the gateway: {dict(dropped)}" if dropped else "")
             )
             for s in gw.subjects.values():
-                cells = []
-                for metric, entry in s.streams.items():
-                    name = metric.removeprefix("MDC_")
-                    if entry.get("gap"):
-                        cells.append(f"{name}=GAP")
-                        continue
-                    f = entry.get("f", {})
-                    value = f.get("rmssd", f.get("mean"))
-                    cells.append(
-                        f"{name}={value:.4g}{entry.get('unit', '')}" if value is not None else f"{name}=?"
-                    )
+                t = number(round(s.t, 1)) if s.t is not None else "-"
                 lines.append(
-                    f"  {s.kind or '?':<10} {s.subject} t={s.t if s.t is not None else '-'} "
-                    f"windows={s.windows} alarms={s.alarms}"
+                    f"  {s.kind or '?':<10} {s.subject} run {s.run} t={t} windows={s.windows} alarms={s.alarms}"
+                    + (f" (older, not shown: {s.stale})" if s.stale else "")
                 )
-                if cells:
-                    lines.append("    " + "  ".join(cells))
-                lines.extend(f"    estimate {estimate_text(rec)}" for rec in s.estimates.values())
+                lines.extend("    " + stream_text(stream) for stream in s.streams.values())
+                lines.extend(f"    estimate {estimate_text(e)}" for e in s.estimates.values())
                 if s.last_alarm is not None:
                     a = s.last_alarm
-                    lines.append(
-                        f"    last alarm: {a.get('alarm')} {a.get('metric', '')} at t={a.get('t')}".rstrip()
-                    )
+                    what = " ".join(x for x in (a.alarm, metric_label(a.metric) if a.metric else "") if x)
+                    lines.append(f"    last alarm: {what} at t={number(round(a.t, 1))}")
         return "\n".join(lines)
 
 
 def describe(msg: TwinMessage) -> str:
     """One line for one message."""
-    rec = msg.record
     seq = f"#{msg.seq}" if msg.seq is not None else "#-"
     hist = " H" if msg.historical else ""
     head = f"{msg.gateway[:8]} {seq:>7}{hist:<2} {msg.topic[:34]:<34}"
-    if msg.kind == "status":
-        return f"{head} STATUS {rec.get('state')}" + (
-            f" dropped={rec['dropped']}" if rec.get("dropped") else ""
-        )
-    t = rec.get("t", 0.0)
-    if msg.kind == "features":
-        cells = []
-        for s in rec.get("streams", []):
-            name = str(s.get("metric", "?")).removeprefix("MDC_").rsplit("/", 1)[-1]
-            if s.get("gap"):
-                cells.append(f"{name}=GAP")
-                continue
-            f = s.get("f", {})
-            value = f.get("rmssd", f.get("mean"))
-            cells.append(f"{name}={value:.4g}" if value is not None else f"{name}=?")
-        return f"{head} t={t:>8.1f} FEATURES " + " ".join(cells)
-    if msg.kind == "estimates":
-        return f"{head} t={t:>8.1f} ESTIMATE {estimate_text(rec)}"
-    if msg.kind == "alarms":
-        detail = " ".join(f"{k}={v}" for k, v in rec.get("detail", {}).items())
-        return f"{head} t={t:>8.1f} ALARM {rec.get('alarm')} {rec.get('metric', '')} {detail}".rstrip()
-    detail = " ".join(f"{k}={v}" for k, v in rec.get("detail", {}).items())
-    return f"{head} t={t:>8.1f} DIAG {rec.get('diag')} {detail}".rstrip()
+    rec = msg.record
+    if isinstance(rec, StatusRecord):
+        return f"{head} STATUS {rec.state}" + (f" dropped={dict(rec.dropped)}" if rec.dropped else "")
+    return f"{head} {describe_record(rec)}"
+
+
+__all__ = ["GatewayState", "SubjectState", "TwinView", "describe"]

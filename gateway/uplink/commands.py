@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, TypeAlias
 
-from gateway.errors import AuthError, ConfigError, EdgetwinError
-from gateway.twin.decoder import DEFAULT_PREFIX
+from gateway.errors import ConfigError
+from gateway.records.topics import DEFAULT_PREFIX
+from gateway.twin.errors import TwinAuthError, TwinConfigError, TwinError
 from gateway.twin.listen import ListenOptions, run_listen
 from gateway.uplink import certs
 from gateway.uplink.brokerconf import write_mosquitto_conf
@@ -117,6 +118,13 @@ def cmd_twin_listen(args: argparse.Namespace) -> int:
             f"twin listen: --no-tls to {host}: plain TCP is for brokers on this machine only", file=sys.stderr
         )
         return EXIT_CONFIG
+    if args.session_expiry and not args.client_id:
+        _say(
+            "twin listen: --session-expiry needs --client-id: the broker keeps a session by client id; "
+            "give the same --client-id on every start",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     options = ListenOptions(
         host=host,
         port=port,
@@ -128,6 +136,8 @@ def cmd_twin_listen(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         prefix=args.prefix,
         group=args.group,
+        client_id=args.client_id,
+        session_expiry_s=args.session_expiry,
     )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -142,10 +152,10 @@ def cmd_twin_listen(args: argparse.Namespace) -> int:
             stop=stop,
             report=sys.stderr if args.json and args.out is None else sys.stdout,
         )
-    except (AuthError, ConfigError) as exc:
+    except (TwinAuthError, TwinConfigError) as exc:
         _say(str(exc), file=sys.stderr)
-        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
-    except EdgetwinError as exc:
+        return EXIT_CONFIG if isinstance(exc, TwinConfigError) else EXIT_FAILURE
+    except TwinError as exc:
         _say(str(exc), file=sys.stderr)
         return EXIT_FAILURE
     finally:
@@ -221,6 +231,17 @@ def add_commands(groups: dict[str, SubParsers]) -> None:
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="the MQTT protocol version")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix of the gateways")
     p.add_argument("--group", help="shared subscription group: listeners in one group split the stream")
+    p.add_argument(
+        "--client-id", help="a fixed client id (with --session-expiry: the broker keeps the session)"
+    )
+    p.add_argument(
+        "--session-expiry",
+        type=int,
+        default=0,
+        metavar="S",
+        help="keep the session this many seconds after a disconnect: records published meanwhile are "
+        "queued (QoS 1) and delivered on the next start, so only real gaps are reported",
+    )
     p.add_argument("--json", action="store_true", help="one JSON line per message")
     p.add_argument("--out", type=Path, help="write messages to this file instead of stdout")
     p.add_argument("--count", type=int, help="stop after this many records")

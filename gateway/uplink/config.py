@@ -12,7 +12,7 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from gateway.config import ConfigModel, PathField, SecretFile
+from gateway.config_base import ConfigModel, PathField, SecretFile
 
 Protocol = Literal["5", "3.1.1"]
 ProfileName = Literal["generic", "aws", "azure"]

@@ -21,9 +21,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway import senml
 from gateway.errors import AuthError, TransientError
 from gateway.outbox import AsyncOutbox, Leased
+from gateway.records import CONTENT_TYPE, SCHEMA_MAJOR, SeqMeta, wrap
 from gateway.uplink import packets
 from gateway.uplink.config import MqttSection
 from gateway.uplink.connection import Session
@@ -32,7 +32,7 @@ from gateway.uplink.profiles import Profile
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = str(SCHEMA_MAJOR)
 IDLE_POLL_S = 1.0  # wake at least this often: heartbeat, and records committed by another process
 _ACK_STALL_S = 15.0  # messages in flight and no PUBACK for this long (at most keepalive): link dead
 _PUBACK_AUTH = frozenset({0x87})  # not authorized (a broker policy forbids the topic)
@@ -260,14 +260,14 @@ class Delivery:
             raise session.lost
 
     def _publish(self, session: Session, item: Leased, *, historical: bool, now: float) -> None:
-        payload = senml.wrap(item.payload, item.id, self.epoch, historical)
+        payload = wrap(item.payload, SeqMeta(item.id, self.epoch, historical))
         props: dict[str, str] | None = None
         if self._profile.static_topic:
             props = {
                 "seq": str(item.id),
                 "ep": str(self.epoch),
                 "sv": SCHEMA_VERSION,
-                "$.ct": senml.CONTENT_TYPE,
+                "$.ct": CONTENT_TYPE,
             }
             if historical:
                 props["hist"] = "1"
@@ -277,7 +277,7 @@ class Delivery:
         if over > 0:
             smaller = packets.trimmed(item.payload, over)
             if smaller is not None:
-                payload = senml.wrap(smaller, item.id, self.epoch, historical)
+                payload = wrap(smaller, SeqMeta(item.id, self.epoch, historical))
                 if self._over_limit(session, topic, len(payload), properties) <= 0:
                     self._note_oversize(item, over, "sent without its optional detail, with a note saying so")
                     self.counters.trimmed += 1

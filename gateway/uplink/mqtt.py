@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -45,11 +44,13 @@ from gateway.contracts import Lane
 from gateway.errors import ConfigError, EdgetwinError
 from gateway.liveness import Pulse
 from gateway.outbox import AsyncOutbox
+from gateway.records import StatusRecord, encode_status
+from gateway.records.topics import azure_topic
 from gateway.uplink import certs, transport
 from gateway.uplink.config import MqttSection, is_loopback
 from gateway.uplink.connection import Connection, Session
 from gateway.uplink.delivery import IDLE_POLL_S, SCHEMA_VERSION, Delivery
-from gateway.uplink.profiles import PROFILES, azure_topic
+from gateway.uplink.profiles import PROFILES
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +182,14 @@ class MqttUplink:
     def _status_payload(
         self, state: str, *, clean: bool = True, dropped: dict[str, int] | None = None
     ) -> bytes:
-        body: dict[str, Any] = {"state": state, "sv": int(SCHEMA_VERSION), "ep": self._delivery.epoch}
-        if state == "offline":
-            body["clean"] = clean
-        if dropped:
-            body["dropped"] = dropped
-        return json.dumps(body, separators=(",", ":")).encode()
+        status = StatusRecord(
+            state, ep=self._delivery.epoch, clean=clean if state == "offline" else None, dropped=dropped or {}
+        )
+        return encode_status(status)
 
     def _will(self) -> tuple[str, bytes]:
+        # Read before each connection: the Will must name the epoch the records carry, not 0.
+        self._delivery.epoch = self._outbox.outbox.epoch
         return self._status_topic(), self._status_payload("offline", clean=False, dropped=self._dropped_seen)
 
     def _status_topic(self) -> str:

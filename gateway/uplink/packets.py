@@ -9,10 +9,10 @@ sent in CONNACK) is compared with, fixed header included (MQTT 5.0, sections 2.1
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
-from gateway import senml
-from gateway.errors import CorruptDataError
+from gateway.records import CONTENT_TYPE as SENML_CBOR
+from gateway.records import AlarmRecord, DiagnosticRecord, RecordError, decode, encode
 
 CONTENT_TYPE = 0x03
 MESSAGE_EXPIRY = 0x02
@@ -45,9 +45,7 @@ HISTORICAL = user("hist", "1")
 
 def record_head(schema_version: str, epoch: int, expiry_s: int | None) -> bytes:
     """The properties every record of a session shares: content type, schema, epoch, expiry."""
-    head = (
-        bytes([CONTENT_TYPE]) + utf8(senml.CONTENT_TYPE) + user("sv", schema_version) + user("ep", str(epoch))
-    )
+    head = bytes([CONTENT_TYPE]) + utf8(SENML_CBOR) + user("sv", schema_version) + user("ep", str(epoch))
     if expiry_s is not None:
         head += bytes([MESSAGE_EXPIRY]) + expiry_s.to_bytes(4, "big")
     return head
@@ -99,13 +97,15 @@ def trimmed(pack: bytes, over_by: int) -> bytes | None:
     The alarm's kind, subject, time, device and metric stay: what the twin needs to act on it.
     """
     try:
-        record: dict[str, Any] = senml.decode_record(pack)
-    except CorruptDataError:
+        record = decode(pack)
+    except RecordError:
         return None  # cannot be trimmed; the caller moves it to the dead-letter lane
-    if record.get("type") not in ("alarm", "diag"):
+    if not isinstance(record, AlarmRecord | DiagnosticRecord):
         return None
-    if not record.get("detail") and not record.get("contrib"):
+    contrib = record.contrib if isinstance(record, AlarmRecord) else {}
+    if not record.detail and not contrib:
         return None
-    record.pop("contrib", None)
-    record["detail"] = {"trimmed": f"detail removed: the record was {over_by} bytes over the broker's limit"}
-    return senml.encode_record(record)
+    note = {"trimmed": f"detail removed: the record was {over_by} bytes over the broker's limit"}
+    if isinstance(record, AlarmRecord):
+        return encode(dataclasses.replace(record, detail=note, contrib={}))
+    return encode(dataclasses.replace(record, detail=note))

@@ -8,7 +8,6 @@ field.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import quote, unquote
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,22 +109,3 @@ AZURE_API_VERSION = "2021-04-12"
 def azure_username(hub: str, device_id: str) -> str:
     """The MQTT user name Azure IoT Hub expects for a device."""
     return f"{hub}.azure-devices.net/{device_id}/?api-version={AZURE_API_VERSION}"
-
-
-def azure_topic(device_id: str, properties: dict[str, str]) -> str:
-    """The device-to-cloud telemetry topic with the record's properties as a property bag."""
-    bag = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in properties.items())
-    return f"devices/{device_id}/messages/events/{bag}"
-
-
-def parse_azure_topic(topic: str) -> tuple[str, dict[str, str]] | None:
-    """(device id, properties) of an Azure telemetry topic, or None if it is not one."""
-    parts = topic.split("/", 4)
-    if len(parts) < 4 or parts[0] != "devices" or parts[2:4] != ["messages", "events"]:
-        return None
-    props: dict[str, str] = {}
-    bag = parts[4] if len(parts) == 5 else ""
-    for pair in filter(None, bag.split("&")):
-        key, _, value = pair.partition("=")
-        props[unquote(key)] = unquote(value)
-    return parts[1], props

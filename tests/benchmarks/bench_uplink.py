@@ -42,11 +42,10 @@ from drivers.sim.driver import SimDriver  # noqa: E402
 from gateway.anonymize import Anonymizer, Pseudonymizer  # noqa: E402
 from gateway.config import validate  # noqa: E402
 from gateway.contracts import Lane, SourceInfo  # noqa: E402
-from gateway.encode import encode  # noqa: E402
 from gateway.outbox import AsyncOutbox, Outbox, OutItem  # noqa: E402
+from gateway.records import FeaturesWindow, SeqMeta, StreamWindow, encode, wrap  # noqa: E402
 from gateway.runtime import Pipeline  # noqa: E402
 from gateway.sample import MDC, Quality, Sample, Stream  # noqa: E402
-from gateway.senml import wrap  # noqa: E402
 from gateway.twin.listen import Listener, ListenOptions  # noqa: E402
 from gateway.uplink.broker import MosquittoBroker  # noqa: E402
 from gateway.uplink.certs import DemoPKI, demo_pki  # noqa: E402
@@ -58,43 +57,29 @@ GW = "gwbench000000000"
 
 def window_payload(i: int) -> bytes:
     """A patient window of five streams, as the anonymizer builds it."""
-    streams = []
-    for name in ("MDC_ECG_HEART_RATE", "MDC_PULS_OXIM_SAT_O2", "MDC_RESP_RATE", "MDC_TEMP_BODY"):
-        m = MDC[name]
-        streams.append(
-            {
-                "dev": "devpseudonym0001",
-                "metric": name,
-                "unit": m.unit,
-                "n": 30,
-                "missing": 0.0,
-                "mdc": m.mdc,
-                "f": {"mean": 71.3 + i % 7, "std": 1.27, "min": 69.0, "max": 74.5, "slope": -0.013},
-            }
+    streams = [
+        StreamWindow(
+            name,
+            MDC[name].unit,
+            "devpseudonym0001",
+            30,
+            mdc=MDC[name].mdc,
+            features={"mean": 71.3 + i % 7, "std": 1.27, "min": 69.0, "max": 74.5, "slope": -0.013},
         )
+        for name in ("MDC_ECG_HEART_RATE", "MDC_PULS_OXIM_SAT_O2", "MDC_RESP_RATE", "MDC_TEMP_BODY")
+    ]
     rr = MDC["MDC_ECG_TIME_PD_RR_GL"]
     streams.append(
-        {
-            "dev": "devpseudonym0001",
-            "metric": rr.name,
-            "unit": rr.unit,
-            "n": 35,
-            "missing": 0.0,
-            "mdc": rr.mdc,
-            "f": {"rmssd": 42.1, "sdnn": 51.7, "pnn50": 14.3},
-        }
+        StreamWindow(
+            rr.name,
+            rr.unit,
+            "devpseudonym0001",
+            35,
+            mdc=rr.mdc,
+            features={"rmssd": 42.1, "sdnn": 51.7, "pnn50": 14.3},
+        )
     )
-    return encode(
-        {
-            "v": 1,
-            "type": "features",
-            "subject": "subjpseudonym001",
-            "kind": "medical",
-            "t": 10.0 * i,
-            "win": 30.0,
-            "streams": streams,
-        }
-    )
+    return encode(FeaturesWindow("subjpseudonym001", "medical", 10.0 * i, 30.0, tuple(streams), run=1))
 
 
 def mqtt_cfg(broker: MosquittoBroker, pki: DemoPKI, **kw: Any) -> MqttSection:
@@ -417,7 +402,7 @@ def main() -> int:
         broker = MosquittoBroker(tmp / "broker", pki)
         broker.start()
         try:
-            payloads = [wrap(window_payload(i), i + 1, 1, False) for i in range(args.n)]
+            payloads = [wrap(window_payload(i), SeqMeta(i + 1, 1)) for i in range(args.n)]
             ours, bare = [], []
             for k in range(args.repeat):
                 bare.append(bare_paho(broker, pki, payloads))

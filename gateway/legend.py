@@ -1,0 +1,113 @@
+"""The local legend: which pseudonym is which bed, patient, machine or device.
+
+A technician reading the twin view sees pseudonyms only.  The gateway notes every identity it
+pseudonymizes (purpose, identity, source) in ``<state_dir>/legend.json`` (mode 0600, beside the
+site key) and ``edgetwin legend`` prints the table with the pseudonyms of the current key.  The
+legend is never sent: it holds exactly what the anonymizer keeps from leaving.  Only identities
+are stored, never pseudonyms, so a rotated key gives a legend of the new pseudonyms.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.config import Config
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "legend.json"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Entry:
+    """One identity the gateway pseudonymized."""
+
+    purpose: str  # "gateway", "subject" or "device"
+    identity: str  # the real id: never sent
+    source: str = ""  # the config's source it came from, when known
+
+
+class Legend:
+    """Identities seen, persisted on first sight (a small file written once per new identity)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._entries: set[Entry] = set(load(path)) if path is not None else set()
+        self._failed = False
+
+    def note(self, purpose: str, identity: str, source: str = "") -> None:
+        """Remember an identity; written to the file the first time it is seen."""
+        entry = Entry(purpose, identity, source)
+        if entry in self._entries:
+            return
+        self._entries.add(entry)
+        self._save()
+
+    def entries(self) -> list[Entry]:
+        """Every identity noted, sorted."""
+        return sorted(self._entries)
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        body = [[e.purpose, e.identity, e.source] for e in sorted(self._entries)]
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(body, f)
+            tmp.replace(self.path)
+        except OSError as exc:
+            # The legend is a convenience for technicians: never a reason to stop the data.
+            if not self._failed:
+                log.warning("legend %s: cannot write: %s: the legend misses new identities", self.path, exc)
+            self._failed = True
+        else:
+            if self._failed:
+                log.info("legend %s: written again", self.path)
+            self._failed = False
+
+
+def load(path: Path | None) -> list[Entry]:
+    """The entries of a legend file (none when it does not exist or cannot be read)."""
+    if path is None:
+        return []
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+        return [Entry(str(p), str(i), str(s)) for p, i, s in body]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("legend %s: unreadable (%s): it starts again", path, exc)
+        return []
+
+
+def render(config: Config) -> str:
+    """The legend of a configured gateway: the config's identities and those its state has seen."""
+    # Imported here: the anonymizer notes into a Legend, so it imports this module.
+    from gateway.anonymize import Pseudonymizer, load_or_create_key  # noqa: PLC0415
+
+    core = config.core
+    pseudonym = Pseudonymizer(load_or_create_key(core.site_key_path))
+    noted = [Entry("gateway", core.gateway.name)]
+    noted += [Entry("subject", e.info.subject, e.info.name) for e in config.sources]
+    noted += load(core.gateway.state_dir / FILE_NAME)
+    sources: dict[tuple[str, str], set[str]] = {}
+    for e in noted:
+        sources.setdefault((e.purpose, e.identity), set()).update({e.source} - {""})
+    rows = [("pseudonym", "what", "identity", "source")]
+    for purpose, identity in sorted(sources, key=lambda k: (_ORDER.get(k[0], 9), k[1])):
+        source = ", ".join(sorted(sources[(purpose, identity)]))
+        rows.append((pseudonym(purpose, identity), purpose, identity, source))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{p:<{widths[0]}}  {w:<{widths[1]}}  {i:<{widths[2]}}  {s}".rstrip() for p, w, i, s in rows]
+    return "LOCAL ONLY - real identities: never copy this out of the site.\n" + "\n".join(lines)
+
+
+_ORDER = {"gateway": 0, "subject": 1, "device": 2}

@@ -1,0 +1,71 @@
+"""The record contract between a gateway and every consumer of what it publishes.
+
+Typed, frozen record classes, their SenML-CBOR codec, the schema version, the sequence / epoch /
+run metadata, topics, units and the one renderer every view uses.  This package imports nothing
+else of the gateway (and neither pydantic nor numpy), so a twin or any other consumer can use it
+alone; ``docs/records.md`` is its reference.
+"""
+
+from gateway.records.codec import (
+    CONTENT_TYPE,
+    as_map,
+    decode,
+    decode_pack,
+    decode_status,
+    encode,
+    encode_status,
+    resolved,
+    status_map,
+    stream_map,
+    wire_number,
+    wrap,
+)
+from gateway.records.errors import CorruptRecordError, RecordError, UnsupportedVersionError
+from gateway.records.model import (
+    SCHEMA_MAJOR,
+    SCHEMA_MINOR,
+    AlarmRecord,
+    Clock,
+    DiagnosticRecord,
+    EstimateRecord,
+    EstimateSource,
+    FeaturesWindow,
+    Record,
+    SeqMeta,
+    Shape,
+    StatusRecord,
+    StreamWindow,
+    order_key,
+)
+
+__all__ = [
+    "CONTENT_TYPE",
+    "SCHEMA_MAJOR",
+    "SCHEMA_MINOR",
+    "AlarmRecord",
+    "Clock",
+    "CorruptRecordError",
+    "DiagnosticRecord",
+    "EstimateRecord",
+    "EstimateSource",
+    "FeaturesWindow",
+    "Record",
+    "RecordError",
+    "SeqMeta",
+    "Shape",
+    "StatusRecord",
+    "StreamWindow",
+    "UnsupportedVersionError",
+    "as_map",
+    "decode",
+    "decode_pack",
+    "decode_status",
+    "encode",
+    "encode_status",
+    "order_key",
+    "resolved",
+    "status_map",
+    "stream_map",
+    "wire_number",
+    "wrap",
+]

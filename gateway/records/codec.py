@@ -1,0 +1,681 @@
+"""SenML-CBOR packs (RFC 8428 over RFC 8949, ``application/senml+cbor``) for typed records.
+
+:func:`encode` turns a record into a pack, :func:`decode` gives the same record back; the outbox
+stores these bytes, the anonymizer scans exactly them, and the uplink only prepends a sequence
+record (:func:`wrap`).  The layout is documented, with a CDDL schema, in ``docs/records.md``:
+
+* the first record is the header: base name ``<subject>/``, base time, the record type as its
+  name ("win" with the window length as value, "alarm" or "diag" with the kind as string value),
+  the schema version ``sv`` (``svm`` for a minor version above 0) and the gateway's run ``run``;
+* a window's streams follow, each opened by a record that sets the base name
+  ``<subject>/<metric>/`` and base unit and carries the sample count; each feature is then a
+  record of a name and a value;
+* alarms and diagnostics carry their detail as records named by the detail key, alarm
+  contributions as records named ``c/<metric>.<feature>``.
+
+Numbers other than times travel as IEEE single precision (half where exact) and are read back as
+the shortest decimal that single precision holds (:func:`wire_number`), so 0.8 comes back as 0.8.
+Times stay double precision.  A base time below 2**28 means "relative to now" to a generic SenML
+reader; site-relative time is therefore marked with the must-understand field ``tm_``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import cbor2
+
+from gateway.records.errors import CorruptRecordError, UnsupportedVersionError
+from gateway.records.model import (
+    CLOCKS,
+    SCHEMA_MAJOR,
+    SCHEMA_MINOR,
+    SHAPES,
+    AlarmRecord,
+    Clock,
+    DiagnosticRecord,
+    EstimateRecord,
+    EstimateSource,
+    FeaturesWindow,
+    Record,
+    SeqMeta,
+    Shape,
+    StatusRecord,
+    StreamWindow,
+)
+from gateway.records.units import MDC_CODE
+
+CONTENT_TYPE = "application/senml+cbor"
+
+# RFC 8428 section 6, table 4: integer labels of the CBOR representation.
+BVER, BN, BT, BU, BV, BS = -1, -2, -3, -4, -5, -6
+N, U, V, VS, VB, S, T, UT, VD = 0, 1, 2, 3, 4, 5, 6, 7, 8
+
+#: Base times below this are relative to "now" for a SenML reader (RFC 8428 section 4.5.3).
+RELATIVE_TIME_LIMIT = 2**28
+#: Extension labels this codec writes; the ones ending in "_" are must-understand (RFC 8428 4.4).
+TIME_BASE = "tm_"
+UNDERSTOOD = frozenset({TIME_BASE})
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:./_-]*$")
+_NAME_BAD_CHAR = re.compile(r"[^A-Za-z0-9:./_-]")
+_F32 = struct.Struct("<f")
+_F32_MAX = 3.4028234663852886e38
+_SHAPE_CODE = {s: i for i, s in enumerate(SHAPES)}
+_HEAD_NAME = {FeaturesWindow: "win", AlarmRecord: "alarm", DiagnosticRecord: "diag", EstimateRecord: "est"}
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to single precision (kept as it is when single precision cannot hold it)."""
+    if not math.isfinite(x) or abs(x) > _F32_MAX:
+        return x
+    return float(_F32.unpack(_F32.pack(x))[0])
+
+
+def _num(x: float | int) -> float | int:
+    return x if isinstance(x, int) else _f32(float(x))
+
+
+def _restore(x: Any) -> Any:
+    """The shortest decimal single precision reads back as ``x``; other values unchanged."""
+    if not isinstance(x, float) or not math.isfinite(x) or abs(x) > _F32_MAX:
+        return x
+    if _f32(x) != x:
+        return x  # sent in double precision: already exact
+    for digits in (6, 7, 8, 9):
+        candidate = float(f"{x:.{digits}g}")
+        if _f32(candidate) == x:
+            return candidate
+    return x
+
+
+def wire_number(x: float) -> float:
+    """What a reader gets back for a feature value ``x``: its single-precision shortest decimal."""
+    return float(_restore(_f32(float(x))))
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+
+def _name(prefix: str, key: str, rec: dict[Any, Any], field: str = "key") -> str:
+    """``prefix + key`` as a valid SenML name; an unusable key is also kept verbatim in ``field``."""
+    if _NAME_OK.match(key):
+        return prefix + key
+    rec[field] = key
+    return prefix + (_NAME_BAD_CHAR.sub("_", key) or "_")
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def _header(record: Record) -> dict[Any, Any]:
+    head: dict[Any, Any] = {N: _HEAD_NAME[type(record)], "sv": record.sv}
+    if SCHEMA_MINOR:
+        head["svm"] = SCHEMA_MINOR
+    if record.subject is not None:
+        head[BN] = f"{record.subject}/"
+    head[BT] = float(record.t)
+    if record.clock != "unix":
+        head[TIME_BASE] = record.clock
+    if record.run:
+        head["run"] = record.run
+    return head
+
+
+def _detail_records(detail: Mapping[str, Any], prefix: str = "") -> list[dict[Any, Any]]:
+    out: list[dict[Any, Any]] = []
+    for key, value in detail.items():
+        rec: dict[Any, Any] = {}
+        rec[N] = _name(prefix, key, rec)
+        if isinstance(value, str):
+            rec[VS] = value
+        elif isinstance(value, bool):
+            rec[VB] = value
+        else:
+            rec[V] = _num(value)
+        out.append(rec)
+    return out
+
+
+def _features_pack(w: FeaturesWindow) -> list[dict[Any, Any]]:
+    head = _header(w)
+    head[U] = "s"
+    head[V] = _num(w.win)
+    head["kind"] = w.kind
+    pack = [head]
+    pack += _detail_records(w.scores, "score/")
+    dev: str | None = None
+    for s in w.streams:
+        rec: dict[Any, Any] = {}
+        rec[BN] = _name(f"{w.subject}/", s.metric, rec, "metric") + "/"
+        rec[BU] = s.unit
+        rec[N] = "n"
+        rec[U] = "count"
+        rec[V] = int(s.n)
+        if s.dev != dev:
+            dev = rec["dev"] = s.dev
+        if s.missing:
+            rec["miss"] = _f32(float(s.missing))
+        implied = MDC_CODE.get(s.metric)
+        if s.mdc != implied:
+            rec["mdc"] = s.mdc  # None: a name from the table used without its code
+        if s.gap:
+            rec["gap"] = True
+        if s.shape is not None:
+            rec["sh"] = _SHAPE_CODE[s.shape]
+        pack.append(rec)
+        for fname, value in s.features.items():
+            frec: dict[Any, Any] = {}
+            frec[N] = _name("", fname, frec)
+            frec[V] = _num(value)
+            pack.append(frec)
+    return pack
+
+
+#: Alarm semantics in the alarm header: record field -> extension label (docs/records.md).
+_ALARM_TEXT = (("alarm_class", "cls"), ("priority", "pri"))
+_ALARM_NUMBERS = (("limit", "lim"), ("value", "val"), ("held_s", "held"))
+
+
+def _alarm_pack(a: AlarmRecord) -> list[dict[Any, Any]]:
+    head = _header(a)
+    head[VS] = a.alarm
+    if a.dev is not None:
+        head["dev"] = a.dev
+    if a.metric is not None:
+        head["metric"] = a.metric
+    for name, label in _ALARM_TEXT:
+        if getattr(a, name) is not None:
+            head[label] = getattr(a, name)
+    for name, label in _ALARM_NUMBERS:
+        if getattr(a, name) is not None:
+            head[label] = _num(getattr(a, name))
+    return [head, *_detail_records(a.detail), *_detail_records(a.contrib, "c/")]
+
+
+def _diag_pack(d: DiagnosticRecord) -> list[dict[Any, Any]]:
+    head = _header(d)
+    head[VS] = d.diag
+    return [head, *_detail_records(d.detail)]
+
+
+def _estimate_pack(e: EstimateRecord) -> list[dict[Any, Any]]:
+    head = _header(e)
+    head[VS] = e.est
+    head["kind"] = e.kind
+    head["st"] = e.state
+    value: dict[Any, Any] = {N: e.est, U: e.unit}
+    if e.value is not None and e.sd is not None:
+        value[V] = _num(e.value)
+        value["sd"] = _num(e.sd)
+    else:
+        value[VS] = ""  # no estimate ("lost"): a SenML record still needs a value
+    pack = [head, value]
+    for src in e.src:
+        rec: dict[Any, Any] = {}
+        rec[N] = _name("src/", src.metric, rec, "metric")
+        rec[V] = _num(src.w)
+        rec["dev"] = src.dev
+        pack.append(rec)
+    return pack + _detail_records(e.detail, "d/")
+
+
+def encode(record: Record) -> bytes:
+    """Encode a record as a SenML-CBOR pack."""
+    if isinstance(record, FeaturesWindow):
+        pack = _features_pack(record)
+    elif isinstance(record, AlarmRecord):
+        pack = _alarm_pack(record)
+    elif isinstance(record, DiagnosticRecord):
+        pack = _diag_pack(record)
+    elif isinstance(record, EstimateRecord):
+        pack = _estimate_pack(record)
+    else:
+        raise TypeError(f"records codec: cannot encode a {type(record).__name__}: expected a record class")
+    return bytes(cbor2.dumps(pack, canonical=True))
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+def _corrupt(why: str) -> CorruptRecordError:
+    return CorruptRecordError(f"records decoder: {why}: the record cannot be read; it is skipped")
+
+
+def _value(rec: Mapping[Any, Any]) -> Any:
+    for label in (V, VS, VB):
+        if label in rec:
+            return _restore(rec[label]) if label == V else rec[label]
+    raise _corrupt(f"record {rec.get(N)!r} has no value")
+
+
+def _key(rec: Mapping[Any, Any], prefix: str = "") -> str:
+    if "key" in rec:
+        return str(rec["key"])
+    return str(rec.get(N, ""))[len(prefix) :]
+
+
+def _check_labels(records: Sequence[Any]) -> None:
+    for rec in records:
+        if not isinstance(rec, dict):
+            raise _corrupt(f"a record is a CBOR {type(rec).__name__}, expected a map")
+        for label in rec:
+            if isinstance(label, str) and label.endswith("_") and label not in UNDERSTOOD:
+                raise _corrupt(f"must-understand field {label!r} is not known to this reader")
+
+
+def _common(head: Mapping[Any, Any]) -> dict[str, Any]:
+    sv = head.get("sv", 1)
+    if not isinstance(sv, int) or sv < 1:
+        raise _corrupt(f"schema version {sv!r} is not a positive integer")
+    if sv > SCHEMA_MAJOR:
+        raise UnsupportedVersionError(
+            f"records decoder: schema version {sv} is newer than this reader's {SCHEMA_MAJOR}: "
+            "the record is skipped; update the reader"
+        )
+    tm = head.get(TIME_BASE)
+    if tm is None:
+        clock: Clock = "unix"
+    elif tm in CLOCKS:
+        clock = cast(Clock, tm)
+    else:
+        raise _corrupt(f"time base {tm!r} is not one of {', '.join(CLOCKS)}")
+    run = head.get("run", 0)
+    if not isinstance(run, int) or run < 0:
+        raise _corrupt(f"run {run!r} is not a non-negative integer")
+    bn = head.get(BN)
+    return {
+        "sv": sv,
+        "subject": bn.removesuffix("/") if isinstance(bn, str) else None,
+        "t": float(head.get(BT, 0.0)),
+        "run": run,
+        "clock": clock,
+    }
+
+
+def _decode_features(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]]) -> FeaturesWindow:
+    common = _common(head)
+    subject = common["subject"] or ""
+    scores: dict[str, float] = {}
+    streams: list[StreamWindow] = []
+    current: dict[str, Any] | None = None
+    dev: Any = None
+
+    def close() -> None:
+        if current is not None:
+            streams.append(StreamWindow(**current))
+
+    for rec in rest:
+        if BN in rec:
+            close()
+            bn = str(rec[BN])
+            metric = str(rec["metric"]) if "metric" in rec else bn[len(subject) + 1 : -1]
+            dev = rec.get("dev", dev)
+            sh = rec.get("sh")
+            shape: Shape | None = SHAPES[sh] if isinstance(sh, int) and 0 <= sh < len(SHAPES) else None
+            current = {
+                "metric": metric,
+                "unit": str(rec.get(BU, "")),
+                "dev": str(dev),
+                "n": int(rec.get(V, 0)),
+                "missing": float(_restore(float(rec.get("miss", 0.0)))),
+                "mdc": rec.get("mdc", MDC_CODE.get(metric)),
+                "gap": bool(rec.get("gap", False)),
+                "features": {},
+                "shape": shape,
+            }
+        elif current is None:
+            scores[_key(rec, "score/")] = _value(rec)
+        else:
+            current["features"][_key(rec)] = _value(rec)
+    close()
+    return FeaturesWindow(
+        subject=subject,
+        kind=str(head["kind"]),
+        t=common["t"],
+        win=float(_restore(head[V])),
+        streams=tuple(streams),
+        scores=scores,
+        run=common["run"],
+        clock=common["clock"],
+        sv=common["sv"],
+    )
+
+
+def _decode_alarm(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]]) -> AlarmRecord:
+    common = _common(head)
+    detail: dict[str, Any] = {}
+    contrib: dict[str, float] = {}
+    for rec in rest:
+        if str(rec.get(N, "")).startswith("c/"):
+            contrib[_key(rec, "c/")] = _value(rec)
+        else:
+            detail[_key(rec)] = _value(rec)
+    dev, metric = head.get("dev"), head.get("metric")
+    semantics: dict[str, Any] = {name: str(head[label]) for name, label in _ALARM_TEXT if label in head}
+    semantics |= {name: float(_restore(head[label])) for name, label in _ALARM_NUMBERS if label in head}
+    return AlarmRecord(
+        alarm=str(head[VS]),
+        subject=common["subject"] or "",
+        t=common["t"],
+        dev=None if dev is None else str(dev),
+        metric=None if metric is None else str(metric),
+        detail=detail,
+        contrib=contrib,
+        **semantics,
+        run=common["run"],
+        clock=common["clock"],
+        sv=common["sv"],
+    )
+
+
+def _decode_diag(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]]) -> DiagnosticRecord:
+    common = _common(head)
+    return DiagnosticRecord(
+        diag=str(head[VS]),
+        t=common["t"],
+        subject=common["subject"],
+        detail={_key(rec): _value(rec) for rec in rest},
+        run=common["run"],
+        clock=common["clock"],
+        sv=common["sv"],
+    )
+
+
+def _decode_estimate(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]]) -> EstimateRecord:
+    common = _common(head)
+    if not rest:
+        raise _corrupt("estimate pack has no value record")
+    value = rest[0]
+    src: list[EstimateSource] = []
+    detail: dict[str, Any] = {}
+    for rec in rest[1:]:
+        name = str(rec.get(N, ""))
+        if name.startswith("src/"):
+            metric = str(rec["metric"]) if "metric" in rec else name[4:]
+            src.append(EstimateSource(dev=str(rec["dev"]), metric=metric, w=float(_restore(rec[V]))))
+        else:
+            detail[_key(rec, "d/")] = _value(rec)
+    measured = V in value
+    return EstimateRecord(
+        subject=common["subject"] or "",
+        kind=str(head["kind"]),
+        t=common["t"],
+        est=str(head[VS]),
+        unit=str(value[U]),
+        state=str(head["st"]),
+        value=float(_restore(value[V])) if measured else None,
+        sd=float(_restore(value["sd"])) if measured else None,
+        src=tuple(src),
+        detail=detail,
+        run=common["run"],
+        clock=common["clock"],
+        sv=common["sv"],
+    )
+
+
+_UNPACKERS: dict[str, Callable[[Mapping[Any, Any], Sequence[Mapping[Any, Any]]], Record]] = {
+    "win": _decode_features,
+    "alarm": _decode_alarm,
+    "diag": _decode_diag,
+    "est": _decode_estimate,
+}
+
+
+def _is_meta(rec: Any) -> bool:
+    return isinstance(rec, dict) and rec.get(N) == "seq" and BN not in rec and "ep" in rec
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return cbor2.loads(data)
+    except (cbor2.CBORDecodeError, ValueError, EOFError, TypeError) as exc:
+        raise _corrupt(f"{len(data)} bytes are not valid CBOR: {exc}") from exc
+
+
+def decode_pack(data: bytes) -> tuple[SeqMeta | None, Record]:
+    """Decode a pack, with or without the uplink's sequence record, to (sequence, record).
+
+    Raises CorruptRecordError on bytes that are not a record and UnsupportedVersionError on a
+    record of a newer major schema version.
+    """
+    value = _loads(data)
+    if isinstance(value, dict):
+        return None, _legacy(value)
+    if not isinstance(value, list) or not value:
+        size = len(value) if isinstance(value, list) else 0
+        raise _corrupt(f"a CBOR {type(value).__name__} of length {size}, expected a non-empty array")
+    _check_labels(value)
+    meta = None
+    if _is_meta(value[0]):
+        m = value.pop(0)
+        try:
+            meta = SeqMeta(int(m[V]), int(m["ep"]), bool(m.get("h", False)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _corrupt(f"sequence record {m!r} is malformed") from exc
+        if not value:
+            raise _corrupt("a sequence record without a record")
+    head = value[0]
+    unpack = _UNPACKERS.get(str(head.get(N)))
+    if unpack is None:
+        raise _corrupt(f"header name {head.get(N)!r}: expected one of {', '.join(_UNPACKERS)}")
+    try:
+        return meta, unpack(head, value[1:])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        if isinstance(exc, CorruptRecordError):
+            raise
+        raise _corrupt(f"{head.get(N)} pack is malformed: {exc}") from exc
+
+
+def _legacy(m: Mapping[Any, Any]) -> Record:
+    """A record stored as a plain CBOR map by schema 1 before SenML (still in old outboxes)."""
+    try:
+        t = float(m.get("t", 0.0))
+        clock: Clock = "start" if abs(t) < RELATIVE_TIME_LIMIT else "unix"
+        kind = m.get("type")
+        if kind == "features":
+            streams = tuple(
+                StreamWindow(
+                    metric=str(s["metric"]),
+                    unit=str(s["unit"]),
+                    dev=str(s["dev"]),
+                    n=int(s["n"]),
+                    missing=float(s.get("missing", 0.0)),
+                    mdc=s.get("mdc"),
+                    gap=bool(s.get("gap", False)),
+                    features=dict(s.get("f", {})),
+                )
+                for s in m["streams"]
+            )
+            return FeaturesWindow(
+                str(m["subject"]),
+                str(m["kind"]),
+                t,
+                float(m["win"]),
+                streams,
+                dict(m.get("scores", {})),
+                clock=clock,
+                sv=1,
+            )
+        if kind == "alarm":
+            return AlarmRecord(
+                str(m["alarm"]),
+                str(m["subject"]),
+                t,
+                m.get("dev"),
+                m.get("metric"),
+                dict(m.get("detail", {})),
+                dict(m.get("contrib", {})),
+                clock=clock,
+                sv=1,
+            )
+        if kind == "diag":
+            return DiagnosticRecord(
+                str(m["diag"]), t, m.get("subject"), dict(m.get("detail", {})), clock=clock, sv=1
+            )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _corrupt(f"stored map record is malformed: {exc}") from exc
+    raise _corrupt(f"stored map record of type {m.get('type')!r}: expected features, alarm or diag")
+
+
+def decode(data: bytes) -> Record:
+    """Decode a pack to its record (a sequence record in front is dropped)."""
+    return decode_pack(data)[1]
+
+
+# --- the uplink's sequence record --------------------------------------------------------------------
+
+
+def _array_head(n: int) -> bytes:
+    if n < 24:
+        return bytes((0x80 | n,))
+    if n < 0x100:
+        return bytes((0x98, n))
+    if n < 0x10000:
+        return b"\x99" + n.to_bytes(2, "big")
+    return b"\x9a" + n.to_bytes(4, "big")
+
+
+def _split_array(data: bytes) -> tuple[int, int]:
+    """(number of items, header length) of a definite-length CBOR array; ValueError otherwise."""
+    if not data:
+        raise ValueError("empty")
+    first = data[0]
+    if first >> 5 != 4:
+        raise ValueError(f"major type {first >> 5}, not an array")
+    info = first & 0x1F
+    if info < 24:
+        return info, 1
+    width = {24: 1, 25: 2, 26: 4, 27: 8}.get(info)
+    if width is None or len(data) < 1 + width:
+        raise ValueError("indefinite or truncated array header")
+    return int.from_bytes(data[1 : 1 + width], "big"), 1 + width
+
+
+def wrap(pack: bytes, meta: SeqMeta) -> bytes:
+    """Prepend the sequence record to a stored pack without re-encoding it (a legacy map is converted)."""
+    if pack and pack[0] >> 5 == 5:
+        pack = encode(decode(pack))
+    try:
+        count, head_len = _split_array(pack)
+    except ValueError as exc:
+        raise _corrupt(f"stored record is not a SenML pack ({exc})") from exc
+    rec: dict[Any, Any] = {N: "seq", V: meta.seq, "ep": meta.epoch}
+    if meta.historical:
+        rec["h"] = True
+    return _array_head(count + 1) + bytes(cbor2.dumps(rec, canonical=True)) + pack[head_len:]
+
+
+def resolved(data: bytes) -> list[dict[str, Any]]:
+    """The pack's records resolved (RFC 8428 section 4.6): full names, units and times, no base fields."""
+    value = _loads(data)
+    if not isinstance(value, list):
+        raise _corrupt("not a SenML pack")
+    _check_labels(value)
+    bn, bt, bu = "", 0.0, None
+    out: list[dict[str, Any]] = []
+    for rec in value:
+        bn = rec.get(BN, bn)
+        bt = float(rec.get(BT, bt))
+        bu = rec.get(BU, bu)
+        entry: dict[str, Any] = {"n": bn + str(rec.get(N, "")), "t": bt + float(rec.get(T, 0.0))}
+        unit = rec.get(U, bu)
+        if unit is not None:
+            entry["u"] = unit
+        for label, key in ((V, "v"), (VS, "vs"), (VB, "vb")):
+            if label in rec:
+                entry[key] = _restore(rec[label]) if label == V else rec[label]
+        out.append(entry)
+    return out
+
+
+# --- plain data (JSON) ---------------------------------------------------------------------------------
+
+
+def as_map(record: Record) -> dict[str, Any]:
+    """The record as plain data (JSON-ready) with its ``type``; the twin's ``--json`` form.
+
+    Fields that are not set (None) are left out, as on the wire.
+    """
+    out: dict[str, Any] = {"type": record.TYPE}
+    for f in dataclasses.fields(record):
+        name, value = f.name, getattr(record, f.name)
+        if value is None:
+            continue
+        if name == "alarm_class":
+            name = "class"  # the word the alarm docs use; "class" cannot name a Python field
+        if name == "streams":
+            out[name] = [stream_map(s) for s in value]
+        elif name == "src":
+            out[name] = [{f.name: getattr(s, f.name) for f in dataclasses.fields(s)} for s in value]
+        else:
+            out[name] = _plain(value)
+    return out
+
+
+def stream_map(stream: StreamWindow) -> dict[str, Any]:
+    """A window's stream as plain data."""
+    return {f.name: _plain(getattr(stream, f.name)) for f in dataclasses.fields(stream)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- the status document (JSON) ------------------------------------------------------------------------
+
+
+def status_map(status: StatusRecord) -> dict[str, Any]:
+    """The status document as plain data: fields that are not set are left out."""
+    body: dict[str, Any] = {"state": status.state, "sv": status.sv, "ep": status.ep}
+    if status.run is not None:
+        body["run"] = status.run
+    if status.clean is not None:
+        body["clean"] = status.clean
+    if status.dropped:
+        body["dropped"] = dict(status.dropped)
+    return body
+
+
+def encode_status(status: StatusRecord) -> bytes:
+    """The retained status message's JSON payload."""
+    return json.dumps(status_map(status), separators=(",", ":")).encode()
+
+
+def decode_status(payload: bytes) -> StatusRecord:
+    """Read a status payload; an empty one is a cleared retained status."""
+    if not payload:
+        return StatusRecord("cleared")
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _corrupt(f"status is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise _corrupt(f"status is a JSON {type(body).__name__}, expected an object")
+    try:
+        dropped = body.get("dropped") or {}
+        run = body.get("run")
+        clean = body.get("clean")
+        return StatusRecord(
+            state=str(body["state"]),
+            ep=int(body.get("ep", 0)),
+            sv=int(body.get("sv", 1)),
+            run=None if run is None else int(run),
+            clean=None if clean is None else bool(clean),
+            dropped={str(k): int(v) for k, v in dropped.items()},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _corrupt(f"status {body!r} is malformed: {exc}") from exc

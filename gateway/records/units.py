@@ -1,0 +1,91 @@
+"""Metric names, IEEE 11073-10101 codes and UCUM units: what travels, and one display form of each.
+
+On the wire a unit is a UCUM code (``Cel``, ``/min``, ``mm[Hg]``, ``[g]``); people read the
+display form (``°C``, ``/min``, ``mmHg``, ``g``).  Both directions live here, so every view shows
+a unit the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class MdcTerm:
+    """A medical metric: its MDC reference id, 32-bit code and UCUM unit; a short label for views."""
+
+    name: str
+    code: int
+    unit: str
+    label: str
+    rr: bool = False  # an RR-interval series: gets HRV features
+
+
+#: IEEE 11073-10101 metrics with UCUM units (codes from STANDARDS.md section 1).
+MDC_TERMS: Mapping[str, MdcTerm] = {
+    m.name: m
+    for m in (
+        MdcTerm("MDC_PULS_OXIM_SAT_O2", 150456, "%", "SpO2"),
+        MdcTerm("MDC_PULS_OXIM_PULS_RATE", 149530, "/min", "PR"),
+        MdcTerm("MDC_PULS_RATE_NON_INV", 149546, "/min", "PR"),
+        MdcTerm("MDC_ECG_HEART_RATE", 147842, "/min", "HR"),
+        MdcTerm("MDC_ECG_TIME_PD_RR_GL", 147240, "ms", "RR", rr=True),
+        MdcTerm("MDC_TEMP_BODY", 150364, "Cel", "Temp"),
+        MdcTerm("MDC_PRESS_BLD_NONINV_SYS", 150021, "mm[Hg]", "NIBP sys"),
+        MdcTerm("MDC_PRESS_BLD_NONINV_DIA", 150022, "mm[Hg]", "NIBP dia"),
+        MdcTerm("MDC_PRESS_BLD_NONINV_MEAN", 150023, "mm[Hg]", "NIBP mean"),
+        MdcTerm("MDC_PULS_OXIM_PERF_REL", 150448, "%", "PI"),
+        MdcTerm("MDC_RESP_RATE", 151562, "/min", "Resp"),
+    )
+}
+
+MDC_CODE: Mapping[str, int] = {m.name: m.code for m in MDC_TERMS.values()}
+
+#: Engineering spellings seen in device metadata and configs, and the UCUM code each means.
+_TO_UCUM: Mapping[str, str] = {
+    "°C": "Cel",
+    "degC": "Cel",
+    "°F": "[degF]",
+    "degF": "[degF]",
+    "mmHg": "mm[Hg]",
+    "bpm": "/min",
+    "rpm": "/min",
+    "1/min": "/min",
+    "g": "[g]",  # in sensor metadata "g" is standard gravity (vibration), never grams
+    "L/min": "l/min",
+    "lpm": "l/min",
+    "percent": "%",
+    "seconds": "s",
+    "sec": "s",
+}
+
+#: UCUM codes whose display form differs from the code.
+_DISPLAY: Mapping[str, str] = {
+    "Cel": "°C",
+    "[degF]": "°F",
+    "mm[Hg]": "mmHg",
+    "[g]": "g",
+    "l/min": "L/min",
+    "1": "",
+}
+
+
+def to_ucum(unit: str) -> str:
+    """The UCUM code for a unit as devices and configs spell it (unchanged when already UCUM)."""
+    return _TO_UCUM.get(unit.strip(), unit.strip())
+
+
+def display_unit(unit: str | None) -> str:
+    """The one display form of a UCUM unit, for every view."""
+    if unit is None:
+        return ""
+    return _DISPLAY.get(unit, unit)
+
+
+def metric_label(metric: str) -> str:
+    """A short label for a metric: the MDC term's (``SpO2``), or the last part of a source path."""
+    term = MDC_TERMS.get(metric)
+    if term is not None:
+        return term.label
+    return metric.removeprefix("MDC_").rsplit("/", 1)[-1]

@@ -1,0 +1,229 @@
+"""Record time that survives restarts and clock steps, without dates leaving the gateway.
+
+A gateway keeps, in its state directory (``timebase.json``), a per-site *origin* (the wall time
+of its first start), a *boot counter* and the highest record time it has used.  Every process
+start increments the counter: that is the *run* every record carries.  Record time ``t`` is
+seconds since the origin, running on the monotonic clock within a run and starting each run no
+lower than where the previous run ended, so a consumer can order every record of a gateway by
+(run, t) and never sees time go backwards.
+
+The wall clock is still watched: when it steps (NTP on a Pi without a real-time clock, a manual
+change), the step is reported once (:meth:`TimeBase.take_steps`, sent as a ``clock_step``
+diagnostic).  A backward step is absorbed: record time keeps running, so records never show time
+running backwards.  A forward step first makes up for what was absorbed (the clock catching up
+again, as NTP does on a Pi that booted with an old time) and moves record time ahead only by the
+rest.  So record time follows the wall clock whenever the wall clock is not behind it.
+
+Rotating the site key starts a new origin and counter (:meth:`TimeBase.reset`): time that went on
+across a rotation would link the old identity to the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "timebase.json"
+#: A change of the wall clock against the monotonic clock larger than this is a step, not drift.
+STEP_TOLERANCE_S = 2.0
+#: How often the highest record time is written back (a crash loses at most this much of it).
+PERSIST_EVERY_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClockStep:
+    """One wall-clock step seen by the time base."""
+
+    step_s: float  # signed: negative when the wall clock went back
+    applied_s: float  # how far record time moved ahead with it (0 for a step back, absorbed)
+    t: float  # record time (site seconds) when it was seen
+
+
+def _read(path: Path) -> tuple[float, int, float]:
+    state = json.loads(path.read_text(encoding="utf-8"))
+    origin, boot, high = float(state["origin"]), int(state["boot"]), float(state["high"])
+    if not (math.isfinite(origin) and math.isfinite(high) and boot >= 0):
+        raise ValueError(f"origin {origin}, boot {boot}, high {high}: non-finite or negative")
+    return origin, boot, high
+
+
+class TimeBase:
+    """The gateway's record clock: run number, site origin, monotonic record time; see the module doc."""
+
+    def __init__(
+        self,
+        *,
+        origin: float,
+        boot: int,
+        high: float,
+        path: Path | None = None,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self._write_failed = False
+        self.origin = origin  # wall time (Unix seconds) of the site's first start: never sent
+        self.run = boot
+        self._wall = wall
+        self._mono = mono
+        mono0, wall0 = mono(), wall()
+        # A new run starts where the wall clock says, or just after the last run if it says less.
+        start = max(wall0 - origin, high + 0.001 if high > 0 else 0.0)
+        self._offset = start - mono0  # record time = monotonic + offset
+        self._wm = wall0 - mono0  # wall minus monotonic, as last seen: its jumps are steps
+        self._steps: list[ClockStep] = []
+        self._behind = 0.0  # how far the wall clock is behind record time (steps back absorbed)
+        if high - (wall0 - origin) > STEP_TOLERANCE_S:
+            # The wall clock reads less than when the last run stopped: stepped back while down.
+            self._behind = high - (wall0 - origin)
+            self._steps.append(ClockStep((wall0 - origin) - high, 0.0, start))
+            log.warning(
+                "time base: the wall clock is %.3f s behind the last run's time; record time goes on "
+                "from the last run",
+                high - (wall0 - origin),
+            )
+        self._persisted_at = mono0
+        self._save()
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: Path,
+        *,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> TimeBase:
+        """Start a new run: read the state directory's time base (creating it) and count this start."""
+        path = state_dir / FILE_NAME
+        origin, boot, high = wall(), 0, 0.0
+        try:
+            origin, boot, high = _read(path)
+        except FileNotFoundError:
+            log.info("time base: new site origin in %s", path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Unreadable: start again.  Runs restart at 1, which a twin orders before the runs it
+            # saw, until the gateway's epoch changes; said loudly so the operator knows why.
+            log.error(
+                "time base %s: unreadable (%s): a new site origin and run counter are started; "
+                "twins may show this gateway's values as older until its sequence epoch changes",
+                path,
+                exc,
+            )
+            origin, boot, high = wall(), 0, 0.0
+        return cls(origin=origin, boot=boot + 1, high=high, path=path, wall=wall, mono=mono)
+
+    @classmethod
+    def ephemeral(cls, start_wall: float | None = None) -> TimeBase:
+        """A time base kept in memory only (tools and tests): origin at ``start_wall``, run 1."""
+        return cls(origin=time.time() if start_wall is None else start_wall, boot=1, high=0.0)
+
+    def reset(self) -> None:
+        """Start a new origin and boot counter (after a key rotation: nothing may link the two).
+
+        The counter is left at 0: the next start is run 1, as for a gateway that never ran.
+        """
+        wall0, mono0 = self._wall(), self._mono()
+        self.origin, self.run = wall0, 0
+        self._offset = -mono0
+        self._wm = wall0 - mono0
+        self._behind = 0.0
+        self._steps.clear()
+        self._save()
+
+    def now(self) -> float:
+        """The current record time (seconds since the site origin)."""
+        return self._mono() + self._offset
+
+    def site(self, t_wall: float) -> float:
+        """The record time of an instant the gateway stamped with wall time ``t_wall``."""
+        self.check()
+        return t_wall - self._wm + self._offset
+
+    def unix(self, t_wall: float) -> float:
+        """The same instant as Unix time on the record clock (for ``privacy.time = "exact"``)."""
+        return self.origin + self.site(t_wall)
+
+    def check(self) -> ClockStep | None:
+        """Look for a wall-clock step now; remember it for :meth:`take_steps` and return it."""
+        mono = self._mono()
+        wm = self._wall() - mono
+        step = wm - self._wm
+        if mono - self._persisted_at >= PERSIST_EVERY_S:
+            self._persisted_at = mono
+            # Not synced: this runs on the event loop, and a lost high mark only matters when the
+            # wall clock also went back; the run counter is synced at every start.
+            self._save(sync=False, strict=False)
+        if abs(step) <= STEP_TOLERANCE_S:
+            return None
+        if step < 0:
+            self._behind -= step
+            applied = 0.0
+        else:
+            caught_up = min(step, self._behind)
+            self._behind -= caught_up
+            applied = step - caught_up
+            self._offset += applied
+        self._wm = wm
+        found = ClockStep(step, applied, mono + self._offset)
+        self._steps.append(found)
+        log.warning(
+            "time base: the wall clock stepped %+.3f s; record time moved ahead %.3f s "
+            "(the wall clock is %.3f s behind it now)",
+            step,
+            applied,
+            self._behind,
+        )
+        return found
+
+    def take_steps(self) -> list[ClockStep]:
+        """The steps seen since the last call (each reported once)."""
+        self.check()
+        steps, self._steps = self._steps, []
+        return steps
+
+    def close(self) -> None:
+        """Write the highest record time back (an orderly stop)."""
+        self._save(strict=False)
+
+    def _save(self, *, sync: bool = True, strict: bool = True) -> None:
+        """Write the state file; ConfigError when ``strict`` (a start), else a warning."""
+        if self.path is None:
+            return
+        body = {"origin": self.origin, "boot": self.run, "high": self.now()}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with tmp.open("w", encoding="utf-8") as f:
+                json.dump(body, f)
+                f.flush()
+                if sync:
+                    os.fsync(f.fileno())
+            tmp.replace(self.path)
+            if self._write_failed:
+                log.info("time base %s: written again", self.path)
+            self._write_failed = False
+        except OSError as exc:
+            if not strict:
+                # The run counter was written at the start; a stale high mark is no reason to stop.
+                log.log(
+                    logging.DEBUG if self._write_failed else logging.WARNING,
+                    "time base %s: cannot write the high mark: %s",
+                    self.path,
+                    exc.strerror,
+                )
+                self._write_failed = True
+                return
+            raise ConfigError(
+                f"time base {self.path}: cannot write: {exc.strerror}: "
+                "make the state directory writable by the gateway's user"
+            ) from exc

@@ -1,0 +1,145 @@
+"""Bytes on the wire per stream-hour: SenML-CBOR windows of features against one JSON message per sample.
+
+The same synthetic hour of a patient (heart rate, SpO2, respiration, temperature, RR intervals)
+and a pump (current waveform, vibration, pressure, temperature) goes through the real pipeline
+(windows, features, anonymizer, codec) at the default window (30 s) and hop (10 s); what is
+counted for each published message is its payload with the uplink's sequence record plus its
+topic.  The baseline, measured on the same samples in the same run, publishes every sample as a
+JSON object with pseudonyms, the metric, its unit, a time and the value on a per-stream topic.
+
+Run: ``.venv/bin/python tests/benchmarks/bench_records.py [--hours 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+
+from drivers import REGISTRY
+from gateway.anonymize import Anonymizer, Pseudonymizer
+from gateway.config import validate
+from gateway.outbox import AsyncOutbox, Outbox
+from gateway.records import SeqMeta, wrap
+from gateway.runtime import Pipeline
+from gateway.sample import MDC, SampleBlock, Stream, industrial_metric
+
+PREFIX = "edgetwin/v1"
+GW = "gwk3j2x7q9m4t8vb"  # a pseudonym's length
+T0 = 10_000.0
+WALL0 = 1.7e9
+
+
+def _streams(rate_hz: float) -> list[tuple[Stream, float, float]]:
+    """(stream, level, noise) of one patient and one pump."""
+    p, m = ("bed7-monitor", "PATIENT-1", "AA:BB:CC:DD:EE:01"), ("pump3-plc", "PUMP-3", "SN-PLC-1")
+    return [
+        (Stream(*p, MDC["MDC_ECG_HEART_RATE"], rate_hz=rate_hz), 72.0, 2.0),
+        (Stream(*p, MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=rate_hz), 97.0, 0.6),
+        (Stream(*p, MDC["MDC_RESP_RATE"], rate_hz=rate_hz), 15.0, 1.0),
+        (Stream(*p, MDC["MDC_TEMP_BODY"], rate_hz=rate_hz), 37.1, 0.05),
+        (Stream(*p, MDC["MDC_ECG_TIME_PD_RR_GL"], rate_hz=rate_hz), 830.0, 40.0),
+        (
+            Stream(*m, industrial_metric("Pump/Motor/Current", "A", "waveform"), "industrial", rate_hz),
+            0.0,
+            1.3,
+        ),
+        (Stream(*m, industrial_metric("Pump/Accel", "g", "waveform"), "industrial", rate_hz), 0.0, 0.05),
+        (Stream(*m, industrial_metric("Pump/Pressure", "bar"), "industrial", rate_hz), 1.2, 0.05),
+        (Stream(*m, industrial_metric("Pump/Motor/Temp", "Cel"), "industrial", rate_hz), 72.0, 0.3),
+    ]
+
+
+def _json_bytes(stream: Stream, t: np.ndarray, v: np.ndarray) -> int:
+    """The baseline: one JSON message per sample (payload + topic), pseudonyms in place of ids."""
+    subject, device = "s" * 16, "d" * 16
+    topic = len(f"{PREFIX}/{GW}/samples/{subject}/{stream.metric.name}".encode())
+    total = 0
+    for ti, vi in zip(t, v, strict=True):
+        body = {
+            "device": device,
+            "metric": stream.metric.name,
+            "unit": stream.metric.unit,
+            "t": round(float(ti) - T0, 3),
+            "v": round(float(vi), 3),
+        }
+        total += topic + len(json.dumps(body, separators=(",", ":")).encode())
+    return total
+
+
+async def _ours(rate_hz: float, hours: float, tmp: Path) -> tuple[int, int, int]:
+    """(bytes, messages, streams) of the windows the real pipeline publishes for the same data."""
+    config = validate({"gateway": {"state_dir": str(tmp)}}, "<bench>", REGISTRY)
+    anon = Anonymizer(Pseudonymizer(b"b" * 32), time_mode="relative", start_wall=WALL0)
+    streams = _streams(rate_hz)
+    rng = np.random.default_rng(7)
+    total = messages = 0
+    async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
+        pipeline = Pipeline(config, anon, outbox, models=[])
+        hop = config.core.pipeline.hop_s
+        seq = 0
+        for k in range(int(hours * 3600 / hop)):
+            t0 = T0 + k * hop
+            for stream, level, noise in streams:
+                t = t0 + np.arange(int(hop * rate_hz)) / rate_hz
+                if stream.metric.shape == "waveform":
+                    v = noise * np.sqrt(2) * np.sin(2 * np.pi * min(50.0, rate_hz / 4) * (t - T0))
+                else:
+                    v = level + noise * rng.standard_normal(t.size)
+                pipeline.sink.put_block(SampleBlock(stream, t, t - T0 + WALL0, v, np.zeros(t.size, np.uint8)))
+            await pipeline.step(now_mono=t0 + hop + 2.5, now_wall=WALL0 + k * hop + hop + 2.5)
+            await outbox.flush()
+            leased = await outbox.lease(10_000)
+            for item in leased:
+                if not item.topic.startswith("features/"):
+                    continue
+                seq += 1
+                topic = f"{PREFIX}/{GW}/{item.topic}".encode()
+                total += len(topic) + len(wrap(item.payload, SeqMeta(seq, 123456789)))
+                messages += 1
+            await outbox.ack([i.id for i in leased])
+    return total, messages, len(streams)
+
+
+def _baseline(rate_hz: float, hours: float) -> int:
+    rng = np.random.default_rng(7)
+    total = 0
+    n = int(hours * 3600 * rate_hz)
+    t = T0 + np.arange(n) / rate_hz
+    for stream, level, noise in _streams(rate_hz):
+        total += _json_bytes(stream, t, level + noise * rng.standard_normal(n))
+    return total
+
+
+def main() -> int:
+    """Print the table for BENCHMARKS.md."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hours", type=float, default=1.0)
+    args = parser.parse_args()
+    print(
+        f"records benchmark: {args.hours:g} h of data time, 9 streams (5 medical, 4 industrial), window 30 s, hop 10 s"
+    )
+    print()
+    print("| rate | ours: B per stream-hour | messages | JSON per sample: B per stream-hour | fewer bytes |")
+    print("|---|---:|---:|---:|---:|")
+    for rate in (1.0, 10.0):
+        with tempfile.TemporaryDirectory() as tmp:
+            ours, messages, streams = asyncio.run(_ours(rate, args.hours, Path(tmp)))
+        base = _baseline(rate, args.hours)
+        per_ours = ours / streams / args.hours
+        per_base = base / streams / args.hours
+        print(
+            f"| {rate:g} Hz | {per_ours:,.0f} | {messages} | {per_base:,.0f} | {per_base / per_ours:.1f}x |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

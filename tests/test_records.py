@@ -1,0 +1,418 @@
+"""The record contract: typed records round-trip through SenML-CBOR, the documented vectors decode,
+packs read as standard SenML, and the records package and the twin stand alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cbor2
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.records import (
+    SCHEMA_MAJOR,
+    AlarmRecord,
+    CorruptRecordError,
+    DiagnosticRecord,
+    EstimateRecord,
+    EstimateSource,
+    FeaturesWindow,
+    SeqMeta,
+    StatusRecord,
+    StreamWindow,
+    UnsupportedVersionError,
+    as_map,
+    decode,
+    decode_pack,
+    decode_status,
+    encode,
+    encode_status,
+    resolved,
+    wire_number,
+    wrap,
+)
+from gateway.records.codec import BN, BT, N, V
+from gateway.records.model import CLOCKS, SHAPES
+from gateway.records.render import describe
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBJECT = "k3j2x7q9m4t8vbaa"
+DEV = "d0d0d0d0d0d0d0d0"
+
+
+def features(t: float = 30.25, **extra: object) -> FeaturesWindow:
+    streams = (
+        StreamWindow(
+            "MDC_PULS_OXIM_SAT_O2",
+            "%",
+            DEV,
+            10,
+            mdc=150456,
+            features={"mean": 97.5, "std": 0.8, "min": 96.0, "max": 99.0, "slope": -0.02},
+            shape="level",
+        ),
+        StreamWindow(
+            "MDC_ECG_TIME_PD_RR_GL",
+            "ms",
+            DEV,
+            12,
+            missing=0.05,
+            mdc=147240,
+            features={"mean": 928.0, "rmssd": 27.0, "sdnn": 50.25, "pnn50": 12.5},
+            shape="interval",
+        ),
+        StreamWindow("Pump1/Motor Temp (C)", "Cel", "e1e1e1e1e1e1e1e1", 0, missing=1.0, gap=True),
+    )
+    return FeaturesWindow(SUBJECT, "medical", t, 10.0, streams, run=3, **extra)  # type: ignore[arg-type]
+
+
+# --- property tests: every record class round-trips --------------------------------------------------
+
+names = st.text(min_size=1, max_size=24)
+tokens = st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True)
+wire = st.floats(width=32, allow_nan=False).map(wire_number)
+times = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12)
+runs = st.integers(min_value=0, max_value=2**40)
+clocks = st.sampled_from(CLOCKS)
+versions = st.integers(min_value=1, max_value=SCHEMA_MAJOR)
+details = st.dictionaries(
+    tokens, st.one_of(wire, st.integers(-(2**63), 2**63), tokens, st.booleans()), max_size=5
+)
+streams = st.builds(
+    StreamWindow,
+    metric=names,
+    unit=st.sampled_from(["%", "/min", "ms", "Cel", "A", "[g]", "mm[Hg]", "l/min"]),
+    dev=st.text(min_size=1, max_size=16),
+    n=st.integers(0, 2**31),
+    missing=st.floats(0.0, 1.0).map(wire_number),
+    mdc=st.one_of(st.none(), st.integers(0, 2**32)),
+    gap=st.booleans(),
+    features=st.dictionaries(names, wire, max_size=6),
+    shape=st.one_of(st.none(), st.sampled_from(SHAPES)),
+)
+
+
+@given(
+    st.builds(
+        FeaturesWindow,
+        subject=st.text(max_size=16),
+        kind=st.sampled_from(["medical", "industrial"]),
+        t=times,
+        win=st.floats(0.001, 3600.0).map(wire_number),
+        streams=st.lists(streams, max_size=6).map(tuple),
+        scores=st.dictionaries(names, wire, max_size=3),
+        run=runs,
+        clock=clocks,
+        sv=versions,
+    )
+)
+def test_a_features_window_round_trips(rec: FeaturesWindow) -> None:
+    assert decode(encode(rec)) == rec
+
+
+@given(
+    st.builds(
+        AlarmRecord,
+        alarm=tokens,
+        subject=st.text(max_size=16),
+        t=times,
+        dev=st.one_of(st.none(), st.text(max_size=16)),
+        metric=st.one_of(st.none(), names),
+        detail=details,
+        contrib=st.dictionaries(names, wire, max_size=4),
+        alarm_class=st.one_of(st.none(), st.sampled_from(["technical", "physiological", "process"])),
+        priority=st.one_of(st.none(), st.sampled_from(["high", "medium", "low"])),
+        limit=st.one_of(st.none(), wire),
+        value=st.one_of(st.none(), wire),
+        held_s=st.one_of(st.none(), wire),
+        run=runs,
+        clock=clocks,
+        sv=versions,
+    )
+)
+def test_an_alarm_round_trips(rec: AlarmRecord) -> None:
+    assert decode(encode(rec)) == rec
+
+
+@given(
+    st.builds(
+        DiagnosticRecord,
+        diag=tokens,
+        t=times,
+        subject=st.one_of(st.none(), st.text(max_size=16)),
+        detail=details,
+        run=runs,
+        clock=clocks,
+        sv=versions,
+    ),
+    st.builds(SeqMeta, seq=st.integers(1, 2**62), epoch=st.integers(0, 2**63), historical=st.booleans()),
+)
+def test_a_diagnostic_round_trips_with_its_sequence_record(rec: DiagnosticRecord, meta: SeqMeta) -> None:
+    assert decode(encode(rec)) == rec
+    assert decode_pack(wrap(encode(rec), meta)) == (meta, rec)
+
+
+@st.composite
+def estimates(draw: st.DrawFn) -> EstimateRecord:
+    """An estimate: measured (a value and its SD) or lost (neither), with its sources and detail."""
+    measured = draw(st.booleans())
+    return EstimateRecord(
+        subject=draw(st.text(max_size=16)),
+        kind=draw(st.sampled_from(["medical", "industrial"])),
+        t=draw(times),
+        est=draw(tokens),
+        unit=draw(st.sampled_from(["/min", "%", "1", "A.h"])),
+        state=draw(st.sampled_from(["measured", "bridged", "untrusted"]) if measured else st.just("lost")),
+        value=draw(wire) if measured else None,
+        sd=draw(wire) if measured else None,
+        src=tuple(
+            draw(
+                st.lists(
+                    st.builds(EstimateSource, dev=st.text(max_size=16), metric=names, w=wire), max_size=4
+                )
+            )
+        ),
+        detail=draw(details),
+        run=draw(runs),
+        clock=draw(clocks),
+        sv=draw(versions),
+    )
+
+
+@given(estimates())
+def test_an_estimate_round_trips(rec: EstimateRecord) -> None:
+    assert decode(encode(rec)) == rec
+    plain = as_map(rec)
+    assert plain["type"] == "estimate"
+    assert [s["metric"] for s in plain["src"]] == [s.metric for s in rec.src]
+    assert ("value" in plain) == (rec.value is not None)
+
+
+def test_an_estimate_reads_as_value_plus_minus_sd_with_its_sources() -> None:
+    src = (
+        EstimateSource(DEV, "MDC_ECG_HEART_RATE", 0.9),
+        EstimateSource(DEV, "MDC_PULS_OXIM_PULS_RATE", 0.1),
+    )
+    rec = EstimateRecord(SUBJECT, "medical", 12.0, "hr", "/min", "measured", 71.25, 0.8, src, run=2)
+    assert describe(rec) == (
+        "run 2 t=12 ESTIMATE HR=71.25±0.8/min measured [ECG_HEART_RATE 0.90 PULS_OXIM_PULS_RATE 0.10]"
+    )
+    lost = dataclasses.replace(rec, state="lost", value=None, sd=None, src=())
+    assert describe(decode(encode(lost))) == "run 2 t=12 ESTIMATE HR=? lost"
+
+
+@given(
+    st.builds(
+        StatusRecord,
+        state=st.sampled_from(["online", "offline"]),
+        ep=st.integers(0, 2**63),
+        sv=versions,
+        run=st.one_of(st.none(), runs),
+        clean=st.one_of(st.none(), st.booleans()),
+        dropped=st.dictionaries(st.sampled_from(["alarms", "features", "diag"]), st.integers(1, 2**40)),
+    )
+)
+def test_a_status_round_trips(status: StatusRecord) -> None:
+    assert decode_status(encode_status(status)) == status
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False, min_value=-1e30, max_value=1e30))
+def test_any_feature_value_comes_back_to_single_precision(x: float) -> None:
+    stream = StreamWindow("m", "1", DEV, 1, features={"mean": x})
+    got = decode(encode(FeaturesWindow(SUBJECT, "medical", 1.0, 1.0, (stream,))))
+    assert isinstance(got, FeaturesWindow)
+    assert got.streams[0].features["mean"] == pytest.approx(x, rel=1e-6, abs=1e-37)
+
+
+# --- the reference: docs/records.md ------------------------------------------------------------------
+
+
+def golden_vectors() -> list[tuple[str, str, str]]:
+    """(name, hex, JSON) of every golden vector in docs/records.md."""
+    text = (ROOT / "docs" / "records.md").read_text(encoding="utf-8")
+    found = re.findall(r"#### Vector: (.+?)\n.*?```cbor-hex\n(.+?)```.*?```json\n(.+?)```", text, re.DOTALL)
+    return [(name, "".join(h.split()), j) for name, h, j in found]
+
+
+def test_the_reference_holds_golden_vectors() -> None:
+    assert len(golden_vectors()) >= 4
+
+
+@pytest.mark.parametrize(("name", "hexdata", "expected"), golden_vectors())
+def test_golden_vectors_decode_to_their_documented_records(name: str, hexdata: str, expected: str) -> None:
+    data = bytes.fromhex(hexdata)
+    meta, rec = decode_pack(data)
+    doc = json.loads(expected)
+    got = {"seq": None if meta is None else [meta.seq, meta.epoch, meta.historical], "record": as_map(rec)}
+    assert got == doc, name
+    # The encoder writes exactly these bytes (canonical CBOR), so the vectors also pin the writer.
+    assert (wrap(encode(rec), meta) if meta else encode(rec)) == data, name
+
+
+def test_the_reference_states_a_cddl_schema_and_the_versioning_rule() -> None:
+    text = (ROOT / "docs" / "records.md").read_text(encoding="utf-8")
+    assert "```cddl" in text
+    assert "## Versioning" in text
+
+
+# --- SenML as other readers see it -----------------------------------------------------------------
+
+
+def test_packs_are_senml_with_names_units_and_times() -> None:
+    flat = resolved(encode(features()))
+    by_name = {r["n"]: r for r in flat}
+    assert by_name[f"{SUBJECT}/win"]["v"] == 10.0
+    mean = by_name[f"{SUBJECT}/MDC_PULS_OXIM_SAT_O2/mean"]
+    assert (mean["v"], mean["u"], mean["t"]) == (97.5, "%", 30.25)
+    assert by_name[f"{SUBJECT}/MDC_PULS_OXIM_SAT_O2/n"]["u"] == "count"
+    # A name SenML cannot hold is made safe, and kept verbatim in the record.
+    assert f"{SUBJECT}/Pump1/Motor_Temp__C_/n" in by_name
+    got = decode(encode(features()))
+    assert isinstance(got, FeaturesWindow)
+    assert got.streams[2].metric == "Pump1/Motor Temp (C)"
+
+
+def test_site_time_is_marked_must_understand_and_unix_time_is_not() -> None:
+    site = cbor2.loads(encode(features()))
+    assert (site[0]["tm_"], site[0]["run"]) == ("site", 3)
+    absolute = cbor2.loads(encode(features(t=1_760_000_000.0, clock="unix")))
+    assert "tm_" not in absolute[0]
+    assert absolute[0][BT] == 1_760_000_000.0
+
+
+def test_an_unknown_must_understand_field_is_refused_and_other_unknown_fields_ignored() -> None:
+    pack = cbor2.loads(encode(features()))
+    pack[1]["zz"] = 1  # a field a newer minor version added: ignored
+    assert decode(cbor2.dumps(pack)) == features()
+    pack[1]["zz_"] = 1
+    with pytest.raises(CorruptRecordError, match="must-understand field 'zz_'"):
+        decode(cbor2.dumps(pack))
+
+
+def test_a_newer_major_version_is_refused_as_such() -> None:
+    pack = cbor2.loads(encode(features()))
+    pack[0]["sv"] = SCHEMA_MAJOR + 1
+    with pytest.raises(UnsupportedVersionError, match="newer than this reader"):
+        decode(cbor2.dumps(pack))
+    pack[0]["sv"] = SCHEMA_MAJOR
+    pack[0]["svm"] = 99  # a newer minor version of the same major: read
+    assert decode(cbor2.dumps(pack)) == features()
+
+
+def test_a_feature_costs_a_few_bytes() -> None:
+    base = len(encode(features()))
+    s0, *rest = features().streams
+    s1 = dataclasses.replace(s0, features={**s0.features, "q25": 96.5})
+    more = dataclasses.replace(features(), streams=(s1, *rest))
+    assert len(encode(more)) - base <= 10  # map head, two labels, the name (4), a half float (3)
+    assert base < 500  # three streams, one of them with a long unsafe name
+
+
+def test_wrap_prepends_the_sequence_record() -> None:
+    data = encode(features())
+    wrapped = wrap(data, SeqMeta(123456, 987654321, True))
+    assert decode_pack(wrapped) == (SeqMeta(123456, 987654321, True), features())
+    assert cbor2.loads(wrapped)[0] == {N: "seq", V: 123456, "ep": 987654321, "h": True}
+    assert len(wrapped) - len(data) <= 24  # seq and epoch as 32-bit integers, the flag, the labels
+
+
+def test_wrap_handles_long_packs_and_legacy_records() -> None:
+    rec = features()
+    long = FeaturesWindow(SUBJECT, "medical", 1.0, 10.0, rec.streams * 20, run=1)
+    meta, got = decode_pack(wrap(encode(long), SeqMeta(1, 2)))
+    assert meta == SeqMeta(1, 2, False)
+    assert got == long
+    # What the outbox held before SenML (schema 1, a plain map): still read, and sent as a pack.
+    legacy = {
+        "v": 1,
+        "type": "alarm",
+        "alarm": "sensor_lost",
+        "subject": SUBJECT,
+        "t": 12.5,
+        "metric": "MDC_PULS_OXIM_SAT_O2",
+        "dev": DEV,
+    }
+    want = AlarmRecord("sensor_lost", SUBJECT, 12.5, DEV, "MDC_PULS_OXIM_SAT_O2", clock="start", sv=1)
+    assert decode(cbor2.dumps(legacy)) == want
+    assert decode_pack(wrap(cbor2.dumps(legacy), SeqMeta(7, 8))) == (SeqMeta(7, 8), want)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff\x00",
+        cbor2.dumps(5),
+        cbor2.dumps([]),
+        cbor2.dumps([{N: "nope", V: 1}]),
+        cbor2.dumps([{N: "seq", V: 1, "ep": 2}]),
+        cbor2.dumps([{BN: "x/", N: "win"}]),
+        cbor2.dumps([{N: "diag", 3: "x", "sv": 2, "run": -1}]),
+        cbor2.dumps([{N: "diag", 3: "x", "sv": 2, "tm_": "boot"}]),
+        cbor2.dumps({"type": "poem"}),
+    ],
+)
+def test_garbage_is_a_corrupt_record_error(data: bytes) -> None:
+    with pytest.raises(CorruptRecordError):
+        decode(data)
+
+
+def test_a_non_record_is_refused_at_encoding() -> None:
+    with pytest.raises(TypeError, match="cannot encode a dict"):
+        encode({"type": "poem"})  # type: ignore[arg-type]
+
+
+def test_non_finite_values_survive() -> None:
+    stream = StreamWindow("m", "1", DEV, 1, features={"max": math.inf})
+    got = decode(encode(FeaturesWindow(SUBJECT, "medical", 1.0, 1.0, (stream,))))
+    assert isinstance(got, FeaturesWindow)
+    assert got.streams[0].features["max"] == math.inf
+
+
+# --- standing alone ------------------------------------------------------------------------------------
+
+
+def _loaded_after(code: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=60,
+    ).stdout
+    loaded: list[str] = json.loads(out.splitlines()[-1])
+    return loaded
+
+
+def test_the_twin_loads_no_gateway_module_outside_the_records_nor_pydantic_nor_numpy() -> None:
+    loaded = _loaded_after(
+        "import gateway.twin, gateway.twin.decoder, gateway.twin.sequence, gateway.twin.view, gateway.twin.listen"
+    )
+    assert "gateway.twin.listen" in loaded
+    foreign = [
+        m
+        for m in loaded
+        if m.split(".")[0] in {"pydantic", "pydantic_core", "numpy"}
+        or (m.startswith("gateway.") and not m.startswith(("gateway.records", "gateway.twin")))
+    ]
+    assert foreign == []
+
+
+def test_the_records_package_imports_nothing_else_of_the_gateway() -> None:
+    loaded = _loaded_after("import gateway.records, gateway.records.render, gateway.records.topics")
+    assert [m for m in loaded if m.startswith("gateway.") and not m.startswith("gateway.records")] == []
+
+
+def test_the_uplink_config_does_not_import_the_whole_config() -> None:
+    # gateway.config embeds the uplink's section; the uplink's section must not need gateway.config back.
+    loaded = _loaded_after("import gateway.uplink.config")
+    assert "gateway.config" not in loaded
+    assert "gateway.config_base" in loaded

@@ -1,0 +1,184 @@
+"""Record time across restarts and wall-clock steps, and the twin's view of a restarted gateway.
+
+The clocks are injected: a restart is a new TimeBase over the same state directory, and the wall
+clock stepped back an hour is an injected wall clock that reads an hour less.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.anonymize import Anonymizer, Pseudonymizer
+from gateway.contracts import Diagnostic, StreamFeatures, WindowRecord
+from gateway.records import FeaturesWindow, SeqMeta, decode, encode, wrap
+from gateway.sample import MDC, Stream
+from gateway.timebase import FILE_NAME, TimeBase
+from gateway.twin.decoder import decode_message
+from gateway.twin.sequence import SequenceChecker
+from gateway.twin.view import TwinView
+
+SPO2 = Stream("oxi", "bed-7", "AA:BB:CC:DD:EE:FF", MDC["MDC_PULS_OXIM_SAT_O2"])
+
+
+class Clocks:
+    """A wall clock and a monotonic clock the test moves by hand."""
+
+    def __init__(self, wall: float, mono: float = 1000.0) -> None:
+        self.w = wall
+        self.m = mono
+
+    def wall(self) -> float:
+        return self.w
+
+    def mono(self) -> float:
+        return self.m
+
+    def advance(self, s: float) -> None:
+        self.w += s
+        self.m += s
+
+
+def _open(state: Path, c: Clocks) -> TimeBase:
+    return TimeBase.open(state, wall=c.wall, mono=c.mono)
+
+
+def test_runs_count_up_and_time_goes_on_from_the_site_origin(tmp_path: Path) -> None:
+    c = Clocks(1.7e9)
+    first = _open(tmp_path, c)
+    assert (first.run, first.now()) == (1, 0.0)
+    c.advance(100.0)
+    assert first.site(c.w) == pytest.approx(100.0)
+    first.close()
+    c.advance(50.0)
+    c.m = 5.0  # the machine rebooted: the monotonic clock starts again
+    second = _open(tmp_path, c)
+    assert second.run == 2
+    assert second.now() == pytest.approx(150.0)  # counted from the origin, not from this start
+    saved = json.loads((tmp_path / FILE_NAME).read_text())
+    assert (saved["origin"], saved["boot"]) == (1.7e9, 2)
+
+
+def test_a_restart_with_the_wall_clock_an_hour_back_keeps_time_going_forward(tmp_path: Path) -> None:
+    c = Clocks(1.7e9)
+    first = _open(tmp_path, c)
+    c.advance(600.0)
+    last_of_first = first.site(c.w)
+    first.close()
+    c.w -= 3600.0  # NTP not yet synced after a reboot: the wall clock is an hour behind
+    second = _open(tmp_path, c)
+    assert second.run == 2
+    assert second.site(c.w) > last_of_first  # starts after the last run, not an hour earlier
+    (step,) = second.take_steps()  # and says so once
+    assert (round(step.step_s), step.applied_s) == (-3600, 0.0)
+    # NTP puts the wall clock right: it catches up, record time does not jump an hour ahead.
+    c.advance(5.0)
+    before_sync = second.site(c.w)
+    c.w += 3600.0
+    assert second.site(c.w) == pytest.approx(before_sync, abs=0.01)
+    (sync,) = second.take_steps()
+    assert (round(sync.step_s), sync.applied_s) == (3600, 0.0)
+    c.advance(10.0)
+    assert second.site(c.w) == pytest.approx(last_of_first + 15.0, abs=0.01)
+
+
+def test_a_step_back_while_running_is_absorbed_and_reported_once(tmp_path: Path) -> None:
+    c = Clocks(1.7e9)
+    tb = _open(tmp_path, c)
+    c.advance(100.0)
+    before = tb.site(c.w)
+    c.advance(1.0)
+    c.w -= 3600.0
+    after = tb.site(c.w)
+    assert after == pytest.approx(before + 1.0)  # no time running backwards
+    (step,) = tb.take_steps()
+    assert (round(step.step_s), step.applied_s) == (-3600, 0.0)
+    assert tb.take_steps() == []
+    c.w += 7200.0  # an NTP step forward: an hour of catching up, then an hour ahead
+    assert tb.site(c.w) == pytest.approx(after + 3600.0)
+    (fwd,) = tb.take_steps()
+    assert fwd.applied_s == pytest.approx(3600.0)
+
+
+def test_drift_below_the_tolerance_is_no_step(tmp_path: Path) -> None:
+    c = Clocks(1.7e9)
+    tb = _open(tmp_path, c)
+    c.advance(10.0)
+    c.w += 0.5
+    tb.site(c.w)
+    assert tb.take_steps() == []
+
+
+def test_an_unreadable_time_base_starts_again_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / FILE_NAME).write_text("{not json")
+    tb = _open(tmp_path, Clocks(1.7e9))
+    assert tb.run == 1
+    assert "unreadable" in caplog.text
+
+
+def test_reset_starts_a_new_origin_and_counter(tmp_path: Path) -> None:
+    c = Clocks(1.7e9)
+    tb = _open(tmp_path, c)
+    tb.close()
+    tb = _open(tmp_path, c)
+    c.advance(5000.0)
+    tb.reset()
+    assert (tb.run, tb.now()) == (0, 0.0)
+    assert json.loads((tmp_path / FILE_NAME).read_text())["boot"] == 0
+    c.advance(1.0)
+    again = _open(tmp_path, c)
+    assert (again.run, again.now()) == (1, 1.0)  # the first run of the new identity
+
+
+def _window(anon: Anonymizer, c: Clocks, spo2: float) -> bytes:
+    sf = StreamFeatures(SPO2, 10, 0.0, {"mean": spo2})
+    rec = WindowRecord("bed-7", "medical", 0, c.m, c.w, 10.0, (sf,))
+    sealed = anon.seal(lambda: anon.window(rec), encode)
+    assert sealed is not None
+    return sealed[1]
+
+
+@pytest.mark.parametrize("wall_back_s", [0.0, 3600.0])
+def test_the_twin_shows_a_restarted_gateways_values_at_once(tmp_path: Path, wall_back_s: float) -> None:
+    """Two runs of one gateway, one epoch; the second starts with the wall clock as given."""
+    c = Clocks(1.7e9)
+    key = Pseudonymizer(b"k" * 32)
+    view, checker = TwinView(), SequenceChecker()
+    seq = 0
+    topic = "edgetwin/v1/gw/features/x"
+
+    def deliver(data: bytes, historical: bool = False) -> None:
+        nonlocal seq
+        seq += 1
+        msg = decode_message(topic, wrap(data, SeqMeta(seq, 7, historical)))
+        assert msg is not None
+        rec = msg.record
+        assert isinstance(rec, FeaturesWindow)
+        view.update(msg)
+        checker.observe("gw", 7, seq, msg.kind, historical, rec.run)
+
+    first = Anonymizer(key, time_mode="relative", timebase=_open(tmp_path, c))
+    for _ in range(60):  # ten minutes of windows at 97 %
+        c.advance(10.0)
+        last = _window(first, c, 97.0)
+        deliver(last)
+    first.timebase.close()
+    c.advance(5.0)
+    c.w -= wall_back_s
+    second = Anonymizer(key, time_mode="relative", timebase=_open(tmp_path, c))
+    c.advance(10.0)
+    deliver(_window(second, c, 84.0))  # a desaturation in the new run's first window
+    (subject,) = view.gateways["gw"].subjects.values()
+    assert subject.streams["MDC_PULS_OXIM_SAT_O2"].features["mean"] == 84.0
+    assert subject.run == 2
+    (state,) = checker.gateways.values()
+    assert (state.restarts, state.missing, state.duplicates, state.reordered) == (1, 0, 0, 0)
+    # The step back an hour is reported as a diagnostic, never as time running backwards.
+    assert len(second.timebase.take_steps()) == (1 if wall_back_s else 0)
+    diag = second.seal(lambda: second.diagnostic(Diagnostic("counters", None, c.w, {})), encode)
+    assert diag is not None
+    assert decode(diag[1]).t > decode(last).t
