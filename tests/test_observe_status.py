@@ -190,6 +190,7 @@ diagnostics_every_s = 1.0
                 s["health"] == "healthy"
                 and all(st["streams"] for st in s["sources"])
                 and s["uplink"]["delivered"] > 0
+                and s["uplink"]["publish_latency_p50_s"] is not None
             ),
             "healthy",
         )
@@ -202,6 +203,7 @@ diagnostics_every_s = 1.0
             r"  healthy: 6/6 units running, \d+ stream\(s\), uplink connected [\d.]+/s, \d+ queued", second
         )
         assert snap["uplink"]["state"] == "connected"
+        assert 0 < snap["uplink"]["publish_latency_p50_s"] < 5  # publish to PUBACK on loopback
         snap = gw.wait(capsys, lambda s: any(r["kind"] == "serial_link" for r in s["reports"]), "link report")
         (link,) = [r for r in snap["reports"] if r["kind"] == "serial_link"]
         assert link["subject"] == snap["sources"][0]["streams"][0]["subject"]  # a pseudonym

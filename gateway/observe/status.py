@@ -239,6 +239,8 @@ class StatusBoard:
         last_error = getattr(up, "problem", None) or (unit.last_error if unit is not None else "")
         if state == "connected":
             last_error = unit.last_error if unit is not None and unit.failures else ""
+        latencies = sorted(getattr(up, "publish_latency_s", ()))
+        p50 = round(latencies[len(latencies) // 2], 4) if latencies else None
         return {
             "kind": self._uplink_kind,
             "state": state,
@@ -249,6 +251,7 @@ class StatusBoard:
             # Everything not yet acknowledged is what a reconnect replays.
             "replay_backlog": queued if state != "connected" or replaying else 0,
             "replaying": replaying,
+            "publish_latency_p50_s": p50,  # publish to PUBACK, MQTT only
         }
 
     def _reports(self) -> list[dict[str, Any]]:

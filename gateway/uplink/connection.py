@@ -105,6 +105,7 @@ class Session:
     connected: bool = False
     last_log_error: str = ""
     by_mid: dict[int, int] = field(default_factory=dict)  # paho message id -> outbox id
+    sent_at: dict[int, float] = field(default_factory=dict)  # paho message id -> monotonic, sampled
     leased: dict[int, int] = field(default_factory=dict)  # outbox id -> size, leased and not acked
     acked_ids: list[int] = field(default_factory=list)  # PUBACKed, not yet deleted from the outbox
     max_packet: int | None = None

@@ -10,6 +10,7 @@ and no PUBACK for too long is declared lost, so a cut link is noticed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -31,6 +32,9 @@ from gateway.uplink.pacing import Pacer
 from gateway.uplink.profiles import Profile
 
 log = logging.getLogger(__name__)
+# Publish-to-PUBACK latency is timed on one message in this many: enough for status and metrics,
+# nothing measurable on the publish path.
+_LATENCY_EVERY = 16
 
 SCHEMA_VERSION = str(SCHEMA_MAJOR)
 IDLE_POLL_S = 1.0  # wake at least this often: heartbeat, and records committed by another process
@@ -75,6 +79,7 @@ class Delivery:
         self.topic_root = topic_root  # in the message that names what the broker must allow
         self.counters = UplinkCounters()
         self.delivered = 0
+        self.publish_latency_s: collections.deque[float] = collections.deque(maxlen=256)  # sampled
         self.epoch = 0
         self.backlog_through = 0  # records up to this id are the backlog of the current connection
         self._replay = Pacer(
@@ -293,6 +298,8 @@ class Delivery:
         if not session.by_mid:
             session.last_ack = now  # the wait for a PUBACK starts with the first message in flight
         session.by_mid[info.mid] = item.id
+        if self.counters.published % _LATENCY_EVERY == 0:
+            session.sent_at[info.mid] = now
         size = len(payload)
         self._limit.take(size, now)
         if historical:
@@ -354,6 +361,9 @@ class Delivery:
             rid = session.by_mid.pop(mid, None)
             if rid is None:
                 continue
+            sent = session.sent_at.pop(mid, None)
+            if sent is not None and code < 0x80:
+                self.publish_latency_s.append(time.monotonic() - sent)
             if code in _PUBACK_NEVER:
                 self.counters.refused += 1
                 self.counters.dead_lettered += 1

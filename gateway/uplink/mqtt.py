@@ -27,6 +27,7 @@ reconnected, refused.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import logging
@@ -103,6 +104,11 @@ class MqttUplink:
     def delivered(self) -> int:
         """Records acknowledged by the broker (and deleted from the outbox) since start."""
         return self._delivery.delivered
+
+    @property
+    def publish_latency_s(self) -> collections.deque[float]:
+        """Sampled publish-to-PUBACK times of the newest messages, seconds."""
+        return self._delivery.publish_latency_s
 
     @property
     def backlog_through(self) -> int:
