@@ -48,9 +48,21 @@ async def finish_shielded(task: asyncio.Future[Any], deadline_s: float, *, who: 
     return finished
 
 
+def cancel_requested() -> bool:
+    """True when the running task has a cancellation request that no ``CancelledError`` answered.
+
+    Python 3.11's ``TaskGroup`` raises a child's error instead of the parent's ``CancelledError``
+    when both happen in the same moment (CPython gh-116720): a broker closing the connection as the
+    gateway stops.  A loop that retries on that error must ask this before retrying, or it runs on
+    after its stop.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 async def run_shielded(cleanup: Coroutine[Any, Any, Any], deadline_s: float, *, who: str) -> bool:
     """Run ``cleanup`` as its own task and :func:`finish_shielded` it."""
     return await finish_shielded(asyncio.create_task(cleanup, name=f"cleanup:{who}"), deadline_s, who=who)
 
 
-__all__ = ["CANCEL_GRACE_S", "finish_shielded", "run_shielded"]
+__all__ = ["CANCEL_GRACE_S", "cancel_requested", "finish_shielded", "run_shielded"]

@@ -40,7 +40,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import backoff
-from gateway.cleanup import run_shielded
+from gateway.cleanup import cancel_requested, run_shielded
 from gateway.contracts import Lane
 from gateway.errors import ConfigError, EdgetwinError
 from gateway.liveness import Pulse
@@ -237,6 +237,8 @@ class MqttUplink:
                     up_since = time.monotonic()
                     await self._serve(session)
             except transport.AttemptError as exc:
+                if cancel_requested():
+                    raise asyncio.CancelledError from exc
                 attempt += 1
                 self.problem = str(exc.cause)
                 if str(exc.cause) != reported:
@@ -247,6 +249,8 @@ class MqttUplink:
                     log.debug("still cannot connect (attempt %d): %s", attempt, exc.cause)
                 await self._wait_retry(self._backoff(attempt), exc.stage)
             except EdgetwinError as exc:
+                if cancel_requested():
+                    raise asyncio.CancelledError from exc
                 down_since = time.monotonic()
                 self.problem = str(exc)
                 log.warning("%s: %s; records stay in the outbox, reconnecting", where, exc)
@@ -310,6 +314,8 @@ class MqttUplink:
                     tg.create_task(self._monitor(session), name="uplink-mqtt:monitor")
                     await self._delivery.serve(session)
             except BaseExceptionGroup as group:
+                if cancel_requested():  # our stop met a lost connection: the stop wins
+                    raise asyncio.CancelledError from None
                 raise _first(group) from None
         except asyncio.CancelledError:
             graceful = session.connected
