@@ -531,5 +531,7 @@ class PtyOximeter:
 
 def start_demo_oximeter(directory: Path, protocol: str = "nonin2", seed: int = 7) -> PtyOximeter:
     """A simulated monitor for the demo: desaturations and sensor-off episodes, link ``directory/oximeter``."""
-    vitals = VitalsModel(seed, desat_first_s=15.0, desat_every_s=90.0, sensor_off_first_s=60.0)
+    # Its clock starts with the pty, before the gateway: the first desaturation comes late enough
+    # that a short demo run on a busy machine still ends before it (tests/test_demo.py).
+    vitals = VitalsModel(seed, desat_first_s=30.0, desat_every_s=90.0, sensor_off_first_s=70.0)
     return PtyOximeter(protocol, link=directory / "oximeter", vitals=vitals, seed=seed).start()
