@@ -131,6 +131,8 @@ class StreamChange:
         self.use = use
         self._hop_s = hop_s
         self._need = max(30, math.ceil(use.commissioning_s / hop_s))
+        # The partial commissioning is rewritten whole: at most ~50 times, however short the hop.
+        self._save_every = max(_SAVE_EVERY, self._need // 50)
         self._state_dir = state_dir
         self._covered = covered
         self._subjects = frozenset(use.subjects)
@@ -208,7 +210,7 @@ class StreamChange:
                 flagged.append(key)
         if learning:
             n = self._learned[record.subject] = self._learned.get(record.subject, 0) + 1
-            if fitted or n % _SAVE_EVERY == 0:
+            if fitted or n % self._save_every == 0:
                 self._save(record.subject, streams)
         if not scores:
             return ModelResult(math.nan, False, reason="commissioning" if learning else "gap")
