@@ -16,20 +16,21 @@ streams (above 1: anomalous); the contributions name the streams.  Alarms go thr
 episode logic as every model, with ``model = "stream_change"``.
 
 A change is one episode, its end is not a second one: once a stream is flagged it stays flagged
-until the mean of its last ``settle_steps`` CUSUM steps is back within ``k`` of its baseline; then
-both sums restart from zero.  Without that, the sums decaying from their cap after a fault ends
-(or the return itself, seen as a step the other way) would flap around ``h`` and raise again.  A
-change that persists stays flagged: there is no adaptation, after a lasting change the operator
-recommissions the subject (deletes its state file), the detector never learns a change as normal.
+until the mean of its last ``settle_steps`` CUSUM steps is back within the allowance of its
+baseline; then both sums restart from zero.  Without that, the sums decaying from their cap after a
+fault ends (or the return itself, seen as a step the other way) would flap around ``h`` and raise
+again.  A change that persists stays flagged: there is no adaptation, after a lasting change the
+operator recommissions the subject (deletes its state file), the detector never learns a change as
+normal.
 
 ``seasonality = "daily"``: the level is learnt per hour of the site's day (``day_offset_h`` from
 UTC) from at least a day of commissioning, so a plant's shift pattern is its normal, not a change;
 the spread is then that of the values around their hour's level.
 
 On by default for industrial subjects no model covers (``[models.streams] enabled = false`` turns
-it off); its defaults (six hours of commissioning) raise no alarm on the simulated healthy pump in the hour
-after (tests/test_stream_detector.py; one hour of commissioning is too short for its slowly
-wandering water temperature).  A slowly wandering stream's deviations persist for many CUSUM
+it off); its defaults (six hours of commissioning) raise no alarm on the simulated healthy pump
+in the hour after (tests/test_stream_detector.py; one hour of commissioning is too short for its
+slowly wandering water temperature).  A slowly wandering stream's deviations persist for many CUSUM
 steps, so the sums take them in units of the long-run spread (the lag-1 autocorrelation of the
 commissioning values, AR(1) variance inflation).
 
@@ -113,7 +114,7 @@ class _Stream:
     up: float = 0.0
     down: float = 0.0
     active: bool = False  # flagged, until back at its baseline
-    recent: list[float] = field(default_factory=list)  # z of the CUSUM steps while flagged
+    recent: list[float] = field(default_factory=list)  # CUSUM-step deviations while flagged
 
 
 class StreamChange:
@@ -194,8 +195,9 @@ class StreamChange:
                 st.up = min(cap, max(0.0, st.up + zc - k))
                 st.down = min(cap, max(0.0, st.down - zc - k))
                 if st.active:
-                    st.recent = [*st.recent[-(u.settle_steps - 1) :], z] if u.settle_steps > 1 else [z]
-                    if len(st.recent) == u.settle_steps and abs(sum(st.recent)) <= u.cusum_k * u.settle_steps:
+                    # In the CUSUM's units, so a stream that wanders normally can settle too.
+                    st.recent = [*st.recent[-(u.settle_steps - 1) :], zc] if u.settle_steps > 1 else [zc]
+                    if len(st.recent) == u.settle_steps and abs(sum(st.recent)) <= k * u.settle_steps:
                         # Back at the pre-change baseline: the return is the change's end, not a
                         # second change, so the sums restart from zero.
                         st.active, st.up, st.down, st.recent = False, 0.0, 0.0, []
