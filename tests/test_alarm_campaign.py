@@ -99,18 +99,19 @@ def run(tmp: Path, seconds: float, events: dict[str, list[Label]], seed: int = 5
                             )
                 t += HOP_S
                 await pipeline.step(now_mono=T0 + t, now_wall=WALL0 + t)
-            await outbox.flush()
-            out = []
-            while batch := await outbox.lease(1000):
-                out += [
-                    as_map(decode(i.payload)) | {"_t": i.t_wall - WALL0}
-                    for i in batch
-                    if i.lane == Lane.ALARMS
-                ]
-                await outbox.ack([i.id for i in batch])
-            return out
+            return await alarm_records(outbox)
 
     return asyncio.run(main())
+
+
+async def alarm_records(outbox: AsyncOutbox) -> list[dict[str, Any]]:
+    """Every alarm the outbox holds, decoded, with ``_t`` in simulated seconds."""
+    await outbox.flush()
+    out = []
+    while batch := await outbox.lease(1000):
+        out += [as_map(decode(i.payload)) | {"_t": i.t_wall - WALL0} for i in batch if i.lane == Lane.ALARMS]
+        await outbox.ack([i.id for i in batch])
+    return out
 
 
 def by_kind(alarms: list[dict[str, Any]]) -> Counter[str]:

@@ -128,31 +128,30 @@ def test_coverage_names_uncovered_subjects_and_units_without_rules(caplog: pytes
     from gateway.config import validate  # noqa: PLC0415
     from gateway.inference.coverage import log_coverage, subject_coverage  # noqa: PLC0415
 
-    config = validate(
-        {
-            "alarms": {"defaults": False},
-            "sources": [
-                {
-                    "name": "p",
-                    "driver": "sim",
-                    "subject": "pump-9",
-                    "kind": "industrial",
-                    "profile": "pump",
-                    "device": "D1",
-                },
-                {
-                    "name": "plc",
-                    "driver": "opcua",
-                    "subject": "line-2",
-                    "kind": "industrial",
-                    "endpoint": "opc.tcp://127.0.0.1:4840",
-                    "nodes": [{"browse_path": "2:Line2/2:Pressure", "unit": "counts"}],
-                },
-            ],
-        },
-        "<t>",
-        REGISTRY,
-    )
+    raw: dict[str, Any] = {
+        "alarms": {"defaults": False},
+        # The per-stream detector (on by default) would watch every industrial stream.
+        "models": {"streams": {"enabled": False}},
+        "sources": [
+            {
+                "name": "p",
+                "driver": "sim",
+                "subject": "pump-9",
+                "kind": "industrial",
+                "profile": "pump",
+                "device": "D1",
+            },
+            {
+                "name": "plc",
+                "driver": "opcua",
+                "subject": "line-2",
+                "kind": "industrial",
+                "endpoint": "opc.tcp://127.0.0.1:4840",
+                "nodes": [{"browse_path": "2:Line2/2:Pressure", "unit": "counts"}],
+            },
+        ],
+    }
+    config = validate(raw, "<t>", REGISTRY)
     core = config.core
     pump, line = subject_coverage(config.sources, core.models, core.alarms)
     assert not pump.covered
@@ -163,3 +162,10 @@ def test_coverage_names_uncovered_subjects_and_units_without_rules(caplog: pytes
     with caplog.at_level("WARNING", logger="gateway.inference.coverage"):
         log_coverage(config)
     assert any("subject pump-9 (industrial): NOT COVERED" in r.getMessage() for r in caplog.records)
+    # By default the per-stream detector watches what no model covers.
+    del raw["models"]
+    default = validate(raw, "<t>", REGISTRY).core
+    pump, line = subject_coverage(config.sources, default.models, default.alarms)
+    assert pump.covered
+    assert line.covered
+    assert [c.model for c in pump.models] == ["stream_change"]

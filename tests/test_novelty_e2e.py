@@ -22,8 +22,8 @@ from gateway import cli
 from gateway.config import load
 from gateway.runtime import run_gateway
 
-# A minute of real time, and on a loaded machine the per-stream detector can also call the fault's
-# end a second change: in the fault campaign (pytest -m campaign) until that is settled.
+# A minute of real time over OPC UA: in the fault campaign (pytest -m campaign).  The same story in
+# compressed time, deterministic and in the default run: tests/test_stream_detector.py.
 pytestmark = [pytest.mark.slow, pytest.mark.campaign]
 
 SINGLE = "plant-A/line-pressure"

@@ -71,8 +71,9 @@ class ModelsSection(_Section):
     plausibility: dict[str, PlausibilityRule] = Field(default_factory=dict)
     # Per-machine novelty detection learned at commissioning (gateway.inference.novelty): on when set.
     novelty: NoveltyUse | None = None
-    # The per-stream detector for subjects no model scores (gateway.inference.streams): on when set.
-    streams: StreamUse | None = None
+    # The per-stream detector for subjects no model scores (gateway.inference.streams): on unless
+    # [models.streams] enabled = false.
+    streams: StreamUse | None = Field(default_factory=StreamUse)
 
 
 def default_models_dir() -> Path:

@@ -155,7 +155,7 @@ def subject_coverage(
         if nov is not None and metrics is not None and _for(nov.subject_kind, nov.subjects, kind, subject):
             wanted = [m for m in metrics if nov.wants(m)]
             cover.append(ModelCoverage("novelty", bool(wanted), {m: m for m in wanted}, ()))
-        alone = per_stream is not None and metrics and not any(c.scores for c in cover)
+        alone = per_stream is not None and per_stream.enabled and metrics and not any(c.scores for c in cover)
         if (
             alone
             and per_stream is not None

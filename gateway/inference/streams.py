@@ -13,23 +13,42 @@ Overlapping windows share samples, so the CUSUM steps only once per window lengt
 ``round(window / hop)`` windows): its increments are then nearly independent, as Page's run-length
 figures assume.  The score is the larger of ``|z| / z_limit`` and ``S / h`` over the subject's
 streams (above 1: anomalous); the contributions name the streams.  Alarms go through the same
-episode logic as every model, with ``model = "stream_change"``.  There is no adaptation: after a
-change the operator recommissions the subject (delete its state file), the detector never learns a
-change as normal.  Daily seasonality is not modelled.
+episode logic as every model, with ``model = "stream_change"``.
+
+A change is one episode, its end is not a second one: once a stream is flagged it stays flagged
+until the mean of its last ``settle_steps`` CUSUM steps is back within the allowance of its
+baseline; then both sums restart from zero.  Without that, the sums decaying from their cap after a
+fault ends (or the return itself, seen as a step the other way) would flap around ``h`` and raise
+again.  A change that persists stays flagged: there is no adaptation, after a lasting change the
+operator recommissions the subject (deletes its state file), the detector never learns a change as
+normal.
+
+``seasonality = "daily"``: the level is learnt per hour of the site's day (``day_offset_h`` from
+UTC) from at least a day of commissioning, so a plant's shift pattern is its normal, not a change;
+the spread is then that of the values around their hour's level.
+
+On by default for industrial subjects no model covers (``[models.streams] enabled = false`` turns
+it off); its defaults (six hours of commissioning) raise no alarm on the simulated healthy pump
+in the hour after (tests/test_stream_detector.py; one hour of commissioning is too short for its
+slowly wandering water temperature).  A slowly wandering stream's deviations persist for many CUSUM
+steps, so the sums take them in units of the long-run spread (the lag-1 autocorrelation of the
+commissioning values, AR(1) variance inflation).
 
 Commissioning values and fitted levels persist per subject under ``<state_dir>/models/``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.contracts import ModelResult, WindowModel, WindowRecord
 from gateway.inference.statefile import state_file, store_json
@@ -40,33 +59,62 @@ log = logging.getLogger(__name__)
 
 NAME = "stream_change"
 _SAVE_EVERY = 20
+STATE_VERSION = 2
+DAY_S = 86_400.0
+_MIN_PER_HOUR = 3  # commissioning values an hour of the day needs for its own level
 
 
 class StreamUse(BaseModel):
-    """The ``[models.streams]`` table: the per-stream detector (present = on)."""
+    """The ``[models.streams]`` table: the per-stream detector (on unless ``enabled = false``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
+    enabled: bool = True
     subject_kind: str = "industrial"
     subjects: list[str] = Field(default_factory=list)  # empty: every subject of that kind
     feature: str = "mean"
-    commissioning_s: float = Field(3600.0, gt=0, le=30 * 86_400)
+    # Six hours: the span must hold several periods of the slowest normal wandering (a water
+    # temperature following the ambient over tens of minutes), else that wandering is a change.
+    commissioning_s: float = Field(21_600.0, gt=0, le=30 * 86_400)
+    seasonality: Literal["none", "daily"] = "none"
+    day_offset_h: float = Field(0.0, ge=-14.0, le=14.0)  # the site's local day against UTC
     z_limit: float = Field(8.0, gt=0)
     # CUSUM allowance and decision interval in robust spreads: k = 0.5 finds a 1-spread shift;
     # with h = 10 Page's in-control run length is several thousand independent steps.
     cusum_k: float = Field(0.5, gt=0)
     cusum_h: float = Field(10.0, gt=0)
+    # CUSUM steps whose mean must be back within k of the baseline before a flagged stream is
+    # normal again (and its sums restart).
+    settle_steps: int = Field(8, ge=1, le=1000)
     min_spread_rel: float = Field(0.002, ge=0)
     min_spread_abs: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _a_day_for_daily(self) -> StreamUse:
+        if self.seasonality == "daily" and self.commissioning_s < DAY_S:
+            raise ValueError(
+                f"seasonality = 'daily' needs commissioning_s >= {DAY_S:.0f} (a whole day of history), "
+                f"got {self.commissioning_s:g}: raise commissioning_s or set seasonality = 'none'"
+            )
+        return self
 
 
 @dataclass(slots=True)
 class _Stream:
     values: list[float] = field(default_factory=list)
+    hours: list[int] = field(default_factory=list)  # hour of the day of each value (daily only)
     level: float | None = None
+    levels: list[float] = field(default_factory=list)  # per hour of the day (daily only)
     spread: float = 1.0
+    # The CUSUM's spread over the window's: sqrt((1 + r) / (1 - r)), r its lag-1 correlation.
+    memory: float = 1.0
+    # Added to the allowance k: twice the standard error of the level (per hour: a day gives each
+    # hour's level few values), so the error of the baseline itself does not build up as a change.
+    slack: float = 0.0
     up: float = 0.0
     down: float = 0.0
+    active: bool = False  # flagged, until back at its baseline
+    recent: list[float] = field(default_factory=list)  # CUSUM-step deviations while flagged
 
 
 class StreamChange:
@@ -84,6 +132,8 @@ class StreamChange:
         self.use = use
         self._hop_s = hop_s
         self._need = max(30, math.ceil(use.commissioning_s / hop_s))
+        # The partial commissioning is rewritten whole: at most ~50 times, however short the hop.
+        self._save_every = max(_SAVE_EVERY, self._need // 50)
         self._state_dir = state_dir
         self._covered = covered
         self._subjects = frozenset(use.subjects)
@@ -105,6 +155,10 @@ class StreamChange:
         """Commission or judge each window's streams; see the module docstring."""
         return [self._one(r) for r in records]
 
+    def _hour(self, record: WindowRecord) -> int:
+        t = record.end_wall - 0.5 * record.length_s + 3600.0 * self.use.day_offset_h
+        return int((t % DAY_S) // 3600.0)
+
     def _one(self, record: WindowRecord) -> ModelResult:
         u = self.use
         streams = self._state.get(record.subject)
@@ -112,7 +166,9 @@ class StreamChange:
             streams = self._state[record.subject] = self._load(record.subject)
         stride = max(1, round(record.length_s / self._hop_s))
         step = record.index % stride == 0
+        hour = self._hour(record) if u.seasonality == "daily" else 0
         scores: dict[str, float] = {}
+        flagged: list[str] = []
         learning = fitted = False
         for sf in record.streams:
             value = sf.features.get(u.feature)
@@ -123,48 +179,92 @@ class StreamChange:
             if st.level is None:
                 learning = True
                 st.values.append(value)
+                if u.seasonality == "daily":
+                    st.hours.append(hour)
                 if len(st.values) >= self._need:
-                    self._fit(st)
+                    self._fit(st, stride)
                     fitted = True
                     log.info("models %s: subject %s stream %s commissioned", NAME, record.subject, key)
                 continue
-            z = (value - st.level) / st.spread
+            z = (value - (st.levels[hour] if st.levels else st.level)) / st.spread
             if step:
-                # Capped at 1.5 h: once a change is over, the sum falls below h within
-                # 0.5 h / k steps and the episode can clear, however large the change was.
+                # Capped at 1.5 h so the sums of a long change do not grow without bound.
                 cap = 1.5 * u.cusum_h
-                st.up = min(cap, max(0.0, st.up + z - u.cusum_k))
-                st.down = min(cap, max(0.0, st.down - z - u.cusum_k))
-            scores[key] = max(abs(z) / u.z_limit, max(st.up, st.down) / u.cusum_h)
+                zc = z / st.memory
+                k = u.cusum_k + st.slack
+                st.up = min(cap, max(0.0, st.up + zc - k))
+                st.down = min(cap, max(0.0, st.down - zc - k))
+                if st.active:
+                    # In the CUSUM's units, so a stream that wanders normally can settle too.
+                    st.recent = [*st.recent[-(u.settle_steps - 1) :], zc] if u.settle_steps > 1 else [zc]
+                    if len(st.recent) == u.settle_steps and abs(sum(st.recent)) <= k * u.settle_steps:
+                        # Back at the pre-change baseline: the return is the change's end, not a
+                        # second change, so the sums restart from zero.
+                        st.active, st.up, st.down, st.recent = False, 0.0, 0.0, []
+                        log.info(
+                            "models %s: subject %s stream %s back at its baseline", NAME, record.subject, key
+                        )
+            score = max(abs(z) / u.z_limit, max(st.up, st.down) / u.cusum_h)
+            scores[key] = score
+            if score > 1.0 and not st.active:
+                st.active, st.recent = True, []
+            if st.active:
+                flagged.append(key)
         if learning:
             n = self._learned[record.subject] = self._learned.get(record.subject, 0) + 1
-            if fitted or n % _SAVE_EVERY == 0:
+            if fitted or n % self._save_every == 0:
                 self._save(record.subject, streams)
         if not scores:
             return ModelResult(math.nan, False, reason="commissioning" if learning else "gap")
         score = max(scores.values())
-        if score <= 1.0:
+        if not flagged:
             return ModelResult(score, False)
-        total = sum(v for v in scores.values() if v > 1.0)
-        contributions = {
-            k: round(v / total, 4) for k, v in sorted(scores.items(), key=lambda kv: -kv[1]) if v > 1.0
-        }
+        weight = {k: max(scores[k], 1.0) for k in flagged}
+        total = sum(weight.values())
+        contributions = {k: round(v / total, 4) for k, v in sorted(weight.items(), key=lambda kv: -kv[1])}
         return ModelResult(score, True, dict(list(contributions.items())[:5]))
 
-    def _fit(self, st: _Stream) -> None:
-        vals = sorted(st.values)
-        n = len(vals)
-        med = 0.5 * (vals[(n - 1) // 2] + vals[n // 2])
-        dev = sorted(abs(v - med) for v in vals)
-        mad = 0.5 * (dev[(n - 1) // 2] + dev[n // 2])
-        st.level = med
-        st.values = []
-        st.spread = max(1.4826 * mad, self.use.min_spread_rel * abs(med), self.use.min_spread_abs)
+    def _fit(self, st: _Stream, stride: int) -> None:
+        u = self.use
+        st.level = _median(st.values)
+        if u.seasonality == "daily":
+            by_hour: dict[int, list[float]] = {}
+            for h, v in zip(st.hours, st.values, strict=True):
+                by_hour.setdefault(h, []).append(v)
+            st.levels = [
+                _median(by_hour[h]) if len(by_hour.get(h, ())) >= _MIN_PER_HOUR else st.level
+                for h in range(24)
+            ]
+            resid = [v - st.levels[h] for h, v in zip(st.hours, st.values, strict=True)]
+            counts = [len(v) for v in by_hour.values() if len(v) >= _MIN_PER_HOUR]
+            n_level = min(counts) if counts else len(st.values)
+        else:
+            resid = [v - st.level for v in st.values]
+            n_level = len(st.values)
+        mad = _median([abs(r - _median(resid)) for r in resid])
+        st.spread = max(1.4826 * mad, u.min_spread_rel * abs(st.level), u.min_spread_abs)
+        # A process that wanders slowly (a temperature following the ambient) keeps its deviations
+        # for many CUSUM steps: Page's figures assume independent steps, so the sums take the
+        # deviations in units of their long-run spread (AR(1) variance inflation), measured on the
+        # commissioning values one CUSUM step apart.
+        x = resid[::stride]
+        m = sum(x) / len(x)
+        var = sum((a - m) ** 2 for a in x)
+        r = sum((a - m) * (b - m) for a, b in itertools.pairwise(x)) / var if var > 0 else 0.0
+        r = min(max(r, 0.0), 0.98)
+        st.memory = math.sqrt((1.0 + r) / (1.0 - r))
+        # A median's standard error is 1.2533 sd / sqrt(n); in CUSUM units (long-run spreads)
+        # the autocorrelation cancels out.
+        st.slack = 2.0 * 1.2533 / math.sqrt(n_level)
+        st.values, st.hours = [], []
 
     # ---- persistence ---------------------------------------------------------------------
 
     def _path(self, subject: str) -> Path | None:
         return state_file(self._state_dir, NAME, subject)
+
+    def _key(self) -> list[object]:
+        return [STATE_VERSION, self._need, self.use.seasonality, self.use.day_offset_h]
 
     def _load(self, subject: str) -> dict[str, _Stream]:
         path = self._path(subject)
@@ -172,32 +272,56 @@ class StreamChange:
             return {}
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            if raw["need"] != self._need:
+            if raw.get("key") != self._key():
+                log.info("models %s: stored state of other settings; commissioning again", NAME)
                 return {}
             return {
-                k: _Stream([float(x) for x in v["values"]], v["level"], float(v["spread"]))
+                k: _Stream(
+                    [float(x) for x in v["values"]],
+                    [int(h) for h in v["hours"]],
+                    None if v["level"] is None else float(v["level"]),
+                    [float(x) for x in v["levels"]],
+                    float(v["spread"]),
+                    float(v["memory"]),
+                    float(v["slack"]),
+                )
                 for k, v in raw["streams"].items()
             }
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("models %s: stored state %s unusable (%s); commissioning again", NAME, path, exc)
             return {}
 
     def _save(self, subject: str, streams: dict[str, _Stream]) -> None:
         path = self._path(subject)
         body = {
-            "need": self._need,
+            "key": self._key(),
             "streams": {
-                k: {"values": s.values, "level": s.level, "spread": s.spread} for k, s in streams.items()
+                k: {
+                    "values": s.values,
+                    "hours": s.hours,
+                    "level": s.level,
+                    "levels": s.levels,
+                    "spread": s.spread,
+                    "memory": s.memory,
+                    "slack": s.slack,
+                }
+                for k, s in streams.items()
             },
         }
         store_json(path, body, NAME)
+
+
+def _median(values: Sequence[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return 0.5 * (v[(n - 1) // 2] + v[n // 2])
 
 
 def build_stream_change(
     use: StreamUse | None, *, hop_s: float, state_dir: Path | None, others: Sequence[WindowModel]
 ) -> list[StreamChange]:
     """The per-stream detector the ``[models.streams]`` table asks for, beside ``others``."""
-    if use is None:
+    if use is None or not use.enabled:
         return []
     models = tuple(others)
 
