@@ -24,6 +24,7 @@ from gateway.records import (
 )
 from gateway.records.render import describe as describe_record
 from gateway.records.render import estimate_text, number, stream_text
+from gateway.records.thin import carry
 from gateway.records.units import metric_label
 from gateway.twin.decoder import TwinMessage
 
@@ -39,6 +40,7 @@ class SubjectState:
     newest: Order | None = None  # order of the newest window shown
     run: int = 0
     t: float | None = None  # time of the newest window
+    hb: float | None = None  # heartbeat: the next window follows within this many seconds
     streams: dict[str, StreamWindow] = field(default_factory=dict)  # metric -> newest stream
     scores: dict[str, float] = field(default_factory=dict)
     last_alarm: AlarmRecord | None = None
@@ -95,6 +97,9 @@ class TwinView:
                 state.stale += 1
                 return
             state.newest, state.run, state.t, state.kind = order, rec.run, rec.t, rec.kind
+            state.hb = rec.hb
+            # An unchanged stream keeps the values it last carried: it is current, not stale.
+            rec = carry(state.streams, rec)
             for s in rec.streams:
                 state.streams[s.metric] = s
             state.scores.update(rec.scores)
@@ -118,6 +123,7 @@ class TwinView:
                         "kind": s.kind,
                         "run": s.run,
                         "t": s.t,
+                        "hb": s.hb,
                         "windows": s.windows,
                         "alarms": s.alarms,
                         "streams": {m: stream_map(x) for m, x in s.streams.items()},
