@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -122,7 +123,7 @@ streams_v3 = st.builds(
 
 
 def feature_windows(
-    stream: st.SearchStrategy[StreamWindow], **fixed: object
+    stream: st.SearchStrategy[StreamWindow], **fixed: st.SearchStrategy[Any]
 ) -> st.SearchStrategy[FeaturesWindow]:
     """Windows of any fields, with these streams (and, e.g., the schema version or heartbeat given)."""
     return st.builds(
