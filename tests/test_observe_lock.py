@@ -111,7 +111,10 @@ def test_rotate_key_is_refused_while_a_gateway_runs_and_changes_nothing(tmp_path
         key = (state / "site.key").read_bytes()
         refused = subprocess.run(rotate, env=env, capture_output=True, text=True, timeout=60, check=False)
         assert refused.returncode == 75  # EX_TEMPFAIL: stop the gateway, then try again
-        assert f"edgetwin rotate-key {state}: refused, a gateway (PID {gateway.pid}) is running" in refused.stderr
+        assert (
+            f"edgetwin rotate-key {state}: refused, a gateway (PID {gateway.pid}) is running"
+            in refused.stderr
+        )
         assert "stop it first" in refused.stderr
         assert "nothing was changed" in refused.stderr
         assert (state / "site.key").read_bytes() == key
