@@ -127,3 +127,19 @@ def test_a_marker_without_an_earlier_record_waits_for_the_heartbeat() -> None:
     filled = carry({}, got)
     assert filled.streams[0].unchanged
     assert filled.streams[0].features == {}
+
+
+def test_a_steady_subject_is_current_and_a_silent_one_is_marked() -> None:
+    thinner = Thinner(HOP)
+    view = TwinView()
+    first = thinner.thin(window(0.0, 97.0, 37.0))
+    assert first is not None
+    msg = decode_message(f"edgetwin/v1/gw/features/{SUBJECT}", wrap(encode(first), SeqMeta(1, 5)))
+    assert msg is not None
+    view.update(msg, received=1000.0)
+    hb = HOP * HEARTBEAT_WINDOWS
+    # Windows skipped as unchanged for up to a heartbeat: current, with its values.
+    assert "SILENT" not in view.render(now=1000.0 + hb)
+    assert "SpO2 mean 97 %" in view.render(now=1000.0 + hb)
+    # Nothing for longer than the heartbeat and one window: lost or stopped, and shown so.
+    assert f"SILENT {hb + 31:g} s (heartbeat {hb:g} s)" in view.render(now=1000.0 + hb + 31)
