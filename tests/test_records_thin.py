@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.records import FeaturesWindow, SeqMeta, StreamWindow, decode, encode, wrap
 from gateway.records.codec import on_wire
@@ -143,3 +145,28 @@ def test_a_steady_subject_is_current_and_a_silent_one_is_marked() -> None:
     assert "SpO2 mean 97 %" in view.render(now=1000.0 + hb)
     # Nothing for longer than the heartbeat and one window: lost or stopped, and shown so.
     assert f"SILENT {hb + 31:g} s (heartbeat {hb:g} s)" in view.render(now=1000.0 + hb + 31)
+
+
+levels = st.sampled_from([97.0, 97.01, 97.04, 96.0, 92.5])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(levels, st.sampled_from([37.0, 37.004, 37.5]), st.booleans()), min_size=1, max_size=30)
+)
+def test_whatever_is_skipped_or_marked_the_twin_holds_every_windows_values(
+    steps: list[tuple[float, float, bool]],
+) -> None:
+    thinner = Thinner(HOP)
+    view = TwinView()
+    for k, (spo2, temp, gap) in enumerate(steps):
+        w = window(HOP * k, spo2, temp, gap)
+        out = thinner.thin(w)
+        if out is not None:
+            msg = decode_message(f"edgetwin/v1/gw/features/{SUBJECT}", wrap(encode(out), SeqMeta(k + 1, 5)))
+            assert msg is not None
+            view.update(msg)
+        shown = view.gateways["gw"].subjects[SUBJECT].streams
+        for s in on_wire(w).streams:
+            assert shown[s.metric].gap == s.gap, k
+            assert shown[s.metric].features == s.features, k
