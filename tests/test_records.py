@@ -413,6 +413,11 @@ def test_wrap_handles_long_packs_and_legacy_records() -> None:
         cbor2.dumps([{N: "seq", V: 1, "ep": 2}]),
         cbor2.dumps([{BN: "x/", N: "win"}]),
         cbor2.dumps([{N: "diag", 3: "x", "sv": 2, "run": -1}]),
+        cbor2.dumps([{N: "win", 2: 1.0, "kind": "medical", "sv": 3}, {N: "1", 2: 1, "r": 10**9, "f": [1]}]),
+        cbor2.dumps(
+            [{N: "win", 2: 1.0, "kind": "medical", "sv": 3}, {N: "1", 2: 1, "f": [1, "x"], "fn": ["a"]}]
+        ),
+        cbor2.dumps([{N: "win", 2: 1.0, "kind": "medical", "sv": 3}, {N: "1", 2: 1, "f": ["x"]}]),
         cbor2.dumps([{N: "diag", 3: "x", "sv": 2, "tm_": "boot"}]),
         cbor2.dumps({"type": "poem"}),
     ],
@@ -420,6 +425,28 @@ def test_wrap_handles_long_packs_and_legacy_records() -> None:
 def test_garbage_is_a_corrupt_record_error(data: bytes) -> None:
     with pytest.raises(CorruptRecordError):
         decode(data)
+
+
+cbor_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([N, V, "f", "fn", "r", "eq", "gap", "sh", "mu", "dev", "miss", "mdc", "metric"]),
+        cbor_values,
+    )
+)
+def test_any_schema_3_stream_record_decodes_or_is_refused_as_corrupt(rec: dict[object, object]) -> None:
+    pack = [{N: "win", 2: 30.0, "kind": "medical", "sv": 3}, {**rec, "f": rec.get("f", [])}]
+    try:
+        got = decode(cbor2.dumps(pack))
+    except CorruptRecordError:
+        return
+    assert isinstance(got, FeaturesWindow)
 
 
 def test_a_non_record_is_refused_at_encoding() -> None:

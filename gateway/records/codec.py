@@ -453,8 +453,8 @@ def _decode_features(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]])
         sh = rec.get("sh", 0)
         shape: Shape | None = SHAPES[sh] if isinstance(sh, int) and 0 <= sh < len(SHAPES) else None
         res = rec.get("r")
-        if res is not None and not isinstance(res, int):
-            raise _corrupt(f"stream {metric!r}: resolution {res!r} is not an integer")
+        if res is not None and not (isinstance(res, int) and -30 <= res <= 30):
+            raise _corrupt(f"stream {metric!r}: resolution {res!r} is not an integer exponent in -30..30")
         features: dict[str, float] = {}
         if "f" in rec:
             order = FEATURE_ORDER.get(shape or "level", ())
@@ -665,7 +665,7 @@ def decode_pack(data: bytes) -> tuple[SeqMeta | None, Record]:
         raise _corrupt(f"header name {head.get(N)!r}: expected one of {', '.join(_UNPACKERS)}")
     try:
         return meta, unpack(head, value[1:])
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
         if isinstance(exc, CorruptRecordError):
             raise
         raise _corrupt(f"{head.get(N)} pack is malformed: {exc}") from exc
