@@ -441,11 +441,13 @@ class Anonymizer:
                 )
 
     def seal(
-        self, build: Callable[[], OutRecord], encode: Callable[[Record], bytes]
+        self, build: Callable[[], OutRecord | None], encode: Callable[[Record], bytes]
     ) -> tuple[OutRecord, bytes] | None:
-        """Build, encode and check a record; None (and counted) when it is not provably anonymous."""
+        """Build, encode and check a record; None when there is none to send or (counted) it is not provably anonymous."""
         try:
             rec = build()
+            if rec is None:
+                return None
             data = encode(rec.payload)
             self.check(data)
             self.check(rec.topic.encode())

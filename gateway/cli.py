@@ -167,15 +167,23 @@ def cmd_version(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: rotate-key refused while a gateway runs on the state directory (EX_TEMPFAIL: stop it, try again).
+EXIT_BUSY = 75
+
+
 def cmd_rotate_key(args: argparse.Namespace) -> int:
     """Start a new gateway identity: new site key, outbox and time base (nothing links old and new)."""
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    from gateway.rotation import rotate_identity  # noqa: PLC0415
+    from gateway.rotation import GatewayRunningError, rotate_identity  # noqa: PLC0415
 
     before = _pseudonym_of(config.core.site_key_path, config.core.gateway.name)
-    done = rotate_identity(config.core)
+    try:
+        done = rotate_identity(config.core)
+    except GatewayRunningError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BUSY
     print(
         f"new site key at {config.core.site_key_path}; the old key was kept as {done.retired_key}: "
         "delete it once nothing needs to link old pseudonyms.\n"

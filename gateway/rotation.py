@@ -10,7 +10,9 @@ counter.  The client certificate names the old pseudonym: a new key and a CSR na
 one are written beside the configured key (``gateway-next.key``, ``gateway-next.csr``) for the
 operator to have signed.
 
-Stop the gateway first: a running gateway keeps the old key until it restarts.
+A rotation holds the state directory's lock (``gateway.observe.lock``): while a gateway runs on
+the same state directory it is refused (:class:`GatewayRunningError`), since that gateway would go
+on publishing under the old identity and writing the outbox the rotation sets aside.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 
 from gateway.anonymize import Pseudonymizer, load_or_create_key, rotate_key
 from gateway.config import CoreConfig
+from gateway.errors import EdgetwinError
+from gateway.observe.lock import StateDirBusyError, state_dir_lock
 from gateway.timebase import TimeBase
 
 #: The outbox's companions, moved with it: SQLite's files and the outbox's state file (its id floor:
@@ -64,8 +68,33 @@ def _set_aside(db: Path, stamp: str) -> Path | None:
     return target
 
 
+class GatewayRunningError(EdgetwinError):
+    """A gateway holds the state directory: nothing was rotated."""
+
+    def __init__(self, state_dir: Path, pid: int | None) -> None:
+        self.state_dir, self.pid = state_dir, pid
+        who = f"a gateway (PID {pid})" if pid else "a gateway"
+        super().__init__(
+            f"edgetwin rotate-key {state_dir}: refused, {who} is running on this state directory: "
+            "it would go on publishing under the old identity and writing the outbox a rotation "
+            "sets aside: stop it first (systemctl stop edgetwin), then run rotate-key again; "
+            "nothing was changed"
+        )
+
+
 def rotate_identity(core: CoreConfig) -> Rotation:
-    """Rotate the site key, set the outbox aside and restart the time base; see the module doc."""
+    """Rotate the site key, set the outbox aside and restart the time base; see the module doc.
+
+    Raises GatewayRunningError, changing nothing, while a gateway runs on the same state directory.
+    """
+    try:
+        with state_dir_lock(core.gateway.state_dir):
+            return _rotate(core)
+    except StateDirBusyError as exc:
+        raise GatewayRunningError(exc.state_dir, exc.pid) from None
+
+
+def _rotate(core: CoreConfig) -> Rotation:
     retired = rotate_key(core.site_key_path)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     db = core.outbox_path

@@ -52,8 +52,9 @@ from gateway.observe.lock import StateDirBusyError, state_dir_lock
 from gateway.observe.status import StatusBoard
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
-from gateway.records import Record, RecordError, as_map, decode, encode
+from gateway.records import FeaturesWindow, Record, RecordError, as_map, decode, encode
 from gateway.records.render import describe
+from gateway.records.thin import Thinner
 from gateway.sample import Quality, Sample, SampleBlock
 from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 from gateway.timebase import TimeBase
@@ -87,6 +88,7 @@ class Pipeline:
         self._anon = anonymizer
         self._outbox = outbox
         self._hop_s = p.hop_s
+        self.thinner = Thinner(p.hop_s)
         self.windower = Windower(
             window_s=p.window_s,
             hop_s=p.hop_s,
@@ -147,7 +149,7 @@ class Pipeline:
                 if beat_alarm is not None:
                     self.alarm(beat_alarm)
 
-    def _submit(self, build: Callable[[], OutRecord]) -> None:
+    def _submit(self, build: Callable[[], OutRecord | None]) -> None:
         sealed = self._anon.seal(build, encode)
         if sealed is None:
             return
@@ -188,8 +190,16 @@ class Pipeline:
         self._estimation.save(time.monotonic(), time.time())
 
     def window(self, record: WindowRecord) -> None:
-        """Seal and queue one window of features."""
-        self._submit(lambda: self._anon.window(record))
+        """Seal and queue one window of features: unchanged streams as markers, unchanged windows not."""
+
+        def build() -> OutRecord | None:
+            rec = self._anon.window(record)
+            if not isinstance(rec.payload, FeaturesWindow):
+                return rec
+            thinned = self.thinner.thin(rec.payload)
+            return None if thinned is None else replace(rec, payload=thinned)
+
+        self._submit(build)
 
     async def _score(self, records: list[WindowRecord]) -> list[WindowRecord]:
         """Run every applicable model over the closed windows in a worker thread; raise anomalies."""

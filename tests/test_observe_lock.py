@@ -93,3 +93,38 @@ def test_unwritable_state_dir_is_a_config_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(Exception, match="cannot create the lock file"), state_dir_lock(blocker / "state"):
         pass
+
+
+@pytest.mark.slow
+def test_rotate_key_is_refused_while_a_gateway_runs_and_changes_nothing(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    state = tmp_path / "state"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    rotate = [sys.executable, "-m", "gateway.cli", "rotate-key", "--config", str(config)]
+    gateway = _run(config)
+    try:
+        deadline = time.monotonic() + 30
+        while holder(state) != gateway.pid or not (state / "outbox.db").exists():
+            assert gateway.poll() is None, gateway.communicate()[1]
+            assert time.monotonic() < deadline, "the gateway never took the lock"
+            time.sleep(0.1)
+        key = (state / "site.key").read_bytes()
+        refused = subprocess.run(rotate, env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert refused.returncode == 75  # EX_TEMPFAIL: stop the gateway, then try again
+        assert (
+            f"edgetwin rotate-key {state}: refused, a gateway (PID {gateway.pid}) is running"
+            in refused.stderr
+        )
+        assert "stop it first" in refused.stderr
+        assert "nothing was changed" in refused.stderr
+        assert (state / "site.key").read_bytes() == key
+        assert (state / "outbox.db").exists()
+        assert not list(state.glob("site.key.*"))  # no key retired
+        assert gateway.poll() is None  # the running gateway was not disturbed
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.communicate(timeout=30)
+    assert gateway.returncode == 0
+    done = subprocess.run(rotate, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (state / "site.key").read_bytes() != key

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -38,9 +39,10 @@ from gateway.records import (
     wire_number,
     wrap,
 )
-from gateway.records.codec import BN, BT, N, V
+from gateway.records.codec import BN, BT, FEATURE_ORDER, N, V, _scale, on_wire
 from gateway.records.model import CLOCKS, SHAPES
 from gateway.records.render import describe
+from gateway.records.units import MDC_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECT = "k3j2x7q9m4t8vbaa"
@@ -78,6 +80,7 @@ def features(t: float = 30.25, **extra: object) -> FeaturesWindow:
 names = st.text(min_size=1, max_size=24)
 tokens = st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True)
 wire = st.floats(width=32, allow_nan=False).map(wire_number)
+feature_values = st.floats(allow_nan=False, min_value=-1e9, max_value=1e9)
 times = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12)
 runs = st.integers(min_value=0, max_value=2**40)
 clocks = st.sampled_from(CLOCKS)
@@ -97,24 +100,72 @@ streams = st.builds(
     features=st.dictionaries(names, wire, max_size=6),
     shape=st.one_of(st.none(), st.sampled_from(SHAPES)),
 )
+#: Schema 3 streams: features of the shape's names (scaled) or any names, a stated resolution, markers.
+streams_v3 = st.builds(
+    StreamWindow,
+    metric=st.one_of(names, st.sampled_from(sorted(MDC_CODE))),
+    unit=st.sampled_from(["%", "/min", "ms", "Cel", "A", "[g]", "mm[Hg]", "l/min", "furlong"]),
+    dev=st.text(min_size=1, max_size=16),
+    n=st.integers(0, 2**31),
+    missing=st.floats(0.0, 1.0).map(wire_number),
+    mdc=st.one_of(st.none(), st.integers(0, 2**32)),
+    gap=st.booleans(),
+    features=st.one_of(
+        st.dictionaries(
+            st.sampled_from(FEATURE_ORDER["interval"] + FEATURE_ORDER["waveform"]), feature_values
+        ),
+        st.dictionaries(names, feature_values, max_size=6),
+    ),
+    shape=st.one_of(st.none(), st.sampled_from(SHAPES)),
+    res=st.one_of(st.none(), st.integers(-6, 3)),
+    unchanged=st.booleans(),
+)
 
 
-@given(
-    st.builds(
+def feature_windows(
+    stream: st.SearchStrategy[StreamWindow], **fixed: st.SearchStrategy[Any]
+) -> st.SearchStrategy[FeaturesWindow]:
+    """Windows of any fields, with these streams (and, e.g., the schema version or heartbeat given)."""
+    return st.builds(
         FeaturesWindow,
         subject=st.text(max_size=16),
         kind=st.sampled_from(["medical", "industrial"]),
         t=times,
         win=st.floats(0.001, 3600.0).map(wire_number),
-        streams=st.lists(streams, max_size=6).map(tuple),
+        streams=st.lists(stream, max_size=6).map(tuple),
         scores=st.dictionaries(names, wire, max_size=3),
         run=runs,
         clock=clocks,
-        sv=versions,
+        **fixed,
     )
-)
-def test_a_features_window_round_trips(rec: FeaturesWindow) -> None:
+
+
+@given(feature_windows(streams, sv=st.integers(min_value=1, max_value=2)))
+def test_a_features_window_of_schema_1_or_2_round_trips(rec: FeaturesWindow) -> None:
     assert decode(encode(rec)) == rec
+
+
+@given(feature_windows(streams_v3, hb=st.one_of(st.none(), st.floats(1.0, 3600.0).map(wire_number))))
+def test_a_features_window_round_trips_at_its_stated_resolution(rec: FeaturesWindow) -> None:
+    got = decode(encode(rec))
+    assert got == on_wire(rec)
+    assert isinstance(got, FeaturesWindow)
+    scaled = True
+    for sent, back in zip(rec.streams, got.streams, strict=True):
+        assert back.unchanged == sent.unchanged
+        if sent.unchanged:
+            assert back.features == {}
+            continue
+        assert back.features.keys() == sent.features.keys()
+        for name, value in sent.features.items():
+            step = _scale(name, back.res, rec.win)
+            if step is not None and abs(value / step) < 2**30:
+                tol = step / 2 * (1 + 1e-9)
+            else:  # unscaled, or too many steps: single precision
+                tol, scaled = abs(value) * 2**-23, False
+            assert abs(back.features[name] - value) <= tol + 1e-30, name
+    if scaled:
+        assert decode(encode(got)) == got  # what a reader got travels again unchanged
 
 
 @given(
@@ -269,14 +320,16 @@ def test_packs_are_senml_with_names_units_and_times() -> None:
     flat = resolved(encode(features()))
     by_name = {r["n"]: r for r in flat}
     assert by_name[f"{SUBJECT}/win"]["v"] == 10.0
-    mean = by_name[f"{SUBJECT}/MDC_PULS_OXIM_SAT_O2/mean"]
-    assert (mean["v"], mean["u"], mean["t"]) == (97.5, "%", 30.25)
-    assert by_name[f"{SUBJECT}/MDC_PULS_OXIM_SAT_O2/n"]["u"] == "count"
+    assert by_name[f"{SUBJECT}/win"]["u"] == "s"
+    # A stream reads as its sample count under the MDC code; its features are one scaled array.
+    count = by_name[f"{SUBJECT}/150456"]
+    assert (count["v"], count["t"]) == (10, 30.25)
     # A name SenML cannot hold is made safe, and kept verbatim in the record.
-    assert f"{SUBJECT}/Pump1/Motor_Temp__C_/n" in by_name
+    assert f"{SUBJECT}/Pump1/Motor_Temp__C_" in by_name
     got = decode(encode(features()))
     assert isinstance(got, FeaturesWindow)
     assert got.streams[2].metric == "Pump1/Motor Temp (C)"
+    assert got.streams[0].features["mean"] == 97.5
 
 
 def test_site_time_is_marked_must_understand_and_unix_time_is_not() -> None:
@@ -290,7 +343,7 @@ def test_site_time_is_marked_must_understand_and_unix_time_is_not() -> None:
 def test_an_unknown_must_understand_field_is_refused_and_other_unknown_fields_ignored() -> None:
     pack = cbor2.loads(encode(features()))
     pack[1]["zz"] = 1  # a field a newer minor version added: ignored
-    assert decode(cbor2.dumps(pack)) == features()
+    assert decode(cbor2.dumps(pack)) == on_wire(features())
     pack[1]["zz_"] = 1
     with pytest.raises(CorruptRecordError, match="must-understand field 'zz_'"):
         decode(cbor2.dumps(pack))
@@ -303,22 +356,27 @@ def test_a_newer_major_version_is_refused_as_such() -> None:
         decode(cbor2.dumps(pack))
     pack[0]["sv"] = SCHEMA_MAJOR
     pack[0]["svm"] = 99  # a newer minor version of the same major: read
-    assert decode(cbor2.dumps(pack)) == features()
+    assert decode(cbor2.dumps(pack)) == on_wire(features())
 
 
 def test_a_feature_costs_a_few_bytes() -> None:
     base = len(encode(features()))
-    s0, *rest = features().streams
-    s1 = dataclasses.replace(s0, features={**s0.features, "q25": 96.5})
-    more = dataclasses.replace(features(), streams=(s1, *rest))
-    assert len(encode(more)) - base <= 10  # map head, two labels, the name (4), a half float (3)
-    assert base < 500  # three streams, one of them with a long unsafe name
+    s0, s1, *rest = features().streams
+    more = dataclasses.replace(
+        features(), streams=(s0, dataclasses.replace(s1, features={**s1.features, "std": 41.0}), *rest)
+    )
+    assert len(encode(more)) - base <= 2  # a small scaled integer in place of a null
+    odd = dataclasses.replace(
+        features(), streams=(dataclasses.replace(s0, features={**s0.features, "q25": 96.5}), s1, *rest)
+    )
+    assert len(encode(odd)) - base <= 45  # a name outside the shape's set: the names travel too
+    assert base < 300  # three streams, one of them with a long unsafe name
 
 
 def test_wrap_prepends_the_sequence_record() -> None:
     data = encode(features())
     wrapped = wrap(data, SeqMeta(123456, 987654321, True))
-    assert decode_pack(wrapped) == (SeqMeta(123456, 987654321, True), features())
+    assert decode_pack(wrapped) == (SeqMeta(123456, 987654321, True), on_wire(features()))
     assert cbor2.loads(wrapped)[0] == {N: "seq", V: 123456, "ep": 987654321, "h": True}
     assert len(wrapped) - len(data) <= 24  # seq and epoch as 32-bit integers, the flag, the labels
 
@@ -328,7 +386,7 @@ def test_wrap_handles_long_packs_and_legacy_records() -> None:
     long = FeaturesWindow(SUBJECT, "medical", 1.0, 10.0, rec.streams * 20, run=1)
     meta, got = decode_pack(wrap(encode(long), SeqMeta(1, 2)))
     assert meta == SeqMeta(1, 2, False)
-    assert got == long
+    assert got == on_wire(long)
     # What the outbox held before SenML (schema 1, a plain map): still read, and sent as a pack.
     legacy = {
         "v": 1,
@@ -355,6 +413,11 @@ def test_wrap_handles_long_packs_and_legacy_records() -> None:
         cbor2.dumps([{N: "seq", V: 1, "ep": 2}]),
         cbor2.dumps([{BN: "x/", N: "win"}]),
         cbor2.dumps([{N: "diag", 3: "x", "sv": 2, "run": -1}]),
+        cbor2.dumps([{N: "win", 2: 1.0, "kind": "medical", "sv": 3}, {N: "1", 2: 1, "r": 10**9, "f": [1]}]),
+        cbor2.dumps(
+            [{N: "win", 2: 1.0, "kind": "medical", "sv": 3}, {N: "1", 2: 1, "f": [1, "x"], "fn": ["a"]}]
+        ),
+        cbor2.dumps([{N: "win", 2: 1.0, "kind": "medical", "sv": 3}, {N: "1", 2: 1, "f": ["x"]}]),
         cbor2.dumps([{N: "diag", 3: "x", "sv": 2, "tm_": "boot"}]),
         cbor2.dumps({"type": "poem"}),
     ],
@@ -362,6 +425,28 @@ def test_wrap_handles_long_packs_and_legacy_records() -> None:
 def test_garbage_is_a_corrupt_record_error(data: bytes) -> None:
     with pytest.raises(CorruptRecordError):
         decode(data)
+
+
+cbor_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([N, V, "f", "fn", "r", "eq", "gap", "sh", "mu", "dev", "miss", "mdc", "metric"]),
+        cbor_values,
+    )
+)
+def test_any_schema_3_stream_record_decodes_or_is_refused_as_corrupt(rec: dict[object, object]) -> None:
+    pack = [{N: "win", 2: 30.0, "kind": "medical", "sv": 3}, {**rec, "f": rec.get("f", [])}]
+    try:
+        got = decode(cbor2.dumps(pack))
+    except CorruptRecordError:
+        return
+    assert isinstance(got, FeaturesWindow)
 
 
 def test_a_non_record_is_refused_at_encoding() -> None:

@@ -74,7 +74,7 @@ def test_an_rr_stream_keeps_its_labels_from_the_first_window_on() -> None:
     view = TwinView()
     first = StreamWindow("MDC_ECG_TIME_PD_RR_GL", "ms", "d", 1, features={"mean": 928.0}, shape="interval")
     later = StreamWindow(
-        "MDC_ECG_TIME_PD_RR_GL", "ms", "d", 32, features={"mean": 937.5, "rmssd": 27.0}, shape="interval"
+        "MDC_ECG_TIME_PD_RR_GL", "ms", "d", 32, features={"mean": 937.0, "rmssd": 27.0}, shape="interval"
     )
     lines = []
     for seq, s in enumerate((first, later), 1):
@@ -84,7 +84,7 @@ def test_an_rr_stream_keeps_its_labels_from_the_first_window_on() -> None:
         view.update(msg)
         lines.append(view.render())
     assert "RR mean 928 ms" in lines[0]
-    assert "RR mean 937.5 ms, RMSSD 27 ms" in lines[1]
+    assert "RR mean 937 ms, RMSSD 27 ms" in lines[1]
 
 
 def test_a_motor_current_and_a_vibration_show_rms_peak_and_frequency(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ from gateway.records.model import (
     StatusRecord,
     StreamWindow,
 )
-from gateway.records.units import MDC_CODE
+from gateway.records.units import MDC_BY_CODE, MDC_CODE, MDC_TERMS, resolution
 
 CONTENT_TYPE = "application/senml+cbor"
 
@@ -146,7 +146,139 @@ def _detail_records(detail: Mapping[str, Any], prefix: str = "") -> list[dict[An
     return out
 
 
+#: Schema 3: each shape's features in the order a stream record's ``f`` array holds them.
+FEATURE_ORDER: Mapping[Shape, tuple[str, ...]] = {
+    "level": ("mean", "std", "min", "max", "slope"),
+    "waveform": ("rms", "peak", "crest", "fdom", "mean", "std", "min", "max", "slope"),
+    "interval": ("mean", "std", "min", "max", "slope", "rmssd", "sdnn", "pnn50"),
+    "state": ("last", "changes"),
+}
+#: Features in the stream's unit (scaled by the stream's resolution); ``slope`` is sent as the
+#: change over the window at that resolution.
+IN_UNIT = frozenset({"mean", "std", "min", "max", "rms", "peak", "rmssd", "sdnn", "last"})
+#: Features with a resolution of their own, whatever the stream's unit (decimal exponents).
+FIXED_RES: Mapping[str, int] = {"crest": -3, "fdom": -2, "pnn50": -1, "changes": 0}
+#: Beyond this many steps a feature travels in single precision instead.
+_INT_LIMIT = 2**31
+
+
+def _scale(name: str, res: int | None, win: float) -> float | None:
+    """The step of one feature on the wire (None: sent unscaled)."""
+    if name in FIXED_RES:
+        return 10.0 ** FIXED_RES[name]
+    if res is None:
+        return None
+    if name in IN_UNIT:
+        return 10.0**res
+    if name == "slope" and win > 0.0:
+        return 10.0**res / win
+    return None
+
+
+def _unscale(q: int, name: str, res: int | None, win: float) -> float:
+    r = FIXED_RES.get(name, res) or 0
+    # Divide by 10**-r rather than multiply by 10**r: 3 / 10 is 0.3, 3 * 0.1 is not.
+    x = float(q) * float(10**r) if r >= 0 else float(q) / float(10**-r)
+    return x / win if name == "slope" else x
+
+
+def _feature_item(name: str, value: float, res: int | None, win: float) -> tuple[float | int, float]:
+    """(what the wire holds, what a reader gets back) for one feature value."""
+    step = _scale(name, res, win)
+    if step is not None and math.isfinite(value):
+        q = value / step
+        if abs(q) < _INT_LIMIT:
+            iq = round(q)
+            return iq, _unscale(iq, name, res, win)
+    return _num(value), float(_restore(_num(value)))
+
+
+def stream_res(stream: StreamWindow) -> int | None:
+    """The stream's resolution on the wire: as stated, else its metric's (``units.resolution``)."""
+    return stream.res if stream.res is not None else resolution(stream.metric, stream.unit)
+
+
+def wire_stream(stream: StreamWindow, win: float) -> StreamWindow:
+    """The stream as a reader gets it back: features at their resolution on the wire."""
+    res = stream_res(stream)
+    features = {k: _feature_item(k, v, res, win)[1] for k, v in stream.features.items()}
+    if stream.unchanged:
+        features = {}  # a marker carries no features: the reader has them from before
+    if stream.unchanged or (stream.gap and not stream.features):
+        res = None  # no features travel, nor their resolution
+    return dataclasses.replace(
+        stream, features=features, res=res, missing=float(_restore(_f32(float(stream.missing))))
+    )
+
+
+def on_wire(window: FeaturesWindow) -> FeaturesWindow:
+    """The window as a reader decodes it (schema 3: features at their stated resolution)."""
+    if window.sv < 3:
+        return window
+    return dataclasses.replace(window, streams=tuple(wire_stream(s, window.win) for s in window.streams))
+
+
+def _stream_record(s: StreamWindow, win: float) -> dict[Any, Any]:
+    rec: dict[Any, Any] = {}
+    term = MDC_TERMS.get(s.metric)
+    if term is not None:
+        rec[N] = str(term.code)
+    else:
+        rec[N] = _name("", s.metric, rec, "metric")
+        if s.metric.isdigit():
+            rec["metric"] = s.metric  # would read as an MDC code
+    if term is None or term.unit != s.unit:
+        rec["mu"] = s.unit  # the value (2) is a count: the metric's unit is not SenML's "u"
+    rec[V] = int(s.n)
+    if s.missing:
+        rec["miss"] = _f32(float(s.missing))
+    if s.mdc != MDC_CODE.get(s.metric):
+        rec["mdc"] = s.mdc  # None: a name from the table used without its code
+    if s.gap:
+        rec["gap"] = True
+    if s.shape != "level":
+        rec["sh"] = None if s.shape is None else _SHAPE_CODE[s.shape]
+    if s.unchanged:
+        rec["eq"] = True
+        return rec
+    if s.gap and not s.features:
+        return rec
+    res = stream_res(s)
+    if res is not None:
+        rec["r"] = res
+    order = FEATURE_ORDER.get(s.shape or "level", ())
+    names = list(s.features)
+    if all(k in order for k in names):
+        present = [k for k in order if k in s.features]
+        names = list(order[: order.index(present[-1]) + 1]) if present else []
+    else:
+        rec["fn"] = names
+    rec["f"] = [_feature_item(k, s.features[k], res, win)[0] if k in s.features else None for k in names]
+    return rec
+
+
 def _features_pack(w: FeaturesWindow) -> list[dict[Any, Any]]:
+    if w.sv < 3:
+        return _features_pack_v2(w)
+    head = _header(w)
+    head[U] = "s"
+    head[V] = _num(w.win)
+    head["kind"] = w.kind
+    if w.hb is not None:
+        head["hb"] = _num(w.hb)
+    pack = [head]
+    pack += _detail_records(w.scores, "score/")
+    dev: str | None = None
+    for s in w.streams:
+        rec = _stream_record(s, w.win)
+        if s.dev != dev:
+            dev = rec["dev"] = s.dev
+        pack.append(rec)
+    return pack
+
+
+def _features_pack_v2(w: FeaturesWindow) -> list[dict[Any, Any]]:
+    """Schema 1 and 2: a stream record under its own base name, then one record per feature."""
     head = _header(w)
     head[U] = "s"
     head[V] = _num(w.win)
@@ -304,6 +436,69 @@ def _common(head: Mapping[Any, Any]) -> dict[str, Any]:
 
 def _decode_features(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]]) -> FeaturesWindow:
     common = _common(head)
+    if common["sv"] < 3:
+        return _decode_features_v2(head, rest, common)
+    win = float(_restore(head[V]))
+    scores: dict[str, float] = {}
+    streams: list[StreamWindow] = []
+    dev: Any = None
+    for rec in rest:
+        if not ("f" in rec or "eq" in rec or "gap" in rec):
+            scores[_key(rec, "score/")] = _value(rec)
+            continue
+        name = str(rec[N])
+        term = MDC_BY_CODE.get(int(name)) if name.isdigit() and "metric" not in rec else None
+        metric = str(rec["metric"]) if "metric" in rec else term.name if term is not None else name
+        dev = rec.get("dev", dev)
+        sh = rec.get("sh", 0)
+        shape: Shape | None = SHAPES[sh] if isinstance(sh, int) and 0 <= sh < len(SHAPES) else None
+        res = rec.get("r")
+        if res is not None and not (isinstance(res, int) and -30 <= res <= 30):
+            raise _corrupt(f"stream {metric!r}: resolution {res!r} is not an integer exponent in -30..30")
+        features: dict[str, float] = {}
+        if "f" in rec:
+            order = FEATURE_ORDER.get(shape or "level", ())
+            names = [str(k) for k in rec["fn"]] if "fn" in rec else order
+            values = rec["f"]
+            if not isinstance(values, list) or len(values) > len(names):
+                raise _corrupt(f"stream {metric!r}: {values!r} holds more features than it names")
+            for k, q in zip(names, values, strict=False):
+                if q is None:
+                    continue
+                features[k] = _unscale(q, k, res, win) if isinstance(q, int) else float(_restore(q))
+        streams.append(
+            StreamWindow(
+                metric=metric,
+                unit=str(rec["mu"]) if "mu" in rec else term.unit if term is not None else "",
+                dev=str(dev),
+                n=int(rec.get(V, 0)),
+                missing=float(_restore(float(rec.get("miss", 0.0)))),
+                mdc=rec.get("mdc", MDC_CODE.get(metric)),
+                gap=bool(rec.get("gap", False)),
+                features=features,
+                shape=shape,
+                res=res,
+                unchanged=bool(rec.get("eq", False)),
+            )
+        )
+    hb = head.get("hb")
+    return FeaturesWindow(
+        subject=common["subject"] or "",
+        kind=str(head["kind"]),
+        t=common["t"],
+        win=win,
+        streams=tuple(streams),
+        scores=scores,
+        run=common["run"],
+        clock=common["clock"],
+        sv=common["sv"],
+        hb=None if hb is None else float(_restore(hb)),
+    )
+
+
+def _decode_features_v2(
+    head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]], common: Mapping[str, Any]
+) -> FeaturesWindow:
     subject = common["subject"] or ""
     scores: dict[str, float] = {}
     streams: list[StreamWindow] = []
@@ -470,7 +665,7 @@ def decode_pack(data: bytes) -> tuple[SeqMeta | None, Record]:
         raise _corrupt(f"header name {head.get(N)!r}: expected one of {', '.join(_UNPACKERS)}")
     try:
         return meta, unpack(head, value[1:])
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
         if isinstance(exc, CorruptRecordError):
             raise
         raise _corrupt(f"{head.get(N)} pack is malformed: {exc}") from exc
@@ -623,8 +818,13 @@ def as_map(record: Record) -> dict[str, Any]:
 
 
 def stream_map(stream: StreamWindow) -> dict[str, Any]:
-    """A window's stream as plain data."""
-    return {f.name: _plain(getattr(stream, f.name)) for f in dataclasses.fields(stream)}
+    """A window's stream as plain data (``res`` only when stated, ``unchanged`` only when true)."""
+    out = {f.name: _plain(getattr(stream, f.name)) for f in dataclasses.fields(stream)}
+    if stream.res is None:
+        del out["res"]
+    if not stream.unchanged:
+        del out["unchanged"]
+    return out
 
 
 def _plain(value: Any) -> Any:

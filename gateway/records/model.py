@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 #: Major schema version: a reader refuses a record of a newer major version.
-SCHEMA_MAJOR = 2
+SCHEMA_MAJOR = 3
 #: Minor schema version: additions a reader of the same major version may ignore.
 SCHEMA_MINOR = 0
 
@@ -43,6 +43,12 @@ class StreamWindow:
     gap: bool = False
     features: Mapping[str, float] = field(default_factory=dict)  # named features, e.g. "mean", "rmssd"
     shape: Shape | None = None  # None: not stated (schema 1)
+    # Decimal exponent of the features' resolution on the wire (schema 3): values in the stream's
+    # unit are sent as integers of 10**res; None: single precision.
+    res: int | None = None
+    # Schema 3: the features are as in this stream's last record that carried them (at ``res``);
+    # a decoded record holds none until :func:`gateway.records.thin.carry` fills them in.
+    unchanged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +65,9 @@ class FeaturesWindow:
     run: int = 0  # the gateway's run (boot counter) that made the record; 0: not stated (schema 1)
     clock: Clock = "site"
     sv: int = SCHEMA_MAJOR
+    # Heartbeat (schema 3): this subject's next window record follows within ``hb`` seconds unless
+    # it is lost or the gateway stops; windows in between were unchanged.  None: every window is sent.
+    hb: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,8 @@ def stream_text(stream: StreamWindow) -> str:
     label = metric_label(stream.metric)
     if stream.gap:
         return f"{label} GAP"
+    if stream.unchanged and not stream.features:
+        return f"{label} unchanged"
     names = [n for n in SHOWN[shape_of(stream)] if n in stream.features]
     if not names:
         names = list(stream.features)[:2]

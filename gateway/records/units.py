@@ -20,27 +20,67 @@ class MdcTerm:
     unit: str
     label: str
     rr: bool = False  # an RR-interval series: gets HRV features
+    res: int = 0  # resolution of its features on the wire: 10**res of the unit
 
 
 #: IEEE 11073-10101 metrics with UCUM units (codes from STANDARDS.md section 1).
 MDC_TERMS: Mapping[str, MdcTerm] = {
     m.name: m
     for m in (
-        MdcTerm("MDC_PULS_OXIM_SAT_O2", 150456, "%", "SpO2"),
-        MdcTerm("MDC_PULS_OXIM_PULS_RATE", 149530, "/min", "PR"),
-        MdcTerm("MDC_PULS_RATE_NON_INV", 149546, "/min", "PR"),
-        MdcTerm("MDC_ECG_HEART_RATE", 147842, "/min", "HR"),
+        MdcTerm("MDC_PULS_OXIM_SAT_O2", 150456, "%", "SpO2", res=-1),
+        MdcTerm("MDC_PULS_OXIM_PULS_RATE", 149530, "/min", "PR", res=-1),
+        MdcTerm("MDC_PULS_RATE_NON_INV", 149546, "/min", "PR", res=-1),
+        MdcTerm("MDC_ECG_HEART_RATE", 147842, "/min", "HR", res=-1),
         MdcTerm("MDC_ECG_TIME_PD_RR_GL", 147240, "ms", "RR", rr=True),
-        MdcTerm("MDC_TEMP_BODY", 150364, "Cel", "Temp"),
+        MdcTerm("MDC_TEMP_BODY", 150364, "Cel", "Temp", res=-2),
         MdcTerm("MDC_PRESS_BLD_NONINV_SYS", 150021, "mm[Hg]", "NIBP sys"),
         MdcTerm("MDC_PRESS_BLD_NONINV_DIA", 150022, "mm[Hg]", "NIBP dia"),
         MdcTerm("MDC_PRESS_BLD_NONINV_MEAN", 150023, "mm[Hg]", "NIBP mean"),
-        MdcTerm("MDC_PULS_OXIM_PERF_REL", 150448, "%", "PI"),
-        MdcTerm("MDC_RESP_RATE", 151562, "/min", "Resp"),
+        MdcTerm("MDC_PULS_OXIM_PERF_REL", 150448, "%", "PI", res=-2),
+        MdcTerm("MDC_RESP_RATE", 151562, "/min", "Resp", res=-1),
     )
 }
 
 MDC_CODE: Mapping[str, int] = {m.name: m.code for m in MDC_TERMS.values()}
+MDC_BY_CODE: Mapping[int, MdcTerm] = {m.code: m for m in MDC_TERMS.values()}
+
+#: Resolution of features on the wire by UCUM unit, as a power of ten of the unit, for metrics
+#: outside the MDC table (an MDC term states its own).  A unit not listed travels unscaled.
+RESOLUTION: Mapping[str, int] = {
+    "%": -1,
+    "/min": -1,
+    "ms": 0,
+    "s": -3,
+    "Cel": -2,
+    "[degF]": -2,
+    "K": -2,
+    "mm[Hg]": 0,
+    "bar": -3,
+    "kPa": -2,
+    "Pa": 0,
+    "A": -3,
+    "mA": 0,
+    "V": -2,
+    "kW": -3,
+    "W": 0,
+    "[g]": -3,
+    "m/s2": -3,
+    "mm/s": -2,
+    "Hz": -2,
+    "l/min": -2,
+    "m3/h": -3,
+    "mm": -2,
+    "m": -3,
+}
+
+
+def resolution(metric: str, unit: str) -> int | None:
+    """The decimal exponent of a metric's resolution on the wire (None: unscaled single precision)."""
+    term = MDC_TERMS.get(metric)
+    if term is not None and term.unit == unit:
+        return term.res
+    return RESOLUTION.get(unit)
+
 
 #: Engineering spellings seen in device metadata and configs, and the UCUM code each means.
 _TO_UCUM: Mapping[str, str] = {

@@ -218,7 +218,7 @@ class Listener:
                 event = self.checker.observe(
                     msg.gateway, msg.epoch, msg.seq, msg.kind, msg.historical, rec.run
                 )
-            self.view.update(msg)
+            self.view.update(msg, received=time.monotonic())
             if self._keep:
                 self.messages.append(msg)
             self._changed.notify_all()
@@ -295,7 +295,7 @@ def run_listen(
     finally:
         listener.stop()
     with lock:
-        report.write("\n" + listener.view.render() + "\n")
+        report.write("\n" + listener.view.render(now=time.monotonic()) + "\n")
         if check_gaps:
             for line in listener.checker.report():
                 report.write(line + "\n")

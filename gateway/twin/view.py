@@ -24,6 +24,7 @@ from gateway.records import (
 )
 from gateway.records.render import describe as describe_record
 from gateway.records.render import estimate_text, number, stream_text
+from gateway.records.thin import carry
 from gateway.records.units import metric_label
 from gateway.twin.decoder import TwinMessage
 
@@ -39,6 +40,9 @@ class SubjectState:
     newest: Order | None = None  # order of the newest window shown
     run: int = 0
     t: float | None = None  # time of the newest window
+    hb: float | None = None  # heartbeat: the next window follows within this many seconds
+    win: float = 0.0  # the newest window's length
+    received: float | None = None  # when the newest window arrived (the twin's monotonic clock)
     streams: dict[str, StreamWindow] = field(default_factory=dict)  # metric -> newest stream
     scores: dict[str, float] = field(default_factory=dict)
     last_alarm: AlarmRecord | None = None
@@ -75,8 +79,8 @@ class TwinView:
     def __init__(self) -> None:
         self.gateways: dict[str, GatewayState] = {}
 
-    def update(self, msg: TwinMessage) -> None:
-        """Fold one message into the state."""
+    def update(self, msg: TwinMessage, received: float | None = None) -> None:
+        """Fold one message into the state; ``received``: when it arrived (the twin's monotonic clock)."""
         gw = self.gateways.setdefault(msg.gateway, GatewayState(msg.gateway))
         rec = msg.record
         if isinstance(rec, StatusRecord):
@@ -95,6 +99,9 @@ class TwinView:
                 state.stale += 1
                 return
             state.newest, state.run, state.t, state.kind = order, rec.run, rec.t, rec.kind
+            state.hb, state.win, state.received = rec.hb, rec.win, received
+            # An unchanged stream keeps the values it last carried: it is current, not stale.
+            rec = carry(state.streams, rec)
             for s in rec.streams:
                 state.streams[s.metric] = s
             state.scores.update(rec.scores)
@@ -118,6 +125,7 @@ class TwinView:
                         "kind": s.kind,
                         "run": s.run,
                         "t": s.t,
+                        "hb": s.hb,
                         "windows": s.windows,
                         "alarms": s.alarms,
                         "streams": {m: stream_map(x) for m, x in s.streams.items()},
@@ -131,8 +139,8 @@ class TwinView:
             for gw in self.gateways.values()
         }
 
-    def render(self) -> str:
-        """A few lines per twin, for a terminal."""
+    def render(self, now: float | None = None) -> str:
+        """A few lines per twin, for a terminal; with ``now``, subjects silent beyond their heartbeat are marked."""
         lines: list[str] = []
         for gw in self.gateways.values():
             st = gw.status
@@ -146,6 +154,7 @@ class TwinView:
                 lines.append(
                     f"  {s.kind or '?':<10} {s.subject} run {s.run} t={t} windows={s.windows} alarms={s.alarms}"
                     + (f" (older, not shown: {s.stale})" if s.stale else "")
+                    + silent(s, now)
                 )
                 lines.extend("    " + stream_text(stream) for stream in s.streams.values())
                 lines.extend(f"    estimate {estimate_text(e)}" for e in s.estimates.values())
@@ -154,6 +163,20 @@ class TwinView:
                     what = " ".join(x for x in (a.alarm, metric_label(a.metric) if a.metric else "") if x)
                     lines.append(f"    last alarm: {what} at t={number(round(a.t, 1))}")
         return "\n".join(lines)
+
+
+def silent(state: SubjectState, now: float | None) -> str:
+    """A mark for a subject with no window for longer than its heartbeat (plus one window) allows.
+
+    A subject whose streams are unchanged sends a window at least every heartbeat: a longer silence
+    is a loss or a stopped gateway, never "unchanged".
+    """
+    if now is None or state.hb is None or state.received is None:
+        return ""
+    quiet = now - state.received
+    if quiet <= state.hb + state.win:
+        return ""
+    return f" SILENT {number(round(quiet))} s (heartbeat {number(state.hb)} s)"
 
 
 def describe(msg: TwinMessage) -> str:
@@ -167,4 +190,4 @@ def describe(msg: TwinMessage) -> str:
     return f"{head} {describe_record(rec)}"
 
 
-__all__ = ["GatewayState", "SubjectState", "TwinView", "describe"]
+__all__ = ["GatewayState", "SubjectState", "TwinView", "describe", "silent"]
