@@ -123,10 +123,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.config,
         )
     try:
-        return asyncio.run(run_gateway(config, _registry(), stop_after_s=args.duration))
+        code = asyncio.run(run_gateway(config, _registry(), stop_after_s=args.duration))
     except Exception:
         log.exception("edgetwin stopped by an unexpected error (a bug; please report it with this trace)")
         return EXIT_FAILURE
+    from gateway.downlink import restart  # noqa: PLC0415
+
+    if restart.requested() is not None and code == EXIT_OK:
+        restart.exec_again()  # onto a config the twin sent, or back to the previous one
+    return code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -231,7 +236,12 @@ def _add_plugin_commands(groups: dict[str, SubParsers]) -> None:
     # dependencies are not installed is left out; its commands say so when missing.
     from drivers import COMMAND_MODULES  # noqa: PLC0415
 
-    for module_name in ("gateway.uplink.commands", "gateway.observe.commands", *COMMAND_MODULES):
+    for module_name in (
+        "gateway.uplink.commands",
+        "gateway.observe.commands",
+        "gateway.downlink.commands",
+        *COMMAND_MODULES,
+    ):
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:

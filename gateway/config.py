@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from gateway.alarms.config import AlarmsSection
 from gateway.config_base import ConfigModel, CreatableSecretFile, PathField
 from gateway.contracts import DriverSpec, SourceInfo
+from gateway.downlink.config import DownlinkSection
 from gateway.errors import ConfigProblem, InvalidConfigError
 from gateway.estimation.config import EstimatorsSection
 from gateway.inference.build import ModelsSection
@@ -114,6 +115,7 @@ class CoreConfig(ConfigModel):
     alarms: AlarmsSection = AlarmsSection()
     estimators: EstimatorsSection = EstimatorsSection()
     status: StatusSection = StatusSection()
+    downlink: DownlinkSection = DownlinkSection()
 
     @property
     def site_key_path(self) -> Path:

@@ -575,6 +575,11 @@ async def _supervise(
         mq = core.uplink.mqtt
         password = mq.password_file.read_text(encoding="utf-8").strip() if mq.password_file else None
         uplink = MqttUplink(outbox, mq, anonymizer.gateway_pseudonym(core.gateway.name), password=password)
+        if core.downlink.trust_file is not None:
+            from gateway.downlink.unit import Downlink  # noqa: PLC0415
+
+            uplink.downlink = Downlink(config, registry, sup, uplink, uplink.client_id)
+            sup.add(Unit("downlink", Group.UPLINK, uplink.downlink.run))
     else:
         uplink = _NoUplink()
 

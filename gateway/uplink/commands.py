@@ -221,6 +221,7 @@ def add_commands(groups: dict[str, SubParsers]) -> None:
 
     twin = top.add_parser("twin", help="the cloud twin's side: listen to gateways")
     tsub = twin.add_subparsers(dest="twin_what", required=True)
+    groups["twin"] = tsub  # the downlink's twin commands join these
     p = tsub.add_parser("listen", help="subscribe, decode, check sequences, show the latest state")
     p.add_argument("--broker", type=_broker, required=True, help="HOST[:PORT] (default port 8883)")
     p.add_argument("--ca", type=Path, help="CA bundle that signed the broker's certificate")

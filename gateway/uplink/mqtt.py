@@ -99,6 +99,8 @@ class MqttUplink:
             outbox, config, self._profile, self._topic, self._set_beat, topic_root=self.topic_root
         )
         self.counters = self._delivery.counters
+        # The downlink (gateway.downlink.unit): subscribes on each connection, None when off.
+        self.downlink: Any = None
 
     @property
     def delivered(self) -> int:
@@ -298,6 +300,8 @@ class MqttUplink:
             stats = await self._outbox.stats()
             self._dropped_seen = _dropped(stats.dropped)
             self._publish_status(session, "online", dropped=self._dropped_seen)
+            if self.downlink is not None:
+                self.downlink.attach(session.client, self.topic_root)
             queued = stats.queued
             tls_desc = session.tls_desc
             log.info(
@@ -323,6 +327,8 @@ class MqttUplink:
         finally:
             self.connected = False
             self._session = None
+            if self.downlink is not None:
+                self.downlink.detach()
             await run_shielded(self._end_session(session, graceful), _CLEANUP_DEADLINE_S, who="uplink mqtt")
 
     async def _monitor(self, session: Session) -> None:

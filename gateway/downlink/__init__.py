@@ -1,0 +1,1 @@
+"""The downlink: signed desired state from the twin, applied so it cannot brick the gateway (docs/downlink.md)."""

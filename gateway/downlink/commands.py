@@ -1,0 +1,211 @@
+"""CLI of the downlink: ``edgetwin twin keygen | sign-config | publish-config | rollout-status``, ``audit verify``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.downlink import audit
+from gateway.downlink.errors import AuditTamperedError, TrustError
+from gateway.downlink.signing import key_id, public_hex, read_private_key, sign, write_private_key
+from gateway.errors import ConfigError
+from gateway.records.topics import DEFAULT_PREFIX
+from gateway.twin.errors import TwinConfigError, TwinError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Create an Ed25519 signing key (0600) and its public key; add it to a trust file when asked."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = args.out_dir / f"{args.name}.key", args.out_dir / f"{args.name}.pub"
+    if key_path.exists():
+        _err(f"twin keygen: {key_path} exists: pick another --name, or remove it to replace the key")
+        return EXIT_CONFIG
+    key = Ed25519PrivateKey.generate()
+    write_private_key(key_path, key)
+    public = key.public_key()
+    kid = key_id(public)
+    pub_path.write_text(json.dumps({"keyid": kid, "public": public_hex(public)}) + "\n", encoding="utf-8")
+    _say(f"signing key {key_path} (mode 0600), public key {pub_path}, key id {kid}")
+    if args.trust is not None:
+        trust: dict[str, Any] = {"threshold": 1, "keys": {}, "revoked": []}
+        if args.trust.exists():
+            trust = json.loads(args.trust.read_text(encoding="utf-8"))
+        trust.setdefault("keys", {})[kid] = public_hex(public)
+        args.trust.write_text(json.dumps(trust, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        _say(f"trusted in {args.trust}: install it on the gateways as downlink.trust_file")
+    return EXIT_OK
+
+
+def cmd_sign_config(args: argparse.Namespace) -> int:
+    """Sign a config file for one gateway (or every gateway: --gateway '*') as a numbered revision."""
+    content = args.config.read_bytes()
+    keys = [read_private_key(path) for path in args.key]
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_days)
+    envelope = sign(content, keys=keys, gateway=args.gateway, version=args.version, expires=expires)
+    args.out.write_bytes(envelope)
+    _say(
+        f"config {args.config} as revision {args.version} for gateway {args.gateway}, expires "
+        f"{expires:%Y-%m-%dT%H:%M:%SZ}, {len(keys)} signature(s): {args.out}"
+    )
+    return EXIT_OK
+
+
+def _broker(args: argparse.Namespace) -> Any:
+    from gateway.downlink.twin_link import Broker  # noqa: PLC0415 - paho: the optional mqtt extra
+
+    host, _, port = args.broker.rpartition(":")
+    if not host:
+        host, port = args.broker, "8883"
+    return Broker(host.strip("[]"), int(port), args.ca, args.cert, args.key, not args.no_tls, args.protocol)
+
+
+def cmd_publish_config(args: argparse.Namespace) -> int:
+    """Publish a signed revision as the gateway's desired state (retained: an offline gateway gets it later)."""
+    from gateway.downlink.twin_link import publish_desired  # noqa: PLC0415
+
+    envelope = args.envelope.read_bytes()
+    signed = json.loads(envelope)["signed"]
+    if signed["gateway"] not in (args.gateway, "*"):
+        _err(
+            f"twin publish-config: {args.envelope} is signed for {signed['gateway']}, not {args.gateway}: sign it again"
+        )
+        return EXIT_CONFIG
+    topic = f"{args.prefix}/{args.gateway}/desired"
+    publish_desired(_broker(args), topic, envelope)
+    _say(f"revision {signed['version']} published to {topic} (retained)")
+    return EXIT_OK
+
+
+def cmd_rollout_status(args: argparse.Namespace) -> int:
+    """Each gateway's reported state: the revision running, pending, refused and why, audit head."""
+    from gateway.downlink.twin_link import collect_reported  # noqa: PLC0415
+
+    found = collect_reported(_broker(args), args.prefix, args.gateway or [], args.wait)
+    if args.json:
+        _say(json.dumps(found, indent=1, sort_keys=True))
+    else:
+        _say(f"{'gateway':<18} {'phase':<12} {'applied':>7} {'pending':>7}  last refused / audit head")
+        for name in sorted(found):
+            rep = found[name]
+            applied = (rep.get("applied") or {}).get("version", "-")
+            pending = (rep.get("pending") or {}).get("version", "-")
+            refused = rep.get("refused") or []
+            last = f"v{refused[-1].get('version')} {refused[-1].get('reason')}" if refused else "-"
+            head = (rep.get("audit") or {}).get("head", "")[:12]
+            _say(f"{name:<18} {rep.get('phase', '?'):<12} {applied!s:>7} {pending!s:>7}  {last} / {head}")
+    missing = [g for g in args.gateway or [] if g not in found]
+    for g in missing:
+        _say(f"{g}: no reported state (never connected with the downlink on, or another --prefix)")
+    return EXIT_FAILURE if missing else EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Verify the downlink audit log's hash chain; print its head."""
+    path = args.log
+    if path is None:
+        from drivers import REGISTRY  # noqa: PLC0415
+        from gateway.config import load  # noqa: PLC0415
+
+        path = load(args.config, REGISTRY).core.gateway.state_dir / "downlink" / "audit.jsonl"
+    try:
+        head = audit.verify(path)
+    except AuditTamperedError as exc:
+        _err(str(exc))
+        return EXIT_FAILURE
+    _say(f"{path}: {head.count} entries, chain intact, head {head.hash}")
+    if args.expect_head and not head.hash.startswith(args.expect_head):
+        _err(
+            f"{path}: head {head.hash[:16]} is not the head the twin saw ({args.expect_head}): the log was cut or rewritten"
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _guard(func: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            code: int = func(args)
+        except (ConfigError, TwinConfigError, TrustError, OSError) as exc:
+            _err(f"edgetwin {args.command}: {exc}")
+            return EXIT_CONFIG
+        except TwinError as exc:
+            _err(str(exc))
+            return EXIT_FAILURE
+        return code
+
+    return run
+
+
+def _broker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", required=True, help="HOST[:PORT] (default port 8883)")
+    p.add_argument("--ca", type=Path, help="CA bundle that signed the broker's certificate")
+    p.add_argument("--cert", type=Path, help="the twin's client certificate")
+    p.add_argument("--key", type=Path, help="its key")
+    p.add_argument("--no-tls", action="store_true", help="plain TCP (loopback brokers only)")
+    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="the MQTT protocol version")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix of the gateways")
+
+
+def add_commands(groups: dict[str, Any]) -> None:
+    """Add the downlink's twin commands and ``audit verify``."""
+    twin = groups.get("twin")
+    if twin is not None:
+        p = twin.add_parser("keygen", help="create a signing key (0600) for config revisions")
+        p.add_argument("--out-dir", type=Path, required=True, help="where NAME.key and NAME.pub go")
+        p.add_argument("--name", default="twin", help="file name of the key")
+        p.add_argument(
+            "--trust", type=Path, help="add the public key to this trust file (created if missing)"
+        )
+        p.set_defaults(func=_guard(cmd_keygen))
+
+        p = twin.add_parser("sign-config", help="sign a config file as a numbered revision for a gateway")
+        p.add_argument("--config", type=Path, required=True, help="the gateway config file (TOML) to send")
+        p.add_argument(
+            "--key", type=Path, action="append", required=True, help="signing key (repeat for a threshold)"
+        )
+        p.add_argument("--version", type=int, required=True, help="revision number, higher than any before")
+        p.add_argument("--gateway", required=True, help="the gateway's pseudonym, or '*' for every gateway")
+        p.add_argument("--expires-days", type=float, default=7.0, help="refused after this many days")
+        p.add_argument("--out", type=Path, required=True, help="where the signed envelope goes")
+        p.set_defaults(func=_guard(cmd_sign_config))
+
+        p = twin.add_parser("publish-config", help="publish a signed revision as a gateway's desired state")
+        p.add_argument("--gateway", required=True, help="the gateway's pseudonym")
+        p.add_argument("--envelope", type=Path, required=True, help="from 'twin sign-config'")
+        _broker_args(p)
+        p.set_defaults(func=_guard(cmd_publish_config))
+
+        p = twin.add_parser("rollout-status", help="what each gateway runs, has pending or refused")
+        p.add_argument("--gateway", action="append", help="a gateway's pseudonym (repeatable; none: all)")
+        p.add_argument("--wait", type=float, default=2.0, help="seconds to collect reported states")
+        p.add_argument("--json", action="store_true", help="the reported states as JSON")
+        _broker_args(p)
+        p.set_defaults(func=_guard(cmd_rollout_status))
+
+    top = groups["top"]
+    p = top.add_parser("audit", help="the downlink's hash-chained audit log")
+    sub = p.add_subparsers(dest="audit_what", required=True)
+    p = sub.add_parser("verify", help="verify the audit log's hash chain and print its head")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="the gateway's config (the log is in its state directory)")
+    where.add_argument("--log", type=Path, help="the audit log file itself")
+    p.add_argument("--expect-head", help="the head the twin last saw (from rollout-status): must match")
+    p.set_defaults(func=_guard(cmd_audit_verify))

@@ -1,0 +1,78 @@
+"""What the downlink remembers across restarts: the newest accepted version, what runs, what was refused.
+
+Kept in ``<state_dir>/downlink/state.json``, replaced atomically (write, fsync, rename), so a
+power cut leaves the old or the new state, never half of one.  ``accepted`` only grows: a version
+once verified (applied, rolled back or refused for its content) is never taken again - the
+anti-rollback counter of the signed envelopes and the "nothing applied twice" of the downlink.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REFUSED_KEPT = 8
+
+
+@dataclass(slots=True)
+class Pending:
+    """A config revision written in place and not yet proven: the gateway restarted onto it."""
+
+    version: int
+    sha256: str
+    backup: str  # the previous config file, to restore on rollback
+    excused: list[str]  # units not healthy before the restart: not required after it (a device away)
+    starts: int = 0  # process starts on this revision (a crash loop rolls back)
+
+
+@dataclass(slots=True)
+class DownlinkState:
+    """The persisted state; see the module docstring."""
+
+    accepted: int = 0
+    applied: dict[str, Any] | None = None  # {"version", "sha256", "at"} of the config running now
+    refused: list[dict[str, Any]] = field(default_factory=list)  # newest last
+    pending: Pending | None = None
+    last_rollback: dict[str, Any] | None = None
+
+    def refuse(self, version: int | None, reason: str, detail: str, at: str) -> None:
+        """Remember a refusal (the newest few)."""
+        self.refused.append({"version": version, "reason": reason, "detail": detail, "at": at})
+        del self.refused[:-REFUSED_KEPT]
+
+
+def load(path: Path) -> DownlinkState:
+    """The state from disk; a fresh state when there is none."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return DownlinkState()
+    pending = data.pop("pending", None)
+    state = DownlinkState(**data)
+    state.pending = Pending(**pending) if pending else None
+    return state
+
+
+def save(path: Path, state: DownlinkState) -> None:
+    """Replace the state on disk atomically."""
+    write_atomic(path, json.dumps(asdict(state), indent=1, sort_keys=True).encode())
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, fsynced, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

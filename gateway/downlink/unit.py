@@ -1,0 +1,349 @@
+"""The downlink unit: desired state in over the uplink's MQTT session, reported state out.
+
+Topics, under the gateway's topic root ``<prefix>/<pseudonym>``:
+
+* ``desired`` (the twin publishes, retained, QoS 1): a signed config envelope.  Retained, so a
+  gateway that was offline gets the newest one when it connects; older ones are gone.
+* ``cmd`` (the twin publishes, QoS 1): ``{"cmd": "report"}`` asks for the reported state again.
+* ``reported`` (the gateway publishes, retained, QoS 1): what runs now, what is being applied,
+  what was refused and why, and the audit log's head.
+
+A desired state goes: quarantine -> verified (:mod:`~gateway.downlink.signing`) -> staged and
+checked as ``edgetwin check`` checks -> written in place of the config file (the old one kept) ->
+the gateway restarts onto it -> *probation*: READY, every unit that was healthy before healthy
+again and the broker reached, within ``apply_deadline_s`` -> applied; otherwise the old file is
+restored and the gateway restarts onto it (rolled back).  Each step is in the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Config
+from gateway.contracts import DriverSpec
+from gateway.downlink import restart
+from gateway.downlink import state as persist
+from gateway.downlink.audit import AuditLog
+from gateway.downlink.errors import RefusedError
+from gateway.downlink.signing import Trust, Verified, verify
+from gateway.supervisor import Supervisor, UnitState
+
+log = logging.getLogger(__name__)
+
+MAX_STARTS_ON_PENDING = 3  # process starts on an unproven revision before it counts as a crash loop
+_POLL_S = 0.25
+_REPORT_EVERY_S = 1.0
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Downlink:
+    """Receives desired state, applies it so it cannot brick the gateway, reports back."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Mapping[str, DriverSpec],
+        supervisor: Supervisor,
+        uplink: Any,
+        gateway_id: str,
+    ) -> None:
+        core = config.core
+        self._config = config
+        self._section = core.downlink
+        self._registry = registry
+        self._sup = supervisor
+        self._uplink = uplink
+        self.gateway_id = gateway_id
+        self.dir = core.gateway.state_dir / "downlink"
+        self.quarantine = self.dir / "quarantine"
+        self._state_path = self.dir / "state.json"
+        self.state = persist.DownlinkState()
+        self.audit: AuditLog | None = None
+        self._trust: Trust | None = None
+        self._client: Any = None
+        self._root = ""
+        self._desired: bytes | None = None  # the newest desired state not yet handled
+        self._wake = asyncio.Event()
+        self.phase = "starting"
+
+    # --- the hook the MQTT uplink calls on each connection ----------------------------------------
+
+    def attach(self, client: Any, topic_root: str) -> None:
+        """Subscribe on a new connection and publish the reported state."""
+        self._client, self._root = client, topic_root
+        client.on_message = self._on_message
+        client.subscribe([(f"{topic_root}/desired", 1), (f"{topic_root}/cmd", 1)])
+        self.report()
+
+    def detach(self) -> None:
+        """The connection ended: nothing to publish on until the next one."""
+        self._client = None
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        # paho calls this on the event loop (the uplink drives its network loop there).
+        if message.topic.endswith("/desired"):
+            if message.payload:
+                self._desired = bytes(
+                    message.payload
+                )  # the newest wins; an older one not yet handled is dropped
+                self._wake.set()
+        elif message.topic.endswith("/cmd"):
+            try:
+                cmd = json.loads(message.payload).get("cmd")
+            except (ValueError, AttributeError):
+                cmd = None
+            if cmd == "report":
+                self.report()
+            else:
+                log.warning("downlink %s/cmd: unknown command %r: ignored; known: report", self._root, cmd)
+
+    def report(self) -> None:
+        """Publish the reported state (retained) when connected."""
+        client = self._client
+        if client is None:
+            return
+        with contextlib.suppress(Exception):  # a connection closing under us: the next attach reports
+            client.publish(f"{self._root}/reported", json.dumps(self.reported()).encode(), qos=1, retain=True)
+
+    def reported(self) -> dict[str, Any]:
+        """The reported state: what runs, what is pending, what was refused and why, the audit head."""
+        st = self.state
+        head = self.audit.head if self.audit is not None else None
+        return {
+            "phase": self.phase,
+            "applied": st.applied,
+            "accepted": st.accepted,
+            "pending": None if st.pending is None else {"version": st.pending.version},
+            "refused": st.refused[-3:],
+            "last_rollback": st.last_rollback,
+            "audit": None if head is None else {"count": head.count, "head": head.hash},
+            "units": self._units_now(),
+        }
+
+    # --- the unit -------------------------------------------------------------------------------
+
+    async def run(self, started: Callable[[], None]) -> None:
+        """Load trust and state, finish a pending apply, then handle desired states as they come."""
+        trust_file = self._section.trust_file
+        if trust_file is None:
+            raise RuntimeError("downlink: started without downlink.trust_file")
+        self._trust = await asyncio.to_thread(Trust.load, trust_file)
+        self.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state = persist.load(self._state_path)
+        self.audit = AuditLog(self.dir / "audit.jsonl")
+        started()
+        if self.state.pending is not None and not await self._probation():
+            await asyncio.Event().wait()  # rolling back: the supervisor stops the gateway
+        self.phase = "running"
+        self.report()
+        shown = self._units_now()
+        while True:
+            # Unit states are reported when they change (checked each second), not on each poll.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_REPORT_EVERY_S):
+                    await self._wake.wait()
+            if (units := self._units_now()) != shown:
+                shown = units
+                self.report()
+            if not self._wake.is_set():
+                continue
+            self._wake.clear()
+            data, self._desired = self._desired, None
+            if data is not None and await self._handle(data):
+                return  # restarting onto the new config
+
+    def _units_now(self) -> dict[str, str]:
+        return {u.name: str(u.state) for u in self._sup.units}
+
+    # --- receiving ------------------------------------------------------------------------------
+
+    async def _handle(self, data: bytes) -> bool:
+        """Verify, stage, check and apply one desired state; True when the gateway restarts for it."""
+        audit, st = self.audit, self.state
+        assert audit is not None
+        assert self._trust is not None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in _seen(self.dir):
+            return False  # the retained message again, after a reconnect: handled before
+        _remember(self.dir, digest)
+        held = self.quarantine / f"{digest[:16]}.envelope"
+        persist.write_atomic(held, data)
+        audit.append("received", detail=f"{len(data)} bytes", sha256=digest)
+        try:
+            found = verify(
+                data,
+                self._trust,
+                gateway=self.gateway_id,
+                accepted_version=st.accepted,
+                now=dt.datetime.now(dt.UTC),
+            )
+        except RefusedError as exc:
+            self._refuse(None, exc.reason, str(exc))
+            held.unlink(missing_ok=True)
+            return False
+        held.unlink(missing_ok=True)
+        audit.append(
+            "verified", version=found.version, keys=[k[:12] for k in found.keyids], sha256=found.sha256
+        )
+        return await self._apply(found)
+
+    def _refuse(self, version: int | None, reason: str, detail: str) -> None:
+        assert self.audit is not None
+        log.warning(
+            "downlink: desired state%s refused: %s: %s", f" v{version}" if version else "", reason, detail
+        )
+        self.audit.append("refused", version=version, reason=reason, detail=detail)
+        self.state.refuse(version, reason, detail, _now())
+        persist.save(self._state_path, self.state)
+        self.report()
+
+    async def _apply(self, found: Verified) -> bool:
+        """Stage and check the new config, write it in place, restart onto it."""
+        assert self.audit is not None
+        st, version = self.state, found.version
+        st.accepted = version  # verified: never taken again, whatever happens next
+        staged_dir = self.dir / "staged"
+        staged_dir.mkdir(exist_ok=True, mode=0o700)
+        staged = staged_dir / f"config-v{version}.toml"
+        persist.write_atomic(staged, found.content)
+        problems = await asyncio.to_thread(self._check, staged)
+        if problems:
+            self._refuse(version, "invalid-config", problems)
+            return False
+        live = self._config.file
+        backup = self.dir / "previous.toml"
+        try:
+            await asyncio.to_thread(shutil.copy2, live, backup)
+            await asyncio.to_thread(persist.write_atomic, live, found.content, live.stat().st_mode & 0o777)
+        except OSError as exc:
+            self._refuse(
+                version,
+                "cannot-write-config",
+                f"{live}: {exc.strerror}: let the service write its config directory (ReadWritePaths)",
+            )
+            return False
+        excused = [
+            u.name for u in self._sup.units if not _healthy(u, time.monotonic()) and u.name != "downlink"
+        ]
+        st.pending = persist.Pending(version, found.sha256, str(backup), excused)
+        persist.save(self._state_path, st)
+        self.audit.append(
+            "applying", version=version, detail=f"written to {live}; restarting", excused=excused
+        )
+        self.phase = "applying"
+        self.report()
+        log.info("downlink: config v%d written to %s: restarting onto it", version, live)
+        restart.request(f"config v{version}")
+        self._sup.request_stop()
+        return True
+
+    def _check(self, staged: Path) -> str:
+        """The failures ``edgetwin check`` finds in the staged file (offline), or ""."""
+        from gateway.observe.check import run_check  # noqa: PLC0415 - heavy; only when a revision comes
+
+        report = run_check(staged, self._registry)
+        lines = [" ".join(f.render().split()) for f in report.failures]
+        core = report.config.core if report.config is not None else None
+        if core is not None and core.gateway.state_dir != self._config.core.gateway.state_dir:
+            lines.append(
+                f"gateway.state_dir: {core.gateway.state_dir} differs from {self._config.core.gateway.state_dir}: "
+                "a revision cannot move the state directory (the outbox, keys and this log live there)"
+            )
+        if core is not None and core.downlink.trust_file is None:
+            lines.append("downlink.trust_file: missing: the gateway would stop listening to the twin")
+        return "; ".join(lines)
+
+    # --- probation after a restart onto a new config --------------------------------------------
+
+    async def _probation(self) -> bool:
+        """Wait for READY with the required units healthy; False (rolling back) when the deadline passes."""
+        assert self.audit is not None
+        st, pending = self.state, self.state.pending
+        assert pending is not None
+        pending.starts += 1
+        persist.save(self._state_path, st)
+        self.phase = "probation"
+        deadline_s, settle_s = self._section.apply_deadline_s, self._section.settle_s
+        end = time.monotonic() + deadline_s
+        healthy_since: float | None = None
+        why = f"crashed or was stopped {pending.starts - 1} time(s) on it"
+        while pending.starts <= MAX_STARTS_ON_PENDING and (now := time.monotonic()) < end:
+            why = self._unhealthy(pending, now)
+            if why:
+                healthy_since = None
+            elif healthy_since is None:
+                healthy_since = now
+            elif now - healthy_since >= settle_s:
+                st.applied = {"version": pending.version, "sha256": pending.sha256, "at": _now()}
+                st.pending = None
+                persist.save(self._state_path, st)
+                self.audit.append(
+                    "applied", version=pending.version, detail="READY, units healthy, broker reached"
+                )
+                log.info("downlink: config v%d applied: READY with every unit healthy", pending.version)
+                return True
+            await asyncio.sleep(_POLL_S)
+        self._rollback(pending, why or "not healthy long enough")
+        return False
+
+    def _unhealthy(self, pending: persist.Pending, now: float) -> str:
+        """Why the gateway is not yet healthy on the new config, or ""."""
+        if not self._sup.ready:
+            return "not READY"
+        bad = [
+            f"{u.name} {u.state}{': ' + u.last_error if u.last_error else ''}"
+            for u in self._sup.units
+            if u.name != "downlink" and u.name not in pending.excused and not _healthy(u, now)
+        ]
+        if getattr(self._uplink, "connected", True) is False:
+            bad.append(f"uplink not connected to the broker ({getattr(self._uplink, 'problem', '')})")
+        return "; ".join(bad)
+
+    def _rollback(self, pending: persist.Pending, why: str) -> None:
+        """Restore the previous config file and restart onto it."""
+        assert self.audit is not None
+        st = self.state
+        live = self._config.file
+        persist.write_atomic(live, Path(pending.backup).read_bytes(), live.stat().st_mode & 0o777)
+        detail = f"not healthy within {self._section.apply_deadline_s:g} s: {why}"
+        log.warning("downlink: config v%d rolled back: %s", pending.version, detail)
+        st.pending = None
+        st.last_rollback = {"version": pending.version, "reason": detail, "at": _now()}
+        st.refuse(pending.version, "rolled-back", detail, _now())
+        persist.save(self._state_path, st)
+        self.audit.append("rolled-back", version=pending.version, detail=detail)
+        self.phase = "rolling back"
+        restart.request(f"rollback of config v{pending.version}")
+        self._sup.request_stop()
+
+
+def _healthy(unit: Any, now: float) -> bool:
+    return bool(unit.state == UnitState.RUNNING and unit.stale_reason(now) is None)
+
+
+_SEEN_KEPT = 16
+
+
+def _seen(directory: Path) -> list[str]:
+    try:
+        return list(json.loads((directory / "seen.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return []
+
+
+def _remember(directory: Path, digest: str) -> None:
+    seen = [*_seen(directory), digest][-_SEEN_KEPT:]
+    persist.write_atomic(directory / "seen.json", json.dumps(seen).encode())
