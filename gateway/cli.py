@@ -126,11 +126,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = asyncio.run(run_gateway(config, _registry(), stop_after_s=args.duration))
     except Exception:
         log.exception("edgetwin stopped by an unexpected error (a bug; please report it with this trace)")
-        return EXIT_FAILURE
+        code = EXIT_FAILURE
     from gateway.downlink import restart  # noqa: PLC0415
 
     if restart.requested() is not None and code == EXIT_OK:
         restart.exec_again()  # onto a config the twin sent, or back to the previous one
+    if code != EXIT_OK and config.core.downlink.trust_file is not None:
+        from gateway.downlink.unit import roll_back_after_exit  # noqa: PLC0415
+
+        if roll_back_after_exit(config, code):
+            restart.exec_again()
     return code
 
 

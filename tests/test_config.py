@@ -25,7 +25,7 @@ profile = "patient"
 device = "A4:C1:38:00:00:01"
 """
 
-CORE_KEYS = "alarms, estimators, gateway, logging, models, outbox, pipeline, privacy, runtime, sources, status, uplink"
+CORE_KEYS = "alarms, downlink, estimators, gateway, logging, models, outbox, pipeline, privacy, runtime, sources, status, uplink"
 
 # (name, config text, [exact problem lines without the "<file>: " prefix])
 BAD_CONFIGS: list[tuple[str, str, list[str]]] = [

@@ -200,6 +200,11 @@ def add_commands(groups: dict[str, Any]) -> None:
         _broker_args(p)
         p.set_defaults(func=_guard(cmd_rollout_status))
 
+    from gateway.downlink.checks import trust_findings  # noqa: PLC0415
+    from gateway.observe.check import OFFLINE_CHECKS  # noqa: PLC0415
+
+    if trust_findings not in OFFLINE_CHECKS:
+        OFFLINE_CHECKS.append(trust_findings)  # 'edgetwin check' checks the trust file too
     top = groups["top"]
     p = top.add_parser("audit", help="the downlink's hash-chained audit log")
     sub = p.add_subparsers(dest="audit_what", required=True)

@@ -76,6 +76,7 @@ class Downlink:
         self._client: Any = None
         self._root = ""
         self._desired: bytes | None = None  # the newest desired state not yet handled
+        self._digest = ""  # SHA-256 of the desired state being handled
         self._wake = asyncio.Event()
         self.phase = "starting"
 
@@ -175,10 +176,9 @@ class Downlink:
         audit, st = self.audit, self.state
         assert audit is not None
         assert self._trust is not None
-        digest = hashlib.sha256(data).hexdigest()
+        digest = self._digest = hashlib.sha256(data).hexdigest()
         if digest in _seen(self.dir):
             return False  # the retained message again, after a reconnect: handled before
-        _remember(self.dir, digest)
         held = self.quarantine / f"{digest[:16]}.envelope"
         persist.write_atomic(held, data)
         audit.append("received", detail=f"{len(data)} bytes", sha256=digest)
@@ -208,6 +208,7 @@ class Downlink:
         self.audit.append("refused", version=version, reason=reason, detail=detail)
         self.state.refuse(version, reason, detail, _now())
         persist.save(self._state_path, self.state)
+        _remember(self.dir, self._digest)
         self.report()
 
     async def _apply(self, found: Verified) -> bool:
@@ -240,6 +241,7 @@ class Downlink:
         ]
         st.pending = persist.Pending(version, found.sha256, str(backup), excused)
         persist.save(self._state_path, st)
+        _remember(self.dir, self._digest)
         self.audit.append(
             "applying", version=version, detail=f"written to {live}; restarting", excused=excused
         )
@@ -252,9 +254,12 @@ class Downlink:
 
     def _check(self, staged: Path) -> str:
         """The failures ``edgetwin check`` finds in the staged file (offline), or ""."""
-        from gateway.observe.check import run_check  # noqa: PLC0415 - heavy; only when a revision comes
+        from gateway.downlink.checks import trust_findings  # noqa: PLC0415
+        from gateway.observe.check import OFFLINE_CHECKS, run_check  # noqa: PLC0415 - only when one comes
 
         report = run_check(staged, self._registry)
+        if report.config is not None and trust_findings not in OFFLINE_CHECKS:
+            report.findings += trust_findings(report.config)
         lines = [" ".join(f.render().split()) for f in report.failures]
         core = report.config.core if report.config is not None else None
         if core is not None and core.gateway.state_dir != self._config.core.gateway.state_dir:
@@ -315,19 +320,40 @@ class Downlink:
     def _rollback(self, pending: persist.Pending, why: str) -> None:
         """Restore the previous config file and restart onto it."""
         assert self.audit is not None
-        st = self.state
-        live = self._config.file
-        persist.write_atomic(live, Path(pending.backup).read_bytes(), live.stat().st_mode & 0o777)
         detail = f"not healthy within {self._section.apply_deadline_s:g} s: {why}"
-        log.warning("downlink: config v%d rolled back: %s", pending.version, detail)
-        st.pending = None
-        st.last_rollback = {"version": pending.version, "reason": detail, "at": _now()}
-        st.refuse(pending.version, "rolled-back", detail, _now())
-        persist.save(self._state_path, st)
-        self.audit.append("rolled-back", version=pending.version, detail=detail)
+        roll_back(self._config.file, self.dir, self.state, self.audit, detail)
         self.phase = "rolling back"
+        self.report()
         restart.request(f"rollback of config v{pending.version}")
         self._sup.request_stop()
+
+
+def roll_back(live: Path, directory: Path, st: persist.DownlinkState, audit: AuditLog, detail: str) -> None:
+    """Put the config file from before the pending revision back, and record why."""
+    pending = st.pending
+    assert pending is not None
+    persist.write_atomic(live, Path(pending.backup).read_bytes(), live.stat().st_mode & 0o777)
+    log.warning("downlink: config v%d rolled back: %s", pending.version, detail)
+    st.pending = None
+    st.last_rollback = {"version": pending.version, "reason": detail, "at": _now()}
+    st.refuse(pending.version, "rolled-back", detail, _now())
+    persist.save(directory / "state.json", st)
+    audit.append("rolled-back", version=pending.version, detail=detail)
+
+
+def roll_back_after_exit(config: Config, code: int) -> bool:
+    """After ``edgetwin run`` ended with ``code`` on a revision still on probation: roll it back.
+
+    A revision that passed the checks and still ends the process before probation could judge it
+    (a failure at start) must not leave the gateway down; True when the previous file is back.
+    """
+    directory = config.core.gateway.state_dir / "downlink"
+    st = persist.load(directory / "state.json")
+    if st.pending is None:
+        return False
+    detail = f"the gateway exited with code {code} on it before it could be judged"
+    roll_back(config.file, directory, st, AuditLog(directory / "audit.jsonl"), detail)
+    return True
 
 
 def _healthy(unit: Any, now: float) -> bool:

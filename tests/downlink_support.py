@@ -1,0 +1,178 @@
+"""Shared pieces of the downlink tests and benchmark: a site with a broker, a gateway process, a twin."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.downlink.signing import key_id, public_hex, sign, write_private_key
+from gateway.downlink.twin_link import Broker, collect_reported, publish_desired
+from gateway.records.topics import DEFAULT_PREFIX
+from gateway.uplink.broker import MosquittoBroker
+from gateway.uplink.certs import DemoPKI
+from gateway.uplink.commands import _gateway_pseudonym
+
+ROOT = Path(__file__).resolve().parent.parent
+DEADLINE_S = 8.0
+# A revision that is meant to fail needs no margin for a slow start: it carries a shorter deadline.
+SHORT_DEADLINE_S = 4.0
+
+
+def source(name: str, profile: str = "patient", device: str = "A4:C1:38:00:00:07") -> str:
+    kind = "industrial" if profile == "pump" else "medical"
+    return f"""
+[[sources]]
+name = "{name}"
+driver = "sim"
+subject = "{name}-subject"
+kind = "{kind}"
+profile = "{profile}"
+device = "{device}"
+"""
+
+
+BROKEN_SOURCE = """
+[[sources]]
+name = "bed7-sim"
+driver = "serial"
+subject = "bed7-sim-subject"
+port = "/dev/edgetwin-test-no-such-port"
+protocol = "nonin2"
+"""
+
+
+@dataclass
+class Site:
+    tmp: Path
+    pki: DemoPKI
+    broker: MosquittoBroker
+    config: Path
+    key: Ed25519PrivateKey
+    gateway: str
+    proc: subprocess.Popen[str] | None = None
+
+    def text(self, sources: str, *, port: int | None = None, deadline_s: float = DEADLINE_S) -> str:
+        b = self.broker
+        return f"""[gateway]
+name = "ward7-hub"
+state_dir = "{self.tmp / "state"}"
+[pipeline]
+window_s = 2.0
+hop_s = 1.0
+grace_s = 0.3
+sensor_lost_s = 2.0
+[runtime]
+drain_deadline_s = 3.0
+start_timeout_s = 10.0
+[downlink]
+trust_file = "{self.tmp / "trust.json"}"
+apply_deadline_s = {deadline_s}
+settle_s = 1.0
+[uplink]
+kind = "mqtt"
+[uplink.mqtt]
+host = "{b.host}"
+port = {port or b.port}
+ca_file = "{self.pki.ca_file}"
+cert_file = "{self.pki.gateway.cert}"
+key_file = "{self.pki.gateway.key}"
+reconnect_min_s = 0.2
+reconnect_max_s = 1.0
+connect_timeout_s = 2.0
+{sources}"""
+
+    @property
+    def twin(self) -> Broker:
+        p = self.pki
+        return Broker(self.broker.host, self.broker.port, p.ca_file, p.twin.cert, p.twin.key)
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("RUNTIME_DIRECTORY", None)
+        with (self.tmp / "gateway.log").open("a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                text=True,
+            )
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def envelope(self, version: int, sources: str, **kw: Any) -> bytes:
+        return sign(
+            self.text(sources, **kw).encode(),
+            keys=[self.key],
+            gateway=self.gateway,
+            version=version,
+            expires=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+        )
+
+    def publish(self, envelope: bytes) -> None:
+        publish_desired(self.twin, f"{DEFAULT_PREFIX}/{self.gateway}/desired", envelope)
+
+    def reported(
+        self, until: Callable[[dict[str, Any]], bool], what: str, timeout: float = 45.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        rep: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            assert self.proc.poll() is None, (self.tmp / "gateway.log").read_text()[-3000:]
+            rep = collect_reported(self.twin, DEFAULT_PREFIX, [self.gateway], 1.0).get(self.gateway, {})
+            if rep and until(rep):
+                return rep
+            time.sleep(0.2)
+        raise AssertionError(
+            f"not {what} within {timeout} s: {rep}\n{(self.tmp / 'gateway.log').read_text()[-3000:]}"
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        path = self.tmp / "state" / "downlink" / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def new_site(tmp: Path, pki: DemoPKI, broker: MosquittoBroker) -> Site:
+    """A site: a twin signing key trusted by a gateway config with one simulated patient source."""
+    key = Ed25519PrivateKey.generate()
+    write_private_key(tmp / "twin.key", key)
+    pub = key.public_key()
+    (tmp / "trust.json").write_text(json.dumps({"keys": {key_id(pub): public_hex(pub)}}))
+    config = tmp / "edgetwin.toml"
+    site = Site(tmp, pki, broker, config, key, "")
+    config.write_text(site.text(source("bed7-sim")))
+    site.gateway = _gateway_pseudonym(config)
+    return site
+
+
+def running(name: str) -> Callable[[dict[str, Any]], bool]:
+    """A predicate on the reported state: unit ``name`` runs."""
+    return lambda rep: rep.get("units", {}).get(name) == "running"
+
+
+def applied(version: int) -> Callable[[dict[str, Any]], bool]:
+    """A predicate on the reported state: ``version`` is applied."""
+    return lambda rep: (rep.get("applied") or {}).get("version") == version

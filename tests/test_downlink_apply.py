@@ -1,0 +1,73 @@
+"""Rolling back a revision the gateway exited on before probation could judge it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from drivers import REGISTRY
+from gateway.cli import main
+from gateway.config import load
+from gateway.downlink import audit
+from gateway.downlink import state as persist
+from gateway.downlink.checks import trust_findings
+from gateway.downlink.signing import key_id, public_hex
+from gateway.downlink.unit import roll_back_after_exit
+from gateway.observe.check import Level
+
+
+def _config(tmp: Path, name: str) -> str:
+    return f'[gateway]\nname = "{name}"\nstate_dir = "{tmp / "state"}"\n[downlink]\ntrust_file = "{tmp / "t.json"}"\n'
+
+
+def test_an_exit_on_a_pending_revision_restores_the_previous_file(tmp_path: Path) -> None:
+    live = tmp_path / "edgetwin.toml"
+    live.write_text(_config(tmp_path, "new"))
+    directory = tmp_path / "state" / "downlink"
+    directory.mkdir(parents=True)
+    backup = directory / "previous.toml"
+    backup.write_text(_config(tmp_path, "old"))
+    st = persist.DownlinkState(accepted=4, pending=persist.Pending(4, "ab" * 32, str(backup), []))
+    persist.save(directory / "state.json", st)
+    config = load(live, REGISTRY)
+
+    assert roll_back_after_exit(config, 78) is True
+    assert live.read_text() == backup.read_text()
+    after = persist.load(directory / "state.json")
+    assert after.pending is None
+    assert after.accepted == 4  # never taken again
+    assert after.refused[-1]["reason"] == "rolled-back"
+    assert "exited with code 78" in after.refused[-1]["detail"]
+    entries = [json.loads(line) for line in (directory / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["version"]) for e in entries] == [("rolled-back", 4)]
+    assert audit.verify(directory / "audit.jsonl").count == 1
+    # Nothing pending: an ordinary failure leaves the file alone.
+    assert roll_back_after_exit(config, 1) is False
+    assert live.read_text() == backup.read_text()
+
+
+def test_check_reports_the_trust_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    live = tmp_path / "edgetwin.toml"
+    live.write_text(_config(tmp_path, "gw") + '[uplink]\nkind = "local"\n')
+    assert main(["check", "--config", str(live), "--quiet"]) == 78
+    assert 'the downlink rides on the MQTT uplink: set uplink.kind = "mqtt"' in capsys.readouterr().out
+    config = load(live, REGISTRY)
+    (tmp_path / "t.json").write_text("{}")
+    mqtt = replace(
+        config,
+        core=config.core.model_copy(
+            update={"uplink": config.core.uplink.model_copy(update={"kind": "mqtt"})}
+        ),
+    )
+    assert "write it with 'edgetwin twin keygen --trust FILE'" in trust_findings(mqtt)[0].fix
+    key = Ed25519PrivateKey.generate().public_key()
+    (tmp_path / "t.json").write_text(json.dumps({"keys": {key_id(key): public_hex(key)}, "threshold": 1}))
+    found = trust_findings(mqtt)
+    assert (found[0].level, found[0].message) == (
+        Level.PASS,
+        f"trust file {tmp_path / 't.json'}: 1 key(s), threshold 1, 0 revoked",
+    )
