@@ -18,6 +18,7 @@ from gateway.downlink.checks import trust_findings
 from gateway.downlink.signing import key_id, public_hex
 from gateway.downlink.unit import roll_back_after_exit
 from gateway.observe.check import Level
+from gateway.uplink.config import MqttSection
 
 
 def _config(tmp: Path, name: str) -> str:
@@ -71,3 +72,17 @@ def test_check_reports_the_trust_file(tmp_path: Path, capsys: pytest.CaptureFixt
         Level.PASS,
         f"trust file {tmp_path / 't.json'}: 1 key(s), threshold 1, 0 revoked",
     )
+
+
+def test_check_fails_the_downlink_on_the_azure_profile(tmp_path: Path) -> None:
+    live = tmp_path / "edgetwin.toml"
+    live.write_text(_config(tmp_path, "gw"))
+    config = load(live, REGISTRY)
+    mqtt = MqttSection.model_validate(
+        {"host": "hub1.azure-devices.net", "profile": "azure", "protocol": "3.1.1", "azure_hub": "hub1"}
+    )
+    uplink = config.core.uplink.model_copy(update={"kind": "mqtt", "mqtt": mqtt})
+    azure = replace(config, core=config.core.model_copy(update={"uplink": uplink}))
+    found = trust_findings(azure)
+    assert found[0].level is Level.FAIL
+    assert "device-twin topics are not mapped yet" in found[0].message

@@ -7,18 +7,22 @@ READY with its units healthy and the broker reached, else the old file is restor
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from downlink_support import BROKEN_SOURCE, SHORT_DEADLINE_S, Site, applied, new_site, running, source
 from peers import free_port
 from uplink_support import mosquitto_pki, running_broker
 
 from gateway.downlink import audit
+from gateway.downlink.signing import sign
 from gateway.uplink.certs import DemoPKI
 
 pytestmark = pytest.mark.slow
@@ -99,6 +103,7 @@ def test_a_revision_applied_end_to_end_with_the_twin_cli(site: Site) -> None:
     print(f"publish -> applied: {took:.1f} s")
 
 
+@pytest.mark.campaign
 def test_a_revision_that_breaks_a_source_is_rolled_back(site: Site) -> None:
     site.start()
     site.reported(running("source:bed7-sim"), "running")
@@ -132,10 +137,14 @@ def test_an_uplink_that_cannot_reach_the_broker_is_rolled_back(site: Site) -> No
     assert site.config.read_bytes() == original  # and it reported this over the old settings
 
 
-def test_an_offline_gateway_applies_only_the_newest_of_three(site: Site) -> None:
-    site.start()
-    site.reported(running("source:bed7-sim"), "running")
-    site.stop()
+def refused(reason: str) -> Callable[[dict[str, Any]], bool]:
+    """A predicate on the reported state: the newest refusal is for ``reason``."""
+    return lambda rep: bool(rep["refused"]) and rep["refused"][-1].get("reason") == reason
+
+
+def test_offline_newest_of_three_applied_invalid_ones_refused_a_broken_one_rolled_back(site: Site) -> None:
+    """The default run's share; the scenarios above run under the campaign marker."""
+    # The gateway is offline (not started) while the twin publishes three revisions.
     for version in (1, 2, 3):
         extra = source(f"bed{version + 10}-sim", device=f"A4:C1:38:00:00:{version + 10}")
         site.publish(site.envelope(version, source("bed7-sim") + extra))
@@ -149,3 +158,44 @@ def test_an_offline_gateway_applies_only_the_newest_of_three(site: Site) -> None
         ("applying", 3),
         ("applied", 3),
     ]
+    # Refused over the live session, without a restart and without touching the running config.
+    running_config = site.config.read_bytes()
+    attacker = Ed25519PrivateKey.generate()
+    forged = sign(
+        running_config,
+        keys=[attacker],
+        gateway=site.gateway,
+        version=9,
+        expires=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+    )
+    invalid = source("bed7-sim") + '[[sources]]\nname = "x"\ndriver = "no-such-driver"\nsubject = "s"\n'
+    for envelope, reason in (
+        (site.envelope(2, source("bed7-sim")), "rollback"),
+        (forged, "bad-signature"),
+        (site.envelope(4, invalid), "invalid-config"),
+    ):
+        site.publish(envelope)
+        rep = site.reported(refused(reason), reason)
+        assert rep["applied"]["version"] == 3
+    assert "no-such-driver" in rep["refused"][-1]["detail"]
+    assert site.config.read_bytes() == running_config
+    assert site.proc is not None
+    assert list((site.tmp / "state" / "downlink" / "quarantine").iterdir()) == []
+    assert [(e["event"], e.get("version"), e.get("reason")) for e in site.events()[4:]] == [
+        ("received", None, None),
+        ("refused", None, "rollback"),
+        ("received", None, None),
+        ("refused", None, "bad-signature"),
+        ("received", None, None),
+        ("verified", 4, None),
+        ("refused", 4, "invalid-config"),
+    ]
+    assert audit.verify(site.tmp / "state" / "downlink" / "audit.jsonl").hash == rep["audit"]["head"]
+    # A revision that breaks a source: applied, judged, rolled back onto v3.
+    site.publish(site.envelope(5, BROKEN_SOURCE, deadline_s=SHORT_DEADLINE_S))
+    rep = site.reported(lambda r: (r.get("last_rollback") or {}).get("version") == 5, "v5 rolled back")
+    assert "source:bed7-sim" in rep["last_rollback"]["reason"]
+    assert site.config.read_bytes() == running_config
+    rep = site.reported(lambda r: r["phase"] == "running" and running("source:bed13-sim")(r), "v3 again")
+    assert rep["applied"]["version"] == 3
+    assert [e["event"] for e in site.events()[-4:]] == ["received", "verified", "applying", "rolled-back"]

@@ -36,6 +36,7 @@ from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
 from gateway.downlink.errors import RefusedError
 from gateway.downlink.signing import Trust, Verified, verify
+from gateway.errors import ConfigError
 from gateway.supervisor import Supervisor, UnitState
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,15 @@ class Downlink:
         self._digest = ""  # SHA-256 of the desired state being handled
         self._wake = asyncio.Event()
         self.phase = "starting"
+        mqtt = core.uplink.mqtt
+        self._azure = mqtt is not None and mqtt.profile == "azure"
 
     # --- the hook the MQTT uplink calls on each connection ----------------------------------------
 
     def attach(self, client: Any, topic_root: str) -> None:
         """Subscribe on a new connection and publish the reported state."""
+        if self._azure:
+            return  # IoT Hub allows its own device topics only: run() says so once
         self._client, self._root = client, topic_root
         client.on_message = self._on_message
         client.subscribe([(f"{topic_root}/desired", 1), (f"{topic_root}/cmd", 1)])
@@ -141,6 +146,11 @@ class Downlink:
         trust_file = self._section.trust_file
         if trust_file is None:
             raise RuntimeError("downlink: started without downlink.trust_file")
+        if self._azure:
+            raise ConfigError(
+                "downlink: uplink.mqtt.profile azure: IoT Hub's device-twin topics are not mapped yet: "
+                "remove [downlink] trust_file on this gateway, or use the generic or aws profile"
+            )
         self._trust = await asyncio.to_thread(Trust.load, trust_file)
         self.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state = persist.load(self._state_path)
