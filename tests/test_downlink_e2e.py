@@ -8,6 +8,7 @@ READY with its units healthy and the broker reached, else the old file is restor
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from peers import free_port
 from uplink_support import mosquitto_pki, running_broker
 
 from gateway.downlink import audit
-from gateway.downlink.signing import sign
+from gateway.downlink.signing import read_private_key, sign
 from gateway.uplink.certs import DemoPKI
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,7 @@ def site(tmp_path: Path, pki: DemoPKI) -> Iterator[Site]:
 
 
 @pytest.mark.campaign
-def test_a_revision_applied_end_to_end_with_the_twin_cli(site: Site) -> None:
+def test_a_revision_applied_end_to_end_with_the_twin_cli_then_the_keys_rotated(site: Site) -> None:
     site.start()
     assert site.proc is not None
     pid = site.proc.pid
@@ -101,6 +102,52 @@ def test_a_revision_applied_end_to_end_with_the_twin_cli(site: Site) -> None:
     assert f"{site.gateway:<18} running" in status.stdout
     assert head.hash[:12] in status.stdout
     print(f"publish -> applied: {took:.1f} s")
+
+    # Key rotation over the air: a new key, the old one revoked, signed by both.
+    keys = site.tmp / "keys2"
+    cli = [*twin, "keygen", "--out-dir", str(keys), "--name", "new"]
+    subprocess.run(cli, check=True, capture_output=True)
+    old_id = json.loads((site.tmp / "trust.json").read_text())["keys"]
+    new_pub = json.loads((keys / "new.pub").read_text())
+    rotated = site.tmp / "trust-v1.json"
+    rotated.write_text(
+        json.dumps({"keys": {**old_id, new_pub["keyid"]: new_pub["public"]}, "revoked": list(old_id)})
+    )
+    signed = site.tmp / "trust-v1.envelope"
+    subprocess.run(
+        [
+            *twin,
+            "sign-trust",
+            "--trust",
+            str(rotated),
+            "--key",
+            str(site.tmp / "twin.key"),
+            "--key",
+            str(keys / "new.key"),
+            "--version",
+            "1",
+            "--gateway",
+            site.gateway,
+            "--out",
+            str(signed),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*twin, "publish-config", "--gateway", site.gateway, "--envelope", str(signed), *broker],
+        check=True,
+        capture_output=True,
+    )
+    site.reported(lambda r: r["trust"]["version"] == 1, "trust v1 taken")
+    # The old key no longer signs; the new one does.
+    site.publish(site.envelope(2, source("bed7-sim")))
+    rep = site.reported(refused("revoked-key"), "old key refused")
+    site.key = read_private_key(keys / "new.key")
+    site.publish(site.envelope(2, source("bed7-sim")))
+    rep = site.reported(applied(2), "v2 signed by the new key applied")
+    assert rep["trust"]["keys"] == [new_pub["keyid"][:12]]
+    assert "source:pump3-sim" not in rep["units"]
 
 
 @pytest.mark.campaign

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway.cli import main
 from gateway.downlink import audit
 from gateway.downlink.errors import AuditTamperedError, RefusedError, TrustError
-from gateway.downlink.signing import Trust, key_id, public_hex, sign, verify
+from gateway.downlink.signing import Trust, key_id, public_hex, sign, verify, verify_rotation
 
 GW = "gwk3j2x7q9m4t8vb"
 NOW = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC)
@@ -201,3 +201,51 @@ def test_twin_keygen_sign_config_make_an_envelope_the_gateway_accepts(
     code, _, err = _cli(capsys, *sign_args, "--version", "4", "--out", str(out_file))
     assert code == 78
     assert f"chmod 600 {key}" in err
+
+
+def _trust_doc(
+    *keys: Ed25519PrivateKey, revoked: tuple[Ed25519PrivateKey, ...] = (), threshold: int = 1
+) -> bytes:
+    return json.dumps(
+        {
+            "keys": {key_id(k.public_key()): public_hex(k.public_key()) for k in keys},
+            "revoked": [key_id(k.public_key()) for k in revoked],
+            "threshold": threshold,
+        }
+    ).encode()
+
+
+def test_key_rotation_needs_the_current_keys_and_the_new_ones() -> None:
+    old, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    current = _trust(old)
+    doc = _trust_doc(old, new, revoked=(old,))
+    expires = NOW + dt.timedelta(days=1)
+
+    def rotation(*keys: Ed25519PrivateKey, version: int = 1) -> bytes:
+        return sign(doc, keys=list(keys), gateway=GW, version=version, expires=expires, kind="trust")
+
+    with pytest.raises(RefusedError) as info:  # the new key alone: an attacker's own trust set
+        verify_rotation(rotation(new), current, gateway=GW, accepted_version=0, now=NOW)
+    assert info.value.reason == "bad-signature"
+    with pytest.raises(RefusedError) as info:  # the old key alone: the new set's keys must sign too
+        verify_rotation(rotation(old), current, gateway=GW, accepted_version=0, now=NOW)
+    assert "signed by 0 of its own keys" in str(info.value)
+    found, rotated = verify_rotation(rotation(old, new), current, gateway=GW, accepted_version=0, now=NOW)
+    assert found.version == 1
+    # After the rotation the old key is revoked and the new one signs config revisions.
+    assert _refused(_env(old), rotated) == "revoked-key"
+    assert verify(_env(new), rotated, gateway=GW, accepted_version=0, now=NOW).version == 5
+    with pytest.raises(RefusedError) as info:  # an older trust set replayed
+        verify_rotation(rotation(old, new), current, gateway=GW, accepted_version=1, now=NOW)
+    assert info.value.reason == "rollback"
+
+
+def test_a_trust_set_is_not_taken_as_a_config_nor_the_reverse() -> None:
+    key = Ed25519PrivateKey.generate()
+    trust_env = sign(
+        _trust_doc(key), keys=[key], gateway=GW, version=6, expires=NOW + dt.timedelta(days=1), kind="trust"
+    )
+    assert _refused(trust_env, _trust(key)) == "wrong-type"
+    with pytest.raises(RefusedError) as info:
+        verify_rotation(_env(key), _trust(key), gateway=GW, accepted_version=0, now=NOW)
+    assert info.value.reason == "wrong-type"

@@ -68,6 +68,25 @@ def cmd_sign_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sign_trust(args: argparse.Namespace) -> int:
+    """Sign a new trust set (key rotation): by the current keys and by the new set's own."""
+    from gateway.downlink.signing import Trust  # noqa: PLC0415
+
+    content = args.trust.read_bytes()
+    new = Trust.from_json(json.loads(content), f"trust file {args.trust}")
+    keys = [read_private_key(path) for path in args.key]
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_days)
+    envelope = sign(
+        content, keys=keys, gateway=args.gateway, version=args.version, expires=expires, kind="trust"
+    )
+    args.out.write_bytes(envelope)
+    _say(
+        f"trust set {args.trust} ({len(new.keys)} key(s), threshold {new.threshold}, {len(new.revoked)} revoked) "
+        f"as version {args.version} for gateway {args.gateway}: {args.out}; publish it with publish-config"
+    )
+    return EXIT_OK
+
+
 def _broker(args: argparse.Namespace) -> Any:
     from gateway.downlink.twin_link import Broker  # noqa: PLC0415 - paho: the optional mqtt extra
 
@@ -88,7 +107,7 @@ def cmd_publish_config(args: argparse.Namespace) -> int:
             f"twin publish-config: {args.envelope} is signed for {signed['gateway']}, not {args.gateway}: sign it again"
         )
         return EXIT_CONFIG
-    topic = f"{args.prefix}/{args.gateway}/desired"
+    topic = f"{args.prefix}/{args.gateway}/{'trust' if signed.get('type') == 'trust' else 'desired'}"
     publish_desired(_broker(args), topic, envelope)
     _say(f"revision {signed['version']} published to {topic} (retained)")
     return EXIT_OK
@@ -187,7 +206,20 @@ def add_commands(groups: dict[str, Any]) -> None:
         p.add_argument("--out", type=Path, required=True, help="where the signed envelope goes")
         p.set_defaults(func=_guard(cmd_sign_config))
 
-        p = twin.add_parser("publish-config", help="publish a signed revision as a gateway's desired state")
+        p = twin.add_parser("sign-trust", help="sign a new trust set (rotate or revoke keys over the air)")
+        p.add_argument(
+            "--trust", type=Path, required=True, help="the new trust file (keys, threshold, revoked)"
+        )
+        p.add_argument(
+            "--key", type=Path, action="append", required=True, help="current and new keys (repeatable)"
+        )
+        p.add_argument("--version", type=int, required=True, help="trust set version, higher than any before")
+        p.add_argument("--gateway", required=True, help="the gateway's pseudonym, or '*' for every gateway")
+        p.add_argument("--expires-days", type=float, default=7.0, help="refused after this many days")
+        p.add_argument("--out", type=Path, required=True, help="where the signed envelope goes")
+        p.set_defaults(func=_guard(cmd_sign_trust))
+
+        p = twin.add_parser("publish-config", help="publish a signed revision (or trust set) to a gateway")
         p.add_argument("--gateway", required=True, help="the gateway's pseudonym")
         p.add_argument("--envelope", type=Path, required=True, help="from 'twin sign-config'")
         _broker_args(p)

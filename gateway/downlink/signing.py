@@ -34,7 +34,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from gateway.downlink.errors import RefusedError, TrustError
 
 MAX_ENVELOPE_BYTES = 256 * 1024  # a config file is a few kB; AWS IoT's payload limit is 128 kB
-KINDS = frozenset({"config"})
 
 
 def canonical(obj: Any) -> bytes:
@@ -142,14 +141,22 @@ def sign(
     return json.dumps(envelope, indent=1).encode()
 
 
-def verify(data: bytes, trust: Trust, *, gateway: str, accepted_version: int, now: dt.datetime) -> Verified:
-    """The content of a valid envelope for ``gateway``; RefusedError (with its reason) otherwise."""
+def verify(
+    data: bytes,
+    trust: Trust,
+    *,
+    gateway: str,
+    accepted_version: int,
+    now: dt.datetime,
+    kind: str = "config",
+) -> Verified:
+    """The content of a valid envelope of ``kind`` for ``gateway``; RefusedError (with its reason) otherwise."""
     if len(data) > MAX_ENVELOPE_BYTES:
         raise RefusedError("too-large", f"envelope of {len(data)} bytes: at most {MAX_ENVELOPE_BYTES}")
     try:
         env = json.loads(data)
         signed, signatures = env["signed"], env.get("signatures") or []
-        kind, target, version = str(signed["type"]), str(signed["gateway"]), signed["version"]
+        found_kind, target, version = str(signed["type"]), str(signed["gateway"]), signed["version"]
         expires = dt.datetime.strptime(str(signed["expires"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
         digest, length = str(signed["sha256"]), int(signed["length"])
         content = base64.b64decode(str(env["content"]), validate=True)
@@ -157,9 +164,36 @@ def verify(data: bytes, trust: Trust, *, gateway: str, accepted_version: int, no
         raise RefusedError("malformed", f"not a signed envelope: {type(exc).__name__}: {exc}") from exc
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise RefusedError("malformed", f"version must be a positive integer, found {version!r}")
+    if not isinstance(signatures, list):
+        raise RefusedError("malformed", "signatures must be a list")
     if not signatures:
         raise RefusedError("unsigned", "the envelope carries no signature")
-    body = canonical(signed)
+    good, revoked = _signers(signatures, canonical(signed), trust)
+    if len(good) < trust.threshold:
+        if revoked and not good:
+            raise RefusedError("revoked-key", f"signed only by revoked key(s) {', '.join(revoked)}")
+        raise RefusedError(
+            "bad-signature",
+            f"{len(good)} valid signature(s) from trusted keys, {trust.threshold} needed "
+            "(unknown key, or the metadata was altered after signing)",
+        )
+    if found_kind != kind:
+        raise RefusedError("wrong-type", f"type {found_kind!r} where a {kind!r} envelope belongs")
+    if target not in (gateway, "*"):
+        raise RefusedError("wrong-gateway", f"signed for gateway {target}, this is {gateway}")
+    if now >= expires:
+        raise RefusedError("expired", f"expired {expires:%Y-%m-%dT%H:%M:%SZ} (now {now:%Y-%m-%dT%H:%M:%SZ})")
+    if version <= accepted_version:
+        raise RefusedError(
+            "rollback", f"version {version} is not newer than version {accepted_version} already accepted"
+        )
+    if len(content) != length or hashlib.sha256(content).hexdigest() != digest:
+        raise RefusedError("hash-mismatch", "the content does not match the signed SHA-256 and length")
+    return Verified(kind, version, digest, expires, content, tuple(sorted(good)))
+
+
+def _signers(signatures: list[Any], body: bytes, trust: Trust) -> tuple[set[str], list[str]]:
+    """Key ids of ``trust`` whose valid signature over ``body`` is present; revoked ids met."""
     good: set[str] = set()
     revoked: list[str] = []
     for entry in signatures:
@@ -175,27 +209,27 @@ def verify(data: bytes, trust: Trust, *, gateway: str, accepted_version: int, no
         except (InvalidSignature, ValueError):
             continue
         good.add(kid)
-    if len(good) < trust.threshold:
-        if revoked and not good:
-            raise RefusedError("revoked-key", f"signed only by revoked key(s) {', '.join(revoked)}")
+    return good, revoked
+
+
+def verify_rotation(
+    data: bytes, current: Trust, *, gateway: str, accepted_version: int, now: dt.datetime
+) -> tuple[Verified, Trust]:
+    """A new trust set, signed by a threshold of the current keys *and* of its own (TUF's root rotation)."""
+    found = verify(data, current, gateway=gateway, accepted_version=accepted_version, now=now, kind="trust")
+    try:
+        new = Trust.from_json(json.loads(found.content), "the new trust set")
+    except (ValueError, TrustError) as exc:
+        raise RefusedError("malformed", f"the new trust set does not load: {exc}") from exc
+    env = json.loads(data)
+    good, _ = _signers(env.get("signatures") or [], canonical(env["signed"]), new)
+    if len(good) < new.threshold:
         raise RefusedError(
             "bad-signature",
-            f"{len(good)} valid signature(s) from trusted keys, {trust.threshold} needed "
-            "(unknown key, or the metadata was altered after signing)",
+            f"the new trust set is signed by {len(good)} of its own keys, {new.threshold} needed: "
+            "sign it with the new keys too",
         )
-    if kind not in KINDS:
-        raise RefusedError("unknown-type", f"type {kind!r}: this gateway takes {sorted(KINDS)}")
-    if target not in (gateway, "*"):
-        raise RefusedError("wrong-gateway", f"signed for gateway {target}, this is {gateway}")
-    if now >= expires:
-        raise RefusedError("expired", f"expired {expires:%Y-%m-%dT%H:%M:%SZ} (now {now:%Y-%m-%dT%H:%M:%SZ})")
-    if version <= accepted_version:
-        raise RefusedError(
-            "rollback", f"version {version} is not newer than version {accepted_version} already accepted"
-        )
-    if len(content) != length or hashlib.sha256(content).hexdigest() != digest:
-        raise RefusedError("hash-mismatch", "the content does not match the signed SHA-256 and length")
-    return Verified(kind, version, digest, expires, content, tuple(sorted(good)))
+    return found, new
 
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:

@@ -33,6 +33,7 @@ class DownlinkState:
     """The persisted state; see the module docstring."""
 
     accepted: int = 0
+    trust_version: int = 0  # the newest trust set taken over the air (0: the configured trust file)
     applied: dict[str, Any] | None = None  # {"version", "sha256", "at"} of the config running now
     refused: list[dict[str, Any]] = field(default_factory=list)  # newest last
     pending: Pending | None = None

@@ -35,7 +35,7 @@ from gateway.downlink import restart
 from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
 from gateway.downlink.errors import RefusedError
-from gateway.downlink.signing import Trust, Verified, verify
+from gateway.downlink.signing import Trust, Verified, verify, verify_rotation
 from gateway.errors import ConfigError
 from gateway.supervisor import Supervisor, UnitState
 
@@ -78,6 +78,7 @@ class Downlink:
         self._root = ""
         self._desired: bytes | None = None  # the newest desired state not yet handled
         self._digest = ""  # SHA-256 of the desired state being handled
+        self._rotation: bytes | None = None  # the newest trust set not yet handled
         self._wake = asyncio.Event()
         self.phase = "starting"
         mqtt = core.uplink.mqtt
@@ -91,7 +92,7 @@ class Downlink:
             return  # IoT Hub allows its own device topics only: run() says so once
         self._client, self._root = client, topic_root
         client.on_message = self._on_message
-        client.subscribe([(f"{topic_root}/desired", 1), (f"{topic_root}/cmd", 1)])
+        client.subscribe([(f"{topic_root}/desired", 1), (f"{topic_root}/trust", 1), (f"{topic_root}/cmd", 1)])
         self.report()
 
     def detach(self) -> None:
@@ -105,6 +106,10 @@ class Downlink:
                 self._desired = bytes(
                     message.payload
                 )  # the newest wins; an older one not yet handled is dropped
+                self._wake.set()
+        elif message.topic.endswith("/trust"):
+            if message.payload:
+                self._rotation = bytes(message.payload)
                 self._wake.set()
         elif message.topic.endswith("/cmd"):
             try:
@@ -136,6 +141,7 @@ class Downlink:
             "refused": st.refused[-3:],
             "last_rollback": st.last_rollback,
             "audit": None if head is None else {"count": head.count, "head": head.hash},
+            "trust": {"version": st.trust_version, "keys": self._trust_keys()},
             "units": self._units_now(),
         }
 
@@ -151,9 +157,11 @@ class Downlink:
                 "downlink: uplink.mqtt.profile azure: IoT Hub's device-twin topics are not mapped yet: "
                 "remove [downlink] trust_file on this gateway, or use the generic or aws profile"
             )
-        self._trust = await asyncio.to_thread(Trust.load, trust_file)
         self.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state = persist.load(self._state_path)
+        # A trust set rotated over the air replaces the configured one (delete it to go back).
+        rotated = self.dir / "trust.json"
+        self._trust = await asyncio.to_thread(Trust.load, rotated if rotated.exists() else trust_file)
         self.audit = AuditLog(self.dir / "audit.jsonl")
         started()
         if self.state.pending is not None and not await self._probation():
@@ -172,9 +180,16 @@ class Downlink:
             if not self._wake.is_set():
                 continue
             self._wake.clear()
+            rotation, self._rotation = self._rotation, None
+            if rotation is not None:
+                self._rotate(rotation)
             data, self._desired = self._desired, None
             if data is not None and await self._handle(data):
                 return  # restarting onto the new config
+
+    def _trust_keys(self) -> list[str]:
+        trust = self._trust
+        return [] if trust is None else sorted(k[:12] for k in trust.keys if k not in trust.revoked)
 
     def _units_now(self) -> dict[str, str]:
         return {u.name: str(u.state) for u in self._sup.units}
@@ -209,6 +224,40 @@ class Downlink:
             "verified", version=found.version, keys=[k[:12] for k in found.keyids], sha256=found.sha256
         )
         return await self._apply(found)
+
+    def _rotate(self, data: bytes) -> None:
+        """Take a new trust set signed by the current keys and its own, or refuse it."""
+        assert self.audit is not None
+        assert self._trust is not None
+        st = self.state
+        digest = self._digest = hashlib.sha256(data).hexdigest()
+        if digest in _seen(self.dir):
+            return
+        held = self.quarantine / f"{digest[:16]}.trust"
+        persist.write_atomic(held, data)
+        self.audit.append("received", detail=f"trust set, {len(data)} bytes", sha256=digest)
+        try:
+            found, new = verify_rotation(
+                data,
+                self._trust,
+                gateway=self.gateway_id,
+                accepted_version=st.trust_version,
+                now=dt.datetime.now(dt.UTC),
+            )
+        except RefusedError as exc:
+            self._refuse(None, exc.reason, f"trust set: {exc}")
+            return
+        finally:
+            held.unlink(missing_ok=True)
+        persist.write_atomic(self.dir / "trust.json", found.content)
+        self._trust = new
+        st.trust_version = found.version
+        persist.save(self._state_path, st)
+        _remember(self.dir, digest)
+        kept = sorted(k[:12] for k in new.keys if k not in new.revoked)
+        self.audit.append("trust-rotated", version=found.version, keys=kept, threshold=new.threshold)
+        log.info("downlink: trust set v%d taken: keys %s, threshold %d", found.version, kept, new.threshold)
+        self.report()
 
     def _refuse(self, version: int | None, reason: str, detail: str) -> None:
         assert self.audit is not None
