@@ -103,9 +103,8 @@ class Downlink:
         # paho calls this on the event loop (the uplink drives its network loop there).
         if message.topic.endswith("/desired"):
             if message.payload:
-                self._desired = bytes(
-                    message.payload
-                )  # the newest wins; an older one not yet handled is dropped
+                # The newest wins: an older one not yet handled is dropped.
+                self._desired = bytes(message.payload)
                 self._wake.set()
         elif message.topic.endswith("/trust"):
             if message.payload:
@@ -185,7 +184,7 @@ class Downlink:
                 self._rotate(rotation)
             data, self._desired = self._desired, None
             if data is not None and await self._handle(data):
-                return  # restarting onto the new config
+                await asyncio.Event().wait()  # restarting onto the new config: the supervisor stops us
 
     def _trust_keys(self) -> list[str]:
         trust = self._trust
