@@ -25,7 +25,9 @@ def _config(tmp: Path, name: str) -> str:
     return f'[gateway]\nname = "{name}"\nstate_dir = "{tmp / "state"}"\n[downlink]\ntrust_file = "{tmp / "t.json"}"\n'
 
 
-def test_an_exit_on_a_pending_revision_restores_the_previous_file(tmp_path: Path) -> None:
+def test_an_exit_on_a_pending_revision_restores_the_previous_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     live = tmp_path / "edgetwin.toml"
     live.write_text(_config(tmp_path, "new"))
     directory = tmp_path / "state" / "downlink"
@@ -46,6 +48,14 @@ def test_an_exit_on_a_pending_revision_restores_the_previous_file(tmp_path: Path
     entries = [json.loads(line) for line in (directory / "audit.jsonl").read_text().splitlines()]
     assert [(e["event"], e["version"]) for e in entries] == [("rolled-back", 4)]
     assert audit.verify(directory / "audit.jsonl").count == 1
+    # What people on site see, without a running gateway.
+    capsys.readouterr()
+    assert main(["downlink", "status", "--config", str(live)]) == 0
+    out = capsys.readouterr().out
+    assert "running config: the local file (no revision applied)" in out
+    assert "last rollback: revision 4 at " in out
+    assert "v4 rolled-back: the gateway exited with code 78 on it before it could be judged" in out
+    assert f"audit log: 1 entries, chain intact, head {audit.verify(directory / 'audit.jsonl').hash}" in out
     # Nothing pending: an ordinary failure leaves the file alone.
     assert roll_back_after_exit(config, 1) is False
     assert live.read_text() == backup.read_text()

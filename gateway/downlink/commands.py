@@ -158,6 +158,47 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_downlink_status(args: argparse.Namespace) -> int:
+    """What the twin sent and what became of it, from the state directory (no running gateway needed)."""
+    from drivers import REGISTRY  # noqa: PLC0415
+    from gateway.config import load  # noqa: PLC0415
+    from gateway.downlink import state as persist  # noqa: PLC0415
+
+    config = load(args.config, REGISTRY)
+    directory = config.core.gateway.state_dir / "downlink"
+    if config.core.downlink.trust_file is None:
+        _say(f"downlink: off in {args.config} (no [downlink] trust_file)")
+    st = persist.load(directory / "state.json")
+    applied = st.applied
+    _say(
+        "running config: "
+        + (
+            f"revision {applied['version']} since {applied['at']}"
+            if applied
+            else "the local file (no revision applied)"
+        )
+    )
+    if st.pending is not None:
+        _say(f"on probation: revision {st.pending.version} (started {st.pending.starts} time(s) on it)")
+    if st.last_rollback:
+        rb = st.last_rollback
+        _say(f"last rollback: revision {rb['version']} at {rb['at']}: {rb['reason']}")
+    for refusal in st.refused[-args.last :]:
+        _say(
+            f"refused {refusal['at']}: v{refusal['version'] or '?'} {refusal['reason']}: {refusal['detail']}"
+        )
+    _say(
+        f"trust set: {'version ' + str(st.trust_version) if st.trust_version else 'the configured trust file'}"
+    )
+    try:
+        head = audit.verify(directory / "audit.jsonl")
+    except AuditTamperedError as exc:
+        _err(str(exc))
+        return EXIT_FAILURE
+    _say(f"audit log: {head.count} entries, chain intact, head {head.hash}")
+    return EXIT_OK
+
+
 def _guard(func: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -238,6 +279,15 @@ def add_commands(groups: dict[str, Any]) -> None:
     if trust_findings not in OFFLINE_CHECKS:
         OFFLINE_CHECKS.append(trust_findings)  # 'edgetwin check' checks the trust file too
     top = groups["top"]
+    p = top.add_parser(
+        "downlink", help="what the twin sent and what became of it (local, from the state directory)"
+    )
+    sub = p.add_subparsers(dest="downlink_what", required=True)
+    p = sub.add_parser("status", help="the running revision, probation, rollbacks, refusals, audit head")
+    p.add_argument("--config", type=Path, required=True, help="the gateway's TOML config file")
+    p.add_argument("--last", type=int, default=5, help="how many refusals to show")
+    p.set_defaults(func=_guard(cmd_downlink_status))
+
     p = top.add_parser("audit", help="the downlink's hash-chained audit log")
     sub = p.add_subparsers(dest="audit_what", required=True)
     p = sub.add_parser("verify", help="verify the audit log's hash chain and print its head")
