@@ -17,6 +17,7 @@ from gateway.downlink import state as persist
 from gateway.downlink.checks import trust_findings
 from gateway.downlink.signing import key_id, public_hex
 from gateway.downlink.unit import roll_back_after_exit
+from gateway.errors import ConfigError
 from gateway.observe.check import Level
 from gateway.uplink.config import MqttSection
 
@@ -96,3 +97,11 @@ def test_check_fails_the_downlink_on_the_azure_profile(tmp_path: Path) -> None:
     found = trust_findings(azure)
     assert found[0].level is Level.FAIL
     assert "device-twin topics are not mapped yet" in found[0].message
+
+
+def test_an_unreadable_state_file_keeps_the_downlink_off_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    for text in ("{not json", '{"accepted": 3, "unknown": 1}', "[]"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=r"downlink state .*state.json: unreadable .*restore the file"):
+            persist.load(path)

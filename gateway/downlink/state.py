@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import ConfigError
+
 REFUSED_KEPT = 8
 
 
@@ -51,10 +53,24 @@ def load(path: Path) -> DownlinkState:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return DownlinkState()
-    pending = data.pop("pending", None)
-    state = DownlinkState(**data)
-    state.pending = Pending(**pending) if pending else None
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc
+    try:
+        pending = data.pop("pending", None)
+        state = DownlinkState(**data)
+        state.pending = Pending(**pending) if pending else None
+    except (TypeError, AttributeError) as exc:
+        raise _unreadable(path, exc) from exc
     return state
+
+
+def _unreadable(path: Path, exc: Exception) -> ConfigError:
+    # Fail closed: starting afresh would forget the newest accepted version (the anti-rollback counter).
+    return ConfigError(
+        f"downlink state {path}: unreadable ({type(exc).__name__}: {exc}): the downlink stays off: restore "
+        "the file from a backup, or delete it - then only revisions newer than those the twin published "
+        "since should be published again"
+    )
 
 
 def save(path: Path, state: DownlinkState) -> None:

@@ -278,7 +278,10 @@ class Downlink:
         staged_dir.mkdir(exist_ok=True, mode=0o700)
         staged = staged_dir / f"config-v{version}.toml"
         persist.write_atomic(staged, found.content)
-        problems = await asyncio.to_thread(self._check, staged)
+        try:
+            problems = await asyncio.to_thread(self._check, staged)
+        except Exception as exc:  # noqa: BLE001 - a driver's check that breaks refuses the revision, not the unit
+            problems = f"the checks themselves failed: {type(exc).__name__}: {exc}"
         if problems:
             self._refuse(version, "invalid-config", problems)
             return False
