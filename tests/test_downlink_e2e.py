@@ -24,6 +24,8 @@ from uplink_support import mosquitto_pki, running_broker
 
 from gateway.downlink import audit
 from gateway.downlink.signing import read_private_key, sign
+from gateway.downlink.twin_link import send_command, watch
+from gateway.records.topics import DEFAULT_PREFIX
 from gateway.uplink.certs import DemoPKI
 
 pytestmark = pytest.mark.slow
@@ -238,6 +240,20 @@ def test_offline_newest_of_three_applied_invalid_ones_refused_a_broken_one_rolle
         ("refused", 4, "invalid-config"),
     ]
     assert audit.verify(site.tmp / "state" / "downlink" / "audit.jsonl").hash == rep["audit"]["head"]
+    # Commands: the status record again (rebirth), live rather than retained.
+    client, seen = watch(site.twin, f"{DEFAULT_PREFIX}/{site.gateway}/status")
+    try:
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen[0][0] is True  # the retained one
+        send_command(site.twin, f"{DEFAULT_PREFIX}/{site.gateway}/cmd", "rebirth")
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen[1][0] is False  # published again now, forwarded live
+    finally:
+        client.disconnect()
+        client.loop_stop()
     # A revision that breaks a source: applied, judged, rolled back onto v3.
     site.publish(site.envelope(5, BROKEN_SOURCE, deadline_s=SHORT_DEADLINE_S))
     rep = site.reported(lambda r: (r.get("last_rollback") or {}).get("version") == 5, "v5 rolled back")

@@ -136,6 +136,16 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if missing else EXIT_OK
 
 
+def cmd_command(args: argparse.Namespace) -> int:
+    """Send a command to a gateway: report (its reported state) or rebirth (its status record)."""
+    from gateway.downlink.twin_link import send_command  # noqa: PLC0415
+
+    topic = f"{args.prefix}/{args.gateway}/cmd"
+    send_command(_broker(args), topic, args.cmd)
+    _say(f"{args.cmd} sent to {topic} (not retained: a gateway offline now does not get it)")
+    return EXIT_OK
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Verify the downlink audit log's hash chain; print its head."""
     path = args.log
@@ -265,6 +275,12 @@ def add_commands(groups: dict[str, Any]) -> None:
         p.add_argument("--envelope", type=Path, required=True, help="from 'twin sign-config'")
         _broker_args(p)
         p.set_defaults(func=_guard(cmd_publish_config))
+
+        p = twin.add_parser("command", help="ask a gateway for its reported state or its status record")
+        p.add_argument("--gateway", required=True, help="the gateway's pseudonym")
+        p.add_argument("--cmd", choices=["report", "rebirth"], required=True, help="what to ask for")
+        _broker_args(p)
+        p.set_defaults(func=_guard(cmd_command))
 
         p = twin.add_parser("rollout-status", help="what each gateway runs, has pending or refused")
         p.add_argument("--gateway", action="append", help="a gateway's pseudonym (repeatable; none: all)")

@@ -89,6 +89,26 @@ def publish_desired(broker: Broker, topic: str, envelope: bytes, timeout_s: floa
         client.loop_stop()
 
 
+def send_command(broker: Broker, topic: str, cmd: str, timeout_s: float = 10.0) -> None:
+    """Publish a command (QoS 1, not retained: a gateway offline now does not get it later)."""
+    client = _connect(broker, "command", timeout_s)
+    try:
+        info = client.publish(topic, json.dumps({"cmd": cmd}).encode(), qos=1)
+        info.wait_for_publish(timeout_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def watch(broker: Broker, topic: str) -> tuple[paho.Client, list[tuple[bool, bytes]]]:
+    """Subscribe to ``topic``; the list fills with (retained, payload) as messages come."""
+    client = _connect(broker, "watch", 10.0)
+    seen: list[tuple[bool, bytes]] = []
+    client.on_message = lambda _c, _u, message: seen.append((bool(message.retain), bytes(message.payload)))
+    client.subscribe(topic, qos=1)
+    return client, seen
+
+
 def collect_reported(
     broker: Broker, prefix: str, gateways: list[str], wait_s: float
 ) -> dict[str, dict[str, Any]]:

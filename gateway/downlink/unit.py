@@ -4,7 +4,8 @@ Topics, under the gateway's topic root ``<prefix>/<pseudonym>``:
 
 * ``desired`` (the twin publishes, retained, QoS 1): a signed config envelope.  Retained, so a
   gateway that was offline gets the newest one when it connects; older ones are gone.
-* ``cmd`` (the twin publishes, QoS 1): ``{"cmd": "report"}`` asks for the reported state again.
+* ``cmd`` (the twin publishes, QoS 1): ``{"cmd": "report"}`` asks for the reported state again,
+  ``{"cmd": "rebirth"}`` for the uplink's status record.
 * ``reported`` (the gateway publishes, retained, QoS 1): what runs now, what is being applied,
   what was refused and why, and the audit log's head.
 
@@ -117,8 +118,12 @@ class Downlink:
                 cmd = None
             if cmd == "report":
                 self.report()
+            elif cmd == "rebirth" and getattr(self._uplink, "rebirth", None) is not None:
+                self._uplink.rebirth()
             else:
-                log.warning("downlink %s/cmd: unknown command %r: ignored; known: report", self._root, cmd)
+                log.warning(
+                    "downlink %s/cmd: unknown command %r: ignored; known: report, rebirth", self._root, cmd
+                )
 
     def report(self) -> None:
         """Publish the reported state (retained) when connected."""

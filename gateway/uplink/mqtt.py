@@ -362,6 +362,14 @@ class MqttUplink:
         session.status_mid = info.mid
         return info
 
+    def rebirth(self) -> bool:
+        """Publish the status record again now (a twin that lost it asks over the downlink)."""
+        session = self._session
+        if session is None or not session.connected:
+            return False
+        self._publish_status(session, "online", dropped=self._dropped_seen)
+        return True
+
     async def _end_session(self, session: Session, graceful: bool) -> None:
         """Delete what was acknowledged, release the rest, say goodbye if the link is still up."""
         try:
