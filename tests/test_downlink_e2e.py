@@ -262,3 +262,5 @@ def test_offline_newest_of_three_applied_invalid_ones_refused_a_broken_one_rolle
     rep = site.reported(lambda r: r["phase"] == "running" and running("source:bed13-sim")(r), "v3 again")
     assert rep["applied"]["version"] == 3
     assert [e["event"] for e in site.events()[-4:]] == ["received", "verified", "applying", "rolled-back"]
+    staged = site.tmp / "state" / "downlink" / "staged"
+    assert [p.name for p in staged.iterdir()] == ["config-v5.toml"]  # the newest only

@@ -162,6 +162,8 @@ class Downlink:
                 "remove [downlink] trust_file on this gateway, or use the generic or aws profile"
             )
         self.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for left in self.quarantine.iterdir():  # unverified leftovers of a run that ended mid-way
+            left.unlink(missing_ok=True)
         self.state = persist.load(self._state_path)
         # A trust set rotated over the air replaces the configured one (delete it to go back).
         rotated = self.dir / "trust.json"
@@ -281,6 +283,8 @@ class Downlink:
         st.accepted = version  # verified: never taken again, whatever happens next
         staged_dir = self.dir / "staged"
         staged_dir.mkdir(exist_ok=True, mode=0o700)
+        for old in staged_dir.iterdir():  # the newest revision only: earlier ones are in the audit log
+            old.unlink(missing_ok=True)
         staged = staged_dir / f"config-v{version}.toml"
         persist.write_atomic(staged, found.content)
         try:
