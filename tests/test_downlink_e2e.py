@@ -264,3 +264,15 @@ def test_offline_newest_of_three_applied_invalid_ones_refused_a_broken_one_rolle
     assert [e["event"] for e in site.events()[-4:]] == ["received", "verified", "applying", "rolled-back"]
     staged = site.tmp / "state" / "downlink" / "staged"
     assert [p.name for p in staged.iterdir()] == ["config-v5.toml"]  # the newest only
+
+
+@pytest.mark.campaign
+def test_a_revision_published_after_the_broker_restarted_is_applied(site: Site) -> None:
+    site.start()
+    site.reported(running("source:bed7-sim"), "running")
+    site.broker.stop()
+    site.broker.start()  # the same port; retained messages are gone with it (no persistence)
+    site.reported(lambda r: r["phase"] == "running", "reported again after the reconnect")
+    site.publish(site.envelope(1, source("bed7-sim") + source("bed9-sim", device="A4:C1:38:00:00:09")))
+    rep = site.reported(applied(1), "applied after the reconnect")
+    assert rep["units"]["source:bed9-sim"] == "running"
