@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.downlink import audit
-from gateway.downlink.errors import AuditTamperedError, TrustError
+from gateway.downlink.errors import AuditTamperedError, RefusedError, TrustError
 from gateway.downlink.signing import key_id, public_hex, read_private_key, sign, write_private_key
 from gateway.errors import ConfigError
 from gateway.records.topics import DEFAULT_PREFIX
@@ -146,6 +146,33 @@ def cmd_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_renew(args: argparse.Namespace) -> int:
+    """Sign a gateway's pending CSR with the fleet's CA and send the certificate back (retained)."""
+    from cryptography import x509  # noqa: PLC0415
+
+    from gateway.downlink.renewal import sign_csr  # noqa: PLC0415
+    from gateway.downlink.twin_link import fetch_retained, publish_desired  # noqa: PLC0415
+    from gateway.uplink.certs import load_key  # noqa: PLC0415
+
+    if args.ca_key.stat().st_mode & 0o077:
+        _err(
+            f"twin renew: CA key {args.ca_key} is readable by group or others: run 'chmod 600 {args.ca_key}'"
+        )
+        return EXIT_CONFIG
+    broker = _broker(args)
+    root = f"{args.prefix}/{args.gateway}"
+    csr = fetch_retained(broker, f"{root}/csr")
+    if csr is None:
+        _say(f"{args.gateway}: no certificate signing request pending ({root}/csr is empty)")
+        return EXIT_FAILURE
+    ca_cert = x509.load_pem_x509_certificate(args.ca_cert.read_bytes())
+    pem = sign_csr(csr, ca_cert, load_key(args.ca_key), days=args.days, gateway=args.gateway)
+    publish_desired(broker, f"{root}/cert", pem)
+    publish_desired(broker, f"{root}/csr", b"")  # answered: clear the retained request
+    _say(f"{args.gateway}: certificate valid {args.days:g} days sent to {root}/cert (retained)")
+    return EXIT_OK
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Verify the downlink audit log's hash chain; print its head."""
     path = args.log
@@ -216,7 +243,7 @@ def _guard(func: Any) -> Any:
         except (ConfigError, TwinConfigError, TrustError, OSError) as exc:
             _err(f"edgetwin {args.command}: {exc}")
             return EXIT_CONFIG
-        except TwinError as exc:
+        except (TwinError, RefusedError) as exc:
             _err(str(exc))
             return EXIT_FAILURE
         return code
@@ -281,6 +308,16 @@ def add_commands(groups: dict[str, Any]) -> None:
         p.add_argument("--cmd", choices=["report", "rebirth"], required=True, help="what to ask for")
         _broker_args(p)
         p.set_defaults(func=_guard(cmd_command))
+
+        p = twin.add_parser(
+            "renew", help="sign a gateway's pending CSR with the fleet's CA, send the certificate"
+        )
+        p.add_argument("--gateway", required=True, help="the gateway's pseudonym")
+        p.add_argument("--ca-cert", type=Path, required=True, help="the CA certificate (PEM)")
+        p.add_argument("--ca-key", type=Path, required=True, help="its private key (PEM, mode 0600)")
+        p.add_argument("--days", type=float, default=365.0, help="validity of the new certificate")
+        _broker_args(p)
+        p.set_defaults(func=_guard(cmd_renew))
 
         p = twin.add_parser("rollout-status", help="what each gateway runs, has pending or refused")
         p.add_argument("--gateway", action="append", help="a gateway's pseudonym (repeatable; none: all)")

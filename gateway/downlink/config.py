@@ -15,3 +15,5 @@ class DownlinkSection(ConfigModel):
     apply_deadline_s: float = Field(60.0, gt=1, le=600)
     # A unit must stay healthy this long to count (a source that connects and drops again does not).
     settle_s: float = Field(3.0, ge=0, le=60)
+    # A new key and CSR go to the twin when the client certificate has fewer days left than this.
+    renew_before_days: float = Field(30.0, ge=0, le=3650)

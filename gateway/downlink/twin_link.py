@@ -136,3 +136,16 @@ def collect_reported(
     client.loop_stop()
     with lock:
         return dict(found)
+
+
+def fetch_retained(broker: Broker, topic: str, wait_s: float = 2.0) -> bytes | None:
+    """The retained message on ``topic``, or None when there is none within ``wait_s``."""
+    client, seen = watch(broker, topic)
+    end = time.monotonic() + wait_s
+    try:
+        while not seen and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return seen[0][1] if seen and seen[0][1] else None

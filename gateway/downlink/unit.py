@@ -36,6 +36,7 @@ from gateway.downlink import restart
 from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
 from gateway.downlink.errors import RefusedError
+from gateway.downlink.renewal import Renewal
 from gateway.downlink.signing import Trust, Verified, verify, verify_rotation
 from gateway.errors import ConfigError
 from gateway.supervisor import Supervisor, UnitState
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 MAX_STARTS_ON_PENDING = 3  # process starts on an unproven revision before it counts as a crash loop
 _POLL_S = 0.25
 _REPORT_EVERY_S = 1.0
+_RENEW_CHECK_S = 3600.0  # how often the certificate's expiry is looked at
 
 
 def _now() -> str:
@@ -84,6 +86,12 @@ class Downlink:
         self.phase = "starting"
         mqtt = core.uplink.mqtt
         self._azure = mqtt is not None and mqtt.profile == "azure"
+        self._renewal = Renewal(mqtt, self.dir / "renew", gateway_id) if mqtt is not None else None
+        self._cert: bytes | None = None  # a signed certificate from the twin, not yet handled
+        self._next_renew_check = 0.0  # monotonic: a clock step does not move it
+        self._trial_until: float | None = None  # the new pair must connect before this (monotonic)
+        self._attaches = 0  # connections so far; one after the install proves the new pair
+        self._attach_mark = 0
 
     # --- the hook the MQTT uplink calls on each connection ----------------------------------------
 
@@ -92,9 +100,13 @@ class Downlink:
         if self._azure:
             return  # IoT Hub allows its own device topics only: run() says so once
         self._client, self._root = client, topic_root
+        self._attaches += 1
         client.on_message = self._on_message
-        client.subscribe([(f"{topic_root}/desired", 1), (f"{topic_root}/trust", 1), (f"{topic_root}/cmd", 1)])
+        topics = ("desired", "trust", "cmd", "cert")
+        client.subscribe([(f"{topic_root}/{name}", 1) for name in topics])
         self.report()
+        if self._renewal is not None and self._renewal.pending:
+            self._publish_csr()
 
     def detach(self) -> None:
         """The connection ended: nothing to publish on until the next one."""
@@ -110,6 +122,10 @@ class Downlink:
         elif message.topic.endswith("/trust"):
             if message.payload:
                 self._rotation = bytes(message.payload)
+                self._wake.set()
+        elif message.topic.endswith("/cert"):
+            if message.payload:
+                self._cert = bytes(message.payload)
                 self._wake.set()
         elif message.topic.endswith("/cmd"):
             try:
@@ -146,6 +162,7 @@ class Downlink:
             "last_rollback": st.last_rollback,
             "audit": None if head is None else {"count": head.count, "head": head.hash},
             "trust": {"version": st.trust_version, "keys": self._trust_keys()},
+            "certificate": self._certificate(),
             "units": self._units_now(),
         }
 
@@ -183,9 +200,13 @@ class Downlink:
             if (units := self._units_now()) != shown:
                 shown = units
                 self.report()
+            self._renew_tick()
             if not self._wake.is_set():
                 continue
             self._wake.clear()
+            cert, self._cert = self._cert, None
+            if cert is not None:
+                self._take_certificate(cert)
             rotation, self._rotation = self._rotation, None
             if rotation is not None:
                 self._rotate(rotation)
@@ -193,9 +214,100 @@ class Downlink:
             if data is not None and await self._handle(data):
                 await asyncio.Event().wait()  # restarting onto the new config: the supervisor stops us
 
+    # --- certificate renewal ----------------------------------------------------------------------
+
+    def _publish_csr(self) -> None:
+        assert self._renewal is not None
+        client = self._client
+        if client is None:
+            return
+        with contextlib.suppress(Exception):
+            client.publish(f"{self._root}/csr", self._renewal.csr.read_bytes(), qos=1, retain=True)
+
+    def _renew_tick(self) -> None:
+        """Make a CSR when the certificate is due; judge a new pair on trial."""
+        r = self._renewal
+        if r is None or not r.enabled or self.audit is None:
+            return
+        now = time.monotonic()
+        if r.on_trial:
+            if self._trial_until is None:  # installed by an earlier run: judge it from now
+                self._trial_until, self._attach_mark = now + self._section.apply_deadline_s, 0
+            if self._attaches > self._attach_mark and getattr(self._uplink, "connected", False):
+                r.forget_previous()
+                self._trial_until = None
+                self.audit.append(
+                    "cert-connected", detail="the new certificate connected: the old pair removed"
+                )
+                log.info("downlink: the renewed certificate connected; the old pair is removed")
+                self.report()
+            elif now >= self._trial_until:
+                r.restore()
+                self._trial_until = None
+                detail = f"the new certificate did not connect within {self._section.apply_deadline_s:g} s"
+                self.audit.append("cert-rolled-back", detail=detail)
+                log.warning("downlink: %s: the old pair is back", detail)
+                self._reconnect()
+            return
+        if r.pending or now < self._next_renew_check:
+            return
+        self._next_renew_check = now + _RENEW_CHECK_S
+        left = r.days_left(dt.datetime.now(dt.UTC))
+        if left > self._section.renew_before_days:
+            return
+        r.make_csr()
+        self.audit.append("csr-made", detail=f"the certificate has {left:.1f} days left")
+        log.info("downlink: client certificate has %.1f days left: CSR sent to the twin", left)
+        self._publish_csr()
+        self.report()
+
+    def _take_certificate(self, pem: bytes) -> None:
+        """Install a signed certificate for the pending key, or refuse it."""
+        r = self._renewal
+        assert self.audit is not None
+        digest = self._digest = hashlib.sha256(pem).hexdigest()
+        if r is None or digest in _seen(self.dir):
+            return
+        self.audit.append("received", detail=f"certificate, {len(pem)} bytes", sha256=digest)
+        try:
+            cert = r.check(pem, dt.datetime.now(dt.UTC))
+        except RefusedError as exc:
+            self._refuse(None, exc.reason, f"certificate: {exc}")
+            return
+        r.install(pem)
+        _remember(self.dir, digest)
+        self._trial_until = time.monotonic() + self._section.apply_deadline_s
+        self._attach_mark = self._attaches
+        self.audit.append(
+            "cert-installed",
+            detail=f"serial {cert.serial_number:x}, valid until {cert.not_valid_after_utc:%Y-%m-%d}",
+        )
+        log.info(
+            "downlink: renewed certificate installed (valid until %s): reconnecting", cert.not_valid_after_utc
+        )
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        """End the connection: the uplink connects again with the files now in place."""
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.disconnect()
+
     def _trust_keys(self) -> list[str]:
         trust = self._trust
         return [] if trust is None else sorted(k[:12] for k in trust.keys if k not in trust.revoked)
+
+    def _certificate(self) -> dict[str, Any] | None:
+        r = self._renewal
+        if r is None or not r.enabled:
+            return None
+        try:
+            left = round(r.days_left(dt.datetime.now(dt.UTC)), 2)
+        except Exception:  # noqa: BLE001 - a certificate that does not load is the uplink's to report
+            left = None
+        renewal = "on trial" if r.on_trial else "csr sent" if r.pending else None
+        return {"days_left": left, "renewal": renewal}
 
     def _units_now(self) -> dict[str, str]:
         return {u.name: str(u.state) for u in self._sup.units}
