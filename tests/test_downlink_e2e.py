@@ -21,12 +21,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from downlink_support import BROKEN_SOURCE, SHORT_DEADLINE_S, Site, applied, new_site, running, source
 from peers import free_port
-from uplink_support import mosquitto_pki, require_mosquitto, running_broker
+from uplink_support import listener, mosquitto_pki, require_mosquitto, running_broker
 
 from gateway.downlink import audit
 from gateway.downlink.signing import read_private_key, sign
 from gateway.downlink.twin_link import send_command, watch
 from gateway.records.topics import DEFAULT_PREFIX
+from gateway.twin.listen import Listener
 from gateway.uplink.certs import DemoCA, DemoPKI
 
 pytestmark = pytest.mark.slow
@@ -300,6 +301,7 @@ def test_a_certificate_near_expiry_is_renewed_over_the_downlink(tmp_path: Path) 
     for broker in running_broker(tmp_path, pki):
         site = new_site(tmp_path, pki, broker)
         old_cert = pki.gateway.cert.read_bytes()
+        twin = listener(broker, pki)  # the records' sequence across the switch
         try:
             site.start()
             rep = site.reported(
@@ -323,5 +325,16 @@ def test_a_certificate_near_expiry_is_renewed_over_the_downlink(tmp_path: Path) 
             events = [e["event"] for e in site.events()]
             assert events == ["csr-made", "received", "cert-installed", "cert-connected"]
             assert rep["units"]["uplink"] == "running"
+            wanted = twin.records_received + 5
+
+            def flowing(t: Listener, wanted: int = wanted) -> bool:
+                return t.records_received > wanted
+
+            assert twin.wait_for(flowing, 20), "records after the switch"
+            site.stop()  # an orderly stop drains what is queued
+            time.sleep(0.5)
+            (state,) = twin.checker.gateways.values()
+            assert state.missing == 0, state.summary()  # no record lost across the switch
         finally:
             site.stop()
+            twin.stop()
