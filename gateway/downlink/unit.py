@@ -38,7 +38,7 @@ from gateway.downlink.audit import AuditLog
 from gateway.downlink.errors import RefusedError
 from gateway.downlink.renewal import Renewal
 from gateway.downlink.signing import Trust, Verified, verify, verify_rotation
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, EdgetwinError
 from gateway.supervisor import Supervisor, UnitState
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,11 @@ class Downlink:
         if r.pending or now < self._next_renew_check:
             return
         self._next_renew_check = now + _RENEW_CHECK_S
-        left = r.days_left(dt.datetime.now(dt.UTC))
+        try:
+            left = r.days_left(dt.datetime.now(dt.UTC))
+        except (EdgetwinError, OSError) as exc:  # missing or unreadable: the uplink says so; look again later
+            log.debug("downlink: certificate expiry not known: %s", exc)
+            return
         if left > self._section.renew_before_days:
             return
         r.make_csr()
