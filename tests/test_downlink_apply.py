@@ -19,6 +19,7 @@ from gateway.downlink.signing import key_id, public_hex
 from gateway.downlink.unit import roll_back_after_exit
 from gateway.errors import ConfigError
 from gateway.observe.check import Level
+from gateway.observe.lock import state_dir_lock
 from gateway.uplink.config import MqttSection
 
 
@@ -105,3 +106,21 @@ def test_an_unreadable_state_file_keeps_the_downlink_off_with_the_fix(tmp_path: 
         path.write_text(text)
         with pytest.raises(ConfigError, match=r"downlink state .*state.json: unreadable .*restore the file"):
             persist.load(path)
+
+
+def test_a_second_run_refused_for_a_busy_state_dir_does_not_roll_back(tmp_path: Path) -> None:
+    live = tmp_path / "edgetwin.toml"
+    live.write_text(_config(tmp_path, "new"))
+    directory = tmp_path / "state" / "downlink"
+    directory.mkdir(parents=True)
+    backup = directory / "previous.toml"
+    backup.write_text(_config(tmp_path, "old"))
+    persist.save(
+        directory / "state.json",
+        persist.DownlinkState(accepted=4, pending=persist.Pending(4, "ab" * 32, str(backup), [])),
+    )
+    config = load(live, REGISTRY)
+    with state_dir_lock(tmp_path / "state"):  # the running gateway on probation holds it
+        assert roll_back_after_exit(config, 1) is False
+    assert live.read_text() == _config(tmp_path, "new")
+    assert persist.load(directory / "state.json").pending is not None

@@ -533,12 +533,21 @@ def roll_back_after_exit(config: Config, code: int) -> bool:
     A revision that passed the checks and still ends the process before probation could judge it
     (a failure at start) must not leave the gateway down; True when the previous file is back.
     """
-    directory = config.core.gateway.state_dir / "downlink"
-    st = persist.load(directory / "state.json")
-    if st.pending is None:
+    from gateway.observe.lock import StateDirBusyError, state_dir_lock  # noqa: PLC0415
+
+    state_dir = config.core.gateway.state_dir
+    directory = state_dir / "downlink"
+    try:
+        # Only the gateway that owns the state directory judges: a second 'edgetwin run' refused
+        # for a busy state directory must not roll back the running gateway's revision.
+        with state_dir_lock(state_dir):
+            st = persist.load(directory / "state.json")
+            if st.pending is None:
+                return False
+            detail = f"the gateway exited with code {code} on it before it could be judged"
+            roll_back(config.file, directory, st, AuditLog(directory / "audit.jsonl"), detail)
+    except StateDirBusyError:
         return False
-    detail = f"the gateway exited with code {code} on it before it could be judged"
-    roll_back(config.file, directory, st, AuditLog(directory / "audit.jsonl"), detail)
     return True
 
 
