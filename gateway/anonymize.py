@@ -272,6 +272,10 @@ class Anonymizer:
     def _clock(self) -> Clock:
         return "unix" if self._time_mode == "exact" else "site"
 
+    def record_time(self, t_wall: float) -> float:
+        """A wall-clock time in the clock the records carry (as privacy.time says)."""
+        return self._t(t_wall)
+
     def _t(self, t_wall: float) -> float:
         """Record time: seconds since the site origin (coarsened as configured), or exact Unix time."""
         if not math.isfinite(t_wall):

@@ -574,7 +574,14 @@ async def _supervise(
 
         mq = core.uplink.mqtt
         password = mq.password_file.read_text(encoding="utf-8").strip() if mq.password_file else None
-        uplink = MqttUplink(outbox, mq, anonymizer.gateway_pseudonym(core.gateway.name), password=password)
+        uplink = MqttUplink(
+            outbox,
+            mq,
+            anonymizer.gateway_pseudonym(core.gateway.name),
+            password=password,
+            run=anonymizer.timebase.run,
+            record_time=anonymizer.record_time,
+        )
         if core.downlink.trust_file is not None:
             from gateway.downlink.unit import Downlink  # noqa: PLC0415
 
@@ -628,13 +635,13 @@ async def _supervise(
         )
 
     def summary() -> str:
-        health = outbox.health()
+        report = outbox.report()  # the figures the status topic and the diagnostics carry
         describe = getattr(uplink, "describe", None)  # the MQTT uplink: connected or degraded (why)
         return (
             f"outbox pending {outbox.pending}, delivered {getattr(uplink, 'delivered', 0)}, "
-            f"dropped {outbox.dropped_total()}"
+            f"{report.headline()}"
             + (f", uplink {describe()}" if describe is not None else "")
-            + (f", OUTBOX DEGRADED: {health}" if health else "")
+            + (f", OUTBOX DEGRADED: {report.degraded}" if report.degraded else "")
         )
 
     sup.summary = summary

@@ -26,6 +26,7 @@ from gateway.records import (
     EstimateSource,
     FeaturesWindow,
     SeqMeta,
+    StatusLoss,
     StatusRecord,
     StreamWindow,
     UnsupportedVersionError,
@@ -268,6 +269,21 @@ def test_an_estimate_reads_as_value_plus_minus_sd_with_its_sources() -> None:
         run=st.one_of(st.none(), runs),
         clean=st.one_of(st.none(), st.booleans()),
         dropped=st.dictionaries(st.sampled_from(["alarms", "features", "diag"]), st.integers(1, 2**40)),
+        drops=st.dictionaries(
+            st.sampled_from(["features", "diagnostics"]),
+            st.dictionaries(st.sampled_from(["budget", "age", "corrupt"]), st.integers(1, 2**40), min_size=1),
+        ),
+        degraded=st.one_of(st.none(), st.sampled_from(["disk_full", "write_failing"])),
+        loss=st.one_of(
+            st.none(),
+            st.builds(
+                StatusLoss,
+                lane=st.sampled_from(["alarms", "features"]),
+                reason=st.sampled_from(["budget", "corrupt", "dead_letter"]),
+                n=st.integers(1, 2**40),
+                t=st.floats(0, 1e9, allow_nan=False),
+            ),
+        ),
     )
 )
 def test_a_status_round_trips(status: StatusRecord) -> None:

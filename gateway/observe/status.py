@@ -212,6 +212,7 @@ class StatusBoard:
             "dropped": sum(sum(r.values()) for r in drops.values()),
             # Why it refuses lower lanes (a full disk, failing writes), or None.
             "degraded": self._outbox.health() if hasattr(self._outbox, "health") else None,
+            "last_loss": _last_loss(self._outbox),
             "lanes": lanes,
         }
 
@@ -463,3 +464,9 @@ def render_text(snap: Mapping[str, Any]) -> str:
         for a in snap["alarms"]
     ]
     return "\n".join(lines)
+
+
+def _last_loss(outbox: Any) -> dict[str, object] | None:
+    """The newest loss, as the status topic and the diagnostics name it (None when none)."""
+    last = outbox.report().last if hasattr(outbox, "report") else None
+    return None if last is None else last.as_dict()

@@ -22,7 +22,7 @@ from gateway.backoff import Backoff
 from gateway.cleanup import finish_shielded
 from gateway.contracts import Lane
 from gateway.errors import ConfigError, EdgetwinError
-from gateway.outbox.records import DropReason, Leased, MiB, OutboxStats, OutItem, record_size
+from gateway.outbox.records import DropReason, DropReport, Leased, MiB, OutboxStats, OutItem, record_size
 from gateway.outbox.store import Outbox
 
 _LOG = logging.getLogger("gateway.outbox")
@@ -109,37 +109,54 @@ class AsyncOutbox:
             by_reason[str(reason)] = by_reason.get(str(reason), 0) + n
         return out
 
+    def report(self) -> DropReport:
+        """Every loss so far, the degraded state and the last loss: one source for every report (never waits)."""
+        outbox = self._outbox
+        return DropReport(
+            self.drop_counts(),
+            self.health(),
+            None if outbox is None else outbox.last_drop,
+            0 if outbox is None else outbox.epoch,
+            0 if outbox is None else len(outbox.losses),
+        )
+
     def counters(self) -> dict[str, float | str]:
         """Drop counters and health as flat diagnostic counters (never waits).
 
         Keys and text values are plain tokens of at most 32 characters, the only form the
         anonymizer lets out: a counter it refused would hide the very loss it reports.
         """
+        report = self.report()
         out: dict[str, float | str] = {
             f"drop_{lane}_{reason}": n
-            for lane, reasons in self.drop_counts().items()
+            for lane, reasons in report.drops.items()
             for reason, n in reasons.items()
         }
         out["outbox_pending_bytes"] = self._pending_bytes
-        health = self.health()
-        out["outbox_degraded"] = 0 if health is None else 1
-        if health is not None:
-            out["outbox_degraded_why"] = "disk_full" if "full" in health.lower() else "write_failing"
+        out["outbox_degraded"] = 0 if report.degraded is None else 1
+        if report.degraded_token is not None:
+            out["outbox_degraded_why"] = report.degraded_token
         outbox = self._outbox
         if outbox is not None:
-            out["outbox_epoch"] = outbox.epoch
+            out["outbox_epoch"] = report.epoch
             losses = outbox.losses
-            out["outbox_losses"] = len(losses)
+            out["outbox_losses"] = report.recoveries
             if losses:
                 last = losses[-1]
                 out["outbox_last_loss_from_epoch"] = last.prev_epoch
                 out["outbox_last_loss_up_to_id"] = last.last_id
                 out["outbox_last_loss_count"] = sum(last.lost.values())
+        if report.last is not None:
+            out["outbox_last_drop_lane"] = report.last.lane
+            out["outbox_last_drop_reason"] = report.last.reason
+            out["outbox_last_drop_count"] = report.last.n
+            # How long ago rather than when: a wall-clock time would pass the anonymizer's time rules by.
+            out["outbox_last_drop_age_s"] = round(max(0.0, time.time() - report.last.t_wall), 1)
         return out
 
     def dropped_total(self) -> int:
         """All drops of every lane and reason."""
-        return sum(sum(reasons.values()) for reasons in self.drop_counts().values())
+        return self.report().total
 
     async def __aenter__(self) -> Self:
         if self._entered:

@@ -121,6 +121,76 @@ class LossEvent:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class LastDrop:
+    """The newest counted loss: which lane, why, how many records, when (wall clock)."""
+
+    lane: str  # lane name
+    reason: str  # a DropReason value
+    n: int  # records that loss took
+    t_wall: float
+    why: str | None = None  # for a recovery: what was found (a database set aside, a torn log)
+
+    def as_dict(self) -> dict[str, object]:
+        """The loss as JSON-ready data (state file)."""
+        out: dict[str, object] = {
+            "lane": self.lane,
+            "reason": self.reason,
+            "n": self.n,
+            "t": round(self.t_wall, 3),
+        }
+        if self.why is not None:
+            out["why"] = self.why
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> LastDrop:
+        """Read back what :meth:`as_dict` wrote (ValueError/TypeError/KeyError when it is not that)."""
+        why = data.get("why")
+        return cls(
+            str(data["lane"]),
+            str(DropReason(str(data["reason"]))),
+            int(str(data["n"])),
+            float(str(data["t"])),
+            None if why is None else str(why),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DropReport:
+    """Every loss the outbox knows of, as the status topic, diagnostics and ``STATUS=`` all show it."""
+
+    drops: Mapping[str, Mapping[str, int]]  # by lane name and reason: persisted and refused in memory
+    degraded: str | None  # why lower lanes are refused (a full disk, failing writes), None when not
+    last: LastDrop | None  # the newest counted loss
+    epoch: int = 0
+    recoveries: int = 0  # recoveries that lost records, as kept (the last few)
+
+    @property
+    def total(self) -> int:
+        """Records dropped, every lane and reason."""
+        return sum(sum(reasons.values()) for reasons in self.drops.values())
+
+    @property
+    def by_lane(self) -> dict[str, int]:
+        """Records dropped per lane (lanes with none left out)."""
+        return {lane: sum(r.values()) for lane, r in self.drops.items() if sum(r.values())}
+
+    @property
+    def degraded_token(self) -> str | None:
+        """The degraded state as one plain token (``disk_full``, ``write_failing``), None when not."""
+        if self.degraded is None:
+            return None
+        return "disk_full" if "full" in self.degraded.lower() else "write_failing"
+
+    def headline(self) -> str:
+        """``dropped N`` and, after a loss, what the last one was (for the ``STATUS=`` line)."""
+        text = f"dropped {self.total}"
+        if self.last is not None:
+            text += f" (last {self.last.n} {self.last.lane} {self.last.reason})"
+        return text
+
+
 @dataclass(frozen=True)
 class OutboxStats:
     """A snapshot of the outbox for health reports and tests."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from gateway.contracts import Lane
 from gateway.errors import TransientError
-from gateway.outbox.records import DropReason, LossEvent
+from gateway.outbox.records import DropReason, LastDrop, LossEvent
 
 _LOG = logging.getLogger("gateway.outbox")
 
@@ -169,6 +169,7 @@ class KnownState:
     queued: Mapping[Lane, int] = field(default_factory=dict)
     dropped: Mapping[tuple[Lane, DropReason], int] = field(default_factory=dict)
     losses: tuple[LossEvent, ...] = ()
+    last_drop: LastDrop | None = None
 
 
 def parse_state(state: Mapping[str, Any] | None) -> KnownState:
@@ -199,4 +200,11 @@ def parse_state(state: Mapping[str, Any] | None) -> KnownState:
         for entry in raw_losses:
             with contextlib.suppress(KeyError, ValueError, TypeError):
                 losses.append(LossEvent.from_dict(entry))
-    return KnownState(number("epoch"), number("floor"), number("last_id"), queued, dropped, tuple(losses))
+    last_drop = None
+    raw_last = state.get("last_drop")
+    if isinstance(raw_last, Mapping):
+        with contextlib.suppress(KeyError, ValueError, TypeError):
+            last_drop = LastDrop.from_dict(raw_last)
+    return KnownState(
+        number("epoch"), number("floor"), number("last_id"), queued, dropped, tuple(losses), last_drop
+    )

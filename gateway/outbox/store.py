@@ -25,6 +25,7 @@ from gateway.outbox.records import (
     FullPolicy,
     LaneBudget,
     LaneStats,
+    LastDrop,
     Leased,
     LossEvent,
     MiB,
@@ -134,6 +135,7 @@ class Outbox:
         self._seq = 0  # highest id assigned in this database
         self._floor = 0  # ids up to this are reserved in the state file
         self._losses: list[LossEvent] = []
+        self._last_drop: LastDrop | None = None
         self._dead = 0
         self._dead_logged = False
         self._drop_view: Mapping[str, Mapping[str, int]] = {}
@@ -236,6 +238,11 @@ class Outbox:
     def losses(self) -> tuple[LossEvent, ...]:
         """Recoveries that lost records, oldest first (the last few); never waits."""
         return tuple(self._losses)
+
+    @property
+    def last_drop(self) -> LastDrop | None:
+        """The newest counted loss (persisted in the state file), or None; never waits."""
+        return self._last_drop
 
     def drop_counts(self) -> Mapping[str, Mapping[str, int]]:
         """The drop counters by lane name and reason; never waits (safe on the event loop)."""
@@ -395,6 +402,7 @@ class Outbox:
         for key, n in known.dropped.items():
             counters[key] = max(counters.get(key, 0), n)
         self._losses = list(known.losses)
+        self._last_drop = known.last_drop
         if lost_why is None and state is not None and known.epoch and known.epoch != self._epoch:
             lost_why = f"the database is not the one last used (epoch {self._epoch}, expected {known.epoch})"
         elif lost_why is None and known.last_id > self._seq:
@@ -405,7 +413,7 @@ class Outbox:
                 "(an older copy, or storage that lost writes)"
             )
         if lost_why is None:
-            self._apply_counters(counters)
+            self._apply_counters(counters, note=False)  # what the files say: no new loss
             self._floor = max(known.floor, self._seq)
         else:
             self._start_new_epoch(known, lost_why, salvaged, counters)
@@ -468,7 +476,15 @@ class Outbox:
                 write()
             except sqlite3.Error as again:
                 raise to_error(self._path, "start a new epoch", again) from again
-        self._apply_counters(counters)
+        self._apply_counters(counters, note=False)
+        if lost:
+            self._last_drop = LastDrop(
+                max(lost, key=lambda lane: lost[lane]).name.lower(),
+                str(DropReason.CORRUPT),
+                sum(lost.values()),
+                time.time(),
+                why,
+            )
         event = LossEvent(
             prev, epoch, known.last_id, {lane.name.lower(): n for lane, n in lost.items()}, why, time.time()
         )
@@ -518,6 +534,7 @@ class Outbox:
                 if n
             },
             "losses": [event.as_dict() for event in self._losses],
+            "last_drop": None if self._last_drop is None else self._last_drop.as_dict(),
         }
 
     # --- full disk -------------------------------------------------------------------------------------
@@ -865,7 +882,16 @@ class Outbox:
                 ],
             )
 
-    def _apply_counters(self, counters: Mapping[tuple[Lane, DropReason], int]) -> None:
+    def _apply_counters(self, counters: Mapping[tuple[Lane, DropReason], int], *, note: bool = True) -> None:
+        if note:
+            # The newest loss is the counter that grew most in this change.
+            grown = [
+                (n - self._dropped[lane].get(reason, 0), lane, reason)
+                for (lane, reason), n in counters.items()
+            ]
+            most = max(grown, default=None, key=lambda g: g[0])
+            if most is not None and most[0] > 0:
+                self._last_drop = LastDrop(most[1].name.lower(), str(most[2]), most[0], time.time())
         for (lane, reason), n in counters.items():
             self._dropped[lane][reason] = n
         if counters:

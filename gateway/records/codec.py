@@ -46,6 +46,7 @@ from gateway.records.model import (
     Record,
     SeqMeta,
     Shape,
+    StatusLoss,
     StatusRecord,
     StreamWindow,
 )
@@ -847,6 +848,13 @@ def status_map(status: StatusRecord) -> dict[str, Any]:
         body["clean"] = status.clean
     if status.dropped:
         body["dropped"] = dict(status.dropped)
+    if status.drops:
+        body["drops"] = {lane: dict(reasons) for lane, reasons in status.drops.items()}
+    if status.degraded is not None:
+        body["degraded"] = status.degraded
+    if status.loss is not None:
+        loss = status.loss
+        body["loss"] = {"lane": loss.lane, "reason": loss.reason, "n": loss.n, "t": loss.t}
     return body
 
 
@@ -867,8 +875,11 @@ def decode_status(payload: bytes) -> StatusRecord:
         raise _corrupt(f"status is a JSON {type(body).__name__}, expected an object")
     try:
         dropped = body.get("dropped") or {}
+        drops = body.get("drops") or {}
         run = body.get("run")
         clean = body.get("clean")
+        degraded = body.get("degraded")
+        loss = body.get("loss")
         return StatusRecord(
             state=str(body["state"]),
             ep=int(body.get("ep", 0)),
@@ -876,6 +887,11 @@ def decode_status(payload: bytes) -> StatusRecord:
             run=None if run is None else int(run),
             clean=None if clean is None else bool(clean),
             dropped={str(k): int(v) for k, v in dropped.items()},
+            drops={str(lane): {str(k): int(v) for k, v in r.items()} for lane, r in drops.items()},
+            degraded=None if degraded is None else str(degraded),
+            loss=None
+            if loss is None
+            else StatusLoss(str(loss["lane"]), str(loss["reason"]), int(loss["n"]), float(loss["t"])),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _corrupt(f"status {body!r} is malformed: {exc}") from exc

@@ -151,15 +151,28 @@ class SeqMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusLoss:
+    """The newest loss at the gateway: which lane, why (a drop reason), how many records, when."""
+
+    lane: str
+    reason: str  # budget, age, corrupt, disk_full, queue_full, oversize, dead_letter
+    n: int
+    t: float  # in the clock of the gateway's records (``site`` unless privacy.time is exact)
+
+
+@dataclass(frozen=True, slots=True)
 class StatusRecord:
     """The retained status document (JSON): online, or offline through the Will or an orderly stop."""
 
     state: str  # "online", "offline" or "cleared" (an empty retained message)
     ep: int = 0  # the epoch the gateway publishes under
     sv: int = SCHEMA_MAJOR
-    run: int | None = None
+    run: int | None = None  # the gateway's boot counter
     clean: bool | None = None  # offline only: True for an orderly stop, False from the Will
     dropped: Mapping[str, int] = field(default_factory=dict)  # records dropped at the gateway, by lane
+    drops: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # the same by lane and reason
+    degraded: str | None = None  # why the gateway refuses lower lanes: disk_full, write_failing
+    loss: StatusLoss | None = None  # the newest loss
 
 
 def order_key(record: Record) -> tuple[int, float]:

@@ -144,10 +144,8 @@ class TwinView:
         lines: list[str] = []
         for gw in self.gateways.values():
             st = gw.status
-            dropped = st.dropped if st else None
             lines.append(
-                f"gateway {gw.gateway}: {st.state if st else 'unknown'}"
-                + (f", dropped at the gateway: {dict(dropped)}" if dropped else "")
+                f"gateway {gw.gateway}: {st.state if st else 'unknown'}" + (status_text(st) if st else "")
             )
             for s in gw.subjects.values():
                 t = number(round(s.t, 1)) if s.t is not None else "-"
@@ -186,8 +184,30 @@ def describe(msg: TwinMessage) -> str:
     head = f"{msg.gateway[:8]} {seq:>7}{hist:<2} {msg.topic[:34]:<34}"
     rec = msg.record
     if isinstance(rec, StatusRecord):
-        return f"{head} STATUS {rec.state}" + (f" dropped={dict(rec.dropped)}" if rec.dropped else "")
+        return f"{head} STATUS {rec.state}{status_text(rec)}"
     return f"{head} {describe_record(rec)}"
 
 
-__all__ = ["GatewayState", "SubjectState", "TwinView", "describe", "silent"]
+def status_text(status: StatusRecord) -> str:
+    """What a status says beyond its state: run, degraded, drops by lane and reason, the newest loss."""
+    out = f" run {status.run}" if status.run is not None else ""
+    if status.degraded:
+        out += f", DEGRADED ({status.degraded})"
+    if status.dropped or status.drops:
+        lanes = sorted({*status.dropped, *status.drops})
+        out += ", dropped at the gateway: " + "; ".join(
+            f"{lane} {status.dropped.get(lane, sum(status.drops.get(lane, {}).values()))}"
+            + (
+                " (" + ", ".join(f"{r} {n}" for r, n in sorted(status.drops[lane].items())) + ")"
+                if lane in status.drops
+                else ""
+            )
+            for lane in lanes
+        )
+    if status.loss is not None:
+        loss = status.loss
+        out += f", last loss {loss.n} {loss.lane} ({loss.reason}) at t={number(round(loss.t, 1))}"
+    return out
+
+
+__all__ = ["GatewayState", "SubjectState", "TwinView", "describe", "silent", "status_text"]

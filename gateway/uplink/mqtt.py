@@ -10,7 +10,9 @@ Delivery contract (``docs/records.md``):
   historical.
 * Each message carries its sequence number (the outbox row id) and the outbox epoch, in the pack
   and, with MQTT 5, as user properties, so the twin can tell loss from duplication.
-* A retained status topic says "online" (with the drop counters) and, through the Will, "offline".
+* A retained status topic says "online" and, through the Will, "offline", with the run, the drop
+  counters by lane and reason, the newest loss and the degraded state: the figures diagnostics and
+  the ``STATUS=`` line show, from one source (:meth:`gateway.outbox.AsyncOutbox.report`).
 
 * A record no packet the broker takes can carry is not deleted as delivered: an alarm or a
   diagnostic goes without its optional detail (with a note), anything else to the outbox's
@@ -41,11 +43,10 @@ from paho.mqtt.properties import Properties
 
 from gateway import backoff
 from gateway.cleanup import cancel_requested, run_shielded
-from gateway.contracts import Lane
 from gateway.errors import ConfigError, EdgetwinError
 from gateway.liveness import Pulse
 from gateway.outbox import AsyncOutbox
-from gateway.records import StatusRecord, encode_status
+from gateway.records import StatusLoss, StatusRecord, encode_status
 from gateway.records.topics import azure_topic
 from gateway.uplink import certs, transport
 from gateway.uplink.config import MqttSection, is_loopback
@@ -56,7 +57,10 @@ from gateway.uplink.profiles import PROFILES
 log = logging.getLogger(__name__)
 
 _CLEANUP_DEADLINE_S = 5.0
-_MONITOR_EVERY_S = 10.0
+_MONITOR_EVERY_S = 1.0  # cheap: the status is built from counters in memory
+# Counters that keep growing (a lane over its budget) republish the status at most this often; a
+# change of the degraded state goes out at once.
+_STATUS_MIN_GAP_S = 2.0
 _CERT_CHECK_EVERY_S = 6 * 3600.0
 # While backing off, how often to check whether the step that failed would pass now: a broker
 # listening again is used within about this long.  A TLS probe costs the broker a handshake.
@@ -75,8 +79,13 @@ class MqttUplink:
         gateway_id: str,
         *,
         password: str | None = None,
+        run: int | None = None,
+        record_time: Callable[[float], float] | None = None,
     ) -> None:
         self._outbox = outbox
+        self._run = run  # the gateway's boot counter, named in the status
+        # Wall clock to the records' clock, so the status's loss time reads like a record's time.
+        self._record_time = record_time or (lambda t_wall: round(t_wall, 3))
         self._cfg = config
         self._profile = PROFILES[config.profile]
         self.client_id = gateway_id
@@ -90,7 +99,7 @@ class MqttUplink:
         self.problem: str | None = "not connected yet"  # why the uplink is degraded; None when connected
         self.connected = False
         self._session: Session | None = None
-        self._dropped_seen: dict[str, int] | None = None
+        self._status_seen: StatusRecord | None = None  # the last "online" status published
         self._next_cert_check = 0.0
         self._connection = Connection(
             config, self._profile, gateway_id, password=password, will=self._will, bounded=self._bounded
@@ -187,18 +196,28 @@ class MqttUplink:
             return azure_topic(self.client_id, bag)
         return f"{self.topic_root}/{relative}"
 
-    def _status_payload(
-        self, state: str, *, clean: bool = True, dropped: dict[str, int] | None = None
-    ) -> bytes:
-        status = StatusRecord(
-            state, ep=self._delivery.epoch, clean=clean if state == "offline" else None, dropped=dropped or {}
+    def status(self, state: str, *, clean: bool = True) -> StatusRecord:
+        """The status document now: run, drops by lane and reason, the newest loss, degraded state."""
+        report = self._outbox.report()
+        last = report.last
+        loss = None
+        if last is not None:
+            loss = StatusLoss(last.lane, last.reason, last.n, self._record_time(last.t_wall))
+        return StatusRecord(
+            state,
+            ep=self._delivery.epoch,
+            run=self._run,
+            clean=clean if state == "offline" else None,
+            dropped=report.by_lane,
+            drops={lane: dict(r) for lane, r in report.drops.items() if any(r.values())},
+            degraded=report.degraded_token,
+            loss=loss,
         )
-        return encode_status(status)
 
     def _will(self) -> tuple[str, bytes]:
         # Read before each connection: the Will must name the epoch the records carry, not 0.
         self._delivery.epoch = self._outbox.outbox.epoch
-        return self._status_topic(), self._status_payload("offline", clean=False, dropped=self._dropped_seen)
+        return self._status_topic(), encode_status(self.status("offline", clean=False))
 
     def _status_topic(self) -> str:
         return self._topic("status") if self._profile.static_topic else self.status_topic
@@ -298,8 +317,7 @@ class MqttUplink:
         try:
             await self._delivery.start(session, self._outbox.outbox.epoch)
             stats = await self._outbox.stats()
-            self._dropped_seen = _dropped(stats.dropped)
-            self._publish_status(session, "online", dropped=self._dropped_seen)
+            self._publish_status(session, self.status("online"))
             if self.downlink is not None:
                 self.downlink.attach(session.client, self.topic_root)
             queued = stats.queued
@@ -332,21 +350,30 @@ class MqttUplink:
             await run_shielded(self._end_session(session, graceful), _CLEANUP_DEADLINE_S, who="uplink mqtt")
 
     async def _monitor(self, session: Session) -> None:
-        """Republish the status when drop counters change; re-check our certificate now and then."""
+        """Republish the status when what it says changes; re-check our certificate now and then."""
+        published = time.monotonic()
         while True:
             await asyncio.sleep(_MONITOR_EVERY_S)
-            stats = await self._outbox.stats()
-            dropped = _dropped(stats.dropped)
-            if dropped != self._dropped_seen:
-                log.info("uplink mqtt: outbox drop counters now %s: told the twin", dropped)
-                self._dropped_seen = dropped
-                self._publish_status(session, "online", dropped=dropped)
+            status, seen = self.status("online"), self._status_seen
+            now = time.monotonic()
+            if status != seen and (
+                seen is None or status.degraded != seen.degraded or now - published >= _STATUS_MIN_GAP_S
+            ):
+                log.info(
+                    "uplink mqtt: outbox drops now %s%s: told the twin",
+                    dict(status.dropped) or "none",
+                    f", degraded ({status.degraded})" if status.degraded else "",
+                )
+                self._publish_status(session, status)
+                published = now
             if time.monotonic() >= self._next_cert_check:
                 self._next_cert_check = time.monotonic() + _CERT_CHECK_EVERY_S
                 # Parsing a certificate takes a while: off the event loop.
                 await asyncio.to_thread(self._connection.check_certificate)
 
-    def _publish_status(self, session: Session, state: str, **kw: Any) -> paho.MQTTMessageInfo:
+    def _publish_status(self, session: Session, status: StatusRecord) -> paho.MQTTMessageInfo:
+        if status.state == "online":
+            self._status_seen = status
         props = None
         if self._cfg.protocol == "5":
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -354,7 +381,7 @@ class MqttUplink:
             props.UserProperty = [("sv", SCHEMA_VERSION)]
         info = session.client.publish(
             self._status_topic(),
-            self._status_payload(state, **kw),
+            encode_status(status),
             qos=1,
             retain=session.retain,
             properties=props,
@@ -367,7 +394,7 @@ class MqttUplink:
         session = self._session
         if session is None or not session.connected:
             return False
-        self._publish_status(session, "online", dropped=self._dropped_seen)
+        self._publish_status(session, self.status("online"))
         return True
 
     async def _end_session(self, session: Session, graceful: bool) -> None:
@@ -378,7 +405,7 @@ class MqttUplink:
             if graceful:
                 session.status_acked.clear()
                 with contextlib.suppress(Exception):
-                    self._publish_status(session, "offline", clean=True, dropped=self._dropped_seen)
+                    self._publish_status(session, self.status("offline", clean=True))
                     async with asyncio.timeout(1.0):
                         while not session.status_acked.is_set():
                             await asyncio.sleep(0.01)
@@ -393,15 +420,6 @@ class MqttUplink:
             if not session.leased and (await self._outbox.stats()).queued == 0:
                 return
             await asyncio.sleep(0.05)
-
-
-def _dropped(by_lane: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for lane, reasons in by_lane.items():
-        total = sum(reasons.values())
-        if total:
-            out[Lane(lane).name.lower()] = int(total)
-    return out
 
 
 def check_certificates(config: MqttSection, now: dt.datetime | None = None) -> list[str]:
