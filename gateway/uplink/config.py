@@ -60,6 +60,11 @@ class MqttSection(ConfigModel):
     reconnect_min_s: float = Field(0.5, gt=0, le=60)
     reconnect_max_s: float = Field(60.0, gt=0, le=3600)
     message_expiry_s: int | None = Field(None, ge=1)  # MQTT 5: the broker drops older undelivered messages
+    # MQTT 3.1.1 has no packet size negotiation: a broker just ends the connection of a client that
+    # sends a larger packet.  A record whose publish ended this many connections is taken as too
+    # large for the broker: alarms and diagnostics are sent without their optional detail, anything
+    # else (or what is still too large) goes to the dead-letter lane, so the uplink does not loop.
+    oversize_disconnects: int = Field(3, ge=1, le=100)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

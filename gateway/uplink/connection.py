@@ -127,6 +127,8 @@ class Session:
     )
     to_release: list[int] = field(default_factory=list)  # refused by the broker, released by the acker
     to_dead_letter: list[tuple[int, str]] = field(default_factory=list)  # (id, why), moved by the acker
+    ended_by_peer: bool = False  # the broker (or the network) ended it, not we nor a stall we declared
+    last_publish: float = 0.0  # monotonic time of the newest record publish
 
 
 class Connection:
@@ -260,6 +262,7 @@ class Connection:
         def deliver() -> None:
             session.connected = False
             if session.lost is None:
+                session.ended_by_peer = rc.is_failure
                 session.lost = TransientError(f"connection lost ({reason}{'; ' + last if last else ''})")
             if not session.connack.done():
                 session.connack.set_exception(session.lost)

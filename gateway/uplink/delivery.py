@@ -24,7 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.errors import AuthError, TransientError
 from gateway.outbox import AsyncOutbox, Leased
-from gateway.records import CONTENT_TYPE, SCHEMA_MAJOR, SeqMeta, wrap
+from gateway.records import CONTENT_TYPE, SCHEMA_MAJOR, RecordError, SeqMeta, wrap
 from gateway.uplink import packets
 from gateway.uplink.config import MqttSection
 from gateway.uplink.connection import Session
@@ -42,6 +42,8 @@ _ACK_STALL_S = 15.0  # messages in flight and no PUBACK for this long (at most k
 _PUBACK_AUTH = frozenset({0x87})  # not authorized (a broker policy forbids the topic)
 # The broker will never take this record, however often it is sent: it goes to the dead-letter lane.
 _PUBACK_NEVER = frozenset({0x99})  # payload format invalid
+# MQTT 3.1.1: a connection the broker ends this soon after a publish may have been ended by it.
+_OVERSIZE_CLOSE_S = 2.0
 
 
 @dataclass(slots=True)
@@ -89,6 +91,10 @@ class Delivery:
         )
         self._limit = Pacer(profile.publishes_per_s, profile.bytes_per_s, now=time.monotonic())
         self._oversize_seen = False  # logged at ERROR once per run of oversize records, then DEBUG
+        # MQTT 3.1.1: record id -> connections the broker ended with it the oldest unacknowledged
+        # publish; cleared by its PUBACK.  And the smallest packet found too large, as a limit.
+        self._suspects: dict[int, int] = {}
+        self._learned_max: int | None = None
         self._releasing: set[asyncio.Future[None]] = set()
 
     async def start(self, session: Session, epoch: int) -> None:
@@ -113,6 +119,7 @@ class Delivery:
     async def finish(self, session: Session) -> None:
         """Delete what was acknowledged, release the rest for the next connection."""
         self.take_acks(session)
+        self._suspect_oversize(session)
         try:
             if session.acked_ids:
                 ids, session.acked_ids = session.acked_ids, []
@@ -127,6 +134,26 @@ class Delivery:
                 log.debug(
                     "uplink mqtt: %d unacknowledged record(s) released for the next connection", len(unacked)
                 )
+
+    def _suspect_oversize(self, session: Session) -> None:
+        """MQTT 3.1.1: note the record a connection the broker ended may have been ended for.
+
+        With no maximum packet size to negotiate, a broker ends the connection of a client that
+        sends a larger packet.  It handles packets in order, so the one it stopped at is the oldest
+        publish not acknowledged; a record that is that one, again and again, is taken as too
+        large (see :meth:`_publish`).  A PUBACK clears the suspicion.
+        """
+        if self._cfg.protocol == "5" or not session.ended_by_peer or not session.by_mid:
+            return
+        if time.monotonic() - session.last_publish > _OVERSIZE_CLOSE_S:
+            return  # a broker restart or a network fault, not an answer to a publish
+        rid = next(iter(session.by_mid.values()))
+        self._suspects[rid] = self._suspects.get(rid, 0) + 1
+        log.debug(
+            "uplink mqtt: the broker ended the connection with record %d the oldest in flight (%d time(s))",
+            rid,
+            self._suspects[rid],
+        )
 
     def _properties(self, session: Session, seq: int, historical: bool) -> packets.Packed | None:
         # Encoded by hand: paho's Properties object costs more per message than the rest of the path.
@@ -265,7 +292,17 @@ class Delivery:
             raise session.lost
 
     def _publish(self, session: Session, item: Leased, *, historical: bool, now: float) -> None:
-        payload = wrap(item.payload, SeqMeta(item.id, self.epoch, historical))
+        try:
+            payload = wrap(item.payload, SeqMeta(item.id, self.epoch, historical))
+        except RecordError as exc:
+            # Damaged on disk: no broker can make sense of it, and it must not end the uplink.
+            log.error(
+                "uplink mqtt: record %d cannot be read: %s: moved to the dead-letter lane", item.id, exc
+            )
+            self.counters.dead_lettered += 1
+            session.to_dead_letter.append((item.id, f"unreadable: {exc}"))
+            session.ack_wake.set()
+            return
         props: dict[str, str] | None = None
         if self._profile.static_topic:
             props = {
@@ -279,6 +316,8 @@ class Delivery:
         topic = self._topic(item.topic, props)
         properties = self._properties(session, item.id, historical)
         over = self._over_limit(session, topic, len(payload), properties)
+        if self._suspects.get(item.id, 0) >= self._cfg.oversize_disconnects:
+            over = max(over, self._convict(item, topic, len(payload)))
         if over > 0:
             smaller = packets.trimmed(item.payload, over)
             if smaller is not None:
@@ -297,6 +336,7 @@ class Delivery:
             return
         if not session.by_mid:
             session.last_ack = now  # the wait for a PUBACK starts with the first message in flight
+        session.last_publish = now
         session.by_mid[info.mid] = item.id
         if self.counters.published % _LATENCY_EVERY == 0:
             session.sent_at[info.mid] = now
@@ -314,10 +354,32 @@ class Delivery:
     ) -> int:
         """Bytes by which this PUBLISH exceeds the profile's payload or the broker's packet limit."""
         over = payload_len - self._profile.max_payload_bytes
-        if session.max_packet is not None:
+        limit = session.max_packet if self._cfg.protocol == "5" else self._learned_max
+        if limit is not None:
             size = packets.publish_size(topic, payload_len, properties, v5=self._cfg.protocol == "5")
-            over = max(over, size - session.max_packet)
+            over = max(over, size - limit)
         return over
+
+    def _convict(self, item: Leased, topic: str, payload_len: int) -> int:
+        """A record whose publish ended the connection too often: too large; by how much, at least.
+
+        The broker's limit is below its packet: later records of that size are handled at once.
+        """
+        size = packets.publish_size(topic, payload_len, None, v5=False)
+        if self._learned_max is None or size - 1 < self._learned_max:
+            self._learned_max = size - 1
+            log.warning(
+                "uplink mqtt: the broker ended the connection %d times at record %d (%d bytes): taken as "
+                "over the broker's maximum packet size, which MQTT 3.1.1 does not announce; packets of "
+                "%d bytes and more are now handled as too large: set the broker's limit higher or use "
+                'protocol = "5"',
+                self._suspects.get(item.id, 0),
+                item.id,
+                size,
+                size,
+            )
+        self._suspects.pop(item.id, None)
+        return max(1, size - self._learned_max)
 
     def _note_oversize(self, item: Leased, over: int, what: str) -> None:
         if not self._oversize_seen:
@@ -343,7 +405,12 @@ class Delivery:
         """Hand a record no packet can carry to the dead-letter lane (kept, counted, reported)."""
         self._note_oversize(item, over, "moved to the outbox's dead-letter lane, kept there and counted")
         self.counters.dead_lettered += 1
-        limit = f"maximum packet size {session.max_packet}" if session.max_packet else "payload limit"
+        if self._cfg.protocol != "5" and self._learned_max is not None:
+            limit = f"maximum packet size (found at {self._learned_max + 1} bytes, MQTT 3.1.1)"
+        elif session.max_packet:
+            limit = f"maximum packet size {session.max_packet}"
+        else:
+            limit = "payload limit"
         session.to_dead_letter.append((item.id, f"{over} bytes over the broker's {limit}"))
         session.ack_wake.set()
 
@@ -390,6 +457,8 @@ class Delivery:
                     session.lost = TransientError(f"the broker refused a publish ({name})")
                 continue
             session.acked_ids.append(rid)
+            if self._suspects:
+                self._suspects.pop(rid, None)
         if session.acked_ids or session.to_release or session.to_dead_letter:
             session.ack_wake.set()
 
