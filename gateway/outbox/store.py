@@ -764,20 +764,23 @@ class Outbox:
 
     # --- operations (called with the lock held) ---------------------------------------------------
 
-    def _oldest_unleased(self, lane: Lane) -> Iterator[tuple[int, int]]:
-        """Stored (id, size) of a lane, oldest first, skipping leased records."""
+    def _lane_rows(self, lane: Lane) -> Iterator[tuple[int, float, int]]:
+        """Stored (id, t_wall, size) of a lane, oldest first, read a page at a time."""
         last = 0
         while True:
             rows = self._conn.execute(
-                "SELECT id, size FROM records WHERE lane = ? AND id > ? ORDER BY id LIMIT ?",
+                "SELECT id, t_wall, size FROM records WHERE lane = ? AND id > ? ORDER BY id LIMIT ?",
                 (int(lane), last, _SCAN_PAGE),
             ).fetchall()
             if not rows:
                 return
-            for rid, size in rows:
-                if rid not in self._leased:
-                    yield int(rid), int(size)
+            for rid, t_wall, size in rows:
+                yield int(rid), float(t_wall), int(size)
             last = rows[-1][0]
+
+    def _oldest_unleased(self, lane: Lane) -> Iterator[tuple[int, int]]:
+        """Stored (id, size) of a lane, oldest first, skipping leased records."""
+        return ((rid, size) for rid, _, size in self._lane_rows(lane) if rid not in self._leased)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -1086,20 +1089,12 @@ class Outbox:
         the ones queued before it.
         """
         found: list[tuple[int, int]] = []
-        last = 0
-        while True:
-            rows = self._conn.execute(
-                "SELECT id, t_wall, size FROM records WHERE lane = ? AND id > ? ORDER BY id LIMIT ?",
-                (int(lane), last, _SCAN_PAGE),
-            ).fetchall()
-            if not rows:
-                return found
-            for rid, t_wall, size in rows:
-                if t_wall >= cutoff:
-                    return found
-                if rid not in self._leased and t_wall >= _PLAUSIBLE_WALL_S:
-                    found.append((int(rid), int(size)))
-            last = rows[-1][0]
+        for rid, t_wall, size in self._lane_rows(lane):
+            if t_wall >= cutoff:
+                break
+            if rid not in self._leased and t_wall >= _PLAUSIBLE_WALL_S:
+                found.append((rid, size))
+        return found
 
     def _stats(self) -> OutboxStats:
         now = time.time()
