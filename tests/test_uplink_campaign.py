@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from netns import NetNs, why_unavailable
@@ -53,17 +54,28 @@ class Row:
 Fault = Callable[[MqttUplink], Awaitable[float]]
 
 
-def _run(tmp_path: Path, broker: MosquittoBroker, pki: DemoPKI, scenario: str, fault: Fault) -> Row:
-    """Start ``broker``, write records while ``fault`` runs, drain, count; the broker is stopped after."""
+def _run(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    pki: DemoPKI,
+    scenario: str,
+    fault: Fault,
+    *,
+    settle_s: float = 3.0,
+    **overrides: Any,
+) -> Row:
+    """Start ``broker``, write records while ``fault`` runs, drain, count; the broker is stopped after.
+
+    ``overrides`` go into the uplink's configuration (e.g. the port of a proxy in between).
+    """
     row = Row(scenario)
+    config = {"reconnect_min_s": 0.5, "reconnect_max_s": 60.0, **overrides}
     broker.start()
     twin = listener(broker, pki, client_id="twin-campaign", session_expiry_s=3600)
 
     async def main() -> None:
         async with AsyncOutbox(lambda: Outbox(tmp_path / "ob.db"), flush_interval_s=0.05) as outbox:
-            uplink = MqttUplink(
-                outbox, uplink_config(broker, pki, reconnect_min_s=0.5, reconnect_max_s=60.0), GATEWAY_ID
-            )
+            uplink = MqttUplink(outbox, uplink_config(broker, pki, **config), GATEWAY_ID)
             run = RunningUplink(uplink)
             stop = asyncio.Event()
             submitted = 0
@@ -87,9 +99,9 @@ def _run(tmp_path: Path, broker: MosquittoBroker, pki: DemoPKI, scenario: str, f
             producer = asyncio.create_task(produce(), name="campaign:producer")
             try:
                 await wait_until(lambda: uplink.problem is None, 20, "the first connection")
-                await asyncio.sleep(3.0)
+                await asyncio.sleep(settle_s)
                 row.reconnect_s = await fault(uplink)
-                await asyncio.sleep(3.0)
+                await asyncio.sleep(settle_s)
                 stop.set()
                 await producer
                 await outbox.flush()
