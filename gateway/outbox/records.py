@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,11 +148,14 @@ class LastDrop:
     def from_dict(cls, data: Mapping[str, object]) -> LastDrop:
         """Read back what :meth:`as_dict` wrote (ValueError/TypeError/KeyError when it is not that)."""
         why = data.get("why")
+        t_wall = float(str(data["t"]))
+        if not math.isfinite(t_wall):
+            raise ValueError(f"time {t_wall} is not finite")
         return cls(
             str(data["lane"]),
             str(DropReason(str(data["reason"]))),
             int(str(data["n"])),
-            float(str(data["t"])),
+            t_wall,
             None if why is None else str(why),
         )
 
