@@ -9,6 +9,7 @@ to tell some of them apart; they are matched in one table, :data:`_REASONS`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import socket
 import ssl
@@ -44,14 +45,18 @@ class NamedContext(ssl.SSLContext):
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLSocket:
         fd = sock.fileno()
-        wrapped = super().wrap_socket(
-            sock,
-            server_side=server_side,
-            do_handshake_on_connect=do_handshake_on_connect,
-            suppress_ragged_eofs=suppress_ragged_eofs,
-            server_hostname=self.server_name or server_hostname,
-            session=session,
-        )
+        try:
+            wrapped = super().wrap_socket(
+                sock,
+                server_side=server_side,
+                do_handshake_on_connect=do_handshake_on_connect,
+                suppress_ragged_eofs=suppress_ragged_eofs,
+                server_hostname=self.server_name or server_hostname,
+                session=session,
+            )
+        except OSError as exc:
+            _close_half_made(exc)
+            raise
         # Kept by file descriptor (the wrapped socket takes over the plain one's): paho does not
         # close the socket of a handshake that fails, and one given up on may still be running.
         self._wrapped()[fd] = wrapped
@@ -73,6 +78,23 @@ class NamedContext(ssl.SSLContext):
         sock = self._wrapped().pop(fd, None)
         if sock is not None:
             sock.close()
+
+
+def _close_half_made(exc: OSError) -> None:
+    """Close the TLS socket a failed ``wrap_socket`` made and dropped.
+
+    CPython's ``SSLSocket._create`` takes over the descriptor, then reads a byte when the socket
+    does not look connected; a connection reset just then (a middlebox, a broker going away)
+    raises out of it without closing the socket it made.  It is reachable only from the frames of
+    the traceback.
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        made = tb.tb_frame.f_locals.get("self")
+        if isinstance(made, ssl.SSLSocket):
+            with contextlib.suppress(OSError):
+                made.close()
+        tb = tb.tb_next
 
 
 def client_context(cfg: MqttSection) -> NamedContext:
