@@ -255,8 +255,8 @@ def _add_plugin_commands(groups: dict[str, SubParsers]) -> None:
         module.add_commands(groups)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser."""
+def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
+    """The command-line parser (``plugins=False``: the core commands only)."""
     parser: argparse.ArgumentParser = _Parser(
         prog="edgetwin",
         description=__doc__.split("\n")[0] if __doc__ else None,
@@ -329,13 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, required=True, help="the gateway's TOML config file")
     p.set_defaults(func=cmd_rotate_key)
-    _add_plugin_commands(groups)
+    if plugins:
+        _add_plugin_commands(groups)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``edgetwin`` command."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The service needs none of the plugins' commands, whose simulators and scanners would load
+    # an OPC UA server, a D-Bus stack and more into it (~25 MB of a one-source gateway's RSS).
+    args = build_parser(plugins=argv[:1] != ["run"]).parse_args(argv)
     code: int = args.func(args)
     return code
 

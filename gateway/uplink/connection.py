@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -47,6 +47,16 @@ _SILENT_REFUSALS_FOR_AUTH = 3
 _CONNACK_AUTH = frozenset({0x86, 0x87, 0x8A, 0x8C, 0x85, 0x8B})  # bad credentials, not authorized, banned...
 _CONNACK_TRANSIENT = frozenset({0x88, 0x89, 0x97, 0x9F, 0x80, 0x83})  # unavailable, busy, quota, rate...
 _CONNACK_REDIRECT = frozenset({0x9C, 0x9D})  # use another server, server moved
+
+
+# Queued packets joined into one send (a few TLS records; the socket takes it in one call).
+_JOIN_BYTES = 64 * 1024
+
+
+def _joinable(packet: Any) -> bool:
+    """A queued packet whose completion paho does not act on: everything but QoS 0 PUBLISH, DISCONNECT."""
+    command = packet["command"] & 0xF0
+    return command != paho.DISCONNECT and not (command == paho.PUBLISH and packet["qos"] == 0)
 
 
 class PahoClient(paho.Client):
@@ -74,6 +84,38 @@ class PahoClient(paho.Client):
     def buffered(self) -> bool:
         """True while read bytes wait in the buffer (the socket will not signal them)."""
         return self._rpos < len(self._rbuf)
+
+    def _packet_write(self) -> MQTTErrorCode:
+        """Write queued packets, those that need no completion step joined into one send.
+
+        paho sends each packet on its own: one TLS record and one system call per PUBLISH, the
+        largest single cost per message on the event loop.  Packets whose being written needs no
+        action (everything but QoS 0 PUBLISH and DISCONNECT: QoS 1 completes on its PUBACK) are
+        joined, up to :data:`_JOIN_BYTES`, into one that paho then writes as usual.
+        """
+        out = self._out_packet
+        if len(out) > 1 and _joinable(out[0]) and _joinable(out[1]):
+            parts: list[bytes] = []
+            size = 0
+            while out and size < _JOIN_BYTES and _joinable(out[0]):
+                packet = out.popleft()
+                data = packet["packet"]
+                chunk = bytes(data[packet["pos"] :]) if packet["pos"] else bytes(data)
+                parts.append(chunk)
+                size += len(chunk)
+            joined = b"".join(parts)
+            out.appendleft(
+                {
+                    "command": paho.PUBLISH,
+                    "mid": 0,
+                    "qos": 1,
+                    "pos": 0,
+                    "to_process": len(joined),
+                    "packet": joined,
+                    "info": None,
+                }
+            )
+        return super()._packet_write()
 
     # The TCP connection is opened on the event loop (name lookup and connect each with a timeout,
     # see transport.open_tcp); paho takes it from here for the TLS handshake and CONNECT.
