@@ -22,8 +22,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import ConfigError
+from gateway.uplink.expiry import EXPIRY_WARN_DAYS, CertInfo, expiry_message
 
-EXPIRY_WARN_DAYS = 30
+# The expiry names are re-exported: callers that make keys and certificates read expiry here too.
+__all__ = [
+    "DEMO_VALID_DAYS",
+    "EXPIRY_WARN_DAYS",
+    "CertInfo",
+    "DemoCA",
+    "DemoPKI",
+    "Issued",
+    "cert_info",
+    "create_key_and_csr",
+    "demo_pki",
+    "expiry_message",
+    "import_pair",
+    "load_cert",
+    "load_key",
+    "new_key",
+]
+
 DEMO_VALID_DAYS = 90  # beyond the expiry warning, so a demo starts without one
 
 
@@ -125,43 +143,10 @@ def import_pair(cert_src: Path, key_src: Path, dest_dir: Path, *, force: bool = 
     return cert_dst, key_dst
 
 
-@dataclass(frozen=True, slots=True)
-class CertInfo:
-    """What an operator needs to know about a certificate."""
-
-    path: Path
-    subject: str
-    not_before: dt.datetime
-    not_after: dt.datetime
-
-    def days_left(self, now: dt.datetime | None = None) -> float:
-        """Days until it expires (negative once expired)."""
-        now = now or dt.datetime.now(dt.UTC)
-        return (self.not_after - now).total_seconds() / 86400.0
-
-
 def cert_info(path: Path) -> CertInfo:
     """Subject and validity of a PEM certificate."""
     cert = load_cert(path)
     return CertInfo(path, cert.subject.rfc4514_string(), cert.not_valid_before_utc, cert.not_valid_after_utc)
-
-
-def expiry_message(
-    info: CertInfo, now: dt.datetime | None = None, warn_days: float = EXPIRY_WARN_DAYS
-) -> tuple[bool, str] | None:
-    """(expired, message) when the certificate expired or expires within ``warn_days``, else None."""
-    days = info.days_left(now)
-    if days < 0:
-        return True, (
-            f"certificate {info.path} ({info.subject}) expired on {info.not_after:%Y-%m-%d}: "
-            "the broker will refuse it: renew it (edgetwin provision key, then have the CSR signed)"
-        )
-    if days < warn_days:
-        return False, (
-            f"certificate {info.path} ({info.subject}) expires on {info.not_after:%Y-%m-%d}, "
-            f"in {days:.0f} day(s): renew it before then"
-        )
-    return None
 
 
 # --- a throwaway CA for the demo and the tests -------------------------------------------------

@@ -33,7 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
 from gateway.outbox import Leased
-from gateway.uplink import certs, tls, transport
+from gateway.uplink import expiry, tls, transport
 from gateway.uplink.config import MqttSection
 from gateway.uplink.profiles import Profile, azure_username
 
@@ -229,8 +229,8 @@ class Connection:
         """Warn 30 days before our client certificate expires; refuse to connect once it has."""
         if self._cfg.cert_file is None:
             return
-        info = certs.cert_info(self._cfg.cert_file)
-        found = certs.expiry_message(info)
+        info = expiry.read_cert_info(self._cfg.cert_file)
+        found = expiry.expiry_message(info)
         if found is None:
             return
         expired, message = found

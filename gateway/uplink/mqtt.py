@@ -48,7 +48,7 @@ from gateway.liveness import Pulse
 from gateway.outbox import AsyncOutbox
 from gateway.records import StatusLoss, StatusRecord, encode_status
 from gateway.records.topics import azure_topic
-from gateway.uplink import certs, transport
+from gateway.uplink import transport
 from gateway.uplink.config import MqttSection, is_loopback
 from gateway.uplink.connection import Connection, Session
 from gateway.uplink.delivery import IDLE_POLL_S, SCHEMA_VERSION, Delivery
@@ -424,6 +424,8 @@ class MqttUplink:
 
 def check_certificates(config: MqttSection, now: dt.datetime | None = None) -> list[str]:
     """Lines for ``edgetwin check``: each certificate of the uplink, its subject and expiry."""
+    from gateway.uplink import certs  # noqa: PLC0415 - cryptography, not loaded into the service
+
     out: list[str] = []
     for label, path in (("client certificate", config.cert_file), ("CA bundle", config.ca_file)):
         if path is None:
