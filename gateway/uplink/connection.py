@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -59,6 +59,19 @@ def _joinable(packet: Any) -> bool:
     return command != paho.DISCONNECT and not (command == paho.PUBLISH and packet["qos"] == 0)
 
 
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+_PUBACK_REASONS: dict[int, ReasonCode] = {}
+_PUBACK_OK = frozenset({0x00, 0x10})
+
+
+def _puback_reason(code: int) -> ReasonCode:
+    """One shared ReasonCode per PUBACK code."""
+    reason = _PUBACK_REASONS.get(code)
+    if reason is None:
+        reason = _PUBACK_REASONS[code] = ReasonCode(PacketTypes.PUBACK, identifier=code)
+    return reason
+
+
 class PahoClient(paho.Client):
     """paho's client reading the socket in large chunks.
 
@@ -84,6 +97,27 @@ class PahoClient(paho.Client):
     def buffered(self) -> bool:
         """True while read bytes wait in the buffer (the socket will not signal them)."""
         return self._rpos < len(self._rbuf)
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        """A PUBACK without properties (what a broker sends for success) decoded without paho's objects.
+
+        paho builds two ReasonCode objects and a Properties object for every PUBACK, a tenth of
+        the event loop's CPU per record; the reason code and the empty properties are shared
+        here (the callback only reads them).  Anything longer goes to paho.
+        """
+        packet = self._in_packet["packet"]
+        size = len(packet)
+        v5 = self._protocol == paho.MQTTv5
+        code = packet[2] if size > 2 else 0
+        plain = size == 2 or (v5 and (size == 3 or (size == 4 and packet[3] == 0)))
+        # Success and "no matching subscribers" only: refusals take paho's path, with its checks.
+        if cmd == "PUBACK" and plain and code in _PUBACK_OK:
+            mid = (packet[0] << 8) | packet[1]
+            with self._out_message_mutex:
+                if mid in self._out_messages:
+                    return self._do_on_publish(mid, _puback_reason(code), _NO_PROPERTIES)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_pubackcomp(cmd)
 
     def _packet_write(self) -> MQTTErrorCode:
         """Write queued packets, those that need no completion step joined into one send.
