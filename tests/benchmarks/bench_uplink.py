@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import sqlite3
 import ssl
 import statistics
 import sys
@@ -314,6 +315,57 @@ async def alarm_latency(
     return AlarmRun(lat, len(expected), wrong, load_rate if load else 0.0, windows)
 
 
+def bare_alarm_floor(broker: MosquittoBroker, pki: DemoPKI, db: Path, n: int) -> list[float]:
+    """The floor of a durable alarm path, same broker and TLS: one SQLite commit (FULL) + one QoS 1
+    publish by a bare paho client, to a bare paho subscriber; seconds from before the commit to arrival."""
+    got = threading.Event()
+    arrived: list[float] = []
+
+    def on_message(*_: Any) -> None:
+        arrived.append(time.perf_counter())
+        got.set()
+
+    clients = []
+    for cid, cert in (("floor-sub", pki.twin), ("floor-pub", pki.gateway)):
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=paho.MQTTv5)
+        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+        ctx.load_cert_chain(cert.cert, cert.key)
+        c.tls_set_context(ctx)
+        connected = threading.Event()
+        c.on_connect = lambda *_a, ev=connected: ev.set()
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        connected.wait(5)
+        clients.append(c)
+    sub, pub = clients
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *_: subscribed.set()
+    sub.on_message = on_message
+    sub.subscribe(f"edgetwin/v1/{GW}/floor", qos=1)
+    subscribed.wait(5)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE r (id INTEGER PRIMARY KEY, payload BLOB)")
+    payload = b"x" * 200
+    out: list[float] = []
+    try:
+        for _ in range(n):
+            got.clear()
+            start = time.perf_counter()
+            conn.execute("INSERT INTO r (payload) VALUES (?)", (payload,))
+            pub.publish(f"edgetwin/v1/{GW}/floor", payload, qos=1)
+            if got.wait(2.0):
+                out.append(arrived[-1] - start)
+            time.sleep(0.01)
+    finally:
+        conn.close()
+        for c in clients:
+            c.disconnect()
+            c.loop_stop()
+    return out
+
+
 # --- bytes on the wire ---------------------------------------------------------------------------------
 
 
@@ -505,6 +557,7 @@ def main() -> int:
     ours: list[float] = []
     bare: list[float] = []
     runs: list[AlarmRun] = []
+    floor: list[float] = []
     wires: dict[float, dict[str, float]] = {}
     paced = unpaced = math.nan
     with tempfile.TemporaryDirectory(prefix="bench-uplink-") as tmp_name:
@@ -529,6 +582,7 @@ def main() -> int:
                     asyncio.run(alarm_latency(broker, pki, tmp / f"lat{load}.db", args.alarms, load))
                     for load in (False, True)
                 ]
+                floor = sorted(bare_alarm_floor(broker, pki, tmp / "floor.db", args.alarms))
             if "wire" in stages:
                 wires = {
                     r: asyncio.run(wire_bytes(broker, pki, tmp / f"w{r}", r, args.sim_s)) for r in (1.0, 10.0)
@@ -563,6 +617,17 @@ def main() -> int:
             f"| {_pct(lat, 0.5):.1f} / {_pct(lat, 0.99):.1f} / {_pct(lat, 1.0):.1f} ms "
             f"({len(lat)} of {run.injected} alarms, {run.wrong_kind} out of order) | aim p99 < 10 ms | |"
         )
+    if floor:
+        print(
+            f"| **floor**: SQLite commit (FULL) + bare paho QoS 1 publish -> bare subscriber, p50 / p99 / max "
+            f"| {_pct(floor, 0.5):.1f} / {_pct(floor, 0.99):.1f} / {_pct(floor, 1.0):.1f} ms ({len(floor)} messages) | | |"
+        )
+        for run in runs:
+            lat = sorted(run.latencies)
+            print(
+                f"| alarm p50 / p99 over the floor's, {'with' if run.load_changes_per_s else 'without'} the load "
+                f"| {_pct(lat, 0.5) / _pct(floor, 0.5):.1f}x / {_pct(lat, 0.99) / _pct(floor, 0.99):.1f}x | | |"
+            )
     for r, w in wires.items():
         print(
             f"| bytes on the wire per stream-hour (features), sim at {r:g} Hz ({w['streams']} streams, window 30 s / hop 10 s) "
