@@ -10,8 +10,9 @@ Contract (ARCHITECTURE.md, core abstraction 5):
   sequence numbers let the twin drop duplicates).  Leasing writes nothing (so the backlog can be
   delivered on a full disk): how often a record was leased is counted by this process only.
   ``release`` never waits: it is applied by the next call that holds the lock.
-* ``ack`` deletes.  Nothing is deleted before it is acknowledged, except by a lane's stated full
-  policy, and every such drop is counted (persisted) and logged as a state change.  Records the
+* ``ack`` deletes, without an fsync of its own (a delete lost to a power cut only resends a
+  record; the next commit syncs it).  Nothing is deleted before it is acknowledged, except by a
+  lane's stated full policy, and every such drop is counted (persisted) and logged as a state change.  Records the
   uplink cannot send go to a kept ``dead`` table (``dead_letter``), counted too.
 * One persisted set of drop counters, by lane and :class:`DropReason`, for every drop anywhere
   (budget, age, corrupt, disk full, queue full, oversize, dead letter): in the database and in
