@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from gateway.anonymize import Anonymizer, Pseudonymizer
@@ -62,26 +63,28 @@ def test_a_step_of_many_windows_lets_the_loop_run_between_them(tmp_path: Path) -
     assert turns >= closed // 4 - 1, (closed, turns)
 
 
-def test_a_cancelled_step_still_queues_every_window_it_closed(tmp_path: Path) -> None:
-    async def main(cancel: bool) -> tuple[int, int, bool]:
-        async with AsyncOutbox(lambda: Outbox(tmp_path / f"o{cancel}.db")) as outbox:
+def test_a_cancelled_step_loses_no_window(tmp_path: Path) -> None:
+    async def main(cancel_after_turns: int | None) -> tuple[int, int, int]:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / f"o{cancel_after_turns}.db")) as outbox:
             pipeline = await _pipeline(tmp_path, outbox)
             task = asyncio.create_task(pipeline.step(200.0, 1.7e9 + 100))
-            await asyncio.sleep(0)  # the step runs to its first turn between windows
-            queued_then = pipeline.submitted[Lane.FEATURES]
-            if cancel:
+            closed = -1
+            if cancel_after_turns is not None:
+                for _ in range(cancel_after_turns):
+                    await asyncio.sleep(0)
                 task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 closed = await task
-            except asyncio.CancelledError:
-                closed = -1
-            mid_step = 0 < queued_then < pipeline.submitted[Lane.FEATURES]
-            return closed, pipeline.submitted[Lane.FEATURES], mid_step
+            after_cancel = pipeline.submitted[Lane.FEATURES]
+            await pipeline.step(200.0, 1.7e9 + 100)  # the next step cuts what was not reached
+            return closed, after_cancel, pipeline.submitted[Lane.FEATURES]
 
-    closed, queued, _ = asyncio.run(main(cancel=False))
+    closed, _, queued = asyncio.run(main(None))
     assert closed >= SUBJECTS
     assert queued == closed
-    cancelled, queued, mid_step = asyncio.run(main(cancel=True))
-    assert cancelled == -1
-    assert mid_step  # cancelled with windows still to seal ...
-    assert queued == closed  # ... and every one was queued all the same
+    # Cancelled while cutting (first turn) and while sealing (a few turns on): every window once.
+    for turns in (1, 5):
+        cancelled, after_cancel, queued = asyncio.run(main(turns))
+        assert cancelled == -1
+        assert 0 < after_cancel <= closed, (turns, after_cancel)
+        assert queued == closed, (turns, queued)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -367,7 +367,18 @@ class Windower:
 
     def close_due(self, now_mono: float, now_wall: float) -> list[WindowRecord]:
         """Cut every window due at ``now_mono`` (each once, in order) and report lost sensors."""
-        records: list[WindowRecord] = []
+        records = [record for chunk in self.closing(now_mono, now_wall) for record in chunk]
+        if len(self._subjects) > 1:
+            records.sort(key=lambda r: r.index)  # stable: subjects keep their order within a window
+        return records
+
+    def closing(self, now_mono: float, now_wall: float) -> Iterator[list[WindowRecord]]:
+        """As :meth:`close_due`, one subject's due windows at a time, not sorted across subjects.
+
+        A caller may give the event loop a turn between subjects (a thousand streams take tens of
+        ms to cut).  Each subject's state has moved on before its windows are handed out; a
+        subject not reached when the caller stops is cut by the next call, so nothing is lost.
+        """
         last_due = self._last_due(now_mono)
         self._find_lost(now_mono, now_wall)
         for subj in list(self._subjects.values()):  # an alarm handler may hand over new streams
@@ -382,16 +393,14 @@ class Windower:
                 continue
             self._grow_short_rings(subj)
             offset = self._wall_offset(subj, now_mono, now_wall)
-            records.extend(self._record(subj, k, offset) for k in range(next_k, last_due + 1))
+            chunk = [self._record(subj, k, offset) for k in range(next_k, last_due + 1)]
             subj.next_k = last_due + 1
             subj.emitted = True
             # Rows before the next window are consumed: overwriting them is no loss.
             keep_from = self._window_start(last_due + 1)
             for st in subj.streams:
                 st.ring.release(keep_from)
-        if len(self._subjects) > 1:
-            records.sort(key=lambda r: r.index)  # stable: subjects keep their order within a window
-        return records
+            yield chunk
 
     def _find_lost(self, now_mono: float, now_wall: float) -> None:
         """Streams silent beyond their timeout: one device alarm when a device's streams go together.
