@@ -62,7 +62,7 @@ from gateway.timebase import TimeBase
 log = logging.getLogger(__name__)
 
 COUNTERS_EVERY_S = 60.0  # how often gateway counters go out as a diagnostic record
-_WINDOWS_PER_TURN = 4  # windows sealed per event-loop turn when a step closes many
+_WINDOWS_PER_TURN = 1  # windows sealed per event-loop turn (one costs 1-2 ms, up to ~20 ms on a busy machine)
 _SUBJECTS_PER_TURN = 8  # subjects whose windows are cut per event-loop turn (~20 streams each: ~5 ms)
 _LOGGED_HERE = frozenset({AlarmKind.ANOMALY, AlarmKind.ANOMALY_INDETERMINATE})
 
@@ -262,7 +262,7 @@ class Pipeline:
                     for record in records:
                         self.window(record)
                     raise
-            # A few windows at a time, with a loop turn between: sealing one costs ~1-2 ms, and
+            # A window at a time, with a loop turn between: sealing one costs ~1-2 ms, and
             # an alarm raised meanwhile must not wait for a whole hop's worth (1,000 streams: ~0.1 s).
             pending = records
             try:
