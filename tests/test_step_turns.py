@@ -17,7 +17,7 @@ SUBJECTS = 24
 
 
 def _fill(pipeline: Pipeline) -> None:
-    # One window (10 s, hop 10 s) of 1 Hz data for each machine, all due at once.
+    # 12 s of 1 Hz data for each machine: at 110.6 s one window each ([100, 110)) is due, all at once.
     for m in range(SUBJECTS):
         stream = Stream(
             "plc", f"line-{m:02d}", f"plc-{m:02d}", industrial_metric(f"L{m}/P", "bar"), "industrial", 1.0
@@ -53,7 +53,7 @@ def test_a_step_of_many_windows_lets_the_loop_run_between_them(tmp_path: Path) -
             counter = asyncio.create_task(count())
             await asyncio.sleep(0)
             turns = 0
-            closed = await pipeline.step(200.0, 1.7e9 + 100)
+            closed = await pipeline.step(110.6, 1.7e9 + 10.6)
             stop.set()
             await counter
             return closed, turns
@@ -67,7 +67,7 @@ def test_a_cancelled_step_loses_no_window(tmp_path: Path) -> None:
     async def main(cancel_after_turns: int | None) -> tuple[int, int, int]:
         async with AsyncOutbox(lambda: Outbox(tmp_path / f"o{cancel_after_turns}.db")) as outbox:
             pipeline = await _pipeline(tmp_path, outbox)
-            task = asyncio.create_task(pipeline.step(200.0, 1.7e9 + 100))
+            task = asyncio.create_task(pipeline.step(110.6, 1.7e9 + 10.6))
             closed = -1
             if cancel_after_turns is not None:
                 for _ in range(cancel_after_turns):
@@ -76,7 +76,7 @@ def test_a_cancelled_step_loses_no_window(tmp_path: Path) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 closed = await task
             after_cancel = pipeline.submitted[Lane.FEATURES]
-            await pipeline.step(200.0, 1.7e9 + 100)  # the next step cuts what was not reached
+            await pipeline.step(110.6, 1.7e9 + 10.6)  # the next step cuts what was not reached
             return closed, after_cancel, pipeline.submitted[Lane.FEATURES]
 
     closed, _, queued = asyncio.run(main(None))
