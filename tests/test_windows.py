@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 
@@ -444,7 +445,10 @@ def test_block_restores_a_lost_stream_and_empty_block_is_harmless() -> None:
     rig.close(T0 + 5.0)
     rig.w.put_block(block(s, [], []))
     rig.w.put_block(block(s, [T0 + 5.0, T0 + 5.1], [0, 0]))
+    assert rig.kinds() == [AlarmKind.SENSOR_LOST]  # inside the 2 s hold after the loss
+    rig.w.put_block(block(s, [T0 + 6.9, T0 + 7.05, T0 + 7.1], [0, 0, 0]))
     assert rig.kinds() == [AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED]
+    assert rig.alarms[1].t_mono == T0 + 7.05  # the first row past the hold
 
 
 # ---- restore hold after a fault (flapping probes) --------------------------------------------
@@ -521,16 +525,57 @@ def test_hold_interrupted_by_a_faulty_sample_restarts(how: str) -> None:
     assert rig.alarms[1].t_mono == pytest.approx(T0 + 3.7)  # not T0 + 2.1, where the first hold ended
 
 
-def test_loss_during_a_hold_is_restored_at_once_by_new_data() -> None:
+def test_loss_during_a_hold_is_restored_by_new_data_after_the_loss_hold() -> None:
     rig = Rig(lost=1.0)
     s = stream()
     rig.feed(samples(s, T0, T0 + 0.5, 10.0, quality=Quality.SENSOR_OFF))
     rig.feed(samples(s, T0 + 0.5, T0 + 1.0, 10.0))  # holding
     rig.close(T0 + 3.0)
-    rig.feed(samples(s, T0 + 3.0, T0 + 3.2, 10.0))
+    rig.feed(samples(s, T0 + 3.0, T0 + 3.2, 10.0))  # too soon after the loss alarm
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_LOST]
+    rig.feed(samples(s, T0 + 5.05, T0 + 5.2, 10.0))
     assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED]
     assert rig.alarms[2].detail["after"] == "sensor_lost"
-    assert rig.alarms[2].t_mono == T0 + 3.0
+    assert rig.alarms[2].t_mono == T0 + 5.05
+
+
+def test_a_restore_after_a_long_outage_is_not_held() -> None:
+    rig = Rig(lost=1.0)
+    s = stream()
+    rig.feed(samples(s, T0, T0 + 0.5, 10.0))
+    rig.close(T0 + 2.0)
+    rig.close(T0 + 30.0)
+    rig.feed(samples(s, T0 + 30.0, T0 + 30.2, 10.0))
+    assert rig.kinds() == [AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED]
+    assert rig.alarms[1].t_mono == T0 + 30.0  # the hold ended long ago: restored at once
+
+
+@pytest.mark.parametrize("how", ["put", "block"])
+def test_a_device_toggling_every_0_3_s_never_flaps_faster_than_the_restore_delay(how: str) -> None:
+    # On for 0.3 s, off for 0.3 s, for two minutes; silence of 0.2 s is a loss.  Without the hold
+    # this raised a loss and a restore every 0.6 s: 400 alarms.
+    restore, lost, rate = 2.0, 0.2, 50.0
+    rig = Rig(lost=lost, restore=restore)
+    s = stream(rate_hz=rate)
+    t = T0
+    while t < T0 + 120.0:
+        rows = T0 + np.arange(round((t - T0) * rate), round((t + 0.3 - T0) * rate)) / rate
+        if how == "put":
+            rig.feed(Sample(s, float(x), float(x) + WALL - T0, 1.0, Quality(0)) for x in rows)
+        else:
+            rig.w.put_block(block(s, rows.tolist(), [0] * rows.size))
+        for k in range(1, 13):  # the timer path every 0.05 s, through the on and the off phase
+            rig.close(t + k * 0.05)
+        t += 0.6
+    kinds = rig.kinds()
+    assert AlarmKind.SENSOR_LOST in kinds  # it does go and come back ...
+    assert AlarmKind.SENSOR_RESTORED in kinds
+    # ... but a loss and its restore are at least the restore delay apart, every time:
+    pairs = list(itertools.pairwise(rig.alarms))
+    for lost_alarm, restored in pairs[::2]:
+        assert (lost_alarm.kind, restored.kind) == (AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED)
+        assert restored.t_mono - lost_alarm.t_mono >= restore
+    assert len(kinds) <= 2 * math.ceil(120.0 / (lost + restore)) + 2, len(kinds)
 
 
 @pytest.mark.parametrize("restore", [0.0, 0.35, 2.0])

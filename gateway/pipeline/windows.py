@@ -15,7 +15,12 @@ Alarms do not wait for windows: a sensor fault is reported on the sample that sh
 sensor by the next :meth:`Windower.close_due`, and a restore on the first good sample after a
 loss.  After a fault the restore waits until good samples have kept coming for
 ``restore_after_s`` (a faulty one starts the wait over), so a flapping probe raises one fault and
-one restore instead of a pair per flip.  Only state changes raise alarms, never every faulty sample.
+one restore instead of a pair per flip.  A restore after a loss waits too: not before
+``restore_after_s`` from the loss alarm (good data inside that hold restores nothing, a faulty
+sample is a fault at once); the first good sample after the hold restores the stream.  A device that comes and goes faster than that raises one loss and one
+restore per ``lost_after_s + restore_after_s`` at most, never a pair per flip; after a longer
+outage the hold is long over and the restore comes with the first sample, as before.  Only state
+changes raise alarms, never every faulty sample.
 
 Memory: state is created per stream on first sight and kept for the life of the windower, so
 memory is bounded by the configured streams (a few tens of kB per stream at 256 Hz).  A lost
@@ -123,6 +128,7 @@ class _StreamState:
         self.lost_rows = 0  # ring.overwritten when last looked at
         # While faulted: t_mono from which good samples restore the stream (first good sample of
         # the current unbroken good run + restore_after_s); None until a good sample comes.
+        # While lost: the end of the hold after the loss alarm (None: a driver-reported outage).
         self.restore_at: float | None = None
 
 
@@ -206,8 +212,11 @@ class Windower:
                 self._good_while_down(st, sample.t_mono, sample.t_wall, int(sample.quality))
 
     def _good_while_down(self, st: _StreamState, t_mono: float, t_wall: float, quality: int) -> None:
-        """A good sample of a faulted or lost stream: restore a fault only after the hold."""
-        if st.status == _FAULTED:
+        """A good sample of a faulted or lost stream: restore only after the hold."""
+        if st.status == _LOST:
+            if st.restore_at is not None and t_mono < st.restore_at:
+                return  # too soon after the loss alarm: a restore now could flap
+        elif st.status == _FAULTED:
             due = st.restore_at
             if due is None:
                 due = st.restore_at = t_mono + self.restore_after_s
@@ -233,6 +242,16 @@ class Windower:
         if stored != n:
             keep = in_order(tm, before)
             tm, tw, q = tm[keep], tw[keep], q[keep]
+        if st.status == _LOST and st.restore_at is not None and tm[0] < st.restore_at:
+            # Good rows inside the hold after a loss restore nothing; a faulty row is a fault at
+            # once, and the first row after the hold decides as usual.
+            i = int(np.searchsorted(tm, st.restore_at, side="left"))
+            faulty = np.flatnonzero(q[:i] & _FAULT)
+            if faulty.size:
+                i = int(faulty[0])
+            if i == tm.size:
+                return
+            tm, tw, q = tm[i:], tw[i:], q[i:]
         if st.status != _FAULTED and not q.tobytes().translate(None, _NOT_FAULT_BYTES):  # no faulty row
             if st.status:
                 self._change(st, _OK, float(tm[0]), float(tw[0]), int(q[0]))
@@ -308,7 +327,8 @@ class Windower:
         """Move a stream to a new sensor state and raise the alarm that says so."""
         old = st.status
         st.status = status
-        st.restore_at = None
+        # A loss is held for restore_after_s (see the module docstring); other states start clear.
+        st.restore_at = t_mono + self.restore_after_s if status == _LOST else None
         stream = st.stream
         if old == _LOST and self._device_lost:
             group = self._device_lost.pop((stream.source, stream.device), None)
@@ -414,13 +434,13 @@ class Windower:
             known = self._device_lost.get(key)
             if known is not None:  # a slower stream of a device already reported lost
                 for st in group:
-                    st.status, st.restore_at = _LOST, None
+                    st.status, st.restore_at = _LOST, now_mono + self.restore_after_s
                 known.extend(group)
             elif len(group) == 1:
                 self._change(group[0], _LOST, now_mono, now_wall, 0)
             else:
                 for st in group:
-                    st.status, st.restore_at = _LOST, None
+                    st.status, st.restore_at = _LOST, now_mono + self.restore_after_s
                 self._device_lost[key] = group
                 first = group[0]
                 silent = round(now_mono - max(st.ring.last_t_mono for st in group), 1)
@@ -474,7 +494,7 @@ class Windower:
             return "unknown"
         for st in group:
             if st.status == _LOST:
-                st.status, st.revived_at = _OK, t_mono
+                st.status, st.revived_at, st.restore_at = _OK, t_mono, None
         return len(group)
 
     def _device_restored(
@@ -483,7 +503,7 @@ class Windower:
         """Data from a lost device again: one restore; its other streams get a fresh timeout."""
         for other in group:
             if other is not st and other.status == _LOST:
-                other.status, other.revived_at = _OK, t_mono
+                other.status, other.revived_at, other.restore_at = _OK, t_mono, None
         log.info(
             "windower: device %s of source %s: restored (%d streams had gone)",
             st.stream.device,
