@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 import pytest
 
+from gateway.alarms import fold_device_alarm
 from gateway.contracts import Alarm, AlarmKind, WindowRecord
 from gateway.errors import ConfigError
 from gateway.pipeline.windows import Windower
@@ -664,3 +665,45 @@ def test_imputed_values_are_not_features() -> None:
     records = rig.close(T0 + 100.0)
     assert records
     assert all(sf.gap for r in records for sf in r.streams)
+
+
+@pytest.mark.parametrize("restore", [0.0, 2.0])
+def test_a_driver_reporting_its_device_lost_and_back_every_0_3_s_never_flaps_faster(restore: float) -> None:
+    # A serial adapter with a loose contact: the driver says "lost" and "back" every 0.3 s while
+    # the data comes and goes with it.  Every alarm that would leave the gateway is collected.
+    rig = Rig(lost=30.0, restore=restore)
+    a, b = stream(rate_hz=10.0), stream(rate_hz=10.0, metric=MDC["MDC_PULS_OXIM_PULS_RATE"])
+    out: list[Alarm] = []
+
+    def driver(kind: AlarmKind, t: float) -> None:
+        detail: dict[str, float | str] = {"cause": "unplugged"}
+        if kind is AlarmKind.SENSOR_RESTORED:
+            detail["after"] = "sensor_lost"
+        folded = fold_device_alarm(Alarm(kind, a.subject, t, t + WALL - T0, a, detail), rig.w)
+        if folded is not None:
+            out.append(folded)
+
+    t = T0
+    while t < T0 + 120.0:
+        rows = (t + np.arange(3) / 10.0).tolist()
+        for s in (a, b):
+            rig.w.put_block(block(s, rows, [0] * 3))
+        for k in range(1, 7):
+            rig.close(t + k * 0.05)
+        driver(AlarmKind.SENSOR_LOST, t + 0.3)
+        for k in range(7, 13):
+            rig.close(t + k * 0.05)
+        t += 0.6
+        driver(AlarmKind.SENSOR_RESTORED, t)
+    sent = sorted(out + rig.alarms, key=lambda x: x.t_mono)
+    kinds = [x.kind for x in sent]
+    assert set(kinds) == {AlarmKind.DEVICE_LOST, AlarmKind.DEVICE_RESTORED}
+    if restore == 0.0:
+        assert len(sent) >= 400  # a pair per flip: what the hold prevents
+        return
+    for lost_alarm, back in itertools.pairwise(sent):
+        assert lost_alarm.kind != back.kind  # strictly alternating, one outage at a time
+        if lost_alarm.kind is AlarmKind.DEVICE_LOST:
+            assert back.t_mono - lost_alarm.t_mono >= restore
+    assert len(sent) <= 2 * math.ceil(120.0 / restore) + 2, len(sent)
+    print(f"\n{len(sent)} device alarms in 120 s of flapping")

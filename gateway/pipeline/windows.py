@@ -17,9 +17,13 @@ loss.  After a fault the restore waits until good samples have kept coming for
 ``restore_after_s`` (a faulty one starts the wait over), so a flapping probe raises one fault and
 one restore instead of a pair per flip.  A restore after a loss waits too: not before
 ``restore_after_s`` from the loss alarm (good data inside that hold restores nothing, a faulty
-sample is a fault at once); the first good sample after the hold restores the stream.  A device that comes and goes faster than that raises one loss and one
-restore per ``lost_after_s + restore_after_s`` at most, never a pair per flip; after a longer
-outage the hold is long over and the restore comes with the first sample, as before.  Only state
+sample is a fault at once); the first good sample after the hold restores the stream.  The same
+for a device its driver reports lost and back (:meth:`Windower.hold_device`, ``release_device``):
+a "back" too soon after the loss is held, and the windower sends the restore once the hold is
+over (with the device's next data, or at :meth:`Windower.close_due`), unless the device is lost
+again first.  A device that comes and goes faster than that raises one loss and one restore per
+``restore_after_s`` (plus the time to notice the loss) at most, never a pair per flip; after a
+longer outage the hold is long over and the restore comes at once, as before.  Only state
 changes raise alarms, never every faulty sample.
 
 Memory: state is created per stream on first sight and kept for the life of the windower, so
@@ -191,6 +195,8 @@ class Windower:
         self._device_lost: dict[tuple[str, str], list[_StreamState]] = {}
         # Devices whose data ended an outage before their driver said they were back.
         self._device_back: set[tuple[str, str]] = set()
+        # Devices their driver said were back too soon after the loss: restored at this t_mono.
+        self._release_due: dict[tuple[str, str], float] = {}
         self._windows = 0
         self._gaps = 0
         self._alarms = 0
@@ -389,6 +395,8 @@ class Windower:
         """Cut every window due at ``now_mono`` (each once, in order) and report lost sensors."""
         records: list[WindowRecord] = []
         last_due = self._last_due(now_mono)
+        if self._release_due:
+            self._release_held(now_mono, now_wall)
         self._find_lost(now_mono, now_wall)
         for subj in list(self._subjects.values()):  # an alarm handler may hand over new streams
             if not subj.emitted:
@@ -463,39 +471,62 @@ class Windower:
                     )
                 )
 
-    def hold_device(self, stream: Stream) -> int | None:
+    def hold_device(self, stream: Stream, t_mono: float | None = None) -> int | None:
         """A driver reports the device of ``stream`` lost: its streams join one outage, silently.
 
         Returns how many streams the outage takes down, or None when the windower already
-        reported this device lost (the driver's alarm then repeats the same incident).
+        reported this device lost (the driver's alarm then repeats the same incident).  With the
+        loss's ``t_mono`` the outage is held for ``restore_after_s`` like the windower's own.
         """
         key = (stream.source, stream.device)
         self._device_back.discard(key)
+        self._release_due.pop(key, None)  # lost again before a held restore was due: one outage
         if key in self._device_lost:
             return None
         group = [st for st in self._by_stream.values() if (st.stream.source, st.stream.device) == key]
+        hold = None if t_mono is None else t_mono + self.restore_after_s
         for st in group:
-            st.status, st.restore_at = _LOST, None
+            st.status, st.restore_at = _LOST, hold
         self._device_lost[key] = group
         return len(group)
 
-    def release_device(self, stream: Stream, t_mono: float) -> int | Literal["repeat", "unknown"]:
+    def release_device(self, stream: Stream, t_mono: float) -> int | Literal["repeat", "unknown", "held"]:
         """A driver reports the device back: how many streams return.
 
         ``"repeat"`` when its data already ended the outage (and the windower said so), ``"unknown"``
-        when no outage of this device is known (the driver's alarm stands on its own).
+        when no outage of this device is known (the driver's alarm stands on its own), ``"held"``
+        when it is too soon after the loss: the windower restores the device itself once the hold
+        is over (its data or :meth:`close_due`), unless it is lost again first.
         """
         key = (stream.source, stream.device)
-        group = self._device_lost.pop(key, None)
+        group = self._device_lost.get(key)
         if group is None:
             if key in self._device_back:
                 self._device_back.discard(key)
                 return "repeat"
             return "unknown"
+        due = max((st.restore_at for st in group if st.restore_at is not None), default=None)
+        if due is not None and t_mono < due:
+            self._release_due[key] = due
+            return "held"
+        del self._device_lost[key]
         for st in group:
             if st.status == _LOST:
                 st.status, st.revived_at, st.restore_at = _OK, t_mono, None
         return len(group)
+
+    def _release_held(self, now_mono: float, now_wall: float) -> None:
+        """Restore devices their driver said were back, once the hold after the loss is over."""
+        for key, due in list(self._release_due.items()):
+            if now_mono < due:
+                continue
+            del self._release_due[key]
+            group = self._device_lost.pop(key, None)
+            if not group:
+                continue  # its data restored it first, and the windower said so
+            first = group[0]
+            first.status, first.revived_at, first.restore_at = _OK, now_mono, None
+            self._device_restored(first, group, now_mono, now_wall)
 
     def _device_restored(
         self, st: _StreamState, group: list[_StreamState], t_mono: float, t_wall: float
