@@ -272,6 +272,7 @@ class ManagedDevice:
     battery: int | None = None
     heard: asyncio.Event = field(default_factory=asyncio.Event)
     continuous: bool = True  # streams without being asked (False: spot checks, silence is normal)
+    quiet_told: bool = False  # a quiet link was logged at WARNING; repeats go to DEBUG until data
     last_data: float = 0.0  # when its last measurement arrived (monotonic)
     connected_at: float = 0.0
     _path: str | None = None
@@ -527,16 +528,20 @@ class ConnectionManager:
             if not dev.continuous or down.is_set() or dev.state != DeviceState.CONNECTED:
                 continue
             quiet = now - max(dev.last_data, dev.connected_at)
-            if quiet >= self.cfg.lost_after_s:
-                # Connected but mute: only a new connection and subscription can mend it.
-                _LOGGER.warning(
-                    "ble %s: %s connected but sent nothing for %.0f s; connecting it again",
-                    self.name,
-                    dev.label,
-                    quiet,
-                )
-                self._quiet.add(address)
-                down.set()
+            if quiet < self.cfg.lost_after_s:
+                if dev.last_data > dev.connected_at:
+                    dev.quiet_told = False  # data flows on this connection: a new silence is news
+                continue
+            # Connected but mute: only a new connection and subscription can mend it.
+            (_LOGGER.debug if dev.quiet_told else _LOGGER.warning)(
+                "ble %s: %s connected but sent nothing for %.0f s; connecting it again",
+                self.name,
+                dev.label,
+                quiet,
+            )
+            dev.quiet_told = True
+            self._quiet.add(address)
+            down.set()
 
     def _take_turns(self, now: float) -> None:
         """Give a long-waiting device the slot of the longest connected holder (see the module doc)."""
