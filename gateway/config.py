@@ -61,7 +61,9 @@ class PipelineSection(ConfigModel):
     grace_s: float = Field(2.0, ge=0, le=60)  # wait for late samples before closing a window
     sensor_lost_s: float = Field(15.0, gt=0, le=3600)
     # After a sensor fault, good data must flow this long before it counts as restored, so a
-    # flapping probe raises one fault and one restore, not a pair per flip; 0 restores at once.
+    # flapping probe raises one fault and one restore, not a pair per flip; a loss is restored no
+    # sooner than this after its alarm, so a device coming and going cannot flap either.
+    # 0 restores at once.
     sensor_restore_s: float = Field(2.0, ge=0, le=60)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -463,6 +464,7 @@ async def run_gateway(
     install_signal_handlers: bool = True,
 ) -> int:
     """Run the gateway until SIGTERM/SIGINT (or ``stop_after_s``); return the process exit code."""
+    gc.freeze()  # what the process imported and configured: see the freeze before sup.run
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(state_dir_lock(config.core.gateway.state_dir))
@@ -710,6 +712,10 @@ async def _supervise(
         await outbox.flush()
         await uplink.drain(deadline)
 
+    # Everything built so far (modules, models, drivers) lives as long as the process: frozen out of
+    # the collector's sight, a full collection scans only what the run allocates.  Unfrozen, one
+    # full pass held the event loop 60-90 ms of CPU (measured in tests/test_loop_latency.py).
+    gc.freeze()
     try:
         return await sup.run(drain, core.runtime.drain_deadline_s)
     finally:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 
 import numpy as np
 import pytest
 
+from gateway.alarms import fold_device_alarm
 from gateway.contracts import Alarm, AlarmKind, WindowRecord
 from gateway.errors import ConfigError
 from gateway.pipeline.windows import Windower
@@ -444,7 +446,10 @@ def test_block_restores_a_lost_stream_and_empty_block_is_harmless() -> None:
     rig.close(T0 + 5.0)
     rig.w.put_block(block(s, [], []))
     rig.w.put_block(block(s, [T0 + 5.0, T0 + 5.1], [0, 0]))
+    assert rig.kinds() == [AlarmKind.SENSOR_LOST]  # inside the 2 s hold after the loss
+    rig.w.put_block(block(s, [T0 + 6.9, T0 + 7.05, T0 + 7.1], [0, 0, 0]))
     assert rig.kinds() == [AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED]
+    assert rig.alarms[1].t_mono == T0 + 7.05  # the first row past the hold
 
 
 # ---- restore hold after a fault (flapping probes) --------------------------------------------
@@ -521,16 +526,57 @@ def test_hold_interrupted_by_a_faulty_sample_restarts(how: str) -> None:
     assert rig.alarms[1].t_mono == pytest.approx(T0 + 3.7)  # not T0 + 2.1, where the first hold ended
 
 
-def test_loss_during_a_hold_is_restored_at_once_by_new_data() -> None:
+def test_loss_during_a_hold_is_restored_by_new_data_after_the_loss_hold() -> None:
     rig = Rig(lost=1.0)
     s = stream()
     rig.feed(samples(s, T0, T0 + 0.5, 10.0, quality=Quality.SENSOR_OFF))
     rig.feed(samples(s, T0 + 0.5, T0 + 1.0, 10.0))  # holding
     rig.close(T0 + 3.0)
-    rig.feed(samples(s, T0 + 3.0, T0 + 3.2, 10.0))
+    rig.feed(samples(s, T0 + 3.0, T0 + 3.2, 10.0))  # too soon after the loss alarm
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_LOST]
+    rig.feed(samples(s, T0 + 5.05, T0 + 5.2, 10.0))
     assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED]
     assert rig.alarms[2].detail["after"] == "sensor_lost"
-    assert rig.alarms[2].t_mono == T0 + 3.0
+    assert rig.alarms[2].t_mono == T0 + 5.05
+
+
+def test_a_restore_after_a_long_outage_is_not_held() -> None:
+    rig = Rig(lost=1.0)
+    s = stream()
+    rig.feed(samples(s, T0, T0 + 0.5, 10.0))
+    rig.close(T0 + 2.0)
+    rig.close(T0 + 30.0)
+    rig.feed(samples(s, T0 + 30.0, T0 + 30.2, 10.0))
+    assert rig.kinds() == [AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED]
+    assert rig.alarms[1].t_mono == T0 + 30.0  # the hold ended long ago: restored at once
+
+
+@pytest.mark.parametrize("how", ["put", "block"])
+def test_a_device_toggling_every_0_3_s_never_flaps_faster_than_the_restore_delay(how: str) -> None:
+    # On for 0.3 s, off for 0.3 s, for two minutes; silence of 0.2 s is a loss.  Without the hold
+    # this raised a loss and a restore every 0.6 s: 400 alarms.
+    restore, lost, rate = 2.0, 0.2, 50.0
+    rig = Rig(lost=lost, restore=restore)
+    s = stream(rate_hz=rate)
+    t = T0
+    while t < T0 + 120.0:
+        rows = T0 + np.arange(round((t - T0) * rate), round((t + 0.3 - T0) * rate)) / rate
+        if how == "put":
+            rig.feed(Sample(s, float(x), float(x) + WALL - T0, 1.0, Quality(0)) for x in rows)
+        else:
+            rig.w.put_block(block(s, rows.tolist(), [0] * rows.size))
+        for k in range(1, 13):  # the timer path every 0.05 s, through the on and the off phase
+            rig.close(t + k * 0.05)
+        t += 0.6
+    kinds = rig.kinds()
+    assert AlarmKind.SENSOR_LOST in kinds  # it does go and come back ...
+    assert AlarmKind.SENSOR_RESTORED in kinds
+    # ... but a loss and its restore are at least the restore delay apart, every time:
+    pairs = list(itertools.pairwise(rig.alarms))
+    for lost_alarm, restored in pairs[::2]:
+        assert (lost_alarm.kind, restored.kind) == (AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED)
+        assert restored.t_mono - lost_alarm.t_mono >= restore
+    assert len(kinds) <= 2 * math.ceil(120.0 / (lost + restore)) + 2, len(kinds)
 
 
 @pytest.mark.parametrize("restore", [0.0, 0.35, 2.0])
@@ -619,3 +665,45 @@ def test_imputed_values_are_not_features() -> None:
     records = rig.close(T0 + 100.0)
     assert records
     assert all(sf.gap for r in records for sf in r.streams)
+
+
+@pytest.mark.parametrize("restore", [0.0, 2.0])
+def test_a_driver_reporting_its_device_lost_and_back_every_0_3_s_never_flaps_faster(restore: float) -> None:
+    # A serial adapter with a loose contact: the driver says "lost" and "back" every 0.3 s while
+    # the data comes and goes with it.  Every alarm that would leave the gateway is collected.
+    rig = Rig(lost=30.0, restore=restore)
+    a, b = stream(rate_hz=10.0), stream(rate_hz=10.0, metric=MDC["MDC_PULS_OXIM_PULS_RATE"])
+    out: list[Alarm] = []
+
+    def driver(kind: AlarmKind, t: float) -> None:
+        detail: dict[str, float | str] = {"cause": "unplugged"}
+        if kind is AlarmKind.SENSOR_RESTORED:
+            detail["after"] = "sensor_lost"
+        folded = fold_device_alarm(Alarm(kind, a.subject, t, t + WALL - T0, a, detail), rig.w)
+        if folded is not None:
+            out.append(folded)
+
+    t = T0
+    while t < T0 + 120.0:
+        rows = (t + np.arange(3) / 10.0).tolist()
+        for s in (a, b):
+            rig.w.put_block(block(s, rows, [0] * 3))
+        for k in range(1, 7):
+            rig.close(t + k * 0.05)
+        driver(AlarmKind.SENSOR_LOST, t + 0.3)
+        for k in range(7, 13):
+            rig.close(t + k * 0.05)
+        t += 0.6
+        driver(AlarmKind.SENSOR_RESTORED, t)
+    sent = sorted(out + rig.alarms, key=lambda x: x.t_mono)
+    kinds = [x.kind for x in sent]
+    assert set(kinds) == {AlarmKind.DEVICE_LOST, AlarmKind.DEVICE_RESTORED}
+    if restore == 0.0:
+        assert len(sent) >= 400  # a pair per flip: what the hold prevents
+        return
+    for lost_alarm, back in itertools.pairwise(sent):
+        assert lost_alarm.kind != back.kind  # strictly alternating, one outage at a time
+        if lost_alarm.kind is AlarmKind.DEVICE_LOST:
+            assert back.t_mono - lost_alarm.t_mono >= restore
+    assert len(sent) <= 2 * math.ceil(120.0 / restore) + 2, len(sent)
+    print(f"\n{len(sent)} device alarms in 120 s of flapping")

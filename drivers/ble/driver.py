@@ -73,7 +73,9 @@ class BleDriver:
         for d in cfg.devices:
             profile = PROFILES[d.profile]
             subject = d.subject or info.subject
-            devices.append(ManagedDevice(d.address, profile, subject))
+            devices.append(
+                ManagedDevice(d.address, profile, subject, continuous=profile.name not in _SPOT_PROFILES)
+            )
             self._streams[d.address] = {
                 name: Stream(
                     source=info.name,
@@ -88,6 +90,7 @@ class BleDriver:
                 for name in profile.metrics
             }
         self.manager = ConnectionManager(cfg, devices, self, name=info.name)
+        self.pulse = self.manager.pulse  # the supervisor judges the manager's watch loop
         #: Counters for status displays and tests: values, bad values, missing (special) values.
         self.counters: dict[str, int] = {"values": 0, "samples": 0, "bad_values": 0, "missing": 0}
         self._low_battery: set[str] = set()
@@ -215,6 +218,7 @@ class BleDriver:
 
         def on_value(_char: BleakGATTCharacteristic, data: bytearray) -> None:
             counters["values"] += 1
+            dev.last_data = time.monotonic()
             try:
                 readings = decode(uuid, bytes(data))
             except GattFormatError as exc:

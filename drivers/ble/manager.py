@@ -15,6 +15,12 @@ policy:
   device clears it, so the device is removed, heard again, and the attempt repeated.
 * A scan can go quiet without an error: a watchdog restarts a scan that has reported nothing for
   ``scan_watchdog_s`` while a device is being looked for.
+* A connected link can go quiet too (the wearable's notification loop stops, or BlueZ lost the
+  subscription): a device that streams continuously and sent nothing for ``lost_after_s`` while
+  connected has its link dropped, so it is connected and subscribed afresh.  Spot-check devices
+  (thermometers, cuffs) speak only when measured: their silence is not a fault.
+* Liveness: the watch loop, which enforces every bound above, beats the source's ``pulse`` each
+  tick; starting and restarting the scan are declared waits (see ``gateway.liveness``).
 * A lost link is retried as soon as the device is heard again, with capped, jittered exponential
   backoff between failed cycles; a device away for ``lost_after_s`` raises one SENSOR_LOST alarm,
   and SENSOR_RESTORED when it is back.
@@ -53,6 +59,7 @@ from drivers.ble.config import BleConfig
 from drivers.ble.protocol import Profile
 from gateway.backoff import Backoff
 from gateway.errors import TransientError
+from gateway.liveness import Pulse
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -67,6 +74,9 @@ ADAPTER_ERRORS = frozenset(
 )
 DISCONNECT_TIMEOUT_S = 5.0
 SCANNER_TIMEOUT_S = 10.0
+#: The watch loop ticks at most every second and the scan calls declare their bounds: 5 s with
+#: neither is a manager stuck outside any known wait.
+PULSE_STALE_S = 5.0
 
 
 class DeviceState(enum.StrEnum):
@@ -261,6 +271,10 @@ class ManagedDevice:
     info: dict[str, str] = field(default_factory=dict)  # Device Information: local only
     battery: int | None = None
     heard: asyncio.Event = field(default_factory=asyncio.Event)
+    continuous: bool = True  # streams without being asked (False: spot checks, silence is normal)
+    quiet_told: bool = False  # a quiet link was logged at WARNING; repeats go to DEBUG until data
+    last_data: float = 0.0  # when its last measurement arrived (monotonic)
+    connected_at: float = 0.0
     _path: str | None = None
 
     @property
@@ -342,11 +356,13 @@ class ConnectionManager:
         self._clients: dict[str, BleakClient] = {}
         self._link_down: dict[str, asyncio.Event] = {}  # connected devices: set to end the link
         self._turn_over: set[str] = set()  # devices told to give their slot to a waiting one
+        self._quiet: set[str] = set()  # connected devices whose link was dropped for silence
         self._bus: MessageBus | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._fatal: asyncio.Future[None] | None = None
         self._quiet_logged = False
         self._services = sorted({d.profile.service for d in devices})
+        self.pulse = Pulse(stale_after_s=PULSE_STALE_S)
 
     # -- status ------------------------------------------------------------------------------------
 
@@ -430,8 +446,9 @@ class ConnectionManager:
             bluez={"adapter": self.cfg.adapter},
         )
         try:
-            async with asyncio.timeout(SCANNER_TIMEOUT_S):
-                await scanner.start()
+            with self.pulse.waiting("starting the scan", SCANNER_TIMEOUT_S):
+                async with asyncio.timeout(SCANNER_TIMEOUT_S):
+                    await scanner.start()
         except (BleakError, TimeoutError, OSError, EOFError) as exc:
             raise TransientError(
                 f"ble source {self.name} {self.cfg.adapter}: cannot scan: {exc or type(exc).__name__}: "
@@ -443,7 +460,7 @@ class ConnectionManager:
         scanner, self._scanner = self._scanner, None
         if scanner is None:
             return
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), self.pulse.waiting("stopping the scan", SCANNER_TIMEOUT_S):
             async with asyncio.timeout(SCANNER_TIMEOUT_S):
                 await scanner.stop()
 
@@ -451,8 +468,10 @@ class ConnectionManager:
         """Raise lost alarms on time and restart a scan gone quiet."""
         tick = max(0.05, min(1.0, self.cfg.lost_after_s / 4, self.cfg.scan_watchdog_s / 4))
         while True:
+            self.pulse.beat()
             await asyncio.sleep(tick)
             now = time.monotonic()
+            self._drop_quiet_links(now)
             for dev in self.devices.values():
                 if (
                     dev.state != DeviceState.CONNECTED
@@ -501,6 +520,28 @@ class ConnectionManager:
                 await self._stop_scanner()
                 await self._start_scanner()
                 self.watchdog.restarted(time.monotonic())
+
+    def _drop_quiet_links(self, now: float) -> None:
+        """Drop the link of a connected, continuously streaming device that sent nothing for lost_after_s."""
+        for address, down in self._link_down.items():
+            dev = self.devices[address]
+            if not dev.continuous or down.is_set() or dev.state != DeviceState.CONNECTED:
+                continue
+            quiet = now - max(dev.last_data, dev.connected_at)
+            if quiet < self.cfg.lost_after_s:
+                if dev.last_data > dev.connected_at:
+                    dev.quiet_told = False  # data flows on this connection: a new silence is news
+                continue
+            # Connected but mute: only a new connection and subscription can mend it.
+            (_LOGGER.debug if dev.quiet_told else _LOGGER.warning)(
+                "ble %s: %s connected but sent nothing for %.0f s; connecting it again",
+                self.name,
+                dev.label,
+                quiet,
+            )
+            dev.quiet_told = True
+            self._quiet.add(address)
+            down.set()
 
     def _take_turns(self, now: float) -> None:
         """Give a long-waiting device the slot of the longest connected holder (see the module doc)."""
@@ -666,6 +707,7 @@ class ConnectionManager:
         """Run the driver's session until the link drops or the session fails."""
         self._clients[dev.address] = client
         self._link_down[dev.address] = link_down
+        dev.connected_at = time.monotonic()
         dev.connections += 1
         self._set(dev, DeviceState.CONNECTED)
         if dev.lost:
@@ -695,6 +737,9 @@ class ConnectionManager:
         if dev.address in self._turn_over:
             self._turn_over.discard(dev.address)
             dev.last_error = "slot_turn"
+        elif dev.address in self._quiet:
+            self._quiet.discard(dev.address)
+            dev.last_error = "link_quiet"
         elif session.done() and not session.cancelled() and (exc := session.exception()) is not None:
             if isinstance(exc, WrongServiceError):
                 dev.last_error = "wrong_service"

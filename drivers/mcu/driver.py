@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from drivers.mcu.config import McuConfig
-from drivers.mcu.handover import HandoverServer
+from drivers.mcu.handover import MAX_HOLD_S, HandoverServer
 from drivers.mcu.link import Link, NodeRefusedError
 from drivers.mcu.protocol import NodeRestartedError, SampleAssembler, metric_for
 from drivers.mcu.simnode import run_sim_node
@@ -34,6 +34,7 @@ from firmware_bridge.messages import (
 from firmware_bridge.timesync import ClockSync
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
+from gateway.liveness import Pulse
 from gateway.logs import register_identity
 from gateway.sample import Stream
 
@@ -42,6 +43,12 @@ _LOGGER = logging.getLogger(__name__)
 _INITIAL_SYNCS = 5
 _LOSS_REPORT_S = 1.0  # gaps are summed and reported at most this often
 _TICK_S = 0.05
+#: Liveness: the stream loop, which enforces silence_s, beats every _TICK_S and every request
+#: declares its bound, so 5 s with neither is a driver stuck outside a known wait.
+PULSE_STALE_S = 5.0
+#: Building the simulated node's C program (once per checkout; a cold compile on a busy board)
+#: and starting it.
+_SIM_START_S = 120.0
 
 
 class McuDriver:
@@ -66,6 +73,7 @@ class McuDriver:
         self.counters: dict[str, float] = {}
         self._final: dict[str, float] = {}
         self.streams: dict[str, Stream] = {}
+        self.pulse = Pulse(stale_after_s=PULSE_STALE_S)
 
     @property
     def assembler(self) -> SampleAssembler | None:
@@ -84,7 +92,8 @@ class McuDriver:
         cfg = self._cfg
         async with contextlib.AsyncExitStack() as stack:
             if cfg.simulate is not None:
-                path = (await stack.enter_async_context(run_sim_node(cfg.simulate, self._who))).path
+                with self.pulse.waiting("starting the simulated node", _SIM_START_S):
+                    path = (await stack.enter_async_context(run_sim_node(cfg.simulate, self._who))).path
             else:
                 assert cfg.port is not None
                 path = cfg.port
@@ -117,14 +126,14 @@ class McuDriver:
         self._asm = None
         self._rebooted = False
         try:
-            hello = Hello.decode(await link.request(MsgType.HELLO_REQ))
+            hello = Hello.decode(await self._request(link, MsgType.HELLO_REQ))
             if not hello.caps & Cap.SAMPLES:
                 raise ConfigError(
                     f"{self._who} node {hello.node_id}: does not stream samples (capabilities {hello.caps!r}): "
                     "use this node for firmware updates only, or flash a sampling firmware"
                 )
             channels = [
-                Channel.decode(await link.request(MsgType.CHANNEL_REQ, channel_req_body(i)))
+                Channel.decode(await self._request(link, MsgType.CHANNEL_REQ, channel_req_body(i)))
                 for i in range(hello.n_channels)
             ]
         except (MessageError, NodeRefusedError) as exc:
@@ -200,12 +209,19 @@ class McuDriver:
         if hello.health == Health.FAILED:
             self._fault_alarm(sink, "node_selftest_failed")
 
+    async def _request(
+        self, link: Link, type_: MsgType, body: bytes = b"", retries: int | None = None
+    ) -> bytes:
+        """A request to the node, declared to the pulse as a wait with the link's bound."""
+        with self.pulse.waiting(f"the node's answer to {type_.name}", link.request_bound_s(retries=retries)):
+            return await link.request(type_, body, retries=retries)
+
     async def _sync(self, link: Link, clock: ClockSync) -> bool:
         t0 = time.monotonic()
         stamp = int(t0 * 1e6)
         try:
             # One try: a retransmitted sync would measure a long round trip and be discarded anyway.
-            body = await link.request(MsgType.TIME_SYNC, time_sync_body(stamp), retries=0)
+            body = await self._request(link, MsgType.TIME_SYNC, time_sync_body(stamp), retries=0)
             reply = TimeSyncReply.decode(body)
         except (TransientError, NodeRefusedError, MessageError):
             link.check()  # a dead link is fatal; a lost answer is not
@@ -225,7 +241,9 @@ class McuDriver:
         """Hand the closed port to a firmware push until it hangs up (bounded)."""
         _LOGGER.info("%s: port lent to a firmware push; streaming stopped", self._who)
         t0 = time.monotonic()
-        pid, held = await handover.hand_over()
+        # Streaming stops while a push holds the port: a known wait, bounded by MAX_HOLD_S.
+        with self.pulse.waiting("port lent to a firmware push", MAX_HOLD_S + 5.0):
+            pid, held = await handover.hand_over()
         self._lent = (t0, held)
         _LOGGER.info("%s: port back from PID %d after %.1f s; connecting again", self._who, pid, held)
         self._count("handovers")
@@ -247,6 +265,9 @@ class McuDriver:
         next_report = now + cfg.report_s
         next_loss = now + _LOSS_REPORT_S
         while True:
+            # This loop enforces silence_s below: while it turns the driver is alive, and a node
+            # that goes silent is told by that bound (a reconnect), not by the supervisor.
+            self.pulse.beat()
             await asyncio.sleep(_TICK_S)
             link.check()
             if handover.requested.is_set():

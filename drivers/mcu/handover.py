@@ -117,8 +117,8 @@ class HandoverServer:
         t0 = time.monotonic()
         try:
             req.writer.write(_RELEASED)
-            await req.writer.drain()
-            async with asyncio.timeout(MAX_HOLD_S):
+            async with asyncio.timeout(MAX_HOLD_S):  # the drain too: a pusher that stops reading
+                await req.writer.drain()
                 while await req.reader.read(256):
                     pass
         except TimeoutError:

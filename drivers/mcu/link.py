@@ -297,6 +297,12 @@ class Link:
         self.stats.frames_out += 1
         return seq
 
+    def request_bound_s(self, *, timeout_s: float | None = None, retries: int | None = None) -> float:
+        """The longest a :meth:`request` can take: each try waits for a writable port and an answer."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        tries = 1 + (self.retries if retries is None else retries)
+        return tries * timeout * 5  # write wait (4x) + answer wait (1x), per try
+
     async def request(
         self, type_: MsgType, body: bytes = b"", *, timeout_s: float | None = None, retries: int | None = None
     ) -> bytes:

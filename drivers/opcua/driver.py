@@ -51,11 +51,20 @@ from drivers.opcua.protocol import (
     status_token,
     to_float,
 )
-from drivers.opcua.security import ConnectOptions, Unreachable, abandon, bounded, connect, quiet_asyncua
+from drivers.opcua.security import (
+    CLOSE_DEADLINE_S,
+    ConnectOptions,
+    Unreachable,
+    abandon,
+    bounded,
+    connect,
+    quiet_asyncua,
+)
 from drivers.opcua.uahelp import UA_FALSE, UA_TRUE, node_id
 from gateway.backoff import Backoff
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
+from gateway.liveness import Pulse
 from gateway.sample import Quality, Sample, Stream, industrial_metric
 
 log = logging.getLogger(__name__)
@@ -68,6 +77,12 @@ OBJECTS_FOLDER = 85
 HIERARCHICAL_REFERENCES = 33
 HAS_PROPERTY = 46
 CLOCK_REPORT_S = 60.0  # how often the timestamp skew diagnostic goes out
+#: Liveness: the stream loop beats at least every second and every server call declares its own
+#: bound, so 5 s with neither is a driver stuck outside any known wait (see gateway.liveness).
+PULSE_STALE_S = 5.0
+#: What a connect may take besides its server calls: the gateway's RSA key is generated (in a
+#: thread) on the first secure connect, ~1 s on a slow board, and certificates are parsed.
+KEY_WORK_S = 30.0
 _BAD = int(Quality.BAD_STATUS)
 _NAN = math.nan
 
@@ -162,6 +177,7 @@ class OpcUaDriver:
         self.samples = 0
         self.notifications = 0
         self._sink: SampleSink | None = None
+        self.pulse = Pulse(stale_after_s=PULSE_STALE_S)
 
     # ---- what tests and status lines read --------------------------------------------------
 
@@ -224,7 +240,8 @@ class OpcUaDriver:
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 self.link_up = False
-                await conn.close()
+                with self.pulse.waiting("closing the session", CLOSE_DEADLINE_S):
+                    await conn.close()
             if down_since is None:
                 down_since = time.monotonic()
                 down_reason = reason
@@ -242,7 +259,10 @@ class OpcUaDriver:
                 log.info("opcua %s %s: still down (%s)", self._info.name, self._endpoint, reason)
             else:
                 log.debug("opcua %s %s: still down (%s)", self._info.name, self._endpoint, reason)
-            await asyncio.sleep(backoff.next())
+            delay = backoff.next()
+            # A reconnect loop that is trying is alive: its pause is a wait with a known bound.
+            with self.pulse.waiting("reconnect backoff", delay):
+                await asyncio.sleep(delay)
 
     def _diagnostic(self, kind: str, detail: dict[str, float | str], conn: _Connection | None) -> None:
         if self._sink is None:
@@ -408,20 +428,24 @@ class _Connection:
             if item.state == "good" and self.by_handle.get(self.handle_of.get(item.index, 0)) is item
         )
 
-    def _call(self, what: str, aw: Awaitable[_T], factor: float = 1.0) -> Awaitable[_T]:
-        return bounded(what, self.cfg.request_timeout_s * factor, aw)
+    async def _call(self, what: str, aw: Awaitable[_T], factor: float = 1.0) -> _T:
+        bound = self.cfg.request_timeout_s * factor
+        with self.d.pulse.waiting(what, bound):
+            return await bounded(what, bound, aw)
 
     # ---- opening -----------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Connect, check security, resolve and verify every node, subscribe."""
         cfg = self.cfg
-        self.client = client = await connect(
-            self.d.connect_options,
-            watchdog_s=min(5.0, cfg.keepalive_timeout_s / 2),
-            session_timeout_ms=max(60_000, int(cfg.keepalive_timeout_s * 3000)),
-            on_lost=self._on_connection_lost,
-        )
+        # connect() bounds each of its server calls (endpoints, certificates, connect at 2x).
+        with self.d.pulse.waiting("connecting", cfg.request_timeout_s * 6 + CLOSE_DEADLINE_S + KEY_WORK_S):
+            self.client = client = await connect(
+                self.d.connect_options,
+                watchdog_s=min(5.0, cfg.keepalive_timeout_s / 2),
+                session_timeout_ms=max(60_000, int(cfg.keepalive_timeout_s * 3000)),
+                on_lost=self._on_connection_lost,
+            )
         ns_node = client.get_node(node_id(ObjectIds.Server_NamespaceArray))
         server_array = client.get_node(node_id(ObjectIds.Server_ServerArray))
         ns_array, servers = await self._call("read namespaces", client.read_values([ns_node, server_array]))
@@ -721,6 +745,9 @@ class _Connection:
         next_verify = time.monotonic() + cfg.verify_interval_s
         tick = min(1.0, cfg.keepalive_timeout_s / 4)
         while True:
+            # The loop that enforces the publish bound turns: the driver is alive (a server that
+            # stops publishing is caught by keepalive_timeout_s below, not by the supervisor).
+            self.d.pulse.beat()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(tick):
                     await self.lost.wait()

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from drivers.serial.config import SerialConfig
 from drivers.serial.detect import probe
 from drivers.serial.formats import PARSERS, make_parser
-from drivers.serial.port import DeviceAbsentError, DeviceLostError, Link, open_link
+from drivers.serial.port import CLOSE_DEADLINE_S, DeviceAbsentError, DeviceLostError, Link, open_link
 from drivers.serial.protocol import LineSettings, Parser, Reading, Status
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
+from gateway.liveness import Pulse
 from gateway.logs import register_identity
 from gateway.sample import FAULT_FLAGS, MDC, Metric, Quality, Sample, Stream
 
@@ -49,6 +50,9 @@ PI = MDC["MDC_PULS_OXIM_PERF_REL"]
 DEFAULT_STALE_S = 10.0
 TICK_S = 0.1  # how often timers (idle, stale, detect, keep-alive, diagnostics) are looked at
 IDLE_S = 0.05  # silence after which a frame framed by silence (Nonin #8) is complete
+#: Liveness: the timer loop that enforces stale_after_s beats every TICK_S, so 5 s without a beat
+#: outside a declared wait is a driver stuck in code without a bound (a wedged open, a bug).
+PULSE_STALE_S = 5.0
 _MISSING_QUALITY = Quality.BAD_STATUS  # a "no value" the device gave without saying why
 _FAULT = int(FAULT_FLAGS)
 
@@ -73,6 +77,7 @@ class SerialOximeter:
         # Nominal readings per second of the protocol (None until "auto" has found one).
         self._rate = None if cfg.protocol == "auto" else PARSERS[cfg.protocol].reading_rate_hz
         self.totals: dict[str, int] = {}  # parser counters summed over all runs
+        self.pulse = Pulse(stale_after_s=PULSE_STALE_S)
 
     # ---- identities ------------------------------------------------------------------------------
 
@@ -126,14 +131,17 @@ class SerialOximeter:
             return self._cfg.protocol
         if self._detected is not None:
             return self._detected
+        # The probe listens probe_s at each line setting (at most one per protocol), then closes.
+        bound = len(PARSERS) * (self._cfg.probe_s + CLOSE_DEADLINE_S)
         try:
-            result = await probe(
-                self._port,
-                probe_s=self._cfg.probe_s,
-                allow_start_command=self._cfg.allow_start_command,
-                baudrate=self._cfg.baudrate,
-                who=self._who,
-            )
+            with self.pulse.waiting("probing the line", bound):
+                result = await probe(
+                    self._port,
+                    probe_s=self._cfg.probe_s,
+                    allow_start_command=self._cfg.allow_start_command,
+                    baudrate=self._cfg.baudrate,
+                    who=self._who,
+                )
         except DeviceAbsentError:
             self._raise_lost(sink, "absent" if not self._connected_once else "unplugged")
             raise
@@ -177,7 +185,8 @@ class SerialOximeter:
         try:
             await self._serve(state, link, settings)
         finally:
-            await link.aclose()
+            with self.pulse.waiting("closing the port", CLOSE_DEADLINE_S):
+                await link.aclose()
             for k, v in parser.counters().items():
                 self.totals[k] = self.totals.get(k, 0) + v
 
@@ -226,6 +235,9 @@ class SerialOximeter:
         next_keepalive = time.monotonic() + parser.keepalive_s
         next_diag = time.monotonic() + cfg.diagnostics_every_s
         while True:
+            # This loop enforces the data bounds below: while it turns, the driver is alive, and
+            # a monitor that goes quiet is told by stale_after_s, not by the supervisor.
+            self.pulse.beat()
             await asyncio.wait([link.lost], timeout=TICK_S)
             now = time.monotonic()
             if link.lost.done():

@@ -40,11 +40,11 @@ def with_priority(alarm: Alarm) -> Alarm:
 class DeviceOutages(Protocol):
     """Who keeps track of device outages (the windower)."""
 
-    def hold_device(self, stream: Stream) -> int | None:
+    def hold_device(self, stream: Stream, t_mono: float | None = None) -> int | None:
         """The device of ``stream`` is lost: streams taken down, or None if already reported."""
 
-    def release_device(self, stream: Stream, t_mono: float) -> int | Literal["repeat", "unknown"]:
-        """The device is back: streams returning; "repeat" if its data said so first; "unknown"."""
+    def release_device(self, stream: Stream, t_mono: float) -> int | Literal["repeat", "unknown", "held"]:
+        """The device is back: streams returning; "repeat", "unknown", or "held" (restored later)."""
 
 
 def fold_device_alarm(alarm: Alarm, outages: DeviceOutages) -> Alarm | None:
@@ -59,7 +59,7 @@ def fold_device_alarm(alarm: Alarm, outages: DeviceOutages) -> Alarm | None:
     if stream is None:
         return alarm
     if alarm.kind is AlarmKind.SENSOR_LOST:
-        n = outages.hold_device(stream)
+        n = outages.hold_device(stream, alarm.t_mono)
         if n is None:
             log.debug("device %s: lost, as already reported", stream.device)
             return None
@@ -68,6 +68,11 @@ def fold_device_alarm(alarm: Alarm, outages: DeviceOutages) -> Alarm | None:
         back = outages.release_device(stream, alarm.t_mono)
         if back == "repeat":
             log.debug("device %s: back, as already reported", stream.device)
+            return None
+        if back == "held":
+            # Back too soon after the loss: restored once the restore delay is over, never
+            # flapping faster than that.
+            log.debug("device %s: back within the restore delay; restore held", stream.device)
             return None
         if back == "unknown":
             return alarm

@@ -15,7 +15,16 @@ Alarms do not wait for windows: a sensor fault is reported on the sample that sh
 sensor by the next :meth:`Windower.close_due`, and a restore on the first good sample after a
 loss.  After a fault the restore waits until good samples have kept coming for
 ``restore_after_s`` (a faulty one starts the wait over), so a flapping probe raises one fault and
-one restore instead of a pair per flip.  Only state changes raise alarms, never every faulty sample.
+one restore instead of a pair per flip.  A restore after a loss waits too: not before
+``restore_after_s`` from the loss alarm (good data inside that hold restores nothing, a faulty
+sample is a fault at once); the first good sample after the hold restores the stream.  The same
+for a device its driver reports lost and back (:meth:`Windower.hold_device`, ``release_device``):
+a "back" too soon after the loss is held, and the windower sends the restore once the hold is
+over (with the device's next data, or at :meth:`Windower.close_due`), unless the device is lost
+again first.  A device that comes and goes faster than that raises one loss and one restore per
+``restore_after_s`` (plus the time to notice the loss) at most, never a pair per flip; after a
+longer outage the hold is long over and the restore comes at once, as before.  Only state
+changes raise alarms, never every faulty sample.
 
 Memory: state is created per stream on first sight and kept for the life of the windower, so
 memory is bounded by the configured streams (a few tens of kB per stream at 256 Hz).  A lost
@@ -123,6 +132,7 @@ class _StreamState:
         self.lost_rows = 0  # ring.overwritten when last looked at
         # While faulted: t_mono from which good samples restore the stream (first good sample of
         # the current unbroken good run + restore_after_s); None until a good sample comes.
+        # While lost: the end of the hold after the loss alarm (None: a driver-reported outage).
         self.restore_at: float | None = None
 
 
@@ -185,6 +195,8 @@ class Windower:
         self._device_lost: dict[tuple[str, str], list[_StreamState]] = {}
         # Devices whose data ended an outage before their driver said they were back.
         self._device_back: set[tuple[str, str]] = set()
+        # Devices their driver said were back too soon after the loss: restored at this t_mono.
+        self._release_due: dict[tuple[str, str], float] = {}
         self._windows = 0
         self._gaps = 0
         self._alarms = 0
@@ -206,8 +218,11 @@ class Windower:
                 self._good_while_down(st, sample.t_mono, sample.t_wall, int(sample.quality))
 
     def _good_while_down(self, st: _StreamState, t_mono: float, t_wall: float, quality: int) -> None:
-        """A good sample of a faulted or lost stream: restore a fault only after the hold."""
-        if st.status == _FAULTED:
+        """A good sample of a faulted or lost stream: restore only after the hold."""
+        if st.status == _LOST:
+            if st.restore_at is not None and t_mono < st.restore_at:
+                return  # too soon after the loss alarm: a restore now could flap
+        elif st.status == _FAULTED:
             due = st.restore_at
             if due is None:
                 due = st.restore_at = t_mono + self.restore_after_s
@@ -233,6 +248,16 @@ class Windower:
         if stored != n:
             keep = in_order(tm, before)
             tm, tw, q = tm[keep], tw[keep], q[keep]
+        if st.status == _LOST and st.restore_at is not None and tm[0] < st.restore_at:
+            # Good rows inside the hold after a loss restore nothing; a faulty row is a fault at
+            # once, and the first row after the hold decides as usual.
+            i = int(np.searchsorted(tm, st.restore_at, side="left"))
+            faulty = np.flatnonzero(q[:i] & _FAULT)
+            if faulty.size:
+                i = int(faulty[0])
+            if i == tm.size:
+                return
+            tm, tw, q = tm[i:], tw[i:], q[i:]
         if st.status != _FAULTED and not q.tobytes().translate(None, _NOT_FAULT_BYTES):  # no faulty row
             if st.status:
                 self._change(st, _OK, float(tm[0]), float(tw[0]), int(q[0]))
@@ -308,7 +333,8 @@ class Windower:
         """Move a stream to a new sensor state and raise the alarm that says so."""
         old = st.status
         st.status = status
-        st.restore_at = None
+        # A loss is held for restore_after_s (see the module docstring); other states start clear.
+        st.restore_at = t_mono + self.restore_after_s if status == _LOST else None
         stream = st.stream
         if old == _LOST and self._device_lost:
             group = self._device_lost.pop((stream.source, stream.device), None)
@@ -380,6 +406,8 @@ class Windower:
         subject not reached when the caller stops is cut by the next call, so nothing is lost.
         """
         last_due = self._last_due(now_mono)
+        if self._release_due:
+            self._release_held(now_mono, now_wall)
         self._find_lost(now_mono, now_wall)
         for subj in list(self._subjects.values()):  # an alarm handler may hand over new streams
             if not subj.emitted:
@@ -423,13 +451,13 @@ class Windower:
             known = self._device_lost.get(key)
             if known is not None:  # a slower stream of a device already reported lost
                 for st in group:
-                    st.status, st.restore_at = _LOST, None
+                    st.status, st.restore_at = _LOST, now_mono + self.restore_after_s
                 known.extend(group)
             elif len(group) == 1:
                 self._change(group[0], _LOST, now_mono, now_wall, 0)
             else:
                 for st in group:
-                    st.status, st.restore_at = _LOST, None
+                    st.status, st.restore_at = _LOST, now_mono + self.restore_after_s
                 self._device_lost[key] = group
                 first = group[0]
                 silent = round(now_mono - max(st.ring.last_t_mono for st in group), 1)
@@ -452,39 +480,62 @@ class Windower:
                     )
                 )
 
-    def hold_device(self, stream: Stream) -> int | None:
+    def hold_device(self, stream: Stream, t_mono: float | None = None) -> int | None:
         """A driver reports the device of ``stream`` lost: its streams join one outage, silently.
 
         Returns how many streams the outage takes down, or None when the windower already
-        reported this device lost (the driver's alarm then repeats the same incident).
+        reported this device lost (the driver's alarm then repeats the same incident).  With the
+        loss's ``t_mono`` the outage is held for ``restore_after_s`` like the windower's own.
         """
         key = (stream.source, stream.device)
         self._device_back.discard(key)
+        self._release_due.pop(key, None)  # lost again before a held restore was due: one outage
         if key in self._device_lost:
             return None
         group = [st for st in self._by_stream.values() if (st.stream.source, st.stream.device) == key]
+        hold = None if t_mono is None else t_mono + self.restore_after_s
         for st in group:
-            st.status, st.restore_at = _LOST, None
+            st.status, st.restore_at = _LOST, hold
         self._device_lost[key] = group
         return len(group)
 
-    def release_device(self, stream: Stream, t_mono: float) -> int | Literal["repeat", "unknown"]:
+    def release_device(self, stream: Stream, t_mono: float) -> int | Literal["repeat", "unknown", "held"]:
         """A driver reports the device back: how many streams return.
 
         ``"repeat"`` when its data already ended the outage (and the windower said so), ``"unknown"``
-        when no outage of this device is known (the driver's alarm stands on its own).
+        when no outage of this device is known (the driver's alarm stands on its own), ``"held"``
+        when it is too soon after the loss: the windower restores the device itself once the hold
+        is over (its data or :meth:`close_due`), unless it is lost again first.
         """
         key = (stream.source, stream.device)
-        group = self._device_lost.pop(key, None)
+        group = self._device_lost.get(key)
         if group is None:
             if key in self._device_back:
                 self._device_back.discard(key)
                 return "repeat"
             return "unknown"
+        due = max((st.restore_at for st in group if st.restore_at is not None), default=None)
+        if due is not None and t_mono < due:
+            self._release_due[key] = due
+            return "held"
+        del self._device_lost[key]
         for st in group:
             if st.status == _LOST:
-                st.status, st.revived_at = _OK, t_mono
+                st.status, st.revived_at, st.restore_at = _OK, t_mono, None
         return len(group)
+
+    def _release_held(self, now_mono: float, now_wall: float) -> None:
+        """Restore devices their driver said were back, once the hold after the loss is over."""
+        for key, due in list(self._release_due.items()):
+            if now_mono < due:
+                continue
+            del self._release_due[key]
+            group = self._device_lost.pop(key, None)
+            if not group:
+                continue  # its data restored it first, and the windower said so
+            first = group[0]
+            first.status, first.revived_at, first.restore_at = _OK, now_mono, None
+            self._device_restored(first, group, now_mono, now_wall)
 
     def _device_restored(
         self, st: _StreamState, group: list[_StreamState], t_mono: float, t_wall: float
@@ -492,7 +543,7 @@ class Windower:
         """Data from a lost device again: one restore; its other streams get a fresh timeout."""
         for other in group:
             if other is not st and other.status == _LOST:
-                other.status, other.revived_at = _OK, t_mono
+                other.status, other.revived_at, other.restore_at = _OK, t_mono, None
         log.info(
             "windower: device %s of source %s: restored (%d streams had gone)",
             st.stream.device,
