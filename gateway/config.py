@@ -31,6 +31,7 @@ from gateway.estimation.config import EstimatorsSection
 from gateway.inference.build import ModelsSection
 from gateway.observe.config import StatusSection
 from gateway.uplink.config import MqttSection
+from gateway.uplink.sparkplug.config import SparkplugSection
 
 #: Key names that hold secrets; inline values for them are refused (reference a file instead).
 SECRET_KEY_NAMES = frozenset(
@@ -81,12 +82,23 @@ class UplinkSection(ConfigModel):
     kind: Literal["local", "mqtt", "none"] = "local"
     path: PathField | None = None  # local: a JSON-lines file instead of stdout
     mqtt: MqttSection | None = None  # [uplink.mqtt], for kind = "mqtt"
+    # What goes on the wire with kind = "mqtt": SenML-CBOR records for the twin, or a Sparkplug B
+    # edge node ([uplink.sparkplug]) for SCADA hosts.
+    encoding: Literal["senml", "sparkplug"] = "senml"
+    sparkplug: SparkplugSection = SparkplugSection()
 
     @model_validator(mode="after")
     def _mqtt_needs_its_table(self) -> Self:
         if self.kind == "mqtt" and self.mqtt is None:
             raise ValueError(
                 'kind = "mqtt" needs an [uplink.mqtt] table (host, ca_file, cert_file, key_file)'
+            )
+        if self.encoding == "sparkplug" and (self.kind != "mqtt" or self.mqtt is None):
+            raise ValueError('encoding = "sparkplug" needs kind = "mqtt" and an [uplink.mqtt] table')
+        if self.encoding == "sparkplug" and self.mqtt is not None and self.mqtt.profile == "azure":
+            raise ValueError(
+                'encoding = "sparkplug" needs a broker with free topics: profile "azure" has one static '
+                'topic; use another broker (for Azure: Event Grid\'s MQTT broker, profile "generic")'
             )
         return self
 
@@ -371,6 +383,16 @@ def validate(data: Mapping[str, Any], file: str, registry: Mapping[str, DriverSp
                 "pipeline.hop_s",
                 f"at most window_s ({core.pipeline.window_s:g}), or samples between windows are never used",
                 repr(core.pipeline.hop_s),
+            )
+        )
+    if isinstance(core, CoreConfig) and core.uplink.encoding == "sparkplug" and core.downlink.trust_file:
+        problems.append(
+            ConfigProblem(
+                file,
+                "downlink.trust_file",
+                'unset with [uplink] encoding = "sparkplug": the downlink rides on the SenML uplink\'s '
+                'session; remove it or use encoding = "senml"',
+                repr(str(core.downlink.trust_file)),
             )
         )
     if problems or not isinstance(core, CoreConfig):

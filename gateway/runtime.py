@@ -604,19 +604,33 @@ async def _supervise(
 
         mq = core.uplink.mqtt
         password = mq.password_file.read_text(encoding="utf-8").strip() if mq.password_file else None
-        uplink = MqttUplink(
-            outbox,
-            mq,
-            anonymizer.gateway_pseudonym(core.gateway.name),
-            password=password,
-            run=anonymizer.timebase.run,
-            record_time=anonymizer.record_time,
-        )
-        if core.downlink.trust_file is not None:
-            from gateway.downlink.unit import Downlink  # noqa: PLC0415
+        gateway_id = anonymizer.gateway_pseudonym(core.gateway.name)
+        if core.uplink.encoding == "sparkplug":
+            from gateway.uplink.sparkplug.node import SparkplugNode  # noqa: PLC0415
 
-            uplink.downlink = Downlink(config, registry, sup, uplink, uplink.client_id)
-            sup.add(Unit("downlink", Group.UPLINK, uplink.downlink.run))
+            uplink = SparkplugNode(
+                outbox,
+                mq,
+                core.uplink.sparkplug,
+                gateway_id,
+                check=anonymizer.check,
+                state_dir=core.gateway.state_dir,
+                password=password,
+            )
+        else:
+            uplink = MqttUplink(
+                outbox,
+                mq,
+                gateway_id,
+                password=password,
+                run=anonymizer.timebase.run,
+                record_time=anonymizer.record_time,
+            )
+            if core.downlink.trust_file is not None:
+                from gateway.downlink.unit import Downlink  # noqa: PLC0415
+
+                uplink.downlink = Downlink(config, registry, sup, uplink, uplink.client_id)
+                sup.add(Unit("downlink", Group.UPLINK, uplink.downlink.run))
     else:
         uplink = _NoUplink()
 

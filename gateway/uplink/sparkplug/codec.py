@@ -1,0 +1,316 @@
+"""Sparkplug B topics and payloads, and the metrics a record becomes: pure functions, no I/O.
+
+Payloads are built with the Sparkplug B protobuf schema (``sparkplug_b.proto``, compiled into
+``sparkplug_b_pb2``) and the protobuf runtime.  A record maps onto one Sparkplug device (its
+subject pseudonym) or the edge node itself (diagnostics about the gateway); its content becomes
+:class:`Point` values under names that depend only on what the record says (metric, feature,
+model, alarm kind), so the names are the same after a restart.  See ``docs/sparkplug.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import EdgetwinError
+from gateway.records import AlarmRecord, DiagnosticRecord, EstimateRecord, FeaturesWindow, Record
+from gateway.uplink.sparkplug import sparkplug_b_pb2
+
+# The generated message classes carry no type hints (protobuf ships none).
+pb: Any = sparkplug_b_pb2
+Payload = Any
+
+NAMESPACE = "spBv1.0"
+REBIRTH = "Node Control/Rebirth"
+BDSEQ = "bdSeq"
+
+# Sparkplug B data types (specification, section 6.4.16).
+INT32 = 3
+INT64 = 4
+DOUBLE = 10
+BOOLEAN = 11
+STRING = 12
+
+# Sparkplug quality codes (the "Quality" property, Int32): bad, good, stale.
+BAD = 0
+GOOD = 192
+STALE = 500
+
+# Ignition's alarm priorities (0 diagnostic .. 4 critical), which SCADA alarm pipelines bind to.
+PRIORITY = {"low": 1, "medium": 2, "high": 3}
+
+_RESERVED = frozenset("+/#")
+
+Value = float | bool | str | None
+
+
+class SparkplugError(EdgetwinError):
+    """A Sparkplug id or payload that cannot be built."""
+
+
+def check_id(kind: str, value: str) -> str:
+    """A group, edge node or device id: non-empty UTF-8 without ``+ / #``; raises SparkplugError."""
+    if not value or any(c in _RESERVED for c in value):
+        raise SparkplugError(f"sparkplug {kind} {value!r}: must be non-empty without '+', '/' or '#'")
+    return value
+
+
+def topic(group: str, message_type: str, node: str, device: str | None = None) -> str:
+    """``spBv1.0/<group>/<type>/<node>[/<device>]``."""
+    base = f"{NAMESPACE}/{group}/{message_type}/{node}"
+    return base if device is None else f"{base}/{device}"
+
+
+def state_topic(host_id: str) -> str:
+    """The topic a primary host application publishes its STATE on."""
+    return f"{NAMESPACE}/STATE/{host_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One metric value a record yields: name, type, unit and quality travel with it."""
+
+    name: str
+    datatype: int
+    value: Value
+    unit: str | None = None
+    quality: int = GOOD
+    low: float | None = None  # engineering range, where it is known
+    high: float | None = None
+
+
+def _stream_points(rec: FeaturesWindow) -> list[Point]:
+    out: list[Point] = []
+    for s in rec.streams:
+        if s.gap:
+            out.append(Point(f"{s.metric}/missing", DOUBLE, 1.0, "1", GOOD, 0.0, 1.0))
+            continue
+        low, high = (0.0, 100.0) if s.unit == "%" else (None, None)
+        for feature, value in sorted(s.features.items()):
+            name = f"{s.metric}/{feature}"
+            if math.isfinite(value):
+                # Spreads and counts are not bounded by the signal's own range.
+                bounded = feature in {"mean", "min", "max", "median", "last"}
+                out.append(
+                    Point(
+                        name,
+                        DOUBLE,
+                        float(value),
+                        s.unit,
+                        GOOD,
+                        low if bounded else None,
+                        high if bounded else None,
+                    )
+                )
+            else:
+                out.append(Point(name, DOUBLE, None, s.unit, BAD))
+        out.append(Point(f"{s.metric}/missing", DOUBLE, float(s.missing), "1", GOOD, 0.0, 1.0))
+    for model, score in sorted(rec.scores.items()):
+        finite = math.isfinite(score)
+        out.append(
+            Point(f"Scores/{model}", DOUBLE, float(score) if finite else None, "1", GOOD if finite else BAD)
+        )
+    return out
+
+
+_ACTIVE = {
+    "limit": True,
+    "limit_cleared": False,
+    "anomaly": True,
+    "anomaly_cleared": False,
+    "sensor_lost": True,
+    "sensor_fault": True,
+    "sensor_restored": False,
+    "device_lost": True,
+    "device_restored": False,
+}
+_FAMILY = {
+    "limit_cleared": "limit",
+    "anomaly_cleared": "anomaly",
+    "anomaly_indeterminate": "anomaly",
+    "sensor_fault": "sensor",
+    "sensor_lost": "sensor",
+    "sensor_restored": "sensor",
+    "device_restored": "device",
+    "device_lost": "device",
+}
+# What a sensor alarm does to the quality of the affected stream's values.
+SENSOR_QUALITY = {"sensor_lost": STALE, "sensor_fault": BAD, "device_lost": STALE}
+
+
+def alarm_base(rec: AlarmRecord) -> str:
+    """``Alarms/<family>/<what>``: one condition, whose raise and clear share the name."""
+    family = _FAMILY.get(rec.alarm, rec.alarm)
+    what = (rec.dev if family == "device" else rec.metric) or "subject"
+    return f"Alarms/{family}/{what}"
+
+
+def _alarm_points(rec: AlarmRecord) -> list[Point]:
+    base = alarm_base(rec)
+    active = _ACTIVE.get(rec.alarm)
+    out: list[Point] = []
+    if active is not None:
+        out.append(Point(f"{base}/Active", BOOLEAN, active))
+    else:  # an indeterminate episode: the condition can be neither confirmed nor cleared
+        out.append(Point(f"{base}/Active", BOOLEAN, None, quality=STALE))
+    if rec.priority is not None or active:
+        out.append(Point(f"{base}/Priority", INT32, PRIORITY.get(rec.priority or "", 0)))
+    if rec.value is not None or rec.limit is not None:
+        out.append(Point(f"{base}/Value", DOUBLE, rec.value, None, GOOD if rec.value is not None else BAD))
+        out.append(Point(f"{base}/Limit", DOUBLE, rec.limit, None, GOOD if rec.limit is not None else BAD))
+    return out
+
+
+def _estimate_points(rec: EstimateRecord) -> list[Point]:
+    base = f"Estimates/{rec.est}"
+    quality = {"measured": GOOD, "bridged": GOOD, "untrusted": BAD, "lost": STALE}.get(rec.state, BAD)
+    return [
+        Point(base, DOUBLE, rec.value, rec.unit, quality if rec.value is not None else STALE),
+        Point(f"{base}/sd", DOUBLE, rec.sd, rec.unit, GOOD if rec.sd is not None else STALE),
+        Point(f"{base}/state", STRING, rec.state),
+    ]
+
+
+def _diag_points(rec: DiagnosticRecord) -> list[Point]:
+    return [Point(f"Diagnostics/{rec.diag}", STRING, json.dumps(dict(rec.detail), sort_keys=True))]
+
+
+def points(rec: Record) -> tuple[str | None, list[Point]]:
+    """The device (subject pseudonym; None: the edge node) and metric values of one record."""
+    if isinstance(rec, FeaturesWindow):
+        return rec.subject, _stream_points(rec)
+    if isinstance(rec, AlarmRecord):
+        return rec.subject, _alarm_points(rec)
+    if isinstance(rec, EstimateRecord):
+        return rec.subject, _estimate_points(rec)
+    return rec.subject, _diag_points(rec)
+
+
+def timestamp_ms(rec: Record) -> int:
+    """A record's time in milliseconds on its own clock (Unix time only with ``privacy.time = "exact"``)."""
+    return max(0, round(rec.t * 1000)) if math.isfinite(rec.t) else 0
+
+
+def _set_value(target: Any, datatype: int, value: Value) -> None:
+    if value is None:
+        target.is_null = True
+    elif datatype == BOOLEAN:
+        target.boolean_value = bool(value)
+    elif datatype == STRING:
+        target.string_value = str(value)
+    elif datatype == INT32:
+        target.int_value = int(value) & 0xFFFFFFFF  # two's complement in the unsigned field
+    elif datatype == INT64:
+        target.long_value = int(value) & 0xFFFFFFFFFFFFFFFF
+    else:
+        target.double_value = float(value)
+
+
+def _property(props: Any, key: str, datatype: int, value: float | int | str) -> None:
+    props.keys.append(key)
+    pv = props.values.add()
+    pv.type = datatype
+    if datatype == STRING:
+        pv.string_value = str(value)
+    elif datatype == INT32:
+        pv.int_value = int(value) & 0xFFFFFFFF
+    else:
+        pv.double_value = float(value)
+
+
+def add_metric(
+    payload: Payload,
+    point: Point,
+    *,
+    alias: int | None,
+    ts_ms: int,
+    birth: bool,
+    historical: bool = False,
+    quality: bool = False,
+) -> None:
+    """Append one metric: name, datatype and properties on births, alias only on data.
+
+    Quality travels on births, on values that are not good, and (``quality``) when it changed.
+    """
+    m = payload.metrics.add()
+    if birth or alias is None:
+        m.name = point.name
+        m.datatype = point.datatype
+    if alias is not None:
+        m.alias = alias
+    m.timestamp = ts_ms
+    if historical:
+        m.is_historical = True
+    _set_value(m, point.datatype, point.value)
+    if birth or quality or point.quality != GOOD:
+        if birth and point.unit:
+            _property(m.properties, "engUnit", STRING, point.unit)
+        if birth and point.low is not None:
+            _property(m.properties, "engLow", DOUBLE, point.low)
+        if birth and point.high is not None:
+            _property(m.properties, "engHigh", DOUBLE, point.high)
+        _property(m.properties, "Quality", INT32, point.quality)
+
+
+def new_payload(ts_ms: int, seq: int | None) -> Payload:
+    """A payload with its send time and, except on NDEATH, its sequence number."""
+    payload = pb.Payload()
+    payload.timestamp = ts_ms
+    if seq is not None:
+        payload.seq = seq
+    return payload
+
+
+def ndeath(bdseq: int, ts_ms: int) -> bytes:
+    """The NDEATH payload: the bdSeq metric only, no sequence number."""
+    payload = new_payload(ts_ms, None)
+    m = payload.metrics.add()
+    m.name = BDSEQ
+    m.datatype = INT64
+    m.timestamp = ts_ms
+    m.long_value = bdseq
+    data: bytes = payload.SerializeToString()
+    return data
+
+
+def nbirth_head(bdseq: int, ts_ms: int) -> Payload:
+    """An NBIRTH with seq 0, bdSeq and ``Node Control/Rebirth`` (no aliases on those two)."""
+    payload = new_payload(ts_ms, 0)
+    m = payload.metrics.add()
+    m.name, m.datatype, m.timestamp, m.long_value = BDSEQ, INT64, ts_ms, bdseq
+    r = payload.metrics.add()
+    r.name, r.datatype, r.timestamp, r.boolean_value = REBIRTH, BOOLEAN, ts_ms, False
+    return payload
+
+
+def decode(data: bytes) -> Payload:
+    """Parse a Sparkplug B payload; raises SparkplugError when the bytes are not one."""
+    payload = pb.Payload()
+    try:
+        payload.ParseFromString(data)
+    except Exception as exc:  # protobuf raises its own DecodeError (and others on odd input)
+        raise SparkplugError(f"sparkplug: not a Sparkplug B payload: {exc}") from exc
+    return payload
+
+
+def rebirth_requested(data: bytes) -> bool:
+    """True when an NCMD payload asks for a rebirth (``Node Control/Rebirth`` = true)."""
+    payload = decode(data)
+    return any(
+        m.name == REBIRTH and m.WhichOneof("value") == "boolean_value" and m.boolean_value
+        for m in payload.metrics
+    )
+
+
+def host_state(data: bytes) -> tuple[bool, int] | None:
+    """(online, timestamp) of a STATE message, or None when it is not one."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("online"), bool):
+        return None
+    ts = doc.get("timestamp", 0)
+    return doc["online"], int(ts) if isinstance(ts, int | float) and math.isfinite(ts) else 0

@@ -1,0 +1,599 @@
+"""The Sparkplug B edge node: session state machine and store-and-forward on the uplink's connection.
+
+Per connection (:class:`~gateway.uplink.connection.Connection`, the same transport, TLS and
+staged timeouts as the SenML uplink):
+
+1. CONNECT with clean start and an NDEATH Will (QoS 1, not retained) carrying the next bdSeq,
+   written to the state directory before the CONNECT goes out.
+2. Subscribe to NCMD (and DCMD) and, with a primary host configured, to its STATE; wait for
+   STATE online before anything is published.
+3. NBIRTH (seq 0, bdSeq, ``Node Control/Rebirth``, every node metric) then one DBIRTH per device.
+4. Records leave the outbox as NDATA/DDATA: report by exception for live records, everything for
+   the backlog, which is marked ``is_historical`` with the records' own timestamps.  Data is
+   published at QoS 1 and a record is deleted from the outbox only on its PUBACK (the
+   specification's QoS 0 would lose records on a cut link; see ``docs/sparkplug.md``).
+5. A new metric or device, a rebirth command or a device back from the dead: a complete birth
+   sequence again (same bdSeq).  A device whose every sensor is lost: DDEATH.
+6. Primary host offline, or the gateway stopping: NDEATH, then DISCONNECT; reconnect (bdSeq + 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from gateway import backoff
+from gateway.cleanup import run_shielded
+from gateway.errors import AnonymizationError, EdgetwinError, TransientError
+from gateway.liveness import Pulse
+from gateway.outbox import AsyncOutbox, Leased
+from gateway.records import AlarmRecord, FeaturesWindow, Record, RecordError
+from gateway.records import decode as decode_record
+from gateway.uplink import transport
+from gateway.uplink.config import MqttSection
+from gateway.uplink.connection import Connection, Session
+from gateway.uplink.pacing import Pacer
+from gateway.uplink.profiles import PROFILES
+from gateway.uplink.sparkplug import codec
+from gateway.uplink.sparkplug.codec import Point
+from gateway.uplink.sparkplug.config import SparkplugSection
+from gateway.uplink.sparkplug.state import NODE, Catalog
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.5
+_CLEANUP_DEADLINE_S = 5.0
+_GOODBYE_WAIT_S = 1.0
+_ACK_STALL_S = 15.0
+
+
+class HostOfflineError(TransientError):
+    """The primary host application said it is offline: this session ends."""
+
+
+@dataclasses.dataclass(slots=True)
+class NodeCounters:
+    """What the edge node did since it was created."""
+
+    connects: int = 0
+    births: int = 0  # complete birth sequences (NBIRTH and its DBIRTHs)
+    published: int = 0  # NDATA / DDATA messages
+    historical: int = 0  # of which replayed from the backlog
+    acked: int = 0  # records deleted from the outbox after their PUBACK
+    unchanged: int = 0  # live records whose values were all already reported (report by exception)
+    dead_lettered: int = 0
+    ddeaths: int = 0
+    rebirth_requests: int = 0
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class SparkplugNode:
+    """Delivers the outbox as a Sparkplug B edge node; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        outbox: AsyncOutbox,
+        config: MqttSection,
+        sparkplug: SparkplugSection,
+        gateway_id: str,
+        *,
+        check: Callable[[bytes], None],
+        state_dir: Path | None,
+        password: str | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._cfg = config
+        self._sp = sparkplug
+        self.group = codec.check_id("group_id", sparkplug.group_id)
+        self.node_id = codec.check_id("edge_node_id", sparkplug.edge_node_id or gateway_id)
+        self._check = check  # the anonymizer's fail-closed identity scan (raises AnonymizationError)
+        self.catalog = Catalog.load(state_dir / "sparkplug.json" if state_dir is not None else None)
+        # The Will is never retained (NDEATH); the rest of the profile (limits, pacing) applies.
+        profile = dataclasses.replace(PROFILES[config.profile], retain=False)
+        self._connection = Connection(
+            config, profile, self.node_id, password=password, will=self._will, bounded=self._bounded
+        )
+        self.pulse = Pulse(stale_after_s=30.0)
+        self._beat = time.monotonic()
+        self._bounded_until = 0.0
+        self.problem: str | None = "not connected yet"
+        self.connected = False
+        self.counters = NodeCounters()
+        self.delivered = 0
+        self.bdseq = -1  # of the current connection
+        self.seq = 0  # of the last message published
+        self.backlog_through = 0
+        self._session: Session | None = None
+        self._last: dict[tuple[str, str], tuple[codec.Value, int]] = {}  # reported values
+        self._devs: dict[str, set[str]] = collections.defaultdict(set)  # device -> sensor pseudonyms
+        self._lost: dict[str, set[str]] = collections.defaultdict(set)
+        self._dead: set[str] = set()  # devices whose DDEATH was sent
+        self._host_ts = -1  # timestamp of the newest STATE seen from the primary host
+        self._replay = Pacer(config.replay_msgs_per_s, config.replay_bytes_per_s, now=time.monotonic())
+
+    # --- liveness, as the supervisor reads it ---------------------------------------------------------
+
+    @property
+    def last_beat(self) -> float:
+        """Monotonic time of the last sign of life; "now" while inside a wait bounded by a timeout."""
+        now = time.monotonic()
+        return now if now < self._bounded_until else self._beat
+
+    def _set_beat(self, now: float) -> None:
+        self._beat = self.pulse.last_beat = now
+
+    @contextlib.contextmanager
+    def _bounded(self, what: str, seconds: float) -> Iterator[None]:
+        self._bounded_until = time.monotonic() + seconds
+        try:
+            with self.pulse.waiting(what, seconds):
+                yield
+        finally:
+            self._bounded_until = 0.0
+            self._set_beat(time.monotonic())
+
+    def describe(self) -> str:
+        """``connected`` or ``degraded (why)``, for the STATUS line."""
+        return "connected" if self.problem is None else f"degraded ({self.problem})"
+
+    # --- topics -------------------------------------------------------------------------------------------
+
+    def topic(self, message_type: str, device: str | None = None) -> str:
+        """The topic of a message type (and device) of this node."""
+        return codec.topic(self.group, message_type, self.node_id, device)
+
+    def _will(self) -> tuple[str, bytes]:
+        # Called once per CONNECT: the next bdSeq is persisted before the broker holds it as our Will.
+        self.bdseq = self.catalog.next_bdseq()
+        return self.topic("NDEATH"), codec.ndeath(self.bdseq, _now_ms())
+
+    # --- the reconnect loop ---------------------------------------------------------------------------------
+
+    async def run(self, started: Callable[[], None]) -> None:
+        """Connect, be born, deliver, reconnect until cancelled."""
+        where = f"sparkplug {self.group}/{self.node_id} via {transport.where(self._cfg)}"
+        started()
+        attempt, reported = 0, ""
+        while True:
+            self._set_beat(time.monotonic())
+            try:
+                async with self._connection as session:
+                    self.counters.connects += 1
+                    if attempt or reported:
+                        log.info("%s: connected again", where)
+                    attempt, reported = 0, ""
+                    self.problem = None
+                    await self._serve(session)
+            except transport.AttemptError as exc:
+                attempt += 1
+                self.problem = str(exc.cause)
+                if str(exc.cause) != reported:
+                    reported = str(exc.cause)
+                    log.warning("%s: %s (records stay in the outbox)", where, exc.cause)
+                else:
+                    log.debug("%s: still cannot connect (attempt %d): %s", where, attempt, exc.cause)
+            except EdgetwinError as exc:
+                attempt += 1
+                self.problem = str(exc)
+                if str(exc) != reported:
+                    reported = str(exc)
+                    log.warning("%s: %s; records stay in the outbox, reconnecting", where, exc)
+                else:
+                    log.debug("%s: %s (again)", where, exc)
+            await self._sleep(backoff.delay(attempt, self._cfg.reconnect_min_s, self._cfg.reconnect_max_s))
+
+    async def _sleep(self, delay: float) -> None:
+        end = time.monotonic() + delay
+        while (left := end - time.monotonic()) > 0:
+            self._set_beat(time.monotonic())
+            await asyncio.sleep(min(left, 1.0))
+
+    async def drain(self, deadline: float) -> None:
+        """Wait while connected until everything queued is acknowledged or the deadline passes."""
+        while time.monotonic() < deadline:
+            if self._session is None or not self._session.connected:
+                return
+            if (await self._outbox.stats()).queued == 0:
+                return
+            await asyncio.sleep(0.05)
+
+    # --- one session ------------------------------------------------------------------------------------------
+
+    async def _serve(self, session: Session) -> None:
+        self._session = session
+        self.connected = True
+        inflight: dict[int, int] = {}  # paho message id -> outbox id
+        graceful = False
+        messages: collections.deque[tuple[str, bytes]] = collections.deque()
+        subscribed = asyncio.Event()
+        loop = session.loop
+
+        def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+            messages.append((msg.topic, bytes(msg.payload)))
+            loop.call_soon_threadsafe(session.wake.set)
+
+        def on_subscribe(*_args: Any) -> None:
+            loop.call_soon_threadsafe(subscribed.set)
+
+        client = session.client
+        client.on_message = on_message
+        client.on_subscribe = on_subscribe
+        try:
+            # Commands first: subscribed before the NBIRTH (and before waiting for the host).
+            subs = [(self.topic("NCMD"), 1), (self.topic("DCMD", "+"), 1)]
+            if self._sp.primary_host is not None:
+                subs.append((codec.state_topic(self._sp.primary_host), 1))
+            client.subscribe(subs)
+            if client.want_write():
+                client.loop_write()
+            with self._bounded("waiting for SUBACK", self._cfg.connect_timeout_s + 1.0):
+                async with asyncio.timeout(self._cfg.connect_timeout_s):
+                    await subscribed.wait()
+            if self._sp.primary_host is not None:
+                await self._wait_host_online(session, messages)
+            # Everything queued before the births is history by the time the host sees it.
+            self.backlog_through = await self._outbox.last_id()
+            # The first records are read before the births, so what they carry is announced in the
+            # first birth sequence rather than in a rebirth moments later.
+            held = await self._outbox.lease(self._cfg.batch)
+            for leased in held:
+                inflight[-leased.id] = leased.id  # released by _end if the session ends before sending
+                learnable = self._prepare(leased)
+                if isinstance(learnable, tuple) and self.catalog.learn(learnable[0], learnable[1]):
+                    self.catalog.save()
+            self._birth(session)
+            log.info(
+                "sparkplug %s/%s: born (bdSeq %d), %d device(s); records up to %d replay as historical",
+                self.group,
+                self.node_id,
+                self.bdseq,
+                len(self.catalog.devices) - (NODE in self.catalog.devices),
+                self.backlog_through,
+            )
+            for leased in held:
+                del inflight[-leased.id]
+                await self._send(session, leased, inflight)
+            await self._deliver(session, messages, inflight)
+        except HostOfflineError:
+            graceful = session.connected
+            raise
+        except asyncio.CancelledError:
+            graceful = session.connected
+            raise
+        except TimeoutError as exc:
+            raise TransientError("no SUBACK in time: reconnecting") from exc
+        finally:
+            self.connected = False
+            self._session = None
+            await run_shielded(self._end(session, inflight, graceful), _CLEANUP_DEADLINE_S, who="sparkplug")
+
+    async def _wait_host_online(
+        self, session: Session, messages: collections.deque[tuple[str, bytes]]
+    ) -> None:
+        host = self._sp.primary_host
+        told = False
+        while True:
+            session.wake.clear()
+            self._set_beat(time.monotonic())
+            if session.lost is not None:
+                raise session.lost
+            while messages:
+                if self._host_message(*messages.popleft()) is True:
+                    if told:
+                        log.info("sparkplug: primary host %s is online: publishing", host)
+                    return
+            if not told:
+                told = True
+                self.problem = f"waiting for primary host {host} to be online"
+                log.warning(
+                    "sparkplug: primary host %s is not online: waiting (records stay in the outbox)", host
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await session.wake.wait()
+
+    def _host_message(self, topic: str, data: bytes) -> bool | None:
+        """Handle a STATE message; True/False for online/offline, None when it is not a new STATE."""
+        if self._sp.primary_host is None or topic != codec.state_topic(self._sp.primary_host):
+            return None
+        state = codec.host_state(data)
+        if state is None:
+            log.warning("sparkplug: a STATE message of the primary host is not JSON with 'online': ignored")
+            return None
+        online, ts = state
+        if ts < self._host_ts:
+            return None  # older than one already seen: the specification says to ignore it
+        self._host_ts = ts
+        return online
+
+    def _publish(self, session: Session, topic: str, data: bytes, qos: int) -> int:
+        info = session.client.publish(topic, data, qos=qos, retain=False)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            session.lost = session.lost or TransientError(f"publish failed ({paho.error_string(info.rc)})")
+            raise session.lost
+        return info.mid
+
+    def _next_seq(self) -> int:
+        self.seq = (self.seq + 1) % 256
+        return self.seq
+
+    def _birth(self, session: Session) -> None:
+        """A complete birth sequence: NBIRTH (seq 0) and one DBIRTH per live device."""
+        now = _now_ms()
+        for device in list(self.catalog.devices):
+            if device == NODE:
+                continue
+            try:
+                self._check(device.encode())
+                self._check(" ".join(self.catalog.devices[device]).encode())
+            except AnonymizationError as exc:
+                # An identity registered after these names were learnt: forget them, fail closed.
+                log.error("sparkplug: device %s no longer passes the identity scan (%s): forgotten", "~", exc)
+                del self.catalog.devices[device]
+                self.catalog.save()
+        nbirth = codec.nbirth_head(self.bdseq, now)
+        self._add_known(nbirth, NODE, now)
+        data = nbirth.SerializeToString()
+        self._check(data)
+        self.seq = 0
+        self._publish(session, self.topic("NBIRTH"), data, 0)
+        for device in self.catalog.devices:
+            if device == NODE or device in self._dead:
+                continue
+            payload = codec.new_payload(now, self._next_seq())
+            self._add_known(payload, device, now)
+            data = payload.SerializeToString()
+            self._check(data)
+            self._publish(session, self.topic("DBIRTH", device), data, 0)
+        self.counters.births += 1
+        session.client.loop_write()
+
+    def _add_known(self, payload: codec.Payload, device: str, now: int) -> None:
+        for name, entry in self.catalog.devices.get(device, {}).items():
+            value, quality = self._last.get((device, name), (None, codec.STALE))
+            point = Point(name, entry.datatype, value, entry.unit, quality, entry.low, entry.high)
+            codec.add_metric(payload, point, alias=entry.alias, ts_ms=now, birth=True)
+
+    async def _deliver(
+        self, session: Session, messages: collections.deque[tuple[str, bytes]], inflight: dict[int, int]
+    ) -> None:
+        cfg = self._cfg
+        last_ack = time.monotonic()
+        while True:
+            session.wake.clear()
+            now = time.monotonic()
+            self._set_beat(now)
+            if session.lost is not None:
+                raise session.lost
+            while messages:
+                self._command(session, *messages.popleft())
+            done: list[int] = []
+            while session.acks:
+                mid, code = session.acks.popleft()
+                rid = inflight.pop(mid, None)
+                if rid is None:
+                    continue
+                last_ack = now
+                if code >= 0x80:
+                    await self._outbox.release([rid])
+                    raise TransientError(f"the broker refused a publish (reason 0x{code:02X})")
+                done.append(rid)
+            if done:
+                await self._ack(done)
+            if inflight and now - last_ack > min(_ACK_STALL_S, float(cfg.keepalive_s)):
+                raise TransientError(f"no PUBACK for {_ACK_STALL_S:g} s: the link looks dead: reconnecting")
+            room = cfg.max_inflight - len(inflight)
+            items = await self._outbox.lease(min(room, cfg.batch)) if room > 0 else []
+            if not inflight:
+                last_ack = now
+            for n, item in enumerate(items):
+                pause = self._replay.wait_for(len(item.payload), time.monotonic())
+                if item.id <= self.backlog_through and pause > 0:
+                    await self._outbox.release([i.id for i in items[n:]])
+                    await asyncio.sleep(pause)
+                    break
+                await self._send(session, item, inflight)
+            if session.client.want_write():
+                session.client.loop_write()
+            if items:
+                await asyncio.sleep(0)
+                continue
+            if inflight:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(IDLE_POLL_S):
+                        await session.wake.wait()
+            else:
+                waiter = asyncio.ensure_future(self._outbox.wait_committed(IDLE_POLL_S))
+                woken = asyncio.ensure_future(session.wake.wait())
+                try:
+                    await asyncio.wait({waiter, woken}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()
+                    if not waiter.done():
+                        waiter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiter
+
+    def _command(self, session: Session, topic: str, data: bytes) -> None:
+        online = self._host_message(topic, data)
+        if online is False:
+            raise HostOfflineError(f"primary host {self._sp.primary_host} went offline: ending this session")
+        if topic != self.topic("NCMD"):
+            return  # device commands: nothing on a gateway's device is writable
+        try:
+            rebirth = codec.rebirth_requested(data)
+        except codec.SparkplugError as exc:
+            log.warning("sparkplug: an NCMD could not be read (%s): ignored", exc)
+            return
+        if rebirth:
+            self.counters.rebirth_requests += 1
+            log.info("sparkplug: rebirth requested: sending the births again (bdSeq %d)", self.bdseq)
+            self._birth(session)
+
+    async def _ack(self, ids: list[int]) -> None:
+        await self._outbox.ack(ids)
+        self.counters.acked += len(ids)
+        self.delivered += len(ids)
+
+    async def _dead_letter(self, item: Leased, why: str) -> None:
+        self.counters.dead_lettered += 1
+        if self.counters.dead_lettered == 1:
+            log.error("sparkplug: record %d cannot be sent: %s: moved to the dead-letter lane", item.id, why)
+        else:
+            log.debug("sparkplug: record %d cannot be sent: %s", item.id, why)
+        await self._outbox.dead_letter([item.id], why)
+
+    def _prepare(self, item: Leased) -> tuple[str, list[Point], Record] | str:
+        """The device key, values and record of an outbox item; why not, when it cannot be sent."""
+        try:
+            record = decode_record(item.payload)
+            device, pts = codec.points(record)
+            if device is not None:
+                codec.check_id("device_id", device)
+            # Names are scanned before they are learnt: a name that would leak is never announced.
+            key = device if device is not None else NODE
+            self._check(" ".join([key, *(p.name for p in pts), *(p.unit or "" for p in pts)]).encode())
+        except (RecordError, codec.SparkplugError, AnonymizationError) as exc:
+            return str(exc)
+        return key, pts, record
+
+    async def _send(self, session: Session, item: Leased, inflight: dict[int, int]) -> None:
+        """One record as NDATA/DDATA (or nothing, when none of its values changed)."""
+        prepared = self._prepare(item)
+        if isinstance(prepared, str):
+            await self._dead_letter(item, prepared)
+            return
+        key, pts, record = prepared
+        device = None if key == NODE else key
+        historical = item.id <= self.backlog_through
+        ts = codec.timestamp_ms(record)
+        pts += self._sensor_quality(key, record)
+        self._track_devices(key, record)
+        if self.catalog.learn(key, pts):
+            self.catalog.save()
+            self._birth(session)
+        elif key in self._dead and not self._device_down(key):
+            self._dead.discard(key)
+            self._birth(session)
+        if not historical:
+            pts = [p for p in pts if self._last.get((key, p.name)) != (p.value, p.quality)]
+        if not pts:
+            self.counters.unchanged += 1
+            await self._ack([item.id])
+            return
+        payload = codec.new_payload(_now_ms(), (self.seq + 1) % 256)
+        for p in pts:
+            was = self._last.get((key, p.name))
+            codec.add_metric(
+                payload,
+                p,
+                alias=self.catalog.alias(key, p.name),
+                ts_ms=ts,
+                birth=False,
+                historical=historical,
+                quality=was is not None and was[1] != p.quality,  # say so when quality changes back to good
+            )
+        data = payload.SerializeToString()
+        topic = self.topic("NDATA") if device is None else self.topic("DDATA", device)
+        try:
+            self._check(data)
+            self._check(topic.encode())
+        except AnonymizationError as exc:
+            await self._dead_letter(item, str(exc))
+            return
+        self._next_seq()
+        mid = self._publish(session, topic, data, 1)
+        inflight[mid] = item.id
+        if historical:
+            self._replay.take(len(data), time.monotonic())
+        self.counters.published += 1
+        self.counters.historical += historical
+        if not historical:
+            for p in pts:
+                self._last[(key, p.name)] = (p.value, p.quality)
+            if key not in self._dead and self._device_down(key):
+                self._ddeath(session, key)
+
+    def _sensor_quality(self, key: str, record: Any) -> list[Point]:
+        """A sensor alarm as quality on the stream's values it affects (null, bad or stale)."""
+        if not isinstance(record, AlarmRecord) or record.alarm not in codec.SENSOR_QUALITY:
+            return []
+        quality = codec.SENSOR_QUALITY[record.alarm]
+        known = self.catalog.devices.get(key, {})
+        prefix = f"{record.metric}/" if record.metric else None
+        out: list[Point] = []
+        for name, entry in known.items():
+            if name.startswith(("Alarms/", "Scores/", "Estimates/", "Diagnostics/")):
+                continue
+            if prefix is None or name.startswith(prefix):
+                out.append(Point(name, entry.datatype, None, entry.unit, quality, entry.low, entry.high))
+        return out
+
+    def _track_devices(self, key: str, record: Any) -> None:
+        if isinstance(record, FeaturesWindow):
+            self._devs[key].update(s.dev for s in record.streams)
+        elif isinstance(record, AlarmRecord) and record.dev:
+            if record.alarm == "device_lost":
+                self._lost[key].add(record.dev)
+            elif record.alarm == "device_restored":
+                self._lost[key].discard(record.dev)
+
+    def _device_down(self, key: str) -> bool:
+        return bool(self._devs.get(key)) and self._devs[key] <= self._lost.get(key, set())
+
+    def _ddeath(self, session: Session, key: str) -> None:
+        payload = codec.new_payload(_now_ms(), self._next_seq())
+        data = payload.SerializeToString()
+        self._publish(session, self.topic("DDEATH", key), data, 0)
+        self._dead.add(key)
+        self.counters.ddeaths += 1
+        log.info("sparkplug: every sensor of a device is lost: DDEATH sent")
+
+    async def _end(self, session: Session, inflight: dict[int, int], graceful: bool) -> None:
+        """Acknowledge what was acked, release the rest; NDEATH before an intended disconnect."""
+        done = []
+        while session.acks:
+            mid, code = session.acks.popleft()
+            rid = inflight.pop(mid, None)
+            if rid is not None and code < 0x80:
+                done.append(rid)
+        try:
+            if done:
+                await self._ack(done)
+        finally:
+            if inflight:
+                with contextlib.suppress(RuntimeError):
+                    await self._outbox.release(list(inflight.values()))
+            inflight.clear()
+            if graceful and session.connected and session.lost is None:
+                with contextlib.suppress(Exception):
+                    await self._goodbye(session)
+
+    async def _goodbye(self, session: Session) -> None:
+        """An intended disconnect: the NDEATH goes out before the connection ends."""
+        client = session.client
+        if self._cfg.protocol == "5":
+            # MQTT 5: DISCONNECT with reason "with Will message": the broker publishes our NDEATH Will.
+            client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message"))
+            client.loop_write()
+            return
+        mid = self._publish(session, self.topic("NDEATH"), codec.ndeath(self.bdseq, _now_ms()), 1)
+        client.loop_write()
+        async with asyncio.timeout(_GOODBYE_WAIT_S):
+            while not any(m == mid for m, _ in session.acks) and session.lost is None:
+                session.wake.clear()
+                await session.wake.wait()

@@ -1,0 +1,118 @@
+"""What an edge node keeps across restarts: its bdSeq and the catalog of metrics it has announced.
+
+bdSeq is incremented and written (atomically, fsync'd) before each MQTT CONNECT, so the NDEATH
+the broker holds as our Will and the NBIRTH that follows carry the same number, and a restart
+never reuses one.  The catalog holds every metric ever reported, per device, with its datatype,
+unit and alias: births after a restart announce them all (current value unknown: ``is_null``),
+and aliases stay the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.uplink.sparkplug.codec import Point
+
+log = logging.getLogger(__name__)
+
+NODE = ""  # the catalog's key for the edge node's own metrics
+
+_VERSION = 1
+
+
+@dataclass(slots=True)
+class Entry:
+    """One announced metric: its alias and what its births say about it."""
+
+    alias: int
+    datatype: int
+    unit: str | None = None
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(slots=True)
+class Catalog:
+    """bdSeq and the announced metrics, persisted as JSON in the state directory."""
+
+    path: Path | None
+    bdseq: int = -1  # the last one used; the first connection uses 0
+    devices: dict[str, dict[str, Entry]] = field(default_factory=dict)
+    next_alias: int = 1
+
+    @classmethod
+    def load(cls, path: Path | None) -> Catalog:
+        """The catalog at ``path`` (a fresh one when missing; an unreadable one is set aside)."""
+        cat = cls(path)
+        if path is None or not path.exists():
+            return cat
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            cat.bdseq = int(doc["bdseq"])
+            for device, metrics in doc["devices"].items():
+                cat.devices[str(device)] = {
+                    str(name): Entry(
+                        int(e["alias"]), int(e["type"]), e.get("unit"), e.get("low"), e.get("high")
+                    )
+                    for name, e in metrics.items()
+                }
+            cat.next_alias = 1 + max((e.alias for m in cat.devices.values() for e in m.values()), default=0)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            aside = path.with_suffix(".corrupt")
+            log.error(
+                "sparkplug state %s: unreadable (%s): set aside as %s; bdSeq and aliases start again",
+                path,
+                exc,
+                aside.name,
+            )
+            path.replace(aside)
+            return cls(path)
+        return cat
+
+    def save(self) -> None:
+        """Write atomically: a temporary file, fsync, rename."""
+        if self.path is None:
+            return
+        doc = {
+            "version": _VERSION,
+            "bdseq": self.bdseq,
+            "devices": {
+                device: {
+                    name: {"alias": e.alias, "type": e.datatype, "unit": e.unit, "low": e.low, "high": e.high}
+                    for name, e in metrics.items()
+                }
+                for device, metrics in self.devices.items()
+            },
+        }
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump(doc, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    def next_bdseq(self) -> int:
+        """The bdSeq of the next CONNECT (0..255, wrapping), written before it is used."""
+        self.bdseq = (self.bdseq + 1) % 256
+        self.save()
+        return self.bdseq
+
+    def learn(self, device: str, pts: list[Point]) -> bool:
+        """Add the metrics not announced yet; True when something was added (a rebirth is due)."""
+        known = self.devices.setdefault(device, {})
+        added = False
+        for p in pts:
+            entry = known.get(p.name)
+            if entry is None:
+                known[p.name] = Entry(self.next_alias, p.datatype, p.unit, p.low, p.high)
+                self.next_alias += 1
+                added = True
+        return added
+
+    def alias(self, device: str, name: str) -> int:
+        """The alias of an announced metric."""
+        return self.devices[device][name].alias
