@@ -102,8 +102,11 @@ class Message:
 class Host:
     """A host application's MQTT client: records ``spBv1.0/#``, publishes STATE and NCMD."""
 
-    def __init__(self, broker: MosquittoBroker, pki: DemoPKI, host_id: str = "scada-1") -> None:
+    def __init__(
+        self, broker: MosquittoBroker, pki: DemoPKI, host_id: str = "scada-1", *, announce: bool = False
+    ) -> None:
         self.host_id = host_id
+        self.announce = announce  # publish STATE online at each connection, as a primary host does
         self.messages: list[Message] = []
         self._lock = threading.Lock()
         self.client = paho.Client(
@@ -113,11 +116,18 @@ class Host:
         self._subscribed = threading.Event()
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_a: self._subscribed.set()
-        self.client.on_connect = lambda c, *_a: c.subscribe("spBv1.0/#", qos=1)
+        self.client.on_connect = self._on_connect
+        self.client.reconnect_delay_set(0.2, 1.0)
         self.client.connect(broker.host, broker.port, keepalive=30)
         self.client.loop_start()
         if not self._subscribed.wait(10):
             raise AssertionError("host: no SUBACK from the broker")
+
+    def _on_connect(self, client: paho.Client, *_args: Any) -> None:
+        client.subscribe("spBv1.0/#", qos=1)
+        if self.announce:
+            body = json.dumps({"online": True, "timestamp": int(time.time() * 1000)})
+            client.publish(f"spBv1.0/STATE/{self.host_id}", body, qos=1, retain=True)
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         with self._lock:
@@ -125,10 +135,11 @@ class Host:
                 Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), time.monotonic())
             )
 
-    def state(self, online: bool, ts: int) -> None:
-        """Publish this host's STATE (QoS 1, retained), as a primary host application does."""
+    def state(self, online: bool, ts: int, host_id: str | None = None) -> None:
+        """Publish this host's (or another's) STATE, QoS 1, retained, as a host application does."""
         body = json.dumps({"online": online, "timestamp": ts})
-        self.client.publish(f"spBv1.0/STATE/{self.host_id}", body, qos=1, retain=True).wait_for_publish(5)
+        topic = f"spBv1.0/STATE/{host_id or self.host_id}"
+        self.client.publish(topic, body, qos=1, retain=True).wait_for_publish(5)
 
     def command(self, topic: str, payload: bytes) -> None:
         """Publish a command (QoS 0, not retained, as the specification says)."""

@@ -110,11 +110,13 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
             await asyncio.sleep(0.5)
             marks["before_online"] = len(host.sparkplug())
             host.state(online=False, ts=500)  # an offline STATE: still waiting
+            host.state(online=True, ts=600, host_id="other-host")  # not the primary host: still waiting
             await asyncio.sleep(0.3)
             marks["after_offline_state"] = len(host.sparkplug())
             host.state(online=True, ts=1000)
             await wait_until(lambda: node.delivered >= 5, 10, "the backlog delivered")
             marks["live"] = len(host.sparkplug())
+            host.state(online=False, ts=900)  # older than the online STATE: ignored, the session goes on
             # Live: a change, the same values again (nothing to report), one changed value.
             for item in (
                 window(SUBJ_A, 13.0, DEV_A, SPO2, "%", mean=93.0),
@@ -552,6 +554,10 @@ def test_tck_id_topics_ddeath_seq_num(run: Run) -> None:
     assert all(isinstance(m.decoded["seq"], int) for m in of(run, "DDEATH"))
 
 
+def test_tck_id_payloads_ddeath_timestamp(run: Run) -> None:
+    assert all(abs(m.decoded["timestamp"] - NOW_MS) < 120_000 for m in of(run, "DDEATH"))
+
+
 def test_tck_id_topics_ndeath_topic(run: Run) -> None:
     assert {m.topic for m in of(run, "NDEATH")} == {f"spBv1.0/{GROUP}/NDEATH/{NODE_ID}"}
 
@@ -615,6 +621,19 @@ def test_tck_id_message_flow_edge_node_birth_publish_phid_wait(run: Run) -> None
 
 def test_tck_id_message_flow_edge_node_birth_publish_phid_wait_online(run: Run) -> None:
     assert run.marks["after_offline_state"] == 0  # an online=false STATE does not start the births
+
+
+def test_tck_id_message_flow_edge_node_birth_publish_phid_wait_id(run: Run) -> None:
+    # "other-host" said online=true while the node waited for scada-1: nothing was published.
+    assert run.marks["after_offline_state"] == 0
+
+
+def test_tck_id_operational_behavior_edge_node_termination_host_offline_timestamp(run: Run) -> None:
+    # The offline STATE stamped 900, older than the online one (1000), ended nothing.
+    live = run.messages[run.marks["live"] : run.marks["rebirth"]]
+    assert [m.kind for m in live] == ["DDATA", "DDATA"]
+    assert run.node.bdseq >= 1
+    assert [m.kind for m in run.messages[: run.marks["host_offline"]]].count("NDEATH") == 0
 
 
 def test_tck_id_operational_behavior_edge_node_termination_host_offline(run: Run) -> None:
@@ -762,3 +781,49 @@ def test_bdseq_and_aliases_persist(run: Run, tmp_path: Path) -> None:
     assert again.bdseq == 1
     assert again.alias(SUBJ_A, f"{SPO2}/mean") == run.node.catalog.alias(SUBJ_A, f"{SPO2}/mean")
     assert again.next_bdseq() == 2
+
+
+# --- configuration ----------------------------------------------------------------------------------------------
+
+
+def _load(tmp_path: Path, uplink: str) -> None:
+    from drivers import REGISTRY  # noqa: PLC0415
+    from gateway.config import load  # noqa: PLC0415
+
+    path = tmp_path / "edgetwin.toml"
+    path.write_text(f'[gateway]\nname = "gw"\nstate_dir = "{tmp_path}"\n{uplink}')
+    load(path, REGISTRY)
+
+
+def test_encoding_key_is_checked(tmp_path: Path) -> None:
+    from gateway.errors import ConfigError  # noqa: PLC0415
+
+    mqtt = '[uplink.mqtt]\nhost = "127.0.0.1"\n'
+    _load(
+        tmp_path,
+        f'[uplink]\nkind = "mqtt"\nencoding = "sparkplug"\n{mqtt}[uplink.sparkplug]\ngroup_id = "ward7"\n',
+    )
+    with pytest.raises(ConfigError, match="encoding"):
+        _load(tmp_path, f'[uplink]\nkind = "mqtt"\nencoding = "protobuf"\n{mqtt}')
+    with pytest.raises(ConfigError, match='encoding = "sparkplug" needs kind = "mqtt"'):
+        _load(tmp_path, '[uplink]\nkind = "local"\nencoding = "sparkplug"\n')
+    with pytest.raises(ConfigError, match="group_id"):
+        _load(
+            tmp_path,
+            f'[uplink]\nkind = "mqtt"\nencoding = "sparkplug"\n{mqtt}[uplink.sparkplug]\ngroup_id = "a/b"\n',
+        )
+    azure = '[uplink.mqtt]\nhost = "h.example"\nprofile = "azure"\nprotocol = "3.1.1"\nazure_hub = "hub"\n'
+    with pytest.raises(ConfigError, match="static"):
+        _load(tmp_path, f'[uplink]\nkind = "mqtt"\nencoding = "sparkplug"\n{azure}')
+
+
+def test_docs_table_names_existing_tests() -> None:
+    """Every test docs/sparkplug.md names exists, so the tck-id table cannot go stale."""
+    import re  # noqa: PLC0415
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "sparkplug.md").read_text()
+    here = Path(__file__).read_text() + (Path(__file__).parent / "test_sparkplug_gateway.py").read_text()
+    named = set(re.findall(r"`(test_[a-z0-9_]+)`", doc))
+    assert len(named) > 40
+    missing = [n for n in named if f"def {n}(" not in here]
+    assert not missing, missing
