@@ -117,7 +117,7 @@ class Host:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_a: self._subscribed.set()
         self.client.on_connect = self._on_connect
-        self.client.reconnect_delay_set(0.2, 1.0)
+        self.client.reconnect_delay_set(1, 1)
         self.client.connect(broker.host, broker.port, keepalive=30)
         self.client.loop_start()
         if not self._subscribed.wait(10):

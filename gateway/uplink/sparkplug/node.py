@@ -176,7 +176,6 @@ class SparkplugNode:
                     if attempt or reported:
                         log.info("%s: connected again", where)
                     attempt, reported = 0, ""
-                    self.problem = None
                     await self._serve(session)
             except transport.AttemptError as exc:
                 attempt += 1
@@ -215,7 +214,6 @@ class SparkplugNode:
 
     async def _serve(self, session: Session) -> None:
         self._session = session
-        self.connected = True
         inflight: dict[int, int] = {}  # paho message id -> outbox id
         graceful = False
         messages: collections.deque[tuple[str, bytes]] = collections.deque()
@@ -256,6 +254,8 @@ class SparkplugNode:
                 if isinstance(learnable, tuple) and self.catalog.learn(learnable[0], learnable[1]):
                     self.catalog.save()
             self._birth(session)
+            # Connected, for the status: born, so the host sees what the node publishes.
+            self.connected, self.problem = True, None
             log.info(
                 "sparkplug %s/%s: born (bdSeq %d), %d device(s); records up to %d replay as historical",
                 self.group,
