@@ -149,6 +149,19 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
             marks["new_metric"] = len(host.sparkplug())
             outbox.submit(window(SUBJ_A, 18.0, DEV_A, "MDC_TEMP_BODY", "Cel", mean=37.1))
             await wait_until(lambda: node.delivered >= 12, 10, "the new metric")
+            # An OPC UA node of device B goes bad: its values null, quality bad, the status code with them.
+            marks["fault"] = len(host.sparkplug())
+            outbox.submit(
+                alarm(
+                    SUBJ_B,
+                    18.5,
+                    "sensor_fault",
+                    dev=DEV_B,
+                    metric="Pump/temp",
+                    detail={"status": "bad_nodeidunknown"},
+                )
+            )
+            await wait_until(lambda: node.delivered >= 13, 10, "the sensor fault")
             # The primary host goes offline: NDEATH, disconnect, reconnect with bdSeq + 1, wait.
             marks["host_offline"] = len(host.sparkplug())
             bdseq_before = node.bdseq
@@ -158,7 +171,7 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
             await asyncio.sleep(0.5)
             marks["host_back"] = len(host.sparkplug())
             host.state(online=True, ts=3000)
-            await wait_until(lambda: node.delivered >= 13, 10, "the record queued while the host was away")
+            await wait_until(lambda: node.delivered >= 14, 10, "the record queued while the host was away")
             marks["stop"] = len(host.sparkplug())
         finally:
             task.cancel()
@@ -746,6 +759,20 @@ def test_historical_backlog_replayed_after_births_with_original_timestamps(run: 
     assert all(x.get("isHistorical") for x in replay[0].decoded["metrics"])
     assert {x["timestamp"] for x in replay[0].decoded["metrics"]} == {20_000}
     assert run.pending_after == 0
+
+
+def test_sensor_fault_as_quality_with_the_opcua_status_code(run: Run) -> None:
+    after = run.messages[run.marks["fault"] : run.marks["host_offline"]]
+    data = [m for m in after if m.kind == "DDATA"]
+    assert len(data) == 1
+    faulted = [x for x in data[0].decoded["metrics"] if "opcuaStatus" in x.get("properties", {})]
+    assert len(faulted) == 3  # Pump/temp/mean, /sd and /missing
+    for x in faulted:
+        props = x["properties"]
+        assert x["value"] is None
+        assert props["Quality"]["value"] == 0
+        assert props["opcuaStatus"]["value"] == "bad_nodeidunknown"
+        assert props["opcuaStatusCode"]["value"] == 0x80340000  # OPC UA BadNodeIdUnknown
 
 
 def test_alarm_metrics_active_priority_value_limit(run: Run) -> None:

@@ -9,6 +9,7 @@ model, alarm kind), so the names are the same after a restart.  See ``docs/spark
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class Point:
     quality: int = GOOD
     low: float | None = None  # engineering range, where it is known
     high: float | None = None
+    status: str | None = None  # the OPC UA status token of a faulted source (``bad_nodeidunknown``)
 
 
 def _stream_points(rec: FeaturesWindow) -> list[Point]:
@@ -188,6 +190,24 @@ def points(rec: Record) -> tuple[str | None, list[Point]]:
     return rec.subject, _diag_points(rec)
 
 
+@functools.cache
+def _opcua_codes() -> dict[str, int]:
+    """OPC UA status token -> numeric StatusCode, from asyncua's table (empty without the opcua extra)."""
+    try:
+        from asyncua.ua.status_codes import StatusCodes  # noqa: PLC0415
+
+        from drivers.opcua.protocol import status_token  # noqa: PLC0415
+    except ImportError:
+        return {}
+    codes = (v for k, v in vars(StatusCodes).items() if isinstance(v, int) and not k.startswith("_"))
+    return {status_token(code): code for code in codes}
+
+
+def opcua_status_code(token: str) -> int | None:
+    """The numeric OPC UA StatusCode a driver's status token names, or None when unknown."""
+    return _opcua_codes().get(token)
+
+
 def timestamp_ms(rec: Record) -> int:
     """A record's time in milliseconds on its own clock (Unix time only with ``privacy.time = "exact"``)."""
     return max(0, round(rec.t * 1000)) if math.isfinite(rec.t) else 0
@@ -216,6 +236,8 @@ def _property(props: Any, key: str, datatype: int, value: float | int | str) -> 
         pv.string_value = str(value)
     elif datatype == INT32:
         pv.int_value = int(value) & 0xFFFFFFFF
+    elif datatype == INT64:
+        pv.long_value = int(value) & 0xFFFFFFFFFFFFFFFF
     else:
         pv.double_value = float(value)
 
@@ -252,6 +274,13 @@ def add_metric(
         if birth and point.high is not None:
             _property(m.properties, "engHigh", DOUBLE, point.high)
         _property(m.properties, "Quality", INT32, point.quality)
+        if point.status is not None:
+            _property(m.properties, "opcuaStatus", STRING, point.status)
+            code = opcua_status_code(point.status)
+            if code is not None:
+                # Int64 (long_value): UInt32 is read from int_value by the specification and from
+                # long_value by Tahu's codecs; a StatusCode fits an Int64 either way.
+                _property(m.properties, "opcuaStatusCode", INT64, code)
 
 
 def new_payload(ts_ms: int, seq: int | None) -> Payload:

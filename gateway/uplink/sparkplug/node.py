@@ -533,6 +533,8 @@ class SparkplugNode:
         if not isinstance(record, AlarmRecord) or record.alarm not in codec.SENSOR_QUALITY:
             return []
         quality = codec.SENSOR_QUALITY[record.alarm]
+        status = record.detail.get("status")  # the OPC UA status of a faulted node
+        token = status if isinstance(status, str) and record.alarm == "sensor_fault" else None
         known = self.catalog.devices.get(key, {})
         prefix = f"{record.metric}/" if record.metric else None
         out: list[Point] = []
@@ -540,7 +542,9 @@ class SparkplugNode:
             if name.startswith(("Alarms/", "Scores/", "Estimates/", "Diagnostics/")):
                 continue
             if prefix is None or name.startswith(prefix):
-                out.append(Point(name, entry.datatype, None, entry.unit, quality, entry.low, entry.high))
+                out.append(
+                    Point(name, entry.datatype, None, entry.unit, quality, entry.low, entry.high, token)
+                )
         return out
 
     def _track_devices(self, key: str, record: Any) -> None:
