@@ -854,3 +854,49 @@ def test_docs_table_names_existing_tests() -> None:
     assert len(named) > 40
     missing = [n for n in named if f"def {n}(" not in here]
     assert not missing, missing
+
+
+def test_tck_id_payloads_sequence_num_incrementing_wraps_after_255(tmp_path: Path) -> None:
+    """300 records in one session: seq runs 0..255 and on from 0, every record delivered."""
+    from gateway.uplink.certs import demo_pki  # noqa: PLC0415
+
+    pki = demo_pki(tmp_path / "pki")
+    broker = MosquittoBroker(tmp_path / "broker", pki)
+    broker.start()
+    tahu = Tahu()
+    host = Host(broker, pki)
+    try:
+
+        async def body() -> None:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                for i in range(300):
+                    outbox.submit(window(SUBJ_A, float(i), DEV_A, SPO2, "%", mean=80.0 + i / 10))
+                await outbox.flush()
+                node = SparkplugNode(
+                    outbox,
+                    uplink_config(broker, pki),
+                    SparkplugSection(),
+                    NODE_ID,
+                    check=scan,
+                    state_dir=tmp_path,
+                )
+                task = asyncio.create_task(node.run(lambda: None), name="test-sparkplug-wrap")
+                try:
+                    await wait_until(lambda: node.delivered >= 300, 30, "300 records")
+                    await wait_until(lambda: len(host.sparkplug()) >= 302, 10, "every message at the host")
+                finally:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+        asyncio.run(body())
+        msgs = [m for m in host.sparkplug() if m.kind != "NDEATH"]
+        seqs = [tahu.decode(m.payload)["seq"] for m in msgs]
+        assert [m.kind for m in msgs[:2]] == ["NBIRTH", "DBIRTH"]
+        assert len(msgs) == 302
+        assert seqs == [i % 256 for i in range(302)]
+        assert seqs[255:258] == [255, 0, 1]
+    finally:
+        host.close()
+        tahu.close()
+        broker.stop()
