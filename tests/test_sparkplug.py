@@ -900,3 +900,20 @@ def test_tck_id_payloads_sequence_num_incrementing_wraps_after_255(tmp_path: Pat
         host.close()
         tahu.close()
         broker.stop()
+
+
+def test_ids_naming_an_identity_publish_nothing(tmp_path: Path) -> None:
+    """An edge node id that is a known identity (a serial here) is a configuration error, before connecting."""
+    from gateway.errors import ConfigError  # noqa: PLC0415
+    from gateway.uplink.config import MqttSection  # noqa: PLC0415
+
+    async def body() -> None:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            cfg = MqttSection(host="127.0.0.1", port=1, tls=False)
+            node = SparkplugNode(
+                outbox, cfg, SparkplugSection(edge_node_id=SECRET), NODE_ID, check=scan, state_dir=None
+            )
+            with pytest.raises(ConfigError, match="edge_node_id"):
+                await node.run(lambda: None)
+
+    asyncio.run(body())

@@ -35,7 +35,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway import backoff
 from gateway.cleanup import run_shielded
-from gateway.errors import AnonymizationError, EdgetwinError, TransientError
+from gateway.errors import AnonymizationError, ConfigError, EdgetwinError, TransientError
 from gateway.liveness import Pulse
 from gateway.outbox import AsyncOutbox, Leased
 from gateway.records import AlarmRecord, FeaturesWindow, Record, RecordError
@@ -166,6 +166,14 @@ class SparkplugNode:
     async def run(self, started: Callable[[], None]) -> None:
         """Connect, be born, deliver, reconnect until cancelled."""
         where = f"sparkplug {self.group}/{self.node_id} via {transport.where(self._cfg)}"
+        try:
+            self._check(self.topic("NBIRTH").encode())
+        except AnonymizationError as exc:
+            raise ConfigError(
+                f"uplink.sparkplug: group_id {self.group!r} or edge_node_id names a host, subject or device "
+                f"({exc}): nothing is published: choose ids that name none (the default edge_node_id "
+                "is the gateway's pseudonym)"
+            ) from exc
         started()
         attempt, reported = 0, ""
         while True:
