@@ -93,6 +93,7 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
             window(SUBJ_A, 10.0, DEV_A, SPO2, "%", mean=97.0),
             window(SUBJ_A, 11.0, DEV_A, SPO2, "%", mean=96.0),
             window(SUBJ_B, 11.5, DEV_B, "Pump/temp", "Cel", mean=41.5, sd=0.2),
+            window(SUBJ_B, 11.6, DEV_B, "Pump/flow", "L/min", mean=12.0),
             alarm(SUBJ_A, 12.0, "limit", dev=DEV_A, metric=SPO2, priority="medium", limit=90.0, value=88.0),
             diag(12.5, "clock_step", step_s=-3600.0),
             window(f"x{SECRET}", 12.7, DEV_A, SPO2, "%", mean=90.0),  # would leak: dead-lettered
@@ -114,7 +115,7 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
             await asyncio.sleep(0.3)
             marks["after_offline_state"] = len(host.sparkplug())
             host.state(online=True, ts=1000)
-            await wait_until(lambda: node.delivered >= 5, 10, "the backlog delivered")
+            await wait_until(lambda: node.delivered >= 6, 10, "the backlog delivered")
             marks["live"] = len(host.sparkplug())
             host.state(online=False, ts=900)  # older than the online STATE: ignored, the session goes on
             # Live: a change, the same values again (nothing to report), one changed value.
@@ -124,7 +125,7 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
                 window(SUBJ_A, 15.0, DEV_A, SPO2, "%", mean=92.0),
             ):
                 outbox.submit(item)
-            await wait_until(lambda: node.delivered >= 8, 10, "live records")
+            await wait_until(lambda: node.delivered >= 9, 10, "live records")
             # A rebirth request, encoded by Tahu.
             marks["rebirth"] = len(host.sparkplug())
             cmd = tahu.encode(
@@ -144,11 +145,11 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
             marks["device_back"] = len(host.sparkplug())
             outbox.submit(alarm(SUBJ_B, 17.0, "device_restored", dev=DEV_B))
             outbox.submit(window(SUBJ_B, 17.5, DEV_B, "Pump/temp", "Cel", mean=40.0, sd=0.3))
-            await wait_until(lambda: node.delivered >= 11, 10, "device B back")
+            await wait_until(lambda: node.delivered >= 12, 10, "device B back")
             # A metric never seen before: a complete birth sequence announces it first.
             marks["new_metric"] = len(host.sparkplug())
             outbox.submit(window(SUBJ_A, 18.0, DEV_A, "MDC_TEMP_BODY", "Cel", mean=37.1))
-            await wait_until(lambda: node.delivered >= 12, 10, "the new metric")
+            await wait_until(lambda: node.delivered >= 13, 10, "the new metric")
             # An OPC UA node of device B goes bad: its values null, quality bad, the status code with them.
             marks["fault"] = len(host.sparkplug())
             outbox.submit(
@@ -161,7 +162,7 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
                     detail={"status": "bad_nodeidunknown"},
                 )
             )
-            await wait_until(lambda: node.delivered >= 13, 10, "the sensor fault")
+            await wait_until(lambda: node.delivered >= 14, 10, "the sensor fault")
             # The primary host goes offline: NDEATH, disconnect, reconnect with bdSeq + 1, wait.
             marks["host_offline"] = len(host.sparkplug())
             bdseq_before = node.bdseq
@@ -171,7 +172,7 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
             await asyncio.sleep(0.5)
             marks["host_back"] = len(host.sparkplug())
             host.state(online=True, ts=3000)
-            await wait_until(lambda: node.delivered >= 14, 10, "the record queued while the host was away")
+            await wait_until(lambda: node.delivered >= 15, 10, "the record queued while the host was away")
             marks["stop"] = len(host.sparkplug())
         finally:
             task.cancel()
@@ -544,14 +545,16 @@ def test_tck_id_operational_behavior_device_ddeath(run: Run) -> None:
     assert after[4].device == SUBJ_B
     values = data_values(run, run.marks["device_lost"] + 3)
     assert values[f"Alarms/device/{DEV_B}/Active"] is True
-    # The device's values are stale: null, with the Sparkplug quality "stale" (500).
+    # Every value the device delivers (both of its streams) is stale: null, quality "stale" (500).
     stale = [
         x
         for x in after[3].decoded["metrics"]
         if x.get("properties", {}).get("Quality", {}).get("value") == 500
     ]
-    assert stale
+    assert len(stale) == 5  # temp: mean, sd, missing; flow: mean, missing
     assert all(x["value"] is None for x in stale)
+    nulls = {name for name, v in values.items() if v is None}
+    assert {"Pump/temp/mean", "Pump/temp/sd", "Pump/flow/mean", "Pump/flow/missing"} <= nulls
 
 
 def test_tck_id_topics_ddeath_topic(run: Run) -> None:
@@ -747,10 +750,10 @@ def test_tck_id_payloads_metric_propertyvalue_type_req(run: Run) -> None:
 
 def test_historical_backlog_replayed_after_births_with_original_timestamps(run: Run) -> None:
     first = sessions(run.messages)[0]
-    data = [m for m in first if m.kind in ("DDATA", "NDATA")][:5]
+    data = [m for m in first if m.kind in ("DDATA", "NDATA")][:6]
     assert [m.kind for m in first[:3]] == ["NBIRTH", "DBIRTH", "DBIRTH"]
     stamps = sorted({x["timestamp"] for m in data for x in m.decoded["metrics"]})
-    assert stamps == [10_000, 11_000, 11_500, 12_000, 12_500]
+    assert stamps == [10_000, 11_000, 11_500, 11_600, 12_000, 12_500]
     assert all(x.get("isHistorical") is True for m in data for x in m.decoded["metrics"])
     # The record queued while the host was offline went out as history after the new births.
     back = run.messages[run.marks["host_back"] :]

@@ -119,7 +119,8 @@ class SparkplugNode:
         self.backlog_through = 0
         self._session: Session | None = None
         self._last: dict[tuple[str, str], tuple[codec.Value, int]] = {}  # reported values
-        self._devs: dict[str, set[str]] = collections.defaultdict(set)  # device -> sensor pseudonyms
+        # Sparkplug device -> its sensors' pseudonyms -> the stream metrics each delivers.
+        self._devs: dict[str, dict[str, set[str]]] = collections.defaultdict(dict)
         self._lost: dict[str, set[str]] = collections.defaultdict(set)
         self._dead: set[str] = set()  # devices whose DDEATH was sent
         self._host_ts = -1  # timestamp of the newest STATE seen from the primary host
@@ -544,12 +545,16 @@ class SparkplugNode:
         status = record.detail.get("status")  # the OPC UA status of a faulted node
         token = status if isinstance(status, str) and record.alarm == "sensor_fault" else None
         known = self.catalog.devices.get(key, {})
-        prefix = f"{record.metric}/" if record.metric else None
+        # A lost device takes every stream it delivers with it; a sensor alarm names its stream.
+        metrics = (
+            self._devs.get(key, {}).get(record.dev or "", set()) if record.alarm == "device_lost" else set()
+        )
+        prefixes = tuple(f"{m}/" for m in metrics | ({record.metric} if record.metric else set()))
         out: list[Point] = []
         for name, entry in known.items():
             if name.startswith(("Alarms/", "Scores/", "Estimates/", "Diagnostics/")):
                 continue
-            if prefix is None or name.startswith(prefix):
+            if not prefixes or name.startswith(prefixes):
                 out.append(
                     Point(name, entry.datatype, None, entry.unit, quality, entry.low, entry.high, token)
                 )
@@ -557,7 +562,8 @@ class SparkplugNode:
 
     def _track_devices(self, key: str, record: Any) -> None:
         if isinstance(record, FeaturesWindow):
-            self._devs[key].update(s.dev for s in record.streams)
+            for stream in record.streams:
+                self._devs[key].setdefault(stream.dev, set()).add(stream.metric)
         elif isinstance(record, AlarmRecord) and record.dev:
             if record.alarm == "device_lost":
                 self._lost[key].add(record.dev)
@@ -565,7 +571,7 @@ class SparkplugNode:
                 self._lost[key].discard(record.dev)
 
     def _device_down(self, key: str) -> bool:
-        return bool(self._devs.get(key)) and self._devs[key] <= self._lost.get(key, set())
+        return bool(self._devs.get(key)) and set(self._devs[key]) <= self._lost.get(key, set())
 
     def _ddeath(self, session: Session, key: str) -> None:
         payload = codec.new_payload(_now_ms(), self._next_seq())
