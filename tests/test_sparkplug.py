@@ -920,3 +920,43 @@ def test_ids_naming_an_identity_publish_nothing(tmp_path: Path) -> None:
                 await node.run(lambda: None)
 
     asyncio.run(body())
+
+
+def test_tck_id_payloads_ndeath_will_message_publisher_disconnect_mqtt311(tmp_path: Path) -> None:
+    """MQTT 3.1.1 has no "DISCONNECT with Will": the node publishes the NDEATH itself before DISCONNECT."""
+    from gateway.uplink.certs import demo_pki  # noqa: PLC0415
+
+    pki = demo_pki(tmp_path / "pki")
+    broker = MosquittoBroker(tmp_path / "broker", pki)
+    broker.start()
+    tahu = Tahu()
+    host = Host(broker, pki)
+    try:
+
+        async def body() -> None:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                outbox.submit(window(SUBJ_A, 1.0, DEV_A, SPO2, "%", mean=97.0))
+                cfg = uplink_config(broker, pki, protocol="3.1.1")
+                node = SparkplugNode(outbox, cfg, SparkplugSection(), NODE_ID, check=scan, state_dir=tmp_path)
+                task = asyncio.create_task(node.run(lambda: None), name="test-sparkplug-311")
+                try:
+                    await wait_until(lambda: node.delivered >= 1, 10, "the record")
+                finally:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+        asyncio.run(body())
+        msgs = host.wait(lambda ms: any(m.kind == "NDEATH" for m in ms), 10, "the NDEATH")
+        assert [m.kind for m in msgs] == ["NBIRTH", "DBIRTH", "DDATA", "NDEATH"]
+        death = tahu.decode(msgs[-1].payload)
+        birth = tahu.decode(msgs[0].payload)
+        assert [x["name"] for x in death["metrics"]] == ["bdSeq"]
+        assert death["metrics"][0]["value"] == next(
+            x["value"] for x in birth["metrics"] if x["name"] == "bdSeq"
+        )
+        assert msgs[-1].qos == 1
+    finally:
+        host.close()
+        tahu.close()
+        broker.stop()
