@@ -960,3 +960,19 @@ def test_tck_id_payloads_ndeath_will_message_publisher_disconnect_mqtt311(tmp_pa
         host.close()
         tahu.close()
         broker.stop()
+
+
+def test_bdseq_not_writable_means_no_connect(tmp_path: Path) -> None:
+    """A state directory that cannot take the next bdSeq stops the CONNECT (a restart must never reuse one)."""
+    from gateway.errors import TransientError  # noqa: PLC0415
+    from gateway.uplink.sparkplug.state import Catalog  # noqa: PLC0415
+
+    cat = Catalog.load(tmp_path / "missing-dir" / "sparkplug.json")
+    with pytest.raises(TransientError, match="cannot be written"):
+        cat.next_bdseq()
+    ok = Catalog.load(tmp_path / "sparkplug.json")
+    assert [ok.next_bdseq() for _ in range(257)][-2:] == [255, 0]  # 0..255, wrapping
+    (tmp_path / "sparkplug.json").write_text("{not json")
+    fresh = Catalog.load(tmp_path / "sparkplug.json")  # set aside, said so, starts again
+    assert fresh.bdseq == -1
+    assert (tmp_path / "sparkplug.corrupt").exists()

@@ -351,7 +351,8 @@ class SparkplugNode:
                 self._check(" ".join(self.catalog.devices[device]).encode())
             except AnonymizationError as exc:
                 # An identity registered after these names were learnt: forget them, fail closed.
-                log.error("sparkplug: device %s no longer passes the identity scan (%s): forgotten", "~", exc)
+                # The device id itself may be what leaks: it is not logged.
+                log.error("sparkplug: a device's names no longer pass the identity scan (%s): forgotten", exc)
                 del self.catalog.devices[device]
                 self.catalog.save()
         nbirth = codec.nbirth_head(self.bdseq, now)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.errors import TransientError
 from gateway.uplink.sparkplug.codec import Point
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,18 @@ class Catalog:
             },
         }
         tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump(doc, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        try:
+            with tmp.open("w", encoding="utf-8") as f:
+                json.dump(doc, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self.path)
+        except OSError as exc:
+            # Without a persisted bdSeq a restart could reuse one: no CONNECT until it is written.
+            raise TransientError(
+                f"sparkplug state {self.path}: cannot be written: {exc.strerror or exc}: nothing is "
+                "published until it can; free space or fix the state directory's permissions"
+            ) from exc
 
     def next_bdseq(self) -> int:
         """The bdSeq of the next CONNECT (0..255, wrapping), written before it is used."""
