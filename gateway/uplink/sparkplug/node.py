@@ -180,6 +180,8 @@ class SparkplugNode:
         while True:
             self._set_beat(time.monotonic())
             try:
+                # The state directory must take the next bdSeq: find out before a socket is opened.
+                await asyncio.to_thread(self.catalog.save)
                 async with self._connection as session:
                     self.counters.connects += 1
                     if attempt or reported:
