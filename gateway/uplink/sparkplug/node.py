@@ -424,6 +424,7 @@ class SparkplugNode:
             if items:
                 await asyncio.sleep(0)
                 continue
+            session.replaying = False
             if inflight:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(IDLE_POLL_S):
@@ -492,6 +493,7 @@ class SparkplugNode:
         key, pts, record = prepared
         device = None if key == NODE else key
         historical = item.id <= self.backlog_through
+        session.replaying = historical  # the status shows a replay in progress
         ts = codec.timestamp_ms(record)
         pts += self._sensor_quality(key, record)
         self._track_devices(key, record)
