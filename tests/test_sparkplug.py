@@ -103,20 +103,30 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
         await outbox.flush()
         node = SparkplugNode(outbox, cfg, sp, NODE_ID, check=scan, state_dir=tmp)
         task = asyncio.create_task(node.run(lambda: None), name="test-sparkplug")
+
+        async def mark(step: str) -> None:
+            # The broker acknowledged what the node sent; the host may still be receiving it.
+            await wait_until(
+                lambda: sum(m.kind != "NDEATH" for m in host.sparkplug()) >= node.counters.messages,
+                10,
+                "the host to receive everything published",
+            )
+            marks[step] = len(host.sparkplug())
+
         try:
             # Connected, but the primary host has said nothing: no birth yet.
             await wait_until(
                 lambda: node.problem is not None and "primary host" in node.problem, 10, "waiting"
             )
             await asyncio.sleep(0.5)
-            marks["before_online"] = len(host.sparkplug())
+            await mark("before_online")
             host.state(online=False, ts=500)  # an offline STATE: still waiting
             host.state(online=True, ts=600, host_id="other-host")  # not the primary host: still waiting
             await asyncio.sleep(0.3)
-            marks["after_offline_state"] = len(host.sparkplug())
+            await mark("after_offline_state")
             host.state(online=True, ts=1000)
             await wait_until(lambda: node.delivered >= 6, 10, "the backlog delivered")
-            marks["live"] = len(host.sparkplug())
+            await mark("live")
             host.state(online=False, ts=900)  # older than the online STATE: ignored, the session goes on
             # Live: a change, the same values again (nothing to report), one changed value.
             for item in (
@@ -127,7 +137,7 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
                 outbox.submit(item)
             await wait_until(lambda: node.delivered >= 9, 10, "live records")
             # A rebirth request, encoded by Tahu.
-            marks["rebirth"] = len(host.sparkplug())
+            await mark("rebirth")
             cmd = tahu.encode(
                 {
                     "timestamp": int(time.time() * 1000),
@@ -139,19 +149,19 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
                 lambda: sum(m.kind == "NBIRTH" for m in host.sparkplug()) >= 2, 10, "the rebirth"
             )
             # Device B's only sensor is lost: a quality change, then DDEATH; back: births again.
-            marks["device_lost"] = len(host.sparkplug())
+            await mark("device_lost")
             outbox.submit(alarm(SUBJ_B, 16.0, "device_lost", dev=DEV_B, priority="medium"))
             await wait_until(lambda: any(m.kind == "DDEATH" for m in host.sparkplug()), 10, "DDEATH")
-            marks["device_back"] = len(host.sparkplug())
+            await mark("device_back")
             outbox.submit(alarm(SUBJ_B, 17.0, "device_restored", dev=DEV_B))
             outbox.submit(window(SUBJ_B, 17.5, DEV_B, "Pump/temp", "Cel", mean=40.0, sd=0.3))
             await wait_until(lambda: node.delivered >= 12, 10, "device B back")
             # A metric never seen before: a complete birth sequence announces it first.
-            marks["new_metric"] = len(host.sparkplug())
+            await mark("new_metric")
             outbox.submit(window(SUBJ_A, 18.0, DEV_A, "MDC_TEMP_BODY", "Cel", mean=37.1))
             await wait_until(lambda: node.delivered >= 13, 10, "the new metric")
             # An OPC UA node of device B goes bad: its values null, quality bad, the status code with them.
-            marks["fault"] = len(host.sparkplug())
+            await mark("fault")
             outbox.submit(
                 alarm(
                     SUBJ_B,
@@ -164,16 +174,21 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
             )
             await wait_until(lambda: node.delivered >= 14, 10, "the sensor fault")
             # The primary host goes offline: NDEATH, disconnect, reconnect with bdSeq + 1, wait.
-            marks["host_offline"] = len(host.sparkplug())
+            await mark("host_offline")
             bdseq_before = node.bdseq
             host.state(online=False, ts=2000)
             await wait_until(lambda: node.bdseq == bdseq_before + 1 and not node.connected, 10, "reconnected")
             outbox.submit(window(SUBJ_A, 20.0, DEV_A, SPO2, "%", mean=91.0))  # history by the time it leaves
             await asyncio.sleep(0.5)
-            marks["host_back"] = len(host.sparkplug())
+            await wait_until(
+                lambda: any(m.kind == "NDEATH" for m in host.sparkplug()[marks["host_offline"] :]),
+                10,
+                "NDEATH",
+            )
+            await mark("host_back")
             host.state(online=True, ts=3000)
             await wait_until(lambda: node.delivered >= 15, 10, "the record queued while the host was away")
-            marks["stop"] = len(host.sparkplug())
+            await mark("stop")
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

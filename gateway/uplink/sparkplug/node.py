@@ -75,6 +75,7 @@ class NodeCounters:
     dead_lettered: int = 0
     ddeaths: int = 0
     rebirth_requests: int = 0
+    messages: int = 0  # births, data and DDEATH published (NDEATH not counted: usually the broker's)
 
 
 def _now_ms() -> int:
@@ -336,6 +337,8 @@ class SparkplugNode:
         if info.rc != paho.MQTT_ERR_SUCCESS:
             session.lost = session.lost or TransientError(f"publish failed ({paho.error_string(info.rc)})")
             raise session.lost
+        if not topic.endswith(f"/NDEATH/{self.node_id}"):
+            self.counters.messages += 1
         return info.mid
 
     def _next_seq(self) -> int:
