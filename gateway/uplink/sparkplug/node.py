@@ -34,7 +34,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway import backoff
-from gateway.cleanup import run_shielded
+from gateway.cleanup import cancel_requested, run_shielded
 from gateway.errors import AnonymizationError, ConfigError, EdgetwinError, TransientError
 from gateway.liveness import Pulse
 from gateway.outbox import AsyncOutbox, Leased
@@ -190,6 +190,8 @@ class SparkplugNode:
                     attempt, reported = 0, ""
                     await self._serve(session)
             except transport.AttemptError as exc:
+                if cancel_requested():  # a stop that met a failure in the same moment: the stop wins
+                    raise asyncio.CancelledError from exc
                 attempt += 1
                 self.problem = str(exc.cause)
                 if str(exc.cause) != reported:
@@ -198,6 +200,8 @@ class SparkplugNode:
                 else:
                     log.debug("%s: still cannot connect (attempt %d): %s", where, attempt, exc.cause)
             except EdgetwinError as exc:
+                if cancel_requested():
+                    raise asyncio.CancelledError from exc
                 attempt += 1
                 self.problem = str(exc)
                 if str(exc) != reported:
@@ -392,6 +396,8 @@ class SparkplugNode:
             session.wake.clear()
             now = time.monotonic()
             self._set_beat(now)
+            if cancel_requested():  # a cancellation a suppressed timeout swallowed (Python 3.11)
+                raise asyncio.CancelledError
             if session.lost is not None:
                 raise session.lost
             while messages:
