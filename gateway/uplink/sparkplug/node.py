@@ -305,6 +305,8 @@ class SparkplugNode:
         while True:
             session.wake.clear()
             self._set_beat(time.monotonic())
+            if cancel_requested():
+                raise asyncio.CancelledError
             if session.lost is not None:
                 raise session.lost
             while messages:
