@@ -866,6 +866,11 @@ def test_encoding_key_is_checked(tmp_path: Path) -> None:
             tmp_path,
             f'[uplink]\nkind = "mqtt"\nencoding = "sparkplug"\n{mqtt}[uplink.sparkplug]\ngroup_id = "a/b"\n',
         )
+    with pytest.raises(ConfigError, match=r"downlink\.trust_file"):
+        _load(
+            tmp_path,
+            f'[uplink]\nkind = "mqtt"\nencoding = "sparkplug"\n{mqtt}[downlink]\ntrust_file = "{tmp_path}/trust.pem"\n',
+        )
     azure = '[uplink.mqtt]\nhost = "h.example"\nprofile = "azure"\nprotocol = "3.1.1"\nazure_hub = "hub"\n'
     with pytest.raises(ConfigError, match="static"):
         _load(tmp_path, f'[uplink]\nkind = "mqtt"\nencoding = "sparkplug"\n{azure}')
