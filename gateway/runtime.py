@@ -107,7 +107,7 @@ class Pipeline:
         kinds = {e.info.subject: e.info.kind for e in config.sources}
         self._estimation = Estimation(
             config.core.estimators, kinds, self.estimate, self.alarm, config.core.gateway.state_dir,
-            now_mono=time.monotonic(), now_wall=time.time(),
+            now_mono=time.monotonic(), now_wall=time.time(), models_dir=m.dir,
         )  # fmt: skip
         self.sink: SampleSink = _Sink(self.put, self.put_block, self.driver_alarm, self.diagnostic)
         self.last_beat = time.monotonic()

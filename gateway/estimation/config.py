@@ -22,6 +22,16 @@ Battery state for an asset reporting pack voltage, current and temperature::
     rated_ah = 2.0
     low_soc = 20.0                           # % -> a low-SoC alarm
     low_health = 80.0                        # % of rated capacity -> a low-health alarm
+
+Remaining useful life of a machine from its per-cycle sensors (``gateway.estimation.rul``; the
+model's card names the sensors, each mapped to one metric of the subject, or all by a prefix)::
+
+    [[estimators.rul]]
+    subject = "plant-a/engine-2"
+    model = "rul_cmapss"
+    prefix = "Engine/"                       # sensor T24 is metric "Engine/T24", ...
+    inputs = { T50 = "Engine/LPT_outlet" }   # ... except where mapped
+    cycle_s = 60.0                           # one operating cycle
 """
 
 from __future__ import annotations
@@ -30,7 +40,14 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["BatterySpec", "EstimatorsSection", "FusionSource", "FusionSpec", "default_noise"]
+__all__ = [
+    "BatterySpec",
+    "EstimatorsSection",
+    "FusionSource",
+    "FusionSpec",
+    "RulSpec",
+    "default_noise",
+]
 
 Priority = Literal["high", "medium", "low"]
 
@@ -138,8 +155,36 @@ class BatterySpec(_Section):
         return self
 
 
+class RulSpec(_Section):
+    """One ``[[estimators.rul]]`` table: remaining useful life of a machine, per operating cycle."""
+
+    subject: str = Field(min_length=1)
+    name: str = Field("rul", pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    model: str = Field("rul_cmapss", pattern=r"^[a-z][a-z0-9_]{0,31}$")  # a RUL model card's name
+    prefix: str | None = Field(None, min_length=1)  # metric of sensor S: prefix + S, unless in inputs
+    inputs: dict[str, str] = {}  # model sensor -> metric of the subject
+    cycle_s: float = Field(gt=0, le=86_400)  # one operating cycle: samples in it are averaged
+    grace_s: float = Field(5.0, ge=0, le=3600)  # wait this long after a cycle's end for its samples
+
+    @model_validator(mode="after")
+    def _has_inputs(self) -> Self:
+        if not self.inputs and self.prefix is None:
+            raise ValueError(
+                f"[[estimators.rul]] of {self.subject!r}: no inputs: map each of the model's sensors "
+                "to a metric in `inputs`, or set `prefix` (sensor T24 -> metric prefix + 'T24')"
+            )
+        metrics = list(self.inputs.values())
+        if any(not m for m in metrics) or len(set(metrics)) != len(metrics):
+            raise ValueError(
+                f"[[estimators.rul]] of {self.subject!r}: inputs: two sensors map to the same metric "
+                "(or to an empty one): give each sensor its own metric"
+            )
+        return self
+
+
 class EstimatorsSection(_Section):
     """``[estimators]``: state estimators per subject; none by default."""
 
     fusion: list[FusionSpec] = []
     battery: list[BatterySpec] = []
+    rul: list[RulSpec] = []

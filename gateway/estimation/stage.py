@@ -20,6 +20,7 @@ from gateway.contracts import Alarm, Estimate
 from gateway.estimation.battery import BatteryState
 from gateway.estimation.config import EstimatorsSection
 from gateway.estimation.fusion import FusedRate
+from gateway.estimation.rul import RulEstimator, RulModel, load_rul_model
 from gateway.sample import Sample, SampleBlock, Stream
 
 __all__ = ["SAVE_EVERY_S", "Estimation", "Estimator"]
@@ -65,6 +66,7 @@ class Estimation:
         *,
         now_mono: float = 0.0,
         now_wall: float = 0.0,
+        models_dir: Path | None = None,
     ) -> None:
         self.estimators: list[Any] = [
             FusedRate(spec, kinds.get(spec.subject, "medical"), emit) for spec in section.fusion
@@ -72,11 +74,22 @@ class Estimation:
         self.estimators += [
             BatteryState(spec, kinds.get(spec.subject, "industrial"), emit, alarm) for spec in section.battery
         ]
+        if section.rul:
+            from gateway.inference.build import default_models_dir  # noqa: PLC0415 - only with RUL
+
+            directory = models_dir or default_models_dir()
+            loaded: dict[str, RulModel] = {}
+            for i, spec in enumerate(section.rul):
+                if spec.model not in loaded:
+                    loaded[spec.model] = load_rul_model(directory, spec.model)
+                kind = kinds.get(spec.subject, "industrial")
+                self.estimators.append(RulEstimator(spec, i, kind, emit, loaded[spec.model]))
         self._subjects = frozenset(e.spec.subject for e in self.estimators)
         if kinds:
             tables: tuple[tuple[str, list[str]], ...] = (
                 ("fusion", [f.subject for f in section.fusion]),
                 ("battery", [b.subject for b in section.battery]),
+                ("rul", [r.subject for r in section.rul]),
             )
             for table, subjects in tables:
                 for i, subject in enumerate(subjects):
