@@ -23,6 +23,13 @@ Battery state for an asset reporting pack voltage, current and temperature::
     low_soc = 20.0                           # % -> a low-SoC alarm
     low_health = 80.0                        # % of rated capacity -> a low-health alarm
 
+or for a wearable reporting its own level (BLE Battery Level), with the drain rate and time left::
+
+    [[estimators.battery]]
+    subject = "ward3-bed7"
+    level = "MDC_ATTR_VAL_BATT_CHARGE"
+    level_step = 10.0                        # the strap reports in 10 % steps
+
 Remaining useful life of a machine from its per-cycle sensors (``gateway.estimation.rul``; the
 model's card names the sensors, each mapped to one metric of the subject, or all by a prefix)::
 
@@ -117,9 +124,14 @@ class BatterySpec(_Section):
     """One ``[[estimators.battery]]`` table: SoC by EKF and SoH from online capacity."""
 
     subject: str = Field(min_length=1)
-    voltage: str = Field(min_length=1)  # metric names of the pack's streams
-    current: str = Field(min_length=1)
+    voltage: str | None = Field(None, min_length=1)  # metric names of the pack's streams
+    current: str | None = Field(None, min_length=1)
     temperature: str | None = None
+    # A level the device reports itself (BLE Battery Level 0x2A19, MDC_ATTR_VAL_BATT_CHARGE, %):
+    # the SoC when there is no pack voltage and current, with the drain rate and time left.
+    level: str | None = Field(None, min_length=1)
+    level_step: float = Field(1.0, gt=0, le=50)  # % resolution of the reported level
+    level_window_s: float = Field(6 * 3600.0, gt=0, le=30 * 86400)  # drain rate from this span
     rated_ah: float = Field(2.0, gt=0)
     cells_in_series: int = Field(1, ge=1, le=256)
     # Equivalent circuit per cell (defaults: models/battery_ekf.card.json, NASA 18650 cells).
@@ -146,11 +158,16 @@ class BatterySpec(_Section):
 
     @model_validator(mode="after")
     def _roles_distinct(self) -> Self:
-        roles = [m for m in (self.voltage, self.current, self.temperature) if m is not None]
+        roles = [m for m in (self.voltage, self.current, self.temperature, self.level) if m is not None]
         if len(set(roles)) != len(roles):
             raise ValueError(
-                f"[[estimators.battery]] of {self.subject!r}: voltage, current and temperature name "
-                "the same stream: give each its own metric"
+                f"[[estimators.battery]] of {self.subject!r}: voltage, current, temperature and level "
+                "name the same stream: give each its own metric"
+            )
+        if (self.voltage is None) != (self.current is None) or (self.voltage is None and self.level is None):
+            raise ValueError(
+                f"[[estimators.battery]] of {self.subject!r}: needs the pack's `voltage` and `current` "
+                "metrics, or the `level` the device reports (e.g. MDC_ATTR_VAL_BATT_CHARGE), or all three"
             )
         return self
 
