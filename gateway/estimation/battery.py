@@ -167,23 +167,23 @@ class BatteryState:
                 detail["hours_left"] = round(level / drain, 2)
         stream = self._streams.get("level")
         sources = ((stream, 1.0),) if stream is not None else ()
-        sd = self.spec.level_step / math.sqrt(12.0)
+        self._emit_soc(t_mono, t_wall, level, self.spec.level_step / math.sqrt(12.0), sources, detail)
+        self._check("soc", level, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
+
+    def _emit_soc(
+        self,
+        t_mono: float,
+        t_wall: float,
+        soc: float,
+        sd: float,
+        sources: tuple[tuple[Stream, float], ...],
+        detail: dict[str, float | str],
+    ) -> None:
         self._emit(
             Estimate(
-                self.spec.subject,
-                self.kind,
-                "soc",
-                "%",
-                t_mono,
-                t_wall,
-                level,
-                sd,
-                "measured",
-                sources,
-                detail,
+                self.spec.subject, self.kind, "soc", "%", t_mono, t_wall, soc, sd, "measured", sources, detail
             )
         )
-        self._check("soc", level, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
 
     def _learn_capacity(self, t_mono: float, v_cell: float, i: float) -> None:
         if abs(i) >= REST_A:
@@ -222,21 +222,7 @@ class BatteryState:
         if self.levels:
             detail["reported"] = self.levels[-1][1]
         state = "measured"
-        self._emit(
-            Estimate(
-                self.spec.subject,
-                self.kind,
-                "soc",
-                "%",
-                t_mono,
-                t_wall,
-                soc,
-                100.0 * self.ekf.soc_sd,
-                state,
-                sources,
-                detail,
-            )
-        )
+        self._emit_soc(t_mono, t_wall, soc, 100.0 * self.ekf.soc_sd, sources, detail)
         # Capacity from rest to rest: unlearnt, it is the rated one with a wide interval.
         soh_sd = 5.0 if self.capacity_samples else 20.0
         self._emit(
