@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -216,6 +216,7 @@ class Testbed:
         battery: int = 87,
         data: Path | None = None,
         name: str | None = None,
+        sensor_off: Sequence[tuple[float, float]] = (),
     ) -> WearableProcess:
         """Start a simulated wearable on its own emulated adapter; returns once it advertises."""
         argv = [
@@ -240,6 +241,8 @@ class Testbed:
             argv += ["--data", str(data)]
         if name is not None:
             argv += ["--name", name]
+        for at, seconds in sensor_off:
+            argv += ["--sensor-off", f"{at:g}:{seconds:g}"]
         proc = subprocess.Popen(  # noqa: S603 - fixed argv
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env(), cwd=_ROOT
         )

@@ -1,6 +1,7 @@
-"""A wearable's own battery level (BLE Battery Level 0x2A19) as a battery estimate: SoC, drain, time left.
+"""Estimators fed by BLE wearables: a strap slipping off under the fused heart rate, and a wearable's
+own battery level (Battery Level 0x2A19) as a battery estimate: SoC, drain, time left.
 
-The radio part runs the real BLE driver (bleak on the emulated BlueZ) against a simulated strap;
+The radio parts run the real BLE driver (bleak on the emulated BlueZ) against simulated wearables;
 the drain part feeds the estimator levels on a simulated clock.
 """
 
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import pytest
 from gateway.contracts import Alarm, AlarmKind, Estimate, SourceInfo
 from gateway.estimation import Estimation, EstimatorsSection
 from gateway.estimation.battery import BatteryState
-from gateway.sample import Metric, Sample, Stream
+from gateway.sample import MDC, Metric, Quality, Sample, Stream
 
 BATTERY = "MDC_ATTR_VAL_BATT_CHARGE"
 SUBJECT = "ward3-bed21"
@@ -159,3 +161,126 @@ def test_a_wearables_battery_level_over_the_emulated_radio_becomes_a_soc_estimat
     assert mine == [(AlarmKind.LIMIT, "soc"), (AlarmKind.LIMIT_CLEARED, "soc")]
     assert alarms[0].value == 12.0
     assert any(a.kind == AlarmKind.SENSOR_FAULT for a in sink.alarms)
+
+
+async def _until(cond: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_strap_slipping_off_is_flagged_and_the_fused_rate_carries_on_without_its_noise(
+    testbed: object,
+) -> None:
+    from peers import RecordingSink  # noqa: PLC0415
+
+    from drivers.ble.config import BleConfig  # noqa: PLC0415
+    from drivers.ble.driver import factory  # noqa: PLC0415
+    from drivers.ble.testbed.harness import Testbed  # noqa: PLC0415
+
+    assert isinstance(testbed, Testbed)
+    # Four notifications a second; contact lost 2 s after the strap starts, for 2 s.
+    strap = testbed.wearable("hr", "C0:FF:EE:00:21:02", rate=4.0, interval=0.25, sensor_off=[(2.0, 2.0)])
+    drv = factory(
+        SourceInfo("ble-ward3", SUBJECT, "medical"),
+        BleConfig.model_validate(
+            {
+                "lost_after_s": 5.0,
+                "reconnect_min_s": 0.1,
+                "devices": [{"address": strap.address, "profile": "hr"}],
+            }
+        ),
+    )
+    fusion = {
+        "subject": SUBJECT,
+        "sources": [{"metric": "MDC_ECG_HEART_RATE"}, {"metric": "MDC_PULS_OXIM_PULS_RATE"}],
+        "every_s": 0.1,
+        "max_gap_s": 1.0,
+        "stale_s": 1.0,
+    }
+    estimates: list[Estimate] = []
+    stage = Estimation(
+        EstimatorsSection.model_validate({"fusion": [fusion]}),
+        {SUBJECT: "medical"},
+        estimates.append,
+        lambda a: None,
+    )
+    oximeter = Stream("oxi", SUBJECT, "SN-OX-2102", MDC["MDC_PULS_OXIM_PULS_RATE"], rate_hz=4.0)
+    rng = random.Random(4)
+    good: list[float] = []
+
+    class Feed(RecordingSink):
+        """The strap's samples to the stage, with a second sensor of the same heart beside them.
+
+        The oximeter reads the strap's last good rate plus its own noise (SD 2 /min), and carries
+        on at that rate while the strap is off.
+        """
+
+        def put(self, sample: Sample) -> None:
+            super().put(sample)
+            stage.put(sample)
+            if sample.stream.metric.name == "MDC_ECG_HEART_RATE":
+                if sample.quality == Quality.GOOD:
+                    good.append(sample.value)
+                if good:
+                    pr = good[-1] + rng.gauss(0.0, 2.0)
+                    stage.put(Sample(oximeter, sample.t_mono + 0.05, sample.t_wall + 0.05, pr))
+
+    sink = Feed(blocks=False)
+
+    def hr(flagged: bool) -> list[Sample]:
+        return [
+            s
+            for s in sink.of(strap.address, "MDC_ECG_HEART_RATE")
+            if (s.quality == Quality.SENSOR_OFF) == flagged
+        ]
+
+    async def scenario() -> None:
+        started = asyncio.Event()
+        task = asyncio.create_task(drv.run(sink, started=started.set), name="ble-strap-off-under-test")
+        try:
+            await _until(lambda: bool(hr(flagged=True)), "the strap to lose contact")
+            off_at = hr(flagged=True)[0].t_mono
+            await _until(
+                lambda: any(s.t_mono > off_at + 1.0 for s in hr(flagged=False)), "contact again", 8.0
+            )
+            await asyncio.sleep(1.5)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        strap.stop()
+    off = hr(flagged=True)
+    on = hr(flagged=False)
+    t_off, t_back = off[0].t_mono, off[-1].t_mono
+    assert t_back - t_off > 1.0
+    assert any(s.t_mono < t_off for s in on)  # on, off, on again
+    # Off the skin the strap sends no RR intervals and rates that are noise, flagged by its contact bit.
+    rr = sink.of(strap.address, "MDC_ECG_TIME_PD_RR_GL")
+    assert not [s for s in rr if t_off + 0.3 < s.t_mono < t_back]
+    assert max(abs(s.value - good[-1]) for s in off) > 20.0
+    fused = [e for e in estimates if e.name == "hr"]
+    # The fused rate never follows that noise: it stays with the heart, within its stated uncertainty.
+    for e in fused:
+        assert e.state == "measured"
+        assert 35.0 < e.value < 150.0
+    during = [e for e in fused if t_off + 1.2 < e.t_mono < t_back]
+    assert during
+    for e in during:
+        # Only the oximeter feeds it while the strap is off (its last good sample is older than max_gap_s).
+        assert [s.metric.name for s, _ in e.sources] == ["MDC_PULS_OXIM_PULS_RATE"]
+        assert abs(e.value - good_before(on, t_off)) <= 3.0 * e.sd + 3.0
+    # Back on the skin, the strap carries most of the weight again.
+    last = fused[-1]
+    share = {s.metric.name: w for s, w in last.sources}
+    assert share["MDC_ECG_HEART_RATE"] > 0.6
+
+
+def good_before(on: list[Sample], t: float) -> float:
+    """The strap's last good rate before ``t``."""
+    return [s.value for s in on if s.t_mono < t][-1]
