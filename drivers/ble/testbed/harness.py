@@ -336,7 +336,13 @@ def demo_radio(subject: str, record_dir: Path | None = None) -> Iterator[dict[st
     while the gateway runs; everything it started is stopped on exit.
     """
     with running_testbed(scan_interval_s=0.2) as tb:
-        tb.wearable("hr", DEMO_ADDRESS, data=record_dir if record_dir and record_dir.is_dir() else None)
+        # The strap slips off at 40 s for 15 s (the demo's fused heart rate carries on).
+        tb.wearable(
+            "hr",
+            DEMO_ADDRESS,
+            data=record_dir if record_dir and record_dir.is_dir() else None,
+            sensor_off=[(40.0, 15.0)],
+        )
         yield {
             "name": "bed-7-strap",
             "driver": "ble",
