@@ -29,7 +29,7 @@ from gateway.estimation.config import RulSpec
 from gateway.estimation.rul import RulEstimator, cycle_features, load_rul_model
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import as_map, decode
-from gateway.runtime import Pipeline
+from gateway.runtime import Pipeline, build_problems
 from gateway.sample import SampleBlock, Stream, industrial_metric
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -81,6 +81,26 @@ def test_rul_config_errors_name_the_key_and_the_missing_inputs() -> None:
     )
     with pytest.raises(ConfigError, match=r"estimators\.rul\[0\]\.inputs: .*missing T30, T50, P30"):
         Estimation(partial, {"m": "industrial"}, lambda e: None, lambda a: None)
+    # `edgetwin check` reports it before a start would fail on it.
+    config = validate(
+        {
+            "sources": [
+                {
+                    "name": "e",
+                    "driver": "sim",
+                    "subject": "m",
+                    "kind": "industrial",
+                    "profile": "engine",
+                    "device": "S",
+                }
+            ],
+            "estimators": {"rul": [{"subject": "m", "cycle_s": 10.0, "inputs": {"T24": "Engine/T24"}}]},
+        },
+        "<test>",
+        REGISTRY,
+    )
+    (problem,) = build_problems(config, REGISTRY)
+    assert problem.startswith("estimators: config estimators.rul[0].inputs:")
     typo = EstimatorsSection.model_validate(
         {"rul": [{"subject": "m", "cycle_s": 10.0, "prefix": "E/", "inputs": {"T42": "E/x"}}]}
     )
