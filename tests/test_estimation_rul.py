@@ -249,9 +249,9 @@ def test_the_gateway_estimator_on_the_held_out_cmapss_test_engines() -> None:
             out.append,
             model,
         )
-        for c, row in enumerate(rows):
-            for j, name in enumerate(model.card.sensors):
-                est.update(name, streams[name], float(c), WALL0 + c, float(row[sensors[j] + 4]), 0)
+        for c, row in enumerate(rows[:, [s + 4 for s in sensors]].tolist()):
+            for name, value in zip(model.card.sensors, row, strict=True):
+                est.update(name, streams[name], float(c), WALL0 + c, value, 0)
         est.tick(float(len(rows)) + 1.0)
         final = [e for e in out if e.name == "rul"][-1]
         assert int(final.detail["cycles"]) == len(rows)

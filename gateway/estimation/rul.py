@@ -182,7 +182,8 @@ class RulEstimator:
         self._col = {s: i for i, s in enumerate(card.sensors)}
         self._streams: dict[str, Stream] = {}
         self._t0 = math.nan  # start of cycle 0 (monotonic)
-        self._open: dict[int, tuple[F64, F64]] = {}  # cycle -> (sums, counts) per sensor
+        self._open: dict[int, tuple[list[float], list[int]]] = {}  # cycle -> (sums, counts) per sensor
+        self._due = math.inf  # no cycle can close before this (the earliest open one's end + grace)
         self._closed = -1  # last cycle closed
         self._latest: dict[str, float] = {}  # per sensor: its latest sample's time
         self._wall_offset = 0.0
@@ -218,12 +219,14 @@ class RulEstimator:
             if k <= self._closed:
                 self.late += 1
             else:
-                sums, counts = self._open.get(k) or (np.zeros(len(self._col)), np.zeros(len(self._col)))
+                cycle = self._open.get(k)
+                if cycle is None:
+                    cycle = self._open[k] = ([0.0] * len(self._col), [0] * len(self._col))
+                    self._due = min(self._due, self._t0 + (k + 1) * c + self.spec.grace_s)
                 col = self._col[role]
-                sums[col] += value
-                counts[col] += 1
-                self._open[k] = (sums, counts)
-        if len(self._latest) == len(self._col):
+                cycle[0][col] += value
+                cycle[1][col] += 1
+        if t_mono >= self._due and len(self._latest) == len(self._col):
             # Every input has reported: the slowest one's latest sample says how far all have come.
             self._close(min(self._latest.values()))
 
@@ -241,9 +244,10 @@ class RulEstimator:
                 break
             sums, counts = self._open.pop(k)
             self._closed = k
-            self._cycle(end, sums, counts)
+            self._cycle(end, np.array(sums), np.array(counts))
+        self._due = self._t0 + (min(self._open) + 1) * c + grace if self._open else math.inf
 
-    def _cycle(self, t_end: float, sums: F64, counts: F64) -> None:
+    def _cycle(self, t_end: float, sums: F64, counts: npt.NDArray[np.int64]) -> None:
         seen = counts > 0
         self._held[seen] = sums[seen] / counts[seen]
         if not np.isfinite(self._held).all():
