@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "interval_90": round(half_width, 3),
         "files": {"fp32": file_entry(onnx_path)},
         "training": {
+            "recipe": "python -m models.recipes.rul_cmapss --data ../shared/data",
             "data": "NASA C-MAPSS FD001, 100 training engines run to failure",
             "model": f"ridge, lambda {lam:g} by 5-fold CV over engines; RUL capped at {CAP:g}",
             "inputs": "per sensor: mean of the last 5 cycles, least-squares slope over the last 30",
