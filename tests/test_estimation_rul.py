@@ -192,6 +192,28 @@ def test_a_wearing_engine_shows_rul_falling_within_its_interval_and_a_restart_ke
     assert rul[-1]["sd"] == pytest.approx(load_rul_model(MODELS, "rul_cmapss").card.interval_90 / 1.6449)
 
 
+@pytest.mark.campaign
+@pytest.mark.parametrize("seed", range(8))
+def test_every_simulated_engine_is_called_near_its_end_before_it_fails(tmp_path: Path, seed: int) -> None:
+    # Eight engines (lives 150-300 cycles), each run whole through the pipeline without a restart.
+    gen = make_generator("engine", seed=seed, rate_hz=1.0 / CYCLE_S)
+    assert isinstance(gen, EngineGenerator)
+    life = gen.life_cycles
+    rul = [r for r in _run(tmp_path, gen, [(0.0, life * CYCLE_S)]) if r["est"] == "rul"]
+    measured = [r for r in rul if r["state"] == "measured"]
+    truth = [min(life - int(r["detail"]["cycles"]), 125) for r in measured]
+    errors = np.array([r["value"] for r in measured]) - np.array(truth)
+    assert float(np.sqrt(np.mean(errors**2))) < 25.0
+    assert (
+        np.mean(
+            [r["detail"]["lo90"] <= t <= r["detail"]["hi90"] for r, t in zip(measured, truth, strict=True)]
+        )
+        >= 0.75
+    )
+    # Twenty cycles before the end the interval already reaches below 40 cycles left.
+    assert measured[-20]["detail"]["lo90"] < 40.0
+
+
 def test_a_silent_input_delays_the_first_estimate_then_is_held_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
