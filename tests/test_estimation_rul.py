@@ -122,7 +122,15 @@ def _run(tmp: Path, gen: EngineGenerator, spans: list[tuple[float, float]]) -> l
             "gateway": {"state_dir": str(tmp)},
             "pipeline": {"window_s": 20.0, "hop_s": CYCLE_S, "grace_s": 0.0},
             "estimators": {
-                "rul": [{"subject": ENGINE, "prefix": "Engine/", "cycle_s": CYCLE_S, "grace_s": 2.0}]
+                "rul": [
+                    {
+                        "subject": ENGINE,
+                        "prefix": "Engine/",
+                        "cycle_s": CYCLE_S,
+                        "grace_s": 2.0,
+                        "low_rul": 30.0,
+                    }
+                ]
             },
         },
         "<rul>",
@@ -154,9 +162,11 @@ def _run(tmp: Path, gen: EngineGenerator, spans: list[tuple[float, float]]) -> l
                 pipeline.save_estimators()  # as at the stop
                 await outbox.flush()
                 while batch := await outbox.lease(1000):
-                    out += [as_map(decode(i.payload)) for i in batch if i.lane == Lane.FEATURES]
+                    out += [
+                        as_map(decode(i.payload)) for i in batch if i.lane in (Lane.FEATURES, Lane.ALARMS)
+                    ]
                     await outbox.ack([i.id for i in batch])
-        return [r for r in out if r["type"] == "estimate"]
+        return [r for r in out if r["type"] in ("estimate", "alarm")]
 
     return asyncio.run(main())
 
@@ -169,8 +179,13 @@ def test_a_wearing_engine_shows_rul_falling_within_its_interval_and_a_restart_ke
     life = gen.life_cycles
     half = round(life / 2) * CYCLE_S
     records = _run(tmp_path, gen, [(0.0, half), (half, life * CYCLE_S)])
-    rul = [r for r in records if r["est"] == "rul"]
-    health = [r for r in records if r["est"] == "health"]
+    rul = [r for r in records if r.get("est") == "rul"]
+    health = [r for r in records if r.get("est") == "health"]
+    # Little life left: one process alarm, raised once the estimate fell below 30 cycles.
+    (alarm,) = [r for r in records if r["type"] == "alarm"]
+    assert (alarm["alarm"], alarm["class"], alarm["detail"]["estimate"]) == ("limit", "process", "rul")
+    assert alarm["value"] < 30.0
+    assert life - 60 < next(int(r["detail"]["cycles"]) for r in rul if r["value"] < 30.0) < life
     assert ENGINE not in repr(records)
     assert len(rul) == len(health) >= life - 3
     cycles = [int(r["detail"]["cycles"]) for r in rul]
@@ -199,7 +214,7 @@ def test_every_simulated_engine_is_called_near_its_end_before_it_fails(tmp_path:
     gen = make_generator("engine", seed=seed, rate_hz=1.0 / CYCLE_S)
     assert isinstance(gen, EngineGenerator)
     life = gen.life_cycles
-    rul = [r for r in _run(tmp_path, gen, [(0.0, life * CYCLE_S)]) if r["est"] == "rul"]
+    rul = [r for r in _run(tmp_path, gen, [(0.0, life * CYCLE_S)]) if r.get("est") == "rul"]
     measured = [r for r in rul if r["state"] == "measured"]
     truth = [min(life - int(r["detail"]["cycles"]), 125) for r in measured]
     errors = np.array([r["value"] for r in measured]) - np.array(truth)

@@ -26,8 +26,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from gateway.contracts import Alarm, AlarmKind, AlarmPriority, Estimate
+from gateway.contracts import Alarm, Estimate
 from gateway.estimation.config import BatterySpec
+from gateway.estimation.limits import LowLimits
 from gateway.inference.battery import BatteryEkf, CellModel
 from gateway.sample import FAULT_FLAGS, Stream
 
@@ -58,7 +59,6 @@ class BatteryState:
         self.spec = spec
         self.kind = kind
         self._emit = emit
-        self._alarm = alarm
         self.cell = CellModel(tuple(spec.ocv), spec.r0, spec.r1, spec.tau_s)
         self.capacity_ah = spec.rated_ah
         self.capacity_samples = 0
@@ -71,7 +71,7 @@ class BatteryState:
         self._rest_soc = math.nan  # SoC at the last rest
         self._ah_since_rest = 0.0
         self._next_emit = -math.inf
-        self._raised: set[str] = set()
+        self._limits = LowLimits(spec.subject, kind, alarm, DEADBAND)
         self._restored: dict[str, Any] | None = None
         self._r0 = spec.r0
         self.levels: deque[tuple[float, float]] = deque(maxlen=LEVELS_KEPT)  # (t_mono, %) since a charge
@@ -168,7 +168,7 @@ class BatteryState:
         stream = self._streams.get("level")
         sources = ((stream, 1.0),) if stream is not None else ()
         self._emit_soc(t_mono, t_wall, level, self.spec.level_step / math.sqrt(12.0), sources, detail)
-        self._check("soc", level, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
+        self._limits.check("soc", level, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
 
     def _emit_soc(
         self,
@@ -230,33 +230,8 @@ class BatteryState:
                 self.spec.subject, self.kind, "soh", "%", t_mono, t_wall, soh, soh_sd, state, sources, detail
             )
         )
-        self._check("soc", soc, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
-        self._check("soh", soh, self.spec.low_health, self.spec.low_health_priority, t_mono, t_wall)
-
-    def _check(
-        self, name: str, value: float, limit: float, priority: str, t_mono: float, t_wall: float
-    ) -> None:
-        if name not in self._raised and value < limit:
-            self._raised.add(name)
-            kind = AlarmKind.LIMIT
-        elif name in self._raised and value >= limit + DEADBAND:
-            self._raised.discard(name)
-            kind = AlarmKind.LIMIT_CLEARED
-        else:
-            return
-        self._alarm(
-            Alarm(
-                kind,
-                self.spec.subject,
-                t_mono,
-                t_wall,
-                detail={"estimate": name, "level": "low"},
-                priority=AlarmPriority(priority),
-                limit=limit,
-                value=value,
-                subject_kind=self.kind,
-            )
-        )
+        self._limits.check("soc", soc, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
+        self._limits.check("soh", soh, self.spec.low_health, self.spec.low_health_priority, t_mono, t_wall)
 
     def save(self, now_mono: float, now_wall: float) -> dict[str, Any] | None:
         """The state to keep across a restart: SoC with its SD, the learnt capacity, the levels."""

@@ -39,6 +39,7 @@ model's card names the sensors, each mapped to one metric of the subject, or all
     prefix = "Engine/"                       # sensor T24 is metric "Engine/T24", ...
     inputs = { T50 = "Engine/LPT_outlet" }   # ... except where mapped
     cycle_s = 60.0                           # one operating cycle
+    low_rul = 30.0                           # cycles left -> a limit alarm
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ class RulSpec(_Section):
     inputs: dict[str, str] = {}  # model sensor -> metric of the subject
     cycle_s: float = Field(gt=0, le=86_400)  # one operating cycle: samples in it are averaged
     grace_s: float = Field(5.0, ge=0, le=3600)  # wait this long after a cycle's end for its samples
+    low_rul: float | None = Field(None, gt=0)  # cycles: below it (once trusted) a low-RUL alarm
+    low_rul_priority: Priority = "medium"
 
     @model_validator(mode="after")
     def _has_inputs(self) -> Self:

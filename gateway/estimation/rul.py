@@ -17,7 +17,9 @@ Each closed cycle gives two estimates: ``rul`` in cycles, its ``sd`` the card's 
 silent through the cycle and its last value was held; ``untrusted`` while fewer cycles than the
 model's window have been seen (its interval was calibrated on full windows).  A cycle in which no
 input reported is no cycle (the machine did not run).  The window is saved across restarts: wear
-does not reset when the gateway does.
+does not reset when the gateway does.  With ``low_rul`` set, an estimate below it (once the window
+is full) raises a ``limit`` alarm with the configured priority, cleared only when the estimate is
+back above it by the interval's half-width (after maintenance, say).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.contracts import Estimate
+from gateway.contracts import Alarm, Estimate
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.estimation.config import RulSpec
+from gateway.estimation.limits import LowLimits
 from gateway.inference.card import ModelFile
 from gateway.sample import FAULT_FLAGS, Stream
 
@@ -160,13 +163,22 @@ class RulEstimator:
     """One ``[[estimators.rul]]`` estimator; see the module docstring."""
 
     def __init__(
-        self, spec: RulSpec, index: int, kind: str, emit: Callable[[Estimate], None], model: RulModel
+        self,
+        spec: RulSpec,
+        index: int,
+        kind: str,
+        emit: Callable[[Estimate], None],
+        model: RulModel,
+        alarm: Callable[[Alarm], None] = lambda _: None,
     ) -> None:
         card = model.card
         self.spec = spec
         self.kind = kind
         self.model = model
         self._emit = emit
+        # Cleared only when back above the limit by the interval's half-width: an estimate this
+        # noisy (RMSE ~17 cycles) would flap around the limit otherwise; wear does not heal itself.
+        self._limits = LowLimits(spec.subject, kind, alarm, model.card.interval_90)
         self._where = f"estimators.rul[{index}]"
         missing = [s for s in card.sensors if s not in spec.inputs and spec.prefix is None]
         unknown = sorted(set(spec.inputs) - set(card.sensors))
@@ -306,6 +318,8 @@ class RulEstimator:
                 {"model": card.name},
             )
         )
+        if self.spec.low_rul is not None and state != "untrusted":
+            self._limits.check("rul", rul, self.spec.low_rul, self.spec.low_rul_priority, t_end, t_wall)
 
     def save(self, now_mono: float, now_wall: float) -> dict[str, Any] | None:
         """The window of per-cycle values and the cycles counted: the machine's wear so far."""

@@ -86,7 +86,7 @@ class Estimation:
                 if spec.model not in loaded:
                     loaded[spec.model] = load_rul_model(directory, spec.model)
                 kind = kinds.get(spec.subject, "industrial")
-                self.estimators.append(RulEstimator(spec, i, kind, emit, loaded[spec.model]))
+                self.estimators.append(RulEstimator(spec, i, kind, emit, loaded[spec.model], alarm))
         self._subjects = frozenset(e.spec.subject for e in self.estimators)
         if kinds:
             tables: tuple[tuple[str, list[str]], ...] = (
