@@ -11,15 +11,20 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from gateway.contracts import Alarm, AlarmKind, Estimate, SourceInfo
+from gateway.contracts import Alarm, AlarmKind, Estimate, SampleSink, SourceInfo
 from gateway.estimation import Estimation, EstimatorsSection
 from gateway.estimation.battery import BatteryState
 from gateway.sample import MDC, Metric, Quality, Sample, Stream
+
+if TYPE_CHECKING:
+    from drivers.ble.driver import BleDriver
+    from drivers.ble.testbed.harness import WearableProcess
 
 BATTERY = "MDC_ATTR_VAL_BATT_CHARGE"
 SUBJECT = "ward3-bed21"
@@ -83,28 +88,51 @@ def testbed() -> Iterator[object]:
         yield tb
 
 
+async def _until(cond: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def _strap_driver(address: str) -> BleDriver:
+    from drivers.ble.config import BleConfig  # noqa: PLC0415
+    from drivers.ble.driver import factory  # noqa: PLC0415
+
+    cfg = {"lost_after_s": 5.0, "reconnect_min_s": 0.1, "devices": [{"address": address, "profile": "hr"}]}
+    return factory(SourceInfo("ble-ward3", SUBJECT, "medical"), BleConfig.model_validate(cfg))
+
+
+def _drive(
+    drv: BleDriver, sink: SampleSink, wearable: WearableProcess, steps: Callable[[], Awaitable[None]]
+) -> None:
+    """Run the driver into ``sink`` while ``steps`` play out; stop the driver and the wearable after."""
+
+    async def scenario() -> None:
+        task = asyncio.create_task(drv.run(sink, started=lambda: None), name="ble-driver-under-test")
+        try:
+            await steps()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        wearable.stop()
+
+
 @pytest.mark.slow
 def test_a_wearables_battery_level_over_the_emulated_radio_becomes_a_soc_estimate_and_alarm(
     testbed: object,
 ) -> None:
     from peers import RecordingSink  # noqa: PLC0415
 
-    from drivers.ble.config import BleConfig  # noqa: PLC0415
-    from drivers.ble.driver import factory  # noqa: PLC0415
     from drivers.ble.testbed.harness import Testbed  # noqa: PLC0415
 
     assert isinstance(testbed, Testbed)
     strap = testbed.wearable("hr", "C0:FF:EE:00:21:01", rate=0, battery=64)
-    drv = factory(
-        SourceInfo("ble-ward3", SUBJECT, "medical"),
-        BleConfig.model_validate(
-            {
-                "lost_after_s": 5.0,
-                "reconnect_min_s": 0.1,
-                "devices": [{"address": strap.address, "profile": "hr"}],
-            }
-        ),
-    )
+    drv = _strap_driver(strap.address)
     estimates: list[Estimate] = []
     alarms: list[Alarm] = []
     stage = Estimation(_section(), {SUBJECT: "medical"}, estimates.append, alarms.append)
@@ -115,12 +143,6 @@ def test_a_wearables_battery_level_over_the_emulated_radio_becomes_a_soc_estimat
             stage.put(sample)
 
     sink = Feed(blocks=False)
-
-    async def until(cond: object, what: str) -> None:
-        deadline = time.monotonic() + 10.0
-        while not cond():  # type: ignore[operator]
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.02)
 
     async def send(line: str) -> None:
         deadline = time.monotonic() + 5.0
@@ -133,23 +155,14 @@ def test_a_wearables_battery_level_over_the_emulated_radio_becomes_a_soc_estimat
                     raise
                 await asyncio.sleep(0.02)
 
-    async def scenario() -> None:
-        started = asyncio.Event()
-        task = asyncio.create_task(drv.run(sink, started=started.set), name="ble-battery-under-test")
-        try:
-            await until(lambda: any(e.value == 64.0 for e in estimates), "the level read on connect")
-            await send("battery 12")
-            await until(lambda: any(e.value == 12.0 for e in estimates), "the notified low level")
-            await send("battery 90")
-            await until(lambda: any(e.value == 90.0 for e in estimates), "the level after a charge")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    async def steps() -> None:
+        await _until(lambda: any(e.value == 64.0 for e in estimates), "the level read on connect")
+        await send("battery 12")
+        await _until(lambda: any(e.value == 12.0 for e in estimates), "the notified low level")
+        await send("battery 90")
+        await _until(lambda: any(e.value == 90.0 for e in estimates), "the level after a charge")
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        strap.stop()
+    _drive(drv, sink, strap, steps)
     socs = [e for e in estimates if e.name == "soc"]
     assert [e.value for e in socs][:1] == [64.0]
     assert all(e.state == "measured" and e.sources[0][0].device == strap.address for e in socs)
@@ -163,36 +176,18 @@ def test_a_wearables_battery_level_over_the_emulated_radio_becomes_a_soc_estimat
     assert any(a.kind == AlarmKind.SENSOR_FAULT for a in sink.alarms)
 
 
-async def _until(cond: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_a_strap_slipping_off_is_flagged_and_the_fused_rate_carries_on_without_its_noise(
     testbed: object,
 ) -> None:
     from peers import RecordingSink  # noqa: PLC0415
 
-    from drivers.ble.config import BleConfig  # noqa: PLC0415
-    from drivers.ble.driver import factory  # noqa: PLC0415
     from drivers.ble.testbed.harness import Testbed  # noqa: PLC0415
 
     assert isinstance(testbed, Testbed)
     # Four notifications a second; contact lost 2 s after the strap starts, for 2 s.
     strap = testbed.wearable("hr", "C0:FF:EE:00:21:02", rate=4.0, interval=0.25, sensor_off=[(2.0, 2.0)])
-    drv = factory(
-        SourceInfo("ble-ward3", SUBJECT, "medical"),
-        BleConfig.model_validate(
-            {
-                "lost_after_s": 5.0,
-                "reconnect_min_s": 0.1,
-                "devices": [{"address": strap.address, "profile": "hr"}],
-            }
-        ),
-    )
+    drv = _strap_driver(strap.address)
     fusion = {
         "subject": SUBJECT,
         "sources": [{"metric": "MDC_ECG_HEART_RATE"}, {"metric": "MDC_PULS_OXIM_PULS_RATE"}],
@@ -237,24 +232,13 @@ def test_a_strap_slipping_off_is_flagged_and_the_fused_rate_carries_on_without_i
             if (s.quality == Quality.SENSOR_OFF) == flagged
         ]
 
-    async def scenario() -> None:
-        started = asyncio.Event()
-        task = asyncio.create_task(drv.run(sink, started=started.set), name="ble-strap-off-under-test")
-        try:
-            await _until(lambda: bool(hr(flagged=True)), "the strap to lose contact")
-            off_at = hr(flagged=True)[0].t_mono
-            await _until(
-                lambda: any(s.t_mono > off_at + 1.0 for s in hr(flagged=False)), "contact again", 8.0
-            )
-            await asyncio.sleep(1.5)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    async def steps() -> None:
+        await _until(lambda: bool(hr(flagged=True)), "the strap to lose contact")
+        off_at = hr(flagged=True)[0].t_mono
+        await _until(lambda: any(s.t_mono > off_at + 1.0 for s in hr(flagged=False)), "contact again", 8.0)
+        await asyncio.sleep(1.5)
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        strap.stop()
+    _drive(drv, sink, strap, steps)
     off = hr(flagged=True)
     on = hr(flagged=False)
     t_off, t_back = off[0].t_mono, off[-1].t_mono
