@@ -108,6 +108,25 @@ def test_rul_config_errors_name_the_key_and_the_missing_inputs() -> None:
         Estimation(typo, {"m": "industrial"}, lambda e: None, lambda a: None)
 
 
+def test_the_engine_profile_is_deterministic_in_chunks_and_checked_in_config() -> None:
+    from drivers.sim.config import SimConfig  # noqa: PLC0415
+
+    gen = make_generator("engine", seed=4, rate_hz=0.5)
+    assert isinstance(gen, EngineGenerator)
+    whole = gen.generate(0.0, 100.0).series
+    parts = [gen.generate(t, t + 10.0).series for t in np.arange(0.0, 100.0, 10.0)]
+    for name, series in whole.items():
+        assert np.array_equal(series.value, np.concatenate([p[name].value for p in parts]))
+    # Wear shows: late in life every sensor has moved towards its failure value.
+    late = gen.generate(2.0 * (gen.life_cycles - 10), 2.0 * gen.life_cycles).series
+    assert np.mean(late["Engine/T50"].value) > np.mean(whole["Engine/T50"].value) + 10.0
+    assert gen.rul(gen.life_cycles + 5) == 0
+    base = {"profile": "engine", "device": "SN-1", "rate_hz": 0.5}
+    assert len(SimConfig.model_validate(base).metric_names()) == 14
+    with pytest.raises(ValueError, match="belongs to the pump profile"):
+        SimConfig.model_validate(base | {"events": [{"kind": "valve_fault", "at_s": 1.0, "duration_s": 5.0}]})
+
+
 def _streams(gen: EngineGenerator) -> dict[str, Stream]:
     return {
         s.metric.name: Stream("engine-src", ENGINE, "SN-ENG-5531", s.metric, "industrial", s.rate_hz)
