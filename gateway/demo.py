@@ -50,7 +50,8 @@ events = [
 ]
 
 # Fused heart rate with its uncertainty and sources (README "Estimators"). Bed 7: the strap's HR and
-# RR intervals and the oximeter's pulse rate; bed 8: the monitor's HR and RR intervals - when the
+# RR intervals and the oximeter's pulse rate - the strap slips off at 40 s for 15 s (its contact bit
+# clears, its rate is noise): the oximeter carries the estimate on; bed 8: the monitor's HR and RR intervals - when the
 # probe comes off at 70 s its HR is blanked and the RR intervals carry the estimate on.
 [[estimators.fusion]]
 subject = "patient-MRN-0048213"
@@ -65,6 +66,30 @@ every_s = 5.0
 subject = "patient-MRN-0051177"
 sources = [{ metric = "MDC_ECG_HEART_RATE" }, { metric = "MDC_ECG_TIME_PD_RR_GL" }]
 every_s = 5.0
+
+# Bed 7's strap reports its own battery level (BLE Battery Level): SoC, drain, hours left.
+[[estimators.battery]]
+subject = "patient-MRN-0048213"
+level = "MDC_ATTR_VAL_BATT_CHARGE"
+low_soc = 15.0
+
+# A turbofan wearing out, four operating cycles a second (this one fails after 176 cycles, at 44 s),
+# and its remaining useful life with a 90 % interval from the C-MAPSS model (README "Estimators").
+[[sources]]
+name = "engine-2-sim"
+driver = "sim"
+subject = "plant-B/engine-2"
+kind = "industrial"
+profile = "engine"
+device = "SN-FADEC-7741"
+seed = 5
+rate_hz = 4.0
+
+[[estimators.rul]]
+subject = "plant-B/engine-2"
+prefix = "Engine/"
+cycle_s = 0.25
+grace_s = 0.5
 
 [models]
 # The pump model learns each machine's normal over its first 30 s (commissioning), then scores.
@@ -169,7 +194,7 @@ def motor_node(stack: contextlib.ExitStack, tmp: Path) -> list[dict[str, Any]]:
 
 DEVICES: tuple[tuple[str, Starter], ...] = (
     ("serial pulse oximeter (Nonin #2 on a pty), bed 7", oximeter),
-    ("BLE heart-rate strap (emulated BlueZ radio), bed 7", strap),
+    ("BLE heart-rate strap (emulated BlueZ radio, slips off at 40 s), bed 7", strap),
     ("pump PLC (OPC UA server, valve fault at 45 s), pump 3", plc),
     ("microcontroller ADC board (C node on a pty), motor 7", motor_node),
 )
@@ -178,7 +203,10 @@ DEVICES: tuple[tuple[str, Starter], ...] = (
 def compose(stack: contextlib.ExitStack, tmp: Path) -> tuple[dict[str, Any], list[str]]:
     """The demo's config data with every device that could be started; notes for the banner."""
     data = tomllib.loads(BASE_CONFIG)
-    notes = ["  + synthetic patient (sim driver: desaturation at 20 s, probe off at 70 s), bed 8"]
+    notes = [
+        "  + synthetic patient (sim driver: desaturation at 20 s, probe off at 70 s), bed 8",
+        "  + synthetic turbofan wearing out, failing at 44 s (sim driver, engine profile), engine 2",
+    ]
     for label, start in DEVICES:
         try:
             data["sources"].extend(start(stack, tmp))

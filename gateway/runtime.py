@@ -37,7 +37,7 @@ from gateway.contracts import (
     WindowModel,
     WindowRecord,
 )
-from gateway.errors import ConfigError, EdgetwinError
+from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
 from gateway.estimation import Estimation
 from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.coverage import log_coverage
@@ -107,7 +107,7 @@ class Pipeline:
         kinds = {e.info.subject: e.info.kind for e in config.sources}
         self._estimation = Estimation(
             config.core.estimators, kinds, self.estimate, self.alarm, config.core.gateway.state_dir,
-            now_mono=time.monotonic(), now_wall=time.time(),
+            now_mono=time.monotonic(), now_wall=time.time(), models_dir=m.dir,
         )  # fmt: skip
         self.sink: SampleSink = _Sink(self.put, self.put_block, self.driver_alarm, self.diagnostic)
         self.last_beat = time.monotonic()
@@ -582,7 +582,11 @@ async def _supervise(
     hop, state = core.pipeline.hop_s, core.gateway.state_dir
     scored: list[WindowModel] = [*models, *build_novelty(core.models.novelty, hop_s=hop, state_dir=state)]
     scored += build_stream_change(core.models.streams, hop_s=hop, state_dir=state, others=scored)
-    pipeline = Pipeline(config, anonymizer, outbox, scored)
+    try:
+        pipeline = Pipeline(config, anonymizer, outbox, scored)
+    except (ConfigError, CorruptDataError) as exc:  # an estimator's model or inputs ([estimators])
+        log.error("%s", exc)
+        return EXIT_CONFIG
     sup = Supervisor(notifier, start_timeout_s=core.runtime.start_timeout_s)
     uplink: Any
     opened: IO[str] | None = None
@@ -757,6 +761,10 @@ def build_problems(config: Config, registry: Mapping[str, DriverSpec]) -> list[s
         build_models(core.models, hop_s=core.pipeline.hop_s, window_s=core.pipeline.window_s)
     except ConfigError as exc:
         problems.append(f"models: {exc}")
+    try:
+        Estimation(core.estimators, {}, lambda _: None, lambda _: None, models_dir=core.models.dir)
+    except (ConfigError, CorruptDataError) as exc:
+        problems.append(f"estimators: {exc}")
     if core.uplink.kind == "local" and core.uplink.path is not None and not core.uplink.path.parent.is_dir():
         problems.append(f"uplink.path: directory {core.uplink.path.parent} does not exist")
     return problems

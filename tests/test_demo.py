@@ -87,10 +87,17 @@ def test_demo_runs_all_devices_and_shows_anonymous_records(tmp_path: Path) -> No
     assert abs(current["mean"]) < 0.2
     # Fused heart rate of both beds, with its uncertainty and the sources that fed it.
     estimates = [r["record"] for r in records if r["record"].get("type") == "estimate"]
-    measured = [e for e in estimates if e["state"] == "measured"]
+    measured = [e for e in estimates if e["state"] == "measured" and e["est"] == "hr"]
     assert len({e["subject"] for e in measured}) == 2, estimates
     assert all(e["sd"] > 0 and 30 < e["value"] < 200 for e in measured)
     assert max(len(e["src"]) for e in measured) >= 2
+    # The strap's own battery level as its SoC; the wearing engine's remaining life in its interval.
+    soc = [e for e in estimates if e["est"] == "soc"]
+    assert soc
+    assert all(0 <= e["value"] <= 100 and e["src"][0]["metric"] == "MDC_ATTR_VAL_BATT_CHARGE" for e in soc)
+    rul = [e for e in estimates if e["est"] == "rul"]
+    assert len(rul) > 30
+    assert all(e["detail"]["lo90"] <= e["value"] <= e["detail"]["hi90"] and len(e["src"]) == 14 for e in rul)
     # The twin received them over TLS MQTT, in sequence.
     assert any(r.get("topic") == "status" and r["record"].get("state") == "online" for r in records)
     # In sequence within a lane, live and historical each (docs/records.md): a lane of higher

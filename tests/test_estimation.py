@@ -315,6 +315,11 @@ def test_rul_on_cmapss_fd001_beats_the_svr_baseline_and_its_interval_covers(tmp_
     result = json.loads((tmp_path / "rul_cmapss.eval.json").read_text(encoding="utf-8"))
     assert result["test_rmse"] < result["baselines_rmse"]["SVR (Babu et al. 2016)"]
     assert result["interval_coverage_test"] >= 0.8
+    # The shipped model file is the one the recipe writes (what [[estimators.rul]] runs).
+    models = Path(__file__).resolve().parents[1] / "models"
+    shipped = (models / "rul_cmapss.onnx").read_bytes()
+    assert (tmp_path / "rul_cmapss.onnx").read_bytes() == shipped
+    assert result["onnx_test_rmse"] == pytest.approx(result["test_rmse"], abs=0.05)
 
 
 def test_spo2_from_two_oximeters_picks_each_by_source_and_ignores_the_faulted_one() -> None:

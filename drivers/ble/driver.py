@@ -20,6 +20,7 @@ from bleak.exc import BleakError
 from drivers.ble.config import BleConfig
 from drivers.ble.manager import ConnectionManager, DeviceStatus, ManagedDevice, WrongServiceError
 from drivers.ble.protocol import (
+    BATTERY,
     BATTERY_LEVEL,
     DEVICE_INFORMATION,
     PROFILES,
@@ -33,7 +34,7 @@ from drivers.ble.protocol import (
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError
 from gateway.logs import register_identity
-from gateway.sample import MDC, Sample, Stream
+from gateway.sample import MDC, Metric, Sample, Stream
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ _SPOT_PROFILES = frozenset({"thermo", "bp"})
 #: Low battery re-arms once the level is this much above the threshold again.
 BATTERY_HYSTERESIS_PCT = 5
 GATT_TIMEOUT_S = 10.0
+#: Battery Level 0x2A19, percent (``BleDriver.battery_streams``).
+BATTERY_METRIC = Metric(BATTERY, "%")
 
 
 class _NullSink:
@@ -69,6 +72,7 @@ class BleDriver:
         self._cfg = cfg
         self._sink: SampleSink = _NullSink()
         self._streams: dict[str, dict[str, Stream]] = {}
+        self._battery_streams: dict[str, Stream] = {}
         devices = []
         for d in cfg.devices:
             profile = PROFILES[d.profile]
@@ -89,6 +93,11 @@ class BleDriver:
                 )
                 for name in profile.metrics
             }
+            # The battery level as a stream of its own (an estimator's input: the wearable's state of
+            # charge); it is read every battery_poll_s or notified on change, so silence is no loss.
+            self._battery_streams[d.address] = Stream(
+                info.name, subject, d.address, BATTERY_METRIC, info.kind, None, on_change=True
+            )
         self.manager = ConnectionManager(cfg, devices, self, name=info.name)
         self.pulse = self.manager.pulse  # the supervisor judges the manager's watch loop
         #: Counters for status displays and tests: values, bad values, missing (special) values.
@@ -102,6 +111,11 @@ class BleDriver:
     def streams(self) -> Mapping[str, Mapping[str, Stream]]:
         """Streams by device address, then by metric name."""
         return self._streams
+
+    @property
+    def battery_streams(self) -> Mapping[str, Stream]:
+        """The battery level stream of each device, by address."""
+        return self._battery_streams
 
     def status(self) -> dict[str, DeviceStatus]:
         """Every device's connection state (local only: holds addresses)."""
@@ -190,6 +204,9 @@ class BleDriver:
             self._bad(dev, exc)
             return
         dev.battery = level
+        self._sink.put(
+            Sample(self._battery_streams[dev.address], time.monotonic(), time.time(), float(level))
+        )
         low = level <= self._cfg.low_battery_pct
         if low and dev.address not in self._low_battery:
             self._low_battery.add(dev.address)

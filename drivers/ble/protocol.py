@@ -635,6 +635,8 @@ SYS = "MDC_PRESS_BLD_NONINV_SYS"
 DIA = "MDC_PRESS_BLD_NONINV_DIA"
 MEAN = "MDC_PRESS_BLD_NONINV_MEAN"
 BP_PULSE = "MDC_PULS_RATE_NON_INV"
+#: Battery Level 0x2A19 as a stream (the IEEE 11073-10101 attribute's name; no code is claimed).
+BATTERY = "MDC_ATTR_VAL_BATT_CHARGE"
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ class HangSpec(_Strict):
 class SimConfig(_Strict):
     """Keys of a ``driver = "sim"`` source."""
 
-    profile: Literal["patient", "pump"]
+    profile: Literal["patient", "pump", "engine"]
     seed: int = Field(default=0, ge=0)
     device: str = Field(min_length=1, max_length=128)  # simulated MAC or serial: identifying, local only
     rate_hz: float = Field(default=1.0, gt=0, le=1000)

@@ -88,11 +88,21 @@ PUMP_EVENTS: Mapping[str, EventKind] = {
     "disconnect": EventKind(0.1, 10.0, 60.0),
 }
 
+#: Event kinds of the engine profile (drivers/sim/engine.py; its wear is no event: it is its life).
+ENGINE_EVENTS: Mapping[str, EventKind] = {
+    "sensor_off": EventKind(0.6, 10.0, 60.0),
+    "disconnect": EventKind(0.4, 10.0, 60.0),
+}
+
 #: The event kinds each profile accepts.
-EVENTS_BY_PROFILE: Mapping[str, Mapping[str, EventKind]] = {"patient": PATIENT_EVENTS, "pump": PUMP_EVENTS}
+EVENTS_BY_PROFILE: Mapping[str, Mapping[str, EventKind]] = {
+    "patient": PATIENT_EVENTS,
+    "pump": PUMP_EVENTS,
+    "engine": ENGINE_EVENTS,
+}
 
 #: The kind of stream (``Stream.kind``) each profile produces.
-STREAM_KIND: Mapping[str, str] = {"patient": "medical", "pump": "industrial"}
+STREAM_KIND: Mapping[str, str] = {"patient": "medical", "pump": "industrial", "engine": "industrial"}
 
 # Random event spans never reach past the next hour, so looking back one hour finds every event
 # that can still be running.
@@ -633,12 +643,16 @@ def make_generator(
     events: Sequence[Label] = (),
     random_events_per_hour: float = 0.0,
 ) -> Generator:
-    """The generator of ``profile`` ("patient" or "pump")."""
+    """The generator of ``profile`` ("patient", "pump" or "engine")."""
     cls: type[Generator]
     if profile == "patient":
         cls = PatientGenerator
     elif profile == "pump":
         cls = PumpGenerator
+    elif profile == "engine":
+        from drivers.sim.engine import EngineGenerator  # noqa: PLC0415 - it builds on this module
+
+        cls = EngineGenerator
     else:
-        raise ValueError(f"sim generator: unknown profile {profile!r}: use 'patient' or 'pump'")
+        raise ValueError(f"sim generator: unknown profile {profile!r}: use 'patient', 'pump' or 'engine'")
     return cls(seed=seed, rate_hz=rate_hz, events=events, random_events_per_hour=random_events_per_hour)

@@ -1,4 +1,4 @@
-"""State estimation in the running gateway: fused vital signs and battery state, with uncertainty.
+"""State estimation in the running gateway: fused vital signs, battery state, machine RUL, with uncertainty.
 
 ``[estimators]`` in the config (:mod:`gateway.estimation.config`) says which streams of which
 subject feed which estimator; :class:`~gateway.estimation.stage.Estimation` runs them on samples

@@ -10,16 +10,25 @@ charge counted in between divided by it is the capacity; at each such rest the S
 re-anchored to the one the OCV says.  SoH is that capacity over the rated
 one.  Low SoC and low health raise process (or physiological, on a medical subject) alarms with
 the configured priorities, cleared with a deadband.
+
+A device that reports its own level (a BLE wearable's Battery Level, ``level``) and no pack
+voltage and current gets its SoC from that level, with the reporting step's rounding as its
+uncertainty (``level_step / sqrt(12)``), and the drain rate (least squares over the last
+``level_window_s``, restarted when the level rises: a charge) with the hours left at that rate.
+With a pack voltage and current as well, the EKF's SoC is the estimate and the reported level
+rides along in its detail.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from gateway.contracts import Alarm, AlarmKind, AlarmPriority, Estimate
+from gateway.contracts import Alarm, Estimate
 from gateway.estimation.config import BatterySpec
+from gateway.estimation.limits import LowLimits
 from gateway.inference.battery import BatteryEkf, CellModel
 from gateway.sample import FAULT_FLAGS, Stream
 
@@ -33,6 +42,8 @@ CAPACITY_GAIN = 0.5  # weight of a new capacity sample against the running estim
 REST_SOC_SD = 0.02  # SoC read from a rested pack's OCV
 R0_SD = 0.02  # ohm: uncertainty of the series resistance when the filter starts
 Q_R0 = 1e-12  # ohm^2/s: its random walk (models/recipes/battery_ekf.py)
+MIN_DRAIN_SPAN_S = 600.0  # levels over less than this give no drain rate
+LEVELS_KEPT = 256  # reported levels kept for the drain rate (a poll every 5 min: 21 h)
 
 
 class BatteryState:
@@ -48,7 +59,6 @@ class BatteryState:
         self.spec = spec
         self.kind = kind
         self._emit = emit
-        self._alarm = alarm
         self.cell = CellModel(tuple(spec.ocv), spec.r0, spec.r1, spec.tau_s)
         self.capacity_ah = spec.rated_ah
         self.capacity_samples = 0
@@ -61,9 +71,10 @@ class BatteryState:
         self._rest_soc = math.nan  # SoC at the last rest
         self._ah_since_rest = 0.0
         self._next_emit = -math.inf
-        self._raised: set[str] = set()
+        self._limits = LowLimits(spec.subject, kind, alarm, DEADBAND)
         self._restored: dict[str, Any] | None = None
         self._r0 = spec.r0
+        self.levels: deque[tuple[float, float]] = deque(maxlen=LEVELS_KEPT)  # (t_mono, %) since a charge
 
     @property
     def key(self) -> str:
@@ -75,7 +86,7 @@ class BatteryState:
         if stream.subject != self.spec.subject:
             return None
         name = stream.metric.name
-        for role in ("voltage", "current", "temperature"):
+        for role in ("voltage", "current", "temperature", "level"):
             if getattr(self.spec, role) == name:
                 return role
         return None
@@ -87,7 +98,9 @@ class BatteryState:
         if quality & int(FAULT_FLAGS) or not math.isfinite(value):
             return
         self._streams[role] = stream
-        if role == "current":
+        if role == "level":
+            self._level(t_mono, t_wall, value)
+        elif role == "current":
             self._current = value
         elif role == "temperature":
             self._temperature = value
@@ -120,6 +133,57 @@ class BatteryState:
         if t_mono >= self._next_emit:
             self._next_emit = t_mono + self.spec.every_s
             self._report(t_mono, t_wall)
+
+    def _level(self, t_mono: float, t_wall: float, level: float) -> None:
+        if not 0.0 <= level <= 100.0:
+            return
+        if self.levels and level > self.levels[-1][1]:
+            self.levels.clear()  # charged: the drain starts again from here
+        self.levels.append((t_mono, level))
+        while self.levels[0][0] < t_mono - self.spec.level_window_s:
+            self.levels.popleft()
+        if self.spec.voltage is None and t_mono >= self._next_emit:
+            self._next_emit = t_mono + self.spec.every_s
+            self._report_level(t_mono, t_wall)
+
+    def drain_pct_per_h(self) -> float | None:
+        """The level's fall per hour since the last charge (least squares), or None while unknown."""
+        if len(self.levels) < 3 or self.levels[-1][0] - self.levels[0][0] < MIN_DRAIN_SPAN_S:
+            return None
+        t = [p[0] for p in self.levels]
+        y = [p[1] for p in self.levels]
+        tm, ym = sum(t) / len(t), sum(y) / len(y)
+        den = sum((ti - tm) ** 2 for ti in t)
+        slope = sum((ti - tm) * (yi - ym) for ti, yi in zip(t, y, strict=True)) / den
+        return -3600.0 * slope
+
+    def _report_level(self, t_mono: float, t_wall: float) -> None:
+        level = self.levels[-1][1]
+        detail: dict[str, float | str] = {"reported": level}
+        drain = self.drain_pct_per_h()
+        if drain is not None:
+            detail["drain_pct_h"] = round(drain, 3)
+            if drain > 0:
+                detail["hours_left"] = round(level / drain, 2)
+        stream = self._streams.get("level")
+        sources = ((stream, 1.0),) if stream is not None else ()
+        self._emit_soc(t_mono, t_wall, level, self.spec.level_step / math.sqrt(12.0), sources, detail)
+        self._limits.check("soc", level, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
+
+    def _emit_soc(
+        self,
+        t_mono: float,
+        t_wall: float,
+        soc: float,
+        sd: float,
+        sources: tuple[tuple[Stream, float], ...],
+        detail: dict[str, float | str],
+    ) -> None:
+        self._emit(
+            Estimate(
+                self.spec.subject, self.kind, "soc", "%", t_mono, t_wall, soc, sd, "measured", sources, detail
+            )
+        )
 
     def _learn_capacity(self, t_mono: float, v_cell: float, i: float) -> None:
         if abs(i) >= REST_A:
@@ -155,22 +219,10 @@ class BatteryState:
         }
         if math.isfinite(self._temperature):
             detail["temperature"] = self._temperature
+        if self.levels:
+            detail["reported"] = self.levels[-1][1]
         state = "measured"
-        self._emit(
-            Estimate(
-                self.spec.subject,
-                self.kind,
-                "soc",
-                "%",
-                t_mono,
-                t_wall,
-                soc,
-                100.0 * self.ekf.soc_sd,
-                state,
-                sources,
-                detail,
-            )
-        )
+        self._emit_soc(t_mono, t_wall, soc, 100.0 * self.ekf.soc_sd, sources, detail)
         # Capacity from rest to rest: unlearnt, it is the rated one with a wide interval.
         soh_sd = 5.0 if self.capacity_samples else 20.0
         self._emit(
@@ -178,50 +230,36 @@ class BatteryState:
                 self.spec.subject, self.kind, "soh", "%", t_mono, t_wall, soh, soh_sd, state, sources, detail
             )
         )
-        self._check("soc", soc, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
-        self._check("soh", soh, self.spec.low_health, self.spec.low_health_priority, t_mono, t_wall)
-
-    def _check(
-        self, name: str, value: float, limit: float, priority: str, t_mono: float, t_wall: float
-    ) -> None:
-        if name not in self._raised and value < limit:
-            self._raised.add(name)
-            kind = AlarmKind.LIMIT
-        elif name in self._raised and value >= limit + DEADBAND:
-            self._raised.discard(name)
-            kind = AlarmKind.LIMIT_CLEARED
-        else:
-            return
-        self._alarm(
-            Alarm(
-                kind,
-                self.spec.subject,
-                t_mono,
-                t_wall,
-                detail={"estimate": name, "level": "low"},
-                priority=AlarmPriority(priority),
-                limit=limit,
-                value=value,
-                subject_kind=self.kind,
-            )
-        )
+        self._limits.check("soc", soc, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
+        self._limits.check("soh", soh, self.spec.low_health, self.spec.low_health_priority, t_mono, t_wall)
 
     def save(self, now_mono: float, now_wall: float) -> dict[str, Any] | None:
-        """The state to keep across a restart: SoC with its SD, and the learnt capacity."""
-        del now_mono, now_wall
-        if self.ekf is None:
-            return None
-        return {
-            "soc": self.ekf.soc,
-            "soc_sd": self.ekf.soc_sd,
-            "capacity_ah": self.capacity_ah,
-            "capacity_samples": self.capacity_samples,
-            "r0": self.ekf.r0,
-        }
+        """The state to keep across a restart: SoC with its SD, the learnt capacity, the levels."""
+        state: dict[str, Any] = {}
+        if self.levels:
+            # Wall-clock times: the monotonic clock starts afresh with the next boot.
+            state["levels"] = [[now_wall - (now_mono - t), v] for t, v in self.levels]
+        if self.ekf is not None:
+            state |= {
+                "soc": self.ekf.soc,
+                "soc_sd": self.ekf.soc_sd,
+                "capacity_ah": self.capacity_ah,
+                "capacity_samples": self.capacity_samples,
+                "r0": self.ekf.r0,
+            }
+        return state or None
 
     def restore(self, state: dict[str, Any], now_mono: float, now_wall: float) -> None:
         """Resume from :meth:`save`'s state (the SoC seeds the filter at its first sample)."""
-        del now_mono, now_wall
+        levels = state.get("levels")
+        if isinstance(levels, list):
+            for item in levels[-LEVELS_KEPT:]:
+                try:
+                    t_wall, level = float(item[0]), float(item[1])
+                except (TypeError, ValueError, IndexError):
+                    continue
+                if math.isfinite(t_wall) and 0.0 <= level <= 100.0 and t_wall <= now_wall:
+                    self.levels.append((now_mono - (now_wall - t_wall), level))
         try:
             capacity = float(state["capacity_ah"])
             self._restored = {"soc": float(state["soc"]), "soc_sd": float(state["soc_sd"])}

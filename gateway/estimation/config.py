@@ -22,6 +22,24 @@ Battery state for an asset reporting pack voltage, current and temperature::
     rated_ah = 2.0
     low_soc = 20.0                           # % -> a low-SoC alarm
     low_health = 80.0                        # % of rated capacity -> a low-health alarm
+
+or for a wearable reporting its own level (BLE Battery Level), with the drain rate and time left::
+
+    [[estimators.battery]]
+    subject = "ward3-bed7"
+    level = "MDC_ATTR_VAL_BATT_CHARGE"
+    level_step = 10.0                        # the strap reports in 10 % steps
+
+Remaining useful life of a machine from its per-cycle sensors (``gateway.estimation.rul``; the
+model's card names the sensors, each mapped to one metric of the subject, or all by a prefix)::
+
+    [[estimators.rul]]
+    subject = "plant-a/engine-2"
+    model = "rul_cmapss"
+    prefix = "Engine/"                       # sensor T24 is metric "Engine/T24", ...
+    inputs = { T50 = "Engine/LPT_outlet" }   # ... except where mapped
+    cycle_s = 60.0                           # one operating cycle
+    low_rul = 30.0                           # cycles left -> a limit alarm
 """
 
 from __future__ import annotations
@@ -30,7 +48,14 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["BatterySpec", "EstimatorsSection", "FusionSource", "FusionSpec", "default_noise"]
+__all__ = [
+    "BatterySpec",
+    "EstimatorsSection",
+    "FusionSource",
+    "FusionSpec",
+    "RulSpec",
+    "default_noise",
+]
 
 Priority = Literal["high", "medium", "low"]
 
@@ -100,9 +125,14 @@ class BatterySpec(_Section):
     """One ``[[estimators.battery]]`` table: SoC by EKF and SoH from online capacity."""
 
     subject: str = Field(min_length=1)
-    voltage: str = Field(min_length=1)  # metric names of the pack's streams
-    current: str = Field(min_length=1)
+    voltage: str | None = Field(None, min_length=1)  # metric names of the pack's streams
+    current: str | None = Field(None, min_length=1)
     temperature: str | None = None
+    # A level the device reports itself (BLE Battery Level 0x2A19, MDC_ATTR_VAL_BATT_CHARGE, %):
+    # the SoC when there is no pack voltage and current, with the drain rate and time left.
+    level: str | None = Field(None, min_length=1)
+    level_step: float = Field(1.0, gt=0, le=50)  # % resolution of the reported level
+    level_window_s: float = Field(6 * 3600.0, gt=0, le=30 * 86400)  # drain rate from this span
     rated_ah: float = Field(2.0, gt=0)
     cells_in_series: int = Field(1, ge=1, le=256)
     # Equivalent circuit per cell (defaults: models/battery_ekf.card.json, NASA 18650 cells).
@@ -129,11 +159,45 @@ class BatterySpec(_Section):
 
     @model_validator(mode="after")
     def _roles_distinct(self) -> Self:
-        roles = [m for m in (self.voltage, self.current, self.temperature) if m is not None]
+        roles = [m for m in (self.voltage, self.current, self.temperature, self.level) if m is not None]
         if len(set(roles)) != len(roles):
             raise ValueError(
-                f"[[estimators.battery]] of {self.subject!r}: voltage, current and temperature name "
-                "the same stream: give each its own metric"
+                f"[[estimators.battery]] of {self.subject!r}: voltage, current, temperature and level "
+                "name the same stream: give each its own metric"
+            )
+        if (self.voltage is None) != (self.current is None) or (self.voltage is None and self.level is None):
+            raise ValueError(
+                f"[[estimators.battery]] of {self.subject!r}: needs the pack's `voltage` and `current` "
+                "metrics, or the `level` the device reports (e.g. MDC_ATTR_VAL_BATT_CHARGE), or all three"
+            )
+        return self
+
+
+class RulSpec(_Section):
+    """One ``[[estimators.rul]]`` table: remaining useful life of a machine, per operating cycle."""
+
+    subject: str = Field(min_length=1)
+    name: str = Field("rul", pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    model: str = Field("rul_cmapss", pattern=r"^[a-z][a-z0-9_]{0,31}$")  # a RUL model card's name
+    prefix: str | None = Field(None, min_length=1)  # metric of sensor S: prefix + S, unless in inputs
+    inputs: dict[str, str] = {}  # model sensor -> metric of the subject
+    cycle_s: float = Field(gt=0, le=86_400)  # one operating cycle: samples in it are averaged
+    grace_s: float = Field(5.0, ge=0, le=3600)  # wait this long after a cycle's end for its samples
+    low_rul: float | None = Field(None, gt=0)  # cycles: below it (once trusted) a low-RUL alarm
+    low_rul_priority: Priority = "medium"
+
+    @model_validator(mode="after")
+    def _has_inputs(self) -> Self:
+        if not self.inputs and self.prefix is None:
+            raise ValueError(
+                f"[[estimators.rul]] of {self.subject!r}: no inputs: map each of the model's sensors "
+                "to a metric in `inputs`, or set `prefix` (sensor T24 -> metric prefix + 'T24')"
+            )
+        metrics = list(self.inputs.values())
+        if any(not m for m in metrics) or len(set(metrics)) != len(metrics):
+            raise ValueError(
+                f"[[estimators.rul]] of {self.subject!r}: inputs: two sensors map to the same metric "
+                "(or to an empty one): give each sensor its own metric"
             )
         return self
 
@@ -143,3 +207,4 @@ class EstimatorsSection(_Section):
 
     fusion: list[FusionSpec] = []
     battery: list[BatterySpec] = []
+    rul: list[RulSpec] = []

@@ -7,6 +7,7 @@ which streams feed it, RR intervals read as a rate, and when an estimate record 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,12 @@ from gateway.estimation.config import FusionSpec, default_noise
 from gateway.inference.kalman import HrEstimate, HrFusion
 from gateway.sample import Stream
 
-__all__ = ["FusedRate"]
+__all__ = ["NOISE_MAX", "FusedRate"]
+
+log = logging.getLogger(__name__)
+
+#: A saved noise more than this many times the configured one is taken for damage, not learning.
+NOISE_MAX = 1e4
 
 
 class FusedRate:
@@ -113,22 +119,48 @@ class FusedRate:
         )
 
     def save(self, now_mono: float, now_wall: float) -> dict[str, Any] | None:
-        """The state to keep across a restart (the estimate and its wall-clock time)."""
+        """The state to keep across a restart: the estimate (when there is one) and the learnt noise.
+
+        The noise each source has shown (its innovations' variance, never below the configured
+        one) is a property of the device, not of the moment: it is kept whatever the estimate's age.
+        """
+        state: dict[str, Any] = {"noise": {k: v for k, v in self.filter.noise.items() if v > self._noise[k]}}
         est = self.filter.estimate(now_mono)
-        if est is None:
-            return None
-        return {
-            "value": est.hr,
-            "sd": est.sd,
-            "t_wall": now_wall - (now_mono - self.filter.t_measured),
-            "trusted": est.trusted,
-        }
+        if est is not None:
+            state |= {
+                "value": est.hr,
+                "sd": est.sd,
+                "t_wall": now_wall - (now_mono - self.filter.t_measured),
+                "trusted": est.trusted,
+            }
+        return state if len(state) > 1 or state["noise"] else None
 
     def restore(self, state: dict[str, Any], now_mono: float, now_wall: float) -> None:
-        """Resume from :meth:`save`'s state; ignored when older than the bridging horizon."""
+        """Resume from :meth:`save`'s state; the estimate only within the bridging horizon."""
+        self._restore_noise(state.get("noise"))
         try:
             value, sd, t_wall = float(state["value"]), float(state["sd"]), float(state["t_wall"])
         except (KeyError, TypeError, ValueError):
             return
         self._wall_offset = now_wall - now_mono
         self.filter.restore(value, sd, now_wall - t_wall, now_mono, trusted=state.get("trusted") is True)
+
+    def _restore_noise(self, saved: Any) -> None:
+        if saved is None:
+            return
+        bad = not isinstance(saved, dict)
+        for label, value in saved.items() if isinstance(saved, dict) else ():
+            configured = self._noise.get(label)
+            if configured is None:
+                continue  # a source no longer configured
+            if not isinstance(value, int | float) or not 0.0 < value <= NOISE_MAX * configured:
+                bad = True
+            elif value > configured:  # else the config now says more: it wins
+                self.filter.noise[label] = float(value)
+        if bad:
+            # The subject is not logged: it may name a patient.
+            log.warning(
+                "estimation fusion %r: saved source noise unreadable or out of range: those sources "
+                "relearn their noise from the configured one",
+                self.spec.name,
+            )

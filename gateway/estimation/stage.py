@@ -4,8 +4,10 @@ Each configured estimator claims the streams it needs (``route``); a sample of a
 costs one set lookup.  Estimators run on samples as they arrive; :meth:`Estimation.tick` (from
 the pipeline's step) lets them bridge or end an estimate when every source is silent and writes
 their state to ``<state_dir>/estimators.json`` every ``SAVE_EVERY_S`` and at the stop (atomically;
-the file is local state and names subjects as the config does), so a restart
-resumes from the last estimate instead of from nothing.
+the file is local state and names subjects as the config does, versioned by ``"v"``), so a restart
+resumes from the last estimate instead of from nothing, and a fused rate keeps the noise it has
+learnt of each source.  An unreadable file, or one of another version, is ignored with a log
+line (and replaced at the next save): the estimators start afresh and relearn.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from gateway.contracts import Alarm, Estimate
 from gateway.estimation.battery import BatteryState
 from gateway.estimation.config import EstimatorsSection
 from gateway.estimation.fusion import FusedRate
+from gateway.estimation.rul import RulEstimator, RulModel, load_rul_model
 from gateway.sample import Sample, SampleBlock, Stream
 
 __all__ = ["SAVE_EVERY_S", "Estimation", "Estimator"]
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SAVE_EVERY_S = 10.0
 STATE_FILE = "estimators.json"
+STATE_VERSION = 1  # of the file's layout: {"v", "t_wall", "estimators": {key: state}}
 
 
 class Estimator(Protocol):
@@ -65,6 +69,7 @@ class Estimation:
         *,
         now_mono: float = 0.0,
         now_wall: float = 0.0,
+        models_dir: Path | None = None,
     ) -> None:
         self.estimators: list[Any] = [
             FusedRate(spec, kinds.get(spec.subject, "medical"), emit) for spec in section.fusion
@@ -72,11 +77,22 @@ class Estimation:
         self.estimators += [
             BatteryState(spec, kinds.get(spec.subject, "industrial"), emit, alarm) for spec in section.battery
         ]
+        if section.rul:
+            from gateway.inference.build import default_models_dir  # noqa: PLC0415 - only with RUL
+
+            directory = models_dir or default_models_dir()
+            loaded: dict[str, RulModel] = {}
+            for i, spec in enumerate(section.rul):
+                if spec.model not in loaded:
+                    loaded[spec.model] = load_rul_model(directory, spec.model)
+                kind = kinds.get(spec.subject, "industrial")
+                self.estimators.append(RulEstimator(spec, i, kind, emit, loaded[spec.model], alarm))
         self._subjects = frozenset(e.spec.subject for e in self.estimators)
         if kinds:
             tables: tuple[tuple[str, list[str]], ...] = (
                 ("fusion", [f.subject for f in section.fusion]),
                 ("battery", [b.subject for b in section.battery]),
+                ("rul", [r.subject for r in section.rul]),
             )
             for table, subjects in tables:
                 for i, subject in enumerate(subjects):
@@ -162,7 +178,9 @@ class Estimation:
         states = {e.key: s for e in self.estimators if (s := e.save(now_mono, now_wall)) is not None}
         tmp = self._path.with_name(f".{self._path.name}.tmp")
         try:
-            tmp.write_text(json.dumps({"v": 1, "t_wall": now_wall, "estimators": states}), encoding="utf-8")
+            tmp.write_text(
+                json.dumps({"v": STATE_VERSION, "t_wall": now_wall, "estimators": states}), encoding="utf-8"
+            )
             tmp.replace(self._path)
         except OSError as exc:
             if not self._save_failed:
@@ -181,13 +199,27 @@ class Estimation:
     def _load(self, now_mono: float, now_wall: float) -> None:
         assert self._path is not None
         try:
-            states = json.loads(self._path.read_text(encoding="utf-8"))["estimators"]
+            saved = json.loads(self._path.read_text(encoding="utf-8"))
+            version = saved["v"]
+            states = saved["estimators"]
             states.items()  # a table, or AttributeError
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning(
-                "estimation %s: saved state unreadable: %s: the estimators start afresh", self._path, exc
+                "estimation %s: saved state unreadable: %s: the estimators start afresh "
+                "(fused rates relearn their sources' noise)",
+                self._path,
+                exc,
+            )
+            return
+        if version != STATE_VERSION:
+            log.warning(
+                "estimation %s: saved state of version %r, this gateway reads %d: the estimators "
+                "start afresh (fused rates relearn their sources' noise)",
+                self._path,
+                version,
+                STATE_VERSION,
             )
             return
         resumed = 0

@@ -35,8 +35,7 @@ def binary_scores(pred: npt.NDArray[np.bool_], truth: npt.NDArray[np.bool_]) -> 
 
 def mlp_onnx(layers: Sequence[tuple[F64, F64]], *, name: str, n_inputs: int, sigmoid: bool) -> bytes:
     """A dense network ``z -> [MatMul+Add+Relu]* -> MatMul+Add (-> Sigmoid)`` as ONNX bytes."""
-    import onnx  # noqa: PLC0415 - training-only dependency
-    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+    from onnx import helper, numpy_helper  # noqa: PLC0415 - training-only dependency
 
     nodes = []
     inits = []
@@ -55,11 +54,21 @@ def mlp_onnx(layers: Sequence[tuple[F64, F64]], *, name: str, n_inputs: int, sig
         cur = out
     if sigmoid:
         nodes.append(helper.make_node("Sigmoid", ["logit"], ["score"]))
+    return graph_onnx(nodes, inits, name=name, inp=("z", n_inputs), out="score")
+
+
+def graph_onnx(
+    nodes: Sequence[Any], inits: Sequence[Any], *, name: str, inp: tuple[str, int], out: str
+) -> bytes:
+    """A checked ONNX model of one float ``(batch, n)`` input and one ``(batch, 1)`` output, as bytes."""
+    import onnx  # noqa: PLC0415 - training-only dependency
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
     graph = helper.make_graph(
         nodes,
         name,
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", n_inputs])],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info(inp[0], TensorProto.FLOAT, ["batch", inp[1]])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", 1])],
         inits,
     )
     model = helper.make_model(

@@ -27,10 +27,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gateway.estimation.rul import cycle_features
+from models.recipes.common import file_entry, graph_onnx, rounded, session, write_card
+
 F64 = npt.NDArray[np.float64]
 SENSORS = (2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21)
 WINDOW = 30
+RECENT = 5
 CAP = 125.0
+#: C-MAPSS names of the sensors above (Saxena et al. 2008), the model's inputs as the card names them.
+NAMES = ("T24", "T30", "T50", "P30", "Nf", "Nc", "Ps30", "phi", "NRf", "NRc", "BPR", "htBleed", "W31", "W32")
+STEM = "rul_cmapss"
 SEED = 4
 LAMBDAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 #: Published FD001 test RMSE (cycles), same capped target.
@@ -50,19 +57,21 @@ def load(path: Path) -> dict[int, F64]:
     return {int(u): a[a[:, 0] == u][:, 1:] for u in np.unique(a[:, 0])}
 
 
+def raw_features(rows: F64) -> F64:
+    """The model's raw inputs at every cycle of one engine (what the gateway computes per cycle)."""
+    x = rows[:, [s + 3 for s in SENSORS]]
+    return np.vstack([cycle_features(x[max(0, k - WINDOW + 1) : k + 1], RECENT) for k in range(len(x))])
+
+
+def design(raw: F64, mu: F64, sd: F64) -> F64:
+    """Raw inputs standardised (the slope by the sensor's SD), with their squares and a constant."""
+    z = (raw - np.concatenate([mu, np.zeros_like(mu)])) / np.concatenate([sd, sd])
+    return np.hstack([z, z**2, np.ones((len(z), 1))])
+
+
 def features(rows: F64, mu: F64, sd: F64) -> F64:
     """One feature row per cycle of one engine (see the module docstring)."""
-    x = (rows[:, [s + 3 for s in SENSORS]] - mu) / sd
-    out = np.empty((len(x), 2 * len(SENSORS)))
-    for k in range(len(x)):
-        w = x[max(0, k - WINDOW + 1) : k + 1]
-        out[k, : len(SENSORS)] = w[-5:].mean(axis=0)
-        if len(w) > 2:
-            t = np.arange(len(w)) - (len(w) - 1) / 2.0
-            out[k, len(SENSORS) :] = (t @ (w - w.mean(axis=0))) / (t @ t)
-        else:
-            out[k, len(SENSORS) :] = 0.0
-    return np.hstack([out, out**2, np.ones((len(out), 1))])
+    return design(raw_features(rows), mu, sd)
 
 
 def ridge(x: F64, y: F64, lam: float) -> F64:
@@ -70,6 +79,55 @@ def ridge(x: F64, y: F64, lam: float) -> F64:
     pen = lam * np.eye(x.shape[1])
     pen[-1, -1] = 0.0
     return np.asarray(np.linalg.solve(x.T @ x + pen, x.T @ y), dtype=np.float64)
+
+
+def rul_onnx(coef: F64, mu: F64, sd: F64) -> bytes:
+    """The ridge as an ONNX graph on raw inputs: standardise, square, weigh, clip to [0, CAP]."""
+    from onnx import helper, numpy_helper  # noqa: PLC0415 - training-only dependency
+
+    k = 2 * len(SENSORS)
+    inits = [
+        numpy_helper.from_array(np.concatenate([mu, np.zeros_like(mu)]).astype(np.float32), "shift"),
+        numpy_helper.from_array(np.concatenate([sd, sd]).astype(np.float32), "scale"),
+        numpy_helper.from_array(coef[:-1].reshape(-1, 1).astype(np.float32), "W"),
+        numpy_helper.from_array(coef[-1:].astype(np.float32), "B"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(CAP, np.float32), "hi"),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["x", "shift"], ["xc"]),
+        helper.make_node("Div", ["xc", "scale"], ["z"]),
+        helper.make_node("Mul", ["z", "z"], ["z2"]),
+        helper.make_node("Concat", ["z", "z2"], ["f"], axis=1),
+        helper.make_node("MatMul", ["f", "W"], ["fw"]),
+        helper.make_node("Add", ["fw", "B"], ["y"]),
+        helper.make_node("Clip", ["y", "lo", "hi"], ["rul"]),
+    ]
+    return graph_onnx(nodes, inits, name=STEM, inp=("x", k), out="rul")
+
+
+def degradation(train: dict[int, F64]) -> dict[str, Any]:
+    """Per sensor: early-life mean and spread, and the mean shift at failure; the shared shape.
+
+    The simulator's ``engine`` profile (``drivers/sim/engine.py``) draws its engines from these:
+    ``base + delta * (exp(g x) - 1) / (exp(g) - 1) + noise * N(0, 1)`` at life fraction ``x``.
+    """
+    cols = [s + 3 for s in SENSORS]
+    early = np.vstack([r[:30][:, cols] for r in train.values()])
+    base, noise = early.mean(axis=0), early.std(axis=0)
+    delta = np.vstack([r[-5:][:, cols] for r in train.values()]).mean(axis=0) - base
+    xs = np.concatenate([np.arange(len(r)) / (len(r) - 1) for r in train.values()])
+    ys = np.concatenate([((r[:, cols] - base) / delta).mean(axis=1) for r in train.values()])
+    grid = np.arange(1.0, 12.0, 0.25)
+    err = [float(np.mean((ys - (np.exp(g * xs) - 1) / (np.exp(g) - 1)) ** 2)) for g in grid]
+    lives = [len(r) for r in train.values()]
+    return {
+        "base": dict(zip(NAMES, base.tolist(), strict=True)),
+        "noise": dict(zip(NAMES, noise.tolist(), strict=True)),
+        "delta": dict(zip(NAMES, delta.tolist(), strict=True)),
+        "shape_g": float(grid[int(np.argmin(err))]),
+        "life_cycles": {"min": min(lives), "mean": float(np.mean(lives)), "max": max(lives)},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +175,39 @@ def main(argv: list[str] | None = None) -> int:
         "interval_coverage_test": float(np.mean(np.abs(err) <= half_width)),
         "baselines_rmse": BASELINES,
     }
+    onnx_path = args.out / f"{STEM}.onnx"
+    onnx_path.write_bytes(rul_onnx(coef, mu, sd))
+    sess = session(onnx_path)
+    raw_last = np.vstack([raw_features(test[u])[-1] for u in sorted(test)])
+    (onnx_pred,) = sess.run(["rul"], {"x": raw_last.astype(np.float32)})
+    onnx_err = np.asarray(onnx_pred, np.float64).reshape(-1) - truth
+    result["onnx_test_rmse"] = float(np.sqrt(np.mean(onnx_err**2)))
+    card = {
+        "name": STEM,
+        "version": "1",
+        "task": "turbofan remaining useful life (cycles) from 14 per-cycle sensors, with a 90 % interval",
+        "sensors": list(NAMES),
+        "window": WINDOW,
+        "recent": RECENT,
+        "cap": CAP,
+        "input_name": "x",
+        "output_name": "rul",
+        "interval_90": round(half_width, 3),
+        "files": {"fp32": file_entry(onnx_path)},
+        "training": {
+            "recipe": "python -m models.recipes.rul_cmapss --data ../shared/data",
+            "data": "NASA C-MAPSS FD001, 100 training engines run to failure",
+            "model": f"ridge, lambda {lam:g} by 5-fold CV over engines; RUL capped at {CAP:g}",
+            "inputs": "per sensor: mean of the last 5 cycles, least-squares slope over the last 30",
+            "interval": "split-conformal 90 % quantile of |error| on held-out engines at random cuts",
+            "degradation": rounded(degradation(train), 5),
+        },
+        "evaluation": rounded(
+            {k: result[k] for k in ("test_rmse", "test_mae", "onnx_test_rmse", "interval_coverage_test")}
+            | {"baselines_rmse": BASELINES}
+        ),
+    }
+    write_card(card, args.out)
     lines = [
         "# rul_cmapss: remaining useful life on C-MAPSS FD001 (ridge on window features, numpy)",
         "",
@@ -125,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             f"ridge lambda {lam:g} by 5-fold CV over training engines.  90 % interval: ±{half_width:.1f} cycles "
             f"(split-conformal on held-out training engines), covering {100 * result['interval_coverage_test']:.0f} % "
             "of the test engines."
+        ),
+        "",
+        (
+            f"The shipped model (`{STEM}.onnx`, the gateway's `[[estimators.rul]]`) scores "
+            f"RMSE {result['onnx_test_rmse']:.2f} on the same engines (float32)."
         ),
         "",
         "| model | FD001 test RMSE |",

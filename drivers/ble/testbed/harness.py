@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -216,6 +216,7 @@ class Testbed:
         battery: int = 87,
         data: Path | None = None,
         name: str | None = None,
+        sensor_off: Sequence[tuple[float, float]] = (),
     ) -> WearableProcess:
         """Start a simulated wearable on its own emulated adapter; returns once it advertises."""
         argv = [
@@ -240,6 +241,8 @@ class Testbed:
             argv += ["--data", str(data)]
         if name is not None:
             argv += ["--name", name]
+        for at, seconds in sensor_off:
+            argv += ["--sensor-off", f"{at:g}:{seconds:g}"]
         proc = subprocess.Popen(  # noqa: S603 - fixed argv
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env(), cwd=_ROOT
         )
@@ -333,7 +336,13 @@ def demo_radio(subject: str, record_dir: Path | None = None) -> Iterator[dict[st
     while the gateway runs; everything it started is stopped on exit.
     """
     with running_testbed(scan_interval_s=0.2) as tb:
-        tb.wearable("hr", DEMO_ADDRESS, data=record_dir if record_dir and record_dir.is_dir() else None)
+        # The strap slips off at 40 s for 15 s (the demo's fused heart rate carries on).
+        tb.wearable(
+            "hr",
+            DEMO_ADDRESS,
+            data=record_dir if record_dir and record_dir.is_dir() else None,
+            sensor_off=[(40.0, 15.0)],
+        )
         yield {
             "name": "bed-7-strap",
             "driver": "ble",

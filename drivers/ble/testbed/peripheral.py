@@ -10,6 +10,7 @@ Run as a process (``python -m drivers.ble.testbed.peripheral --profile hr --addr
 
 ``range out`` / ``range in``    move out of / back into radio range
 ``sensor off`` / ``sensor on``  contact lost (strap) or probe disconnected (oximeter) and back
+                                (``--sensor-off AT:SECONDS`` schedules it, e.g. a strap slipping off)
 ``battery N``                   set the battery level (notified to subscribers)
 ``send UUID HEX``               push one raw value (UUID short or long form, HEX the bytes)
 ``spot``                        push a PLX spot-check (oximeter)
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import sys
 import time
@@ -238,6 +240,9 @@ class Peripheral:
         self.adapter_path = ""
         self.app_path = f"/edgetwin/wearable{address.replace(':', '').lower()}"
         self._push_task: asyncio.Task[None] | None = None
+        #: (seconds after the start, seconds) spans of lost contact: a strap slipping off
+        self.sensor_off: list[tuple[float, float]] = []
+        self._contact_task: asyncio.Task[None] | None = None
 
     def _build(self, bus: MessageBus) -> None:
         profile = PROFILES[self.wearable.profile]
@@ -299,6 +304,21 @@ class Peripheral:
             (adv_path, {}),
         )
         self._restart_pusher()
+        if self.sensor_off:
+            self._contact_task = asyncio.get_running_loop().create_task(
+                self._contact_schedule(), name="wearable-contact"
+            )
+
+    async def _contact_schedule(self) -> None:
+        """Lose and regain contact on the ``sensor_off`` spans (a ``sensor`` command still works between)."""
+        t0 = time.monotonic()
+        edges = sorted(
+            [(at, False) for at, _ in self.sensor_off] + [(at + d, True) for at, d in self.sensor_off]
+        )
+        for at, on in edges:
+            await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+            self.wearable.sensor_on = on
+            _LOGGER.info("wearable %s: sensor contact %s", self.address, "back" if on else "lost")
 
     def _restart_pusher(self) -> None:
         if self._push_task is not None:
@@ -379,8 +399,9 @@ class Peripheral:
 
     async def stop(self) -> None:
         """Stop pushing and leave the bus (the emulator drops the advertisement and links)."""
-        if self._push_task is not None:
-            self._push_task.cancel()
+        for task in (self._push_task, self._contact_task):
+            if task is not None:
+                task.cancel()
         if self.bus is not None:
             self.bus.disconnect()
             with contextlib.suppress(Exception):
@@ -421,6 +442,7 @@ async def run(args: argparse.Namespace) -> int:
     )
     if args.rate is not None:
         peripheral.rate_hz = args.rate
+    peripheral.sensor_off = list(args.sensor_off)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -432,6 +454,17 @@ async def run(args: argparse.Namespace) -> int:
     control.cancel()
     await peripheral.stop()
     return 0
+
+
+def _span(text: str) -> tuple[float, float]:
+    """``AT:SECONDS`` as two non-negative numbers (argparse type)."""
+    try:
+        at, seconds = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected AT:SECONDS, e.g. 40:15") from None
+    if not (at >= 0 and seconds > 0 and math.isfinite(at + seconds)):
+        raise argparse.ArgumentTypeError(f"{text!r}: AT must be >= 0 and SECONDS > 0")
+    return at, seconds
 
 
 def build_parser(
@@ -450,6 +483,16 @@ def build_parser(
     p.add_argument("--rate", type=float, help="measurements per second (default: the profile's)")
     p.add_argument(
         "--interval", type=float, help="simulated seconds per measurement (default: the profile's)"
+    )
+    p.add_argument(
+        "--sensor-off",
+        type=_span,
+        action="append",
+        default=[],
+        metavar="AT:SECONDS",
+        help="lose sensor contact AT seconds after the start for SECONDS (repeatable): a strap "
+        "slipping off clears the Heart Rate Measurement's contact bit, an oximeter's probe reports "
+        "disconnected (default: never)",
     )
     p.add_argument("--data", help="directory of MIT-BIH record 100 (100.hea, 100.atr) for the strap's RR")
     p.add_argument("--exit-on-eof", action="store_true", help="stop when stdin closes")

@@ -1,0 +1,321 @@
+"""Machine health in the running gateway: the shipped C-MAPSS RUL model on a simulated wearing engine.
+
+Compressed time (as tests/test_alarm_campaign.py): the simulator's engine profile produces one
+sample per sensor per cycle, the composed pipeline is stepped on the simulated clock, and the
+estimate records are read back from the outbox; an engine's whole life takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from drivers import REGISTRY
+from drivers.sim.engine import EngineGenerator
+from drivers.sim.protocol import make_generator
+from gateway.anonymize import Anonymizer, Pseudonymizer
+from gateway.config import validate
+from gateway.contracts import Estimate, Lane
+from gateway.errors import ConfigError, CorruptDataError, InvalidConfigError
+from gateway.estimation import Estimation, EstimatorsSection
+from gateway.estimation.config import RulSpec
+from gateway.estimation.rul import RulEstimator, cycle_features, load_rul_model
+from gateway.outbox import AsyncOutbox, Outbox
+from gateway.records import as_map, decode
+from gateway.runtime import Pipeline, build_problems
+from gateway.sample import SampleBlock, Stream, industrial_metric
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CMAPSS = DATA / "industrial" / "cmapss_fd001"
+ENGINE = "plant-b/engine-7"
+CYCLE_S = 10.0
+T0 = 1000.0
+WALL0 = 1.7e9
+
+
+def test_cycle_features_are_the_recent_mean_and_the_window_slope() -> None:
+    t = np.arange(12.0)
+    window = np.column_stack([3.0 + 0.5 * t, np.full(12, 7.0)])
+    f = cycle_features(window, recent=5)
+    assert f[:2] == pytest.approx([3.0 + 0.5 * 9.0, 7.0])  # mean of cycles 7..11
+    assert f[2:] == pytest.approx([0.5, 0.0])
+    assert cycle_features(window[:2], recent=5)[2:] == pytest.approx([0.0, 0.0])  # too short
+
+
+def test_the_model_file_is_checked_against_its_card(tmp_path: Path) -> None:
+    model = load_rul_model(MODELS, "rul_cmapss")
+    assert len(model.card.sensors) == 14
+    for name in ("rul_cmapss.card.json", "rul_cmapss.onnx"):
+        shutil.copy(MODELS / name, tmp_path / name)
+    data = bytearray((tmp_path / "rul_cmapss.onnx").read_bytes())
+    data[-5] ^= 0xFF
+    (tmp_path / "rul_cmapss.onnx").write_bytes(bytes(data))
+    with pytest.raises(CorruptDataError, match="sha256 does not match"):
+        load_rul_model(tmp_path, "rul_cmapss")
+    with pytest.raises(ConfigError, match=r"cannot read the model card.*\[models\] dir"):
+        load_rul_model(tmp_path, "no_such_model")
+    # An anomaly model's card is no RUL card: refused with the key that does not fit.
+    with pytest.raises(CorruptDataError, match="not a RUL model card"):
+        load_rul_model(MODELS, "pump_skab")
+
+
+def test_rul_config_errors_name_the_key_and_the_missing_inputs() -> None:
+    with pytest.raises(InvalidConfigError, match=r"estimators\.rul.*no inputs"):
+        validate({"estimators": {"rul": [{"subject": "m", "cycle_s": 10.0}]}}, "<test>", REGISTRY)
+    twice = {"T24": "Engine/T", "T30": "Engine/T"}
+    with pytest.raises(InvalidConfigError, match="same metric"):
+        validate(
+            {"estimators": {"rul": [{"subject": "m", "cycle_s": 10.0, "inputs": twice}]}}, "<test>", REGISTRY
+        )
+    # Inputs that leave sensors of the model unmapped: the stage names the key and each sensor.
+    partial = EstimatorsSection.model_validate(
+        {"rul": [{"subject": "m", "cycle_s": 10.0, "inputs": {"T24": "Engine/T24"}}]}
+    )
+    with pytest.raises(ConfigError, match=r"estimators\.rul\[0\]\.inputs: .*missing T30, T50, P30"):
+        Estimation(partial, {"m": "industrial"}, lambda e: None, lambda a: None)
+    # `edgetwin check` reports it before a start would fail on it.
+    config = validate(
+        {
+            "sources": [
+                {
+                    "name": "e",
+                    "driver": "sim",
+                    "subject": "m",
+                    "kind": "industrial",
+                    "profile": "engine",
+                    "device": "S",
+                }
+            ],
+            "estimators": {"rul": [{"subject": "m", "cycle_s": 10.0, "inputs": {"T24": "Engine/T24"}}]},
+        },
+        "<test>",
+        REGISTRY,
+    )
+    (problem,) = build_problems(config, REGISTRY)
+    assert problem.startswith("estimators: config estimators.rul[0].inputs:")
+    typo = EstimatorsSection.model_validate(
+        {"rul": [{"subject": "m", "cycle_s": 10.0, "prefix": "E/", "inputs": {"T42": "E/x"}}]}
+    )
+    with pytest.raises(ConfigError, match="unknown T42"):
+        Estimation(typo, {"m": "industrial"}, lambda e: None, lambda a: None)
+
+
+def test_the_engine_profile_is_deterministic_in_chunks_and_checked_in_config() -> None:
+    from drivers.sim.config import SimConfig  # noqa: PLC0415
+
+    gen = make_generator("engine", seed=4, rate_hz=0.5)
+    assert isinstance(gen, EngineGenerator)
+    whole = gen.generate(0.0, 100.0).series
+    parts = [gen.generate(t, t + 10.0).series for t in np.arange(0.0, 100.0, 10.0)]
+    for name, series in whole.items():
+        assert np.array_equal(series.value, np.concatenate([p[name].value for p in parts]))
+    # Wear shows: late in life every sensor has moved towards its failure value.
+    late = gen.generate(2.0 * (gen.life_cycles - 10), 2.0 * gen.life_cycles).series
+    assert np.mean(late["Engine/T50"].value) > np.mean(whole["Engine/T50"].value) + 10.0
+    assert gen.rul(gen.life_cycles + 5) == 0
+    base = {"profile": "engine", "device": "SN-1", "rate_hz": 0.5}
+    assert len(SimConfig.model_validate(base).metric_names()) == 14
+    with pytest.raises(ValueError, match="belongs to the pump profile"):
+        SimConfig.model_validate(base | {"events": [{"kind": "valve_fault", "at_s": 1.0, "duration_s": 5.0}]})
+
+
+def _streams(gen: EngineGenerator) -> dict[str, Stream]:
+    return {
+        s.metric.name: Stream("engine-src", ENGINE, "SN-ENG-5531", s.metric, "industrial", s.rate_hz)
+        for s in gen.signals
+    }
+
+
+def _run(tmp: Path, gen: EngineGenerator, spans: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """The estimate records of the engine over ``spans`` (simulated seconds), a restart between spans."""
+    config = validate(
+        {
+            "gateway": {"state_dir": str(tmp)},
+            "pipeline": {"window_s": 20.0, "hop_s": CYCLE_S, "grace_s": 0.0},
+            "estimators": {
+                "rul": [
+                    {
+                        "subject": ENGINE,
+                        "prefix": "Engine/",
+                        "cycle_s": CYCLE_S,
+                        "grace_s": 2.0,
+                        "low_rul": 30.0,
+                    }
+                ]
+            },
+        },
+        "<rul>",
+        REGISTRY,
+    )
+    streams = _streams(gen)
+
+    async def main() -> list[dict[str, Any]]:
+        anon = Anonymizer(Pseudonymizer(b"r" * 32), time_mode="relative", start_wall=WALL0)
+        out: list[dict[str, Any]] = []
+        async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
+            for start, end in spans:
+                pipeline = Pipeline(config, anon, outbox)
+                t = start
+                while t < end:
+                    for name, series in gen.generate(t, t + CYCLE_S).series.items():
+                        if len(series):
+                            pipeline.sink.put_block(
+                                SampleBlock(
+                                    streams[name],
+                                    T0 + series.t,
+                                    WALL0 + series.t,
+                                    series.value,
+                                    series.quality,
+                                )
+                            )
+                    t += CYCLE_S
+                    await pipeline.step(now_mono=T0 + t, now_wall=WALL0 + t)
+                pipeline.save_estimators()  # as at the stop
+                await outbox.flush()
+                while batch := await outbox.lease(1000):
+                    out += [
+                        as_map(decode(i.payload)) for i in batch if i.lane in (Lane.FEATURES, Lane.ALARMS)
+                    ]
+                    await outbox.ack([i.id for i in batch])
+        return [r for r in out if r["type"] in ("estimate", "alarm")]
+
+    return asyncio.run(main())
+
+
+def test_a_wearing_engine_shows_rul_falling_within_its_interval_and_a_restart_keeps_its_wear(
+    tmp_path: Path,
+) -> None:
+    gen = make_generator("engine", seed=3, rate_hz=1.0 / CYCLE_S)
+    assert isinstance(gen, EngineGenerator)
+    life = gen.life_cycles
+    half = round(life / 2) * CYCLE_S
+    records = _run(tmp_path, gen, [(0.0, half), (half, life * CYCLE_S)])
+    rul = [r for r in records if r.get("est") == "rul"]
+    health = [r for r in records if r.get("est") == "health"]
+    # Little life left: one process alarm, raised once the estimate fell below 30 cycles.
+    (alarm,) = [r for r in records if r["type"] == "alarm"]
+    assert (alarm["alarm"], alarm["class"], alarm["detail"]["estimate"]) == ("limit", "process", "rul")
+    assert alarm["value"] < 30.0
+    assert life - 60 < next(int(r["detail"]["cycles"]) for r in rul if r["value"] < 30.0) < life
+    assert ENGINE not in repr(records)
+    assert len(rul) == len(health) >= life - 3
+    cycles = [int(r["detail"]["cycles"]) for r in rul]
+    assert cycles == list(range(1, len(rul) + 1))  # counted on through the restart
+    # Untrusted until the model's window is full (30 cycles), then measured: every sensor spoke.
+    assert {r["state"] for r in rul[:29]} == {"untrusted"}
+    assert {r["state"] for r in rul[30:]} == {"measured"}
+    assert len(rul[0]["src"]) == 14
+    first, last = rul[30:60], rul[-20:]
+    assert np.mean([r["value"] for r in first]) > 90.0  # a new engine: far from failure
+    assert np.mean([r["value"] for r in last]) < 30.0  # near its end
+    assert health[-1]["value"] == pytest.approx(100.0 * rul[-1]["value"] / 125.0)
+    # The stated 90 % interval holds the true (capped) RUL most of the time.
+    inside = [
+        r["detail"]["lo90"] <= min(life - c, 125) <= r["detail"]["hi90"]
+        for r, c in zip(rul[30:], cycles[30:], strict=True)
+    ]
+    assert np.mean(inside) >= 0.75
+    assert rul[-1]["sd"] == pytest.approx(load_rul_model(MODELS, "rul_cmapss").card.interval_90 / 1.6449)
+
+
+@pytest.mark.campaign
+@pytest.mark.parametrize("seed", range(8))
+def test_every_simulated_engine_is_called_near_its_end_before_it_fails(tmp_path: Path, seed: int) -> None:
+    # Eight engines (lives 150-300 cycles), each run whole through the pipeline without a restart.
+    gen = make_generator("engine", seed=seed, rate_hz=1.0 / CYCLE_S)
+    assert isinstance(gen, EngineGenerator)
+    life = gen.life_cycles
+    rul = [r for r in _run(tmp_path, gen, [(0.0, life * CYCLE_S)]) if r.get("est") == "rul"]
+    measured = [r for r in rul if r["state"] == "measured"]
+    truth = [min(life - int(r["detail"]["cycles"]), 125) for r in measured]
+    errors = np.array([r["value"] for r in measured]) - np.array(truth)
+    assert float(np.sqrt(np.mean(errors**2))) < 25.0
+    assert (
+        np.mean(
+            [r["detail"]["lo90"] <= t <= r["detail"]["hi90"] for r, t in zip(measured, truth, strict=True)]
+        )
+        >= 0.75
+    )
+    # Twenty cycles before the end the interval already reaches below 40 cycles left.
+    assert measured[-20]["detail"]["lo90"] < 40.0
+
+
+def test_a_silent_input_delays_the_first_estimate_then_is_held_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gen = make_generator("engine", seed=1, rate_hz=1.0 / CYCLE_S)
+    assert isinstance(gen, EngineGenerator)
+    streams = _streams(gen)
+    out: list[Estimate] = []
+    section = EstimatorsSection(rul=[RulSpec(subject=ENGINE, prefix="Engine/", cycle_s=CYCLE_S, grace_s=1.0)])
+    est = Estimation(section, {ENGINE: "industrial"}, out.append, lambda a: None)
+    chunk = gen.generate(0.0, 40 * CYCLE_S)
+    late = "Engine/W32"
+    for name, s in chunk.series.items():
+        keep = s.t >= 35 * CYCLE_S if name == late else s.t < 100 * CYCLE_S  # W32 silent at first
+        est.put_block(
+            SampleBlock(streams[name], T0 + s.t[keep], WALL0 + s.t[keep], s.value[keep], s.quality[keep])
+        )
+    est.tick(T0 + 40 * CYCLE_S, WALL0 + 40 * CYCLE_S)
+    assert "no value yet of W32" in caplog.text
+    rul = [e for e in out if e.name == "rul"]
+    assert [int(e.detail["cycles"]) for e in rul] == list(range(1, len(rul) + 1))
+    assert len(rul) == 5  # from cycle 35, when W32 first spoke
+    # W32 silent again for a cycle: its last value is held and the estimate says so.
+    est.put_block(
+        SampleBlock(
+            streams["Engine/T24"], np.array([T0 + 41 * CYCLE_S]), np.array([WALL0]), np.array([642.4]),
+            np.zeros(1, np.uint8),
+        )
+    )  # fmt: skip
+    est.tick(T0 + 43 * CYCLE_S, WALL0)
+    assert out[-2].name == "rul"
+    assert out[-2].state == "untrusted"  # a short history still counts first
+    assert out[-2].detail["held"] == 13
+
+
+@pytest.mark.skipif(not CMAPSS.is_dir(), reason=f"C-MAPSS FD001 not found under {DATA} (set EDGETWIN_DATA)")
+def test_the_gateway_estimator_on_the_held_out_cmapss_test_engines() -> None:
+    # Each test engine's rows as the gateway would receive them: one sample per sensor per cycle.
+    model = load_rul_model(MODELS, "rul_cmapss")
+    sensors = (2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21)
+    a = np.loadtxt(CMAPSS / "test_FD001.txt")
+    truth = np.minimum(np.loadtxt(CMAPSS / "RUL_FD001.txt"), 125.0)
+    streams = {
+        name: Stream("src", "e", "d", industrial_metric(f"FD001/{name}", "1"), "industrial", 1.0)
+        for name in model.card.sensors
+    }
+    last: list[float] = []
+    inside = 0
+    for k, unit in enumerate(np.unique(a[:, 0])):
+        rows = a[a[:, 0] == unit]
+        out: list[Estimate] = []
+        est = RulEstimator(
+            RulSpec(subject="e", prefix="FD001/", cycle_s=1.0, grace_s=0.0),
+            0,
+            "industrial",
+            out.append,
+            model,
+        )
+        for c, row in enumerate(rows[:, [s + 4 for s in sensors]].tolist()):
+            for name, value in zip(model.card.sensors, row, strict=True):
+                est.update(name, streams[name], float(c), WALL0 + c, value, 0)
+        est.tick(float(len(rows)) + 1.0)
+        final = [e for e in out if e.name == "rul"][-1]
+        assert int(final.detail["cycles"]) == len(rows)
+        last.append(final.value)
+        inside += final.detail["lo90"] <= truth[k] <= final.detail["hi90"]
+    rmse = float(np.sqrt(np.mean((np.array(last) - truth) ** 2)))
+    card = json.loads((MODELS / "rul_cmapss.card.json").read_text(encoding="utf-8"))
+    # The gateway's own feature path reproduces the recipe's figure, below the SVR baseline.
+    assert rmse == pytest.approx(card["evaluation"]["onnx_test_rmse"], abs=0.05)
+    assert rmse < card["evaluation"]["baselines_rmse"]["SVR (Babu et al. 2016)"]
+    assert inside / len(last) >= 0.8
