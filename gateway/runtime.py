@@ -152,13 +152,16 @@ class Pipeline:
                 if beat_alarm is not None:
                     self.alarm(beat_alarm)
 
-    def _submit(self, build: Callable[[], OutRecord | None]) -> None:
+    def _submit(self, build: Callable[[], OutRecord | None]) -> bool:
+        """True when the record was queued; False when there was none, or it was refused (counted)."""
         sealed = self._anon.seal(build, encode)
         if sealed is None:
-            return
+            return False
         rec, data = sealed
-        self._outbox.submit(OutItem(rec.lane, rec.topic, data, rec.t_wall))
+        if not self._outbox.submit(OutItem(rec.lane, rec.topic, data, rec.t_wall)):
+            return False
         self.submitted[rec.lane] += 1
+        return True
 
     def alarm(self, alarm: Alarm) -> None:
         """Seal and queue an alarm now; it never waits for a window."""
@@ -194,15 +197,22 @@ class Pipeline:
 
     def window(self, record: WindowRecord) -> None:
         """Seal and queue one window of features: unchanged streams as markers, unchanged windows not."""
+        thinned: list[FeaturesWindow] = []
 
         def build() -> OutRecord | None:
             rec = self._anon.window(record)
             if not isinstance(rec.payload, FeaturesWindow):
                 return rec
-            thinned = self.thinner.thin(rec.payload)
-            return None if thinned is None else replace(rec, payload=thinned)
+            thin = self.thinner.thin(rec.payload)
+            if thin is None:
+                return None
+            thinned.append(thin)
+            return replace(rec, payload=thin)
 
-        self._submit(build)
+        if not self._submit(build) and thinned:
+            # Refused after thinning (anonymizer, full queue or disk): the twin never got it, so
+            # the next window must not be sent as markers that point back to it.
+            self.thinner.forget(thinned[0].subject)
 
     async def _score(self, records: list[WindowRecord]) -> list[WindowRecord]:
         """Run every applicable model over the closed windows in a worker thread; raise anomalies."""

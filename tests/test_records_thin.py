@@ -3,15 +3,25 @@ twin that shows every stream's values through them (pure: the gateway's thinner 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.records import FeaturesWindow, SeqMeta, StreamWindow, decode, encode, wrap
+from drivers import REGISTRY
+from gateway.anonymize import Anonymizer, Pseudonymizer
+from gateway.config import validate
+from gateway.contracts import Lane, StreamFeatures, WindowRecord
+from gateway.outbox import AsyncOutbox, Outbox
+from gateway.records import FeaturesWindow, SeqMeta, StreamWindow, as_map, decode, encode, wrap
 from gateway.records.codec import on_wire
 from gateway.records.thin import HEARTBEAT_WINDOWS, Thinner, carry
+from gateway.runtime import Pipeline
+from gateway.sample import MDC, Stream
 from gateway.twin.decoder import decode_message
 from gateway.twin.sequence import SequenceChecker
 from gateway.twin.view import TwinView
@@ -170,3 +180,60 @@ def test_whatever_is_skipped_or_marked_the_twin_holds_every_windows_values(
         for s in on_wire(w).streams:
             assert shown[s.metric].gap == s.gap, k
             assert shown[s.metric].features == s.features, k
+
+
+def test_a_window_refused_after_thinning_is_not_referred_to_by_the_next(tmp_path: Path) -> None:
+    """A window the outbox refused (queue full): the next one goes whole, not as markers."""
+    spo2 = Stream("bed-src", "bed-1", "DEV-1", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)
+
+    pulse = Stream("bed-src", "bed-1", "DEV-1", MDC["MDC_PULS_OXIM_PULS_RATE"], rate_hz=1.0)
+
+    def record(k: int) -> WindowRecord:
+        steady = StreamFeatures(spo2, 10, 0.0, {"mean": 97.0, "min": 96.0, "max": 98.0})
+        moving = StreamFeatures(pulse, 10, 0.0, {"mean": 60.0 + k, "min": 59.0 + k, "max": 61.0 + k})
+        return WindowRecord("bed-1", "medical", k, 10.0 * k, 1.7e9 + 10.0 * k, 10.0, (steady, moving))
+
+    def spo2_of(window: dict[str, Any]) -> dict[str, Any]:
+        return next(s for s in window["streams"] if s["metric"] == "MDC_PULS_OXIM_SAT_O2")
+
+    async def run(state: Path, max_pending: int) -> tuple[list[tuple[int, dict[str, Any]]], int]:
+        """Windows 1 and 2 queued without a commit between them, then window 3."""
+        config = validate(
+            {"gateway": {"state_dir": str(state)}, "pipeline": {"window_s": 10.0, "hop_s": 10.0}},
+            "<thin>",
+            REGISTRY,
+        )
+        anon = Anonymizer(Pseudonymizer(b"t" * 32), time_mode="relative", start_wall=1.7e9)
+        async with AsyncOutbox(
+            lambda: Outbox(state / "ob.db"), flush_interval_s=3600.0, max_pending_bytes=max_pending
+        ) as outbox:
+            pipeline = Pipeline(config, anon, outbox, [])
+            pipeline.window(record(1))
+            pipeline.window(record(2))  # unchanged: goes as a marker
+            await outbox.flush()
+            pipeline.window(record(3))
+            await outbox.flush()
+            out = []
+            while batch := await outbox.lease(100):
+                out += [
+                    (len(i.payload) + len(i.topic.encode()), as_map(decode(i.payload)))
+                    for i in batch
+                    if i.lane == Lane.FEATURES
+                ]
+                await outbox.ack([i.id for i in batch])
+            return out, sum(outbox.drop_counts().get("features", {}).values())
+
+    # With room: the whole first window, then markers.
+    (tmp_path / "a").mkdir()
+    roomy, dropped = asyncio.run(run(tmp_path / "a", 1 << 20))
+    assert dropped == 0 and len(roomy) == 3
+    assert spo2_of(roomy[1][1]).get("unchanged") is True
+    whole = roomy[0][0]
+    # Room for exactly one whole window: the marker window after it is refused (counted).
+    (tmp_path / "b").mkdir()
+    tight, dropped = asyncio.run(run(tmp_path / "b", whole))
+    assert dropped == 1
+    assert len(tight) == 2
+    third = spo2_of(tight[-1][1])
+    assert not third.get("unchanged"), tight[-1]
+    assert third["features"], tight[-1]

@@ -199,8 +199,8 @@ class AsyncOutbox:
                     _LOG.debug("outbox: still cannot open: %s", exc)
                 await asyncio.sleep(delay)
 
-    def submit(self, item: OutItem) -> None:
-        """Queue a record for the next group commit (no await: called by stages on the loop)."""
+    def submit(self, item: OutItem) -> bool:
+        """Queue a record for the next group commit (no await: called by stages on the loop); False if refused (counted)."""
         if self._closing:
             raise RuntimeError("AsyncOutbox: submit() after close: the record would be lost")
         size = record_size(item)
@@ -208,18 +208,19 @@ class AsyncOutbox:
             outbox = self._outbox
             if outbox is not None and outbox.degraded is not None:
                 self._refuse(item.lane, DropReason.DISK_FULL, 1)
-                return
+                return False
             if self._pending_bytes + size > self._max_pending_bytes:
                 self._refuse(item.lane, DropReason.QUEUE_FULL, 1)
-                return
+                return False
         elif self._pending_bytes + size > 2 * self._max_pending_bytes:
             self._refuse(item.lane, DropReason.QUEUE_FULL, 1)
-            return
+            return False
         self._pending.append(item)
         self._pending_bytes += size
         # An alarm is committed at once rather than at the next interval: it must not wait.
         if item.lane is Lane.ALARMS or len(self._pending) >= self._flush_batch:
             self._wake.set()
+        return True
 
     def count_drop(self, lane: Lane, reason: DropReason, n: int = 1) -> None:
         """Count records dropped before reaching the outbox (e.g. ``OVERSIZE``); never waits.
