@@ -226,7 +226,8 @@ def test_a_window_refused_after_thinning_is_not_referred_to_by_the_next(tmp_path
     # With room: the whole first window, then markers.
     (tmp_path / "a").mkdir()
     roomy, dropped = asyncio.run(run(tmp_path / "a", 1 << 20))
-    assert dropped == 0 and len(roomy) == 3
+    assert dropped == 0
+    assert len(roomy) == 3
     assert spo2_of(roomy[1][1]).get("unchanged") is True
     whole = roomy[0][0]
     # Room for exactly one whole window: the marker window after it is refused (counted).
