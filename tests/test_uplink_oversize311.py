@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tcp_proxy import TcpProxy
 from uplink_support import GATEWAY_ID, RunningUplink, listener, mosquitto_pki, uplink_config, wait_until
 
 from gateway.contracts import Lane
@@ -132,3 +134,61 @@ def test_an_unreadable_stored_record_goes_to_dead_letters_and_delivery_goes_on(
     assert rid == 2
     assert why.startswith("unreadable: ")
     assert seen["connects"] == 1
+
+
+def connected_again(uplink: MqttUplink, connects: int) -> Callable[[], bool]:
+    """True once the uplink has connected more often than ``connects`` times."""
+    return lambda: uplink.counters.connects > connects
+
+
+@pytest.mark.campaign
+def test_a_flaky_link_does_not_make_a_record_the_broker_took_before_too_large(
+    tmp_path: Path, pki: DemoPKI
+) -> None:
+    """Connections cut again and again with the same record in flight: not a size problem when the
+    broker acknowledged a packet as large before, so the record is delivered, nothing set aside."""
+    broker = MosquittoBroker(tmp_path / "broker", pki)  # no packet limit
+    broker.start()
+    topic = "features/subj0000pseudo00"
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        with TcpProxy(broker.host, broker.port) as proxy:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "ob.db"), flush_interval_s=0.02) as outbox:
+                cfg = uplink_config(
+                    broker, pki, port=proxy.port, protocol="3.1.1", oversize_disconnects=3, max_inflight=4
+                )
+                uplink = MqttUplink(outbox, cfg, GATEWAY_ID)
+                run = RunningUplink(uplink)
+                try:
+                    outbox.outbox.put_many([OutItem(Lane.FEATURES, topic, features(1500, 1.0), time.time())])
+                    await wait_until(lambda: outbox.outbox.stats().queued == 0, 20, "the first record")
+                    # PUBACKs now take 1 s: the next record is in flight when each cut comes.
+                    proxy.latency(1.0)
+                    outbox.outbox.put_many([OutItem(Lane.FEATURES, topic, features(1500, 2.0), time.time())])
+                    for _ in range(5):  # some cuts land before the record is out again
+                        connects = uplink.counters.connects
+                        await wait_until(lambda: uplink.connected, 20, "connected")
+                        await wait_until(lambda: uplink.counters.published > 0, 20, "published")
+                        await asyncio.sleep(0.4)
+                        proxy.cut()
+                        await wait_until(lambda: not uplink.connected, 10, "the cut seen")
+                        proxy.clear()
+                        proxy.latency(1.0)
+                        await wait_until(connected_again(uplink, connects), 20, "reconnected")
+                    proxy.clear()
+                    await wait_until(lambda: outbox.outbox.stats().queued == 0, 20, "an empty queue")
+                    seen["dead"] = outbox.outbox.dead_letters()
+                    seen["drops"] = outbox.report().drops
+                    seen["counters"] = uplink.counters
+                finally:
+                    await run.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        broker.stop()
+    assert seen["dead"] == []
+    assert seen["drops"] == {}
+    assert seen["counters"].dead_lettered == 0
+    assert seen["counters"].trimmed == 0

@@ -95,11 +95,16 @@ class Delivery:
         # publish; cleared by its PUBACK.  And the smallest packet found too large, as a limit.
         self._suspects: dict[int, int] = {}
         self._learned_max: int | None = None
+        # The largest 3.1.1 PUBLISH the broker acknowledged: a record no larger than that cannot be
+        # what it ends connections for (a flaky link can end three in a row with it in flight).
+        self._acked_max = 0
+        self._sizes: dict[int, int] = {}  # record id -> PUBLISH bytes, while in flight (3.1.1)
         self._releasing: set[asyncio.Future[None]] = set()
 
     async def start(self, session: Session, epoch: int) -> None:
         """Prepare for a new connection: the epoch, the properties, where the backlog ends."""
         self.epoch = epoch
+        self._sizes.clear()  # the last connection's unacknowledged publishes go again
         session.props_head = packets.record_head(SCHEMA_VERSION, epoch, self._cfg.message_expiry_s)
         self.backlog_through = await self._outbox.last_id()
 
@@ -338,6 +343,8 @@ class Delivery:
             session.last_ack = now  # the wait for a PUBACK starts with the first message in flight
         session.last_publish = now
         session.by_mid[info.mid] = item.id
+        if self._cfg.protocol != "5":
+            self._sizes[item.id] = packets.publish_size(topic, len(payload), None, v5=False)
         if self.counters.published % _LATENCY_EVERY == 0:
             session.sent_at[info.mid] = now
         size = len(payload)
@@ -366,6 +373,18 @@ class Delivery:
         The broker's limit is below its packet: later records of that size are handled at once.
         """
         size = packets.publish_size(topic, payload_len, None, v5=False)
+        if size <= self._acked_max:
+            # The broker took a packet this large before: the link, not the size, ended them.
+            log.debug(
+                "uplink mqtt: record %d (%d bytes) was in flight at %d ended connections, but the broker "
+                "acknowledged %d bytes before: not taken as too large",
+                item.id,
+                size,
+                self._suspects.get(item.id, 0),
+                self._acked_max,
+            )
+            self._suspects.pop(item.id, None)
+            return 0
         if self._learned_max is None or size - 1 < self._learned_max:
             self._learned_max = size - 1
             log.warning(
@@ -457,6 +476,8 @@ class Delivery:
                     session.lost = TransientError(f"the broker refused a publish ({name})")
                 continue
             session.acked_ids.append(rid)
+            if self._sizes:
+                self._acked_max = max(self._acked_max, self._sizes.pop(rid, 0))
             if self._suspects:
                 self._suspects.pop(rid, None)
         if session.acked_ids or session.to_release or session.to_dead_letter:
