@@ -1005,3 +1005,75 @@ def test_bdseq_not_writable_means_no_connect(tmp_path: Path) -> None:
     fresh = Catalog.load(tmp_path / "sparkplug.json")  # set aside, said so, starts again
     assert fresh.bdseq == -1
     assert (tmp_path / "sparkplug.corrupt").exists()
+
+
+def test_a_batch_cut_short_is_released_and_delivered_after_reconnecting(tmp_path: Path) -> None:
+    """The state file cannot be written mid-batch (a new metric): the session ends, nothing stays leased.
+
+    The record that failed and the rest of its batch go back to the queue and are delivered once
+    the state can be written again: none waits for a restart.
+    """
+    from gateway.uplink.certs import demo_pki  # noqa: PLC0415
+
+    pki = demo_pki(tmp_path / "pki")
+    broker = MosquittoBroker(tmp_path / "broker", pki)
+    broker.start()
+    host = Host(broker, pki)
+    blocker = tmp_path / "sparkplug.tmp"  # where the state is written before its rename
+    try:
+
+        async def body() -> None:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                outbox.submit(window(SUBJ_A, 0.0, DEV_A, SPO2, "%", mean=80.0))
+                await outbox.flush()
+                node = SparkplugNode(
+                    outbox,
+                    uplink_config(broker, pki),
+                    SparkplugSection(),
+                    NODE_ID,
+                    check=scan,
+                    state_dir=tmp_path,
+                )
+                task = asyncio.create_task(node.run(lambda: None), name="test-sparkplug-cut")
+                try:
+                    await wait_until(lambda: node.delivered >= 1, 10, "the first record")
+                    blocker.mkdir()  # the state cannot be written from now on
+                    for i in range(1, 41):
+                        if i == 6:  # a metric not announced yet: learnt, saved (fails), reborn
+                            outbox.submit(window(SUBJ_A, float(i), DEV_A, "Pump/temp", "Cel", mean=40.0))
+                        else:
+                            outbox.submit(window(SUBJ_A, float(i), DEV_A, SPO2, "%", mean=80.0 + i / 10))
+                    await outbox.flush()
+                    await wait_until(lambda: not node.connected, 10, "the session to end")
+                    await asyncio.sleep(0.5)  # a few reconnects fail too: the bdSeq cannot be written
+                    assert not node.connected
+                    blocker.rmdir()
+                    deadline = time.monotonic() + 15
+                    while (stats := await outbox.stats()).queued and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    leased = sum(lane.leased for lane in stats.lanes.values())
+                    assert (stats.queued, leased) == (0, 0)
+                    assert node.delivered == 41
+                finally:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+        asyncio.run(body())
+    finally:
+        host.close()
+        broker.stop()
+
+
+def test_an_older_state_snapshot_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    """Writes run in worker threads: one that comes late writes nothing, the bdSeq on disk never goes back."""
+    import json  # noqa: PLC0415
+
+    from gateway.uplink.sparkplug.state import Catalog  # noqa: PLC0415
+
+    cat = Catalog.load(tmp_path / "sparkplug.json")
+    older = cat.writer()  # bdSeq -1
+    assert cat.next_bdseq() == 0  # written at once
+    older()  # late: skipped
+    assert json.loads((tmp_path / "sparkplug.json").read_text())["bdseq"] == 0
+    assert Catalog.load(tmp_path / "sparkplug.json").bdseq == 0

@@ -182,7 +182,7 @@ class SparkplugNode:
             self._set_beat(time.monotonic())
             try:
                 # The state directory must take the next bdSeq: find out before a socket is opened.
-                await asyncio.to_thread(self.catalog.save)
+                await asyncio.to_thread(self.catalog.writer())
                 async with self._connection as session:
                     self.counters.connects += 1
                     if attempt or reported:
@@ -230,7 +230,9 @@ class SparkplugNode:
 
     async def _serve(self, session: Session) -> None:
         self._session = session
-        inflight: dict[int, int] = {}  # paho message id -> outbox id
+        # Every record this session leased and has neither acknowledged nor released: paho message
+        # id -> outbox id once published, -id -> id until then.  _end releases whatever is left.
+        inflight: dict[int, int] = {}
         graceful = False
         messages: collections.deque[tuple[str, bytes]] = collections.deque()
         subscribed = asyncio.Event()
@@ -263,12 +265,11 @@ class SparkplugNode:
             self.backlog_through = await self._outbox.last_id()
             # The first records are read before the births, so what they carry is announced in the
             # first birth sequence rather than in a rebirth moments later.
-            held = await self._outbox.lease(self._cfg.batch)
+            held = await self._lease(self._cfg.batch, inflight)
             for leased in held:
-                inflight[-leased.id] = leased.id  # released by _end if the session ends before sending
                 learnable = self._prepare(leased)
                 if isinstance(learnable, tuple) and self.catalog.learn(learnable[0], learnable[1]):
-                    self.catalog.save()
+                    await asyncio.to_thread(self.catalog.writer())
             self._birth(session)
             # Connected, for the status: born, so the host sees what the node publishes.
             self.connected, self.problem = True, None
@@ -281,7 +282,6 @@ class SparkplugNode:
                 self.backlog_through,
             )
             for leased in held:
-                del inflight[-leased.id]
                 await self._send(session, leased, inflight)
             await self._deliver(session, messages, inflight)
         except HostOfflineError:
@@ -407,26 +407,29 @@ class SparkplugNode:
             done: list[int] = []
             while session.acks:
                 mid, code = session.acks.popleft()
-                rid = inflight.pop(mid, None)
-                if rid is None:
+                if mid not in inflight:
                     continue
                 last_ack = now
-                if code >= 0x80:
-                    await self._outbox.release([rid])
+                if code >= 0x80:  # the record stays in inflight: _end releases it
                     raise TransientError(f"the broker refused a publish (reason 0x{code:02X})")
-                done.append(rid)
+                done.append(mid)
             if done:
-                await self._ack(done)
+                await self._ack([inflight[mid] for mid in done])
+                for mid in done:
+                    del inflight[mid]
             if inflight and now - last_ack > min(_ACK_STALL_S, float(cfg.keepalive_s)):
                 raise TransientError(f"no PUBACK for {_ACK_STALL_S:g} s: the link looks dead: reconnecting")
             room = cfg.max_inflight - len(inflight)
-            items = await self._outbox.lease(min(room, cfg.batch)) if room > 0 else []
             if not inflight:
                 last_ack = now
+            items = await self._lease(min(room, cfg.batch), inflight) if room > 0 else []
             for n, item in enumerate(items):
                 pause = self._replay.wait_for(len(item.payload), time.monotonic())
                 if item.id <= self.backlog_through and pause > 0:
-                    await self._outbox.release([i.id for i in items[n:]])
+                    rest = [i.id for i in items[n:]]
+                    await self._outbox.release(rest)
+                    for rid in rest:
+                        del inflight[-rid]
                     await asyncio.sleep(pause)
                     break
                 await self._send(session, item, inflight)
@@ -468,6 +471,27 @@ class SparkplugNode:
             log.info("sparkplug: rebirth requested: sending the births again (bdSeq %d)", self.bdseq)
             self._birth(session)
 
+    async def _lease(self, n: int, inflight: dict[int, int]) -> list[Leased]:
+        """Lease, each record noted in ``inflight`` as unsent; if cancelled meanwhile, released."""
+        task = asyncio.ensure_future(self._outbox.lease(n))
+        try:
+            got = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_orphans)
+            raise
+        for item in got:
+            inflight[-item.id] = item.id
+        return got
+
+    def _release_orphans(self, task: asyncio.Future[list[Leased]]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        ids = [item.id for item in task.result()]
+        if ids:
+            # AsyncOutbox.release only notes the ids (never waits): safe in a callback.
+            with contextlib.suppress(RuntimeError):
+                self._outbox.outbox.release(ids)
+
     async def _ack(self, ids: list[int]) -> None:
         await self._outbox.ack(ids)
         self.counters.acked += len(ids)
@@ -496,10 +520,15 @@ class SparkplugNode:
         return key, pts, record
 
     async def _send(self, session: Session, item: Leased, inflight: dict[int, int]) -> None:
-        """One record as NDATA/DDATA (or nothing, when none of its values changed)."""
+        """One record as NDATA/DDATA (or nothing, when none of its values changed).
+
+        ``item`` is in ``inflight`` as unsent (``-id``) until it is acknowledged, dead-lettered or
+        published: whatever raises before that, the session's end releases it.
+        """
         prepared = self._prepare(item)
         if isinstance(prepared, str):
             await self._dead_letter(item, prepared)
+            inflight.pop(-item.id, None)
             return
         key, pts, record = prepared
         device = None if key == NODE else key
@@ -509,7 +538,8 @@ class SparkplugNode:
         pts += self._sensor_quality(key, record)
         self._track_devices(key, record)
         if self.catalog.learn(key, pts):
-            self.catalog.save()
+            # On disk before the birth announces the new aliases; written off the loop (fsync).
+            await asyncio.to_thread(self.catalog.writer())
             self._birth(session)
         elif key in self._dead and not self._device_down(key):
             self._dead.discard(key)
@@ -519,6 +549,7 @@ class SparkplugNode:
         if not pts:
             self.counters.unchanged += 1
             await self._ack([item.id])
+            inflight.pop(-item.id, None)
             return
         payload = codec.new_payload(_now_ms(), (self.seq + 1) % 256)
         for p in pts:
@@ -539,9 +570,11 @@ class SparkplugNode:
             self._check(topic.encode())
         except AnonymizationError as exc:
             await self._dead_letter(item, str(exc))
+            inflight.pop(-item.id, None)
             return
         self._next_seq()
         mid = self._publish(session, topic, data, 1)
+        del inflight[-item.id]
         inflight[mid] = item.id
         if historical:
             self._replay.take(len(data), time.monotonic())
@@ -602,12 +635,13 @@ class SparkplugNode:
         done = []
         while session.acks:
             mid, code = session.acks.popleft()
-            rid = inflight.pop(mid, None)
-            if rid is not None and code < 0x80:
-                done.append(rid)
+            if mid in inflight and code < 0x80:
+                done.append(mid)
         try:
             if done:
-                await self._ack(done)
+                await self._ack([inflight[mid] for mid in done])
+                for mid in done:
+                    del inflight[mid]
         finally:
             if inflight:
                 with contextlib.suppress(RuntimeError):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,10 @@ class Catalog:
     bdseq: int = -1  # the last one used; the first connection uses 0
     devices: dict[str, dict[str, Entry]] = field(default_factory=dict)
     next_alias: int = 1
+    # Writes may run in worker threads: one at a time, and an older snapshot never replaces a newer one.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _taken: int = field(default=0, repr=False, compare=False)
+    _written: int = field(default=0, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: Path | None) -> Catalog:
@@ -76,8 +82,14 @@ class Catalog:
 
     def save(self) -> None:
         """Write atomically: a temporary file, fsync, rename."""
-        if self.path is None:
-            return
+        self.writer()()
+
+    def writer(self) -> Callable[[], None]:
+        """The catalog as it is now, to be written by the returned call (in a worker thread, say).
+
+        Taken on the caller's thread, so later changes are not in it; when a newer snapshot was
+        written first, the call writes nothing (the file never goes back to an older bdSeq).
+        """
         doc = {
             "version": _VERSION,
             "bdseq": self.bdseq,
@@ -89,13 +101,24 @@ class Catalog:
                 for device, metrics in self.devices.items()
             },
         }
+        self._taken += 1
+        taken = self._taken
+        return lambda: self._write(doc, taken)
+
+    def _write(self, doc: dict[str, object], taken: int) -> None:
+        if self.path is None:
+            return
         tmp = self.path.with_suffix(".tmp")
         try:
-            with tmp.open("w", encoding="utf-8") as f:
-                json.dump(doc, f, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(self.path)
+            with self._lock:
+                if taken <= self._written:
+                    return
+                with tmp.open("w", encoding="utf-8") as f:
+                    json.dump(doc, f, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                tmp.replace(self.path)
+                self._written = taken
         except OSError as exc:
             # Without a persisted bdSeq a restart could reuse one: no CONNECT until it is written.
             raise TransientError(
