@@ -24,12 +24,12 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway.cleanup import cancel_requested
 from gateway.config import Config
 from gateway.contracts import DriverSpec
 from gateway.downlink import restart
@@ -37,7 +37,7 @@ from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
 from gateway.downlink.errors import RefusedError
 from gateway.downlink.renewal import Renewal
-from gateway.downlink.signing import Trust, Verified, verify, verify_rotation
+from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, Verified, verify, verify_rotation
 from gateway.errors import ConfigError, EdgetwinError
 from gateway.supervisor import Supervisor, UnitState
 
@@ -47,6 +47,9 @@ MAX_STARTS_ON_PENDING = 3  # process starts on an unproven revision before it co
 _POLL_S = 0.25
 _REPORT_EVERY_S = 1.0
 _RENEW_CHECK_S = 3600.0  # how often the certificate's expiry is looked at
+_QUIET_REPEATS = 100  # an identical malformed refusal again: recorded once per this many
+# Why a revision was rolled back, as reported (the full text stays in the log and the audit file).
+ROLLBACK_CAUSES = ("unhealthy", "not-ready", "uplink", "crash-loop", "exited", "not-written")
 
 
 def _now() -> str:
@@ -92,6 +95,8 @@ class Downlink:
         self._trial_until: float | None = None  # the new pair must connect before this (monotonic)
         self._attaches = 0  # connections so far; one after the install proves the new pair
         self._attach_mark = 0
+        self._last_refusal: tuple[str, str] | None = None  # reason and detail of the newest malformed one
+        self._repeats = 0  # identical malformed refusals not recorded since
 
     # --- the hook the MQTT uplink calls on each connection ----------------------------------------
 
@@ -158,8 +163,8 @@ class Downlink:
             "applied": st.applied,
             "accepted": st.accepted,
             "pending": None if st.pending is None else {"version": st.pending.version},
-            "refused": st.refused[-3:],
-            "last_rollback": st.last_rollback,
+            "refused": [_public_refusal(r) for r in st.refused[-3:]],
+            "last_rollback": _public_rollback(st.last_rollback),
             "audit": None if head is None else {"count": head.count, "head": head.hash},
             "trust": {"version": st.trust_version, "keys": self._trust_keys()},
             "certificate": self._certificate(),
@@ -197,6 +202,8 @@ class Downlink:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_REPORT_EVERY_S):
                     await self._wake.wait()
+            if cancel_requested():  # a cancellation swallowed with the time-out (Python 3.11)
+                raise asyncio.CancelledError
             if (units := self._units_now()) != shown:
                 shown = units
                 self.report()
@@ -327,8 +334,8 @@ class Downlink:
         if digest in _seen(self.dir):
             return False  # the retained message again, after a reconnect: handled before
         held = self.quarantine / f"{digest[:16]}.envelope"
-        persist.write_atomic(held, data)
-        audit.append("received", detail=f"{len(data)} bytes", sha256=digest)
+        if len(data) <= MAX_ENVELOPE_BYTES:  # a larger one is refused unwritten
+            persist.write_atomic(held, data)
         try:
             found = verify(
                 data,
@@ -338,10 +345,13 @@ class Downlink:
                 now=dt.datetime.now(dt.UTC),
             )
         except RefusedError as exc:
-            self._refuse(None, exc.reason, str(exc))
             held.unlink(missing_ok=True)
+            if not self._quiet_repeat(exc):
+                audit.append("received", detail=f"{len(data)} bytes", sha256=digest)
+                self._refuse(None, exc.reason, self._with_repeats(str(exc)))
             return False
         held.unlink(missing_ok=True)
+        audit.append("received", detail=f"{len(data)} bytes", sha256=digest)
         audit.append(
             "verified", version=found.version, keys=[k[:12] for k in found.keyids], sha256=found.sha256
         )
@@ -356,8 +366,8 @@ class Downlink:
         if digest in _seen(self.dir):
             return
         held = self.quarantine / f"{digest[:16]}.trust"
-        persist.write_atomic(held, data)
-        self.audit.append("received", detail=f"trust set, {len(data)} bytes", sha256=digest)
+        if len(data) <= MAX_ENVELOPE_BYTES:  # a larger one is refused unwritten
+            persist.write_atomic(held, data)
         try:
             found, new = verify_rotation(
                 data,
@@ -367,10 +377,13 @@ class Downlink:
                 now=dt.datetime.now(dt.UTC),
             )
         except RefusedError as exc:
-            self._refuse(None, exc.reason, f"trust set: {exc}")
+            if not self._quiet_repeat(exc):
+                self.audit.append("received", detail=f"trust set, {len(data)} bytes", sha256=digest)
+                self._refuse(None, exc.reason, self._with_repeats(f"trust set: {exc}"))
             return
         finally:
             held.unlink(missing_ok=True)
+        self.audit.append("received", detail=f"trust set, {len(data)} bytes", sha256=digest)
         persist.write_atomic(self.dir / "trust.json", found.content)
         self._trust = new
         st.trust_version = found.version
@@ -380,6 +393,29 @@ class Downlink:
         self.audit.append("trust-rotated", version=found.version, keys=kept, threshold=new.threshold)
         log.info("downlink: trust set v%d taken: keys %s, threshold %d", found.version, kept, new.threshold)
         self.report()
+
+    def _quiet_repeat(self, exc: RefusedError) -> bool:
+        """True for a malformed payload refused just as the one before: logged, not recorded again.
+
+        Distinct garbage payloads would otherwise each cost an audit entry and two fsynced writes;
+        one in :data:`_QUIET_REPEATS` is still recorded, with the count of those in between.
+        """
+        key = (exc.reason, str(exc))
+        if exc.reason not in ("malformed", "too-large") or key != self._last_refusal:
+            self._last_refusal = key if exc.reason in ("malformed", "too-large") else None
+            self._repeats = 0
+            return False
+        self._repeats += 1
+        if self._repeats >= _QUIET_REPEATS:
+            return False
+        log.debug("downlink: desired state refused again: %s: %s", exc.reason, exc)
+        return True
+
+    def _with_repeats(self, detail: str) -> str:
+        if self._repeats:
+            detail = f"{detail} (refused the same way {self._repeats} time(s) since the last record)"
+            self._repeats = 0
+        return detail
 
     def _refuse(self, version: int | None, reason: str, detail: str) -> None:
         assert self.audit is not None
@@ -412,22 +448,25 @@ class Downlink:
             return False
         live = self._config.file
         backup = self.dir / "previous.toml"
+        excused = [
+            u.name for u in self._sup.units if not _healthy(u, time.monotonic()) and u.name != "downlink"
+        ]
         try:
-            await asyncio.to_thread(shutil.copy2, live, backup)
+            # The backup on disk (fsynced) and the pending revision saved before the live file is
+            # replaced: a power cut at any point leaves a state that a start rolls back or runs on.
+            await asyncio.to_thread(_write_backup, live, backup)
+            st.pending = persist.Pending(version, found.sha256, str(backup), excused)
+            persist.save(self._state_path, st)
+            _remember(self.dir, self._digest)
             await asyncio.to_thread(persist.write_atomic, live, found.content, live.stat().st_mode & 0o777)
         except OSError as exc:
+            st.pending = None
             self._refuse(
                 version,
                 "cannot-write-config",
                 f"{live}: {exc.strerror}: let the service write its config directory (ReadWritePaths)",
             )
             return False
-        excused = [
-            u.name for u in self._sup.units if not _healthy(u, time.monotonic()) and u.name != "downlink"
-        ]
-        st.pending = persist.Pending(version, found.sha256, str(backup), excused)
-        persist.save(self._state_path, st)
-        _remember(self.dir, self._digest)
         self.audit.append(
             "applying", version=version, detail=f"written to {live}; restarting", excused=excused
         )
@@ -467,12 +506,20 @@ class Downlink:
         pending.starts += 1
         persist.save(self._state_path, st)
         self.phase = "probation"
+        live = await asyncio.to_thread(self._config.file.read_bytes)
+        if hashlib.sha256(live).hexdigest() != pending.sha256:
+            # Stopped after the revision was recorded as pending and before the file was replaced.
+            self._rollback(
+                pending, "the revision was not written in place before the gateway stopped", "not-written", []
+            )
+            return False
         deadline_s, settle_s = self._section.apply_deadline_s, self._section.settle_s
         end = time.monotonic() + deadline_s
         healthy_since: float | None = None
         why = f"crashed or was stopped {pending.starts - 1} time(s) on it"
+        cause, units = "crash-loop", list[str]()
         while pending.starts <= MAX_STARTS_ON_PENDING and (now := time.monotonic()) < end:
-            why = self._unhealthy(pending, now)
+            why, cause, units = self._unhealthy(pending, now)
             if why:
                 healthy_since = None
             elif healthy_since is None:
@@ -487,42 +534,79 @@ class Downlink:
                 log.info("downlink: config v%d applied: READY with every unit healthy", pending.version)
                 return True
             await asyncio.sleep(_POLL_S)
-        self._rollback(pending, why or "not healthy long enough")
+        self._rollback(pending, why or "not healthy long enough", cause if why else "unhealthy", units)
         return False
 
-    def _unhealthy(self, pending: persist.Pending, now: float) -> str:
-        """Why the gateway is not yet healthy on the new config, or ""."""
+    def _unhealthy(self, pending: persist.Pending, now: float) -> tuple[str, str, list[str]]:
+        """Why the gateway is not yet healthy on the new config ("" when it is), the cause, the unit names.
+
+        The text (errors, host names, device paths) is for the log and the audit file; the cause
+        (one of :data:`ROLLBACK_CAUSES`) and the names are what the reported state carries.
+        """
         if not self._sup.ready:
-            return "not READY"
-        bad = [
-            f"{u.name} {u.state}{': ' + u.last_error if u.last_error else ''}"
+            return "not READY", "not-ready", []
+        failing = [
+            u
             for u in self._sup.units
             if u.name != "downlink" and u.name not in pending.excused and not _healthy(u, now)
         ]
+        bad = [f"{u.name} {u.state}{': ' + u.last_error if u.last_error else ''}" for u in failing]
+        names = [u.name for u in failing]
+        cause = "unhealthy"
         if getattr(self._uplink, "connected", True) is False:
             bad.append(f"uplink not connected to the broker ({getattr(self._uplink, 'problem', '')})")
-        return "; ".join(bad)
+            names.append("uplink")
+            cause = cause if failing else "uplink"
+        return "; ".join(bad), cause, names
 
-    def _rollback(self, pending: persist.Pending, why: str) -> None:
+    def _rollback(self, pending: persist.Pending, why: str, cause: str, units: list[str]) -> None:
         """Restore the previous config file and restart onto it."""
         assert self.audit is not None
         detail = f"not healthy within {self._section.apply_deadline_s:g} s: {why}"
-        roll_back(self._config.file, self.dir, self.state, self.audit, detail)
+        roll_back(self._config.file, self.dir, self.state, self.audit, detail, cause=cause, units=units)
         self.phase = "rolling back"
         self.report()
         restart.request(f"rollback of config v{pending.version}")
         self._sup.request_stop()
 
 
-def roll_back(live: Path, directory: Path, st: persist.DownlinkState, audit: AuditLog, detail: str) -> None:
-    """Put the config file from before the pending revision back, and record why."""
+def roll_back(
+    live: Path,
+    directory: Path,
+    st: persist.DownlinkState,
+    audit: AuditLog,
+    detail: str,
+    *,
+    cause: str,
+    units: list[str] | None = None,
+) -> None:
+    """Put the config file from before the pending revision back, and record why.
+
+    ``detail`` is the full text (log, audit file, state file); ``cause`` (one of
+    :data:`ROLLBACK_CAUSES`) and ``units`` (names) are what the reported state carries.  A missing
+    or empty backup is refused with a ConfigError: the live file is left as it is.
+    """
     pending = st.pending
     assert pending is not None
-    persist.write_atomic(live, Path(pending.backup).read_bytes(), live.stat().st_mode & 0o777)
+    backup = Path(pending.backup)
+    try:
+        previous = backup.read_bytes()
+    except OSError as exc:
+        raise _no_backup(pending.version, backup, exc.strerror or type(exc).__name__) from exc
+    if not previous.strip():
+        raise _no_backup(pending.version, backup, "empty")
+    persist.write_atomic(live, previous, live.stat().st_mode & 0o777)
     log.warning("downlink: config v%d rolled back: %s", pending.version, detail)
     st.pending = None
-    st.last_rollback = {"version": pending.version, "reason": detail, "at": _now()}
-    st.refuse(pending.version, "rolled-back", detail, _now())
+    names = list(units or [])
+    st.last_rollback = {
+        "version": pending.version,
+        "reason": cause,
+        "units": names,
+        "detail": detail,
+        "at": _now(),
+    }
+    st.refuse(pending.version, "rolled-back", detail, _now(), units=names)
     persist.save(directory / "state.json", st)
     audit.append("rolled-back", version=pending.version, detail=detail)
 
@@ -545,10 +629,50 @@ def roll_back_after_exit(config: Config, code: int) -> bool:
             if st.pending is None:
                 return False
             detail = f"the gateway exited with code {code} on it before it could be judged"
-            roll_back(config.file, directory, st, AuditLog(directory / "audit.jsonl"), detail)
+            roll_back(config.file, directory, st, AuditLog(directory / "audit.jsonl"), detail, cause="exited")
     except StateDirBusyError:
         return False
+    except ConfigError as exc:  # no backup to go back to: the exit code stands, the log says why
+        log.error("%s", exc)
+        return False
     return True
+
+
+def _no_backup(version: int, backup: Path, why: str) -> ConfigError:
+    return ConfigError(
+        f"downlink: cannot roll back config v{version}: the previous config file {backup} is {why}: "
+        "the live config file is left as it is: restore it by hand (edgetwin check), then delete "
+        "'pending' from the downlink's state.json"
+    )
+
+
+def _write_backup(live: Path, backup: Path) -> None:
+    """Copy the live config file to ``backup``, fsynced and renamed into place."""
+    data = live.read_bytes()
+    if not data.strip():
+        raise OSError(0, "the live config file is empty: nothing to roll back to")
+    persist.write_atomic(backup, data)
+
+
+def _public_refusal(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A refusal as reported: reason word and unit names only (details name devices and hosts)."""
+    public = {"version": entry.get("version"), "reason": entry.get("reason"), "at": entry.get("at")}
+    if entry.get("units"):
+        public["units"] = list(entry["units"])
+    return public
+
+
+def _public_rollback(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The newest rollback as reported: its cause word and unit names, not the text."""
+    if entry is None:
+        return None
+    reason = entry.get("reason")
+    return {
+        "version": entry.get("version"),
+        "reason": reason if reason in ROLLBACK_CAUSES else "rolled-back",  # a free text from before
+        "units": list(entry.get("units") or []),
+        "at": entry.get("at"),
+    }
 
 
 def _healthy(unit: Any, now: float) -> bool:
