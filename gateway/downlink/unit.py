@@ -207,16 +207,16 @@ class Downlink:
             if (units := self._units_now()) != shown:
                 shown = units
                 self.report()
-            self._renew_tick()
+            await self._renew_tick()
             if not self._wake.is_set():
                 continue
             self._wake.clear()
             cert, self._cert = self._cert, None
             if cert is not None:
-                self._take_certificate(cert)
+                await self._take_certificate(cert)
             rotation, self._rotation = self._rotation, None
             if rotation is not None:
-                self._rotate(rotation)
+                await self._rotate(rotation)
             data, self._desired = self._desired, None
             if data is not None and await self._handle(data):
                 await asyncio.Event().wait()  # restarting onto the new config: the supervisor stops us
@@ -231,7 +231,7 @@ class Downlink:
         with contextlib.suppress(Exception):
             client.publish(f"{self._root}/csr", self._renewal.csr.read_bytes(), qos=1, retain=True)
 
-    def _renew_tick(self) -> None:
+    async def _renew_tick(self) -> None:
         """Make a CSR when the certificate is due; judge a new pair on trial."""
         r = self._renewal
         if r is None or not r.enabled or self.audit is None:
@@ -243,8 +243,10 @@ class Downlink:
             if self._attaches > self._attach_mark and getattr(self._uplink, "connected", False):
                 r.forget_previous()
                 self._trial_until = None
-                self.audit.append(
-                    "cert-connected", detail="the new certificate connected: the old pair removed"
+                await asyncio.to_thread(
+                    self.audit.append,
+                    "cert-connected",
+                    detail="the new certificate connected: the old pair removed",
                 )
                 log.info("downlink: the renewed certificate connected; the old pair is removed")
                 self.report()
@@ -252,7 +254,7 @@ class Downlink:
                 r.restore()
                 self._trial_until = None
                 detail = f"the new certificate did not connect within {self._section.apply_deadline_s:g} s"
-                self.audit.append("cert-rolled-back", detail=detail)
+                await asyncio.to_thread(self.audit.append, "cert-rolled-back", detail=detail)
                 log.warning("downlink: %s: the old pair is back", detail)
                 self._reconnect()
             return
@@ -267,29 +269,34 @@ class Downlink:
         if left > self._section.renew_before_days:
             return
         r.make_csr()
-        self.audit.append("csr-made", detail=f"the certificate has {left:.1f} days left")
+        await asyncio.to_thread(
+            self.audit.append, "csr-made", detail=f"the certificate has {left:.1f} days left"
+        )
         log.info("downlink: client certificate has %.1f days left: CSR sent to the twin", left)
         self._publish_csr()
         self.report()
 
-    def _take_certificate(self, pem: bytes) -> None:
+    async def _take_certificate(self, pem: bytes) -> None:
         """Install a signed certificate for the pending key, or refuse it."""
         r = self._renewal
         assert self.audit is not None
         digest = self._digest = hashlib.sha256(pem).hexdigest()
         if r is None or digest in _seen(self.dir):
             return
-        self.audit.append("received", detail=f"certificate, {len(pem)} bytes", sha256=digest)
+        await asyncio.to_thread(
+            self.audit.append, "received", detail=f"certificate, {len(pem)} bytes", sha256=digest
+        )
         try:
             cert = r.check(pem, dt.datetime.now(dt.UTC))
         except RefusedError as exc:
-            self._refuse(None, exc.reason, f"certificate: {exc}")
+            await self._refuse(None, exc.reason, f"certificate: {exc}")
             return
         r.install(pem)
-        _remember(self.dir, digest)
+        await asyncio.to_thread(_remember, self.dir, digest)
         self._trial_until = time.monotonic() + self._section.apply_deadline_s
         self._attach_mark = self._attaches
-        self.audit.append(
+        await asyncio.to_thread(
+            self.audit.append,
             "cert-installed",
             detail=f"serial {cert.serial_number:x}, valid until {cert.not_valid_after_utc:%Y-%m-%d}",
         )
@@ -335,7 +342,7 @@ class Downlink:
             return False  # the retained message again, after a reconnect: handled before
         held = self.quarantine / f"{digest[:16]}.envelope"
         if len(data) <= MAX_ENVELOPE_BYTES:  # a larger one is refused unwritten
-            persist.write_atomic(held, data)
+            await asyncio.to_thread(persist.write_atomic, held, data)
         try:
             found = verify(
                 data,
@@ -347,17 +354,21 @@ class Downlink:
         except RefusedError as exc:
             held.unlink(missing_ok=True)
             if not self._quiet_repeat(exc):
-                audit.append("received", detail=f"{len(data)} bytes", sha256=digest)
-                self._refuse(None, exc.reason, self._with_repeats(str(exc)))
+                await asyncio.to_thread(audit.append, "received", detail=f"{len(data)} bytes", sha256=digest)
+                await self._refuse(None, exc.reason, self._with_repeats(str(exc)))
             return False
         held.unlink(missing_ok=True)
-        audit.append("received", detail=f"{len(data)} bytes", sha256=digest)
-        audit.append(
-            "verified", version=found.version, keys=[k[:12] for k in found.keyids], sha256=found.sha256
+        await asyncio.to_thread(audit.append, "received", detail=f"{len(data)} bytes", sha256=digest)
+        await asyncio.to_thread(
+            audit.append,
+            "verified",
+            version=found.version,
+            keys=[k[:12] for k in found.keyids],
+            sha256=found.sha256,
         )
         return await self._apply(found)
 
-    def _rotate(self, data: bytes) -> None:
+    async def _rotate(self, data: bytes) -> None:
         """Take a new trust set signed by the current keys and its own, or refuse it."""
         assert self.audit is not None
         assert self._trust is not None
@@ -367,7 +378,7 @@ class Downlink:
             return
         held = self.quarantine / f"{digest[:16]}.trust"
         if len(data) <= MAX_ENVELOPE_BYTES:  # a larger one is refused unwritten
-            persist.write_atomic(held, data)
+            await asyncio.to_thread(persist.write_atomic, held, data)
         try:
             found, new = verify_rotation(
                 data,
@@ -378,19 +389,25 @@ class Downlink:
             )
         except RefusedError as exc:
             if not self._quiet_repeat(exc):
-                self.audit.append("received", detail=f"trust set, {len(data)} bytes", sha256=digest)
-                self._refuse(None, exc.reason, self._with_repeats(f"trust set: {exc}"))
+                await asyncio.to_thread(
+                    self.audit.append, "received", detail=f"trust set, {len(data)} bytes", sha256=digest
+                )
+                await self._refuse(None, exc.reason, self._with_repeats(f"trust set: {exc}"))
             return
         finally:
             held.unlink(missing_ok=True)
-        self.audit.append("received", detail=f"trust set, {len(data)} bytes", sha256=digest)
-        persist.write_atomic(self.dir / "trust.json", found.content)
+        await asyncio.to_thread(
+            self.audit.append, "received", detail=f"trust set, {len(data)} bytes", sha256=digest
+        )
+        await asyncio.to_thread(persist.write_atomic, self.dir / "trust.json", found.content)
         self._trust = new
         st.trust_version = found.version
-        persist.save(self._state_path, st)
-        _remember(self.dir, digest)
+        await asyncio.to_thread(persist.save, self._state_path, st)
+        await asyncio.to_thread(_remember, self.dir, digest)
         kept = sorted(k[:12] for k in new.keys if k not in new.revoked)
-        self.audit.append("trust-rotated", version=found.version, keys=kept, threshold=new.threshold)
+        await asyncio.to_thread(
+            self.audit.append, "trust-rotated", version=found.version, keys=kept, threshold=new.threshold
+        )
         log.info("downlink: trust set v%d taken: keys %s, threshold %d", found.version, kept, new.threshold)
         self.report()
 
@@ -417,15 +434,15 @@ class Downlink:
             self._repeats = 0
         return detail
 
-    def _refuse(self, version: int | None, reason: str, detail: str) -> None:
+    async def _refuse(self, version: int | None, reason: str, detail: str) -> None:
         assert self.audit is not None
         log.warning(
             "downlink: desired state%s refused: %s: %s", f" v{version}" if version else "", reason, detail
         )
-        self.audit.append("refused", version=version, reason=reason, detail=detail)
+        await asyncio.to_thread(self.audit.append, "refused", version=version, reason=reason, detail=detail)
         self.state.refuse(version, reason, detail, _now())
-        persist.save(self._state_path, self.state)
-        _remember(self.dir, self._digest)
+        await asyncio.to_thread(persist.save, self._state_path, self.state)
+        await asyncio.to_thread(_remember, self.dir, self._digest)
         self.report()
 
     async def _apply(self, found: Verified) -> bool:
@@ -438,13 +455,13 @@ class Downlink:
         for old in staged_dir.iterdir():  # the newest revision only: earlier ones are in the audit log
             old.unlink(missing_ok=True)
         staged = staged_dir / f"config-v{version}.toml"
-        persist.write_atomic(staged, found.content)
+        await asyncio.to_thread(persist.write_atomic, staged, found.content)
         try:
             problems = await asyncio.to_thread(self._check, staged)
         except Exception as exc:  # noqa: BLE001 - a driver's check that breaks refuses the revision, not the unit
             problems = f"the checks themselves failed: {type(exc).__name__}: {exc}"
         if problems:
-            self._refuse(version, "invalid-config", problems)
+            await self._refuse(version, "invalid-config", problems)
             return False
         live = self._config.file
         backup = self.dir / "previous.toml"
@@ -456,19 +473,23 @@ class Downlink:
             # replaced: a power cut at any point leaves a state that a start rolls back or runs on.
             await asyncio.to_thread(_write_backup, live, backup)
             st.pending = persist.Pending(version, found.sha256, str(backup), excused)
-            persist.save(self._state_path, st)
-            _remember(self.dir, self._digest)
+            await asyncio.to_thread(persist.save, self._state_path, st)
+            await asyncio.to_thread(_remember, self.dir, self._digest)
             await asyncio.to_thread(persist.write_atomic, live, found.content, live.stat().st_mode & 0o777)
         except OSError as exc:
             st.pending = None
-            self._refuse(
+            await self._refuse(
                 version,
                 "cannot-write-config",
                 f"{live}: {exc.strerror}: let the service write its config directory (ReadWritePaths)",
             )
             return False
-        self.audit.append(
-            "applying", version=version, detail=f"written to {live}; restarting", excused=excused
+        await asyncio.to_thread(
+            self.audit.append,
+            "applying",
+            version=version,
+            detail=f"written to {live}; restarting",
+            excused=excused,
         )
         self.phase = "applying"
         self.report()
@@ -504,12 +525,12 @@ class Downlink:
         st, pending = self.state, self.state.pending
         assert pending is not None
         pending.starts += 1
-        persist.save(self._state_path, st)
+        await asyncio.to_thread(persist.save, self._state_path, st)
         self.phase = "probation"
         live = await asyncio.to_thread(self._config.file.read_bytes)
         if hashlib.sha256(live).hexdigest() != pending.sha256:
             # Stopped after the revision was recorded as pending and before the file was replaced.
-            self._rollback(
+            await self._rollback(
                 pending, "the revision was not written in place before the gateway stopped", "not-written", []
             )
             return False
@@ -527,14 +548,17 @@ class Downlink:
             elif now - healthy_since >= settle_s:
                 st.applied = {"version": pending.version, "sha256": pending.sha256, "at": _now()}
                 st.pending = None
-                persist.save(self._state_path, st)
-                self.audit.append(
-                    "applied", version=pending.version, detail="READY, units healthy, broker reached"
+                await asyncio.to_thread(persist.save, self._state_path, st)
+                await asyncio.to_thread(
+                    self.audit.append,
+                    "applied",
+                    version=pending.version,
+                    detail="READY, units healthy, broker reached",
                 )
                 log.info("downlink: config v%d applied: READY with every unit healthy", pending.version)
                 return True
             await asyncio.sleep(_POLL_S)
-        self._rollback(pending, why or "not healthy long enough", cause if why else "unhealthy", units)
+        await self._rollback(pending, why or "not healthy long enough", cause if why else "unhealthy", units)
         return False
 
     def _unhealthy(self, pending: persist.Pending, now: float) -> tuple[str, str, list[str]]:
@@ -559,11 +583,13 @@ class Downlink:
             cause = cause if failing else "uplink"
         return "; ".join(bad), cause, names
 
-    def _rollback(self, pending: persist.Pending, why: str, cause: str, units: list[str]) -> None:
+    async def _rollback(self, pending: persist.Pending, why: str, cause: str, units: list[str]) -> None:
         """Restore the previous config file and restart onto it."""
         assert self.audit is not None
         detail = f"not healthy within {self._section.apply_deadline_s:g} s: {why}"
-        roll_back(self._config.file, self.dir, self.state, self.audit, detail, cause=cause, units=units)
+        await asyncio.to_thread(
+            roll_back, self._config.file, self.dir, self.state, self.audit, detail, cause=cause, units=units
+        )
         self.phase = "rolling back"
         self.report()
         restart.request(f"rollback of config v{pending.version}")
