@@ -42,12 +42,14 @@ device = "{device}"
 """
 
 
+# The serial number in the by-id path must stay local: never in the retained reported state.
+BROKEN_SERIAL = "SN-EDGETWIN-TEST"
 BROKEN_SOURCE = """
 [[sources]]
 name = "bed7-sim"
 driver = "serial"
 subject = "bed7-sim-subject"
-port = "/dev/edgetwin-test-no-such-port"
+port = "/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_SN-EDGETWIN-TEST-if00-port0"
 protocol = "nonin2"
 """
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -15,8 +17,8 @@ from gateway.config import load
 from gateway.downlink import audit
 from gateway.downlink import state as persist
 from gateway.downlink.checks import trust_findings
-from gateway.downlink.signing import key_id, public_hex
-from gateway.downlink.unit import roll_back_after_exit
+from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, excerpt, key_id, public_hex, sign
+from gateway.downlink.unit import Downlink, roll_back, roll_back_after_exit
 from gateway.errors import ConfigError
 from gateway.observe.check import Level
 from gateway.observe.lock import state_dir_lock
@@ -124,3 +126,88 @@ def test_a_second_run_refused_for_a_busy_state_dir_does_not_roll_back(tmp_path: 
         assert roll_back_after_exit(config, 1) is False
     assert live.read_text() == _config(tmp_path, "new")
     assert persist.load(directory / "state.json").pending is not None
+
+
+def test_a_rollback_without_its_backup_is_refused_and_the_live_file_kept(tmp_path: Path) -> None:
+    live = tmp_path / "edgetwin.toml"
+    live.write_text(_config(tmp_path, "new"))
+    directory = tmp_path / "state" / "downlink"
+    directory.mkdir(parents=True)
+    backup = directory / "previous.toml"
+    for present in (False, True):  # missing, then empty
+        if present:
+            backup.write_text("")
+        st = persist.DownlinkState(accepted=4, pending=persist.Pending(4, "ab" * 32, str(backup), []))
+        log = audit.AuditLog(directory / "audit.jsonl")
+        why = "empty" if present else "No such file or directory"
+        with pytest.raises(
+            ConfigError, match=f"cannot roll back config v4: the previous config file .* is {why}"
+        ):
+            roll_back(live, directory, st, log, "test", cause="exited")
+        assert live.read_text() == _config(tmp_path, "new")
+        assert st.pending is not None
+    persist.save(directory / "state.json", st)
+    # After an exit: the error is logged, the exit code stands, nothing is written.
+    assert roll_back_after_exit(load(live, REGISTRY), 78) is False
+    assert live.read_text() == _config(tmp_path, "new")
+    assert persist.load(directory / "state.json").pending is not None
+
+
+def _downlink(tmp: Path, key: Ed25519PrivateKey) -> Downlink:
+    live = tmp / "edgetwin.toml"
+    live.write_text(_config(tmp, "gw"))
+    dl = Downlink(load(live, REGISTRY), REGISTRY, supervisor=None, uplink=None, gateway_id="gw1")  # type: ignore[arg-type]
+    dl.quarantine.mkdir(parents=True)
+    dl.audit = audit.AuditLog(dl.dir / "audit.jsonl")
+    dl._trust = Trust.from_json({"keys": {key_id(key.public_key()): public_hex(key.public_key())}}, "test")
+    return dl
+
+
+def test_an_oversized_payload_is_refused_without_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dl = _downlink(tmp_path, Ed25519PrivateKey.generate())
+    written: list[Path] = []
+    real = persist.write_atomic
+
+    def recorded(path: Path, data: bytes, mode: int = 0o600) -> None:
+        written.append(path)
+        real(path, data, mode)
+
+    monkeypatch.setattr(persist, "write_atomic", recorded)
+    assert asyncio.run(dl._handle(b"x" * (MAX_ENVELOPE_BYTES + 1))) is False
+    assert dl.state.refused[-1]["reason"] == "too-large"
+    assert not any(p.parent == dl.quarantine for p in written)
+    assert list(dl.quarantine.iterdir()) == []
+
+
+def test_refusal_details_do_not_echo_the_payload_and_repeats_are_recorded_once(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    dl = _downlink(tmp_path, key)
+    env = json.loads(
+        sign(b"x", keys=[key], gateway="gw1", version=2, expires=dt.datetime(2099, 1, 1, tzinfo=dt.UTC))
+    )
+
+    def garbage(n: int) -> bytes:
+        env["signed"]["expires"] = f"/dev/serial/by-id/usb-ATTACKER-{n}\n<script>"
+        return json.dumps(env).encode()
+
+    for n in range(5):
+        assert asyncio.run(dl._handle(garbage(n))) is False
+    entries = [json.loads(line) for line in (dl.dir / "audit.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in entries] == ["received", "refused"]  # the four repeats not recorded
+    assert entries[-1]["detail"] == "not a signed envelope (ValueError)"
+    assert len(dl.state.refused) == 1
+    saved = (dl.dir / "state.json").read_text() + (dl.dir / "audit.jsonl").read_text()
+    assert "ATTACKER" not in saved
+    assert "script" not in saved
+    # Bounded: one in so many is recorded again, with the count.
+    for n in range(5, 5 + 100):
+        asyncio.run(dl._handle(garbage(n)))
+    assert len(dl.state.refused) == 2
+    assert "refused the same way 100 time(s) since the last record" in dl.state.refused[-1]["detail"]
+
+
+def test_an_unverified_value_is_quoted_as_a_short_sanitized_excerpt() -> None:
+    assert excerpt("abc") == "'abc'"
+    assert excerpt("a\nb<c>" + "z" * 40) == "'a?b?c?" + "z" * 18 + "'..."

@@ -19,7 +19,16 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from downlink_support import BROKEN_SOURCE, SHORT_DEADLINE_S, Site, applied, new_site, running, source
+from downlink_support import (
+    BROKEN_SERIAL,
+    BROKEN_SOURCE,
+    SHORT_DEADLINE_S,
+    Site,
+    applied,
+    new_site,
+    running,
+    source,
+)
 from peers import free_port
 from uplink_support import listener, mosquitto_pki, require_mosquitto, running_broker
 
@@ -164,7 +173,10 @@ def test_a_revision_that_breaks_a_source_is_rolled_back(site: Site) -> None:
         lambda r: r.get("last_rollback") is not None and r["phase"] == "running", "rolled back"
     )
     assert rep["last_rollback"]["version"] == 1
-    assert "source:bed7-sim" in rep["last_rollback"]["reason"]
+    assert rep["last_rollback"]["reason"] == "unhealthy"
+    assert rep["last_rollback"]["units"] == ["source:bed7-sim"]
+    assert BROKEN_SERIAL not in json.dumps(rep)  # the device path stays in the log and the audit file
+    assert BROKEN_SERIAL in site.events()[-1]["detail"]
     assert rep["refused"][-1]["reason"] == "rolled-back"
     assert rep["applied"] is None
     assert site.config.read_bytes() == original
@@ -184,7 +196,9 @@ def test_an_uplink_that_cannot_reach_the_broker_is_rolled_back(site: Site) -> No
     rep = site.reported(
         lambda r: r.get("last_rollback") is not None and r["phase"] == "running", "rolled back"
     )
-    assert "uplink not connected" in rep["last_rollback"]["reason"]
+    assert rep["last_rollback"]["reason"] == "uplink"
+    assert rep["last_rollback"]["units"] == ["uplink"]
+    assert "uplink not connected" in site.events()[-1]["detail"]
     assert site.config.read_bytes() == original  # and it reported this over the old settings
 
 
@@ -228,7 +242,8 @@ def test_offline_newest_of_three_applied_invalid_ones_refused_a_broken_one_rolle
         site.publish(envelope)
         rep = site.reported(refused(reason), reason)
         assert rep["applied"]["version"] == 3
-    assert "no-such-driver" in rep["refused"][-1]["detail"]
+    assert "detail" not in rep["refused"][-1]  # the findings are in the audit file only
+    assert "no-such-driver" in site.events()[-1]["detail"]
     assert site.config.read_bytes() == running_config
     assert site.proc is not None
     assert list((site.tmp / "state" / "downlink" / "quarantine").iterdir()) == []
@@ -259,7 +274,9 @@ def test_offline_newest_of_three_applied_invalid_ones_refused_a_broken_one_rolle
     # A revision that breaks a source: applied, judged, rolled back onto v3.
     site.publish(site.envelope(5, BROKEN_SOURCE, deadline_s=SHORT_DEADLINE_S))
     rep = site.reported(lambda r: (r.get("last_rollback") or {}).get("version") == 5, "v5 rolled back")
-    assert "source:bed7-sim" in rep["last_rollback"]["reason"]
+    assert rep["last_rollback"]["units"] == ["source:bed7-sim"]
+    assert BROKEN_SERIAL not in json.dumps(rep)  # only reason words and unit names leave
+    assert BROKEN_SERIAL in site.events()[-1]["detail"]
     assert site.config.read_bytes() == running_config
     rep = site.reported(lambda r: r["phase"] == "running" and running("source:bed13-sim")(r), "v3 again")
     assert rep["applied"]["version"] == 3

@@ -219,7 +219,7 @@ def cmd_downlink_status(args: argparse.Namespace) -> int:
         _say(f"on probation: revision {st.pending.version} (started {st.pending.starts} time(s) on it)")
     if st.last_rollback:
         rb = st.last_rollback
-        _say(f"last rollback: revision {rb['version']} at {rb['at']}: {rb['reason']}")
+        _say(f"last rollback: revision {rb['version']} at {rb['at']}: {rb.get('detail') or rb['reason']}")
     for refusal in st.refused[-args.last :]:
         _say(
             f"refused {refusal['at']}: v{refusal['version'] or '?'} {refusal['reason']}: {refusal['detail']}"

@@ -161,9 +161,10 @@ def verify(
         digest, length = str(signed["sha256"]), int(signed["length"])
         content = base64.b64decode(str(env["content"]), validate=True)
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise RefusedError("malformed", f"not a signed envelope: {type(exc).__name__}: {exc}") from exc
+        # The exception's text quotes the payload (strptime: the whole 'expires' value): not echoed.
+        raise RefusedError("malformed", f"not a signed envelope ({type(exc).__name__})") from exc
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise RefusedError("malformed", f"version must be a positive integer, found {version!r}")
+        raise RefusedError("malformed", f"version must be a positive integer, found {excerpt(version)}")
     if not isinstance(signatures, list):
         raise RefusedError("malformed", "signatures must be a list")
     if not signatures:
@@ -178,9 +179,9 @@ def verify(
             "(unknown key, or the metadata was altered after signing)",
         )
     if found_kind != kind:
-        raise RefusedError("wrong-type", f"type {found_kind!r} where a {kind!r} envelope belongs")
+        raise RefusedError("wrong-type", f"type {excerpt(found_kind)} where a {kind!r} envelope belongs")
     if target not in (gateway, "*"):
-        raise RefusedError("wrong-gateway", f"signed for gateway {target}, this is {gateway}")
+        raise RefusedError("wrong-gateway", f"signed for gateway {excerpt(target)}, this is {gateway}")
     if now >= expires:
         raise RefusedError("expired", f"expired {expires:%Y-%m-%dT%H:%M:%SZ} (now {now:%Y-%m-%dT%H:%M:%SZ})")
     if version <= accepted_version:
@@ -190,6 +191,16 @@ def verify(
     if len(content) != length or hashlib.sha256(content).hexdigest() != digest:
         raise RefusedError("hash-mismatch", "the content does not match the signed SHA-256 and length")
     return Verified(kind, version, digest, expires, content, tuple(sorted(good)))
+
+
+_EXCERPT_CHARS = 24
+_EXCERPT_KEPT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.*")
+
+
+def excerpt(value: object) -> str:
+    """A short, quoted excerpt of an unverified value for a refusal's detail: no control or markup characters."""
+    text = "".join(c if c in _EXCERPT_KEPT else "?" for c in str(value)[:_EXCERPT_CHARS])
+    return f"'{text}'" + ("..." if len(str(value)) > _EXCERPT_CHARS else "")
 
 
 def _signers(signatures: list[Any], body: bytes, trust: Trust) -> tuple[set[str], list[str]]:
@@ -220,7 +231,7 @@ def verify_rotation(
     try:
         new = Trust.from_json(json.loads(found.content), "the new trust set")
     except (ValueError, TrustError) as exc:
-        raise RefusedError("malformed", f"the new trust set does not load: {exc}") from exc
+        raise RefusedError("malformed", f"the new trust set does not load ({type(exc).__name__})") from exc
     env = json.loads(data)
     good, _ = _signers(env.get("signatures") or [], canonical(env["signed"]), new)
     if len(good) < new.threshold:

@@ -41,9 +41,14 @@ class DownlinkState:
     pending: Pending | None = None
     last_rollback: dict[str, Any] | None = None
 
-    def refuse(self, version: int | None, reason: str, detail: str, at: str) -> None:
-        """Remember a refusal (the newest few)."""
-        self.refused.append({"version": version, "reason": reason, "detail": detail, "at": at})
+    def refuse(
+        self, version: int | None, reason: str, detail: str, at: str, units: list[str] | None = None
+    ) -> None:
+        """Remember a refusal (the newest few); ``units`` names the units a rollback was for."""
+        entry: dict[str, Any] = {"version": version, "reason": reason, "detail": detail, "at": at}
+        if units:
+            entry["units"] = list(units)
+        self.refused.append(entry)
         del self.refused[:-REFUSED_KEPT]
 
 

@@ -24,12 +24,12 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway.cleanup import cancel_requested
 from gateway.config import Config
 from gateway.contracts import DriverSpec
 from gateway.downlink import restart
@@ -37,7 +37,7 @@ from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
 from gateway.downlink.errors import RefusedError
 from gateway.downlink.renewal import Renewal
-from gateway.downlink.signing import Trust, Verified, verify, verify_rotation
+from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, Verified, verify, verify_rotation
 from gateway.errors import ConfigError, EdgetwinError
 from gateway.supervisor import Supervisor, UnitState
 
@@ -47,6 +47,9 @@ MAX_STARTS_ON_PENDING = 3  # process starts on an unproven revision before it co
 _POLL_S = 0.25
 _REPORT_EVERY_S = 1.0
 _RENEW_CHECK_S = 3600.0  # how often the certificate's expiry is looked at
+_QUIET_REPEATS = 100  # an identical malformed refusal again: recorded once per this many
+# Why a revision was rolled back, as reported (the full text stays in the log and the audit file).
+ROLLBACK_CAUSES = ("unhealthy", "not-ready", "uplink", "crash-loop", "exited", "not-written")
 
 
 def _now() -> str:
@@ -92,6 +95,8 @@ class Downlink:
         self._trial_until: float | None = None  # the new pair must connect before this (monotonic)
         self._attaches = 0  # connections so far; one after the install proves the new pair
         self._attach_mark = 0
+        self._last_refusal: tuple[str, str] | None = None  # reason and detail of the newest malformed one
+        self._repeats = 0  # identical malformed refusals not recorded since
 
     # --- the hook the MQTT uplink calls on each connection ----------------------------------------
 
@@ -158,8 +163,8 @@ class Downlink:
             "applied": st.applied,
             "accepted": st.accepted,
             "pending": None if st.pending is None else {"version": st.pending.version},
-            "refused": st.refused[-3:],
-            "last_rollback": st.last_rollback,
+            "refused": [_public_refusal(r) for r in st.refused[-3:]],
+            "last_rollback": _public_rollback(st.last_rollback),
             "audit": None if head is None else {"count": head.count, "head": head.hash},
             "trust": {"version": st.trust_version, "keys": self._trust_keys()},
             "certificate": self._certificate(),
@@ -197,19 +202,21 @@ class Downlink:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_REPORT_EVERY_S):
                     await self._wake.wait()
+            if cancel_requested():  # a cancellation swallowed with the time-out (Python 3.11)
+                raise asyncio.CancelledError
             if (units := self._units_now()) != shown:
                 shown = units
                 self.report()
-            self._renew_tick()
+            await self._renew_tick()
             if not self._wake.is_set():
                 continue
             self._wake.clear()
             cert, self._cert = self._cert, None
             if cert is not None:
-                self._take_certificate(cert)
+                await self._take_certificate(cert)
             rotation, self._rotation = self._rotation, None
             if rotation is not None:
-                self._rotate(rotation)
+                await self._rotate(rotation)
             data, self._desired = self._desired, None
             if data is not None and await self._handle(data):
                 await asyncio.Event().wait()  # restarting onto the new config: the supervisor stops us
@@ -224,7 +231,7 @@ class Downlink:
         with contextlib.suppress(Exception):
             client.publish(f"{self._root}/csr", self._renewal.csr.read_bytes(), qos=1, retain=True)
 
-    def _renew_tick(self) -> None:
+    async def _renew_tick(self) -> None:
         """Make a CSR when the certificate is due; judge a new pair on trial."""
         r = self._renewal
         if r is None or not r.enabled or self.audit is None:
@@ -236,8 +243,10 @@ class Downlink:
             if self._attaches > self._attach_mark and getattr(self._uplink, "connected", False):
                 r.forget_previous()
                 self._trial_until = None
-                self.audit.append(
-                    "cert-connected", detail="the new certificate connected: the old pair removed"
+                await asyncio.to_thread(
+                    self.audit.append,
+                    "cert-connected",
+                    detail="the new certificate connected: the old pair removed",
                 )
                 log.info("downlink: the renewed certificate connected; the old pair is removed")
                 self.report()
@@ -245,7 +254,7 @@ class Downlink:
                 r.restore()
                 self._trial_until = None
                 detail = f"the new certificate did not connect within {self._section.apply_deadline_s:g} s"
-                self.audit.append("cert-rolled-back", detail=detail)
+                await asyncio.to_thread(self.audit.append, "cert-rolled-back", detail=detail)
                 log.warning("downlink: %s: the old pair is back", detail)
                 self._reconnect()
             return
@@ -260,29 +269,34 @@ class Downlink:
         if left > self._section.renew_before_days:
             return
         r.make_csr()
-        self.audit.append("csr-made", detail=f"the certificate has {left:.1f} days left")
+        await asyncio.to_thread(
+            self.audit.append, "csr-made", detail=f"the certificate has {left:.1f} days left"
+        )
         log.info("downlink: client certificate has %.1f days left: CSR sent to the twin", left)
         self._publish_csr()
         self.report()
 
-    def _take_certificate(self, pem: bytes) -> None:
+    async def _take_certificate(self, pem: bytes) -> None:
         """Install a signed certificate for the pending key, or refuse it."""
         r = self._renewal
         assert self.audit is not None
         digest = self._digest = hashlib.sha256(pem).hexdigest()
         if r is None or digest in _seen(self.dir):
             return
-        self.audit.append("received", detail=f"certificate, {len(pem)} bytes", sha256=digest)
+        await asyncio.to_thread(
+            self.audit.append, "received", detail=f"certificate, {len(pem)} bytes", sha256=digest
+        )
         try:
             cert = r.check(pem, dt.datetime.now(dt.UTC))
         except RefusedError as exc:
-            self._refuse(None, exc.reason, f"certificate: {exc}")
+            await self._refuse(None, exc.reason, f"certificate: {exc}")
             return
         r.install(pem)
-        _remember(self.dir, digest)
+        await asyncio.to_thread(_remember, self.dir, digest)
         self._trial_until = time.monotonic() + self._section.apply_deadline_s
         self._attach_mark = self._attaches
-        self.audit.append(
+        await asyncio.to_thread(
+            self.audit.append,
             "cert-installed",
             detail=f"serial {cert.serial_number:x}, valid until {cert.not_valid_after_utc:%Y-%m-%d}",
         )
@@ -327,8 +341,8 @@ class Downlink:
         if digest in _seen(self.dir):
             return False  # the retained message again, after a reconnect: handled before
         held = self.quarantine / f"{digest[:16]}.envelope"
-        persist.write_atomic(held, data)
-        audit.append("received", detail=f"{len(data)} bytes", sha256=digest)
+        if len(data) <= MAX_ENVELOPE_BYTES:  # a larger one is refused unwritten
+            await asyncio.to_thread(persist.write_atomic, held, data)
         try:
             found = verify(
                 data,
@@ -338,16 +352,23 @@ class Downlink:
                 now=dt.datetime.now(dt.UTC),
             )
         except RefusedError as exc:
-            self._refuse(None, exc.reason, str(exc))
             held.unlink(missing_ok=True)
+            if not self._quiet_repeat(exc):
+                await asyncio.to_thread(audit.append, "received", detail=f"{len(data)} bytes", sha256=digest)
+                await self._refuse(None, exc.reason, self._with_repeats(str(exc)))
             return False
         held.unlink(missing_ok=True)
-        audit.append(
-            "verified", version=found.version, keys=[k[:12] for k in found.keyids], sha256=found.sha256
+        await asyncio.to_thread(audit.append, "received", detail=f"{len(data)} bytes", sha256=digest)
+        await asyncio.to_thread(
+            audit.append,
+            "verified",
+            version=found.version,
+            keys=[k[:12] for k in found.keyids],
+            sha256=found.sha256,
         )
         return await self._apply(found)
 
-    def _rotate(self, data: bytes) -> None:
+    async def _rotate(self, data: bytes) -> None:
         """Take a new trust set signed by the current keys and its own, or refuse it."""
         assert self.audit is not None
         assert self._trust is not None
@@ -356,8 +377,8 @@ class Downlink:
         if digest in _seen(self.dir):
             return
         held = self.quarantine / f"{digest[:16]}.trust"
-        persist.write_atomic(held, data)
-        self.audit.append("received", detail=f"trust set, {len(data)} bytes", sha256=digest)
+        if len(data) <= MAX_ENVELOPE_BYTES:  # a larger one is refused unwritten
+            await asyncio.to_thread(persist.write_atomic, held, data)
         try:
             found, new = verify_rotation(
                 data,
@@ -367,29 +388,61 @@ class Downlink:
                 now=dt.datetime.now(dt.UTC),
             )
         except RefusedError as exc:
-            self._refuse(None, exc.reason, f"trust set: {exc}")
+            if not self._quiet_repeat(exc):
+                await asyncio.to_thread(
+                    self.audit.append, "received", detail=f"trust set, {len(data)} bytes", sha256=digest
+                )
+                await self._refuse(None, exc.reason, self._with_repeats(f"trust set: {exc}"))
             return
         finally:
             held.unlink(missing_ok=True)
-        persist.write_atomic(self.dir / "trust.json", found.content)
+        await asyncio.to_thread(
+            self.audit.append, "received", detail=f"trust set, {len(data)} bytes", sha256=digest
+        )
+        await asyncio.to_thread(persist.write_atomic, self.dir / "trust.json", found.content)
         self._trust = new
         st.trust_version = found.version
-        persist.save(self._state_path, st)
-        _remember(self.dir, digest)
+        await asyncio.to_thread(persist.save, self._state_path, st)
+        await asyncio.to_thread(_remember, self.dir, digest)
         kept = sorted(k[:12] for k in new.keys if k not in new.revoked)
-        self.audit.append("trust-rotated", version=found.version, keys=kept, threshold=new.threshold)
+        await asyncio.to_thread(
+            self.audit.append, "trust-rotated", version=found.version, keys=kept, threshold=new.threshold
+        )
         log.info("downlink: trust set v%d taken: keys %s, threshold %d", found.version, kept, new.threshold)
         self.report()
 
-    def _refuse(self, version: int | None, reason: str, detail: str) -> None:
+    def _quiet_repeat(self, exc: RefusedError) -> bool:
+        """True for a malformed payload refused just as the one before: logged, not recorded again.
+
+        Distinct garbage payloads would otherwise each cost an audit entry and two fsynced writes;
+        one in :data:`_QUIET_REPEATS` is still recorded, with the count of those in between.
+        """
+        key = (exc.reason, str(exc))
+        if exc.reason not in ("malformed", "too-large") or key != self._last_refusal:
+            self._last_refusal = key if exc.reason in ("malformed", "too-large") else None
+            self._repeats = 0
+            return False
+        self._repeats += 1
+        if self._repeats >= _QUIET_REPEATS:
+            return False
+        log.debug("downlink: desired state refused again: %s: %s", exc.reason, exc)
+        return True
+
+    def _with_repeats(self, detail: str) -> str:
+        if self._repeats:
+            detail = f"{detail} (refused the same way {self._repeats} time(s) since the last record)"
+            self._repeats = 0
+        return detail
+
+    async def _refuse(self, version: int | None, reason: str, detail: str) -> None:
         assert self.audit is not None
         log.warning(
             "downlink: desired state%s refused: %s: %s", f" v{version}" if version else "", reason, detail
         )
-        self.audit.append("refused", version=version, reason=reason, detail=detail)
+        await asyncio.to_thread(self.audit.append, "refused", version=version, reason=reason, detail=detail)
         self.state.refuse(version, reason, detail, _now())
-        persist.save(self._state_path, self.state)
-        _remember(self.dir, self._digest)
+        await asyncio.to_thread(persist.save, self._state_path, self.state)
+        await asyncio.to_thread(_remember, self.dir, self._digest)
         self.report()
 
     async def _apply(self, found: Verified) -> bool:
@@ -402,34 +455,41 @@ class Downlink:
         for old in staged_dir.iterdir():  # the newest revision only: earlier ones are in the audit log
             old.unlink(missing_ok=True)
         staged = staged_dir / f"config-v{version}.toml"
-        persist.write_atomic(staged, found.content)
+        await asyncio.to_thread(persist.write_atomic, staged, found.content)
         try:
             problems = await asyncio.to_thread(self._check, staged)
         except Exception as exc:  # noqa: BLE001 - a driver's check that breaks refuses the revision, not the unit
             problems = f"the checks themselves failed: {type(exc).__name__}: {exc}"
         if problems:
-            self._refuse(version, "invalid-config", problems)
+            await self._refuse(version, "invalid-config", problems)
             return False
         live = self._config.file
         backup = self.dir / "previous.toml"
+        excused = [
+            u.name for u in self._sup.units if not _healthy(u, time.monotonic()) and u.name != "downlink"
+        ]
         try:
-            await asyncio.to_thread(shutil.copy2, live, backup)
+            # The backup on disk (fsynced) and the pending revision saved before the live file is
+            # replaced: a power cut at any point leaves a state that a start rolls back or runs on.
+            await asyncio.to_thread(_write_backup, live, backup)
+            st.pending = persist.Pending(version, found.sha256, str(backup), excused)
+            await asyncio.to_thread(persist.save, self._state_path, st)
+            await asyncio.to_thread(_remember, self.dir, self._digest)
             await asyncio.to_thread(persist.write_atomic, live, found.content, live.stat().st_mode & 0o777)
         except OSError as exc:
-            self._refuse(
+            st.pending = None
+            await self._refuse(
                 version,
                 "cannot-write-config",
                 f"{live}: {exc.strerror}: let the service write its config directory (ReadWritePaths)",
             )
             return False
-        excused = [
-            u.name for u in self._sup.units if not _healthy(u, time.monotonic()) and u.name != "downlink"
-        ]
-        st.pending = persist.Pending(version, found.sha256, str(backup), excused)
-        persist.save(self._state_path, st)
-        _remember(self.dir, self._digest)
-        self.audit.append(
-            "applying", version=version, detail=f"written to {live}; restarting", excused=excused
+        await asyncio.to_thread(
+            self.audit.append,
+            "applying",
+            version=version,
+            detail=f"written to {live}; restarting",
+            excused=excused,
         )
         self.phase = "applying"
         self.report()
@@ -465,14 +525,22 @@ class Downlink:
         st, pending = self.state, self.state.pending
         assert pending is not None
         pending.starts += 1
-        persist.save(self._state_path, st)
+        await asyncio.to_thread(persist.save, self._state_path, st)
         self.phase = "probation"
+        live = await asyncio.to_thread(self._config.file.read_bytes)
+        if hashlib.sha256(live).hexdigest() != pending.sha256:
+            # Stopped after the revision was recorded as pending and before the file was replaced.
+            await self._rollback(
+                pending, "the revision was not written in place before the gateway stopped", "not-written", []
+            )
+            return False
         deadline_s, settle_s = self._section.apply_deadline_s, self._section.settle_s
         end = time.monotonic() + deadline_s
         healthy_since: float | None = None
         why = f"crashed or was stopped {pending.starts - 1} time(s) on it"
+        cause, units = "crash-loop", list[str]()
         while pending.starts <= MAX_STARTS_ON_PENDING and (now := time.monotonic()) < end:
-            why = self._unhealthy(pending, now)
+            why, cause, units = self._unhealthy(pending, now)
             if why:
                 healthy_since = None
             elif healthy_since is None:
@@ -480,49 +548,91 @@ class Downlink:
             elif now - healthy_since >= settle_s:
                 st.applied = {"version": pending.version, "sha256": pending.sha256, "at": _now()}
                 st.pending = None
-                persist.save(self._state_path, st)
-                self.audit.append(
-                    "applied", version=pending.version, detail="READY, units healthy, broker reached"
+                await asyncio.to_thread(persist.save, self._state_path, st)
+                await asyncio.to_thread(
+                    self.audit.append,
+                    "applied",
+                    version=pending.version,
+                    detail="READY, units healthy, broker reached",
                 )
                 log.info("downlink: config v%d applied: READY with every unit healthy", pending.version)
                 return True
             await asyncio.sleep(_POLL_S)
-        self._rollback(pending, why or "not healthy long enough")
+        await self._rollback(pending, why or "not healthy long enough", cause if why else "unhealthy", units)
         return False
 
-    def _unhealthy(self, pending: persist.Pending, now: float) -> str:
-        """Why the gateway is not yet healthy on the new config, or ""."""
+    def _unhealthy(self, pending: persist.Pending, now: float) -> tuple[str, str, list[str]]:
+        """Why the gateway is not yet healthy on the new config ("" when it is), the cause, the unit names.
+
+        The text (errors, host names, device paths) is for the log and the audit file; the cause
+        (one of :data:`ROLLBACK_CAUSES`) and the names are what the reported state carries.
+        """
         if not self._sup.ready:
-            return "not READY"
-        bad = [
-            f"{u.name} {u.state}{': ' + u.last_error if u.last_error else ''}"
+            return "not READY", "not-ready", []
+        failing = [
+            u
             for u in self._sup.units
             if u.name != "downlink" and u.name not in pending.excused and not _healthy(u, now)
         ]
+        bad = [f"{u.name} {u.state}{': ' + u.last_error if u.last_error else ''}" for u in failing]
+        names = [u.name for u in failing]
+        cause = "unhealthy"
         if getattr(self._uplink, "connected", True) is False:
             bad.append(f"uplink not connected to the broker ({getattr(self._uplink, 'problem', '')})")
-        return "; ".join(bad)
+            names.append("uplink")
+            cause = cause if failing else "uplink"
+        return "; ".join(bad), cause, names
 
-    def _rollback(self, pending: persist.Pending, why: str) -> None:
+    async def _rollback(self, pending: persist.Pending, why: str, cause: str, units: list[str]) -> None:
         """Restore the previous config file and restart onto it."""
         assert self.audit is not None
         detail = f"not healthy within {self._section.apply_deadline_s:g} s: {why}"
-        roll_back(self._config.file, self.dir, self.state, self.audit, detail)
+        await asyncio.to_thread(
+            roll_back, self._config.file, self.dir, self.state, self.audit, detail, cause=cause, units=units
+        )
         self.phase = "rolling back"
         self.report()
         restart.request(f"rollback of config v{pending.version}")
         self._sup.request_stop()
 
 
-def roll_back(live: Path, directory: Path, st: persist.DownlinkState, audit: AuditLog, detail: str) -> None:
-    """Put the config file from before the pending revision back, and record why."""
+def roll_back(
+    live: Path,
+    directory: Path,
+    st: persist.DownlinkState,
+    audit: AuditLog,
+    detail: str,
+    *,
+    cause: str,
+    units: list[str] | None = None,
+) -> None:
+    """Put the config file from before the pending revision back, and record why.
+
+    ``detail`` is the full text (log, audit file, state file); ``cause`` (one of
+    :data:`ROLLBACK_CAUSES`) and ``units`` (names) are what the reported state carries.  A missing
+    or empty backup is refused with a ConfigError: the live file is left as it is.
+    """
     pending = st.pending
     assert pending is not None
-    persist.write_atomic(live, Path(pending.backup).read_bytes(), live.stat().st_mode & 0o777)
+    backup = Path(pending.backup)
+    try:
+        previous = backup.read_bytes()
+    except OSError as exc:
+        raise _no_backup(pending.version, backup, exc.strerror or type(exc).__name__) from exc
+    if not previous.strip():
+        raise _no_backup(pending.version, backup, "empty")
+    persist.write_atomic(live, previous, live.stat().st_mode & 0o777)
     log.warning("downlink: config v%d rolled back: %s", pending.version, detail)
     st.pending = None
-    st.last_rollback = {"version": pending.version, "reason": detail, "at": _now()}
-    st.refuse(pending.version, "rolled-back", detail, _now())
+    names = list(units or [])
+    st.last_rollback = {
+        "version": pending.version,
+        "reason": cause,
+        "units": names,
+        "detail": detail,
+        "at": _now(),
+    }
+    st.refuse(pending.version, "rolled-back", detail, _now(), units=names)
     persist.save(directory / "state.json", st)
     audit.append("rolled-back", version=pending.version, detail=detail)
 
@@ -545,10 +655,50 @@ def roll_back_after_exit(config: Config, code: int) -> bool:
             if st.pending is None:
                 return False
             detail = f"the gateway exited with code {code} on it before it could be judged"
-            roll_back(config.file, directory, st, AuditLog(directory / "audit.jsonl"), detail)
+            roll_back(config.file, directory, st, AuditLog(directory / "audit.jsonl"), detail, cause="exited")
     except StateDirBusyError:
         return False
+    except ConfigError as exc:  # no backup to go back to: the exit code stands, the log says why
+        log.error("%s", exc)
+        return False
     return True
+
+
+def _no_backup(version: int, backup: Path, why: str) -> ConfigError:
+    return ConfigError(
+        f"downlink: cannot roll back config v{version}: the previous config file {backup} is {why}: "
+        "the live config file is left as it is: restore it by hand (edgetwin check), then delete "
+        "'pending' from the downlink's state.json"
+    )
+
+
+def _write_backup(live: Path, backup: Path) -> None:
+    """Copy the live config file to ``backup``, fsynced and renamed into place."""
+    data = live.read_bytes()
+    if not data.strip():
+        raise OSError(0, "the live config file is empty: nothing to roll back to")
+    persist.write_atomic(backup, data)
+
+
+def _public_refusal(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A refusal as reported: reason word and unit names only (details name devices and hosts)."""
+    public = {"version": entry.get("version"), "reason": entry.get("reason"), "at": entry.get("at")}
+    if entry.get("units"):
+        public["units"] = list(entry["units"])
+    return public
+
+
+def _public_rollback(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The newest rollback as reported: its cause word and unit names, not the text."""
+    if entry is None:
+        return None
+    reason = entry.get("reason")
+    return {
+        "version": entry.get("version"),
+        "reason": reason if reason in ROLLBACK_CAUSES else "rolled-back",  # a free text from before
+        "units": list(entry.get("units") or []),
+        "at": entry.get("at"),
+    }
 
 
 def _healthy(unit: Any, now: float) -> bool:
