@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import logging
 import math
 from collections import deque
@@ -36,13 +35,13 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.contracts import Alarm, Estimate
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.estimation.config import RulSpec
 from gateway.estimation.limits import LowLimits
-from gateway.inference.card import ModelFile
+from gateway.inference.card import ModelFile, read_card
 from gateway.sample import FAULT_FLAGS, Stream
 
 __all__ = ["Z90", "RulCard", "RulEstimator", "RulModel", "cycle_features", "load_rul_model"]
@@ -123,26 +122,13 @@ class RulModel:
 def load_rul_model(directory: Path, name: str) -> RulModel:
     """The RUL model ``name`` of ``directory``: its card validated, its file checked by sha256."""
     path = directory / f"{name}.card.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(
-            f"estimation rul {path}: cannot read the model card: {exc.strerror}: set [[estimators.rul]] "
-            "model to a shipped RUL model or [models] dir to where it is"
-        ) from exc
-    except ValueError as exc:
-        raise CorruptDataError(
-            f"estimation rul {path}: not valid JSON: {exc}: restore the card from the release"
-        ) from exc
-    try:
-        card = RulCard.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise CorruptDataError(
-            f"estimation rul {path}: key {where or '(top)'}: {first['msg']}: "
-            "not a RUL model card, or a damaged one: re-run models/recipes/rul_cmapss.py"
-        ) from exc
+    card = read_card(
+        path,
+        RulCard,
+        "estimation rul",
+        unreadable="set [[estimators.rul]] model to a shipped RUL model or [models] dir to where it is",
+        malformed="not a RUL model card, or a damaged one: re-run models/recipes/rul_cmapss.py",
+    )
     spec = card.files["fp32"]
     file = directory / spec.path
     try:

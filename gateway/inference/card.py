@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -124,32 +124,45 @@ def input_matches(card_metric: str, mapped: str | None, stream_metric: str) -> b
     return stream_metric == want or stream_metric.endswith("/" + want)
 
 
+_Card = TypeVar("_Card", bound=BaseModel)
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def load_card(path: Path) -> ModelCard:
-    """Read and validate a model card; refuse one that is missing, not JSON or malformed."""
+def read_card(path: Path, schema: type[_Card], who: str, *, unreadable: str, malformed: str) -> _Card:
+    """Read a card file and validate it against ``schema``.
+
+    ConfigError when it cannot be read (``unreadable`` says what to do), CorruptDataError when it
+    is not JSON or not a valid card (``malformed`` says what to do); ``who`` starts each message.
+    """
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(
-            f"models card {path}: cannot read: {exc.strerror}: check the models directory setting"
-        ) from exc
+        raise ConfigError(f"{who} {path}: cannot read the model card: {exc.strerror}: {unreadable}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptDataError(
-            f"models card {path}: not valid JSON: {exc}: restore the card from the release"
+            f"{who} {path}: not valid JSON: {exc}: restore the card from the release"
         ) from exc
     try:
-        card = ModelCard.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise CorruptDataError(
-            f"models card {path}: key {where or '(top)'}: {first['msg']}: "
-            "restore the card from the release or re-run its training recipe"
-        ) from exc
+        raise CorruptDataError(f"{who} {path}: key {where or '(top)'}: {first['msg']}: {malformed}") from exc
+
+
+def load_card(path: Path) -> ModelCard:
+    """Read and validate a model card; refuse one that is missing, not JSON or malformed."""
+    card = read_card(
+        path,
+        ModelCard,
+        "models card",
+        unreadable="check the models directory setting",
+        malformed="restore the card from the release or re-run its training recipe",
+    )
     norm = card.normalisation
     if norm.kind == "fixed" and not (len(norm.mean) == len(norm.std) == card.n_inputs):
         raise CorruptDataError(
