@@ -17,8 +17,8 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
 from gateway.downlink import state as persist
 from gateway.downlink.errors import RefusedError
@@ -137,17 +137,5 @@ def sign_csr(csr_pem: bytes, ca_cert: x509.Certificate, ca_key: Any, *, days: fl
     names = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if names != [gateway]:
         raise RefusedError("wrong-gateway", f"the CSR names {names}, not {gateway}")
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(csr.subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(csr.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    cert = certs.client_certificate(csr, ca_cert, ca_key, days)
     return cert.public_bytes(serialization.Encoding.PEM)

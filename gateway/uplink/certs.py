@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import ConfigError
@@ -234,22 +235,31 @@ class DemoCA:
 
     def sign_csr(self, csr_path: Path, cert_path: Path, *, days: int = 30) -> Path:
         """Sign a CSR as a client certificate (what a fleet CA does with ``provision key``'s CSR)."""
-        csr = x509.load_pem_x509_csr(csr_path.read_bytes())
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(csr.subject)
-            .issuer_name(self.cert.subject)
-            .public_key(csr.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
+        cert = client_certificate(x509.load_pem_x509_csr(csr_path.read_bytes()), self.cert, self.key, days)
         _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return cert_path
+
+
+def client_certificate(
+    csr: x509.CertificateSigningRequest,
+    issuer: x509.Certificate,
+    issuer_key: CertificateIssuerPrivateKeyTypes,
+    days: float,
+) -> x509.Certificate:
+    """A client certificate for ``csr``'s name and key, signed by ``issuer`` for ``days``."""
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(issuer.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
 
 
 def _slug(name: str) -> str:
