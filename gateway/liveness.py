@@ -73,3 +73,38 @@ class Pulse:
                 return None
             return f"{what}: waiting for {now - deadline + bound_s:.0f} s, past its bound of {bound_s:g} s"
         return stale_reason(self.last_beat, self.stale_after_s, now)
+
+
+class Heartbeat:
+    """A unit's heartbeat timestamp beside its :class:`Pulse`, read as "now" inside a bounded wait.
+
+    For units the supervisor judges by a ``heartbeat`` callable (the uplinks): a connection attempt
+    against a broker that accepts TCP and never answers is slow but bounded, and must not read as
+    stale; a wait that overruns its bound (a bug) goes stale after the bound, as it should.
+    """
+
+    def __init__(self, stale_after_s: float) -> None:
+        self.pulse = Pulse(stale_after_s=stale_after_s)
+        self._beat = time.monotonic()
+        self._bounded_until = 0.0  # inside a wait bounded by its own timeout until then
+
+    @property
+    def last_beat(self) -> float:
+        """Monotonic time of the last sign of life; "now" while inside a bounded wait."""
+        now = time.monotonic()
+        return now if now < self._bounded_until else self._beat
+
+    def beat(self, now: float) -> None:
+        """Progress at ``now`` (monotonic)."""
+        self._beat = self.pulse.last_beat = now
+
+    @contextmanager
+    def bounded(self, what: str, seconds: float) -> Iterator[None]:
+        """Report alive while inside a wait that its own timeouts end within ``seconds``."""
+        self._bounded_until = time.monotonic() + seconds
+        try:
+            with self.pulse.waiting(what, seconds):
+                yield
+        finally:
+            self._bounded_until = 0.0
+            self.beat(time.monotonic())

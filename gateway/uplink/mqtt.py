@@ -34,7 +34,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -44,7 +44,7 @@ from paho.mqtt.properties import Properties
 from gateway import backoff
 from gateway.cleanup import cancel_requested, run_shielded
 from gateway.errors import ConfigError, EdgetwinError
-from gateway.liveness import Pulse
+from gateway.liveness import Heartbeat
 from gateway.outbox import AsyncOutbox
 from gateway.records import StatusLoss, StatusRecord, encode_status
 from gateway.records.topics import azure_topic
@@ -93,9 +93,8 @@ class MqttUplink:
         self.status_topic = f"{self.topic_root}/status"
         self._password = password
         # Progress and bounded waits, as the supervisor reads them (gateway.liveness).
-        self.pulse = Pulse(stale_after_s=30.0)
-        self._beat = time.monotonic()
-        self._bounded_until = 0.0  # inside a wait bounded by its own timeout until then
+        self._heart = Heartbeat(stale_after_s=30.0)
+        self.pulse = self._heart.pulse
         self.problem: str | None = "not connected yet"  # why the uplink is degraded; None when connected
         self.connected = False
         self._session: Session | None = None
@@ -127,33 +126,20 @@ class MqttUplink:
         return self._delivery.backlog_through
 
     def _set_beat(self, now: float) -> None:
-        self._beat = self.pulse.last_beat = now
+        self._heart.beat(now)
 
     @property
     def last_beat(self) -> float:
         """Monotonic time of the last sign of life; "now" while inside a wait bounded by a timeout."""
-        now = time.monotonic()
-        return now if now < self._bounded_until else self._beat
+        return self._heart.last_beat
 
     @last_beat.setter
     def last_beat(self, value: float) -> None:
-        self._set_beat(value)
+        self._heart.beat(value)
 
-    @contextlib.contextmanager
-    def _bounded(self, what: str, seconds: float) -> Iterator[None]:
-        """Report alive while inside a wait that its own timeouts end within ``seconds``.
-
-        A connection attempt against a broker that accepts TCP and never answers is slow but
-        bounded; the heartbeat must not go stale for it.  A wait that overruns its bound (a bug)
-        goes stale after the bound, as it should.
-        """
-        self._bounded_until = time.monotonic() + seconds
-        try:
-            with self.pulse.waiting(what, seconds):
-                yield
-        finally:
-            self._bounded_until = 0.0
-            self._set_beat(time.monotonic())
+    def _bounded(self, what: str, seconds: float) -> contextlib.AbstractContextManager[None]:
+        """Report alive while inside a wait that its own timeouts end within ``seconds``."""
+        return self._heart.bounded(what, seconds)
 
     def describe(self) -> str:
         """``connected`` or ``degraded (why)``, for the STATUS line."""

@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from gateway import backoff
 from gateway.cleanup import cancel_requested, run_shielded
 from gateway.errors import AnonymizationError, ConfigError, EdgetwinError, TransientError
-from gateway.liveness import Pulse
+from gateway.liveness import Heartbeat
 from gateway.outbox import AsyncOutbox, Leased
 from gateway.records import AlarmRecord, FeaturesWindow, Record, RecordError
 from gateway.records import decode as decode_record
@@ -108,9 +108,8 @@ class SparkplugNode:
         self._connection = Connection(
             config, profile, self.node_id, password=password, will=self._will, bounded=self._bounded
         )
-        self.pulse = Pulse(stale_after_s=30.0)
-        self._beat = time.monotonic()
-        self._bounded_until = 0.0
+        self._heart = Heartbeat(stale_after_s=30.0)
+        self.pulse = self._heart.pulse
         self.problem: str | None = "not connected yet"
         self.connected = False
         self.counters = NodeCounters()
@@ -132,21 +131,13 @@ class SparkplugNode:
     @property
     def last_beat(self) -> float:
         """Monotonic time of the last sign of life; "now" while inside a wait bounded by a timeout."""
-        now = time.monotonic()
-        return now if now < self._bounded_until else self._beat
+        return self._heart.last_beat
 
     def _set_beat(self, now: float) -> None:
-        self._beat = self.pulse.last_beat = now
+        self._heart.beat(now)
 
-    @contextlib.contextmanager
-    def _bounded(self, what: str, seconds: float) -> Iterator[None]:
-        self._bounded_until = time.monotonic() + seconds
-        try:
-            with self.pulse.waiting(what, seconds):
-                yield
-        finally:
-            self._bounded_until = 0.0
-            self._set_beat(time.monotonic())
+    def _bounded(self, what: str, seconds: float) -> contextlib.AbstractContextManager[None]:
+        return self._heart.bounded(what, seconds)
 
     def describe(self) -> str:
         """``connected`` or ``degraded (why)``, for the STATUS line."""
