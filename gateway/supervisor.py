@@ -215,6 +215,10 @@ class Supervisor:
                 await self._await_first_outcome(members, start_deadline)
                 if self._stop.is_set():
                     break
+                # systemd shows STATUS= while the unit is still activating: what the outbox found on
+                # opening (records lost to a damaged disk) is told from the first group on, even if
+                # a stop comes before READY.
+                self._notifier.status(f"starting ({group.name.lower()} up): {self.status_line()}")
             if not self._stop.is_set():
                 await self._await_critical(start_deadline)
             if not self._stop.is_set():

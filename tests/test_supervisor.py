@@ -82,7 +82,14 @@ def test_start_order_ready_and_stop(receiver: Receiver, notifier: Notifier) -> N
     assert asyncio.run(main()) == 0
     assert order == ["box", "up", "src"]
     messages = receiver.drain()
-    assert messages[0].startswith("READY=1\nSTATUS=3/3 units running")
+    # While starting, STATUS= follows each group; READY comes once the last one is up.
+    assert [m.split(":")[0] for m in messages[:3]] == [
+        "STATUS=starting (outbox up)",
+        "STATUS=starting (uplink up)",
+        "STATUS=starting (sources up)",
+    ], messages
+    assert messages[0].startswith("STATUS=starting (outbox up): 1/3 units running"), messages
+    assert messages[3].startswith("READY=1\nSTATUS=3/3 units running"), messages
     assert messages[-1].startswith("STOPPING=1")
 
 
