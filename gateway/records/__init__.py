@@ -6,10 +6,12 @@ else of the gateway (and neither pydantic nor numpy), so a twin or any other con
 alone; ``docs/records.md`` is its reference.
 """
 
+from gateway.records.batch import Joiner, join
 from gateway.records.codec import (
     CONTENT_TYPE,
     as_map,
     decode,
+    decode_batch,
     decode_pack,
     decode_status,
     encode,
@@ -51,6 +53,7 @@ __all__ = [
     "EstimateRecord",
     "EstimateSource",
     "FeaturesWindow",
+    "Joiner",
     "Record",
     "RecordError",
     "SeqMeta",
@@ -61,10 +64,12 @@ __all__ = [
     "UnsupportedVersionError",
     "as_map",
     "decode",
+    "decode_batch",
     "decode_pack",
     "decode_status",
     "encode",
     "encode_status",
+    "join",
     "on_wire",
     "order_key",
     "resolved",

@@ -435,7 +435,9 @@ def _common(head: Mapping[Any, Any]) -> dict[str, Any]:
     }
 
 
-def _decode_features(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]]) -> FeaturesWindow:
+def _decode_features(
+    head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]], prev: Record | None = None
+) -> FeaturesWindow:
     common = _common(head)
     if common["sv"] < 3:
         return _decode_features_v2(head, rest, common)
@@ -447,13 +449,23 @@ def _decode_features(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]])
         if not ("f" in rec or "eq" in rec or "gap" in rec):
             scores[_key(rec, "score/")] = _value(rec)
             continue
-        name = str(rec[N])
-        term = MDC_BY_CODE.get(int(name)) if name.isdigit() and "metric" not in rec else None
-        metric = str(rec["metric"]) if "metric" in rec else term.name if term is not None else name
-        dev = rec.get("dev", dev)
-        sh = rec.get("sh", 0)
-        shape: Shape | None = SHAPES[sh] if isinstance(sh, int) and 0 <= sh < len(SHAPES) else None
-        res = rec.get("r")
+        if N not in rec:
+            # Schema 4, a later window of a message: the stream at the same place in the window
+            # before it, whose name, unit, codes, shape, device and resolution it keeps.
+            same = _stream_before(prev, len(streams))
+            metric, unit, mdc, shape = same.metric, same.unit, same.mdc, same.shape
+            dev = rec.get("dev", same.dev)
+            res = rec.get("r", same.res if "f" in rec else None)
+        else:
+            name = str(rec[N])
+            term = MDC_BY_CODE.get(int(name)) if name.isdigit() and "metric" not in rec else None
+            metric = str(rec["metric"]) if "metric" in rec else term.name if term is not None else name
+            unit = str(rec["mu"]) if "mu" in rec else term.unit if term is not None else ""
+            mdc = rec.get("mdc", MDC_CODE.get(metric))
+            dev = rec.get("dev", dev)
+            sh = rec.get("sh", 0)
+            shape = SHAPES[sh] if isinstance(sh, int) and 0 <= sh < len(SHAPES) else None
+            res = rec.get("r")
         if res is not None and not (isinstance(res, int) and -30 <= res <= 30):
             raise _corrupt(f"stream {metric!r}: resolution {res!r} is not an integer exponent in -30..30")
         features: dict[str, float] = {}
@@ -470,11 +482,11 @@ def _decode_features(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]])
         streams.append(
             StreamWindow(
                 metric=metric,
-                unit=str(rec["mu"]) if "mu" in rec else term.unit if term is not None else "",
+                unit=unit,
                 dev=str(dev),
                 n=int(rec.get(V, 0)),
                 missing=float(_restore(float(rec.get("miss", 0.0)))),
-                mdc=rec.get("mdc", MDC_CODE.get(metric)),
+                mdc=mdc,
                 gap=bool(rec.get("gap", False)),
                 features=features,
                 shape=shape,
@@ -495,6 +507,13 @@ def _decode_features(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]])
         sv=common["sv"],
         hb=None if hb is None else float(_restore(hb)),
     )
+
+
+def _stream_before(prev: Record | None, index: int) -> StreamWindow:
+    """The stream a schema-4 stream record without a name continues (same place, window before)."""
+    if not isinstance(prev, FeaturesWindow) or index >= len(prev.streams):
+        raise _corrupt(f"stream {index} has no name and no stream at its place in a window before it")
+    return prev.streams[index]
 
 
 def _decode_features_v2(
@@ -619,12 +638,16 @@ def _decode_estimate(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]])
     )
 
 
-_UNPACKERS: dict[str, Callable[[Mapping[Any, Any], Sequence[Mapping[Any, Any]]], Record]] = {
+_UNPACKERS: dict[str, Callable[..., Record]] = {
     "win": _decode_features,
     "alarm": _decode_alarm,
     "diag": _decode_diag,
     "est": _decode_estimate,
 }
+
+#: Schema 4: header labels a later record of a message leaves out when they are as in the header
+#: before it (``bn`` as RFC 8428 says of every base field; the others by this schema).
+INHERITED = (BN, "sv", "svm", "run", TIME_BASE, U, V, "kind", "hb")
 
 
 def _is_meta(rec: Any) -> bool:
@@ -638,38 +661,79 @@ def _loads(data: bytes) -> Any:
         raise _corrupt(f"{len(data)} bytes are not valid CBOR: {exc}") from exc
 
 
-def decode_pack(data: bytes) -> tuple[SeqMeta | None, Record]:
-    """Decode a pack, with or without the uplink's sequence record, to (sequence, record).
+def _seq_metas(m: Mapping[Any, Any]) -> list[SeqMeta]:
+    """The sequence record's ids: its own, then one per ``ds`` step (schema 4: records joined)."""
+    try:
+        seq, epoch, hist = int(m[V]), int(m["ep"]), bool(m.get("h", False))
+        bs = m.get("bs")
+        batch_s = None if bs is None else float(_restore(bs))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _corrupt(f"sequence record {m!r} is malformed") from exc
+    steps = m.get("ds", [])
+    if not isinstance(steps, list) or not all(isinstance(d, int) and d > 0 for d in steps):
+        raise _corrupt(f"sequence record: ds {steps!r} is not a list of positive integers")
+    metas = [SeqMeta(seq, epoch, hist, batch_s)]
+    for step in steps:
+        seq += step
+        metas.append(SeqMeta(seq, epoch, hist, batch_s))
+    return metas
 
-    Raises CorruptRecordError on bytes that are not a record and UnsupportedVersionError on a
-    record of a newer major schema version.
-    """
-    value = _loads(data)
-    if isinstance(value, dict):
-        return None, _legacy(value)
-    if not isinstance(value, list) or not value:
-        size = len(value) if isinstance(value, list) else 0
-        raise _corrupt(f"a CBOR {type(value).__name__} of length {size}, expected a non-empty array")
-    _check_labels(value)
-    meta = None
-    if _is_meta(value[0]):
-        m = value.pop(0)
-        try:
-            meta = SeqMeta(int(m[V]), int(m["ep"]), bool(m.get("h", False)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(f"sequence record {m!r} is malformed") from exc
-        if not value:
-            raise _corrupt("a sequence record without a record")
-    head = value[0]
+
+def _unpack(head: Mapping[Any, Any], rest: Sequence[Mapping[Any, Any]], prev: Record | None) -> Record:
     unpack = _UNPACKERS.get(str(head.get(N)))
     if unpack is None:
         raise _corrupt(f"header name {head.get(N)!r}: expected one of {', '.join(_UNPACKERS)}")
     try:
-        return meta, unpack(head, value[1:])
+        return unpack(head, rest, prev) if unpack is _decode_features else unpack(head, rest)
     except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
         if isinstance(exc, CorruptRecordError):
             raise
         raise _corrupt(f"{head.get(N)} pack is malformed: {exc}") from exc
+
+
+def decode_batch(data: bytes) -> list[tuple[SeqMeta | None, Record]]:
+    """Decode a message to its records with their sequence: one, or several of one topic (schema 4).
+
+    Raises CorruptRecordError on bytes that are not records and UnsupportedVersionError on a
+    record of a newer major schema version.
+    """
+    value = _loads(data)
+    if isinstance(value, dict):
+        return [(None, _legacy(value))]
+    if not isinstance(value, list) or not value:
+        size = len(value) if isinstance(value, list) else 0
+        raise _corrupt(f"a CBOR {type(value).__name__} of length {size}, expected a non-empty array")
+    _check_labels(value)
+    metas: list[SeqMeta | None] = [None]
+    if _is_meta(value[0]):
+        metas = list(_seq_metas(value.pop(0)))
+        if not value:
+            raise _corrupt("a sequence record without a record")
+    # Each record opens with its header, the only record with a base time; one record: as before.
+    starts = [0] if len(metas) == 1 else [i for i, rec in enumerate(value) if BT in rec]
+    if len(starts) != len(metas) or starts[0] != 0:
+        raise _corrupt(f"the sequence record names {len(metas)} record(s), the message holds {len(starts)}")
+    out: list[tuple[SeqMeta | None, Record]] = []
+    head: dict[Any, Any] = {}
+    prev: Record | None = None
+    for meta, begin, end in zip(metas, starts, [*starts[1:], len(value)], strict=True):
+        own = value[begin]
+        head = {**{k: head[k] for k in INHERITED if k in head and k not in own}, **own}
+        prev = _unpack(head, value[begin + 1 : end], prev)
+        out.append((meta, prev))
+    return out
+
+
+def decode_pack(data: bytes) -> tuple[SeqMeta | None, Record]:
+    """Decode a message of one record, with or without the uplink's sequence record.
+
+    Raises CorruptRecordError on bytes that are not one record (several: use :func:`decode_batch`)
+    and UnsupportedVersionError on a record of a newer major schema version.
+    """
+    records = decode_batch(data)
+    if len(records) != 1:
+        raise _corrupt(f"the message holds {len(records)} records, expected one")
+    return records[0]
 
 
 def _legacy(m: Mapping[Any, Any]) -> Record:
@@ -765,10 +829,19 @@ def wrap(pack: bytes, meta: SeqMeta) -> bytes:
         count, head_len = _split_array(pack)
     except ValueError as exc:
         raise _corrupt(f"stored record is not a SenML pack ({exc})") from exc
+    return _array_head(count + 1) + seq_record(meta) + pack[head_len:]
+
+
+def seq_record(meta: SeqMeta, steps: Sequence[int] = ()) -> bytes:
+    """The sequence record (CBOR) for a record, or for several joined ones (``steps``: id deltas)."""
     rec: dict[Any, Any] = {N: "seq", V: meta.seq, "ep": meta.epoch}
     if meta.historical:
         rec["h"] = True
-    return _array_head(count + 1) + bytes(cbor2.dumps(rec, canonical=True)) + pack[head_len:]
+    if meta.batch_s is not None:
+        rec["bs"] = _num(meta.batch_s)
+    if steps:
+        rec["ds"] = list(steps)
+    return bytes(cbor2.dumps(rec, canonical=True))
 
 
 def resolved(data: bytes) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 #: Major schema version: a reader refuses a record of a newer major version.
-SCHEMA_MAJOR = 3
+SCHEMA_MAJOR = 4
 #: Minor schema version: additions a reader of the same major version may ignore.
 SCHEMA_MINOR = 0
 
@@ -148,6 +148,9 @@ class SeqMeta:
     seq: int  # the outbox row id: per gateway, persisted, never reused within an epoch
     epoch: int  # id of the gateway's sequence; a new one means the sequence restarted
     historical: bool = False  # replayed from the backlog after an outage
+    # Schema 4: the gateway may hold a features window back this many seconds before publishing it
+    # (several windows of one subject share a message); None: published as soon as it is stored.
+    batch_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.records import Record, StatusRecord, decode_pack, decode_status
+from gateway.records import CorruptRecordError, Record, StatusRecord, decode_batch, decode_status
 from gateway.records.topics import DEFAULT_PREFIX, split_topic
 
 #: The outbox lanes; a record topic's first part names its lane, or maps to it in LANE_OF.
@@ -28,11 +28,43 @@ class TwinMessage:
     seq: int | None = None
     epoch: int | None = None
     historical: bool = False
+    batch_s: float | None = None  # the gateway may hold a window back this long (schema 4)
 
     @property
     def lane(self) -> str | None:
         """The outbox lane the record travelled in (None for the status topic)."""
         return LANE_OF.get(self.kind)
+
+
+def decode_messages(
+    topic: str,
+    payload: bytes,
+    properties: Mapping[str, str] | None = None,
+    prefix: str = DEFAULT_PREFIX,
+) -> list[TwinMessage]:
+    """Decode one MQTT message to its records (several of one subject with schema 4).
+
+    Empty when the topic is not a gateway's; RecordError when the payload is bad.
+    """
+    parts = split_topic(topic, prefix)
+    if parts is None:
+        return []
+    gateway, relative, props = parts
+    props = {**props, **(properties or {})}
+    kind = relative.split("/", 1)[0]
+    if kind == "status":
+        return [TwinMessage(gateway, relative, kind, decode_status(payload))]
+    out = []
+    for meta, record in decode_batch(payload):
+        if meta is not None:
+            msg = TwinMessage(
+                gateway, relative, kind, record, meta.seq, meta.epoch, meta.historical, meta.batch_s
+            )
+        else:
+            seq, epoch = _int(props.get("seq")), _int(props.get("ep"))
+            msg = TwinMessage(gateway, relative, kind, record, seq, epoch, props.get("hist") == "1")
+        out.append(msg)
+    return out
 
 
 def decode_message(
@@ -41,27 +73,14 @@ def decode_message(
     properties: Mapping[str, str] | None = None,
     prefix: str = DEFAULT_PREFIX,
 ) -> TwinMessage | None:
-    """Decode one message; None when the topic is not a gateway's; RecordError when the payload is bad."""
-    parts = split_topic(topic, prefix)
-    if parts is None:
-        return None
-    gateway, relative, props = parts
-    props = {**props, **(properties or {})}
-    kind = relative.split("/", 1)[0]
-    if kind == "status":
-        return TwinMessage(gateway, relative, kind, decode_status(payload))
-    meta, record = decode_pack(payload)
-    if meta is not None:
-        return TwinMessage(gateway, relative, kind, record, meta.seq, meta.epoch, meta.historical)
-    return TwinMessage(
-        gateway,
-        relative,
-        kind,
-        record,
-        _int(props.get("seq")),
-        _int(props.get("ep")),
-        props.get("hist") == "1",
-    )
+    """Decode a message of one record; None when the topic is not a gateway's; RecordError when bad."""
+    messages = decode_messages(topic, payload, properties, prefix)
+    if len(messages) > 1:
+        raise CorruptRecordError(
+            f"twin decoder {topic}: {len(messages)} records in one message: expected one: "
+            "read it with decode_messages"
+        )
+    return messages[0] if messages else None
 
 
 def _int(text: str | None) -> int | None:
@@ -71,4 +90,12 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-__all__ = ["DEFAULT_PREFIX", "LANES", "LANE_OF", "TwinMessage", "decode_message", "split_topic"]
+__all__ = [
+    "DEFAULT_PREFIX",
+    "LANES",
+    "LANE_OF",
+    "TwinMessage",
+    "decode_message",
+    "decode_messages",
+    "split_topic",
+]

@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.records import RecordError, StatusRecord, as_map, status_map
-from gateway.twin.decoder import DEFAULT_PREFIX, TwinMessage, decode_message
+from gateway.twin.decoder import DEFAULT_PREFIX, TwinMessage, decode_messages
 from gateway.twin.errors import TwinAuthError, TwinConfigError, TwinConnectError, TwinError
 from gateway.twin.sequence import SeqEvent, SequenceChecker
 from gateway.twin.view import TwinView, describe
@@ -199,25 +199,27 @@ class Listener:
         if mp is not None and hasattr(mp, "UserProperty"):
             props = dict(mp.UserProperty)
         try:
-            msg = decode_message(message.topic, bytes(message.payload), props, self.options.prefix)
+            msgs = decode_messages(message.topic, bytes(message.payload), props, self.options.prefix)
         except RecordError as exc:
             with self._changed:
                 self.corrupt += 1
                 self._changed.notify_all()
             log.warning("%s", exc)
             return
-        if msg is None:
-            return
+        for i, msg in enumerate(msgs):
+            self._record(msg, first=i == 0)
+
+    def _record(self, msg: TwinMessage, *, first: bool) -> None:
         event = None
         with self._changed:
-            self.received += 1
+            self.received += first  # messages, however many records each holds
             if msg.kind != "status":
                 self.records_received += 1
             rec = msg.record
             if msg.seq is not None and msg.epoch is not None and not isinstance(rec, StatusRecord):
-                event = self.checker.observe(
-                    msg.gateway, msg.epoch, msg.seq, msg.kind, msg.historical, rec.run
-                )
+                # Held windows (schema 4) leave in order per subject, not per lane: so are checked.
+                lane = msg.kind if msg.batch_s is None else msg.topic
+                event = self.checker.observe(msg.gateway, msg.epoch, msg.seq, lane, msg.historical, rec.run)
             self.view.update(msg, received=time.monotonic())
             if self._keep:
                 self.messages.append(msg)

@@ -41,6 +41,7 @@ class SubjectState:
     run: int = 0
     t: float | None = None  # time of the newest window
     hb: float | None = None  # heartbeat: the next window follows within this many seconds
+    batch_s: float = 0.0  # and may be held back this long at the gateway (schema 4)
     win: float = 0.0  # the newest window's length
     received: float | None = None  # when the newest window arrived (the twin's monotonic clock)
     streams: dict[str, StreamWindow] = field(default_factory=dict)  # metric -> newest stream
@@ -100,6 +101,7 @@ class TwinView:
                 return
             state.newest, state.run, state.t, state.kind = order, rec.run, rec.t, rec.kind
             state.hb, state.win, state.received = rec.hb, rec.win, received
+            state.batch_s = msg.batch_s or 0.0
             # An unchanged stream keeps the values it last carried: it is current, not stale.
             rec = carry(state.streams, rec)
             for s in rec.streams:
@@ -172,7 +174,7 @@ def silent(state: SubjectState, now: float | None) -> str:
     if now is None or state.hb is None or state.received is None:
         return ""
     quiet = now - state.received
-    if quiet <= state.hb + state.win:
+    if quiet <= state.hb + state.win + state.batch_s:
         return ""
     return f" SILENT {number(round(quiet))} s (heartbeat {number(state.hb)} s)"
 

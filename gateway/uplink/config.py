@@ -57,6 +57,12 @@ class MqttSection(ConfigModel):
     # Backlog replay after an outage, behind live data: set these to the broker's quota.
     replay_msgs_per_s: float = Field(500.0, gt=0)
     replay_bytes_per_s: float = Field(2_000_000.0, gt=0)
+    # Features windows of one subject held up to batch_s and sent as one message of at most
+    # batch_bytes (several windows share the topic, sequence record and header: docs/records.md);
+    # 0: each window as soon as it is stored.  Alarms, diagnostics, estimates and the status are
+    # never held, and a held window is already durable in the outbox.
+    batch_s: float = Field(0.0, ge=0, le=600)
+    batch_bytes: int = Field(4096, ge=256, le=1_000_000)
     reconnect_min_s: float = Field(0.5, gt=0, le=60)
     reconnect_max_s: float = Field(60.0, gt=0, le=3600)
     message_expiry_s: int | None = Field(None, ge=1)  # MQTT 5: the broker drops older undelivered messages

@@ -205,6 +205,11 @@ class Session:
     to_dead_letter: list[tuple[int, str]] = field(default_factory=list)  # (id, why), moved by the acker
     ended_by_peer: bool = False  # the broker (or the network) ended it, not we nor a stall we declared
     last_publish: float = 0.0  # monotonic time of the newest record publish
+    # uplink.mqtt.batch_s: features windows held by topic (since when, leased records in id order),
+    # and for a message of several records the ids after the one in ``by_mid``.
+    held: dict[str, tuple[float, list[Leased]]] = field(default_factory=dict)
+    joined: dict[int, list[int]] = field(default_factory=dict)  # paho message id -> further outbox ids
+    flush: bool = False  # publish what is held now (a drain before stopping)
 
 
 class Connection:

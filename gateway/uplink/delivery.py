@@ -24,7 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.errors import AuthError, TransientError
 from gateway.outbox import AsyncOutbox, Leased
-from gateway.records import CONTENT_TYPE, SCHEMA_MAJOR, RecordError, SeqMeta, wrap
+from gateway.records import CONTENT_TYPE, SCHEMA_MAJOR, Joiner, RecordError, SeqMeta, wrap
 from gateway.uplink import packets
 from gateway.uplink.config import MqttSection
 from gateway.uplink.connection import Session
@@ -100,6 +100,10 @@ class Delivery:
         self._acked_max = 0
         self._sizes: dict[int, int] = {}  # record id -> PUBLISH bytes, while in flight (3.1.1)
         self._releasing: set[asyncio.Future[None]] = set()
+        # Features windows are held and joined (uplink.mqtt.batch_s) where a topic is a subject's;
+        # a static topic carries one record's sequence in its properties, so not there.
+        self._batch_s = config.batch_s if config.batch_s > 0 and not profile.static_topic else None
+        self._batch_bytes = min(config.batch_bytes, profile.max_payload_bytes)
 
     async def start(self, session: Session, epoch: int) -> None:
         """Prepare for a new connection: the epoch, the properties, where the backlog ends."""
@@ -185,7 +189,8 @@ class Delivery:
             self.take_acks(session)
             # Leasing is a worker-thread hop and a transaction: only when something may be there
             # (records committed since the last look) and the local queue runs short.
-            free = cfg.max_inflight - len(session.leased)
+            # Held windows wait for their batch, not for a PUBACK: they leave room for alarms.
+            free = cfg.max_inflight - len(session.leased) + sum(len(h[1]) for h in session.held.values())
             if session.more_live and free > 0 and len(live) < cfg.batch:
                 want = min(free, cfg.batch)
                 session.more_live = False  # a commit during the lease sets it again
@@ -233,6 +238,9 @@ class Delivery:
         limited = not self._limit.unlimited
         paced = limited or not self._replay.unlimited
         while live and room > 0:
+            if self._batch_s is not None and live[0].topic.startswith("features/"):
+                self._hold(session, live.popleft(), now)
+                continue
             pause = self._limit.wait_for(len(live[0].payload), now) if limited else 0.0
             if pause > 0:
                 wait = min(wait, pause)
@@ -240,22 +248,124 @@ class Delivery:
             self._publish(session, live.popleft(), historical=False, now=now)
             room -= 1
             published += 1
+        if session.held and room > 0:
+            sent, pause = self._send_held(session, now, room, limited)
+            room -= sent
+            published += sent
+            wait = min(wait, pause)
         while backlog and not live and room > 0:
             size = len(backlog[0].payload)
             pause = max(self._limit.wait_for(size, now), self._replay.wait_for(size, now)) if paced else 0.0
             if pause > 0:
                 wait = min(wait, pause)
                 break
-            self._publish(session, backlog.popleft(), historical=True, now=now)
-            room -= 1
+            items = self._backlog_run(backlog)
+            room -= self._publish_joined(session, items, historical=True, now=now)
             published += 1
-            session.replayed += 1
+            session.replayed += len(items)
         if published and session.client.want_write():
             session.client.loop_write()  # now, not one loop turn later: the socket is non-blocking
         short = self._cfg.batch // 2
         if (session.more_live and len(live) < short) or (session.replaying and len(backlog) < short):
             session.wake.set()  # running short: the publish loop leases more
         return wait
+
+    def _hold(self, session: Session, item: Leased, now: float) -> None:
+        """Keep a features window for its topic's next message (it is durable in the outbox)."""
+        since, items = session.held.get(item.topic, (now, []))
+        items.append(item)
+        session.held[item.topic] = (since, items)
+
+    def _send_held(self, session: Session, now: float, room: int, limited: bool) -> tuple[int, float]:
+        """Publish the held topics that are due (oldest batch_s old, batch_bytes full, or a drain).
+
+        Returns (messages published, seconds until the next is due).
+        """
+        hold = self._batch_s or 0.0
+        sent, wait = 0, IDLE_POLL_S
+        for topic, (since, items) in list(session.held.items()):
+            size = sum(len(i.payload) for i in items)
+            if not session.flush and now - since < hold and size < self._batch_bytes:
+                wait = min(wait, since + hold - now)
+                continue
+            if room - sent <= 0:
+                break
+            pause = self._limit.wait_for(size, now) if limited else 0.0
+            if pause > 0:
+                wait = min(wait, pause)
+                break
+            del session.held[topic]
+            sent += self._publish_joined(session, items, historical=False, now=now)
+        return sent, max(wait, 0.0)
+
+    def _backlog_run(self, backlog: collections.deque[Leased]) -> list[Leased]:
+        """The backlog's next records to replay in one message: the first, and its topic's next ones.
+
+        Taken out of the backlog.  Records of one topic keep their order; other topics' records,
+        interleaved with them, wait for their own message.
+        """
+        first = backlog.popleft()
+        if self._batch_s is None or not first.topic.startswith("features/"):
+            return [first]
+        run = [first]
+        size = len(first.payload)
+        for item in backlog:
+            if item.topic != first.topic:
+                continue
+            size += len(item.payload)
+            if size > self._batch_bytes:
+                break
+            run.append(item)
+        for item in run[1:]:
+            backlog.remove(item)
+        return run
+
+    def _publish_joined(self, session: Session, items: list[Leased], *, historical: bool, now: float) -> int:
+        """Publish records of one topic, as many per message as join (schema 4); return messages sent."""
+        if len(items) == 1:
+            self._publish(session, items[0], historical=historical, now=now)
+            return 1
+        groups: list[tuple[list[Leased], Joiner | None]] = []
+        joiner: Joiner | None = None
+        for item in items:
+            if joiner is not None and joiner.add(item.payload, item.id):
+                groups[-1][0].append(item)
+                continue
+            joiner = Joiner(self.epoch, historical=historical, batch_s=self._batch_s, limit=self._batch_bytes)
+            if not joiner.add(item.payload, item.id):
+                joiner = None  # goes alone (an older schema, or unreadable: handled there)
+            groups.append(([item], joiner))
+        for group, joined in groups:
+            if joined is None or len(group) == 1:
+                self._publish(session, group[0], historical=historical, now=now)
+            else:
+                self._send_joined(session, group, joined.payload(), historical=historical, now=now)
+        return len(groups)
+
+    def _send_joined(
+        self, session: Session, items: list[Leased], payload: bytes, *, historical: bool, now: float
+    ) -> None:
+        """Publish one message of several records; a PUBACK acknowledges them all."""
+        first = items[0]
+        topic = self._topic(first.topic, None)
+        properties = self._properties(session, first.id, historical)
+        if self._over_limit(session, topic, len(payload), properties) > 0:
+            for item in items:  # each alone, where the size limits are handled record by record
+                self._publish(session, item, historical=historical, now=now)
+            return
+        info = session.client.publish(topic, payload, qos=1, retain=False, properties=cast(Any, properties))
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            session.lost = session.lost or TransientError(f"publish failed ({paho.error_string(info.rc)})")
+            return
+        self._sent(session, first.id, info.mid, topic, len(payload), historical=historical, now=now)
+        session.joined[info.mid] = [i.id for i in items[1:]]
+        counts = len(items) - 1
+        if historical:
+            self.counters.historical += counts
+        self.counters.republished += sum(1 for i in items[1:] if i.attempts)
+        self.counters.published += counts
+        if first.attempts:
+            self.counters.republished += 1
 
     async def _acker(self, session: Session) -> None:
         """Delete acknowledged records in batches while publishing goes on."""
@@ -298,7 +408,7 @@ class Delivery:
 
     def _publish(self, session: Session, item: Leased, *, historical: bool, now: float) -> None:
         try:
-            payload = wrap(item.payload, SeqMeta(item.id, self.epoch, historical))
+            payload = wrap(item.payload, self._meta(item, historical))
         except RecordError as exc:
             # Damaged on disk: no broker can make sense of it, and it must not end the uplink.
             log.error(
@@ -326,7 +436,7 @@ class Delivery:
         if over > 0:
             smaller = packets.trimmed(item.payload, over)
             if smaller is not None:
-                payload = wrap(smaller, SeqMeta(item.id, self.epoch, historical))
+                payload = wrap(smaller, self._meta(item, historical))
                 if self._over_limit(session, topic, len(payload), properties) <= 0:
                     self._note_oversize(item, over, "sent without its optional detail, with a note saying so")
                     self.counters.trimmed += 1
@@ -339,22 +449,31 @@ class Delivery:
             # Not sent: it stays leased in this session and is released when the session ends.
             session.lost = session.lost or TransientError(f"publish failed ({paho.error_string(info.rc)})")
             return
+        self._sent(session, item.id, info.mid, topic, len(payload), historical=historical, now=now)
+        if item.attempts:
+            self.counters.republished += 1
+
+    def _sent(
+        self, session: Session, rid: int, mid: int, topic: str, size: int, *, historical: bool, now: float
+    ) -> None:
+        """Account a message handed to paho (its first record ``rid``)."""
         if not session.by_mid:
             session.last_ack = now  # the wait for a PUBACK starts with the first message in flight
         session.last_publish = now
-        session.by_mid[info.mid] = item.id
+        session.by_mid[mid] = rid
         if self._cfg.protocol != "5":
-            self._sizes[item.id] = packets.publish_size(topic, len(payload), None, v5=False)
+            self._sizes[rid] = packets.publish_size(topic, size, None, v5=False)
         if self.counters.published % _LATENCY_EVERY == 0:
-            session.sent_at[info.mid] = now
-        size = len(payload)
+            session.sent_at[mid] = now
         self._limit.take(size, now)
         if historical:
             self._replay.take(size, now)
             self.counters.historical += 1
-        if item.attempts:
-            self.counters.republished += 1
         self.counters.published += 1
+
+    def _meta(self, item: Leased, historical: bool) -> SeqMeta:
+        held = self._batch_s if item.topic.startswith("features/") else None
+        return SeqMeta(item.id, self.epoch, historical, held)
 
     def _over_limit(
         self, session: Session, topic: str, payload_len: int, properties: packets.Packed | None
@@ -447,6 +566,7 @@ class Delivery:
             rid = session.by_mid.pop(mid, None)
             if rid is None:
                 continue
+            more = session.joined.pop(mid, None) if session.joined else None
             sent = session.sent_at.pop(mid, None)
             if sent is not None and code < 0x80:
                 self.publish_latency_s.append(time.monotonic() - sent)
@@ -460,11 +580,13 @@ class Delivery:
                     name,
                 )
                 session.to_dead_letter.append((rid, f"refused by the broker: {name}"))
+                session.to_dead_letter += [(r, f"refused by the broker: {name}") for r in more or ()]
                 continue
             if code >= 0x80:
                 self.counters.refused += 1
-                session.leased.pop(rid, None)
-                session.to_release.append(rid)  # by the acker, off the loop: release waits on a lock
+                for r in (rid, *(more or ())):
+                    session.leased.pop(r, None)
+                    session.to_release.append(r)  # by the acker, off the loop: release waits on a lock
                 name = ReasonCode(PacketTypes.PUBACK, identifier=code).getName()
                 where = f"uplink mqtt {self._cfg.host}:{self._cfg.port}"
                 if code in _PUBACK_AUTH:
@@ -476,6 +598,8 @@ class Delivery:
                     session.lost = TransientError(f"the broker refused a publish ({name})")
                 continue
             session.acked_ids.append(rid)
+            if more:
+                session.acked_ids += more
             if self._sizes:
                 self._acked_max = max(self._acked_max, self._sizes.pop(rid, 0))
             if self._suspects:

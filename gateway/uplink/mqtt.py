@@ -405,6 +405,9 @@ class MqttUplink:
                 return  # nothing can leave now; the outbox keeps it
             if not session.leased and (await self._outbox.stats()).queued == 0:
                 return
+            if not session.flush:
+                session.flush = True  # held windows go now, not when their batch is due
+                session.wake.set()
             await asyncio.sleep(0.05)
 
 
