@@ -135,6 +135,7 @@ def test_a_later_window_leaves_out_what_the_one_before_said() -> None:
     assert heads[1] == {codec.N: "win", codec.BT: 86440.5}  # only the name and the time
     later = recs[recs.index(heads[1]) + 1 :][:3]
     assert all(codec.N not in r for r in later)  # the streams are the ones at the same place
+    assert "fd" in later[0]  # SpO2's features as steps from the window before
     alone = sum(len(wrap(encode(w), SeqMeta(1, 7))) for w in windows)
     assert len(message) < alone * 0.6
 

@@ -22,7 +22,17 @@ from typing import Any
 
 import cbor2
 
-from gateway.records.codec import BT, INHERITED, N, _array_head, decode, seq_record, wrap
+from gateway.records.codec import (
+    BT,
+    FEATURE_ORDER,
+    INHERITED,
+    N,
+    _array_head,
+    decode,
+    seq_record,
+    wire_integer,
+    wrap,
+)
 from gateway.records.errors import RecordError
 from gateway.records.model import FeaturesWindow, SeqMeta, StreamWindow
 
@@ -52,6 +62,7 @@ class Joiner:
         self._body = 0
         self._head: dict[Any, Any] = {}
         self._streams: tuple[StreamWindow, ...] = ()
+        self._win = 0.0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -73,7 +84,7 @@ class Joiner:
         if not isinstance(window, FeaturesWindow):
             return False
         streams = window.streams
-        parts = [pack[len(_array_head(len(recs))) :]] if not self.ids else self._later(recs, streams)
+        parts = [pack[len(_array_head(len(recs))) :]] if not self.ids else self._later(recs, window)
         if parts is None:
             return False
         ids = [*self.ids, seq]
@@ -83,10 +94,10 @@ class Joiner:
             return False
         self.ids, self._body, self._count = ids, body, self._count + len(recs)
         self._parts += parts
-        self._head, self._streams = head, streams
+        self._head, self._streams, self._win = head, streams, window.win
         return True
 
-    def _later(self, recs: list[Any], streams: tuple[StreamWindow, ...]) -> list[bytes] | None:
+    def _later(self, recs: list[Any], window: FeaturesWindow) -> list[bytes] | None:
         """A later window's records with what the window before it already says left out."""
         head = dict(recs[0])
         for label in INHERITED:
@@ -97,6 +108,7 @@ class Joiner:
         if BT not in head:
             return None
         out = [head]
+        streams = window.streams
         index = 0
         for raw in recs[1:]:
             rec = dict(raw)
@@ -111,9 +123,33 @@ class Joiner:
                             rec.pop("r", None)
                         elif "r" not in rec:
                             rec["r"] = None  # no resolution, where the stream before had one
+                        if window.win == self._win:
+                            self._steps(rec, before, cur)
                 index += 1
             out.append(rec)
         return [bytes(cbor2.dumps(rec, canonical=True)) for rec in out]
+
+    def _steps(self, rec: dict[Any, Any], before: StreamWindow, cur: StreamWindow) -> None:
+        """Send the features as steps from the stream before (``fd``) where that is shorter.
+
+        Only when both are at one resolution in windows of one length: the steps are counts of
+        the same unit.
+        """
+        if before.res != cur.res or cur.res is None:
+            return
+        names = [str(k) for k in rec["fn"]] if "fn" in rec else FEATURE_ORDER.get(cur.shape or "level", ())
+        steps: list[Any] = []
+        for name, q in zip(names, rec["f"], strict=False):
+            if isinstance(q, int):
+                base = wire_integer(before, name, self._win)
+                if base is None:
+                    return  # nothing to step from: the values go as they are
+                steps.append(q - base)
+            else:
+                steps.append(q)  # null, or a value sent unscaled: as it is
+        if len(cbor2.dumps(steps)) < len(cbor2.dumps(rec["f"])):
+            rec["fd"] = steps
+            del rec["f"]
 
     def _seq(self, ids: list[int]) -> bytes:
         steps = [b - a for a, b in itertools.pairwise(ids)]

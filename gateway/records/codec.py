@@ -446,16 +446,17 @@ def _decode_features(
     streams: list[StreamWindow] = []
     dev: Any = None
     for rec in rest:
-        if not ("f" in rec or "eq" in rec or "gap" in rec):
+        if not ("f" in rec or "fd" in rec or "eq" in rec or "gap" in rec):
             scores[_key(rec, "score/")] = _value(rec)
             continue
+        same: StreamWindow | None = None
         if N not in rec:
             # Schema 4, a later window of a message: the stream at the same place in the window
             # before it, whose name, unit, codes, shape, device and resolution it keeps.
             same = _stream_before(prev, len(streams))
             metric, unit, mdc, shape = same.metric, same.unit, same.mdc, same.shape
             dev = rec.get("dev", same.dev)
-            res = rec.get("r", same.res if "f" in rec else None)
+            res = rec.get("r", same.res if "f" in rec or "fd" in rec else None)
         else:
             name = str(rec[N])
             term = MDC_BY_CODE.get(int(name)) if name.isdigit() and "metric" not in rec else None
@@ -469,16 +470,20 @@ def _decode_features(
         if res is not None and not (isinstance(res, int) and -30 <= res <= 30):
             raise _corrupt(f"stream {metric!r}: resolution {res!r} is not an integer exponent in -30..30")
         features: dict[str, float] = {}
-        if "f" in rec:
+        if "f" in rec or "fd" in rec:
             order = FEATURE_ORDER.get(shape or "level", ())
             names = [str(k) for k in rec["fn"]] if "fn" in rec else order
-            values = rec["f"]
+            values = rec["f"] if "f" in rec else rec["fd"]
             if not isinstance(values, list) or len(values) > len(names):
                 raise _corrupt(f"stream {metric!r}: {values!r} holds more features than it names")
             for k, q in zip(names, values, strict=False):
                 if q is None:
                     continue
-                features[k] = _unscale(q, k, res, win) if isinstance(q, int) else float(_restore(q))
+                if isinstance(q, int):
+                    count = q + _step_base(same, k, prev) if "fd" in rec else q
+                    features[k] = _unscale(count, k, res, win)
+                else:
+                    features[k] = float(_restore(q))
         streams.append(
             StreamWindow(
                 metric=metric,
@@ -507,6 +512,25 @@ def _decode_features(
         sv=common["sv"],
         hb=None if hb is None else float(_restore(hb)),
     )
+
+
+def wire_integer(stream: StreamWindow, name: str, win: float) -> int | None:
+    """The integer a feature of a decoded stream travels as (None: sent unscaled, or absent)."""
+    value = stream.features.get(name)
+    if value is None:
+        return None
+    q = _feature_item(name, value, stream.res, win)[0]
+    return q if isinstance(q, int) else None
+
+
+def _step_base(same: StreamWindow | None, name: str, prev: Record | None) -> int:
+    """Schema 4 ``fd``: the integer a feature's step is added to (the same stream's, window before)."""
+    base = (
+        None if same is None or not isinstance(prev, FeaturesWindow) else wire_integer(same, name, prev.win)
+    )
+    if base is None:
+        raise _corrupt(f"feature {name!r} is sent as a step from a window before it that has no value for it")
+    return base
 
 
 def _stream_before(prev: Record | None, index: int) -> StreamWindow:

@@ -322,9 +322,11 @@ class Delivery:
 
     def _publish_joined(self, session: Session, items: list[Leased], *, historical: bool, now: float) -> int:
         """Publish records of one topic, as many per message as join (schema 4); return messages sent."""
-        if len(items) == 1:
-            self._publish(session, items[0], historical=historical, now=now)
-            return 1
+        if len(items) == 1 or any(i.id in self._suspects for i in items):
+            # One by one where a record may be what a 3.1.1 broker ends connections for.
+            for item in items:
+                self._publish(session, item, historical=historical, now=now)
+            return len(items)
         groups: list[tuple[list[Leased], Joiner | None]] = []
         joiner: Joiner | None = None
         for item in items:

@@ -182,7 +182,7 @@ class AlarmRun:
 
 
 async def alarm_latency(
-    broker: MosquittoBroker, pki: DemoPKI, db: Path, n: int, load: bool = True
+    broker: MosquittoBroker, pki: DemoPKI, db: Path, n: int, load: bool = True, batch_s: float = 0.0
 ) -> AlarmRun:
     """Seconds from the sample that raises an alarm to the decoded alarm at the twin.
 
@@ -268,7 +268,8 @@ async def alarm_latency(
     async with AsyncOutbox(lambda: Outbox(db)) as outbox:
         pipeline = Pipeline(config, anon, outbox)
         sink = pipeline.sink
-        uplink = MqttUplink(outbox, mqtt_cfg(broker, pki, replay_msgs_per_s=500.0), GW)
+        cfg = mqtt_cfg(broker, pki, replay_msgs_per_s=500.0, batch_s=batch_s)
+        uplink = MqttUplink(outbox, cfg, GW)
         tasks = [
             asyncio.create_task(uplink.run(lambda: None), name="bench-uplink"),
             asyncio.create_task(pipeline.run(lambda: None), name="bench-pipeline"),
@@ -551,6 +552,12 @@ def main() -> int:
     parser.add_argument("--alarms", type=int, default=300)
     parser.add_argument("--sim-s", type=float, default=600.0, help="simulated seconds for the wire-bytes run")
     parser.add_argument("--only", choices=STAGES, action="append", help="run only these stages (repeatable)")
+    parser.add_argument(
+        "--batch-s",
+        type=float,
+        default=0.0,
+        help="uplink.mqtt.batch_s for the alarm runs (windows held meanwhile)",
+    )
     args = parser.parse_args()
     stages = set(args.only or STAGES)
     logging.basicConfig(level=logging.ERROR)
@@ -579,7 +586,9 @@ def main() -> int:
                     )
             if "alarms" in stages:
                 runs = [
-                    asyncio.run(alarm_latency(broker, pki, tmp / f"lat{load}.db", args.alarms, load))
+                    asyncio.run(
+                        alarm_latency(broker, pki, tmp / f"lat{load}.db", args.alarms, load, args.batch_s)
+                    )
                     for load in (False, True)
                 ]
                 floor = sorted(bare_alarm_floor(broker, pki, tmp / "floor.db", args.alarms))
@@ -608,7 +617,7 @@ def main() -> int:
     for run in runs:
         lat = sorted(run.latencies)
         under = (
-            f"while {run.load_changes_per_s:,.0f} changes/s flow ({run.windows} windows)"
+            f"while {run.load_changes_per_s:,.0f} changes/s flow ({run.windows} windows, batch_s {args.batch_s:g})"
             if run.load_changes_per_s
             else "no other load"
         )
