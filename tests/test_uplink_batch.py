@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from uplink_support import (
     GATEWAY_ID,
     RunningUplink,
@@ -29,7 +31,11 @@ from gateway.twin.listen import Listener, ListenOptions
 from gateway.twin.sequence import SeqEvent
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoPKI
+from gateway.uplink.config import MqttSection
+from gateway.uplink.connection import PahoClient, Session
+from gateway.uplink.delivery import Delivery
 from gateway.uplink.mqtt import MqttUplink
+from gateway.uplink.profiles import GENERIC
 
 pytestmark = pytest.mark.slow
 SUBJECTS = ("subj0000pseudo00", "subj0001pseudo01", "subj0002pseudo02")
@@ -207,3 +213,49 @@ def test_an_alarm_is_never_held_behind_a_batch(tmp_path: Path, pki: DemoPKI, bro
         twin.stop()
     assert seen_features_at_alarm == [0]  # the alarm went while every window was still held
     assert sorted(m.seq or 0 for m in _features(twin)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_one_puback_acknowledges_every_record_of_its_message_and_only_those(tmp_path: Path) -> None:
+    """Two joined messages in flight and two windows still held when the connection ends: the
+    PUBACK that came deletes its message's records; everything else is leased again, none lost."""
+
+    async def main() -> None:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "ob.db")) as outbox:
+            outbox.outbox.put_many(feature_items(6)[0])
+            leased = await outbox.lease(10)
+            assert [i.id for i in leased] == [1, 2, 3, 4, 5, 6]
+            cfg = MqttSection.model_validate({"host": "127.0.0.1", "batch_s": 60.0})
+            root = f"edgetwin/v1/{GATEWAY_ID}"
+            delivery = Delivery(
+                outbox, cfg, GENERIC, lambda rel, _props: f"{root}/{rel}", lambda _now: None, topic_root=root
+            )
+            loop = asyncio.get_running_loop()
+
+            def session() -> Session:
+                client = PahoClient(CallbackAPIVersion.VERSION2, client_id="t", protocol=paho.MQTTv5)
+                return Session(client, loop, loop.create_future())
+
+            # Message 101 holds ids 1 and 4 (subject 0), message 102 ids 2 and 5 (subject 1); 3 and
+            # 6 are held.  Only 101's PUBACK arrives before the connection ends.
+            first = session()
+            first.leased = {i.id: len(i.payload) for i in leased}
+            first.by_mid, first.joined = {101: 1, 102: 2}, {101: [4], 102: [5]}
+            first.acks.append((101, 0))
+            await delivery.finish(first)
+            assert delivery.counters.acked == 2
+            again = await outbox.lease(10)
+            assert sorted(i.id for i in again) == [2, 3, 5, 6]  # released, sent by the next connection
+
+            # A refused message: all its records are released, and the connection is given up.
+            second = session()
+            second.leased = {i.id: len(i.payload) for i in again}
+            second.by_mid, second.joined = {201: 2}, {201: [5]}
+            second.acks.append((201, 0x80))
+            delivery.take_acks(second)
+            assert sorted(second.to_release) == [2, 5]
+            assert second.lost is not None
+            await delivery.finish(second)
+            assert sorted(i.id for i in await outbox.lease(10)) == [2, 3, 5, 6]
+            assert (await outbox.stats()).queued == 4
+
+    asyncio.run(main())
