@@ -43,6 +43,7 @@ from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.coverage import log_coverage
 from gateway.inference.novelty import build_novelty
 from gateway.inference.rhythm import RhythmMonitor
+from gateway.inference.shadow import open_slots
 from gateway.inference.streams import build_stream_change
 from gateway.legend import FILE_NAME as LEGEND_FILE
 from gateway.legend import Legend
@@ -586,11 +587,13 @@ async def _supervise(
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
+    # Each model in a slot: the version promoted over the downlink serves, a new one runs in shadow.
+    slots = await asyncio.to_thread(open_slots, models, core.gateway.state_dir)
     log_coverage(config)
     # Per-machine novelty detection ([models.novelty]) and the per-stream detector for subjects
     # no model scores ([models.streams]), beside the carded models.
     hop, state = core.pipeline.hop_s, core.gateway.state_dir
-    scored: list[WindowModel] = [*models, *build_novelty(core.models.novelty, hop_s=hop, state_dir=state)]
+    scored: list[WindowModel] = [*slots, *build_novelty(core.models.novelty, hop_s=hop, state_dir=state)]
     scored += build_stream_change(core.models.streams, hop_s=hop, state_dir=state, others=scored)
     try:
         pipeline = Pipeline(config, anonymizer, outbox, scored)
@@ -643,7 +646,7 @@ async def _supervise(
             if core.downlink.trust_file is not None:
                 from gateway.downlink.unit import Downlink  # noqa: PLC0415
 
-                uplink.downlink = Downlink(config, registry, sup, uplink, uplink.client_id)
+                uplink.downlink = Downlink(config, registry, sup, uplink, uplink.client_id, slots)
                 sup.add(Unit("downlink", Group.UPLINK, uplink.downlink.run))
     else:
         uplink = _NoUplink()
@@ -709,7 +712,7 @@ async def _supervise(
         outbox=outbox,
         uplink=uplink,
         uplink_kind=core.uplink.kind,
-        models=models,
+        models=slots,
         sources=[(e.info.name, e.driver) for e in config.sources],
         pseudonym=anonymizer.subject_pseudonym,
         budget_bytes=int(core.outbox.max_mb * 1024 * 1024),

@@ -303,6 +303,10 @@ def add_commands(groups: dict[str, Any]) -> None:
         _broker_args(p)
         p.set_defaults(func=_guard(cmd_publish_config))
 
+        from gateway.downlink.model_commands import add_model_commands  # noqa: PLC0415
+
+        add_model_commands(twin, _guard, _broker_args)
+
         p = twin.add_parser("command", help="ask a gateway for its reported state or its status record")
         p.add_argument("--gateway", required=True, help="the gateway's pseudonym")
         p.add_argument("--cmd", choices=["report", "rebirth"], required=True, help="what to ask for")

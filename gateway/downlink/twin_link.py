@@ -89,6 +89,28 @@ def publish_desired(broker: Broker, topic: str, envelope: bytes, timeout_s: floa
         client.loop_stop()
 
 
+def publish_many(
+    broker: Broker, messages: list[tuple[str, bytes]], timeout_s: float = 60.0, window: int = 16
+) -> None:
+    """Publish messages retained at QoS 1 on one connection, at most ``window`` unacknowledged at a time."""
+    client = _connect(broker, "publish", 10.0)
+    try:
+        inflight: list[tuple[str, Any]] = []
+        end = time.monotonic() + timeout_s
+        for n, (topic, payload) in enumerate(messages, 1):
+            inflight.append((topic, client.publish(topic, payload, qos=1, retain=True)))
+            while inflight and (len(inflight) >= window or n == len(messages)):
+                sent, info = inflight.pop(0)
+                info.wait_for_publish(max(0.1, end - time.monotonic()))
+                if not info.is_published():
+                    raise TwinConnectError(
+                        f"twin publish {sent}: no PUBACK within {timeout_s:g} s: publish again"
+                    )
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def send_command(broker: Broker, topic: str, cmd: str, timeout_s: float = 10.0) -> None:
     """Publish a command (QoS 1, not retained: a gateway offline now does not get it later)."""
     client = _connect(broker, "command", timeout_s)

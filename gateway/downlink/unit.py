@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,12 @@ from gateway.contracts import DriverSpec
 from gateway.downlink import restart
 from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
+from gateway.downlink.bundles import ModelBundles
 from gateway.downlink.errors import RefusedError
 from gateway.downlink.renewal import Renewal
 from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, Verified, verify, verify_rotation
 from gateway.errors import ConfigError, EdgetwinError
+from gateway.inference.shadow import Slot
 from gateway.supervisor import Supervisor, UnitState
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class Downlink:
         supervisor: Supervisor,
         uplink: Any,
         gateway_id: str,
+        slots: Sequence[Slot] = (),
     ) -> None:
         core = config.core
         self._config = config
@@ -90,6 +93,12 @@ class Downlink:
         mqtt = core.uplink.mqtt
         self._azure = mqtt is not None and mqtt.profile == "azure"
         self._renewal = Renewal(mqtt, self.dir / "renew", gateway_id) if mqtt is not None else None
+        # Model bundles for the slots the pipeline runs (gateway.downlink.bundles).
+        self.bundles = (
+            ModelBundles(slots, core.gateway.state_dir, self.dir, gateway_id, mqtt.profile)
+            if slots and mqtt is not None
+            else None
+        )
         self._cert: bytes | None = None  # a signed certificate from the twin, not yet handled
         self._next_renew_check = 0.0  # monotonic: a clock step does not move it
         self._trial_until: float | None = None  # the new pair must connect before this (monotonic)
@@ -107,8 +116,10 @@ class Downlink:
         self._client, self._root = client, topic_root
         self._attaches += 1
         client.on_message = self._on_message
-        topics = ("desired", "trust", "cmd", "cert")
-        client.subscribe([(f"{topic_root}/{name}", 1) for name in topics])
+        topics = [f"{topic_root}/{name}" for name in ("desired", "trust", "cmd", "cert")]
+        if self.bundles is not None:
+            topics += self.bundles.attach(client, topic_root)
+        client.subscribe([(topic, 1) for topic in topics])
         self.report()
         if self._renewal is not None and self._renewal.pending:
             self._publish_csr()
@@ -119,7 +130,9 @@ class Downlink:
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         # paho calls this on the event loop (the uplink drives its network loop there).
-        if message.topic.endswith("/desired"):
+        if self.bundles is not None and self.bundles.on_message(message.topic, message.payload):
+            self._wake.set()
+        elif message.topic.endswith("/desired"):
             if message.payload:
                 # The newest wins: an older one not yet handled is dropped.
                 self._desired = bytes(message.payload)
@@ -169,6 +182,7 @@ class Downlink:
             "trust": {"version": st.trust_version, "keys": self._trust_keys()},
             "certificate": self._certificate(),
             "units": self._units_now(),
+            "models": None if self.bundles is None else self.bundles.reported(),
         }
 
     # --- the unit -------------------------------------------------------------------------------
@@ -185,12 +199,15 @@ class Downlink:
             )
         self.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
         for left in self.quarantine.iterdir():  # unverified leftovers of a run that ended mid-way
-            left.unlink(missing_ok=True)
+            if left.is_file():  # (chunks/: hash-checked chunks of a model transfer, resumed)
+                left.unlink(missing_ok=True)
         self.state = persist.load(self._state_path)
         # A trust set rotated over the air replaces the configured one (delete it to go back).
         rotated = self.dir / "trust.json"
         self._trust = await asyncio.to_thread(Trust.load, rotated if rotated.exists() else trust_file)
         self.audit = AuditLog(self.dir / "audit.jsonl")
+        if self.bundles is not None:
+            await asyncio.to_thread(self.bundles.load)
         started()
         if self.state.pending is not None and not await self._probation():
             await asyncio.Event().wait()  # rolling back: the supervisor stops the gateway
@@ -208,9 +225,11 @@ class Downlink:
                 shown = units
                 self.report()
             await self._renew_tick()
-            if not self._wake.is_set():
-                continue
+            woken = self._wake.is_set()
             self._wake.clear()
+            await self._bundle_step()  # also when not woken: the slots' shadow outcomes
+            if not woken:
+                continue
             cert, self._cert = self._cert, None
             if cert is not None:
                 await self._take_certificate(cert)
@@ -220,6 +239,19 @@ class Downlink:
             data, self._desired = self._desired, None
             if data is not None and await self._handle(data):
                 await asyncio.Event().wait()  # restarting onto the new config: the supervisor stops us
+
+    # --- model bundles (gateway.downlink.bundles) --------------------------------------------------
+
+    async def _bundle_step(self) -> None:
+        """Take manifests and chunks that came, and the shadow outcomes the slots decided."""
+        if self.bundles is None or self.audit is None or self._trust is None:
+            return
+        if await self.bundles.step(self._trust, self.audit, self._refuse_bundle):
+            self.report()
+
+    async def _refuse_bundle(self, digest: str, version: int | None, reason: str, detail: str) -> None:
+        self._digest = digest
+        await self._refuse(version, reason, detail)
 
     # --- certificate renewal ----------------------------------------------------------------------
 

@@ -107,6 +107,9 @@ class ModelCard(_Strict):
     health: HealthSpec = HealthSpec()
     training: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict)
+    # When this version replaces another over the downlink: take the subjects' commissioning
+    # statistics of the version serving now (same inputs needed) or learn them again.
+    commissioning_on_update: Literal["carry", "redo"] = "carry"
 
     @property
     def n_inputs(self) -> int:

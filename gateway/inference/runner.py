@@ -235,6 +235,53 @@ class AnomalyModel:
         if path is not None:
             path.unlink(missing_ok=True)
 
+    # ---- model updates (gateway.inference.shadow) ---------------------------------------
+
+    @property
+    def demotion_reason(self) -> str:
+        """Why the whole model is demoted now (``non_finite_output``, ``latency_budget``, ...), or ""."""
+        return self._health.reason if self._health.demoted else ""
+
+    def sibling(self, card: ModelCard, card_dir: Path) -> AnomalyModel:
+        """Another version of this model with this site's settings (subjects, input mapping, rules).
+
+        It keeps its commissioning statistics in memory only until :meth:`keep_state_in` is
+        called: a version on trial must not overwrite the files of the one that serves.
+        """
+        spec = card.normalisation
+        need = self._need if spec.kind == "commissioning" and not self._fixed else spec.windows
+        return AnomalyModel(
+            card,
+            card_dir,
+            backend=self.backend.name,
+            commissioning_windows=need,
+            plausibility=self._checker,
+            subjects=tuple(self._subjects),
+            clock=self._clock,
+            fault_alarms=self._fault_alarms,
+            inputs=self._inputs,
+        )
+
+    def adopt_commissioning(self, other: AnomalyModel) -> int:
+        """Take the per-subject statistics ``other`` has learned (same inputs); how many subjects."""
+        if self._fixed or other._keys != self._keys:
+            return 0
+        taken = 0
+        for subject, norm in other._norm.items():
+            if norm.mean is not None and norm.std is not None:
+                mine = Normaliser.empty(self._n, self._need)
+                mine.n, mine.mean, mine.std = self._need, norm.mean.copy(), norm.std.copy()
+                self._norm[subject] = mine
+                taken += 1
+        return taken
+
+    def keep_state_in(self, state_dir: Path | None) -> None:
+        """From now on keep commissioning statistics in ``state_dir``; store those learned so far."""
+        self._state_dir = state_dir
+        for subject, norm in list(self._norm.items()):
+            if norm.mean is not None:
+                self._save_norm(subject, norm)
+
     # ---- worker-thread side ------------------------------------------------------------
 
     def _resolve(self, record: WindowRecord) -> _Resolved:

@@ -1,0 +1,498 @@
+"""Model bundles over the downlink: a signed manifest, the ONNX file in chunks, staged into a model slot.
+
+A bundle is a signed envelope of type ``model`` (:mod:`~gateway.downlink.signing`) on the retained
+topic ``<root>/model``.  Its content is a JSON *manifest*::
+
+    {"slot": "pump_skab", "card": {... the model card ...},
+     "model": {"sha256": "<hex>", "length": 1048576, "chunk_bytes": 122880, "chunks": ["<hex>", ...]},
+     "acceptance": {"windows": 30, "max_alarm_rate": 0.2, ...}}
+
+The model file itself travels in chunks, each a retained message on
+``<root>/chunk/<first 32 hex of the model's SHA-256>/<index>``, no larger than the uplink
+profile's payload limit (AWS IoT: 128 kB).  The manifest names every chunk's SHA-256 (TUF's
+targets metadata with hashes): the gateway subscribes to the chunks of a *verified* manifest
+only, writes a chunk into its quarantine only when its hash is the one signed, and keeps the
+chunks it has across reconnects and restarts.  A transfer resumes when the retained manifest comes
+again: the gateway subscribes again and the broker sends the retained chunks; the reported state
+lists the chunks still missing so the twin can publish just those (``twin publish-model
+--missing``).  The file is assembled only when every chunk is there and its whole SHA-256 and
+length match: a truncated transfer is never applied.  Then the card is validated, bound to the
+file by hash, the model opened as the loader opens it, and the version put in shadow
+(:mod:`gateway.inference.shadow`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import shutil
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.downlink import state as persist
+from gateway.downlink.audit import AuditLog
+from gateway.downlink.errors import RefusedError
+from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, verify
+from gateway.errors import ConfigError, CorruptDataError
+from gateway.inference.card import CARD_SUFFIX, ModelCard, load_card
+from gateway.inference.shadow import Acceptance, Outcome, Slot, version_dir, write_installed
+from gateway.uplink.profiles import PROFILES
+
+__all__ = ["MAX_CHUNK_BYTES", "Manifest", "ModelBundles", "chunk_bytes_for", "make_bundle", "parse_manifest"]
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNK_BYTES = 256 * 1024
+MAX_MODEL_BYTES = 64 * 1024 * 1024
+_HEX = r"^[0-9a-f]{64}$"
+_DONE_KEPT = 16
+
+
+class ModelPart(BaseModel):
+    """The model file of a bundle: its hash and length, and how it is cut into chunks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    sha256: str = Field(pattern=_HEX)
+    length: int = Field(gt=0, le=MAX_MODEL_BYTES)
+    chunk_bytes: int = Field(ge=1024, le=MAX_CHUNK_BYTES)
+    chunks: tuple[str, ...] = Field(min_length=1)
+
+    @property
+    def id(self) -> str:
+        """What the chunks are addressed by: the first 32 hex digits of the file's SHA-256."""
+        return self.sha256[:32]
+
+
+class Manifest(BaseModel):
+    """The signed content of a model bundle."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    slot: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    card: dict[str, Any]
+    model: ModelPart
+    acceptance: Acceptance = Acceptance()
+
+
+def chunk_bytes_for(profile: str) -> int:
+    """The chunk size for an uplink profile: inside its payload limit, with room to spare."""
+    limit = PROFILES[profile].max_payload_bytes
+    return min(MAX_CHUNK_BYTES, limit) - 8 * 1024
+
+
+def make_bundle(
+    slot: str, card: bytes, model: bytes, *, chunk_bytes: int, acceptance: Acceptance | None = None
+) -> tuple[bytes, list[bytes]]:
+    """The manifest to sign and the chunks to publish, for the twin."""
+    chunks = [model[i : i + chunk_bytes] for i in range(0, len(model), chunk_bytes)]
+    manifest = Manifest(
+        slot=slot,
+        card=json.loads(card),
+        model=ModelPart(
+            sha256=hashlib.sha256(model).hexdigest(),
+            length=len(model),
+            chunk_bytes=chunk_bytes,
+            chunks=tuple(hashlib.sha256(c).hexdigest() for c in chunks),
+        ),
+        acceptance=acceptance or Acceptance(),
+    )
+    return manifest.model_dump_json().encode(), chunks
+
+
+def parse_manifest(content: bytes) -> Manifest:
+    """The manifest of a verified bundle; RefusedError ``malformed`` when it is not one."""
+    try:
+        manifest = Manifest.model_validate_json(content)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RefusedError(
+            "malformed", f"not a model bundle manifest: {where or '(top)'}: {first['msg']}"
+        ) from exc
+    part = manifest.model
+    if len(part.chunks) != math.ceil(part.length / part.chunk_bytes) or any(
+        len(c) != 64 or any(ch not in "0123456789abcdef" for ch in c) for c in part.chunks
+    ):
+        raise RefusedError("malformed", "the chunk list does not match the model's length and chunk size")
+    return manifest
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """A verified manifest whose chunks are still coming."""
+
+    digest: str  # SHA-256 of the envelope (the retained message)
+    version: int
+    manifest: Manifest
+    directory: Path
+    have: set[int] = field(default_factory=set)
+    bad: int = 0  # chunks refused for their hash
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i in range(len(self.manifest.model.chunks)) if i not in self.have]
+
+
+Refuse = Callable[[str, int | None, str, str], Awaitable[None]]
+
+
+class ModelBundles:
+    """The downlink's model-bundle part: receives, verifies, assembles and stages; records outcomes."""
+
+    def __init__(
+        self, slots: Sequence[Slot], state_dir: Path, directory: Path, gateway: str, profile: str
+    ) -> None:
+        self.slots = {s.name: s for s in slots}
+        self._state_dir = state_dir
+        self._path = directory / "models.json"
+        self._chunks_dir = directory / "quarantine" / "chunks"
+        self._quarantine = directory / "quarantine"
+        self.gateway = gateway
+        self.max_chunk = min(MAX_CHUNK_BYTES, PROFILES[profile].max_payload_bytes)
+        self._client: Any = None
+        self._root = ""
+        self._manifest: bytes | None = None
+        self._incoming: deque[tuple[int, bytes]] = deque()
+        self.transfer: _Transfer | None = None
+        self._state: dict[str, Any] = {"accepted": {}, "done": [], "last": {}}
+
+    def load(self) -> None:
+        """The persisted counters and outcomes; leftover chunks are kept only for a transfer resumed."""
+        try:
+            self._state.update(json.loads(self._path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"downlink model state {self._path}: unreadable ({exc}): restore it or delete it - then only "
+                "bundles newer than the last one sent are taken"
+            ) from exc
+
+    def _save(self) -> None:
+        persist.write_atomic(self._path, json.dumps(self._state, indent=1, sort_keys=True).encode())
+
+    # ---- messages (event loop, from paho's callback) -------------------------------------------
+
+    def attach(self, client: Any, root: str) -> list[str]:
+        """The topics to subscribe on a new connection (the chunks of a transfer under way too)."""
+        self._client, self._root = client, root
+        topics = [f"{root}/model"]
+        if self.transfer is not None:
+            topics.append(f"{root}/chunk/{self.transfer.manifest.model.id}/+")
+        return topics
+
+    def on_message(self, topic: str, payload: bytes) -> bool:
+        """Take a manifest or a chunk; True when it is one of ours."""
+        if topic == f"{self._root}/model":
+            if payload:
+                self._manifest = payload
+            return True
+        if not topic.startswith(f"{self._root}/chunk/"):
+            return False
+        t = self.transfer
+        parts = topic.rsplit("/", 2)
+        if t is None or len(parts) != 3 or parts[1] != t.manifest.model.id or not parts[2].isdigit():
+            return True  # not the transfer under way: ignored
+        index = int(parts[2])
+        if index < len(t.manifest.model.chunks) and index not in t.have and payload:
+            self._incoming.append((index, bytes(payload)))
+        return True
+
+    # ---- handling (event loop) -------------------------------------------------------------------
+
+    async def step(self, trust: Trust, audit: AuditLog, refuse: Refuse) -> bool:
+        """Handle what came in and what the slots decided; True when the reported state changed."""
+        changed = False
+        data, self._manifest = self._manifest, None
+        if data is not None:
+            changed |= await self._take_manifest(data, trust, audit, refuse)
+        if self._incoming:
+            changed |= await self._take_chunks(audit, refuse)
+        for slot in self.slots.values():
+            for outcome in slot.take_outcomes():
+                await self._record(slot, outcome, audit)
+                changed = True
+        return changed
+
+    async def _take_manifest(self, data: bytes, trust: Trust, audit: AuditLog, refuse: Refuse) -> bool:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in self._state["done"]:
+            return False  # the retained manifest again after a reconnect: handled before
+        if self.transfer is not None and self.transfer.digest == digest:
+            self._subscribe(self.transfer)  # resumed: the broker sends the retained chunks again
+            return False
+        held = self._quarantine / f"{digest[:16]}.model"
+        if len(data) <= MAX_ENVELOPE_BYTES:
+            await asyncio.to_thread(persist.write_atomic, held, data)
+        await asyncio.to_thread(
+            audit.append, "received", detail=f"model bundle, {len(data)} bytes", sha256=digest
+        )
+        try:
+            found = verify(
+                data,
+                trust,
+                gateway=self.gateway,
+                accepted_version=0,
+                now=dt.datetime.now(dt.UTC),
+                kind="model",
+            )
+            manifest = self._check(found.version, parse_manifest(found.content))
+        except RefusedError as exc:
+            held.unlink(missing_ok=True)
+            await refuse(digest, None, exc.reason, f"model bundle: {exc}")
+            self._forget(digest)
+            return True
+        held.unlink(missing_ok=True)
+        await asyncio.to_thread(
+            audit.append, "verified", version=found.version, keys=[k[:12] for k in found.keyids],
+            sha256=manifest.model.sha256, chunks=len(manifest.model.chunks), slot=manifest.slot,
+        )  # fmt: skip
+        await self._start(digest, found.version, manifest, audit, refuse)
+        return True
+
+    def _check(self, version: int, manifest: Manifest) -> Manifest:
+        """A verified manifest this gateway can take: a slot it runs, a newer version, chunks that fit."""
+        slot = manifest.slot
+        if slot not in self.slots:
+            raise RefusedError(
+                "unknown-slot",
+                f"slot {slot!r} is not a model this gateway runs ({', '.join(self.slots) or 'none'})",
+            )
+        accepted = int(self._state["accepted"].get(slot, 0))
+        if version <= accepted:
+            raise RefusedError(
+                "rollback",
+                f"model {slot} version {version} is not newer than version {accepted} already accepted",
+            )
+        if manifest.model.chunk_bytes > self.max_chunk:
+            raise RefusedError(
+                "too-large",
+                f"chunks of {manifest.model.chunk_bytes} bytes, this profile carries {self.max_chunk}",
+            )
+        return manifest
+
+    async def _start(
+        self, digest: str, version: int, manifest: Manifest, audit: AuditLog, refuse: Refuse
+    ) -> None:
+        directory = self._chunks_dir / manifest.model.id
+        t = _Transfer(digest, version, manifest, directory)
+        kept = await asyncio.to_thread(_prepare, self._chunks_dir, t)
+        self.transfer = t
+        self._incoming.clear()
+        self._state["transfer"] = {"digest": digest, "version": version, "slot": manifest.slot}
+        await asyncio.to_thread(self._save)
+        log.info(
+            "downlink: model %s v%d verified: %d chunk(s), %d already here", manifest.slot, version,
+            len(manifest.model.chunks), kept,
+        )  # fmt: skip
+        if not t.missing:
+            await self._finish(t, audit, refuse)
+        else:
+            self._subscribe(t)
+
+    def _subscribe(self, t: _Transfer) -> None:
+        client = self._client
+        if client is None:
+            return
+        topic = f"{self._root}/chunk/{t.manifest.model.id}/+"
+        try:
+            # Again: the broker sends the retained chunks of a subscription anew.
+            client.unsubscribe(topic)
+            client.subscribe(topic, qos=1)
+        except Exception as exc:  # noqa: BLE001 - a connection closing: the next attach subscribes
+            log.debug("downlink: cannot subscribe to %s now: %s", topic, exc)
+
+    async def _take_chunks(self, audit: AuditLog, refuse: Refuse) -> bool:
+        t = self.transfer
+        if t is None:
+            self._incoming.clear()
+            return False
+        got = 0
+        while self._incoming:
+            index, payload = self._incoming.popleft()
+            if index in t.have:
+                continue
+            if hashlib.sha256(payload).hexdigest() != t.manifest.model.chunks[index]:
+                t.bad += 1
+                (log.warning if t.bad == 1 else log.debug)(
+                    "downlink: model %s v%d chunk %d: %d bytes not matching the signed SHA-256: dropped, "
+                    "waiting for it again", t.manifest.slot, t.version, index, len(payload),
+                )  # fmt: skip
+                continue
+            await asyncio.to_thread(persist.write_atomic, t.directory / str(index), payload)
+            t.have.add(index)
+            got += 1
+        if not t.missing:
+            await self._finish(t, audit, refuse)
+            return True
+        return got > 0
+
+    async def _finish(self, t: _Transfer, audit: AuditLog, refuse: Refuse) -> None:
+        """Assemble, verify as a whole, install, open and put in shadow - or refuse with the reason."""
+        m, slot = t.manifest, self.slots[t.manifest.slot]
+        self._unsubscribe(t)
+        self.transfer = None
+        self._state.pop("transfer", None)
+        self._state["accepted"][m.slot] = t.version  # verified: never taken again, whatever comes next
+        self._remember(t.digest)
+        where = version_dir(self._state_dir, m.slot, t.version)
+        try:
+            card = await asyncio.to_thread(_install, t, where)
+            candidate = await asyncio.to_thread(slot.active.sibling, card, where)
+        except RefusedError as exc:
+            await asyncio.to_thread(shutil.rmtree, where, True)
+            await asyncio.to_thread(self._save)
+            await refuse(t.digest, t.version, exc.reason, f"model {m.slot}: {exc}")
+            return
+        except (ConfigError, CorruptDataError) as exc:  # the loader's own refusal
+            await asyncio.to_thread(shutil.rmtree, where, True)
+            await asyncio.to_thread(self._save)
+            await refuse(t.digest, t.version, "load-failed", f"model {m.slot}: {exc}")
+            return
+        finally:
+            await asyncio.to_thread(shutil.rmtree, t.directory, True)
+        how = slot.stage(candidate, t.version, m.acceptance)
+        self._state["last"][m.slot] = {"version": t.version, "outcome": "shadow", "reason": "", "at": _now()}
+        await asyncio.to_thread(self._save)
+        rules = m.acceptance
+        period = f"{rules.windows} windows" if rules.windows is not None else f"{rules.seconds:g} s"
+        await asyncio.to_thread(
+            audit.append, "model-shadow", version=t.version, slot=m.slot,
+            detail=f"assembled and loaded; in shadow for {period}; commissioning {how}",
+        )  # fmt: skip
+
+    def _unsubscribe(self, t: _Transfer) -> None:
+        client = self._client
+        if client is not None:
+            try:
+                client.unsubscribe(f"{self._root}/chunk/{t.manifest.model.id}/+")
+            except Exception as exc:  # noqa: BLE001 - a connection closing: nothing subscribed then
+                log.debug("downlink: unsubscribe: %s", exc)
+
+    def _remember(self, digest: str) -> None:
+        self._state["done"] = [*self._state["done"], digest][-_DONE_KEPT:]
+
+    def _forget(self, digest: str) -> None:
+        self._remember(digest)
+        persist.write_atomic(self._path, json.dumps(self._state, indent=1, sort_keys=True).encode())
+
+    async def _record(self, slot: Slot, o: Outcome, audit: AuditLog) -> None:
+        """Persist and audit a promotion, rejection or rollback decided by a slot."""
+        if o.kind == "promoted":
+            await asyncio.to_thread(
+                write_installed, self._state_dir, slot.name, slot.version, slot.previous_version
+            )
+        elif o.kind == "rolled-back":
+            await asyncio.to_thread(write_installed, self._state_dir, slot.name, slot.version, None)
+        self._state["last"][slot.name] = {
+            "version": o.version,
+            "outcome": o.kind,
+            "reason": o.reason,
+            "at": _now(),
+        }
+        await asyncio.to_thread(self._save)
+        await asyncio.to_thread(
+            audit.append, f"model-{o.kind}", version=o.version, slot=slot.name, reason=o.reason, detail=o.detail,
+            figures=o.figures,
+        )  # fmt: skip
+        keep = {slot.version, slot.previous_version, (slot.candidate or {}).get("version")}
+        await asyncio.to_thread(_prune, self._state_dir, slot.name, keep)
+
+    def reported(self) -> dict[str, Any]:
+        """Per slot: the version serving, the one before, the one in shadow, a transfer, the last outcome."""
+        out: dict[str, Any] = {}
+        t = self.transfer
+        for name, slot in self.slots.items():
+            entry: dict[str, Any] = {
+                "active": slot.version,
+                "previous": slot.previous_version,
+                "candidate": slot.candidate,
+                "last": self._state["last"].get(name),
+            }
+            if t is not None and t.manifest.slot == name:
+                missing = t.missing
+                entry["transfer"] = {
+                    "version": t.version,
+                    "id": t.manifest.model.id,
+                    "have": len(t.have),
+                    "of": len(t.manifest.model.chunks),
+                    "missing": missing[:64],
+                }
+            out[name] = entry
+        return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _prepare(chunks_dir: Path, t: _Transfer) -> int:
+    """Keep the chunks of this transfer already in quarantine (hash-checked), drop any others."""
+    chunks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for other in chunks_dir.iterdir():
+        if other != t.directory:
+            shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink(missing_ok=True)
+    t.directory.mkdir(exist_ok=True, mode=0o700)
+    for path in t.directory.iterdir():
+        ok = path.name.isdigit() and int(path.name) < len(t.manifest.model.chunks)
+        if ok and hashlib.sha256(path.read_bytes()).hexdigest() == t.manifest.model.chunks[int(path.name)]:
+            t.have.add(int(path.name))
+        else:
+            path.unlink(missing_ok=True)
+    return len(t.have)
+
+
+def _install(t: _Transfer, where: Path) -> ModelCard:
+    """Assemble the file, check it as a whole, write card and file to ``where``; the card loaded."""
+    m = t.manifest
+    data = b"".join((t.directory / str(i)).read_bytes() for i in range(len(m.model.chunks)))
+    if len(data) != m.model.length or hashlib.sha256(data).hexdigest() != m.model.sha256:
+        raise RefusedError(
+            "hash-mismatch", "the assembled model does not match the signed SHA-256 and length"
+        )
+    if where.exists():
+        shutil.rmtree(where)
+    where.mkdir(parents=True, mode=0o700)
+    card_path = where / f"{m.slot}{CARD_SUFFIX}"
+    persist.write_atomic(card_path, json.dumps(m.card, indent=1).encode())
+    try:
+        card = load_card(card_path)
+    except (ConfigError, CorruptDataError) as exc:
+        raise RefusedError("card-invalid", str(exc)) from exc
+    spec = card.files[card.default_precision]
+    if card.name != m.slot:
+        raise RefusedError(
+            "card-invalid", f"the card is for model {card.name!r}, the bundle for slot {m.slot!r}"
+        )
+    if (
+        spec.sha256 != m.model.sha256
+        or spec.bytes != m.model.length
+        or "/" in spec.path
+        or spec.path.startswith(".")
+    ):
+        raise RefusedError(
+            "card-invalid",
+            "the card's file entry does not name the bundle's model file (path, SHA-256, bytes)",
+        )
+    persist.write_atomic(where / spec.path, data)
+    return card
+
+
+def _prune(state_dir: Path, slot: str, keep: set[Any]) -> None:
+    """Remove installed versions other than those serving, before, or in shadow."""
+    base = version_dir(state_dir, slot, 0).parent
+    if not base.is_dir():
+        return
+    for d in base.iterdir():
+        if d.is_dir() and d.name.startswith("v") and d.name[1:].isdigit() and int(d.name[1:]) not in keep:
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""Twin commands for model bundles: ``edgetwin twin sign-model | publish-model``."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from gateway.downlink.bundles import chunk_bytes_for, make_bundle, parse_manifest
+from gateway.downlink.signing import read_private_key, sign
+from gateway.inference.shadow import Acceptance
+from gateway.twin.errors import TwinConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _rules(path: Path | None, windows: int | None) -> Acceptance:
+    where = f"twin sign-model --rules {path}"
+    try:
+        raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError) as exc:
+        raise TwinConfigError(
+            f"{where}: cannot read it as JSON: {exc}: write the acceptance rules as JSON"
+        ) from exc
+    if windows is not None:
+        raw["windows"] = windows
+    try:
+        return Acceptance.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise TwinConfigError(f"{where}: key {key or '(top)'}: {first['msg']}: see docs/downlink.md") from exc
+
+
+def cmd_sign_model(args: argparse.Namespace) -> int:
+    """Sign a model (ONNX file and card) for a slot as a numbered bundle, cut to the profile's chunk size."""
+    card, model = args.card.read_bytes(), args.model.read_bytes()
+    chunk = args.chunk_bytes or chunk_bytes_for(args.profile)
+    manifest, chunks = make_bundle(
+        args.slot, card, model, chunk_bytes=chunk, acceptance=_rules(args.rules, args.shadow_windows)
+    )
+    keys = [read_private_key(path) for path in args.key]
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_days)
+    envelope = sign(
+        manifest, keys=keys, gateway=args.gateway, version=args.version, expires=expires, kind="model"
+    )
+    args.out.write_bytes(envelope)
+    _say(
+        f"model {args.model} ({len(model)} bytes) for slot {args.slot} as version {args.version} for gateway "
+        f"{args.gateway}: {len(chunks)} chunk(s) of up to {chunk} bytes, {len(keys)} signature(s): {args.out}; "
+        "publish it with publish-model"
+    )
+    return EXIT_OK
+
+
+def chunk_messages(
+    root: str, envelope: bytes, model: bytes, only: set[int] | None = None
+) -> list[tuple[str, bytes]]:
+    """The chunk messages of a signed bundle (all, or the indices in ``only``), then its manifest."""
+    manifest = parse_manifest(_content(envelope))
+    part = manifest.model
+    if hashlib.sha256(model).hexdigest() != part.sha256 or len(model) != part.length:
+        raise TwinConfigError(
+            f"twin publish-model: the model file is not the one signed (SHA-256 {part.sha256[:12]}...): "
+            "give the file the bundle was signed with"
+        )
+    out = [
+        (f"{root}/chunk/{part.id}/{i}", model[i * part.chunk_bytes : (i + 1) * part.chunk_bytes])
+        for i in range(len(part.chunks))
+        if only is None or i in only
+    ]
+    return [*out, (f"{root}/model", envelope)]
+
+
+def _content(envelope: bytes) -> bytes:
+    """The signed content of an envelope the twin made itself."""
+    return base64.b64decode(json.loads(envelope)["content"])
+
+
+def cmd_publish_model(args: argparse.Namespace) -> int:
+    """Publish a signed bundle: its chunks (retained, addressed by the model's hash and index), then the manifest."""
+    from gateway.downlink.commands import _broker  # noqa: PLC0415
+    from gateway.downlink.twin_link import collect_reported, publish_many  # noqa: PLC0415
+
+    envelope, model = args.envelope.read_bytes(), args.model.read_bytes()
+    signed = json.loads(envelope)["signed"]
+    root = f"{args.prefix}/{args.gateway}"
+    only: set[int] | None = None
+    broker = _broker(args)
+    if args.missing:
+        rep = collect_reported(broker, args.prefix, [args.gateway], args.wait).get(args.gateway, {})
+        slot = parse_manifest(_content(envelope)).slot
+        transfer = ((rep.get("models") or {}).get(slot) or {}).get("transfer")
+        if not transfer or transfer.get("version") != signed["version"]:
+            _say(
+                f"gateway {args.gateway} reports no transfer of {slot} v{signed['version']} under way: nothing sent"
+            )
+            return EXIT_FAILURE
+        only = set(transfer.get("missing") or [])
+    messages = chunk_messages(root, envelope, model, only)
+    publish_many(broker, messages)
+    _say(
+        f"model bundle v{signed['version']}: {len(messages) - 1} chunk(s) and its manifest published under {root}"
+    )
+    return EXIT_OK
+
+
+def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
+    """Add ``twin sign-model`` and ``twin publish-model``."""
+    p = twin.add_parser(
+        "sign-model", help="sign a model (ONNX file and card) as a numbered bundle for a slot"
+    )
+    p.add_argument("--slot", required=True, help="the model name the gateway runs ([[models.use]] name)")
+    p.add_argument("--card", type=Path, required=True, help="the model card (JSON)")
+    p.add_argument("--model", type=Path, required=True, help="the ONNX file the card lists as its default")
+    p.add_argument(
+        "--key", type=Path, action="append", required=True, help="signing key (repeat for a threshold)"
+    )
+    p.add_argument(
+        "--version", type=int, required=True, help="bundle version for this slot, higher than before"
+    )
+    p.add_argument("--gateway", required=True, help="the gateway's pseudonym, or '*' for every gateway")
+    p.add_argument(
+        "--profile", choices=["generic", "aws"], default="generic", help="chunks fit its payload limit"
+    )
+    p.add_argument("--chunk-bytes", type=int, help="chunk size (default: from --profile)")
+    p.add_argument("--rules", type=Path, help="acceptance rules of the shadow period (JSON)")
+    p.add_argument("--shadow-windows", type=int, help="windows the new version runs in shadow")
+    p.add_argument("--expires-days", type=float, default=7.0, help="refused after this many days")
+    p.add_argument("--out", type=Path, required=True, help="where the signed manifest envelope goes")
+    p.set_defaults(func=guard(cmd_sign_model))
+
+    p = twin.add_parser(
+        "publish-model", help="publish a signed model bundle (chunks, then manifest) to a gateway"
+    )
+    p.add_argument("--gateway", required=True, help="the gateway's pseudonym")
+    p.add_argument("--envelope", type=Path, required=True, help="from 'twin sign-model'")
+    p.add_argument("--model", type=Path, required=True, help="the ONNX file it was signed with")
+    p.add_argument(
+        "--missing",
+        action="store_true",
+        help="only the chunks the gateway reports missing (resume a transfer)",
+    )
+    p.add_argument(
+        "--wait", type=float, default=3.0, help="seconds to wait for the reported state (--missing)"
+    )
+    broker_args(p)
+    p.set_defaults(func=guard(cmd_publish_model))

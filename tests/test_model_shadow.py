@@ -1,0 +1,173 @@
+"""Shadow evaluation in a model slot: real ONNX models scoring the same windows, promoted, rejected, rolled back."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from bundle_support import PUMP, card_for, onnx_model, shipped_int8, write
+from test_inference_runtime import commission, pump_model, pump_window
+
+from gateway.contracts import Diagnostic
+from gateway.inference.card import CARD_SUFFIX, load_card
+from gateway.inference.runner import AnomalyModel
+from gateway.inference.shadow import (
+    Acceptance,
+    Slot,
+    ks_statistic,
+    open_slots,
+    read_installed,
+    write_installed,
+)
+
+
+def _candidate(active: AnomalyModel, tmp: Path, card: bytes, model: bytes) -> AnomalyModel:
+    where = write(tmp / "v2", card, model)
+    return active.sibling(load_card(where / f"{PUMP}{CARD_SUFFIX}"), where)
+
+
+def _slot(tmp: Path) -> tuple[Slot, np.random.Generator]:
+    rng = np.random.default_rng(5)
+    active = pump_model(tmp)
+    commission(active, rng)
+    return Slot(active, state_dir=tmp), rng
+
+
+def test_a_candidate_meeting_its_rules_is_promoted_and_the_replaced_version_kept(tmp_path: Path) -> None:
+    slot, rng = _slot(tmp_path)
+    model, card = shipped_int8()
+    how = slot.stage(_candidate(slot.active, tmp_path, card, model), 2, Acceptance(windows=15))
+    assert how.startswith("carried over for 1 subject")  # commissioned at once: judged from the first window
+    first = slot.active
+    for k in range(14):
+        (r,) = slot.score_batch([pump_window(100 + k, rng)])
+        assert r.verdict == "normal"
+        assert slot.version == 0
+    shadow = slot.candidate
+    assert shadow is not None
+    assert (shadow["version"], shadow["judged"], shadow["of"]) == (2, 14, 15)
+    slot.score_batch([pump_window(200, rng)])
+    (outcome,) = slot.take_outcomes()
+    assert (outcome.kind, outcome.version, outcome.reason) == ("promoted", 2, "rules-met")
+    assert outcome.figures["windows"] == 15
+    assert outcome.figures["alarm_rate"] == 0.0
+    assert outcome.figures["agreement"] == 1.0
+    assert slot.version == 2
+    assert slot.active is not first
+    assert slot.previous is first
+    assert slot.previous_version == 0
+    events = slot.drain_events()
+    assert any(
+        isinstance(e, Diagnostic) and e.kind == "model_update" and e.detail["state"] == "promoted"
+        for e in events
+    )
+    # The promoted version keeps its commissioning statistics on disk under its own version.
+    assert any(p.name.startswith(f"{PUMP}-") for p in (tmp_path / "models").iterdir())
+
+
+def test_an_alarm_storm_candidate_is_rejected_with_the_reason_and_never_alarms(tmp_path: Path) -> None:
+    slot, rng = _slot(tmp_path)
+    storm = onnx_model(constant=0.99)  # every window far above the card's threshold
+    slot.stage(_candidate(slot.active, tmp_path, card_for(storm), storm), 3, Acceptance(windows=10))
+    flagged = []
+    for k in range(10):
+        (r,) = slot.score_batch([pump_window(100 + k, rng)])  # normal data
+        flagged.append(r.anomaly)
+    assert not any(flagged)  # the verdicts served are the active version's
+    (outcome,) = slot.take_outcomes()
+    assert (outcome.kind, outcome.reason) == ("rejected", "alarm-rate")
+    assert outcome.figures["alarm_rate"] == 1.0
+    assert "alarm rate 1.000 over 10 windows > 0.2" in outcome.detail
+    assert slot.version == 0
+    assert slot.candidate is None
+    assert slot.previous is None
+    # The candidate's anomalies were counted, not raised: only the slot's own notice comes out.
+    assert [e.detail["state"] for e in slot.drain_events() if isinstance(e, Diagnostic)] == ["rejected"]
+
+
+def test_a_candidate_that_disagrees_or_returns_nan_in_shadow_is_rejected(tmp_path: Path) -> None:
+    slot, rng = _slot(tmp_path)
+    nan = onnx_model(nan_above=20.0)
+    slot.stage(_candidate(slot.active, tmp_path, card_for(nan), nan), 4, Acceptance(windows=30))
+    slot.score_batch([pump_window(100, rng)])
+    assert slot.take_outcomes() == []
+    # Inputs far from normal: its NaN is a health event during the shadow, none allowed.
+    (r,) = slot.score_batch([pump_window(101, rng, shift={"Current": 0.5})])
+    assert not r.fallback  # the active version judged it
+    (outcome,) = slot.take_outcomes()
+    assert (outcome.kind, outcome.reason) == ("rejected", "health")
+
+
+def test_a_promoted_model_that_returns_nan_is_rolled_back_within_the_window(tmp_path: Path) -> None:
+    slot, rng = _slot(tmp_path)
+    nan = onnx_model(nan_above=20.0)  # finite on normal windows, NaN once an input is far out
+    slot.stage(_candidate(slot.active, tmp_path, card_for(nan), nan), 5, Acceptance(windows=10))
+    for k in range(10):
+        slot.score_batch([pump_window(100 + k, rng)])
+    (promoted,) = slot.take_outcomes()
+    assert promoted.kind == "promoted"
+    assert slot.version == 5
+    (r,) = slot.score_batch([pump_window(120, rng)])
+    assert r.verdict == "normal"
+    assert not r.fallback
+    # A fault: the new version's score is NaN; the old one is back and judges this very window.
+    (r,) = slot.score_batch([pump_window(121, rng, shift={"Current": 0.5})])
+    (rolled,) = slot.take_outcomes()
+    assert (rolled.kind, rolled.version, rolled.reason, rolled.restored) == (
+        "rolled-back",
+        5,
+        "non-finite-output",
+        0,
+    )
+    assert slot.version == 0
+    assert slot.previous is None
+    assert not r.fallback
+    assert math.isfinite(r.score)
+    (r,) = slot.score_batch([pump_window(122, rng)])
+    assert r.verdict == "normal"
+    assert not r.fallback
+
+
+def test_an_alarm_storm_after_promotion_rolls_back(tmp_path: Path) -> None:
+    slot, rng = _slot(tmp_path)
+    jumpy = onnx_model(alarm_above=20.0)  # normal on normal data, an anomaly on every window far out
+    slot.stage(
+        _candidate(slot.active, tmp_path, card_for(jumpy), jumpy), 6, Acceptance(windows=5, storm_windows=4)
+    )
+    for k in range(5):
+        slot.score_batch([pump_window(100 + k, rng)])
+    assert slot.take_outcomes()[0].kind == "promoted"
+    for k in range(3):
+        (r,) = slot.score_batch([pump_window(110 + k, rng, shift={"Current": 0.5})])
+        assert r.anomaly
+    assert slot.take_outcomes() == []
+    slot.score_batch([pump_window(113, rng, shift={"Current": 0.5})])
+    (rolled,) = slot.take_outcomes()
+    assert (rolled.kind, rolled.reason) == ("rolled-back", "alarm-storm")
+    assert slot.version == 0
+
+
+def test_a_restart_serves_the_promoted_version_and_can_still_roll_back(tmp_path: Path) -> None:
+    model, card = shipped_int8()
+    write(tmp_path / "models" / "bundles" / PUMP / "v7", card, model)
+    write_installed(tmp_path, PUMP, 7, 0)
+    assert read_installed(tmp_path, PUMP) == (7, 0)
+    shipped = pump_model(tmp_path)
+    (slot,) = open_slots([shipped], tmp_path)
+    assert slot.version == 7
+    assert slot.previous is shipped
+    assert slot.previous_version == 0
+    assert slot.active.backend.precision == "fp32"  # the bundle's card: its one file
+    assert slot.active.card.version == "1.1.0"
+    # A version that does not load: the shipped model serves, said in the log.
+    (tmp_path / "models" / "bundles" / PUMP / "v7" / "pump_skab.int8.onnx").write_bytes(b"garbage")
+    (slot,) = open_slots([shipped], tmp_path)
+    assert slot.version == 0
+    assert slot.active is shipped
+
+
+def test_ks_statistic() -> None:
+    assert ks_statistic([1, 2, 3], [1, 2, 3]) == 0.0
+    assert ks_statistic([1, 2, 3], [10, 11, 12]) == 1.0
+    assert 0.3 < ks_statistic(list(range(10)), list(range(5, 15))) < 0.7
