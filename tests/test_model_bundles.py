@@ -1,0 +1,190 @@
+"""Model bundles: signed manifest, chunks checked against signed hashes, resumed, staged in shadow - or refused.
+
+The bundle handler is driven directly with the messages the broker would deliver (the MQTT path
+itself is in tests/test_downlink_models.py against the TLS mosquitto).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bundle_support import PUMP, card_for, onnx_model, shipped_int8
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_inference_runtime import commission, pump_model
+
+from gateway.downlink import audit as audit_log
+from gateway.downlink.audit import AuditLog
+from gateway.downlink.bundles import ModelBundles, chunk_bytes_for, make_bundle
+from gateway.downlink.signing import Trust, canonical, key_id, sign
+from gateway.inference.shadow import Acceptance, Slot, version_dir
+
+GATEWAY = "gw-test"
+ROOT = f"edgetwin/{GATEWAY}"
+KEY = Ed25519PrivateKey.generate()
+
+
+@dataclass
+class Gate:
+    """A bundle handler as the downlink unit runs it, with its audit log and the refusals it made."""
+
+    tmp: Path
+    slot: Slot
+    handler: ModelBundles = field(init=False)
+    audit: AuditLog = field(init=False)
+    refused: list[tuple[int | None, str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.audit = AuditLog(self.tmp / "downlink" / "audit.jsonl")
+        self.restart()
+
+    def restart(self) -> None:
+        (self.tmp / "downlink" / "quarantine").mkdir(parents=True, exist_ok=True)
+        self.handler = ModelBundles([self.slot], self.tmp, self.tmp / "downlink", GATEWAY, "generic")
+        self.handler.load()
+        self.handler.attach(None, ROOT)
+
+    async def _refuse(self, _digest: str, version: int | None, reason: str, detail: str) -> None:
+        self.refused.append((version, reason, detail))
+        self.audit.append("refused", version=version, reason=reason, detail=detail)
+
+    def deliver(self, *messages: tuple[str, bytes]) -> None:
+        for topic, payload in messages:
+            assert self.handler.on_message(topic, payload)
+            trust = Trust({key_id(KEY.public_key()): KEY.public_key()})
+            asyncio.run(self.handler.step(trust, self.audit, self._refuse))
+
+    def events(self) -> list[str]:
+        return [json.loads(line)["event"] for line in self.audit.path.read_text().splitlines()]
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Gate:
+    active = pump_model(tmp_path)
+    commission(active, np.random.default_rng(3))
+    return Gate(tmp_path, Slot(active, state_dir=tmp_path))
+
+
+def bundle(
+    model: bytes, card: bytes, version: int, *, chunk: int = 1024, keys: list[Ed25519PrivateKey] | None = None
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    manifest, chunks = make_bundle(PUMP, card, model, chunk_bytes=chunk, acceptance=Acceptance(windows=5))
+    env = sign(
+        manifest,
+        keys=[KEY] if keys is None else keys,
+        gateway=GATEWAY,
+        version=version,
+        expires=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+        kind="model",
+    )
+    sha = json.loads(manifest)["model"]["sha256"][:32]
+    return env, [(f"{ROOT}/chunk/{sha}/{i}", c) for i, c in enumerate(chunks)]
+
+
+def test_chunks_fit_each_profile() -> None:
+    assert chunk_bytes_for("aws") <= 128 * 1024 - 4096
+    assert chunk_bytes_for("generic") <= 256 * 1024
+
+
+def test_a_truncated_transfer_is_never_applied_and_resumes_after_a_restart(gate: Gate) -> None:
+    model = onnx_model(pad_bytes=12_000)
+    env, chunks = bundle(model, card_for(model), 1)
+    assert len(chunks) == 13
+    # The manifest, then part of the chunks; one truncated on the way and one corrupted.
+    gate.deliver((f"{ROOT}/model", env), *chunks[:6])
+    topic3, data3 = chunks[3]
+    gate.deliver((topic3, data3[:100]))  # already there: ignored
+    topic7, data7 = chunks[7]
+    gate.deliver((topic7, data7[:500]), (chunks[8][0], b"x" * len(chunks[8][1])))
+    transfer = gate.handler.reported()[PUMP]["transfer"]
+    assert (transfer["have"], transfer["of"]) == (6, 13)
+    assert transfer["missing"] == list(range(6, 13))
+    held = gate.tmp / "downlink" / "quarantine" / "chunks" / transfer["id"]
+    assert sorted(int(p.name) for p in held.iterdir()) == list(range(6))  # only chunks whose hash was signed
+    assert gate.slot.candidate is None
+    assert not version_dir(gate.tmp, PUMP, 1).exists()
+
+    # A restart: the chunks in quarantine are kept, the retained manifest comes again, the rest follows.
+    gate.restart()
+    gate.deliver((f"{ROOT}/model", env))
+    assert gate.handler.reported()[PUMP]["transfer"]["missing"] == list(range(6, 13))
+    gate.deliver(*chunks[6:])
+    rep = gate.handler.reported()[PUMP]
+    assert "transfer" not in rep
+    assert rep["candidate"]["version"] == 1
+    assert (version_dir(gate.tmp, PUMP, 1) / "pump_skab.v2.onnx").read_bytes() == model
+    assert not held.exists()
+    assert gate.events() == ["received", "verified", "received", "verified", "model-shadow"]
+    assert audit_log.verify(gate.audit.path).count == 5
+    # The retained manifest once more: handled before, nothing happens.
+    gate.deliver((f"{ROOT}/model", env))
+    assert gate.refused == []
+    assert len(gate.events()) == 5
+
+
+def _resign(env: bytes, change: dict[str, object], version: int) -> bytes:
+    manifest = json.loads(base64.b64decode(json.loads(env)["content"]))
+    manifest["model"].update(change)
+    content = canonical(manifest)
+    return sign(
+        content,
+        keys=[KEY],
+        gateway=GATEWAY,
+        version=version,
+        expires=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+        kind="model",
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unsigned", "wrong-key", "older-version", "hash-mismatch", "card-invalid", "card-other-file", "no-load"],
+)
+def test_a_bad_bundle_is_refused_with_its_reason_and_audited(gate: Gate, case: str) -> None:
+    good, card = shipped_int8()
+    env, chunks = bundle(good, card, 5)
+    messages = [(f"{ROOT}/model", env), *chunks]
+    want = case
+    if case == "unsigned":
+        doc = json.loads(env)
+        doc["signatures"] = []
+        messages[0] = (f"{ROOT}/model", json.dumps(doc).encode())
+    elif case == "wrong-key":
+        env, chunks = bundle(good, card, 5, keys=[Ed25519PrivateKey.generate()])
+        messages, want = [(f"{ROOT}/model", env)], "bad-signature"
+    elif case == "older-version":
+        gate.deliver(*messages)  # v5 taken
+        assert gate.slot.candidate is not None
+        other = onnx_model()
+        env, chunks = bundle(other, card_for(other), 4)
+        messages, want = [(f"{ROOT}/model", env), *chunks], "rollback"
+    elif case == "hash-mismatch":
+        # Signed chunk hashes of this file, but a whole-file hash of another: mix-and-match.
+        messages[0] = (f"{ROOT}/model", _resign(env, {"sha256": "ab" * 32}, 5))
+        messages[1:] = [(t.replace(t.split("/")[-2], "ab" * 16), c) for t, c in chunks]
+    elif case == "card-invalid":
+        bad = json.loads(card)
+        del bad["threshold"]
+        env, chunks = bundle(good, json.dumps(bad).encode(), 5)
+        messages = [(f"{ROOT}/model", env), *chunks]
+    elif case == "card-other-file":
+        env, chunks = bundle(good, card_for(onnx_model()), 5)
+        messages, want = [(f"{ROOT}/model", env), *chunks], "card-invalid"
+    elif case == "no-load":
+        garbage = b"\x08\x07 not an onnx graph" * 50
+        env, chunks = bundle(garbage, card_for(garbage), 5)
+        messages, want = [(f"{ROOT}/model", env), *chunks], "load-failed"
+    gate.deliver(*messages)
+    assert [r[1] for r in gate.refused] == [want]
+    assert gate.events()[-1] == "refused"
+    assert audit_log.verify(gate.audit.path).count == len(gate.events())
+    if case != "older-version":
+        assert gate.slot.candidate is None
+        assert not version_dir(gate.tmp, PUMP, 5).exists()
+    assert "transfer" not in gate.handler.reported()[PUMP]
