@@ -163,3 +163,44 @@ def test_a_model_cut_short_in_transfer_resumes_after_a_restart_and_is_promoted_a
     installed = site.tmp / "state" / "models" / "bundles" / PUMP
     assert json.loads((installed / "active.json").read_text()) == {"version": 1, "previous": 0}
     assert (installed / "v1" / "pump_skab.v2.onnx").read_bytes() == model
+
+
+@pytest.mark.campaign
+def test_an_alarm_storm_is_rejected_then_a_model_that_turns_nan_is_rolled_back(site: Site) -> None:
+    # The pump's valve fails 60 s after the start: inputs far out, where the second model turns NaN.
+    fault = '\n[[sources.events]]\nkind = "valve_fault"\nat_s = 60.0\nduration_s = 30.0\n'
+    site.config.write_text(site.text(PUMP_SITE + fault))
+    site.start()
+    site.reported(slot(lambda m: m["active"] == 0), "pump model serving")
+    root = f"{DEFAULT_PREFIX}/{site.gateway}"
+    # The shipped model flags a few of these windows itself: agreement is not what is tested here.
+    rules = {"windows": 5, "max_latency_us": 1e9, "min_agreement": 0.0}
+    storm = onnx_model(constant=0.99)  # an anomaly on every window of normal data
+    envelope, _ = sign(site, storm, card_for(storm, health=LOOSE_HEALTH), 1, rules)
+    publish_many(site.twin, chunk_messages(root, envelope.read_bytes(), storm))
+    rep = site.reported(slot(lambda m: (m["last"] or {}).get("outcome") == "rejected"), "storm rejected", 60)
+    assert rep["models"][PUMP]["last"]["reason"] == "alarm-rate"
+    assert rep["models"][PUMP]["active"] == 0
+    assert rep["refused"] == []  # a rejection after the shadow is the model's outcome, not a refusal
+    rejected = site.events()[-1]
+    assert (rejected["event"], rejected["figures"]["alarm_rate"]) == ("model-rejected", 1.0)
+
+    nan = onnx_model(nan_above=25.0)  # finite on normal windows, NaN once an input is far out
+    envelope, _ = sign(site, nan, card_for(nan, health=LOOSE_HEALTH), 2, rules)
+    publish_many(site.twin, chunk_messages(root, envelope.read_bytes(), nan))
+    site.reported(slot(lambda m: m["active"] == 2), "v2 promoted", 60)
+    rep = site.reported(
+        slot(lambda m: (m["last"] or {}).get("outcome") == "rolled-back"), "v2 rolled back", 90
+    )
+    entry = rep["models"][PUMP]
+    assert (entry["active"], entry["previous"], entry["last"]["reason"]) == (0, None, "non-finite-output")
+    events = [(e["event"], e.get("version")) for e in site.events()]
+    assert events[-4:] == [
+        ("verified", 2),
+        ("model-shadow", 2),
+        ("model-promoted", 2),
+        ("model-rolled-back", 2),
+    ]
+    assert audit.verify(site.tmp / "state" / "downlink" / "audit.jsonl").count == len(events)
+    installed = site.tmp / "state" / "models" / "bundles" / PUMP
+    assert json.loads((installed / "active.json").read_text()) == {"version": 0, "previous": None}

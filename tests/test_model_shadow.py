@@ -9,6 +9,7 @@ import numpy as np
 from bundle_support import PUMP, card_for, onnx_model, shipped_int8, write
 from test_inference_runtime import commission, pump_model, pump_window
 
+from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.contracts import Diagnostic
 from gateway.inference.card import CARD_SUFFIX, load_card
 from gateway.inference.runner import AnomalyModel
@@ -59,7 +60,10 @@ def test_a_candidate_meeting_its_rules_is_promoted_and_the_replaced_version_kept
     assert slot.previous_version == 0
     events = slot.drain_events()
     assert any(
-        isinstance(e, Diagnostic) and e.kind == "model_update" and e.detail["state"] == "promoted"
+        isinstance(e, Diagnostic)
+        and e.kind == "model_update"
+        and e.detail["state"] == "promoted"
+        and e.detail["reason"] == "rules_met"
         for e in events
     )
     # The promoted version keeps its commissioning statistics on disk under its own version.
@@ -82,8 +86,15 @@ def test_an_alarm_storm_candidate_is_rejected_with_the_reason_and_never_alarms(t
     assert slot.version == 0
     assert slot.candidate is None
     assert slot.previous is None
-    # The candidate's anomalies were counted, not raised: only the slot's own notice comes out.
-    assert [e.detail["state"] for e in slot.drain_events() if isinstance(e, Diagnostic)] == ["rejected"]
+    # The candidate's anomalies were counted, not raised: only the slot's own notice comes out,
+    # in plain tokens the anonymizer lets through to the twin.
+    (notice,) = [e for e in slot.drain_events() if isinstance(e, Diagnostic)]
+    assert (notice.kind, notice.detail["state"], notice.detail["reason"]) == (
+        "model_update",
+        "rejected",
+        "alarm_rate",
+    )
+    Anonymizer(Pseudonymizer(b"c" * 32), time_mode="relative", start_wall=1.7e9).diagnostic(notice)
 
 
 def test_a_candidate_that_disagrees_or_returns_nan_in_shadow_is_rejected(tmp_path: Path) -> None:

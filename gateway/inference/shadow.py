@@ -362,11 +362,12 @@ class Slot:
 
     def _note(self, outcome: Outcome) -> None:
         self._outcomes.append(outcome)
+        # Plain tokens only, as the anonymizer lets through: "rolled_back", "alarm_rate".
         detail: dict[str, float | str] = {
             "model": self.name,
-            "state": outcome.kind,
+            "state": outcome.kind.replace("-", "_"),
             "version": outcome.version,
-            "reason": outcome.reason,
+            "reason": outcome.reason.replace("-", "_"),
         }
         self._events.append(Diagnostic("model_update", None, time.time(), detail))
 
