@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bundle_support import PUMP, card_for, onnx_model
+from bundle_support import LOOSE_HEALTH, PUMP, PUMP_SITE, card_for, onnx_model
 from downlink_support import Site, new_site
 from uplink_support import mosquitto_pki, running_broker
 
@@ -27,24 +27,6 @@ from gateway.uplink.certs import DemoPKI
 
 pytestmark = pytest.mark.slow
 
-# A pump scored by the shipped pump model, commissioned over its first 5 one-second hops.
-# Time is compressed and the machine shared: the CPU budget is out of scope here (bench_downlink).
-PUMP_SITE = f"""
-[models]
-use = [{{ name = "{PUMP}", commissioning_s = 5.0, latency_budget_us = 1e9 }}]
-[models.streams]
-enabled = false
-
-[[sources]]
-name = "pump3-sim"
-driver = "sim"
-subject = "pump3-subject"
-kind = "industrial"
-profile = "pump"
-device = "SN-PLC-1"
-rate_hz = 4.0
-"""
-LOOSE_HEALTH = {"latency_budget_us": 1e9, "overruns_to_demote": 3, "ood_z": 1000.0, "healthy_to_promote": 5}
 TWIN = [sys.executable, "-m", "gateway.cli", "twin"]
 
 

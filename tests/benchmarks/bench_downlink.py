@@ -6,25 +6,55 @@ state with every unit running (a cold start, as the twin sees it).  Measured: th
 of the desired state -> the twin sees the revision applied (verify, check, write, orderly stop,
 restart in place, probation with ``settle_s`` = 1 s).
 
-Run: ``python tests/benchmarks/bench_downlink.py [--rounds 3]``
+Model bundles (``--models``): the same gateway with a simulated pump scored by the pump model.
+Measured: the twin starts publishing a 1 MB bundle (9 chunks of the AWS profile's 120 kB, then the
+signed manifest, retained, QoS 1) -> the twin sees the version in shadow in the reported state
+(every chunk checked against its signed hash, assembled, verified whole, card checked, model
+opened).  Baseline, same run: the same 1 MB published as one retained message -> received by a
+subscriber of the same broker.  Shadow overhead: CPU time per window of the pump model alone
+against the pump model with a candidate (the shipped int8 model) beside it, in-process.
+
+Run: ``python tests/benchmarks/bench_downlink.py [--rounds 3] [--models]``
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import numpy as np  # noqa: E402
+from bundle_support import (  # noqa: E402
+    LOOSE_HEALTH,
+    PUMP,
+    PUMP_SITE,
+    card_for,
+    onnx_model,
+    shipped_int8,
+    write,
+)
 from downlink_support import applied, new_site, running, source  # noqa: E402
 
-from gateway.downlink.twin_link import publish_desired  # noqa: E402
+from gateway.downlink.bundles import chunk_bytes_for, make_bundle  # noqa: E402
+from gateway.downlink.model_commands import chunk_messages  # noqa: E402
+from gateway.downlink.signing import sign  # noqa: E402
+from gateway.downlink.twin_link import (  # noqa: E402
+    publish_desired,
+    publish_many,
+    watch,
+)
+from gateway.inference.card import CARD_SUFFIX, load_card  # noqa: E402
+from gateway.inference.shadow import Acceptance, Slot  # noqa: E402
 from gateway.records.topics import DEFAULT_PREFIX  # noqa: E402
 from gateway.uplink.broker import MosquittoBroker  # noqa: E402
 from gateway.uplink.certs import demo_pki  # noqa: E402
@@ -34,7 +64,11 @@ def main() -> None:
     """Measure and print the table for BENCHMARKS.md."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", action="store_true", help="model bundles and shadow overhead instead")
     args = parser.parse_args()
+    if args.models:
+        bench_models(args.rounds)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-downlink-") as tmp_name:
         tmp = Path(tmp_name)
         pki = demo_pki(tmp / "pki")
@@ -71,6 +105,126 @@ def main() -> None:
     print(f"| cold start -> reported running (baseline) | {base:.2f} | {max(cold):.2f} | 1.00x |")
     med = statistics.median(apply)
     print(f"| desired published -> reported applied | {med:.2f} | {max(apply):.2f} | {med / base:.2f}x |")
+
+
+def _wait(seen: list[tuple[bool, bytes]], until: Any, timeout_s: float = 120.0) -> float:
+    """Poll a watcher's messages until one satisfies ``until``; the monotonic time it was seen."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if any(until(payload) for _, payload in list(seen)):
+            return time.monotonic()
+        time.sleep(0.005)
+    raise AssertionError("not seen in time")
+
+
+def _in_shadow(version: int) -> Any:
+    def check(payload: bytes) -> bool:
+        try:
+            cand = (json.loads(payload).get("models") or {}).get(PUMP, {}).get("candidate") or {}
+        except ValueError:
+            return False
+        return bool(cand.get("version") == version)
+
+    return check
+
+
+def bench_models(rounds: int) -> None:
+    """Publish -> in shadow for a 1 MB bundle against one 1 MB retained message; shadow overhead."""
+    size = 1024 * 1024
+    with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp_name:
+        tmp = Path(tmp_name)
+        pki = demo_pki(tmp / "pki")
+        broker = MosquittoBroker(tmp / "broker", pki)
+        broker.start()
+        site = new_site(tmp, pki, broker)
+        site.config.write_text(site.text(PUMP_SITE))
+        one: list[float] = []
+        bundle: list[float] = []
+        try:
+            for r in range(rounds):
+                client, seen = watch(site.twin, f"bench/one/{r}")
+                payload = onnx_model(pad_bytes=size, pad_seed=100 + r)
+                n = len(payload)
+                t0 = time.monotonic()
+                publish_desired(site.twin, f"bench/one/{r}", payload)
+                one.append(_wait(seen, lambda p, n=n: len(p) == n) - t0)
+                client.disconnect()
+                client.loop_stop()
+            site.start()
+            site.reported(running("source:pump3-sim"), "running")
+            root = f"{DEFAULT_PREFIX}/{site.gateway}"
+            client, seen = watch(site.twin, f"{root}/reported")
+            for version in range(1, rounds + 1):
+                model = onnx_model(pad_bytes=size, pad_seed=version)
+                card = card_for(model, health=LOOSE_HEALTH)
+                manifest, chunks = make_bundle(
+                    PUMP,
+                    card,
+                    model,
+                    chunk_bytes=chunk_bytes_for("aws"),
+                    acceptance=Acceptance(windows=100_000),
+                )
+                expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+                env = sign(
+                    manifest,
+                    keys=[site.key],
+                    gateway=site.gateway,
+                    version=version,
+                    expires=expires,
+                    kind="model",
+                )
+                t0 = time.monotonic()
+                publish_many(site.twin, chunk_messages(root, env, model))
+                bundle.append(_wait(seen, _in_shadow(version)) - t0)
+            client.disconnect()
+            client.loop_stop()
+        finally:
+            site.stop()
+            broker.stop()
+    alone, beside = _shadow_overhead()
+    base = statistics.median(one)
+    med = statistics.median(bundle)
+    print(
+        f"| path ({len(chunks)} chunks of {chunk_bytes_for('aws')} bytes) | median s | max s | vs baseline |"
+    )
+    print("|---|---:|---:|---:|")
+    print(
+        f"| 1 MB as one retained message, publish -> received (baseline) | {base:.3f} | {max(one):.3f} | 1.00x |"
+    )
+    print(f"| 1 MB model bundle, publish -> in shadow | {med:.3f} | {max(bundle):.3f} | {med / base:.2f}x |")
+    print()
+    print("| pump model per window (CPU) | median us | vs alone |")
+    print("|---|---:|---:|")
+    print(f"| active alone (baseline) | {alone:.0f} | 1.00x |")
+    print(f"| active + candidate in shadow | {beside:.0f} | {beside / alone:.2f}x |")
+
+
+def _shadow_overhead(windows: int = 2000) -> tuple[float, float]:
+    """Median CPU time per window (us) of a slot without and with a candidate in shadow."""
+    from test_inference_runtime import commission, pump_model, pump_window  # noqa: PLC0415
+
+    def run(slot: Slot, rng: np.random.Generator) -> float:
+        times = []
+        for k in range(windows):
+            rec = [pump_window(100 + k, rng)]
+            t0 = time.thread_time()
+            slot.score_batch(rec)
+            times.append((time.thread_time() - t0) * 1e6)
+        return statistics.median(times)
+
+    with tempfile.TemporaryDirectory(prefix="bench-shadow-") as tmp_name:
+        tmp = Path(tmp_name)
+        rng = np.random.default_rng(2)
+        active = pump_model()
+        commission(active, rng)
+        alone = run(Slot(active), rng)
+        slot = Slot(active)
+        model, card = shipped_int8()
+        where = write(tmp / "v2", card, model)
+        cand = active.sibling(load_card(where / f"{PUMP}{CARD_SUFFIX}"), where)
+        slot.stage(cand, 2, Acceptance(windows=10 * windows))
+        beside = run(slot, rng)
+    return alone, beside
 
 
 if __name__ == "__main__":
