@@ -144,6 +144,9 @@ def test_a_model_cut_short_in_transfer_resumes_after_a_restart_and_is_promoted_a
     assert subprocess.run(cli, capture_output=True, check=False).returncode == 0
     installed = site.tmp / "state" / "models" / "bundles" / PUMP
     assert json.loads((installed / "active.json").read_text()) == {"version": 1, "previous": 0}
+    cli = [sys.executable, "-m", "gateway.cli", "downlink", "status", "--config", str(site.config)]
+    shown = subprocess.run(cli, capture_output=True, text=True, check=False).stdout
+    assert f"model {PUMP}: serving v1, the shipped version kept to roll back to; v1 promoted" in shown
     assert (installed / "v1" / "pump_skab.v2.onnx").read_bytes() == model
 
 

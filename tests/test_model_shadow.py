@@ -178,6 +178,19 @@ def test_a_restart_serves_the_promoted_version_and_can_still_roll_back(tmp_path:
     assert slot.active is shipped
 
 
+def test_a_version_staged_over_one_in_shadow_supersedes_it(tmp_path: Path) -> None:
+    slot, rng = _slot(tmp_path)
+    model, card = shipped_int8()
+    slot.stage(_candidate(slot.active, tmp_path, card, model), 2, Acceptance(windows=50))
+    slot.score_batch([pump_window(100, rng)])
+    slot.stage(_candidate(slot.active, tmp_path, card, model), 3, Acceptance(windows=50))
+    (outcome,) = slot.take_outcomes()
+    assert (outcome.kind, outcome.version, outcome.reason) == ("rejected", 2, "superseded")
+    shadow = slot.candidate
+    assert shadow is not None
+    assert (shadow["version"], shadow["judged"]) == (3, 0)
+
+
 def test_ks_statistic() -> None:
     assert ks_statistic([1, 2, 3], [1, 2, 3]) == 0.0
     assert ks_statistic([1, 2, 3], [10, 11, 12]) == 1.0

@@ -284,6 +284,8 @@ class ModelBundles:
     async def _start(
         self, digest: str, version: int, manifest: Manifest, audit: AuditLog, refuse: Refuse
     ) -> None:
+        if self.transfer is not None:  # a newer bundle takes the place of one still coming
+            self._unsubscribe(self.transfer)
         directory = self._chunks_dir / manifest.model.id
         t = _Transfer(digest, version, manifest, directory)
         kept = await asyncio.to_thread(_prepare, self._chunks_dir, t)

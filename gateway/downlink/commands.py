@@ -224,6 +224,10 @@ def cmd_downlink_status(args: argparse.Namespace) -> int:
         _say(
             f"refused {refusal['at']}: v{refusal['version'] or '?'} {refusal['reason']}: {refusal['detail']}"
         )
+    from gateway.downlink.model_commands import model_status  # noqa: PLC0415
+
+    for line in model_status(config.core.gateway.state_dir):
+        _say(line)
     _say(
         f"trust set: {'version ' + str(st.trust_version) if st.trust_version else 'the configured trust file'}"
     )

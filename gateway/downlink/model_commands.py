@@ -117,6 +117,34 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def model_status(state_dir: Path) -> list[str]:
+    """Lines for ``edgetwin downlink status``: per slot the version serving, the one before, the last outcome."""
+    from gateway.inference.shadow import read_installed  # noqa: PLC0415
+
+    try:
+        raw = json.loads((state_dir / "downlink" / "models.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    lines = []
+    for slot in sorted(set(raw.get("accepted") or {}) | set(raw.get("last") or {})):
+        version, previous = read_installed(state_dir, slot)
+        line = f"model {slot}: serving {'v' + str(version) if version else 'the shipped version'}"
+        if previous is not None:
+            line += f", {'v' + str(previous) if previous else 'the shipped version'} kept to roll back to"
+        last = (raw.get("last") or {}).get(slot)
+        if last:
+            line += f"; v{last['version']} {last['outcome']}"
+            line += f" ({last['reason']})" if last.get("reason") else ""
+            line += f" at {last['at']}"
+        lines.append(line)
+    transfer = raw.get("transfer")
+    if transfer:
+        lines.append(
+            f"model {transfer['slot']}: v{transfer['version']} being received (chunks in quarantine)"
+        )
+    return lines
+
+
 def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
     """Add ``twin sign-model`` and ``twin publish-model``."""
     p = twin.add_parser(

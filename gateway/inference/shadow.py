@@ -200,7 +200,10 @@ class Slot:
             taken = model.adopt_commissioning(self.active)
             how = f"carried over for {taken} subject(s)" if taken else "redo (nothing to carry over)"
         with self._lock:
-            self._trial = _Trial(model, version, rules, time.monotonic())
+            before, self._trial = self._trial, _Trial(model, version, rules, time.monotonic())
+        if before is not None:
+            detail = f"v{version} came before its shadow period was over"
+            self._note(Outcome("rejected", before.version, "superseded", detail))
         log.info(
             "models %s: v%d in shadow beside v%d; commissioning %s", self.name, version, self.version, how
         )
