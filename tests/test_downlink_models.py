@@ -7,6 +7,7 @@ new version runs in shadow on the live pump windows and is promoted - or rejecte
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -20,7 +21,9 @@ from downlink_support import Site, new_site
 from uplink_support import mosquitto_pki, running_broker
 
 from gateway.downlink import audit
+from gateway.downlink.bundles import make_bundle
 from gateway.downlink.model_commands import chunk_messages
+from gateway.downlink.signing import sign as sign_envelope
 from gateway.downlink.twin_link import publish_many
 from gateway.records.topics import DEFAULT_PREFIX
 from gateway.uplink.certs import DemoPKI
@@ -84,21 +87,42 @@ def broker_args(site: Site) -> list[str]:
     ]  # fmt: skip
 
 
-def test_a_model_cut_short_in_transfer_resumes_after_a_restart_and_is_promoted_after_its_shadow(
+def test_a_mixed_bundle_is_refused_then_one_cut_short_resumes_after_a_restart_and_is_promoted(
     site: Site,
 ) -> None:
     site.start()
     site.reported(slot(lambda m: m["active"] == 0), "pump model serving")
     model = onnx_model(pad_bytes=7000)  # normal on normal pump data, as the shipped model is
     card = card_for(model, health=LOOSE_HEALTH)
-    rules = {"windows": 5, "max_latency_us": 1e9, "min_agreement": 0.8}
-    envelope, path = sign(site, model, card, 1, rules)
     root = f"{DEFAULT_PREFIX}/{site.gateway}"
+    # First a mix-and-match: chunks of this file under a signed whole-file hash of another.
+    manifest, parts = make_bundle(PUMP, card, model, chunk_bytes=1024)
+    mixed = json.loads(manifest)
+    mixed["model"]["sha256"] = "ab" * 32
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    forged = sign_envelope(
+        json.dumps(mixed).encode(),
+        keys=[site.key],
+        gateway=site.gateway,
+        version=1,
+        expires=expires,
+        kind="model",
+    )
+    publish_many(
+        site.twin,
+        [*((f"{root}/chunk/{'ab' * 16}/{i}", c) for i, c in enumerate(parts)), (f"{root}/model", forged)],
+    )
+    rep = site.reported(lambda r: bool(r["refused"]), "the forged bundle refused")
+    assert (rep["refused"][-1]["version"], rep["refused"][-1]["reason"]) == (1, "hash-mismatch")
+    assert rep["models"][PUMP]["candidate"] is None
+
+    rules = {"windows": 5, "max_latency_us": 1e9, "min_agreement": 0.8}
+    envelope, path = sign(site, model, card, 2, rules)
     messages = chunk_messages(root, envelope.read_bytes(), model)
-    *chunks, manifest = messages
+    *chunks, signed = messages
     assert len(chunks) == 8
     # The connection to the twin drops after four chunks: the gateway has a part, applies nothing.
-    publish_many(site.twin, [manifest, *chunks[:4]])
+    publish_many(site.twin, [signed, *chunks[:4]])
     rep = site.reported(slot(lambda m: (m.get("transfer") or {}).get("have") == 4), "half the chunks")
     assert rep["models"][PUMP]["transfer"]["missing"] == [4, 5, 6, 7]
     assert rep["models"][PUMP]["candidate"] is None
@@ -122,7 +146,7 @@ def test_a_model_cut_short_in_transfer_resumes_after_a_restart_and_is_promoted_a
     )
     assert done.returncode == 0, done.stderr
     assert "4 chunk(s)" in done.stdout
-    rep = site.reported(slot(lambda m: m["active"] == 1), "v1 promoted after its shadow period", timeout=60)
+    rep = site.reported(slot(lambda m: m["active"] == 2), "v2 promoted after its shadow period", timeout=60)
     entry = rep["models"][PUMP]
     assert entry["previous"] == 0  # the shipped model stays, to roll back to
     assert entry["last"]["outcome"] == "promoted"
@@ -130,10 +154,13 @@ def test_a_model_cut_short_in_transfer_resumes_after_a_restart_and_is_promoted_a
     assert steps == [
         ("received", None),
         ("verified", 1),
+        ("refused", 1),  # the forged one, once assembled
+        ("received", None),
+        ("verified", 2),
         ("received", None),  # after the restart: the retained manifest again, verified again
-        ("verified", 1),
-        ("model-shadow", 1),
-        ("model-promoted", 1),
+        ("verified", 2),
+        ("model-shadow", 2),
+        ("model-promoted", 2),
     ]
     promoted = site.events()[-1]
     assert promoted["figures"]["windows"] >= 5
@@ -143,11 +170,12 @@ def test_a_model_cut_short_in_transfer_resumes_after_a_restart_and_is_promoted_a
     cli = [sys.executable, "-m", "gateway.cli", "audit", "verify", "--config", str(site.config)]
     assert subprocess.run(cli, capture_output=True, check=False).returncode == 0
     installed = site.tmp / "state" / "models" / "bundles" / PUMP
-    assert json.loads((installed / "active.json").read_text()) == {"version": 1, "previous": 0}
+    assert json.loads((installed / "active.json").read_text()) == {"version": 2, "previous": 0}
     cli = [sys.executable, "-m", "gateway.cli", "downlink", "status", "--config", str(site.config)]
     shown = subprocess.run(cli, capture_output=True, text=True, check=False).stdout
-    assert f"model {PUMP}: serving v1, the shipped version kept to roll back to; v1 promoted" in shown
-    assert (installed / "v1" / "pump_skab.v2.onnx").read_bytes() == model
+    assert f"model {PUMP}: serving v2, the shipped version kept to roll back to; v2 promoted" in shown
+    assert (installed / "v2" / "pump_skab.v2.onnx").read_bytes() == model
+    assert not (installed / "v1").exists()
 
 
 @pytest.mark.campaign

@@ -191,6 +191,20 @@ def test_a_version_staged_over_one_in_shadow_supersedes_it(tmp_path: Path) -> No
     assert (shadow["version"], shadow["judged"]) == (3, 0)
 
 
+def test_a_version_that_recommissions_and_judges_nothing_in_its_period_is_rejected(tmp_path: Path) -> None:
+    slot, rng = _slot(tmp_path)
+    model = onnx_model()
+    card = card_for(model, commissioning_on_update="redo")
+    how = slot.stage(
+        _candidate(slot.active, tmp_path, card, model), 2, Acceptance(windows=None, seconds=1e-6)
+    )
+    assert how == "redo"
+    (r,) = slot.score_batch([pump_window(100, rng)])  # still learning its own statistics
+    assert r.verdict == "normal"  # the active version's verdict
+    (outcome,) = slot.take_outcomes()
+    assert (outcome.kind, outcome.reason) == ("rejected", "no-windows")
+
+
 def test_ks_statistic() -> None:
     assert ks_statistic([1, 2, 3], [1, 2, 3]) == 0.0
     assert ks_statistic([1, 2, 3], [10, 11, 12]) == 1.0

@@ -361,6 +361,15 @@ class ModelBundles:
             await asyncio.to_thread(self._save)
             await refuse(t.digest, t.version, "load-failed", f"model {m.slot}: {exc}")
             return
+        except OSError as exc:  # a full or read-only disk: the twin may send it again as a newer version
+            await asyncio.to_thread(shutil.rmtree, where, True)
+            await asyncio.to_thread(self._save)
+            await refuse(
+                t.digest, t.version, "cannot-install",
+                f"model {m.slot}: {where}: {exc.strerror}: free space in the state directory, then send it "
+                "again as a newer version",
+            )  # fmt: skip
+            return
         finally:
             await asyncio.to_thread(shutil.rmtree, t.directory, True)
         how = slot.stage(candidate, t.version, m.acceptance)
