@@ -174,6 +174,9 @@ def test_a_mixed_bundle_is_refused_then_one_cut_short_resumes_after_a_restart_an
     cli = [sys.executable, "-m", "gateway.cli", "downlink", "status", "--config", str(site.config)]
     shown = subprocess.run(cli, capture_output=True, text=True, check=False).stdout
     assert f"model {PUMP}: serving v2, the shipped version kept to roll back to; v2 promoted" in shown
+    cli = [*TWIN, "rollout-status", "--gateway", site.gateway, *broker_args(site)]
+    shown = subprocess.run(cli, capture_output=True, text=True, check=False).stdout
+    assert f"model {PUMP}: serving v2; last: v2 promoted rules-met" in shown
     assert (installed / "v2" / "pump_skab.v2.onnx").read_bytes() == model
     assert not (installed / "v1").exists()
 

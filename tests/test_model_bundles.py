@@ -57,8 +57,11 @@ class Gate:
     def deliver(self, *messages: tuple[str, bytes]) -> None:
         for topic, payload in messages:
             assert self.handler.on_message(topic, payload)
-            trust = Trust({key_id(KEY.public_key()): KEY.public_key()})
-            asyncio.run(self.handler.step(trust, self.audit, self._refuse))
+            self.step()
+
+    def step(self) -> None:
+        trust = Trust({key_id(KEY.public_key()): KEY.public_key()})
+        asyncio.run(self.handler.step(trust, self.audit, self._refuse))
 
     def events(self) -> list[str]:
         return [json.loads(line)["event"] for line in self.audit.path.read_text().splitlines()]
@@ -188,3 +191,23 @@ def test_a_bad_bundle_is_refused_with_its_reason_and_audited(gate: Gate, case: s
         assert gate.slot.candidate is None
         assert not version_dir(gate.tmp, PUMP, 5).exists()
     assert "transfer" not in gate.handler.reported()[PUMP]
+
+
+def test_a_version_in_shadow_when_the_gateway_stops_is_in_shadow_again_after_the_start(gate: Gate) -> None:
+    model, card = shipped_int8()
+    env, chunks = bundle(model, card, 2)
+    gate.deliver((f"{ROOT}/model", env), *chunks)
+    assert gate.handler.reported()[PUMP]["candidate"]["version"] == 2
+    # The process starts again: a fresh slot serving the shipped model, nothing in memory.
+    active = pump_model(gate.tmp)
+    gate.slot = Slot(active, state_dir=gate.tmp)
+    gate.restart()
+    assert gate.slot.candidate is None
+    gate.step()
+    rep = gate.handler.reported()[PUMP]
+    assert (rep["candidate"]["version"], rep["candidate"]["judged"]) == (2, 0)
+    assert gate.events()[-1] == "model-shadow"
+    # The retained manifest again: handled before, not taken a second time.
+    gate.deliver((f"{ROOT}/model", env))
+    assert gate.events()[-1] == "model-shadow"
+    assert gate.refused == []

@@ -164,7 +164,8 @@ class ModelBundles:
         self._manifest: bytes | None = None
         self._incoming: deque[tuple[int, bytes]] = deque()
         self.transfer: _Transfer | None = None
-        self._state: dict[str, Any] = {"accepted": {}, "done": [], "last": {}}
+        self._state: dict[str, Any] = {"accepted": {}, "done": [], "last": {}, "shadow": {}}
+        self._restage: dict[str, Any] = {}  # versions in shadow when the gateway stopped
 
     def load(self) -> None:
         """The persisted counters and outcomes; leftover chunks are kept only for a transfer resumed."""
@@ -177,6 +178,7 @@ class ModelBundles:
                 f"downlink model state {self._path}: unreadable ({exc}): restore it or delete it - then only "
                 "bundles newer than the last one sent are taken"
             ) from exc
+        self._restage = dict(self._state.get("shadow") or {})
 
     def _save(self) -> None:
         persist.write_atomic(self._path, json.dumps(self._state, indent=1, sort_keys=True).encode())
@@ -213,6 +215,8 @@ class ModelBundles:
     async def step(self, trust: Trust, audit: AuditLog, refuse: Refuse) -> bool:
         """Handle what came in and what the slots decided; True when the reported state changed."""
         changed = False
+        if self._restage:
+            changed |= await self._resume_shadows(audit)
         data, self._manifest = self._manifest, None
         if data is not None:
             changed |= await self._take_manifest(data, trust, audit, refuse)
@@ -223,6 +227,41 @@ class ModelBundles:
                 await self._record(slot, outcome, audit)
                 changed = True
         return changed
+
+    async def _resume_shadows(self, audit: AuditLog) -> bool:
+        """Put the versions that were in shadow when the gateway stopped in shadow again, from the start."""
+        pending, self._restage = self._restage, {}
+        for name, entry in pending.items():
+            slot = self.slots.get(name)
+            if slot is None:  # no longer in the config
+                self._state["shadow"].pop(name, None)
+                continue
+            version = int(entry["version"])
+            where = version_dir(self._state_dir, name, version)
+            try:
+                rules = Acceptance.model_validate_json(json.dumps(entry["acceptance"]))
+                card = await asyncio.to_thread(load_card, where / f"{name}{CARD_SUFFIX}")
+                candidate = await asyncio.to_thread(slot.active.sibling, card, where)
+            except (ConfigError, CorruptDataError, ValidationError) as exc:
+                self._state["shadow"].pop(name, None)
+                self._state["last"][name] = {
+                    "version": version,
+                    "outcome": "rejected",
+                    "reason": "load-failed",
+                    "at": _now(),
+                }
+                await asyncio.to_thread(self._save)
+                await asyncio.to_thread(
+                    audit.append, "model-rejected", version=version, slot=name, reason="load-failed",
+                    detail=f"in shadow when the gateway stopped, no longer loads: {exc}",
+                )  # fmt: skip
+                continue
+            how = slot.stage(candidate, version, rules)
+            await asyncio.to_thread(
+                audit.append, "model-shadow", version=version, slot=name,
+                detail=f"in shadow again after a restart, its period from the start; commissioning {how}",
+            )  # fmt: skip
+        return True
 
     async def _take_manifest(self, data: bytes, trust: Trust, audit: AuditLog, refuse: Refuse) -> bool:
         digest = hashlib.sha256(data).hexdigest()
@@ -374,6 +413,10 @@ class ModelBundles:
             await asyncio.to_thread(shutil.rmtree, t.directory, True)
         how = slot.stage(candidate, t.version, m.acceptance)
         self._state["last"][m.slot] = {"version": t.version, "outcome": "shadow", "reason": "", "at": _now()}
+        self._state["shadow"][m.slot] = {
+            "version": t.version,
+            "acceptance": m.acceptance.model_dump(mode="json"),
+        }
         await asyncio.to_thread(self._save)
         rules = m.acceptance
         period = f"{rules.windows} windows" if rules.windows is not None else f"{rules.seconds:g} s"
@@ -405,6 +448,8 @@ class ModelBundles:
             )
         elif o.kind == "rolled-back":
             await asyncio.to_thread(write_installed, self._state_dir, slot.name, slot.version, None)
+        if (self._state["shadow"].get(slot.name) or {}).get("version") == o.version:
+            del self._state["shadow"][slot.name]
         self._state["last"][slot.name] = {
             "version": o.version,
             "outcome": o.kind,

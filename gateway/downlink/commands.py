@@ -115,6 +115,7 @@ def cmd_publish_config(args: argparse.Namespace) -> int:
 
 def cmd_rollout_status(args: argparse.Namespace) -> int:
     """Each gateway's reported state: the revision running, pending, refused and why, audit head."""
+    from gateway.downlink.model_commands import model_rollout  # noqa: PLC0415
     from gateway.downlink.twin_link import collect_reported  # noqa: PLC0415
 
     found = collect_reported(_broker(args), args.prefix, args.gateway or [], args.wait)
@@ -130,6 +131,8 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
             last = f"v{refused[-1].get('version')} {refused[-1].get('reason')}" if refused else "-"
             head = (rep.get("audit") or {}).get("head", "")[:12]
             _say(f"{name:<18} {rep.get('phase', '?'):<12} {applied!s:>7} {pending!s:>7}  {last} / {head}")
+            for line in model_rollout(rep.get("models")):
+                _say(f"{'':<18} {line}")
     missing = [g for g in args.gateway or [] if g not in found]
     for g in missing:
         _say(f"{g}: no reported state (never connected with the downlink on, or another --prefix)")

@@ -145,6 +145,24 @@ def model_status(state_dir: Path) -> list[str]:
     return lines
 
 
+def model_rollout(models: Any) -> list[str]:
+    """Lines for ``twin rollout-status``: per slot of a gateway's reported state, what serves and what is under way."""
+    lines = []
+    for slot, m in sorted((models or {}).items()):
+        active = m.get("active")
+        line = f"model {slot}: serving {'v' + str(active) if active else 'shipped'}"
+        if (t := m.get("transfer")) is not None:
+            line += f"; v{t.get('version')} receiving {t.get('have')}/{t.get('of')} chunks"
+        if (c := m.get("candidate")) is not None:
+            line += f"; v{c.get('version')} in shadow, {c.get('judged')}/{c.get('of') or '-'} windows"
+        if (last := m.get("last")) and last.get("outcome") != "shadow":
+            line += (
+                f"; last: v{last.get('version')} {last.get('outcome')} {last.get('reason') or ''}".rstrip()
+            )
+        lines.append(line)
+    return lines
+
+
 def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
     """Add ``twin sign-model`` and ``twin publish-model``."""
     p = twin.add_parser(
