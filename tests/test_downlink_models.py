@@ -24,7 +24,7 @@ from gateway.downlink import audit
 from gateway.downlink.bundles import make_bundle
 from gateway.downlink.model_commands import chunk_messages
 from gateway.downlink.signing import sign as sign_envelope
-from gateway.downlink.twin_link import publish_many
+from gateway.downlink.twin_link import fetch_retained, publish_many
 from gateway.records.topics import DEFAULT_PREFIX
 from gateway.uplink.certs import DemoPKI
 
@@ -177,6 +177,21 @@ def test_a_mixed_bundle_is_refused_then_one_cut_short_resumes_after_a_restart_an
     cli = [*TWIN, "rollout-status", "--gateway", site.gateway, *broker_args(site)]
     shown = subprocess.run(cli, capture_output=True, text=True, check=False).stdout
     assert f"model {PUMP}: serving v2; last: v2 promoted rules-met" in shown
+    # The twin removes the retained chunks from the broker; the gateway keeps running its version.
+    cli = [
+        *TWIN,
+        "publish-model",
+        "--gateway",
+        site.gateway,
+        "--envelope",
+        str(envelope),
+        "--model",
+        str(path),
+    ]
+    done = subprocess.run([*cli, "--clear", *broker_args(site)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert fetch_retained(site.twin, chunks[0][0], wait_s=2.0) is None
+    assert fetch_retained(site.twin, f"{root}/model", wait_s=2.0) is not None
     assert (installed / "v2" / "pump_skab.v2.onnx").read_bytes() == model
     assert not (installed / "v1").exists()
 

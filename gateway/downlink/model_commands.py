@@ -110,6 +110,12 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         only = set(transfer.get("missing") or [])
     messages = chunk_messages(root, envelope, model, only)
+    if args.clear:
+        # Empty retained messages remove the chunks from the broker; the small manifest stays.
+        cleared = [(topic, b"") for topic, _ in messages[:-1]]
+        publish_many(broker, cleared)
+        _say(f"model bundle v{signed['version']}: {len(cleared)} retained chunk(s) removed under {root}")
+        return EXIT_OK
     publish_many(broker, messages)
     _say(
         f"model bundle v{signed['version']}: {len(messages) - 1} chunk(s) and its manifest published under {root}"
@@ -198,6 +204,11 @@ def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
         "--missing",
         action="store_true",
         help="only the chunks the gateway reports missing (resume a transfer)",
+    )
+    p.add_argument(
+        "--clear",
+        action="store_true",
+        help="remove the bundle's retained chunks (once the version is in shadow)",
     )
     p.add_argument(
         "--wait", type=float, default=3.0, help="seconds to wait for the reported state (--missing)"
