@@ -241,7 +241,7 @@ class ModelBundles:
             try:
                 rules = Acceptance.model_validate_json(json.dumps(entry["acceptance"]))
                 card = await asyncio.to_thread(load_card, where / f"{name}{CARD_SUFFIX}")
-                candidate = await asyncio.to_thread(slot.active.sibling, card, where)
+                candidate = await asyncio.to_thread(slot.active.sibling, card, where, tag=f"v{version}")
             except (ConfigError, CorruptDataError, ValidationError) as exc:
                 self._state["shadow"].pop(name, None)
                 self._state["last"][name] = {
@@ -389,7 +389,7 @@ class ModelBundles:
         where = version_dir(self._state_dir, m.slot, t.version)
         try:
             card = await asyncio.to_thread(_install, t, where)
-            candidate = await asyncio.to_thread(slot.active.sibling, card, where)
+            candidate = await asyncio.to_thread(slot.active.sibling, card, where, tag=f"v{t.version}")
         except RefusedError as exc:
             await asyncio.to_thread(shutil.rmtree, where, True)
             await asyncio.to_thread(self._save)

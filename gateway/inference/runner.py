@@ -141,6 +141,7 @@ class AnomalyModel:
     ) -> None:
         self.card = card
         self.name = card.name
+        self._state_name = card.name  # its statistics files; a version sent over the downlink has its own
         # False where the pipeline already checks every sample against the same rules: one
         # sensor fault must page once, not once per checker.
         self._fault_alarms = fault_alarms
@@ -242,15 +243,17 @@ class AnomalyModel:
         """Why the whole model is demoted now (``non_finite_output``, ``latency_budget``, ...), or ""."""
         return self._health.reason if self._health.demoted else ""
 
-    def sibling(self, card: ModelCard, card_dir: Path) -> AnomalyModel:
+    def sibling(self, card: ModelCard, card_dir: Path, *, tag: str) -> AnomalyModel:
         """Another version of this model with this site's settings (subjects, input mapping, rules).
 
         It keeps its commissioning statistics in memory only until :meth:`keep_state_in` is
-        called: a version on trial must not overwrite the files of the one that serves.
+        called, and then in files of its own (``<name>.<tag>-...``): a version on trial must not
+        overwrite the files of the one that serves, nor a promoted one those of the version it
+        may roll back to.
         """
         spec = card.normalisation
         need = self._need if spec.kind == "commissioning" and not self._fixed else spec.windows
-        return AnomalyModel(
+        model = AnomalyModel(
             card,
             card_dir,
             backend=self.backend.name,
@@ -261,6 +264,8 @@ class AnomalyModel:
             fault_alarms=self._fault_alarms,
             inputs=self._inputs,
         )
+        model._state_name = f"{self.name}.{tag}"
+        return model
 
     def adopt_commissioning(self, other: AnomalyModel) -> int:
         """Take the per-subject statistics ``other`` has learned (same inputs); how many subjects."""
@@ -618,7 +623,7 @@ class AnomalyModel:
     # ---- persistence of commissioning statistics -----------------------------------------
 
     def _norm_path(self, subject: str) -> Path | None:
-        return state_file(self._state_dir, self.name, subject)
+        return state_file(self._state_dir, self._state_name, subject)
 
     def _load_norm(self, subject: str) -> Normaliser | None:
         path = self._norm_path(subject)

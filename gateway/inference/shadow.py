@@ -411,7 +411,7 @@ def open_version(shipped: AnomalyModel, state_dir: Path, version: int) -> Anomal
     if version == 0:
         return shipped
     where = version_dir(state_dir, shipped.name, version)
-    model = shipped.sibling(load_card(where / f"{shipped.name}{CARD_SUFFIX}"), where)
+    model = shipped.sibling(load_card(where / f"{shipped.name}{CARD_SUFFIX}"), where, tag=f"v{version}")
     model.keep_state_in(state_dir)
     return model
 

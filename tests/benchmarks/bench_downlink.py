@@ -221,7 +221,7 @@ def _shadow_overhead(windows: int = 2000) -> tuple[float, float]:
         slot = Slot(active)
         model, card = shipped_int8()
         where = write(tmp / "v2", card, model)
-        cand = active.sibling(load_card(where / f"{PUMP}{CARD_SUFFIX}"), where)
+        cand = active.sibling(load_card(where / f"{PUMP}{CARD_SUFFIX}"), where, tag="v2")
         slot.stage(cand, 2, Acceptance(windows=10 * windows))
         beside = run(slot, rng)
     return alone, beside
