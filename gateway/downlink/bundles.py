@@ -305,18 +305,21 @@ class ModelBundles:
         if slot not in self.slots:
             raise RefusedError(
                 "unknown-slot",
-                f"slot {slot!r} is not a model this gateway runs ({', '.join(self.slots) or 'none'})",
+                f"slot {slot!r} is not a model this gateway runs ({', '.join(self.slots) or 'none'}): "
+                "sign it for one of those, or add the model to [[models.use]] first",
             )
         accepted = int(self._state["accepted"].get(slot, 0))
         if version <= accepted:
             raise RefusedError(
                 "rollback",
-                f"model {slot} version {version} is not newer than version {accepted} already accepted",
+                f"model {slot} version {version} is not newer than version {accepted} already accepted: "
+                "sign it again with a higher --version",
             )
         if manifest.model.chunk_bytes > self.max_chunk:
             raise RefusedError(
                 "too-large",
-                f"chunks of {manifest.model.chunk_bytes} bytes, this profile carries {self.max_chunk}",
+                f"chunks of {manifest.model.chunk_bytes} bytes, this profile carries {self.max_chunk}: "
+                "sign it again with this gateway's --profile",
             )
         return manifest
 
@@ -514,7 +517,8 @@ def _install(t: _Transfer, where: Path) -> ModelCard:
     data = b"".join((t.directory / str(i)).read_bytes() for i in range(len(m.model.chunks)))
     if len(data) != m.model.length or hashlib.sha256(data).hexdigest() != m.model.sha256:
         raise RefusedError(
-            "hash-mismatch", "the assembled model does not match the signed SHA-256 and length"
+            "hash-mismatch",
+            "the assembled model does not match the signed SHA-256 and length: sign the file that is sent",
         )
     if where.exists():
         shutil.rmtree(where)
@@ -528,7 +532,8 @@ def _install(t: _Transfer, where: Path) -> ModelCard:
     spec = card.files[card.default_precision]
     if card.name != m.slot:
         raise RefusedError(
-            "card-invalid", f"the card is for model {card.name!r}, the bundle for slot {m.slot!r}"
+            "card-invalid",
+            f"the card is for model {card.name!r}, the bundle for slot {m.slot!r}: send that model's card",
         )
     if (
         spec.sha256 != m.model.sha256
@@ -538,7 +543,8 @@ def _install(t: _Transfer, where: Path) -> ModelCard:
     ):
         raise RefusedError(
             "card-invalid",
-            "the card's file entry does not name the bundle's model file (path, SHA-256, bytes)",
+            "the card's file entry does not name the bundle's model file (path, SHA-256, bytes): "
+            "sign the card written with this model file",
         )
     persist.write_atomic(where / spec.path, data)
     return card
