@@ -167,8 +167,6 @@ def test_a_mixed_bundle_is_refused_then_one_cut_short_resumes_after_a_restart_an
     assert promoted["figures"]["agreement"] >= 0.8
     head = audit.verify(site.tmp / "state" / "downlink" / "audit.jsonl")
     assert head.count == len(steps)
-    cli = [sys.executable, "-m", "gateway.cli", "audit", "verify", "--config", str(site.config)]
-    assert subprocess.run(cli, capture_output=True, check=False).returncode == 0
     installed = site.tmp / "state" / "models" / "bundles" / PUMP
     assert json.loads((installed / "active.json").read_text()) == {"version": 2, "previous": 0}
     cli = [sys.executable, "-m", "gateway.cli", "downlink", "status", "--config", str(site.config)]
