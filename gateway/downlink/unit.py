@@ -481,7 +481,8 @@ class Downlink:
             await self._refuse(
                 version,
                 "cannot-write-config",
-                f"{live}: {exc.strerror}: let the service write its config directory (ReadWritePaths)",
+                f"{live}: {exc.strerror}: the service must own the file and may write its directory "
+                "(systemd/README.md, 'Config revisions')",
             )
             return False
         await asyncio.to_thread(
