@@ -261,12 +261,19 @@ class Downlink:
         if r.pending or now < self._next_renew_check:
             return
         self._next_renew_check = now + _RENEW_CHECK_S
+        step = r.clock.step_s
         try:
-            left = r.days_left(dt.datetime.now(dt.UTC))
+            left = r.days_left(r.now())
         except (EdgetwinError, OSError) as exc:  # missing or unreadable: the uplink says so; look again later
             log.debug("downlink: certificate expiry not known: %s", exc)
             return
+        if r.clock.step_s != step:  # a wall-clock step seen or over: the twin hears of it
+            self.report()
         if left > self._section.renew_before_days:
+            # Hourly, and more often as the moment nears (half the time left each time), so a
+            # short-lived certificate is renewed on time and a clock step is seen before it.
+            due_s = (left - self._section.renew_before_days) * 86400.0
+            self._next_renew_check = now + min(_RENEW_CHECK_S, max(due_s / 2, _REPORT_EVERY_S))
             return
         r.make_csr()
         await asyncio.to_thread(
@@ -287,7 +294,7 @@ class Downlink:
             self.audit.append, "received", detail=f"certificate, {len(pem)} bytes", sha256=digest
         )
         try:
-            cert = r.check(pem, dt.datetime.now(dt.UTC))
+            cert = r.check(pem, r.now())
         except RefusedError as exc:
             await self._refuse(None, exc.reason, f"certificate: {exc}")
             return
@@ -321,11 +328,12 @@ class Downlink:
         if r is None or not r.enabled:
             return None
         try:
-            left = round(r.days_left(dt.datetime.now(dt.UTC)), 2)
+            left = round(r.days_left(r.now()), 2)
         except Exception:  # noqa: BLE001 - a certificate that does not load is the uplink's to report
             left = None
         renewal = "on trial" if r.on_trial else "csr sent" if r.pending else None
-        return {"days_left": left, "renewal": renewal}
+        step = r.clock.step_s
+        return {"days_left": left, "renewal": renewal, "clock_step_s": None if step is None else round(step)}
 
     def _units_now(self) -> dict[str, str]:
         return {u.name: str(u.state) for u in self._sup.units}
