@@ -35,6 +35,7 @@ from gateway.contracts import DriverSpec
 from gateway.downlink import restart
 from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
+from gateway.downlink.azure import AzureTwin
 from gateway.downlink.errors import RefusedError
 from gateway.downlink.renewal import Renewal
 from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, Verified, verify, verify_rotation
@@ -91,6 +92,7 @@ class Downlink:
         self._azure = mqtt is not None and mqtt.profile == "azure"
         self._renewal = Renewal(mqtt, self.dir / "renew", gateway_id) if mqtt is not None else None
         self._cert: bytes | None = None  # a signed certificate from the twin, not yet handled
+        self._twin: AzureTwin | None = None  # the device twin on the azure profile, while connected
         self._next_renew_check = 0.0  # monotonic: a clock step does not move it
         self._trial_until: float | None = None  # the new pair must connect before this (monotonic)
         self._attaches = 0  # connections so far; one after the install proves the new pair
@@ -102,11 +104,13 @@ class Downlink:
 
     def attach(self, client: Any, topic_root: str) -> None:
         """Subscribe on a new connection and publish the reported state."""
-        if self._azure:
-            return  # IoT Hub allows its own device topics only: run() says so once
         self._client, self._root = client, topic_root
         self._attaches += 1
         client.on_message = self._on_message
+        if self._azure:  # IoT Hub: the device twin and direct methods (gateway.downlink.azure)
+            self._twin = AzureTwin(client, self._take, self._method, ready=self.report)
+            self._twin.start()
+            return
         topics = ("desired", "trust", "cmd", "cert")
         client.subscribe([(f"{topic_root}/{name}", 1) for name in topics])
         self.report()
@@ -116,10 +120,37 @@ class Downlink:
     def detach(self) -> None:
         """The connection ended: nothing to publish on until the next one."""
         self._client = None
+        self._twin = None
+
+    def _take(self, kind: str, data: bytes) -> None:
+        """A desired value from the Azure twin: handled as the generic topic of that kind would be."""
+        if kind == "config":
+            self._desired = data
+        elif kind == "trust":
+            self._rotation = data
+        else:
+            self._cert = data
+        self._wake.set()
+
+    def _method(self, name: str) -> int:
+        """An Azure direct method: the generic commands, with a status for the caller."""
+        return 200 if self._command(name, f"{self._root} direct method") else 404
+
+    def _command(self, cmd: Any, where: str) -> bool:
+        if cmd == "report":
+            self.report()
+        elif cmd == "rebirth" and getattr(self._uplink, "rebirth", None) is not None:
+            self._uplink.rebirth()
+        else:
+            log.warning("downlink %s: unknown command %r: ignored; known: report, rebirth", where, cmd)
+            return False
+        return True
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         # paho calls this on the event loop (the uplink drives its network loop there).
-        if message.topic.endswith("/desired"):
+        if self._twin is not None and self._twin.handles(message.topic):
+            self._twin.on_message(message.topic, bytes(message.payload))
+        elif message.topic.endswith("/desired"):
             if message.payload:
                 # The newest wins: an older one not yet handled is dropped.
                 self._desired = bytes(message.payload)
@@ -137,14 +168,7 @@ class Downlink:
                 cmd = json.loads(message.payload).get("cmd")
             except (ValueError, AttributeError):
                 cmd = None
-            if cmd == "report":
-                self.report()
-            elif cmd == "rebirth" and getattr(self._uplink, "rebirth", None) is not None:
-                self._uplink.rebirth()
-            else:
-                log.warning(
-                    "downlink %s/cmd: unknown command %r: ignored; known: report, rebirth", self._root, cmd
-                )
+            self._command(cmd, f"{self._root}/cmd")
 
     def report(self) -> None:
         """Publish the reported state (retained) when connected."""
@@ -152,6 +176,11 @@ class Downlink:
         if client is None:
             return
         with contextlib.suppress(Exception):  # a connection closing under us: the next attach reports
+            if self._twin is not None:  # the twin's reported property; the CSR rides in it
+                pending = self._renewal is not None and self._renewal.pending
+                csr = self._renewal.csr.read_text() if self._renewal is not None and pending else None
+                self._twin.report({**self.reported(), "csr": csr})
+                return
             client.publish(f"{self._root}/reported", json.dumps(self.reported()).encode(), qos=1, retain=True)
 
     def reported(self) -> dict[str, Any]:
@@ -178,11 +207,6 @@ class Downlink:
         trust_file = self._section.trust_file
         if trust_file is None:
             raise RuntimeError("downlink: started without downlink.trust_file")
-        if self._azure:
-            raise ConfigError(
-                "downlink: uplink.mqtt.profile azure: IoT Hub's device-twin topics are not mapped yet: "
-                "remove [downlink] trust_file on this gateway, or use the generic or aws profile"
-            )
         self.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
         for left in self.quarantine.iterdir():  # unverified leftovers of a run that ended mid-way
             left.unlink(missing_ok=True)
@@ -227,6 +251,9 @@ class Downlink:
         assert self._renewal is not None
         client = self._client
         if client is None:
+            return
+        if self._azure:
+            self.report()  # in the reported property
             return
         with contextlib.suppress(Exception):
             client.publish(f"{self._root}/csr", self._renewal.csr.read_bytes(), qos=1, retain=True)
