@@ -55,7 +55,7 @@ class AzureHub:
     def patch_desired(self, patch: dict[str, Any], *, send: bool = True) -> int:
         """Merge a desired patch into the twin; send it to the device (not while it is offline)."""
         with self._lock:
-            version = self.desired["$version"] + 1
+            version = int(self.desired["$version"]) + 1
             self.desired = {**merge_patch(self.desired, patch), "$version": version}
             if send:
                 body = json.dumps(patch)

@@ -17,6 +17,7 @@ from azure_hub import AzureHub
 from downlink_support import DEADLINE_S, Site, new_site, source
 from uplink_support import mosquitto_pki, running_broker
 
+from gateway.cli import main
 from gateway.downlink.azure import (
     CHUNK_CHARS,
     desired_patch,
@@ -43,6 +44,14 @@ def test_an_envelope_rides_in_strings_of_at_most_4000_characters_and_comes_back_
     assert unpack({"n": 2, "0": "a"}) == b'{"n": 2, "0": "a"}'
     with pytest.raises(ValueError, match="over IoT Hub's 32768 bytes"):
         desired_patch("config", json.dumps({"content": "y" * 40000}).encode())
+
+
+def test_the_twin_tool_refuses_what_is_not_an_envelope(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "x.toml").write_text("[gateway]\n")
+    assert main(["twin", "azure-desired", str(tmp_path / "x.toml")]) == 78
+    assert "give an envelope from 'twin sign-config'" in capsys.readouterr().err
 
 
 def test_merge_patches_as_the_hub_applies_them_and_diffs_that_remove_keys() -> None:
@@ -121,7 +130,11 @@ def test_desired_state_reported_state_and_methods_over_the_device_twin(site: Azu
         rep = hub.wait(lambda r: _newest_refusal(r).get("reason") == "rollback", "the replay refused")
         assert rep["applied"]["version"] == 3
         # A new revision as a live patch is applied; the units the old one had are nulled in the twin.
-        hub.patch_desired(desired_patch("config", site.envelope(4, source("bed7-sim"))))
+        # With the twin tool's patch, as an operator would feed it to the hub's twin update.
+        (site.tmp / "v4.envelope").write_bytes(site.envelope(4, source("bed7-sim")))
+        cli = ["twin", "azure-desired", str(site.tmp / "v4.envelope"), "--out", str(site.tmp / "v4.json")]
+        assert main(cli) == 0
+        hub.patch_desired(json.loads((site.tmp / "v4.json").read_text()))
         rep = hub.wait(lambda r: (r.get("applied") or {}).get("version") == 4, "v4 applied")
         rep = hub.wait(lambda r: "source:bed13-sim" not in (r.get("units") or {}), "bed13 gone from the twin")
         # Direct methods: the generic commands, with a status.

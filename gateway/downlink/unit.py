@@ -9,6 +9,9 @@ Topics, under the gateway's topic root ``<prefix>/<pseudonym>``:
 * ``reported`` (the gateway publishes, retained, QoS 1): what runs now, what is being applied,
   what was refused and why, and the audit log's head.
 
+On the ``azure`` profile the same travel over IoT Hub's device twin and direct methods
+(:mod:`gateway.downlink.azure`).
+
 A desired state goes: quarantine -> verified (:mod:`~gateway.downlink.signing`) -> staged and
 checked as ``edgetwin check`` checks -> written in place of the config file (the old one kept) ->
 the gateway restarts onto it -> *probation*: READY, every unit that was healthy before healthy
