@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from azure_hub import AzureHub
-from downlink_support import DEADLINE_S, Site, new_site, source
+from downlink_support import DEADLINE_S, Site, new_site, renewal_pki, source
 from uplink_support import mosquitto_pki, running_broker
 
 from gateway.cli import main
@@ -27,6 +27,7 @@ from gateway.downlink.azure import (
     twin_safe,
     unpack,
 )
+from gateway.downlink.renewal import sign_csr
 from gateway.downlink.signing import sign
 from gateway.uplink.certs import DemoPKI
 
@@ -144,3 +145,50 @@ def test_desired_state_reported_state_and_methods_over_the_device_twin(site: Azu
         assert (status, body["method"]) == (404, "format-disk")
     finally:
         hub.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.campaign
+def test_a_certificate_is_renewed_over_the_device_twin(tmp_path: Path) -> None:
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=5)  # inside the default 30 days
+    ca, _, pki = renewal_pki(tmp_path / "pki", valid_until=soon)
+    for broker in running_broker(tmp_path, pki):
+        plain = new_site(tmp_path, pki, broker)
+        site = AzureSite(tmp_path, pki, broker, plain.config, plain.key, plain.gateway)
+        site.config.write_text(site.text(source("bed7-sim")))
+        hub = AzureHub(site.twin)
+        try:
+            site.start()
+            rep = hub.wait(lambda r: bool(r.get("csr")), "the CSR in the reported property")
+            assert rep["certificate"]["renewal"] == "csr sent"
+            pem = sign_csr(rep["csr"].encode(), ca.cert, ca.key, days=90, gateway=site.gateway)
+            (tmp_path / "new.crt").write_bytes(pem)
+            assert (
+                main(
+                    [
+                        "twin",
+                        "azure-desired",
+                        str(tmp_path / "new.crt"),
+                        "--cert",
+                        "--out",
+                        str(tmp_path / "c.json"),
+                    ]
+                )
+                == 0
+            )
+            hub.patch_desired(json.loads((tmp_path / "c.json").read_text()))
+            rep = hub.wait(
+                lambda r: (r.get("certificate") or {}).get("days_left", 0) > 80 and "csr" not in r,
+                "renewed, connected, the CSR gone from the twin",
+            )
+            assert "renewal" not in rep["certificate"]  # null in a twin patch removes the property
+            assert pki.gateway.cert.read_bytes() == pem
+            assert [e["event"] for e in site.events()] == [
+                "csr-made",
+                "received",
+                "cert-installed",
+                "cert-connected",
+            ]
+        finally:
+            hub.stop()
+            site.stop()
