@@ -30,9 +30,12 @@ class AzureHub:
         self._rid = 0
         self._client = _connect(broker, "azure-hub", 10.0)
         self._client.on_message = self._on_message
+        subscribed = threading.Event()
+        self._client.on_subscribe = lambda *_args: subscribed.set()
         subs = ["$iothub/twin/GET/#", "$iothub/twin/PATCH/properties/reported/#", "$iothub/methods/res/#"]
         self._client.subscribe([(s, 1) for s in subs])
-        time.sleep(0.3)  # SUBACK before anything is published to us
+        # Subscribed before the gateway's first twin read can come.
+        assert subscribed.wait(10.0), "the hub peer got no SUBACK within 10 s"
 
     def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
         topic, rid = message.topic, query(message.topic).get("$rid", "")
