@@ -25,6 +25,7 @@ class AzureHub:
         self.desired: dict[str, Any] = {"$version": 1}
         self.reported: dict[str, Any] = {"$version": 1}
         self.gets = 0
+        self.refuse_gets = 0  # answer this many twin reads with 429 (throttled) first
         self.methods: dict[str, tuple[int, dict[str, Any]]] = {}  # rid -> (status, body)
         self._lock = threading.Lock()
         self._rid = 0
@@ -42,6 +43,10 @@ class AzureHub:
         with self._lock:
             if topic.startswith("$iothub/twin/GET/"):
                 self.gets += 1
+                if self.refuse_gets:
+                    self.refuse_gets -= 1
+                    self._client.publish(f"$iothub/twin/res/429/?$rid={rid}", b"", qos=1)
+                    return
                 body = json.dumps({"desired": self.desired, "reported": self.reported})
                 self._client.publish(f"$iothub/twin/res/200/?$rid={rid}", body, qos=1)
             elif topic.startswith("$iothub/twin/PATCH/properties/reported/"):
@@ -55,10 +60,13 @@ class AzureHub:
                 status = int(topic.split("/")[3])
                 self.methods[rid] = (status, json.loads(message.payload))
 
-    def patch_desired(self, patch: dict[str, Any], *, send: bool = True) -> int:
-        """Merge a desired patch into the twin; send it to the device (not while it is offline)."""
+    def patch_desired(self, patch: dict[str, Any], *, send: bool = True, skip: int = 0) -> int:
+        """Merge a desired patch into the twin; send it to the device (not while it is offline).
+
+        ``skip`` versions are used up unseen first, as patches the device missed would.
+        """
         with self._lock:
-            version = int(self.desired["$version"]) + 1
+            version = int(self.desired["$version"]) + 1 + skip
             self.desired = {**merge_patch(self.desired, patch), "$version": version}
             if send:
                 body = json.dumps(patch)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
@@ -39,6 +40,8 @@ SUBSCRIPTIONS = (
     "$iothub/methods/POST/#",
 )
 _RESPONSE = "$iothub/twin/res/"
+_GET_RETRY_MAX_S = 60.0  # a twin read the hub refused (throttled, busy) is asked again, backing off to this
+_GET_UNANSWERED_S = 30.0  # a twin read with no answer at all is asked again after this
 _DESIRED = "$iothub/twin/PATCH/properties/desired/"
 _METHOD = "$iothub/methods/POST/"
 
@@ -139,6 +142,9 @@ class AzureTwin:
         self.version = 0
         self._early: list[tuple[int, Any]] = []  # patches that came before the twin was read
         self.reported: dict[str, Any] | None = None  # our reported property as the hub has it
+        self._get_at = 0.0  # monotonic: when the twin was last asked for
+        self._retry_at: float | None = None  # monotonic: ask for the twin again then
+        self._get_failures = 0
 
     def _next_rid(self) -> str:
         self._rid += 1
@@ -152,7 +158,16 @@ class AzureTwin:
     def get(self) -> None:
         """Ask for the whole twin (answered on ``$iothub/twin/res/200/?$rid=``)."""
         self._get_rid = self._next_rid()
+        self._get_at, self._retry_at = time.monotonic(), None
         self._client.publish(f"$iothub/twin/GET/?$rid={self._get_rid}", b"", qos=1)
+
+    def tick(self, now: float) -> None:
+        """Ask for the twin again when a read was refused (after its back-off) or never answered."""
+        unanswered = (
+            self.desired is None and self._retry_at is None and now - self._get_at > _GET_UNANSWERED_S
+        )
+        if unanswered or (self._retry_at is not None and now >= self._retry_at):
+            self.get()
 
     def handles(self, topic: str) -> bool:
         """True for the topics this class answers."""
@@ -179,10 +194,20 @@ class AzureTwin:
                 log.warning("downlink azure: reported properties refused by the hub: status %s", status)
             return
         if status != "200":
-            log.warning(
-                "downlink azure: reading the twin failed: status %s: it is read again on reconnect", status
+            self._get_failures += 1
+            delay = min(_GET_RETRY_MAX_S, 2.0 ** (self._get_failures - 1))
+            self._retry_at = time.monotonic() + delay
+            level = logging.WARNING if self._get_failures == 1 else logging.DEBUG
+            log.log(
+                level,
+                "downlink azure: reading the twin failed: status %s: asking again in %.0f s",
+                status,
+                delay,
             )
             return
+        if self._get_failures:
+            log.info("downlink azure: twin read after %d refusal(s)", self._get_failures)
+            self._get_failures = 0
         try:
             twin = json.loads(payload)
             desired, reported = twin.get("desired") or {}, twin.get("reported") or {}

@@ -235,6 +235,8 @@ class Downlink:
                 shown = units
                 self.report()
             await self._renew_tick()
+            if self._twin is not None:
+                self._twin.tick(time.monotonic())
             if not self._wake.is_set():
                 continue
             self._wake.clear()
