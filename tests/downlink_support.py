@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -9,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,3 +232,14 @@ def assert_no_record_lost(site: Site, twin: Listener) -> None:
     time.sleep(0.5)
     (state,) = twin.checker.gateways.values()
     assert state.missing == 0, state.summary()
+
+
+@contextlib.contextmanager
+def broker_running(tmp: Path, pki: DemoPKI) -> Iterator[MosquittoBroker]:
+    """A started mosquitto, stopped when the block ends, whether its test passed or failed."""
+    broker = MosquittoBroker(tmp / "broker", pki)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

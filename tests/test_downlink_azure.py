@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from azure_hub import AzureHub
-from downlink_support import DEADLINE_S, Site, new_site, renewal_pki, source
+from downlink_support import DEADLINE_S, Site, broker_running, new_site, renewal_pki, source
 from uplink_support import mosquitto_pki, running_broker
 
 from gateway.cli import main
@@ -157,7 +157,7 @@ def test_desired_state_reported_state_and_methods_over_the_device_twin(site: Azu
 def test_a_certificate_is_renewed_over_the_device_twin(tmp_path: Path) -> None:
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=5)  # inside the default 30 days
     ca, _, pki = renewal_pki(tmp_path / "pki", valid_until=soon)
-    for broker in running_broker(tmp_path, pki):
+    with broker_running(tmp_path, pki) as broker:
         plain = new_site(tmp_path, pki, broker)
         site = AzureSite(tmp_path, pki, broker, plain.config, plain.key, plain.gateway)
         site.config.write_text(site.text(source("bed7-sim")))

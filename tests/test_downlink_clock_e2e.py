@@ -26,12 +26,13 @@ import pytest
 from downlink_support import (
     Site,
     assert_no_record_lost,
+    broker_running,
     new_site,
     renew_with_the_twin_cli,
     renewal_pki,
     running,
 )
-from uplink_support import listener, require_mosquitto, running_broker
+from uplink_support import listener, require_mosquitto
 
 from gateway.downlink.twin_link import send_command
 from gateway.records.topics import DEFAULT_PREFIX
@@ -85,7 +86,7 @@ def test_renewal_keeps_its_schedule_across_wall_clock_jumps(tmp_path: Path) -> N
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     offset = tmp_path / "wall-offset"
     offset.write_text("0")
-    for broker in running_broker(tmp_path, pki):
+    with broker_running(tmp_path, pki) as broker:
         site = new_site(tmp_path, pki, broker)
         site.config.write_text(
             site.config.read_text().replace(

@@ -25,6 +25,7 @@ from downlink_support import (
     Site,
     applied,
     assert_no_record_lost,
+    broker_running,
     new_site,
     renew_with_the_twin_cli,
     renewal_pki,
@@ -303,7 +304,7 @@ def test_a_certificate_near_expiry_is_renewed_over_the_downlink(tmp_path: Path) 
     require_mosquitto()
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=5)  # inside the default 30 days
     ca, ca_key, pki = renewal_pki(tmp_path / "pki", valid_until=soon)
-    for broker in running_broker(tmp_path, pki):
+    with broker_running(tmp_path, pki) as broker:
         site = new_site(tmp_path, pki, broker)
         old_cert = pki.gateway.cert.read_bytes()
         twin = listener(broker, pki)  # the records' sequence across the switch

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from downlink_support import DEADLINE_S, ROOT, Site, applied, new_site, running, source
+from downlink_support import DEADLINE_S, ROOT, Site, applied, broker_running, new_site, running, source
 from test_systemd_unit import SYSUSERS, TMPFILES, UNIT, _service_settings
-from uplink_support import mosquitto_pki, running_broker
+from uplink_support import mosquitto_pki
 
 from gateway.uplink.certs import DemoPKI
 
@@ -225,7 +225,7 @@ def test_a_revision_is_applied_by_a_gateway_running_under_the_shipped_unit(
     tmp_path: Path, scratch_root: Path, pki: DemoPKI
 ) -> None:
     layout = Layout(scratch_root, UNIT.read_text())
-    for broker in running_broker(tmp_path, pki):
+    with broker_running(tmp_path, pki) as broker:
         plain = new_site(tmp_path, pki, broker)
         site = ShippedSite(tmp_path, pki, broker, layout.config, plain.key, "")
         site.layout = layout
