@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from downlink_support import (
     BROKEN_SERIAL,
@@ -25,7 +24,11 @@ from downlink_support import (
     SHORT_DEADLINE_S,
     Site,
     applied,
+    assert_no_record_lost,
+    broker_running,
     new_site,
+    renew_with_the_twin_cli,
+    renewal_pki,
     running,
     source,
 )
@@ -36,8 +39,7 @@ from gateway.downlink import audit
 from gateway.downlink.signing import read_private_key, sign
 from gateway.downlink.twin_link import send_command, watch
 from gateway.records.topics import DEFAULT_PREFIX
-from gateway.twin.listen import Listener
-from gateway.uplink.certs import DemoCA, DemoPKI
+from gateway.uplink.certs import DemoPKI
 
 pytestmark = pytest.mark.slow
 
@@ -300,22 +302,9 @@ def test_a_revision_published_after_the_broker_restarted_is_applied(site: Site) 
 @pytest.mark.campaign
 def test_a_certificate_near_expiry_is_renewed_over_the_downlink(tmp_path: Path) -> None:
     require_mosquitto()
-    ca = DemoCA(tmp_path / "pki")
-    ca_key = tmp_path / "pki" / "ca.key"
-    ca_key.write_bytes(
-        ca.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    ca_key.chmod(0o600)
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=5)  # inside the default 30 days
-    pki = DemoPKI(
-        ca.ca_file,
-        ca.issue("broker", "edgetwin demo broker", server=True, hosts=("127.0.0.1", "localhost")),
-        ca.issue("gateway", "gateway", valid_until=soon),
-        ca.issue("twin", "edgetwin-twin"),
-    )
-    for broker in running_broker(tmp_path, pki):
+    ca, ca_key, pki = renewal_pki(tmp_path / "pki", valid_until=soon)
+    with broker_running(tmp_path, pki) as broker:
         site = new_site(tmp_path, pki, broker)
         old_cert = pki.gateway.cert.read_bytes()
         twin = listener(broker, pki)  # the records' sequence across the switch
@@ -325,33 +314,10 @@ def test_a_certificate_near_expiry_is_renewed_over_the_downlink(tmp_path: Path) 
                 lambda r: (r.get("certificate") or {}).get("renewal") == "csr sent", "CSR sent"
             )
             assert rep["certificate"]["days_left"] < 6
-            cli = [sys.executable, "-m", "gateway.cli", "twin", "renew", "--gateway", site.gateway]
-            cli += ["--ca-cert", str(ca.ca_file), "--ca-key", str(ca_key), "--days", "90"]
-            cli += ["--broker", f"{broker.host}:{broker.port}", "--ca", str(ca.ca_file)]
-            cli += ["--cert", str(pki.twin.cert), "--key", str(pki.twin.key)]
-            done = subprocess.run(cli, capture_output=True, text=True, check=False)
-            assert done.returncode == 0, done.stderr
-            rep = site.reported(
-                lambda r: (
-                    (r.get("certificate") or {}).get("days_left", 0) > 80
-                    and r["certificate"]["renewal"] is None
-                ),
-                "renewed and connected",
-            )
+            rep = renew_with_the_twin_cli(site, ca.ca_file, ca_key)
             assert pki.gateway.cert.read_bytes() != old_cert
-            events = [e["event"] for e in site.events()]
-            assert events == ["csr-made", "received", "cert-installed", "cert-connected"]
             assert rep["units"]["uplink"] == "running"
-            wanted = twin.records_received + 5
-
-            def flowing(t: Listener, wanted: int = wanted) -> bool:
-                return t.records_received > wanted
-
-            assert twin.wait_for(flowing, 20), "records after the switch"
-            site.stop()  # an orderly stop drains what is queued
-            time.sleep(0.5)
-            (state,) = twin.checker.gateways.values()
-            assert state.missing == 0, state.summary()  # no record lost across the switch
+            assert_no_record_lost(site, twin)  # across the switch
         finally:
             site.stop()
             twin.stop()

@@ -75,9 +75,9 @@ def test_sysusers_and_tmpfiles_steps_run_into_a_scratch_root(tmp_path: Path) -> 
     uid, gid = int(passwd["edgetwin"][2]), int(groups["edgetwin"][2])
     assert "edgetwin" in groups["dialout"][3].split(",")
     for path, mode, owner in (
-        ("etc/edgetwin", 0o750, (0, gid)),
-        ("etc/edgetwin/secrets", 0o750, (0, gid)),
+        ("etc/edgetwin", 0o1770, (0, gid)),
+        ("etc/edgetwin/secrets", 0o1770, (0, gid)),
         ("var/lib/edgetwin", 0o700, (uid, gid)),
     ):
         st = (tmp_path / path).stat()
-        assert (st.st_mode & 0o777, (st.st_uid, st.st_gid)) == (mode, owner), path
+        assert (st.st_mode & 0o7777, (st.st_uid, st.st_gid)) == (mode, owner), path

@@ -175,8 +175,8 @@ def test_tmpfiles_creates_directories_with_owners(tmp_path: Path) -> None:
     result = _run(tmpfiles, "--create", f"--root={tmp_path}", TMPFILES)
     assert result.returncode == 0, result.stderr
     expected = {
-        "etc/edgetwin": (0o750, 0, gid),
-        "etc/edgetwin/secrets": (0o750, 0, gid),
+        "etc/edgetwin": (0o1770, 0, gid),
+        "etc/edgetwin/secrets": (0o1770, 0, gid),
         "var/lib/edgetwin": (0o700, uid, gid),
     }
     for rel, (mode, owner, group) in expected.items():
@@ -186,7 +186,7 @@ def test_tmpfiles_creates_directories_with_owners(tmp_path: Path) -> None:
     # The unit asks systemd for the same modes, so neither side fights the other.
     values = dict(_service_settings(UNIT.read_text()))
     assert values["StateDirectoryMode"] == "0700"
-    assert values["ConfigurationDirectoryMode"] == "0750"
+    assert values["ConfigurationDirectoryMode"] == "1770"
 
 
 # --- seccomp filter -------------------------------------------------------------------------------

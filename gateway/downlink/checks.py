@@ -23,15 +23,6 @@ def trust_findings(config: Config) -> list[Finding]:
                 'the downlink rides on the MQTT uplink: set uplink.kind = "mqtt" or remove [downlink]',
             )
         ]
-    if core.uplink.mqtt is not None and core.uplink.mqtt.profile == "azure":
-        return [
-            Finding(
-                Level.FAIL,
-                "downlink",
-                "uplink.mqtt.profile azure: IoT Hub's device-twin topics are not mapped yet",
-                "remove [downlink] trust_file on this gateway, or use the generic or aws profile",
-            )
-        ]
     try:
         trust = Trust.load(path)
     except TrustError as exc:

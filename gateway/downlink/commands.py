@@ -113,6 +113,33 @@ def cmd_publish_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_azure_desired(args: argparse.Namespace) -> int:
+    """The IoT Hub desired-properties patch that carries a signed envelope or a certificate."""
+    from gateway.downlink.azure import desired_patch  # noqa: PLC0415
+
+    data = args.file.read_bytes()
+    try:
+        kind = (
+            "cert"
+            if args.cert
+            else "trust"
+            if json.loads(data)["signed"].get("type") == "trust"
+            else "config"
+        )
+        patch = desired_patch(kind, data)
+    except (ValueError, KeyError, TypeError) as exc:
+        _err(
+            f"twin azure-desired {args.file}: {exc}: give an envelope from 'twin sign-config' or 'twin sign-trust'"
+        )
+        return EXIT_CONFIG
+    text = json.dumps(patch, separators=(",", ":"))
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    else:
+        _say(text)
+    return EXIT_OK
+
+
 def cmd_rollout_status(args: argparse.Namespace) -> int:
     """Each gateway's reported state: the revision running, pending, refused and why, audit head."""
     from gateway.downlink.model_commands import model_rollout  # noqa: PLC0415
@@ -309,6 +336,16 @@ def add_commands(groups: dict[str, Any]) -> None:
         p.add_argument("--envelope", type=Path, required=True, help="from 'twin sign-config'")
         _broker_args(p)
         p.set_defaults(func=_guard(cmd_publish_config))
+
+        p = twin.add_parser(
+            "azure-desired", help="the IoT Hub desired-properties patch for a signed envelope (azure profile)"
+        )
+        p.add_argument(
+            "file", type=Path, help="an envelope from 'twin sign-config'/'sign-trust', or a PEM with --cert"
+        )
+        p.add_argument("--cert", action="store_true", help="the file is a signed certificate (renewal)")
+        p.add_argument("--out", type=Path, help="write the patch here instead of standard output")
+        p.set_defaults(func=_guard(cmd_azure_desired))
 
         from gateway.downlink.model_commands import add_model_commands  # noqa: PLC0415
 

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from gateway.downlink import state as persist
+from gateway.downlink.clock import RenewalClock
 from gateway.downlink.errors import RefusedError
 from gateway.uplink import certs
 from gateway.uplink.config import MqttSection
@@ -37,6 +38,7 @@ class Renewal:
         self.csr = directory / "gateway.csr"
         self.previous_cert = directory / "previous.crt"
         self.previous_key = directory / "previous.key"
+        self.clock = RenewalClock()  # now for renewal: wall-clock steps do not move it
 
     @property
     def enabled(self) -> bool:
@@ -47,6 +49,12 @@ class Renewal:
         """Days until the client certificate expires."""
         assert self.mqtt.cert_file is not None
         return certs.cert_info(self.mqtt.cert_file).days_left(now)
+
+    def now(self) -> dt.datetime:
+        """The time to judge certificates by: monotonic, from the newest sane wall-clock reading."""
+        assert self.mqtt.cert_file is not None
+        info = certs.cert_info(self.mqtt.cert_file)
+        return self.clock.now(info.not_before, info.not_after)
 
     @property
     def pending(self) -> bool:

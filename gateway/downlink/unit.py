@@ -9,6 +9,9 @@ Topics, under the gateway's topic root ``<prefix>/<pseudonym>``:
 * ``reported`` (the gateway publishes, retained, QoS 1): what runs now, what is being applied,
   what was refused and why, and the audit log's head.
 
+On the ``azure`` profile the same travel over IoT Hub's device twin and direct methods
+(:mod:`gateway.downlink.azure`).
+
 A desired state goes: quarantine -> verified (:mod:`~gateway.downlink.signing`) -> staged and
 checked as ``edgetwin check`` checks -> written in place of the config file (the old one kept) ->
 the gateway restarts onto it -> *probation*: READY, every unit that was healthy before healthy
@@ -35,6 +38,7 @@ from gateway.contracts import DriverSpec
 from gateway.downlink import restart
 from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
+from gateway.downlink.azure import AzureTwin
 from gateway.downlink.bundles import ModelBundles
 from gateway.downlink.errors import RefusedError
 from gateway.downlink.renewal import Renewal
@@ -93,13 +97,15 @@ class Downlink:
         mqtt = core.uplink.mqtt
         self._azure = mqtt is not None and mqtt.profile == "azure"
         self._renewal = Renewal(mqtt, self.dir / "renew", gateway_id) if mqtt is not None else None
-        # Model bundles for the slots the pipeline runs (gateway.downlink.bundles).
+        # Model bundles for the slots the pipeline runs (gateway.downlink.bundles); not on IoT Hub,
+        # which keeps no retained messages on custom topics for the chunks to wait in.
         self.bundles = (
             ModelBundles(slots, core.gateway.state_dir, self.dir, gateway_id, mqtt.profile)
-            if slots and mqtt is not None
+            if slots and mqtt is not None and not self._azure
             else None
         )
         self._cert: bytes | None = None  # a signed certificate from the twin, not yet handled
+        self._twin: AzureTwin | None = None  # the device twin on the azure profile, while connected
         self._next_renew_check = 0.0  # monotonic: a clock step does not move it
         self._trial_until: float | None = None  # the new pair must connect before this (monotonic)
         self._attaches = 0  # connections so far; one after the install proves the new pair
@@ -111,11 +117,13 @@ class Downlink:
 
     def attach(self, client: Any, topic_root: str) -> None:
         """Subscribe on a new connection and publish the reported state."""
-        if self._azure:
-            return  # IoT Hub allows its own device topics only: run() says so once
         self._client, self._root = client, topic_root
         self._attaches += 1
         client.on_message = self._on_message
+        if self._azure:  # IoT Hub: the device twin and direct methods (gateway.downlink.azure)
+            self._twin = AzureTwin(client, self._take, self._method, ready=self.report)
+            self._twin.start()
+            return
         topics = [f"{topic_root}/{name}" for name in ("desired", "trust", "cmd", "cert")]
         if self.bundles is not None:
             topics += self.bundles.attach(client, topic_root)
@@ -127,10 +135,37 @@ class Downlink:
     def detach(self) -> None:
         """The connection ended: nothing to publish on until the next one."""
         self._client = None
+        self._twin = None
+
+    def _take(self, kind: str, data: bytes) -> None:
+        """A desired value from the Azure twin: handled as the generic topic of that kind would be."""
+        if kind == "config":
+            self._desired = data
+        elif kind == "trust":
+            self._rotation = data
+        else:
+            self._cert = data
+        self._wake.set()
+
+    def _method(self, name: str) -> int:
+        """An Azure direct method: the generic commands, with a status for the caller."""
+        return 200 if self._command(name, f"{self._root} direct method") else 404
+
+    def _command(self, cmd: Any, where: str) -> bool:
+        if cmd == "report":
+            self.report()
+        elif cmd == "rebirth" and getattr(self._uplink, "rebirth", None) is not None:
+            self._uplink.rebirth()
+        else:
+            log.warning("downlink %s: unknown command %r: ignored; known: report, rebirth", where, cmd)
+            return False
+        return True
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         # paho calls this on the event loop (the uplink drives its network loop there).
-        if self.bundles is not None and self.bundles.on_message(message.topic, message.payload):
+        if self._twin is not None and self._twin.handles(message.topic):
+            self._twin.on_message(message.topic, bytes(message.payload))
+        elif self.bundles is not None and self.bundles.on_message(message.topic, message.payload):
             self._wake.set()
         elif message.topic.endswith("/desired"):
             if message.payload:
@@ -150,14 +185,7 @@ class Downlink:
                 cmd = json.loads(message.payload).get("cmd")
             except (ValueError, AttributeError):
                 cmd = None
-            if cmd == "report":
-                self.report()
-            elif cmd == "rebirth" and getattr(self._uplink, "rebirth", None) is not None:
-                self._uplink.rebirth()
-            else:
-                log.warning(
-                    "downlink %s/cmd: unknown command %r: ignored; known: report, rebirth", self._root, cmd
-                )
+            self._command(cmd, f"{self._root}/cmd")
 
     def report(self) -> None:
         """Publish the reported state (retained) when connected."""
@@ -165,6 +193,11 @@ class Downlink:
         if client is None:
             return
         with contextlib.suppress(Exception):  # a connection closing under us: the next attach reports
+            if self._twin is not None:  # the twin's reported property; the CSR rides in it
+                pending = self._renewal is not None and self._renewal.pending
+                csr = self._renewal.csr.read_text() if self._renewal is not None and pending else None
+                self._twin.report({**self.reported(), "csr": csr})
+                return
             client.publish(f"{self._root}/reported", json.dumps(self.reported()).encode(), qos=1, retain=True)
 
     def reported(self) -> dict[str, Any]:
@@ -192,11 +225,6 @@ class Downlink:
         trust_file = self._section.trust_file
         if trust_file is None:
             raise RuntimeError("downlink: started without downlink.trust_file")
-        if self._azure:
-            raise ConfigError(
-                "downlink: uplink.mqtt.profile azure: IoT Hub's device-twin topics are not mapped yet: "
-                "remove [downlink] trust_file on this gateway, or use the generic or aws profile"
-            )
         self.quarantine.mkdir(parents=True, exist_ok=True, mode=0o700)
         for left in self.quarantine.iterdir():  # unverified leftovers of a run that ended mid-way
             if left.is_file():  # (chunks/: hash-checked chunks of a model transfer, resumed)
@@ -225,6 +253,8 @@ class Downlink:
                 shown = units
                 self.report()
             await self._renew_tick()
+            if self._twin is not None:
+                self._twin.tick(time.monotonic())
             woken = self._wake.is_set()
             self._wake.clear()
             await self._bundle_step()  # also when not woken: the slots' shadow outcomes
@@ -260,6 +290,9 @@ class Downlink:
         client = self._client
         if client is None:
             return
+        if self._azure:
+            self.report()  # in the reported property
+            return
         with contextlib.suppress(Exception):
             client.publish(f"{self._root}/csr", self._renewal.csr.read_bytes(), qos=1, retain=True)
 
@@ -293,12 +326,19 @@ class Downlink:
         if r.pending or now < self._next_renew_check:
             return
         self._next_renew_check = now + _RENEW_CHECK_S
+        step = r.clock.step_s
         try:
-            left = r.days_left(dt.datetime.now(dt.UTC))
+            left = r.days_left(r.now())
         except (EdgetwinError, OSError) as exc:  # missing or unreadable: the uplink says so; look again later
             log.debug("downlink: certificate expiry not known: %s", exc)
             return
+        if r.clock.step_s != step:  # a wall-clock step seen or over: the twin hears of it
+            self.report()
         if left > self._section.renew_before_days:
+            # Hourly, and more often as the moment nears (half the time left each time), so a
+            # short-lived certificate is renewed on time and a clock step is seen before it.
+            due_s = (left - self._section.renew_before_days) * 86400.0
+            self._next_renew_check = now + min(_RENEW_CHECK_S, max(due_s / 2, _REPORT_EVERY_S))
             return
         r.make_csr()
         await asyncio.to_thread(
@@ -319,7 +359,7 @@ class Downlink:
             self.audit.append, "received", detail=f"certificate, {len(pem)} bytes", sha256=digest
         )
         try:
-            cert = r.check(pem, dt.datetime.now(dt.UTC))
+            cert = r.check(pem, r.now())
         except RefusedError as exc:
             await self._refuse(None, exc.reason, f"certificate: {exc}")
             return
@@ -353,11 +393,12 @@ class Downlink:
         if r is None or not r.enabled:
             return None
         try:
-            left = round(r.days_left(dt.datetime.now(dt.UTC)), 2)
+            left = round(r.days_left(r.now()), 2)
         except Exception:  # noqa: BLE001 - a certificate that does not load is the uplink's to report
             left = None
         renewal = "on trial" if r.on_trial else "csr sent" if r.pending else None
-        return {"days_left": left, "renewal": renewal}
+        step = r.clock.step_s
+        return {"days_left": left, "renewal": renewal, "clock_step_s": None if step is None else round(step)}
 
     def _units_now(self) -> dict[str, str]:
         return {u.name: str(u.state) for u in self._sup.units}
@@ -513,7 +554,8 @@ class Downlink:
             await self._refuse(
                 version,
                 "cannot-write-config",
-                f"{live}: {exc.strerror}: let the service write its config directory (ReadWritePaths)",
+                f"{live}: {exc.strerror}: the service must own the file and may write its directory "
+                "(systemd/README.md, 'Config revisions')",
             )
             return False
         await asyncio.to_thread(

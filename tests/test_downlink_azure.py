@@ -1,0 +1,199 @@
+"""The downlink on Azure IoT Hub's device-twin topics: the mapping (pure) and a gateway against a hub peer.
+
+The hub is played by a test peer on the real TLS mosquitto (topics only, ``azure_hub.py``): it
+holds the twin, answers the gateway's twin reads and reported patches and calls direct methods.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure_hub import AzureHub
+from downlink_support import DEADLINE_S, Site, broker_running, new_site, renewal_pki, source
+from uplink_support import mosquitto_pki, running_broker
+
+from gateway.cli import main
+from gateway.downlink.azure import (
+    CHUNK_CHARS,
+    desired_patch,
+    merge_patch,
+    pack,
+    patch_diff,
+    twin_safe,
+    unpack,
+)
+from gateway.downlink.renewal import sign_csr
+from gateway.downlink.signing import sign
+from gateway.uplink.certs import DemoPKI
+
+
+def test_an_envelope_rides_in_strings_of_at_most_4000_characters_and_comes_back_whole() -> None:
+    envelope = json.dumps({"signed": {"v": 1}, "content": "x" * 9000}, indent=1).encode()
+    packed = pack(envelope)
+    assert packed["n"] == 3
+    assert all(len(packed[str(i)]) <= CHUNK_CHARS for i in range(3))
+    assert json.loads(unpack(packed)) == json.loads(envelope)
+    # A longer value left behind by an earlier patch (merge semantics) is not read: "n" says how many.
+    assert unpack({**packed, "3": "stale"}) == unpack(packed)
+    # Anything else is handed on as its JSON text, for the verifier to refuse as malformed.
+    assert unpack("junk") == b'"junk"'
+    assert unpack({"n": 2, "0": "a"}) == b'{"n": 2, "0": "a"}'
+    with pytest.raises(ValueError, match="over IoT Hub's 32768 bytes"):
+        desired_patch("config", json.dumps({"content": "y" * 40000}).encode())
+
+
+def test_the_twin_tool_refuses_what_is_not_an_envelope(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "x.toml").write_text("[gateway]\n")
+    assert main(["twin", "azure-desired", str(tmp_path / "x.toml")]) == 78
+    assert "give an envelope from 'twin sign-config'" in capsys.readouterr().err
+
+
+def test_merge_patches_as_the_hub_applies_them_and_diffs_that_remove_keys() -> None:
+    old = {"units": {"a": "running", "b": "running"}, "phase": "running"}
+    new = {"units": {"a": "running"}, "phase": "applying"}
+    patch = patch_diff(old, new)
+    assert patch == {"units": {"b": None}, "phase": "applying"}
+    assert merge_patch(old, patch) == new
+    assert patch_diff(new, new) == {}
+    assert twin_safe({"refused": [{"x.y": 1}], "$k": None}) == {"refused": {"0": {"x_y": 1}}, "_k": None}
+
+
+class AzureSite(Site):
+    """A site whose uplink uses the azure profile (MQTT 3.1.1, IoT Hub's static topics)."""
+
+    def text(self, sources: str, *, port: int | None = None, deadline_s: float = DEADLINE_S) -> str:
+        text = super().text(sources, port=port, deadline_s=deadline_s)
+        azure = 'connect_timeout_s = 2.0\nprofile = "azure"\nprotocol = "3.1.1"\nazure_hub = "hub1"\n'
+        return text.replace("connect_timeout_s = 2.0\n", azure)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DemoPKI:
+    return mosquitto_pki(tmp_path_factory)
+
+
+@pytest.fixture
+def site(tmp_path: Path, pki: DemoPKI) -> Iterator[AzureSite]:
+    for broker in running_broker(tmp_path, pki):
+        plain = new_site(tmp_path, pki, broker)
+        s = AzureSite(tmp_path, pki, broker, plain.config, plain.key, plain.gateway)
+        s.config.write_text(s.text(source("bed7-sim")))
+        try:
+            yield s
+        finally:
+            s.stop()
+
+
+def _newest_refusal(rep: dict[str, Any]) -> dict[str, Any]:
+    refused = rep.get("refused") or {}
+    return refused[max(refused, key=int)] if refused else {}
+
+
+@pytest.mark.slow
+def test_desired_state_reported_state_and_methods_over_the_device_twin(site: AzureSite) -> None:
+    hub = AzureHub(site.twin)
+    try:
+        # Offline: three revisions land in the twin one after the other; only the newest is there.
+        for version in (1, 2, 3):
+            extra = source(f"bed{version + 10}-sim", device=f"A4:C1:38:00:00:{version + 10}")
+            hub.patch_desired(
+                desired_patch("config", site.envelope(version, source("bed7-sim") + extra)), send=False
+            )
+        hub.refuse_gets = 2  # throttled: the gateway asks again, backing off
+        site.start()
+        rep = hub.wait(lambda r: (r.get("applied") or {}).get("version") == 3, "v3 applied")
+        rep = hub.wait(lambda r: (r.get("units") or {}).get("source:bed13-sim") == "running", "bed13 running")
+        assert "source:bed11-sim" not in rep["units"]
+        assert (
+            hub.gets >= 4
+        )  # two refused, then the twin read on each connection (before and after the restart)
+        assert [(e["event"], e.get("version")) for e in site.events()] == [
+            ("received", None),
+            ("verified", 3),
+            ("applying", 3),
+            ("applied", 3),
+        ]
+        # The twin's $version is not trusted: a patch with a higher $version carrying an older
+        # signed version is refused as a rollback.
+        older = sign(
+            site.text(source("bed7-sim")).encode(),
+            keys=[site.key],
+            gateway=site.gateway,
+            version=2,
+            expires=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+        )
+        twin_version = hub.patch_desired(desired_patch("config", older))
+        assert twin_version > 3
+        rep = hub.wait(lambda r: _newest_refusal(r).get("reason") == "rollback", "the replay refused")
+        assert rep["applied"]["version"] == 3
+        # A new revision as a live patch is applied; the units the old one had are nulled in the twin.
+        # With the twin tool's patch, as an operator would feed it to the hub's twin update.
+        (site.tmp / "v4.envelope").write_bytes(site.envelope(4, source("bed7-sim")))
+        cli = ["twin", "azure-desired", str(site.tmp / "v4.envelope"), "--out", str(site.tmp / "v4.json")]
+        assert main(cli) == 0
+        gets = hub.gets
+        hub.patch_desired(json.loads((site.tmp / "v4.json").read_text()), skip=1)  # one patch missed
+        rep = hub.wait(lambda r: (r.get("applied") or {}).get("version") == 4, "v4 applied")
+        assert hub.gets > gets  # the gap in $version made it read the whole twin again
+        rep = hub.wait(lambda r: "source:bed13-sim" not in (r.get("units") or {}), "bed13 gone from the twin")
+        # Direct methods: the generic commands, with a status.
+        assert hub.call("report")[0] == 200
+        assert hub.call("rebirth")[0] == 200
+        status, body = hub.call("format-disk")
+        assert (status, body["method"]) == (404, "format-disk")
+    finally:
+        hub.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.campaign
+def test_a_certificate_is_renewed_over_the_device_twin(tmp_path: Path) -> None:
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=5)  # inside the default 30 days
+    ca, _, pki = renewal_pki(tmp_path / "pki", valid_until=soon)
+    with broker_running(tmp_path, pki) as broker:
+        plain = new_site(tmp_path, pki, broker)
+        site = AzureSite(tmp_path, pki, broker, plain.config, plain.key, plain.gateway)
+        site.config.write_text(site.text(source("bed7-sim")))
+        hub = AzureHub(site.twin)
+        try:
+            site.start()
+            rep = hub.wait(lambda r: bool(r.get("csr")), "the CSR in the reported property")
+            assert rep["certificate"]["renewal"] == "csr sent"
+            pem = sign_csr(rep["csr"].encode(), ca.cert, ca.key, days=90, gateway=site.gateway)
+            (tmp_path / "new.crt").write_bytes(pem)
+            assert (
+                main(
+                    [
+                        "twin",
+                        "azure-desired",
+                        str(tmp_path / "new.crt"),
+                        "--cert",
+                        "--out",
+                        str(tmp_path / "c.json"),
+                    ]
+                )
+                == 0
+            )
+            hub.patch_desired(json.loads((tmp_path / "c.json").read_text()))
+            rep = hub.wait(
+                lambda r: (r.get("certificate") or {}).get("days_left", 0) > 80 and "csr" not in r,
+                "renewed, connected, the CSR gone from the twin",
+            )
+            assert "renewal" not in rep["certificate"]  # null in a twin patch removes the property
+            assert pki.gateway.cert.read_bytes() == pem
+            assert [e["event"] for e in site.events()] == [
+                "csr-made",
+                "received",
+                "cert-installed",
+                "cert-connected",
+            ]
+        finally:
+            hub.stop()
+            site.stop()
