@@ -125,6 +125,17 @@ def test_shipped_card_lists_files_whose_sha256_match() -> None:
         assert np.all((out >= 0) & (out <= 1))
 
 
+def test_onnx_batch1_path_scores_as_a_batch_does() -> None:
+    card = load_card(MODELS / f"{PUMP}{CARD_SUFFIX}")
+    backend = open_backend(card, MODELS, precision="fp32", backend="onnxruntime")
+    rows = np.random.default_rng(9).standard_normal((50, card.n_inputs)).astype(np.float32)
+    whole = backend.run(rows)
+    one_by_one = [backend.run(rows[i : i + 1]) for i in range(len(rows))]
+    assert all(r.shape == (1,) for r in one_by_one)
+    # Kept results stay right: each call returns its own array, not a view of the bound output.
+    np.testing.assert_allclose(np.concatenate(one_by_one), whole, rtol=1e-6, atol=1e-7)
+
+
 def test_corrupted_model_file_is_refused(tmp_path: Path) -> None:
     d = copy_models(tmp_path)
     card = load_card(d / f"{PUMP}{CARD_SUFFIX}")

@@ -14,14 +14,16 @@ batch 64, and each runtime's memory in a fresh process.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -133,6 +135,29 @@ def pct(a: np.ndarray) -> str:
     return f"{np.percentile(a, 50):6.1f} / {np.percentile(a, 99):6.1f}"
 
 
+def call_only(cases: list[Case], n: int = 20_000) -> None:
+    """The model call alone at batch 1, thread CPU: onnxruntime's feed-dict ``run`` (the path
+    before input/output binding) against the backend's bound path, and LiteRT; interleaved."""
+    print("model call alone, batch 1, p50 / p99 us (thread CPU; the same row each time)")
+    for c in cases:
+        backend = c.model.backend
+        x = np.zeros((1, c.model.card.n_inputs), np.float32)
+        paths: dict[str, Callable[[], object]] = {"backend.run": functools.partial(backend.run, x)}
+        if backend.name == "onnxruntime":
+            # The unbound path, for comparison: the backend's own session, a feed dict per call.
+            sess: Any = backend._sess  # type: ignore[attr-defined]
+            feed, out = {c.model.card.input_name: x}, [c.model.card.output_name]
+            paths["session.run(feed dict)"] = functools.partial(sess.run, out, feed)
+        got: dict[str, list[int]] = {k: [] for k in paths}
+        for _ in range(4):
+            for k, f in paths.items():
+                for _ in range(n // 4):
+                    t = time.thread_time_ns()
+                    f()
+                    got[k].append(time.thread_time_ns() - t)
+        print(f"{c.label:34} " + " | ".join(f"{k} {pct(np.array(v) / 1e3)}" for k, v in got.items()))
+
+
 def runtime_growth() -> dict[str, float]:
     """MB a fresh process grows by loading each runtime and running vitals_mimic fp32 once."""
     from models.recipes.tflite import runtime_rss_mb  # noqa: PLC0415 - the training extra's helper
@@ -182,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{c.label:34} {pct(ci):>15} {pct(cl):>15} {ratio:9.2f}   {pct(wi):>15} {pct(wl):>15}  {c.model.stats()['state']}"
         )
+    print()
+    call_only(cases)
     print()
     print("batch 64 (idle), per window, p50 / p99 us (CPU)")
     for c in cases:
