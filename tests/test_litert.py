@@ -18,7 +18,7 @@ import pytest
 
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.errors import ConfigError, CorruptDataError
-from gateway.inference.backends import litert_interpreter_class, open_backend
+from gateway.inference.backends import LiteRtBackend, litert_interpreter_class, open_backend
 from gateway.inference.build import ModelsSection, ModelUse, build_models, default_models_dir
 from gateway.inference.card import CARD_SUFFIX, ModelCard, file_sha256, load_card
 from gateway.pipeline.features import basic_features_finite
@@ -107,6 +107,13 @@ def test_litert_batch_changes_give_the_same_scores() -> None:
     # Kernels for one row and for many may round differently in the last float32 bit.
     np.testing.assert_allclose(one_by_one, whole, rtol=1e-5, atol=1e-6)
     assert np.array_equal(backend.run(rows), whole)
+    for n in range(2, 12):  # more shapes than it keeps: older ones are dropped, answers stay right
+        np.testing.assert_allclose(backend.run(rows[:n]), whole[:n], rtol=1e-5, atol=1e-6)
+    assert isinstance(backend, LiteRtBackend)
+    kept = backend._by_batch  # the interpreter cache is what is under test
+    assert len(kept) <= LiteRtBackend.MAX_SHAPES
+    assert 1 in kept  # a window at a time is never the shape dropped
+    np.testing.assert_allclose(backend.run(rows[:1]), whole[:1], rtol=1e-5, atol=1e-6)
 
 
 @needs_litert

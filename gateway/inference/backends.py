@@ -200,7 +200,8 @@ class LiteRtBackend:
         got = self._by_batch.get(n)
         if got is None:
             if len(self._by_batch) >= self.MAX_SHAPES:
-                del self._by_batch[next(iter(self._by_batch))]  # the oldest shape
+                # The oldest shape, but never batch 1: a window at a time is the common call.
+                del self._by_batch[next(k for k in self._by_batch if k != 1)]
             got = self._by_batch[n] = self._open(n)
         interp, idx, out = got
         interp.set_tensor(idx, x)
