@@ -88,7 +88,7 @@ def copy_models(tmp: Path) -> Path:
     dst.mkdir()
     card = load_card(MODELS / f"{PUMP}{CARD_SUFFIX}")
     shutil.copy(MODELS / f"{PUMP}{CARD_SUFFIX}", dst)
-    for f in card.files.values():
+    for f in (*card.files.values(), *card.tflite_files.values()):
         shutil.copy(MODELS / f.path, dst)
     return dst
 
@@ -119,10 +119,21 @@ def test_shipped_card_lists_files_whose_sha256_match() -> None:
         assert file_sha256(path) == spec.sha256
         assert path.stat().st_size == spec.bytes < 1_000_000
     for precision in ("fp32", "int8"):
-        backend = open_backend(card, MODELS, precision=precision)
+        backend = open_backend(card, MODELS, precision=precision, backend="onnxruntime")
         out = backend.run(np.zeros((3, card.n_inputs), np.float32))
         assert out.shape == (3,)
         assert np.all((out >= 0) & (out <= 1))
+
+
+def test_onnx_batch1_path_scores_as_a_batch_does() -> None:
+    card = load_card(MODELS / f"{PUMP}{CARD_SUFFIX}")
+    backend = open_backend(card, MODELS, precision="fp32", backend="onnxruntime")
+    rows = np.random.default_rng(9).standard_normal((50, card.n_inputs)).astype(np.float32)
+    whole = backend.run(rows)
+    one_by_one = [backend.run(rows[i : i + 1]) for i in range(len(rows))]
+    assert all(r.shape == (1,) for r in one_by_one)
+    # Kept results stay right: each call returns its own array, not a view of the bound output.
+    np.testing.assert_allclose(np.concatenate(one_by_one), whole, rtol=1e-6, atol=1e-7)
 
 
 def test_corrupted_model_file_is_refused(tmp_path: Path) -> None:
@@ -133,7 +144,7 @@ def test_corrupted_model_file_is_refused(tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptDataError, match="sha256"):
-        open_backend(card, d, precision="fp32")
+        open_backend(card, d, precision="fp32", backend="onnxruntime")
 
 
 def test_malformed_model_with_matching_sha_is_refused(tmp_path: Path) -> None:
@@ -144,17 +155,17 @@ def test_malformed_model_with_matching_sha_is_refused(tmp_path: Path) -> None:
     entry = {"path": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
     card = card.model_copy(update={"files": {**card.files, "fp32": card.files["fp32"].model_validate(entry)}})
     with pytest.raises(CorruptDataError, match="cannot load"):
-        open_backend(card, d, precision="fp32")
+        open_backend(card, d, precision="fp32", backend="onnxruntime")
 
 
 def test_wrong_shape_model_is_refused() -> None:
     card = load_card(MODELS / f"{PUMP}{CARD_SUFFIX}")
     narrower = card.model_copy(update={"inputs": card.inputs[:12]})
     with pytest.raises(CorruptDataError, match="input shape"):
-        open_backend(narrower, MODELS, precision="fp32")
+        open_backend(narrower, MODELS, precision="fp32", backend="onnxruntime")
     renamed = card.model_copy(update={"output_name": "probability"})
     with pytest.raises(CorruptDataError, match="outputs"):
-        open_backend(renamed, MODELS, precision="int8")
+        open_backend(renamed, MODELS, precision="int8", backend="onnxruntime")
 
 
 def test_malformed_card_is_refused(tmp_path: Path) -> None:
@@ -168,13 +179,6 @@ def test_malformed_card_is_refused(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(CorruptDataError, match="not valid JSON"):
         load_card(path)
-
-
-def test_litert_request_falls_back_to_onnx_with_a_message(caplog: pytest.LogCaptureFixture) -> None:
-    card = load_card(MODELS / f"{PUMP}{CARD_SUFFIX}")
-    backend = open_backend(card, MODELS, backend="litert")
-    assert backend.name == "onnxruntime"
-    assert "ONNX model serves" in caplog.text
 
 
 def test_build_models_from_config_and_unknown_name(tmp_path: Path) -> None:
@@ -279,7 +283,7 @@ def nan_model(tmp: Path) -> Path:
         "sha256": file_sha256(d / "nan.onnx"),
         "bytes": (d / "nan.onnx").stat().st_size,
     }
-    raw.update(name="nan_model", files={"fp32": entry}, default_precision="fp32")
+    raw.update(name="nan_model", files={"fp32": entry}, tflite_files={}, default_precision="fp32")
     (d / f"nan_model{CARD_SUFFIX}").write_text(json.dumps(raw))
     _ = onnx
     return d

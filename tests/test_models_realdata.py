@@ -26,6 +26,7 @@ from models.recipes.battery_ekf import FIT, cycles, evaluate_cell, fit_ocv
 from models.recipes.common import binary_scores, run, session
 from models.recipes.pump_skab import FIT_ROWS, INPUTS, SIGNALS, load, window_features, z_scores
 from models.recipes.rr_ectopic import BEAT_CODES, FS, PREMATURE_CODES, classify, read_atr, scores
+from models.recipes.tflite import tflite_scores
 
 MODELS = default_models_dir()
 DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -91,7 +92,12 @@ def test_pump_model_runtime_matches_recipe_on_skab() -> None:
         served = np.array([r.score for r in results])[FIT_ROWS - (w - 1) :]
         assert all(math.isnan(r.score) for r in results[: FIT_ROWS - (w - 1)])
         z, y = z_scores(e, w)
-        offline = run(session(MODELS / card.files["int8"].path), z)
+        if model.backend.name == "litert":  # the card's measured choice: its own .tflite file
+            offline = tflite_scores(
+                (MODELS / card.tflite_files["int8"].path).read_bytes(), z.astype(np.float32)
+            )
+        else:
+            offline = run(session(MODELS / card.files["int8"].path), z)
         assert np.abs(served - offline).max() < 1e-5  # the runtime computes what the recipe evaluated
         anomalies = [r for r in results if r.anomaly]
         assert anomalies

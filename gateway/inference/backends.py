@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,7 +20,7 @@ import numpy.typing as npt
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.inference.card import ModelCard, read_verified
 
-__all__ = ["Backend", "LiteRtBackend", "OnnxBackend", "litert_interpreter_class", "open_backend"]
+__all__ = ["BACKENDS", "Backend", "LiteRtBackend", "OnnxBackend", "litert_interpreter_class", "open_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,24 @@ class OnnxBackend:
         self._check(card)
         self._in = card.input_name
         self._out = [card.output_name]
+        self._io, self._x1, self._y1 = self._bind_batch1(card)
+
+    def _bind_batch1(self, card: ModelCard) -> tuple[Any, F32, F32]:
+        """The window-at-a-time path: input and output bound once to preallocated arrays.
+
+        ``run`` with a feed dict validates names and allocates the input and output tensors on
+        every call; at batch 1 that is more than half the call (measured in bench_models.py).
+        """
+        out = next(o for o in self._sess.get_outputs() if o.name == card.output_name)
+        x1 = np.zeros((1, card.n_inputs), np.float32)
+        y1 = np.zeros((1, 1) if len(out.shape) == 2 else (1,), np.float32)
+        ins = self._sess.get_inputs()
+        if ins[0].type != "tensor(float)" or out.type != "tensor(float)":
+            return None, x1, y1
+        io = self._sess.io_binding()
+        io.bind_input(self._in, "cpu", 0, np.float32, list(x1.shape), x1.ctypes.data)
+        io.bind_output(card.output_name, "cpu", 0, np.float32, list(y1.shape), y1.ctypes.data)
+        return io, x1, y1
 
     def _check(self, card: ModelCard) -> None:
         ins = {i.name: i for i in self._sess.get_inputs()}
@@ -99,6 +118,10 @@ class OnnxBackend:
 
     def run(self, x: F32) -> F64:
         """Scores of a ``(batch, n_inputs)`` float32 array."""
+        if len(x) == 1 and self._io is not None:
+            np.copyto(self._x1, x)
+            self._sess.run_with_iobinding(self._io)
+            return self._y1.astype(np.float64).reshape(1)
         (y,) = self._sess.run(self._out, {self._in: x})
         return np.asarray(y, np.float64).reshape(len(x))
 
@@ -114,66 +137,113 @@ def litert_interpreter_class() -> Any | None:
 
 
 class LiteRtBackend:
-    """TFLite model through ai-edge-litert (or tflite-runtime), one thread."""
+    """TFLite model through ai-edge-litert (or tflite-runtime), one thread.
+
+    One interpreter per batch size seen (at most ``MAX_SHAPES``): resizing one interpreter back and
+    forth between the scoring batch and the explanation batch would re-plan its tensors on every
+    switch, which costs more than the model itself.  The built-in kernels run without the default
+    XNNPACK delegate: for models this small it saves under a microsecond a call, and it writes an
+    unformatted line to stderr (the journal) for every interpreter it is created for.
+    """
 
     name = "litert"
+    MAX_SHAPES = 4
 
     def __init__(self, card: ModelCard, model: bytes, precision: str, interpreter_class: Any) -> None:
+        self._model = model
+        self._cls = interpreter_class
+        resolver = getattr(sys.modules.get(interpreter_class.__module__), "OpResolverType", None)
+        self._kwargs: dict[str, Any] = (
+            {}
+            if resolver is None
+            else {"experimental_op_resolver_type": resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+        )
+        self.precision = precision
         try:
-            self._interp = interpreter_class(model_content=model, num_threads=1)
-            self._interp.allocate_tensors()
+            interp = self._open(None)
         except Exception as exc:  # the interpreter raises untyped errors for malformed models
             raise CorruptDataError(
                 f"models {card.name} ({precision}): LiteRT cannot load the model: {type(exc).__name__}: "
                 "restore the file from the release or re-run the recipe"
             ) from exc
-        self.precision = precision
-        (inp,) = self._interp.get_input_details()
-        self._in = inp["index"]
-        self._out = self._interp.get_output_details()[0]["index"]
-        if len(inp["shape"]) != 2 or int(inp["shape"][1]) != card.n_inputs:
+        ins, outs = interp[0].get_input_details(), interp[0].get_output_details()
+        problem = ""
+        if len(ins) != 1 or len(outs) != 1:
+            problem = f"{len(ins)} inputs and {len(outs)} outputs, card needs one of each"
+        elif len(ins[0]["shape"]) != 2 or int(ins[0]["shape"][1]) != card.n_inputs:
+            problem = f"input shape {list(ins[0]['shape'])}, card needs (batch, {card.n_inputs})"
+        elif ins[0]["dtype"] != np.float32:
+            problem = f"input type {np.dtype(ins[0]['dtype']).name}, card needs float32"
+        elif not (
+            len(outs[0]["shape"]) == 1 or (len(outs[0]["shape"]) == 2 and int(outs[0]["shape"][1]) == 1)
+        ):
+            problem = f"output shape {list(outs[0]['shape'])}, card needs (batch,) or (batch, 1)"
+        if problem:
             raise CorruptDataError(
-                f"models {card.name} ({precision}): LiteRT input shape {list(inp['shape'])}, card needs "
-                f"(batch, {card.n_inputs}): ship the card written with this model file"
+                f"models {card.name} ({precision}): LiteRT model does not match its card: {problem}: "
+                "ship the card written with this model file"
             )
-        self._batch = int(inp["shape"][0])
+        self._width = card.n_inputs
+        self._by_batch: dict[int, tuple[Any, int, int]] = {int(ins[0]["shape"][0]): interp}
+
+    def _open(self, batch: int | None) -> tuple[Any, int, int]:
+        interp = self._cls(model_content=self._model, num_threads=1, **self._kwargs)
+        idx = interp.get_input_details()[0]["index"]
+        if batch is not None:
+            interp.resize_tensor_input(idx, [batch, self._width])
+        interp.allocate_tensors()
+        return interp, idx, interp.get_output_details()[0]["index"]
 
     def run(self, x: F32) -> F64:
-        """Scores of a ``(batch, n_inputs)`` float32 array, resizing the input when the batch changes."""
-        if len(x) != self._batch:
-            self._interp.resize_tensor_input(self._in, [len(x), x.shape[1]])
-            self._interp.allocate_tensors()
-            self._batch = len(x)
-        self._interp.set_tensor(self._in, x)
-        self._interp.invoke()
-        return np.asarray(self._interp.get_tensor(self._out), np.float64).reshape(len(x))
+        """Scores of a ``(batch, n_inputs)`` float32 array."""
+        n = len(x)
+        got = self._by_batch.get(n)
+        if got is None:
+            if len(self._by_batch) >= self.MAX_SHAPES:
+                # The oldest shape, but never batch 1: a window at a time is the common call.
+                del self._by_batch[next(k for k in self._by_batch if k != 1)]
+            got = self._by_batch[n] = self._open(n)
+        interp, idx, out = got
+        interp.set_tensor(idx, x)
+        interp.invoke()
+        return np.asarray(interp.get_tensor(out), np.float64).reshape(n)
+
+
+#: Config values of ``backend``: "card" follows the card's measured choice; "tflite" names LiteRT too.
+BACKENDS = ("card", "onnxruntime", "litert", "tflite")
 
 
 def open_backend(
-    card: ModelCard, card_dir: Path, *, precision: str | None = None, backend: str = "onnxruntime"
+    card: ModelCard, card_dir: Path, *, precision: str | None = None, backend: str = "card"
 ) -> Backend:
-    """Open the card's model on ``backend`` ("onnxruntime" or "litert"), falling back to onnxruntime.
+    """Open the card's model on ``backend`` ("card", "onnxruntime", "litert" or its alias "tflite").
 
-    LiteRT serves only when its wheel imports on this platform and the card ships a .tflite file;
-    otherwise a warning says why and the ONNX model serves.
+    "card" uses the runtime the card's recipe measured as faster and leaner; when that is LiteRT
+    and its wheel does not import here (or the card ships no .tflite in this precision), the ONNX
+    model serves and an INFO line says why.  Asked for by the config, LiteRT is refused at load
+    with a ConfigError instead, and a broken .tflite file always is (CorruptDataError).
     """
     prec = precision or card.default_precision
-    if backend == "litert":
+    if backend not in BACKENDS:
+        raise ConfigError(
+            f"models {card.name}: backend {backend!r}: unknown: use one of {', '.join(BACKENDS)}"
+        )
+    want = card.backend if backend == "card" else "litert" if backend == "tflite" else backend
+    if want == "litert":
         cls = litert_interpreter_class()
+        why = remedy = ""
         if cls is None:
-            log.warning(
-                "models %s: LiteRT requested but neither ai-edge-litert nor tflite-runtime imports on "
-                "this platform; the ONNX model serves instead",
-                card.name,
-            )
+            why = "neither ai-edge-litert nor tflite-runtime imports on this platform"
+            remedy = "pip install 'edgetwin[litert]' where its wheel exists"
         elif prec not in card.tflite_files:
-            log.warning(
-                "models %s: LiteRT requested but the card ships no %s .tflite file; the ONNX model serves",
-                card.name,
-                prec,
-            )
-        else:
+            why = f"the card ships no {prec} .tflite file (it has {sorted(card.tflite_files) or 'none'})"
+            remedy = "re-run the model's recipe to write them"
+        if not why:
             return LiteRtBackend(card, read_verified(card, card_dir, prec, tflite=True), prec, cls)
-    elif backend != "onnxruntime":
-        raise ConfigError(f"models {card.name}: backend {backend!r}: unknown: use 'onnxruntime' or 'litert'")
+        if backend != "card":
+            raise ConfigError(
+                f"models {card.name}: backend {backend!r}: {why}: {remedy}, or set [models] backend = "
+                '"onnxruntime"'
+            )
+        log.info("models %s: the card prefers LiteRT but %s; the ONNX model serves", card.name, why)
     return OnnxBackend(card, read_verified(card, card_dir, prec), prec)

@@ -103,6 +103,9 @@ class ModelCard(_Strict):
     default_precision: Literal["fp32", "int8"]
     # The same model as .tflite for the LiteRT backend, where a converter was available.
     tflite_files: dict[Literal["fp32", "int8"], ModelFile] = Field(default_factory=dict)
+    # The runtime that serves the model unless the config says otherwise, chosen by the recipe from
+    # measured batch-1 latency and process memory (evaluation.litert.backend_choice).
+    backend: Literal["onnxruntime", "litert"] = "onnxruntime"
     fallback: FallbackSpec = FallbackSpec()
     health: HealthSpec = HealthSpec()
     training: dict[str, Any] = Field(default_factory=dict)

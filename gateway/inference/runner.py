@@ -128,7 +128,7 @@ class AnomalyModel:
         card_dir: Path,
         *,
         precision: str | None = None,
-        backend: str = "onnxruntime",
+        backend: str = "card",
         threshold: float | None = None,
         commissioning_windows: int | None = None,
         plausibility: PlausibilityChecker | None = None,

@@ -46,6 +46,7 @@ from models.recipes.common import (
     session,
     write_card,
 )
+from models.recipes.tflite import litert_card_fields, litert_report
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     s32, s8 = session(fp32), session(int8)
     ev["model_batch1_latency_us"] = latency_figures(s32, s8, calib[0])
     ev["bytes"] = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
+    every = np.vstack([z_scores(e, w)[0] for e in valve + normal])
+    lite = litert_card_fields(fp32, int8, calib, every, thr)
+    ev["litert"] = lite["litert"]
     keys = [f"{s}.{f}" for s, f in INPUTS]
     ev["weights"] = dict(zip(keys, coef.tolist(), strict=True))
     # fp32 serves: at this size int8 is not faster on x86 (see the latency figures) and the fp32
@@ -313,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         "from its first commissioning_s seconds of windows",
         "files": {"fp32": file_entry(fp32), "int8": file_entry(int8)},
         "default_precision": "fp32",
+        "tflite_files": lite["tflite_files"],
+        "backend": lite["backend"],
         "fallback": {"z": 6.0},
         "health": {
             "latency_budget_us": 1000.0,
@@ -328,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             "window_cv_f1": {str(k): v for k, v in inner.items()},
             "model": "logistic regression, class-balanced, L2 1e-3, 1500 full-batch steps",
             "quantization": "onnxruntime.quantization static QDQ, per-tensor, MinMax, uint8 act / int8 weights",
+            "quantization_tflite": lite["quantization"],
         },
         "evaluation": ev,
     }
@@ -355,6 +362,8 @@ def report(card: dict[str, Any]) -> str:
             f"sizes fp32 {ev['bytes']['fp32']} B, int8 {ev['bytes']['int8']} B; batch-1 run() fp32 "
             f"{ev['model_batch1_latency_us']['fp32']:.1f} us, int8 {ev['model_batch1_latency_us']['int8']:.1f} us."
         ),
+        "",
+        litert_report(card),
         "",
         (
             f"Shipped: window {card['window_s']:.0f} s, threshold {card['threshold']:.4f}, default precision "

@@ -71,6 +71,7 @@ from models.recipes.common import (
     session,
     write_card,
 )
+from models.recipes.tflite import litert_card_fields, litert_report
 
 log = logging.getLogger(__name__)
 
@@ -729,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     ev["max_abs_score_diff_int8_fp32"] = max_abs
     ev["model_batch1_latency_us"] = latency_figures(s32, s8, calib[0])
     ev["bytes"] = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
+    held_out = np.vstack([norm.z(sc)[0] for sc in tests])
+    lite = litert_card_fields(fp32, int8, calib, held_out, thr)
+    ev["litert"] = lite["litert"]
     loko: dict[str, Any] = {}
     for c, kind in enumerate(KINDS):
         n_c, l_c, t_c, _ = fit(halves, drop_kind=c)
@@ -769,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
         "shifted training baselines), no per-patient commissioning",
         "files": {"fp32": file_entry(fp32), "int8": file_entry(int8)},
         "default_precision": "fp32",
+        "tflite_files": lite["tflite_files"],
+        "backend": lite["backend"],
         "fallback": {"z": 8.0},
         "health": {
             "latency_budget_us": 1000.0,
@@ -790,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": f"MLP {len(INPUTS)}-{HIDDEN}-1 (ReLU, sigmoid), class- and kind-balanced cross-entropy, "
             f"L2 {L2}, {STEPS} full-batch Adam steps",
             "quantization": "onnxruntime.quantization static QDQ, per-tensor, MinMax, uint8 act / int8 weights",
+            "quantization_tflite": lite["quantization"],
         },
         "evaluation": ev,
     }
@@ -871,6 +878,8 @@ def report(card: dict[str, Any]) -> str:
         ),
         "",
         f"Simulator ({sim['protocol']}): recall {simk}; {sim['false_alarms_per_h']:.2f} false alarms/h.",
+        "",
+        litert_report(card),
         "",
         (
             f"Shipped: trained on s00001 minutes 0-1199 only (the evaluated model), window "

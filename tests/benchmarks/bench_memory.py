@@ -48,6 +48,11 @@ CASES = {
         '{ name = "vitals_mimic" }, { name = "pump_skab" }',
         ("patient", "pump"),
     ),
+    # The same, against the runtime the cards did not choose (they name LiteRT where installed).
+    "patient + pump, both models on onnxruntime": (
+        '{ name = "vitals_mimic", backend = "onnxruntime" }, { name = "pump_skab", backend = "onnxruntime" }',
+        ("patient", "pump"),
+    ),
 }
 
 

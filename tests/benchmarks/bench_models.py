@@ -1,33 +1,51 @@
-"""Per-window model latency (feature extraction + pre/post-processing + model) and RSS with models loaded.
+"""Per-window model cost (feature extraction + pre/post-processing + model), idle and under load.
 
-Run: ``python tests/benchmarks/bench_models.py`` (one core: ``taskset -c 0 python ...``).
+Run: ``.venv/bin/python tests/benchmarks/bench_models.py [--windows 3000] [--load N]``.
+
+The benchmark pins itself to one CPU and measures every window at batch 1, as the pipeline scores
+a subject's window when it closes, for each shipped neural model on each backend (onnxruntime,
+LiteRT) and precision: its own thread's CPU time (what the runtime's latency budget judges, so a
+busy machine does not demote a model) and wall time.  First on an idle machine, then while a load
+generator it starts itself runs ``N`` busy processes (default: one per CPU, so one of them shares
+the benchmark's core), stopped by PID afterwards; the ratio loaded/idle is printed per case.  Then
+batch 64, and each runtime's memory in a fresh process.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
+import os
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from gateway.contracts import StreamFeatures, WindowRecord
+from gateway.inference.backends import litert_interpreter_class
 from gateway.inference.build import default_models_dir
 from gateway.inference.card import CARD_SUFFIX, load_card
 from gateway.inference.runner import AnomalyModel
 from gateway.pipeline.features import basic_features_finite
 from gateway.sample import MDC, Stream, industrial_metric
 
-SIGNALS = (
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "RateRMS",
+#: The pump model's SKAB signals (SI-style units the plausibility rules know) and their levels.
+PUMP = (
+    ("Accelerometer1RMS", "g", 0.03),
+    ("Accelerometer2RMS", "g", 0.045),
+    ("Current", "A", 1.3),
+    ("Pressure", "bar", 1.2),
+    ("Temperature", "Cel", 72.0),
+    ("Thermocouple", "Cel", 27.0),
+    ("Voltage", "V", 231.0),
+    ("RateRMS", "l/min", 32.0),
 )
-LEVEL = (0.03, 0.045, 1.3, 1.2, 72.0, 27.0, 231.0, 32.0)
 #: Vital signs of the vitals_mimic model: metric, level, 1 Hz noise (30 s gateway windows).
 VITALS = (
     ("MDC_ECG_HEART_RATE", 72.0, 1.0),
@@ -35,6 +53,7 @@ VITALS = (
     ("MDC_RESP_RATE", 15.0, 0.6),
     ("MDC_TEMP_BODY", 36.9, 0.02),
 )
+LOAD = "import numpy as np\na = np.ones(1 << 21)\nwhile True:\n    a = a * 1.0000001 + 1e-9\n"
 
 
 def rss_mb() -> float:
@@ -45,89 +64,165 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def main() -> None:
-    """Print latency percentiles per precision and batch size, and RSS."""
-    print(f"RSS before models: {rss_mb():.1f} MB")
-    models_dir = default_models_dir()
-    card = load_card(models_dir / f"pump_skab{CARD_SUFFIX}")
-    models = {
-        p: AnomalyModel(card, models_dir, precision=p, commissioning_windows=10) for p in ("fp32", "int8")
-    }
-    print(f"RSS with pump_skab fp32 + int8 loaded: {rss_mb():.1f} MB")
-    rng = np.random.default_rng(0)
-    w = round(card.window_s)
-    t = np.arange(w, dtype=np.float64)
-    for batch in (1, 64):
-        streams = [
-            [
-                Stream("b", f"pump-{s}", "d", industrial_metric(f"P/{n}", "u"), "industrial", 1.0)
-                for n in SIGNALS
+@contextmanager
+def load_generator(n: int) -> Iterator[list[int]]:
+    """``n`` processes each streaming over a 16 MB array (CPU and memory bandwidth), stopped by PID."""
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD]) for _ in range(n)]
+    try:
+        time.sleep(1.0)  # let them reach their loops
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            os.kill(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=10)
+
+
+class Case:
+    """One model on one backend and precision, with pre-generated raw windows."""
+
+    def __init__(self, name: str, backend: str, precision: str, windows: int, seed: int) -> None:
+        d = default_models_dir()
+        card = load_card(d / f"{name}{CARD_SUFFIX}")
+        self.label = f"{name} {backend} {precision}"
+        self.model = AnomalyModel(card, d, precision=precision, backend=backend, commissioning_windows=10)
+        rng = np.random.default_rng(seed)
+        if name == "pump_skab":
+            self.w = round(card.window_s)
+            self.kind = "industrial"
+            self.streams = [
+                Stream("plc", "pump-0", "SN-1", industrial_metric(f"Pump1/{n}", u), "industrial", 1.0)
+                for n, u, _ in PUMP
             ]
-            for s in range(batch)
+            levels = [(lvl, 0.01 * lvl) for _, _, lvl in PUMP]
+        else:
+            self.w = 30
+            self.kind = "medical"
+            self.streams = [Stream("mon", "bed-0", "SN-2", MDC[m], "medical", 1.0) for m, _, _ in VITALS]
+            levels = [(lvl, noise) for _, lvl, noise in VITALS]
+        self.t = np.arange(self.w, dtype=np.float64)
+        self.raw = [
+            [lvl + sd * rng.standard_normal(self.w) for lvl, sd in levels] for _ in range(windows + 20)
         ]
-        for prec, model in models.items():
-            lat = []
-            for k in range(400):
-                t0 = time.perf_counter()
-                records = []
-                for s in range(batch):
-                    sfs = []
-                    for j, st in enumerate(streams[s]):
-                        v = LEVEL[j] * (1.0 + 0.01 * rng.standard_normal(w))
-                        sfs.append(StreamFeatures(st, w, 0.0, basic_features_finite(t, v)))
-                    records.append(
-                        WindowRecord(f"pump-{s}", "industrial", k, float(k), float(k), float(w), tuple(sfs))
-                    )
-                model.score_batch(records)
-                if k >= 20:  # past commissioning
-                    lat.append((time.perf_counter() - t0) * 1e6 / batch)
-            a = np.asarray(lat)
-            print(
-                f"pump_skab {prec} batch {batch:3d}: per window incl. features p50 {np.percentile(a, 50):.1f} us, "
-                f"p99 {np.percentile(a, 99):.1f} us; model state {model.stats()['state']}"
+        self.k = 0
+        for _ in range(20):  # commissioning (pump_skab) and warm-up
+            self.window_batch(1)
+
+    def window_batch(self, batch: int) -> tuple[int, int]:
+        """Features and scores of ``batch`` windows: (thread CPU ns, wall ns) per window."""
+        c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+        records = []
+        for s in range(batch):
+            raw = self.raw[(self.k + s) % len(self.raw)]
+            sfs = tuple(
+                StreamFeatures(st, self.w, 0.0, basic_features_finite(self.t, v))
+                for st, v in zip(self.streams, raw, strict=True)
             )
-    bench_vitals(rng)
+            k = self.k
+            records.append(WindowRecord(f"s{s}", self.kind, k, float(k), float(k), float(self.w), sfs))
+        self.model.score_batch(records)
+        self.k += batch
+        return (time.thread_time_ns() - c0) // batch, (time.perf_counter_ns() - w0) // batch
+
+    def measure(self, windows: int, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Per-window CPU and wall microseconds over ``windows`` windows."""
+        got = np.array([self.window_batch(batch) for _ in range(max(1, windows // batch))], np.float64)
+        return got[:, 0] / 1e3, got[:, 1] / 1e3
+
+
+def pct(a: np.ndarray) -> str:
+    """``p50 / p99`` of an array in microseconds."""
+    return f"{np.percentile(a, 50):6.1f} / {np.percentile(a, 99):6.1f}"
+
+
+def call_only(cases: list[Case], n: int = 20_000) -> None:
+    """The model call alone at batch 1, thread CPU: onnxruntime's feed-dict ``run`` (the path
+    before input/output binding) against the backend's bound path, and LiteRT; interleaved."""
+    print("model call alone, batch 1, p50 / p99 us (thread CPU; the same row each time)")
+    for c in cases:
+        backend = c.model.backend
+        x = np.zeros((1, c.model.card.n_inputs), np.float32)
+        paths: dict[str, Callable[[], object]] = {"backend.run": functools.partial(backend.run, x)}
+        if backend.name == "onnxruntime":
+            # The unbound path, for comparison: the backend's own session, a feed dict per call.
+            sess: Any = backend._sess  # type: ignore[attr-defined]
+            feed, out = {c.model.card.input_name: x}, [c.model.card.output_name]
+            paths["session.run(feed dict)"] = functools.partial(sess.run, out, feed)
+        got: dict[str, list[int]] = {k: [] for k in paths}
+        for _ in range(4):
+            for k, f in paths.items():
+                for _ in range(n // 4):
+                    t = time.thread_time_ns()
+                    f()
+                    got[k].append(time.thread_time_ns() - t)
+        print(f"{c.label:34} " + " | ".join(f"{k} {pct(np.array(v) / 1e3)}" for k, v in got.items()))
+
+
+def runtime_growth() -> dict[str, float]:
+    """MB a fresh process grows by loading each runtime and running vitals_mimic fp32 once."""
+    from models.recipes.tflite import runtime_rss_mb  # noqa: PLC0415 - the training extra's helper
+
+    d = default_models_dir()
+    card = load_card(d / f"vitals_mimic{CARD_SUFFIX}")
+    out = {"onnxruntime": runtime_rss_mb("onnxruntime", d / card.files["fp32"].path, card.n_inputs)}
+    if "fp32" in card.tflite_files and litert_interpreter_class() is not None:
+        out["litert"] = runtime_rss_mb("litert", d / card.tflite_files["fp32"].path, card.n_inputs)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the idle/loaded table, batch-64 figures and memory."""
+    ap = argparse.ArgumentParser(prog="bench_models", description=__doc__)
+    ap.add_argument("--windows", type=int, default=3000, help="windows per case and phase")
+    ap.add_argument(
+        "--load", type=int, default=os.cpu_count() or 2, help="busy processes in the loaded phase"
+    )
+    ap.add_argument("--cpu", type=int, default=0, help="the CPU to pin the benchmark to")
+    args = ap.parse_args(argv)
+    os.sched_setaffinity(0, {args.cpu})
+    print(
+        f"pinned to CPU {args.cpu} of {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}; RSS {rss_mb():.1f} MB"
+    )
+    backends = ["onnxruntime"] + (["litert"] if litert_interpreter_class() is not None else [])
+    cases = [
+        Case(name, b, p, args.windows, seed=i)
+        for i, (name, b, p) in enumerate(
+            (n, b, p) for n in ("pump_skab", "vitals_mimic") for b in backends for p in ("fp32", "int8")
+        )
+    ]
+    print(f"RSS with {len(cases)} models loaded: {rss_mb():.1f} MB")
+    idle = {c.label: c.measure(args.windows) for c in cases}
+    with load_generator(args.load) as pids:
+        print(f"load generator: {len(pids)} busy processes (PIDs {', '.join(map(str, pids))})")
+        loaded = {c.label: c.measure(args.windows) for c in cases}
+    print(f"load generator stopped; load average {os.getloadavg()[0]:.1f}")
+    print()
+    print("batch 1, per window incl. features, p50 / p99 us (thread CPU time; wall time)")
+    print(
+        f"{'case':34} {'CPU idle':>15} {'CPU loaded':>15} {'p99 ratio':>9}   {'wall idle':>15} {'wall loaded':>15}"
+    )
+    for c in cases:
+        (ci, wi), (cl, wl) = idle[c.label], loaded[c.label]
+        ratio = np.percentile(cl, 99) / np.percentile(ci, 99)
+        print(
+            f"{c.label:34} {pct(ci):>15} {pct(cl):>15} {ratio:9.2f}   {pct(wi):>15} {pct(wl):>15}  {c.model.stats()['state']}"
+        )
+    print()
+    call_only(cases)
+    print()
+    print("batch 64 (idle), per window, p50 / p99 us (CPU)")
+    for c in cases:
+        cpu, _ = c.measure(64 * 100, batch=64)
+        print(f"{c.label:34} {pct(cpu):>15}")
+    growth = runtime_growth()
+    print()
+    print(
+        "process growth loading the runtime + vitals_mimic fp32 and running it once (fresh process): "
+        + ", ".join(f"{k} {v:.1f} MB" for k, v in growth.items())
+    )
     print(f"RSS at end: {rss_mb():.1f} MB")
-
-
-def bench_vitals(rng: np.random.Generator) -> None:
-    """Per-window latency of vitals_mimic on 30 s windows of 1 Hz vitals, incl. feature extraction."""
-    models_dir = default_models_dir()
-    card = load_card(models_dir / f"vitals_mimic{CARD_SUFFIX}")
-    models = {p: AnomalyModel(card, models_dir, precision=p) for p in ("fp32", "int8")}
-    print(f"RSS with vitals_mimic fp32 + int8 also loaded: {rss_mb():.1f} MB")
-    w = 30
-    t = np.arange(w, dtype=np.float64)
-    for batch in (1, 64):
-        streams = [
-            [Stream("b", f"bed-{s}", "d", MDC[m], "medical", 1.0) for m, _, _ in VITALS] for s in range(batch)
-        ]
-        for prec, model in models.items():
-            lat = []
-            flagged = 0
-            for k in range(400):
-                t0 = time.perf_counter()
-                records = []
-                for s in range(batch):
-                    sfs = [
-                        StreamFeatures(
-                            st, w, 0.0, basic_features_finite(t, level + noise * rng.standard_normal(w))
-                        )
-                        for st, (_, level, noise) in zip(streams[s], VITALS, strict=True)
-                    ]
-                    records.append(
-                        WindowRecord(f"bed-{s}", "medical", k, float(k), float(k), float(w), tuple(sfs))
-                    )
-                flagged += sum(r.anomaly for r in model.score_batch(records))
-                if k >= 20:
-                    lat.append((time.perf_counter() - t0) * 1e6 / batch)
-            a = np.asarray(lat)
-            print(
-                f"vitals_mimic {prec} batch {batch:3d}: per window incl. features p50 "
-                f"{np.percentile(a, 50):.1f} us, p99 {np.percentile(a, 99):.1f} us; "
-                f"model state {model.stats()['state']}, calm windows flagged {flagged} of {400 * batch}"
-            )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
