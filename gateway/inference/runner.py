@@ -253,10 +253,12 @@ class AnomalyModel:
         """
         spec = card.normalisation
         need = self._need if spec.kind == "commissioning" and not self._fixed else spec.windows
+        # A bundle carries the ONNX file only: the new card's own preference decides, falling back
+        # to ONNX, unless the site asked for onnxruntime.
         model = AnomalyModel(
             card,
             card_dir,
-            backend=self.backend.name,
+            backend="onnxruntime" if self.backend.name == "onnxruntime" else "card",
             commissioning_windows=need,
             plausibility=self._checker,
             subjects=tuple(self._subjects),
