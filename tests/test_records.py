@@ -517,3 +517,20 @@ def test_the_uplink_config_does_not_import_the_whole_config() -> None:
     loaded = _loaded_after("import gateway.uplink.config")
     assert "gateway.config" not in loaded
     assert "gateway.config_base" in loaded
+
+
+@pytest.mark.parametrize("historical", [False, True])
+@pytest.mark.parametrize(
+    "seq", [0, 1, 23, 24, 255, 256, 65_535, 65_536, 2**32 - 1, 2**32, 2**64 - 1, 2**64, -1]
+)
+def test_wrap_writes_the_canonical_sequence_map_cbor2_writes(seq: int, historical: bool) -> None:
+    """The hand-written sequence map is byte for byte cbor2's canonical one, at every integer width."""
+    pack = encode(AlarmRecord("sensor_lost", SUBJECT, 12.5, DEV, "MDC_PULS_OXIM_SAT_O2", clock="start", sv=1))
+    assert pack[0] >> 5 == 4  # an array
+    assert pack[0] & 0x1F < 23  # short: its head is one byte
+    for epoch in (0, 7, 300, 2**40, seq):
+        rec: dict[Any, Any] = {N: "seq", V: seq, "ep": epoch}
+        if historical:
+            rec["h"] = True
+        want = bytes((pack[0] + 1,)) + cbor2.dumps(rec, canonical=True) + pack[1:]
+        assert wrap(pack, SeqMeta(seq, epoch, historical)) == want

@@ -70,12 +70,17 @@ class Packed:
         return f"<{len(self._data)} bytes of properties>"
 
 
+_SEQ_KEY = bytes([USER_PROPERTY]) + utf8("seq")
+
+
 def record_properties(head: bytes, seq: int, historical: bool) -> Packed:
     """A record's properties: the session's head, its sequence number, the historical mark."""
-    body = head + user("seq", str(seq))
-    if historical:
-        body += HISTORICAL
-    return Packed(varint(len(body)) + body)
+    digits = str(seq).encode()
+    body = b"".join(
+        (head, _SEQ_KEY, len(digits).to_bytes(2, "big"), digits, HISTORICAL if historical else b"")
+    )
+    size = len(body)
+    return Packed((bytes((size,)) if size < 128 else varint(size)) + body)
 
 
 def publish_size(

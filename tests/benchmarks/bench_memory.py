@@ -18,6 +18,7 @@ Baseline in the same run: a Python process that imports only the libraries every
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import signal
@@ -55,6 +56,10 @@ CASES = {
     ),
 }
 
+# Run only when asked (--case two): both sources without models, to tell the models' share apart.
+EXTRA_CASES = {"patient + pump, no models": ("", ("patient", "pump"))}
+CASE_KEYS = dict(zip(("one", "models", "two"), [*CASES, *EXTRA_CASES], strict=True))
+
 
 @dataclass
 class Trace:
@@ -86,7 +91,73 @@ def _status(pid: int) -> dict[str, str]:
     return out
 
 
-def watch(proc: subprocess.Popen[bytes], seconds: float, every: float = 5.0) -> Trace:
+_ARENA_SPAN = 64 << 20  # glibc reserves each thread arena as one 64 MiB region (HEAP_MAX_SIZE)
+
+
+def smaps(pid: int) -> dict[str, float]:
+    """Memory of ``pid`` in MB by kind, from /proc/<pid>/smaps (no instrumentation inside)."""
+    maps: list[tuple[int, int, str, str, dict[str, int]]] = []
+    with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                maps.append((lo, hi, head[1], head[5].strip() if len(head) > 5 else "", {}))
+            elif head[0].endswith(":") and maps and len(head) >= 2 and head[1].isdigit():
+                maps[-1][4][head[0][:-1]] = int(head[1])
+    out = dict.fromkeys(("rss", "pss", "uss", "anon", "heap", "arenas", "anon_other", "libs"), 0.0)
+    for i, (lo, hi, perms, name, kb) in enumerate(maps):
+        rss = kb.get("Rss", 0)
+        out["rss"] += rss
+        out["pss"] += kb.get("Pss", 0)
+        out["uss"] += kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)
+        out["anon"] += kb.get("Anonymous", 0)
+        if name == "[heap]":
+            out["heap"] += rss
+        elif name == "" and perms.startswith("rw"):
+            nxt = maps[i + 1] if i + 1 < len(maps) else None
+            # a thread arena: read-write at the start of a 64 MiB-aligned reservation whose rest is
+            # still mapped without access (or fully used)
+            whole = hi - lo == _ARENA_SPAN
+            tail = nxt is not None and nxt[0] == hi and nxt[2].startswith("---") and nxt[3] == ""
+            if lo % _ARENA_SPAN == 0 and (whole or (tail and nxt is not None and nxt[1] - lo == _ARENA_SPAN)):
+                out["arenas"] += rss
+            else:
+                out["anon_other"] += rss
+        elif name.startswith("/"):
+            out["libs"] += rss
+    return {k: v / 1024 for k, v in out.items()}
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CsvLog:
+    """Detailed samples appended to a CSV file as they are taken (a soak that dies keeps its rows)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fields: list[str] | None = None
+
+    def write(self, case: str, row: dict[str, float]) -> None:
+        """Append one row, with the header before the first."""
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["case", *row])
+            if self._fields is None:
+                self._fields = list(row)
+                writer.writeheader()
+            writer.writerow({"case": case, **{k: round(v, 3) for k, v in row.items()}})
+
+
+def watch(
+    proc: subprocess.Popen[bytes],
+    seconds: float,
+    every: float = 5.0,
+    log: tuple[CsvLog, str] | None = None,
+) -> Trace:
     """Sample RSS, threads and open files of ``proc`` until ``seconds`` pass or it ends."""
     trace = Trace([], [], [], [])
     start = time.monotonic()
@@ -100,6 +171,10 @@ def watch(proc: subprocess.Popen[bytes], seconds: float, every: float = 5.0) -> 
         trace.threads.append(int(st["Threads"]))
         trace.fds.append(len(os.listdir(f"/proc/{proc.pid}/fd")))
         trace.peak_mb = int(st["VmHWM"].split()[0]) / 1024
+        if log is not None:
+            row = {"t_s": trace.t[-1], **smaps(proc.pid), "cpu_s": _cpu_s(proc.pid)}
+            row.update(threads=trace.threads[-1], fds=trace.fds[-1], load1=os.getloadavg()[0])
+            log[0].write(log[1], row)
     return trace
 
 
@@ -131,14 +206,25 @@ def config(
     return path
 
 
-def run_gateway(cfg: Path, seconds: float, log: Path) -> Trace:
+def run_gateway(
+    cfg: Path,
+    seconds: float,
+    log: Path,
+    *,
+    every: float = 5.0,
+    csv_log: tuple[CsvLog, str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Trace:
     """``edgetwin run`` for ``seconds``, watched; stopped with SIGTERM as the service manager does."""
     with log.open("w") as err:
         proc = subprocess.Popen(
-            [str(EDGETWIN), "run", "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=err
+            [str(EDGETWIN), "run", "--config", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, **(env or {})},
         )
         try:
-            trace = watch(proc, seconds)
+            trace = watch(proc, seconds, every, csv_log)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -169,10 +255,27 @@ def main() -> int:
     parser.add_argument(
         "--seconds", type=float, default=300.0, help="how long each gateway runs (default 300)"
     )
+    parser.add_argument("--minutes", type=float, help="a soak: how long each gateway runs, in minutes")
     parser.add_argument(
         "--rate-hz", type=float, default=25.0, help="rate of every simulated stream (default 25)"
     )
+    parser.add_argument(
+        "--case", choices=sorted(CASE_KEYS), action="append", help="run only this case (repeatable)"
+    )
+    parser.add_argument("--every", type=float, help="seconds between samples (default 5; 30 in a soak)")
+    parser.add_argument("--csv", type=Path, help="write every sample (smaps detail) to this CSV file")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the gateway"
+    )
     args = parser.parse_args()
+    seconds = args.minutes * 60 if args.minutes else args.seconds
+    every = args.every or (30.0 if args.minutes else 5.0)
+    env = dict(item.split("=", 1) for item in args.env)
+    every_case = {**CASES, **EXTRA_CASES}
+    cases = {CASE_KEYS[k]: every_case[CASE_KEYS[k]] for k in args.case} if args.case else CASES
+    csv_log = CsvLog(args.csv) if args.csv is not None else None
+    if args.csv is not None:
+        args.csv.unlink(missing_ok=True)
     base = floor(3.0)
     results: dict[str, Trace] = {}
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp_name:
@@ -181,15 +284,24 @@ def main() -> int:
         broker = MosquittoBroker(tmp / "broker", pki)
         broker.start()
         try:
-            for k, (name, (models, sources)) in enumerate(CASES.items()):
+            for k, (name, (models, sources)) in enumerate(cases.items()):
                 cfg = config(tmp / f"gw{k}", pki, broker, models, sources, args.rate_hz)
-                results[name] = run_gateway(cfg, args.seconds, tmp / f"gw{k}.log")
+                results[name] = run_gateway(
+                    cfg,
+                    seconds,
+                    tmp / f"gw{k}.log",
+                    every=every,
+                    csv_log=None if csv_log is None else (csv_log, name),
+                    env=env,
+                )
         finally:
             broker.stop()
     floor_mb = base.rss_mb[-1]
     print(
-        f"edgetwin run with the MQTT uplink (mosquitto on loopback, TLS), {args.seconds:.0f} s each, "
-        f"sim streams at {args.rate_hz:g} Hz; Python {sys.version.split()[0]}\n"
+        f"edgetwin run with the MQTT uplink (mosquitto on loopback, TLS), {seconds:.0f} s each, "
+        f"sim streams at {args.rate_hz:g} Hz; Python {sys.version.split()[0]}"
+        + (f"; environment {' '.join(args.env)}" if args.env else "")
+        + "\n"
     )
     print("| gateway | RSS at end | peak | slope, 2nd half | threads | open files | vs floor |")
     print("|---|---:|---:|---:|---:|---:|---:|")

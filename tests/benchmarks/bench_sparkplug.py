@@ -87,8 +87,10 @@ def main() -> int:
         broker.start()
         try:
             for r in range(args.repeat):
-                rates["bare"].append(bare_paho(broker, pki, payloads))
-                rates["senml"].append(asyncio.run(uplink_drain(broker, pki, payloads, root / f"senml{r}.db")))
+                rates["bare"].append(bare_paho(broker, pki, payloads).per_s)
+                rates["senml"].append(
+                    asyncio.run(uplink_drain(broker, pki, payloads, root / f"senml{r}.db")).per_s
+                )
                 tmp = root / f"sp{r}"
                 tmp.mkdir()
                 rates["sparkplug"].append(asyncio.run(sparkplug_drain(broker, pki, payloads, tmp)))
