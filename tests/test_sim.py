@@ -132,6 +132,21 @@ def test_rr_series_replays_when_asked_for_an_earlier_span() -> None:
     np.testing.assert_array_equal(later.value, fresh.value)
 
 
+def test_noise_cache_stays_bounded_over_an_hour_and_old_spans_come_back_the_same() -> None:
+    """The draws kept do not grow with running time; a span asked for again is drawn again, equal."""
+    gen = make_generator("patient", seed=5, rate_hz=25.0)
+    first = gen.generate(0.0, 10.0).series[SPO2].value
+    held = []
+    for i in range(1, 360):  # an hour, in 10 s ticks
+        gen.generate(10.0 * i, 10.0 * (i + 1))
+        held.append(gen._draws.cached_blocks())
+    keys = len(gen._draws._cache)  # one per named draw (noise, drift, beat scatter): fixed names
+    assert keys <= 3 * len(gen.signals)
+    assert max(held) <= 4 * keys  # a few recent blocks per draw, however long it runs
+    again = gen.generate(0.0, 10.0).series[SPO2].value
+    np.testing.assert_array_equal(first, again)
+
+
 # -- realism ------------------------------------------------------------------------------------
 
 

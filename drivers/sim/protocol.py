@@ -35,7 +35,10 @@ U8 = npt.NDArray[np.uint8]
 Mask = npt.NDArray[np.bool_]
 
 _BLOCK = 1024  # draws per RNG block; a block is the unit of the fixed grid
-_CACHE_BLOCKS = 256  # recent blocks kept: enough for every stream of a profile at 1 kHz
+# Recent blocks kept per stream and kind of draw: spans move forward, so only the newest few are
+# asked for again.  A cap per stream, not one for the whole cache: a cache of 256 blocks in all
+# filled up over half an hour at 25 Hz (2 MiB a driver: the growth of a gateway's first hour).
+_KEEP_PER_STREAM = 4
 _HOUR = 3600.0
 _HR_GRID_S = 0.25  # beat timing reads heart rate off this fixed grid
 _NORMAL = 0
@@ -162,19 +165,25 @@ class _Draws:
 
     def __init__(self, seed: int) -> None:
         self._seed = seed
-        self._cache: dict[tuple[int, int, int], F64] = {}
+        self._cache: dict[tuple[int, int], dict[int, F64]] = {}
 
     def block(self, tag: int, kind: int, b: int) -> F64:
         """Block ``b`` of the draws for ``tag``: standard normal or uniform on [-1, 1]."""
-        key = (tag, kind, b)
-        arr = self._cache.get(key)
+        recent = self._cache.get((tag, kind))
+        if recent is None:
+            recent = self._cache[(tag, kind)] = {}
+        arr = recent.get(b)
         if arr is None:
             rng = np.random.default_rng((self._seed, tag, kind, b))
             arr = rng.standard_normal(_BLOCK) if kind == _NORMAL else rng.uniform(-1.0, 1.0, _BLOCK)
-            if len(self._cache) >= _CACHE_BLOCKS:
-                del self._cache[next(iter(self._cache))]
-            self._cache[key] = arr
+            if len(recent) >= _KEEP_PER_STREAM:
+                del recent[next(iter(recent))]
+            recent[b] = arr
         return arr
+
+    def cached_blocks(self) -> int:
+        """Blocks held now (bounded by the streams, not by how long the simulator runs)."""
+        return sum(len(recent) for recent in self._cache.values())
 
     def take(self, tag: int, kind: int, i0: int, i1: int) -> F64:
         """Draws ``i0 .. i1 - 1``."""
