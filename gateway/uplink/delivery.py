@@ -42,6 +42,9 @@ _ACK_STALL_S = 15.0  # messages in flight and no PUBACK for this long (at most k
 _PUBACK_AUTH = frozenset({0x87})  # not authorized (a broker policy forbids the topic)
 # The broker will never take this record, however often it is sent: it goes to the dead-letter lane.
 _PUBACK_NEVER = frozenset({0x99})  # payload format invalid
+# Acknowledged records deleted together: up to this many, waiting at most this long for them.
+_ACK_GATHER = 256
+_ACK_GATHER_S = 0.005
 # MQTT 3.1.1: a connection the broker ends this soon after a publish may have been ended by it.
 _OVERSIZE_CLOSE_S = 2.0
 
@@ -371,10 +374,21 @@ class Delivery:
 
     async def _acker(self, session: Session) -> None:
         """Delete acknowledged records in batches while publishing goes on."""
+        # A delete costs more per commit than per row (47 rows a commit: 5.4 us a record; 256:
+        # 3.5 us): while PUBACKs stream in, gather a few milliseconds' worth.  At most a quarter of
+        # the in-flight window waits, so publishing never runs out of room for it.
+        gather = max(1, min(_ACK_GATHER, self._cfg.max_inflight // 4))
         while True:
             await session.ack_wake.wait()
             session.ack_wake.clear()
             self.take_acks(session)
+            if 0 < len(session.acked_ids) < gather and not (session.to_release or session.to_dead_letter):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_ACK_GATHER_S):
+                        while len(session.acked_ids) < gather and session.lost is None:
+                            session.ack_wake.clear()
+                            await session.ack_wake.wait()
+                            self.take_acks(session)
             if session.to_release:
                 ids, session.to_release = session.to_release, []
                 await self._outbox.release(ids)

@@ -67,6 +67,7 @@ _CERT_CHECK_EVERY_S = 6 * 3600.0
 _PROBE_EVERY_S = 1.0
 _PROBE_TLS_EVERY_S = 2.0
 _HEALTHY_SESSION_S = 10.0  # a connection that lasted this long resets the backoff
+_TOPICS_KEPT = 4096  # full topics remembered (subjects x lanes); cleared, not grown, past this
 
 
 class MqttUplink:
@@ -91,6 +92,7 @@ class MqttUplink:
         self.client_id = gateway_id
         self.topic_root = f"{config.topic_prefix}/{gateway_id}"
         self.status_topic = f"{self.topic_root}/status"
+        self._topics: dict[str, str] = {}
         self._password = password
         # Progress and bounded waits, as the supervisor reads them (gateway.liveness).
         self._heart = Heartbeat(stale_after_s=30.0)
@@ -180,7 +182,13 @@ class MqttUplink:
         if self._profile.static_topic:
             bag = {"topic": relative, **(props or {})}
             return azure_topic(self.client_id, bag)
-        return f"{self.topic_root}/{relative}"
+        # One string per subject and lane, built once: this runs for every record sent.
+        topic = self._topics.get(relative)
+        if topic is None:
+            if len(self._topics) >= _TOPICS_KEPT:
+                self._topics.clear()
+            topic = self._topics[relative] = f"{self.topic_root}/{relative}"
+        return topic
 
     def status(self, state: str, *, clean: bool = True) -> StatusRecord:
         """The status document now: run, drops by lane and reason, the newest loss, degraded state."""
