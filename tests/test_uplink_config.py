@@ -98,26 +98,6 @@ def test_token_bucket_paces_messages_and_bytes() -> None:
         TokenBucket(0.0)
 
 
-@pytest.mark.parametrize(
-    ("msgs", "nbytes"), [(5.0, None), (None, 2000.0), (3.0, 900.0), (None, None), (50.0, 10_000.0)]
-)
-def test_a_pacer_answers_what_its_two_buckets_answer(msgs: float | None, nbytes: float | None) -> None:
-    """The pacer's inline arithmetic: the same waits as asking each bucket, through debts and refills."""
-    pacer = Pacer(msgs, nbytes, now=0.0)
-    ref_m, ref_b = TokenBucket(msgs, now=0.0), TokenBucket(nbytes, now=0.0)
-    sizes = [400, 120, 2500, 50, 999, 10, 650, 300, 80, 1800]
-    waited = 0
-    for k, size in enumerate(sizes * 4):
-        now = 0.05 * (k // 3)  # several messages at one instant, then time moves on
-        want = max(ref_m.wait_for(1, now), ref_b.wait_for(size, now))
-        assert pacer.wait_for(size, now) == pytest.approx(want)
-        waited += want > 0
-        pacer.take(size, now)
-        ref_m.take(1, now)
-        ref_b.take(size, now)
-    assert waited > 0 or (msgs is None and nbytes is None)  # the limits were reached where there are any
-
-
 def test_provision_key_is_private_and_the_csr_names_the_pseudonym(tmp_path: Path) -> None:
     assert commands_main(["provision", "key", "--cn", GW, "--out-dir", str(tmp_path)]) == 0
     key = tmp_path / "gateway.key"

@@ -72,19 +72,7 @@ class Pacer:
 
     def wait_for(self, size: int, now: float) -> float:
         """Seconds until one message of ``size`` bytes may go."""
-        # Asked for every message of a replay: the buckets' arithmetic inline, the same answers.
-        wait = 0.0
-        for bucket, amount in ((self.msgs, 1.0), (self.bytes, float(size))):
-            rate = bucket.rate
-            if rate is None:
-                continue
-            if now > bucket._last:
-                bucket._tokens = min(bucket.burst, bucket._tokens + (now - bucket._last) * rate)
-                bucket._last = now
-            need = min(amount, bucket.burst) - bucket._tokens
-            if need > 0:
-                wait = max(wait, need / rate)
-        return wait
+        return max(self.msgs.wait_for(1, now), self.bytes.wait_for(size, now))
 
     def take(self, size: int, now: float) -> None:
         """Account one message of ``size`` bytes."""
