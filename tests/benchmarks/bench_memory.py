@@ -58,7 +58,7 @@ CASES = {
 
 # Run only when asked (--case two): both sources without models, to tell the models' share apart.
 EXTRA_CASES = {"patient + pump, no models": ("", ("patient", "pump"))}
-CASE_KEYS = dict(zip(("one", "models", "two"), [*CASES, *EXTRA_CASES], strict=True))
+CASE_KEYS = dict(zip(("one", "models", "models-onnx", "two"), [*CASES, *EXTRA_CASES], strict=True))
 
 
 @dataclass
