@@ -37,35 +37,38 @@ WALL0 = 1.7e9
 PATIENT, PUMP = "bed-7", "pump-3"
 
 
-def run(tmp: Path, seconds: float, events: dict[str, list[Label]], seed: int = 5) -> list[dict[str, Any]]:
-    """The alarms (decoded records) the gateway sends for ``seconds`` of both subjects."""
+#: The pump model as this campaign runs it: a short commissioning and the site override above.
+CAMPAIGN_PUMP_MODEL = {"name": "pump_skab", "commissioning_s": 300.0, "threshold": THRESHOLD}
+
+
+def run(
+    tmp: Path,
+    seconds: float,
+    events: dict[str, list[Label]],
+    seed: int = 5,
+    *,
+    pump_model: dict[str, Any] = CAMPAIGN_PUMP_MODEL,
+    subjects: tuple[str, ...] = (PATIENT, PUMP),
+) -> list[dict[str, Any]]:
+    """The alarms (decoded records) the gateway sends for ``seconds`` of the subjects."""
     config = validate(
         {
             "gateway": {"state_dir": str(tmp)},
             "pipeline": {"window_s": 20.0, "hop_s": HOP_S, "grace_s": 0.0},
             # Time is compressed here, so a loaded machine would overrun the model's per-window
             # CPU budget and demote it; the budget is out of this test's scope (bench_alarms).
-            "models": {
-                "use": [
-                    {
-                        "name": "pump_skab",
-                        "commissioning_s": 300.0,
-                        "threshold": THRESHOLD,
-                        "latency_budget_us": 1e9,
-                    }
-                ]
-            },
+            "models": {"use": [pump_model | {"latency_budget_us": 1e9}]},
         },
         "<campaign>",
         REGISTRY,
     )
     core = config.core
     models = build_models(core.models, hop_s=HOP_S, window_s=20.0, fault_alarms=False)
-    gens = {
-        PATIENT: make_generator("patient", seed=seed, rate_hz=1.0, events=events.get(PATIENT, [])),
-        PUMP: make_generator("pump", seed=seed, rate_hz=1.0, events=events.get(PUMP, [])),
-    }
     profile = {PATIENT: "patient", PUMP: "pump"}
+    gens = {
+        subject: make_generator(profile[subject], seed=seed, rate_hz=1.0, events=events.get(subject, []))
+        for subject in subjects
+    }
     streams = {
         (subject, sig.metric.name): Stream(
             f"{subject}-src",

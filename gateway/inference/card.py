@@ -59,6 +59,15 @@ class NormalisationSpec(_Strict):
     min_std_rel: float = Field(1e-3, ge=0)  # std floor relative to |mean|, so a flat signal is not /0
     min_std_abs: float = Field(1e-6, gt=0)
     clip: float = Field(30.0, gt=0)
+    # commissioning: the baseline of the ``mean`` inputs follows slow wander after commissioning
+    # (time constant ``track_s`` once ``track_guard_s`` of windows in a row were normal, the slower
+    # ``track_flagged_s`` otherwise, frozen when None) but never leaves the commissioning mean by
+    # more than ``track_cap`` commissioning spreads, so a fault is not learnt as normal.  None: the
+    # commissioning mean is the baseline for good.
+    track_s: float | None = Field(None, gt=0)
+    track_flagged_s: float | None = Field(None, gt=0)
+    track_guard_s: float = Field(30.0, ge=0)
+    track_cap: float = Field(3.0, gt=0)
 
 
 class ModelFile(_Strict):

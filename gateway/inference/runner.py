@@ -53,7 +53,7 @@ from gateway.inference.plausibility import PlausibilityChecker, Violation
 from gateway.inference.statefile import state_file, store_json
 from gateway.sample import Stream
 
-__all__ = ["TOP_CONTRIBUTIONS", "AnomalyModel", "Event", "Normaliser"]
+__all__ = ["TOP_CONTRIBUTIONS", "AnomalyModel", "Event", "Normaliser", "Tracking"]
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,45 @@ F64 = npt.NDArray[np.float64]
 #: Contributions sent with an anomaly: the largest few, shares of the whole score.
 TOP_CONTRIBUTIONS = 5
 _LATENCY_KEEP = 4096
+# A longer silence between a subject's windows counts as this long for its baseline, so the first
+# window after an outage does not replace the level at once.
+_MAX_STEP_S = 60.0
+_SAVE_LEVEL_EVERY = 60  # judged windows between saves of a following baseline
 
 Event: TypeAlias = Alarm | Diagnostic
 
 
+@dataclass(frozen=True, slots=True)
+class Tracking:
+    """How a commissioned baseline follows slow wander (the card's ``track_*``; see Normaliser)."""
+
+    inputs: npt.NDArray[np.bool_]  # which inputs follow: the card's ``mean`` inputs
+    normal_s: float | None  # time constant once ``guard_s`` of normal windows went by; None: frozen
+    flagged_s: float | None  # time constant otherwise; None: frozen
+    guard_s: float
+    cap: float  # in commissioning spreads around the commissioning mean
+
+    @classmethod
+    def of(cls, card: ModelCard) -> Tracking | None:
+        """The card's tracking, or None when its baseline stays the commissioning mean."""
+        norm = card.normalisation
+        if norm.kind != "commissioning" or (norm.track_s is None and norm.track_flagged_s is None):
+            return None
+        inputs = np.array([spec.feature == "mean" for spec in card.inputs])
+        return cls(inputs, norm.track_s, norm.track_flagged_s, norm.track_guard_s, norm.track_cap)
+
+
 @dataclass(slots=True)
 class Normaliser:
-    """One subject's input statistics: collected over commissioning windows, then frozen."""
+    """One subject's input statistics: collected over commissioning windows, then frozen.
+
+    With a :class:`Tracking`, ``level`` (what ``z`` is taken against) is an exponential average
+    of the windows: through commissioning, so scoring starts from the machine's latest level and
+    not the span's mean, and after it while the model says normal.  A slowly wandering flow or
+    supply voltage is then not a fault hours after a short commissioning, while a fault, which
+    the model flags within a window or two, freezes it (or lets it follow only slowly); the level
+    never leaves ``mean`` by more than ``cap`` commissioning spreads.
+    """
 
     n: int
     need: int
@@ -76,24 +108,68 @@ class Normaliser:
     total_sq: F64
     mean: F64 | None = None
     std: F64 | None = None
+    level: F64 | None = None
+    last_t: float | None = None  # time (s) of the last window seen
+    normal_s: float = 0.0  # normal windows' time in a row
 
     @classmethod
     def empty(cls, n: int, need: int) -> Normaliser:
         """A normaliser that still has ``need`` windows to see."""
         return cls(0, need, np.zeros(n), np.zeros(n))
 
-    def add(self, x: F64, min_rel: float, min_abs: float) -> bool:
-        """Count one complete window; True when this completes commissioning."""
+    def add(
+        self, x: F64, min_rel: float, min_abs: float, *, t: float = 0.0, track: Tracking | None = None
+    ) -> bool:
+        """Count one complete window (at time ``t``); True when this completes commissioning."""
         self.n += 1
         self.total += x
         self.total_sq += x * x
+        if track is not None:
+            self._move(x, t, track.normal_s, track)
         if self.n < self.need:
             return False
         mean = self.total / self.n
         var = np.maximum(self.total_sq / self.n - mean * mean, 0.0)
         self.mean = mean
         self.std = np.maximum(np.sqrt(var), np.maximum(min_rel * np.abs(mean), min_abs))
+        if track is None or self.level is None:
+            self.level = mean.copy()
+        else:
+            self.level = np.where(track.inputs, self._capped(self.level, track), mean)
         return True
+
+    def follow(self, x: F64, flagged: bool | None, t: float, track: Tracking | None) -> None:
+        """After commissioning: move the level after a judged window (``flagged`` None: not judged)."""
+        if track is None or self.mean is None:
+            return
+        if flagged is None:
+            # An unjudged window (a gap, implausible inputs) neither moves the level nor counts as
+            # normal: after it the guard starts again.
+            self.last_t, self.normal_s = t, 0.0
+            return
+        dt = 0.0 if self.last_t is None else min(max(t - self.last_t, 0.0), _MAX_STEP_S)
+        self.normal_s = 0.0 if flagged else self.normal_s + dt
+        tau = track.normal_s if self.normal_s >= track.guard_s else track.flagged_s
+        self._move(x, t, tau, track)
+
+    def _move(self, x: F64, t: float, tau: float | None, track: Tracking) -> None:
+        dt = 0.0 if self.last_t is None else min(max(t - self.last_t, 0.0), _MAX_STEP_S)
+        self.last_t = t
+        if self.level is None:
+            self.level = np.asarray(x, np.float64).copy()
+            return
+        if tau is None or dt <= 0.0:
+            return
+        step = np.where(track.inputs & np.isfinite(x), min(1.0, dt / tau), 0.0)
+        self.level = self.level + step * (np.nan_to_num(x) - self.level)
+        if self.mean is not None:
+            self.level = self._capped(self.level, track)
+
+    def _capped(self, level: F64, track: Tracking) -> F64:
+        assert self.mean is not None
+        assert self.std is not None
+        room = track.cap * self.std
+        return np.clip(level, self.mean - room, self.mean + room)
 
 
 @dataclass(slots=True)
@@ -150,6 +226,7 @@ class AnomalyModel:
         norm = card.normalisation
         self._need = commissioning_windows or norm.windows
         self._fixed = norm.kind == "fixed"
+        self._track = Tracking.of(card)
         self._fixed_mean = np.asarray(norm.mean, np.float64)
         self._fixed_std = np.asarray(norm.std, np.float64)
         self._keys = card.feature_keys()
@@ -161,6 +238,7 @@ class AnomalyModel:
         self._inputs = dict(inputs or {})  # card input metric -> configured stream name
         self._reported: set[str] = set()  # subjects whose missing inputs were logged
         self._norm: dict[str, Normaliser] = {}
+        self._follows: dict[str, int] = {}  # windows each subject's baseline followed, for saving
         self._resolved: dict[str, _Resolved] = {}
         self._faulted: set[tuple[str, str]] = set()
         self._events: deque[Event] = deque(maxlen=1024)
@@ -401,16 +479,26 @@ class AnomalyModel:
             if norm.mean is None or norm.std is None:
                 if present == self._n:
                     spec = self.card.normalisation
-                    if norm.add(x, spec.min_std_rel, spec.min_std_abs):
+                    if norm.add(x, spec.min_std_rel, spec.min_std_abs, t=record.end_mono, track=self._track):
                         log.info("models %s: subject commissioned after %d windows", self.name, norm.n)
                         self._save_norm(record.subject, norm)
                 return None, "commissioning"
-            mean, std = norm.mean, norm.std
+            mean, std = (norm.level if norm.level is not None else norm.mean), norm.std
         if 2 * present < self._n:
             return None, self._absent_reason(record)
         z = (x - mean) / std
         z[~np.isfinite(z)] = 0.0  # an absent input sits at its normal value
         return z, ""
+
+    def _follow(self, record: WindowRecord, x: F64, flagged: bool | None) -> None:
+        """Let a commissioned subject's baseline follow this window (see Normaliser); saved now and then."""
+        norm = self._norm.get(record.subject)
+        if self._track is None or self._fixed or norm is None or norm.mean is None:
+            return
+        norm.follow(x, flagged, record.end_mono, self._track)
+        n = self._follows[record.subject] = self._follows.get(record.subject, 0) + 1
+        if n % _SAVE_LEVEL_EVERY == 0:
+            self._save_norm(record.subject, norm)
 
     def _absent_reason(self, record: WindowRecord) -> str:
         """Why too few inputs are present: "gap" (streams there, no usable sample) or "missing_inputs"."""
@@ -429,19 +517,24 @@ class AnomalyModel:
         results: list[ModelResult] = [ModelResult(nan, False) for _ in records]
         rows: list[int] = []
         zs: list[F64] = []
+        xs: list[F64] = []
         for i, rec in enumerate(records):
             x, present, bad = self._vector(rec)
             if (bad or self._faulted) and self._fault_alarms:
                 self._fault_events(rec, bad)
             if bad:
                 results[i] = ModelResult(nan, False, reason="implausible_input")
+                self._follow(rec, x, None)
                 continue
             z, why = self._z(rec, x, present)
             if z is None:
                 results[i] = ModelResult(nan, False, reason=why)
+                if why != "commissioning":
+                    self._follow(rec, x, None)
             else:
                 rows.append(i)
                 zs.append(z)
+                xs.append(x)
         if not rows:
             return results
         z_all = np.vstack(zs)
@@ -477,6 +570,7 @@ class AnomalyModel:
         by_row = dict(zip(contrib_rows.tolist(), contribs, strict=True))
         fb_z = self.card.fallback.z
         for r, i in enumerate(rows):
+            self._follow(records[i], xs[r], bool(anomalous[r]) if serve_model[r] else None)
             if serve_model[r]:
                 s = float(scores[r])
                 results[i] = ModelResult(s, bool(anomalous[r]), by_row.get(r, {}))
@@ -643,18 +737,25 @@ class AnomalyModel:
             return None
         norm = Normaliser.empty(self._n, self._need)
         norm.n, norm.mean, norm.std = self._need, mean, std
+        level = np.asarray(raw.get("level", mean), np.float64)
+        if self._track is not None and level.shape == mean.shape and np.isfinite(level).all():
+            norm.level = np.clip(level, mean - self._track.cap * std, mean + self._track.cap * std)
+        else:
+            norm.level = mean.copy()
         return norm
 
     def _save_norm(self, subject: str, norm: Normaliser) -> None:
         path = self._norm_path(subject)
         if path is None or norm.mean is None or norm.std is None:
             return
-        body = {
+        body: dict[str, object] = {
             "version": self.card.version,
             "windows": norm.n,
             "mean": norm.mean.tolist(),
             "std": norm.std.tolist(),
         }
+        if self._track is not None and norm.level is not None:
+            body["level"] = norm.level.tolist()
         store_json(path, body, self.name)
 
 
