@@ -7,7 +7,9 @@ thread and does, per batch of windows (any mix of subjects):
    break a plausibility rule are not scored and raise a ``SENSOR_FAULT`` event instead;
 2. normalise per subject: ``commissioning`` cards learn each subject's mean and spread over its
    first N complete windows (a new machine is not scored until then), ``fixed`` cards use the
-   training statistics;
+   training statistics; a card with ``track_s`` lets the level of its ``mean`` inputs follow slow
+   wander after that, guarded by the model's own verdicts (:class:`Normaliser`; windows of one
+   subject in one batch are judged against its level before the batch);
 3. run the backend once for the whole batch, then check the outputs (finite?), the inputs (far
    outside the training statistics?) and the time per window against the card's budget;
 4. explain each anomaly by occlusion: the share of the score lost when one input is set to its
@@ -132,7 +134,7 @@ class Normaliser:
         var = np.maximum(self.total_sq / self.n - mean * mean, 0.0)
         self.mean = mean
         self.std = np.maximum(np.sqrt(var), np.maximum(min_rel * np.abs(mean), min_abs))
-        if track is None or self.level is None:
+        if track is None or self.level is None or track.normal_s is None:
             self.level = mean.copy()
         else:
             self.level = np.where(track.inputs, self._capped(self.level, track), mean)
@@ -310,6 +312,7 @@ class AnomalyModel:
     def recommission(self, subject: str) -> None:
         """Forget a subject's statistics (after maintenance): its next N windows commission it again."""
         self._norm.pop(subject, None)
+        self._follows.pop(subject, None)
         path = self._norm_path(subject)
         if path is not None:
             path.unlink(missing_ok=True)
