@@ -58,6 +58,13 @@ def test_a_healthy_simulated_pump_raises_no_anomaly_in_the_hour_after_commission
     assert anomalies(alarms) == []
 
 
+@pytest.mark.campaign
+@pytest.mark.parametrize("seed", range(16))
+def test_sixteen_healthy_simulated_hours_raise_no_anomaly(tmp_path: Path, seed: int) -> None:
+    # The 16 seeds of BENCHMARKS.md's simulated-pump table, through the whole pipeline.
+    assert anomalies(pump_alarms(tmp_path, seed, COMMISSIONING_S + 3600.0, [])) == []
+
+
 def test_valve_fault_and_bearing_wear_after_commissioning_are_found_and_nothing_else(tmp_path: Path) -> None:
     c = COMMISSIONING_S
     valve = Label("valve_fault", c + 600.0, c + 800.0)
