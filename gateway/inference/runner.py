@@ -82,6 +82,11 @@ class Tracking:
     guard_s: float
     cap: float  # in commissioning spreads around the commissioning mean
 
+    @property
+    def weight(self) -> F64:
+        """1.0 for the inputs that follow, 0.0 for the others."""
+        return self.inputs.astype(np.float64)
+
     @classmethod
     def of(cls, card: ModelCard) -> Tracking | None:
         """The card's tracking, or None when its baseline stays the commissioning mean."""
@@ -113,6 +118,10 @@ class Normaliser:
     level: F64 | None = None
     last_t: float | None = None  # time (s) of the last window seen
     normal_s: float = 0.0  # normal windows' time in a row
+    # Per window after commissioning: which inputs follow (1/0) and the level's bounds.
+    _weight: F64 | None = None
+    _lo: F64 | None = None
+    _hi: F64 | None = None
 
     @classmethod
     def empty(cls, n: int, need: int) -> Normaliser:
@@ -134,10 +143,12 @@ class Normaliser:
         var = np.maximum(self.total_sq / self.n - mean * mean, 0.0)
         self.mean = mean
         self.std = np.maximum(np.sqrt(var), np.maximum(min_rel * np.abs(mean), min_abs))
+        if track is not None:
+            self.bound(track)
         if track is None or self.level is None or track.normal_s is None:
             self.level = mean.copy()
         else:
-            self.level = np.where(track.inputs, self._capped(self.level, track), mean)
+            self.level = np.where(track.inputs, self._capped(self.level), mean)
         return True
 
     def follow(self, x: F64, flagged: bool | None, t: float, track: Tracking | None) -> None:
@@ -162,16 +173,25 @@ class Normaliser:
             return
         if tau is None or dt <= 0.0:
             return
-        step = np.where(track.inputs & np.isfinite(x), min(1.0, dt / tau), 0.0)
-        self.level = self.level + step * (np.nan_to_num(x) - self.level)
-        if self.mean is not None:
-            self.level = self._capped(self.level, track)
+        if self._weight is None:
+            self._weight = track.weight
+        # In place and few operations: this runs for every window of every machine.
+        step = (x - self.level) * self._weight
+        np.nan_to_num(step, copy=False)  # an absent input does not move its level
+        step *= min(1.0, dt / tau)
+        self.level += step
+        if self._lo is not None and self._hi is not None:
+            np.clip(self.level, self._lo, self._hi, out=self.level)
 
-    def _capped(self, level: F64, track: Tracking) -> F64:
+    def bound(self, track: Tracking) -> None:
+        """Fix the level's bounds: ``cap`` commissioning spreads around the commissioning mean."""
         assert self.mean is not None
         assert self.std is not None
         room = track.cap * self.std
-        return np.clip(level, self.mean - room, self.mean + room)
+        self._lo, self._hi = self.mean - room, self.mean + room
+
+    def _capped(self, level: F64) -> F64:
+        return level if self._lo is None or self._hi is None else np.clip(level, self._lo, self._hi)
 
 
 @dataclass(slots=True)
@@ -740,11 +760,15 @@ class AnomalyModel:
             return None
         norm = Normaliser.empty(self._n, self._need)
         norm.n, norm.mean, norm.std = self._need, mean, std
-        level = np.asarray(raw.get("level", mean), np.float64)
-        if self._track is not None and level.shape == mean.shape and np.isfinite(level).all():
-            norm.level = np.clip(level, mean - self._track.cap * std, mean + self._track.cap * std)
-        else:
-            norm.level = mean.copy()
+        try:
+            level = np.asarray(raw.get("level", mean), np.float64)
+        except (ValueError, TypeError):  # a damaged level only costs where the machine had wandered to
+            level = mean
+        norm.level = mean.copy()
+        if self._track is not None:
+            norm.bound(self._track)
+            if level.shape == mean.shape and np.isfinite(level).all():
+                norm.level = np.clip(level, mean - self._track.cap * std, mean + self._track.cap * std)
         return norm
 
     def _save_norm(self, subject: str, norm: Normaliser) -> None:

@@ -4,7 +4,8 @@ Run: ``python tests/benchmarks/bench_novelty.py`` (one core: ``taskset -c 0 pyth
 
 Each detector scores the same committed 8-signal pump windows one at a time (batch 1, the worst
 case) after commissioning; the figure is worker-thread CPU time per window, as the runtime's
-latency budget counts it.  Baseline: ``pump_skab`` fp32 (onnxruntime) on the same windows.
+latency budget counts it.  Baseline: ``pump_skab`` fp32 (onnxruntime) on the same windows, itself
+against the same model with its baseline frozen at commissioning (what following slow wander costs).
 """
 
 from __future__ import annotations
@@ -72,12 +73,23 @@ def main() -> None:
     models_dir = default_models_dir()
     card = load_card(models_dir / f"pump_skab{CARD_SUFFIX}")
     base = AnomalyModel(card, models_dir, precision="fp32", commissioning_windows=50)
+    # The same model with its baseline frozen at commissioning (pump_skab 1.0.0): what following costs.
+    still = card.normalisation.model_copy(update={"track_s": None, "track_flagged_s": None})
+    frozen = AnomalyModel(
+        card.model_copy(update={"normalisation": still}),
+        models_dir,
+        precision="fp32",
+        commissioning_windows=50,
+    )
+    frozen.score_batch(warm)
     nov = NoveltyModel(NoveltyUse(commissioning_s=float(N_COMMISSION), features=["mean", "std"]), hop_s=1.0)
     per = StreamChange(StreamUse(commissioning_s=float(N_COMMISSION)), hop_s=1.0)
     for m in (base, nov, per):
         m.score_batch(warm)
     b = per_window_us(base, test)
     print(f"pump_skab fp32 (baseline): {b:.1f} us/window")
+    f = per_window_us(frozen, test)
+    print(f"pump_skab fp32, baseline frozen (1.0.0): {f:.1f} us/window; following costs {b / f:.2f}x")
     for name, m in (("novelty (16 inputs)", nov), ("stream_change (8 streams)", per)):
         us = per_window_us(m, test)
         print(f"{name}: {us:.1f} us/window, {us / b:.2f}x the baseline")
