@@ -13,6 +13,7 @@ on their own below.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -173,10 +174,21 @@ def test_the_followed_baseline_survives_a_restart(tmp_path: Path) -> None:
     first = model()
     for k in range(20 + 120):
         first.score_batch([window(k, 0.0 if k < 20 else 0.05 * min(k - 20, 4))])
-    level = first._norm["p"].level
+    norm = first._norm["p"]
+    level, mean = norm.level, norm.mean
     assert level is not None
+    assert mean is not None
+    follows = np.array([spec.feature == "mean" for spec in CARD.inputs])
+    assert (np.abs(level - mean)[follows] > 0.1).all()  # the mean inputs' level moved with the shift
     again = model()
     again.score_batch([window(200, 0.2)])
     restored = again._norm["p"].level
     assert restored is not None
     assert np.allclose(restored, level, atol=0.05)
+    # A damaged stored level costs only where the machine had wandered to: back to the mean.
+    path = next(tmp_path.rglob("*.json"))
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps(raw | {"level": ["x"] * len(raw["mean"])}))
+    third = model()
+    third.score_batch([window(201, 0.0)])
+    assert np.allclose(third._norm["p"].level, mean)
