@@ -191,4 +191,6 @@ def test_the_followed_baseline_survives_a_restart(tmp_path: Path) -> None:
     path.write_text(json.dumps(raw | {"level": ["x"] * len(raw["mean"])}))
     third = model()
     third.score_batch([window(201, 0.0)])
-    assert np.allclose(third._norm["p"].level, mean)
+    reloaded = third._norm["p"].level
+    assert reloaded is not None
+    assert np.allclose(reloaded, mean)
