@@ -1,6 +1,7 @@
 """The shipped ``pump_skab`` card on the simulated healthy pump: flagged windows and false episodes.
 
-Run: ``python -m models.recipes.pump_sim`` (about a minute; needs no shared data).
+Run: ``python -m models.recipes.pump_sim`` (about 30 s; needs no shared data; ``--data
+../shared/data`` adds SKAB's anomaly-free recording judged the same way as one machine).
 
 For each seed the pump simulator (``drivers.sim``, the demo's and the factory simulator's pump)
 runs a commissioning span and then an hour; the gateway's own window features (20 s windows every
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     """Log the tables of BENCHMARKS.md's simulated-pump section."""
     ap = argparse.ArgumentParser(prog="python -m models.recipes.pump_sim", description=__doc__)
     ap.add_argument("--seeds", type=int, default=16)
+    ap.add_argument(
+        "--data", type=Path, default=None, help="shared data folder: also judge SKAB's anomaly-free recording"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     card = load_card(MODELS_DIR / f"pump_skab{CARD_SUFFIX}")
@@ -120,7 +125,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"{int(flagged[inside_w].sum())}/{int(inside_w.sum())}, {episodes(flagged & outside)}"
             )
         log.info("  %s: %s", label, "; ".join(hits))
+    if args.data is not None:
+        skab_free(args.data, sess, card.threshold, modes)
     return 0
+
+
+def skab_free(data: Path, sess: Any, thr: float, modes: dict[str, Tracking | None]) -> None:
+    """Log flagged windows and episodes on SKAB's anomaly-free recording judged as one machine."""
+    path = data / "industrial" / "skab" / "data" / "anomaly-free" / "anomaly-free.csv"
+    x = np.genfromtxt(path, delimiter=";", skip_header=1, usecols=range(1, 9))
+    w = 20
+    rows = np.arange(w - 1 + HOP_S - 1, len(x), HOP_S)
+    f, t = window_features(x, w)[rows], rows.astype(np.float64)
+    log.info("SKAB anomaly-free recording (%.1f h) as one machine:", len(x) / 3600.0)
+    for span in SPANS:
+        for label, track in modes.items():
+            flags, _ = served(f, t, span, sess, thr, track)
+            log.info(
+                "  %.0f s commissioning, %s: %.2f h judged, %.4f windows flagged, %d episodes",
+                span,
+                label,
+                len(flags) * HOP_S / 3600.0,
+                flags.mean(),
+                episodes(flags),
+            )
 
 
 if __name__ == "__main__":
