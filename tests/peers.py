@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -64,6 +65,23 @@ class RecordingSink:
     def alarms_of(self, kind: AlarmKind) -> list[Alarm]:
         """The alarms of one kind."""
         return [a for a in self.alarms if a.kind == kind]
+
+
+def cli_start_s() -> float:
+    """Seconds the ``edgetwin`` command line takes to start and exit on this machine, now.
+
+    A same-run baseline for "at once": on a loaded machine interpreter start-up alone takes
+    many seconds, so an absolute bound tells load apart from a slow path badly.
+    """
+    t0 = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "version"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+        timeout=120,
+    )
+    return time.monotonic() - t0
 
 
 def free_port() -> int:
