@@ -79,7 +79,7 @@ device = "{MAC}"
     )
     out = tmp_path / "bundle.tar.gz"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not (state / "control.sock").exists():
             assert gw.poll() is None, gw.communicate()[1]
             assert time.monotonic() < deadline
