@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import threading
 from pathlib import Path
+
+from peers import logged
 
 from drivers import REGISTRY
 from drivers.serial.sim import PtyOximeter, VitalsModel
@@ -164,25 +165,16 @@ def test_an_unplugged_oximeter_is_one_device_alarm_and_one_restore_end_to_end(tm
     # Unplugged 2 s after the driver opened the port, not 2.5 s after the test began: on a loaded
     # machine the gateway's start-up took longer, and an unplug before the open is another case
     # (a device absent from the start).
-    opened, done = threading.Event(), threading.Event()
+    done = threading.Event()
 
-    class Opened(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "open at" in record.getMessage():
-                opened.set()
-
-    def plug_cycle() -> None:
+    def plug_cycle(opened: threading.Event) -> None:
         if opened.wait(60) and not done.wait(2.0):
             sim.unplug()
             if not done.wait(2.0):
                 sim.replug()
 
-    driver_log = logging.getLogger("drivers.serial.driver")
-    handler, level = Opened(), driver_log.level
-    driver_log.addHandler(handler)
-    driver_log.setLevel(logging.INFO)
-    cycle = threading.Thread(target=plug_cycle, name="test:plug-cycle", daemon=True)
-    with sim:
+    with sim, logged("drivers.serial.driver", "open at") as opened:
+        cycle = threading.Thread(target=plug_cycle, args=(opened,), name="test:plug-cycle", daemon=True)
         cycle.start()
         try:
             code = asyncio.run(
@@ -191,8 +183,6 @@ def test_an_unplugged_oximeter_is_one_device_alarm_and_one_restore_end_to_end(tm
         finally:
             done.set()
             cycle.join(10)
-            driver_log.removeHandler(handler)
-            driver_log.setLevel(level)
     assert opened.is_set()
     assert code == 0
     records = [json.loads(line)["record"] for line in out.read_text().splitlines()]
