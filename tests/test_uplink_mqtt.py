@@ -28,8 +28,10 @@ from uplink_support import (
 )
 
 from gateway.contracts import Lane
+from gateway.downlink.twin_link import Broker, publish_desired
 from gateway.outbox import AsyncOutbox, FullPolicy, LaneBudget, Outbox, OutItem
-from gateway.records import AlarmRecord, FeaturesWindow, StatusRecord, StreamWindow, encode
+from gateway.records import AlarmRecord, FeaturesWindow, StatusRecord, StreamWindow, encode, encode_status
+from gateway.records.topics import DEFAULT_PREFIX
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoCA, DemoPKI
 from gateway.uplink.mqtt import MqttUplink
@@ -392,7 +394,7 @@ def test_two_listeners_in_one_group_split_the_stream(
                 "--out",
                 str(out),
                 "--duration",
-                "20",
+                "120",  # ended by the test once it has what it needs
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -402,14 +404,18 @@ def test_two_listeners_in_one_group_split_the_stream(
         for out in outs
     ]
     try:
-        deadline = time.monotonic() + 15
-        while (
-            time.monotonic() < deadline
-            and "twins" not in broker.log_tail(50)
-            and not all(o.exists() for o in outs)
-        ):
-            time.sleep(0.1)
-        time.sleep(1.0)  # both subscribed (the log shows the connections; subscriptions follow at once)
+        # Both members subscribed, seen rather than assumed (a member started late on a loaded
+        # machine got no share): status probes of another gateway, split between the members like
+        # the stream, until each has written one. Status lines carry no seq: not counted below.
+        probe = Broker(broker.host, broker.port, pki.ca_file, pki.twin.cert, pki.twin.key)
+        deadline = time.monotonic() + 90
+        while not all(o.exists() and o.read_text().strip() for o in outs):
+            assert time.monotonic() < deadline, "the two listeners never both received a probe"
+            assert all(p.poll() is None for p in procs), [p.communicate()[1] for p in procs]
+            publish_desired(
+                probe, f"{DEFAULT_PREFIX}/probe0000000000/status", encode_status(StatusRecord("online"))
+            )
+            time.sleep(0.2)
 
         async def main() -> None:
             async with AsyncOutbox(lambda: Outbox(tmp_path / "ob.db")) as outbox:
