@@ -177,9 +177,7 @@ def test_an_unplugged_oximeter_is_one_device_alarm_and_one_restore_end_to_end(tm
         cycle = threading.Thread(target=plug_cycle, args=(opened,), name="test:plug-cycle", daemon=True)
         cycle.start()
         try:
-            code = asyncio.run(
-                run_gateway(config, REGISTRY, stop_after_s=12.0, install_signal_handlers=False)
-            )
+            code = asyncio.run(run_gateway(config, REGISTRY, stop_after_s=9.5, install_signal_handlers=False))
         finally:
             done.set()
             cycle.join(10)
