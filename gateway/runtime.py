@@ -596,7 +596,8 @@ async def _supervise(
     scored: list[WindowModel] = [*slots, *build_novelty(core.models.novelty, hop_s=hop, state_dir=state)]
     scored += build_stream_change(core.models.streams, hop_s=hop, state_dir=state, others=scored)
     try:
-        pipeline = Pipeline(config, anonymizer, outbox, scored)
+        # Off the loop: building the estimators (their models among them) took ~45 ms of CPU.
+        pipeline = await asyncio.to_thread(Pipeline, config, anonymizer, outbox, scored)
     except (ConfigError, CorruptDataError) as exc:  # an estimator's model or inputs ([estimators])
         log.error("%s", exc)
         return EXIT_CONFIG
@@ -735,7 +736,13 @@ async def _supervise(
     if install_signal_handlers:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, sup.request_stop)
-    stop_timer = loop.call_later(stop_after_s, sup.request_stop) if stop_after_s is not None else None
+    stop_timer = (
+        asyncio.create_task(
+            _stop_after_ready(sup, stop_after_s, core.runtime.start_timeout_s), name="runtime:stop-after"
+        )
+        if stop_after_s is not None
+        else None
+    )
 
     async def drain(deadline: float) -> None:
         await pipeline.step()
@@ -757,6 +764,17 @@ async def _supervise(
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+
+async def _stop_after_ready(sup: Supervisor, seconds: float, start_timeout_s: float) -> None:
+    """Request the stop ``seconds`` after READY: a run's duration is time running, not start-up.
+
+    Counted from the start instead, a slow start-up (a loaded machine, a slow disk) ate the run,
+    and a stop could come before the sources were up. READY comes within the start timeout.
+    """
+    await sup.wait_ready(start_timeout_s)
+    await asyncio.sleep(seconds)
+    sup.request_stop()
 
 
 def build_problems(config: Config, registry: Mapping[str, DriverSpec]) -> list[str]:

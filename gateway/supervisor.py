@@ -29,6 +29,7 @@ the count over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -173,6 +174,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._exit_code = EXIT_OK
         self._ready = False
+        self._ready_event = asyncio.Event()
         self.summary: Callable[[], str] = lambda: ""  # extra STATUS text (queue depth, counters)
         # The whole STATUS text when it returns one (the gateway's status snapshot headline).
         self.describe: Callable[[], str | None] = lambda: None
@@ -199,6 +201,12 @@ class Supervisor:
         """True once READY has been sent."""
         return self._ready
 
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until READY has been sent, for at most ``timeout_s``; whether it was."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready_event.wait(), timeout_s)
+        return self._ready
+
     async def run(self, drain: Callable[[float], Coroutine[Any, Any, None]], drain_deadline_s: float) -> int:
         """Start everything, run until a stop is requested, drain, stop in reverse; return the exit code."""
         # Named, tracked tasks rather than a TaskGroup: leaving a TaskGroup waits for every child
@@ -223,6 +231,7 @@ class Supervisor:
                 await self._await_critical(start_deadline)
             if not self._stop.is_set():
                 self._ready = True
+                self._ready_event.set()
                 self._notifier.ready(self.status_line())
                 log.info("gateway ready: %s", self.status_line())
             helpers.append(asyncio.create_task(self._status_loop(), name="supervisor:status"))

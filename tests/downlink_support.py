@@ -141,7 +141,7 @@ connect_timeout_s = 2.0
         publish_desired(self.twin, f"{DEFAULT_PREFIX}/{self.gateway}/desired", envelope)
 
     def reported(
-        self, until: Callable[[dict[str, Any]], bool], what: str, timeout: float = 45.0
+        self, until: Callable[[dict[str, Any]], bool], what: str, timeout: float = 90.0
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         rep: dict[str, Any] = {}

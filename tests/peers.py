@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -66,12 +69,53 @@ class RecordingSink:
         return [a for a in self.alarms if a.kind == kind]
 
 
+def cli_start_s() -> float:
+    """Seconds the ``edgetwin`` command line takes to start and exit on this machine, now.
+
+    A same-run baseline for "at once": on a loaded machine interpreter start-up alone takes
+    many seconds, so an absolute bound tells load apart from a slow path badly.
+    """
+    t0 = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "version"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+        timeout=120,
+    )
+    return time.monotonic() - t0
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on now (the kernel's pick)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def logged(logger: str, text: str) -> Iterator[threading.Event]:
+    """An event set once ``logger`` logs a message containing ``text`` (INFO and up) in this process.
+
+    For a scenario timed from what the gateway did (a port opened), not from when the test began.
+    """
+    seen = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if text in record.getMessage():
+                seen.set()
+
+    log, handler = logging.getLogger(logger), Watch()
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 @contextlib.contextmanager

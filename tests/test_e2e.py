@@ -143,7 +143,7 @@ def _stop(proc: subprocess.Popen[str]) -> str:
 def test_ready_records_flow_sigterm_drains(tmp_path: Path, notify: NotifySocket) -> None:
     proc = _start(_config(tmp_path), notify, watchdog_usec=1_000_000)
     try:
-        ready = notify.wait_for("READY=1", 20)
+        ready = notify.wait_for("READY=1", 60)
         assert "units running" in ready
         out = tmp_path / "out.jsonl"
         deadline = time.monotonic() + 20
@@ -195,7 +195,7 @@ def _forms(identifier: str) -> set[str]:
 def test_no_identifier_leaves_the_gateway(tmp_path: Path, notify: NotifySocket) -> None:
     proc = _start(_config(tmp_path), notify, watchdog_usec=0)
     try:
-        notify.wait_for("READY=1", 20)
+        notify.wait_for("READY=1", 60)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and len(_records(tmp_path / "out.jsonl")) < 20:
             time.sleep(0.2)
@@ -219,7 +219,7 @@ def test_watchdog_stops_while_the_loop_is_blocked(tmp_path: Path, notify: Notify
     stall = "stall_loop = { at_s = 3.0, duration_s = 4.0 }"
     proc = _start(_config(tmp_path, stall=stall), notify, watchdog_usec=1_000_000)
     try:
-        notify.wait_for("READY=1", 20)
+        notify.wait_for("READY=1", 60)
         deadline = time.monotonic() + 14
         while time.monotonic() < deadline:
             notify.poll(0.2)

@@ -45,7 +45,7 @@ def test_a_hanging_source_is_restarted_while_the_watchdog_pings_go_on(
         _config(tmp_path, stall="hang = { at_s = 1.0, duration_s = 600.0 }"), notify, watchdog_usec=1_000_000
     )
     try:
-        notify.wait_for("READY=1", 20)
+        notify.wait_for("READY=1", 60)
         deadline = time.monotonic() + 11
         while time.monotonic() < deadline:
             notify.poll(0.1)
@@ -79,7 +79,7 @@ def _scan_run(tmp_path: Path, notify: NotifySocket, extra: str) -> str:
     notify.received.clear()  # a READY from an earlier run must not count for this one
     proc = _start(config, notify, watchdog_usec=0)
     try:
-        notify.wait_for("READY=1", 20)
+        notify.wait_for("READY=1", 60)
         deadline = time.monotonic() + 3.5
         while time.monotonic() < deadline:
             notify.poll(0.2)
@@ -167,7 +167,7 @@ reconnect_max_s = 10.0""",
         config.write_text(text)
         proc = _start(config, notify, watchdog_usec=2_000_000)
         try:
-            notify.wait_for("READY=1", 30)
+            notify.wait_for("READY=1", 60)
             deadline = time.monotonic() + run_s
             while time.monotonic() < deadline:
                 notify.poll(0.2)

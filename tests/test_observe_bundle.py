@@ -79,12 +79,21 @@ device = "{MAC}"
     )
     out = tmp_path / "bundle.tar.gz"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not (state / "control.sock").exists():
             assert gw.poll() is None, gw.communicate()[1]
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        time.sleep(2.0)  # a few samples and windows
+        # A few samples and windows: the source starts after the status socket, later under load.
+        while True:
+            assert gw.poll() is None, gw.communicate()[1]
+            assert time.monotonic() < deadline + 30, "no samples from the source"
+            if main(["status", "--config", str(config), "--json"]) != 3:
+                snap = json.loads(capsys.readouterr().out)
+                if snap["sources"] and snap["sources"][0]["streams"]:
+                    break
+            time.sleep(0.3)
+        capsys.readouterr()
         assert (
             main(["support-bundle", "--config", str(config), "--output", str(out), "--journal-lines", "50"])
             == 0

@@ -112,7 +112,7 @@ class Gateway:
         capsys: pytest.CaptureFixture[str],
         until: Callable[[dict[str, Any]], bool],
         what: str,
-        timeout: float = 30,
+        timeout: float = 60,
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         snap: dict[str, Any] = {}

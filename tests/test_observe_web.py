@@ -98,7 +98,7 @@ def _get(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 5.0) -> t
 
 
 def _wait_http(url: str, proc: subprocess.Popen[str], ctx: ssl.SSLContext | None = None) -> None:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1]
         try:
@@ -284,7 +284,7 @@ def _browse(
     url = f"https://{host}:{port}/"
     steps: dict[str, dict[str, Any]] = {}
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while _fetch(prefix, url + "metrics", ca.ca_file) == 0:
             assert proc.poll() is None, proc.communicate()[1]
             assert time.monotonic() < deadline, f"{url} never answered"

@@ -202,15 +202,15 @@ def test_node_removed_and_readded_while_the_others_continue(plc: PlcSimProcess) 
         async with Running(driver, sink) as run:
             await until(lambda: run.starts == 1, 10, "started()")
             plc.command("remove Pressure")
-            await until(lambda: driver.health[path] != "good", 5, "the removed node to go bad")
+            await until(lambda: driver.health[path] != "good", 15, "the removed node to go bad")
             n_flow = len(sink.of("Pump1/Hydraulics/Flow"))
-            await asyncio.sleep(1.0)
-            assert len(sink.of("Pump1/Hydraulics/Flow")) > n_flow + 5  # the others continue
+            # The others continue (10 Hz: about a second; a loaded machine may take longer).
+            await until(lambda: len(sink.of("Pump1/Hydraulics/Flow")) > n_flow + 5, 10, "the others")
             assert all(v == "good" for k, v in driver.health.items() if k != path)
             plc.command("add Pressure")
-            await until(lambda: driver.health[path] == "good", 5, "the node to be good again")
+            await until(lambda: driver.health[path] == "good", 15, "the node to be good again")
             n = len(sink.of(path))
-            await until(lambda: len(sink.of(path)) > n + 3, 5, "its data again")
+            await until(lambda: len(sink.of(path)) > n + 3, 15, "its data again")
         faults = [a for a in sink.alarms if a.kind == AlarmKind.SENSOR_FAULT]
         assert len(faults) == 1, faults  # one alarm per state change, not per check
         assert faults[0].stream is not None
@@ -232,12 +232,12 @@ def test_node_data_type_changed(plc: PlcSimProcess) -> None:
         async with Running(driver, sink) as run:
             await until(lambda: run.starts == 1, 10, "started()")
             plc.command("retype Temperature string")
-            await until(lambda: driver.health[path] == "bad_typemismatch", 5, "a per-node type error")
+            await until(lambda: driver.health[path] == "bad_typemismatch", 15, "a per-node type error")
             assert sum(v == "good" for v in driver.health.values()) == len(NODES) - 1
             plc.command("retype Temperature int32")  # numeric again: simply monitored again
-            await until(lambda: driver.health[path] == "good", 5, "the node to be good again")
+            await until(lambda: driver.health[path] == "good", 15, "the node to be good again")
             t_back = time.monotonic()
-            await until(lambda: any(s.t_mono > t_back for s in sink.of(path)), 5, "Int32 values")
+            await until(lambda: any(s.t_mono > t_back for s in sink.of(path)), 15, "Int32 values")
             plc.command("retype Temperature double")
         later = [s for s in sink.of(path) if s.t_mono > t_back]
         assert all(s.value == round(s.value) and 50 < s.value < 100 for s in later)  # whole degrees now
@@ -271,7 +271,7 @@ def test_server_killed_and_restarted_mid_stream_recovers_with_a_gap() -> None:
                 await asyncio.sleep(1.0)
                 killed_at = time.monotonic()
                 sim.kill()  # SIGKILL: no goodbye on the wire
-                await until(lambda: not driver.link_up, 5, "the loss to be noticed")
+                await until(lambda: not driver.link_up, 15, "the loss to be noticed")
                 await asyncio.sleep(1.5)
                 await asyncio.to_thread(sim.start)
                 ready_at = time.monotonic()

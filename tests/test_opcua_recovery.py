@@ -91,15 +91,17 @@ def test_a_node_bad_across_a_reconnect_never_silences_a_healthy_one(caplog: pyte
             # The PLC recreates two nodes live: the one by NodeId goes bad, the browse path follows.
             sim.command("recreate Pressure")
             sim.command("recreate Flow")
-            await until(lambda: driver.health[NODES[2]["node_id"]] == "bad_nodeidunknown", 5, "bad node")
+            await until(lambda: driver.health[NODES[2]["node_id"]] == "bad_nodeidunknown", 15, "bad node")
             # ... and restarts that way: the bad node stays bad across the new session.
             ready = await restart(sim, 0.5, *CHANGED)
-            took = await until(lambda: sink.fresh_since(ready) >= healthy(driver) - {""}, 5, "fresh data")
+            took = await until(lambda: sink.fresh_since(ready) >= healthy(driver) - {""}, 10, "fresh data")
             assert PRESSURE not in healthy(driver)
             assert len(healthy(driver)) == len(NODES) - 1
             # Two node checks later every healthy node still delivers, the bad one is retried.
             await asyncio.sleep(2.2)
-            t = time.monotonic() - 0.5
+            t = time.monotonic()
+            # Fresh values after those checks (20 Hz; a loaded machine may hold them back a while).
+            await until(all_fresh(sink, t, healthy(driver)), 10, "every healthy node after the checks")
             assert sink.fresh_since(t) == healthy(driver), (sink.fresh_since(t), healthy(driver))
         print(f"\nOPC UA: every healthy node fresh {took:.2f} s after the restarted PLC listened")
         assert took < 3.0

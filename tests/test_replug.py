@@ -137,7 +137,7 @@ def replug_latencies(
     collector = threading.Thread(target=collect, name="test:notify", daemon=True)
     collector.start()
     try:
-        gw.wait_line("open at", 0.0, 30)
+        gw.wait_line("open at", 0.0, 60)
         time.sleep(1.0)
         for away_s, healthy_s in plan:
             sim.unplug()
@@ -241,7 +241,7 @@ silence_s = 1.0
     # (off for, then running for): resets in quick succession, and a 10 s outage 20 s after one.
     plan = [(0.2, 20.0), (10.0, 3.0), (0.2, 3.0), (0.2, 20.0), (10.0, 5.0)]
     try:
-        gw.wait_line("connected on", 0.0, 30)
+        gw.wait_line("connected on", 0.0, 60)
         time.sleep(2.0)
         for off_s, running_s in plan:
             node.stop()

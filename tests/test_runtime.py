@@ -8,7 +8,7 @@ import io
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,12 @@ from drivers import REGISTRY
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import validate
 from gateway.contracts import Lane, ModelResult, WindowRecord
+from gateway.notify import Notifier
 from gateway.outbox import AsyncOutbox, Outbox, OutItem
 from gateway.records import DiagnosticRecord, as_map, decode, encode
-from gateway.runtime import LocalUplink, Pipeline, run_gateway
+from gateway.runtime import LocalUplink, Pipeline, _stop_after_ready, run_gateway
 from gateway.sample import MDC, Quality, SampleBlock, Stream
+from gateway.supervisor import Group, Supervisor, Unit
 
 SUBJECT = "MRN-777"
 HR = Stream("strap", SUBJECT, "C0:FF:EE:00:11:22", MDC["MDC_ECG_HEART_RATE"], rate_hz=10.0)
@@ -217,3 +219,30 @@ def test_sensor_restore_hold_comes_from_the_pipeline_settings(tmp_path: Path) ->
     assert restore_s == 1.0
     assert held == ["sensor_fault"]
     assert after == ["sensor_restored"]
+
+
+def test_a_run_duration_counts_from_ready_so_a_slow_start_does_not_eat_it() -> None:
+    """``--duration``: the stop comes that long after READY, never before the units are up."""
+    events: dict[str, float] = {}
+
+    async def slow_start(started: Callable[[], None]) -> None:
+        await asyncio.sleep(1.0)  # a slow open: longer than the whole duration below
+        events["started"] = time.monotonic()
+        started()
+        await asyncio.Event().wait()
+
+    async def nothing(_deadline: float) -> None:
+        return None
+
+    async def main() -> Supervisor:
+        sup = Supervisor(Notifier(None), start_timeout_s=30.0)
+        sup.add(Unit("source:slow", Group.SOURCES, slow_start))
+        stopper = asyncio.create_task(_stop_after_ready(sup, 0.5, 30.0), name="test:stop-after")
+        await sup.run(nothing, 1.0)
+        events["stopped"] = time.monotonic()
+        await stopper
+        return sup
+
+    sup = asyncio.run(main())
+    assert sup.ready  # READY went out: the stop did not come during the start-up
+    assert events["stopped"] - events["started"] >= 0.5  # the whole duration ran after it

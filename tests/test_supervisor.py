@@ -65,6 +65,18 @@ async def _nothing_to_drain(deadline: float) -> None:
     return None
 
 
+def _stop_once(sup: Supervisor, condition: Callable[[], bool], timeout_s: float = 10.0) -> asyncio.Task[None]:
+    """Request the stop once ``condition`` holds (bounded), not after a fixed time a loaded machine may miss."""
+
+    async def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        sup.request_stop()
+
+    return asyncio.create_task(watch(), name="test:stop-once")
+
+
 def test_start_order_ready_and_stop(receiver: Receiver, notifier: Notifier) -> None:
     order: list[str] = []
 
@@ -74,8 +86,9 @@ def test_start_order_ready_and_stop(receiver: Receiver, notifier: Notifier) -> N
         sup.add(Unit("src", Group.SOURCES, _forever(order, "src")))  # type: ignore[arg-type]
         sup.add(Unit("up", Group.UPLINK, _forever(order, "up")))  # type: ignore[arg-type]
         sup.add(Unit("box", Group.OUTBOX, _forever(order, "box")))  # type: ignore[arg-type]
-        asyncio.get_running_loop().call_later(0.3, sup.request_stop)
+        stopper = _stop_once(sup, lambda: sup.ready)
         code = await sup.run(_nothing_to_drain, 1.0)
+        await stopper
         assert all(u.state == UnitState.STOPPED for u in sup.units)
         return code
 
@@ -106,8 +119,9 @@ def test_transient_errors_retry_until_recovery() -> None:
     async def main() -> Supervisor:
         sup = Supervisor(Notifier(None), backoff=FAST)
         sup.add(Unit("flaky", Group.SOURCES, flaky))
-        asyncio.get_running_loop().call_later(0.5, sup.request_stop)
+        stopper = _stop_once(sup, lambda: sup.units[0].state == UnitState.RUNNING)
         await sup.run(_nothing_to_drain, 1.0)
+        await stopper
         return sup
 
     sup = asyncio.run(main())
@@ -135,8 +149,10 @@ def test_config_error_fails_one_source_and_the_rest_keep_running(
         sup = Supervisor(notifier, backoff=FAST)
         sup.add(Unit("bad", Group.SOURCES, bad))
         sup.add(Unit("good", Group.SOURCES, good))
-        asyncio.get_running_loop().call_later(0.4, sup.request_stop)
-        return await sup.run(_nothing_to_drain, 1.0), sup
+        stopper = _stop_once(sup, lambda: sup.ready and len(ticks) > 5)
+        code = await sup.run(_nothing_to_drain, 1.0)
+        await stopper
+        return code, sup
 
     code, sup = asyncio.run(main())
     assert code == 0
@@ -314,8 +330,9 @@ def test_status_names_what_a_unit_waits_for() -> None:
         sup = Supervisor(Notifier(None), backoff=FAST)
         sup.add(Unit("uplink", Group.UPLINK, connecting, pulse=pulse))
         task = asyncio.create_task(sup.run(_nothing_to_drain, 1.0), name="test:supervisor")
-        await asyncio.sleep(0.2)
-        line = sup.status_line()
+        deadline = time.monotonic() + 10.0
+        while "waiting:" not in (line := sup.status_line()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # until the unit has started and entered its wait
         sup.request_stop()
         await task
         return line

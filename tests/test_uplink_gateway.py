@@ -246,7 +246,7 @@ def test_sigkill_while_the_broker_is_down_loses_nothing_accepted(
     db = tmp_path / "state" / "outbox.db"
     proc = _start(config, mqtt)  # the broker is down: everything stays in the outbox
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 90  # start-up included: long on a loaded machine
         while time.monotonic() < deadline and len(_queued(db)[0]) < 40:
             time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
@@ -262,9 +262,9 @@ def test_sigkill_while_the_broker_is_down_loses_nothing_accepted(
     twin = listener(broker, pki)
     proc = _start(config, mqtt)
     try:
-        ok = twin.wait_for(lambda t: accepted <= {m.seq for m in t.records() if m.epoch == epoch}, 20)
+        ok = twin.wait_for(lambda t: accepted <= {m.seq for m in t.records() if m.epoch == epoch}, 90)
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=10)
+        code = proc.wait(timeout=30)
     finally:
         _, err = _finish(proc)
         twin.stop()
@@ -295,19 +295,23 @@ def test_a_restarted_gateway_with_its_wall_clock_an_hour_back_is_shown_at_once(
     config, mqtt = _write_config(tmp_path, broker, pki)
     proc = _start(config, mqtt)
     try:
-        assert twin.wait_for(lambda t: len(_newest(t)) == 2, 20), "run 1's windows"
+        assert twin.wait_for(lambda t: len(_newest(t)) == 2, 90), "run 1's windows"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=30) == 0
         _finish(proc)
         before = _newest(twin)
         assert {run for run, _ in before.values()} == {1}
         # Restarted with the wall clock an hour behind (no NTP yet after a reboot).
+        n_run1 = len(twin.records())
         proc = _start(config, mqtt, wall_offset_s=-3600.0)
+        # Timed from the new run's first record, not from the start of a process whose start-up
+        # a loaded machine stretches.
+        assert twin.wait_for(lambda t: len(t.records()) > n_run1, 90), "no record of run 2"
         t0 = time.monotonic()
-        shown = twin.wait_for(lambda t: {run for run, _ in _newest(t).values()} == {2}, 20)
+        shown = twin.wait_for(lambda t: {run for run, _ in _newest(t).values()} == {2}, 30)
         waited = time.monotonic() - t0
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=10)
+        code = proc.wait(timeout=30)
     finally:
         _, err = _finish(proc)
         twin.stop()
@@ -316,8 +320,8 @@ def test_a_restarted_gateway_with_its_wall_clock_an_hour_back_is_shown_at_once(
     after = _newest(twin)
     for subject, (_, t) in after.items():
         assert t > before[subject][1]  # time went on, not an hour back
-    # Within one window (1 s) of the new run's first records, plus its start-up.
-    assert waited < 15.0
+    # Within a window (1 s) or two of the new run's first records; an hour back it never was.
+    assert waited < 10.0, waited
     (state,) = twin.checker.gateways.values()
     assert (state.restarts, state.missing, state.duplicates) == (1, 0, 0), state.summary()
     (gw,) = twin.view.gateways.values()
@@ -332,7 +336,7 @@ def test_the_will_of_a_killed_gateway_names_its_epoch(
     config, mqtt = _write_config(tmp_path, broker, pki)
     proc = _start(config, mqtt)
     try:
-        assert twin.wait_for(lambda t: len(t.records()) >= 3, 20)
+        assert twin.wait_for(lambda t: len(t.records()) >= 3, 90)
         proc.send_signal(signal.SIGKILL)  # no orderly offline: the broker publishes the Will
         proc.wait(timeout=5)
 
@@ -385,9 +389,9 @@ def _phase(config: Path, mqtt: Path, twin: Any, seen: list[bytes], lock: threadi
     twin_start = len(twin.records())
     proc = _start(config, mqtt)
     try:
-        ok = twin.wait_for(lambda t: len(t.records()) - twin_start >= 8, 20)
+        ok = twin.wait_for(lambda t: len(t.records()) - twin_start >= 8, 90)
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=10)
+        code = proc.wait(timeout=30)
     finally:
         out, err = _finish(proc)
     assert ok, err
@@ -466,7 +470,7 @@ def test_a_sniffer_on_every_topic_sees_no_identifier(
     config, mqtt = _write_config(tmp_path, broker, pki)
     proc = _start(config, mqtt)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             with lock:
                 text = b"\n".join(seen)

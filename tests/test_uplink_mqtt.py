@@ -28,8 +28,10 @@ from uplink_support import (
 )
 
 from gateway.contracts import Lane
+from gateway.downlink.twin_link import Broker, publish_desired
 from gateway.outbox import AsyncOutbox, FullPolicy, LaneBudget, Outbox, OutItem
-from gateway.records import AlarmRecord, FeaturesWindow, StatusRecord, StreamWindow, encode
+from gateway.records import AlarmRecord, FeaturesWindow, StatusRecord, StreamWindow, encode, encode_status
+from gateway.records.topics import DEFAULT_PREFIX
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoCA, DemoPKI
 from gateway.uplink.mqtt import MqttUplink
@@ -109,13 +111,13 @@ def test_publish_acks_on_puback_and_the_twin_sees_every_record(
             run = RunningUplink(MqttUplink(outbox, uplink_config(broker, pki, protocol=protocol), GATEWAY_ID))
             await wait_until(lambda: run.uplink.delivered == 45, 10, "45 acknowledged records")
             assert (await outbox.stats()).queued == 0  # deleted once acknowledged
-            await wait_until(lambda: twin.records_received >= 45, 5, "the twin to receive 45 records")
+            await wait_until(lambda: twin.records_received >= 45, 20, "the twin to receive 45 records")
             await run.stop()
             return outbox.outbox.epoch
 
     try:
         epoch = asyncio.run(main())
-        assert twin.wait_for(lambda t: _state(t) == "offline", 5)
+        assert twin.wait_for(lambda t: _state(t) == "offline", 20)
     finally:
         twin.stop()
         raw.disconnect()
@@ -160,10 +162,10 @@ def test_broker_outage_buffers_on_disk_then_everything_arrives_in_order(
             producer = asyncio.create_task(produce(), name="test-producer")
             await wait_until(lambda: run.uplink.delivered > 20, 10, "records flowing")
             await asyncio.to_thread(broker.stop)
-            await wait_until(lambda: not run.uplink.connected, 5, "the uplink to notice")
-            await asyncio.sleep(1.5)
+            await wait_until(lambda: not run.uplink.connected, 20, "the uplink to notice")
+            # Buffered on disk while the broker is away (the producer's pace slows on a loaded machine).
+            await wait_until(lambda: outbox.outbox.stats().queued > 50, 20, "records buffered on disk")
             queued = (await outbox.stats()).queued
-            assert queued > 50  # buffered on disk while the broker is away
             await asyncio.to_thread(broker.start)
             await asyncio.sleep(1.0)
             stop.set()
@@ -199,19 +201,20 @@ def test_broker_outage_buffers_on_disk_then_everything_arrives_in_order(
 
 def test_live_records_overtake_a_paced_backlog(tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker) -> None:
     twin = listener(broker, pki)
+    rate = 40.0  # a burst of 40, then 40/s: the rest of the backlog takes about 4 s
 
     async def main() -> None:
         async with AsyncOutbox(lambda: Outbox(tmp_path / "ob.db")) as outbox:
             outbox.outbox.put_many(records(200))  # the backlog of an outage
-            cfg = uplink_config(broker, pki, replay_msgs_per_s=100.0)
+            cfg = uplink_config(broker, pki, replay_msgs_per_s=rate)
             run = RunningUplink(MqttUplink(outbox, cfg, GATEWAY_ID))
-            await wait_until(lambda: run.uplink.delivered >= 20, 5, "the replay to start")
+            await wait_until(lambda: run.uplink.delivered >= 20, 20, "the replay to start")
             started = time.monotonic()
             outbox.submit(records(0, 1, start=1000)[0])  # a live alarm
-            await wait_until(lambda: any(m.kind == "alarms" for m in twin.records()), 5, "the live alarm")
-            assert time.monotonic() - started < 0.5
-            assert run.uplink.delivered < 150  # ... well before the backlog is through
-            await wait_until(lambda: run.uplink.delivered == 201, 10, "the backlog")
+            await wait_until(lambda: any(m.kind == "alarms" for m in twin.records()), 20, "the live alarm")
+            print(f"\nlive alarm at the twin {time.monotonic() - started:.2f} s after it was submitted")
+            await wait_until(lambda: run.uplink.delivered == 201, 30, "the backlog")
+            await wait_until(lambda: twin.records_received >= 201, 20, "the backlog at the twin")
             await run.stop()
 
     try:
@@ -219,10 +222,16 @@ def test_live_records_overtake_a_paced_backlog(tmp_path: Path, pki: DemoPKI, bro
     finally:
         twin.stop()
     recs = twin.records()
-    alarm = next(m for m in recs if m.kind == "alarms")
+    at = next(i for i, m in enumerate(recs) if m.kind == "alarms")
+    alarm = recs[at]
     assert not alarm.historical
     assert all(m.historical for m in recs if m.kind == "features")
-    # The pace held: 200 records at 100/s (a burst of 100, then 100/s) take about a second.
+    # The alarm went ahead of the paced backlog, not behind it: judged by the order of arrival at the
+    # twin (one connection, in publish order) rather than by a latency a loaded machine stretches.
+    # Two seconds of the pace are left for the alarm's way into a publish; one that waited for the
+    # backlog had none of it behind.
+    behind = sum(1 for m in recs[at + 1 :] if m.kind == "features")
+    assert behind >= 200 - rate - 2 * rate, (behind, at)
     (state,) = twin.checker.gateways.values()
     assert state.gaps == []
 
@@ -385,7 +394,7 @@ def test_two_listeners_in_one_group_split_the_stream(
                 "--out",
                 str(out),
                 "--duration",
-                "20",
+                "120",  # ended by the test once it has what it needs
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -395,14 +404,18 @@ def test_two_listeners_in_one_group_split_the_stream(
         for out in outs
     ]
     try:
-        deadline = time.monotonic() + 15
-        while (
-            time.monotonic() < deadline
-            and "twins" not in broker.log_tail(50)
-            and not all(o.exists() for o in outs)
-        ):
-            time.sleep(0.1)
-        time.sleep(1.0)  # both subscribed (the log shows the connections; subscriptions follow at once)
+        # Both members subscribed, seen rather than assumed (a member started late on a loaded
+        # machine got no share): status probes of another gateway, split between the members like
+        # the stream, until each has written one. Status lines carry no seq: not counted below.
+        probe = Broker(broker.host, broker.port, pki.ca_file, pki.twin.cert, pki.twin.key)
+        deadline = time.monotonic() + 90
+        while not all(o.exists() and o.read_text().strip() for o in outs):
+            assert time.monotonic() < deadline, "the two listeners never both received a probe"
+            assert all(p.poll() is None for p in procs), [p.communicate()[1] for p in procs]
+            publish_desired(
+                probe, f"{DEFAULT_PREFIX}/probe0000000000/status", encode_status(StatusRecord("online"))
+            )
+            time.sleep(0.2)
 
         async def main() -> None:
             async with AsyncOutbox(lambda: Outbox(tmp_path / "ob.db")) as outbox:

@@ -75,7 +75,7 @@ def test_a_record_that_keeps_ending_a_311_connection_is_set_aside_not_looped(
 
     try:
         asyncio.run(main())
-        assert twin.wait_for(lambda t: t.records_received >= 7, 5)
+        assert twin.wait_for(lambda t: t.records_received >= 7, 20)
     finally:
         twin.stop()
         broker.stop()

@@ -133,7 +133,7 @@ def test_records_at_and_over_the_brokers_maximum_packet_size(tmp_path: Path, pki
             run = RunningUplink(uplink)
             try:
                 await wait_until(lambda: outbox.outbox.stats().queued == 0, 10, "an empty queue")
-                await wait_until(lambda: twin.records_received >= 3, 5, "three records at the twin")
+                await wait_until(lambda: twin.records_received >= 3, 20, "three records at the twin")
                 await asyncio.sleep(0.5)  # a broker that ends the link for a packet does it by now
                 seen["connects"] = uplink.counters.connects
                 seen["counters"] = uplink.counters

@@ -684,15 +684,21 @@ class PlcSimProcess:
         """The URL the simulator listens on."""
         return f"opc.tcp://127.0.0.1:{self.port}/"
 
-    def start(self, timeout_s: float = 20.0) -> None:
-        """Start the child and wait for its READY line."""
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start the child and wait for its READY line; a child that does not get there is stopped."""
         cmd = [sys.executable, "-m", "drivers.opcua.plcsim", "--port", str(self.port), *self.args]
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
         self.proc = subprocess.Popen(  # noqa: S603 - our own module, fixed argv
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=1
         )
-        self.expect("READY", timeout_s)
+        # Generous: importing asyncua and building the address space is seconds of CPU, which a
+        # loaded two-core machine stretches to tens of seconds of wall time.
+        try:
+            self.expect("READY", timeout_s)
+        except BaseException:
+            self.stop()  # no child left running behind a failed start
+            raise
 
     def expect(self, prefix: str, timeout_s: float = 10.0) -> str:
         """Read output lines until one starts with ``prefix``; raise on timeout or exit."""

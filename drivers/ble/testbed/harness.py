@@ -34,6 +34,9 @@ _T = TypeVar("_T")
 CENTRAL_ADDRESS = "00:00:5E:00:53:00"
 ENV = "DBUS_SYSTEM_BUS_ADDRESS"
 _ROOT = Path(__file__).resolve().parents[3]
+# A child's first line (READY) comes after its interpreter has started and imported: a second of
+# CPU that a loaded two-core machine stretched past 20 s of wall time. Commands answer at once.
+_START_TIMEOUT_S = 60.0
 
 
 def _expect_ready(line: str, what: str) -> None:
@@ -143,7 +146,9 @@ class Testbed:
             self._emulator = subprocess.Popen(  # noqa: S603 - fixed argv
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=self._env(), cwd=_ROOT
             )
-            _expect_ready(read_line(self._emulator, self.timeout_s, "emulator"), "emulator")
+            _expect_ready(
+                read_line(self._emulator, max(self.timeout_s, _START_TIMEOUT_S), "emulator"), "emulator"
+            )
             if self.export_env:
                 self._old_env = os.environ.get(ENV)
                 os.environ[ENV] = self.address
@@ -248,7 +253,7 @@ class Testbed:
         )
         w = WearableProcess(proc, address.upper(), profile, self.timeout_s)
         self._wearables.append(w)
-        line = read_line(proc, self.timeout_s, f"wearable {profile}")
+        line = read_line(proc, max(self.timeout_s, _START_TIMEOUT_S), f"wearable {profile}")
         _expect_ready(line, f"wearable {profile}")
         w.adapter = line.split()[1]
         return w
