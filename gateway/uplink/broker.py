@@ -80,6 +80,7 @@ class MosquittoBroker:
         executable: str | None = None,
         persistence: bool = False,
         max_packet_size: int | None = None,
+        max_inflight_messages: int | None = None,
         wrapper: tuple[str, ...] = (),
     ) -> None:
         exe = (
@@ -104,6 +105,8 @@ class MosquittoBroker:
         self.persistence = persistence  # keep sessions and queued messages across a restart
         # Sent to MQTT 5 clients in CONNACK; a client sending a larger packet loses its connection.
         self.max_packet_size = max_packet_size
+        # Sent to MQTT 5 clients as Receive Maximum: QoS 1 publishes in flight at once.
+        self.max_inflight_messages = max_inflight_messages
         self.wrapper = wrapper  # mosquitto runs under it, e.g. ("ip", "netns", "exec", NAME)
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -127,6 +130,7 @@ class MosquittoBroker:
             # Slow subscribers (a twin under load) must not lose QoS 1 messages to a queue limit.
             "max_queued_messages 1000000",
             *([f"max_packet_size {self.max_packet_size}"] if self.max_packet_size else []),
+            *([f"max_inflight_messages {self.max_inflight_messages}"] if self.max_inflight_messages else []),
             f"listener {self.port} {self.host}",
             f"cafile {self.pki.ca_file}",
             f"certfile {self.pki.server.cert}",

@@ -101,6 +101,9 @@ class Delivery:
         # The largest 3.1.1 PUBLISH the broker acknowledged: a record no larger than that cannot be
         # what it ends connections for (a flaky link can end three in a row with it in flight).
         self._acked_max = 0
+        # MQTT 3.1.1: the largest joined PUBLISH still tried, lowered each time the broker ends a
+        # connection at a joined message (its first record is not to blame for the others' bytes).
+        self._join_max: int | None = None
         self._sizes: dict[int, int] = {}  # record id -> PUBLISH bytes, while in flight (3.1.1)
         self._releasing: set[asyncio.Future[None]] = set()
         # Features windows are held and joined (uplink.mqtt.batch_s) where a topic is a subject's;
@@ -159,7 +162,23 @@ class Delivery:
             return
         if time.monotonic() - session.last_publish > _OVERSIZE_CLOSE_S:
             return  # a broker restart or a network fault, not an answer to a publish
-        rid = next(iter(session.by_mid.values()))
+        mid, rid = next(iter(session.by_mid.items()))
+        size = self._sizes.get(rid, 0)
+        if session.joined.get(mid) and size > self._acked_max:
+            # A joined message: its size, not its first record, is what may be too large.  Join
+            # smaller (half this one, or what the broker took): else the records go out one by one,
+            # are taken, and the next batch ends the connection again, every batch.  Halving ends
+            # after a few connections, and the limit stays.
+            self._join_max = max(self._acked_max, size // 2)
+            log.warning(
+                "uplink mqtt: the broker ended the connection with a joined message of %d bytes the oldest "
+                "in flight: taken as over its maximum packet size (MQTT 3.1.1 does not announce it); "
+                "joined messages are now kept to %d bytes: set the broker's limit higher, lower "
+                'batch_bytes or use protocol = "5"',
+                size,
+                self._join_max,
+            )
+            return
         self._suspects[rid] = self._suspects.get(rid, 0) + 1
         log.debug(
             "uplink mqtt: the broker ended the connection with record %d the oldest in flight (%d time(s))",
@@ -252,8 +271,8 @@ class Delivery:
             room -= 1
             published += 1
         if session.held and room > 0:
-            sent, pause = self._send_held(session, now, room, limited)
-            room -= sent
+            sent, pause = self._send_held(session, now, limited)
+            room = session.send_limit - len(session.by_mid)
             published += sent
             wait = min(wait, pause)
         while backlog and not live and room > 0:
@@ -263,9 +282,11 @@ class Delivery:
                 wait = min(wait, pause)
                 break
             items = self._backlog_run(backlog)
-            room -= self._publish_joined(session, items, historical=True, now=now)
+            rest = self._publish_joined(session, items, historical=True, now=now)
+            backlog.extendleft(reversed(rest))  # no room left: still leased, sent after the next PUBACK
+            room = session.send_limit - len(session.by_mid)
             published += 1
-            session.replayed += len(items)
+            session.replayed += len(items) - len(rest)
         if published and session.client.want_write():
             session.client.loop_write()  # now, not one loop turn later: the socket is non-blocking
         short = self._cfg.batch // 2
@@ -279,7 +300,7 @@ class Delivery:
         items.append(item)
         session.held[item.topic] = (since, items)
 
-    def _send_held(self, session: Session, now: float, room: int, limited: bool) -> tuple[int, float]:
+    def _send_held(self, session: Session, now: float, limited: bool) -> tuple[int, float]:
         """Publish the held topics that are due (oldest batch_s old, batch_bytes full, or a drain).
 
         Returns (messages published, seconds until the next is due).
@@ -291,15 +312,34 @@ class Delivery:
             if not session.flush and now - since < hold and size < self._batch_bytes:
                 wait = min(wait, since + hold - now)
                 continue
-            if room - sent <= 0:
+            if self._room(session) <= 0:
                 break
             pause = self._limit.wait_for(size, now) if limited else 0.0
             if pause > 0:
                 wait = min(wait, pause)
                 break
             del session.held[topic]
-            sent += self._publish_joined(session, items, historical=False, now=now)
+            before = len(session.by_mid)
+            rest = self._publish_joined(session, items, historical=False, now=now)
+            sent += len(session.by_mid) - before
+            if rest:  # no room left: held again, first in line, sent after the next PUBACK
+                session.held[topic] = (since, rest)
+                break
         return sent, max(wait, 0.0)
+
+    def _room(self, session: Session) -> int:
+        """PUBLISHes the broker's Receive Maximum still allows before a PUBACK."""
+        return session.send_limit - len(session.by_mid)
+
+    def _join_limit(self, session: Session, topic: str, properties: packets.Packed | None) -> int:
+        """Payload bytes a joined message may have: batch_bytes, within the broker's packet limit."""
+        limit = self._batch_bytes
+        v5 = self._cfg.protocol == "5"
+        packet = session.max_packet if v5 else _min_int(self._learned_max, self._join_max)
+        if packet is not None:
+            overhead = packets.publish_size(topic, packet, properties, v5=v5) - packet
+            limit = min(limit, packet - overhead)
+        return limit
 
     def _backlog_run(self, backlog: collections.deque[Leased]) -> list[Leased]:
         """The backlog's next records to replay in one message: the first, and its topic's next ones.
@@ -323,45 +363,66 @@ class Delivery:
             backlog.remove(item)
         return run
 
-    def _publish_joined(self, session: Session, items: list[Leased], *, historical: bool, now: float) -> int:
-        """Publish records of one topic, as many per message as join (schema 4); return messages sent."""
+    def _publish_joined(
+        self, session: Session, items: list[Leased], *, historical: bool, now: float
+    ) -> list[Leased]:
+        """Publish records of one topic, as many per message as join (schema 4), while there is room.
+
+        Returns the records not published for want of room (the broker's Receive Maximum counts
+        PUBLISHes, not calls): still leased, they go first once a PUBACK frees room.
+        """
         if len(items) == 1 or any(i.id in self._suspects for i in items):
             # One by one where a record may be what a 3.1.1 broker ends connections for.
-            for item in items:
-                self._publish(session, item, historical=historical, now=now)
-            return len(items)
+            return self._publish_each(session, items, historical=historical, now=now)
+        topic = self._topic(items[0].topic, None)
+        limit = self._join_limit(session, topic, self._properties(session, items[-1].id, historical))
         groups: list[tuple[list[Leased], Joiner | None]] = []
         joiner: Joiner | None = None
         for item in items:
             if joiner is not None and joiner.add(item.payload, item.id):
                 groups[-1][0].append(item)
                 continue
-            joiner = Joiner(self.epoch, historical=historical, batch_s=self._batch_s, limit=self._batch_bytes)
+            joiner = Joiner(self.epoch, historical=historical, batch_s=self._batch_s, limit=limit)
             if not joiner.add(item.payload, item.id):
                 joiner = None  # goes alone (an older schema, or unreadable: handled there)
             groups.append(([item], joiner))
-        for group, joined in groups:
-            if joined is None or len(group) == 1:
-                self._publish(session, group[0], historical=historical, now=now)
-            else:
-                self._send_joined(session, group, joined.payload(), historical=historical, now=now)
-        return len(groups)
+        for n, (group, joined) in enumerate(groups):
+            if self._room(session) <= 0:
+                return [i for g, _ in groups[n:] for i in g]
+            if (
+                joined is not None
+                and len(group) > 1
+                and self._send_joined(session, group, joined.payload(), historical=historical, now=now)
+            ):
+                continue
+            rest = self._publish_each(session, group, historical=historical, now=now)
+            if rest:
+                return rest + [i for g, _ in groups[n + 1 :] for i in g]
+        return []
+
+    def _publish_each(
+        self, session: Session, items: list[Leased], *, historical: bool, now: float
+    ) -> list[Leased]:
+        """Publish records one a message while there is room; return those left for want of it."""
+        for n, item in enumerate(items):
+            if self._room(session) <= 0:
+                return items[n:]
+            self._publish(session, item, historical=historical, now=now)
+        return []
 
     def _send_joined(
         self, session: Session, items: list[Leased], payload: bytes, *, historical: bool, now: float
-    ) -> None:
-        """Publish one message of several records; a PUBACK acknowledges them all."""
+    ) -> bool:
+        """Publish one message of several records (a PUBACK acknowledges them all); False if too large."""
         first = items[0]
         topic = self._topic(first.topic, None)
         properties = self._properties(session, first.id, historical)
         if self._over_limit(session, topic, len(payload), properties) > 0:
-            for item in items:  # each alone, where the size limits are handled record by record
-                self._publish(session, item, historical=historical, now=now)
-            return
+            return False  # each alone, where the size limits are handled record by record
         info = session.client.publish(topic, payload, qos=1, retain=False, properties=cast(Any, properties))
         if info.rc != paho.MQTT_ERR_SUCCESS:
             session.lost = session.lost or TransientError(f"publish failed ({paho.error_string(info.rc)})")
-            return
+            return True
         self._sent(session, first.id, info.mid, topic, len(payload), historical=historical, now=now)
         session.joined[info.mid] = [i.id for i in items[1:]]
         counts = len(items) - 1
@@ -371,6 +432,7 @@ class Delivery:
         self.counters.published += counts
         if first.attempts:
             self.counters.republished += 1
+        return True
 
     async def _acker(self, session: Session) -> None:
         """Delete acknowledged records in batches while publishing goes on."""
@@ -660,6 +722,10 @@ class Delivery:
             and not isinstance(task.exception(), RuntimeError)
         ):
             log.error("uplink mqtt: releasing leased records failed: %s", task.exception())
+
+
+def _min_int(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _min(a: float | None, b: float | None) -> float | None:
