@@ -272,7 +272,7 @@ class Delivery:
             published += 1
         if session.held and room > 0:
             sent, pause = self._send_held(session, now, limited)
-            room = session.send_limit - len(session.by_mid)
+            room = self._room(session)
             published += sent
             wait = min(wait, pause)
         while backlog and not live and room > 0:
@@ -284,7 +284,7 @@ class Delivery:
             items = self._backlog_run(backlog)
             rest = self._publish_joined(session, items, historical=True, now=now)
             backlog.extendleft(reversed(rest))  # no room left: still leased, sent after the next PUBACK
-            room = session.send_limit - len(session.by_mid)
+            room = self._room(session)
             published += 1
             session.replayed += len(items) - len(rest)
         if published and session.client.want_write():
@@ -335,7 +335,9 @@ class Delivery:
         """Payload bytes a joined message may have: batch_bytes, within the broker's packet limit."""
         limit = self._batch_bytes
         v5 = self._cfg.protocol == "5"
-        packet = session.max_packet if v5 else _min_int(self._learned_max, self._join_max)
+        packet = (
+            session.max_packet if v5 else min(filter(None, (self._learned_max, self._join_max)), default=None)
+        )
         if packet is not None:
             overhead = packets.publish_size(topic, packet, properties, v5=v5) - packet
             limit = min(limit, packet - overhead)
@@ -722,10 +724,6 @@ class Delivery:
             and not isinstance(task.exception(), RuntimeError)
         ):
             log.error("uplink mqtt: releasing leased records failed: %s", task.exception())
-
-
-def _min_int(a: int | None, b: int | None) -> int | None:
-    return b if a is None else a if b is None else min(a, b)
 
 
 def _min(a: float | None, b: float | None) -> float | None:
