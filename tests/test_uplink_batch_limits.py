@@ -114,7 +114,9 @@ def test_joined_messages_over_a_silent_311_packet_limit_do_not_end_every_batch(
     finally:
         twin.stop()
         broker.stop()
-    assert seen["connects"] <= 5, seen  # a few halvings end a connection each, then joins fit
-    assert seen["later_connects"] == 0, seen  # no disconnect every batch
+    # A few halvings end a connection each (one may fall in the later windows, as the joins'
+    # sizes depend on timing), then joins fit: not a connection ended every batch.
+    assert seen["connects"] + seen["later_connects"] <= 5, seen
+    assert seen["later_connects"] <= 1, seen
     assert seen["later_messages"] < seen["later_records"], seen  # still joined
     assert {m.seq for m in _features(twin)} == set(range(1, seen["n"] + 1))
