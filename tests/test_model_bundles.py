@@ -10,20 +10,22 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from bundle_support import PUMP, card_for, onnx_model, shipped_int8
+from bundle_support import MODELS, PUMP, card_for, onnx_model, shipped_int8
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from test_inference_runtime import commission, pump_model
+from test_inference_runtime import commission, pump_model, pump_window
 
 from gateway.downlink import audit as audit_log
 from gateway.downlink.audit import AuditLog
 from gateway.downlink.bundles import ModelBundles, chunk_bytes_for, make_bundle
 from gateway.downlink.signing import Trust, canonical, key_id, sign
-from gateway.inference.shadow import Acceptance, Slot, version_dir
+from gateway.inference.backends import litert_interpreter_class
+from gateway.inference.shadow import Acceptance, Slot, open_slots, version_dir
 
 GATEWAY = "gw-test"
 ROOT = f"edgetwin/{GATEWAY}"
@@ -210,4 +212,82 @@ def test_a_version_in_shadow_when_the_gateway_stops_is_in_shadow_again_after_the
     # The retained manifest again: handled before, not taken a second time.
     gate.deliver((f"{ROOT}/model", env))
     assert gate.events()[-1] == "model-shadow"
+    assert gate.refused == []
+
+
+def _real_pump_bundle(version: int) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A bundle of the shipped pump card as its recipe wrote it (LiteRT preferred, .tflite files listed)."""
+    card = (MODELS / f"{PUMP}.card.json").read_bytes()
+    doc = json.loads(card)
+    assert doc["backend"] == "litert"
+    assert doc["tflite_files"]
+    model = (MODELS / doc["files"][doc["default_precision"]]["path"]).read_bytes()
+    return bundle(model, card, version)
+
+
+def _promote(gate: Gate, version: int) -> None:
+    rng = np.random.default_rng(11)
+    for k in range(50):  # the acceptance period is 5 windows: bounded, well past it
+        gate.slot.score_batch([pump_window(400 + k, rng)])
+        gate.step()
+        if gate.slot.version == version:
+            return
+    raise AssertionError(f"v{version} not promoted: {gate.handler.reported()[PUMP]}")
+
+
+def test_a_bundle_of_the_recipes_real_card_loads_in_shadow_promoted_and_after_a_restart(gate: Gate) -> None:
+    if litert_interpreter_class() is not None:
+        assert gate.slot.active.backend.name == "litert"  # where the card's preference used to burn it
+    env, chunks = _real_pump_bundle(2)
+    gate.deliver((f"{ROOT}/model", env), *chunks)
+    assert gate.refused == []
+    assert gate.handler.reported()[PUMP]["candidate"]["version"] == 2
+    assert gate.events()[-1] == "model-shadow"
+    _promote(gate, 2)
+    assert gate.slot.active.backend.name == "onnxruntime"  # the bundle carries the ONNX file only
+    assert gate.events()[-1] == "model-promoted"
+    # A restart: the promoted version is opened from its directory, again on onnxruntime.
+    (slot,) = open_slots([pump_model(gate.tmp)], gate.tmp)
+    assert (slot.version, slot.previous_version) == (2, 0)
+    assert slot.active.backend.name == "onnxruntime"
+    (r,) = slot.score_batch([pump_window(600, np.random.default_rng(2))])
+    assert r.reason != "load-failed"
+    assert math.isfinite(r.score)
+
+
+def test_an_older_bundle_is_refused_even_when_the_model_state_file_is_lost(gate: Gate) -> None:
+    env3, chunks3 = _real_pump_bundle(3)
+    gate.deliver((f"{ROOT}/model", env3), *chunks3)
+    _promote(gate, 3)
+    (gate.tmp / "downlink" / "models.json").unlink()  # the counter of accepted versions is gone
+    (gate.slot,) = open_slots([pump_model(gate.tmp)], gate.tmp)
+    gate.restart()
+    assert gate.slot.version == 3
+    env2, chunks2 = _real_pump_bundle(2)
+    gate.deliver((f"{ROOT}/model", env3), *chunks3, (f"{ROOT}/model", env2), *chunks2)
+    assert [r[:2] for r in gate.refused] == [(None, "rollback"), (None, "rollback")]
+    assert "not newer than version 3 already accepted or installed" in gate.refused[0][2]
+    assert gate.slot.version == 3
+    assert gate.slot.candidate is None
+    assert (version_dir(gate.tmp, PUMP, 3) / f"{PUMP}.card.json").is_file()  # the serving version untouched
+    # A newer one is still taken.
+    env4, chunks4 = _real_pump_bundle(4)
+    gate.deliver((f"{ROOT}/model", env4), *chunks4)
+    assert gate.handler.reported()[PUMP]["candidate"]["version"] == 4
+
+
+def test_chunks_flooded_before_a_step_queue_once_each_and_only_with_their_signed_hash(gate: Gate) -> None:
+    model = onnx_model(pad_bytes=12_000)
+    env, chunks = bundle(model, card_for(model), 1)
+    gate.deliver((f"{ROOT}/model", env))
+    (t0, c0), (t1, c1) = chunks[:2]
+    for _ in range(200):  # a peer (or a broker resending) floods the same index, and forged copies
+        assert gate.handler.on_message(t0, c0)
+        assert gate.handler.on_message(t1, b"y" * len(c1))
+    assert len(gate.handler._incoming) == 1
+    gate.step()
+    transfer = gate.handler.reported()[PUMP]["transfer"]
+    assert (transfer["have"], transfer["missing"][0]) == (1, 1)
+    gate.deliver(*chunks[1:])  # the genuine copies still complete it
+    assert gate.handler.reported()[PUMP]["candidate"]["version"] == 1
     assert gate.refused == []

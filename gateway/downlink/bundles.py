@@ -163,6 +163,7 @@ class ModelBundles:
         self._root = ""
         self._manifest: bytes | None = None
         self._incoming: deque[tuple[int, bytes]] = deque()
+        self._queued: set[int] = set()  # the chunk indices in _incoming
         self.transfer: _Transfer | None = None
         self._state: dict[str, Any] = {"accepted": {}, "done": [], "last": {}, "shadow": {}}
         self._restage: dict[str, Any] = {}  # versions in shadow when the gateway stopped
@@ -206,8 +207,19 @@ class ModelBundles:
         if t is None or len(parts) != 3 or parts[1] != t.manifest.model.id or not parts[2].isdigit():
             return True  # not the transfer under way: ignored
         index = int(parts[2])
-        if index < len(t.manifest.model.chunks) and index not in t.have and payload:
-            self._incoming.append((index, bytes(payload)))
+        if index >= len(t.manifest.model.chunks) or index in t.have or index in self._queued or not payload:
+            return True
+        # Checked here, not when written: only a chunk with its signed hash is queued, once per index,
+        # so the queue never holds more than the signed model's bytes, whatever a peer floods in.
+        if hashlib.sha256(payload).hexdigest() != t.manifest.model.chunks[index]:
+            t.bad += 1
+            (log.warning if t.bad == 1 else log.debug)(
+                "downlink: model %s v%d chunk %d: %d bytes not matching the signed SHA-256: dropped, "
+                "waiting for it again", t.manifest.slot, t.version, index, len(payload),
+            )  # fmt: skip
+            return True
+        self._incoming.append((index, bytes(payload)))
+        self._queued.add(index)
         return True
 
     # ---- handling (event loop) -------------------------------------------------------------------
@@ -289,7 +301,8 @@ class ModelBundles:
         except RefusedError as exc:
             held.unlink(missing_ok=True)
             await refuse(digest, None, exc.reason, f"model bundle: {exc}")
-            self._forget(digest)
+            self._remember(digest)
+            await asyncio.to_thread(self._save)
             return True
         held.unlink(missing_ok=True)
         await asyncio.to_thread(
@@ -308,12 +321,20 @@ class ModelBundles:
                 f"slot {slot!r} is not a model this gateway runs ({', '.join(self.slots) or 'none'}): "
                 "sign it for one of those, or add the model to [[models.use]] first",
             )
-        accepted = int(self._state["accepted"].get(slot, 0))
-        if version <= accepted:
+        # The floor is not models.json alone: were that file lost, the versions installed (serving,
+        # kept for rollback, in shadow) must still never be replaced by the same or older ones.
+        held = self.slots[slot]
+        floor = max(
+            int(self._state["accepted"].get(slot, 0)),
+            held.version,
+            held.previous_version or 0,
+            int((held.candidate or {}).get("version") or 0),
+        )
+        if version <= floor:
             raise RefusedError(
                 "rollback",
-                f"model {slot} version {version} is not newer than version {accepted} already accepted: "
-                "sign it again with a higher --version",
+                f"model {slot} version {version} is not newer than version {floor} already accepted or "
+                "installed: sign it again with a higher --version",
             )
         if manifest.model.chunk_bytes > self.max_chunk:
             raise RefusedError(
@@ -333,6 +354,7 @@ class ModelBundles:
         kept = await asyncio.to_thread(_prepare, self._chunks_dir, t)
         self.transfer = t
         self._incoming.clear()
+        self._queued.clear()
         self._state["transfer"] = {"digest": digest, "version": version, "slot": manifest.slot}
         await asyncio.to_thread(self._save)
         log.info(
@@ -360,18 +382,13 @@ class ModelBundles:
         t = self.transfer
         if t is None:
             self._incoming.clear()
+            self._queued.clear()
             return False
         got = 0
         while self._incoming:
             index, payload = self._incoming.popleft()
+            self._queued.discard(index)
             if index in t.have:
-                continue
-            if hashlib.sha256(payload).hexdigest() != t.manifest.model.chunks[index]:
-                t.bad += 1
-                (log.warning if t.bad == 1 else log.debug)(
-                    "downlink: model %s v%d chunk %d: %d bytes not matching the signed SHA-256: dropped, "
-                    "waiting for it again", t.manifest.slot, t.version, index, len(payload),
-                )  # fmt: skip
                 continue
             await asyncio.to_thread(persist.write_atomic, t.directory / str(index), payload)
             t.have.add(index)
@@ -438,10 +455,6 @@ class ModelBundles:
 
     def _remember(self, digest: str) -> None:
         self._state["done"] = [*self._state["done"], digest][-_DONE_KEPT:]
-
-    def _forget(self, digest: str) -> None:
-        self._remember(digest)
-        persist.write_atomic(self._path, json.dumps(self._state, indent=1, sort_keys=True).encode())
 
     async def _record(self, slot: Slot, o: Outcome, audit: AuditLog) -> None:
         """Persist and audit a promotion, rejection or rollback decided by a slot."""

@@ -354,12 +354,13 @@ class AnomalyModel:
         """
         spec = card.normalisation
         need = self._need if spec.kind == "commissioning" and not self._fixed else spec.windows
-        # A bundle carries the ONNX file only: the new card's own preference decides, falling back
-        # to ONNX, unless the site asked for onnxruntime.
+        # A bundle carries the ONNX file only (its card may still list .tflite files and prefer
+        # LiteRT): every version opened here - on trial, promoted, restored after a restart - runs
+        # on onnxruntime, or a card from a recipe would fail to load where LiteRT is installed.
         model = AnomalyModel(
             card,
             card_dir,
-            backend="onnxruntime" if self.backend.name == "onnxruntime" else "card",
+            backend="onnxruntime",
             commissioning_windows=need,
             plausibility=self._checker,
             subjects=tuple(self._subjects),
