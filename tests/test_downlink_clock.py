@@ -1,7 +1,7 @@
 """The time certificate renewal goes by, with the wall clock jumped (injected clocks).
 
-The end-to-end run with the whole gateway's wall clock jumped by libfaketime, against the real TLS
-mosquitto, is ``test_downlink_clock_e2e.py`` (campaign).
+The end-to-end run with the renewal's wall clock jumped in a real gateway process, against the real
+TLS mosquitto, is ``test_downlink_clock_e2e.py`` (campaign).
 """
 
 from __future__ import annotations
@@ -59,6 +59,18 @@ def test_a_jump_forward_past_expiry_or_back_before_issuance_does_not_move_the_ti
     clocks.offset = dt.timedelta(seconds=STEP_TOLERANCE_S / 2)  # back in step (within drift)
     assert _now(clock) == clocks.wall()
     assert clock.step_s is None
+
+
+def test_small_steps_in_a_row_cannot_drag_the_time_past_the_certificates_end() -> None:
+    clocks = Clocks()
+    clock = clocks.clock()
+    assert _now(clock) == T0
+    for _ in range(100):  # 100 s ahead at each reading, each one inside the drift tolerance
+        clocks.advance(1)
+        clocks.offset += dt.timedelta(seconds=STEP_TOLERANCE_S * 0.8)
+        _now(clock)
+    assert clocks.wall() > NOT_AFTER + dt.timedelta(hours=1)
+    assert _now(clock) <= NOT_AFTER + dt.timedelta(seconds=STEP_TOLERANCE_S)
 
 
 def test_a_step_inside_the_validity_is_taken_once_it_has_lasted() -> None:

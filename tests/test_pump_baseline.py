@@ -194,3 +194,37 @@ def test_the_followed_baseline_survives_a_restart(tmp_path: Path) -> None:
     reloaded = third._norm["p"].level
     assert reloaded is not None
     assert np.allclose(reloaded, mean)
+
+
+def test_a_new_version_adopts_the_followed_baseline_and_scores_as_the_active_one() -> None:
+    """A version in shadow (carried commissioning) judges against the level the active one follows."""
+    streams = [
+        Stream("plc", "p", "S", industrial_metric(spec.metric, "u"), "industrial", 1.0)
+        for spec in CARD.inputs
+    ]
+    uniq = list(dict.fromkeys(s.metric.name for s in streams))
+    by_name = {s.metric.name: s for s in streams}
+    rng = np.random.default_rng(5)
+
+    def window(k: int, shift: float) -> WindowRecord:
+        sfs = tuple(
+            StreamFeatures(
+                by_name[m], 20, 0.0, {"mean": 10.0 + shift + 0.1 * rng.standard_normal(), "std": 1.0}
+            )
+            for m in uniq
+        )
+        return WindowRecord("p", "industrial", k, 10.0 * k, WALL0 + 10.0 * k, 20.0, sfs)
+
+    active = AnomalyModel(CARD, default_models_dir(), commissioning_windows=20)
+    for k in range(20 + 120):
+        active.score_batch([window(k, 0.0 if k < 20 else 0.05 * min(k - 20, 4))])
+    candidate = active.sibling(CARD, default_models_dir(), tag="v2")
+    assert candidate.adopt_commissioning(active) == 1
+    mine, theirs = candidate._norm["p"], active._norm["p"]
+    assert mine.level is not None
+    assert theirs.level is not None
+    assert np.allclose(mine.level, theirs.level)
+    # The same next window gets the same score from both (the same card, the same baseline).
+    w = window(200, 0.2)
+    a, c = active.score_batch([w]), candidate.score_batch([w])
+    assert np.isclose(a[0].score, c[0].score, rtol=1e-4), (a[0], c[0])

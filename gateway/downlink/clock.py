@@ -59,6 +59,10 @@ class RenewalClock:
         offset = (wall - projected).total_seconds()
         sane = not_before <= wall < not_after
         if abs(offset) <= STEP_TOLERANCE_S:
+            if not sane:
+                # Near the projection but outside the validity: small steps in a row must not drag
+                # the anchor past the certificate's end (or before its start).
+                return projected
             if self.step_s is not None:
                 log.info(
                     "downlink: wall clock back in step with the monotonic clock; renewal follows it again"

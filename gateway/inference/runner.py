@@ -380,6 +380,13 @@ class AnomalyModel:
             if norm.mean is not None and norm.std is not None:
                 mine = Normaliser.empty(self._n, self._need)
                 mine.n, mine.mean, mine.std = self._need, norm.mean.copy(), norm.std.copy()
+                if self._track is not None:
+                    # The level the active version follows now, not the commissioning mean: the two
+                    # versions must judge the same windows against the same baseline to be compared.
+                    mine.bound(self._track)
+                    level = norm.level if norm.level is not None else norm.mean
+                    mine.level = np.clip(level, mine._lo, mine._hi)
+                    mine.last_t, mine.normal_s = norm.last_t, norm.normal_s
                 self._norm[subject] = mine
                 taken += 1
         return taken
