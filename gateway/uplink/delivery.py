@@ -652,11 +652,14 @@ class Delivery:
                 self.publish_latency_s.append(time.monotonic() - sent)
             if code in _PUBACK_NEVER:
                 self.counters.refused += 1
-                self.counters.dead_lettered += 1
+                # Every record the message carried is moved, so every one is counted (joined windows).
+                self.counters.dead_lettered += 1 + len(more or ())
                 name = ReasonCode(PacketTypes.PUBACK, identifier=code).getName()
                 log.error(
-                    "uplink mqtt: the broker refused record %d for good (%s): moved to the dead-letter lane",
+                    "uplink mqtt: the broker refused record %d (and %d joined with it) for good (%s): moved "
+                    "to the dead-letter lane",
                     rid,
+                    len(more or ()),
                     name,
                 )
                 session.to_dead_letter.append((rid, f"refused by the broker: {name}"))
