@@ -14,6 +14,7 @@ on their own below.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +151,15 @@ def test_the_baseline_never_leaves_its_cap_however_long_a_change_lasts() -> None
     assert norm.level[0] == pytest.approx(norm.mean[0] + 3.0 * norm.std[0])
 
 
-def test_the_followed_baseline_survives_a_restart(tmp_path: Path) -> None:
+def plc_windows(seed: int) -> Callable[[int, float], WindowRecord]:
+    """Window k of one PLC subject with every card input, its ``mean`` features at 10 + shift."""
     streams = [
         Stream("plc", "p", "S", industrial_metric(spec.metric, "u"), "industrial", 1.0)
         for spec in CARD.inputs
     ]
     uniq = list(dict.fromkeys(s.metric.name for s in streams))
     by_name = {s.metric.name: s for s in streams}
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
 
     def window(k: int, shift: float) -> WindowRecord:
         sfs = tuple(
@@ -167,6 +169,12 @@ def test_the_followed_baseline_survives_a_restart(tmp_path: Path) -> None:
             for m in uniq
         )
         return WindowRecord("p", "industrial", k, 10.0 * k, WALL0 + 10.0 * k, 20.0, sfs)
+
+    return window
+
+
+def test_the_followed_baseline_survives_a_restart(tmp_path: Path) -> None:
+    window = plc_windows(seed=3)
 
     def model() -> AnomalyModel:
         return AnomalyModel(CARD, default_models_dir(), commissioning_windows=20, state_dir=tmp_path)
@@ -198,22 +206,7 @@ def test_the_followed_baseline_survives_a_restart(tmp_path: Path) -> None:
 
 def test_a_new_version_adopts_the_followed_baseline_and_scores_as_the_active_one() -> None:
     """A version in shadow (carried commissioning) judges against the level the active one follows."""
-    streams = [
-        Stream("plc", "p", "S", industrial_metric(spec.metric, "u"), "industrial", 1.0)
-        for spec in CARD.inputs
-    ]
-    uniq = list(dict.fromkeys(s.metric.name for s in streams))
-    by_name = {s.metric.name: s for s in streams}
-    rng = np.random.default_rng(5)
-
-    def window(k: int, shift: float) -> WindowRecord:
-        sfs = tuple(
-            StreamFeatures(
-                by_name[m], 20, 0.0, {"mean": 10.0 + shift + 0.1 * rng.standard_normal(), "std": 1.0}
-            )
-            for m in uniq
-        )
-        return WindowRecord("p", "industrial", k, 10.0 * k, WALL0 + 10.0 * k, 20.0, sfs)
+    window = plc_windows(seed=5)
 
     active = AnomalyModel(CARD, default_models_dir(), commissioning_windows=20)
     for k in range(20 + 120):
