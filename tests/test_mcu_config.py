@@ -103,7 +103,8 @@ simulate = {{ node_id = "{node_id}", seed = 7, flash = "{tmp_path / "flash.bin"}
     # An AC current is a waveform: its RMS is named, not hidden in a mean of about 0 A.
     assert {s["shape"] for s in current} == {"waveform"}
     assert any(s["features"]["rms"] == pytest.approx(4.2, rel=0.15) for s in current)
-    assert any(s["features"]["fdom"] == pytest.approx(50.0, abs=1.0) for s in current)
+    # A window with fewer than FDOM_MIN_SAMPLES samples (the first after a slow start) has no fdom.
+    assert any(s["features"].get("fdom") == pytest.approx(50.0, abs=1.0) for s in current)
     diags = {r["record"]["diag"] for r in records if r["record"]["type"] == "diag"}
     assert {"mcu_node", "mcu_link"} <= diags
     for identity in (node_id, "plant-A/motor-7", "motor7-adc"):
