@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from gateway.downlink.azure import merge_patch, query
 from gateway.downlink.twin_link import Broker, _connect
@@ -74,6 +76,19 @@ class AzureHub:
                     f"$iothub/twin/PATCH/properties/desired/?$version={version}", body, qos=1
                 )
             return version
+
+    def send_c2d(self, device_id: str, out_dir: Path) -> int:
+        """Send the cloud-to-device messages ``twin azure-model`` wrote (as the hub would deliver them)."""
+        listing = json.loads((out_dir / "messages.json").read_text())
+        infos = []
+        with self._lock:
+            for n, message in enumerate(listing):
+                bag = urlencode({"$.mid": f"c{self._rid}-{n}", **message["properties"]})
+                topic = f"devices/{device_id}/messages/devicebound/{bag}"
+                infos.append(self._client.publish(topic, (out_dir / message["file"]).read_bytes(), qos=1))
+        for info in infos:
+            info.wait_for_publish(10.0)
+        return len(listing)
 
     def call(self, method: str, timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
         """Invoke a direct method and wait for its answer."""

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 from azure_hub import AzureHub
+from bundle_support import LOOSE_HEALTH, PUMP, PUMP_SITE, card_for, onnx_model
 from downlink_support import DEADLINE_S, Site, broker_running, new_site, renewal_pki, source
+from test_downlink_models import sign
 from uplink_support import mosquitto_pki, running_broker
 
 from gateway.cli import main
@@ -28,7 +30,7 @@ from gateway.downlink.azure import (
     unpack,
 )
 from gateway.downlink.renewal import sign_csr
-from gateway.downlink.signing import sign
+from gateway.downlink.signing import sign as sign_envelope
 from gateway.uplink.certs import DemoPKI
 
 
@@ -122,7 +124,7 @@ def test_desired_state_reported_state_and_methods_over_the_device_twin(site: Azu
         ]
         # The twin's $version is not trusted: a patch with a higher $version carrying an older
         # signed version is refused as a rollback.
-        older = sign(
+        older = sign_envelope(
             site.text(source("bed7-sim")).encode(),
             keys=[site.key],
             gateway=site.gateway,
@@ -197,3 +199,75 @@ def test_a_certificate_is_renewed_over_the_device_twin(tmp_path: Path) -> None:
         finally:
             hub.stop()
             site.stop()
+
+
+def _pump(rep: dict[str, Any]) -> dict[str, Any]:
+    return dict((rep.get("models") or {}).get(PUMP) or {})
+
+
+@pytest.mark.slow
+def test_a_model_bundle_over_the_twin_and_c2d_messages_cut_short_resumed_with_the_missing_chunks(
+    site: AzureSite,
+) -> None:
+    site.config.write_text(site.text(PUMP_SITE))
+    hub = AzureHub(site.twin)
+    model = onnx_model(pad_bytes=7000)
+    rules = {"windows": 3, "max_latency_us": 1e9, "min_agreement": 0.0}
+    envelope, path = sign(site, model, card_for(model, health=LOOSE_HEALTH), 2, rules, "--profile", "azure")
+    d = envelope.parent
+    make = ["twin", "azure-model", "--envelope", str(envelope), "--model", str(path)]
+    assert main([*make, "--out-dir", str(d / "all")]) == 0
+    listing = json.loads((d / "all" / "messages.json").read_text())
+    assert len(listing) == 8
+    try:
+        site.start()
+        hub.wait(lambda r: _pump(r).get("active") == 0, "the pump model serving")
+        hub.patch_desired(json.loads((d / "all" / "desired.json").read_text()))
+        # The chunks go once the gateway reports the transfer (a C2D message before it is dropped).
+        hub.wait(lambda r: (_pump(r).get("transfer") or {}).get("version") == 2, "the manifest verified")
+        # The twin's sending stops after four chunks, and one of them was altered on the way.
+        cut = d / "cut"
+        cut.mkdir()
+        for entry in listing[:5]:
+            data = (d / "all" / entry["file"]).read_bytes()
+            (cut / entry["file"]).write_bytes(data if entry is not listing[3] else b"z" * len(data))
+        (cut / "messages.json").write_text(json.dumps(listing[:5]))
+        assert hub.send_c2d(site.gateway, cut) == 5
+        rep = hub.wait(
+            lambda r: (
+                (_pump(r).get("transfer") or {}).get("have") == 4
+                and _pump(r)["transfer"]["refused_chunks"] == 1
+            ),
+            "four chunks kept, the altered one refused",
+        )
+        assert list(_pump(rep)["transfer"]["missing"].values()) == [3, 5, 6, 7]  # a twin keeps no arrays
+        assert _pump(rep).get("candidate") is None  # null: removed from the twin
+        site.stop()
+        site.start()  # the chunks it had are in its quarantine; the twin's manifest is read again
+        hub.wait(
+            # Two entries more in the audit log: the new run verified the manifest again.
+            lambda r: (_pump(r).get("transfer") or {}).get("have") == 4 and r["audit"]["count"] == 4,
+            "the transfer resumed after the restart",
+        )
+        # The twin sends again only what the reported property lists as missing.
+        (site.tmp / "twin.json").write_text(json.dumps({"properties": {"reported": hub.reported}}))
+        again = d / "again"
+        assert main([*make, "--out-dir", str(again), "--missing-from", str(site.tmp / "twin.json")]) == 0
+        assert [m["properties"]["et_chunk"] for m in json.loads((again / "messages.json").read_text())] == [
+            "3", "5", "6", "7",
+        ]  # fmt: skip
+        assert hub.send_c2d(site.gateway, again) == 4
+        rep = hub.wait(lambda r: (_pump(r).get("candidate") or {}).get("version") == 2, "v2 in shadow")
+        assert "transfer" not in _pump(rep)
+        steps = [(e["event"], e.get("version")) for e in site.events()]
+        assert steps[:5] == [
+            ("received", None),
+            ("verified", 2),
+            ("received", None),  # after the restart: the twin's manifest again, verified again
+            ("verified", 2),
+            ("model-shadow", 2),
+        ]
+        installed = site.tmp / "state" / "models" / "bundles" / PUMP / "v2" / "pump_skab.v2.onnx"
+        assert installed.read_bytes() == model
+    finally:
+        hub.stop()

@@ -54,8 +54,10 @@ def slot(until: Callable[[dict[str, Any]], bool]) -> Callable[[dict[str, Any]], 
     return lambda rep: bool((rep.get("models") or {}).get(PUMP)) and until(rep["models"][PUMP])
 
 
-def sign(site: Site, model: bytes, card: bytes, version: int, rules: dict[str, Any]) -> tuple[Path, Path]:
-    """The twin's sign-model, as an operator runs it; the envelope and the model file."""
+def sign(
+    site: Site, model: bytes, card: bytes, version: int, rules: dict[str, Any], *extra: str
+) -> tuple[Path, Path]:
+    """The twin's sign-model (with ``extra`` arguments), as an operator runs it; the envelope and the model file."""
     d = site.tmp / f"bundle-v{version}"
     d.mkdir()
     (d / "model.onnx").write_bytes(model)
@@ -73,7 +75,7 @@ def sign(site: Site, model: bytes, card: bytes, version: int, rules: dict[str, A
         str(d / "model.onnx"),
     ]
     cli += ["--key", str(site.tmp / "twin.key"), "--version", str(version), "--gateway", site.gateway]
-    cli += ["--chunk-bytes", "1024", "--rules", str(d / "rules.json"), "--out", str(out)]
+    cli += ["--chunk-bytes", "1024", "--rules", str(d / "rules.json"), "--out", str(out), *extra]
     done = subprocess.run(cli, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     return out, d / "model.onnx"

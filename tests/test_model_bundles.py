@@ -38,6 +38,7 @@ class Gate:
 
     tmp: Path
     slot: Slot
+    profile: str = "generic"
     handler: ModelBundles = field(init=False)
     audit: AuditLog = field(init=False)
     refused: list[tuple[int | None, str, str]] = field(default_factory=list)
@@ -48,9 +49,9 @@ class Gate:
 
     def restart(self) -> None:
         (self.tmp / "downlink" / "quarantine").mkdir(parents=True, exist_ok=True)
-        self.handler = ModelBundles([self.slot], self.tmp, self.tmp / "downlink", GATEWAY, "generic")
+        self.handler = ModelBundles([self.slot], self.tmp, self.tmp / "downlink", GATEWAY, self.profile)
         self.handler.load()
-        self.handler.attach(None, ROOT)
+        self.topics = self.handler.attach(None, ROOT)
 
     async def _refuse(self, _digest: str, version: int | None, reason: str, detail: str) -> None:
         self.refused.append((version, reason, detail))
@@ -95,6 +96,37 @@ def bundle(
 def test_chunks_fit_each_profile() -> None:
     assert chunk_bytes_for("aws") <= 128 * 1024 - 4096
     assert chunk_bytes_for("generic") <= 256 * 1024
+    assert chunk_bytes_for("azure") <= 64 * 1024 - 4096  # a cloud-to-device message, not the D2C 256 KB
+
+
+def test_on_iot_hub_the_manifest_comes_from_the_twin_and_chunks_as_c2d_messages(tmp_path: Path) -> None:
+    active = pump_model(tmp_path)
+    commission(active, np.random.default_rng(3))
+    gate = Gate(tmp_path, Slot(active, state_dir=tmp_path), profile="azure")
+    assert gate.topics == [f"devices/{GATEWAY}/messages/devicebound/#"]
+    model = onnx_model(pad_bytes=5000)
+    env, chunks = bundle(model, card_for(model), 1)
+    bundle_id = chunks[0][0].split("/")[-2]
+
+    def c2d(index: int, body: bytes) -> tuple[str, bytes]:
+        # IoT Hub puts its own system properties into the bag next to the application's.
+        bag = f"%24.mid=m{index}&%24.to=%2Fdevices%2F{GATEWAY}%2Fmessages%2FdeviceBound"
+        return f"devices/{GATEWAY}/messages/devicebound/{bag}&et_bundle={bundle_id}&et_chunk={index}", body
+
+    # The retained generic topics mean nothing here: only the twin's manifest and C2D chunks count.
+    assert not gate.handler.on_message(f"{ROOT}/model", env)
+    gate.handler.take_manifest(env)
+    gate.step()
+    gate.deliver(c2d(0, chunks[0][1]), c2d(1, b"y" * len(chunks[1][1])), c2d(2, chunks[2][1]))
+    gate.deliver((f"devices/{GATEWAY}/messages/devicebound/note=hello", b"not a chunk"))
+    transfer = gate.handler.reported()[PUMP]["transfer"]
+    assert (transfer["have"], transfer["refused_chunks"]) == (2, 1)
+    assert transfer["missing"] == [1, *range(3, len(chunks))]
+    gate.deliver(*(c2d(i, chunks[i][1]) for i in transfer["missing"]))
+    rep = gate.handler.reported()[PUMP]
+    assert "transfer" not in rep
+    assert rep["candidate"]["version"] == 1
+    assert gate.events() == ["received", "verified", "model-shadow"]
 
 
 def test_a_truncated_transfer_is_never_applied_and_resumes_after_a_restart(gate: Gate) -> None:

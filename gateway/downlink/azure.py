@@ -3,13 +3,20 @@
 IoT Hub allows a device its own static topics only, so the generic ``…/desired``, ``…/trust``,
 ``…/cert``, ``…/cmd`` and ``…/reported`` topics map onto the device twin and direct methods:
 
-* desired state: the twin's desired property ``edgetwin`` with ``config``, ``trust`` and ``cert``,
+* desired state: the twin's desired property ``edgetwin`` with ``config``, ``trust``, ``cert`` and
+  ``model`` (a model bundle's signed manifest, :mod:`gateway.downlink.bundles`),
   each a signed envelope (or PEM) cut into strings (IoT Hub keeps twin strings to 4 KB): the whole
   twin is read with ``$iothub/twin/GET/?$rid=`` on each connection (answered on
   ``$iothub/twin/res/200/?$rid=``), changes come as merge patches on
   ``$iothub/twin/PATCH/properties/desired/?$version=``;
 * reported state: merge patches of the reported property ``edgetwin`` on
   ``$iothub/twin/PATCH/properties/reported/?$rid=`` (with ``csr`` while a renewal is pending);
+* model chunks: cloud-to-device messages on ``devices/<device id>/messages/devicebound/<property
+  bag>``, the bag naming the bundle and the index (``et_bundle=<id>&et_chunk=<i>``), the body the raw
+  bytes (the MQTT mapping carries binary bodies as they are: no base64).  IoT Hub keeps no retained
+  messages: a C2D message waits in the device's queue (at most 50 messages, each at most 64 KB,
+  time to live 1 hour by default, 48 hours at most) and is gone once acknowledged, so the twin sends
+  at most 50 chunks at a time and, after a cut, only those the reported state lists as missing;
 * commands: direct methods ``report`` and ``rebirth`` on ``$iothub/methods/POST/<name>/?$rid=``,
   answered on ``$iothub/methods/res/<status>/?$rid=``.
 
@@ -26,12 +33,12 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 log = logging.getLogger(__name__)
 
 PROPERTY = "edgetwin"  # our key in the twin's desired and reported properties
-KINDS = ("cert", "trust", "config")  # handled in this order, as on the generic topics
+KINDS = ("cert", "trust", "config", "model")  # handled in this order, as on the generic topics
 CHUNK_CHARS = 4000  # IoT Hub twin string values are limited to 4 KB
 MAX_DESIRED_BYTES = 32 * 1024  # IoT Hub's limit on the whole desired-properties document
 SUBSCRIPTIONS = (
@@ -43,6 +50,9 @@ _RESPONSE = "$iothub/twin/res/"
 _GET_RETRY_MAX_S = 60.0  # a twin read the hub refused (throttled, busy) is asked again, backing off to this
 _GET_UNANSWERED_S = 30.0  # a twin read with no answer at all is asked again after this
 _DESIRED = "$iothub/twin/PATCH/properties/desired/"
+C2D_MAX_BYTES = 64 * 1024  # IoT Hub's limit on a cloud-to-device message
+C2D_QUEUE_DEPTH = 50  # cloud-to-device messages IoT Hub queues for one device at most
+_BUNDLE, _CHUNK = "et_bundle", "et_chunk"  # application properties of a chunk's C2D message
 _METHOD = "$iothub/methods/POST/"
 
 
@@ -70,15 +80,38 @@ def unpack(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
+def c2d_prefix(device_id: str) -> str:
+    """Where a device's cloud-to-device messages come (subscribe to this plus ``#``)."""
+    return f"devices/{device_id}/messages/devicebound/"
+
+
+def c2d_chunk_topic(device_id: str, bundle: str, index: int) -> str:
+    """The topic IoT Hub delivers chunk ``index`` of ``bundle`` on (application properties in the bag)."""
+    return f"{c2d_prefix(device_id)}{urlencode({_BUNDLE: bundle, _CHUNK: index})}"
+
+
+def c2d_chunk(topic: str, device_id: str) -> tuple[str, int] | None:
+    """(bundle id, index) of a chunk's C2D message; None for any other message (or a malformed bag)."""
+    prefix = c2d_prefix(device_id)
+    if not topic.startswith(prefix):
+        return None
+    # IoT Hub adds its own properties ($.mid, $.to, ...) to the bag: only ours are read.
+    bag = dict(parse_qsl(topic[len(prefix) :].lstrip("?"), keep_blank_values=True))
+    bundle, index = bag.get(_BUNDLE, ""), bag.get(_CHUNK, "")
+    if not bundle or not index.isdigit() or len(index) > 6:
+        return None
+    return bundle, int(index)
+
+
 def desired_patch(kind: str, data: bytes) -> dict[str, Any]:
-    """The desired-properties patch that delivers ``data`` as ``kind`` (config, trust or cert)."""
+    """The desired-properties patch that delivers ``data`` as ``kind`` (config, trust, cert or model)."""
     if kind not in KINDS:
         raise ValueError(f"azure desired patch: kind {kind!r}: expected one of {', '.join(KINDS)}")
     patch = {PROPERTY: {kind: pack(data)}}
     if len(json.dumps(patch)) > MAX_DESIRED_BYTES:
         raise ValueError(
             f"azure desired patch: {kind} of {len(data)} bytes: over IoT Hub's {MAX_DESIRED_BYTES} bytes of "
-            "desired properties: make the config smaller"
+            "desired properties: make it smaller"
         )
     return patch
 

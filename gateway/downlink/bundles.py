@@ -19,6 +19,11 @@ lists the chunks still missing so the twin can publish just those (``twin publis
 length match: a truncated transfer is never applied.  Then the card is validated, bound to the
 file by hash, the model opened as the loader opens it, and the version put in shadow
 (:mod:`gateway.inference.shadow`).
+
+On the ``azure`` profile (IoT Hub keeps no retained messages) the manifest is the device twin's
+desired property ``edgetwin.model`` and the chunks are cloud-to-device messages, each under IoT
+Hub's 64 KB (:mod:`gateway.downlink.azure`); the rules above are the same, and a transfer resumes
+when the twin sends the chunks the reported state lists as missing.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
+from gateway.downlink.azure import C2D_MAX_BYTES, c2d_chunk, c2d_prefix
 from gateway.downlink.errors import RefusedError
 from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, verify
 from gateway.errors import ConfigError, CorruptDataError
@@ -86,8 +92,13 @@ class Manifest(BaseModel):
 
 def chunk_bytes_for(profile: str) -> int:
     """The chunk size for an uplink profile: inside its payload limit, with room to spare."""
-    limit = PROFILES[profile].max_payload_bytes
-    return min(MAX_CHUNK_BYTES, limit) - 8 * 1024
+    return _carried(profile) - 8 * 1024
+
+
+def _carried(profile: str) -> int:
+    """The largest chunk message a profile carries to a gateway (IoT Hub: a cloud-to-device message)."""
+    limit = C2D_MAX_BYTES if profile == "azure" else PROFILES[profile].max_payload_bytes
+    return min(MAX_CHUNK_BYTES, limit)
 
 
 def make_bundle(
@@ -158,7 +169,8 @@ class ModelBundles:
         self._chunks_dir = directory / "quarantine" / "chunks"
         self._quarantine = directory / "quarantine"
         self.gateway = gateway
-        self.max_chunk = min(MAX_CHUNK_BYTES, PROFILES[profile].max_payload_bytes)
+        self.max_chunk = _carried(profile)
+        self._c2d = profile == "azure"  # chunks as IoT Hub cloud-to-device messages, not retained topics
         self._client: Any = None
         self._root = ""
         self._manifest: bytes | None = None
@@ -189,26 +201,46 @@ class ModelBundles:
     def attach(self, client: Any, root: str) -> list[str]:
         """The topics to subscribe on a new connection (the chunks of a transfer under way too)."""
         self._client, self._root = client, root
+        if self._c2d:  # the manifest comes in the device twin (take_manifest)
+            return [f"{c2d_prefix(self.gateway)}#"]
         topics = [f"{root}/model"]
         if self.transfer is not None:
             topics.append(f"{root}/chunk/{self.transfer.manifest.model.id}/+")
         return topics
 
+    def take_manifest(self, payload: bytes) -> None:
+        """A manifest envelope from the device twin (azure profile), handled at the next step."""
+        if payload:
+            self._manifest = payload
+
     def on_message(self, topic: str, payload: bytes) -> bool:
         """Take a manifest or a chunk; True when it is one of ours."""
+        if self._c2d:
+            if not topic.startswith(c2d_prefix(self.gateway)):
+                return False
+            found = c2d_chunk(topic, self.gateway)
+            if found is None:
+                log.debug("downlink: cloud-to-device message on %s is no model chunk: ignored", topic)
+                return True
+            self._take_chunk(*found, payload)
+            return True
         if topic == f"{self._root}/model":
-            if payload:
-                self._manifest = payload
+            self.take_manifest(payload)
             return True
         if not topic.startswith(f"{self._root}/chunk/"):
             return False
-        t = self.transfer
         parts = topic.rsplit("/", 2)
-        if t is None or len(parts) != 3 or parts[1] != t.manifest.model.id or not parts[2].isdigit():
-            return True  # not the transfer under way: ignored
-        index = int(parts[2])
+        if len(parts) == 3 and parts[2].isdigit():
+            self._take_chunk(parts[1], int(parts[2]), payload)
+        return True
+
+    def _take_chunk(self, bundle: str, index: int, payload: bytes) -> None:
+        """Queue a chunk of the transfer under way whose hash is the one signed; drop anything else."""
+        t = self.transfer
+        if t is None or bundle != t.manifest.model.id:
+            return  # not the transfer under way: ignored
         if index >= len(t.manifest.model.chunks) or index in t.have or index in self._queued or not payload:
-            return True
+            return
         # Checked here, not when written: only a chunk with its signed hash is queued, once per index,
         # so the queue never holds more than the signed model's bytes, whatever a peer floods in.
         if hashlib.sha256(payload).hexdigest() != t.manifest.model.chunks[index]:
@@ -217,10 +249,9 @@ class ModelBundles:
                 "downlink: model %s v%d chunk %d: %d bytes not matching the signed SHA-256: dropped, "
                 "waiting for it again", t.manifest.slot, t.version, index, len(payload),
             )  # fmt: skip
-            return True
+            return
         self._incoming.append((index, bytes(payload)))
         self._queued.add(index)
-        return True
 
     # ---- handling (event loop) -------------------------------------------------------------------
 
@@ -368,7 +399,7 @@ class ModelBundles:
 
     def _subscribe(self, t: _Transfer) -> None:
         client = self._client
-        if client is None:
+        if client is None or self._c2d:  # C2D: subscribed once on attach; nothing is retained
             return
         topic = f"{self._root}/chunk/{t.manifest.model.id}/+"
         try:
@@ -447,7 +478,7 @@ class ModelBundles:
 
     def _unsubscribe(self, t: _Transfer) -> None:
         client = self._client
-        if client is not None:
+        if client is not None and not self._c2d:
             try:
                 client.unsubscribe(f"{self._root}/chunk/{t.manifest.model.id}/+")
             except Exception as exc:  # noqa: BLE001 - a connection closing: nothing subscribed then
@@ -499,6 +530,7 @@ class ModelBundles:
                     "have": len(t.have),
                     "of": len(t.manifest.model.chunks),
                     "missing": missing[:64],
+                    "refused_chunks": t.bad,
                 }
             out[name] = entry
         return out

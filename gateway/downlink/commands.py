@@ -11,7 +11,8 @@ from typing import Any
 
 from gateway.downlink import audit
 from gateway.downlink.errors import AuditTamperedError, RefusedError, TrustError
-from gateway.downlink.signing import key_id, public_hex, read_private_key, sign, write_private_key
+from gateway.downlink.rollout import add_rollout_command, add_target_args, signed_for
+from gateway.downlink.signing import key_id, public_hex, read_private_key, sign, targets, write_private_key
 from gateway.errors import ConfigError
 from gateway.records.topics import DEFAULT_PREFIX
 from gateway.twin.errors import TwinConfigError, TwinError
@@ -59,10 +60,11 @@ def cmd_sign_config(args: argparse.Namespace) -> int:
     content = args.config.read_bytes()
     keys = [read_private_key(path) for path in args.key]
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_days)
-    envelope = sign(content, keys=keys, gateway=args.gateway, version=args.version, expires=expires)
+    who, group = signed_for(args)
+    envelope = sign(content, keys=keys, gateway=who, version=args.version, expires=expires, group=group)
     args.out.write_bytes(envelope)
     _say(
-        f"config {args.config} as revision {args.version} for gateway {args.gateway}, expires "
+        f"config {args.config} as revision {args.version} for gateway {who}, expires "
         f"{expires:%Y-%m-%dT%H:%M:%SZ}, {len(keys)} signature(s): {args.out}"
     )
     return EXIT_OK
@@ -76,13 +78,14 @@ def cmd_sign_trust(args: argparse.Namespace) -> int:
     new = Trust.from_json(json.loads(content), f"trust file {args.trust}")
     keys = [read_private_key(path) for path in args.key]
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_days)
+    who, group = signed_for(args)
     envelope = sign(
-        content, keys=keys, gateway=args.gateway, version=args.version, expires=expires, kind="trust"
+        content, keys=keys, gateway=who, version=args.version, expires=expires, kind="trust", group=group
     )
     args.out.write_bytes(envelope)
     _say(
         f"trust set {args.trust} ({len(new.keys)} key(s), threshold {new.threshold}, {len(new.revoked)} revoked) "
-        f"as version {args.version} for gateway {args.gateway}: {args.out}; publish it with publish-config"
+        f"as version {args.version} for gateway {who}: {args.out}; publish it with publish-config"
     )
     return EXIT_OK
 
@@ -102,9 +105,11 @@ def cmd_publish_config(args: argparse.Namespace) -> int:
 
     envelope = args.envelope.read_bytes()
     signed = json.loads(envelope)["signed"]
-    if signed["gateway"] not in (args.gateway, "*"):
+    named = targets(signed)
+    if named is not None and args.gateway not in named:
         _err(
-            f"twin publish-config: {args.envelope} is signed for {signed['gateway']}, not {args.gateway}: sign it again"
+            f"twin publish-config: {args.envelope} is signed for {signed.get('group') or signed['gateway']}, "
+            f"not {args.gateway}: sign it again"
         )
         return EXIT_CONFIG
     topic = f"{args.prefix}/{args.gateway}/{'trust' if signed.get('type') == 'trust' else 'desired'}"
@@ -313,7 +318,7 @@ def add_commands(groups: dict[str, Any]) -> None:
             "--key", type=Path, action="append", required=True, help="signing key (repeat for a threshold)"
         )
         p.add_argument("--version", type=int, required=True, help="revision number, higher than any before")
-        p.add_argument("--gateway", required=True, help="the gateway's pseudonym, or '*' for every gateway")
+        add_target_args(p)
         p.add_argument("--expires-days", type=float, default=7.0, help="refused after this many days")
         p.add_argument("--out", type=Path, required=True, help="where the signed envelope goes")
         p.set_defaults(func=_guard(cmd_sign_config))
@@ -326,7 +331,7 @@ def add_commands(groups: dict[str, Any]) -> None:
             "--key", type=Path, action="append", required=True, help="current and new keys (repeatable)"
         )
         p.add_argument("--version", type=int, required=True, help="trust set version, higher than any before")
-        p.add_argument("--gateway", required=True, help="the gateway's pseudonym, or '*' for every gateway")
+        add_target_args(p)
         p.add_argument("--expires-days", type=float, default=7.0, help="refused after this many days")
         p.add_argument("--out", type=Path, required=True, help="where the signed envelope goes")
         p.set_defaults(func=_guard(cmd_sign_trust))
@@ -350,6 +355,7 @@ def add_commands(groups: dict[str, Any]) -> None:
         from gateway.downlink.model_commands import add_model_commands  # noqa: PLC0415
 
         add_model_commands(twin, _guard, _broker_args)
+        add_rollout_command(twin, _guard, _broker_args)
 
         p = twin.add_parser("command", help="ask a gateway for its reported state or its status record")
         p.add_argument("--gateway", required=True, help="the gateway's pseudonym")

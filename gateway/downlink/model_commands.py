@@ -1,4 +1,4 @@
-"""Twin commands for model bundles: ``edgetwin twin sign-model | publish-model``."""
+"""Twin commands for model bundles: ``edgetwin twin sign-model | publish-model | azure-model``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gateway.downlink.bundles import chunk_bytes_for, make_bundle, parse_manifest
+from gateway.downlink.rollout import add_target_args, signed_for
 from gateway.downlink.signing import read_private_key, sign
 from gateway.inference.shadow import Acceptance
 from gateway.twin.errors import TwinConfigError
@@ -53,13 +54,14 @@ def cmd_sign_model(args: argparse.Namespace) -> int:
     )
     keys = [read_private_key(path) for path in args.key]
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_days)
+    who, group = signed_for(args)
     envelope = sign(
-        manifest, keys=keys, gateway=args.gateway, version=args.version, expires=expires, kind="model"
+        manifest, keys=keys, gateway=who, version=args.version, expires=expires, kind="model", group=group
     )
     args.out.write_bytes(envelope)
     _say(
         f"model {args.model} ({len(model)} bytes) for slot {args.slot} as version {args.version} for gateway "
-        f"{args.gateway}: {len(chunks)} chunk(s) of up to {chunk} bytes, {len(keys)} signature(s): {args.out}; "
+        f"{who}: {len(chunks)} chunk(s) of up to {chunk} bytes, {len(keys)} signature(s): {args.out}; "
         "publish it with publish-model"
     )
     return EXIT_OK
@@ -123,6 +125,59 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _missing_from(path: Path, slot: str, version: int) -> set[int]:
+    """The chunk indices a gateway's reported property (as IoT Hub shows it) lists as missing."""
+    where = f"twin azure-model --missing-from {path}"
+    try:
+        doc: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TwinConfigError(f"{where}: cannot read it as JSON: {exc}: save the device twin's JSON") from exc
+    # The whole twin, its reported properties, or our property alone: look down to "models".
+    for key in ("properties", "reported", "edgetwin"):
+        if isinstance(doc, dict) and "models" not in doc and isinstance(doc.get(key), dict):
+            doc = doc[key]
+    transfer = (((doc or {}).get("models") or {}).get(slot) or {}).get("transfer") or {}
+    if transfer.get("version") != version:
+        raise TwinConfigError(
+            f"{where}: no transfer of {slot} v{version} under way in it: nothing to send again"
+        )
+    missing = transfer.get("missing") or []
+    # IoT Hub keeps no arrays in a twin: the gateway reports the list as {"0": i, "1": j, ...}.
+    values = missing.values() if isinstance(missing, dict) else missing
+    return {int(i) for i in values}
+
+
+def cmd_azure_model(args: argparse.Namespace) -> int:
+    """Write what carries a signed bundle over IoT Hub: the desired patch and the chunks' C2D messages."""
+    from gateway.downlink.azure import C2D_QUEUE_DEPTH, desired_patch  # noqa: PLC0415
+
+    envelope, model = args.envelope.read_bytes(), args.model.read_bytes()
+    manifest = parse_manifest(_content(envelope))
+    version = int(json.loads(envelope)["signed"]["version"])
+    only = _missing_from(args.missing_from, manifest.slot, version) if args.missing_from else None
+    chunks = chunk_messages("", envelope, model, only)[:-1]
+    try:
+        patch = desired_patch("model", envelope)
+    except ValueError as exc:
+        raise TwinConfigError(f"twin azure-model {args.envelope}: {exc}") from exc
+    out: Path = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "desired.json").write_text(json.dumps(patch, separators=(",", ":")) + "\n")
+    listing = []
+    for topic, data in chunks:
+        index = int(topic.rsplit("/", 1)[1])
+        (out / f"chunk-{index}.bin").write_bytes(data)
+        props = {"et_bundle": manifest.model.id, "et_chunk": str(index)}
+        listing.append({"file": f"chunk-{index}.bin", "properties": props})
+    (out / "messages.json").write_text(json.dumps(listing, indent=1) + "\n")
+    _say(
+        f"model bundle v{version} for {manifest.slot}: desired patch {out / 'desired.json'}; {len(listing)} "
+        f"chunk(s) as cloud-to-device messages in {out / 'messages.json'} (send at most {C2D_QUEUE_DEPTH} "
+        "at a time: IoT Hub queues no more for one device)"
+    )
+    return EXIT_OK
+
+
 def model_status(state_dir: Path) -> list[str]:
     """Lines for ``edgetwin downlink status``: per slot the version serving, the one before, the last outcome."""
     from gateway.inference.shadow import read_installed  # noqa: PLC0415
@@ -170,7 +225,7 @@ def model_rollout(models: Any) -> list[str]:
 
 
 def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
-    """Add ``twin sign-model`` and ``twin publish-model``."""
+    """Add ``twin sign-model``, ``twin publish-model`` and ``twin azure-model``."""
     p = twin.add_parser(
         "sign-model", help="sign a model (ONNX file and card) as a numbered bundle for a slot"
     )
@@ -183,9 +238,12 @@ def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
     p.add_argument(
         "--version", type=int, required=True, help="bundle version for this slot, higher than before"
     )
-    p.add_argument("--gateway", required=True, help="the gateway's pseudonym, or '*' for every gateway")
+    add_target_args(p)
     p.add_argument(
-        "--profile", choices=["generic", "aws"], default="generic", help="chunks fit its payload limit"
+        "--profile",
+        choices=["generic", "aws", "azure"],
+        default="generic",
+        help="chunks fit its payload limit (azure: a cloud-to-device message)",
     )
     p.add_argument("--chunk-bytes", type=int, help="chunk size (default: from --profile)")
     p.add_argument("--rules", type=Path, help="acceptance rules of the shadow period (JSON)")
@@ -215,3 +273,17 @@ def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
     )
     broker_args(p)
     p.set_defaults(func=guard(cmd_publish_model))
+
+    p = twin.add_parser(
+        "azure-model",
+        help="the IoT Hub desired patch and C2D chunk messages of a signed bundle (azure profile)",
+    )
+    p.add_argument("--envelope", type=Path, required=True, help="from 'twin sign-model --profile azure'")
+    p.add_argument("--model", type=Path, required=True, help="the ONNX file it was signed with")
+    p.add_argument("--out-dir", type=Path, required=True, help="desired.json, messages.json, chunk-N.bin")
+    p.add_argument(
+        "--missing-from",
+        type=Path,
+        help="the device twin (JSON) of a gateway mid-transfer: only the chunks it reports missing",
+    )
+    p.set_defaults(func=guard(cmd_azure_model))

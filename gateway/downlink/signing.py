@@ -7,6 +7,10 @@ An envelope is one JSON document::
      "signatures": [{"keyid": "<hex>", "sig": "<hex>"}],
      "content": "<base64 of the config file>"}
 
+``gateway`` is one pseudonym, ``"*"`` (every gateway), or a list of pseudonyms (a named group,
+with its name in ``"group"``): a gateway takes only what names it.  The versions stay per gateway:
+a refusal for not being named leaves its anti-rollback counter as it was.
+
 The signature covers the canonical form of ``signed`` only (sorted keys, no spaces), which names
 the content by its SHA-256 and length: content swapped in from another revision fails the hash,
 metadata from another revision fails the signature.  :func:`verify` is pure: it takes the bytes,
@@ -106,6 +110,38 @@ class Trust:
 
 
 @dataclass(frozen=True, slots=True)
+class Group:
+    """A named set of gateways (pseudonyms) one envelope is signed for."""
+
+    name: str
+    members: tuple[str, ...]
+
+    @classmethod
+    def load(cls, path: Path) -> Group:
+        """A group file: one pseudonym a line, '#' comments; named by the file's stem."""
+        where = f"twin group file {path}"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise TrustError(f"{where}: cannot read it: {exc.strerror}: write one pseudonym a line") from exc
+        members = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+        members = [m for m in members if m]
+        bad = [m for m in members if m == "*" or any(c.isspace() or c in "/+#" for c in m)]
+        if not members or bad or len(set(members)) != len(members):
+            why = f"not a pseudonym: {bad[0]!r}" if bad else "empty" if not members else "a pseudonym twice"
+            raise TrustError(f"{where}: {why}: expected one gateway pseudonym a line, each once")
+        return cls(path.stem, tuple(members))
+
+
+def targets(signed: Any) -> list[str] | None:
+    """The pseudonyms an envelope's ``signed`` part names; None for every gateway ('*')."""
+    target = signed.get("gateway") if isinstance(signed, dict) else None
+    if target == "*":
+        return None
+    return [str(t) for t in target] if isinstance(target, list) else [str(target)]
+
+
+@dataclass(frozen=True, slots=True)
 class Verified:
     """What a valid envelope carries."""
 
@@ -125,16 +161,19 @@ def sign(
     version: int,
     expires: dt.datetime,
     kind: str = "config",
+    group: Group | None = None,
 ) -> bytes:
-    """An envelope for ``content``, signed by each of ``keys``."""
-    signed = {
+    """An envelope for ``content``, signed by each of ``keys``: for ``gateway``, or every member of ``group``."""
+    signed: dict[str, Any] = {
         "type": kind,
-        "gateway": gateway,
+        "gateway": list(group.members) if group is not None else gateway,
         "version": version,
         "expires": expires.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "sha256": hashlib.sha256(content).hexdigest(),
         "length": len(content),
     }
+    if group is not None:
+        signed["group"] = group.name
     body = canonical(signed)
     signatures = [{"keyid": key_id(k.public_key()), "sig": k.sign(body).hex()} for k in keys]
     envelope = {"signed": signed, "signatures": signatures, "content": base64.b64encode(content).decode()}
@@ -156,7 +195,7 @@ def verify(
     try:
         env = json.loads(data)
         signed, signatures = env["signed"], env.get("signatures") or []
-        found_kind, target, version = str(signed["type"]), str(signed["gateway"]), signed["version"]
+        found_kind, target, version = str(signed["type"]), signed["gateway"], signed["version"]
         expires = dt.datetime.strptime(str(signed["expires"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
         digest, length = str(signed["sha256"]), int(signed["length"])
         content = base64.b64decode(str(env["content"]), validate=True)
@@ -180,7 +219,14 @@ def verify(
         )
     if found_kind != kind:
         raise RefusedError("wrong-type", f"type {excerpt(found_kind)} where a {kind!r} envelope belongs")
-    if target not in (gateway, "*"):
+    if isinstance(target, list):
+        if gateway not in [str(m) for m in target]:
+            raise RefusedError(
+                "not-in-group",
+                f"signed for group {excerpt(signed.get('group') or '?')} of {len(target)} gateway(s), "
+                f"{gateway} is not one of them",
+            )
+    elif str(target) not in (gateway, "*"):
         raise RefusedError("wrong-gateway", f"signed for gateway {excerpt(target)}, this is {gateway}")
     if now >= expires:
         raise RefusedError("expired", f"expired {expires:%Y-%m-%dT%H:%M:%SZ} (now {now:%Y-%m-%dT%H:%M:%SZ})")

@@ -97,11 +97,11 @@ class Downlink:
         mqtt = core.uplink.mqtt
         self._azure = mqtt is not None and mqtt.profile == "azure"
         self._renewal = Renewal(mqtt, self.dir / "renew", gateway_id) if mqtt is not None else None
-        # Model bundles for the slots the pipeline runs (gateway.downlink.bundles); not on IoT Hub,
-        # which keeps no retained messages on custom topics for the chunks to wait in.
+        # Model bundles for the slots the pipeline runs (gateway.downlink.bundles); on IoT Hub the
+        # manifest rides in the device twin and the chunks come as cloud-to-device messages.
         self.bundles = (
             ModelBundles(slots, core.gateway.state_dir, self.dir, gateway_id, mqtt.profile)
-            if slots and mqtt is not None and not self._azure
+            if slots and mqtt is not None
             else None
         )
         self._cert: bytes | None = None  # a signed certificate from the twin, not yet handled
@@ -123,6 +123,8 @@ class Downlink:
         if self._azure:  # IoT Hub: the device twin and direct methods (gateway.downlink.azure)
             self._twin = AzureTwin(client, self._take, self._method, ready=self.report)
             self._twin.start()
+            if self.bundles is not None:  # the chunks' cloud-to-device messages
+                client.subscribe([(topic, 1) for topic in self.bundles.attach(client, topic_root)])
             return
         topics = [f"{topic_root}/{name}" for name in ("desired", "trust", "cmd", "cert")]
         if self.bundles is not None:
@@ -143,6 +145,11 @@ class Downlink:
             self._desired = data
         elif kind == "trust":
             self._rotation = data
+        elif kind == "model":
+            if self.bundles is None:
+                log.debug("downlink: a model bundle in the twin, and no model slot here: ignored")
+                return
+            self.bundles.take_manifest(data)
         else:
             self._cert = data
         self._wake.set()
