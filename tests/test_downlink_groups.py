@@ -92,7 +92,11 @@ def test_the_rollout_judges_a_config_revision_applied_refused_or_rolled_back() -
     assert judge(sent, {**before, "applied": {"version": 3}}, before) == (DONE, "applied, healthy")
     failed = {**before, "applied": {"version": 3}, "units": {"source:a": "failed"}}
     assert judge(sent, failed, before) == (HALTED, "unit(s) source:a not running")
-    rolled = {**before, "last_rollback": {"version": 3, "reason": "unhealthy", "units": ["source:a"]}}
+    rolled = {
+        **before,
+        "last_rollback": {"version": 3, "reason": "unhealthy", "units": ["source:a"]},
+        "refused": [{"version": 3, "reason": "rolled-back", "at": "2026-12-03T12:00:00Z"}],
+    }
     assert judge(sent, rolled, before) == (HALTED, "v3 rolled back: unhealthy (source:a)")
     refusal = {"version": None, "reason": "not-in-group", "at": "2026-12-03T12:00:00Z"}
     assert judge(sent, {**before, "refused": [refusal]}, before) == (HALTED, "v3 refused: not-in-group")

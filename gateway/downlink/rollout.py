@@ -75,6 +75,15 @@ def judge(sent: Sent, rep: dict[str, Any], before: dict[str, Any]) -> tuple[str,
     """(done | waiting | halted, why) for one gateway's reported state ``rep`` (``before``: ahead of the send)."""
     if not rep:
         return WAITING, "no reported state"
+    rollback = rep.get("last_rollback") or {}
+    if (
+        sent.kind == "config"
+        and rollback.get("version") == sent.version
+        and rollback != before.get("last_rollback")
+    ):
+        units = f" ({', '.join(rollback.get('units') or [])})" if rollback.get("units") else ""
+        return HALTED, f"v{sent.version} rolled back: {rollback.get('reason')}{units}"
+    # (A rollback is in the refusals too; its cause is told above.)
     refusal = _new_refusal(rep, before, sent.version)
     if refusal is not None:
         return HALTED, f"v{sent.version} refused: {refusal.get('reason')}"
@@ -97,10 +106,6 @@ def judge(sent: Sent, rep: dict[str, Any], before: dict[str, Any]) -> tuple[str,
         if (rep.get("trust") or {}).get("version") == sent.version:
             return DONE, "trust set taken"
         return WAITING, f"trust set v{(rep.get('trust') or {}).get('version')}"
-    rollback = rep.get("last_rollback") or {}
-    if rollback.get("version") == sent.version and rollback != before.get("last_rollback"):
-        units = f" ({', '.join(rollback.get('units') or [])})" if rollback.get("units") else ""
-        return HALTED, f"v{sent.version} rolled back: {rollback.get('reason')}{units}"
     applied = (rep.get("applied") or {}).get("version")
     if applied == sent.version and rep.get("pending") is None and rep.get("phase") == "running":
         return (HALTED, f"unit(s) {', '.join(bad)} not running") if bad else (DONE, "applied, healthy")
