@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
-from gateway.downlink.azure import C2D_MAX_BYTES, c2d_chunk, c2d_prefix
+from gateway.downlink.azure import C2D_MAX_BYTES, C2D_QUEUE_DEPTH, c2d_chunk, c2d_prefix
 from gateway.downlink.errors import RefusedError
 from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, verify
 from gateway.errors import ConfigError, CorruptDataError
@@ -179,6 +179,7 @@ class ModelBundles:
         self.transfer: _Transfer | None = None
         self._state: dict[str, Any] = {"accepted": {}, "done": [], "last": {}, "shadow": {}}
         self._restage: dict[str, Any] = {}  # versions in shadow when the gateway stopped
+        self._early: dict[tuple[str, int], bytes] = {}  # C2D chunks that came before their manifest
 
     def load(self) -> None:
         """The persisted counters and outcomes; leftover chunks are kept only for a transfer resumed."""
@@ -238,6 +239,13 @@ class ModelBundles:
         """Queue a chunk of the transfer under way whose hash is the one signed; drop anything else."""
         t = self.transfer
         if t is None or bundle != t.manifest.model.id:
+            if self._c2d and payload:
+                # IoT Hub hands over the C2D messages queued while the gateway was away as soon as
+                # it connects, before the twin is read, and forgets them once acknowledged: held in
+                # memory (never on disk, at most a queue's worth) until a verified manifest names them.
+                self._early[(bundle, index)] = bytes(payload)
+                while len(self._early) > C2D_QUEUE_DEPTH:
+                    del self._early[next(iter(self._early))]
             return  # not the transfer under way: ignored
         if index >= len(t.manifest.model.chunks) or index in t.have or index in self._queued or not payload:
             return
@@ -392,7 +400,13 @@ class ModelBundles:
             "downlink: model %s v%d verified: %d chunk(s), %d already here", manifest.slot, version,
             len(manifest.model.chunks), kept,
         )  # fmt: skip
-        if not t.missing:
+        early, self._early = self._early, {}
+        for (bundle, index), payload in early.items():
+            if bundle == manifest.model.id:
+                self._take_chunk(bundle, index, payload)  # checked against the signed hash now
+        if self._incoming:
+            await self._take_chunks(audit, refuse)  # finishes the transfer when they were the last
+        elif not t.missing:
             await self._finish(t, audit, refuse)
         else:
             self._subscribe(t)
