@@ -55,9 +55,15 @@ def slot(until: Callable[[dict[str, Any]], bool]) -> Callable[[dict[str, Any]], 
 
 
 def sign(
-    site: Site, model: bytes, card: bytes, version: int, rules: dict[str, Any], *extra: str
+    site: Site,
+    model: bytes,
+    card: bytes,
+    version: int,
+    rules: dict[str, Any],
+    *extra: str,
+    group: Path | None = None,
 ) -> tuple[Path, Path]:
-    """The twin's sign-model (with ``extra`` arguments), as an operator runs it; the envelope and the model file."""
+    """The twin's sign-model (with ``extra`` arguments), for the site's gateway or a group; envelope and model file."""
     d = site.tmp / f"bundle-v{version}"
     d.mkdir()
     (d / "model.onnx").write_bytes(model)
@@ -74,7 +80,8 @@ def sign(
         "--model",
         str(d / "model.onnx"),
     ]
-    cli += ["--key", str(site.tmp / "twin.key"), "--version", str(version), "--gateway", site.gateway]
+    target = ["--group", str(group)] if group is not None else ["--gateway", site.gateway]
+    cli += ["--key", str(site.tmp / "twin.key"), "--version", str(version), *target]
     cli += ["--chunk-bytes", "1024", "--rules", str(d / "rules.json"), "--out", str(out), *extra]
     done = subprocess.run(cli, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
