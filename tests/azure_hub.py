@@ -16,8 +16,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from gateway.downlink.azure import merge_patch, query
+from downlink_support import DEADLINE_S, Site
+
+from gateway.downlink.azure import c2d_chunk_topic, merge_patch, query
 from gateway.downlink.twin_link import Broker, _connect
+
+
+class AzureSite(Site):
+    """A site whose uplink uses the azure profile (MQTT 3.1.1, IoT Hub's static topics)."""
+
+    def text(self, sources: str, *, port: int | None = None, deadline_s: float = DEADLINE_S) -> str:
+        text = super().text(sources, port=port, deadline_s=deadline_s)
+        azure = 'connect_timeout_s = 2.0\nprofile = "azure"\nprotocol = "3.1.1"\nazure_hub = "hub1"\n'
+        return text.replace("connect_timeout_s = 2.0\n", azure)
 
 
 class AzureHub:
@@ -90,6 +101,16 @@ class AzureHub:
             info.wait_for_publish(10.0)
         return len(listing)
 
+    def send_chunks(self, device_id: str, bundle: str, chunks: list[bytes]) -> None:
+        """Send a bundle's chunks as C2D messages, as IoT Hub delivers them (QoS 1, PUBACK awaited)."""
+        with self._lock:
+            infos = [
+                self._client.publish(c2d_chunk_topic(device_id, bundle, i), data, qos=1)
+                for i, data in enumerate(chunks)
+            ]
+        for info in infos:
+            info.wait_for_publish(10.0)
+
     def call(self, method: str, timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
         """Invoke a direct method and wait for its answer."""
         with self._lock:
@@ -116,7 +137,7 @@ class AzureHub:
             rep = self.ours()
             if rep and predicate(rep):
                 return rep
-            time.sleep(0.1)
+            time.sleep(0.02)
         raise AssertionError(f"not {what} within {timeout} s: {self.ours()}")
 
     def stop(self) -> None:

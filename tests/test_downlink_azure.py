@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from azure_hub import AzureHub
+from azure_hub import AzureHub, AzureSite
 from bundle_support import LOOSE_HEALTH, PUMP, PUMP_SITE, card_for, onnx_model
-from downlink_support import DEADLINE_S, Site, broker_running, new_site, renewal_pki, source
+from downlink_support import broker_running, new_site, renewal_pki, source
 from test_downlink_models import sign
 from uplink_support import mosquitto_pki, running_broker
 
@@ -65,15 +65,6 @@ def test_merge_patches_as_the_hub_applies_them_and_diffs_that_remove_keys() -> N
     assert merge_patch(old, patch) == new
     assert patch_diff(new, new) == {}
     assert twin_safe({"refused": [{"x.y": 1}], "$k": None}) == {"refused": {"0": {"x_y": 1}}, "_k": None}
-
-
-class AzureSite(Site):
-    """A site whose uplink uses the azure profile (MQTT 3.1.1, IoT Hub's static topics)."""
-
-    def text(self, sources: str, *, port: int | None = None, deadline_s: float = DEADLINE_S) -> str:
-        text = super().text(sources, port=port, deadline_s=deadline_s)
-        azure = 'connect_timeout_s = 2.0\nprofile = "azure"\nprotocol = "3.1.1"\nazure_hub = "hub1"\n'
-        return text.replace("connect_timeout_s = 2.0\n", azure)
 
 
 @pytest.fixture(scope="module")
