@@ -165,23 +165,7 @@ def bench_models(rounds: int) -> None:
             client, seen = watch(site.twin, f"{root}/reported")
             for version in range(1, rounds + 1):
                 model = onnx_model(pad_bytes=size, pad_seed=version)
-                card = card_for(model, health=LOOSE_HEALTH)
-                manifest, chunks = make_bundle(
-                    PUMP,
-                    card,
-                    model,
-                    chunk_bytes=chunk_bytes_for("aws"),
-                    acceptance=Acceptance(windows=100_000),
-                )
-                expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-                env = sign(
-                    manifest,
-                    keys=[site.key],
-                    gateway=site.gateway,
-                    version=version,
-                    expires=expires,
-                    kind="model",
-                )
+                _, chunks, env = _signed_bundle(site, model, version, chunk_bytes_for("aws"))
                 t0 = time.monotonic()
                 publish_many(site.twin, chunk_messages(root, env, model))
                 bundle.append(_wait(seen, _in_shadow(version)) - t0)
@@ -251,22 +235,7 @@ def bench_azure_bundle(rounds: int) -> None:
             )
             for version in range(1, rounds + 1):
                 model = onnx_model(pad_bytes=size, pad_seed=version)
-                manifest, chunks = make_bundle(
-                    PUMP,
-                    card_for(model, health=LOOSE_HEALTH),
-                    model,
-                    chunk_bytes=chunk,
-                    acceptance=Acceptance(windows=100_000),
-                )
-                expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-                env = sign(
-                    manifest,
-                    keys=[site.key],
-                    gateway=site.gateway,
-                    version=version,
-                    expires=expires,
-                    kind="model",
-                )
+                manifest, chunks, env = _signed_bundle(site, model, version, chunk)
                 bundle_id = json.loads(manifest)["model"]["sha256"][:32]
                 t0 = time.monotonic()
                 hub.patch_desired(desired_patch("model", env))
@@ -287,6 +256,19 @@ def bench_azure_bundle(rounds: int) -> None:
     print(
         f"| 1 MB bundle on IoT Hub's twin + C2D, patch -> in shadow | {med:.3f} | {max(bundle):.3f} | {med / base:.2f}x |"
     )
+
+
+def _signed_bundle(site: Any, model: bytes, version: int, chunk: int) -> tuple[bytes, list[bytes], bytes]:
+    """Manifest, chunks and signed envelope of a bundle that stays in shadow (its period never ends)."""
+    card = card_for(model, health=LOOSE_HEALTH)
+    manifest, chunks = make_bundle(
+        PUMP, card, model, chunk_bytes=chunk, acceptance=Acceptance(windows=100_000)
+    )
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    env = sign(
+        manifest, keys=[site.key], gateway=site.gateway, version=version, expires=expires, kind="model"
+    )
+    return manifest, chunks, env
 
 
 def _chunks_seen(seen: list[tuple[bool, bytes]]) -> int:
