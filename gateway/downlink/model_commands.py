@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from gateway.downlink.bundles import chunk_bytes_for, make_bundle, parse_manifest
 from gateway.downlink.rollout import add_target_args, signed_for
-from gateway.downlink.signing import read_private_key, sign
+from gateway.downlink.signing import read_private_key, sign, targets
 from gateway.inference.shadow import Acceptance
 from gateway.twin.errors import TwinConfigError
 
@@ -98,6 +98,12 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
 
     envelope, model = args.envelope.read_bytes(), args.model.read_bytes()
     signed = json.loads(envelope)["signed"]
+    named = targets(signed)
+    if named is not None and args.gateway not in named:
+        raise TwinConfigError(
+            f"twin publish-model: {args.envelope} is signed for {signed.get('group') or signed['gateway']}, "
+            f"not {args.gateway}: sign it again"
+        )
     root = f"{args.prefix}/{args.gateway}"
     only: set[int] | None = None
     broker = _broker(args)
