@@ -133,6 +133,16 @@ def test_a_group_rollout_goes_canary_first_and_halts_on_a_rollback_before_the_re
     code, out = _rollout(fleet, bad, capsys)
     assert code == 1
     assert f"{canary.gateway} already accepted revision 3" in out
+    # A revision of a group the other gateway is not in, put on its topic anyway: refused, its
+    # counter untouched (the canary's v3 does not raise it either).
+    (canary.tmp.parent / "ward7.txt").write_text(f"{canary.gateway}\n")
+    rest[0].publish(_sign(fleet, 4, source("bed7-sim")).read_bytes())
+    rep = rest[0].reported(lambda r: bool(r["refused"]), "the outsider's refusal")
+    assert (rep["refused"][-1]["reason"], rep["accepted"], rep["applied"]["version"]) == (
+        "not-in-group",
+        2,
+        2,
+    )
 
 
 def _sign_model(sites: list[FleetSite], version: int, model: bytes) -> tuple[Path, Path]:
