@@ -108,8 +108,9 @@ def test_a_group_rollout_goes_canary_first_and_halts_on_a_rollback_before_the_re
         s.reported(lambda r: r.get("phase") == "running", "running")
 
     good = _sign(fleet, 2, source("bed7-sim") + source("bed12-sim", device="A4:C1:38:00:00:12"))
-    code, out = _rollout(fleet, good, capsys)
+    code, out = _rollout(fleet, good, capsys, "--settle", "1")
     assert code == 0, out
+    assert "all done: watching 1 s more" in out
     assert out.index(f"canary done: {canary.gateway}") < out.index(f"rest: publishing to {rest[0].gateway}")
     for s in fleet:
         rep = s.reported(applied(2), "v2 applied")

@@ -183,10 +183,11 @@ def _publish(args: argparse.Namespace, broker: Any, envelope: bytes, sent: Sent,
 def _watch(
     args: argparse.Namespace, broker: Any, sent: Sent, gateways: list[str], before: dict[str, dict[str, Any]]
 ) -> dict[str, tuple[str, str]]:
-    """Each gateway's verdict once all are done, one halted, or the deadline passed."""
+    """Each gateway's verdict once all are done (and stayed so ``--settle`` s), one halted, or the deadline passed."""
     from gateway.downlink.twin_link import collect_reported  # noqa: PLC0415
 
     end = time.monotonic() + args.deadline
+    settled: float | None = None  # monotonic: all done, and watched until then (a later rollback halts)
     verdicts: dict[str, tuple[str, str]] = {}
     while True:
         found = collect_reported(broker, args.prefix, gateways, _POLL_S)
@@ -195,8 +196,12 @@ def _watch(
             if verdict != verdicts.get(gw):
                 _say(f"  {gw}: {verdict[1]}")
             verdicts[gw] = verdict
-        states = {v[0] for v in verdicts.values()}
-        if HALTED in states or states == {DONE} or time.monotonic() >= end:
+        states, now = {v[0] for v in verdicts.values()}, time.monotonic()
+        if states == {DONE} and settled is None:
+            settled = now + args.settle
+            if args.settle > 0:
+                _say(f"  all done: watching {args.settle:g} s more")
+        if HALTED in states or (settled is not None and now >= settled) or (settled is None and now >= end):
             return verdicts
         time.sleep(_POLL_S / 2)
 
@@ -257,6 +262,12 @@ def add_rollout_command(twin: Any, guard: Any, broker_args: Any) -> None:
     p.add_argument("--canaries", type=int, default=1, help="how many of the first gateways are canaries")
     p.add_argument(
         "--deadline", type=float, default=300.0, help="seconds each stage has to report applied or promoted"
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds a stage must stay done before the next (a model rolled back after promotion halts)",
     )
     p.add_argument(
         "--wait", type=float, default=3.0, help="seconds to collect reported states before sending"
