@@ -92,6 +92,8 @@ def test_the_rollout_judges_a_config_revision_applied_refused_or_rolled_back() -
     assert judge(sent, {**before, "applied": {"version": 3}}, before) == (DONE, "applied, healthy")
     failed = {**before, "applied": {"version": 3}, "units": {"source:a": "failed"}}
     assert judge(sent, failed, before) == (HALTED, "unit(s) source:a not running")
+    down = {**before, "units": {"source:a": "retrying"}}  # down before the send: excused
+    assert judge(sent, failed, down) == (DONE, "applied, healthy")
     rolled = {
         **before,
         "last_rollback": {"version": 3, "reason": "unhealthy", "units": ["source:a"]},

@@ -87,7 +87,13 @@ def judge(sent: Sent, rep: dict[str, Any], before: dict[str, Any]) -> tuple[str,
     refusal = _new_refusal(rep, before, sent.version)
     if refusal is not None:
         return HALTED, f"v{sent.version} refused: {refusal.get('reason')}"
-    bad = sorted(name for name, state in (rep.get("units") or {}).items() if state in _BAD_UNITS)
+    # Units that were down already before the send are excused, as the gateway's own probation does.
+    was = before.get("units") or {}
+    bad = sorted(
+        name
+        for name, state in (rep.get("units") or {}).items()
+        if state in _BAD_UNITS and was.get(name) not in _BAD_UNITS
+    )
     if sent.kind == "model":
         m = (rep.get("models") or {}).get(sent.slot or "") or {}
         last = m.get("last") or {}
