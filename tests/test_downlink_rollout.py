@@ -189,3 +189,27 @@ def test_a_model_rollout_is_promoted_on_the_canary_first_and_halts_when_it_rejec
         last = _pump(s.reported(lambda r: _pump(r).get("active") == 2, "v2 serving"))["last"]
         assert isinstance(last, dict)
         assert (last["version"], last["outcome"]) == (2, "promoted")  # v3 never came
+
+
+@pytest.mark.campaign
+def test_a_model_rolled_back_on_the_canary_while_the_rollout_settles_halts_it(
+    fleet: list[FleetSite], capsys: pytest.CaptureFixture[str]
+) -> None:
+    canary, *rest = fleet
+    (canary.tmp.parent / "ward7.txt").write_text("".join(f"{s.gateway}\n" for s in fleet))
+    # The pump's valve fails 60 s after the start: inputs far out, where the new model turns NaN.
+    fault = '\n[[sources.events]]\nkind = "valve_fault"\nat_s = 60.0\nduration_s = 60.0\n'
+    for s in fleet:
+        s.config.write_text(s.text(PUMP_SITE + fault))
+        s.start()
+    for s in fleet:
+        s.reported(lambda r: _pump(r).get("active") == 0, "the pump model serving")
+    envelope, model = _sign_model(fleet, 2, onnx_model(nan_above=25.0))  # finite on normal windows
+    extra = ["--model", str(model), "--deadline", "120", "--settle", "150"]
+    code, out = _rollout(fleet, envelope, capsys, *extra)
+    assert code == 1, out
+    assert out.index("all done: watching 150 s more") < out.index("HALTED")
+    assert f"HALTED at canary {canary.gateway}: model {PUMP} v2 rolled-back: non-finite-output" in out
+    for s in rest:
+        assert fetch_retained(s.twin, f"{DEFAULT_PREFIX}/{s.gateway}/model", wait_s=1.0) is None
+        assert _pump(s.reported(lambda r: True, "reported"))["active"] == 0
