@@ -159,17 +159,22 @@ def _pump(rep: dict[str, object]) -> dict[str, object]:
     return dict(models.get(PUMP) or {})
 
 
+def _pump_fleet(fleet: list[FleetSite], extra: str = "") -> list[FleetSite]:
+    """Every gateway of the group file runs a pump scored by the shipped model; the fleet."""
+    (fleet[0].tmp.parent / "ward7.txt").write_text("".join(f"{s.gateway}\n" for s in fleet))
+    for s in fleet:
+        s.config.write_text(s.text(PUMP_SITE + extra))
+        s.start()
+    for s in fleet:
+        s.reported(lambda r: _pump(r).get("active") == 0, "the pump model serving")
+    return fleet
+
+
 @pytest.mark.campaign
 def test_a_model_rollout_is_promoted_on_the_canary_first_and_halts_when_it_rejects_one(
     fleet: list[FleetSite], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    canary, *rest = fleet
-    (canary.tmp.parent / "ward7.txt").write_text("".join(f"{s.gateway}\n" for s in fleet))
-    for s in fleet:
-        s.config.write_text(s.text(PUMP_SITE))
-        s.start()
-    for s in fleet:
-        s.reported(lambda r: _pump(r).get("active") == 0, "the pump model serving")
+    canary, *rest = _pump_fleet(fleet)
 
     envelope, model = _sign_model(fleet, 2, onnx_model(pad_bytes=7000))
     code, out = _rollout(fleet, envelope, capsys, "--model", str(model), "--deadline", "120")
@@ -195,15 +200,9 @@ def test_a_model_rollout_is_promoted_on_the_canary_first_and_halts_when_it_rejec
 def test_a_model_rolled_back_on_the_canary_while_the_rollout_settles_halts_it(
     fleet: list[FleetSite], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    canary, *rest = fleet
-    (canary.tmp.parent / "ward7.txt").write_text("".join(f"{s.gateway}\n" for s in fleet))
     # The pump's valve fails 60 s after the start: inputs far out, where the new model turns NaN.
     fault = '\n[[sources.events]]\nkind = "valve_fault"\nat_s = 60.0\nduration_s = 60.0\n'
-    for s in fleet:
-        s.config.write_text(s.text(PUMP_SITE + fault))
-        s.start()
-    for s in fleet:
-        s.reported(lambda r: _pump(r).get("active") == 0, "the pump model serving")
+    canary, *rest = _pump_fleet(fleet, fault)
     envelope, model = _sign_model(fleet, 2, onnx_model(nan_above=25.0))  # finite on normal windows
     extra = ["--model", str(model), "--deadline", "120", "--settle", "150"]
     code, out = _rollout(fleet, envelope, capsys, *extra)
