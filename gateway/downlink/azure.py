@@ -85,9 +85,14 @@ def c2d_prefix(device_id: str) -> str:
     return f"devices/{device_id}/messages/devicebound/"
 
 
+def c2d_chunk_properties(bundle: str, index: int) -> dict[str, str]:
+    """The application properties of chunk ``index`` of ``bundle``'s cloud-to-device message."""
+    return {_BUNDLE: bundle, _CHUNK: str(index)}
+
+
 def c2d_chunk_topic(device_id: str, bundle: str, index: int) -> str:
     """The topic IoT Hub delivers chunk ``index`` of ``bundle`` on (application properties in the bag)."""
-    return f"{c2d_prefix(device_id)}{urlencode({_BUNDLE: bundle, _CHUNK: index})}"
+    return f"{c2d_prefix(device_id)}{urlencode(c2d_chunk_properties(bundle, index))}"
 
 
 def c2d_chunk(topic: str, device_id: str) -> tuple[str, int] | None:

@@ -71,19 +71,24 @@ def chunk_messages(
     root: str, envelope: bytes, model: bytes, only: set[int] | None = None
 ) -> list[tuple[str, bytes]]:
     """The chunk messages of a signed bundle (all, or the indices in ``only``), then its manifest."""
-    manifest = parse_manifest(_content(envelope))
-    part = manifest.model
+    part = parse_manifest(_content(envelope)).model
+    out = [(f"{root}/chunk/{part.id}/{i}", data) for i, data in chunks_of(envelope, model, only)]
+    return [*out, (f"{root}/model", envelope)]
+
+
+def chunks_of(envelope: bytes, model: bytes, only: set[int] | None = None) -> list[tuple[int, bytes]]:
+    """(index, bytes) of the chunks of a signed bundle (all, or those in ``only``); the file checked first."""
+    part = parse_manifest(_content(envelope)).model
     if hashlib.sha256(model).hexdigest() != part.sha256 or len(model) != part.length:
         raise TwinConfigError(
             f"twin publish-model: the model file is not the one signed (SHA-256 {part.sha256[:12]}...): "
             "give the file the bundle was signed with"
         )
-    out = [
-        (f"{root}/chunk/{part.id}/{i}", model[i * part.chunk_bytes : (i + 1) * part.chunk_bytes])
+    return [
+        (i, model[i * part.chunk_bytes : (i + 1) * part.chunk_bytes])
         for i in range(len(part.chunks))
         if only is None or i in only
     ]
-    return [*out, (f"{root}/model", envelope)]
 
 
 def _content(envelope: bytes) -> bytes:
@@ -155,13 +160,13 @@ def _missing_from(path: Path, slot: str, version: int) -> set[int]:
 
 def cmd_azure_model(args: argparse.Namespace) -> int:
     """Write what carries a signed bundle over IoT Hub: the desired patch and the chunks' C2D messages."""
-    from gateway.downlink.azure import C2D_QUEUE_DEPTH, desired_patch  # noqa: PLC0415
+    from gateway.downlink.azure import C2D_QUEUE_DEPTH, c2d_chunk_properties, desired_patch  # noqa: PLC0415
 
     envelope, model = args.envelope.read_bytes(), args.model.read_bytes()
     manifest = parse_manifest(_content(envelope))
     version = int(json.loads(envelope)["signed"]["version"])
     only = _missing_from(args.missing_from, manifest.slot, version) if args.missing_from else None
-    chunks = chunk_messages("", envelope, model, only)[:-1]
+    chunks = chunks_of(envelope, model, only)
     try:
         patch = desired_patch("model", envelope)
     except ValueError as exc:
@@ -170,10 +175,9 @@ def cmd_azure_model(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "desired.json").write_text(json.dumps(patch, separators=(",", ":")) + "\n")
     listing = []
-    for topic, data in chunks:
-        index = int(topic.rsplit("/", 1)[1])
+    for index, data in chunks:
         (out / f"chunk-{index}.bin").write_bytes(data)
-        props = {"et_bundle": manifest.model.id, "et_chunk": str(index)}
+        props = c2d_chunk_properties(manifest.model.id, index)
         listing.append({"file": f"chunk-{index}.bin", "properties": props})
     (out / "messages.json").write_text(json.dumps(listing, indent=1) + "\n")
     _say(
