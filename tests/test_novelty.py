@@ -125,6 +125,17 @@ def test_the_slower_smoothing_scores_window_by_window_as_the_recipe_scores_a_run
     assert PcaFit.from_json(old).spec.ewma_slow == 1.0
 
 
+def test_a_state_keeps_1_0_0_s_key_without_the_slow_block_and_is_not_reused_with_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    plain = NoveltyUse(commissioning_s=150.0)
+    NoveltyModel(plain, hop_s=1.0, state_dir=tmp_path).score_batch(records(machine_rows(150, rng)))
+    (path,) = (tmp_path / "models").glob("novelty-*.json")
+    assert len(json.loads(path.read_text(encoding="utf-8"))["spec"]) == 5  # as 1.0.0 wrote it
+    assert NoveltyModel(plain, hop_s=1.0, state_dir=tmp_path).fit_of("pump-1") is not None
+    slow = NoveltyUse(commissioning_s=150.0, ewma_slow=0.1)
+    assert NoveltyModel(slow, hop_s=1.0, state_dir=tmp_path).fit_of("pump-1") is None
+
+
 def test_adaptation_follows_slow_normal_drift_but_does_not_learn_a_fault() -> None:
     rng = np.random.default_rng(5)
     x = machine_rows(150 + 3000, rng)

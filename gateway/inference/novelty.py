@@ -541,7 +541,9 @@ class NoveltyModel:
 
     def _spec_key(self) -> tuple[float, ...]:
         s = self.spec
-        return (s.lags, s.ewma, s.var_keep, s.far, self._need, s.ewma_slow)
+        key = (s.lags, s.ewma, s.var_keep, s.far, self._need)
+        # Without the slow block the key is 1.0.0's, so states commissioned before it still load.
+        return key if s.ewma_slow >= 1.0 else (*key, s.ewma_slow)
 
     def _save(self, subject: str, subj: _Subject) -> None:
         path = self._path(subject)
