@@ -18,8 +18,11 @@ EVAL = MODELS_DIR / "fusion_skab.eval.json"
 SKAB = Path("/work/shared/data/industrial/skab/data/valve1")
 
 
-def test_the_recorded_choices_keep_the_protocol() -> None:
+@pytest.mark.parametrize("baseline", ["frozen", "following"])
+def test_the_recorded_choices_keep_the_protocol(baseline: str) -> None:
     ev = json.loads(EVAL.read_text(encoding="utf-8"))
+    if baseline == "following":
+        ev = ev["following_baseline"]
     assert len(ev["folds"]) == FOLDS
     for fold in ev["folds"]:
         assert fold["pump"]["weight_pump"] == 1.0

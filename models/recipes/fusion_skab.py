@@ -18,8 +18,10 @@ file come from a model trained without it (the inner 3 folds), so a supervised s
 judged on files it was fitted to; every setting of a candidate (``a`` on 0, 0.1, .. 1, ``tau``, the
 novelty settings) is the one with the best pooled F1 among those whose false-alarm rate on the
 training files is at most 10 % (the aim's bound; the best F1 if none).  The held-out files are
-scored with the pump model trained on all 12 training files and reported pooled.  Baselines are
-frozen at commissioning (the fused verdict would steer a following baseline; not modelled here).
+scored with the pump model trained on all 12 training files and reported pooled.  Baselines
+frozen at commissioning, and (``following_baseline``) the whole protocol again with the pump's
+baseline following slow wander as pump_skab 1.1.0 serves it, steered by the pump model's own
+verdicts (the novelty detector keeps its commissioning standardisation in both).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import itertools
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,8 @@ from models.recipes.pump_skab import (
     fit,
     load,
     logistic,
+    served,
+    tracking,
     window_features,
     z_scores,
 )
@@ -67,11 +72,23 @@ def log_odds_over(p: F64, thr: float) -> F64:
 
 
 def pump_scores(
-    train: list[int], test: list[int], valve: list[Experiment], normal: list[Experiment], w: int
+    train: list[int],
+    test: list[int],
+    valve: list[Experiment],
+    normal: list[Experiment],
+    w: int,
+    follow: bool = False,
 ) -> dict[int, F64]:
-    """``u_pump`` of rows FIT_ROWS.. of each ``test`` file, from a model fitted on ``train``."""
+    """``u_pump`` of rows FIT_ROWS.. of each ``test`` file, from a model fitted on ``train``.
+
+    ``follow``: served window by window with pump_skab 1.1.0's following baseline, steered by the
+    pump model's own verdicts (as the gateway runs it); otherwise the baseline stays frozen.
+    """
     coef, bias, thr = fit(train, valve, normal, w)
-    return {i: log_odds_over(logistic(z_scores(valve[i], w)[0], coef, bias), thr) for i in test}
+    if not follow:
+        return {i: log_odds_over(logistic(z_scores(valve[i], w)[0], coef, bias), thr) for i in test}
+    model = partial(logistic, w=coef, b=bias)
+    return {i: log_odds_over(served(valve[i], w, model, thr, tracking())[0], thr) for i in test}
 
 
 def novelty_scores(valve: list[Experiment]) -> dict[Setting, list[F64]]:
@@ -94,7 +111,7 @@ def best_rule(u: F64, y: B) -> tuple[float, dict[str, float]]:
     return max(ok, key=lambda c: c[1]["f1"])
 
 
-def nested(valve: list[Experiment], normal: list[Experiment]) -> dict[str, Any]:
+def nested(valve: list[Experiment], normal: list[Experiment], follow: bool = False) -> dict[str, Any]:
     """Outer folds by file; every choice on the training files; held-out files pooled."""
     truth = [e.y[FIT_ROWS:] for e in valve]
     nov = novelty_scores(valve)
@@ -108,7 +125,7 @@ def nested(valve: list[Experiment], normal: list[Experiment]) -> dict[str, Any]:
         inner = [train[j::3] for j in range(3)]
         oof: dict[int, F64] = {}
         for part in inner:
-            oof |= pump_scores([i for i in train if i not in part], part, valve, normal, w)
+            oof |= pump_scores([i for i in train if i not in part], part, valve, normal, w, follow)
         up_tr = np.concatenate([oof[i] for i in train])
         y_tr = np.concatenate([truth[i] for i in train])
         s_pump = max(float(np.std(up_tr)), EPS)
@@ -125,7 +142,7 @@ def nested(valve: list[Experiment], normal: list[Experiment]) -> dict[str, Any]:
                     key = (sc["f1"], -sc["far"])
                     if cand not in best or key > (best[cand][2]["f1"], -best[cand][2]["far"]):
                         best[cand] = (tau, (setting, a, s_pca), sc)
-        up_te = pump_scores(train, test, valve, normal, w)
+        up_te = pump_scores(train, test, valve, normal, w, follow)
         record: dict[str, Any] = {"fold": k, "pump_window_s": w}
         for cand, (tau, (setting, a, s_pca), sc) in best.items():
             flags = [a * up_te[i] / s_pump + (1 - a) * nov[setting][i] / s_pca > tau for i in test]
@@ -162,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     valve, normal = load(args.data)
     result = nested(valve, normal)
+    # The same protocol with the pump's baseline following slow wander (pump_skab 1.1.0's serving).
+    result["following_baseline"] = nested(valve, normal, follow=True)
     result["protocol"] = __doc__.split("Protocol")[1].strip() if __doc__ else ""
     text = json.dumps(result, indent=1) + "\n"
     sys.stdout.write(text)
