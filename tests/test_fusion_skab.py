@@ -18,11 +18,11 @@ EVAL = MODELS_DIR / "fusion_skab.eval.json"
 SKAB = Path("/work/shared/data/industrial/skab/data/valve1")
 
 
-@pytest.mark.parametrize("baseline", ["frozen", "following"])
-def test_the_recorded_choices_keep_the_protocol(baseline: str) -> None:
+@pytest.mark.parametrize("variant", ["frozen", "following_baseline", "following_same_window"])
+def test_the_recorded_choices_keep_the_protocol(variant: str) -> None:
     ev = json.loads(EVAL.read_text(encoding="utf-8"))
-    if baseline == "following":
-        ev = ev["following_baseline"]
+    if variant != "frozen":
+        ev = ev[variant]
     assert len(ev["folds"]) == FOLDS
     for fold in ev["folds"]:
         assert fold["pump"]["weight_pump"] == 1.0

@@ -21,7 +21,9 @@ training files is at most 10 % (the aim's bound; the best F1 if none).  The held
 scored with the pump model trained on all 12 training files and reported pooled.  Baselines
 frozen at commissioning, and (``following_baseline``) the whole protocol again with the pump's
 baseline following slow wander as pump_skab 1.1.0 serves it, steered by the pump model's own
-verdicts (the novelty detector keeps its commissioning standardisation in both).
+verdicts (the novelty detector keeps its commissioning standardisation in both); and
+(``following_same_window``) once more with the novelty detector on the pump's window, one
+pipeline window for both as the gateway runs its models.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from models.recipes.common import MODELS_DIR, binary_scores
 from models.recipes.novelty_skab import GRID_EWMA, GRID_VAR, GRID_W, pca_scores
 from models.recipes.pump_skab import (
     FIT_ROWS,
+    WINDOWS,
     Experiment,
     choose_window,
     fit,
@@ -91,10 +94,10 @@ def pump_scores(
     return {i: log_odds_over(served(valve[i], w, model, thr, tracking())[0], thr) for i in test}
 
 
-def novelty_scores(valve: list[Experiment]) -> dict[Setting, list[F64]]:
+def novelty_scores(valve: list[Experiment], windows: tuple[int, ...] = GRID_W) -> dict[Setting, list[F64]]:
     """``u_pca`` of rows FIT_ROWS.. of every file, for every novelty setting."""
     out: dict[Setting, list[F64]] = {}
-    for w in GRID_W:
+    for w in windows:
         feats = [window_features(e.x, w) for e in valve]
         for ewma, var in itertools.product(GRID_EWMA, GRID_VAR):
             out[(w, ewma, var)] = [
@@ -111,10 +114,16 @@ def best_rule(u: F64, y: B) -> tuple[float, dict[str, float]]:
     return max(ok, key=lambda c: c[1]["f1"])
 
 
-def nested(valve: list[Experiment], normal: list[Experiment], follow: bool = False) -> dict[str, Any]:
-    """Outer folds by file; every choice on the training files; held-out files pooled."""
+def nested(
+    valve: list[Experiment], normal: list[Experiment], follow: bool = False, same_window: bool = False
+) -> dict[str, Any]:
+    """Outer folds by file; every choice on the training files; held-out files pooled.
+
+    ``same_window``: the novelty detector on the pump model's window (one pipeline window, as the
+    gateway runs its models) instead of its own grid of windows.
+    """
     truth = [e.y[FIT_ROWS:] for e in valve]
-    nov = novelty_scores(valve)
+    nov = novelty_scores(valve, tuple(sorted(set(WINDOWS))) if same_window else GRID_W)
     held: dict[str, list[B]] = {"pump": [], "pca": [], "fusion": [], "pump_own_threshold": []}
     held_truth: list[B] = []
     folds: list[dict[str, Any]] = []
@@ -130,14 +139,16 @@ def nested(valve: list[Experiment], normal: list[Experiment], follow: bool = Fal
         y_tr = np.concatenate([truth[i] for i in train])
         s_pump = max(float(np.std(up_tr)), EPS)
         best: dict[str, tuple[float, Any, dict[str, float]]] = {}
-        for setting, per_file in nov.items():
+        settings = [g for g in nov if g[0] == w or not same_window]
+        for setting in settings:
+            per_file = nov[setting]
             uc_tr = np.concatenate([per_file[i] for i in train])
             s_pca = max(float(np.std(uc_tr)), EPS)
             for a in WEIGHTS:
                 tau, sc = best_rule(a * up_tr / s_pump + (1 - a) * uc_tr / s_pca, y_tr)
                 name = "pump" if a == 1.0 else "pca" if a == 0.0 else "fusion"
                 for cand in {name, "fusion"}:
-                    if cand == "pump" and setting != next(iter(nov)):
+                    if cand == "pump" and setting != settings[0]:
                         continue  # the pump alone does not depend on the novelty setting
                     key = (sc["f1"], -sc["far"])
                     if cand not in best or key > (best[cand][2]["f1"], -best[cand][2]["far"]):
@@ -181,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     result = nested(valve, normal)
     # The same protocol with the pump's baseline following slow wander (pump_skab 1.1.0's serving).
     result["following_baseline"] = nested(valve, normal, follow=True)
+    # What the gateway could run as it is: one window for both (following baseline).
+    result["following_same_window"] = nested(valve, normal, follow=True, same_window=True)
     result["protocol"] = __doc__.split("Protocol")[1].strip() if __doc__ else ""
     text = json.dumps(result, indent=1) + "\n"
     sys.stdout.write(text)
