@@ -14,7 +14,7 @@ import pytest
 
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.inference.build import ModelsSection
-from gateway.inference.novelty import NoveltyModel, NoveltyUse, PcaSpec, fit_pca, prepare, score_rows
+from gateway.inference.novelty import NoveltyModel, NoveltyUse, PcaFit, PcaSpec, fit_pca, prepare, score_rows
 from gateway.sample import Stream, industrial_metric
 from models.recipes.common import MODELS_DIR
 
@@ -80,12 +80,14 @@ def test_the_model_commissions_explains_persists_and_raises_on_a_fault(tmp_path:
     got = model.score_batch(normal[80:])
     assert got[-1].reason == "commissioning"  # the last one completes commissioning
     assert model.fit_of("pump-1") is not None
-    # Another restart: commissioned already, scored once the smoothing has settled (15 windows).
+    # Another restart: commissioned already, scored once the smoothing has settled (3 / 0.2 = 15).
+    settle = use.lags + math.ceil(3.0 / min(use.ewma, use.ewma_slow))
+    assert settle == 15
     model = NoveltyModel(use, hop_s=1.0, state_dir=tmp_path)
     test = records(machine_rows(300, rng, fault_from=150), start=need)
     res = model.score_batch(test)
-    assert [r.reason for r in res[:16]] == ["commissioning"] * 15 + [""]
-    assert all(math.isfinite(r.score) for r in res[15:])
+    assert [r.reason for r in res[: settle + 1]] == ["commissioning"] * settle + [""]
+    assert all(math.isfinite(r.score) for r in res[settle:])
     flags = np.array([r.anomaly for r in res])
     assert flags[:150].mean() < 0.05
     assert flags[170:].mean() > 0.9
@@ -95,6 +97,43 @@ def test_the_model_commissions_explains_persists_and_raises_on_a_fault(tmp_path:
     model.recommission("pump-1")
     assert model.fit_of("pump-1") is None
     assert not list((tmp_path / "models").glob("novelty-*.json"))
+
+
+def test_the_slower_smoothing_scores_window_by_window_as_the_recipe_scores_a_run() -> None:
+    rng = np.random.default_rng(3)
+    use = NoveltyUse(commissioning_s=150.0, adapt_rate=0.0, ewma=0.5, ewma_slow=0.1)
+    model = NoveltyModel(use, hop_s=1.0)
+    assert model.spec.ewma_slow == 0.1
+    model.score_batch(records(machine_rows(150, rng)))
+    fit = model.fit_of("pump-1")
+    assert fit is not None
+    assert fit.load.shape[0] == 3 * fit.n_inputs  # raw, smoothed, slowly smoothed
+    rows = machine_rows(200, rng, fault_from=120)
+    rows[120:, 3] += np.linspace(0.0, 1.0, 80)  # a slow drift on top of the relation fault
+    got = np.array([r.score for r in model.score_batch(records(rows, start=150))])
+    keyed = rows[:, np.argsort(SIGNALS)]  # the model orders its inputs by name
+    want = score_rows(fit, prepare(keyed, fit.mean, fit.std, fit.spec))[0]
+    settle = math.ceil(3.0 / 0.1)
+    assert np.isnan(got[:settle]).all()
+    np.testing.assert_allclose(got[settle:], want[settle:], rtol=1e-9)
+    # A state saved by 1.0.0 (seven spec entries) still loads, with no slow block.
+    old = fit.to_json()
+    old["spec"] = old["spec"][:7]
+    old["spec"][1] = 1.0
+    old["center"] = old["center"][: fit.n_inputs]
+    old["load"] = old["load"][: fit.n_inputs]
+    assert PcaFit.from_json(old).spec.ewma_slow == 1.0
+
+
+def test_a_state_keeps_1_0_0_s_key_without_the_slow_block_and_is_not_reused_with_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    plain = NoveltyUse(commissioning_s=150.0)
+    NoveltyModel(plain, hop_s=1.0, state_dir=tmp_path).score_batch(records(machine_rows(150, rng)))
+    (path,) = (tmp_path / "models").glob("novelty-*.json")
+    assert len(json.loads(path.read_text(encoding="utf-8"))["spec"]) == 5  # as 1.0.0 wrote it
+    assert NoveltyModel(plain, hop_s=1.0, state_dir=tmp_path).fit_of("pump-1") is not None
+    slow = NoveltyUse(commissioning_s=150.0, ewma_slow=0.1)
+    assert NoveltyModel(slow, hop_s=1.0, state_dir=tmp_path).fit_of("pump-1") is None
 
 
 def test_adaptation_follows_slow_normal_drift_but_does_not_learn_a_fault() -> None:
@@ -142,15 +181,24 @@ def test_gaps_and_missing_inputs_are_indeterminate_and_config_is_strict() -> Non
         ModelsSection.model_validate({"novelty": {"false_alarm_rate": 0.7}})
 
 
-def test_the_shipped_detector_card_matches_the_gateway_defaults() -> None:
+def test_the_shipped_detector_card_states_its_choice_and_the_gateway_defaults() -> None:
     card = json.loads((MODELS_DIR / "novelty.detector.json").read_text(encoding="utf-8"))
     d = NoveltyUse()
-    assert card["chosen"] == {
+    assert card["version"] == "1.1.0"
+    assert card["gateway_defaults"] == {
         "lags": d.lags,
         "ewma": d.ewma,
+        "ewma_slow": d.ewma_slow,
         "var_keep": d.var_keep,
         "false_alarm_rate": 0.01,
     }
+    # The protocol's choice is the grid's lowest tuning miss rate; the gateway's defaults (1.0.0's
+    # choice, no slow block) were a candidate of the same grid and missed more on the tuning faults.
+    grid = {(g["lags"], g["ewma"], g["ewma_slow"], g["var_keep"]): g["tune_mdr"] for g in card["grid"]}
+    c = card["chosen"]
+    assert grid[(c["lags"], c["ewma"], c["ewma_slow"], c["var_keep"])] == min(grid.values())
+    assert c["ewma_slow"] < 1.0
+    assert grid[(d.lags, d.ewma, d.ewma_slow, d.var_keep)] > min(grid.values())
     ev = card["evaluation"]
     assert ev["score_us_per_window_52_inputs"] < d.latency_budget_us
     assert not set(card["tuning_faults"]) & {3, 9, 15, 21}
@@ -163,7 +211,10 @@ def test_the_shipped_tep_figures_are_reproduced_from_the_shared_data() -> None:
     card = json.loads((MODELS_DIR / "novelty.detector.json").read_text(encoding="utf-8"))
     c = card["chosen"]
     runs = load(TEP.parent.parent)
-    fit = fit_pca(runs["d00"], PcaSpec(lags=c["lags"], ewma=c["ewma"], var_keep=c["var_keep"], far=0.01))
+    fit = fit_pca(
+        runs["d00"],
+        PcaSpec(lags=c["lags"], ewma=c["ewma"], var_keep=c["var_keep"], far=0.01, ewma_slow=c["ewma_slow"]),
+    )
     own = card["evaluation"]["own_limits"]["novelty"]
     far = float((novelty_scores(fit, runs["d00_te"])[c["lags"] :] > 1.0).mean())
     assert far == pytest.approx(own["far_d00_te"], abs=1e-4)

@@ -1,7 +1,8 @@
 """Per-machine novelty detection learned from normal operation only: (dynamic) PCA with T² and SPE.
 
 No fault kind is learned.  Each machine (subject) is commissioned on its own first windows: the
-inputs are standardised, optionally smoothed (EWMA over windows) and stacked with ``lags`` earlier
+inputs are standardised, optionally smoothed (EWMA over windows, and a second, slower EWMA beside
+it for drifts over a longer horizon) and stacked with ``lags`` earlier
 windows (dynamic PCA, for slow processes whose normal is a trajectory, not a point); a principal
 subspace keeping ``var_keep`` of the variance is fitted.  A window is scored by
 
@@ -23,7 +24,8 @@ Guarded adaptation: after commissioning, a window well inside normal (score belo
 slowly developing fault is not learned as normal while it is flagged.  The subspace and limits stay
 those of commissioning.
 
-After commissioning and after every restart, the first ``lags + 3 / ewma`` windows only settle
+After commissioning and after every restart, the first ``lags + 3 / ewma`` windows (the slower of
+the two weights) only settle
 the smoothing and the lags (indeterminate, "commissioning"): a smoothed input that starts from one
 raw window is far noisier than those the subspace was fitted on.
 
@@ -55,8 +57,10 @@ __all__ = [
     "NoveltyUse",
     "PcaFit",
     "PcaSpec",
+    "blocks",
     "build_novelty",
     "fit_pca",
+    "gap_rows",
     "min_rows",
     "prepare",
     "score_rows",
@@ -81,6 +85,9 @@ class PcaSpec:
     folds: int = 5
     min_std_rel: float = 0.01
     min_std_abs: float = 1e-3
+    # Weight of a second, slower EWMA block (1 = none): a slow drift (a valve stuck at its
+    # operating point) stands out over a longer horizon than the first smoothing sees.
+    ewma_slow: float = 1.0
 
 
 @dataclass(slots=True)
@@ -106,7 +113,7 @@ class PcaFit:
         """A JSON-able form."""
         s = self.spec
         return {
-            "spec": [s.lags, s.ewma, s.var_keep, s.far, s.folds, s.min_std_rel, s.min_std_abs],
+            "spec": [s.lags, s.ewma, s.var_keep, s.far, s.folds, s.min_std_rel, s.min_std_abs, s.ewma_slow],
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
             "center": self.center.tolist(),
@@ -118,9 +125,18 @@ class PcaFit:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> PcaFit:
         """Back from :meth:`to_json`; raises ValueError/KeyError/TypeError on a bad body."""
-        lags, ewma, var_keep, far, folds, rel, abs_ = raw["spec"]
+        # Seven entries: a state saved before the slow block existed (none).
+        lags, ewma, var_keep, far, folds, rel, abs_, *rest = raw["spec"]
+        (slow,) = rest or [1.0]
         spec = PcaSpec(
-            int(lags), float(ewma), float(var_keep), float(far), int(folds), float(rel), float(abs_)
+            int(lags),
+            float(ewma),
+            float(var_keep),
+            float(far),
+            int(folds),
+            float(rel),
+            float(abs_),
+            float(slow),
         )
         lim_t2, lim_spe, thr = (float(v) for v in raw["limits"])
         fit = cls(
@@ -167,18 +183,23 @@ def _stack(z: F64, lags: int) -> F64:
     return np.hstack([z[lags - j : n - j] for j in range(lags + 1)])
 
 
+def _weights(spec: PcaSpec) -> list[float]:
+    """EWMA weights of the smoothed blocks beside the raw rows, in row order."""
+    return [a for a in (spec.ewma, spec.ewma_slow) if a < 1.0]
+
+
 def blocks(spec: PcaSpec) -> int:
-    """Copies of the inputs in a prepared row: (raw [+ smoothed]) x (lags + 1)."""
-    return (1 if spec.ewma >= 1.0 else 2) * (spec.lags + 1)
+    """Copies of the inputs in a prepared row: (raw [+ smoothed] [+ slowly smoothed]) x (lags + 1)."""
+    return (1 + len(_weights(spec))) * (spec.lags + 1)
 
 
 def _scales(z: F64, spec: PcaSpec) -> F64:
-    """The standardised rows, and beside them their EWMA when smoothing is on.
+    """The standardised rows, and beside them their EWMA (and slower EWMA) when smoothing is on.
 
     Both: smoothing finds slow drifts the raw rows hide in noise, but averages away fast
     oscillations (a sticking valve) that the raw rows show.
     """
-    return z if spec.ewma >= 1.0 else np.hstack([z, _ewma(z, spec.ewma)])
+    return np.hstack([z, *(_ewma(z, a) for a in _weights(spec))])
 
 
 def prepare(x: F64, mean: F64, std: F64, spec: PcaSpec) -> F64:
@@ -209,14 +230,15 @@ def _stats(z: F64, center: F64, load: F64, eig: F64) -> tuple[F64, F64]:
     return t2, spe
 
 
-def _gap(spec: PcaSpec) -> int:
+def gap_rows(spec: PcaSpec) -> int:
     """Rows next to a held-out block that share its lags or most of its smoothing."""
-    return spec.lags + (0 if spec.ewma >= 1.0 else math.ceil(1.0 / spec.ewma))
+    weights = _weights(spec)
+    return spec.lags + (math.ceil(1.0 / min(weights)) if weights else 0)
 
 
 def min_rows(spec: PcaSpec) -> int:
     """Fewest commissioning rows :func:`fit_pca` accepts: every fold's fit keeps at least 20 rows."""
-    return spec.folds * (spec.lags + 5) + 2 * _gap(spec) + 20
+    return spec.folds * (spec.lags + 5) + 2 * gap_rows(spec) + 20
 
 
 def fit_pca(x: F64, spec: PcaSpec) -> PcaFit:
@@ -231,7 +253,7 @@ def fit_pca(x: F64, spec: PcaSpec) -> PcaFit:
     bounds = np.linspace(0, z.shape[0], spec.folds + 1).astype(int)
     oof_t2: list[F64] = []
     oof_spe: list[F64] = []
-    gap = _gap(spec)
+    gap = gap_rows(spec)
     for f in range(spec.folds):
         lo, hi = bounds[f], bounds[f + 1]
         # Rows next to the held-out block share lags/smoothing with it: leave them out of the fit.
@@ -287,9 +309,13 @@ class NoveltyUse(BaseModel):
     features: list[str] = Field(default_factory=lambda: ["mean"])
     commissioning_s: float = Field(1800.0, gt=0, le=30 * 86_400)
     false_alarm_rate: float = Field(0.01, gt=0, lt=0.5)
-    # Defaults: the settings models/recipes/novelty_tep.py chose on its tuning faults.
+    # Defaults: the settings models/recipes/novelty_tep.py chose on its tuning faults in 1.0.0.
+    # Its 1.1.0 choice adds a slower EWMA block (ewma 0.5, ewma_slow 0.1: finds slow drifts
+    # better) but that block cannot follow slow normal drift through the guarded adaptation
+    # below, so it is off unless a site with a steady process asks for it.
     lags: int = Field(0, ge=0, le=10)
     ewma: float = Field(0.2, gt=0, le=1)
+    ewma_slow: float = Field(1.0, gt=0, le=1)  # 1: no slow block
     var_keep: float = Field(0.95, gt=0, lt=1)
     adapt_rate: float = Field(0.001, ge=0, lt=0.5)  # 0: no adaptation
     latency_budget_us: float = Field(2000.0, gt=0)
@@ -305,6 +331,7 @@ class _Subject:
     rows: list[list[float]] = field(default_factory=list)
     fit: PcaFit | None = None
     smooth: F64 | None = None  # EWMA state of the standardised input
+    slow: F64 | None = None  # the slower EWMA's state
     history: deque[F64] = field(default_factory=deque)
     normal_run: int = 0
     adapted: int = 0
@@ -327,7 +354,7 @@ class NoveltyModel:
     ) -> None:
         self.name = name
         self.use = use
-        self.spec = PcaSpec(use.lags, use.ewma, use.var_keep, use.false_alarm_rate)
+        self.spec = PcaSpec(use.lags, use.ewma, use.var_keep, use.false_alarm_rate, ewma_slow=use.ewma_slow)
         self._need = max(min_rows(self.spec), math.ceil(use.commissioning_s / hop_s))
         self._state_dir = state_dir
         self._subjects = frozenset(use.subjects)
@@ -335,7 +362,8 @@ class NoveltyModel:
         self._subj: dict[str, _Subject] = {}
         self.latencies_us: deque[float] = deque(maxlen=4096)
         self.adapt_guard = use.lags + 5
-        self._warmup = use.lags + (0 if use.ewma >= 1.0 else math.ceil(3.0 / use.ewma))
+        slowest = min(use.ewma, use.ewma_slow)
+        self._warmup = use.lags + (0 if slowest >= 1.0 else math.ceil(3.0 / slowest))
 
     @property
     def commissioning_windows(self) -> int:
@@ -411,11 +439,17 @@ class NoveltyModel:
             return ModelResult(nan, False, reason="gap" if gap else "missing_inputs")
         z = (x - fit.mean) / fit.std
         z[~np.isfinite(z)] = 0.0  # an absent input sits at its normal value
-        if subj.smooth is None:
-            subj.smooth = z
+        if subj.smooth is None or subj.slow is None:
+            subj.smooth, subj.slow = z, z
         else:
             subj.smooth = subj.smooth + fit.spec.ewma * (z - subj.smooth)
-        subj.history.appendleft(subj.smooth if fit.spec.ewma >= 1.0 else np.concatenate([z, subj.smooth]))
+            subj.slow = subj.slow + fit.spec.ewma_slow * (z - subj.slow)
+        parts = [z]
+        if fit.spec.ewma < 1.0:
+            parts.append(subj.smooth)
+        if fit.spec.ewma_slow < 1.0:
+            parts.append(subj.slow)
+        subj.history.appendleft(np.concatenate(parts))
         while len(subj.history) > fit.spec.lags + 1:
             subj.history.pop()
         subj.warm += 1
@@ -507,7 +541,9 @@ class NoveltyModel:
 
     def _spec_key(self) -> tuple[float, ...]:
         s = self.spec
-        return (s.lags, s.ewma, s.var_keep, s.far, self._need)
+        key = (s.lags, s.ewma, s.var_keep, s.far, self._need)
+        # Without the slow block the key is 1.0.0's, so states commissioned before it still load.
+        return key if s.ewma_slow >= 1.0 else (*key, s.ewma_slow)
 
     def _save(self, subject: str, subj: _Subject) -> None:
         path = self._path(subject)
