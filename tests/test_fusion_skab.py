@@ -4,6 +4,7 @@ protocol, and one held-out fold is reproduced from the shared data (where it exi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from models.recipes.novelty_skab import pca_scores
 from models.recipes.pump_skab import FIT_ROWS, load, window_features
 
 EVAL = MODELS_DIR / "fusion_skab.eval.json"
-SKAB = Path("/work/shared/data/industrial/skab/data/valve1")
+DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SKAB = DATA / "industrial" / "skab" / "data" / "valve1"
 
 
 @pytest.mark.parametrize("variant", ["frozen", "following_baseline", "following_same_window"])
@@ -43,7 +45,7 @@ def test_the_recorded_choices_keep_the_protocol(variant: str) -> None:
         assert min(f1s) - 1e-9 <= held[cand]["f1"] <= max(f1s) + 1e-9
 
 
-@pytest.mark.skipif(not SKAB.is_dir(), reason="SKAB valve1 not in /work/shared/data")
+@pytest.mark.skipif(not SKAB.is_dir(), reason=f"SKAB valve1 not found under {DATA} (set EDGETWIN_DATA)")
 def test_the_first_held_out_fold_is_reproduced_from_the_shared_data() -> None:
     ev = json.loads(EVAL.read_text(encoding="utf-8"))
     rec = ev["folds"][0]
