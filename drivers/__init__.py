@@ -1,20 +1,20 @@
 """The driver registry: one explicit line per driver, read only by the composition root.
 
-Each entry names the driver's config model (imported here: ``config.py`` must need nothing beyond
-the core dependencies) and a factory that imports ``driver.py`` only when a source of that driver
-is built, so a driver whose optional extra is not installed costs nothing until it is used.
+Each entry names the driver's config model and a factory that imports ``driver.py`` only when a
+source of that driver is built, so a driver whose optional extra is not installed costs nothing
+until it is used.  The config model (``config.py``: it must need nothing beyond the core
+dependencies) is imported when the registry is first asked for that driver: a gateway with one
+kind of source does not hold the validators of the others (~1 MB of a one-source service).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, cast
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple, cast
 
-from drivers.ble.config import BleConfig
-from drivers.mcu.config import McuConfig
-from drivers.opcua.config import OpcUaConfig
-from drivers.serial.config import SerialConfig
-from drivers.sim.config import SimConfig
+from pydantic import BaseModel
+
 from gateway.contracts import Driver, DriverSpec, SourceInfo
 from gateway.errors import ConfigError
 
@@ -42,38 +42,54 @@ class _LazyFactory:
         return f"_LazyFactory({self.module!r})"
 
 
-REGISTRY: dict[str, DriverSpec] = {
-    "sim": DriverSpec(
-        "sim",
-        SimConfig,
-        _LazyFactory("drivers.sim.driver"),
-        "synthetic patient and pump streams with labelled events",
-    ),
-    "opcua": DriverSpec(
-        "opcua",
-        OpcUaConfig,
-        _LazyFactory("drivers.opcua.driver"),
-        "OPC UA subscriptions (PLCs) with verified recovery, security and per-node health",
-    ),
-    "mcu": DriverSpec(
-        "mcu",
-        McuConfig,
-        _LazyFactory("drivers.mcu.driver"),
-        "microcontroller sensor nodes over a framed serial link, signed firmware updates",
-    ),
-    "ble": DriverSpec(
-        "ble",
-        BleConfig,
-        _LazyFactory("drivers.ble.driver"),
-        "BLE health wearables (heart rate, pulse oximeter, thermometer, blood pressure) over BlueZ",
-    ),
-    "serial": DriverSpec(
-        "serial",
-        SerialConfig,
-        _LazyFactory("drivers.serial.driver"),
-        "pulse oximeters on RS-232/USB serial: Nonin, Masimo, Contec",
-    ),
-}
+class _Entry(NamedTuple):
+    config_model: str  # class name in ``drivers/<name>/config.py``
+    summary: str
+
+
+class _Registry(Mapping[str, DriverSpec]):
+    """The drivers by name; each one's spec (and its config module) is built on first use."""
+
+    def __init__(self, entries: Mapping[str, _Entry]) -> None:
+        self._entries = dict(entries)
+        self._specs: dict[str, DriverSpec] = {}
+
+    def __getitem__(self, name: str) -> DriverSpec:
+        spec = self._specs.get(name)
+        if spec is None:
+            entry = self._entries[name]  # KeyError for a driver that is not registered
+            module = importlib.import_module(f"drivers.{name}.config")
+            model = cast("type[BaseModel]", getattr(module, entry.config_model))
+            spec = DriverSpec(name, model, _LazyFactory(f"drivers.{name}.driver"), entry.summary)
+            self._specs[name] = spec
+        return spec
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"_Registry({sorted(self._entries)!r})"
+
+
+REGISTRY: Mapping[str, DriverSpec] = _Registry(
+    {
+        "sim": _Entry("SimConfig", "synthetic patient and pump streams with labelled events"),
+        "opcua": _Entry(
+            "OpcUaConfig", "OPC UA subscriptions (PLCs) with verified recovery, security and per-node health"
+        ),
+        "mcu": _Entry(
+            "McuConfig", "microcontroller sensor nodes over a framed serial link, signed firmware updates"
+        ),
+        "ble": _Entry(
+            "BleConfig",
+            "BLE health wearables (heart rate, pulse oximeter, thermometer, blood pressure) over BlueZ",
+        ),
+        "serial": _Entry("SerialConfig", "pulse oximeters on RS-232/USB serial: Nonin, Masimo, Contec"),
+    }
+)
 
 #: Modules that add CLI subcommands (``edgetwin scan ...``, ``edgetwin sim ...``) through an
 #: ``add_commands(groups)`` function; the CLI skips one whose optional dependencies are missing.

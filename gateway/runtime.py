@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from gateway import logs
 from gateway.alarms import fold_device_alarm, with_priority
@@ -43,7 +43,6 @@ from gateway.inference.build import build_models, plausibility_checker
 from gateway.inference.coverage import log_coverage
 from gateway.inference.novelty import build_novelty
 from gateway.inference.rhythm import RhythmMonitor
-from gateway.inference.shadow import open_slots
 from gateway.inference.streams import build_stream_change
 from gateway.legend import FILE_NAME as LEGEND_FILE
 from gateway.legend import Legend
@@ -60,6 +59,9 @@ from gateway.records.thin import Thinner
 from gateway.sample import Quality, Sample, SampleBlock
 from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 from gateway.timebase import TimeBase
+
+if TYPE_CHECKING:
+    from gateway.inference.shadow import Slot
 
 log = logging.getLogger(__name__)
 
@@ -588,7 +590,11 @@ async def _supervise(
         log.error("%s", exc)
         return EXIT_CONFIG
     # Each model in a slot: the version promoted over the downlink serves, a new one runs in shadow.
-    slots = await asyncio.to_thread(open_slots, models, core.gateway.state_dir)
+    slots: list[Slot] = []
+    if models:  # the shadow slots (and the model runner under them) load only with models
+        from gateway.inference.shadow import open_slots  # noqa: PLC0415
+
+        slots = await asyncio.to_thread(open_slots, models, core.gateway.state_dir)
     log_coverage(config)
     # Per-machine novelty detection ([models.novelty]) and the per-stream detector for subjects
     # no model scores ([models.streams]), beside the carded models.

@@ -4,9 +4,30 @@
 subject feed which estimator; :class:`~gateway.estimation.stage.Estimation` runs them on samples
 as they arrive and sends each estimate as an ``estimate`` record (value, standard deviation,
 state, the sources that fed it with their shares; ``docs/records.md``).
+
+The names are imported on first use (PEP 562): the config reads ``[estimators]`` with
+:mod:`gateway.estimation.config` alone, without the estimators and their models.
 """
 
-from gateway.estimation.config import EstimatorsSection
-from gateway.estimation.stage import Estimation
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.estimation.config import EstimatorsSection
+    from gateway.estimation.stage import Estimation
+
+_HOME = {"Estimation": "stage", "EstimatorsSection": "config"}
 
 __all__ = ["Estimation", "EstimatorsSection"]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported from its submodule when first asked for."""
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value

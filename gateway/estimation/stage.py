@@ -16,14 +16,14 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.contracts import Alarm, Estimate
-from gateway.estimation.battery import BatteryState
 from gateway.estimation.config import EstimatorsSection
-from gateway.estimation.fusion import FusedRate
-from gateway.estimation.rul import RulEstimator, RulModel, load_rul_model
 from gateway.sample import Sample, SampleBlock, Stream
+
+if TYPE_CHECKING:
+    from gateway.estimation.rul import RulModel
 
 __all__ = ["SAVE_EVERY_S", "Estimation", "Estimator"]
 
@@ -71,13 +71,24 @@ class Estimation:
         now_wall: float = 0.0,
         models_dir: Path | None = None,
     ) -> None:
-        self.estimators: list[Any] = [
-            FusedRate(spec, kinds.get(spec.subject, "medical"), emit) for spec in section.fusion
-        ]
-        self.estimators += [
-            BatteryState(spec, kinds.get(spec.subject, "industrial"), emit, alarm) for spec in section.battery
-        ]
+        # Each estimator's module is imported when the config has one of its kind: a gateway
+        # without [estimators] does not load them (nor the models they pull in).
+        self.estimators: list[Any] = []
+        if section.fusion:
+            from gateway.estimation.fusion import FusedRate  # noqa: PLC0415 - only with fusion
+
+            self.estimators += [
+                FusedRate(spec, kinds.get(spec.subject, "medical"), emit) for spec in section.fusion
+            ]
+        if section.battery:
+            from gateway.estimation.battery import BatteryState  # noqa: PLC0415 - only with battery
+
+            self.estimators += [
+                BatteryState(spec, kinds.get(spec.subject, "industrial"), emit, alarm)
+                for spec in section.battery
+            ]
         if section.rul:
+            from gateway.estimation.rul import RulEstimator, load_rul_model  # noqa: PLC0415 - only with RUL
             from gateway.inference.build import default_models_dir  # noqa: PLC0415 - only with RUL
 
             directory = models_dir or default_models_dir()

@@ -12,16 +12,17 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.errors import ConfigError
-from gateway.inference.card import CARD_SUFFIX, load_card
 from gateway.inference.novelty import NoveltyUse
 from gateway.inference.plausibility import DEFAULT_RULES, PlausibilityChecker, Rule
-from gateway.inference.runner import AnomalyModel
 from gateway.inference.streams import StreamUse
+
+if TYPE_CHECKING:
+    from gateway.inference.runner import AnomalyModel
 
 __all__ = ["ModelUse", "ModelsSection", "PlausibilityRule", "build_models", "default_models_dir"]
 
@@ -81,6 +82,8 @@ class ModelsSection(_Section):
 
 def default_models_dir() -> Path:
     """The shipped ``models/`` folder: beside the ``gateway`` package, else the ``models`` package."""
+    from gateway.inference.card import CARD_SUFFIX  # noqa: PLC0415 - cards are read only with models
+
     beside = Path(__file__).resolve().parents[2] / "models"
     if any(beside.glob(f"*{CARD_SUFFIX}")):
         return beside
@@ -117,9 +120,15 @@ def build_models(
     ``hop_s`` turns a card's commissioning span into a number of windows; a pipeline ``window_s``
     other than the card's is allowed (per-machine normalisation absorbs part of it) but logged.
     """
-    directory = section.dir or default_models_dir()
     checker = plausibility_checker(section)
     out: list[AnomalyModel] = []
+    if not section.use:
+        # Without models the runner, its backends (onnxruntime, LiteRT) and the cards stay unloaded.
+        return out
+    from gateway.inference.card import CARD_SUFFIX, load_card  # noqa: PLC0415 - only with models
+    from gateway.inference.runner import AnomalyModel  # noqa: PLC0415 - only with models
+
+    directory = section.dir or default_models_dir()
     seen: set[str] = set()
     for use in section.use:
         if use.name in seen:

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.alarms.config import AlarmsSection, merged_limits
 from gateway.inference.build import ModelsSection, default_models_dir, plausibility_checker
-from gateway.inference.card import CARD_SUFFIX, ModelCard, input_matches, load_card
 from gateway.inference.plausibility import PlausibilityChecker
 from gateway.sample import MDC
 
 if TYPE_CHECKING:
     from gateway.config import Config
+    from gateway.inference.card import ModelCard
 
 __all__ = [
     "ModelCoverage",
@@ -102,8 +102,12 @@ def _for(want_kind: str, subjects: Sequence[str], kind: str, subject: str) -> bo
 
 
 def _cards(section: ModelsSection) -> dict[str, ModelCard]:
-    directory = section.dir or default_models_dir()
     out: dict[str, ModelCard] = {}
+    if not section.use:  # a gateway without models does not load the cards' module
+        return out
+    from gateway.inference.card import CARD_SUFFIX, load_card  # noqa: PLC0415 - only with models
+
+    directory = section.dir or default_models_dir()
     for use in section.use:
         path = directory / f"{use.name}{CARD_SUFFIX}"
         if path.exists():  # a missing card is reported by build_problems
@@ -138,6 +142,8 @@ def subject_coverage(
                 continue
             if card.subject_kind != kind or metrics is None:
                 continue
+            from gateway.inference.card import input_matches  # noqa: PLC0415 - loaded with a card
+
             found: dict[str, str] = {}
             for spec in card.inputs:
                 hit = next(
