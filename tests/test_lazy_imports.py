@@ -1,0 +1,175 @@
+"""What a running gateway imports: a one-source service without models loads no model code.
+
+Each test runs the ``edgetwin run`` command as the service runs (its ``main`` in a subprocess, with
+the MQTT uplink to a local mosquitto with TLS), stops it with SIGTERM once it is ready, and reads
+the names in ``sys.modules`` that an exit hook wrote as the process ended: every module it
+imported, at start-up or later, by an import statement or by ``importlib`` (which
+``-X importtime`` does not show).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from uplink_support import mosquitto_pki, running_broker
+
+from gateway.uplink.broker import MosquittoBroker
+from gateway.uplink.certs import DemoPKI
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Model code (the runner, its backends and runtimes, cards, shadow slots), the estimators, and the
+# config models of drivers the config does not use.
+NOT_FOR_ONE_SOURCE = (
+    "onnxruntime",
+    "ai_edge_litert",
+    "tflite_runtime",
+    "gateway.inference.runner",
+    "gateway.inference.backends",
+    "gateway.inference.card",
+    "gateway.inference.shadow",
+    "gateway.estimation.fusion",
+    "gateway.estimation.battery",
+    "gateway.estimation.rul",
+    "drivers.opcua",
+    "drivers.ble",
+    "drivers.mcu",
+    "drivers.serial",
+    "asyncua",
+    "bleak",
+    "serial",
+)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DemoPKI:
+    return mosquitto_pki(tmp_path_factory)
+
+
+@pytest.fixture
+def broker(tmp_path: Path, pki: DemoPKI) -> Iterator[MosquittoBroker]:
+    yield from running_broker(tmp_path, pki)
+
+
+def _config(tmp: Path, pki: DemoPKI, broker: MosquittoBroker, models: str) -> Path:
+    path = tmp / "edgetwin.toml"
+    path.write_text(
+        f"""
+[gateway]
+name = "bed-hub"
+state_dir = "{tmp / "state"}"
+
+[uplink]
+kind = "mqtt"
+
+[uplink.mqtt]
+host = "{broker.host}"
+port = {broker.port}
+ca_file = "{pki.ca_file}"
+cert_file = "{pki.gateway.cert}"
+key_file = "{pki.gateway.key}"
+
+[models]
+use = [{models}]
+
+[runtime]
+drain_deadline_s = 5.0
+
+[[sources]]
+name = "bed1"
+driver = "sim"
+subject = "bed-1"
+kind = "medical"
+profile = "patient"
+device = "A4:C1:38:5B:20:7E"
+"""
+    )
+    return path
+
+
+# The command's entry point with one hook: at exit, the names of every module the process holds.
+RUN = """
+import atexit, json, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
+from gateway.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def imported_by_a_run(config: Path) -> set[str]:
+    """Every module ``edgetwin run`` imported from its start until it was ready and stopped."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("NOTIFY_SOCKET", None)
+    modules = config.with_name("modules.json")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN, str(modules), "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "gateway ready" in line:
+                ready.set()
+
+    reader = threading.Thread(target=read, name="test:gateway-stderr", daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90.0
+        while not ready.wait(0.1) and proc.poll() is None and time.monotonic() < deadline:
+            pass
+        assert ready.is_set(), "edgetwin run never got ready:\n" + "".join(lines[-30:])
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(timeout=5)
+        reader.join(timeout=5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert code == 0, "".join(lines[-30:])
+    return set(json.loads(modules.read_text()))
+
+
+def _loaded(modules: set[str], prefix: str) -> list[str]:
+    return sorted(m for m in modules if m == prefix or m.startswith(prefix + "."))
+
+
+def test_one_source_without_models_loads_no_model_code(
+    tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker
+) -> None:
+    modules = imported_by_a_run(_config(tmp_path, pki, broker, ""))
+    # What the service does use was seen: the list is the run's, not an empty one.
+    for needed in ("drivers.sim.driver", "gateway.uplink.mqtt", "gateway.inference.plausibility"):
+        assert needed in modules, needed
+    loaded = {p: _loaded(modules, p) for p in NOT_FOR_ONE_SOURCE}
+    assert not any(loaded.values()), {p: m for p, m in loaded.items() if m}
+
+
+def test_with_a_model_the_runner_and_its_runtime_load(
+    tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker
+) -> None:
+    modules = imported_by_a_run(_config(tmp_path, pki, broker, '{ name = "vitals_mimic" }'))
+    assert "gateway.inference.runner" in modules
+    assert "gateway.inference.shadow" in modules
+    assert _loaded(modules, "onnxruntime") or _loaded(modules, "ai_edge_litert")
+    assert not _loaded(modules, "drivers.opcua")
