@@ -27,8 +27,8 @@ from gateway.uplink.certs import DemoPKI
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Model code (the runner, its backends and runtimes, cards, shadow slots), the estimators, and the
-# config models of drivers the config does not use.
+# Model code (the runner, its backends and runtimes, cards, shadow slots), the estimators, the
+# config models of drivers the config does not use, and what serves features it leaves off.
 NOT_FOR_ONE_SOURCE = (
     "onnxruntime",
     "ai_edge_litert",
@@ -47,6 +47,14 @@ NOT_FOR_ONE_SOURCE = (
     "asyncua",
     "bleak",
     "serial",
+    # Off in this config: the status page, Sparkplug B, units-aware rules; certificate expiry is
+    # read with the ssl module's decoder.
+    "aiohttp",
+    "gateway.observe.web",
+    "gateway.uplink.sparkplug.node",
+    "google.protobuf",
+    "pint",
+    "cryptography",
 )
 
 
