@@ -1,7 +1,11 @@
 """Ingest ceiling per driver kind: the offered rate at which the gateway's loop falls behind,
 beside a minimal client reading the same peer in the same run.
 
-Run: ``.venv/bin/python tests/benchmarks/bench_peers.py [--kinds serial,opcua] [--seconds 3]``
+Run: ``.venv/bin/python tests/benchmarks/bench_peers.py [--kinds serial,opcua,ble,peers] [--seconds 3]``
+
+``--kinds peers`` is the OPC UA subscribe -> MQTT comparison on a node-opcua server: edgetwin
+(``edgetwin run``) beside a bare asyncua client, a plain asyncua -> paho bridge and Node-RED with
+node-red-contrib-opcua, each in its own process on one CPU (``opcua_peers.py`` says how).
 
 The measured process is pinned to one CPU; the peer runs in its own process on another CPU where
 there is one.  The offered rate rises step by step; at each step both readers get the same
@@ -306,7 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="serial,opcua,ble")
     ap.add_argument("--ble-n", type=int, default=3000, help="BLE notifications per burst")
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--items", type=int, default=1000, help="peers: OPC UA items on the node-opcua server")
+    ap.add_argument("--period-ms", type=float, default=100.0, help="peers: how often every item changes")
+    ap.add_argument("--peer-seconds", type=float, default=55.0, help="peers: measured window per subject")
+    ap.add_argument(
+        "--quota", type=float, help="peers: each subject under this CPU quota of its core (Pi profile: 0.35)"
+    )
+    ap.add_argument("--only", default="", help="peers: comma-separated words picking subjects by name")
+    ap.add_argument("--models", help="peers: edgetwin's [models] use = [...] entries (default: pump_skab)")
     args = ap.parse_args(argv)
+    if args.kinds == "peers":
+        return peers(args)
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpus[0]})
     print(f"gateway side pinned to CPU {cpus[0]}; load average {os.getloadavg()[0]:.1f}")
@@ -351,6 +365,35 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {steps} | {'>= ' if open_b else ''}{b:,.0f} | {'>= ' if open_o else ''}{o:,.0f} | "
             f"{ratio} | {note} |"
         )
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+def peers(args: argparse.Namespace) -> int:
+    """OPC UA subscribe -> MQTT: edgetwin and its peers, one after another on a node-opcua server."""
+    import tempfile  # noqa: PLC0415
+
+    import opcua_peers  # noqa: PLC0415 - the peers and their processes live there
+
+    print(f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    only = {w.strip().lower() for w in args.only.split(",") if w.strip()} or None
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
+        results, server = opcua_peers.run(
+            Path(tmp),
+            args.items,
+            args.period_ms,
+            args.peer_seconds,
+            args.models or opcua_peers.PUMP_MODEL,
+            only,
+        )
+    print()
+    print(
+        f"OPC UA, {args.items:,} items every {args.period_ms:g} ms ({server}), each subject "
+        f"{args.peer_seconds:g} s after a {opcua_peers.WARMUP_S:g} s warm-up"
+        + (f", under a CPU quota of {args.quota:g} of one core" if args.quota else ", one core each")
+        + "; ratios against edgetwin"
+    )
+    print("\n".join(opcua_peers.table(results)))
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     return 0
 
