@@ -43,8 +43,6 @@ class TcpProxy:
         self.reset_p = 0.0
         self.connections = 0  # accepted so far
         self.resets_made = 0
-        self.bytes_up = 0  # relayed client -> upstream (TLS records as sent)
-        self.bytes_down = 0  # relayed upstream -> client
         self._rng = random.Random(seed)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy", daemon=True)
@@ -144,8 +142,8 @@ class TcpProxy:
         self._writers.add(up_w)
         pair = (client_w, up_w)
         for task in (
-            asyncio.create_task(self._pipe(client_r, up_w, pair, up=True), name="tcp-proxy:up"),
-            asyncio.create_task(self._pipe(up_r, client_w, pair, up=False), name="tcp-proxy:down"),
+            asyncio.create_task(self._pipe(client_r, up_w, pair), name="tcp-proxy:up"),
+            asyncio.create_task(self._pipe(up_r, client_w, pair), name="tcp-proxy:down"),
         ):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -155,8 +153,6 @@ class TcpProxy:
         src: asyncio.StreamReader,
         dst: asyncio.StreamWriter,
         pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
-        *,
-        up: bool,
     ) -> None:
         # Chunks wait in a queue with their due time, so latency delays without reordering.
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -168,10 +164,6 @@ class TcpProxy:
                     for w in pair:
                         self._reset(w)
                     return
-                if up:
-                    self.bytes_up += len(data)
-                else:
-                    self.bytes_down += len(data)
                 await queue.put((time.monotonic() + self.delay_s, data))
             await queue.put((time.monotonic() + self.delay_s, b""))  # EOF, after what came before
             await sender

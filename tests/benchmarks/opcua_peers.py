@@ -13,9 +13,9 @@ each subject subscribes to all of them in a process of its own pinned to one CPU
 
 The server, the broker and this process share the other CPU.  Each subject's figures come from
 outside it: changes/s from its own counter (edgetwin: ``edgetwin_samples_total`` on /metrics), CPU
-and RSS from /proc, bytes on the wire from a TCP relay in front of the broker that counts what the
-subject sends (TLS included), time to first record from the subject's start to the first message
-a subscriber on the broker receives from it.  Node-RED, node-red-contrib-opcua and node-opcua are
+and RSS from /proc, bytes on the wire from the kernel's count of what the subject's sockets sent to
+the broker (``ss``: TLS records as TCP payload, no relay in between), time to first record from the
+subject's start to the first message a subscriber on the broker receives from it.  Node-RED, node-red-contrib-opcua and node-opcua are
 installed from ``peers/package-lock.json`` into a cache folder on first use (``npm ci``); where
 node, npm or the registry is not at hand the Node.js peers are skipped with the reason.
 """
@@ -42,10 +42,7 @@ from typing import IO, Any
 import pi_profile
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from tcp_proxy import TcpProxy  # noqa: E402 - the tests' relay, here counting the bytes a subject sends
-
 from gateway.uplink.broker import MosquittoBroker, free_port  # noqa: E402
 
 PEERS = Path(__file__).resolve().parent / "peers"
@@ -181,6 +178,29 @@ class FirstMessage:
         """Disconnect."""
         self._client.loop_stop()
         self._client.disconnect()
+
+
+def wire_sent(pid: int, port: int) -> int:
+    """Bytes process ``pid`` has sent to TCP ``port`` on its open connections (the kernel's tcp_info)."""
+    out = subprocess.run(
+        ["ss", "-tnpiH", "state", "established", "dport", "=", f":{port}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return sum_sent(out, pid)
+
+
+def sum_sent(ss_output: str, pid: int) -> int:
+    """The ``bytes_sent`` of every socket of ``pid`` in ``ss -tnpi`` output (socket line, then info line)."""
+    total = 0
+    owned = False
+    for line in ss_output.splitlines():
+        if not line[:1].isspace():
+            owned = f"pid={pid}," in line
+        elif owned and (m := re.search(r"\bbytes_sent:(\d+)", line)):
+            total += int(m.group(1))
+    return total
 
 
 def _cpu_s(pid: int) -> float:
@@ -331,7 +351,7 @@ def measure(
     server: Server,
     seconds: float,
     cpu: int,
-    wire: TcpProxy | None,
+    broker_port: int,
     first: FirstMessage | None,
     log_file: Path,
     procs: Path | None = None,
@@ -364,10 +384,10 @@ def measure(
         _steady(subject, proc)
         time.sleep(WARMUP_S)
         c0, p0, t0 = subject.count(proc), _cpu_s(proc.pid), time.monotonic()
-        o0, s0 = server.offered.value, wire.bytes_up if wire else 0
+        o0, s0 = server.offered.value, wire_sent(proc.pid, broker_port)
         time.sleep(seconds)
         c1, p1, t1 = subject.count(proc), _cpu_s(proc.pid), time.monotonic()
-        o1, s1 = server.offered.value, wire.bytes_up if wire else 0
+        o1, s1 = server.offered.value, wire_sent(proc.pid, broker_port)
         rss, peak = _rss_mb(proc.pid)
         if first is not None and subject.wire:
             # A window-based record may come later than the changes: give it the run's length.
@@ -385,10 +405,13 @@ def measure(
         rss_mb=rss,
         peak_mb=peak,
         at_s=t1 - t_start,
-        wire_kb_s=(s1 - s0) / (t1 - t0) / 1024 if subject.wire and wire else None,
+        wire_kb_s=(s1 - s0) / (t1 - t0) / 1024 if subject.wire else None,
         first_record_s=(first.at - t_start)
         if first is not None and first.at is not None and subject.wire
         else None,
+        note=f"first topic {first.topic}"
+        if first is not None and first.at is not None and subject.wire
+        else "",
     )
 
 
@@ -481,64 +504,65 @@ def run(
     if modules is None:
         return [Result("node-opcua server", "", skipped=why)], ""
     hz = 1000.0 / period_ms
-    server = Server(modules, free_port(), items, period_ms, tmp / "server", other)
+    port = free_port()
+
+    def serve() -> Server:
+        return Server(modules, port, items, period_ms, tmp / "server", other)
+
+    probe = serve()  # the endpoint and the namespace index, the same in every fresh server
+    endpoint, namespace = probe.endpoint, probe.namespace
+    probe.stop()
     counters: dict[int, LineCounter] = {}
     import asyncua  # noqa: PLC0415
     import paho.mqtt  # noqa: PLC0415
 
-    try:
-        with _broker(tmp) as (mqtt, _), TcpProxy(mqtt["host"], mqtt["port"]) as wire:
-            first = FirstMessage(mqtt["host"], mqtt["port"], mqtt["ca"], mqtt["twin_cert"], mqtt["twin_key"])
-            relayed = {**mqtt, "port": wire.port}
-            py = [sys.executable, str(PEERS / "ua_client.py")]
-            http_port = free_port()
-            subjects = [
-                Subject("bare asyncua client", f"asyncua {asyncua.__version__}",
-                        [*py, "count", server.endpoint, str(items)],
-                        lambda p: _child_count(p, counters), wire=False),
-                Subject("edgetwin", f"edgetwin run, asyncua {asyncua.__version__}",
-                        [str(EDGETWIN), "run", "--config",
-                         str(edgetwin_config(tmp / "gw", server.endpoint, items, hz, relayed, http_port, models))],
-                        _http_count(f"http://127.0.0.1:{http_port}/metrics",
-                                    lambda t: prom_total(t, "edgetwin_samples_total"))),
-                Subject("asyncua -> paho bridge",
-                        f"asyncua {asyncua.__version__}, paho-mqtt {paho.mqtt.__version__}",
-                        [*py, "bridge", server.endpoint, str(items), relayed["host"], str(relayed["port"]),
-                         mqtt["ca"], mqtt["cert"], mqtt["key"]],
-                        lambda p: _child_count(p, counters)),
-            ]  # fmt: skip
-            red_port = free_port()
-            user_dir = tmp / "nodered"
-            user_dir.mkdir()
-            ids = [f"ns={server.namespace};s=Pump1.Bench.Item{i:04d}" for i in range(items)]
-            flow = nodered_flow(server.endpoint, ids, 50, relayed)
-            (user_dir / "flows.json").write_text(json.dumps(flow))
-            # Node-RED finds the contrib node in its userDir's node_modules: link the cached install.
-            (user_dir / "node_modules").symlink_to(modules / "node_modules")
-            (user_dir / "package.json").write_text(
-                json.dumps({"name": "bench-nodered", "dependencies": {"node-red-contrib-opcua": "*"}})
-            )
-            red = (
-                f"Node-RED {npm_version(modules, 'node-red')}, node-red-contrib-opcua "
-                f"{npm_version(modules, 'node-red-contrib-opcua')}, node {_node_version()}"
-            )
-            red_argv = ["node", str(modules / "node_modules" / "node-red" / "red.js"), "--userDir", str(user_dir),
-                        "--port", str(red_port), "flows.json"]  # fmt: skip
-            red_count = _http_count(
-                f"http://127.0.0.1:{red_port}/bench-count", lambda t: float(json.loads(t)["n"])
-            )
-            subjects.append(Subject("Node-RED + node-red-contrib-opcua", red, red_argv, red_count))
-            lift = {
-                "NODE_OPTIONS": f"--require {PEERS / 'lift_cap.js'}",
-                "EDGETWIN_BENCH_MODULES": str(modules / "node_modules"),
-            }
-            subjects.append(Subject("Node-RED, notifications cap lifted", red, red_argv, red_count, env=lift))
-            try:
-                results = _each(subjects, only, quota, server, seconds, cpu, wire, first, tmp)
-            finally:
-                first.close()
-    finally:
-        server.stop()
+    with _broker(tmp) as (mqtt, _):
+        first = FirstMessage(mqtt["host"], mqtt["port"], mqtt["ca"], mqtt["twin_cert"], mqtt["twin_key"])
+        py = [sys.executable, str(PEERS / "ua_client.py")]
+        http_port = free_port()
+        subjects = [
+            Subject("bare asyncua client", f"asyncua {asyncua.__version__}",
+                    [*py, "count", endpoint, str(items)], lambda p: _child_count(p, counters), wire=False),
+            Subject("edgetwin", f"edgetwin run, asyncua {asyncua.__version__}",
+                    [str(EDGETWIN), "run", "--config",
+                     str(edgetwin_config(tmp / "gw", endpoint, items, hz, mqtt, http_port, models))],
+                    _http_count(f"http://127.0.0.1:{http_port}/metrics",
+                                lambda t: prom_total(t, "edgetwin_samples_total"))),
+            Subject("asyncua -> paho bridge",
+                    f"asyncua {asyncua.__version__}, paho-mqtt {paho.mqtt.__version__}",
+                    [*py, "bridge", endpoint, str(items), mqtt["host"], str(mqtt["port"]),
+                     mqtt["ca"], mqtt["cert"], mqtt["key"]],
+                    lambda p: _child_count(p, counters)),
+        ]  # fmt: skip
+        red_port = free_port()
+        user_dir = tmp / "nodered"
+        user_dir.mkdir()
+        ids = [f"ns={namespace};s=Pump1.Bench.Item{i:04d}" for i in range(items)]
+        (user_dir / "flows.json").write_text(json.dumps(nodered_flow(endpoint, ids, 50, mqtt)))
+        # Node-RED finds the contrib node in its userDir's node_modules: link the cached install.
+        (user_dir / "node_modules").symlink_to(modules / "node_modules")
+        (user_dir / "package.json").write_text(
+            json.dumps({"name": "bench-nodered", "dependencies": {"node-red-contrib-opcua": "*"}})
+        )
+        red = (
+            f"Node-RED {npm_version(modules, 'node-red')}, node-red-contrib-opcua "
+            f"{npm_version(modules, 'node-red-contrib-opcua')}, node {_node_version()}"
+        )
+        red_argv = ["node", str(modules / "node_modules" / "node-red" / "red.js"), "--userDir", str(user_dir),
+                    "--port", str(red_port), "flows.json"]  # fmt: skip
+        red_count = _http_count(
+            f"http://127.0.0.1:{red_port}/bench-count", lambda t: float(json.loads(t)["n"])
+        )
+        subjects.append(Subject("Node-RED + node-red-contrib-opcua", red, red_argv, red_count))
+        lift = {
+            "NODE_OPTIONS": f"--require {PEERS / 'lift_cap.js'}",
+            "EDGETWIN_BENCH_MODULES": str(modules / "node_modules"),
+        }
+        subjects.append(Subject("Node-RED, notifications cap lifted", red, red_argv, red_count, env=lift))
+        try:
+            results = _each(subjects, only, quota, serve, seconds, cpu, mqtt["port"], first, tmp)
+        finally:
+            first.close()
     return results, f"node-opcua {npm_version(modules, 'node-opcua')}"
 
 
@@ -546,14 +570,16 @@ def _each(
     subjects: list[Subject],
     only: set[str] | None,
     quota: float | None,
-    server: Server,
+    serve: Callable[[], Server],
     seconds: float,
     cpu: int,
-    wire: TcpProxy,
+    broker_port: int,
     first: FirstMessage,
     tmp: Path,
 ) -> list[Result]:
-    """Measure the chosen subjects one after another, under the quota when one is asked for."""
+    """Measure the chosen subjects one after another, each against a fresh server (a killed
+    client's session and subscription live on in a server until they time out, and would load it),
+    under the quota when one is asked for."""
     results: list[Result] = []
     limit = pi_profile.cpu_limited(quota) if quota else contextlib.nullcontext((None, "no quota"))
     with limit as (procs, how):
@@ -565,12 +591,17 @@ def _each(
             if only and not any(word in subject.name.lower() for word in only):
                 continue
             log = tmp / f"{re.sub(r'[^a-z]+', '-', subject.name.lower())}.log"
+            server = serve()
             try:
-                r = measure(subject, server, seconds, cpu, wire, first, log, procs)
+                r = measure(subject, server, seconds, cpu, broker_port, first, log, procs)
             except RuntimeError as exc:
                 tail = " | ".join(log.read_text(errors="replace").splitlines()[-3:])
                 r = Result(subject.name, subject.version, skipped=f"{exc} ({tail})")
+            finally:
+                server.stop()
             print(f"{r.name}: {fmt(r)}", flush=True)
+            if not r.skipped and r.rate < 0.5 * r.offered:
+                print("  its log ends: " + " | ".join(log.read_text(errors="replace").splitlines()[-4:]))
             results.append(r)
     return results
 

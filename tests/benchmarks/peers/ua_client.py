@@ -71,9 +71,16 @@ async def main(argv: list[str]) -> None:
         client.get_node(ua.NodeId(ua.String(f"Pump1.Bench.Item{i:04d}"), ua.Int16(idx))) for i in range(items)
     ]
     await sub.subscribe_data_change(nodes, queuesize=10, sampling_interval=ua.Double(0.0))
+    lost = False
     while True:
         print(f"count {handler.count} {time.monotonic():.3f}", flush=True)
         await asyncio.sleep(0.5)
+        try:
+            await client.check_connection()
+        except Exception as exc:  # said once: a plain client has no reconnect
+            if not lost:
+                print(f"ua_client {mode}: session lost: {exc!r}", file=sys.stderr, flush=True)
+            lost = True
 
 
 if __name__ == "__main__":
