@@ -385,6 +385,7 @@ def peers(args: argparse.Namespace) -> int:
             args.peer_seconds,
             args.models or opcua_peers.PUMP_MODEL,
             only,
+            args.quota,
         )
     print()
     print(

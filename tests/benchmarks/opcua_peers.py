@@ -167,8 +167,8 @@ class FirstMessage:
         self._client.subscribe("#", qos=0)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        # Status (birth/will) messages are not records.
-        if self._armed and not msg.topic.endswith("/status"):
+        # Status (birth/will) and diagnostics are not data: the first record carries measurements.
+        if self._armed and not msg.topic.endswith("/status") and "/diag/" not in msg.topic:
             self.at = time.monotonic()
             self.topic = msg.topic
             self._armed = False
