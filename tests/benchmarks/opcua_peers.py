@@ -1,7 +1,8 @@
 """OPC UA subscribe -> MQTT: edgetwin against its peers on a node-opcua server (bench_peers.py).
 
-One node-opcua server (its own process) offers N items changing every P ms; one after another,
-each subject subscribes to all of them in a process of its own pinned to one CPU:
+A node-opcua server (its own process, a fresh one per subject) offers N items changing every P ms;
+one after another, each subject subscribes to all of them in a process of its own pinned to one
+CPU (``--quota``: under the Pi profile's CPU quota too):
 
 * **bare asyncua client**: the handler API, counting (the library's floor, nothing forwarded);
 * **edgetwin**: the real ``edgetwin run`` with the OPC UA driver, windows, features, the models
