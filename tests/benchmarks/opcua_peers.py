@@ -270,6 +270,7 @@ class Subject:
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
     wire: bool = True
+    stdout_count: bool = False  # it prints its count; others' output goes to the log (no pipe fills)
 
 
 class Server:
@@ -373,7 +374,7 @@ def measure(
     with log_file.open("w") as err:
         proc = subprocess.Popen(
             subject.argv,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if subject.stdout_count else err,
             stderr=err,
             text=True,
             cwd=subject.cwd,
@@ -523,7 +524,8 @@ def run(
         http_port = free_port()
         subjects = [
             Subject("bare asyncua client", f"asyncua {asyncua.__version__}",
-                    [*py, "count", endpoint, str(items)], lambda p: _child_count(p, counters), wire=False),
+                    [*py, "count", endpoint, str(items)], lambda p: _child_count(p, counters), wire=False,
+                    stdout_count=True),
             Subject("edgetwin", f"edgetwin run, asyncua {asyncua.__version__}",
                     [str(EDGETWIN), "run", "--config",
                      str(edgetwin_config(tmp / "gw", endpoint, items, hz, mqtt, http_port, models))],
@@ -533,7 +535,7 @@ def run(
                     f"asyncua {asyncua.__version__}, paho-mqtt {paho.mqtt.__version__}",
                     [*py, "bridge", endpoint, str(items), mqtt["host"], str(mqtt["port"]),
                      mqtt["ca"], mqtt["cert"], mqtt["key"]],
-                    lambda p: _child_count(p, counters)),
+                    lambda p: _child_count(p, counters), stdout_count=True),
         ]  # fmt: skip
         red_port = free_port()
         user_dir = tmp / "nodered"
