@@ -68,7 +68,7 @@ def cache_root() -> Path:
 def npm_peers(log: Callable[[str], None] = print) -> tuple[Path | None, str]:
     """The folder holding the pinned npm peers, installed there on first use; (None, why) when not."""
     if shutil.which("node") is None or shutil.which("npm") is None:
-        return None, "node and npm are not installed (apt-get install nodejs npm)"
+        return None, "bench peers npm: node or npm not found: install them (apt-get install nodejs npm)"
     lock = PEERS / "package-lock.json"
     dest = cache_root() / hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
     stamp = dest / ".installed"
@@ -88,10 +88,10 @@ def npm_peers(log: Callable[[str], None] = print) -> tuple[Path | None, str]:
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return None, f"npm ci in {dest} did not finish in 15 min"
+        return None, f"bench peers npm ci in {dest}: did not finish in 15 min: retry, or check the registry"
     if done.returncode != 0:
         tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        return None, f"npm ci in {dest} failed ({tail}): no registry at hand?"
+        return None, f"bench peers npm ci in {dest}: failed: {tail}: check that the npm registry is reachable"
     stamp.write_text("ok\n")
     return dest, ""
 
@@ -504,7 +504,8 @@ def run(
         os.sched_setaffinity(0, {other})  # this process beside the server and broker, off the subjects' CPU
     modules, why = npm_peers()
     if modules is None:
-        return [Result("node-opcua server", "", skipped=why)], ""
+        print(f"skipped: {why}", flush=True)
+        return [Result("node-opcua server", "", skipped=why)], "no server"
     hz = 1000.0 / period_ms
     port = free_port()
 
