@@ -227,6 +227,7 @@ class LineCounter:
 
     def __init__(self, stream: IO[str], word: str) -> None:
         self.value = 0.0
+        self.acked = 0.0  # the bridge's ``acked <n>``
         self.lines: list[str] = []
         self._word = word
         threading.Thread(target=self._read, args=(stream,), name=f"bench:{word}", daemon=True).start()
@@ -236,6 +237,8 @@ class LineCounter:
             parts = line.split()
             if parts[:1] == [self._word] and len(parts) >= 2:
                 self.value = float(parts[1])
+                if "acked" in parts[:-1]:
+                    self.acked = float(parts[parts.index("acked") + 1])
             elif len(self.lines) < 50:
                 self.lines.append(line.rstrip())
 
@@ -271,6 +274,7 @@ class Subject:
     cwd: Path | None = None
     wire: bool = True
     stdout_count: bool = False  # it prints its count; others' output goes to the log (no pipe fills)
+    acked: Callable[[subprocess.Popen[str]], float] | None = None  # messages the broker acknowledged
 
 
 class Server:
@@ -385,10 +389,12 @@ def measure(
         _wait_for(f"{subject.name}: first change", lambda: subject.count(proc) > 0, 120, proc)
         _steady(subject, proc)
         time.sleep(WARMUP_S)
+        a0 = subject.acked(proc) if subject.acked else 0.0
         c0, p0, t0 = subject.count(proc), _cpu_s(proc.pid), time.monotonic()
         o0, s0 = server.offered.value, wire_sent(proc.pid, broker_port)
         time.sleep(seconds)
         c1, p1, t1 = subject.count(proc), _cpu_s(proc.pid), time.monotonic()
+        a1 = subject.acked(proc) if subject.acked else 0.0
         o1, s1 = server.offered.value, wire_sent(proc.pid, broker_port)
         rss, peak = _rss_mb(proc.pid)
         if first is not None and subject.wire:
@@ -411,6 +417,7 @@ def measure(
         first_record_s=(first.at - t_start)
         if first is not None and first.at is not None and subject.wire
         else None,
+        extra={"acked_per_s": (a1 - a0) / (t1 - t0)} if subject.acked else {},
         note=f"first topic {first.topic}"
         if first is not None and first.at is not None and subject.wire
         else "",
@@ -536,7 +543,8 @@ def run(
                     f"asyncua {asyncua.__version__}, paho-mqtt {paho.mqtt.__version__}",
                     [*py, "bridge", endpoint, str(items), mqtt["host"], str(mqtt["port"]),
                      mqtt["ca"], mqtt["cert"], mqtt["key"]],
-                    lambda p: _child_count(p, counters), stdout_count=True),
+                    lambda p: _child_count(p, counters), stdout_count=True,
+                    acked=lambda p: counters[p.pid].acked if p.pid in counters else 0.0),
         ]  # fmt: skip
         red_port = free_port()
         user_dir = tmp / "nodered"
@@ -620,6 +628,8 @@ def fmt(r: Result) -> str:
         return f"skipped: {r.skipped}"
     wire = f"{r.wire_kb_s:,.1f} KB/s to the broker" if r.wire_kb_s is not None else "nothing forwarded"
     first = f"first record {r.first_record_s:.1f} s" if r.first_record_s is not None else ""
+    if "acked_per_s" in r.extra:
+        wire += f" ({r.extra['acked_per_s']:,.0f} messages/s acknowledged)"
     return (
         f"{r.rate:,.0f}/s of {r.offered:,.0f} offered ({r.rate / max(1.0, r.offered):.1%}), "
         f"{r.cpu_us:.1f} us CPU/change, RSS {r.rss_mb:.0f} MB at {r.at_s:.0f} s (peak {r.peak_mb:.0f}), "
@@ -649,6 +659,10 @@ def table(results: list[Result]) -> list[str]:
             if r.wire_kb_s is None
             else f"{r.wire_kb_s:,.1f} KB/s" + ratio(r.wire_kb_s, o.wire_kb_s if o else None)
         )
+        if r.wire_kb_s is not None:
+            wire += f", {r.wire_kb_s * 1024 / max(1.0, r.rate):.1f} B/change"
+        if "acked_per_s" in r.extra:
+            wire += f"; {r.extra['acked_per_s']:,.0f} messages/s acknowledged"
         first = (
             "-"
             if r.first_record_s is None

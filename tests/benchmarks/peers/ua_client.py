@@ -7,7 +7,8 @@ Both subscribe to ITEMS bench variables (``Pump1.Bench.Item0000``... in ``urn:ed
 with asyncua's handler API, a 50 ms publishing interval, sampling 0 and queues of 10, as
 ``bench_opcua.bare`` does.  ``count`` only counts each notification: the bare client, the library's
 own floor.  ``bridge`` is the plain asyncua -> paho bridge people write: one JSON message per
-notification, QoS 1, over TLS with a client certificate.  Both print ``count <n>`` twice a second.
+notification, QoS 1, over TLS with a client certificate.  Both print ``count <n> <time>`` twice a
+second; the bridge adds ``acked <n>``, the messages the broker acknowledged.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class Bridge(Counter):
     def __init__(self, mqtt: Any) -> None:
         super().__init__()
         self.mqtt = mqtt
+        self.acked = 0  # PUBACKs: messages the broker took (paho's network thread counts them)
+        mqtt.on_publish = self._on_publish
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self.acked += 1
 
     def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
         """One notification: published as JSON (value and source time), then counted."""
@@ -73,7 +79,8 @@ async def main(argv: list[str]) -> None:
     await sub.subscribe_data_change(nodes, queuesize=10, sampling_interval=ua.Double(0.0))
     lost = False
     while True:
-        print(f"count {handler.count} {time.monotonic():.3f}", flush=True)
+        acked = f" acked {handler.acked}" if isinstance(handler, Bridge) else ""
+        print(f"count {handler.count} {time.monotonic():.3f}{acked}", flush=True)
         await asyncio.sleep(0.5)
         try:
             await client.check_connection()
