@@ -56,3 +56,19 @@ def test_pump_model_maps_every_input_of_the_card_to_a_bench_item() -> None:
     card = json.loads((Path(__file__).resolve().parents[1] / "models" / "pump_skab.card.json").read_text())
     for metric in {i["metric"] for i in card["inputs"]}:
         assert f'{metric} = "Pump1/Bench/Item' in opcua_peers.PUMP_MODEL
+
+
+def test_sum_sent_counts_only_the_sockets_of_one_process() -> None:
+    out = (
+        '0 0 127.0.0.1:40000 127.0.0.1:8883 users:(("python",pid=41,fd=7))\n'
+        "\t cubic rto:204 bytes_sent:1500 bytes_acked:1500 bytes_received:90\n"
+        '0 0 127.0.0.1:40001 127.0.0.1:8883 users:(("node",pid=4100,fd=9))\n'
+        "\t cubic rto:204 bytes_sent:999999 bytes_acked:999999\n"
+        '0 0 127.0.0.1:40002 127.0.0.1:8883 users:(("python",pid=41,fd=8))\n'
+        "\t cubic rto:204 bytes_sent:25 bytes_acked:25\n"
+        '0 0 127.0.0.1:40003 127.0.0.1:8883 users:(("python",pid=41,fd=9))\n'
+        "\t cubic rto:204 bytes_received:7\n"
+    )
+    assert opcua_peers.sum_sent(out, 41) == 1525
+    assert opcua_peers.sum_sent(out, 4100) == 999999
+    assert opcua_peers.sum_sent(out, 4) == 0
