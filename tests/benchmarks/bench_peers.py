@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="peers: comma-separated words picking subjects by name")
     ap.add_argument("--models", help="peers: edgetwin's [models] use = [...] entries (default: pump_skab)")
     args = ap.parse_args(argv)
-    if args.kinds == "peers":
+    if set(args.kinds.split(",")) == {"peers"}:
         return peers(args)
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpus[0]})
@@ -366,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{ratio} | {note} |"
         )
     print(f"load average at end {os.getloadavg()[0]:.1f}")
+    if "peers" in args.kinds.split(","):
+        os.sched_setaffinity(0, set(cpus))  # the peers place their own processes on the CPUs
+        print()
+        return peers(args)
     return 0
 
 
