@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,7 +49,7 @@ from typing import TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from gateway.contracts import Alarm, AlarmKind, Diagnostic, ModelResult, StreamFeatures, WindowRecord
+from gateway.contracts import Alarm, AlarmKind, Diagnostic, ModelResult, WindowRecord
 from gateway.inference.backends import Backend, open_backend
 from gateway.inference.card import ModelCard, input_matches
 from gateway.inference.plausibility import PlausibilityChecker, Violation
@@ -68,6 +69,9 @@ _LATENCY_KEEP = 4096
 # window after an outage does not replace the level at once.
 _MAX_STEP_S = 60.0
 _SAVE_LEVEL_EVERY = 60  # judged windows between saves of a following baseline
+_FMAX = float(np.finfo(np.float64).max)
+_PENDING = ModelResult(math.nan, False)
+_STREAM_OF = operator.attrgetter("stream")  # a placeholder score_batch overwrites for every window
 
 Event: TypeAlias = Alarm | Diagnostic
 
@@ -176,8 +180,13 @@ class Normaliser:
         if self._weight is None:
             self._weight = track.weight
         # In place and few operations: this runs for every window of every machine.
-        step = (x - self.level) * self._weight
-        np.nan_to_num(step, copy=False)  # an absent input does not move its level
+        step = x - self.level
+        step *= self._weight
+        # np.nan_to_num(step, copy=False) in bare ufuncs (its wrapper cost more than the step):
+        # an absent input does not move its level, an overflow is the largest finite step.
+        np.copyto(step, 0.0, where=np.isnan(step))
+        np.minimum(step, _FMAX, out=step)
+        np.maximum(step, -_FMAX, out=step)
         step *= min(1.0, dt / tau)
         self.level += step
         if self._lo is not None and self._hi is not None:
@@ -198,10 +207,15 @@ class Normaliser:
 class _Resolved:
     """Where each card input sits in a subject's window: (stream position, feature) or None."""
 
-    ids: tuple[int, ...]
-    streams: tuple[Stream, ...]
+    streams: tuple[Stream, ...]  # held, so the identity check in _resolve stays sound
     slots: tuple[tuple[int, str] | None, ...]
     found: int
+    # Per window these do not change: (stream position, feature) of the inputs found and where
+    # they go in the input vector, and the positions of the streams a plausibility rule applies
+    # to, each once.
+    picks: tuple[tuple[int, str], ...] = ()
+    columns: list[int] = field(default_factory=list)
+    checked: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -401,9 +415,13 @@ class AnomalyModel:
     # ---- worker-thread side ------------------------------------------------------------
 
     def _resolve(self, record: WindowRecord) -> _Resolved:
-        ids = tuple(id(sf.stream) for sf in record.streams)
+        streams = tuple(map(_STREAM_OF, record.streams))
         got = self._resolved.get(record.subject)
-        if got is not None and got.ids == ids:
+        if (
+            got is not None
+            and len(got.streams) == len(streams)
+            and all(map(operator.is_, got.streams, streams))
+        ):
             return got
         slots: list[tuple[int, str] | None] = []
         for spec in self.card.inputs:
@@ -417,9 +435,11 @@ class AnomalyModel:
                 None,
             )
             slots.append(None if pos is None else (pos, spec.feature))
-        got = _Resolved(
-            ids, tuple(sf.stream for sf in record.streams), tuple(slots), sum(s is not None for s in slots)
-        )
+        picks = tuple(slot for slot in slots if slot is not None)
+        columns = [j for j, slot in enumerate(slots) if slot is not None]
+        positions = dict.fromkeys(pos for pos, _ in picks)
+        checked = tuple(p for p in positions if self._checker.rule_for(streams[p]) is not None)
+        got = _Resolved(streams, tuple(slots), len(picks), picks, columns, checked)
         self._resolved[record.subject] = got
         if got.found < self._n and record.subject not in self._reported:
             self._reported.add(record.subject)
@@ -442,25 +462,19 @@ class AnomalyModel:
     def _vector(self, record: WindowRecord) -> tuple[F64, int, list[Violation]]:
         """Raw input vector (NaN where absent), how many inputs are present, plausibility breaches."""
         res = self._resolve(record)
-        x = np.full(self._n, np.nan)
-        seen: set[int] = set()
-        bad: list[Violation] = []
-        present = 0
         streams = record.streams
-        for j, slot in enumerate(res.slots):
-            if slot is None:
-                continue
-            pos, feat = slot
-            sf: StreamFeatures = streams[pos]
-            if pos not in seen:
-                seen.add(pos)
-                v = self._checker.window_violation(sf)
-                if v is not None:
-                    bad.append(v)
-            value = sf.features.get(feat)
-            if value is not None:
-                x[j] = value
-                present += 1
+        bad: list[Violation] = []
+        for pos in res.checked:
+            v = self._checker.window_violation(streams[pos])
+            if v is not None:
+                bad.append(v)
+        # None where a window lacks the feature: NaN in the float array (features are never NaN).
+        got = [streams[pos].features.get(feat) for pos, feat in res.picks]
+        present = len(got) - got.count(None)
+        if res.found == self._n:
+            return np.array(got, np.float64), present, bad
+        x = np.full(self._n, np.nan)
+        x[res.columns] = np.array(got, np.float64)
         return x, present, bad
 
     def _fault_events(self, record: WindowRecord, bad: list[Violation]) -> None:
@@ -545,7 +559,7 @@ class AnomalyModel:
         h = self._health
         spec = self.card.health
         nan = math.nan
-        results: list[ModelResult] = [ModelResult(nan, False) for _ in records]
+        results: list[ModelResult] = [_PENDING] * len(records)  # every slot is set below
         rows: list[int] = []
         zs: list[F64] = []
         xs: list[F64] = []
@@ -568,7 +582,7 @@ class AnomalyModel:
                 xs.append(x)
         if not rows:
             return results
-        z_all = np.vstack(zs)
+        z_all = np.array(zs)
         clip = self.card.normalisation.clip
         zmax = np.abs(z_all).max(axis=1)
         ood = zmax > spec.ood_z
@@ -579,7 +593,10 @@ class AnomalyModel:
         reason = ""
         scores = np.full(len(rows), np.nan)
         if model_ok.any():
-            xin = np.clip(z_all[model_ok], -clip, clip).astype(np.float32)
+            xin = z_all[model_ok]  # a copy; clipped in place by bare ufuncs (np.clip's wrapper costs more)
+            np.minimum(xin, clip, out=xin)
+            np.maximum(xin, -clip, out=xin)
+            xin = xin.astype(np.float32)
             try:
                 out = self.backend.run(xin)
             except Exception:  # a failing backend must not take the pipeline down
@@ -596,18 +613,26 @@ class AnomalyModel:
             self._probe(not reason)
         serve_model = use_model & subject_ok & (not h.demoted)
         anomalous = serve_model & (scores > self.threshold)
-        contrib_rows = np.flatnonzero(anomalous)
-        contribs = self._explain(z_all[contrib_rows], scores[contrib_rows], clip) if contrib_rows.size else []
-        by_row = dict(zip(contrib_rows.tolist(), contribs, strict=True))
+        by_row: dict[int, dict[str, float]] = {}
+        if anomalous.any():
+            contrib_rows = np.flatnonzero(anomalous)
+            contribs = self._explain(z_all[contrib_rows], scores[contrib_rows], clip)
+            by_row = dict(zip(contrib_rows.tolist(), contribs, strict=True))
         fb_z = self.card.fallback.z
+        # Python values once for the batch: indexing numpy arrays per window costs more.
+        served, flagged, score_list, zmax_list = (
+            serve_model.tolist(),
+            anomalous.tolist(),
+            scores.tolist(),
+            zmax.tolist(),
+        )
         for r, i in enumerate(rows):
-            self._follow(records[i], xs[r], bool(anomalous[r]) if serve_model[r] else None)
-            if serve_model[r]:
-                s = float(scores[r])
-                results[i] = ModelResult(s, bool(anomalous[r]), by_row.get(r, {}))
+            self._follow(records[i], xs[r], flagged[r] if served[r] else None)
+            if served[r]:
+                results[i] = ModelResult(score_list[r], flagged[r], by_row.get(r, {}))
                 h.model_windows += 1
             else:
-                s = float(zmax[r])
+                s = zmax_list[r]
                 flag = s > fb_z
                 # The fallback is far less sensitive than the model: its "normal" does not show
                 # the subject is normal, so it cannot end an episode (indeterminate, "demoted").
@@ -624,6 +649,8 @@ class AnomalyModel:
         self, subjects: list[str], ood: npt.NDArray[np.bool_], z: F64
     ) -> npt.NDArray[np.bool_]:
         """Demote and promote per subject on its inputs' range; True where the model may serve."""
+        if not self._subject_demoted and not ood.any():
+            return ~ood  # nobody to demote or promote: the common case, without the loop
         ok = np.ones(len(subjects), bool)
         need = self.card.health.healthy_to_promote
         for r, subject in enumerate(subjects):

@@ -8,6 +8,8 @@ for a key rather than for NaN.  Non-finite inputs are ignored, never interpolate
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +22,7 @@ __all__ = [
     "basic_features",
     "basic_features_batch",
     "basic_features_finite",
+    "basic_features_streams",
     "hrv_features",
     "missing_fraction",
     "state_features",
@@ -57,6 +60,86 @@ def basic_features_finite(t: F8, v: F8) -> dict[str, float]:
             slope = 0.0 if vc is None else float(tc @ vc) / den
             if math.isfinite(slope):
                 out["slope"] = slope
+    return out
+
+
+#: Values at or beyond this magnitude take the per-stream path (their squares could overflow).
+_HUGE = 1e100
+
+
+@lru_cache(maxsize=256)
+def _layout(counts: tuple[int, ...]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], F8]:
+    """Segment starts of ``counts`` values then ``counts`` times, each row's segment, and counts."""
+    c = np.array(counts + counts, np.intp)
+    starts = np.zeros(c.size, np.intp)
+    np.cumsum(c[:-1], out=starts[1:])
+    return starts, np.repeat(np.arange(c.size, dtype=np.intp), c), c.astype(np.float64)
+
+
+def basic_features_streams(ts: Sequence[F8], vs: Sequence[F8]) -> list[dict[str, float]]:
+    """:func:`basic_features_finite` of several streams' windows in one numpy pass.
+
+    ``ts[i]`` and ``vs[i]`` are one stream's finite times and values of equal length.  A window's
+    streams are computed together because a dozen numpy calls on small arrays cost about the same
+    as on one: per stream they were most of a window's cost.  The results equal the per-stream
+    function's within rounding (sums are taken in another order: relative differences ~1e-15).
+    """
+    out: list[dict[str, float]] = [{} for _ in vs]
+    idx = [i for i, v in enumerate(vs) if v.size]
+    if not idx:
+        return out
+    if len(idx) == 1:  # one stream: the per-stream function is the cheaper pass
+        out[idx[0]] = basic_features_finite(ts[idx[0]], vs[idx[0]])
+        return out
+    if len(idx) < len(vs):
+        ts, vs = [ts[i] for i in idx], [vs[i] for i in idx]
+    counts = tuple(v.size for v in vs)
+    s = len(counts)
+    starts, seg, n = _layout(counts)
+    x = np.concatenate((*vs, *ts))
+    nv = x.size // 2
+    xv = x[:nv]
+    vmin = np.minimum.reduceat(xv, starts[:s])
+    vmax = np.maximum.reduceat(xv, starts[:s])
+    los, his = vmin.tolist(), vmax.tolist()
+    if min(los) <= -_HUGE or max(his) >= _HUGE:
+        # Squares could overflow, and numpy would warn where the per-stream dot products do not.
+        for i, t, v in zip(idx, ts, vs, strict=True):
+            out[i] = basic_features_finite(t, v)
+        return out
+    mean = np.add.reduceat(x, starts)
+    mean /= n
+    # Rounding can put a sum/n mean a hair outside [min, max]; clamp so constants stay exact.
+    np.maximum(mean[:s], vmin, out=mean[:s])
+    np.minimum(mean[:s], vmax, out=mean[:s])
+    x -= mean[seg]  # centred values, then centred times (t_mono ~1e5-1e6 s: keeps precision)
+    sq = np.add.reduceat(x * x, starts)
+    cross = np.add.reduceat(xv * x[nv:], starts[:s])
+    rows = zip(
+        idx,
+        counts,
+        mean[:s].tolist(),
+        los,
+        his,
+        sq[:s].tolist(),
+        sq[s:].tolist(),
+        cross.tolist(),
+        strict=True,
+    )
+    for i, c, m, lo, hi, ss, den, num in rows:
+        # Divisions in Python as in the per-stream function: no numpy warning state per window.
+        if lo == hi:
+            sd, slope = 0.0, 0.0
+        else:
+            sd, slope = math.sqrt(ss / c), (num / den if den > 0.0 else math.nan)
+        f = (
+            {"mean": m, "std": sd, "min": lo, "max": hi}
+            if math.isfinite(m) and math.isfinite(sd) and math.isfinite(lo) and math.isfinite(hi)
+            else _finite_dict(mean=m, std=sd, min=lo, max=hi)
+        )
+        if c >= 2 and den > 0.0 and math.isfinite(slope):
+            f["slope"] = slope
+        out[i] = f
     return out
 
 

@@ -45,7 +45,7 @@ import numpy.typing as npt
 from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowRecord
 from gateway.errors import ConfigError
 from gateway.pipeline.features import (
-    basic_features_finite,
+    basic_features_streams,
     hrv_features,
     missing_fraction,
     state_features,
@@ -590,7 +590,8 @@ class Windower:
         """Features of every stream of ``subj`` over window ``k``."""
         end = k * self.hop_s
         start = self._window_start(k)
-        out: list[StreamFeatures] = []
+        ts: list[F8] = []
+        vs: list[F8] = []
         for st in subj.streams:
             t, v, q = st.ring.peek(start, end)
             if q.tobytes().translate(None, _USABLE_BYTES) or not math.isfinite(float(v.sum())):
@@ -599,9 +600,13 @@ class Windower:
                 usable = ((q & UNUSABLE_FLAGS) == 0) & np.isfinite(v)
                 t = t[usable]
                 v = v[usable]
+            ts.append(t)
+            vs.append(v)
+        out: list[StreamFeatures] = []
+        # One numpy pass for the basic features of all streams (the views are read before any write).
+        for st, v, features in zip(subj.streams, vs, basic_features_streams(ts, vs), strict=True):
             count = v.size
             if count:
-                features = basic_features_finite(t, v)
                 if st.rr:
                     features.update(hrv_features(v))
                 elif st.shape == "waveform":
@@ -609,7 +614,6 @@ class Windower:
                 elif st.shape == "state":
                     features.update(state_features(v))
             else:
-                features = {}
                 self._gaps += 1
             out.append(StreamFeatures(st.stream, count, missing_fraction(count, st.expected), features))
         self._windows += 1

@@ -1,6 +1,6 @@
 """Per-window model cost (feature extraction + pre/post-processing + model), idle and under load.
 
-Run: ``.venv/bin/python tests/benchmarks/bench_models.py [--windows 3000] [--load N]``.
+Run: ``.venv/bin/python tests/benchmarks/bench_models.py [--windows 3000] [--load N] [--only-windows]``.
 
 The benchmark pins itself to one CPU and measures every window at batch 1, as the pipeline scores
 a subject's window when it closes, for each shipped neural model on each backend (onnxruntime,
@@ -9,12 +9,20 @@ busy machine does not demote a model) and wall time.  First on an idle machine, 
 generator it starts itself runs ``N`` busy processes (default: one per CPU, so one of them shares
 the benchmark's core), stopped by PID afterwards; the ratio loaded/idle is printed per case.  Then
 batch 64, and each runtime's memory in a fresh process.
+
+Features are computed as the windower computes them, one numpy pass over all streams of the window
+(``basic_features_streams``); the same-run baseline is the per-stream function it replaced
+(``basic_features_finite`` once per stream), in alternating rounds over the same windows.  As the
+service does before it runs, everything built at start is frozen out of the collector's sight
+(``gc.freeze``); windows during which a collection ran are counted, and the p99 without them
+printed, so the tail can be told apart from the collector's share of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import os
 import signal
 import subprocess
@@ -32,7 +40,7 @@ from gateway.inference.backends import litert_interpreter_class
 from gateway.inference.build import default_models_dir
 from gateway.inference.card import CARD_SUFFIX, load_card
 from gateway.inference.runner import AnomalyModel
-from gateway.pipeline.features import basic_features_finite
+from gateway.pipeline.features import basic_features_finite, basic_features_streams
 from gateway.sample import MDC, Stream, industrial_metric
 
 #: The pump model's SKAB signals (SI-style units the plausibility rules know) and their levels.
@@ -108,26 +116,71 @@ class Case:
         for _ in range(20):  # commissioning (pump_skab) and warm-up
             self.window_batch(1)
 
-    def window_batch(self, batch: int) -> tuple[int, int]:
-        """Features and scores of ``batch`` windows: (thread CPU ns, wall ns) per window."""
+    def window_batch(self, batch: int, per_stream: bool = False) -> tuple[int, int]:
+        """Features and scores of ``batch`` windows: (thread CPU ns, wall ns) per window.
+
+        ``per_stream``: the features one stream at a time (the path before the one-pass features).
+        """
         c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
         records = []
         for s in range(batch):
             raw = self.raw[(self.k + s) % len(self.raw)]
-            sfs = tuple(
-                StreamFeatures(st, self.w, 0.0, basic_features_finite(self.t, v))
-                for st, v in zip(self.streams, raw, strict=True)
-            )
+            if per_stream:
+                feats = [basic_features_finite(self.t, v) for v in raw]
+            else:
+                feats = basic_features_streams([self.t] * len(raw), raw)
+            sfs = tuple(StreamFeatures(st, self.w, 0.0, f) for st, f in zip(self.streams, feats, strict=True))
             k = self.k
             records.append(WindowRecord(f"s{s}", self.kind, k, float(k), float(k), float(self.w), sfs))
         self.model.score_batch(records)
         self.k += batch
         return (time.thread_time_ns() - c0) // batch, (time.perf_counter_ns() - w0) // batch
 
-    def measure(self, windows: int, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def measure(
+        self, windows: int, batch: int = 1, per_stream: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per-window CPU and wall microseconds over ``windows`` windows."""
-        got = np.array([self.window_batch(batch) for _ in range(max(1, windows // batch))], np.float64)
+        got = np.array(
+            [self.window_batch(batch, per_stream) for _ in range(max(1, windows // batch))], np.float64
+        )
         return got[:, 0] / 1e3, got[:, 1] / 1e3
+
+
+class Paths:
+    """Both feature paths of a case in alternating rounds; which windows saw a collection."""
+
+    ROUNDS = 6
+
+    def __init__(self, case: Case, windows: int) -> None:
+        self.cpu: dict[bool, list[float]] = {False: [], True: []}
+        self.wall: dict[bool, list[float]] = {False: [], True: []}
+        self.gc: dict[bool, list[bool]] = {False: [], True: []}
+        ran = [0]
+
+        def seen(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                ran[0] += 1
+
+        gc.callbacks.append(seen)
+        try:
+            for _ in range(self.ROUNDS):
+                for per_stream in (False, True):
+                    for _ in range(max(1, windows // self.ROUNDS)):
+                        before = ran[0]
+                        c, w = case.window_batch(1, per_stream)
+                        self.cpu[per_stream].append(c / 1e3)
+                        self.wall[per_stream].append(w / 1e3)
+                        self.gc[per_stream].append(ran[0] != before)
+        finally:
+            gc.callbacks.remove(seen)
+
+    def arrays(self, per_stream: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CPU µs, wall µs and the collection flag per window of one path."""
+        return (
+            np.array(self.cpu[per_stream]),
+            np.array(self.wall[per_stream]),
+            np.array(self.gc[per_stream], bool),
+        )
 
 
 def pct(a: np.ndarray) -> str:
@@ -178,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         "--load", type=int, default=os.cpu_count() or 2, help="busy processes in the loaded phase"
     )
     ap.add_argument("--cpu", type=int, default=0, help="the CPU to pin the benchmark to")
+    ap.add_argument("--no-load", action="store_true", help="skip the loaded phase")
+    ap.add_argument(
+        "--only-windows", action="store_true", help="the per-window table only (no call, batch-64, memory)"
+    )
     args = ap.parse_args(argv)
     os.sched_setaffinity(0, {args.cpu})
     print(
@@ -191,22 +248,36 @@ def main(argv: list[str] | None = None) -> int:
         )
     ]
     print(f"RSS with {len(cases)} models loaded: {rss_mb():.1f} MB")
-    idle = {c.label: c.measure(args.windows) for c in cases}
-    with load_generator(args.load) as pids:
-        print(f"load generator: {len(pids)} busy processes (PIDs {', '.join(map(str, pids))})")
-        loaded = {c.label: c.measure(args.windows) for c in cases}
-    print(f"load generator stopped; load average {os.getloadavg()[0]:.1f}")
+    gc.collect()
+    gc.freeze()  # as gateway.runtime does once everything is built
+    phases = {"idle": {c.label: Paths(c, args.windows) for c in cases}}
+    if not args.no_load:
+        with load_generator(args.load) as pids:
+            print(f"load generator: {len(pids)} busy processes (PIDs {', '.join(map(str, pids))})")
+            phases["loaded"] = {c.label: Paths(c, args.windows) for c in cases}
+        print(f"load generator stopped; load average {os.getloadavg()[0]:.1f}")
     print()
-    print("batch 1, per window incl. features, p50 / p99 us (thread CPU time; wall time)")
     print(
-        f"{'case':34} {'CPU idle':>15} {'CPU loaded':>15} {'p99 ratio':>9}   {'wall idle':>15} {'wall loaded':>15}"
+        "batch 1, per window incl. features, thread CPU p50 / p99 us: one pass (the windower's path now) "
+        "against per stream (before), alternating rounds; p99 ratio = per stream / one pass"
     )
-    for c in cases:
-        (ci, wi), (cl, wl) = idle[c.label], loaded[c.label]
-        ratio = np.percentile(cl, 99) / np.percentile(ci, 99)
+    for phase, paths in phases.items():
+        print(f"-- {phase}")
         print(
-            f"{c.label:34} {pct(ci):>15} {pct(cl):>15} {ratio:9.2f}   {pct(wi):>15} {pct(wl):>15}  {c.model.stats()['state']}"
+            f"{'case':34} {'one pass':>15} {'per stream':>15} {'p99 ratio':>9}   {'wall, one pass':>15}"
+            f"   {'windows with a GC':>17} {'p99 without them':>16}"
         )
+        for c in cases:
+            cpu, wall, collected = paths[c.label].arrays(False)
+            ref, _, _ = paths[c.label].arrays(True)
+            ratio = np.percentile(ref, 99) / np.percentile(cpu, 99)
+            clean = cpu[~collected] if (~collected).any() else cpu
+            print(
+                f"{c.label:34} {pct(cpu):>15} {pct(ref):>15} {ratio:9.2f}   {pct(wall):>15}"
+                f"   {100 * collected.mean():16.1f}% {np.percentile(clean, 99):16.1f}  {c.model.stats()['state']}"
+            )
+    if args.only_windows:
+        return 0
     print()
     call_only(cases)
     print()
