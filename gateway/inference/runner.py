@@ -190,7 +190,8 @@ class Normaliser:
         step *= min(1.0, dt / tau)
         self.level += step
         if self._lo is not None and self._hi is not None:
-            np.clip(self.level, self._lo, self._hi, out=self.level)
+            np.maximum(self.level, self._lo, out=self.level)  # np.clip, without its wrapper's cost
+            np.minimum(self.level, self._hi, out=self.level)
 
     def bound(self, track: Tracking) -> None:
         """Fix the level's bounds: ``cap`` commissioning spreads around the commissioning mean."""

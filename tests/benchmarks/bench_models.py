@@ -24,6 +24,7 @@ import argparse
 import functools
 import gc
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -147,39 +148,53 @@ class Case:
 
 
 class Paths:
-    """Both feature paths of a case in alternating rounds; which windows saw a collection."""
+    """Both feature paths of a case in alternating rounds, and what else happened in each window.
+
+    Per window: whether a collection ran, whether the thread was switched out (the scheduler gave
+    the core to other work: caches come back cold, and that costs CPU time too) and whether it
+    took a page fault, so the tail can be told apart from what caused it.
+    """
 
     ROUNDS = 6
 
     def __init__(self, case: Case, windows: int) -> None:
         self.cpu: dict[bool, list[float]] = {False: [], True: []}
         self.wall: dict[bool, list[float]] = {False: [], True: []}
-        self.gc: dict[bool, list[bool]] = {False: [], True: []}
+        self.events: dict[bool, list[tuple[bool, bool, bool]]] = {False: [], True: []}
         ran = [0]
 
         def seen(phase: str, info: dict[str, int]) -> None:
             if phase == "start":
                 ran[0] += 1
 
+        usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
         gc.callbacks.append(seen)
         try:
             for _ in range(self.ROUNDS):
                 for per_stream in (False, True):
                     for _ in range(max(1, windows // self.ROUNDS)):
-                        before = ran[0]
+                        before, r0 = ran[0], usage()
                         c, w = case.window_batch(1, per_stream)
+                        r1 = usage()
                         self.cpu[per_stream].append(c / 1e3)
                         self.wall[per_stream].append(w / 1e3)
-                        self.gc[per_stream].append(ran[0] != before)
+                        switched = r1.ru_nvcsw + r1.ru_nivcsw != r0.ru_nvcsw + r0.ru_nivcsw
+                        self.events[per_stream].append(
+                            (
+                                ran[0] != before,
+                                switched,
+                                r1.ru_minflt + r1.ru_majflt != r0.ru_minflt + r0.ru_majflt,
+                            )
+                        )
         finally:
             gc.callbacks.remove(seen)
 
     def arrays(self, per_stream: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CPU µs, wall µs and the collection flag per window of one path."""
+        """CPU µs, wall µs and (collected, switched out, faulted) flags per window of one path."""
         return (
             np.array(self.cpu[per_stream]),
             np.array(self.wall[per_stream]),
-            np.array(self.gc[per_stream], bool),
+            np.array(self.events[per_stream], bool).reshape(-1, 3),
         )
 
 
@@ -265,16 +280,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-- {phase}")
         print(
             f"{'case':34} {'one pass':>15} {'per stream':>15} {'p99 ratio':>9}   {'wall, one pass':>15}"
-            f"   {'windows with a GC':>17} {'p99 without them':>16}"
+            f"   {'GC / switched / fault, % of windows':>35} {'p99 of the others':>17}"
         )
         for c in cases:
-            cpu, wall, collected = paths[c.label].arrays(False)
+            cpu, wall, ev = paths[c.label].arrays(False)
             ref, _, _ = paths[c.label].arrays(True)
             ratio = np.percentile(ref, 99) / np.percentile(cpu, 99)
-            clean = cpu[~collected] if (~collected).any() else cpu
+            quiet = ~ev.any(axis=1)
+            share = " / ".join(f"{100 * ev[:, k].mean():.1f}" for k in range(3))
             print(
                 f"{c.label:34} {pct(cpu):>15} {pct(ref):>15} {ratio:9.2f}   {pct(wall):>15}"
-                f"   {100 * collected.mean():16.1f}% {np.percentile(clean, 99):16.1f}  {c.model.stats()['state']}"
+                f"   {share:>35} {np.percentile(cpu[quiet] if quiet.any() else cpu, 99):17.1f}"
+                f"  {c.model.stats()['state']}"
             )
     if args.only_windows:
         return 0
