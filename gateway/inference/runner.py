@@ -182,11 +182,12 @@ class Normaliser:
         # In place and few operations: this runs for every window of every machine.
         step = x - self.level
         step *= self._weight
-        # np.nan_to_num(step, copy=False) in bare ufuncs (its wrapper cost more than the step):
-        # an absent input does not move its level, an overflow is the largest finite step.
-        np.copyto(step, 0.0, where=np.isnan(step))
-        np.minimum(step, _FMAX, out=step)
-        np.maximum(step, -_FMAX, out=step)
+        if not np.isfinite(step).all():
+            # np.nan_to_num(step, copy=False) in bare ufuncs (its wrapper cost more than the step):
+            # an absent input does not move its level, an overflow is the largest finite step.
+            np.copyto(step, 0.0, where=np.isnan(step))
+            np.minimum(step, _FMAX, out=step)
+            np.maximum(step, -_FMAX, out=step)
         step *= min(1.0, dt / tau)
         self.level += step
         if self._lo is not None and self._hi is not None:
