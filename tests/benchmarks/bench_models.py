@@ -158,9 +158,13 @@ class Paths:
     ROUNDS = 6
 
     def __init__(self, case: Case, windows: int) -> None:
-        self.cpu: dict[bool, list[float]] = {False: [], True: []}
-        self.wall: dict[bool, list[float]] = {False: [], True: []}
-        self.events: dict[bool, list[tuple[bool, bool, bool]]] = {False: [], True: []}
+        per = max(1, windows // self.ROUNDS)
+        n = per * self.ROUNDS
+        # Preallocated: per-window Python objects kept here would fill fresh memory pages that the
+        # next window's own allocations then fault in, and the benchmark would measure itself.
+        self.cpu = {k: np.zeros(n) for k in (False, True)}
+        self.wall = {k: np.zeros(n) for k in (False, True)}
+        self.events = {k: np.zeros((n, 3), bool) for k in (False, True)}
         ran = [0]
 
         def seen(phase: str, info: dict[str, int]) -> None:
@@ -170,32 +174,22 @@ class Paths:
         usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
         gc.callbacks.append(seen)
         try:
-            for _ in range(self.ROUNDS):
+            for r in range(self.ROUNDS):
                 for per_stream in (False, True):
-                    for _ in range(max(1, windows // self.ROUNDS)):
+                    cpu, wall, ev = self.cpu[per_stream], self.wall[per_stream], self.events[per_stream]
+                    for i in range(r * per, (r + 1) * per):
                         before, r0 = ran[0], usage()
-                        c, w = case.window_batch(1, per_stream)
+                        cpu[i], wall[i] = case.window_batch(1, per_stream)
                         r1 = usage()
-                        self.cpu[per_stream].append(c / 1e3)
-                        self.wall[per_stream].append(w / 1e3)
-                        switched = r1.ru_nvcsw + r1.ru_nivcsw != r0.ru_nvcsw + r0.ru_nivcsw
-                        self.events[per_stream].append(
-                            (
-                                ran[0] != before,
-                                switched,
-                                r1.ru_minflt + r1.ru_majflt != r0.ru_minflt + r0.ru_majflt,
-                            )
-                        )
+                        ev[i, 0] = ran[0] != before
+                        ev[i, 1] = r1.ru_nvcsw + r1.ru_nivcsw != r0.ru_nvcsw + r0.ru_nivcsw
+                        ev[i, 2] = r1.ru_minflt + r1.ru_majflt != r0.ru_minflt + r0.ru_majflt
         finally:
             gc.callbacks.remove(seen)
 
     def arrays(self, per_stream: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """CPU µs, wall µs and (collected, switched out, faulted) flags per window of one path."""
-        return (
-            np.array(self.cpu[per_stream]),
-            np.array(self.wall[per_stream]),
-            np.array(self.events[per_stream], bool).reshape(-1, 3),
-        )
+        return self.cpu[per_stream] / 1e3, self.wall[per_stream] / 1e3, self.events[per_stream]
 
 
 def pct(a: np.ndarray) -> str:
