@@ -586,48 +586,57 @@ class AnomalyModel:
             return results
         z_all = np.array(zs)
         clip = self.card.normalisation.clip
-        zmax = np.abs(z_all).max(axis=1)
-        ood = zmax > spec.ood_z
-        model_ok = ~ood
+        # The per-row decisions are taken on Python lists: a batch holds a few windows, and each
+        # numpy mask operation on them cost more than the loop (most of a window's bookkeeping).
+        zmax_list: list[float] = np.abs(z_all).max(axis=1).tolist()
+        ood_z = spec.ood_z
+        ood = [zm > ood_z for zm in zmax_list]
+        any_ood = True in ood
         # Out-of-range inputs are one subject's matter (a pump commissioned while idle): that
         # subject alone goes to the fallback, and comes back once its inputs are in range again.
-        subject_ok = self._subject_health([records[i].subject for i in rows], ood, z_all)
+        if any_ood or self._subject_demoted:
+            subjects = [records[i].subject for i in rows]
+            subject_ok: list[bool] = self._subject_health(subjects, np.array(ood), z_all).tolist()
+        else:
+            subject_ok = [True] * len(rows)
         reason = ""
         scores = np.full(len(rows), np.nan)
-        if model_ok.any():
-            xin = z_all[model_ok]  # a copy; clipped in place by bare ufuncs (np.clip's wrapper costs more)
+        model_rows: slice | list[int] = slice(None)
+        if any_ood:
+            model_rows = [r for r, o in enumerate(ood) if not o]
+            xin = z_all[model_rows]
             np.minimum(xin, clip, out=xin)
+        else:
+            xin = np.minimum(z_all, clip)  # bare ufuncs: np.clip's wrapper costs more
+        if len(xin):
             np.maximum(xin, -clip, out=xin)
-            xin = xin.astype(np.float32)
             try:
-                out = self.backend.run(xin)
+                out = self.backend.run(xin.astype(np.float32))
             except Exception:  # a failing backend must not take the pipeline down
                 log.exception("models %s: backend raised; the fallback scores this batch", self.name)
                 reason = "backend_error"
             else:
                 if not np.isfinite(out).all():
                     reason = "non_finite_output"
-                scores[model_ok] = out
-        use_model = model_ok & np.isfinite(scores)
+                scores[model_rows] = out
+        score_list: list[float] = scores.tolist()
         if not h.demoted and reason:
             self._demote(reason)
         elif h.demoted and not h.reason.startswith("latency"):
             self._probe(not reason)
-        serve_model = use_model & subject_ok & (not h.demoted)
-        anomalous = serve_model & (scores > self.threshold)
+        serving = not h.demoted
+        threshold = self.threshold
+        served = [
+            serving and not o and ok and math.isfinite(sc)
+            for o, ok, sc in zip(ood, subject_ok, score_list, strict=True)
+        ]
+        flagged = [sv and sc > threshold for sv, sc in zip(served, score_list, strict=True)]
         by_row: dict[int, dict[str, float]] = {}
-        if anomalous.any():
-            contrib_rows = np.flatnonzero(anomalous)
+        if True in flagged:
+            contrib_rows = [r for r, f in enumerate(flagged) if f]
             contribs = self._explain(z_all[contrib_rows], scores[contrib_rows], clip)
-            by_row = dict(zip(contrib_rows.tolist(), contribs, strict=True))
+            by_row = dict(zip(contrib_rows, contribs, strict=True))
         fb_z = self.card.fallback.z
-        # Python values once for the batch: indexing numpy arrays per window costs more.
-        served, flagged, score_list, zmax_list = (
-            serve_model.tolist(),
-            anomalous.tolist(),
-            scores.tolist(),
-            zmax.tolist(),
-        )
         for r, i in enumerate(rows):
             self._follow(records[i], xs[r], flagged[r] if served[r] else None)
             if served[r]:
@@ -651,8 +660,6 @@ class AnomalyModel:
         self, subjects: list[str], ood: npt.NDArray[np.bool_], z: F64
     ) -> npt.NDArray[np.bool_]:
         """Demote and promote per subject on its inputs' range; True where the model may serve."""
-        if not self._subject_demoted and not ood.any():
-            return ~ood  # nobody to demote or promote: the common case, without the loop
         ok = np.ones(len(subjects), bool)
         need = self.card.health.healthy_to_promote
         for r, subject in enumerate(subjects):
