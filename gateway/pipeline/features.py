@@ -103,7 +103,8 @@ def basic_features_streams(ts: Sequence[F8], vs: Sequence[F8]) -> list[dict[str,
     vmax = np.maximum.reduceat(xv, starts[:s])
     los, his = vmin.tolist(), vmax.tolist()
     if min(los) <= -_HUGE or max(his) >= _HUGE:
-        # Squares could overflow, and numpy would warn where the per-stream dot products do not.
+        # Squares could overflow, and numpy would warn where the per-stream dot products do not;
+        # within the bound no feature but the slope can be non-finite (times are clock seconds).
         for i, t, v in zip(idx, ts, vs, strict=True):
             out[i] = basic_features_finite(t, v)
         return out
@@ -132,11 +133,8 @@ def basic_features_streams(ts: Sequence[F8], vs: Sequence[F8]) -> list[dict[str,
             sd, slope = 0.0, 0.0
         else:
             sd, slope = math.sqrt(ss / c), (num / den if den > 0.0 else math.nan)
-        f = (
-            {"mean": m, "std": sd, "min": lo, "max": hi}
-            if math.isfinite(m) and math.isfinite(sd) and math.isfinite(lo) and math.isfinite(hi)
-            else _finite_dict(mean=m, std=sd, min=lo, max=hi)
-        )
+        # Finite values within +-_HUGE keep mean, std, min and max finite: only the slope can fail.
+        f = {"mean": m, "std": sd, "min": lo, "max": hi}
         if c >= 2 and den > 0.0 and math.isfinite(slope):
             f["slope"] = slope
         out[i] = f
