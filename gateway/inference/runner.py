@@ -70,8 +70,8 @@ _LATENCY_KEEP = 4096
 _MAX_STEP_S = 60.0
 _SAVE_LEVEL_EVERY = 60  # judged windows between saves of a following baseline
 _FMAX = float(np.finfo(np.float64).max)
-_PENDING = ModelResult(math.nan, False)
-_STREAM_OF = operator.attrgetter("stream")  # a placeholder score_batch overwrites for every window
+_PENDING = ModelResult(math.nan, False)  # a placeholder score_batch overwrites for every window
+_STREAM_OF = operator.attrgetter("stream")
 
 Event: TypeAlias = Alarm | Diagnostic
 

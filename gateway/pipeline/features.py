@@ -83,6 +83,7 @@ def basic_features_streams(ts: Sequence[F8], vs: Sequence[F8]) -> list[dict[str,
     streams are computed together because a dozen numpy calls on small arrays cost about the same
     as on one: per stream they were most of a window's cost.  The results equal the per-stream
     function's within rounding (sums are taken in another order: relative differences ~1e-15).
+    A single non-empty stream, or values beyond +-1e100, take the per-stream function itself.
     """
     out: list[dict[str, float]] = [{} for _ in vs]
     idx = [i for i, v in enumerate(vs) if v.size]
