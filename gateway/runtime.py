@@ -25,7 +25,7 @@ from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
-from gateway.config import Config
+from gateway.config import Config, SourceEntry
 from gateway.contracts import (
     Alarm,
     AlarmKind,
@@ -418,6 +418,37 @@ class _NoUplink:
         del deadline  # nothing leaves the gateway: the outbox keeps it all
 
 
+def register_source_labels(anonymizer: Anonymizer, entry: SourceEntry) -> None:
+    """Tell the log redactor how to name a source's subject and device identities."""
+    logs.register_identity(entry.info.subject, anonymizer.log_label("subject", entry.info.subject))
+    for field_name, identity in driver_identity_items(entry.config):
+        # A device by the pseudonym its records carry; a port or an endpoint by its source.
+        label = f"{entry.info.name}.{field_name}"
+        if field_name in DEVICE_KEYS:
+            label = anonymizer.log_label("device", identity)
+        logs.register_identity(identity, label)
+
+
+async def source_unit(
+    entry: SourceEntry, registry: Mapping[str, DriverSpec], anonymizer: Anonymizer, sink: SampleSink
+) -> Unit:
+    """The supervised unit of one enabled source; a driver that cannot be built gives a failed unit."""
+    name = f"source:{entry.info.name}"
+    try:
+        driver: Any = await asyncio.to_thread(registry[entry.driver].factory, entry.info, entry.config)
+    except ConfigError as exc:
+        # One source's mistake: that source is marked failed, the others run.
+        return Unit(name, Group.SOURCES, _failing(exc))
+    for identity in driver_identities(entry.config):
+        anonymizer.register(identity)
+
+    async def run_source(started: Callable[[], None]) -> None:
+        await driver.run(sink, started=started)
+
+    # pulse: drivers that report liveness
+    return Unit(name, Group.SOURCES, run_source, pulse=getattr(driver, "pulse", None), backoff=DEVICE_BACKOFF)
+
+
 def _failing(error: ConfigError) -> Callable[[Callable[[], None]], Coroutine[Any, Any, None]]:
     async def run(started: Callable[[], None]) -> None:
         del started  # never starts: the driver could not even be built
@@ -526,13 +557,7 @@ async def _run_locked(
     anonymizer.on_identity = logs.register_identity
     logs.register_identity(core.gateway.name, anonymizer.log_label("gateway", core.gateway.name))
     for entry in config.sources:
-        logs.register_identity(entry.info.subject, anonymizer.log_label("subject", entry.info.subject))
-        for field_name, identity in driver_identity_items(entry.config):
-            # A device by the pseudonym its records carry; a port or an endpoint by its source.
-            label = f"{entry.info.name}.{field_name}"
-            if field_name in DEVICE_KEYS:
-                label = anonymizer.log_label("device", identity)
-            logs.register_identity(identity, label)
+        register_source_labels(anonymizer, entry)
     outbox_path: Path = core.outbox_path
     budgets = budgets_for(config)
     total = int(core.outbox.max_mb * 1024 * 1024)
@@ -680,27 +705,7 @@ async def _supervise(
         if not entry.enabled:
             log.info("source %s is disabled in the config", entry.info.name)
             continue
-        try:
-            driver: Any = await asyncio.to_thread(registry[entry.driver].factory, entry.info, entry.config)
-        except ConfigError as exc:
-            # One source's mistake: that source is marked failed, the others run.
-            sup.add(Unit(f"source:{entry.info.name}", Group.SOURCES, _failing(exc)))
-            continue
-        for identity in driver_identities(entry.config):
-            anonymizer.register(identity)
-
-        async def run_source(started: Callable[[], None], driver: Any = driver) -> None:
-            await driver.run(pipeline.sink, started=started)
-
-        sup.add(
-            Unit(
-                f"source:{entry.info.name}",
-                Group.SOURCES,
-                run_source,
-                pulse=getattr(driver, "pulse", None),  # drivers that report liveness
-                backoff=DEVICE_BACKOFF,
-            )
-        )
+        sup.add(await source_unit(entry, registry, anonymizer, pipeline.sink))
 
     def summary() -> str:
         report = outbox.report()  # the figures the status topic and the diagnostics carry
@@ -724,6 +729,11 @@ async def _supervise(
         pseudonym=anonymizer.subject_pseudonym,
         budget_bytes=int(core.outbox.max_mb * 1024 * 1024),
     )
+    if getattr(uplink, "downlink", None) is not None:
+        from gateway.downlink.sources import SourceSwitch  # noqa: PLC0415 - with the downlink only
+
+        # A config revision that changes only sources restarts those alone (gateway.downlink.diff).
+        uplink.downlink.sources = SourceSwitch(registry, sup, anonymizer, pipeline.sink, board.set_sources)
     control = ControlServer(
         socket_path(core.status, core.gateway.state_dir),
         board,

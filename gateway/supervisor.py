@@ -171,6 +171,7 @@ class Supervisor:
         self._backoff = backoff or Backoff()
         self._status_interval_s = status_interval_s
         self._units: list[Unit] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # by unit name, while running
         self._stop = asyncio.Event()
         self._exit_code = EXIT_OK
         self._ready = False
@@ -189,6 +190,19 @@ class Supervisor:
         if any(u.name == unit.name for u in self._units):
             raise ValueError(f"supervisor: unit name {unit.name!r} used twice: names must be unique")
         self._units.append(unit)
+
+    def start_unit(self, unit: Unit) -> None:
+        """Register ``unit`` and start it now, while the others run (a config revision applied in place)."""
+        self.add(unit)
+        self._tasks[unit.name] = asyncio.create_task(self._keep_running(unit), name=f"unit:{unit.name}")
+
+    async def stop_unit(self, name: str) -> None:
+        """Cancel unit ``name`` alone and forget it; bounded, and not cut short by a cancellation of the caller."""
+        task = self._tasks.pop(name, None)
+        self._units = [u for u in self._units if u.name != name]
+        if task is not None:
+            # Shielded: a caller cancelled mid-way must not leave the old unit running beside a new one.
+            await asyncio.shield(self._cancel([task]))
 
     def request_stop(self, exit_code: int = EXIT_OK) -> None:
         """Ask for an orderly stop (signal handlers, a critical failure)."""
@@ -212,7 +226,7 @@ class Supervisor:
         # Named, tracked tasks rather than a TaskGroup: leaving a TaskGroup waits for every child
         # without limit, and a unit that swallows cancellation must not hold the stop (and the
         # outbox's final flush) hostage. Every wait below is bounded.
-        tasks: dict[str, asyncio.Task[None]] = {}
+        tasks = self._tasks
         helpers = [asyncio.create_task(self._watchdog(), name="supervisor:watchdog")]
         try:
             start_deadline = time.monotonic() + self._start_timeout_s

@@ -28,6 +28,8 @@ class Pending:
     backup: str  # the previous config file, to restore on rollback
     excused: list[str]  # units not healthy before the restart: not required after it (a device away)
     starts: int = 0  # process starts on this revision (a crash loop rolls back)
+    applied_by: str = "process"  # "units": only the units in ``restarted``; "process": the whole gateway
+    restarted: list[str] = field(default_factory=list)  # unit names, or why the process restarts
 
 
 @dataclass(slots=True)

@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
 from gateway.downlink.azure import AzureTwin
 from gateway.downlink.bundles import ModelBundles
+from gateway.downlink.diff import Plan, plan
 from gateway.downlink.errors import RefusedError
 from gateway.downlink.renewal import Renewal
 from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, Verified, verify, verify_rotation
@@ -112,6 +114,11 @@ class Downlink:
         self._attach_mark = 0
         self._last_refusal: tuple[str, str] | None = None  # reason and detail of the newest malformed one
         self._repeats = 0  # identical malformed refusals not recorded since
+        # Restarts sources in place (gateway.downlink.sources); None: every revision restarts the process.
+        self.sources: Any = None
+        self._undo: tuple[Plan, Config] | None = None  # an in-place revision on probation: how to go back
+        self._started_at = _now()
+        self._shown: dict[str, str] = {}  # the unit states last reported  # this process's start: a revision applied in place does not move it
 
     # --- the hook the MQTT uplink calls on each connection ----------------------------------------
 
@@ -197,6 +204,7 @@ class Downlink:
     def report(self) -> None:
         """Publish the reported state (retained) when connected."""
         client = self._client
+        self._shown = self._units_now()
         if client is None:
             return
         with contextlib.suppress(Exception):  # a connection closing under us: the next attach reports
@@ -223,6 +231,7 @@ class Downlink:
             "certificate": self._certificate(),
             "units": self._units_now(),
             "models": None if self.bundles is None else self.bundles.reported(),
+            "process": {"started_at": self._started_at, "connects": self._attaches},
         }
 
     # --- the unit -------------------------------------------------------------------------------
@@ -248,7 +257,6 @@ class Downlink:
             await asyncio.Event().wait()  # rolling back: the supervisor stops the gateway
         self.phase = "running"
         self.report()
-        shown = self._units_now()
         while True:
             # Unit states are reported when they change (checked each second), not on each poll.
             with contextlib.suppress(TimeoutError):
@@ -256,8 +264,7 @@ class Downlink:
                     await self._wake.wait()
             if cancel_requested():  # a cancellation swallowed with the time-out (Python 3.11)
                 raise asyncio.CancelledError
-            if (units := self._units_now()) != shown:
-                shown = units
+            if self._units_now() != self._shown:
                 self.report()
             await self._renew_tick()
             if self._twin is not None:
@@ -526,7 +533,11 @@ class Downlink:
         self.report()
 
     async def _apply(self, found: Verified) -> bool:
-        """Stage and check the new config, write it in place, restart onto it."""
+        """Stage and check the new config, write it in place, restart the units it changes (or the process).
+
+        True when the whole process restarts onto it; False when it was refused or applied (or
+        rolled back) in place.
+        """
         assert self.audit is not None
         st, version = self.state, found.version
         st.accepted = version  # verified: never taken again, whatever happens next
@@ -537,22 +548,25 @@ class Downlink:
         staged = staged_dir / f"config-v{version}.toml"
         await asyncio.to_thread(persist.write_atomic, staged, found.content)
         try:
-            problems = await asyncio.to_thread(self._check, staged)
+            problems, new = await asyncio.to_thread(self._check, staged)
         except Exception as exc:  # noqa: BLE001 - a driver's check that breaks refuses the revision, not the unit
-            problems = f"the checks themselves failed: {type(exc).__name__}: {exc}"
-        if problems:
-            await self._refuse(version, "invalid-config", problems)
+            problems, new = f"the checks themselves failed: {type(exc).__name__}: {exc}", None
+        if problems or new is None:
+            await self._refuse(version, "invalid-config", problems or "the staged file did not load")
             return False
         live = self._config.file
+        todo = plan(self._config, new) if self.sources is not None else Plan(("in-place restarts off",))
+        restarted = todo.units if todo.in_place else list(todo.process)
         backup = self.dir / "previous.toml"
         excused = [
             u.name for u in self._sup.units if not _healthy(u, time.monotonic()) and u.name != "downlink"
         ]
+        by = "units" if todo.in_place else "process"
         try:
             # The backup on disk (fsynced) and the pending revision saved before the live file is
             # replaced: a power cut at any point leaves a state that a start rolls back or runs on.
             await asyncio.to_thread(_write_backup, live, backup)
-            st.pending = persist.Pending(version, found.sha256, str(backup), excused)
+            st.pending = persist.Pending(version, found.sha256, str(backup), excused, 0, by, restarted)
             await asyncio.to_thread(persist.save, self._state_path, st)
             await asyncio.to_thread(_remember, self.dir, self._digest)
             await asyncio.to_thread(persist.write_atomic, live, found.content, live.stat().st_mode & 0o777)
@@ -565,22 +579,41 @@ class Downlink:
                 "(systemd/README.md, 'Config revisions')",
             )
             return False
+        what = (
+            f"restarting {', '.join(restarted) or 'no unit'} in place"
+            if todo.in_place
+            else f"restarting the process for {', '.join(restarted)}"
+        )
         await asyncio.to_thread(
             self.audit.append,
             "applying",
             version=version,
-            detail=f"written to {live}; restarting",
+            detail=f"written to {live}; {what}",
             excused=excused,
+            applied_by=by,
+            restarted=restarted,
         )
         self.phase = "applying"
         self.report()
-        log.info("downlink: config v%d written to %s: restarting onto it", version, live)
-        restart.request(f"config v{version}")
-        self._sup.request_stop()
-        return True
+        log.info("downlink: config v%d written to %s: %s", version, live, what)
+        if not todo.in_place:
+            restart.request(f"config v{version}")
+            self._sup.request_stop()
+            return True
+        old_config = self._config
+        await self.sources.apply(todo, new)
+        self._config, self._section = replace(new, file=live), new.core.downlink
+        self._undo = (todo, old_config)
+        try:
+            await self._probation()
+        finally:
+            self._undo = None
+        self.phase = "running"
+        self.report()
+        return False
 
-    def _check(self, staged: Path) -> str:
-        """The failures ``edgetwin check`` finds in the staged file (offline), or ""."""
+    def _check(self, staged: Path) -> tuple[str, Config | None]:
+        """The failures ``edgetwin check`` finds in the staged file (offline), or "", and the config it loaded."""
         from gateway.downlink.checks import trust_findings  # noqa: PLC0415
         from gateway.observe.check import OFFLINE_CHECKS, run_check  # noqa: PLC0415 - only when one comes
 
@@ -596,7 +629,7 @@ class Downlink:
             )
         if core is not None and core.downlink.trust_file is None:
             lines.append("downlink.trust_file: missing: the gateway would stop listening to the twin")
-        return "; ".join(lines)
+        return "; ".join(lines), report.config
 
     # --- probation after a restart onto a new config --------------------------------------------
 
@@ -627,16 +660,29 @@ class Downlink:
             elif healthy_since is None:
                 healthy_since = now
             elif now - healthy_since >= settle_s:
-                st.applied = {"version": pending.version, "sha256": pending.sha256, "at": _now()}
+                st.applied = {
+                    "version": pending.version,
+                    "sha256": pending.sha256,
+                    "at": _now(),
+                    "applied_by": pending.applied_by,
+                    "restarted": list(pending.restarted),
+                }
                 st.pending = None
                 await asyncio.to_thread(persist.save, self._state_path, st)
                 await asyncio.to_thread(
                     self.audit.append,
                     "applied",
                     version=pending.version,
-                    detail="READY, units healthy, broker reached",
+                    detail=f"READY, units healthy, broker reached ({pending.applied_by}: "
+                    f"{', '.join(pending.restarted) or 'nothing restarted'})",
                 )
-                log.info("downlink: config v%d applied: READY with every unit healthy", pending.version)
+                log.info(
+                    "downlink: config v%d applied by restarting %s: READY with every unit healthy",
+                    pending.version,
+                    ", ".join(pending.restarted) or "no unit"
+                    if pending.applied_by == "units"
+                    else f"the process ({', '.join(pending.restarted)})",
+                )
                 return True
             await asyncio.sleep(_POLL_S)
         await self._rollback(pending, why or "not healthy long enough", cause if why else "unhealthy", units)
@@ -671,6 +717,17 @@ class Downlink:
         await asyncio.to_thread(
             roll_back, self._config.file, self.dir, self.state, self.audit, detail, cause=cause, units=units
         )
+        if self._undo is not None:  # applied in place: the previous settings of those units, in place
+            todo, old = self._undo
+            assert self.sources is not None
+            await self.sources.apply(todo.reverse(), old)
+            self._config, self._section = old, old.core.downlink
+            log.info(
+                "downlink: config v%d: %s back on the previous settings",
+                pending.version,
+                ", ".join(todo.units),
+            )
+            return
         self.phase = "rolling back"
         self.report()
         restart.request(f"rollback of config v{pending.version}")

@@ -77,6 +77,10 @@ class StatusBoard:
         self._stats: Any = None
         self.snapshot: dict[str, Any] | None = None
 
+    def set_sources(self, sources: Sequence[tuple[str, str]]) -> None:
+        """The configured sources (name, driver) after a revision changed them in place."""
+        self._sources = tuple(sources)
+
     async def refresh(self) -> dict[str, Any]:
         """Read the outbox's figures from its database, then :meth:`compose` a new snapshot."""
         self._stats = await self._outbox.stats()
