@@ -1,0 +1,117 @@
+"""A config revision restarts only the units it changes: a real ``edgetwin run``, the real TLS mosquitto.
+
+A revision that changes one source restarts that source alone (the other source, the outbox and
+the uplink's session run on, records without a gap); one that adds a source that cannot start
+rolls back that source alone; one that touches a process-level section still restarts the process.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from downlink_support import SHORT_DEADLINE_S, Site, applied, new_site, running, source
+from uplink_support import listener, mosquitto_pki, running_broker
+
+from gateway.downlink.signing import sign
+from gateway.uplink.certs import DemoPKI
+
+pytestmark = pytest.mark.slow
+
+BED9 = source("bed9-sim", device="A4:C1:38:00:00:09")
+# A source on a serial port that does not exist: it never becomes healthy.
+BROKEN_BED8 = """
+[[sources]]
+name = "bed8-sim"
+driver = "serial"
+subject = "bed8-sim-subject"
+port = "/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_SN-EDGETWIN-BED8-if00-port0"
+protocol = "nonin2"
+"""
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DemoPKI:
+    return mosquitto_pki(tmp_path_factory)
+
+
+@pytest.fixture
+def site(tmp_path: Path, pki: DemoPKI) -> Iterator[Site]:
+    for broker in running_broker(tmp_path, pki):
+        s = new_site(tmp_path, pki, broker)
+        s.config.write_text(s.text(source("bed7-sim") + BED9))
+        try:
+            yield s
+        finally:
+            s.stop()
+
+
+def _signed(site: Site, version: int, text: str) -> bytes:
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    return sign(text.encode(), keys=[site.key], gateway=site.gateway, version=version, expires=expires)
+
+
+def _log(site: Site) -> str:
+    return (site.tmp / "gateway.log").read_text()
+
+
+def test_only_the_changed_units_restart_and_a_process_section_restarts_the_process(site: Site) -> None:
+    twin = listener(site.broker, site.pki)
+    try:
+        site.start()
+        assert site.proc is not None
+        pid = site.proc.pid
+        before = site.reported(
+            lambda r: running("source:bed7-sim")(r) and running("source:bed9-sim")(r), "up"
+        )
+        assert before["process"]["connects"] == 1
+
+        # 1. One source's setting changed: that source alone restarts.
+        changed = source("bed7-sim") + source("bed9-sim", "pump", "SN-PLC-9")
+        site.publish(site.envelope(1, changed))
+        rep = site.reported(applied(1), "v1 applied")
+        assert rep["applied"]["applied_by"] == "units"
+        assert rep["applied"]["restarted"] == ["source:bed9-sim"]
+        assert rep["process"] == before["process"]  # same start, the uplink's session never reconnected
+        assert site.proc.pid == pid
+        assert site.config.read_text() == site.text(changed)
+        log = _log(site)
+        assert log.count("unit source:bed7-sim started") == 1
+        assert log.count("unit source:bed9-sim started") == 2
+        assert "unit source:bed9-sim stopped for a config revision" in log
+
+        # 2. A new source that cannot start: rolled back alone, the others untouched.
+        site.publish(site.envelope(2, changed + BROKEN_BED8, deadline_s=SHORT_DEADLINE_S))
+        rep = site.reported(lambda r: (r.get("last_rollback") or {}).get("version") == 2, "v2 rolled back")
+        assert rep["last_rollback"]["reason"] == "unhealthy"
+        assert rep["last_rollback"]["units"] == ["source:bed8-sim"]
+        assert rep["applied"]["version"] == 1
+        assert site.config.read_text() == site.text(changed)
+        rep = site.reported(
+            lambda r: "source:bed8-sim" not in r["units"] and r["phase"] == "running", "bed8 gone"
+        )
+        assert rep["process"] == before["process"]
+        assert [e["event"] for e in site.events()[-4:]] == ["received", "verified", "applying", "rolled-back"]
+        log = _log(site)
+        assert log.count("unit source:bed7-sim started") == 1
+        assert log.count("unit source:bed9-sim started") == 2
+        # bed7 delivered throughout: its streams were never silent, and no record of the gateway is missing.
+        assert "stream bed7-sim/" not in log
+        wanted = twin.records_received + 5
+        assert twin.wait_for(lambda t: t.records_received > wanted, 20), "records after the revisions"
+        (state,) = twin.checker.gateways.values()
+        assert state.missing == 0, state.summary()
+
+        # 3. A process-level section ([runtime]) changed: the whole process restarts (same PID).
+        text = site.text(changed).replace("drain_deadline_s = 3.0", "drain_deadline_s = 4.0")
+        site.publish(_signed(site, 3, text))
+        rep = site.reported(applied(3), "v3 applied")
+        assert rep["applied"]["applied_by"] == "process"
+        assert rep["applied"]["restarted"] == ["runtime"]
+        assert rep["process"]["started_at"] != before["process"]["started_at"]
+        assert site.proc.pid == pid
+        assert _log(site).count("edgetwin restarting (config v3)") == 1
+    finally:
+        twin.stop()
