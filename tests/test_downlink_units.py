@@ -2,7 +2,8 @@
 
 A revision that changes one source restarts that source alone (the other source, the outbox and
 the uplink's session run on, records without a gap); one that adds a source that cannot start
-rolls back that source alone; one that touches a process-level section still restarts the process.
+rolls back that source alone; one that touches a process-level section still restarts the process;
+one that changes the broker connection reconnects the uplink alone.
 """
 
 from __future__ import annotations
@@ -113,5 +114,14 @@ def test_only_the_changed_units_restart_and_a_process_section_restarts_the_proce
         assert rep["process"]["started_at"] != before["process"]["started_at"]
         assert site.proc.pid == pid
         assert _log(site).count("edgetwin restarting (config v3)") == 1
+        assert rep["process"]["connects"] == 1
+
+        # 4. A connection key of [uplink.mqtt] changed: the uplink reconnects, nothing restarts.
+        site.publish(_signed(site, 4, text.replace("connect_timeout_s = 2.0", "connect_timeout_s = 3.0")))
+        rep = site.reported(applied(4), "v4 applied")
+        assert rep["applied"]["applied_by"] == "units"
+        assert rep["applied"]["restarted"] == ["uplink"]
+        assert rep["process"]["connects"] == 2
+        assert _log(site).count("unit source:bed7-sim started") == 2  # once per process start
     finally:
         twin.stop()

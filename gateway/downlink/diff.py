@@ -9,10 +9,14 @@ is done in place; everything else is a whole-process restart, and the plan says 
   estimators learn the subjects' kinds once, when the pipeline is built);
 * ``[downlink]``: the deadline, the settle time and the renewal lead are read where they are used,
   so they are taken in place; another key (the trust file) restarts the process;
+* ``[uplink.mqtt]``: the broker's address, its CA, the server name and the connect and reconnect
+  timings are taken by reconnecting the uplink (the same client id, session and outbox); any other
+  key (the profile, the protocol, the topic prefix, credentials, the client certificate, the
+  delivery settings) and any other ``[uplink]`` key restarts the process;
 * any other section (``[gateway]`` with the state directory and the name, ``[privacy]`` with the
   anonymizer's key and time policy, ``[outbox]``, ``[logging]``, ``[pipeline]``, ``[models]``,
-  ``[alarms]``, ``[estimators]``, ``[status]``, ``[runtime]``, ``[uplink]``, and a section this
-  code does not know) restarts the process.
+  ``[alarms]``, ``[estimators]``, ``[status]``, ``[runtime]``, and a section this code does not
+  know) restarts the process.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from gateway.config import Config, SourceEntry
 
 # [downlink] keys read where they are used (the downlink's probation and renewal check).
 _DOWNLINK_IN_PLACE = frozenset({"apply_deadline_s", "settle_s", "renew_before_days"})
+# [uplink.mqtt] keys that only the connection reads (gateway.uplink.connection): a reconnect takes them.
+_UPLINK_IN_PLACE = frozenset(
+    {"host", "port", "ca_file", "server_name", "connect_timeout_s", "reconnect_min_s", "reconnect_max_s"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +44,7 @@ class Plan:
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
     other: tuple[str, ...] = field(default=())  # in-place keys that need no restart ("downlink.settle_s")
+    uplink: bool = False  # the uplink reconnects with the new [uplink.mqtt] connection keys
 
     @property
     def in_place(self) -> bool:
@@ -50,17 +59,18 @@ class Plan:
     @property
     def units(self) -> list[str]:
         """The unit names restarted in place."""
-        return [f"source:{name}" for name in self.sources]
+        return [f"source:{name}" for name in self.sources] + (["uplink"] if self.uplink else [])
 
     def reverse(self) -> Plan:
         """The plan that puts the previous settings back (a rollback)."""
-        return Plan(self.process, self.removed, self.added, self.changed, self.other)
+        return Plan(self.process, self.removed, self.added, self.changed, self.other, self.uplink)
 
 
 def plan(old: Config, new: Config) -> Plan:
     """The units ``new`` changes against ``old``; see the module docstring for the rule."""
     why: list[str] = []
     other: list[str] = []
+    uplink = False
     before = _dump(old.core)
     after = _dump(new.core)
     for section in sorted(set(before) | set(after)):
@@ -71,6 +81,9 @@ def plan(old: Config, new: Config) -> Plan:
             if keys <= _DOWNLINK_IN_PLACE:
                 other += [f"downlink.{k}" for k in sorted(keys)]
                 continue
+        if section == "uplink" and _uplink_in_place(before[section], after.get(section)):
+            uplink = True
+            continue
         why.append(section)
     old_src = {e.info.name: e for e in old.sources}
     new_src = {e.info.name: e for e in new.sources}
@@ -83,7 +96,16 @@ def plan(old: Config, new: Config) -> Plan:
             if entry is not None and json.dumps(entry.info.subject) in estimated:
                 why.append(f"sources[{name}]: its subject is named in [estimators]")
                 break
-    return Plan(tuple(why), tuple(added), tuple(removed), tuple(changed), tuple(other))
+    return Plan(tuple(why), tuple(added), tuple(removed), tuple(changed), tuple(other), uplink)
+
+
+def _uplink_in_place(before: Any, after: Any) -> bool:
+    """True when only connection keys of an MQTT SenML uplink changed."""
+    if not isinstance(after, dict) or before.get("kind") != "mqtt" or before.get("encoding") != "senml":
+        return False
+    if _changed_keys(before, after) != {"mqtt"} or not isinstance(after.get("mqtt"), dict):
+        return False
+    return _changed_keys(before.get("mqtt"), after["mqtt"]) <= _UPLINK_IN_PLACE
 
 
 def _dump(core: Any) -> dict[str, Any]:

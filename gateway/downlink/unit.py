@@ -117,8 +117,9 @@ class Downlink:
         # Restarts sources in place (gateway.downlink.sources); None: every revision restarts the process.
         self.sources: Any = None
         self._undo: tuple[Plan, Config] | None = None  # an in-place revision on probation: how to go back
-        self._started_at = _now()
-        self._shown: dict[str, str] = {}  # the unit states last reported  # this process's start: a revision applied in place does not move it
+        self._started_at = _now()  # this process's start: a revision applied in place does not move it
+        self._shown: dict[str, str] = {}  # the unit states last reported
+        self._uplink_mark: int | None = None  # connections before the uplink was retargeted in place
 
     # --- the hook the MQTT uplink calls on each connection ----------------------------------------
 
@@ -556,6 +557,8 @@ class Downlink:
             return False
         live = self._config.file
         todo = plan(self._config, new) if self.sources is not None else Plan(("in-place restarts off",))
+        if todo.uplink and getattr(self._uplink, "retarget", None) is None:
+            todo = Plan(("uplink",))
         restarted = todo.units if todo.in_place else list(todo.process)
         backup = self.dir / "previous.toml"
         excused = [
@@ -604,13 +607,24 @@ class Downlink:
         await self.sources.apply(todo, new)
         self._config, self._section = replace(new, file=live), new.core.downlink
         self._undo = (todo, old_config)
+        if todo.uplink:  # last: the sources run on the new settings before the way home changes
+            self._retarget(new)
         try:
             await self._probation()
         finally:
-            self._undo = None
+            self._undo = self._uplink_mark = None
         self.phase = "running"
         self.report()
         return False
+
+    def _retarget(self, config: Config) -> None:
+        """Reconnect the uplink with the ``[uplink.mqtt]`` connection keys of ``config``."""
+        mqtt = config.core.uplink.mqtt
+        assert mqtt is not None
+        self._uplink_mark = self._attaches
+        self._uplink.retarget(mqtt)
+        log.info("downlink: uplink reconnecting to %s:%d", mqtt.host, mqtt.port)
+        self._reconnect()
 
     def _check(self, staged: Path) -> tuple[str, Config | None]:
         """The failures ``edgetwin check`` finds in the staged file (offline), or "", and the config it loaded."""
@@ -704,7 +718,11 @@ class Downlink:
         bad = [f"{u.name} {u.state}{': ' + u.last_error if u.last_error else ''}" for u in failing]
         names = [u.name for u in failing]
         cause = "unhealthy"
-        if getattr(self._uplink, "connected", True) is False:
+        if self._uplink_mark is not None and self._attaches <= self._uplink_mark:
+            bad.append(f"uplink not connected with the new settings ({getattr(self._uplink, 'problem', '')})")
+            names.append("uplink")
+            cause = cause if failing else "uplink"
+        elif getattr(self._uplink, "connected", True) is False:
             bad.append(f"uplink not connected to the broker ({getattr(self._uplink, 'problem', '')})")
             names.append("uplink")
             cause = cause if failing else "uplink"
@@ -720,6 +738,8 @@ class Downlink:
         if self._undo is not None:  # applied in place: the previous settings of those units, in place
             todo, old = self._undo
             assert self.sources is not None
+            if todo.uplink:
+                self._retarget(old)
             await self.sources.apply(todo.reverse(), old)
             self._config, self._section = old, old.core.downlink
             log.info(

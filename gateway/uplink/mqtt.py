@@ -112,6 +112,22 @@ class MqttUplink:
         # The downlink (gateway.downlink.unit): subscribes on each connection, None when off.
         self.downlink: Any = None
 
+    def retarget(self, config: MqttSection) -> None:
+        """Connect with ``config`` from the next connection on: a revision's broker address, CA or timings.
+
+        Only the connection's keys may differ from the running ones (gateway.downlink.diff): the
+        client id, the profile, the delivery and the outbox stay as they are.
+        """
+        self._cfg = config
+        self._connection = Connection(
+            config,
+            self._profile,
+            self.client_id,
+            password=self._password,
+            will=self._will,
+            bounded=self._bounded,
+        )
+
     @property
     def delivered(self) -> int:
         """Records acknowledged by the broker (and deleted from the outbox) since start."""
