@@ -28,7 +28,7 @@ def _src(name: str, device: str = "A4:C1:38:00:00:07", subject: str | None = Non
 
 def _config(tmp: Path, text: str, name: str = "c.toml") -> Config:
     path = tmp / name
-    path.write_text(text.format(state=tmp))
+    path.write_text(text.replace("{state}", str(tmp)))
     return load(path, REGISTRY)
 
 
@@ -95,3 +95,48 @@ def test_a_trust_file_change_and_a_state_dir_change_restart_the_process(tmp_path
     assert plan(base, _config(tmp_path, text)).process == ("downlink",)
     moved = BASE.replace('state_dir = "{state}"', f'state_dir = "{other}"') + _src("bed7")
     assert "gateway" in plan(base, _config(tmp_path, moved)).process
+
+
+MQTT = """[uplink]
+kind = "mqtt"
+[uplink.mqtt]
+host = "127.0.0.1"
+port = {port}
+connect_timeout_s = 2.0
+topic_prefix = "{prefix}"
+"""
+
+
+def test_broker_connection_keys_reconnect_the_uplink_other_mqtt_keys_restart_the_process(
+    tmp_path: Path,
+) -> None:
+    def cfg(name: str, port: int = 8883, prefix: str = "edgetwin/v1") -> Config:
+        return _config(
+            tmp_path,
+            BASE + MQTT.replace("{port}", str(port)).replace("{prefix}", prefix) + _src("bed7"),
+            name,
+        )
+
+    old = cfg("old.toml")
+    moved = plan(old, cfg("moved.toml", port=8884))
+    assert moved.in_place
+    assert moved.uplink
+    assert moved.units == ["uplink"]
+    assert moved.reverse().uplink
+    assert plan(old, cfg("prefix.toml", prefix="plant/v2")).process == ("uplink",)
+
+
+FUSION = """[[estimators.fusion]]
+subject = "bed7-subject"
+sources = [{ metric = "MDC_ECG_HEART_RATE" }]
+"""
+
+
+def test_a_source_whose_subject_is_estimated_restarts_the_process(tmp_path: Path) -> None:
+    old = _config(tmp_path, BASE + FUSION + _src("bed7") + _src("bed9", "A4:C1:38:00:00:09"), "old.toml")
+    other = _config(tmp_path, BASE + FUSION + _src("bed7") + _src("bed9", "A4:C1:38:00:00:19"), "b.toml")
+    assert plan(old, other).units == ["source:bed9"]
+    new = _config(
+        tmp_path, BASE + FUSION + _src("bed7", "A4:C1:38:00:00:08") + _src("bed9", "A4:C1:38:00:00:09")
+    )
+    assert plan(old, new).process == ("sources[bed7]: its subject or name is in [estimators]",)

@@ -5,8 +5,8 @@ its status row): a source whose table changed in any key is restarted, one that 
 started, one that is gone is stopped.  Only what the gateway can swap safely while the rest runs
 is done in place; everything else is a whole-process restart, and the plan says why:
 
-* sources: in place, unless a changed source's subject is named in ``[estimators]`` (the
-  estimators learn the subjects' kinds once, when the pipeline is built);
+* sources: in place, unless a changed source's subject or name is in ``[estimators]`` (the
+  estimators learn the subjects' kinds and sources once, when the pipeline is built);
 * ``[downlink]``: the deadline, the settle time and the renewal lead are read where they are used,
   so they are taken in place; another key (the trust file) restarts the process;
 * ``[uplink.mqtt]``: the broker's address, its CA, the server name and the connect and reconnect
@@ -93,8 +93,10 @@ def plan(old: Config, new: Config) -> Plan:
     estimated = json.dumps(after.get("estimators")) + json.dumps(before.get("estimators"))
     for name in (*added, *removed, *changed):
         for entry in (old_src.get(name), new_src.get(name)):
-            if entry is not None and json.dumps(entry.info.subject) in estimated:
-                why.append(f"sources[{name}]: its subject is named in [estimators]")
+            if entry is not None and (
+                json.dumps(entry.info.subject) in estimated or json.dumps(entry.info.name) in estimated
+            ):
+                why.append(f"sources[{name}]: its subject or name is in [estimators]")
                 break
     return Plan(tuple(why), tuple(added), tuple(removed), tuple(changed), tuple(other), uplink)
 
