@@ -192,7 +192,7 @@ def test_a_revision_that_breaks_a_source_is_rolled_back(site: Site) -> None:
 @pytest.mark.campaign
 def test_an_uplink_that_cannot_reach_the_broker_is_rolled_back(site: Site) -> None:
     site.start()
-    site.reported(running("source:bed7-sim"), "running")
+    before = site.reported(running("source:bed7-sim"), "running")
     original = site.config.read_bytes()
     site.publish(site.envelope(1, source("bed7-sim"), port=free_port(), deadline_s=SHORT_DEADLINE_S))
     rep = site.reported(
@@ -200,6 +200,9 @@ def test_an_uplink_that_cannot_reach_the_broker_is_rolled_back(site: Site) -> No
     )
     assert rep["last_rollback"]["reason"] == "uplink"
     assert rep["last_rollback"]["units"] == ["uplink"]
+    # Reconnected in place, twice (new settings, then the old ones), without a process restart.
+    assert rep["process"]["started_at"] == before["process"]["started_at"]
+    assert rep["process"]["connects"] == 2
     assert "uplink not connected" in site.events()[-1]["detail"]
     assert site.config.read_bytes() == original  # and it reported this over the old settings
 

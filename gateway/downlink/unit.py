@@ -205,9 +205,9 @@ class Downlink:
     def report(self) -> None:
         """Publish the reported state (retained) when connected."""
         client = self._client
-        self._shown = self._units_now()
         if client is None:
             return
+        self._shown = self._units_now()
         with contextlib.suppress(Exception):  # a connection closing under us: the next attach reports
             if self._twin is not None:  # the twin's reported property; the CSR rides in it
                 pending = self._renewal is not None and self._renewal.pending
