@@ -486,3 +486,47 @@ def test_an_attempt_that_hangs_before_it_started_is_restarted_too() -> None:
     assert len(attempts) == 2
     assert 0.3 <= attempts[1] - attempts[0] <= 1.5
     assert sup.units[0].failures == 0  # running since its restart
+
+
+def test_one_unit_is_stopped_and_another_started_while_the_others_run(notifier: Notifier) -> None:
+    """A config revision applied in place: one source out, one in; the rest never restarted."""
+    order: list[str] = []
+    cancelled: list[str] = []
+
+    def tracked(name: str) -> Callable[[Callable[[], None]], Coroutine[Any, Any, None]]:
+        async def run(started: Callable[[], None]) -> None:
+            order.append(name)
+            started()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(name)
+                raise
+
+        return run
+
+    async def main() -> None:
+        sup = Supervisor(notifier, backoff=FAST)
+        sup.add(Unit("box", Group.OUTBOX, tracked("box")))
+        sup.add(Unit("source:a", Group.SOURCES, tracked("a")))
+        sup.add(Unit("source:b", Group.SOURCES, tracked("b")))
+
+        async def swap() -> None:
+            await sup.wait_ready(10.0)
+            await sup.stop_unit("source:a")
+            assert cancelled == ["a"]
+            assert [u.name for u in sup.units] == ["box", "source:b"]
+            sup.start_unit(Unit("source:c", Group.SOURCES, tracked("c")))
+            deadline = time.monotonic() + 10.0
+            while [u.state for u in sup.units][-1] != UnitState.RUNNING and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            sup.request_stop()
+
+        swapper = asyncio.create_task(swap())
+        await sup.run(_nothing_to_drain, 1.0)
+        await swapper
+        assert [u.name for u in sup.units] == ["box", "source:b", "source:c"]
+
+    asyncio.run(main())
+    assert order == ["box", "a", "b", "c"]  # box and b started once: never restarted
+    assert sorted(cancelled) == ["a", "b", "box", "c"]  # c is stopped with the others at the end
