@@ -254,7 +254,11 @@ class Downlink:
         if self.bundles is not None:
             await asyncio.to_thread(self.bundles.load)
         started()
-        if self.state.pending is not None and not await self._probation():
+        pending = self.state.pending
+        if pending is not None and pending.applied_by == "units":
+            # Stopped while it was on probation in place: this start runs on all of it.
+            pending.applied_by, pending.restarted = "process", ["stopped during its probation"]
+        if pending is not None and not await self._probation():
             await asyncio.Event().wait()  # rolling back: the supervisor stops the gateway
         self.phase = "running"
         self.report()

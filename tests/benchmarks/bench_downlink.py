@@ -3,8 +3,9 @@
 A real ``edgetwin run`` with one simulated source, TLS mosquitto on loopback, the twin publishing
 revisions that add a source each time.  Baseline: process start -> the twin sees the reported
 state with every unit running (a cold start, as the twin sees it).  Measured: the broker's PUBACK
-of the desired state -> the twin sees the revision applied (verify, check, write, orderly stop,
-restart in place, probation with ``settle_s`` = 1 s).
+of the desired state -> the twin sees the revision applied (verify, check, write, then the new
+source started in place, probation with ``settle_s`` = 1 s); and the same for revisions that
+change ``[runtime]``, which restart the whole process (orderly stop, restart in place).
 
 Model bundles (``--models``): the same gateway with a simulated pump scored by the pump model.
 Measured: the twin starts publishing a 1 MB bundle (9 chunks of the AWS profile's 120 kB, then the
@@ -86,6 +87,7 @@ def main() -> None:
         site = new_site(tmp, pki, broker)
         cold: list[float] = []
         apply: list[float] = []
+        process: list[float] = []
         try:
             for _ in range(args.rounds):
                 # Clear the retained reported state, so the twin waits for this start's own.
@@ -105,6 +107,21 @@ def main() -> None:
                 t0 = time.monotonic()
                 site.reported(applied(version), f"v{version} applied")
                 apply.append(time.monotonic() - t0)
+            # A process-level section changed ([runtime]): the whole process restarts in place.
+            for n in range(1, args.rounds + 1):
+                version = args.rounds + n
+                text = site.text(sources).replace(
+                    "drain_deadline_s = 3.0", f"drain_deadline_s = {3.0 + n / 10}"
+                )
+                expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+                site.publish(
+                    sign(
+                        text.encode(), keys=[site.key], gateway=site.gateway, version=version, expires=expires
+                    )
+                )
+                t0 = time.monotonic()
+                site.reported(applied(version), f"v{version} applied")
+                process.append(time.monotonic() - t0)
         finally:
             site.stop()
             broker.stop()
@@ -113,7 +130,14 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     print(f"| cold start -> reported running (baseline) | {base:.2f} | {max(cold):.2f} | 1.00x |")
     med = statistics.median(apply)
-    print(f"| desired published -> reported applied | {med:.2f} | {max(apply):.2f} | {med / base:.2f}x |")
+    print(
+        f"| source added: published -> applied (in place) | {med:.2f} | {max(apply):.2f} | {med / base:.2f}x |"
+    )
+    med = statistics.median(process)
+    print(
+        f"| [runtime] changed: published -> applied (process restart) | {med:.2f} | {max(process):.2f} "
+        f"| {med / base:.2f}x |"
+    )
 
 
 def _wait(seen: list[tuple[bool, bytes]], until: Any, timeout_s: float = 120.0) -> float:
