@@ -233,7 +233,10 @@ class Supervisor:
             for group in sorted({u.group for u in self._units}):
                 members = [u for u in self._units if u.group == group]
                 for unit in members:
-                    tasks[unit.name] = asyncio.create_task(self._keep_running(unit), name=f"unit:{unit.name}")
+                    if unit.name not in tasks:  # not started already by start_unit (a revision in place)
+                        tasks[unit.name] = asyncio.create_task(
+                            self._keep_running(unit), name=f"unit:{unit.name}"
+                        )
                 await self._await_first_outcome(members, start_deadline)
                 if self._stop.is_set():
                     break

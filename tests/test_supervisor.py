@@ -530,3 +530,26 @@ def test_one_unit_is_stopped_and_another_started_while_the_others_run(notifier: 
     asyncio.run(main())
     assert order == ["box", "a", "b", "c"]  # box and b started once: never restarted
     assert sorted(cancelled) == ["a", "b", "box", "c"]  # c is stopped with the others at the end
+
+
+def test_a_unit_swapped_before_its_group_starts_runs_once(notifier: Notifier) -> None:
+    """A revision applied in place while the gateway is still starting: the new unit, once."""
+    order: list[str] = []
+
+    async def main() -> None:
+        sup = Supervisor(notifier, backoff=FAST)
+
+        async def early(started: Callable[[], None]) -> None:
+            await sup.stop_unit("source:a")  # not started yet: only forgotten
+            sup.start_unit(Unit("source:a", Group.SOURCES, _forever(order, "a-new")))  # type: ignore[arg-type]
+            started()
+            await asyncio.Event().wait()
+
+        sup.add(Unit("up", Group.UPLINK, early))
+        sup.add(Unit("source:a", Group.SOURCES, _forever(order, "a-old")))  # type: ignore[arg-type]
+        stopper = _stop_once(sup, lambda: sup.ready)
+        await sup.run(_nothing_to_drain, 1.0)
+        await stopper
+
+    asyncio.run(main())
+    assert order == ["a-new"]
