@@ -1,7 +1,8 @@
 """The downlink end to end: a real ``edgetwin run`` process, the real TLS mosquitto, the twin's CLI.
 
 A signed config revision published as the gateway's desired state is verified, checked, written
-in place, and the gateway restarts onto it (same PID); it is kept only when the gateway comes back
+in place, and the units it changes restart (tests/test_downlink_units.py) or the process restarts
+onto it (same PID); it is kept only when the gateway comes back
 READY with its units healthy and the broker reached, else the old file is restored.
 """
 

@@ -14,9 +14,11 @@ On the ``azure`` profile the same travel over IoT Hub's device twin and direct m
 
 A desired state goes: quarantine -> verified (:mod:`~gateway.downlink.signing`) -> staged and
 checked as ``edgetwin check`` checks -> written in place of the config file (the old one kept) ->
-the gateway restarts onto it -> *probation*: READY, every unit that was healthy before healthy
-again and the broker reached, within ``apply_deadline_s`` -> applied; otherwise the old file is
-restored and the gateway restarts onto it (rolled back).  Each step is in the audit log.
+only the units it changes restart (:mod:`~gateway.downlink.diff`: sources in place, the uplink
+reconnected last) or, for a process-level section, the whole gateway restarts onto it ->
+*probation*: READY, every unit that was healthy before healthy again and the broker reached,
+within ``apply_deadline_s`` -> applied; otherwise the old file is restored and the previous
+settings go back the same way (rolled back).  Each step is in the audit log.
 """
 
 from __future__ import annotations
@@ -733,7 +735,7 @@ class Downlink:
         return "; ".join(bad), cause, names
 
     async def _rollback(self, pending: persist.Pending, why: str, cause: str, units: list[str]) -> None:
-        """Restore the previous config file and restart onto it."""
+        """Restore the previous config file and put the previous settings back (in place, or by a process restart)."""
         assert self.audit is not None
         detail = f"not healthy within {self._section.apply_deadline_s:g} s: {why}"
         await asyncio.to_thread(
