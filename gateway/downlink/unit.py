@@ -609,14 +609,23 @@ class Downlink:
             restart.request(f"config v{version}")
             self._sup.request_stop()
             return True
-        old_config = self._config
-        await self.sources.apply(todo, new)
-        self._config, self._section = replace(new, file=live), new.core.downlink
-        self._undo = (todo, old_config)
-        if todo.uplink:  # last: the sources run on the new settings before the way home changes
-            self._retarget(new)
+        self._undo = (todo, self._config)
         try:
-            await self._probation()
+            try:
+                await self.sources.apply(todo, new)
+            except (
+                Exception
+            ) as exc:  # a driver that breaks while built: the revision rolls back, not the unit
+                log.exception("downlink: config v%d: starting %s failed", version, ", ".join(todo.units))
+                assert st.pending is not None
+                await self._rollback(
+                    st.pending, f"starting failed: {type(exc).__name__}: {exc}", "unhealthy", todo.units
+                )
+            else:
+                self._config, self._section = replace(new, file=live), new.core.downlink
+                if todo.uplink:  # last: the sources run on the new settings before the way home changes
+                    self._retarget(new)
+                await self._probation()
         finally:
             self._undo = self._uplink_mark = None
         self.phase = "running"
@@ -744,7 +753,7 @@ class Downlink:
         if self._undo is not None:  # applied in place: the previous settings of those units, in place
             todo, old = self._undo
             assert self.sources is not None
-            if todo.uplink:
+            if todo.uplink and self._uplink_mark is not None:  # retargeted already
                 self._retarget(old)
             await self.sources.apply(todo.reverse(), old)
             self._config, self._section = old, old.core.downlink
