@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from gateway import logs
 from gateway.alarms import fold_device_alarm, with_priority
-from gateway.alarms.config import limit_checker
+from gateway.alarms.config import AlarmsSection, limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config, SourceEntry
@@ -117,6 +117,10 @@ class Pipeline:
         self.submitted = dict.fromkeys(Lane, 0)
         self.last_diagnostics: dict[tuple[str, str | None], Diagnostic] = {}
         self._next_counters = time.monotonic() + COUNTERS_EVERY_S
+
+    def set_alarms(self, section: AlarmsSection) -> None:
+        """Limit alarms by ``section`` from now on (a config revision in place); active ones stay active."""
+        self._limits.take_rules(limit_checker(section))
 
     def put(self, sample: Sample) -> None:
         """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""
@@ -733,7 +737,9 @@ async def _supervise(
         from gateway.downlink.sources import SourceSwitch  # noqa: PLC0415 - with the downlink only
 
         # A config revision that changes only sources restarts those alone (gateway.downlink.diff).
-        uplink.downlink.sources = SourceSwitch(registry, sup, anonymizer, pipeline.sink, board.set_sources)
+        uplink.downlink.sources = SourceSwitch(
+            registry, sup, anonymizer, pipeline.sink, board.set_sources, pipeline.set_alarms
+        )
     control = ControlServer(
         socket_path(core.status, core.gateway.state_dir),
         board,

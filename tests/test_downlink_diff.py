@@ -140,3 +140,11 @@ def test_a_source_whose_subject_is_estimated_restarts_the_process(tmp_path: Path
         tmp_path, BASE + FUSION + _src("bed7", "A4:C1:38:00:00:08") + _src("bed9", "A4:C1:38:00:00:09")
     )
     assert plan(old, new).process == ("sources[bed7]: its subject or name is in [estimators]",)
+
+
+def test_limit_alarms_are_retuned_in_place(tmp_path: Path, base: Config) -> None:
+    alarms = "[alarms.limits.MDC_PULS_OXIM_SAT_O2]\nlow = 88.0\nlow_low = 80.0\n"
+    p = plan(base, _config(tmp_path, BASE + alarms + _src("bed7") + _src("bed9", "A4:C1:38:00:00:09")))
+    assert p.in_place
+    assert p.units == ["alarms"]
+    assert p.reverse().alarms

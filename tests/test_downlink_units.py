@@ -2,8 +2,9 @@
 
 A revision that changes one source restarts that source alone (the other source, the outbox and
 the uplink's session run on, records without a gap); one that adds a source that cannot start
-rolls back that source alone; one that touches a process-level section still restarts the process;
-one that changes the broker connection reconnects the uplink alone.
+rolls back that source alone; one that changes the limit alarms retunes them in place; one that
+touches a process-level section still restarts the process; one that changes the broker
+connection reconnects the uplink alone.
 """
 
 from __future__ import annotations
@@ -105,20 +106,28 @@ def test_only_the_changed_units_restart_and_a_process_section_restarts_the_proce
         (state,) = twin.checker.gateways.values()
         assert state.missing == 0, state.summary()
 
-        # 3. A process-level section ([runtime]) changed: the whole process restarts (same PID).
-        text = site.text(changed).replace("drain_deadline_s = 3.0", "drain_deadline_s = 4.0")
-        site.publish(_signed(site, 3, text))
+        # 3. Limit alarms changed: retuned in place, nothing restarts.
+        alarms = "\n[alarms.limits.MDC_PULS_OXIM_SAT_O2]\nlow = 88.0\nlow_low = 80.0\n"
+        site.publish(_signed(site, 3, site.text(changed) + alarms))
         rep = site.reported(applied(3), "v3 applied")
+        assert rep["applied"]["restarted"] == ["alarms"]
+        assert rep["process"] == before["process"]
+        assert "limit alarms retuned for a config revision" in _log(site)
+
+        # 4. A process-level section ([runtime]) changed: the whole process restarts (same PID).
+        text = site.text(changed).replace("drain_deadline_s = 3.0", "drain_deadline_s = 4.0")
+        site.publish(_signed(site, 4, text))
+        rep = site.reported(applied(4), "v4 applied")
         assert rep["applied"]["applied_by"] == "process"
         assert rep["applied"]["restarted"] == ["runtime"]
         assert rep["process"]["started_at"] != before["process"]["started_at"]
         assert site.proc.pid == pid
-        assert _log(site).count("edgetwin restarting (config v3)") == 1
+        assert _log(site).count("edgetwin restarting (config v4)") == 1
         assert rep["process"]["connects"] == 1
 
-        # 4. A connection key of [uplink.mqtt] changed: the uplink reconnects, nothing restarts.
-        site.publish(_signed(site, 4, text.replace("connect_timeout_s = 2.0", "connect_timeout_s = 3.0")))
-        rep = site.reported(applied(4), "v4 applied")
+        # 5. A connection key of [uplink.mqtt] changed: the uplink reconnects, nothing restarts.
+        site.publish(_signed(site, 5, text.replace("connect_timeout_s = 2.0", "connect_timeout_s = 3.0")))
+        rep = site.reported(applied(5), "v5 applied")
         assert rep["applied"]["applied_by"] == "units"
         assert rep["applied"]["restarted"] == ["uplink"]
         assert rep["process"]["connects"] == 2

@@ -165,3 +165,20 @@ def test_limit_config_problems_name_the_key() -> None:
     with pytest.raises(InvalidConfigError) as info:
         validate({"alarms": {"limits": {"X": {"priority_low": "urgent"}}}}, "<t>", REGISTRY)
     assert "priority_low" in str(info.value)
+
+
+def test_new_rules_taken_in_place_keep_an_active_alarm_until_it_clears_by_them() -> None:
+    """A config revision retunes [alarms] without a restart: the active alarm is not forgotten."""
+    checker = limit_checker(AlarmsSection.model_validate({}))
+    out = []
+    for t in range(14):  # 88 % for 14 s: the default low (90 %) raised at t=10
+        a = checker.check_sample(Sample(SPO2, t, 1.7e9 + t, 88.0, Quality.GOOD))
+        out += [a] if a is not None else []
+    assert [a.kind for a in out] == [AlarmKind.LIMIT]
+    lower = {"limits": {"MDC_PULS_OXIM_SAT_O2": {"low": 86.0, "low_low": 80.0}}}
+    checker.take_rules(limit_checker(AlarmsSection.model_validate(lower)))
+    for t in range(14, 20):  # still 88 %: inside the new low limit (86 % + deadband)
+        a = checker.check_sample(Sample(SPO2, t, 1.7e9 + t, 88.0, Quality.GOOD))
+        out += [a] if a is not None else []
+    assert [(a.kind, a.limit) for a in out] == [(AlarmKind.LIMIT, 90.0), (AlarmKind.LIMIT_CLEARED, 86.0)]
+    assert out[1].t_mono == 14  # cleared at once by the new rule, not raised again

@@ -113,6 +113,11 @@ class LimitChecker:
         self._pending: set[str] = set()  # streams with a condition starting, held or clearing
         self.alarms = 0
 
+    def take_rules(self, other: LimitChecker) -> None:
+        """Check by ``other``'s rules from now on, keeping each stream's state (an alarm active stays so)."""
+        self._rules, self._subjects = dict(other._rules), {s: dict(r) for s, r in other._subjects.items()}
+        self._by_id.clear()  # the cached rule of each stream: looked up again under the new rules
+
     def rule_for(self, stream: Stream) -> LimitRule | None:
         """The stream's rule: its subject's, else the general one; by metric name or last path segment."""
         got = self._by_id.get(id(stream))

@@ -9,13 +9,14 @@ is done in place; everything else is a whole-process restart, and the plan says 
   estimators learn the subjects' kinds and sources once, when the pipeline is built);
 * ``[downlink]``: the deadline, the settle time and the renewal lead are read where they are used,
   so they are taken in place; another key (the trust file) restarts the process;
+* ``[alarms]``: the limit rules are retuned in place (each stream's alarm state kept);
 * ``[uplink.mqtt]``: the broker's address, its CA, the server name and the connect and reconnect
   timings are taken by reconnecting the uplink (the same client id, session and outbox); any other
   key (the profile, the protocol, the topic prefix, credentials, the client certificate, the
   delivery settings) and any other ``[uplink]`` key restarts the process;
 * any other section (``[gateway]`` with the state directory and the name, ``[privacy]`` with the
   anonymizer's key and time policy, ``[outbox]``, ``[logging]``, ``[pipeline]``, ``[models]``,
-  ``[alarms]``, ``[estimators]``, ``[status]``, ``[runtime]``, and a section this code does not
+  ``[estimators]``, ``[status]``, ``[runtime]``, and a section this code does not
   know) restarts the process.
 """
 
@@ -45,6 +46,7 @@ class Plan:
     changed: tuple[str, ...] = ()
     other: tuple[str, ...] = field(default=())  # in-place keys that need no restart ("downlink.settle_s")
     uplink: bool = False  # the uplink reconnects with the new [uplink.mqtt] connection keys
+    alarms: bool = False  # the limit alarms take the new [alarms] rules
 
     @property
     def in_place(self) -> bool:
@@ -59,18 +61,24 @@ class Plan:
     @property
     def units(self) -> list[str]:
         """The unit names restarted in place."""
-        return [f"source:{name}" for name in self.sources] + (["uplink"] if self.uplink else [])
+        return (
+            [f"source:{name}" for name in self.sources]
+            + (["alarms"] if self.alarms else [])
+            + (["uplink"] if self.uplink else [])
+        )
 
     def reverse(self) -> Plan:
         """The plan that puts the previous settings back (a rollback)."""
-        return Plan(self.process, self.removed, self.added, self.changed, self.other, self.uplink)
+        return Plan(
+            self.process, self.removed, self.added, self.changed, self.other, self.uplink, self.alarms
+        )
 
 
 def plan(old: Config, new: Config) -> Plan:
     """The units ``new`` changes against ``old``; see the module docstring for the rule."""
     why: list[str] = []
     other: list[str] = []
-    uplink = False
+    uplink = alarms = False
     before = _dump(old.core)
     after = _dump(new.core)
     for section in sorted(set(before) | set(after)):
@@ -81,6 +89,9 @@ def plan(old: Config, new: Config) -> Plan:
             if keys <= _DOWNLINK_IN_PLACE:
                 other += [f"downlink.{k}" for k in sorted(keys)]
                 continue
+        if section == "alarms":
+            alarms = True
+            continue
         if section == "uplink" and _uplink_in_place(before[section], after.get(section)):
             uplink = True
             continue
@@ -98,7 +109,7 @@ def plan(old: Config, new: Config) -> Plan:
             ):
                 why.append(f"sources[{name}]: its subject or name is in [estimators]")
                 break
-    return Plan(tuple(why), tuple(added), tuple(removed), tuple(changed), tuple(other), uplink)
+    return Plan(tuple(why), tuple(added), tuple(removed), tuple(changed), tuple(other), uplink, alarms)
 
 
 def _uplink_in_place(before: Any, after: Any) -> bool:

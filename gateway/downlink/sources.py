@@ -1,6 +1,8 @@
 """Sources restarted in place by a config revision, while the rest of the gateway runs on.
 
-The order keeps the anonymizer fail-closed: every identity of the new sources (name, subject,
+``[alarms]`` is retuned in place: the limit checker takes the new rules and keeps each stream's
+state, so an alarm active now stays active (and clears by the new rule).  The order keeps the
+anonymizer fail-closed: every identity of the new sources (name, subject,
 device addresses, ports) is registered with the anonymizer *before* anything of them runs; an
 identity of a removed source stays registered (a record carrying it is still refused).  Then the
 old units are stopped (each bounded, shielded from a cancellation of the caller), the new ones
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
+from gateway.alarms.config import AlarmsSection
 from gateway.anonymize import Anonymizer
 from gateway.config import Config
 from gateway.contracts import DriverSpec, SampleSink
@@ -33,15 +36,17 @@ class SourceSwitch:
         anonymizer: Anonymizer,
         sink: SampleSink,
         show: Callable[[Sequence[tuple[str, str]]], None],
+        set_alarms: Callable[[AlarmsSection], None] | None = None,
     ) -> None:
         self._registry = registry
         self._sup = supervisor
         self._anon = anonymizer
         self._sink = sink
         self._show = show
+        self._set_alarms = set_alarms
 
     async def apply(self, plan: Plan, new: Config) -> list[str]:
-        """Stop the removed and changed sources, start the added and changed ones of ``new``; their unit names."""
+        """Swap the sources (and limit alarms) ``plan`` names to their settings in ``new``; the unit names."""
         entries = {e.info.name: e for e in new.sources}
         starting = [entries[n] for n in plan.sources if n in entries]
         for entry in starting:  # fail-closed: known to the anonymizer before the first sample
@@ -58,4 +63,7 @@ class SourceSwitch:
                 continue
             self._sup.start_unit(await source_unit(entry, self._registry, self._anon, self._sink))
         self._show([(e.info.name, e.driver) for e in new.sources])
+        if plan.alarms and self._set_alarms is not None:
+            self._set_alarms(new.core.alarms)
+            log.info("limit alarms retuned for a config revision")
         return plan.units
