@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from gateway.alarms.config import AlarmsSection
 from gateway.anonymize import Anonymizer
 from gateway.config import Config
 from gateway.contracts import DriverSpec, SampleSink
 from gateway.downlink.diff import Plan
+from gateway.inference.coverage import log_coverage
 from gateway.runtime import driver_identities, register_source_labels, source_unit
 from gateway.supervisor import Supervisor
 
@@ -62,6 +64,8 @@ class SourceSwitch:
                 log.info("source %s is disabled in the config", entry.info.name)
                 continue
             self._sup.start_unit(await source_unit(entry, self._registry, self._anon, self._sink))
+        if starting:  # what scores or watches the new sources' subjects, as the start log says it
+            log_coverage(replace(new, sources=tuple(starting)))
         self._show([(e.info.name, e.driver) for e in new.sources])
         if plan.alarms and self._set_alarms is not None:
             self._set_alarms(new.core.alarms)
