@@ -212,3 +212,20 @@ def test_refusal_details_do_not_echo_the_payload_and_repeats_are_recorded_once(t
 def test_an_unverified_value_is_quoted_as_a_short_sanitized_excerpt() -> None:
     assert excerpt("abc") == "'abc'"
     assert excerpt("a\nb<c>" + "z" * 40) == "'a?b?c?" + "z" * 18 + "'..."
+
+
+def test_a_pending_revision_saved_before_unit_restarts_existed_loads_as_a_process_restart(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(
+        json.dumps({"accepted": 3, "pending": {"version": 3, "sha256": "ab", "backup": "b", "excused": []}})
+    )
+    pending = persist.load(path).pending
+    assert pending is not None
+    assert (pending.applied_by, pending.restarted, pending.starts) == ("process", [], 0)
+    pending.applied_by, pending.restarted = "units", ["source:bed9"]
+    persist.save(path, persist.DownlinkState(accepted=3, pending=pending))
+    again = persist.load(path).pending
+    assert again is not None
+    assert (again.applied_by, again.restarted) == ("units", ["source:bed9"])
