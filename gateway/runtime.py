@@ -47,7 +47,7 @@ from gateway.inference.streams import build_stream_change
 from gateway.legend import FILE_NAME as LEGEND_FILE
 from gateway.legend import Legend
 from gateway.notify import Notifier
-from gateway.observe.config import socket_path
+from gateway.observe.config import StatusSection, socket_path
 from gateway.observe.control import ControlServer
 from gateway.observe.lock import StateDirBusyError, state_dir_lock
 from gateway.observe.status import StatusBoard
@@ -733,25 +733,35 @@ async def _supervise(
         pseudonym=anonymizer.subject_pseudonym,
         budget_bytes=int(core.outbox.max_mb * 1024 * 1024),
     )
+
+    def status_units(status: StatusSection) -> list[Unit]:
+        control = ControlServer(
+            socket_path(status, core.gateway.state_dir), board, group=status.group, refresh_s=status.refresh_s
+        )
+        units = [Unit("status", Group.OUTBOX, control.run)]
+        if status.http is not None:
+            # Imported only when used: aiohttp and prometheus_client are the optional "web" extra.
+            from gateway.observe.web import StatusWeb  # noqa: PLC0415
+
+            units.append(Unit("web", Group.OUTBOX, StatusWeb(status, board).run))
+        return units
+
     if getattr(uplink, "downlink", None) is not None:
         from gateway.downlink.sources import SourceSwitch  # noqa: PLC0415 - with the downlink only
 
-        # A config revision that changes only sources restarts those alone (gateway.downlink.diff).
+        # A config revision restarts only the units it changes (gateway.downlink.diff).
         uplink.downlink.sources = SourceSwitch(
-            registry, sup, anonymizer, pipeline.sink, board.set_sources, pipeline.set_alarms
+            registry,
+            sup,
+            anonymizer,
+            pipeline.sink,
+            board.set_sources,
+            pipeline.set_alarms,
+            status_units,
+            pipeline.windower.forget_source,
         )
-    control = ControlServer(
-        socket_path(core.status, core.gateway.state_dir),
-        board,
-        group=core.status.group,
-        refresh_s=core.status.refresh_s,
-    )
-    sup.add(Unit("status", Group.OUTBOX, control.run))
-    if core.status.http is not None:
-        # Imported only when used: aiohttp and prometheus_client are the optional "web" extra.
-        from gateway.observe.web import StatusWeb  # noqa: PLC0415
-
-        sup.add(Unit("web", Group.OUTBOX, StatusWeb(core.status, board).run))
+    for unit in status_units(core.status):
+        sup.add(unit)
     # STATUS= says what matters most, from the same snapshot ``edgetwin status`` shows.
     sup.describe = lambda: str(board.compose()["headline"])
     loop = asyncio.get_running_loop()

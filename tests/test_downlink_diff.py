@@ -148,3 +148,11 @@ def test_limit_alarms_are_retuned_in_place(tmp_path: Path, base: Config) -> None
     assert p.in_place
     assert p.units == ["alarms"]
     assert p.reverse().alarms
+
+
+def test_the_status_section_restarts_the_status_units(tmp_path: Path, base: Config) -> None:
+    status = "[status]\nrefresh_s = 0.5\n"
+    p = plan(base, _config(tmp_path, BASE + status + _src("bed7") + _src("bed9", "A4:C1:38:00:00:09")))
+    assert p.in_place
+    assert p.units == ["status"]
+    assert p.reverse().status

@@ -10,11 +10,15 @@ connection reconnects the uplink alone.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from downlink_support import SHORT_DEADLINE_S, Site, applied, new_site, running, source
+from downlink_support import ROOT, SHORT_DEADLINE_S, Site, applied, new_site, running, source
 from uplink_support import listener, mosquitto_pki, running_broker
 
 from gateway.downlink.signing import sign
@@ -105,13 +109,24 @@ def test_only_the_changed_units_restart_and_a_process_section_restarts_the_proce
         (state,) = twin.checker.gateways.values()
         assert state.missing == 0, state.summary()
 
-        # 3. Limit alarms changed: retuned in place, nothing restarts.
-        alarms = "\n[alarms.limits.MDC_PULS_OXIM_SAT_O2]\nlow = 88.0\nlow_low = 80.0\n"
+        # 3. Limit alarms and [status] changed: alarms retuned, the control socket's unit restarted.
+        alarms = (
+            "\n[alarms.limits.MDC_PULS_OXIM_SAT_O2]\nlow = 88.0\nlow_low = 80.0\n[status]\nrefresh_s = 0.5\n"
+        )
         site.publish(_signed(site, 3, site.text(changed) + alarms))
         rep = site.reported(applied(3), "v3 applied")
-        assert rep["applied"]["restarted"] == ["alarms"]
+        assert rep["applied"]["restarted"] == ["alarms", "status"]
         assert rep["process"] == before["process"]
         assert "limit alarms retuned for a config revision" in _log(site)
+        # On site, 'edgetwin status' answers from the new socket unit, the same process, both sources.
+        cli = [sys.executable, "-m", "gateway.cli", "status", "--config", str(site.config), "--json"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("RUNTIME_DIRECTORY", None)
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=False, env=env)
+        assert done.returncode == 0, done.stderr
+        snap = json.loads(done.stdout)
+        assert snap["pid"] == pid
+        assert [s["name"] for s in snap["sources"]] == ["bed7-sim", "bed9-sim"]
 
         # 4. A process-level section ([runtime]) changed: the whole process restarts (same PID).
         text = site.text(changed).replace("drain_deadline_s = 3.0", "drain_deadline_s = 4.0")

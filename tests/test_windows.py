@@ -707,3 +707,22 @@ def test_a_driver_reporting_its_device_lost_and_back_every_0_3_s_never_flaps_fas
             assert back.t_mono - lost_alarm.t_mono >= restore
     assert len(sent) <= 2 * math.ceil(120.0 / restore) + 2, len(sent)
     print(f"\n{len(sent)} device alarms in 120 s of flapping")
+
+
+def test_a_source_forgotten_by_a_config_revision_raises_no_loss_and_leaves_the_others() -> None:
+    rig = Rig()
+    old = Stream("old-src", "bed1", "dev1", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=10.0)
+    other = Stream("src", "bed2", "dev2", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=10.0)
+    rig.feed(samples(old, T0, T0 + 2, 10.0) + samples(other, T0, T0 + 2, 10.0))
+    assert rig.w.forget_source("old-src") == 1
+    assert rig.w.forget_source("old-src") == 0
+    rig.feed(samples(other, T0 + 2, T0 + 8, 10.0))
+    records = rig.close(T0 + 8)
+    assert rig.kinds() == []  # the old source's silence is no loss: it was removed
+    assert {r.subject for r in records} == {"bed2"}
+    assert [s["source"] for s in rig.w.stream_states()] == ["src"]
+    # Without the forget, the same silence is a loss.
+    control = Rig()
+    control.feed(samples(old, T0, T0 + 2, 10.0) + samples(other, T0, T0 + 8, 10.0))
+    control.close(T0 + 8)
+    assert AlarmKind.SENSOR_LOST in control.kinds()

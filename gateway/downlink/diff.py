@@ -10,20 +10,21 @@ is done in place; everything else is a whole-process restart, and the plan says 
 * ``[downlink]``: the deadline, the settle time and the renewal lead are read where they are used,
   so they are taken in place; another key (the trust file) restarts the process;
 * ``[alarms]``: the limit rules are retuned in place (each stream's alarm state kept);
+* ``[status]``: the control socket's unit and the status page's restart (``status``, ``web``);
 * ``[uplink.mqtt]``: the broker's address, its CA, the server name and the connect and reconnect
   timings are taken by reconnecting the uplink (the same client id, session and outbox); any other
   key (the profile, the protocol, the topic prefix, credentials, the client certificate, the
   delivery settings) and any other ``[uplink]`` key restarts the process;
 * any other section (``[gateway]`` with the state directory and the name, ``[privacy]`` with the
   anonymizer's key and time policy, ``[outbox]``, ``[logging]``, ``[pipeline]``, ``[models]``,
-  ``[estimators]``, ``[status]``, ``[runtime]``, and a section this code does not
+  ``[estimators]``, ``[runtime]``, and a section this code does not
   know) restarts the process.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.config import Config, SourceEntry
@@ -47,6 +48,7 @@ class Plan:
     other: tuple[str, ...] = field(default=())  # in-place keys that need no restart ("downlink.settle_s")
     uplink: bool = False  # the uplink reconnects with the new [uplink.mqtt] connection keys
     alarms: bool = False  # the limit alarms take the new [alarms] rules
+    status: bool = False  # the control socket and status page restart on the new [status]
 
     @property
     def in_place(self) -> bool:
@@ -64,21 +66,20 @@ class Plan:
         return (
             [f"source:{name}" for name in self.sources]
             + (["alarms"] if self.alarms else [])
+            + (["status"] if self.status else [])
             + (["uplink"] if self.uplink else [])
         )
 
     def reverse(self) -> Plan:
         """The plan that puts the previous settings back (a rollback)."""
-        return Plan(
-            self.process, self.removed, self.added, self.changed, self.other, self.uplink, self.alarms
-        )
+        return replace(self, added=self.removed, removed=self.added)
 
 
 def plan(old: Config, new: Config) -> Plan:
     """The units ``new`` changes against ``old``; see the module docstring for the rule."""
     why: list[str] = []
     other: list[str] = []
-    uplink = alarms = False
+    uplink = alarms = status = False
     before = _dump(old.core)
     after = _dump(new.core)
     for section in sorted(set(before) | set(after)):
@@ -91,6 +92,9 @@ def plan(old: Config, new: Config) -> Plan:
                 continue
         if section == "alarms":
             alarms = True
+            continue
+        if section == "status":
+            status = True
             continue
         if section == "uplink" and _uplink_in_place(before[section], after.get(section)):
             uplink = True
@@ -109,7 +113,9 @@ def plan(old: Config, new: Config) -> Plan:
             ):
                 why.append(f"sources[{name}]: its subject or name is in [estimators]")
                 break
-    return Plan(tuple(why), tuple(added), tuple(removed), tuple(changed), tuple(other), uplink, alarms)
+    return Plan(
+        tuple(why), tuple(added), tuple(removed), tuple(changed), tuple(other), uplink, alarms, status
+    )
 
 
 def _uplink_in_place(before: Any, after: Any) -> bool:

@@ -1,7 +1,8 @@
 """Sources restarted in place by a config revision, while the rest of the gateway runs on.
 
 ``[alarms]`` is retuned in place: the limit checker takes the new rules and keeps each stream's
-state, so an alarm active now stays active (and clears by the new rule).  The order keeps the
+state, so an alarm active now stays active (and clears by the new rule).  ``[status]`` restarts
+the control socket's unit and the status page's.  The order keeps the
 anonymizer fail-closed: every identity of the new sources (name, subject,
 device addresses, ports) is registered with the anonymizer *before* anything of them runs; an
 identity of a removed source stays registered (a record carrying it is still refused).  Then the
@@ -22,8 +23,9 @@ from gateway.config import Config
 from gateway.contracts import DriverSpec, SampleSink
 from gateway.downlink.diff import Plan
 from gateway.inference.coverage import log_coverage
+from gateway.observe.config import StatusSection
 from gateway.runtime import driver_identities, register_source_labels, source_unit
-from gateway.supervisor import Supervisor
+from gateway.supervisor import Supervisor, Unit
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ class SourceSwitch:
         sink: SampleSink,
         show: Callable[[Sequence[tuple[str, str]]], None],
         set_alarms: Callable[[AlarmsSection], None] | None = None,
+        status_units: Callable[[StatusSection], list[Unit]] | None = None,
+        forget_source: Callable[[str], int] | None = None,
     ) -> None:
         self._registry = registry
         self._sup = supervisor
@@ -46,6 +50,8 @@ class SourceSwitch:
         self._sink = sink
         self._show = show
         self._set_alarms = set_alarms
+        self._status_units = status_units
+        self._forget_source = forget_source
 
     async def apply(self, plan: Plan, new: Config) -> list[str]:
         """Swap the sources (and limit alarms) ``plan`` names to their settings in ``new``; the unit names."""
@@ -59,6 +65,8 @@ class SourceSwitch:
             if any(u.name == f"source:{name}" for u in self._sup.units):
                 await self._sup.stop_unit(f"source:{name}")
                 log.info("unit source:%s stopped for a config revision", name)
+            if self._forget_source is not None:  # its old streams end by config, not by a loss
+                self._forget_source(name)
         for entry in starting:
             if not entry.enabled:
                 log.info("source %s is disabled in the config", entry.info.name)
@@ -70,4 +78,13 @@ class SourceSwitch:
         if plan.alarms and self._set_alarms is not None:
             self._set_alarms(new.core.alarms)
             log.info("limit alarms retuned for a config revision")
+        if plan.status and self._status_units is not None:
+            # The control socket and the status page: the old ones end (the socket file removed)
+            # before the new ones bind.
+            for name in ("status", "web"):
+                if any(u.name == name for u in self._sup.units):
+                    await self._sup.stop_unit(name)
+            for unit in self._status_units(new.core.status):
+                self._sup.start_unit(unit)
+            log.info("status units restarted for a config revision")
         return plan.units

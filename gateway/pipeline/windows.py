@@ -629,6 +629,28 @@ class Windower:
 
     # ---- accounting ----------------------------------------------------------------------
 
+    def forget_source(self, source: str) -> int:
+        """Drop every stream of ``source`` (removed or replaced by a config revision); how many.
+
+        Its streams end because the configuration says so, not because a sensor was lost: no loss
+        alarm is raised for them and the status shows them no longer.
+        """
+        gone = {id(st) for st in self._by_stream.values() if st.stream.source == source}
+        if not gone:
+            return 0
+        self._by_stream = {k: st for k, st in self._by_stream.items() if id(st) not in gone}
+        self._by_id = {k: st for k, st in self._by_id.items() if id(st) not in gone}
+        for name, subj in list(self._subjects.items()):
+            subj.streams = [st for st in subj.streams if id(st) not in gone]
+            if not subj.streams:
+                del self._subjects[name]
+        for key in [k for k in self._device_lost if k[0] == source]:
+            del self._device_lost[key]
+        for key in [k for k in self._release_due if k[0] == source]:
+            del self._release_due[key]
+        self._device_back = {k for k in self._device_back if k[0] != source}
+        return len(gone)
+
     def stream_states(self) -> list[dict[str, Any]]:
         """Per stream: source, subject, metric, status (ok/faulted/lost), last sample time, ring counters."""
         names = {_OK: "ok", _FAULTED: "faulted", _LOST: "lost"}
