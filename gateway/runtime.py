@@ -119,8 +119,12 @@ class Pipeline:
         self._next_counters = time.monotonic() + COUNTERS_EVERY_S
 
     def set_alarms(self, section: AlarmsSection) -> None:
-        """Limit alarms by ``section`` from now on (a config revision in place); active ones stay active."""
-        self._limits.take_rules(limit_checker(section))
+        """Limit alarms by ``section`` from now on (a config revision in place).
+
+        Active ones stay active where the new rule still has their level; the others clear now.
+        """
+        for alarm in self._limits.take_rules(limit_checker(section)):
+            self.alarm(alarm)
 
     def put(self, sample: Sample) -> None:
         """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""

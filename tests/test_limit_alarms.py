@@ -182,3 +182,35 @@ def test_new_rules_taken_in_place_keep_an_active_alarm_until_it_clears_by_them()
         out += [a] if a is not None else []
     assert [(a.kind, a.limit) for a in out] == [(AlarmKind.LIMIT, 90.0), (AlarmKind.LIMIT_CLEARED, 86.0)]
     assert out[1].t_mono == 14  # cleared at once by the new rule, not raised again
+
+
+def _spo2(checker: Any, times: range, value: float) -> list[Alarm]:
+    out = []
+    for t in times:
+        a = checker.check_sample(Sample(SPO2, t, 1.7e9 + t, value, Quality.GOOD))
+        out += [a] if a is not None else []
+    return out
+
+
+def test_new_rules_without_the_active_level_clear_the_alarm_by_the_old_rule() -> None:
+    """A revision that drops the active level (or the whole rule) clears the alarm, not leaves it on forever."""
+    for new in (
+        {"limits": {"MDC_PULS_OXIM_SAT_O2": {"low": None, "low_low": 80.0}}},  # the active "low" gone
+        {"limits": {"MDC_PULS_OXIM_SAT_O2": {"enabled": False}}},  # the rule disabled
+    ):
+        checker = limit_checker(AlarmsSection.model_validate({}))
+        assert [a.kind for a in _spo2(checker, range(14), 88.0)] == [AlarmKind.LIMIT]
+        cleared = checker.take_rules(limit_checker(AlarmsSection.model_validate(new)))
+        assert [(a.kind, a.limit, a.detail, a.t_mono) for a in cleared] == [
+            (AlarmKind.LIMIT_CLEARED, 90.0, {"level": "low"}, 13)  # by the old rule, at the last sample
+        ]
+        # Still 88 %, then back to normal: nothing more, and no KeyError on the pruned level.
+        assert _spo2(checker, range(14, 30), 88.0) + _spo2(checker, range(30, 40), 97.0) == []
+
+
+def test_new_rules_forget_a_starting_condition_on_a_level_they_lack() -> None:
+    checker = limit_checker(AlarmsSection.model_validate({}))
+    assert _spo2(checker, range(5), 83.0) == []  # below 85 and 90 for 5 s: not yet held 10 s
+    high_only = {"limits": {"MDC_PULS_OXIM_SAT_O2": {"high": 99.0, "low": None, "low_low": None}}}
+    assert checker.take_rules(limit_checker(AlarmsSection.model_validate(high_only))) == []
+    assert _spo2(checker, range(5, 30), 83.0) == []

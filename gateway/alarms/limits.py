@@ -95,6 +95,12 @@ class _State:
     active: str | None = None
     active_since: float = math.nan
     release_at: float | None = None  # when the active level's condition went away
+    # The last usable sample checked and the rule it was checked by: what a clear on a rule change uses.
+    stream: Stream | None = None
+    rule: LimitRule | None = None
+    t: float = math.nan
+    t_wall: float = math.nan
+    v: float = math.nan
 
 
 class LimitChecker:
@@ -113,10 +119,42 @@ class LimitChecker:
         self._pending: set[str] = set()  # streams with a condition starting, held or clearing
         self.alarms = 0
 
-    def take_rules(self, other: LimitChecker) -> None:
-        """Check by ``other``'s rules from now on, keeping each stream's state (an alarm active stays so)."""
+    def take_rules(self, other: LimitChecker) -> list[Alarm]:
+        """Check by ``other``'s rules from now on, keeping each stream's state (an alarm active stays so).
+
+        A stream whose active level the new rule lacks (or whose rule is gone or disabled) could
+        never clear under it: its alarm clears now, by the old rule, and is returned to be sent.
+        Conditions starting on levels the new rule lacks are forgotten.
+        """
         self._rules, self._subjects = dict(other._rules), {s: dict(r) for s, r in other._subjects.items()}
         self._by_id.clear()  # the cached rule of each stream: looked up again under the new rules
+        out: list[Alarm] = []
+        for key, st in self._state.items():
+            if st.stream is None:
+                continue
+            new = self.rule_for(st.stream)
+            levels = new.bounds if new is not None else {}
+            for level in [lv for lv in st.onset if lv not in levels]:
+                del st.onset[level]
+            active = st.active
+            if active is not None and active not in levels:
+                st.active, st.release_at = None, None
+                if st.rule is not None and active in st.rule.bounds:
+                    out.append(
+                        self._raise(
+                            AlarmKind.LIMIT_CLEARED,
+                            st.rule,
+                            st.stream,
+                            active,
+                            st.t,
+                            st.t_wall,
+                            st.v,
+                            st.t - st.active_since,
+                        )
+                    )
+            if not st.onset and st.active is None:
+                self._pending.discard(key)
+        return out
 
     def rule_for(self, stream: Stream) -> LimitRule | None:
         """The stream's rule: its subject's, else the general one; by metric name or last path segment."""
@@ -167,6 +205,7 @@ class LimitChecker:
         st = self._state.get(stream.key)
         if st is None:
             st = self._state[stream.key] = _State()
+        st.stream, st.rule, st.t, st.t_wall, st.v = stream, rule, t, t_wall, v
         active = st.active
         for level in rule.bounds:
             latched = (
