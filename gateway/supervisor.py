@@ -191,14 +191,29 @@ class Supervisor:
             raise ValueError(f"supervisor: unit name {unit.name!r} used twice: names must be unique")
         self._units.append(unit)
 
+    @property
+    def stopping(self) -> bool:
+        """True once a stop has been requested: units are being (or have been) stopped."""
+        return self._stop.is_set()
+
     def start_unit(self, unit: Unit) -> None:
-        """Register ``unit`` and start it now, while the others run (a config revision applied in place)."""
+        """Register ``unit`` and start it now, while the others run (a config revision applied in place).
+
+        Refused (logged, not started nor registered) once the gateway is stopping: nothing would
+        stop it in order.
+        """
+        if self._stop.is_set():
+            log.info("unit %s not started: the gateway is stopping", unit.name)
+            return
         self.add(unit)
         self._tasks[unit.name] = asyncio.create_task(self._keep_running(unit), name=f"unit:{unit.name}")
 
     async def stop_unit(self, name: str) -> None:
         """Cancel unit ``name`` alone and forget it; bounded, and not cut short by a cancellation of the caller."""
         task = self._tasks.pop(name, None)
+        for unit in self._units:
+            if unit.name == name:
+                unit.first_outcome.set()  # gone: start-up does not wait for it until its deadline
         self._units = [u for u in self._units if u.name != name]
         if task is not None:
             # Shielded: a caller cancelled mid-way must not leave the old unit running beside a new one.

@@ -553,3 +553,45 @@ def test_a_unit_swapped_before_its_group_starts_runs_once(notifier: Notifier) ->
 
     asyncio.run(main())
     assert order == ["a-new"]
+
+
+def test_a_unit_stopped_during_start_up_does_not_hold_ready(notifier: Notifier) -> None:
+    """A revision removes a source that has not started yet: READY does not wait out its start time-out."""
+    order: list[str] = []
+
+    async def never_started(started: Callable[[], None]) -> None:
+        order.append("slow")
+        await asyncio.Event().wait()
+
+    async def main() -> float:
+        sup = Supervisor(notifier, backoff=FAST, start_timeout_s=20.0)
+        sup.add(Unit("source:slow", Group.SOURCES, never_started))
+        sup.add(Unit("source:b", Group.SOURCES, _forever(order, "b")))  # type: ignore[arg-type]
+
+        async def remove() -> float:
+            while "slow" not in order:
+                await asyncio.sleep(0.01)
+            t0 = time.monotonic()
+            try:
+                await sup.stop_unit("source:slow")
+                await sup.wait_ready(10.0)
+                return time.monotonic() - t0
+            finally:
+                sup.request_stop()
+
+        remover = asyncio.create_task(remove())
+        await sup.run(_nothing_to_drain, 1.0)
+        return await remover
+
+    assert asyncio.run(main()) < 5.0
+
+
+def test_no_unit_starts_once_the_gateway_is_stopping(notifier: Notifier) -> None:
+    async def main() -> None:
+        sup = Supervisor(notifier, backoff=FAST)
+        sup.request_stop()
+        assert sup.stopping
+        sup.start_unit(Unit("source:late", Group.SOURCES, _forever([], "late")))  # type: ignore[arg-type]
+        assert sup.units == ()
+
+    asyncio.run(main())
