@@ -14,9 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from drivers import REGISTRY
 from gateway.cli import main
 from gateway.config import load
-from gateway.downlink import audit
+from gateway.downlink import audit, restart
 from gateway.downlink import state as persist
 from gateway.downlink.checks import trust_findings
+from gateway.downlink.diff import Plan
 from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, excerpt, key_id, public_hex, sign
 from gateway.downlink.unit import Downlink, roll_back, roll_back_after_exit
 from gateway.errors import ConfigError
@@ -229,3 +230,72 @@ def test_a_pending_revision_saved_before_unit_restarts_existed_loads_as_a_proces
     again = persist.load(path).pending
     assert again is not None
     assert (again.applied_by, again.restarted) == ("units", ["source:bed9"])
+
+
+class _Sup:
+    """The supervisor as the downlink's rollback sees it."""
+
+    def __init__(self, stopping: bool) -> None:
+        self.stopping = stopping
+        self.stops = 0
+        self.units: tuple[object, ...] = ()
+
+    def request_stop(self) -> None:
+        self.stops += 1
+
+
+class _Sources:
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+        self.applied: list[Plan] = []
+
+    async def apply(self, todo: Plan, new: object) -> list[str]:
+        self.applied.append(todo)
+        if self.error is not None:
+            raise self.error
+        return todo.units
+
+
+def _on_probation_in_place(
+    tmp: Path, stopping: bool, error: Exception | None
+) -> tuple[Downlink, _Sup, _Sources]:
+    """A revision that added source bed8 in place, on probation, its previous file backed up."""
+    live = tmp / "edgetwin.toml"
+    live.write_text(_config(tmp, "new"))
+    sup, sources = _Sup(stopping), _Sources(error)
+    dl = Downlink(load(live, REGISTRY), REGISTRY, supervisor=sup, uplink=None, gateway_id="gw1")  # type: ignore[arg-type]
+    dl.dir.mkdir(parents=True)
+    backup = dl.dir / "previous.toml"
+    backup.write_text(_config(tmp, "old"))
+    dl.audit = audit.AuditLog(dl.dir / "audit.jsonl")
+    dl.state = persist.DownlinkState(
+        accepted=5, pending=persist.Pending(5, "ab" * 32, str(backup), [], 1, "units", ["source:bed8"])
+    )
+    dl.sources = sources
+    dl._undo = (Plan(added=("bed8",)), load(live, REGISTRY))
+    return dl, sup, sources
+
+
+def test_an_in_place_rollback_that_fails_restarts_the_process_on_the_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(restart, "_requested", [])  # this process itself is not restarted after the test
+    dl, sup, sources = _on_probation_in_place(tmp_path, stopping=False, error=RuntimeError("driver broke"))
+    assert dl.state.pending is not None
+    asyncio.run(dl._rollback(dl.state.pending, "bed8 failing", "unhealthy", ["source:bed8"]))
+    assert sources.applied == [Plan(removed=("bed8",))]  # the reversal was tried, and failed
+    assert restart.requested() == "rollback of config v5"
+    assert sup.stops == 1
+    assert (tmp_path / "edgetwin.toml").read_text() == _config(tmp_path, "old")
+    assert dl.phase == "rolling back"
+
+
+def test_a_stop_during_probation_in_place_leaves_the_revision_to_the_next_start(tmp_path: Path) -> None:
+    dl, sup, sources = _on_probation_in_place(tmp_path, stopping=True, error=None)
+    pending = dl.state.pending
+    assert pending is not None
+    asyncio.run(dl._rollback(pending, "sources STOPPED", "unhealthy", ["source:bed8"]))
+    assert sources.applied == []  # no old source started during the drain
+    assert sup.stops == 0
+    assert dl.state.pending is pending
+    assert (tmp_path / "edgetwin.toml").read_text() == _config(tmp_path, "new")

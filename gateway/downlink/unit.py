@@ -683,6 +683,8 @@ class Downlink:
         why = f"crashed or was stopped {pending.starts - 1} time(s) on it"
         cause, units = "crash-loop", list[str]()
         while pending.starts <= MAX_STARTS_ON_PENDING and (now := time.monotonic()) < end:
+            if self._stopping(pending):
+                return False
             why, cause, units = self._unhealthy(pending, now)
             if why:
                 healthy_since = None
@@ -743,9 +745,21 @@ class Downlink:
             cause = cause if failing else "uplink"
         return "; ".join(bad), cause, names
 
+    def _stopping(self, pending: persist.Pending) -> bool:
+        """True once the gateway is stopping: its units stopped by the stop, not the revision; not judged.
+
+        The revision stays pending: the next start judges it (and rolls it back if it fails there).
+        """
+        if not getattr(self._sup, "stopping", False):
+            return False
+        log.info("downlink: config v%d: the gateway is stopping; the next start judges it", pending.version)
+        return True
+
     async def _rollback(self, pending: persist.Pending, why: str, cause: str, units: list[str]) -> None:
         """Restore the previous config file and put the previous settings back (in place, or by a process restart)."""
         assert self.audit is not None
+        if self._stopping(pending):
+            return
         detail = f"not healthy within {self._section.apply_deadline_s:g} s: {why}"
         await asyncio.to_thread(
             roll_back, self._config.file, self.dir, self.state, self.audit, detail, cause=cause, units=units
@@ -753,16 +767,28 @@ class Downlink:
         if self._undo is not None:  # applied in place: the previous settings of those units, in place
             todo, old = self._undo
             assert self.sources is not None
-            if todo.uplink and self._uplink_mark is not None:  # retargeted already
-                self._retarget(old)
-            await self.sources.apply(todo.reverse(), old)
-            self._config, self._section = old, old.core.downlink
-            log.info(
-                "downlink: config v%d: %s back on the previous settings",
-                pending.version,
-                ", ".join(todo.units),
-            )
-            return
+            try:
+                if todo.uplink and self._uplink_mark is not None:  # retargeted already
+                    self._retarget(old)
+                await self.sources.apply(todo.reverse(), old)
+            except Exception as exc:  # the old file is back on disk: a restart runs on it
+                log.error(
+                    "downlink: config v%d: putting %s back in place failed: %s: %s; restarting the "
+                    "process on the previous config",
+                    pending.version,
+                    ", ".join(todo.units) or "the uplink",
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
+            else:
+                self._config, self._section = old, old.core.downlink
+                log.info(
+                    "downlink: config v%d: %s back on the previous settings",
+                    pending.version,
+                    ", ".join(todo.units),
+                )
+                return
         self.phase = "rolling back"
         self.report()
         restart.request(f"rollback of config v{pending.version}")
