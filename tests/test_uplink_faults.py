@@ -283,3 +283,30 @@ def test_a_broker_that_accepts_tcp_and_never_answers_never_starves_the_watchdog(
     assert "TLS handshake got no answer within 3 s" in str(seen["problem"])
     assert len(pings) >= 30
     assert max(gaps) < 1.5  # a loaded machine may delay a ping by a few tenths, not more
+
+
+def test_a_connection_begun_on_settings_a_revision_replaced_is_not_kept(tmp_path: Path, pki: DemoPKI) -> None:
+    """A revision retargets the uplink while an attempt on the old settings is mid-handshake: the
+    session that attempt opens is dropped, and the uplink ends connected with the new settings."""
+    from tcp_proxy import TcpProxy  # noqa: PLC0415 - only this test relays
+
+    broker = MosquittoBroker(tmp_path / "broker", pki, port=free_port())
+    broker.start()
+    try:
+        with TcpProxy("127.0.0.1", broker.port) as slow:
+            slow.latency(2.0)  # each handshake step takes seconds: the old attempt is still on its way
+            old = uplink_config(broker, pki, port=slow.port, connect_timeout_s=15.0)
+            new = uplink_config(broker, pki)
+
+            async def body(uplink: MqttUplink) -> None:
+                await wait_until(lambda: slow.connections >= 1, 10.0, "an attempt through the slow link")
+                uplink.retarget(new)
+                await wait_until(lambda: uplink.connected, 30.0, "the uplink connected")
+                session = uplink._session  # which peer the live session talks to
+                assert session is not None
+                assert session.sock is not None
+                assert session.sock.getpeername()[1] == broker.port, "kept a session on the replaced settings"
+
+            asyncio.run(_with_uplink(tmp_path, old, body))
+    finally:
+        broker.stop()

@@ -254,7 +254,13 @@ class MqttUplink:
             acked_before, up_since = self.counters.acked, 0.0
             try:
                 # The one reconnect loop: each pass enters the connection again.
-                async with self._connection as session:
+                connection = self._connection
+                async with connection as session:
+                    if connection is not self._connection:
+                        # Retargeted while this attempt was connecting: the session is on the
+                        # replaced settings, and a revision must not be judged on it.
+                        log.info("%s: connected on replaced settings; connecting with the new ones", where)
+                        continue
                     self.counters.connects += 1
                     if attempt:
                         log.info(
