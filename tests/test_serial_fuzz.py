@@ -318,7 +318,12 @@ def test_corruption_is_counted(protocol: str) -> None:
 
 # ---- hypothesis ----------------------------------------------------------------------------------
 
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the same 300 examples on every run, so the default suite judges the code and not the
+# draw. An 8-bit checksum lets a structurally damaged stream (bytes dropped or inserted) through now
+# and then; how often is measured by the seeded rate test above, not by a random draw here.
+FAST = settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @pytest.mark.parametrize("protocol", sorted(PARSERS))
