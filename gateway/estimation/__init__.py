@@ -11,8 +11,9 @@ The names are imported on first use (PEP 562): the config reads ``[estimators]``
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from gateway.lazy import lazy_name
 
 if TYPE_CHECKING:
     from gateway.estimation.config import EstimatorsSection
@@ -25,9 +26,4 @@ __all__ = ["Estimation", "EstimatorsSection"]
 
 def __getattr__(name: str) -> Any:
     """A public name, imported from its submodule when first asked for."""
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
+    return lazy_name(__name__, _HOME, name)

@@ -9,8 +9,9 @@ plausibility rules, the ectopy monitor) must not load the model runner and its b
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from gateway.lazy import lazy_name
 
 if TYPE_CHECKING:
     from gateway.inference.build import ModelsSection, ModelUse, build_models, default_models_dir
@@ -45,9 +46,4 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """A public name, imported from its submodule when first asked for."""
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
+    return lazy_name(__name__, _HOME, name)
