@@ -91,6 +91,10 @@ def hr_from(msb: int, lsb: int) -> int:
 def _check_values(hr: int, spo2: int) -> DropReason | None:
     if (hr > HR_MAX and hr != HR_MISSING) or (spo2 > SPO2_MAX and spo2 != SPO2_MISSING):
         return DropReason.RANGE
+    # An oximeter computes SpO2 from the pulsatile signal: a measured SpO2 beside a pulse rate of 0
+    # is no reading a monitor sends (it reports both missing), only damaged bytes that still add up.
+    if hr == 0 and spo2 != SPO2_MISSING:
+        return DropReason.RANGE
     return None
 
 
@@ -412,13 +416,17 @@ def decode_df13_payload(payload: bytes) -> Reading | DropReason:
     """The payload of a #13 message (date-time, status, HR, SpO2): the reading or why it is rejected."""
     if len(payload) < _DF13_MIN_LEN:
         return DropReason.FRAMING
+    # An 8-bit checksum passes one damaged run of bytes in 256, so the message's fixed structure is
+    # checked too: a BCD date-time of this century that is a real date, the zero byte after it, and
+    # the HR MSB byte carrying only HR bit 8. A monitor always sends these; shifted or inserted
+    # bytes rarely keep them all.
     digits = [_bcd(b) for b in payload[:7]]
-    if any(d is None for d in digits):
+    if any(d is None for d in digits) or payload[0] != 0x20 or payload[7] != 0 or payload[10] & 0xFE:
         return DropReason.FRAMING
     cc, yy, mo, dd, hh, mi, ss = (int(d or 0) for d in digits)
-    device_time = None
-    if 1 <= mo <= 12 and 1 <= dd <= 31 and hh < 24 and mi < 60 and ss < 60:
-        device_time = f"{cc:02d}{yy:02d}-{mo:02d}-{dd:02d}T{hh:02d}:{mi:02d}:{ss:02d}"
+    if not (1 <= mo <= 12 and 1 <= dd <= 31 and hh < 24 and mi < 60 and ss < 60):
+        return DropReason.FRAMING
+    device_time = f"{cc:02d}{yy:02d}-{mo:02d}-{dd:02d}T{hh:02d}:{mi:02d}:{ss:02d}"
     stat_msb, stat_lsb = payload[8], payload[9]
     hr = ((payload[10] & 0x01) << 8) | payload[11]
     spo2 = payload[13]
