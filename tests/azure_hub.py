@@ -39,6 +39,8 @@ class AzureHub:
         self.reported: dict[str, Any] = {"$version": 1}
         self.gets = 0
         self.refuse_gets = 0  # answer this many twin reads with 429 (throttled) first
+        self.refuse_patches = 0  # answer this many reported patches with 429 first, not merging them
+        self.patches = 0
         self.methods: dict[str, tuple[int, dict[str, Any]]] = {}  # rid -> (status, body)
         self._lock = threading.Lock()
         self._rid = 0
@@ -63,6 +65,11 @@ class AzureHub:
                 body = json.dumps({"desired": self.desired, "reported": self.reported})
                 self._client.publish(f"$iothub/twin/res/200/?$rid={rid}", body, qos=1)
             elif topic.startswith("$iothub/twin/PATCH/properties/reported/"):
+                self.patches += 1
+                if self.refuse_patches:
+                    self.refuse_patches -= 1
+                    self._client.publish(f"$iothub/twin/res/429/?$rid={rid}", b"", qos=1)
+                    return
                 version = self.reported["$version"] + 1
                 self.reported = {
                     **merge_patch(self.reported, json.loads(message.payload)),

@@ -47,7 +47,8 @@ SUBSCRIPTIONS = (
     "$iothub/methods/POST/#",
 )
 _RESPONSE = "$iothub/twin/res/"
-_GET_RETRY_MAX_S = 60.0  # a twin read the hub refused (throttled, busy) is asked again, backing off to this
+# A twin read or reported patch the hub refused (throttled, busy) is sent again, backing off to this.
+_GET_RETRY_MAX_S = 60.0
 _GET_UNANSWERED_S = 30.0  # a twin read with no answer at all is asked again after this
 _DESIRED = "$iothub/twin/PATCH/properties/desired/"
 C2D_MAX_BYTES = 64 * 1024  # IoT Hub's limit on a cloud-to-device message
@@ -160,6 +161,14 @@ def _key(key: str) -> str:
     return "".join("_" if c in ".$ " or ord(c) < 32 else c for c in key) or "_"
 
 
+def _refused(failures: int, what: str, again: str) -> float:
+    """Log a refusal (the first of a series as a warning) and return when to try again (monotonic)."""
+    delay = min(_GET_RETRY_MAX_S, 2.0 ** (failures - 1))
+    level = logging.WARNING if failures == 1 else logging.DEBUG
+    log.log(level, "downlink azure: %s: %s again in %.0f s", what, again, delay)
+    return time.monotonic() + delay
+
+
 class AzureTwin:
     """The device side of one connection's twin: reads it, follows its patches, reports, answers methods."""
 
@@ -179,7 +188,14 @@ class AzureTwin:
         self.desired: dict[str, Any] | None = None  # None until the twin was read
         self.version = 0
         self._early: list[tuple[int, Any]] = []  # patches that came before the twin was read
-        self.reported: dict[str, Any] | None = None  # our reported property as the hub has it
+        # Our reported property as the hub has it once every patch in flight is accepted (patches
+        # are diffs against it), and as the hub acknowledged it (2xx); None until the twin was read.
+        self.reported: dict[str, Any] | None = None
+        self._confirmed: dict[str, Any] = {}
+        self._in_flight: dict[str, dict[str, Any]] = {}  # rid -> the reported property it makes
+        self._want: dict[str, Any] | None = None  # the newest state the gateway asked to report
+        self._report_at: float | None = None  # monotonic: send the refused report again then
+        self._patch_failures = 0
         self._get_at = 0.0  # monotonic: when the twin was last asked for
         self._retry_at: float | None = None  # monotonic: ask for the twin again then
         self._get_failures = 0
@@ -200,12 +216,15 @@ class AzureTwin:
         self._client.publish(f"$iothub/twin/GET/?$rid={self._get_rid}", b"", qos=1)
 
     def tick(self, now: float) -> None:
-        """Ask for the twin again when a read was refused (after its back-off) or never answered."""
+        """Ask for the twin again when a read was refused or never answered; report again when refused."""
         unanswered = (
             self.desired is None and self._retry_at is None and now - self._get_at > _GET_UNANSWERED_S
         )
         if unanswered or (self._retry_at is not None and now >= self._retry_at):
             self.get()
+        if self._report_at is not None and now >= self._report_at:
+            self._report_at = None
+            self._send_report()
 
     def handles(self, topic: str) -> bool:
         """True for the topics this class answers."""
@@ -228,19 +247,13 @@ class AzureTwin:
         status = topic[len(_RESPONSE) :].partition("/")[0]
         rid = query(topic).get("$rid")
         if rid != self._get_rid:
-            if not status.startswith("2"):
-                log.warning("downlink azure: reported properties refused by the hub: status %s", status)
+            if rid is not None and rid in self._in_flight:
+                self._patch_answered(rid, status)
             return
         if status != "200":
             self._get_failures += 1
-            delay = min(_GET_RETRY_MAX_S, 2.0 ** (self._get_failures - 1))
-            self._retry_at = time.monotonic() + delay
-            level = logging.WARNING if self._get_failures == 1 else logging.DEBUG
-            log.log(
-                level,
-                "downlink azure: reading the twin failed: status %s: asking again in %.0f s",
-                status,
-                delay,
+            self._retry_at = _refused(
+                self._get_failures, f"reading the twin failed: status {status}", "asking"
             )
             return
         if self._get_failures:
@@ -254,7 +267,9 @@ class AzureTwin:
             log.warning("downlink azure: the twin is not the JSON IoT Hub sends: %s: ignored", exc)
             return
         self.desired, self.version = desired, version
-        self.reported = reported.get(PROPERTY) if isinstance(reported.get(PROPERTY), dict) else {}
+        ours = reported.get(PROPERTY)
+        self.reported = dict(ours) if isinstance(ours, dict) else {}
+        self._confirmed, self._in_flight = dict(self.reported), {}
         early, self._early = self._early, []
         for v, patch in sorted(early, key=lambda p: p[0]):
             if v > self.version:
@@ -293,12 +308,36 @@ class AzureTwin:
 
     def report(self, state: dict[str, Any]) -> None:
         """Send what changed in the reported property since the hub last had it (after the twin was read)."""
-        if self.reported is None:
+        self._want = twin_safe(state)
+        if self._report_at is None:  # else a refused report waits for its back-off, then sends the newest
+            self._send_report()
+
+    def _send_report(self) -> None:
+        if self.reported is None or self._want is None:
             return
-        new = twin_safe(state)
-        patch = patch_diff(self.reported or {}, new)
+        new = self._want
+        patch = patch_diff(self.reported, new)
         if not patch:
             return
+        rid = self._next_rid()
         body = json.dumps({PROPERTY: patch}).encode()
-        self._client.publish(f"$iothub/twin/PATCH/properties/reported/?$rid={self._next_rid()}", body, qos=1)
-        self.reported = new
+        self._client.publish(f"$iothub/twin/PATCH/properties/reported/?$rid={rid}", body, qos=1)
+        self.reported, self._in_flight[rid] = new, new
+
+    def _patch_answered(self, rid: str, status: str) -> None:
+        state = self._in_flight.pop(rid)
+        if status.startswith("2"):
+            self._confirmed = state
+            if self._patch_failures:
+                log.info(
+                    "downlink azure: reported properties accepted after %d refusal(s)", self._patch_failures
+                )
+                self._patch_failures = 0
+            return
+        # Refused (throttled, too large, busy): the hub kept what it had acknowledged. Later patches
+        # were diffs against a state it never took, so they are dropped too and the whole difference
+        # from what it holds is sent again after a back-off.
+        self._patch_failures += 1
+        self.reported, self._in_flight = dict(self._confirmed), {}
+        what = f"reported properties refused by the hub: status {status}"
+        self._report_at = _refused(self._patch_failures, what, "sending them")
