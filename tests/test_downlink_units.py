@@ -135,6 +135,11 @@ def test_only_the_changed_units_restart_and_a_process_section_restarts_the_proce
         assert rep["applied"]["applied_by"] == "process"
         assert rep["applied"]["restarted"] == ["runtime"]
         assert rep["process"]["started_at"] != before["process"]["started_at"]
+        # What people on site read without the twin: how the running revision was put in place.
+        cli = [sys.executable, "-m", "gateway.cli", "downlink", "status", "--config", str(site.config)]
+        shown = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=False).stdout
+        assert "revision 4 since " in shown
+        assert ", by restarting the gateway (runtime)" in shown
         assert site.proc.pid == pid
         assert _log(site).count("edgetwin restarting (config v4)") == 1
         assert rep["process"]["connects"] == 1
@@ -145,6 +150,8 @@ def test_only_the_changed_units_restart_and_a_process_section_restarts_the_proce
         assert rep["applied"]["applied_by"] == "units"
         assert rep["applied"]["restarted"] == ["uplink"]
         assert rep["process"]["connects"] == 2
+        shown = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=False).stdout
+        assert ", in place: restarted uplink" in shown
         assert _log(site).count("unit source:bed7-sim started") == 2  # once per process start
     finally:
         twin.stop()

@@ -163,6 +163,9 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
             last = f"v{refused[-1].get('version')} {refused[-1].get('reason')}" if refused else "-"
             head = (rep.get("audit") or {}).get("head", "")[:12]
             _say(f"{name:<18} {rep.get('phase', '?'):<12} {applied!s:>7} {pending!s:>7}  {last} / {head}")
+            how = applied_how(rep.get("applied") or {})
+            if how:
+                _say(f"{'':<18} v{applied}{how}")
             for line in model_rollout(rep.get("models")):
                 _say(f"{'':<18} {line}")
     missing = [g for g in args.gateway or [] if g not in found]
@@ -230,6 +233,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def applied_how(applied: dict[str, Any]) -> str:
+    """How a revision was put in place, for a status line: ", in place: restarted source:a" or ""."""
+    restarted = ", ".join(applied.get("restarted") or []) or "nothing restarted"
+    if applied.get("applied_by") == "units":
+        return f", in place: restarted {restarted}"
+    if applied.get("applied_by") == "process":
+        return f", by restarting the gateway ({restarted})"
+    return ""  # written before revisions were applied in place
+
+
 def cmd_downlink_status(args: argparse.Namespace) -> int:
     """What the twin sent and what became of it, from the state directory (no running gateway needed)."""
     from drivers import REGISTRY  # noqa: PLC0415
@@ -245,13 +258,16 @@ def cmd_downlink_status(args: argparse.Namespace) -> int:
     _say(
         "running config: "
         + (
-            f"revision {applied['version']} since {applied['at']}"
+            f"revision {applied['version']} since {applied['at']}{applied_how(applied)}"
             if applied
             else "the local file (no revision applied)"
         )
     )
     if st.pending is not None:
-        _say(f"on probation: revision {st.pending.version} (started {st.pending.starts} time(s) on it)")
+        _say(
+            f"on probation: revision {st.pending.version} (started {st.pending.starts} time(s) on it)"
+            + applied_how({"applied_by": st.pending.applied_by, "restarted": st.pending.restarted})
+        )
     if st.last_rollback:
         rb = st.last_rollback
         _say(f"last rollback: revision {rb['version']} at {rb['at']}: {rb.get('detail') or rb['reason']}")
