@@ -39,7 +39,7 @@ from gateway.contracts import (
 )
 from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
 from gateway.estimation import Estimation
-from gateway.inference.build import build_models, plausibility_checker
+from gateway.inference.build import build_models, model_lengths, plausibility_checker
 from gateway.inference.coverage import log_coverage
 from gateway.inference.novelty import build_novelty
 from gateway.inference.rhythm import RhythmMonitor
@@ -102,6 +102,7 @@ class Pipeline:
             lost_after_s=p.sensor_lost_s,
             on_alarm=self.alarm,
             restore_after_s=p.sensor_restore_s,
+            lengths=model_lengths(self._models),
         )
         m = config.core.models
         self._plausibility = plausibility_checker(m)
@@ -229,10 +230,13 @@ class Pipeline:
         """Run every applicable model over the closed windows in a worker thread; raise anomalies."""
         scores: list[dict[str, float]] = [{} for _ in records]
         for model in self._models:
-            picked = [i for i, r in enumerate(records) if model.applies_to(r)]
+            # Each model sees the window over its own length (its card's), ending where the record does.
+            length = getattr(model, "window_s", None)
+            views = [r.over(length) for r in records]
+            picked = [i for i, r in enumerate(views) if model.applies_to(r)]
             if not picked:
                 continue
-            results = await asyncio.to_thread(model.score_batch, [records[i] for i in picked])
+            results = await asyncio.to_thread(model.score_batch, [views[i] for i in picked])
             for i, result in zip(picked, results, strict=True):
                 if math.isfinite(result.score):
                     scores[i][model.name] = result.score
@@ -613,7 +617,6 @@ async def _supervise(
             build_models,
             core.models,
             hop_s=core.pipeline.hop_s,
-            window_s=core.pipeline.window_s,
             state_dir=core.gateway.state_dir,
             # The pipeline checks every sample against the plausibility rules and raises the
             # sensor-fault alarms; the models only leave implausible windows unscored.
@@ -825,7 +828,7 @@ def build_problems(config: Config, registry: Mapping[str, DriverSpec]) -> list[s
             problems.append(f"sources[{i}] ({entry.info.name}): {exc}")
     core = config.core
     try:
-        build_models(core.models, hop_s=core.pipeline.hop_s, window_s=core.pipeline.window_s)
+        build_models(core.models, hop_s=core.pipeline.hop_s)
     except ConfigError as exc:
         problems.append(f"models: {exc}")
     try:

@@ -183,14 +183,14 @@ def test_malformed_card_is_refused(tmp_path: Path) -> None:
 
 def test_build_models_from_config_and_unknown_name(tmp_path: Path) -> None:
     section = ModelsSection(use=[ModelUse(name=PUMP, precision="int8", commissioning_s=100.0)])
-    (model,) = build_models(section, hop_s=5.0, window_s=20.0, state_dir=tmp_path)
+    (model,) = build_models(section, hop_s=5.0, state_dir=tmp_path)
     assert model.backend.precision == "int8"
     rng = np.random.default_rng(1)
     results = [model.score_batch([pump_window(k, rng)])[0] for k in range(21)]
     assert all(math.isnan(r.score) for r in results[:20])  # 100 s / 5 s hop = 20 windows
     assert math.isfinite(results[20].score)
     with pytest.raises(ConfigError, match="no card"):
-        build_models(ModelsSection(use=[ModelUse(name="nope")]), hop_s=5.0, window_s=20.0)
+        build_models(ModelsSection(use=[ModelUse(name="nope")]), hop_s=5.0)
 
 
 # ---- scoring, explanations, commissioning --------------------------------------------

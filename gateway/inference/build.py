@@ -24,7 +24,14 @@ from gateway.inference.streams import StreamUse
 if TYPE_CHECKING:
     from gateway.inference.runner import AnomalyModel
 
-__all__ = ["ModelUse", "ModelsSection", "PlausibilityRule", "build_models", "default_models_dir"]
+__all__ = [
+    "ModelUse",
+    "ModelsSection",
+    "PlausibilityRule",
+    "build_models",
+    "default_models_dir",
+    "model_lengths",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,8 @@ class ModelUse(_Section):
     # Card input metric -> the stream that carries it, where the names differ (e.g. a PLC's tags):
     # inputs = { RateRMS = "Pump1/Hydraulics/Flow" } (a whole metric name or its last segments).
     inputs: dict[str, str] = Field(default_factory=dict)
+    # The window (s) it is scored on; default: the card's window_s (the pipeline cuts it for it).
+    window_s: float | None = Field(None, gt=0, le=3600)
 
 
 class PlausibilityRule(_Section):
@@ -111,14 +120,14 @@ def build_models(
     section: ModelsSection,
     *,
     hop_s: float,
-    window_s: float,
     state_dir: Path | None = None,
     fault_alarms: bool = True,
 ) -> list[AnomalyModel]:
     """Load, verify and open every model the section uses; refuse the first one that fails.
 
-    ``hop_s`` turns a card's commissioning span into a number of windows; a pipeline ``window_s``
-    other than the card's is allowed (per-machine normalisation absorbs part of it) but logged.
+    ``hop_s`` turns a card's commissioning span into a number of windows.  Each model is scored
+    on its card's ``window_s`` (or the entry's), whatever the pipeline's ``window_s``: the
+    windower cuts every length its models need (:func:`model_lengths`).
     """
     checker = plausibility_checker(section)
     out: list[AnomalyModel] = []
@@ -154,13 +163,6 @@ def build_models(
             )
         span = use.commissioning_s or card.normalisation.commissioning_s
         windows = max(5, math.ceil(span / hop_s)) if span is not None else None
-        if abs(card.window_s - window_s) > 1e-6:
-            log.warning(
-                "models %s: trained on %.0f s windows, pipeline windows are %.0f s: scores may be less sharp",
-                card.name,
-                card.window_s,
-                window_s,
-            )
         out.append(
             AnomalyModel(
                 card,
@@ -174,8 +176,20 @@ def build_models(
                 subjects=tuple(use.subjects),
                 inputs=use.inputs,
                 fault_alarms=fault_alarms,
+                window_s=use.window_s,
             )
         )
+    return out
+
+
+def model_lengths(models: Sequence[object]) -> dict[str, list[float]]:
+    """Per subject kind, the window lengths (s) its models are scored on (``window_s`` of each)."""
+    out: dict[str, list[float]] = {}
+    for model in models:
+        length = getattr(model, "window_s", None)
+        kind = getattr(model, "subject_kind", None)
+        if length is not None and kind is not None:
+            out.setdefault(kind, []).append(float(length))
     return out
 
 

@@ -307,6 +307,8 @@ class NoveltyUse(BaseModel):
     # Stream metric names (whole, or last segments) to use; empty: every numeric stream it has.
     inputs: list[str] = Field(default_factory=list)
     features: list[str] = Field(default_factory=lambda: ["mean"])
+    # The window (s) its features are taken over; None: the pipeline's window_s.
+    window_s: float | None = Field(None, gt=0, le=3600)
     commissioning_s: float = Field(1800.0, gt=0, le=30 * 86_400)
     false_alarm_rate: float = Field(0.01, gt=0, lt=0.5)
     # Defaults: the settings models/recipes/novelty_tep.py chose on its tuning faults in 1.0.0.
@@ -354,6 +356,10 @@ class NoveltyModel:
     ) -> None:
         self.name = name
         self.use = use
+        self.window_s = use.window_s
+        self.subject_kind = use.subject_kind
+        # Explain every scored window (a fusion over this detector may flag one it does not).
+        self.explain_all = False
         self.spec = PcaSpec(use.lags, use.ewma, use.var_keep, use.false_alarm_rate, ewma_slow=use.ewma_slow)
         self._need = max(min_rows(self.spec), math.ceil(use.commissioning_s / hop_s))
         self._state_dir = state_dir
@@ -466,7 +472,7 @@ class NoveltyModel:
         subj.normal_run += 1
         if self.use.adapt_rate > 0 and score < self.ADAPT_BELOW and subj.normal_run > self.adapt_guard:
             self._adapt(record.subject, subj, x)
-        return ModelResult(score, False)
+        return ModelResult(score, False, contributions(fit, row[0], subj.keys) if self.explain_all else {})
 
     def _adapt(self, subject: str, subj: _Subject, x: F64) -> None:
         """Move the standardisation a small step towards a clearly normal window."""
