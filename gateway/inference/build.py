@@ -25,10 +25,12 @@ if TYPE_CHECKING:
     from gateway.inference.runner import AnomalyModel
 
 __all__ = [
+    "FusionUse",
     "ModelUse",
     "ModelsSection",
     "PlausibilityRule",
     "build_models",
+    "card_file",
     "default_models_dir",
     "model_lengths",
 ]
@@ -55,6 +57,14 @@ class ModelUse(_Section):
     inputs: dict[str, str] = Field(default_factory=dict)
     # The window (s) it is scored on; default: the card's window_s (the pipeline cuts it for it).
     window_s: float | None = Field(None, gt=0, le=3600)
+
+
+class FusionUse(_Section):
+    """One ``[[models.fusion]]`` table: a fusion card to run (gateway.inference.fusion), local overrides."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    tau: float | None = None  # default: the card's
+    subjects: list[str] = Field(default_factory=list)  # empty: every subject of the card's kind
 
 
 class PlausibilityRule(_Section):
@@ -84,6 +94,8 @@ class ModelsSection(_Section):
     plausibility: dict[str, PlausibilityRule] = Field(default_factory=dict)
     # Per-machine novelty detection learned at commissioning (gateway.inference.novelty): on when set.
     novelty: NoveltyUse | None = None
+    # Fused verdicts over models above (gateway.inference.fusion): each raises its members' alarms.
+    fusion: list[FusionUse] = Field(default_factory=list)
     # The per-stream detector for subjects no model scores (gateway.inference.streams): on unless
     # [models.streams] enabled = false.
     streams: StreamUse | None = Field(default_factory=StreamUse)
@@ -102,6 +114,18 @@ def default_models_dir() -> Path:
             if any(Path(loc).glob(f"*{CARD_SUFFIX}")):
                 return Path(loc)
     return beside
+
+
+def card_file(directory: Path, name: str, suffix: str, who: str) -> Path:
+    """``<directory>/<name><suffix>``, or a ConfigError naming the cards that are there."""
+    path = directory / f"{name}{suffix}"
+    if not path.exists():
+        found = sorted(p.name.removesuffix(suffix) for p in directory.glob(f"*{suffix}"))
+        raise ConfigError(
+            f"{who} {name} {directory}: no card {path.name}: available: {found or 'none'}: "
+            "fix the name or [models] dir"
+        )
+    return path
 
 
 def plausibility_checker(section: ModelsSection) -> PlausibilityChecker:
@@ -143,14 +167,7 @@ def build_models(
         if use.name in seen:
             raise ConfigError(f"config [[models.use]] {use.name}: listed twice: keep one entry")
         seen.add(use.name)
-        card_path = directory / f"{use.name}{CARD_SUFFIX}"
-        if not card_path.exists():
-            found = sorted(p.name.removesuffix(CARD_SUFFIX) for p in directory.glob(f"*{CARD_SUFFIX}"))
-            raise ConfigError(
-                f"models {use.name} {directory}: no card {card_path.name}: available: {found or 'none'}: "
-                "fix the name or [models] dir"
-            )
-        card = load_card(card_path)
+        card = load_card(card_file(directory, use.name, CARD_SUFFIX, "models"))
         unknown = sorted(set(use.inputs) - {spec.metric for spec in card.inputs})
         if unknown:
             raise ConfigError(

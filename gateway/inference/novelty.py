@@ -307,6 +307,9 @@ class NoveltyUse(BaseModel):
     # Stream metric names (whole, or last segments) to use; empty: every numeric stream it has.
     inputs: list[str] = Field(default_factory=list)
     features: list[str] = Field(default_factory=lambda: ["mean"])
+    # Metrics (whole names or last segments) whose level wanders with ambient or run time (a
+    # motor's temperature): of these only the non-level features are inputs, never the mean.
+    spread_only: list[str] = Field(default_factory=list)
     # The window (s) its features are taken over; None: the pipeline's window_s.
     window_s: float | None = Field(None, gt=0, le=3600)
     commissioning_s: float = Field(1800.0, gt=0, le=30 * 86_400)
@@ -324,7 +327,18 @@ class NoveltyUse(BaseModel):
 
     def wants(self, metric: str) -> bool:
         """True if a stream of this metric name is an input (``inputs``: whole names or last segments)."""
-        return not self.inputs or any(metric == m or metric.endswith("/" + m) for m in self.inputs)
+        return not self.inputs or _named(metric, self.inputs)
+
+    def features_of(self, metric: str) -> list[str]:
+        """The features of a wanted stream that are inputs (no level of a ``spread_only`` metric)."""
+        if self.spread_only and _named(metric, self.spread_only):
+            return [f for f in self.features if f != "mean"]
+        return self.features
+
+
+def _named(metric: str, names: Sequence[str]) -> bool:
+    """True if ``metric`` is one of ``names``, whole or by its last segments."""
+    return any(metric == m or metric.endswith("/" + m) for m in names)
 
 
 @dataclass(slots=True)
@@ -400,7 +414,7 @@ class NoveltyModel:
                 f"{sf.stream.metric.name}.{feat}"
                 for sf in record.streams
                 if self._wanted(sf.stream.metric.name)
-                for feat in self.use.features
+                for feat in self.use.features_of(sf.stream.metric.name)
             )
         )
 
