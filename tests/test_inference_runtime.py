@@ -20,20 +20,11 @@ from gateway.inference.build import ModelsSection, ModelUse, build_models, defau
 from gateway.inference.card import CARD_SUFFIX, ModelCard, file_sha256, load_card
 from gateway.inference.runner import AnomalyModel
 from gateway.sample import Stream, industrial_metric
+from models.recipes.pump_skab import SIGNALS, UNITS
 
 MODELS = default_models_dir()
 COMMISSION = 30
 PUMP = "pump_skab"
-SIGNALS = (
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "RateRMS",
-)
 LEVEL = {
     "Accelerometer1RMS": 0.03,
     "Accelerometer2RMS": 0.045,
@@ -43,16 +34,6 @@ LEVEL = {
     "Thermocouple": 27.0,
     "Voltage": 231.0,
     "RateRMS": 32.0,
-}
-UNITS = {
-    "Accelerometer1RMS": "g",
-    "Accelerometer2RMS": "g",
-    "Current": "A",
-    "Pressure": "bar",
-    "Temperature": "Cel",
-    "Thermocouple": "Cel",
-    "Voltage": "V",
-    "RateRMS": "l/min",
 }
 STREAMS = {
     s: Stream("plc", "pump-1", "SN-1", industrial_metric(f"Pump1/{s}", UNITS[s]), "industrial", 1.0)
