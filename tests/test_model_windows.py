@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from gateway.config import validate
 from gateway.contracts import Lane, ModelResult, WindowRecord
 from gateway.errors import ConfigError
 from gateway.inference.build import ModelsSection, ModelUse, build_models, model_lengths
+from gateway.inference.novelty import NoveltyModel, NoveltyUse
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.pipeline.windows import Windower
 from gateway.records import as_map, decode
@@ -38,6 +40,9 @@ def block(s: Stream, start: float, stop: float, rate: float = 10.0) -> SampleBlo
     """Samples of ``s`` on [start, stop) whose value is their time (so a mean names its span)."""
     t = start + np.arange(round((stop - start) * rate)) / rate
     return SampleBlock(s, t, t + WALL, t.copy(), np.zeros(t.size, np.uint8))
+
+
+CURRENT = Stream("plc", "pump-1", "PLC-1", industrial_metric("Current", "A"), kind="industrial", rate_hz=10.0)
 
 
 def replay(w: Windower, spans: dict[Stream, list[tuple[float, float]]], until: float) -> list[WindowRecord]:
@@ -180,3 +185,37 @@ def test_the_pipeline_scores_a_model_on_its_own_tail(tmp_path: Path) -> None:
     assert flow_out["n"] == 40
     assert flow_out["missing"] == 0.5
     assert last["scores"] == {"seeing": 20.0}  # the model's verdict on its own 2 s tail
+
+
+def test_statistics_learnt_on_another_window_are_learnt_again(tmp_path: Path) -> None:
+    """Commissioning statistics carry their window: a site that changes a model's window recommissions it."""
+    from test_inference_runtime import commission, pump_model, pump_window  # noqa: PLC0415
+
+    rng = np.random.default_rng(3)
+    commission(pump_model(tmp_path), rng)
+    (stored,) = (tmp_path / "models").glob("pump_skab*.json")
+    assert json.loads(stored.read_text(encoding="utf-8"))["window_s"] == 20.0
+    # Restarted on the same window: scored at once.
+    (r,) = pump_model(tmp_path).score_batch([pump_window(99, rng)])
+    assert r.reason == ""
+    # Restarted on another window: its inputs are other features, commissioned again.
+    (r,) = pump_model(tmp_path, window_s=40.0).score_batch([pump_window(99, rng)])
+    assert r.reason == "commissioning"
+
+
+def test_a_novelty_state_of_another_window_is_not_loaded(tmp_path: Path) -> None:
+    from gateway.contracts import StreamFeatures  # noqa: PLC0415
+
+    use = NoveltyUse(window_s=5.0, commissioning_s=60.0)
+    model = NoveltyModel(use, hop_s=1.0, state_dir=tmp_path)
+    rng = np.random.default_rng(4)
+    for k in range(model.commissioning_windows):
+        feats = tuple(
+            StreamFeatures(s, 50, 0.0, {"mean": 20.0 + rng.standard_normal()}) for s in (CURRENT, FLOW)
+        )
+        model.score_batch([WindowRecord("pump-1", "industrial", k, float(k), WALL + k, 5.0, feats)])
+    assert model.fit_of("pump-1") is not None
+    assert NoveltyModel(use, hop_s=1.0, state_dir=tmp_path).fit_of("pump-1") is not None
+    # Another window of its own: features over another length, commissioned again.
+    other = use.model_copy(update={"window_s": 10.0})
+    assert NoveltyModel(other, hop_s=1.0, state_dir=tmp_path).fit_of("pump-1") is None

@@ -561,8 +561,12 @@ class NoveltyModel:
 
     def _spec_key(self) -> tuple[float, ...]:
         s = self.spec
-        key = (s.lags, s.ewma, s.var_keep, s.far, self._need)
+        key: tuple[float, ...] = (s.lags, s.ewma, s.var_keep, s.far, self._need)
         # Without the slow block the key is 1.0.0's, so states commissioned before it still load.
+        if self.window_s is not None:
+            # Features over another length are not what it was fitted on; without a window of its
+            # own (the pipeline's) the key stays the one states were stored under before.
+            return (*key, s.ewma_slow, self.window_s)
         return key if s.ewma_slow >= 1.0 else (*key, s.ewma_slow)
 
     def _save(self, subject: str, subj: _Subject) -> None:

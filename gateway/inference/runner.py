@@ -807,6 +807,17 @@ class AnomalyModel:
             mean = np.asarray(raw["mean"], np.float64)
             std = np.asarray(raw["std"], np.float64)
             ok = raw["version"] == self.card.version and mean.shape == std.shape == (self._n,)
+            # Learnt on another window length (a site's window_s changed): not this model's inputs.
+            # Files from before per-model windows carry none and are kept.
+            if ok and abs(float(raw.get("window_s", self.window_s)) - self.window_s) > 1e-9:
+                log.warning(
+                    "models %s: stored statistics were learnt on %s s windows, the model runs on %s s: "
+                    "commissioning again",
+                    self.name,
+                    raw["window_s"],
+                    self.window_s,
+                )
+                return None
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
         if not ok or not (np.isfinite(mean).all() and (std > 0).all()):
@@ -831,6 +842,7 @@ class AnomalyModel:
             return
         body: dict[str, object] = {
             "version": self.card.version,
+            "window_s": self.window_s,
             "windows": norm.n,
             "mean": norm.mean.tolist(),
             "std": norm.std.tolist(),
