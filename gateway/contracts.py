@@ -130,6 +130,24 @@ class WindowRecord:
     length_s: float
     streams: tuple[StreamFeatures, ...]
     scores: Mapping[str, float] = field(default_factory=dict)  # model outputs, by model name
+    # The same streams (same order) over other lengths ending at ``end_mono``, for models trained
+    # on their own window: length (s) -> features.  Local to the gateway: never published.
+    tails: Mapping[float, tuple[StreamFeatures, ...]] = field(default_factory=dict)
+
+    def over(self, length_s: float | None) -> WindowRecord:
+        """The window as a model of ``length_s`` sees it: the features over that tail, if cut.
+
+        None, the record's own length, or a length the windower did not cut (a record built
+        without it) give the record itself.
+        """
+        if length_s is None or not self.tails:
+            return self
+        streams = self.tails.get(length_s)
+        if streams is None:
+            return self
+        return WindowRecord(
+            self.subject, self.kind, self.index, self.end_mono, self.end_wall, length_s, streams, self.scores
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,14 +33,16 @@ from gateway.contracts import (
     DriverSpec,
     Estimate,
     Lane,
+    ModelResult,
     SampleSink,
     WindowModel,
     WindowRecord,
 )
 from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
 from gateway.estimation import Estimation
-from gateway.inference.build import build_models, plausibility_checker
+from gateway.inference.build import build_models, model_lengths, plausibility_checker
 from gateway.inference.coverage import log_coverage
+from gateway.inference.fusion import FusionModel, build_fusions, fuse_window
 from gateway.inference.novelty import build_novelty
 from gateway.inference.rhythm import RhythmMonitor
 from gateway.inference.streams import build_stream_change
@@ -84,9 +86,11 @@ class Pipeline:
         anonymizer: Anonymizer,
         outbox: AsyncOutbox,
         models: Sequence[WindowModel] = (),
+        fusions: Sequence[FusionModel] = (),
     ) -> None:
         p = config.core.pipeline
         self._models = tuple(models)
+        self._fusions = tuple(fusions)
         self._episodes = EpisodeTracker(
             config.core.models.clear_after_windows, config.core.models.raise_after_windows
         )
@@ -102,6 +106,7 @@ class Pipeline:
             lost_after_s=p.sensor_lost_s,
             on_alarm=self.alarm,
             restore_after_s=p.sensor_restore_s,
+            lengths=model_lengths(self._models),
         )
         m = config.core.models
         self._plausibility = plausibility_checker(m)
@@ -227,21 +232,29 @@ class Pipeline:
 
     async def _score(self, records: list[WindowRecord]) -> list[WindowRecord]:
         """Run every applicable model over the closed windows in a worker thread; raise anomalies."""
-        scores: list[dict[str, float]] = [{} for _ in records]
+        verdicts: list[dict[str, ModelResult]] = [{} for _ in records]
         for model in self._models:
-            picked = [i for i, r in enumerate(records) if model.applies_to(r)]
+            # Each model sees the window over its own length (its card's), ending where the record does.
+            length = getattr(model, "window_s", None)
+            views = [r.over(length) for r in records]
+            picked = [i for i, r in enumerate(views) if model.applies_to(r)]
             if not picked:
                 continue
-            results = await asyncio.to_thread(model.score_batch, [records[i] for i in picked])
+            results = await asyncio.to_thread(model.score_batch, [views[i] for i in picked])
             for i, result in zip(picked, results, strict=True):
-                if math.isfinite(result.score):
-                    scores[i][model.name] = result.score
-                rec = records[i]
+                verdicts[i][model.name] = result
+        scores: list[dict[str, float]] = []
+        for rec, verdict in zip(records, verdicts, strict=True):
+            fused = fuse_window(self._fusions, rec, verdict) if self._fusions else set()
+            scores.append({name: r.score for name, r in verdict.items() if math.isfinite(r.score)})
+            for name, result in verdict.items():
+                if name in fused:
+                    continue  # its fusion raises the episodes of this subject: one alarm, not two
                 # One alarm per episode, not per window: overlapping windows of one event would
                 # otherwise page the nurse every hop (alarm fatigue).
-                emission = self._episodes.update((rec.subject, model.name), result, rec.end_mono)
+                emission = self._episodes.update((rec.subject, name), result, rec.end_mono)
                 if emission is not None:
-                    self.alarm(episode_alarm(emission, rec, model.name))
+                    self.alarm(episode_alarm(emission, rec, name))
         for model in self._models:
             # Sensor faults found by a model's plausibility checks, and its health changes.
             for event in getattr(model, "drain_events", list)():
@@ -613,7 +626,6 @@ async def _supervise(
             build_models,
             core.models,
             hop_s=core.pipeline.hop_s,
-            window_s=core.pipeline.window_s,
             state_dir=core.gateway.state_dir,
             # The pipeline checks every sample against the plausibility rules and raises the
             # sensor-fault alarms; the models only leave implausible windows unscored.
@@ -635,8 +647,11 @@ async def _supervise(
     scored: list[WindowModel] = [*slots, *build_novelty(core.models.novelty, hop_s=hop, state_dir=state)]
     scored += build_stream_change(core.models.streams, hop_s=hop, state_dir=state, others=scored)
     try:
+        fusions = build_fusions(
+            core.models.fusion, scored, core.models.dir, hop_s=hop, window_s=core.pipeline.window_s
+        )
         # Off the loop: building the estimators (their models among them) took ~45 ms of CPU.
-        pipeline = await asyncio.to_thread(Pipeline, config, anonymizer, outbox, scored)
+        pipeline = await asyncio.to_thread(Pipeline, config, anonymizer, outbox, scored, fusions)
     except (ConfigError, CorruptDataError) as exc:  # an estimator's model or inputs ([estimators])
         log.error("%s", exc)
         return EXIT_CONFIG
@@ -825,7 +840,18 @@ def build_problems(config: Config, registry: Mapping[str, DriverSpec]) -> list[s
             problems.append(f"sources[{i}] ({entry.info.name}): {exc}")
     core = config.core
     try:
-        build_models(core.models, hop_s=core.pipeline.hop_s, window_s=core.pipeline.window_s)
+        hop = core.pipeline.hop_s
+        built: list[Any] = [
+            *build_models(core.models, hop_s=hop),
+            *build_novelty(core.models.novelty, hop_s=hop, state_dir=None),
+        ]
+        build_fusions(
+            core.models.fusion,
+            built,
+            core.models.dir,
+            hop_s=hop,
+            window_s=core.pipeline.window_s,
+        )
     except ConfigError as exc:
         problems.append(f"models: {exc}")
     try:

@@ -65,7 +65,7 @@ def run(
         REGISTRY,
     )
     core = config.core
-    models = build_models(core.models, hop_s=HOP_S, window_s=20.0, fault_alarms=False)
+    models = build_models(core.models, hop_s=HOP_S, fault_alarms=False)
     profile = {PATIENT: "patient", PUMP: "pump"}
     gens = {
         subject: make_generator(profile[subject], seed=seed, rate_hz=1.0, events=events.get(subject, []))

@@ -66,3 +66,23 @@ def test_the_first_held_out_fold_is_reproduced_from_the_shared_data() -> None:
     got = binary_scores(np.concatenate(flags), np.concatenate(truth))
     for m in ("f1", "far", "mar"):
         assert got[m] == pytest.approx(c["held_out"][m], abs=2e-4)
+
+
+@pytest.mark.skipif(not SKAB.is_dir(), reason=f"SKAB valve1 not found under {DATA} (set EDGETWIN_DATA)")
+def test_one_held_out_fold_is_reproduced_through_the_gateway(tmp_path: Path) -> None:
+    """Fold 1's recorded choices, its held-out files replayed through windower, models and fusion."""
+    from models.recipes.fusion_skab_gateway import held_out  # noqa: PLC0415 - needs the training extra
+
+    ev = json.loads(EVAL.read_text(encoding="utf-8"))["gateway_path"]
+    rec = ev["folds"][1]
+    valve, normal = load(SKAB.parent.parent.parent.parent)
+    flags, _ = held_out(1, rec, valve, normal, tmp_path)
+    truth = np.concatenate([valve[i].y[FIT_ROWS:] for i in range(16) if i % FOLDS == 1])
+    for name in ("fusion", "fusion_episodes", "pump", "novelty"):
+        got = binary_scores(np.concatenate(flags[name]), truth)
+        for m in ("f1", "far", "mar"):
+            assert got[m] == pytest.approx(rec["held_out"][name][m], abs=2e-4), (name, m)
+    # The fused verdict beats either member alone on this fold's held-out files or ties the best.
+    assert rec["held_out"]["fusion"]["f1"] >= min(
+        rec["held_out"]["pump"]["f1"], rec["held_out"]["novelty"]["f1"]
+    )

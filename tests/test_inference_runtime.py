@@ -20,20 +20,11 @@ from gateway.inference.build import ModelsSection, ModelUse, build_models, defau
 from gateway.inference.card import CARD_SUFFIX, ModelCard, file_sha256, load_card
 from gateway.inference.runner import AnomalyModel
 from gateway.sample import Stream, industrial_metric
+from models.recipes.pump_skab import SIGNALS, UNITS
 
 MODELS = default_models_dir()
 COMMISSION = 30
 PUMP = "pump_skab"
-SIGNALS = (
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "RateRMS",
-)
 LEVEL = {
     "Accelerometer1RMS": 0.03,
     "Accelerometer2RMS": 0.045,
@@ -43,16 +34,6 @@ LEVEL = {
     "Thermocouple": 27.0,
     "Voltage": 231.0,
     "RateRMS": 32.0,
-}
-UNITS = {
-    "Accelerometer1RMS": "g",
-    "Accelerometer2RMS": "g",
-    "Current": "A",
-    "Pressure": "bar",
-    "Temperature": "Cel",
-    "Thermocouple": "Cel",
-    "Voltage": "V",
-    "RateRMS": "l/min",
 }
 STREAMS = {
     s: Stream("plc", "pump-1", "SN-1", industrial_metric(f"Pump1/{s}", UNITS[s]), "industrial", 1.0)
@@ -183,14 +164,14 @@ def test_malformed_card_is_refused(tmp_path: Path) -> None:
 
 def test_build_models_from_config_and_unknown_name(tmp_path: Path) -> None:
     section = ModelsSection(use=[ModelUse(name=PUMP, precision="int8", commissioning_s=100.0)])
-    (model,) = build_models(section, hop_s=5.0, window_s=20.0, state_dir=tmp_path)
+    (model,) = build_models(section, hop_s=5.0, state_dir=tmp_path)
     assert model.backend.precision == "int8"
     rng = np.random.default_rng(1)
     results = [model.score_batch([pump_window(k, rng)])[0] for k in range(21)]
     assert all(math.isnan(r.score) for r in results[:20])  # 100 s / 5 s hop = 20 windows
     assert math.isfinite(results[20].score)
     with pytest.raises(ConfigError, match="no card"):
-        build_models(ModelsSection(use=[ModelUse(name="nope")]), hop_s=5.0, window_s=20.0)
+        build_models(ModelsSection(use=[ModelUse(name="nope")]), hop_s=5.0)
 
 
 # ---- scoring, explanations, commissioning --------------------------------------------

@@ -118,9 +118,7 @@ def test_litert_batch_changes_give_the_same_scores() -> None:
 
 @needs_litert
 def test_anomaly_model_scores_windows_on_litert() -> None:
-    (model,) = build_models(
-        ModelsSection(backend="litert", use=[ModelUse(name="vitals_mimic")]), hop_s=10.0, window_s=300.0
-    )
+    (model,) = build_models(ModelsSection(backend="litert", use=[ModelUse(name="vitals_mimic")]), hop_s=10.0)
     assert model.backend.name == "litert"
     t = np.arange(30, dtype=np.float64)
     rng = np.random.default_rng(5)

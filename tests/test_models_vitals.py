@@ -48,9 +48,7 @@ BRADY = Label("bradycardia", 2400.0, 2520.0)
 
 def served(precision: Literal["fp32", "int8"]) -> AnomalyModel:
     """The model as the gateway builds it from ``[[models.use]] name = "vitals_mimic"``."""
-    (model,) = build_models(
-        ModelsSection(use=[ModelUse(name=NAME, precision=precision)]), hop_s=10.0, window_s=30.0
-    )
+    (model,) = build_models(ModelsSection(use=[ModelUse(name=NAME, precision=precision)]), hop_s=10.0)
     return model
 
 

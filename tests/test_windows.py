@@ -636,7 +636,14 @@ def test_blocks_and_single_samples_give_the_same_windows() -> None:
 def test_settings_are_validated(kwargs: dict[str, float]) -> None:
     settings = {"window_s": 1.0, "hop_s": 1.0, "grace_s": 0.0, "lost_after_s": 5.0, **kwargs}
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
-        Windower(**settings, on_alarm=lambda a: None)
+        Windower(
+            window_s=settings["window_s"],
+            hop_s=settings["hop_s"],
+            grace_s=settings["grace_s"],
+            lost_after_s=settings["lost_after_s"],
+            restore_after_s=settings.get("restore_after_s", 2.0),
+            on_alarm=lambda a: None,
+        )
 
 
 def test_ring_capacity_follows_rate_and_spans_window_grace_and_hop() -> None:

@@ -24,7 +24,16 @@ from gateway.inference.streams import StreamUse
 if TYPE_CHECKING:
     from gateway.inference.runner import AnomalyModel
 
-__all__ = ["ModelUse", "ModelsSection", "PlausibilityRule", "build_models", "default_models_dir"]
+__all__ = [
+    "FusionUse",
+    "ModelUse",
+    "ModelsSection",
+    "PlausibilityRule",
+    "build_models",
+    "card_file",
+    "default_models_dir",
+    "model_lengths",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,16 @@ class ModelUse(_Section):
     # Card input metric -> the stream that carries it, where the names differ (e.g. a PLC's tags):
     # inputs = { RateRMS = "Pump1/Hydraulics/Flow" } (a whole metric name or its last segments).
     inputs: dict[str, str] = Field(default_factory=dict)
+    # The window (s) it is scored on; default: the card's window_s (the pipeline cuts it for it).
+    window_s: float | None = Field(None, gt=0, le=3600)
+
+
+class FusionUse(_Section):
+    """One ``[[models.fusion]]`` table: a fusion card to run (gateway.inference.fusion), local overrides."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    tau: float | None = None  # default: the card's
+    subjects: list[str] = Field(default_factory=list)  # empty: every subject of the card's kind
 
 
 class PlausibilityRule(_Section):
@@ -75,6 +94,8 @@ class ModelsSection(_Section):
     plausibility: dict[str, PlausibilityRule] = Field(default_factory=dict)
     # Per-machine novelty detection learned at commissioning (gateway.inference.novelty): on when set.
     novelty: NoveltyUse | None = None
+    # Fused verdicts over models above (gateway.inference.fusion): each raises its members' alarms.
+    fusion: list[FusionUse] = Field(default_factory=list)
     # The per-stream detector for subjects no model scores (gateway.inference.streams): on unless
     # [models.streams] enabled = false.
     streams: StreamUse | None = Field(default_factory=StreamUse)
@@ -95,6 +116,18 @@ def default_models_dir() -> Path:
     return beside
 
 
+def card_file(directory: Path, name: str, suffix: str, who: str) -> Path:
+    """``<directory>/<name><suffix>``, or a ConfigError naming the cards that are there."""
+    path = directory / f"{name}{suffix}"
+    if not path.exists():
+        found = sorted(p.name.removesuffix(suffix) for p in directory.glob(f"*{suffix}"))
+        raise ConfigError(
+            f"{who} {name} {directory}: no card {path.name}: available: {found or 'none'}: "
+            "fix the name or [models] dir"
+        )
+    return path
+
+
 def plausibility_checker(section: ModelsSection) -> PlausibilityChecker:
     """The default rules with the config's overrides."""
     rules: dict[str, Rule] = dict(DEFAULT_RULES)
@@ -111,14 +144,14 @@ def build_models(
     section: ModelsSection,
     *,
     hop_s: float,
-    window_s: float,
     state_dir: Path | None = None,
     fault_alarms: bool = True,
 ) -> list[AnomalyModel]:
     """Load, verify and open every model the section uses; refuse the first one that fails.
 
-    ``hop_s`` turns a card's commissioning span into a number of windows; a pipeline ``window_s``
-    other than the card's is allowed (per-machine normalisation absorbs part of it) but logged.
+    ``hop_s`` turns a card's commissioning span into a number of windows.  Each model is scored
+    on its card's ``window_s`` (or the entry's), whatever the pipeline's ``window_s``: the
+    windower cuts every length its models need (:func:`model_lengths`).
     """
     checker = plausibility_checker(section)
     out: list[AnomalyModel] = []
@@ -134,14 +167,7 @@ def build_models(
         if use.name in seen:
             raise ConfigError(f"config [[models.use]] {use.name}: listed twice: keep one entry")
         seen.add(use.name)
-        card_path = directory / f"{use.name}{CARD_SUFFIX}"
-        if not card_path.exists():
-            found = sorted(p.name.removesuffix(CARD_SUFFIX) for p in directory.glob(f"*{CARD_SUFFIX}"))
-            raise ConfigError(
-                f"models {use.name} {directory}: no card {card_path.name}: available: {found or 'none'}: "
-                "fix the name or [models] dir"
-            )
-        card = load_card(card_path)
+        card = load_card(card_file(directory, use.name, CARD_SUFFIX, "models"))
         unknown = sorted(set(use.inputs) - {spec.metric for spec in card.inputs})
         if unknown:
             raise ConfigError(
@@ -154,13 +180,6 @@ def build_models(
             )
         span = use.commissioning_s or card.normalisation.commissioning_s
         windows = max(5, math.ceil(span / hop_s)) if span is not None else None
-        if abs(card.window_s - window_s) > 1e-6:
-            log.warning(
-                "models %s: trained on %.0f s windows, pipeline windows are %.0f s: scores may be less sharp",
-                card.name,
-                card.window_s,
-                window_s,
-            )
         out.append(
             AnomalyModel(
                 card,
@@ -174,8 +193,20 @@ def build_models(
                 subjects=tuple(use.subjects),
                 inputs=use.inputs,
                 fault_alarms=fault_alarms,
+                window_s=use.window_s,
             )
         )
+    return out
+
+
+def model_lengths(models: Sequence[object]) -> dict[str, list[float]]:
+    """Per subject kind, the window lengths (s) its models are scored on (``window_s`` of each)."""
+    out: dict[str, list[float]] = {}
+    for model in models:
+        length = getattr(model, "window_s", None)
+        kind = getattr(model, "subject_kind", None)
+        if length is not None and kind is not None:
+            out.setdefault(kind, []).append(float(length))
     return out
 
 

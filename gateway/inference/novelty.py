@@ -307,6 +307,11 @@ class NoveltyUse(BaseModel):
     # Stream metric names (whole, or last segments) to use; empty: every numeric stream it has.
     inputs: list[str] = Field(default_factory=list)
     features: list[str] = Field(default_factory=lambda: ["mean"])
+    # Metrics (whole names or last segments) whose level wanders with ambient or run time (a
+    # motor's temperature): of these only the non-level features are inputs, never the mean.
+    spread_only: list[str] = Field(default_factory=list)
+    # The window (s) its features are taken over; None: the pipeline's window_s.
+    window_s: float | None = Field(None, gt=0, le=3600)
     commissioning_s: float = Field(1800.0, gt=0, le=30 * 86_400)
     false_alarm_rate: float = Field(0.01, gt=0, lt=0.5)
     # Defaults: the settings models/recipes/novelty_tep.py chose on its tuning faults in 1.0.0.
@@ -322,7 +327,18 @@ class NoveltyUse(BaseModel):
 
     def wants(self, metric: str) -> bool:
         """True if a stream of this metric name is an input (``inputs``: whole names or last segments)."""
-        return not self.inputs or any(metric == m or metric.endswith("/" + m) for m in self.inputs)
+        return not self.inputs or _named(metric, self.inputs)
+
+    def features_of(self, metric: str) -> list[str]:
+        """The features of a wanted stream that are inputs (no level of a ``spread_only`` metric)."""
+        if self.spread_only and _named(metric, self.spread_only):
+            return [f for f in self.features if f != "mean"]
+        return self.features
+
+
+def _named(metric: str, names: Sequence[str]) -> bool:
+    """True if ``metric`` is one of ``names``, whole or by its last segments."""
+    return any(metric == m or metric.endswith("/" + m) for m in names)
 
 
 @dataclass(slots=True)
@@ -354,6 +370,10 @@ class NoveltyModel:
     ) -> None:
         self.name = name
         self.use = use
+        self.window_s = use.window_s
+        self.subject_kind = use.subject_kind
+        # Explain every scored window (a fusion over this detector may flag one it does not).
+        self.explain_all = False
         self.spec = PcaSpec(use.lags, use.ewma, use.var_keep, use.false_alarm_rate, ewma_slow=use.ewma_slow)
         self._need = max(min_rows(self.spec), math.ceil(use.commissioning_s / hop_s))
         self._state_dir = state_dir
@@ -394,7 +414,7 @@ class NoveltyModel:
                 f"{sf.stream.metric.name}.{feat}"
                 for sf in record.streams
                 if self._wanted(sf.stream.metric.name)
-                for feat in self.use.features
+                for feat in self.use.features_of(sf.stream.metric.name)
             )
         )
 
@@ -466,7 +486,7 @@ class NoveltyModel:
         subj.normal_run += 1
         if self.use.adapt_rate > 0 and score < self.ADAPT_BELOW and subj.normal_run > self.adapt_guard:
             self._adapt(record.subject, subj, x)
-        return ModelResult(score, False)
+        return ModelResult(score, False, contributions(fit, row[0], subj.keys) if self.explain_all else {})
 
     def _adapt(self, subject: str, subj: _Subject, x: F64) -> None:
         """Move the standardisation a small step towards a clearly normal window."""
@@ -541,8 +561,12 @@ class NoveltyModel:
 
     def _spec_key(self) -> tuple[float, ...]:
         s = self.spec
-        key = (s.lags, s.ewma, s.var_keep, s.far, self._need)
+        key: tuple[float, ...] = (s.lags, s.ewma, s.var_keep, s.far, self._need)
         # Without the slow block the key is 1.0.0's, so states commissioned before it still load.
+        if self.window_s is not None:
+            # Features over another length are not what it was fitted on; without a window of its
+            # own (the pipeline's) the key stays the one states were stored under before.
+            return (*key, s.ewma_slow, self.window_s)
         return key if s.ewma_slow >= 1.0 else (*key, s.ewma_slow)
 
     def _save(self, subject: str, subj: _Subject) -> None:

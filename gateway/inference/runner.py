@@ -252,9 +252,16 @@ class AnomalyModel:
         clock: Callable[[], float] = time.thread_time,
         fault_alarms: bool = True,
         inputs: Mapping[str, str] | None = None,
+        window_s: float | None = None,
     ) -> None:
         self.card = card
         self.name = card.name
+        # The window length it is scored on (the pipeline cuts it for it): the card's, or the site's.
+        self.window_s = float(window_s or card.window_s)
+        self.subject_kind = card.subject_kind
+        # Explain every served window, not only flagged ones: a fusion over this model may flag a
+        # window this model alone does not, and its explanation lists this model's inputs too.
+        self.explain_all = False
         self._state_name = card.name  # its statistics files; a version sent over the downlink has its own
         # False where the pipeline already checks every sample against the same rules: one
         # sensor fault must page once, not once per checker.
@@ -383,7 +390,9 @@ class AnomalyModel:
             clock=self._clock,
             fault_alarms=self._fault_alarms,
             inputs=self._inputs,
+            window_s=self.window_s if self.window_s != self.card.window_s else None,
         )
+        model.explain_all = self.explain_all
         model._state_name = f"{self.name}.{tag}"
         return model
 
@@ -632,8 +641,9 @@ class AnomalyModel:
         ]
         flagged = [sv and sc > threshold for sv, sc in zip(served, score_list, strict=True)]
         by_row: dict[int, dict[str, float]] = {}
-        if True in flagged:
-            contrib_rows = [r for r, f in enumerate(flagged) if f]
+        explain = served if self.explain_all else flagged
+        if True in explain:
+            contrib_rows = [r for r, f in enumerate(explain) if f]
             contribs = self._explain(z_all[contrib_rows], scores[contrib_rows], clip)
             by_row = dict(zip(contrib_rows, contribs, strict=True))
         fb_z = self.card.fallback.z
@@ -797,6 +807,17 @@ class AnomalyModel:
             mean = np.asarray(raw["mean"], np.float64)
             std = np.asarray(raw["std"], np.float64)
             ok = raw["version"] == self.card.version and mean.shape == std.shape == (self._n,)
+            # Learnt on another window length (a site's window_s changed): not this model's inputs.
+            # Files from before per-model windows carry none and are kept.
+            if ok and abs(float(raw.get("window_s", self.window_s)) - self.window_s) > 1e-9:
+                log.warning(
+                    "models %s: stored statistics were learnt on %s s windows, the model runs on %s s: "
+                    "commissioning again",
+                    self.name,
+                    raw["window_s"],
+                    self.window_s,
+                )
+                return None
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
         if not ok or not (np.isfinite(mean).all() and (std > 0).all()):
@@ -821,6 +842,7 @@ class AnomalyModel:
             return
         body: dict[str, object] = {
             "version": self.card.version,
+            "window_s": self.window_s,
             "windows": norm.n,
             "mean": norm.mean.tolist(),
             "std": norm.std.tolist(),

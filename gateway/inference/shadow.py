@@ -147,6 +147,27 @@ class Slot:
         return self.active.card
 
     @property
+    def window_s(self) -> float:
+        """The window length the active version is scored on."""
+        return self.active.window_s
+
+    @property
+    def subject_kind(self) -> str:
+        """The subject kind the active version scores."""
+        return self.active.subject_kind
+
+    @property
+    def explain_all(self) -> bool:
+        """True when every served window is explained (a fusion reads this model's inputs)."""
+        return self.active.explain_all
+
+    @explain_all.setter
+    def explain_all(self, value: bool) -> None:
+        self.active.explain_all = value
+        if self.previous is not None:
+            self.previous.explain_all = value
+
+    @property
     def demoted(self) -> bool:
         """True while the active version is demoted to its fallback."""
         return self.active.demoted

@@ -26,6 +26,13 @@ again first.  A device that comes and goes faster than that raises one loss and 
 longer outage the hold is long over and the restore comes at once, as before.  Only state
 changes raise alarms, never every faulty sample.
 
+Per-model windows: a model trained on its own window length (``lengths``, per subject kind) is
+scored on features of that length, all ending at the same window end on the subject's hop grid.
+Rings then hold the longest length a subject needs; each window's rows are read once over the
+longest span and each length's features are computed in one pass over its tail (``tails`` of the
+record); a stream's gap and missing fraction are judged per length, so a gap in the long window
+that the short tail does not see leaves the short model's inputs whole.
+
 Memory: state is created per stream on first sight and kept for the life of the windower, so
 memory is bounded by the configured streams (a few tens of kB per stream at 256 Hz).  A lost
 stream keeps its ring and keeps producing gap windows: the twin sees the loss as gaps.
@@ -36,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -137,11 +144,14 @@ class _StreamState:
 
 
 class _SubjectState:
-    __slots__ = ("emitted", "first_t", "kind", "next_k", "streams", "subject")
+    __slots__ = ("emitted", "first_t", "kind", "lengths", "next_k", "span", "streams", "subject")
 
-    def __init__(self, subject: str, kind: str) -> None:
+    def __init__(self, subject: str, kind: str, window_s: float, lengths: tuple[float, ...]) -> None:
         self.subject = subject
         self.kind = kind
+        # Window lengths besides the pipeline's that this subject's models are scored on.
+        self.lengths = lengths
+        self.span = max(window_s, *lengths) if lengths else window_s  # the longest, what rings hold
         self.streams: list[_StreamState] = []
         self.next_k: int | None = None  # next window index to emit; None before any data
         self.emitted = False
@@ -165,7 +175,9 @@ class Windower:
         lost_after_s: float,
         on_alarm: Callable[[Alarm], None],
         restore_after_s: float = 2.0,
+        lengths: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
+        """``lengths``: per subject kind, the other window lengths (s) its models are scored on."""
         for name, value, zero_ok in (
             ("window_s", window_s, False),
             ("hop_s", hop_s, False),
@@ -184,6 +196,17 @@ class Windower:
         self.lost_after_s = float(lost_after_s)
         self.restore_after_s = float(restore_after_s)
         self._on_alarm = on_alarm
+        self._lengths: dict[str, tuple[float, ...]] = {}
+        for kind, wanted in (lengths or {}).items():
+            bad = [w for w in wanted if not (w > 0 and math.isfinite(w))]
+            if bad:
+                raise ConfigError(
+                    f"windower: model window lengths for {kind} subjects: got {bad!r}: must be finite "
+                    "numbers of seconds > 0: fix the models' window_s"
+                )
+            extra = sorted({float(w) for w in wanted if abs(w - self.window_s) > 1e-9})
+            if extra:
+                self._lengths[kind] = tuple(extra)
         ratio = self.window_s / self.hop_s
         # When the window is a whole number of hops, start = (k - m) * hop equals an earlier end
         # bit for bit, so adjacent windows neither share nor lose a sample to rounding.
@@ -308,11 +331,14 @@ class Windower:
         """State for a stream seen under a new object id: an equal stream's, or a fresh one."""
         st = self._by_stream.get(stream)
         if st is None:
-            st = _StreamState(stream, RingBuffer(self.capacity_for(stream)), self.window_s, self.lost_after_s)
-            self._by_stream[stream] = st
             subj = self._subjects.get(stream.subject)
             if subj is None:
-                subj = self._subjects[stream.subject] = _SubjectState(stream.subject, stream.kind)
+                subj = self._subjects[stream.subject] = _SubjectState(
+                    stream.subject, stream.kind, self.window_s, self._lengths.get(stream.kind, ())
+                )
+            ring = RingBuffer(self.capacity_for(stream, subj.span))
+            st = _StreamState(stream, ring, self.window_s, self.lost_after_s)
+            self._by_stream[stream] = st
             subj.streams.append(st)
             subj.streams.sort(key=lambda s: s.stream.key)
             if math.isfinite(t_first):
@@ -323,10 +349,10 @@ class Windower:
         self._by_id[id(stream)] = st
         return st
 
-    def capacity_for(self, stream: Stream) -> int:
-        """Ring rows for a stream: its rate x (window + grace + hop) x a safety factor."""
+    def capacity_for(self, stream: Stream, window_s: float | None = None) -> int:
+        """Ring rows for a stream: its rate x (longest window + grace + hop) x a safety factor."""
         rate = stream.rate_hz or EVENT_RATE_HZ
-        span = self.window_s + self.grace_s + self.hop_s
+        span = (window_s or self.window_s) + self.grace_s + self.hop_s
         return max(MIN_CAPACITY, math.ceil(rate * span * CAPACITY_SAFETY))
 
     def _change(self, st: _StreamState, status: int, t_mono: float, t_wall: float, quality: int) -> None:
@@ -370,6 +396,14 @@ class Windower:
     def _window_start(self, k: int) -> float:
         m = self._hops_per_window
         return (k - m) * self.hop_s if m is not None else k * self.hop_s - self.window_s
+
+    def _start_of(self, k: int, length: float) -> float:
+        """Start of the ``length``-second window ending at window ``k``'s end (exact on the grid)."""
+        if abs(length - self.window_s) <= 1e-9:
+            return self._window_start(k)
+        ratio = length / self.hop_s
+        m = round(ratio)
+        return (k - m) * self.hop_s if abs(ratio - m) < 1e-9 else k * self.hop_s - length
 
     def _last_due(self, now_mono: float) -> int:
         """Largest k with ``k*hop + grace <= now`` (evaluated exactly as the due test reads)."""
@@ -425,7 +459,7 @@ class Windower:
             subj.next_k = last_due + 1
             subj.emitted = True
             # Rows before the next window are consumed: overwriting them is no loss.
-            keep_from = self._window_start(last_due + 1)
+            keep_from = self._start_of(last_due + 1, subj.span)
             for st in subj.streams:
                 st.ring.release(keep_from)
             yield chunk
@@ -587,13 +621,14 @@ class Windower:
         return offset if math.isfinite(offset) else now_wall - now_mono
 
     def _record(self, subj: _SubjectState, k: int, wall_offset: float) -> WindowRecord:
-        """Features of every stream of ``subj`` over window ``k``."""
+        """Features of every stream of ``subj`` over window ``k`` (and over each of its other lengths)."""
         end = k * self.hop_s
         start = self._window_start(k)
+        first = self._start_of(k, subj.span) if subj.lengths else start
         ts: list[F8] = []
         vs: list[F8] = []
         for st in subj.streams:
-            t, v, q = st.ring.peek(start, end)
+            t, v, q = st.ring.peek(first, end)
             if q.tobytes().translate(None, _USABLE_BYTES) or not math.isfinite(float(v.sum())):
                 # Some row is flagged or not a number (a sum of finite values that overflows also
                 # lands here, harmlessly): keep only the usable rows.
@@ -602,20 +637,32 @@ class Windower:
                 v = v[usable]
             ts.append(t)
             vs.append(v)
-        out: list[StreamFeatures] = []
-        # One numpy pass for the basic features of all streams (the views are read before any write).
-        for st, v, features in zip(subj.streams, vs, basic_features_streams(ts, vs), strict=True):
-            count = v.size
-            if count:
-                if st.rr:
-                    features.update(hrv_features(v))
-                elif st.shape == "waveform":
-                    features.update(waveform_features(v, st.stream.rate_hz))
-                elif st.shape == "state":
-                    features.update(state_features(v))
-            else:
-                self._gaps += 1
-            out.append(StreamFeatures(st.stream, count, missing_fraction(count, st.expected), features))
+        # Every length's tail of the rows read once, and one numpy pass for all their basic features
+        # (the views are read before any write).
+        lengths = (self.window_s, *subj.lengths)
+        all_t: list[F8] = []
+        all_v: list[F8] = []
+        for length in lengths:
+            if length == subj.span:
+                all_t += ts
+                all_v += vs
+                continue
+            lo = self._start_of(k, length)
+            for t, v in zip(ts, vs, strict=True):
+                i = int(t.searchsorted(lo))
+                all_t.append(t[i:])
+                all_v.append(v[i:])
+        basics = basic_features_streams(all_t, all_v)
+        n = len(ts)
+        cut = [
+            self._features(
+                subj, all_v[j * n : (j + 1) * n], basics[j * n : (j + 1) * n], length / self.window_s
+            )
+            for j, length in enumerate(lengths)
+        ]
+        out = cut[0]
+        tails = dict(zip(subj.lengths, cut[1:], strict=True))
+        self._gaps += sum(1 for sf in out if sf.count == 0)
         self._windows += 1
         return WindowRecord(
             subject=subj.subject,
@@ -624,8 +671,28 @@ class Windower:
             end_mono=end,
             end_wall=end + wall_offset,
             length_s=self.window_s,
-            streams=tuple(out),
+            streams=out,
+            tails=tails,
         )
+
+    @staticmethod
+    def _features(
+        subj: _SubjectState, vs: list[F8], basics: list[dict[str, float]], scale: float
+    ) -> tuple[StreamFeatures, ...]:
+        """Every stream's features over one length (``scale`` x the pipeline window's expected count)."""
+        out: list[StreamFeatures] = []
+        for st, v, features in zip(subj.streams, vs, basics, strict=True):
+            count = v.size
+            if count:
+                if st.rr:
+                    features.update(hrv_features(v))
+                elif st.shape == "waveform":
+                    features.update(waveform_features(v, st.stream.rate_hz))
+                elif st.shape == "state":
+                    features.update(state_features(v))
+            expected = None if st.expected is None else st.expected * scale
+            out.append(StreamFeatures(st.stream, count, missing_fraction(count, expected), features))
+        return tuple(out)
 
     # ---- accounting ----------------------------------------------------------------------
 

@@ -73,6 +73,17 @@ SIGNALS = (
     "Voltage",
     "RateRMS",
 )
+# Their units (the gateway's plausibility rules apply to these streams in them).
+UNITS = {
+    "Accelerometer1RMS": "g",
+    "Accelerometer2RMS": "g",
+    "Current": "A",
+    "Pressure": "bar",
+    "Temperature": "Cel",
+    "Thermocouple": "Cel",
+    "Voltage": "V",
+    "RateRMS": "l/min",
+}
 FEATURES = ("mean", "std")
 # Motor and water temperature drift for hours with ambient and run time; their level against the
 # commissioning span says when the machine was commissioned, not whether it is faulty.  Only their

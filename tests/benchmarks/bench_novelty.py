@@ -11,12 +11,14 @@ against the same model with its baseline frozen at commissioning (what following
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
 from gateway.contracts import StreamFeatures, WindowModel, WindowRecord
 from gateway.inference.build import default_models_dir
-from gateway.inference.card import CARD_SUFFIX, load_card
+from gateway.inference.card import CARD_SUFFIX, ModelCard, load_card
+from gateway.inference.fusion import FUSION_SUFFIX, FusionModel, load_fusion
 from gateway.inference.novelty import NoveltyModel, NoveltyUse
 from gateway.inference.runner import AnomalyModel
 from gateway.inference.streams import StreamChange, StreamUse
@@ -102,6 +104,38 @@ def main() -> None:
     ):
         us = per_window_us(m, test)
         print(f"{name}: {us:.1f} us/window, {us / b:.2f}x the baseline")
+    fused_members(card, models_dir, warm, test, b)
+
+
+def fused_members(
+    card: ModelCard, models_dir: Path, warm: list[WindowRecord], test: list[WindowRecord], b: float
+) -> None:
+    """The shipped fusion's cost: its members explaining every window, and the fused verdict itself."""
+    fusion = FusionModel(load_fusion(models_dir / f"fusion_skab{FUSION_SUFFIX}"))
+    pump = AnomalyModel(card, models_dir, precision="fp32", commissioning_windows=50)
+    pump.explain_all = True
+    nov = next(m for m in fusion.members if m.model == "novelty")
+    settings = {"commissioning_s": float(N_COMMISSION), "window_s": nov.window_s, **nov.settings}
+    use = NoveltyUse.model_validate(settings, strict=False)  # the card's numbers are floats
+    plain = NoveltyModel(use, hop_s=1.0)
+    explained = NoveltyModel(use, hop_s=1.0)
+    explained.explain_all = True
+    for m in (pump, plain, explained):
+        m.score_batch(warm)
+    us = per_window_us(pump, test)
+    print(
+        f"pump_skab fp32 explaining every window (a fusion member): {us:.1f} us/window, {us / b:.2f}x the baseline"
+    )
+    p = per_window_us(plain, test)
+    e = per_window_us(explained, test)
+    print(
+        f"novelty as fusion_skab's member: {p:.1f} us/window; explaining every window {e:.1f} ({e / p:.2f}x)"
+    )
+    results = {"pump_skab": pump.score_batch(test[:1])[0], "novelty": explained.score_batch(test[:1])[0]}
+    t0 = time.thread_time()
+    for _ in range(N_SCORE):
+        fusion.fuse(results)
+    print(f"fusion_skab fuse(): {(time.thread_time() - t0) * 1e6 / N_SCORE:.1f} us/window")
 
 
 if __name__ == "__main__":
