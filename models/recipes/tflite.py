@@ -29,7 +29,9 @@ __all__ = [
     "UnsupportedGraphError",
     "export_tflite",
     "litert_card_fields",
+    "median_us",
     "onnx_to_tflite",
+    "probe_growth_mb",
     "quantize_tflite",
 ]
 
@@ -303,7 +305,8 @@ def tflite_scores(model: bytes, rows: F32) -> npt.NDArray[np.float64]:
     return np.asarray(it.get_tensor(it.get_output_details()[0]["index"]), np.float64).reshape(len(rows))
 
 
-def _median_us(call: Callable[[], object], repeats: int = 3000) -> float:
+def median_us(call: Callable[[], object], repeats: int = 3000) -> float:
+    """Median microseconds of ``call`` over ``repeats`` calls after 200 warm-up calls."""
     for _ in range(200):
         call()
     times = np.empty(repeats)
@@ -326,7 +329,7 @@ def tflite_batch1_us(model: bytes, row: F32) -> float:
         it.invoke()
         return it.get_tensor(out)
 
-    return _median_us(call)
+    return median_us(call)
 
 
 _RSS_PROBE = """
@@ -357,16 +360,22 @@ print(base, rss())
 """
 
 
-def runtime_rss_mb(kind: str, path: Path, n_inputs: int) -> float:
-    """MB a fresh Python process (numpy loaded) grows by importing ``kind`` and running ``path`` once."""
+def probe_growth_mb(script: str, *args: str) -> float:
+    """Run a probe ``script`` in a fresh interpreter from the repository; the MB between the two RSS it prints."""
     out = subprocess.run(  # noqa: S603 - our interpreter and our own probe script
-        [sys.executable, "-c", _RSS_PROBE, kind, str(path), str(n_inputs)],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         check=True,
         timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
     ).stdout.split()
     return float(out[1]) - float(out[0])
+
+
+def runtime_rss_mb(kind: str, path: Path, n_inputs: int) -> float:
+    """MB a fresh Python process (numpy loaded) grows by importing ``kind`` and running ``path`` once."""
+    return probe_growth_mb(_RSS_PROBE, kind, str(path), str(n_inputs))
 
 
 def litert_card_fields(
@@ -431,12 +440,11 @@ def litert_card_fields(
 
 
 def litert_report(card: dict[str, Any]) -> str:
-    """The eval report's paragraph on the .tflite variants and the backend the card serves on."""
+    """The eval report's paragraph on the .tflite variants."""
     ev = card["evaluation"]["litert"]
     return (
         f"TFLite (LiteRT) on {ev['check_rows']} evaluation windows: fp32 max |score - ONNX fp32| "
         f"{ev['fp32']['max_abs_diff_vs_onnx_fp32']:.2g}; int8 (LiteRT full-integer) max |score - ONNX fp32| "
         f"{ev['int8']['max_abs_diff_vs_onnx_fp32']:.3g}, decision agreement "
-        f"{ev['int8']['decision_agreement_vs_onnx_fp32']:.4f}. Backend {card['backend']}: "
-        f"{ev['backend_choice'].split(': ', 1)[1]}."
+        f"{ev['int8']['decision_agreement_vs_onnx_fp32']:.4f}."
     )
