@@ -17,7 +17,7 @@ import logging
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -231,19 +231,24 @@ DENSE_ACTIVATIONS = ("identity", "relu", "sigmoid")
 DENSE_TOLERANCE = 1e-5
 
 
-def dense_forward(x: F64, layers: list[tuple[F64, F64, str]]) -> F64:
-    """Scores of ``x`` through dense layers ``(weights (n_in, n_out), bias (n_out,), activation)``."""
+def dense_forward(x: F32 | F64, layers: list[tuple[F64, F64, str]]) -> F64:
+    """Scores of ``x`` through dense layers ``(weights (n_in, n_out), bias (n_out,), activation)``.
+
+    The float64 weights make every product float64, float32 input included, so ``x`` is not
+    copied to float64 first.
+    """
+    y = x
     for w, b, act in layers:
-        x = x @ w
-        x += b
+        y = y @ w
+        y += b
         if act == "relu":
-            np.maximum(x, 0.0, out=x)
+            np.maximum(y, 0.0, out=y)
         elif act == "sigmoid":
-            # tanh form: no overflow warning for large |x|, and exact to float64 rounding
-            np.tanh(x * 0.5, out=x)
-            x += 1.0
-            x *= 0.5
-    return x.reshape(len(x))
+            # tanh form: no overflow warning for large |y|, and exact to float64 rounding
+            np.tanh(y * 0.5, out=y)
+            y += 1.0
+            y *= 0.5
+    return cast("F64", y).reshape(len(y))
 
 
 class DenseBackend:
@@ -304,7 +309,7 @@ class DenseBackend:
 
     def run(self, x: F32) -> F64:
         """Scores of a ``(batch, n_inputs)`` float32 array."""
-        return dense_forward(np.asarray(x, np.float64), self._layers)
+        return dense_forward(x, self._layers)
 
 
 #: Config values of ``backend``: "card" follows the card's measured choice; "tflite" names LiteRT too.
