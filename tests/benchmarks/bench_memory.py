@@ -50,16 +50,22 @@ CASES = {
         '{ name = "vitals_mimic" }, { name = "pump_skab" }',
         ("patient", "pump"),
     ),
-    # The same, against the runtime the cards did not choose (they name LiteRT where installed).
+    # The same, against the runtimes the cards did not choose (they name numpy for both).
     "patient + pump, both models on onnxruntime": (
         '{ name = "vitals_mimic", backend = "onnxruntime" }, { name = "pump_skab", backend = "onnxruntime" }',
+        ("patient", "pump"),
+    ),
+    "patient + pump, both models on LiteRT": (
+        '{ name = "vitals_mimic", backend = "litert" }, { name = "pump_skab", backend = "litert" }',
         ("patient", "pump"),
     ),
 }
 
 # Run only when asked (--case two): both sources without models, to tell the models' share apart.
 EXTRA_CASES = {"patient + pump, no models": ("", ("patient", "pump"))}
-CASE_KEYS = dict(zip(("one", "models", "models-onnx", "two"), [*CASES, *EXTRA_CASES], strict=True))
+CASE_KEYS = dict(
+    zip(("one", "models", "models-onnx", "models-litert", "two"), [*CASES, *EXTRA_CASES], strict=True)
+)
 
 
 @dataclass
