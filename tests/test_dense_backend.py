@@ -106,6 +106,7 @@ def test_malformed_weights_files_are_refused(tmp_path: Path) -> None:
         "activations": {"act": np.array(["swish"])},
         "layer 0": {"w0": np.zeros((3, 1), np.float32)},
         "no reference rows": {"ref_x": np.zeros((4, 2), np.float32)},
+        "not floating point": {"b0": np.array(["1.0"])},
     }
     for message, changes in cases.items():
         path.write_bytes(original)

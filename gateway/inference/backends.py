@@ -286,6 +286,9 @@ class DenseBackend:
                 arrays = {k: npz[k] for k in npz.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # numpy's and zipfile's errors
             raise refuse(f"not a numpy archive ({type(exc).__name__})") from exc
+        odd = sorted(k for k, a in arrays.items() if k != "act" and a.dtype.kind != "f")
+        if odd:
+            raise refuse(f"arrays {odd} are not floating point")
         acts = [str(a) for a in arrays.get("act", np.array([], str)).reshape(-1)]
         if not acts or any(a not in DENSE_ACTIVATIONS for a in acts):
             raise refuse(f"activations {acts}, each must be one of {', '.join(DENSE_ACTIVATIONS)}")
