@@ -143,7 +143,10 @@ def backend_card_fields(
     rows = np.ascontiguousarray(check_rows, np.float32)
     ref = run(session(onnx_fp32), rows.astype(np.float64))
     pick = np.linspace(0, len(rows) - 1, min(REFERENCE_ROWS, len(rows))).round().astype(int)
-    dense: dict[str, Any] = {}
+    dense: dict[str, Any] = {
+        "precisions": "fp32 only: an int8 numpy path would compute in float or re-implement the "
+        "quantizer's rounding; int8 serves on onnxruntime or LiteRT"
+    }
     try:
         npz = export_dense(onnx_fp32, rows[pick], ref[pick])
     except UnsupportedGraphError as exc:

@@ -8,9 +8,9 @@ quantizer (the calibration wrapper the TensorFlow converter uses): int8 weights 
 int32 biases, per-tensor scales calibrated on the recipe's rows, float32 input and output so the
 gateway feeds it the same z-scores as the ONNX model.
 
-:func:`litert_card_fields` is what a recipe calls after writing its ONNX files: it writes both
-``.tflite`` files, checks their scores against the ONNX ones on held-out rows, measures batch-1
-latency and process memory of both runtimes, and picks the card's backend from those figures.
+:func:`litert_card_fields` writes both ``.tflite`` files, checks their scores against the ONNX
+ones on held-out rows and measures batch-1 latency and process memory of both runtimes; the
+card's backend is chosen among all runtimes in :mod:`models.recipes.dense`.
 """
 
 from __future__ import annotations
@@ -386,11 +386,10 @@ def litert_card_fields(
     threshold: float,
     default_precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Write the .tflite variants beside the ONNX files; the card's ``tflite_files``, ``backend``, evaluation.
+    """Write the .tflite variants beside the ONNX files; the card's ``tflite_files`` and their evaluation.
 
     ``check_rows`` are the recipe's evaluation windows (held-out ones where the recipe has them).
-    The backend is LiteRT when it is faster at batch 1 in the default precision and its process
-    grows by no more memory than onnxruntime's.
+    The card's backend is chosen among every runtime by :func:`models.recipes.dense.backend_card_fields`.
     """
     from models.recipes.common import batch1_latency_us, file_entry, run, session  # noqa: PLC0415
 
@@ -421,18 +420,8 @@ def litert_card_fields(
         "litert": runtime_rss_mb("litert", p32 if default_precision == "fp32" else p8, n),
         "onnxruntime": runtime_rss_mb("onnxruntime", onnx_files[default_precision], n),
     }
-    d = ev[default_precision]
-    faster = d["batch1_latency_us"] < d["onnxruntime_batch1_latency_us"]
-    leaner = ev["process_growth_mb"]["litert"] <= ev["process_growth_mb"]["onnxruntime"]
-    backend = "litert" if faster and leaner else "onnxruntime"
-    ev["backend_choice"] = (
-        f"{backend}: {default_precision} batch 1 LiteRT {d['batch1_latency_us']:.2f} us vs onnxruntime "
-        f"{d['onnxruntime_batch1_latency_us']:.2f} us; process growth LiteRT "
-        f"{ev['process_growth_mb']['litert']:.1f} MB vs onnxruntime {ev['process_growth_mb']['onnxruntime']:.1f} MB"
-    )
     return {
         "tflite_files": {"fp32": file_entry(p32), "int8": file_entry(p8)},
-        "backend": backend,
         "litert": ev,
         "quantization": "LiteRT post-training full-integer quantization (calibration wrapper), per-tensor "
         "int8 weights and activations, int32 bias, float32 input/output",
