@@ -115,6 +115,8 @@ class RuntimeSection(ConfigModel):
     # Both stay inside the systemd unit's TimeoutStopSec=30s and default TimeoutStartSec=90s.
     drain_deadline_s: float = Field(15.0, gt=0, le=25)  # SIGTERM -> exit within this
     start_timeout_s: float = Field(30.0, gt=0, le=60)  # READY at the latest after this
+    # Free heap pages go back to the system a minute after READY and then this often (0: never).
+    memory_trim_s: float = Field(600.0, ge=0, le=86_400)
 
 
 class CoreConfig(ConfigModel):

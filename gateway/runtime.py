@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -48,6 +49,7 @@ from gateway.inference.rhythm import RhythmMonitor
 from gateway.inference.streams import build_stream_change
 from gateway.legend import FILE_NAME as LEGEND_FILE
 from gateway.legend import Legend
+from gateway.memory import trim_after_ready
 from gateway.notify import Notifier
 from gateway.observe.config import StatusSection, socket_path
 from gateway.observe.control import ControlServer
@@ -795,6 +797,13 @@ async def _supervise(
         else None
     )
 
+    trimmer = asyncio.create_task(
+        trim_after_ready(
+            functools.partial(sup.wait_ready, core.runtime.start_timeout_s), core.runtime.memory_trim_s
+        ),
+        name="runtime:memory-trim",
+    )
+
     async def drain(deadline: float) -> None:
         await pipeline.step()
         pipeline.save_estimators()
@@ -812,6 +821,7 @@ async def _supervise(
             opened.close()
         if stop_timer is not None:
             stop_timer.cancel()
+        trimmer.cancel()
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gateway.errors import CorruptDataError
+from gateway.pipeline import features
 from gateway.pipeline.features import (
     basic_features,
     basic_features_batch,
+    basic_features_streams,
     hrv_features,
     missing_fraction,
 )
@@ -179,3 +181,16 @@ def test_batch_equals_one_by_one(windows: list[list[tuple[float, float]]]) -> No
 def test_batch_rejects_bad_shapes() -> None:
     with pytest.raises(CorruptDataError):
         basic_features_batch(np.zeros((2, 3)), np.zeros((2, 3)), [1, 2, 3])
+
+
+def test_windows_of_jittering_counts_keep_a_bounded_number_of_layouts() -> None:
+    # Live streams' windows differ by a sample or two: each count tuple is a new layout, and the
+    # cache of them must stay bounded (it held up to 256 window-sized arrays).
+    rng = np.random.default_rng(4)
+    features._layout.cache_clear()
+    for k in range(200):
+        counts = rng.integers(1190, 1210, 8)
+        ts = [np.arange(n, dtype=np.float64) for n in counts]
+        got = basic_features_streams(ts, [t * 0.5 + k for t in ts])
+        assert got[0]["mean"] == pytest.approx((counts[0] - 1) * 0.25 + k)
+    assert features._layout.cache_info().currsize <= features.LAYOUTS_KEPT

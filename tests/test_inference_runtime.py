@@ -264,7 +264,9 @@ def nan_model(tmp: Path) -> Path:
         "sha256": file_sha256(d / "nan.onnx"),
         "bytes": (d / "nan.onnx").stat().st_size,
     }
-    raw.update(name="nan_model", files={"fp32": entry}, tflite_files={}, default_precision="fp32")
+    raw.update(
+        name="nan_model", files={"fp32": entry}, tflite_files={}, dense_files={}, default_precision="fp32"
+    )
     (d / f"nan_model{CARD_SUFFIX}").write_text(json.dumps(raw))
     _ = onnx
     return d

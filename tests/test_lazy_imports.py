@@ -179,5 +179,9 @@ def test_with_a_model_the_runner_and_its_runtime_load(
     modules = imported_by_a_run(_config(tmp_path, pki, broker, '{ name = "vitals_mimic" }'))
     assert "gateway.inference.runner" in modules
     assert "gateway.inference.shadow" in modules
-    assert _loaded(modules, "onnxruntime") or _loaded(modules, "ai_edge_litert")
+    # The runtime the card chose serves (numpy: no runtime library at all), no other is loaded.
+    chosen = json.loads((ROOT / "models" / "vitals_mimic.card.json").read_text())["backend"]
+    runtimes = {"onnxruntime": "onnxruntime", "litert": "ai_edge_litert"}
+    for backend, module in runtimes.items():
+        assert bool(_loaded(modules, module)) == (backend == chosen), (backend, chosen)
     assert not _loaded(modules, "drivers.opcua")

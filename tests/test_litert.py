@@ -8,40 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from model_support import MODELS, NEURAL, card_of, copy_model
 
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.inference.backends import LiteRtBackend, litert_interpreter_class, open_backend
-from gateway.inference.build import ModelsSection, ModelUse, build_models, default_models_dir
-from gateway.inference.card import CARD_SUFFIX, ModelCard, file_sha256, load_card
+from gateway.inference.build import ModelsSection, ModelUse, build_models
+from gateway.inference.card import CARD_SUFFIX, file_sha256, load_card
 from gateway.pipeline.features import basic_features_finite
 from gateway.sample import MDC, Stream
 
-MODELS = default_models_dir()
-NEURAL = ("pump_skab", "vitals_mimic")
 needs_litert = pytest.mark.skipif(
     litert_interpreter_class() is None, reason="ai-edge-litert has no wheel for this platform"
 )
-
-
-def card_of(name: str) -> ModelCard:
-    return load_card(MODELS / f"{name}{CARD_SUFFIX}")
-
-
-def copy_model(tmp: Path, name: str) -> Path:
-    """The card and every file of one model in a folder of its own."""
-    card = card_of(name)
-    shutil.copy(MODELS / f"{name}{CARD_SUFFIX}", tmp)
-    for f in (*card.files.values(), *card.tflite_files.values()):
-        shutil.copy(MODELS / f.path, tmp)
-    return tmp
 
 
 def z_rows(n: int, width: int, seed: int) -> npt.NDArray[np.float32]:
@@ -69,7 +54,8 @@ def test_every_neural_card_ships_tflite_files_and_names_a_measured_backend() -> 
             assert spec.path.endswith(".tflite")
             assert file_sha256(MODELS / spec.path) == spec.sha256
         lite = card.evaluation["litert"]
-        assert lite["backend_choice"].startswith(card.backend)
+        assert card.evaluation["backends"]["choice"].startswith(f"{card.backend}: ")
+        assert set(card.evaluation["backends"]["measured"]) >= {"litert", "onnxruntime"}
         assert lite["fp32"]["max_abs_diff_vs_onnx_fp32"] < 1e-5
 
 

@@ -1,18 +1,23 @@
-"""Inference backends: onnxruntime on the CPU (one thread by default) and LiteRT where it installs.
+"""Inference backends: onnxruntime on the CPU (one thread by default), LiteRT where it installs, numpy.
 
 A backend is opened from verified bytes (see :func:`gateway.inference.card.read_verified`) and
 checked against the card: a graph whose input or output does not have the card's name and width
 is refused before it scores anything.  ``run`` takes a float32 ``(batch, n_inputs)`` array and
 returns a float64 ``(batch,)`` array of scores; it is called from one worker thread at a time.
+The numpy backend serves graphs of dense layers only (their weights exported by the recipe) with
+no runtime beyond numpy, which the gateway imports anyway: for the shipped models a runtime's
+resident libraries cost more memory than everything else the models need.
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import sys
+import zipfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +25,18 @@ import numpy.typing as npt
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.inference.card import ModelCard, read_verified
 
-__all__ = ["BACKENDS", "Backend", "LiteRtBackend", "OnnxBackend", "litert_interpreter_class", "open_backend"]
+__all__ = [
+    "BACKENDS",
+    "DENSE_ACTIVATIONS",
+    "DENSE_TOLERANCE",
+    "Backend",
+    "DenseBackend",
+    "LiteRtBackend",
+    "OnnxBackend",
+    "dense_forward",
+    "litert_interpreter_class",
+    "open_backend",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +47,7 @@ F64 = npt.NDArray[np.float64]
 class Backend(Protocol):
     """Runs one model on a batch of input vectors."""
 
-    name: str  # "onnxruntime" or "litert"
+    name: str  # "onnxruntime", "litert" or "numpy"
     precision: str
 
     def run(self, x: F32) -> F64:
@@ -209,19 +225,110 @@ class LiteRtBackend:
         return np.asarray(interp.get_tensor(out), np.float64).reshape(n)
 
 
+#: Activations a dense layer of the numpy backend may end with ("identity": none).
+DENSE_ACTIVATIONS = ("identity", "relu", "sigmoid")
+#: Largest |score - recorded onnxruntime score| the numpy backend accepts on the reference rows.
+DENSE_TOLERANCE = 1e-5
+
+
+def dense_forward(x: F32 | F64, layers: list[tuple[F64, F64, str]]) -> F64:
+    """Scores of ``x`` through dense layers ``(weights (n_in, n_out), bias (n_out,), activation)``.
+
+    The float64 weights make every product float64, float32 input included, so ``x`` is not
+    copied to float64 first.
+    """
+    y = x
+    for w, b, act in layers:
+        y = y @ w
+        y += b
+        if act == "relu":
+            np.maximum(y, 0.0, out=y)
+        elif act == "sigmoid":
+            # tanh form: no overflow warning for large |y|, and exact to float64 rounding
+            np.tanh(y * 0.5, out=y)
+            y += 1.0
+            y *= 0.5
+    return cast("F64", y).reshape(len(y))
+
+
+class DenseBackend:
+    """A graph of dense layers in numpy (float64 arithmetic on the float32 weights), fp32 only.
+
+    The weights file (``.dense.npz``, written by the recipe from the ONNX graph) carries
+    ``w<i>``, ``b<i>``, ``act`` (one activation per layer) and reference rows ``ref_x`` with
+    onnxruntime's scores ``ref_y``; a file whose layers do not chain, do not match the card or
+    do not reproduce the recorded scores within :data:`DENSE_TOLERANCE` is refused at load.
+    """
+
+    name = "numpy"
+
+    def __init__(self, card: ModelCard, data: bytes, precision: str) -> None:
+        self.precision = precision
+        self._layers, ref_x, ref_y = self._parse(card, data)
+        got = self.run(ref_x)
+        worst = float(np.max(np.abs(got - ref_y))) if len(ref_y) else float("inf")
+        if not worst <= DENSE_TOLERANCE:
+            raise CorruptDataError(
+                f"models {card.name} ({precision}): numpy weights do not reproduce the recorded "
+                f"onnxruntime scores on {len(ref_y)} reference rows (max |diff| {worst:.3g}, allowed "
+                f'{DENSE_TOLERANCE:g}): re-run the model\'s recipe, or set backend = "onnxruntime"'
+            )
+
+    def _parse(self, card: ModelCard, data: bytes) -> tuple[list[tuple[F64, F64, str]], F32, F64]:
+        def refuse(problem: str) -> CorruptDataError:
+            return CorruptDataError(
+                f"models {card.name} ({self.precision}): numpy weights file: {problem}: "
+                "re-run the model's recipe to write it"
+            )
+
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # numpy's and zipfile's errors
+            raise refuse(f"not a numpy archive ({type(exc).__name__})") from exc
+        odd = sorted(k for k, a in arrays.items() if k != "act" and a.dtype.kind != "f")
+        if odd:
+            raise refuse(f"arrays {odd} are not floating point")
+        acts = [str(a) for a in arrays.get("act", np.array([], str)).reshape(-1)]
+        if not acts or any(a not in DENSE_ACTIVATIONS for a in acts):
+            raise refuse(f"activations {acts}, each must be one of {', '.join(DENSE_ACTIVATIONS)}")
+        layers: list[tuple[F64, F64, str]] = []
+        width = card.n_inputs
+        for i, act in enumerate(acts):
+            w, b = arrays.get(f"w{i}"), arrays.get(f"b{i}")
+            if w is None or b is None or w.ndim != 2 or b.shape != (w.shape[1],) or w.shape[0] != width:
+                shapes = "missing" if w is None or b is None else f"{w.shape} and {b.shape}"
+                raise refuse(f"layer {i}: weights and bias {shapes}, need ({width}, n) and (n,)")
+            layers.append((w.astype(np.float64), b.astype(np.float64), act))
+            width = w.shape[1]
+        if width != 1:
+            raise refuse(f"the last layer has {width} outputs, the card needs one score")
+        ref_x, ref_y = arrays.get("ref_x"), arrays.get("ref_y")
+        if ref_x is None or ref_y is None or ref_x.ndim != 2 or ref_x.shape[1] != card.n_inputs:
+            raise refuse(f"no reference rows of width {card.n_inputs} (ref_x, ref_y)")
+        if len(ref_x) != len(ref_y) or len(ref_y) == 0:
+            raise refuse(f"{len(ref_x)} reference rows and {len(ref_y)} reference scores")
+        return layers, ref_x.astype(np.float32), ref_y.astype(np.float64).reshape(-1)
+
+    def run(self, x: F32) -> F64:
+        """Scores of a ``(batch, n_inputs)`` float32 array."""
+        return dense_forward(x, self._layers)
+
+
 #: Config values of ``backend``: "card" follows the card's measured choice; "tflite" names LiteRT too.
-BACKENDS = ("card", "onnxruntime", "litert", "tflite")
+BACKENDS = ("card", "onnxruntime", "litert", "tflite", "numpy")
 
 
 def open_backend(
     card: ModelCard, card_dir: Path, *, precision: str | None = None, backend: str = "card"
 ) -> Backend:
-    """Open the card's model on ``backend`` ("card", "onnxruntime", "litert" or its alias "tflite").
+    """Open the card's model on ``backend`` ("card", "onnxruntime", "litert" or "tflite", "numpy").
 
-    "card" uses the runtime the card's recipe measured as faster and leaner; when that is LiteRT
-    and its wheel does not import here (or the card ships no .tflite in this precision), the ONNX
-    model serves and an INFO line says why.  Asked for by the config, LiteRT is refused at load
-    with a ConfigError instead, and a broken .tflite file always is (CorruptDataError).
+    "card" uses the runtime the card's recipe chose from measured time and memory; when that is
+    LiteRT and its wheel does not import here, or the card ships no file for that runtime in this
+    precision, the ONNX model serves and an INFO line says why.  Asked for by the config, such a
+    backend is refused at load with a ConfigError instead, and a broken file always is
+    (CorruptDataError).
     """
     prec = precision or card.default_precision
     if backend not in BACKENDS:
@@ -229,21 +336,28 @@ def open_backend(
             f"models {card.name}: backend {backend!r}: unknown: use one of {', '.join(BACKENDS)}"
         )
     want = card.backend if backend == "card" else "litert" if backend == "tflite" else backend
-    if want == "litert":
+    why = remedy = ""
+    if want == "numpy":
+        if prec in card.dense_files:
+            return DenseBackend(card, read_verified(card, card_dir, prec, kind="numpy"), prec)
+        why = f"the card ships no {prec} numpy weights (it has {sorted(card.dense_files) or 'none'})"
+        remedy = "re-run the model's recipe to write them, or pick a precision it lists"
+    elif want == "litert":
         cls = litert_interpreter_class()
-        why = remedy = ""
         if cls is None:
             why = "neither ai-edge-litert nor tflite-runtime imports on this platform"
             remedy = "pip install 'edgetwin[litert]' where its wheel exists"
         elif prec not in card.tflite_files:
             why = f"the card ships no {prec} .tflite file (it has {sorted(card.tflite_files) or 'none'})"
             remedy = "re-run the model's recipe to write them"
-        if not why:
-            return LiteRtBackend(card, read_verified(card, card_dir, prec, tflite=True), prec, cls)
+        else:
+            return LiteRtBackend(card, read_verified(card, card_dir, prec, kind="litert"), prec, cls)
+    if why:
         if backend != "card":
             raise ConfigError(
                 f"models {card.name}: backend {backend!r}: {why}: {remedy}, or set [models] backend = "
                 '"onnxruntime"'
             )
-        log.info("models %s: the card prefers LiteRT but %s; the ONNX model serves", card.name, why)
+        shown = {"litert": "LiteRT"}.get(want, want)
+        log.info("models %s: the card prefers %s but %s; the ONNX model serves", card.name, shown, why)
     return OnnxBackend(card, read_verified(card, card_dir, prec), prec)

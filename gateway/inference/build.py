@@ -51,7 +51,9 @@ class ModelUse(_Section):
     commissioning_s: float | None = Field(None, gt=0, le=86_400)  # per-machine calibration span
     subjects: list[str] = Field(default_factory=list)  # empty: every subject of the card's kind
     latency_budget_us: float | None = Field(None, gt=0)
-    backend: Literal["card", "onnxruntime", "litert", "tflite"] | None = None  # default: [models] backend
+    backend: Literal["card", "onnxruntime", "litert", "tflite", "numpy"] | None = (
+        None  # default: [models] backend
+    )
     # Card input metric -> the stream that carries it, where the names differ (e.g. a PLC's tags):
     # inputs = { RateRMS = "Pump1/Hydraulics/Flow" } (a whole metric name or its last segments).
     inputs: dict[str, str] = Field(default_factory=dict)
@@ -79,9 +81,9 @@ class ModelsSection(_Section):
     """The ``[models]`` section."""
 
     dir: Annotated[Path, Field(strict=False)] | None = None  # TOML has no path type: a string
-    # "card": the runtime each card's recipe measured as faster and leaner (onnxruntime when
-    # LiteRT is not installed); "onnxruntime" or "litert" (alias "tflite") for every model.
-    backend: Literal["card", "onnxruntime", "litert", "tflite"] = "card"
+    # "card": the runtime each card's recipe chose by measured time and memory (onnxruntime when
+    # that one cannot serve here); "onnxruntime", "litert" (alias "tflite") or "numpy" for every model.
+    backend: Literal["card", "onnxruntime", "litert", "tflite", "numpy"] = "card"
     # Ectopic-beat detection on RR-interval streams (a physiology rule, no model file needed).
     ectopy: bool = True
     # Scored normal windows in a row that end an anomaly episode (hysteresis); an indeterminate

@@ -112,9 +112,12 @@ class ModelCard(_Strict):
     default_precision: Literal["fp32", "int8"]
     # The same model as .tflite for the LiteRT backend, where a converter was available.
     tflite_files: dict[Literal["fp32", "int8"], ModelFile] = Field(default_factory=dict)
+    # The dense layers' weights and reference scores (.dense.npz) for the numpy backend, written
+    # where the graph is dense layers only; fp32 only (numpy has no honest int8 path here).
+    dense_files: dict[Literal["fp32"], ModelFile] = Field(default_factory=dict)
     # The runtime that serves the model unless the config says otherwise, chosen by the recipe from
-    # measured batch-1 latency and process memory (evaluation.litert.backend_choice).
-    backend: Literal["onnxruntime", "litert"] = "onnxruntime"
+    # measured batch-1 latency and process memory (evaluation.backends.choice).
+    backend: Literal["onnxruntime", "litert", "numpy"] = "onnxruntime"
     fallback: FallbackSpec = FallbackSpec()
     health: HealthSpec = HealthSpec()
     training: dict[str, Any] = Field(default_factory=dict)
@@ -192,14 +195,23 @@ def load_card(path: Path) -> ModelCard:
     return card
 
 
-def read_verified(card: ModelCard, card_dir: Path, precision: str, *, tflite: bool = False) -> bytes:
-    """The bytes of the card's model file in ``precision``, refused unless its sha256 matches."""
-    files = card.tflite_files if tflite else card.files
+def read_verified(
+    card: ModelCard, card_dir: Path, precision: str, *, kind: Literal["onnx", "litert", "numpy"] = "onnx"
+) -> bytes:
+    """The bytes of the card's ``kind`` of model file in ``precision``, refused unless its sha256 matches."""
+    files: dict[Any, ModelFile]
+    if kind == "litert":
+        files = dict(card.tflite_files)
+    elif kind == "numpy":
+        files = dict(card.dense_files)
+    else:
+        files = dict(card.files)
     spec = next((f for key, f in files.items() if key == precision), None)
     if spec is None:
+        what = {"onnx": "", "litert": " as .tflite", "numpy": " as numpy weights"}[kind]
         raise ConfigError(
-            f"models {card.name}: precision {precision!r}: the card lists only {sorted(files)}"
-            f"{' as .tflite' if tflite else ''}: pick one of those"
+            f"models {card.name}: precision {precision!r}: the card lists only {sorted(files)}{what}: "
+            "pick one of those"
         )
     path = card_dir / spec.path
     try:

@@ -377,9 +377,9 @@ class AnomalyModel:
         """
         spec = card.normalisation
         need = self._need if spec.kind == "commissioning" and not self._fixed else spec.windows
-        # A bundle carries the ONNX file only (its card may still list .tflite files and prefer
-        # LiteRT): every version opened here - on trial, promoted, restored after a restart - runs
-        # on onnxruntime, or a card from a recipe would fail to load where LiteRT is installed.
+        # A bundle carries the ONNX file only (its card may still list .tflite or .dense.npz files
+        # and prefer LiteRT or numpy): every version opened here - on trial, promoted, restored
+        # after a restart - runs on onnxruntime, or a card from a recipe would fail to load.
         model = AnomalyModel(
             card,
             card_dir,

@@ -8,9 +8,9 @@ quantizer (the calibration wrapper the TensorFlow converter uses): int8 weights 
 int32 biases, per-tensor scales calibrated on the recipe's rows, float32 input and output so the
 gateway feeds it the same z-scores as the ONNX model.
 
-:func:`litert_card_fields` is what a recipe calls after writing its ONNX files: it writes both
-``.tflite`` files, checks their scores against the ONNX ones on held-out rows, measures batch-1
-latency and process memory of both runtimes, and picks the card's backend from those figures.
+:func:`litert_card_fields` writes both ``.tflite`` files, checks their scores against the ONNX
+ones on held-out rows and measures batch-1 latency and process memory of both runtimes; the
+card's backend is chosen among all runtimes in :mod:`models.recipes.dense`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ __all__ = [
     "UnsupportedGraphError",
     "export_tflite",
     "litert_card_fields",
+    "median_us",
     "onnx_to_tflite",
+    "probe_growth_mb",
     "quantize_tflite",
 ]
 
@@ -303,7 +305,8 @@ def tflite_scores(model: bytes, rows: F32) -> npt.NDArray[np.float64]:
     return np.asarray(it.get_tensor(it.get_output_details()[0]["index"]), np.float64).reshape(len(rows))
 
 
-def _median_us(call: Callable[[], object], repeats: int = 3000) -> float:
+def median_us(call: Callable[[], object], repeats: int = 3000) -> float:
+    """Median microseconds of ``call`` over ``repeats`` calls after 200 warm-up calls."""
     for _ in range(200):
         call()
     times = np.empty(repeats)
@@ -326,7 +329,7 @@ def tflite_batch1_us(model: bytes, row: F32) -> float:
         it.invoke()
         return it.get_tensor(out)
 
-    return _median_us(call)
+    return median_us(call)
 
 
 _RSS_PROBE = """
@@ -357,16 +360,22 @@ print(base, rss())
 """
 
 
-def runtime_rss_mb(kind: str, path: Path, n_inputs: int) -> float:
-    """MB a fresh Python process (numpy loaded) grows by importing ``kind`` and running ``path`` once."""
+def probe_growth_mb(script: str, *args: str) -> float:
+    """Run a probe ``script`` in a fresh interpreter from the repository; the MB between the two RSS it prints."""
     out = subprocess.run(  # noqa: S603 - our interpreter and our own probe script
-        [sys.executable, "-c", _RSS_PROBE, kind, str(path), str(n_inputs)],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         check=True,
         timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
     ).stdout.split()
     return float(out[1]) - float(out[0])
+
+
+def runtime_rss_mb(kind: str, path: Path, n_inputs: int) -> float:
+    """MB a fresh Python process (numpy loaded) grows by importing ``kind`` and running ``path`` once."""
+    return probe_growth_mb(_RSS_PROBE, kind, str(path), str(n_inputs))
 
 
 def litert_card_fields(
@@ -377,11 +386,10 @@ def litert_card_fields(
     threshold: float,
     default_precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Write the .tflite variants beside the ONNX files; the card's ``tflite_files``, ``backend``, evaluation.
+    """Write the .tflite variants beside the ONNX files; the card's ``tflite_files`` and their evaluation.
 
     ``check_rows`` are the recipe's evaluation windows (held-out ones where the recipe has them).
-    The backend is LiteRT when it is faster at batch 1 in the default precision and its process
-    grows by no more memory than onnxruntime's.
+    The card's backend is chosen among every runtime by :func:`models.recipes.dense.backend_card_fields`.
     """
     from models.recipes.common import batch1_latency_us, file_entry, run, session  # noqa: PLC0415
 
@@ -412,18 +420,8 @@ def litert_card_fields(
         "litert": runtime_rss_mb("litert", p32 if default_precision == "fp32" else p8, n),
         "onnxruntime": runtime_rss_mb("onnxruntime", onnx_files[default_precision], n),
     }
-    d = ev[default_precision]
-    faster = d["batch1_latency_us"] < d["onnxruntime_batch1_latency_us"]
-    leaner = ev["process_growth_mb"]["litert"] <= ev["process_growth_mb"]["onnxruntime"]
-    backend = "litert" if faster and leaner else "onnxruntime"
-    ev["backend_choice"] = (
-        f"{backend}: {default_precision} batch 1 LiteRT {d['batch1_latency_us']:.2f} us vs onnxruntime "
-        f"{d['onnxruntime_batch1_latency_us']:.2f} us; process growth LiteRT "
-        f"{ev['process_growth_mb']['litert']:.1f} MB vs onnxruntime {ev['process_growth_mb']['onnxruntime']:.1f} MB"
-    )
     return {
         "tflite_files": {"fp32": file_entry(p32), "int8": file_entry(p8)},
-        "backend": backend,
         "litert": ev,
         "quantization": "LiteRT post-training full-integer quantization (calibration wrapper), per-tensor "
         "int8 weights and activations, int32 bias, float32 input/output",
@@ -431,12 +429,11 @@ def litert_card_fields(
 
 
 def litert_report(card: dict[str, Any]) -> str:
-    """The eval report's paragraph on the .tflite variants and the backend the card serves on."""
+    """The eval report's paragraph on the .tflite variants."""
     ev = card["evaluation"]["litert"]
     return (
         f"TFLite (LiteRT) on {ev['check_rows']} evaluation windows: fp32 max |score - ONNX fp32| "
         f"{ev['fp32']['max_abs_diff_vs_onnx_fp32']:.2g}; int8 (LiteRT full-integer) max |score - ONNX fp32| "
         f"{ev['int8']['max_abs_diff_vs_onnx_fp32']:.3g}, decision agreement "
-        f"{ev['int8']['decision_agreement_vs_onnx_fp32']:.4f}. Backend {card['backend']}: "
-        f"{ev['backend_choice'].split(': ', 1)[1]}."
+        f"{ev['int8']['decision_agreement_vs_onnx_fp32']:.4f}."
     )

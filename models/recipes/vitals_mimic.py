@@ -71,7 +71,8 @@ from models.recipes.common import (
     session,
     write_card,
 )
-from models.recipes.tflite import litert_card_fields, litert_report
+from models.recipes.dense import backend_card_fields, backends_report
+from models.recipes.tflite import litert_report
 
 log = logging.getLogger(__name__)
 
@@ -731,8 +732,6 @@ def main(argv: list[str] | None = None) -> int:
     ev["model_batch1_latency_us"] = latency_figures(s32, s8, calib[0])
     ev["bytes"] = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
     held_out = np.vstack([norm.z(sc)[0] for sc in tests])
-    lite = litert_card_fields(fp32, int8, calib, held_out, thr)
-    ev["litert"] = lite["litert"]
     loko: dict[str, Any] = {}
     for c, kind in enumerate(KINDS):
         n_c, l_c, t_c, _ = fit(halves, drop_kind=c)
@@ -751,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         log.info("leave out %s: %s", kind, rounded(loko[kind]))
     ev["leave_one_kind_out"] = loko
-    card = {
+    card: dict[str, Any] = {
         "name": NAME,
         "version": VERSION,
         "task": "adult vital-signs anomaly (desaturation, brady/tachycardia, fever) from window features",
@@ -773,8 +772,9 @@ def main(argv: list[str] | None = None) -> int:
         "shifted training baselines), no per-patient commissioning",
         "files": {"fp32": file_entry(fp32), "int8": file_entry(int8)},
         "default_precision": "fp32",
-        "tflite_files": lite["tflite_files"],
-        "backend": lite["backend"],
+        "tflite_files": {},
+        "dense_files": {},
+        "backend": "onnxruntime",
         "fallback": {"z": 8.0},
         "health": {
             "latency_budget_us": 1000.0,
@@ -796,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": f"MLP {len(INPUTS)}-{HIDDEN}-1 (ReLU, sigmoid), class- and kind-balanced cross-entropy, "
             f"L2 {L2}, {STEPS} full-batch Adam steps",
             "quantization": "onnxruntime.quantization static QDQ, per-tensor, MinMax, uint8 act / int8 weights",
-            "quantization_tflite": lite["quantization"],
+            "quantization_tflite": "",
         },
         "evaluation": ev,
     }
@@ -804,6 +804,11 @@ def main(argv: list[str] | None = None) -> int:
     ev["simulator_30s_windows"] = sim_check(args.out, "fp32", thr)
     log.info("simulator: %s", rounded(ev["simulator_30s_windows"]))
     ev["recipe_seconds"] = time.perf_counter() - t_start
+    served = backend_card_fields(fp32, int8, calib, held_out, card)
+    for key in ("tflite_files", "dense_files", "backend"):
+        card[key] = served[key]
+    ev["litert"], ev["backends"] = served["litert"], served["backends"]
+    card["training"]["quantization_tflite"] = served["quantization"]
     card = rounded(card, 6)
     write_card(card, args.out)
     (args.out / f"{NAME}.eval.md").write_text(report(card), encoding="utf-8")
@@ -879,7 +884,7 @@ def report(card: dict[str, Any]) -> str:
         "",
         f"Simulator ({sim['protocol']}): recall {simk}; {sim['false_alarms_per_h']:.2f} false alarms/h.",
         "",
-        litert_report(card),
+        litert_report(card) + " " + backends_report(card),
         "",
         (
             f"Shipped: trained on s00001 minutes 0-1199 only (the evaluated model), window "

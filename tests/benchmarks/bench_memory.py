@@ -18,6 +18,7 @@ Baseline in the same run: a Python process that imports only the libraries every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,16 +50,22 @@ CASES = {
         '{ name = "vitals_mimic" }, { name = "pump_skab" }',
         ("patient", "pump"),
     ),
-    # The same, against the runtime the cards did not choose (they name LiteRT where installed).
+    # The same, against the runtimes the cards did not choose (they name numpy for both).
     "patient + pump, both models on onnxruntime": (
         '{ name = "vitals_mimic", backend = "onnxruntime" }, { name = "pump_skab", backend = "onnxruntime" }',
+        ("patient", "pump"),
+    ),
+    "patient + pump, both models on LiteRT": (
+        '{ name = "vitals_mimic", backend = "litert" }, { name = "pump_skab", backend = "litert" }',
         ("patient", "pump"),
     ),
 }
 
 # Run only when asked (--case two): both sources without models, to tell the models' share apart.
 EXTRA_CASES = {"patient + pump, no models": ("", ("patient", "pump"))}
-CASE_KEYS = dict(zip(("one", "models", "models-onnx", "two"), [*CASES, *EXTRA_CASES], strict=True))
+CASE_KEYS = dict(
+    zip(("one", "models", "models-onnx", "models-litert", "two"), [*CASES, *EXTRA_CASES], strict=True)
+)
 
 
 @dataclass
@@ -70,6 +77,8 @@ class Trace:
     threads: list[int]
     fds: list[int]
     peak_mb: float = 0.0
+    by_file: list[tuple[str, float]] = field(default_factory=list)
+    thread_names: list[str] = field(default_factory=list)
 
     def slope_mb_per_h(self) -> float:
         """Least-squares RSS slope over the second half of the run."""
@@ -129,6 +138,44 @@ def smaps(pid: int) -> dict[str, float]:
     return {k: v / 1024 for k, v in out.items()}
 
 
+def smaps_by_file(pid: int) -> list[tuple[str, float]]:
+    """Resident MB of ``pid`` per mapped file, and per kind of anonymous memory, largest first."""
+    per: dict[str, int] = {}
+    name = ""
+    with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                name = head[5].strip() if len(head) > 5 else "[anon]"
+                if "/site-packages/" in name:  # the library, not each of its files
+                    name = name.split("/site-packages/", 1)[1].split("/", 1)[0].split(".libs")[0]
+                elif name.startswith("/"):
+                    name = Path(name).name
+            elif head[0] == "Rss:":
+                per[name] = per.get(name, 0) + int(head[1])
+    return sorted(((k, v / 1024) for k, v in per.items()), key=lambda kv: -kv[1])
+
+
+def thread_names(pid: int) -> list[str]:
+    """The names of ``pid``'s threads (``/proc/<pid>/task/*/comm``)."""
+    names = []
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+        with contextlib.suppress(OSError):
+            names.append((task / "comm").read_text().strip())
+    return names
+
+
+def unit_environment(unit: Path = ROOT / "systemd" / "edgetwin.service") -> dict[str, str]:
+    """The ``Environment=`` settings of the systemd unit, so a benchmark runs the gateway as it runs."""
+    env = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            for item in line.removeprefix("Environment=").split():
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
 def _cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -158,7 +205,10 @@ def watch(
     every: float = 5.0,
     log: tuple[CsvLog, str] | None = None,
 ) -> Trace:
-    """Sample RSS, threads and open files of ``proc`` until ``seconds`` pass or it ends."""
+    """Sample RSS, threads and open files of ``proc`` until ``seconds`` pass or it ends.
+
+    The trace keeps the last sample's memory per mapped file and the thread names.
+    """
     trace = Trace([], [], [], [])
     start = time.monotonic()
     while time.monotonic() - start < seconds and proc.poll() is None:
@@ -171,6 +221,8 @@ def watch(
         trace.threads.append(int(st["Threads"]))
         trace.fds.append(len(os.listdir(f"/proc/{proc.pid}/fd")))
         trace.peak_mb = int(st["VmHWM"].split()[0]) / 1024
+        with contextlib.suppress(OSError):
+            trace.by_file, trace.thread_names = smaps_by_file(proc.pid), thread_names(proc.pid)
         if log is not None:
             row = {"t_s": trace.t[-1], **smaps(proc.pid), "cpu_s": _cpu_s(proc.pid)}
             row.update(threads=trace.threads[-1], fds=trace.fds[-1], load1=os.getloadavg()[0])
@@ -221,7 +273,7 @@ def run_gateway(
             [str(EDGETWIN), "run", "--config", str(cfg)],
             stdout=subprocess.DEVNULL,
             stderr=err,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **unit_environment(), **(env or {})},
         )
         try:
             trace = watch(proc, seconds, every, csv_log)

@@ -1,10 +1,12 @@
 """Per-window model cost (feature extraction + pre/post-processing + model), idle and under load.
 
-Run: ``.venv/bin/python tests/benchmarks/bench_models.py [--windows 3000] [--load N] [--only-windows]``.
+Run: ``.venv/bin/python tests/benchmarks/bench_models.py [--windows 3000] [--load N] [--only-windows]``,
+or ``--compare pump_skab --backends numpy,litert`` for one model's fp32 per-window cost on several
+backends in alternating rounds over the same windows (idle, then under the load generator).
 
 The benchmark pins itself to one CPU and measures every window at batch 1, as the pipeline scores
-a subject's window when it closes, for each shipped neural model on each backend (onnxruntime,
-LiteRT) and precision: its own thread's CPU time (what the runtime's latency budget judges, so a
+a subject's window when it closes, for each shipped neural model on each backend (numpy fp32,
+onnxruntime, LiteRT) and precision: its own thread's CPU time (what the runtime's latency budget judges, so a
 busy machine does not demote a model) and wall time.  First on an idle machine, then while a load
 generator it starts itself runs ``N`` busy processes (default: one per CPU, so one of them shares
 the benchmark's core), stopped by PID afterwards; the ratio loaded/idle is printed per case.  Then
@@ -148,7 +150,8 @@ class Case:
 
 
 class Paths:
-    """Both feature paths of a case in alternating rounds, and what else happened in each window.
+    """Several paths (a case, one-pass or per-stream features) in alternating rounds, and what else
+    happened in each window.
 
     Per window: whether a collection ran, whether the thread was switched out (the scheduler gave
     the core to other work: caches come back cold, and that costs CPU time too) and whether it
@@ -157,14 +160,14 @@ class Paths:
 
     ROUNDS = 6
 
-    def __init__(self, case: Case, windows: int) -> None:
+    def __init__(self, paths: dict[str, tuple[Case, bool]], windows: int) -> None:
         per = max(1, windows // self.ROUNDS)
         n = per * self.ROUNDS
         # Preallocated: per-window Python objects kept here would fill fresh memory pages that the
         # next window's own allocations then fault in, and the benchmark would measure itself.
-        self.cpu = {k: np.zeros(n) for k in (False, True)}
-        self.wall = {k: np.zeros(n) for k in (False, True)}
-        self.events = {k: np.zeros((n, 3), bool) for k in (False, True)}
+        self.cpu = {k: np.zeros(n) for k in paths}
+        self.wall = {k: np.zeros(n) for k in paths}
+        self.events = {k: np.zeros((n, 3), bool) for k in paths}
         ran = [0]
 
         def seen(phase: str, info: dict[str, int]) -> None:
@@ -175,8 +178,8 @@ class Paths:
         gc.callbacks.append(seen)
         try:
             for r in range(self.ROUNDS):
-                for per_stream in (False, True):
-                    cpu, wall, ev = self.cpu[per_stream], self.wall[per_stream], self.events[per_stream]
+                for key, (case, per_stream) in paths.items():
+                    cpu, wall, ev = self.cpu[key], self.wall[key], self.events[key]
                     for i in range(r * per, (r + 1) * per):
                         before, r0 = ran[0], usage()
                         cpu[i], wall[i] = case.window_batch(1, per_stream)
@@ -187,9 +190,47 @@ class Paths:
         finally:
             gc.callbacks.remove(seen)
 
-    def arrays(self, per_stream: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @classmethod
+    def features(cls, case: Case, windows: int) -> Paths:
+        """One case with the one-pass features (key "one") and per-stream features ("per")."""
+        return cls({"one": (case, False), "per": (case, True)}, windows)
+
+    def arrays(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """CPU µs, wall µs and (collected, switched out, faulted) flags per window of one path."""
-        return self.cpu[per_stream] / 1e3, self.wall[per_stream] / 1e3, self.events[per_stream]
+        return self.cpu[key] / 1e3, self.wall[key] / 1e3, self.events[key]
+
+
+def tail_row(label: str, cpu: np.ndarray, ev: np.ndarray) -> str:
+    """p50 / p99, the share of windows with a collection / switch / fault, and the p99 without them."""
+    quiet = ~ev.any(axis=1)
+    share = " / ".join(f"{100 * ev[:, k].mean():.1f}" for k in range(3))
+    rest = np.percentile(cpu[quiet] if quiet.any() else cpu, 99)
+    switched = ev[:, 1]
+    sw = np.percentile(cpu[switched], 99) if switched.any() else float("nan")
+    return f"{label:34} {pct(cpu):>15}   {share:>35} {rest:17.1f} {sw:17.1f}"
+
+
+def compare_backends(model: str, backends: list[str], windows: int, load: int) -> None:
+    """Per-window CPU of one model on several backends, alternating rounds over the same windows."""
+    cases = {b: Case(model, b, "fp32", windows, seed=1) for b in backends}
+    gc.collect()
+    gc.freeze()
+    head = (
+        f"{'backend':34} {'p50 / p99 us':>15}   {'GC / switched / fault, % of windows':>35}"
+        f" {'p99 of the others':>17} {'p99 of switched':>17}"
+    )
+    phases = [("idle", 0)] + ([("loaded", load)] if load else [])
+    for phase, n in phases:
+        with load_generator(n) as pids:
+            print(
+                f"-- {model} fp32, batch 1, per window incl. features, thread CPU; {phase}"
+                f" ({len(pids)} busy processes), load average {os.getloadavg()[0]:.1f}"
+            )
+            paths = Paths({b: (c, False) for b, c in cases.items()}, windows)
+        print(head)
+        for b in backends:
+            cpu, _, ev = paths.arrays(b)
+            print(tail_row(b, cpu, ev) + f"  {cases[b].model.stats()['state']}")
 
 
 def pct(a: np.ndarray) -> str:
@@ -220,16 +261,12 @@ def call_only(cases: list[Case], n: int = 20_000) -> None:
         print(f"{c.label:34} " + " | ".join(f"{k} {pct(np.array(v) / 1e3)}" for k, v in got.items()))
 
 
-def runtime_growth() -> dict[str, float]:
-    """MB a fresh process grows by loading each runtime and running vitals_mimic fp32 once."""
-    from models.recipes.tflite import runtime_rss_mb  # noqa: PLC0415 - the training extra's helper
+def runtime_growth(backends: list[str]) -> dict[str, float]:
+    """MB a fresh process grows by opening vitals_mimic fp32 on each backend and running it once."""
+    from models.recipes.dense import process_growth_mb  # noqa: PLC0415 - the training extra's helper
 
-    d = default_models_dir()
-    card = load_card(d / f"vitals_mimic{CARD_SUFFIX}")
-    out = {"onnxruntime": runtime_rss_mb("onnxruntime", d / card.files["fp32"].path, card.n_inputs)}
-    if "fp32" in card.tflite_files and litert_interpreter_class() is not None:
-        out["litert"] = runtime_rss_mb("litert", d / card.tflite_files["fp32"].path, card.n_inputs)
-    return out
+    card = default_models_dir() / f"vitals_mimic{CARD_SUFFIX}"
+    return {b: process_growth_mb(card, b) for b in backends}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,26 +281,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only-windows", action="store_true", help="the per-window table only (no call, batch-64, memory)"
     )
+    ap.add_argument(
+        "--compare",
+        metavar="MODEL",
+        help="only: MODEL fp32 on --backends in alternating rounds (idle, then under --load)",
+    )
+    ap.add_argument(
+        "--backends", default="numpy,litert", help="backends for --compare (default numpy,litert)"
+    )
     args = ap.parse_args(argv)
     os.sched_setaffinity(0, {args.cpu})
     print(
         f"pinned to CPU {args.cpu} of {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}; RSS {rss_mb():.1f} MB"
     )
-    backends = ["onnxruntime"] + (["litert"] if litert_interpreter_class() is not None else [])
+    backends = ["numpy", "onnxruntime"] + (["litert"] if litert_interpreter_class() is not None else [])
+    if args.compare:
+        compare_backends(
+            args.compare, args.backends.split(","), args.windows, 0 if args.no_load else args.load
+        )
+        return 0
     cases = [
         Case(name, b, p, args.windows, seed=i)
         for i, (name, b, p) in enumerate(
-            (n, b, p) for n in ("pump_skab", "vitals_mimic") for b in backends for p in ("fp32", "int8")
+            (n, b, p)
+            for n in ("pump_skab", "vitals_mimic")
+            for b in backends
+            for p in ("fp32", "int8")
+            if b != "numpy" or p == "fp32"  # numpy serves fp32 only
         )
     ]
     print(f"RSS with {len(cases)} models loaded: {rss_mb():.1f} MB")
     gc.collect()
     gc.freeze()  # as gateway.runtime does once everything is built
-    phases = {"idle": {c.label: Paths(c, args.windows) for c in cases}}
+    phases = {"idle": {c.label: Paths.features(c, args.windows) for c in cases}}
     if not args.no_load:
         with load_generator(args.load) as pids:
             print(f"load generator: {len(pids)} busy processes (PIDs {', '.join(map(str, pids))})")
-            phases["loaded"] = {c.label: Paths(c, args.windows) for c in cases}
+            phases["loaded"] = {c.label: Paths.features(c, args.windows) for c in cases}
         print(f"load generator stopped; load average {os.getloadavg()[0]:.1f}")
     print()
     print(
@@ -277,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             f"   {'GC / switched / fault, % of windows':>35} {'p99 of the others':>17}"
         )
         for c in cases:
-            cpu, wall, ev = paths[c.label].arrays(False)
-            ref, _, _ = paths[c.label].arrays(True)
+            cpu, wall, ev = paths[c.label].arrays("one")
+            ref, _, _ = paths[c.label].arrays("per")
             ratio = np.percentile(ref, 99) / np.percentile(cpu, 99)
             quiet = ~ev.any(axis=1)
             share = " / ".join(f"{100 * ev[:, k].mean():.1f}" for k in range(3))
@@ -296,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in cases:
         cpu, _ = c.measure(64 * 100, batch=64)
         print(f"{c.label:34} {pct(cpu):>15}")
-    growth = runtime_growth()
+    growth = runtime_growth(backends)
     print()
     print(
         "process growth loading the runtime + vitals_mimic fp32 and running it once (fresh process): "

@@ -4,6 +4,7 @@ Run from the repository with the project's virtual environment (mosquitto, dbus-
 compiler and make must be installed)::
 
     .venv/bin/python tests/benchmarks/bench_soak.py [--minutes 60] [--speed 4] [--no-models] [--csv F]
+        [--backend card|numpy|litert|onnxruntime] [--trim-s 600] [--env KEY=VALUE ...]
 
 One ``edgetwin run`` as the service runs, with the MQTT uplink to a local mosquitto (TLS 1.3, client
 certificates), reads every real driver at once, each from the simulator the tests use on the
@@ -16,12 +17,15 @@ transport the driver really speaks:
 * OPC UA: the pump PLC simulator (asyncua server), 8 nodes, at ``10 * --speed`` updates/s;
 * MCU: two C nodes on ptys (``simulate``), at the rates the firmware's channels fix (two nodes).
 
-Both anomaly models are loaded unless ``--no-models``.  Every 30 s the gateway's RSS (with its
+Both anomaly models are loaded unless ``--no-models`` (on the runtime their cards name, or on
+``--backend``).  The gateway runs with the systemd unit's ``Environment=`` settings (``--env``
+adds or overrides some, e.g. an allocator setting to compare).  Every 30 s the gateway's RSS (with its
 ``/proc/<pid>/smaps`` detail), threads and open files are read; a twin subscribed to the broker
 counts the records that arrived and checks the gateway's sequence (nothing lost, nothing doubled).
 The table gives RSS at 30 s, at the end, the peak, the least-squares slope over the whole run and
 over its second half (MB per wall-clock hour), threads and open files from the first sample
-after start-up to the end, and the hours of data each driver kind carried.
+after start-up to the end, and the hours of data each driver kind carried; then the resident
+memory of the last sample per mapped library (and per kind of anonymous memory).
 
 Baseline in the same run: the floor of ``bench_memory.py`` (the common libraries imported, idle).
 """
@@ -45,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import EDGETWIN, CsvLog, Trace, floor, watch  # noqa: E402
+from bench_memory import EDGETWIN, CsvLog, Trace, floor, unit_environment, watch  # noqa: E402
 
 from drivers.ble.testbed.harness import running_testbed  # noqa: E402
 from drivers.opcua.plcsim import PlcSimProcess  # noqa: E402
@@ -150,9 +154,15 @@ def devices(tmp: Path, speed: float) -> Iterator[list[dict[str, Any]]]:
 
 
 def config(
-    tmp: Path, pki: DemoPKI, broker: MosquittoBroker, sources: list[dict[str, Any]], models: bool
+    tmp: Path,
+    pki: DemoPKI,
+    broker: MosquittoBroker,
+    sources: list[dict[str, Any]],
+    models: bool,
+    backend: str = "card",
+    trim_s: float = 600.0,
 ) -> Path:
-    """The gateway's config: every source, the MQTT uplink, both models unless told otherwise."""
+    """The gateway's config: every source, the MQTT uplink, both models (on ``backend``) unless told otherwise."""
     state = tmp / "state"
     state.mkdir(parents=True, exist_ok=True)
     mqtt = {
@@ -165,7 +175,15 @@ def config(
     lines = ["[gateway]", 'name = "bench-soak"', f"state_dir = {_toml(str(state))}"]
     lines += ["[uplink]", 'kind = "mqtt"', "[uplink.mqtt]", *(f"{k} = {_toml(v)}" for k, v in mqtt.items())]
     use = '[{ name = "vitals_mimic" }, { name = "pump_skab", commissioning_s = 60.0 }]' if models else "[]"
-    lines += ["[models]", f"use = {use}", "[runtime]", "drain_deadline_s = 5.0", "start_timeout_s = 30.0"]
+    lines += [
+        "[models]",
+        f"backend = {_toml(backend)}",
+        f"use = {use}",
+        "[runtime]",
+        f"memory_trim_s = {trim_s!r}",
+        "drain_deadline_s = 5.0",
+        "start_timeout_s = 30.0",
+    ]
     for source in sources:
         lines += ["[[sources]]", *(f"{k} = {_toml(v)}" for k, v in source.items())]
     path = tmp / "gateway.toml"
@@ -218,6 +236,11 @@ def slope(t: list[float], y: list[float]) -> float:
     return sum((a - mt) * (b - my) for a, b in zip(t, y, strict=True)) / den * 3600 if den else 0.0
 
 
+def run_env(args: argparse.Namespace) -> dict[str, str]:
+    """The systemd unit's Environment= settings with ``--env`` over them."""
+    return {**unit_environment(), **dict(e.split("=", 1) for e in args.env)}
+
+
 def soak(args: argparse.Namespace, tmp: Path) -> tuple[Trace, Listener, str]:
     """Start the devices, the broker, the twin and the gateway; watch the gateway for the run."""
     pki = demo_pki(tmp / "pki")
@@ -236,7 +259,7 @@ def soak(args: argparse.Namespace, tmp: Path) -> tuple[Trace, Listener, str]:
     try:
         twin.start()
         with devices(tmp / "dev", args.speed) as sources:
-            cfg = config(tmp / "gw", pki, broker, sources, not args.no_models)
+            cfg = config(tmp / "gw", pki, broker, sources, not args.no_models, args.backend, args.trim_s)
             log = tmp / "gateway.log"
             csv_log = (CsvLog(args.csv), "every driver") if args.csv is not None else None
             argv = [str(EDGETWIN), "run", "--config", str(cfg)]
@@ -244,7 +267,8 @@ def soak(args: argparse.Namespace, tmp: Path) -> tuple[Trace, Listener, str]:
                 args.tracemalloc.mkdir(parents=True, exist_ok=True)
                 argv = [sys.executable, "-c", TRACED, str(args.tracemalloc), str(args.every * 10), *argv[1:]]
             with log.open("w") as err:
-                proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+                env = {**os.environ, **run_env(args)}
+                proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env)
                 try:
                     trace = watch(proc, args.minutes * 60, args.every, csv_log)
                 finally:
@@ -282,6 +306,20 @@ def main() -> int:
         "--tracemalloc", type=Path, metavar="DIR", help="trace the gateway's Python heap, snapshots into DIR"
     )
     parser.add_argument("--log", type=Path, help="keep the gateway's log in this file")
+    parser.add_argument(
+        "--backend", default="card", help="[models] backend: card (default), onnxruntime, litert or numpy"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the gateway over the systemd unit's Environment= settings (repeatable)",
+    )
+    parser.add_argument(
+        "--trim-s", type=float, default=600.0, help="[runtime] memory_trim_s (default 600; 0: off)"
+    )
+    parser.add_argument("--top", type=int, default=16, help="mappings listed by resident memory (default 16)")
     args = parser.parse_args()
     if args.csv is not None:
         args.csv.unlink(missing_ok=True)
@@ -294,7 +332,8 @@ def main() -> int:
     first = 1 if len(t) > 2 else 0  # the first sample is start-up, not growth
     print(
         f"edgetwin run, every real driver at once, MQTT uplink (mosquitto on loopback, TLS), "
-        f"{args.minutes:g} min, samples every {args.every:g} s, models {'off' if args.no_models else 'on'}; "
+        f"{args.minutes:g} min, samples every {args.every:g} s, models {'off' if args.no_models else 'on'}"
+        f" (backend {args.backend}, memory_trim_s {args.trim_s:g}); environment {' '.join(f'{k}={v}' for k, v in run_env(args).items())}; "
         f"Python {sys.version.split()[0]}\n"
     )
     print("| driver kind | streams | data carried |")
@@ -332,6 +371,10 @@ def main() -> int:
                 f"{len(metrics)} streams: {', '.join(metrics)}"
             )
     print(f"floor: {base.rss_mb[-1]:.1f} MB")
+    print(f"threads at the end: {', '.join(trace.thread_names)}")
+    print(f"resident at the last sample, by mapping (top {args.top}):")
+    for name, mb in trace.by_file[: args.top]:
+        print(f"  {mb:7.2f} MB  {name}")
     if args.tracemalloc is not None:
         print("\n".join(traced_diff(args.tracemalloc)))
     return 0
