@@ -137,7 +137,7 @@ def test_numpy_for_a_precision_without_weights(caplog: pytest.LogCaptureFixture)
 
 def test_models_built_from_config_serve_on_numpy_and_litert_when_asked() -> None:
     use = [ModelUse(name="pump_skab"), ModelUse(name="vitals_mimic", backend="onnxruntime")]
-    pump, vitals = build_models(ModelsSection(use=use), hop_s=10.0, window_s=300.0)
+    pump, vitals = build_models(ModelsSection(use=use), hop_s=10.0)
     assert pump.backend.name == card_of("pump_skab").backend
     assert vitals.backend.name == "onnxruntime"
     (forced,) = build_models(

@@ -129,6 +129,28 @@ def test_a_valve_fault_is_one_novelty_alarm_and_one_per_stream_alarm_and_its_end
     assert fault.end_s < per_stream[1]["_t"] < fault.end_s + 600.0
 
 
+def test_with_the_residual_cusum_and_hours_of_commissioning_the_valve_fault_is_the_only_novelty_alarm(
+    tmp_path: Path,
+) -> None:
+    # The CUSUM needs a commissioning span holding several periods of the pump's slowest normal
+    # wander (as the per-stream detector's six hours): after half an hour it flags that wander for
+    # good, after six hours (here) its only alarm is the fault's, where T² and SPE alone also raise
+    # one on the healthy pump.  Its sums fall by the allowance per window once the fault ends, so
+    # the alarm clears late after it.
+    commission = 21_600.0
+    fault = Label("valve_fault", commission + 7200.0, commission + 7400.0)
+    models = {
+        "novelty": {"subjects": [PUMP], "commissioning_s": commission, "cusum_k": 1.0},
+        "streams": {"enabled": False},
+    }
+    novelty = of(run(tmp_path, commission + 9000.0, models, [fault]), "novelty")
+    assert [a["alarm"] for a in novelty] == ["anomaly", "anomaly_cleared"], novelty
+    assert fault.start_s <= novelty[0]["_t"] <= fault.start_s + 60.0
+    top = max(novelty[0]["contrib"], key=novelty[0]["contrib"].get)
+    assert top.split(".")[0].rsplit("/", 1)[-1] in {"Pressure", "RateRMS", "Current"}, novelty[0]["contrib"]
+    assert fault.end_s < novelty[1]["_t"] < fault.end_s + 1800.0
+
+
 def shift_pattern(days: float, hop_s: float, seed: int) -> np.ndarray:
     """Window means of a tag with a day shift: 2.0 at night, 2.6 from 06:00 to 22:00 UTC, noise 0.02."""
     rng = np.random.default_rng(seed)

@@ -11,13 +11,15 @@ Protocol (nothing is fitted on a fault; no setting is chosen on a fault it is re
 1. **Fit on normal only**: every candidate is fitted on ``d00`` alone.  Its limits and threshold
    are the 99 % quantiles of out-of-fold scores of ``d00`` (5 contiguous folds), i.e. a stated
    1 % false-alarm rate on normal data the fit did not see.
-2. **Choose settings on tuning faults**: lags, EWMA weight, the slower EWMA's weight and kept
-   variance are chosen on the
+2. **Choose settings on tuning faults**: lags, EWMA weight, the slower EWMA's weight, the
+   residual CUSUM's allowance and kept variance are chosen on the
    *training* runs ``dNN.dat`` of the tuning faults ``TUNE`` (every third fault from 1) only, by the
-   lowest mean missed-detection rate.
+   lowest mean missed-detection rate, among the settings that flag at most twice the stated rate
+   of the tuning faults' test runs before their faults (normal operation of 7 other runs).
 3. **Report on the held-out faults**: the test runs ``dNN_te.dat`` of the other 14 faults
-   (including the hard 3, 9, 15 and 21) and ``d00_te`` for the false-alarm rate and the false
-   episodes (with the gateway's episode logic: 2 anomalous windows raise, 3 normal clear).
+   (including the hard 3, 9, 15 and 21), ``d00_te`` for the false-alarm rate and the false
+   episodes (with the gateway's episode logic: 2 anomalous windows raise, 3 normal clear), and
+   the held-out test runs before their faults for both again (14 more normal runs).
 
 Baseline in the same run: static PCA (components keeping 90 % of the variance of ``d00``) with
 the textbook limits at 99 % (F distribution for T², approximated; Jackson-Mudholkar for Q).  Because operating
@@ -28,6 +30,7 @@ points differ, a second table sets every statistic's threshold to exactly 1 % fa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -43,6 +46,7 @@ import numpy.typing as npt
 from gateway.alarms.episodes import EpisodeTracker
 from gateway.contracts import AlarmKind, ModelResult
 from gateway.inference.novelty import (
+    CusumSums,
     NoveltyUse,
     PcaFit,
     PcaSpec,
@@ -59,10 +63,11 @@ log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]
 
 NAME = "novelty"
-VERSION = "1.1.0"
+VERSION = "1.2.0"
 FAULTS = tuple(range(1, 22))
 TUNE = (1, 4, 7, 10, 13, 16, 19)
 HARD = (3, 9, 15, 21)
+HELD = tuple(f for f in FAULTS if f not in TUNE)
 FAULT_AT_TE = 160
 FAULT_AT_TRAIN = 20
 FAR = 0.01
@@ -71,7 +76,22 @@ GRID_EWMA = (1.0, 0.5, 0.2)
 GRID_VAR = (0.8, 0.9, 0.95)
 # A second, slower EWMA block (1.0 = none), for drifts too slow for the first (1.1.0).
 GRID_SLOW = (1.0, 0.1, 0.05, 0.02)
+# Allowance of the residual CUSUM in long-run spreads (0 = none; 1.2.0): 0.5 is Page's choice for
+# a shift of one spread, 1.0 for two.
+GRID_CUSUM = (0.0, 0.5, 1.0)
+# The detectors shipped before, scored beside the new choice in the same run.
+EARLIER = {
+    "novelty_1_0": PcaSpec(lags=0, ewma=0.2, var_keep=0.95, far=FAR),
+    "novelty_1_1": PcaSpec(lags=0, ewma=0.5, var_keep=0.95, far=FAR, ewma_slow=0.1),
+}
+# Windows whose scores under the chosen detector the card records (run, sample), for tests.
+RECORDED = (("d00_te", 100), ("d00_te", 700), ("d21_te", 150), ("d21_te", 400), ("d21_te", 900))
+# A grid point is eligible only if it flags at most this share of the tuning faults' test runs
+# before their faults start (8 h of normal operation each, 7 runs other than d00): limits set on one
+# normal run must hold on others (1.2.0; see choose()).
+GUARD_FAR = 2 * FAR
 HOURS_TE = 48.0
+HOURS_PER_SAMPLE = 0.05  # 3 min
 
 
 def load(root: Path) -> dict[str, F64]:
@@ -148,12 +168,25 @@ def fits_rows(spec: PcaSpec, n: int, d: int) -> bool:
     return blocks(spec) * d < rows
 
 
+def far_before_faults(fit: PcaFit, runs: dict[str, F64], faults: tuple[int, ...]) -> float:
+    """Share of flagged samples in the test runs of ``faults`` before the fault starts (normal operation)."""
+    flags = [novelty_scores(fit, runs[f"d{f:02d}_te"][:FAULT_AT_TE])[fit.spec.lags :] > 1.0 for f in faults]
+    return float(np.mean(np.concatenate(flags)))
+
+
 def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
-    """The grid point with the lowest mean missed-detection rate on the tuning faults' training runs."""
+    """The grid point with the lowest mean missed-detection rate on the tuning faults' training runs.
+
+    Among the points whose false-alarm rate on the tuning faults' test runs before their faults is
+    at most ``GUARD_FAR``: the out-of-fold limits of ``d00`` say how a detector does on more of
+    the same run, not on another run of the plant, whose slow states sit elsewhere; a detector
+    sensitive enough to flag every other run scores perfectly on the tuning faults (1.2.0's first
+    grid chose such a point, see BENCHMARKS.md).
+    """
     grid: list[dict[str, Any]] = []
     n, d = runs["d00"].shape
-    for lags, ewma, var, slow in itertools.product(GRID_LAGS, GRID_EWMA, GRID_VAR, GRID_SLOW):
-        spec = PcaSpec(lags=lags, ewma=ewma, var_keep=var, far=FAR, ewma_slow=slow)
+    for lags, ewma, var, slow, k in itertools.product(GRID_LAGS, GRID_EWMA, GRID_VAR, GRID_SLOW, GRID_CUSUM):
+        spec = PcaSpec(lags=lags, ewma=ewma, var_keep=var, far=FAR, ewma_slow=slow, cusum_k=k)
         if not fits_rows(spec, n, d):
             continue
         fit = fit_pca(runs["d00"], spec)
@@ -164,15 +197,27 @@ def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
                 "ewma": ewma,
                 "ewma_slow": slow,
                 "var_keep": var,
+                "cusum_k": k,
                 "tune_mdr": round(float(np.mean(m)), 4),
+                "tune_far_before_faults": round(far_before_faults(fit, runs, TUNE), 4),
             }
         )
-    # Ties go to the simpler detector: fewer lags, less smoothing.
-    best = min(grid, key=lambda g: (g["tune_mdr"], g["lags"], -g["ewma"], -g["ewma_slow"]))
-    chosen = PcaSpec(
-        lags=best["lags"], ewma=best["ewma"], var_keep=best["var_keep"], far=FAR, ewma_slow=best["ewma_slow"]
+    eligible = [g for g in grid if g["tune_far_before_faults"] <= GUARD_FAR]
+    # Ties go to the simpler detector: fewer lags, less smoothing, no CUSUM.
+    best = min(eligible, key=lambda g: (g["tune_mdr"], g["lags"], -g["ewma"], -g["ewma_slow"], g["cusum_k"]))
+    return spec_of(best), grid
+
+
+def spec_of(g: dict[str, Any]) -> PcaSpec:
+    """The detector settings of a grid entry."""
+    return PcaSpec(
+        lags=g["lags"],
+        ewma=g["ewma"],
+        var_keep=g["var_keep"],
+        far=FAR,
+        ewma_slow=g["ewma_slow"],
+        cusum_k=g["cusum_k"],
     )
-    return chosen, grid
 
 
 def evaluate(runs: dict[str, F64], spec: PcaSpec) -> dict[str, Any]:
@@ -180,6 +225,11 @@ def evaluate(runs: dict[str, F64], spec: PcaSpec) -> dict[str, Any]:
     normal = runs["d00"]
     fit = fit_pca(normal, spec)
     static = fit_pca(normal, PcaSpec(var_keep=0.9, far=FAR))
+    earlier = {name: fit_pca(normal, s) for name, s in EARLIER.items()}
+    # 1.0.0's settings with the chosen CUSUM: what a site turns on for slow drifts (cusum_k).
+    earlier["novelty_1_0_cusum"] = fit_pca(
+        normal, dataclasses.replace(EARLIER["novelty_1_0"], cusum_k=spec.cusum_k)
+    )
     classic = classic_pca(normal)
     te0 = runs["d00_te"]
 
@@ -189,10 +239,12 @@ def evaluate(runs: dict[str, F64], spec: PcaSpec) -> dict[str, Any]:
             "pca_t2": t2,
             "pca_q": q,
             "pca_static_t2q": novelty_scores(static, x),
+            **{name: novelty_scores(f, x) for name, f in earlier.items()},
             "novelty": novelty_scores(fit, x),
         }
 
-    own_limit = {"pca_t2": classic["t2"], "pca_q": classic["q"], "pca_static_t2q": 1.0, "novelty": 1.0}
+    scored = {f: candidates(runs[f"d{f:02d}_te"]) for f in FAULTS}
+    own_limit = dict.fromkeys(scored[1], 1.0) | {"pca_t2": classic["t2"], "pca_q": classic["q"]}
     normal_scores = candidates(te0)
     # Equal false alarms: each statistic's 99 % quantile on d00_te (after its fault-free warm-up).
     equal = {k: float(np.quantile(v[spec.lags :], 1 - FAR)) for k, v in normal_scores.items()}
@@ -201,30 +253,42 @@ def evaluate(runs: dict[str, F64], spec: PcaSpec) -> dict[str, Any]:
         rows: dict[str, Any] = {}
         for k, v in normal_scores.items():
             flags = v > limits[k]
+            # The 8 fault-free hours before each held-out test run's fault: 14 more normal runs.
+            before = [scored[f][k][spec.lags : FAULT_AT_TE] > limits[k] for f in HELD]
             rows[k] = {
                 "far_d00_te": round(float(flags[spec.lags :].mean()), 4),
                 "false_episodes_per_day": round(false_episodes(flags) * 24.0 / HOURS_TE, 2),
+                "far_before_faults": round(float(np.mean(np.concatenate(before))), 4),
+                "false_episodes_per_day_before_faults": round(
+                    sum(false_episodes(b) for b in before)
+                    * 24.0
+                    / (len(HELD) * (FAULT_AT_TE - spec.lags) * HOURS_PER_SAMPLE),
+                    2,
+                ),
             }
         for f in FAULTS:
-            sc = candidates(runs[f"d{f:02d}_te"])
-            for k, v in sc.items():
+            for k, v in scored[f].items():
                 rows[k][f"fault_{f:02d}"] = round(mdr(v > limits[k], FAULT_AT_TE), 4)
         table[mode] = rows
     # Compute per window: one prepared row scored, as the gateway does.
     row = prepare(te0[:10], fit.mean, fit.std, spec)[-1:]
+    sums = CusumSums.zeros(row.shape[1])
     reps = 2000
     t0 = time.perf_counter()
     for _ in range(reps):
-        score_rows(fit, row)
+        score_rows(fit, row, sums)
     us = (time.perf_counter() - t0) * 1e6 / reps
     table["score_us_per_window_52_inputs"] = round(us, 1)
     table["components"] = int(fit.eig.shape[0])
+    table["recorded_scores"] = [
+        [run, i, round(float(novelty_scores(fit, runs[run])[i]), 6)] for run, i in RECORDED
+    ]
     return table
 
 
 def report(ev: dict[str, Any], spec: PcaSpec) -> str:
     """The markdown tables of BENCHMARKS.md / the eval file."""
-    names = ("pca_t2", "pca_q", "pca_static_t2q", "novelty")
+    names = ("pca_t2", "pca_q", "pca_static_t2q", *EARLIER, "novelty_1_0_cusum", "novelty")
     lines: list[str] = []
     for mode, title in (("own_limits", "each at its own limit"), ("equal_far", "all at 1 % FAR on d00_te")):
         rows = ev[mode]
@@ -236,22 +300,22 @@ def report(ev: dict[str, Any], spec: PcaSpec) -> str:
             lines.append(
                 f"| {f}{tag} | " + " | ".join(f"{rows[n][f'fault_{f:02d}']:.3f}" for n in names) + " |"
             )
-        held = [f for f in FAULTS if f not in TUNE]
         lines.append(
             "| mean, held-out | "
-            + " | ".join(f"{np.mean([rows[n][f'fault_{f:02d}'] for f in held]):.3f}" for n in names)
+            + " | ".join(f"{np.mean([rows[n][f'fault_{f:02d}'] for f in HELD]):.3f}" for n in names)
             + " |"
         )
         lines.append("| FAR d00_te | " + " | ".join(f"{rows[n]['far_d00_te']:.3f}" for n in names) + " |")
-        lines.append(
-            "| false episodes/day | "
-            + " | ".join(f"{rows[n]['false_episodes_per_day']:.1f}" for n in names)
-            + " |"
-        )
+        for key, what, fmt in (
+            ("false_episodes_per_day", "false episodes/day", ".1f"),
+            ("far_before_faults", "FAR before the faults (14 held-out test runs)", ".3f"),
+            ("false_episodes_per_day_before_faults", "false episodes/day before the faults", ".1f"),
+        ):
+            lines.append(f"| {what} | " + " | ".join(f"{rows[n][key]:{fmt}}" for n in names) + " |")
         lines.append("")
     lines.append(
         f"Chosen on tuning faults {', '.join(map(str, TUNE))}: lags {spec.lags}, EWMA {spec.ewma}, "
-        f"slower EWMA {spec.ewma_slow}, "
+        f"slower EWMA {spec.ewma_slow}, residual CUSUM allowance {spec.cusum_k}, "
         f"variance kept {spec.var_keep}; {ev['components']} components; "
         f"{ev['score_us_per_window_52_inputs']} us per window (52 inputs)."
     )
@@ -276,13 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     card = {
         "name": NAME,
         "version": VERSION,
-        "kind": "per-machine novelty detector (dynamic PCA, T2 + SPE), fitted on each machine's commissioning",
+        "kind": "per-machine novelty detector (dynamic PCA, T2 + SPE + residual CUSUM), fitted on each machine's commissioning",
         "protocol": __doc__.split("Protocol")[1].split("Baseline")[0].strip() if __doc__ else "",
         "data": "Tennessee Eastman reference runs (tep_braatz, BSD-3-Clause): d00 fit, d00_te FAR, dNN_te report",
         "chosen": {
             "lags": spec.lags,
             "ewma": spec.ewma,
             "ewma_slow": spec.ewma_slow,
+            "cusum_k": spec.cusum_k,
             "var_keep": spec.var_keep,
             "false_alarm_rate": FAR,
         },
@@ -290,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             "lags": defaults.lags,
             "ewma": defaults.ewma,
             "ewma_slow": defaults.ewma_slow,
+            "cusum_k": defaults.cusum_k,
             "var_keep": defaults.var_keep,
             "false_alarm_rate": defaults.false_alarm_rate,
         },
@@ -300,10 +366,18 @@ def main(argv: list[str] | None = None) -> int:
             "Settings transfer as counts of windows, not minutes: TEP samples are 3 min apart. "
             "Faults that leave the joint distribution of the measured variables unchanged (3, 9, 15 "
             "in TEP) are not separable from normal by any detector of normal data alone. The subspace "
-            "is fixed at commissioning; only the standardisation adapts, and only on clearly normal windows. "
-            "The gateway's defaults keep 1.0.0's choice (no slower EWMA block): with the block, the guarded "
-            "adaptation cannot follow slow normal drift (a drift of 5 spreads over 3000 windows ends up "
-            "flagged), so a site turns it on (ewma 0.5, ewma_slow 0.1) only for a steady process."
+            "and the CUSUM's scales are fixed at commissioning; only the standardisation adapts, on windows "
+            "judged normal after a run of them, following a drift with a lag of its slope over adapt_rate: "
+            "a fault that develops slower than that is learned. The chosen settings (no smoothing, lags 1) do "
+            "not follow slow normal drift after a short commissioning (tests/test_novelty.py's drift case); "
+            "1.0.0's settings with the CUSUM at the chosen allowance (novelty_1_0_cusum) do, but after the "
+            "gateway's default half hour of commissioning the CUSUM flags the simulated pump's slow wander "
+            "for good (tests/test_stream_detector.py's pump, 2 h: as without it, 6 h: no false episode). "
+            "The gateway's defaults therefore keep 1.0.0's settings without the CUSUM; a site that "
+            "commissions over hours sets cusum_k = 1.0. The CUSUM's sums fall by the allowance per window "
+            "once a fault ends, so its alarm clears late after a long fault (the simulated pump: about "
+            "20 min after a 200 s valve fault ended). The chosen detector's false alarms on other normal "
+            "runs come as few, long episodes (far_before_faults in the evaluation)."
         ),
     }
     (args.out / f"{NAME}.detector.json").write_text(

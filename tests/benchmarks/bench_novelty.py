@@ -90,8 +90,12 @@ def main() -> None:
         NoveltyUse(commissioning_s=float(N_COMMISSION), features=["mean", "std"], ewma=0.5, ewma_slow=0.1),
         hop_s=1.0,
     )
+    # With the residual CUSUM (1.2.0, cusum_k = 1.0): its sums step once per window.
+    cusum = NoveltyModel(
+        NoveltyUse(commissioning_s=float(N_COMMISSION), features=["mean", "std"], cusum_k=1.0), hop_s=1.0
+    )
     per = StreamChange(StreamUse(commissioning_s=float(N_COMMISSION)), hop_s=1.0)
-    for m in (base, nov, slow, per):
+    for m in (base, nov, slow, cusum, per):
         m.score_batch(warm)
     b = per_window_us(base, test)
     print(f"pump_skab fp32 (baseline): {b:.1f} us/window")
@@ -100,6 +104,7 @@ def main() -> None:
     for name, m in (
         ("novelty (16 inputs)", nov),
         ("novelty, slower EWMA block (16 inputs)", slow),
+        ("novelty, residual CUSUM (16 inputs)", cusum),
         ("stream_change (8 streams)", per),
     ):
         us = per_window_us(m, test)
