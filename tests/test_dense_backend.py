@@ -140,7 +140,5 @@ def test_models_built_from_config_serve_on_numpy_and_litert_when_asked() -> None
     pump, vitals = build_models(ModelsSection(use=use), hop_s=10.0)
     assert pump.backend.name == card_of("pump_skab").backend
     assert vitals.backend.name == "onnxruntime"
-    (forced,) = build_models(
-        ModelsSection(backend="numpy", use=[ModelUse(name="vitals_mimic")]), hop_s=10.0, window_s=300.0
-    )
+    (forced,) = build_models(ModelsSection(backend="numpy", use=[ModelUse(name="vitals_mimic")]), hop_s=10.0)
     assert forced.backend.name == "numpy"
