@@ -62,7 +62,11 @@ path = "{tmp / "out.jsonl"}"
 [runtime]
 drain_deadline_s = 3.0
 """
-        + text.replace('name = "pump_skab"', f'name = "pump_skab"\ncommissioning_s = {COMMISSION_S}'),
+        # Scored on the pipeline's 1 s window, not the card's 20 s one: the test is about the mapping
+        # and commissioning, and a 20 s window filling up under load made its timing depend on load.
+        + text.replace(
+            'name = "pump_skab"', f'name = "pump_skab"\ncommissioning_s = {COMMISSION_S}\nwindow_s = 1.0'
+        ),
         encoding="utf-8",
     )
     (tmp / "state").mkdir(exist_ok=True)
