@@ -251,3 +251,25 @@ def test_an_alarm_storm_is_rejected_then_a_model_that_turns_nan_is_rolled_back(s
     assert audit.verify(site.tmp / "state" / "downlink" / "audit.jsonl").count == len(events)
     installed = site.tmp / "state" / "models" / "bundles" / PUMP
     assert json.loads((installed / "active.json").read_text()) == {"version": 0, "previous": None}
+
+
+def test_a_version_whose_windows_do_not_come_in_time_is_rejected_and_the_serving_one_stays(
+    site: Site,
+) -> None:
+    site.start()
+    site.reported(slot(lambda m: m["active"] == 0), "pump model serving")
+    model = onnx_model()
+    # Far more windows than the pump gives before max_wait_s: as a bed left empty or a machine
+    # stopped would leave it. Before the clock ended such periods it stayed in shadow for ever.
+    rules = {"windows": 100_000, "max_wait_s": 6.0, "max_latency_us": 1e9, "min_agreement": 0.0}
+    envelope, _ = sign(site, model, card_for(model, health=LOOSE_HEALTH), 2, rules)
+    publish_many(site.twin, chunk_messages(f"{DEFAULT_PREFIX}/{site.gateway}", envelope.read_bytes(), model))
+    shadow = site.reported(slot(lambda m: (m["candidate"] or {}).get("version") == 2), "v2 in shadow", 60)
+    assert shadow["models"][PUMP]["candidate"]["of"] == 100_000
+    rep = site.reported(slot(lambda m: (m["last"] or {}).get("outcome") == "rejected"), "v2 rejected", 60)
+    entry = rep["models"][PUMP]
+    assert (entry["active"], entry["candidate"], entry["last"]["version"]) == (0, None, 2)
+    assert entry["last"]["reason"] in ("too-few-windows", "no-windows")
+    rejected = site.events()[-1]
+    assert (rejected["event"], rejected["reason"]) == ("model-rejected", entry["last"]["reason"])
+    assert "of 100000 windows" in rejected["detail"]

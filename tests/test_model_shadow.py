@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from bundle_support import PUMP, card_for, onnx_model, shipped_int8, write
 from test_inference_runtime import commission, pump_model, pump_window
 
@@ -207,6 +209,52 @@ def test_a_version_that_recommissions_and_judges_nothing_in_its_period_is_reject
     assert r.verdict == "normal"  # the active version's verdict
     (outcome,) = slot.take_outcomes()
     assert (outcome.kind, outcome.reason) == ("rejected", "no-windows")
+
+
+def test_a_period_in_windows_whose_windows_never_come_ends_at_max_wait(tmp_path: Path) -> None:
+    slot, rng = _slot(tmp_path)
+    model, card = shipped_int8()
+    rules = Acceptance(windows=30, max_wait_s=600)
+    slot.stage(_candidate(slot.active, tmp_path, card, model), 2, rules)
+    slot.expire()  # just staged: nothing is over
+    assert slot.take_outcomes() == []
+    for k in range(3):  # three windows, then the subject is no longer scored
+        slot.score_batch([pump_window(100 + k, rng)])
+    slot.expire(time.monotonic() + 599)
+    assert slot.take_outcomes() == []
+    slot.expire(time.monotonic() + 601)
+    (outcome,) = slot.take_outcomes()
+    assert (outcome.kind, outcome.version, outcome.reason) == ("rejected", 2, "too-few-windows")
+    assert "judged 3 of 30 windows" in outcome.detail
+    assert slot.candidate is None
+    assert slot.version == 0
+    (r,) = slot.score_batch([pump_window(200, rng)])  # the serving version goes on, nothing decided twice
+    assert r.verdict == "normal"
+    assert slot.take_outcomes() == []
+
+    slot.stage(_candidate(slot.active, tmp_path, card, model), 3, rules)
+    slot.expire(time.monotonic() + 601)
+    (outcome,) = slot.take_outcomes()
+    assert (outcome.kind, outcome.version, outcome.reason) == ("rejected", 3, "no-windows")
+
+
+def test_a_period_in_seconds_ends_by_the_clock_when_no_window_comes(tmp_path: Path) -> None:
+    slot, rng = _slot(tmp_path)
+    model, card = shipped_int8()
+    slot.stage(_candidate(slot.active, tmp_path, card, model), 2, Acceptance(windows=None, seconds=60))
+    for k in range(5):
+        slot.score_batch([pump_window(100 + k, rng)])
+    assert slot.take_outcomes() == []  # the windows alone do not end a period in seconds
+    slot.expire(time.monotonic() + 61)
+    (outcome,) = slot.take_outcomes()
+    assert (outcome.kind, outcome.version, outcome.reason) == ("promoted", 2, "rules-met")
+    assert outcome.figures["windows"] == 5
+    assert slot.version == 2
+
+
+def test_a_period_in_seconds_longer_than_the_longest_wait_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_wait_s"):
+        Acceptance(windows=None, seconds=7200, max_wait_s=3600)
 
 
 def test_ks_statistic() -> None:

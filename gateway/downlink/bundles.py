@@ -274,6 +274,7 @@ class ModelBundles:
         if self._incoming:
             changed |= await self._take_chunks(audit, refuse)
         for slot in self.slots.values():
+            slot.expire()
             for outcome in slot.take_outcomes():
                 await self._record(slot, outcome, audit)
                 changed = True

@@ -4,8 +4,9 @@ A :class:`Slot` is the :class:`~gateway.contracts.WindowModel` the pipeline runs
 ``[[models.use]]`` name.  It serves its *active* version.  A version staged over the downlink
 (:mod:`gateway.downlink.bundles`) is a *candidate*: it scores the same live windows in the same
 worker thread, its verdicts are counted, never alarmed.  When the shadow period of its
-:class:`Acceptance` rules is over (``windows`` judged, or ``seconds``), the slot compares it with
-the active version - alarm rate, agreement, score distribution (two-sample Kolmogorov-Smirnov
+:class:`Acceptance` rules is over (``windows`` judged, or ``seconds``; the clock is also checked
+every second, so a period ends when no window comes), the slot compares it with the active
+version - alarm rate, agreement, score distribution (two-sample Kolmogorov-Smirnov
 statistic), median CPU time per window, health events (non-finite scores, demotions) - and
 promotes or rejects it, saying which rule decided.  After a promotion the replaced version stays
 loaded (and on disk): a health regression of the new one - a non-finite score, its latency
@@ -54,6 +55,9 @@ class Acceptance(BaseModel):
 
     windows: int | None = Field(30, ge=1, le=1_000_000)  # windows the candidate judged
     seconds: float | None = Field(None, gt=0, le=30 * 86_400)  # or this long after staging
+    # A period counted in windows ends here at the latest: a candidate whose subjects are seldom or
+    # never scored (an empty bed, a machine stopped) is rejected, not left in shadow for ever.
+    max_wait_s: float = Field(86_400.0, gt=0, le=30 * 86_400)
     max_alarm_rate: float = Field(0.2, ge=0, le=1)  # anomalous share of the candidate's judged windows
     min_agreement: float = Field(0.8, ge=0, le=1)  # same verdict as the active version, where both judged
     max_score_shift: float = Field(1.0, ge=0, le=1)  # KS statistic, candidate vs active scores (1: off)
@@ -67,6 +71,8 @@ class Acceptance(BaseModel):
     def _period(self) -> Self:
         if self.windows is None and self.seconds is None:
             raise ValueError("a shadow period needs windows or seconds")
+        if self.seconds is not None and self.seconds > self.max_wait_s:
+            raise ValueError(f"seconds ({self.seconds:g}) is past max_wait_s ({self.max_wait_s:g})")
         return self
 
 
@@ -230,6 +236,26 @@ class Slot:
         )
         return how
 
+    def expire(self, now: float | None = None) -> None:
+        """End a shadow period that is over by the clock alone (its windows may never come)."""
+        with self._lock:
+            trial = self._trial
+        if trial is None:
+            return
+        rules = trial.rules
+        waited = (time.monotonic() if now is None else now) - trial.started
+        if rules.seconds is not None and waited >= rules.seconds:
+            self._judge(trial)
+        elif waited >= rules.max_wait_s:
+            self._decide(
+                trial,
+                "rejected",
+                "no-windows" if trial.judged == 0 else "too-few-windows",
+                f"judged {trial.judged} of {rules.windows} windows in {waited / 3600:.1f} h "
+                f"(max_wait_s {rules.max_wait_s:g}): its subjects were seldom scored; send it again "
+                "when they are monitored, or with a shadow period in seconds",
+            )
+
     def take_outcomes(self) -> list[Outcome]:
         """Promotions, rejections and rollbacks decided since the last call."""
         out: list[Outcome] = []
@@ -336,6 +362,8 @@ class Slot:
         self, trial: _Trial, kind: str, reason: str, detail: str, figures: dict[str, float] | None = None
     ) -> None:
         with self._lock:
+            if self._trial is not trial:
+                return  # decided already: by the worker's window and the clock at the same moment
             self._trial = None
             if kind == "promoted":
                 self.previous, self.previous_version = self.active, self.version
