@@ -65,6 +65,10 @@ class LocalBroker(Protocol):
     ) -> None: ...
 
 
+class _PortTakenError(Exception):
+    """mosquitto could not bind the port picked for it: another process took it first."""
+
+
 class MosquittoBroker:
     """mosquitto on a loopback port: TLS 1.2+, client certificates required, stopped by PID."""
 
@@ -100,6 +104,9 @@ class MosquittoBroker:
         self.pki = pki
         self.host = host
         self.port = port or free_port(host)
+        # A port we picked may be taken between the pick and mosquitto's bind: the first start then
+        # picks another (a port the caller named is kept, and so is a port once listened on).
+        self._may_repick = port is None
         self.log_file = workdir / "mosquitto.log"
         self.conf_file = workdir / "mosquitto.conf"
         self.persistence = persistence  # keep sessions and queued messages across a restart
@@ -148,8 +155,20 @@ class MosquittoBroker:
         """Start mosquitto and wait until it accepts connections."""
         if self.pid is not None:
             return
+        for _ in range(3):
+            try:
+                self._start_once()
+            except _PortTakenError:
+                self.port = free_port(self.host)
+                continue
+            self._may_repick = False
+            return
+        self._start_once()  # the last try's error says what happened
+
+    def _start_once(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.conf_file.write_text(self._config())
+        logged = self.log_file.stat().st_size if self.log_file.exists() else 0
         self._proc = subprocess.Popen(  # noqa: S603
             [*self.wrapper, self.executable, "-c", str(self.conf_file)],
             stdin=subprocess.DEVNULL,
@@ -158,12 +177,16 @@ class MosquittoBroker:
         )
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
+            said = self._log_since(logged)
             if self._proc.poll() is not None:
+                if self._may_repick and "Address already in use" in said:
+                    raise _PortTakenError
                 raise TransientError(
                     f"broker mosquitto {self.host}:{self.port}: exited with code {self._proc.returncode}: "
                     f"{self.log_tail()}: see {self.log_file}"
                 )
-            if _accepting(self.host, self.port):
+            # Its own "running" line first: a connection alone may reach another listener on the port.
+            if " running\n" in said and _accepting(self.host, self.port):
                 log.debug("mosquitto %d listening on %s:%d", self._proc.pid, self.host, self.port)
                 return
             time.sleep(0.02)
@@ -184,6 +207,14 @@ class MosquittoBroker:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=_STOP_TIMEOUT_S)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self.log_file.open("rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, lines: int = 5) -> str:
         """The last lines of the broker's log, for error messages."""
