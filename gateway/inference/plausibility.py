@@ -32,7 +32,7 @@ from gateway.sample import UNUSABLE_FLAGS as UNUSABLE
 from gateway.sample import Sample, SampleBlock, Stream
 from gateway.units import converter
 
-__all__ = ["DEFAULT_RULES", "PlausibilityChecker", "Rule", "Violation", "describe"]
+__all__ = ["DEFAULT_RULES", "PlausibilityChecker", "Rule", "Violation", "describe", "window_breach"]
 
 log = logging.getLogger(__name__)
 
@@ -250,19 +250,29 @@ class PlausibilityChecker:
     def window_violation(self, sf: StreamFeatures) -> Violation | None:
         """The first rule one stream's window features break, or None (pure)."""
         rule = self.rule_for(sf.stream)
-        if rule is None or sf.gap:
-            return None
-        f = sf.features
-        lo = f.get("min", math.inf)
-        hi = f.get("max", -math.inf)
-        if lo < rule.lo:
-            return Violation(sf.stream, "range", lo, rule.lo)
-        if hi > rule.hi:
-            return Violation(sf.stream, "range", hi, rule.hi)
-        slope = f.get("slope")
-        if rule.max_rate_per_s is not None and slope is not None and abs(slope) > rule.max_rate_per_s:
-            return Violation(sf.stream, "rate", slope, rule.max_rate_per_s)
+        return None if rule is None else window_breach(sf, rule)
+
+
+def window_breach(sf: StreamFeatures, rule: Rule) -> Violation | None:
+    """The first part of ``rule`` one stream's window features break, or None (pure).
+
+    Callers that score every window look each stream's rule up once (:meth:`PlausibilityChecker.rule_for`)
+    and call this per window.
+    """
+    if not sf.count:  # a gap: nothing to judge
         return None
+    f = sf.features
+    lo = f.get("min", math.inf)
+    hi = f.get("max", -math.inf)
+    if lo < rule.lo:
+        return Violation(sf.stream, "range", lo, rule.lo)
+    if hi > rule.hi:
+        return Violation(sf.stream, "range", hi, rule.hi)
+    if rule.max_rate_per_s is not None:
+        slope = f.get("slope")
+        if slope is not None and abs(slope) > rule.max_rate_per_s:
+            return Violation(sf.stream, "rate", slope, rule.max_rate_per_s)
+    return None
 
 
 def describe(bad: Violation) -> str:

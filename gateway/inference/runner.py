@@ -52,7 +52,7 @@ import numpy.typing as npt
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, ModelResult, WindowRecord
 from gateway.inference.backends import Backend, open_backend
 from gateway.inference.card import ModelCard, input_matches
-from gateway.inference.plausibility import PlausibilityChecker, Violation
+from gateway.inference.plausibility import PlausibilityChecker, Rule, Violation, window_breach
 from gateway.inference.statefile import state_file, store_json
 from gateway.sample import Stream
 
@@ -213,11 +213,11 @@ class _Resolved:
     slots: tuple[tuple[int, str] | None, ...]
     found: int
     # Per window these do not change: (stream position, feature) of the inputs found and where
-    # they go in the input vector, and the positions of the streams a plausibility rule applies
-    # to, each once.
+    # they go in the input vector, and the streams a plausibility rule applies to, each once with
+    # its rule (looked up here, not per window).
     picks: tuple[tuple[int, str], ...] = ()
     columns: list[int] = field(default_factory=list)
-    checked: tuple[int, ...] = ()
+    rules: tuple[tuple[int, Rule], ...] = ()
 
 
 @dataclass(slots=True)
@@ -449,8 +449,8 @@ class AnomalyModel:
         picks = tuple(slot for slot in slots if slot is not None)
         columns = [j for j, slot in enumerate(slots) if slot is not None]
         positions = dict.fromkeys(pos for pos, _ in picks)
-        checked = tuple(p for p in positions if self._checker.rule_for(streams[p]) is not None)
-        got = _Resolved(streams, tuple(slots), len(picks), picks, columns, checked)
+        rules = tuple((p, r) for p in positions if (r := self._checker.rule_for(streams[p])) is not None)
+        got = _Resolved(streams, tuple(slots), len(picks), picks, columns, rules)
         self._resolved[record.subject] = got
         if got.found < self._n and record.subject not in self._reported:
             self._reported.add(record.subject)
@@ -475,8 +475,8 @@ class AnomalyModel:
         res = self._resolve(record)
         streams = record.streams
         bad: list[Violation] = []
-        for pos in res.checked:
-            v = self._checker.window_violation(streams[pos])
+        for pos, rule in res.rules:
+            v = window_breach(streams[pos], rule)
             if v is not None:
                 bad.append(v)
         # None where a window lacks the feature: NaN in the float array (features are never NaN).
@@ -542,8 +542,8 @@ class AnomalyModel:
             mean, std = (norm.level if norm.level is not None else norm.mean), norm.std
         if 2 * present < self._n:
             return None, self._absent_reason(record)
-        z = (x - mean) / std
-        z[~np.isfinite(z)] = 0.0  # an absent input sits at its normal value
+        z = x - mean
+        z /= std  # absent inputs stay NaN here: score_batch sets them to 0 (their normal value)
         return z, ""
 
     def _follow(self, record: WindowRecord, x: F64, flagged: bool | None) -> None:
@@ -597,7 +597,12 @@ class AnomalyModel:
         clip = self.card.normalisation.clip
         # The per-row decisions are taken on Python lists: a batch holds a few windows, and each
         # numpy mask operation on them cost more than the loop (most of a window's bookkeeping).
-        zmax_list: list[float] = np.abs(z_all).max(axis=1).tolist()
+        zmax_list: list[float] = _abs_max(z_all).tolist()
+        if not all(map(math.isfinite, zmax_list)):
+            # An absent input (NaN) or an overflow sits at its normal value, z = 0.  Most windows
+            # have every input: the row maxima say when the mask is needed.
+            z_all[~np.isfinite(z_all)] = 0.0
+            zmax_list = _abs_max(z_all).tolist()
         ood_z = spec.ood_z
         ood = [zm > ood_z for zm in zmax_list]
         any_ood = True in ood
@@ -609,26 +614,30 @@ class AnomalyModel:
         else:
             subject_ok = [True] * len(rows)
         reason = ""
-        scores = np.full(len(rows), np.nan)
-        model_rows: slice | list[int] = slice(None)
-        if any_ood:
-            model_rows = [r for r, o in enumerate(ood) if not o]
-            xin = z_all[model_rows]
-            np.minimum(xin, clip, out=xin)
-        else:
-            xin = np.minimum(z_all, clip)  # bare ufuncs: np.clip's wrapper costs more
+        scores: F64 | None = None
+        score_list: list[float] = []
+        model_rows: list[int] = [r for r, o in enumerate(ood) if not o] if any_ood else []
+        xin = z_all[model_rows] if any_ood else z_all
         if len(xin):
-            np.maximum(xin, -clip, out=xin)
+            if max(zmax_list) > clip:  # bare ufuncs: np.clip's wrapper costs more
+                xin = np.minimum(xin, clip)
+                np.maximum(xin, -clip, out=xin)
             try:
                 out = self.backend.run(xin.astype(np.float32))
             except Exception:  # a failing backend must not take the pipeline down
                 log.exception("models %s: backend raised; the fallback scores this batch", self.name)
                 reason = "backend_error"
             else:
-                if not np.isfinite(out).all():
+                score_list = out.tolist()
+                if not all(map(math.isfinite, score_list)):
                     reason = "non_finite_output"
-                scores[model_rows] = out
-        score_list: list[float] = scores.tolist()
+                if not any_ood:
+                    scores = out
+        if scores is None:  # some rows (or all) were not run: NaN there
+            scores = np.full(len(rows), np.nan)
+            if score_list:
+                scores[model_rows] = score_list
+            score_list = scores.tolist()
         if not h.demoted and reason:
             self._demote(reason)
         elif h.demoted and not h.reason.startswith("latency"):
@@ -850,6 +859,12 @@ class AnomalyModel:
         if self._track is not None and norm.level is not None:
             body["level"] = norm.level.tolist()
         store_json(path, body, self.name)
+
+
+def _abs_max(z: F64) -> F64:
+    """The largest ``|z|`` of each row (NaN where a row holds one)."""
+    got: F64 = np.maximum.reduce(np.abs(z), axis=1)
+    return got
 
 
 def _top(shares: F64, keys: Sequence[str]) -> dict[str, float]:
