@@ -593,16 +593,18 @@ class AnomalyModel:
                 xs.append(x)
         if not rows:
             return results
-        z_all = np.array(zs)
+        z_all = zs[0][np.newaxis] if len(zs) == 1 else np.array(zs)
         clip = self.card.normalisation.clip
         # The per-row decisions are taken on Python lists: a batch holds a few windows, and each
-        # numpy mask operation on them cost more than the loop (most of a window's bookkeeping).
-        zmax_list: list[float] = _abs_max(z_all).tolist()
-        if not all(map(math.isfinite, zmax_list)):
+        # numpy operation on them cost more than the loop (most of a window's bookkeeping).
+        z_rows: list[list[float]] = z_all.tolist()
+        if not all(math.isfinite(sum(row)) for row in z_rows):
             # An absent input (NaN) or an overflow sits at its normal value, z = 0.  Most windows
-            # have every input: the row maxima say when the mask is needed.
+            # have every input: the row sums say when the mask is needed (a sum that overflows
+            # only costs the mask).
             z_all[~np.isfinite(z_all)] = 0.0
-            zmax_list = _abs_max(z_all).tolist()
+            z_rows = z_all.tolist()
+        zmax_list = [max(map(abs, row)) for row in z_rows]
         ood_z = spec.ood_z
         ood = [zm > ood_z for zm in zmax_list]
         any_ood = True in ood
@@ -859,12 +861,6 @@ class AnomalyModel:
         if self._track is not None and norm.level is not None:
             body["level"] = norm.level.tolist()
         store_json(path, body, self.name)
-
-
-def _abs_max(z: F64) -> F64:
-    """The largest ``|z|`` of each row (NaN where a row holds one)."""
-    got: F64 = np.maximum.reduce(np.abs(z), axis=1)
-    return got
 
 
 def _top(shares: F64, keys: Sequence[str]) -> dict[str, float]:
