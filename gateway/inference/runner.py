@@ -182,7 +182,9 @@ class Normaliser:
         # In place and few operations: this runs for every window of every machine.
         step = x - self.level
         step *= self._weight
-        if not np.isfinite(step).all():
+        # Finite unless an input is absent (NaN) or the step overflowed; a sum on the Python list
+        # says so without numpy calls of its own (an overflowing sum only costs the clean-up).
+        if not math.isfinite(sum(step.tolist())):
             # np.nan_to_num(step, copy=False) in bare ufuncs (its wrapper cost more than the step):
             # an absent input does not move its level, an overflow is the largest finite step.
             np.copyto(step, 0.0, where=np.isnan(step))
