@@ -126,6 +126,7 @@ class Normaliser:
     _weight: F64 | None = None
     _lo: F64 | None = None
     _hi: F64 | None = None
+    _bounds: tuple[list[float], list[float]] | None = None  # _lo and _hi as lists
 
     @classmethod
     def empty(cls, n: int, need: int) -> Normaliser:
@@ -192,9 +193,13 @@ class Normaliser:
             np.maximum(step, -_FMAX, out=step)
         step *= min(1.0, dt / tau)
         self.level += step
-        if self._lo is not None and self._hi is not None:
-            np.maximum(self.level, self._lo, out=self.level)  # np.clip, without its wrapper's cost
-            np.minimum(self.level, self._hi, out=self.level)
+        if self._bounds is not None and self._lo is not None and self._hi is not None:
+            # Compared on Python lists first: a level that stays within its bounds (nearly every
+            # window) costs no numpy calls for them.
+            level, (lo, hi) = self.level.tolist(), self._bounds
+            if min(map(operator.sub, level, lo)) < 0.0 or max(map(operator.sub, level, hi)) > 0.0:
+                np.maximum(self.level, self._lo, out=self.level)  # np.clip, without its wrapper's cost
+                np.minimum(self.level, self._hi, out=self.level)
 
     def bound(self, track: Tracking) -> None:
         """Fix the level's bounds: ``cap`` commissioning spreads around the commissioning mean."""
@@ -202,6 +207,7 @@ class Normaliser:
         assert self.std is not None
         room = track.cap * self.std
         self._lo, self._hi = self.mean - room, self.mean + room
+        self._bounds = (self._lo.tolist(), self._hi.tolist())
 
     def _capped(self, level: F64) -> F64:
         return level if self._lo is None or self._hi is None else np.clip(level, self._lo, self._hi)
