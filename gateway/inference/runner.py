@@ -52,7 +52,7 @@ import numpy.typing as npt
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, ModelResult, WindowRecord
 from gateway.inference.backends import Backend, open_backend
 from gateway.inference.card import ModelCard, input_matches
-from gateway.inference.plausibility import PlausibilityChecker, Rule, Violation, window_breach
+from gateway.inference.plausibility import PlausibilityChecker, Rule, Violation, window_breaches
 from gateway.inference.statefile import state_file, store_json
 from gateway.sample import Stream
 
@@ -482,11 +482,7 @@ class AnomalyModel:
         """Raw input vector (NaN where absent), how many inputs are present, plausibility breaches."""
         res = self._resolve(record)
         streams = record.streams
-        bad: list[Violation] = []
-        for pos, rule in res.rules:
-            v = window_breach(streams[pos], rule)
-            if v is not None:
-                bad.append(v)
+        bad = window_breaches(streams, res.rules)
         # None where a window lacks the feature: NaN in the float array (features are never NaN).
         got = [streams[pos].features.get(feat) for pos, feat in res.picks]
         present = len(got) - got.count(None)
