@@ -17,7 +17,14 @@ import pytest
 from model_support import MODELS, NEURAL, card_of, copy_model
 
 from gateway.errors import ConfigError, CorruptDataError
-from gateway.inference.backends import DENSE_TOLERANCE, DenseBackend, litert_interpreter_class, open_backend
+from gateway.inference.backends import (
+    DENSE_ACTIVATIONS,
+    DENSE_TOLERANCE,
+    DenseBackend,
+    dense_forward,
+    litert_interpreter_class,
+    open_backend,
+)
 from gateway.inference.build import ModelsSection, ModelUse, build_models
 from gateway.inference.card import CARD_SUFFIX, ModelCard, file_sha256
 
@@ -142,3 +149,43 @@ def test_models_built_from_config_serve_on_numpy_and_litert_when_asked() -> None
     assert vitals.backend.name == "onnxruntime"
     (forced,) = build_models(ModelsSection(backend="numpy", use=[ModelUse(name="vitals_mimic")]), hop_s=10.0)
     assert forced.backend.name == "numpy"
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_numpy_window_at_a_time_scores_as_the_layers_compute_it(name: str) -> None:
+    # A window at a time takes a shorter path (the last layer finished in Python, numpy's tanh on
+    # a scalar): its scores must be those of the layers in numpy at batch 1, to the bit.
+    card = card_of(name)
+    with np.load(MODELS / card.dense_files["fp32"].path, allow_pickle=False) as npz:
+        acts = [str(a) for a in npz["act"].reshape(-1)]
+        layers = [
+            (npz[f"w{i}"].astype(np.float64), npz[f"b{i}"].astype(np.float64), act)
+            for i, act in enumerate(acts)
+        ]
+    rng = np.random.default_rng(5)
+    far = np.clip(rng.standard_normal((300, card.n_inputs)) * 8, -30, 30).astype(np.float32)
+    mine = open_backend(card, MODELS, backend="numpy")
+    for x in (recorded_rows(card)[:300], far):
+        one = np.concatenate([mine.run(x[i : i + 1]) for i in range(len(x))])
+        assert one.dtype == np.float64
+        np.testing.assert_array_equal(one, [dense_forward(x[i : i + 1], layers)[0] for i in range(len(x))])
+    # every activation a last layer may have, on weights written as a recipe writes them
+    for act in DENSE_ACTIVATIONS:
+        w0, w1 = rng.standard_normal((card.n_inputs, 4)), rng.standard_normal((4, 1))
+        b0, b1 = rng.standard_normal(4), rng.standard_normal(1)
+        layers = [(w0, b0, "relu"), (w1, b1, act)]
+        x = far[:50]
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            w0=w0,
+            b0=b0,
+            w1=w1,
+            b1=b1,
+            act=np.array(["relu", act]),
+            ref_x=x,
+            ref_y=dense_forward(x, layers),
+        )
+        crafted = DenseBackend(card, buf.getvalue(), "fp32")
+        one = np.concatenate([crafted.run(x[i : i + 1]) for i in range(len(x))])
+        np.testing.assert_array_equal(one, [dense_forward(x[i : i + 1], layers)[0] for i in range(len(x))])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +32,7 @@ from gateway.sample import UNUSABLE_FLAGS as UNUSABLE
 from gateway.sample import Sample, SampleBlock, Stream
 from gateway.units import converter
 
-__all__ = ["DEFAULT_RULES", "PlausibilityChecker", "Rule", "Violation", "describe"]
+__all__ = ["DEFAULT_RULES", "PlausibilityChecker", "Rule", "Violation", "describe", "window_breaches"]
 
 log = logging.getLogger(__name__)
 
@@ -250,19 +250,33 @@ class PlausibilityChecker:
     def window_violation(self, sf: StreamFeatures) -> Violation | None:
         """The first rule one stream's window features break, or None (pure)."""
         rule = self.rule_for(sf.stream)
-        if rule is None or sf.gap:
-            return None
+        got = [] if rule is None else window_breaches((sf,), ((0, rule),))
+        return got[0] if got else None
+
+
+def window_breaches(streams: Sequence[StreamFeatures], rules: Iterable[tuple[int, Rule]]) -> list[Violation]:
+    """For each (position in ``streams``, rule): the first part of it the stream's window breaks (pure).
+
+    Callers that vet every window look each stream's rule up once (:meth:`PlausibilityChecker.rule_for`)
+    and call this once per window; a stream without a usable sample (a gap) breaks nothing.
+    """
+    out: list[Violation] = []
+    for pos, rule in rules:
+        sf = streams[pos]
+        if not sf.count:
+            continue
         f = sf.features
         lo = f.get("min", math.inf)
         hi = f.get("max", -math.inf)
         if lo < rule.lo:
-            return Violation(sf.stream, "range", lo, rule.lo)
-        if hi > rule.hi:
-            return Violation(sf.stream, "range", hi, rule.hi)
-        slope = f.get("slope")
-        if rule.max_rate_per_s is not None and slope is not None and abs(slope) > rule.max_rate_per_s:
-            return Violation(sf.stream, "rate", slope, rule.max_rate_per_s)
-        return None
+            out.append(Violation(sf.stream, "range", lo, rule.lo))
+        elif hi > rule.hi:
+            out.append(Violation(sf.stream, "range", hi, rule.hi))
+        elif rule.max_rate_per_s is not None:
+            slope = f.get("slope")
+            if slope is not None and abs(slope) > rule.max_rate_per_s:
+                out.append(Violation(sf.stream, "rate", slope, rule.max_rate_per_s))
+    return out
 
 
 def describe(bad: Violation) -> str:

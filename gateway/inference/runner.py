@@ -52,7 +52,7 @@ import numpy.typing as npt
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, ModelResult, WindowRecord
 from gateway.inference.backends import Backend, open_backend
 from gateway.inference.card import ModelCard, input_matches
-from gateway.inference.plausibility import PlausibilityChecker, Violation
+from gateway.inference.plausibility import PlausibilityChecker, Rule, Violation, window_breaches
 from gateway.inference.statefile import state_file, store_json
 from gateway.sample import Stream
 
@@ -126,6 +126,7 @@ class Normaliser:
     _weight: F64 | None = None
     _lo: F64 | None = None
     _hi: F64 | None = None
+    _bounds: tuple[list[float], list[float]] | None = None  # _lo and _hi as lists
 
     @classmethod
     def empty(cls, n: int, need: int) -> Normaliser:
@@ -182,7 +183,9 @@ class Normaliser:
         # In place and few operations: this runs for every window of every machine.
         step = x - self.level
         step *= self._weight
-        if not np.isfinite(step).all():
+        # Finite unless an input is absent (NaN) or the step overflowed; a sum on the Python list
+        # says so without numpy calls of its own (an overflowing sum only costs the clean-up).
+        if not math.isfinite(sum(step.tolist())):
             # np.nan_to_num(step, copy=False) in bare ufuncs (its wrapper cost more than the step):
             # an absent input does not move its level, an overflow is the largest finite step.
             np.copyto(step, 0.0, where=np.isnan(step))
@@ -190,9 +193,13 @@ class Normaliser:
             np.maximum(step, -_FMAX, out=step)
         step *= min(1.0, dt / tau)
         self.level += step
-        if self._lo is not None and self._hi is not None:
-            np.maximum(self.level, self._lo, out=self.level)  # np.clip, without its wrapper's cost
-            np.minimum(self.level, self._hi, out=self.level)
+        if self._bounds is not None and self._lo is not None and self._hi is not None:
+            # Compared on Python lists first: a level that stays within its bounds (nearly every
+            # window) costs no numpy calls for them.
+            level, (lo, hi) = self.level.tolist(), self._bounds
+            if min(map(operator.sub, level, lo)) < 0.0 or max(map(operator.sub, level, hi)) > 0.0:
+                np.maximum(self.level, self._lo, out=self.level)  # np.clip, without its wrapper's cost
+                np.minimum(self.level, self._hi, out=self.level)
 
     def bound(self, track: Tracking) -> None:
         """Fix the level's bounds: ``cap`` commissioning spreads around the commissioning mean."""
@@ -200,6 +207,7 @@ class Normaliser:
         assert self.std is not None
         room = track.cap * self.std
         self._lo, self._hi = self.mean - room, self.mean + room
+        self._bounds = (self._lo.tolist(), self._hi.tolist())
 
     def _capped(self, level: F64) -> F64:
         return level if self._lo is None or self._hi is None else np.clip(level, self._lo, self._hi)
@@ -213,11 +221,11 @@ class _Resolved:
     slots: tuple[tuple[int, str] | None, ...]
     found: int
     # Per window these do not change: (stream position, feature) of the inputs found and where
-    # they go in the input vector, and the positions of the streams a plausibility rule applies
-    # to, each once.
+    # they go in the input vector, and the streams a plausibility rule applies to, each once with
+    # its rule (looked up here, not per window).
     picks: tuple[tuple[int, str], ...] = ()
     columns: list[int] = field(default_factory=list)
-    checked: tuple[int, ...] = ()
+    rules: tuple[tuple[int, Rule], ...] = ()
 
 
 @dataclass(slots=True)
@@ -449,8 +457,8 @@ class AnomalyModel:
         picks = tuple(slot for slot in slots if slot is not None)
         columns = [j for j, slot in enumerate(slots) if slot is not None]
         positions = dict.fromkeys(pos for pos, _ in picks)
-        checked = tuple(p for p in positions if self._checker.rule_for(streams[p]) is not None)
-        got = _Resolved(streams, tuple(slots), len(picks), picks, columns, checked)
+        rules = tuple((p, r) for p in positions if (r := self._checker.rule_for(streams[p])) is not None)
+        got = _Resolved(streams, tuple(slots), len(picks), picks, columns, rules)
         self._resolved[record.subject] = got
         if got.found < self._n and record.subject not in self._reported:
             self._reported.add(record.subject)
@@ -474,11 +482,7 @@ class AnomalyModel:
         """Raw input vector (NaN where absent), how many inputs are present, plausibility breaches."""
         res = self._resolve(record)
         streams = record.streams
-        bad: list[Violation] = []
-        for pos in res.checked:
-            v = self._checker.window_violation(streams[pos])
-            if v is not None:
-                bad.append(v)
+        bad = window_breaches(streams, res.rules)
         # None where a window lacks the feature: NaN in the float array (features are never NaN).
         got = [streams[pos].features.get(feat) for pos, feat in res.picks]
         present = len(got) - got.count(None)
@@ -542,8 +546,8 @@ class AnomalyModel:
             mean, std = (norm.level if norm.level is not None else norm.mean), norm.std
         if 2 * present < self._n:
             return None, self._absent_reason(record)
-        z = (x - mean) / std
-        z[~np.isfinite(z)] = 0.0  # an absent input sits at its normal value
+        z = x - mean
+        z /= std  # absent inputs stay NaN here: score_batch sets them to 0 (their normal value)
         return z, ""
 
     def _follow(self, record: WindowRecord, x: F64, flagged: bool | None) -> None:
@@ -593,11 +597,18 @@ class AnomalyModel:
                 xs.append(x)
         if not rows:
             return results
-        z_all = np.array(zs)
+        z_all = zs[0][np.newaxis] if len(zs) == 1 else np.array(zs)
         clip = self.card.normalisation.clip
         # The per-row decisions are taken on Python lists: a batch holds a few windows, and each
-        # numpy mask operation on them cost more than the loop (most of a window's bookkeeping).
-        zmax_list: list[float] = np.abs(z_all).max(axis=1).tolist()
+        # numpy operation on them cost more than the loop (most of a window's bookkeeping).
+        z_rows: list[list[float]] = z_all.tolist()
+        if not all(math.isfinite(sum(row)) for row in z_rows):
+            # An absent input (NaN) or an overflow sits at its normal value, z = 0.  Most windows
+            # have every input: the row sums say when the mask is needed (a sum that overflows
+            # only costs the mask).
+            z_all[~np.isfinite(z_all)] = 0.0
+            z_rows = z_all.tolist()
+        zmax_list = [max(map(abs, row)) for row in z_rows]
         ood_z = spec.ood_z
         ood = [zm > ood_z for zm in zmax_list]
         any_ood = True in ood
@@ -609,26 +620,30 @@ class AnomalyModel:
         else:
             subject_ok = [True] * len(rows)
         reason = ""
-        scores = np.full(len(rows), np.nan)
-        model_rows: slice | list[int] = slice(None)
-        if any_ood:
-            model_rows = [r for r, o in enumerate(ood) if not o]
-            xin = z_all[model_rows]
-            np.minimum(xin, clip, out=xin)
-        else:
-            xin = np.minimum(z_all, clip)  # bare ufuncs: np.clip's wrapper costs more
+        scores: F64 | None = None
+        score_list: list[float] = []
+        model_rows: list[int] = [r for r, o in enumerate(ood) if not o] if any_ood else []
+        xin = z_all[model_rows] if any_ood else z_all
         if len(xin):
-            np.maximum(xin, -clip, out=xin)
+            if max(zmax_list) > clip:  # bare ufuncs: np.clip's wrapper costs more
+                xin = np.minimum(xin, clip)
+                np.maximum(xin, -clip, out=xin)
             try:
                 out = self.backend.run(xin.astype(np.float32))
             except Exception:  # a failing backend must not take the pipeline down
                 log.exception("models %s: backend raised; the fallback scores this batch", self.name)
                 reason = "backend_error"
             else:
-                if not np.isfinite(out).all():
+                score_list = out.tolist()
+                if not all(map(math.isfinite, score_list)):
                     reason = "non_finite_output"
-                scores[model_rows] = out
-        score_list: list[float] = scores.tolist()
+                if not any_ood:
+                    scores = out
+        if scores is None:  # some rows (or all) were not run: NaN there
+            scores = np.full(len(rows), np.nan)
+            if score_list:
+                scores[model_rows] = score_list
+            score_list = scores.tolist()
         if not h.demoted and reason:
             self._demote(reason)
         elif h.demoted and not h.reason.startswith("latency"):

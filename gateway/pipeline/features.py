@@ -8,6 +8,7 @@ for a key rather than for NaN.  Non-finite inputs are ignored, never interpolate
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -92,16 +93,22 @@ def basic_features_streams(ts: Sequence[F8], vs: Sequence[F8]) -> list[dict[str,
     function's within rounding (sums are taken in another order: relative differences ~1e-15).
     A single non-empty stream, or values beyond +-1e100, take the per-stream function itself.
     """
+    counts = tuple(map(len, vs))
+    if 0 not in counts:  # the usual window: every stream has samples
+        return _streams_pass(ts, vs, counts) if len(counts) > 1 else [basic_features_finite(ts[0], vs[0])]
     out: list[dict[str, float]] = [{} for _ in vs]
-    idx = [i for i, v in enumerate(vs) if v.size]
-    if not idx:
-        return out
+    idx = [i for i, c in enumerate(counts) if c]
     if len(idx) == 1:  # one stream: the per-stream function is the cheaper pass
         out[idx[0]] = basic_features_finite(ts[idx[0]], vs[idx[0]])
-        return out
-    if len(idx) < len(vs):
-        ts, vs = [ts[i] for i in idx], [vs[i] for i in idx]
-    counts = tuple(v.size for v in vs)
+    elif idx:
+        got = _streams_pass([ts[i] for i in idx], [vs[i] for i in idx], tuple(counts[i] for i in idx))
+        for i, f in zip(idx, got, strict=True):
+            out[i] = f
+    return out
+
+
+def _streams_pass(ts: Sequence[F8], vs: Sequence[F8], counts: tuple[int, ...]) -> list[dict[str, float]]:
+    """:func:`basic_features_streams` of two or more streams, none of them empty."""
     s = len(counts)
     starts, seg, n = _layout(counts)
     x = np.concatenate((*vs, *ts))
@@ -113,29 +120,23 @@ def basic_features_streams(ts: Sequence[F8], vs: Sequence[F8]) -> list[dict[str,
     if min(los) <= -_HUGE or max(his) >= _HUGE:
         # Squares could overflow, and numpy would warn where the per-stream dot products do not;
         # within the bound no feature but the slope can be non-finite (times are clock seconds).
-        for i, t, v in zip(idx, ts, vs, strict=True):
-            out[i] = basic_features_finite(t, v)
-        return out
+        return [basic_features_finite(t, v) for t, v in zip(ts, vs, strict=True)]
     mean = np.add.reduceat(x, starts)
     mean /= n
-    # Rounding can put a sum/n mean a hair outside [min, max]; clamp so constants stay exact.
-    np.maximum(mean[:s], vmin, out=mean[:s])
-    np.minimum(mean[:s], vmax, out=mean[:s])
+    means = mean[:s].tolist()
+    # Rounding can put a sum/n mean a hair outside [min, max]; clamp so constants stay exact.  Only
+    # a (near) constant stream can be outside: the check on lists spares two numpy calls a window.
+    if min(map(operator.sub, means, los)) < 0.0 or max(map(operator.sub, means, his)) > 0.0:
+        np.maximum(mean[:s], vmin, out=mean[:s])
+        np.minimum(mean[:s], vmax, out=mean[:s])
+        means = mean[:s].tolist()
     x -= mean[seg]  # centred values, then centred times (t_mono ~1e5-1e6 s: keeps precision)
     sq = np.add.reduceat(x * x, starts)
     cross = np.add.reduceat(xv * x[nv:], starts[:s])
-    rows = zip(
-        idx,
-        counts,
-        mean[:s].tolist(),
-        los,
-        his,
-        sq[:s].tolist(),
-        sq[s:].tolist(),
-        cross.tolist(),
-        strict=True,
-    )
-    for i, c, m, lo, hi, ss, den, num in rows:
+    out: list[dict[str, float]] = []
+    for c, m, lo, hi, ss, den, num in zip(
+        counts, means, los, his, sq[:s].tolist(), sq[s:].tolist(), cross.tolist(), strict=True
+    ):
         # Divisions in Python as in the per-stream function: no numpy warning state per window.
         if lo == hi:
             sd, slope = 0.0, 0.0
@@ -145,7 +146,7 @@ def basic_features_streams(ts: Sequence[F8], vs: Sequence[F8]) -> list[dict[str,
         f = {"mean": m, "std": sd, "min": lo, "max": hi}
         if c >= 2 and den > 0.0 and math.isfinite(slope):
             f["slope"] = slope
-        out[i] = f
+        out.append(f)
     return out
 
 

@@ -2,7 +2,10 @@
 
 Run: ``.venv/bin/python tests/benchmarks/bench_models.py [--windows 3000] [--load N] [--only-windows]``,
 or ``--compare pump_skab --backends numpy,litert`` for one model's fp32 per-window cost on several
-backends in alternating rounds over the same windows (idle, then under the load generator).
+backends in alternating rounds over the same windows (idle, then under the load generator);
+``--evict MB`` adds a phase between them in which the benchmark's own thread streams over ``MB``
+megabytes before every window (outside the measured time): every window then starts with the cold
+caches a busy neighbour leaves, without waiting for the scheduler to switch the thread out.
 
 The benchmark pins itself to one CPU and measures every window at batch 1, as the pipeline scores
 a subject's window when it closes, for each shipped neural model on each backend (numpy fp32,
@@ -160,7 +163,9 @@ class Paths:
 
     ROUNDS = 6
 
-    def __init__(self, paths: dict[str, tuple[Case, bool]], windows: int) -> None:
+    def __init__(
+        self, paths: dict[str, tuple[Case, bool]], windows: int, before: Callable[[], object] | None = None
+    ) -> None:
         per = max(1, windows // self.ROUNDS)
         n = per * self.ROUNDS
         # Preallocated: per-window Python objects kept here would fill fresh memory pages that the
@@ -181,10 +186,12 @@ class Paths:
                 for key, (case, per_stream) in paths.items():
                     cpu, wall, ev = self.cpu[key], self.wall[key], self.events[key]
                     for i in range(r * per, (r + 1) * per):
-                        before, r0 = ran[0], usage()
+                        if before is not None:
+                            before()
+                        collections, r0 = ran[0], usage()
                         cpu[i], wall[i] = case.window_batch(1, per_stream)
                         r1 = usage()
-                        ev[i, 0] = ran[0] != before
+                        ev[i, 0] = ran[0] != collections
                         ev[i, 1] = r1.ru_nvcsw + r1.ru_nivcsw != r0.ru_nvcsw + r0.ru_nivcsw
                         ev[i, 2] = r1.ru_minflt + r1.ru_majflt != r0.ru_minflt + r0.ru_majflt
         finally:
@@ -210,7 +217,7 @@ def tail_row(label: str, cpu: np.ndarray, ev: np.ndarray) -> str:
     return f"{label:34} {pct(cpu):>15}   {share:>35} {rest:17.1f} {sw:17.1f}"
 
 
-def compare_backends(model: str, backends: list[str], windows: int, load: int) -> None:
+def compare_backends(model: str, backends: list[str], windows: int, load: int, evict_mb: int = 0) -> None:
     """Per-window CPU of one model on several backends, alternating rounds over the same windows."""
     cases = {b: Case(model, b, "fp32", windows, seed=1) for b in backends}
     gc.collect()
@@ -219,14 +226,20 @@ def compare_backends(model: str, backends: list[str], windows: int, load: int) -
         f"{'backend':34} {'p50 / p99 us':>15}   {'GC / switched / fault, % of windows':>35}"
         f" {'p99 of the others':>17} {'p99 of switched':>17}"
     )
-    phases = [("idle", 0)] + ([("loaded", load)] if load else [])
-    for phase, n in phases:
+    phases = [("idle", 0, 0)] + ([("evicted", 0, evict_mb)] if evict_mb else [])
+    phases += [("loaded", load, 0)] if load else []
+    for phase, n, mb in phases:
+        # Streaming over more than the last-level cache, in place: what a busy neighbour's
+        # time slice leaves behind, before every window.
+        sweep = np.ones(mb << 17) if mb else None
+        before = None if sweep is None else functools.partial(np.multiply, sweep, 1.0000001, out=sweep)
         with load_generator(n) as pids:
             print(
                 f"-- {model} fp32, batch 1, per window incl. features, thread CPU; {phase}"
-                f" ({len(pids)} busy processes), load average {os.getloadavg()[0]:.1f}"
+                f" ({len(pids)} busy processes{f', {mb} MB streamed before each window' if mb else ''}),"
+                f" load average {os.getloadavg()[0]:.1f}"
             )
-            paths = Paths({b: (c, False) for b, c in cases.items()}, windows)
+            paths = Paths({b: (c, False) for b, c in cases.items()}, windows, before)
         print(head)
         for b in backends:
             cpu, _, ev = paths.arrays(b)
@@ -289,6 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--backends", default="numpy,litert", help="backends for --compare (default numpy,litert)"
     )
+    ap.add_argument(
+        "--evict",
+        type=int,
+        default=0,
+        metavar="MB",
+        help="--compare: a phase streaming over MB megabytes before every window (cold caches)",
+    )
     args = ap.parse_args(argv)
     os.sched_setaffinity(0, {args.cpu})
     print(
@@ -297,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = ["numpy", "onnxruntime"] + (["litert"] if litert_interpreter_class() is not None else [])
     if args.compare:
         compare_backends(
-            args.compare, args.backends.split(","), args.windows, 0 if args.no_load else args.load
+            args.compare, args.backends.split(","), args.windows, 0 if args.no_load else args.load, args.evict
         )
         return 0
     cases = [
