@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from gateway.sample import Stream, industrial_metric
 from models.recipes.common import MODELS_DIR
 
 SIGNALS = ("Flow", "Pressure", "Current", "Temperature")
-TEP = Path("/work/shared/data/industrial/tep_braatz")
+DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+TEP = DATA / "industrial" / "tep_braatz"
 
 
 def machine_rows(n: int, rng: np.random.Generator, *, fault_from: int | None = None) -> np.ndarray:
@@ -285,12 +287,14 @@ def test_the_shipped_detector_card_states_its_choice_and_the_gateway_defaults() 
     assert not set(card["tuning_faults"]) & {3, 9, 15, 21}
 
 
-@pytest.mark.skipif(not TEP.is_dir(), reason="Tennessee Eastman reference runs not in /work/shared/data")
+@pytest.mark.skipif(
+    not TEP.is_dir(), reason=f"Tennessee Eastman reference runs not found under {DATA} (set EDGETWIN_DATA)"
+)
 def test_the_shipped_tep_figures_are_reproduced_from_the_shared_data() -> None:
     from models.recipes.novelty_tep import FAULT_AT_TE, load, mdr, novelty_scores  # noqa: PLC0415
 
     card = json.loads((MODELS_DIR / "novelty.detector.json").read_text(encoding="utf-8"))
-    runs = load(TEP.parent.parent)
+    runs = load(DATA)
     ev = card["evaluation"]
     with_cusum = {**card["gateway_defaults"], "cusum_k": card["chosen"]["cusum_k"]}
     for name, c in (("novelty", card["chosen"]), ("novelty_1_0_cusum", with_cusum)):
