@@ -372,6 +372,7 @@ def test_the_shipped_detector_card_states_its_choice_and_the_gateway_defaults() 
     # The gateway's defaults (1.0.0's choice; the CUSUM off after the default half hour of
     # commissioning, at the chosen allowance from two hours) are points of the grid.
     assert card["gateway_cusum_default"] == {"cusum_k": c["cusum_k"], "min_commissioning_s": 7200.0}
+    assert set(card["gateway_settings"]) == set(NoveltyUse.model_fields)  # every setting documented
     assert d.residual_cusum()[0] == 0.0
     long = NoveltyUse(commissioning_s=7200.0)
     assert long.residual_cusum()[0] == c["cusum_k"]

@@ -101,6 +101,35 @@ HOURS_TE = 48.0
 HOURS_PER_SAMPLE = 0.05  # 3 min
 
 
+# Every key of the gateway's [models.novelty] table, what it does (the card's gateway_settings).
+SETTINGS = {
+    "subject_kind": "subject kind it commissions and scores (default industrial)",
+    "subjects": "subjects it scores; empty: every subject of that kind",
+    "inputs": "stream metric names (whole, or their last segments) that are inputs; empty: every numeric stream",
+    "features": "window features of each input stream that are inputs (default the mean)",
+    "spread_only": (
+        "metric names (whole or last segments) whose level wanders with ambient or run time (a motor's "
+        "temperature): of these only the non-level features (std) are inputs, never the mean"
+    ),
+    "window_s": (
+        "length (s) of the window its features are taken over, cut beside the pipeline's on the same hop "
+        "grid; unset: the pipeline's window_s (a change recommissions)"
+    ),
+    "commissioning_s": "span of complete windows each subject is commissioned on (default 1800 s)",
+    "false_alarm_rate": "rate the out-of-fold limits and threshold are set at (default 0.01)",
+    "lags": "earlier windows stacked beside each window (dynamic PCA)",
+    "ewma": "weight of the newest window in the smoothed block beside the raw inputs (1: none)",
+    "ewma_slow": "weight of a second, slower smoothed block (1: none)",
+    "cusum_k": (
+        "allowance of the residual CUSUM in long-run spreads; 0: off; unset: gateway_cusum_default "
+        "(on from 2 h of commissioning)"
+    ),
+    "var_keep": "share of the commissioning variance the principal subspace keeps",
+    "adapt_rate": "step of the guarded adaptation of the standardisation on normal windows (0: none)",
+    "latency_budget_us": "per-window compute budget on one core",
+}
+
+
 def load(root: Path) -> dict[str, F64]:
     """Every run of the reference set, samples in rows."""
     base = root / "industrial" / "tep_braatz"
@@ -409,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         # cusum_k unset: the residual CUSUM at this allowance from this commissioning span, else off.
         "gateway_cusum_default": {"cusum_k": CUSUM_AUTO_K, "min_commissioning_s": CUSUM_AUTO_MIN_S},
+        "gateway_settings": SETTINGS,
         "tuning_faults": list(TUNE),
         "grid": grid,
         "evaluation": ev,
