@@ -16,7 +16,8 @@ subspace keeping ``var_keep`` of the variance is fitted.  A window is scored by
   sum is held at most ``cusum_clear`` allowances above the alarm level, so once the residuals are
   back at their normal mean it falls below that level within about ``cusum_clear`` windows
   however long the fault lasted (without the cap, a sum grown over hours took hours to fall);
-  the cap never acts below the alarm level, so a fault is detected exactly as early,
+  the cap never acts below the alarm level, so a fault is first flagged exactly as early (one
+  whose residuals come and go is flagged less of its time),
 
 each divided by its own limit, the largest taken, and divided by a threshold.  Limits and threshold
 are the ``1 - far`` quantiles of *out-of-fold* scores of the commissioning data (contiguous blocks
