@@ -646,7 +646,8 @@ async def _supervise(
     # Per-machine novelty detection ([models.novelty]) and the per-stream detector for subjects
     # no model scores ([models.streams]), beside the carded models.
     hop, state = core.pipeline.hop_s, core.gateway.state_dir
-    scored: list[WindowModel] = [*slots, *build_novelty(core.models.novelty, hop_s=hop, state_dir=state)]
+    novelty = build_novelty(core.models.novelty, hop_s=hop, state_dir=state)
+    scored: list[WindowModel] = [*slots, *novelty]
     scored += build_stream_change(core.models.streams, hop_s=hop, state_dir=state, others=scored)
     try:
         fusions = build_fusions(
@@ -749,7 +750,7 @@ async def _supervise(
         outbox=outbox,
         uplink=uplink,
         uplink_kind=core.uplink.kind,
-        models=slots,
+        models=[*slots, *novelty],  # the novelty detector's subjects say what judges them
         sources=[(e.info.name, e.driver) for e in config.sources],
         pseudonym=anonymizer.subject_pseudonym,
         budget_bytes=int(core.outbox.max_mb * 1024 * 1024),

@@ -390,3 +390,43 @@ def test_drops_are_in_every_headline() -> None:
     assert headline(snap) == "healthy: 2/2 units running, 0 stream(s), no uplink, 0 queued, dropped 3"
     snap["units"][1].update(state="failed", last_error="x")
     assert headline(snap) == "down: pipeline failed: x, dropped 3"
+
+
+@pytest.mark.campaign
+def test_the_novelty_detector_s_subjects_say_whether_the_residual_cusum_judges_them(
+    tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A minute of commissioning (45 one-second windows, the fewest its folds take): the CUSUM is
+    # off by default below two hours, and status says so and why, per subject.
+    config = _config(
+        tmp_path,
+        '[uplink]\nkind = "none"\n[models.novelty]\ncommissioning_s = 1.0\newma = 1.0\n'
+        "[models.streams]\nenabled = false\n"
+        '[[sources]]\nname = "pump3-sim"\ndriver = "sim"\nsubject = "pump3-subject"\nkind = "industrial"\n'
+        'profile = "pump"\ndevice = "SN-PLC-1"\nrate_hz = 4.0\n',
+    )
+    gw = Gateway(config, notify)
+    try:
+
+        def novelty(snap: dict[str, Any]) -> dict[str, Any] | None:
+            return next((m for m in snap["models"] if m["name"] == "novelty"), None)
+
+        first = novelty(
+            gw.wait(capsys, lambda s: bool((m := novelty(s)) and m["subjects"]), "novelty listed")
+        )
+        assert first is not None
+        assert first["subjects"][0]["state"] in {"not scored yet", "commissioning"}
+        off = "active (T2, SPE; residual CUSUM off: default: off below commissioning_s 7200 s)"
+        gw.wait(
+            capsys,
+            lambda s: (m := novelty(s)) is not None and m["subjects"][0]["state"] == off,
+            "commissioned",
+            120,
+        )
+        _, text = gw.status(capsys)
+        assert re.search(r"^  novelty: active; [a-z2-7]{16} " + re.escape(off) + "$", text, re.MULTILINE), (
+            text
+        )
+    finally:
+        err = gw.stop()
+    assert gw.proc.returncode == 0, err

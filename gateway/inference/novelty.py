@@ -12,7 +12,12 @@ subspace keeping ``var_keep`` of the variance is fitted.  A window is scored by
 * with ``cusum_k`` > 0, a two-sided CUSUM (Page's) of each residual column in its long-run
   spreads (its spread times the AR(1) variance inflation of its autocorrelation) with allowance
   ``cusum_k``: a relation broken a little but persistently - a slow drift - accumulates, where
-  T² and SPE judge each window alone; the largest sum is the statistic,
+  T² and SPE judge each window alone; the largest sum is the statistic.  Its clearing rule: each
+  sum is held at most ``cusum_clear`` allowances above the alarm level, so once the residuals are
+  back at their normal mean it falls below that level within about ``cusum_clear`` windows
+  however long the fault lasted (without the cap, a sum grown over hours took hours to fall);
+  the cap never acts below the alarm level, so a fault is first flagged exactly as early (one
+  whose residuals come and go is flagged less of its time),
 
 each divided by its own limit, the largest taken, and divided by a threshold.  Limits and threshold
 are the ``1 - far`` quantiles of *out-of-fold* scores of the commissioning data (contiguous blocks
@@ -51,7 +56,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +88,14 @@ log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]
 
 STATE_VERSION = 1
+CUSUM_CLEAR = 10  # default clearing horizon of the residual CUSUM, windows (see PcaSpec.cusum_clear)
+# The residual CUSUM by default (NoveltyUse.cusum_k unset): its allowance, and the commissioning
+# span from which it is on.  A shorter span holds too little of a machine's slow normal wander:
+# on the simulated pump (BENCHMARKS.md, 3 seeds, 6 h judged) after half an hour it kept the pump
+# flagged 2.8-5.3 h (T² and SPE alone 0.02-3.1 h), after one hour it added a false episode in one
+# seed, after two hours none.
+CUSUM_AUTO_K = 1.0
+CUSUM_AUTO_MIN_S = 7200.0
 _SAVE_EVERY = 20  # commissioning rows between saves of the partial state
 
 
@@ -103,6 +116,10 @@ class PcaSpec:
     # Allowance of the residual CUSUM in long-run spreads (0 = no CUSUM, 1.2.0): a small relation
     # break that persists accumulates, where T² and SPE judge each window alone.
     cusum_k: float = 0.0
+    # The CUSUM's clearing horizon in windows (1.3.0): its sums are held at most this many
+    # allowances above its alarm level, so once the residuals are back at their normal mean they
+    # fall below it within about this many windows, however long the fault lasted.
+    cusum_clear: int = CUSUM_CLEAR
 
 
 @dataclass(slots=True)
@@ -117,10 +134,10 @@ class CusumSums:
         """Sums of a CUSUM that has seen nothing yet."""
         return cls(np.zeros(n), np.zeros(n))
 
-    def step(self, u: F64, k: float) -> F64:
-        """Take one row of scaled residuals; the larger sum per column after it."""
-        self.up = np.maximum(self.up + u - k, 0.0)
-        self.down = np.maximum(self.down - u - k, 0.0)
+    def step(self, u: F64, k: float, cap: float = math.inf) -> F64:
+        """Take one row of scaled residuals; the larger sum per column after it (each at most ``cap``)."""
+        self.up = np.clip(self.up + u - k, 0.0, cap)
+        self.down = np.clip(self.down - u - k, 0.0, cap)
         return np.maximum(self.up, self.down)
 
 
@@ -161,6 +178,7 @@ class PcaFit:
                 s.min_std_abs,
                 s.ewma_slow,
                 s.cusum_k,
+                s.cusum_clear,
             ],
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
@@ -175,10 +193,12 @@ class PcaFit:
     def from_json(cls, raw: dict[str, Any]) -> PcaFit:
         """Back from :meth:`to_json`; raises ValueError/KeyError/TypeError on a bad body."""
         # Seven entries: a state saved before the slow block existed (none); eight: before the
-        # residual CUSUM (none).
+        # residual CUSUM (none); nine: before its clearing horizon (the default: a scoring rule,
+        # nothing fitted depends on it).
         lags, ewma, var_keep, far, folds, rel, abs_, *rest = raw["spec"]
         slow = rest[0] if rest else 1.0
         cusum_k = rest[1] if len(rest) > 1 else 0.0
+        clear = rest[2] if len(rest) > 2 else CUSUM_CLEAR
         spec = PcaSpec(
             int(lags),
             float(ewma),
@@ -189,6 +209,7 @@ class PcaFit:
             float(abs_),
             float(slow),
             float(cusum_k),
+            int(clear),
         )
         lim_t2, lim_spe, thr, *more = (float(v) for v in raw["limits"])
         scale = raw.get("res_scale")
@@ -207,7 +228,8 @@ class PcaFit:
         )
         d = fit.n_inputs
         cusum_ok = spec.cusum_k <= 0.0 or (
-            fit.res_scale is not None
+            spec.cusum_clear >= 1
+            and fit.res_scale is not None
             and fit.res_scale.shape == fit.center.shape
             and bool((fit.res_scale > 0).all())
             and fit.lim_cusum > 0
@@ -310,14 +332,29 @@ def _long_run_scale(resid: F64, spec: PcaSpec) -> F64:
     return np.asarray(spread * np.sqrt((1.0 + ac) / (1.0 - ac)), np.float64)
 
 
-def _cusum_run(resid: F64, scale: F64, k: float, sums: CusumSums | None = None) -> tuple[F64, CusumSums]:
+def _cusum_run(
+    resid: F64, scale: F64, k: float, sums: CusumSums | None = None, cap: float = math.inf
+) -> tuple[F64, CusumSums]:
     """Per row, each residual column's larger CUSUM after it; continues ``sums`` (updated) if given."""
     state = CusumSums.zeros(resid.shape[1]) if sums is None else sums
     u = resid / scale
     out = np.empty_like(u)
     for i in range(u.shape[0]):
-        out[i] = state.step(u[i], k)
+        out[i] = state.step(u[i], k, cap)
     return out, state
+
+
+def cusum_cap(fit: PcaFit) -> float:
+    """The most a residual CUSUM sum is held at: ``cusum_clear`` allowances above its alarm level.
+
+    The clearing rule.  Unbounded, a sum grows for as long as a fault lasts and, once the
+    residuals are back at their normal mean, falls by the allowance per window: the alarm of a
+    fault that lasted hours would clear hours after it ended.  Held at this cap it falls below the
+    alarm level within about ``cusum_clear`` windows.  Below the alarm level the cap never acts, so
+    the first crossing - a fault's detection delay - is the same as without it, and a capped sum
+    is never above the uncapped one: it flags a subset of the windows the uncapped CUSUM flags.
+    """
+    return fit.lim_cusum * fit.threshold + fit.spec.cusum_clear * fit.spec.cusum_k
 
 
 def gap_rows(spec: PcaSpec) -> int:
@@ -355,7 +392,8 @@ def fit_pca(x: F64, spec: PcaSpec) -> PcaFit:
         oof_t2.append(t2)
         oof_spe.append(spe)
         if cusum:
-            # The held-out block's CUSUM starts from zero, its scale from the rows the fold fits.
+            # The held-out block's CUSUM starts from zero, its scale from the rows the fold fits;
+            # uncapped (the cap, cusum_cap, only acts above the alarm level these set).
             scale = _long_run_scale(_stats(z[keep], c, p, e)[2], spec)
             oof_cus.append(_cusum_run(resid, scale, spec.cusum_k)[0].max(axis=1))
     t2_all = np.concatenate(oof_t2)
@@ -384,7 +422,7 @@ def score_rows(fit: PcaFit, z: F64, sums: CusumSums | None = None) -> tuple[F64,
     t2, spe, resid = _stats(z, fit.center, fit.load, fit.eig)
     ratio = np.maximum(t2 / fit.lim_t2, spe / fit.lim_spe)
     if fit.spec.cusum_k > 0.0 and fit.res_scale is not None:
-        cus = _cusum_run(resid, fit.res_scale, fit.spec.cusum_k, sums)[0].max(axis=1)
+        cus = _cusum_run(resid, fit.res_scale, fit.spec.cusum_k, sums, cusum_cap(fit))[0].max(axis=1)
         ratio = np.maximum(ratio, cus / fit.lim_cusum)
     return ratio / fit.threshold, t2, spe
 
@@ -437,18 +475,27 @@ class NoveltyUse(BaseModel):
     false_alarm_rate: float = Field(0.01, gt=0, lt=0.5)
     # Defaults: the settings models/recipes/novelty_tep.py chose on its tuning faults in 1.0.0.
     # Its 1.2.0 grid chose a residual CUSUM (allowance 1.0) that finds slow drifts far better;
-    # with 1.0.0's settings it follows slow normal drift (tests/test_novelty.py), but after the
-    # default half hour of commissioning it flags the simulated pump's slow wander for good, so
-    # it is off unless a site commissions over several periods of its slowest wander (hours).
+    # with 1.0.0's settings it follows slow normal drift (tests/test_novelty.py), but after half
+    # an hour of commissioning it flags the simulated pump's slow wander: unset, it is on
+    # (CUSUM_AUTO_K) only when commissioning_s is at least CUSUM_AUTO_MIN_S (two hours).
     # The slower EWMA block (1.1.0's choice) now follows slow normal drift too, but in that test
-    # it found a slow fault late and once learned it: off as well (BENCHMARKS.md).
+    # it found a slow fault late and once learned it: off (BENCHMARKS.md).
     lags: int = Field(0, ge=0, le=10)
     ewma: float = Field(0.2, gt=0, le=1)
     ewma_slow: float = Field(1.0, gt=0, le=1)  # 1: no slow block
-    cusum_k: float = Field(0.0, ge=0, le=5)  # residual CUSUM's allowance in long-run spreads; 0: none
+    # Residual CUSUM's allowance in long-run spreads; 0: none; unset: see residual_cusum().
+    cusum_k: float | None = Field(None, ge=0, le=5)
     var_keep: float = Field(0.95, gt=0, lt=1)
     adapt_rate: float = Field(0.001, ge=0, lt=0.5)  # 0: no adaptation
     latency_budget_us: float = Field(2000.0, gt=0)
+
+    def residual_cusum(self) -> tuple[float, str]:
+        """The residual CUSUM's allowance (0: off) and why, for the log and ``edgetwin status``."""
+        if self.cusum_k is not None:
+            return self.cusum_k, "set in [models.novelty]"
+        if self.commissioning_s >= CUSUM_AUTO_MIN_S:
+            return CUSUM_AUTO_K, f"default: commissioning_s >= {CUSUM_AUTO_MIN_S:g} s"
+        return 0.0, f"default: off below commissioning_s {CUSUM_AUTO_MIN_S:g} s"
 
     def wants(self, metric: str) -> bool:
         """True if a stream of this metric name is an input (``inputs``: whole names or last segments)."""
@@ -498,13 +545,14 @@ class NoveltyModel:
         self.subject_kind = use.subject_kind
         # Explain every scored window (a fusion over this detector may flag one it does not).
         self.explain_all = False
+        cusum_k, self._cusum_why = use.residual_cusum()
         self.spec = PcaSpec(
             use.lags,
             use.ewma,
             use.var_keep,
             use.false_alarm_rate,
             ewma_slow=use.ewma_slow,
-            cusum_k=use.cusum_k,
+            cusum_k=cusum_k,
         )
         self._need = max(min_rows(self.spec), math.ceil(use.commissioning_s / hop_s))
         self._state_dir = state_dir
@@ -531,6 +579,30 @@ class NoveltyModel:
 
     def _wanted(self, metric: str) -> bool:
         return self.use.wants(metric)
+
+    def subject_states(self, known: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
+        """Per subject: ``commissioning`` or ``active``, with the statistics it is judged by."""
+        out: dict[str, str] = {}
+        subjects = {
+            s
+            for s, kind in known
+            if kind == self.subject_kind and (not self._subjects or s in self._subjects)
+        }
+        # Only what the worker has loaded: reading a state file here would race with it.
+        for subject in sorted(subjects | set(self._subj)):
+            subj = self._subj.get(subject)
+            fit = None if subj is None else subj.fit
+            if subj is None:
+                out[subject] = "not scored yet"
+            elif fit is None:
+                out[subject] = "commissioning"
+            elif fit.spec.cusum_k > 0.0:
+                out[subject] = f"active (T2, SPE, residual CUSUM {fit.spec.cusum_k:g}: {self._cusum_why})"
+            elif self.spec.cusum_k > 0.0:
+                out[subject] = "active (T2, SPE; residual CUSUM once recommissioned)"
+            else:
+                out[subject] = f"active (T2, SPE; residual CUSUM off: {self._cusum_why})"
+        return out
 
     def fit_of(self, subject: str) -> PcaFit | None:
         """The subject's fitted detector, None while it commissions."""
@@ -646,12 +718,14 @@ class NoveltyModel:
             subj.rows.clear()
             return
         log.info(
-            "models %s: subject %s commissioned on %d windows (%d inputs, %d components)",
+            "models %s: subject %s commissioned on %d windows (%d inputs, %d components; residual CUSUM %s: %s)",
             self.name,
             subject,
             len(subj.rows),
             len(subj.keys),
             subj.fit.eig.shape[0],
+            f"{self.spec.cusum_k:g}" if self.spec.cusum_k > 0.0 else "off",
+            self._cusum_why,
         )
         subj.rows = []
         self._save(subject, subj)

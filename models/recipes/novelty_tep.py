@@ -15,7 +15,9 @@ Protocol (nothing is fitted on a fault; no setting is chosen on a fault it is re
    residual CUSUM's allowance and kept variance are chosen on the
    *training* runs ``dNN.dat`` of the tuning faults ``TUNE`` (every third fault from 1) only, by the
    lowest mean missed-detection rate, among the settings that flag at most twice the stated rate
-   of the tuning faults' test runs before their faults (normal operation of 7 other runs).
+   of the tuning faults' test runs before their faults (normal operation of 7 other runs, 56 h)
+   and raise at most one false episode per day there (the gateway's episode logic: 2 anomalous
+   windows raise, 3 normal clear).
 3. **Report on the held-out faults**: the test runs ``dNN_te.dat`` of the other 14 faults
    (including the hard 3, 9, 15 and 21), ``d00_te`` for the false-alarm rate and the false
    episodes (with the gateway's episode logic: 2 anomalous windows raise, 3 normal clear), and
@@ -46,6 +48,8 @@ import numpy.typing as npt
 from gateway.alarms.episodes import EpisodeTracker
 from gateway.contracts import AlarmKind, ModelResult
 from gateway.inference.novelty import (
+    CUSUM_AUTO_K,
+    CUSUM_AUTO_MIN_S,
     CusumSums,
     NoveltyUse,
     PcaFit,
@@ -63,7 +67,7 @@ log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]
 
 NAME = "novelty"
-VERSION = "1.2.0"
+VERSION = "1.3.0"
 FAULTS = tuple(range(1, 22))
 TUNE = (1, 4, 7, 10, 13, 16, 19)
 HARD = (3, 9, 15, 21)
@@ -90,8 +94,40 @@ RECORDED = (("d00_te", 100), ("d00_te", 700), ("d21_te", 150), ("d21_te", 400), 
 # before their faults start (8 h of normal operation each, 7 runs other than d00): limits set on one
 # normal run must hold on others (1.2.0; see choose()).
 GUARD_FAR = 2 * FAR
+# ... and raises at most this many false episodes per day there (56 h; the gateway's episode logic):
+# the aim for held-apart normal data, held on the tuning side only (1.3.0).
+GUARD_EPISODES_PER_DAY = 1.0
 HOURS_TE = 48.0
 HOURS_PER_SAMPLE = 0.05  # 3 min
+
+
+# Every key of the gateway's [models.novelty] table, what it does (the card's gateway_settings).
+SETTINGS = {
+    "subject_kind": "subject kind it commissions and scores (default industrial)",
+    "subjects": "subjects it scores; empty: every subject of that kind",
+    "inputs": "stream metric names (whole, or their last segments) that are inputs; empty: every numeric stream",
+    "features": "window features of each input stream that are inputs (default the mean)",
+    "spread_only": (
+        "metric names (whole or last segments) whose level wanders with ambient or run time (a motor's "
+        "temperature): of these only the non-level features (std) are inputs, never the mean"
+    ),
+    "window_s": (
+        "length (s) of the window its features are taken over, cut beside the pipeline's on the same hop "
+        "grid; unset: the pipeline's window_s (a change recommissions)"
+    ),
+    "commissioning_s": "span of complete windows each subject is commissioned on (default 1800 s)",
+    "false_alarm_rate": "rate the out-of-fold limits and threshold are set at (default 0.01)",
+    "lags": "earlier windows stacked beside each window (dynamic PCA)",
+    "ewma": "weight of the newest window in the smoothed block beside the raw inputs (1: none)",
+    "ewma_slow": "weight of a second, slower smoothed block (1: none)",
+    "cusum_k": (
+        "allowance of the residual CUSUM in long-run spreads; 0: off; unset: gateway_cusum_default "
+        "(on from 2 h of commissioning)"
+    ),
+    "var_keep": "share of the commissioning variance the principal subspace keeps",
+    "adapt_rate": "step of the guarded adaptation of the standardisation on normal windows (0: none)",
+    "latency_budget_us": "per-window compute budget on one core",
+}
 
 
 def load(root: Path) -> dict[str, F64]:
@@ -168,20 +204,29 @@ def fits_rows(spec: PcaSpec, n: int, d: int) -> bool:
     return blocks(spec) * d < rows
 
 
-def far_before_faults(fit: PcaFit, runs: dict[str, F64], faults: tuple[int, ...]) -> float:
-    """Share of flagged samples in the test runs of ``faults`` before the fault starts (normal operation)."""
-    flags = [novelty_scores(fit, runs[f"d{f:02d}_te"][:FAULT_AT_TE])[fit.spec.lags :] > 1.0 for f in faults]
-    return float(np.mean(np.concatenate(flags)))
+def before_faults(flags: list[npt.NDArray[np.bool_]]) -> tuple[float, float]:
+    """Share of flagged samples and false episodes per day over runs of normal operation."""
+    hours = sum(len(f) for f in flags) * HOURS_PER_SAMPLE
+    return float(np.mean(np.concatenate(flags))), sum(false_episodes(f) for f in flags) * 24.0 / hours
+
+
+def normal_before_faults(fit: PcaFit, runs: dict[str, F64], faults: tuple[int, ...]) -> tuple[float, float]:
+    """:func:`before_faults` of the test runs of ``faults`` before their faults start (normal operation)."""
+    return before_faults(
+        [novelty_scores(fit, runs[f"d{f:02d}_te"][:FAULT_AT_TE])[fit.spec.lags :] > 1.0 for f in faults]
+    )
 
 
 def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
     """The grid point with the lowest mean missed-detection rate on the tuning faults' training runs.
 
     Among the points whose false-alarm rate on the tuning faults' test runs before their faults is
-    at most ``GUARD_FAR``: the out-of-fold limits of ``d00`` say how a detector does on more of
-    the same run, not on another run of the plant, whose slow states sit elsewhere; a detector
-    sensitive enough to flag every other run scores perfectly on the tuning faults (1.2.0's first
-    grid chose such a point, see BENCHMARKS.md).
+    at most ``GUARD_FAR`` and whose false episodes there are at most ``GUARD_EPISODES_PER_DAY``:
+    the out-of-fold limits of ``d00`` say how a detector does on more of the same run, not on
+    another run of the plant, whose slow states sit elsewhere; a detector sensitive enough to flag
+    every other run scores perfectly on the tuning faults (1.2.0's first grid chose such a point,
+    see BENCHMARKS.md).  The episode bound is the aim of one false episode per machine-day, held on
+    tuning data only (1.3.0: 1.2.0's choice raised 1.5 per day on ``d00_te``).
     """
     grid: list[dict[str, Any]] = []
     n, d = runs["d00"].shape
@@ -191,6 +236,7 @@ def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
             continue
         fit = fit_pca(runs["d00"], spec)
         m = [mdr(novelty_scores(fit, runs[f"d{f:02d}"]) > 1.0, FAULT_AT_TRAIN) for f in TUNE]
+        far, episodes = normal_before_faults(fit, runs, TUNE)
         grid.append(
             {
                 "lags": lags,
@@ -199,12 +245,15 @@ def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
                 "var_keep": var,
                 "cusum_k": k,
                 "tune_mdr": round(float(np.mean(m)), 4),
-                "tune_far_before_faults": round(far_before_faults(fit, runs, TUNE), 4),
+                "tune_far_before_faults": round(far, 4),
+                "tune_false_episodes_per_day": round(episodes, 2),
             }
         )
-    eligible = [g for g in grid if g["tune_far_before_faults"] <= GUARD_FAR]
     # Ties go to the simpler detector: fewer lags, less smoothing, no CUSUM.
-    best = min(eligible, key=lambda g: (g["tune_mdr"], g["lags"], -g["ewma"], -g["ewma_slow"], g["cusum_k"]))
+    best = min(
+        filter(eligible, grid),
+        key=lambda g: (g["tune_mdr"], g["lags"], -g["ewma"], -g["ewma_slow"], g["cusum_k"]),
+    )
     return spec_of(best), grid
 
 
@@ -228,7 +277,7 @@ def evaluate(runs: dict[str, F64], spec: PcaSpec) -> dict[str, Any]:
     earlier = {name: fit_pca(normal, s) for name, s in EARLIER.items()}
     # 1.0.0's settings with the chosen CUSUM: what a site turns on for slow drifts (cusum_k).
     earlier["novelty_1_0_cusum"] = fit_pca(
-        normal, dataclasses.replace(EARLIER["novelty_1_0"], cusum_k=spec.cusum_k)
+        normal, dataclasses.replace(EARLIER["novelty_1_0"], cusum_k=spec.cusum_k or 1.0)
     )
     classic = classic_pca(normal)
     te0 = runs["d00_te"]
@@ -254,17 +303,12 @@ def evaluate(runs: dict[str, F64], spec: PcaSpec) -> dict[str, Any]:
         for k, v in normal_scores.items():
             flags = v > limits[k]
             # The 8 fault-free hours before each held-out test run's fault: 14 more normal runs.
-            before = [scored[f][k][spec.lags : FAULT_AT_TE] > limits[k] for f in HELD]
+            far, episodes = before_faults([scored[f][k][spec.lags : FAULT_AT_TE] > limits[k] for f in HELD])
             rows[k] = {
                 "far_d00_te": round(float(flags[spec.lags :].mean()), 4),
                 "false_episodes_per_day": round(false_episodes(flags) * 24.0 / HOURS_TE, 2),
-                "far_before_faults": round(float(np.mean(np.concatenate(before))), 4),
-                "false_episodes_per_day_before_faults": round(
-                    sum(false_episodes(b) for b in before)
-                    * 24.0
-                    / (len(HELD) * (FAULT_AT_TE - spec.lags) * HOURS_PER_SAMPLE),
-                    2,
-                ),
+                "far_before_faults": round(far, 4),
+                "false_episodes_per_day_before_faults": round(episodes, 2),
             }
         for f in FAULTS:
             for k, v in scored[f].items():
@@ -286,7 +330,20 @@ def evaluate(runs: dict[str, F64], spec: PcaSpec) -> dict[str, Any]:
     return table
 
 
-def report(ev: dict[str, Any], spec: PcaSpec) -> str:
+def eligible(g: dict[str, Any]) -> bool:
+    """True if a grid point keeps both bounds on the tuning faults' normal runs (see :func:`choose`)."""
+    return bool(
+        g["tune_far_before_faults"] <= GUARD_FAR
+        and g["tune_false_episodes_per_day"] <= GUARD_EPISODES_PER_DAY
+    )
+
+
+def verdict(episodes_per_day: float) -> str:
+    """Whether a false-episode rate meets the aim of one per machine-day, said plainly."""
+    return "within the aim of one per day" if episodes_per_day <= 1.0 else "ABOVE the aim of one per day"
+
+
+def report(ev: dict[str, Any], spec: PcaSpec, grid: list[dict[str, Any]]) -> str:
     """The markdown tables of BENCHMARKS.md / the eval file."""
     names = ("pca_t2", "pca_q", "pca_static_t2q", *EARLIER, "novelty_1_0_cusum", "novelty")
     lines: list[str] = []
@@ -319,6 +376,26 @@ def report(ev: dict[str, Any], spec: PcaSpec) -> str:
         f"variance kept {spec.var_keep}; {ev['components']} components; "
         f"{ev['score_us_per_window_52_inputs']} us per window (52 inputs)."
     )
+    keys = ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k")
+    mine = next(g for g in grid if tuple(g[k] for k in keys) == tuple(getattr(spec, k) for k in keys))
+    own = ev["own_limits"]["novelty"]
+    lines += [
+        "",
+        (
+            f"Why: the lowest mean miss rate on the tuning faults' training runs ({mine['tune_mdr']}) among the "
+            f"{sum(map(eligible, grid))} of {len(grid)} grid points that, on the tuning faults' test runs before "
+            f"their faults (56 h of normal operation), flag at most {GUARD_FAR:.0%} of the samples and raise at "
+            f"most {GUARD_EPISODES_PER_DAY:g} false episode per day (this point: {mine['tune_far_before_faults']:.1%}, "
+            f"{mine['tune_false_episodes_per_day']} per day). No held-out run entered the choice."
+        ),
+        "",
+        (
+            f"False episodes on held-apart normal data at its own limit: {own['false_episodes_per_day']} per day on "
+            f"d00_te ({verdict(own['false_episodes_per_day'])}); "
+            f"{own['false_episodes_per_day_before_faults']} per day on the 14 held-out runs before their faults "
+            f"({verdict(own['false_episodes_per_day_before_faults'])})."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -334,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     spec, grid = choose(runs)
     log.info("chosen %s", spec)
     ev = evaluate(runs, spec)
-    text = report(ev, spec)
+    text = report(ev, spec, grid)
     sys.stdout.write(text)
     defaults = NoveltyUse()
     card = {
@@ -359,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             "var_keep": defaults.var_keep,
             "false_alarm_rate": defaults.false_alarm_rate,
         },
+        # cusum_k unset: the residual CUSUM at this allowance from this commissioning span, else off.
+        "gateway_cusum_default": {"cusum_k": CUSUM_AUTO_K, "min_commissioning_s": CUSUM_AUTO_MIN_S},
+        "gateway_settings": SETTINGS,
         "tuning_faults": list(TUNE),
         "grid": grid,
         "evaluation": ev,
@@ -370,14 +450,19 @@ def main(argv: list[str] | None = None) -> int:
             "judged normal after a run of them, following a drift with a lag of its slope over adapt_rate: "
             "a fault that develops slower than that is learned. The chosen settings (no smoothing, lags 1) do "
             "not follow slow normal drift after a short commissioning (tests/test_novelty.py's drift case); "
-            "1.0.0's settings with the CUSUM at the chosen allowance (novelty_1_0_cusum) do, but after the "
-            "gateway's default half hour of commissioning the CUSUM flags the simulated pump's slow wander "
-            "for good (tests/test_stream_detector.py's pump, 2 h: as without it, 6 h: no false episode). "
-            "The gateway's defaults therefore keep 1.0.0's settings without the CUSUM; a site that "
-            "commissions over hours sets cusum_k = 1.0. The CUSUM's sums fall by the allowance per window "
-            "once a fault ends, so its alarm clears late after a long fault (the simulated pump: about "
-            "20 min after a 200 s valve fault ended). The chosen detector's false alarms on other normal "
-            "runs come as few, long episodes (far_before_faults in the evaluation)."
+            "1.0.0's settings with the CUSUM at the chosen allowance (novelty_1_0_cusum) do. The gateway's "
+            "defaults keep 1.0.0's settings; the CUSUM is on at the chosen allowance when commissioning_s is "
+            "at least 2 h (gateway_cusum_default), off below: after half an hour of commissioning it flags the "
+            "simulated pump's slow wander (flagged 2.8-5.3 of 6 h over 3 seeds, T2/SPE alone 0.02-3.1 h), "
+            "after 1 h it added a false episode in one seed, after 2 h none. Clearing rule (1.3.0): each CUSUM sum is held at most cusum_clear (10) "
+            "allowances above its alarm level, so its alarm clears about 10 windows after the residuals are "
+            "back (plus the smoothing's settling and the episode's clear_after; before, a sum grown over a long "
+            "fault fell by one allowance per window). Below the alarm level the cap never acts: a fault is "
+            "first flagged as early; but one whose residuals come and go is flagged less of its time (at 1 % "
+            "FAR on d00_te, tuning fault 19: 0.26 missed against 0.07 uncapped, held-out mean 0.244 against "
+            "0.241, fault 21 unchanged). False episodes on held-apart normal data: the chosen detector raises 1.5 per day on "
+            "d00_te at its own limit (3 in 48 h), above the aim of one; 0.65 per day on the 14 held-out runs "
+            "before their faults. The selection held the aim on tuning runs only (0 per day there)."
         ),
     }
     (args.out / f"{NAME}.detector.json").write_text(

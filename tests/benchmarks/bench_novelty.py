@@ -10,6 +10,7 @@ against the same model with its baseline frozen at commissioning (what following
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from gateway.contracts import StreamFeatures, WindowModel, WindowRecord
 from gateway.inference.build import default_models_dir
 from gateway.inference.card import CARD_SUFFIX, ModelCard, load_card
 from gateway.inference.fusion import FUSION_SUFFIX, FusionModel, load_fusion
-from gateway.inference.novelty import NoveltyModel, NoveltyUse
+from gateway.inference.novelty import CusumSums, NoveltyModel, NoveltyUse, prepare, score_rows
 from gateway.inference.runner import AnomalyModel
 from gateway.inference.streams import StreamChange, StreamUse
 from gateway.sample import Stream, industrial_metric
@@ -110,6 +111,38 @@ def main() -> None:
         us = per_window_us(m, test)
         print(f"{name}: {us:.1f} us/window, {us / b:.2f}x the baseline")
     fused_members(card, models_dir, warm, test, b)
+    cusum_cap_cost(cusum, test)
+
+
+def cusum_cap_cost(cusum: NoveltyModel, test: list[WindowRecord], rounds: int = 6) -> None:
+    """The CUSUM's clearing rule (1.3.0, its sums capped) against the same fit uncapped, alternating."""
+    fit = cusum.fit_of(test[0].subject)
+    assert fit is not None
+    uncapped = dataclasses.replace(fit, spec=dataclasses.replace(fit.spec, cusum_clear=10**9))
+    keys = sorted(f"{sf.stream.metric.name}.{f}" for sf in test[0].streams for f in ("mean", "std"))
+    x = np.array(
+        [
+            [
+                {f"{sf.stream.metric.name}.{k}": v for sf in r.streams for k, v in sf.features.items()}[key]
+                for key in keys
+            ]
+            for r in test
+        ]
+    )
+    rows = prepare(x, fit.mean, fit.std, fit.spec)
+    got: dict[str, list[float]] = {"capped": [], "uncapped": []}
+    for i in range(rounds):
+        order = (("capped", fit), ("uncapped", uncapped))
+        for name, f in order if i % 2 == 0 else order[::-1]:
+            sums = CusumSums.zeros(rows.shape[1])
+            t0 = time.thread_time()
+            for j in range(rows.shape[0]):
+                score_rows(f, rows[j : j + 1], sums)
+            got[name].append((time.thread_time() - t0) * 1e6 / rows.shape[0])
+    c, u = (float(np.median(got[k])) for k in ("capped", "uncapped"))
+    print(
+        f"residual CUSUM scoring (16 inputs), capped {c:.1f} against uncapped {u:.1f} us/window ({c / u:.3f}x)"
+    )
 
 
 def fused_members(
