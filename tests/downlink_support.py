@@ -6,7 +6,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from peers import stop_process
 
 from gateway.downlink.signing import key_id, public_hex, sign, write_private_key
 from gateway.downlink.twin_link import Broker, collect_reported, publish_desired
@@ -119,13 +119,7 @@ connect_timeout_s = 2.0
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.proc = None
 
     def envelope(self, version: int, sources: str, **kw: Any) -> bytes:
