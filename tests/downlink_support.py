@@ -17,6 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from peers import stop_process
+from uplink_support import running_broker
 
 from gateway.downlink.signing import key_id, public_hex, sign, write_private_key
 from gateway.downlink.twin_link import Broker, collect_reported, publish_desired
@@ -166,6 +167,18 @@ def new_site(tmp: Path, pki: DemoPKI, broker: MosquittoBroker) -> Site:
     config.write_text(site.text(source("bed7-sim")))
     site.gateway = _gateway_pseudonym(config)
     return site
+
+
+def running_site(tmp: Path, pki: DemoPKI, sources: str | None = None) -> Iterator[Site]:
+    """A site with its broker (``sources`` instead of the one patient), stopped after: a yield fixture's body."""
+    for broker in running_broker(tmp, pki):
+        s = new_site(tmp, pki, broker)
+        if sources is not None:
+            s.config.write_text(s.text(sources))
+        try:
+            yield s
+        finally:
+            s.stop()
 
 
 def running(name: str) -> Callable[[dict[str, Any]], bool]:
