@@ -26,7 +26,7 @@ from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import AlarmsSection, limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
 from gateway.alarms.ledger import FILE_NAME as LEDGER_FILE
-from gateway.alarms.ledger import AlarmLedger, EndReason
+from gateway.alarms.ledger import AlarmLedger
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config, SourceEntry
 from gateway.contracts import (
@@ -147,17 +147,16 @@ class Pipeline:
     ) -> int:
         """``name`` stopped by a config revision: its streams forgotten, its conditions ended; how many streams.
 
-        Every alarm on at the twin that belongs to it ends now, saying why (``source_removed`` when
-        ``new`` has no such source, else ``source_changed``), and the trackers forget it, so a
-        condition that still holds under ``new`` is raised afresh after its delay.
+        Every alarm on at the twin that belongs to it ends now, saying why (``source_changed`` when
+        ``new`` still has it on the alarm's subject, else ``source_removed``), and the trackers
+        forget it, so a condition that still holds under ``new`` is raised afresh after its delay.
         """
         streams = self.windower.forget_source(name)
-        reason: EndReason = (
-            "source_changed" if any(e.info.name == name for e in new.sources) else "source_removed"
-        )
+        # The subjects it still feeds (none when it is gone or disabled).
+        keeps = [e.info.subject for e in new.sources if e.info.name == name and e.enabled]
         now_mono = time.monotonic() if now_mono is None else now_mono
         now_wall = time.time() if now_wall is None else now_wall
-        ended = self._ledger.end_source(name, reason, now_mono, now_wall)
+        ended = self._ledger.end_source(name, keeps, now_mono, now_wall)
         self._limits.forget_source(name)
         self._plausibility.forget_source(name)
         if self._ectopy is not None:
@@ -177,11 +176,15 @@ class Pipeline:
     async def _end(self, ended: list[Alarm]) -> None:
         """Send the endings, and keep the ledger only once they are in the outbox for good."""
         for alarm in ended:
+            # By source and metric, never the device: a removed source's device has no log label.
+            what = alarm.detail.get("model", "-")
+            if alarm.stream is not None:
+                what = f"source {alarm.stream.source}, {alarm.stream.metric.name}"
             log.info(
                 "%s on %s (%s): %s",
                 alarm.kind.value,
                 self._anon.log_label("subject", alarm.subject),
-                alarm.stream.key if alarm.stream is not None else alarm.detail.get("model", "-"),
+                what,
                 str(alarm.detail["ended"]).replace("_", " "),
             )
             self.alarm(alarm)

@@ -171,7 +171,29 @@ def test_an_escalated_limit_alarm_ends_at_the_level_it_reached(tmp_path: Path) -
     for level in ("low", "low_low"):
         ledger.note(Alarm(AlarmKind.LIMIT, "ward3-bed7", 1.0, WALL, SPO2, {"level": level}))
     assert len(ledger) == 1  # one condition, escalated
-    (ending,) = ledger.end_source("bed7-ox", "source_removed", 2.0, WALL + 2.0)
+    (ending,) = ledger.end_source("bed7-ox", [], 2.0, WALL + 2.0)
     assert ending.kind is AlarmKind.LIMIT_CLEARED
     assert dict(ending.detail) == {"level": "low_low", "ended": "source_removed"}
-    assert ledger.end_source("bed7-ox", "source_removed", 3.0, WALL + 3.0) == []
+    assert ledger.end_source("bed7-ox", [], 3.0, WALL + 3.0) == []
+
+
+def retired_by(tmp: Path, revised: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """Bed 7's alarms when a revision replaces its source by ``revised`` while its SpO2 alarm is on."""
+    site = Site(tmp)
+
+    async def main() -> None:
+        async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
+            pipeline = Pipeline(config(tmp, BED7), site.anon, outbox)
+            t = await spo2(pipeline, SPO2, 86.0, 12, 100.0)
+            await pipeline.retire_source("bed7-ox", config(tmp, revised), t, WALL + t)
+            await outbox.flush()
+            site.take(await outbox.lease(1000))
+
+    asyncio.run(main())
+    return [(a["alarm"], a["detail"].get("ended")) for a in site.alarms]
+
+
+def test_a_source_disabled_or_moved_to_another_subject_is_removed_for_its_old_one(tmp_path: Path) -> None:
+    removed = [("limit", None), ("limit_cleared", "source_removed")]
+    assert retired_by(tmp_path / "disabled", BED7 | {"enabled": False}) == removed
+    assert retired_by(tmp_path / "moved", BED7 | {"subject": "ward3-bed12"}) == removed

@@ -160,10 +160,21 @@ class AlarmLedger:
             return
         self.dirty = True
 
-    def end_source(self, source: str, reason: EndReason, t_mono: float, t_wall: float) -> list[Alarm]:
-        """End every condition of ``source`` (its streams', and its subjects' episodes); the alarms to send."""
-        gone = [k for k, e in self._on.items() if source in e.sources]
-        return self._end(gone, reason, t_mono, t_wall)
+    def end_source(self, source: str, feeds_now: Iterable[str], t_mono: float, t_wall: float) -> list[Alarm]:
+        """End every condition of ``source`` (its streams', its subjects' episodes); the alarms to send.
+
+        ``feeds_now``: the subjects the source feeds in the configuration that replaces it (none when
+        it is gone or disabled): a condition of one of them ends as ``source_changed``, of any
+        other subject as ``source_removed``.
+        """
+        keeps = set(feeds_now)
+        out: list[Alarm] = []
+        for key in [k for k, e in self._on.items() if source in e.sources]:
+            e = self._on.pop(key)
+            reason: EndReason = "source_changed" if e.subject in keeps else "source_removed"
+            out.append(e.ending(reason, t_mono, t_wall))
+        self.dirty = self.dirty or bool(out)
+        return out
 
     def end_vanished(self, t_mono: float, t_wall: float) -> list[Alarm]:
         """End every condition whose sources no longer all feed its subject (a restart's new config)."""
