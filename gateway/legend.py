@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from gateway.privatefile import write_private_json
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -56,13 +57,9 @@ class Legend:
     def _save(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         body = [[e.purpose, e.identity, e.source] for e in sorted(self._entries)]
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(body, f)
-            tmp.replace(self.path)
+            write_private_json(self.path, body)
         except OSError as exc:
             # The legend is a convenience for technicians: never a reason to stop the data.
             if not self._failed:

@@ -25,6 +25,8 @@ from gateway import logs
 from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import AlarmsSection, limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
+from gateway.alarms.ledger import FILE_NAME as LEDGER_FILE
+from gateway.alarms.ledger import AlarmLedger
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config, SourceEntry
 from gateway.contracts import (
@@ -114,6 +116,13 @@ class Pipeline:
         self._plausibility = plausibility_checker(m)
         self._ectopy = RhythmMonitor() if m.ectopy else None
         self._limits = limit_checker(config.core.alarms)
+        # The conditions on at the twin, by source: ended when their source goes (gateway.alarms.ledger).
+        self._ledger = AlarmLedger(config.core.gateway.state_dir / LEDGER_FILE, feeds(config))
+        for entry in self._ledger.entries():  # of a source maybe gone: never in a record
+            for identity in (entry.subject, *entry.sources):
+                anonymizer.register(identity)
+            if entry.stream is not None:
+                anonymizer.register(entry.stream.device)
         kinds = {e.info.subject: e.info.kind for e in config.sources}
         self._estimation = Estimation(
             config.core.estimators, kinds, self.estimate, self.alarm, config.core.gateway.state_dir,
@@ -132,6 +141,56 @@ class Pipeline:
         """
         for alarm in self._limits.take_rules(limit_checker(section)):
             self.alarm(alarm)
+
+    async def retire_source(
+        self, name: str, new: Config, now_mono: float | None = None, now_wall: float | None = None
+    ) -> int:
+        """``name`` stopped by a config revision: its streams forgotten, its conditions ended; how many streams.
+
+        Every alarm on at the twin that belongs to it ends now, saying why (``source_changed`` when
+        ``new`` still has it on the alarm's subject, else ``source_removed``), and the trackers
+        forget it, so a condition that still holds under ``new`` is raised afresh after its delay.
+        """
+        streams = self.windower.forget_source(name)
+        # The subjects it still feeds (none when it is gone or disabled).
+        keeps = [e.info.subject for e in new.sources if e.info.name == name and e.enabled]
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        now_wall = time.time() if now_wall is None else now_wall
+        ended = self._ledger.end_source(name, keeps, now_mono, now_wall)
+        self._limits.forget_source(name)
+        self._plausibility.forget_source(name)
+        if self._ectopy is not None:
+            self._ectopy.forget_source(name)
+        for subject in {a.subject for a in ended if a.kind is AlarmKind.ANOMALY_CLEARED}:
+            self._episodes.forget(subject)
+        self._ledger.set_feeds(feeds(new))
+        await self._end(ended)
+        return streams
+
+    async def end_vanished(self, now_mono: float | None = None, now_wall: float | None = None) -> None:
+        """End the conditions a previous run left on whose source this configuration no longer has."""
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        now_wall = time.time() if now_wall is None else now_wall
+        await self._end(self._ledger.end_vanished(now_mono, now_wall))
+
+    async def _end(self, ended: list[Alarm]) -> None:
+        """Send the endings, and keep the ledger only once they are in the outbox for good."""
+        for alarm in ended:
+            # By source and metric, never the device: a removed source's device has no log label.
+            what = alarm.detail.get("model", "-")
+            if alarm.stream is not None:
+                what = f"source {alarm.stream.source}, {alarm.stream.metric.name}"
+            log.info(
+                "%s on %s (%s): %s",
+                alarm.kind.value,
+                self._anon.log_label("subject", alarm.subject),
+                what,
+                str(alarm.detail["ended"]).replace("_", " "),
+            )
+            self.alarm(alarm)
+        if ended:
+            await self._outbox.flush()
+        self._ledger.save()
 
     def put(self, sample: Sample) -> None:
         """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""
@@ -192,7 +251,8 @@ class Pipeline:
                 self._anon.log_label("subject", alarm.subject),
                 dict(alarm.detail),
             )
-        self._submit(lambda: self._anon.alarm(alarm))
+        if self._submit(lambda: self._anon.alarm(alarm)):
+            self._ledger.note(alarm)
 
     def driver_alarm(self, alarm: Alarm) -> None:
         """An alarm from a driver; a device it reports lost or back is folded into one device alarm."""
@@ -318,6 +378,7 @@ class Pipeline:
         if now_mono >= self._next_counters:
             self._next_counters = now_mono + COUNTERS_EVERY_S
             self.diagnostic(Diagnostic("counters", None, now_wall, self.counters()))
+        self._ledger.save()  # the conditions on now, for a restart that finds their source gone
         self.last_beat = now_mono
         return len(records)
 
@@ -337,10 +398,20 @@ class Pipeline:
     async def run(self, started: Callable[[], None]) -> None:
         """Close windows on the hop grid until cancelled."""
         period = min(0.5, self._hop_s / 4)
+        await self.end_vanished()
         started()
         while True:
             await self.step()
             await asyncio.sleep(period)
+
+
+def feeds(config: Config) -> dict[str, list[str]]:
+    """The enabled sources feeding each subject."""
+    out: dict[str, list[str]] = {}
+    for e in config.sources:
+        if e.enabled:
+            out.setdefault(e.info.subject, []).append(e.info.name)
+    return out
 
 
 class _Sink:
@@ -780,7 +851,7 @@ async def _supervise(
             board.set_sources,
             pipeline.set_alarms,
             status_units,
-            pipeline.windower.forget_source,
+            pipeline.retire_source,
         )
     for unit in status_units(core.status):
         sup.add(unit)

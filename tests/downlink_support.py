@@ -6,7 +6,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from peers import stop_process
+from uplink_support import running_broker
 
 from gateway.downlink.signing import key_id, public_hex, sign, write_private_key
 from gateway.downlink.twin_link import Broker, collect_reported, publish_desired
@@ -119,13 +120,7 @@ connect_timeout_s = 2.0
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.proc = None
 
     def envelope(self, version: int, sources: str, **kw: Any) -> bytes:
@@ -172,6 +167,18 @@ def new_site(tmp: Path, pki: DemoPKI, broker: MosquittoBroker) -> Site:
     config.write_text(site.text(source("bed7-sim")))
     site.gateway = _gateway_pseudonym(config)
     return site
+
+
+def running_site(tmp: Path, pki: DemoPKI, sources: str | None = None) -> Iterator[Site]:
+    """A site with its broker (``sources`` instead of the one patient), stopped after: a yield fixture's body."""
+    for broker in running_broker(tmp, pki):
+        s = new_site(tmp, pki, broker)
+        if sources is not None:
+            s.config.write_text(s.text(sources))
+        try:
+            yield s
+        finally:
+            s.stop()
 
 
 def running(name: str) -> Callable[[dict[str, Any]], bool]:

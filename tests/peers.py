@@ -86,6 +86,17 @@ def cli_start_s() -> float:
     return time.monotonic() - t0
 
 
+def stop_process(proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    """SIGTERM a process we started (an orderly stop), killed only when it overruns ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on now (the kernel's pick)."""
     with socket.socket() as s:

@@ -57,6 +57,22 @@ def uplink_config(broker: MosquittoBroker, pki: DemoPKI, **overrides: Any) -> Mq
     return MqttSection.model_validate(base)
 
 
+def mqtt_toml(broker: MosquittoBroker, pki: DemoPKI) -> str:
+    """The ``[uplink]`` tables of a gateway config publishing to ``broker`` as the demo PKI's gateway."""
+    return f"""
+[uplink]
+kind = "mqtt"
+[uplink.mqtt]
+host = "{broker.host}"
+port = {broker.port}
+ca_file = "{pki.ca_file}"
+cert_file = "{pki.gateway.cert}"
+key_file = "{pki.gateway.key}"
+reconnect_min_s = 0.2
+reconnect_max_s = 1.0
+"""
+
+
 def listener(broker: MosquittoBroker, pki: DemoPKI, **kw: Any) -> Listener:
     opts = ListenOptions(
         host=broker.host,

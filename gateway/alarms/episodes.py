@@ -75,6 +75,10 @@ class EpisodeTracker:
         """The (subject, model) keys inside an episode now (active or unsure)."""
         return [key for key, ep in self._eps.items() if ep.state is not EpisodeState.IDLE]
 
+    def forget(self, subject: str) -> None:
+        """Drop every episode of ``subject`` (ended elsewhere: its source removed or changed)."""
+        self._eps = {k: ep for k, ep in self._eps.items() if k[0] != subject}
+
     def update(self, key: tuple[str, str], result: ModelResult, t: float = math.nan) -> Emission | None:
         """Fold one window's verdict (its end at ``t``) into its episode; the alarm it raises, if any."""
         ep = self._eps.get(key)

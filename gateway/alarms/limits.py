@@ -156,6 +156,15 @@ class LimitChecker:
                 self._pending.discard(key)
         return out
 
+    def forget_source(self, source: str) -> None:
+        """Drop the state of every stream of ``source`` (its alarms ended by a config revision)."""
+        gone = {k for k, st in self._state.items() if st.stream is not None and st.stream.source == source}
+        gone |= {k for k in self._pending if k.startswith(f"{source}/")}
+        for key in gone:
+            self._state.pop(key, None)
+            self._pending.discard(key)
+        self._by_id = {k: v for k, v in self._by_id.items() if v[0].source != source}
+
     def rule_for(self, stream: Stream) -> LimitRule | None:
         """The stream's rule: its subject's, else the general one; by metric name or last path segment."""
         got = self._by_id.get(id(stream))

@@ -7,14 +7,16 @@ anonymizer fail-closed: every identity of the new sources (name, subject,
 device addresses, ports) is registered with the anonymizer *before* anything of them runs; an
 identity of a removed source stays registered (a record carrying it is still refused).  Then the
 old units are stopped (each bounded, shielded from a cancellation of the caller), the new ones
-built and started, and the status board's list of sources updated.  The outbox, the uplink, the
+built and started, and the status board's list of sources updated.  A stopped source's streams
+are retired by the pipeline: forgotten, and every alarm of it still on at the twin ended with
+its reason (``gateway.alarms.ledger``).  The outbox, the uplink, the
 pipeline and every source not named in the plan keep running untouched.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 
 from gateway.alarms.config import AlarmsSection
@@ -42,7 +44,7 @@ class SourceSwitch:
         show: Callable[[Sequence[tuple[str, str]]], None],
         set_alarms: Callable[[AlarmsSection], None] | None = None,
         status_units: Callable[[StatusSection], list[Unit]] | None = None,
-        forget_source: Callable[[str], int] | None = None,
+        retire_source: Callable[[str, Config], Awaitable[int]] | None = None,
     ) -> None:
         self._registry = registry
         self._sup = supervisor
@@ -51,7 +53,7 @@ class SourceSwitch:
         self._show = show
         self._set_alarms = set_alarms
         self._status_units = status_units
-        self._forget_source = forget_source
+        self._retire_source = retire_source
 
     async def apply(self, plan: Plan, new: Config) -> list[str]:
         """Swap the sources (and limit alarms) ``plan`` names to their settings in ``new``; the unit names."""
@@ -65,8 +67,8 @@ class SourceSwitch:
             if any(u.name == f"source:{name}" for u in self._sup.units):
                 await self._sup.stop_unit(f"source:{name}")
                 log.info("unit source:%s stopped for a config revision", name)
-            if self._forget_source is not None:  # its old streams end by config, not by a loss
-                self._forget_source(name)
+            if self._retire_source is not None:  # its old streams end by config, not by a loss
+                await self._retire_source(name, new)
         for entry in starting:
             if not entry.enabled:
                 log.info("source %s is disabled in the config", entry.info.name)

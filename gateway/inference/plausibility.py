@@ -123,6 +123,11 @@ class PlausibilityChecker:
         self._by_id: dict[int, tuple[Stream, Rule | None]] = {}
         self._state: dict[Stream, _State] = {}
 
+    def forget_source(self, source: str) -> None:
+        """Drop the state of every stream of ``source`` (its alarms ended by a config revision)."""
+        self._state = {s: st for s, st in self._state.items() if s.source != source}
+        self._by_id = {k: v for k, v in self._by_id.items() if v[0].source != source}
+
     def base_rule(self, name: str) -> Rule | None:
         """The rule of a metric name as written (exact name, else its last segment), unconverted."""
         rule = self._rules.get(name)

@@ -267,6 +267,10 @@ class RhythmMonitor:
         self.beats = 0
         self.premature_beats = 0
 
+    def forget_source(self, source: str) -> None:
+        """Drop the episodes of every stream of ``source`` (ended by a config revision)."""
+        self._state = {k: st for k, st in self._state.items() if not k.startswith(f"{source}/")}
+
     def update(self, sample: Sample) -> Alarm | None:
         """Feed one RR sample; an alarm when a pattern episode starts, changes, turns unsure or ends."""
         st = self._state.get(sample.stream.key)

@@ -48,6 +48,9 @@ class SubjectState:
     scores: dict[str, float] = field(default_factory=dict)
     last_alarm: AlarmRecord | None = None
     last_alarm_order: Order | None = None
+    # The conditions on now (raised, not yet ended), by condition_key; each with its raise.
+    active: dict[tuple[str, ...], AlarmRecord] = field(default_factory=dict)
+    active_order: dict[tuple[str, ...], Order] = field(default_factory=dict)
     alarms: int = 0
     windows: int = 0
     stale: int = 0  # windows older than the one shown (a replayed backlog), counted, not shown
@@ -115,6 +118,7 @@ class TwinView:
             state.alarms += 1
             if state.last_alarm_order is None or order >= state.last_alarm_order:
                 state.last_alarm, state.last_alarm_order = rec, order
+            fold_condition(state, rec, order)
 
     def snapshot(self) -> dict[str, Any]:
         """The whole state as plain data (for JSON)."""
@@ -134,6 +138,7 @@ class TwinView:
                         "scores": s.scores,
                         "estimates": {name: as_map(e) for name, e in s.estimates.items()},
                         "last_alarm": as_map(s.last_alarm) if s.last_alarm else None,
+                        "active_alarms": [as_map(a) for a in s.active.values()],
                     }
                     for s in gw.subjects.values()
                 },
@@ -161,8 +166,65 @@ class TwinView:
                 if s.last_alarm is not None:
                     a = s.last_alarm
                     what = " ".join(x for x in (a.alarm, metric_label(a.metric) if a.metric else "") if x)
-                    lines.append(f"    last alarm: {what} at t={number(round(a.t, 1))}")
+                    ended = f" (ended: {a.detail['ended']})" if "ended" in a.detail else ""
+                    lines.append(f"    last alarm: {what} at t={number(round(a.t, 1))}{ended}")
+                for a in s.active.values():
+                    what = " ".join(
+                        x
+                        for x in (
+                            a.alarm,
+                            str(a.detail.get("model", "")),
+                            metric_label(a.metric) if a.metric else "",
+                        )
+                        if x
+                    )
+                    lines.append(f"    on: {what} since t={number(round(a.t, 1))}")
         return "\n".join(lines)
+
+
+#: Kinds that end a condition, by the kind that raised it (``sensor_restored`` says which by ``after``).
+_ENDS = {
+    "limit_cleared": "limit",
+    "anomaly_cleared": "anomaly",
+    "device_restored": "device_lost",
+}
+_RAISES = frozenset(
+    {"limit", "anomaly", "anomaly_indeterminate", "sensor_fault", "sensor_lost", "device_lost"}
+)
+
+
+def condition_key(rec: AlarmRecord) -> tuple[tuple[str, ...], bool] | None:
+    """The condition an alarm raises or ends (True: raises or continues it); None: none."""
+    kind = rec.alarm
+    raises = kind in _RAISES
+    if kind == "sensor_restored":
+        kind = str(rec.detail.get("after", "sensor_lost"))
+    kind = _ENDS.get(kind, kind)
+    if kind == "anomaly_indeterminate":
+        kind = "anomaly"
+    if kind not in _RAISES:
+        return None
+    if kind == "anomaly":
+        return (kind, str(rec.detail.get("model", ""))), raises
+    if kind == "device_lost":
+        return (kind, rec.dev or ""), raises
+    return (kind, rec.dev or "", rec.metric or "", str(rec.detail.get("estimate", ""))), raises
+
+
+def fold_condition(state: SubjectState, rec: AlarmRecord, order: Order) -> None:
+    """Keep the subject's conditions on: a raise enters one, its ending (whatever the reason) removes it."""
+    found = condition_key(rec)
+    if found is None:
+        return
+    key, raises = found
+    newest = state.active_order.get(key)
+    if newest is not None and order < newest:
+        return  # a replayed older alarm of a condition already known further on
+    state.active_order[key] = order
+    if raises:
+        state.active.setdefault(key, rec)
+    else:
+        state.active.pop(key, None)
 
 
 def silent(state: SubjectState, now: float | None) -> str:
@@ -212,4 +274,13 @@ def status_text(status: StatusRecord) -> str:
     return out
 
 
-__all__ = ["GatewayState", "SubjectState", "TwinView", "describe", "silent", "status_text"]
+__all__ = [
+    "GatewayState",
+    "SubjectState",
+    "TwinView",
+    "condition_key",
+    "describe",
+    "fold_condition",
+    "silent",
+    "status_text",
+]

@@ -1,0 +1,295 @@
+"""The alarms the twin was told are on, so that each one ends when its source goes away.
+
+Every alarm that raises a condition (``limit``, ``sensor_fault``, ``sensor_lost``,
+``device_lost``, ``anomaly``) is entered here once it is queued for the twin, and leaves when its
+ending (``limit_cleared``, ``sensor_restored``, ``device_restored``, ``anomaly_cleared``) is.  A
+source removed or reconfigured by a config revision takes its streams with it: nothing would ever
+end the conditions it raised, and the twin would show them on for good.  So every entry of that
+source is ended by the gateway itself, with the ordinary ending kind (a twin that does not know
+the reason still clears it) and ``ended`` in its detail saying why: ``source_removed`` (the source
+is gone from the configuration, or no longer feeds the subject) or ``source_changed`` (it was
+restarted with other settings; a condition that still holds is raised again after its delay).
+
+A stream's alarm belongs to the stream's source; a subject's anomaly episode to every source that
+fed the subject when it was raised.  The ledger is kept in ``state_dir/alarms.json`` so a restart
+with a configuration that lost a source ends that source's alarms too.  Pure bookkeeping: the
+pipeline sends what :meth:`AlarmLedger.end_source` and :meth:`AlarmLedger.end_vanished` return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.contracts import Alarm, AlarmKind
+from gateway.privatefile import write_private_json
+from gateway.sample import Metric, Stream
+
+__all__ = ["FILE_NAME", "AlarmLedger", "EndReason", "Entry"]
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "alarms.json"
+_VERSION = 1
+
+EndReason = Literal["source_removed", "source_changed"]
+
+#: The kind that ends each raising kind.
+_ENDS: dict[AlarmKind, AlarmKind] = {
+    AlarmKind.LIMIT: AlarmKind.LIMIT_CLEARED,
+    AlarmKind.SENSOR_FAULT: AlarmKind.SENSOR_RESTORED,
+    AlarmKind.SENSOR_LOST: AlarmKind.SENSOR_RESTORED,
+    AlarmKind.DEVICE_LOST: AlarmKind.DEVICE_RESTORED,
+    AlarmKind.ANOMALY: AlarmKind.ANOMALY_CLEARED,
+}
+#: Detail keys an ending repeats from its raise, so the twin can tell which condition ended.
+_KEPT = ("level", "estimate", "model", "pattern")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One condition the twin holds on: how it was raised, and the sources it belongs to."""
+
+    kind: AlarmKind  # the raising kind
+    subject: str
+    sources: tuple[str, ...]
+    subject_kind: str | None = None
+    stream: Stream | None = None
+    detail: Mapping[str, float | str] = field(default_factory=dict)  # the kept keys only
+
+    def ending(self, reason: EndReason, t_mono: float, t_wall: float) -> Alarm:
+        """The alarm that ends this condition, saying why."""
+        detail: dict[str, float | str] = {**self.detail, "ended": reason}
+        if self.kind in (AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_LOST):
+            detail["after"] = self.kind.value
+        elif self.kind is AlarmKind.DEVICE_LOST:
+            detail["after"] = AlarmKind.DEVICE_LOST.value
+        return Alarm(
+            _ENDS[self.kind],
+            self.subject,
+            t_mono,
+            t_wall,
+            self.stream,
+            detail,
+            subject_kind=self.subject_kind or (self.stream.kind if self.stream is not None else None),
+        )
+
+
+def _family(alarm: Alarm) -> AlarmKind | None:
+    """The raising kind of the condition an alarm raises, continues or ends; None: no condition."""
+    kind = alarm.kind
+    if kind is AlarmKind.SENSOR_RESTORED:
+        after = str(alarm.detail.get("after", AlarmKind.SENSOR_LOST.value))
+        return AlarmKind.SENSOR_FAULT if after == AlarmKind.SENSOR_FAULT.value else AlarmKind.SENSOR_LOST
+    return _FAMILY.get(kind)
+
+
+_FAMILY: dict[AlarmKind, AlarmKind] = {
+    **{k: k for k in _ENDS},
+    **{v: k for k, v in _ENDS.items() if v is not AlarmKind.SENSOR_RESTORED},
+    AlarmKind.ANOMALY_INDETERMINATE: AlarmKind.ANOMALY,
+}
+
+
+def _key(alarm: Alarm) -> tuple[str, ...] | None:
+    """What one condition is: the alarms that raise, continue and end it share it."""
+    family = _family(alarm)
+    if family is None:
+        return None
+    s, d = alarm.stream, alarm.detail
+    where = ("", "") if s is None else (s.source, s.device)
+    if family is AlarmKind.DEVICE_LOST:
+        return (family.value, alarm.subject, *where)
+    if family is AlarmKind.ANOMALY:
+        return (family.value, alarm.subject, str(d.get("model", "")))
+    metric = "" if s is None else s.metric.name
+    return (family.value, alarm.subject, *where, metric, str(d.get("estimate", "")))
+
+
+class AlarmLedger:
+    """The conditions on at the twin, by source; see the module docstring."""
+
+    def __init__(self, path: Path | None, feeds: Mapping[str, Iterable[str]]) -> None:
+        self._path = path
+        self._feeds: dict[str, tuple[str, ...]] = {}
+        self.set_feeds(feeds)
+        self._on: dict[tuple[str, ...], Entry] = {}
+        self.dirty = False
+        self._warned = False
+        if path is not None:
+            self._on = _load(path)
+
+    def set_feeds(self, feeds: Mapping[str, Iterable[str]]) -> None:
+        """Which sources feed each subject (from the configuration in force)."""
+        self._feeds = {subject: tuple(sorted(set(srcs))) for subject, srcs in feeds.items()}
+
+    def __len__(self) -> int:
+        return len(self._on)
+
+    def entries(self) -> list[Entry]:
+        """The conditions on now."""
+        return list(self._on.values())
+
+    def note(self, alarm: Alarm) -> None:
+        """Fold an alarm the twin was sent: a raise enters its condition, an ending removes it."""
+        key = _key(alarm)
+        if key is None:
+            return
+        if alarm.kind in _ENDS or alarm.kind is AlarmKind.ANOMALY_INDETERMINATE:
+            known = self._on.get(key)
+            if known is not None and alarm.kind is AlarmKind.ANOMALY_INDETERMINATE:
+                return  # inside the episode: nothing the ending would say changed
+            stream = alarm.stream
+            # A stream's condition is its source's; a subject's (an episode, an estimate's limit)
+            # belongs to every source feeding the subject when it was raised.
+            sources = (stream.source,) if stream is not None else self._feeds.get(alarm.subject, ())
+            if known is not None:
+                sources = known.sources  # escalated (L -> LL) or resumed: the same condition
+            kept = {k: alarm.detail[k] for k in _KEPT if k in alarm.detail}
+            family = _family(alarm) or alarm.kind
+            entry = Entry(family, alarm.subject, sources, alarm.subject_kind, stream, kept)
+            if entry == known:
+                return
+            self._on[key] = entry
+        elif self._on.pop(key, None) is None:
+            return
+        self.dirty = True
+
+    def end_source(self, source: str, feeds_now: Iterable[str], t_mono: float, t_wall: float) -> list[Alarm]:
+        """End every condition of ``source`` (its streams', its subjects' episodes); the alarms to send.
+
+        ``feeds_now``: the subjects the source feeds in the configuration that replaces it (none when
+        it is gone or disabled): a condition of one of them ends as ``source_changed``, of any
+        other subject as ``source_removed``.
+        """
+        keeps = set(feeds_now)
+        out: list[Alarm] = []
+        for key in [k for k, e in self._on.items() if source in e.sources]:
+            e = self._on.pop(key)
+            reason: EndReason = "source_changed" if e.subject in keeps else "source_removed"
+            out.append(e.ending(reason, t_mono, t_wall))
+        self.dirty = self.dirty or bool(out)
+        return out
+
+    def end_vanished(self, t_mono: float, t_wall: float) -> list[Alarm]:
+        """End every condition whose sources no longer all feed its subject (a restart's new config)."""
+        gone = [k for k, e in self._on.items() if not set(e.sources) <= set(self._feeds.get(e.subject, ()))]
+        return self._end(gone, "source_removed", t_mono, t_wall)
+
+    def _end(
+        self, keys: list[tuple[str, ...]], reason: EndReason, t_mono: float, t_wall: float
+    ) -> list[Alarm]:
+        out = [self._on.pop(k).ending(reason, t_mono, t_wall) for k in keys]
+        self.dirty = self.dirty or bool(out)
+        return out
+
+    def save(self) -> None:
+        """Write the ledger when it changed (atomically, mode 0600: it names subjects and devices)."""
+        if not self.dirty or self._path is None:
+            return
+        body = {"version": _VERSION, "on": [_dump(e) for e in self._on.values()]}
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            write_private_json(self._path, body)
+        except OSError as exc:
+            if not self._warned:
+                log.warning(
+                    "alarm ledger %s: cannot write: %s: alarms of a source removed before the next "
+                    "start will not be ended then; check the state directory",
+                    self._path,
+                    exc.strerror,
+                )
+                self._warned = True
+            return
+        self.dirty = False
+
+
+def _dump(e: Entry) -> dict[str, Any]:
+    s = e.stream
+    stream = None
+    if s is not None:
+        m = s.metric
+        metric = {"name": m.name, "unit": m.unit, "mdc": m.mdc, "rr": m.rr, "shape": m.shape}
+        stream = {
+            "source": s.source,
+            "subject": s.subject,
+            "device": s.device,
+            "metric": metric,
+            "kind": s.kind,
+            "rate_hz": s.rate_hz,
+            "on_change": s.on_change,
+        }
+    return {
+        "kind": e.kind.value,
+        "subject": e.subject,
+        "sources": list(e.sources),
+        "subject_kind": e.subject_kind,
+        "stream": stream,
+        "detail": dict(e.detail),
+    }
+
+
+def _entry(raw: Mapping[str, Any]) -> Entry:
+    s = raw.get("stream")
+    stream = None
+    if s is not None:
+        stream = Stream(
+            s["source"],
+            s["subject"],
+            s["device"],
+            Metric(**s["metric"]),
+            s["kind"],
+            s["rate_hz"],
+            s["on_change"],
+        )
+    return Entry(
+        AlarmKind(raw["kind"]),
+        str(raw["subject"]),
+        tuple(str(x) for x in raw["sources"]),
+        raw.get("subject_kind"),
+        stream,
+        dict(raw.get("detail", {})),
+    )
+
+
+def _load(path: Path) -> dict[tuple[str, ...], Entry]:
+    """The ledger a previous run left; an unreadable one is set aside (its alarms cannot be ended)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        _set_aside(path, str(exc))
+        return {}
+    if not isinstance(raw, dict) or raw.get("version") != _VERSION:
+        _set_aside(path, f"not a version {_VERSION} ledger")
+        return {}
+    try:
+        entries = [_entry(e) for e in raw["on"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        _set_aside(path, str(exc))
+        return {}
+    out: dict[tuple[str, ...], Entry] = {}
+    for e in entries:
+        key = _key(e.ending("source_removed", 0.0, 0.0))
+        if key is not None:
+            out[key] = e
+    return out
+
+
+def _set_aside(path: Path, why: str) -> None:
+    aside = path.with_suffix(".corrupt")
+    log.error(
+        "alarm ledger %s: unreadable (%s): set aside as %s; alarms on before this start that belong "
+        "to a removed source stay on at the twin until acknowledged there",
+        path,
+        why,
+        aside.name,
+    )
+    with contextlib.suppress(OSError):
+        path.replace(aside)
