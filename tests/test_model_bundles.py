@@ -14,6 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,8 +22,10 @@ from bundle_support import MODELS, PUMP, card_for, onnx_model, shipped_int8, tam
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_inference_runtime import commission, pump_model, pump_window
 
+from gateway.cli import main
 from gateway.downlink import audit as audit_log
 from gateway.downlink.audit import AuditLog
+from gateway.downlink.azure import c2d_chunk_topic, twin_safe
 from gateway.downlink.bundles import ModelBundles, chunk_bytes_for, make_bundle
 from gateway.downlink.model_commands import chunk_messages
 from gateway.downlink.signing import Trust, canonical, key_id, sign
@@ -410,3 +413,47 @@ def test_numpy_weights_that_fail_their_check_or_are_not_the_cards_are_refused(ga
     assert gate.slot.active.backend.name == "numpy"
     assert not any(version_dir(gate.tmp, PUMP, v).exists() for v in (2, 3, 4))
     assert "transfer" not in gate.handler.reported()[PUMP]
+
+
+def test_on_iot_hub_the_weights_come_as_c2d_messages_of_their_own_and_only_the_missing_are_sent_again(
+    tmp_path: Path,
+) -> None:
+    active = pump_model(tmp_path)
+    commission(active, np.random.default_rng(3))
+    gate = Gate(tmp_path, Slot(active, state_dir=tmp_path), profile="azure")
+    env, _ = dense_bundle(2)
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "m2.envelope").write_bytes(env)
+    model = twin / f"{PUMP}.fp32.onnx"
+    model.write_bytes((MODELS / model.name).read_bytes())
+    (twin / f"{PUMP}.fp32.dense.npz").write_bytes((MODELS / f"{PUMP}.fp32.dense.npz").read_bytes())
+    make = ["twin", "azure-model", "--envelope", str(twin / "m2.envelope"), "--model", str(model)]
+    assert main([*make, "--out-dir", str(twin / "all")]) == 0  # the weights found beside the model
+    listing = json.loads((twin / "all" / "messages.json").read_text())
+    by_part: dict[str, list[str]] = {}
+    for entry in listing:
+        by_part.setdefault(entry["properties"]["et_bundle"], []).append(entry["properties"]["et_chunk"])
+    assert len(by_part) == 2
+
+    def send(where: Path, entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            props = entry["properties"]
+            topic = c2d_chunk_topic(GATEWAY, props["et_bundle"], int(props["et_chunk"]))
+            gate.deliver((topic, (where / entry["file"]).read_bytes()))
+
+    gate.handler.take_manifest(env)
+    gate.step()
+    send(twin / "all", listing[:-4])  # the sender stops four short, all of them the weights'
+    transfer = gate.handler.reported()[PUMP]["transfer"]
+    assert (transfer["missing"], len(transfer["dense"]["missing"])) == ([], 4)
+    # As IoT Hub shows the reported property (no arrays); the twin sends again just those four.
+    (twin / "twin.json").write_text(json.dumps({"models": twin_safe(gate.handler.reported())}))
+    again = twin / "again"
+    assert main([*make, "--out-dir", str(again), "--missing-from", str(twin / "twin.json")]) == 0
+    resent = json.loads((again / "messages.json").read_text())
+    assert [e["properties"] for e in resent] == [e["properties"] for e in listing[-4:]]
+    send(again, resent)
+    assert gate.refused == []
+    assert gate.handler.reported()[PUMP]["candidate"]["version"] == 2
+    assert (version_dir(tmp_path, PUMP, 2) / f"{PUMP}.fp32.dense.npz").is_file()
