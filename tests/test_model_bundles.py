@@ -28,7 +28,7 @@ from gateway.downlink.audit import AuditLog
 from gateway.downlink.azure import c2d_chunk_topic, twin_safe
 from gateway.downlink.bundles import ModelBundles, chunk_bytes_for, make_bundle
 from gateway.downlink.model_commands import chunk_messages
-from gateway.downlink.signing import Trust, canonical, key_id, sign
+from gateway.downlink.signing import Trust, canonical, key_id, sign, write_private_key
 from gateway.inference.backends import litert_interpreter_class
 from gateway.inference.shadow import Acceptance, Slot, open_slots, version_dir
 
@@ -457,3 +457,35 @@ def test_on_iot_hub_the_weights_come_as_c2d_messages_of_their_own_and_only_the_m
     assert gate.refused == []
     assert gate.handler.reported()[PUMP]["candidate"]["version"] == 2
     assert (version_dir(tmp_path, PUMP, 2) / f"{PUMP}.fp32.dense.npz").is_file()
+
+
+def test_sign_model_takes_the_cards_weights_from_beside_the_model_and_refuses_others(tmp_path: Path) -> None:
+    write_private_key(tmp_path / "twin.key", KEY)
+    card = tmp_path / f"{PUMP}.card.json"
+    card.write_bytes((MODELS / card.name).read_bytes())
+    model = tmp_path / f"{PUMP}.fp32.onnx"
+    model.write_bytes((MODELS / model.name).read_bytes())
+    weights = tmp_path / f"{PUMP}.fp32.dense.npz"
+    weights.write_bytes((MODELS / weights.name).read_bytes())
+    cli = ["twin", "sign-model", "--slot", PUMP, "--card", str(card), "--model", str(model)]
+    cli += ["--key", str(tmp_path / "twin.key"), "--version", "2", "--gateway", GATEWAY]
+
+    def signed(*extra: str) -> dict[str, Any] | None:
+        out = tmp_path / "m.envelope"
+        out.unlink(missing_ok=True)
+        if main([*cli, "--out", str(out), *extra]) != 0:
+            return None
+        return dict(json.loads(base64.b64decode(json.loads(out.read_bytes())["content"])))
+
+    found = signed()
+    assert found is not None
+    assert found["dense"]["path"] == weights.name
+    assert found["dense"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert found["model"]["path"] == model.name
+    only = signed("--onnx-only")
+    assert only is not None
+    assert "dense" not in only
+    assert "path" not in only["model"]  # the manifest gateways took before bundles had parts
+    other = tmp_path / "other.dense.npz"
+    other.write_bytes(tampered_weights())
+    assert signed("--dense", str(other)) is None  # not the card's weights: refused before signing

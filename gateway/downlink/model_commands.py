@@ -64,11 +64,25 @@ def _dense_to_sign(args: argparse.Namespace, card: bytes) -> Path | None:
     return beside if beside is not None and beside.is_file() else None
 
 
+def _check_card_names(card_path: Path, card: bytes, path: Path, dense: bytes) -> None:
+    """Refuse to sign numpy weights the card does not list for its default precision (the gateway would)."""
+    doc = json.loads(card)
+    entry = (doc.get("dense_files") or {}).get(doc.get("default_precision")) or {}
+    if entry.get("sha256") != hashlib.sha256(dense).hexdigest() or entry.get("bytes") != len(dense):
+        raise TwinConfigError(
+            f"twin sign-model --card {card_path}: the numpy weights {path} are not the ones the card lists "
+            f"for precision {doc.get('default_precision')} (dense_files: SHA-256, bytes): sign the card "
+            "written with these weights, or leave them out with --onnx-only"
+        )
+
+
 def cmd_sign_model(args: argparse.Namespace) -> int:
     """Sign a model (ONNX file, numpy weights where the card names them, card) for a slot as a numbered bundle."""
     card, model = args.card.read_bytes(), args.model.read_bytes()
     dense_path = _dense_to_sign(args, card)
     dense = dense_path.read_bytes() if dense_path is not None else None
+    if dense_path is not None and dense is not None:
+        _check_card_names(args.card, card, dense_path, dense)
     chunk = args.chunk_bytes or chunk_bytes_for(args.profile)
     manifest, _ = make_bundle(
         args.slot,
