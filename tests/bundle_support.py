@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,17 @@ def shipped_int8() -> tuple[bytes, bytes]:
     """The shipped int8 pump model and a card serving it as a new version (a model that agrees)."""
     model = (MODELS / "pump_skab.int8.onnx").read_bytes()
     return model, card_for(model, file="pump_skab.int8.onnx")
+
+
+def tampered_weights() -> bytes:
+    """The shipped numpy weights with one weight changed: a valid archive whose reference scores no longer hold."""
+    with np.load(MODELS / f"{PUMP}.fp32.dense.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["w0"] = arrays["w0"].copy()
+    arrays["w0"][0, 0] += 0.5
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
 
 
 def write(directory: Path, card: bytes, model: bytes) -> Path:

@@ -8,7 +8,9 @@ new version runs in shadow on the live pump windows and is promoted - or rejecte
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bundle_support import LOOSE_HEALTH, PUMP, PUMP_SITE, card_for, onnx_model
+from bundle_support import LOOSE_HEALTH, MODELS, PUMP, PUMP_SITE, card_for, onnx_model, tampered_weights
 from downlink_support import Site, new_site
 from uplink_support import mosquitto_pki, running_broker
 
@@ -88,6 +90,20 @@ def sign(
     return out, d / "model.onnx"
 
 
+def publish_model(site: Site, envelope: Path, model: Path) -> list[str]:
+    """The twin's publish-model of a signed bundle to the site's gateway (broker arguments to add)."""
+    return [
+        *TWIN,
+        "publish-model",
+        "--gateway",
+        site.gateway,
+        "--envelope",
+        str(envelope),
+        "--model",
+        str(model),
+    ]
+
+
 def broker_args(site: Site) -> list[str]:
     p = site.pki
     return [
@@ -149,16 +165,7 @@ def test_a_mixed_bundle_is_refused_then_one_cut_short_resumes_after_a_restart_an
     rep = site.reported(lambda r: r["audit"]["count"] == logged + 2 and resumed(r), "the transfer resumed")
     assert rep["models"][PUMP]["transfer"]["missing"] == [4, 5, 6, 7]
     # The twin sends what the gateway says it misses.
-    cli = [
-        *TWIN,
-        "publish-model",
-        "--gateway",
-        site.gateway,
-        "--envelope",
-        str(envelope),
-        "--model",
-        str(path),
-    ]
+    cli = publish_model(site, envelope, path)
     done = subprocess.run(
         [*cli, "--missing", *broker_args(site)], capture_output=True, text=True, check=False
     )
@@ -167,6 +174,10 @@ def test_a_mixed_bundle_is_refused_then_one_cut_short_resumes_after_a_restart_an
     rep = site.reported(slot(lambda m: m["active"] == 2), "v2 promoted after its shadow period")
     entry = rep["models"][PUMP]
     assert entry["previous"] == 0  # the shipped model stays, to roll back to
+    # A bundle of the ONNX file alone (as signed before bundles carried weights) runs on onnxruntime.
+    assert entry["backend"] == "onnxruntime"
+    assert site.proc is not None
+    assert "onnxruntime" in Path(f"/proc/{site.proc.pid}/maps").read_text()
     assert entry["last"]["outcome"] == "promoted"
     steps = [(e["event"], e.get("version")) for e in site.events()]
     assert steps == [
@@ -189,27 +200,89 @@ def test_a_mixed_bundle_is_refused_then_one_cut_short_resumes_after_a_restart_an
     assert json.loads((installed / "active.json").read_text()) == {"version": 2, "previous": 0}
     cli = [sys.executable, "-m", "gateway.cli", "downlink", "status", "--config", str(site.config)]
     shown = subprocess.run(cli, capture_output=True, text=True, check=False).stdout
-    assert f"model {PUMP}: serving v2, the shipped version kept to roll back to; v2 promoted" in shown
+    assert (
+        f"model {PUMP}: serving v2 on onnxruntime, the shipped version kept to roll back to; v2 promoted"
+        in shown
+    )
     cli = [*TWIN, "rollout-status", "--gateway", site.gateway, *broker_args(site)]
     shown = subprocess.run(cli, capture_output=True, text=True, check=False).stdout
     assert f"model {PUMP}: serving v2; last: v2 promoted rules-met" in shown
     # The twin removes the retained chunks from the broker; the gateway keeps running its version.
-    cli = [
-        *TWIN,
-        "publish-model",
-        "--gateway",
-        site.gateway,
-        "--envelope",
-        str(envelope),
-        "--model",
-        str(path),
-    ]
+    cli = publish_model(site, envelope, path)
     done = subprocess.run([*cli, "--clear", *broker_args(site)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert fetch_retained(site.twin, chunks[0][0], wait_s=2.0) is None
     assert fetch_retained(site.twin, f"{root}/model", wait_s=2.0) is not None
     assert (installed / "v2" / "pump_skab.v2.onnx").read_bytes() == model
     assert not (installed / "v1").exists()
+
+
+def _sign_shipped(site: Site, version: int, dense: bytes, rules: dict[str, Any]) -> tuple[Path, Path]:
+    """The twin's sign-model on the shipped pump card, its weights ``dense`` found beside the model."""
+    card = json.loads((MODELS / f"{PUMP}.card.json").read_text())
+    card["dense_files"]["fp32"].update(sha256=hashlib.sha256(dense).hexdigest(), bytes=len(dense))
+    d = site.tmp / f"bundle-v{version}"
+    d.mkdir()
+    model = d / card["files"]["fp32"]["path"]
+    model.write_bytes((MODELS / card["files"]["fp32"]["path"]).read_bytes())
+    (d / card["dense_files"]["fp32"]["path"]).write_bytes(dense)
+    (d / "card.json").write_text(json.dumps(card))
+    (d / "rules.json").write_text(json.dumps(rules))
+    out = d / "bundle.envelope"
+    cli = [*TWIN, "sign-model", "--slot", PUMP, "--card", str(d / "card.json"), "--model", str(model)]
+    cli += ["--key", str(site.tmp / "twin.key"), "--version", str(version), "--gateway", site.gateway]
+    cli += ["--chunk-bytes", "1024", "--rules", str(d / "rules.json"), "--out", str(out)]
+    done = subprocess.run(cli, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "numpy weights" in done.stdout
+    return out, model
+
+
+def test_a_bundle_with_numpy_weights_is_promoted_on_numpy_and_one_whose_weights_fail_is_refused(
+    site: Site,
+) -> None:
+    site.start()
+    rep = site.reported(slot(lambda m: m["active"] == 0), "pump model serving")
+    assert rep["models"][PUMP]["backend"] == "numpy"  # the shipped card's choice
+    root = f"{DEFAULT_PREFIX}/{site.gateway}"
+    # Same scores as the version serving: no rule but the transfer and the load is tested here.
+    rules = {"windows": 5, "max_latency_us": 1e9, "min_agreement": 0.0, "max_alarm_rate": 1.0}
+    shipped = (MODELS / f"{PUMP}.fp32.dense.npz").read_bytes()
+    envelope, model = _sign_shipped(site, 1, tampered_weights(), rules)
+    publish = publish_model(site, envelope, model)
+    done = subprocess.run([*publish, *broker_args(site)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    rep = site.reported(lambda r: bool(r["refused"]), "the bundle with tampered weights refused")
+    assert (rep["refused"][-1]["version"], rep["refused"][-1]["reason"]) == (1, "load-failed")
+    assert "numpy weights do not reproduce" in site.events()[-1]["detail"]
+    assert rep["models"][PUMP]["candidate"] is None
+
+    envelope, model = _sign_shipped(site, 2, shipped, rules)
+    publish = publish_model(site, envelope, model)
+    # The link drops after the model's chunks and a few of the weights': the twin sends what is missing.
+    messages = chunk_messages(root, envelope.read_bytes(), model.read_bytes(), dense=shipped)
+    *chunks, signed = messages
+    n_model = math.ceil(len(model.read_bytes()) / 1024)
+    publish_many(site.twin, [signed, *chunks[: n_model + 3]])
+    part = slot(lambda m: ((m.get("transfer") or {}).get("dense") or {}).get("have") == 3)
+    rep = site.reported(part, "the model and 3 chunks of its weights")
+    dense = rep["models"][PUMP]["transfer"]["dense"]
+    assert (rep["models"][PUMP]["transfer"]["missing"], dense["missing"]) == ([], list(range(3, dense["of"])))
+    done = subprocess.run(
+        [*publish, "--missing", *broker_args(site)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{dense['of'] - 3} chunk(s)" in done.stdout
+    rep = site.reported(slot(lambda m: m["active"] == 2), "v2 promoted after its shadow period")
+    assert rep["models"][PUMP]["backend"] == "numpy"
+    installed = site.tmp / "state" / "models" / "bundles" / PUMP / "v2"
+    assert (installed / f"{PUMP}.fp32.dense.npz").read_bytes() == shipped
+    cli = [sys.executable, "-m", "gateway.cli", "downlink", "status", "--config", str(site.config)]
+    shown = subprocess.run(cli, capture_output=True, text=True, check=False).stdout
+    assert f"model {PUMP}: serving v2 on numpy" in shown
+    # The aim of carrying the weights: the update brought no onnxruntime into the gateway's process.
+    assert site.proc is not None
+    assert "onnxruntime" not in Path(f"/proc/{site.proc.pid}/maps").read_text()
 
 
 @pytest.mark.campaign

@@ -9,21 +9,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from bundle_support import MODELS, PUMP, card_for, onnx_model, shipped_int8
+from bundle_support import MODELS, PUMP, card_for, onnx_model, shipped_int8, tampered_weights
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_inference_runtime import commission, pump_model, pump_window
 
+from gateway.cli import main
 from gateway.downlink import audit as audit_log
 from gateway.downlink.audit import AuditLog
+from gateway.downlink.azure import c2d_chunk_topic, twin_safe
 from gateway.downlink.bundles import ModelBundles, chunk_bytes_for, make_bundle
-from gateway.downlink.signing import Trust, canonical, key_id, sign
+from gateway.downlink.model_commands import chunk_messages
+from gateway.downlink.signing import Trust, canonical, key_id, sign, write_private_key
 from gateway.inference.backends import litert_interpreter_class
 from gateway.inference.shadow import Acceptance, Slot, open_slots, version_dir
 
@@ -77,11 +82,8 @@ def gate(tmp_path: Path) -> Gate:
     return Gate(tmp_path, Slot(active, state_dir=tmp_path))
 
 
-def bundle(
-    model: bytes, card: bytes, version: int, *, chunk: int = 1024, keys: list[Ed25519PrivateKey] | None = None
-) -> tuple[bytes, list[tuple[str, bytes]]]:
-    manifest, chunks = make_bundle(PUMP, card, model, chunk_bytes=chunk, acceptance=Acceptance(windows=5))
-    env = sign(
+def _signed(manifest: bytes, version: int, keys: list[Ed25519PrivateKey] | None = None) -> bytes:
+    return sign(
         manifest,
         keys=[KEY] if keys is None else keys,
         gateway=GATEWAY,
@@ -89,8 +91,30 @@ def bundle(
         expires=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
         kind="model",
     )
+
+
+def bundle(
+    model: bytes, card: bytes, version: int, *, chunk: int = 1024, keys: list[Ed25519PrivateKey] | None = None
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    manifest, chunks = make_bundle(PUMP, card, model, chunk_bytes=chunk, acceptance=Acceptance(windows=5))
+    env = _signed(manifest, version, keys)
     sha = json.loads(manifest)["model"]["sha256"][:32]
     return env, [(f"{ROOT}/chunk/{sha}/{i}", c) for i, c in enumerate(chunks)]
+
+
+def dense_bundle(
+    version: int, *, card: bytes | None = None, dense: bytes | None = None, chunk: int = 1024
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The shipped pump card as a bundle with its numpy weights (or ``dense``): envelope, chunk messages."""
+    card = card or (MODELS / f"{PUMP}.card.json").read_bytes()
+    model = (MODELS / f"{PUMP}.fp32.onnx").read_bytes()
+    dense = dense or (MODELS / f"{PUMP}.fp32.dense.npz").read_bytes()
+    manifest, _ = make_bundle(
+        PUMP, card, model, chunk_bytes=chunk, acceptance=Acceptance(windows=5), dense=dense
+    )
+    env = _signed(manifest, version)
+    *chunks, _manifest = chunk_messages(ROOT, env, model, dense=dense)  # as the twin publishes them
+    return env, chunks
 
 
 def test_chunks_fit_each_profile() -> None:
@@ -282,7 +306,7 @@ def test_a_bundle_of_the_recipes_real_card_loads_in_shadow_promoted_and_after_a_
     assert gate.handler.reported()[PUMP]["candidate"]["version"] == 2
     assert gate.events()[-1] == "model-shadow"
     _promote(gate, 2)
-    assert gate.slot.active.backend.name == "onnxruntime"  # the bundle carries the ONNX file only
+    assert gate.slot.active.backend.name == "onnxruntime"  # this bundle carries the ONNX file only
     assert gate.events()[-1] == "model-promoted"
     # A restart: the promoted version is opened from its directory, again on onnxruntime.
     (slot,) = open_slots([pump_model(gate.tmp)], gate.tmp)
@@ -329,3 +353,139 @@ def test_chunks_flooded_before_a_step_queue_once_each_and_only_with_their_signed
     gate.deliver(*chunks[1:])  # the genuine copies still complete it
     assert gate.handler.reported()[PUMP]["candidate"]["version"] == 1
     assert gate.refused == []
+
+
+def test_a_bundle_with_the_cards_numpy_weights_runs_on_numpy_in_shadow_promoted_and_after_a_restart(
+    gate: Gate,
+) -> None:
+    assert gate.slot.active.backend.name == "numpy"  # the shipped pump card chose numpy
+    env, chunks = dense_bundle(2)
+    ids = {t.split("/")[-2] for t, _ in chunks}
+    assert len(ids) == 2  # two parts, each addressed by its own id
+    # Cut short: the manifest, the model and a part of the weights; then a restart.
+    gate.deliver((f"{ROOT}/model", env), *chunks[:-5])
+    transfer = gate.handler.reported()[PUMP]["transfer"]
+    assert transfer["missing"] == []  # the model part is all here
+    dense = transfer["dense"]
+    assert (dense["path"], dense["of"] - dense["have"]) == (f"{PUMP}.fp32.dense.npz", 5)
+    assert dense["missing"] == list(range(dense["of"] - 5, dense["of"]))
+    gate.restart()
+    gate.deliver((f"{ROOT}/model", env))
+    assert gate.handler.reported()[PUMP]["transfer"]["dense"]["missing"] == dense["missing"]
+    gate.deliver(*chunks[-5:])
+    assert gate.refused == []
+    rep = gate.handler.reported()[PUMP]
+    assert rep["candidate"]["version"] == 2
+    where = version_dir(gate.tmp, PUMP, 2)
+    shipped = (MODELS / f"{PUMP}.fp32.dense.npz").read_bytes()
+    assert (where / f"{PUMP}.fp32.dense.npz").read_bytes() == shipped
+    _promote(gate, 2)
+    assert gate.slot.active.backend.name == "numpy"
+    assert gate.handler.reported()[PUMP]["backend"] == "numpy"
+    # A restart: the promoted version is opened from its directory, again on numpy.
+    (slot,) = open_slots([pump_model(gate.tmp)], gate.tmp)
+    assert (slot.version, slot.active.backend.name) == (2, "numpy")
+    (r,) = slot.score_batch([pump_window(600, np.random.default_rng(2))])
+    assert math.isfinite(r.score)
+
+
+def test_numpy_weights_that_fail_their_check_or_are_not_the_cards_are_refused(gate: Gate) -> None:
+    bad = tampered_weights()
+    # Signed consistently (card and manifest name the tampered file): the numpy backend's own load
+    # check (reference scores within 1e-5) refuses it.
+    card = json.loads((MODELS / f"{PUMP}.card.json").read_text())
+    card["dense_files"]["fp32"].update(sha256=hashlib.sha256(bad).hexdigest(), bytes=len(bad))
+    env, chunks = dense_bundle(2, card=json.dumps(card).encode(), dense=bad)
+    gate.deliver((f"{ROOT}/model", env), *chunks)
+    (version, reason, detail) = gate.refused[-1]
+    assert (version, reason) == (2, "load-failed")
+    assert "numpy weights do not reproduce the recorded" in detail
+    # The card's own weights named, another file's hash signed and sent: bound to the card, refused.
+    env, chunks = dense_bundle(3, dense=bad)
+    gate.deliver((f"{ROOT}/model", env), *chunks)
+    assert gate.refused[-1][:2] == (3, "card-invalid")
+    # A name that is a path: never a valid manifest.
+    manifest = json.loads(base64.b64decode(json.loads(dense_bundle(4)[0])["content"]))
+    manifest["dense"]["path"] = "../../trust.json"
+    gate.deliver((f"{ROOT}/model", _signed(canonical(manifest), 4)))
+    assert gate.refused[-1][:2] == (None, "malformed")
+    assert gate.slot.candidate is None
+    assert gate.slot.active.backend.name == "numpy"
+    assert not any(version_dir(gate.tmp, PUMP, v).exists() for v in (2, 3, 4))
+    assert "transfer" not in gate.handler.reported()[PUMP]
+
+
+def test_on_iot_hub_the_weights_come_as_c2d_messages_of_their_own_and_only_the_missing_are_sent_again(
+    tmp_path: Path,
+) -> None:
+    active = pump_model(tmp_path)
+    commission(active, np.random.default_rng(3))
+    gate = Gate(tmp_path, Slot(active, state_dir=tmp_path), profile="azure")
+    env, _ = dense_bundle(2)
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "m2.envelope").write_bytes(env)
+    model = twin / f"{PUMP}.fp32.onnx"
+    model.write_bytes((MODELS / model.name).read_bytes())
+    (twin / f"{PUMP}.fp32.dense.npz").write_bytes((MODELS / f"{PUMP}.fp32.dense.npz").read_bytes())
+    make = ["twin", "azure-model", "--envelope", str(twin / "m2.envelope"), "--model", str(model)]
+    assert main([*make, "--out-dir", str(twin / "all")]) == 0  # the weights found beside the model
+    listing = json.loads((twin / "all" / "messages.json").read_text())
+    by_part: dict[str, list[str]] = {}
+    for entry in listing:
+        by_part.setdefault(entry["properties"]["et_bundle"], []).append(entry["properties"]["et_chunk"])
+    assert len(by_part) == 2
+
+    def send(where: Path, entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            props = entry["properties"]
+            topic = c2d_chunk_topic(GATEWAY, props["et_bundle"], int(props["et_chunk"]))
+            gate.deliver((topic, (where / entry["file"]).read_bytes()))
+
+    gate.handler.take_manifest(env)
+    gate.step()
+    send(twin / "all", listing[:-4])  # the sender stops four short, all of them the weights'
+    transfer = gate.handler.reported()[PUMP]["transfer"]
+    assert (transfer["missing"], len(transfer["dense"]["missing"])) == ([], 4)
+    # As IoT Hub shows the reported property (no arrays); the twin sends again just those four.
+    (twin / "twin.json").write_text(json.dumps({"models": twin_safe(gate.handler.reported())}))
+    again = twin / "again"
+    assert main([*make, "--out-dir", str(again), "--missing-from", str(twin / "twin.json")]) == 0
+    resent = json.loads((again / "messages.json").read_text())
+    assert [e["properties"] for e in resent] == [e["properties"] for e in listing[-4:]]
+    send(again, resent)
+    assert gate.refused == []
+    assert gate.handler.reported()[PUMP]["candidate"]["version"] == 2
+    assert (version_dir(tmp_path, PUMP, 2) / f"{PUMP}.fp32.dense.npz").is_file()
+
+
+def test_sign_model_takes_the_cards_weights_from_beside_the_model_and_refuses_others(tmp_path: Path) -> None:
+    write_private_key(tmp_path / "twin.key", KEY)
+    card = tmp_path / f"{PUMP}.card.json"
+    card.write_bytes((MODELS / card.name).read_bytes())
+    model = tmp_path / f"{PUMP}.fp32.onnx"
+    model.write_bytes((MODELS / model.name).read_bytes())
+    weights = tmp_path / f"{PUMP}.fp32.dense.npz"
+    weights.write_bytes((MODELS / weights.name).read_bytes())
+    cli = ["twin", "sign-model", "--slot", PUMP, "--card", str(card), "--model", str(model)]
+    cli += ["--key", str(tmp_path / "twin.key"), "--version", "2", "--gateway", GATEWAY]
+
+    def signed(*extra: str) -> dict[str, Any] | None:
+        out = tmp_path / "m.envelope"
+        out.unlink(missing_ok=True)
+        if main([*cli, "--out", str(out), *extra]) != 0:
+            return None
+        return dict(json.loads(base64.b64decode(json.loads(out.read_bytes())["content"])))
+
+    found = signed()
+    assert found is not None
+    assert found["dense"]["path"] == weights.name
+    assert found["dense"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert found["model"]["path"] == model.name
+    only = signed("--onnx-only")
+    assert only is not None
+    assert "dense" not in only
+    assert "path" not in only["model"]  # the manifest gateways took before bundles had parts
+    other = tmp_path / "other.dense.npz"
+    other.write_bytes(tampered_weights())
+    assert signed("--dense", str(other)) is None  # not the card's weights: refused before signing

@@ -1,24 +1,34 @@
-"""Model bundles over the downlink: a signed manifest, the ONNX file in chunks, staged into a model slot.
+"""Model bundles over the downlink: a signed manifest, the model's files in chunks, staged into a model slot.
 
 A bundle is a signed envelope of type ``model`` (:mod:`~gateway.downlink.signing`) on the retained
 topic ``<root>/model``.  Its content is a JSON *manifest*::
 
     {"slot": "pump_skab", "card": {... the model card ...},
-     "model": {"sha256": "<hex>", "length": 1048576, "chunk_bytes": 122880, "chunks": ["<hex>", ...]},
+     "model": {"path": "pump_skab.fp32.onnx", "sha256": "<hex>", "length": 1048576,
+               "chunk_bytes": 122880, "chunks": ["<hex>", ...]},
+     "dense": {"path": "pump_skab.fp32.dense.npz", "sha256": "<hex>", ...},
      "acceptance": {"windows": 30, "max_alarm_rate": 0.2, ...}}
 
-The model file itself travels in chunks, each a retained message on
-``<root>/chunk/<first 32 hex of the model's SHA-256>/<index>``, no larger than the uplink
+Each *part* is one file: the ONNX file the card lists for its default precision, and - where the
+card chose the numpy backend - its numpy weights (``dense``, the card's ``dense_files`` entry for
+that precision), so the version runs on the backend its card chose and a gateway without
+onnxruntime stays without it.  A manifest without ``dense`` (and without ``path``, as bundles were
+signed before) is valid: its version runs on onnxruntime.
+
+Every part travels in chunks, each a retained message on
+``<root>/chunk/<first 32 hex of the part's SHA-256>/<index>``, no larger than the uplink
 profile's payload limit (AWS IoT: 128 kB).  The manifest names every chunk's SHA-256 (TUF's
 targets metadata with hashes): the gateway subscribes to the chunks of a *verified* manifest
 only, writes a chunk into its quarantine only when its hash is the one signed, and keeps the
 chunks it has across reconnects and restarts.  A transfer resumes when the retained manifest comes
 again: the gateway subscribes again and the broker sends the retained chunks; the reported state
-lists the chunks still missing so the twin can publish just those (``twin publish-model
---missing``).  The file is assembled only when every chunk is there and its whole SHA-256 and
-length match: a truncated transfer is never applied.  Then the card is validated, bound to the
-file by hash, the model opened as the loader opens it, and the version put in shadow
-(:mod:`gateway.inference.shadow`).
+lists the chunks still missing, per part (``missing`` for the model, ``dense.missing`` for the
+weights), so the twin can publish just those (``twin publish-model --missing``).  A file is
+assembled only when every chunk of every part is there and each file's whole SHA-256 and length
+match: a truncated transfer is never applied.  Then the card is validated, bound to each file by
+name (a file name only, the one the card lists for its default precision), hash and length, the
+model opened as the loader opens it (the numpy backend checks its reference scores), and the
+version put in shadow (:mod:`gateway.inference.shadow`).
 
 On the ``azure`` profile (IoT Hub keeps no retained messages) the manifest is the device twin's
 desired property ``edgetwin.model`` and the chunks are cloud-to-device messages, each under IoT
@@ -49,11 +59,20 @@ from gateway.downlink.azure import C2D_MAX_BYTES, C2D_QUEUE_DEPTH, c2d_chunk, c2
 from gateway.downlink.errors import RefusedError
 from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, verify
 from gateway.errors import ConfigError, CorruptDataError
-from gateway.inference.card import CARD_SUFFIX, ModelCard, load_card
+from gateway.inference.card import CARD_SUFFIX, ModelCard, ModelFile, load_card
 from gateway.inference.shadow import Acceptance, Outcome, Slot, version_dir, write_installed
 from gateway.uplink.profiles import PROFILES
 
-__all__ = ["MAX_CHUNK_BYTES", "Manifest", "ModelBundles", "chunk_bytes_for", "make_bundle", "parse_manifest"]
+__all__ = [
+    "MAX_CHUNK_BYTES",
+    "Manifest",
+    "ModelBundles",
+    "card_paths",
+    "chunk_bytes_for",
+    "cut",
+    "make_bundle",
+    "parse_manifest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +83,12 @@ _DONE_KEPT = 16
 
 
 class ModelPart(BaseModel):
-    """The model file of a bundle: its hash and length, and how it is cut into chunks."""
+    """A file of a bundle: its name as the card lists it, hash and length, and how it is cut into chunks."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
+    # A file name, never a path: it is written into the version's directory under this name.
+    path: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
     sha256: str = Field(pattern=_HEX)
     length: int = Field(gt=0, le=MAX_MODEL_BYTES)
     chunk_bytes: int = Field(ge=1024, le=MAX_CHUNK_BYTES)
@@ -87,7 +108,13 @@ class Manifest(BaseModel):
     slot: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     card: dict[str, Any]
     model: ModelPart
+    dense: ModelPart | None = None  # the numpy weights the card names (backend "numpy")
     acceptance: Acceptance = Acceptance()
+
+    @property
+    def parts(self) -> tuple[ModelPart, ...]:
+        """The files the bundle carries: the model, then its numpy weights when it has them."""
+        return (self.model,) if self.dense is None else (self.model, self.dense)
 
 
 def chunk_bytes_for(profile: str) -> int:
@@ -101,23 +128,53 @@ def _carried(profile: str) -> int:
     return min(MAX_CHUNK_BYTES, limit)
 
 
+def cut(data: bytes, chunk_bytes: int) -> list[bytes]:
+    """A file cut into chunks of ``chunk_bytes`` (the last one shorter)."""
+    return [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)]
+
+
+def _part(data: bytes, chunk_bytes: int, path: str | None) -> ModelPart:
+    return ModelPart(
+        path=path,
+        sha256=hashlib.sha256(data).hexdigest(),
+        length=len(data),
+        chunk_bytes=chunk_bytes,
+        chunks=tuple(hashlib.sha256(c).hexdigest() for c in cut(data, chunk_bytes)),
+    )
+
+
+def card_paths(card: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The names the card gives its ONNX file and its numpy weights in its default precision (None: none)."""
+    precision = card.get("default_precision")
+    model = (card.get("files") or {}).get(precision) or {}
+    dense = (card.get("dense_files") or {}).get(precision) or {}
+    return model.get("path"), dense.get("path")
+
+
 def make_bundle(
-    slot: str, card: bytes, model: bytes, *, chunk_bytes: int, acceptance: Acceptance | None = None
+    slot: str,
+    card: bytes,
+    model: bytes,
+    *,
+    chunk_bytes: int,
+    acceptance: Acceptance | None = None,
+    dense: bytes | None = None,
 ) -> tuple[bytes, list[bytes]]:
-    """The manifest to sign and the chunks to publish, for the twin."""
-    chunks = [model[i : i + chunk_bytes] for i in range(0, len(model), chunk_bytes)]
+    """The manifest to sign and the model's chunks to publish (``dense``: the numpy weights too), for the twin."""
+    doc = json.loads(card)
+    model_path, dense_path = card_paths(doc)
     manifest = Manifest(
         slot=slot,
-        card=json.loads(card),
-        model=ModelPart(
-            sha256=hashlib.sha256(model).hexdigest(),
-            length=len(model),
-            chunk_bytes=chunk_bytes,
-            chunks=tuple(hashlib.sha256(c).hexdigest() for c in chunks),
-        ),
+        card=doc,
+        # Without weights the manifest is the one older gateways take (no "path", no "dense").
+        model=_part(model, chunk_bytes, model_path if dense is not None else None),
+        dense=None if dense is None else _part(dense, chunk_bytes, dense_path),
         acceptance=acceptance or Acceptance(),
     )
-    return manifest.model_dump_json().encode(), chunks
+    content = manifest.model_dump(mode="json")
+    if dense is None:
+        del content["dense"], content["model"]["path"]
+    return json.dumps(content).encode(), cut(model, chunk_bytes)
 
 
 def parse_manifest(content: bytes) -> Manifest:
@@ -130,11 +187,18 @@ def parse_manifest(content: bytes) -> Manifest:
         raise RefusedError(
             "malformed", f"not a model bundle manifest: {where or '(top)'}: {first['msg']}"
         ) from exc
-    part = manifest.model
-    if len(part.chunks) != math.ceil(part.length / part.chunk_bytes) or any(
-        len(c) != 64 or any(ch not in "0123456789abcdef" for ch in c) for c in part.chunks
-    ):
-        raise RefusedError("malformed", "the chunk list does not match the model's length and chunk size")
+    for name, part in zip(("model", "dense"), manifest.parts, strict=False):
+        if len(part.chunks) != math.ceil(part.length / part.chunk_bytes) or any(
+            len(c) != 64 or any(ch not in "0123456789abcdef" for ch in c) for c in part.chunks
+        ):
+            raise RefusedError(
+                "malformed", f"{name}: the chunk list does not match the file's length and chunk size"
+            )
+    if manifest.dense is not None and (manifest.dense.id == manifest.model.id or manifest.model.path is None):
+        raise RefusedError(
+            "malformed",
+            "dense: the numpy weights must be a file of their own, named beside a named model file",
+        )
     return manifest
 
 
@@ -145,13 +209,23 @@ class _Transfer:
     digest: str  # SHA-256 of the envelope (the retained message)
     version: int
     manifest: Manifest
-    directory: Path
-    have: set[int] = field(default_factory=set)
+    directory: Path  # the quarantine of chunks: one folder per part, named by the part's id
+    have: dict[str, set[int]] = field(default_factory=dict)  # part id -> chunk indices written
     bad: int = 0  # chunks refused for their hash
 
+    def part(self, bundle: str) -> ModelPart | None:
+        """The part whose chunks are addressed by ``bundle``, or None."""
+        return next((p for p in self.manifest.parts if p.id == bundle), None)
+
+    def missing(self, part: ModelPart) -> list[int]:
+        """The indices of ``part``'s chunks not written yet."""
+        have = self.have.get(part.id, set())
+        return [i for i in range(len(part.chunks)) if i not in have]
+
     @property
-    def missing(self) -> list[int]:
-        return [i for i in range(len(self.manifest.model.chunks)) if i not in self.have]
+    def complete(self) -> bool:
+        """True when every chunk of every part is in the quarantine."""
+        return not any(self.missing(p) for p in self.manifest.parts)
 
 
 Refuse = Callable[[str, int | None, str, str], Awaitable[None]]
@@ -174,8 +248,8 @@ class ModelBundles:
         self._client: Any = None
         self._root = ""
         self._manifest: bytes | None = None
-        self._incoming: deque[tuple[int, bytes]] = deque()
-        self._queued: set[int] = set()  # the chunk indices in _incoming
+        self._incoming: deque[tuple[str, int, bytes]] = deque()  # (part id, index, chunk)
+        self._queued: set[tuple[str, int]] = set()  # the (part id, index) pairs in _incoming
         self.transfer: _Transfer | None = None
         self._state: dict[str, Any] = {"accepted": {}, "done": [], "last": {}, "shadow": {}}
         self._restage: dict[str, Any] = {}  # versions in shadow when the gateway stopped
@@ -206,7 +280,7 @@ class ModelBundles:
             return [f"{c2d_prefix(self.gateway)}#"]
         topics = [f"{root}/model"]
         if self.transfer is not None:
-            topics.append(f"{root}/chunk/{self.transfer.manifest.model.id}/+")
+            topics += [f"{root}/chunk/{p.id}/+" for p in self.transfer.manifest.parts]
         return topics
 
     def take_manifest(self, payload: bytes) -> None:
@@ -238,7 +312,8 @@ class ModelBundles:
     def _take_chunk(self, bundle: str, index: int, payload: bytes) -> None:
         """Queue a chunk of the transfer under way whose hash is the one signed; drop anything else."""
         t = self.transfer
-        if t is None or bundle != t.manifest.model.id:
+        part = None if t is None else t.part(bundle)
+        if t is None or part is None:
             if self._c2d and payload:
                 # IoT Hub hands over the C2D messages queued while the gateway was away as soon as
                 # it connects, before the twin is read, and forgets them once acknowledged: held in
@@ -247,19 +322,25 @@ class ModelBundles:
                 while len(self._early) > C2D_QUEUE_DEPTH:
                     del self._early[next(iter(self._early))]
             return  # not the transfer under way: ignored
-        if index >= len(t.manifest.model.chunks) or index in t.have or index in self._queued or not payload:
+        key = (part.id, index)
+        if (
+            index >= len(part.chunks)
+            or index in t.have.get(part.id, ())
+            or key in self._queued
+            or not payload
+        ):
             return
         # Checked here, not when written: only a chunk with its signed hash is queued, once per index,
-        # so the queue never holds more than the signed model's bytes, whatever a peer floods in.
-        if hashlib.sha256(payload).hexdigest() != t.manifest.model.chunks[index]:
+        # so the queue never holds more than the signed files' bytes, whatever a peer floods in.
+        if hashlib.sha256(payload).hexdigest() != part.chunks[index]:
             t.bad += 1
             (log.warning if t.bad == 1 else log.debug)(
-                "downlink: model %s v%d chunk %d: %d bytes not matching the signed SHA-256: dropped, "
-                "waiting for it again", t.manifest.slot, t.version, index, len(payload),
+                "downlink: model %s v%d chunk %s/%d: %d bytes not matching the signed SHA-256: dropped, "
+                "waiting for it again", t.manifest.slot, t.version, part.path or "model", index, len(payload),
             )  # fmt: skip
             return
-        self._incoming.append((index, bytes(payload)))
-        self._queued.add(index)
+        self._incoming.append((part.id, index, bytes(payload)))
+        self._queued.add(key)
 
     # ---- handling (event loop) -------------------------------------------------------------------
 
@@ -345,9 +426,11 @@ class ModelBundles:
             await asyncio.to_thread(self._save)
             return True
         held.unlink(missing_ok=True)
+        extra = {} if manifest.dense is None else {"dense_sha256": manifest.dense.sha256}
         await asyncio.to_thread(
             audit.append, "verified", version=found.version, keys=[k[:12] for k in found.keyids],
-            sha256=manifest.model.sha256, chunks=len(manifest.model.chunks), slot=manifest.slot,
+            sha256=manifest.model.sha256, chunks=sum(len(p.chunks) for p in manifest.parts), slot=manifest.slot,
+            **extra,
         )  # fmt: skip
         await self._start(digest, found.version, manifest, audit, refuse)
         return True
@@ -376,10 +459,11 @@ class ModelBundles:
                 f"model {slot} version {version} is not newer than version {floor} already accepted or "
                 "installed: sign it again with a higher --version",
             )
-        if manifest.model.chunk_bytes > self.max_chunk:
+        widest = max(p.chunk_bytes for p in manifest.parts)
+        if widest > self.max_chunk:
             raise RefusedError(
                 "too-large",
-                f"chunks of {manifest.model.chunk_bytes} bytes, this profile carries {self.max_chunk}: "
+                f"chunks of {widest} bytes, this profile carries {self.max_chunk}: "
                 "sign it again with this gateway's --profile",
             )
         return manifest
@@ -389,8 +473,7 @@ class ModelBundles:
     ) -> None:
         if self.transfer is not None:  # a newer bundle takes the place of one still coming
             self._unsubscribe(self.transfer)
-        directory = self._chunks_dir / manifest.model.id
-        t = _Transfer(digest, version, manifest, directory)
+        t = _Transfer(digest, version, manifest, self._chunks_dir)
         kept = await asyncio.to_thread(_prepare, self._chunks_dir, t)
         self.transfer = t
         self._incoming.clear()
@@ -398,16 +481,16 @@ class ModelBundles:
         self._state["transfer"] = {"digest": digest, "version": version, "slot": manifest.slot}
         await asyncio.to_thread(self._save)
         log.info(
-            "downlink: model %s v%d verified: %d chunk(s), %d already here", manifest.slot, version,
-            len(manifest.model.chunks), kept,
+            "downlink: model %s v%d verified: %d chunk(s) in %d file(s), %d already here", manifest.slot,
+            version, sum(len(p.chunks) for p in manifest.parts), len(manifest.parts), kept,
         )  # fmt: skip
         early, self._early = self._early, {}
         for (bundle, index), payload in early.items():
-            if bundle == manifest.model.id:
+            if t.part(bundle) is not None:
                 self._take_chunk(bundle, index, payload)  # checked against the signed hash now
         if self._incoming:
             await self._take_chunks(audit, refuse)  # finishes the transfer when they were the last
-        elif not t.missing:
+        elif t.complete:
             await self._finish(t, audit, refuse)
         else:
             self._subscribe(t)
@@ -416,13 +499,14 @@ class ModelBundles:
         client = self._client
         if client is None or self._c2d:  # C2D: subscribed once on attach; nothing is retained
             return
-        topic = f"{self._root}/chunk/{t.manifest.model.id}/+"
-        try:
-            # Again: the broker sends the retained chunks of a subscription anew.
-            client.unsubscribe(topic)
-            client.subscribe(topic, qos=1)
-        except Exception as exc:  # noqa: BLE001 - a connection closing: the next attach subscribes
-            log.debug("downlink: cannot subscribe to %s now: %s", topic, exc)
+        for part in t.manifest.parts:
+            topic = f"{self._root}/chunk/{part.id}/+"
+            try:
+                # Again: the broker sends the retained chunks of a subscription anew.
+                client.unsubscribe(topic)
+                client.subscribe(topic, qos=1)
+            except Exception as exc:  # noqa: BLE001 - a connection closing: the next attach subscribes
+                log.debug("downlink: cannot subscribe to %s now: %s", topic, exc)
 
     async def _take_chunks(self, audit: AuditLog, refuse: Refuse) -> bool:
         t = self.transfer
@@ -432,14 +516,15 @@ class ModelBundles:
             return False
         got = 0
         while self._incoming:
-            index, payload = self._incoming.popleft()
-            self._queued.discard(index)
-            if index in t.have:
+            bundle, index, payload = self._incoming.popleft()
+            self._queued.discard((bundle, index))
+            have = t.have.setdefault(bundle, set())
+            if index in have or t.part(bundle) is None:
                 continue
-            await asyncio.to_thread(persist.write_atomic, t.directory / str(index), payload)
-            t.have.add(index)
+            await asyncio.to_thread(persist.write_atomic, t.directory / bundle / str(index), payload)
+            have.add(index)
             got += 1
-        if not t.missing:
+        if t.complete:
             await self._finish(t, audit, refuse)
             return True
         return got > 0
@@ -476,7 +561,8 @@ class ModelBundles:
             )  # fmt: skip
             return
         finally:
-            await asyncio.to_thread(shutil.rmtree, t.directory, True)
+            for part in m.parts:
+                await asyncio.to_thread(shutil.rmtree, t.directory / part.id, True)
         how = slot.stage(candidate, t.version, m.acceptance)
         self._state["last"][m.slot] = {"version": t.version, "outcome": "shadow", "reason": "", "at": _now()}
         self._state["shadow"][m.slot] = {
@@ -495,7 +581,8 @@ class ModelBundles:
         client = self._client
         if client is not None and not self._c2d:
             try:
-                client.unsubscribe(f"{self._root}/chunk/{t.manifest.model.id}/+")
+                for part in t.manifest.parts:
+                    client.unsubscribe(f"{self._root}/chunk/{part.id}/+")
             except Exception as exc:  # noqa: BLE001 - a connection closing: nothing subscribed then
                 log.debug("downlink: unsubscribe: %s", exc)
 
@@ -517,6 +604,7 @@ class ModelBundles:
             "outcome": o.kind,
             "reason": o.reason,
             "at": _now(),
+            "backend": slot.active.backend.name,  # of the version serving after it
         }
         await asyncio.to_thread(self._save)
         await asyncio.to_thread(
@@ -533,20 +621,20 @@ class ModelBundles:
         for name, slot in self.slots.items():
             entry: dict[str, Any] = {
                 "active": slot.version,
+                "backend": slot.active.backend.name,
                 "previous": slot.previous_version,
                 "candidate": slot.candidate,
                 "last": self._state["last"].get(name),
             }
             if t is not None and t.manifest.slot == name:
-                missing = t.missing
+                # The model part's figures at the top, as before bundles carried weights (older twins).
                 entry["transfer"] = {
                     "version": t.version,
-                    "id": t.manifest.model.id,
-                    "have": len(t.have),
-                    "of": len(t.manifest.model.chunks),
-                    "missing": missing[:64],
+                    **_progress(t, t.manifest.model),
                     "refused_chunks": t.bad,
                 }
+                if t.manifest.dense is not None:
+                    entry["transfer"]["dense"] = _progress(t, t.manifest.dense)
             out[name] = entry
         return out
 
@@ -555,31 +643,69 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _progress(t: _Transfer, part: ModelPart) -> dict[str, Any]:
+    """A part's transfer as reported: its id, chunks here, chunks in all, the first 64 missing."""
+    missing = t.missing(part)
+    out: dict[str, Any] = {"id": part.id, "have": len(part.chunks) - len(missing), "of": len(part.chunks)}
+    if part.path is not None:
+        out["path"] = part.path
+    return {**out, "missing": missing[:64]}
+
+
 def _prepare(chunks_dir: Path, t: _Transfer) -> int:
     """Keep the chunks of this transfer already in quarantine (hash-checked), drop any others."""
     chunks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ours = {t.directory / p.id: p for p in t.manifest.parts}
     for other in chunks_dir.iterdir():
-        if other != t.directory:
+        if other not in ours:
             shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink(missing_ok=True)
-    t.directory.mkdir(exist_ok=True, mode=0o700)
-    for path in t.directory.iterdir():
-        ok = path.name.isdigit() and int(path.name) < len(t.manifest.model.chunks)
-        if ok and hashlib.sha256(path.read_bytes()).hexdigest() == t.manifest.model.chunks[int(path.name)]:
-            t.have.add(int(path.name))
-        else:
-            path.unlink(missing_ok=True)
-    return len(t.have)
+    for directory, part in ours.items():
+        directory.mkdir(exist_ok=True, mode=0o700)
+        have = t.have.setdefault(part.id, set())
+        for path in directory.iterdir():
+            ok = path.name.isdigit() and int(path.name) < len(part.chunks)
+            if ok and hashlib.sha256(path.read_bytes()).hexdigest() == part.chunks[int(path.name)]:
+                have.add(int(path.name))
+            else:
+                path.unlink(missing_ok=True)
+    return sum(len(h) for h in t.have.values())
+
+
+def _assemble(t: _Transfer, part: ModelPart, what: str) -> bytes:
+    """A part's chunks joined, refused unless the whole file has its signed SHA-256 and length."""
+    data = b"".join((t.directory / part.id / str(i)).read_bytes() for i in range(len(part.chunks)))
+    if len(data) != part.length or hashlib.sha256(data).hexdigest() != part.sha256:
+        raise RefusedError(
+            "hash-mismatch",
+            f"the assembled {what} does not match the signed SHA-256 and length: sign the file that is sent",
+        )
+    return data
+
+
+def _bind(spec: ModelFile | None, part: ModelPart, what: str) -> str:
+    """The file name the card gives ``part``, refused unless card and manifest name the same file."""
+    if (
+        spec is None
+        or spec.sha256 != part.sha256
+        or spec.bytes != part.length
+        or (part.path is not None and part.path != spec.path)
+        or "/" in spec.path
+        or "\\" in spec.path
+        or spec.path.startswith(".")
+    ):
+        raise RefusedError(
+            "card-invalid",
+            f"the card's {what} entry for its default precision does not name the bundle's {what} "
+            "(file name, SHA-256, bytes): sign the card written with this file",
+        )
+    return spec.path
 
 
 def _install(t: _Transfer, where: Path) -> ModelCard:
-    """Assemble the file, check it as a whole, write card and file to ``where``; the card loaded."""
+    """Assemble the files, check each as a whole, write card and files to ``where``; the card loaded."""
     m = t.manifest
-    data = b"".join((t.directory / str(i)).read_bytes() for i in range(len(m.model.chunks)))
-    if len(data) != m.model.length or hashlib.sha256(data).hexdigest() != m.model.sha256:
-        raise RefusedError(
-            "hash-mismatch",
-            "the assembled model does not match the signed SHA-256 and length: sign the file that is sent",
-        )
+    data = _assemble(t, m.model, "model")
+    dense = None if m.dense is None else _assemble(t, m.dense, "numpy weights")
     if where.exists():
         shutil.rmtree(where)
     where.mkdir(parents=True, mode=0o700)
@@ -589,24 +715,16 @@ def _install(t: _Transfer, where: Path) -> ModelCard:
         card = load_card(card_path)
     except (ConfigError, CorruptDataError) as exc:
         raise RefusedError("card-invalid", str(exc)) from exc
-    spec = card.files[card.default_precision]
     if card.name != m.slot:
         raise RefusedError(
             "card-invalid",
             f"the card is for model {card.name!r}, the bundle for slot {m.slot!r}: send that model's card",
         )
-    if (
-        spec.sha256 != m.model.sha256
-        or spec.bytes != m.model.length
-        or "/" in spec.path
-        or spec.path.startswith(".")
-    ):
-        raise RefusedError(
-            "card-invalid",
-            "the card's file entry does not name the bundle's model file (path, SHA-256, bytes): "
-            "sign the card written with this model file",
-        )
-    persist.write_atomic(where / spec.path, data)
+    precision = card.default_precision
+    persist.write_atomic(where / _bind(card.files.get(precision), m.model, "model file"), data)
+    if m.dense is not None and dense is not None:
+        spec = next((f for key, f in card.dense_files.items() if key == precision), None)
+        persist.write_atomic(where / _bind(spec, m.dense, "numpy weights"), dense)
     return card
 
 

@@ -13,7 +13,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.downlink.bundles import chunk_bytes_for, make_bundle, parse_manifest
+from gateway.downlink.bundles import (
+    Manifest,
+    ModelPart,
+    card_paths,
+    chunk_bytes_for,
+    make_bundle,
+    parse_manifest,
+)
 from gateway.downlink.rollout import add_target_args, signed_for
 from gateway.downlink.signing import read_private_key, sign, targets
 from gateway.inference.shadow import Acceptance
@@ -45,12 +52,45 @@ def _rules(path: Path | None, windows: int | None) -> Acceptance:
         raise TwinConfigError(f"{where}: key {key or '(top)'}: {first['msg']}: see docs/downlink.md") from exc
 
 
+def _dense_to_sign(args: argparse.Namespace, card: bytes) -> Path | None:
+    """The numpy weights to sign: ``--dense``, else the card's file found beside the model, else none."""
+    if args.dense is not None:
+        return Path(args.dense)
+    try:
+        _, name = card_paths(json.loads(card))
+    except (ValueError, AttributeError) as exc:
+        raise TwinConfigError(f"twin sign-model --card {args.card}: not a JSON card: {exc}") from exc
+    beside = args.model.parent / name if name and args.backend_files else None
+    return beside if beside is not None and beside.is_file() else None
+
+
+def _check_card_names(card_path: Path, card: bytes, path: Path, dense: bytes) -> None:
+    """Refuse to sign numpy weights the card does not list for its default precision (the gateway would)."""
+    doc = json.loads(card)
+    entry = (doc.get("dense_files") or {}).get(doc.get("default_precision")) or {}
+    if entry.get("sha256") != hashlib.sha256(dense).hexdigest() or entry.get("bytes") != len(dense):
+        raise TwinConfigError(
+            f"twin sign-model --card {card_path}: the numpy weights {path} are not the ones the card lists "
+            f"for precision {doc.get('default_precision')} (dense_files: SHA-256, bytes): sign the card "
+            "written with these weights, or leave them out with --onnx-only"
+        )
+
+
 def cmd_sign_model(args: argparse.Namespace) -> int:
-    """Sign a model (ONNX file and card) for a slot as a numbered bundle, cut to the profile's chunk size."""
+    """Sign a model (ONNX file, numpy weights where the card names them, card) for a slot as a numbered bundle."""
     card, model = args.card.read_bytes(), args.model.read_bytes()
+    dense_path = _dense_to_sign(args, card)
+    dense = dense_path.read_bytes() if dense_path is not None else None
+    if dense_path is not None and dense is not None:
+        _check_card_names(args.card, card, dense_path, dense)
     chunk = args.chunk_bytes or chunk_bytes_for(args.profile)
-    manifest, chunks = make_bundle(
-        args.slot, card, model, chunk_bytes=chunk, acceptance=_rules(args.rules, args.shadow_windows)
+    manifest, _ = make_bundle(
+        args.slot,
+        card,
+        model,
+        chunk_bytes=chunk,
+        acceptance=_rules(args.rules, args.shadow_windows),
+        dense=dense,
     )
     keys = [read_private_key(path) for path in args.key]
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_days)
@@ -59,36 +99,98 @@ def cmd_sign_model(args: argparse.Namespace) -> int:
         manifest, keys=keys, gateway=who, version=args.version, expires=expires, kind="model", group=group
     )
     args.out.write_bytes(envelope)
+    weights = f" and numpy weights {dense_path} ({len(dense)} bytes)" if dense_path and dense else ""
     _say(
-        f"model {args.model} ({len(model)} bytes) for slot {args.slot} as version {args.version} for gateway "
-        f"{who}: {len(chunks)} chunk(s) of up to {chunk} bytes, {len(keys)} signature(s): {args.out}; "
+        f"model {args.model} ({len(model)} bytes){weights} for slot {args.slot} as version {args.version} for "
+        f"gateway {who}: {sum(len(p.chunks) for p in parse_manifest(manifest).parts)} chunk(s) of up to {chunk} bytes, {len(keys)} signature(s): {args.out}; "
         "publish it with publish-model"
     )
     return EXIT_OK
 
 
+#: Which chunks to send: per part id, the indices (a part not named: all of its chunks).
+Only = dict[str, set[int]]
+
+
 def chunk_messages(
-    root: str, envelope: bytes, model: bytes, only: set[int] | None = None
+    root: str, envelope: bytes, model: bytes, only: Only | None = None, *, dense: bytes | None = None
 ) -> list[tuple[str, bytes]]:
     """The chunk messages of a signed bundle (all, or the indices in ``only``), then its manifest."""
-    part = parse_manifest(_content(envelope)).model
-    out = [(f"{root}/chunk/{part.id}/{i}", data) for i, data in chunks_of(envelope, model, only)]
+    out = [
+        (f"{root}/chunk/{part}/{i}", data) for part, i, data in chunks_of(envelope, model, only, dense=dense)
+    ]
     return [*out, (f"{root}/model", envelope)]
 
 
-def chunks_of(envelope: bytes, model: bytes, only: set[int] | None = None) -> list[tuple[int, bytes]]:
-    """(index, bytes) of the chunks of a signed bundle (all, or those in ``only``); the file checked first."""
-    part = parse_manifest(_content(envelope)).model
-    if hashlib.sha256(model).hexdigest() != part.sha256 or len(model) != part.length:
+def chunks_of(
+    envelope: bytes, model: bytes, only: Only | None = None, *, dense: bytes | None = None
+) -> list[tuple[str, int, bytes]]:
+    """(part id, index, bytes) of the chunks of a signed bundle (all, or those in ``only``); each file checked first."""
+    manifest = parse_manifest(_content(envelope))
+    files = [(manifest.model, model, "model file")]
+    if manifest.dense is not None:
+        if dense is None:
+            raise TwinConfigError(
+                f"twin publish-model: the bundle carries the numpy weights {manifest.dense.path}: give them "
+                "with --dense (or keep them beside the model under that name)"
+            )
+        files.append((manifest.dense, dense, "numpy weights"))
+    out = []
+    for part, data, what in files:
+        _check_signed(part, data, what)
+        picked = None if only is None else only.get(part.id)
+        out += [
+            (part.id, i, data[i * part.chunk_bytes : (i + 1) * part.chunk_bytes])
+            for i in range(len(part.chunks))
+            if picked is None or i in picked
+        ]
+    return out
+
+
+def _check_signed(part: ModelPart, data: bytes, what: str) -> None:
+    if hashlib.sha256(data).hexdigest() != part.sha256 or len(data) != part.length:
         raise TwinConfigError(
-            f"twin publish-model: the model file is not the one signed (SHA-256 {part.sha256[:12]}...): "
+            f"twin publish-model: the {what} is not the one signed (SHA-256 {part.sha256[:12]}...): "
             "give the file the bundle was signed with"
         )
-    return [
-        (i, model[i * part.chunk_bytes : (i + 1) * part.chunk_bytes])
-        for i in range(len(part.chunks))
-        if only is None or i in only
-    ]
+
+
+def dense_of(manifest: Manifest, model: Path, given: Path | None) -> bytes | None:
+    """The numpy weights a bundle carries: ``given``, else the file beside the model under the card's name."""
+    if manifest.dense is None:
+        return None
+    path = given if given is not None else model.parent / (manifest.dense.path or "")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TwinConfigError(
+            f"twin publish-model {path}: cannot read the bundle's numpy weights: {exc.strerror}: give them "
+            "with --dense"
+        ) from exc
+
+
+def bundle_files(envelope: bytes, model: Path, dense: Path | None) -> tuple[bytes, bytes | None]:
+    """The files a signed bundle carries, as the twin sends them: the model and its numpy weights (or None)."""
+    return model.read_bytes(), dense_of(parse_manifest(_content(envelope)), model, dense)
+
+
+def _missing_parts(manifest: Manifest, transfer: dict[str, Any]) -> Only:
+    """The chunks a reported transfer lists as missing, per part (IoT Hub reports lists as objects)."""
+
+    def indices(listed: Any) -> set[int]:
+        values = listed.values() if isinstance(listed, dict) else listed or []
+        return {int(i) for i in values}
+
+    only = {manifest.model.id: indices(transfer.get("missing"))}
+    if manifest.dense is not None:
+        # A gateway that reports no "dense" entry is missing all of it (it never saw that part).
+        dense = transfer.get("dense")
+        only[manifest.dense.id] = (
+            indices(dense.get("missing"))
+            if isinstance(dense, dict)
+            else set(range(len(manifest.dense.chunks)))
+        )
+    return only
 
 
 def _content(envelope: bytes) -> bytes:
@@ -102,6 +204,8 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
     from gateway.downlink.twin_link import collect_reported, publish_many  # noqa: PLC0415
 
     envelope, model = args.envelope.read_bytes(), args.model.read_bytes()
+    manifest = parse_manifest(_content(envelope))
+    dense = dense_of(manifest, args.model, args.dense)
     signed = json.loads(envelope)["signed"]
     named = targets(signed)
     if named is not None and args.gateway not in named:
@@ -110,19 +214,19 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
             f"not {args.gateway}: sign it again"
         )
     root = f"{args.prefix}/{args.gateway}"
-    only: set[int] | None = None
+    only: Only | None = None
     broker = _broker(args)
     if args.missing:
         rep = collect_reported(broker, args.prefix, [args.gateway], args.wait).get(args.gateway, {})
-        slot = parse_manifest(_content(envelope)).slot
+        slot = manifest.slot
         transfer = ((rep.get("models") or {}).get(slot) or {}).get("transfer")
         if not transfer or transfer.get("version") != signed["version"]:
             _say(
                 f"gateway {args.gateway} reports no transfer of {slot} v{signed['version']} under way: nothing sent"
             )
             return EXIT_FAILURE
-        only = set(transfer.get("missing") or [])
-    messages = chunk_messages(root, envelope, model, only)
+        only = _missing_parts(manifest, transfer)
+    messages = chunk_messages(root, envelope, model, only, dense=dense)
     if args.clear:
         # Empty retained messages remove the chunks from the broker; the small manifest stays.
         cleared = [(topic, b"") for topic, _ in messages[:-1]]
@@ -136,8 +240,8 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _missing_from(path: Path, slot: str, version: int) -> set[int]:
-    """The chunk indices a gateway's reported property (as IoT Hub shows it) lists as missing."""
+def _missing_from(path: Path, manifest: Manifest, version: int) -> Only:
+    """The chunk indices, per part, a gateway's reported property (as IoT Hub shows it) lists as missing."""
     where = f"twin azure-model --missing-from {path}"
     try:
         doc: Any = json.loads(path.read_text(encoding="utf-8"))
@@ -147,15 +251,14 @@ def _missing_from(path: Path, slot: str, version: int) -> set[int]:
     for key in ("properties", "reported", "edgetwin"):
         if isinstance(doc, dict) and "models" not in doc and isinstance(doc.get(key), dict):
             doc = doc[key]
+    slot = manifest.slot
     transfer = (((doc or {}).get("models") or {}).get(slot) or {}).get("transfer") or {}
     if transfer.get("version") != version:
         raise TwinConfigError(
             f"{where}: no transfer of {slot} v{version} under way in it: nothing to send again"
         )
-    missing = transfer.get("missing") or []
     # IoT Hub keeps no arrays in a twin: the gateway reports the list as {"0": i, "1": j, ...}.
-    values = missing.values() if isinstance(missing, dict) else missing
-    return {int(i) for i in values}
+    return _missing_parts(manifest, transfer)
 
 
 def cmd_azure_model(args: argparse.Namespace) -> int:
@@ -165,8 +268,8 @@ def cmd_azure_model(args: argparse.Namespace) -> int:
     envelope, model = args.envelope.read_bytes(), args.model.read_bytes()
     manifest = parse_manifest(_content(envelope))
     version = int(json.loads(envelope)["signed"]["version"])
-    only = _missing_from(args.missing_from, manifest.slot, version) if args.missing_from else None
-    chunks = chunks_of(envelope, model, only)
+    only = _missing_from(args.missing_from, manifest, version) if args.missing_from else None
+    chunks = chunks_of(envelope, model, only, dense=dense_of(manifest, args.model, args.dense))
     try:
         patch = desired_patch("model", envelope)
     except ValueError as exc:
@@ -175,10 +278,11 @@ def cmd_azure_model(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "desired.json").write_text(json.dumps(patch, separators=(",", ":")) + "\n")
     listing = []
-    for index, data in chunks:
-        (out / f"chunk-{index}.bin").write_bytes(data)
-        props = c2d_chunk_properties(manifest.model.id, index)
-        listing.append({"file": f"chunk-{index}.bin", "properties": props})
+    for part, index, data in chunks:
+        # The model's chunks keep their old names; the weights' are named by their part's id.
+        name = f"chunk-{index}.bin" if part == manifest.model.id else f"chunk-{part[:8]}-{index}.bin"
+        (out / name).write_bytes(data)
+        listing.append({"file": name, "properties": c2d_chunk_properties(part, index)})
     (out / "messages.json").write_text(json.dumps(listing, indent=1) + "\n")
     _say(
         f"model bundle v{version} for {manifest.slot}: desired patch {out / 'desired.json'}; {len(listing)} "
@@ -199,10 +303,12 @@ def model_status(state_dir: Path) -> list[str]:
     lines = []
     for slot in sorted(set(raw.get("accepted") or {}) | set(raw.get("last") or {})):
         version, previous = read_installed(state_dir, slot)
+        last = (raw.get("last") or {}).get(slot)
         line = f"model {slot}: serving {'v' + str(version) if version else 'the shipped version'}"
+        if last and last.get("backend") and last.get("outcome") in ("promoted", "rolled-back"):
+            line += f" on {last['backend']}"
         if previous is not None:
             line += f", {'v' + str(previous) if previous else 'the shipped version'} kept to roll back to"
-        last = (raw.get("last") or {}).get(slot)
         if last:
             line += f"; v{last['version']} {last['outcome']}"
             line += f" ({last['reason']})" if last.get("reason") else ""
@@ -224,6 +330,8 @@ def model_rollout(models: Any) -> list[str]:
         line = f"model {slot}: serving {'v' + str(active) if active else 'shipped'}"
         if (t := m.get("transfer")) is not None:
             line += f"; v{t.get('version')} receiving {t.get('have')}/{t.get('of')} chunks"
+            if isinstance(d := t.get("dense"), dict):
+                line += f" and {d.get('have')}/{d.get('of')} of its numpy weights"
         if (c := m.get("candidate")) is not None:
             line += f"; v{c.get('version')} in shadow, {c.get('judged')}/{c.get('of') or '-'} windows"
         if (last := m.get("last")) and last.get("outcome") != "shadow":
@@ -242,6 +350,17 @@ def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
     p.add_argument("--slot", required=True, help="the model name the gateway runs ([[models.use]] name)")
     p.add_argument("--card", type=Path, required=True, help="the model card (JSON)")
     p.add_argument("--model", type=Path, required=True, help="the ONNX file the card lists as its default")
+    p.add_argument(
+        "--dense",
+        type=Path,
+        help="the numpy weights the card lists (.dense.npz; default: that file beside --model, if there)",
+    )
+    p.add_argument(
+        "--onnx-only",
+        dest="backend_files",
+        action="store_false",
+        help="sign the ONNX file alone (the version runs on onnxruntime; gateways before numpy bundles take it)",
+    )
     p.add_argument(
         "--key", type=Path, action="append", required=True, help="signing key (repeat for a threshold)"
     )
@@ -269,6 +388,9 @@ def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
     p.add_argument("--envelope", type=Path, required=True, help="from 'twin sign-model'")
     p.add_argument("--model", type=Path, required=True, help="the ONNX file it was signed with")
     p.add_argument(
+        "--dense", type=Path, help="the numpy weights it was signed with (default: beside --model)"
+    )
+    p.add_argument(
         "--missing",
         action="store_true",
         help="only the chunks the gateway reports missing (resume a transfer)",
@@ -290,6 +412,9 @@ def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
     )
     p.add_argument("--envelope", type=Path, required=True, help="from 'twin sign-model --profile azure'")
     p.add_argument("--model", type=Path, required=True, help="the ONNX file it was signed with")
+    p.add_argument(
+        "--dense", type=Path, help="the numpy weights it was signed with (default: beside --model)"
+    )
     p.add_argument("--out-dir", type=Path, required=True, help="desired.json, messages.json, chunk-N.bin")
     p.add_argument(
         "--missing-from",

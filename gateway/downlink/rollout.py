@@ -175,13 +175,14 @@ def _targets(args: argparse.Namespace, signed: dict[str, Any]) -> tuple[list[str
 
 
 def _publish(args: argparse.Namespace, broker: Any, envelope: bytes, sent: Sent, gateways: list[str]) -> None:
-    from gateway.downlink.model_commands import chunk_messages  # noqa: PLC0415
+    from gateway.downlink.model_commands import bundle_files, chunk_messages  # noqa: PLC0415
     from gateway.downlink.twin_link import publish_desired, publish_many  # noqa: PLC0415
 
     for gw in gateways:
         root = f"{args.prefix}/{gw}"
         if sent.kind == "model":
-            publish_many(broker, chunk_messages(root, envelope, args.model.read_bytes()))
+            model, dense = bundle_files(envelope, args.model, args.dense)
+            publish_many(broker, chunk_messages(root, envelope, model, dense=dense))
         else:
             publish_desired(broker, f"{root}/{'trust' if sent.kind == 'trust' else 'desired'}", envelope)
 
@@ -261,6 +262,9 @@ def add_rollout_command(twin: Any, guard: Any, broker_args: Any) -> None:
         "--envelope", type=Path, required=True, help="from 'twin sign-config', 'sign-trust', 'sign-model'"
     )
     p.add_argument("--model", type=Path, help="the ONNX file a model bundle was signed with")
+    p.add_argument(
+        "--dense", type=Path, help="its numpy weights, where it carries them (default: beside --model)"
+    )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--group", type=Path, help="the group file (one pseudonym a line)")
     who.add_argument("--gateway", action="append", help="a gateway's pseudonym (repeatable)")

@@ -275,6 +275,7 @@ class AnomalyModel:
         # sensor fault must page once, not once per checker.
         self._fault_alarms = fault_alarms
         self.backend: Backend = opened or open_backend(card, card_dir, precision=precision, backend=backend)
+        self._backend_asked = backend  # what versions sent over the downlink follow (sibling)
         self.threshold = card.threshold if threshold is None else threshold
         norm = card.normalisation
         self._need = commissioning_windows or norm.windows
@@ -385,13 +386,10 @@ class AnomalyModel:
         """
         spec = card.normalisation
         need = self._need if spec.kind == "commissioning" and not self._fixed else spec.windows
-        # A bundle carries the ONNX file only (its card may still list .tflite or .dense.npz files
-        # and prefer LiteRT or numpy): every version opened here - on trial, promoted, restored
-        # after a restart - runs on onnxruntime, or a card from a recipe would fail to load.
         model = AnomalyModel(
             card,
             card_dir,
-            backend="onnxruntime",
+            backend=self._bundle_backend(card, card_dir, tag),
             commissioning_windows=need,
             plausibility=self._checker,
             subjects=tuple(self._subjects),
@@ -403,6 +401,32 @@ class AnomalyModel:
         model.explain_all = self.explain_all
         model._state_name = f"{self.name}.{tag}"
         return model
+
+    def _bundle_backend(self, card: ModelCard, card_dir: Path, tag: str) -> str:
+        """The backend a version in ``card_dir`` runs on: numpy where the card (or the site) asks and its weights came.
+
+        A bundle carries the ONNX file and, where the card chose numpy, its weights; never a
+        .tflite file: any other choice runs on onnxruntime, or a card from a recipe would fail to
+        load.  The numpy backend checks its reference scores when it opens (a bad file refuses it).
+        """
+        numpy_asked = self._backend_asked == "numpy" or (
+            self._backend_asked == "card" and card.backend == "numpy"
+        )
+        dense = next((f for key, f in card.dense_files.items() if key == card.default_precision), None)
+        if numpy_asked and dense is not None and (card_dir / dense.path).is_file():
+            return "numpy"
+        if numpy_asked:
+            why = (
+                "its bundle carries no numpy weights"
+                if dense is not None
+                else "its card lists no numpy weights"
+            )
+        elif self._backend_asked != "onnxruntime" and "litert" in (self._backend_asked, card.backend):
+            why = "a bundle carries no .tflite file for LiteRT"
+        else:
+            return "onnxruntime"
+        log.info("models %s %s: %s: it runs on onnxruntime", self.name, tag, why)
+        return "onnxruntime"
 
     def adopt_commissioning(self, other: AnomalyModel) -> int:
         """Take the per-subject statistics ``other`` has learned (same inputs); how many subjects."""

@@ -20,7 +20,13 @@ tests on the same TLS mosquitto: the signed manifest as a desired patch, the gat
 transfer, then the chunks (19 of 56 kB) as cloud-to-device messages -> the version in shadow in the
 reported property.  Baseline, same run: the same chunks sent the same way to a plain subscriber.
 
-Run: ``python tests/benchmarks/bench_downlink.py [--rounds 3] [--models | --azure]``
+Memory after an update (``--rss``): a fresh gateway serving the shipped pump model (numpy, as its
+card chose) is sent the shipped pump card again as version 1, once as a bundle of the ONNX file
+alone and once with the card's numpy weights, alternating which goes first per round; measured:
+the gateway process's VmRSS (``/proc/<pid>/status``) once the version is promoted and has scored
+two windows more.  Baseline, same process: its VmRSS just before the bundle is published.
+
+Run: ``python tests/benchmarks/bench_downlink.py [--rounds 3] [--models | --azure | --rss]``
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import numpy as np  # noqa: E402
 from bundle_support import (  # noqa: E402
     LOOSE_HEALTH,
+    MODELS,
     PUMP,
     PUMP_SITE,
     card_for,
@@ -72,7 +79,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", action="store_true", help="model bundles and shadow overhead instead")
     parser.add_argument("--azure", action="store_true", help="a model bundle on the azure profile instead")
+    parser.add_argument("--rss", action="store_true", help="gateway memory after a bundle update instead")
     args = parser.parse_args()
+    if args.rss:
+        bench_update_rss(args.rounds)
+        return
     if args.azure:
         bench_azure_bundle(args.rounds)
         return
@@ -280,6 +291,71 @@ def bench_azure_bundle(rounds: int) -> None:
     print(
         f"| 1 MB bundle on IoT Hub's twin + C2D, patch -> in shadow | {med:.3f} | {max(bundle):.3f} | {med / base:.2f}x |"
     )
+
+
+def _rss_mb(pid: int) -> float:
+    """A process's resident set size in MB, from ``/proc``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def _update_rss(tmp: Path, pki: Any, with_weights: bool) -> tuple[float, float, str]:
+    """RSS (MB) of a fresh gateway before and after the shipped pump card is promoted as v1; its backend."""
+    broker = MosquittoBroker(tmp / "broker", pki)
+    broker.start()
+    site = new_site(tmp, pki, broker)
+    site.config.write_text(site.text(PUMP_SITE))
+    card = (MODELS / f"{PUMP}.card.json").read_bytes()
+    model = (MODELS / f"{PUMP}.fp32.onnx").read_bytes()
+    dense = (MODELS / f"{PUMP}.fp32.dense.npz").read_bytes() if with_weights else None
+    rules = Acceptance(windows=5, max_latency_us=1e9, min_agreement=0.0, max_alarm_rate=1.0)
+    manifest, _ = make_bundle(
+        PUMP, card, model, chunk_bytes=chunk_bytes_for("aws"), acceptance=rules, dense=dense
+    )
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    env = sign(manifest, keys=[site.key], gateway=site.gateway, version=1, expires=expires, kind="model")
+    try:
+        site.start()
+        site.reported(running("source:pump3-sim"), "running")
+        assert site.proc is not None
+        time.sleep(3.0)  # past commissioning: the serving model has scored windows
+        before = _rss_mb(site.proc.pid)
+        publish_many(site.twin, chunk_messages(f"{DEFAULT_PREFIX}/{site.gateway}", env, model, dense=dense))
+        rep = site.reported(
+            lambda r: ((r.get("models") or {}).get(PUMP) or {}).get("active") == 1, "v1 promoted", 120
+        )
+        time.sleep(2.0)  # two windows more on the promoted version
+        return before, _rss_mb(site.proc.pid), rep["models"][PUMP]["backend"]
+    finally:
+        site.stop()
+        broker.stop()
+
+
+def bench_update_rss(rounds: int) -> None:
+    """Gateway RSS after a bundle update: the ONNX file alone against the card's numpy weights too."""
+    out: dict[bool, list[tuple[float, float, str]]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp_name:
+        tmp = Path(tmp_name)
+        pki = demo_pki(tmp / "pki")
+        for r in range(rounds):
+            for with_weights in (r % 2 == 0, r % 2 != 0):  # alternate which goes first
+                run = tmp / f"r{r}-{'dense' if with_weights else 'onnx'}"
+                run.mkdir()
+                out[with_weights].append(_update_rss(run, pki, with_weights))
+    print(
+        "| bundle | backend after | RSS before, MB (median) | RSS after, MB (median) | growth, MB (each run) |"
+    )
+    print("|---|---|---:|---:|---|")
+    for with_weights, label in ((False, "ONNX file alone"), (True, "ONNX file + numpy weights")):
+        runs = out[with_weights]
+        growth = ", ".join(f"{a - b:+.1f}" for b, a, _ in runs)
+        backends = "/".join(sorted({k for _, _, k in runs}))
+        print(
+            f"| {label} | {backends} | {statistics.median(b for b, _, _ in runs):.1f} | "
+            f"{statistics.median(a for _, a, _ in runs):.1f} | {growth} |"
+        )
 
 
 def _signed_bundle(site: Any, model: bytes, version: int, chunk: int) -> tuple[bytes, list[bytes], bytes]:
