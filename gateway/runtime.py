@@ -26,7 +26,7 @@ from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import AlarmsSection, limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
 from gateway.alarms.ledger import FILE_NAME as LEDGER_FILE
-from gateway.alarms.ledger import AlarmLedger
+from gateway.alarms.ledger import AlarmLedger, Entry
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config, SourceEntry
 from gateway.contracts import (
@@ -123,6 +123,7 @@ class Pipeline:
                 anonymizer.register(identity)
             if entry.stream is not None:
                 anonymizer.register(entry.stream.device)
+        self._resume(self._ledger.kept())
         kinds = {e.info.subject: e.info.kind for e in config.sources}
         self._estimation = Estimation(
             config.core.estimators, kinds, self.estimate, self.alarm, config.core.gateway.state_dir,
@@ -133,6 +134,16 @@ class Pipeline:
         self.submitted = dict.fromkeys(Lane, 0)
         self.last_diagnostics: dict[tuple[str, str | None], Diagnostic] = {}
         self._next_counters = time.monotonic() + COUNTERS_EVERY_S
+
+    def _resume(self, entries: list[Entry]) -> None:
+        """Hand each tracker the conditions a previous run left on, so it ends them as it would have.
+
+        The data after the start judges them by the tracker's own rules: a condition that is over
+        ends with its ordinary ending, one that still holds sends nothing (no second raise).
+        """
+        for e in entries:
+            if e.kind is AlarmKind.LIMIT and e.stream is not None and "estimate" not in e.detail:
+                self._limits.resume(e.stream, str(e.detail.get("level", "")))
 
     def set_alarms(self, section: AlarmsSection) -> None:
         """Limit alarms by ``section`` from now on (a config revision in place).

@@ -176,9 +176,17 @@ class AlarmLedger:
         self.dirty = self.dirty or bool(out)
         return out
 
+    def _fed(self, e: Entry) -> bool:
+        """True while every source of the condition still feeds its subject."""
+        return set(e.sources) <= set(self._feeds.get(e.subject, ()))
+
+    def kept(self) -> list[Entry]:
+        """The conditions on whose sources all still feed their subject: the trackers resume them."""
+        return [e for e in self._on.values() if self._fed(e)]
+
     def end_vanished(self, t_mono: float, t_wall: float) -> list[Alarm]:
         """End every condition whose sources no longer all feed its subject (a restart's new config)."""
-        gone = [k for k, e in self._on.items() if not set(e.sources) <= set(self._feeds.get(e.subject, ()))]
+        gone = [k for k, e in self._on.items() if not self._fed(e)]
         return self._end(gone, "source_removed", t_mono, t_wall)
 
     def _end(
