@@ -75,6 +75,8 @@ COUNTERS_EVERY_S = 60.0  # how often gateway counters go out as a diagnostic rec
 _WINDOWS_PER_TURN = 1  # windows sealed per event-loop turn (one costs 1-2 ms, up to ~20 ms on a busy machine)
 _SUBJECTS_PER_TURN = 8  # subjects whose windows are cut per event-loop turn (~20 streams each: ~5 ms)
 _LOGGED_HERE = frozenset({AlarmKind.ANOMALY, AlarmKind.ANOMALY_INDETERMINATE})
+#: Conditions the windower ends: its own, and a device outage whoever reported it.
+_WINDOWER_KINDS = frozenset({AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_LOST, AlarmKind.DEVICE_LOST})
 
 
 class Pipeline:
@@ -142,8 +144,16 @@ class Pipeline:
         ends with its ordinary ending, one that still holds sends nothing (no second raise).
         """
         for e in entries:
-            if e.kind is AlarmKind.LIMIT and e.stream is not None and "estimate" not in e.detail:
+            if e.stream is None or "estimate" in e.detail:
+                continue  # an estimate's limit: the estimators keep their own state
+            if e.kind is AlarmKind.LIMIT:
                 self._limits.resume(e.stream, str(e.detail.get("level", "")))
+            elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail and "model" not in e.detail:
+                self._plausibility.resume(e.stream)
+            elif e.kind is AlarmKind.SENSOR_FAULT and {"rule", "model", "cause", "status"} & e.detail.keys():
+                continue  # a model's input check or the driver's own: they judge it afresh
+            elif e.kind in _WINDOWER_KINDS:
+                self.windower.resume(e.kind, e.stream)
 
     def set_alarms(self, section: AlarmsSection) -> None:
         """Limit alarms by ``section`` from now on (a config revision in place).

@@ -13,10 +13,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
 
+from gateway.contracts import Alarm, AlarmKind
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.runtime import Pipeline
+from gateway.sample import MDC, Quality, SampleBlock, Stream
 
 Run = Callable[[Pipeline], Awaitable[None]]
 
@@ -75,4 +78,114 @@ def test_a_limit_alarm_that_still_holds_after_the_restart_sends_nothing(tmp_path
         await spo2(pipeline, SPO2, 97.0, 20, 2000.0)
 
     assert kinds(run(site, tmp_path, back)) == [("limit_cleared", None)]  # and it still ends
+    assert site.subject("ward3-bed7").active == {}
+
+
+PULSE = Stream("bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", MDC["MDC_PULS_OXIM_PULS_RATE"], rate_hz=1.0)
+
+
+async def feed(
+    pipeline: Pipeline, t0: float, seconds: int, streams: dict[Stream, tuple[float, int]]
+) -> float:
+    """``seconds`` of one sample a second per stream (value, quality), stepping the pipeline; the time after."""
+    for k in range(seconds):
+        t = np.array([t0 + k])
+        for stream, (value, quality) in streams.items():
+            q = np.full(1, quality, np.uint8)
+            pipeline.sink.put_block(SampleBlock(stream, t, t + WALL, np.array([value]), q))
+        await pipeline.step(now_mono=t0 + k + 1.0, now_wall=WALL + t0 + k + 1.0)
+    return t0 + seconds
+
+
+OFF = int(Quality.SENSOR_OFF)
+
+
+async def probe_off(pipeline: Pipeline) -> None:
+    await feed(pipeline, 100.0, 5, {SPO2: (0.0, OFF), PULSE: (0.0, OFF)})
+
+
+def test_a_probe_off_before_the_restart_and_back_on_after_it_is_restored(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, probe_off)) == [("sensor_fault", None)] * 2
+
+    async def still_off(pipeline: Pipeline) -> None:
+        await feed(pipeline, 1000.0, 10, {SPO2: (0.0, OFF), PULSE: (0.0, OFF)})
+
+    assert run(site, tmp_path, still_off) == []  # no second raise
+    assert len(site.subject("ward3-bed7").active) == 2
+
+    async def back_on(pipeline: Pipeline) -> None:
+        await feed(pipeline, 2000.0, 10, {SPO2: (97.0, 0), PULSE: (72.0, 0)})
+
+    after = run(site, tmp_path, back_on)
+    assert kinds(after) == [("sensor_restored", None)] * 2
+    assert {a["detail"]["after"] for a in after} == {"sensor_fault"}
+    assert site.subject("ward3-bed7").active == {}
+
+
+async def device_gone(pipeline: Pipeline) -> None:
+    t = await feed(pipeline, 100.0, 5, {SPO2: (97.0, 0), PULSE: (72.0, 0)})
+    await feed(pipeline, t, 20, {})  # both silent beyond sensor_lost_s: one device outage
+
+
+def test_a_device_lost_before_the_restart_is_restored_by_its_data_after_it(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, device_gone)) == [("device_lost", None)]
+
+    async def still_gone(pipeline: Pipeline) -> None:
+        await feed(pipeline, 1000.0, 20, {})
+        # The driver notices the device gone too: the same outage, not a second one.
+        pipeline.driver_alarm(Alarm(AlarmKind.SENSOR_LOST, "ward3-bed7", 1020.0, WALL + 1020.0, PULSE))
+
+    assert run(site, tmp_path, still_gone) == []
+    assert len(site.subject("ward3-bed7").active) == 1
+
+    async def back(pipeline: Pipeline) -> None:
+        await feed(pipeline, 2000.0, 5, {PULSE: (72.0, 0)})  # the stream that was not its first
+
+    after = run(site, tmp_path, back)
+    assert kinds(after) == [("device_restored", None)]
+    assert after[0]["detail"]["after"] == "device_lost"
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_lone_sensor_lost_before_the_restart_is_restored_by_its_data_after_it(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+
+    async def spo2_gone(pipeline: Pipeline) -> None:
+        t = await feed(pipeline, 100.0, 5, {SPO2: (97.0, 0), PULSE: (72.0, 0)})
+        await feed(pipeline, t, 20, {PULSE: (72.0, 0)})
+
+    assert kinds(run(site, tmp_path, spo2_gone)) == [("sensor_lost", None)]
+
+    async def back(pipeline: Pipeline) -> None:
+        await feed(pipeline, 2000.0, 5, {SPO2: (97.0, 0), PULSE: (72.0, 0)})
+
+    assert kinds(run(site, tmp_path, back)) == [("sensor_restored", None)]
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_an_implausible_value_before_the_restart_is_restored_by_a_plausible_one_after_it(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+
+    async def implausible(pipeline: Pipeline) -> None:
+        await feed(pipeline, 100.0, 5, {SPO2: (0.0, 0)})  # 0 % with no flag: the probe, not the patient
+
+    first = run(site, tmp_path, implausible)
+    assert kinds(first) == [("sensor_fault", None)]
+    assert first[0]["detail"]["rule"] == "range"
+
+    async def still(pipeline: Pipeline) -> None:
+        await feed(pipeline, 1000.0, 5, {SPO2: (0.0, 0)})
+
+    assert run(site, tmp_path, still) == []
+
+    async def plausible(pipeline: Pipeline) -> None:
+        await feed(pipeline, 2000.0, 5, {SPO2: (97.0, 0)})
+
+    after = run(site, tmp_path, plausible)
+    assert kinds(after) == [("sensor_restored", None)]
+    assert after[0]["detail"]["rule"] == "plausibility"
     assert site.subject("ward3-bed7").active == {}

@@ -48,7 +48,8 @@ _ENDS: dict[AlarmKind, AlarmKind] = {
     AlarmKind.ANOMALY: AlarmKind.ANOMALY_CLEARED,
 }
 #: Detail keys an ending repeats from its raise, so the twin can tell which condition ended.
-_KEPT = ("level", "estimate", "model", "pattern")
+#: ``rule``, ``cause`` and ``status`` say who raised a sensor fault (a plausibility rule, the driver).
+_KEPT = ("level", "estimate", "model", "pattern", "rule", "cause", "status")
 
 
 @dataclass(frozen=True, slots=True)
