@@ -143,9 +143,13 @@ class Pipeline:
         The data after the start judges them by the tracker's own rules: a condition that is over
         ends with its ordinary ending, one that still holds sends nothing (no second raise).
         """
+        scored = {m.name for m in self._models} | {f.name for f in self._fusions}
         for e in entries:
+            model = str(e.detail.get("model", ""))
+            if e.kind is AlarmKind.ANOMALY and model in scored and "pattern" not in e.detail:
+                self._episodes.resume((e.subject, model))
             if e.stream is None or "estimate" in e.detail:
-                continue  # an estimate's limit: the estimators keep their own state
+                continue  # an episode, or an estimate's limit: the estimators keep their own state
             if e.kind is AlarmKind.LIMIT:
                 self._limits.resume(e.stream, str(e.detail.get("level", "")))
             elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail and "model" not in e.detail:

@@ -9,14 +9,15 @@ second raise); when the condition still holds, the twin receives nothing new.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from test_alarm_episodes import A, N, Scripted, ind
 from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
 
-from gateway.contracts import Alarm, AlarmKind
+from gateway.contracts import Alarm, AlarmKind, WindowModel
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.runtime import Pipeline
 from gateway.sample import MDC, Quality, SampleBlock, Stream
@@ -24,13 +25,13 @@ from gateway.sample import MDC, Quality, SampleBlock, Stream
 Run = Callable[[Pipeline], Awaitable[None]]
 
 
-def run(site: Site, tmp: Path, body: Run) -> list[dict[str, Any]]:
+def run(site: Site, tmp: Path, body: Run, models: Sequence[WindowModel] = ()) -> list[dict[str, Any]]:
     """One run of bed 7's pipeline on ``tmp``'s state: ``body`` feeds it; the alarms the twin got."""
     before = len(site.alarms)
 
     async def main() -> None:
         async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
-            pipeline = Pipeline(config(tmp, BED7), site.anon, outbox)
+            pipeline = Pipeline(config(tmp, BED7), site.anon, outbox, models=models)
             await pipeline.end_vanished(0.0, WALL)
             await body(pipeline)
             await outbox.flush()
@@ -189,3 +190,35 @@ def test_an_implausible_value_before_the_restart_is_restored_by_a_plausible_one_
     assert kinds(after) == [("sensor_restored", None)]
     assert after[0]["detail"]["rule"] == "plausibility"
     assert site.subject("ward3-bed7").active == {}
+
+
+def normal(t0: float) -> Run:
+    """12 s of normal SpO2 from ``t0``: windows for the model to score."""
+
+    async def body(pipeline: Pipeline) -> None:
+        await spo2(pipeline, SPO2, 97.0, 12, t0)
+
+    return body
+
+
+def test_an_anomaly_episode_on_before_the_restart_ends_after_normal_windows_after_it(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])) == [("anomaly", None)]
+    # Still anomalous after the restart: the same episode, nothing new; unsure windows say so.
+    still = run(site, tmp_path, normal(1000.0), [Scripted([A] * 5 + [ind("gap")] + [A] * 100)])
+    assert kinds(still) == [("anomaly_indeterminate", None), ("anomaly", None)]
+    assert still[1]["detail"]["episode"] == "resumed"
+    assert len(site.subject("ward3-bed7").active) == 1
+
+    after = run(site, tmp_path, normal(2000.0), [Scripted([N] * 100)])
+    assert kinds(after) == [("anomaly_cleared", None)]  # after clear_after normal windows
+    assert after[0]["detail"]["model"] == "scripted"
+    assert "held_s" not in after[0]  # its onset, before the stop, is not known here
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_an_episode_of_a_model_no_longer_scored_is_left_as_it_was(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])) == [("anomaly", None)]
+    assert run(site, tmp_path, normal(1000.0)) == []  # no model to judge it: still on, as before the stop
+    assert len(site.subject("ward3-bed7").active) == 1
