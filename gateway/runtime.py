@@ -146,11 +146,15 @@ class Pipeline:
         scored = {m.name for m in self._models} | {f.name for f in self._fusions}
         for e in entries:
             model = str(e.detail.get("model", ""))
-            if e.kind is AlarmKind.ANOMALY and model in scored and "pattern" not in e.detail:
-                self._episodes.resume((e.subject, model))
-            if e.stream is None or "estimate" in e.detail:
-                continue  # an episode, or an estimate's limit: the estimators keep their own state
-            if e.kind is AlarmKind.LIMIT:
+            if e.kind is AlarmKind.ANOMALY:
+                pattern = e.detail.get("pattern")
+                if pattern is None and model in scored:
+                    self._episodes.resume((e.subject, model))
+                elif self._ectopy is not None and model == self._ectopy.model and e.stream is not None:
+                    self._ectopy.resume(e.stream, str(pattern))
+            elif e.stream is None or "estimate" in e.detail:
+                continue  # an estimate's limit: the estimators keep their own state
+            elif e.kind is AlarmKind.LIMIT:
                 self._limits.resume(e.stream, str(e.detail.get("level", "")))
             elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail and "model" not in e.detail:
                 self._plausibility.resume(e.stream)

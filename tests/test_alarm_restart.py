@@ -17,6 +17,7 @@ import numpy as np
 from test_alarm_episodes import A, N, Scripted, ind
 from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
 
+from drivers.sim.protocol import RR
 from gateway.contracts import Alarm, AlarmKind, WindowModel
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.runtime import Pipeline
@@ -25,13 +26,15 @@ from gateway.sample import MDC, Quality, SampleBlock, Stream
 Run = Callable[[Pipeline], Awaitable[None]]
 
 
-def run(site: Site, tmp: Path, body: Run, models: Sequence[WindowModel] = ()) -> list[dict[str, Any]]:
+def run(
+    site: Site, tmp: Path, body: Run, models: Sequence[WindowModel] = (), *, ectopy: bool = False
+) -> list[dict[str, Any]]:
     """One run of bed 7's pipeline on ``tmp``'s state: ``body`` feeds it; the alarms the twin got."""
     before = len(site.alarms)
 
     async def main() -> None:
         async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
-            pipeline = Pipeline(config(tmp, BED7), site.anon, outbox, models=models)
+            pipeline = Pipeline(config(tmp, BED7, ectopy=ectopy), site.anon, outbox, models=models)
             await pipeline.end_vanished(0.0, WALL)
             await body(pipeline)
             await outbox.flush()
@@ -222,3 +225,37 @@ def test_an_episode_of_a_model_no_longer_scored_is_left_as_it_was(tmp_path: Path
     assert kinds(run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])) == [("anomaly", None)]
     assert run(site, tmp_path, normal(1000.0)) == []  # no model to judge it: still on, as before the stop
     assert len(site.subject("ward3-bed7").active) == 1
+
+
+RR_STREAM = Stream("bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", MDC[RR])
+
+
+def beats(t0: float, rr: list[float]) -> Run:
+    """RR intervals (ms) from ``t0`` on, one block each, stepping the pipeline every second."""
+
+    async def body(pipeline: Pipeline) -> None:
+        t = t0
+        for x in rr:
+            t += x / 1000.0
+            at = np.array([t])
+            pipeline.sink.put_block(
+                SampleBlock(RR_STREAM, at, at + WALL, np.array([x]), np.zeros(1, np.uint8))
+            )
+            await pipeline.step(now_mono=t, now_wall=WALL + t)
+
+    return body
+
+
+def test_a_rhythm_episode_on_before_the_restart_clears_after_sinus_rhythm_after_it(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    first = run(site, tmp_path, beats(100.0, [600.0, 1000.0] * 30), ectopy=True)
+    assert kinds(first) == [("anomaly", None)]
+    assert first[0]["detail"]["pattern"] == "bigeminy"
+    # Still bigeminy after the restart: the same episode, nothing new.
+    assert run(site, tmp_path, beats(1000.0, [600.0, 1000.0] * 30), ectopy=True) == []
+    assert len(site.subject("ward3-bed7").active) == 1
+
+    after = run(site, tmp_path, beats(2000.0, [800.0] * 40), ectopy=True)
+    assert kinds(after) == [("anomaly_cleared", None)]
+    assert after[0]["detail"]["pattern"] == "bigeminy"
+    assert site.subject("ward3-bed7").active == {}
