@@ -156,10 +156,16 @@ class Pipeline:
                 continue  # an estimate's limit: the estimators keep their own state
             elif e.kind is AlarmKind.LIMIT:
                 self._limits.resume(e.stream, str(e.detail.get("level", "")))
-            elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail and "model" not in e.detail:
+            elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail:
+                # A value out of range: the sample check judges it, and the model whose window check
+                # raised it (both raise and restore it in their own time, as without the restart).
                 self._plausibility.resume(e.stream)
-            elif e.kind is AlarmKind.SENSOR_FAULT and {"rule", "model", "cause", "status"} & e.detail.keys():
-                continue  # a model's input check or the driver's own: they judge it afresh
+                for m in self._models:
+                    resume_fault = getattr(m, "resume_fault", None)
+                    if m.name == model and resume_fault is not None:
+                        resume_fault(e.subject, e.stream.key)
+            elif e.kind is AlarmKind.SENSOR_FAULT and {"cause", "status"} & e.detail.keys():
+                continue  # the driver's own (a battery, a PLC node's status): it judges it afresh
             elif e.kind in _WINDOWER_KINDS:
                 self.windower.resume(e.kind, e.stream)
 

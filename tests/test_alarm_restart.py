@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from test_alarm_episodes import A, N, Scripted, ind
 from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
+from test_inference_runtime import pump_model, pump_window
 
 from drivers.sim.protocol import RR
-from gateway.contracts import Alarm, AlarmKind, WindowModel
+from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowModel
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.runtime import Pipeline
 from gateway.sample import MDC, Quality, SampleBlock, Stream
@@ -259,3 +261,25 @@ def test_a_rhythm_episode_on_before_the_restart_clears_after_sinus_rhythm_after_
     assert kinds(after) == [("anomaly_cleared", None)]
     assert after[0]["detail"]["pattern"] == "bigeminy"
     assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_model_input_fault_left_on_is_restored_by_the_next_window_in_range() -> None:
+    # The pump model's own window check (the card's ranges), resumed as the pipeline resumes it.
+    rng = np.random.default_rng(8)
+    model = pump_model()
+    good = pump_window(20, rng)
+    rate = next(sf.stream for sf in good.streams if sf.stream.metric.name.endswith("RateRMS"))
+    model.resume_fault(good.subject, rate.key)
+    streams = [
+        StreamFeatures(sf.stream, 20, 0.0, {"mean": 10.0, "std": 20.0, "min": -40.0, "max": 35.0})
+        if sf.stream is rate
+        else sf
+        for sf in good.streams
+    ]
+    model.score_batch([replace(good, streams=tuple(streams))])
+    assert model.drain_events() == []  # still out of range: no second raise
+    model.score_batch([pump_window(21, rng)])
+    (restored,) = model.drain_events()
+    assert isinstance(restored, Alarm)
+    assert (restored.kind, restored.stream) == (AlarmKind.SENSOR_RESTORED, rate)
+    assert restored.detail["model"] == model.name
