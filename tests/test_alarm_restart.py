@@ -21,6 +21,7 @@ from test_inference_runtime import pump_model, pump_window
 
 from drivers.sim.protocol import RR
 from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowModel
+from gateway.inference.shadow import Slot
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.runtime import Pipeline
 from gateway.sample import MDC, Quality, SampleBlock, Stream
@@ -266,7 +267,7 @@ def test_a_rhythm_episode_on_before_the_restart_clears_after_sinus_rhythm_after_
 def test_a_model_input_fault_left_on_is_restored_by_the_next_window_in_range() -> None:
     # The pump model's own window check (the card's ranges), resumed as the pipeline resumes it.
     rng = np.random.default_rng(8)
-    model = pump_model()
+    model = Slot(pump_model())  # as the gateway serves it
     good = pump_window(20, rng)
     rate = next(sf.stream for sf in good.streams if sf.stream.metric.name.endswith("RateRMS"))
     model.resume_fault(good.subject, rate.key)
