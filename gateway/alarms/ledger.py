@@ -12,7 +12,9 @@ restarted with other settings; a condition that still holds is raised again afte
 
 A stream's alarm belongs to the stream's source; a subject's anomaly episode to every source that
 fed the subject when it was raised.  The ledger is kept in ``state_dir/alarms.json`` so a restart
-with a configuration that lost a source ends that source's alarms too.  Pure bookkeeping: the
+with a configuration that lost a source ends that source's alarms too, and so that the conditions
+of the sources it still has are handed back to their trackers (:meth:`AlarmLedger.kept`), which
+end them by their own rules when the data after the start show them over.  Pure bookkeeping: the
 pipeline sends what :meth:`AlarmLedger.end_source` and :meth:`AlarmLedger.end_vanished` return.
 """
 
