@@ -26,7 +26,7 @@ from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import AlarmsSection, limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
 from gateway.alarms.ledger import FILE_NAME as LEDGER_FILE
-from gateway.alarms.ledger import AlarmLedger, Entry
+from gateway.alarms.ledger import AlarmLedger, EndReason, Entry
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config, SourceEntry
 from gateway.contracts import (
@@ -125,6 +125,8 @@ class Pipeline:
                 anonymizer.register(identity)
             if entry.stream is not None:
                 anonymizer.register(entry.stream.device)
+        # Conditions a previous run left on that nothing here judges: ended by end_vanished.
+        self._unjudged: list[tuple[Entry, EndReason]] = []
         self._resume(self._ledger.kept())
         kinds = {e.info.subject: e.info.kind for e in config.sources}
         self._estimation = Estimation(
@@ -144,18 +146,22 @@ class Pipeline:
         ends with its ordinary ending, one that still holds sends nothing (no second raise).
         """
         scored = {m.name for m in self._models} | {f.name for f in self._fusions}
+        rhythm = self._ectopy.model if self._ectopy is not None else None
         for e in entries:
             model = str(e.detail.get("model", ""))
             if e.kind is AlarmKind.ANOMALY:
                 pattern = e.detail.get("pattern")
                 if pattern is None and model in scored:
                     self._episodes.resume((e.subject, model))
-                elif self._ectopy is not None and model == self._ectopy.model and e.stream is not None:
+                elif pattern is not None and model == rhythm and e.stream is not None and self._ectopy:
                     self._ectopy.resume(e.stream, str(pattern))
+                else:
+                    self._unjudged.append((e, "model_removed"))
             elif e.stream is None or "estimate" in e.detail:
                 continue  # an estimate's limit: the estimators keep their own state
             elif e.kind is AlarmKind.LIMIT:
-                self._limits.resume(e.stream, str(e.detail.get("level", "")))
+                if not self._limits.resume(e.stream, str(e.detail.get("level", ""))):
+                    self._unjudged.append((e, "rule_removed"))
             elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail:
                 # A value out of range: the sample check judges it, and the model whose window check
                 # raised it (both raise and restore it in their own time, as without the restart).
@@ -203,10 +209,15 @@ class Pipeline:
         return streams
 
     async def end_vanished(self, now_mono: float | None = None, now_wall: float | None = None) -> None:
-        """End the conditions a previous run left on whose source this configuration no longer has."""
+        """End the conditions a previous run left on whose source, limit level or model this configuration lacks."""
         now_mono = time.monotonic() if now_mono is None else now_mono
         now_wall = time.time() if now_wall is None else now_wall
-        await self._end(self._ledger.end_vanished(now_mono, now_wall))
+        ended = self._ledger.end_vanished(now_mono, now_wall)
+        for reason in ("rule_removed", "model_removed"):
+            gone = [e for e, why in self._unjudged if why == reason]
+            ended += self._ledger.end(gone, reason, now_mono, now_wall)
+        self._unjudged.clear()
+        await self._end(ended)
 
     async def _end(self, ended: list[Alarm]) -> None:
         """Send the endings, and keep the ledger only once they are in the outbox for good."""

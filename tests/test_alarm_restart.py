@@ -30,15 +30,23 @@ Run = Callable[[Pipeline], Awaitable[None]]
 
 
 def run(
-    site: Site, tmp: Path, body: Run, models: Sequence[WindowModel] = (), *, ectopy: bool = False
+    site: Site,
+    tmp: Path,
+    body: Run,
+    models: Sequence[WindowModel] = (),
+    *,
+    ectopy: bool = False,
+    alarms: dict[str, Any] | None = None,
+    start: float = 0.0,
 ) -> list[dict[str, Any]]:
     """One run of bed 7's pipeline on ``tmp``'s state: ``body`` feeds it; the alarms the twin got."""
     before = len(site.alarms)
+    cfg = config(tmp, BED7, ectopy=ectopy, alarms=alarms)
 
     async def main() -> None:
         async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
-            pipeline = Pipeline(config(tmp, BED7, ectopy=ectopy), site.anon, outbox, models=models)
-            await pipeline.end_vanished(0.0, WALL)
+            pipeline = Pipeline(cfg, site.anon, outbox, models=models)
+            await pipeline.end_vanished(start, WALL + start)
             await body(pipeline)
             await outbox.flush()
             items = await outbox.lease(1000)
@@ -223,11 +231,23 @@ def test_an_anomaly_episode_on_before_the_restart_ends_after_normal_windows_afte
     assert site.subject("ward3-bed7").active == {}
 
 
-def test_an_episode_of_a_model_no_longer_scored_is_left_as_it_was(tmp_path: Path) -> None:
+def test_an_episode_of_a_model_no_longer_run_is_ended_at_the_start(tmp_path: Path) -> None:
     site = Site(tmp_path)
     assert kinds(run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])) == [("anomaly", None)]
-    assert run(site, tmp_path, normal(1000.0)) == []  # no model to judge it: still on, as before the stop
-    assert len(site.subject("ward3-bed7").active) == 1
+    after = run(site, tmp_path, normal(1000.0), start=1000.0)  # nothing could ever end it: ended
+    assert kinds(after) == [("anomaly_cleared", "model_removed")]
+    assert after[0]["detail"]["model"] == "scripted"
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_limit_alarm_whose_rule_was_removed_is_ended_at_the_start(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, low)) == [("limit", None)]
+    off = {"limits": {"MDC_PULS_OXIM_SAT_O2": {"enabled": False}}}
+    after = run(site, tmp_path, normal(1000.0), alarms=off, start=1000.0)
+    assert kinds(after) == [("limit_cleared", "rule_removed")]
+    assert after[0]["detail"]["level"] == "low"
+    assert site.subject("ward3-bed7").active == {}
 
 
 RR_STREAM = Stream("bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", MDC[RR])
