@@ -125,14 +125,14 @@ class Pipeline:
                 anonymizer.register(identity)
             if entry.stream is not None:
                 anonymizer.register(entry.stream.device)
-        # Conditions a previous run left on that nothing here judges: ended by end_vanished.
-        self._unjudged: list[tuple[Entry, EndReason]] = []
-        self._resume(self._ledger.kept())
         kinds = {e.info.subject: e.info.kind for e in config.sources}
         self._estimation = Estimation(
             config.core.estimators, kinds, self.estimate, self.alarm, config.core.gateway.state_dir,
             now_mono=time.monotonic(), now_wall=time.time(), models_dir=m.dir,
         )  # fmt: skip
+        # Conditions a previous run left on that nothing here judges: ended by end_vanished.
+        self._unjudged: list[tuple[Entry, EndReason]] = []
+        self._resume(self._ledger.kept())
         self.sink: SampleSink = _Sink(self.put, self.put_block, self.driver_alarm, self.diagnostic)
         self.last_beat = time.monotonic()
         self.submitted = dict.fromkeys(Lane, 0)
@@ -157,8 +157,11 @@ class Pipeline:
                     self._ectopy.resume(e.stream, str(pattern))
                 else:
                     self._unjudged.append((e, "model_removed"))
-            elif e.stream is None or "estimate" in e.detail:
-                continue  # an estimate's limit: the estimators keep their own state
+            elif "estimate" in e.detail:
+                if e.kind is AlarmKind.LIMIT:
+                    self._estimation.resume_limit(e.subject, str(e.detail["estimate"]))
+            elif e.stream is None:
+                continue
             elif e.kind is AlarmKind.LIMIT:
                 if not self._limits.resume(e.stream, str(e.detail.get("level", ""))):
                     self._unjudged.append((e, "rule_removed"))

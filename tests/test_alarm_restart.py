@@ -24,7 +24,7 @@ from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowModel
 from gateway.inference.shadow import Slot
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.runtime import Pipeline
-from gateway.sample import MDC, Quality, SampleBlock, Stream
+from gateway.sample import MDC, Metric, Quality, SampleBlock, Stream
 
 Run = Callable[[Pipeline], Awaitable[None]]
 
@@ -36,12 +36,12 @@ def run(
     models: Sequence[WindowModel] = (),
     *,
     ectopy: bool = False,
-    alarms: dict[str, Any] | None = None,
     start: float = 0.0,
+    **sections: Any,
 ) -> list[dict[str, Any]]:
     """One run of bed 7's pipeline on ``tmp``'s state: ``body`` feeds it; the alarms the twin got."""
     before = len(site.alarms)
-    cfg = config(tmp, BED7, ectopy=ectopy, alarms=alarms)
+    cfg = config(tmp, BED7, ectopy=ectopy, **sections)
 
     async def main() -> None:
         async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
@@ -304,3 +304,33 @@ def test_a_model_input_fault_left_on_is_restored_by_the_next_window_in_range() -
     assert isinstance(restored, Alarm)
     assert (restored.kind, restored.stream) == (AlarmKind.SENSOR_RESTORED, rate)
     assert restored.detail["model"] == model.name
+
+
+BATTERY = Stream(
+    "bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", Metric("MDC_ATTR_VAL_BATT_CHARGE", "%"), on_change=True
+)
+LOW_SOC = {
+    "battery": [{"subject": "ward3-bed7", "level": BATTERY.metric.name, "low_soc": 20.0, "every_s": 0.001}]
+}
+
+
+def battery(t0: float, level: float) -> Run:
+    """The monitor's battery level reported at ``t0``."""
+
+    async def body(pipeline: Pipeline) -> None:
+        t = np.array([t0])
+        pipeline.sink.put_block(SampleBlock(BATTERY, t, t + WALL, np.array([level]), np.zeros(1, np.uint8)))
+        await pipeline.step(now_mono=t0 + 1.0, now_wall=WALL + t0 + 1.0)
+
+    return body
+
+
+def test_a_low_battery_estimate_left_on_clears_when_charged_after_the_restart(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    first = run(site, tmp_path, battery(100.0, 12.0), estimators=LOW_SOC)
+    assert [(a["alarm"], a["detail"]["estimate"]) for a in first] == [("limit", "soc")]
+    assert run(site, tmp_path, battery(1000.0, 11.0), estimators=LOW_SOC) == []  # still low: nothing
+    after = run(site, tmp_path, battery(2000.0, 90.0), estimators=LOW_SOC)  # charged while down
+    assert [(a["alarm"], a["detail"]["estimate"]) for a in after] == [("limit_cleared", "soc")]
+    assert "ended" not in after[0]["detail"]
+    assert site.subject("ward3-bed7").active == {}
