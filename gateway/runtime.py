@@ -27,6 +27,7 @@ from gateway.alarms.config import AlarmsSection, limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
 from gateway.alarms.ledger import FILE_NAME as LEDGER_FILE
 from gateway.alarms.ledger import AlarmLedger, EndReason, Entry
+from gateway.alarms.resumed import DriverFaults
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config, SourceEntry
 from gateway.contracts import (
@@ -62,7 +63,7 @@ from gateway.pipeline.windows import Windower
 from gateway.records import FeaturesWindow, Record, RecordError, as_map, decode, encode
 from gateway.records.render import describe
 from gateway.records.thin import Thinner
-from gateway.sample import Quality, Sample, SampleBlock
+from gateway.sample import Quality, Sample, SampleBlock, Stream
 from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 from gateway.timebase import TimeBase
 
@@ -130,6 +131,7 @@ class Pipeline:
             config.core.estimators, kinds, self.estimate, self.alarm, config.core.gateway.state_dir,
             now_mono=time.monotonic(), now_wall=time.time(), models_dir=m.dir,
         )  # fmt: skip
+        self._driver_faults = DriverFaults()
         # Conditions a previous run left on that nothing here judges: ended by end_vanished.
         self._unjudged: list[tuple[Entry, EndReason]] = []
         self._resume(self._ledger.kept())
@@ -174,7 +176,7 @@ class Pipeline:
                     if m.name == model and resume_fault is not None:
                         resume_fault(e.subject, e.stream.key)
             elif e.kind is AlarmKind.SENSOR_FAULT and {"cause", "status"} & e.detail.keys():
-                continue  # the driver's own (a battery, a PLC node's status): it judges it afresh
+                self._driver_faults.resume(e.stream, e.detail)  # the driver's own (a node, a battery)
             elif e.kind in _WINDOWER_KINDS:
                 self.windower.resume(e.kind, e.stream)
 
@@ -245,6 +247,8 @@ class Pipeline:
         """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""
         self.windower.put(sample)
         self._estimation.put(sample)
+        if self._driver_faults.by_data:  # empty once the faults a previous run left on are judged
+            self._driver_data(sample.stream, sample.t_mono, sample.t_wall, int(sample.quality))
         alarm = self._plausibility.check_sample(sample)
         if alarm is not None:
             self.alarm(alarm)
@@ -260,6 +264,10 @@ class Pipeline:
         """A block of one stream: as :meth:`put`, vectorised where the stage allows."""
         self.windower.put_block(block)
         self._estimation.put_block(block)
+        if self._driver_faults.by_data and len(block):
+            self._driver_data(
+                block.stream, float(block.t_mono[-1]), float(block.t_wall[-1]), int(block.quality[-1])
+            )
         for alarm in self._plausibility.check_block(block):
             self.alarm(alarm)
         for alarm in self._limits.check_block(block):
@@ -303,8 +311,15 @@ class Pipeline:
         if self._submit(lambda: self._anon.alarm(alarm)):
             self._ledger.note(alarm)
 
+    def _driver_data(self, stream: Stream, t_mono: float, t_wall: float, quality: int) -> None:
+        alarm = self._driver_faults.data(stream, t_mono, t_wall, quality)
+        if alarm is not None:
+            self.alarm(alarm)
+
     def driver_alarm(self, alarm: Alarm) -> None:
         """An alarm from a driver; a device it reports lost or back is folded into one device alarm."""
+        if self._driver_faults.resumed and self._driver_faults.repeat(alarm):
+            return  # a fault a previous run left on, raised again: the same condition
         folded = fold_device_alarm(alarm, self.windower)
         if folded is not None:
             self.alarm(folded)

@@ -334,3 +334,36 @@ def test_a_low_battery_estimate_left_on_clears_when_charged_after_the_restart(tm
     assert [(a["alarm"], a["detail"]["estimate"]) for a in after] == [("limit_cleared", "soc")]
     assert "ended" not in after[0]["detail"]
     assert site.subject("ward3-bed7").active == {}
+
+
+def driver_fault(t: float, detail: dict[str, float | str]) -> Run:
+    """The source's driver reports SpO2's node (or device) at fault, as an OPC UA or BLE driver does."""
+
+    async def body(pipeline: Pipeline) -> None:
+        pipeline.driver_alarm(Alarm(AlarmKind.SENSOR_FAULT, "ward3-bed7", t, WALL + t, SPO2, detail))
+        await pipeline.step(now_mono=t + 1.0, now_wall=WALL + t + 1.0)
+
+    return body
+
+
+def test_a_node_fault_the_driver_raised_ends_with_the_nodes_data_after_the_restart(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    bad: dict[str, float | str] = {"status": "bad_nodeidunknown"}
+    assert kinds(run(site, tmp_path, driver_fault(100.0, bad))) == [("sensor_fault", None)]
+    # The driver, fresh after the restart, finds the node still bad: the same condition, not resent.
+    assert run(site, tmp_path, driver_fault(1000.0, bad)) == []
+    assert len(site.subject("ward3-bed7").active) == 1
+
+    after = run(site, tmp_path, normal(2000.0))  # the node delivers again
+    assert kinds(after) == [("sensor_restored", None)]
+    assert after[0]["detail"] == {"after": "sensor_fault", "status": "good"}
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_low_battery_the_driver_raised_waits_for_the_driver_after_the_restart(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    low_battery: dict[str, float | str] = {"cause": "low_battery", "battery": 5.0}
+    assert kinds(run(site, tmp_path, driver_fault(100.0, low_battery))) == [("sensor_fault", None)]
+    assert run(site, tmp_path, normal(1000.0)) == []  # data say nothing about the battery
+    assert run(site, tmp_path, driver_fault(2000.0, low_battery)) == []  # still low: not resent
+    assert len(site.subject("ward3-bed7").active) == 1
