@@ -205,6 +205,7 @@ class Pipeline:
         ended = self._ledger.end_source(name, keeps, now_mono, now_wall)
         self._limits.forget_source(name)
         self._plausibility.forget_source(name)
+        self._driver_faults.forget_source(name)
         if self._ectopy is not None:
             self._ectopy.forget_source(name)
         for subject in {a.subject for a in ended if a.kind is AlarmKind.ANOMALY_CLEARED}:

@@ -367,3 +367,22 @@ def test_a_low_battery_the_driver_raised_waits_for_the_driver_after_the_restart(
     assert run(site, tmp_path, normal(1000.0)) == []  # data say nothing about the battery
     assert run(site, tmp_path, driver_fault(2000.0, low_battery)) == []  # still low: not resent
     assert len(site.subject("ward3-bed7").active) == 1
+
+
+def test_a_driver_fault_left_on_and_ended_with_its_source_is_raised_again_when_the_source_returns(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+    bad: dict[str, float | str] = {"status": "bad_nodeidunknown"}
+    assert kinds(run(site, tmp_path, driver_fault(100.0, bad))) == [("sensor_fault", None)]
+
+    async def retired_and_back(pipeline: Pipeline) -> None:
+        await pipeline.retire_source("bed7-ox", config(tmp_path), 1000.0, WALL + 1000.0)
+        await pipeline.retire_source("bed7-ox", config(tmp_path, BED7), 1001.0, WALL + 1001.0)
+        await driver_fault(1002.0, bad)(pipeline)  # a new fault of the source that came back
+
+    assert kinds(run(site, tmp_path, retired_and_back)) == [
+        ("sensor_restored", "source_removed"),
+        ("sensor_fault", None),
+    ]
+    assert len(site.subject("ward3-bed7").active) == 1
