@@ -112,6 +112,15 @@ async def feed(
     return t0 + seconds
 
 
+def feed_from(t0: float, streams: dict[Stream, tuple[float, int]], seconds: int = 5) -> Run:
+    """:func:`feed` as a run's body."""
+
+    async def body(pipeline: Pipeline) -> None:
+        await feed(pipeline, t0, seconds, streams)
+
+    return body
+
+
 OFF = int(Quality.SENSOR_OFF)
 
 
@@ -386,3 +395,44 @@ def test_a_driver_fault_left_on_and_ended_with_its_source_is_raised_again_when_t
         ("sensor_fault", None),
     ]
     assert len(site.subject("ward3-bed7").active) == 1
+
+
+PERF = Stream("bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", MDC["MDC_PULS_OXIM_PERF_REL"], rate_hz=1.0)
+
+
+ALL_BACK = {SPO2: (97.0, 0), PULSE: (72.0, 0), PERF: (5.0, 0)}  # SpO2's data first
+
+
+async def spo2_then_the_rest(pipeline: Pipeline) -> float:
+    t = await feed(pipeline, 100.0, 5, ALL_BACK)
+    t = await feed(pipeline, t, 20, {PULSE: (72.0, 0), PERF: (5.0, 0)})  # SpO2 silent alone
+    return await feed(pipeline, t, 20, {})  # then the whole monitor
+
+
+def test_a_sensor_lost_before_its_device_was_is_restored_on_its_own(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+
+    async def and_back(pipeline: Pipeline) -> None:
+        t = await spo2_then_the_rest(pipeline)
+        await feed(pipeline, t + 100.0, 5, ALL_BACK)
+
+    got = kinds(run(site, tmp_path, and_back))
+    assert got == [
+        ("sensor_lost", None),
+        ("device_lost", None),
+        ("sensor_restored", None),
+        ("device_restored", None),
+    ]
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_sensor_lost_before_its_device_was_is_restored_on_its_own_after_the_restart(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+
+    async def lost(pipeline: Pipeline) -> None:
+        await spo2_then_the_rest(pipeline)
+
+    assert kinds(run(site, tmp_path, lost)) == [("sensor_lost", None), ("device_lost", None)]
+    after = run(site, tmp_path, feed_from(2000.0, ALL_BACK))
+    assert kinds(after) == [("sensor_restored", None), ("device_restored", None)]
+    assert site.subject("ward3-bed7").active == {}

@@ -362,8 +362,10 @@ class Windower:
             st.status = self._resumed.pop(stream.key, _OK)
             device = (stream.source, stream.device)
             group = self._device_lost.get(device)
-            if group is not None and group is self._resumed_devices.get(device):
-                st.status = _LOST  # its device's outage is still the one a previous run reported
+            # Its device's outage is still the one a previous run reported; a stream lost on its
+            # own before that outage stays out of it and is restored on its own, as without a stop.
+            if st.status != _LOST and group is not None and group is self._resumed_devices.get(device):
+                st.status = _LOST
                 group.append(st)
             self._by_stream[stream] = st
             subj.streams.append(st)
@@ -390,9 +392,12 @@ class Windower:
         st.restore_at = t_mono + self.restore_after_s if status == _LOST else None
         stream = st.stream
         if old == _LOST and self._device_lost:
-            group = self._device_lost.pop((stream.source, stream.device), None)
-            if group is not None:
-                self._device_back.add((stream.source, stream.device))
+            device = (stream.source, stream.device)
+            group = self._device_lost.get(device)
+            # Only a stream of the outage ends it: one lost on its own before it is restored alone.
+            if group is not None and st in group:
+                del self._device_lost[device]
+                self._device_back.add(device)
                 self._device_restored(st, group, t_mono, t_wall)
                 if status == _OK:
                     return
