@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from downlink_support import Site, running, running_site, source
-from test_alarm_source_removed_e2e import active, on_at_the_twin
+from test_alarm_source_removed_e2e import active, bed7, on_at_the_twin
 from uplink_support import listener, mosquitto_pki
 
 from gateway.records import AlarmRecord
@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
 
 BED7_ON = source("bed7-sim")
 BED7_OFF = BED7_ON + 'events = [{ kind = "sensor_off", at_s = 0.0, duration_s = 600.0 }]\n'
+# The monitor sends for 2 s, then nothing (unplugged) for longer than the test.
+BED7_GONE = BED7_ON + 'events = [{ kind = "disconnect", at_s = 2.0, duration_s = 600.0 }]\n'
 
 
 @pytest.fixture(scope="module")
@@ -69,5 +71,34 @@ def test_a_probe_back_on_after_a_restart_ends_the_alarms_it_left_on(site: Site, 
         assert {a.alarm for a in restored} == {"sensor_restored"}
         assert len(restored) == len(on)
         assert all("ended" not in a.detail and a.detail["after"] == "sensor_fault" for a in restored)
+    finally:
+        twin.stop()
+
+
+def test_a_monitor_plugged_back_in_while_the_gateway_was_down_is_restored_after_the_restart(
+    site: Site, pki: DemoPKI
+) -> None:
+    twin = listener(site.broker, pki)
+    try:
+        restart(site, BED7_GONE)
+        subject = bed7(site)
+
+        def lost(t: Listener) -> bool:
+            return "device_lost" in {a.alarm for a in active(t, site.gateway, subject).values()}
+
+        assert twin.wait_for(lost, 30), twin.view.render()
+        time.sleep(1.0)  # a slower stream (RR intervals) may be reported lost on its own first
+        site.stop()
+        on = active(twin, site.gateway, subject)
+        assert {a.alarm for a in on.values()} <= {"device_lost", "sensor_lost"}, on
+        first_run = next(iter(on.values())).run
+
+        restart(site, BED7_ON)  # plugged back in while the gateway was down
+        assert twin.wait_for(lambda t: not active(t, site.gateway, subject), 30), twin.view.render()
+        restored = alarms_of_run(twin, subject, first_run + 1)
+        assert sorted(a.alarm for a in restored) == sorted(
+            "device_restored" if a.alarm == "device_lost" else "sensor_restored" for a in on.values()
+        )
+        assert all("ended" not in a.detail for a in restored)
     finally:
         twin.stop()
