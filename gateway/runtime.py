@@ -26,7 +26,8 @@ from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import AlarmsSection, limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
 from gateway.alarms.ledger import FILE_NAME as LEDGER_FILE
-from gateway.alarms.ledger import AlarmLedger
+from gateway.alarms.ledger import AlarmLedger, EndReason, Entry
+from gateway.alarms.resumed import DriverFaults
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config, SourceEntry
 from gateway.contracts import (
@@ -62,7 +63,7 @@ from gateway.pipeline.windows import Windower
 from gateway.records import FeaturesWindow, Record, RecordError, as_map, decode, encode
 from gateway.records.render import describe
 from gateway.records.thin import Thinner
-from gateway.sample import Quality, Sample, SampleBlock
+from gateway.sample import Quality, Sample, SampleBlock, Stream
 from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 from gateway.timebase import TimeBase
 
@@ -75,6 +76,8 @@ COUNTERS_EVERY_S = 60.0  # how often gateway counters go out as a diagnostic rec
 _WINDOWS_PER_TURN = 1  # windows sealed per event-loop turn (one costs 1-2 ms, up to ~20 ms on a busy machine)
 _SUBJECTS_PER_TURN = 8  # subjects whose windows are cut per event-loop turn (~20 streams each: ~5 ms)
 _LOGGED_HERE = frozenset({AlarmKind.ANOMALY, AlarmKind.ANOMALY_INDETERMINATE})
+#: Conditions the windower ends: its own, and a device outage whoever reported it.
+_WINDOWER_KINDS = frozenset({AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_LOST, AlarmKind.DEVICE_LOST})
 
 
 class Pipeline:
@@ -128,11 +131,54 @@ class Pipeline:
             config.core.estimators, kinds, self.estimate, self.alarm, config.core.gateway.state_dir,
             now_mono=time.monotonic(), now_wall=time.time(), models_dir=m.dir,
         )  # fmt: skip
+        self._driver_faults = DriverFaults()
+        # Conditions a previous run left on that nothing here judges: ended by end_vanished.
+        self._unjudged: list[tuple[Entry, EndReason]] = []
+        self._resume(self._ledger.kept())
         self.sink: SampleSink = _Sink(self.put, self.put_block, self.driver_alarm, self.diagnostic)
         self.last_beat = time.monotonic()
         self.submitted = dict.fromkeys(Lane, 0)
         self.last_diagnostics: dict[tuple[str, str | None], Diagnostic] = {}
         self._next_counters = time.monotonic() + COUNTERS_EVERY_S
+
+    def _resume(self, entries: list[Entry]) -> None:
+        """Hand each tracker the conditions a previous run left on, so it ends them as it would have.
+
+        The data after the start judges them by the tracker's own rules: a condition that is over
+        ends with its ordinary ending, one that still holds sends nothing (no second raise).
+        """
+        scored = {m.name for m in self._models} | {f.name for f in self._fusions}
+        rhythm = self._ectopy.model if self._ectopy is not None else None
+        for e in entries:
+            model = str(e.detail.get("model", ""))
+            if e.kind is AlarmKind.ANOMALY:
+                pattern = e.detail.get("pattern")
+                if pattern is None and model in scored:
+                    self._episodes.resume((e.subject, model))
+                elif pattern is not None and model == rhythm and e.stream is not None and self._ectopy:
+                    self._ectopy.resume(e.stream, str(pattern))
+                else:
+                    self._unjudged.append((e, "model_removed"))
+            elif "estimate" in e.detail:
+                if e.kind is AlarmKind.LIMIT:
+                    self._estimation.resume_limit(e.subject, str(e.detail["estimate"]))
+            elif e.stream is None:
+                continue
+            elif e.kind is AlarmKind.LIMIT:
+                if not self._limits.resume(e.stream, str(e.detail.get("level", ""))):
+                    self._unjudged.append((e, "rule_removed"))
+            elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail:
+                # A value out of range: the sample check judges it, and the model whose window check
+                # raised it (both raise and restore it in their own time, as without the restart).
+                self._plausibility.resume(e.stream)
+                for m in self._models:
+                    resume_fault = getattr(m, "resume_fault", None)
+                    if m.name == model and resume_fault is not None:
+                        resume_fault(e.subject, e.stream.key)
+            elif e.kind is AlarmKind.SENSOR_FAULT and {"cause", "status"} & e.detail.keys():
+                self._driver_faults.resume(e.stream, e.detail)  # the driver's own (a node, a battery)
+            elif e.kind in _WINDOWER_KINDS:
+                self.windower.resume(e.kind, e.stream)
 
     def set_alarms(self, section: AlarmsSection) -> None:
         """Limit alarms by ``section`` from now on (a config revision in place).
@@ -159,6 +205,7 @@ class Pipeline:
         ended = self._ledger.end_source(name, keeps, now_mono, now_wall)
         self._limits.forget_source(name)
         self._plausibility.forget_source(name)
+        self._driver_faults.forget_source(name)
         if self._ectopy is not None:
             self._ectopy.forget_source(name)
         for subject in {a.subject for a in ended if a.kind is AlarmKind.ANOMALY_CLEARED}:
@@ -168,10 +215,15 @@ class Pipeline:
         return streams
 
     async def end_vanished(self, now_mono: float | None = None, now_wall: float | None = None) -> None:
-        """End the conditions a previous run left on whose source this configuration no longer has."""
+        """End the conditions a previous run left on whose source, limit level or model this configuration lacks."""
         now_mono = time.monotonic() if now_mono is None else now_mono
         now_wall = time.time() if now_wall is None else now_wall
-        await self._end(self._ledger.end_vanished(now_mono, now_wall))
+        ended = self._ledger.end_vanished(now_mono, now_wall)
+        for reason in ("rule_removed", "model_removed"):
+            gone = [e for e, why in self._unjudged if why == reason]
+            ended += self._ledger.end(gone, reason, now_mono, now_wall)
+        self._unjudged.clear()
+        await self._end(ended)
 
     async def _end(self, ended: list[Alarm]) -> None:
         """Send the endings, and keep the ledger only once they are in the outbox for good."""
@@ -196,6 +248,8 @@ class Pipeline:
         """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""
         self.windower.put(sample)
         self._estimation.put(sample)
+        if self._driver_faults.by_data:  # empty once the faults a previous run left on are judged
+            self._driver_data(sample.stream, sample.t_mono, sample.t_wall, int(sample.quality))
         alarm = self._plausibility.check_sample(sample)
         if alarm is not None:
             self.alarm(alarm)
@@ -211,6 +265,10 @@ class Pipeline:
         """A block of one stream: as :meth:`put`, vectorised where the stage allows."""
         self.windower.put_block(block)
         self._estimation.put_block(block)
+        if self._driver_faults.by_data and len(block):
+            self._driver_data(
+                block.stream, float(block.t_mono[-1]), float(block.t_wall[-1]), int(block.quality[-1])
+            )
         for alarm in self._plausibility.check_block(block):
             self.alarm(alarm)
         for alarm in self._limits.check_block(block):
@@ -254,8 +312,15 @@ class Pipeline:
         if self._submit(lambda: self._anon.alarm(alarm)):
             self._ledger.note(alarm)
 
+    def _driver_data(self, stream: Stream, t_mono: float, t_wall: float, quality: int) -> None:
+        alarm = self._driver_faults.data(stream, t_mono, t_wall, quality)
+        if alarm is not None:
+            self.alarm(alarm)
+
     def driver_alarm(self, alarm: Alarm) -> None:
         """An alarm from a driver; a device it reports lost or back is folded into one device alarm."""
+        if self._driver_faults.resumed and self._driver_faults.repeat(alarm):
+            return  # a fault a previous run left on, raised again: the same condition
         folded = fold_device_alarm(alarm, self.windower)
         if folded is not None:
             self.alarm(folded)

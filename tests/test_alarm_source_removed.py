@@ -39,11 +39,12 @@ BED7 = source("bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07")
 BED9 = source("bed9-ox", "ward3-bed9", "00:1C:05:AA:BB:09")
 
 
-def config(tmp: Path, *sources: dict[str, Any]) -> Config:
+def config(tmp: Path, *sources: dict[str, Any], ectopy: bool = False, **sections: Any) -> Config:
     raw = {
         "gateway": {"state_dir": str(tmp / "state")},
         "pipeline": {"window_s": 4.0, "hop_s": 1.0, "grace_s": 0.0},
-        "models": {"ectopy": False, "streams": {"enabled": False}},
+        "models": {"ectopy": ectopy, "streams": {"enabled": False}},
+        **sections,
         "sources": list(sources),
     }
     return validate(raw, "<test>", REGISTRY)

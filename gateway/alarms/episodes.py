@@ -75,6 +75,17 @@ class EpisodeTracker:
         """The (subject, model) keys inside an episode now (active or unsure)."""
         return [key for key, ep in self._eps.items() if ep.state is not EpisodeState.IDLE]
 
+    def resume(self, key: tuple[str, str]) -> None:
+        """An episode a previous run left on: active again, so ``clear_after`` normal windows end it.
+
+        Anomalous windows then send nothing (the episode goes on), indeterminate ones say so as
+        inside any episode.  Its ending carries no ``held`` (the onset before the stop is not known here).
+        """
+        ep = self._eps.get(key)
+        if ep is None:
+            ep = self._eps[key] = _Episode()
+        ep.state, ep.normal_run, ep.anomalous_run, ep.reason = EpisodeState.ACTIVE, 0, 0, ""
+
     def forget(self, subject: str) -> None:
         """Drop every episode of ``subject`` (ended elsewhere: its source removed or changed)."""
         self._eps = {k: ep for k, ep in self._eps.items() if k[0] != subject}

@@ -9,10 +9,14 @@ source is ended by the gateway itself, with the ordinary ending kind (a twin tha
 the reason still clears it) and ``ended`` in its detail saying why: ``source_removed`` (the source
 is gone from the configuration, or no longer feeds the subject) or ``source_changed`` (it was
 restarted with other settings; a condition that still holds is raised again after its delay).
+A restart ends two more the same way: ``rule_removed`` (a limit level the new configuration no
+longer has) and ``model_removed`` (an episode of a model it no longer runs).
 
 A stream's alarm belongs to the stream's source; a subject's anomaly episode to every source that
 fed the subject when it was raised.  The ledger is kept in ``state_dir/alarms.json`` so a restart
-with a configuration that lost a source ends that source's alarms too.  Pure bookkeeping: the
+with a configuration that lost a source ends that source's alarms too, and so that the conditions
+of the sources it still has are handed back to their trackers (:meth:`AlarmLedger.kept`), which
+end them by their own rules when the data after the start show them over.  Pure bookkeeping: the
 pipeline sends what :meth:`AlarmLedger.end_source` and :meth:`AlarmLedger.end_vanished` return.
 """
 
@@ -37,7 +41,7 @@ log = logging.getLogger(__name__)
 FILE_NAME = "alarms.json"
 _VERSION = 1
 
-EndReason = Literal["source_removed", "source_changed"]
+EndReason = Literal["source_removed", "source_changed", "rule_removed", "model_removed"]
 
 #: The kind that ends each raising kind.
 _ENDS: dict[AlarmKind, AlarmKind] = {
@@ -48,7 +52,8 @@ _ENDS: dict[AlarmKind, AlarmKind] = {
     AlarmKind.ANOMALY: AlarmKind.ANOMALY_CLEARED,
 }
 #: Detail keys an ending repeats from its raise, so the twin can tell which condition ended.
-_KEPT = ("level", "estimate", "model", "pattern")
+#: ``rule``, ``cause`` and ``status`` say who raised a sensor fault (a plausibility rule, the driver).
+_KEPT = ("level", "estimate", "model", "pattern", "rule", "cause", "status")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,10 +181,23 @@ class AlarmLedger:
         self.dirty = self.dirty or bool(out)
         return out
 
+    def _fed(self, e: Entry) -> bool:
+        """True while every source of the condition still feeds its subject."""
+        return set(e.sources) <= set(self._feeds.get(e.subject, ()))
+
+    def kept(self) -> list[Entry]:
+        """The conditions on whose sources all still feed their subject: the trackers resume them."""
+        return [e for e in self._on.values() if self._fed(e)]
+
     def end_vanished(self, t_mono: float, t_wall: float) -> list[Alarm]:
         """End every condition whose sources no longer all feed its subject (a restart's new config)."""
-        gone = [k for k, e in self._on.items() if not set(e.sources) <= set(self._feeds.get(e.subject, ()))]
+        gone = [k for k, e in self._on.items() if not self._fed(e)]
         return self._end(gone, "source_removed", t_mono, t_wall)
+
+    def end(self, entries: Iterable[Entry], reason: EndReason, t_mono: float, t_wall: float) -> list[Alarm]:
+        """End these conditions now, saying why (nothing in the configuration judges them any more)."""
+        keys = [k for k in map(_entry_key, entries) if k is not None and k in self._on]
+        return self._end(keys, reason, t_mono, t_wall)
 
     def _end(
         self, keys: list[tuple[str, ...]], reason: EndReason, t_mono: float, t_wall: float
@@ -276,10 +294,14 @@ def _load(path: Path) -> dict[tuple[str, ...], Entry]:
         return {}
     out: dict[tuple[str, ...], Entry] = {}
     for e in entries:
-        key = _key(e.ending("source_removed", 0.0, 0.0))
+        key = _entry_key(e)
         if key is not None:
             out[key] = e
     return out
+
+
+def _entry_key(e: Entry) -> tuple[str, ...] | None:
+    return _key(e.ending("source_removed", 0.0, 0.0))
 
 
 def _set_aside(path: Path, why: str) -> None:

@@ -156,6 +156,21 @@ class LimitChecker:
                 self._pending.discard(key)
         return out
 
+    def resume(self, stream: Stream, level: str) -> bool:
+        """Hold ``stream``'s alarm at ``level`` on, as a previous run left it; False if the rule lacks it.
+
+        Its samples then judge it as if the gateway had never stopped: back inside the limit by the
+        deadband for the off-delay clears it, still beyond it sends nothing.  How long it held
+        counts from the first sample after the start (the time before the stop is not known here).
+        """
+        rule = self.rule_for(stream)
+        if rule is None or level not in rule.bounds:
+            return False
+        st = self._state.setdefault(stream.key, _State())
+        st.active, st.release_at = level, None
+        self._pending.add(stream.key)
+        return True
+
     def forget_source(self, source: str) -> None:
         """Drop the state of every stream of ``source`` (its alarms ended by a config revision)."""
         gone = {k for k, st in self._state.items() if st.stream is not None and st.stream.source == source}
@@ -216,6 +231,8 @@ class LimitChecker:
             st = self._state[stream.key] = _State()
         st.stream, st.rule, st.t, st.t_wall, st.v = stream, rule, t, t_wall, v
         active = st.active
+        if active is not None and math.isnan(st.active_since):
+            st.active_since = t  # resumed after a restart: held since its first sample here
         for level in rule.bounds:
             latched = (
                 active is not None and _SIDE[level] == _SIDE[active] and _SEVERITY[level] <= _SEVERITY[active]

@@ -71,7 +71,7 @@ class BatteryState:
         self._rest_soc = math.nan  # SoC at the last rest
         self._ah_since_rest = 0.0
         self._next_emit = -math.inf
-        self._limits = LowLimits(spec.subject, kind, alarm, DEADBAND)
+        self.limits = LowLimits(spec.subject, kind, alarm, DEADBAND)
         self._restored: dict[str, Any] | None = None
         self._r0 = spec.r0
         self.levels: deque[tuple[float, float]] = deque(maxlen=LEVELS_KEPT)  # (t_mono, %) since a charge
@@ -168,7 +168,7 @@ class BatteryState:
         stream = self._streams.get("level")
         sources = ((stream, 1.0),) if stream is not None else ()
         self._emit_soc(t_mono, t_wall, level, self.spec.level_step / math.sqrt(12.0), sources, detail)
-        self._limits.check("soc", level, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
+        self.limits.check("soc", level, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
 
     def _emit_soc(
         self,
@@ -230,8 +230,8 @@ class BatteryState:
                 self.spec.subject, self.kind, "soh", "%", t_mono, t_wall, soh, soh_sd, state, sources, detail
             )
         )
-        self._limits.check("soc", soc, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
-        self._limits.check("soh", soh, self.spec.low_health, self.spec.low_health_priority, t_mono, t_wall)
+        self.limits.check("soc", soc, self.spec.low_soc, self.spec.low_soc_priority, t_mono, t_wall)
+        self.limits.check("soh", soh, self.spec.low_health, self.spec.low_health_priority, t_mono, t_wall)
 
     def save(self, now_mono: float, now_wall: float) -> dict[str, Any] | None:
         """The state to keep across a restart: SoC with its SD, the learnt capacity, the levels."""

@@ -19,6 +19,10 @@ class LowLimits:
         self.deadband = deadband
         self.raised: set[str] = set()
 
+    def resume(self, name: str) -> None:
+        """``name``'s alarm a previous run left on: the first estimate back above by the deadband clears it."""
+        self.raised.add(name)
+
     def check(
         self, name: str, value: float, limit: float, priority: str, t_mono: float, t_wall: float
     ) -> None:

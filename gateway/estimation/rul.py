@@ -164,7 +164,7 @@ class RulEstimator:
         self._emit = emit
         # Cleared only when back above the limit by the interval's half-width: an estimate this
         # noisy (RMSE ~17 cycles) would flap around the limit otherwise; wear does not heal itself.
-        self._limits = LowLimits(spec.subject, kind, alarm, model.card.interval_90)
+        self.limits = LowLimits(spec.subject, kind, alarm, model.card.interval_90)
         self._where = f"estimators.rul[{index}]"
         missing = [s for s in card.sensors if s not in spec.inputs and spec.prefix is None]
         unknown = sorted(set(spec.inputs) - set(card.sensors))
@@ -305,7 +305,7 @@ class RulEstimator:
             )
         )
         if self.spec.low_rul is not None and state != "untrusted":
-            self._limits.check("rul", rul, self.spec.low_rul, self.spec.low_rul_priority, t_end, t_wall)
+            self.limits.check("rul", rul, self.spec.low_rul, self.spec.low_rul_priority, t_end, t_wall)
 
     def save(self, now_mono: float, now_wall: float) -> dict[str, Any] | None:
         """The window of per-cycle values and the cycles counted: the machine's wear so far."""

@@ -182,6 +182,13 @@ class Estimation:
             self._next_save = now_mono + SAVE_EVERY_S
             self.save(now_mono, now_wall)
 
+    def resume_limit(self, subject: str, estimate: str) -> None:
+        """A low limit on ``subject``'s ``estimate`` a previous run left on: its estimators judge it again."""
+        for est in self.estimators:
+            limits = getattr(est, "limits", None)  # the estimators that raise limits (battery, RUL)
+            if est.spec.subject == subject and limits is not None:
+                limits.resume(estimate)
+
     def save(self, now_mono: float, now_wall: float) -> None:
         """Write every estimator's state atomically; a failure is logged once, never raised."""
         if self._path is None:

@@ -123,6 +123,13 @@ class PlausibilityChecker:
         self._by_id: dict[int, tuple[Stream, Rule | None]] = {}
         self._state: dict[Stream, _State] = {}
 
+    def resume(self, stream: Stream) -> None:
+        """A fault of ``stream`` a previous run left on: its first plausible value restores it, as usual."""
+        st = self._state.get(stream)
+        if st is None:
+            st = self._state[stream] = _State()
+        st.faulted = True
+
     def forget_source(self, source: str) -> None:
         """Drop the state of every stream of ``source`` (its alarms ended by a config revision)."""
         self._state = {s: st for s, st in self._state.items() if s.source != source}

@@ -46,7 +46,7 @@ from statistics import fmean, median, pstdev
 from gateway.contracts import Alarm, AlarmKind
 from gateway.inference.ectopic import ALARM_BURDEN, BURDEN_BEATS, CLEAR_BURDEN, PREMATURITY, EctopicDetector
 from gateway.sample import UNUSABLE_FLAGS as UNUSABLE
-from gateway.sample import Sample
+from gateway.sample import Sample, Stream
 
 __all__ = [
     "CLEAR_CYCLES",
@@ -266,6 +266,19 @@ class RhythmMonitor:
         self._state: dict[str, _State] = {}
         self.beats = 0
         self.premature_beats = 0
+
+    def resume(self, stream: Stream, pattern: str) -> None:
+        """An episode named ``pattern`` a previous run left on: the beats after the start judge it as usual.
+
+        Its pattern still seen (the detector needs ``CYCLES`` cycles, fewer than it takes to clear)
+        sends nothing; absent for the clearing span, it clears.  Its ``held_s`` is not known here.
+        """
+        if pattern not in RANK:
+            return
+        st = self._state.get(stream.key)
+        if st is None:
+            st = self._state[stream.key] = _State()
+        st.pattern, st.unsure, st.quiet = pattern, False, 0
 
     def forget_source(self, source: str) -> None:
         """Drop the episodes of every stream of ``source`` (ended by a config revision)."""

@@ -317,6 +317,11 @@ class AnomalyModel:
             return False
         return self._resolve(record).found > 0
 
+    def resume_fault(self, subject: str, stream_key: str) -> None:
+        """A fault of an input stream a previous run left on: its next window in range restores it."""
+        if self._fault_alarms:
+            self._faulted.add((subject, stream_key))
+
     def drain_events(self) -> list[Event]:
         """Sensor-fault alarms and model-health diagnostics raised since the last call (thread-safe)."""
         out: list[Event] = []

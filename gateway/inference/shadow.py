@@ -198,6 +198,10 @@ class Slot:
         """True while the fallback scores this subject."""
         return self.active.demoted_for(subject)
 
+    def resume_fault(self, subject: str, stream_key: str) -> None:
+        """A fault of an input a previous run left on: the active version judges it."""
+        self.active.resume_fault(subject, stream_key)
+
     def drain_events(self) -> list[Event]:
         """The active version's events and the slot's own (promotions, rollbacks)."""
         out = self.active.drain_events()

@@ -102,6 +102,7 @@ def fault_words(quality: int) -> str:
 
 
 _STATUS_ALARM = {_FAULTED: AlarmKind.SENSOR_FAULT, _LOST: AlarmKind.SENSOR_LOST}
+_RESUMED_STATUS = {kind: status for status, kind in _STATUS_ALARM.items()}
 
 
 class _StreamState:
@@ -220,9 +221,29 @@ class Windower:
         self._device_back: set[tuple[str, str]] = set()
         # Devices their driver said were back too soon after the loss: restored at this t_mono.
         self._release_due: dict[tuple[str, str], float] = {}
+        # Conditions a previous run left on (:meth:`resume`), taken up by each stream when first seen:
+        # a stream's fault or loss by its key; a device's outage by the group it started with.
+        self._resumed: dict[str, int] = {}
+        self._resumed_devices: dict[tuple[str, str], list[_StreamState]] = {}
         self._windows = 0
         self._gaps = 0
         self._alarms = 0
+
+    def resume(self, kind: AlarmKind, stream: Stream) -> None:
+        """A sensor fault, sensor loss or device loss a previous run left on for ``stream`` (or its device).
+
+        The stream's data after the start judges it as if the gateway had never stopped: a fault
+        ends after ``restore_after_s`` of good data and a loss with the first data (the loss is
+        older than any hold), each with its ordinary restore; data still faulty sends nothing, and
+        a driver reporting the device lost again repeats the same incident.  A device that never
+        delivers again stays lost, which is true.  Call before the stream's first sample.
+        """
+        if kind is AlarmKind.DEVICE_LOST:
+            key = (stream.source, stream.device)
+            if key not in self._device_lost:
+                self._device_lost[key] = self._resumed_devices[key] = []
+        elif kind in _RESUMED_STATUS:
+            self._resumed[stream.key] = _RESUMED_STATUS[kind]
 
     # ---- hand-off (hot path) -------------------------------------------------------------
 
@@ -338,6 +359,14 @@ class Windower:
                 )
             ring = RingBuffer(self.capacity_for(stream, subj.span))
             st = _StreamState(stream, ring, self.window_s, self.lost_after_s)
+            st.status = self._resumed.pop(stream.key, _OK)
+            device = (stream.source, stream.device)
+            group = self._device_lost.get(device)
+            # Its device's outage is still the one a previous run reported; a stream lost on its
+            # own before that outage stays out of it and is restored on its own, as without a stop.
+            if st.status != _LOST and group is not None and group is self._resumed_devices.get(device):
+                st.status = _LOST
+                group.append(st)
             self._by_stream[stream] = st
             subj.streams.append(st)
             subj.streams.sort(key=lambda s: s.stream.key)
@@ -363,9 +392,12 @@ class Windower:
         st.restore_at = t_mono + self.restore_after_s if status == _LOST else None
         stream = st.stream
         if old == _LOST and self._device_lost:
-            group = self._device_lost.pop((stream.source, stream.device), None)
-            if group is not None:
-                self._device_back.add((stream.source, stream.device))
+            device = (stream.source, stream.device)
+            group = self._device_lost.get(device)
+            # Only a stream of the outage ends it: one lost on its own before it is restored alone.
+            if group is not None and st in group:
+                del self._device_lost[device]
+                self._device_back.add(device)
                 self._device_restored(st, group, t_mono, t_wall)
                 if status == _OK:
                     return
@@ -716,6 +748,8 @@ class Windower:
         for key in [k for k in self._release_due if k[0] == source]:
             del self._release_due[key]
         self._device_back = {k for k in self._device_back if k[0] != source}
+        self._resumed = {k: v for k, v in self._resumed.items() if not k.startswith(f"{source}/")}
+        self._resumed_devices = {k: v for k, v in self._resumed_devices.items() if k[0] != source}
         return len(gone)
 
     def stream_states(self) -> list[dict[str, Any]]:

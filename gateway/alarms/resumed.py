@@ -1,0 +1,61 @@
+"""Sensor faults a driver raised about itself that a previous run left on, judged after the restart.
+
+A driver keeps no state across a restart: a PLC node whose status was bad, or a wearable whose
+battery was low, is judged afresh.  Without this the driver would raise such a fault a second
+time while it holds, and never end one that ended while the gateway was down.  So, per stream:
+the driver raising it again is the same condition (not sent; the driver ends it itself from then
+on), and for a node's status (``status``) the stream's first usable sample shows the node good
+again and ends it as the driver would have.  A fault by ``cause`` (a battery) has no such evidence
+in the data: it waits for the driver.  Pure logic, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gateway.contracts import Alarm, AlarmKind
+from gateway.sample import UNUSABLE_FLAGS, Stream
+
+__all__ = ["DriverFaults"]
+
+
+class DriverFaults:
+    """The driver-raised faults resumed at the start, by stream key; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.resumed: set[str] = set()  # every resumed fault's stream key, until judged
+        # The node-status faults among them, ended by their stream's data.  Empty once all are
+        # judged: the sample path tests it (a set's truth, ~20 ns) and calls nothing then.
+        self.by_data: set[str] = set()
+
+    def resume(self, stream: Stream, detail: Mapping[str, float | str]) -> None:
+        """A fault the driver raised for ``stream`` (its kept ``detail``) before the stop."""
+        self.resumed.add(stream.key)
+        if "status" in detail:
+            self.by_data.add(stream.key)
+
+    def forget_source(self, source: str) -> None:
+        """Drop the faults of every stream of ``source`` (ended by a config revision)."""
+        self.resumed = {k for k in self.resumed if not k.startswith(f"{source}/")}
+        self.by_data = {k for k in self.by_data if not k.startswith(f"{source}/")}
+
+    def repeat(self, alarm: Alarm) -> bool:
+        """True when ``alarm`` raises again a resumed fault: the same condition, not to be sent."""
+        if alarm.kind is not AlarmKind.SENSOR_FAULT or alarm.stream is None:
+            return False
+        key = alarm.stream.key
+        self.by_data.discard(key)  # the driver judges it from now on
+        if key not in self.resumed:
+            return False
+        self.resumed.discard(key)
+        return True
+
+    def data(self, stream: Stream, t_mono: float, t_wall: float, quality: int) -> Alarm | None:
+        """A sample of ``stream``: the restore of a resumed node-status fault it shows over, if any."""
+        key = stream.key
+        if key not in self.by_data or quality & UNUSABLE_FLAGS:
+            return None
+        self.by_data.discard(key)
+        self.resumed.discard(key)
+        detail: dict[str, float | str] = {"after": AlarmKind.SENSOR_FAULT.value, "status": "good"}
+        return Alarm(AlarmKind.SENSOR_RESTORED, stream.subject, t_mono, t_wall, stream, detail)

@@ -1,0 +1,438 @@
+"""An alarm on when the gateway stopped is judged after the restart as if it had never stopped.
+
+The pipeline's own path (a real outbox, the anonymizer, the twin's view of the decoded records),
+stopped with an alarm on and started again on the same state directory: when the data after the
+start shows the condition over, the twin receives its ordinary ending (no ``ended`` reason, no
+second raise); when the condition still holds, the twin receives nothing new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from test_alarm_episodes import A, N, Scripted, ind
+from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
+from test_inference_runtime import pump_model, pump_window
+
+from drivers.sim.protocol import RR
+from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowModel
+from gateway.inference.shadow import Slot
+from gateway.outbox import AsyncOutbox, Outbox
+from gateway.runtime import Pipeline
+from gateway.sample import MDC, Metric, Quality, SampleBlock, Stream
+
+Run = Callable[[Pipeline], Awaitable[None]]
+
+
+def run(
+    site: Site,
+    tmp: Path,
+    body: Run,
+    models: Sequence[WindowModel] = (),
+    *,
+    ectopy: bool = False,
+    start: float = 0.0,
+    **sections: Any,
+) -> list[dict[str, Any]]:
+    """One run of bed 7's pipeline on ``tmp``'s state: ``body`` feeds it; the alarms the twin got."""
+    before = len(site.alarms)
+    cfg = config(tmp, BED7, ectopy=ectopy, **sections)
+
+    async def main() -> None:
+        async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
+            pipeline = Pipeline(cfg, site.anon, outbox, models=models)
+            await pipeline.end_vanished(start, WALL + start)
+            await body(pipeline)
+            await outbox.flush()
+            items = await outbox.lease(1000)
+            site.take(items)
+            await outbox.ack([i.id for i in items])
+
+    asyncio.run(main())
+    return site.alarms[before:]
+
+
+def kinds(alarms: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
+    return [(a["alarm"], a["detail"].get("ended")) for a in alarms]
+
+
+async def low(pipeline: Pipeline) -> None:
+    await spo2(pipeline, SPO2, 86.0, 12, 100.0)  # below 90 % for over 10 s: a limit alarm
+
+
+def test_a_limit_alarm_whose_value_came_back_while_down_clears_after_the_restart(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, low)) == [("limit", None)]
+
+    async def back(pipeline: Pipeline) -> None:
+        await spo2(pipeline, SPO2, 97.0, 20, 1000.0)  # normal again: the off-delay's worth and more
+
+    after = run(site, tmp_path, back)
+    assert kinds(after) == [("limit_cleared", None)]
+    assert after[0]["detail"]["level"] == "low"
+    assert after[0]["value"] == 97.0
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_limit_alarm_that_still_holds_after_the_restart_sends_nothing(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, low)) == [("limit", None)]
+
+    async def still_low(pipeline: Pipeline) -> None:
+        await spo2(pipeline, SPO2, 86.0, 20, 1000.0)
+
+    assert run(site, tmp_path, still_low) == []
+    assert len(site.subject("ward3-bed7").active) == 1
+
+    async def back(pipeline: Pipeline) -> None:
+        await spo2(pipeline, SPO2, 97.0, 20, 2000.0)
+
+    assert kinds(run(site, tmp_path, back)) == [("limit_cleared", None)]  # and it still ends
+    assert site.subject("ward3-bed7").active == {}
+
+
+PULSE = Stream("bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", MDC["MDC_PULS_OXIM_PULS_RATE"], rate_hz=1.0)
+
+
+async def feed(
+    pipeline: Pipeline, t0: float, seconds: int, streams: dict[Stream, tuple[float, int]]
+) -> float:
+    """``seconds`` of one sample a second per stream (value, quality), stepping the pipeline; the time after."""
+    for k in range(seconds):
+        t = np.array([t0 + k])
+        for stream, (value, quality) in streams.items():
+            q = np.full(1, quality, np.uint8)
+            pipeline.sink.put_block(SampleBlock(stream, t, t + WALL, np.array([value]), q))
+        await pipeline.step(now_mono=t0 + k + 1.0, now_wall=WALL + t0 + k + 1.0)
+    return t0 + seconds
+
+
+def feed_from(t0: float, streams: dict[Stream, tuple[float, int]], seconds: int = 5) -> Run:
+    """:func:`feed` as a run's body."""
+
+    async def body(pipeline: Pipeline) -> None:
+        await feed(pipeline, t0, seconds, streams)
+
+    return body
+
+
+OFF = int(Quality.SENSOR_OFF)
+
+
+async def probe_off(pipeline: Pipeline) -> None:
+    await feed(pipeline, 100.0, 5, {SPO2: (0.0, OFF), PULSE: (0.0, OFF)})
+
+
+def test_a_probe_off_before_the_restart_and_back_on_after_it_is_restored(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, probe_off)) == [("sensor_fault", None)] * 2
+
+    async def still_off(pipeline: Pipeline) -> None:
+        await feed(pipeline, 1000.0, 10, {SPO2: (0.0, OFF), PULSE: (0.0, OFF)})
+
+    assert run(site, tmp_path, still_off) == []  # no second raise
+    assert len(site.subject("ward3-bed7").active) == 2
+
+    async def back_on(pipeline: Pipeline) -> None:
+        await feed(pipeline, 2000.0, 10, {SPO2: (97.0, 0), PULSE: (72.0, 0)})
+
+    after = run(site, tmp_path, back_on)
+    assert kinds(after) == [("sensor_restored", None)] * 2
+    assert {a["detail"]["after"] for a in after} == {"sensor_fault"}
+    assert site.subject("ward3-bed7").active == {}
+
+
+async def device_gone(pipeline: Pipeline) -> None:
+    t = await feed(pipeline, 100.0, 5, {SPO2: (97.0, 0), PULSE: (72.0, 0)})
+    await feed(pipeline, t, 20, {})  # both silent beyond sensor_lost_s: one device outage
+
+
+def test_a_device_lost_before_the_restart_is_restored_by_its_data_after_it(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, device_gone)) == [("device_lost", None)]
+
+    async def still_gone(pipeline: Pipeline) -> None:
+        await feed(pipeline, 1000.0, 20, {})
+        # The driver notices the device gone too: the same outage, not a second one.
+        pipeline.driver_alarm(Alarm(AlarmKind.SENSOR_LOST, "ward3-bed7", 1020.0, WALL + 1020.0, PULSE))
+
+    assert run(site, tmp_path, still_gone) == []
+    assert len(site.subject("ward3-bed7").active) == 1
+
+    async def back(pipeline: Pipeline) -> None:
+        await feed(pipeline, 2000.0, 5, {PULSE: (72.0, 0)})  # the stream that was not its first
+
+    after = run(site, tmp_path, back)
+    assert kinds(after) == [("device_restored", None)]
+    assert after[0]["detail"]["after"] == "device_lost"
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_lone_sensor_lost_before_the_restart_is_restored_by_its_data_after_it(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+
+    async def spo2_gone(pipeline: Pipeline) -> None:
+        t = await feed(pipeline, 100.0, 5, {SPO2: (97.0, 0), PULSE: (72.0, 0)})
+        await feed(pipeline, t, 20, {PULSE: (72.0, 0)})
+
+    assert kinds(run(site, tmp_path, spo2_gone)) == [("sensor_lost", None)]
+
+    async def back(pipeline: Pipeline) -> None:
+        await feed(pipeline, 2000.0, 5, {SPO2: (97.0, 0), PULSE: (72.0, 0)})
+
+    assert kinds(run(site, tmp_path, back)) == [("sensor_restored", None)]
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_an_implausible_value_before_the_restart_is_restored_by_a_plausible_one_after_it(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+
+    async def implausible(pipeline: Pipeline) -> None:
+        await feed(pipeline, 100.0, 5, {SPO2: (0.0, 0)})  # 0 % with no flag: the probe, not the patient
+
+    first = run(site, tmp_path, implausible)
+    assert kinds(first) == [("sensor_fault", None)]
+    assert first[0]["detail"]["rule"] == "range"
+
+    async def still(pipeline: Pipeline) -> None:
+        await feed(pipeline, 1000.0, 5, {SPO2: (0.0, 0)})
+
+    assert run(site, tmp_path, still) == []
+
+    async def plausible(pipeline: Pipeline) -> None:
+        await feed(pipeline, 2000.0, 5, {SPO2: (97.0, 0)})
+
+    after = run(site, tmp_path, plausible)
+    assert kinds(after) == [("sensor_restored", None)]
+    assert after[0]["detail"]["rule"] == "plausibility"
+    assert site.subject("ward3-bed7").active == {}
+
+
+def normal(t0: float) -> Run:
+    """12 s of normal SpO2 from ``t0``: windows for the model to score."""
+
+    async def body(pipeline: Pipeline) -> None:
+        await spo2(pipeline, SPO2, 97.0, 12, t0)
+
+    return body
+
+
+def test_an_anomaly_episode_on_before_the_restart_ends_after_normal_windows_after_it(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])) == [("anomaly", None)]
+    # Still anomalous after the restart: the same episode, nothing new; unsure windows say so.
+    still = run(site, tmp_path, normal(1000.0), [Scripted([A] * 5 + [ind("gap")] + [A] * 100)])
+    assert kinds(still) == [("anomaly_indeterminate", None), ("anomaly", None)]
+    assert still[1]["detail"]["episode"] == "resumed"
+    assert len(site.subject("ward3-bed7").active) == 1
+
+    after = run(site, tmp_path, normal(2000.0), [Scripted([N] * 100)])
+    assert kinds(after) == [("anomaly_cleared", None)]  # after clear_after normal windows
+    assert after[0]["detail"]["model"] == "scripted"
+    assert "held_s" not in after[0]  # its onset, before the stop, is not known here
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_an_episode_of_a_model_no_longer_run_is_ended_at_the_start(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])) == [("anomaly", None)]
+    after = run(site, tmp_path, normal(1000.0), start=1000.0)  # nothing could ever end it: ended
+    assert kinds(after) == [("anomaly_cleared", "model_removed")]
+    assert after[0]["detail"]["model"] == "scripted"
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_limit_alarm_whose_rule_was_removed_is_ended_at_the_start(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, low)) == [("limit", None)]
+    off = {"limits": {"MDC_PULS_OXIM_SAT_O2": {"enabled": False}}}
+    after = run(site, tmp_path, normal(1000.0), alarms=off, start=1000.0)
+    assert kinds(after) == [("limit_cleared", "rule_removed")]
+    assert after[0]["detail"]["level"] == "low"
+    assert site.subject("ward3-bed7").active == {}
+
+
+RR_STREAM = Stream("bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", MDC[RR])
+
+
+def beats(t0: float, rr: list[float]) -> Run:
+    """RR intervals (ms) from ``t0`` on, one block each, stepping the pipeline every second."""
+
+    async def body(pipeline: Pipeline) -> None:
+        t = t0
+        for x in rr:
+            t += x / 1000.0
+            at = np.array([t])
+            pipeline.sink.put_block(
+                SampleBlock(RR_STREAM, at, at + WALL, np.array([x]), np.zeros(1, np.uint8))
+            )
+            await pipeline.step(now_mono=t, now_wall=WALL + t)
+
+    return body
+
+
+def test_a_rhythm_episode_on_before_the_restart_clears_after_sinus_rhythm_after_it(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    first = run(site, tmp_path, beats(100.0, [600.0, 1000.0] * 30), ectopy=True)
+    assert kinds(first) == [("anomaly", None)]
+    assert first[0]["detail"]["pattern"] == "bigeminy"
+    # Still bigeminy after the restart: the same episode, nothing new.
+    assert run(site, tmp_path, beats(1000.0, [600.0, 1000.0] * 30), ectopy=True) == []
+    assert len(site.subject("ward3-bed7").active) == 1
+
+    after = run(site, tmp_path, beats(2000.0, [800.0] * 40), ectopy=True)
+    assert kinds(after) == [("anomaly_cleared", None)]
+    assert after[0]["detail"]["pattern"] == "bigeminy"
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_model_input_fault_left_on_is_restored_by_the_next_window_in_range() -> None:
+    # The pump model's own window check (the card's ranges), resumed as the pipeline resumes it.
+    rng = np.random.default_rng(8)
+    model = Slot(pump_model())  # as the gateway serves it
+    good = pump_window(20, rng)
+    rate = next(sf.stream for sf in good.streams if sf.stream.metric.name.endswith("RateRMS"))
+    model.resume_fault(good.subject, rate.key)
+    streams = [
+        StreamFeatures(sf.stream, 20, 0.0, {"mean": 10.0, "std": 20.0, "min": -40.0, "max": 35.0})
+        if sf.stream is rate
+        else sf
+        for sf in good.streams
+    ]
+    model.score_batch([replace(good, streams=tuple(streams))])
+    assert model.drain_events() == []  # still out of range: no second raise
+    model.score_batch([pump_window(21, rng)])
+    (restored,) = model.drain_events()
+    assert isinstance(restored, Alarm)
+    assert (restored.kind, restored.stream) == (AlarmKind.SENSOR_RESTORED, rate)
+    assert restored.detail["model"] == model.name
+
+
+BATTERY = Stream(
+    "bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", Metric("MDC_ATTR_VAL_BATT_CHARGE", "%"), on_change=True
+)
+LOW_SOC = {
+    "battery": [{"subject": "ward3-bed7", "level": BATTERY.metric.name, "low_soc": 20.0, "every_s": 0.001}]
+}
+
+
+def battery(t0: float, level: float) -> Run:
+    """The monitor's battery level reported at ``t0``."""
+
+    async def body(pipeline: Pipeline) -> None:
+        t = np.array([t0])
+        pipeline.sink.put_block(SampleBlock(BATTERY, t, t + WALL, np.array([level]), np.zeros(1, np.uint8)))
+        await pipeline.step(now_mono=t0 + 1.0, now_wall=WALL + t0 + 1.0)
+
+    return body
+
+
+def test_a_low_battery_estimate_left_on_clears_when_charged_after_the_restart(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    first = run(site, tmp_path, battery(100.0, 12.0), estimators=LOW_SOC)
+    assert [(a["alarm"], a["detail"]["estimate"]) for a in first] == [("limit", "soc")]
+    assert run(site, tmp_path, battery(1000.0, 11.0), estimators=LOW_SOC) == []  # still low: nothing
+    after = run(site, tmp_path, battery(2000.0, 90.0), estimators=LOW_SOC)  # charged while down
+    assert [(a["alarm"], a["detail"]["estimate"]) for a in after] == [("limit_cleared", "soc")]
+    assert "ended" not in after[0]["detail"]
+    assert site.subject("ward3-bed7").active == {}
+
+
+def driver_fault(t: float, detail: dict[str, float | str]) -> Run:
+    """The source's driver reports SpO2's node (or device) at fault, as an OPC UA or BLE driver does."""
+
+    async def body(pipeline: Pipeline) -> None:
+        pipeline.driver_alarm(Alarm(AlarmKind.SENSOR_FAULT, "ward3-bed7", t, WALL + t, SPO2, detail))
+        await pipeline.step(now_mono=t + 1.0, now_wall=WALL + t + 1.0)
+
+    return body
+
+
+def test_a_node_fault_the_driver_raised_ends_with_the_nodes_data_after_the_restart(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    bad: dict[str, float | str] = {"status": "bad_nodeidunknown"}
+    assert kinds(run(site, tmp_path, driver_fault(100.0, bad))) == [("sensor_fault", None)]
+    # The driver, fresh after the restart, finds the node still bad: the same condition, not resent.
+    assert run(site, tmp_path, driver_fault(1000.0, bad)) == []
+    assert len(site.subject("ward3-bed7").active) == 1
+
+    after = run(site, tmp_path, normal(2000.0))  # the node delivers again
+    assert kinds(after) == [("sensor_restored", None)]
+    assert after[0]["detail"] == {"after": "sensor_fault", "status": "good"}
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_low_battery_the_driver_raised_waits_for_the_driver_after_the_restart(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    low_battery: dict[str, float | str] = {"cause": "low_battery", "battery": 5.0}
+    assert kinds(run(site, tmp_path, driver_fault(100.0, low_battery))) == [("sensor_fault", None)]
+    assert run(site, tmp_path, normal(1000.0)) == []  # data say nothing about the battery
+    assert run(site, tmp_path, driver_fault(2000.0, low_battery)) == []  # still low: not resent
+    assert len(site.subject("ward3-bed7").active) == 1
+
+
+def test_a_driver_fault_left_on_and_ended_with_its_source_is_raised_again_when_the_source_returns(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+    bad: dict[str, float | str] = {"status": "bad_nodeidunknown"}
+    assert kinds(run(site, tmp_path, driver_fault(100.0, bad))) == [("sensor_fault", None)]
+
+    async def retired_and_back(pipeline: Pipeline) -> None:
+        await pipeline.retire_source("bed7-ox", config(tmp_path), 1000.0, WALL + 1000.0)
+        await pipeline.retire_source("bed7-ox", config(tmp_path, BED7), 1001.0, WALL + 1001.0)
+        await driver_fault(1002.0, bad)(pipeline)  # a new fault of the source that came back
+
+    assert kinds(run(site, tmp_path, retired_and_back)) == [
+        ("sensor_restored", "source_removed"),
+        ("sensor_fault", None),
+    ]
+    assert len(site.subject("ward3-bed7").active) == 1
+
+
+PERF = Stream("bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", MDC["MDC_PULS_OXIM_PERF_REL"], rate_hz=1.0)
+
+
+ALL_BACK = {SPO2: (97.0, 0), PULSE: (72.0, 0), PERF: (5.0, 0)}  # SpO2's data first
+
+
+async def spo2_then_the_rest(pipeline: Pipeline) -> float:
+    t = await feed(pipeline, 100.0, 5, ALL_BACK)
+    t = await feed(pipeline, t, 20, {PULSE: (72.0, 0), PERF: (5.0, 0)})  # SpO2 silent alone
+    return await feed(pipeline, t, 20, {})  # then the whole monitor
+
+
+def test_a_sensor_lost_before_its_device_was_is_restored_on_its_own(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+
+    async def and_back(pipeline: Pipeline) -> None:
+        t = await spo2_then_the_rest(pipeline)
+        await feed(pipeline, t + 100.0, 5, ALL_BACK)
+
+    got = kinds(run(site, tmp_path, and_back))
+    assert got == [
+        ("sensor_lost", None),
+        ("device_lost", None),
+        ("sensor_restored", None),
+        ("device_restored", None),
+    ]
+    assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_sensor_lost_before_its_device_was_is_restored_on_its_own_after_the_restart(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+
+    async def lost(pipeline: Pipeline) -> None:
+        await spo2_then_the_rest(pipeline)
+
+    assert kinds(run(site, tmp_path, lost)) == [("sensor_lost", None), ("device_lost", None)]
+    after = run(site, tmp_path, feed_from(2000.0, ALL_BACK))
+    assert kinds(after) == [("sensor_restored", None), ("device_restored", None)]
+    assert site.subject("ward3-bed7").active == {}
