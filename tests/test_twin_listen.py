@@ -101,3 +101,28 @@ def test_the_command_asks_for_a_client_id_with_a_session(capsys: pytest.CaptureF
     code = commands_main(["twin", "listen", "--broker", "127.0.0.1:1", "--session-expiry", "60", "--no-tls"])
     assert code != 0
     assert "--session-expiry needs --client-id" in capsys.readouterr().err
+
+
+def test_the_downlink_topics_beside_the_records_are_not_counted_corrupt(
+    broker: MosquittoBroker, pki: DemoPKI, publisher: Any
+) -> None:
+    """A gateway with a downlink reports JSON and receives envelopes and chunks under the same prefix."""
+    root = f"edgetwin/v1/{GW}"
+    for topic, payload in (
+        ("reported", b'{"revision": 3}'),
+        ("desired", b"\x00signed envelope"),
+        ("model", b"\x01signed manifest"),
+        ("chunk/0123456789abcdef0123456789abcdef/0", b"\x02" * 64),
+        ("csr", b"-----BEGIN CERTIFICATE REQUEST-----"),
+    ):
+        publisher.publish(f"{root}/{topic}", payload, qos=1, retain=True).wait_for_publish(10)
+    twin = listener(broker, pki)
+    try:
+        _publish(publisher, range(1, 4))
+        publisher.publish(f"{root}/features/{'s' * 16}", b"\xff not cbor", qos=1).wait_for_publish(10)
+        assert twin.wait_for(lambda t: t.records_received >= 3 and t.corrupt >= 1, 10)
+    finally:
+        twin.stop()
+    # The broken record is counted; the downlink's own messages are not records at all.
+    assert twin.corrupt == 1
+    assert _seqs(twin) == {1, 2, 3}

@@ -44,7 +44,8 @@ def decode_messages(
 ) -> list[TwinMessage]:
     """Decode one MQTT message to its records (several of one subject with schema 4).
 
-    Empty when the topic is not a gateway's; RecordError when the payload is bad.
+    Empty when the topic is not a gateway's records or status (the downlink's ``reported``,
+    ``desired``, ``model``, ``chunk/...`` share the prefix); RecordError when the payload is bad.
     """
     parts = split_topic(topic, prefix)
     if parts is None:
@@ -52,6 +53,8 @@ def decode_messages(
     gateway, relative, props = parts
     props = {**props, **(properties or {})}
     kind = relative.split("/", 1)[0]
+    if kind not in LANE_OF and kind != "status":
+        return []
     if kind == "status":
         return [TwinMessage(gateway, relative, kind, decode_status(payload))]
     out = []
