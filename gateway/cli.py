@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from gateway import __version__, demo, logs
+from gateway import __version__, demo, logs, memory
 from gateway.anonymize import Pseudonymizer
 from gateway.config import Config, load, validate
 from gateway.errors import ConfigError, EdgetwinError, InvalidConfigError
@@ -110,6 +110,7 @@ def _check_client_id(path: Path) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the gateway until SIGTERM/SIGINT."""
+    memory.fix_mmap_threshold()  # before the config's and the drivers' allocations
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG

@@ -4,7 +4,7 @@ Run from the repository with the project's virtual environment (mosquitto, dbus-
 compiler and make must be installed)::
 
     .venv/bin/python tests/benchmarks/bench_soak.py [--minutes 60] [--speed 4] [--no-models] [--csv F]
-        [--backend card|numpy|litert|onnxruntime] [--trim-s 600] [--env KEY=VALUE ...]
+        [--backend card|numpy|litert|onnxruntime] [--trim-s 600] [--env KEY=VALUE ...] [--source]
 
 One ``edgetwin run`` as the service runs, with the MQTT uplink to a local mosquitto (TLS 1.3, client
 certificates), reads every real driver at once, each from the simulator the tests use on the
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import EDGETWIN, CsvLog, Trace, floor, unit_environment, watch  # noqa: E402
+from bench_memory import EDGETWIN, CsvLog, Trace, compile_bytecode, floor, unit_environment, watch  # noqa: E402
 
 from drivers.ble.testbed.harness import running_testbed  # noqa: E402
 from drivers.opcua.plcsim import PlcSimProcess  # noqa: E402
@@ -320,9 +320,16 @@ def main() -> int:
         "--trim-s", type=float, default=600.0, help="[runtime] memory_trim_s (default 600; 0: off)"
     )
     parser.add_argument("--top", type=int, default=16, help="mappings listed by resident memory (default 16)")
+    parser.add_argument(
+        "--source",
+        action="store_true",
+        help="do not compile bytecode first (pip compiles it when it installs the gateway)",
+    )
     args = parser.parse_args()
     if args.csv is not None:
         args.csv.unlink(missing_ok=True)
+    if not args.source:
+        compile_bytecode(run_env(args))
     base = floor(3.0)
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp_name:
         trace, twin, _ = soak(args, Path(tmp_name))
@@ -334,6 +341,7 @@ def main() -> int:
         f"edgetwin run, every real driver at once, MQTT uplink (mosquitto on loopback, TLS), "
         f"{args.minutes:g} min, samples every {args.every:g} s, models {'off' if args.no_models else 'on'}"
         f" (backend {args.backend}, memory_trim_s {args.trim_s:g}); environment {' '.join(f'{k}={v}' for k, v in run_env(args).items())}; "
+        f"{'run from source (no bytecode)' if args.source else 'bytecode compiled as pip installs it'}; "
         f"Python {sys.version.split()[0]}\n"
     )
     print("| driver kind | streams | data carried |")
