@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.contracts import AlarmKind, Diagnostic, StreamFeatures, WindowRecord
+from gateway.contracts import Alarm, AlarmKind, Diagnostic, StreamFeatures, WindowRecord
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.inference.backends import open_backend
 from gateway.inference.build import ModelsSection, ModelUse, build_models, default_models_dir
@@ -360,11 +360,8 @@ def test_latency_overrun_demotes_and_recovers() -> None:
     assert float(stats["latency_p99_us"]) > 0
 
 
-def test_implausible_window_is_a_sensor_fault_not_an_anomaly() -> None:
-    model = pump_model()
-    rng = np.random.default_rng(8)
-    commission(model, rng)
-    rec = pump_window(20, rng)
+def _implausible(rec: WindowRecord) -> tuple[WindowRecord, Stream]:
+    """``rec`` with its flow rate's window out of its range (a negative minimum), and that stream."""
     streams = list(rec.streams)
     i = next(i for i, sf in enumerate(streams) if sf.stream.metric.name.endswith("RateRMS"))
     streams[i] = StreamFeatures(
@@ -373,6 +370,14 @@ def test_implausible_window_is_a_sensor_fault_not_an_anomaly() -> None:
     bad = WindowRecord(
         rec.subject, rec.kind, rec.index, rec.end_mono, rec.end_wall, rec.length_s, tuple(streams)
     )
+    return bad, streams[i].stream
+
+
+def test_implausible_window_is_a_sensor_fault_not_an_anomaly() -> None:
+    model = pump_model()
+    rng = np.random.default_rng(8)
+    commission(model, rng)
+    bad, _ = _implausible(pump_window(20, rng))
     (r,) = model.score_batch([bad])
     assert not r.anomaly
     assert math.isnan(r.score)
@@ -385,6 +390,27 @@ def test_implausible_window_is_a_sensor_fault_not_an_anomaly() -> None:
     model.score_batch([pump_window(21, rng)])
     (restored,) = model.drain_events()
     assert restored.kind == AlarmKind.SENSOR_RESTORED
+
+
+def test_an_input_fault_is_restored_only_by_a_window_that_holds_its_stream() -> None:
+    model = pump_model()
+    rng = np.random.default_rng(8)
+    commission(model, rng)
+    bad, faulty = _implausible(pump_window(20, rng))
+    model.score_batch([bad])
+    (fault,) = model.drain_events()
+    assert fault.kind == AlarmKind.SENSOR_FAULT
+    # Its source retired (the runtime ends its alarms as source_removed), or not back yet after a
+    # restart: windows without the stream say nothing about it, so no restore is sent.
+    for k in range(21, 24):
+        rest = pump_window(k, rng)
+        without = tuple(sf for sf in rest.streams if sf.stream.key != faulty.key)
+        model.score_batch([WindowRecord(rest.subject, rest.kind, k, 5.0 * k, 1.7e9 + 5.0 * k, 20.0, without)])
+    assert model.drain_events() == []
+    model.score_batch([pump_window(24, rng)])  # back, and in range
+    (restored,) = model.drain_events()
+    assert isinstance(restored, Alarm)
+    assert (restored.kind, restored.stream) == (AlarmKind.SENSOR_RESTORED, faulty)
 
 
 def test_applies_to_kind_and_subjects() -> None:

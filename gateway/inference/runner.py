@@ -539,8 +539,12 @@ class AnomalyModel:
                     )
                 )
         for key in [k for k in self._faulted if k[0] == record.subject and k[1] not in now_bad]:
-            self._faulted.discard(key)
             stream = next((sf.stream for sf in record.streams if sf.stream.key == key[1]), None)
+            if stream is None:
+                # Not in this window: its source was retired (its alarms were ended then) or, after a
+                # restart, has not delivered yet. Only a window that holds it can say it is in range.
+                continue
+            self._faulted.discard(key)
             self._events.append(
                 Alarm(
                     AlarmKind.SENSOR_RESTORED,
