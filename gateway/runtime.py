@@ -210,6 +210,9 @@ class Pipeline:
             self._ectopy.forget_source(name)
         for subject in {a.subject for a in ended if a.kind is AlarmKind.ANOMALY_CLEARED}:
             self._episodes.forget(subject)
+        for a in ended:
+            if "estimate" in a.detail:  # a subject's estimate: still low, it is raised again
+                self._estimation.forget_limit(a.subject, str(a.detail["estimate"]))
         self._ledger.set_feeds(feeds(new))
         await self._end(ended)
         return streams

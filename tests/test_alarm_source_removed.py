@@ -22,7 +22,7 @@ from gateway.contracts import Alarm, AlarmKind, Lane
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import AlarmRecord, as_map, decode
 from gateway.runtime import Pipeline
-from gateway.sample import MDC, SampleBlock, Stream
+from gateway.sample import MDC, Metric, SampleBlock, Stream
 from gateway.twin.decoder import TwinMessage
 from gateway.twin.view import TwinView
 
@@ -155,6 +155,40 @@ def test_a_changed_source_ends_its_alarms_and_raises_them_again_if_they_hold(tmp
     asyncio.run(main())
     kinds = [(a["alarm"], a["detail"].get("ended")) for a in site.alarms]
     assert kinds == [("limit", None), ("limit_cleared", "source_changed"), ("limit", None)]
+    assert len(site.subject("ward3-bed7").active) == 1
+
+
+def test_a_low_estimate_ended_with_its_changed_source_is_raised_again_while_it_holds(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    level = Stream(
+        "bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", Metric("MDC_ATTR_VAL_BATT_CHARGE", "%"), on_change=True
+    )
+    battery = {
+        "battery": [{"subject": "ward3-bed7", "level": level.metric.name, "low_soc": 20.0, "every_s": 0.001}]
+    }
+    cfg = config(tmp_path, BED7, estimators=battery)
+
+    async def charge(pipeline: Pipeline, t0: float, value: float) -> None:
+        t = np.array([t0])
+        pipeline.sink.put_block(SampleBlock(level, t, t + WALL, np.array([value]), np.zeros(1, np.uint8)))
+        await pipeline.step(now_mono=t0 + 1.0, now_wall=WALL + t0 + 1.0)
+
+    async def main() -> None:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            pipeline = Pipeline(cfg, site.anon, outbox)
+            await charge(pipeline, 100.0, 12.0)
+            await pipeline.retire_source("bed7-ox", cfg, 200.0, WALL + 200.0)  # restarted, other settings
+            await charge(pipeline, 300.0, 11.0)  # still low: the twin must see it on again
+            await outbox.flush()
+            site.take(await outbox.lease(1000))
+
+    asyncio.run(main())
+    kinds = [(a["alarm"], a["detail"].get("estimate"), a["detail"].get("ended")) for a in site.alarms]
+    assert kinds == [
+        ("limit", "soc", None),
+        ("limit_cleared", "soc", "source_changed"),
+        ("limit", "soc", None),
+    ]
     assert len(site.subject("ward3-bed7").active) == 1
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.contracts import Alarm, Estimate
 from gateway.estimation.config import EstimatorsSection
+from gateway.estimation.limits import LowLimits
 from gateway.sample import Sample, SampleBlock, Stream
 
 if TYPE_CHECKING:
@@ -184,10 +185,19 @@ class Estimation:
 
     def resume_limit(self, subject: str, estimate: str) -> None:
         """A low limit on ``subject``'s ``estimate`` a previous run left on: its estimators judge it again."""
+        for limits in self._limits_of(subject):
+            limits.resume(estimate)
+
+    def forget_limit(self, subject: str, estimate: str) -> None:
+        """A low limit on ``subject``'s ``estimate`` ended for it (a source retired): raised again if it holds."""
+        for limits in self._limits_of(subject):
+            limits.raised.discard(estimate)
+
+    def _limits_of(self, subject: str) -> Iterator[LowLimits]:
         for est in self.estimators:
             limits = getattr(est, "limits", None)  # the estimators that raise limits (battery, RUL)
-            if est.spec.subject == subject and limits is not None:
-                limits.resume(estimate)
+            if est.spec.subject == subject and isinstance(limits, LowLimits):
+                yield limits
 
     def save(self, now_mono: float, now_wall: float) -> None:
         """Write every estimator's state atomically; a failure is logged once, never raised."""
