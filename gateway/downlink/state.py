@@ -9,12 +9,15 @@ anti-rollback counter of the signed envelopes and the "nothing applied twice" of
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError
+from gateway.privatefile import write_atomic
+
+# write_atomic stays here for the downlink's modules, which write their files with it.
+__all__ = ["REFUSED_KEPT", "DownlinkState", "Pending", "load", "save", "write_atomic"]
 
 REFUSED_KEPT = 8
 
@@ -83,20 +86,3 @@ def _unreadable(path: Path, exc: Exception) -> ConfigError:
 def save(path: Path, state: DownlinkState) -> None:
     """Replace the state on disk atomically."""
     write_atomic(path, json.dumps(asdict(state), indent=1, sort_keys=True).encode())
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, fsynced, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
