@@ -155,15 +155,16 @@ class MosquittoBroker:
         """Start mosquitto and wait until it accepts connections."""
         if self.pid is not None:
             return
-        for _ in range(3):
+        for attempt in range(3):
+            # The last try raises the broker's own error (its log says the port is in use).
+            self._may_repick = self._may_repick and attempt < 2
             try:
                 self._start_once()
             except _PortTakenError:
                 self.port = free_port(self.host)
                 continue
-            self._may_repick = False
-            return
-        self._start_once()  # the last try's error says what happened
+            break
+        self._may_repick = False
 
     def _start_once(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
