@@ -93,7 +93,12 @@ grace_s = 0.5
 
 [models]
 # The pump model learns each machine's normal over its first 30 s (commissioning), then scores.
-use = [{ name = "pump_skab", commissioning_s = 30.0 }, { name = "vitals_mimic" }]
+# Only the pump is a pump: without `subjects` the model would apply to every industrial subject
+# (the engine, the motor) and report their streams as unmapped inputs.
+use = [
+  { name = "pump_skab", commissioning_s = 30.0, subjects = ["plant-A/pump-3"] },
+  { name = "vitals_mimic" },
+]
 """
 
 #: The stand-in for the PLC when the OPC UA simulator cannot run.

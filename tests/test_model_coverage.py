@@ -107,6 +107,8 @@ def test_without_the_mapping_check_names_the_missing_inputs_and_fails(
     captured = capsys.readouterr()
     assert "model pump_skab will not score it: missing inputs Thermocouple, RateRMS" in captured.out
     assert 'inputs = { Thermocouple = "<stream>", RateRMS = "<stream>" }' in captured.out
+    # A subject the model is not meant for is told how to leave it out rather than map nonsense.
+    assert 'list those it is for: subjects = ["<subject>"]' in captured.out
     assert "fail  models: models pump_skab: scores no subject" in captured.out
 
 

@@ -83,7 +83,8 @@ class SubjectCoverage:
                 example = ", ".join(f'{name} = "<stream>"' for name in m.missing[:3])
                 out.append(
                     f"{head}: model {m.model} will not score it: missing inputs {', '.join(m.missing)}: "
-                    f"map them in [[models.use]] {m.model}: inputs = {{ {example} }}"
+                    f"map them in [[models.use]] {m.model}: inputs = {{ {example} }}, or, if this "
+                    f'subject is not one it is for, list those it is for: subjects = ["<subject>"]'
                     + (f" (its streams: {', '.join(self.metrics)})" if self.metrics else "")
                 )
         if self.limits:
