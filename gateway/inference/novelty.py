@@ -79,6 +79,7 @@ __all__ = [
     "fit_pca",
     "gap_rows",
     "min_rows",
+    "named",
     "prepare",
     "score_rows",
 ]
@@ -499,16 +500,16 @@ class NoveltyUse(BaseModel):
 
     def wants(self, metric: str) -> bool:
         """True if a stream of this metric name is an input (``inputs``: whole names or last segments)."""
-        return not self.inputs or _named(metric, self.inputs)
+        return not self.inputs or named(metric, self.inputs)
 
     def features_of(self, metric: str) -> list[str]:
         """The features of a wanted stream that are inputs (no level of a ``spread_only`` metric)."""
-        if self.spread_only and _named(metric, self.spread_only):
+        if self.spread_only and named(metric, self.spread_only):
             return [f for f in self.features if f != "mean"]
         return self.features
 
 
-def _named(metric: str, names: Sequence[str]) -> bool:
+def named(metric: str, names: Sequence[str]) -> bool:
     """True if ``metric`` is one of ``names``, whole or by its last segments."""
     return any(metric == m or metric.endswith("/" + m) for m in names)
 
