@@ -229,6 +229,47 @@ def test_a_cusum_raised_alarm_clears_soon_after_its_fault_ends_and_is_raised_as_
         assert late is None or late > 100, (seed, late)
 
 
+def test_cusum_clear_is_a_site_setting_checked_by_key_and_applied_to_a_commissioned_machine(
+    tmp_path: Path,
+) -> None:
+    from drivers import REGISTRY  # noqa: PLC0415 - the composition root's registry
+    from gateway.config import validate  # noqa: PLC0415
+    from gateway.errors import InvalidConfigError  # noqa: PLC0415
+
+    for bad, expected in ((0, "a number >= 1"), (2.5, "an integer")):
+        with pytest.raises(InvalidConfigError) as err:
+            validate({"models": {"novelty": {"cusum_clear": bad}}}, "site.toml", REGISTRY)
+        text = str(err.value)
+        assert "site.toml" in text, text
+        assert "models.novelty.cusum_clear" in text, text
+        assert expected in text, text
+    assert NoveltyUse().cusum_clear == PcaSpec().cusum_clear == 10  # the default is unchanged
+    # The same fault (a small relation break the CUSUM raises) under two clearing horizons, on one
+    # machine commissioned once: the setting reaches the stored fit at the next start, and the
+    # short horizon clears the alarm sooner after the fault ends.
+    clear_after = ModelsSection().clear_after_windows
+    base = {"commissioning_s": 600.0, "adapt_rate": 0.0, "cusum_k": 1.0, "ewma": 1.0, "lags": 1}
+    rng = np.random.default_rng(4)
+    NoveltyModel(NoveltyUse.model_validate(base), hop_s=1.0, state_dir=tmp_path).score_batch(
+        records(machine_rows(600, rng))
+    )
+    x = machine_rows(1100, rng)
+    x[100:500, 1] += 0.004
+    cleared = {}
+    for horizon in (2, 60):
+        model = NoveltyModel(
+            NoveltyUse.model_validate(base | {"cusum_clear": horizon}), hop_s=1.0, state_dir=tmp_path
+        )
+        fit = model.fit_of("pump-1")
+        assert fit is not None
+        assert fit.spec.cusum_clear == horizon
+        flags = np.array([r.anomaly for r in model.score_batch(records(x, start=600))])
+        assert flags[100:500].mean() > 0.95, horizon
+        cleared[horizon] = cleared_after(flags, 500, clear_after)
+    assert cleared[2] is not None
+    assert cleared[60] is None or cleared[2] + 30 < cleared[60], cleared
+
+
 def test_adaptation_follows_slow_normal_drift_but_does_not_learn_a_fault() -> None:
     rng = np.random.default_rng(5)
     x = machine_rows(150 + 3000, rng)

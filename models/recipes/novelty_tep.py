@@ -124,6 +124,11 @@ SETTINGS = {
         "allowance of the residual CUSUM in long-run spreads; 0: off; unset: gateway_cusum_default "
         "(on from 2 h of commissioning)"
     ),
+    "cusum_clear": (
+        "clearing horizon of the residual CUSUM in windows (default 10): each sum is held at most this many "
+        "allowances above its alarm level, so its alarm clears about this many windows after the residuals "
+        "are back; applies to a commissioned machine at the next start"
+    ),
     "var_keep": "share of the commissioning variance the principal subspace keeps",
     "adapt_rate": "step of the guarded adaptation of the standardisation on normal windows (0: none)",
     "latency_budget_us": "per-window compute budget on one core",
