@@ -500,3 +500,39 @@ def test_the_stream_detector_flags_a_step_and_a_drift_once_and_stays_quiet_on_no
     ramp = 2.0 + np.linspace(0.0, 0.2, 400) + 0.05 * rng.standard_normal(400)
     res = drift.score_batch(single_stream(ramp, start=300, subject="tank-2"))
     assert 50 < next(i for i, r in enumerate(res) if r.anomaly) < 250
+
+
+@pytest.mark.skipif(
+    not TEP.is_dir(), reason=f"Tennessee Eastman reference runs not found under {DATA} (set EDGETWIN_DATA)"
+)
+def test_the_recorded_gateway_path_figure_on_d00_te_is_reproduced_through_the_pipeline(
+    tmp_path: Path,
+) -> None:
+    """The card's choice as it ships (adapting), commissioned on d00 and fed d00_te through the pipeline."""
+    from models.recipes.novelty_tep import load, novelty_scores  # noqa: PLC0415
+    from models.recipes.novelty_tep_gateway import (  # noqa: PLC0415
+        commission,
+        frozen,
+        novelty_table,
+        replay,
+        spec_of_use,
+    )
+
+    card = json.loads((MODELS_DIR / "novelty.detector.json").read_text(encoding="utf-8"))
+    ev = card["gateway_path"]["card_choice"]
+    keys = ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k")
+    assert {k: ev["spec"][k] for k in keys} == {k: card["chosen"][k] for k in keys}  # the card's own settings
+    assert card["gateway_path"]["card_version"] == card["version"]
+    runs = load(DATA)
+    table = novelty_table(card, "card_choice", adapt=True)
+    state = commission(tmp_path / "commissioning", table, runs["d00"])
+    got = replay(state, table, runs["d00_te"], tmp_path / "run")
+    want = ev["gateway_adapting"]["d00_te"]
+    assert got.raised == want["alarm_windows"]
+    assert len(got.raised) == want["false_episodes"]
+    assert round(float(np.mean([bool(f) for f in got.flags])), 4) == want["far"]
+    # Beside it, the same settings frozen after commissioning (the recipe's scoring) raise fewer.
+    fit = fit_pca(runs["d00"], spec_of_use(NoveltyUse.model_validate(table)))
+    still = frozen(novelty_scores(fit, runs["d00_te"]) > 1.0)
+    assert still.raised == ev["frozen"]["d00_te"]["alarm_windows"]
+    assert len(still.raised) < len(got.raised)
