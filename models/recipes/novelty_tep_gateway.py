@@ -22,7 +22,8 @@ through that code, nothing re-implemented:
   ``state_dir`` as the gateway keeps it;
 * ``d00_te`` and each held-out fault's test run are then replayed from that commissioned state (a
   copy per run, as a gateway restarted onto the run; one run's adaptation does not carry into
-  another), in time order;
+  another), in time order, and so are the tuning faults' test runs up to their faults (the normal
+  operation a choice made for the gateway path may look at);
 * what is counted is what leaves the gateway: a window is flagged when the score it carries in its
   record is above 1, an alarm is an ``anomaly`` record of model ``novelty``.
 
@@ -64,7 +65,16 @@ from gateway.records import as_map, decode
 from gateway.runtime import Pipeline
 from gateway.sample import SampleBlock, Stream, industrial_metric
 from models.recipes.common import MODELS_DIR
-from models.recipes.novelty_tep import FAULT_AT_TE, HARD, HELD, HOURS_PER_SAMPLE, NAME, load, novelty_scores
+from models.recipes.novelty_tep import (
+    FAULT_AT_TE,
+    HARD,
+    HELD,
+    HOURS_PER_SAMPLE,
+    NAME,
+    TUNE,
+    load,
+    novelty_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +93,8 @@ STREAMS = tuple(
 SETTINGS = ("gateway_defaults", "card_choice")
 #: The runs replayed after commissioning: normal operation, then every held-out fault's test run.
 RUNS = ("d00_te", *(f"d{f:02d}_te" for f in HELD))
+#: And the tuning faults' test runs up to their faults: the normal operation a choice may look at.
+TUNING = tuple(f"d{f:02d}_te" for f in TUNE)
 _DRAIN = 1000  # records read back from the outbox at a time
 
 
@@ -249,11 +261,12 @@ def normal_figures(replays: Sequence[Replay], stop: int | None = None) -> dict[s
 
 
 def figures(replays: dict[str, Replay]) -> dict[str, Any]:
-    """Per held-out fault, on d00_te and before the held-out faults: what :func:`replay` counts."""
+    """Per held-out fault, on d00_te, before the held-out and the tuning faults: what :func:`replay` counts."""
     out: dict[str, Any] = {f"fault_{f:02d}": fault_figures(replays[f"d{f:02d}_te"]) for f in HELD}
     out["mean_held_out_mdr"] = round(float(np.mean([out[f"fault_{f:02d}"]["mdr"] for f in HELD])), 4)
     out["d00_te"] = normal_figures([replays["d00_te"]]) | {"alarm_windows": replays["d00_te"].raised}
     out["before_faults"] = normal_figures([replays[f"d{f:02d}_te"] for f in HELD], FAULT_AT_TE)
+    out["tuning_before_faults"] = normal_figures([replays[run] for run in TUNING])
     return out
 
 
@@ -269,15 +282,17 @@ def evaluate(runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp
                 f"novelty_tep_gateway: the default CUSUM rule gives {spec.cusum_k}, not the card's"
             )
         fit = fit_pca(runs["d00"], spec)
+        normal = {run: runs[run][:FAULT_AT_TE] for run in TUNING}
+        scored = {run: runs[run] for run in RUNS} | normal
         columns: dict[str, Any] = {
-            "frozen": figures({run: frozen(novelty_scores(fit, runs[run]) > 1.0) for run in RUNS})
+            "frozen": figures({run: frozen(novelty_scores(fit, x) > 1.0) for run, x in scored.items()})
         }
         # Commissioning does not adapt: one commissioned state serves both replays.
         state = commission(tmp / setting / "commissioning", table, runs["d00"])
         for adapt in (False, True):
             t0 = time.monotonic()
             table = novelty_table(card, setting, adapt=adapt)
-            replays = {run: replay(state, table, runs[run], tmp / setting / "run") for run in RUNS}
+            replays = {run: replay(state, table, x, tmp / setting / "run") for run, x in scored.items()}
             columns["gateway_adapting" if adapt else "gateway_no_adaptation"] = figures(replays)
             log.info("%s, adaptation %s: %.0f s", setting, "on" if adapt else "off", time.monotonic() - t0)
         result[setting] = {
@@ -341,6 +356,7 @@ def report(ev: dict[str, Any]) -> str:
         for key, what in (
             ("d00_te", "d00_te (48 h)"),
             ("before_faults", "14 held-out runs before their faults"),
+            ("tuning_before_faults", "tuning side: 7 tuning runs before their faults"),
         ):
             cells = [
                 f"{e[c][key]['far']:.3f} / {e[c][key]['false_episodes']} ({e[c][key]['false_episodes_per_day']:.2f}/day)"
