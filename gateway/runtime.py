@@ -45,7 +45,7 @@ from gateway.contracts import (
 from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
 from gateway.estimation import Estimation
 from gateway.inference.build import build_models, model_lengths, plausibility_checker
-from gateway.inference.coverage import log_coverage
+from gateway.inference.coverage import log_coverage, novelty_streams
 from gateway.inference.fusion import FusionModel, build_fusions, fuse_window
 from gateway.inference.novelty import build_novelty
 from gateway.inference.rhythm import RhythmMonitor
@@ -789,9 +789,7 @@ async def _supervise(
     scored: list[WindowModel] = [*slots, *novelty]
     scored += build_stream_change(core.models.streams, hop_s=hop, state_dir=state, others=scored)
     try:
-        fusions = build_fusions(
-            core.models.fusion, scored, core.models.dir, hop_s=hop, window_s=core.pipeline.window_s
-        )
+        fusions = config_fusions(config, scored)
         # Off the loop: building the estimators (their models among them) took ~45 ms of CPU.
         pipeline = await asyncio.to_thread(Pipeline, config, anonymizer, outbox, scored, fusions)
     except (ConfigError, CorruptDataError) as exc:  # an estimator's model or inputs ([estimators])
@@ -978,6 +976,19 @@ async def _stop_after_ready(sup: Supervisor, seconds: float, start_timeout_s: fl
     sup.request_stop()
 
 
+def config_fusions(config: Config, models: Sequence[Any]) -> list[FusionModel]:
+    """The fused verdicts ``[[models.fusion]]`` asks for over ``models``, checked against the sources' streams."""
+    core = config.core
+    return build_fusions(
+        core.models.fusion,
+        models,
+        core.models.dir,
+        hop_s=core.pipeline.hop_s,
+        window_s=core.pipeline.window_s,
+        streams=novelty_streams(config.sources, core.models),
+    )
+
+
 def build_problems(config: Config, registry: Mapping[str, DriverSpec]) -> list[str]:
     """Build every enabled driver and model without starting them; the errors they raise."""
     problems: list[str] = []
@@ -995,13 +1006,7 @@ def build_problems(config: Config, registry: Mapping[str, DriverSpec]) -> list[s
             *build_models(core.models, hop_s=hop),
             *build_novelty(core.models.novelty, hop_s=hop, state_dir=None),
         ]
-        build_fusions(
-            core.models.fusion,
-            built,
-            core.models.dir,
-            hop_s=hop,
-            window_s=core.pipeline.window_s,
-        )
+        config_fusions(config, built)
     except ConfigError as exc:
         problems.append(f"models: {exc}")
     try:

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from peers import free_port, stop_process
 from test_alarm_campaign import T0, WALL0, alarm_records
+from test_fusion_verdict import NOVELTY
 from test_novelty_e2e import INPUTS
 from test_opcua_commands import cli as scan_cli
 from uplink_support import listener, mosquitto_pki, mqtt_toml, running_broker
@@ -56,14 +57,6 @@ COMMISSION_S = 60.0  # both members; the novelty detector needs at least 49 wind
 HEALTHY_S = 20.0  # scored by the fusion and normal before the fault
 FAULT_S = 30.0
 MEMBERS = ("pump_skab", "novelty")
-#: [models.novelty] as fusion_skab was chosen with (edgetwin check refuses other settings).
-NOVELTY: dict[str, Any] = {
-    "window_s": 5.0,
-    "ewma": 0.5,
-    "var_keep": 0.95,
-    "features": ["mean", "std"],
-    "spread_only": ["Temperature", "Thermocouple"],
-}
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,14 @@ from gateway.runtime import Pipeline
 from gateway.sample import SampleBlock, Stream, industrial_metric
 
 WALL = 1.7e9
+#: [models.novelty] as fusion_skab was chosen with (edgetwin check refuses other settings).
+NOVELTY: dict[str, Any] = {
+    "window_s": 5.0,
+    "ewma": 0.5,
+    "var_keep": 0.95,
+    "features": ["mean", "std"],
+    "spread_only": ["Temperature", "Thermocouple"],
+}
 FLOW = Stream("plc", "pump-1", "PLC-1", industrial_metric("RateRMS", "l/min"), kind="industrial", rate_hz=1.0)
 AMPS = Stream("plc", "pump-1", "PLC-1", industrial_metric("Current", "A"), kind="industrial", rate_hz=1.0)
 
@@ -239,13 +247,7 @@ def test_check_reports_a_fusion_whose_member_is_set_otherwise(tmp_path: Path) ->
 
     models: dict[str, Any] = {
         "use": [{"name": "pump_skab"}],
-        "novelty": {
-            "window_s": 5.0,
-            "ewma": 0.5,
-            "var_keep": 0.95,
-            "features": ["mean", "std"],
-            "spread_only": ["Temperature", "Thermocouple"],
-        },
+        "novelty": dict(NOVELTY),
         "fusion": [{"name": "fusion_skab"}],
     }
     raw: dict[str, Any] = {
@@ -257,3 +259,58 @@ def test_check_reports_a_fusion_whose_member_is_set_otherwise(tmp_path: Path) ->
     (problem,) = build_problems(validate(raw | {"models": models}, "<test>", REGISTRY), REGISTRY)
     assert "fusion_skab" in problem
     assert "var_keep" in problem
+
+
+def test_a_site_names_its_own_spread_only_streams_and_a_name_matching_no_input_is_refused(
+    tmp_path: Path,
+) -> None:
+    from gateway.runtime import build_problems  # noqa: PLC0415 - the composition root
+
+    # The PLC simulator's fluid thermocouple is FluidTemperature: the card's spread_only names
+    # (SKAB's Temperature, Thermocouple) do not cover it, so a site adds it beside them.
+    plc = ["Pump1/Hydraulics/FluidTemperature", "Pump1/Motor/Temperature", "Pump1/Hydraulics/Pressure"]
+    models: dict[str, Any] = {
+        "use": [{"name": "pump_skab"}],
+        "novelty": NOVELTY | {"spread_only": ["Temperature", "Thermocouple", "FluidTemperature"]},
+        "fusion": [{"name": "fusion_skab"}],
+    }
+    raw: dict[str, Any] = {
+        "gateway": {"state_dir": str(tmp_path)},
+        "pipeline": {"window_s": 20.0, "hop_s": 1.0},
+        "sources": [
+            {
+                "name": "plc",
+                "driver": "opcua",
+                "subject": "pump-3",
+                "kind": "industrial",
+                "endpoint": "opc.tcp://127.0.0.1:4840",
+                "namespace_uri": "urn:edgetwin:plcsim",
+                "nodes": [{"browse_path": p} for p in plc],
+            }
+        ],
+    }
+
+    def problems(novelty: dict[str, Any]) -> list[str]:
+        config = validate(raw | {"models": models | {"novelty": novelty}}, "<test>", REGISTRY)
+        return build_problems(config, REGISTRY)
+
+    assert problems(models["novelty"]) == []
+    # Taken by stream name: the fluid temperature's level is no input, its spread is.
+    use = NoveltyUse.model_validate(models["novelty"])
+    assert use.features_of("Pump1/Hydraulics/FluidTemperature") == ["std"]
+    assert use.features_of("Pump1/Hydraulics/Pressure") == ["mean", "std"]
+    # A name that matches none of the configured streams (no inputs listed) is refused, naming it.
+    typo = models["novelty"] | {"spread_only": ["Temperature", "Thermocouple", "FluidTemprature"]}
+    (problem,) = problems(typo)
+    assert "fusion_skab" in problem
+    assert "spread_only FluidTemprature: matches no input" in problem
+    assert "the streams of the configured sources" in problem
+    assert "Pump1/Hydraulics/FluidTemperature" in problem
+    # With inputs listed, a name must match one of them (whole or last segments, either way round).
+    listed = models["novelty"] | {"inputs": ["Pressure", "Pump1/Hydraulics/FluidTemperature"]}
+    assert problems(listed) == []
+    (problem,) = problems(listed | {"spread_only": ["Temperature", "Thermocouple", "Flow"]})
+    assert "spread_only Flow: matches no input of the detector (its inputs: Pressure, " in problem
+    # The card's own names must stay: leaving one out is still a setting the fusion was not chosen with.
+    (problem,) = problems(models["novelty"] | {"spread_only": ["Temperature", "FluidTemperature"]})
+    assert "spread_only may also name streams of this site" in problem

@@ -229,6 +229,47 @@ def test_a_cusum_raised_alarm_clears_soon_after_its_fault_ends_and_is_raised_as_
         assert late is None or late > 100, (seed, late)
 
 
+def test_cusum_clear_is_a_site_setting_checked_by_key_and_applied_to_a_commissioned_machine(
+    tmp_path: Path,
+) -> None:
+    from drivers import REGISTRY  # noqa: PLC0415 - the composition root's registry
+    from gateway.config import validate  # noqa: PLC0415
+    from gateway.errors import InvalidConfigError  # noqa: PLC0415
+
+    for bad, expected in ((0, "a number >= 1"), (2.5, "an integer")):
+        with pytest.raises(InvalidConfigError) as err:
+            validate({"models": {"novelty": {"cusum_clear": bad}}}, "site.toml", REGISTRY)
+        text = str(err.value)
+        assert "site.toml" in text, text
+        assert "models.novelty.cusum_clear" in text, text
+        assert expected in text, text
+    assert NoveltyUse().cusum_clear == PcaSpec().cusum_clear == 10  # the default is unchanged
+    # The same fault (a small relation break the CUSUM raises) under two clearing horizons, on one
+    # machine commissioned once: the setting reaches the stored fit at the next start, and the
+    # short horizon clears the alarm sooner after the fault ends.
+    clear_after = ModelsSection().clear_after_windows
+    base = {"commissioning_s": 600.0, "adapt_rate": 0.0, "cusum_k": 1.0, "ewma": 1.0, "lags": 1}
+    rng = np.random.default_rng(4)
+    NoveltyModel(NoveltyUse.model_validate(base), hop_s=1.0, state_dir=tmp_path).score_batch(
+        records(machine_rows(600, rng))
+    )
+    x = machine_rows(1100, rng)
+    x[100:500, 1] += 0.004
+    cleared = {}
+    for horizon in (2, 60):
+        model = NoveltyModel(
+            NoveltyUse.model_validate(base | {"cusum_clear": horizon}), hop_s=1.0, state_dir=tmp_path
+        )
+        fit = model.fit_of("pump-1")
+        assert fit is not None
+        assert fit.spec.cusum_clear == horizon
+        flags = np.array([r.anomaly for r in model.score_batch(records(x, start=600))])
+        assert flags[100:500].mean() > 0.95, horizon
+        cleared[horizon] = cleared_after(flags, 500, clear_after)
+    assert cleared[2] is not None
+    assert cleared[60] is None or cleared[2] + 30 < cleared[60], cleared
+
+
 def test_adaptation_follows_slow_normal_drift_but_does_not_learn_a_fault() -> None:
     rng = np.random.default_rng(5)
     x = machine_rows(150 + 3000, rng)
@@ -459,3 +500,39 @@ def test_the_stream_detector_flags_a_step_and_a_drift_once_and_stays_quiet_on_no
     ramp = 2.0 + np.linspace(0.0, 0.2, 400) + 0.05 * rng.standard_normal(400)
     res = drift.score_batch(single_stream(ramp, start=300, subject="tank-2"))
     assert 50 < next(i for i, r in enumerate(res) if r.anomaly) < 250
+
+
+@pytest.mark.skipif(
+    not TEP.is_dir(), reason=f"Tennessee Eastman reference runs not found under {DATA} (set EDGETWIN_DATA)"
+)
+def test_the_recorded_gateway_path_figure_on_d00_te_is_reproduced_through_the_pipeline(
+    tmp_path: Path,
+) -> None:
+    """The card's choice as it ships (adapting), commissioned on d00 and fed d00_te through the pipeline."""
+    from models.recipes.novelty_tep import load, novelty_scores  # noqa: PLC0415
+    from models.recipes.novelty_tep_gateway import (  # noqa: PLC0415
+        commission,
+        frozen,
+        novelty_table,
+        replay,
+        spec_of_use,
+    )
+
+    card = json.loads((MODELS_DIR / "novelty.detector.json").read_text(encoding="utf-8"))
+    ev = card["gateway_path"]["card_choice"]
+    keys = ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k")
+    assert {k: ev["spec"][k] for k in keys} == {k: card["chosen"][k] for k in keys}  # the card's own settings
+    assert card["gateway_path"]["card_version"] == card["version"]
+    runs = load(DATA)
+    table = novelty_table(card, "card_choice", adapt=True)
+    state = commission(tmp_path / "commissioning", table, runs["d00"])
+    got = replay(state, table, runs["d00_te"], tmp_path / "run")
+    want = ev["gateway_adapting"]["d00_te"]
+    assert got.raised == want["alarm_windows"]
+    assert len(got.raised) == want["false_episodes"]
+    assert round(float(np.mean([bool(f) for f in got.flags])), 4) == want["far"]
+    # Beside it, the same settings frozen after commissioning (the recipe's scoring) raise fewer.
+    fit = fit_pca(runs["d00"], spec_of_use(NoveltyUse.model_validate(table)))
+    still = frozen(novelty_scores(fit, runs["d00_te"]) > 1.0)
+    assert still.raised == ev["frozen"]["d00_te"]["alarm_windows"]
+    assert len(still.raised) < len(got.raised)

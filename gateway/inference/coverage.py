@@ -37,6 +37,7 @@ __all__ = [
     "check_coverage",
     "idle_models",
     "log_coverage",
+    "novelty_streams",
     "subject_coverage",
 ]
 
@@ -205,6 +206,23 @@ def _unit_note(metric: str, unit: str, checker: PlausibilityChecker) -> str | No
         f"stream {metric}: unit {unit!r} does not convert from the default rule's {rule.unit!r}: "
         f"no plausibility check; set [models.plausibility.{metric!r}] in its unit"
     )
+
+
+def novelty_streams(sources: Sequence[Any], models: ModelsSection) -> list[str] | None:
+    """Metric names of the enabled sources' streams the novelty detector may take; None if not all known."""
+    nov = models.novelty
+    if nov is None:
+        return []
+    names: list[str] = []
+    for entry in sources:
+        if not entry.enabled or not _for(nov.subject_kind, nov.subjects, entry.info.kind, entry.info.subject):
+            continue
+        names_of = getattr(entry.config, "metric_names", None)
+        known: list[str] | None = names_of() if callable(names_of) else None
+        if known is None:
+            return None
+        names += [m for m in known if nov.wants(m)]
+    return list(dict.fromkeys(names))
 
 
 def idle_models(coverage: Sequence[SubjectCoverage], models: ModelsSection) -> list[str]:

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.contracts import ModelResult, WindowRecord
 from gateway.errors import ConfigError
 from gateway.inference.build import FusionUse, card_file, default_models_dir
+from gateway.inference.novelty import named
 
 __all__ = [
     "FUSION_SUFFIX",
@@ -163,13 +164,45 @@ def fuse_window(
     return fused
 
 
-def _same(got: object, want: float | list[str]) -> bool:
+#: List settings a site may extend with names of its own streams (the card's names stay in them):
+#: which streams wander with ambient or run time is a fact of the site, not of the fusion's choice.
+_SITE_NAMES = frozenset({"spread_only"})
+
+
+def _same(key: str, got: object, want: float | list[str]) -> bool:
     if isinstance(want, list):
-        return isinstance(got, list) and sorted(got) == sorted(want)
+        if not isinstance(got, list):
+            return False
+        return set(want) <= set(got) if key in _SITE_NAMES else sorted(got) == sorted(want)
     return isinstance(got, int | float) and math.isclose(float(got), want)
 
 
-def _check_member(fusion: str, member: Member, model: Any, novelty: Any, pipeline_s: float) -> None:
+def _check_site_names(fusion: str, member: Member, use: Any, streams: Sequence[str] | None) -> None:
+    """Refuse a name a site added to a member's list setting that names none of the detector's inputs.
+
+    The inputs are its ``inputs`` names when set, else the streams of the configured sources
+    (``streams``; None: known only at run time, not checked).  A name matches an input as the
+    detector matches streams: the whole metric name or its last segments, either way round.
+    """
+    pool = list(use.inputs) or streams
+    if pool is None:
+        return
+    for key in _SITE_NAMES & member.settings.keys():
+        card = member.settings[key]
+        extra = [n for n in getattr(use, key) if isinstance(card, list) and n not in card]
+        unmatched = [n for n in extra if not any(named(p, [n]) or named(n, [p]) for p in pool)]
+        if unmatched:
+            where = "its inputs" if use.inputs else "the streams of the configured sources"
+            raise ConfigError(
+                f"config [[models.fusion]] {fusion}: member {member.model}: [models.novelty] {key} "
+                f"{', '.join(unmatched)}: matches no input of the detector ({where}: {', '.join(pool) or 'none'}): "
+                "name a stream by its whole metric name or its last segments, or remove the name"
+            )
+
+
+def _check_member(
+    fusion: str, member: Member, model: Any, novelty: Any, pipeline_s: float, streams: Sequence[str] | None
+) -> None:
     """Refuse a member configured otherwise than the fusion's settings were chosen for."""
     window = getattr(model, "window_s", None) or pipeline_s
     if member.window_s is not None and abs(window - member.window_s) > 1e-9:
@@ -179,23 +212,34 @@ def _check_member(fusion: str, member: Member, model: Any, novelty: Any, pipelin
         )
     if member.settings and model is novelty:
         use = novelty.use
-        wrong = [k for k, v in member.settings.items() if not _same(getattr(use, k, None), v)]
+        wrong = [k for k, v in member.settings.items() if not _same(k, getattr(use, k, None), v)]
         if wrong:
             want = ", ".join(f"{k} = {v}" for k, v in member.settings.items())
             got = ", ".join(f"{k} = {getattr(use, k)}" for k in wrong)
+            extend = sorted(_SITE_NAMES & set(wrong))
+            also = f" ({', '.join(extend)} may also name streams of this site)" if extend else ""
             raise ConfigError(
                 f"config [[models.fusion]] {fusion}: member {member.model}: [models.novelty] has {got}: "
-                f"the fusion was chosen with {want}: set them"
+                f"the fusion was chosen with {want}: set them{also}"
             )
+        _check_site_names(fusion, member, use, streams)
 
 
 def build_fusions(
-    uses: Sequence[FusionUse], models: Sequence[Any], directory: Path | None, *, hop_s: float, window_s: float
+    uses: Sequence[FusionUse],
+    models: Sequence[Any],
+    directory: Path | None,
+    *,
+    hop_s: float,
+    window_s: float,
+    streams: Sequence[str] | None = None,
 ) -> list[FusionModel]:
     """The fusions ``[[models.fusion]]`` asks for, over ``models`` (the pipeline's, by name).
 
     ``directory``: the ``[models] dir`` (None: the shipped models).  ``window_s`` is the
-    pipeline's (the window of a model that has none of its own).  Every
+    pipeline's (the window of a model that has none of its own).  ``streams``: the metric names
+    of the streams the novelty detector may take (None: known only at run time), against which a
+    ``spread_only`` name a site added is checked when it lists no ``inputs``.  Every
     member must be a configured model, run as the fusion's settings were chosen; its
     results are then explained on every window (``explain_all``), so a fused anomaly can name
     inputs of a member that did not flag the window alone.
@@ -221,7 +265,7 @@ def build_fusions(
         if card.name in by_name:
             raise ConfigError(f"config [[models.fusion]] {use.name}: a model has the same name: rename one")
         for member in card.members:
-            _check_member(use.name, member, by_name[member.model], novelty, window_s)
+            _check_member(use.name, member, by_name[member.model], novelty, window_s, streams)
             by_name[member.model].explain_all = True
         if card.hop_s is not None and abs(card.hop_s - hop_s) > 1e-9:
             # The episode logic counts windows: at another hop an episode takes another time to raise.

@@ -79,6 +79,7 @@ __all__ = [
     "fit_pca",
     "gap_rows",
     "min_rows",
+    "named",
     "prepare",
     "score_rows",
 ]
@@ -485,6 +486,10 @@ class NoveltyUse(BaseModel):
     ewma_slow: float = Field(1.0, gt=0, le=1)  # 1: no slow block
     # Residual CUSUM's allowance in long-run spreads; 0: none; unset: see residual_cusum().
     cusum_k: float | None = Field(None, ge=0, le=5)
+    # The CUSUM's clearing horizon in windows (PcaSpec.cusum_clear): its alarm clears about this
+    # many windows after the residuals are back.  A scoring rule, nothing fitted depends on it, so
+    # a change applies to a commissioned machine at the next start.
+    cusum_clear: int = Field(CUSUM_CLEAR, ge=1, le=10_000)
     var_keep: float = Field(0.95, gt=0, lt=1)
     adapt_rate: float = Field(0.001, ge=0, lt=0.5)  # 0: no adaptation
     latency_budget_us: float = Field(2000.0, gt=0)
@@ -499,16 +504,16 @@ class NoveltyUse(BaseModel):
 
     def wants(self, metric: str) -> bool:
         """True if a stream of this metric name is an input (``inputs``: whole names or last segments)."""
-        return not self.inputs or _named(metric, self.inputs)
+        return not self.inputs or named(metric, self.inputs)
 
     def features_of(self, metric: str) -> list[str]:
         """The features of a wanted stream that are inputs (no level of a ``spread_only`` metric)."""
-        if self.spread_only and _named(metric, self.spread_only):
+        if self.spread_only and named(metric, self.spread_only):
             return [f for f in self.features if f != "mean"]
         return self.features
 
 
-def _named(metric: str, names: Sequence[str]) -> bool:
+def named(metric: str, names: Sequence[str]) -> bool:
     """True if ``metric`` is one of ``names``, whole or by its last segments."""
     return any(metric == m or metric.endswith("/" + m) for m in names)
 
@@ -553,6 +558,7 @@ class NoveltyModel:
             use.false_alarm_rate,
             ewma_slow=use.ewma_slow,
             cusum_k=cusum_k,
+            cusum_clear=use.cusum_clear,
         )
         self._need = max(min_rows(self.spec), math.ceil(use.commissioning_s / hop_s))
         self._state_dir = state_dir
@@ -767,6 +773,9 @@ class NoveltyModel:
                 "models %s: stored state %s: inputs and fit differ; commissioning again", self.name, path
             )
             return None
+        if subj.fit is not None and subj.fit.spec.cusum_clear != self.spec.cusum_clear:
+            # The clearing horizon is a scoring rule: the configured one applies to a stored fit.
+            subj.fit.spec = dataclasses.replace(subj.fit.spec, cusum_clear=self.spec.cusum_clear)
         if subj.fit is not None and subj.fit.spec.cusum_k != self.spec.cusum_k:
             # Commissioned before the residual CUSUM (its rows are gone): T² and SPE go on
             # from the stored fit rather than leaving the machine unwatched while it commissions again.
