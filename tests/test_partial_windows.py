@@ -235,3 +235,24 @@ def test_min_coverage_is_a_setting_of_each_model(share: float) -> None:
     assert models.novelty.min_coverage == share
     assert models.streams is not None
     assert models.streams.min_coverage == share
+
+
+def test_a_flagged_stream_that_holds_part_of_its_window_keeps_the_episode_open() -> None:
+    """Inside a change, a window where the flagged stream is partial says nothing about the subject."""
+    rng = np.random.default_rng(8)
+    det = StreamChange(StreamUse(commissioning_s=30.0), hop_s=1.0)
+    for k in range(det.commissioning_windows):
+        det.score_batch([record(k, {}, rng)])
+
+    def window(k: int, flow: float, held: int) -> WindowRecord:
+        streams = (
+            StreamFeatures(A, held, 1.0 - held / 10, {"mean": flow}),
+            StreamFeatures(B, 10, 0.0, {"mean": 20.0}),
+        )
+        return WindowRecord("pump-1", "industrial", k, float(k), WALL + k, 10.0, streams)
+
+    (r,) = det.score_batch([window(100, 80.0, 10)])  # Flow steps far off its level: flagged
+    assert r.verdict == "anomalous"
+    (r,) = det.score_batch([window(101, 20.0, 3)])  # then holds 3 s of its window: not "normal"
+    assert (r.verdict, r.reason) == ("indeterminate", "partial")
+    assert det.coverage.partial_windows == 1
