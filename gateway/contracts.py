@@ -25,8 +25,9 @@ from gateway.sample import Sample, SampleBlock, Stream
 
 #: Share of a window's expected samples each input stream must hold for a model to judge it
 #: (``min_coverage`` of a model's settings).  In steady state a regular stream holds all of them
-#: but one at an edge, a dropped notification or a few flagged samples (>= 0.9); right after a start,
-#: or a stream's return from an outage, a window holds only the seconds since (docs/records.md).
+#: (every stream with a nominal rate in ``edgetwin demo``) but for a sample at an edge, a dropped
+#: notification or a few flagged samples; right after a start, or a stream's return from an outage,
+#: a window holds only the seconds since (README, "Models").
 DEFAULT_MIN_COVERAGE = 0.8
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from gateway.contracts import ModelResult, StreamFeatures
 
@@ -32,18 +32,35 @@ class Coverage:
     def __init__(self, model: str, min_coverage: float) -> None:
         self.model = model
         self.min_coverage = float(min_coverage)
+        # StreamFeatures.partial as one comparison per stream: this runs for every window of every model.
+        self._max_missing = 1.0 - self.min_coverage + 1e-9
         self.partial_windows = 0  # windows not judged as partial since the start
         self._short: set[str] = set()  # subjects whose last window was partial
 
     def short_stream(
-        self, subject: str, streams: Iterable[StreamFeatures], *, count: bool = True
+        self,
+        subject: str,
+        streams: Sequence[StreamFeatures],
+        positions: Iterable[int] | None = None,
+        *,
+        count: bool = True,
     ) -> StreamFeatures | None:
-        """The first of a window's input ``streams`` holding too little of it, else None.
+        """The first of a window's input ``streams`` (those at ``positions``) holding too little of it, else None.
 
         ``count``: the window is not judged (a per-stream detector still judges the other streams).
         """
-        share = self.min_coverage
-        short = next((sf for sf in streams if sf.partial(share)), None)
+        limit = self._max_missing
+        short = None
+        if positions is None:
+            for sf in streams:
+                if sf.missing > limit and sf.count:
+                    short = sf
+                    break
+        else:
+            for p in positions:
+                if streams[p].missing > limit and streams[p].count:
+                    short = streams[p]
+                    break
         if short is not None:
             self.partial_windows += count
             if subject not in self._short:
@@ -55,9 +72,9 @@ class Coverage:
                     subject,
                     short.stream.key,
                     100.0 * (1.0 - short.missing),
-                    100.0 * share,
+                    100.0 * self.min_coverage,
                 )
-        elif subject in self._short:
+        elif self._short and subject in self._short:
             self._short.discard(subject)
             log.info("models %s: subject %s: its input streams fill their windows again", self.model, subject)
         return short

@@ -627,8 +627,7 @@ class AnomalyModel:
                 results[i] = ModelResult(nan, False, reason="implausible_input")
                 self._follow(rec, x, None)
                 continue
-            streams = rec.streams
-            if self.coverage.short_stream(rec.subject, [streams[p] for p in self._resolve(rec).positions]):
+            if self.coverage.short_stream(rec.subject, rec.streams, self._resolve(rec).positions):
                 # Features over a few seconds of the span are not what the model knows: neither
                 # judged nor commissioned on, and the baseline's guard starts again after it.
                 results[i] = PARTIAL
