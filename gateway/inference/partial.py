@@ -70,7 +70,9 @@ class Coverage:
                     "start or an outage): its windows are not judged until they hold enough",
                     self.model,
                     subject,
-                    short.stream.key,
+                    # The metric, not the stream key: its device may not be known to the log
+                    # redactor yet (the first windows are scored before any record is sealed).
+                    short.stream.metric.name,
                     100.0 * (1.0 - short.missing),
                     100.0 * self.min_coverage,
                 )
