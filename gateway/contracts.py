@@ -23,6 +23,13 @@ from pydantic import BaseModel
 
 from gateway.sample import Sample, SampleBlock, Stream
 
+#: Share of a window's expected samples each input stream must hold for a model to judge it
+#: (``min_coverage`` of a model's settings).  In steady state a regular stream holds all of them
+#: (every stream with a nominal rate in ``edgetwin demo``) but for a sample at an edge, a dropped
+#: notification or a few flagged samples; right after a start, or a stream's return from an outage,
+#: a window holds only the seconds since (README, "Models").
+DEFAULT_MIN_COVERAGE = 0.8
+
 
 class Lane(enum.IntEnum):
     """Outbox priority lanes; a lower value is delivered first."""
@@ -117,6 +124,15 @@ class StreamFeatures:
         """True when the window held no usable sample of this stream."""
         return self.count == 0
 
+    def partial(self, min_coverage: float) -> bool:
+        """True when the window holds usable samples of this stream, but fewer than ``min_coverage`` of those expected.
+
+        A stream without a nominal rate (an event series, a report-on-change tag) expects no count:
+        its ``missing`` is 0 whenever it has a sample, so being sparse never makes it partial.  A
+        gap (no usable sample) is not partial: models treat an absent input on its own terms.
+        """
+        return self.count > 0 and 1.0 - self.missing < min_coverage - 1e-9
+
 
 @dataclass(frozen=True, slots=True)
 class WindowRecord:
@@ -191,8 +207,10 @@ class ModelResult:
     anomaly: bool  # score crossed the calibrated threshold
     contributions: Mapping[str, float] = field(default_factory=dict)  # feature -> share of the score
     fallback: bool = False  # produced by the statistical fallback, not the model
-    # Non-empty when the window could not be judged: "gap", "implausible_input", "missing_inputs",
-    # "commissioning", "demoted". Such a verdict is indeterminate, neither anomalous nor normal.
+    # Non-empty when the window could not be judged: "gap", "partial" (an input stream holds fewer
+    # than the model's min_coverage of its expected samples: after a start or an outage),
+    # "implausible_input", "missing_inputs", "commissioning", "demoted". Such a verdict is
+    # indeterminate, neither anomalous nor normal.
     reason: str = ""
 
     @property

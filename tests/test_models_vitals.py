@@ -75,7 +75,12 @@ def test_sim_desaturation_and_bradycardia_are_flagged_calm_span_is_not(
     end = np.array([r.end_mono - 100.0 for r in records])
     flag = np.array([r.anomaly for r in results])
     scored = np.array([not math.isnan(r.score) for r in results])
-    assert scored.all()  # population statistics: scored from the first window, nothing to commission
+    # Population statistics, nothing to commission: scored from the first window that holds 0.8 of
+    # its 30 s; the two before it hold 10 and 20 s since the start and are not judged.
+    starting = end < 0.8 * 30.0
+    assert starting.sum() == 2
+    assert [r.reason for r, s in zip(results, starting, strict=True) if s] == ["partial", "partial"]
+    assert (scored == ~starting).all()
     for lb in (DESAT, BRADY):
         # Windows wholly inside the event, past its ramp-in (up to 40 s for a desaturation).
         deep = (end - 30.0 >= lb.start_s + 40.0) & (end <= lb.end_s - 20.0)

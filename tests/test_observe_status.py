@@ -271,11 +271,12 @@ def test_outbox_near_budget_and_model_demoted(
     with Outbox(state / "outbox.db") as ob:
         now = time.time()
         ob.put_many([OutItem(Lane.FEATURES, "features/aaaa", b"x" * 1000, now) for _ in range(92)])
-    # A latency budget no model can meet: three overruns in a row demote it to the fallback.
+    # A latency budget no model can meet: three overruns in a row demote it to the fallback.  On
+    # 10 s windows (not the card's 5 min) it judges a window a few seconds after the start.
     config = _config(
         tmp_path,
         '[outbox]\nmax_mb = 0.1\n[uplink]\nkind = "none"\n'
-        '[models]\nuse = [{ name = "vitals_mimic", latency_budget_us = 0.001 }]\n' + SIM,
+        '[models]\nuse = [{ name = "vitals_mimic", latency_budget_us = 0.001, window_s = 10.0 }]\n' + SIM,
     )
     gw = Gateway(config, notify)
     try:
@@ -300,11 +301,17 @@ def test_outbox_near_budget_and_model_demoted(
         snap = gw.wait(capsys, lambda s: s["models"] and s["models"][0]["state"] == "demoted", "demoted")
         (model,) = snap["models"]
         assert [x["state"] for x in model["subjects"]] == ["demoted"]
+        # The first windows after the start held only the seconds since: counted, not judged.
+        assert model["partial_windows"] >= 5
         assert snap["health"] == "degraded"
         assert re.fullmatch(budget + r" \(\+1 more\)(, dropped \d+)?", snap["headline"])
         rc, text = gw.status(capsys)
         assert rc == 1
-        assert re.search(r"^  vitals_mimic: demoted; [a-z2-7]{16} demoted$", text, re.MULTILINE)
+        assert re.search(
+            r"^  vitals_mimic: demoted; [a-z2-7]{16} demoted; \d+ windows partial, not judged$",
+            text,
+            re.MULTILINE,
+        )
     finally:
         err = gw.stop()
     assert gw.proc.returncode == 0, err

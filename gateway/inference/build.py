@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.contracts import DEFAULT_MIN_COVERAGE
 from gateway.errors import ConfigError
 from gateway.inference.novelty import NoveltyUse
 from gateway.inference.plausibility import DEFAULT_RULES, PlausibilityChecker, Rule
@@ -59,6 +60,9 @@ class ModelUse(_Section):
     inputs: dict[str, str] = Field(default_factory=dict)
     # The window (s) it is scored on; default: the card's window_s (the pipeline cuts it for it).
     window_s: float | None = Field(None, gt=0, le=3600)
+    # Share of its expected samples each input stream must hold in a window for the model to judge
+    # it (below: indeterminate "partial", not commissioned on); 0 judges every window.
+    min_coverage: float = Field(DEFAULT_MIN_COVERAGE, ge=0, le=1)
 
 
 class FusionUse(_Section):
@@ -196,6 +200,7 @@ def build_models(
                 inputs=use.inputs,
                 fault_alarms=fault_alarms,
                 window_s=use.window_s,
+                min_coverage=use.min_coverage,
             )
         )
     return out

@@ -37,6 +37,10 @@ and then no longer learned.  (Before 1.2.0 only windows scoring below 0.5 adapte
 pushed normal windows above 0.5 stopped the adaptation for good, and with the slower EWMA block a
 slow normal drift then ended up flagged.)  The subspace and limits stay those of commissioning.
 
+A window one of whose input streams holds less than ``min_coverage`` of its expected samples
+(after a start or an outage: :mod:`gateway.inference.partial`) is not judged (``partial``),
+neither commissions nor adapts, and breaks the run of normal windows adaptation waits for.
+
 After commissioning and after every restart, the first ``lags + 3 / ewma`` windows (the slower of
 the two weights) only settle
 the smoothing and the lags (indeterminate, "commissioning"): a smoothed input that starts from one
@@ -65,7 +69,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.contracts import ModelResult, WindowRecord
+from gateway.contracts import DEFAULT_MIN_COVERAGE, ModelResult, WindowRecord
+from gateway.inference.partial import PARTIAL, Coverage
 from gateway.inference.statefile import state_file, store_json
 
 __all__ = [
@@ -493,6 +498,9 @@ class NoveltyUse(BaseModel):
     var_keep: float = Field(0.95, gt=0, lt=1)
     adapt_rate: float = Field(0.001, ge=0, lt=0.5)  # 0: no adaptation
     latency_budget_us: float = Field(2000.0, gt=0)
+    # Share of its expected samples each input stream must hold in a window for it to be judged
+    # (below: indeterminate "partial", neither commissioned on nor adapted to); 0: every window.
+    min_coverage: float = Field(DEFAULT_MIN_COVERAGE, ge=0, le=1)
 
     def residual_cusum(self) -> tuple[float, str]:
         """The residual CUSUM's allowance (0: off) and why, for the log and ``edgetwin status``."""
@@ -567,6 +575,7 @@ class NoveltyModel:
         self._subj: dict[str, _Subject] = {}
         self.latencies_us: deque[float] = deque(maxlen=4096)
         self.adapt_guard = use.lags + 5
+        self.coverage = Coverage(name, use.min_coverage)
         slowest = min(use.ewma, use.ewma_slow)
         self._warmup = use.lags + (0 if slowest >= 1.0 else math.ceil(3.0 / slowest))
 
@@ -650,6 +659,12 @@ class NoveltyModel:
                 "models %s: subject %s: commissioning on %d inputs", self.name, record.subject, len(subj.keys)
             )
         self._subj[record.subject] = subj
+        wanted = [sf for sf in record.streams if self._wanted(sf.stream.metric.name)]
+        if self.coverage.short_stream(record.subject, wanted):
+            # Features over part of the span: not commissioned on, not judged, and no adaptation
+            # follows until a run of whole normal windows (as after a gap).
+            subj.normal_run = 0
+            return PARTIAL
         values = self._values(record)
         x = np.array([values.get(k, nan) for k in subj.keys])
         present = int(np.isfinite(x).sum())
@@ -664,7 +679,7 @@ class NoveltyModel:
         fit = subj.fit
         if 2 * present < len(subj.keys):
             subj.normal_run = 0
-            gap = any(sf.gap for sf in record.streams if self._wanted(sf.stream.metric.name))
+            gap = any(sf.gap for sf in wanted)
             return ModelResult(nan, False, reason="gap" if gap else "missing_inputs")
         z = (x - fit.mean) / fit.std
         z[~np.isfinite(z)] = 0.0  # an absent input sits at its normal value

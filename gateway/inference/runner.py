@@ -26,7 +26,9 @@ in range.  Every change is queued as a ``model_health`` diagnostic saying why (s
 :meth:`AnomalyModel.drain_events`).
 
 Each result is a three-valued verdict (:attr:`gateway.contracts.ModelResult.verdict`): a window
-that cannot be judged carries the reason - ``implausible_input``, ``commissioning``, ``gap``,
+that cannot be judged carries the reason - ``implausible_input``, ``partial`` (an input stream
+holds less than ``min_coverage`` of its window: after a start or an outage; such a window neither
+commissions nor moves the baseline, :mod:`gateway.inference.partial`), ``commissioning``, ``gap``,
 ``missing_inputs``, or ``demoted`` for a fallback score that does not flag it.
 
 Commissioning statistics live in memory and, when a ``state_dir`` is given, in one small JSON file
@@ -49,9 +51,10 @@ from typing import TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from gateway.contracts import Alarm, AlarmKind, Diagnostic, ModelResult, WindowRecord
+from gateway.contracts import DEFAULT_MIN_COVERAGE, Alarm, AlarmKind, Diagnostic, ModelResult, WindowRecord
 from gateway.inference.backends import Backend, open_backend
 from gateway.inference.card import ModelCard, input_matches
+from gateway.inference.partial import PARTIAL, Coverage
 from gateway.inference.plausibility import PlausibilityChecker, Rule, Violation, window_breaches
 from gateway.inference.statefile import state_file, store_json
 from gateway.sample import Stream
@@ -226,6 +229,7 @@ class _Resolved:
     picks: tuple[tuple[int, str], ...] = ()
     columns: list[int] = field(default_factory=list)
     rules: tuple[tuple[int, Rule], ...] = ()
+    positions: tuple[int, ...] = ()  # the input streams, each once
 
 
 @dataclass(slots=True)
@@ -261,6 +265,7 @@ class AnomalyModel:
         fault_alarms: bool = True,
         inputs: Mapping[str, str] | None = None,
         window_s: float | None = None,
+        min_coverage: float = DEFAULT_MIN_COVERAGE,
     ) -> None:
         self.card = card
         self.name = card.name
@@ -300,6 +305,7 @@ class AnomalyModel:
         # Subjects demoted for out-of-range inputs (-> why), and their in-range windows since.
         self._subject_demoted: dict[str, str] = {}
         self._subject_probes: dict[str, int] = {}
+        self.coverage = Coverage(card.name, min_coverage)
         log.info(
             "models %s %s loaded (%s, %s, threshold %.4g)",
             card.name,
@@ -346,6 +352,7 @@ class AnomalyModel:
             "latency_p99_us": float(np.percentile(lat, 99)),
             "model_windows": h.model_windows,
             "fallback_windows": h.fallback_windows,
+            "partial_windows": self.coverage.partial_windows,
             "demotions": h.demotions,
             "promotions": h.promotions,
         }
@@ -402,6 +409,7 @@ class AnomalyModel:
             fault_alarms=self._fault_alarms,
             inputs=self._inputs,
             window_s=self.window_s if self.window_s != self.card.window_s else None,
+            min_coverage=self.coverage.min_coverage,
         )
         model.explain_all = self.explain_all
         model._state_name = f"{self.name}.{tag}"
@@ -487,7 +495,7 @@ class AnomalyModel:
         columns = [j for j, slot in enumerate(slots) if slot is not None]
         positions = dict.fromkeys(pos for pos, _ in picks)
         rules = tuple((p, r) for p in positions if (r := self._checker.rule_for(streams[p])) is not None)
-        got = _Resolved(streams, tuple(slots), len(picks), picks, columns, rules)
+        got = _Resolved(streams, tuple(slots), len(picks), picks, columns, rules, tuple(positions))
         self._resolved[record.subject] = got
         if got.found < self._n and record.subject not in self._reported:
             self._reported.add(record.subject)
@@ -617,6 +625,12 @@ class AnomalyModel:
                 self._fault_events(rec, bad)
             if bad:
                 results[i] = ModelResult(nan, False, reason="implausible_input")
+                self._follow(rec, x, None)
+                continue
+            if self.coverage.short_stream(rec.subject, rec.streams, self._resolve(rec).positions):
+                # Features over a few seconds of the span are not what the model knows: neither
+                # judged nor commissioned on, and the baseline's guard starts again after it.
+                results[i] = PARTIAL
                 self._follow(rec, x, None)
                 continue
             z, why = self._z(rec, x, present)

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gateway.contracts import Diagnostic, ModelResult, WindowRecord
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.inference.card import CARD_SUFFIX, load_card
+from gateway.inference.partial import Coverage
 from gateway.inference.runner import AnomalyModel, Event
 from gateway.inference.statefile import store_json
 
@@ -185,6 +186,11 @@ class Slot:
     def stats(self) -> dict[str, float | str]:
         """The active version's figures."""
         return self.active.stats()
+
+    @property
+    def coverage(self) -> Coverage:
+        """The active version's coverage rule and its count of partial windows."""
+        return self.active.coverage
 
     def subject_states(self, known: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
         """The active version's per-subject states."""

@@ -34,6 +34,11 @@ slowly wandering water temperature).  A slowly wandering stream's deviations per
 steps, so the sums take them in units of the long-run spread (the lag-1 autocorrelation of the
 commissioning values, AR(1) variance inflation).
 
+A stream holding less than ``min_coverage`` of its window's expected samples (after a start or an
+outage: :mod:`gateway.inference.partial`) is skipped for that window like an absent one: neither
+learned from nor stepped; while it is flagged the window is indeterminate (``partial``), not a
+sign that the subject is normal again.
+
 Commissioning values and fitted levels persist per subject under ``<state_dir>/models/``.
 """
 
@@ -50,7 +55,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.contracts import ModelResult, WindowModel, WindowRecord
+from gateway.contracts import DEFAULT_MIN_COVERAGE, ModelResult, WindowModel, WindowRecord
+from gateway.inference.partial import PARTIAL, Coverage
 from gateway.inference.statefile import state_file, store_json
 
 __all__ = ["StreamChange", "StreamUse", "build_stream_change"]
@@ -88,6 +94,9 @@ class StreamUse(BaseModel):
     settle_steps: int = Field(8, ge=1, le=1000)
     min_spread_rel: float = Field(0.002, ge=0)
     min_spread_abs: float = Field(1e-6, gt=0)
+    # Share of its expected samples a stream must hold in a window to be judged or learned from
+    # (after a start or an outage it holds less); 0: every window.
+    min_coverage: float = Field(DEFAULT_MIN_COVERAGE, ge=0, le=1)
 
     @model_validator(mode="after")
     def _a_day_for_daily(self) -> StreamUse:
@@ -139,6 +148,7 @@ class StreamChange:
         self._subjects = frozenset(use.subjects)
         self._state: dict[str, dict[str, _Stream]] = {}
         self._learned: dict[str, int] = {}  # windows each subject has commissioned on
+        self.coverage = Coverage(NAME, use.min_coverage)
 
     @property
     def commissioning_windows(self) -> int:
@@ -170,11 +180,19 @@ class StreamChange:
         scores: dict[str, float] = {}
         flagged: list[str] = []
         learning = fitted = False
+        # A stream holding part of its window is skipped like an absent one: not learned from,
+        # no CUSUM step; while it is flagged the window cannot say the subject is normal.
+        cover = self.coverage
+        short = cover.short_stream(record.subject, record.streams, count=False)
+        held = False
         for sf in record.streams:
             value = sf.features.get(u.feature)
             if value is None or not math.isfinite(value):
                 continue
             key = sf.stream.metric.name
+            if short and sf.partial(cover.min_coverage):
+                held = held or (key in streams and streams[key].active)
+                continue
             st = streams.setdefault(key, _Stream())
             if st.level is None:
                 learning = True
@@ -214,6 +232,9 @@ class StreamChange:
             n = self._learned[record.subject] = self._learned.get(record.subject, 0) + 1
             if fitted or n % self._save_every == 0:
                 self._save(record.subject, streams)
+        if (short and not scores and not learning) or (held and not flagged):
+            cover.partial_windows += 1
+            return PARTIAL
         if not scores:
             return ModelResult(math.nan, False, reason="commissioning" if learning else "gap")
         score = max(scores.values())

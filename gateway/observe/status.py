@@ -180,11 +180,14 @@ class StatusBoard:
         for model in self._models:
             states = model.subject_states(known) if hasattr(model, "subject_states") else {}
             stats: dict[str, Any] = model.stats() if hasattr(model, "stats") else {}
+            coverage = getattr(model, "coverage", None)
             out.append(
                 {
                     "name": model.name,
                     "state": "demoted" if getattr(model, "demoted", False) else "active",
                     "latency_p50_us": stats.get("latency_p50_us"),
+                    # Windows not judged because an input held too little of its span (a start, an outage).
+                    "partial_windows": coverage.partial_windows if coverage is not None else 0,
                     "subjects": [
                         {"subject": self._pseudonym(subject), "state": state}
                         for subject, state in sorted(states.items())
@@ -442,7 +445,9 @@ def render_text(snap: Mapping[str, Any]) -> str:
         lines += ["", "models:"]
         for m in snap["models"]:
             subjects = ", ".join(f"{x['subject']} {x['state']}" for x in m["subjects"]) or "no subject yet"
-            lines.append(f"  {m['name']}: {m['state']}; {subjects}")
+            partial = m.get("partial_windows", 0)
+            held = f"; {partial} windows partial, not judged" if partial else ""
+            lines.append(f"  {m['name']}: {m['state']}; {subjects}{held}")
     ob = snap["outbox"]
     lines += [
         "",

@@ -13,9 +13,12 @@ through the gateway:
   as the pipeline window and the novelty detector's as a per-model length);
 * the pump model is a :class:`~gateway.inference.runner.AnomalyModel` on onnxruntime, loaded from
   a card written for the fold (the shipped card with the fold's weights, window and threshold),
-  commissioned on the file's first 400 windows, its baseline following slow wander as served;
+  commissioned on the whole windows among the file's first 400 (a file's first windows hold less
+  than ``min_coverage`` of their span and are not judged: :func:`whole_windows`), its baseline
+  following slow wander as served;
 * the novelty detector is the gateway's :class:`~gateway.inference.novelty.NoveltyModel` with the
-  fold's setting, commissioned on the first 400 windows, its guarded adaptation on (the default);
+  fold's setting, commissioned on the whole windows among the first 400, its guarded adaptation on
+  (the default);
 * the fusion is :class:`~gateway.inference.fusion.FusionModel` through
   :func:`~gateway.inference.fusion.fuse_window`, as the pipeline calls it.
 
@@ -25,10 +28,10 @@ judge (commissioning, the detector's warm-up) counts as not flagged and is count
 state per row (:class:`~gateway.alarms.episodes.EpisodeTracker`, raise after 2 / clear after 3, the
 defaults) is reported too: what the alarms show.
 
-Differences from the recipe's rows, by design of the gateway: the first windows of a file are
-partial (the recipe starts at row ``w - 1``) and count towards commissioning; the detector's
-smoothing starts after commissioning and its first windows are not judged; its standardisation
-adapts slowly on clearly normal windows.
+Differences from the recipe's rows, by design of the gateway: a file's first windows are judged
+from ``min_coverage`` (0.8) of their span (the recipe starts at row ``w - 1``), the windows before
+are neither judged nor commissioned on; the detector's smoothing starts after commissioning and
+its first windows are not judged; its standardisation adapts slowly on clearly normal windows.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.alarms.episodes import EpisodeState, EpisodeTracker
-from gateway.contracts import ModelResult, WindowModel
+from gateway.contracts import DEFAULT_MIN_COVERAGE, ModelResult, WindowModel
 from gateway.inference.build import model_lengths
 from gateway.inference.card import load_card
 from gateway.inference.fusion import FusionCard, FusionModel, Member, fuse_window
@@ -63,6 +66,12 @@ log = logging.getLogger(__name__)
 B = npt.NDArray[np.bool_]
 WALL = 1.7e9
 HOP_S = 1.0
+
+
+def whole_windows(rows: int, w: int) -> int:
+    """Windows among the first ``rows`` (1 Hz, hop 1 s) holding ``min_coverage`` of their ``w`` s."""
+    partial = math.ceil(DEFAULT_MIN_COVERAGE * w - 1e-9) - 1  # windows holding 1.. samples below the share
+    return rows - partial
 
 
 def pump_member(
@@ -87,11 +96,11 @@ def pump_member(
             "default_precision": "fp32",
         }
     )
-    return AnomalyModel(card, tmp, backend="onnxruntime", commissioning_windows=FIT_ROWS)
+    return AnomalyModel(card, tmp, backend="onnxruntime", commissioning_windows=whole_windows(FIT_ROWS, w))
 
 
 def novelty_member(setting: tuple[int, float, float]) -> NoveltyModel:
-    """The gateway's novelty detector at one setting, commissioned on the first FIT_ROWS windows."""
+    """The gateway's novelty detector at one setting, commissioned on the whole windows of the first FIT_ROWS."""
     w, ewma, var = setting
     use = NoveltyUse(
         window_s=float(w),
@@ -99,7 +108,7 @@ def novelty_member(setting: tuple[int, float, float]) -> NoveltyModel:
         var_keep=var,
         features=list(FEATURES),
         spread_only=list(DRIFTING),
-        commissioning_s=FIT_ROWS * HOP_S,
+        commissioning_s=whole_windows(FIT_ROWS, w) * HOP_S,
     )
     return NoveltyModel(use, hop_s=HOP_S)
 

@@ -132,6 +132,10 @@ SETTINGS = {
     "var_keep": "share of the commissioning variance the principal subspace keeps",
     "adapt_rate": "step of the guarded adaptation of the standardisation on normal windows (0: none)",
     "latency_budget_us": "per-window compute budget on one core",
+    "min_coverage": (
+        "share of its expected samples each input stream must hold in a window for it to be judged, "
+        "commissioned on or adapted to (default 0.8; below: indeterminate, partial); 0: every window"
+    ),
 }
 
 
