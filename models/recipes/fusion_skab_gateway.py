@@ -27,8 +27,8 @@ defaults) is reported too: what the alarms show.
 
 Differences from the recipe's rows, by design of the gateway: the first windows of a file are
 partial (the recipe starts at row ``w - 1``) and count towards commissioning; the detector's
-smoothing starts after commissioning and its first windows are not judged; its standardisation
-adapts slowly on clearly normal windows.
+smoothing starts after commissioning and its first windows are not judged; its inputs' means
+adapt slowly on clearly normal windows.
 """
 
 from __future__ import annotations
