@@ -304,15 +304,19 @@ def drift_then_slow_fault(seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("settings", "seeds"),
+    ("settings", "seeds", "bound"),
     [
-        ({}, range(6)),  # the defaults
-        ({"cusum_k": 1.0}, range(6)),  # with the residual CUSUM
-        ({"ewma": 0.5, "ewma_slow": 0.1}, range(4)),  # with the slower EWMA block
+        ({}, range(6), 0.08),  # the defaults
+        ({"cusum_k": 1.0}, range(6), 0.08),  # with the residual CUSUM
+        # With the slower EWMA block: flow (a random walk in machine_rows) wanders past its
+        # commissioning spread around window 2000 of seed 0: 9.8 % of the windows flagged with
+        # the means alone adapting (6.7 % while flow's spread was rescaled after it too: see
+        # NoveltyModel._adapt for why the spreads no longer adapt).
+        ({"ewma": 0.5, "ewma_slow": 0.1}, range(4), 0.10),
     ],
 )
 def test_adaptation_keeps_up_with_slow_normal_drift_and_does_not_learn_a_slow_fault(
-    settings: dict[str, float], seeds: range
+    settings: dict[str, float], seeds: range, bound: float
 ) -> None:
     # Before 1.2.0 only windows scoring below 0.5 adapted: once the lag behind the drift pushed
     # normal windows past 0.5 the adaptation stopped for good, and the drift ended up flagged
@@ -323,11 +327,53 @@ def test_adaptation_keeps_up_with_slow_normal_drift_and_does_not_learn_a_slow_fa
         model = NoveltyModel(use, hop_s=1.0)
         flags = np.array([r.anomaly for r in model.score_batch(records(drift_then_slow_fault(seed)))])
         shares.append(flags[150:3350].mean())
-        assert shares[-1] < 0.08, (seed, shares[-1])
+        assert shares[-1] < bound, (seed, shares[-1])
         fault = flags[3350:]
         assert fault[:150].any(), seed  # found while it develops, within half its ramp ...
         assert fault[-200:].mean() > 0.95, seed  # ... and never learned as normal
     assert np.mean(shares) < 0.04
+
+
+def stationary_rows(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A machine in steady operation, the same process throughout."""
+    # Flow wanders slowly about its set point (AR(1), about 50 windows' correlation), pressure and
+    # current follow it with their own sensor noise, temperature wanders on its own.
+
+    def wander(phi: float) -> np.ndarray:
+        e = rng.standard_normal(n + 500) * math.sqrt(1.0 - phi * phi)
+        y = np.zeros_like(e)
+        for i in range(1, y.shape[0]):
+            y[i] = phi * y[i - 1] + e[i]
+        return y[500:]
+
+    flow = 30.0 + wander(0.98) + rng.standard_normal(n) * 0.3
+    pressure = 1.2 + 0.02 * (flow - 30.0) + rng.standard_normal(n) * 0.01
+    current = 1.3 + 0.01 * (flow - 30.0) + rng.standard_normal(n) * 0.008
+    temp = 60.0 + wander(0.95) * 0.5
+    return np.column_stack([flow, pressure, current, temp])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"cusum_k": 1.0, "ewma": 1.0, "lags": 1}],  # the defaults; the TEP choice's settings
+)
+def test_adaptation_on_steady_normal_operation_flags_no_more_than_the_frozen_detector(
+    settings: dict[str, float],
+) -> None:
+    # The spreads used to adapt too, input by input, around a mean that follows the input:
+    # flow's slow wander left its spread (to about half), pressure's and current's sensor noise
+    # kept theirs, and the relations the subspace and the residual CUSUM check, in commissioning
+    # spreads, broke on normal data: 3.4-65 % of these windows flagged against 0.5-2.0 % frozen
+    # (the means alone adapting: 0.3-1.2 %).
+    for seed in range(4):
+        x = stationary_rows(600 + 4000, np.random.default_rng(seed))
+        shares = []
+        for rate in (0.0, 0.01):  # 0.01: an adaptation memory of 100 windows, twice the wander's
+            use = NoveltyUse.model_validate({"commissioning_s": 600.0, "adapt_rate": rate, **settings})
+            model = NoveltyModel(use, hop_s=1.0)
+            flags = np.array([r.anomaly for r in model.score_batch(records(x))])[600:]
+            shares.append(float(flags.mean()))
+        assert shares[1] <= shares[0] + 0.01, (seed, shares)
 
 
 def test_gaps_and_missing_inputs_are_indeterminate_and_config_is_strict() -> None:
@@ -531,8 +577,10 @@ def test_the_recorded_gateway_path_figure_on_d00_te_is_reproduced_through_the_pi
     assert got.raised == want["alarm_windows"]
     assert len(got.raised) == want["false_episodes"]
     assert round(float(np.mean([bool(f) for f in got.flags])), 4) == want["far"]
-    # Beside it, the same settings frozen after commissioning (the recipe's scoring) raise fewer.
+    # Beside it, the same settings frozen after commissioning (the recipe's scoring): adapting
+    # the means alone flags about as many windows (while the spreads adapted too, 8.6 % of the
+    # windows against 1.8 % frozen, 6 false episodes against 3).
     fit = fit_pca(runs["d00"], spec_of_use(NoveltyUse.model_validate(table)))
     still = frozen(novelty_scores(fit, runs["d00_te"]) > 1.0)
     assert still.raised == ev["frozen"]["d00_te"]["alarm_windows"]
-    assert len(still.raised) < len(got.raised)
+    assert abs(np.mean([bool(f) for f in got.flags]) - np.mean([bool(f) for f in still.flags])) < 0.01

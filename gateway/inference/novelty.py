@@ -29,13 +29,16 @@ squared residuals of SPE, summed over its lags and blocks; when the CUSUM raised
 its sums instead (in the inputs' standardised units, squared as SPE's residuals).
 
 Guarded adaptation: after commissioning, a window judged normal that follows ``adapt_guard``
-normal windows in a row moves the standardisation (mean and spread) a step ``adapt_rate`` towards
-it; anomalous or unjudged windows freeze it, so a slowly developing fault is not learned as normal
-once it is flagged.  It follows a drift of slope ``s`` with a lag of ``s / adapt_rate``: a normal
-drift slower than the detector's sensitivity times the rate is followed, a faster fault is flagged
-and then no longer learned.  (Before 1.2.0 only windows scoring below 0.5 adapted: a lag that
-pushed normal windows above 0.5 stopped the adaptation for good, and with the slower EWMA block a
-slow normal drift then ended up flagged.)  The subspace and limits stay those of commissioning.
+normal windows in a row moves each input's mean a step ``adapt_rate`` towards it; anomalous or
+unjudged windows freeze it, so a slowly developing fault is not learned as normal once it is
+flagged.  It follows a drift of slope ``s`` with a lag of ``s / adapt_rate``: a normal drift slower
+than the detector's sensitivity times the rate is followed, a faster fault is flagged and then no
+longer learned.  (Before 1.2.0 only windows scoring below 0.5 adapted: a lag that pushed normal
+windows above 0.5 stopped the adaptation for good, and with the slower EWMA block a slow normal
+drift then ended up flagged.)  The spreads, the subspace, the CUSUM's scales and the limits stay
+those of commissioning: the subspace and the residuals are relations between the inputs in their
+commissioning spreads, and moving every mean by the same rule keeps a linear relation between the
+inputs holding, where rescaling inputs one by one does not (see :meth:`NoveltyModel._adapt`).
 
 A window one of whose input streams holds less than ``min_coverage`` of its expected samples
 (after a start or an outage: :mod:`gateway.inference.partial`) is not judged (``partial``),
@@ -47,9 +50,11 @@ the smoothing and the lags (indeterminate, "commissioning"): a smoothed input th
 raw window is far noisier than those the subspace was fitted on.
 
 State (the commissioning rows while collecting, the fitted detector after, with its adapted
-standardisation and the CUSUM's scales and limit) is kept per subject in one JSON file under
-``<state_dir>/models/``, so a restart neither loses nor repeats commissioning.  The running EWMA
-and CUSUM sums are not kept: after a restart they start again from the settling windows.
+means and the CUSUM's scales and limit) is kept per subject in one JSON file under
+``<state_dir>/models/``, so a restart neither loses nor repeats commissioning (a state saved
+while the spreads adapted too keeps the spreads it had reached, no longer moved; recommissioning
+restores commissioning's).  The running EWMA and CUSUM sums are not kept: after a restart they
+start again from the settling windows.
 """
 
 from __future__ import annotations
@@ -496,7 +501,7 @@ class NoveltyUse(BaseModel):
     # a change applies to a commissioned machine at the next start.
     cusum_clear: int = Field(CUSUM_CLEAR, ge=1, le=10_000)
     var_keep: float = Field(0.95, gt=0, lt=1)
-    adapt_rate: float = Field(0.001, ge=0, lt=0.5)  # 0: no adaptation
+    adapt_rate: float = Field(0.001, ge=0, lt=0.5)  # step of the inputs' means on normal windows; 0: none
     latency_budget_us: float = Field(2000.0, gt=0)
     # Share of its expected samples each input stream must hold in a window for it to be judged
     # (below: indeterminate "partial", neither commissioned on nor adapted to); 0: every window.
@@ -715,16 +720,20 @@ class NoveltyModel:
         return ModelResult(score, False, contributions(fit, row[0], subj.keys) if self.explain_all else {})
 
     def _adapt(self, subject: str, subj: _Subject, x: F64) -> None:
-        """Move the standardisation a small step towards a clearly normal window."""
+        """Move each input's mean a small step towards a clearly normal window."""
         fit = subj.fit
         assert fit is not None
-        ok = np.isfinite(x)
+        # Only the means (the spreads used to adapt too).  Every mean takes the same step, so a
+        # linear relation the inputs keep (x_a = b x_b + c) holds between the means and the
+        # residuals stay centred.  A spread adapted input by input rescales each input on its
+        # own while the subspace, the residual scales and the limits keep the commissioning
+        # spreads: an input rescaled by s0/s turns each of its ordinary excursions z into a
+        # residual (s0/s - 1) z on the inputs tied to it, slow and persistent as the excursion,
+        # which the residual CUSUM accumulates.  And measured around a mean that follows the
+        # input, the spread loses the input's wander slower than the adaptation, shrinking it
+        # by as much as that wander held (TEP d00_te and tests/test_novelty.py, BENCHMARKS.md).
         r = self.use.adapt_rate
-        delta = np.where(ok, x - fit.mean, 0.0)
-        fit.mean = fit.mean + r * delta
-        var = (1 - r) * fit.std**2 + r * delta * delta
-        floor = np.maximum(fit.spec.min_std_rel * np.abs(fit.mean), fit.spec.min_std_abs)
-        fit.std = np.maximum(np.sqrt(var), floor)
+        fit.mean = fit.mean + r * np.where(np.isfinite(x), x - fit.mean, 0.0)
         subj.adapted += 1
         if subj.adapted % 100 == 0:
             self._save(subject, subj)

@@ -31,7 +31,7 @@ defaults) is reported too: what the alarms show.
 Differences from the recipe's rows, by design of the gateway: a file's first windows are judged
 from ``min_coverage`` (0.8) of their span (the recipe starts at row ``w - 1``), the windows before
 are neither judged nor commissioned on; the detector's smoothing starts after commissioning and
-its first windows are not judged; its standardisation adapts slowly on clearly normal windows.
+its first windows are not judged; its inputs' means adapt slowly on clearly normal windows.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ SETTINGS = {
         "are back; applies to a commissioned machine at the next start"
     ),
     "var_keep": "share of the commissioning variance the principal subspace keeps",
-    "adapt_rate": "step of the guarded adaptation of the standardisation on normal windows (0: none)",
+    "adapt_rate": "step of the guarded adaptation of the inputs' means on normal windows (0: none)",
     "latency_budget_us": "per-window compute budget on one core",
     "min_coverage": (
         "share of its expected samples each input stream must hold in a window for it to be judged, "
@@ -455,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
             "Settings transfer as counts of windows, not minutes: TEP samples are 3 min apart. "
             "Faults that leave the joint distribution of the measured variables unchanged (3, 9, 15 "
             "in TEP) are not separable from normal by any detector of normal data alone. The subspace "
-            "and the CUSUM's scales are fixed at commissioning; only the standardisation adapts, on windows "
+            "and the CUSUM's scales are fixed at commissioning, and so are the spreads; only the inputs' means "
+            "adapt, on windows "
             "judged normal after a run of them, following a drift with a lag of its slope over adapt_rate: "
             "a fault that develops slower than that is learned. The chosen settings (no smoothing, lags 1) do "
             "not follow slow normal drift after a short commissioning (tests/test_novelty.py's drift case); "

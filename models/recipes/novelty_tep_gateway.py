@@ -3,7 +3,7 @@
 Run: ``python -m models.recipes.novelty_tep_gateway --data /work/shared/data`` (a few minutes).
 
 :mod:`models.recipes.novelty_tep` scores each run with a detector fitted once on ``d00`` and then
-frozen.  The gateway's detector is not frozen: after commissioning it adapts its standardisation
+frozen.  The gateway's detector is not frozen: after commissioning it adapts its inputs' means
 on windows it judged normal (guarded), leaves the first windows after a start unjudged while its
 smoothing settles, and its alarms come from the pipeline's episode logic.  Here every run goes
 through that code, nothing re-implemented:
