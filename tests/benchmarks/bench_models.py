@@ -6,6 +6,10 @@ backends in alternating rounds over the same windows (idle, then under the load 
 ``--evict MB`` adds a phase between them in which the benchmark's own thread streams over ``MB``
 megabytes before every window (outside the measured time): every window then starts with the cold
 caches a busy neighbour leaves, without waiting for the scheduler to switch the thread out.
+``--compare MODEL --anatomy`` prints, per phase, what the slowest 1 % of windows are made of: each
+stage's thread CPU, collections, switches inside and before a window, page faults.
+``--features-sizes 20,1200`` measures the one-pass features of 8 streams x N samples per window
+with glibc's mmap threshold pinned as ``edgetwin run`` pins it (CPU and page faults per window).
 
 The benchmark pins itself to one CPU and measures every window at batch 1, as the pipeline scores
 a subject's window when it closes, for each shipped neural model on each backend (numpy fp32,
