@@ -197,8 +197,9 @@ def build_fusions(
     ``directory``: the ``[models] dir`` (None: the shipped models).  ``window_s`` is the
     pipeline's (the window of a model that has none of its own).  Every
     member must be a configured model, run as the fusion's settings were chosen; its
-    results are then explained on every window (``explain_all``), so a fused anomaly can name
-    inputs of a member that did not flag the window alone.
+    results are then explained on every window (``explain_all``; a window the member does not
+    flag when its contributions are read), so a fused anomaly can name inputs of a member that
+    did not flag the window alone.
     """
     if not uses:
         return []  # the card module and the models folder are looked at only with fusions

@@ -234,9 +234,16 @@ def phases(load: int, evict_mb: int) -> Iterator[tuple[str, int, int, Callable[[
         yield "loaded", load, 0, None
 
 
-def compare_backends(model: str, backends: list[str], windows: int, load: int, evict_mb: int = 0) -> None:
-    """Per-window CPU of one model on several backends, alternating rounds over the same windows."""
+def compare_backends(
+    model: str, backends: list[str], windows: int, load: int, evict_mb: int = 0, member: bool = False
+) -> None:
+    """Per-window CPU of one model on several backends, alternating rounds over the same windows.
+
+    ``member``: the model as a fusion member (``explain_all``), every served window explained.
+    """
     cases = {b: Case(model, b, "fp32", windows, seed=1) for b in backends}
+    for c in cases.values():
+        c.model.explain_all = member
     gc.collect()
     gc.freeze()
     head = (
@@ -486,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N,N,...",
         help="only: one-pass features of 8 streams x N samples per window, CPU and page faults",
     )
+    ap.add_argument(
+        "--fusion-member",
+        action="store_true",
+        help="--compare: the model as a member of a fusion (explain_all)",
+    )
     args = ap.parse_args(argv)
     os.sched_setaffinity(0, {args.cpu})
     print(
@@ -500,7 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.compare:
         compare_backends(
-            args.compare, args.backends.split(","), args.windows, 0 if args.no_load else args.load, args.evict
+            args.compare,
+            args.backends.split(","),
+            args.windows,
+            0 if args.no_load else args.load,
+            args.evict,
+            args.fusion_member,
         )
         return 0
     cases = [
