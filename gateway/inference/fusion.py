@@ -241,8 +241,9 @@ def build_fusions(
     of the streams the novelty detector may take (None: known only at run time), against which a
     ``spread_only`` name a site added is checked when it lists no ``inputs``.  Every
     member must be a configured model, run as the fusion's settings were chosen; its
-    results are then explained on every window (``explain_all``), so a fused anomaly can name
-    inputs of a member that did not flag the window alone.
+    results are then explained on every window (``explain_all``; a window the member does not
+    flag when its contributions are read), so a fused anomaly can name inputs of a member that
+    did not flag the window alone.
     """
     if not uses:
         return []  # the card module and the models folder are looked at only with fusions

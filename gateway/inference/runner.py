@@ -37,13 +37,15 @@ per model and subject there, so a restart does not recommission a machine.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import operator
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeAlias
@@ -274,7 +276,12 @@ class AnomalyModel:
         self.subject_kind = card.subject_kind
         # Explain every served window, not only flagged ones: a fusion over this model may flag a
         # window this model alone does not, and its explanation lists this model's inputs too.
+        # Windows the model does not flag are explained when their contributions are first read
+        # (a fusion reads them for the few windows it flags): the occlusion runs the model once
+        # per input and cost twice the rest of a window.
         self.explain_all = False
+        # The backend runs in the worker thread, and a deferred explanation wherever it is read.
+        self._run_lock = threading.Lock()
         self._state_name = card.name  # its statistics files; a version sent over the downlink has its own
         # False where the pipeline already checks every sample against the same rules: one
         # sensor fault must page once, not once per checker.
@@ -676,7 +683,8 @@ class AnomalyModel:
                 xin = np.minimum(xin, clip)
                 np.maximum(xin, -clip, out=xin)
             try:
-                out = self.backend.run(xin.astype(np.float32))
+                with self._run_lock:
+                    out = self.backend.run(xin.astype(np.float32))
             except Exception:  # a failing backend must not take the pipeline down
                 log.exception("models %s: backend raised; the fallback scores this batch", self.name)
                 reason = "backend_error"
@@ -702,12 +710,17 @@ class AnomalyModel:
             for o, ok, sc in zip(ood, subject_ok, score_list, strict=True)
         ]
         flagged = [sv and sc > threshold for sv, sc in zip(served, score_list, strict=True)]
-        by_row: dict[int, dict[str, float]] = {}
-        explain = served if self.explain_all else flagged
-        if True in explain:
-            contrib_rows = [r for r, f in enumerate(explain) if f]
+        by_row: dict[int, Mapping[str, float]] = {}
+        if True in flagged:
+            contrib_rows = [r for r, f in enumerate(flagged) if f]
             contribs = self._explain(z_all[contrib_rows], scores[contrib_rows], clip)
             by_row = dict(zip(contrib_rows, contribs, strict=True))
+        if self.explain_all:
+            for r, sv in enumerate(served):
+                if sv and not flagged[r]:
+                    by_row[r] = _Deferred(
+                        functools.partial(self._explain, z_all[r : r + 1], scores[r : r + 1], clip)
+                    )
         fb_z = self.card.fallback.z
         for r, i in enumerate(rows):
             self._follow(records[i], xs[r], flagged[r] if served[r] else None)
@@ -796,7 +809,8 @@ class AnomalyModel:
         probe = np.repeat(np.clip(z, -clip, clip), n, axis=0).reshape(k, n, n)
         probe[:, np.arange(n), np.arange(n)] = 0.0
         try:
-            out = self.backend.run(probe.reshape(k * n, n).astype(np.float32)).reshape(k, n)
+            with self._run_lock:
+                out = self.backend.run(probe.reshape(k * n, n).astype(np.float32)).reshape(k, n)
         except Exception:  # explanations are best effort; the anomaly itself still goes out
             log.exception("models %s: explanation failed; sending the z-score shares", self.name)
             return [_zshare(row, self._keys) for row in z]
@@ -912,6 +926,36 @@ class AnomalyModel:
         if self._track is not None and norm.level is not None:
             body["level"] = norm.level.tolist()
         store_json(path, body, self.name)
+
+
+class _Deferred(Mapping[str, float]):
+    """A window's contributions, computed by ``make`` (one explanation) when first read."""
+
+    __slots__ = ("_got", "_make")
+
+    def __init__(self, make: Callable[[], list[dict[str, float]]]) -> None:
+        self._make: Callable[[], list[dict[str, float]]] | None = make
+        self._got: dict[str, float] | None = None
+
+    def _value(self) -> dict[str, float]:
+        got = self._got
+        if got is None:
+            make = self._make
+            got = {} if make is None else make()[0]
+            self._got, self._make = got, None  # the window's inputs are let go
+        return got
+
+    def __getitem__(self, key: str) -> float:
+        return self._value()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._value())
+
+    def __len__(self) -> int:
+        return len(self._value())
+
+    def __repr__(self) -> str:
+        return repr(self._value())
 
 
 def _top(shares: F64, keys: Sequence[str]) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -84,6 +85,36 @@ def _layout(counts: tuple[int, ...]) -> tuple[npt.NDArray[np.intp], npt.NDArray[
     return starts, np.repeat(np.arange(c.size, dtype=np.intp), c), c.astype(np.float64)
 
 
+class _Scratch(threading.local):
+    """Per-thread work arrays of :func:`basic_features_streams`, reused window after window.
+
+    A window's temporaries (its values and times concatenated, their centred products) are fresh
+    memory otherwise: above the mmap threshold the gateway pins (``gateway.memory``), 128 KiB or
+    8 streams x 1,000 samples, each is mapped, faulted in page by page and unmapped again in every
+    window, which cost more than the arithmetic.  Held here they stay resident at the largest
+    window's size, two arrays per thread that computes features (the windower's).
+    """
+
+    def __init__(self) -> None:
+        self.a: F8 = np.empty(0)
+        self.b: F8 = np.empty(0)
+        self.last: tuple[int, F8, F8] = (0, self.a, self.b)  # a steady source repeats its size
+
+    def views(self, size: int) -> tuple[F8, F8]:
+        """Two arrays of ``size`` values (contents undefined), grown with room for jittering counts."""
+        last = self.last
+        if last[0] == size:
+            return last[1], last[2]
+        if self.a.size < size:
+            room = size + size // 8
+            self.a, self.b = np.empty(room), np.empty(room)
+        self.last = (size, self.a[:size], self.b[:size])
+        return self.last[1], self.last[2]
+
+
+_SCRATCH = _Scratch()
+
+
 def basic_features_streams(ts: Sequence[F8], vs: Sequence[F8]) -> list[dict[str, float]]:
     """:func:`basic_features_finite` of several streams' windows in one numpy pass.
 
@@ -111,7 +142,8 @@ def _streams_pass(ts: Sequence[F8], vs: Sequence[F8], counts: tuple[int, ...]) -
     """:func:`basic_features_streams` of two or more streams, none of them empty."""
     s = len(counts)
     starts, seg, n = _layout(counts)
-    x = np.concatenate((*vs, *ts))
+    x, y = _SCRATCH.views(2 * sum(counts))
+    np.concatenate((*vs, *ts), out=x)
     nv = x.size // 2
     xv = x[:nv]
     vmin = np.minimum.reduceat(xv, starts[:s])
@@ -130,9 +162,11 @@ def _streams_pass(ts: Sequence[F8], vs: Sequence[F8], counts: tuple[int, ...]) -
         np.maximum(mean[:s], vmin, out=mean[:s])
         np.minimum(mean[:s], vmax, out=mean[:s])
         means = mean[:s].tolist()
-    x -= mean[seg]  # centred values, then centred times (t_mono ~1e5-1e6 s: keeps precision)
-    sq = np.add.reduceat(x * x, starts)
-    cross = np.add.reduceat(xv * x[nv:], starts[:s])
+    # Centred values, then centred times (t_mono ~1e5-1e6 s: keeps precision); the products into
+    # the second work array: the operations of ``x -= mean[seg]``, ``x * x`` and ``xv * x[nv:]``.
+    x -= mean.take(seg, out=y, mode="clip")  # every index is in range: no bounds pass
+    sq = np.add.reduceat(np.multiply(x, x, out=y), starts)
+    cross = np.add.reduceat(np.multiply(xv, x[nv:], out=y[:nv]), starts[:s])
     out: list[dict[str, float]] = []
     for c, m, lo, hi, ss, den, num in zip(
         counts, means, los, his, sq[:s].tolist(), sq[s:].tolist(), cross.tolist(), strict=True

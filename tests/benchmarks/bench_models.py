@@ -6,6 +6,10 @@ backends in alternating rounds over the same windows (idle, then under the load 
 ``--evict MB`` adds a phase between them in which the benchmark's own thread streams over ``MB``
 megabytes before every window (outside the measured time): every window then starts with the cold
 caches a busy neighbour leaves, without waiting for the scheduler to switch the thread out.
+``--compare MODEL --anatomy`` prints, per phase, what the slowest 1 % of windows are made of: each
+stage's thread CPU, collections, switches inside and before a window, page faults.
+``--features-sizes 20,1200`` measures the one-pass features of 8 streams x N samples per window
+with glibc's mmap threshold pinned as ``edgetwin run`` pins it (CPU and page faults per window).
 
 The benchmark pins itself to one CPU and measures every window at batch 1, as the pipeline scores
 a subject's window when it closes, for each shipped neural model on each backend (numpy fp32,
@@ -46,6 +50,7 @@ from gateway.inference.backends import litert_interpreter_class
 from gateway.inference.build import default_models_dir
 from gateway.inference.card import CARD_SUFFIX, load_card
 from gateway.inference.runner import AnomalyModel
+from gateway.memory import fix_mmap_threshold
 from gateway.pipeline.features import basic_features_finite, basic_features_streams
 from gateway.sample import MDC, Stream, industrial_metric
 
@@ -217,22 +222,35 @@ def tail_row(label: str, cpu: np.ndarray, ev: np.ndarray) -> str:
     return f"{label:34} {pct(cpu):>15}   {share:>35} {rest:17.1f} {sw:17.1f}"
 
 
-def compare_backends(model: str, backends: list[str], windows: int, load: int, evict_mb: int = 0) -> None:
-    """Per-window CPU of one model on several backends, alternating rounds over the same windows."""
+def phases(load: int, evict_mb: int) -> Iterator[tuple[str, int, int, Callable[[], object] | None]]:
+    """(name, busy processes, MB streamed, what runs before each window): idle, evicted, loaded."""
+    yield "idle", 0, 0, None
+    if evict_mb:
+        # Streaming over more than the last-level cache, in place: what a busy neighbour's
+        # time slice leaves behind, before every window.
+        sweep = np.ones(evict_mb << 17)
+        yield "evicted", 0, evict_mb, functools.partial(np.multiply, sweep, 1.0000001, out=sweep)
+    if load:
+        yield "loaded", load, 0, None
+
+
+def compare_backends(
+    model: str, backends: list[str], windows: int, load: int, evict_mb: int = 0, member: bool = False
+) -> None:
+    """Per-window CPU of one model on several backends, alternating rounds over the same windows.
+
+    ``member``: the model as a fusion member (``explain_all``), every served window explained.
+    """
     cases = {b: Case(model, b, "fp32", windows, seed=1) for b in backends}
+    for c in cases.values():
+        c.model.explain_all = member
     gc.collect()
     gc.freeze()
     head = (
         f"{'backend':34} {'p50 / p99 us':>15}   {'GC / switched / fault, % of windows':>35}"
         f" {'p99 of the others':>17} {'p99 of switched':>17}"
     )
-    phases = [("idle", 0, 0)] + ([("evicted", 0, evict_mb)] if evict_mb else [])
-    phases += [("loaded", load, 0)] if load else []
-    for phase, n, mb in phases:
-        # Streaming over more than the last-level cache, in place: what a busy neighbour's
-        # time slice leaves behind, before every window.
-        sweep = np.ones(mb << 17) if mb else None
-        before = None if sweep is None else functools.partial(np.multiply, sweep, 1.0000001, out=sweep)
+    for phase, n, mb, before in phases(load, evict_mb):
         with load_generator(n) as pids:
             print(
                 f"-- {model} fp32, batch 1, per window incl. features, thread CPU; {phase}"
@@ -244,6 +262,162 @@ def compare_backends(model: str, backends: list[str], windows: int, load: int, e
         for b in backends:
             cpu, _, ev = paths.arrays(b)
             print(tail_row(b, cpu, ev) + f"  {cases[b].model.stats()['state']}")
+
+
+class _TimedBackend:
+    """The model's backend, with the thread CPU time at entry to and exit from each ``run``."""
+
+    def __init__(self, inner: Any, marks: list[int]) -> None:
+        self.name, self.precision = inner.name, inner.precision
+        self._run, self._marks = inner.run, marks
+
+    def run(self, x: Any) -> Any:
+        """The inner backend's scores, between two time marks."""
+        m = self._marks
+        m[0] = time.thread_time_ns()
+        y = self._run(x)
+        m[1] = time.thread_time_ns()
+        return y
+
+
+#: Per-window columns of the anatomy (thread CPU ns, counts).
+STAGES = ("features", "records", "scale", "model", "results")
+ANATOMY_COLUMNS = (*STAGES, "total", "gc_gen", "gc_ns", "switched_in", "switched_before", "faults")
+
+
+def anatomy(case: Case, windows: int, before: Callable[[], object] | None = None) -> np.ndarray:
+    """Per window: thread CPU of each stage, the collector's generation and time, switches, faults.
+
+    Stages: the one-pass features, building the records, ``score_batch`` up to the model call
+    (inputs, plausibility, normalisation), the model call, and the rest of ``score_batch``
+    (decisions, explanation, results, baseline).  ``switched_before``: the thread was switched
+    out after the previous window ended and before this one began (it starts cold).  The marks
+    cost about 1 µs of the total.
+    """
+    out = np.zeros((windows, len(ANATOMY_COLUMNS)), np.int64)
+    marks = [0, 0]
+    inner = case.model.backend
+    case.model.backend = _TimedBackend(inner, marks)  # a Backend by shape (name, precision, run)
+    gc_at = [-1, 0, 0]  # generation, start, total ns in this window
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_at[0], gc_at[1] = max(gc_at[0], info["generation"]), time.thread_time_ns()
+        else:
+            gc_at[2] += time.thread_time_ns() - gc_at[1]
+
+    usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
+    tt = time.thread_time_ns
+    gc.callbacks.append(seen)
+    last = usage()
+    try:
+        for i in range(windows):
+            if before is not None:
+                before()
+            raw = case.raw[case.k % len(case.raw)]
+            k = case.k
+            gc_at[0], gc_at[2] = -1, 0
+            r0 = usage()
+            t0 = tt()
+            feats = basic_features_streams([case.t] * len(raw), raw)
+            t1 = tt()
+            sfs = tuple(StreamFeatures(st, case.w, 0.0, f) for st, f in zip(case.streams, feats, strict=True))
+            rec = WindowRecord("s0", case.kind, k, float(k), float(k), float(case.w), sfs)
+            t2 = tt()
+            marks[0] = marks[1] = t2
+            case.model.score_batch([rec])
+            t3 = tt()
+            r1 = usage()
+            case.k += 1
+            row = out[i]
+            row[0], row[1], row[2], row[3], row[4] = (
+                t1 - t0,
+                t2 - t1,
+                marks[0] - t2,
+                marks[1] - marks[0],
+                t3 - marks[1],
+            )
+            row[5], row[6], row[7] = t3 - t0, gc_at[0], gc_at[2]
+            row[8] = r1.ru_nvcsw + r1.ru_nivcsw - r0.ru_nvcsw - r0.ru_nivcsw
+            row[9] = r0.ru_nvcsw + r0.ru_nivcsw - last.ru_nvcsw - last.ru_nivcsw
+            row[10] = r1.ru_minflt + r1.ru_majflt - r0.ru_minflt - r0.ru_majflt
+            last = r1
+    finally:
+        gc.callbacks.remove(seen)
+        case.model.backend = inner
+    return out
+
+
+def anatomy_report(label: str, a: np.ndarray) -> None:
+    """What the slowest 1 % of windows are made of, against the median band and by disturbance."""
+    us = a[:, :6] / 1e3
+    total = us[:, 5]
+    p50, p99 = np.percentile(total, [50, 99])
+    tail = total >= p99
+    mid = (total >= np.percentile(total, 25)) & (total <= np.percentile(total, 75))
+    gc_ran, sw_in, sw_before, fault = a[:, 6] >= 0, a[:, 8] > 0, a[:, 9] > 0, a[:, 10] > 0
+    calm = ~(gc_ran | sw_in | sw_before | fault)
+    print(f"{label}: p50 / p99 {p50:.1f} / {p99:.1f} us over {len(a)} windows")
+    print(f"  {'windows':22} {'n':>6} " + " ".join(f"{s:>9}" for s in (*STAGES, "total")) + "  (mean us)")
+    for name, sel in (("median band (p25-75)", mid), ("slowest 1 %", tail)):
+        print(f"  {name:22} {int(sel.sum()):6d} " + " ".join(f"{v:9.1f}" for v in us[sel].mean(axis=0)))
+    print(f"  {'kind of window':34} {'% of all':>8} {'% of slowest 1 %':>17} {'p50':>7} {'p99':>7}")
+    kinds = (
+        ("undisturbed", calm),
+        ("switched out before it", sw_before & ~sw_in),
+        ("switched out inside it", sw_in),
+        ("collection inside it", gc_ran),
+        ("page fault inside it", fault),
+    )
+    for name, sel in kinds:
+        if sel.any():
+            q50, q99 = np.percentile(total[sel], [50, 99])
+            print(
+                f"  {name:34} {100 * sel.mean():8.2f} {100 * (sel & tail).sum() / max(1, tail.sum()):17.1f}"
+                f" {q50:7.1f} {q99:7.1f}"
+            )
+    if gc_ran.any():
+        gens = np.bincount(a[gc_ran, 6], minlength=3)
+        print(f"  collections by generation 0/1/2: {gens.tolist()}, mean {a[gc_ran, 7].mean() / 1e3:.1f} us")
+
+
+def anatomy_phases(model: str, windows: int, load: int, evict_mb: int) -> None:
+    """The anatomy of one model's windows idle, with evicted caches and under the load generator."""
+    case = Case(model, "card", "fp32", windows, seed=1)
+    gc.collect()
+    gc.freeze()
+    for phase, n, mb, before in phases(load, evict_mb):
+        with load_generator(n) as pids:
+            got = anatomy(case, windows, before)
+            avg = os.getloadavg()[0]
+        anatomy_report(
+            f"-- {model} on {case.model.backend.name}, {phase} ({len(pids)} busy processes"
+            f"{f', {mb} MB streamed before each window' if mb else ''}; load average {avg:.1f})",
+            got,
+        )
+
+
+def features_sizes(sizes: list[int], streams: int = 8, windows: int = 3000) -> None:
+    """One-pass features of ``streams`` x N samples per window: thread CPU and page faults per window.
+
+    With the mmap threshold pinned as ``edgetwin`` pins it at start (``gateway.memory``), so
+    temporaries above 128 KiB are mapped afresh in every window unless the features reuse memory.
+    """
+    print(f"mmap threshold pinned as the service does: {fix_mmap_threshold()}")
+    print(f"{'window':>18} {'p50 / p99 us':>15} {'faults per window':>18}")
+    rng = np.random.default_rng(1)
+    usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
+    for n in sizes:
+        t = 1e5 + 0.025 * np.arange(n, dtype=np.float64)  # 40 Hz on a monotonic clock
+        raws = [[rng.standard_normal(n) for _ in range(streams)] for _ in range(16)]
+        cpu, faults = np.zeros(windows), np.zeros(windows)
+        for i in range(windows):
+            raw = raws[i % len(raws)]
+            r0, c0 = usage(), time.thread_time_ns()
+            basic_features_streams([t] * streams, raw)
+            c1, r1 = time.thread_time_ns(), usage()
+            cpu[i], faults[i] = (c1 - c0) / 1e3, r1.ru_minflt - r0.ru_minflt
+        print(f"{f'{streams} x {n}':>18} {pct(cpu):>15} {faults.mean():18.1f}")
 
 
 def pct(a: np.ndarray) -> str:
@@ -309,15 +483,41 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MB",
         help="--compare: a phase streaming over MB megabytes before every window (cold caches)",
     )
+    ap.add_argument(
+        "--anatomy",
+        action="store_true",
+        help="--compare: per window, which stage the time went to and what disturbed the slowest",
+    )
+    ap.add_argument(
+        "--features-sizes",
+        metavar="N,N,...",
+        help="only: one-pass features of 8 streams x N samples per window, CPU and page faults",
+    )
+    ap.add_argument(
+        "--fusion-member",
+        action="store_true",
+        help="--compare: the model as a member of a fusion (explain_all)",
+    )
     args = ap.parse_args(argv)
     os.sched_setaffinity(0, {args.cpu})
     print(
         f"pinned to CPU {args.cpu} of {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}; RSS {rss_mb():.1f} MB"
     )
     backends = ["numpy", "onnxruntime"] + (["litert"] if litert_interpreter_class() is not None else [])
+    if args.features_sizes:
+        features_sizes([int(n) for n in args.features_sizes.split(",")])
+        return 0
+    if args.compare and args.anatomy:
+        anatomy_phases(args.compare, args.windows, 0 if args.no_load else args.load, args.evict)
+        return 0
     if args.compare:
         compare_backends(
-            args.compare, args.backends.split(","), args.windows, 0 if args.no_load else args.load, args.evict
+            args.compare,
+            args.backends.split(","),
+            args.windows,
+            0 if args.no_load else args.load,
+            args.evict,
+            args.fusion_member,
         )
         return 0
     cases = [
