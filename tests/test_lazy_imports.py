@@ -248,6 +248,18 @@ def test_asyncua_keeps_its_names_and_loads_its_server_on_first_use() -> None:
     assert second == "module 'asyncua' has no attribute 'NoSuchName'"
 
 
+def test_the_sparkplug_codec_reads_status_codes_without_asyncuas_server() -> None:
+    code = (
+        "import sys; from gateway.uplink.sparkplug.codec import opcua_status_code; "
+        "print(opcua_status_code('bad_nodeidunknown'), 'asyncua.server' in sys.modules)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == [str(0x80340000), "False"]
+
+
 def test_only_the_asyncua_release_it_knows_is_served_without_its_server(tmp_path: Path) -> None:
     spec = importlib.util.find_spec("asyncua")
     assert spec is not None
