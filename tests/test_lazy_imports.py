@@ -9,6 +9,7 @@ imported, at start-up or later, by an import statement or by ``importlib`` (whic
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -17,12 +18,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 from uplink_support import mosquitto_pki, running_broker
 
-from gateway.uplink.broker import MosquittoBroker
+from drivers.opcua import lean
+from drivers.opcua.plcsim import PlcSimProcess
+from gateway.uplink.broker import MosquittoBroker, free_port
 from gateway.uplink.certs import DemoPKI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +72,7 @@ def broker(tmp_path: Path, pki: DemoPKI) -> Iterator[MosquittoBroker]:
     yield from running_broker(tmp_path, pki)
 
 
-def _config(tmp: Path, pki: DemoPKI, broker: MosquittoBroker, models: str) -> Path:
+def _config(tmp: Path, pki: DemoPKI, broker: MosquittoBroker, models: str, sources: str = "") -> Path:
     path = tmp / "edgetwin.toml"
     path.write_text(
         f"""
@@ -99,7 +103,7 @@ subject = "bed-1"
 kind = "medical"
 profile = "patient"
 device = "A4:C1:38:5B:20:7E"
-"""
+{sources}"""
     )
     return path
 
@@ -185,3 +189,85 @@ def test_with_a_model_the_runner_and_its_runtime_load(
     for backend, module in runtimes.items():
         assert bool(_loaded(modules, module)) == (backend == chosen), (backend, chosen)
     assert not _loaded(modules, "drivers.opcua")
+
+
+def test_an_opcua_client_loads_neither_the_server_nor_its_address_space(
+    tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker
+) -> None:
+    plc = PlcSimProcess(free_port(), "--rate-hz", "5")
+    plc.start()
+    try:
+        opcua = f"""
+[[sources]]
+name = "pump-plc"
+driver = "opcua"
+subject = "plant-A/pump-3"
+kind = "industrial"
+endpoint = "{plc.endpoint}"
+security_policy = "None"
+security_mode = "None"
+namespace_uri = "urn:edgetwin:plcsim"
+nodes = [{{ browse_path = "Pump1/Motor/Current" }}]
+"""
+        modules = imported_by_a_run(_config(tmp_path, pki, broker, "", opcua))
+    finally:
+        plc.stop()
+    # The client and its session ran (ready waits for the source's subscription) ...
+    for needed in ("drivers.opcua.driver", "asyncua.client.client", "asyncua.common.subscription"):
+        assert needed in modules, needed
+    # ... and asyncua's server side never loaded (its package __init__ imports it for everyone).
+    assert not _loaded(modules, "asyncua.server"), _loaded(modules, "asyncua.server")
+
+
+# A fresh interpreter: asyncua through the driver package, then its server asked for by name.
+LEAN = """
+import sys
+import drivers.opcua
+import asyncua
+from drivers.opcua import lean
+before = "asyncua.server" in sys.modules
+from asyncua import Server
+from asyncua.server.server import Server as Direct
+print(lean.served(), before, Server is Direct is asyncua.Server, asyncua.__version__, asyncua.Client.__name__)
+try:
+    asyncua.NoSuchName
+except AttributeError as exc:
+    print(exc)
+"""
+
+
+def test_asyncua_keeps_its_names_and_loads_its_server_on_first_use() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", LEAN], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    first, second = out.stdout.splitlines()
+    served, before, same, version, client = first.split()
+    assert (served, before, same, client) == ("True", "False", "True", "Client")
+    assert version == metadata.version("asyncua")
+    assert second == "module 'asyncua' has no attribute 'NoSuchName'"
+
+
+def test_the_sparkplug_codec_reads_status_codes_without_asyncuas_server() -> None:
+    code = (
+        "import sys; from gateway.uplink.sparkplug.codec import opcua_status_code; "
+        "print(opcua_status_code('bad_nodeidunknown'), 'asyncua.server' in sys.modules)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == [str(0x80340000), "False"]
+
+
+def test_only_the_asyncua_release_it_knows_is_served_without_its_server(tmp_path: Path) -> None:
+    spec = importlib.util.find_spec("asyncua")
+    assert spec is not None
+    assert spec.origin is not None
+    # The installed release is the one the finder knows: a new asyncua fails here, to be looked at.
+    assert lean.is_known_init(Path(spec.origin))
+    changed = tmp_path / "__init__.py"
+    changed.write_text(
+        Path(spec.origin).read_text(encoding="utf-8") + "from .tools import *\n", encoding="utf-8"
+    )
+    assert not lean.is_known_init(changed)

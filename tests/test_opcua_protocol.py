@@ -26,6 +26,7 @@ from drivers.opcua.protocol import (
     pick_timestamp,
     quality_of,
     render_tree,
+    status_numbers,
     status_token,
     to_float,
 )
@@ -52,6 +53,15 @@ def test_status_tokens_are_short_lowercase_tokens() -> None:
     assert status_token(0) == "good"
     for code in (0x80340000, 0x808C0000, 0x801F0000, 0x81130000, 0x80AB0000, 0x9FFF0000, 0x40000000):
         assert token.match(status_token(code)), status_token(code)
+
+
+def test_status_numbers_map_every_token_back_to_its_code() -> None:
+    numbers = status_numbers()
+    assert numbers["bad_nodeidunknown"] == 0x80340000
+    assert numbers["uncertain_lastusablevalue"] == 0x40900000
+    assert numbers["good"] == 0
+    assert len(numbers) > 200  # asyncua's whole table
+    assert all(status_token(code) == token for token, code in numbers.items())
 
 
 def test_values_become_floats_or_none() -> None:

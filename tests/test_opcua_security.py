@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from peers import free_port
 
+from drivers.opcua import lean
 from drivers.opcua.commands import add_commands
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.driver import factory
@@ -148,6 +149,8 @@ def test_untrusted_server_then_trust_then_every_policy_and_mode(
             )
             assert error is None, (policy, mode, error)
             assert count >= 3, (policy, mode)
+    # They ran on the asyncua package served without its server import (drivers/opcua/lean.py).
+    assert lean.served()
 
 
 def test_wrong_password_is_refused_with_a_clear_auth_error(secure_plc: tuple[PlcSimProcess, Path]) -> None:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from asyncua.ua.status_codes import get_name_and_doc
+from asyncua.ua.status_codes import StatusCodes, get_name_and_doc
 
 from drivers.opcua.config import split_browse_path
 from gateway.sample import Quality
@@ -99,6 +99,12 @@ def status_token(status: int) -> str:
             token = f"{prefix.lower()}_{rest}" if rest else prefix.lower()
             return token[:32]
     return f"status_{status:08x}"
+
+
+def status_numbers() -> dict[str, int]:
+    """Every OPC UA StatusCode by its :func:`status_token` (asyncua's generated table)."""
+    codes = (v for k, v in vars(StatusCodes).items() if isinstance(v, int) and not k.startswith("_"))
+    return {status_token(code): code for code in codes}
 
 
 def type_name(type_id: int | None) -> str:

@@ -194,13 +194,11 @@ def points(rec: Record) -> tuple[str | None, list[Point]]:
 def _opcua_codes() -> dict[str, int]:
     """OPC UA status token -> numeric StatusCode, from asyncua's table (empty without the opcua extra)."""
     try:
-        from asyncua.ua.status_codes import StatusCodes  # noqa: PLC0415
-
-        from drivers.opcua.protocol import status_token  # noqa: PLC0415
+        # Through the driver package, which imports asyncua without its server (drivers/opcua/lean.py).
+        from drivers.opcua.protocol import status_numbers  # noqa: PLC0415
     except ImportError:
         return {}
-    codes = (v for k, v in vars(StatusCodes).items() if isinstance(v, int) and not k.startswith("_"))
-    return {status_token(code): code for code in codes}
+    return status_numbers()
 
 
 def opcua_status_code(token: str) -> int | None:
