@@ -256,3 +256,24 @@ def test_a_flagged_stream_that_holds_part_of_its_window_keeps_the_episode_open()
     (r,) = det.score_batch([window(101, 20.0, 3)])  # then holds 3 s of its window: not "normal"
     assert (r.verdict, r.reason) == ("indeterminate", "partial")
     assert det.coverage.partial_windows == 1
+
+
+def test_a_flagged_stream_in_a_gap_keeps_the_episode_open() -> None:
+    """Inside a change, a window where the flagged stream has no sample at all is a gap, not normal."""
+    rng = np.random.default_rng(8)
+    det = StreamChange(StreamUse(commissioning_s=30.0), hop_s=1.0)
+    for k in range(det.commissioning_windows):
+        det.score_batch([record(k, {}, rng)])
+
+    def window(k: int, flow: float | None) -> WindowRecord:
+        a = StreamFeatures(A, 0, 1.0, {}) if flow is None else StreamFeatures(A, 10, 0.0, {"mean": flow})
+        streams = (a, StreamFeatures(B, 10, 0.0, {"mean": 20.0}))
+        return WindowRecord("pump-1", "industrial", k, float(k), WALL + k, 10.0, streams)
+
+    (r,) = det.score_batch([window(100, 80.0)])  # Flow steps far off its level: flagged
+    assert r.verdict == "anomalous"
+    for k in (101, 102, 103):  # its sensor is out: the other stream alone cannot end the change
+        (r,) = det.score_batch([window(k, None)])
+        assert (r.verdict, r.reason) == ("indeterminate", "gap")
+    (r,) = det.score_batch([window(104, 80.0)])  # back, still off its level: the same change
+    assert r.verdict == "anomalous"

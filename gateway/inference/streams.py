@@ -195,12 +195,14 @@ class StreamChange:
         # no CUSUM step; while it is flagged the window cannot say the subject is normal.
         cover = self.coverage
         short = cover.short_stream(record.subject, record.streams, count=False)
-        held = False
+        held = gapped = False
         for sf in record.streams:
             value = sf.features.get(u.feature)
-            if value is None or not math.isfinite(value):
-                continue
             key = sf.stream.metric.name
+            if value is None or not math.isfinite(value):
+                # A flagged stream in a gap says nothing either: its change is not over.
+                gapped = gapped or (key in streams and streams[key].active)
+                continue
             if short and sf.partial(cover.min_coverage):
                 held = held or (key in streams and streams[key].active)
                 continue
@@ -246,8 +248,8 @@ class StreamChange:
         if (short and not scores and not learning) or (held and not flagged):
             cover.partial_windows += 1
             return PARTIAL
-        if not scores:
-            return ModelResult(math.nan, False, reason="commissioning" if learning else "gap")
+        if not scores or (gapped and not flagged):
+            return ModelResult(math.nan, False, reason="commissioning" if learning and not gapped else "gap")
         score = max(scores.values())
         if not flagged:
             return ModelResult(score, False)
