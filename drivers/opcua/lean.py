@@ -61,11 +61,10 @@ def is_known_init(path: Path) -> bool:
 
 def _server_on_first_use(name: str) -> Any:
     # The package's module-level __getattr__: only names missing from its namespace arrive here.
-    package = sys.modules[PACKAGE]
-    if name != "Server":
+    if name != "Server":  # before any lookup, so hasattr() stays False for every other name
         raise AttributeError(f"module {PACKAGE!r} has no attribute {name!r}")
     server = importlib.import_module(f"{PACKAGE}.server").Server
-    package.Server = server  # type: ignore[attr-defined]
+    sys.modules[PACKAGE].Server = server  # type: ignore[attr-defined]
     log.debug("asyncua's server imported on first use")
     return server
 

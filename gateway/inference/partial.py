@@ -51,16 +51,10 @@ class Coverage:
         """
         limit = self._max_missing
         short = None
-        if positions is None:
-            for sf in streams:
-                if sf.missing > limit and sf.count:
-                    short = sf
-                    break
-        else:
-            for p in positions:
-                if streams[p].missing > limit and streams[p].count:
-                    short = streams[p]
-                    break
+        for sf in streams if positions is None else [streams[p] for p in positions]:
+            if sf.missing > limit and sf.count:
+                short = sf
+                break
         if short is not None:
             self.partial_windows += count
             if subject not in self._short:
