@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 from test_alarm_episodes import A, N, Scripted, ind
-from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
+from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, source, spo2
 from test_inference_runtime import pump_model, pump_window
 
 from drivers.sim.protocol import RR
-from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowModel
+from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowModel, WindowRecord
 from gateway.inference.shadow import Slot
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.runtime import Pipeline
@@ -37,11 +37,12 @@ def run(
     *,
     ectopy: bool = False,
     start: float = 0.0,
+    sources: Sequence[dict[str, Any]] = (BED7,),
     **sections: Any,
 ) -> list[dict[str, Any]]:
-    """One run of bed 7's pipeline on ``tmp``'s state: ``body`` feeds it; the alarms the twin got."""
+    """One run of bed 7's pipeline (or ``sources``') on ``tmp``'s state: ``body`` feeds it; the alarms the twin got."""
     before = len(site.alarms)
-    cfg = config(tmp, BED7, ectopy=ectopy, **sections)
+    cfg = config(tmp, *sources, ectopy=ectopy, **sections)
 
     async def main() -> None:
         async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
@@ -436,3 +437,38 @@ def test_a_sensor_lost_before_its_device_was_is_restored_on_its_own_after_the_re
     after = run(site, tmp_path, feed_from(2000.0, ALL_BACK))
     assert kinds(after) == [("sensor_restored", None), ("device_restored", None)]
     assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_model_input_fault_of_a_retired_source_is_ended_once_and_forgotten(tmp_path: Path) -> None:
+    # The pump model's own window check raised it; the source is retired by a revision, then comes back.
+    site = Site(tmp_path)
+    rng = np.random.default_rng(8)
+    model = Slot(pump_model())
+    plc = source("plc", "machine-7", "SN-1")
+    good = pump_window(20, rng, subject="machine-7")
+    rate = next(sf.stream for sf in good.streams if sf.stream.metric.name.endswith("RateRMS"))
+    out_of_range = {"mean": 10.0, "std": 20.0, "min": -40.0, "max": 35.0}
+    bad = replace(
+        good,
+        streams=tuple(
+            StreamFeatures(sf.stream, 20, 0.0, out_of_range) if sf.stream is rate else sf
+            for sf in good.streams
+        ),
+    )
+
+    def score(pipeline: Pipeline, window: WindowRecord) -> None:
+        model.score_batch([window])
+        for event in model.drain_events():  # as the pipeline forwards a model's events
+            if isinstance(event, Alarm):
+                pipeline.alarm(event)
+
+    async def retired_and_back(pipeline: Pipeline) -> None:
+        score(pipeline, bad)
+        await pipeline.retire_source("plc", config(tmp_path), 200.0, WALL + 200.0)
+        await pipeline.retire_source("plc", config(tmp_path, plc), 201.0, WALL + 201.0)
+        score(pipeline, pump_window(21, rng, subject="machine-7"))  # in range: nothing was on
+
+    got = run(site, tmp_path, retired_and_back, [model], sources=(plc,))
+    assert kinds(got) == [("sensor_fault", None), ("sensor_restored", "source_removed")]
+    assert got[1]["metric"] == rate.metric.name
+    assert site.subject("machine-7").active == {}

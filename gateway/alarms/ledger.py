@@ -9,8 +9,12 @@ source is ended by the gateway itself, with the ordinary ending kind (a twin tha
 the reason still clears it) and ``ended`` in its detail saying why: ``source_removed`` (the source
 is gone from the configuration, or no longer feeds the subject) or ``source_changed`` (it was
 restarted with other settings; a condition that still holds is raised again after its delay).
-A restart ends two more the same way: ``rule_removed`` (a limit level the new configuration no
-longer has) and ``model_removed`` (an episode of a model it no longer runs).
+A restart ends more the same way: ``rule_removed`` (a limit level the new configuration no
+longer has), ``model_removed`` (an episode of a model it no longer runs), ``stream_removed`` (a
+stream its source, still configured, no longer delivers: an OPC UA node taken off its list, a
+wearable's profile without that characteristic) and ``device_changed`` (the source reads another
+device now: another address in the configuration, or, for a device that names itself, another
+serial number, server or node in the first data after the start).
 
 A stream's alarm belongs to the stream's source; a subject's anomaly episode to every source that
 fed the subject when it was raised.  The ledger is kept in ``state_dir/alarms.json`` so a restart
@@ -34,14 +38,21 @@ from gateway.contracts import Alarm, AlarmKind
 from gateway.privatefile import write_private_json
 from gateway.sample import Metric, Stream
 
-__all__ = ["FILE_NAME", "AlarmLedger", "EndReason", "Entry"]
+__all__ = ["FILE_NAME", "AlarmLedger", "Delivers", "EndReason", "Entry"]
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "alarms.json"
 _VERSION = 1
 
-EndReason = Literal["source_removed", "source_changed", "rule_removed", "model_removed"]
+EndReason = Literal[
+    "source_removed", "source_changed", "rule_removed", "model_removed", "stream_removed", "device_changed"
+]
+
+#: What a source's configuration says it delivers: metric names by device.  A device key is one the
+#: configuration names (an address); ``None`` stands for the one device a source reads that names
+#: itself at run time (a serial number, a server).  Metric names ``None``: known only at run time.
+Delivers = Mapping[str | None, frozenset[str] | None]
 
 #: The kind that ends each raising kind.
 _ENDS: dict[AlarmKind, AlarmKind] = {
@@ -193,6 +204,39 @@ class AlarmLedger:
         """End every condition whose sources no longer all feed its subject (a restart's new config)."""
         gone = [k for k, e in self._on.items() if not self._fed(e)]
         return self._end(gone, "source_removed", t_mono, t_wall)
+
+    def undelivered(self, delivers: Mapping[str, Delivers]) -> list[tuple[Entry, EndReason]]:
+        """The streams' conditions on that their source, still feeding the subject, can no longer end.
+
+        ``delivers``: what each configured source delivers (a source missing from it is not judged).
+        A condition of a device the source no longer names is ``device_changed``; of a metric the
+        device no longer delivers, ``stream_removed``.  A stream still configured but silent keeps
+        its condition: it may still hold.
+        """
+        out: list[tuple[Entry, EndReason]] = []
+        for e in self._on.values():
+            s = e.stream
+            if s is None or s.source not in delivers or not self._fed(e):
+                continue
+            by_device = delivers[s.source]
+            if None in by_device:
+                metrics = by_device[None]
+            elif s.device not in by_device:
+                out.append((e, "device_changed"))
+                continue
+            else:
+                metrics = by_device[s.device]
+            if e.kind is not AlarmKind.DEVICE_LOST and metrics is not None and s.metric.name not in metrics:
+                out.append((e, "stream_removed"))
+        return out
+
+    def other_devices(self, source: str, device: str) -> list[Entry]:
+        """The conditions of ``source``'s streams on a device other than ``device``."""
+        return [
+            e
+            for e in self._on.values()
+            if e.stream is not None and e.stream.source == source and e.stream.device != device
+        ]
 
     def end(self, entries: Iterable[Entry], reason: EndReason, t_mono: float, t_wall: float) -> list[Alarm]:
         """End these conditions now, saying why (nothing in the configuration judges them any more)."""

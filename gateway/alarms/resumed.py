@@ -34,10 +34,11 @@ class DriverFaults:
         if "status" in detail:
             self.by_data.add(stream.key)
 
-    def forget_source(self, source: str) -> None:
-        """Drop the faults of every stream of ``source`` (ended by a config revision)."""
-        self.resumed = {k for k in self.resumed if not k.startswith(f"{source}/")}
-        self.by_data = {k for k in self.by_data if not k.startswith(f"{source}/")}
+    def forget_source(self, source: str, device: str | None = None) -> None:
+        """Drop the faults of every stream of ``source`` (of ``device`` only, when given): they were ended."""
+        prefix = f"{source}/" if device is None else f"{source}/{device}/"
+        self.resumed = {k for k in self.resumed if not k.startswith(prefix)}
+        self.by_data = {k for k in self.by_data if not k.startswith(prefix)}
 
     def repeat(self, alarm: Alarm) -> bool:
         """True when ``alarm`` raises again a resumed fault: the same condition, not to be sent."""

@@ -280,9 +280,10 @@ class RhythmMonitor:
             st = self._state[stream.key] = _State()
         st.pattern, st.unsure, st.quiet = pattern, False, 0
 
-    def forget_source(self, source: str) -> None:
-        """Drop the episodes of every stream of ``source`` (ended by a config revision)."""
-        self._state = {k: st for k, st in self._state.items() if not k.startswith(f"{source}/")}
+    def forget_source(self, source: str, device: str | None = None) -> None:
+        """Drop the episodes of every stream of ``source`` (of ``device`` only, when given): they were ended."""
+        prefix = f"{source}/" if device is None else f"{source}/{device}/"
+        self._state = {k: st for k, st in self._state.items() if not k.startswith(prefix)}
 
     def update(self, sample: Sample) -> Alarm | None:
         """Feed one RR sample; an alarm when a pattern episode starts, changes, turns unsure or ends."""
