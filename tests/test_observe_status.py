@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from uplink_support import require_mosquitto
+from uplink_support import mqtt_toml, require_mosquitto
 
 from drivers.serial.sim import PtyOximeter, VitalsModel
 from gateway.cli import main
@@ -30,7 +30,7 @@ from gateway.observe.config import StatusSection, socket_path
 from gateway.observe.status import headline, health, render_text
 from gateway.outbox import Outbox, OutItem
 from gateway.uplink.broker import MosquittoBroker
-from gateway.uplink.certs import demo_pki
+from gateway.uplink.certs import DemoPKI, demo_pki
 
 pytestmark = pytest.mark.slow
 
@@ -147,13 +147,19 @@ def _wait_status_line(notify: Notify, pattern: str, timeout: float = 15) -> str:
     raise AssertionError(f"no STATUS= matching {pattern!r}: {notify.statuses()[-3:]}")
 
 
+def _broker(tmp: Path) -> tuple[MosquittoBroker, DemoPKI]:
+    """A TLS mosquitto on loopback, started, with the demo PKI it trusts."""
+    require_mosquitto()
+    pki = demo_pki(tmp / "pki")
+    broker = MosquittoBroker(tmp / "broker", pki)
+    broker.start()
+    return broker, pki
+
+
 def test_healthy_then_broker_down_then_device_unplugged(
     tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    require_mosquitto()
-    pki = demo_pki(tmp_path / "pki")
-    broker = MosquittoBroker(tmp_path / "broker", pki)
-    broker.start()
+    broker, pki = _broker(tmp_path)
     oxi = PtyOximeter(
         "nonin2", link=tmp_path / "usb-oximeter", vitals=VitalsModel(3, desat_every_s=0, sensor_off_every_s=0)
     ).start()
@@ -262,6 +268,36 @@ diagnostics_every_s = 1.0
     assert gw.proc.returncode == 0, err
     assert main(["status", "--config", str(config)]) == 3  # nobody answers once it stopped
     assert "no socket there: is the gateway running?" in capsys.readouterr().err
+
+
+def test_windows_held_for_their_batch_are_counted(
+    tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Windows wait up to batch_s at the uplink to share a message: durable, but not at the twin yet.
+    broker, pki = _broker(tmp_path)
+    config = _config(
+        tmp_path,
+        mqtt_toml(broker, pki) + "batch_s = 120.0\nbatch_bytes = 1000000\n" + SIM,
+    )
+    gw = Gateway(config, notify)
+    try:
+        snap = gw.wait(
+            capsys,
+            lambda s: s["uplink"]["state"] == "connected" and s["uplink"]["held_windows"] >= 3,
+            "holding windows",
+            timeout=30,
+        )
+        rc, text = gw.status(capsys)
+        assert rc == 0
+        held = re.search(
+            r"^uplink \(mqtt\): connected .*, (\d+) windows held for their batch$", text, re.MULTILINE
+        )
+        assert held is not None, text
+        assert int(held[1]) >= snap["uplink"]["held_windows"]
+    finally:
+        err = gw.stop()
+        broker.stop()
+    assert gw.proc.returncode == 0, err
 
 
 def test_outbox_near_budget_and_model_demoted(
