@@ -214,7 +214,7 @@ class Pipeline:
         """
         streams = self.windower.forget_source(name)
         # The subjects it still feeds (none when it is gone or disabled).
-        keeps = [e.info.subject for e in new.sources if e.info.name == name and e.enabled]
+        keeps = [s for e in new.sources if e.info.name == name and e.enabled for s in source_subjects(e)]
         now_mono = time.monotonic() if now_mono is None else now_mono
         now_wall = time.time() if now_wall is None else now_wall
         ended = self._ledger.end_source(name, keeps, now_mono, now_wall)
@@ -555,8 +555,15 @@ def feeds(config: Config) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for e in config.sources:
         if e.enabled:
-            out.setdefault(e.info.subject, []).append(e.info.name)
+            for subject in source_subjects(e):
+                out.setdefault(subject, []).append(e.info.name)
     return out
+
+
+def source_subjects(entry: SourceEntry) -> list[str]:
+    """The subjects a source feeds: its own, or those its driver config binds devices to (``subjects()``)."""
+    subjects = getattr(entry.config, "subjects", None)
+    return subjects(entry.info.subject) if callable(subjects) else [entry.info.subject]
 
 
 class _Sink:

@@ -156,3 +156,17 @@ def test_a_wearable_replaced_or_changed_in_the_allowlist_has_its_conditions_ende
     last = run(site, tmp_path, feed_from(2000.0, {}, 1), sources=thermo, start=2000.0)
     assert kinds(last) == [("limit_cleared", "stream_removed")]
     assert site.subject("bed-1").active == {}
+
+
+def test_a_wearable_bound_to_another_bed_keeps_its_condition_across_a_restart(tmp_path: Path) -> None:
+    # The source's devices may each be on their own bed (``subject`` per device): the source feeds it.
+    site = Site(tmp_path)
+    source = wearables((A, "plx"))
+    source["devices"][0]["subject"] = "bed-2"
+    spo2 = Stream("ble", "bed-2", A, SPO2, rate_hz=1.0)
+    first = run(site, tmp_path, feed_from(100.0, {spo2: (86.0, 0)}, 12), sources=(source,))
+    assert kinds(first) == [("limit", None)]
+    assert run(site, tmp_path, feed_from(1000.0, {}, 1), sources=(source,), start=1000.0) == []
+    assert len(site.subject("bed-2").active) == 1  # not ended as if its source had gone
+    back = run(site, tmp_path, feed_from(2000.0, {spo2: (97.0, 0)}, 20), sources=(source,))
+    assert kinds(back) == [("limit_cleared", None)]
