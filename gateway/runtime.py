@@ -263,11 +263,14 @@ class Pipeline:
     def _check_device(self, stream: Stream, t_mono: float, t_wall: float) -> None:
         """The first data of a source whose device names itself: another device ends the old one's conditions."""
         before = self._devices_before.get(stream.source)
-        if before is None or stream.device in self._provisional.get(stream.source, ()):
+        if before is None:
             return
-        del self._devices_before[stream.source]
         if stream.device in before:
+            del self._devices_before[stream.source]
             return  # the same device: its conditions stay with it
+        if stream.device in self._provisional.get(stream.source, ()):
+            return  # not named by the device itself yet (a port): no evidence either way
+        del self._devices_before[stream.source]
         gone = self._ledger.other_devices(stream.source, stream.device)
         log.warning(
             "source %s: reads another device now (%s; before the stop: %s): the old device's conditions "
