@@ -40,9 +40,9 @@ def alarms(tmp: Path, site: Site, *raised: tuple[AlarmKind, float, dict[str, flo
     return asyncio.run(main())
 
 
-def deliver(view: TwinView, item: Leased, *, replayed: bool = False) -> None:
-    """One record as the uplink publishes it and the twin decodes it."""
-    payload = wrap(item.payload, SeqMeta(item.id, 7, replayed))
+def deliver(view: TwinView, item: Leased, *, replayed: bool = False, epoch: int = 7) -> None:
+    """One record as the uplink publishes it (in outbox epoch ``epoch``) and the twin decodes it."""
+    payload = wrap(item.payload, SeqMeta(item.id, epoch, replayed))
     for msg in decode_messages(f"edgetwin/v1/gw/{item.topic}", payload):
         view.update(msg)
 
@@ -80,3 +80,30 @@ def test_a_replayed_ending_of_an_earlier_condition_does_not_end_a_newer_raise(tm
     (on,) = state.active.values()  # the condition the newer raise holds on stays on
     assert on.alarm == "sensor_fault"
     assert state.alarms == 3
+
+
+def test_a_new_epoch_numbering_from_one_again_is_newer(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    # The old outbox had queued more alarms: its raise carries sequence number 3.
+    *_, raised = alarms(
+        old,
+        site,
+        (AlarmKind.SENSOR_FAULT, 100.0, BAD),
+        (AlarmKind.SENSOR_RESTORED, 110.0, GOOD),
+        (AlarmKind.SENSOR_FAULT, 120.0, BAD),
+    )
+    # Its state directory wiped, the gateway numbers from 1 again, in an epoch the twin sees later.
+    _, ended = alarms(
+        new, site, (AlarmKind.SENSOR_FAULT, 300.0, BAD), (AlarmKind.SENSOR_RESTORED, 320.0, GOOD)
+    )
+    assert ended.id < raised.id
+    view = TwinView()
+    deliver(view, raised, epoch=7)
+    deliver(view, ended, epoch=8)
+    state = view.gateways["gw"].subjects[site.anon.subject_pseudonym("ward3-bed7")]
+    assert state.active == {}
+    assert state.last_alarm is not None
+    assert state.last_alarm.alarm == "sensor_restored"

@@ -6,8 +6,9 @@ restarted gateway's first window is shown at once, and a replayed backlog never 
 newer value.
 
 Alarms that raise and end one condition are ordered by their sequence number instead, where both
-carry one: it is the order the gateway queued them in (its outbox ids, never reused, higher in
-every later run and epoch), which their times need not be - record time is the wall clock with
+carry one, within an epoch: it is the order the gateway queued them in (its outbox ids, never
+reused, higher in every later run and in an epoch that follows a recovery; a gateway whose whole
+state directory was wiped numbers from 1 again in a new epoch), which their times need not be - record time is the wall clock with
 ``privacy.time = "exact"``, and a clock stepped back times an ending before its raise.  So an
 ending that follows its raise ends it whatever its time, and a replayed older alarm (a lower
 sequence number) never undoes a newer one.  Records without a sequence number fall back on
@@ -41,9 +42,10 @@ Place = tuple[int | None, Order]  # an alarm's sequence number (None: not sent),
 
 
 def before(a: Place, b: Place) -> bool:
-    """True when alarm ``a`` was queued before ``b``: by sequence where both have one, else by order."""
+    """True when alarm ``a`` was queued before ``b``: by epoch, then sequence where both have one, else by order."""
     if a[0] is not None and b[0] is not None:
-        return a[0] < b[0]
+        # The epoch first: a gateway whose state directory was wiped numbers from 1 again in a new one.
+        return (a[1][0], a[0]) < (b[1][0], b[0])
     return a[1] < b[1]
 
 
