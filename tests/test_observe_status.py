@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import stat
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peers import LoggedProcess
 from uplink_support import mqtt_toml, require_mosquitto
 
 from drivers.serial.sim import PtyOximeter, VitalsModel
@@ -95,12 +95,11 @@ class Gateway:
         env = dict(os.environ, PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(notify.path))
         env.pop("RUNTIME_DIRECTORY", None)
         self.config = config
-        self.proc = subprocess.Popen(
+        self.proc = LoggedProcess(
             [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
+            log=config.parent / "gateway.log",
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
         )
 
     def status(self, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
@@ -117,7 +116,7 @@ class Gateway:
         deadline = time.monotonic() + timeout
         snap: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.communicate()[1]
+            assert self.proc.poll() is None, self.proc.err()
             rc, out = self.status(capsys, "--json")
             if rc != 3:
                 snap = json.loads(out)
@@ -127,14 +126,7 @@ class Gateway:
         raise AssertionError(f"not {what} within {timeout} s: {snap.get('headline')}")
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=10)
-        return err
+        return self.proc.stop()
 
 
 def _wait_status_line(notify: Notify, pattern: str, timeout: float = 15) -> str:
