@@ -667,13 +667,24 @@ class _NoUplink:
         del deadline  # nothing leaves the gateway: the outbox keeps it all
 
 
-def register_source_labels(anonymizer: Anonymizer, entry: SourceEntry) -> None:
-    """Tell the log redactor how to name a source's subject and device identities."""
-    logs.register_identity(entry.info.subject, anonymizer.log_label("subject", entry.info.subject))
+def register_source_identities(anonymizer: Anonymizer, entry: SourceEntry) -> None:
+    """Make every identity a source's config names known to the anonymizer and the log redactor.
+
+    Done before anything of the source runs (at the start, or before a revision builds it): its
+    name, its subject and every subject its devices are bound to, and the device identities of its
+    driver config, so no record or log line sent before its first sample can carry one.
+    """
+    anonymizer.register(entry.info.name)
+    for subject in (entry.info.subject, *source_subjects(entry)):
+        anonymizer.register(subject)
+        logs.register_identity(subject, anonymizer.log_label("subject", subject))
     for field_name, identity in driver_identity_items(entry.config):
-        # A device by the pseudonym its records carry; a port or an endpoint by its source.
+        anonymizer.register(identity)
+        # A subject or a device by the pseudonym its records carry; a port or an endpoint by its source.
         label = f"{entry.info.name}.{field_name}"
-        if field_name in DEVICE_KEYS:
+        if field_name in SUBJECT_KEYS:
+            label = anonymizer.log_label("subject", identity)
+        elif field_name in DEVICE_KEYS:
             label = anonymizer.log_label("device", identity)
         logs.register_identity(identity, label)
 
@@ -706,11 +717,19 @@ def _failing(error: ConfigError) -> Callable[[Callable[[], None]], Coroutine[Any
     return run
 
 
-#: Driver config keys whose string values are device identities (addresses, serial numbers,
-#: ports, endpoints). They are registered with the anonymizer before the first sample, so a
+#: Driver config keys whose string values are identities: devices (addresses, serial numbers,
+#: ports, endpoints, node ids), the subjects single devices are bound to (a wearable's bed), and
+#: what names the site or an account to a device's server (an OPC UA user, application and
+#: namespace URI). They are registered with the anonymizer before the first sample, so a
 #: diagnostic sent before any window cannot carry one.
-IDENTITY_KEYS = frozenset({"device", "address", "port", "endpoint", "node_id", "serial", "url", "link"})
+IDENTITY_KEYS = frozenset(
+    {
+        "device", "address", "port", "endpoint", "node_id", "serial", "url", "link",
+        "subject", "username", "application_uri", "namespace_uri",
+    }
+)  # fmt: skip
 DEVICE_KEYS = frozenset({"device", "address", "serial"})  # of these, the ones naming a device
+SUBJECT_KEYS = frozenset({"subject"})  # ... and the ones naming a subject
 #: Of these, the ones a driver falls back on while its device has not named itself (a port).
 _FALLBACK_KEYS = frozenset({"device", "port", "link"})
 
@@ -788,9 +807,6 @@ async def _run_locked(
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
-    identities: list[str] = [core.gateway.name]
-    for entry in config.sources:
-        identities += [entry.info.name, entry.info.subject]
     try:
         timebase = TimeBase.open(core.gateway.state_dir)
     except ConfigError as exc:
@@ -800,15 +816,15 @@ async def _run_locked(
         Pseudonymizer(key),
         time_mode=core.privacy.time,
         coarsen_s=core.privacy.coarsen_s,
-        local_identities=identities,
+        local_identities=[core.gateway.name],
         timebase=timebase,
         legend=Legend(core.gateway.state_dir / LEGEND_FILE),
     )
     # Logs name subjects by pseudonym and devices by source; see gateway.logs.
     anonymizer.on_identity = logs.register_identity
     logs.register_identity(core.gateway.name, anonymizer.log_label("gateway", core.gateway.name))
-    for entry in config.sources:
-        register_source_labels(anonymizer, entry)
+    for entry in config.sources:  # every source's, enabled or not, before anything runs
+        register_source_identities(anonymizer, entry)
     outbox_path: Path = core.outbox_path
     budgets = budgets_for(config)
     total = int(core.outbox.max_mb * 1024 * 1024)
