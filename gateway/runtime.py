@@ -390,6 +390,8 @@ class Pipeline:
             self._check_device(alarm.stream, alarm.t_mono, alarm.t_wall)
         if self._driver_faults.resumed and self._driver_faults.repeat(alarm):
             return  # a fault a previous run left on, raised again: the same condition
+        if _ends_own_fault(alarm) and not self._ledger.holds(alarm):
+            return  # a fresh driver's first good reading (a battery) with nothing on to end
         folded = fold_device_alarm(alarm, self.windower)
         if folded is not None:
             self.alarm(folded)
@@ -665,6 +667,15 @@ class _NoUplink:
 
     async def drain(self, deadline: float) -> None:
         del deadline  # nothing leaves the gateway: the outbox keeps it all
+
+
+def _ends_own_fault(alarm: Alarm) -> bool:
+    """True for a driver's ending of a fault it raises about itself by ``cause`` (a low battery)."""
+    return (
+        alarm.kind is AlarmKind.SENSOR_RESTORED
+        and "cause" in alarm.detail
+        and alarm.detail.get("after") == AlarmKind.SENSOR_FAULT.value
+    )
 
 
 def register_source_identities(anonymizer: Anonymizer, entry: SourceEntry) -> None:

@@ -370,13 +370,49 @@ def test_a_node_fault_the_driver_raised_ends_with_the_nodes_data_after_the_resta
     assert site.subject("ward3-bed7").active == {}
 
 
+def driver_restore(t: float, detail: dict[str, float | str]) -> Run:
+    """The source's driver finds its own fault over (a BLE wearable's battery good again)."""
+
+    async def body(pipeline: Pipeline) -> None:
+        pipeline.driver_alarm(Alarm(AlarmKind.SENSOR_RESTORED, "ward3-bed7", t, WALL + t, SPO2, detail))
+        await pipeline.step(now_mono=t + 1.0, now_wall=WALL + t + 1.0)
+
+    return body
+
+
+LOW_BATTERY: dict[str, float | str] = {"cause": "low_battery", "battery": 5.0}
+GOOD_BATTERY: dict[str, float | str] = {"after": "sensor_fault", "cause": "low_battery", "battery": 90.0}
+
+
 def test_a_low_battery_the_driver_raised_waits_for_the_driver_after_the_restart(tmp_path: Path) -> None:
     site = Site(tmp_path)
-    low_battery: dict[str, float | str] = {"cause": "low_battery", "battery": 5.0}
-    assert kinds(run(site, tmp_path, driver_fault(100.0, low_battery))) == [("sensor_fault", None)]
+    assert kinds(run(site, tmp_path, driver_fault(100.0, LOW_BATTERY))) == [("sensor_fault", None)]
     assert run(site, tmp_path, normal(1000.0)) == []  # data say nothing about the battery
-    assert run(site, tmp_path, driver_fault(2000.0, low_battery)) == []  # still low: not resent
+    assert run(site, tmp_path, driver_fault(2000.0, LOW_BATTERY)) == []  # still low: not resent
     assert len(site.subject("ward3-bed7").active) == 1
+
+
+def test_a_low_battery_charged_while_down_ends_with_the_drivers_first_reading(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, driver_fault(100.0, LOW_BATTERY))) == [("sensor_fault", None)]
+
+    async def charged_then_low(pipeline: Pipeline) -> None:
+        await driver_restore(1000.0, GOOD_BATTERY)(pipeline)  # the fresh driver's first reading
+        await driver_fault(1010.0, LOW_BATTERY)(pipeline)  # low again later: a new condition
+
+    after = run(site, tmp_path, charged_then_low)
+    assert kinds(after) == [("sensor_restored", None), ("sensor_fault", None)]
+    assert after[0]["detail"] == GOOD_BATTERY
+    assert len(site.subject("ward3-bed7").active) == 1
+
+
+def test_a_good_battery_at_the_start_with_nothing_on_sends_nothing(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    # A fresh driver's first reading is good: no condition on, no ending sent.
+    assert run(site, tmp_path, driver_restore(100.0, GOOD_BATTERY)) == []
+    assert kinds(run(site, tmp_path, driver_fault(200.0, LOW_BATTERY))) == [("sensor_fault", None)]
+    assert kinds(run(site, tmp_path, driver_restore(300.0, GOOD_BATTERY))) == [("sensor_restored", None)]
+    assert site.subject("ward3-bed7").active == {}
 
 
 def test_a_driver_fault_left_on_and_ended_with_its_source_is_raised_again_when_the_source_returns(

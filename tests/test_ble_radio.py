@@ -25,6 +25,7 @@ from drivers.ble.commands import add_commands, cmd_sim_wearable, format_scan, sc
 from drivers.ble.config import BleConfig
 from drivers.ble.driver import BleDriver, factory
 from drivers.ble.protocol import (
+    BATTERY,
     BP_PULSE,
     DIA,
     HR,
@@ -119,6 +120,20 @@ async def send(w: WearableProcess, line: str) -> None:
             if "not subscribed" not in str(exc) or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.02)
+
+
+def reconnected(sink: RecordingSink) -> list[Alarm]:
+    """The restores of a device back in range (not of a battery good again)."""
+    return [a for a in sink.alarms_of(AlarmKind.SENSOR_RESTORED) if a.detail["cause"] == "reconnected"]
+
+
+def battery_alarms(sink: RecordingSink) -> list[tuple[str, int]]:
+    """The low-battery alarms and their endings, in order: (kind, level)."""
+    return [
+        (a.kind.value, int(a.detail["battery"]))
+        for a in sink.alarms
+        if a.detail.get("cause") == "low_battery"
+    ]
 
 
 # -- scanning ---------------------------------------------------------------------------------------
@@ -262,6 +277,43 @@ def test_every_profile_delivers_its_test_vectors_as_samples(
             assert b"SIM-" not in sealed[1]
 
 
+def test_a_low_battery_ends_once_charged_above_the_hysteresis_and_rearms(
+    testbed: Testbed, wearables: Callable[..., WearableProcess]
+) -> None:
+    w = wearables("hr", rate=0)  # battery 87 at the start
+    drv = driver([{"address": w.address, "profile": "hr"}], low_battery_pct=15)
+    sink = RecordingSink(blocks=False)
+
+    def levels() -> list[float]:
+        return [s.value for s in sink.of(w.address, BATTERY)]
+
+    async def level(n: int) -> None:
+        await send(w, f"battery {n}")
+        await wait_for(lambda: levels()[-1:] == [float(n)], 20, f"the battery level {n}")
+
+    async def scenario() -> None:
+        async with running(drv, sink):
+            await wait_for(lambda: bool(levels()), 20, "the first battery reading")
+            for n in (12, 10, 19, 16, 20, 60, 15):
+                await level(n)
+
+    asyncio.run(scenario())
+    assert levels() == [87.0, 12.0, 10.0, 19.0, 16.0, 20.0, 60.0, 15.0]
+    # The first reading of the run is good: it ends a low battery a previous run may have left on
+    # (the pipeline sends it only then).  12: low; 19 and 16: inside the hysteresis, still low;
+    # 20 (the limit + 5): good again; 15: low again, a new condition.
+    assert battery_alarms(sink) == [
+        ("sensor_restored", 87),
+        ("sensor_fault", 12),
+        ("sensor_restored", 20),
+        ("sensor_fault", 15),
+    ]
+    restored = [a for a in sink.alarms_of(AlarmKind.SENSOR_RESTORED) if a.detail["cause"] == "low_battery"]
+    assert dict(restored[1].detail) == {"after": "sensor_fault", "cause": "low_battery", "battery": 20}
+    assert restored[1].stream is not None
+    assert restored[1].stream.metric.name == HR  # the device's headline stream, as its raise
+
+
 # -- link loss and recovery --------------------------------------------------------------------------
 
 
@@ -300,7 +352,7 @@ def test_out_of_range_raises_device_lost_then_resumes(
             assert len(sink.of(w.address, SPO2)) == n  # nothing while away
             assert state(drv, w.address) in ("scanning", "backoff", "connecting")
             await asyncio.to_thread(w.command, "range in")
-            await wait_for(lambda: bool(sink.alarms_of(AlarmKind.SENSOR_RESTORED)), 20, "the restore")
+            await wait_for(lambda: bool(reconnected(sink)), 20, "the restore")
             await wait_for(lambda: len(sink.of(w.address, SPO2)) > n + 3, 20, "oximetry again")
 
     asyncio.run(scenario())
@@ -309,7 +361,7 @@ def test_out_of_range_raises_device_lost_then_resumes(
     assert lost.subject == "ward3-bed12"
     assert lost.stream is not None
     assert lost.stream.device == w.address
-    (back,) = sink.alarms_of(AlarmKind.SENSOR_RESTORED)
+    (back,) = reconnected(sink)
     assert back.t_mono > lost.t_mono
 
 
@@ -332,7 +384,7 @@ def test_wearable_powered_off_then_on_again(
 
     asyncio.run(scenario())
     assert dict(sink.alarms_of(AlarmKind.SENSOR_LOST)[0].detail)["cause"] == "out_of_range"
-    assert len(sink.alarms_of(AlarmKind.SENSOR_RESTORED)) == 1
+    assert len(reconnected(sink)) == 1
 
 
 # -- allowlist, slots --------------------------------------------------------------------------------

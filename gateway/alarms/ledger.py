@@ -151,6 +151,11 @@ class AlarmLedger:
         """The conditions on now."""
         return list(self._on.values())
 
+    def holds(self, alarm: Alarm) -> bool:
+        """True when the condition ``alarm`` raises, continues or ends is on at the twin."""
+        key = _key(alarm)
+        return key is not None and key in self._on
+
     def note(self, alarm: Alarm) -> None:
         """Fold an alarm the twin was sent: a raise enters its condition, an ending removes it."""
         key = _key(alarm)
