@@ -368,6 +368,9 @@ class Pipeline:
     def alarm(self, alarm: Alarm) -> None:
         """Seal and queue an alarm now; it never waits for a window."""
         alarm = with_priority(alarm)
+        held = self._ledger.held(alarm)  # a condition a previous run left on: since its onset then
+        if held is not None:
+            alarm = replace(alarm, held_s=held)
         # Sensor alarms are logged by the windower or driver that raised them; anomalies here.
         if alarm.kind in _LOGGED_HERE:
             log.warning(

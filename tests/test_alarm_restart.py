@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from test_alarm_episodes import A, N, Scripted, ind
 from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, source, spo2
 from test_inference_runtime import pump_model, pump_window
@@ -227,18 +228,51 @@ def normal(t0: float) -> Run:
 
 def test_an_anomaly_episode_on_before_the_restart_ends_after_normal_windows_after_it(tmp_path: Path) -> None:
     site = Site(tmp_path)
-    assert kinds(run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])) == [("anomaly", None)]
+    (raised,) = run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])
+    assert kinds([raised]) == [("anomaly", None)]
+    onset = raised["t"] - raised["held_s"]  # the episode's first anomalous window
     # Still anomalous after the restart: the same episode, nothing new; unsure windows say so.
     still = run(site, tmp_path, normal(1000.0), [Scripted([A] * 5 + [ind("gap")] + [A] * 100)])
     assert kinds(still) == [("anomaly_indeterminate", None), ("anomaly", None)]
     assert still[1]["detail"]["episode"] == "resumed"
     assert len(site.subject("ward3-bed7").active) == 1
+    # Held since that onset, before two stops: as the same alarms would say without them.
+    assert [a["held_s"] for a in still] == [pytest.approx(a["t"] - onset, abs=0.01) for a in still]
+    assert still[0]["held_s"] > 900.0
 
     after = run(site, tmp_path, normal(2000.0), [Scripted([N] * 100)])
     assert kinds(after) == [("anomaly_cleared", None)]  # after clear_after normal windows
     assert after[0]["detail"]["model"] == "scripted"
-    assert "held_s" not in after[0]  # its onset, before the stop, is not known here
+    assert after[0]["held_s"] == pytest.approx(after[0]["t"] - onset, abs=0.01)
     assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_limit_alarm_left_on_clears_with_the_time_held_since_its_onset_before_the_stop(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+    (raised,) = run(site, tmp_path, low)
+    onset = raised["t"] - raised["held_s"]
+
+    async def back(pipeline: Pipeline) -> None:
+        await spo2(pipeline, SPO2, 97.0, 20, 1000.0)
+
+    (cleared,) = run(site, tmp_path, back)
+    assert kinds([cleared]) == [("limit_cleared", None)]
+    assert cleared["held_s"] == pytest.approx(cleared["t"] - onset, abs=0.01)  # the whole condition
+    assert cleared["held_s"] >= 900.0  # from 100 s, before the stop, to 1000 s
+
+    # Raised again in this run: its own tracker's time, not the old onset's.
+    (again,) = run(site, tmp_path, low)
+    assert 10.0 <= again["held_s"] < 12.0
+
+
+def test_a_condition_ended_by_the_configuration_carries_no_time_held(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])) == [("anomaly", None)]
+    (ended,) = run(site, tmp_path, normal(1000.0), start=1000.0)
+    assert kinds([ended]) == [("anomaly_cleared", "model_removed")]
+    assert "held_s" not in ended
 
 
 def test_an_episode_of_a_model_no_longer_run_is_ended_at_the_start(tmp_path: Path) -> None:
