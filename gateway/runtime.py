@@ -21,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+from pydantic import BaseModel
+
 from gateway import logs
 from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import AlarmsSection, limit_checker
@@ -754,20 +756,26 @@ def driver_identities(config: Any) -> list[str]:
 
 
 def driver_identity_items(config: Any) -> list[tuple[str, str]]:
-    """The identities in a driver's config with the key each was found under."""
+    """The identities in a driver's config (a model, or a raw TOML table) with the key each was found under."""
     found: list[tuple[str, str]] = []
 
     def walk(value: Any, key: str | None) -> None:
-        if isinstance(value, Mapping):
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), name)
+        elif isinstance(value, Mapping):
+            # A raw table's keys are the config's keys; a model's own mapping (an MCU's channel ->
+            # metric names) holds data whose keys are not: a channel called "port" is no port.
             for k, v in value.items():
-                walk(v, str(k))
+                walk(v, None if model else str(k))
         elif isinstance(value, list | tuple):
             for v in value:
                 walk(v, key)
         elif isinstance(value, str | Path) and key in IDENTITY_KEYS and len(str(value)) >= 4:
             found.append((key, str(value)))
 
-    walk(config.model_dump() if hasattr(config, "model_dump") else config, None)
+    model = isinstance(config, BaseModel)
+    walk(config, None)
     return found
 
 

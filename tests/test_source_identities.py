@@ -59,6 +59,14 @@ application_uri = "urn:ward3-hub-opc:client"
 username = "line2-operator"
 password_file = "{password}"
 nodes = [{{ browse_path = "2:Pump1/2:Flow" }}]
+
+[[sources]]
+name = "motor-node"
+driver = "mcu"
+subject = "line2-motor"
+kind = "industrial"
+metrics = {{ device = "winding_temp" }}
+simulate = {{ node_id = "NODE-7731" }}
 """
 
 #: What the file above names, one identity of each kind.
@@ -72,6 +80,7 @@ NAMED = (
     "urn:acme-works:line2",
     "urn:ward3-hub-opc:client",
     "opc.tcp://127.0.0.1:4840",
+    "NODE-7731",
 )
 
 
@@ -110,3 +119,10 @@ def test_a_wearables_own_bed_never_reaches_a_record_or_a_log_line(tmp_path: Path
     assert "icu_bed14" not in line
     assert f"subject {anonymizer.log_label('subject', 'icu_bed14')}:" in line
     assert REDACTOR("line2-operator logged in") == "pump-plc.username logged in"
+
+
+@pytest.mark.usefixtures("redactor")
+def test_a_channel_named_like_a_key_is_no_identity(tmp_path: Path) -> None:
+    anonymizer = _started(tmp_path)
+    # The MCU's channel "device" maps to the metric name "winding_temp": data, not a device.
+    anonymizer.check(b"x winding_temp y")
