@@ -15,10 +15,11 @@ from test_logs import redactor  # noqa: F401  (the fixture: a clean redactor, sw
 
 from drivers import REGISTRY
 from gateway.anonymize import Anonymizer, Pseudonymizer
-from gateway.config import load
+from gateway.config import Config, load
 from gateway.contracts import Diagnostic
 from gateway.errors import AnonymizationError
 from gateway.logs import REDACTOR
+from gateway.observe.bundle import identities
 from gateway.records import encode
 from gateway.runtime import register_source_identities
 
@@ -84,14 +85,18 @@ NAMED = (
 )
 
 
-def _started(tmp_path: Path) -> Anonymizer:
-    """The anonymizer as the gateway's start leaves it, before any source runs."""
+def _config(tmp_path: Path) -> Config:
     password = tmp_path / "opc.pw"
     password.write_text("secret\n")
     password.chmod(0o600)
     path = tmp_path / "gateway.toml"
     path.write_text(CONFIG.format(state=tmp_path / "state", password=password))
-    config = load(path, REGISTRY)
+    return load(path, REGISTRY)
+
+
+def _started(tmp_path: Path) -> Anonymizer:
+    """The anonymizer as the gateway's start leaves it, before any source runs."""
+    config = _config(tmp_path)
     anonymizer = Anonymizer(Pseudonymizer(b"k" * 32), time_mode="relative")
     anonymizer.on_identity = REDACTOR.add
     for entry in config.sources:
@@ -126,3 +131,9 @@ def test_a_channel_named_like_a_key_is_no_identity(tmp_path: Path) -> None:
     anonymizer = _started(tmp_path)
     # The MCU's channel "device" maps to the metric name "winding_temp": data, not a device.
     anonymizer.check(b"x winding_temp y")
+
+
+def test_a_support_bundle_redacts_every_identity_the_config_names(tmp_path: Path) -> None:
+    named = set(identities(_config(tmp_path)))
+    assert set(NAMED) <= named
+    assert "winding_temp" not in named
