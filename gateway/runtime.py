@@ -216,7 +216,7 @@ class Pipeline:
         """
         streams = self.windower.forget_source(name)
         # The subjects it still feeds (none when it is gone or disabled).
-        keeps = [s for e in new.sources if e.info.name == name and e.enabled for s in source_subjects(e)]
+        keeps = [s for e in new.sources if e.info.name == name and e.enabled for s in e.subjects()]
         now_mono = time.monotonic() if now_mono is None else now_mono
         now_wall = time.time() if now_wall is None else now_wall
         ended = self._ledger.end_source(name, keeps, now_mono, now_wall)
@@ -565,15 +565,9 @@ def feeds(config: Config) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for e in config.sources:
         if e.enabled:
-            for subject in source_subjects(e):
+            for subject in e.subjects():
                 out.setdefault(subject, []).append(e.info.name)
     return out
-
-
-def source_subjects(entry: SourceEntry) -> list[str]:
-    """The subjects a source feeds: its own, or those its driver config binds devices to (``subjects()``)."""
-    subjects = getattr(entry.config, "subjects", None)
-    return subjects(entry.info.subject) if callable(subjects) else [entry.info.subject]
 
 
 class _Sink:
@@ -691,7 +685,7 @@ def register_source_identities(anonymizer: Anonymizer, entry: SourceEntry) -> No
     driver config, so no record or log line sent before its first sample can carry one.
     """
     anonymizer.register(entry.info.name)
-    for subject in (entry.info.subject, *source_subjects(entry)):
+    for subject in (entry.info.subject, *entry.subjects()):
         anonymizer.register(subject)
         logs.register_identity(subject, anonymizer.log_label("subject", subject))
     for field_name, identity in driver_identity_items(entry.config):

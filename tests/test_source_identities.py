@@ -14,10 +14,11 @@ import pytest
 from test_logs import redactor  # noqa: F401  (the fixture: a clean redactor, switched on)
 
 from drivers import REGISTRY
-from gateway.anonymize import Anonymizer, Pseudonymizer
+from gateway.anonymize import Anonymizer, Pseudonymizer, load_or_create_key
 from gateway.config import Config, load
 from gateway.contracts import Diagnostic
 from gateway.errors import AnonymizationError
+from gateway.legend import render
 from gateway.logs import REDACTOR
 from gateway.observe.bundle import identities
 from gateway.records import encode
@@ -137,3 +138,11 @@ def test_a_support_bundle_redacts_every_identity_the_config_names(tmp_path: Path
     named = set(identities(_config(tmp_path)))
     assert set(NAMED) <= named
     assert "winding_temp" not in named
+
+
+def test_the_local_legend_lists_a_wearables_own_bed_before_it_sends_anything(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    rows = [line.split() for line in render(config).splitlines()[2:]]
+    key = load_or_create_key(config.core.site_key_path)
+    anonymizer = Anonymizer(Pseudonymizer(key), time_mode="relative")
+    assert [anonymizer.subject_pseudonym("icu_bed14"), "subject", "icu_bed14", "ward3-wearables"] in rows
