@@ -20,6 +20,7 @@ pytest.importorskip("bleak")
 pytest.importorskip("bluezoo")
 
 from peers import RecordingSink
+from test_alarm_source_removed import Site, config
 
 from drivers.ble.commands import add_commands, cmd_sim_wearable, format_scan, scan_ble
 from drivers.ble.config import BleConfig
@@ -40,9 +41,11 @@ from drivers.ble.protocol import (
 from drivers.ble.testbed.harness import Testbed, WearableProcess
 from drivers.ble.testbed.wearables import load_record_beats
 from gateway.anonymize import Anonymizer, Pseudonymizer
-from gateway.contracts import Alarm, AlarmKind, SourceInfo
+from gateway.contracts import Alarm, AlarmKind, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
+from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import encode
+from gateway.runtime import Pipeline
 from gateway.sample import Quality
 
 pytestmark = pytest.mark.slow
@@ -91,7 +94,7 @@ async def wait_for(cond: Callable[[], bool], timeout_s: float = 20.0, what: str 
 
 
 @asynccontextmanager
-async def running(drv: BleDriver, sink: RecordingSink) -> AsyncIterator[None]:
+async def running(drv: BleDriver, sink: SampleSink) -> AsyncIterator[None]:
     started = asyncio.Event()
     task = asyncio.create_task(drv.run(sink, started=started.set), name="ble-driver-under-test")
     try:
@@ -312,6 +315,49 @@ def test_a_low_battery_ends_once_charged_above_the_hysteresis_and_rearms(
     assert dict(restored[1].detail) == {"after": "sensor_fault", "cause": "low_battery", "battery": 20}
     assert restored[1].stream is not None
     assert restored[1].stream.metric.name == HR  # the device's headline stream, as its raise
+
+
+def test_a_low_battery_charged_while_the_gateway_was_down_ends_after_the_restart(
+    testbed: Testbed, wearables: Callable[..., WearableProcess], tmp_path: Path
+) -> None:
+    address = new_address()
+    source = {
+        "name": "ble-ward3", "driver": "ble", "subject": "ward3-bed12", "kind": "medical",
+        "devices": [{"address": address, "profile": "hr"}], "reconnect_min_s": 0.1, "reconnect_max_s": 1.0,
+    }  # fmt: skip
+    cfg = config(tmp_path, source)
+    site = Site(tmp_path)
+
+    async def gateway_run(battery: int) -> list[dict[str, Any]]:
+        """One run of the gateway's pipeline and a fresh driver, until the battery level is read."""
+        before = len(site.alarms)
+        (entry,) = cfg.sources
+        assert isinstance(entry.config, BleConfig)
+        drv = factory(entry.info, entry.config)
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            pipeline = Pipeline(cfg, site.anon, outbox)
+            await pipeline.end_vanished()
+            async with running(drv, pipeline.sink):
+                await wait_for(lambda: drv.status()[address].battery == battery, 20, "the battery level")
+            await pipeline.step()  # which keeps the conditions on for the next start
+            await outbox.flush()
+            items = await outbox.lease(1000)
+            site.take(items)
+            await outbox.ack([i.id for i in items])
+        return site.alarms[before:]
+
+    w = wearables("hr", address, rate=0, battery=12)
+    first = asyncio.run(gateway_run(12))
+    assert [(a["alarm"], a["detail"]["cause"]) for a in first] == [("sensor_fault", "low_battery")]
+    assert len(site.subject("ward3-bed12").active) == 1
+    w.stop()
+    wearables("hr", address, rate=0, battery=87)  # charged while the gateway was down
+    after = asyncio.run(gateway_run(87))
+    assert [(a["alarm"], a["detail"]) for a in after] == [
+        ("sensor_restored", {"after": "sensor_fault", "cause": "low_battery", "battery": 87})
+    ]
+    assert site.subject("ward3-bed12").active == {}
+    assert asyncio.run(gateway_run(87)) == []  # good again, nothing on: nothing sent
 
 
 # -- link loss and recovery --------------------------------------------------------------------------
