@@ -21,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+from pydantic import BaseModel
+
 from gateway import logs
 from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import AlarmsSection, limit_checker
@@ -214,7 +216,7 @@ class Pipeline:
         """
         streams = self.windower.forget_source(name)
         # The subjects it still feeds (none when it is gone or disabled).
-        keeps = [s for e in new.sources if e.info.name == name and e.enabled for s in source_subjects(e)]
+        keeps = [s for e in new.sources if e.info.name == name and e.enabled for s in e.subjects()]
         now_mono = time.monotonic() if now_mono is None else now_mono
         now_wall = time.time() if now_wall is None else now_wall
         ended = self._ledger.end_source(name, keeps, now_mono, now_wall)
@@ -368,6 +370,9 @@ class Pipeline:
     def alarm(self, alarm: Alarm) -> None:
         """Seal and queue an alarm now; it never waits for a window."""
         alarm = with_priority(alarm)
+        held = self._ledger.held(alarm)  # a condition a previous run left on: since its onset then
+        if held is not None:
+            alarm = replace(alarm, held_s=held)
         # Sensor alarms are logged by the windower or driver that raised them; anomalies here.
         if alarm.kind in _LOGGED_HERE:
             log.warning(
@@ -390,6 +395,8 @@ class Pipeline:
             self._check_device(alarm.stream, alarm.t_mono, alarm.t_wall)
         if self._driver_faults.resumed and self._driver_faults.repeat(alarm):
             return  # a fault a previous run left on, raised again: the same condition
+        if _ends_own_fault(alarm) and not self._ledger.holds(alarm):
+            return  # a fresh driver's first good reading (a battery) with nothing on to end
         folded = fold_device_alarm(alarm, self.windower)
         if folded is not None:
             self.alarm(folded)
@@ -558,15 +565,9 @@ def feeds(config: Config) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for e in config.sources:
         if e.enabled:
-            for subject in source_subjects(e):
+            for subject in e.subjects():
                 out.setdefault(subject, []).append(e.info.name)
     return out
-
-
-def source_subjects(entry: SourceEntry) -> list[str]:
-    """The subjects a source feeds: its own, or those its driver config binds devices to (``subjects()``)."""
-    subjects = getattr(entry.config, "subjects", None)
-    return subjects(entry.info.subject) if callable(subjects) else [entry.info.subject]
 
 
 class _Sink:
@@ -667,13 +668,33 @@ class _NoUplink:
         del deadline  # nothing leaves the gateway: the outbox keeps it all
 
 
-def register_source_labels(anonymizer: Anonymizer, entry: SourceEntry) -> None:
-    """Tell the log redactor how to name a source's subject and device identities."""
-    logs.register_identity(entry.info.subject, anonymizer.log_label("subject", entry.info.subject))
+def _ends_own_fault(alarm: Alarm) -> bool:
+    """True for a driver's ending of a fault it raises about itself by ``cause`` (a low battery)."""
+    return (
+        alarm.kind is AlarmKind.SENSOR_RESTORED
+        and "cause" in alarm.detail
+        and alarm.detail.get("after") == AlarmKind.SENSOR_FAULT.value
+    )
+
+
+def register_source_identities(anonymizer: Anonymizer, entry: SourceEntry) -> None:
+    """Make every identity a source's config names known to the anonymizer and the log redactor.
+
+    Done before anything of the source runs (at the start, or before a revision builds it): its
+    name, its subject and every subject its devices are bound to, and the device identities of its
+    driver config, so no record or log line sent before its first sample can carry one.
+    """
+    anonymizer.register(entry.info.name)
+    for subject in (entry.info.subject, *entry.subjects()):
+        anonymizer.register(subject)
+        logs.register_identity(subject, anonymizer.log_label("subject", subject))
     for field_name, identity in driver_identity_items(entry.config):
-        # A device by the pseudonym its records carry; a port or an endpoint by its source.
+        anonymizer.register(identity)
+        # A subject or a device by the pseudonym its records carry; a port or an endpoint by its source.
         label = f"{entry.info.name}.{field_name}"
-        if field_name in DEVICE_KEYS:
+        if field_name in SUBJECT_KEYS:
+            label = anonymizer.log_label("subject", identity)
+        elif field_name in DEVICE_KEYS:
             label = anonymizer.log_label("device", identity)
         logs.register_identity(identity, label)
 
@@ -706,11 +727,19 @@ def _failing(error: ConfigError) -> Callable[[Callable[[], None]], Coroutine[Any
     return run
 
 
-#: Driver config keys whose string values are device identities (addresses, serial numbers,
-#: ports, endpoints). They are registered with the anonymizer before the first sample, so a
+#: Driver config keys whose string values are identities: devices (addresses, serial numbers,
+#: ports, endpoints, node ids), the subjects single devices are bound to (a wearable's bed), and
+#: what names the site or an account to a device's server (an OPC UA user, application and
+#: namespace URI). They are registered with the anonymizer before the first sample, so a
 #: diagnostic sent before any window cannot carry one.
-IDENTITY_KEYS = frozenset({"device", "address", "port", "endpoint", "node_id", "serial", "url", "link"})
+IDENTITY_KEYS = frozenset(
+    {
+        "device", "address", "port", "endpoint", "node_id", "serial", "url", "link",
+        "subject", "username", "application_uri", "namespace_uri",
+    }
+)  # fmt: skip
 DEVICE_KEYS = frozenset({"device", "address", "serial"})  # of these, the ones naming a device
+SUBJECT_KEYS = frozenset({"subject"})  # ... and the ones naming a subject
 #: Of these, the ones a driver falls back on while its device has not named itself (a port).
 _FALLBACK_KEYS = frozenset({"device", "port", "link"})
 
@@ -721,20 +750,26 @@ def driver_identities(config: Any) -> list[str]:
 
 
 def driver_identity_items(config: Any) -> list[tuple[str, str]]:
-    """The identities in a driver's config with the key each was found under."""
+    """The identities in a driver's config (a model, or a raw TOML table) with the key each was found under."""
     found: list[tuple[str, str]] = []
 
     def walk(value: Any, key: str | None) -> None:
-        if isinstance(value, Mapping):
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), name)
+        elif isinstance(value, Mapping):
+            # A raw table's keys are the config's keys; a model's own mapping (an MCU's channel ->
+            # metric names) holds data whose keys are not: a channel called "port" is no port.
             for k, v in value.items():
-                walk(v, str(k))
+                walk(v, None if model else str(k))
         elif isinstance(value, list | tuple):
             for v in value:
                 walk(v, key)
         elif isinstance(value, str | Path) and key in IDENTITY_KEYS and len(str(value)) >= 4:
             found.append((key, str(value)))
 
-    walk(config.model_dump() if hasattr(config, "model_dump") else config, None)
+    model = isinstance(config, BaseModel)
+    walk(config, None)
     return found
 
 
@@ -788,9 +823,6 @@ async def _run_locked(
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
-    identities: list[str] = [core.gateway.name]
-    for entry in config.sources:
-        identities += [entry.info.name, entry.info.subject]
     try:
         timebase = TimeBase.open(core.gateway.state_dir)
     except ConfigError as exc:
@@ -800,15 +832,15 @@ async def _run_locked(
         Pseudonymizer(key),
         time_mode=core.privacy.time,
         coarsen_s=core.privacy.coarsen_s,
-        local_identities=identities,
+        local_identities=[core.gateway.name],
         timebase=timebase,
         legend=Legend(core.gateway.state_dir / LEGEND_FILE),
     )
     # Logs name subjects by pseudonym and devices by source; see gateway.logs.
     anonymizer.on_identity = logs.register_identity
     logs.register_identity(core.gateway.name, anonymizer.log_label("gateway", core.gateway.name))
-    for entry in config.sources:
-        register_source_labels(anonymizer, entry)
+    for entry in config.sources:  # every source's, enabled or not, before anything runs
+        register_source_identities(anonymizer, entry)
     outbox_path: Path = core.outbox_path
     budgets = budgets_for(config)
     total = int(core.outbox.max_mb * 1024 * 1024)

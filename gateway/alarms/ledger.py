@@ -20,7 +20,9 @@ A stream's alarm belongs to the stream's source; a subject's anomaly episode to 
 fed the subject when it was raised.  The ledger is kept in ``state_dir/alarms.json`` so a restart
 with a configuration that lost a source ends that source's alarms too, and so that the conditions
 of the sources it still has are handed back to their trackers (:meth:`AlarmLedger.kept`), which
-end them by their own rules when the data after the start show them over.  Pure bookkeeping: the
+end them by their own rules when the data after the start show them over.  With a condition whose
+raise said how long it had held (a limit, an episode) the ledger keeps its onset, so its ending
+after a restart says how long it held since then (:meth:`AlarmLedger.held`).  Pure bookkeeping: the
 pipeline sends what :meth:`AlarmLedger.end_source` and :meth:`AlarmLedger.end_vanished` return.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +80,8 @@ class Entry:
     subject_kind: str | None = None
     stream: Stream | None = None
     detail: Mapping[str, float | str] = field(default_factory=dict)  # the kept keys only
+    # Wall time the condition began, when its raise said how long it had held (a limit, an episode).
+    onset: float | None = None
 
     def ending(self, reason: EndReason, t_mono: float, t_wall: float) -> Alarm:
         """The alarm that ends this condition, saying why."""
@@ -139,6 +144,7 @@ class AlarmLedger:
         self._warned = False
         if path is not None:
             self._on = _load(path)
+        self._carried = set(self._on)  # the conditions a previous run left on, until they end
 
     def set_feeds(self, feeds: Mapping[str, Iterable[str]]) -> None:
         """Which sources feed each subject (from the configuration in force)."""
@@ -150,6 +156,11 @@ class AlarmLedger:
     def entries(self) -> list[Entry]:
         """The conditions on now."""
         return list(self._on.values())
+
+    def holds(self, alarm: Alarm) -> bool:
+        """True when the condition ``alarm`` raises, continues or ends is on at the twin."""
+        key = _key(alarm)
+        return key is not None and key in self._on
 
     def note(self, alarm: Alarm) -> None:
         """Fold an alarm the twin was sent: a raise enters its condition, an ending removes it."""
@@ -168,13 +179,32 @@ class AlarmLedger:
                 sources = known.sources  # escalated (L -> LL) or resumed: the same condition
             kept = {k: alarm.detail[k] for k in _KEPT if k in alarm.detail}
             family = _family(alarm) or alarm.kind
-            entry = Entry(family, alarm.subject, sources, alarm.subject_kind, stream, kept)
+            onset = known.onset if known is not None else _onset(alarm)
+            entry = Entry(family, alarm.subject, sources, alarm.subject_kind, stream, kept, onset)
             if entry == known:
                 return
             self._on[key] = entry
         elif self._on.pop(key, None) is None:
             return
+        else:
+            self._carried.discard(key)
         self.dirty = True
+
+    def held(self, alarm: Alarm) -> float | None:
+        """How long the condition ``alarm`` continues or ends has held, for one a previous run left on.
+
+        Counted from its onset before the stop (the downtime included: the twin held it on all
+        along), as the same alarm would say without the restart.  None for a condition raised in
+        this run (its tracker knows), one whose raise gave no time held, or an ending that says
+        why (``ended``: carries no time held).
+        """
+        key = _key(alarm)
+        if key is None or key not in self._carried or "ended" in alarm.detail:
+            return None
+        onset = self._on[key].onset
+        if onset is None or alarm.kind is AlarmKind.LIMIT:
+            return None  # a limit's raise (escalation) says how long *its* level has held
+        return round(max(0.0, alarm.t_wall - onset), 3)
 
     def end_source(self, source: str, feeds_now: Iterable[str], t_mono: float, t_wall: float) -> list[Alarm]:
         """End every condition of ``source`` (its streams', its subjects' episodes); the alarms to send.
@@ -187,6 +217,7 @@ class AlarmLedger:
         out: list[Alarm] = []
         for key in [k for k, e in self._on.items() if source in e.sources]:
             e = self._on.pop(key)
+            self._carried.discard(key)
             reason: EndReason = "source_changed" if e.subject in keeps else "source_removed"
             out.append(e.ending(reason, t_mono, t_wall))
         self.dirty = self.dirty or bool(out)
@@ -247,6 +278,7 @@ class AlarmLedger:
         self, keys: list[tuple[str, ...]], reason: EndReason, t_mono: float, t_wall: float
     ) -> list[Alarm]:
         out = [self._on.pop(k).ending(reason, t_mono, t_wall) for k in keys]
+        self._carried.difference_update(keys)
         self.dirty = self.dirty or bool(out)
         return out
 
@@ -293,6 +325,7 @@ def _dump(e: Entry) -> dict[str, Any]:
         "subject_kind": e.subject_kind,
         "stream": stream,
         "detail": dict(e.detail),
+        "onset": e.onset,
     }
 
 
@@ -316,6 +349,7 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
         raw.get("subject_kind"),
         stream,
         dict(raw.get("detail", {})),
+        None if raw.get("onset") is None else float(raw["onset"]),
     )
 
 
@@ -342,6 +376,12 @@ def _load(path: Path) -> dict[tuple[str, ...], Entry]:
         if key is not None:
             out[key] = e
     return out
+
+
+def _onset(alarm: Alarm) -> float | None:
+    """When the condition a raise starts began: its time less the time held it reports."""
+    held = alarm.held_s
+    return None if held is None or not math.isfinite(held) else alarm.t_wall - held
 
 
 def _entry_key(e: Entry) -> tuple[str, ...] | None:

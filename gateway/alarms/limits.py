@@ -232,7 +232,9 @@ class LimitChecker:
         st.stream, st.rule, st.t, st.t_wall, st.v = stream, rule, t, t_wall, v
         active = st.active
         if active is not None and math.isnan(st.active_since):
-            st.active_since = t  # resumed after a restart: held since its first sample here
+            # Resumed after a restart: held since its first sample here; the pipeline reports the
+            # time since the onset before the stop, which the alarm ledger keeps.
+            st.active_since = t
         for level in rule.bounds:
             latched = (
                 active is not None and _SIDE[level] == _SIDE[active] and _SEVERITY[level] <= _SEVERITY[active]

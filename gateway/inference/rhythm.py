@@ -271,7 +271,8 @@ class RhythmMonitor:
         """An episode named ``pattern`` a previous run left on: the beats after the start judge it as usual.
 
         Its pattern still seen (the detector needs ``CYCLES`` cycles, fewer than it takes to clear)
-        sends nothing; absent for the clearing span, it clears.  Its ``held_s`` is not known here.
+        sends nothing; absent for the clearing span, it clears.  Its ``held_s`` is not known here:
+        the pipeline gives it from the alarm ledger, which keeps the onset.
         """
         if pattern not in RANK:
             return
