@@ -214,7 +214,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("sparkplug")
     broker = MosquittoBroker(tmp / "broker", pki)
     broker.start()
-    tahu = Tahu()
+    tahu = Tahu(tmp / "tahu.log")
     host = Host(broker, pki, HOST)
     try:
         yield asyncio.run(_scenario(tmp, broker, host, tahu))
@@ -895,7 +895,7 @@ def test_tck_id_payloads_sequence_num_incrementing_wraps_after_255(tmp_path: Pat
     pki = demo_pki(tmp_path / "pki")
     broker = MosquittoBroker(tmp_path / "broker", pki)
     broker.start()
-    tahu = Tahu()
+    tahu = Tahu(tmp_path / "tahu.log")
     host = Host(broker, pki)
     try:
 
@@ -958,7 +958,7 @@ def test_tck_id_payloads_ndeath_will_message_publisher_disconnect_mqtt311(tmp_pa
     pki = demo_pki(tmp_path / "pki")
     broker = MosquittoBroker(tmp_path / "broker", pki)
     broker.start()
-    tahu = Tahu()
+    tahu = Tahu(tmp_path / "tahu.log")
     host = Host(broker, pki)
     try:
 

@@ -102,7 +102,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, DemoPKI, Host, Tahu
     pki = demo_pki(tmp_path / "pki")
     broker = MosquittoBroker(tmp_path / "broker", pki)
     broker.start()
-    tahu = Tahu()
+    tahu = Tahu(tmp_path / "tahu.log")
     host = Host(broker, pki)
     try:
         yield broker, pki, host, tahu
