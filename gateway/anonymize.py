@@ -6,7 +6,9 @@ names, units, numbers, pseudonyms, short vocabulary tokens - never copied from r
 every encoded record is then scanned for every identity seen so far, in raw, hex and base64 form.
 The scan looks inside each CBOR item (every text and byte string, key or value, and a number's own
 bytes), never across two: the key ``dev`` followed by the header byte of a 16-character string
-reads ``devp``, which is no device's name.  A record that fails either step is dropped and
+reads ``devp``, which is no device's name.  The same holds for any structured encoding whose items
+can be told apart (:meth:`Anonymizer.check_within`: a Sparkplug payload's fields, a record's names
+one by one); topics are one text, scanned whole.  A record that fails either step is dropped and
 counted, never sent.
 
 Pseudonyms are HMAC-SHA-256 under a per-purpose key derived from a site key (32 random bytes
@@ -501,17 +503,35 @@ class Anonymizer:
         if hits:
             raise _leak(max(end - start for start, end in hits))
 
-    def check_cbor(self, encoded: bytes) -> None:
-        """As :meth:`check` for CBOR, where an identity counts only inside one item, never across two."""
+    def check_within(self, encoded: bytes, items: Callable[[bytes], list[tuple[int, int]]]) -> None:
+        """As :meth:`check` for a structured encoding, where an identity counts only inside one of its items.
+
+        ``items`` gives where each item's own bytes lie in ``encoded`` (sorted, not overlapping;
+        raising AnonymizationError when it cannot tell); it is read only when a form is found.
+        """
         hits = self._hits(encoded)
         if not hits:
             return
         # A form found in the whole is an identity only inside an item's own bytes (what a reader
-        # gets), not a key's tail running into the next item's header byte.
-        leaves = cbor_leaves(encoded)
+        # gets), not a key's tail running into the next item's header byte or a field's tag.
+        leaves = items(encoded)
         inside = [end - start for start, end in hits if _within_one((start, end), leaves)]
         if inside:
             raise _leak(max(inside))
+
+    def check_cbor(self, encoded: bytes) -> None:
+        """As :meth:`check` for CBOR, where an identity counts only inside one item, never across two."""
+        self.check_within(encoded, cbor_leaves)
+
+    def check_texts(self, texts: Iterable[str]) -> None:
+        """As :meth:`check` for several separate texts (names, units): a form spelt across two is none."""
+        parts = [t.encode() for t in texts]
+        spans, at = [], 0
+        for part in parts:
+            spans.append((at, at + len(part)))
+            at += len(part) + 1
+        # One scan over them all, read once as a record is; a hit counts only inside one text.
+        self.check_within(b"\0".join(parts), lambda _: spans)
 
     def seal(
         self, build: Callable[[], OutRecord | None], encode: Callable[[Record], bytes]

@@ -946,7 +946,7 @@ async def _supervise(
                 mq,
                 core.uplink.sparkplug,
                 gateway_id,
-                check=anonymizer.check,
+                anonymizer=anonymizer,
                 state_dir=core.gateway.state_dir,
                 password=password,
             )

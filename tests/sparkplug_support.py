@@ -21,6 +21,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from peers import LoggedProcess
 
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoPKI
@@ -30,19 +31,17 @@ CODEC = ROOT / "sparkplug" / "codec.mjs"
 
 
 class Tahu:
-    """Eclipse Tahu's JavaScript Sparkplug B codec, one node process answering JSON lines."""
+    """Eclipse Tahu's JavaScript Sparkplug B codec, one node process answering JSON lines.
 
-    def __init__(self) -> None:
+    Its answers come on stdout, read line by line; what it writes to stderr goes to ``log``.
+    """
+
+    def __init__(self, log: Path) -> None:
         node = shutil.which("node")
         if node is None or not (ROOT / "sparkplug" / "node_modules" / "sparkplug-payload").is_dir():
             pytest.fail("node or sparkplug-payload missing: run 'bash .ci/setup test'")
-        self.proc = subprocess.Popen(
-            [node, str(CODEC)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=CODEC.parent,
+        self.proc = LoggedProcess(
+            [node, str(CODEC)], log=log, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=CODEC.parent
         )
 
     def _ask(self, request: dict[str, Any]) -> Any:
@@ -50,7 +49,9 @@ class Tahu:
         assert self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        answer = json.loads(self.proc.stdout.readline())
+        line = self.proc.stdout.readline()
+        assert line, f"Tahu's codec ended (code {self.proc.poll()}): {self.proc.err()[-2000:]}"
+        answer = json.loads(line)
         assert "error" not in answer, answer
         return answer
 
@@ -72,9 +73,8 @@ class Tahu:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 @dataclass

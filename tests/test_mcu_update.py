@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from peers import RecordingSink, running_driver
+from peers import LoggedProcess, RecordingSink, running_driver
 
 from drivers.mcu.commands import add_commands
 from drivers.mcu.config import McuConfig, SimNodeConfig
@@ -302,8 +302,9 @@ def test_sim_node_command_runs_the_node_on_a_linked_pty(tmp_path: Path) -> None:
         "add_commands(g); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
     )
     argv = ["sim", "node", "--link", str(link), "--flash", str(tmp_path / "f.bin"), "--node-id", "CLI-1"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    # stdout: its first line (the pty) is read here; stderr (its log) goes to a file.
+    proc = LoggedProcess(
+        [sys.executable, "-c", code, *argv], log=tmp_path / "node.log", stdout=subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
@@ -319,6 +320,8 @@ def test_sim_node_command_runs_the_node_on_a_linked_pty(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
     assert proc.returncode == 0  # the node itself got SIGTERM: the command became the node
     assert "stats sent=" in err
     assert not link.exists()

@@ -6,14 +6,13 @@ import argparse
 import os
 import pwd
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peers import free_port
+from peers import LoggedProcess, free_port
 from uplink_support import require_mosquitto
 
 from gateway.anonymize import Pseudonymizer
@@ -122,9 +121,8 @@ def test_demo_ca_writes_a_mosquitto_config_that_runs(
     assert (key.stat().st_mode & 0o777) == 0o600
     if os.geteuid() == 0 and "owned by mosquitto" in out:
         assert key.stat().st_uid == pwd.getpwnam("mosquitto").pw_uid
-    broker = subprocess.Popen(
-        [exe, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    # Its log goes to a file: a pipe read only when it ends would fill with a connection per attempt.
+    broker = LoggedProcess([exe, "-c", str(conf)], log=open_dir / "mosquitto.log")
     try:
         config = open_dir / "edgetwin.toml"
         config.write_text(
@@ -134,7 +132,7 @@ def test_demo_ca_writes_a_mosquitto_config_that_runs(
         )
         deadline = time.monotonic() + 15
         while True:
-            assert broker.poll() is None, broker.communicate()[0]
+            assert broker.poll() is None, broker.out() + broker.err()
             main(["check", "--config", str(config), "--online"])
             text = capsys.readouterr().out
             if f"pass  mqtt: CONNACK from 127.0.0.1:{port} (MQTT 5), accepted" in text:

@@ -24,6 +24,7 @@ import pytest
 from sparkplug_support import Host, Message, Tahu
 from uplink_support import mosquitto_pki, uplink_config, wait_until
 
+from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.contracts import Lane
 from gateway.errors import AnonymizationError
 from gateway.outbox import AsyncOutbox, Outbox, OutItem
@@ -68,10 +69,20 @@ def diag(t: float, kind: str, **detail: float | str) -> OutItem:
     return OutItem(Lane.DIAGNOSTICS, "diag", encode(rec), time.time())
 
 
-def scan(data: bytes) -> None:
-    """The anonymizer's check, as the runtime hands it over: one known identity."""
-    if SECRET.lower().encode() in data.lower():
-        raise AnonymizationError("anonymizer: an identity appears in an outgoing record: record dropped")
+def scan(*identities: str) -> Anonymizer:
+    """The anonymizer the runtime hands over, knowing ``SECRET`` (and ``identities``)."""
+    return Anonymizer(Pseudonymizer(b"s" * 32), time_mode="relative", local_identities=(SECRET, *identities))
+
+
+async def deliver(node: SparkplugNode, n: int, name: str) -> None:
+    """Run ``node`` (a task named ``name``) until it has delivered ``n`` records, then stop it."""
+    task = asyncio.create_task(node.run(lambda: None), name=name)
+    try:
+        await wait_until(lambda: node.delivered >= n, 10, f"{n} record(s) delivered")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @dataclass
@@ -104,7 +115,7 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
         for item in backlog:
             outbox.submit(item)
         await outbox.flush()
-        node = SparkplugNode(outbox, cfg, sp, NODE_ID, check=scan, state_dir=tmp)
+        node = SparkplugNode(outbox, cfg, sp, NODE_ID, anonymizer=scan(), state_dir=tmp)
         task = asyncio.create_task(node.run(lambda: None), name="test-sparkplug")
 
         async def mark(step: str) -> None:
@@ -214,7 +225,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("sparkplug")
     broker = MosquittoBroker(tmp / "broker", pki)
     broker.start()
-    tahu = Tahu()
+    tahu = Tahu(tmp / "tahu.log")
     host = Host(broker, pki, HOST)
     try:
         yield asyncio.run(_scenario(tmp, broker, host, tahu))
@@ -895,7 +906,7 @@ def test_tck_id_payloads_sequence_num_incrementing_wraps_after_255(tmp_path: Pat
     pki = demo_pki(tmp_path / "pki")
     broker = MosquittoBroker(tmp_path / "broker", pki)
     broker.start()
-    tahu = Tahu()
+    tahu = Tahu(tmp_path / "tahu.log")
     host = Host(broker, pki)
     try:
 
@@ -909,7 +920,7 @@ def test_tck_id_payloads_sequence_num_incrementing_wraps_after_255(tmp_path: Pat
                     uplink_config(broker, pki),
                     SparkplugSection(),
                     NODE_ID,
-                    check=scan,
+                    anonymizer=scan(),
                     state_dir=tmp_path,
                 )
                 task = asyncio.create_task(node.run(lambda: None), name="test-sparkplug-wrap")
@@ -943,7 +954,7 @@ def test_ids_naming_an_identity_publish_nothing(tmp_path: Path) -> None:
         async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
             cfg = MqttSection(host="127.0.0.1", port=1, tls=False)
             node = SparkplugNode(
-                outbox, cfg, SparkplugSection(edge_node_id=SECRET), NODE_ID, check=scan, state_dir=None
+                outbox, cfg, SparkplugSection(edge_node_id=SECRET), NODE_ID, anonymizer=scan(), state_dir=None
             )
             with pytest.raises(ConfigError, match="edge_node_id"):
                 await node.run(lambda: None)
@@ -958,7 +969,7 @@ def test_tck_id_payloads_ndeath_will_message_publisher_disconnect_mqtt311(tmp_pa
     pki = demo_pki(tmp_path / "pki")
     broker = MosquittoBroker(tmp_path / "broker", pki)
     broker.start()
-    tahu = Tahu()
+    tahu = Tahu(tmp_path / "tahu.log")
     host = Host(broker, pki)
     try:
 
@@ -966,14 +977,10 @@ def test_tck_id_payloads_ndeath_will_message_publisher_disconnect_mqtt311(tmp_pa
             async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
                 outbox.submit(window(SUBJ_A, 1.0, DEV_A, SPO2, "%", mean=97.0))
                 cfg = uplink_config(broker, pki, protocol="3.1.1")
-                node = SparkplugNode(outbox, cfg, SparkplugSection(), NODE_ID, check=scan, state_dir=tmp_path)
-                task = asyncio.create_task(node.run(lambda: None), name="test-sparkplug-311")
-                try:
-                    await wait_until(lambda: node.delivered >= 1, 10, "the record")
-                finally:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                node = SparkplugNode(
+                    outbox, cfg, SparkplugSection(), NODE_ID, anonymizer=scan(), state_dir=tmp_path
+                )
+                await deliver(node, 1, "test-sparkplug-311")
 
         asyncio.run(body())
         msgs = host.wait(lambda ms: any(m.kind == "NDEATH" for m in ms), 10, "the NDEATH")
@@ -985,6 +992,59 @@ def test_tck_id_payloads_ndeath_will_message_publisher_disconnect_mqtt311(tmp_pa
             x["value"] for x in birth["metrics"] if x["name"] == "bdSeq"
         )
         assert msgs[-1].qos == 1
+    finally:
+        host.close()
+        tahu.close()
+        broker.stop()
+
+
+def test_a_mac_spelt_across_nbirth_fields_is_no_identity(tmp_path: Path) -> None:
+    """A device whose MAC is the NBIRTH's last bytes (Rebirth = false, seq 0): the node is born and delivers.
+
+    The bytes 20 0B 70 00 18 00 are the Rebirth metric's datatype and value (tag 0x70) and the
+    payload's seq, four fields: no reader sees them as one value.  Scanned as whole bytes, every
+    NBIRTH was refused and the node never published anything.
+    """
+    from gateway.uplink.certs import demo_pki  # noqa: PLC0415
+
+    mac = "20:0B:70:00:18:00"
+    pki = demo_pki(tmp_path / "pki")
+    broker = MosquittoBroker(tmp_path / "broker", pki)
+    broker.start()
+    tahu = Tahu(tmp_path / "tahu.log")
+    host = Host(broker, pki)
+    anon = scan(mac)
+    try:
+
+        async def body() -> SparkplugNode:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                for i in range(3):
+                    outbox.submit(window(SUBJ_A, float(i), DEV_A, SPO2, "%", mean=97.0 - i))
+                node = SparkplugNode(
+                    outbox,
+                    uplink_config(broker, pki),
+                    SparkplugSection(),
+                    NODE_ID,
+                    anonymizer=anon,
+                    state_dir=tmp_path,
+                )
+                await deliver(node, 3, "test-sparkplug-spanning")
+                return node
+
+        node = asyncio.run(body())
+        msgs = host.wait(lambda ms: sum(m.kind == "DDATA" for m in ms) >= 3, 10, "three DDATA")
+        assert [m.kind for m in msgs[:2]] == ["NBIRTH", "DBIRTH"]
+        nbirth = msgs[0].payload
+        assert nbirth.endswith(bytes.fromhex("200b70001800"))  # the MAC's own 6 bytes
+        with pytest.raises(AnonymizationError):
+            anon.check(nbirth)  # what the node scanned before: the bytes as a whole
+        decoded = tahu.decode(nbirth)
+        assert decoded["seq"] == 0
+        assert {m["name"]: m["value"] for m in decoded["metrics"]}[codec.REBIRTH] is False
+        assert node.counters.dead_lettered == 0
+        # The windows' means, in order (Tahu reads a value by its alias only with the births at hand).
+        means = [codec.decode(m.payload).metrics[0].double_value for m in msgs if m.kind == "DDATA"]
+        assert means[:3] == [97.0, 96.0, 95.0]
     finally:
         host.close()
         tahu.close()
@@ -1031,7 +1091,7 @@ def test_a_batch_cut_short_is_released_and_delivered_after_reconnecting(tmp_path
                     uplink_config(broker, pki),
                     SparkplugSection(),
                     NODE_ID,
-                    check=scan,
+                    anonymizer=scan(),
                     state_dir=tmp_path,
                 )
                 task = asyncio.create_task(node.run(lambda: None), name="test-sparkplug-cut")

@@ -35,7 +35,9 @@ GATEWAY_NAME = "ward7-hub"
 PATIENT = "MRN-7731-JONES"
 
 
-def _config(tmp: Path, broker: MosquittoBroker, pki: DemoPKI, extra: str = "") -> Path:
+def _config(
+    tmp: Path, broker: MosquittoBroker, pki: DemoPKI, extra: str = "", device: str = "A4:C1:38:00:00:07"
+) -> Path:
     path = tmp / "edgetwin.toml"
     path.write_text(
         f"""
@@ -70,7 +72,7 @@ name = "bed7-sim"
 driver = "sim"
 subject = "{PATIENT}"
 profile = "patient"
-device = "A4:C1:38:00:00:07"
+device = "{device}"
 """
     )
     return path
@@ -102,7 +104,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, DemoPKI, Host, Tahu
     pki = demo_pki(tmp_path / "pki")
     broker = MosquittoBroker(tmp_path / "broker", pki)
     broker.start()
-    tahu = Tahu()
+    tahu = Tahu(tmp_path / "tahu.log")
     host = Host(broker, pki)
     try:
         yield broker, pki, host, tahu
@@ -171,6 +173,29 @@ def test_tck_id_message_flow_edge_node_birth_publish_will_message_payload_bdseq(
         assert _bdseq(tahu, _after(msgs, mark, "NDEATH")[0]) == 1
     finally:
         gw.stop()
+
+
+def test_a_monitor_whose_mac_is_the_nbirths_last_bytes_is_born_and_delivers(
+    tmp_path: Path, setup: tuple[MosquittoBroker, DemoPKI, Host, Tahu]
+) -> None:
+    """MAC 20:0B:70:00:18:00 is the NBIRTH's Rebirth = false and seq 0 as bytes: no identity there.
+
+    Scanned as whole bytes, the NBIRTH of a gateway with that monitor was refused at every
+    connection: nothing was ever published.  Scanned field by field, it is born and delivers.
+    """
+    broker, pki, host, tahu = setup
+    gw = Gateway(_config(tmp_path, broker, pki, device="20:0B:70:00:18:00"))
+    try:
+        msgs = host.wait(lambda ms: sum(m.kind == "DDATA" for m in ms) >= 2, 40, "the first DDATA")
+    finally:
+        log = gw.stop()
+    nbirth = _after(msgs, 0, "NBIRTH")[0]
+    # Born at the start with no device and no node metric yet: the payload ends with those bytes.
+    assert nbirth.payload.endswith(bytes.fromhex("200b70001800"))
+    assert tahu.decode(nbirth.payload)["seq"] == 0
+    assert "appears in an outgoing record" not in log, log[-2000:]
+    for m in msgs:  # the monitor's address appears nowhere as text, in any letter case
+        assert b"200b70001800" not in (m.topic.encode() + m.payload).lower()
 
 
 @pytest.mark.campaign

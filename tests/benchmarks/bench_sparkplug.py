@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from bench_uplink import GW, bare_paho, mqtt_cfg, uplink_drain, window_payload  # noqa: E402
 
+from gateway.anonymize import Anonymizer, Pseudonymizer  # noqa: E402
 from gateway.contracts import Lane  # noqa: E402
 from gateway.outbox import AsyncOutbox, Outbox, OutItem  # noqa: E402
 from gateway.uplink.broker import MosquittoBroker  # noqa: E402
@@ -38,10 +39,12 @@ from gateway.uplink.sparkplug.node import SparkplugNode  # noqa: E402
 VALUES_PER_RECORD = 23  # feature values in window_payload (4 streams x 5 + 3 HRV)
 
 
-def _no_identity(_data: bytes) -> None:
-    """Stands in for the anonymizer's scan with one registered identity (the scan is measured too)."""
-    if b"MRN-0048213" in _data:
-        raise AssertionError("identity")
+def _anonymizer() -> Anonymizer:
+    """The anonymizer's scan, knowing the subject and its devices (the scan is measured too)."""
+    anon = Anonymizer(Pseudonymizer(b"b" * 32), time_mode="relative", local_identities=("edgetwin",))
+    for identity in ("MRN-0048213", "bed1-mon", "A4:C1:38:5B:20:7E", "SN-PLC-20931"):
+        anon.register(identity)
+    return anon
 
 
 async def sparkplug_drain(broker: MosquittoBroker, pki: DemoPKI, payloads: list[bytes], tmp: Path) -> float:
@@ -56,7 +59,7 @@ async def sparkplug_drain(broker: MosquittoBroker, pki: DemoPKI, payloads: list[
             mqtt_cfg(broker, pki),
             SparkplugSection(group_id="bench"),
             GW,
-            check=_no_identity,
+            anonymizer=_anonymizer(),
             state_dir=tmp,
         )
         task = asyncio.create_task(node.run(lambda: None), name="bench-sparkplug")

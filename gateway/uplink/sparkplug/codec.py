@@ -15,7 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import EdgetwinError
+from google.protobuf.descriptor import FieldDescriptor
+
+from gateway.errors import AnonymizationError, EdgetwinError
 from gateway.records import AlarmRecord, DiagnosticRecord, EstimateRecord, FeaturesWindow, Record
 from gateway.uplink.sparkplug import sparkplug_b_pb2
 
@@ -320,6 +322,58 @@ def decode(data: bytes) -> Payload:
     except Exception as exc:  # protobuf raises its own DecodeError (and others on odd input)
         raise SparkplugError(f"sparkplug: not a Sparkplug B payload: {exc}") from exc
     return payload
+
+
+def _varint(data: bytes, i: int, end: int) -> tuple[int, int]:
+    """The varint starting at ``i`` and where it ends; raises AnonymizationError when it runs past ``end``."""
+    value, shift = 0, 0
+    while i < end:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if byte < 0x80:
+            return value, i
+        shift += 7
+    raise AnonymizationError("anonymizer: a Sparkplug payload ends inside a varint: record dropped")
+
+
+def _fields(data: bytes, i: int, end: int, message: Any, out: list[tuple[int, int]]) -> None:
+    """Append the spans of the fields of ``message`` (a descriptor) encoded in ``data[i:end]``."""
+    fields = message.fields_by_number
+    while i < end:
+        key, i = _varint(data, i, end)
+        number, wire, start = key >> 3, key & 7, i
+        if wire == 0:  # varint
+            i = _varint(data, i, end)[1]
+        elif wire in (1, 5):  # fixed 64 and 32 bits: double, float
+            i += 8 if wire == 1 else 4
+        elif wire == 2:  # length-delimited: a message of the schema, or text and bytes
+            size, start = _varint(data, i, end)
+            i = start + size
+            field = fields.get(number)
+            if i <= end and field is not None and field.type == FieldDescriptor.TYPE_MESSAGE:
+                _fields(data, start, i, field.message_type, out)
+                continue
+            # Strings, bytes and fields unknown to the schema: their content as one item.
+        else:  # groups (3, 4) and reserved wire types: the Sparkplug schema has none
+            raise AnonymizationError(
+                f"anonymizer: a Sparkplug payload has a field of wire type {wire} (field {number}): "
+                "it cannot be scanned field by field: record dropped"
+            )
+        if i > end:
+            raise AnonymizationError("anonymizer: a Sparkplug payload ends inside a field: record dropped")
+        out.append((start, i))
+
+
+def field_spans(data: bytes) -> list[tuple[int, int]]:
+    """Where each field's own bytes lie in an encoded Sparkplug payload, in order, at any depth (pure).
+
+    Text and bytes: their content; numbers: their encoding.  Tags and lengths are in none: an
+    identity scan confirms a hit inside one of these (``Anonymizer.check_within``).
+    """
+    out: list[tuple[int, int]] = []
+    _fields(data, 0, len(data), pb.Payload.DESCRIPTOR, out)
+    return out
 
 
 def rebirth_requested(data: bytes) -> bool:

@@ -34,6 +34,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway import backoff
+from gateway.anonymize import Anonymizer
 from gateway.cleanup import cancel_requested, run_shielded
 from gateway.errors import AnonymizationError, ConfigError, EdgetwinError, TransientError
 from gateway.liveness import Heartbeat
@@ -92,7 +93,7 @@ class SparkplugNode:
         sparkplug: SparkplugSection,
         gateway_id: str,
         *,
-        check: Callable[[bytes], None],
+        anonymizer: Anonymizer,
         state_dir: Path | None,
         password: str | None = None,
     ) -> None:
@@ -101,7 +102,8 @@ class SparkplugNode:
         self._sp = sparkplug
         self.group = codec.check_id("group_id", sparkplug.group_id)
         self.node_id = codec.check_id("edge_node_id", sparkplug.edge_node_id or gateway_id)
-        self._check = check  # the anonymizer's fail-closed identity scan (raises AnonymizationError)
+        # The fail-closed identity scan (raises AnonymizationError) over topics, names and payloads.
+        self._anon = anonymizer
         self.catalog = Catalog.load(state_dir / "sparkplug.json" if state_dir is not None else None)
         # The Will is never retained (NDEATH); the rest of the profile (limits, pacing) applies.
         profile = dataclasses.replace(PROFILES[config.profile], retain=False)
@@ -160,7 +162,7 @@ class SparkplugNode:
         """Connect, be born, deliver, reconnect until cancelled."""
         where = f"sparkplug {self.group}/{self.node_id} via {transport.where(self._cfg)}"
         try:
-            self._check(self.topic("NBIRTH").encode())
+            self._anon.check(self.topic("NBIRTH").encode())
         except AnonymizationError as exc:
             raise ConfigError(
                 f"uplink.sparkplug: group_id {self.group!r} or edge_node_id names a host, subject or device "
@@ -349,8 +351,8 @@ class SparkplugNode:
             if device == NODE:
                 continue
             try:
-                self._check(device.encode())
-                self._check(" ".join(self.catalog.devices[device]).encode())
+                self._anon.check(device.encode())
+                self._anon.check_texts(self.catalog.devices[device])
             except AnonymizationError as exc:
                 # An identity registered after these names were learnt: forget them, fail closed.
                 # The device id itself may be what leaks: it is not logged.
@@ -360,7 +362,7 @@ class SparkplugNode:
         nbirth = codec.nbirth_head(self.bdseq, now)
         self._add_known(nbirth, NODE, now)
         data = nbirth.SerializeToString()
-        self._check(data)
+        self._anon.check_within(data, codec.field_spans)
         self.seq = 0
         self._publish(session, self.topic("NBIRTH"), data, 0)
         for device in self.catalog.devices:
@@ -369,7 +371,7 @@ class SparkplugNode:
             payload = codec.new_payload(now, self._next_seq())
             self._add_known(payload, device, now)
             data = payload.SerializeToString()
-            self._check(data)
+            self._anon.check_within(data, codec.field_spans)
             self._publish(session, self.topic("DBIRTH", device), data, 0)
         self.counters.births += 1
         session.client.loop_write()
@@ -505,7 +507,7 @@ class SparkplugNode:
                 codec.check_id("device_id", device)
             # Names are scanned before they are learnt: a name that would leak is never announced.
             key = device if device is not None else NODE
-            self._check(" ".join([key, *(p.name for p in pts), *(p.unit or "" for p in pts)]).encode())
+            self._anon.check_texts([key, *(p.name for p in pts), *(p.unit or "" for p in pts)])
         except (RecordError, codec.SparkplugError, AnonymizationError) as exc:
             return str(exc)
         return key, pts, record
@@ -557,8 +559,9 @@ class SparkplugNode:
         data = payload.SerializeToString()
         topic = self.topic("NDATA") if device is None else self.topic("DDATA", device)
         try:
-            self._check(data)
-            self._check(topic.encode())
+            # Inside one field of the payload (a name, a text, a number), never across a tag.
+            self._anon.check_within(data, codec.field_spans)
+            self._anon.check(topic.encode())
         except AnonymizationError as exc:
             await self._dead_letter(item, str(exc))
             inflight.pop(-item.id, None)
