@@ -287,6 +287,7 @@ def test_reported_properties_the_hub_refuses_are_sent_again(site: AzureSite) -> 
         )
         assert rep["phase"] == "running"
         assert (rep.get("units") or {}).get(site.unit("bed7-sim")) == "running"
+        assert "bed7-sim" not in json.dumps(rep).lower()  # the bed's source by its pseudonym only
         assert hub.patches >= 3
         assert "reported properties refused by the hub: status 429" in (site.tmp / "gateway.log").read_text()
     finally:
