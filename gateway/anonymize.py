@@ -346,6 +346,16 @@ class Anonymizer:
         """How logs name an identity: its purpose and the pseudonym records carry (``subject~k3n...``)."""
         return f"{purpose}~{self._p(purpose, identity)}"
 
+    def source_label(self, name: str) -> str:
+        """How a source is named outside the gateway (the downlink's reported state): ``source~<pseudonym>``."""
+        self.register(name)
+        self.legend.note("source", name)
+        return f"source~{self._p('source', name)}"
+
+    def holds_identity(self, text: str) -> bool:
+        """Whether one text (a field of a JSON document) holds any form of a known identity."""
+        return bool(self._hits(text.encode()))
+
     def _subject(self, subject: str) -> str:
         if subject not in self._registered and self.on_identity is not None:
             self.on_identity(subject, self.log_label("subject", subject))

@@ -226,7 +226,7 @@ def cmd_legend(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from gateway.legend import render  # noqa: PLC0415
 
-    print(render(config))
+    print(render(config, as_json=args.json))
     return EXIT_OK
 
 
@@ -322,6 +322,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("legend", help="which pseudonym is which bed, patient, machine or device (local)")
     p.add_argument("--config", type=Path, required=True, help="the gateway's TOML config file")
+    p.add_argument("--json", action="store_true", help="rows as JSON (for 'twin rollout-status --legend')")
     p.set_defaults(func=cmd_legend)
 
     p = sub.add_parser(

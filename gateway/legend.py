@@ -1,4 +1,4 @@
-"""The local legend: which pseudonym is which bed, patient, machine or device.
+"""The local legend: which pseudonym is which bed, patient, machine, device or source.
 
 A technician reading the twin view sees pseudonyms only.  The gateway notes every identity it
 pseudonymizes (purpose, identity, source) in ``<state_dir>/legend.json`` (mode 0600, beside the
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway.errors import ConfigError
 from gateway.privatefile import write_private_json
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ FILE_NAME = "legend.json"
 class Entry:
     """One identity the gateway pseudonymized."""
 
-    purpose: str  # "gateway", "subject" or "device"
+    purpose: str  # "gateway", "subject", "device" or "source"
     identity: str  # the real id: never sent
     source: str = ""  # the config's source it came from, when known
 
@@ -85,8 +86,8 @@ def load(path: Path | None) -> list[Entry]:
         return []
 
 
-def render(config: Config) -> str:
-    """The legend of a configured gateway: the config's identities and those its state has seen."""
+def rows(config: Config) -> list[tuple[str, str, str, str]]:
+    """(pseudonym as sent, what, identity, source) of the config's identities and those its state has seen."""
     # Imported here: the anonymizer notes into a Legend, so it imports this module.
     from gateway.anonymize import Pseudonymizer, load_or_create_key  # noqa: PLC0415
 
@@ -96,17 +97,42 @@ def render(config: Config) -> str:
     noted += [
         Entry("subject", s, e.info.name) for e in config.sources for s in {e.info.subject, *e.subjects()}
     ]
+    noted += [Entry("source", e.info.name) for e in config.sources]
     noted += load(core.gateway.state_dir / FILE_NAME)
     sources: dict[tuple[str, str], set[str]] = {}
     for e in noted:
         sources.setdefault((e.purpose, e.identity), set()).update({e.source} - {""})
-    rows = [("pseudonym", "what", "identity", "source")]
+    out = []
     for purpose, identity in sorted(sources, key=lambda k: (_ORDER.get(k[0], 9), k[1])):
-        source = ", ".join(sorted(sources[(purpose, identity)]))
-        rows.append((pseudonym(purpose, identity), purpose, identity, source))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{p:<{widths[0]}}  {w:<{widths[1]}}  {i:<{widths[2]}}  {s}".rstrip() for p, w, i, s in rows]
+        sent = pseudonym(purpose, identity)
+        # A source is named in the downlink's reported state with its kind before the pseudonym.
+        sent = f"source~{sent}" if purpose == "source" else sent
+        out.append((sent, purpose, identity, ", ".join(sorted(sources[(purpose, identity)]))))
+    return out
+
+
+def render(config: Config, *, as_json: bool = False) -> str:
+    """The legend of a configured gateway as a table (or JSON rows, for ``twin ... --legend``)."""
+    found = rows(config)
+    if as_json:
+        keys = ("pseudonym", "what", "identity", "source")
+        return json.dumps([dict(zip(keys, row, strict=True)) for row in found], indent=1)
+    table = [("pseudonym", "what", "identity", "source"), *found]
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    lines = [f"{p:<{widths[0]}}  {w:<{widths[1]}}  {i:<{widths[2]}}  {s}".rstrip() for p, w, i, s in table]
     return "LOCAL ONLY - real identities: never copy this out of the site.\n" + "\n".join(lines)
 
 
-_ORDER = {"gateway": 0, "subject": 1, "device": 2}
+def names(path: Path) -> dict[str, str]:
+    """Pseudonym as sent -> identity, from a file of ``edgetwin legend --json`` (the twin's ``--legend``)."""
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+        return {str(row["pseudonym"]): str(row["identity"]) for row in body}
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(
+            f"legend {path}: unreadable ({type(exc).__name__}: {exc}): give the output of "
+            "'edgetwin legend --config FILE --json' on the site"
+        ) from exc
+
+
+_ORDER = {"gateway": 0, "subject": 1, "device": 2, "source": 3}

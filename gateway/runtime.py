@@ -962,7 +962,9 @@ async def _supervise(
             if core.downlink.trust_file is not None:
                 from gateway.downlink.unit import Downlink  # noqa: PLC0415
 
-                uplink.downlink = Downlink(config, registry, sup, uplink, uplink.client_id, slots)
+                uplink.downlink = Downlink(
+                    config, registry, sup, uplink, uplink.client_id, slots, anonymizer=anonymizer
+                )
                 sup.add(Unit("downlink", Group.UPLINK, uplink.downlink.run))
     else:
         uplink = _NoUplink()

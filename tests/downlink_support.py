@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from peers import stop_process
 from uplink_support import running_broker
 
+from gateway.anonymize import Anonymizer, Pseudonymizer, load_or_create_key
 from gateway.downlink.signing import key_id, public_hex, sign, write_private_key
 from gateway.downlink.twin_link import Broker, collect_reported, publish_desired
 from gateway.records.topics import DEFAULT_PREFIX
@@ -151,6 +152,10 @@ connect_timeout_s = 2.0
             f"not {what} within {timeout} s: {rep}\n{(self.tmp / 'gateway.log').read_text()[-3000:]}"
         )
 
+    def unit(self, name: str) -> str:
+        """A source's unit as the reported state names it: by its pseudonym under the site's key."""
+        return source_label(self.config, name)
+
     def events(self) -> list[dict[str, Any]]:
         path = self.tmp / "state" / "downlink" / "audit.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()]
@@ -179,6 +184,15 @@ def running_site(tmp: Path, pki: DemoPKI, sources: str | None = None) -> Iterato
             yield s
         finally:
             s.stop()
+
+
+def source_label(config_path: Path, name: str) -> str:
+    """``source~<pseudonym>`` of source ``name`` of the gateway a config file describes (its site key)."""
+    from drivers import REGISTRY  # noqa: PLC0415
+    from gateway.config import load  # noqa: PLC0415
+
+    key = load_or_create_key(load(config_path, REGISTRY).core.site_key_path)
+    return Anonymizer(Pseudonymizer(key), time_mode="relative").source_label(name)
 
 
 def running(name: str) -> Callable[[dict[str, Any]], bool]:

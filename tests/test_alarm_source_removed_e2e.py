@@ -65,7 +65,7 @@ def on_at_the_twin(site: Site, twin: Listener) -> tuple[str, dict[Any, AlarmReco
     """Start the gateway; bed 7's conditions once the twin shows them on."""
     subject = bed7(site)
     site.start()
-    site.reported(running("source:bed7-sim"), "running")
+    site.reported(running(site.unit("bed7-sim")), "running")
     assert twin.wait_for(lambda t: bool(active(t, site.gateway, subject)), 30), twin.view.render()
     on = active(twin, site.gateway, subject)
     assert {a.alarm for a in on.values()} <= {"sensor_fault", "device_lost", "sensor_lost"}, on
@@ -94,7 +94,7 @@ def test_a_revision_that_removes_a_source_ends_its_alarms_at_the_twin(site: Site
         site.reported(applied(1), "applied")
         assert_ended(site, twin, subject, on)
         # Bed 8 runs on, its windows still arriving.
-        site.reported(running("source:bed8-sim"), "bed 8 running")
+        site.reported(running(site.unit("bed8-sim")), "bed 8 running")
     finally:
         twin.stop()
 

@@ -102,8 +102,10 @@ def test_desired_state_reported_state_and_methods_over_the_device_twin(site: Azu
         hub.refuse_gets = 2  # throttled: the gateway asks again, backing off
         site.start()
         rep = hub.wait(lambda r: (r.get("applied") or {}).get("version") == 3, "v3 applied")
-        rep = hub.wait(lambda r: (r.get("units") or {}).get("source:bed13-sim") == "running", "bed13 running")
-        assert "source:bed11-sim" not in rep["units"]
+        rep = hub.wait(
+            lambda r: (r.get("units") or {}).get(site.unit("bed13-sim")) == "running", "bed13 running"
+        )
+        assert site.unit("bed11-sim") not in rep["units"]
         # Two refused, then the twin read on connecting; the new source was started in place, so
         # the session (and the twin read) did not have to start over.
         assert hub.gets >= 3
@@ -136,7 +138,9 @@ def test_desired_state_reported_state_and_methods_over_the_device_twin(site: Azu
         hub.patch_desired(json.loads((site.tmp / "v4.json").read_text()), skip=1)  # one patch missed
         rep = hub.wait(lambda r: (r.get("applied") or {}).get("version") == 4, "v4 applied")
         assert hub.gets > gets  # the gap in $version made it read the whole twin again
-        rep = hub.wait(lambda r: "source:bed13-sim" not in (r.get("units") or {}), "bed13 gone from the twin")
+        rep = hub.wait(
+            lambda r: site.unit("bed13-sim") not in (r.get("units") or {}), "bed13 gone from the twin"
+        )
         # Direct methods: the generic commands, with a status.
         assert hub.call("report")[0] == 200
         assert hub.call("rebirth")[0] == 200
@@ -282,7 +286,8 @@ def test_reported_properties_the_hub_refuses_are_sent_again(site: AzureSite) -> 
             "the state of the refused patches at the hub",
         )
         assert rep["phase"] == "running"
-        assert (rep.get("units") or {}).get("source:bed7-sim") == "running"
+        assert (rep.get("units") or {}).get(site.unit("bed7-sim")) == "running"
+        assert "bed7-sim" not in json.dumps(rep).lower()  # the bed's source by its pseudonym only
         assert hub.patches >= 3
         assert "reported properties refused by the hub: status 429" in (site.tmp / "gateway.log").read_text()
     finally:

@@ -98,7 +98,7 @@ def test_renewal_keeps_its_schedule_across_wall_clock_jumps(tmp_path: Path) -> N
         twin = listener(broker, pki)
         try:
             site.start()
-            site.reported(running("source:bed7-sim"), "running", timeout=30)
+            site.reported(running(site.unit("bed7-sim")), "running", timeout=30)
             assert time.monotonic() < due_mono - 25, "the gateway took too long to start for this scenario"
             offset.write_text(str(86400))  # a day ahead: past the certificate's end
             rep = site.reported(

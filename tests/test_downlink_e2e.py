@@ -36,6 +36,8 @@ from downlink_support import (
 from peers import free_port
 from uplink_support import listener, mosquitto_pki, require_mosquitto, running_broker
 
+from gateway.anonymize import identity_forms
+from gateway.cli import main
 from gateway.downlink import audit
 from gateway.downlink.signing import read_private_key, sign
 from gateway.downlink.twin_link import send_command, watch
@@ -65,7 +67,7 @@ def test_a_revision_applied_end_to_end_with_the_twin_cli_then_the_keys_rotated(s
     site.start()
     assert site.proc is not None
     pid = site.proc.pid
-    before = site.reported(lambda r: r["phase"] == "running" and running("source:bed7-sim")(r), "running")
+    before = site.reported(lambda r: r["phase"] == "running" and running(site.unit("bed7-sim"))(r), "running")
     assert before["applied"] is None
     new = site.tmp / "new.toml"
     new.write_text(site.text(source("bed7-sim") + source("pump3-sim", "pump", "SN-PLC-1")))
@@ -100,7 +102,7 @@ def test_a_revision_applied_end_to_end_with_the_twin_cli_then_the_keys_rotated(s
     rep = site.reported(applied(1), "applied")
     took = time.monotonic() - t0
     assert rep["phase"] == "running"
-    assert rep["units"]["source:pump3-sim"] == "running"
+    assert rep["units"][site.unit("pump3-sim")] == "running"
     assert site.config.read_text() == new.read_text()
     assert site.proc.pid == pid  # restarted in place
     assert site.proc.poll() is None
@@ -163,13 +165,71 @@ def test_a_revision_applied_end_to_end_with_the_twin_cli_then_the_keys_rotated(s
     site.publish(site.envelope(2, source("bed7-sim")))
     rep = site.reported(applied(2), "v2 signed by the new key applied")
     assert rep["trust"]["keys"] == [new_pub["keyid"][:12]]
-    assert "source:pump3-sim" not in rep["units"]
+    assert site.unit("pump3-sim") not in rep["units"]
+
+
+BED = "bed7-sim"  # the source's name in downlink_support's configs: a bed number in it
+
+
+def _leaks(payload: bytes) -> list[bytes]:
+    """The forms of the bed's source name and subject found in one published payload."""
+    forms = identity_forms(BED) | identity_forms(f"{BED}-subject") | identity_forms(BROKEN_SERIAL)
+    lowered = payload.lower()
+    return [f for f in forms if f in payload or f.lower() in lowered]
+
+
+@pytest.mark.slow
+def test_a_rolled_back_bed_source_is_named_by_pseudonym_and_the_legend_names_it_on_site(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client, seen = watch(site.twin, f"{DEFAULT_PREFIX}/{site.gateway}/reported")
+    try:
+        site.start()
+        label = site.unit(BED)
+        assert label.startswith("source~")
+        site.reported(running(label), "the bed's source running")
+        site.publish(site.envelope(1, BROKEN_SOURCE, deadline_s=SHORT_DEADLINE_S))
+        rep = site.reported(
+            lambda r: r.get("last_rollback") is not None and r["phase"] == "running", "rolled back"
+        )
+        end = time.monotonic() + 10  # the watcher has had every publish the poll above saw
+        while time.monotonic() < end and not any(b'"last_rollback": {' in p for _, p in seen):
+            time.sleep(0.1)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert (rep["last_rollback"]["reason"], rep["last_rollback"]["units"]) == ("unhealthy", [label])
+    assert rep["refused"][-1]["units"] == [label]
+    assert rep["withheld"] == 0
+    payloads = [p for _, p in seen if p]
+    assert len(payloads) >= 3  # running, applying, rolled back at least
+    assert [p for p in payloads if _leaks(p)] == []
+    # On site the full story stays: the audit file names the unit and the device path.
+    assert BROKEN_SERIAL in site.events()[-1]["detail"]
+
+    twin = ["twin", "rollout-status", "--gateway", site.gateway, "--broker"]
+    twin += [f"{site.broker.host}:{site.broker.port}", "--ca", str(site.pki.ca_file)]
+    twin += ["--cert", str(site.pki.twin.cert), "--key", str(site.pki.twin.key)]
+    capsys.readouterr()
+    assert main(twin) == 0
+    out = capsys.readouterr().out
+    assert f"last rollback: v1 unhealthy ({label})" in out
+    assert BED not in out
+    # The site's legend (local only) names it.
+    assert main(["legend", "--config", str(site.config), "--json"]) == 0
+    legend = site.tmp / "legend.json"
+    legend.write_text(capsys.readouterr().out)
+    assert {"pseudonym": label, "what": "source", "identity": BED, "source": ""} in json.loads(
+        legend.read_text()
+    )
+    assert main([*twin, "--legend", str(legend)]) == 0
+    assert f"last rollback: v1 unhealthy (source:{BED})" in capsys.readouterr().out
 
 
 @pytest.mark.campaign
 def test_a_revision_that_breaks_a_source_is_rolled_back(site: Site) -> None:
     site.start()
-    site.reported(running("source:bed7-sim"), "running")
+    site.reported(running(site.unit("bed7-sim")), "running")
     original = site.config.read_bytes()
     site.publish(site.envelope(1, BROKEN_SOURCE, deadline_s=SHORT_DEADLINE_S))
     rep = site.reported(
@@ -177,13 +237,13 @@ def test_a_revision_that_breaks_a_source_is_rolled_back(site: Site) -> None:
     )
     assert rep["last_rollback"]["version"] == 1
     assert rep["last_rollback"]["reason"] == "unhealthy"
-    assert rep["last_rollback"]["units"] == ["source:bed7-sim"]
+    assert rep["last_rollback"]["units"] == [site.unit("bed7-sim")]
     assert BROKEN_SERIAL not in json.dumps(rep)  # the device path stays in the log and the audit file
     assert BROKEN_SERIAL in site.events()[-1]["detail"]
     assert rep["refused"][-1]["reason"] == "rolled-back"
     assert rep["applied"] is None
     assert site.config.read_bytes() == original
-    site.reported(running("source:bed7-sim"), "the old source running again")
+    site.reported(running(site.unit("bed7-sim")), "the old source running again")
     steps = [e["event"] for e in site.events()]
     assert steps == ["received", "verified", "applying", "rolled-back"]
     # The retained revision comes again on every connection: it is not applied a second time.
@@ -193,7 +253,7 @@ def test_a_revision_that_breaks_a_source_is_rolled_back(site: Site) -> None:
 @pytest.mark.campaign
 def test_an_uplink_that_cannot_reach_the_broker_is_rolled_back(site: Site) -> None:
     site.start()
-    before = site.reported(running("source:bed7-sim"), "running")
+    before = site.reported(running(site.unit("bed7-sim")), "running")
     original = site.config.read_bytes()
     site.publish(site.envelope(1, source("bed7-sim"), port=free_port(), deadline_s=SHORT_DEADLINE_S))
     rep = site.reported(
@@ -221,8 +281,8 @@ def test_offline_newest_of_three_applied_invalid_ones_refused_a_broken_one_rolle
         site.publish(site.envelope(version, source("bed7-sim") + extra))
     site.start()
     rep = site.reported(applied(3), "v3 applied")
-    assert rep["units"]["source:bed13-sim"] == "running"
-    assert "source:bed11-sim" not in rep["units"]
+    assert rep["units"][site.unit("bed13-sim")] == "running"
+    assert site.unit("bed11-sim") not in rep["units"]
     assert [(e["event"], e.get("version")) for e in site.events()] == [
         ("received", None),
         ("verified", 3),
@@ -280,11 +340,11 @@ def test_offline_newest_of_three_applied_invalid_ones_refused_a_broken_one_rolle
     # A revision that breaks a source: applied, judged, rolled back onto v3.
     site.publish(site.envelope(5, BROKEN_SOURCE, deadline_s=SHORT_DEADLINE_S))
     rep = site.reported(lambda r: (r.get("last_rollback") or {}).get("version") == 5, "v5 rolled back")
-    assert rep["last_rollback"]["units"] == ["source:bed7-sim"]
+    assert rep["last_rollback"]["units"] == [site.unit("bed7-sim")]
     assert BROKEN_SERIAL not in json.dumps(rep)  # only reason words and unit names leave
     assert BROKEN_SERIAL in site.events()[-1]["detail"]
     assert site.config.read_bytes() == running_config
-    rep = site.reported(lambda r: r["phase"] == "running" and running("source:bed13-sim")(r), "v3 again")
+    rep = site.reported(lambda r: r["phase"] == "running" and running(site.unit("bed13-sim"))(r), "v3 again")
     assert rep["applied"]["version"] == 3
     assert [e["event"] for e in site.events()[-4:]] == ["received", "verified", "applying", "rolled-back"]
     staged = site.tmp / "state" / "downlink" / "staged"
@@ -294,13 +354,13 @@ def test_offline_newest_of_three_applied_invalid_ones_refused_a_broken_one_rolle
 @pytest.mark.campaign
 def test_a_revision_published_after_the_broker_restarted_is_applied(site: Site) -> None:
     site.start()
-    site.reported(running("source:bed7-sim"), "running")
+    site.reported(running(site.unit("bed7-sim")), "running")
     site.broker.stop()
     site.broker.start()  # the same port; retained messages are gone with it (no persistence)
     site.reported(lambda r: r["phase"] == "running", "reported again after the reconnect")
     site.publish(site.envelope(1, source("bed7-sim") + source("bed9-sim", device="A4:C1:38:00:00:09")))
     rep = site.reported(applied(1), "applied after the reconnect")
-    assert rep["units"]["source:bed9-sim"] == "running"
+    assert rep["units"][site.unit("bed9-sim")] == "running"
 
 
 @pytest.mark.campaign

@@ -8,6 +8,7 @@ gateway and the reason, and the others never receive it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -34,6 +35,10 @@ class FleetSite(Site):
 
     def text(self, sources: str, **kw: object) -> str:
         return super().text(sources, **kw).replace(f"{self.tmp}/", "")  # type: ignore[arg-type]
+
+    def unit(self, name: str) -> str:
+        with contextlib.chdir(self.tmp):  # its state directory is named relative to it
+            return super().unit(name)
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -114,10 +119,16 @@ def test_a_group_rollout_goes_canary_first_and_halts_on_a_rollback_before_the_re
     assert out.index(f"canary done: {canary.gateway}") < out.index(f"rest: publishing to {rest[0].gateway}")
     for s in fleet:
         rep = s.reported(applied(2), "v2 applied")
-        assert rep["units"]["source:bed12-sim"] == "running"
+        assert rep["units"][s.unit("bed12-sim")] == "running"
 
     bad = _sign(fleet, 3, BROKEN_SOURCE, deadline_s=SHORT_DEADLINE_S)
-    code, out = _rollout(fleet, bad, capsys)
+    # The operator on the canary's site names its sources with the site's legend.
+    legend = canary.tmp / "legend.json"
+    capsys.readouterr()
+    with contextlib.chdir(canary.tmp):
+        assert main(["legend", "--config", str(canary.config), "--json"]) == 0
+    legend.write_text(capsys.readouterr().out)
+    code, out = _rollout(fleet, bad, capsys, "--legend", str(legend))
     assert code == 1, out
     assert f"HALTED at canary {canary.gateway}: v3 rolled back: unhealthy (source:bed7-sim)" in out
     assert f"not sent to {', '.join(s.gateway for s in rest)}" in out

@@ -70,7 +70,7 @@ def test_only_the_changed_units_restart_and_a_process_section_restarts_the_proce
         assert site.proc is not None
         pid = site.proc.pid
         before = site.reported(
-            lambda r: running("source:bed7-sim")(r) and running("source:bed9-sim")(r), "up"
+            lambda r: running(site.unit("bed7-sim"))(r) and running(site.unit("bed9-sim"))(r), "up"
         )
         assert before["process"]["connects"] == 1
 
@@ -79,7 +79,7 @@ def test_only_the_changed_units_restart_and_a_process_section_restarts_the_proce
         site.publish(site.envelope(1, changed))
         rep = site.reported(applied(1), "v1 applied")
         assert rep["applied"]["applied_by"] == "units"
-        assert rep["applied"]["restarted"] == ["source:bed9-sim"]
+        assert rep["applied"]["restarted"] == [site.unit("bed9-sim")]
         assert rep["process"] == before["process"]  # same start, the uplink's session never reconnected
         assert site.proc.pid == pid
         assert site.config.read_text() == site.text(changed)
@@ -92,11 +92,11 @@ def test_only_the_changed_units_restart_and_a_process_section_restarts_the_proce
         site.publish(site.envelope(2, changed + BROKEN_BED8, deadline_s=SHORT_DEADLINE_S))
         rep = site.reported(lambda r: (r.get("last_rollback") or {}).get("version") == 2, "v2 rolled back")
         assert rep["last_rollback"]["reason"] == "unhealthy"
-        assert rep["last_rollback"]["units"] == ["source:bed8-sim"]
+        assert rep["last_rollback"]["units"] == [site.unit("bed8-sim")]
         assert rep["applied"]["version"] == 1
         assert site.config.read_text() == site.text(changed)
         rep = site.reported(
-            lambda r: "source:bed8-sim" not in r["units"] and r["phase"] == "running", "bed8 gone"
+            lambda r: site.unit("bed8-sim") not in r["units"] and r["phase"] == "running", "bed8 gone"
         )
         assert rep["process"] == before["process"]
         assert [e["event"] for e in site.events()[-4:]] == ["received", "verified", "applying", "rolled-back"]

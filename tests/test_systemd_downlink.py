@@ -245,11 +245,11 @@ def test_a_revision_is_applied_by_a_gateway_running_under_the_shipped_unit(
         site.gateway = _pseudonym_as_service_settings(layout, site.config)
         try:
             site.start()
-            site.reported(running("source:bed7-sim"), "running under the unit")
+            site.reported(running(site.unit("bed7-sim")), "running under the unit")
             revision = source("bed7-sim") + source("bed9-sim", device="A4:C1:38:00:00:09")
             site.publish(site.envelope(1, revision))
             rep = site.reported(applied(1), "v1 applied under the unit", timeout=60)
-            assert rep["units"]["source:bed9-sim"] == "running"
+            assert rep["units"][site.unit("bed9-sim")] == "running"
             assert site.config.read_text() == site.text(revision)
             st = site.config.stat()
             assert (st.st_uid, st.st_mode & 0o777) == (layout.uid, 0o640)  # still the gateway's, still 0640

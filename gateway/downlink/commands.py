@@ -11,7 +11,14 @@ from typing import Any
 
 from gateway.downlink import audit
 from gateway.downlink.errors import AuditTamperedError, RefusedError, TrustError
-from gateway.downlink.rollout import add_rollout_command, add_target_args, signed_for
+from gateway.downlink.public import named
+from gateway.downlink.rollout import (
+    add_legend_arg,
+    add_rollout_command,
+    add_target_args,
+    legend_of,
+    signed_for,
+)
 from gateway.downlink.signing import key_id, public_hex, read_private_key, sign, targets, write_private_key
 from gateway.errors import ConfigError
 from gateway.records.topics import DEFAULT_PREFIX
@@ -150,9 +157,10 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
     from gateway.downlink.model_commands import model_rollout  # noqa: PLC0415
     from gateway.downlink.twin_link import collect_reported  # noqa: PLC0415
 
+    legend = legend_of(args)
     found = collect_reported(_broker(args), args.prefix, args.gateway or [], args.wait)
     if args.json:
-        _say(json.dumps(found, indent=1, sort_keys=True))
+        _say(named(json.dumps(found, indent=1, sort_keys=True), legend))
     else:
         _say(f"{'gateway':<18} {'phase':<12} {'applied':>7} {'pending':>7}  last refused / audit head")
         for name in sorted(found):
@@ -165,7 +173,20 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
             _say(f"{name:<18} {rep.get('phase', '?'):<12} {applied!s:>7} {pending!s:>7}  {last} / {head}")
             how = applied_how(rep.get("applied") or {})
             if how:
-                _say(f"{'':<18} v{applied}{how}")
+                _say(named(f"{'':<18} v{applied}{how}", legend))
+            rollback = rep.get("last_rollback") or {}
+            if rollback:
+                units = ", ".join(rollback.get("units") or []) or "no unit named"
+                _say(
+                    named(
+                        f"{'':<18} last rollback: v{rollback.get('version')} {rollback.get('reason')} ({units})",
+                        legend,
+                    )
+                )
+            if rep.get("withheld"):
+                _say(
+                    f"{'':<18} {rep['withheld']} text(s) withheld: they held an identity (see the gateway's log)"
+                )
             for line in model_rollout(rep.get("models")):
                 _say(f"{'':<18} {line}")
     missing = [g for g in args.gateway or [] if g not in found]
@@ -393,6 +414,7 @@ def add_commands(groups: dict[str, Any]) -> None:
         p.add_argument("--gateway", action="append", help="a gateway's pseudonym (repeatable; none: all)")
         p.add_argument("--wait", type=float, default=2.0, help="seconds to collect reported states")
         p.add_argument("--json", action="store_true", help="the reported states as JSON")
+        add_legend_arg(p)
         _broker_args(p)
         p.set_defaults(func=_guard(cmd_rollout_status))
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.downlink.public import named
 from gateway.downlink.signing import Group, targets
 from gateway.twin.errors import TwinConfigError
 
@@ -187,8 +188,29 @@ def _publish(args: argparse.Namespace, broker: Any, envelope: bytes, sent: Sent,
             publish_desired(broker, f"{root}/{'trust' if sent.kind == 'trust' else 'desired'}", envelope)
 
 
+def legend_of(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--legend`` file's pseudonyms (empty without one): the twin's view names sources on site."""
+    from gateway.legend import names  # noqa: PLC0415
+
+    return {} if getattr(args, "legend", None) is None else names(args.legend)
+
+
+def add_legend_arg(p: argparse.ArgumentParser) -> None:
+    """``--legend FILE``: name sources as the site does."""
+    p.add_argument(
+        "--legend",
+        type=Path,
+        help="the site's 'edgetwin legend --config FILE --json' (local only): show sources by name",
+    )
+
+
 def _watch(
-    args: argparse.Namespace, broker: Any, sent: Sent, gateways: list[str], before: dict[str, dict[str, Any]]
+    args: argparse.Namespace,
+    broker: Any,
+    sent: Sent,
+    gateways: list[str],
+    before: dict[str, dict[str, Any]],
+    legend: dict[str, str],
 ) -> dict[str, tuple[str, str]]:
     """Each gateway's verdict once all are done (and stayed so ``--settle`` s), one halted, or the deadline passed."""
     from gateway.downlink.twin_link import collect_reported  # noqa: PLC0415
@@ -201,7 +223,7 @@ def _watch(
         for gw in gateways:
             verdict = judge(sent, found.get(gw, {}), before.get(gw, {}))
             if verdict != verdicts.get(gw):
-                _say(f"  {gw}: {verdict[1]}")
+                _say(named(f"  {gw}: {verdict[1]}", legend))
             verdicts[gw] = verdict
         states, now = {v[0] for v in verdicts.values()}, time.monotonic()
         if states == {DONE} and settled is None:
@@ -220,6 +242,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
     envelope, signed, sent = _read(args)
     canaries, rest = _targets(args, signed)
+    legend = legend_of(args)
     broker = _broker(args)
     what = f"{sent.kind} v{sent.version}" + (f" ({sent.slot})" if sent.slot else "")
     before = collect_reported(broker, args.prefix, canaries + rest, args.wait)
@@ -238,12 +261,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             continue
         _say(f"rollout {what}: {stage}: publishing to {', '.join(gateways)}")
         _publish(args, broker, envelope, sent, gateways)
-        verdicts = _watch(args, broker, sent, gateways, before)
+        verdicts = _watch(args, broker, sent, gateways, before, legend)
         halted = {gw: why for gw, (state, why) in verdicts.items() if state == HALTED}
         late = [gw for gw, (state, _) in verdicts.items() if state == WAITING]
         if halted or late:
             for gw, why in halted.items():
-                _say(f"rollout {what}: HALTED at {stage} {gw}: {why}")
+                _say(named(f"rollout {what}: HALTED at {stage} {gw}: {why}", legend))
             if late:
                 _say(f"rollout {what}: {stage} {', '.join(late)} not done within {args.deadline:g} s")
             if stage == "canary" and rest:
@@ -282,5 +305,6 @@ def add_rollout_command(twin: Any, guard: Any, broker_args: Any) -> None:
     p.add_argument(
         "--wait", type=float, default=3.0, help="seconds to collect reported states before sending"
     )
+    add_legend_arg(p)
     broker_args(p)
     p.set_defaults(func=guard(cmd_rollout))

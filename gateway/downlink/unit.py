@@ -35,10 +35,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from gateway.anonymize import Anonymizer, Pseudonymizer, load_or_create_key
 from gateway.cleanup import cancel_requested
 from gateway.config import Config
 from gateway.contracts import DriverSpec
-from gateway.downlink import restart
+from gateway.downlink import public, restart
 from gateway.downlink import state as persist
 from gateway.downlink.audit import AuditLog
 from gateway.downlink.azure import AzureTwin
@@ -77,8 +78,13 @@ class Downlink:
         uplink: Any,
         gateway_id: str,
         slots: Sequence[Slot] = (),
+        anonymizer: Anonymizer | None = None,
     ) -> None:
         core = config.core
+        # Names sources by pseudonym and scans the reported state (gateway.downlink.public); the
+        # gateway's own, which knows every identity seen; else one knowing the config's.
+        self._anon = anonymizer or _config_anonymizer(config)
+        self.withheld = 0  # texts of the reported state replaced because they held an identity
         self._config = config
         self._section = core.downlink
         self._registry = registry
@@ -219,23 +225,44 @@ class Downlink:
             client.publish(f"{self._root}/reported", json.dumps(self.reported()).encode(), qos=1, retain=True)
 
     def reported(self) -> dict[str, Any]:
-        """The reported state: what runs, what is pending, what was refused and why, the audit head."""
+        """The reported state: what runs, what is pending, what was refused and why, the audit head.
+
+        Sources are named by pseudonym, and a text that still holds an identity is withheld
+        (counted in ``withheld``; :mod:`gateway.downlink.public`).
+        """
         st = self.state
         head = self.audit.head if self.audit is not None else None
-        return {
+        label = self._anon.source_label
+        applied = None if st.applied is None else {**st.applied}
+        if applied is not None and applied.get("restarted"):
+            applied["restarted"] = public.units(applied["restarted"], label)
+        doc = {
             "phase": self.phase,
-            "applied": st.applied,
+            "applied": applied,
             "accepted": st.accepted,
             "pending": None if st.pending is None else {"version": st.pending.version},
-            "refused": [_public_refusal(r) for r in st.refused[-3:]],
-            "last_rollback": _public_rollback(st.last_rollback),
+            "refused": [_public_refusal(r, label) for r in st.refused[-3:]],
+            "last_rollback": _public_rollback(st.last_rollback, label),
             "audit": None if head is None else {"count": head.count, "head": head.hash},
             "trust": {"version": st.trust_version, "keys": self._trust_keys()},
             "certificate": self._certificate(),
-            "units": self._units_now(),
+            "units": {public.unit(name, label): state for name, state in self._units_now().items()},
             "models": None if self.bundles is None else self.bundles.reported(),
             "process": {"started_at": self._started_at, "connects": self._attaches},
         }
+        safe, found = public.withhold(doc, self._anon.holds_identity)
+        if found:
+            self.withheld += found
+            if self.withheld == found or self.withheld // 1000 != (self.withheld - found) // 1000:
+                # Never the text itself: the log may leave the gateway too.
+                log.error(
+                    "downlink: %d text(s) of the reported state held an identity and were sent as %r "
+                    "(withheld so far: %d): name sources, slots and files without ids",
+                    found,
+                    public.WITHHELD,
+                    self.withheld,
+                )
+        return {**safe, "withheld": self.withheld}
 
     # --- the unit -------------------------------------------------------------------------------
 
@@ -879,25 +906,40 @@ def _write_backup(live: Path, backup: Path) -> None:
     persist.write_atomic(backup, data)
 
 
-def _public_refusal(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """A refusal as reported: reason word and unit names only (details name devices and hosts)."""
-    public = {"version": entry.get("version"), "reason": entry.get("reason"), "at": entry.get("at")}
+def _public_refusal(entry: Mapping[str, Any], label: Callable[[str], str]) -> dict[str, Any]:
+    """A refusal as reported: reason word and units (sources by pseudonym); details name devices and hosts."""
+    out = {"version": entry.get("version"), "reason": entry.get("reason"), "at": entry.get("at")}
     if entry.get("units"):
-        public["units"] = list(entry["units"])
-    return public
+        out["units"] = public.units(entry["units"], label)
+    return out
 
 
-def _public_rollback(entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The newest rollback as reported: its cause word and unit names, not the text."""
+def _public_rollback(entry: Mapping[str, Any] | None, label: Callable[[str], str]) -> dict[str, Any] | None:
+    """The newest rollback as reported: its cause word and units (sources by pseudonym), not the text."""
     if entry is None:
         return None
     reason = entry.get("reason")
     return {
         "version": entry.get("version"),
         "reason": reason if reason in ROLLBACK_CAUSES else "rolled-back",  # a free text from before
-        "units": list(entry.get("units") or []),
+        "units": public.units(entry.get("units") or [], label),
         "at": entry.get("at"),
     }
+
+
+def _config_anonymizer(config: Config) -> Anonymizer:
+    """An anonymizer under the site key that knows the config's identities (a downlink built alone)."""
+    from gateway.runtime import driver_identities  # noqa: PLC0415 - the runtime imports this module
+
+    core = config.core
+    known = [core.gateway.name]
+    for e in config.sources:
+        known += [e.info.name, e.info.subject, *driver_identities(e.config)]
+    return Anonymizer(
+        Pseudonymizer(load_or_create_key(core.site_key_path)),
+        time_mode=core.privacy.time,
+        local_identities=known,
+    )
 
 
 def _healthy(unit: Any, now: float) -> bool:

@@ -105,11 +105,11 @@ def main() -> None:
                 publish_desired(site.twin, f"{DEFAULT_PREFIX}/{site.gateway}/reported", b"")
                 t0 = time.monotonic()
                 site.start()
-                site.reported(running("source:bed7-sim"), "running")
+                site.reported(running(site.unit("bed7-sim")), "running")
                 cold.append(time.monotonic() - t0)
                 site.stop()
             site.start()
-            site.reported(running("source:bed7-sim"), "running")
+            site.reported(running(site.unit("bed7-sim")), "running")
             sources = source("bed7-sim")
             for version in range(1, args.rounds + 1):
                 sources += source(f"bed{version + 10}-sim", device=f"A4:C1:38:00:01:{version + 10}")
@@ -195,7 +195,7 @@ def bench_models(rounds: int) -> None:
                 client.disconnect()
                 client.loop_stop()
             site.start()
-            site.reported(running("source:pump3-sim"), "running")
+            site.reported(running(site.unit("pump3-sim")), "running")
             root = f"{DEFAULT_PREFIX}/{site.gateway}"
             client, seen = watch(site.twin, f"{root}/reported")
             for version in range(1, rounds + 1):
@@ -318,7 +318,7 @@ def _update_rss(tmp: Path, pki: Any, with_weights: bool) -> tuple[float, float, 
     env = sign(manifest, keys=[site.key], gateway=site.gateway, version=1, expires=expires, kind="model")
     try:
         site.start()
-        site.reported(running("source:pump3-sim"), "running")
+        site.reported(running(site.unit("pump3-sim")), "running")
         assert site.proc is not None
         time.sleep(3.0)  # past commissioning: the serving model has scored windows
         before = _rss_mb(site.proc.pid)
