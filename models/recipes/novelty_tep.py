@@ -17,7 +17,11 @@ Protocol (nothing is fitted on a fault; no setting is chosen on a fault it is re
    lowest mean missed-detection rate, among the settings that flag at most twice the stated rate
    of the tuning faults' test runs before their faults (normal operation of 7 other runs, 56 h)
    and raise at most one false episode per day there (the gateway's episode logic: 2 anomalous
-   windows raise, 3 normal clear).
+   windows raise, 3 normal clear), and that, as the gateway runs them (guarded adaptation of the
+   means), follow a slow normal drift on a generated machine (:func:`drift_then_slow_fault`, 4
+   seeds: at most twice the stated rate of its normal windows flagged on average) while finding
+   the slow fault after it within half its ramp and never learning it (1.4.0: what ships without
+   settings is this choice, so it must hold where the gateway's defaults were kept for).
 3. **Report on the held-out faults**: the test runs ``dNN_te.dat`` of the other 14 faults
    (including the hard 3, 9, 15 and 21), ``d00_te`` for the false-alarm rate and the false
    episodes (with the gateway's episode logic: 2 anomalous windows raise, 3 normal clear), and
@@ -46,11 +50,12 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.alarms.episodes import EpisodeTracker
-from gateway.contracts import AlarmKind, ModelResult
+from gateway.contracts import AlarmKind, ModelResult, StreamFeatures, WindowRecord
 from gateway.inference.novelty import (
     CUSUM_AUTO_K,
     CUSUM_AUTO_MIN_S,
     CusumSums,
+    NoveltyModel,
     NoveltyUse,
     PcaFit,
     PcaSpec,
@@ -60,6 +65,7 @@ from gateway.inference.novelty import (
     prepare,
     score_rows,
 )
+from gateway.sample import Stream, industrial_metric
 from models.recipes.common import MODELS_DIR
 
 log = logging.getLogger(__name__)
@@ -67,7 +73,7 @@ log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]
 
 NAME = "novelty"
-VERSION = "1.3.0"
+VERSION = "1.4.0"
 FAULTS = tuple(range(1, 22))
 TUNE = (1, 4, 7, 10, 13, 16, 19)
 HARD = (3, 9, 15, 21)
@@ -97,6 +103,9 @@ GUARD_FAR = 2 * FAR
 # ... and raises at most this many false episodes per day there (56 h; the gateway's episode logic):
 # the aim for held-apart normal data, held on the tuning side only (1.3.0).
 GUARD_EPISODES_PER_DAY = 1.0
+# ... and follows slow normal drift on a generated machine as the gateway adapts (1.4.0).
+DRIFT_SEEDS = range(4)
+DRIFT_ADAPT_RATE = 0.01
 HOURS_TE = 48.0
 HOURS_PER_SAMPLE = 0.05  # 3 min
 
@@ -202,6 +211,73 @@ def classic_stats(m: dict[str, Any], x: F64) -> tuple[F64, F64]:
     return (t * t / m["eig"]).sum(1), (r * r).sum(1)
 
 
+SIGNALS = ("Flow", "Pressure", "Current", "Temperature")
+
+
+def machine_rows(n: int, rng: np.random.Generator, *, fault_from: int | None = None) -> F64:
+    """A generated machine: flow drives pressure and current (coupled); temperature wanders a little on its own."""
+    flow = 30.0 + np.cumsum(rng.standard_normal(n)) * 0.05 + rng.standard_normal(n) * 0.5
+    flow = 30.0 + (flow - flow.mean()) * 0.5 + rng.standard_normal(n) * 0.5
+    pressure = 1.2 + 0.02 * (flow - 30.0) + rng.standard_normal(n) * 0.002
+    current = 1.3 + 0.01 * (flow - 30.0) + rng.standard_normal(n) * 0.002
+    temp = 60.0 + np.convolve(rng.standard_normal(n + 30), 0.9 ** np.arange(30), "valid")[:n] * 0.2
+    x = np.column_stack([flow, pressure, current, temp])
+    if fault_from is not None:
+        # A partly blocked line: pressure up by 2.5 normal spreads, flow unchanged - every
+        # value stays inside its normal range, only the relation between them breaks.
+        x[fault_from:, 1] += 0.04
+    return x
+
+
+def drift_then_slow_fault(seed: int) -> F64:
+    """Generated rows: commissioning, a slow normal drift, a slow relation fault.
+
+    Commissioning (150), a slow normal drift of temperature (5 spreads over 3000 windows), 200
+    steady windows, then a slow relation fault: pressure up 5 of its spreads over 300 windows.
+    """
+    x = machine_rows(150 + 3000 + 800, np.random.default_rng(seed))
+    x[150:3150, 3] += np.linspace(0.0, 2.5, 3000)
+    x[3150:, 3] += 2.5
+    x[3350:, 1] += np.r_[np.linspace(0.0, 0.08, 300), np.full(300, 0.08)]
+    return x
+
+
+def window_records(x: F64, subject: str = "pump-1", start: int = 0) -> list[WindowRecord]:
+    """One window record per row of a generated machine (its 4 signals' means)."""
+    streams = [
+        Stream("plc", subject, "SN-1", industrial_metric(f"Pump1/{s}", "1"), "industrial", 1.0)
+        for s in SIGNALS
+    ]
+    out = []
+    for i, row in enumerate(x):
+        sfs = tuple(
+            StreamFeatures(st, 10, 0.0, {"mean": float(v), "std": 0.1})
+            for st, v in zip(streams, row, strict=True)
+        )
+        k = start + i
+        out.append(WindowRecord(subject, "industrial", k, float(k), 1e9 + k, 1.0, sfs))
+    return out
+
+
+def follows_drift(settings: dict[str, Any]) -> tuple[float, bool]:
+    """How the gateway's detector at ``settings`` does through :func:`drift_then_slow_fault`.
+
+    The mean share of the normal windows it flags, and whether in every seed the slow fault is
+    found within half its ramp and still flagged at the end (not learned).
+    """
+    shares = []
+    fault_kept = True
+    for seed in DRIFT_SEEDS:
+        use = NoveltyUse.model_validate(
+            {"commissioning_s": 150.0, "adapt_rate": DRIFT_ADAPT_RATE, **settings}
+        )
+        model = NoveltyModel(use, hop_s=1.0)
+        flags = np.array([r.anomaly for r in model.score_batch(window_records(drift_then_slow_fault(seed)))])
+        shares.append(float(flags[150:3350].mean()))
+        fault_kept = fault_kept and bool(flags[3350:3500].any()) and float(flags[-200:].mean()) > 0.95
+    return float(np.mean(shares)), fault_kept
+
+
 def fits_rows(spec: PcaSpec, n: int, d: int) -> bool:
     """True if each out-of-fold fit on ``n`` normal rows has more rows than a prepared row has columns.
 
@@ -235,7 +311,10 @@ def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
     another run of the plant, whose slow states sit elsewhere; a detector sensitive enough to flag
     every other run scores perfectly on the tuning faults (1.2.0's first grid chose such a point,
     see BENCHMARKS.md).  The episode bound is the aim of one false episode per machine-day, held on
-    tuning data only (1.3.0: 1.2.0's choice raised 1.5 per day on ``d00_te``).
+    tuning data only (1.3.0: 1.2.0's choice raised 1.5 per day on ``d00_te``).  And among those,
+    only points that follow slow normal drift on a generated machine as the gateway adapts
+    (:func:`follows_drift`, 1.4.0): the choice is what ships without settings, and 1.3.0's choice
+    was kept out of the defaults for failing that case.
     """
     grid: list[dict[str, Any]] = []
     n, d = runs["d00"].shape
@@ -258,6 +337,11 @@ def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
                 "tune_false_episodes_per_day": round(episodes, 2),
             }
         )
+    for g in filter(tuning_bounds, grid):
+        # Only where the tuning bounds hold (a second each): the drift case is the gateway's own path.
+        share, kept = follows_drift({k: g[k] for k in ("lags", "ewma", "ewma_slow", "cusum_k", "var_keep")})
+        g["drift_far"] = round(share, 4)
+        g["drift_fault_kept"] = kept
     # Ties go to the simpler detector: fewer lags, less smoothing, no CUSUM.
     best = min(
         filter(eligible, grid),
@@ -339,11 +423,18 @@ def evaluate(runs: dict[str, F64], spec: PcaSpec) -> dict[str, Any]:
     return table
 
 
-def eligible(g: dict[str, Any]) -> bool:
+def tuning_bounds(g: dict[str, Any]) -> bool:
     """True if a grid point keeps both bounds on the tuning faults' normal runs (see :func:`choose`)."""
     return bool(
         g["tune_far_before_faults"] <= GUARD_FAR
         and g["tune_false_episodes_per_day"] <= GUARD_EPISODES_PER_DAY
+    )
+
+
+def eligible(g: dict[str, Any]) -> bool:
+    """True if a grid point keeps the tuning bounds and follows the generated drift (see :func:`choose`)."""
+    return bool(
+        tuning_bounds(g) and g.get("drift_far", 1.0) <= GUARD_FAR and g.get("drift_fault_kept", False)
     )
 
 
@@ -395,7 +486,10 @@ def report(ev: dict[str, Any], spec: PcaSpec, grid: list[dict[str, Any]]) -> str
             f"{sum(map(eligible, grid))} of {len(grid)} grid points that, on the tuning faults' test runs before "
             f"their faults (56 h of normal operation), flag at most {GUARD_FAR:.0%} of the samples and raise at "
             f"most {GUARD_EPISODES_PER_DAY:g} false episode per day (this point: {mine['tune_far_before_faults']:.1%}, "
-            f"{mine['tune_false_episodes_per_day']} per day). No held-out run entered the choice."
+            f"{mine['tune_false_episodes_per_day']} per day; {sum(map(tuning_bounds, grid))} points keep these two), "
+            f"and that follow the generated machine's slow normal drift with the gateway's adaptation, flagging "
+            f"at most {GUARD_FAR:.0%} of its normal windows, and find and keep its slow fault (this point: "
+            f"{mine['drift_far']:.1%}). No held-out run entered the choice; the gateway's defaults are this point."
         ),
         "",
         (
@@ -406,6 +500,33 @@ def report(ev: dict[str, Any], spec: PcaSpec, grid: list[dict[str, Any]]) -> str
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+# What the card says of the detector's limits (written with every run; figures as of 1.4.0).
+LIMITS = (
+    "Settings transfer as counts of windows, not minutes: TEP samples are 3 min apart. "
+    "Faults that leave the joint distribution of the measured variables unchanged (3, 9, 15 in TEP) are "
+    "not separable from normal by any detector of normal data alone. The subspace and the CUSUM's scales "
+    "are fixed at commissioning, and so are the spreads; only the inputs' means adapt, on windows judged "
+    "normal after a run of them, following a drift with a lag of its slope over adapt_rate: a fault that "
+    "develops slower than that is learned. Limits (1.4.0): each statistic's limit and the threshold are the "
+    "99 % quantile of out-of-fold commissioning scores, raised where needed so that no held-out block holds "
+    "two windows above them in a row (episode_limit): a slowly moving statistic's top 1 % are runs, and at "
+    "the quantile alone the commissioning's own data raised episodes (the residual CUSUM on d00: one in "
+    "25 h; the fusion's novelty member on the simulated pump: 8-11 in 30 min). The gateway's defaults are "
+    "the chosen settings (1.4.0); the residual CUSUM is on at the chosen allowance when commissioning_s is "
+    "at least 2 h (gateway_cusum_default), off below (measured at allowance 1.0 on the simulated pump: "
+    "after half an hour it flagged the pump's slow wander for hours, after 2 h it added no episode). "
+    "Clearing rule (1.3.0): each CUSUM sum is held at most cusum_clear (10) allowances above its alarm "
+    "level, so its alarm clears about 10 windows after the residuals are back; a fault whose residuals "
+    "come and go is flagged less of its time. False episodes on held-apart normal data, frozen after "
+    "commissioning: 1.5 per day on d00_te at its own limit (3 in 48 h, 7.4 % of its windows flagged), "
+    "ABOVE the aim of one; 0.64 per day on the 14 held-out runs before their faults. Through the gateway's "
+    "own pipeline, adapting as it ships (gateway_path): 4 on d00_te (2.0 per day, 10.1 % flagged), 3 in "
+    "the held-out runs' 112 h before their faults, 1 in the tuning runs' 56 h. The selection's guard sees "
+    "the tuning runs' 160 windows before their faults only, too short to show the residual CUSUM's "
+    "long-run false-alarm rate (on d00_te its crossings all come after window 100)."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -451,34 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         "tuning_faults": list(TUNE),
         "grid": grid,
         "evaluation": ev,
-        "limits": (
-            "Settings transfer as counts of windows, not minutes: TEP samples are 3 min apart. "
-            "Faults that leave the joint distribution of the measured variables unchanged (3, 9, 15 "
-            "in TEP) are not separable from normal by any detector of normal data alone. The subspace "
-            "and the CUSUM's scales are fixed at commissioning, and so are the spreads; only the inputs' means "
-            "adapt, on windows "
-            "judged normal after a run of them, following a drift with a lag of its slope over adapt_rate: "
-            "a fault that develops slower than that is learned. The chosen settings (no smoothing, lags 1) do "
-            "not follow slow normal drift after a short commissioning (tests/test_novelty.py's drift case); "
-            "1.0.0's settings with the CUSUM at the chosen allowance (novelty_1_0_cusum) do. The gateway's "
-            "defaults keep 1.0.0's settings; the CUSUM is on at the chosen allowance when commissioning_s is "
-            "at least 2 h (gateway_cusum_default), off below: after half an hour of commissioning it flags the "
-            "simulated pump's slow wander (flagged 2.8-5.3 of 6 h over 3 seeds, T2/SPE alone 0.02-3.1 h), "
-            "after 1 h it added a false episode in one seed, after 2 h none. Clearing rule (1.3.0): each CUSUM sum is held at most cusum_clear (10) "
-            "allowances above its alarm level, so its alarm clears about 10 windows after the residuals are "
-            "back (plus the smoothing's settling and the episode's clear_after; before, a sum grown over a long "
-            "fault fell by one allowance per window). Below the alarm level the cap never acts: a fault is "
-            "first flagged as early; but one whose residuals come and go is flagged less of its time (at 1 % "
-            "FAR on d00_te, tuning fault 19: 0.26 missed against 0.07 uncapped, held-out mean 0.244 against "
-            "0.241, fault 21 unchanged). False episodes on held-apart normal data: the chosen detector raises 1.5 per day on "
-            "d00_te at its own limit (3 in 48 h), above the aim of one; 0.65 per day on the 14 held-out runs "
-            "before their faults. The selection held the aim on tuning runs only (0 per day there). These figures score "
-            "a detector frozen after commissioning; the gateway's adapts on windows it judged normal: through the "
-            "gateway's own pipeline (gateway_path, models/recipes/novelty_tep_gateway.py) the chosen settings raise "
-            "6 false episodes in d00_te's 48 h (3.0 per day, 8.6 % of its windows flagged) against 3 frozen, "
-            "2 in the held-out runs' 112 h before their faults against 3; the gateway's defaults 3 against 2 on "
-            "d00_te; held-out misses move by at most 0.012 in the mean."
-        ),
+        "limits": LIMITS,
     }
     path = args.out / f"{NAME}.detector.json"
     before = json.loads(path.read_text("utf-8")) if path.exists() else {}
