@@ -307,7 +307,7 @@ def test_adaptation_follows_slow_normal_drift_but_does_not_learn_a_fault() -> No
     [
         ({}, range(6), 0.08),  # the defaults
         ({"cusum_k": 1.0}, range(6), 0.08),  # with the residual CUSUM
-        ({"cusum_k": 0.5}, range(6), 0.08),  # at the allowance the defaults use from 2 h of commissioning
+        ({"cusum_k": 0.5}, range(6), 0.08),  # at the allowance the defaults use from 6 h of commissioning
         # With the slower EWMA block: flow (a random walk in machine_rows) wanders past its
         # commissioning spread around window 2000 of seed 0: 9.8 % of the windows flagged with
         # the means alone adapting (6.7 % while flow's spread was rescaled after it too: see
@@ -398,7 +398,7 @@ def test_gaps_and_missing_inputs_are_indeterminate_and_config_is_strict() -> Non
         ModelsSection.model_validate({"novelty": {"false_alarm_rate": 0.7}})
 
 
-def test_the_residual_cusum_is_on_by_default_from_two_hours_of_commissioning_and_status_says_which() -> None:
+def test_the_residual_cusum_is_on_by_default_from_six_hours_of_commissioning_and_status_says_which() -> None:
     rng = np.random.default_rng(8)
     known = {("pump-1", "industrial"), ("pump-2", "industrial"), ("bed-1", "medical")}
     short = NoveltyModel(NoveltyUse(commissioning_s=150.0), hop_s=1.0)
@@ -408,10 +408,10 @@ def test_the_residual_cusum_is_on_by_default_from_two_hours_of_commissioning_and
     assert short.subject_states(known)["pump-1"] == "commissioning"
     short.score_batch(records(machine_rows(50, rng), start=100))
     assert short.subject_states(known)["pump-1"] == (
-        "active (T2, SPE; residual CUSUM off: default: off below commissioning_s 7200 s)"
+        "active (T2, SPE; residual CUSUM off: default: off below commissioning_s 21600 s)"
     )
-    # Two hours of ten-second windows: on at the protocol's allowance, unless set off.
-    long = NoveltyModel(NoveltyUse(commissioning_s=7200.0), hop_s=10.0)
+    # Six hours of half-minute windows: on at the protocol's allowance, unless set off.
+    long = NoveltyModel(NoveltyUse(commissioning_s=21_600.0), hop_s=30.0)
     assert long.commissioning_windows == 720
     long.score_batch(records(machine_rows(720, rng)))
     fit = long.fit_of("pump-1")
@@ -419,9 +419,9 @@ def test_the_residual_cusum_is_on_by_default_from_two_hours_of_commissioning_and
     assert fit.spec.cusum_k == CUSUM_AUTO_K == 0.5
     assert fit.lim_cusum > 0
     assert long.subject_states()["pump-1"] == (
-        "active (T2, SPE, residual CUSUM 0.5: default: commissioning_s >= 7200 s)"
+        "active (T2, SPE, residual CUSUM 0.5: default: commissioning_s >= 21600 s)"
     )
-    off = NoveltyUse(commissioning_s=7200.0, cusum_k=0.0)
+    off = NoveltyUse(commissioning_s=21_600.0, cusum_k=0.0)
     assert off.residual_cusum() == (0.0, "set in [models.novelty]")
 
 
@@ -461,13 +461,14 @@ def test_the_shipped_detector_card_states_its_choice_and_the_gateway_defaults_ar
     assert c["cusum_k"] > 0.0
     # Sensitive enough to flag other normal runs, the grid's overall best was not eligible.
     assert min(g["tune_mdr"] for g in card["grid"]) < min(eligible)
-    # What a site gets without settings is the choice: the CUSUM at the chosen allowance from two
-    # hours of commissioning, off after the default half hour.
+    # What a site gets without settings is the choice: the CUSUM at the chosen allowance from six
+    # hours of commissioning, off after the default half hour (and after two).
     assert (d.lags, d.ewma, d.ewma_slow, d.var_keep) == (c["lags"], c["ewma"], c["ewma_slow"], c["var_keep"])
-    assert card["gateway_cusum_default"] == {"cusum_k": c["cusum_k"], "min_commissioning_s": 7200.0}
+    assert card["gateway_cusum_default"] == {"cusum_k": c["cusum_k"], "min_commissioning_s": 21_600.0}
     assert set(card["gateway_settings"]) == set(NoveltyUse.model_fields)  # every setting documented
     assert d.residual_cusum()[0] == 0.0
-    long = NoveltyUse(commissioning_s=7200.0)
+    assert NoveltyUse(commissioning_s=7200.0).residual_cusum()[0] == 0.0
+    long = NoveltyUse(commissioning_s=21_600.0)
     assert long.residual_cusum()[0] == c["cusum_k"]
     ev = card["evaluation"]
     assert ev["score_us_per_window_52_inputs"] < d.latency_budget_us

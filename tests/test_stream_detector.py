@@ -134,7 +134,7 @@ def test_with_the_residual_cusum_and_hours_of_commissioning_it_adds_no_alarm_of_
 ) -> None:
     # The CUSUM needs a commissioning span holding several periods of the pump's slowest normal
     # wander (as the per-stream detector's six hours): after half an hour it flags that wander,
-    # from two hours it is on by default, and after six hours (here) it raises nothing on the
+    # from six hours it is on by default (at allowance 0.5), and after six hours (here) it raises nothing on the
     # healthy pump that T² and SPE alone do not (with 1.3.0's defaults, EWMA 0.2, both flagged
     # one T² excursion 50 minutes in; with 1.4.0's, EWMA 0.5, both raise one 20 s before the
     # fault starts, from the thermocouple, current and flow, that runs into it).  Its clearing rule
