@@ -4,7 +4,10 @@ Identities (subject ids, device MACs and serials, source names, the gateway's na
 exist only on the gateway.  Outgoing records are *built* from an allow-list of fields - metric
 names, units, numbers, pseudonyms, short vocabulary tokens - never copied from raw objects, and
 every encoded record is then scanned for every identity seen so far, in raw, hex and base64 form.
-A record that fails either step is dropped and counted, never sent.
+The scan looks inside each CBOR item (every text and byte string, key or value, and a number's own
+bytes), never across two: the key ``dev`` followed by the header byte of a 16-character string
+reads ``devp``, which is no device's name.  A record that fails either step is dropped and
+counted, never sent.
 
 Pseudonyms are HMAC-SHA-256 under a per-purpose key derived from a site key (32 random bytes
 created at first start, mode 0600).  An unkeyed hash of a MAC or serial number can be reversed by
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import hashlib
 import hmac
 import logging
@@ -200,6 +204,50 @@ def identity_forms(identity: str) -> set[bytes]:
     return {f for f in out if len(f) >= 4}
 
 
+def _leak(size: int) -> AnonymizationError:
+    # Never name the identity itself: the log may leave the gateway too.
+    return AnonymizationError(
+        f"anonymizer: an identity ({size}-byte form) appears in an outgoing record: "
+        "record dropped; check metric names and driver metadata for identifiers"
+    )
+
+
+def cbor_leaves(data: bytes) -> list[tuple[int, int]]:
+    """Where each CBOR item's own bytes lie in ``data`` (strings' content, numbers' argument), in order (pure)."""
+    leaves: list[tuple[int, int]] = []
+    i, end = 0, len(data)
+    while i < end:
+        major, info = data[i] >> 5, data[i] & 0x1F
+        i += 1
+        start, size = i, info
+        if 24 <= info <= 27:
+            i += 1 << (info - 24)
+            size = int.from_bytes(data[start:i], "big")
+        elif info > 27:
+            # Indefinite lengths and reserved values: canonical CBOR (our encoder) has none.
+            raise AnonymizationError(
+                f"anonymizer: byte {i - 1} of a record is an indefinite-length or reserved CBOR item: "
+                "it cannot be scanned item by item: record dropped"
+            )
+        if i > end:
+            raise AnonymizationError("anonymizer: a record ends inside a CBOR item's head: record dropped")
+        if major in (2, 3):  # byte and text strings: their content, whatever it holds
+            if i + size > end:
+                raise AnonymizationError("anonymizer: a record ends inside a CBOR string: record dropped")
+            leaves.append((i, i + size))
+            i += size
+        elif i > start and major in (0, 1, 7):  # integers and floats: a MAC passed as a number is caught
+            leaves.append((start, i))
+        # Arrays, maps and tags: their items follow inline and are read in turn.
+    return leaves
+
+
+def _within_one(span: tuple[int, int], leaves: list[tuple[int, int]]) -> bool:
+    """Whether ``span`` lies inside one of ``leaves`` (sorted, not overlapping)."""
+    k = bisect.bisect_right(leaves, (span[0], math.inf)) - 1
+    return k >= 0 and leaves[k][0] <= span[0] and span[1] <= leaves[k][1]
+
+
 @dataclass(frozen=True, slots=True)
 class OutRecord:
     """An anonymized record, ready to encode: its lane, relative topic and payload."""
@@ -234,8 +282,10 @@ class Anonymizer:
         self.timebase = timebase or TimeBase.ephemeral(start_wall)
         # Which pseudonym is which identity, for technicians on site (local only, never sent).
         self.legend = legend or Legend(None)
-        self._forms: set[bytes] = set()
-        self._folded: set[bytes] = set()  # lower-cased text and hex forms, for the case-blind scan
+        # Every form by its first 4 bytes, lower-cased (forms are 4 bytes or more): a record is read
+        # once for its 4-byte strings instead of once per form (thousands, with a fleet's identities).
+        self._forms: dict[bytes, set[bytes]] = {}
+        self._folded: dict[bytes, set[bytes]] = {}  # lower-cased text and hex forms, for the case-blind scan
         self._registered: set[str] = set()
         # Told (identity, log label) the first time a subject or device is seen: the log redactor.
         self.on_identity: Callable[[str, str], None] | None = None
@@ -247,8 +297,12 @@ class Anonymizer:
         """Add an identity whose every form must never appear in an outgoing record."""
         if identity and identity not in self._registered:
             self._registered.add(identity)
-            self._forms |= identity_forms(identity)
-            self._folded |= {f for f in text_forms(identity) if len(f) >= 4}
+            for form in identity_forms(identity):
+                # By the lower-cased first bytes: one read of the lower-cased record finds both kinds.
+                self._forms.setdefault(form[:4].lower(), set()).add(form)
+            for form in text_forms(identity):
+                if len(form) >= 4:
+                    self._folded.setdefault(form[:4], set()).add(form)
             clash = [word for word in VOCABULARY if len(identity) >= 4 and identity.lower() in word]
             if clash:
                 log.warning(
@@ -425,35 +479,50 @@ class Anonymizer:
         )
         return OutRecord(Lane.FEATURES, f"estimates/{subject}", payload, est.t_wall)
 
-    def check(self, encoded: bytes) -> None:
-        """Raise AnonymizationError if any known identity appears in the encoded bytes."""
-        lowered = encoded.lower()
+    def _hits(self, encoded: bytes) -> list[tuple[int, int]]:
+        """Where a form of a known identity occurs in ``encoded``: (start, end) of each occurrence."""
         # Text and hex forms in any letter case ("Plant-A/Pump-3" hides "plant-a/pump-3");
         # base64/base32 forms are case-significant and are matched exactly.
-        for form in self._folded:
-            if form in lowered:
-                raise AnonymizationError(
-                    f"anonymizer: an identity ({len(form)}-byte form) appears in an outgoing record: "
-                    "record dropped; check metric names and driver metadata for identifiers"
-                )
-        for form in self._forms:
-            if form in encoded:
-                # Never log the identity itself: the log may leave the gateway too.
-                raise AnonymizationError(
-                    f"anonymizer: an identity ({len(form)}-byte form) appears in an outgoing record: "
-                    "record dropped; check metric names and driver metadata for identifiers"
-                )
+        found: list[tuple[int, int]] = []
+        lowered = encoded.lower()
+        grams = {lowered[i : i + 4] for i in range(len(lowered) - 3)}
+        for table, text in ((self._folded, lowered), (self._forms, encoded)):
+            # The common case: no form starts anywhere, and the loop below has nothing to do.
+            for gram in table.keys() & grams:
+                at = lowered.find(gram)
+                while at >= 0:
+                    found += [(at, at + len(f)) for f in table[gram] if text.startswith(f, at)]
+                    at = lowered.find(gram, at + 1)
+        return found
+
+    def check(self, encoded: bytes) -> None:
+        """Raise AnonymizationError if any known identity appears in the bytes (a topic, a name, any encoding)."""
+        hits = self._hits(encoded)
+        if hits:
+            raise _leak(max(end - start for start, end in hits))
+
+    def check_cbor(self, encoded: bytes) -> None:
+        """As :meth:`check` for CBOR, where an identity counts only inside one item, never across two."""
+        hits = self._hits(encoded)
+        if not hits:
+            return
+        # A form found in the whole is an identity only inside an item's own bytes (what a reader
+        # gets), not a key's tail running into the next item's header byte.
+        leaves = cbor_leaves(encoded)
+        inside = [end - start for start, end in hits if _within_one((start, end), leaves)]
+        if inside:
+            raise _leak(max(inside))
 
     def seal(
         self, build: Callable[[], OutRecord | None], encode: Callable[[Record], bytes]
     ) -> tuple[OutRecord, bytes] | None:
-        """Build, encode and check a record; None when there is none to send or (counted) it is not provably anonymous."""
+        """Build, encode (CBOR) and check a record; None when there is none to send or (counted) it is not provably anonymous."""
         try:
             rec = build()
             if rec is None:
                 return None
             data = encode(rec.payload)
-            self.check(data)
+            self.check_cbor(data)
             self.check(rec.topic.encode())
         except AnonymizationError as exc:
             self.dropped += 1

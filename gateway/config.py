@@ -161,6 +161,11 @@ class SourceEntry:
     enabled: bool
     config: BaseModel
 
+    def subjects(self) -> list[str]:
+        """The subjects the source feeds: its own, or those its driver config binds devices to."""
+        bound = getattr(self.config, "subjects", None)
+        return bound(self.info.subject) if callable(bound) else [self.info.subject]
+
 
 @dataclass(frozen=True, slots=True)
 class Config:

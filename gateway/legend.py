@@ -93,7 +93,9 @@ def render(config: Config) -> str:
     core = config.core
     pseudonym = Pseudonymizer(load_or_create_key(core.site_key_path))
     noted = [Entry("gateway", core.gateway.name)]
-    noted += [Entry("subject", e.info.subject, e.info.name) for e in config.sources]
+    noted += [
+        Entry("subject", s, e.info.name) for e in config.sources for s in {e.info.subject, *e.subjects()}
+    ]
     noted += load(core.gateway.state_dir / FILE_NAME)
     sources: dict[tuple[str, str], set[str]] = {}
     for e in noted:

@@ -21,12 +21,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+from pydantic import BaseModel
+
 from gateway import logs
 from gateway.alarms import fold_device_alarm, with_priority
 from gateway.alarms.config import AlarmsSection, limit_checker
 from gateway.alarms.episodes import EpisodeTracker, episode_alarm
 from gateway.alarms.ledger import FILE_NAME as LEDGER_FILE
-from gateway.alarms.ledger import AlarmLedger, EndReason, Entry
+from gateway.alarms.ledger import AlarmLedger, Delivers, EndReason, Entry
 from gateway.alarms.resumed import DriverFaults
 from gateway.anonymize import Anonymizer, OutRecord, Pseudonymizer, load_or_create_key
 from gateway.config import Config, SourceEntry
@@ -132,9 +134,24 @@ class Pipeline:
             now_mono=time.monotonic(), now_wall=time.time(), models_dir=m.dir,
         )  # fmt: skip
         self._driver_faults = DriverFaults()
-        # Conditions a previous run left on that nothing here judges: ended by end_vanished.
-        self._unjudged: list[tuple[Entry, EndReason]] = []
-        self._resume(self._ledger.kept())
+        # Conditions a previous run left on that nothing here judges: ended by end_vanished.  Those
+        # of a stream or device their source no longer delivers first: no tracker takes them.
+        delivers = delivered(config)
+        self._unjudged: list[tuple[Entry, EndReason]] = self._ledger.undelivered(delivers)
+        ended = {id(e) for e, _ in self._unjudged}
+        kept = [e for e in self._ledger.kept() if id(e) not in ended]
+        self._resume(kept)
+        # A source whose device names itself (a serial number, a server URI, a node id): the devices
+        # its conditions were raised on, until its first data say whether it is still that device.
+        # Identities from its configuration (a port, a fallback name) are not the device's own word.
+        self._devices_before: dict[str, set[str]] = {}
+        self._provisional = {
+            e.info.name: frozenset(v for k, v in driver_identity_items(e.config) if k in _FALLBACK_KEYS)
+            for e in config.sources
+        }
+        for e in kept:
+            if e.stream is not None and None in delivers.get(e.stream.source, {}):
+                self._devices_before.setdefault(e.stream.source, set()).add(e.stream.device)
         self.sink: SampleSink = _Sink(self.put, self.put_block, self.driver_alarm, self.diagnostic)
         self.last_beat = time.monotonic()
         self.submitted = dict.fromkeys(Lane, 0)
@@ -199,15 +216,12 @@ class Pipeline:
         """
         streams = self.windower.forget_source(name)
         # The subjects it still feeds (none when it is gone or disabled).
-        keeps = [e.info.subject for e in new.sources if e.info.name == name and e.enabled]
+        keeps = [s for e in new.sources if e.info.name == name and e.enabled for s in e.subjects()]
         now_mono = time.monotonic() if now_mono is None else now_mono
         now_wall = time.time() if now_wall is None else now_wall
         ended = self._ledger.end_source(name, keeps, now_mono, now_wall)
-        self._limits.forget_source(name)
-        self._plausibility.forget_source(name)
-        self._driver_faults.forget_source(name)
-        if self._ectopy is not None:
-            self._ectopy.forget_source(name)
+        self._forget(name)
+        self._devices_before.pop(name, None)
         for subject in {a.subject for a in ended if a.kind is AlarmKind.ANOMALY_CLEARED}:
             self._episodes.forget(subject)
         for a in ended:
@@ -217,19 +231,70 @@ class Pipeline:
         await self._end(ended)
         return streams
 
+    def _forget(self, source: str, device: str | None = None) -> None:
+        """The trackers drop ``source``'s streams (of ``device`` only, when given): their conditions ended."""
+        self._limits.forget_source(source, device)
+        self._plausibility.forget_source(source, device)
+        self._driver_faults.forget_source(source, device)
+        if self._ectopy is not None:
+            self._ectopy.forget_source(source, device)
+        for m in self._models:
+            forget = getattr(m, "forget_source", None)
+            if forget is not None:  # a model's input faults (gateway.inference.runner)
+                forget(source, device)
+
     async def end_vanished(self, now_mono: float | None = None, now_wall: float | None = None) -> None:
-        """End the conditions a previous run left on whose source, limit level or model this configuration lacks."""
+        """End the conditions a previous run left on whose source, stream, device, limit level or model this configuration lacks."""
         now_mono = time.monotonic() if now_mono is None else now_mono
         now_wall = time.time() if now_wall is None else now_wall
         ended = self._ledger.end_vanished(now_mono, now_wall)
-        for reason in ("rule_removed", "model_removed"):
+        for source in sorted(
+            {e.stream.source for e, why in self._unjudged if why == "device_changed" and e.stream}
+        ):
+            log.warning(
+                "source %s: its configuration names other devices than before the stop: the conditions "
+                "of the one it no longer reads are ended (device changed); the new one starts afresh",
+                source,
+            )
+        for reason in ("rule_removed", "model_removed", "stream_removed", "device_changed"):
             gone = [e for e, why in self._unjudged if why == reason]
             ended += self._ledger.end(gone, reason, now_mono, now_wall)
         self._unjudged.clear()
         await self._end(ended)
 
+    def _check_device(self, stream: Stream, t_mono: float, t_wall: float) -> None:
+        """The first data of a source whose device names itself: another device ends the old one's conditions."""
+        before = self._devices_before.get(stream.source)
+        if before is None:
+            return
+        if stream.device in before:
+            del self._devices_before[stream.source]
+            return  # the same device: its conditions stay with it
+        if stream.device in self._provisional.get(stream.source, ()):
+            return  # not named by the device itself yet (a port): no evidence either way
+        del self._devices_before[stream.source]
+        gone = self._ledger.other_devices(stream.source, stream.device)
+        log.warning(
+            "source %s: reads another device now (%s; before the stop: %s): the old device's conditions "
+            "are ended (device changed); the new one starts afresh",
+            stream.source,
+            self._anon.log_label("device", stream.device),
+            ", ".join(sorted(self._anon.log_label("device", d) for d in before)),
+        )
+        for device in before:
+            self.windower.forget_source(stream.source, device)
+            self._forget(stream.source, device)
+        self._send_endings(self._ledger.end(gone, "device_changed", t_mono, t_wall))
+
     async def _end(self, ended: list[Alarm]) -> None:
         """Send the endings, and keep the ledger only once they are in the outbox for good."""
+        self._send_endings(ended)
+        if ended:
+            await self._outbox.flush()
+        self._ledger.save()
+
+    def _send_endings(self, ended: list[Alarm]) -> None:
+        """Log and queue endings the gateway itself sends (``ended`` in their detail)."""
         for alarm in ended:
             # By source and metric, never the device: a removed source's device has no log label.
             what = alarm.detail.get("model", "-")
@@ -243,12 +308,11 @@ class Pipeline:
                 str(alarm.detail["ended"]).replace("_", " "),
             )
             self.alarm(alarm)
-        if ended:
-            await self._outbox.flush()
-        self._ledger.save()
 
     def put(self, sample: Sample) -> None:
         """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""
+        if self._devices_before:  # empty once every source's device has spoken after the start
+            self._check_device(sample.stream, sample.t_mono, sample.t_wall)
         self.windower.put(sample)
         self._estimation.put(sample)
         if self._driver_faults.by_data:  # empty once the faults a previous run left on are judged
@@ -266,6 +330,8 @@ class Pipeline:
 
     def put_block(self, block: SampleBlock) -> None:
         """A block of one stream: as :meth:`put`, vectorised where the stage allows."""
+        if self._devices_before and len(block):
+            self._check_device(block.stream, float(block.t_mono[0]), float(block.t_wall[0]))
         self.windower.put_block(block)
         self._estimation.put_block(block)
         if self._driver_faults.by_data and len(block):
@@ -304,6 +370,9 @@ class Pipeline:
     def alarm(self, alarm: Alarm) -> None:
         """Seal and queue an alarm now; it never waits for a window."""
         alarm = with_priority(alarm)
+        held = self._ledger.held(alarm)  # a condition a previous run left on: since its onset then
+        if held is not None:
+            alarm = replace(alarm, held_s=held)
         # Sensor alarms are logged by the windower or driver that raised them; anomalies here.
         if alarm.kind in _LOGGED_HERE:
             log.warning(
@@ -322,8 +391,12 @@ class Pipeline:
 
     def driver_alarm(self, alarm: Alarm) -> None:
         """An alarm from a driver; a device it reports lost or back is folded into one device alarm."""
+        if self._devices_before and alarm.stream is not None:
+            self._check_device(alarm.stream, alarm.t_mono, alarm.t_wall)
         if self._driver_faults.resumed and self._driver_faults.repeat(alarm):
             return  # a fault a previous run left on, raised again: the same condition
+        if _ends_own_fault(alarm) and not self._ledger.holds(alarm):
+            return  # a fresh driver's first good reading (a battery) with nothing on to end
         folded = fold_device_alarm(alarm, self.windower)
         if folded is not None:
             self.alarm(folded)
@@ -473,12 +546,27 @@ class Pipeline:
             await asyncio.sleep(period)
 
 
+def delivered(config: Config) -> dict[str, Delivers]:
+    """What each enabled source's configuration says it delivers (``delivers()`` of its driver config).
+
+    A driver config without it (the device and its streams are known only at run time) delivers
+    whatever its one device, named at run time, sends.
+    """
+    out: dict[str, Delivers] = {}
+    for e in config.sources:
+        if e.enabled:
+            delivers = getattr(e.config, "delivers", None)
+            out[e.info.name] = delivers() if callable(delivers) else {None: None}
+    return out
+
+
 def feeds(config: Config) -> dict[str, list[str]]:
     """The enabled sources feeding each subject."""
     out: dict[str, list[str]] = {}
     for e in config.sources:
         if e.enabled:
-            out.setdefault(e.info.subject, []).append(e.info.name)
+            for subject in e.subjects():
+                out.setdefault(subject, []).append(e.info.name)
     return out
 
 
@@ -580,13 +668,33 @@ class _NoUplink:
         del deadline  # nothing leaves the gateway: the outbox keeps it all
 
 
-def register_source_labels(anonymizer: Anonymizer, entry: SourceEntry) -> None:
-    """Tell the log redactor how to name a source's subject and device identities."""
-    logs.register_identity(entry.info.subject, anonymizer.log_label("subject", entry.info.subject))
+def _ends_own_fault(alarm: Alarm) -> bool:
+    """True for a driver's ending of a fault it raises about itself by ``cause`` (a low battery)."""
+    return (
+        alarm.kind is AlarmKind.SENSOR_RESTORED
+        and "cause" in alarm.detail
+        and alarm.detail.get("after") == AlarmKind.SENSOR_FAULT.value
+    )
+
+
+def register_source_identities(anonymizer: Anonymizer, entry: SourceEntry) -> None:
+    """Make every identity a source's config names known to the anonymizer and the log redactor.
+
+    Done before anything of the source runs (at the start, or before a revision builds it): its
+    name, its subject and every subject its devices are bound to, and the device identities of its
+    driver config, so no record or log line sent before its first sample can carry one.
+    """
+    anonymizer.register(entry.info.name)
+    for subject in (entry.info.subject, *entry.subjects()):
+        anonymizer.register(subject)
+        logs.register_identity(subject, anonymizer.log_label("subject", subject))
     for field_name, identity in driver_identity_items(entry.config):
-        # A device by the pseudonym its records carry; a port or an endpoint by its source.
+        anonymizer.register(identity)
+        # A subject or a device by the pseudonym its records carry; a port or an endpoint by its source.
         label = f"{entry.info.name}.{field_name}"
-        if field_name in DEVICE_KEYS:
+        if field_name in SUBJECT_KEYS:
+            label = anonymizer.log_label("subject", identity)
+        elif field_name in DEVICE_KEYS:
             label = anonymizer.log_label("device", identity)
         logs.register_identity(identity, label)
 
@@ -619,11 +727,21 @@ def _failing(error: ConfigError) -> Callable[[Callable[[], None]], Coroutine[Any
     return run
 
 
-#: Driver config keys whose string values are device identities (addresses, serial numbers,
-#: ports, endpoints). They are registered with the anonymizer before the first sample, so a
+#: Driver config keys whose string values are identities: devices (addresses, serial numbers,
+#: ports, endpoints, node ids), the subjects single devices are bound to (a wearable's bed), and
+#: what names the site or an account to a device's server (an OPC UA user, application and
+#: namespace URI). They are registered with the anonymizer before the first sample, so a
 #: diagnostic sent before any window cannot carry one.
-IDENTITY_KEYS = frozenset({"device", "address", "port", "endpoint", "node_id", "serial", "url", "link"})
+IDENTITY_KEYS = frozenset(
+    {
+        "device", "address", "port", "endpoint", "node_id", "serial", "url", "link",
+        "subject", "username", "application_uri", "namespace_uri",
+    }
+)  # fmt: skip
 DEVICE_KEYS = frozenset({"device", "address", "serial"})  # of these, the ones naming a device
+SUBJECT_KEYS = frozenset({"subject"})  # ... and the ones naming a subject
+#: Of these, the ones a driver falls back on while its device has not named itself (a port).
+_FALLBACK_KEYS = frozenset({"device", "port", "link"})
 
 
 def driver_identities(config: Any) -> list[str]:
@@ -632,20 +750,26 @@ def driver_identities(config: Any) -> list[str]:
 
 
 def driver_identity_items(config: Any) -> list[tuple[str, str]]:
-    """The identities in a driver's config with the key each was found under."""
+    """The identities in a driver's config (a model, or a raw TOML table) with the key each was found under."""
     found: list[tuple[str, str]] = []
 
     def walk(value: Any, key: str | None) -> None:
-        if isinstance(value, Mapping):
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), name)
+        elif isinstance(value, Mapping):
+            # A raw table's keys are the config's keys; a model's own mapping (an MCU's channel ->
+            # metric names) holds data whose keys are not: a channel called "port" is no port.
             for k, v in value.items():
-                walk(v, str(k))
+                walk(v, None if model else str(k))
         elif isinstance(value, list | tuple):
             for v in value:
                 walk(v, key)
         elif isinstance(value, str | Path) and key in IDENTITY_KEYS and len(str(value)) >= 4:
             found.append((key, str(value)))
 
-    walk(config.model_dump() if hasattr(config, "model_dump") else config, None)
+    model = isinstance(config, BaseModel)
+    walk(config, None)
     return found
 
 
@@ -699,9 +823,6 @@ async def _run_locked(
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
-    identities: list[str] = [core.gateway.name]
-    for entry in config.sources:
-        identities += [entry.info.name, entry.info.subject]
     try:
         timebase = TimeBase.open(core.gateway.state_dir)
     except ConfigError as exc:
@@ -711,15 +832,15 @@ async def _run_locked(
         Pseudonymizer(key),
         time_mode=core.privacy.time,
         coarsen_s=core.privacy.coarsen_s,
-        local_identities=identities,
+        local_identities=[core.gateway.name],
         timebase=timebase,
         legend=Legend(core.gateway.state_dir / LEGEND_FILE),
     )
     # Logs name subjects by pseudonym and devices by source; see gateway.logs.
     anonymizer.on_identity = logs.register_identity
     logs.register_identity(core.gateway.name, anonymizer.log_label("gateway", core.gateway.name))
-    for entry in config.sources:
-        register_source_labels(anonymizer, entry)
+    for entry in config.sources:  # every source's, enabled or not, before anything runs
+        register_source_identities(anonymizer, entry)
     outbox_path: Path = core.outbox_path
     budgets = budgets_for(config)
     total = int(core.outbox.max_mb * 1024 * 1024)

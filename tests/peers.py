@@ -1,5 +1,6 @@
 """Test peers shared by the driver tests: a SampleSink that records what a driver hands over, a
-driver running as a task, a free port, a socat pseudo-terminal pair."""
+driver running as a task, a free port, a socat pseudo-terminal pair, a process whose output goes
+to files."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -95,6 +97,50 @@ def stop_process(proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+class LoggedProcess(subprocess.Popen[str]):
+    """A process we started whose stderr (and stdout, unless given) goes to files, never to a pipe.
+
+    A pipe nobody reads until the end holds 64 KiB: a chatty process (a gateway logging under
+    load) then blocks in its next write, and the test hangs or times out.  A file never fills.
+    ``communicate()`` waits as Popen's does and returns what the files hold; ``err()`` and ``out()``
+    read them so far without waiting, for the failure message of a process still running.
+    """
+
+    def __init__(
+        self, args: Sequence[str], *, log: Path, stdout: int | IO[Any] | None = None, **kwargs: Any
+    ) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        n = 0
+        while log.exists():  # a process started again keeps its own file, the first one's stays
+            n += 1
+            log = log.with_name(f"{log.stem.split('~')[0]}~{n}{log.suffix}")
+        self.err_path = log
+        self.out_path = log.with_name(log.name + ".out")
+        # Opened here and closed once the child holds them: the child writes, we read the files.
+        with self.out_path.open("w") as out, log.open("w") as err:
+            super().__init__(args, stdout=out if stdout is None else stdout, stderr=err, text=True, **kwargs)
+
+    def err(self) -> str:
+        """What the process wrote to stderr so far."""
+        return self.err_path.read_text(errors="replace")
+
+    def out(self) -> str:
+        """What the process wrote to stdout so far (empty when stdout went elsewhere)."""
+        return self.out_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> str:
+        """SIGTERM it (killed when it overruns ``timeout``), reap it; what it wrote to stderr."""
+        stop_process(self, timeout)
+        return self.err()
+
+    def communicate(self, input: str | None = None, timeout: float | None = None) -> tuple[str, str]:  # noqa: A002
+        """Wait for the process (``TimeoutExpired`` after ``timeout``); its stdout and stderr."""
+        if input is not None:
+            raise TypeError("LoggedProcess.communicate: no input: write to stdin=PIPE instead")
+        self.wait(timeout)
+        return self.out(), self.err()
 
 
 def free_port() -> int:

@@ -104,19 +104,28 @@ def run(
                             )
                 t += HOP_S
                 await pipeline.step(now_mono=T0 + t, now_wall=WALL0 + t)
-            return await alarm_records(outbox)
+            return await alarm_records(outbox, pipeline)
 
     return asyncio.run(main())
 
 
-async def alarm_records(outbox: AsyncOutbox) -> list[dict[str, Any]]:
-    """Every alarm the outbox holds, decoded, with ``_t`` in simulated seconds."""
+async def alarm_records(outbox: AsyncOutbox, pipeline: Pipeline) -> list[dict[str, Any]]:
+    """Every alarm the outbox holds, decoded, with ``_t`` in simulated seconds.
+
+    Every record the pipeline made is there: none refused by the anonymizer, every window the
+    windower closed either queued or left out as unchanged.
+    """
     await outbox.flush()
-    out = []
+    items = []
     while batch := await outbox.lease(1000):
-        out += [as_map(decode(i.payload)) | {"_t": i.t_wall - WALL0} for i in batch if i.lane == Lane.ALARMS]
+        items += batch
         await outbox.ack([i.id for i in batch])
-    return out
+    counters = pipeline.counters()
+    assert counters["anonymizer_dropped"] == 0, counters
+    assert Counter(i.lane for i in items) == +Counter(pipeline.submitted), counters
+    windows = pipeline.windower.counters()["windows"]
+    assert pipeline.submitted[Lane.FEATURES] + pipeline.thinner.skipped == windows, counters
+    return [as_map(decode(i.payload)) | {"_t": i.t_wall - WALL0} for i in items if i.lane == Lane.ALARMS]
 
 
 def by_kind(alarms: list[dict[str, Any]]) -> Counter[str]:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from test_alarm_episodes import A, N, Scripted, ind
-from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
+from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, source, spo2
 from test_inference_runtime import pump_model, pump_window
 
 from drivers.sim.protocol import RR
-from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowModel
+from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowModel, WindowRecord
 from gateway.inference.shadow import Slot
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.runtime import Pipeline
@@ -37,11 +38,12 @@ def run(
     *,
     ectopy: bool = False,
     start: float = 0.0,
+    sources: Sequence[dict[str, Any]] = (BED7,),
     **sections: Any,
 ) -> list[dict[str, Any]]:
-    """One run of bed 7's pipeline on ``tmp``'s state: ``body`` feeds it; the alarms the twin got."""
+    """One run of bed 7's pipeline (or ``sources``') on ``tmp``'s state: ``body`` feeds it; the alarms the twin got."""
     before = len(site.alarms)
-    cfg = config(tmp, BED7, ectopy=ectopy, **sections)
+    cfg = config(tmp, *sources, ectopy=ectopy, **sections)
 
     async def main() -> None:
         async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
@@ -226,18 +228,51 @@ def normal(t0: float) -> Run:
 
 def test_an_anomaly_episode_on_before_the_restart_ends_after_normal_windows_after_it(tmp_path: Path) -> None:
     site = Site(tmp_path)
-    assert kinds(run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])) == [("anomaly", None)]
+    (raised,) = run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])
+    assert kinds([raised]) == [("anomaly", None)]
+    onset = raised["t"] - raised["held_s"]  # the episode's first anomalous window
     # Still anomalous after the restart: the same episode, nothing new; unsure windows say so.
     still = run(site, tmp_path, normal(1000.0), [Scripted([A] * 5 + [ind("gap")] + [A] * 100)])
     assert kinds(still) == [("anomaly_indeterminate", None), ("anomaly", None)]
     assert still[1]["detail"]["episode"] == "resumed"
     assert len(site.subject("ward3-bed7").active) == 1
+    # Held since that onset, before two stops: as the same alarms would say without them.
+    assert [a["held_s"] for a in still] == [pytest.approx(a["t"] - onset, abs=0.01) for a in still]
+    assert still[0]["held_s"] > 900.0
 
     after = run(site, tmp_path, normal(2000.0), [Scripted([N] * 100)])
     assert kinds(after) == [("anomaly_cleared", None)]  # after clear_after normal windows
     assert after[0]["detail"]["model"] == "scripted"
-    assert "held_s" not in after[0]  # its onset, before the stop, is not known here
+    assert after[0]["held_s"] == pytest.approx(after[0]["t"] - onset, abs=0.01)
     assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_limit_alarm_left_on_clears_with_the_time_held_since_its_onset_before_the_stop(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+    (raised,) = run(site, tmp_path, low)
+    onset = raised["t"] - raised["held_s"]
+
+    async def back(pipeline: Pipeline) -> None:
+        await spo2(pipeline, SPO2, 97.0, 20, 1000.0)
+
+    (cleared,) = run(site, tmp_path, back)
+    assert kinds([cleared]) == [("limit_cleared", None)]
+    assert cleared["held_s"] == pytest.approx(cleared["t"] - onset, abs=0.01)  # the whole condition
+    assert cleared["held_s"] >= 900.0  # from 100 s, before the stop, to 1000 s
+
+    # Raised again in this run: its own tracker's time, not the old onset's.
+    (again,) = run(site, tmp_path, low)
+    assert 10.0 <= again["held_s"] < 12.0
+
+
+def test_a_condition_ended_by_the_configuration_carries_no_time_held(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])) == [("anomaly", None)]
+    (ended,) = run(site, tmp_path, normal(1000.0), start=1000.0)
+    assert kinds([ended]) == [("anomaly_cleared", "model_removed")]
+    assert "held_s" not in ended
 
 
 def test_an_episode_of_a_model_no_longer_run_is_ended_at_the_start(tmp_path: Path) -> None:
@@ -369,13 +404,49 @@ def test_a_node_fault_the_driver_raised_ends_with_the_nodes_data_after_the_resta
     assert site.subject("ward3-bed7").active == {}
 
 
+def driver_restore(t: float, detail: dict[str, float | str]) -> Run:
+    """The source's driver finds its own fault over (a BLE wearable's battery good again)."""
+
+    async def body(pipeline: Pipeline) -> None:
+        pipeline.driver_alarm(Alarm(AlarmKind.SENSOR_RESTORED, "ward3-bed7", t, WALL + t, SPO2, detail))
+        await pipeline.step(now_mono=t + 1.0, now_wall=WALL + t + 1.0)
+
+    return body
+
+
+LOW_BATTERY: dict[str, float | str] = {"cause": "low_battery", "battery": 5.0}
+GOOD_BATTERY: dict[str, float | str] = {"after": "sensor_fault", "cause": "low_battery", "battery": 90.0}
+
+
 def test_a_low_battery_the_driver_raised_waits_for_the_driver_after_the_restart(tmp_path: Path) -> None:
     site = Site(tmp_path)
-    low_battery: dict[str, float | str] = {"cause": "low_battery", "battery": 5.0}
-    assert kinds(run(site, tmp_path, driver_fault(100.0, low_battery))) == [("sensor_fault", None)]
+    assert kinds(run(site, tmp_path, driver_fault(100.0, LOW_BATTERY))) == [("sensor_fault", None)]
     assert run(site, tmp_path, normal(1000.0)) == []  # data say nothing about the battery
-    assert run(site, tmp_path, driver_fault(2000.0, low_battery)) == []  # still low: not resent
+    assert run(site, tmp_path, driver_fault(2000.0, LOW_BATTERY)) == []  # still low: not resent
     assert len(site.subject("ward3-bed7").active) == 1
+
+
+def test_a_low_battery_charged_while_down_ends_with_the_drivers_first_reading(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, driver_fault(100.0, LOW_BATTERY))) == [("sensor_fault", None)]
+
+    async def charged_then_low(pipeline: Pipeline) -> None:
+        await driver_restore(1000.0, GOOD_BATTERY)(pipeline)  # the fresh driver's first reading
+        await driver_fault(1010.0, LOW_BATTERY)(pipeline)  # low again later: a new condition
+
+    after = run(site, tmp_path, charged_then_low)
+    assert kinds(after) == [("sensor_restored", None), ("sensor_fault", None)]
+    assert after[0]["detail"] == GOOD_BATTERY
+    assert len(site.subject("ward3-bed7").active) == 1
+
+
+def test_a_good_battery_at_the_start_with_nothing_on_sends_nothing(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    # A fresh driver's first reading is good: no condition on, no ending sent.
+    assert run(site, tmp_path, driver_restore(100.0, GOOD_BATTERY)) == []
+    assert kinds(run(site, tmp_path, driver_fault(200.0, LOW_BATTERY))) == [("sensor_fault", None)]
+    assert kinds(run(site, tmp_path, driver_restore(300.0, GOOD_BATTERY))) == [("sensor_restored", None)]
+    assert site.subject("ward3-bed7").active == {}
 
 
 def test_a_driver_fault_left_on_and_ended_with_its_source_is_raised_again_when_the_source_returns(
@@ -436,3 +507,38 @@ def test_a_sensor_lost_before_its_device_was_is_restored_on_its_own_after_the_re
     after = run(site, tmp_path, feed_from(2000.0, ALL_BACK))
     assert kinds(after) == [("sensor_restored", None), ("device_restored", None)]
     assert site.subject("ward3-bed7").active == {}
+
+
+def test_a_model_input_fault_of_a_retired_source_is_ended_once_and_forgotten(tmp_path: Path) -> None:
+    # The pump model's own window check raised it; the source is retired by a revision, then comes back.
+    site = Site(tmp_path)
+    rng = np.random.default_rng(8)
+    model = Slot(pump_model())
+    plc = source("plc", "machine-7", "SN-1")
+    good = pump_window(20, rng, subject="machine-7")
+    rate = next(sf.stream for sf in good.streams if sf.stream.metric.name.endswith("RateRMS"))
+    out_of_range = {"mean": 10.0, "std": 20.0, "min": -40.0, "max": 35.0}
+    bad = replace(
+        good,
+        streams=tuple(
+            StreamFeatures(sf.stream, 20, 0.0, out_of_range) if sf.stream is rate else sf
+            for sf in good.streams
+        ),
+    )
+
+    def score(pipeline: Pipeline, window: WindowRecord) -> None:
+        model.score_batch([window])
+        for event in model.drain_events():  # as the pipeline forwards a model's events
+            if isinstance(event, Alarm):
+                pipeline.alarm(event)
+
+    async def retired_and_back(pipeline: Pipeline) -> None:
+        score(pipeline, bad)
+        await pipeline.retire_source("plc", config(tmp_path), 200.0, WALL + 200.0)
+        await pipeline.retire_source("plc", config(tmp_path, plc), 201.0, WALL + 201.0)
+        score(pipeline, pump_window(21, rng, subject="machine-7"))  # in range: nothing was on
+
+    got = run(site, tmp_path, retired_and_back, [model], sources=(plc,))
+    assert kinds(got) == [("sensor_fault", None), ("sensor_restored", "source_removed")]
+    assert got[1]["metric"] == rate.metric.name
+    assert site.subject("machine-7").active == {}

@@ -102,3 +102,31 @@ def test_a_monitor_plugged_back_in_while_the_gateway_was_down_is_restored_after_
         assert all("ended" not in a.detail for a in restored)
     finally:
         twin.stop()
+
+
+def test_a_monitor_replaced_by_another_while_the_gateway_was_down_starts_afresh(
+    site: Site, pki: DemoPKI
+) -> None:
+    twin = listener(site.broker, pki)
+    try:
+        subject, on = on_at_the_twin(site, twin)  # the first monitor's probe is off
+        first_run = next(iter(on.values())).run
+        old_dev = {a.dev for a in on.values()}
+
+        # Another monitor on bed 7 (its own serial number), its probe off too.
+        restart(site, source("bed7-sim", device="A4:C1:38:00:00:99") + BED7_OFF[len(BED7_ON) :])
+
+        def afresh(t: Listener) -> bool:
+            now = active(t, site.gateway, subject)
+            return len(now) == len(on) and not {a.dev for a in now.values()} & old_dev
+
+        assert twin.wait_for(afresh, 30), twin.view.render()
+        second = alarms_of_run(twin, subject, first_run + 1)
+        ended = [a for a in second if "ended" in a.detail]
+        assert sorted((a.alarm, a.detail["ended"], a.dev) for a in ended) == sorted(
+            ("sensor_restored", "device_changed", a.dev) for a in on.values()
+        )
+        raised = [a for a in second if a.alarm == "sensor_fault"]
+        assert len(raised) == len(on)  # the new monitor's own faults, raised by its own data
+    finally:
+        twin.stop()

@@ -32,7 +32,12 @@ SPO2_9 = Stream("bed9-ox", "ward3-bed9", "00:1C:05:AA:BB:09", MDC["MDC_PULS_OXIM
 
 
 def source(name: str, subject: str, device: str) -> dict[str, Any]:
-    return {"name": name, "driver": "sim", "subject": subject, "profile": "patient", "device": device}
+    """A source whose device (a node named ``device``) says which streams it has only once it runs.
+
+    The tests feed streams of their own choosing; a source that declares its streams in its
+    configuration (a simulator's profile) would have those outside it ended at a restart.
+    """
+    return {"name": name, "driver": "mcu", "subject": subject, "simulate": {"node_id": device}}
 
 
 BED7 = source("bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07")

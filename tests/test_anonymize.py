@@ -5,14 +5,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import random
 import stat
 from pathlib import Path
 
+import cbor2
 import pytest
 
-from gateway.anonymize import Anonymizer, Pseudonymizer, identity_forms, load_or_create_key, rotate_key
+from gateway.anonymize import (
+    Anonymizer,
+    Pseudonymizer,
+    identity_forms,
+    load_or_create_key,
+    rotate_key,
+    text_forms,
+)
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, Lane, StreamFeatures, WindowRecord
-from gateway.errors import ConfigError
+from gateway.errors import AnonymizationError, ConfigError
 from gateway.records import AlarmRecord, FeaturesWindow, decode, encode
 from gateway.sample import MDC, Metric, Stream
 
@@ -169,3 +178,113 @@ def test_identity_clashing_with_the_gateways_own_words_is_warned(caplog: pytest.
     anon = _anon()
     anon.register("pump")
     assert "also occurs in the gateway's own words" in caplog.text
+
+
+# ---- the scan looks inside each CBOR item, never across two ---------------------------------------
+
+DEV_P = Stream("plc", "line2-m3", "DEV-P", Metric("Pump1/Pressure", "bar"), "industrial", 1.0)
+
+
+def test_a_device_whose_compact_name_spans_two_cbor_items_is_sent() -> None:
+    # "DEV-P" compacts to "devp": the key "dev" and the header byte (0x70, "p") of the 16-character
+    # pseudonym after it.  No reader sees "devp"; every window of that device used to be refused.
+    anon = _anon()
+    sealed = anon.seal(lambda: anon.window(_window(DEV_P)), encode)
+    assert sealed is not None, "refused"
+    _, data = sealed
+    assert b"devp" in data  # what the whole-record scan matched
+    window = decode(data)
+    assert isinstance(window, FeaturesWindow)
+    assert window.streams[0].dev == Pseudonymizer(b"k" * 32)("device", "DEV-P")
+    assert anon.dropped == 0
+
+
+@pytest.mark.parametrize(
+    ("identity", "item"),
+    [
+        ("DEV-P", {"dev": "p" * 16}),  # a key's tail, then a string's header byte (16 chars: "p")
+        ("KIND-J", {"kind": "industrial"}),  # the same before a 10-character value ("j")
+        ("C-DEV", {"dev": 1}),  # a 3-character key's own header byte ("c") before it
+        ("3333", [-20, -20, -20, -20]),  # small negative integers are one byte each: "3"
+        ("BC-D7", [98, "d7x"]),  # an integer's argument byte (98: "b"), a string's header, its text
+    ],
+)
+def test_a_form_across_item_boundaries_is_no_identity(identity: str, item: object) -> None:
+    anon = _anon()
+    anon.register(identity)
+    data = cbor2.dumps(item, canonical=True)
+    with pytest.raises(AnonymizationError):
+        anon.check(data)  # the bytes as a whole hold a form of it
+    anon.check_cbor(data)  # no item does
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"dev": "devp"},  # a value
+        {"devp": 1},  # a key
+        [1, [{"x": {"y": "Dev-P"}}]],  # nested, in another letter case
+        {"n": "pump1/DEVP/pressure"},  # inside a longer name, compacted
+        {"n": "pump1/dev-p/pressure"},
+        {"x": b"devp"},  # a byte string
+        {"x": "646576702"},  # hex
+        {"x": base64.b64encode(b"DEV-P").decode()},  # base64
+        {"x": [bytes.fromhex("a4c1385b207e")]},  # the MAC's own bytes
+        {"x": 0xA4C1385B207E},  # the MAC passed as a number
+    ],
+)
+def test_an_identity_inside_an_item_is_refused_wherever_it_sits(item: object) -> None:
+    anon = _anon()
+    anon.register("DEV-P")
+    anon.register(MAC)
+    with pytest.raises(AnonymizationError, match="appears in an outgoing record"):
+        anon.check_cbor(cbor2.dumps(item, canonical=True))
+
+
+PSEUDO = b"\x63dev\x70" + b"p" * 16  # {"dev": <16 characters>} without its map head: "devp" across items
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x9f" + PSEUDO + b"\xff",  # an indefinite-length array (canonical CBOR has none)
+        PSEUDO[:-6],  # a string cut short
+        PSEUDO + b"\x1b\x00",  # an integer's head cut short
+    ],
+)
+def test_cbor_the_scan_cannot_read_item_by_item_is_refused(data: bytes) -> None:
+    anon = _anon()
+    anon.register("DEV-P")
+    anon.check_cbor(PSEUDO)  # whole, the same items pass
+    with pytest.raises(AnonymizationError, match="record dropped"):
+        anon.check_cbor(data)
+
+
+def test_the_indexed_scan_finds_what_searching_for_every_form_finds() -> None:
+    # The scan reads a record's 4-byte strings against its forms' first 4 bytes; it must refuse
+    # exactly what searching the record for each form (lower-cased for text and hex) refuses.
+    rng = random.Random(3)
+    identities = [MAC, PATIENT, "bed7-oxi", "DEV-P", "Plant-A/Pump-3", "SN 20931"]
+    anon = _anon()
+    for identity in identities:
+        anon.register(identity)
+    forms = set().union(*map(identity_forms, identities))
+    folded = {f for i in identities for f in text_forms(i) if len(f) >= 4}
+    every = sorted(forms | folded)
+    refused = 0
+    for _ in range(3000):
+        data = bytearray(rng.randbytes(rng.randrange(0, 40)))
+        if rng.random() < 0.5:  # a form, or most of one, in a random letter case somewhere
+            form = rng.choice(every)[: rng.choice((3, 4, 100))]
+            form = bytes(b ^ 0x20 if rng.random() < 0.3 and chr(b).isalpha() else b for b in form)
+            at = rng.randrange(0, len(data) + 1)
+            data[at:at] = form
+        expected = any(f in data for f in forms) or any(f in data.lower() for f in folded)
+        try:
+            anon.check(bytes(data))
+        except AnonymizationError:
+            assert expected, bytes(data)
+            refused += 1
+        else:
+            assert not expected, bytes(data)
+    assert refused > 200  # both sides of the comparison were exercised

@@ -20,11 +20,13 @@ pytest.importorskip("bleak")
 pytest.importorskip("bluezoo")
 
 from peers import RecordingSink
+from test_alarm_source_removed import Site, config
 
 from drivers.ble.commands import add_commands, cmd_sim_wearable, format_scan, scan_ble
 from drivers.ble.config import BleConfig
 from drivers.ble.driver import BleDriver, factory
 from drivers.ble.protocol import (
+    BATTERY,
     BP_PULSE,
     DIA,
     HR,
@@ -39,9 +41,11 @@ from drivers.ble.protocol import (
 from drivers.ble.testbed.harness import Testbed, WearableProcess
 from drivers.ble.testbed.wearables import load_record_beats
 from gateway.anonymize import Anonymizer, Pseudonymizer
-from gateway.contracts import Alarm, AlarmKind, SourceInfo
+from gateway.contracts import Alarm, AlarmKind, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
+from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import encode
+from gateway.runtime import Pipeline
 from gateway.sample import Quality
 
 pytestmark = pytest.mark.slow
@@ -90,7 +94,7 @@ async def wait_for(cond: Callable[[], bool], timeout_s: float = 20.0, what: str 
 
 
 @asynccontextmanager
-async def running(drv: BleDriver, sink: RecordingSink) -> AsyncIterator[None]:
+async def running(drv: BleDriver, sink: SampleSink) -> AsyncIterator[None]:
     started = asyncio.Event()
     task = asyncio.create_task(drv.run(sink, started=started.set), name="ble-driver-under-test")
     try:
@@ -119,6 +123,20 @@ async def send(w: WearableProcess, line: str) -> None:
             if "not subscribed" not in str(exc) or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.02)
+
+
+def reconnected(sink: RecordingSink) -> list[Alarm]:
+    """The restores of a device back in range (not of a battery good again)."""
+    return [a for a in sink.alarms_of(AlarmKind.SENSOR_RESTORED) if a.detail["cause"] == "reconnected"]
+
+
+def battery_alarms(sink: RecordingSink) -> list[tuple[str, int]]:
+    """The low-battery alarms and their endings, in order: (kind, level)."""
+    return [
+        (a.kind.value, int(a.detail["battery"]))
+        for a in sink.alarms
+        if a.detail.get("cause") == "low_battery"
+    ]
 
 
 # -- scanning ---------------------------------------------------------------------------------------
@@ -262,6 +280,86 @@ def test_every_profile_delivers_its_test_vectors_as_samples(
             assert b"SIM-" not in sealed[1]
 
 
+def test_a_low_battery_ends_once_charged_above_the_hysteresis_and_rearms(
+    testbed: Testbed, wearables: Callable[..., WearableProcess]
+) -> None:
+    w = wearables("hr", rate=0)  # battery 87 at the start
+    drv = driver([{"address": w.address, "profile": "hr"}], low_battery_pct=15)
+    sink = RecordingSink(blocks=False)
+
+    def levels() -> list[float]:
+        return [s.value for s in sink.of(w.address, BATTERY)]
+
+    async def level(n: int) -> None:
+        await send(w, f"battery {n}")
+        await wait_for(lambda: levels()[-1:] == [float(n)], 20, f"the battery level {n}")
+
+    async def scenario() -> None:
+        async with running(drv, sink):
+            await wait_for(lambda: bool(levels()), 20, "the first battery reading")
+            for n in (12, 10, 19, 16, 20, 60, 15):
+                await level(n)
+
+    asyncio.run(scenario())
+    assert levels() == [87.0, 12.0, 10.0, 19.0, 16.0, 20.0, 60.0, 15.0]
+    # The first reading of the run is good: it ends a low battery a previous run may have left on
+    # (the pipeline sends it only then).  12: low; 19 and 16: inside the hysteresis, still low;
+    # 20 (the limit + 5): good again; 15: low again, a new condition.
+    assert battery_alarms(sink) == [
+        ("sensor_restored", 87),
+        ("sensor_fault", 12),
+        ("sensor_restored", 20),
+        ("sensor_fault", 15),
+    ]
+    restored = [a for a in sink.alarms_of(AlarmKind.SENSOR_RESTORED) if a.detail["cause"] == "low_battery"]
+    assert dict(restored[1].detail) == {"after": "sensor_fault", "cause": "low_battery", "battery": 20}
+    assert restored[1].stream is not None
+    assert restored[1].stream.metric.name == HR  # the device's headline stream, as its raise
+
+
+def test_a_low_battery_charged_while_the_gateway_was_down_ends_after_the_restart(
+    testbed: Testbed, wearables: Callable[..., WearableProcess], tmp_path: Path
+) -> None:
+    address = new_address()
+    source = {
+        "name": "ble-ward3", "driver": "ble", "subject": "ward3-bed12", "kind": "medical",
+        "devices": [{"address": address, "profile": "hr"}], "reconnect_min_s": 0.1, "reconnect_max_s": 1.0,
+    }  # fmt: skip
+    cfg = config(tmp_path, source)
+    site = Site(tmp_path)
+
+    async def gateway_run(battery: int) -> list[dict[str, Any]]:
+        """One run of the gateway's pipeline and a fresh driver, until the battery level is read."""
+        before = len(site.alarms)
+        (entry,) = cfg.sources
+        assert isinstance(entry.config, BleConfig)
+        drv = factory(entry.info, entry.config)
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            pipeline = Pipeline(cfg, site.anon, outbox)
+            await pipeline.end_vanished()
+            async with running(drv, pipeline.sink):
+                await wait_for(lambda: drv.status()[address].battery == battery, 20, "the battery level")
+            await pipeline.step()  # which keeps the conditions on for the next start
+            await outbox.flush()
+            items = await outbox.lease(1000)
+            site.take(items)
+            await outbox.ack([i.id for i in items])
+        return site.alarms[before:]
+
+    w = wearables("hr", address, rate=0, battery=12)
+    first = asyncio.run(gateway_run(12))
+    assert [(a["alarm"], a["detail"]["cause"]) for a in first] == [("sensor_fault", "low_battery")]
+    assert len(site.subject("ward3-bed12").active) == 1
+    w.stop()
+    wearables("hr", address, rate=0, battery=87)  # charged while the gateway was down
+    after = asyncio.run(gateway_run(87))
+    assert [(a["alarm"], a["detail"]) for a in after] == [
+        ("sensor_restored", {"after": "sensor_fault", "cause": "low_battery", "battery": 87})
+    ]
+    assert site.subject("ward3-bed12").active == {}
+    assert asyncio.run(gateway_run(87)) == []  # good again, nothing on: nothing sent
+
+
 # -- link loss and recovery --------------------------------------------------------------------------
 
 
@@ -300,7 +398,7 @@ def test_out_of_range_raises_device_lost_then_resumes(
             assert len(sink.of(w.address, SPO2)) == n  # nothing while away
             assert state(drv, w.address) in ("scanning", "backoff", "connecting")
             await asyncio.to_thread(w.command, "range in")
-            await wait_for(lambda: bool(sink.alarms_of(AlarmKind.SENSOR_RESTORED)), 20, "the restore")
+            await wait_for(lambda: bool(reconnected(sink)), 20, "the restore")
             await wait_for(lambda: len(sink.of(w.address, SPO2)) > n + 3, 20, "oximetry again")
 
     asyncio.run(scenario())
@@ -309,7 +407,7 @@ def test_out_of_range_raises_device_lost_then_resumes(
     assert lost.subject == "ward3-bed12"
     assert lost.stream is not None
     assert lost.stream.device == w.address
-    (back,) = sink.alarms_of(AlarmKind.SENSOR_RESTORED)
+    (back,) = reconnected(sink)
     assert back.t_mono > lost.t_mono
 
 
@@ -332,7 +430,7 @@ def test_wearable_powered_off_then_on_again(
 
     asyncio.run(scenario())
     assert dict(sink.alarms_of(AlarmKind.SENSOR_LOST)[0].detail)["cause"] == "out_of_range"
-    assert len(sink.alarms_of(AlarmKind.SENSOR_RESTORED)) == 1
+    assert len(reconnected(sink)) == 1
 
 
 # -- allowlist, slots --------------------------------------------------------------------------------

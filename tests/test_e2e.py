@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peers import LoggedProcess
 
 pytestmark = pytest.mark.slow
 
@@ -112,17 +112,15 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     n.sock.close()
 
 
-def _start(config: Path, notify: NotifySocket, watchdog_usec: int) -> subprocess.Popen[str]:
+def _start(config: Path, notify: NotifySocket, watchdog_usec: int) -> LoggedProcess:
     env = dict(
         os.environ, NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC=str(watchdog_usec), PYTHONPATH=str(ROOT)
     )
     env.pop("WATCHDOG_PID", None)
-    return subprocess.Popen(
+    return LoggedProcess(
         [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
+        log=config.parent / "gateway.log",
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
 
 
@@ -132,8 +130,8 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _stop(proc: subprocess.Popen[str]) -> str:
-    """Kill the process if it still runs (a failed test), reap it, close its pipes; return stderr."""
+def _stop(proc: LoggedProcess) -> str:
+    """Kill the process if it still runs (a failed test), reap it; return stderr."""
     if proc.poll() is None:
         proc.kill()
     _, stderr = proc.communicate(timeout=10)

@@ -221,7 +221,7 @@ def compressed(tmp: Path, seed: int, fault: Label, seconds: int) -> list[dict[st
                         )
                         pipeline.sink.put_block(block)
                 await pipeline.step(now_mono=T0 + k + 1.0, now_wall=WALL0 + k + 1.0)
-            return await alarm_records(outbox)
+            return await alarm_records(outbox, pipeline)
 
     return [a for a in asyncio.run(main()) if a["alarm"].startswith("anomaly")]
 

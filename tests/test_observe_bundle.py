@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from peers import LoggedProcess
 from uplink_support import require_mosquitto
 
 from gateway.cli import main
@@ -70,23 +70,22 @@ device = "{MAC}"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("NOTIFY_SOCKET", None)
-    gw = subprocess.Popen(
+    gw = LoggedProcess(
         [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
+        log=tmp_path / "gateway.log",
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     out = tmp_path / "bundle.tar.gz"
     try:
         deadline = time.monotonic() + 60
         while not (state / "control.sock").exists():
-            assert gw.poll() is None, gw.communicate()[1]
+            assert gw.poll() is None, gw.err()
             assert time.monotonic() < deadline
             time.sleep(0.2)
         # A few samples and windows: the source starts after the status socket, later under load.
         while True:
-            assert gw.poll() is None, gw.communicate()[1]
+            assert gw.poll() is None, gw.err()
             assert time.monotonic() < deadline + 30, "no samples from the source"
             if main(["status", "--config", str(config), "--json"]) != 3:
                 snap = json.loads(capsys.readouterr().out)
@@ -99,8 +98,7 @@ device = "{MAC}"
             == 0
         )
     finally:
-        gw.send_signal(signal.SIGTERM)
-        gw.communicate(timeout=30)
+        gw.stop()
         broker.stop()
     assert f"support bundle written to {out} (mode 0600)" in capsys.readouterr().out
     assert stat.S_IMODE(out.stat().st_mode) == 0o600

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from peers import cli_start_s
+from peers import LoggedProcess, cli_start_s
 
 from gateway.observe.lock import LOCK_NAME, StateDirBusyError, holder, state_dir_lock
 
@@ -36,15 +36,13 @@ device = "A4:C1:38:00:00:01"
     return path
 
 
-def _run(config: Path) -> subprocess.Popen[str]:
+def _run(config: Path) -> LoggedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("NOTIFY_SOCKET", None)
-    return subprocess.Popen(
+    return LoggedProcess(
         [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
+        log=config.parent / "gateway.log",
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
 
 
@@ -75,7 +73,7 @@ def test_second_run_exits_at_once_naming_the_first(tmp_path: Path) -> None:
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=30)
-    assert first.returncode == 0
+    assert first.returncode == 0, first.err()
     assert holder(state) is None  # released at exit; the stale file does not block a restart
     assert (state / LOCK_NAME).exists()
     with state_dir_lock(state):
@@ -128,7 +126,7 @@ def test_rotate_key_is_refused_while_a_gateway_runs_and_changes_nothing(tmp_path
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.communicate(timeout=30)
-    assert gateway.returncode == 0
+    assert gateway.returncode == 0, gateway.err()
     done = subprocess.run(rotate, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert (state / "site.key").read_bytes() != key

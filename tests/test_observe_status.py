@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import stat
 import subprocess
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from uplink_support import require_mosquitto
+from peers import LoggedProcess
+from uplink_support import mqtt_toml, require_mosquitto
 
 from drivers.serial.sim import PtyOximeter, VitalsModel
 from gateway.cli import main
@@ -30,7 +30,7 @@ from gateway.observe.config import StatusSection, socket_path
 from gateway.observe.status import headline, health, render_text
 from gateway.outbox import Outbox, OutItem
 from gateway.uplink.broker import MosquittoBroker
-from gateway.uplink.certs import demo_pki
+from gateway.uplink.certs import DemoPKI, demo_pki
 
 pytestmark = pytest.mark.slow
 
@@ -95,12 +95,11 @@ class Gateway:
         env = dict(os.environ, PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(notify.path))
         env.pop("RUNTIME_DIRECTORY", None)
         self.config = config
-        self.proc = subprocess.Popen(
+        self.proc = LoggedProcess(
             [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
+            log=config.parent / "gateway.log",
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
         )
 
     def status(self, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
@@ -117,7 +116,7 @@ class Gateway:
         deadline = time.monotonic() + timeout
         snap: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.communicate()[1]
+            assert self.proc.poll() is None, self.proc.err()
             rc, out = self.status(capsys, "--json")
             if rc != 3:
                 snap = json.loads(out)
@@ -127,14 +126,7 @@ class Gateway:
         raise AssertionError(f"not {what} within {timeout} s: {snap.get('headline')}")
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=10)
-        return err
+        return self.proc.stop()
 
 
 def _wait_status_line(notify: Notify, pattern: str, timeout: float = 15) -> str:
@@ -147,13 +139,19 @@ def _wait_status_line(notify: Notify, pattern: str, timeout: float = 15) -> str:
     raise AssertionError(f"no STATUS= matching {pattern!r}: {notify.statuses()[-3:]}")
 
 
+def _broker(tmp: Path) -> tuple[MosquittoBroker, DemoPKI]:
+    """A TLS mosquitto on loopback, started, with the demo PKI it trusts."""
+    require_mosquitto()
+    pki = demo_pki(tmp / "pki")
+    broker = MosquittoBroker(tmp / "broker", pki)
+    broker.start()
+    return broker, pki
+
+
 def test_healthy_then_broker_down_then_device_unplugged(
     tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    require_mosquitto()
-    pki = demo_pki(tmp_path / "pki")
-    broker = MosquittoBroker(tmp_path / "broker", pki)
-    broker.start()
+    broker, pki = _broker(tmp_path)
     oxi = PtyOximeter(
         "nonin2", link=tmp_path / "usb-oximeter", vitals=VitalsModel(3, desat_every_s=0, sensor_off_every_s=0)
     ).start()
@@ -262,6 +260,36 @@ diagnostics_every_s = 1.0
     assert gw.proc.returncode == 0, err
     assert main(["status", "--config", str(config)]) == 3  # nobody answers once it stopped
     assert "no socket there: is the gateway running?" in capsys.readouterr().err
+
+
+def test_windows_held_for_their_batch_are_counted(
+    tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Windows wait up to batch_s at the uplink to share a message: durable, but not at the twin yet.
+    broker, pki = _broker(tmp_path)
+    config = _config(
+        tmp_path,
+        mqtt_toml(broker, pki) + "batch_s = 120.0\nbatch_bytes = 1000000\n" + SIM,
+    )
+    gw = Gateway(config, notify)
+    try:
+        snap = gw.wait(
+            capsys,
+            lambda s: s["uplink"]["state"] == "connected" and s["uplink"]["held_windows"] >= 3,
+            "holding windows",
+            timeout=30,
+        )
+        rc, text = gw.status(capsys)
+        assert rc == 0
+        held = re.search(
+            r"^uplink \(mqtt\): connected .*, (\d+) windows held for their batch$", text, re.MULTILINE
+        )
+        assert held is not None, text
+        assert int(held[1]) >= snap["uplink"]["held_windows"]
+    finally:
+        err = gw.stop()
+        broker.stop()
+    assert gw.proc.returncode == 0, err
 
 
 def test_outbox_near_budget_and_model_demoted(

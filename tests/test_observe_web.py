@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import free_port
+from peers import LoggedProcess, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from drivers.serial.sim import PtyOximeter, VitalsModel
@@ -62,31 +61,24 @@ def _config(tmp: Path, status: str, body: str) -> Path:
 
 
 @pytest.fixture
-def run_gateway() -> Iterator[Any]:
-    procs: list[subprocess.Popen[str]] = []
+def run_gateway(tmp_path: Path) -> Iterator[Any]:
+    procs: list[LoggedProcess] = []
 
-    def start(config: Path, prefix: Sequence[str] = ()) -> subprocess.Popen[str]:
+    def start(config: Path, prefix: Sequence[str] = ()) -> LoggedProcess:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         env.pop("NOTIFY_SOCKET", None)
-        proc = subprocess.Popen(
+        proc = LoggedProcess(
             [*prefix, sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
+            log=tmp_path / "gateway.log",
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
         )
         procs.append(proc)
         return proc
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate(timeout=10)
+        proc.stop()
 
 
 def _get(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -97,10 +89,10 @@ def _get(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 5.0) -> t
         return exc.code, exc.read()
 
 
-def _wait_http(url: str, proc: subprocess.Popen[str], ctx: ssl.SSLContext | None = None) -> None:
+def _wait_http(url: str, proc: LoggedProcess, ctx: ssl.SSLContext | None = None) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1]
+        assert proc.poll() is None, proc.err()
         try:
             _get(url, ctx, timeout=1.0)
             return
@@ -286,24 +278,22 @@ def _browse(
     try:
         deadline = time.monotonic() + 60
         while _fetch(prefix, url + "metrics", ca.ca_file) == 0:
-            assert proc.poll() is None, proc.communicate()[1]
+            assert proc.poll() is None, proc.err()
             assert time.monotonic() < deadline, f"{url} never answered"
             time.sleep(0.3)
         assert _fetch(prefix, url + "metrics", ca.ca_file) == 401  # the token guards every route
         assert _fetch(prefix, url + "api/status?token=" + TOKEN, ca.ca_file) == 200
         shots = tmp_path / "shots"
         shots.mkdir()
-        with subprocess.Popen(
+        with LoggedProcess(
             [*prefix, node, str(BROWSER / "statuspage.mjs"), f"{url}?token={TOKEN}", str(shots)],
+            log=tmp_path / "statuspage.log",
             cwd=BROWSER,
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=subprocess.PIPE,  # read line by line below, as the page steps along
         ) as driver:
             assert driver.stdout is not None
             assert driver.stdin is not None
-            assert driver.stderr is not None
             try:
                 for line in driver.stdout:
                     step = json.loads(line)
@@ -316,16 +306,14 @@ def _browse(
                         break
                 driver.stdin.close()
                 driver.wait(timeout=60)
-                err = driver.stderr.read()
+                err = driver.err()
             finally:
                 if driver.poll() is None:
                     driver.kill()
         assert "alarm" in steps, err
     finally:
         oxi.stop()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=30)
+        proc.stop()
     return steps
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from model_support import pump_1hz, pump_1hz_config
+from test_alarm_campaign import alarm_records
 
 from drivers import REGISTRY
 from gateway.anonymize import Anonymizer, Pseudonymizer
@@ -72,6 +73,7 @@ def run_pump(
                     out.append(("judged", k + 1, state))
                 else:
                     out.append(("commissioning", k + 1, state))
+            await alarm_records(outbox, pipeline)  # every window sent: none refused
         return out
 
     return asyncio.run(main())

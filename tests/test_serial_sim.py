@@ -7,13 +7,13 @@ import json
 import math
 import os
 import select
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import LoggedProcess
 
 from drivers.serial import contec
 from drivers.serial.commands import add_commands
@@ -209,7 +209,7 @@ def test_sim_oximeter_command_streams_on_its_link(tmp_path: Path) -> None:
         " 'sim': sub.add_parser('sim').add_subparsers(dest='m')}\n"
         "add_commands(groups); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
     )
-    proc = subprocess.Popen(
+    proc = LoggedProcess(
         [
             sys.executable,
             "-c",
@@ -223,15 +223,13 @@ def test_sim_oximeter_command_streams_on_its_link(tmp_path: Path) -> None:
             "--duration",
             "4",
         ],
+        log=tmp_path / "sim.log",
         cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         deadline = time.monotonic() + 60  # an interpreter's start-up: long on a loaded machine
         while not link.exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert proc.poll() is None, proc.err()
             assert time.monotonic() < deadline
             time.sleep(0.02)
         fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
@@ -244,11 +242,11 @@ def test_sim_oximeter_command_streams_on_its_link(tmp_path: Path) -> None:
         finally:
             os.close(fd)
         assert decode("nonin2", got)
-        out, _err = proc.communicate(timeout=10)
+        out, err = proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=5)
-    assert proc.returncode == 0
+    assert proc.returncode == 0, err
     assert f"simulated nonin2 oximeter on {link}" in out
     assert not link.exists()

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from peers import LoggedProcess
 from sparkplug_support import Host, Message, Tahu
 from uplink_support import require_mosquitto
 
@@ -80,27 +81,19 @@ class Gateway:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         env.pop("NOTIFY_SOCKET", None)
         env.pop("RUNTIME_DIRECTORY", None)
-        self.proc = subprocess.Popen(
+        self.proc = LoggedProcess(
             [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
+            log=config.parent / "gateway.log",
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
         )
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.communicate(timeout=10)
+        self.proc.wait(timeout=10)
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=10)
-        return err
+        return self.proc.stop()
 
 
 @pytest.fixture

@@ -87,7 +87,7 @@ def run(
                         )
                 t += hop_s
                 await pipeline.step(now_mono=T0 + t, now_wall=WALL0 + t)
-            return await alarm_records(outbox)
+            return await alarm_records(outbox, pipeline)
 
     return asyncio.run(main())
 

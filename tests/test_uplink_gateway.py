@@ -14,7 +14,6 @@ import os
 import signal
 import sqlite3
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peers import LoggedProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -188,24 +188,22 @@ rate_hz = 10.0
     return config, mqtt
 
 
-def _start(config: Path, mqtt: Path, wall_offset_s: float = 0.0) -> subprocess.Popen[str]:
+def _start(config: Path, mqtt: Path, wall_offset_s: float = 0.0) -> LoggedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("NOTIFY_SOCKET", None)
-    return subprocess.Popen(
+    return LoggedProcess(
         [
             sys.executable,
             str(Path(__file__)),
             *("--config", str(config), "--mqtt", str(mqtt), "--wall-offset-s", str(wall_offset_s)),
         ],
+        log=config.parent / "gateway.log",
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
 
 
-def _finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
+def _finish(proc: LoggedProcess) -> tuple[str, str]:
     if proc.poll() is None:
         proc.kill()
     return proc.communicate(timeout=10)

@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 import json
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from peers import LoggedProcess
 from uplink_support import (
     GATEWAY_ID,
     RunningUplink,
@@ -373,7 +373,7 @@ def test_two_listeners_in_one_group_split_the_stream(
 ) -> None:
     outs = [tmp_path / f"twin{i}.jsonl" for i in range(2)]
     procs = [
-        subprocess.Popen(
+        LoggedProcess(
             [
                 sys.executable,
                 "-m",
@@ -396,10 +396,8 @@ def test_two_listeners_in_one_group_split_the_stream(
                 "--duration",
                 "120",  # ended by the test once it has what it needs
             ],
+            log=out.with_suffix(".log"),
             cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
         )
         for out in outs
     ]
@@ -411,7 +409,7 @@ def test_two_listeners_in_one_group_split_the_stream(
         deadline = time.monotonic() + 90
         while not all(o.exists() and o.read_text().strip() for o in outs):
             assert time.monotonic() < deadline, "the two listeners never both received a probe"
-            assert all(p.poll() is None for p in procs), [p.communicate()[1] for p in procs]
+            assert all(p.poll() is None for p in procs), [p.err() for p in procs]
             publish_desired(
                 probe, f"{DEFAULT_PREFIX}/probe0000000000/status", encode_status(StatusRecord("online"))
             )

@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, Field, model_validator
 
+from drivers.ble.protocol import BATTERY, PROFILES
 from gateway.config_base import ConfigModel
 
 #: A public or static-random BLE address, as BlueZ prints it.
@@ -65,3 +66,11 @@ class BleConfig(ConfigModel):
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s is below reconnect_min_s: make it at least as large")
         return self
+
+    def subjects(self, default: str) -> list[str]:
+        """The subjects the wearables are on (``default``, the source's, where a device names none)."""
+        return sorted({d.subject or default for d in self.devices})
+
+    def delivers(self) -> dict[str | None, frozenset[str] | None]:
+        """Each allowlisted wearable's streams: its profile's characteristics and its battery level."""
+        return {d.address: frozenset((*PROFILES[d.profile].metrics, BATTERY)) for d in self.devices}

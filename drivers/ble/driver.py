@@ -41,7 +41,8 @@ _LOGGER = logging.getLogger(__name__)
 #: Profiles whose device measures on demand (a spot check), not continuously.
 _SPOT_PROFILES = frozenset({"thermo", "bp"})
 
-#: Low battery re-arms once the level is this much above the threshold again.
+#: A low battery ends (and re-arms) once the level is this much above the threshold again: a
+#: cell's level read under load wobbles by a few points, which must not flap the alarm.
 BATTERY_HYSTERESIS_PCT = 5
 GATT_TIMEOUT_S = 10.0
 #: Battery Level 0x2A19, percent (``BleDriver.battery_streams``).
@@ -102,7 +103,8 @@ class BleDriver:
         self.pulse = self.manager.pulse  # the supervisor judges the manager's watch loop
         #: Counters for status displays and tests: values, bad values, missing (special) values.
         self.counters: dict[str, int] = {"values": 0, "samples": 0, "bad_values": 0, "missing": 0}
-        self._low_battery: set[str] = set()
+        # Battery state by address: True low (raised), False good; absent until this run reads it.
+        self._battery_low: dict[str, bool] = {}
         self._bad_logged: set[str] = set()
 
     # -- introspection -----------------------------------------------------------------------------
@@ -207,13 +209,29 @@ class BleDriver:
         self._sink.put(
             Sample(self._battery_streams[dev.address], time.monotonic(), time.time(), float(level))
         )
-        low = level <= self._cfg.low_battery_pct
-        if low and dev.address not in self._low_battery:
-            self._low_battery.add(dev.address)
+        self._judge_battery(dev, level)
+
+    def _judge_battery(self, dev: ManagedDevice, level: int) -> None:
+        """Raise a low battery at the threshold; end it once the level is back above it (hysteresis)."""
+        was = self._battery_low.get(dev.address)
+        limit = self._cfg.low_battery_pct
+        if level <= limit and was is not True:
+            self._battery_low[dev.address] = True
             _LOGGER.warning("ble %s: %s battery low: %d %%", self._info.name, dev.label, level)
             self._alarm(AlarmKind.SENSOR_FAULT, dev, {"cause": "low_battery", "battery": level})
-        elif not low and level >= self._cfg.low_battery_pct + BATTERY_HYSTERESIS_PCT:
-            self._low_battery.discard(dev.address)
+        elif level >= limit + BATTERY_HYSTERESIS_PCT and was is not False:
+            self._battery_low[dev.address] = False
+            if was:
+                _LOGGER.info("ble %s: %s battery good again: %d %%", self._info.name, dev.label, level)
+            # Also at this run's first reading: a low battery a previous run left on (charged or
+            # swapped while the gateway was down) ends here; the pipeline sends an ending only for
+            # a condition that is on.
+            detail: dict[str, float | str] = {
+                "after": AlarmKind.SENSOR_FAULT.value,
+                "cause": "low_battery",
+                "battery": level,
+            }
+            self._alarm(AlarmKind.SENSOR_RESTORED, dev, detail)
 
     def _bad(self, dev: ManagedDevice, exc: GattFormatError) -> None:
         self.counters["bad_values"] += 1

@@ -174,6 +174,11 @@ class OpcUaConfig(ConfigModel):
                 return None  # a node_id without a name is named by its BrowseName at run time
         return names
 
+    def delivers(self) -> dict[str | None, frozenset[str] | None]:
+        """The nodes' streams, of the server at the endpoint (it names itself: its server URI)."""
+        names = self.metric_names()
+        return {None: None if names is None else frozenset(names)}
+
     def metric_units(self) -> dict[str, str]:
         """The units the config sets (``unit``); the others come from the server's EUInformation."""
         names = self.metric_names() or []

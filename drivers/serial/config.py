@@ -49,6 +49,10 @@ class SerialConfig(ConfigModel):
         """The streams every oximeter gives: SpO2, pulse rate, perfusion index."""
         return list(self.metric_units())
 
+    def delivers(self) -> dict[str | None, frozenset[str] | None]:
+        """The streams of the one monitor on the port, which names itself when it reports a serial number."""
+        return {None: frozenset(self.metric_names())}
+
     def metric_units(self) -> dict[str, str]:
         """The UCUM unit of each stream."""
         return {"MDC_PULS_OXIM_SAT_O2": "%", "MDC_PULS_OXIM_PULS_RATE": "/min", "MDC_PULS_OXIM_PERF_REL": "%"}

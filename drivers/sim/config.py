@@ -76,6 +76,10 @@ class SimConfig(_Strict):
         """The streams of the profile."""
         return list(self.metric_units())
 
+    def delivers(self) -> dict[str | None, frozenset[str] | None]:
+        """The streams of the profile, by the device they come from (the configured one)."""
+        return {self.device: frozenset(self.metric_names())}
+
     def metric_units(self) -> dict[str, str]:
         """The unit of each stream of the profile."""
         gen = make_generator(self.profile, seed=self.seed, rate_hz=self.rate_hz)

@@ -79,7 +79,8 @@ class EpisodeTracker:
         """An episode a previous run left on: active again, so ``clear_after`` normal windows end it.
 
         Anomalous windows then send nothing (the episode goes on), indeterminate ones say so as
-        inside any episode.  Its ending carries no ``held`` (the onset before the stop is not known here).
+        inside any episode.  Its onset before the stop is not known here: the pipeline gives its
+        alarms their ``held`` from the alarm ledger, which keeps it.
         """
         ep = self._eps.get(key)
         if ep is None:

@@ -9,14 +9,20 @@ source is ended by the gateway itself, with the ordinary ending kind (a twin tha
 the reason still clears it) and ``ended`` in its detail saying why: ``source_removed`` (the source
 is gone from the configuration, or no longer feeds the subject) or ``source_changed`` (it was
 restarted with other settings; a condition that still holds is raised again after its delay).
-A restart ends two more the same way: ``rule_removed`` (a limit level the new configuration no
-longer has) and ``model_removed`` (an episode of a model it no longer runs).
+A restart ends more the same way: ``rule_removed`` (a limit level the new configuration no
+longer has), ``model_removed`` (an episode of a model it no longer runs), ``stream_removed`` (a
+stream its source, still configured, no longer delivers: an OPC UA node taken off its list, a
+wearable's profile without that characteristic) and ``device_changed`` (the source reads another
+device now: another address in the configuration, or, for a device that names itself, another
+serial number, server or node in the first data after the start).
 
 A stream's alarm belongs to the stream's source; a subject's anomaly episode to every source that
 fed the subject when it was raised.  The ledger is kept in ``state_dir/alarms.json`` so a restart
 with a configuration that lost a source ends that source's alarms too, and so that the conditions
 of the sources it still has are handed back to their trackers (:meth:`AlarmLedger.kept`), which
-end them by their own rules when the data after the start show them over.  Pure bookkeeping: the
+end them by their own rules when the data after the start show them over.  With a condition whose
+raise said how long it had held (a limit, an episode) the ledger keeps its onset, so its ending
+after a restart says how long it held since then (:meth:`AlarmLedger.held`).  Pure bookkeeping: the
 pipeline sends what :meth:`AlarmLedger.end_source` and :meth:`AlarmLedger.end_vanished` return.
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +41,21 @@ from gateway.contracts import Alarm, AlarmKind
 from gateway.privatefile import write_private_json
 from gateway.sample import Metric, Stream
 
-__all__ = ["FILE_NAME", "AlarmLedger", "EndReason", "Entry"]
+__all__ = ["FILE_NAME", "AlarmLedger", "Delivers", "EndReason", "Entry"]
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "alarms.json"
 _VERSION = 1
 
-EndReason = Literal["source_removed", "source_changed", "rule_removed", "model_removed"]
+EndReason = Literal[
+    "source_removed", "source_changed", "rule_removed", "model_removed", "stream_removed", "device_changed"
+]
+
+#: What a source's configuration says it delivers: metric names by device.  A device key is one the
+#: configuration names (an address); ``None`` stands for the one device a source reads that names
+#: itself at run time (a serial number, a server).  Metric names ``None``: known only at run time.
+Delivers = Mapping[str | None, frozenset[str] | None]
 
 #: The kind that ends each raising kind.
 _ENDS: dict[AlarmKind, AlarmKind] = {
@@ -66,6 +80,8 @@ class Entry:
     subject_kind: str | None = None
     stream: Stream | None = None
     detail: Mapping[str, float | str] = field(default_factory=dict)  # the kept keys only
+    # Wall time the condition began, when its raise said how long it had held (a limit, an episode).
+    onset: float | None = None
 
     def ending(self, reason: EndReason, t_mono: float, t_wall: float) -> Alarm:
         """The alarm that ends this condition, saying why."""
@@ -128,6 +144,7 @@ class AlarmLedger:
         self._warned = False
         if path is not None:
             self._on = _load(path)
+        self._carried = set(self._on)  # the conditions a previous run left on, until they end
 
     def set_feeds(self, feeds: Mapping[str, Iterable[str]]) -> None:
         """Which sources feed each subject (from the configuration in force)."""
@@ -139,6 +156,11 @@ class AlarmLedger:
     def entries(self) -> list[Entry]:
         """The conditions on now."""
         return list(self._on.values())
+
+    def holds(self, alarm: Alarm) -> bool:
+        """True when the condition ``alarm`` raises, continues or ends is on at the twin."""
+        key = _key(alarm)
+        return key is not None and key in self._on
 
     def note(self, alarm: Alarm) -> None:
         """Fold an alarm the twin was sent: a raise enters its condition, an ending removes it."""
@@ -157,13 +179,32 @@ class AlarmLedger:
                 sources = known.sources  # escalated (L -> LL) or resumed: the same condition
             kept = {k: alarm.detail[k] for k in _KEPT if k in alarm.detail}
             family = _family(alarm) or alarm.kind
-            entry = Entry(family, alarm.subject, sources, alarm.subject_kind, stream, kept)
+            onset = known.onset if known is not None else _onset(alarm)
+            entry = Entry(family, alarm.subject, sources, alarm.subject_kind, stream, kept, onset)
             if entry == known:
                 return
             self._on[key] = entry
         elif self._on.pop(key, None) is None:
             return
+        else:
+            self._carried.discard(key)
         self.dirty = True
+
+    def held(self, alarm: Alarm) -> float | None:
+        """How long the condition ``alarm`` continues or ends has held, for one a previous run left on.
+
+        Counted from its onset before the stop (the downtime included: the twin held it on all
+        along), as the same alarm would say without the restart.  None for a condition raised in
+        this run (its tracker knows), one whose raise gave no time held, or an ending that says
+        why (``ended``: carries no time held).
+        """
+        key = _key(alarm)
+        if key is None or key not in self._carried or "ended" in alarm.detail:
+            return None
+        onset = self._on[key].onset
+        if onset is None or alarm.kind is AlarmKind.LIMIT:
+            return None  # a limit's raise (escalation) says how long *its* level has held
+        return round(max(0.0, alarm.t_wall - onset), 3)
 
     def end_source(self, source: str, feeds_now: Iterable[str], t_mono: float, t_wall: float) -> list[Alarm]:
         """End every condition of ``source`` (its streams', its subjects' episodes); the alarms to send.
@@ -176,6 +217,7 @@ class AlarmLedger:
         out: list[Alarm] = []
         for key in [k for k, e in self._on.items() if source in e.sources]:
             e = self._on.pop(key)
+            self._carried.discard(key)
             reason: EndReason = "source_changed" if e.subject in keeps else "source_removed"
             out.append(e.ending(reason, t_mono, t_wall))
         self.dirty = self.dirty or bool(out)
@@ -194,6 +236,39 @@ class AlarmLedger:
         gone = [k for k, e in self._on.items() if not self._fed(e)]
         return self._end(gone, "source_removed", t_mono, t_wall)
 
+    def undelivered(self, delivers: Mapping[str, Delivers]) -> list[tuple[Entry, EndReason]]:
+        """The streams' conditions on that their source, still feeding the subject, can no longer end.
+
+        ``delivers``: what each configured source delivers (a source missing from it is not judged).
+        A condition of a device the source no longer names is ``device_changed``; of a metric the
+        device no longer delivers, ``stream_removed``.  A stream still configured but silent keeps
+        its condition: it may still hold.
+        """
+        out: list[tuple[Entry, EndReason]] = []
+        for e in self._on.values():
+            s = e.stream
+            if s is None or s.source not in delivers or not self._fed(e):
+                continue
+            by_device = delivers[s.source]
+            if None in by_device:
+                metrics = by_device[None]
+            elif s.device not in by_device:
+                out.append((e, "device_changed"))
+                continue
+            else:
+                metrics = by_device[s.device]
+            if e.kind is not AlarmKind.DEVICE_LOST and metrics is not None and s.metric.name not in metrics:
+                out.append((e, "stream_removed"))
+        return out
+
+    def other_devices(self, source: str, device: str) -> list[Entry]:
+        """The conditions of ``source``'s streams on a device other than ``device``."""
+        return [
+            e
+            for e in self._on.values()
+            if e.stream is not None and e.stream.source == source and e.stream.device != device
+        ]
+
     def end(self, entries: Iterable[Entry], reason: EndReason, t_mono: float, t_wall: float) -> list[Alarm]:
         """End these conditions now, saying why (nothing in the configuration judges them any more)."""
         keys = [k for k in map(_entry_key, entries) if k is not None and k in self._on]
@@ -203,6 +278,7 @@ class AlarmLedger:
         self, keys: list[tuple[str, ...]], reason: EndReason, t_mono: float, t_wall: float
     ) -> list[Alarm]:
         out = [self._on.pop(k).ending(reason, t_mono, t_wall) for k in keys]
+        self._carried.difference_update(keys)
         self.dirty = self.dirty or bool(out)
         return out
 
@@ -249,6 +325,7 @@ def _dump(e: Entry) -> dict[str, Any]:
         "subject_kind": e.subject_kind,
         "stream": stream,
         "detail": dict(e.detail),
+        "onset": e.onset,
     }
 
 
@@ -272,6 +349,7 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
         raw.get("subject_kind"),
         stream,
         dict(raw.get("detail", {})),
+        None if raw.get("onset") is None else float(raw["onset"]),
     )
 
 
@@ -298,6 +376,12 @@ def _load(path: Path) -> dict[tuple[str, ...], Entry]:
         if key is not None:
             out[key] = e
     return out
+
+
+def _onset(alarm: Alarm) -> float | None:
+    """When the condition a raise starts began: its time less the time held it reports."""
+    held = alarm.held_s
+    return None if held is None or not math.isfinite(held) else alarm.t_wall - held
 
 
 def _entry_key(e: Entry) -> tuple[str, ...] | None:

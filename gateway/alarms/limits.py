@@ -171,14 +171,14 @@ class LimitChecker:
         self._pending.add(stream.key)
         return True
 
-    def forget_source(self, source: str) -> None:
-        """Drop the state of every stream of ``source`` (its alarms ended by a config revision)."""
-        gone = {k for k, st in self._state.items() if st.stream is not None and st.stream.source == source}
-        gone |= {k for k in self._pending if k.startswith(f"{source}/")}
+    def forget_source(self, source: str, device: str | None = None) -> None:
+        """Drop the state of every stream of ``source`` (of ``device`` only, when given): its alarms were ended."""
+        prefix = f"{source}/" if device is None else f"{source}/{device}/"
+        gone = {k for k in (*self._state, *self._pending) if k.startswith(prefix)}
         for key in gone:
             self._state.pop(key, None)
             self._pending.discard(key)
-        self._by_id = {k: v for k, v in self._by_id.items() if v[0].source != source}
+        self._by_id = {k: v for k, v in self._by_id.items() if not v[0].key.startswith(prefix)}
 
     def rule_for(self, stream: Stream) -> LimitRule | None:
         """The stream's rule: its subject's, else the general one; by metric name or last path segment."""
@@ -232,7 +232,9 @@ class LimitChecker:
         st.stream, st.rule, st.t, st.t_wall, st.v = stream, rule, t, t_wall, v
         active = st.active
         if active is not None and math.isnan(st.active_since):
-            st.active_since = t  # resumed after a restart: held since its first sample here
+            # Resumed after a restart: held since its first sample here; the pipeline reports the
+            # time since the onset before the stop, which the alarm ledger keeps.
+            st.active_since = t
         for level in rule.bounds:
             latched = (
                 active is not None and _SIDE[level] == _SIDE[active] and _SEVERITY[level] <= _SEVERITY[active]

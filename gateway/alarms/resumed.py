@@ -6,7 +6,8 @@ time while it holds, and never end one that ended while the gateway was down.  S
 the driver raising it again is the same condition (not sent; the driver ends it itself from then
 on), and for a node's status (``status``) the stream's first usable sample shows the node good
 again and ends it as the driver would have.  A fault by ``cause`` (a battery) has no such evidence
-in the data: it waits for the driver.  Pure logic, no I/O.
+in the data: it waits for the driver, whose first reading of the run ends it when it is good (and
+after which a raise is a new condition).  Pure logic, no I/O.
 """
 
 from __future__ import annotations
@@ -34,16 +35,23 @@ class DriverFaults:
         if "status" in detail:
             self.by_data.add(stream.key)
 
-    def forget_source(self, source: str) -> None:
-        """Drop the faults of every stream of ``source`` (ended by a config revision)."""
-        self.resumed = {k for k in self.resumed if not k.startswith(f"{source}/")}
-        self.by_data = {k for k in self.by_data if not k.startswith(f"{source}/")}
+    def forget_source(self, source: str, device: str | None = None) -> None:
+        """Drop the faults of every stream of ``source`` (of ``device`` only, when given): they were ended."""
+        prefix = f"{source}/" if device is None else f"{source}/{device}/"
+        self.resumed = {k for k in self.resumed if not k.startswith(prefix)}
+        self.by_data = {k for k in self.by_data if not k.startswith(prefix)}
 
     def repeat(self, alarm: Alarm) -> bool:
         """True when ``alarm`` raises again a resumed fault: the same condition, not to be sent."""
-        if alarm.kind is not AlarmKind.SENSOR_FAULT or alarm.stream is None:
+        if alarm.stream is None or alarm.kind not in (AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_RESTORED):
             return False
         key = alarm.stream.key
+        if alarm.kind is AlarmKind.SENSOR_RESTORED:
+            if alarm.detail.get("after") == AlarmKind.SENSOR_FAULT.value:
+                # The fresh driver ended it: the next raise is a new condition, not a repeat.
+                self.resumed.discard(key)
+                self.by_data.discard(key)
+            return False
         self.by_data.discard(key)  # the driver judges it from now on
         if key not in self.resumed:
             return False

@@ -26,7 +26,7 @@ from gateway.contracts import DriverSpec, SampleSink
 from gateway.downlink.diff import Plan
 from gateway.inference.coverage import log_coverage
 from gateway.observe.config import StatusSection
-from gateway.runtime import driver_identities, register_source_labels, source_unit
+from gateway.runtime import register_source_identities, source_unit
 from gateway.supervisor import Supervisor, Unit
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,7 @@ class SourceSwitch:
         entries = {e.info.name: e for e in new.sources}
         starting = [entries[n] for n in plan.sources if n in entries]
         for entry in starting:  # fail-closed: known to the anonymizer before the first sample
-            for identity in (entry.info.name, entry.info.subject, *driver_identities(entry.config)):
-                self._anon.register(identity)
-            register_source_labels(self._anon, entry)
+            register_source_identities(self._anon, entry)
         for name in plan.sources:
             if any(u.name == f"source:{name}" for u in self._sup.units):
                 await self._sup.stop_unit(f"source:{name}")

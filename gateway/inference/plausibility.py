@@ -130,10 +130,11 @@ class PlausibilityChecker:
             st = self._state[stream] = _State()
         st.faulted = True
 
-    def forget_source(self, source: str) -> None:
-        """Drop the state of every stream of ``source`` (its alarms ended by a config revision)."""
-        self._state = {s: st for s, st in self._state.items() if s.source != source}
-        self._by_id = {k: v for k, v in self._by_id.items() if v[0].source != source}
+    def forget_source(self, source: str, device: str | None = None) -> None:
+        """Drop the state of every stream of ``source`` (of ``device`` only, when given): its alarms were ended."""
+        prefix = f"{source}/" if device is None else f"{source}/{device}/"
+        self._state = {s: st for s, st in self._state.items() if not s.key.startswith(prefix)}
+        self._by_id = {k: v for k, v in self._by_id.items() if not v[0].key.startswith(prefix)}
 
     def base_rule(self, name: str) -> Rule | None:
         """The rule of a metric name as written (exact name, else its last segment), unconverted."""

@@ -271,7 +271,8 @@ class RhythmMonitor:
         """An episode named ``pattern`` a previous run left on: the beats after the start judge it as usual.
 
         Its pattern still seen (the detector needs ``CYCLES`` cycles, fewer than it takes to clear)
-        sends nothing; absent for the clearing span, it clears.  Its ``held_s`` is not known here.
+        sends nothing; absent for the clearing span, it clears.  Its ``held_s`` is not known here:
+        the pipeline gives it from the alarm ledger, which keeps the onset.
         """
         if pattern not in RANK:
             return
@@ -280,9 +281,10 @@ class RhythmMonitor:
             st = self._state[stream.key] = _State()
         st.pattern, st.unsure, st.quiet = pattern, False, 0
 
-    def forget_source(self, source: str) -> None:
-        """Drop the episodes of every stream of ``source`` (ended by a config revision)."""
-        self._state = {k: st for k, st in self._state.items() if not k.startswith(f"{source}/")}
+    def forget_source(self, source: str, device: str | None = None) -> None:
+        """Drop the episodes of every stream of ``source`` (of ``device`` only, when given): they were ended."""
+        prefix = f"{source}/" if device is None else f"{source}/{device}/"
+        self._state = {k: st for k, st in self._state.items() if not k.startswith(prefix)}
 
     def update(self, sample: Sample) -> Alarm | None:
         """Feed one RR sample; an alarm when a pattern episode starts, changes, turns unsure or ends."""

@@ -307,6 +307,8 @@ class AnomalyModel:
         self._follows: dict[str, int] = {}  # windows each subject's baseline followed, for saving
         self._resolved: dict[str, _Resolved] = {}
         self._faulted: set[tuple[str, str]] = set()
+        # Stream-key prefixes whose faults were ended elsewhere; the worker drops them from _faulted.
+        self._forgotten: deque[str] = deque()
         self._events: deque[Event] = deque(maxlen=1024)
         self._health = _Health()
         # Subjects demoted for out-of-range inputs (-> why), and their in-range windows since.
@@ -334,6 +336,15 @@ class AnomalyModel:
         """A fault of an input stream a previous run left on: its next window in range restores it."""
         if self._fault_alarms:
             self._faulted.add((subject, stream_key))
+
+    def forget_source(self, source: str, device: str | None = None) -> None:
+        """Forget the input faults of ``source``'s streams (of ``device`` only): the pipeline ended them.
+
+        Kept, a fault of a retired source would sit in the set for good and send a stray restore
+        once a source of the same stream key delivers again.  Applied by the worker before its next
+        batch (the set is the worker's).
+        """
+        self._forgotten.append(f"{source}/" if device is None else f"{source}/{device}/")
 
     def drain_events(self) -> list[Event]:
         """Sensor-fault alarms and model-health diagnostics raised since the last call (thread-safe)."""
@@ -556,8 +567,8 @@ class AnomalyModel:
         for key in [k for k in self._faulted if k[0] == record.subject and k[1] not in now_bad]:
             stream = next((sf.stream for sf in record.streams if sf.stream.key == key[1]), None)
             if stream is None:
-                # Not in this window: its source was retired (its alarms were ended then) or, after a
-                # restart, has not delivered yet. Only a window that holds it can say it is in range.
+                # Not in this window: after a restart, its source has not delivered yet (a retired
+                # source's faults are forgotten). Only a window that holds it can say it is in range.
                 continue
             self._faulted.discard(key)
             self._events.append(
@@ -623,6 +634,9 @@ class AnomalyModel:
         spec = self.card.health
         nan = math.nan
         results: list[ModelResult] = [_PENDING] * len(records)  # every slot is set below
+        while self._forgotten:
+            prefix = self._forgotten.popleft()
+            self._faulted = {k for k in self._faulted if not k[1].startswith(prefix)}
         rows: list[int] = []
         zs: list[F64] = []
         xs: list[F64] = []

@@ -208,6 +208,12 @@ class Slot:
         """A fault of an input a previous run left on: the active version judges it."""
         self.active.resume_fault(subject, stream_key)
 
+    def forget_source(self, source: str, device: str | None = None) -> None:
+        """Forget the input faults of ``source``'s streams (of ``device`` only) in the versions that alarm."""
+        self.active.forget_source(source, device)
+        if self.previous is not None:
+            self.previous.forget_source(source, device)
+
     def drain_events(self) -> list[Event]:
         """The active version's events and the slot's own (promotions, rollbacks)."""
         out = self.active.drain_events()

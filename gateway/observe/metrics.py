@@ -102,10 +102,12 @@ def families(snap: dict[str, Any]) -> Iterator[GaugeMetricFamily | CounterMetric
     delivered.add_metric([upl["kind"]], upl["delivered"])
     backlog = _gauge("edgetwin_uplink_replay_backlog_records", "records waiting to be replayed")
     backlog.add_metric([], upl["replay_backlog"])
+    held = _gauge("edgetwin_uplink_held_windows", "features windows held for their batch (batch_s)")
+    held.add_metric([], upl.get("held_windows", 0))
     latency = _gauge("edgetwin_uplink_publish_latency_seconds", "median publish-to-PUBACK time (sampled)")
     if upl.get("publish_latency_p50_s") is not None:
         latency.add_metric([], upl["publish_latency_p50_s"])
-    yield from (connected, since, delivered, backlog, latency)
+    yield from (connected, since, delivered, backlog, held, latency)
 
     demoted = _gauge("edgetwin_model_demoted", "1 while the model is demoted to its fallback", ["model"])
     model_latency = _gauge("edgetwin_model_latency_seconds", "median model latency per window", ["model"])

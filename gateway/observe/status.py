@@ -259,6 +259,8 @@ class StatusBoard:
             # Everything not yet acknowledged is what a reconnect replays.
             "replay_backlog": queued if state != "connected" or replaying else 0,
             "replaying": replaying,
+            # Features windows held for their batch (uplink.mqtt.batch_s): durable, sent within batch_s.
+            "held_windows": int(getattr(up, "held_windows", 0)),
             "publish_latency_p50_s": p50,  # publish to PUBACK, MQTT only
         }
 
@@ -464,6 +466,7 @@ def render_text(snap: Mapping[str, Any]) -> str:
         "",
         f"uplink ({up['kind']}): {up['state']} since {_age(up['since_s'])}, {up['records_per_s']:g} records/s, "
         f"replay backlog {up['replay_backlog']}"
+        + (f", {up['held_windows']} windows held for their batch" if up.get("held_windows") else "")
         + (f"; last error: {up['last_error']}" if up["last_error"] else ""),
         "",
         f"alarms active: {len(snap['alarms'])}",

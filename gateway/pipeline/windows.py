@@ -728,28 +728,32 @@ class Windower:
 
     # ---- accounting ----------------------------------------------------------------------
 
-    def forget_source(self, source: str) -> int:
-        """Drop every stream of ``source`` (removed or replaced by a config revision); how many.
+    def forget_source(self, source: str, device: str | None = None) -> int:
+        """Drop every stream of ``source`` (of its ``device`` only, when given); how many.
 
-        Its streams end because the configuration says so, not because a sensor was lost: no loss
-        alarm is raised for them and the status shows them no longer.
+        Its streams end because the configuration says so (removed or replaced by a config
+        revision), or because the source reads another device now, not because a sensor was lost:
+        no loss alarm is raised for them and the status shows them no longer.
         """
-        gone = {id(st) for st in self._by_stream.values() if st.stream.source == source}
-        if not gone:
-            return 0
+
+        def mine(src: str, dev: str) -> bool:
+            return src == source and (device is None or dev == device)
+
+        prefix = f"{source}/" if device is None else f"{source}/{device}/"
+        gone = {id(st) for st in self._by_stream.values() if mine(st.stream.source, st.stream.device)}
         self._by_stream = {k: st for k, st in self._by_stream.items() if id(st) not in gone}
         self._by_id = {k: st for k, st in self._by_id.items() if id(st) not in gone}
         for name, subj in list(self._subjects.items()):
             subj.streams = [st for st in subj.streams if id(st) not in gone]
             if not subj.streams:
                 del self._subjects[name]
-        for key in [k for k in self._device_lost if k[0] == source]:
+        for key in [k for k in self._device_lost if mine(*k)]:
             del self._device_lost[key]
-        for key in [k for k in self._release_due if k[0] == source]:
+        for key in [k for k in self._release_due if mine(*k)]:
             del self._release_due[key]
-        self._device_back = {k for k in self._device_back if k[0] != source}
-        self._resumed = {k: v for k, v in self._resumed.items() if not k.startswith(f"{source}/")}
-        self._resumed_devices = {k: v for k, v in self._resumed_devices.items() if k[0] != source}
+        self._device_back = {k for k in self._device_back if not mine(*k)}
+        self._resumed = {k: v for k, v in self._resumed.items() if not k.startswith(prefix)}
+        self._resumed_devices = {k: v for k, v in self._resumed_devices.items() if not mine(*k)}
         return len(gone)
 
     def stream_states(self) -> list[dict[str, Any]]:

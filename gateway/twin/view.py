@@ -4,6 +4,15 @@ Records of one gateway are ordered by (epoch, run, t): epochs in the order the t
 them, then the gateway's run (a new one per process start), then the record's time.  So a
 restarted gateway's first window is shown at once, and a replayed backlog never overwrites a
 newer value.
+
+Alarms that raise and end one condition are ordered by their sequence number instead, where both
+carry one, within an epoch: it is the order the gateway queued them in (its outbox ids, never
+reused, higher in every later run and in an epoch that follows a recovery; a gateway whose whole
+state directory was wiped numbers from 1 again in a new epoch), which their times need not be - record time is the wall clock with
+``privacy.time = "exact"``, and a clock stepped back times an ending before its raise.  So an
+ending that follows its raise ends it whatever its time, and a replayed older alarm (a lower
+sequence number) never undoes a newer one.  Records without a sequence number fall back on
+(epoch, run, t).
 """
 
 from __future__ import annotations
@@ -29,6 +38,15 @@ from gateway.records.units import metric_label
 from gateway.twin.decoder import TwinMessage
 
 Order = tuple[int, int, float]  # (epoch rank, run, t)
+Place = tuple[int | None, Order]  # an alarm's sequence number (None: not sent), and its order
+
+
+def before(a: Place, b: Place) -> bool:
+    """True when alarm ``a`` was queued before ``b``: by epoch, then sequence where both have one, else by order."""
+    if a[0] is not None and b[0] is not None:
+        # The epoch first: a gateway whose state directory was wiped numbers from 1 again in a new one.
+        return (a[1][0], a[0]) < (b[1][0], b[0])
+    return a[1] < b[1]
 
 
 @dataclass(slots=True)
@@ -47,10 +65,10 @@ class SubjectState:
     streams: dict[str, StreamWindow] = field(default_factory=dict)  # metric -> newest stream
     scores: dict[str, float] = field(default_factory=dict)
     last_alarm: AlarmRecord | None = None
-    last_alarm_order: Order | None = None
+    last_alarm_place: Place | None = None
     # The conditions on now (raised, not yet ended), by condition_key; each with its raise.
     active: dict[tuple[str, ...], AlarmRecord] = field(default_factory=dict)
-    active_order: dict[tuple[str, ...], Order] = field(default_factory=dict)
+    active_place: dict[tuple[str, ...], Place] = field(default_factory=dict)
     alarms: int = 0
     windows: int = 0
     stale: int = 0  # windows older than the one shown (a replayed backlog), counted, not shown
@@ -116,9 +134,10 @@ class TwinView:
                 state.estimates[rec.est], state.estimate_order[rec.est] = rec, order
         elif isinstance(rec, AlarmRecord):
             state.alarms += 1
-            if state.last_alarm_order is None or order >= state.last_alarm_order:
-                state.last_alarm, state.last_alarm_order = rec, order
-            fold_condition(state, rec, order)
+            place: Place = (msg.seq, order)
+            if state.last_alarm_place is None or not before(place, state.last_alarm_place):
+                state.last_alarm, state.last_alarm_place = rec, place
+            fold_condition(state, rec, place)
 
     def snapshot(self) -> dict[str, Any]:
         """The whole state as plain data (for JSON)."""
@@ -211,16 +230,16 @@ def condition_key(rec: AlarmRecord) -> tuple[tuple[str, ...], bool] | None:
     return (kind, rec.dev or "", rec.metric or "", str(rec.detail.get("estimate", ""))), raises
 
 
-def fold_condition(state: SubjectState, rec: AlarmRecord, order: Order) -> None:
+def fold_condition(state: SubjectState, rec: AlarmRecord, place: Place) -> None:
     """Keep the subject's conditions on: a raise enters one, its ending (whatever the reason) removes it."""
     found = condition_key(rec)
     if found is None:
         return
     key, raises = found
-    newest = state.active_order.get(key)
-    if newest is not None and order < newest:
+    newest = state.active_place.get(key)
+    if newest is not None and before(place, newest):
         return  # a replayed older alarm of a condition already known further on
-    state.active_order[key] = order
+    state.active_place[key] = place
     if raises:
         state.active.setdefault(key, rec)
     else:
@@ -278,6 +297,7 @@ __all__ = [
     "GatewayState",
     "SubjectState",
     "TwinView",
+    "before",
     "condition_key",
     "describe",
     "fold_condition",

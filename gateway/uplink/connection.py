@@ -211,6 +211,10 @@ class Session:
     joined: dict[int, list[int]] = field(default_factory=dict)  # paho message id -> further outbox ids
     flush: bool = False  # publish what is held now (a drain before stopping)
 
+    def held_windows(self) -> int:
+        """Features windows held for their batch now: leased and durable, not yet published."""
+        return sum(len(items) for _, items in self.held.values())
+
 
 class Connection:
     """Connects to the broker on ``async with`` (AttemptError when it cannot), closes on leaving."""

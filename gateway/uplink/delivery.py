@@ -212,7 +212,7 @@ class Delivery:
             # Leasing is a worker-thread hop and a transaction: only when something may be there
             # (records committed since the last look) and the local queue runs short.
             # Held windows wait for their batch, not for a PUBACK: they leave room for alarms.
-            free = cfg.max_inflight - len(session.leased) + sum(len(h[1]) for h in session.held.values())
+            free = cfg.max_inflight - len(session.leased) + session.held_windows()
             if session.more_live and free > 0 and len(live) < cfg.batch:
                 want = min(free, cfg.batch)
                 session.more_live = False  # a commit during the lease sets it again

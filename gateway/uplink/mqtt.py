@@ -159,6 +159,12 @@ class MqttUplink:
         """Report alive while inside a wait that its own timeouts end within ``seconds``."""
         return self._heart.bounded(what, seconds)
 
+    @property
+    def held_windows(self) -> int:
+        """Features windows held for their batch now (``batch_s``); 0 without a connection."""
+        session = self._session
+        return 0 if session is None else session.held_windows()
+
     def describe(self) -> str:
         """``connected`` or ``degraded (why)``, for the STATUS line."""
         return "connected" if self.problem is None else f"degraded ({self.problem})"

@@ -1,0 +1,109 @@
+"""The twin ends a condition with the ending that follows its raise, whatever the two records' times.
+
+An alarm's record time is the time its raiser stamped it with: a driver stamps a fault's end with
+the time of the sample that showed it over, and samples a device buffered over a link outage, or
+a clock stepped back, can time an ending before its raise.  The gateway's sequence number (its
+outbox id) is the order it queued them in; the twin's view orders a condition's alarms by it.
+Here the records leave a real pipeline and outbox, travel as the uplink wraps them (sequence
+record, epoch, replay mark) and are decoded and folded by the twin's own decoder and view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from test_alarm_source_removed import BED7, SPO2, WALL, Site, config
+
+from gateway.contracts import Alarm, AlarmKind, Lane
+from gateway.outbox import AsyncOutbox, Leased, Outbox
+from gateway.records import SeqMeta, wrap
+from gateway.runtime import Pipeline
+from gateway.twin.decoder import decode_messages
+from gateway.twin.view import TwinView
+
+BAD: dict[str, float | str] = {"status": "bad_nodeidunknown"}
+GOOD: dict[str, float | str] = {"after": "sensor_fault", "status": "good"}
+
+
+def alarms(tmp: Path, site: Site, *raised: tuple[AlarmKind, float, dict[str, float | str]]) -> list[Leased]:
+    """The driver raises ``raised`` (kind, time, detail) about bed 7's SpO2 in this order; the alarm records queued."""
+
+    async def main() -> list[Leased]:
+        async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
+            pipeline = Pipeline(config(tmp, BED7), site.anon, outbox)
+            for kind, t, detail in raised:
+                pipeline.driver_alarm(Alarm(kind, "ward3-bed7", t, WALL + t, SPO2, detail))
+            await outbox.flush()
+            return [i for i in await outbox.lease(100) if i.lane == Lane.ALARMS]
+
+    return asyncio.run(main())
+
+
+def deliver(view: TwinView, item: Leased, *, replayed: bool = False, epoch: int = 7) -> None:
+    """One record as the uplink publishes it (in outbox epoch ``epoch``) and the twin decodes it."""
+    payload = wrap(item.payload, SeqMeta(item.id, epoch, replayed))
+    for msg in decode_messages(f"edgetwin/v1/gw/{item.topic}", payload):
+        view.update(msg)
+
+
+def test_an_ending_timed_before_its_raise_ends_it(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    # The node's fault seen at t=200; its end stamped with the time of the first good sample, 150.
+    raised, ended = alarms(
+        tmp_path, site, (AlarmKind.SENSOR_FAULT, 200.0, BAD), (AlarmKind.SENSOR_RESTORED, 150.0, GOOD)
+    )
+    view = TwinView()
+    deliver(view, raised)
+    deliver(view, ended)
+    state = view.gateways["gw"].subjects[site.anon.subject_pseudonym("ward3-bed7")]
+    assert state.alarms == 2
+    assert state.last_alarm is not None
+    assert (state.last_alarm.alarm, state.last_alarm.t) == ("sensor_restored", 150.0)  # before the raise
+    assert state.active == {}
+
+
+def test_a_replayed_ending_of_an_earlier_condition_does_not_end_a_newer_raise(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    first, ended, again = alarms(
+        tmp_path,
+        site,
+        (AlarmKind.SENSOR_FAULT, 100.0, BAD),
+        (AlarmKind.SENSOR_RESTORED, 110.0, GOOD),
+        (AlarmKind.SENSOR_FAULT, 120.0, BAD),
+    )
+    view = TwinView()
+    deliver(view, first)
+    deliver(view, again)  # live, ahead of the backlog
+    deliver(view, ended, replayed=True)
+    state = view.gateways["gw"].subjects[site.anon.subject_pseudonym("ward3-bed7")]
+    (on,) = state.active.values()  # the condition the newer raise holds on stays on
+    assert on.alarm == "sensor_fault"
+    assert state.alarms == 3
+
+
+def test_a_new_epoch_numbering_from_one_again_is_newer(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    # The old outbox had queued more alarms: its raise carries sequence number 3.
+    *_, raised = alarms(
+        old,
+        site,
+        (AlarmKind.SENSOR_FAULT, 100.0, BAD),
+        (AlarmKind.SENSOR_RESTORED, 110.0, GOOD),
+        (AlarmKind.SENSOR_FAULT, 120.0, BAD),
+    )
+    # Its state directory wiped, the gateway numbers from 1 again, in an epoch the twin sees later.
+    _, ended = alarms(
+        new, site, (AlarmKind.SENSOR_FAULT, 300.0, BAD), (AlarmKind.SENSOR_RESTORED, 320.0, GOOD)
+    )
+    assert ended.id < raised.id
+    view = TwinView()
+    deliver(view, raised, epoch=7)
+    deliver(view, ended, epoch=8)
+    state = view.gateways["gw"].subjects[site.anon.subject_pseudonym("ward3-bed7")]
+    assert state.active == {}
+    assert state.last_alarm is not None
+    assert state.last_alarm.alarm == "sensor_restored"
