@@ -18,10 +18,12 @@ from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.inference.build import ModelsSection
 from gateway.inference.novelty import (
     CUSUM_AUTO_K,
+    CusumSums,
     NoveltyModel,
     NoveltyUse,
     PcaFit,
     PcaSpec,
+    contributions,
     episode_limit,
     fit_pca,
     prepare,
@@ -118,6 +120,32 @@ def test_the_model_commissions_explains_persists_and_raises_on_a_fault(tmp_path:
     model.recommission("pump-1")
     assert model.fit_of("pump-1") is None
     assert not list((tmp_path / "models").glob("novelty-*.json"))
+
+
+def test_a_cusum_alarm_names_the_inputs_whose_sums_are_at_its_level_not_a_wide_column_below_it() -> None:
+    # The CUSUM's sums are put back in the inputs' standardised units (sum x the column's
+    # spread).  Counted over every column, a wide column's ordinary wander far below the level
+    # outweighed the narrow column that raised the alarm (TEP d00_te, BENCHMARKS.md: an alarm held
+    # 2.85 h by v26's sum named v04, v30, v18 and not v26).
+    rng = np.random.default_rng(3)
+    fit = fit_pca(machine_rows(600, rng), PcaSpec(cusum_k=0.5))
+    assert fit.res_scale is not None
+    assert fit.res_scale.shape == (4,)
+    fit = dataclasses.replace(fit, res_scale=np.array([1.0, 0.25, 1.0, 1.0]))  # column 1 narrow
+    level = fit.lim_cusum * fit.threshold
+    sums = CusumSums.zeros(4)
+    sums.up[:] = [0.6 * level, 1.2 * level, 0.0, 0.0]  # the narrow column raised it
+    sums.down[:] = [0.0, 0.0, 0.0, 0.3 * level]
+    row = fit.center.copy()  # no residual: T² and SPE are nothing, the CUSUM raised the score
+    # Scored, the sums take this row (no residual: each falls by the allowance); still above.
+    scored = dataclasses.replace(sums, up=sums.up.copy(), down=sums.down.copy())
+    assert score_rows(fit, row[None, :], scored)[0][0] > 1.0
+    assert contributions(fit, row, ("a", "b", "c", "d"), sums=sums) == {"b": 1.0}
+    # Two columns at the level share it by how far their inputs moved (sum x spread, squared).
+    sums.up[0] = 1.25 * level
+    got = contributions(fit, row, ("a", "b", "c", "d"), sums=sums)
+    assert list(got) == ["a", "b"]
+    assert got["a"] > 0.9
 
 
 def test_the_slower_smoothing_and_the_cusum_score_window_by_window_as_the_recipe_scores_a_run() -> None:
@@ -589,6 +617,9 @@ def test_the_recorded_gateway_path_figure_on_d00_te_is_reproduced_through_the_pi
     assert got.raised == want["alarm_windows"]
     assert len(got.raised) == want["false_episodes"]
     assert round(float(np.mean([bool(f) for f in got.flags])), 4) == want["far"]
+    # What a site reads: the two long episodes (866-922, and 929 to the end of the run) are held
+    # by the residual CUSUM of v26 and of v27's smoothed column, and their alarms name them.
+    assert got.named[2:] == ["TEP/v26.mean", "TEP/v27.mean"], got.named
     # Beside it, the same settings frozen after commissioning (the recipe's scoring).  1.4.0's
     # defaults flag more of d00_te adapting (10.1 %, 4 episodes) than frozen (7.4 %, 3): the means
     # learnt a slow residual offset of v27 that then adds to its late excursion (BENCHMARKS.md;

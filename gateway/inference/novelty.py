@@ -29,7 +29,7 @@ own normal data raise one.  A score above 1 is anomalous.
 
 Explanation: each input's share of the score, from the complete decomposition of T² and the
 squared residuals of SPE, summed over its lags and blocks; when the CUSUM raised the score, from
-its sums instead (in the inputs' standardised units, squared as SPE's residuals).
+the sums at its alarm level instead (in the inputs' standardised units, squared as SPE's residuals).
 
 Guarded adaptation: after commissioning, a window judged normal that follows ``adapt_guard``
 normal windows in a row moves each input's mean a step ``adapt_rate`` towards it; anomalous or
@@ -475,11 +475,17 @@ def contributions(
         cus = np.maximum(sums.up, sums.down)
         pca = max(float(t2_part.sum()), float((resid * resid).sum()) / fit.lim_spe)
         # The CUSUM names the inputs only when it raised the score: its sums also hold the
-        # ordinary wander of every column, which would blur an explanation T² or SPE gives.  Its
-        # sums count each column in its own spreads; back in the inputs' standardised units and
-        # squared, as SPE's residuals, a broken relation is put on the input that moved most.
-        if float(cus.max()) / fit.lim_cusum > pca:
-            parts = (cus * fit.res_scale) ** 2
+        # ordinary wander of every column, which would blur an explanation T² or SPE gives.  For
+        # the same reason only the columns at its alarm level (at least the largest) are counted:
+        # weighted by their spreads, a wide column's ordinary wander far below the level
+        # outweighed the narrow column that raised the alarm (TEP d00_te: an alarm held 2.85 h by
+        # v26's sum named v04, v30, v18).  Its sums count each column in its own spreads; back in
+        # the inputs' standardised units and squared, as SPE's residuals, a broken relation is put
+        # on the input that moved most.
+        largest = float(cus.max())
+        if largest / fit.lim_cusum > pca:
+            level = min(fit.lim_cusum * fit.threshold, largest)
+            parts = np.where(cus >= level, cus * fit.res_scale, 0.0) ** 2
     per = parts.reshape(blocks(fit.spec), fit.n_inputs).sum(axis=0)
     total = float(per.sum())
     if not total > 0.0:

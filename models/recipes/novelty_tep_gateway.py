@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,7 @@ class Replay:
 
     flags: list[bool | None]
     raised: list[int]  # windows (= samples) whose record raised an anomaly alarm
+    named: list[str] = field(default_factory=list)  # per raise, the input it names first
 
 
 def novelty_table(card: dict[str, Any], setting: str, *, adapt: bool) -> dict[str, Any]:
@@ -197,15 +198,15 @@ def replay(state: Path, table: dict[str, Any], x: npt.NDArray[np.float64], workd
     flags: list[bool | None] = [
         None if (s := w["scores"].get(MODEL)) is None else bool(s > 1.0) for w in windows
     ]
-    raised = sorted(
-        index[a["t"]]
+    raises = sorted(
+        (index[a["t"]], max(a["contrib"], key=a["contrib"].get, default=""))
         for a in records
         if a["lane"] == Lane.ALARMS
         and a["alarm"] == AlarmKind.ANOMALY.value
         and a["detail"].get("model") == MODEL
         and a["detail"].get("episode") != "resumed"
     )
-    return Replay(flags, raised)
+    return Replay(flags, [i for i, _ in raises], [name for _, name in raises])
 
 
 def frozen(flags: B) -> Replay:
