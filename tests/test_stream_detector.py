@@ -134,13 +134,13 @@ def test_with_the_residual_cusum_and_hours_of_commissioning_it_adds_no_alarm_of_
 ) -> None:
     # The CUSUM needs a commissioning span holding several periods of the pump's slowest normal
     # wander (as the per-stream detector's six hours): after half an hour it flags that wander,
-    # from six hours it is on by default (at allowance 0.5), and after six hours (here) it raises nothing on the
-    # healthy pump that T² and SPE alone do not (with 1.3.0's defaults, EWMA 0.2, both flagged
-    # one T² excursion 50 minutes in; with 1.4.0's, EWMA 0.5, both raise one 20 s before the
-    # fault starts, from the thermocouple, current and flow, that runs into it).  Its clearing rule
-    # holds its sums at most ten allowances above its alarm level: the alarm clears within a few
-    # minutes of the fault's end (here 370 s: 37 windows of 10 s, the smoothing's 15 among them;
-    # before the rule, about 20 minutes).
+    # from six hours it is on by default (at allowance 1.0 since 1.5.0, 0.5 in 1.4.0), and after
+    # six hours (here) it raises nothing on the healthy pump that T² and SPE alone do not (with
+    # 1.3.0's defaults, EWMA 0.2, both flagged one T² excursion 50 minutes in; since 1.4.0's, EWMA
+    # 0.5, both raise one 20 s before the fault starts, from the thermocouple, current and flow,
+    # that runs into it).  Its clearing rule holds its sums at most ten allowances above its alarm
+    # level: the alarm clears within a few minutes of the fault's end (at 1.0 260 s after it, at
+    # 0.5 350 s, without the CUSUM 60 s; before the rule, about 20 minutes).
     commission = 21_600.0
     fault = Label("valve_fault", commission + 7200.0, commission + 7400.0)
     alarms = {}
@@ -156,7 +156,7 @@ def test_with_the_residual_cusum_and_hours_of_commissioning_it_adds_no_alarm_of_
     episodes = [(a["_t"], b["_t"]) for a, b in zip(alarms[True][::2], alarms[True][1::2], strict=True)]
     before = [(lo, hi) for lo, hi in episodes if lo < fault.start_s]
     assert len(before) <= 2, before  # two episodes at most before the fault ...
-    # ... each one T² and SPE alone raise too (with 1.4.0's defaults, EWMA 0.5: one excursion of
+    # ... each one T² and SPE alone raise too (since 1.4.0's defaults, EWMA 0.5: one excursion of
     # the thermocouple, current and flow 20 s before the fault starts, which runs into it).
     assert all(any(lo <= t <= hi for lo, hi in spans) for t, _ in before), (before, spans)
     # The fault is flagged within a minute of its start, in one episode that clears after it.

@@ -1,4 +1,4 @@
-"""Novelty 1.4.0 on the Tennessee Eastman runs as it ships: through the gateway's pipeline, adapting.
+"""Novelty on the Tennessee Eastman runs as it ships: through the gateway's pipeline, adapting.
 
 Run: ``python -m models.recipes.novelty_tep_gateway --data /work/shared/data`` (a few minutes).
 
@@ -27,7 +27,7 @@ through that code, nothing re-implemented:
 * what is counted is what leaves the gateway: a window is flagged when the score it carries in its
   record is above 1, an alarm is an ``anomaly`` record of model ``novelty``.
 
-One setting, fixed by novelty 1.4.0 (no setting is chosen here, and no held-out figure chose
+One setting, fixed by the card (1.5.0; no setting is chosen here, and no held-out figure chose
 anything): the gateway's defaults, which since 1.4.0 are the card's ``chosen`` settings (the
 CUSUM on at the chosen allowance by ``gateway_cusum_default``); the recipe stops if they differ.
 It is replayed twice: as shipped (``adapt_rate`` default) and with ``adapt_rate = 0``, and beside
