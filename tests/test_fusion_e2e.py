@@ -244,14 +244,12 @@ def test_the_same_story_in_compressed_time(tmp_path: Path) -> None:
     assert any("/" not in k for k in keys), keys
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fusion_skab's tau sits at the edge of the simulated pump's normal fused scores: with "
-    "seed 3 the novelty member's score wanders past 1.3 x its own limit in healthy operation and "
-    "the fusion raises false episodes in the five healthy minutes before the fault.  Commissioned "
-    "on whole windows only it does so with the spreads adapting or not; it raised none only while "
-    "the start's partial windows widened its limits and the spreads no longer adapted",
-)
 def test_no_false_episode_before_the_fault_with_another_seed(tmp_path: Path) -> None:
+    # Seed 3 used to raise two fused episodes in these five healthy minutes (at 2055 and 2067 s):
+    # the novelty member (5 s windows at a 1 s hop, EWMA 0.5: its T² has a lag-1 correlation of
+    # about 0.9) flagged 6 % of them, up to 1.29 x its limit, while pump_skab stayed far below its
+    # threshold.  Its limits were the 99 % quantiles of its out-of-fold commissioning scores, whose
+    # top windows are runs: the half hour of commissioning held 8-11 runs of two or more above them
+    # (seeds 0-3 and 7 alike).  Limits that let the commissioning raise none (episode_limit) end it.
     episode = compressed(tmp_path, 3, FAULT, 2100)
     assert episode == []

@@ -10,51 +10,33 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.inference.build import ModelsSection
-from gateway.inference.novelty import NoveltyModel, NoveltyUse, PcaFit, PcaSpec, fit_pca, prepare, score_rows
+from gateway.inference.novelty import (
+    CUSUM_AUTO_K,
+    CusumSums,
+    NoveltyModel,
+    NoveltyUse,
+    PcaFit,
+    PcaSpec,
+    contributions,
+    episode_limit,
+    fit_pca,
+    prepare,
+    score_rows,
+)
 from gateway.sample import Stream, industrial_metric
 from models.recipes.common import MODELS_DIR
+from models.recipes.novelty_tep import SIGNALS, drift_then_slow_fault, machine_rows, window_records
 
-SIGNALS = ("Flow", "Pressure", "Current", "Temperature")
 DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TEP = DATA / "industrial" / "tep_braatz"
-
-
-def machine_rows(n: int, rng: np.random.Generator, *, fault_from: int | None = None) -> np.ndarray:
-    """Flow drives pressure and current (coupled); temperature wanders a little on its own."""
-    flow = 30.0 + np.cumsum(rng.standard_normal(n)) * 0.05 + rng.standard_normal(n) * 0.5
-    flow = 30.0 + (flow - flow.mean()) * 0.5 + rng.standard_normal(n) * 0.5
-    pressure = 1.2 + 0.02 * (flow - 30.0) + rng.standard_normal(n) * 0.002
-    current = 1.3 + 0.01 * (flow - 30.0) + rng.standard_normal(n) * 0.002
-    temp = 60.0 + np.convolve(rng.standard_normal(n + 30), 0.9 ** np.arange(30), "valid")[:n] * 0.2
-    x = np.column_stack([flow, pressure, current, temp])
-    if fault_from is not None:
-        # A partly blocked line: pressure up by 2.5 normal spreads, flow unchanged - every
-        # value stays inside its normal range, only the relation between them breaks.
-        x[fault_from:, 1] += 0.04
-    return x
-
-
-def records(x: np.ndarray, subject: str = "pump-1", start: int = 0) -> list[WindowRecord]:
-    """One window record per row."""
-    streams = [
-        Stream("plc", subject, "SN-1", industrial_metric(f"Pump1/{s}", "1"), "industrial", 1.0)
-        for s in SIGNALS
-    ]
-    out = []
-    for i, row in enumerate(x):
-        sfs = tuple(
-            StreamFeatures(st, 10, 0.0, {"mean": float(v), "std": 0.1})
-            for st, v in zip(streams, row, strict=True)
-        )
-        k = start + i
-        out.append(WindowRecord(subject, "industrial", k, float(k), 1e9 + k, 1.0, sfs))
-    return out
+records = window_records
 
 
 def test_limits_from_normal_data_hold_on_fresh_normal_data_and_a_relation_fault_is_found() -> None:
@@ -67,6 +49,36 @@ def test_limits_from_normal_data_hold_on_fresh_normal_data_and_a_relation_fault_
     s_fault = score_rows(fit, prepare(faulty, fit.mean, fit.std, fit.spec))[0]
     assert (s_fault[120:] > 1.0).mean() > 0.9
     assert (s_fault[:100] > 1.0).mean() < 0.05
+
+
+def runs_above(scores: np.ndarray, limit: float, run: int = 2) -> int:
+    """Windows that end ``run`` scores in a row above ``limit`` (where the episode logic raises)."""
+    above = scores > limit
+    return int(np.lib.stride_tricks.sliding_window_view(above, run).all(axis=1).sum())
+
+
+def test_a_slow_statistic_s_limit_lets_its_commissioning_raise_no_episode() -> None:
+    # The residual CUSUM's out-of-fold sums (and T², SPE of smoothed or overlapping windows) move
+    # slowly: their top 1 % are one or two excursions several windows long, not scattered windows.
+    # At the 99 % quantile alone those excursions are two or more windows in a row above the limit:
+    # the commissioning's own normal data raise episodes (TEP d00: one in 25 h from the CUSUM; the
+    # simulated pump's 30 min: 7-10 from T² and SPE), where an independent statistic raises none.
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal(2000)
+    slow = np.zeros(2000)
+    for i in range(1, 2000):
+        slow[i] = 0.95 * slow[i - 1] + e[i]
+    folds = np.split(slow, 5)
+    quantile = float(np.quantile(slow, 0.99))
+    assert runs_above(slow, quantile) >= 5  # the quantile alone: excursions, episodes
+    limit = episode_limit(folds, 0.99)
+    assert limit > quantile
+    assert max(runs_above(f, limit) for f in folds) == 0  # none in any fold at the limit
+    # An independent statistic's top windows are scattered: its limit stays the quantile.
+    # (500 windows, 5 above: two in a row has a chance of about 5 %, not the case here.)
+    iid = np.random.default_rng(1).standard_normal(500)
+    assert runs_above(iid, float(np.quantile(iid, 0.99))) == 0
+    assert episode_limit(np.split(iid, 5), 0.99) == float(np.quantile(iid, 0.99))
 
 
 def test_the_model_commissions_explains_persists_and_raises_on_a_fault(tmp_path: Path) -> None:
@@ -83,9 +95,9 @@ def test_the_model_commissions_explains_persists_and_raises_on_a_fault(tmp_path:
     got = model.score_batch(normal[80:])
     assert got[-1].reason == "commissioning"  # the last one completes commissioning
     assert model.fit_of("pump-1") is not None
-    # Another restart: commissioned already, scored once the smoothing has settled (3 / 0.2 = 15).
+    # Another restart: commissioned already, scored once the smoothing has settled (3 / 0.5 = 6).
     settle = use.lags + math.ceil(3.0 / min(use.ewma, use.ewma_slow))
-    assert settle == 15
+    assert settle == 6
     fitted = model.fit_of("pump-1")
     assert fitted is not None
     assert fitted.res_scale is not None
@@ -109,6 +121,32 @@ def test_the_model_commissions_explains_persists_and_raises_on_a_fault(tmp_path:
     model.recommission("pump-1")
     assert model.fit_of("pump-1") is None
     assert not list((tmp_path / "models").glob("novelty-*.json"))
+
+
+def test_a_cusum_alarm_names_the_inputs_whose_sums_are_at_its_level_not_a_wide_column_below_it() -> None:
+    # The CUSUM's sums are put back in the inputs' standardised units (sum x the column's
+    # spread).  Counted over every column, a wide column's ordinary wander far below the level
+    # outweighed the narrow column that raised the alarm (TEP d00_te, BENCHMARKS.md: an alarm held
+    # 2.85 h by v26's sum named v04, v30, v18 and not v26).
+    rng = np.random.default_rng(3)
+    fit = fit_pca(machine_rows(600, rng), PcaSpec(cusum_k=0.5))
+    assert fit.res_scale is not None
+    assert fit.res_scale.shape == (4,)
+    fit = dataclasses.replace(fit, res_scale=np.array([1.0, 0.25, 1.0, 1.0]))  # column 1 narrow
+    level = fit.lim_cusum * fit.threshold
+    sums = CusumSums.zeros(4)
+    sums.up[:] = [0.6 * level, 1.2 * level, 0.0, 0.0]  # the narrow column raised it
+    sums.down[:] = [0.0, 0.0, 0.0, 0.3 * level]
+    row = fit.center.copy()  # no residual: T² and SPE are nothing, the CUSUM raised the score
+    # Scored, the sums take this row (no residual: each falls by the allowance); still above.
+    scored = dataclasses.replace(sums, up=sums.up.copy(), down=sums.down.copy())
+    assert score_rows(fit, row[None, :], scored)[0][0] > 1.0
+    assert contributions(fit, row, ("a", "b", "c", "d"), sums=sums) == {"b": 1.0}
+    # Two columns at the level share it by how far their inputs moved (sum x spread, squared).
+    sums.up[0] = 1.25 * level
+    got = contributions(fit, row, ("a", "b", "c", "d"), sums=sums)
+    assert list(got) == ["a", "b"]
+    assert got["a"] > 0.9
 
 
 def test_the_slower_smoothing_and_the_cusum_score_window_by_window_as_the_recipe_scores_a_run() -> None:
@@ -293,21 +331,12 @@ def test_adaptation_follows_slow_normal_drift_but_does_not_learn_a_fault() -> No
     assert np.abs(fit.mean[1] - mean_before[1]) < 0.002
 
 
-def drift_then_slow_fault(seed: int) -> np.ndarray:
-    """Commissioning (150), a slow normal drift of temperature (5 spreads over 3000 windows), 200
-    steady windows, then a slow relation fault: pressure up 5 of its spreads over 300 windows."""
-    x = machine_rows(150 + 3000 + 800, np.random.default_rng(seed))
-    x[150:3150, 3] += np.linspace(0.0, 2.5, 3000)
-    x[3150:, 3] += 2.5
-    x[3350:, 1] += np.r_[np.linspace(0.0, 0.08, 300), np.full(300, 0.08)]
-    return x
-
-
 @pytest.mark.parametrize(
     ("settings", "seeds", "bound"),
     [
         ({}, range(6), 0.08),  # the defaults
-        ({"cusum_k": 1.0}, range(6), 0.08),  # with the residual CUSUM
+        ({"cusum_k": 1.0}, range(6), 0.08),  # at the allowance the defaults use from 6 h of commissioning
+        ({"cusum_k": 0.5}, range(6), 0.08),  # at 1.4.0's
         # With the slower EWMA block: flow (a random walk in machine_rows) wanders past its
         # commissioning spread around window 2000 of seed 0: 9.8 % of the windows flagged with
         # the means alone adapting (6.7 % while flow's spread was rescaled after it too: see
@@ -398,7 +427,7 @@ def test_gaps_and_missing_inputs_are_indeterminate_and_config_is_strict() -> Non
         ModelsSection.model_validate({"novelty": {"false_alarm_rate": 0.7}})
 
 
-def test_the_residual_cusum_is_on_by_default_from_two_hours_of_commissioning_and_status_says_which() -> None:
+def test_the_residual_cusum_is_on_by_default_from_six_hours_of_commissioning_and_status_says_which() -> None:
     rng = np.random.default_rng(8)
     known = {("pump-1", "industrial"), ("pump-2", "industrial"), ("bed-1", "medical")}
     short = NoveltyModel(NoveltyUse(commissioning_s=150.0), hop_s=1.0)
@@ -408,27 +437,27 @@ def test_the_residual_cusum_is_on_by_default_from_two_hours_of_commissioning_and
     assert short.subject_states(known)["pump-1"] == "commissioning"
     short.score_batch(records(machine_rows(50, rng), start=100))
     assert short.subject_states(known)["pump-1"] == (
-        "active (T2, SPE; residual CUSUM off: default: off below commissioning_s 7200 s)"
+        "active (T2, SPE; residual CUSUM off: default: off below commissioning_s 21600 s)"
     )
-    # Two hours of ten-second windows: on at the protocol's allowance, unless set off.
-    long = NoveltyModel(NoveltyUse(commissioning_s=7200.0), hop_s=10.0)
+    # Six hours of half-minute windows: on at the protocol's allowance, unless set off.
+    long = NoveltyModel(NoveltyUse(commissioning_s=21_600.0), hop_s=30.0)
     assert long.commissioning_windows == 720
     long.score_batch(records(machine_rows(720, rng)))
     fit = long.fit_of("pump-1")
     assert fit is not None
-    assert fit.spec.cusum_k == 1.0
+    assert fit.spec.cusum_k == CUSUM_AUTO_K == 1.0
     assert fit.lim_cusum > 0
     assert long.subject_states()["pump-1"] == (
-        "active (T2, SPE, residual CUSUM 1: default: commissioning_s >= 7200 s)"
+        "active (T2, SPE, residual CUSUM 1: default: commissioning_s >= 21600 s)"
     )
-    off = NoveltyUse(commissioning_s=7200.0, cusum_k=0.0)
+    off = NoveltyUse(commissioning_s=21_600.0, cusum_k=0.0)
     assert off.residual_cusum() == (0.0, "set in [models.novelty]")
 
 
-def test_the_shipped_detector_card_states_its_choice_and_the_gateway_defaults() -> None:
+def test_the_shipped_detector_card_states_its_choice_and_the_gateway_defaults_are_it() -> None:
     card = json.loads((MODELS_DIR / "novelty.detector.json").read_text(encoding="utf-8"))
     d = NoveltyUse()
-    assert card["version"] == "1.3.0"
+    assert card["version"] == "1.5.0"
     assert card["gateway_defaults"] == {
         "lags": d.lags,
         "ewma": d.ewma,
@@ -439,32 +468,51 @@ def test_the_shipped_detector_card_states_its_choice_and_the_gateway_defaults() 
     }
     # The protocol's choice is the lowest tuning miss rate among the grid points whose false alarms
     # on the tuning faults' runs before their faults stay within twice the stated rate and raise at
-    # most one false episode per day there (tuning data only: no held-out run decides).
+    # most one false episode per day there (tuning data only: no held-out run decides), and that
+    # follow the generated machine's slow normal drift as the gateway adapts (at most twice the
+    # stated rate flagged) while finding and keeping its slow fault, and that on d00 out of fold in
+    # three 8.3 h blocks raise at most one false episode per day and hold no alarm over 20 windows.
     keys = ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k")
     grid = {tuple(g[k] for k in keys): g for g in card["grid"]}
-    eligible = [
-        g["tune_mdr"]
-        for g in card["grid"]
-        if g["tune_far_before_faults"] <= 0.02 and g["tune_false_episodes_per_day"] <= 1.0
-    ]
-    # The episode bound excludes points the false-alarm bound alone lets through.
+
+    def tuning(g: dict[str, float]) -> bool:
+        return g["tune_far_before_faults"] <= 0.02 and g["tune_false_episodes_per_day"] <= 1.0
+
+    def drift(g: dict[str, float]) -> bool:
+        return tuning(g) and g["drift_far"] <= 0.02 and bool(g["drift_fault_kept"])
+
+    def holds_long(g: dict[str, Any]) -> bool:
+        episodes = g["long_false_episodes_per_day"]
+        return bool(episodes is not None and episodes <= 1.0 and g["long_max_held_windows"] <= 20)
+
+    eligible = [g["tune_mdr"] for g in card["grid"] if drift(g) and holds_long(g)]
+    # Each bound excludes points the ones before let through.
     assert any(
         g["tune_false_episodes_per_day"] > 1.0 for g in card["grid"] if g["tune_far_before_faults"] <= 0.02
     )
+    assert min(g["tune_mdr"] for g in card["grid"] if tuning(g)) < min(
+        g["tune_mdr"] for g in card["grid"] if drift(g)
+    )
+    # 1.4.0's choice (CUSUM 0.5) keeps the first three and held an alarm 31 windows on d00 out of fold.
+    was = grid[(0, 0.5, 1.0, 0.95, 0.5)]
+    assert drift(was)
+    assert not holds_long(was)
+    assert was["long_max_held_windows"] > 20
+    assert min(g["tune_mdr"] for g in card["grid"] if drift(g)) < min(eligible)
     c = card["chosen"]
     assert grid[tuple(c[k] for k in keys)]["tune_mdr"] == min(eligible)
     assert c["cusum_k"] > 0.0
     # Sensitive enough to flag other normal runs, the grid's overall best was not eligible.
     assert min(g["tune_mdr"] for g in card["grid"]) < min(eligible)
-    # The gateway's defaults (1.0.0's choice; the CUSUM off after the default half hour of
-    # commissioning, at the chosen allowance from two hours) are points of the grid.
-    assert card["gateway_cusum_default"] == {"cusum_k": c["cusum_k"], "min_commissioning_s": 7200.0}
+    # What a site gets without settings is the choice: the CUSUM at the chosen allowance from six
+    # hours of commissioning, off after the default half hour (and after two).
+    assert (d.lags, d.ewma, d.ewma_slow, d.var_keep) == (c["lags"], c["ewma"], c["ewma_slow"], c["var_keep"])
+    assert card["gateway_cusum_default"] == {"cusum_k": c["cusum_k"], "min_commissioning_s": 21_600.0}
     assert set(card["gateway_settings"]) == set(NoveltyUse.model_fields)  # every setting documented
     assert d.residual_cusum()[0] == 0.0
-    long = NoveltyUse(commissioning_s=7200.0)
+    assert NoveltyUse(commissioning_s=7200.0).residual_cusum()[0] == 0.0
+    long = NoveltyUse(commissioning_s=21_600.0)
     assert long.residual_cusum()[0] == c["cusum_k"]
-    assert (d.lags, d.ewma, d.ewma_slow, d.var_keep, 0.0) in grid
-    assert (d.lags, d.ewma, d.ewma_slow, d.var_keep, c["cusum_k"]) in grid
     ev = card["evaluation"]
     assert ev["score_us_per_window_52_inputs"] < d.latency_budget_us
     assert not set(card["tuning_faults"]) & {3, 9, 15, 21}
@@ -474,12 +522,26 @@ def test_the_shipped_detector_card_states_its_choice_and_the_gateway_defaults() 
     not TEP.is_dir(), reason=f"Tennessee Eastman reference runs not found under {DATA} (set EDGETWIN_DATA)"
 )
 def test_the_shipped_tep_figures_are_reproduced_from_the_shared_data() -> None:
-    from models.recipes.novelty_tep import FAULT_AT_TE, load, mdr, novelty_scores  # noqa: PLC0415
+    from models.recipes.novelty_tep import (  # noqa: PLC0415
+        EARLIER,
+        FAULT_AT_TE,
+        load,
+        long_normal,
+        mdr,
+        novelty_scores,
+    )
 
     card = json.loads((MODELS_DIR / "novelty.detector.json").read_text(encoding="utf-8"))
     runs = load(DATA)
     ev = card["evaluation"]
-    with_cusum = {**card["gateway_defaults"], "cusum_k": card["chosen"]["cusum_k"]}
+    earlier = EARLIER["novelty_1_0"]
+    with_cusum = {
+        "lags": earlier.lags,
+        "ewma": earlier.ewma,
+        "ewma_slow": earlier.ewma_slow,
+        "var_keep": earlier.var_keep,
+        "cusum_k": card["chosen"]["cusum_k"],
+    }
     for name, c in (("novelty", card["chosen"]), ("novelty_1_0_cusum", with_cusum)):
         spec = PcaSpec(
             lags=c["lags"],
@@ -500,6 +562,15 @@ def test_the_shipped_tep_figures_are_reproduced_from_the_shared_data() -> None:
             # A few recorded windows' scores of the shipped choice (each run scored from its start).
             for run, i, score in ev["recorded_scores"]:
                 assert novelty_scores(fit, runs[run])[i] == pytest.approx(score, abs=1e-5)
+    # The long-normal-operation guard's figures of the choice and of 1.4.0's (allowance 0.5), from d00 alone.
+    keys = ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k")
+    grid = {tuple(g[k] for k in keys): g for g in card["grid"]}
+    for point in (tuple(card["chosen"][k] for k in keys), (0, 0.5, 1.0, 0.95, 0.5)):
+        lags, ewma, slow, var, k = point
+        spec = PcaSpec(lags=lags, ewma=ewma, var_keep=var, far=0.01, ewma_slow=slow, cusum_k=k)
+        guard = long_normal(spec, runs["d00"])
+        assert guard is not None
+        assert guard == {key: grid[point][key] for key in guard}
     # Fault 21 (held out): the CUSUM finds more of it than PCA's Q and the detector before it.
     eq = ev["equal_far"]
     assert eq["novelty_1_0_cusum"]["fault_21"] < eq["pca_q"]["fault_21"] - 0.1
@@ -554,8 +625,8 @@ def test_the_stream_detector_flags_a_step_and_a_drift_once_and_stays_quiet_on_no
 def test_the_recorded_gateway_path_figure_on_d00_te_is_reproduced_through_the_pipeline(
     tmp_path: Path,
 ) -> None:
-    """The card's choice as it ships (adapting), commissioned on d00 and fed d00_te through the pipeline."""
-    from models.recipes.novelty_tep import load, novelty_scores  # noqa: PLC0415
+    """The gateway's defaults (the card's choice) as they ship, commissioned on d00 and fed d00_te through the pipeline."""
+    from models.recipes.novelty_tep import LONG_MAX_HELD, alarm_spans, load, novelty_scores  # noqa: PLC0415
     from models.recipes.novelty_tep_gateway import (  # noqa: PLC0415
         commission,
         frozen,
@@ -565,22 +636,35 @@ def test_the_recorded_gateway_path_figure_on_d00_te_is_reproduced_through_the_pi
     )
 
     card = json.loads((MODELS_DIR / "novelty.detector.json").read_text(encoding="utf-8"))
-    ev = card["gateway_path"]["card_choice"]
+    ev = card["gateway_path"]["gateway_defaults"]
     keys = ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k")
     assert {k: ev["spec"][k] for k in keys} == {k: card["chosen"][k] for k in keys}  # the card's own settings
     assert card["gateway_path"]["card_version"] == card["version"]
     runs = load(DATA)
-    table = novelty_table(card, "card_choice", adapt=True)
+    table = novelty_table(card, "gateway_defaults", adapt=True)
     state = commission(tmp_path / "commissioning", table, runs["d00"])
     got = replay(state, table, runs["d00_te"], tmp_path / "run")
     want = ev["gateway_adapting"]["d00_te"]
     assert got.raised == want["alarm_windows"]
     assert len(got.raised) == want["false_episodes"]
     assert round(float(np.mean([bool(f) for f in got.flags])), 4) == want["far"]
-    # Beside it, the same settings frozen after commissioning (the recipe's scoring): adapting
-    # the means alone flags about as many windows (while the spreads adapted too, 8.6 % of the
-    # windows against 1.8 % frozen, 6 false episodes against 3).
+    # What a site reads: short alarms only, each cleared within the long-operation guard's hour
+    # (1.5.0: 3 alarms, 1.5 % of the windows flagged).
+    flags = np.array([bool(f) for f in got.flags])
+    assert max(alarm_spans(flags)) <= LONG_MAX_HELD, alarm_spans(flags)
+    # At 1.4.0's allowance (0.5) the same commissioning held two long alarms (866-922, and 929 to
+    # the end of the run), by the residual CUSUM of v26 and of v27's smoothed column; they name them.
+    old = table | {"cusum_k": 0.5}
+    was = replay(
+        commission(tmp_path / "commissioning-0.5", old, runs["d00"]), old, runs["d00_te"], tmp_path / "run"
+    )
+    assert was.named[2:] == ["TEP/v26.mean", "TEP/v27.mean"], was.named
+    assert max(alarm_spans(np.array([bool(f) for f in was.flags]))) > 2 * LONG_MAX_HELD
+    # Beside it, the same settings frozen after commissioning (the recipe's scoring).  1.4.0's
+    # defaults flagged more of d00_te adapting (10.1 %, 4 episodes) than frozen (7.4 %, 3): the means
+    # learnt a slow residual offset of v27 that then added to its late excursion (BENCHMARKS.md;
+    # 1.3.0's choice: 2.2 % against 1.8 %; 1.5.0's: 1.5 % against 1.4 %).
     fit = fit_pca(runs["d00"], spec_of_use(NoveltyUse.model_validate(table)))
     still = frozen(novelty_scores(fit, runs["d00_te"]) > 1.0)
     assert still.raised == ev["frozen"]["d00_te"]["alarm_windows"]
-    assert abs(np.mean([bool(f) for f in got.flags]) - np.mean([bool(f) for f in still.flags])) < 0.01
+    assert round(float(np.mean([bool(f) for f in still.flags])), 4) == ev["frozen"]["d00_te"]["far"]

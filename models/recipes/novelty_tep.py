@@ -17,7 +17,19 @@ Protocol (nothing is fitted on a fault; no setting is chosen on a fault it is re
    lowest mean missed-detection rate, among the settings that flag at most twice the stated rate
    of the tuning faults' test runs before their faults (normal operation of 7 other runs, 56 h)
    and raise at most one false episode per day there (the gateway's episode logic: 2 anomalous
-   windows raise, 3 normal clear).
+   windows raise, 3 normal clear), and that, as the gateway runs them (guarded adaptation of the
+   means), follow a slow normal drift on a generated machine (:func:`drift_then_slow_fault`, 4
+   seeds: at most twice the stated rate of its normal windows flagged on average) while finding
+   the slow fault after it within half its ramp and never learning it (1.4.0: what ships without
+   settings is this choice, so it must hold where the gateway's defaults were kept for), and that
+   hold on long normal operation (1.5.0): ``d00`` out of fold in 3 contiguous blocks of 8.3 h
+   (each scored by a fit on the other two, the block's CUSUM from zero, the gateway's episode
+   logic) raise at most one false episode per 24 h over the 25 h and hold no alarm longer than
+   1 h (20 windows, an alarm still on at a block's end counted to that end); a point whose fit on
+   two blocks has more columns than rows (:func:`fits_rows`) cannot show this and is not eligible.
+   The tuning runs' 8 h before their faults are too short to show an offset that normal
+   operation holds for hours, which keeps a residual CUSUM at its level (1.4.0 held two such
+   false alarms on ``d00_te``, 2.85 h and 1.5 h+).
 3. **Report on the held-out faults**: the test runs ``dNN_te.dat`` of the other 14 faults
    (including the hard 3, 9, 15 and 21), ``d00_te`` for the false-alarm rate and the false
    episodes (with the gateway's episode logic: 2 anomalous windows raise, 3 normal clear), and
@@ -46,11 +58,12 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.alarms.episodes import EpisodeTracker
-from gateway.contracts import AlarmKind, ModelResult
+from gateway.contracts import AlarmKind, ModelResult, StreamFeatures, WindowRecord
 from gateway.inference.novelty import (
     CUSUM_AUTO_K,
     CUSUM_AUTO_MIN_S,
     CusumSums,
+    NoveltyModel,
     NoveltyUse,
     PcaFit,
     PcaSpec,
@@ -60,6 +73,7 @@ from gateway.inference.novelty import (
     prepare,
     score_rows,
 )
+from gateway.sample import Stream, industrial_metric
 from models.recipes.common import MODELS_DIR
 
 log = logging.getLogger(__name__)
@@ -67,7 +81,7 @@ log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]
 
 NAME = "novelty"
-VERSION = "1.3.0"
+VERSION = "1.5.0"
 FAULTS = tuple(range(1, 22))
 TUNE = (1, 4, 7, 10, 13, 16, 19)
 HARD = (3, 9, 15, 21)
@@ -97,6 +111,14 @@ GUARD_FAR = 2 * FAR
 # ... and raises at most this many false episodes per day there (56 h; the gateway's episode logic):
 # the aim for held-apart normal data, held on the tuning side only (1.3.0).
 GUARD_EPISODES_PER_DAY = 1.0
+# ... and follows slow normal drift on a generated machine as the gateway adapts (1.4.0).
+DRIFT_SEEDS = range(4)
+DRIFT_ADAPT_RATE = 0.01
+# ... and holds on long normal operation: d00 out of fold in this many contiguous blocks (8.3 h
+# each), at most GUARD_EPISODES_PER_DAY false episodes per day over them and no alarm held longer
+# than LONG_MAX_HELD windows (1 h) (1.5.0; see long_normal()).
+LONG_BLOCKS = 3
+LONG_MAX_HELD = 20
 HOURS_TE = 48.0
 HOURS_PER_SAMPLE = 0.05  # 3 min
 
@@ -122,7 +144,7 @@ SETTINGS = {
     "ewma_slow": "weight of a second, slower smoothed block (1: none)",
     "cusum_k": (
         "allowance of the residual CUSUM in long-run spreads; 0: off; unset: gateway_cusum_default "
-        "(on from 2 h of commissioning)"
+        "(on from 6 h of commissioning)"
     ),
     "cusum_clear": (
         "clearing horizon of the residual CUSUM in windows (default 10): each sum is held at most this many "
@@ -166,12 +188,24 @@ def mdr(flags: npt.NDArray[np.bool_], start: int) -> float:
 
 def false_episodes(flags: npt.NDArray[np.bool_]) -> int:
     """Anomaly alarms the gateway's episode logic (raise after 2, clear after 3) raises on a run."""
+    return len(alarm_spans(flags))
+
+
+def alarm_spans(flags: npt.NDArray[np.bool_]) -> list[int]:
+    """Windows each anomaly alarm the gateway's episode logic raises on a run is held (to the run's end if not cleared)."""
     tracker = EpisodeTracker(clear_after=3, raise_after=2)
-    n = 0
-    for f in flags:
+    spans: list[int] = []
+    raised_at: int | None = None
+    for i, f in enumerate(flags):
         e = tracker.update(("m", "novelty"), ModelResult(1.0 if f else 0.0, bool(f)))
-        n += e is not None and e.kind is AlarmKind.ANOMALY
-    return n
+        if e is not None and e.kind is AlarmKind.ANOMALY:
+            raised_at = i
+        elif e is not None and e.kind is AlarmKind.ANOMALY_CLEARED and raised_at is not None:
+            spans.append(i - raised_at)
+            raised_at = None
+    if raised_at is not None:
+        spans.append(len(flags) - raised_at)
+    return spans
 
 
 def classic_pca(x: F64, var_keep: float = 0.9, alpha: float = 0.01) -> dict[str, Any]:
@@ -202,6 +236,73 @@ def classic_stats(m: dict[str, Any], x: F64) -> tuple[F64, F64]:
     return (t * t / m["eig"]).sum(1), (r * r).sum(1)
 
 
+SIGNALS = ("Flow", "Pressure", "Current", "Temperature")
+
+
+def machine_rows(n: int, rng: np.random.Generator, *, fault_from: int | None = None) -> F64:
+    """A generated machine: flow drives pressure and current (coupled); temperature wanders a little on its own."""
+    flow = 30.0 + np.cumsum(rng.standard_normal(n)) * 0.05 + rng.standard_normal(n) * 0.5
+    flow = 30.0 + (flow - flow.mean()) * 0.5 + rng.standard_normal(n) * 0.5
+    pressure = 1.2 + 0.02 * (flow - 30.0) + rng.standard_normal(n) * 0.002
+    current = 1.3 + 0.01 * (flow - 30.0) + rng.standard_normal(n) * 0.002
+    temp = 60.0 + np.convolve(rng.standard_normal(n + 30), 0.9 ** np.arange(30), "valid")[:n] * 0.2
+    x = np.column_stack([flow, pressure, current, temp])
+    if fault_from is not None:
+        # A partly blocked line: pressure up by 2.5 normal spreads, flow unchanged - every
+        # value stays inside its normal range, only the relation between them breaks.
+        x[fault_from:, 1] += 0.04
+    return x
+
+
+def drift_then_slow_fault(seed: int) -> F64:
+    """Generated rows: commissioning, a slow normal drift, a slow relation fault.
+
+    Commissioning (150), a slow normal drift of temperature (5 spreads over 3000 windows), 200
+    steady windows, then a slow relation fault: pressure up 5 of its spreads over 300 windows.
+    """
+    x = machine_rows(150 + 3000 + 800, np.random.default_rng(seed))
+    x[150:3150, 3] += np.linspace(0.0, 2.5, 3000)
+    x[3150:, 3] += 2.5
+    x[3350:, 1] += np.r_[np.linspace(0.0, 0.08, 300), np.full(300, 0.08)]
+    return x
+
+
+def window_records(x: F64, subject: str = "pump-1", start: int = 0) -> list[WindowRecord]:
+    """One window record per row of a generated machine (its 4 signals' means)."""
+    streams = [
+        Stream("plc", subject, "SN-1", industrial_metric(f"Pump1/{s}", "1"), "industrial", 1.0)
+        for s in SIGNALS
+    ]
+    out = []
+    for i, row in enumerate(x):
+        sfs = tuple(
+            StreamFeatures(st, 10, 0.0, {"mean": float(v), "std": 0.1})
+            for st, v in zip(streams, row, strict=True)
+        )
+        k = start + i
+        out.append(WindowRecord(subject, "industrial", k, float(k), 1e9 + k, 1.0, sfs))
+    return out
+
+
+def follows_drift(settings: dict[str, Any]) -> tuple[float, bool]:
+    """How the gateway's detector at ``settings`` does through :func:`drift_then_slow_fault`.
+
+    The mean share of the normal windows it flags, and whether in every seed the slow fault is
+    found within half its ramp and still flagged at the end (not learned).
+    """
+    shares = []
+    fault_kept = True
+    for seed in DRIFT_SEEDS:
+        use = NoveltyUse.model_validate(
+            {"commissioning_s": 150.0, "adapt_rate": DRIFT_ADAPT_RATE, **settings}
+        )
+        model = NoveltyModel(use, hop_s=1.0)
+        flags = np.array([r.anomaly for r in model.score_batch(window_records(drift_then_slow_fault(seed)))])
+        shares.append(float(flags[150:3350].mean()))
+        fault_kept = fault_kept and bool(flags[3350:3500].any()) and float(flags[-200:].mean()) > 0.95
+    return float(np.mean(shares)), fault_kept
+
+
 def fits_rows(spec: PcaSpec, n: int, d: int) -> bool:
     """True if each out-of-fold fit on ``n`` normal rows has more rows than a prepared row has columns.
 
@@ -226,6 +327,33 @@ def normal_before_faults(fit: PcaFit, runs: dict[str, F64], faults: tuple[int, .
     )
 
 
+def long_normal(spec: PcaSpec, normal: F64) -> dict[str, Any] | None:
+    """False episodes per day and the longest alarm held (windows) on ``normal`` out of fold in long blocks.
+
+    ``normal`` is cut into ``LONG_BLOCKS`` contiguous blocks; each is scored, from a cold start, by
+    a fit on the other blocks (joined in time order; the rows next to the block, which share its
+    lags or smoothing, left out).  None if such a fit has more columns than rows.
+    """
+    n, d = normal.shape
+    bounds = np.linspace(0, n, LONG_BLOCKS + 1).astype(int)
+    gap = gap_rows(spec)
+    if not fits_rows(spec, n - (bounds[1] - bounds[0]) - 2 * gap, d):
+        return None
+    spans: list[int] = []
+    flagged: list[npt.NDArray[np.bool_]] = []
+    for lo, hi in itertools.pairwise(bounds):
+        keep = np.r_[0 : max(lo - gap, 0), min(hi + gap, n) : n]
+        flags = novelty_scores(fit_pca(normal[keep], spec), normal[lo:hi])[spec.lags :] > 1.0
+        flagged.append(flags)
+        spans += alarm_spans(flags)
+    hours = sum(len(f) for f in flagged) * HOURS_PER_SAMPLE
+    return {
+        "long_false_episodes_per_day": round(len(spans) * 24.0 / hours, 2),
+        "long_max_held_windows": max(spans, default=0),
+        "long_far": round(float(np.mean(np.concatenate(flagged))), 4),
+    }
+
+
 def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
     """The grid point with the lowest mean missed-detection rate on the tuning faults' training runs.
 
@@ -235,7 +363,12 @@ def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
     another run of the plant, whose slow states sit elsewhere; a detector sensitive enough to flag
     every other run scores perfectly on the tuning faults (1.2.0's first grid chose such a point,
     see BENCHMARKS.md).  The episode bound is the aim of one false episode per machine-day, held on
-    tuning data only (1.3.0: 1.2.0's choice raised 1.5 per day on ``d00_te``).
+    tuning data only (1.3.0: 1.2.0's choice raised 1.5 per day on ``d00_te``).  And among those,
+    only points that follow slow normal drift on a generated machine as the gateway adapts
+    (:func:`follows_drift`, 1.4.0): the choice is what ships without settings, and 1.3.0's choice
+    was kept out of the defaults for failing that case.  And among those, only points that hold on
+    long normal operation (:func:`long_normal`, 1.5.0): 1.4.0's choice kept every bound above and
+    held a false alarm for 2.85 h on ``d00_te``.
     """
     grid: list[dict[str, Any]] = []
     n, d = runs["d00"].shape
@@ -257,6 +390,17 @@ def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
                 "tune_far_before_faults": round(far, 4),
                 "tune_false_episodes_per_day": round(episodes, 2),
             }
+        )
+    for g in filter(tuning_bounds, grid):
+        # Only where the tuning bounds hold (a second each): the drift case is the gateway's own path.
+        share, kept = follows_drift({k: g[k] for k in ("lags", "ewma", "ewma_slow", "cusum_k", "var_keep")})
+        g["drift_far"] = round(share, 4)
+        g["drift_fault_kept"] = kept
+        g.update(long_normal(spec_of(g), runs["d00"]) or {"long_false_episodes_per_day": None})
+    if not any(map(eligible, grid)):
+        raise SystemExit(
+            f"novelty_tep: no grid point keeps every bound ({sum(map(tuning_bounds, grid))} keep the tuning "
+            f"bounds, {sum(map(long_holds, grid))} the long-normal-operation ones): nothing to choose"
         )
     # Ties go to the simpler detector: fewer lags, less smoothing, no CUSUM.
     best = min(
@@ -339,11 +483,31 @@ def evaluate(runs: dict[str, F64], spec: PcaSpec) -> dict[str, Any]:
     return table
 
 
-def eligible(g: dict[str, Any]) -> bool:
+def tuning_bounds(g: dict[str, Any]) -> bool:
     """True if a grid point keeps both bounds on the tuning faults' normal runs (see :func:`choose`)."""
     return bool(
         g["tune_far_before_faults"] <= GUARD_FAR
         and g["tune_false_episodes_per_day"] <= GUARD_EPISODES_PER_DAY
+    )
+
+
+def eligible(g: dict[str, Any]) -> bool:
+    """True if a grid point keeps the tuning bounds and follows the generated drift (see :func:`choose`)."""
+    return bool(
+        tuning_bounds(g)
+        and g.get("drift_far", 1.0) <= GUARD_FAR
+        and g.get("drift_fault_kept", False)
+        and long_holds(g)
+    )
+
+
+def long_holds(g: dict[str, Any]) -> bool:
+    """True if a grid point keeps the long-normal-operation bounds on ``d00`` (see :func:`long_normal`)."""
+    episodes = g.get("long_false_episodes_per_day")
+    return bool(
+        episodes is not None
+        and episodes <= GUARD_EPISODES_PER_DAY
+        and g["long_max_held_windows"] <= LONG_MAX_HELD
     )
 
 
@@ -395,7 +559,14 @@ def report(ev: dict[str, Any], spec: PcaSpec, grid: list[dict[str, Any]]) -> str
             f"{sum(map(eligible, grid))} of {len(grid)} grid points that, on the tuning faults' test runs before "
             f"their faults (56 h of normal operation), flag at most {GUARD_FAR:.0%} of the samples and raise at "
             f"most {GUARD_EPISODES_PER_DAY:g} false episode per day (this point: {mine['tune_far_before_faults']:.1%}, "
-            f"{mine['tune_false_episodes_per_day']} per day). No held-out run entered the choice."
+            f"{mine['tune_false_episodes_per_day']} per day; {sum(map(tuning_bounds, grid))} points keep these two), "
+            f"and that follow the generated machine's slow normal drift with the gateway's adaptation, flagging "
+            f"at most {GUARD_FAR:.0%} of its normal windows, and find and keep its slow fault (this point: "
+            f"{mine['drift_far']:.1%}), and that on d00 out of fold in {LONG_BLOCKS} blocks of 8.3 h raise at most "
+            f"{GUARD_EPISODES_PER_DAY:g} false episode per day and hold no alarm longer than {LONG_MAX_HELD} windows "
+            f"(this point: {mine['long_false_episodes_per_day']} per day, longest {mine['long_max_held_windows']} "
+            f"windows, {mine['long_far']:.1%} flagged; {sum(map(long_holds, grid))} points keep these two). "
+            "No held-out run entered the choice; the gateway's defaults are this point."
         ),
         "",
         (
@@ -406,6 +577,54 @@ def report(ev: dict[str, Any], spec: PcaSpec, grid: list[dict[str, Any]]) -> str
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+# What the card says of the detector's limits (written with every run; figures as of 1.5.0).
+LIMITS = (
+    "Settings transfer as counts of windows, not minutes: TEP samples are 3 min apart. "
+    "Faults that leave the joint distribution of the measured variables unchanged (3, 9, 15 in TEP) are "
+    "not separable from normal by any detector of normal data alone. The subspace and the CUSUM's scales "
+    "are fixed at commissioning, and so are the spreads; only the inputs' means adapt, on windows judged "
+    "normal after a run of them, following a drift with a lag of its slope over adapt_rate: a fault that "
+    "develops slower than that is learned. Limits (1.4.0): each statistic's limit and the threshold are the "
+    "99 % quantile of out-of-fold commissioning scores, raised where needed so that no held-out block holds "
+    "two windows above them in a row (episode_limit): a slowly moving statistic's top 1 % are runs, and at "
+    "the quantile alone the commissioning's own data raised episodes (the residual CUSUM on d00: one in "
+    "25 h; the fusion's novelty member on the simulated pump: 8-11 in 30 min). The gateway's defaults are "
+    "the chosen settings (1.4.0); the residual CUSUM is on at the chosen allowance when commissioning_s is "
+    "at least 6 h (gateway_cusum_default), off below (on the simulated pump at allowance 0.5, 3 seeds: "
+    "after 1, 2 or 4 h of commissioning it added false episodes or flagged time in 2 of 3 seeds, after 6 h "
+    "none; not re-measured at 1.0). "
+    "Clearing rule (1.3.0): each CUSUM sum is held at most cusum_clear (10) allowances above its alarm "
+    "level, so its alarm clears about 10 windows after the residuals are back; a fault whose residuals "
+    "come and go is flagged less of its time. Long normal operation (1.5.0): the selection requires at "
+    "most one false episode per day and no alarm held over 1 h on d00 out of fold in 8.3 h blocks; 1.4.0's "
+    "allowance 0.5 held one 31 windows there, and on d00_te held false alarms for 2.85 h and 1.5 h+ (a "
+    "residual sitting at about the allowance holds the sum at its level); at 1.0 the slow held-out faults "
+    "are found less (fault 21 misses 0.25 of its samples against 0.10 at 0.5). False episodes on "
+    "held-apart normal data, frozen after commissioning: 1.0 per day on d00_te at its own limit (2 in "
+    "48 h, 1.3 % of its windows flagged); 0.43 per day on the 14 held-out runs before their faults. "
+    "Through the gateway's own pipeline, adapting as it ships (gateway_path): 3 on d00_te (1.5 per day, "
+    "above the aim of one; 1.5 % flagged, none held over 9 min), 2 in the held-out runs' 112 h before "
+    "their faults, 1 in the tuning runs' 56 h. The long-operation guard has 25 h of one run; a plant "
+    "whose normal offsets last longer than d00's can still hold an alarm for hours."
+)
+
+
+# What a site saw on d00_te with 1.4.0 as shipped (gateway_path; diagnosis recorded in
+# BENCHMARKS.md, "What a site sees on d00_te"), and what 1.5.0 changed: written under the figures.
+SITE_VIEW = (
+    "What a site saw on d00_te with 1.4.0 (as shipped: the defaults, commissioned on d00, adapting, "
+    "through the gateway's pipeline; held-out data, seen before, nothing chosen on it): 97 of 960 "
+    "windows flagged (10.1 %), 4 alarms. Two are T2's and short (raised at windows 257 and 827, each "
+    "cleared 9 min later). Two are the residual CUSUM's and long, in the run's last five hours: raised "
+    "at 866 on v26 (reactor feed, component D), held 2.85 h (55 of its 57 windows flagged), cleared at "
+    "922; raised 21 min later at 929 on v27's smoothed column (component E), still on when the run ends "
+    "1.5 h later. Each is held by a residual sitting at about the allowance 0.5, so the sum stays at "
+    "its level until the residual falls back. With 1.5.0 (allowance 1.0, chosen with the long-operation "
+    "guard; d00_te seen before for other points): 14 windows flagged (1.5 %), 3 alarms (257, 827, 913), "
+    "each cleared 9 min after it was raised."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -451,34 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         "tuning_faults": list(TUNE),
         "grid": grid,
         "evaluation": ev,
-        "limits": (
-            "Settings transfer as counts of windows, not minutes: TEP samples are 3 min apart. "
-            "Faults that leave the joint distribution of the measured variables unchanged (3, 9, 15 "
-            "in TEP) are not separable from normal by any detector of normal data alone. The subspace "
-            "and the CUSUM's scales are fixed at commissioning, and so are the spreads; only the inputs' means "
-            "adapt, on windows "
-            "judged normal after a run of them, following a drift with a lag of its slope over adapt_rate: "
-            "a fault that develops slower than that is learned. The chosen settings (no smoothing, lags 1) do "
-            "not follow slow normal drift after a short commissioning (tests/test_novelty.py's drift case); "
-            "1.0.0's settings with the CUSUM at the chosen allowance (novelty_1_0_cusum) do. The gateway's "
-            "defaults keep 1.0.0's settings; the CUSUM is on at the chosen allowance when commissioning_s is "
-            "at least 2 h (gateway_cusum_default), off below: after half an hour of commissioning it flags the "
-            "simulated pump's slow wander (flagged 2.8-5.3 of 6 h over 3 seeds, T2/SPE alone 0.02-3.1 h), "
-            "after 1 h it added a false episode in one seed, after 2 h none. Clearing rule (1.3.0): each CUSUM sum is held at most cusum_clear (10) "
-            "allowances above its alarm level, so its alarm clears about 10 windows after the residuals are "
-            "back (plus the smoothing's settling and the episode's clear_after; before, a sum grown over a long "
-            "fault fell by one allowance per window). Below the alarm level the cap never acts: a fault is "
-            "first flagged as early; but one whose residuals come and go is flagged less of its time (at 1 % "
-            "FAR on d00_te, tuning fault 19: 0.26 missed against 0.07 uncapped, held-out mean 0.244 against "
-            "0.241, fault 21 unchanged). False episodes on held-apart normal data: the chosen detector raises 1.5 per day on "
-            "d00_te at its own limit (3 in 48 h), above the aim of one; 0.65 per day on the 14 held-out runs "
-            "before their faults. The selection held the aim on tuning runs only (0 per day there). These figures score "
-            "a detector frozen after commissioning; the gateway's adapts on windows it judged normal: through the "
-            "gateway's own pipeline (gateway_path, models/recipes/novelty_tep_gateway.py) the chosen settings raise "
-            "6 false episodes in d00_te's 48 h (3.0 per day, 8.6 % of its windows flagged) against 3 frozen, "
-            "2 in the held-out runs' 112 h before their faults against 3; the gateway's defaults 3 against 2 on "
-            "d00_te; held-out misses move by at most 0.012 in the mean."
-        ),
+        "limits": LIMITS,
     }
     path = args.out / f"{NAME}.detector.json"
     before = json.loads(path.read_text("utf-8")) if path.exists() else {}
@@ -487,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         # after a change of them (tests/test_novelty.py checks that they agree).
         card["gateway_path"] = before["gateway_path"]
     path.write_text(json.dumps(card, indent=1, sort_keys=True) + "\n", "utf-8")
-    (args.out / f"{NAME}.eval.md").write_text(f"# {NAME} {VERSION} on TEP\n\n{text}", "utf-8")
+    (args.out / f"{NAME}.eval.md").write_text(f"# {NAME} {VERSION} on TEP\n\n{text}\n{SITE_VIEW}\n", "utf-8")
     return 0
 
 

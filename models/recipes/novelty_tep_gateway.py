@@ -1,4 +1,4 @@
-"""Novelty 1.3.0 on the Tennessee Eastman runs as it ships: through the gateway's pipeline, adapting.
+"""Novelty on the Tennessee Eastman runs as it ships: through the gateway's pipeline, adapting.
 
 Run: ``python -m models.recipes.novelty_tep_gateway --data /work/shared/data`` (a few minutes).
 
@@ -27,12 +27,12 @@ through that code, nothing re-implemented:
 * what is counted is what leaves the gateway: a window is flagged when the score it carries in its
   record is above 1, an alarm is an ``anomaly`` record of model ``novelty``.
 
-Two settings, both fixed by novelty 1.3.0 (no setting is chosen here, and no held-out figure chose
-anything): the gateway's defaults (the card's ``gateway_defaults``: 1.0.0's settings, the
-CUSUM on by ``gateway_cusum_default``) and the card's ``chosen`` settings set in
-``[models.novelty]``.  Each is replayed twice: as shipped (``adapt_rate`` default) and with
-``adapt_rate = 0``, and beside them the recipe's own frozen scoring of the same settings in the
-same run, so the effect of adaptation is told apart from the effect of the gateway's start-up.
+One setting, fixed by the card (1.5.0; no setting is chosen here, and no held-out figure chose
+anything): the gateway's defaults, which since 1.4.0 are the card's ``chosen`` settings (the
+CUSUM on at the chosen allowance by ``gateway_cusum_default``); the recipe stops if they differ.
+It is replayed twice: as shipped (``adapt_rate`` default) and with ``adapt_rate = 0``, and beside
+them the recipe's own frozen scoring of the same settings in the same run, so the effect of
+adaptation is told apart from the effect of the gateway's start-up.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +89,9 @@ STREAMS = tuple(
     Stream("tep", SUBJECT, "TEP-SIM", industrial_metric(f"TEP/v{j:02d}", "1"), "industrial", 1.0 / PERIOD_S)
     for j in range(1, 53)
 )
-#: Settings replayed: the gateway's defaults, and the card's choice set in [models.novelty].
-SETTINGS = ("gateway_defaults", "card_choice")
+#: Settings replayed: the gateway's defaults (since 1.4.0 the card's choice: a site without settings
+#: gets it; "card_choice" sets the same values in [models.novelty], kept for older cards).
+SETTINGS = ("gateway_defaults",)
 #: The runs replayed after commissioning: normal operation, then every held-out fault's test run.
 RUNS = ("d00_te", *(f"d{f:02d}_te" for f in HELD))
 #: And the tuning faults' test runs up to their faults: the normal operation a choice may look at.
@@ -104,6 +105,7 @@ class Replay:
 
     flags: list[bool | None]
     raised: list[int]  # windows (= samples) whose record raised an anomaly alarm
+    named: list[str] = field(default_factory=list)  # per raise, the input it names first
 
 
 def novelty_table(card: dict[str, Any], setting: str, *, adapt: bool) -> dict[str, Any]:
@@ -196,15 +198,15 @@ def replay(state: Path, table: dict[str, Any], x: npt.NDArray[np.float64], workd
     flags: list[bool | None] = [
         None if (s := w["scores"].get(MODEL)) is None else bool(s > 1.0) for w in windows
     ]
-    raised = sorted(
-        index[a["t"]]
+    raises = sorted(
+        (index[a["t"]], max(a["contrib"], key=a["contrib"].get, default=""))
         for a in records
         if a["lane"] == Lane.ALARMS
         and a["alarm"] == AlarmKind.ANOMALY.value
         and a["detail"].get("model") == MODEL
         and a["detail"].get("episode") != "resumed"
     )
-    return Replay(flags, raised)
+    return Replay(flags, [i for i, _ in raises], [name for _, name in raises])
 
 
 def frozen(flags: B) -> Replay:
@@ -277,9 +279,13 @@ def evaluate(runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp
         table = novelty_table(card, setting, adapt=True)
         use = NoveltyUse.model_validate(table)
         spec = spec_of_use(use)
-        if setting == "card_choice" and spec.cusum_k != card["chosen"]["cusum_k"]:
+        chosen = card["chosen"]
+        got = (spec.lags, spec.ewma, spec.ewma_slow, spec.var_keep, spec.cusum_k)
+        want = tuple(chosen[k] for k in ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k"))
+        if got != want:
             raise SystemExit(
-                f"novelty_tep_gateway: the default CUSUM rule gives {spec.cusum_k}, not the card's"
+                f"novelty_tep_gateway: {setting} builds {got} (lags, ewma, ewma_slow, var_keep, cusum_k), "
+                f"not the card's choice {want}: the defaults and the card must say one thing"
             )
         fit = fit_pca(runs["d00"], spec)
         normal = {run: runs[run][:FAULT_AT_TE] for run in TUNING}
@@ -383,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         ev = evaluate(runs, card, Path(tmp))
     ev["seconds"] = round(time.monotonic() - t0, 1)
     ev["card_version"] = card["version"]
-    ev["protocol"] = __doc__.split("Here every run")[1].split("Two settings")[0].strip() if __doc__ else ""
+    ev["protocol"] = __doc__.split("Here every run")[1].split("One setting")[0].strip() if __doc__ else ""
     sys.stdout.write(report(ev))
     card["gateway_path"] = ev
     path.write_text(json.dumps(card, indent=1, sort_keys=True) + "\n", "utf-8")
