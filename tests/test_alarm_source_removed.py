@@ -8,7 +8,10 @@ The same through a real ``edgetwin run``, broker and twin: tests/test_alarm_sour
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from drivers import REGISTRY
 from gateway.alarms.ledger import FILE_NAME, AlarmLedger
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import Config, validate
-from gateway.contracts import Alarm, AlarmKind, Lane
+from gateway.contracts import Alarm, AlarmKind, Driver, Lane
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import AlarmRecord, as_map, decode
 from gateway.runtime import Pipeline
@@ -75,6 +78,32 @@ class Site:
 
     def subject(self, raw: str) -> Any:
         return self.view.gateways["gw"].subjects[self.anon.subject_pseudonym(raw)]
+
+    async def start(
+        self, cfg: Config, drv: Driver, done: Callable[[], bool], what: str
+    ) -> list[dict[str, Any]]:
+        """One start of the gateway: ``drv`` (fresh) into its pipeline until ``done()``; the alarms sent."""
+        before = len(self.alarms)
+        async with AsyncOutbox(lambda: Outbox(self.tmp / "outbox.db")) as outbox:
+            pipeline = Pipeline(cfg, self.anon, outbox)
+            await pipeline.end_vanished()
+            task = asyncio.create_task(drv.run(pipeline.sink, started=lambda: None), name="test:driver")
+            try:
+                deadline = time.monotonic() + 20.0
+                while not done():
+                    assert not task.done(), f"the driver stopped before {what}: {task.exception()!r}"
+                    assert time.monotonic() < deadline, f"timed out after 20 s waiting for {what}"
+                    await asyncio.sleep(0.02)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await pipeline.step()  # which keeps the conditions on for the next start
+            await outbox.flush()
+            items = await outbox.lease(1000)
+            self.take(items)
+            await outbox.ack([i.id for i in items])
+        return self.alarms[before:]
 
 
 async def spo2(pipeline: Pipeline, stream: Stream, value: float, seconds: int, t0: float) -> float:

@@ -43,9 +43,7 @@ from drivers.ble.testbed.wearables import load_record_beats
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.contracts import Alarm, AlarmKind, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
-from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import encode
-from gateway.runtime import Pipeline
 from gateway.sample import Quality
 
 pytestmark = pytest.mark.slow
@@ -328,36 +326,27 @@ def test_a_low_battery_charged_while_the_gateway_was_down_ends_after_the_restart
     cfg = config(tmp_path, source)
     site = Site(tmp_path)
 
-    async def gateway_run(battery: int) -> list[dict[str, Any]]:
+    def gateway_run(battery: int) -> list[dict[str, Any]]:
         """One run of the gateway's pipeline and a fresh driver, until the battery level is read."""
-        before = len(site.alarms)
         (entry,) = cfg.sources
         assert isinstance(entry.config, BleConfig)
         drv = factory(entry.info, entry.config)
-        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
-            pipeline = Pipeline(cfg, site.anon, outbox)
-            await pipeline.end_vanished()
-            async with running(drv, pipeline.sink):
-                await wait_for(lambda: drv.status()[address].battery == battery, 20, "the battery level")
-            await pipeline.step()  # which keeps the conditions on for the next start
-            await outbox.flush()
-            items = await outbox.lease(1000)
-            site.take(items)
-            await outbox.ack([i.id for i in items])
-        return site.alarms[before:]
+        return asyncio.run(
+            site.start(cfg, drv, lambda: drv.status()[address].battery == battery, "the battery level")
+        )
 
     w = wearables("hr", address, rate=0, battery=12)
-    first = asyncio.run(gateway_run(12))
+    first = gateway_run(12)
     assert [(a["alarm"], a["detail"]["cause"]) for a in first] == [("sensor_fault", "low_battery")]
     assert len(site.subject("ward3-bed12").active) == 1
     w.stop()
     wearables("hr", address, rate=0, battery=87)  # charged while the gateway was down
-    after = asyncio.run(gateway_run(87))
+    after = gateway_run(87)
     assert [(a["alarm"], a["detail"]) for a in after] == [
         ("sensor_restored", {"after": "sensor_fault", "cause": "low_battery", "battery": 87})
     ]
     assert site.subject("ward3-bed12").active == {}
-    assert asyncio.run(gateway_run(87)) == []  # good again, nothing on: nothing sent
+    assert gateway_run(87) == []  # good again, nothing on: nothing sent
 
 
 # -- link loss and recovery --------------------------------------------------------------------------
