@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from data_support import DATA
 
 pytest.importorskip("bleak")
 pytest.importorskip("bluezoo")
@@ -694,10 +695,12 @@ def test_scan_watchdog_restarts_a_scan_gone_quiet(
 
 # -- MIT-BIH record 100 --------------------------------------------------------------------------------
 
-MITDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "physio" / "mitdb_100"
+MITDB = DATA / "physio" / "mitdb_100"
 
 
-@pytest.mark.skipif(not (MITDB / "100.atr").is_file(), reason="needs ../shared/data (MIT-BIH record 100)")
+@pytest.mark.skipif(
+    not (MITDB / "100.atr").is_file(), reason=f"MIT-BIH record 100 not found under {DATA} (set EDGETWIN_DATA)"
+)
 def test_strap_replays_mit_bih_record_100_with_its_ectopic_beats(
     testbed: Testbed, wearables: Callable[..., WearableProcess]
 ) -> None:

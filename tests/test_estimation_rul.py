@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from data_support import DATA
 
 from drivers import REGISTRY
 from drivers.sim.engine import EngineGenerator
@@ -33,7 +33,6 @@ from gateway.runtime import Pipeline, build_problems
 from gateway.sample import SampleBlock, Stream, industrial_metric
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CMAPSS = DATA / "industrial" / "cmapss_fd001"
 ENGINE = "plant-b/engine-7"
 CYCLE_S = 10.0

@@ -8,11 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from data_support import DATA
 
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.inference.build import ModelsSection
@@ -21,7 +21,6 @@ from gateway.sample import Stream, industrial_metric
 from models.recipes.common import MODELS_DIR
 
 SIGNALS = ("Flow", "Pressure", "Current", "Temperature")
-DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TEP = DATA / "industrial" / "tep_braatz"
 
 
