@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from drivers import REGISTRY
 from gateway.alarms.ledger import FILE_NAME, AlarmLedger
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import Config, validate
-from gateway.contracts import Alarm, AlarmKind, Driver, Lane
+from gateway.contracts import Alarm, AlarmKind, Lane
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import AlarmRecord, as_map, decode
 from gateway.runtime import Pipeline
@@ -30,6 +30,7 @@ from gateway.twin.decoder import TwinMessage
 from gateway.twin.view import TwinView
 
 WALL = 1.7e9
+D = TypeVar("D")
 SPO2 = Stream("bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)
 SPO2_9 = Stream("bed9-ox", "ward3-bed9", "00:1C:05:AA:BB:09", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)
 
@@ -79,10 +80,19 @@ class Site:
     def subject(self, raw: str) -> Any:
         return self.view.gateways["gw"].subjects[self.anon.subject_pseudonym(raw)]
 
-    async def start(
-        self, cfg: Config, drv: Driver, done: Callable[[], bool], what: str
+    def restart(
+        self, cfg: Config, kind: type[D], done: Callable[[D], bool], what: str
     ) -> list[dict[str, Any]]:
-        """One start of the gateway: ``drv`` (fresh) into its pipeline until ``done()``; the alarms sent."""
+        """:meth:`start` in an event loop of its own."""
+        return asyncio.run(self.start(cfg, kind, done, what))
+
+    async def start(
+        self, cfg: Config, kind: type[D], done: Callable[[D], bool], what: str
+    ) -> list[dict[str, Any]]:
+        """One start of the gateway: a fresh driver of ``cfg``'s only source until ``done(driver)``; the alarms sent."""
+        (entry,) = cfg.sources
+        drv = REGISTRY[entry.driver].factory(entry.info, entry.config)
+        assert isinstance(drv, kind)
         before = len(self.alarms)
         async with AsyncOutbox(lambda: Outbox(self.tmp / "outbox.db")) as outbox:
             pipeline = Pipeline(cfg, self.anon, outbox)
@@ -90,7 +100,7 @@ class Site:
             task = asyncio.create_task(drv.run(pipeline.sink, started=lambda: None), name="test:driver")
             try:
                 deadline = time.monotonic() + 20.0
-                while not done():
+                while not done(drv):
                     assert not task.done(), f"the driver stopped before {what}: {task.exception()!r}"
                     assert time.monotonic() < deadline, f"timed out after 20 s waiting for {what}"
                     await asyncio.sleep(0.02)

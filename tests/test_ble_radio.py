@@ -328,12 +328,9 @@ def test_a_low_battery_charged_while_the_gateway_was_down_ends_after_the_restart
     site = Site(tmp_path)
 
     def gateway_run(battery: int) -> list[dict[str, Any]]:
-        """One run of the gateway's pipeline and a fresh driver, until the battery level is read."""
-        (entry,) = cfg.sources
-        assert isinstance(entry.config, BleConfig)
-        drv = factory(entry.info, entry.config)
-        return asyncio.run(
-            site.start(cfg, drv, lambda: drv.status()[address].battery == battery, "the battery level")
+        """One start of the gateway, a fresh driver, until the battery level is read."""
+        return site.restart(
+            cfg, BleDriver, lambda d: d.status()[address].battery == battery, "the battery level"
         )
 
     w = wearables("hr", address, rate=0, battery=12)

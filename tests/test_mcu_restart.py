@@ -303,10 +303,7 @@ def test_a_self_test_failed_before_a_restart_ends_when_the_repaired_node_is_back
     site = Site(tmp_path)
 
     def gateway_run(failed: bool) -> list[dict[str, Any]]:
-        (entry,) = cfg.sources
-        assert isinstance(entry.config, McuConfig)
-        drv = factory(entry.info, entry.config)
-        return asyncio.run(site.start(cfg, drv, lambda: drv.selftest_failed is failed, "the node's HELLO"))
+        return site.restart(cfg, McuDriver, lambda d: d.selftest_failed is failed, "the node's HELLO")
 
     assert gateway_run(False) == []  # healthy, nothing on: nothing sent
     damage_firmware(flash)

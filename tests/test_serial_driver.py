@@ -280,28 +280,21 @@ def test_a_low_battery_charged_while_the_gateway_was_down_ends_after_the_restart
     cfg = config(tmp_path, source)
     site = Site(tmp_path)
 
-    def gateway_run(frame: bytes, low: bool) -> list[dict[str, Any]]:
+    async def gateway_run(frame: bytes, low: bool) -> list[dict[str, Any]]:
         """One start of the gateway, a fresh driver and the monitor sending ``frame``, until judged."""
-        (entry,) = cfg.sources
-        assert isinstance(entry.config, SerialConfig)
-        drv = factory(entry.info, entry.config)
+        async with streaming(fd, frame):
+            return await site.start(cfg, SerialOximeter, lambda d: d.battery_low is low, "the battery judged")
 
-        async def main() -> list[dict[str, Any]]:
-            async with streaming(fd, frame):
-                return await site.start(cfg, drv, lambda: drv.battery_low is low, "the battery judged")
-
-        return asyncio.run(main())
-
-    first = gateway_run(LOW, True)
+    first = asyncio.run(gateway_run(LOW, True))
     assert [(a["alarm"], a["detail"]) for a in first] == [("sensor_fault", {"cause": "low_battery"})]
-    assert gateway_run(LOW, True) == []  # still low after a restart: the same condition
+    assert asyncio.run(gateway_run(LOW, True)) == []  # still low after a restart: the same condition
     assert len(site.subject(INFO.subject).active) == 1
-    after = gateway_run(GOOD, False)  # charged while the gateway was down
+    after = asyncio.run(gateway_run(GOOD, False))  # charged while the gateway was down
     assert [(a["alarm"], a["detail"]) for a in after] == [
         ("sensor_restored", {"after": "sensor_fault", "cause": "low_battery"})
     ]
     assert site.subject(INFO.subject).active == {}
-    assert gateway_run(GOOD, False) == []  # good again, nothing on: nothing sent
+    assert asyncio.run(gateway_run(GOOD, False)) == []  # good again, nothing on: nothing sent
 
 
 def test_silent_device_raises_stale_data(socat_pair: tuple[str, int]) -> None:
