@@ -8,9 +8,12 @@ The same through a real ``edgetwin run``, broker and twin: tests/test_alarm_sour
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,6 +30,7 @@ from gateway.twin.decoder import TwinMessage
 from gateway.twin.view import TwinView
 
 WALL = 1.7e9
+D = TypeVar("D")
 SPO2 = Stream("bed7-ox", "ward3-bed7", "00:1C:05:AA:BB:07", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)
 SPO2_9 = Stream("bed9-ox", "ward3-bed9", "00:1C:05:AA:BB:09", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)
 
@@ -75,6 +79,41 @@ class Site:
 
     def subject(self, raw: str) -> Any:
         return self.view.gateways["gw"].subjects[self.anon.subject_pseudonym(raw)]
+
+    def restart(
+        self, cfg: Config, kind: type[D], done: Callable[[D], bool], what: str
+    ) -> list[dict[str, Any]]:
+        """:meth:`start` in an event loop of its own."""
+        return asyncio.run(self.start(cfg, kind, done, what))
+
+    async def start(
+        self, cfg: Config, kind: type[D], done: Callable[[D], bool], what: str
+    ) -> list[dict[str, Any]]:
+        """One start of the gateway: a fresh driver of ``cfg``'s only source until ``done(driver)``; the alarms sent."""
+        (entry,) = cfg.sources
+        drv = REGISTRY[entry.driver].factory(entry.info, entry.config)
+        assert isinstance(drv, kind)
+        before = len(self.alarms)
+        async with AsyncOutbox(lambda: Outbox(self.tmp / "outbox.db")) as outbox:
+            pipeline = Pipeline(cfg, self.anon, outbox)
+            await pipeline.end_vanished()
+            task = asyncio.create_task(drv.run(pipeline.sink, started=lambda: None), name="test:driver")
+            try:
+                deadline = time.monotonic() + 20.0
+                while not done(drv):
+                    assert not task.done(), f"the driver stopped before {what}: {task.exception()!r}"
+                    assert time.monotonic() < deadline, f"timed out after 20 s waiting for {what}"
+                    await asyncio.sleep(0.02)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await pipeline.step()  # which keeps the conditions on for the next start
+            await outbox.flush()
+            items = await outbox.lease(1000)
+            self.take(items)
+            await outbox.ack([i.id for i in items])
+        return self.alarms[before:]
 
 
 async def spo2(pipeline: Pipeline, stream: Stream, value: float, seconds: int, t0: float) -> float:

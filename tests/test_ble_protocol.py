@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import math
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
+from data_support import DATA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -406,7 +406,7 @@ def test_synthetic_strap_carries_ectopic_beats() -> None:
     assert min(rr_sent) < 0.75 * max(rr_sent)
 
 
-MITDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "physio" / "mitdb_100"
+MITDB = DATA / "physio" / "mitdb_100"
 
 
 def test_mit_annotation_reader_on_a_crafted_file() -> None:
@@ -423,7 +423,9 @@ def test_mit_annotation_reader_on_a_crafted_file() -> None:
     assert [round(b.rr_ms) for b in beats_from_annotations(anns, 1000.0)] == [70010]
 
 
-@pytest.mark.skipif(not (MITDB / "100.atr").is_file(), reason="needs ../shared/data (MIT-BIH record 100)")
+@pytest.mark.skipif(
+    not (MITDB / "100.atr").is_file(), reason=f"MIT-BIH record 100 not found under {DATA} (set EDGETWIN_DATA)"
+)
 def test_mit_bih_record_100_beats() -> None:
     anns = read_mit_annotations((MITDB / "100.atr").read_bytes())
     beats = beats_from_annotations(anns, 360.0)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from data_support import DATA
 
 pytest.importorskip("bleak")
 pytest.importorskip("bluezoo")
@@ -43,9 +44,7 @@ from drivers.ble.testbed.wearables import load_record_beats
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.contracts import Alarm, AlarmKind, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
-from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import encode
-from gateway.runtime import Pipeline
 from gateway.sample import Quality
 
 pytestmark = pytest.mark.slow
@@ -328,36 +327,24 @@ def test_a_low_battery_charged_while_the_gateway_was_down_ends_after_the_restart
     cfg = config(tmp_path, source)
     site = Site(tmp_path)
 
-    async def gateway_run(battery: int) -> list[dict[str, Any]]:
-        """One run of the gateway's pipeline and a fresh driver, until the battery level is read."""
-        before = len(site.alarms)
-        (entry,) = cfg.sources
-        assert isinstance(entry.config, BleConfig)
-        drv = factory(entry.info, entry.config)
-        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
-            pipeline = Pipeline(cfg, site.anon, outbox)
-            await pipeline.end_vanished()
-            async with running(drv, pipeline.sink):
-                await wait_for(lambda: drv.status()[address].battery == battery, 20, "the battery level")
-            await pipeline.step()  # which keeps the conditions on for the next start
-            await outbox.flush()
-            items = await outbox.lease(1000)
-            site.take(items)
-            await outbox.ack([i.id for i in items])
-        return site.alarms[before:]
+    def gateway_run(battery: int) -> list[dict[str, Any]]:
+        """One start of the gateway, a fresh driver, until the battery level is read."""
+        return site.restart(
+            cfg, BleDriver, lambda d: d.status()[address].battery == battery, "the battery level"
+        )
 
     w = wearables("hr", address, rate=0, battery=12)
-    first = asyncio.run(gateway_run(12))
+    first = gateway_run(12)
     assert [(a["alarm"], a["detail"]["cause"]) for a in first] == [("sensor_fault", "low_battery")]
     assert len(site.subject("ward3-bed12").active) == 1
     w.stop()
     wearables("hr", address, rate=0, battery=87)  # charged while the gateway was down
-    after = asyncio.run(gateway_run(87))
+    after = gateway_run(87)
     assert [(a["alarm"], a["detail"]) for a in after] == [
         ("sensor_restored", {"after": "sensor_fault", "cause": "low_battery", "battery": 87})
     ]
     assert site.subject("ward3-bed12").active == {}
-    assert asyncio.run(gateway_run(87)) == []  # good again, nothing on: nothing sent
+    assert gateway_run(87) == []  # good again, nothing on: nothing sent
 
 
 # -- link loss and recovery --------------------------------------------------------------------------
@@ -705,10 +692,12 @@ def test_scan_watchdog_restarts_a_scan_gone_quiet(
 
 # -- MIT-BIH record 100 --------------------------------------------------------------------------------
 
-MITDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "physio" / "mitdb_100"
+MITDB = DATA / "physio" / "mitdb_100"
 
 
-@pytest.mark.skipif(not (MITDB / "100.atr").is_file(), reason="needs ../shared/data (MIT-BIH record 100)")
+@pytest.mark.skipif(
+    not (MITDB / "100.atr").is_file(), reason=f"MIT-BIH record 100 not found under {DATA} (set EDGETWIN_DATA)"
+)
 def test_strap_replays_mit_bih_record_100_with_its_ectopic_beats(
     testbed: Testbed, wearables: Callable[..., WearableProcess]
 ) -> None:

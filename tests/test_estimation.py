@@ -6,13 +6,13 @@ import asyncio
 import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from data_support import DATA
 
 from drivers import REGISTRY
 from gateway.anonymize import Anonymizer, Pseudonymizer
@@ -283,8 +283,6 @@ def test_battery_learns_a_faded_capacity_and_raises_low_soc_and_low_health(tmp_p
 
 
 # ---- real numerics (runs only where ../shared/data exists) --------------------------------------------
-
-DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.mark.skipif(

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from data_support import DATA
 
 from drivers import REGISTRY
 from drivers.sim.engine import EngineGenerator
@@ -29,11 +29,14 @@ from gateway.estimation.config import RulSpec
 from gateway.estimation.rul import RulEstimator, cycle_features, load_rul_model
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import as_map, decode
+from gateway.records.render import number
+from gateway.records.topics import DEFAULT_PREFIX
 from gateway.runtime import Pipeline, build_problems
 from gateway.sample import SampleBlock, Stream, industrial_metric
+from gateway.twin.decoder import decode_messages
+from gateway.twin.view import TwinView
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CMAPSS = DATA / "industrial" / "cmapss_fd001"
 ENGINE = "plant-b/engine-7"
 CYCLE_S = 10.0
@@ -134,8 +137,13 @@ def _streams(gen: EngineGenerator) -> dict[str, Stream]:
     }
 
 
-def _run(tmp: Path, gen: EngineGenerator, spans: list[tuple[float, float]]) -> list[dict[str, Any]]:
-    """The estimate records of the engine over ``spans`` (simulated seconds), a restart between spans."""
+def _run(
+    tmp: Path, gen: EngineGenerator, spans: list[tuple[float, float]], view: TwinView | None = None
+) -> list[dict[str, Any]]:
+    """The estimate records of the engine over ``spans`` (simulated seconds), a restart between spans.
+
+    ``view``, when given, is the twin's: every record goes to it as a message on its topic, decoded.
+    """
     config = validate(
         {
             "gateway": {"state_dir": str(tmp)},
@@ -181,6 +189,10 @@ def _run(tmp: Path, gen: EngineGenerator, spans: list[tuple[float, float]]) -> l
                 pipeline.save_estimators()  # as at the stop
                 await outbox.flush()
                 while batch := await outbox.lease(1000):
+                    for i in batch:
+                        for msg in decode_messages(f"{DEFAULT_PREFIX}/gw/{i.topic}", i.payload):
+                            if view is not None:
+                                view.update(msg)
                     out += [
                         as_map(decode(i.payload)) for i in batch if i.lane in (Lane.FEATURES, Lane.ALARMS)
                     ]
@@ -197,7 +209,8 @@ def test_a_wearing_engine_shows_rul_falling_within_its_interval_and_a_restart_ke
     assert isinstance(gen, EngineGenerator)
     life = gen.life_cycles
     half = round(life / 2) * CYCLE_S
-    records = _run(tmp_path, gen, [(0.0, half), (half, life * CYCLE_S)])
+    view = TwinView()
+    records = _run(tmp_path, gen, [(0.0, half), (half, life * CYCLE_S)], view)
     rul = [r for r in records if r.get("est") == "rul"]
     health = [r for r in records if r.get("est") == "health"]
     # Little life left: one process alarm, raised once the estimate fell below 30 cycles.
@@ -224,6 +237,24 @@ def test_a_wearing_engine_shows_rul_falling_within_its_interval_and_a_restart_ke
     ]
     assert np.mean(inside) >= 0.75
     assert rul[-1]["sd"] == pytest.approx(load_rul_model(MODELS, "rul_cmapss").card.interval_90 / 1.6449)
+    # The twin's view: the latest RUL of the machine with its interval, the cycles seen, the
+    # model and when; the low-RUL alarm on, with its estimate's value and limit.
+    latest = rul[-1]
+    shown = view.snapshot()["gw"]["subjects"][latest["subject"]]
+    assert shown["estimates"]["rul"] == latest
+    assert shown["estimates"]["health"] == health[-1]
+    d = latest["detail"]
+    text = view.render()
+    sd = number(float(format(latest["sd"], ".2g")))
+    assert (
+        f"    estimate RUL={number(latest['value'])}±{sd} cycles "
+        f"(90 %: {number(d['lo90'])}-{number(d['hi90'])}) measured, cycle {d['cycles']} [14 sources] "
+        f"model=rul_cmapss at run {latest['run']} t={number(round(latest['t'], 1))}"
+    ) in text.splitlines()
+    assert (
+        f"    on: limit RUL {number(alarm['value'])} (limit 30) since t={number(round(alarm['t'], 1))}"
+        in text
+    )
 
 
 @pytest.mark.campaign

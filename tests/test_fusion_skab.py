@@ -4,11 +4,11 @@ protocol, and one held-out fold is reproduced from the shared data (where it exi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from data_support import DATA
 
 from models.recipes.common import MODELS_DIR, binary_scores
 from models.recipes.fusion_skab import EPS, FOLDS, MAX_FAR, WEIGHTS, pump_scores
@@ -16,7 +16,6 @@ from models.recipes.novelty_skab import pca_scores
 from models.recipes.pump_skab import FIT_ROWS, load, window_features
 
 EVAL = MODELS_DIR / "fusion_skab.eval.json"
-DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SKAB = DATA / "industrial" / "skab" / "data" / "valve1"
 
 

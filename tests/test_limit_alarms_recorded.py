@@ -7,18 +7,17 @@ artefacts and slow trends no synthetic stream has.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from data_support import DATA
 
 from drivers.serial.sim import MimicNumerics
 from gateway.alarms.config import AlarmsSection, LimitSpec, limit_checker
 from gateway.contracts import AlarmKind
 from gateway.sample import MDC, Sample, Stream
 
-DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DATA = DATA / "physio" / "mimic_numerics"
 RECORDS = sorted(DATA.glob("*.hea")) if DATA.is_dir() else []
 SPO2 = Stream("mimic", "icu-1", "monitor", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)

@@ -14,11 +14,13 @@ import resource
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from peers import RecordingSink, running_driver
+from test_alarm_source_removed import Site, config
 
 from drivers.mcu.config import McuConfig, SimNodeConfig
 from drivers.mcu.driver import McuDriver, factory
@@ -31,6 +33,13 @@ from gateway.sample import SampleBlock, Stream
 pytestmark = pytest.mark.slow
 
 INFO = SourceInfo("motor7-adc", "plant-A/motor-7", "industrial")
+
+
+async def until(cond: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 class PipelineSink(RecordingSink):
@@ -232,3 +241,78 @@ def test_a_node_rebooted_while_the_gateway_was_paused_is_back_within_2_s(tmp_pat
     # The stall is a gap: at most one lost and one restored per stream, never a flapping series.
     per_stream = Counter((a.stream.key if a.stream else "", a.kind) for a in sink.pipeline_alarms)
     assert all(n == 1 for n in per_stream.values()), per_stream
+
+
+# -- a failed self-test and its ending ------------------------------------------------------------------
+
+
+def damage_firmware(flash: Path) -> None:
+    """Flip one byte of the running image in the node's flash: its self-test fails at the next boot.
+
+    Called again, it flips the byte back: the image the node was verified with, a repair.
+    """
+    data = bytearray(flash.read_bytes())
+    at = data.find(b"SIMG")  # the image's header (the factory image: the only one written)
+    assert at >= 0, "no image in the node's flash"
+    data[at + 64] ^= 0xFF
+    flash.write_bytes(bytes(data))
+
+
+SELFTEST_FAULT = ("sensor_fault", {"cause": "selftest_failed"})
+SELFTEST_ENDED = ("sensor_restored", {"after": "sensor_fault", "cause": "selftest_failed"})
+
+
+def test_a_failed_self_test_ends_when_the_node_reports_healthy_again(tmp_path: Path) -> None:
+    flash = tmp_path / "flash.bin"
+
+    async def main() -> tuple[RecordingSink, McuDriver]:
+        sink = RecordingSink(samples=False)
+        async with run_sim_node(SimNodeConfig(flash=flash), "test node") as node:
+            # A node whose self-test failed answers but sends no samples: not judged silent here.
+            driver = factory(INFO, McuConfig(port=node.path, silence_s=60.0))
+            async with running_driver(driver, sink):
+                await until(lambda: driver.selftest_failed is False, "the first HELLO")
+                damage_firmware(flash)
+                os.kill(node.process.pid, signal.SIGUSR1)  # a reboot: the self-test fails
+                await until(lambda: driver.selftest_failed is True, "the failed self-test")
+                await asyncio.sleep(0.5)  # its ERROR report follows the HELLO: the same fault
+                damage_firmware(flash)  # repaired
+                os.kill(node.process.pid, signal.SIGUSR1)
+                await until(lambda: driver.selftest_failed is False, "the healthy HELLO")
+        return sink, driver
+
+    sink, driver = asyncio.run(main())
+    # The first HELLO ends a failed self-test a previous run may have left on (the pipeline sends
+    # that ending only when one is on); the HELLO and the ERROR of the failed boot are one fault.
+    assert [(a.kind.value, dict(a.detail)) for a in sink.alarms] == [
+        SELFTEST_ENDED,
+        SELFTEST_FAULT,
+        SELFTEST_ENDED,
+    ]
+    first = next(iter(driver.streams.values()))
+    assert all(a.stream is first for a in sink.alarms)  # the node's first channel, raise and ending
+
+
+def test_a_self_test_failed_before_a_restart_ends_when_the_repaired_node_is_back(tmp_path: Path) -> None:
+    flash = tmp_path / "flash.bin"
+    source = {
+        "name": INFO.name, "driver": "mcu", "subject": INFO.subject, "kind": "industrial",
+        "simulate": {"node_id": "MOTOR-7731", "flash": str(flash)},
+    }  # fmt: skip
+    cfg = config(tmp_path, source)
+    site = Site(tmp_path)
+
+    def gateway_run(failed: bool) -> list[dict[str, Any]]:
+        return site.restart(cfg, McuDriver, lambda d: d.selftest_failed is failed, "the node's HELLO")
+
+    assert gateway_run(False) == []  # healthy, nothing on: nothing sent
+    damage_firmware(flash)
+    first = gateway_run(True)
+    assert [(a["alarm"], a["detail"]) for a in first] == [SELFTEST_FAULT]
+    assert first[0]["metric"] is not None  # on the node's first channel
+    assert gateway_run(True) == []  # still failing after a restart: the same condition
+    assert len(site.subject(INFO.subject).active) == 1
+    damage_firmware(flash)  # repaired while the gateway was down
+    after = gateway_run(False)
+    assert [(a["alarm"], a["detail"]) for a in after] == [SELFTEST_ENDED]
+    assert site.subject(INFO.subject).active == {}

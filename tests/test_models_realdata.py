@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
+from data_support import DATA
 
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.estimation.rul import load_rul_model
@@ -39,7 +38,6 @@ from models.recipes.rr_ectopic import BEAT_CODES, FS, PREMATURE_CODES, classify,
 from models.recipes.tflite import tflite_scores
 
 MODELS = default_models_dir()
-DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_data = pytest.mark.skipif(
     not (DATA / "README.md").exists(),
     reason=f"real labelled data not found at {DATA} (set EDGETWIN_DATA to the shared data folder)",

@@ -8,12 +8,11 @@ the shared data) checks that the runtime computes what the recipe evaluated.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pytest
+from data_support import DATA
 
 from drivers.sim.protocol import HR, RESP, SPO2, TEMP, Label
 from gateway.contracts import StreamFeatures, WindowRecord
@@ -37,7 +36,6 @@ from models.recipes.vitals_mimic import (
 )
 
 MODELS = default_models_dir()
-DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_data = pytest.mark.skipif(
     not (DATA / "physio" / "mimic_numerics").is_dir(),
     reason=f"MIMIC numerics not found under {DATA} (set EDGETWIN_DATA to the shared data folder)",

@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from data_support import DATA
 
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.inference.build import ModelsSection
@@ -34,7 +34,6 @@ from gateway.sample import Stream, industrial_metric
 from models.recipes.common import MODELS_DIR
 from models.recipes.novelty_tep import SIGNALS, drift_then_slow_fault, machine_rows, window_records
 
-DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TEP = DATA / "industrial" / "tep_braatz"
 records = window_records
 

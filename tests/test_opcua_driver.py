@@ -7,6 +7,7 @@ a node removed and re-added; a node's data type changed; Bad and Uncertain statu
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import math
 import os
@@ -20,10 +21,13 @@ from peers import free_port
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.driver import OpcUaDriver, factory
 from drivers.opcua.plcsim import NAMESPACE_URI, PlcSimProcess
+from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SourceInfo
 from gateway.errors import ConfigError
 from gateway.pipeline.windows import Windower
+from gateway.records import AlarmRecord, decode, encode
 from gateway.sample import Quality, Sample, SampleBlock
+from gateway.twin.view import condition_key
 
 INFO = SourceInfo("pump-3-plc", "plant-A/pump-3", "industrial")
 # The scenario is a server started 30 s after the gateway; the mechanism is the same at
@@ -221,6 +225,48 @@ def test_node_removed_and_readded_while_the_others_continue(plc: PlcSimProcess) 
         assert restored[0].stream is faults[0].stream
 
     asyncio.run(main())
+
+
+def test_a_node_absent_at_the_start_ends_its_fault_as_it_was_raised_when_it_appears(
+    plc: PlcSimProcess,
+) -> None:
+    path = "Pump1/Hydraulics/Pressure"
+
+    sink = Recorder()
+    driver = make_driver(plc.endpoint)
+
+    async def scenario() -> None:
+        plc.command("remove Pressure")  # not there yet when the driver first resolves its nodes
+        async with Running(driver, sink) as run:
+            try:
+                await until(lambda: run.starts == 1, 10, "started()")
+                await until(lambda: driver.health[path] != "good", 15, "the absent node to be bad")
+            finally:
+                plc.command("add Pressure")
+            await until(lambda: driver.health[path] == "good", 15, "the node to be good")
+            await until(lambda: len(sink.of(path)) > 2, 15, "its data")
+
+    asyncio.run(scenario())
+    (fault,) = [a for a in sink.alarms if a.kind == AlarmKind.SENSOR_FAULT]
+    (restored,) = [a for a in sink.alarms if a.kind == AlarmKind.SENSOR_RESTORED]
+    # Raised before the node ever resolved (no stream: the node by its place in the config), and
+    # ended the same way, although it has a stream by then: one condition, ended at the twin.
+    assert fault.stream is None
+    assert fault.detail["item"] == 2
+    assert restored.stream is None
+    assert dict(restored.detail) == {"after": "sensor_fault", "status": "good", "item": 2}
+    anon = Anonymizer(Pseudonymizer(b"k" * 32), time_mode="relative")
+    keys = []
+    for alarm in (fault, restored):
+        sealed = anon.seal(functools.partial(anon.alarm, alarm), encode)
+        assert sealed is not None
+        rec = decode(sealed[1])
+        assert isinstance(rec, AlarmRecord)
+        keys.append(condition_key(rec))
+    raised, ended = keys
+    assert raised is not None
+    assert raised[1] is True
+    assert ended == (raised[0], False)  # the twin's condition the ending ends is the one raised
 
 
 def test_node_data_type_changed(plc: PlcSimProcess) -> None:

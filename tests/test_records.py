@@ -260,6 +260,20 @@ def test_an_estimate_reads_as_value_plus_minus_sd_with_its_sources() -> None:
     assert describe(decode(encode(lost))) == "run 2 t=12 ESTIMATE HR=? lost"
 
 
+def test_a_remaining_life_reads_with_its_90_percent_interval_cycles_and_inputs_held() -> None:
+    src = tuple(EstimateSource(DEV, f"Engine/S{k}", 1 / 14) for k in range(14))
+    detail: dict[str, float | int | str | bool] = {
+        "lo90": 56.52, "hi90": 118.3, "cycles": 45, "held": 2, "model": "rul_cmapss",
+    }  # fmt: skip
+    rec = EstimateRecord(
+        SUBJECT, "industrial", 450.0, "rul", "{cycle}", "bridged", 87.4, 18.77, src, detail, run=3
+    )
+    assert describe(decode(encode(rec))) == (
+        "run 3 t=450 ESTIMATE RUL=87.4±19 cycles (90 %: 56.52-118.3) bridged, cycle 45, 2 inputs held "
+        "[14 sources] model=rul_cmapss"
+    )
+
+
 @given(
     st.builds(
         StatusRecord,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from data_support import DATA
 
 from drivers import REGISTRY
 from drivers.sim import rhythms
@@ -30,7 +30,6 @@ from models.recipes.rr_rhythm import classify, mitdb_100
 
 RRS = Stream("strap", "bed1", "strap-1", MDC[RR])
 T0, WALL0 = 1000.0, 1.7e9
-DATA = Path(os.environ.get("EDGETWIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CARD = Path(inference.__file__).resolve().parents[2] / "models" / "rr_rhythm.card.json"
 
 

@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 from peers import RecordingSink, socat_ptys
+from test_alarm_source_removed import Site, config
 
 from drivers.serial import contec, masimo, nonin
 from drivers.serial.config import SerialConfig
-from drivers.serial.driver import PI, PULSE, SPO2, SerialOximeter, factory
+from drivers.serial.driver import BATTERY_GOOD_S, PI, PULSE, SPO2, SerialOximeter, factory
 from drivers.serial.formats import PARSERS
 from drivers.serial.port import DeviceAbsentError, DeviceLostError
 from drivers.serial.protocol import Status
@@ -177,25 +178,123 @@ def test_sensor_off_and_missing_values_are_quality_flags_not_numbers(socat_pair:
     assert {a.kind for a in alarms} == {AlarmKind.SENSOR_FAULT}
 
 
-def test_low_battery_is_a_device_alarm(socat_pair: tuple[str, int]) -> None:
+MASIMO_LINE = masimo.encode_line((2024, 1, 15, 10, 30, 0), 97, 72, 3.6, masimo.EXC_SET)
+LOW = nonin.encode_df8(72, 97, int(Status.LOW_BATTERY))
+GOOD = nonin.encode_df8(72, 97, 0)
+
+
+async def stream_frames(fd: int, frame: bytes, seconds: float) -> None:
+    """The monitor sends ``frame`` five times a second for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        os.write(fd, frame)
+        await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def streaming(fd: int, frame: bytes) -> AsyncIterator[None]:
+    """The monitor sends ``frame`` five times a second while the block runs."""
+    task = asyncio.create_task(stream_frames(fd, frame, math.inf), name="test:monitor")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def alarms(sink: RecordingSink) -> list[tuple[AlarmKind, dict[str, float | str]]]:
+    return [(a.kind, dict(a.detail)) for a in sink.alarms]
+
+
+LOW_BATTERY = (AlarmKind.SENSOR_FAULT, {"cause": "low_battery"})
+GOOD_AGAIN = (AlarmKind.SENSOR_RESTORED, {"after": "sensor_fault", "cause": "low_battery"})
+
+
+def test_low_battery_is_a_device_alarm_that_ends_once_the_bit_stays_clear(
+    socat_pair: tuple[str, int],
+) -> None:
     port, fd = socat_pair
+    drv = driver(port, protocol="nonin8")
+
+    async def main() -> tuple[RecordingSink, float]:
+        sink = RecordingSink(blocks=False)
+        async with running(drv, sink):
+            await send_until_read(fd, GOOD, sink)  # good, but not yet for BATTERY_GOOD_S
+            os.write(fd, LOW)
+            await until(lambda: drv.battery_low is True)
+            await stream_frames(fd, GOOD, 2.0)  # clear for a moment (the load passed): still low
+            await stream_frames(fd, LOW, 0.4)
+            assert drv.battery_low is True
+            clear_from = time.monotonic()
+            async with streaming(fd, GOOD):
+                await until(lambda: drv.battery_low is False, timeout=BATTERY_GOOD_S + 10)
+        return sink, clear_from
+
+    sink, clear_from = asyncio.run(main())
+    assert alarms(sink) == [LOW_BATTERY, GOOD_AGAIN]
+    assert sink.alarms[1].t_mono - clear_from >= BATTERY_GOOD_S
+    assert all(a.stream is not None and a.stream.metric is SPO2 for a in sink.alarms)
+    assert all(s.quality == Quality.GOOD for s in sink.samples)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "frame"), [("nonin8", GOOD), ("masimo", MASIMO_LINE)], ids=["nonin8", "masimo"]
+)
+def test_a_runs_first_good_battery_ends_one_left_on_and_a_format_without_the_bit_says_nothing(
+    protocol: str, frame: bytes, socat_pair: tuple[str, int]
+) -> None:
+    port, fd = socat_pair
+    drv = driver(port, protocol=protocol)
 
     async def main() -> RecordingSink:
         sink = RecordingSink(blocks=False)
-        async with running(driver(port, protocol="nonin8"), sink):
-            await send_until_read(fd, nonin.encode_df8(72, 97, 0) * 2, sink)
-            os.write(
-                fd, nonin.encode_df8(72, 97, int(Status.LOW_BATTERY)) * 3 + nonin.encode_df8(72, 97, 0) * 3
-            )
-            await until(lambda: len(sink.alarms) >= 2)
+        async with running(drv, sink), streaming(fd, frame):
+            await until(lambda: bool(sink.values(SPO2.name)))
+            first = sink.samples[0].t_mono
+            await until(lambda: sink.samples[-1].t_mono - first > BATTERY_GOOD_S + 0.5, BATTERY_GOOD_S + 10)
         return sink
 
     sink = asyncio.run(main())
-    assert [(a.kind, a.detail["cause"]) for a in sink.alarms] == [
-        (AlarmKind.SENSOR_FAULT, "low_battery"),
-        (AlarmKind.SENSOR_RESTORED, "low_battery"),
+    if PARSERS[protocol].reports_battery:
+        # The driver ends a low battery a previous run may have left on; the pipeline sends that
+        # ending only when one is on (the restart test below).
+        assert alarms(sink) == [GOOD_AGAIN]
+        assert drv.battery_low is False
+    else:
+        assert sink.alarms == []
+        assert drv.battery_low is None
+
+
+def test_a_low_battery_charged_while_the_gateway_was_down_ends_after_the_restart(
+    socat_pair: tuple[str, int], tmp_path: Path
+) -> None:
+    port, fd = socat_pair
+    source = {
+        "name": INFO.name,
+        "driver": "serial",
+        "subject": INFO.subject,
+        "port": port,
+        "protocol": "nonin8",
+    }
+    cfg = config(tmp_path, source)
+    site = Site(tmp_path)
+
+    async def gateway_run(frame: bytes, low: bool) -> list[dict[str, Any]]:
+        """One start of the gateway, a fresh driver and the monitor sending ``frame``, until judged."""
+        async with streaming(fd, frame):
+            return await site.start(cfg, SerialOximeter, lambda d: d.battery_low is low, "the battery judged")
+
+    first = asyncio.run(gateway_run(LOW, True))
+    assert [(a["alarm"], a["detail"]) for a in first] == [("sensor_fault", {"cause": "low_battery"})]
+    assert asyncio.run(gateway_run(LOW, True)) == []  # still low after a restart: the same condition
+    assert len(site.subject(INFO.subject).active) == 1
+    after = asyncio.run(gateway_run(GOOD, False))  # charged while the gateway was down
+    assert [(a["alarm"], a["detail"]) for a in after] == [
+        ("sensor_restored", {"after": "sensor_fault", "cause": "low_battery"})
     ]
-    assert all(s.quality == Quality.GOOD for s in sink.samples)
+    assert site.subject(INFO.subject).active == {}
+    assert asyncio.run(gateway_run(GOOD, False)) == []  # good again, nothing on: nothing sent
 
 
 def test_silent_device_raises_stale_data(socat_pair: tuple[str, int]) -> None:
@@ -304,7 +403,8 @@ def test_unplug_and_replug_under_the_same_path(tmp_path: Path) -> None:
 
         run = asyncio.create_task(sup.run(drain, 1.0), name="test:supervisor")
         try:
-            await until(lambda: len(sink.values(SPO2.name)) >= 2)
+            # The first connection judges the battery good once it has been so BATTERY_GOOD_S.
+            await until(lambda: drv.battery_low is False, timeout=BATTERY_GOOD_S + 10)
             sim.unplug()
             await until(lambda: any(a.kind is AlarmKind.SENSOR_LOST for a in sink.alarms))
             assert not Path(sim.path).exists()
@@ -323,6 +423,7 @@ def test_unplug_and_replug_under_the_same_path(tmp_path: Path) -> None:
         sim.stop()
     kinds = [(a.kind, dict(a.detail)) for a in sink.alarms]
     assert kinds == [
+        GOOD_AGAIN,  # the ending of a low battery a previous run may have left on (sent only then)
         (AlarmKind.SENSOR_LOST, {"cause": "unplugged"}),
         (AlarmKind.SENSOR_RESTORED, {"after": "sensor_lost", "cause": "unplugged"}),
     ]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_support import DATA
 from peers import LoggedProcess
 
 from drivers.serial import contec
@@ -31,7 +32,7 @@ from drivers.serial.sim import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-MIMIC = REPO.parent / "shared" / "data" / "physio" / "mimic_numerics" / "s25047-2704-05-04-10-44n.hea"
+MIMIC = DATA / "physio" / "mimic_numerics" / "s25047-2704-05-04-10-44n.hea"
 
 
 def decode(protocol: str, data: bytes) -> list[Reading]:
@@ -121,7 +122,7 @@ def test_mimic_numerics_replay(tmp_path: Path) -> None:
     assert gone.status == Status.FINGER_OUT
 
 
-@pytest.mark.skipif(not MIMIC.exists(), reason="shared MIMIC numerics not present")
+@pytest.mark.skipif(not MIMIC.exists(), reason=f"MIMIC numerics not found under {DATA} (set EDGETWIN_DATA)")
 def test_mimic_numerics_from_the_shared_data() -> None:
     rec = MimicNumerics(MIMIC)
     values = [rec.at(t) for t in np.linspace(0, rec.duration_s, 50, endpoint=False)]

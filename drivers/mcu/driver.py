@@ -49,6 +49,8 @@ PULSE_STALE_S = 5.0
 #: Building the simulated node's C program (once per checkout; a cold compile on a busy board)
 #: and starting it.
 _SIM_START_S = 120.0
+#: ``cause`` of the node's own fault: its self-test failed (HELLO health, or an ERROR it sends).
+SELFTEST_FAILED = "selftest_failed"
 
 
 class McuDriver:
@@ -73,12 +75,19 @@ class McuDriver:
         self.counters: dict[str, float] = {}
         self._final: dict[str, float] = {}
         self.streams: dict[str, Stream] = {}
+        # The node's self-test: True failed (raised), False passed; None until a HELLO says.
+        self._selftest_failed: bool | None = None
         self.pulse = Pulse(stale_after_s=PULSE_STALE_S)
 
     @property
     def assembler(self) -> SampleAssembler | None:
         """The current session's sample assembler (kept after the run ends, for inspection)."""
         return self._asm
+
+    @property
+    def selftest_failed(self) -> bool | None:
+        """The node's self-test as last reported: True failed, False passed, None not yet known."""
+        return self._selftest_failed
 
     @property
     def hello(self) -> Hello | None:
@@ -206,8 +215,8 @@ class McuDriver:
                 hello.node_id,
                 format_version(hello.fw_version),
             )
-        if hello.health == Health.FAILED:
-            self._fault_alarm(sink, "node_selftest_failed")
+        if hello.health != Health.UNKNOWN:  # a node that runs no self-test says nothing of one
+            self._selftest(sink, failed=hello.health == Health.FAILED)
 
     async def _request(
         self, link: Link, type_: MsgType, body: bytes = b"", retries: int | None = None
@@ -362,19 +371,33 @@ class McuDriver:
                 {"error": code, "detail": float(err.detail)},  # the text stays in the local log
             )
         )
-        if err.code == ErrorCode.SELFTEST:
-            self._fault_alarm(sink, "node_selftest_failed")
+        if err.code == ErrorCode.SELFTEST and self.streams:
+            # Before this driver's first handshake the node's channels are not known yet; the
+            # handshake's HELLO reports the same health and judges it then, on its first channel.
+            self._selftest(sink, failed=True)
 
-    def _fault_alarm(self, sink: SampleSink, why: str) -> None:
-        sink.alarm(
-            Alarm(
-                AlarmKind.SENSOR_FAULT,
-                self._info.subject,
-                time.monotonic(),
-                time.time(),
-                detail={"reason": why},
+    def _selftest(self, sink: SampleSink, *, failed: bool) -> None:
+        """Raise a failed self-test once; end it when a HELLO reports the node healthy again."""
+        if self._selftest_failed is failed:
+            return
+        was, self._selftest_failed = self._selftest_failed, failed
+        if failed:
+            _LOGGER.warning("%s: the node's self-test failed", self._who)
+            kind, detail = AlarmKind.SENSOR_FAULT, {"cause": SELFTEST_FAILED}
+        else:
+            if was:
+                _LOGGER.info("%s: the node's self-test passes again", self._who)
+            # Also at this driver's first HELLO: a failed self-test a previous run left on (the
+            # node repaired or reflashed while the gateway was down) ends here; the pipeline sends
+            # an ending only for a condition that is on.
+            kind, detail = (
+                AlarmKind.SENSOR_RESTORED,
+                {"after": AlarmKind.SENSOR_FAULT.value, "cause": SELFTEST_FAILED},
             )
-        )
+        # On the node's first channel, as a wearable's battery on its headline stream: a fault of
+        # the node that a restart can match to its stream, and that a second node does not share.
+        stream = next(iter(self.streams.values()), None)
+        sink.alarm(Alarm(kind, self._info.subject, time.monotonic(), time.time(), stream, dict(detail)))
 
     def _report_gaps(self, sink: SampleSink) -> None:
         if not self._pending_gaps:

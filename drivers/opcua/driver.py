@@ -123,6 +123,7 @@ class _Item:
         "last_t_mono",
         "name",
         "node_id",
+        "raised_on",
         "spec",
         "state",
         "stream",
@@ -140,6 +141,8 @@ class _Item:
         )
         self.unit: str | None = None
         self.stream: Stream | None = None
+        # The stream its bad status was raised on (None inside: a node never resolved), until ended.
+        self.raised_on: tuple[Stream | None] | None = None
         self.state = "pending"  # pending | good | bad
         self.token = "pending"  # noqa: S105 - "good" or the status token of the problem
         self.last_t_mono = -math.inf
@@ -310,17 +313,22 @@ class OpcUaDriver:
             if item.stream is None:
                 detail["item"] = item.index
             if sink is not None:
+                item.raised_on = (item.stream,)
                 sink.alarm(
                     Alarm(AlarmKind.SENSOR_FAULT, self._info.subject, now_mono, now_wall, item.stream, detail)
                 )
         elif was == "bad":
             log.info("opcua %s %s: node %s is good again", self._info.name, self._endpoint, item.spec.address)
+            # Ended on the stream it was raised on: a node that resolved only now has a stream its
+            # raise did not name, and an ending on it would leave that raise on at the twin.
+            (stream,) = item.raised_on or (item.stream,)
+            item.raised_on = None
             if sink is not None:
                 detail = {"after": AlarmKind.SENSOR_FAULT.value, "status": "good"}
+                if stream is None:
+                    detail["item"] = item.index
                 sink.alarm(
-                    Alarm(
-                        AlarmKind.SENSOR_RESTORED, self._info.subject, now_mono, now_wall, item.stream, detail
-                    )
+                    Alarm(AlarmKind.SENSOR_RESTORED, self._info.subject, now_mono, now_wall, stream, detail)
                 )
 
     def stream_for(self, item: _Item, device: str) -> Stream:

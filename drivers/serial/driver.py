@@ -13,8 +13,11 @@ acts on:
 
 When data flows again after one of the driver's own ``sensor_lost`` alarms, it raises
 ``sensor_restored``.  Device status bits become sample quality flags; the core's windower turns
-those into ``sensor_fault`` alarms.  A low battery is a device event: ``sensor_fault`` /
-``sensor_restored`` with cause ``low_battery``.
+those into ``sensor_fault`` alarms.  A low battery is a device event: ``sensor_fault`` with cause
+``low_battery`` at the first reading with the monitor's low-battery bit, ``sensor_restored`` once
+the bit has stayed clear for ``BATTERY_GOOD_S`` (also in the first readings of the driver, which
+ends one a previous run left on: charged while the gateway was down).  Formats without the bit
+raise and end nothing.
 
 Identity: ``Stream.device`` is the monitor's own serial number when it reports one (Masimo
 ``SN=``), else the configured ``device``, else the configured port path.  Those stay on the
@@ -53,6 +56,11 @@ IDLE_S = 0.05  # silence after which a frame framed by silence (Nonin #8) is com
 #: Liveness: the timer loop that enforces stale_after_s beats every TICK_S, so 5 s without a beat
 #: outside a declared wait is a driver stuck in code without a bound (a wedged open, a bug).
 PULSE_STALE_S = 5.0
+#: A low battery ends once the monitor's bit has stayed clear this long (hysteresis in time, as
+#: the bit has no level): it follows the cell's voltage, which sags under a load (the LED drive, an
+#: alarm tone) and recovers as it passes, so a bit clear for a moment is the same low battery.
+#: A spot-check monitor (a reading per measurement) needs two good readings this far apart.
+BATTERY_GOOD_S = 5.0
 _MISSING_QUALITY = Quality.BAD_STATUS  # a "no value" the device gave without saying why
 _FAULT = int(FAULT_FLAGS)
 
@@ -72,7 +80,9 @@ class SerialOximeter:
         self._serial_number: str | None = None
         self._detected: str | None = None  # protocol found by "auto", kept across runs
         self._lost_cause: str | None = None  # cause of our own sensor_lost alarm still standing
-        self._battery_low = False
+        # The battery: True low (raised), False good; None until this driver has judged it.
+        self._battery_low: bool | None = None
+        self._battery_clear_since: float | None = None  # first reading of a clear run of the bit
         self._connected_once = False
         # Nominal readings per second of the protocol (None until "auto" has found one).
         self._rate = None if cfg.protocol == "auto" else PARSERS[cfg.protocol].reading_rate_hz
@@ -85,6 +95,11 @@ class SerialOximeter:
     def detected(self) -> str | None:
         """The protocol ``auto`` recognised (kept across runs), or None."""
         return self._detected
+
+    @property
+    def battery_low(self) -> bool | None:
+        """The monitor's battery as last judged: True low, False good, None not yet (or no battery bit)."""
+        return self._battery_low
 
     @property
     def device(self) -> str:
@@ -173,6 +188,7 @@ class SerialOximeter:
         parser = make_parser(protocol)
         settings = self._settings(protocol)
         state = _Run(parser, sink, started, time.monotonic())
+        self._battery_clear_since = None  # a clear battery is judged on one connection's readings
         try:
             link = await open_link(self._who, self._port, settings, lambda data: self._on_data(state, data))
         except DeviceAbsentError:
@@ -203,15 +219,16 @@ class SerialOximeter:
         state.last_valid = t_mono
         self._restored(state.sink, t_mono, t_wall)
         for r in readings:
-            self._emit(state.sink, r, t_mono, t_wall)
+            self._emit(state.sink, r, t_mono, t_wall, battery=state.parser.reports_battery)
         if not state.is_started:
             state.is_started = True
             state.started()
 
-    def _emit(self, sink: SampleSink, r: Reading, t_mono: float, t_wall: float) -> None:
+    def _emit(self, sink: SampleSink, r: Reading, t_mono: float, t_wall: float, *, battery: bool) -> None:
         if r.serial is not None:
             self._identity(r.serial)
-        self._battery(sink, bool(r.status & Status.LOW_BATTERY), t_mono, t_wall)
+        if battery:  # a format without the bit says nothing about the battery
+            self._battery(sink, bool(r.status & Status.LOW_BATTERY), t_mono, t_wall)
         q = r.quality
         for metric, value in ((SPO2, r.spo2), (PULSE, r.pulse), (PI, r.pi)):
             if value is None:
@@ -323,14 +340,31 @@ class SerialOximeter:
         )
 
     def _battery(self, sink: SampleSink, low: bool, t_mono: float, t_wall: float) -> None:
-        if low == self._battery_low:
+        """Raise a low battery at the bit; end it once the bit has stayed clear ``BATTERY_GOOD_S``."""
+        if low:
+            self._battery_clear_since = None
+            if self._battery_low is not True:
+                self._battery_low = True
+                _LOGGER.warning("%s %s: monitor battery low", self._who, self._port)
+                self._battery_alarm(sink, AlarmKind.SENSOR_FAULT, {"cause": "low_battery"}, t_mono, t_wall)
             return
-        self._battery_low = low
-        _LOGGER.warning("%s %s: monitor battery %s", self._who, self._port, "low" if low else "ok again")
-        kind = AlarmKind.SENSOR_FAULT if low else AlarmKind.SENSOR_RESTORED
-        detail: dict[str, float | str] = {"cause": "low_battery"}
-        if not low:
-            detail["after"] = AlarmKind.SENSOR_FAULT.value
+        if self._battery_low is False:
+            return
+        if self._battery_clear_since is None:
+            self._battery_clear_since = t_mono
+        if t_mono - self._battery_clear_since < BATTERY_GOOD_S:
+            return
+        if self._battery_low:
+            _LOGGER.info("%s %s: monitor battery good again", self._who, self._port)
+        self._battery_low = False
+        # Also when this driver had not judged it yet: a low battery a previous run left on (charged
+        # while the gateway was down) ends here; the pipeline sends an ending only for one that is on.
+        detail: dict[str, float | str] = {"after": AlarmKind.SENSOR_FAULT.value, "cause": "low_battery"}
+        self._battery_alarm(sink, AlarmKind.SENSOR_RESTORED, detail, t_mono, t_wall)
+
+    def _battery_alarm(
+        self, sink: SampleSink, kind: AlarmKind, detail: dict[str, float | str], t_mono: float, t_wall: float
+    ) -> None:
         sink.alarm(Alarm(kind, self._info.subject, t_mono, t_wall, self.stream(SPO2), detail))
 
     def _identity(self, serial: str) -> None:

@@ -148,6 +148,7 @@ class _PacketParser(Parser):
     frame_len = 5
     frame_period_s = 1 / 75
     reading_rate_hz = 3.0
+    reports_battery = True
     _start: ClassVar[int]  # first byte of every frame, or -1 when the format has none
     _status_at: ClassVar[int]
 
@@ -302,6 +303,7 @@ class DataFormat8(Parser):
     frame_len = 4
     frame_period_s = 1.0
     reading_rate_hz = 1.0
+    reports_battery = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -449,6 +451,7 @@ class DataFormat13(Parser):
     frame_len = 22
     frame_period_s = 1.0  # messages come when a spot check ends; this is the fastest they follow
     reading_rate_hz = None
+    reports_battery = True
 
     def __init__(self) -> None:
         super().__init__()

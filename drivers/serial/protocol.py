@@ -129,6 +129,9 @@ class Parser(abc.ABC):
     start_command: ClassVar[bytes | None] = None  # sent once to start the stream (needs consent)
     keepalive_command: ClassVar[bytes | None] = None
     keepalive_s: ClassVar[float] = 0.0
+    #: The format carries the monitor's low-battery bit; where it does not, a reading without the
+    #: bit says nothing about the battery.
+    reports_battery: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.bytes_in = 0

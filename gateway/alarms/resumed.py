@@ -5,9 +5,11 @@ battery was low, is judged afresh.  Without this the driver would raise such a f
 time while it holds, and never end one that ended while the gateway was down.  So, per stream:
 the driver raising it again is the same condition (not sent; the driver ends it itself from then
 on), and for a node's status (``status``) the stream's first usable sample shows the node good
-again and ends it as the driver would have.  A fault by ``cause`` (a battery) has no such evidence
-in the data: it waits for the driver, whose first reading of the run ends it when it is good (and
-after which a raise is a new condition).  Pure logic, no I/O.
+again and ends it as the driver would have.  A fault by ``cause`` (a battery, a node's self-test)
+has no such evidence in the data: it waits for the driver, whose first reading of the run ends it
+when it is good (and after which a raise is a new condition).  A fault raised with no stream (an
+OPC UA node that never resolved) is not judged here: nothing in the data can be matched to it.
+Pure logic, no I/O.
 """
 
 from __future__ import annotations

@@ -108,16 +108,44 @@ def detail_text(detail: Mapping[str, float | int | str | bool]) -> str:
     return " ".join(f"{k}={number(v)}" for k, v in detail.items())
 
 
+#: Detail an estimate's own text states: its 90 % interval, the cycles seen, inputs held (``rul``).
+_ESTIMATE_SHOWN = frozenset({"lo90", "hi90", "cycles", "held"})
+#: More sources than this are counted, not listed: a machine's fourteen sensors of equal share
+#: would push the estimate itself out of a terminal line.
+_SOURCES_LISTED = 4
+
+
 def estimate_text(record: EstimateRecord) -> str:
-    """The estimate ± its SD, its state and each source's share: ``HR=71.25±0.8/min measured [...]``."""
+    """The estimate ± its SD, its state and each source's share: ``HR=71.25±0.8/min measured [...]``.
+
+    An estimate with a 90 % interval (``lo90``, ``hi90``) shows it, one counted in cycles the
+    cycles seen and inputs held: ``RUL=87.3±19 cycles (90 %: 56.5-118) measured, cycle 45 [14 sources]``.
+    """
     name = record.est.upper()
+    d = record.detail
     if record.value is None:
         head = f"{name}=?"
     else:
         sd = number(float(f"{record.sd or 0.0:.2g}"))
-        head = f"{name}={number(record.value)}±{sd}{display_unit(record.unit)}"
+        unit = display_unit(record.unit)
+        head = f"{name}={number(record.value)}±{sd}{' ' if unit[:1].isalpha() else ''}{unit}"
+        if "lo90" in d and "hi90" in d:
+            head += f" (90 %: {number(d['lo90'])}-{number(d['hi90'])})"
+    text = f"{head} {record.state}"
+    if "cycles" in d:
+        text += f", cycle {number(d['cycles'])}"
+    if d.get("held"):
+        text += f", {number(d['held'])} inputs held"
+    if len(record.src) > _SOURCES_LISTED:
+        return f"{text} [{len(record.src)} sources]"
     shares = " ".join(f"{s.metric.removeprefix('MDC_')} {s.w:.2f}" for s in record.src)
-    return f"{head} {record.state}" + (f" [{shares}]" if shares else "")
+    return text + (f" [{shares}]" if shares else "")
+
+
+def estimate_line(record: EstimateRecord) -> str:
+    """:func:`estimate_text` and the rest of the estimate's detail (``model=rul_cmapss``)."""
+    rest = detail_text({k: v for k, v in record.detail.items() if k not in _ESTIMATE_SHOWN})
+    return estimate_text(record) + (f" {rest}" if rest else "")
 
 
 def when(record: Record) -> str:
@@ -135,8 +163,7 @@ def describe(record: Record) -> str:
         detail = detail_text(record.detail)
         return f"{when(record)} ALARM {what}" + (f" {detail}" if detail else "")
     if isinstance(record, EstimateRecord):
-        detail = detail_text(record.detail)
-        return f"{when(record)} ESTIMATE {estimate_text(record)}" + (f" {detail}" if detail else "")
+        return f"{when(record)} ESTIMATE {estimate_line(record)}"
     assert isinstance(record, DiagnosticRecord)
     detail = detail_text(record.detail)
     return f"{when(record)} DIAG {record.diag}" + (f" {detail}" if detail else "")

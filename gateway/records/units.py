@@ -108,6 +108,7 @@ _DISPLAY: Mapping[str, str] = {
     "[g]": "g",
     "l/min": "L/min",
     "1": "",
+    "{cycle}": "cycles",
 }
 
 

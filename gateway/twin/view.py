@@ -32,7 +32,7 @@ from gateway.records import (
     stream_map,
 )
 from gateway.records.render import describe as describe_record
-from gateway.records.render import estimate_text, number, stream_text
+from gateway.records.render import estimate_line, number, stream_text, when
 from gateway.records.thin import carry
 from gateway.records.units import metric_label
 from gateway.twin.decoder import TwinMessage
@@ -181,24 +181,25 @@ class TwinView:
                     + silent(s, now)
                 )
                 lines.extend("    " + stream_text(stream) for stream in s.streams.values())
-                lines.extend(f"    estimate {estimate_text(e)}" for e in s.estimates.values())
+                lines.extend(f"    estimate {estimate_line(e)} at {when(e)}" for e in s.estimates.values())
                 if s.last_alarm is not None:
                     a = s.last_alarm
-                    what = " ".join(x for x in (a.alarm, metric_label(a.metric) if a.metric else "") if x)
                     ended = f" (ended: {a.detail['ended']})" if "ended" in a.detail else ""
-                    lines.append(f"    last alarm: {what} at t={number(round(a.t, 1))}{ended}")
-                for a in s.active.values():
-                    what = " ".join(
-                        x
-                        for x in (
-                            a.alarm,
-                            str(a.detail.get("model", "")),
-                            metric_label(a.metric) if a.metric else "",
-                        )
-                        if x
-                    )
-                    lines.append(f"    on: {what} since t={number(round(a.t, 1))}")
+                    lines.append(f"    last alarm: {alarm_what(a)} at t={number(round(a.t, 1))}{ended}")
+                lines.extend(
+                    f"    on: {alarm_what(a, model=True)} since t={number(round(a.t, 1))}"
+                    for a in s.active.values()
+                )
         return "\n".join(lines)
+
+
+def alarm_what(a: AlarmRecord, *, model: bool = False) -> str:
+    """What an alarm is about: its kind, its model (``model``), its metric or estimate, value and limit."""
+    about = metric_label(a.metric) if a.metric else str(a.detail.get("estimate", "")).upper()
+    what = " ".join(x for x in (a.alarm, str(a.detail.get("model", "")) if model else "", about) if x)
+    if a.value is not None and a.limit is not None:
+        what += f" {number(a.value)} (limit {number(a.limit)})"
+    return what
 
 
 #: Kinds that end a condition, by the kind that raised it (``sensor_restored`` says which by ``after``).
