@@ -265,6 +265,7 @@ class PlcSim:
     users: dict[str, str] | None = None
     trusted_clients: Path | None = None
     extra: int = 0
+    extra_every: int = 1  # Bench variables change every this many ticks; 0: they never change
     # Variables written rounded to a step (path below Pump1 -> step): a quantised tag that holds
     # its value for long stretches, which the server then reports only when it changes.
     quantize: dict[str, float] = field(default_factory=dict)
@@ -289,7 +290,7 @@ class PlcSim:
 
     @property
     def extra_vars(self) -> list[SimVar]:
-        """Benchmark variables: Bench/Item0000 ... (values change on every tick)."""
+        """Benchmark variables: Bench/Item0000 ... (values change every ``extra_every`` ticks)."""
         return [SimVar(f"Bench/Item{i:04d}", None, None, "1", "C62", 0.0, 1.0) for i in range(self.extra)]
 
     async def setup(self) -> None:
@@ -459,7 +460,7 @@ class PlcSim:
             for t, values, anomaly in rows:
                 src = dt.datetime.fromtimestamp(t0_wall + t, dt.UTC)
                 await self._write_row(t, values, anomaly, src, now)
-            if self.extra:
+            if self.extra and self.extra_every and k % self.extra_every == 0:
                 for var in self.extra_vars:
                     await self._write(var.path, float(k), 0, now, now)
 
@@ -614,6 +615,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     p.add_argument("--extra", type=int, default=0, help="add this many Bench/ItemNNNN variables (benchmarks)")
     p.add_argument(
+        "--extra-every",
+        type=int,
+        default=1,
+        metavar="TICKS",
+        help="the Bench variables change every TICKS ticks (default 1; 0: never, quiet tags)",
+    )
+    p.add_argument(
         "--quantize",
         action="append",
         default=[],
@@ -679,6 +687,7 @@ def sim_from_args(
         users=users,
         trusted_clients=args.trusted_clients,
         extra=args.extra,
+        extra_every=max(0, args.extra_every),
         quantize=quantize,
     )
     source: ModelSource | SkabSource = (
