@@ -235,7 +235,7 @@ def test_a_held_tag_is_lost_with_its_plc_and_held_again_after_it_returns() -> No
             sim.kill()  # SIGKILL: no goodbye on the wire
             await until(lambda: not driver.link_up, 15, "the loss to be noticed")
             await until(lambda: any(a.kind in LOSSES for a in p.alarms), 10, "the loss alarm")
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(3.0)  # an outage long enough for whole windows inside it
             during = list(p.sink.of(FLOW))  # everything delivered from before the kill to now
             await asyncio.to_thread(sim.start)
             back_at = time.monotonic()
