@@ -17,6 +17,12 @@ the others continue; the node is retried on every verification cycle and reporte
 it comes back.  Outages leave no samples: the windower records them as gaps and raises
 ``SENSOR_LOST``; a ``opcua_link`` diagnostic gives the outage and recovery figures.
 
+Nominal rates and held values: a node's stream runs at the sampling interval the server revised
+the request to.  Without a deadband the server reports a node only when it changes, and every
+publish response confirms the nodes it does not mention unchanged, so a node that holds still
+has its held value handed over at each sampling tick the live subscription confirmed (never
+past the last response): a quiet tag is whole, not partial or lost (``_Connection.hold``).
+
 Every asyncua call is bounded by ``request_timeout_s`` of our own (``asyncio.timeout``), on top
 of asyncua's request timeout, so a half-open socket can never hang the driver.
 """
@@ -28,9 +34,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
+import numpy as np
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.subscription import Subscription
@@ -65,7 +72,7 @@ from gateway.backoff import Backoff
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
 from gateway.liveness import Pulse
-from gateway.sample import Quality, Sample, Stream, industrial_metric
+from gateway.sample import Quality, Sample, SampleBlock, Stream, industrial_metric
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +92,19 @@ PULSE_STALE_S = 5.0
 KEY_WORK_S = 30.0
 _BAD = int(Quality.BAD_STATUS)
 _NAN = math.nan
+#: How often held values are handed over (see ``_Connection.hold``): a quiet tag's samples reach
+#: the windower within this of their confirmation, well inside the pipeline's grace.
+HOLD_TICK_S = 0.25
+#: A held tick stays this much (plus one sampling interval) behind the last publish response: a
+#: change sampled before it but stamped earlier (a PLC stamps at its scan, the server samples and
+#: queues after) or delayed by the network must still be able to arrive before the tick is held.
+HOLD_LAG_S = 0.25
+#: A subscription with nothing to report sends a keep-alive at least this often, so that quiet
+#: tags are confirmed (and held) about as fast as changing ones are delivered.
+CONFIRM_EVERY_S = 1.0
+#: Held samples of one node at one tick handed over as one columnar block from this many on
+#: (a block costs a few numpy calls; a short run is cheaper sample by sample).
+HOLD_BLOCK_MIN = 8
 
 # Per-node statuses that mean "check this node again now" rather than "the value is bad".
 _NODE_GONE = frozenset(
@@ -106,6 +126,11 @@ _RECREATED_HINT = (
 )
 
 
+def requested_ms(spec: NodeSpec, cfg: OpcUaConfig) -> float:
+    """The sampling interval asked for a node: its own, else the source's."""
+    return spec.sampling_interval_ms if spec.sampling_interval_ms is not None else cfg.sampling_interval_ms
+
+
 class LinkLost(Exception):  # noqa: N818 - a signal inside the driver, never raised out of it
     """The connection or subscription is gone; the inner loop reconnects."""
 
@@ -119,11 +144,20 @@ class _Item:
 
     __slots__ = (
         "data_type",
+        "early",
+        "held",
+        "held_reported",
+        "hold_dt",
+        "hold_from",
+        "hold_gap",
+        "hold_span",
         "index",
+        "last",
         "last_t_mono",
         "name",
         "node_id",
         "raised_on",
+        "revised_ms",
         "spec",
         "state",
         "stream",
@@ -145,7 +179,24 @@ class _Item:
         self.raised_on: tuple[Stream | None] | None = None
         self.state = "pending"  # pending | good | bad
         self.token = "pending"  # noqa: S105 - "good" or the status token of the problem
-        self.last_t_mono = -math.inf
+        self.last_t_mono = -math.inf  # newest t_mono handed over, delivered or held
+        # The server's revised sampling interval (ms) in the last session; None before any.
+        self.revised_ms: float | None = None
+        # Seconds between held samples: the server reports this node by exception (no deadband,
+        # not a Boolean), so its silence in a live subscription means "unchanged"; 0 = never held.
+        self.hold_dt = 0.0
+        self.hold_gap = math.inf  # a silence this long before a change was held (1.5 x hold_dt)
+        self.hold_span = math.inf  # a silence this long is held at the next tick (2 x hold_dt)
+        # The newest sample delivered by the current monitored item (what is held); None until
+        # its first value, so nothing is held across a reconnect or a re-created monitored item.
+        self.last: Sample | None = None
+        # When the server confirmed the monitored item: nothing is held before it (a first value
+        # stamped long ago says nothing about the time before the subscription existed).
+        self.hold_from = math.inf
+        # Values that arrived while the monitored item was being created (rate not known yet).
+        self.early: list[tuple[float, float, float, int]] | None = None
+        self.held = 0  # samples held since the start
+        self.held_reported = 0  # ``held`` at the last opcua_hold diagnostic
 
 
 class _Feed(Subscription):
@@ -188,6 +239,11 @@ class OpcUaDriver:
     def health(self) -> dict[str, str]:
         """Per-node health by configured address: ``good`` or the status token of the problem."""
         return {item.spec.address: item.token for item in self.items}
+
+    @property
+    def held(self) -> dict[str, int]:
+        """Per node by configured address: samples of its unchanged value held since the start."""
+        return {item.spec.address: item.held for item in self.items}
 
     @property
     def device(self) -> str | None:
@@ -332,40 +388,51 @@ class OpcUaDriver:
                 )
 
     def stream_for(self, item: _Item, device: str) -> Stream:
-        """The item's stream, created once and rebuilt only when its name, unit or server changes."""
+        """The item's stream, created once and rebuilt only when its name, unit, rate or server changes.
+
+        The nominal rate is ``rate_hz``, else the server's revised sampling interval (a revised 0,
+        "the server's fastest", and a server that did not answer yet leave the requested one)
+        for a node without a deadband that is not a Boolean; such a node is reported by
+        exception, and its held value is sampled at that rate (``item.hold_dt``).
+        """
         spec = item.spec
         name = item.name or f"node{item.index}"
         unit = spec.unit if spec.unit is not None else (item.unit or "")
+        requested = requested_ms(spec, self._cfg)
+        revised = item.revised_ms
+        sampling = revised if revised is not None and revised > 0 else requested
+        deadband = spec.deadband or self._cfg.deadband
+        rate = spec.rate_hz
+        # A Boolean reports on change only (the server sends no notification while it holds).
+        dt = item.data_type
+        on_change = dt is not None and dt.NamespaceIndex == 0 and dt.Identifier == _BOOLEAN
+        by_exception = deadband == "none" and not on_change
+        if rate is None and by_exception and sampling > 0:
+            rate = min(1000.0, 1000.0 / sampling)
+        item.hold_dt = 1.0 / rate if by_exception and rate else 0.0
+        item.hold_gap = 1.5 * item.hold_dt if item.hold_dt else math.inf
+        item.hold_span = 2.0 * item.hold_dt if item.hold_dt else math.inf
         current = item.stream
         if (
             current is not None
             and current.metric.name == name
             and current.metric.unit == unit
             and current.device == device
+            and current.rate_hz == rate
         ):
             return current
         if current is not None:
             log.info(
-                "opcua %s: node %s now reports as %s [%s] (was %s [%s])",
+                "opcua %s: node %s now reports as %s [%s] at %s Hz (was %s [%s] at %s Hz)",
                 self._info.name,
                 spec.address,
                 name,
                 unit,
+                rate,
                 current.metric.name,
                 current.metric.unit,
+                current.rate_hz,
             )
-        sampling = (
-            spec.sampling_interval_ms
-            if spec.sampling_interval_ms is not None
-            else self._cfg.sampling_interval_ms
-        )
-        deadband = spec.deadband or self._cfg.deadband
-        rate = spec.rate_hz
-        # A Boolean reports on change only (the server sends no notification while it holds).
-        dt = item.data_type
-        on_change = dt is not None and dt.NamespaceIndex == 0 and dt.Identifier == _BOOLEAN
-        if rate is None and deadband == "none" and sampling > 0 and not on_change:
-            rate = min(1000.0, 1000.0 / sampling)
         stream = Stream(
             source=self._info.name,
             subject=self._info.subject,
@@ -422,9 +489,12 @@ class _Connection:
         )
         self.stamper = Stamper(max_age)
         self.last_publish = time.monotonic()
+        # When a publish response (data or keep-alive) last confirmed the subscription alive.
+        self.confirmed = -math.inf
         self.src_lag: float | None = None
         self.srv_lag: float | None = None
         self.untrusted_ts = 0
+        self.held = 0  # samples held since the last report
         self.next_clock_report = time.monotonic() + CLOCK_REPORT_S
 
     @property
@@ -467,10 +537,16 @@ class _Connection:
         cfg = self.cfg
         assert self.client is not None
         keepalive_count = max(1, math.ceil(cfg.keepalive_timeout_s * 1000 / 3 / cfg.publishing_interval_ms))
+        # Keep-alives confirm that the quiet nodes still hold their values: at least every
+        # CONFIRM_EVERY_S (one small message); the lifetime stays what the timeout asks for.
+        confirm_count = max(
+            1,
+            math.ceil(min(cfg.keepalive_timeout_s / 3, CONFIRM_EVERY_S) * 1000 / cfg.publishing_interval_ms),
+        )
         params = ua.CreateSubscriptionParameters(
             RequestedPublishingInterval=cfg.publishing_interval_ms,
             RequestedLifetimeCount=keepalive_count * 6,
-            RequestedMaxKeepAliveCount=keepalive_count,
+            RequestedMaxKeepAliveCount=confirm_count,
             MaxNotificationsPerPublish=0,
             PublishingEnabled=True,
             Priority=0,
@@ -648,24 +724,29 @@ class _Connection:
         )
 
     async def _monitor(self, items: Sequence[_Item]) -> None:
-        """Create the monitored items of ``items`` (streams first, so the first values land)."""
+        """Create the monitored items of ``items``; their streams follow the server's revised intervals.
+
+        Values that arrive before the server's answer (the first values may) are kept on the item
+        and handed over on the stream built from the answer, so no stream is made twice.
+        """
         if not items:
             return
         assert self.sub is not None
+        assert self.client is not None
         cfg = self.cfg
         requests = []
         for item in items:
             spec = item.spec
-            self.d.stream_for(item, self.device)
             handle = self.next_handle
             self.next_handle += 1
             self.handle_of[item.index] = handle
             self.by_handle[handle] = item
+            item.last = None  # a new monitored item: nothing to hold until its first value
+            item.hold_from = math.inf
+            item.early = []
             params = ua.MonitoringParameters(
                 ClientHandle=handle,
-                SamplingInterval=spec.sampling_interval_ms
-                if spec.sampling_interval_ms is not None
-                else cfg.sampling_interval_ms,
+                SamplingInterval=requested_ms(item.spec, cfg),
                 QueueSize=spec.queue_size or cfg.queue_size,
                 DiscardOldest=True,
             )
@@ -679,18 +760,56 @@ class _Connection:
                     RequestedParameters=params,
                 )
             )
+        # The service itself, not asyncua's Subscription wrapper: that one drops the revised
+        # sampling intervals, and this driver dispatches notifications by its own handles.
+        create = ua.CreateMonitoredItemsParameters(
+            SubscriptionId=self.sub.subscription_id,
+            ItemsToCreate=requests,
+            TimestampsToReturn=ua.TimestampsToReturn.Both,
+        )
         try:
             results = await self._call(
-                "create monitored items", self.sub.create_monitored_items(requests), factor=2.0
+                "create monitored items", self.client.uaclient.create_monitored_items(create), factor=2.0
             )
         except UaStatusCodeError as exc:
             raise LinkLost(f"create monitored items: {status_token(exc.code)}") from exc
-        for item, res in zip(items, results, strict=True):
-            if isinstance(res, ua.StatusCode):
-                self._bad(item, status_token(res.value))
-            else:
-                self.monitored_id[item.index] = res
-                self.d.set_health(item, "good")
+        finally:
+            early = [item.early or [] for item in items]
+            for item in items:
+                item.early = None
+        created = time.monotonic()
+        revised: dict[tuple[float, float], list[_Item]] = {}
+        for item, res, first in zip(items, results, early, strict=True):
+            if not res.StatusCode.is_good():
+                self._bad(item, status_token(res.StatusCode.value))
+                continue
+            self.monitored_id[item.index] = res.MonitoredItemId
+            got = float(res.RevisedSamplingInterval)
+            asked = requested_ms(item.spec, cfg)
+            if got not in (item.revised_ms, asked):
+                revised.setdefault((asked, got), []).append(item)
+            item.revised_ms = got
+            item.hold_from = created
+            stream = self.d.stream_for(item, self.device)
+            for t_mono, t_wall, value, quality in first:
+                sample = Sample(stream, t_mono, t_wall, value, Quality(quality))
+                self.sink.put(sample)
+                item.last = sample
+            self.d.set_health(item, "good")
+        for (asked, got), which in revised.items():
+            log.info(
+                "opcua %s %s: the server samples %d node(s) every %g ms, not the %g ms asked (%s%s): %s",
+                self.d._info.name,
+                self.d._endpoint,
+                len(which),
+                got,
+                asked,
+                which[0].spec.address,
+                ", ..." if len(which) > 1 else "",
+                f"their nominal rate is {which[0].stream.rate_hz if which[0].stream else None} Hz"
+                if got > 0
+                else "0 is its fastest: the interval asked stays their nominal rate",
+            )
 
     def _forget(self, item: _Item) -> int | None:
         """Stop delivering ``item``'s values; its monitored item id in this session, if any."""
@@ -748,10 +867,10 @@ class _Connection:
     # ---- streaming ---------------------------------------------------------------------------
 
     async def stream(self) -> None:
-        """Wait for loss, re-verify on schedule; raise LinkLost when the connection is gone."""
+        """Wait for loss, hold quiet values, re-verify on schedule; raise LinkLost when the connection is gone."""
         cfg = self.cfg
         next_verify = time.monotonic() + cfg.verify_interval_s
-        tick = min(1.0, cfg.keepalive_timeout_s / 4)
+        tick = min(HOLD_TICK_S, cfg.keepalive_timeout_s / 4)
         while True:
             # The loop that enforces the publish bound turns: the driver is alive (a server that
             # stops publishing is caught by keepalive_timeout_s below, not by the supervisor).
@@ -759,6 +878,7 @@ class _Connection:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(tick):
                     await self.lost.wait()
+            self.hold()
             if self.lost.is_set():
                 raise LinkLost(self.lost_reason)
             now = time.monotonic()
@@ -772,6 +892,83 @@ class _Connection:
                 self.next_clock_report = now + CLOCK_REPORT_S
                 self._report_clock()
 
+    def hold(self, *, final: bool = False) -> None:
+        """Hand over the held value of every quiet report-by-exception node, up to the last confirmation.
+
+        With no deadband the server reports a node only when its value (or status) changes, and
+        a publish response - data or keep-alive - confirms that every node it does not mention
+        is unchanged.  So each sampling tick a live subscription has confirmed is a sample of the
+        held value, as a regular sampler would have taken it: the windows are whole, a held level
+        weighs by its duration, and a tag that holds still is not lost.  Ticks are held only up
+        to the last publish response less one sampling interval and ``HOLD_LAG_S`` (a change
+        still in flight must be able to land after them); a change that lands first is preceded
+        by the ticks its old value held (``_hold_before``, on the hot path).  When the connection
+        ends (``final``) nothing can land any more: the ticks up to the last response itself and
+        the value at that instant are held, so a quiet node falls silent with the changing ones
+        (one outage of the PLC, not a lost tag first).  Nothing is held after it: the loss shows
+        as gaps and ``SENSOR_LOST`` as for any stream.
+        """
+        confirmed = self.confirmed if final else self.confirmed - HOLD_LAG_S
+        items: Iterable[_Item] = self.by_handle.values()
+        if not final:
+            # A node is due only when two ticks fit after its newest sample: one comparison per
+            # node finds them (with thousands of changing nodes this scan is the whole cost).
+            items = [item for item in items if item.last_t_mono + item.hold_span <= confirmed]
+        for item in items:
+            dt = item.hold_dt
+            last = item.last
+            if not dt or last is None:
+                continue
+            # The first tick held is one after the newest sample, and not before the item existed.
+            t0 = max(item.last_t_mono, item.hold_from - dt)
+            n = math.floor((confirmed - t0) / dt) - (0 if final else 1)
+            if n >= 1:
+                self._hold_ticks(item, last, t0, n)
+            if final and confirmed > item.last_t_mono:
+                # The value as last confirmed, at that instant (off the tick grid, at most one
+                # sample more): the node falls silent when the changing ones do, not a tick before.
+                t = item.last_t_mono = confirmed
+                self.sink.put(
+                    Sample(last.stream, t, last.t_wall + (t - last.t_mono), last.value, last.quality)
+                )
+                item.held += 1
+                self.held += 1
+
+    def _hold_before(self, item: _Item, t_mono: float) -> None:
+        """The ticks a quiet node held its value for before a change at ``t_mono`` (this session)."""
+        last = item.last
+        if last is None:
+            return
+        dt = item.hold_dt
+        t0 = max(item.last_t_mono, item.hold_from - dt)
+        # Every tick up to half a tick before the change: a sampler would have read the old value.
+        n = math.floor((t_mono - t0) / dt - 0.5)
+        if n >= 1:
+            self._hold_ticks(item, last, t0, n)
+
+    def _hold_ticks(self, item: _Item, last: Sample, t0: float, n: int) -> None:
+        """Hand over ``n`` samples of ``last``'s value, one sampling interval apart after ``t0``."""
+        dt = item.hold_dt
+        item.held += n
+        self.held += n
+        item.last_t_mono = t0 + n * dt
+        wall0 = last.t_wall + (t0 - last.t_mono)
+        if n < HOLD_BLOCK_MIN:
+            put = self.sink.put
+            for k in range(1, n + 1):
+                put(Sample(last.stream, t0 + k * dt, wall0 + k * dt, last.value, last.quality))
+            return
+        ticks = np.arange(1, n + 1, dtype=np.float64) * dt
+        self.sink.put_block(
+            SampleBlock(
+                last.stream,
+                ticks + t0,
+                ticks + wall0,
+                np.full(n, last.value),
+                np.full(n, int(last.quality), np.uint8),
+            )
+        )
+
     def _report_clock(self) -> None:
         detail: dict[str, float | str] = {"untrusted_timestamps": self.untrusted_ts}
         if self.src_lag is not None:
@@ -780,6 +977,15 @@ class _Connection:
             detail["server_lag_s"] = round(self.srv_lag, 3)
         self.untrusted_ts = 0
         self.sink.diagnostic(Diagnostic("opcua_clock", self.d._info.subject, time.time(), detail))
+        items = [item for item in self.by_handle.values() if item.hold_dt]
+        if items:
+            # What tells a quiet tag from a lost one: it is held (confirmed unchanged), not silent.
+            quiet = sum(1 for item in items if item.held != item.held_reported)
+            for item in items:
+                item.held_reported = item.held
+            held = {"held": self.held, "held_nodes": quiet, "by_exception": len(items)}
+            self.held = 0
+            self.sink.diagnostic(Diagnostic("opcua_hold", self.d._info.subject, time.time(), held))
 
     async def _on_connection_lost(self, exc: Exception) -> None:
         self._lose(f"connection lost: {exc.__class__.__name__}")
@@ -791,7 +997,8 @@ class _Connection:
 
     def _on_publish(self, result: ua.PublishResult) -> None:
         """The hot path: one publish response -> samples, synchronously."""
-        self.last_publish = time.monotonic()
+        confirmed = self.confirmed
+        self.last_publish = self.confirmed = time.monotonic()
         data = result.NotificationMessage.NotificationData
         if not data:
             return
@@ -806,6 +1013,9 @@ class _Connection:
         for notif in data:
             if type(notif) is not ua.DataChangeNotification:
                 if isinstance(notif, ua.StatusChangeNotification):
+                    # The subscription ends (asyncua also says so when the socket closes): it
+                    # confirms nothing.
+                    self.confirmed = confirmed
                     self._lose(f"subscription status {status_token(notif.Status.value)}")
                 continue
             for mi in notif.MonitoredItems:
@@ -856,12 +1066,23 @@ class _Connection:
                 else:
                     t_wall = ts
                     t_mono = recv_mono - stamper.age(ts, recv_wall)
-                t_mono = max(t_mono, item.last_t_mono)
+                last_t = item.last_t_mono
+                if t_mono <= last_t:
+                    t_mono = last_t
+                elif t_mono - last_t > item.hold_gap:
+                    # A quiet node changed: its value held until now, before the change lands.
+                    self._hold_before(item, t_mono)
                 item.last_t_mono = t_mono
+                count += 1
+                early = item.early
+                if early is not None:  # its monitored item is being created: no stream yet
+                    early.append((t_mono, t_wall, value, quality))
+                    continue
                 stream = item.stream
                 assert stream is not None
-                put(Sample(stream, t_mono, t_wall, value, Quality(quality) if quality else Quality.GOOD))
-                count += 1
+                sample = Sample(stream, t_mono, t_wall, value, Quality(quality) if quality else Quality.GOOD)
+                put(sample)
+                item.last = sample
         self.d.samples += count
         self.d.notifications += 1
 
@@ -869,6 +1090,8 @@ class _Connection:
 
     async def close(self) -> None:
         """Drop the session and socket, bounded and shielded: never holds a reconnect or a stop."""
+        # The quiet nodes' values held up to the last publish response, and not a tick after it.
+        self.hold(final=True)
         client = self.client
         if client is None:
             return

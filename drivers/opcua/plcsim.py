@@ -12,7 +12,9 @@ each variable with ``EngineeringUnits`` (EUInformation, UNECE codes) and ``EURan
 ``ns=<urn:edgetwin:plcsim>;s=Pump1.Motor.Current`` and so on.  Values come from the seeded pump
 process model of ``drivers.sim.protocol`` (works anywhere) or from a SKAB recording replayed in
 real time (``--skab file.csv``).  Source timestamps are the simulated PLC clock, server
-timestamps the time of the write.
+timestamps the time of the write.  The PLC samples once per tick and says so: every monitored
+item is answered with the tick as its revised sampling interval.  ``--quantize Flow:4`` writes a
+variable rounded to a step, a tag that holds its value (the server reports it only on change).
 
 Control: one command per line on standard input (``--control stdin``, the default), answered
 with ``OK ...`` or ``ERR ...`` on standard output::
@@ -263,6 +265,10 @@ class PlcSim:
     users: dict[str, str] | None = None
     trusted_clients: Path | None = None
     extra: int = 0
+    extra_every: int = 1  # Bench variables change every this many ticks; 0: they never change
+    # Variables written rounded to a step (path below Pump1 -> step): a quantised tag that holds
+    # its value for long stretches, which the server then reports only when it changes.
+    quantize: dict[str, float] = field(default_factory=dict)
     server: Server = field(init=False)
     nodes: dict[str, Node] = field(init=False, default_factory=dict)
     types: dict[str, str] = field(init=False, default_factory=dict)
@@ -278,8 +284,13 @@ class PlcSim:
         return f"opc.tcp://{self.host}:{self.port}/"
 
     @property
+    def sampling_ms(self) -> float:
+        """How often the simulated PLC samples its process: every value it writes is a new sample."""
+        return 1000.0 / (self.speed if self.skab is not None else self.rate_hz)
+
+    @property
     def extra_vars(self) -> list[SimVar]:
-        """Benchmark variables: Bench/Item0000 ... (values change on every tick)."""
+        """Benchmark variables: Bench/Item0000 ... (values change every ``extra_every`` ticks)."""
         return [SimVar(f"Bench/Item{i:04d}", None, None, "1", "C62", 0.0, 1.0) for i in range(self.extra)]
 
     async def setup(self) -> None:
@@ -310,6 +321,7 @@ class PlcSim:
             await self.server.load_private_key(str(key))
         if self.trusted_clients is not None:
             self.server.set_certificate_validator(self._validate_client)
+        self._revise_sampling()
         self.idx = await self.server.register_namespace(NAMESPACE_URI)
         objects = self.server.nodes.objects
         root = await objects.add_object(node_id(ROOT, self.idx), ua.QualifiedName(ROOT, self.idx))
@@ -322,6 +334,25 @@ class PlcSim:
                 )
             await self._add(var, var.kind, folders[folder_name])
         self.last = {var.signal: 0.0 for var in VARIABLES if var.signal}
+
+    def _revise_sampling(self) -> None:
+        """Answer every monitored item with the interval the simulator really samples at.
+
+        asyncua's server revises a sampling interval to the subscription's publishing interval
+        but reports every write; this PLC writes each process value once per tick, so the tick is
+        the honest revision, whatever was asked (as a PLC with a fixed scan cycle answers).
+        """
+        service = self.server.iserver.subscription_service
+        create = service.create_monitored_items
+        sampling_ms = self.sampling_ms
+
+        async def revised(params: ua.CreateMonitoredItemsParameters) -> list[ua.MonitoredItemCreateResult]:
+            results = await create(params)
+            for result in results:
+                result.RevisedSamplingInterval = sampling_ms
+            return results
+
+        service.create_monitored_items = revised  # type: ignore[method-assign]
 
     async def _validate_client(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
         del app
@@ -429,7 +460,7 @@ class PlcSim:
             for t, values, anomaly in rows:
                 src = dt.datetime.fromtimestamp(t0_wall + t, dt.UTC)
                 await self._write_row(t, values, anomaly, src, now)
-            if self.extra:
+            if self.extra and self.extra_every and k % self.extra_every == 0:
                 for var in self.extra_vars:
                     await self._write(var.path, float(k), 0, now, now)
 
@@ -449,6 +480,9 @@ class PlcSim:
                 continue
             off = sensor_off and var.signal in _VIBRATION
             status = StatusCodes.BadSensorFailure if off or not math.isfinite(value) else StatusCodes.Good
+            step = self.quantize.get(var.path)
+            if step is not None and math.isfinite(value):
+                value = round(value / step) * step
             if status == StatusCodes.Good:
                 self.last[var.signal] = value
             await self._write(var.path, value, status, src, now)
@@ -581,6 +615,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     p.add_argument("--extra", type=int, default=0, help="add this many Bench/ItemNNNN variables (benchmarks)")
     p.add_argument(
+        "--extra-every",
+        type=int,
+        default=1,
+        metavar="TICKS",
+        help="the Bench variables change every TICKS ticks (default 1; 0: never, quiet tags)",
+    )
+    p.add_argument(
+        "--quantize",
+        action="append",
+        default=[],
+        metavar="VAR:STEP",
+        help='write a variable rounded to STEP (e.g. "Flow:4"): a tag that holds its value; repeatable',
+    )
+    p.add_argument(
         "--start-with",
         action="append",
         default=[],
@@ -617,6 +665,16 @@ def sim_from_args(
             name, sep, pwd = line.strip().partition(":")
             if sep:
                 users[name] = pwd
+    quantize: dict[str, float] = {}
+    for spec in args.quantize:
+        name, _, step_text = spec.rpartition(":")
+        try:
+            var, step = find_var(name), float(step_text)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"--quantize {spec!r}: expected VAR:STEP with a known variable: {exc}") from exc
+        if var.signal is None or not step > 0:
+            raise ValueError(f"--quantize {spec!r}: a process variable and a step > 0")
+        quantize[var.path] = step
     sim = PlcSim(
         host=args.host,
         port=args.port,
@@ -629,6 +687,8 @@ def sim_from_args(
         users=users,
         trusted_clients=args.trusted_clients,
         extra=args.extra,
+        extra_every=max(0, args.extra_every),
+        quantize=quantize,
     )
     source: ModelSource | SkabSource = (
         SkabSource(args.skab, args.speed) if args.skab else ModelSource(args.seed, args.rate_hz)

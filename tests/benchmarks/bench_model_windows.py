@@ -17,11 +17,8 @@ Run: ``.venv/bin/python tests/benchmarks/bench_model_windows.py [--hops 3000] [-
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,31 +26,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
+from revisions import module_at
 
 from gateway.pipeline.windows import Windower
 from gateway.sample import SampleBlock, Stream, industrial_metric
 from models.recipes.pump_skab import SIGNALS
 
 WINDOW_S, HOP_S = 20.0, 1.0
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def old_windower_class(rev: str) -> Any:
     """The Windower class of ``rev``'s gateway/pipeline/windows.py."""
-    text = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:gateway/pipeline/windows.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "windows_before.py"
-    path.write_text(text, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("windows_before", path)
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.Windower
+    return module_at(rev, "gateway/pipeline/windows.py").Windower
 
 
 def run(make: Any, hops: int, rate: float) -> float:

@@ -1,6 +1,15 @@
 """OPC UA: data changes/s and CPU per change, driver + pipeline vs a bare asyncua subscription handler.
 
-Run: .venv/bin/python tests/benchmarks/bench_opcua.py [--seconds 8]
+Run: .venv/bin/python tests/benchmarks/bench_opcua.py [--seconds 8] [--before REV [--rounds 3]] [--quiet 1000]
+
+(With ``--before``, give ``--seconds`` as a multiple of the 5 s hop: every run then closes the
+same number of windows, which for 1,000 streams is a good part of the CPU.)
+
+``--before REV`` alternates the driver of ``REV`` (``git show REV:drivers/opcua/driver.py``) and
+today's in rounds against the same server, so the CPU ratio holds under load.  ``--quiet N``
+measures a plant of N tags that never change (sampled at 10 Hz): the CPU a second that holding
+their values costs, against the same subscription with the driver of ``REV`` (which hands over
+nothing for them).
 
 One PLC simulator process (asyncua server) updates N benchmark variables as fast as it can
 offer; in this process, first a bare asyncua client counts the notifications with the handler
@@ -15,8 +24,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +35,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from asyncua import ua
 from asyncua.client.client import Client
+from revisions import module_at
 
 from drivers.opcua.config import OpcUaConfig
-from drivers.opcua.driver import factory
+from drivers.opcua.driver import OpcUaDriver, factory
 from drivers.opcua.plcsim import PlcSimProcess
 from drivers.opcua.uahelp import node_id
 from gateway.contracts import Alarm, Diagnostic, SourceInfo
 from gateway.pipeline.windows import Windower
-from gateway.sample import SampleBlock
+
+Factory = Callable[[SourceInfo, OpcUaConfig], Any]
+
+
+def factory_of(rev: str) -> Factory:
+    """The OPC UA driver factory of ``rev``'s drivers/opcua/driver.py (its siblings are today's)."""
+    made: Factory = module_at(rev, "drivers/opcua/driver.py").factory
+    return made
+
+
+def held_by(drv: Any) -> int:
+    """Samples the driver held so far (a driver from before held values holds none)."""
+    return sum(drv.held.values()) if isinstance(drv, OpcUaDriver) else 0
 
 
 def free_port() -> int:
@@ -75,8 +99,7 @@ class _PipelineSink:
         self.put = windower.put
         self.alarms = 0
 
-    def put_block(self, block: SampleBlock) -> None:
-        raise AssertionError("unexpected")
+        self.put_block = windower.put_block
 
     def alarm(self, alarm: Alarm) -> None:
         self.alarms += 1
@@ -85,22 +108,27 @@ class _PipelineSink:
         pass
 
 
-async def driver(endpoint: str, n: int, seconds: float) -> tuple[float, float]:
+async def driver(
+    endpoint: str, n: int, seconds: float, rate: float, make: Factory = factory
+) -> tuple[float, float, float, int]:
+    """Changes/s, CPU s per change, CPU s per s and held samples of the driver + windower."""
     cfg = OpcUaConfig.model_validate(
         {
             "endpoint": endpoint,
             "security_policy": "None",
             "security_mode": "None",
             "publishing_interval_ms": 50.0,
-            "sampling_interval_ms": 0.0,
+            # The simulator's tick, asked and revised alike: the old and the new driver expect
+            # the same nominal rate (the old one from the interval asked).
+            "sampling_interval_ms": 1000.0 / rate,
             "queue_size": 10,
             "namespace_uri": "urn:edgetwin:plcsim",
             "keepalive_timeout_s": 30.0,
             "verify_interval_s": 60.0,
-            "nodes": [{"browse_path": f"Pump1/Bench/Item{i:04d}", "rate_hz": 20.0} for i in range(n)],
+            "nodes": [{"browse_path": f"Pump1/Bench/Item{i:04d}"} for i in range(n)],
         }
     )
-    drv = factory(SourceInfo("bench", "machine-1", "industrial"), cfg)
+    drv = make(SourceInfo("bench", "machine-1", "industrial"), cfg)
     windower = Windower(window_s=10.0, hop_s=5.0, grace_s=1.0, lost_after_s=15.0, on_alarm=lambda a: None)
     sink = _PipelineSink(windower)
     started = asyncio.Event()
@@ -117,28 +145,92 @@ async def driver(endpoint: str, n: int, seconds: float) -> tuple[float, float]:
     try:
         await asyncio.wait_for(started.wait(), 30)
         await asyncio.sleep(1.0)
-        c0, t0, p0 = drv.samples, time.monotonic(), time.process_time()
+        c0, h0, t0, p0 = drv.samples, held_by(drv), time.monotonic(), time.process_time()
         await asyncio.sleep(seconds)
-        c1, t1, p1 = drv.samples, time.monotonic(), time.process_time()
+        c1, h1, t1, p1 = drv.samples, held_by(drv), time.monotonic(), time.process_time()
     finally:
         ticker.cancel()
         task.cancel()
         await asyncio.gather(task, ticker, return_exceptions=True)
     assert windows > 0, "the pipeline closed no window"
-    return (c1 - c0) / (t1 - t0), (p1 - p0) / max(1, c1 - c0)
+    return (c1 - c0) / (t1 - t0), (p1 - p0) / max(1, c1 - c0), (p1 - p0) / (t1 - t0), h1 - h0
+
+
+def compare(args: argparse.Namespace, before: Factory) -> int:
+    """Old and new driver in alternating rounds, every value changing each tick; then quiet tags."""
+    print(
+        "| monitored items | changes/s before | changes/s now | CPU/change before | CPU/change now | ratio | held now |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n, rate in args.steps:
+        sim = PlcSimProcess(free_port(), "--rate-hz", str(rate), "--extra", str(n), "--control", "none")
+        sim.start(timeout_s=60)
+        old: list[tuple[float, float, float, int]] = []
+        new: list[tuple[float, float, float, int]] = []
+        try:
+            for k in range(args.rounds):
+                # Which goes first alternates too: a server slowing down over the rounds (sessions
+                # of earlier runs expiring) would otherwise always favour the same side.
+                for side in (0, 1) if k % 2 == 0 else (1, 0):
+                    make, out = (before, old) if side == 0 else (factory, new)
+                    out.append(asyncio.run(driver(sim.endpoint, n, args.seconds, rate, make)))
+        finally:
+            sim.stop()
+        ratios = [b[1] / a[1] for a, b in zip(old, new, strict=True)]
+        print(
+            f"| {n} | {statistics.median(r[0] for r in old):,.0f}/s | {statistics.median(r[0] for r in new):,.0f}/s "
+            f"| {statistics.median(r[1] for r in old) * 1e6:.1f} us | {statistics.median(r[1] for r in new) * 1e6:.1f} us "
+            f"| {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | {sum(r[3] for r in new)} |",
+            flush=True,
+        )
+    if args.quiet:
+        n = args.quiet
+        sim = PlcSimProcess(
+            free_port(), "--rate-hz", "10", "--extra", str(n), "--extra-every", "0", "--control", "none"
+        )
+        sim.start(timeout_s=60)
+        old, new = [], []
+        try:
+            for _ in range(args.rounds):
+                old.append(asyncio.run(driver(sim.endpoint, n, args.seconds, 10.0, before)))
+                new.append(asyncio.run(driver(sim.endpoint, n, args.seconds, 10.0)))
+        finally:
+            sim.stop()
+        cpu_old = statistics.median(r[2] for r in old)
+        cpu_new = statistics.median(r[2] for r in new)
+        held_s = statistics.median(r[3] for r in new) / args.seconds
+        print()
+        print(
+            f"{n} quiet tags at 10 Hz: CPU {cpu_old * 100:.1f} % before (nothing delivered), "
+            f"{cpu_new * 100:.1f} % now holding {held_s:,.0f} samples/s: "
+            f"{(cpu_new - cpu_old) / max(held_s, 1) * 1e6:.2f} us per held sample",
+            flush=True,
+        )
+    return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--before", default=None, help="alternate with the driver of this git revision")
+    parser.add_argument("--rounds", type=int, default=3, help="with --before: rounds of old and new")
+    parser.add_argument("--quiet", type=int, default=0, help="with --before: this many quiet tags too")
+    parser.add_argument(
+        "--steps",
+        type=lambda text: [(int(n), float(hz)) for n, hz in (step.split("x") for step in text.split(","))],
+        default=[(100, 70.0), (1000, 5.0)],
+        help='with --before: items x Hz per step, e.g. "100x20,1000x2" (default "100x70,1000x5")',
+    )
     args = parser.parse_args()
+    if args.before:
+        return compare(args, factory_of(args.before))
     rows = []
     for n, rate in ((100, 70.0), (1000, 5.0)):
         sim = PlcSimProcess(free_port(), "--rate-hz", str(rate), "--extra", str(n), "--control", "none")
         sim.start(timeout_s=60)
         try:
             b_rate, b_cpu = asyncio.run(bare(sim.endpoint, n, args.seconds))
-            d_rate, d_cpu = asyncio.run(driver(sim.endpoint, n, args.seconds))
+            d_rate, d_cpu, _, _ = asyncio.run(driver(sim.endpoint, n, args.seconds, rate))
         finally:
             sim.stop()
         rows.append((n, b_rate, b_cpu, d_rate, d_cpu))

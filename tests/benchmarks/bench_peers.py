@@ -243,7 +243,7 @@ def opcua_sweep(seconds: float, steps: list[tuple[int, float]]) -> list[tuple[St
                 os.sched_setaffinity(sim.proc.pid, cpu)
             offered = n * hz
             b_rate, b_cpu = asyncio.run(bench_opcua.bare(sim.endpoint, n, seconds))
-            d_rate, d_cpu = asyncio.run(bench_opcua.driver(sim.endpoint, n, seconds))
+            d_rate, d_cpu, _, _ = asyncio.run(bench_opcua.driver(sim.endpoint, n, seconds, hz))
         finally:
             sim.stop()
         # The server's own output is not observable: when neither reader got the nominal offer,
