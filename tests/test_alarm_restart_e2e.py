@@ -51,7 +51,7 @@ def restart(site: Site, sources: str) -> None:
     site.stop()
     site.config.write_text(site.text(sources))
     site.start()
-    site.reported(running("source:bed7-sim"), "running")
+    site.reported(running(site.unit("bed7-sim")), "running")
 
 
 def test_a_probe_back_on_after_a_restart_ends_the_alarms_it_left_on(site: Site, pki: DemoPKI) -> None:
