@@ -4,7 +4,8 @@ A server may revise the sampling interval asked (100 ms -> 500 ms): the stream's
 the revision, so its windows are whole and judged.  With no deadband a server reports a node only
 when its value changes: a quantised tag that holds still is held by the driver for every sampling
 tick the live subscription confirmed, so it is neither lost nor partial and its features are a
-regular sampler's; when the server dies nothing is held past the last confirmation.
+regular sampler's; when the server dies nothing is held past the last confirmation.  A server that revises otherwise
+after a restart rebuilds each tag's stream at the new rate: one stream per tag, one outage, restored.
 """
 
 from __future__ import annotations
@@ -264,3 +265,43 @@ def test_a_held_tag_is_lost_with_its_plc_and_held_again_after_it_returns() -> No
     inside = p.windows(FLOW, killed_at, back_at - 2.5)
     assert inside
     assert all(sf.gap and not sf.count for _, sf in inside), inside
+
+
+def test_a_plc_that_revises_otherwise_after_a_restart_keeps_one_stream_per_tag_and_is_restored() -> None:
+    # The PLC samples every 100 ms, is killed, and comes back on the same port sampling every
+    # 500 ms: each tag's stream is rebuilt at 2 Hz under the same key.
+    port = free_port()
+    sim = PlcSimProcess(port, "--rate-hz", "10")
+    sim.start()
+    lost_s = 2.0
+
+    async def main() -> tuple[Pipeline, float, float]:
+        driver = make_driver(sim.endpoint, nodes=NODES[:3])
+        p = Pipeline(driver, window_s=2.0, hop_s=1.0, grace_s=0.3, lost_s=lost_s)
+        async with p as run:
+            await until(lambda: run.starts == 1 and bool(p.sink.of(FLOW)), 10, "data")
+            sim.kill()
+            await until(lambda: any(a.kind in LOSSES for a in p.alarms), 15, "the loss alarm")
+            sim.args = ["--rate-hz", "2"]
+            await asyncio.to_thread(sim.start)
+            back_at = time.monotonic()
+            await until(lambda: any(s.t_mono > back_at for s in p.sink.of(FLOW)), 10, "Flow again")
+            await asyncio.sleep(lost_s + 4.0)  # past the loss timeout of the streams before the restart
+            end = time.monotonic() - 1.0
+        return p, back_at, end
+
+    try:
+        p, back_at, end = asyncio.run(main())
+    finally:
+        sim.stop()
+    assert {s.stream.rate_hz for s in p.sink.of(FLOW)} == {10.0, 2.0}
+    # One outage and one restore: the streams of the first revision never go silent on their own.
+    outage = [(a.kind, a.stream.metric.name if a.stream else "") for a in p.alarms if a.kind in OUTAGE]
+    assert [kind for kind, _ in outage] == [AlarmKind.DEVICE_LOST, AlarmKind.DEVICE_RESTORED], outage
+    after = [r for r in p.records if back_at + 1.0 <= r.end_mono - r.length_s and r.end_mono <= end]
+    assert len(after) >= 2
+    for record in after:
+        names = [sf.stream.metric.name for sf in record.streams]
+        assert sorted(names) == sorted({CURRENT, FLOW, PRESSURE}), names  # each tag once
+        assert all(sf.stream.rate_hz == 2.0 and sf.count for sf in record.streams), record.streams
+    assert [s["status"] for s in p.windower.stream_states()] == ["ok"] * 3

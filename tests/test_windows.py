@@ -733,3 +733,77 @@ def test_a_source_forgotten_by_a_config_revision_raises_no_loss_and_leaves_the_o
     control.feed(samples(old, T0, T0 + 2, 10.0) + samples(other, T0, T0 + 8, 10.0))
     control.close(T0 + 8)
     assert AlarmKind.SENSOR_LOST in control.kinds()
+
+
+# ---- a stream rebuilt under the same key ----------------------------------------------------
+
+
+def rows(start: float, stop: float, rate_hz: float) -> tuple[np.ndarray, np.ndarray]:
+    t = start + np.arange(round((stop - start) * rate_hz)) / rate_hz
+    return t, np.zeros(t.size, np.uint8)
+
+
+@pytest.mark.parametrize("how", ["put", "block"])
+def test_a_stream_rebuilt_with_a_new_rate_replaces_its_entry_without_a_loss(how: str) -> None:
+    rig = Rig(lost=3.0)
+    before = stream(rate_hz=10.0)
+    after = stream(rate_hz=4.0)  # the server revised its sampling interval after a restart
+    assert after.key == before.key
+    assert after != before
+    feed_rows(rig, before, *rows(T0, T0 + 2.0, 10.0), how)
+    records = rig.close(T0 + 2.0)
+    feed_rows(rig, after, *rows(T0 + 2.0, T0 + 12.0, 4.0), how)
+    for now in np.arange(T0 + 2.5, T0 + 12.01, 0.5):
+        records += rig.close(float(now))
+    assert rig.kinds() == []  # the old object's silence is no loss
+    assert [len(r.streams) for r in records] == [1] * len(records)
+    assert [r.streams[0].count for r in records] == [10] * 2 + [4] * 9
+    assert records[-1].streams[0].stream is after
+    assert records[-1].streams[0].missing == 0.0  # judged against the new rate
+    assert [s["status"] for s in rig.w.stream_states()] == ["ok"]
+    assert rig.w.counters()["streams"] == 1
+
+
+def test_a_lost_stream_rebuilt_is_restored_by_the_new_streams_data() -> None:
+    rig = Rig(lost=1.0)
+    before = stream(rate_hz=10.0)
+    after = stream(rate_hz=2.0)
+    rig.feed(samples(before, T0, T0 + 1.0, 10.0))
+    rig.close(T0 + 5.0)
+    assert rig.kinds() == [AlarmKind.SENSOR_LOST]
+    rig.feed(samples(after, T0 + 8.0, T0 + 10.0, 2.0))
+    rig.close(T0 + 10.0)
+    assert rig.kinds() == [AlarmKind.SENSOR_LOST, AlarmKind.SENSOR_RESTORED]
+    restored = rig.alarms[1]
+    assert restored.stream is after
+    assert restored.detail["after"] == "sensor_lost"
+    assert restored.t_mono == T0 + 8.0
+    assert [s["status"] for s in rig.w.stream_states()] == ["ok"]
+
+
+def test_a_faulted_stream_rebuilt_keeps_its_fault_until_the_new_stream_restores_it() -> None:
+    rig = Rig(restore=1.0)
+    before = stream(rate_hz=10.0)
+    after = stream(rate_hz=5.0)
+    rig.feed(samples(before, T0, T0 + 1.0, 10.0, quality=Quality.SENSOR_OFF))
+    rig.feed(samples(after, T0 + 1.0, T0 + 1.8, 5.0))
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT]  # the hold after a fault runs on
+    rig.feed(samples(after, T0 + 1.8, T0 + 3.0, 5.0))
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_RESTORED]
+    assert rig.alarms[1].t_mono == pytest.approx(T0 + 2.0)
+
+
+def test_a_stream_rebuilt_with_a_new_unit_restarts_its_ring() -> None:
+    rig = Rig()
+    celsius = stream(metric=industrial_metric("Pump/Temp", "Cel"), kind="industrial")
+    fahrenheit = stream(metric=industrial_metric("Pump/Temp", "[degF]"), kind="industrial")
+    assert celsius.key == fahrenheit.key
+    rig.feed(samples(celsius, T0, T0 + 0.5, 10.0, value=100.0))
+    rig.feed(samples(fahrenheit, T0 + 0.5, T0 + 2.0, 10.0, value=212.0))
+    records = rig.close(T0 + 2.5)
+    assert rig.kinds() == []
+    assert [len(r.streams) for r in records] == [1, 1]
+    first = records[0].streams[0]
+    assert first.stream is fahrenheit
+    assert first.count == 5  # the rows in degrees Celsius are not windowed with the new unit
+    assert first.features["mean"] == 212.0

@@ -34,7 +34,10 @@ record); a stream's gap and missing fraction are judged per length, so a gap in 
 that the short tail does not see leaves the short model's inputs whole.
 
 Memory: state is created per stream on first sight and kept for the life of the windower, so
-memory is bounded by the configured streams (a few tens of kB per stream at 256 Hz).  A lost
+memory is bounded by the configured streams (a few tens of kB per stream at 256 Hz).  A stream a
+driver rebuilds under the same key (a server revised its rate, a unit changed) replaces the entry of
+that key in place: one metric in the windows, no loss for the old object's silence, its condition
+carried over; a new unit restarts the ring, a new rate keeps it.  A lost
 stream keeps its ring and keeps producing gap windows: the twin sees the loss as gaps.
 """
 
@@ -121,6 +124,22 @@ class _StreamState:
     )
 
     def __init__(self, stream: Stream, ring: RingBuffer, window_s: float, lost_after_s: float) -> None:
+        self.bind(stream, window_s, lost_after_s)
+        # When its device came back: silence is counted from here, not from its last sample.
+        self.revived_at = -math.inf
+        self.ring = ring
+        self.status = _OK
+        # Equal Stream objects seen under other ids (and the streams it replaced under its key);
+        # held so their ids cannot be reused.
+        self.aliases: list[Stream] = []
+        self.lost_rows = 0  # ring.overwritten when last looked at
+        # While faulted: t_mono from which good samples restore the stream (first good sample of
+        # the current unbroken good run + restore_after_s); None until a good sample comes.
+        # While lost: the end of the hold after the loss alarm (None: a driver-reported outage).
+        self.restore_at: float | None = None
+
+    def bind(self, stream: Stream, window_s: float, lost_after_s: float) -> None:
+        """Take the stream's rate, unit and shape: at creation, and when a driver rebuilds it."""
         self.stream = stream
         # A slow stream (a temperature every 10 s) is lost only after three missed samples,
         # not after the gateway-wide timeout that suits 1 Hz vitals.
@@ -128,20 +147,9 @@ class _StreamState:
         if stream.on_change:
             # A Boolean or a state reports only when it changes: silence is no loss.
             self.lost_after_s = math.inf
-        # When its device came back: silence is counted from here, not from its last sample.
-        self.revived_at = -math.inf
-        self.ring = ring
-        self.status = _OK
         self.rr = stream.metric.rr
         self.shape = stream.metric.shape
         self.expected = window_s * stream.rate_hz if stream.rate_hz else None
-        # Equal Stream objects seen under other ids; held so their ids cannot be reused.
-        self.aliases: list[Stream] = []
-        self.lost_rows = 0  # ring.overwritten when last looked at
-        # While faulted: t_mono from which good samples restore the stream (first good sample of
-        # the current unbroken good run + restore_after_s); None until a good sample comes.
-        # While lost: the end of the hold after the loss alarm (None: a driver-reported outage).
-        self.restore_at: float | None = None
 
 
 class _SubjectState:
@@ -349,33 +357,72 @@ class Windower:
         st.restore_at = float(due[-1]) if status == _FAULTED and not faulty[-1] else None
 
     def _adopt(self, stream: Stream, t_first: float) -> _StreamState:
-        """State for a stream seen under a new object id: an equal stream's, or a fresh one."""
+        """State for a stream seen under a new object id: an equal stream's, its key's, or a fresh one."""
         st = self._by_stream.get(stream)
         if st is None:
             subj = self._subjects.get(stream.subject)
-            if subj is None:
-                subj = self._subjects[stream.subject] = _SubjectState(
-                    stream.subject, stream.kind, self.window_s, self._lengths.get(stream.kind, ())
-                )
-            ring = RingBuffer(self.capacity_for(stream, subj.span))
-            st = _StreamState(stream, ring, self.window_s, self.lost_after_s)
-            st.status = self._resumed.pop(stream.key, _OK)
-            device = (stream.source, stream.device)
-            group = self._device_lost.get(device)
-            # Its device's outage is still the one a previous run reported; a stream lost on its
-            # own before that outage stays out of it and is restored on its own, as without a stop.
-            if st.status != _LOST and group is not None and group is self._resumed_devices.get(device):
-                st.status = _LOST
-                group.append(st)
-            self._by_stream[stream] = st
-            subj.streams.append(st)
-            subj.streams.sort(key=lambda s: s.stream.key)
-            if math.isfinite(t_first):
-                subj.first_t = min(subj.first_t, t_first)
-            log.debug("windower: new stream %s (ring of %d rows)", stream.key, st.ring.capacity)
+            same_key = next((s for s in subj.streams if s.stream.key == stream.key), None) if subj else None
+            if same_key is not None:
+                st = self._rebuilt(same_key, stream)
+            else:
+                if subj is None:
+                    subj = self._subjects[stream.subject] = _SubjectState(
+                        stream.subject, stream.kind, self.window_s, self._lengths.get(stream.kind, ())
+                    )
+                st = self._fresh(subj, stream, t_first)
         elif st.stream is not stream:
             st.aliases.append(stream)
         self._by_id[id(stream)] = st
+        return st
+
+    def _fresh(self, subj: _SubjectState, stream: Stream, t_first: float) -> _StreamState:
+        """State for a stream of ``subj`` never seen before (or a condition a previous run left on)."""
+        ring = RingBuffer(self.capacity_for(stream, subj.span))
+        st = _StreamState(stream, ring, self.window_s, self.lost_after_s)
+        st.status = self._resumed.pop(stream.key, _OK)
+        device = (stream.source, stream.device)
+        group = self._device_lost.get(device)
+        # Its device's outage is still the one a previous run reported; a stream lost on its
+        # own before that outage stays out of it and is restored on its own, as without a stop.
+        if st.status != _LOST and group is not None and group is self._resumed_devices.get(device):
+            st.status = _LOST
+            group.append(st)
+        self._by_stream[stream] = st
+        subj.streams.append(st)
+        subj.streams.sort(key=lambda s: s.stream.key)
+        if math.isfinite(t_first):
+            subj.first_t = min(subj.first_t, t_first)
+        log.debug("windower: new stream %s (ring of %d rows)", stream.key, st.ring.capacity)
+        return st
+
+    def _rebuilt(self, st: _StreamState, stream: Stream) -> _StreamState:
+        """A driver rebuilt the stream of ``st`` under the same key (another rate or unit): it replaces it.
+
+        The state is the same one, so the metric stays one stream in the subject's windows, the
+        old object's silence is no loss, and a fault or loss it had (and its device outage) is
+        ended by the new stream's data with the usual restore.  A new unit restarts the ring: rows
+        in the old unit would be windowed with the new.  A new rate keeps the rows (the same
+        quantity, only sampled otherwise) and grows the ring if the new rate needs more.
+        """
+        old = st.stream
+        del self._by_stream[old]
+        st.aliases.append(old)  # its id stays mapped here: a late sample of it is the same metric
+        st.bind(stream, self.window_s, self.lost_after_s)
+        self._by_stream[stream] = st
+        span = self._subjects[stream.subject].span
+        if old.metric.unit != stream.metric.unit:
+            st.ring = RingBuffer(self.capacity_for(stream, span))
+            st.lost_rows = 0
+        elif (wanted := self.capacity_for(stream, span)) > st.ring.capacity:
+            st.ring.resize(wanted)
+        log.info(
+            "windower: stream %s: rebuilt by its driver (%s at %s Hz, was %s at %s Hz)",
+            stream.key,
+            stream.metric.unit,
+            stream.rate_hz,
+            old.metric.unit,
+            old.rate_hz,
+        )
         return st
 
     def capacity_for(self, stream: Stream, window_s: float | None = None) -> int:
