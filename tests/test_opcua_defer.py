@@ -108,6 +108,8 @@ def test_a_name_replaced_at_the_top_level_before_use_is_not_imported_at_all() ->
         # used before a top-level statement replaces it
         "from heavy.part import Thing\nx = Thing\nclass Thing:\n    pass\n",
         "from heavy.part import *\n",
+        # a name the holder has itself
+        "from heavy.part import names\n",
     ],
 )
 def test_unsafe_rewrites_are_refused(source: str) -> None:

@@ -106,7 +106,7 @@ class _Reader(ast.NodeTransformer):
 
     def _annotation(self, node: ast.expr | None) -> ast.expr | None:
         if node is None or not _mentions(node, self.names):
-            return node if node is None else self.visit(node)
+            return node
         return ast.copy_location(ast.Constant(ast.unparse(self.visit(node))), node)
 
     def _arguments(self, args: ast.arguments) -> None:
@@ -165,6 +165,8 @@ def rewrite(tree: ast.Module, package: str, packages: Iterable[str]) -> Rewritte
                 return None
             del sources[name]
     if _bindings(ast.Module(body, [])) & set(sources):
+        return None
+    if set(sources) & {*dir(Deferred), "_sources"}:  # read as the holder's own attribute, not imported
         return None
     names = set(sources)
     module = ast.Module([_Reader(names).visit(stmt) for stmt in body], tree.type_ignores)
