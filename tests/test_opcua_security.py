@@ -149,8 +149,10 @@ def test_untrusted_server_then_trust_then_every_policy_and_mode(
             )
             assert error is None, (policy, mode, error)
             assert count >= 3, (policy, mode)
-    # They ran on the asyncua package served without its server import (drivers/opcua/lean.py).
+    # They ran on the asyncua package served without its server import (drivers/opcua/lean.py),
+    # with the client's and the crypto module's imports of cryptography deferred to first use.
     assert lean.served()
+    assert lean.deferred() == sorted(lean.DEFERRED)
 
 
 def test_wrong_password_is_refused_with_a_clear_auth_error(secure_plc: tuple[PlcSimProcess, Path]) -> None:

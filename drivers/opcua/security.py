@@ -14,7 +14,7 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncua import ua
 from asyncua.client.client import Client
@@ -23,10 +23,12 @@ from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
 from drivers.opcua.config import OpcUaConfig, is_loopback
-from drivers.opcua.pki import Pki
 from drivers.opcua.protocol import endpoint_display, status_token
 from gateway.cleanup import finish_shielded
 from gateway.errors import AuthError, ConfigError
+
+if TYPE_CHECKING:
+    from drivers.opcua.pki import Pki
 
 _T = TypeVar("_T")
 
@@ -133,6 +135,13 @@ def read_password(opts: ConnectOptions, path: Path) -> str:
         ) from exc
 
 
+def open_pki(root: Path) -> Pki:
+    """The gateway's OPC UA certificate store; ``cryptography`` loads here, only for a secured source."""
+    from drivers.opcua.pki import Pki  # noqa: PLC0415 - ~8 MB resident that a source without security never needs
+
+    return Pki(root)
+
+
 def raise_refusal(opts: ConnectOptions, exc: UaStatusCodeError) -> None:
     """AuthError when the server refused our user or certificate; otherwise return."""
     where = f"{opts.who} {endpoint_display(opts.endpoint)}"
@@ -146,7 +155,7 @@ def raise_refusal(opts: ConnectOptions, exc: UaStatusCodeError) -> None:
         )
         raise AuthError(f"{where}: login: the server refused {who} ({status_token(code)}): {fix}") from exc
     if code in CERT_REFUSED:
-        own = Pki(opts.pki_dir).own_cert
+        own = open_pki(opts.pki_dir).own_cert
         raise AuthError(
             f"{where}: security: the server refused the gateway's certificate ({status_token(code)}): "
             f"add {own} to the server's trusted certificates (application URI {opts.app_uri})"
@@ -184,7 +193,7 @@ def _choose(opts: ConnectOptions, endpoints: list[ua.EndpointDescription]) -> ua
 
 async def _check_server_certificate(opts: ConnectOptions, client: Client) -> None:
     where = f"{opts.who} {endpoint_display(opts.endpoint)}"
-    pki = Pki(opts.pki_dir)
+    pki = open_pki(opts.pki_dir)
     # Key generation (RSA, ~0.1-1 s) and certificate parsing run in a thread: the event loop
     # carries every other source and the watchdog meanwhile.
     cert_path, key_path = await asyncio.to_thread(
