@@ -807,3 +807,44 @@ def test_a_stream_rebuilt_with_a_new_unit_restarts_its_ring() -> None:
     assert first.stream is fahrenheit
     assert first.count == 5  # the rows in degrees Celsius are not windowed with the new unit
     assert first.features["mean"] == 212.0
+
+
+def test_a_driver_going_back_to_its_earlier_stream_rebinds_the_entry_to_it() -> None:
+    # A driver that caches a stream per rate (the serial driver on protocol auto-detection) can
+    # go back to the object it used first: the entry follows it, its rate judges the windows.
+    rig = Rig(lost=3.0)
+    slow, fast = stream(rate_hz=0.2), stream(rate_hz=10.0)
+    feed_rows(rig, slow, *rows(T0, T0 + 10.0, 0.2), "put")
+    rig.close(T0 + 10.0)
+    feed_rows(rig, fast, *rows(T0 + 10.0, T0 + 12.0, 10.0), "put")
+    rig.close(T0 + 12.0)
+    feed_rows(rig, slow, *rows(T0 + 12.0, T0 + 40.0, 0.2), "put")
+    records: list[WindowRecord] = []
+    for now in np.arange(T0 + 12.5, T0 + 40.01, 0.5):
+        records += rig.close(float(now))
+    late = [r for r in records if r.end_mono > T0 + 25.0]
+    assert late
+    assert {r.streams[0].stream.rate_hz for r in late} == {0.2}
+    # A window holding one of its rows is whole at 0.2 Hz (at 10 Hz it was judged 90 % missing).
+    assert [r.streams[0].missing for r in late if r.streams[0].count] == [0.0] * sum(
+        1 for r in late if r.streams[0].count
+    )
+    assert any(r.streams[0].count for r in late)
+    assert rig.kinds() == []
+
+
+def test_a_late_sample_in_the_old_unit_is_not_windowed_with_the_new_one() -> None:
+    rig = Rig()
+    celsius = stream(metric=industrial_metric("Pump/Temp", "Cel"), kind="industrial")
+    fahrenheit = stream(metric=industrial_metric("Pump/Temp", "[degF]"), kind="industrial")
+    rig.feed(samples(celsius, T0, T0 + 0.5, 10.0, value=100.0))
+    rig.feed(samples(fahrenheit, T0 + 0.5, T0 + 1.0, 10.0, value=212.0))
+    rig.feed(samples(celsius, T0 + 1.0, T0 + 1.5, 10.0, value=100.0))
+    rig.feed(samples(fahrenheit, T0 + 1.5, T0 + 2.0, 10.0, value=212.0))
+    records = rig.close(T0 + 2.5)
+    seen = [s for r in records for s in r.streams if s.count]
+    assert seen  # the last rows, in degF, are windowed
+    for s in seen:  # each unit change restarts the ring: no window averages both units
+        expected = 212.0 if s.stream is fahrenheit else 100.0
+        assert s.features["mean"] == expected, (s.stream.metric.unit, s.count, s.features["mean"])
+    assert rig.kinds() == []

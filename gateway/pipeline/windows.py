@@ -406,7 +406,13 @@ class Windower:
         """
         old = st.stream
         del self._by_stream[old]
-        st.aliases.append(old)  # its id stays mapped here: a late sample of it is the same metric
+        # The old object (and objects equal to it) no longer lead here by id: a sample of it later
+        # (the driver went back to it) is adopted again and rebinds the entry to it, so its rate and
+        # unit apply and rows of one unit are never windowed with another's.
+        for alias in (old, *st.aliases):
+            if self._by_id.get(id(alias)) is st:
+                del self._by_id[id(alias)]
+        st.aliases.clear()
         st.bind(stream, self.window_s, self.lost_after_s)
         self._by_stream[stream] = st
         span = self._subjects[stream.subject].span
