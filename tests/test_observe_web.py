@@ -114,6 +114,14 @@ def _lan() -> Iterator[tuple[list[str], str]]:
         yield [], "127.0.0.1"
         return
     try:
+        # No IPv6 in the namespace: its link-local addresses finish duplicate detection a second or
+        # two after the links come up, and chromium aborts a navigation in flight on that change
+        # (net::ERR_NETWORK_CHANGED).
+        for conf in ("all", "default"):
+            knob = f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"
+            subprocess.run(
+                [ip, "netns", "exec", name, "sh", "-c", f"echo 1 > {knob}"], check=False, capture_output=True
+            )
         for cmd in (
             ["link", "add", "etw0", "type", "veth", "peer", "name", "etw1"],
             ["addr", "add", "10.231.0.1/24", "dev", "etw0"],

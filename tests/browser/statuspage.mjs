@@ -11,16 +11,30 @@ const browser = await chromium.launch({
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"],
 });
+// A navigation chromium aborts because the network changed under it (an address settling in the
+// test's fresh namespace) is tried again, as a user would reload; anything else fails the step.
+async function open(page, target) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await page.goto(target);
+    } catch (err) {
+      if (attempt >= 3 || !String(err).includes("ERR_NETWORK_CHANGED")) throw err;
+      process.stderr.write(`statuspage: ${target}: network changed, attempt ${attempt + 1}\n`);
+      await new Promise(done => setTimeout(done, 500));
+    }
+  }
+}
+
 try {
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 900 } });
   const page = await context.newPage();
 
   // Without the token: refused.
-  const refused = await page.goto(url.replace(/\?token=.*$/, ""));
+  const refused = await open(page, url.replace(/\?token=.*$/, ""));
   say("without-token", { status: refused.status(), text: (await page.textContent("body")).trim() });
 
   // With it: the page loads and goes live.
-  const loaded = await page.goto(url);
+  const loaded = await open(page, url);
   await page.waitForFunction(() => document.getElementById("badge").className !== "", null, { timeout: 20000 });
   await page.waitForSelector("tr.stream", { timeout: 20000 });
   const values = async () => page.$$eval("tr.stream", rows => rows.map(r => [r.dataset.key, r.querySelector(".value").textContent]));
