@@ -12,6 +12,7 @@ import operator
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -90,6 +91,28 @@ def _layout(counts: tuple[int, ...]) -> tuple[npt.NDArray[np.intp], npt.NDArray[
     return starts, np.repeat(np.arange(c.size, dtype=np.intp), c), c.astype(np.float64)
 
 
+class _Work(NamedTuple):
+    """One layout's work-array views and segment indices (see :class:`_Scratch`)."""
+
+    x: F8  # values then times
+    xv: F8  # values
+    xt: F8  # times
+    y: F8  # squares of values and times, then values x times
+    sq: F8
+    cross: F8
+    bounds: F8  # r: minima, maxima, value means, time means, then the sums of y
+    vmin: F8
+    vmax: F8
+    mean: F8
+    vmean: F8
+    sums: F8
+    starts: npt.NDArray[np.intp]  # values', times', cross products' segment starts
+    vstarts: npt.NDArray[np.intp]
+    vtstarts: npt.NDArray[np.intp]
+    seg: npt.NDArray[np.intp]
+    n: F8
+
+
 class _Scratch(threading.local):
     """Per-thread work arrays of :func:`basic_features_streams`, reused window after window.
 
@@ -99,28 +122,38 @@ class _Scratch(threading.local):
     window, which cost more than the arithmetic.  Held here they stay resident at the largest
     window's size, three arrays per thread that computes features (the windower's): the values and
     times, their products (half as long again: squares of both, then values times times), and the
-    per-stream results (seven per stream), read out with one ``tolist`` per step.
+    per-stream results (seven per stream), read out with one ``tolist`` per step.  The views of
+    the last layout are kept too: a steady source repeats its counts, and a dozen slices cost
+    about 1 us a window.
     """
 
     def __init__(self) -> None:
         self.a: F8 = np.empty(0)
         self.b: F8 = np.empty(0)
         self.r: F8 = np.empty(0)
-        # a steady source repeats its layout: (values, streams) -> views
-        self.last: tuple[tuple[int, int], F8, F8, F8] = ((0, 0), self.a, self.b, self.r)
+        self.key: tuple[int, ...] = ()
+        self.work: _Work | None = None
 
-    def views(self, values: int, streams: int) -> tuple[F8, F8, F8]:
-        """Arrays of 2, 3 and 7 times the sizes (contents undefined), grown with room for jittering counts."""
-        last = self.last
-        if last[0] == (values, streams):
-            return last[1], last[2], last[3]
-        if self.a.size < 2 * values:
-            room = values + values // 8
+    def views(self, counts: tuple[int, ...]) -> _Work:
+        """The work-array views for a window of ``counts`` (contents undefined), grown with room for jittering counts."""
+        work = self.work
+        if work is not None and counts == self.key:
+            return work
+        s, nv = len(counts), sum(counts)
+        if self.a.size < 2 * nv:
+            room = nv + nv // 8
             self.a, self.b = np.empty(2 * room), np.empty(3 * room)
-        if self.r.size < 7 * streams:
-            self.r = np.empty(7 * streams)
-        self.last = ((values, streams), self.a[: 2 * values], self.b[: 3 * values], self.r[: 7 * streams])
-        return self.last[1], self.last[2], self.last[3]
+        if self.r.size < 7 * s:
+            self.r = np.empty(7 * s)
+        x, y, r = self.a[: 2 * nv], self.b[: 3 * nv], self.r[: 7 * s]
+        starts, seg, n = _layout(counts)
+        work = _Work(
+            x, x[:nv], x[nv:], y, y[: 2 * nv], y[2 * nv :],
+            r[: 2 * s], r[:s], r[s : 2 * s], r[2 * s : 4 * s], r[2 * s : 3 * s], r[4 * s :],
+            starts, starts[:s], starts[: 2 * s], seg, n,
+        )  # fmt: skip
+        self.key, self.work = counts, work
+        return work
 
 
 _SCRATCH = _Scratch()
@@ -157,37 +190,34 @@ def _streams_pass(ts: Sequence[F8], vs: Sequence[F8], counts: tuple[int, ...]) -
     so the results of a step go into one array and come out in one list.
     """
     s = len(counts)
-    starts, seg, n = _layout(counts)
-    nv = sum(counts)
-    x, y, r = _SCRATCH.views(nv, s)
+    w = _SCRATCH.views(counts)
+    x, xv, mean = w.x, w.xv, w.mean
     np.concatenate((*vs, *ts), out=x)
-    xv = x[:nv]
-    vmin, vmax, mean = r[:s], r[s : 2 * s], r[2 * s : 4 * s]  # mean: values' then times'
-    np.minimum.reduceat(xv, starts[:s], out=vmin)
-    np.maximum.reduceat(xv, starts[:s], out=vmax)
-    bounds = r[: 2 * s].tolist()
+    np.minimum.reduceat(xv, w.vstarts, out=w.vmin)
+    np.maximum.reduceat(xv, w.vstarts, out=w.vmax)
+    bounds = w.bounds.tolist()
     los, his = bounds[:s], bounds[s:]
     if min(los) <= -_HUGE or max(his) >= _HUGE:
         # Sums and squares could overflow, and numpy would warn where the per-stream dot products
         # do not; within the bound no feature but the slope can be non-finite (times are clock seconds).
         return [basic_features_finite(t, v) for t, v in zip(ts, vs, strict=True)]
-    np.add.reduceat(x, starts[: 2 * s], out=mean)
-    mean /= n
-    means = mean[:s].tolist()
+    np.add.reduceat(x, w.vtstarts, out=mean)
+    mean /= w.n
+    means = w.vmean.tolist()
     # Rounding can put a sum/n mean a hair outside [min, max]; clamp so constants stay exact.  Only
     # a (near) constant stream can be outside: the check on lists spares two numpy calls a window.
     if min(map(operator.sub, means, los)) < 0.0 or max(map(operator.sub, means, his)) > 0.0:
-        np.maximum(mean[:s], vmin, out=mean[:s])
-        np.minimum(mean[:s], vmax, out=mean[:s])
-        means = mean[:s].tolist()
+        np.maximum(w.vmean, w.vmin, out=w.vmean)
+        np.minimum(w.vmean, w.vmax, out=w.vmean)
+        means = w.vmean.tolist()
     # Centred values, then centred times (t_mono ~1e5-1e6 s: keeps precision); then in one array
     # the squares of both and the values times the times, each stream's segments summed in one
     # reduction: the operations (and sums) of ``x -= mean[seg]``, ``x * x`` and ``xv * x[nv:]``.
-    x -= mean.take(seg, out=y[: 2 * nv], mode="clip")  # every index is in range: no bounds pass
-    np.multiply(x, x, out=y[: 2 * nv])
-    np.multiply(xv, x[nv:], out=y[2 * nv :])
-    np.add.reduceat(y, starts, out=r[4 * s :])
-    second = r[4 * s :].tolist()
+    x -= mean.take(w.seg, out=w.sq, mode="clip")  # every index is in range: no bounds pass
+    np.multiply(x, x, out=w.sq)
+    np.multiply(xv, w.xt, out=w.cross)
+    np.add.reduceat(w.y, w.starts, out=w.sums)
+    second = w.sums.tolist()
     out: list[dict[str, float]] = []
     for c, m, lo, hi, ss, den, num in zip(
         counts, means, los, his, second[:s], second[s : 2 * s], second[2 * s :], strict=True
