@@ -201,6 +201,54 @@ def test_rul_card_ships_tflite_and_numpy_files_and_names_a_measured_backend() ->
     assert lite["int8_served"] is False  # its figures say why; the loader serves fp32 only
 
 
+def engine_rows(n: int, seed: int) -> npt.NDArray[np.float32]:
+    """RUL input rows an engine's cycles give (the card's fleet fit): recent means along a life, and slopes."""
+    card = load_rul_model(MODELS, "rul_cmapss", backend="onnxruntime").card
+    fit = card.training["degradation"]
+    rng = np.random.default_rng(seed)
+    life = rng.uniform(0.0, 1.0, (n, 1))
+    g = fit["shape_g"]
+    cols = [np.array([fit[k][s] for s in card.sensors]) for k in ("base", "delta", "noise")]
+    base, delta, noise = cols
+    means = (
+        base + delta * (np.exp(g * life) - 1) / (np.exp(g) - 1) + noise * rng.standard_normal((n, len(base)))
+    )
+    slopes = delta * g * np.exp(g * life) / (np.exp(g) - 1) / fit["life_cycles"]["mean"]
+    return np.hstack([means, slopes]).astype(np.float32)
+
+
+def test_every_shipped_tflite_file_is_named_by_a_card() -> None:
+    named = set()
+    for path in MODELS.glob(f"*{CARD_SUFFIX}"):
+        named |= {f["path"] for f in json.loads(path.read_text()).get("tflite_files", {}).values()}
+    assert {p.name for p in MODELS.glob("*.tflite")} == named
+    assert {"rul_cmapss.fp32.tflite", "rul_cmapss.int8.tflite"} <= named
+
+
+@needs_litert
+def test_rul_tflite_files_run_on_litert_against_onnx() -> None:
+    """Both RUL .tflite files through the interpreter, on rows along an engine's life."""
+    rows = engine_rows(2000, seed=4)
+    onnx = load_rul_model(MODELS, "rul_cmapss", backend="onnxruntime")
+    ref = onnx.backend.run(rows)
+    # Rows along a whole life: young engines near the cap, worn ones near failure.
+    assert float(np.percentile(ref, 10)) < 40.0
+    assert float(np.percentile(ref, 90)) > 100.0
+    lite = load_rul_model(MODELS, "rul_cmapss", backend="litert")
+    assert lite.backend.name == "litert"
+    assert np.abs(lite.backend.run(rows) - ref).max() < RIDGE_TOLERANCE
+    card = onnx.card
+    int8 = LiteRtBackend(
+        card, (MODELS / card.tflite_files["int8"].path).read_bytes(), "int8", litert_interpreter_class()
+    )
+    got8 = int8.run(rows)
+    assert got8.shape == ref.shape
+    assert np.isfinite(got8).all()
+    # As the card says: far off (one input scale for means and slopes), within the clip.
+    assert ((got8 >= 0) & (got8 <= card.cap)).all()
+    assert np.abs(got8 - ref).mean() > 5.0
+
+
 @needs_litert
 def test_rul_litert_estimates_match_onnx_on_the_test_engines() -> None:
     """Every test engine's cycles through LiteRT fp32 and int8 against ONNX, and the card's RMSE figures."""

@@ -177,6 +177,9 @@ class RulModel:
     def __init__(self, card: RulCard, backend: Backend) -> None:
         self.card = card
         self.backend = backend
+        log.info(
+            "estimation rul %s %s loaded (%s, %s)", card.name, card.version, backend.name, backend.precision
+        )
 
     def predict(self, features: F64) -> float:
         """RUL in cycles from one row of :func:`cycle_features`."""
