@@ -72,7 +72,7 @@ from gateway.backoff import Backoff
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
 from gateway.liveness import Pulse
-from gateway.sample import Quality, Sample, SampleBlock, Stream, industrial_metric
+from gateway.sample import UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream, industrial_metric
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,8 @@ class OpcUaDriver:
         self.notifications = 0
         self._sink: SampleSink | None = None
         self.pulse = Pulse(stale_after_s=PULSE_STALE_S)
+        # Nodes with no usable value and no fault of this run yet (``first_data``).
+        self.unproven: set[int] = {item.index for item in self.items}
 
     # ---- what tests and status lines read --------------------------------------------------
 
@@ -369,6 +371,7 @@ class OpcUaDriver:
                 self._cfg.verify_interval_s,
                 _RECREATED_HINT if item.spec.node_id is not None and token in _GONE_TOKENS else "",
             )
+            self.unproven.discard(item.index)  # its fault is this run's: ended by set_health
             detail: dict[str, float | str] = {"status": token}
             if item.stream is None:
                 detail["item"] = item.index
@@ -389,6 +392,34 @@ class OpcUaDriver:
                     detail["item"] = item.index
                 sink.alarm(
                     Alarm(AlarmKind.SENSOR_RESTORED, self._info.subject, now_mono, now_wall, stream, detail)
+                )
+
+    def first_data(self) -> None:
+        """End, with a node's first usable value of the run, a fault a previous run raised on it unresolved.
+
+        A node that never resolved before a stop left its fault raised with no stream and its
+        ``item`` (the gateway keeps it on across the restart); the fresh driver does not know it.
+        So a node's first usable value of the run, with no fault of this run, sends that ending
+        as the driver would have sent it (no stream, ``item``, ``status: good``): the gateway
+        sends it only while such a fault is on, as for every ending of a driver's own fault.
+        """
+        sink = self._sink
+        for index in list(self.unproven):
+            item = self.items[index]
+            last = item.last
+            if last is None or last.quality & UNUSABLE_FLAGS:
+                continue
+            self.unproven.discard(index)
+            if sink is not None:
+                detail: dict[str, float | str] = {
+                    "after": AlarmKind.SENSOR_FAULT.value,
+                    "status": "good",
+                    "item": index,
+                }
+                sink.alarm(
+                    Alarm(
+                        AlarmKind.SENSOR_RESTORED, self._info.subject, last.t_mono, last.t_wall, None, detail
+                    )
                 )
 
     def stream_for(self, item: _Item, device: str) -> Stream:
@@ -886,6 +917,8 @@ class _Connection:
                 async with asyncio.timeout(tick):
                     await self.lost.wait()
             self.hold()
+            if self.d.unproven:  # empty once every node delivered a usable value in this run
+                self.d.first_data()
             if self.lost.is_set():
                 raise LinkLost(self.lost_reason)
             now = time.monotonic()
