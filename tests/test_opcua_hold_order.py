@@ -130,6 +130,7 @@ def test_a_change_stamped_before_the_held_ticks_lands_after_them_at_its_time(
                 server.endpoint,
                 namespace_uri=URI,
                 nodes=[{"browse_path": QUIET}, {"browse_path": TICKING}],
+                diagnostics_every_s=1.0,
             )
             sink = Recorder()
             async with Running(driver, sink) as run:
@@ -163,6 +164,8 @@ def test_a_change_stamped_before_the_held_ticks_lands_after_them_at_its_time(
         for a, b in itertools.pairwise(samples):
             assert a.t_mono <= b.t_mono, (tag, a, b)
             assert a.t_wall <= b.t_wall, (tag, a.t_wall - b.t_wall, a, b)
-    # Said once, not per value.
+    # Counted in the clock report, and said once, not per value.
+    clock = [d.detail for d in sink.diagnostics if d.kind == "opcua_clock"]
+    assert sum(int(d["restamped"]) for d in clock) >= 1, clock
     said = [r.getMessage() for r in caplog.records if "before the server confirmed" in r.getMessage()]
     assert len(said) == 1, said

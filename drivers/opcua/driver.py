@@ -83,7 +83,6 @@ _T = TypeVar("_T")
 OBJECTS_FOLDER = 85
 HIERARCHICAL_REFERENCES = 33
 HAS_PROPERTY = 46
-CLOCK_REPORT_S = 60.0  # how often the timestamp skew diagnostic goes out
 #: Liveness: the stream loop beats at least every second and every server call declares its own
 #: bound, so 5 s with neither is a driver stuck outside any known wait (see gateway.liveness).
 PULSE_STALE_S = 5.0
@@ -533,7 +532,7 @@ class _Connection:
         self.restamp_said = False
         self.restamped = 0  # changes stamped before their node was confirmed unchanged, since the last report
         self.held = 0  # samples held since the last report
-        self.next_clock_report = time.monotonic() + CLOCK_REPORT_S
+        self.next_clock_report = time.monotonic() + cfg.diagnostics_every_s
 
     @property
     def good_count(self) -> int:
@@ -929,7 +928,7 @@ class _Connection:
                 next_verify = now + cfg.verify_interval_s
                 await self.verify()
             if now >= self.next_clock_report:
-                self.next_clock_report = now + CLOCK_REPORT_S
+                self.next_clock_report = now + cfg.diagnostics_every_s
                 self._report_clock()
 
     def hold(self, *, final: bool = False) -> None:
