@@ -669,11 +669,12 @@ class _NoUplink:
 
 
 def _ends_own_fault(alarm: Alarm) -> bool:
-    """True for a driver's ending of a fault it raises about itself by ``cause`` (a low battery)."""
+    """True for a driver's ending of a fault it raises about itself by ``cause`` (a low battery) or on a node that never resolved."""
+    detail = alarm.detail
     return (
         alarm.kind is AlarmKind.SENSOR_RESTORED
-        and "cause" in alarm.detail
-        and alarm.detail.get("after") == AlarmKind.SENSOR_FAULT.value
+        and ("cause" in detail or (alarm.stream is None and "status" in detail))
+        and detail.get("after") == AlarmKind.SENSOR_FAULT.value
     )
 
 
