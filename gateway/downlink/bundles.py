@@ -25,9 +25,9 @@ only, writes a chunk into its quarantine only when its hash is the one signed, a
 chunks it has across reconnects and restarts.  A transfer resumes when the retained manifest comes
 again: the gateway subscribes again and the broker sends the retained chunks; the reported state
 lists the chunks still missing, per part (``missing`` for the model, ``dense.missing`` and
-``tflite.missing`` for the others), so the twin can publish just those (``twin publish-model --missing``).  A file is
-assembled only when every chunk of every part is there and each file's whole SHA-256 and length
-match: a truncated transfer is never applied.  Then the card is validated, bound to each file by
+``tflite.missing`` for the others), so the twin can publish just those (``twin publish-model
+--missing``).  A file is assembled only when every chunk of every part is there and each file's
+whole SHA-256 and length match: a truncated transfer is never applied.  Then the card is validated, bound to each file by
 name (a file name only, the one the card lists for its default precision), hash and length, the
 files staged together (written into a staging directory renamed to the version's directory once
 all are there, so a version directory never holds part of a bundle), the model opened as the

@@ -1,14 +1,15 @@
 """Machine health: remaining useful life (RUL) with a 90 % interval from a machine's per-cycle sensors.
 
 The model (``models/rul_cmapss.card.json`` and its files - ONNX, .tflite and the ridge's numpy
-constants - written by ``models/recipes/rul_cmapss.py``) was trained on NASA C-MAPSS FD001: fourteen turbofan sensors, one
-reading per operating cycle.  The gateway rebuilds what it saw: samples of each input stream are
-averaged per *cycle* (``cycle_s`` seconds, aligned to the first sample; one sample per cycle is what
-C-MAPSS records), the last ``window`` cycles are kept, and at each cycle's close
-:func:`cycle_features` gives the model its raw inputs (per sensor the mean of the last ``recent``
-cycles and the least-squares slope over the window); the graph standardises them, squares them and
-applies the ridge, clipped to ``[0, cap]``, on the runtime the card chose by measured time and
-memory (numpy for the shipped ridge: no runtime library loaded for five operations).  A cycle closes once every input has sent a sample
+constants - written by ``models/recipes/rul_cmapss.py``) was trained on NASA C-MAPSS FD001:
+fourteen turbofan sensors, one reading per operating cycle.  The gateway rebuilds what it saw:
+samples of each input stream are averaged per *cycle* (``cycle_s`` seconds, aligned to the first
+sample; one sample per cycle is what C-MAPSS records), the last ``window`` cycles are kept, and at
+each cycle's close :func:`cycle_features` gives the model its raw inputs (per sensor the mean of
+the last ``recent`` cycles and the least-squares slope over the window); the graph standardises
+them, squares them and applies the ridge, clipped to ``[0, cap]``, on the runtime the card chose
+by measured time and memory (numpy for the shipped ridge: no runtime library loaded for five
+operations).  A cycle closes once every input has sent a sample
 ``grace_s`` past its end (samples arrive in blocks of one stream at a time), or at the stage's tick
 ``grace_s`` after its end when some input stays silent.
 
