@@ -1,6 +1,8 @@
 """Novelty on the Tennessee Eastman runs as it ships: through the gateway's pipeline, adapting.
 
-Run: ``python -m models.recipes.novelty_tep_gateway --data /work/shared/data`` (a few minutes).
+Run: ``python -m models.recipes.novelty_tep_gateway --data /work/shared/data`` (a few minutes);
+with ``--allowed`` it replays only the normal operation the protocol may look at (:func:`allowed`)
+and prints its table, writing nothing (about half a minute).
 
 :mod:`models.recipes.novelty_tep` scores each run with a detector fitted once on ``d00`` and then
 frozen.  The gateway's detector is not frozen: after commissioning it adapts its inputs' means
