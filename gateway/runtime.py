@@ -152,6 +152,11 @@ class Pipeline:
         for e in kept:
             if e.stream is not None and None in delivers.get(e.stream.source, {}):
                 self._devices_before.setdefault(e.stream.source, set()).add(e.stream.device)
+        # And one that may deliver under its port before it names itself, with nothing kept: once it
+        # does, the port's streams are its own (not lost), as are conditions raised under the port.
+        for name, ports in self._provisional.items():
+            if ports and None in delivers.get(name, {}):
+                self._devices_before.setdefault(name, set())
         # (source, device) -> the port its conditions were raised under before it named itself: they
         # are its own now, judged by its data, and their alarms go out under the port (as raised).
         self._adopted: dict[tuple[str, str], str] = {}
@@ -283,7 +288,7 @@ class Pipeline:
         del self._devices_before[stream.source]
         named = before - ports
         if not named or stream.device in named:
-            for port in sorted(before & ports):  # the same device, or none named before
+            for port in sorted(ports):  # the same device, or none named before
                 self._adopt_port(stream, port)
             return
         gone = self._ledger.other_devices(stream.source, stream.device)
@@ -294,14 +299,17 @@ class Pipeline:
             self._anon.log_label("device", stream.device),
             ", ".join(sorted(self._anon.log_label("device", d) for d in before)),
         )
-        for device in before:
+        for device in before | ports:
             self.windower.forget_source(stream.source, device)
             self._forget(stream.source, device)
         self._send_endings(self._ledger.end(gone, "device_changed", t_mono, t_wall))
 
     def _adopt_port(self, stream: Stream, port: str) -> None:
-        """The conditions ``stream``'s source left on under ``port`` are its device's: its data judge them."""
+        """What ``stream``'s source delivered or left on under ``port`` is its device's: its data judge it."""
         source, device = stream.source, stream.device
+        # The port's streams end here, not by a loss: their device speaks under its own name now.
+        self.windower.forget_source(source, port)
+        self._forget(source, port)
         mine = [
             e
             for e in self._ledger.entries()
@@ -310,8 +318,6 @@ class Pipeline:
         if not mine:
             return
         self._adopted[(source, device)] = port
-        self.windower.forget_source(source, port)  # no loss for the port's silence from now on
-        self._forget(source, port)
         self._resume([replace(e, stream=replace(e.stream, device=device)) for e in mine if e.stream])
         log.info(
             "source %s: its device names itself (%s): the %d condition(s) raised under its port before "
@@ -355,7 +361,9 @@ class Pipeline:
 
     def put(self, sample: Sample) -> None:
         """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""
-        if self._devices_before:  # empty once every source's device has spoken after the start
+        # Empty once every source whose device names itself has done so (one that never does, a
+        # monitor without a serial number, keeps it: 0.1-0.2 us a sample).
+        if self._devices_before:
             self._check_device(sample.stream, sample.t_mono, sample.t_wall)
         self.windower.put(sample)
         self._estimation.put(sample)

@@ -163,6 +163,23 @@ def test_a_monitor_naming_itself_first_after_the_restart_keeps_what_was_raised_u
     assert site.subject("bed-1").active == {}
 
 
+def test_a_monitor_naming_itself_during_a_run_leaves_no_port_stream_lost_and_keeps_its_condition(
+    tmp_path: Path,
+) -> None:
+    # No restart: the monitor's first lines come without a serial number (as while it boots), its
+    # SpO2 low; then it names itself, back at 97 %.  The port's streams are its own: not lost.
+    site = Site(tmp_path)
+
+    async def boot_then_named(pipeline: Any) -> None:
+        t = await feed(pipeline, 100.0, 12, {oximeter(PORT): (86.0, 0)})
+        await feed(pipeline, t, 40, {oximeter("SN-1"): (97.0, 0)})
+
+    alarms = run(site, tmp_path, boot_then_named, sources=(OX,))
+    assert kinds(alarms) == [("limit", None), ("limit_cleared", None)]
+    assert alarms[1]["dev"] == alarms[0]["dev"]
+    assert site.subject("bed-1").active == {}
+
+
 def test_conditions_under_the_port_end_as_device_changed_when_another_serial_number_was_recorded(
     tmp_path: Path,
 ) -> None:
