@@ -293,6 +293,18 @@ def identity_forms(identity: str) -> set[bytes]:
     return {f for f in out if len(f) >= 4}
 
 
+#: Short words of the records' own texts (keys, units, level and estimate names): an identity of
+#: 2-3 bytes equal to one would drop every record carrying it, so registering one is warned about.
+RECORD_WORDS = frozenset(
+    {
+        *("cls", "dev", "est", "pri", "run", "sd", "src", "st", "sv", "tm", "win"),
+        *("low", "high", "med", "lo", "hi"),
+        *("min", "cel", "bar", "kpa", "mm", "hg", "ms"),
+        *("hr", "soc", "soh", "rul"),
+    }
+)
+
+
 def _leak(size: int) -> AnonymizationError:
     # Never name the identity itself: the log may leave the gateway too.
     return AnonymizationError(
@@ -373,7 +385,7 @@ def _within_one(span: tuple[int, int], leaves: list[tuple[int, int]]) -> bool:
     return k >= 0 and leaves[k][0] <= span[0] and span[1] <= leaves[k][1]
 
 
-def _cbor_texts(data: bytes) -> list[tuple[int, int]]:
+def cbor_texts(data: bytes) -> list[tuple[int, int]]:
     """Where each CBOR text string's content lies in ``data`` (pure)."""
     texts: list[tuple[int, int]] = []
     cbor_leaves(data, texts)
@@ -469,6 +481,8 @@ class Anonymizer:
                 if (len(identity) >= 4 and identity.lower() in word)
                 or (len(identity.encode()) < 4 and identity.casefold() in re.split(r"[^a-z0-9]+", word))
             ]
+            if len(identity.encode()) < 4 and identity.casefold() in RECORD_WORDS:
+                clash.append(identity.casefold())
             if clash:
                 log.warning(
                     "anonymizer: the identity %r also occurs in the gateway's own words (%s): every record "
@@ -769,7 +783,7 @@ class Anonymizer:
         if hits:
             texts = []
             self._confirm(encoded, hits, functools.partial(cbor_leaves, texts=texts))
-        self._short_texts(encoded, lowered, odd, _cbor_texts if texts is None else lambda _: texts)
+        self._short_texts(encoded, lowered, odd, cbor_texts if texts is None else lambda _: texts)
 
     def check_texts(self, texts: Iterable[str]) -> None:
         """As :meth:`check` for several separate texts (names, units): a form spelt across two is none."""

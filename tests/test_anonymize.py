@@ -14,15 +14,19 @@ from pathlib import Path
 import cbor2
 import pytest
 
+from gateway.alarms import with_priority
 from gateway.anonymize import (
+    RECORD_WORDS,
+    VOCABULARY,
     Anonymizer,
     Pseudonymizer,
+    cbor_texts,
     identity_forms,
     load_or_create_key,
     rotate_key,
     text_forms,
 )
-from gateway.contracts import Alarm, AlarmKind, Diagnostic, Lane, StreamFeatures, WindowRecord
+from gateway.contracts import Alarm, AlarmKind, Diagnostic, Estimate, Lane, StreamFeatures, WindowRecord
 from gateway.errors import AnonymizationError, ConfigError
 from gateway.records import AlarmRecord, FeaturesWindow, decode, encode
 from gateway.sample import MDC, Metric, Stream
@@ -392,10 +396,33 @@ def test_a_short_identity_is_a_word_of_a_text_item_never_raw_bytes() -> None:
     assert not _leaks(anon, "bed 7")
 
 
+def test_every_short_word_of_the_records_own_is_known_to_the_clash_warning() -> None:
+    # A record's keys, units and tokens of 2-3 bytes: an identity equal to one drops every record.
+    anon = _anon()
+    with_level = with_priority(Alarm(AlarmKind.LIMIT, PATIENT, 1.0, 1001.0, SPO2, {"level": "low"}))
+    est = Estimate(PATIENT, "medical", "hr", "/min", 1.0, 1001.0, 70.0, 1.0, "measured", ((SPO2, 1.0),), {})
+    records = [
+        anon.window(_window()),
+        anon.alarm(with_level),
+        anon.diagnostic(Diagnostic("counters", None, 1001.0, {"sent": 1})),
+        anon.estimate(est),
+    ]
+    words = set()
+    for rec in records:
+        data = encode(rec.payload)
+        for a, b in cbor_texts(data):
+            words |= {w for w in re.split(r"[^a-z0-9]+", data[a:b].decode().casefold()) if 2 <= len(w) <= 3}
+    vocabulary = {w for word in VOCABULARY for w in re.split(r"[^a-z0-9]+", word)}
+    assert words  # the records were read
+    assert words - vocabulary - RECORD_WORDS == set()
+
+
 def test_a_short_identity_that_is_a_word_of_the_gateways_own_is_warned(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     anon = _anon()
-    with caplog.at_level("WARNING", logger="gateway.anonymize"):
-        anon.register("max")
-    assert any("also occurs in the gateway's own words" in r.getMessage() for r in caplog.records)
+    for word in ("max", "Dev", "hr"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gateway.anonymize"):
+            anon.register(word)
+        assert any("also occurs in the gateway's own words" in r.getMessage() for r in caplog.records), word
