@@ -124,8 +124,9 @@ class Pipeline:
         # The conditions on at the twin, by source: ended when their source goes (gateway.alarms.ledger).
         self._ledger = AlarmLedger(config.core.gateway.state_dir / LEDGER_FILE, feeds(config))
         for entry in self._ledger.entries():  # of a source maybe gone: never in a record
-            for identity in (entry.subject, *entry.sources):
-                anonymizer.register(identity)
+            anonymizer.register(entry.subject)
+            for source in entry.sources:
+                anonymizer.register(source, words=False)
             if entry.stream is not None:
                 anonymizer.register(entry.stream.device)
         kinds = {e.info.subject: e.info.kind for e in config.sources}
@@ -739,7 +740,7 @@ def register_source_identities(anonymizer: Anonymizer, entry: SourceEntry) -> No
     name, its subject and every subject its devices are bound to, and the device identities of its
     driver config, so no record or log line sent before its first sample can carry one.
     """
-    anonymizer.register(entry.info.name)
+    anonymizer.register(entry.info.name, words=False)
     for subject in (entry.info.subject, *entry.subjects()):
         anonymizer.register(subject)
         logs.register_identity(subject, anonymizer.log_label("subject", subject))

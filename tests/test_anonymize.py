@@ -26,10 +26,18 @@ from gateway.anonymize import (
     rotate_key,
     text_forms,
 )
-from gateway.contracts import Alarm, AlarmKind, Diagnostic, Estimate, Lane, StreamFeatures, WindowRecord
+from gateway.contracts import (
+    Alarm,
+    AlarmKind,
+    Diagnostic,
+    Estimate,
+    Lane,
+    StreamFeatures,
+    WindowRecord,
+)
 from gateway.errors import AnonymizationError, ConfigError
 from gateway.records import AlarmRecord, FeaturesWindow, decode, encode
-from gateway.sample import MDC, Metric, Stream
+from gateway.sample import MDC, Metric, Stream, industrial_metric
 
 MAC = "A4:C1:38:5B:20:7E"
 PATIENT = "MRN-0048213"
@@ -394,6 +402,35 @@ def test_a_short_identity_is_a_word_of_a_text_item_never_raw_bytes() -> None:
     # One character is no identity anyone can scan for: every record holds it.
     anon.register("7")
     assert not _leaks(anon, "bed 7")
+
+
+def test_a_short_source_name_is_not_scanned_as_a_word_of_its_own_metrics() -> None:
+    # A plant names its source "tep" and its tags "TEP/v01"...: as a word that name would drop every
+    # record the source sends. A source's name is a label; the identity it may stand for is its
+    # subject, and a short subject is still scanned as a word.
+    anon = _anon()
+    plc = Stream("tep", "tep-plant", "TEP-SIM", industrial_metric("TEP/v01", "1"), "industrial", 1 / 180)
+    anon.register("tep", words=False)
+    assert anon.source_label("tep").startswith("source~")
+    sealed = anon.seal(
+        lambda: anon.window(
+            WindowRecord(
+                "tep-plant",
+                "industrial",
+                3,
+                180.0,
+                1180.0,
+                180.0,
+                (StreamFeatures(plc, 1, 0.0, {"mean": 1.0}),),
+            )
+        ),
+        encode,
+    )
+    assert sealed is not None
+    assert not anon.holds_identity("TEP/v01")
+    anon.register("tep")  # the same text as a subject: scanned as a word from then on
+    assert anon.holds_identity("TEP/v01")
+    assert anon.holds_identity("tep-plant")  # a long form, as before, whatever registered it
 
 
 def test_every_short_word_of_the_records_own_is_known_to_the_clash_warning() -> None:
