@@ -11,6 +11,13 @@ can be told apart (:meth:`Anonymizer.check_within`: a Sparkplug payload's fields
 one by one); topics are one text, scanned whole.  A record that fails either step is dropped and
 counted, never sent.
 
+Letter case is Unicode case folding (``str.casefold``): the byte scan lower-cases ASCII only, so a
+record whose letters fold otherwise than ASCII's (an identity outside ASCII whose start it holds in
+some letter case, or a letter such as the sharp s or the Kelvin sign) is also decoded and folded.
+A MAC-shaped identity is found in each of its usual spellings.  An identity of 2-3 bytes is found
+only as a word of a text item (a CBOR text string, a name, a topic): inside a number's or a byte
+string's bytes 3 bytes occur by chance, and inside a longer word they are part of another name.
+
 Pseudonyms are HMAC-SHA-256 under a per-purpose key derived from a site key (32 random bytes
 created at first start, mode 0600).  An unkeyed hash of a MAC or serial number can be reversed by
 enumeration; a keyed one cannot without the site key.  Rotating the key breaks linkage on purpose.
@@ -21,8 +28,10 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import functools
 import hashlib
 import hmac
+import itertools
 import logging
 import math
 import os
@@ -155,14 +164,92 @@ class Pseudonymizer:
         return value
 
 
+#: A MAC address as written: six hex pairs with one separator (or none), or three dotted quads.
+_MAC = re.compile(
+    r"[0-9a-f]{2}([:\-. ]?)[0-9a-f]{2}(?:\1[0-9a-f]{2}){4}|[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}"
+)
+
+
+def mac_spellings(identity: str) -> set[str]:
+    """Every usual spelling of a MAC-shaped identity (lower case), or nothing for any other identity.
+
+    ``AB:CD:EF:01:02:03`` is also written ``ab-cd-ef-01-02-03``, ``abcdef010203``, ``ab cd ef 01 02
+    03``, ``ab.cd.ef.01.02.03`` and ``abcd.ef01.0203``: a registered MAC is found in any of them.
+    """
+    lowered = identity.strip().lower()
+    if not _MAC.fullmatch(lowered):
+        return set()
+    hexits = re.sub(r"[:\-. ]", "", lowered)
+    pairs = [hexits[i : i + 2] for i in range(0, 12, 2)]
+    quads = [hexits[i : i + 4] for i in range(0, 12, 4)]
+    return {sep.join(pairs) for sep in (":", "-", ".", " ", "")} | {".".join(quads)}
+
+
 def text_forms(identity: str) -> set[bytes]:
     """Lower-cased text and hex forms of an identity, for a case-insensitive scan."""
     compact = re.sub(r"[:\-\s.]", "", identity)
     out = set()
-    for form in {identity.lower(), compact.lower()}:
+    for form in {identity.lower(), compact.lower(), *mac_spellings(identity)}:
         raw = form.encode()
         out |= {raw, binascii.hexlify(raw)}
     return out
+
+
+def folded_forms(identity: str) -> set[str]:
+    """The identity and its compact form under Unicode case folding (``str.casefold``), for text."""
+    compact = re.sub(r"[:\-\s.]", "", identity)
+    return {identity.casefold(), compact.casefold()} - {""}
+
+
+#: Characters outside ASCII whose case folding holds an ASCII letter (the sharp s is "ss", the
+#: Kelvin sign "k", a long s "s", the ligature U+FB01 "fi"; Unicode 14): a text holding one may
+#: spell an ASCII identity in a letter case the ASCII scan cannot see.
+_FOLDS_TO_ASCII = re.compile(
+    b"|".join(
+        re.escape(chr(c).encode())
+        for c in (
+            0xDF,
+            0x130,
+            0x149,
+            0x17F,
+            0x1F0,
+            *range(0x1E96, 0x1E9B),
+            0x1E9E,
+            0x212A,
+            *range(0xFB00, 0xFB07),
+        )
+    )
+)
+
+
+@functools.cache
+def _odd_folds() -> re.Pattern[bytes]:
+    """Characters a text may hold that fold to something other than a case of themselves.
+
+    Outside them, a character of a text folds to ``c`` only when it is ``c``, ``c.upper()`` or
+    ``c.title()``, which is what :func:`_starts` indexes.  Computed once, when an identity outside
+    ASCII is first registered (about 35 ms): ``µ``, ``ß``, the final sigma, the Kelvin and Ohm
+    signs, ligatures, Greek with iota subscripts...
+    """
+    odd = []
+    for c in range(0x80, 0x1F000):  # no character above folds (Unicode 14)
+        x = chr(c)
+        f = x.casefold()
+        if f != x and (len(f) != 1 or f.isascii() or x not in {f, f.upper(), f.title()}):
+            odd.append(re.escape(x.encode()))
+    return re.compile(b"|".join(odd))
+
+
+def _starts(folded: str) -> set[bytes]:
+    """The first 4 bytes (ASCII lower-cased, as a record is read) of each letter case of ``folded``'s start."""
+    cases = itertools.product(*({c, c.upper(), c.title()} for c in folded[:4]))
+    return {"".join(case).encode().lower()[:4] for case in cases}
+
+
+#: Letters and digits: a short identity counts as a word, bounded by anything else or the text's ends.
+_WORD_EDGE = r"(?<![^\W_]){}(?![^\W_])"
+#: Identities this short are scanned only as a word of a text (shorter: not at all).
+SHORT_CHARS = 2
 
 
 #: Words the gateway itself writes into records and topics. An identity inside one of them would
@@ -206,6 +293,18 @@ def identity_forms(identity: str) -> set[bytes]:
     return {f for f in out if len(f) >= 4}
 
 
+#: Short words of the records' own texts (keys, units, level and estimate names): an identity of
+#: 2-3 bytes equal to one would drop every record carrying it, so registering one is warned about.
+RECORD_WORDS = frozenset(
+    {
+        *("cls", "dev", "est", "pri", "run", "sd", "src", "st", "sv", "tm", "win"),
+        *("low", "high", "med", "lo", "hi"),
+        *("min", "cel", "bar", "kpa", "mm", "hg", "ms"),
+        *("hr", "soc", "soh", "rul"),
+    }
+)
+
+
 def _leak(size: int) -> AnonymizationError:
     # Never name the identity itself: the log may leave the gateway too.
     return AnonymizationError(
@@ -214,8 +313,11 @@ def _leak(size: int) -> AnonymizationError:
     )
 
 
-def cbor_leaves(data: bytes) -> list[tuple[int, int]]:
-    """Where each CBOR item's own bytes lie in ``data`` (strings' content, numbers' argument), in order (pure)."""
+def cbor_leaves(data: bytes, texts: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """Where each CBOR item's own bytes lie in ``data`` (strings' content, numbers' argument), in order (pure).
+
+    ``texts``, when given, also receives the spans of the text strings among them.
+    """
     leaves: list[tuple[int, int]] = []
     i, end = 0, len(data)
     while i < end:
@@ -237,6 +339,8 @@ def cbor_leaves(data: bytes) -> list[tuple[int, int]]:
             if i + size > end:
                 raise AnonymizationError("anonymizer: a record ends inside a CBOR string: record dropped")
             leaves.append((i, i + size))
+            if texts is not None and major == 3:
+                texts.append((i, i + size))
             i += size
         elif i > start and major in (0, 1, 7):  # integers and floats: a MAC passed as a number is caught
             leaves.append((start, i))
@@ -244,10 +348,48 @@ def cbor_leaves(data: bytes) -> list[tuple[int, int]]:
     return leaves
 
 
+def _folded_hits(encoded: bytes, forms: Iterable[str]) -> list[tuple[int, int]]:
+    """Byte spans in ``encoded`` whose text, case-folded, is one of ``forms`` (pure).
+
+    Bytes that are no UTF-8 stay themselves (never a letter), so a number's bytes fold to nothing.
+    """
+    text = encoded.decode("utf-8", "surrogateescape")
+    folded = text.casefold()
+    spans: list[tuple[int, int]] = []
+    for form in forms:
+        at = folded.find(form)
+        while at >= 0:
+            spans.append((at, at + len(form)))
+            at = folded.find(form, at + 1)
+    if not spans or len(folded) == len(text) == len(encoded):
+        return spans  # one byte a character: the folded text's offsets are the bytes'
+    # Map the folded text's offsets back to bytes, character by character: only for a hit.
+    starts_f: list[int] = []
+    starts_b: list[int] = []
+    at_f = at_b = 0
+    for ch in text:
+        starts_f.append(at_f)
+        starts_b.append(at_b)
+        at_f += len(ch.casefold())
+        at_b += 1 if "\udc80" <= ch <= "\udcff" else len(ch.encode())
+    starts_b.append(at_b)
+    return [
+        (starts_b[bisect.bisect_right(starts_f, a) - 1], starts_b[bisect.bisect_left(starts_f, b)])
+        for a, b in spans
+    ]
+
+
 def _within_one(span: tuple[int, int], leaves: list[tuple[int, int]]) -> bool:
     """Whether ``span`` lies inside one of ``leaves`` (sorted, not overlapping)."""
     k = bisect.bisect_right(leaves, (span[0], math.inf)) - 1
     return k >= 0 and leaves[k][0] <= span[0] and span[1] <= leaves[k][1]
+
+
+def cbor_texts(data: bytes) -> list[tuple[int, int]]:
+    """Where each CBOR text string's content lies in ``data`` (pure)."""
+    texts: list[tuple[int, int]] = []
+    cbor_leaves(data, texts)
+    return texts
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,15 +430,37 @@ class Anonymizer:
         # once for its 4-byte strings instead of once per form (thousands, with a fleet's identities).
         self._forms: dict[bytes, set[bytes]] = {}
         self._folded: dict[bytes, set[bytes]] = {}  # lower-cased text and hex forms, for the case-blind scan
+        # Case-folded text forms (str.casefold): of every identity, for a text whose letters fold to
+        # ASCII ones; of identities outside ASCII, whose case variants the byte scan cannot list.
+        self._casefolded: set[str] = set()
+        # Those outside ASCII by the first 4 bytes of each letter case of their start (read off the
+        # record's 4-byte strings with the rest: only a record holding one decodes).
+        self._anchored: dict[bytes, set[str]] = {}
+        # Identities of SHORT_CHARS to 3 bytes, case-folded: a word of a text item, never raw bytes.
+        self._short: set[str] = set()
+        self._short_re: re.Pattern[str] | None = None
+        self._short_gate: re.Pattern[bytes] | None = None  # the ASCII ones, in a lower-cased record
+        self._short_other = False  # one is outside ASCII
         self._registered: set[str] = set()
+        self._worded: set[str] = set()  # identities whose short forms are scanned as words
         # Told (identity, log label) the first time a subject or device is seen: the log redactor.
         self.on_identity: Callable[[str, str], None] | None = None
         self.dropped = 0  # records refused because they could not be proven anonymous
         for identity in (socket.gethostname(), *local_identities):
             self.register(identity)
 
-    def register(self, identity: str) -> None:
-        """Add an identity whose every form must never appear in an outgoing record."""
+    def register(self, identity: str, *, words: bool = True) -> None:
+        """Add an identity whose every form must never appear in an outgoing record.
+
+        ``words=False`` (a source's name): a form of 2-3 characters is not scanned as a word. A
+        source's name is the label a site gives a device (``plc``, ``tep``), often the first word of
+        its own metrics' names; the identity it may stand for is its subject, registered as such.
+        """
+        if identity and words and identity not in self._worded:
+            self._worded.add(identity)
+            for text in folded_forms(identity):
+                if len(text.encode()) < 4 and len(text) >= SHORT_CHARS:
+                    self._add_short(text)
         if identity and identity not in self._registered:
             self._registered.add(identity)
             for form in identity_forms(identity):
@@ -305,7 +469,26 @@ class Anonymizer:
             for form in text_forms(identity):
                 if len(form) >= 4:
                     self._folded.setdefault(form[:4], set()).add(form)
-            clash = [word for word in VOCABULARY if len(identity) >= 4 and identity.lower() in word]
+            for text in folded_forms(identity):
+                if len(text.encode()) >= 4:
+                    self._casefolded.add(text)
+                    if text.isascii():  # "Straße" folds to "strasse": the byte scan finds that
+                        self._folded.setdefault(text[:4].encode(), set()).add(text.encode())
+                    else:
+                        for gram in _starts(text):
+                            self._anchored.setdefault(gram, set()).add(text)
+            clash = [
+                word
+                for word in VOCABULARY
+                if (len(identity) >= 4 and identity.lower() in word)
+                or (
+                    words
+                    and len(identity.encode()) < 4
+                    and identity.casefold() in re.split(r"[^a-z0-9]+", word)
+                )
+            ]
+            if words and len(identity.encode()) < 4 and identity.casefold() in RECORD_WORDS:
+                clash.append(identity.casefold())
             if clash:
                 log.warning(
                     "anonymizer: the identity %r also occurs in the gateway's own words (%s): every record "
@@ -313,6 +496,17 @@ class Anonymizer:
                     identity,
                     ", ".join(clash[:3]),
                 )
+
+    def _add_short(self, text: str) -> None:
+        """Scan records for ``text`` (2-3 characters, case-folded) as a word of a text item."""
+        if text in self._short:
+            return
+        self._short.add(text)
+        ascii_ = sorted((t.encode() for t in self._short if t.isascii()), key=len, reverse=True)
+        self._short_gate = re.compile(b"|".join(map(re.escape, ascii_))) if ascii_ else None
+        self._short_other = not all(map(str.isascii, self._short))
+        words = "|".join(_WORD_EDGE.format(re.escape(t)) for t in sorted(self._short, key=len, reverse=True))
+        self._short_re = re.compile(words)
 
     def gateway_pseudonym(self, name: str) -> str:
         """The pseudonym that names this gateway on the wire."""
@@ -348,13 +542,13 @@ class Anonymizer:
 
     def source_label(self, name: str) -> str:
         """How a source is named outside the gateway (the downlink's reported state): ``source~<pseudonym>``."""
-        self.register(name)
+        self.register(name, words=False)
         self.legend.note("source", name)
         return f"source~{self._p('source', name)}"
 
     def holds_identity(self, text: str) -> bool:
         """Whether one text (a field of a JSON document) holds any form of a known identity."""
-        return bool(self._hits(text.encode()))
+        return bool(self._hits(text.encode())) or self._short_word(text) > 0
 
     def _subject(self, subject: str) -> str:
         if subject not in self._registered and self.on_identity is not None:
@@ -367,7 +561,7 @@ class Anonymizer:
         if device not in self._registered and self.on_identity is not None:
             self.on_identity(device, self.log_label("device", device))
         self.register(device)
-        self.register(source)
+        self.register(source, words=False)
         self.legend.note("device", device, source)
         return self._p("device", device)
 
@@ -493,11 +687,27 @@ class Anonymizer:
 
     def _hits(self, encoded: bytes) -> list[tuple[int, int]]:
         """Where a form of a known identity occurs in ``encoded``: (start, end) of each occurrence."""
+        return self._read(encoded)[0]
+
+    def _read(self, encoded: bytes) -> tuple[list[tuple[int, int]], bytes, bool]:
+        """:meth:`_hits`, the lower-cased bytes, and whether a letter in them folds otherwise than ASCII's."""
         # Text and hex forms in any letter case ("Plant-A/Pump-3" hides "plant-a/pump-3");
         # base64/base32 forms are case-significant and are matched exactly.
         found: list[tuple[int, int]] = []
         lowered = encoded.lower()
         grams = {lowered[i : i + 4] for i in range(len(lowered) - 3)}
+        # Letter case outside ASCII: a text folded as Unicode does.  Only a record holding a letter
+        # that folds otherwise than to its own lower case, or the start of an identity outside ASCII
+        # in any letter case, decodes.
+        odd = not encoded.isascii() and self._odd().search(encoded) is not None
+        if odd:
+            found += _folded_hits(encoded, self._casefolded)
+        elif self._anchored and not encoded.isascii():
+            unicode: set[str] = set()
+            for gram in self._anchored.keys() & grams:
+                unicode |= self._anchored[gram]
+            if unicode:
+                found += _folded_hits(encoded, unicode)
         for table, text in ((self._folded, lowered), (self._forms, encoded)):
             # The common case: no form starts anywhere, and the loop below has nothing to do.
             for gram in table.keys() & grams:
@@ -505,21 +715,75 @@ class Anonymizer:
                 while at >= 0:
                     found += [(at, at + len(f)) for f in table[gram] if text.startswith(f, at)]
                     at = lowered.find(gram, at + 1)
-        return found
+        return found, lowered, odd
+
+    def _odd(self) -> re.Pattern[bytes]:
+        """The letters whose folding the byte scan cannot foresee: all of them once an identity is outside ASCII."""
+        return _odd_folds() if self._anchored else _FOLDS_TO_ASCII
+
+    def _short_word(self, text: str) -> int:
+        """The length of a short identity standing as a word in ``text`` (any letter case), else 0."""
+        if self._short_re is None:
+            return 0
+        m = self._short_re.search(text.casefold())
+        return 0 if m is None else len(m.group().encode())
+
+    def _short_texts(
+        self,
+        encoded: bytes,
+        lowered: bytes,
+        odd: bool,
+        texts: Callable[[bytes], list[tuple[int, int]]],
+    ) -> None:
+        """Raise when a short identity stands as a word in one of the text items of ``encoded``."""
+        if self._short_re is None:
+            return
+        # Read the items only when a short identity's letters occur (any letter case: the ASCII
+        # ones in the lower-cased bytes), and decode only the texts holding them; every text when
+        # a short identity is outside ASCII or the record holds a letter that folds otherwise.
+        every = odd or (self._short_other and not encoded.isascii())
+        # Each match's first and last byte: one starting at an item's header byte may swallow the start
+        # of one inside the text, but then ends inside that text.
+        found = (
+            []
+            if self._short_gate is None
+            else [at for m in self._short_gate.finditer(lowered) for at in (m.start(), m.end() - 1)]
+        )
+        if not (found or every):
+            return
+        spans = texts(encoded)
+        if not every:
+            starts = [a for a, _ in spans]
+            picked = {
+                k for at in found if (k := bisect.bisect_right(starts, at) - 1) >= 0 and at < spans[k][1]
+            }
+            spans = [spans[k] for k in sorted(picked)]
+        for a, b in spans:
+            size = self._short_word(encoded[a:b].decode("utf-8", "surrogateescape"))
+            if size:
+                raise _leak(size)
 
     def check(self, encoded: bytes) -> None:
         """Raise AnonymizationError if any known identity appears in the bytes (a topic, a name, any encoding)."""
-        hits = self._hits(encoded)
+        hits, lowered, odd = self._read(encoded)
         if hits:
             raise _leak(max(end - start for start, end in hits))
+        self._short_texts(encoded, lowered, odd, lambda data: [(0, len(data))])
 
     def check_within(self, encoded: bytes, items: Callable[[bytes], list[tuple[int, int]]]) -> None:
         """As :meth:`check` for a structured encoding, where an identity counts only inside one of its items.
 
         ``items`` gives where each item's own bytes lie in ``encoded`` (sorted, not overlapping;
         raising AnonymizationError when it cannot tell); it is read only when a form is found.
+        Identities of 2-3 bytes are not looked for: which items are text is not known here (a
+        payload's names go through :meth:`check_texts`).
         """
-        hits = self._hits(encoded)
+        self._confirm(encoded, self._read(encoded)[0], items)
+
+    def _confirm(
+        self, encoded: bytes, hits: list[tuple[int, int]], items: Callable[[bytes], list[tuple[int, int]]]
+    ) -> None:
+        """Raise for the first of ``hits`` inside one item's own bytes."""
         if not hits:
             return
         # A form found in the whole is an identity only inside an item's own bytes (what a reader
@@ -531,7 +795,12 @@ class Anonymizer:
 
     def check_cbor(self, encoded: bytes) -> None:
         """As :meth:`check` for CBOR, where an identity counts only inside one item, never across two."""
-        self.check_within(encoded, cbor_leaves)
+        hits, lowered, odd = self._read(encoded)
+        texts: list[tuple[int, int]] | None = None
+        if hits:
+            texts = []
+            self._confirm(encoded, hits, functools.partial(cbor_leaves, texts=texts))
+        self._short_texts(encoded, lowered, odd, cbor_texts if texts is None else lambda _: texts)
 
     def check_texts(self, texts: Iterable[str]) -> None:
         """As :meth:`check` for several separate texts (names, units): a form spelt across two is none."""
@@ -541,7 +810,10 @@ class Anonymizer:
             spans.append((at, at + len(part)))
             at += len(part) + 1
         # One scan over them all, read once as a record is; a hit counts only inside one text.
-        self.check_within(b"\0".join(parts), lambda _: spans)
+        joined = b"\0".join(parts)
+        hits, lowered, odd = self._read(joined)
+        self._confirm(joined, hits, lambda _: spans)
+        self._short_texts(joined, lowered, odd, lambda _: spans)
 
     def seal(
         self, build: Callable[[], OutRecord | None], encode: Callable[[Record], bytes]

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_atomic", "write_private_json"]
+__all__ = ["fsync_dir", "write_atomic", "write_private_json"]
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -20,7 +20,12 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     finally:
         os.close(fd)
     tmp.replace(path)
-    dfd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the names in ``directory`` (a rename into it) durable."""
+    dfd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:

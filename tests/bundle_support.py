@@ -149,3 +149,11 @@ def write(directory: Path, card: bytes, model: bytes) -> Path:
     (directory / f"{PUMP}.card.json").write_bytes(card)
     (directory / spec["path"]).write_bytes(model)
     return directory
+
+
+def litert_card(**tflite_entry: Any) -> bytes:
+    """The shipped pump card as a version whose card chose LiteRT (``tflite_entry``: its fp32 file's entry changed)."""
+    card = json.loads((MODELS / f"{PUMP}.card.json").read_text())
+    card["backend"] = "litert"
+    card["tflite_files"]["fp32"].update(tflite_entry)
+    return json.dumps(card).encode()

@@ -217,6 +217,28 @@ def test_an_implausible_value_before_the_restart_is_restored_by_a_plausible_one_
     assert site.subject("ward3-bed7").active == {}
 
 
+def test_an_implausible_value_is_restored_by_the_stream_its_driver_rebuilt_before_and_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    # The driver rebuilds the stream under its key with another rate (a serial monitor switching
+    # data format, an OPC UA server revising its interval): the same sensor, whose data end the fault.
+    site = Site(tmp_path)
+    faster = replace(SPO2, rate_hz=3.0)
+
+    async def rebuilt(pipeline: Pipeline) -> None:
+        t = await feed(pipeline, 100.0, 5, {SPO2: (0.0, 0)})
+        await feed(pipeline, t, 5, {faster: (97.0, 0)})
+
+    assert kinds(run(site, tmp_path, rebuilt)) == [("sensor_fault", None), ("sensor_restored", None)]
+    assert site.subject("ward3-bed7").active == {}
+
+    # Left on at the stop on the first object; the driver after the start delivers the other one.
+    assert kinds(run(site, tmp_path, feed_from(1000.0, {SPO2: (0.0, 0)}))) == [("sensor_fault", None)]
+    after = run(site, tmp_path, feed_from(2000.0, {faster: (97.0, 0)}))
+    assert kinds(after) == [("sensor_restored", None)]
+    assert site.subject("ward3-bed7").active == {}
+
+
 def normal(t0: float) -> Run:
     """12 s of normal SpO2 from ``t0``: windows for the model to score."""
 

@@ -6,24 +6,38 @@ import base64
 import hashlib
 import os
 import random
+import re
+import socket
 import stat
 from pathlib import Path
 
 import cbor2
 import pytest
 
+from gateway.alarms import with_priority
 from gateway.anonymize import (
+    RECORD_WORDS,
+    VOCABULARY,
     Anonymizer,
     Pseudonymizer,
+    cbor_texts,
     identity_forms,
     load_or_create_key,
     rotate_key,
     text_forms,
 )
-from gateway.contracts import Alarm, AlarmKind, Diagnostic, Lane, StreamFeatures, WindowRecord
+from gateway.contracts import (
+    Alarm,
+    AlarmKind,
+    Diagnostic,
+    Estimate,
+    Lane,
+    StreamFeatures,
+    WindowRecord,
+)
 from gateway.errors import AnonymizationError, ConfigError
 from gateway.records import AlarmRecord, FeaturesWindow, decode, encode
-from gateway.sample import MDC, Metric, Stream
+from gateway.sample import MDC, Metric, Stream, industrial_metric
 
 MAC = "A4:C1:38:5B:20:7E"
 PATIENT = "MRN-0048213"
@@ -269,6 +283,7 @@ def test_the_indexed_scan_finds_what_searching_for_every_form_finds() -> None:
     for identity in identities:
         anon.register(identity)
     forms = set().union(*map(identity_forms, identities))
+    short = [i.casefold() for i in (*identities, socket.gethostname()) if 2 <= len(i.encode()) < 4]
     folded = {f for i in identities for f in text_forms(i) if len(f) >= 4}
     every = sorted(forms | folded)
     refused = 0
@@ -279,7 +294,13 @@ def test_the_indexed_scan_finds_what_searching_for_every_form_finds() -> None:
             form = bytes(b ^ 0x20 if rng.random() < 0.3 and chr(b).isalpha() else b for b in form)
             at = rng.randrange(0, len(data) + 1)
             data[at:at] = form
-        expected = any(f in data for f in forms) or any(f in data.lower() for f in folded)
+        # An identity under 4 bytes (the host name may be one) counts as a word of the text.
+        text = bytes(data).decode("utf-8", "surrogateescape").casefold()
+        expected = (
+            any(f in data for f in forms)
+            or any(f in data.lower() for f in folded)
+            or any(re.search(rf"(?<![^\W_]){re.escape(w)}(?![^\W_])", text) for w in short)
+        )
         try:
             anon.check(bytes(data))
         except AnonymizationError:
@@ -288,3 +309,157 @@ def test_the_indexed_scan_finds_what_searching_for_every_form_finds() -> None:
         else:
             assert not expected, bytes(data)
     assert refused > 200  # both sides of the comparison were exercised
+
+
+def _leaks(anon: Anonymizer, name: str) -> bool:
+    """Whether a window whose metric is named ``name`` is refused (sealed through the real encoder)."""
+    leaky = Stream("s", "bed-x", "dev-1", Metric(f"ward/{name}/spo2", "%"))
+    return anon.seal(lambda: anon.window(_window(leaky)), encode) is None
+
+
+@pytest.mark.parametrize(
+    "written", ["bett-Ä1", "bETT-Ä1", "BeTt-ä1", "bettÄ1", "bett-ä1", "BETT-Ä1", "BETTÄ1"]
+)
+def test_an_identity_outside_ascii_is_found_in_any_letter_case(written: str) -> None:
+    anon = _anon()
+    anon.register("Bett-Ä1")
+    assert _leaks(anon, written)
+    with pytest.raises(AnonymizationError):
+        anon.check_texts(["ward", written])
+    assert anon.holds_identity(f"x {written} y")
+    # Inside one CBOR item after other items holding letters outside ASCII (the folded text's
+    # offsets are mapped back to the item's bytes), and not across two items.
+    with pytest.raises(AnonymizationError):
+        anon.check_cbor(cbor2.dumps({"a": "Ärger über Öl", "b": [1.5, f"x/{written}/y"]}, canonical=True))
+    anon.check_cbor(cbor2.dumps(["Ärger", "bett-", "ä1"], canonical=True))
+    assert not _leaks(anon, "bett-a1")  # another letter is another name
+
+
+@pytest.mark.parametrize(
+    ("identity", "written"),
+    [
+        ("Straße-4", "STRASSE-4"),  # folds to "strasse-4"
+        ("Straße-4", "strasse-4"),
+        ("Kessel-9", "\u212aessel-9"),  # a Kelvin sign folds to "k"
+        ("Flow-7", "\ufb02ow-7"),  # the ligature "fl"
+    ],
+)
+def test_letters_that_fold_to_another_spelling_are_found(identity: str, written: str) -> None:
+    anon = _anon()
+    anon.register(identity)
+    assert _leaks(anon, written)
+    assert not _leaks(anon, "spo2")
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "ab-cd-ef-01-02-03",
+        "abcdef010203",
+        "abcd.ef01.0203",
+        "AB CD EF 01 02 03",
+        "ab.cd.ef.01.02.03",
+        "AbCd.Ef01.0203",
+    ],
+)
+def test_a_mac_address_is_found_in_any_of_its_spellings(written: str) -> None:
+    for registered in ("AB:CD:EF:01:02:03", "ab-cd-ef-01-02-03", "abcd.ef01.0203"):
+        anon = _anon()
+        anon.register(registered)
+        assert _leaks(anon, written), (registered, written)
+        with pytest.raises(AnonymizationError):
+            anon.check_texts([written])
+
+
+def test_a_short_identity_is_a_word_of_a_text_item_never_raw_bytes() -> None:
+    # A 3-character bed label: inside a text item, standing as a word, it names the bed; inside a
+    # longer word, a byte string or a number's bytes it is no identity (3 bytes occur anywhere).
+    anon = _anon()
+    anon.register("B12")
+    for written in ("B12", "b12", "Bed B12", "ward3/b12/spo2", "B12-left"):
+        assert _leaks(anon, written), written
+        with pytest.raises(AnonymizationError):
+            anon.check_cbor(cbor2.dumps({"n": written}, canonical=True))
+    for other in ("B123", "AB12", "b12x"):
+        assert not _leaks(anon, other), other
+    anon.check_cbor(cbor2.dumps({"x": b"B12", "y": 0x423132, "z": b"bed B12"}, canonical=True))
+    with pytest.raises(AnonymizationError):
+        anon.check(b"alarms/b12")  # a topic is one text
+    with pytest.raises(AnonymizationError):
+        anon.check_texts(["Pump", "B12"])
+    assert anon.holds_identity("bed b12")
+    # Its own records go: the subject's pseudonym is 16 letters and digits, no word "b12".
+    bed = Stream("bed12-ox", "B12", "OX-12", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=1.0)
+    sealed = anon.seal(
+        lambda: anon.window(
+            WindowRecord(
+                "B12", "medical", 3, 30.0, 1030.0, 30.0, (StreamFeatures(bed, 30, 0.0, {"mean": 97.0}),)
+            )
+        ),
+        encode,
+    )
+    assert sealed is not None
+    # One character is no identity anyone can scan for: every record holds it.
+    anon.register("7")
+    assert not _leaks(anon, "bed 7")
+
+
+def test_a_short_source_name_is_not_scanned_as_a_word_of_its_own_metrics() -> None:
+    # A plant names its source "tep" and its tags "TEP/v01"...: as a word that name would drop every
+    # record the source sends. A source's name is a label; the identity it may stand for is its
+    # subject, and a short subject is still scanned as a word.
+    anon = _anon()
+    plc = Stream("tep", "tep-plant", "TEP-SIM", industrial_metric("TEP/v01", "1"), "industrial", 1 / 180)
+    anon.register("tep", words=False)
+    assert anon.source_label("tep").startswith("source~")
+    sealed = anon.seal(
+        lambda: anon.window(
+            WindowRecord(
+                "tep-plant",
+                "industrial",
+                3,
+                180.0,
+                1180.0,
+                180.0,
+                (StreamFeatures(plc, 1, 0.0, {"mean": 1.0}),),
+            )
+        ),
+        encode,
+    )
+    assert sealed is not None
+    assert not anon.holds_identity("TEP/v01")
+    anon.register("tep")  # the same text as a subject: scanned as a word from then on
+    assert anon.holds_identity("TEP/v01")
+    assert anon.holds_identity("tep-plant")  # a long form, as before, whatever registered it
+
+
+def test_every_short_word_of_the_records_own_is_known_to_the_clash_warning() -> None:
+    # A record's keys, units and tokens of 2-3 bytes: an identity equal to one drops every record.
+    anon = _anon()
+    with_level = with_priority(Alarm(AlarmKind.LIMIT, PATIENT, 1.0, 1001.0, SPO2, {"level": "low"}))
+    est = Estimate(PATIENT, "medical", "hr", "/min", 1.0, 1001.0, 70.0, 1.0, "measured", ((SPO2, 1.0),), {})
+    records = [
+        anon.window(_window()),
+        anon.alarm(with_level),
+        anon.diagnostic(Diagnostic("counters", None, 1001.0, {"sent": 1})),
+        anon.estimate(est),
+    ]
+    words = set()
+    for rec in records:
+        data = encode(rec.payload)
+        for a, b in cbor_texts(data):
+            words |= {w for w in re.split(r"[^a-z0-9]+", data[a:b].decode().casefold()) if 2 <= len(w) <= 3}
+    vocabulary = {w for word in VOCABULARY for w in re.split(r"[^a-z0-9]+", word)}
+    assert words  # the records were read
+    assert words - vocabulary - RECORD_WORDS == set()
+
+
+def test_a_short_identity_that_is_a_word_of_the_gateways_own_is_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    anon = _anon()
+    for word in ("max", "Dev", "hr"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gateway.anonymize"):
+            anon.register(word)
+        assert any("also occurs in the gateway's own words" in r.getMessage() for r in caplog.records), word

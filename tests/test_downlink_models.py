@@ -27,10 +27,14 @@ from gateway.downlink.bundles import make_bundle
 from gateway.downlink.model_commands import chunk_messages
 from gateway.downlink.signing import sign as sign_envelope
 from gateway.downlink.twin_link import fetch_retained, publish_many
+from gateway.inference.backends import litert_interpreter_class
 from gateway.records.topics import DEFAULT_PREFIX
 from gateway.uplink.certs import DemoPKI
 
 pytestmark = pytest.mark.slow
+needs_litert = pytest.mark.skipif(
+    litert_interpreter_class() is None, reason="ai-edge-litert has no wheel for this platform"
+)
 
 TWIN = [sys.executable, "-m", "gateway.cli", "twin"]
 
@@ -221,11 +225,21 @@ def _sign_shipped(site: Site, version: int, dense: bytes, rules: dict[str, Any])
     """The twin's sign-model on the shipped pump card, its weights ``dense`` found beside the model."""
     card = json.loads((MODELS / f"{PUMP}.card.json").read_text())
     card["dense_files"]["fp32"].update(sha256=hashlib.sha256(dense).hexdigest(), bytes=len(dense))
+    out, model, said = _sign_card(site, version, card, {card["dense_files"]["fp32"]["path"]: dense}, rules)
+    assert "numpy weights" in said
+    return out, model
+
+
+def _sign_card(
+    site: Site, version: int, card: dict[str, Any], beside: dict[str, bytes], rules: dict[str, Any]
+) -> tuple[Path, Path, str]:
+    """The twin's sign-model on ``card`` with the files ``beside`` its ONNX file; envelope, model, what it said."""
     d = site.tmp / f"bundle-v{version}"
     d.mkdir()
     model = d / card["files"]["fp32"]["path"]
     model.write_bytes((MODELS / card["files"]["fp32"]["path"]).read_bytes())
-    (d / card["dense_files"]["fp32"]["path"]).write_bytes(dense)
+    for name, data in beside.items():
+        (d / name).write_bytes(data)
     (d / "card.json").write_text(json.dumps(card))
     (d / "rules.json").write_text(json.dumps(rules))
     out = d / "bundle.envelope"
@@ -234,8 +248,7 @@ def _sign_shipped(site: Site, version: int, dense: bytes, rules: dict[str, Any])
     cli += ["--chunk-bytes", "1024", "--rules", str(d / "rules.json"), "--out", str(out)]
     done = subprocess.run(cli, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    assert "numpy weights" in done.stdout
-    return out, model
+    return out, model, done.stdout
 
 
 def test_a_bundle_with_numpy_weights_is_promoted_on_numpy_and_one_whose_weights_fail_is_refused(
@@ -283,6 +296,38 @@ def test_a_bundle_with_numpy_weights_is_promoted_on_numpy_and_one_whose_weights_
     # The aim of carrying the weights: the update brought no onnxruntime into the gateway's process.
     assert site.proc is not None
     assert "onnxruntime" not in Path(f"/proc/{site.proc.pid}/maps").read_text()
+
+
+@needs_litert
+def test_a_bundle_of_a_litert_card_is_promoted_and_the_gateway_scores_on_litert(site: Site) -> None:
+    # Windows of 2 s instead of the card's 20 s: judged (and the shadow period over) within seconds.
+    short = PUMP_SITE.replace("latency_budget_us = 1e9 }", "latency_budget_us = 1e9, window_s = 2.0 }")
+    assert short != PUMP_SITE
+    site.config.write_text(site.text(short))
+    site.start()
+    rep = site.reported(slot(lambda m: m["active"] == 0), "pump model serving")
+    assert rep["models"][PUMP]["backend"] == "numpy"  # the shipped card's choice
+    card = json.loads((MODELS / f"{PUMP}.card.json").read_text())
+    card["backend"] = "litert"  # a version whose recipe chose LiteRT
+    files = [card["dense_files"]["fp32"]["path"], card["tflite_files"]["fp32"]["path"]]
+    rules = {"windows": 5, "max_latency_us": 1e9, "min_agreement": 0.0, "max_alarm_rate": 1.0}
+    envelope, model, said = _sign_card(site, 2, card, {f: (MODELS / f).read_bytes() for f in files}, rules)
+    assert ".tflite model" in said  # found beside the model under the card's name
+    publish = publish_model(site, envelope, model)
+    done = subprocess.run([*publish, *broker_args(site)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    rep = site.reported(slot(lambda m: m["active"] == 2), "v2 promoted after its shadow period")
+    assert rep["models"][PUMP]["backend"] == "litert"
+    assert rep["models"][PUMP]["last"]["backend"] == "litert"
+    installed = site.tmp / "state" / "models" / "bundles" / PUMP / "v2"
+    assert (installed / files[1]).read_bytes() == (MODELS / files[1]).read_bytes()
+    cli = [sys.executable, "-m", "gateway.cli", "downlink", "status", "--config", str(site.config)]
+    shown = subprocess.run(cli, capture_output=True, text=True, check=False).stdout
+    assert f"model {PUMP}: serving v2 on litert" in shown
+    assert site.proc is not None
+    maps = Path(f"/proc/{site.proc.pid}/maps").read_text()
+    assert "ai_edge_litert" in maps
+    assert "onnxruntime" not in maps  # LiteRT serves it; the ONNX file came only as the fallback
 
 
 @pytest.mark.campaign

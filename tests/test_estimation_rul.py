@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from gateway.errors import ConfigError, CorruptDataError, InvalidConfigError
 from gateway.estimation import Estimation, EstimatorsSection
 from gateway.estimation.config import RulSpec
 from gateway.estimation.rul import RulEstimator, cycle_features, load_rul_model
+from gateway.inference.card import file_sha256
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import as_map, decode
 from gateway.records.render import number
@@ -56,18 +59,57 @@ def test_cycle_features_are_the_recent_mean_and_the_window_slope() -> None:
 def test_the_model_file_is_checked_against_its_card(tmp_path: Path) -> None:
     model = load_rul_model(MODELS, "rul_cmapss")
     assert len(model.card.sensors) == 14
-    for name in ("rul_cmapss.card.json", "rul_cmapss.onnx"):
+    card = model.card
+    for name in ("rul_cmapss.card.json", card.files["fp32"].path, card.numpy_files["fp32"].path):
         shutil.copy(MODELS / name, tmp_path / name)
-    data = bytearray((tmp_path / "rul_cmapss.onnx").read_bytes())
-    data[-5] ^= 0xFF
-    (tmp_path / "rul_cmapss.onnx").write_bytes(bytes(data))
-    with pytest.raises(CorruptDataError, match="sha256 does not match"):
-        load_rul_model(tmp_path, "rul_cmapss")
+    for path, backend in ((card.files["fp32"].path, "onnxruntime"), (card.numpy_files["fp32"].path, "card")):
+        data = bytearray((tmp_path / path).read_bytes())
+        data[-5] ^= 0xFF
+        (tmp_path / path).write_bytes(bytes(data))
+        with pytest.raises(CorruptDataError, match="sha256 does not match"):
+            load_rul_model(tmp_path, "rul_cmapss", backend=backend)
     with pytest.raises(ConfigError, match=r"cannot read the model card.*\[models\] dir"):
         load_rul_model(tmp_path, "no_such_model")
     # An anomaly model's card is no RUL card: refused with the key that does not fit.
     with pytest.raises(CorruptDataError, match="not a RUL model card"):
         load_rul_model(MODELS, "pump_skab")
+
+
+def test_numpy_weights_that_do_not_reproduce_their_estimates_are_refused(tmp_path: Path) -> None:
+    card = json.loads((MODELS / "rul_cmapss.card.json").read_text())
+    with np.load(MODELS / card["numpy_files"]["fp32"]["path"]) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["W"] = arrays["W"] * np.float32(1.01)  # weights of another fit: the recorded estimates differ
+    path = tmp_path / card["numpy_files"]["fp32"]["path"]
+    np.savez(path, **arrays)
+    card["numpy_files"]["fp32"].update(sha256=file_sha256(path), bytes=path.stat().st_size)
+    (tmp_path / "rul_cmapss.card.json").write_text(json.dumps(card))
+    with pytest.raises(CorruptDataError, match="does not reproduce the recorded estimates"):
+        load_rul_model(tmp_path, "rul_cmapss")
+
+
+def test_the_ridge_serves_on_numpy_without_loading_a_runtime() -> None:
+    """The card chose numpy by measurement: a gateway running the RUL estimator imports no runtime."""
+    probe = (
+        "import sys, numpy as np; from pathlib import Path; "
+        "from gateway.estimation.rul import load_rul_model; "
+        f"m = load_rul_model(Path({str(MODELS)!r}), 'rul_cmapss'); "
+        "base = m.card.training['degradation']['base']; "
+        "row = np.concatenate([[base[s] for s in m.card.sensors], np.zeros(14)]); "
+        "print(m.backend.name, round(m.predict(row), 4), "
+        "sorted(k for k in ('onnxruntime', 'ai_edge_litert') if k in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    name, estimate, imported = out.stdout.split(" ", 2)
+    assert (name, imported.strip()) == ("numpy", "[]")
+    onnx = load_rul_model(MODELS, "rul_cmapss", backend="onnxruntime")
+    assert onnx.backend.name == "onnxruntime"
+    base = onnx.card.training["degradation"]["base"]
+    healthy = onnx.predict(np.concatenate([[base[s] for s in onnx.card.sensors], np.zeros(14)]))
+    assert 60.0 < healthy < onnx.card.cap  # an engine at its early-life means is far from failure
+    assert float(estimate) == pytest.approx(healthy, abs=1e-3)
 
 
 def test_rul_config_errors_name_the_key_and_the_missing_inputs() -> None:

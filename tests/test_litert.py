@@ -1,4 +1,4 @@
-"""The LiteRT (TFLite) backend on the shipped .tflite models, checked against their ONNX twins.
+"""The LiteRT (TFLite) backend on every shipped .tflite model (rul_cmapss's too), checked against their ONNX twins.
 
 Runs the real ai-edge-litert interpreter; skipped with a reason only where its wheel does not
 install on this platform.  The runtime's absence is shown by making its import fail.
@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from data_support import DATA
 from model_support import MODELS, NEURAL, card_of, copy_model
 
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.errors import ConfigError, CorruptDataError
+from gateway.estimation.rul import RIDGE_TOLERANCE, load_rul_model
 from gateway.inference.backends import LiteRtBackend, litert_interpreter_class, open_backend
 from gateway.inference.build import ModelsSection, ModelUse, build_models
 from gateway.inference.card import CARD_SUFFIX, file_sha256, load_card
@@ -181,3 +184,115 @@ def test_litert_asked_for_a_card_without_tflite_files_is_refused() -> None:
         open_backend(card, MODELS, backend="litert")
     with pytest.raises(ConfigError, match="unknown"):
         open_backend(card, MODELS, backend="tensorrt")
+
+
+def test_rul_card_ships_tflite_and_numpy_files_and_names_a_measured_backend() -> None:
+    card = load_rul_model(MODELS, "rul_cmapss").card
+    assert set(card.tflite_files) == {"fp32", "int8"}
+    for spec in (*card.tflite_files.values(), *card.numpy_files.values(), *card.files.values()):
+        assert file_sha256(MODELS / spec.path) == spec.sha256
+        assert (MODELS / spec.path).stat().st_size == spec.bytes
+    backends = card.evaluation["backends"]
+    assert backends["choice"].startswith(f"{card.backend}: ")
+    assert set(backends["measured"]) == {"litert", "onnxruntime", "numpy"}
+    lite = card.evaluation["litert"]
+    assert lite["fp32"]["max_abs_diff_vs_onnx_fp32"] < RIDGE_TOLERANCE
+    assert backends["numpy"]["max_abs_diff_vs_onnx_fp32"] < RIDGE_TOLERANCE
+    assert lite["int8_served"] is False  # its figures say why; the loader serves fp32 only
+
+
+def engine_rows(n: int, seed: int) -> npt.NDArray[np.float32]:
+    """RUL input rows an engine's cycles give (the card's fleet fit): recent means along a life, and slopes."""
+    card = load_rul_model(MODELS, "rul_cmapss", backend="onnxruntime").card
+    fit = card.training["degradation"]
+    rng = np.random.default_rng(seed)
+    life = rng.uniform(0.0, 1.0, (n, 1))
+    g = fit["shape_g"]
+    cols = [np.array([fit[k][s] for s in card.sensors]) for k in ("base", "delta", "noise")]
+    base, delta, noise = cols
+    means = (
+        base + delta * (np.exp(g * life) - 1) / (np.exp(g) - 1) + noise * rng.standard_normal((n, len(base)))
+    )
+    slopes = delta * g * np.exp(g * life) / (np.exp(g) - 1) / fit["life_cycles"]["mean"]
+    return np.hstack([means, slopes]).astype(np.float32)
+
+
+def test_every_shipped_tflite_file_is_named_by_a_card() -> None:
+    named = set()
+    for path in MODELS.glob(f"*{CARD_SUFFIX}"):
+        named |= {f["path"] for f in json.loads(path.read_text()).get("tflite_files", {}).values()}
+    assert {p.name for p in MODELS.glob("*.tflite")} == named
+    assert {"rul_cmapss.fp32.tflite", "rul_cmapss.int8.tflite"} <= named
+
+
+@needs_litert
+def test_rul_tflite_files_run_on_litert_against_onnx() -> None:
+    """Both RUL .tflite files through the interpreter, on rows along an engine's life."""
+    rows = engine_rows(2000, seed=4)
+    onnx = load_rul_model(MODELS, "rul_cmapss", backend="onnxruntime")
+    ref = onnx.backend.run(rows)
+    # Rows along a whole life: young engines near the cap, worn ones near failure.
+    assert float(np.percentile(ref, 10)) < 40.0
+    assert float(np.percentile(ref, 90)) > 100.0
+    lite = load_rul_model(MODELS, "rul_cmapss", backend="litert")
+    assert lite.backend.name == "litert"
+    assert np.abs(lite.backend.run(rows) - ref).max() < RIDGE_TOLERANCE
+    card = onnx.card
+    int8 = LiteRtBackend(
+        card, (MODELS / card.tflite_files["int8"].path).read_bytes(), "int8", litert_interpreter_class()
+    )
+    got8 = int8.run(rows)
+    assert got8.shape == ref.shape
+    assert np.isfinite(got8).all()
+    # As the card says: far off (one input scale for means and slopes), within the clip.
+    assert ((got8 >= 0) & (got8 <= card.cap)).all()
+    assert np.abs(got8 - ref).mean() > 5.0
+
+
+@needs_litert
+def test_rul_litert_estimates_match_onnx_on_the_test_engines() -> None:
+    """Every test engine's cycles through LiteRT fp32 and int8 against ONNX, and the card's RMSE figures."""
+    root = DATA / "industrial" / "cmapss_fd001"
+    if not (root / "test_FD001.txt").is_file():
+        pytest.skip(f"C-MAPSS FD001 not found under {DATA} (set EDGETWIN_DATA)")
+    from models.recipes import rul_cmapss as recipe  # noqa: PLC0415 - the recipe's own feature rows
+
+    test = recipe.load(root / "test_FD001.txt")
+    rows = np.vstack([recipe.raw_features(test[u]) for u in sorted(test)]).astype(np.float32)
+    last = np.vstack([recipe.raw_features(test[u])[-1] for u in sorted(test)]).astype(np.float32)
+    truth = np.minimum(np.loadtxt(root / "RUL_FD001.txt"), recipe.CAP)
+    onnx = load_rul_model(MODELS, "rul_cmapss", backend="onnxruntime")
+    lite = load_rul_model(MODELS, "rul_cmapss", backend="litert")
+    assert (onnx.backend.name, lite.backend.name) == ("onnxruntime", "litert")
+    ref = onnx.backend.run(rows)
+    assert np.abs(lite.backend.run(rows) - ref).max() < RIDGE_TOLERANCE
+    assert (
+        np.abs(load_rul_model(MODELS, "rul_cmapss", backend="numpy").backend.run(rows) - ref).max()
+        < RIDGE_TOLERANCE
+    )
+    card = onnx.card
+    int8 = LiteRtBackend(
+        card, (MODELS / card.tflite_files["int8"].path).read_bytes(), "int8", litert_interpreter_class()
+    )
+    got8 = int8.run(rows)
+    assert np.isfinite(got8).all()
+    figures = card.evaluation["litert"]
+    for prec, backend in (("fp32", lite.backend), ("int8", int8)):
+        rmse = float(np.sqrt(np.mean((backend.run(last) - truth) ** 2)))
+        assert rmse == pytest.approx(figures[prec]["test_rmse"], abs=1e-3), prec
+    assert float(np.abs(got8 - ref).max()) == pytest.approx(
+        figures["int8"]["max_abs_diff_vs_onnx_fp32"], abs=1e-3
+    )
+
+
+def test_rul_card_preference_without_the_runtime_serves_onnx(
+    no_litert: None, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    raw = json.loads((MODELS / "rul_cmapss.card.json").read_text())
+    (tmp_path / "rul_cmapss.card.json").write_text(json.dumps(raw | {"backend": "litert"}))
+    shutil.copy(MODELS / raw["files"]["fp32"]["path"], tmp_path)
+    with caplog.at_level(logging.INFO, logger="gateway.estimation.rul"):
+        assert load_rul_model(tmp_path, "rul_cmapss").backend.name == "onnxruntime"
+    assert "the card prefers litert but neither ai-edge-litert" in caplog.text
+    with pytest.raises(ConfigError, match=r"backend 'litert': neither ai-edge-litert"):
+        load_rul_model(tmp_path, "rul_cmapss", backend="litert")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from bundle_support import MODELS, PUMP, card_for, onnx_model, shipped_int8, tampered_weights
+from bundle_support import MODELS, PUMP, card_for, litert_card, onnx_model, shipped_int8, tampered_weights
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_inference_runtime import commission, pump_model, pump_window
 
@@ -115,6 +115,27 @@ def dense_bundle(
     env = _signed(manifest, version)
     *chunks, _manifest = chunk_messages(ROOT, env, model, dense=dense)  # as the twin publishes them
     return env, chunks
+
+
+def litert_bundle(
+    version: int, *, card: bytes | None = None, tflite: bytes | None = None, chunk: int = 1024
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The pump card preferring LiteRT as a bundle with every file it names (or ``tflite``): envelope, chunk messages."""
+    card = card or litert_card()
+    model = (MODELS / f"{PUMP}.fp32.onnx").read_bytes()
+    dense = (MODELS / f"{PUMP}.fp32.dense.npz").read_bytes()
+    tflite = tflite or (MODELS / f"{PUMP}.fp32.tflite").read_bytes()
+    manifest, _ = make_bundle(
+        PUMP, card, model, chunk_bytes=chunk, acceptance=Acceptance(windows=5), dense=dense, tflite=tflite
+    )
+    env = _signed(manifest, version)
+    *chunks, _manifest = chunk_messages(ROOT, env, model, dense=dense, tflite=tflite)
+    return env, chunks
+
+
+needs_litert = pytest.mark.skipif(
+    litert_interpreter_class() is None, reason="ai-edge-litert has no wheel for this platform"
+)
 
 
 def test_chunks_fit_each_profile() -> None:
@@ -479,13 +500,78 @@ def test_sign_model_takes_the_cards_weights_from_beside_the_model_and_refuses_ot
 
     found = signed()
     assert found is not None
+    assert "tflite" not in found  # not beside the model: the bundle carries what is there
+    lite = tmp_path / f"{PUMP}.fp32.tflite"
+    lite.write_bytes((MODELS / lite.name).read_bytes())
+    found = signed()
+    assert found is not None
+    assert found["tflite"]["path"] == lite.name
+    assert found["tflite"]["sha256"] == hashlib.sha256(lite.read_bytes()).hexdigest()
     assert found["dense"]["path"] == weights.name
     assert found["dense"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert found["model"]["path"] == model.name
     only = signed("--onnx-only")
     assert only is not None
     assert "dense" not in only
+    assert "tflite" not in only
     assert "path" not in only["model"]  # the manifest gateways took before bundles had parts
     other = tmp_path / "other.dense.npz"
     other.write_bytes(tampered_weights())
     assert signed("--dense", str(other)) is None  # not the card's weights: refused before signing
+    assert signed("--tflite", str(MODELS / f"{PUMP}.int8.tflite")) is None  # nor another precision's .tflite
+
+
+@needs_litert
+def test_a_bundle_of_a_litert_card_carries_its_tflite_and_runs_on_litert_promoted_and_after_a_restart(
+    gate: Gate,
+) -> None:
+    assert gate.slot.active.backend.name == "numpy"  # the shipped card's choice serves now
+    env, chunks = litert_bundle(2)
+    assert len({t.split("/")[-2] for t, _ in chunks}) == 3  # ONNX, numpy weights, .tflite: a part each
+    # Cut short in the .tflite part (sent last); a restart; the rest.
+    gate.deliver((f"{ROOT}/model", env), *chunks[:-1])
+    transfer = gate.handler.reported()[PUMP]["transfer"]
+    lite = transfer["tflite"]
+    assert (transfer["missing"], transfer["dense"]["missing"]) == ([], [])
+    assert (lite["path"], lite["missing"]) == (f"{PUMP}.fp32.tflite", [lite["of"] - 1])
+    where = version_dir(gate.tmp, PUMP, 2)
+    assert not where.exists()  # nothing staged from part of a bundle
+    gate.restart()
+    gate.deliver((f"{ROOT}/model", env), chunks[-1])
+    assert gate.refused == []
+    assert gate.handler.reported()[PUMP]["candidate"]["version"] == 2
+    for name in (f"{PUMP}.fp32.onnx", f"{PUMP}.fp32.dense.npz", f"{PUMP}.fp32.tflite"):
+        assert (where / name).read_bytes() == (MODELS / name).read_bytes()
+    assert sorted(p.name for p in where.parent.iterdir()) == ["v2"]  # no staging directory left
+    assert gate.slot.candidate is not None
+    _promote(gate, 2)
+    assert gate.slot.active.backend.name == "litert"
+    assert gate.handler.reported()[PUMP]["backend"] == "litert"
+    assert gate.handler._state["last"][PUMP]["backend"] == "litert"
+    # A restart: the promoted version is opened from its directory, again on LiteRT.
+    (slot,) = open_slots([pump_model(gate.tmp)], gate.tmp)
+    assert (slot.version, slot.active.backend.name) == (2, "litert")
+    (r,) = slot.score_batch([pump_window(600, np.random.default_rng(2))])
+    assert math.isfinite(r.score)
+
+
+@needs_litert
+def test_a_tflite_file_that_is_not_the_cards_or_no_model_is_refused(gate: Gate) -> None:
+    # The card's own .tflite named, another file's hash signed and sent: bound to the card, refused.
+    other = (MODELS / f"{PUMP}.int8.tflite").read_bytes()
+    env, chunks = litert_bundle(2, tflite=other)
+    gate.deliver((f"{ROOT}/model", env), *chunks)
+    assert gate.refused[-1][:2] == (2, "card-invalid")
+    assert ".tflite model entry for its default precision" in gate.refused[-1][2]
+    # Signed consistently, card and all, but no TFLite model: LiteRT refuses it when the version opens.
+    junk = b"not a flatbuffer" * 80
+    card = litert_card(sha256=hashlib.sha256(junk).hexdigest(), bytes=len(junk))
+    env, chunks = litert_bundle(3, card=card, tflite=junk)
+    gate.deliver((f"{ROOT}/model", env), *chunks)
+    (version, reason, detail) = gate.refused[-1]
+    assert (version, reason) == (3, "load-failed")
+    assert "LiteRT cannot load the model" in detail
+    assert gate.slot.candidate is None
+    assert gate.slot.active.backend.name == "numpy"
+    base = version_dir(gate.tmp, PUMP, 2).parent
+    assert not base.exists() or list(base.iterdir()) == []  # neither version, nor its staging, is left

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from gateway.contracts import AlarmKind
+from gateway.contracts import Alarm, AlarmKind
 from gateway.inference.plausibility import DEFAULT_RULES, PlausibilityChecker, Rule
 from gateway.sample import MDC, Sample, SampleBlock, Stream, industrial_metric
 from gateway.units import converter
@@ -130,3 +131,40 @@ def test_a_line_at_250_kpa_is_in_range_and_a_stream_in_an_unknown_unit_gets_no_r
     assert k_rule is not None
     assert k_rule.max_rate_per_s == pytest.approx(2.0)  # a rate of 2 Cel/s is 2 K/s, not 275 K/s
     assert k_rule.hi == pytest.approx(423.15)
+
+
+def _kinds(alarms: list[Alarm | None]) -> list[str]:
+    return [f"{a.kind.value}:{a.detail['rule']}" for a in alarms if a is not None]
+
+
+def test_a_fault_of_a_stream_is_ended_by_the_stream_its_driver_rebuilt_under_the_same_key() -> None:
+    # An OPC UA server revising the sampling interval after a PLC restart: same key, another rate.
+    chk = PlausibilityChecker()
+    slower = replace(MOTOR, rate_hz=2.0)
+    hot = [chk.check_sample(Sample(MOTOR, 10.0 + 0.1 * k, 0.0, 200.0)) for k in range(5)]
+    assert _kinds(hot) == ["sensor_fault:range"]
+    back = [chk.check_sample(Sample(slower, 20.0 + 0.5 * k, 0.0, 72.0)) for k in range(3)]
+    assert _kinds(back) == ["sensor_restored:plausibility"]
+    assert next(a for a in back if a is not None).stream is slower
+    # Blocks take the same path: a block of the old object after the new one is the same sensor.
+    t = np.arange(30.0, 31.0, 0.1)
+    again = chk.check_block(SampleBlock(MOTOR, t, t, np.full(t.size, 200.0), np.zeros(t.size, np.uint8)))
+    assert _kinds(list(again)) == ["sensor_fault:range"]
+    t2 = t + 2.0
+    ok = chk.check_block(SampleBlock(slower, t2, t2, np.full(t.size, 72.0), np.zeros(t.size, np.uint8)))
+    assert _kinds(list(ok)) == ["sensor_restored:plausibility"]
+
+
+def test_a_stream_rebuilt_in_another_unit_is_judged_in_its_own_unit_with_no_rate_across_units() -> None:
+    chk = PlausibilityChecker()
+    kelvin = replace(MOTOR, metric=industrial_metric("Pump1/Motor/Temperature", "K"))
+    assert _kinds([chk.check_sample(Sample(MOTOR, 10.0 + 0.1 * k, 0.0, 72.0)) for k in range(20)]) == []
+    # 72 Cel is 345.15 K: a step of 273 against the Celsius reference would be a rate fault.
+    same = [chk.check_sample(Sample(kelvin, 12.0 + 0.1 * k, 0.0, 345.15)) for k in range(20)]
+    assert _kinds(same) == []
+    # The Kelvin stream's rule is in Kelvin: 200 Cel (473.15 K) is above 150 Cel, 72 Cel is not.
+    hot = [chk.check_sample(Sample(kelvin, 14.0 + 0.1 * k, 0.0, 473.15)) for k in range(5)]
+    assert _kinds(hot) == ["sensor_fault:range"]
+    # A fault raised in Kelvin is ended by the first plausible value in Celsius, the unit going back.
+    cool = [chk.check_sample(Sample(MOTOR, 16.0 + 0.1 * k, 0.0, 72.0)) for k in range(5)]
+    assert _kinds(cool) == ["sensor_restored:plausibility"]

@@ -120,6 +120,9 @@ class OpcUaConfig(ConfigModel):
     verify_interval_s: float = Field(default=10.0, ge=1, le=3600)
     # Source/server timestamps further than this from the gateway clock are not used for t_wall.
     clock_tolerance_s: float = Field(default=300.0, gt=0, le=86_400)
+    # How often the opcua_clock and opcua_hold diagnostics go out; each is one record a subject,
+    # so more than one a second would only crowd the diagnostics lane.
+    diagnostics_every_s: float = Field(default=60.0, ge=1, le=86_400)
     nodes: list[NodeSpec] = Field(min_length=1, max_length=20_000)
 
     @model_validator(mode="after")

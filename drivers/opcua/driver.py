@@ -72,7 +72,7 @@ from gateway.backoff import Backoff
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
 from gateway.liveness import Pulse
-from gateway.sample import Quality, Sample, SampleBlock, Stream, industrial_metric
+from gateway.sample import UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream, industrial_metric
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ _T = TypeVar("_T")
 OBJECTS_FOLDER = 85
 HIERARCHICAL_REFERENCES = 33
 HAS_PROPERTY = 46
-CLOCK_REPORT_S = 60.0  # how often the timestamp skew diagnostic goes out
 #: Liveness: the stream loop beats at least every second and every server call declares its own
 #: bound, so 5 s with neither is a driver stuck outside any known wait (see gateway.liveness).
 PULSE_STALE_S = 5.0
@@ -150,6 +149,7 @@ class _Item:
         "hold_dt",
         "hold_from",
         "hold_gap",
+        "hold_lag",
         "hold_span",
         "index",
         "last",
@@ -187,6 +187,9 @@ class _Item:
         self.hold_dt = 0.0
         self.hold_gap = math.inf  # a silence this long before a change was held (1.5 x hold_dt)
         self.hold_span = math.inf  # a silence this long is held at the next tick (2 x hold_dt)
+        # How far before a publish response its held ticks stop (a sampling interval and
+        # HOLD_LAG_S): a change in the next response is placed no earlier (``_Connection.restamp``).
+        self.hold_lag = math.inf
         # The newest sample delivered by the current monitored item (what is held); None until
         # its first value, so nothing is held across a reconnect or a re-created monitored item.
         self.last: Sample | None = None
@@ -232,6 +235,8 @@ class OpcUaDriver:
         self.notifications = 0
         self._sink: SampleSink | None = None
         self.pulse = Pulse(stale_after_s=PULSE_STALE_S)
+        # Nodes with no usable value and no fault of this run yet (``first_data``).
+        self.unproven: set[int] = {item.index for item in self.items}
 
     # ---- what tests and status lines read --------------------------------------------------
 
@@ -365,6 +370,7 @@ class OpcUaDriver:
                 self._cfg.verify_interval_s,
                 _RECREATED_HINT if item.spec.node_id is not None and token in _GONE_TOKENS else "",
             )
+            self.unproven.discard(item.index)  # its fault is this run's: ended by set_health
             detail: dict[str, float | str] = {"status": token}
             if item.stream is None:
                 detail["item"] = item.index
@@ -385,6 +391,34 @@ class OpcUaDriver:
                     detail["item"] = item.index
                 sink.alarm(
                     Alarm(AlarmKind.SENSOR_RESTORED, self._info.subject, now_mono, now_wall, stream, detail)
+                )
+
+    def first_data(self) -> None:
+        """End, with a node's first usable value of the run, a fault a previous run raised on it unresolved.
+
+        A node that never resolved before a stop left its fault raised with no stream and its
+        ``item`` (the gateway keeps it on across the restart); the fresh driver does not know it.
+        So a node's first usable value of the run, with no fault of this run, sends that ending
+        as the driver would have sent it (no stream, ``item``, ``status: good``): the gateway
+        sends it only while such a fault is on, as for every ending of a driver's own fault.
+        """
+        sink = self._sink
+        for index in list(self.unproven):
+            item = self.items[index]
+            last = item.last
+            if last is None or last.quality & UNUSABLE_FLAGS:
+                continue
+            self.unproven.discard(index)
+            if sink is not None:
+                detail: dict[str, float | str] = {
+                    "after": AlarmKind.SENSOR_FAULT.value,
+                    "status": "good",
+                    "item": index,
+                }
+                sink.alarm(
+                    Alarm(
+                        AlarmKind.SENSOR_RESTORED, self._info.subject, last.t_mono, last.t_wall, None, detail
+                    )
                 )
 
     def stream_for(self, item: _Item, device: str) -> Stream:
@@ -412,6 +446,7 @@ class OpcUaDriver:
         item.hold_dt = 1.0 / rate if by_exception and rate else 0.0
         item.hold_gap = 1.5 * item.hold_dt if item.hold_dt else math.inf
         item.hold_span = 2.0 * item.hold_dt if item.hold_dt else math.inf
+        item.hold_lag = item.hold_dt + HOLD_LAG_S if item.hold_dt else math.inf
         current = item.stream
         if (
             current is not None
@@ -494,8 +529,10 @@ class _Connection:
         self.src_lag: float | None = None
         self.srv_lag: float | None = None
         self.untrusted_ts = 0
+        self.restamp_said = False
+        self.restamped = 0  # changes stamped before their node was confirmed unchanged, since the last report
         self.held = 0  # samples held since the last report
-        self.next_clock_report = time.monotonic() + CLOCK_REPORT_S
+        self.next_clock_report = time.monotonic() + cfg.diagnostics_every_s
 
     @property
     def good_count(self) -> int:
@@ -879,6 +916,8 @@ class _Connection:
                 async with asyncio.timeout(tick):
                     await self.lost.wait()
             self.hold()
+            if self.d.unproven:  # empty once every node delivered a usable value in this run
+                self.d.first_data()
             if self.lost.is_set():
                 raise LinkLost(self.lost_reason)
             now = time.monotonic()
@@ -889,7 +928,7 @@ class _Connection:
                 next_verify = now + cfg.verify_interval_s
                 await self.verify()
             if now >= self.next_clock_report:
-                self.next_clock_report = now + CLOCK_REPORT_S
+                self.next_clock_report = now + cfg.diagnostics_every_s
                 self._report_clock()
 
     def hold(self, *, final: bool = False) -> None:
@@ -934,6 +973,33 @@ class _Connection:
                 item.held += 1
                 self.held += 1
 
+    def restamp(self, item: _Item, t_mono: float, floor: float) -> tuple[float, float]:
+        """``t_mono``, ``t_wall`` of a change stamped at ``t_mono``, before ``floor``: what its node was held to.
+
+        The publish response before this one confirmed the node unchanged up to ``floor`` (the
+        held ticks end there), so a change stamped earlier is not that old: its stamp is off by
+        a clock (a PLC-stamped node's clock set the connection's correction and a server-stamped
+        one is judged by it, or the PLC's clock stepped back within ``clock_tolerance_s``).  It is
+        placed at ``floor``, the earliest time it can have, its wall time following the node's
+        last value as the held ticks do: it lands after them, within a publish of its arrival,
+        and neither clock runs backwards.
+        """
+        last = item.last
+        assert last is not None
+        if not self.restamp_said:
+            self.restamp_said = True
+            log.info(
+                "opcua %s %s: node %s has a change stamped %.2f s before the server confirmed it "
+                "unchanged (a PLC clock behind the server's or stepped back): such changes are placed "
+                "at that confirmation; opcua_clock counts them as restamped",
+                self.d._info.name,
+                self.d._endpoint,
+                item.spec.address,
+                floor - t_mono,
+            )
+        self.restamped += 1
+        return floor, last.t_wall + (floor - last.t_mono)
+
     def _hold_before(self, item: _Item, t_mono: float) -> None:
         """The ticks a quiet node held its value for before a change at ``t_mono`` (this session)."""
         last = item.last
@@ -970,7 +1036,11 @@ class _Connection:
         )
 
     def _report_clock(self) -> None:
-        detail: dict[str, float | str] = {"untrusted_timestamps": self.untrusted_ts}
+        detail: dict[str, float | str] = {
+            "untrusted_timestamps": self.untrusted_ts,
+            "restamped": self.restamped,
+        }
+        self.restamped = 0
         if self.src_lag is not None:
             detail["source_lag_s"] = round(self.src_lag, 3)
         if self.srv_lag is not None:
@@ -1066,9 +1136,14 @@ class _Connection:
                 else:
                     t_wall = ts
                     t_mono = recv_mono - stamper.age(ts, recv_wall)
+                if t_mono < confirmed - item.hold_lag and item.last is not None:
+                    t_mono, t_wall = self.restamp(item, t_mono, confirmed - item.hold_lag)
                 last_t = item.last_t_mono
                 if t_mono <= last_t:
+                    # Not before the newest sample handed over: at its instant, and its wall time.
                     t_mono = last_t
+                    if item.last is not None:
+                        t_wall = item.last.t_wall + (last_t - item.last.t_mono)
                 elif t_mono - last_t > item.hold_gap:
                     # A quiet node changed: its value held until now, before the change lands.
                     self._hold_before(item, t_mono)

@@ -66,8 +66,9 @@ _ENDS: dict[AlarmKind, AlarmKind] = {
     AlarmKind.ANOMALY: AlarmKind.ANOMALY_CLEARED,
 }
 #: Detail keys an ending repeats from its raise, so the twin can tell which condition ended.
-#: ``rule``, ``cause`` and ``status`` say who raised a sensor fault (a plausibility rule, the driver).
-_KEPT = ("level", "estimate", "model", "pattern", "rule", "cause", "status")
+#: ``rule``, ``cause`` and ``status`` say who raised a sensor fault (a plausibility rule, the driver);
+#: ``item`` which node of its source a fault raised with no stream is about (one never resolved).
+_KEPT = ("level", "estimate", "model", "pattern", "rule", "cause", "status", "item")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,8 @@ def _key(alarm: Alarm) -> tuple[str, ...] | None:
     if family is AlarmKind.ANOMALY:
         return (family.value, alarm.subject, str(d.get("model", "")))
     metric = "" if s is None else s.metric.name
-    return (family.value, alarm.subject, *where, metric, str(d.get("estimate", "")))
+    # A node that never resolved has no stream: its place in its source's list tells it apart.
+    return (family.value, alarm.subject, *where, metric, str(d.get("estimate", "")), str(d.get("item", "")))
 
 
 class AlarmLedger:

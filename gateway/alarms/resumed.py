@@ -8,7 +8,8 @@ on), and for a node's status (``status``) the stream's first usable sample shows
 again and ends it as the driver would have.  A fault by ``cause`` (a battery, a node's self-test)
 has no such evidence in the data: it waits for the driver, whose first reading of the run ends it
 when it is good (and after which a raise is a new condition).  A fault raised with no stream (an
-OPC UA node that never resolved) is not judged here: nothing in the data can be matched to it.
+OPC UA node that never resolved) is not judged here: nothing in the data can be matched to it;
+the fresh driver ends it with the node's first usable value (``gateway.runtime._ends_own_fault``).
 Pure logic, no I/O.
 """
 

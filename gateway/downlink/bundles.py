@@ -7,13 +7,15 @@ topic ``<root>/model``.  Its content is a JSON *manifest*::
      "model": {"path": "pump_skab.fp32.onnx", "sha256": "<hex>", "length": 1048576,
                "chunk_bytes": 122880, "chunks": ["<hex>", ...]},
      "dense": {"path": "pump_skab.fp32.dense.npz", "sha256": "<hex>", ...},
+     "tflite": {"path": "pump_skab.fp32.tflite", "sha256": "<hex>", ...},
      "acceptance": {"windows": 30, "max_alarm_rate": 0.2, ...}}
 
-Each *part* is one file: the ONNX file the card lists for its default precision, and - where the
-card chose the numpy backend - its numpy weights (``dense``, the card's ``dense_files`` entry for
-that precision), so the version runs on the backend its card chose and a gateway without
-onnxruntime stays without it.  A manifest without ``dense`` (and without ``path``, as bundles were
-signed before) is valid: its version runs on onnxruntime.
+Each *part* is one file of the card in its default precision: the ONNX file (always: it serves
+wherever the card's choice cannot), and each other file the card names (:data:`EXTRAS`): its numpy
+weights (``dense``, the card's ``dense_files`` entry) and its ``.tflite`` model (``tflite``, the
+``tflite_files`` entry), so the version runs on the backend its card chose (or the site's
+``backend``) and a gateway without onnxruntime stays without it.  A manifest without them (and
+without ``path``, as bundles were signed before) is valid: its version runs on onnxruntime.
 
 Every part travels in chunks, each a retained message on
 ``<root>/chunk/<first 32 hex of the part's SHA-256>/<index>``, no larger than the uplink
@@ -22,13 +24,16 @@ targets metadata with hashes): the gateway subscribes to the chunks of a *verifi
 only, writes a chunk into its quarantine only when its hash is the one signed, and keeps the
 chunks it has across reconnects and restarts.  A transfer resumes when the retained manifest comes
 again: the gateway subscribes again and the broker sends the retained chunks; the reported state
-lists the chunks still missing, per part (``missing`` for the model, ``dense.missing`` for the
-weights), so the twin can publish just those (``twin publish-model --missing``).  A file is
-assembled only when every chunk of every part is there and each file's whole SHA-256 and length
-match: a truncated transfer is never applied.  Then the card is validated, bound to each file by
+lists the chunks still missing, per part (``missing`` for the model, ``dense.missing`` and
+``tflite.missing`` for the others), so the twin can publish just those (``twin publish-model
+--missing``).  A file is assembled only when every chunk of every part is there and each file's
+whole SHA-256 and length match: a truncated transfer is never applied.  Then the card is validated, bound to each file by
 name (a file name only, the one the card lists for its default precision), hash and length, the
-model opened as the loader opens it (the numpy backend checks its reference scores), and the
-version put in shadow (:mod:`gateway.inference.shadow`).
+files staged together (written into a staging directory renamed to the version's directory once
+all are there, so a version directory never holds part of a bundle), the model opened as the
+loader opens it on the card's backend (the numpy backend checks its reference scores, LiteRT
+refuses a file that is no model of the card's shape), and the version put in shadow
+(:mod:`gateway.inference.shadow`).
 
 On the ``azure`` profile (IoT Hub keeps no retained messages) the manifest is the device twin's
 desired property ``edgetwin.model`` and the chunks are cloud-to-device messages, each under IoT
@@ -61,13 +66,15 @@ from gateway.downlink.signing import MAX_ENVELOPE_BYTES, Trust, verify
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.inference.card import CARD_SUFFIX, ModelCard, ModelFile, load_card
 from gateway.inference.shadow import Acceptance, Outcome, Slot, version_dir, write_installed
+from gateway.privatefile import fsync_dir
 from gateway.uplink.profiles import PROFILES
 
 __all__ = [
+    "EXTRAS",
     "MAX_CHUNK_BYTES",
     "Manifest",
     "ModelBundles",
-    "card_paths",
+    "card_files",
     "chunk_bytes_for",
     "cut",
     "make_bundle",
@@ -80,6 +87,11 @@ MAX_CHUNK_BYTES = 256 * 1024
 MAX_MODEL_BYTES = 64 * 1024 * 1024
 _HEX = r"^[0-9a-f]{64}$"
 _DONE_KEPT = 16
+#: The files a bundle may carry beside the ONNX model: manifest key -> (card key, what it is).
+EXTRAS: dict[str, tuple[str, str]] = {
+    "dense": ("dense_files", "numpy weights"),
+    "tflite": ("tflite_files", ".tflite model"),
+}
 
 
 class ModelPart(BaseModel):
@@ -109,12 +121,19 @@ class Manifest(BaseModel):
     card: dict[str, Any]
     model: ModelPart
     dense: ModelPart | None = None  # the numpy weights the card names (backend "numpy")
+    tflite: ModelPart | None = None  # the .tflite model the card names (backend "litert")
     acceptance: Acceptance = Acceptance()
 
     @property
+    def extras(self) -> dict[str, ModelPart]:
+        """The files beside the ONNX model, by manifest key (:data:`EXTRAS`)."""
+        found = {key: getattr(self, key) for key in EXTRAS}
+        return {key: part for key, part in found.items() if part is not None}
+
+    @property
     def parts(self) -> tuple[ModelPart, ...]:
-        """The files the bundle carries: the model, then its numpy weights when it has them."""
-        return (self.model,) if self.dense is None else (self.model, self.dense)
+        """The files the bundle carries: the model, then the others the card names."""
+        return (self.model, *self.extras.values())
 
 
 def chunk_bytes_for(profile: str) -> int:
@@ -143,12 +162,13 @@ def _part(data: bytes, chunk_bytes: int, path: str | None) -> ModelPart:
     )
 
 
-def card_paths(card: dict[str, Any]) -> tuple[str | None, str | None]:
-    """The names the card gives its ONNX file and its numpy weights in its default precision (None: none)."""
+def card_files(card: dict[str, Any]) -> dict[str, str | None]:
+    """The names the card gives its files in its default precision: ``model`` (ONNX) and each of :data:`EXTRAS`."""
     precision = card.get("default_precision")
-    model = (card.get("files") or {}).get(precision) or {}
-    dense = (card.get("dense_files") or {}).get(precision) or {}
-    return model.get("path"), dense.get("path")
+    keys = {"model": "files", **{key: card_key for key, (card_key, _) in EXTRAS.items()}}
+    return {
+        key: ((card.get(card_key) or {}).get(precision) or {}).get("path") for key, card_key in keys.items()
+    }
 
 
 def make_bundle(
@@ -159,21 +179,29 @@ def make_bundle(
     chunk_bytes: int,
     acceptance: Acceptance | None = None,
     dense: bytes | None = None,
+    tflite: bytes | None = None,
 ) -> tuple[bytes, list[bytes]]:
-    """The manifest to sign and the model's chunks to publish (``dense``: the numpy weights too), for the twin."""
+    """The manifest to sign and the model's chunks to publish, for the twin.
+
+    ``dense`` and ``tflite``: the card's numpy weights and .tflite model, carried as parts of their own.
+    """
     doc = json.loads(card)
-    model_path, dense_path = card_paths(doc)
+    names = card_files(doc)
+    extras = {key: data for key, data in (("dense", dense), ("tflite", tflite)) if data is not None}
     manifest = Manifest(
         slot=slot,
         card=doc,
-        # Without weights the manifest is the one older gateways take (no "path", no "dense").
-        model=_part(model, chunk_bytes, model_path if dense is not None else None),
-        dense=None if dense is None else _part(dense, chunk_bytes, dense_path),
+        # Without other files the manifest is the one older gateways take (no "path", no parts).
+        model=_part(model, chunk_bytes, names["model"] if extras else None),
+        **{key: _part(data, chunk_bytes, names[key]) for key, data in extras.items()},
         acceptance=acceptance or Acceptance(),
     )
     content = manifest.model_dump(mode="json")
-    if dense is None:
-        del content["dense"], content["model"]["path"]
+    for key in EXTRAS:
+        if key not in extras:
+            del content[key]
+    if not extras:
+        del content["model"]["path"]
     return json.dumps(content).encode(), cut(model, chunk_bytes)
 
 
@@ -187,18 +215,20 @@ def parse_manifest(content: bytes) -> Manifest:
         raise RefusedError(
             "malformed", f"not a model bundle manifest: {where or '(top)'}: {first['msg']}"
         ) from exc
-    for name, part in zip(("model", "dense"), manifest.parts, strict=False):
+    for name, part in (("model", manifest.model), *manifest.extras.items()):
         if len(part.chunks) != math.ceil(part.length / part.chunk_bytes) or any(
             len(c) != 64 or any(ch not in "0123456789abcdef" for ch in c) for c in part.chunks
         ):
             raise RefusedError(
                 "malformed", f"{name}: the chunk list does not match the file's length and chunk size"
             )
-    if manifest.dense is not None and (manifest.dense.id == manifest.model.id or manifest.model.path is None):
-        raise RefusedError(
-            "malformed",
-            "dense: the numpy weights must be a file of their own, named beside a named model file",
-        )
+    ids = [p.id for p in manifest.parts]
+    for key in manifest.extras:
+        if len(set(ids)) != len(ids) or manifest.model.path is None:
+            raise RefusedError(
+                "malformed",
+                f"{key}: the {EXTRAS[key][1]} must be a file of its own, named beside a named model file",
+            )
     return manifest
 
 
@@ -426,7 +456,7 @@ class ModelBundles:
             await asyncio.to_thread(self._save)
             return True
         held.unlink(missing_ok=True)
-        extra = {} if manifest.dense is None else {"dense_sha256": manifest.dense.sha256}
+        extra = {f"{key}_sha256": part.sha256 for key, part in manifest.extras.items()}
         await asyncio.to_thread(
             audit.append, "verified", version=found.version, keys=[k[:12] for k in found.keyids],
             sha256=manifest.model.sha256, chunks=sum(len(p.chunks) for p in manifest.parts), slot=manifest.slot,
@@ -633,8 +663,8 @@ class ModelBundles:
                     **_progress(t, t.manifest.model),
                     "refused_chunks": t.bad,
                 }
-                if t.manifest.dense is not None:
-                    entry["transfer"]["dense"] = _progress(t, t.manifest.dense)
+                for key, part in t.manifest.extras.items():
+                    entry["transfer"][key] = _progress(t, part)
             out[name] = entry
         return out
 
@@ -702,14 +732,31 @@ def _bind(spec: ModelFile | None, part: ModelPart, what: str) -> str:
 
 
 def _install(t: _Transfer, where: Path) -> ModelCard:
-    """Assemble the files, check each as a whole, write card and files to ``where``; the card loaded."""
+    """Assemble the files, check each as a whole, stage card and files together as ``where``; the card loaded."""
     m = t.manifest
-    data = _assemble(t, m.model, "model")
-    dense = None if m.dense is None else _assemble(t, m.dense, "numpy weights")
-    if where.exists():
-        shutil.rmtree(where)
-    where.mkdir(parents=True, mode=0o700)
-    card_path = where / f"{m.slot}{CARD_SUFFIX}"
+    files = {"model": _assemble(t, m.model, "model")}
+    files |= {key: _assemble(t, part, EXTRAS[key][1]) for key, part in m.extras.items()}
+    staging = where.with_name(f".{where.name}.staging")
+    # A crash while staging leaves a staging directory: any of this slot's goes before the next.
+    leftovers = list(where.parent.glob(".v*.staging")) if where.parent.is_dir() else []
+    for old in (*leftovers, where):
+        if old.exists():
+            shutil.rmtree(old)
+    staging.mkdir(parents=True, mode=0o700)
+    try:
+        card = _stage(m, files, staging)
+        # One rename: the version's directory appears with every file of the bundle, or not at all.
+        staging.rename(where)
+        fsync_dir(where.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return card
+
+
+def _stage(m: Manifest, files: dict[str, bytes], staging: Path) -> ModelCard:
+    """Write the card and each file under the name the card gives it into ``staging``; the card loaded."""
+    card_path = staging / f"{m.slot}{CARD_SUFFIX}"
     persist.write_atomic(card_path, json.dumps(m.card, indent=1).encode())
     try:
         card = load_card(card_path)
@@ -721,10 +768,10 @@ def _install(t: _Transfer, where: Path) -> ModelCard:
             f"the card is for model {card.name!r}, the bundle for slot {m.slot!r}: send that model's card",
         )
     precision = card.default_precision
-    persist.write_atomic(where / _bind(card.files.get(precision), m.model, "model file"), data)
-    if m.dense is not None and dense is not None:
-        spec = next((f for key, f in card.dense_files.items() if key == precision), None)
-        persist.write_atomic(where / _bind(spec, m.dense, "numpy weights"), dense)
+    persist.write_atomic(staging / _bind(card.files.get(precision), m.model, "model file"), files["model"])
+    for key, part in m.extras.items():
+        listed: dict[Any, ModelFile] = dict(getattr(card, EXTRAS[key][0]))
+        persist.write_atomic(staging / _bind(listed.get(precision), part, EXTRAS[key][1]), files[key])
     return card
 
 

@@ -14,9 +14,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from gateway.downlink.bundles import (
+    EXTRAS,
     Manifest,
     ModelPart,
-    card_paths,
+    card_files,
     chunk_bytes_for,
     make_bundle,
     parse_manifest,
@@ -52,37 +53,43 @@ def _rules(path: Path | None, windows: int | None) -> Acceptance:
         raise TwinConfigError(f"{where}: key {key or '(top)'}: {first['msg']}: see docs/downlink.md") from exc
 
 
-def _dense_to_sign(args: argparse.Namespace, card: bytes) -> Path | None:
-    """The numpy weights to sign: ``--dense``, else the card's file found beside the model, else none."""
-    if args.dense is not None:
-        return Path(args.dense)
+def _extras_to_sign(args: argparse.Namespace, card: bytes) -> dict[str, Path]:
+    """The card's other files to sign (:data:`EXTRAS`): given (``--dense``, ``--tflite``), else found beside the model."""
     try:
-        _, name = card_paths(json.loads(card))
+        names = card_files(json.loads(card))
     except (ValueError, AttributeError) as exc:
         raise TwinConfigError(f"twin sign-model --card {args.card}: not a JSON card: {exc}") from exc
-    beside = args.model.parent / name if name and args.backend_files else None
-    return beside if beside is not None and beside.is_file() else None
+    found: dict[str, Path] = {}
+    for key in EXTRAS:
+        given, name = getattr(args, key), names[key]
+        beside = args.model.parent / name if name and args.backend_files else None
+        if given is not None:
+            found[key] = Path(given)
+        elif beside is not None and beside.is_file():
+            found[key] = beside
+    return found
 
 
-def _check_card_names(card_path: Path, card: bytes, path: Path, dense: bytes) -> None:
-    """Refuse to sign numpy weights the card does not list for its default precision (the gateway would)."""
+def _check_card_names(card_path: Path, card: bytes, key: str, path: Path, data: bytes) -> None:
+    """Refuse to sign a file the card does not list for its default precision (the gateway would)."""
     doc = json.loads(card)
-    entry = (doc.get("dense_files") or {}).get(doc.get("default_precision")) or {}
-    if entry.get("sha256") != hashlib.sha256(dense).hexdigest() or entry.get("bytes") != len(dense):
+    card_key, what = EXTRAS[key]
+    entry = (doc.get(card_key) or {}).get(doc.get("default_precision")) or {}
+    if entry.get("sha256") != hashlib.sha256(data).hexdigest() or entry.get("bytes") != len(data):
         raise TwinConfigError(
-            f"twin sign-model --card {card_path}: the numpy weights {path} are not the ones the card lists "
-            f"for precision {doc.get('default_precision')} (dense_files: SHA-256, bytes): sign the card "
-            "written with these weights, or leave them out with --onnx-only"
+            f"twin sign-model --card {card_path}: the {what} {path} is not the one the card lists "
+            f"for precision {doc.get('default_precision')} ({card_key}: SHA-256, bytes): sign the card "
+            "written with this file, or leave the card's other files out with --onnx-only"
         )
 
 
 def cmd_sign_model(args: argparse.Namespace) -> int:
     """Sign a model (ONNX file, numpy weights where the card names them, card) for a slot as a numbered bundle."""
     card, model = args.card.read_bytes(), args.model.read_bytes()
-    dense_path = _dense_to_sign(args, card)
-    dense = dense_path.read_bytes() if dense_path is not None else None
-    if dense_path is not None and dense is not None:
-        _check_card_names(args.card, card, dense_path, dense)
+    paths = _extras_to_sign(args, card)
+    extras = {key: path.read_bytes() for key, path in paths.items()}
+    for key, path in paths.items():
+        _check_card_names(args.card, card, key, path, extras[key])
     chunk = args.chunk_bytes or chunk_bytes_for(args.profile)
     manifest, _ = make_bundle(
         args.slot,
@@ -90,7 +97,7 @@ def cmd_sign_model(args: argparse.Namespace) -> int:
         model,
         chunk_bytes=chunk,
         acceptance=_rules(args.rules, args.shadow_windows),
-        dense=dense,
+        **extras,
     )
     keys = [read_private_key(path) for path in args.key]
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_days)
@@ -99,7 +106,9 @@ def cmd_sign_model(args: argparse.Namespace) -> int:
         manifest, keys=keys, gateway=who, version=args.version, expires=expires, kind="model", group=group
     )
     args.out.write_bytes(envelope)
-    weights = f" and numpy weights {dense_path} ({len(dense)} bytes)" if dense_path and dense else ""
+    weights = "".join(
+        f" and {EXTRAS[key][1]} {path} ({len(extras[key])} bytes)" for key, path in paths.items()
+    )
     _say(
         f"model {args.model} ({len(model)} bytes){weights} for slot {args.slot} as version {args.version} for "
         f"gateway {who}: {sum(len(p.chunks) for p in parse_manifest(manifest).parts)} chunk(s) of up to {chunk} bytes, {len(keys)} signature(s): {args.out}; "
@@ -113,28 +122,42 @@ Only = dict[str, set[int]]
 
 
 def chunk_messages(
-    root: str, envelope: bytes, model: bytes, only: Only | None = None, *, dense: bytes | None = None
+    root: str,
+    envelope: bytes,
+    model: bytes,
+    only: Only | None = None,
+    *,
+    dense: bytes | None = None,
+    tflite: bytes | None = None,
 ) -> list[tuple[str, bytes]]:
     """The chunk messages of a signed bundle (all, or the indices in ``only``), then its manifest."""
     out = [
-        (f"{root}/chunk/{part}/{i}", data) for part, i, data in chunks_of(envelope, model, only, dense=dense)
+        (f"{root}/chunk/{part}/{i}", data)
+        for part, i, data in chunks_of(envelope, model, only, dense=dense, tflite=tflite)
     ]
     return [*out, (f"{root}/model", envelope)]
 
 
 def chunks_of(
-    envelope: bytes, model: bytes, only: Only | None = None, *, dense: bytes | None = None
+    envelope: bytes,
+    model: bytes,
+    only: Only | None = None,
+    *,
+    dense: bytes | None = None,
+    tflite: bytes | None = None,
 ) -> list[tuple[str, int, bytes]]:
     """(part id, index, bytes) of the chunks of a signed bundle (all, or those in ``only``); each file checked first."""
     manifest = parse_manifest(_content(envelope))
+    given = {"dense": dense, "tflite": tflite}
     files = [(manifest.model, model, "model file")]
-    if manifest.dense is not None:
-        if dense is None:
+    for key, part in manifest.extras.items():
+        data = given[key]
+        if data is None:
             raise TwinConfigError(
-                f"twin publish-model: the bundle carries the numpy weights {manifest.dense.path}: give them "
-                "with --dense (or keep them beside the model under that name)"
+                f"twin publish-model: the bundle carries the {EXTRAS[key][1]} {part.path}: give it with "
+                f"--{key} (or keep it beside the model under that name)"
             )
-        files.append((manifest.dense, dense, "numpy weights"))
+        files.append((part, data, EXTRAS[key][1]))
     out = []
     for part, data, what in files:
         _check_signed(part, data, what)
@@ -155,23 +178,31 @@ def _check_signed(part: ModelPart, data: bytes, what: str) -> None:
         )
 
 
-def dense_of(manifest: Manifest, model: Path, given: Path | None) -> bytes | None:
-    """The numpy weights a bundle carries: ``given``, else the file beside the model under the card's name."""
-    if manifest.dense is None:
-        return None
-    path = given if given is not None else model.parent / (manifest.dense.path or "")
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise TwinConfigError(
-            f"twin publish-model {path}: cannot read the bundle's numpy weights: {exc.strerror}: give them "
-            "with --dense"
-        ) from exc
+def extras_of(manifest: Manifest, model: Path, given: dict[str, Path | None]) -> dict[str, bytes]:
+    """The other files a bundle carries, by manifest key: ``given``, else beside the model under the card's name."""
+    found = {}
+    for key, part in manifest.extras.items():
+        path = given.get(key) or model.parent / (part.path or "")
+        try:
+            found[key] = path.read_bytes()
+        except OSError as exc:
+            raise TwinConfigError(
+                f"twin publish-model {path}: cannot read the bundle's {EXTRAS[key][1]}: {exc.strerror}: give "
+                f"it with --{key}"
+            ) from exc
+    return found
 
 
-def bundle_files(envelope: bytes, model: Path, dense: Path | None) -> tuple[bytes, bytes | None]:
-    """The files a signed bundle carries, as the twin sends them: the model and its numpy weights (or None)."""
-    return model.read_bytes(), dense_of(parse_manifest(_content(envelope)), model, dense)
+def given_extras(args: argparse.Namespace) -> dict[str, Path | None]:
+    """``--dense`` and ``--tflite`` as given on the command line (None: beside ``--model``)."""
+    return {key: getattr(args, key, None) for key in EXTRAS}
+
+
+def bundle_files(
+    envelope: bytes, model: Path, given: dict[str, Path | None]
+) -> tuple[bytes, dict[str, bytes]]:
+    """The files a signed bundle carries, as the twin sends them: the model and the others, by manifest key."""
+    return model.read_bytes(), extras_of(parse_manifest(_content(envelope)), model, given)
 
 
 def _missing_parts(manifest: Manifest, transfer: dict[str, Any]) -> Only:
@@ -182,13 +213,11 @@ def _missing_parts(manifest: Manifest, transfer: dict[str, Any]) -> Only:
         return {int(i) for i in values}
 
     only = {manifest.model.id: indices(transfer.get("missing"))}
-    if manifest.dense is not None:
-        # A gateway that reports no "dense" entry is missing all of it (it never saw that part).
-        dense = transfer.get("dense")
-        only[manifest.dense.id] = (
-            indices(dense.get("missing"))
-            if isinstance(dense, dict)
-            else set(range(len(manifest.dense.chunks)))
+    for key, part in manifest.extras.items():
+        # A gateway that reports no entry for a part is missing all of it (it never saw that part).
+        listed = transfer.get(key)
+        only[part.id] = (
+            indices(listed.get("missing")) if isinstance(listed, dict) else set(range(len(part.chunks)))
         )
     return only
 
@@ -205,7 +234,7 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
 
     envelope, model = args.envelope.read_bytes(), args.model.read_bytes()
     manifest = parse_manifest(_content(envelope))
-    dense = dense_of(manifest, args.model, args.dense)
+    extras = extras_of(manifest, args.model, given_extras(args))
     signed = json.loads(envelope)["signed"]
     named = targets(signed)
     if named is not None and args.gateway not in named:
@@ -226,7 +255,7 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
             )
             return EXIT_FAILURE
         only = _missing_parts(manifest, transfer)
-    messages = chunk_messages(root, envelope, model, only, dense=dense)
+    messages = chunk_messages(root, envelope, model, only, **extras)
     if args.clear:
         # Empty retained messages remove the chunks from the broker; the small manifest stays.
         cleared = [(topic, b"") for topic, _ in messages[:-1]]
@@ -269,7 +298,7 @@ def cmd_azure_model(args: argparse.Namespace) -> int:
     manifest = parse_manifest(_content(envelope))
     version = int(json.loads(envelope)["signed"]["version"])
     only = _missing_from(args.missing_from, manifest, version) if args.missing_from else None
-    chunks = chunks_of(envelope, model, only, dense=dense_of(manifest, args.model, args.dense))
+    chunks = chunks_of(envelope, model, only, **extras_of(manifest, args.model, given_extras(args)))
     try:
         patch = desired_patch("model", envelope)
     except ValueError as exc:
@@ -279,7 +308,7 @@ def cmd_azure_model(args: argparse.Namespace) -> int:
     (out / "desired.json").write_text(json.dumps(patch, separators=(",", ":")) + "\n")
     listing = []
     for part, index, data in chunks:
-        # The model's chunks keep their old names; the weights' are named by their part's id.
+        # The model's chunks keep their old names; the other parts' are named by their part's id.
         name = f"chunk-{index}.bin" if part == manifest.model.id else f"chunk-{part[:8]}-{index}.bin"
         (out / name).write_bytes(data)
         listing.append({"file": name, "properties": c2d_chunk_properties(part, index)})
@@ -330,8 +359,9 @@ def model_rollout(models: Any) -> list[str]:
         line = f"model {slot}: serving {'v' + str(active) if active else 'shipped'}"
         if (t := m.get("transfer")) is not None:
             line += f"; v{t.get('version')} receiving {t.get('have')}/{t.get('of')} chunks"
-            if isinstance(d := t.get("dense"), dict):
-                line += f" and {d.get('have')}/{d.get('of')} of its numpy weights"
+            for key, (_, what) in EXTRAS.items():
+                if isinstance(d := t.get(key), dict):
+                    line += f" and {d.get('have')}/{d.get('of')} of its {what}"
         if (c := m.get("candidate")) is not None:
             line += f"; v{c.get('version')} in shadow, {c.get('judged')}/{c.get('of') or '-'} windows"
         if (last := m.get("last")) and last.get("outcome") != "shadow":
@@ -356,10 +386,16 @@ def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
         help="the numpy weights the card lists (.dense.npz; default: that file beside --model, if there)",
     )
     p.add_argument(
+        "--tflite",
+        type=Path,
+        help="the .tflite model the card lists (default: that file beside --model, if there)",
+    )
+    p.add_argument(
         "--onnx-only",
         dest="backend_files",
         action="store_false",
-        help="sign the ONNX file alone (the version runs on onnxruntime; gateways before numpy bundles take it)",
+        help="sign the ONNX file alone (the version runs on onnxruntime; gateways before bundles had "
+        "other files take it)",
     )
     p.add_argument(
         "--key", type=Path, action="append", required=True, help="signing key (repeat for a threshold)"
@@ -391,6 +427,9 @@ def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
         "--dense", type=Path, help="the numpy weights it was signed with (default: beside --model)"
     )
     p.add_argument(
+        "--tflite", type=Path, help="the .tflite model it was signed with (default: beside --model)"
+    )
+    p.add_argument(
         "--missing",
         action="store_true",
         help="only the chunks the gateway reports missing (resume a transfer)",
@@ -414,6 +453,9 @@ def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
     p.add_argument("--model", type=Path, required=True, help="the ONNX file it was signed with")
     p.add_argument(
         "--dense", type=Path, help="the numpy weights it was signed with (default: beside --model)"
+    )
+    p.add_argument(
+        "--tflite", type=Path, help="the .tflite model it was signed with (default: beside --model)"
     )
     p.add_argument("--out-dir", type=Path, required=True, help="desired.json, messages.json, chunk-N.bin")
     p.add_argument(

@@ -176,14 +176,14 @@ def _targets(args: argparse.Namespace, signed: dict[str, Any]) -> tuple[list[str
 
 
 def _publish(args: argparse.Namespace, broker: Any, envelope: bytes, sent: Sent, gateways: list[str]) -> None:
-    from gateway.downlink.model_commands import bundle_files, chunk_messages  # noqa: PLC0415
+    from gateway.downlink.model_commands import bundle_files, chunk_messages, given_extras  # noqa: PLC0415
     from gateway.downlink.twin_link import publish_desired, publish_many  # noqa: PLC0415
 
     for gw in gateways:
         root = f"{args.prefix}/{gw}"
         if sent.kind == "model":
-            model, dense = bundle_files(envelope, args.model, args.dense)
-            publish_many(broker, chunk_messages(root, envelope, model, dense=dense))
+            model, extras = bundle_files(envelope, args.model, given_extras(args))
+            publish_many(broker, chunk_messages(root, envelope, model, None, **extras))
         else:
             publish_desired(broker, f"{root}/{'trust' if sent.kind == 'trust' else 'desired'}", envelope)
 
@@ -287,6 +287,9 @@ def add_rollout_command(twin: Any, guard: Any, broker_args: Any) -> None:
     p.add_argument("--model", type=Path, help="the ONNX file a model bundle was signed with")
     p.add_argument(
         "--dense", type=Path, help="its numpy weights, where it carries them (default: beside --model)"
+    )
+    p.add_argument(
+        "--tflite", type=Path, help="its .tflite model, where it carries it (default: beside --model)"
     )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--group", type=Path, help="the group file (one pseudonym a line)")

@@ -1,13 +1,15 @@
 """Machine health: remaining useful life (RUL) with a 90 % interval from a machine's per-cycle sensors.
 
-The model (``models/rul_cmapss.card.json`` and its ONNX file, written by
-``models/recipes/rul_cmapss.py``) was trained on NASA C-MAPSS FD001: fourteen turbofan sensors, one
-reading per operating cycle.  The gateway rebuilds what it saw: samples of each input stream are
-averaged per *cycle* (``cycle_s`` seconds, aligned to the first sample; one sample per cycle is what
-C-MAPSS records), the last ``window`` cycles are kept, and at each cycle's close
-:func:`cycle_features` gives the model its raw inputs (per sensor the mean of the last ``recent``
-cycles and the least-squares slope over the window); the graph standardises them, squares them and
-applies the ridge, clipped to ``[0, cap]``.  A cycle closes once every input has sent a sample
+The model (``models/rul_cmapss.card.json`` and its files - ONNX, .tflite and the ridge's numpy
+constants - written by ``models/recipes/rul_cmapss.py``) was trained on NASA C-MAPSS FD001:
+fourteen turbofan sensors, one reading per operating cycle.  The gateway rebuilds what it saw:
+samples of each input stream are averaged per *cycle* (``cycle_s`` seconds, aligned to the first
+sample; one sample per cycle is what C-MAPSS records), the last ``window`` cycles are kept, and at
+each cycle's close :func:`cycle_features` gives the model its raw inputs (per sensor the mean of
+the last ``recent`` cycles and the least-squares slope over the window); the graph standardises
+them, squares them and applies the ridge, clipped to ``[0, cap]``, on the runtime the card chose
+by measured time and memory (numpy for the shipped ridge: no runtime library loaded for five
+operations).  A cycle closes once every input has sent a sample
 ``grace_s`` past its end (samples arrive in blocks of one stream at a time), or at the stage's tick
 ``grace_s`` after its end when some input stays silent.
 
@@ -25,9 +27,10 @@ back above it by the interval's half-width (after maintenance, say).
 from __future__ import annotations
 
 import hashlib
-import importlib
+import io
 import logging
 import math
+import zipfile
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,10 +44,21 @@ from gateway.contracts import Alarm, Estimate
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.estimation.config import RulSpec
 from gateway.estimation.limits import LowLimits
+from gateway.inference.backends import Backend, LiteRtBackend, OnnxBackend, litert_interpreter_class
 from gateway.inference.card import ModelFile, read_card
 from gateway.sample import FAULT_FLAGS, Stream
 
-__all__ = ["Z90", "RulCard", "RulEstimator", "RulModel", "cycle_features", "load_rul_model"]
+__all__ = [
+    "RIDGE_TOLERANCE",
+    "RUL_BACKENDS",
+    "Z90",
+    "RidgeBackend",
+    "RulCard",
+    "RulEstimator",
+    "RulModel",
+    "cycle_features",
+    "load_rul_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +82,7 @@ def cycle_features(window: F64, recent: int = 5) -> F64:
 
 
 class RulCard(BaseModel):
-    """``<name>.card.json`` of a RUL model: its sensors, window, output range, interval and file."""
+    """``<name>.card.json`` of a RUL model: its sensors, window, output range, interval and files."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -83,53 +97,102 @@ class RulCard(BaseModel):
     output_name: str
     interval_90: float = Field(gt=0)  # half-width, cycles
     files: dict[Literal["fp32"], ModelFile]
+    # The same graph as .tflite for LiteRT (int8 is evaluated in the card, never served: see there).
+    tflite_files: dict[Literal["fp32", "int8"], ModelFile] = Field(default_factory=dict)
+    # The ridge's constants and reference estimates (.ridge.npz) for the numpy backend.
+    numpy_files: dict[Literal["fp32"], ModelFile] = Field(default_factory=dict)
+    # The runtime that serves it, chosen by the recipe from measured time and memory
+    # (evaluation.backends.choice); where it cannot serve, the ONNX model does.
+    backend: Literal["onnxruntime", "litert", "numpy"] = "onnxruntime"
     training: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def n_inputs(self) -> int:
+        """Width of the model's input row: a recent mean and a slope per sensor."""
+        return 2 * len(self.sensors)
+
+
+#: Largest |estimate - recorded onnxruntime estimate| (cycles) the numpy ridge accepts on its
+#: reference rows: float32 rounding of a sum of 56 terms near 100 cycles, far inside the +-31-cycle
+#: interval.
+RIDGE_TOLERANCE = 1e-3
+#: The arrays of a ``.ridge.npz``: the graph's constants, and reference rows with their estimates.
+RIDGE_ARRAYS = ("shift", "scale", "W", "B", "lo", "hi", "ref_x", "ref_y")
+
+
+class RidgeBackend:
+    """The RUL graph in numpy: standardise, square, weigh, clip - float64 on the graph's float32 constants.
+
+    The weights file (``.ridge.npz``, written by the recipe from the ONNX graph's constants) is
+    refused at load unless it reproduces the onnxruntime estimates recorded in it within
+    :data:`RIDGE_TOLERANCE`.
+    """
+
+    name = "numpy"
+
+    def __init__(self, card: RulCard, data: bytes) -> None:
+        self.precision = "fp32"
+
+        def refuse(problem: str) -> CorruptDataError:
+            return CorruptDataError(
+                f"estimation rul {card.name}: numpy weights file: {problem}: re-run models/recipes/rul_cmapss.py"
+            )
+
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {k: np.asarray(npz[k], np.float64) for k in RIDGE_ARRAYS}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise refuse(
+                f"not a ridge archive with {', '.join(RIDGE_ARRAYS)} ({type(exc).__name__})"
+            ) from exc
+        k = card.n_inputs
+        self._shift, self._scale = arrays["shift"].reshape(-1), arrays["scale"].reshape(-1)
+        self._w = arrays["W"].reshape(-1)
+        if not (len(self._shift) == len(self._scale) == k and len(self._w) == 2 * k):
+            raise refuse(
+                f"shift, scale and W of {len(self._shift)}, {len(self._scale)} and {len(self._w)}, need {k}, {k}, {2 * k}"
+            )
+        self._b = float(arrays["B"].reshape(-1)[0])
+        self._lo, self._hi = float(arrays["lo"]), float(arrays["hi"])
+        ref_x, ref_y = arrays["ref_x"], arrays["ref_y"].reshape(-1)
+        if ref_x.ndim != 2 or ref_x.shape[1] != k or len(ref_x) != len(ref_y) or not len(ref_y):
+            raise refuse(f"reference rows {ref_x.shape} and estimates {ref_y.shape}, need (n, {k}) and (n,)")
+        worst = float(np.max(np.abs(self.run(ref_x.astype(np.float32)) - ref_y)))
+        if not worst <= RIDGE_TOLERANCE:
+            raise refuse(
+                f"it does not reproduce the recorded estimates on {len(ref_y)} rows (max |diff| {worst:.3g} "
+                f"cycles, allowed {RIDGE_TOLERANCE:g})"
+            )
+
+    def run(self, x: npt.NDArray[np.float32]) -> F64:
+        """RUL estimates of a ``(batch, n_inputs)`` array."""
+        z = (x - self._shift) / self._scale
+        y = np.hstack([z, z * z]) @ self._w + self._b
+        return np.asarray(np.clip(y, self._lo, self._hi), np.float64).reshape(len(x))
+
 
 class RulModel:
-    """A loaded RUL model: its card and a one-thread onnxruntime session."""
+    """A loaded RUL model: its card and the backend that serves it (numpy, LiteRT or onnxruntime)."""
 
-    def __init__(self, card: RulCard, model: bytes) -> None:
-        try:
-            ort = importlib.import_module("onnxruntime")
-        except ImportError as exc:
-            raise ConfigError(
-                f"estimation rul {card.name}: onnxruntime is not installed: the RUL model needs it: "
-                "pip install 'edgetwin[models]'"
-            ) from exc
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        try:
-            self._sess = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors for malformed graphs
-            raise CorruptDataError(
-                f"estimation rul {card.name}: onnxruntime cannot load the model: {type(exc).__name__}: "
-                "restore the file from the release or re-run models/recipes/rul_cmapss.py"
-            ) from exc
+    def __init__(self, card: RulCard, backend: Backend) -> None:
         self.card = card
-        self._out = [card.output_name]
+        self.backend = backend
+        log.info(
+            "estimation rul %s %s loaded (%s, %s)", card.name, card.version, backend.name, backend.precision
+        )
 
     def predict(self, features: F64) -> float:
         """RUL in cycles from one row of :func:`cycle_features`."""
-        x = np.ascontiguousarray(features.reshape(1, -1), np.float32)
-        (y,) = self._sess.run(self._out, {self.card.input_name: x})
-        return float(np.asarray(y, np.float64).reshape(-1)[0])
+        return float(self.backend.run(np.ascontiguousarray(features.reshape(1, -1), np.float32))[0])
 
 
-def load_rul_model(directory: Path, name: str) -> RulModel:
-    """The RUL model ``name`` of ``directory``: its card validated, its file checked by sha256."""
-    path = directory / f"{name}.card.json"
-    card = read_card(
-        path,
-        RulCard,
-        "estimation rul",
-        unreadable="set [[estimators.rul]] model to a shipped RUL model or [models] dir to where it is",
-        malformed="not a RUL model card, or a damaged one: re-run models/recipes/rul_cmapss.py",
-    )
-    spec = card.files["fp32"]
+#: ``backend`` of :func:`load_rul_model`: "card" follows the card's measured choice.
+RUL_BACKENDS = ("card", "onnxruntime", "litert", "numpy")
+
+
+def _verified(directory: Path, card: RulCard, spec: ModelFile) -> bytes:
+    """A file of the card, refused unless its sha256 is the card's."""
     file = directory / spec.path
     try:
         data = file.read_bytes()
@@ -140,9 +203,54 @@ def load_rul_model(directory: Path, name: str) -> RulModel:
     if hashlib.sha256(data).hexdigest() != spec.sha256:
         raise CorruptDataError(
             f"estimation rul {file}: sha256 does not match its card: the file is corrupt or not the "
-            "one the card describes: restore it from the release or re-run the recipe"
+            f"one the card describes: restore it from the release or re-run the recipe ({card.name})"
         )
-    return RulModel(card, data)
+    return data
+
+
+def load_rul_model(directory: Path, name: str, backend: str = "card") -> RulModel:
+    """The RUL model ``name`` of ``directory`` on ``backend``: its card validated, its file checked by sha256.
+
+    "card" serves on the card's measured choice; when that is LiteRT and no LiteRT wheel imports
+    here (or a file it needs is not listed) the ONNX model serves and an INFO line says why.  A
+    backend asked for by name that cannot serve is a ConfigError.
+    """
+    path = directory / f"{name}.card.json"
+    card = read_card(
+        path,
+        RulCard,
+        "estimation rul",
+        unreadable="set [[estimators.rul]] model to a shipped RUL model or [models] dir to where it is",
+        malformed="not a RUL model card, or a damaged one: re-run models/recipes/rul_cmapss.py",
+    )
+    if backend not in RUL_BACKENDS:
+        raise ConfigError(
+            f"estimation rul {card.name}: backend {backend!r}: use one of {', '.join(RUL_BACKENDS)}"
+        )
+    want = card.backend if backend == "card" else backend
+    why = ""
+    if want == "numpy":
+        if "fp32" in card.numpy_files:
+            return RulModel(card, RidgeBackend(card, _verified(directory, card, card.numpy_files["fp32"])))
+        why = "the card lists no numpy weights"
+    elif want == "litert":
+        cls = litert_interpreter_class()
+        if cls is None:
+            why = "neither ai-edge-litert nor tflite-runtime imports on this platform"
+        elif "fp32" not in card.tflite_files:
+            why = "the card lists no fp32 .tflite file"
+        else:
+            data = _verified(directory, card, card.tflite_files["fp32"])
+            return RulModel(card, LiteRtBackend(card, data, "fp32", cls))
+    if why and backend != "card":
+        raise ConfigError(f"estimation rul {card.name}: backend {backend!r}: {why}: serve it on onnxruntime")
+    if why:
+        log.info("estimation rul %s: the card prefers %s but %s; the ONNX model serves", card.name, want, why)
+    data = _verified(directory, card, card.files["fp32"])
+    try:
+        return RulModel(card, OnnxBackend(card, data, "fp32"))
+    except ConfigError as exc:
+        raise ConfigError(f"estimation rul {card.name}: {exc}") from exc
 
 
 class RulEstimator:

@@ -34,6 +34,7 @@ __all__ = [
     "DENSE_TOLERANCE",
     "Backend",
     "DenseBackend",
+    "GraphCard",
     "LiteRtBackend",
     "OnnxBackend",
     "dense_forward",
@@ -45,6 +46,19 @@ log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+
+
+class GraphCard(Protocol):
+    """What a graph runtime checks a model file against (a model card, or a RUL card)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def n_inputs(self) -> int: ...
+    @property
+    def input_name(self) -> str: ...
+    @property
+    def output_name(self) -> str: ...
 
 
 class Backend(Protocol):
@@ -66,7 +80,7 @@ class OnnxBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, card: ModelCard, model: bytes, precision: str, *, threads: int = 1) -> None:
+    def __init__(self, card: GraphCard, model: bytes, precision: str, *, threads: int = 1) -> None:
         try:
             ort = importlib.import_module("onnxruntime")
         except ImportError as exc:
@@ -92,7 +106,7 @@ class OnnxBackend:
         self._out = [card.output_name]
         self._io, self._x1, self._y1 = self._bind_batch1(card)
 
-    def _bind_batch1(self, card: ModelCard) -> tuple[Any, F32, F32]:
+    def _bind_batch1(self, card: GraphCard) -> tuple[Any, F32, F32]:
         """The window-at-a-time path: input and output bound once to preallocated arrays.
 
         ``run`` with a feed dict validates names and allocates the input and output tensors on
@@ -109,7 +123,7 @@ class OnnxBackend:
         io.bind_output(card.output_name, "cpu", 0, np.float32, list(y1.shape), y1.ctypes.data)
         return io, x1, y1
 
-    def _check(self, card: ModelCard) -> None:
+    def _check(self, card: GraphCard) -> None:
         ins = {i.name: i for i in self._sess.get_inputs()}
         outs = {o.name: o for o in self._sess.get_outputs()}
         problem = ""
@@ -168,7 +182,7 @@ class LiteRtBackend:
     name = "litert"
     MAX_SHAPES = 4
 
-    def __init__(self, card: ModelCard, model: bytes, precision: str, interpreter_class: Any) -> None:
+    def __init__(self, card: GraphCard, model: bytes, precision: str, interpreter_class: Any) -> None:
         self._model = model
         self._cls = interpreter_class
         resolver = getattr(sys.modules.get(interpreter_class.__module__), "OpResolverType", None)

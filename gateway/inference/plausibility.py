@@ -12,6 +12,14 @@ against the last plausible value, and is a fault only when it persists (``RATE_D
 samples over that span): a whole-percent SpO2 at 5 Hz or a noisy temperature does not trip it,
 a probe that jumps and stays there does.  Each fault is logged once, in words.
 
+State is kept per stream key, not per ``Stream`` object: a driver may rebuild a stream under the
+same key with another rate or unit (an OPC UA server revising its sampling interval after a PLC
+restart, a serial driver caching one stream per rate, a unit changed by the device), and a fault
+raised on the old object is ended by the new one's first plausible value, as the windower carries
+its own conditions over.  Each object is judged by the rule in its own unit; a new unit drops the
+rate reference (a value in the old unit says nothing about a rate in the new one), so the first
+value in it is never a rate fault, only a range one.
+
 The device's own status flags (``Quality.SENSOR_OFF``, ``BAD_STATUS``) are handled by the windower,
 which raises ``SENSOR_FAULT`` for them and keeps flagged samples out of the features; flagged
 samples are neither checked nor used as a reference here.  This module adds the checks a device
@@ -104,9 +112,10 @@ RATE_DEBOUNCE = 2
 
 
 class _State:
-    __slots__ = ("faulted", "rate_run", "rate_since", "t", "v")
+    __slots__ = ("faulted", "rate_run", "rate_since", "stream", "t", "v")
 
-    def __init__(self) -> None:
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream  # the object last seen under the key: its unit is the reference's
         self.t = math.nan  # the reference for the rate: a plausible sample >= RATE_SPAN_S old
         self.v = math.nan
         self.faulted = False
@@ -121,19 +130,31 @@ class PlausibilityChecker:
         self._rules = dict(rules)
         # Keyed by id(): hashing a Stream hashes all its fields, ~1 us per lookup on the hot path.
         self._by_id: dict[int, tuple[Stream, Rule | None]] = {}
-        self._state: dict[Stream, _State] = {}
+        # By stream key: a stream rebuilt under its key (another rate or unit) is the same sensor.
+        self._state: dict[str, _State] = {}
 
     def resume(self, stream: Stream) -> None:
         """A fault of ``stream`` a previous run left on: its first plausible value restores it, as usual."""
-        st = self._state.get(stream)
+        self._state_of(stream).faulted = True
+
+    def _state_of(self, stream: Stream) -> _State:
+        """The state of ``stream``'s key, taken over by ``stream`` when a driver rebuilt it."""
+        st = self._state.get(stream.key)
         if st is None:
-            st = self._state[stream] = _State()
-        st.faulted = True
+            st = self._state[stream.key] = _State(stream)
+        elif st.stream is not stream:
+            if st.stream.metric.unit != stream.metric.unit:
+                # The reference is in the old unit: no rate against it.  A fault stays on until a
+                # value plausible in the new unit ends it.
+                st.t = st.v = st.rate_since = math.nan
+                st.rate_run = 0
+            st.stream = stream
+        return st
 
     def forget_source(self, source: str, device: str | None = None) -> None:
         """Drop the state of every stream of ``source`` (of ``device`` only, when given): its alarms were ended."""
         prefix = f"{source}/" if device is None else f"{source}/{device}/"
-        self._state = {s: st for s, st in self._state.items() if not s.key.startswith(prefix)}
+        self._state = {k: st for k, st in self._state.items() if not k.startswith(prefix)}
         self._by_id = {k: v for k, v in self._by_id.items() if not v[0].key.startswith(prefix)}
 
     def base_rule(self, name: str) -> Rule | None:
@@ -185,9 +206,7 @@ class PlausibilityChecker:
         """Check one sample; an alarm only when the stream enters or leaves the faulted state."""
         if sample.quality and sample.quality & UNUSABLE:  # a GOOD flag skips the slow IntFlag `&`
             return None  # flagged by the device: not a measurement, neither a fault nor a reference
-        st = self._state.get(sample.stream)
-        if st is None:
-            st = self._state[sample.stream] = _State()
+        st = self._state_of(sample.stream)
         bad = self.violation(sample.stream, sample.t_mono, sample.value, st.t, st.v)
         return self._step(st, bad, sample.stream, sample.t_mono, sample.t_wall, sample.value)
 
@@ -202,9 +221,7 @@ class PlausibilityChecker:
         if flagged.any():
             v = np.where(flagged, np.nan, v)  # NaN: neither a fault nor a reference for the rate
         in_range = ~((v < rule.lo) | (v > rule.hi))  # NaN counts as in range: "no value" is not a fault
-        st = self._state.get(stream)
-        if st is None:
-            st = self._state[stream] = _State()
+        st = self._state_of(stream)
         if rule.max_rate_per_s is None and not st.faulted and bool(in_range.all()):
             finite = np.flatnonzero(np.isfinite(v))
             if finite.size:

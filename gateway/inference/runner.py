@@ -48,14 +48,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from gateway.contracts import DEFAULT_MIN_COVERAGE, Alarm, AlarmKind, Diagnostic, ModelResult, WindowRecord
 from gateway.inference.backends import Backend, open_backend
-from gateway.inference.card import ModelCard, input_matches
+from gateway.inference.card import ModelCard, ModelFile, input_matches
 from gateway.inference.partial import PARTIAL, Coverage
 from gateway.inference.plausibility import PlausibilityChecker, Rule, Violation, window_breaches
 from gateway.inference.statefile import state_file, store_json
@@ -444,28 +444,27 @@ class AnomalyModel:
         return model
 
     def _bundle_backend(self, card: ModelCard, card_dir: Path, tag: str) -> str:
-        """The backend a version in ``card_dir`` runs on: numpy where the card (or the site) asks and its weights came.
+        """The backend a version in ``card_dir`` runs on: the card's (or the site's) where its file came.
 
-        A bundle carries the ONNX file and, where the card chose numpy, its weights; never a
-        .tflite file: any other choice runs on onnxruntime, or a card from a recipe would fail to
-        load.  The numpy backend checks its reference scores when it opens (a bad file refuses it).
+        A bundle carries the ONNX file and the other files its card names (numpy weights, .tflite);
+        a version whose chosen runtime's file did not come runs on onnxruntime, or a card from a
+        recipe would fail to load.  The numpy backend checks its reference scores when it opens and
+        LiteRT refuses a file that is no model of the card's shape (a bad file refuses the version);
+        "card" still serves the ONNX model where no LiteRT wheel imports.
         """
-        numpy_asked = self._backend_asked == "numpy" or (
-            self._backend_asked == "card" and card.backend == "numpy"
-        )
-        dense = next((f for key, f in card.dense_files.items() if key == card.default_precision), None)
-        if numpy_asked and dense is not None and (card_dir / dense.path).is_file():
-            return "numpy"
-        if numpy_asked:
-            why = (
-                "its bundle carries no numpy weights"
-                if dense is not None
-                else "its card lists no numpy weights"
-            )
-        elif self._backend_asked != "onnxruntime" and "litert" in (self._backend_asked, card.backend):
-            why = "a bundle carries no .tflite file for LiteRT"
-        else:
+        asked = "litert" if self._backend_asked == "tflite" else self._backend_asked
+        want = card.backend if asked == "card" else asked
+        files: dict[str, tuple[dict[Any, ModelFile], str]] = {
+            "numpy": (dict(card.dense_files), "numpy weights"),
+            "litert": (dict(card.tflite_files), ".tflite file"),
+        }
+        if want not in files:
             return "onnxruntime"
+        listed, what = files[want]
+        spec = listed.get(card.default_precision)
+        if spec is not None and (card_dir / spec.path).is_file():
+            return asked
+        why = f"its bundle carries no {what}" if spec is not None else f"its card lists no {what}"
         log.info("models %s %s: %s: it runs on onnxruntime", self.name, tag, why)
         return "onnxruntime"
 

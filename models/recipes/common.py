@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,18 @@ def latency_figures(s32: Any, s8: Any, row: F64) -> dict[str, float]:
 def file_entry(path: Path) -> dict[str, Any]:
     """The card's entry for one model file: path relative to the models folder, sha256, size."""
     return {"path": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def write_npz(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> Path:
+    """Write arrays as an uncompressed ``.npz`` whose bytes (and sha256) are the same on every run."""
+    buf = io.BytesIO()
+    # np.savez stamps each entry with the current time; fixed stamps keep the bytes the same
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            with zf.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as f:
+                np.lib.format.write_array(f, arr, allow_pickle=False)
+    path.write_bytes(buf.getvalue())
+    return path
 
 
 def write_card(card: dict[str, Any], out_dir: Path) -> Path:

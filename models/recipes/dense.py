@@ -15,9 +15,7 @@ process growth of every runtime measured the same way.
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.inference.backends import DENSE_TOLERANCE, dense_forward
+from models.recipes.common import write_npz
 from models.recipes.tflite import UnsupportedGraphError, litert_card_fields, median_us, probe_growth_mb
 
 __all__ = ["REFERENCE_ROWS", "backend_card_fields", "choose_backend", "dense_layers", "export_dense"]
@@ -81,16 +80,7 @@ def export_dense(fp32_onnx: Path, ref_x: F32, ref_y: F64) -> Path:
     for i, (w, b, _) in enumerate(layers):
         arrays[f"w{i}"], arrays[f"b{i}"] = w, b
     arrays["ref_x"], arrays["ref_y"] = np.ascontiguousarray(ref_x, np.float32), np.asarray(ref_y, np.float64)
-    buf = io.BytesIO()
-    # np.savez stamps each entry with the current time; fixed stamps keep the bytes (and sha256)
-    # the same on every run of the recipe
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for name, arr in arrays.items():
-            with zf.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w") as f:
-                np.lib.format.write_array(f, arr, allow_pickle=False)
-    path = fp32_onnx.with_name(fp32_onnx.name.removesuffix(".onnx") + ".dense.npz")
-    path.write_bytes(buf.getvalue())
-    return path
+    return write_npz(fp32_onnx.with_name(fp32_onnx.name.removesuffix(".onnx") + ".dense.npz"), arrays)
 
 
 _RSS_PROBE = """

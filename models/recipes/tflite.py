@@ -18,7 +18,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 __all__ = [
     "UnsupportedGraphError",
+    "alternated_us",
     "export_tflite",
     "litert_card_fields",
     "median_us",
@@ -203,6 +204,11 @@ def onnx_to_tflite(onnx_bytes: bytes, *, description: str = "edgetwin recipe") -
         elif op in ("Sub", "Div", "Mul"):
             a, b = n.input
             width[n.output[0]] = width[a] if a in width else width[b]
+            if op == "Div" and b in consts:
+                # LiteRT's int8 quantizer has no DIV kernel: a constant divisor becomes a MUL by
+                # its reciprocal (within a float32 rounding of the quotient)
+                op, b = "Mul", f"{b}__reciprocal"
+                consts[b] = np.float32(1.0) / np.asarray(consts[n.input[1]], np.float32)
             code, opt_type, opt = {
                 "Sub": (ops.SUB, s.BuiltinOptions.SubOptions, s.SubOptionsT()),
                 "Div": (ops.DIV, s.BuiltinOptions.DivOptions, s.DivOptionsT()),
@@ -315,6 +321,27 @@ def median_us(call: Callable[[], object], repeats: int = 3000) -> float:
         call()
         times[i] = time.perf_counter() - t
     return float(np.median(times) * 1e6)
+
+
+def alternated_us(
+    calls: Mapping[str, Callable[[], object]], rounds: int = 10, per_round: int = 300
+) -> dict[str, float]:
+    """Median microseconds of each call, the calls taking turns (``per_round`` each, ``rounds`` times).
+
+    Taking turns puts each runtime under the same load as the others on a shared machine, so the
+    figures compare even when their absolute values move.
+    """
+    for call in calls.values():
+        for _ in range(200):
+            call()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                call()
+                times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v) * 1e6) for k, v in times.items()}
 
 
 def tflite_batch1_us(model: bytes, row: F32) -> float:

@@ -23,7 +23,14 @@ of the same windows) as whole bytes (``Anonymizer.check``, before) and field by 
 spaces (before) and one by one (``Anonymizer.check_texts``); *spanning* there is a device with MAC
 20:0B:70:00:18:00, the last 6 bytes of every NBIRTH without node metrics.
 
-Run: ``.venv/bin/python tests/benchmarks/bench_anonymize.py [--subjects 40] [--rounds 7]``
+``--before REV`` prints a third table instead: ``Anonymizer.check_cbor`` of the anonymizer at git
+revision ``REV`` (``git show REV:gateway/anonymize.py``) against today's, on the same encoded
+windows with the same identities, rounds alternating: *clean* and *spanning* as above, *outside
+ASCII* (beds ``Bett-Ä10``..., devices ``Gerät-…``: the case-folded scan of every record holding a
+byte outside ASCII) and *short labels* (beds ``B10``..., 3 characters: scanned as words of the
+text items).
+
+Run: ``.venv/bin/python tests/benchmarks/bench_anonymize.py [--subjects 40] [--rounds 7] [--before REV]``
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gateway.anonymize import Anonymizer, Pseudonymizer, identity_forms, text_forms
+from revisions import module_at
+
+from gateway.anonymize import Anonymizer, identity_forms, text_forms
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.errors import AnonymizationError
 from gateway.records import encode
@@ -63,15 +72,20 @@ PUMP_METRICS = (
 )
 
 
-def _windows(subjects: int, spanning: bool) -> list[WindowRecord]:
-    """One 30 s window per subject: half patients (4 streams), half pumps (4 streams)."""
+def _windows(subjects: int, spanning: bool, names: str = "mrn") -> list[WindowRecord]:
+    """One 30 s window per subject: half patients (4 streams), half pumps (4 streams).
+
+    ``names``: patients by ``mrn`` (MRN-4800...), ``unicode`` (Bett-Ä10..., devices Gerät-...) or
+    ``short`` (B10...).
+    """
     out = []
     for i in range(subjects):
         if i % 2 == 0:
             device = "DEV-P" if spanning else f"A4:C1:38:{i // 256:02X}:{i % 256:02X}:7E"
-            streams = [
-                Stream(f"bed{i}-mon", f"MRN-{4800 + i}", device, MDC[m], rate_hz=1.0) for m in PATIENT_METRICS
-            ]
+            subject = {"mrn": f"MRN-{4800 + i}", "unicode": f"Bett-Ä{10 + i}", "short": f"B{10 + i}"}[names]
+            if names == "unicode":
+                device = f"Gerät-{i}"
+            streams = [Stream(f"bed{i}-mon", subject, device, MDC[m], rate_hz=1.0) for m in PATIENT_METRICS]
         else:
             device = "DEV-Q" if spanning else f"SN-PLC-{1000 + i}"
             streams = [
@@ -86,9 +100,11 @@ def _windows(subjects: int, spanning: bool) -> list[WindowRecord]:
     return out
 
 
-def _anonymizer(windows: Sequence[WindowRecord]) -> Anonymizer:
-    anon = Anonymizer(
-        Pseudonymizer(b"b" * 32), time_mode="relative", start_wall=WALL0, local_identities=("edgetwin",)
+def _anonymizer(windows: Sequence[WindowRecord], module: Any = None) -> Anonymizer:
+    """An anonymizer (of ``module``, e.g. one at another revision; today's by default) that has seen ``windows``."""
+    mod = module or sys.modules[Anonymizer.__module__]
+    anon: Anonymizer = mod.Anonymizer(
+        mod.Pseudonymizer(b"b" * 32), time_mode="relative", start_wall=WALL0, local_identities=("edgetwin",)
     )
     for w in windows:  # every identity registered, as after the first hop
         anon.window(w)
@@ -199,18 +215,47 @@ def _sparkplug_rows(subjects: int, rounds: int, repeat: int) -> None:
             )
 
 
+def _revision_rows(rev: str, subjects: int, rounds: int, repeat: int) -> None:
+    """``check_cbor`` of the anonymizer at ``rev`` against today's, on the same windows, rounds alternating."""
+    before_mod = module_at(rev, "gateway/anonymize.py")
+    print(f"| windows ({subjects} subjects) | bytes | {rev} µs | today µs | ratio | refused {rev} / today |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for kind, spanning, names in (
+        ("clean", False, "mrn"),
+        ("spanning", True, "mrn"),
+        ("outside ASCII", False, "unicode"),
+        ("short labels", False, "short"),
+    ):
+        windows = _windows(subjects, spanning, names)
+        ours = _anonymizer(windows)
+        old = _anonymizer(windows, before_mod)
+        data = [encode(ours.window(w).payload) for w in windows]
+        refused, b, o = _compare(old.check_cbor, ours.check_cbor, data, rounds, repeat)
+        size = statistics.median(len(d) for d in data)
+        print(
+            f"| {kind} | {size:.0f} | {b:.1f} | {o:.1f} | {o / b:.2f}x | {refused[0]} / {refused[1]} of {len(data)} |"
+        )
+
+
 def main() -> int:
     """Print the table for BENCHMARKS.md."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument(
+        "--before", default=None, help="compare check_cbor with the anonymizer of this git revision"
+    )
     args = parser.parse_args()
     print(
         f"anonymizer scan benchmark: {args.subjects} subjects x 4 streams, {args.rounds} alternating rounds"
     )
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print()
+    if args.before:
+        _revision_rows(args.before, args.subjects, args.rounds, args.repeat)
+        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return 0
     print(
         "| windows | identities (forms) | bytes | before µs | ours µs | ratio | refused before / ours | seal µs |"
     )

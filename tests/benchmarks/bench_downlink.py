@@ -21,8 +21,9 @@ transfer, then the chunks (19 of 56 kB) as cloud-to-device messages -> the versi
 reported property.  Baseline, same run: the same chunks sent the same way to a plain subscriber.
 
 Memory after an update (``--rss``): a fresh gateway serving the shipped pump model (numpy, as its
-card chose) is sent the shipped pump card again as version 1, once as a bundle of the ONNX file
-alone and once with the card's numpy weights, alternating which goes first per round; measured:
+card chose) is sent the shipped pump card again as version 1: as a bundle of the ONNX file alone,
+with the card's numpy weights, and as a card choosing LiteRT with its weights and ``.tflite`` file,
+rotating which goes first per round; measured:
 the gateway process's VmRSS (``/proc/<pid>/status``) once the version is promoted and has scored
 two windows more.  Baseline, same process: its VmRSS just before the bundle is published.
 
@@ -301,18 +302,31 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for process {pid}")
 
 
-def _update_rss(tmp: Path, pki: Any, with_weights: bool) -> tuple[float, float, str]:
-    """RSS (MB) of a fresh gateway before and after the shipped pump card is promoted as v1; its backend."""
+#: The bundles the RSS benchmark sends: label, the card's backend, the files beside the ONNX file.
+UPDATES = {
+    "onnx": ("ONNX file alone", None, ()),
+    "dense": ("ONNX file + numpy weights", None, ("dense",)),
+    "litert": ("ONNX + numpy weights + .tflite, card choosing LiteRT", "litert", ("dense", "tflite")),
+}
+
+
+def _update_rss(tmp: Path, pki: Any, kind: str) -> tuple[float, float, str]:
+    """RSS (MB) of a fresh gateway before and after the pump card is promoted as v1 (bundle ``kind``); its backend."""
     broker = MosquittoBroker(tmp / "broker", pki)
     broker.start()
     site = new_site(tmp, pki, broker)
     site.config.write_text(site.text(PUMP_SITE))
-    card = (MODELS / f"{PUMP}.card.json").read_bytes()
+    _, backend, carried = UPDATES[kind]
+    doc = json.loads((MODELS / f"{PUMP}.card.json").read_text())
+    if backend is not None:
+        doc["backend"] = backend
+    card = json.dumps(doc).encode()
     model = (MODELS / f"{PUMP}.fp32.onnx").read_bytes()
-    dense = (MODELS / f"{PUMP}.fp32.dense.npz").read_bytes() if with_weights else None
+    files = {"dense": f"{PUMP}.fp32.dense.npz", "tflite": f"{PUMP}.fp32.tflite"}
+    extras = {key: (MODELS / files[key]).read_bytes() for key in carried}
     rules = Acceptance(windows=5, max_latency_us=1e9, min_agreement=0.0, max_alarm_rate=1.0)
     manifest, _ = make_bundle(
-        PUMP, card, model, chunk_bytes=chunk_bytes_for("aws"), acceptance=rules, dense=dense
+        PUMP, card, model, chunk_bytes=chunk_bytes_for("aws"), acceptance=rules, **extras
     )
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     env = sign(manifest, keys=[site.key], gateway=site.gateway, version=1, expires=expires, kind="model")
@@ -322,7 +336,8 @@ def _update_rss(tmp: Path, pki: Any, with_weights: bool) -> tuple[float, float, 
         assert site.proc is not None
         time.sleep(3.0)  # past commissioning: the serving model has scored windows
         before = _rss_mb(site.proc.pid)
-        publish_many(site.twin, chunk_messages(f"{DEFAULT_PREFIX}/{site.gateway}", env, model, dense=dense))
+        root = f"{DEFAULT_PREFIX}/{site.gateway}"
+        publish_many(site.twin, chunk_messages(root, env, model, None, **extras))
         rep = site.reported(
             lambda r: ((r.get("models") or {}).get(PUMP) or {}).get("active") == 1, "v1 promoted", 120
         )
@@ -334,26 +349,27 @@ def _update_rss(tmp: Path, pki: Any, with_weights: bool) -> tuple[float, float, 
 
 
 def bench_update_rss(rounds: int) -> None:
-    """Gateway RSS after a bundle update: the ONNX file alone against the card's numpy weights too."""
-    out: dict[bool, list[tuple[float, float, str]]] = {False: [], True: []}
+    """Gateway RSS after a bundle update: the ONNX file alone, with the numpy weights, with a LiteRT card's files."""
+    kinds = list(UPDATES)
+    out: dict[str, list[tuple[float, float, str]]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp_name:
         tmp = Path(tmp_name)
         pki = demo_pki(tmp / "pki")
         for r in range(rounds):
-            for with_weights in (r % 2 == 0, r % 2 != 0):  # alternate which goes first
-                run = tmp / f"r{r}-{'dense' if with_weights else 'onnx'}"
+            for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:  # rotate which goes first
+                run = tmp / f"r{r}-{kind}"
                 run.mkdir()
-                out[with_weights].append(_update_rss(run, pki, with_weights))
+                out[kind].append(_update_rss(run, pki, kind))
     print(
         "| bundle | backend after | RSS before, MB (median) | RSS after, MB (median) | growth, MB (each run) |"
     )
     print("|---|---|---:|---:|---|")
-    for with_weights, label in ((False, "ONNX file alone"), (True, "ONNX file + numpy weights")):
-        runs = out[with_weights]
+    for kind in kinds:
+        runs = out[kind]
         growth = ", ".join(f"{a - b:+.1f}" for b, a, _ in runs)
         backends = "/".join(sorted({k for _, _, k in runs}))
         print(
-            f"| {label} | {backends} | {statistics.median(b for b, _, _ in runs):.1f} | "
+            f"| {UPDATES[kind][0]} | {backends} | {statistics.median(b for b, _, _ in runs):.1f} | "
             f"{statistics.median(a for _, a, _ in runs):.1f} | {growth} |"
         )
 

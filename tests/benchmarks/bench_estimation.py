@@ -7,14 +7,19 @@ per-sample path) in the same run, as the baseline.  Estimate records are built (
 emit callback collects them) but not encoded; a battery estimator is timed the same way on
 voltage/current pairs, and a remaining-useful-life estimator (``[[estimators.rul]]``, the shipped
 C-MAPSS model) on a simulated engine's fourteen sensors, one sample each per cycle (so a cycle,
-with its ONNX call, costs fourteen samples' worth).
+with its model call, costs fourteen samples' worth).
 
-Run: ``.venv/bin/python tests/benchmarks/bench_estimation.py [--n 200000]``
+``--rul-backends`` times the RUL model alone on each runtime its card lists (numpy, LiteRT,
+onnxruntime; one cycle's row a call, the runtimes taking turns in rounds so they share the load)
+and measures each one's process growth in a fresh interpreter.
+
+Run: ``.venv/bin/python tests/benchmarks/bench_estimation.py [--n 200000] [--rul-backends]``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -84,7 +89,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rul-backends", action="store_true", help="the RUL model per call on each runtime")
     args = ap.parse_args()
+    if args.rul_backends:
+        return rul_backends()
     fused, rest, battery = samples(args.n)
     section = EstimatorsSection.model_validate(
         {
@@ -119,7 +127,36 @@ def main() -> int:
         med = statistics.median(secs)
         print(f"| {name} | {1e6 * med / args.n:.2f} | {med / base:.2f}x |")
     rul = statistics.median(rows["rul"])
-    print(f"rul: {1e6 * rul / args.n * 14:.1f} µs per engine cycle (14 samples, features, one ONNX call)")
+    print(
+        f"rul: {1e6 * rul / args.n * 14:.1f} µs per engine cycle (14 samples, features, one model call on the card's backend)"
+    )
+    return 0
+
+
+def rul_backends() -> int:
+    """Per call and process growth of the shipped RUL model on each runtime, same run."""
+    from gateway.estimation.rul import load_rul_model  # noqa: PLC0415
+    from models.recipes.rul_cmapss import STEM, process_growth_mb  # noqa: PLC0415
+    from models.recipes.tflite import alternated_us  # noqa: PLC0415
+
+    models_dir = Path(__file__).resolve().parents[2] / "models"
+    kinds = ("onnxruntime", "litert", "numpy")
+    loaded = {k: load_rul_model(models_dir, STEM, backend=k) for k in kinds}
+    card = loaded["numpy"].card
+    base = card.training["degradation"]["base"]
+    row = np.concatenate([[base[s] for s in card.sensors], np.zeros(len(card.sensors))])
+    calls = {k: functools.partial(m.predict, row) for k, m in loaded.items()}
+    times = alternated_us(calls, rounds=20, per_round=500)
+    print(
+        f"rul_cmapss, card backend {card.backend}: one cycle's row a call, median of 10,000 calls each, alternated"
+    )
+    print("| runtime | µs per call | vs onnxruntime | process growth |")
+    print("|---|---:|---:|---:|")
+    for k in kinds:
+        print(
+            f"| {k} | {times[k]:.2f} | {times[k] / times['onnxruntime']:.2f}x | "
+            f"{process_growth_mb(models_dir, k):.1f} MB |"
+        )
     return 0
 
 
