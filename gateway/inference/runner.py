@@ -45,7 +45,7 @@ import operator
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -56,6 +56,7 @@ import numpy.typing as npt
 from gateway.contracts import DEFAULT_MIN_COVERAGE, Alarm, AlarmKind, Diagnostic, ModelResult, WindowRecord
 from gateway.inference.backends import Backend, open_backend
 from gateway.inference.card import ModelCard, ModelFile, input_matches
+from gateway.inference.deferred import Deferred
 from gateway.inference.partial import PARTIAL, Coverage
 from gateway.inference.plausibility import PlausibilityChecker, Rule, Violation, window_breaches
 from gateway.inference.statefile import state_file, store_json
@@ -741,7 +742,7 @@ class AnomalyModel:
         if self.explain_all:
             for r, sv in enumerate(served):
                 if sv and not flagged[r]:
-                    by_row[r] = _Deferred(functools.partial(self._explain, z_all[r : r + 1], clip))
+                    by_row[r] = Deferred(functools.partial(self._explain_one, z_all[r : r + 1], clip))
         fb_z = self.card.fallback.z
         for r, i in enumerate(rows):
             self._follow(records[i], xs[r], flagged[r] if served[r] else None)
@@ -823,6 +824,10 @@ class AnomalyModel:
             h.overruns = 0
             if h.demoted and h.reason.startswith("latency"):
                 self._probe(True)
+
+    def _explain_one(self, z: F64, clip: float) -> dict[str, float]:
+        """The occlusion shares of one window (a row of ``z``)."""
+        return self._explain(z, clip)[0]
 
     def _explain(self, z: F64, clip: float) -> list[dict[str, float]]:
         """Occlusion shares: score lost when each input alone returns to ``z = 0``."""
@@ -951,36 +956,6 @@ class AnomalyModel:
         if self._track is not None and norm.level is not None:
             body["level"] = norm.level.tolist()
         store_json(path, body, self.name)
-
-
-class _Deferred(Mapping[str, float]):
-    """A window's contributions, computed by ``make`` (one explanation) when first read."""
-
-    __slots__ = ("_got", "_make")
-
-    def __init__(self, make: Callable[[], list[dict[str, float]]]) -> None:
-        self._make: Callable[[], list[dict[str, float]]] | None = make
-        self._got: dict[str, float] | None = None
-
-    def _value(self) -> dict[str, float]:
-        got = self._got
-        if got is None:
-            make = self._make
-            got = {} if make is None else make()[0]
-            self._got, self._make = got, None  # the window's inputs are let go
-        return got
-
-    def __getitem__(self, key: str) -> float:
-        return self._value()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._value())
-
-    def __len__(self) -> int:
-        return len(self._value())
-
-    def __repr__(self) -> str:
-        return repr(self._value())
 
 
 def _top(shares: F64, keys: Sequence[str]) -> dict[str, float]:

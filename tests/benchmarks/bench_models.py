@@ -8,6 +8,9 @@ megabytes before every window (outside the measured time): every window then sta
 caches a busy neighbour leaves, without waiting for the scheduler to switch the thread out.
 ``--compare MODEL --anatomy`` prints, per phase, what the slowest 1 % of windows are made of: each
 stage's thread CPU, collections, switches inside and before a window, page faults.
+``--compare novelty --backends numpy`` runs the novelty detector at fusion_skab's setting on the
+pump's streams (it has no backend; the name only labels the case); with ``--fusion-member`` as
+that fusion's member.
 ``--compare MODEL --baseline REV`` runs the same cases on the ``gateway`` of git revision ``REV`` too
 (imported in this process as ``gateway_base``), in the same alternating rounds: a same-run
 baseline that the machine's changing load hits alike.
@@ -60,6 +63,8 @@ from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.inference.backends import litert_interpreter_class
 from gateway.inference.build import default_models_dir
 from gateway.inference.card import CARD_SUFFIX, load_card
+from gateway.inference.fusion import FUSION_SUFFIX, load_fusion
+from gateway.inference.novelty import NoveltyModel, NoveltyUse
 from gateway.inference.runner import AnomalyModel
 from gateway.memory import fix_mmap_threshold
 from gateway.pipeline.features import basic_features_finite, basic_features_streams
@@ -83,6 +88,8 @@ VITALS = (
     ("MDC_RESP_RATE", 15.0, 0.6),
     ("MDC_TEMP_BODY", 36.9, 0.02),
 )
+#: Windows the novelty detector commissions on (``--compare novelty``).
+NOVELTY_COMMISSION = 60
 LOAD = "import numpy as np\na = np.ones(1 << 21)\nwhile True:\n    a = a * 1.0000001 + 1e-9\n"
 
 
@@ -111,6 +118,8 @@ def load_generator(n: int) -> Iterator[list[int]]:
 #: What a case is built from: this checkout's gateway, or a revision's (:func:`baseline_modules`).
 HERE = SimpleNamespace(
     AnomalyModel=AnomalyModel,
+    NoveltyModel=NoveltyModel,
+    NoveltyUse=NoveltyUse,
     load_card=load_card,
     Stream=Stream,
     MDC=MDC,
@@ -142,8 +151,11 @@ def baseline_modules(rev: str) -> SimpleNamespace:
     mod = importlib.import_module
     contracts, sample = mod("gateway_base.contracts"), mod("gateway_base.sample")
     features = mod("gateway_base.pipeline.features")
+    novelty = mod("gateway_base.inference.novelty")
     return SimpleNamespace(
         AnomalyModel=mod("gateway_base.inference.runner").AnomalyModel,
+        NoveltyModel=novelty.NoveltyModel,
+        NoveltyUse=novelty.NoveltyUse,
         load_card=mod("gateway_base.inference.card").load_card,
         Stream=sample.Stream,
         MDC=sample.MDC,
@@ -163,15 +175,26 @@ class Case:
     ) -> None:
         d = default_models_dir()
         self.code = code
-        card = code.load_card(d / f"{name}{CARD_SUFFIX}")
         self.label = f"{name} {backend} {precision}"
-        # the baseline's AnomalyModel has this one's shape
-        self.model: AnomalyModel = code.AnomalyModel(
-            card, d, precision=precision, backend=backend, commissioning_windows=10
-        )
+        settle = 20
+        if name == "novelty":
+            # The detector at fusion_skab's setting on the pump's 8 streams (14 inputs), 5 s windows.
+            fusion = load_fusion(d / f"fusion_skab{FUSION_SUFFIX}")
+            member = next(m for m in fusion.members if m.model == "novelty")
+            settings = {"commissioning_s": float(NOVELTY_COMMISSION), "window_s": member.window_s}
+            use = code.NoveltyUse.model_validate({**settings, **member.settings}, strict=False)
+            self.model: Any = code.NoveltyModel(use, hop_s=1.0)
+            self.label = f"{name} ({backend} unused) {precision}"
+            settle += NOVELTY_COMMISSION + 6  # commissioning, then the smoothing's settling windows
+        else:
+            card = code.load_card(d / f"{name}{CARD_SUFFIX}")
+            # the baseline's AnomalyModel has this one's shape
+            self.model = code.AnomalyModel(
+                card, d, precision=precision, backend=backend, commissioning_windows=10
+            )
         rng = np.random.default_rng(seed)
-        if name == "pump_skab":
-            self.w = round(card.window_s)
+        if name in ("pump_skab", "novelty"):
+            self.w = round(use.window_s) if name == "novelty" else round(card.window_s)
             self.kind = "industrial"
             self.streams = [
                 code.Stream(
@@ -189,11 +212,17 @@ class Case:
             levels = [(lvl, noise) for _, lvl, noise in VITALS]
         self.t = np.arange(self.w, dtype=np.float64)
         self.raw = [
-            [lvl + sd * rng.standard_normal(self.w) for lvl, sd in levels] for _ in range(windows + 20)
+            [lvl + sd * rng.standard_normal(self.w) for lvl, sd in levels] for _ in range(windows + settle)
         ]
         self.k = 0
-        for _ in range(20):  # commissioning (pump_skab) and warm-up
+        for _ in range(settle):  # commissioning and warm-up
             self.window_batch(1)
+
+    def state(self) -> str:
+        """The model's health state (the novelty detector's: its subject's)."""
+        if isinstance(self.model, self.code.NoveltyModel):
+            return str(self.model.subject_states().get("s0", ""))
+        return str(self.model.stats()["state"])
 
     def window_batch(self, batch: int, per_stream: bool = False) -> tuple[int, int]:
         """Features and scores of ``batch`` windows: (thread CPU ns, wall ns) per window.
@@ -349,7 +378,10 @@ def compare_backends(
         print(head)
         for b in cases:
             cpu, _, ev = paths.arrays(b)
-            print(tail_row(b, cpu, ev) + f"  {cases[b].model.stats()['state']}")
+            print(tail_row(b, cpu, ev) + f"  {cases[b].state()}")
+        for b, c in cases.items():
+            if hasattr(c.model, "explained"):  # the novelty detector counts the windows it explained
+                print(f"{b}: {c.model.explained} of {c.k} windows explained so far")
         if baseline:
             for b in backends:
                 new, old = paths.arrays(b)[0], paths.arrays(f"{b}@{baseline}")[0]
@@ -530,7 +562,7 @@ def call_only(cases: list[Case], n: int = 20_000) -> None:
         paths: dict[str, Callable[[], object]] = {"backend.run": functools.partial(backend.run, x)}
         if backend.name == "onnxruntime":
             # The unbound path, for comparison: the backend's own session, a feed dict per call.
-            sess: Any = backend._sess  # type: ignore[attr-defined]
+            sess: Any = backend._sess
             feed, out = {c.model.card.input_name: x}, [c.model.card.output_name]
             paths["session.run(feed dict)"] = functools.partial(sess.run, out, feed)
         got: dict[str, list[int]] = {k: [] for k in paths}
