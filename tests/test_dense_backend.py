@@ -64,6 +64,8 @@ def test_card_ships_numpy_weights_and_serves_on_the_measured_choice(name: str) -
     assert set(ev["measured"]) == {"numpy", "litert", "onnxruntime"}
     assert ev["choice"].startswith(f"{card.backend}: ")
     assert ev["numpy"]["fp32"]["max_abs_diff_vs_onnx_fp32"] <= DENSE_TOLERANCE
+    # The card says which call its numpy batch-1 figure timed.
+    assert "row" in ev["numpy"]["fp32"]["batch1_path"]
     backend = open_backend(card, MODELS)
     assert (backend.name, backend.precision) == (card.backend, "fp32")
 
