@@ -10,6 +10,7 @@ own row, though later windows moved the CUSUM's sums, the smoothing and the adap
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
@@ -129,3 +130,29 @@ def test_the_fused_anomaly_names_the_same_inputs_as_when_every_window_was_explai
             assert any(k.startswith("Pump1/") for k in fg.contributions)
             assert "Pump1/Vibration.rms" in fg.contributions
     assert carried > 0
+
+
+def test_contributions_read_on_another_thread_while_the_detector_scores_are_those_computed_at_once() -> None:
+    windows = _windows()
+    split = COMMISSION + NORMAL // 2
+    model = NoveltyModel(USE, hop_s=1.0)
+    model.explain_all = True
+    first = _score(model, windows[:split], batch=5)
+    read: list[dict[str, float]] = []
+
+    def reader() -> None:
+        read.extend(dict(r.contributions) for r in first)
+
+    th = threading.Thread(target=reader, name="contributions-reader")
+    th.start()
+    rest = _score(model, windows[split:], batch=5)
+    th.join(timeout=60)
+    assert not th.is_alive()
+    at_once = NoveltyModel(USE, hop_s=1.0)
+    at_once.explain_all = True
+    want = [dict(at_once.score_batch([w])[0].contributions) for w in windows[:split]]
+    assert read == want
+    assert any(read)
+    # Every judged window of the first part explained once (none twice), and the flagged ones of the rest.
+    judged = sum(1 for r in first if not r.reason)
+    assert model.explained == judged + sum(r.anomaly for r in rest)
