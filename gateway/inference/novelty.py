@@ -601,8 +601,8 @@ class NoveltyModel:
         self.subject_kind = use.subject_kind
         # Explain every scored window (a fusion over this detector may flag one it does not).
         # A window it does not flag is explained when its contributions are first read: a fusion
-        # reads them only for the windows it flags, and the decomposition cost about as much as
-        # scoring the window.
+        # reads them only for the windows it flags, and the decomposition cost a quarter of a
+        # member's window, features included (BENCHMARKS.md).
         self.explain_all = False
         # Windows explained so far (flagged ones when scored, the others when read).
         self.explained = 0
@@ -770,6 +770,7 @@ class NoveltyModel:
     def _explain(
         self, fit: PcaFit, row: F64, keys: tuple[str, ...], sums: CusumSums | None = None
     ) -> dict[str, float]:
+        """One window's contributions, counted in ``explained``."""
         with self._explained_lock:
             self.explained += 1
         return contributions(fit, row, keys, sums=sums)
