@@ -40,6 +40,7 @@ __all__ = [
     "dense_forward",
     "litert_interpreter_class",
     "open_backend",
+    "wanted_backend",
 ]
 
 log = logging.getLogger(__name__)
@@ -369,6 +370,11 @@ class DenseBackend:
 BACKENDS = ("card", "onnxruntime", "litert", "tflite", "numpy")
 
 
+def wanted_backend(asked: str, chosen: str) -> str:
+    """The runtime a config's ``backend`` asks for: the card's ``chosen`` one for "card", LiteRT for "tflite"."""
+    return chosen if asked == "card" else "litert" if asked == "tflite" else asked
+
+
 def open_backend(
     card: ModelCard, card_dir: Path, *, precision: str | None = None, backend: str = "card"
 ) -> Backend:
@@ -385,7 +391,7 @@ def open_backend(
         raise ConfigError(
             f"models {card.name}: backend {backend!r}: unknown: use one of {', '.join(BACKENDS)}"
         )
-    want = card.backend if backend == "card" else "litert" if backend == "tflite" else backend
+    want = wanted_backend(backend, card.backend)
     why = remedy = ""
     if want == "numpy":
         if prec in card.dense_files:

@@ -54,7 +54,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.contracts import DEFAULT_MIN_COVERAGE, Alarm, AlarmKind, Diagnostic, ModelResult, WindowRecord
-from gateway.inference.backends import Backend, open_backend
+from gateway.inference.backends import Backend, open_backend, wanted_backend
 from gateway.inference.card import ModelCard, ModelFile, input_matches
 from gateway.inference.deferred import Deferred
 from gateway.inference.partial import PARTIAL, Coverage
@@ -454,7 +454,7 @@ class AnomalyModel:
         "card" still serves the ONNX model where no LiteRT wheel imports.
         """
         asked = "litert" if self._backend_asked == "tflite" else self._backend_asked
-        want = card.backend if asked == "card" else asked
+        want = wanted_backend(asked, card.backend)
         files: dict[str, tuple[dict[Any, ModelFile], str]] = {
             "numpy": (dict(card.dense_files), "numpy weights"),
             "litert": (dict(card.tflite_files), ".tflite file"),
