@@ -19,9 +19,10 @@ it comes back.  Outages leave no samples: the windower records them as gaps and 
 
 Nominal rates and held values: a node's stream runs at the sampling interval the server revised
 the request to.  Without a deadband the server reports a node only when it changes, and every
-publish response confirms the nodes it does not mention unchanged, so a node that holds still
-has its held value handed over at each sampling tick the live subscription confirmed (never
-past the last response): a quiet tag is whole, not partial or lost (``_Connection.hold``).
+publish response that ends a notification sequence confirms the nodes it does not mention
+unchanged, so a node that holds still has its held value handed over at each sampling tick the
+live subscription confirmed (never past the last response): a quiet tag is whole, not partial or
+lost (``_Connection.hold``).
 
 Every asyncua call is bounded by ``request_timeout_s`` of our own (``asyncio.timeout``), on top
 of asyncua's request timeout, so a half-open socket can never hang the driver.
@@ -935,8 +936,8 @@ class _Connection:
         """Hand over the held value of every quiet report-by-exception node, up to the last confirmation.
 
         With no deadband the server reports a node only when its value (or status) changes, and
-        a publish response - data or keep-alive - confirms that every node it does not mention
-        is unchanged.  So each sampling tick a live subscription has confirmed is a sample of the
+        a publish response - data or keep-alive - that ends a notification sequence (no
+        ``MoreNotifications``) confirms that every node it does not mention is unchanged.  So each sampling tick a live subscription has confirmed is a sample of the
         held value, as a regular sampler would have taken it: the windows are whole, a held level
         weighs by its duration, and a tag that holds still is not lost.  Ticks are held only up
         to the last publish response less one sampling interval and ``HOLD_LAG_S`` (a change
@@ -1068,7 +1069,11 @@ class _Connection:
     def _on_publish(self, result: ua.PublishResult) -> None:
         """The hot path: one publish response -> samples, synchronously."""
         confirmed = self.confirmed
-        self.last_publish = self.confirmed = time.monotonic()
+        self.last_publish = now = time.monotonic()
+        if not result.MoreNotifications:
+            # Only the response that ends a notification sequence says the nodes it leaves out
+            # are unchanged: before it, the server still holds changes, maybe of those nodes.
+            self.confirmed = now
         data = result.NotificationMessage.NotificationData
         if not data:
             return
