@@ -395,6 +395,10 @@ class Pipeline:
             self._check_device(alarm.stream, alarm.t_mono, alarm.t_wall)
         if self._driver_faults.resumed and self._driver_faults.repeat(alarm):
             return  # a fault a previous run left on, raised again: the same condition
+        if _raises_unresolved_fault(alarm) and self._ledger.holds(alarm):
+            # A fresh driver (after a restart) finds the node still unresolved: the twin holds that
+            # fault on already.  One it was never sent (refused, not recorded) goes out now.
+            return
         if _ends_own_fault(alarm) and not self._ledger.holds(alarm):
             return  # a fresh driver's first good reading (a battery) with nothing on to end
         folded = fold_device_alarm(alarm, self.windower)
@@ -666,6 +670,11 @@ class _NoUplink:
 
     async def drain(self, deadline: float) -> None:
         del deadline  # nothing leaves the gateway: the outbox keeps it all
+
+
+def _raises_unresolved_fault(alarm: Alarm) -> bool:
+    """True for a driver's raise of a fault on a node that never resolved (no stream, its ``item``)."""
+    return alarm.kind is AlarmKind.SENSOR_FAULT and alarm.stream is None and "status" in alarm.detail
 
 
 def _ends_own_fault(alarm: Alarm) -> bool:

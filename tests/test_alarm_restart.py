@@ -24,6 +24,7 @@ from drivers.sim.protocol import RR
 from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowModel, WindowRecord
 from gateway.inference.shadow import Slot
 from gateway.outbox import AsyncOutbox, Outbox
+from gateway.outbox.aio import DEFAULT_MAX_PENDING_BYTES
 from gateway.runtime import Pipeline
 from gateway.sample import MDC, Metric, Quality, SampleBlock, Stream
 
@@ -39,6 +40,7 @@ def run(
     ectopy: bool = False,
     start: float = 0.0,
     sources: Sequence[dict[str, Any]] = (BED7,),
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
     **sections: Any,
 ) -> list[dict[str, Any]]:
     """One run of bed 7's pipeline (or ``sources``') on ``tmp``'s state: ``body`` feeds it; the alarms the twin got."""
@@ -46,7 +48,9 @@ def run(
     cfg = config(tmp, *sources, ectopy=ectopy, **sections)
 
     async def main() -> None:
-        async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
+        async with AsyncOutbox(
+            lambda: Outbox(tmp / "outbox.db"), max_pending_bytes=max_pending_bytes
+        ) as outbox:
             pipeline = Pipeline(cfg, site.anon, outbox, models=models)
             await pipeline.end_vanished(start, WALL + start)
             await body(pipeline)
@@ -402,11 +406,11 @@ def test_a_low_battery_estimate_left_on_clears_when_charged_after_the_restart(tm
     assert site.subject("ward3-bed7").active == {}
 
 
-def driver_fault(t: float, detail: dict[str, float | str]) -> Run:
+def driver_fault(t: float, detail: dict[str, float | str], stream: Stream | None = SPO2) -> Run:
     """The source's driver reports SpO2's node (or device) at fault, as an OPC UA or BLE driver does."""
 
     async def body(pipeline: Pipeline) -> None:
-        pipeline.driver_alarm(Alarm(AlarmKind.SENSOR_FAULT, "ward3-bed7", t, WALL + t, SPO2, detail))
+        pipeline.driver_alarm(Alarm(AlarmKind.SENSOR_FAULT, "ward3-bed7", t, WALL + t, stream, detail))
         await pipeline.step(now_mono=t + 1.0, now_wall=WALL + t + 1.0)
 
     return body
@@ -424,6 +428,38 @@ def test_a_node_fault_the_driver_raised_ends_with_the_nodes_data_after_the_resta
     assert kinds(after) == [("sensor_restored", None)]
     assert after[0]["detail"] == {"after": "sensor_fault", "status": "good"}
     assert site.subject("ward3-bed7").active == {}
+
+
+UNRESOLVED: dict[str, float | str] = {"status": "bad_nomatch", "item": 1}
+
+
+def test_a_node_still_unresolved_after_the_restart_is_not_raised_twice(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, driver_fault(100.0, UNRESOLVED, None))) == [("sensor_fault", None)]
+    # The fresh driver finds the node still absent and raises it again: on at the twin already.
+    assert run(site, tmp_path, driver_fault(1000.0, UNRESOLVED, None)) == []
+
+    async def restarted(pipeline: Pipeline) -> None:  # so does a driver the supervisor restarted
+        await driver_fault(2000.0, UNRESOLVED, None)(pipeline)
+        await driver_fault(2010.0, UNRESOLVED, None)(pipeline)
+
+    assert run(site, tmp_path, restarted) == []
+    assert len(site.subject("ward3-bed7").active) == 1
+    # Another node of the source (item 0) is another condition.
+    other = run(site, tmp_path, driver_fault(3000.0, {"status": "bad_nomatch", "item": 0}, None))
+    assert kinds(other) == [("sensor_fault", None)]
+    assert other[0]["detail"] == {"status": "bad_nomatch", "item": 0}
+
+
+def test_a_node_fault_never_recorded_is_raised_by_the_fresh_driver(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    # The outbox refuses the raise (its queue full): the twin never got it, the ledger has nothing.
+    assert run(site, tmp_path, driver_fault(100.0, UNRESOLVED, None), max_pending_bytes=1) == []
+    again = run(site, tmp_path, driver_fault(1000.0, UNRESOLVED, None))
+    assert kinds(again) == [("sensor_fault", None)]
+    assert again[0]["detail"] == UNRESOLVED
+    assert run(site, tmp_path, driver_fault(2000.0, UNRESOLVED, None)) == []  # now it is on
+    assert len(site.subject("ward3-bed7").active) == 1
 
 
 def driver_restore(t: float, detail: dict[str, float | str]) -> Run:
