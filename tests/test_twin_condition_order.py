@@ -4,6 +4,8 @@ An alarm's record time is the time its raiser stamped it with: a driver stamps a
 the time of the sample that showed it over, and samples a device buffered over a link outage, or
 a clock stepped back, can time an ending before its raise.  The gateway's sequence number (its
 outbox id) is the order it queued them in; the twin's view orders a condition's alarms by it.
+Two nodes of a source that never resolved (faults with no stream) are two conditions there, told
+apart by their place in the source's list (``item``), as in the gateway's alarm ledger.
 Here the records leave a real pipeline and outbox, travel as the uplink wraps them (sequence
 record, epoch, replay mark) and are decoded and folded by the twin's own decoder and view.
 """
@@ -19,6 +21,7 @@ from gateway.contracts import Alarm, AlarmKind, Lane
 from gateway.outbox import AsyncOutbox, Leased, Outbox
 from gateway.records import SeqMeta, wrap
 from gateway.runtime import Pipeline
+from gateway.sample import Stream
 from gateway.twin.decoder import decode_messages
 from gateway.twin.view import TwinView
 
@@ -26,14 +29,19 @@ BAD: dict[str, float | str] = {"status": "bad_nodeidunknown"}
 GOOD: dict[str, float | str] = {"after": "sensor_fault", "status": "good"}
 
 
-def alarms(tmp: Path, site: Site, *raised: tuple[AlarmKind, float, dict[str, float | str]]) -> list[Leased]:
-    """The driver raises ``raised`` (kind, time, detail) about bed 7's SpO2 in this order; the alarm records queued."""
+def alarms(
+    tmp: Path,
+    site: Site,
+    *raised: tuple[AlarmKind, float, dict[str, float | str]],
+    stream: Stream | None = SPO2,
+) -> list[Leased]:
+    """The driver raises ``raised`` (kind, time, detail) about bed 7's SpO2 (``stream``) in this order; the alarm records queued."""
 
     async def main() -> list[Leased]:
         async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
             pipeline = Pipeline(config(tmp, BED7), site.anon, outbox)
             for kind, t, detail in raised:
-                pipeline.driver_alarm(Alarm(kind, "ward3-bed7", t, WALL + t, SPO2, detail))
+                pipeline.driver_alarm(Alarm(kind, "ward3-bed7", t, WALL + t, stream, detail))
             await outbox.flush()
             return [i for i in await outbox.lease(100) if i.lane == Lane.ALARMS]
 
@@ -107,3 +115,27 @@ def test_a_new_epoch_numbering_from_one_again_is_newer(tmp_path: Path) -> None:
     assert state.active == {}
     assert state.last_alarm is not None
     assert state.last_alarm.alarm == "sensor_restored"
+
+
+def test_two_nodes_never_resolved_are_two_conditions_at_the_twin(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    # Nodes 1 and 2 of the source are absent from the server; node 1 appears, node 2 does not.
+    records = alarms(
+        tmp_path,
+        site,
+        (AlarmKind.SENSOR_FAULT, 100.0, {"status": "bad_nomatch", "item": 1}),
+        (AlarmKind.SENSOR_FAULT, 101.0, {"status": "bad_nomatch", "item": 2}),
+        (AlarmKind.SENSOR_RESTORED, 110.0, {"after": "sensor_fault", "status": "good", "item": 1}),
+        stream=None,
+    )
+    assert len(records) == 3
+    view = TwinView()
+    for item in records[:2]:
+        deliver(view, item)
+    state = view.gateways["gw"].subjects[site.anon.subject_pseudonym("ward3-bed7")]
+    assert sorted(a.detail["item"] for a in state.active.values()) == [1, 2]
+    deliver(view, records[2])
+    # Node 1's ending ends node 1's fault only: node 2's stays on.
+    (on,) = state.active.values()
+    assert (on.alarm, on.detail["item"]) == ("sensor_fault", 2)
+    assert "on: sensor_fault item 2 since t=101" in view.render()
