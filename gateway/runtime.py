@@ -728,7 +728,7 @@ class _NoUplink:
 
 
 def _raises_unresolved_fault(alarm: Alarm) -> bool:
-    """True for a driver's raise of a fault on a node that never resolved (no stream, its ``item``)."""
+    """True for a driver's raise of a fault on a node that never resolved (no stream: ``Alarm.node``)."""
     return alarm.kind is AlarmKind.SENSOR_FAULT and alarm.stream is None and "status" in alarm.detail
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway.contracts import Alarm, AlarmKind
+from gateway.contracts import Alarm, AlarmKind, Node
 from gateway.privatefile import write_private_json
 from gateway.sample import Metric, Stream
 
@@ -67,7 +67,8 @@ _ENDS: dict[AlarmKind, AlarmKind] = {
 }
 #: Detail keys an ending repeats from its raise, so the twin can tell which condition ended.
 #: ``rule``, ``cause`` and ``status`` say who raised a sensor fault (a plausibility rule, the driver);
-#: ``item`` which node of its source a fault raised with no stream is about (one never resolved).
+#: ``item`` a fault raised with no stream (a node never resolved) repeats: the node's place in its
+#: source's list when it was raised (the condition is told apart by ``Entry.node``, its address).
 _KEPT = ("level", "estimate", "model", "pattern", "rule", "cause", "status", "item")
 
 
@@ -83,6 +84,7 @@ class Entry:
     detail: Mapping[str, float | str] = field(default_factory=dict)  # the kept keys only
     # Wall time the condition began, when its raise said how long it had held (a limit, an episode).
     onset: float | None = None
+    node: Node | None = None  # with no stream: the configured node it is about
 
     def ending(self, reason: EndReason, t_mono: float, t_wall: float) -> Alarm:
         """The alarm that ends this condition, saying why."""
@@ -99,6 +101,7 @@ class Entry:
             self.stream,
             detail,
             subject_kind=self.subject_kind or (self.stream.kind if self.stream is not None else None),
+            node=self.node,
         )
 
 
@@ -124,13 +127,17 @@ def _key(alarm: Alarm) -> tuple[str, ...] | None:
     if family is None:
         return None
     s, d = alarm.stream, alarm.detail
+    if s is None and alarm.node is not None:
+        # A node that never resolved has no stream: its configured address tells it apart, wherever
+        # it sits in its source's list after a restart (``item``, its place there, may change).
+        return (family.value, alarm.subject, alarm.node.source, "", "", "", "", alarm.node.address)
     where = ("", "") if s is None else (s.source, s.device)
     if family is AlarmKind.DEVICE_LOST:
         return (family.value, alarm.subject, *where)
     if family is AlarmKind.ANOMALY:
         return (family.value, alarm.subject, str(d.get("model", "")))
     metric = "" if s is None else s.metric.name
-    # A node that never resolved has no stream: its place in its source's list tells it apart.
+    # ``item`` alone: a node's fault a gateway left on before its alarms named the node.
     return (family.value, alarm.subject, *where, metric, str(d.get("estimate", "")), str(d.get("item", "")))
 
 
@@ -174,15 +181,20 @@ class AlarmLedger:
             if known is not None and alarm.kind is AlarmKind.ANOMALY_INDETERMINATE:
                 return  # inside the episode: nothing the ending would say changed
             stream = alarm.stream
-            # A stream's condition is its source's; a subject's (an episode, an estimate's limit)
-            # belongs to every source feeding the subject when it was raised.
-            sources = (stream.source,) if stream is not None else self._feeds.get(alarm.subject, ())
+            # A stream's condition (a node's with no stream) is its source's; a subject's (an
+            # episode, an estimate's limit) belongs to every source feeding it when it was raised.
+            if stream is not None:
+                sources: tuple[str, ...] = (stream.source,)
+            elif alarm.node is not None:
+                sources = (alarm.node.source,)
+            else:
+                sources = self._feeds.get(alarm.subject, ())
             if known is not None:
                 sources = known.sources  # escalated (L -> LL) or resumed: the same condition
             kept = {k: alarm.detail[k] for k in _KEPT if k in alarm.detail}
             family = _family(alarm) or alarm.kind
             onset = known.onset if known is not None else _onset(alarm)
-            entry = Entry(family, alarm.subject, sources, alarm.subject_kind, stream, kept, onset)
+            entry = Entry(family, alarm.subject, sources, alarm.subject_kind, stream, kept, onset, alarm.node)
             if entry == known:
                 return
             self._on[key] = entry
@@ -328,6 +340,7 @@ def _dump(e: Entry) -> dict[str, Any]:
         "stream": stream,
         "detail": dict(e.detail),
         "onset": e.onset,
+        "node": None if e.node is None else {"source": e.node.source, "address": e.node.address},
     }
 
 
@@ -344,6 +357,7 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
             s["rate_hz"],
             s["on_change"],
         )
+    n = raw.get("node")
     return Entry(
         AlarmKind(raw["kind"]),
         str(raw["subject"]),
@@ -352,6 +366,7 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
         stream,
         dict(raw.get("detail", {})),
         None if raw.get("onset") is None else float(raw["onset"]),
+        None if n is None else Node(str(n["source"]), str(n["address"])),
     )
 
 

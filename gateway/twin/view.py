@@ -233,15 +233,18 @@ def condition_key(rec: AlarmRecord) -> tuple[tuple[str, ...], bool] | None:
         return (kind, str(rec.detail.get("model", ""))), raises
     if kind == "device_lost":
         return (kind, rec.dev or ""), raises
-    # A fault on a node that never resolved has no stream: its place in its source's list (``item``)
-    # tells it from another such node of the subject, as the gateway's alarm ledger does.
+    # A fault on a node that never resolved has no stream: the node's pseudonym (``node``, of its
+    # source and configured address) tells it from another such node of the subject, whatever its
+    # place in its source's list (``item``: all a record of an older gateway has), as the ledger does.
     detail = rec.detail
+    node = detail.get("node")
     return (
         kind,
         rec.dev or "",
         rec.metric or "",
         str(detail.get("estimate", "")),
-        str(detail.get("item", "")),
+        "" if node is not None else str(detail.get("item", "")),
+        "" if node is None else str(node),
     ), raises
 
 
