@@ -138,7 +138,9 @@ class Pipeline:
         # Conditions a previous run left on that nothing here judges: ended by end_vanished.  Those
         # of a stream or device their source no longer delivers first: no tracker takes them.
         delivers = delivered(config)
-        self._unjudged: list[tuple[Entry, EndReason]] = self._ledger.undelivered(delivers)
+        self._unjudged: list[tuple[Entry, EndReason]] = self._ledger.undelivered(
+            delivers, node_addresses(config)
+        )
         ended = {id(e) for e, _ in self._unjudged}
         kept = [e for e in self._ledger.kept() if id(e) not in ended]
         self._resume(kept)
@@ -616,6 +618,16 @@ def delivered(config: Config) -> dict[str, Delivers]:
         if e.enabled:
             delivers = getattr(e.config, "delivers", None)
             out[e.info.name] = delivers() if callable(delivers) else {None: None}
+    return out
+
+
+def node_addresses(config: Config) -> dict[str, frozenset[str]]:
+    """The configured addresses of each enabled source that lists nodes (``node_addresses()``)."""
+    out: dict[str, frozenset[str]] = {}
+    for e in config.sources:
+        listed = getattr(e.config, "node_addresses", None)
+        if e.enabled and callable(listed):
+            out[e.info.name] = listed()
     return out
 
 

@@ -127,3 +127,36 @@ def test_a_reordered_node_list_ends_the_fault_of_the_node_that_came_back_and_kee
     assert kinds(fourth) == [("sensor_restored", None)], fourth
     assert fourth[0]["detail"] == {"after": "sensor_fault", "status": "good", "item": 0, "node": current}
     assert site.subject("machine-7").active == {}
+
+
+def test_a_node_never_resolved_taken_off_the_list_has_its_fault_ended_at_the_restart(
+    tmp_path: Path, sim: PlcSimProcess
+) -> None:
+    site = Site(tmp_path)
+    sim.command("remove Pressure")
+    sim.command("remove Current")
+    both = config(tmp_path, plc_source(sim.endpoint, (FLOW, PRESSURE, CURRENT)))
+
+    def absent(d: OpcUaDriver) -> bool:
+        return d.health[PRESSURE] == d.health[CURRENT] == "bad_nomatch" and delivered(d, FLOW)
+
+    first = site.restart(both, OpcUaDriver, absent, "both absent nodes' faults and flow data")
+    node = {a["detail"]["item"]: a["detail"]["node"] for a in first}
+    # Pressure taken off the list: nothing could end its fault any more, so the start ends it;
+    # current, still listed (now at item 1) and still absent, stays on.
+    fewer = config(tmp_path, plc_source(sim.endpoint, (FLOW, CURRENT)))
+
+    def current_absent(d: OpcUaDriver) -> bool:
+        return d.health[CURRENT] == "bad_nomatch" and delivered(d, FLOW)
+
+    second = site.restart(fewer, OpcUaDriver, current_absent, "current's fault and flow data")
+    assert kinds(second) == [("sensor_restored", "stream_removed")], second
+    assert second[0]["detail"] == {
+        "after": "sensor_fault",
+        "status": "bad_nomatch",
+        "item": 1,
+        "node": node[1],
+        "ended": "stream_removed",
+    }
+    (on,) = site.subject("machine-7").active.values()
+    assert on.detail["node"] == node[2]

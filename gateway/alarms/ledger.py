@@ -11,10 +11,11 @@ is gone from the configuration, or no longer feeds the subject) or ``source_chan
 restarted with other settings; a condition that still holds is raised again after its delay).
 A restart ends more the same way: ``rule_removed`` (a limit level the new configuration no
 longer has), ``model_removed`` (an episode of a model it no longer runs), ``stream_removed`` (a
-stream its source, still configured, no longer delivers: an OPC UA node taken off its list, a
-wearable's profile without that characteristic) and ``device_changed`` (the source reads another
-device now: another address in the configuration, or, for a device that names itself, another
-serial number, server or node in the first data after the start).
+stream its source, still configured, no longer delivers: an OPC UA node taken off its list, one
+that never resolved included, a wearable's profile without that characteristic) and
+``device_changed`` (the source reads another device now: another address in the configuration,
+or, for a device that names itself, another serial number, server or node in the first data
+after the start).
 
 A stream's alarm belongs to the stream's source; a subject's anomaly episode to every source that
 fed the subject when it was raised.  The ledger is kept in ``state_dir/alarms.json`` so a restart
@@ -250,16 +251,26 @@ class AlarmLedger:
         gone = [k for k, e in self._on.items() if not self._fed(e)]
         return self._end(gone, "source_removed", t_mono, t_wall)
 
-    def undelivered(self, delivers: Mapping[str, Delivers]) -> list[tuple[Entry, EndReason]]:
+    def undelivered(
+        self, delivers: Mapping[str, Delivers], nodes: Mapping[str, frozenset[str]] | None = None
+    ) -> list[tuple[Entry, EndReason]]:
         """The streams' conditions on that their source, still feeding the subject, can no longer end.
 
         ``delivers``: what each configured source delivers (a source missing from it is not judged).
         A condition of a device the source no longer names is ``device_changed``; of a metric the
         device no longer delivers, ``stream_removed``.  A stream still configured but silent keeps
-        its condition: it may still hold.
+        its condition: it may still hold.  ``nodes``: the node addresses each source configures; a
+        fault of a node that never resolved (no stream) that its source no longer lists is
+        ``stream_removed`` too.
         """
         out: list[tuple[Entry, EndReason]] = []
         for e in self._on.values():
+            node = e.node
+            if node is not None:
+                listed = None if nodes is None else nodes.get(node.source)
+                if listed is not None and node.address not in listed and self._fed(e):
+                    out.append((e, "stream_removed"))
+                continue
             s = e.stream
             if s is None or s.source not in delivers or not self._fed(e):
                 continue
