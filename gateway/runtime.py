@@ -268,7 +268,7 @@ class Pipeline:
                 "of the one it no longer reads are ended (device changed); the new one starts afresh",
                 source,
             )
-        for reason in ("rule_removed", "model_removed", "stream_removed", "device_changed"):
+        for reason in ("rule_removed", "model_removed", "stream_removed", "device_changed", "source_changed"):
             gone = [e for e, why in self._unjudged if why == reason]
             ended += self._ledger.end(gone, reason, now_mono, now_wall)
         self._unjudged.clear()

@@ -479,6 +479,22 @@ def test_a_node_fault_never_recorded_is_raised_by_the_fresh_driver(tmp_path: Pat
     assert len(site.subject("ward3-bed7").active) == 1
 
 
+def test_a_node_fault_an_older_gateway_left_on_by_item_only_is_ended_and_raised_again_by_node(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+    # Raised as a gateway did before alarms named the node: no stream, its place in the list only.
+    assert kinds(run(site, tmp_path, driver_fault(100.0, UNRESOLVED, None))) == [("sensor_fault", None)]
+    # Its place may not be its node's any more: ended at the start; the fresh driver's raise by
+    # its node, the node still absent, is a condition of its own.
+    again = run(site, tmp_path, driver_fault(1000.0, UNRESOLVED, None, NODE), start=1000.0)
+    assert kinds(again) == [("sensor_restored", "source_changed"), ("sensor_fault", None)]
+    assert "node" not in again[0]["detail"]  # as it was raised: the twin's condition by item
+    (on,) = site.subject("ward3-bed7").active.values()
+    assert on.detail == again[1]["detail"]
+    assert "node" in on.detail
+
+
 BED7_PLC = source("bed7-plc", "ward3-bed7", "00:1C:05:AA:BB:17")  # a second source of the subject
 
 

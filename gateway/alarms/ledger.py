@@ -261,7 +261,9 @@ class AlarmLedger:
         device no longer delivers, ``stream_removed``.  A stream still configured but silent keeps
         its condition: it may still hold.  ``nodes``: the node addresses each source configures; a
         fault of a node that never resolved (no stream) that its source no longer lists is
-        ``stream_removed`` too.
+        ``stream_removed`` too.  One an older gateway left on, known by its place in the list
+        (``item``) only, cannot be matched to its node: it is ``source_changed``, and the fresh
+        driver raises it again, by its node, if the node is still absent.
         """
         out: list[tuple[Entry, EndReason]] = []
         for e in self._on.values():
@@ -270,6 +272,9 @@ class AlarmLedger:
                 listed = None if nodes is None else nodes.get(node.source)
                 if listed is not None and node.address not in listed and self._fed(e):
                     out.append((e, "stream_removed"))
+                continue
+            if e.stream is None and "item" in e.detail and self._fed(e):
+                out.append((e, "source_changed"))
                 continue
             s = e.stream
             if s is None or s.source not in delivers or not self._fed(e):
