@@ -523,9 +523,9 @@ class Pipeline:
         self.last_beat = now_mono
         return len(records)
 
-    def anomalous(self) -> set[tuple[str, str]]:
-        """(subject, model) pairs in an anomaly episode now."""
-        return set(self._episodes.active())
+    def alarms_on(self) -> list[Entry]:
+        """The conditions on at the twin now: raised and not yet ended, this run's or carried over a restart."""
+        return self._ledger.entries()
 
     def counters(self) -> dict[str, float | str]:
         """Pipeline counters for diagnostics and STATUS."""
