@@ -182,7 +182,7 @@ class Pipeline:
             elif e.stream is None:
                 continue
             elif e.kind is AlarmKind.LIMIT:
-                if not self._limits.resume(e.stream, str(e.detail.get("level", ""))):
+                if not self._limits.resume(e.stream, str(e.detail.get("level", "")), e.onset):
                     self._unjudged.append((e, "rule_removed"))
             elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail:
                 # A value out of range: the sample check judges it, and the model whose window check
