@@ -422,6 +422,16 @@ def test_a_stalled_unit_is_named_with_its_reason() -> None:
     assert "waiting: connect  STALLED: connect: waiting for 40 s" in text
 
 
+def test_records_waiting_in_memory_are_said_when_no_lane_holds_them() -> None:
+    # A full disk with the broker hung: six alarms wait in memory for a write, none in any lane.
+    snap = _snap(outbox={"queued": 0, "bytes": 0, "budget_bytes": 1000, "lanes": {}, "pending_write": 6})
+    snap.update(version="0.1.0", pid=1, uptime_s=5.0, health=health(snap), headline=headline(snap))
+    outbox = next(line for line in render_text(snap).splitlines() if line.startswith("outbox:"))
+    assert (
+        outbox == "outbox: 0 queued, 0 B of its 1000 B budget, 0 dropped, 6 waiting in memory to be written"
+    )
+
+
 def test_drops_are_in_every_headline() -> None:
     snap = _snap()
     snap["outbox"]["dropped"] = 3

@@ -464,7 +464,10 @@ def render_text(snap: Mapping[str, Any]) -> str:
     lines += [
         "",
         f"outbox: {ob['queued']} queued, {_size(ob['bytes'])} of its {_size(ob['budget_bytes'])} budget, "
-        f"{ob.get('dropped', 0)} dropped" + (f"; DEGRADED: {ob['degraded']}" if ob.get("degraded") else ""),
+        f"{ob.get('dropped', 0)} dropped"
+        # Records not on disk yet (a full disk keeps alarms here, first in line): not in any lane.
+        + (f", {ob['pending_write']} waiting in memory to be written" if ob.get("pending_write") else "")
+        + (f"; DEGRADED: {ob['degraded']}" if ob.get("degraded") else ""),
     ]
     for lane, ls in ob["lanes"].items():
         lines.append(
