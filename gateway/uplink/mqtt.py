@@ -409,6 +409,8 @@ class MqttUplink:
             properties=props,
         )
         session.status_mid = info.mid
+        if session.status_since is None:
+            session.status_since = time.monotonic()
         return info
 
     def rebirth(self) -> bool:
