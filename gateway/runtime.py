@@ -193,7 +193,7 @@ class Pipeline:
             elif e.stream is None:
                 continue
             elif e.kind is AlarmKind.LIMIT:
-                if not self._limits.resume(e.stream, str(e.detail.get("level", ""))):
+                if not self._limits.resume(e.stream, str(e.detail.get("level", "")), e.onset):
                     self._unjudged.append((e, "rule_removed"))
             elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail:
                 # A value out of range: the sample check judges it, and the model whose window check
@@ -584,9 +584,9 @@ class Pipeline:
         self.last_beat = now_mono
         return len(records)
 
-    def anomalous(self) -> set[tuple[str, str]]:
-        """(subject, model) pairs in an anomaly episode now."""
-        return set(self._episodes.active())
+    def alarms_on(self) -> list[Entry]:
+        """The conditions on at the twin now: raised and not yet ended, this run's or carried over a restart."""
+        return self._ledger.entries()
 
     def counters(self) -> dict[str, float | str]:
         """Pipeline counters for diagnostics and STATUS."""

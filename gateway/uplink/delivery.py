@@ -468,7 +468,7 @@ class Delivery:
                 session.wake.set()  # the window has room again
 
     def _check_stalled(self, session: Session, now: float) -> None:
-        """End a connection that has had messages in flight and no PUBACK for too long.
+        """End a connection that has had messages (records, or only the status) in flight and no PUBACK for too long.
 
         A cut link drops nothing and refuses nothing: TCP retransmits with a backoff that, after a
         minute's cut, waits half a minute more after the link is back, and MQTT's keep-alive
@@ -476,10 +476,18 @@ class Delivery:
         up within seconds instead; what was in flight is sent again (duplicates, counted).
         """
         stall = min(_ACK_STALL_S, float(self._cfg.keepalive_s))
-        if session.by_mid and session.lost is None and now - session.last_ack > stall:
+        if session.lost is not None:
+            return
+        if session.by_mid and now - session.last_ack > stall:
             session.lost = TransientError(
                 f"no PUBACK for {stall:g} s with {len(session.by_mid)} message(s) in flight: "
                 "the link looks dead: reconnecting"
+            )
+        # With no record to send (an empty outbox, a full disk refusing features) the status is the
+        # only publish: unanswered as long, the broker is as dead, well before the keep-alive says so.
+        elif session.status_since is not None and now - max(session.status_since, session.last_ack) > stall:
+            session.lost = TransientError(
+                f"no PUBACK for {stall:g} s for the status message: the link looks dead: reconnecting"
             )
 
     def _raise_if_lost(self, session: Session) -> None:
@@ -642,6 +650,7 @@ class Delivery:
             mid, code = acks.popleft()
             if mid == session.status_mid:
                 session.status_acked.set()
+                session.status_since = None
                 continue
             rid = session.by_mid.pop(mid, None)
             if rid is None:
