@@ -310,8 +310,8 @@ class Pipeline:
     def _adopt_port(self, stream: Stream, port: str) -> None:
         """What ``stream``'s source delivered or left on under ``port`` is its device's: its data judge it."""
         source, device = stream.source, stream.device
-        # The port's streams end here, not by a loss: their device speaks under its own name now.
-        self.windower.forget_source(source, port)
+        # The port's streams are the device's (their samples are windowed with its own), not lost.
+        self.windower.adopt_device(source, port, device, stream.subject)
         self._forget(source, port)
         mine = [
             e
