@@ -280,7 +280,7 @@ class Pipeline:
         are kept until the device names itself.  Then they are ended (``device_changed``) if it is
         another device than one the conditions kept name, and otherwise adopted: judged by its data.
         A source that may deliver under its port is watched from the start even with nothing kept,
-        so its port's streams of this run end with its naming itself, not as lost.
+        so its port's streams of this run go on under its name (their samples too), not as lost.
         """
         before = self._devices_before.get(stream.source)
         if before is None:

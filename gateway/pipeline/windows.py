@@ -37,7 +37,9 @@ Memory: state is created per stream on first sight and kept for the life of the 
 memory is bounded by the configured streams (a few tens of kB per stream at 256 Hz).  A stream a
 driver rebuilds under the same key (a server revised its rate, a unit changed) replaces the entry of
 that key in place: one metric in the windows, no loss for the old object's silence, its condition
-carried over; a new unit restarts the ring, a new rate keeps it.  A lost
+carried over; a new unit restarts the ring, a new rate keeps it.  So do the streams a device
+delivered under its port before it named itself (:meth:`Windower.adopt_device`): under its name,
+rows and condition kept.  A lost
 stream keeps its ring and keeps producing gap windows: the twin sees the loss as gaps.
 """
 
