@@ -651,7 +651,7 @@ class Anonymizer:
             dev=None if stream is None else self._device(stream.device, stream.source),
             # A device alarm names the device, not one of its streams.
             metric=None if stream is None or alarm.kind in _DEVICE_KINDS else stream.metric.name,
-            detail=self._detail(alarm.detail),
+            detail=self._alarm_detail(alarm),
             contrib={k: float(v) for k, v in alarm.contributions.items() if math.isfinite(v)},
             alarm_class=alarm.alarm_class.value,
             # Alarm semantics (IEC 60601-1-8 / ISA-18.2): class, priority, limit, value, time held.
@@ -663,6 +663,15 @@ class Anonymizer:
             clock=self._clock,
         )
         return OutRecord(Lane.ALARMS, f"alarms/{subject}", payload, alarm.t_wall)
+
+    def _alarm_detail(self, alarm: Alarm) -> dict[str, float | str]:
+        """An alarm's detail; one about a node with no stream names it by its pseudonym (``node``)."""
+        detail = self._detail(alarm.detail)
+        node = alarm.node
+        if node is not None:
+            self.legend.note("node", node.identity, node.source)
+            detail["node"] = self._p("node", node.identity)
+        return detail
 
     def diagnostic(self, diag: Diagnostic) -> OutRecord:
         """A diagnostic record (gateway health, simulator ground truth)."""

@@ -138,7 +138,9 @@ class Pipeline:
         # Conditions a previous run left on that nothing here judges: ended by end_vanished.  Those
         # of a stream or device their source no longer delivers first: no tracker takes them.
         delivers = delivered(config)
-        self._unjudged: list[tuple[Entry, EndReason]] = self._ledger.undelivered(delivers)
+        self._unjudged: list[tuple[Entry, EndReason]] = self._ledger.undelivered(
+            delivers, node_addresses(config)
+        )
         ended = {id(e) for e, _ in self._unjudged}
         kept = [e for e in self._ledger.kept() if id(e) not in ended]
         self._resume(kept)
@@ -266,7 +268,7 @@ class Pipeline:
                 "of the one it no longer reads are ended (device changed); the new one starts afresh",
                 source,
             )
-        for reason in ("rule_removed", "model_removed", "stream_removed", "device_changed"):
+        for reason in ("rule_removed", "model_removed", "stream_removed", "device_changed", "source_changed"):
             gone = [e for e, why in self._unjudged if why == reason]
             ended += self._ledger.end(gone, reason, now_mono, now_wall)
         self._unjudged.clear()
@@ -450,6 +452,10 @@ class Pipeline:
             self._check_device(alarm.stream, alarm.t_mono, alarm.t_wall)
         if self._driver_faults.resumed and self._driver_faults.repeat(alarm):
             return  # a fault a previous run left on, raised again: the same condition
+        if _raises_unresolved_fault(alarm) and self._ledger.holds(alarm):
+            # A fresh driver (after a restart) finds the node still unresolved: the twin holds that
+            # fault on already.  One it was never sent (refused, not recorded) goes out now.
+            return
         if _ends_own_fault(alarm) and not self._ledger.holds(self._as_raised(alarm)):
             return  # a fresh driver's first good reading (a battery) with nothing on to end
         folded = fold_device_alarm(alarm, self.windower)
@@ -615,6 +621,16 @@ def delivered(config: Config) -> dict[str, Delivers]:
     return out
 
 
+def node_addresses(config: Config) -> dict[str, frozenset[str]]:
+    """The configured addresses of each enabled source that lists nodes (``node_addresses()``)."""
+    out: dict[str, frozenset[str]] = {}
+    for e in config.sources:
+        listed = getattr(e.config, "node_addresses", None)
+        if e.enabled and callable(listed):
+            out[e.info.name] = listed()
+    return out
+
+
 def feeds(config: Config) -> dict[str, list[str]]:
     """The enabled sources feeding each subject."""
     out: dict[str, list[str]] = {}
@@ -721,6 +737,11 @@ class _NoUplink:
 
     async def drain(self, deadline: float) -> None:
         del deadline  # nothing leaves the gateway: the outbox keeps it all
+
+
+def _raises_unresolved_fault(alarm: Alarm) -> bool:
+    """True for a driver's raise of a fault on a node that never resolved (no stream: ``Alarm.node``)."""
+    return alarm.kind is AlarmKind.SENSOR_FAULT and alarm.stream is None and "status" in alarm.detail
 
 
 def _ends_own_fault(alarm: Alarm) -> bool:
