@@ -282,7 +282,7 @@ class Pipeline:
         are kept until the device names itself.  Then they are ended (``device_changed``) if it is
         another device than one the conditions kept name, and otherwise adopted: judged by its data.
         A source that may deliver under its port is watched from the start even with nothing kept,
-        so its port's streams of this run end with its naming itself, not as lost.
+        so its port's streams of this run go on under its name (their samples too), not as lost.
         """
         before = self._devices_before.get(stream.source)
         if before is None:
@@ -312,8 +312,8 @@ class Pipeline:
     def _adopt_port(self, stream: Stream, port: str) -> None:
         """What ``stream``'s source delivered or left on under ``port`` is its device's: its data judge it."""
         source, device = stream.source, stream.device
-        # The port's streams end here, not by a loss: their device speaks under its own name now.
-        self.windower.forget_source(source, port)
+        # The port's streams are the device's (their samples are windowed with its own), not lost.
+        self.windower.adopt_device(source, port, device, stream.subject)
         self._forget(source, port)
         mine = [
             e
