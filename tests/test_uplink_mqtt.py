@@ -29,7 +29,7 @@ from uplink_support import (
 
 from gateway.contracts import Lane
 from gateway.downlink.twin_link import Broker, publish_desired
-from gateway.outbox import AsyncOutbox, FullPolicy, LaneBudget, Outbox, OutItem
+from gateway.outbox import AsyncOutbox, FullPolicy, LaneBudget, Leased, Outbox, OutItem
 from gateway.records import AlarmRecord, FeaturesWindow, StatusRecord, StreamWindow, encode, encode_status
 from gateway.records.topics import DEFAULT_PREFIX
 from gateway.uplink.broker import MosquittoBroker
@@ -197,6 +197,67 @@ def test_broker_outage_buffers_on_disk_then_everything_arrives_in_order(
                     seen.add(m.seq or 0)
                     firsts.append(m.seq or 0)
             assert firsts == sorted(firsts), f"{lane} historical={historical} out of order"
+
+
+class LeaseRecorder(Outbox):
+    """The outbox, noting the lane of every record its ``lease`` hands out."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.leased_lanes: list[Lane] = []
+
+    def lease(self, n: int, *, after_id: int = 0, through_id: int | None = None) -> list[Leased]:
+        got = super().lease(n, after_id=after_id, through_id=through_id)
+        self.leased_lanes += [r.lane for r in got]
+        return got
+
+
+def test_live_alarms_go_out_from_their_commit_in_order_and_are_acknowledged(
+    tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker
+) -> None:
+    twin = listener(broker, pki)
+    stores: list[LeaseRecorder] = []
+
+    def store() -> LeaseRecorder:
+        stores.append(LeaseRecorder(tmp_path / "ob.db"))
+        return stores[-1]
+
+    async def main() -> int:
+        async with AsyncOutbox(store, flush_interval_s=0.02) as outbox:
+            run = RunningUplink(MqttUplink(outbox, uplink_config(broker, pki), GATEWAY_ID))
+            outbox.submit(records(1, start=100)[0])
+            await wait_until(lambda: run.uplink.delivered == 1, 10, "the uplink delivering")
+            # Alarms between features, some in one commit, some alone, while features stream.
+            for i in range(60):
+                outbox.submit(records(1, start=i)[0])
+                if i % 3 == 0:
+                    outbox.submit(records(0, 1, start=i)[0])
+                if i % 7 == 0:
+                    outbox.submit(records(0, 1, start=1000 + i)[0])
+                    await asyncio.sleep(0.005)
+            await outbox.flush()
+            last = await outbox.last_id()
+            await wait_until(lambda: run.uplink.delivered == last, 20, "every record acknowledged")
+            assert (await outbox.stats()).queued == 0  # deleted once acknowledged
+            await wait_until(lambda: twin.records_received >= last, 20, "every record at the twin")
+            await run.stop()
+            return last
+
+    try:
+        last = asyncio.run(main())
+    finally:
+        twin.stop()
+    recs = twin.records()
+    assert sorted(m.seq for m in recs if m.seq is not None) == list(range(1, last + 1))
+    alarms = [m.seq or 0 for m in recs if m.kind == "alarms"]
+    assert len(alarms) == 20 + 9
+    assert alarms == sorted(alarms)  # alarms in order among themselves
+    assert not any(m.historical for m in recs if m.kind == "alarms")
+    # None of them waited for a lease: each was handed over by the commit that made it durable.
+    assert Lane.ALARMS not in stores[0].leased_lanes
+    assert stores[0].leased_lanes.count(Lane.FEATURES) == 61
+    (state,) = twin.checker.gateways.values()
+    assert (state.gaps, state.duplicates) == ([], 0)
 
 
 def test_live_records_overtake_a_paced_backlog(tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker) -> None:
