@@ -726,6 +726,9 @@ def main() -> int:
         help="uplink.mqtt.batch_s for the alarm runs (windows held meanwhile)",
     )
     parser.add_argument(
+        "--raw", type=Path, help="write every alarm's and the floor's latency (s) here as JSON"
+    )
+    parser.add_argument(
         "--timing",
         action="store_true",
         help="alarm runs: time each alarm's steps in the outbox and print them",
@@ -779,6 +782,16 @@ def main() -> int:
         f"Uplink benchmarks ({args.n} records x {args.repeat}, mosquitto on loopback, TLS 1.3 + client certs, QoS 1; "
         f"payload {len(window_payload(0))} bytes, a patient window of 5 streams)\n"
     )
+    if args.raw is not None:
+        args.raw.write_text(
+            json.dumps(
+                {
+                    "alarms": {("load" if r.load_changes_per_s else "idle"): r.latencies for r in runs},
+                    "steps": {("load" if r.load_changes_per_s else "idle"): r.steps for r in runs},
+                    "floor": floor,
+                }
+            )
+        )
     print(f"gateway imported from {Path(sys.modules['gateway'].__file__ or '?').parent}\n")
     print("| measure | edgetwin | baseline | ratio |")
     print("|---|---|---|---|")
