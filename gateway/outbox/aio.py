@@ -238,7 +238,8 @@ class AsyncOutbox:
 
         So an alarm waits for no lease behind the next commit of other records.  Alarms are handed
         only when every older one is leased already (else a lease takes them, in order); what
-        arrives when no taker is set any more is released.  ``None`` stops the handing.
+        arrives when no taker is set any more is released.  One taker at a time (the uplink's
+        connection); ``None`` stops the handing.
         """
         self._alarm_taker = taker
 
