@@ -30,6 +30,9 @@ own normal data raise one.  A score above 1 is anomalous.
 Explanation: each input's share of the score, from the complete decomposition of T² and the
 squared residuals of SPE, summed over its lags and blocks; when the CUSUM raised the score, from
 the sums at its alarm level instead (in the inputs' standardised units, squared as SPE's residuals).
+As a fusion's member (``explain_all``) a window it does not flag is explained only when the
+fusion reads its contributions (a fused anomaly), from that window's own row, as it would have been
+at once (:class:`gateway.inference.deferred.Deferred`); ``explained`` counts the windows explained.
 
 Guarded adaptation: after commissioning, a window judged normal that follows ``adapt_guard``
 normal windows in a row moves each input's mean a step ``adapt_rate`` towards it; anomalous or
@@ -63,9 +66,11 @@ start again from the settling windows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -78,6 +83,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.contracts import DEFAULT_MIN_COVERAGE, ModelResult, WindowRecord
+from gateway.inference.deferred import Deferred
 from gateway.inference.partial import PARTIAL, Coverage
 from gateway.inference.statefile import state_file, store_json
 
@@ -107,10 +113,12 @@ CUSUM_CLEAR = 10  # default clearing horizon of the residual CUSUM, windows (see
 # The residual CUSUM by default (NoveltyUse.cusum_k unset): its allowance (the TEP protocol's
 # choice; 1.5.0: 1.0, after 1.4.0's 0.5 held false alarms for hours on long normal operation),
 # and the commissioning span from which it is on.  A shorter span holds too little of a
-# machine's slow normal wander: on the simulated pump (BENCHMARKS.md, seeds 5, 1, 2, 6 h judged),
-# at allowance 0.5 after 1, 2 and 4 h of commissioning it added false episodes or flagged time
-# to T² and SPE's in 2 of 3 seeds (2 h, seed 1: 6 episodes, 1.8 h, against none), after 6 h
-# none.  (At 1.0 with 1.3.0's EWMA 0.2, 2 h had been enough; the 6 h are kept, not re-measured.)
+# machine's slow normal wander: on the simulated pump (BENCHMARKS.md, seeds 5, 1, 2, 6 h judged,
+# tests/benchmarks/bench_novelty_span.py), at allowance 0.5 after 1, 2 and 4 h of commissioning it
+# added false episodes or time in alarm to T² and SPE's in 2 of 3 seeds (2 h, seed 1: 6 episodes,
+# 1.8 h, against none), after 6 h none; at 1.0 after 1-4 h in 1-2 of 3 (2 h, seed 1: 5, 1.2 h)
+# and after 6 h none.  Over 16 seeds it still adds some after 6 h in 3, and after 12 h in 5: a
+# longer span is not quieter there, so the 6 h stay.
 CUSUM_AUTO_K = 1.0
 CUSUM_AUTO_MIN_S = 21_600.0
 _SAVE_EVERY = 20  # commissioning rows between saves of the partial state
@@ -592,7 +600,13 @@ class NoveltyModel:
         self.window_s = use.window_s
         self.subject_kind = use.subject_kind
         # Explain every scored window (a fusion over this detector may flag one it does not).
+        # A window it does not flag is explained when its contributions are first read: a fusion
+        # reads them only for the windows it flags, and the decomposition cost a quarter of a
+        # member's window, features included (BENCHMARKS.md).
         self.explain_all = False
+        # Windows explained so far (flagged ones when scored, the others when read).
+        self.explained = 0
+        self._explained_lock = threading.Lock()  # a deferred explanation is read on another thread
         cusum_k, self._cusum_why = use.residual_cusum()
         self.spec = PcaSpec(
             use.lags,
@@ -743,11 +757,23 @@ class NoveltyModel:
         anomalous = score > 1.0
         if anomalous:
             subj.normal_run = 0
-            return ModelResult(score, True, contributions(fit, row[0], subj.keys, sums=subj.sums))
+            return ModelResult(score, True, self._explain(fit, row[0], subj.keys, subj.sums))
         subj.normal_run += 1
         if self.use.adapt_rate > 0 and subj.normal_run > self.adapt_guard:
             self._adapt(record.subject, subj, x)
-        return ModelResult(score, False, contributions(fit, row[0], subj.keys) if self.explain_all else {})
+        if not self.explain_all:
+            return ModelResult(score, False)
+        # What the explanation reads stays as it is now: the row is this window's own, and the
+        # fit's subspace and limits are never changed in place (adaptation rebinds the means).
+        return ModelResult(score, False, Deferred(functools.partial(self._explain, fit, row[0], subj.keys)))
+
+    def _explain(
+        self, fit: PcaFit, row: F64, keys: tuple[str, ...], sums: CusumSums | None = None
+    ) -> dict[str, float]:
+        """One window's contributions, counted in ``explained``."""
+        with self._explained_lock:
+            self.explained += 1
+        return contributions(fit, row, keys, sums=sums)
 
     def _adapt(self, subject: str, subj: _Subject, x: F64) -> None:
         """Move each input's mean a small step towards a clearly normal window."""

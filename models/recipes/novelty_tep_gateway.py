@@ -1,6 +1,8 @@
 """Novelty on the Tennessee Eastman runs as it ships: through the gateway's pipeline, adapting.
 
-Run: ``python -m models.recipes.novelty_tep_gateway --data /work/shared/data`` (a few minutes).
+Run: ``python -m models.recipes.novelty_tep_gateway --data /work/shared/data`` (a few minutes);
+with ``--allowed`` it replays only the normal operation the protocol may look at (:func:`allowed`)
+and prints its table, writing nothing (about half a minute).
 
 :mod:`models.recipes.novelty_tep` scores each run with a detector fitted once on ``d00`` and then
 frozen.  The gateway's detector is not frozen: after commissioning it adapts its inputs' means
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import shutil
@@ -59,7 +62,7 @@ from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import Config, validate
 from gateway.contracts import AlarmKind, Lane, ModelResult
 from gateway.inference.build import ModelsSection
-from gateway.inference.novelty import NoveltyUse, PcaSpec, build_novelty, fit_pca
+from gateway.inference.novelty import NoveltyUse, PcaSpec, build_novelty, fit_pca, gap_rows
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import as_map, decode
 from gateway.runtime import Pipeline
@@ -70,6 +73,7 @@ from models.recipes.novelty_tep import (
     HARD,
     HELD,
     HOURS_PER_SAMPLE,
+    LONG_BLOCKS,
     NAME,
     TUNE,
     load,
@@ -108,9 +112,9 @@ class Replay:
     named: list[str] = field(default_factory=list)  # per raise, the input it names first
 
 
-def novelty_table(card: dict[str, Any], setting: str, *, adapt: bool) -> dict[str, Any]:
-    """The ``[models.novelty]`` table of a setting, commissioned on all of ``d00``."""
-    table: dict[str, Any] = {"commissioning_s": 500 * PERIOD_S}
+def novelty_table(card: dict[str, Any], setting: str, *, adapt: bool, rows: int = 500) -> dict[str, Any]:
+    """The ``[models.novelty]`` table of a setting, commissioned on ``rows`` windows (all of ``d00``)."""
+    table: dict[str, Any] = {"commissioning_s": rows * PERIOD_S}
     if setting == "card_choice":
         chosen = card["chosen"]
         keys = ("lags", "ewma", "ewma_slow", "var_keep", "false_alarm_rate")
@@ -317,6 +321,50 @@ def evaluate(runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp
     return result
 
 
+def allowed(runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """Normal operation the protocol may look at, as shipped, with ``adapt_rate = 0`` and frozen.
+
+    ``d00`` out of fold in the long-operation guard's blocks (each replayed from a commissioning
+    on the other blocks, the rows next to it left out) and the tuning runs' normal operation
+    before their faults joined into one run (56 h from one commissioning on ``d00``, adaptation
+    carried from run to run): whether adaptation or the gateway's start-up adds false episodes
+    where nothing is held out.  Per case and column: flagged share, the windows the alarms were
+    raised at, and the windows whose verdict differs from the frozen scoring's.
+    """
+    spec = spec_of_use(NoveltyUse.model_validate(novelty_table(card, SETTINGS[0], adapt=True)))
+    d00 = runs["d00"]
+    n, gap = len(d00), gap_rows(spec)
+    cases: list[tuple[str, npt.NDArray[np.float64], npt.NDArray[np.float64]]] = []
+    for lo, hi in itertools.pairwise(np.linspace(0, n, LONG_BLOCKS + 1).astype(int)):
+        keep = np.r_[0 : max(lo - gap, 0), min(hi + gap, n) : n]
+        cases.append((f"d00[{lo}:{hi}] out of fold", d00[keep], d00[lo:hi]))
+    joined = np.concatenate([runs[run][:FAULT_AT_TE] for run in TUNING])
+    cases.append((f"{len(TUNING)} tuning runs before their faults, joined", d00, joined))
+    out: dict[str, Any] = {}
+    for case, (name, normal, x) in enumerate(cases):
+        base = frozen(novelty_scores(fit_pca(normal, spec), x) > 1.0)
+        table = novelty_table(card, SETTINGS[0], adapt=True, rows=len(normal))
+        state = commission(tmp / f"allowed-{case}", table, normal)
+        replays = {"frozen": base} | {
+            col: replay(
+                state, novelty_table(card, SETTINGS[0], adapt=adapt, rows=len(normal)), x, tmp / "allowed-run"
+            )
+            for col, adapt in (("gateway_no_adaptation", False), ("gateway_adapting", True))
+        }
+        out[name] = {
+            col: {
+                "hours": round(len(x) * HOURS_PER_SAMPLE, 2),
+                "far": round(float(np.mean([bool(f) for f in r.flags])), 4),
+                "alarm_windows": r.raised,
+                "differ_from_frozen": [
+                    i for i, (f, g) in enumerate(zip(r.flags, base.flags, strict=True)) if bool(f) != g
+                ],
+            }
+            for col, r in replays.items()
+        }
+    return out
+
+
 COLUMNS = (
     ("frozen", "frozen (recipe)"),
     ("gateway_no_adaptation", "gateway, adapt_rate 0"),
@@ -373,17 +421,43 @@ def report(ev: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def allowed_report(ev: dict[str, Any]) -> str:
+    """The table of :func:`allowed`: flagged share / alarm windows, and the windows differing from frozen."""
+    lines = [
+        "| normal operation | " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
+    for name, cols in ev.items():
+        cells = []
+        for col, _ in COLUMNS:
+            c = cols[col]
+            differ = f"; differs from frozen at {c['differ_from_frozen']}" if c["differ_from_frozen"] else ""
+            cells.append(f"{100 * c['far']:.1f} % / alarms at {c['alarm_windows']}{differ}")
+        lines.append(f"| {name} ({cols['frozen']['hours']:g} h) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Replays the runs and writes the ``gateway_path`` section of models/novelty.detector.json."""
     ap = argparse.ArgumentParser(prog="python -m models.recipes.novelty_tep_gateway", description=__doc__)
     ap.add_argument("--data", type=Path, default=Path("/work/shared/data"))
     ap.add_argument("--out", type=Path, default=MODELS_DIR)
+    ap.add_argument(
+        "--allowed",
+        action="store_true",
+        help="replay only the normal operation the protocol may look at (d00 out of fold, the tuning "
+        "runs before their faults); print its table, write nothing (about 20 s)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gateway").setLevel(logging.ERROR)  # every anomaly is logged: thousands of lines
     runs = load(args.data)
     path = args.out / f"{NAME}.detector.json"
     card = json.loads(path.read_text("utf-8"))
+    if args.allowed:
+        with tempfile.TemporaryDirectory() as tmp:
+            sys.stdout.write(allowed_report(allowed(runs, card, Path(tmp))))
+        return 0
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         ev = evaluate(runs, card, Path(tmp))
