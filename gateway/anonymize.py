@@ -40,6 +40,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -400,6 +401,36 @@ def _folded_hits(encoded: bytes, forms: Iterable[str]) -> list[tuple[int, int]]:
     ]
 
 
+#: Forms by the first 4 bytes of their lower-cased text, then by their length.  A record's 4-byte
+#: string that starts forms is compared once per length (a slice and a set look-up), not once per
+#: form: a plant's 333 machines ``line2-m…`` start as every one of its tags ``Line3/…`` does.
+FormIndex = dict[bytes, dict[int, set[bytes]]]
+
+
+def index_form(index: FormIndex, form: bytes) -> None:
+    """Add ``form`` (4 bytes or more) to ``index`` under its lower-cased first 4 bytes and its length."""
+    index.setdefault(form[:4].lower(), {}).setdefault(len(form), set()).add(form)
+
+
+def indexed_hits(
+    index: FormIndex, text: bytes, lowered: bytes, grams: AbstractSet[bytes]
+) -> list[tuple[int, int]]:
+    """Each (start, end) in ``text`` where a form of ``index`` occurs (pure).
+
+    ``lowered`` is ``text`` with ASCII lower-cased and ``grams`` its 4-byte strings: a form starts
+    only where its lower-cased first 4 bytes do.
+    """
+    found: list[tuple[int, int]] = []
+    # The common case: no form starts anywhere, and the loop below has nothing to do.
+    for gram in index.keys() & grams:
+        by_size = index[gram]
+        at = lowered.find(gram)
+        while at >= 0:
+            found += [(at, at + size) for size, forms in by_size.items() if text[at : at + size] in forms]
+            at = lowered.find(gram, at + 1)
+    return found
+
+
 def _within_one(span: tuple[int, int], leaves: list[tuple[int, int]]) -> bool:
     """Whether ``span`` lies inside one of ``leaves`` (sorted, not overlapping)."""
     k = bisect.bisect_right(leaves, (span[0], math.inf)) - 1
@@ -447,10 +478,11 @@ class Anonymizer:
         self.timebase = timebase or TimeBase.ephemeral(start_wall)
         # Which pseudonym is which identity, for technicians on site (local only, never sent).
         self.legend = legend or Legend(None)
-        # Every form by its first 4 bytes, lower-cased (forms are 4 bytes or more): a record is read
-        # once for its 4-byte strings instead of once per form (thousands, with a fleet's identities).
-        self._forms: dict[bytes, set[bytes]] = {}
-        self._folded: dict[bytes, set[bytes]] = {}  # lower-cased text and hex forms, for the case-blind scan
+        # Every form by its first 4 bytes, lower-cased (forms are 4 bytes or more), and its length: a
+        # record is read once for its 4-byte strings instead of once per form (thousands, with a
+        # fleet's identities), and where one occurs, compared once per length of the forms it starts.
+        self._forms: FormIndex = {}
+        self._folded: FormIndex = {}  # lower-cased text and hex forms, for the case-blind scan
         # Case-folded text forms (str.casefold): of every identity, for a text whose letters fold to
         # ASCII ones; of identities outside ASCII, whose case variants the byte scan cannot list.
         self._casefolded: set[str] = set()
@@ -487,15 +519,15 @@ class Anonymizer:
             self._registered.add(identity)
             for form in identity_forms(identity):
                 # By the lower-cased first bytes: one read of the lower-cased record finds both kinds.
-                self._forms.setdefault(form[:4].lower(), set()).add(form)
+                index_form(self._forms, form)
             for form in text_forms(identity):
                 if len(form) >= 4:
-                    self._folded.setdefault(form[:4], set()).add(form)
+                    index_form(self._folded, form)
             for text in folded_forms(identity):
                 if len(text.encode()) >= 4:
                     self._casefolded.add(text)
                     if text.isascii():  # "Straße" folds to "strasse": the byte scan finds that
-                        self._folded.setdefault(text[:4].encode(), set()).add(text.encode())
+                        index_form(self._folded, text.encode())
                     else:
                         self._casefolded_other.add(text)
                         for gram in _starts(text):
@@ -742,13 +774,8 @@ class Anonymizer:
                 unicode |= self._anchored[gram]
             if unicode:
                 found += _folded_hits(encoded, unicode)
-        for table, text in ((self._folded, lowered), (self._forms, encoded)):
-            # The common case: no form starts anywhere, and the loop below has nothing to do.
-            for gram in table.keys() & grams:
-                at = lowered.find(gram)
-                while at >= 0:
-                    found += [(at, at + len(f)) for f in table[gram] if text.startswith(f, at)]
-                    at = lowered.find(gram, at + 1)
+        found += indexed_hits(self._folded, lowered, lowered, grams)
+        found += indexed_hits(self._forms, encoded, lowered, grams)
         return found, lowered, scope == "all"
 
     def _short_word(self, text: str) -> int:
