@@ -40,9 +40,10 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from gateway.config_base import secret_file_problem
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, Estimate, Lane, WindowRecord
@@ -250,7 +251,7 @@ def fold_scope(encoded: bytes, outside_ascii: bool) -> FoldScope:
     may spell any identity in a case the byte scan cannot list.  With identities outside ASCII
     known (``outside_ascii``): ``outside_ascii`` when a letter folds otherwise than to a case of
     itself (``µ`` to Greek mu, which units keep): only those identities, an ASCII one's letters are
-    all ASCII bytes the byte scan reads; else ``anchored``, those whose start occurs.
+    all ASCII bytes the byte scan reads; else ``anchored``: those too, once the start of one occurs.
     """
     if encoded.isascii():
         return "none"
@@ -369,19 +370,46 @@ def cbor_leaves(data: bytes, texts: list[tuple[int, int]] | None = None) -> list
     return leaves
 
 
-def _folded_hits(encoded: bytes, forms: Iterable[str]) -> list[tuple[int, int]]:
-    """Byte spans in ``encoded`` whose text, case-folded, is one of ``forms`` (pure).
+S = TypeVar("S", bytes, str)
+
+#: Forms by their first 4 bytes (or characters), then by their length.  Where a record holds the
+#: start of some, they are compared once per length (a slice and a set look-up), not once per form:
+#: a plant's 333 machines ``line2-m…`` start as every one of its tags ``Line3/…`` does.
+FormIndex = dict[S, dict[int, set[S]]]
+
+
+def index_form(index: FormIndex[S], form: S, *, lower: bool = True) -> None:
+    """Add ``form`` to ``index`` under its first 4 bytes or characters (ASCII lower-cased unless not ``lower``) and its length."""
+    start = form[:4]
+    index.setdefault(start.lower() if lower else start, {}).setdefault(len(form), set()).add(form)
+
+
+def indexed_hits(index: FormIndex[S], text: S, lowered: S, starts: AbstractSet[S]) -> list[tuple[int, int]]:
+    """Each (start, end) in ``text`` where a form of ``index`` occurs (pure).
+
+    ``lowered`` is ``text`` as the index's keys are written (ASCII lower-cased, or ``text`` itself);
+    ``starts`` holds every key that may occur in it (a record's 4-byte strings, or all the keys).
+    """
+    found: list[tuple[int, int]] = []
+    # The common case: no form starts anywhere, and the loop below has nothing to do.
+    for key in index.keys() & starts:
+        by_size = index[key]
+        at = lowered.find(key)
+        while at >= 0:
+            found += [(at, at + size) for size, forms in by_size.items() if text[at : at + size] in forms]
+            at = lowered.find(key, at + 1)
+    return found
+
+
+def folded_hits(encoded: bytes, forms: FormIndex[str]) -> list[tuple[int, int]]:
+    """Byte spans in ``encoded`` whose text, case-folded, is one of ``forms`` (indexed as written) (pure).
 
     Bytes that are no UTF-8 stay themselves (never a letter), so a number's bytes fold to nothing.
     """
     text = encoded.decode("utf-8", "surrogateescape")
     folded = text.casefold()
-    spans: list[tuple[int, int]] = []
-    for form in forms:
-        at = folded.find(form)
-        while at >= 0:
-            spans.append((at, at + len(form)))
-            at = folded.find(form, at + 1)
+    # One search a start the forms share, not one a form: a fleet's forms share a few dozen.
+    spans = indexed_hits(forms, folded, folded, forms.keys())
     if not spans or len(folded) == len(text) == len(encoded):
         return spans  # one byte a character: the folded text's offsets are the bytes'
     # Map the folded text's offsets back to bytes, character by character: only for a hit.
@@ -447,17 +475,18 @@ class Anonymizer:
         self.timebase = timebase or TimeBase.ephemeral(start_wall)
         # Which pseudonym is which identity, for technicians on site (local only, never sent).
         self.legend = legend or Legend(None)
-        # Every form by its first 4 bytes, lower-cased (forms are 4 bytes or more): a record is read
-        # once for its 4-byte strings instead of once per form (thousands, with a fleet's identities).
-        self._forms: dict[bytes, set[bytes]] = {}
-        self._folded: dict[bytes, set[bytes]] = {}  # lower-cased text and hex forms, for the case-blind scan
+        # Every form by its first 4 bytes, lower-cased (forms are 4 bytes or more), and its length: a
+        # record is read once for its 4-byte strings instead of once per form (thousands, with a
+        # fleet's identities), and where one occurs, compared once per length of the forms it starts.
+        self._forms: FormIndex[bytes] = {}
+        self._folded: FormIndex[bytes] = {}  # lower-cased text and hex forms, for the case-blind scan
         # Case-folded text forms (str.casefold): of every identity, for a text whose letters fold to
         # ASCII ones; of identities outside ASCII, whose case variants the byte scan cannot list.
-        self._casefolded: set[str] = set()
-        self._casefolded_other: set[str] = set()  # those outside ASCII
-        # Those outside ASCII by the first 4 bytes of each letter case of their start (read off the
+        self._casefolded: FormIndex[str] = {}
+        self._casefolded_other: FormIndex[str] = {}  # those outside ASCII
+        # The first 4 bytes of each letter case of the start of those outside ASCII (read off the
         # record's 4-byte strings with the rest: only a record holding one decodes).
-        self._anchored: dict[bytes, set[str]] = {}
+        self._anchored: set[bytes] = set()
         # Identities of SHORT_CHARS to 3 bytes, case-folded: a word of a text item, never raw bytes.
         self._short: set[str] = set()
         self._short_re: re.Pattern[str] | None = None
@@ -487,19 +516,18 @@ class Anonymizer:
             self._registered.add(identity)
             for form in identity_forms(identity):
                 # By the lower-cased first bytes: one read of the lower-cased record finds both kinds.
-                self._forms.setdefault(form[:4].lower(), set()).add(form)
+                index_form(self._forms, form)
             for form in text_forms(identity):
                 if len(form) >= 4:
-                    self._folded.setdefault(form[:4], set()).add(form)
+                    index_form(self._folded, form)
             for text in folded_forms(identity):
                 if len(text.encode()) >= 4:
-                    self._casefolded.add(text)
+                    index_form(self._casefolded, text, lower=False)
                     if text.isascii():  # "Straße" folds to "strasse": the byte scan finds that
-                        self._folded.setdefault(text[:4].encode(), set()).add(text.encode())
+                        index_form(self._folded, text.encode())
                     else:
-                        self._casefolded_other.add(text)
-                        for gram in _starts(text):
-                            self._anchored.setdefault(gram, set()).add(text)
+                        index_form(self._casefolded_other, text, lower=False)
+                        self._anchored |= _starts(text)
             clash = [
                 word
                 for word in VOCABULARY
@@ -733,22 +761,12 @@ class Anonymizer:
         # in any letter case, decodes, and is searched for the forms that letter may spell.
         scope = fold_scope(encoded, bool(self._anchored))
         if scope == "all":
-            found += _folded_hits(encoded, self._casefolded)
-        elif scope == "outside_ascii":
-            found += _folded_hits(encoded, self._casefolded_other)
-        elif scope == "anchored":
-            unicode: set[str] = set()
-            for gram in self._anchored.keys() & grams:
-                unicode |= self._anchored[gram]
-            if unicode:
-                found += _folded_hits(encoded, unicode)
-        for table, text in ((self._folded, lowered), (self._forms, encoded)):
-            # The common case: no form starts anywhere, and the loop below has nothing to do.
-            for gram in table.keys() & grams:
-                at = lowered.find(gram)
-                while at >= 0:
-                    found += [(at, at + len(f)) for f in table[gram] if text.startswith(f, at)]
-                    at = lowered.find(gram, at + 1)
+            found += folded_hits(encoded, self._casefolded)
+        elif scope == "outside_ascii" or (scope == "anchored" and not self._anchored.isdisjoint(grams)):
+            # Only identities outside ASCII can occur folded: an ASCII one's letters are ASCII bytes here.
+            found += folded_hits(encoded, self._casefolded_other)
+        found += indexed_hits(self._folded, lowered, lowered, grams)
+        found += indexed_hits(self._forms, encoded, lowered, grams)
         return found, lowered, scope == "all"
 
     def _short_word(self, text: str) -> int:

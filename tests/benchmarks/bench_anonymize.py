@@ -30,7 +30,10 @@ ASCII* (beds ``Bett-Ä10``..., devices ``Gerät-…``: the case-folded scan of e
 byte outside ASCII) and *short labels* (beds ``B10``..., 3 characters: scanned as words of the
 text items).  Two rows more, at a fleet's 2,000 identities of which one is outside ASCII (a subject
 ``Zimmer-Müller-12``): windows of 24 streams in ``µV``, a letter that folds otherwise (``µ`` to Greek
-``μ``), and the same in ``uV``.  ``--cpu`` times them all in CPU time (``time.process_time``), steadier
+``μ``), and the same in ``uV``; and in ``uV`` with tags ``Line3/…``, which start as the fleet's 333
+machines ``line2-m…`` do (forms sharing a record's 4-byte strings); with tags ``Maß/…`` (``ß`` folds to
+``ss``: every identity's folded forms are searched); and in ``µV`` in a fleet whose beds ``Bett-Ä…``
+and devices ``Gerät-…`` make 668 identities outside ASCII.  ``--cpu`` times them all in CPU time (``time.process_time``), steadier
 than the wall clock on a loaded machine.
 
 Run: ``.venv/bin/python tests/benchmarks/bench_anonymize.py [--subjects 40] [--rounds 7] [--before REV [--cpu]]``
@@ -107,8 +110,12 @@ def _windows(subjects: int, spanning: bool, names: str = "mrn") -> list[WindowRe
     return out
 
 
-def _channels(count: int, unit: str) -> list[WindowRecord]:
-    """``count`` windows of 24 channels in ``unit`` each (an EMG or conductivity rig: about 1.4 KB encoded)."""
+def _channels(count: int, unit: str, tags: str = "Rig") -> list[WindowRecord]:
+    """``count`` windows of 24 channels in ``unit`` each (an EMG or conductivity rig: about 1.4 KB encoded).
+
+    ``tags``: the first part of the metric names, ``Rig`` or ``Line3`` (which starts as the fleet's
+    333 machines ``line2-m…`` do: 24 places in each record where those identities' forms may start).
+    """
     out = []
     for i in range(count):
         streams = [
@@ -116,7 +123,7 @@ def _channels(count: int, unit: str) -> list[WindowRecord]:
                 f"rig{i}",
                 f"line3-r{i}",
                 f"SN-RIG-{i}",
-                industrial_metric(f"Rig/EMG/electrode-{k:02}", unit),
+                industrial_metric(f"{tags}/EMG/electrode-{k:02}", unit),
                 "industrial",
                 1.0,
             )
@@ -269,6 +276,18 @@ def _revision_rows(rev: str, subjects: int, rounds: int, repeat: int, clock: Cal
     cases += [
         (f"24 streams in {unit}, 1 subject outside ASCII", fleet, _channels(10, unit), max(1, repeat // 10))
         for unit in ("uV", "µV")
+    ]
+    cases += [
+        ("24 streams `Line3/…` in uV", fleet, _channels(10, "uV", "Line3"), max(1, repeat // 10)),
+        # ß folds to "ss": such a record is folded and searched for every identity's folded forms.
+        ("24 streams `Maß/…` in uV", fleet, _channels(10, "uV", "Maß"), max(1, repeat // 10)),
+        # Beds Bett-Ä… and devices Gerät-… of the whole fleet: 668 identities outside ASCII.
+        (
+            "24 streams in µV, 668 identities outside ASCII",
+            _windows(FLEET_SUBJECTS, False, "unicode"),
+            _channels(10, "µV"),
+            max(1, repeat // 10),
+        ),
     ]
     for kind, known, windows, passes in cases:
         ours = _anonymizer([*known, *windows])
