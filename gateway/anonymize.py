@@ -293,6 +293,18 @@ def identity_forms(identity: str) -> set[bytes]:
     return {f for f in out if len(f) >= 4}
 
 
+#: Short words of the records' own texts (keys, units, level and estimate names): an identity of
+#: 2-3 bytes equal to one would drop every record carrying it, so registering one is warned about.
+RECORD_WORDS = frozenset(
+    {
+        *("cls", "dev", "est", "pri", "run", "sd", "src", "st", "sv", "tm", "win"),
+        *("low", "high", "med", "lo", "hi"),
+        *("min", "cel", "bar", "kpa", "mm", "hg", "ms"),
+        *("hr", "soc", "soh", "rul"),
+    }
+)
+
+
 def _leak(size: int) -> AnonymizationError:
     # Never name the identity itself: the log may leave the gateway too.
     return AnonymizationError(
@@ -373,7 +385,7 @@ def _within_one(span: tuple[int, int], leaves: list[tuple[int, int]]) -> bool:
     return k >= 0 and leaves[k][0] <= span[0] and span[1] <= leaves[k][1]
 
 
-def _cbor_texts(data: bytes) -> list[tuple[int, int]]:
+def cbor_texts(data: bytes) -> list[tuple[int, int]]:
     """Where each CBOR text string's content lies in ``data`` (pure)."""
     texts: list[tuple[int, int]] = []
     cbor_leaves(data, texts)
@@ -430,14 +442,25 @@ class Anonymizer:
         self._short_gate: re.Pattern[bytes] | None = None  # the ASCII ones, in a lower-cased record
         self._short_other = False  # one is outside ASCII
         self._registered: set[str] = set()
+        self._worded: set[str] = set()  # identities whose short forms are scanned as words
         # Told (identity, log label) the first time a subject or device is seen: the log redactor.
         self.on_identity: Callable[[str, str], None] | None = None
         self.dropped = 0  # records refused because they could not be proven anonymous
         for identity in (socket.gethostname(), *local_identities):
             self.register(identity)
 
-    def register(self, identity: str) -> None:
-        """Add an identity whose every form must never appear in an outgoing record."""
+    def register(self, identity: str, *, words: bool = True) -> None:
+        """Add an identity whose every form must never appear in an outgoing record.
+
+        ``words=False`` (a source's name): a form of 2-3 characters is not scanned as a word. A
+        source's name is the label a site gives a device (``plc``, ``tep``), often the first word of
+        its own metrics' names; the identity it may stand for is its subject, registered as such.
+        """
+        if identity and words and identity not in self._worded:
+            self._worded.add(identity)
+            for text in folded_forms(identity):
+                if len(text.encode()) < 4 and len(text) >= SHORT_CHARS:
+                    self._add_short(text)
         if identity and identity not in self._registered:
             self._registered.add(identity)
             for form in identity_forms(identity):
@@ -454,21 +477,18 @@ class Anonymizer:
                     else:
                         for gram in _starts(text):
                             self._anchored.setdefault(gram, set()).add(text)
-                elif len(text) >= SHORT_CHARS and text not in self._short:
-                    self._short.add(text)
-                    ascii_ = sorted((t.encode() for t in self._short if t.isascii()), key=len, reverse=True)
-                    self._short_gate = re.compile(b"|".join(map(re.escape, ascii_))) if ascii_ else None
-                    self._short_other = not all(map(str.isascii, self._short))
-                    words = "|".join(
-                        _WORD_EDGE.format(re.escape(t)) for t in sorted(self._short, key=len, reverse=True)
-                    )
-                    self._short_re = re.compile(words)
             clash = [
                 word
                 for word in VOCABULARY
                 if (len(identity) >= 4 and identity.lower() in word)
-                or (len(identity.encode()) < 4 and identity.casefold() in re.split(r"[^a-z0-9]+", word))
+                or (
+                    words
+                    and len(identity.encode()) < 4
+                    and identity.casefold() in re.split(r"[^a-z0-9]+", word)
+                )
             ]
+            if words and len(identity.encode()) < 4 and identity.casefold() in RECORD_WORDS:
+                clash.append(identity.casefold())
             if clash:
                 log.warning(
                     "anonymizer: the identity %r also occurs in the gateway's own words (%s): every record "
@@ -476,6 +496,17 @@ class Anonymizer:
                     identity,
                     ", ".join(clash[:3]),
                 )
+
+    def _add_short(self, text: str) -> None:
+        """Scan records for ``text`` (2-3 characters, case-folded) as a word of a text item."""
+        if text in self._short:
+            return
+        self._short.add(text)
+        ascii_ = sorted((t.encode() for t in self._short if t.isascii()), key=len, reverse=True)
+        self._short_gate = re.compile(b"|".join(map(re.escape, ascii_))) if ascii_ else None
+        self._short_other = not all(map(str.isascii, self._short))
+        words = "|".join(_WORD_EDGE.format(re.escape(t)) for t in sorted(self._short, key=len, reverse=True))
+        self._short_re = re.compile(words)
 
     def gateway_pseudonym(self, name: str) -> str:
         """The pseudonym that names this gateway on the wire."""
@@ -511,7 +542,7 @@ class Anonymizer:
 
     def source_label(self, name: str) -> str:
         """How a source is named outside the gateway (the downlink's reported state): ``source~<pseudonym>``."""
-        self.register(name)
+        self.register(name, words=False)
         self.legend.note("source", name)
         return f"source~{self._p('source', name)}"
 
@@ -530,7 +561,7 @@ class Anonymizer:
         if device not in self._registered and self.on_identity is not None:
             self.on_identity(device, self.log_label("device", device))
         self.register(device)
-        self.register(source)
+        self.register(source, words=False)
         self.legend.note("device", device, source)
         return self._p("device", device)
 
@@ -597,7 +628,7 @@ class Anonymizer:
             dev=None if stream is None else self._device(stream.device, stream.source),
             # A device alarm names the device, not one of its streams.
             metric=None if stream is None or alarm.kind in _DEVICE_KINDS else stream.metric.name,
-            detail=self._detail(alarm.detail),
+            detail=self._alarm_detail(alarm),
             contrib={k: float(v) for k, v in alarm.contributions.items() if math.isfinite(v)},
             alarm_class=alarm.alarm_class.value,
             # Alarm semantics (IEC 60601-1-8 / ISA-18.2): class, priority, limit, value, time held.
@@ -609,6 +640,15 @@ class Anonymizer:
             clock=self._clock,
         )
         return OutRecord(Lane.ALARMS, f"alarms/{subject}", payload, alarm.t_wall)
+
+    def _alarm_detail(self, alarm: Alarm) -> dict[str, float | str]:
+        """An alarm's detail; one about a node with no stream names it by its pseudonym (``node``)."""
+        detail = self._detail(alarm.detail)
+        node = alarm.node
+        if node is not None:
+            self.legend.note("node", node.identity, node.source)
+            detail["node"] = self._p("node", node.identity)
+        return detail
 
     def diagnostic(self, diag: Diagnostic) -> OutRecord:
         """A diagnostic record (gateway health, simulator ground truth)."""
@@ -769,7 +809,7 @@ class Anonymizer:
         if hits:
             texts = []
             self._confirm(encoded, hits, functools.partial(cbor_leaves, texts=texts))
-        self._short_texts(encoded, lowered, odd, _cbor_texts if texts is None else lambda _: texts)
+        self._short_texts(encoded, lowered, odd, cbor_texts if texts is None else lambda _: texts)
 
     def check_texts(self, texts: Iterable[str]) -> None:
         """As :meth:`check` for several separate texts (names, units): a form spelt across two is none."""

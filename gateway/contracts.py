@@ -91,6 +91,19 @@ def alarm_class(kind: AlarmKind, subject_kind: str | None) -> AlarmClass:
 
 
 @dataclass(frozen=True, slots=True)
+class Node:
+    """A configured item of a source that has no stream (an OPC UA node that never resolved)."""
+
+    source: str
+    address: str  # as configured (a browse path, a node id): its place in the list may change
+
+    @property
+    def identity(self) -> str:
+        """``<source>/<address>``: one per node of the gateway (a source's name holds no ``/``)."""
+        return f"{self.source}/{self.address}"
+
+
+@dataclass(frozen=True, slots=True)
 class Alarm:
     """An event that bypasses windowing and travels in the alarms lane."""
 
@@ -107,6 +120,7 @@ class Alarm:
     value: float | None = None  # the value that holds the condition, in the stream's unit
     held_s: float | None = None  # how long the condition has held when this was raised
     subject_kind: str | None = None  # "medical" / "industrial" when there is no stream to say it
+    node: Node | None = None  # with no stream: the configured item it is about (sent as a pseudonym)
 
     @property
     def alarm_class(self) -> AlarmClass:

@@ -1,4 +1,4 @@
-"""The local legend: which pseudonym is which bed, patient, machine, device or source.
+"""The local legend: which pseudonym is which bed, patient, machine, device, source or node.
 
 A technician reading the twin view sees pseudonyms only.  The gateway notes every identity it
 pseudonymizes (purpose, identity, source) in ``<state_dir>/legend.json`` (mode 0600, beside the
@@ -30,7 +30,7 @@ FILE_NAME = "legend.json"
 class Entry:
     """One identity the gateway pseudonymized."""
 
-    purpose: str  # "gateway", "subject", "device" or "source"
+    purpose: str  # "gateway", "subject", "device", "source" or "node" (one never resolved)
     identity: str  # the real id: never sent
     source: str = ""  # the config's source it came from, when known
 
@@ -135,4 +135,4 @@ def names(path: Path) -> dict[str, str]:
         ) from exc
 
 
-_ORDER = {"gateway": 0, "subject": 1, "device": 2, "source": 3}
+_ORDER = {"gateway": 0, "subject": 1, "device": 2, "source": 3, "node": 4}

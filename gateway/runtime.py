@@ -124,8 +124,9 @@ class Pipeline:
         # The conditions on at the twin, by source: ended when their source goes (gateway.alarms.ledger).
         self._ledger = AlarmLedger(config.core.gateway.state_dir / LEDGER_FILE, feeds(config))
         for entry in self._ledger.entries():  # of a source maybe gone: never in a record
-            for identity in (entry.subject, *entry.sources):
-                anonymizer.register(identity)
+            anonymizer.register(entry.subject)
+            for source in entry.sources:
+                anonymizer.register(source, words=False)
             if entry.stream is not None:
                 anonymizer.register(entry.stream.device)
         kinds = {e.info.subject: e.info.kind for e in config.sources}
@@ -137,7 +138,9 @@ class Pipeline:
         # Conditions a previous run left on that nothing here judges: ended by end_vanished.  Those
         # of a stream or device their source no longer delivers first: no tracker takes them.
         delivers = delivered(config)
-        self._unjudged: list[tuple[Entry, EndReason]] = self._ledger.undelivered(delivers)
+        self._unjudged: list[tuple[Entry, EndReason]] = self._ledger.undelivered(
+            delivers, node_addresses(config)
+        )
         ended = {id(e) for e, _ in self._unjudged}
         kept = [e for e in self._ledger.kept() if id(e) not in ended]
         self._resume(kept)
@@ -152,6 +155,14 @@ class Pipeline:
         for e in kept:
             if e.stream is not None and None in delivers.get(e.stream.source, {}):
                 self._devices_before.setdefault(e.stream.source, set()).add(e.stream.device)
+        # And one that may deliver under its port before it names itself, with nothing kept: once it
+        # does, the port's streams are its own (not lost), as are conditions raised under the port.
+        for name, ports in self._provisional.items():
+            if ports and None in delivers.get(name, {}):
+                self._devices_before.setdefault(name, set())
+        # (source, device) -> the port its conditions were raised under before it named itself: they
+        # are its own now, judged by its data, and their alarms go out under the port (as raised).
+        self._adopted: dict[tuple[str, str], str] = {}
         self.sink: SampleSink = _Sink(self.put, self.put_block, self.driver_alarm, self.diagnostic)
         self.last_beat = time.monotonic()
         self.submitted = dict.fromkeys(Lane, 0)
@@ -222,6 +233,7 @@ class Pipeline:
         ended = self._ledger.end_source(name, keeps, now_mono, now_wall)
         self._forget(name)
         self._devices_before.pop(name, None)
+        self._adopted = {k: v for k, v in self._adopted.items() if k[0] != name}
         for subject in {a.subject for a in ended if a.kind is AlarmKind.ANOMALY_CLEARED}:
             self._episodes.forget(subject)
         for a in ended:
@@ -256,23 +268,34 @@ class Pipeline:
                 "of the one it no longer reads are ended (device changed); the new one starts afresh",
                 source,
             )
-        for reason in ("rule_removed", "model_removed", "stream_removed", "device_changed"):
+        for reason in ("rule_removed", "model_removed", "stream_removed", "device_changed", "source_changed"):
             gone = [e for e, why in self._unjudged if why == reason]
             ended += self._ledger.end(gone, reason, now_mono, now_wall)
         self._unjudged.clear()
         await self._end(ended)
 
     def _check_device(self, stream: Stream, t_mono: float, t_wall: float) -> None:
-        """The first data of a source whose device names itself: another device ends the old one's conditions."""
+        """The first data of a source whose device names itself: another device ends the old one's conditions.
+
+        A port (what a driver names the device by until it names itself) is no evidence either
+        way: data under it leave the question open, and conditions raised under it before the stop
+        are kept until the device names itself.  Then they are ended (``device_changed``) if it is
+        another device than one the conditions kept name, and otherwise adopted: judged by its data.
+        A source that may deliver under its port is watched from the start even with nothing kept,
+        so its port's streams of this run end with its naming itself, not as lost.
+        """
         before = self._devices_before.get(stream.source)
         if before is None:
             return
-        if stream.device in before:
-            del self._devices_before[stream.source]
-            return  # the same device: its conditions stay with it
-        if stream.device in self._provisional.get(stream.source, ()):
-            return  # not named by the device itself yet (a port): no evidence either way
+        ports = self._provisional.get(stream.source, frozenset())
+        if stream.device in ports:
+            return  # not named by the device itself yet: no evidence either way
         del self._devices_before[stream.source]
+        named = before - ports
+        if not named or stream.device in named:
+            for port in sorted(ports):  # the same device, or none named before
+                self._adopt_port(stream, port)
+            return
         gone = self._ledger.other_devices(stream.source, stream.device)
         log.warning(
             "source %s: reads another device now (%s; before the stop: %s): the old device's conditions "
@@ -281,10 +304,42 @@ class Pipeline:
             self._anon.log_label("device", stream.device),
             ", ".join(sorted(self._anon.log_label("device", d) for d in before)),
         )
-        for device in before:
+        for device in before | ports:
             self.windower.forget_source(stream.source, device)
             self._forget(stream.source, device)
         self._send_endings(self._ledger.end(gone, "device_changed", t_mono, t_wall))
+
+    def _adopt_port(self, stream: Stream, port: str) -> None:
+        """What ``stream``'s source delivered or left on under ``port`` is its device's: its data judge it."""
+        source, device = stream.source, stream.device
+        # The port's streams end here, not by a loss: their device speaks under its own name now.
+        self.windower.forget_source(source, port)
+        self._forget(source, port)
+        mine = [
+            e
+            for e in self._ledger.entries()
+            if e.stream is not None and e.stream.source == source and e.stream.device == port
+        ]
+        if not mine:
+            return
+        self._adopted[(source, device)] = port
+        self._resume([replace(e, stream=replace(e.stream, device=device)) for e in mine if e.stream])
+        log.info(
+            "source %s: its device names itself (%s): the %d condition(s) raised under its port before "
+            "are its own, ended by its data",
+            source,
+            self._anon.log_label("device", device),
+            len(mine),
+        )
+
+    def _as_raised(self, alarm: Alarm) -> Alarm:
+        """An alarm of a condition adopted from a port, under the port it was raised under (the twin's key)."""
+        s = alarm.stream
+        port = None if s is None else self._adopted.get((s.source, s.device))
+        if s is None or port is None:
+            return alarm
+        raised = replace(alarm, stream=replace(s, device=port))
+        return raised if self._ledger.holds(raised) else alarm
 
     async def _end(self, ended: list[Alarm]) -> None:
         """Send the endings, and keep the ledger only once they are in the outbox for good."""
@@ -311,7 +366,9 @@ class Pipeline:
 
     def put(self, sample: Sample) -> None:
         """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""
-        if self._devices_before:  # empty once every source's device has spoken after the start
+        # Empty once every source whose device names itself has done so (one that never does, a
+        # monitor without a serial number, keeps it: 0.1-0.2 us a sample).
+        if self._devices_before:
             self._check_device(sample.stream, sample.t_mono, sample.t_wall)
         self.windower.put(sample)
         self._estimation.put(sample)
@@ -369,7 +426,7 @@ class Pipeline:
 
     def alarm(self, alarm: Alarm) -> None:
         """Seal and queue an alarm now; it never waits for a window."""
-        alarm = with_priority(alarm)
+        alarm = with_priority(self._as_raised(alarm) if self._adopted else alarm)
         held = self._ledger.held(alarm)  # a condition a previous run left on: since its onset then
         if held is not None:
             alarm = replace(alarm, held_s=held)
@@ -395,7 +452,11 @@ class Pipeline:
             self._check_device(alarm.stream, alarm.t_mono, alarm.t_wall)
         if self._driver_faults.resumed and self._driver_faults.repeat(alarm):
             return  # a fault a previous run left on, raised again: the same condition
-        if _ends_own_fault(alarm) and not self._ledger.holds(alarm):
+        if _raises_unresolved_fault(alarm) and self._ledger.holds(alarm):
+            # A fresh driver (after a restart) finds the node still unresolved: the twin holds that
+            # fault on already.  One it was never sent (refused, not recorded) goes out now.
+            return
+        if _ends_own_fault(alarm) and not self._ledger.holds(self._as_raised(alarm)):
             return  # a fresh driver's first good reading (a battery) with nothing on to end
         folded = fold_device_alarm(alarm, self.windower)
         if folded is not None:
@@ -560,6 +621,16 @@ def delivered(config: Config) -> dict[str, Delivers]:
     return out
 
 
+def node_addresses(config: Config) -> dict[str, frozenset[str]]:
+    """The configured addresses of each enabled source that lists nodes (``node_addresses()``)."""
+    out: dict[str, frozenset[str]] = {}
+    for e in config.sources:
+        listed = getattr(e.config, "node_addresses", None)
+        if e.enabled and callable(listed):
+            out[e.info.name] = listed()
+    return out
+
+
 def feeds(config: Config) -> dict[str, list[str]]:
     """The enabled sources feeding each subject."""
     out: dict[str, list[str]] = {}
@@ -668,6 +739,11 @@ class _NoUplink:
         del deadline  # nothing leaves the gateway: the outbox keeps it all
 
 
+def _raises_unresolved_fault(alarm: Alarm) -> bool:
+    """True for a driver's raise of a fault on a node that never resolved (no stream: ``Alarm.node``)."""
+    return alarm.kind is AlarmKind.SENSOR_FAULT and alarm.stream is None and "status" in alarm.detail
+
+
 def _ends_own_fault(alarm: Alarm) -> bool:
     """True for a driver's ending of a fault it raises about itself by ``cause`` (a low battery) or on a node that never resolved."""
     detail = alarm.detail
@@ -685,7 +761,7 @@ def register_source_identities(anonymizer: Anonymizer, entry: SourceEntry) -> No
     name, its subject and every subject its devices are bound to, and the device identities of its
     driver config, so no record or log line sent before its first sample can carry one.
     """
-    anonymizer.register(entry.info.name)
+    anonymizer.register(entry.info.name, words=False)
     for subject in (entry.info.subject, *entry.subjects()):
         anonymizer.register(subject)
         logs.register_identity(subject, anonymizer.log_label("subject", subject))

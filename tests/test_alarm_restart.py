@@ -21,9 +21,12 @@ from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, source, sp
 from test_inference_runtime import pump_model, pump_window
 
 from drivers.sim.protocol import RR
-from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowModel, WindowRecord
+from gateway.anonymize import Pseudonymizer
+from gateway.contracts import Alarm, AlarmKind, Node, StreamFeatures, WindowModel, WindowRecord
 from gateway.inference.shadow import Slot
+from gateway.legend import Entry as LegendEntry
 from gateway.outbox import AsyncOutbox, Outbox
+from gateway.outbox.aio import DEFAULT_MAX_PENDING_BYTES
 from gateway.runtime import Pipeline
 from gateway.sample import MDC, Metric, Quality, SampleBlock, Stream
 
@@ -39,6 +42,7 @@ def run(
     ectopy: bool = False,
     start: float = 0.0,
     sources: Sequence[dict[str, Any]] = (BED7,),
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
     **sections: Any,
 ) -> list[dict[str, Any]]:
     """One run of bed 7's pipeline (or ``sources``') on ``tmp``'s state: ``body`` feeds it; the alarms the twin got."""
@@ -46,7 +50,9 @@ def run(
     cfg = config(tmp, *sources, ectopy=ectopy, **sections)
 
     async def main() -> None:
-        async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
+        async with AsyncOutbox(
+            lambda: Outbox(tmp / "outbox.db"), max_pending_bytes=max_pending_bytes
+        ) as outbox:
             pipeline = Pipeline(cfg, site.anon, outbox, models=models)
             await pipeline.end_vanished(start, WALL + start)
             await body(pipeline)
@@ -425,11 +431,17 @@ def test_a_low_battery_estimate_left_on_clears_when_charged_after_the_restart(tm
     assert site.subject("ward3-bed7").active == {}
 
 
-def driver_fault(t: float, detail: dict[str, float | str]) -> Run:
-    """The source's driver reports SpO2's node (or device) at fault, as an OPC UA or BLE driver does."""
+def driver_fault(
+    t: float,
+    detail: dict[str, float | str],
+    stream: Stream | None = SPO2,
+    node: Node | None = None,
+    kind: AlarmKind = AlarmKind.SENSOR_FAULT,
+) -> Run:
+    """The source's driver reports SpO2's node (or device, or a ``node`` never resolved) at fault, or over (``kind``)."""
 
     async def body(pipeline: Pipeline) -> None:
-        pipeline.driver_alarm(Alarm(AlarmKind.SENSOR_FAULT, "ward3-bed7", t, WALL + t, SPO2, detail))
+        pipeline.driver_alarm(Alarm(kind, "ward3-bed7", t, WALL + t, stream, detail, node=node))
         await pipeline.step(now_mono=t + 1.0, now_wall=WALL + t + 1.0)
 
     return body
@@ -447,6 +459,101 @@ def test_a_node_fault_the_driver_raised_ends_with_the_nodes_data_after_the_resta
     assert kinds(after) == [("sensor_restored", None)]
     assert after[0]["detail"] == {"after": "sensor_fault", "status": "good"}
     assert site.subject("ward3-bed7").active == {}
+
+
+UNRESOLVED: dict[str, float | str] = {"status": "bad_nomatch", "item": 1}
+NODE = Node("bed7-ox", "Bed7/SpO2")  # the configured address of the node at item 1
+
+
+def test_a_node_still_unresolved_after_the_restart_is_not_raised_twice(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    first = run(site, tmp_path, driver_fault(100.0, UNRESOLVED, None, NODE))
+    assert kinds(first) == [("sensor_fault", None)]
+    # Named by the keyed pseudonym of its source and address, as a device is by its own.
+    assert first[0]["detail"] == {**UNRESOLVED, "node": Pseudonymizer(b"s" * 32)("node", "bed7-ox/Bed7/SpO2")}
+    assert (
+        LegendEntry("node", "bed7-ox/Bed7/SpO2", "bed7-ox") in site.anon.legend.entries()
+    )  # which it is, locally
+    # The fresh driver finds the node still absent and raises it again: on at the twin already.
+    assert run(site, tmp_path, driver_fault(1000.0, UNRESOLVED, None, NODE)) == []
+
+    async def restarted(pipeline: Pipeline) -> None:  # so does a driver the supervisor restarted
+        await driver_fault(2000.0, UNRESOLVED, None, NODE)(pipeline)
+        await driver_fault(2010.0, UNRESOLVED, None, NODE)(pipeline)
+
+    assert run(site, tmp_path, restarted) == []
+    assert len(site.subject("ward3-bed7").active) == 1
+    # Another node of the source is another condition, at whatever place in the list.
+    pulse = Node("bed7-ox", "Bed7/Pulse")
+    other = run(site, tmp_path, driver_fault(3000.0, UNRESOLVED, None, pulse))
+    assert kinds(other) == [("sensor_fault", None)]
+    assert other[0]["detail"]["node"] != first[0]["detail"]["node"]
+    assert len(site.subject("ward3-bed7").active) == 2
+
+
+def test_a_node_fault_never_recorded_is_raised_by_the_fresh_driver(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    # The outbox refuses the raise (its queue full): the twin never got it, the ledger has nothing.
+    assert run(site, tmp_path, driver_fault(100.0, UNRESOLVED, None, NODE), max_pending_bytes=1) == []
+    again = run(site, tmp_path, driver_fault(1000.0, UNRESOLVED, None, NODE))
+    assert kinds(again) == [("sensor_fault", None)]
+    assert {k: again[0]["detail"][k] for k in UNRESOLVED} == UNRESOLVED
+    assert run(site, tmp_path, driver_fault(2000.0, UNRESOLVED, None, NODE)) == []  # now it is on
+    assert len(site.subject("ward3-bed7").active) == 1
+
+
+def test_a_node_fault_an_older_gateway_left_on_by_item_only_is_ended_and_raised_again_by_node(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+    # Raised as a gateway did before alarms named the node: no stream, its place in the list only.
+    assert kinds(run(site, tmp_path, driver_fault(100.0, UNRESOLVED, None))) == [("sensor_fault", None)]
+    # Its place may not be its node's any more: ended at the start; the fresh driver's raise by
+    # its node, the node still absent, is a condition of its own.
+    again = run(site, tmp_path, driver_fault(1000.0, UNRESOLVED, None, NODE), start=1000.0)
+    assert kinds(again) == [("sensor_restored", "source_changed"), ("sensor_fault", None)]
+    assert "node" not in again[0]["detail"]  # as it was raised: the twin's condition by item
+    (on,) = site.subject("ward3-bed7").active.values()
+    assert on.detail == again[1]["detail"]
+    assert "node" in on.detail
+
+
+BED7_PLC = source("bed7-plc", "ward3-bed7", "00:1C:05:AA:BB:17")  # a second source of the subject
+
+
+def test_two_sources_nodes_at_the_same_place_in_their_lists_are_two_conditions(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    plc = Node("bed7-plc", "Bed7/SpO2")  # the same address and item, in another source
+    both = (BED7, BED7_PLC)
+
+    async def raise_both(pipeline: Pipeline) -> None:
+        await driver_fault(100.0, UNRESOLVED, None, NODE)(pipeline)
+        await driver_fault(101.0, UNRESOLVED, None, plc)(pipeline)
+
+    raised = run(site, tmp_path, raise_both, sources=both)
+    assert kinds(raised) == [("sensor_fault", None)] * 2
+    assert raised[0]["detail"]["node"] != raised[1]["detail"]["node"]
+    assert len(site.subject("ward3-bed7").active) == 2
+
+    # One source's node appears after a restart: its ending leaves the other source's fault on.
+    good: dict[str, float | str] = {"after": "sensor_fault", "status": "good", "item": 1}
+    ended = run(
+        site, tmp_path, driver_fault(1000.0, good, None, NODE, AlarmKind.SENSOR_RESTORED), sources=both
+    )
+    assert kinds(ended) == [("sensor_restored", None)]
+    assert ended[0]["detail"]["node"] == raised[0]["detail"]["node"]
+    (on,) = site.subject("ward3-bed7").active.values()
+    assert on.detail["node"] == raised[1]["detail"]["node"]
+
+    # The first source's node faults again; the second source is removed: only its node's fault ends.
+    assert kinds(run(site, tmp_path, driver_fault(2000.0, UNRESOLVED, None, NODE), sources=both)) == [
+        ("sensor_fault", None)
+    ]
+    removed = run(site, tmp_path, lambda p: asyncio.sleep(0), start=3000.0)
+    assert kinds(removed) == [("sensor_restored", "source_removed")]
+    assert removed[0]["detail"]["node"] == raised[1]["detail"]["node"]
+    (on,) = site.subject("ward3-bed7").active.values()
+    assert on.detail["node"] == raised[0]["detail"]["node"]
 
 
 def driver_restore(t: float, detail: dict[str, float | str]) -> Run:

@@ -87,9 +87,12 @@ class Site:
         return asyncio.run(self.start(cfg, kind, done, what))
 
     async def start(
-        self, cfg: Config, kind: type[D], done: Callable[[D], bool], what: str
+        self, cfg: Config, kind: type[D], done: Callable[[D], bool], what: str, *, sent: int = 0
     ) -> list[dict[str, Any]]:
-        """One start of the gateway: a fresh driver of ``cfg``'s only source until ``done(driver)``; the alarms sent."""
+        """One start of the gateway: a fresh driver of ``cfg``'s only source until ``done(driver)``; the alarms sent.
+
+        ``sent``: also until the pipeline has queued that many alarms.
+        """
         (entry,) = cfg.sources
         drv = REGISTRY[entry.driver].factory(entry.info, entry.config)
         assert isinstance(drv, kind)
@@ -100,7 +103,7 @@ class Site:
             task = asyncio.create_task(drv.run(pipeline.sink, started=lambda: None), name="test:driver")
             try:
                 deadline = time.monotonic() + 20.0
-                while not done(drv):
+                while not (done(drv) and pipeline.submitted[Lane.ALARMS] >= sent):
                     assert not task.done(), f"the driver stopped before {what}: {task.exception()!r}"
                     assert time.monotonic() < deadline, f"timed out after 20 s waiting for {what}"
                     await asyncio.sleep(0.02)

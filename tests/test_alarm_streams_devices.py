@@ -124,6 +124,93 @@ def test_an_oximeter_named_by_its_port_before_its_serial_number_is_not_taken_for
     assert site.subject("bed-1").active == {}
 
 
+PORT = "/dev/ttyUSB7"
+PULSE = MDC["MDC_PULS_OXIM_PULS_RATE"]
+
+
+def test_conditions_raised_under_the_port_are_ended_by_the_monitors_data_once_it_names_itself(
+    tmp_path: Path,
+) -> None:
+    # The monitor never sent its serial number before the stop: its condition is the port's.
+    site = Site(tmp_path)
+    first = run(site, tmp_path, feed_from(100.0, {oximeter(PORT): (86.0, 0)}, 12), sources=(OX,))
+    assert kinds(first) == [("limit", None)]
+    raised_dev = first[0]["dev"]
+
+    async def port_then_serial(pipeline: Any) -> None:
+        # Its first lines after the start come under the port, then it names itself, back at 97 %.
+        t = await feed(pipeline, 1000.0, 2, {oximeter(PORT): (86.0, 0)})
+        await feed(pipeline, t, 20, {oximeter("SN-1"): (97.0, 0)})
+
+    after = run(site, tmp_path, port_then_serial, sources=(OX,))
+    assert kinds(after) == [("limit_cleared", None)]  # the ordinary clearance, by its data
+    assert after[0]["dev"] == raised_dev  # of the condition the twin holds, under the name it was raised
+    assert site.subject("bed-1").active == {}
+
+
+def test_a_monitor_naming_itself_first_after_the_restart_keeps_what_was_raised_under_its_port(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, feed_from(100.0, {oximeter(PORT): (86.0, 0)}, 12), sources=(OX,))) == [
+        ("limit", None)
+    ]
+    # Its serial number comes with its first data: no evidence it is another monitor.
+    assert run(site, tmp_path, feed_from(1000.0, {oximeter("SN-1"): (86.0, 0)}, 12), sources=(OX,)) == []
+    assert len(site.subject("bed-1").active) == 1
+    back = run(site, tmp_path, feed_from(2000.0, {oximeter("SN-1"): (97.0, 0)}, 20), sources=(OX,))
+    assert kinds(back) == [("limit_cleared", None)]
+    assert site.subject("bed-1").active == {}
+
+
+def test_a_monitor_naming_itself_during_a_run_leaves_no_port_stream_lost_and_keeps_its_condition(
+    tmp_path: Path,
+) -> None:
+    # No restart: the monitor's first lines come without a serial number (as while it boots), its
+    # SpO2 low; then it names itself, back at 97 %.  The port's streams are its own: not lost.
+    site = Site(tmp_path)
+
+    async def boot_then_named(pipeline: Any) -> None:
+        t = await feed(pipeline, 100.0, 12, {oximeter(PORT): (86.0, 0)})
+        await feed(pipeline, t, 40, {oximeter("SN-1"): (97.0, 0)})
+
+    alarms = run(site, tmp_path, boot_then_named, sources=(OX,))
+    assert kinds(alarms) == [("limit", None), ("limit_cleared", None)]
+    assert alarms[1]["dev"] == alarms[0]["dev"]
+    assert site.subject("bed-1").active == {}
+
+
+def test_conditions_under_the_port_end_as_device_changed_when_another_serial_number_was_recorded(
+    tmp_path: Path,
+) -> None:
+    # Before the stop: SpO2 low under the serial number SN-1, the pulse low under the port (lines
+    # before the monitor named itself).  After it: SN-2 names itself, another monitor.
+    site = Site(tmp_path)
+
+    async def both(pipeline: Any) -> None:
+        t = await feed(pipeline, 100.0, 12, {Stream("ox", "bed-1", PORT, PULSE, rate_hz=1.0): (30.0, 0)})
+        await feed(pipeline, t, 12, {oximeter("SN-1"): (86.0, 0)})
+
+    assert kinds(run(site, tmp_path, both, sources=(OX,))) == [("limit", None)] * 2
+    other = run(site, tmp_path, feed_from(1000.0, {oximeter("SN-2"): (97.0, 0)}, 5), sources=(OX,))
+    assert kinds(other) == [("limit_cleared", "device_changed")] * 2
+    assert site.subject("bed-1").active == {}
+
+    # The same again, but SN-1 comes back: the pulse's condition is its own, and ends by its data.
+    site = Site(tmp_path / "again")
+    assert kinds(run(site, tmp_path / "again", both, sources=(OX,))) == [("limit", None)] * 2
+    pulse = Stream("ox", "bed-1", "SN-1", PULSE, rate_hz=1.0)
+    same = run(
+        site,
+        tmp_path / "again",
+        feed_from(1000.0, {oximeter("SN-1"): (86.0, 0), pulse: (70.0, 0)}, 20),
+        sources=(OX,),
+    )
+    assert kinds(same) == [("limit_cleared", None)]
+    assert same[0]["metric"] == "MDC_PULS_OXIM_PULS_RATE"
+    assert len(site.subject("bed-1").active) == 1  # SpO2 still low on SN-1
+
+
 def wearables(*devices: tuple[str, str]) -> dict[str, Any]:
     """A BLE source reading ``devices`` (address, profile) on bed 1."""
     listed = [{"address": a, "profile": p} for a, p in devices]

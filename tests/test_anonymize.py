@@ -14,18 +14,30 @@ from pathlib import Path
 import cbor2
 import pytest
 
+from gateway.alarms import with_priority
 from gateway.anonymize import (
+    RECORD_WORDS,
+    VOCABULARY,
     Anonymizer,
     Pseudonymizer,
+    cbor_texts,
     identity_forms,
     load_or_create_key,
     rotate_key,
     text_forms,
 )
-from gateway.contracts import Alarm, AlarmKind, Diagnostic, Lane, StreamFeatures, WindowRecord
+from gateway.contracts import (
+    Alarm,
+    AlarmKind,
+    Diagnostic,
+    Estimate,
+    Lane,
+    StreamFeatures,
+    WindowRecord,
+)
 from gateway.errors import AnonymizationError, ConfigError
 from gateway.records import AlarmRecord, FeaturesWindow, decode, encode
-from gateway.sample import MDC, Metric, Stream
+from gateway.sample import MDC, Metric, Stream, industrial_metric
 
 MAC = "A4:C1:38:5B:20:7E"
 PATIENT = "MRN-0048213"
@@ -392,10 +404,62 @@ def test_a_short_identity_is_a_word_of_a_text_item_never_raw_bytes() -> None:
     assert not _leaks(anon, "bed 7")
 
 
+def test_a_short_source_name_is_not_scanned_as_a_word_of_its_own_metrics() -> None:
+    # A plant names its source "tep" and its tags "TEP/v01"...: as a word that name would drop every
+    # record the source sends. A source's name is a label; the identity it may stand for is its
+    # subject, and a short subject is still scanned as a word.
+    anon = _anon()
+    plc = Stream("tep", "tep-plant", "TEP-SIM", industrial_metric("TEP/v01", "1"), "industrial", 1 / 180)
+    anon.register("tep", words=False)
+    assert anon.source_label("tep").startswith("source~")
+    sealed = anon.seal(
+        lambda: anon.window(
+            WindowRecord(
+                "tep-plant",
+                "industrial",
+                3,
+                180.0,
+                1180.0,
+                180.0,
+                (StreamFeatures(plc, 1, 0.0, {"mean": 1.0}),),
+            )
+        ),
+        encode,
+    )
+    assert sealed is not None
+    assert not anon.holds_identity("TEP/v01")
+    anon.register("tep")  # the same text as a subject: scanned as a word from then on
+    assert anon.holds_identity("TEP/v01")
+    assert anon.holds_identity("tep-plant")  # a long form, as before, whatever registered it
+
+
+def test_every_short_word_of_the_records_own_is_known_to_the_clash_warning() -> None:
+    # A record's keys, units and tokens of 2-3 bytes: an identity equal to one drops every record.
+    anon = _anon()
+    with_level = with_priority(Alarm(AlarmKind.LIMIT, PATIENT, 1.0, 1001.0, SPO2, {"level": "low"}))
+    est = Estimate(PATIENT, "medical", "hr", "/min", 1.0, 1001.0, 70.0, 1.0, "measured", ((SPO2, 1.0),), {})
+    records = [
+        anon.window(_window()),
+        anon.alarm(with_level),
+        anon.diagnostic(Diagnostic("counters", None, 1001.0, {"sent": 1})),
+        anon.estimate(est),
+    ]
+    words = set()
+    for rec in records:
+        data = encode(rec.payload)
+        for a, b in cbor_texts(data):
+            words |= {w for w in re.split(r"[^a-z0-9]+", data[a:b].decode().casefold()) if 2 <= len(w) <= 3}
+    vocabulary = {w for word in VOCABULARY for w in re.split(r"[^a-z0-9]+", word)}
+    assert words  # the records were read
+    assert words - vocabulary - RECORD_WORDS == set()
+
+
 def test_a_short_identity_that_is_a_word_of_the_gateways_own_is_warned(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     anon = _anon()
-    with caplog.at_level("WARNING", logger="gateway.anonymize"):
-        anon.register("max")
-    assert any("also occurs in the gateway's own words" in r.getMessage() for r in caplog.records)
+    for word in ("max", "Dev", "hr"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gateway.anonymize"):
+            anon.register(word)
+        assert any("also occurs in the gateway's own words" in r.getMessage() for r in caplog.records), word

@@ -129,6 +129,14 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "unknown RUL backend",
+        "[[estimators.rul]]\nsubject = 'm'\ncycle_s = 10.0\nprefix = 'E/'\nbackend = 'tpu'\n",
+        [
+            "estimators.rul[0].backend: expected one of 'card', 'onnxruntime', 'litert', 'tflite' or "
+            "'numpy', found 'tpu'"
+        ],
+    ),
+    (
         "several problems at once",
         "[pipeline]\nwindow_s = 0.0\n[logging]\nlevel = 'loud'\n" + SIM + "seed = 'x'\n",
         [

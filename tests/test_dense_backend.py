@@ -19,6 +19,7 @@ from model_support import MODELS, NEURAL, card_of, copy_model
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.inference.backends import (
     DENSE_ACTIVATIONS,
+    DENSE_BATCH1_TOLERANCE,
     DENSE_TOLERANCE,
     DenseBackend,
     dense_forward,
@@ -63,6 +64,8 @@ def test_card_ships_numpy_weights_and_serves_on_the_measured_choice(name: str) -
     assert set(ev["measured"]) == {"numpy", "litert", "onnxruntime"}
     assert ev["choice"].startswith(f"{card.backend}: ")
     assert ev["numpy"]["fp32"]["max_abs_diff_vs_onnx_fp32"] <= DENSE_TOLERANCE
+    # The card says which call its numpy batch-1 figure timed.
+    assert "row" in ev["numpy"]["fp32"]["batch1_path"]
     backend = open_backend(card, MODELS)
     assert (backend.name, backend.precision) == (card.backend, "fp32")
 
@@ -153,8 +156,9 @@ def test_models_built_from_config_serve_on_numpy_and_litert_when_asked() -> None
 
 @pytest.mark.parametrize("name", NEURAL)
 def test_numpy_window_at_a_time_scores_as_the_layers_compute_it(name: str) -> None:
-    # A window at a time takes a shorter path (the last layer finished in Python, numpy's tanh on
-    # a scalar): its scores must be those of the layers in numpy at batch 1, to the bit.
+    # A window at a time takes a shorter path (the last layer a dot product in Python floats): its
+    # scores must be those of the layers in numpy at batch 1 within the stated tolerance (the sum
+    # runs in another order), and so fall on the same side of the threshold.
     card = card_of(name)
     with np.load(MODELS / card.dense_files["fp32"].path, allow_pickle=False) as npz:
         acts = [str(a) for a in npz["act"].reshape(-1)]
@@ -168,7 +172,9 @@ def test_numpy_window_at_a_time_scores_as_the_layers_compute_it(name: str) -> No
     for x in (recorded_rows(card)[:300], far):
         one = np.concatenate([mine.run(x[i : i + 1]) for i in range(len(x))])
         assert one.dtype == np.float64
-        np.testing.assert_array_equal(one, [dense_forward(x[i : i + 1], layers)[0] for i in range(len(x))])
+        layered = np.array([dense_forward(x[i : i + 1], layers)[0] for i in range(len(x))])
+        np.testing.assert_allclose(one, layered, rtol=0.0, atol=DENSE_BATCH1_TOLERANCE)
+        assert ((one > card.threshold) == (layered > card.threshold)).all()
     # every activation a last layer may have, on weights written as a recipe writes them
     for act in DENSE_ACTIVATIONS:
         w0, w1 = rng.standard_normal((card.n_inputs, 4)), rng.standard_normal((4, 1))
@@ -188,4 +194,5 @@ def test_numpy_window_at_a_time_scores_as_the_layers_compute_it(name: str) -> No
         )
         crafted = DenseBackend(card, buf.getvalue(), "fp32")
         one = np.concatenate([crafted.run(x[i : i + 1]) for i in range(len(x))])
-        np.testing.assert_array_equal(one, [dense_forward(x[i : i + 1], layers)[0] for i in range(len(x))])
+        layered = np.array([dense_forward(x[i : i + 1], layers)[0] for i in range(len(x))])
+        np.testing.assert_allclose(one, layered, rtol=0.0, atol=DENSE_BATCH1_TOLERANCE)

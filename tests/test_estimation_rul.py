@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from data_support import DATA
+from test_litert import needs_litert
 
 from drivers import REGISTRY
 from drivers.sim.engine import EngineGenerator
@@ -28,7 +30,7 @@ from gateway.contracts import Estimate, Lane
 from gateway.errors import ConfigError, CorruptDataError, InvalidConfigError
 from gateway.estimation import Estimation, EstimatorsSection
 from gateway.estimation.config import RulSpec
-from gateway.estimation.rul import RulEstimator, cycle_features, load_rul_model
+from gateway.estimation.rul import RIDGE_TOLERANCE, RulEstimator, cycle_features, load_rul_model
 from gateway.inference.card import file_sha256
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import as_map, decode
@@ -153,6 +155,28 @@ def test_rul_config_errors_name_the_key_and_the_missing_inputs() -> None:
         Estimation(typo, {"m": "industrial"}, lambda e: None, lambda a: None)
 
 
+def test_a_rul_backend_that_cannot_serve_is_refused_naming_the_key(tmp_path: Path) -> None:
+    # The card without its .tflite files: LiteRT asked for by name cannot serve it; "card" still can.
+    raw = json.loads((MODELS / "rul_cmapss.card.json").read_text())
+    (tmp_path / "rul_cmapss.card.json").write_text(json.dumps(raw | {"tflite_files": {}}))
+    for spec in (raw["files"]["fp32"], raw["numpy_files"]["fp32"]):
+        shutil.copy(MODELS / spec["path"], tmp_path)
+    rul = {"subject": "m", "cycle_s": 10.0, "prefix": "E/"}
+    for asked in ("litert", "tflite"):
+        section = EstimatorsSection.model_validate({"rul": [rul | {"backend": asked}]})
+        with pytest.raises(
+            ConfigError,
+            match=rf"^config estimators\.rul\[0\]: estimation rul rul_cmapss: backend '{asked}': .+: "
+            r'set \[\[estimators\.rul\]\] backend = "onnxruntime" \(or "card"\)$',
+        ):
+            Estimation(section, {"m": "industrial"}, lambda e: None, lambda a: None, models_dir=tmp_path)
+    section = EstimatorsSection.model_validate(
+        {"rul": [rul, rul | {"name": "rul2", "backend": "onnxruntime"}]}
+    )
+    stage = Estimation(section, {"m": "industrial"}, lambda e: None, lambda a: None, models_dir=tmp_path)
+    assert [e.model.backend.name for e in stage.estimators] == ["numpy", "onnxruntime"]
+
+
 def test_the_engine_profile_is_deterministic_in_chunks_and_checked_in_config() -> None:
     from drivers.sim.config import SimConfig  # noqa: PLC0415
 
@@ -180,11 +204,16 @@ def _streams(gen: EngineGenerator) -> dict[str, Stream]:
 
 
 def _run(
-    tmp: Path, gen: EngineGenerator, spans: list[tuple[float, float]], view: TwinView | None = None
+    tmp: Path,
+    gen: EngineGenerator,
+    spans: list[tuple[float, float]],
+    view: TwinView | None = None,
+    backend: str = "card",
 ) -> list[dict[str, Any]]:
     """The estimate records of the engine over ``spans`` (simulated seconds), a restart between spans.
 
     ``view``, when given, is the twin's: every record goes to it as a message on its topic, decoded.
+    ``backend``: the estimator's ``backend`` key.
     """
     config = validate(
         {
@@ -198,6 +227,7 @@ def _run(
                         "cycle_s": CYCLE_S,
                         "grace_s": 2.0,
                         "low_rul": 30.0,
+                        "backend": backend,
                     }
                 ]
             },
@@ -297,6 +327,30 @@ def test_a_wearing_engine_shows_rul_falling_within_its_interval_and_a_restart_ke
         f"    on: limit RUL {number(alarm['value'])} (limit 30) since t={number(round(alarm['t'], 1))}"
         in text
     )
+
+
+@needs_litert
+def test_an_engine_estimated_on_litert_gives_the_numpy_ridges_estimates(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gen = make_generator("engine", seed=5, rate_hz=1.0 / CYCLE_S)
+    assert isinstance(gen, EngineGenerator)
+    span = [(0.0, 45 * CYCLE_S)]  # the window filled, some measured cycles
+    with caplog.at_level(logging.INFO, logger="gateway.estimation.rul"):
+        lite = [r for r in _run(tmp_path / "litert", gen, span, backend="litert") if r.get("est") == "rul"]
+    assert "estimation rul rul_cmapss 1 loaded (litert, fp32)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gateway.estimation.rul"):
+        ridge = [r for r in _run(tmp_path / "card", gen, span) if r.get("est") == "rul"]
+    assert "estimation rul rul_cmapss 1 loaded (numpy, fp32)" in caplog.text  # the card's choice
+    assert len(lite) == len(ridge) >= 40
+    assert [r["detail"]["cycles"] for r in lite] == [r["detail"]["cycles"] for r in ridge]
+    assert [r["state"] for r in lite] == [r["state"] for r in ridge]
+    assert "measured" in {r["state"] for r in lite}
+    # Both within RIDGE_TOLERANCE of onnxruntime's estimate on every row (tests/test_litert.py).
+    values = np.array([[a["value"], b["value"]] for a, b in zip(lite, ridge, strict=True)])
+    assert np.abs(values[:, 0] - values[:, 1]).max() < 2 * RIDGE_TOLERANCE
+    assert values[:, 0].min() > 60.0  # a young engine: far from failure
 
 
 @pytest.mark.campaign

@@ -1,7 +1,7 @@
 """A window's features reuse per-thread work arrays: no fresh pages per window, the same bits.
 
 Above the mmap threshold the service pins (``gateway.memory``) every temporary array is mapped and
-faulted in afresh; the one-pass features keep two work arrays per thread instead.  The results
+faulted in afresh; the one-pass features keep three work arrays per thread instead.  The results
 must be those of the fresh-array formula to the bit, whatever an earlier (larger or smaller)
 window left in the work arrays, and threads must not share them.
 """
@@ -28,6 +28,7 @@ def _fresh(ts: list[F8], vs: list[F8]) -> list[tuple[float, ...]]:
     counts = tuple(map(len, vs))
     s = len(counts)
     starts, seg, n = features._layout(counts)
+    starts = starts[: 2 * s]  # values' and times' segments (a third block is the cross products')
     x = np.concatenate((*vs, *ts))
     nv = x.size // 2
     xv = x[:nv]

@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 from bundle_support import MODELS, PUMP, card_for, litert_card, onnx_model, shipped_int8, tampered_weights
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel, ValidationError, create_model
 from test_inference_runtime import commission, pump_model, pump_window
 
 from gateway.cli import main
 from gateway.downlink import audit as audit_log
 from gateway.downlink.audit import AuditLog
 from gateway.downlink.azure import c2d_chunk_topic, twin_safe
-from gateway.downlink.bundles import ModelBundles, chunk_bytes_for, make_bundle
+from gateway.downlink.bundles import Manifest, ModelBundles, chunk_bytes_for, make_bundle
 from gateway.downlink.model_commands import chunk_messages
 from gateway.downlink.signing import Trust, canonical, key_id, sign, write_private_key
 from gateway.inference.backends import litert_interpreter_class
@@ -480,7 +481,15 @@ def test_on_iot_hub_the_weights_come_as_c2d_messages_of_their_own_and_only_the_m
     assert (version_dir(tmp_path, PUMP, 2) / f"{PUMP}.fp32.dense.npz").is_file()
 
 
-def test_sign_model_takes_the_cards_weights_from_beside_the_model_and_refuses_others(tmp_path: Path) -> None:
+def _manifest_before_tflite() -> type[BaseModel]:
+    """The manifest model of a gateway from before ``tflite`` parts: today's without that field, extra forbidden."""
+    fields: dict[str, Any] = {n: (f.annotation, f) for n, f in Manifest.model_fields.items() if n != "tflite"}
+    return create_model("ManifestBeforeTflite", __config__=Manifest.model_config, **fields)
+
+
+def test_sign_model_takes_the_cards_weights_from_beside_the_model_and_refuses_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     write_private_key(tmp_path / "twin.key", KEY)
     card = tmp_path / f"{PUMP}.card.json"
     card.write_bytes((MODELS / card.name).read_bytes())
@@ -490,6 +499,7 @@ def test_sign_model_takes_the_cards_weights_from_beside_the_model_and_refuses_ot
     weights.write_bytes((MODELS / weights.name).read_bytes())
     cli = ["twin", "sign-model", "--slot", PUMP, "--card", str(card), "--model", str(model)]
     cli += ["--key", str(tmp_path / "twin.key"), "--version", "2", "--gateway", GATEWAY]
+    before = _manifest_before_tflite()
 
     def signed(*extra: str) -> dict[str, Any] | None:
         out = tmp_path / "m.envelope"
@@ -498,18 +508,26 @@ def test_sign_model_takes_the_cards_weights_from_beside_the_model_and_refuses_ot
             return None
         return dict(json.loads(base64.b64decode(json.loads(out.read_bytes())["content"])))
 
-    found = signed()
-    assert found is not None
-    assert "tflite" not in found  # not beside the model: the bundle carries what is there
+    assert json.loads(card.read_bytes())["backend"] == "numpy"  # the shipped card's choice
     lite = tmp_path / f"{PUMP}.fp32.tflite"
     lite.write_bytes((MODELS / lite.name).read_bytes())
+    capsys.readouterr()
     found = signed()
     assert found is not None
-    assert found["tflite"]["path"] == lite.name
-    assert found["tflite"]["sha256"] == hashlib.sha256(lite.read_bytes()).hexdigest()
+    # The .tflite beside the model is left out for a card that chose numpy, and the operator told why:
+    # the manifest is one a gateway from before tflite parts takes.
+    assert "tflite" not in found
+    assert f"the .tflite model {lite} is not carried: the card chose numpy" in capsys.readouterr().out
+    before.model_validate_json(json.dumps(found))
     assert found["dense"]["path"] == weights.name
     assert found["dense"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert found["model"]["path"] == model.name
+    given = signed("--tflite", str(lite))  # a site serving this card on LiteRT: asked for by name
+    assert given is not None
+    assert given["tflite"]["path"] == lite.name
+    assert given["tflite"]["sha256"] == hashlib.sha256(lite.read_bytes()).hexdigest()
+    with pytest.raises(ValidationError, match="tflite"):
+        before.model_validate_json(json.dumps(given))
     only = signed("--onnx-only")
     assert only is not None
     assert "dense" not in only
@@ -519,6 +537,18 @@ def test_sign_model_takes_the_cards_weights_from_beside_the_model_and_refuses_ot
     other.write_bytes(tampered_weights())
     assert signed("--dense", str(other)) is None  # not the card's weights: refused before signing
     assert signed("--tflite", str(MODELS / f"{PUMP}.int8.tflite")) is None  # nor another precision's .tflite
+    # A card that chose LiteRT: its .tflite beside the model goes in by default (the version needs it).
+    card.write_bytes(litert_card())
+    capsys.readouterr()
+    chosen = signed()
+    assert chosen is not None
+    assert chosen["tflite"]["path"] == lite.name
+    assert "not carried" not in capsys.readouterr().out
+    assert Manifest.model_validate_json(json.dumps(chosen)).tflite is not None
+    lite.unlink()
+    gone = signed()  # not beside the model: the bundle carries what is there
+    assert gone is not None
+    assert "tflite" not in gone
 
 
 @needs_litert

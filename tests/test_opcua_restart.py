@@ -1,10 +1,12 @@
 """An OPC UA node's fault left on at a stop, judged after the restart: the pipeline with the real driver.
 
 A node absent from the server when the gateway started never resolved: its fault was raised with
-no stream and its place in the source's list (``item``).  The gateway stops with it on and starts
-again: while the node is still absent nothing ends it (the other nodes' data say nothing about
-it); once the server has it, its first usable value ends it as the driver would have, through the
-alarm ledger and a real outbox to the twin's view.  A real PLC simulator process on loopback.
+no stream, named by its configured browse path (``node``, a pseudonym on the wire) and its place
+in the source's list (``item``).  The gateway stops with it on and starts again: while the node is
+still absent nothing ends it (the other nodes' data say nothing about it); once the server has
+it, its first usable value ends it as the driver would have, through the alarm ledger and a real
+outbox to the twin's view.  The list reordered between two starts changes nothing of that: each
+fault is ended by its own node's data.  A real PLC simulator process on loopback.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from drivers.opcua.plcsim import PlcSimProcess
 
 pytestmark = pytest.mark.slow
 
-FLOW, PRESSURE = "Pump1/Hydraulics/Flow", "Pump1/Hydraulics/Pressure"
+FLOW, PRESSURE, CURRENT = "Pump1/Hydraulics/Flow", "Pump1/Hydraulics/Pressure", "Pump1/Motor/Current"
 
 
 @pytest.fixture
@@ -35,10 +37,10 @@ def sim() -> Iterator[PlcSimProcess]:
     plc.stop()
 
 
-def plc_source(endpoint: str) -> dict[str, Any]:
-    """Pump 1's PLC over OPC UA: flow, then pressure (item 1)."""
+def plc_source(endpoint: str, paths: tuple[str, ...] = (FLOW, PRESSURE)) -> dict[str, Any]:
+    """Pump 1's PLC over OPC UA: flow, then pressure (item 1), or the nodes at ``paths``."""
     keys = fast_keys(endpoint)
-    keys["nodes"] = [{"browse_path": FLOW}, {"browse_path": PRESSURE}]
+    keys["nodes"] = [{"browse_path": p} for p in paths]
     return {"name": "plc", "driver": "opcua", "subject": "machine-7", "kind": "industrial", **keys}
 
 
@@ -61,21 +63,100 @@ def test_a_node_never_resolved_before_a_stop_is_ended_by_its_first_data_after_th
 
     first = site.restart(cfg, OpcUaDriver, absent, "the absent node's fault and flow data")
     assert kinds(first) == [("sensor_fault", None)]
+    node = first[0]["detail"].pop("node")  # the node's pseudonym (its source and browse path)
     assert first[0]["detail"] == {"status": "bad_nomatch", "item": 1}
     assert "dev" not in first[0]  # raised with no stream: the node never resolved
     assert len(site.subject("machine-7").active) == 1
 
-    # Still absent after the restart: flow's first data does not end the pressure node's fault.
+    # Still absent after the restart: flow's first data does not end the pressure node's fault,
+    # and the fresh driver's raise of it is not sent a second time (it is on at the twin).
     second = site.restart(cfg, OpcUaDriver, absent, "the absent node's fault and flow data")
-    assert ("sensor_restored", None) not in kinds(second), second
+    assert second == [], second
     assert len(site.subject("machine-7").active) == 1
 
     # Added while the gateway was down: its first data after the start ends the fault.
     sim.command("add Pressure")
     third = site.restart(cfg, OpcUaDriver, lambda d: delivered(d, PRESSURE), "the node's data")
     assert kinds(third) == [("sensor_restored", None)], third
-    assert third[0]["detail"] == {"after": "sensor_fault", "status": "good", "item": 1}
+    assert third[0]["detail"] == {"after": "sensor_fault", "status": "good", "item": 1, "node": node}
     assert site.subject("machine-7").active == {}
 
     # The next start, with nothing on, sends nothing for it.
     assert site.restart(cfg, OpcUaDriver, lambda d: delivered(d, PRESSURE), "the node's data") == []
+
+
+def test_a_reordered_node_list_ends_the_fault_of_the_node_that_came_back_and_keeps_the_other(
+    tmp_path: Path, sim: PlcSimProcess
+) -> None:
+    site = Site(tmp_path)
+    sim.command("remove Pressure")  # both absent when the gateway starts
+    sim.command("remove Current")
+    before = config(tmp_path, plc_source(sim.endpoint, (FLOW, PRESSURE, CURRENT)))
+
+    def absent(d: OpcUaDriver) -> bool:
+        return d.health[PRESSURE] == d.health[CURRENT] == "bad_nomatch" and delivered(d, FLOW)
+
+    first = site.restart(before, OpcUaDriver, absent, "both absent nodes' faults and flow data")
+    assert kinds(first) == [("sensor_fault", None)] * 2
+    node = {a["detail"]["item"]: a["detail"]["node"] for a in first}
+    assert sorted(node) == [1, 2]  # pressure's fault at item 1, current's at item 2
+    pressure, current = node[1], node[2]
+
+    # The list reordered: current first (item 0), flow at item 1, pressure at 2.  Both still absent:
+    # their fresh raises at their new places are the faults on, and flow's first data (at the
+    # place pressure had) ends nothing.
+    after = config(tmp_path, plc_source(sim.endpoint, (CURRENT, FLOW, PRESSURE)))
+    second = site.restart(after, OpcUaDriver, absent, "both absent nodes' faults and flow data")
+    assert second == [], second
+    assert len(site.subject("machine-7").active) == 2
+
+    # Pressure added while the gateway was down: its first data ends its own fault, not current's.
+    sim.command("add Pressure")
+
+    def back(d: OpcUaDriver) -> bool:
+        return d.health[CURRENT] == "bad_nomatch" and delivered(d, PRESSURE) and delivered(d, FLOW)
+
+    third = site.restart(after, OpcUaDriver, back, "pressure's data with current absent")
+    assert kinds(third) == [("sensor_restored", None)], third
+    assert third[0]["detail"] == {"after": "sensor_fault", "status": "good", "item": 2, "node": pressure}
+    (on,) = site.subject("machine-7").active.values()
+    assert (on.detail["node"], on.detail["item"]) == (current, 2)  # as raised before the reorder
+
+    sim.command("add Current")  # its first data at its new place ends it in turn
+    fourth = site.restart(after, OpcUaDriver, lambda d: delivered(d, CURRENT), "current's data")
+    assert kinds(fourth) == [("sensor_restored", None)], fourth
+    assert fourth[0]["detail"] == {"after": "sensor_fault", "status": "good", "item": 0, "node": current}
+    assert site.subject("machine-7").active == {}
+
+
+def test_a_node_never_resolved_taken_off_the_list_has_its_fault_ended_at_the_restart(
+    tmp_path: Path, sim: PlcSimProcess
+) -> None:
+    site = Site(tmp_path)
+    sim.command("remove Pressure")
+    sim.command("remove Current")
+    both = config(tmp_path, plc_source(sim.endpoint, (FLOW, PRESSURE, CURRENT)))
+
+    def absent(d: OpcUaDriver) -> bool:
+        return d.health[PRESSURE] == d.health[CURRENT] == "bad_nomatch" and delivered(d, FLOW)
+
+    first = site.restart(both, OpcUaDriver, absent, "both absent nodes' faults and flow data")
+    node = {a["detail"]["item"]: a["detail"]["node"] for a in first}
+    # Pressure taken off the list: nothing could end its fault any more, so the start ends it;
+    # current, still listed (now at item 1) and still absent, stays on.
+    fewer = config(tmp_path, plc_source(sim.endpoint, (FLOW, CURRENT)))
+
+    def current_absent(d: OpcUaDriver) -> bool:
+        return d.health[CURRENT] == "bad_nomatch" and delivered(d, FLOW)
+
+    second = site.restart(fewer, OpcUaDriver, current_absent, "current's fault and flow data")
+    assert kinds(second) == [("sensor_restored", "stream_removed")], second
+    assert second[0]["detail"] == {
+        "after": "sensor_fault",
+        "status": "bad_nomatch",
+        "item": 1,
+        "node": node[1],
+        "ended": "stream_removed",
+    }
+    (on,) = site.subject("machine-7").active.values()
+    assert on.detail["node"] == node[2]

@@ -266,35 +266,76 @@ def test_a_runs_first_good_battery_ends_one_left_on_and_a_format_without_the_bit
         assert drv.battery_low is None
 
 
-def test_a_low_battery_charged_while_the_gateway_was_down_ends_after_the_restart(
-    socat_pair: tuple[str, int], tmp_path: Path
-) -> None:
-    port, fd = socat_pair
+Start = Callable[..., list[dict[str, Any]]]
+
+
+def gateway_on(port: str, fd: int, protocol: str, tmp_path: Path) -> tuple[Site, Start]:
+    """A gateway reading the monitor on ``port``, and one start of it (a fresh driver, the same state).
+
+    ``start(frame, done, what, sent=0)``: the monitor sends ``frame`` until ``done(driver)`` and the
+    pipeline has queued ``sent`` alarms; the alarms the twin got.
+    """
     source = {
         "name": INFO.name,
         "driver": "serial",
         "subject": INFO.subject,
         "port": port,
-        "protocol": "nonin8",
+        "protocol": protocol,
     }
     cfg = config(tmp_path, source)
     site = Site(tmp_path)
 
-    async def gateway_run(frame: bytes, low: bool) -> list[dict[str, Any]]:
-        """One start of the gateway, a fresh driver and the monitor sending ``frame``, until judged."""
-        async with streaming(fd, frame):
-            return await site.start(cfg, SerialOximeter, lambda d: d.battery_low is low, "the battery judged")
+    def start(
+        frame: bytes, done: Callable[[SerialOximeter], bool], what: str, sent: int = 0
+    ) -> list[dict[str, Any]]:
+        async def main() -> list[dict[str, Any]]:
+            async with streaming(fd, frame):
+                return await site.start(cfg, SerialOximeter, done, what, sent=sent)
 
-    first = asyncio.run(gateway_run(LOW, True))
+        return asyncio.run(main())
+
+    return site, start
+
+
+def test_a_low_battery_charged_while_the_gateway_was_down_ends_after_the_restart(
+    socat_pair: tuple[str, int], tmp_path: Path
+) -> None:
+    site, start = gateway_on(*socat_pair, "nonin8", tmp_path)
+
+    def gateway_run(frame: bytes, low: bool) -> list[dict[str, Any]]:
+        return start(frame, lambda d: d.battery_low is low, "the battery judged")
+
+    first = gateway_run(LOW, True)
     assert [(a["alarm"], a["detail"]) for a in first] == [("sensor_fault", {"cause": "low_battery"})]
-    assert asyncio.run(gateway_run(LOW, True)) == []  # still low after a restart: the same condition
+    assert gateway_run(LOW, True) == []  # still low after a restart: the same condition
     assert len(site.subject(INFO.subject).active) == 1
-    after = asyncio.run(gateway_run(GOOD, False))  # charged while the gateway was down
+    after = gateway_run(GOOD, False)  # charged while the gateway was down
     assert [(a["alarm"], a["detail"]) for a in after] == [
         ("sensor_restored", {"after": "sensor_fault", "cause": "low_battery"})
     ]
     assert site.subject(INFO.subject).active == {}
-    assert asyncio.run(gateway_run(GOOD, False)) == []  # good again, nothing on: nothing sent
+    assert gateway_run(GOOD, False) == []  # good again, nothing on: nothing sent
+
+
+def masimo_lines(spo2: float, serial: str | None) -> bytes:
+    """A Masimo line (ASCII 1) with ``spo2`` and the monitor's serial number (None: it sends none)."""
+    return masimo.encode_line((2024, 1, 15, 10, 30, 0), spo2, 72, 3.6, masimo.EXC_SET, serial=serial)
+
+
+def test_a_fault_raised_under_the_port_is_ended_by_the_monitor_naming_itself_after_a_restart(
+    socat_pair: tuple[str, int], tmp_path: Path
+) -> None:
+    # Before the stop the monitor sent no serial number: its implausible SpO2 (40 %) was raised under
+    # the port.  After the start it names itself (SN=) from its first line, reading 97 %: no
+    # evidence of another monitor, so the fault is its own and its data end it, under the port's name.
+    site, start = gateway_on(*socat_pair, "masimo", tmp_path)
+    first = start(masimo_lines(40, None), lambda d: True, "the fault", sent=1)
+    assert [(a["alarm"], a["detail"].get("rule")) for a in first] == [("sensor_fault", "range")]
+    named = "0000012345"
+    after = start(masimo_lines(97, named), lambda d: d.device == named, "the restore", sent=1)
+    assert [(a["alarm"], a["detail"].get("ended")) for a in after] == [("sensor_restored", None)]
+    assert after[0]["dev"] == first[0]["dev"]  # the condition the twin holds, by the name it was raised under
+    assert site.subject(INFO.subject).active == {}
 
 
 def test_silent_device_raises_stale_data(socat_pair: tuple[str, int]) -> None:

@@ -4,6 +4,9 @@ An alarm's record time is the time its raiser stamped it with: a driver stamps a
 the time of the sample that showed it over, and samples a device buffered over a link outage, or
 a clock stepped back, can time an ending before its raise.  The gateway's sequence number (its
 outbox id) is the order it queued them in; the twin's view orders a condition's alarms by it.
+Two nodes of a source that never resolved (faults with no stream) are two conditions there, told
+apart by the node's pseudonym (``node``), whatever their place in the source's list (``item``, all
+a record of an older gateway has), as in the gateway's alarm ledger.
 Here the records leave a real pipeline and outbox, travel as the uplink wraps them (sequence
 record, epoch, replay mark) and are decoded and folded by the twin's own decoder and view.
 """
@@ -11,14 +14,17 @@ record, epoch, replay mark) and are decoded and folded by the twin's own decoder
 from __future__ import annotations
 
 import asyncio
+from itertools import zip_longest
 from pathlib import Path
 
+import pytest
 from test_alarm_source_removed import BED7, SPO2, WALL, Site, config
 
-from gateway.contracts import Alarm, AlarmKind, Lane
+from gateway.contracts import Alarm, AlarmKind, Lane, Node
 from gateway.outbox import AsyncOutbox, Leased, Outbox
 from gateway.records import SeqMeta, wrap
 from gateway.runtime import Pipeline
+from gateway.sample import Stream
 from gateway.twin.decoder import decode_messages
 from gateway.twin.view import TwinView
 
@@ -26,14 +32,20 @@ BAD: dict[str, float | str] = {"status": "bad_nodeidunknown"}
 GOOD: dict[str, float | str] = {"after": "sensor_fault", "status": "good"}
 
 
-def alarms(tmp: Path, site: Site, *raised: tuple[AlarmKind, float, dict[str, float | str]]) -> list[Leased]:
-    """The driver raises ``raised`` (kind, time, detail) about bed 7's SpO2 in this order; the alarm records queued."""
+def alarms(
+    tmp: Path,
+    site: Site,
+    *raised: tuple[AlarmKind, float, dict[str, float | str]],
+    stream: Stream | None = SPO2,
+    nodes: tuple[Node, ...] = (),
+) -> list[Leased]:
+    """The driver raises ``raised`` (kind, time, detail) about bed 7's SpO2 (``stream``, or ``nodes``, one each) in this order; the alarm records queued."""
 
     async def main() -> list[Leased]:
         async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
             pipeline = Pipeline(config(tmp, BED7), site.anon, outbox)
-            for kind, t, detail in raised:
-                pipeline.driver_alarm(Alarm(kind, "ward3-bed7", t, WALL + t, SPO2, detail))
+            for (kind, t, detail), node in zip_longest(raised, nodes[: len(raised)]):
+                pipeline.driver_alarm(Alarm(kind, "ward3-bed7", t, WALL + t, stream, detail, node=node))
             await outbox.flush()
             return [i for i in await outbox.lease(100) if i.lane == Lane.ALARMS]
 
@@ -107,3 +119,46 @@ def test_a_new_epoch_numbering_from_one_again_is_newer(tmp_path: Path) -> None:
     assert state.active == {}
     assert state.last_alarm is not None
     assert state.last_alarm.alarm == "sensor_restored"
+
+
+PRESSURE, CURRENT = Node("bed7-ox", "Pump1/Pressure"), Node("bed7-ox", "Pump1/Current")
+
+
+@pytest.mark.parametrize(
+    ("nodes", "ended_at"),
+    [
+        # Two nodes at items 1 and 2 are absent; after a restart with the list reordered, the
+        # first one appears at item 2: its ending names the place it has now, and ends its own.
+        ((PRESSURE, CURRENT, PRESSURE), 2),
+        # Records of an older gateway (no ``node``): told apart by item; node 1 appears.
+        ((), 1),
+    ],
+    ids=["by-node", "older-gateway-by-item"],
+)
+def test_two_nodes_never_resolved_are_two_conditions_at_the_twin(
+    tmp_path: Path, nodes: tuple[Node, ...], ended_at: int
+) -> None:
+    site = Site(tmp_path)
+    records = alarms(
+        tmp_path,
+        site,
+        (AlarmKind.SENSOR_FAULT, 100.0, {"status": "bad_nomatch", "item": 1}),
+        (AlarmKind.SENSOR_FAULT, 101.0, {"status": "bad_nomatch", "item": 2}),
+        (AlarmKind.SENSOR_RESTORED, 110.0, {"after": "sensor_fault", "status": "good", "item": ended_at}),
+        stream=None,
+        nodes=nodes,
+    )
+    assert len(records) == 3
+    view = TwinView()
+    for item in records[:2]:
+        deliver(view, item)
+    state = view.gateways["gw"].subjects[site.anon.subject_pseudonym("ward3-bed7")]
+    raised = {a.detail["item"]: a.detail for a in state.active.values()}
+    assert sorted(raised) == [1, 2]
+    assert [("node" in d) for d in raised.values()] == [bool(nodes)] * 2
+    assert len({d.get("node") for d in raised.values()}) == (2 if nodes else 1)
+    deliver(view, records[2])
+    # The first node's ending ends its fault only: the one raised at item 2 stays on.
+    (on,) = state.active.values()
+    assert (on.alarm, on.detail) == ("sensor_fault", raised[2])
+    assert "on: sensor_fault item 2 since t=101" in view.render()

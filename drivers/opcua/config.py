@@ -182,6 +182,10 @@ class OpcUaConfig(ConfigModel):
         names = self.metric_names()
         return {None: None if names is None else frozenset(names)}
 
+    def node_addresses(self) -> frozenset[str]:
+        """The nodes' configured addresses: a node that never resolved is known by it (``Alarm.node``)."""
+        return frozenset(node.address for node in self.nodes)
+
     def metric_units(self) -> dict[str, str]:
         """The units the config sets (``unit``); the others come from the server's EUInformation."""
         names = self.metric_names() or []

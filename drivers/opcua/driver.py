@@ -19,9 +19,10 @@ it comes back.  Outages leave no samples: the windower records them as gaps and 
 
 Nominal rates and held values: a node's stream runs at the sampling interval the server revised
 the request to.  Without a deadband the server reports a node only when it changes, and every
-publish response confirms the nodes it does not mention unchanged, so a node that holds still
-has its held value handed over at each sampling tick the live subscription confirmed (never
-past the last response): a quiet tag is whole, not partial or lost (``_Connection.hold``).
+publish response that ends a notification sequence confirms the nodes it does not mention
+unchanged, so a node that holds still has its held value handed over at each sampling tick the
+live subscription confirmed (never past the last response): a quiet tag is whole, not partial or
+lost (``_Connection.hold``).
 
 Every asyncua call is bounded by ``request_timeout_s`` of our own (``asyncio.timeout``), on top
 of asyncua's request timeout, so a half-open socket can never hang the driver.
@@ -69,7 +70,7 @@ from drivers.opcua.security import (
 )
 from drivers.opcua.uahelp import UA_FALSE, UA_TRUE, node_id
 from gateway.backoff import Backoff
-from gateway.contracts import Alarm, AlarmKind, Diagnostic, SampleSink, SourceInfo
+from gateway.contracts import Alarm, AlarmKind, Diagnostic, Node, SampleSink, SourceInfo
 from gateway.errors import ConfigError, TransientError
 from gateway.liveness import Pulse
 from gateway.sample import UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream, industrial_metric
@@ -377,7 +378,15 @@ class OpcUaDriver:
             if sink is not None:
                 item.raised_on = (item.stream,)
                 sink.alarm(
-                    Alarm(AlarmKind.SENSOR_FAULT, self._info.subject, now_mono, now_wall, item.stream, detail)
+                    Alarm(
+                        AlarmKind.SENSOR_FAULT,
+                        self._info.subject,
+                        now_mono,
+                        now_wall,
+                        item.stream,
+                        detail,
+                        node=self._node(item) if item.stream is None else None,
+                    )
                 )
         elif was == "bad":
             log.info("opcua %s %s: node %s is good again", self._info.name, self._endpoint, item.spec.address)
@@ -390,17 +399,26 @@ class OpcUaDriver:
                 if stream is None:
                     detail["item"] = item.index
                 sink.alarm(
-                    Alarm(AlarmKind.SENSOR_RESTORED, self._info.subject, now_mono, now_wall, stream, detail)
+                    Alarm(
+                        AlarmKind.SENSOR_RESTORED,
+                        self._info.subject,
+                        now_mono,
+                        now_wall,
+                        stream,
+                        detail,
+                        node=self._node(item) if stream is None else None,
+                    )
                 )
 
     def first_data(self) -> None:
         """End, with a node's first usable value of the run, a fault a previous run raised on it unresolved.
 
-        A node that never resolved before a stop left its fault raised with no stream and its
-        ``item`` (the gateway keeps it on across the restart); the fresh driver does not know it.
-        So a node's first usable value of the run, with no fault of this run, sends that ending
-        as the driver would have sent it (no stream, ``item``, ``status: good``): the gateway
-        sends it only while such a fault is on, as for every ending of a driver's own fault.
+        A node that never resolved before a stop left its fault raised with no stream, by its
+        configured address (``Alarm.node``; the gateway keeps it on across the restart, whatever
+        the node's place in the list now); the fresh driver does not know it.  So a node's first
+        usable value of the run, with no fault of this run, sends that ending as the driver would
+        have sent it (no stream, the node, ``item``, ``status: good``): the gateway sends it only
+        while such a fault is on, as for every ending of a driver's own fault.
         """
         sink = self._sink
         for index in list(self.unproven):
@@ -417,9 +435,19 @@ class OpcUaDriver:
                 }
                 sink.alarm(
                     Alarm(
-                        AlarmKind.SENSOR_RESTORED, self._info.subject, last.t_mono, last.t_wall, None, detail
+                        AlarmKind.SENSOR_RESTORED,
+                        self._info.subject,
+                        last.t_mono,
+                        last.t_wall,
+                        None,
+                        detail,
+                        node=self._node(item),
                     )
                 )
+
+    def _node(self, item: _Item) -> Node:
+        """A node that never resolved, by its configured address: its place in the list may change."""
+        return Node(self._info.name, item.spec.address)
 
     def stream_for(self, item: _Item, device: str) -> Stream:
         """The item's stream, created once and rebuilt only when its name, unit, rate or server changes.
@@ -935,8 +963,8 @@ class _Connection:
         """Hand over the held value of every quiet report-by-exception node, up to the last confirmation.
 
         With no deadband the server reports a node only when its value (or status) changes, and
-        a publish response - data or keep-alive - confirms that every node it does not mention
-        is unchanged.  So each sampling tick a live subscription has confirmed is a sample of the
+        a publish response - data or keep-alive - that ends a notification sequence (no
+        ``MoreNotifications``) confirms that every node it does not mention is unchanged.  So each sampling tick a live subscription has confirmed is a sample of the
         held value, as a regular sampler would have taken it: the windows are whole, a held level
         weighs by its duration, and a tag that holds still is not lost.  Ticks are held only up
         to the last publish response less one sampling interval and ``HOLD_LAG_S`` (a change
@@ -1068,7 +1096,11 @@ class _Connection:
     def _on_publish(self, result: ua.PublishResult) -> None:
         """The hot path: one publish response -> samples, synchronously."""
         confirmed = self.confirmed
-        self.last_publish = self.confirmed = time.monotonic()
+        self.last_publish = now = time.monotonic()
+        if not result.MoreNotifications:
+            # Only the response that ends a notification sequence says the nodes it leaves out
+            # are unchanged: before it, the server still holds changes, maybe of those nodes.
+            self.confirmed = now
         data = result.NotificationMessage.NotificationData
         if not data:
             return

@@ -11,10 +11,11 @@ is gone from the configuration, or no longer feeds the subject) or ``source_chan
 restarted with other settings; a condition that still holds is raised again after its delay).
 A restart ends more the same way: ``rule_removed`` (a limit level the new configuration no
 longer has), ``model_removed`` (an episode of a model it no longer runs), ``stream_removed`` (a
-stream its source, still configured, no longer delivers: an OPC UA node taken off its list, a
-wearable's profile without that characteristic) and ``device_changed`` (the source reads another
-device now: another address in the configuration, or, for a device that names itself, another
-serial number, server or node in the first data after the start).
+stream its source, still configured, no longer delivers: an OPC UA node taken off its list, one
+that never resolved included, a wearable's profile without that characteristic) and
+``device_changed`` (the source reads another device now: another address in the configuration,
+or, for a device that names itself, another serial number, server or node in the first data
+after the start).
 
 A stream's alarm belongs to the stream's source; a subject's anomaly episode to every source that
 fed the subject when it was raised.  The ledger is kept in ``state_dir/alarms.json`` so a restart
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway.contracts import Alarm, AlarmKind
+from gateway.contracts import Alarm, AlarmKind, Node
 from gateway.privatefile import write_private_json
 from gateway.sample import Metric, Stream
 
@@ -67,7 +68,8 @@ _ENDS: dict[AlarmKind, AlarmKind] = {
 }
 #: Detail keys an ending repeats from its raise, so the twin can tell which condition ended.
 #: ``rule``, ``cause`` and ``status`` say who raised a sensor fault (a plausibility rule, the driver);
-#: ``item`` which node of its source a fault raised with no stream is about (one never resolved).
+#: ``item`` a fault raised with no stream (a node never resolved) repeats: the node's place in its
+#: source's list when it was raised (the condition is told apart by ``Entry.node``, its address).
 _KEPT = ("level", "estimate", "model", "pattern", "rule", "cause", "status", "item")
 
 
@@ -86,6 +88,7 @@ class Entry:
     # Wall time the twin was told (its raise), and the priority it was raised (or escalated) at.
     raised: float | None = None
     priority: str | None = None
+    node: Node | None = None  # with no stream: the configured node it is about
 
     @property
     def since(self) -> float | None:
@@ -107,6 +110,7 @@ class Entry:
             self.stream,
             detail,
             subject_kind=self.subject_kind or (self.stream.kind if self.stream is not None else None),
+            node=self.node,
         )
 
 
@@ -132,13 +136,17 @@ def _key(alarm: Alarm) -> tuple[str, ...] | None:
     if family is None:
         return None
     s, d = alarm.stream, alarm.detail
+    if s is None and alarm.node is not None:
+        # A node that never resolved has no stream: its configured address tells it apart, wherever
+        # it sits in its source's list after a restart (``item``, its place there, may change).
+        return (family.value, alarm.subject, alarm.node.source, "", "", "", "", alarm.node.address)
     where = ("", "") if s is None else (s.source, s.device)
     if family is AlarmKind.DEVICE_LOST:
         return (family.value, alarm.subject, *where)
     if family is AlarmKind.ANOMALY:
         return (family.value, alarm.subject, str(d.get("model", "")))
     metric = "" if s is None else s.metric.name
-    # A node that never resolved has no stream: its place in its source's list tells it apart.
+    # ``item`` alone: a node's fault a gateway left on before its alarms named the node.
     return (family.value, alarm.subject, *where, metric, str(d.get("estimate", "")), str(d.get("item", "")))
 
 
@@ -182,9 +190,14 @@ class AlarmLedger:
             if known is not None and alarm.kind is AlarmKind.ANOMALY_INDETERMINATE:
                 return  # inside the episode: nothing the ending would say changed
             stream = alarm.stream
-            # A stream's condition is its source's; a subject's (an episode, an estimate's limit)
-            # belongs to every source feeding the subject when it was raised.
-            sources = (stream.source,) if stream is not None else self._feeds.get(alarm.subject, ())
+            # A stream's condition (a node's with no stream) is its source's; a subject's (an
+            # episode, an estimate's limit) belongs to every source feeding it when it was raised.
+            if stream is not None:
+                sources: tuple[str, ...] = (stream.source,)
+            elif alarm.node is not None:
+                sources = (alarm.node.source,)
+            else:
+                sources = self._feeds.get(alarm.subject, ())
             if known is not None:
                 sources = known.sources  # escalated (L -> LL) or resumed: the same condition
             kept = {k: alarm.detail[k] for k in _KEPT if k in alarm.detail}
@@ -195,7 +208,16 @@ class AlarmLedger:
             if priority is None and known is not None:
                 priority = known.priority
             entry = Entry(
-                family, alarm.subject, sources, alarm.subject_kind, stream, kept, onset, raised, priority
+                family,
+                alarm.subject,
+                sources,
+                alarm.subject_kind,
+                stream,
+                kept,
+                onset,
+                raised,
+                priority,
+                alarm.node,
             )
             if entry == known:
                 return
@@ -252,16 +274,31 @@ class AlarmLedger:
         gone = [k for k, e in self._on.items() if not self._fed(e)]
         return self._end(gone, "source_removed", t_mono, t_wall)
 
-    def undelivered(self, delivers: Mapping[str, Delivers]) -> list[tuple[Entry, EndReason]]:
+    def undelivered(
+        self, delivers: Mapping[str, Delivers], nodes: Mapping[str, frozenset[str]] | None = None
+    ) -> list[tuple[Entry, EndReason]]:
         """The streams' conditions on that their source, still feeding the subject, can no longer end.
 
         ``delivers``: what each configured source delivers (a source missing from it is not judged).
         A condition of a device the source no longer names is ``device_changed``; of a metric the
         device no longer delivers, ``stream_removed``.  A stream still configured but silent keeps
-        its condition: it may still hold.
+        its condition: it may still hold.  ``nodes``: the node addresses each source configures; a
+        fault of a node that never resolved (no stream) that its source no longer lists is
+        ``stream_removed`` too.  One an older gateway left on, known by its place in the list
+        (``item``) only, cannot be matched to its node: it is ``source_changed``, and the fresh
+        driver raises it again, by its node, if the node is still absent.
         """
         out: list[tuple[Entry, EndReason]] = []
         for e in self._on.values():
+            node = e.node
+            if node is not None:
+                listed = None if nodes is None else nodes.get(node.source)
+                if listed is not None and node.address not in listed and self._fed(e):
+                    out.append((e, "stream_removed"))
+                continue
+            if e.stream is None and "item" in e.detail and self._fed(e):
+                out.append((e, "source_changed"))
+                continue
             s = e.stream
             if s is None or s.source not in delivers or not self._fed(e):
                 continue
@@ -344,6 +381,7 @@ def _dump(e: Entry) -> dict[str, Any]:
         "onset": e.onset,
         "raised": e.raised,
         "priority": e.priority,
+        "node": None if e.node is None else {"source": e.node.source, "address": e.node.address},
     }
 
 
@@ -360,6 +398,7 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
             s["rate_hz"],
             s["on_change"],
         )
+    n = raw.get("node")
     return Entry(
         AlarmKind(raw["kind"]),
         str(raw["subject"]),
@@ -370,6 +409,7 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
         None if raw.get("onset") is None else float(raw["onset"]),
         None if raw.get("raised") is None else float(raw["raised"]),
         None if raw.get("priority") is None else str(raw["priority"]),
+        None if n is None else Node(str(n["source"]), str(n["address"])),
     )
 
 

@@ -9,7 +9,8 @@ again and ends it as the driver would have.  A fault by ``cause`` (a battery, a 
 has no such evidence in the data: it waits for the driver, whose first reading of the run ends it
 when it is good (and after which a raise is a new condition).  A fault raised with no stream (an
 OPC UA node that never resolved) is not judged here: nothing in the data can be matched to it;
-the fresh driver ends it with the node's first usable value (``gateway.runtime._ends_own_fault``).
+the fresh driver ends it with the node's first usable value (``gateway.runtime._ends_own_fault``),
+and its raise of one the alarm ledger holds on is not sent (``gateway.runtime._raises_unresolved_fault``).
 Pure logic, no I/O.
 """
 

@@ -14,8 +14,10 @@ Each *part* is one file of the card in its default precision: the ONNX file (alw
 wherever the card's choice cannot), and each other file the card names (:data:`EXTRAS`): its numpy
 weights (``dense``, the card's ``dense_files`` entry) and its ``.tflite`` model (``tflite``, the
 ``tflite_files`` entry), so the version runs on the backend its card chose (or the site's
-``backend``) and a gateway without onnxruntime stays without it.  A manifest without them (and
-without ``path``, as bundles were signed before) is valid: its version runs on onnxruntime.
+``backend``) and a gateway without onnxruntime stays without it.  The twin signs the ``.tflite``
+only for a card that chose LiteRT or when told to (``sign-model --tflite``): a gateway from before
+``tflite`` parts refuses a manifest with one.  A manifest without them (and without ``path``, as
+bundles were signed before) is valid: its version runs on onnxruntime.
 
 Every part travels in chunks, each a retained message on
 ``<root>/chunk/<first 32 hex of the part's SHA-256>/<index>``, no larger than the uplink

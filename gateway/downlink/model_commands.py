@@ -53,21 +53,35 @@ def _rules(path: Path | None, windows: int | None) -> Acceptance:
         raise TwinConfigError(f"{where}: key {key or '(top)'}: {first['msg']}: see docs/downlink.md") from exc
 
 
-def _extras_to_sign(args: argparse.Namespace, card: bytes) -> dict[str, Path]:
-    """The card's other files to sign (:data:`EXTRAS`): given (``--dense``, ``--tflite``), else found beside the model."""
+#: Parts found beside the model only for a card that chose their backend (else only when given):
+#: a gateway from before ``tflite`` parts refuses a manifest with one as malformed, and no backend
+#: but LiteRT reads the file, so a card serving on numpy or onnxruntime is signed without it.
+ONLY_FOR_BACKEND = {"tflite": "litert"}
+
+
+def _extras_to_sign(args: argparse.Namespace, card: bytes) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The card's other files to sign (:data:`EXTRAS`), given or found beside the model, and those left beside it.
+
+    Given (``--dense``, ``--tflite``): always signed.  Found beside ``--model`` under the card's
+    name: signed unless ``--onnx-only``, or the part is for a backend the card did not choose
+    (:data:`ONLY_FOR_BACKEND`); the latter are returned second, to say so.
+    """
     try:
-        names = card_files(json.loads(card))
+        doc = json.loads(card)
+        names, chosen = card_files(doc), doc.get("backend", "onnxruntime")
     except (ValueError, AttributeError) as exc:
         raise TwinConfigError(f"twin sign-model --card {args.card}: not a JSON card: {exc}") from exc
     found: dict[str, Path] = {}
+    left: dict[str, Path] = {}
     for key in EXTRAS:
         given, name = getattr(args, key), names[key]
         beside = args.model.parent / name if name and args.backend_files else None
         if given is not None:
             found[key] = Path(given)
         elif beside is not None and beside.is_file():
-            found[key] = beside
-    return found
+            needed = ONLY_FOR_BACKEND.get(key, chosen) == chosen
+            (found if needed else left)[key] = beside
+    return found, left
 
 
 def _check_card_names(card_path: Path, card: bytes, key: str, path: Path, data: bytes) -> None:
@@ -86,7 +100,7 @@ def _check_card_names(card_path: Path, card: bytes, key: str, path: Path, data: 
 def cmd_sign_model(args: argparse.Namespace) -> int:
     """Sign a model (ONNX file, numpy weights where the card names them, card) for a slot as a numbered bundle."""
     card, model = args.card.read_bytes(), args.model.read_bytes()
-    paths = _extras_to_sign(args, card)
+    paths, left = _extras_to_sign(args, card)
     extras = {key: path.read_bytes() for key, path in paths.items()}
     for key, path in paths.items():
         _check_card_names(args.card, card, key, path, extras[key])
@@ -114,6 +128,12 @@ def cmd_sign_model(args: argparse.Namespace) -> int:
         f"gateway {who}: {sum(len(p.chunks) for p in parse_manifest(manifest).parts)} chunk(s) of up to {chunk} bytes, {len(keys)} signature(s): {args.out}; "
         "publish it with publish-model"
     )
+    for key, path in left.items():
+        _say(
+            f"the {EXTRAS[key][1]} {path} is not carried: the card chose {json.loads(card).get('backend')}, "
+            f"and gateways from before {key} parts refuse a bundle with one; give --{key} {path} for a "
+            f"site that serves on {ONLY_FOR_BACKEND[key]}"
+        )
     return EXIT_OK
 
 
@@ -388,7 +408,8 @@ def add_model_commands(twin: Any, guard: Any, broker_args: Any) -> None:
     p.add_argument(
         "--tflite",
         type=Path,
-        help="the .tflite model the card lists (default: that file beside --model, if there)",
+        help="the .tflite model the card lists (default: that file beside --model, if there and the "
+        "card chose litert; gateways from before .tflite parts refuse a bundle with one)",
     )
     p.add_argument(
         "--onnx-only",

@@ -40,6 +40,7 @@ model's card names the sensors, each mapped to one metric of the subject, or all
     inputs = { T50 = "Engine/LPT_outlet" }   # ... except where mapped
     cycle_s = 60.0                           # one operating cycle
     low_rul = 30.0                           # cycles left -> a limit alarm
+    backend = "card"                         # or "onnxruntime", "litert" ("tflite"), "numpy"
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from __future__ import annotations
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.inference.build import BackendChoice
 
 __all__ = [
     "BatterySpec",
@@ -185,6 +188,9 @@ class RulSpec(_Section):
     grace_s: float = Field(5.0, ge=0, le=3600)  # wait this long after a cycle's end for its samples
     low_rul: float | None = Field(None, gt=0)  # cycles: below it (once trusted) a low-RUL alarm
     low_rul_priority: Priority = "medium"
+    # The runtime that serves the model, as [[models.use]] backend: "card" (its recipe's measured
+    # choice, onnxruntime where that cannot serve), or one by name, refused at load if it cannot.
+    backend: BackendChoice = "card"
 
     @model_validator(mode="after")
     def _has_inputs(self) -> Self:

@@ -9,9 +9,9 @@ each cycle's close :func:`cycle_features` gives the model its raw inputs (per se
 the last ``recent`` cycles and the least-squares slope over the window); the graph standardises
 them, squares them and applies the ridge, clipped to ``[0, cap]``, on the runtime the card chose
 by measured time and memory (numpy for the shipped ridge: no runtime library loaded for five
-operations).  A cycle closes once every input has sent a sample
-``grace_s`` past its end (samples arrive in blocks of one stream at a time), or at the stage's tick
-``grace_s`` after its end when some input stays silent.
+operations), or the one the estimator's ``backend`` names.  A cycle closes once every input has
+sent a sample ``grace_s`` past its end (samples arrive in blocks of one stream at a time), or at
+the stage's tick ``grace_s`` after its end when some input stays silent.
 
 Each closed cycle gives two estimates: ``rul`` in cycles, its ``sd`` the card's split-conformal
 90 % half-width over 1.645 and the interval itself in ``detail`` (``lo90``, ``hi90``), and
@@ -44,13 +44,19 @@ from gateway.contracts import Alarm, Estimate
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.estimation.config import RulSpec
 from gateway.estimation.limits import LowLimits
-from gateway.inference.backends import Backend, LiteRtBackend, OnnxBackend, litert_interpreter_class
+from gateway.inference.backends import (
+    BACKENDS,
+    Backend,
+    LiteRtBackend,
+    OnnxBackend,
+    litert_interpreter_class,
+    wanted_backend,
+)
 from gateway.inference.card import ModelFile, read_card
 from gateway.sample import FAULT_FLAGS, Stream
 
 __all__ = [
     "RIDGE_TOLERANCE",
-    "RUL_BACKENDS",
     "Z90",
     "RidgeBackend",
     "RulCard",
@@ -187,10 +193,6 @@ class RulModel:
         return float(self.backend.run(np.ascontiguousarray(features.reshape(1, -1), np.float32))[0])
 
 
-#: ``backend`` of :func:`load_rul_model`: "card" follows the card's measured choice.
-RUL_BACKENDS = ("card", "onnxruntime", "litert", "numpy")
-
-
 def _verified(directory: Path, card: RulCard, spec: ModelFile) -> bytes:
     """A file of the card, refused unless its sha256 is the card's."""
     file = directory / spec.path
@@ -211,9 +213,10 @@ def _verified(directory: Path, card: RulCard, spec: ModelFile) -> bytes:
 def load_rul_model(directory: Path, name: str, backend: str = "card") -> RulModel:
     """The RUL model ``name`` of ``directory`` on ``backend``: its card validated, its file checked by sha256.
 
-    "card" serves on the card's measured choice; when that is LiteRT and no LiteRT wheel imports
-    here (or a file it needs is not listed) the ONNX model serves and an INFO line says why.  A
-    backend asked for by name that cannot serve is a ConfigError.
+    ``backend`` takes the values of ``[[models.use]] backend`` (:data:`BACKENDS`; "tflite" names
+    LiteRT).  "card" serves on the card's measured choice; when that is LiteRT and no LiteRT wheel
+    imports here (or a file it needs is not listed) the ONNX model serves and an INFO line says
+    why.  A backend asked for by name that cannot serve is a ConfigError.
     """
     path = directory / f"{name}.card.json"
     card = read_card(
@@ -223,11 +226,11 @@ def load_rul_model(directory: Path, name: str, backend: str = "card") -> RulMode
         unreadable="set [[estimators.rul]] model to a shipped RUL model or [models] dir to where it is",
         malformed="not a RUL model card, or a damaged one: re-run models/recipes/rul_cmapss.py",
     )
-    if backend not in RUL_BACKENDS:
+    if backend not in BACKENDS:
         raise ConfigError(
-            f"estimation rul {card.name}: backend {backend!r}: use one of {', '.join(RUL_BACKENDS)}"
+            f"estimation rul {card.name}: backend {backend!r}: unknown: use one of {', '.join(BACKENDS)}"
         )
-    want = card.backend if backend == "card" else backend
+    want = wanted_backend(backend, card.backend)
     why = ""
     if want == "numpy":
         if "fp32" in card.numpy_files:
@@ -243,7 +246,10 @@ def load_rul_model(directory: Path, name: str, backend: str = "card") -> RulMode
             data = _verified(directory, card, card.tflite_files["fp32"])
             return RulModel(card, LiteRtBackend(card, data, "fp32", cls))
     if why and backend != "card":
-        raise ConfigError(f"estimation rul {card.name}: backend {backend!r}: {why}: serve it on onnxruntime")
+        raise ConfigError(
+            f"estimation rul {card.name}: backend {backend!r}: {why}: set [[estimators.rul]] backend "
+            '= "onnxruntime" (or "card")'
+        )
     if why:
         log.info("estimation rul %s: the card prefers %s but %s; the ONNX model serves", card.name, want, why)
     data = _verified(directory, card, card.files["fp32"])

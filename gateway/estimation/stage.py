@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.contracts import Alarm, Estimate
+from gateway.errors import ConfigError
 from gateway.estimation.config import EstimatorsSection
 from gateway.estimation.limits import LowLimits
 from gateway.sample import Sample, SampleBlock, Stream
@@ -93,12 +94,16 @@ class Estimation:
             from gateway.inference.build import default_models_dir  # noqa: PLC0415 - only with RUL
 
             directory = models_dir or default_models_dir()
-            loaded: dict[str, RulModel] = {}
+            loaded: dict[tuple[str, str], RulModel] = {}  # one per model and backend
             for i, spec in enumerate(section.rul):
-                if spec.model not in loaded:
-                    loaded[spec.model] = load_rul_model(directory, spec.model)
+                key = (spec.model, spec.backend)
+                if key not in loaded:
+                    try:
+                        loaded[key] = load_rul_model(directory, spec.model, spec.backend)
+                    except ConfigError as exc:
+                        raise ConfigError(f"config estimators.rul[{i}]: {exc}") from exc
                 kind = kinds.get(spec.subject, "industrial")
-                self.estimators.append(RulEstimator(spec, i, kind, emit, loaded[spec.model], alarm))
+                self.estimators.append(RulEstimator(spec, i, kind, emit, loaded[key], alarm))
         self._subjects = frozenset(e.spec.subject for e in self.estimators)
         if kinds:
             tables: tuple[tuple[str, list[str]], ...] = (

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 import io
 import logging
+import math
+import operator
 import sys
 import zipfile
 from pathlib import Path
@@ -28,6 +30,7 @@ from gateway.inference.card import ModelCard, read_verified
 __all__ = [
     "BACKENDS",
     "DENSE_ACTIVATIONS",
+    "DENSE_BATCH1_TOLERANCE",
     "DENSE_TOLERANCE",
     "Backend",
     "DenseBackend",
@@ -37,15 +40,13 @@ __all__ = [
     "dense_forward",
     "litert_interpreter_class",
     "open_backend",
+    "wanted_backend",
 ]
 
 log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
-
-# numpy's tanh on a scalar runs the array path's loop: a score at batch 1 is the batch's to the bit.
-_tanh = np.tanh
 
 
 class GraphCard(Protocol):
@@ -273,12 +274,18 @@ def _layers_forward(x: F32 | F64, layers: list[tuple[F64, F64, str]]) -> F64:
     return cast("F64", y)
 
 
+#: Largest |score| difference between a window scored alone and the same row in a batch: the
+#: window's dot products are summed in Python, the batch's by BLAS, in another order (a few
+#: float64 roundings of the pre-activation; measured: at most 1.1e-16 on the shipped models).
+DENSE_BATCH1_TOLERANCE = 1e-12
+
+
 def _activate(y: float, act: str) -> float:
-    """One output's activation in Python, in the operations :func:`_layers_forward` uses."""
+    """One output's activation in Python, the function :func:`_layers_forward` applies."""
     if act == "relu":
         return max(y, 0.0)  # NaN stays NaN, as with np.maximum
     if act == "sigmoid":
-        return (float(_tanh(y * 0.5)) + 1.0) * 0.5
+        return (math.tanh(y * 0.5) + 1.0) * 0.5
     return y
 
 
@@ -296,12 +303,16 @@ class DenseBackend:
     def __init__(self, card: ModelCard, data: bytes, precision: str) -> None:
         self.precision = precision
         self._layers, ref_x, ref_y = self._parse(card, data)
-        # At batch 1 the last layer (one output) is finished in Python: numpy's cost per call is
-        # most of a small model's time, and every call touches code a busy neighbour evicts.
+        # At batch 1 the last layer (one output) is a dot product in Python floats: numpy's
+        # matmul of a float32 row by float64 weights goes through its casting machinery and BLAS,
+        # 20-25 us of code a busy neighbour evicts, for 14 products (bench_models.py --evict).
         *self._hidden, (w, b, act) = self._layers
-        self._last = (w, float(b[0]), act)
+        self._last = (w[:, 0].tolist(), float(b[0]), act)
         got = self.run(ref_x)
-        worst = float(np.max(np.abs(got - ref_y))) if len(ref_y) else float("inf")
+        # The window-at-a-time path (see run) must reproduce them too.
+        one = np.array([self.run(ref_x[i : i + 1])[0] for i in range(len(ref_x))])
+        diff = np.maximum(np.abs(got - ref_y), np.abs(one - ref_y))
+        worst = float(np.max(diff)) if len(ref_y) else float("inf")
         if not worst <= DENSE_TOLERANCE:
             raise CorruptDataError(
                 f"models {card.name} ({precision}): numpy weights do not reproduce the recorded "
@@ -350,12 +361,18 @@ class DenseBackend:
         if len(x) != 1:
             return dense_forward(x, self._layers)
         w, b, act = self._last
-        h = _layers_forward(x, self._hidden) if self._hidden else x
-        return np.array((_activate(float((h @ w).item()) + b, act),))
+        # Hidden layers on a float64 row: a matmul of equal types skips the casting path.
+        h = _layers_forward(x.astype(np.float64), self._hidden) if self._hidden else x
+        return np.array((_activate(sum(map(operator.mul, h.tolist()[0], w)) + b, act),))
 
 
 #: Config values of ``backend``: "card" follows the card's measured choice; "tflite" names LiteRT too.
 BACKENDS = ("card", "onnxruntime", "litert", "tflite", "numpy")
+
+
+def wanted_backend(asked: str, chosen: str) -> str:
+    """The runtime a config's ``backend`` asks for: the card's ``chosen`` one for "card", LiteRT for "tflite"."""
+    return chosen if asked == "card" else "litert" if asked == "tflite" else asked
 
 
 def open_backend(
@@ -374,7 +391,7 @@ def open_backend(
         raise ConfigError(
             f"models {card.name}: backend {backend!r}: unknown: use one of {', '.join(BACKENDS)}"
         )
-    want = card.backend if backend == "card" else "litert" if backend == "tflite" else backend
+    want = wanted_backend(backend, card.backend)
     why = remedy = ""
     if want == "numpy":
         if prec in card.dense_files:

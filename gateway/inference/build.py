@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from gateway.inference.runner import AnomalyModel
 
 __all__ = [
+    "BackendChoice",
     "FusionUse",
     "ModelUse",
     "ModelsSection",
@@ -37,6 +38,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: A config's ``backend`` ([models], [[models.use]], [[estimators.rul]]): "card" follows the card's
+#: measured choice; "tflite" names LiteRT too (the values of ``gateway.inference.backends.BACKENDS``).
+BackendChoice = Literal["card", "onnxruntime", "litert", "tflite", "numpy"]
 
 
 class _Section(BaseModel):
@@ -52,9 +57,7 @@ class ModelUse(_Section):
     commissioning_s: float | None = Field(None, gt=0, le=86_400)  # per-machine calibration span
     subjects: list[str] = Field(default_factory=list)  # empty: every subject of the card's kind
     latency_budget_us: float | None = Field(None, gt=0)
-    backend: Literal["card", "onnxruntime", "litert", "tflite", "numpy"] | None = (
-        None  # default: [models] backend
-    )
+    backend: BackendChoice | None = None  # default: [models] backend
     # Card input metric -> the stream that carries it, where the names differ (e.g. a PLC's tags):
     # inputs = { RateRMS = "Pump1/Hydraulics/Flow" } (a whole metric name or its last segments).
     inputs: dict[str, str] = Field(default_factory=dict)
@@ -87,7 +90,7 @@ class ModelsSection(_Section):
     dir: Annotated[Path, Field(strict=False)] | None = None  # TOML has no path type: a string
     # "card": the runtime each card's recipe chose by measured time and memory (onnxruntime when
     # that one cannot serve here); "onnxruntime", "litert" (alias "tflite") or "numpy" for every model.
-    backend: Literal["card", "onnxruntime", "litert", "tflite", "numpy"] = "card"
+    backend: BackendChoice = "card"
     # Ectopic-beat detection on RR-interval streams (a physiology rule, no model file needed).
     ectopy: bool = True
     # Scored normal windows in a row that end an anomaly episode (hysteresis); an indeterminate

@@ -30,6 +30,9 @@ own normal data raise one.  A score above 1 is anomalous.
 Explanation: each input's share of the score, from the complete decomposition of T² and the
 squared residuals of SPE, summed over its lags and blocks; when the CUSUM raised the score, from
 the sums at its alarm level instead (in the inputs' standardised units, squared as SPE's residuals).
+As a fusion's member (``explain_all``) a window it does not flag is explained only when the
+fusion reads its contributions (a fused anomaly), from that window's own row, as it would have been
+at once (:class:`gateway.inference.deferred.Deferred`); ``explained`` counts the windows explained.
 
 Guarded adaptation: after commissioning, a window judged normal that follows ``adapt_guard``
 normal windows in a row moves each input's mean a step ``adapt_rate`` towards it; anomalous or
@@ -63,9 +66,11 @@ start again from the settling windows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -78,6 +83,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.contracts import DEFAULT_MIN_COVERAGE, ModelResult, WindowRecord
+from gateway.inference.deferred import Deferred
 from gateway.inference.partial import PARTIAL, Coverage
 from gateway.inference.statefile import state_file, store_json
 
@@ -594,7 +600,13 @@ class NoveltyModel:
         self.window_s = use.window_s
         self.subject_kind = use.subject_kind
         # Explain every scored window (a fusion over this detector may flag one it does not).
+        # A window it does not flag is explained when its contributions are first read: a fusion
+        # reads them only for the windows it flags, and the decomposition cost a quarter of a
+        # member's window, features included (BENCHMARKS.md).
         self.explain_all = False
+        # Windows explained so far (flagged ones when scored, the others when read).
+        self.explained = 0
+        self._explained_lock = threading.Lock()  # a deferred explanation is read on another thread
         cusum_k, self._cusum_why = use.residual_cusum()
         self.spec = PcaSpec(
             use.lags,
@@ -745,11 +757,23 @@ class NoveltyModel:
         anomalous = score > 1.0
         if anomalous:
             subj.normal_run = 0
-            return ModelResult(score, True, contributions(fit, row[0], subj.keys, sums=subj.sums))
+            return ModelResult(score, True, self._explain(fit, row[0], subj.keys, subj.sums))
         subj.normal_run += 1
         if self.use.adapt_rate > 0 and subj.normal_run > self.adapt_guard:
             self._adapt(record.subject, subj, x)
-        return ModelResult(score, False, contributions(fit, row[0], subj.keys) if self.explain_all else {})
+        if not self.explain_all:
+            return ModelResult(score, False)
+        # What the explanation reads stays as it is now: the row is this window's own, and the
+        # fit's subspace and limits are never changed in place (adaptation rebinds the means).
+        return ModelResult(score, False, Deferred(functools.partial(self._explain, fit, row[0], subj.keys)))
+
+    def _explain(
+        self, fit: PcaFit, row: F64, keys: tuple[str, ...], sums: CusumSums | None = None
+    ) -> dict[str, float]:
+        """One window's contributions, counted in ``explained``."""
+        with self._explained_lock:
+            self.explained += 1
+        return contributions(fit, row, keys, sums=sums)
 
     def _adapt(self, subject: str, subj: _Subject, x: F64) -> None:
         """Move each input's mean a small step towards a clearly normal window."""

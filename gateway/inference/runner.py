@@ -45,7 +45,7 @@ import operator
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -54,8 +54,9 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.contracts import DEFAULT_MIN_COVERAGE, Alarm, AlarmKind, Diagnostic, ModelResult, WindowRecord
-from gateway.inference.backends import Backend, open_backend
+from gateway.inference.backends import Backend, open_backend, wanted_backend
 from gateway.inference.card import ModelCard, ModelFile, input_matches
+from gateway.inference.deferred import Deferred
 from gateway.inference.partial import PARTIAL, Coverage
 from gateway.inference.plausibility import PlausibilityChecker, Rule, Violation, window_breaches
 from gateway.inference.statefile import state_file, store_json
@@ -129,6 +130,7 @@ class Normaliser:
     normal_s: float = 0.0  # normal windows' time in a row
     # Per window after commissioning: which inputs follow (1/0) and the level's bounds.
     _weight: F64 | None = None
+    _scaled: tuple[float, F64] | None = None  # (rate, weight x rate) of the last step
     _lo: F64 | None = None
     _hi: F64 | None = None
     _bounds: tuple[list[float], list[float]] | None = None  # _lo and _hi as lists
@@ -185,18 +187,27 @@ class Normaliser:
             return
         if self._weight is None:
             self._weight = track.weight
-        # In place and few operations: this runs for every window of every machine.
+        rate = min(1.0, dt / tau)
+        scaled = self._scaled
+        if scaled is None or scaled[0] != rate:  # windows a hop apart repeat the rate
+            scaled = self._scaled = (rate, self._weight * rate)
+        # In place and few operations: this runs for every window of every machine.  One product
+        # by weight x rate is the product by weight then by rate to the bit (each weight is 1 or 0
+        # and rate > 0), one numpy call fewer per window.
         step = x - self.level
-        step *= self._weight
+        step *= scaled[1]
         # Finite unless an input is absent (NaN) or the step overflowed; a sum on the Python list
         # says so without numpy calls of its own (an overflowing sum only costs the clean-up).
         if not math.isfinite(sum(step.tolist())):
-            # np.nan_to_num(step, copy=False) in bare ufuncs (its wrapper cost more than the step):
-            # an absent input does not move its level, an overflow is the largest finite step.
+            # np.nan_to_num(step, copy=False) in bare ufuncs (its wrapper cost more than the step),
+            # on the step by weight alone as before the rate: an absent input does not move its
+            # level, an overflow is the largest finite step.
+            step = x - self.level
+            step *= self._weight
             np.copyto(step, 0.0, where=np.isnan(step))
             np.minimum(step, _FMAX, out=step)
             np.maximum(step, -_FMAX, out=step)
-        step *= min(1.0, dt / tau)
+            step *= rate
         self.level += step
         if self._bounds is not None and self._lo is not None and self._hi is not None:
             # Compared on Python lists first: a level that stays within its bounds (nearly every
@@ -443,7 +454,7 @@ class AnomalyModel:
         "card" still serves the ONNX model where no LiteRT wheel imports.
         """
         asked = "litert" if self._backend_asked == "tflite" else self._backend_asked
-        want = card.backend if asked == "card" else asked
+        want = wanted_backend(asked, card.backend)
         files: dict[str, tuple[dict[Any, ModelFile], str]] = {
             "numpy": (dict(card.dense_files), "numpy weights"),
             "litert": (dict(card.tflite_files), ".tflite file"),
@@ -726,14 +737,12 @@ class AnomalyModel:
         by_row: dict[int, Mapping[str, float]] = {}
         if True in flagged:
             contrib_rows = [r for r, f in enumerate(flagged) if f]
-            contribs = self._explain(z_all[contrib_rows], scores[contrib_rows], clip)
+            contribs = self._explain(z_all[contrib_rows], clip)
             by_row = dict(zip(contrib_rows, contribs, strict=True))
         if self.explain_all:
             for r, sv in enumerate(served):
                 if sv and not flagged[r]:
-                    by_row[r] = _Deferred(
-                        functools.partial(self._explain, z_all[r : r + 1], scores[r : r + 1], clip)
-                    )
+                    by_row[r] = Deferred(functools.partial(self._explain_one, z_all[r : r + 1], clip))
         fb_z = self.card.fallback.z
         for r, i in enumerate(rows):
             self._follow(records[i], xs[r], flagged[r] if served[r] else None)
@@ -816,18 +825,26 @@ class AnomalyModel:
             if h.demoted and h.reason.startswith("latency"):
                 self._probe(True)
 
-    def _explain(self, z: F64, scores: F64, clip: float) -> list[dict[str, float]]:
+    def _explain_one(self, z: F64, clip: float) -> dict[str, float]:
+        """The occlusion shares of one window (a row of ``z``)."""
+        return self._explain(z, clip)[0]
+
+    def _explain(self, z: F64, clip: float) -> list[dict[str, float]]:
         """Occlusion shares: score lost when each input alone returns to ``z = 0``."""
         k, n = z.shape
-        probe = np.repeat(np.clip(z, -clip, clip), n, axis=0).reshape(k, n, n)
+        # Rows 0..n-1 each with one input at 0, row n the window itself: the score the drops are
+        # taken from comes from the same batch call as the occluded ones.  A window scored alone
+        # takes another path (the numpy backend sums its last layer in Python), which may differ
+        # in the last bit: an input without effect must lose exactly nothing, not 1e-22.
+        probe = np.repeat(np.clip(z, -clip, clip), n + 1, axis=0).reshape(k, n + 1, n)
         probe[:, np.arange(n), np.arange(n)] = 0.0
         try:
             with self._run_lock:
-                out = self.backend.run(probe.reshape(k * n, n).astype(np.float32)).reshape(k, n)
+                out = self.backend.run(probe.reshape(k * (n + 1), n).astype(np.float32)).reshape(k, n + 1)
         except Exception:  # explanations are best effort; the anomaly itself still goes out
             log.exception("models %s: explanation failed; sending the z-score shares", self.name)
             return [_zshare(row, self._keys) for row in z]
-        drops = np.maximum(scores[:, None] - out, 0.0)
+        drops = np.maximum(out[:, n:] - out[:, :n], 0.0)
         drops[~np.isfinite(drops)] = 0.0
         result: list[dict[str, float]] = []
         for r in range(k):
@@ -939,36 +956,6 @@ class AnomalyModel:
         if self._track is not None and norm.level is not None:
             body["level"] = norm.level.tolist()
         store_json(path, body, self.name)
-
-
-class _Deferred(Mapping[str, float]):
-    """A window's contributions, computed by ``make`` (one explanation) when first read."""
-
-    __slots__ = ("_got", "_make")
-
-    def __init__(self, make: Callable[[], list[dict[str, float]]]) -> None:
-        self._make: Callable[[], list[dict[str, float]]] | None = make
-        self._got: dict[str, float] | None = None
-
-    def _value(self) -> dict[str, float]:
-        got = self._got
-        if got is None:
-            make = self._make
-            got = {} if make is None else make()[0]
-            self._got, self._make = got, None  # the window's inputs are let go
-        return got
-
-    def __getitem__(self, key: str) -> float:
-        return self._value()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._value())
-
-    def __len__(self) -> int:
-        return len(self._value())
-
-    def __repr__(self) -> str:
-        return repr(self._value())
 
 
 def _top(shares: F64, keys: Sequence[str]) -> dict[str, float]:

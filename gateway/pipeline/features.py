@@ -12,6 +12,7 @@ import operator
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -78,11 +79,38 @@ LAYOUTS_KEPT = 16
 
 @lru_cache(maxsize=LAYOUTS_KEPT)
 def _layout(counts: tuple[int, ...]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], F8]:
-    """Segment starts of ``counts`` values then ``counts`` times, each row's segment, and counts."""
+    """Segment starts, each row's segment, and the counts of ``counts`` values then ``counts`` times.
+
+    The starts go on with a third block, the values' starts again past both: the segments of the
+    cross products, which :func:`_streams_pass` sums with the squares in one reduction.
+    """
     c = np.array(counts + counts, np.intp)
-    starts = np.zeros(c.size, np.intp)
-    np.cumsum(c[:-1], out=starts[1:])
+    starts = np.zeros(c.size + len(counts), np.intp)
+    np.cumsum(c[:-1], out=starts[1 : c.size])
+    starts[c.size :] = starts[: len(counts)] + 2 * sum(counts)
     return starts, np.repeat(np.arange(c.size, dtype=np.intp), c), c.astype(np.float64)
+
+
+class _Work(NamedTuple):
+    """One layout's work-array views and segment indices (see :class:`_Scratch`)."""
+
+    x: F8  # values then times
+    xv: F8  # values
+    xt: F8  # times
+    y: F8  # squares of values and times, then values x times
+    sq: F8
+    cross: F8
+    bounds: F8  # r: minima, maxima, value means, time means, then the sums of y
+    vmin: F8
+    vmax: F8
+    mean: F8
+    vmean: F8
+    sums: F8
+    starts: npt.NDArray[np.intp]  # values', times', cross products' segment starts
+    vstarts: npt.NDArray[np.intp]
+    vtstarts: npt.NDArray[np.intp]
+    seg: npt.NDArray[np.intp]
+    n: F8
 
 
 class _Scratch(threading.local):
@@ -92,24 +120,40 @@ class _Scratch(threading.local):
     memory otherwise: above the mmap threshold the gateway pins (``gateway.memory``), 128 KiB or
     8 streams x 1,000 samples, each is mapped, faulted in page by page and unmapped again in every
     window, which cost more than the arithmetic.  Held here they stay resident at the largest
-    window's size, two arrays per thread that computes features (the windower's).
+    window's size, three arrays per thread that computes features (the windower's): the values and
+    times, their products (half as long again: squares of both, then values times times), and the
+    per-stream results (seven per stream), read out with one ``tolist`` per step.  The views of
+    the last layout are kept too: a steady source repeats its counts, and a dozen slices cost
+    about 1 us a window.
     """
 
     def __init__(self) -> None:
         self.a: F8 = np.empty(0)
         self.b: F8 = np.empty(0)
-        self.last: tuple[int, F8, F8] = (0, self.a, self.b)  # a steady source repeats its size
+        self.r: F8 = np.empty(0)
+        self.key: tuple[int, ...] = ()
+        self.work: _Work | None = None
 
-    def views(self, size: int) -> tuple[F8, F8]:
-        """Two arrays of ``size`` values (contents undefined), grown with room for jittering counts."""
-        last = self.last
-        if last[0] == size:
-            return last[1], last[2]
-        if self.a.size < size:
-            room = size + size // 8
-            self.a, self.b = np.empty(room), np.empty(room)
-        self.last = (size, self.a[:size], self.b[:size])
-        return self.last[1], self.last[2]
+    def views(self, counts: tuple[int, ...]) -> _Work:
+        """The work-array views for a window of ``counts`` (contents undefined), grown with room for jittering counts."""
+        work = self.work
+        if work is not None and counts == self.key:
+            return work
+        s, nv = len(counts), sum(counts)
+        if self.a.size < 2 * nv:
+            room = nv + nv // 8
+            self.a, self.b = np.empty(2 * room), np.empty(3 * room)
+        if self.r.size < 7 * s:
+            self.r = np.empty(7 * s)
+        x, y, r = self.a[: 2 * nv], self.b[: 3 * nv], self.r[: 7 * s]
+        starts, seg, n = _layout(counts)
+        work = _Work(
+            x, x[:nv], x[nv:], y, y[: 2 * nv], y[2 * nv :],
+            r[: 2 * s], r[:s], r[s : 2 * s], r[2 * s : 4 * s], r[2 * s : 3 * s], r[4 * s :],
+            starts, starts[:s], starts[: 2 * s], seg, n,
+        )  # fmt: skip
+        self.key, self.work = counts, work
+        return work
 
 
 _SCRATCH = _Scratch()
@@ -139,37 +183,44 @@ def basic_features_streams(ts: Sequence[F8], vs: Sequence[F8]) -> list[dict[str,
 
 
 def _streams_pass(ts: Sequence[F8], vs: Sequence[F8], counts: tuple[int, ...]) -> list[dict[str, float]]:
-    """:func:`basic_features_streams` of two or more streams, none of them empty."""
+    """:func:`basic_features_streams` of two or more streams, none of them empty.
+
+    Few numpy calls and three ``tolist``: after a busy neighbour's time slice each call's code and
+    each result's objects come back from memory (4-8 us a distinct call, bench_models.py --evict),
+    so the results of a step go into one array and come out in one list.
+    """
     s = len(counts)
-    starts, seg, n = _layout(counts)
-    x, y = _SCRATCH.views(2 * sum(counts))
+    w = _SCRATCH.views(counts)
+    x, xv, mean = w.x, w.xv, w.mean
     np.concatenate((*vs, *ts), out=x)
-    nv = x.size // 2
-    xv = x[:nv]
-    vmin = np.minimum.reduceat(xv, starts[:s])
-    vmax = np.maximum.reduceat(xv, starts[:s])
-    los, his = vmin.tolist(), vmax.tolist()
+    np.minimum.reduceat(xv, w.vstarts, out=w.vmin)
+    np.maximum.reduceat(xv, w.vstarts, out=w.vmax)
+    bounds = w.bounds.tolist()
+    los, his = bounds[:s], bounds[s:]
     if min(los) <= -_HUGE or max(his) >= _HUGE:
-        # Squares could overflow, and numpy would warn where the per-stream dot products do not;
-        # within the bound no feature but the slope can be non-finite (times are clock seconds).
+        # Sums and squares could overflow, and numpy would warn where the per-stream dot products
+        # do not; within the bound no feature but the slope can be non-finite (times are clock seconds).
         return [basic_features_finite(t, v) for t, v in zip(ts, vs, strict=True)]
-    mean = np.add.reduceat(x, starts)
-    mean /= n
-    means = mean[:s].tolist()
+    np.add.reduceat(x, w.vtstarts, out=mean)
+    mean /= w.n
+    means = w.vmean.tolist()
     # Rounding can put a sum/n mean a hair outside [min, max]; clamp so constants stay exact.  Only
     # a (near) constant stream can be outside: the check on lists spares two numpy calls a window.
     if min(map(operator.sub, means, los)) < 0.0 or max(map(operator.sub, means, his)) > 0.0:
-        np.maximum(mean[:s], vmin, out=mean[:s])
-        np.minimum(mean[:s], vmax, out=mean[:s])
-        means = mean[:s].tolist()
-    # Centred values, then centred times (t_mono ~1e5-1e6 s: keeps precision); the products into
-    # the second work array: the operations of ``x -= mean[seg]``, ``x * x`` and ``xv * x[nv:]``.
-    x -= mean.take(seg, out=y, mode="clip")  # every index is in range: no bounds pass
-    sq = np.add.reduceat(np.multiply(x, x, out=y), starts)
-    cross = np.add.reduceat(np.multiply(xv, x[nv:], out=y[:nv]), starts[:s])
+        np.maximum(w.vmean, w.vmin, out=w.vmean)
+        np.minimum(w.vmean, w.vmax, out=w.vmean)
+        means = w.vmean.tolist()
+    # Centred values, then centred times (t_mono ~1e5-1e6 s: keeps precision); then in one array
+    # the squares of both and the values times the times, each stream's segments summed in one
+    # reduction: the operations (and sums) of ``x -= mean[seg]``, ``x * x`` and ``xv * x[nv:]``.
+    x -= mean.take(w.seg, out=w.sq, mode="clip")  # every index is in range: no bounds pass
+    np.multiply(x, x, out=w.sq)
+    np.multiply(xv, w.xt, out=w.cross)
+    np.add.reduceat(w.y, w.starts, out=w.sums)
+    second = w.sums.tolist()
     out: list[dict[str, float]] = []
     for c, m, lo, hi, ss, den, num in zip(
-        counts, means, los, his, sq[:s].tolist(), sq[s:].tolist(), cross.tolist(), strict=True
+        counts, means, los, his, second[:s], second[s : 2 * s], second[2 * s :], strict=True
     ):
         # Divisions in Python as in the per-stream function: no numpy warning state per window.
         if lo == hi:

@@ -195,7 +195,12 @@ class TwinView:
 
 def alarm_what(a: AlarmRecord, *, model: bool = False) -> str:
     """What an alarm is about: its kind, its model (``model``), its metric or estimate, value and limit."""
-    about = metric_label(a.metric) if a.metric else str(a.detail.get("estimate", "")).upper()
+    if a.metric:
+        about = metric_label(a.metric)
+    elif "item" in a.detail:
+        about = f"item {a.detail['item']}"  # a node that never resolved: its place in its source's list
+    else:
+        about = str(a.detail.get("estimate", "")).upper()
     what = " ".join(x for x in (a.alarm, str(a.detail.get("model", "")) if model else "", about) if x)
     if a.value is not None and a.limit is not None:
         what += f" {number(a.value)} (limit {number(a.limit)})"
@@ -228,7 +233,19 @@ def condition_key(rec: AlarmRecord) -> tuple[tuple[str, ...], bool] | None:
         return (kind, str(rec.detail.get("model", ""))), raises
     if kind == "device_lost":
         return (kind, rec.dev or ""), raises
-    return (kind, rec.dev or "", rec.metric or "", str(rec.detail.get("estimate", ""))), raises
+    # A fault on a node that never resolved has no stream: the node's pseudonym (``node``, of its
+    # source and configured address) tells it from another such node of the subject, whatever its
+    # place in its source's list (``item``: all a record of an older gateway has), as the ledger does.
+    detail = rec.detail
+    node = detail.get("node")
+    return (
+        kind,
+        rec.dev or "",
+        rec.metric or "",
+        str(detail.get("estimate", "")),
+        "" if node is not None else str(detail.get("item", "")),
+        "" if node is None else str(node),
+    ), raises
 
 
 def fold_condition(state: SubjectState, rec: AlarmRecord, place: Place) -> None:

@@ -10,11 +10,13 @@ onnxruntime and LiteRT.
 :func:`backend_card_fields` is what a recipe calls after writing its ONNX files: the LiteRT fields
 (:func:`models.recipes.tflite.litert_card_fields`), the numpy weights where the graph allows them,
 checked on every evaluation row, and the card's ``backend`` chosen from the batch-1 latency and
-process growth of every runtime measured the same way.
+process growth of every runtime measured the same way (numpy's: the gateway's backend on one
+float32 row, the path a window is scored on; :data:`BATCH1_PATH`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,20 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.inference.backends import DENSE_TOLERANCE, dense_forward
+from gateway.inference.backends import DENSE_TOLERANCE, dense_forward, open_backend
+from gateway.inference.card import load_card
 from models.recipes.common import write_npz
 from models.recipes.tflite import UnsupportedGraphError, litert_card_fields, median_us, probe_growth_mb
 
-__all__ = ["REFERENCE_ROWS", "backend_card_fields", "choose_backend", "dense_layers", "export_dense"]
+__all__ = [
+    "BATCH1_PATH",
+    "REFERENCE_ROWS",
+    "backend_card_fields",
+    "choose_backend",
+    "dense_layers",
+    "export_dense",
+    "served_batch1_us",
+]
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -102,6 +113,18 @@ print(base, rss())
 """
 
 
+#: What ``evaluation.backends.numpy.fp32.batch1_latency_us`` times (cards recorded without it
+#: timed the layers in numpy, :func:`dense_forward` on a float64 row).
+BATCH1_PATH = "the gateway's numpy backend on one float32 row (the window-at-a-time path)"
+
+
+def served_batch1_us(card_path: Path, row: F32) -> float:
+    """Median microseconds of the numpy backend's call on one float32 row, as the gateway scores a window."""
+    served = open_backend(load_card(card_path), card_path.parent, precision="fp32", backend="numpy")
+    x1 = np.ascontiguousarray(row.reshape(1, -1), np.float32)
+    return median_us(functools.partial(served.run, x1))
+
+
 def process_growth_mb(card_path: Path, kind: str) -> float:
     """MB a fresh process (numpy and the gateway's backends module loaded) grows by serving on ``kind``."""
     return probe_growth_mb(_RSS_PROBE, str(card_path), kind)
@@ -153,17 +176,18 @@ def backend_card_fields(
             raise UnsupportedGraphError(
                 f"numpy scores differ from onnxruntime by {worst:.3g} on the check rows"
             )
-        x1 = rows[:1].astype(np.float64)
         dense["fp32"] = {
             "max_abs_diff_vs_onnx_fp32": worst,
             "decision_agreement_vs_onnx_fp32": float(np.mean((got > threshold) == (ref > threshold))),
-            "batch1_latency_us": median_us(lambda: dense_forward(np.asarray(x1, np.float64), layers)),
             "reference_rows": len(pick),
         }
     fields = {"tflite_files": lite["tflite_files"], "dense_files": {"fp32": file_entry(npz)} if npz else {}}
     scratch = onnx_fp32.parent / f".{card['name']}.measure.card.json"
     scratch.write_text(json.dumps({**card, **fields, "backend": "onnxruntime"}), encoding="utf-8")
     try:
+        if npz is not None:
+            dense["fp32"]["batch1_latency_us"] = served_batch1_us(scratch, rows[:1])
+            dense["fp32"]["batch1_path"] = BATCH1_PATH
         prec = card["default_precision"]
         figures = {
             "onnxruntime": {"batch1_us": lite["litert"][prec]["onnxruntime_batch1_latency_us"]},

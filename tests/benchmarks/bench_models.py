@@ -8,6 +8,12 @@ megabytes before every window (outside the measured time): every window then sta
 caches a busy neighbour leaves, without waiting for the scheduler to switch the thread out.
 ``--compare MODEL --anatomy`` prints, per phase, what the slowest 1 % of windows are made of: each
 stage's thread CPU, collections, switches inside and before a window, page faults.
+``--compare novelty --backends numpy`` runs the novelty detector at fusion_skab's setting on the
+pump's streams (it has no backend; the name only labels the case); with ``--fusion-member`` as
+that fusion's member.
+``--compare MODEL --baseline REV`` runs the same cases on the ``gateway`` of git revision ``REV`` too
+(imported in this process as ``gateway_base``), in the same alternating rounds: a same-run
+baseline that the machine's changing load hits alike.
 ``--features-sizes 20,1200`` measures the one-pass features of 8 streams x N samples per window
 with glibc's mmap threshold pinned as ``edgetwin run`` pins it (CPU and page faults per window).
 
@@ -30,17 +36,25 @@ printed, so the tail can be told apart from the collector's share of it.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import gc
+import importlib
+import io
 import os
+import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -49,6 +63,8 @@ from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.inference.backends import litert_interpreter_class
 from gateway.inference.build import default_models_dir
 from gateway.inference.card import CARD_SUFFIX, load_card
+from gateway.inference.fusion import FUSION_SUFFIX, load_fusion
+from gateway.inference.novelty import NoveltyModel, NoveltyUse
 from gateway.inference.runner import AnomalyModel
 from gateway.memory import fix_mmap_threshold
 from gateway.pipeline.features import basic_features_finite, basic_features_streams
@@ -72,6 +88,8 @@ VITALS = (
     ("MDC_RESP_RATE", 15.0, 0.6),
     ("MDC_TEMP_BODY", 36.9, 0.02),
 )
+#: Windows the novelty detector commissions on (``--compare novelty``).
+NOVELTY_COMMISSION = 60
 LOAD = "import numpy as np\na = np.ones(1 << 21)\nwhile True:\n    a = a * 1.0000001 + 1e-9\n"
 
 
@@ -97,52 +115,134 @@ def load_generator(n: int) -> Iterator[list[int]]:
             p.wait(timeout=10)
 
 
+#: What a case is built from: this checkout's gateway, or a revision's (:func:`baseline_modules`).
+HERE = SimpleNamespace(
+    AnomalyModel=AnomalyModel,
+    NoveltyModel=NoveltyModel,
+    NoveltyUse=NoveltyUse,
+    load_card=load_card,
+    Stream=Stream,
+    MDC=MDC,
+    industrial_metric=industrial_metric,
+    StreamFeatures=StreamFeatures,
+    WindowRecord=WindowRecord,
+    basic_features_streams=basic_features_streams,
+    basic_features_finite=basic_features_finite,
+)
+
+
+def baseline_modules(rev: str) -> SimpleNamespace:
+    """The ``gateway`` of git revision ``rev``, imported beside this one as ``gateway_base``.
+
+    Its files come from ``git archive`` into a temporary folder (removed at exit), with its own
+    imports renamed; models are read from this checkout's ``models/`` folder.
+    """
+    repo = Path(__file__).resolve().parents[2]
+    tar = subprocess.run(["git", "-C", str(repo), "archive", rev, "gateway"], capture_output=True, check=True)
+    root = Path(tempfile.mkdtemp(prefix="bench-models-base-"))
+    atexit.register(shutil.rmtree, root, True)
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as tf:
+        tf.extractall(root, filter="data")
+    (root / "gateway").rename(root / "gateway_base")
+    own = re.compile(r"^(\s*)(from|import) gateway\b", re.MULTILINE)
+    for f in (root / "gateway_base").rglob("*.py"):
+        f.write_text(own.sub(r"\1\2 gateway_base", f.read_text()))
+    sys.path.insert(0, str(root))
+    mod = importlib.import_module
+    contracts, sample = mod("gateway_base.contracts"), mod("gateway_base.sample")
+    features = mod("gateway_base.pipeline.features")
+    novelty = mod("gateway_base.inference.novelty")
+    return SimpleNamespace(
+        AnomalyModel=mod("gateway_base.inference.runner").AnomalyModel,
+        NoveltyModel=novelty.NoveltyModel,
+        NoveltyUse=novelty.NoveltyUse,
+        load_card=mod("gateway_base.inference.card").load_card,
+        Stream=sample.Stream,
+        MDC=sample.MDC,
+        industrial_metric=sample.industrial_metric,
+        StreamFeatures=contracts.StreamFeatures,
+        WindowRecord=contracts.WindowRecord,
+        basic_features_streams=features.basic_features_streams,
+        basic_features_finite=features.basic_features_finite,
+    )
+
+
 class Case:
     """One model on one backend and precision, with pre-generated raw windows."""
 
-    def __init__(self, name: str, backend: str, precision: str, windows: int, seed: int) -> None:
+    def __init__(
+        self, name: str, backend: str, precision: str, windows: int, seed: int, code: SimpleNamespace = HERE
+    ) -> None:
         d = default_models_dir()
-        card = load_card(d / f"{name}{CARD_SUFFIX}")
+        self.code = code
         self.label = f"{name} {backend} {precision}"
-        self.model = AnomalyModel(card, d, precision=precision, backend=backend, commissioning_windows=10)
+        settle = 20
+        if name == "novelty":
+            # The detector at fusion_skab's setting on the pump's 8 streams (14 inputs), 5 s windows.
+            fusion = load_fusion(d / f"fusion_skab{FUSION_SUFFIX}")
+            member = next(m for m in fusion.members if m.model == "novelty")
+            settings = {"commissioning_s": float(NOVELTY_COMMISSION), "window_s": member.window_s}
+            use = code.NoveltyUse.model_validate({**settings, **member.settings}, strict=False)
+            self.model: Any = code.NoveltyModel(use, hop_s=1.0)
+            self.label = f"{name} ({backend} unused) {precision}"
+            settle += NOVELTY_COMMISSION + 6  # commissioning, then the smoothing's settling windows
+        else:
+            card = code.load_card(d / f"{name}{CARD_SUFFIX}")
+            # the baseline's AnomalyModel has this one's shape
+            self.model = code.AnomalyModel(
+                card, d, precision=precision, backend=backend, commissioning_windows=10
+            )
         rng = np.random.default_rng(seed)
-        if name == "pump_skab":
-            self.w = round(card.window_s)
+        if name in ("pump_skab", "novelty"):
+            self.w = round(use.window_s) if name == "novelty" else round(card.window_s)
             self.kind = "industrial"
             self.streams = [
-                Stream("plc", "pump-0", "SN-1", industrial_metric(f"Pump1/{n}", u), "industrial", 1.0)
+                code.Stream(
+                    "plc", "pump-0", "SN-1", code.industrial_metric(f"Pump1/{n}", u), "industrial", 1.0
+                )
                 for n, u, _ in PUMP
             ]
             levels = [(lvl, 0.01 * lvl) for _, _, lvl in PUMP]
         else:
             self.w = 30
             self.kind = "medical"
-            self.streams = [Stream("mon", "bed-0", "SN-2", MDC[m], "medical", 1.0) for m, _, _ in VITALS]
+            self.streams = [
+                code.Stream("mon", "bed-0", "SN-2", code.MDC[m], "medical", 1.0) for m, _, _ in VITALS
+            ]
             levels = [(lvl, noise) for _, lvl, noise in VITALS]
         self.t = np.arange(self.w, dtype=np.float64)
         self.raw = [
-            [lvl + sd * rng.standard_normal(self.w) for lvl, sd in levels] for _ in range(windows + 20)
+            [lvl + sd * rng.standard_normal(self.w) for lvl, sd in levels] for _ in range(windows + settle)
         ]
         self.k = 0
-        for _ in range(20):  # commissioning (pump_skab) and warm-up
+        for _ in range(settle):  # commissioning and warm-up
             self.window_batch(1)
+
+    def state(self) -> str:
+        """The model's health state (the novelty detector's: its subject's)."""
+        if isinstance(self.model, self.code.NoveltyModel):
+            return str(self.model.subject_states().get("s0", ""))
+        return str(self.model.stats()["state"])
 
     def window_batch(self, batch: int, per_stream: bool = False) -> tuple[int, int]:
         """Features and scores of ``batch`` windows: (thread CPU ns, wall ns) per window.
 
         ``per_stream``: the features one stream at a time (the path before the one-pass features).
         """
+        code = self.code
         c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
         records = []
         for s in range(batch):
             raw = self.raw[(self.k + s) % len(self.raw)]
             if per_stream:
-                feats = [basic_features_finite(self.t, v) for v in raw]
+                feats = [code.basic_features_finite(self.t, v) for v in raw]
             else:
-                feats = basic_features_streams([self.t] * len(raw), raw)
-            sfs = tuple(StreamFeatures(st, self.w, 0.0, f) for st, f in zip(self.streams, feats, strict=True))
+                feats = code.basic_features_streams([self.t] * len(raw), raw)
+            sfs = tuple(
+                code.StreamFeatures(st, self.w, 0.0, f) for st, f in zip(self.streams, feats, strict=True)
+            )
             k = self.k
-            records.append(WindowRecord(f"s{s}", self.kind, k, float(k), float(k), float(self.w), sfs))
+            records.append(code.WindowRecord(f"s{s}", self.kind, k, float(k), float(k), float(self.w), sfs))
         self.model.score_batch(records)
         self.k += batch
         return (time.thread_time_ns() - c0) // batch, (time.perf_counter_ns() - w0) // batch
@@ -235,13 +335,30 @@ def phases(load: int, evict_mb: int) -> Iterator[tuple[str, int, int, Callable[[
 
 
 def compare_backends(
-    model: str, backends: list[str], windows: int, load: int, evict_mb: int = 0, member: bool = False
+    model: str,
+    backends: list[str],
+    windows: int,
+    load: int,
+    evict_mb: int = 0,
+    member: bool = False,
+    baseline: str | None = None,
 ) -> None:
     """Per-window CPU of one model on several backends, alternating rounds over the same windows.
 
     ``member``: the model as a fusion member (``explain_all``), every served window explained.
+    ``baseline``: each backend also on the ``gateway`` of that git revision (``<backend>@<rev>``).
     """
     cases = {b: Case(model, b, "fp32", windows, seed=1) for b in backends}
+    if baseline:
+        base = baseline_modules(baseline)
+        cases = {
+            key: case
+            for b in backends
+            for key, case in (
+                (f"{b}@{baseline}", Case(model, b, "fp32", windows, seed=1, code=base)),
+                (b, cases[b]),
+            )
+        }
     for c in cases.values():
         c.model.explain_all = member
     gc.collect()
@@ -259,9 +376,19 @@ def compare_backends(
             )
             paths = Paths({b: (c, False) for b, c in cases.items()}, windows, before)
         print(head)
-        for b in backends:
+        for b in cases:
             cpu, _, ev = paths.arrays(b)
-            print(tail_row(b, cpu, ev) + f"  {cases[b].model.stats()['state']}")
+            print(tail_row(b, cpu, ev) + f"  {cases[b].state()}")
+        for b, c in cases.items():
+            if hasattr(c.model, "explained"):  # the novelty detector counts the windows it explained
+                print(f"{b}: {c.model.explained} of {c.k} windows explained so far")
+        if baseline:
+            for b in backends:
+                new, old = paths.arrays(b)[0], paths.arrays(f"{b}@{baseline}")[0]
+                print(
+                    f"{b}: p50 / p99 ratio, this checkout against {baseline}:"
+                    f" {np.percentile(new, 50) / np.percentile(old, 50):.2f} / {np.percentile(new, 99) / np.percentile(old, 99):.2f}"
+                )
 
 
 class _TimedBackend:
@@ -435,7 +562,7 @@ def call_only(cases: list[Case], n: int = 20_000) -> None:
         paths: dict[str, Callable[[], object]] = {"backend.run": functools.partial(backend.run, x)}
         if backend.name == "onnxruntime":
             # The unbound path, for comparison: the backend's own session, a feed dict per call.
-            sess: Any = backend._sess  # type: ignore[attr-defined]
+            sess: Any = backend._sess
             feed, out = {c.model.card.input_name: x}, [c.model.card.output_name]
             paths["session.run(feed dict)"] = functools.partial(sess.run, out, feed)
         got: dict[str, list[int]] = {k: [] for k in paths}
@@ -494,6 +621,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only: one-pass features of 8 streams x N samples per window, CPU and page faults",
     )
     ap.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="--compare: the same cases on the gateway of git revision REV too, alternated in this process",
+    )
+    ap.add_argument(
         "--fusion-member",
         action="store_true",
         help="--compare: the model as a member of a fusion (explain_all)",
@@ -518,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             0 if args.no_load else args.load,
             args.evict,
             args.fusion_member,
+            args.baseline,
         )
         return 0
     cases = [

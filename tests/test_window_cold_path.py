@@ -1,0 +1,117 @@
+"""A scored window's short paths against the straightforward computation.
+
+The window's features (one pass over all its streams, few numpy calls, results read out once per
+step) and the numpy backend's window-at-a-time path (the last layer a dot product in Python floats)
+exist to touch less code per window; they must give what the textbook formulas give, on random
+windows and on the edge cases a live gateway sees: gaps (empty streams), constant streams, a
+single row, mixed counts, and model inputs at zero, at the clip and far out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from model_support import MODELS, NEURAL, card_of
+
+from gateway.inference.backends import DENSE_BATCH1_TOLERANCE, DenseBackend, open_backend
+from gateway.pipeline.features import basic_features_streams
+
+F8 = npt.NDArray[np.float64]
+REL = 1e-12
+
+
+def _textbook(t: F8, v: F8) -> dict[str, float]:
+    """Mean, population std, min, max and least-squares slope, each by its own numpy call."""
+    if v.size == 0:
+        return {}
+    out = {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(v.min()), "max": float(v.max())}
+    tc = t - np.mean(t)
+    den = float(np.sum(tc * tc))
+    if v.size >= 2 and den > 0.0:
+        out["slope"] = float(np.sum(tc * (v - np.mean(v))) / den)
+    return out
+
+
+def _window(rng: np.random.Generator) -> tuple[list[F8], list[F8]]:
+    ts: list[F8] = []
+    vs: list[F8] = []
+    t0 = rng.uniform(1e4, 1e6)
+    for _ in range(int(rng.integers(2, 10))):
+        n = int(rng.choice([0, 0, 1, 2, 5, 20, 21, 30, 300]))  # gaps and single rows are common
+        t = t0 + np.sort(rng.uniform(0.0, 30.0, n))
+        level, sd = rng.uniform(-500.0, 500.0), 10.0 ** rng.uniform(-3, 2)
+        kind = int(rng.integers(3))
+        v = np.full(n, level) if kind == 0 else level + sd * rng.standard_normal(n)
+        if kind == 2:
+            v = v + 0.1 * sd * (t - t0)  # a ramp: a slope well away from zero
+        ts.append(t)
+        vs.append(v)
+    return ts, vs
+
+
+def test_window_features_match_the_textbook_formulas() -> None:
+    rng = np.random.default_rng(20261204)
+    kinds = {"gap": 0, "one row": 0, "constant": 0, "varying": 0}
+    for _ in range(600):
+        ts, vs = _window(rng)
+        got = basic_features_streams(ts, vs)
+        for t, v, g in zip(ts, vs, got, strict=True):
+            want = _textbook(t, v)
+            assert list(g) == list(want), (g, want)
+            scale = float(np.abs(v).max()) if v.size else 1.0
+            for key, value in want.items():
+                tol = REL * (scale / max(float(np.ptp(t)), 1e-9) if key == "slope" else scale)
+                assert math.isclose(g[key], value, rel_tol=1e-9, abs_tol=tol), (key, g, want)
+            if v.size == 0:
+                kinds["gap"] += 1
+            elif v.size == 1:
+                kinds["one row"] += 1
+                assert g == {"mean": v[0], "std": 0.0, "min": v[0], "max": v[0]}
+            elif v.min() == v.max():
+                kinds["constant"] += 1
+                assert g == {"mean": v[0], "std": 0.0, "min": v[0], "max": v[0], "slope": 0.0}
+            else:
+                kinds["varying"] += 1
+    assert min(kinds.values()) > 100, kinds
+
+
+def _forward(x: F8, layers: list[tuple[F8, F8, str]]) -> F8:
+    """The layers in float64, the sigmoid as its textbook 1 / (1 + e^-y)."""
+    y = x
+    for w, b, act in layers:
+        y = y @ w + b
+        if act == "relu":
+            y = np.maximum(y, 0.0)
+        elif act == "sigmoid":
+            y = 1.0 / (1.0 + np.exp(-y))
+    return y.reshape(len(x))
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_window_at_a_time_scores_match_the_layers_and_the_verdicts(name: str) -> None:
+    card = card_of(name)
+    backend = open_backend(card, MODELS, backend="numpy")
+    assert isinstance(backend, DenseBackend)
+    with np.load(MODELS / card.dense_files["fp32"].path, allow_pickle=False) as npz:
+        acts = [str(a) for a in npz["act"].reshape(-1)]
+        layers = [
+            (npz[f"w{i}"].astype(np.float64), npz[f"b{i}"].astype(np.float64), a) for i, a in enumerate(acts)
+        ]
+        recorded = np.asarray(npz["ref_x"], np.float32)
+    n = card.n_inputs
+    clip = card.normalisation.clip
+    rng = np.random.default_rng(3)
+    edges = [np.zeros(n), np.full(n, clip), np.full(n, -clip), *(np.eye(n) * clip)]
+    rows = np.vstack([recorded, np.clip(rng.standard_normal((300, n)) * 6, -clip, clip), *edges]).astype(
+        np.float32
+    )
+    one = np.array([backend.run(rows[i : i + 1])[0] for i in range(len(rows))])
+    want = _forward(rows.astype(np.float64), layers)
+    # The textbook sigmoid and numpy's tanh form differ by a few ulps of 1: an absolute bound.
+    np.testing.assert_allclose(one, want, rtol=0.0, atol=1e-12)
+    np.testing.assert_allclose(one, backend.run(rows), rtol=0.0, atol=DENSE_BATCH1_TOLERANCE)
+    assert ((one > card.threshold) == (want > card.threshold)).all()
+    assert ((one > card.threshold) == (backend.run(rows) > card.threshold)).all()
