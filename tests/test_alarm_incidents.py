@@ -322,3 +322,30 @@ def test_a_probe_off_on_the_simulated_monitor_is_one_fault_per_flagged_stream_en
         ("sensor_restored", "MDC_ECG_HEART_RATE"),
         ("sensor_restored", "MDC_PULS_OXIM_SAT_O2"),
     ], technical
+
+
+def test_a_fault_long_on_does_not_hide_another_streams_loss() -> None:
+    w, alarms = rig()  # lost after 5 s
+    bad = Quality.BAD_STATUS
+    for t in range(60):  # Flow's node reports a bad status all along; Pressure stops at 30 s
+        w.put(Sample(FLOW, float(t), 1.7e9 + t, 0.0, bad))
+        if t < 30:
+            w.put(Sample(PRESSURE, float(t), 1.7e9 + t, 1.0))
+        w.close_due(t + 1.0, 1.7e9 + t + 1.0)
+    kinds = [(a.kind, a.stream.metric.name if a.stream else "", a.t_mono) for a in alarms]
+    assert [k[:2] for k in kinds] == [
+        (AlarmKind.SENSOR_FAULT, "Pump1/Flow"),
+        (AlarmKind.SENSOR_LOST, "Pump1/Pressure"),
+    ], kinds
+    assert kinds[1][2] == 35.0  # its own timeout from its last sample at 29 s
+
+
+def test_beat_intervals_silent_through_a_short_probe_off_get_their_time_from_its_end() -> None:
+    w, alarms = rig()
+    monitor(w, 0.0, 10.0)
+    monitor(w, 10.0, 13.0, probe_off=True)  # 3 s off: shorter than the intervals' 6 s
+    monitor(w, 13.0, 30.0, beats=False)
+    kinds = told(alarms)
+    assert [(k, s) for k, s, _ in kinds][-1] == ("sensor_lost", "rr"), kinds
+    # Restored at 15 s; raised 6 s after that, not 0.5 s after it (6 s after its last interval at 9.5 s).
+    assert 15.0 + 6.0 < kinds[-1][2] <= 15.0 + 7.0, kinds

@@ -117,7 +117,9 @@ _RESUMED_STATUS = {kind: status for status, kind in _STATUS_ALARM.items()}
 class _StreamState:
     __slots__ = (
         "aliases",
+        "excused",
         "expected",
+        "faulted_at",
         "lost_after_s",
         "lost_rows",
         "restore_at",
@@ -136,6 +138,9 @@ class _StreamState:
         self.revived_at = -math.inf
         self.ring = ring
         self.status = _OK
+        self.faulted_at = -math.inf  # when its current (or last) fault began
+        # Its silence was not raised as a loss, explained by a fault of another stream of its device.
+        self.excused = False
         # Equal Stream objects seen under other ids (and the streams it replaced under its key);
         # held so their ids cannot be reused.
         self.aliases: list[Stream] = []
@@ -393,6 +398,9 @@ class Windower:
         ring = RingBuffer(self.capacity_for(stream, subj.span))
         st = _StreamState(stream, ring, self.window_s, self.lost_after_s)
         st.status = self._resumed.pop(stream.key, _OK)
+        if st.status == _FAULTED:
+            # A previous run's fault: this run knows it from its first data.
+            st.faulted_at = t_first if math.isfinite(t_first) else -math.inf
         device = (stream.source, stream.device)
         group = self._device_lost.get(device)
         # Its device's outage is still the one a previous run reported; a stream lost on its
@@ -457,7 +465,10 @@ class Windower:
         # A loss is held for restore_after_s (see the module docstring); other states start clear.
         st.restore_at = t_mono + self.restore_after_s if status == _LOST else None
         stream = st.stream
-        if old == _FAULTED:
+        st.excused = False
+        if status == _FAULTED:
+            st.faulted_at = t_mono
+        elif old == _FAULTED:
             self._fault_ended(st, t_mono)
         if old == _LOST and self._device_lost:
             device = (stream.source, stream.device)
@@ -492,11 +503,12 @@ class Windower:
         self._on_alarm(Alarm(kind, stream.subject, t_mono, t_wall, stream, detail))
 
     def _fault_ended(self, st: _StreamState, t_mono: float) -> None:
-        """A stream's fault is over: once its device has none left, its other streams' silence counts from now.
+        """A stream's fault is over: once its device has none left, the silences it explained count from now.
 
         A probe off silences the streams the device derives from the beats (RR intervals) without
-        flagging them; they were not raised as lost meanwhile (:meth:`_find_lost`), and each gets
-        its own timeout from the end of the fault before a silence of its own is a loss.
+        flagging them; those not raised as lost meanwhile (:meth:`_find_lost`), or fallen silent
+        since the fault began and not yet timed out, each get their own timeout from the end of
+        the fault before their silence is a loss.
         """
         device = (st.stream.source, st.stream.device)
         siblings = [
@@ -507,8 +519,9 @@ class Windower:
         if any(o.status == _FAULTED for o in siblings):
             return
         for o in siblings:
-            if o.status == _OK:
+            if o.status == _OK and (o.excused or o.ring.last_t_mono >= st.faulted_at - o.lost_after_s):
                 o.revived_at = max(o.revived_at, t_mono)
+            o.excused = False
 
     # ---- windows (timer path) ------------------------------------------------------------
 
@@ -592,7 +605,8 @@ class Windower:
         none: while another stream of the device reports a fault and keeps sending (a probe off,
         flagged on SpO2 and pulse), the beat intervals it cannot measure are not raised lost as a
         second alarm of the same incident; their timeout starts over when the fault ends
-        (:meth:`_fault_ended`).
+        (:meth:`_fault_ended`).  A fault explains only a silence that began no more than the
+        stream's timeout before it: a node bad for hours does not hide another node's loss.
         """
         newly: dict[tuple[str, str], list[_StreamState]] = {}
         quiet: set[int] = set()
@@ -607,14 +621,24 @@ class Windower:
                     newly.setdefault((st.stream.source, st.stream.device), []).append(st)
                     quiet.add(id(st))
         if newly:
-            # Devices with a fault on a stream still sending: only now, when something fell silent.
-            faulted = {
-                (o.stream.source, o.stream.device)
-                for o in self._by_stream.values()
-                if o.status == _FAULTED and id(o) not in quiet
-            }
-            for key in faulted & newly.keys():
-                del newly[key]
+            # When the latest fault of a stream still sending began, per device: looked up only
+            # now, when something fell silent.
+            since: dict[tuple[str, str], float] = {}
+            for o in self._by_stream.values():
+                if o.status == _FAULTED and id(o) not in quiet:
+                    key = (o.stream.source, o.stream.device)
+                    since[key] = max(since.get(key, -math.inf), o.faulted_at)
+            for key in since.keys() & newly.keys():
+                unexplained = []
+                for st in newly[key]:
+                    if since[key] >= st.ring.last_t_mono - st.lost_after_s:
+                        st.excused = True
+                    else:
+                        unexplained.append(st)
+                if unexplained:
+                    newly[key] = unexplained
+                else:
+                    del newly[key]
         for key, group in newly.items():
             known = self._device_lost.get(key)
             if known is not None:  # a slower stream of a device already reported lost
