@@ -1,22 +1,24 @@
-"""One alarm per incident: a device outage is one technical alarm; on-change streams are not timed out."""
+"""One alarm per incident: a device outage, a probe off (no lost beats); on-change streams never time out."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 from pathlib import Path
+from typing import Any
 
 from peers import logged
 
 from drivers import REGISTRY
 from drivers.serial.sim import PtyOximeter, VitalsModel
 from gateway.alarms import fold_device_alarm
-from gateway.config import validate
+from gateway.config import Config, validate
 from gateway.contracts import Alarm, AlarmClass, AlarmKind
 from gateway.pipeline.windows import Windower
 from gateway.runtime import run_gateway
-from gateway.sample import Sample, Stream, industrial_metric
+from gateway.sample import MDC, Quality, Sample, Stream, industrial_metric
 
 
 def stream(name: str, rate: float | None = 1.0, *, on_change: bool = False, device: str = "PLC-1") -> Stream:
@@ -137,30 +139,30 @@ def test_a_driver_alarm_after_the_windower_saw_the_outage_is_not_sent_again() ->
     assert fold_device_alarm(other, w) is other
 
 
+def one_source(tmp_path: Path, source: dict[str, Any]) -> Config:
+    """A gateway with quick windows and a 1 s loss time, bed 7's one source, alarms to a local file."""
+    return validate(
+        {
+            "gateway": {"state_dir": str(tmp_path)},
+            "pipeline": {"window_s": 1.0, "hop_s": 0.5, "grace_s": 0.1, "sensor_lost_s": 1.0},
+            "uplink": {"kind": "local", "path": str(tmp_path / "out.jsonl")},
+            "runtime": {"drain_deadline_s": 2.0},
+            "sources": [{"subject": "bed-7", **source}],
+        },
+        "<test>",
+        REGISTRY,
+    )
+
+
 def test_an_unplugged_oximeter_is_one_device_alarm_and_one_restore_end_to_end(tmp_path: Path) -> None:
     """A real serial driver on a pty through the running gateway: unplugged 2 s, then back."""
     sim = PtyOximeter(
         "nonin2", link=tmp_path / "usb-Nonin", vitals=VitalsModel(3, desat_every_s=0, sensor_off_every_s=0)
     )
     out = tmp_path / "out.jsonl"
-    config = validate(
-        {
-            "gateway": {"state_dir": str(tmp_path)},
-            "pipeline": {"window_s": 1.0, "hop_s": 0.5, "grace_s": 0.1, "sensor_lost_s": 1.0},
-            "uplink": {"kind": "local", "path": str(out)},
-            "runtime": {"drain_deadline_s": 2.0},
-            "sources": [
-                {
-                    "name": "bed7-spo2",
-                    "driver": "serial",
-                    "subject": "bed-7",
-                    "port": str(tmp_path / "usb-Nonin"),
-                    "protocol": "nonin2",
-                }
-            ],
-        },
-        "<test>",
-        REGISTRY,
+    config = one_source(
+        tmp_path,
+        {"name": "bed7-spo2", "driver": "serial", "port": str(tmp_path / "usb-Nonin"), "protocol": "nonin2"},
     )
     # Unplugged 2 s after the driver opened the port, not 2.5 s after the test began: on a loaded
     # machine the gateway's start-up took longer, and an unplug before the open is another case
@@ -220,3 +222,130 @@ def test_spot_check_devices_report_on_demand_and_are_not_timed_out() -> None:
         info, SerialConfig.model_validate({"port": "/dev/null", "protocol": "nonin2"})
     )
     assert not live.stream(MDC["MDC_PULS_OXIM_SAT_O2"]).on_change  # type: ignore[attr-defined]
+
+
+def vital(name: str, rate: float | None = 1.0) -> Stream:
+    return Stream("ox", "bed-7", "OX-1", MDC[name], "medical", rate)
+
+
+HR, SPO2 = vital("MDC_ECG_HEART_RATE"), vital("MDC_PULS_OXIM_SAT_O2")
+RR = vital("MDC_ECG_TIME_PD_RR_GL", None)
+SHORT = {HR: "hr", SPO2: "spo2", RR: "rr"}
+
+
+def monitor(w: Windower, t0: float, t1: float, *, probe_off: bool = False, beats: bool = True) -> None:
+    """HR and SpO2 each second (flagged while the probe is off) and a beat each second, if any."""
+    t = t0
+    while t < t1:
+        for s in (HR, SPO2):
+            w.put(
+                Sample(
+                    s,
+                    t,
+                    1.7e9 + t,
+                    math.nan if probe_off else 70.0,
+                    Quality.SENSOR_OFF if probe_off else Quality(0),
+                )
+            )
+        if beats and not probe_off:  # no beat is detected without the probe: no interval is sent
+            w.put(Sample(RR, t + 0.5, 1.7e9 + t + 0.5, 850.0))
+        w.close_due(t + 1.0, 1.7e9 + t + 1.0)
+        t += 1.0
+
+
+def told(alarms: list[Alarm]) -> list[tuple[str, str, float]]:
+    return [(a.kind.value, SHORT[a.stream] if a.stream else "", a.t_mono) for a in alarms]
+
+
+def test_beat_intervals_silent_while_the_probe_is_off_are_no_second_alarm() -> None:
+    w, alarms = rig()  # lost after 5 s, restored after 2 s of good data
+    monitor(w, 0.0, 10.0)
+    monitor(w, 10.0, 30.0, probe_off=True)  # 20 s off: four times the loss time
+    monitor(w, 30.0, 45.0)  # back, and beating
+    assert [(k, s) for k, s, _ in told(alarms)] == [
+        ("sensor_fault", "hr"),
+        ("sensor_fault", "spo2"),
+        ("sensor_restored", "hr"),
+        ("sensor_restored", "spo2"),
+    ], told(alarms)
+
+
+def test_beat_intervals_still_silent_after_the_probe_is_back_are_lost_after_their_own_time() -> None:
+    w, alarms = rig()
+    monitor(w, 0.0, 10.0)
+    monitor(w, 10.0, 30.0, probe_off=True)
+    monitor(w, 30.0, 50.0, beats=False)  # the probe is back, the intervals do not come back
+    kinds = told(alarms)
+    assert [(k, s) for k, s, _ in kinds][-1] == ("sensor_lost", "rr"), kinds
+    restored = max(t for k, _, t in kinds if k == "sensor_restored")
+    assert restored == 32.0  # SpO2 and HR good from 30 s, restored after the 2 s hold
+    # Its loss time (6 s, three slowest intervals) counts from the end of the fault, not from its
+    # last interval at 9.5 s.
+    assert restored + 6.0 < kinds[-1][2] <= restored + 7.0
+
+
+def test_beat_intervals_lost_with_the_probe_on_are_still_raised() -> None:
+    w, alarms = rig()
+    monitor(w, 0.0, 10.0)
+    monitor(w, 10.0, 30.0, beats=False)  # the probe is fine; the interval stream alone is silent
+    kinds = told(alarms)
+    assert [(k, s) for k, s, _ in kinds] == [("sensor_lost", "rr")], kinds
+    assert 9.5 + 6.0 < kinds[0][2] <= 9.5 + 7.0  # three slowest intervals (6 s), not the 5 s of 1 Hz vitals
+
+
+def test_a_probe_off_on_the_simulated_monitor_is_one_fault_per_flagged_stream_end_to_end(
+    tmp_path: Path,
+) -> None:
+    """The sim driver through the running gateway: no beat intervals while the probe is off, no loss alarm."""
+    out = tmp_path / "out.jsonl"
+    probe_off = {"kind": "sensor_off", "at_s": 1.5, "duration_s": 8.0}
+    config = one_source(
+        tmp_path,
+        {
+            "name": "bed7-sim",
+            "driver": "sim",
+            "profile": "patient",
+            "device": "SN-0007",
+            "events": [probe_off],
+        },
+    )
+    code = asyncio.run(run_gateway(config, REGISTRY, stop_after_s=14.0, install_signal_handlers=False))
+    assert code == 0
+    records = [json.loads(line)["record"] for line in out.read_text().splitlines()]
+    technical = [
+        (r["alarm"], r.get("metric")) for r in records if r["type"] == "alarm" and r["class"] == "technical"
+    ]
+    # 8 s off is longer than the intervals' own loss time (6 s) and the 1 s of the other vitals.
+    assert sorted(technical) == [
+        ("sensor_fault", "MDC_ECG_HEART_RATE"),
+        ("sensor_fault", "MDC_PULS_OXIM_SAT_O2"),
+        ("sensor_restored", "MDC_ECG_HEART_RATE"),
+        ("sensor_restored", "MDC_PULS_OXIM_SAT_O2"),
+    ], technical
+
+
+def test_a_fault_long_on_does_not_hide_another_streams_loss() -> None:
+    w, alarms = rig()  # lost after 5 s
+    bad = Quality.BAD_STATUS
+    for t in range(60):  # Flow's node reports a bad status all along; Pressure stops at 30 s
+        w.put(Sample(FLOW, float(t), 1.7e9 + t, 0.0, bad))
+        if t < 30:
+            w.put(Sample(PRESSURE, float(t), 1.7e9 + t, 1.0))
+        w.close_due(t + 1.0, 1.7e9 + t + 1.0)
+    kinds = [(a.kind, a.stream.metric.name if a.stream else "", a.t_mono) for a in alarms]
+    assert [k[:2] for k in kinds] == [
+        (AlarmKind.SENSOR_FAULT, "Pump1/Flow"),
+        (AlarmKind.SENSOR_LOST, "Pump1/Pressure"),
+    ], kinds
+    assert kinds[1][2] == 35.0  # its own timeout from its last sample at 29 s
+
+
+def test_beat_intervals_silent_through_a_short_probe_off_get_their_time_from_its_end() -> None:
+    w, alarms = rig()
+    monitor(w, 0.0, 10.0)
+    monitor(w, 10.0, 13.0, probe_off=True)  # 3 s off: shorter than the intervals' 6 s
+    monitor(w, 13.0, 30.0, beats=False)
+    kinds = told(alarms)
+    assert [(k, s) for k, s, _ in kinds][-1] == ("sensor_lost", "rr"), kinds
+    # Restored at 15 s; raised 6 s after that, not 0.5 s after it (6 s after its last interval at 9.5 s).
+    assert 15.0 + 6.0 < kinds[-1][2] <= 15.0 + 7.0, kinds

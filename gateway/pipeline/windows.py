@@ -24,7 +24,10 @@ over (with the device's next data, or at :meth:`Windower.close_due`), unless the
 again first.  A device that comes and goes faster than that raises one loss and one restore per
 ``restore_after_s`` (plus the time to notice the loss) at most, never a pair per flip; after a
 longer outage the hold is long over and the restore comes at once, as before.  Only state
-changes raise alarms, never every faulty sample.
+changes raise alarms, never every faulty sample.  A silence its device explains raises nothing:
+while another stream of the device reports a fault and keeps sending (a probe off flags SpO2 and
+pulse, and no beat intervals come), the silent stream is not lost; its timeout starts over when
+the device's last fault ends.
 
 Per-model windows: a model trained on its own window length (``lengths``, per subject kind) is
 scored on features of that length, all ending at the same window end on the subject's hop grid.
@@ -83,6 +86,9 @@ _USABLE_BYTES = bytes(q for q in range(256) if not q & UNUSABLE_FLAGS)
 CAPACITY_SAFETY = 2.0
 #: Rate assumed for sizing the ring of an event series (no nominal rate), e.g. RR intervals.
 EVENT_RATE_HZ = 8.0
+#: Longest RR interval taken for a rhythm (30 beats/min): an RR stream is lost only after three
+#: such intervals without a beat, however short the gateway-wide timeout set for 1 Hz vitals.
+RR_LONGEST_S = 2.0
 MIN_CAPACITY = 64
 #: A ring that loses rows not yet windowed doubles, up to this many rows (~6.5 MB).
 MAX_CAPACITY = 1 << 18
@@ -114,7 +120,9 @@ _RESUMED_STATUS = {kind: status for status, kind in _STATUS_ALARM.items()}
 class _StreamState:
     __slots__ = (
         "aliases",
+        "excused",
         "expected",
+        "faulted_at",
         "lost_after_s",
         "lost_rows",
         "restore_at",
@@ -128,10 +136,14 @@ class _StreamState:
 
     def __init__(self, stream: Stream, ring: RingBuffer, window_s: float, lost_after_s: float) -> None:
         self.bind(stream, window_s, lost_after_s)
-        # When its device came back: silence is counted from here, not from its last sample.
+        # When its device came back, or a fault its device reported ended: silence is counted from
+        # here, not from its last sample.
         self.revived_at = -math.inf
         self.ring = ring
         self.status = _OK
+        self.faulted_at = -math.inf  # when its current (or last) fault began
+        # Its silence was not raised as a loss, explained by a fault of another stream of its device.
+        self.excused = False
         # Equal Stream objects seen under other ids (and the streams it replaced under its key);
         # held so their ids cannot be reused.
         self.aliases: list[Stream] = []
@@ -146,7 +158,13 @@ class _StreamState:
         self.stream = stream
         # A slow stream (a temperature every 10 s) is lost only after three missed samples,
         # not after the gateway-wide timeout that suits 1 Hz vitals.
-        self.lost_after_s = max(lost_after_s, 3.0 / stream.rate_hz) if stream.rate_hz else lost_after_s
+        if stream.rate_hz:
+            self.lost_after_s = max(lost_after_s, 3.0 / stream.rate_hz)
+        elif stream.metric.rr:
+            # Beat intervals come as the heart beats: a pause of a slow rhythm is no lost sensor.
+            self.lost_after_s = max(lost_after_s, 3.0 * RR_LONGEST_S)
+        else:
+            self.lost_after_s = lost_after_s
         if stream.on_change:
             # A Boolean or a state reports only when it changes: silence is no loss.
             self.lost_after_s = math.inf
@@ -390,6 +408,9 @@ class Windower:
         ring = RingBuffer(self.capacity_for(stream, subj.span))
         st = _StreamState(stream, ring, self.window_s, self.lost_after_s)
         st.status = self._resumed.pop(stream.key, _OK)
+        if st.status == _FAULTED:
+            # A previous run's fault: this run knows it from its first data.
+            st.faulted_at = t_first if math.isfinite(t_first) else -math.inf
         device = (stream.source, stream.device)
         group = self._device_lost.get(device)
         # Its device's outage is still the one a previous run reported; a stream lost on its
@@ -500,6 +521,11 @@ class Windower:
         # A loss is held for restore_after_s (see the module docstring); other states start clear.
         st.restore_at = t_mono + self.restore_after_s if status == _LOST else None
         stream = st.stream
+        st.excused = False
+        if status == _FAULTED:
+            st.faulted_at = t_mono
+        elif old == _FAULTED:
+            self._fault_ended(st, t_mono)
         if old == _LOST and self._device_lost:
             device = (stream.source, stream.device)
             group = self._device_lost.get(device)
@@ -531,6 +557,27 @@ class Windower:
             )
         self._alarms += 1
         self._on_alarm(Alarm(kind, stream.subject, t_mono, t_wall, stream, detail))
+
+    def _fault_ended(self, st: _StreamState, t_mono: float) -> None:
+        """A stream's fault is over: once its device has none left, the silences it explained count from now.
+
+        A probe off silences the streams the device derives from the beats (RR intervals) without
+        flagging them; those not raised as lost meanwhile (:meth:`_find_lost`), or fallen silent
+        since the fault began and not yet timed out, each get their own timeout from the end of
+        the fault before their silence is a loss.
+        """
+        device = (st.stream.source, st.stream.device)
+        siblings = [
+            o
+            for o in self._by_stream.values()
+            if o is not st and (o.stream.source, o.stream.device) == device
+        ]
+        if any(o.status == _FAULTED for o in siblings):
+            return
+        for o in siblings:
+            if o.status == _OK and (o.excused or o.ring.last_t_mono >= st.faulted_at - o.lost_after_s):
+                o.revived_at = max(o.revived_at, t_mono)
+            o.excused = False
 
     # ---- windows (timer path) ------------------------------------------------------------
 
@@ -610,9 +657,15 @@ class Windower:
 
         A PLC or monitor that drops off takes all its streams with it; that is one incident and
         raises one ``device_lost`` naming how many streams it took down, not one alarm per stream.
-        A lone silent stream is a ``sensor_lost`` of its own.
+        A lone silent stream is a ``sensor_lost`` of its own.  A silence its device explains is
+        none: while another stream of the device reports a fault and keeps sending (a probe off,
+        flagged on SpO2 and pulse), the beat intervals it cannot measure are not raised lost as a
+        second alarm of the same incident; their timeout starts over when the fault ends
+        (:meth:`_fault_ended`).  A fault explains only a silence that began no more than the
+        stream's timeout before it: a node bad for hours does not hide another node's loss.
         """
         newly: dict[tuple[str, str], list[_StreamState]] = {}
+        quiet: set[int] = set()
         for subj in list(self._subjects.values()):  # an alarm handler may hand over new streams
             for st in subj.streams:
                 ring = st.ring
@@ -622,6 +675,26 @@ class Windower:
                     and now_mono - max(ring.last_t_mono, st.revived_at) > st.lost_after_s
                 ):
                     newly.setdefault((st.stream.source, st.stream.device), []).append(st)
+                    quiet.add(id(st))
+        if newly:
+            # When the latest fault of a stream still sending began, per device: looked up only
+            # now, when something fell silent.
+            since: dict[tuple[str, str], float] = {}
+            for o in self._by_stream.values():
+                if o.status == _FAULTED and id(o) not in quiet:
+                    key = (o.stream.source, o.stream.device)
+                    since[key] = max(since.get(key, -math.inf), o.faulted_at)
+            for key in since.keys() & newly.keys():
+                unexplained = []
+                for st in newly[key]:
+                    if since[key] >= st.ring.last_t_mono - st.lost_after_s:
+                        st.excused = True
+                    else:
+                        unexplained.append(st)
+                if unexplained:
+                    newly[key] = unexplained
+                else:
+                    del newly[key]
         for key, group in newly.items():
             known = self._device_lost.get(key)
             if known is not None:  # a slower stream of a device already reported lost
