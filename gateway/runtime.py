@@ -450,9 +450,14 @@ class Pipeline:
         """An alarm from a driver; a device it reports lost or back is folded into one device alarm."""
         if self._devices_before and alarm.stream is not None:
             self._check_device(alarm.stream, alarm.t_mono, alarm.t_wall)
-        if self._driver_faults.resumed and self._driver_faults.repeat(alarm):
-            return  # a fault a previous run left on, raised again: the same condition
-        if _raises_unresolved_fault(alarm) and self._ledger.holds(alarm):
+        # A fault on at the twin raised again by a fresh driver is the same condition: not sent,
+        # unless its status is another (a node absent then, its access refused now), which the
+        # technician needs: sent then, the twin keeps the condition and shows the new status.
+        if (self._driver_faults.resumed and self._driver_faults.repeat(alarm)) and not self._ledger.restates(
+            alarm
+        ):
+            return  # a fault a previous run left on, raised again
+        if _raises_unresolved_fault(alarm) and self._ledger.holds(alarm) and not self._ledger.restates(alarm):
             # A fresh driver (after a restart) finds the node still unresolved: the twin holds that
             # fault on already.  One it was never sent (refused, not recorded) goes out now.
             return

@@ -518,6 +518,39 @@ def test_a_node_fault_an_older_gateway_left_on_by_item_only_is_ended_and_raised_
     assert "node" in on.detail
 
 
+DENIED: dict[str, float | str] = {"status": "bad_useraccessdenied", "item": 1}
+
+
+@pytest.mark.parametrize("where", ["unresolved", "stream"])
+def test_a_node_fault_raised_again_after_the_restart_with_another_status_says_so(
+    tmp_path: Path, where: str
+) -> None:
+    site = Site(tmp_path)
+    # A node that never resolved (by its node), or one on its stream.
+    stream, node = (None, NODE) if where == "unresolved" else (SPO2, None)
+    absent: dict[str, float | str] = UNRESOLVED if node else {"status": "bad_nodeidunknown"}
+    denied: dict[str, float | str] = DENIED if node else {"status": "bad_useraccessdenied"}
+    assert kinds(run(site, tmp_path, driver_fault(100.0, absent, stream, node))) == [("sensor_fault", None)]
+    # The fresh driver finds the node still bad, for another reason: the twin is told the new one.
+    again = run(site, tmp_path, driver_fault(1000.0, denied, stream, node))
+    assert kinds(again) == [("sensor_fault", None)]
+    assert again[0]["detail"]["status"] == "bad_useraccessdenied"
+    (on,) = site.subject("ward3-bed7").active.values()  # the same condition, since its raise
+    assert on.detail["status"] == "bad_useraccessdenied"
+    assert on.t == site.alarms[0]["t"]
+    # Raised again with that status: nothing new.
+    assert run(site, tmp_path, driver_fault(2000.0, denied, stream, node)) == []
+    # The node delivers again (its first data, or the driver seeing it appear): it ends.
+    good: dict[str, float | str] = {"after": "sensor_fault", "status": "good"}
+    body = (
+        normal(3000.0)
+        if node is None
+        else driver_fault(3000.0, {**good, "item": 1}, None, node, AlarmKind.SENSOR_RESTORED)
+    )
+    assert kinds(run(site, tmp_path, body)) == [("sensor_restored", None)]
+    assert site.subject("ward3-bed7").active == {}
+
+
 BED7_PLC = source("bed7-plc", "ward3-bed7", "00:1C:05:AA:BB:17")  # a second source of the subject
 
 

@@ -11,7 +11,7 @@ fault is ended by its own node's data.  A real PLC simulator process on loopback
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from test_opcua_driver import fast_keys
 
 from drivers.opcua.driver import OpcUaDriver
 from drivers.opcua.plcsim import PlcSimProcess
+from gateway.sample import UNUSABLE_FLAGS
 
 pytestmark = pytest.mark.slow
 
@@ -160,3 +161,62 @@ def test_a_node_never_resolved_taken_off_the_list_has_its_fault_ended_at_the_res
     }
     (on,) = site.subject("machine-7").active.values()
     assert on.detail["node"] == node[2]
+
+
+ACCEL = "Pump1/Vibration/Accelerometer1RMS"
+
+
+def unusable(driver: OpcUaDriver, path: str) -> bool:
+    """The node has a value of this run, none of them usable."""
+    item = next(i for i in driver.items if i.spec.address == path)
+    last = item.last
+    return item.index in driver.unproven and last is not None and bool(last.quality & UNUSABLE_FLAGS)
+
+
+def test_a_node_never_resolved_before_a_stop_and_faulted_on_its_stream_before_its_first_value_is_ended(
+    tmp_path: Path, sim: PlcSimProcess
+) -> None:
+    site = Site(tmp_path)
+    cfg = config(tmp_path, plc_source(sim.endpoint, (FLOW, ACCEL)))
+    sim.command("remove Accelerometer1RMS")
+
+    def absent(d: OpcUaDriver) -> bool:
+        return d.health[ACCEL] == "bad_nomatch" and delivered(d, FLOW)
+
+    first = site.restart(cfg, OpcUaDriver, absent, "the absent node's fault and flow data")
+    assert kinds(first) == [("sensor_fault", None)]
+    node = first[0]["detail"]["node"]
+
+    # Back, but its values Bad_SensorFailure for a while: after the restart it resolves (a stream)
+    # with no usable value yet, turns non-numeric (a fault on its stream), numeric again, and only
+    # then delivers.  Its first usable value ends the fault left on by its node too.
+    sim.command("add Accelerometer1RMS")
+    sim.command("fault sensor_off 8")
+
+    def unproven(d: OpcUaDriver) -> bool:
+        return d.health[ACCEL] == "good" and unusable(d, ACCEL)
+
+    def mistyped(d: OpcUaDriver) -> bool:
+        return d.health[ACCEL] == "bad_typemismatch"
+
+    steps: list[tuple[Callable[[OpcUaDriver], bool], str]] = [
+        (unproven, "retype Accelerometer1RMS string"),
+        (mistyped, "retype Accelerometer1RMS double"),
+    ]
+
+    def script(d: OpcUaDriver) -> bool:
+        if steps and steps[0][0](d):
+            sim.command(steps.pop(0)[1])
+        return not steps and delivered(d, ACCEL)
+
+    second = site.restart(cfg, OpcUaDriver, script, "the node faulted on its stream, then its data")
+    raised = [("sensor_fault", None)] * 2  # its bad values (the windower's), then its type
+    assert kinds(second) == [*raised, ("sensor_restored", None), ("sensor_restored", None)], second
+    bad_values, on_stream, stream_ended, node_ended = second
+    assert on_stream["detail"] == {"status": "bad_typemismatch"}
+    assert "dev" in on_stream  # on its stream: another condition than its node's
+    assert stream_ended["detail"] == {"after": "sensor_fault", "status": "good"}
+    assert node_ended["detail"] == {"after": "sensor_fault", "status": "good", "item": 1, "node": node}
+    # Nothing left on: the stream's one fault condition (bad values, then its type) and its node's.
+    assert bad_values["detail"] == {"quality": 8}
+    assert site.subject("machine-7").active == {}

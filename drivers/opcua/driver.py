@@ -236,7 +236,7 @@ class OpcUaDriver:
         self.notifications = 0
         self._sink: SampleSink | None = None
         self.pulse = Pulse(stale_after_s=PULSE_STALE_S)
-        # Nodes with no usable value and no fault of this run yet (``first_data``).
+        # Nodes with no usable value and no fault of this run raised by their node yet (``first_data``).
         self.unproven: set[int] = {item.index for item in self.items}
 
     # ---- what tests and status lines read --------------------------------------------------
@@ -371,9 +371,12 @@ class OpcUaDriver:
                 self._cfg.verify_interval_s,
                 _RECREATED_HINT if item.spec.node_id is not None and token in _GONE_TOKENS else "",
             )
-            self.unproven.discard(item.index)  # its fault is this run's: ended by set_health
             detail: dict[str, float | str] = {"status": token}
             if item.stream is None:
+                # Raised by its node, as a previous run's fault of it: that condition is this run's
+                # now, ended here.  One raised on its stream is another condition: its first usable
+                # value still ends a fault a previous run left on by its node (``first_data``).
+                self.unproven.discard(item.index)
                 detail["item"] = item.index
             if sink is not None:
                 item.raised_on = (item.stream,)
@@ -416,8 +419,8 @@ class OpcUaDriver:
         A node that never resolved before a stop left its fault raised with no stream, by its
         configured address (``Alarm.node``; the gateway keeps it on across the restart, whatever
         the node's place in the list now); the fresh driver does not know it.  So a node's first
-        usable value of the run, with no fault of this run, sends that ending as the driver would
-        have sent it (no stream, the node, ``item``, ``status: good``): the gateway sends it only
+        usable value of the run, with no fault of this run raised by its node (one on its stream is
+        another condition), sends that ending as the driver would have sent it (no stream, the node, ``item``, ``status: good``): the gateway sends it only
         while such a fault is on, as for every ending of a driver's own fault.
         """
         sink = self._sink

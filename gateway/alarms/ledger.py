@@ -180,6 +180,13 @@ class AlarmLedger:
         key = _key(alarm)
         return key is not None and key in self._on
 
+    def restates(self, alarm: Alarm) -> bool:
+        """True when ``alarm`` raises a condition on at the twin with another ``status`` (a node's new reason)."""
+        key = _key(alarm)
+        known = None if key is None else self._on.get(key)
+        status = alarm.detail.get("status")
+        return known is not None and status is not None and known.detail.get("status") != status
+
     def note(self, alarm: Alarm) -> None:
         """Fold an alarm the twin was sent: a raise enters its condition, an ending removes it."""
         key = _key(alarm)

@@ -17,7 +17,7 @@ sequence number) never undoes a newer one.  Records without a sequence number fa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.records import (
@@ -259,7 +259,12 @@ def fold_condition(state: SubjectState, rec: AlarmRecord, place: Place) -> None:
         return  # a replayed older alarm of a condition already known further on
     state.active_place[key] = place
     if raises:
-        state.active.setdefault(key, rec)
+        known = state.active.setdefault(key, rec)
+        status = rec.detail.get("status")
+        if status is not None and known.detail.get("status") != status:
+            # A driver's fault raised again with another status (a node absent, then its access
+            # refused): the same condition since its raise, shown with the reason it has now.
+            state.active[key] = replace(known, detail={**known.detail, "status": status})
     else:
         state.active.pop(key, None)
 
