@@ -227,9 +227,9 @@ def _odd_folds() -> re.Pattern[bytes]:
     """Characters a text may hold that fold to something other than a case of themselves.
 
     Outside them, a character of a text folds to ``c`` only when it is ``c``, ``c.upper()`` or
-    ``c.title()``, which is what :func:`_starts` indexes.  Computed once, when an identity outside
-    ASCII is first registered (about 35 ms): ``µ``, ``ß``, the final sigma, the Kelvin and Ohm
-    signs, ligatures, Greek with iota subscripts...
+    ``c.title()``, which is what :func:`_starts` indexes.  Computed once, for the first record
+    outside ASCII once an identity outside ASCII is known (about 35 ms): ``µ``, ``ß``, the final
+    sigma, the Kelvin and Ohm signs, ligatures, Greek with iota subscripts...
     """
     odd = []
     for c in range(0x80, 0x1F000):  # no character above folds (Unicode 14)
@@ -238,6 +238,27 @@ def _odd_folds() -> re.Pattern[bytes]:
         if f != x and (len(f) != 1 or f.isascii() or x not in {f, f.upper(), f.title()}):
             odd.append(re.escape(x.encode()))
     return re.compile(b"|".join(odd))
+
+
+FoldScope = Literal["none", "anchored", "outside_ascii", "all"]
+
+
+def fold_scope(encoded: bytes, outside_ascii: bool) -> FoldScope:
+    """Which identities' case-folded forms a record needs a Unicode fold for (pure).
+
+    ``all`` when a letter in it folds to an ASCII one (the sharp s, the Kelvin sign, ligatures): it
+    may spell any identity in a case the byte scan cannot list.  With identities outside ASCII
+    known (``outside_ascii``): ``outside_ascii`` when a letter folds otherwise than to a case of
+    itself (``µ`` to Greek mu, which units keep): only those identities, an ASCII one's letters are
+    all ASCII bytes the byte scan reads; else ``anchored``, those whose start occurs.
+    """
+    if encoded.isascii():
+        return "none"
+    if _FOLDS_TO_ASCII.search(encoded) is not None:
+        return "all"
+    if not outside_ascii:
+        return "none"
+    return "outside_ascii" if _odd_folds().search(encoded) is not None else "anchored"
 
 
 def _starts(folded: str) -> set[bytes]:
@@ -433,6 +454,7 @@ class Anonymizer:
         # Case-folded text forms (str.casefold): of every identity, for a text whose letters fold to
         # ASCII ones; of identities outside ASCII, whose case variants the byte scan cannot list.
         self._casefolded: set[str] = set()
+        self._casefolded_other: set[str] = set()  # those outside ASCII
         # Those outside ASCII by the first 4 bytes of each letter case of their start (read off the
         # record's 4-byte strings with the rest: only a record holding one decodes).
         self._anchored: dict[bytes, set[str]] = {}
@@ -475,6 +497,7 @@ class Anonymizer:
                     if text.isascii():  # "Straße" folds to "strasse": the byte scan finds that
                         self._folded.setdefault(text[:4].encode(), set()).add(text.encode())
                     else:
+                        self._casefolded_other.add(text)
                         for gram in _starts(text):
                             self._anchored.setdefault(gram, set()).add(text)
             clash = [
@@ -699,7 +722,7 @@ class Anonymizer:
         return self._read(encoded)[0]
 
     def _read(self, encoded: bytes) -> tuple[list[tuple[int, int]], bytes, bool]:
-        """:meth:`_hits`, the lower-cased bytes, and whether a letter in them folds otherwise than ASCII's."""
+        """:meth:`_hits`, the lower-cased bytes, and whether a letter in them folds to an ASCII one."""
         # Text and hex forms in any letter case ("Plant-A/Pump-3" hides "plant-a/pump-3");
         # base64/base32 forms are case-significant and are matched exactly.
         found: list[tuple[int, int]] = []
@@ -707,11 +730,13 @@ class Anonymizer:
         grams = {lowered[i : i + 4] for i in range(len(lowered) - 3)}
         # Letter case outside ASCII: a text folded as Unicode does.  Only a record holding a letter
         # that folds otherwise than to its own lower case, or the start of an identity outside ASCII
-        # in any letter case, decodes.
-        odd = not encoded.isascii() and self._odd().search(encoded) is not None
-        if odd:
+        # in any letter case, decodes, and is searched for the forms that letter may spell.
+        scope = fold_scope(encoded, bool(self._anchored))
+        if scope == "all":
             found += _folded_hits(encoded, self._casefolded)
-        elif self._anchored and not encoded.isascii():
+        elif scope == "outside_ascii":
+            found += _folded_hits(encoded, self._casefolded_other)
+        elif scope == "anchored":
             unicode: set[str] = set()
             for gram in self._anchored.keys() & grams:
                 unicode |= self._anchored[gram]
@@ -724,11 +749,7 @@ class Anonymizer:
                 while at >= 0:
                     found += [(at, at + len(f)) for f in table[gram] if text.startswith(f, at)]
                     at = lowered.find(gram, at + 1)
-        return found, lowered, odd
-
-    def _odd(self) -> re.Pattern[bytes]:
-        """The letters whose folding the byte scan cannot foresee: all of them once an identity is outside ASCII."""
-        return _odd_folds() if self._anchored else _FOLDS_TO_ASCII
+        return found, lowered, scope == "all"
 
     def _short_word(self, text: str) -> int:
         """The length of a short identity standing as a word in ``text`` (any letter case), else 0."""
@@ -741,7 +762,7 @@ class Anonymizer:
         self,
         encoded: bytes,
         lowered: bytes,
-        odd: bool,
+        to_ascii: bool,
         texts: Callable[[bytes], list[tuple[int, int]]],
     ) -> None:
         """Raise when a short identity stands as a word in one of the text items of ``encoded``."""
@@ -749,8 +770,9 @@ class Anonymizer:
             return
         # Read the items only when a short identity's letters occur (any letter case: the ASCII
         # ones in the lower-cased bytes), and decode only the texts holding them; every text when
-        # a short identity is outside ASCII or the record holds a letter that folds otherwise.
-        every = odd or (self._short_other and not encoded.isascii())
+        # a short identity is outside ASCII or the record holds a letter that folds to an ASCII one
+        # (one folding outside ASCII, such as µ, cannot make an ASCII identity's letters).
+        every = to_ascii or (self._short_other and not encoded.isascii())
         # Each match's first and last byte: one starting at an item's header byte may swallow the start
         # of one inside the text, but then ends inside that text.
         found = (
@@ -774,10 +796,10 @@ class Anonymizer:
 
     def check(self, encoded: bytes) -> None:
         """Raise AnonymizationError if any known identity appears in the bytes (a topic, a name, any encoding)."""
-        hits, lowered, odd = self._read(encoded)
+        hits, lowered, to_ascii = self._read(encoded)
         if hits:
             raise _leak(max(end - start for start, end in hits))
-        self._short_texts(encoded, lowered, odd, lambda data: [(0, len(data))])
+        self._short_texts(encoded, lowered, to_ascii, lambda data: [(0, len(data))])
 
     def check_within(self, encoded: bytes, items: Callable[[bytes], list[tuple[int, int]]]) -> None:
         """As :meth:`check` for a structured encoding, where an identity counts only inside one of its items.
@@ -804,12 +826,12 @@ class Anonymizer:
 
     def check_cbor(self, encoded: bytes) -> None:
         """As :meth:`check` for CBOR, where an identity counts only inside one item, never across two."""
-        hits, lowered, odd = self._read(encoded)
+        hits, lowered, to_ascii = self._read(encoded)
         texts: list[tuple[int, int]] | None = None
         if hits:
             texts = []
             self._confirm(encoded, hits, functools.partial(cbor_leaves, texts=texts))
-        self._short_texts(encoded, lowered, odd, cbor_texts if texts is None else lambda _: texts)
+        self._short_texts(encoded, lowered, to_ascii, cbor_texts if texts is None else lambda _: texts)
 
     def check_texts(self, texts: Iterable[str]) -> None:
         """As :meth:`check` for several separate texts (names, units): a form spelt across two is none."""
@@ -820,9 +842,9 @@ class Anonymizer:
             at += len(part) + 1
         # One scan over them all, read once as a record is; a hit counts only inside one text.
         joined = b"\0".join(parts)
-        hits, lowered, odd = self._read(joined)
+        hits, lowered, to_ascii = self._read(joined)
         self._confirm(joined, hits, lambda _: spans)
-        self._short_texts(joined, lowered, odd, lambda _: spans)
+        self._short_texts(joined, lowered, to_ascii, lambda _: spans)
 
     def seal(
         self, build: Callable[[], OutRecord | None], encode: Callable[[Record], bytes]

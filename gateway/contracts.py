@@ -83,6 +83,13 @@ class AlarmClass(enum.StrEnum):
     PROCESS = "process"
 
 
+def alarm_class(kind: AlarmKind, subject_kind: str | None) -> AlarmClass:
+    """Technical for sensor and device kinds, else process for a machine, physiological otherwise."""
+    if kind in TECHNICAL_KINDS:
+        return AlarmClass.TECHNICAL
+    return AlarmClass.PROCESS if subject_kind == "industrial" else AlarmClass.PHYSIOLOGICAL
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
     """A configured item of a source that has no stream (an OPC UA node that never resolved)."""
@@ -118,10 +125,9 @@ class Alarm:
     @property
     def alarm_class(self) -> AlarmClass:
         """Technical for sensor and device kinds, else physiological or process by subject kind."""
-        if self.kind in TECHNICAL_KINDS:
-            return AlarmClass.TECHNICAL
-        kind = self.subject_kind or (self.stream.kind if self.stream is not None else "medical")
-        return AlarmClass.PROCESS if kind == "industrial" else AlarmClass.PHYSIOLOGICAL
+        return alarm_class(
+            self.kind, self.subject_kind or (self.stream.kind if self.stream is not None else None)
+        )
 
 
 @dataclass(frozen=True, slots=True)

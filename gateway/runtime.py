@@ -193,7 +193,7 @@ class Pipeline:
             elif e.stream is None:
                 continue
             elif e.kind is AlarmKind.LIMIT:
-                if not self._limits.resume(e.stream, str(e.detail.get("level", ""))):
+                if not self._limits.resume(e.stream, str(e.detail.get("level", "")), e.onset):
                     self._unjudged.append((e, "rule_removed"))
             elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail:
                 # A value out of range: the sample check judges it, and the model whose window check
@@ -282,7 +282,7 @@ class Pipeline:
         are kept until the device names itself.  Then they are ended (``device_changed``) if it is
         another device than one the conditions kept name, and otherwise adopted: judged by its data.
         A source that may deliver under its port is watched from the start even with nothing kept,
-        so its port's streams of this run end with its naming itself, not as lost.
+        so its port's streams of this run go on under its name (their samples too), not as lost.
         """
         before = self._devices_before.get(stream.source)
         if before is None:
@@ -312,8 +312,8 @@ class Pipeline:
     def _adopt_port(self, stream: Stream, port: str) -> None:
         """What ``stream``'s source delivered or left on under ``port`` is its device's: its data judge it."""
         source, device = stream.source, stream.device
-        # The port's streams end here, not by a loss: their device speaks under its own name now.
-        self.windower.forget_source(source, port)
+        # The port's streams are the device's (their samples are windowed with its own), not lost.
+        self.windower.adopt_device(source, port, device, stream.subject)
         self._forget(source, port)
         mine = [
             e
@@ -589,9 +589,9 @@ class Pipeline:
         self.last_beat = now_mono
         return len(records)
 
-    def anomalous(self) -> set[tuple[str, str]]:
-        """(subject, model) pairs in an anomaly episode now."""
-        return set(self._episodes.active())
+    def alarms_on(self) -> list[Entry]:
+        """The conditions on at the twin now: raised and not yet ended, this run's or carried over a restart."""
+        return self._ledger.entries()
 
     def counters(self) -> dict[str, float | str]:
         """Pipeline counters for diagnostics and STATUS."""

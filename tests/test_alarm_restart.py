@@ -295,6 +295,29 @@ def test_a_limit_alarm_left_on_clears_with_the_time_held_since_its_onset_before_
     assert 10.0 <= again["held_s"] < 12.0
 
 
+def test_a_limit_alarm_left_at_low_low_steps_down_with_the_time_held_since_its_onset_before_the_stop(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+
+    async def very_low(pipeline: Pipeline) -> None:
+        await spo2(pipeline, SPO2, 80.0, 12, 100.0)  # below 85 % (and so 90 %) for over 10 s
+
+    (raised,) = run(site, tmp_path, very_low)
+    assert (raised["alarm"], raised["detail"]["level"]) == ("limit", "low_low")
+    onset = raised["t"] - raised["held_s"]
+
+    async def milder(pipeline: Pipeline) -> None:
+        await spo2(pipeline, SPO2, 88.0, 5, 1000.0)  # out of LL by its deadband, still below 90 %
+
+    (step,) = run(site, tmp_path, milder)
+    assert (step["alarm"], step["detail"]["level"]) == ("limit", "low")
+    # Below 90 % since the onset before the stop, the downtime included (as the twin was told),
+    # not since the first sample after the start.
+    assert step["held_s"] == pytest.approx(step["t"] - onset, abs=0.01)
+    assert step["held_s"] >= 900.0
+
+
 def test_a_condition_ended_by_the_configuration_carries_no_time_held(tmp_path: Path) -> None:
     site = Site(tmp_path)
     assert kinds(run(site, tmp_path, normal(100.0), [Scripted([A] * 100)])) == [("anomaly", None)]

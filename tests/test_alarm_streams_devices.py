@@ -10,12 +10,18 @@ judged by the source's first data after the start.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 from test_alarm_restart import feed, feed_from, kinds, run
-from test_alarm_source_removed import Site
+from test_alarm_source_removed import WALL, Site, config
 
+from gateway.anonymize import Anonymizer, Pseudonymizer
+from gateway.contracts import Lane
+from gateway.outbox import AsyncOutbox, Outbox
+from gateway.records import as_map, decode
+from gateway.runtime import Pipeline
 from gateway.sample import MDC, Metric, Stream
 
 ENDPOINT = "opc.tcp://127.0.0.1:4840"
@@ -178,6 +184,32 @@ def test_a_monitor_naming_itself_during_a_run_leaves_no_port_stream_lost_and_kee
     assert kinds(alarms) == [("limit", None), ("limit_cleared", None)]
     assert alarms[1]["dev"] == alarms[0]["dev"]
     assert site.subject("bed-1").active == {}
+
+
+def test_a_monitor_naming_itself_during_a_run_keeps_the_samples_it_sent_under_its_port(
+    tmp_path: Path,
+) -> None:
+    # 30 s windows; the monitor sends SpO2 86 % under its port from 1000 s, names itself at 1035 s
+    # reading 97 %.  The window 1020-1050 holds both halves, as one stream of the monitor's.
+    cfg = config(tmp_path, OX, pipeline={"window_s": 30.0, "hop_s": 30.0, "grace_s": 0.0})
+    pseudonym = Pseudonymizer(b"w" * 32)
+    anon = Anonymizer(pseudonym, time_mode="relative", start_wall=WALL)
+
+    async def main() -> list[dict[str, Any]]:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            pipeline = Pipeline(cfg, anon, outbox)
+            await pipeline.end_vanished(0.0, WALL)
+            t = await feed(pipeline, 1000.0, 35, {oximeter(PORT): (86.0, 0)})
+            await feed(pipeline, t, 30, {oximeter("SN-1"): (97.0, 0)})
+            await outbox.flush()
+            return [as_map(decode(i.payload)) for i in await outbox.lease(1000) if i.lane == Lane.FEATURES]
+
+    windows = {w["t"]: w["streams"] for w in asyncio.run(main())}
+    assert sorted(windows) == [1020.0, 1050.0]
+    (both,) = windows[1050.0]
+    assert (both["n"], both["missing"]) == (30, 0.0)  # 15 samples under the port, 15 under SN-1
+    assert (both["features"]["min"], both["features"]["max"]) == (86.0, 97.0)
+    assert both["dev"] == pseudonym("device", "SN-1")
 
 
 def test_conditions_under_the_port_end_as_device_changed_when_another_serial_number_was_recorded(

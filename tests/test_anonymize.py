@@ -21,6 +21,7 @@ from gateway.anonymize import (
     Anonymizer,
     Pseudonymizer,
     cbor_texts,
+    fold_scope,
     identity_forms,
     load_or_create_key,
     rotate_key,
@@ -349,6 +350,26 @@ def test_letters_that_fold_to_another_spelling_are_found(identity: str, written:
     anon.register(identity)
     assert _leaks(anon, written)
     assert not _leaks(anon, "spo2")
+
+
+def test_a_unit_in_micro_folds_only_identities_outside_ascii() -> None:
+    # µ folds to Greek mu, and units keep it (µV, µS/cm): a record holding it is folded whole once an
+    # identity outside ASCII is known, but only those identities can be spelt there in a case the
+    # byte scan misses; a letter folding to an ASCII one (the Kelvin sign) may spell any identity.
+    micro = "Rig/EMG µV".encode()
+    assert fold_scope(micro, outside_ascii=False) == "none"
+    assert fold_scope(micro, outside_ascii=True) == "outside_ascii"
+    assert fold_scope("\u212aessel µV".encode(), outside_ascii=True) == "all"
+    assert fold_scope("Ärger".encode(), outside_ascii=True) == "anchored"
+    assert fold_scope(b"Rig/EMG uV", outside_ascii=True) == "none"
+    anon = _anon()
+    for identity in ("Zimmer-Müller-12", "Kessel-9", "MRN-0048213"):
+        anon.register(identity)
+    for written in ("ZIMMER-MÜLLER-12", "zimmer-müller-12", "mrn-0048213", "Mrn-0048213", "\u212aessel-9"):
+        assert anon.holds_identity(f"ch01 µV {written}"), written
+        with pytest.raises(AnonymizationError):
+            anon.check_cbor(cbor2.dumps({"u": "µV", "m": f"x/{written}/y"}, canonical=True))
+    anon.check_cbor(cbor2.dumps({"u": "µV", "m": "Rig/EMG/channel-01"}, canonical=True))
 
 
 @pytest.mark.parametrize(

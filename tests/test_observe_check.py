@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from peers import free_port
+from test_outbox_faults import small_tmpfs
 from uplink_support import require_mosquitto
 
 from drivers import REGISTRY
@@ -596,7 +597,8 @@ CASES: list[Case] = [
         lambda e: e.config("[outbox]\nmax_mb = 900000.0\n" + SIM),
         True,
         [
-            "fail  disk: the outbox budget of 900000 MB does not fit: {free_mb} MB free on <tmp>/state",
+            "fail  disk: the outbox budget of 900000 MB and its 4 MB full-disk reserve do not fit: {free_mb} MB free "
+            "on <tmp>/state",
             "      fix: free space, or lower outbox.max_mb",
             SUMMARY_FAIL.format(f=1, w=0),
         ],
@@ -644,7 +646,7 @@ def test_check_table(
     if name == "online-disk-too-small":
         # Free space moves while the suite runs: the reported figure must be close to a fresh one.
         found = next(
-            (re.search(r"does not fit: (\d+) MB free", line) for line in out if "does not fit" in line), None
+            (re.search(r"do not fit: (\d+) MB free", line) for line in out if "do not fit" in line), None
         )
         assert found is not None, out
         assert abs(int(found.group(1)) - int(free_mb)) < 500
@@ -795,4 +797,20 @@ def test_online_ble_adapter_asked_of_bluez(
             for line in out
         )
         == 2
+    )
+
+
+def test_a_budget_that_fits_without_room_for_the_full_disk_reserve_fails(tmp_path: Path) -> None:
+    # 2 MB of filesystem, a 1 MB budget: the 4 MB reserve does not fit, and without it the outbox
+    # would start degraded and refuse every feature window for good.
+    with small_tmpfs(tmp_path, 2) as mnt:
+        path = tmp_path / "edgetwin.toml"
+        path.write_text(
+            f'[gateway]\nstate_dir = "{mnt}"\n[outbox]\nmax_mb = 1.0\n[uplink]\nkind = "none"\n' + SIM
+        )
+        report = run_check(path, REGISTRY, with_online=True)
+    (disk,) = [f for f in report.findings if f.check == "disk"]
+    assert disk.level is Level.FAIL
+    assert disk.message.startswith(
+        "the outbox budget of 1 MB and its 4 MB full-disk reserve do not fit: 2 MB free"
     )

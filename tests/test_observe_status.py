@@ -8,6 +8,7 @@ a second run.  Each state is asserted in the text, the JSON, the exit code and t
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -23,7 +24,8 @@ import pytest
 from peers import LoggedProcess
 from uplink_support import mqtt_toml, require_mosquitto
 
-from drivers.serial.sim import PtyOximeter, VitalsModel
+from drivers.serial.protocol import Status
+from drivers.serial.sim import PtyOximeter, Vitals, VitalsModel
 from gateway.cli import main
 from gateway.contracts import Lane
 from gateway.inference.novelty import CUSUM_AUTO_MIN_S
@@ -240,11 +242,11 @@ diagnostics_every_s = 1.0
             r"uplink down \d+ s, \d+ queued(, dropped \d+)?", _wait_status_line(notify, r"^uplink down [1-9]")
         )
 
-        # Device unplugged: its link retries, its streams are lost, an alarm is active.
+        # Device unplugged: its link retries, its streams are lost, one device alarm is active.
         oxi.unplug()
         snap = gw.wait(
             capsys,
-            lambda s: any(a["kind"] == "sensor_lost" and a["source"] == "bed7-spo2" for a in s["alarms"]),
+            lambda s: any(a["kind"] == "device_lost" and a["source"] == "bed7-spo2" for a in s["alarms"]),
             "device unplugged",
         )
         spo2 = next(s for s in snap["sources"] if s["name"] == "bed7-spo2")
@@ -252,7 +254,7 @@ diagnostics_every_s = 1.0
         assert snap["health"] == "degraded"
         rc, text = gw.status(capsys)
         assert rc == 1
-        assert re.search(r"^  sensor_lost +bed7-spo2 +MDC_PULS_OXIM_SAT_O2 ", text, re.MULTILINE)
+        assert re.search(r"^  device_lost +medium +bed7-spo2 +- +subject ", text, re.MULTILINE)
         assert re.search(r"\(\+\d+ more\)$", snap["headline"])  # the uplink stays first
     finally:
         err = gw.stop()
@@ -420,6 +422,16 @@ def test_a_stalled_unit_is_named_with_its_reason() -> None:
     assert "waiting: connect  STALLED: connect: waiting for 40 s" in text
 
 
+def test_records_waiting_in_memory_are_said_when_no_lane_holds_them() -> None:
+    # A full disk with the broker hung: six alarms wait in memory for a write, none in any lane.
+    snap = _snap(outbox={"queued": 0, "bytes": 0, "budget_bytes": 1000, "lanes": {}, "pending_write": 6})
+    snap.update(version="0.1.0", pid=1, uptime_s=5.0, health=health(snap), headline=headline(snap))
+    outbox = next(line for line in render_text(snap).splitlines() if line.startswith("outbox:"))
+    assert (
+        outbox == "outbox: 0 queued, 0 B of its 1000 B budget, 0 dropped, 6 waiting in memory to be written"
+    )
+
+
 def test_drops_are_in_every_headline() -> None:
     snap = _snap()
     snap["outbox"]["dropped"] = 3
@@ -470,3 +482,82 @@ def test_the_novelty_detector_s_subjects_say_whether_the_residual_cusum_judges_t
     finally:
         err = gw.stop()
     assert gw.proc.returncode == 0, err
+
+
+class _Probe:
+    """A patient desaturating from the start, whose probe the test takes off and puts back."""
+
+    def __init__(self) -> None:
+        self.model = VitalsModel(3, desat_first_s=0.0, desat_every_s=1e6, desat_s=1e6, sensor_off_every_s=0)
+        self.off = False
+
+    def at(self, t: float) -> Vitals:
+        return Vitals(math.nan, math.nan, math.nan, int(Status.FINGER_OUT)) if self.off else self.model.at(t)
+
+
+def _alarm(snap: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((a for a in snap["alarms"] if a["kind"] == kind and a["source"] == "bed7-spo2"), None)
+
+
+def test_a_limit_alarm_stays_listed_through_a_probe_off_and_a_restart(
+    tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The nurse's question is what the twin shows on: a SpO2 alarm stays on there while the
+    # probe is off (nothing is known to end it) and across a restart (carried), so status lists it.
+    probe = _Probe()
+    oxi = PtyOximeter("nonin2", link=tmp_path / "usb-oximeter", vitals=probe).start()
+    records = tmp_path / "records.jsonl"
+    config = _config(
+        tmp_path,
+        f'[uplink]\nkind = "local"\npath = "{records}"\n'
+        "[alarms.limits.MDC_PULS_OXIM_SAT_O2]\nlow = 94.0\nlow_low = 92.0\non_delay_s = 1.0\n"
+        f'[[sources]]\nname = "bed7-spo2"\ndriver = "serial"\nsubject = "{PATIENT}"\nport = "{oxi.path}"\n'
+        'protocol = "nonin2"\n',
+    )
+    gw = Gateway(config, notify)
+    try:
+        snap = gw.wait(
+            capsys, lambda s: (_alarm(s, "limit") or {}).get("level") == "low_low", "SpO2 below its LL limit"
+        )
+        limit = _alarm(snap, "limit")
+        assert limit is not None
+        assert (limit["priority"], limit["class"], limit["metric"]) == (
+            "high",
+            "physiological",
+            "MDC_PULS_OXIM_SAT_O2",
+        )
+        assert snap["health"] == "healthy"  # the patient's alarm, not the gateway's trouble
+        probe.off = True
+        snap = gw.wait(capsys, lambda s: _alarm(s, "sensor_fault") is not None, "probe off")
+        limit = _alarm(snap, "limit")
+        assert limit is not None, snap["alarms"]  # still on at the twin: no clearance was sent
+        assert (limit["level"], limit["priority"]) == ("low_low", "high")
+        assert snap["alarms"][0]["kind"] == "limit"  # high priority first
+        assert snap["health"] == "degraded"  # the probe is
+        rc, text = gw.status(capsys)
+        assert rc == 1
+        assert re.search(
+            r"^  limit +high +bed7-spo2 +MDC_PULS_OXIM_SAT_O2 low_low +subject ", text, re.MULTILINE
+        )
+        assert re.search(
+            r"^  sensor_fault +low +bed7-spo2 +MDC_PULS_OXIM_SAT_O2 +subject ", text, re.MULTILINE
+        )
+        held = limit["since_s"]
+        err = gw.stop()
+        assert gw.proc.returncode == 0, err
+
+        # Restarted with the probe still off: both conditions are carried, and listed as before.
+        gw = Gateway(config, notify)
+        snap = gw.wait(capsys, lambda s: _alarm(s, "limit") is not None, "limit carried", timeout=30)
+        limit = _alarm(snap, "limit")
+        assert limit is not None
+        assert (limit["level"], limit["priority"]) == ("low_low", "high")
+        assert limit["since_s"] >= held  # since its onset before the stop
+        assert _alarm(snap, "sensor_fault") is not None
+    finally:
+        err = gw.stop()
+        oxi.stop()
+    assert gw.proc.returncode == 0, err
+    sent = [json.loads(line) for line in records.read_text().splitlines()]
+    kinds = [r.get("alarm") for r in sent if r.get("type") == "alarm"]
+    assert "limit_cleared" not in kinds  # the twin was never told it ended

@@ -884,3 +884,63 @@ def test_async_alarm_is_committed_without_waiting_for_the_interval(db: Path) -> 
             return took
 
     assert asyncio.run(main()) < 1.0
+
+
+# --- alarms leased by their own commit -------------------------------------------------------------
+
+
+def test_put_many_leases_its_alarms_in_the_same_hold(ob: Outbox) -> None:
+    handed = ob.put_many(
+        [item(Lane.FEATURES, 0), item(Lane.ALARMS, 1), item(Lane.ALARMS, 2)], lease_alarms=True
+    )
+    assert [(r.topic, r.attempts) for r in handed] == [("t/0001", 0), ("t/0002", 0)]
+    assert [r.topic for r in drain(ob)] == ["t/0000"]  # leased already: not handed out twice
+    assert ob.put_many([item(Lane.FEATURES, 3)], lease_alarms=True) == []  # no alarm, nothing leased
+    ob.release([r.id for r in handed])
+    # Released, they go back to the queue as any lease's records do.
+    assert [(r.topic, r.attempts) for r in drain(ob)] == [("t/0001", 1), ("t/0002", 1), ("t/0003", 0)]
+
+
+def test_put_many_hands_no_alarm_over_while_an_older_one_waits(ob: Outbox) -> None:
+    ob.put_many([item(Lane.ALARMS, 0)])  # committed with no one to take it: for a lease
+    assert ob.put_many([item(Lane.ALARMS, 1)], lease_alarms=True) == []
+    # A lease then hands both out, in order; the next commit's alarm is handed over again.
+    assert [r.topic for r in ob.lease(10)] == ["t/0000", "t/0001"]
+    assert [r.topic for r in ob.put_many([item(Lane.ALARMS, 2)], lease_alarms=True)] == ["t/0002"]
+    # An alarm handed back (a refused publish, a lost connection) is older again than the next one.
+    assert ob.lease(10) == []
+    ob.release([ob.last_id()])
+    assert ob.put_many([item(Lane.ALARMS, 3)], lease_alarms=True) == []
+    assert [r.topic for r in ob.lease(10)] == ["t/0002", "t/0003"]
+
+
+def test_async_hands_committed_alarms_over_and_loses_none_on_a_failed_commit(db: Path) -> None:
+    async def main() -> None:
+        async with AsyncOutbox(lambda: Outbox(db), flush_interval_s=0.02) as ao:
+            handed: list[list[str]] = []
+            ao.hand_alarms_to(lambda got: handed.append([r.topic for r in got]))
+            # Another writer holds the database: the commit fails after the busy timeout.
+            other = sqlite3.connect(db, isolation_level=None, timeout=0)
+            other.execute("BEGIN IMMEDIATE")
+            ao.submit(item(Lane.FEATURES, 0))
+            ao.submit(item(Lane.ALARMS, 1))
+            ao.submit(item(Lane.ALARMS, 2))
+            deadline = time.monotonic() + 15
+            while ao.health() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert "cannot write" in str(ao.health())
+            assert handed == []  # nothing is handed over before its commit
+            assert ao.pending == 3
+            other.execute("ROLLBACK")
+            other.close()
+            await ao.flush()
+            assert handed == [["t/0001", "t/0002"]]  # after the commit that did go through, in order
+            assert [r.topic for r in await ao.lease(10)] == ["t/0000"]  # the rest is for a lease
+            # No taker: the next alarm is for a lease, as before.
+            ao.hand_alarms_to(None)
+            ao.submit(item(Lane.ALARMS, 3))
+            await ao.flush()
+            assert handed == [["t/0001", "t/0002"]]
+            assert [r.topic for r in await ao.lease(10)] == ["t/0003"]
+
+    asyncio.run(main())

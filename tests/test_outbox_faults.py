@@ -362,6 +362,17 @@ def test_opening_on_a_full_disk_degrades_instead_of_failing(tmp_path: Path) -> N
             assert ob.stats().queued == 400
 
 
+def test_a_filesystem_too_small_for_the_reserve_is_named_as_such_not_as_a_full_disk(tmp_path: Path) -> None:
+    # 2 MB in all, nearly all free: the default 4 MiB reserve can never be held here.
+    with small_tmpfs(tmp_path, 2) as mnt, Outbox(mnt / "outbox.db") as ob:
+        why = ob.degraded
+    assert why is not None
+    assert why.startswith(
+        f"the filesystem of {mnt} holds 2097152 bytes in all, too few for the 4194304-byte reserve"
+    )
+    assert "disk is full" not in why
+
+
 def test_an_open_that_fails_for_a_while_is_retried_not_crashed(db: Path) -> None:
     from gateway.errors import TransientError  # noqa: PLC0415
 

@@ -30,11 +30,13 @@ from drivers.serial.port import DeviceAbsentError, DeviceLostError
 from drivers.serial.protocol import Status
 from drivers.serial.sim import Corruption, PtyOximeter, VitalsModel
 from gateway.anonymize import Anonymizer, Pseudonymizer
-from gateway.contracts import Alarm, AlarmKind, SourceInfo
+from gateway.contracts import Alarm, AlarmKind, Lane, SourceInfo
 from gateway.errors import ConfigError, TransientError
 from gateway.notify import Notifier
+from gateway.outbox import AsyncOutbox, Outbox
 from gateway.pipeline.windows import Windower
-from gateway.records import encode
+from gateway.records import as_map, decode, encode
+from gateway.runtime import Pipeline
 from gateway.sample import Quality
 from gateway.supervisor import Backoff, Group, Supervisor, Unit
 
@@ -336,6 +338,50 @@ def test_a_fault_raised_under_the_port_is_ended_by_the_monitor_naming_itself_aft
     assert [(a["alarm"], a["detail"].get("ended")) for a in after] == [("sensor_restored", None)]
     assert after[0]["dev"] == first[0]["dev"]  # the condition the twin holds, by the name it was raised under
     assert site.subject(INFO.subject).active == {}
+
+
+def test_a_monitor_naming_itself_while_running_keeps_the_lines_it_sent_under_its_port(
+    socat_pair: tuple[str, int], tmp_path: Path
+) -> None:
+    # The monitor's first lines carry no serial number (88 %), then it names itself (97 %): the
+    # windows cut afterwards hold both, as the monitor's stream; before, the port's lines were dropped.
+    port, fd = socat_pair
+    named = "0000012345"
+    source = {
+        "name": INFO.name,
+        "driver": "serial",
+        "subject": INFO.subject,
+        "port": port,
+        "protocol": "masimo",
+    }
+    cfg = config(tmp_path, source)
+    pseudonym = Pseudonymizer(b"s" * 32)
+    anon = Anonymizer(pseudonym, time_mode="relative", start_wall=time.time())
+    drv = driver(port, protocol="masimo")
+
+    async def main() -> list[dict[str, Any]]:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            pipeline = Pipeline(cfg, anon, outbox)
+            await pipeline.end_vanished()
+            task = asyncio.create_task(drv.run(pipeline.sink, started=lambda: None), name="test:driver")
+            try:
+                async with streaming(fd, masimo_lines(88, None)):
+                    await asyncio.sleep(1.5)
+                async with streaming(fd, masimo_lines(97, named)):
+                    await until(lambda: drv.device == named)
+                    await asyncio.sleep(1.5)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await pipeline.step()  # cuts every window due, after the naming
+            await outbox.flush()
+            return [as_map(decode(i.payload)) for i in await outbox.lease(1000) if i.lane == Lane.FEATURES]
+
+    spo2 = [s for w in asyncio.run(main()) for s in w["streams"] if s["metric"] == "MDC_PULS_OXIM_SAT_O2"]
+    assert {s["dev"] for s in spo2} == {pseudonym("device", named)}  # one stream, the monitor's
+    both = [s for s in spo2 if (s["features"].get("min"), s["features"].get("max")) == (88.0, 97.0)]
+    assert both, spo2
 
 
 def test_silent_device_raises_stale_data(socat_pair: tuple[str, int]) -> None:

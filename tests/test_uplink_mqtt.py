@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from peers import LoggedProcess
+from tcp_proxy import TcpProxy
 from uplink_support import (
     GATEWAY_ID,
     RunningUplink,
@@ -29,7 +31,7 @@ from uplink_support import (
 
 from gateway.contracts import Lane
 from gateway.downlink.twin_link import Broker, publish_desired
-from gateway.outbox import AsyncOutbox, FullPolicy, LaneBudget, Outbox, OutItem
+from gateway.outbox import AsyncOutbox, FullPolicy, LaneBudget, Leased, Outbox, OutItem
 from gateway.records import AlarmRecord, FeaturesWindow, StatusRecord, StreamWindow, encode, encode_status
 from gateway.records.topics import DEFAULT_PREFIX
 from gateway.uplink.broker import MosquittoBroker
@@ -197,6 +199,119 @@ def test_broker_outage_buffers_on_disk_then_everything_arrives_in_order(
                     seen.add(m.seq or 0)
                     firsts.append(m.seq or 0)
             assert firsts == sorted(firsts), f"{lane} historical={historical} out of order"
+
+
+@dataclass
+class LeaseLog:
+    """What an outbox's ``lease`` handed out: each record's lane, and its attempts at each lease."""
+
+    lanes: list[Lane] = field(default_factory=list)
+    attempts: dict[int, list[int]] = field(default_factory=dict)
+
+
+class LeaseRecorder(Outbox):
+    """The outbox, noting in a :class:`LeaseLog` every record its ``lease`` hands out."""
+
+    def __init__(self, path: Path, log: LeaseLog) -> None:
+        super().__init__(path)
+        self.log = log
+
+    def lease(self, n: int, *, after_id: int = 0, through_id: int | None = None) -> list[Leased]:
+        got = super().lease(n, after_id=after_id, through_id=through_id)
+        for r in got:
+            self.log.lanes.append(r.lane)
+            self.log.attempts.setdefault(r.id, []).append(r.attempts)
+        return got
+
+
+async def delivered_everywhere(run: RunningUplink, outbox: AsyncOutbox, twin: Any, n: int) -> None:
+    """Wait until ``n`` records are acknowledged (deleted from the outbox) and at the twin; stop the uplink."""
+    await wait_until(lambda: run.uplink.delivered == n, 20, f"{n} records acknowledged")
+    assert (await outbox.stats()).queued == 0  # deleted once acknowledged
+    await wait_until(lambda: twin.records_received >= n, 20, f"{n} records at the twin")
+    await run.stop()
+
+
+def test_live_alarms_go_out_from_their_commit_in_order_and_are_acknowledged(
+    tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker
+) -> None:
+    twin = listener(broker, pki)
+    leases = LeaseLog()
+
+    async def main() -> int:
+        async with AsyncOutbox(
+            lambda: LeaseRecorder(tmp_path / "ob.db", leases), flush_interval_s=0.02
+        ) as outbox:
+            run = RunningUplink(MqttUplink(outbox, uplink_config(broker, pki), GATEWAY_ID))
+            outbox.submit(records(1, start=100)[0])
+            await wait_until(lambda: run.uplink.delivered == 1, 10, "the uplink delivering")
+            # Alarms between features, some in one commit, some alone, while features stream.
+            for i in range(60):
+                outbox.submit(records(1, start=i)[0])
+                if i % 3 == 0:
+                    outbox.submit(records(0, 1, start=i)[0])
+                if i % 7 == 0:
+                    outbox.submit(records(0, 1, start=1000 + i)[0])
+                    await asyncio.sleep(0.005)
+            await outbox.flush()
+            last = await outbox.last_id()
+            await delivered_everywhere(run, outbox, twin, last)
+            return last
+
+    try:
+        last = asyncio.run(main())
+    finally:
+        twin.stop()
+    recs = twin.records()
+    assert sorted(m.seq for m in recs if m.seq is not None) == list(range(1, last + 1))
+    alarms = [m.seq or 0 for m in recs if m.kind == "alarms"]
+    assert len(alarms) == 20 + 9
+    assert alarms == sorted(alarms)  # alarms in order among themselves
+    assert not any(m.historical for m in recs if m.kind == "alarms")
+    # None of them waited for a lease: each was handed over by the commit that made it durable.
+    assert Lane.ALARMS not in leases.lanes
+    assert leases.lanes.count(Lane.FEATURES) == 61
+    (state,) = twin.checker.gateways.values()
+    assert (state.gaps, state.duplicates) == ([], 0)
+
+
+def test_alarms_handed_over_on_a_connection_that_dies_are_released_and_sent_again(
+    tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker
+) -> None:
+    twin = listener(broker, pki)
+    leases = LeaseLog()
+
+    async def main() -> list[int]:
+        with TcpProxy(broker.host, broker.port) as proxy:
+            async with AsyncOutbox(
+                lambda: LeaseRecorder(tmp_path / "ob.db", leases), flush_interval_s=0.02
+            ) as outbox:
+                cfg = uplink_config(broker, pki, port=proxy.port)
+                run = RunningUplink(MqttUplink(outbox, cfg, GATEWAY_ID))
+                outbox.submit(records(1)[0])
+                await wait_until(lambda: run.uplink.delivered == 1, 10, "the uplink delivering")
+                proxy.stall()  # published into a black hole: no PUBACK comes
+                for i in range(5):
+                    outbox.submit(records(0, 1, start=i)[0])
+                    await outbox.flush()
+                ids = list(range(2, 7))
+                await wait_until(lambda: run.uplink.counters.published >= 6, 10, "the alarms published")
+                proxy.clear()  # the stalled connection is reset: a new one takes over
+                await delivered_everywhere(run, outbox, twin, 6)
+                return ids
+
+    try:
+        ids = asyncio.run(main())
+    finally:
+        twin.stop()
+    # Handed over by their commits (no lease), released when the connection died, then leased
+    # by the next connection as records sent once already.
+    assert [leases.attempts.get(rid) for rid in ids] == [[1]] * 5
+    recs = twin.records()
+    alarms = [m.seq or 0 for m in recs if m.kind == "alarms"]
+    assert sorted(set(alarms)) == ids  # none lost
+    firsts = list(dict.fromkeys(alarms))
+    assert firsts == ids  # and first seen in order
 
 
 def test_live_records_overtake_a_paced_backlog(tmp_path: Path, pki: DemoPKI, broker: MosquittoBroker) -> None:

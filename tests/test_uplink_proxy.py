@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from tcp_proxy import TcpProxy
 from test_uplink_campaign import Row, _check, _first_ack_after, _run
-from uplink_support import mosquitto_pki
+from uplink_support import GATEWAY_ID, RunningUplink, mosquitto_pki, uplink_config, wait_until
 
+from gateway.outbox import AsyncOutbox, Outbox
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoPKI
 from gateway.uplink.mqtt import MqttUplink
@@ -123,3 +124,32 @@ def test_a_60_s_network_fault_through_a_proxy(tmp_path: Path, pki: DemoPKI, labe
     _check(row)
     if fault in ("stall", "cut"):
         assert row.reconnect_s < 5.0
+
+
+def test_an_idle_uplink_notices_a_hung_broker_by_its_unanswered_status(tmp_path: Path, pki: DemoPKI) -> None:
+    # Nothing to send (an empty outbox; a full disk refusing features looks the same) but the
+    # retained status when its counters change: a broker that stops answering is noticed within
+    # the PUBACK deadline (15 s), not after one and a half keep-alives (90 s at the default 60 s).
+    broker = MosquittoBroker(tmp_path / "broker", pki)
+    broker.start()
+    try:
+        with TcpProxy(broker.host, broker.port) as proxy:
+
+            async def main() -> float:
+                async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as ao:
+                    uplink = MqttUplink(ao, uplink_config(broker, pki, port=proxy.port), GATEWAY_ID)
+                    run = RunningUplink(uplink)
+                    try:
+                        await wait_until(lambda: uplink.connected, 10, "connected")
+                        proxy.stall()
+                        hung = time.monotonic()
+                        assert uplink.rebirth()  # the status again, as a change of its counters sends it
+                        await wait_until(lambda: not uplink.connected, 40, "the hung broker noticed")
+                        return time.monotonic() - hung
+                    finally:
+                        await run.stop()
+
+            noticed = asyncio.run(main())
+    finally:
+        broker.stop()
+    assert 14.0 < noticed < 25.0

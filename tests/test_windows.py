@@ -735,6 +735,68 @@ def test_a_source_forgotten_by_a_config_revision_raises_no_loss_and_leaves_the_o
     assert AlarmKind.SENSOR_LOST in control.kinds()
 
 
+# ---- a device naming itself after its first data under its port -------------------------------
+
+
+def test_a_device_naming_itself_takes_its_ports_samples_into_its_windows() -> None:
+    rig = Rig(window_s=2.0, hop_s=2.0, grace_s=0.0, lost=1.0)
+    port, named = stream("/dev/ttyUSB7"), stream("SN-1")
+    rig.feed(samples(port, T0 + 0.1, T0 + 1.1, 10.0, value=86.0))
+    assert rig.w.adopt_device("src", "/dev/ttyUSB7", "SN-1", "bed1") == 1
+    rig.feed(samples(named, T0 + 1.1, T0 + 5.1, 10.0, value=97.0))
+    records = rig.close(T0 + 4.0)
+    assert rig.kinds() == []  # the port's silence is no loss: its samples are the device's
+    assert [len(r.streams) for r in records] == [1, 1]
+    whole = records[0].streams[0]  # the window from T0 to T0 + 2
+    assert whole.stream is named
+    assert whole.count == 19  # 10 from the port (T0 + 0.1 ... 1.0), 9 from the device
+    assert whole.features["min"] == 86.0
+    assert whole.features["max"] == 97.0
+    assert [s["metric"] for s in rig.w.stream_states()] == [named.metric.name]
+
+
+def test_a_fault_raised_under_the_port_is_restored_by_the_devices_data() -> None:
+    rig = Rig(restore=1.0, lost=1.0)
+    port, named = stream("/dev/ttyUSB7"), stream("SN-1")
+    rig.feed(samples(port, T0, T0 + 1.0, 10.0, quality=Quality.SENSOR_OFF))
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT]
+    rig.w.adopt_device("src", "/dev/ttyUSB7", "SN-1", "bed1")
+    rig.w.resume(AlarmKind.SENSOR_FAULT, named)  # kept by the ledger: the state it has stays
+    rig.feed(samples(named, T0 + 1.0, T0 + 3.0, 10.0))
+    rig.close(T0 + 3.0)
+    assert rig.kinds() == [AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_RESTORED]
+    assert rig.alarms[1].stream is named
+    assert rig.alarms[1].t_mono == pytest.approx(T0 + 2.0)
+
+
+def test_a_device_lost_under_its_port_is_restored_once_by_its_data_under_its_name() -> None:
+    rig = Rig(lost=1.0, restore=0.0)
+    spo2, pulse = MDC["MDC_PULS_OXIM_SAT_O2"], MDC["MDC_PULS_OXIM_PULS_RATE"]
+    at_port = [stream("/dev/ttyUSB7", metric=m) for m in (spo2, pulse)]
+    named = [stream("SN-1", metric=m) for m in (spo2, pulse)]
+    rig.feed(s for st in at_port for s in samples(st, T0, T0 + 1.0, 10.0))
+    rig.close(T0 + 3.0)
+    assert rig.kinds() == [AlarmKind.DEVICE_LOST]
+    assert rig.w.adopt_device("src", "/dev/ttyUSB7", "SN-1", "bed1") == 2
+    rig.feed(samples(named[0], T0 + 4.0, T0 + 5.0, 10.0))
+    rig.close(T0 + 5.0)
+    assert rig.kinds() == [AlarmKind.DEVICE_LOST, AlarmKind.DEVICE_RESTORED]
+    assert rig.alarms[1].stream is named[0]
+    assert rig.alarms[1].detail["streams"] == 2
+
+
+def test_a_port_stream_of_another_subject_or_taken_name_ends_as_forgotten() -> None:
+    rig = Rig(lost=1.0)
+    port, other_bed, named = stream("/dev/ttyUSB7"), stream("/dev/ttyUSB7", subject="bed2"), stream("SN-1")
+    rig.feed(samples(named, T0, T0 + 1.0, 10.0) + samples(other_bed, T0, T0 + 1.0, 10.0))
+    rig.feed(samples(port, T0, T0 + 1.0, 10.0))
+    assert rig.w.adopt_device("src", "/dev/ttyUSB7", "SN-1", "bed1") == 0  # SN-1's own stream is here
+    rig.feed(samples(named, T0 + 1.0, T0 + 4.0, 10.0))
+    rig.close(T0 + 4.0)
+    assert rig.kinds() == []
+    assert [(s["subject"], s["accepted"]) for s in rig.w.stream_states()] == [("bed1", 40)]
+
+
 # ---- a stream rebuilt under the same key ----------------------------------------------------
 
 

@@ -86,6 +86,14 @@ class Entry:
     # Wall time the condition began, when its raise said how long it had held (a limit, an episode).
     onset: float | None = None
     node: Node | None = None  # with no stream: the configured node it is about
+    # Wall time the twin was told (its raise), and the priority it was raised (or escalated) at.
+    raised: float | None = None
+    priority: str | None = None
+
+    @property
+    def since(self) -> float | None:
+        """Wall time since which the twin shows it on: its onset where known, else its raise."""
+        return self.onset if self.onset is not None else self.raised
 
     def ending(self, reason: EndReason, t_mono: float, t_wall: float) -> Alarm:
         """The alarm that ends this condition, saying why."""
@@ -202,7 +210,22 @@ class AlarmLedger:
             kept = {k: alarm.detail[k] for k in _KEPT if k in alarm.detail}
             family = _family(alarm) or alarm.kind
             onset = known.onset if known is not None else _onset(alarm)
-            entry = Entry(family, alarm.subject, sources, alarm.subject_kind, stream, kept, onset, alarm.node)
+            raised = known.raised if known is not None else alarm.t_wall
+            priority = alarm.priority.value if alarm.priority is not None else None
+            if priority is None and known is not None:
+                priority = known.priority
+            entry = Entry(
+                family,
+                alarm.subject,
+                sources,
+                alarm.subject_kind,
+                stream,
+                kept,
+                onset,
+                alarm.node,
+                raised,
+                priority,
+            )
             if entry == known:
                 return
             self._on[key] = entry
@@ -364,6 +387,8 @@ def _dump(e: Entry) -> dict[str, Any]:
         "detail": dict(e.detail),
         "onset": e.onset,
         "node": None if e.node is None else {"source": e.node.source, "address": e.node.address},
+        "raised": e.raised,
+        "priority": e.priority,
     }
 
 
@@ -390,6 +415,8 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
         dict(raw.get("detail", {})),
         None if raw.get("onset") is None else float(raw["onset"]),
         None if n is None else Node(str(n["source"]), str(n["address"])),
+        None if raw.get("raised") is None else float(raw["raised"]),
+        None if raw.get("priority") is None else str(raw["priority"]),
     )
 
 

@@ -101,6 +101,8 @@ class _State:
     t: float = math.nan
     t_wall: float = math.nan
     v: float = math.nan
+    # Resumed after a restart: the wall time its condition began before the stop (None: unknown).
+    resumed_onset: float | None = None
 
 
 class LimitChecker:
@@ -156,18 +158,20 @@ class LimitChecker:
                 self._pending.discard(key)
         return out
 
-    def resume(self, stream: Stream, level: str) -> bool:
+    def resume(self, stream: Stream, level: str, onset_wall: float | None = None) -> bool:
         """Hold ``stream``'s alarm at ``level`` on, as a previous run left it; False if the rule lacks it.
 
         Its samples then judge it as if the gateway had never stopped: back inside the limit by the
-        deadband for the off-delay clears it, still beyond it sends nothing.  How long it held
-        counts from the first sample after the start (the time before the stop is not known here).
+        deadband for the off-delay clears it, still beyond it sends nothing, beyond only a milder
+        limit steps down to it.  ``onset_wall`` (wall time the condition began, before the stop):
+        the level and the milder ones of its side count as held since then, the downtime included,
+        as the twin was told; unknown, they count from the first sample after the start.
         """
         rule = self.rule_for(stream)
         if rule is None or level not in rule.bounds:
             return False
         st = self._state.setdefault(stream.key, _State())
-        st.active, st.release_at = level, None
+        st.active, st.release_at, st.resumed_onset = level, None, onset_wall
         self._pending.add(stream.key)
         return True
 
@@ -232,9 +236,17 @@ class LimitChecker:
         st.stream, st.rule, st.t, st.t_wall, st.v = stream, rule, t, t_wall, v
         active = st.active
         if active is not None and math.isnan(st.active_since):
-            # Resumed after a restart: held since its first sample here; the pipeline reports the
-            # time since the onset before the stop, which the alarm ledger keeps.
+            # Resumed after a restart: held since its onset before the stop where the ledger kept
+            # it, else since its first sample here.  Beyond the active level is beyond every milder
+            # one of its side, so they held as long: a value now between LL and L steps down to L
+            # at once, as without the restart, instead of clearing and raising L again 10 s later.
             st.active_since = t
+            if st.resumed_onset is not None:
+                st.active_since = t - max(0.0, t_wall - st.resumed_onset)
+                for level in rule.bounds:
+                    if _SIDE[level] == _SIDE[active] and _SEVERITY[level] <= _SEVERITY[active]:
+                        st.onset[level] = st.active_since
+            st.resumed_onset = None
         for level in rule.bounds:
             latched = (
                 active is not None and _SIDE[level] == _SIDE[active] and _SEVERITY[level] <= _SEVERITY[active]

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 from gateway.config import Config, validate
 from gateway.contracts import DriverSpec
 from gateway.errors import ConfigError, ConfigProblem, EdgetwinError, InvalidConfigError
+from gateway.outbox.space import DEFAULT_RESERVE_BYTES, DiskReserve
 
 EXIT_OK = 0
 EXIT_ENVIRONMENT = 1
@@ -423,15 +424,20 @@ def _disk(config: Config) -> list[Finding]:
         usage = shutil.disk_usage(where)
     except OSError as exc:
         return [_env(Level.FAIL, "disk", f"cannot read free space of {where}: {exc.strerror}")]
-    held = config.core.outbox_path.stat().st_size if config.core.outbox_path.exists() else 0
+    # The database and the full-disk reserve beside it (gateway.outbox.space) are space it holds.
+    reserve = DiskReserve(config.core.outbox_path, DEFAULT_RESERVE_BYTES)
+    held = sum(p.stat().st_size for p in (config.core.outbox_path, reserve.path) if p.exists())
     free = usage.free + held
     mb = 1024 * 1024
-    if free < budget:
+    if free < budget + reserve.size:
+        # Without room for its reserve the outbox starts degraded and, on a filesystem that never
+        # has twice the reserve free, refuses every feature window for good.
         return [
             _env(
                 Level.FAIL,
                 "disk",
-                f"the outbox budget of {budget / mb:.0f} MB does not fit: {free / mb:.0f} MB free on {where}",
+                f"the outbox budget of {budget / mb:.0f} MB and its {reserve.size / mb:.0f} MB full-disk reserve "
+                f"do not fit: {free / mb:.0f} MB free on {where}",
                 "free space, or lower outbox.max_mb",
             )
         ]

@@ -121,7 +121,7 @@ def families(snap: dict[str, Any]) -> Iterator[GaugeMetricFamily | CounterMetric
     counts: dict[str, int] = {}
     for a in snap["alarms"]:
         counts[a["kind"]] = counts.get(a["kind"], 0) + 1
-    for kind in ("sensor_fault", "sensor_lost", "anomaly"):
+    for kind in ("limit", "anomaly", "sensor_fault", "sensor_lost", "device_lost"):
         alarms.add_metric([kind], counts.get(kind, 0))
     yield alarms
 

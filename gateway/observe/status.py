@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import __version__
+from gateway.contracts import AlarmKind, alarm_class
 
 #: Exit codes of ``edgetwin status`` (the monitoring-plugin convention).
 EXIT_HEALTHY, EXIT_DEGRADED, EXIT_DOWN, EXIT_UNKNOWN = 0, 1, 2, 3
@@ -29,6 +30,10 @@ HEALTH_EXIT = {"healthy": EXIT_HEALTHY, "degraded": EXIT_DEGRADED, "down": EXIT_
 NEAR_BUDGET = 0.8
 #: Records per second are averaged over this long.
 RATE_WINDOW_S = 10.0
+#: The technical alarms that make a gateway degraded, as the headline words them.
+_TECHNICAL = {"sensor_lost": "lost", "sensor_fault": "faulted", "device_lost": "device lost"}
+#: Active alarms are listed by priority (IEC 60601-1-8: high first), then the oldest first.
+_RANK = {"high": 0, "medium": 1, "low": 2}
 
 
 @dataclass(slots=True)
@@ -285,31 +290,34 @@ class StatusBoard:
         return out
 
     def _alarms(self, now: float) -> list[dict[str, Any]]:
+        # What the twin was told is on (every kind, carried over a restart too), not what the
+        # windower sees now: a limit alarm stays on at the twin while its probe is off.
+        wall = time.time()
         out = []
-        for st in self._pipeline.windower.stream_states():
-            if st["status"] == "ok":
-                continue
-            key = f"alarm:{st['source']}/{st['metric']}/{st['subject']}"
+        for e in self._pipeline.alarms_on():
+            s = e.stream
+            what = str(e.detail.get("model") or e.detail.get("estimate") or (s.metric.name if s else ""))
+            if e.kind is AlarmKind.DEVICE_LOST:
+                what = ""  # the device, with every stream it delivers
+            where = "" if s is None else s.source
+            since = e.since
+            if since is None:  # a ledger written before raises were timed
+                since_s = self._since.see(f"alarm:{e.kind}/{where}/{what}/{e.subject}", True, now)
+            else:
+                since_s = max(0.0, wall - since)
             out.append(
                 {
-                    "kind": "sensor_fault" if st["status"] == "faulted" else "sensor_lost",
-                    "source": st["source"],
-                    "subject": self._pseudonym(st["subject"]),
-                    "metric": st["metric"],
-                    "since_s": round(self._since.see(key, st["status"], now), 1),
+                    "kind": e.kind.value,
+                    "class": alarm_class(e.kind, e.subject_kind or (s.kind if s else None)).value,
+                    "priority": e.priority,
+                    "level": str(e.detail.get("level", "")),
+                    "source": where,
+                    "subject": self._pseudonym(e.subject),
+                    "metric": what,
+                    "since_s": round(since_s, 1),
                 }
             )
-        for subject, model in sorted(self._pipeline.anomalous()):
-            key = f"alarm:anomaly/{model}/{subject}"
-            out.append(
-                {
-                    "kind": "anomaly",
-                    "source": "",
-                    "subject": self._pseudonym(subject),
-                    "metric": model,
-                    "since_s": round(self._since.see(key, True, now), 1),
-                }
-            )
+        out.sort(key=lambda a: (_RANK.get(a["priority"], 3), -a["since_s"]))
         return out
 
 
@@ -355,10 +363,12 @@ def _problems(snap: Mapping[str, Any]) -> tuple[list[str], list[str]]:
             f"{ob['queued']} queued"
         )
     degraded += sources + others
+    # A patient's or a machine's alarm is not the gateway's trouble; a sensor or device one is.
     for alarm in snap["alarms"]:
-        if alarm["kind"] in {"sensor_lost", "sensor_fault"}:
-            what = "lost" if alarm["kind"] == "sensor_lost" else "faulted"
-            degraded.append(f"{alarm['source']} {alarm['metric']} {what} {alarm['since_s']:.0f} s")
+        what = _TECHNICAL.get(alarm["kind"])
+        if what is not None:
+            where = " ".join(x for x in (alarm["source"], alarm["metric"]) if x)
+            degraded.append(f"{where} {what} {alarm['since_s']:.0f} s")
     degraded += [f"model {m['name']} demoted" for m in snap["models"] if m["state"] == "demoted"]
     return down, degraded
 
@@ -454,7 +464,10 @@ def render_text(snap: Mapping[str, Any]) -> str:
     lines += [
         "",
         f"outbox: {ob['queued']} queued, {_size(ob['bytes'])} of its {_size(ob['budget_bytes'])} budget, "
-        f"{ob.get('dropped', 0)} dropped" + (f"; DEGRADED: {ob['degraded']}" if ob.get("degraded") else ""),
+        f"{ob.get('dropped', 0)} dropped"
+        # Records not on disk yet (a full disk keeps alarms here, first in line): not in any lane.
+        + (f", {ob['pending_write']} waiting in memory to be written" if ob.get("pending_write") else "")
+        + (f"; DEGRADED: {ob['degraded']}" if ob.get("degraded") else ""),
     ]
     for lane, ls in ob["lanes"].items():
         lines.append(
@@ -472,7 +485,8 @@ def render_text(snap: Mapping[str, Any]) -> str:
         f"alarms active: {len(snap['alarms'])}",
     ]
     lines += [
-        f"  {a['kind']:<13} {a['source'] or '-':<16} {a['metric']:<28} subject {a['subject']} since {_age(a['since_s'])}"
+        f"  {a['kind']:<13} {a.get('priority') or '-':<6} {a['source'] or '-':<16} "
+        f"{(a['metric'] + ' ' + a.get('level', '')).strip() or '-':<28} subject {a['subject']} since {_age(a['since_s'])}"
         for a in snap["alarms"]
     ]
     return "\n".join(lines)

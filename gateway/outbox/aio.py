@@ -71,6 +71,7 @@ class AsyncOutbox:
         self._refusing: set[tuple[Lane, DropReason]] = set()
         self._refused: dict[tuple[Lane, DropReason], int] = {}  # counted here, not yet in the store
         self._committed = asyncio.Event()
+        self._alarm_taker: Callable[[list[Leased]], None] | None = None
 
     @property
     def last_beat(self) -> float:
@@ -232,6 +233,16 @@ class AsyncOutbox:
             self._refused[key] = self._refused.get(key, 0) + n
             self._wake.set()
 
+    def hand_alarms_to(self, taker: Callable[[list[Leased]], None] | None) -> None:
+        """Lease each commit's alarms in the commit's own hold of the store's lock and hand them to ``taker`` (on the loop).
+
+        So an alarm waits for no lease behind the next commit of other records.  Alarms are handed
+        only when every older one is leased already (else a lease takes them, in order); what
+        arrives when no taker is set any more is released.  One taker at a time (the uplink's
+        connection); ``None`` stops the handing.
+        """
+        self._alarm_taker = taker
+
     async def flush(self) -> None:
         """Commit everything submitted so far."""
         await self._flush_pending()
@@ -376,27 +387,39 @@ class AsyncOutbox:
         refused, self._refused = self._refused, {}
         self._inflight = len(batch)
         loop = asyncio.get_running_loop()
-        write = loop.run_in_executor(None, _write, outbox, batch, refused)
+        hand = self._alarm_taker is not None and any(it.lane is Lane.ALARMS for it in batch)
+        write = loop.run_in_executor(None, _write, outbox, batch, refused, hand)
         try:
             # Shielded: a cancelled caller must not lose track of a write already under way.
             await asyncio.shield(write)
         finally:
             self._inflight = 0
             if not write.done():
-                write.add_done_callback(lambda w: self._requeue_if_failed(w, batch))
+                write.add_done_callback(lambda w: self._written(w, batch))
             else:
-                self._requeue_if_failed(write, batch)
+                self._written(write, batch)
 
-    def _requeue_if_failed(self, write: asyncio.Future[None], batch: list[OutItem]) -> None:
+    def _written(self, write: asyncio.Future[list[Leased]], batch: list[OutItem]) -> None:
         if write.cancelled() or write.exception() is not None:
             # First in line again, alarms ahead of the rest: they are written first when space returns.
             alarms = [it for it in batch if it.lane is Lane.ALARMS]
             others = [it for it in batch if it.lane is not Lane.ALARMS]
             self._pending[:0] = alarms + others  # (the refused counts reached the store before the put)
-        else:
-            self._pending_bytes -= sum(record_size(it) for it in batch)
-            if batch:
-                self._committed.set()
+            return
+        self._pending_bytes -= sum(record_size(it) for it in batch)
+        handed = write.result()
+        if handed:
+            taker, taken = self._alarm_taker, False
+            if taker is not None:
+                try:
+                    taker(handed)
+                    taken = True
+                except Exception:  # noqa: BLE001 - whatever went wrong, the alarms go back to the queue
+                    _LOG.exception("outbox: handing %d committed alarm(s) over failed: released", len(handed))
+            if not taken and self._outbox is not None:
+                self._outbox.release([r.id for r in handed])
+        if len(batch) > len(handed):
+            self._committed.set()  # the rest is for a lease
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -415,11 +438,13 @@ class AsyncOutbox:
                 await asyncio.to_thread(self._outbox.close)
 
 
-def _write(outbox: Outbox, batch: Sequence[OutItem], refused: Mapping[tuple[Lane, DropReason], int]) -> None:
-    """One group commit, with the drops counted in memory since the last one (worker thread)."""
+def _write(
+    outbox: Outbox, batch: Sequence[OutItem], refused: Mapping[tuple[Lane, DropReason], int], hand: bool
+) -> list[Leased]:
+    """One group commit, with the drops counted in memory since the last one; its alarms leased if ``hand`` (worker thread)."""
     if refused:
         outbox.count_drops(refused)
-    outbox.put_many(batch)
+    return outbox.put_many(batch, lease_alarms=hand)
 
 
 __all__ = ["DEFAULT_MAX_PENDING_BYTES", "AsyncOutbox"]

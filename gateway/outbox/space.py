@@ -52,11 +52,25 @@ class DiskReserve:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 self.path.unlink()
-            self.enter_degraded(
-                f"the disk is full (no room for the {self.size}-byte reserve: {exc.strerror or exc})"
-            )
+            self.enter_degraded(self._no_room(exc))
             return False
         return True
+
+    def _no_room(self, exc: OSError) -> str:
+        """Why the reserve could not be taken: a full disk, or a filesystem too small ever to hold it."""
+        try:
+            st = os.statvfs(self._db.parent)
+        except OSError:
+            return f"the disk is full (no room for the {self.size}-byte reserve: {exc.strerror or exc})"
+        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        if total < 2 * self.size:
+            # Twice the reserve free is what ends the degraded state: it can never come here.
+            return (
+                f"the filesystem of {self._db.parent} holds {total} bytes in all, too few for the "
+                f"{self.size}-byte reserve and twice that free to leave this state: give the state "
+                "directory a larger filesystem"
+            )
+        return f"the disk is full ({free} bytes free, too few for the {self.size}-byte reserve)"
 
     def release(self, why: str) -> None:
         """Give the reserve back to the filesystem: the disk is full."""

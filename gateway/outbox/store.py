@@ -161,13 +161,27 @@ class Outbox:
             self._require_open()
             return self._guarded("last_id", self._last_id)
 
-    def put_many(self, items: Sequence[OutItem]) -> None:
-        """Store a batch in one transaction, then apply the lane and total budgets."""
+    def put_many(self, items: Sequence[OutItem], *, lease_alarms: bool = False) -> list[Leased]:
+        """Store a batch in one transaction, then apply the lane and total budgets.
+
+        With ``lease_alarms``, the batch's alarms are also leased in the same hold of the lock and
+        returned (none when an older alarm is still unleased: a lease hands those out in order).
+        """
         if not items:
-            return
+            return []
         with self._lock:
             self._require_open()
+            before = self._seq
             self._guarded("put", lambda: self._put_many(items))
+            if not lease_alarms:
+                return []
+            # The commit is done: what is leased here is durable.  Only when no older alarm waits
+            # unleased, so that alarms still go out in order.
+            self._apply_released()
+            fresh = sum(1 for it in items if it.lane is Lane.ALARMS)
+            if not fresh or self._count[Lane.ALARMS] - self._leased_count[Lane.ALARMS] != fresh:
+                return []
+            return self._lease_noted(fresh, before, None)
 
     def put(self, item: OutItem) -> None:
         """Store one record (one transaction: prefer ``put_many``)."""
@@ -183,12 +197,7 @@ class Outbox:
         with self._lock:
             self._require_open()
             self._apply_released()
-            leased = self._guarded("lease", lambda: self._lease(n, after_id, through_id))
-            if leased:
-                # Remembered outside the file: if it turns out corrupt, the fresh one's ids must
-                # start above every id handed out from it (a late ack names one of those).
-                self._high_id = max(self._high_id, *(r.id for r in leased))
-            return leased
+            return self._lease_noted(n, after_id, through_id)
 
     def ack(self, ids: Iterable[int]) -> None:
         """Delete delivered records. Only leased ids are deleted; any other id is ignored."""
@@ -979,6 +988,15 @@ class Outbox:
     def _last_id(self) -> int:
         row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
         return 0 if row is None else int(row[0])
+
+    def _lease_noted(self, n: int, after_id: int, through_id: int | None) -> list[Leased]:
+        """Lease (under the lock) and remember the highest id handed out."""
+        leased = self._guarded("lease", lambda: self._lease(n, after_id, through_id))
+        if leased:
+            # Remembered outside the file: if it turns out corrupt, the fresh one's ids must
+            # start above every id handed out from it (a late ack names one of those).
+            self._high_id = max(self._high_id, *(r.id for r in leased))
+        return leased
 
     def _lease(self, n: int, after_id: int = 0, through_id: int | None = None) -> list[Leased]:
         if all(self._count[lane] <= self._leased_count[lane] for lane in Lane):

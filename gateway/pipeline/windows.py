@@ -37,7 +37,9 @@ Memory: state is created per stream on first sight and kept for the life of the 
 memory is bounded by the configured streams (a few tens of kB per stream at 256 Hz).  A stream a
 driver rebuilds under the same key (a server revised its rate, a unit changed) replaces the entry of
 that key in place: one metric in the windows, no loss for the old object's silence, its condition
-carried over; a new unit restarts the ring, a new rate keeps it.  A lost
+carried over; a new unit restarts the ring, a new rate keeps it.  So do the streams a device
+delivered under its port before it named itself (:meth:`Windower.adopt_device`): under its name,
+rows and condition kept.  A lost
 stream keeps its ring and keeps producing gap windows: the twin sees the loss as gaps.
 """
 
@@ -47,6 +49,7 @@ import logging
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -244,8 +247,11 @@ class Windower:
         ends after ``restore_after_s`` of good data and a loss with the first data (the loss is
         older than any hold), each with its ordinary restore; data still faulty sends nothing, and
         a driver reporting the device lost again repeats the same incident.  A device that never
-        delivers again stays lost, which is true.  Call before the stream's first sample.
+        delivers again stays lost, which is true.  Call before the stream's first sample: a stream
+        (or device) already here keeps its state, which this run's data have judged.
         """
+        if any(st.stream.key == stream.key for st in self._by_stream.values()):
+            return  # adopted from the port it delivered under (adopt_device)
         if kind is AlarmKind.DEVICE_LOST:
             key = (stream.source, stream.device)
             if key not in self._device_lost:
@@ -371,7 +377,11 @@ class Windower:
                     )
                 st = self._fresh(subj, stream, t_first)
         elif st.stream is not stream:
-            st.aliases.append(stream)
+            if self._by_id.get(id(st.stream)) is st:
+                st.aliases.append(stream)
+            else:  # named by adopt_device, never delivered: the driver's own object from now on
+                st.stream = stream
+                self._by_stream[stream] = self._by_stream.pop(stream)
         self._by_id[id(stream)] = st
         return st
 
@@ -404,15 +414,9 @@ class Windower:
         in the old unit would be windowed with the new.  A new rate keeps the rows (the same
         quantity, only sampled otherwise) and grows the ring if the new rate needs more.
         """
-        old = st.stream
-        del self._by_stream[old]
-        # The old object (and objects equal to it) no longer lead here by id: a sample of it later
-        # (the driver went back to it) is adopted again and rebinds the entry to it, so its rate and
-        # unit apply and rows of one unit are never windowed with another's.
-        for alias in (old, *st.aliases):
-            if self._by_id.get(id(alias)) is st:
-                del self._by_id[id(alias)]
-        st.aliases.clear()
+        # A sample of the old object later (the driver went back to it) is adopted again and rebinds
+        # the entry to it, so its rate and unit apply and rows of one unit are never windowed with another's.
+        old = self._unlink(st)
         st.bind(stream, self.window_s, self.lost_after_s)
         self._by_stream[stream] = st
         span = self._subjects[stream.subject].span
@@ -430,6 +434,58 @@ class Windower:
             old.rate_hz,
         )
         return st
+
+    def _unlink(self, st: _StreamState) -> Stream:
+        """Its stream (and objects equal to it) no longer lead to ``st``; that stream."""
+        old = st.stream
+        del self._by_stream[old]
+        for alias in (old, *st.aliases):
+            if self._by_id.get(id(alias)) is st:
+                del self._by_id[id(alias)]
+        st.aliases.clear()
+        return old
+
+    def adopt_device(self, source: str, port: str, device: str, subject: str) -> int:
+        """``source``'s streams of ``subject`` under ``port`` are its ``device``'s (it named itself): how many move.
+
+        Their rings (the samples not windowed yet), status and outage go under the device's name, so
+        its windows hold the port's samples with the device's, and a fault or loss raised under the
+        port is ended by the device's data with the usual restore; no loss alarm is raised.  A stream
+        of another subject, or whose name under the device is taken, ends as :meth:`forget_source` ends it.
+        """
+        taken = {st.stream.key for st in self._by_stream.values()}
+        moved = 0
+        for st in list(self._by_stream.values()):
+            old = st.stream
+            new = replace(old, device=device)
+            if (old.source, old.device, old.subject) != (source, port, subject) or new.key in taken:
+                continue
+            self._unlink(st)
+            st.stream = new
+            self._by_stream[new] = st
+            moved += 1
+        if moved:
+            self._subjects[subject].streams.sort(key=lambda s: s.stream.key)
+        here, there = (source, port), (source, device)
+        for table in (self._device_lost, self._resumed_devices):
+            group = table.get(here)
+            if group is not None and there not in table:
+                # In place: an outage a previous run left on is the same list in both tables.
+                group[:] = [st for st in group if st.stream.device == device]
+                table[there] = table.pop(here)
+        if here in self._release_due and there not in self._release_due:
+            self._release_due[there] = self._release_due.pop(here)
+        if here in self._device_back:
+            self._device_back.add(there)
+        prefix, to = f"{source}/{port}/", f"{source}/{device}/"
+        for key in [k for k in self._resumed if k.startswith(prefix)]:
+            self._resumed.setdefault(to + key.removeprefix(prefix), self._resumed.pop(key))
+        self.forget_source(source, port)
+        if moved:
+            log.info(
+                "windower: source %s: %d stream(s) of its port go under its device's own name", source, moved
+            )
+        return moved
 
     def capacity_for(self, stream: Stream, window_s: float | None = None) -> int:
         """Ring rows for a stream: its rate x (longest window + grace + hop) x a safety factor."""

@@ -188,6 +188,7 @@ class Session:
     retain: bool = True
     status_mid: int | None = None
     status_acked: asyncio.Event = field(default_factory=asyncio.Event)
+    status_since: float | None = None  # monotonic time of the status publish still awaiting its PUBACK
     misc: asyncio.TimerHandle | None = None
     props_head: bytes = b""  # MQTT 5 properties common to every record of this session
     send_limit: int = 65535  # published and not yet acknowledged, at most

@@ -1,7 +1,8 @@
 """The delivery stage: on one connection, lease from the outbox, publish at QoS 1, delete on PUBACK.
 
-Live records go first; the backlog (what was queued when the connection came up) is replayed
-behind them, paced.  PUBACKs are taken in batches and acknowledged to the outbox off the event
+Live records go first, alarms ahead of them, each handed over already leased by the commit that
+made it durable (no lease of its own to wait behind the next commit); the backlog (what was
+queued when the connection came up) is replayed behind them, paced.  PUBACKs are taken in batches and acknowledged to the outbox off the event
 loop.  A record no packet the broker takes can carry is trimmed (alarms, diagnostics) or moved to
 the outbox's dead-letter lane, never deleted as delivered.  A connection with messages in flight
 and no PUBACK for too long is declared lost, so a cut link is noticed.
@@ -22,6 +23,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from gateway.contracts import Lane
 from gateway.errors import AuthError, TransientError
 from gateway.outbox import AsyncOutbox, Leased
 from gateway.records import CONTENT_TYPE, SCHEMA_MAJOR, Joiner, RecordError, SeqMeta, wrap
@@ -106,6 +108,10 @@ class Delivery:
         self._join_max: int | None = None
         self._sizes: dict[int, int] = {}  # record id -> PUBLISH bytes, while in flight (3.1.1)
         self._releasing: set[asyncio.Future[None]] = set()
+        # Alarms handed over by a commit while a lease is under way: that lease may hold older
+        # ones, so these wait for it and are queued in id order with what it brings.
+        self._leasing = 0
+        self._parked: list[Leased] = []
         # Features windows are held and joined (uplink.mqtt.batch_s) where a topic is a subject's;
         # a static topic carries one record's sequence in its properties, so not there.
         self._batch_s = config.batch_s if config.batch_s > 0 and not profile.static_topic else None
@@ -126,10 +132,38 @@ class Delivery:
 
     async def serve(self, session: Session) -> None:
         """Deliver until the connection is lost (its error is raised) or the task is cancelled."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._watch_commits(session), name="uplink-mqtt:commits")
-            tg.create_task(self._acker(session), name="uplink-mqtt:acker")
-            await self._publish_loop(session)
+        self._parked = []
+        self._outbox.hand_alarms_to(lambda alarms: self._take_alarms(session, alarms))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch_commits(session), name="uplink-mqtt:commits")
+                tg.create_task(self._acker(session), name="uplink-mqtt:acker")
+                await self._publish_loop(session)
+        finally:
+            # Alarms committed from now on are leased by the next connection; those handed over
+            # until now are in session.leased, released by finish().
+            self._outbox.hand_alarms_to(None)
+
+    def _take_alarms(self, session: Session, alarms: list[Leased]) -> None:
+        """Alarms leased by their own commit: queued ahead of the live records and published now."""
+        for item in alarms:
+            session.leased[item.id] = len(item.payload)
+        self._parked += alarms
+        if not self._leasing:
+            self._queue_parked(session)
+            self.pump(session)
+
+    def _queue_parked(self, session: Session) -> None:
+        """Put handed-over alarms into the live queue, every alarm there in id order, ahead of the rest."""
+        if not self._parked:
+            return
+        live = session.live
+        alarms = sorted([*(i for i in live if i.lane is Lane.ALARMS), *self._parked], key=lambda i: i.id)
+        rest = [i for i in live if i.lane is not Lane.ALARMS]
+        self._parked = []
+        live.clear()
+        live.extend(alarms)
+        live.extend(rest)
 
     async def finish(self, session: Session) -> None:
         """Delete what was acknowledged, release the rest for the next connection."""
@@ -218,6 +252,7 @@ class Delivery:
                 session.more_live = False  # a commit during the lease sets it again
                 got = await self._lease(session, want, after_id=self.backlog_through)
                 live.extend(got)
+                self._queue_parked(session)
                 free -= len(got)
                 if len(got) == want:
                     session.more_live = True
@@ -468,7 +503,7 @@ class Delivery:
                 session.wake.set()  # the window has room again
 
     def _check_stalled(self, session: Session, now: float) -> None:
-        """End a connection that has had messages in flight and no PUBACK for too long.
+        """End a connection that has had messages (records, or only the status) in flight and no PUBACK for too long.
 
         A cut link drops nothing and refuses nothing: TCP retransmits with a backoff that, after a
         minute's cut, waits half a minute more after the link is back, and MQTT's keep-alive
@@ -476,10 +511,18 @@ class Delivery:
         up within seconds instead; what was in flight is sent again (duplicates, counted).
         """
         stall = min(_ACK_STALL_S, float(self._cfg.keepalive_s))
-        if session.by_mid and session.lost is None and now - session.last_ack > stall:
+        if session.lost is not None:
+            return
+        if session.by_mid and now - session.last_ack > stall:
             session.lost = TransientError(
                 f"no PUBACK for {stall:g} s with {len(session.by_mid)} message(s) in flight: "
                 "the link looks dead: reconnecting"
+            )
+        # With no record to send (an empty outbox, a full disk refusing features) the status is the
+        # only publish: unanswered as long, the broker is as dead, well before the keep-alive says so.
+        elif session.status_since is not None and now - max(session.status_since, session.last_ack) > stall:
+            session.lost = TransientError(
+                f"no PUBACK for {stall:g} s for the status message: the link looks dead: reconnecting"
             )
 
     def _raise_if_lost(self, session: Session) -> None:
@@ -642,6 +685,7 @@ class Delivery:
             mid, code = acks.popleft()
             if mid == session.status_mid:
                 session.status_acked.set()
+                session.status_since = None
                 continue
             rid = session.by_mid.pop(mid, None)
             if rid is None:
@@ -700,11 +744,15 @@ class Delivery:
     async def _lease(self, session: Session, n: int, **where: int) -> list[Leased]:
         """Lease; if cancelled meanwhile, whatever the worker thread still leases is released."""
         task = asyncio.create_task(self._outbox.lease(n, **where), name="uplink-mqtt:lease")
+        live = "through_id" not in where  # a backlog lease holds no alarm newer than a handed one
+        self._leasing += live
         try:
             got = await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(self._release_orphans)
             raise
+        finally:
+            self._leasing -= live
         for item in got:
             session.leased[item.id] = len(item.payload)
         return got

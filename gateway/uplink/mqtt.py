@@ -382,7 +382,7 @@ class MqttUplink:
                 seen is None or status.degraded != seen.degraded or now - published >= _STATUS_MIN_GAP_S
             ):
                 log.info(
-                    "uplink mqtt: outbox drops now %s%s: told the twin",
+                    "uplink mqtt: outbox drops now %s%s: sending the twin the status",
                     dict(status.dropped) or "none",
                     f", degraded ({status.degraded})" if status.degraded else "",
                 )
@@ -409,6 +409,8 @@ class MqttUplink:
             properties=props,
         )
         session.status_mid = info.mid
+        if session.status_since is None:
+            session.status_since = time.monotonic()
         return info
 
     def rebirth(self) -> bool:

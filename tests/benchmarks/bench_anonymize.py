@@ -28,9 +28,12 @@ revision ``REV`` (``git show REV:gateway/anonymize.py``) against today's, on the
 windows with the same identities, rounds alternating: *clean* and *spanning* as above, *outside
 ASCII* (beds ``Bett-Ä10``..., devices ``Gerät-…``: the case-folded scan of every record holding a
 byte outside ASCII) and *short labels* (beds ``B10``..., 3 characters: scanned as words of the
-text items).
+text items).  Two rows more, at a fleet's 2,000 identities of which one is outside ASCII (a subject
+``Zimmer-Müller-12``): windows of 24 streams in ``µV``, a letter that folds otherwise (``µ`` to Greek
+``μ``), and the same in ``uV``.  ``--cpu`` times them all in CPU time (``time.process_time``), steadier
+than the wall clock on a loaded machine.
 
-Run: ``.venv/bin/python tests/benchmarks/bench_anonymize.py [--subjects 40] [--rounds 7] [--before REV]``
+Run: ``.venv/bin/python tests/benchmarks/bench_anonymize.py [--subjects 40] [--rounds 7] [--before REV [--cpu]]``
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ TS_MS = 1_764_870_000_000
 # Every NBIRTH without node metrics ends with these 6 bytes (Rebirth = false, seq 0): a device's MAC here.
 SPANNING_MAC = "20:0B:70:00:18:00"
 PATIENT_METRICS = ("MDC_ECG_HEART_RATE", "MDC_PULS_OXIM_SAT_O2", "MDC_RESP_RATE", "MDC_TEMP_BODY")
+#: Subjects of the fleet whose identities (subject, source, device: 3 each) make about 2,000.
+FLEET_SUBJECTS = 667
+#: A subject outside ASCII: from its registration on, the scan decodes a record with a letter that folds otherwise.
+OUTSIDE_ASCII = "Zimmer-Müller-12"
 PUMP_METRICS = (
     ("Pump/Motor/Current", "A"),
     ("Pump/Accel", "g"),
@@ -97,6 +104,27 @@ def _windows(subjects: int, spanning: bool, names: str = "mrn") -> list[WindowRe
         feats = {"mean": 97.0 + i % 3, "std": 0.4, "min": 96.0, "max": 98.0, "slope": -0.01}
         sfs = tuple(StreamFeatures(s, 30, 0.0, feats) for s in streams)
         out.append(WindowRecord(streams[0].subject, streams[0].kind, 3, 30.0, WALL0 + 30.0, 30.0, sfs))
+    return out
+
+
+def _channels(count: int, unit: str) -> list[WindowRecord]:
+    """``count`` windows of 24 channels in ``unit`` each (an EMG or conductivity rig: about 1.4 KB encoded)."""
+    out = []
+    for i in range(count):
+        streams = [
+            Stream(
+                f"rig{i}",
+                f"line3-r{i}",
+                f"SN-RIG-{i}",
+                industrial_metric(f"Rig/EMG/electrode-{k:02}", unit),
+                "industrial",
+                1.0,
+            )
+            for k in range(24)
+        ]
+        feats = {"mean": 12.5 + i, "std": 0.4, "min": 11.0, "max": 14.0, "slope": -0.01}
+        sfs = tuple(StreamFeatures(s, 30, 0.0, feats) for s in streams)
+        out.append(WindowRecord(streams[0].subject, "industrial", 3, 30.0, WALL0 + 30.0, 30.0, sfs))
     return out
 
 
@@ -142,18 +170,25 @@ class ScanBefore:
                 raise AnonymizationError("form")
 
 
-def _per_record_us(scan: Callable[[T], None], data: Sequence[T], repeat: int) -> float:
-    """Microseconds per record of ``scan`` over ``data`` (a refusal counts as done)."""
-    start = time.perf_counter()
+def _per_record_us(
+    scan: Callable[[T], None], data: Sequence[T], repeat: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Microseconds per record of ``scan`` over ``data`` (a refusal counts as done), by ``clock``."""
+    start = clock()
     for _ in range(repeat):
         for d in data:
             with contextlib.suppress(AnonymizationError):
                 scan(d)
-    return (time.perf_counter() - start) / (repeat * len(data)) * 1e6
+    return (clock() - start) / (repeat * len(data)) * 1e6
 
 
 def _compare(
-    before: Callable[[T], None], ours: Callable[[T], None], items: Sequence[T], rounds: int, repeat: int
+    before: Callable[[T], None],
+    ours: Callable[[T], None],
+    items: Sequence[T],
+    rounds: int,
+    repeat: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[list[int], float, float]:
     """Items each side refuses, and the median µs per item of each, in alternating rounds."""
     refused = [0, 0]
@@ -166,8 +201,8 @@ def _compare(
     base: list[float] = []
     mine: list[float] = []
     for _ in range(rounds):
-        base.append(_per_record_us(before, items, repeat))
-        mine.append(_per_record_us(ours, items, repeat))
+        base.append(_per_record_us(before, items, repeat, clock))
+        mine.append(_per_record_us(ours, items, repeat, clock))
     return refused, statistics.median(base), statistics.median(mine)
 
 
@@ -215,25 +250,39 @@ def _sparkplug_rows(subjects: int, rounds: int, repeat: int) -> None:
             )
 
 
-def _revision_rows(rev: str, subjects: int, rounds: int, repeat: int) -> None:
+def _revision_rows(rev: str, subjects: int, rounds: int, repeat: int, clock: Callable[[], float]) -> None:
     """``check_cbor`` of the anonymizer at ``rev`` against today's, on the same windows, rounds alternating."""
     before_mod = module_at(rev, "gateway/anonymize.py")
-    print(f"| windows ({subjects} subjects) | bytes | {rev} µs | today µs | ratio | refused {rev} / today |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for kind, spanning, names in (
-        ("clean", False, "mrn"),
-        ("spanning", True, "mrn"),
-        ("outside ASCII", False, "unicode"),
-        ("short labels", False, "short"),
-    ):
-        windows = _windows(subjects, spanning, names)
-        ours = _anonymizer(windows)
-        old = _anonymizer(windows, before_mod)
+    print(f"| windows | identities | bytes | {rev} µs | today µs | ratio | refused {rev} / today |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    fleet = _windows(FLEET_SUBJECTS, False)
+    cases: list[tuple[str, list[WindowRecord], list[WindowRecord], int]] = [
+        (kind, [], _windows(subjects, spanning, names), repeat)
+        for kind, spanning, names in (
+            ("clean", False, "mrn"),
+            ("spanning", True, "mrn"),
+            ("outside ASCII", False, "unicode"),
+            ("short labels", False, "short"),
+        )
+    ]
+    # A record of 1.7 KB with 2,000 identities takes milliseconds to fold: fewer passes.
+    cases += [
+        (f"24 streams in {unit}, 1 subject outside ASCII", fleet, _channels(10, unit), max(1, repeat // 10))
+        for unit in ("uV", "µV")
+    ]
+    for kind, known, windows, passes in cases:
+        ours = _anonymizer([*known, *windows])
+        old = _anonymizer([*known, *windows], before_mod)
+        if known:
+            for anon in (ours, old):
+                anon.register(OUTSIDE_ASCII)
         data = [encode(ours.window(w).payload) for w in windows]
-        refused, b, o = _compare(old.check_cbor, ours.check_cbor, data, rounds, repeat)
+        refused, b, o = _compare(old.check_cbor, ours.check_cbor, data, rounds, passes, clock)
         size = statistics.median(len(d) for d in data)
+        identities = len(_identities([*known, *windows])) + bool(known)
         print(
-            f"| {kind} | {size:.0f} | {b:.1f} | {o:.1f} | {o / b:.2f}x | {refused[0]} / {refused[1]} of {len(data)} |"
+            f"| {kind} | {identities} | {size:.0f} | {b:.1f} | {o:.1f} | {o / b:.2f}x "
+            f"| {refused[0]} / {refused[1]} of {len(data)} |"
         )
 
 
@@ -246,6 +295,7 @@ def main() -> int:
     parser.add_argument(
         "--before", default=None, help="compare check_cbor with the anonymizer of this git revision"
     )
+    parser.add_argument("--cpu", action="store_true", help="time --before's rows in CPU time, not wall-clock")
     args = parser.parse_args()
     print(
         f"anonymizer scan benchmark: {args.subjects} subjects x 4 streams, {args.rounds} alternating rounds"
@@ -253,7 +303,9 @@ def main() -> int:
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print()
     if args.before:
-        _revision_rows(args.before, args.subjects, args.rounds, args.repeat)
+        clock = time.process_time if args.cpu else time.perf_counter
+        print(f"clock: {'CPU time (time.process_time)' if args.cpu else 'wall (time.perf_counter)'}")
+        _revision_rows(args.before, args.subjects, args.rounds, args.repeat, clock)
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         return 0
     print(

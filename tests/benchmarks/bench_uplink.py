@@ -4,12 +4,14 @@ Run from the repository with the project's virtual environment (mosquitto must b
 
     .venv/bin/python tests/benchmarks/bench_uplink.py [--n 20000] [--repeat 3]
 
-Prints a markdown table.  Each figure is compared with a baseline measured in the same run:
+Another revision's gateway is measured by putting it first on ``PYTHONPATH`` (e.g. from ``git
+archive``); the header names the one imported.  Prints a markdown table.  Each figure is compared with a baseline measured in the same run:
 
 * throughput: records/s from the durable outbox through TLS at QoS 1 (lease, publish, PUBACK,
   delete) against a bare paho-mqtt publish loop of the same payloads to the same broker;
 * alarm latency: from the sample that raises a sensor-fault alarm, through pipeline, anonymizer,
-  outbox (committed), uplink and broker, to the twin's decoded record;
+  outbox (committed), uplink and broker, to the twin's decoded record (``--timing``: where each
+  alarm's time went, from its commit's call and lock to the twin);
 * bytes on the wire per stream-hour (TLS records both ways, counted by a TCP relay) for the
   simulated patient and pump against one JSON message per sample;
 * replay rate of a backlog after an outage, paced (the default) and unpaced.
@@ -23,6 +25,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sqlite3
 import ssl
 import statistics
@@ -30,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+# Behind PYTHONPATH when one is given, so another revision's gateway can be measured by this script.
+sys.path.insert(0 if not os.environ.get("PYTHONPATH") else len(sys.path), str(ROOT))
 
 from drivers.sim.config import SimConfig  # noqa: E402
 from drivers.sim.driver import SimDriver  # noqa: E402
@@ -178,6 +182,120 @@ RESTORE_S = 0.05  # the restore debounce of the alarm stage (the rule as configu
 LOAD_SUBJECTS, LOAD_STREAMS, LOAD_HZ = 50, 20, 10.0  # 1,000 items at 10 Hz: ~10 k changes/s
 
 
+class TimedOutbox(Outbox):
+    """The outbox with its store calls timed (``--timing``): call, lock taken, done, alarms in it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.puts: list[tuple[float, float, float, bool]] = []
+        self.leases: list[tuple[float, float, float, bool]] = []
+        self._locked = threading.local()
+
+    def put_many(self, items: Any, **kw: Any) -> Any:
+        called = time.perf_counter()
+        got = super().put_many(items, **kw)
+        alarm = any(it.lane is Lane.ALARMS for it in items)
+        self.puts.append((called, self._locked.put, self._locked.done, alarm))
+        return got
+
+    def _put_many(self, items: Any) -> None:
+        self._locked.put = time.perf_counter()
+        super()._put_many(items)
+        self._locked.done = time.perf_counter()
+
+    def lease(self, n: int, *, after_id: int = 0, through_id: int | None = None) -> list[Any]:
+        called = time.perf_counter()
+        self._locked.lease = math.nan
+        got = super().lease(n, after_id=after_id, through_id=through_id)
+        alarm = any(r.lane is Lane.ALARMS for r in got)
+        self.leases.append((called, self._locked.lease, time.perf_counter(), alarm))
+        return got
+
+    def _lease(self, n: int, after_id: int = 0, through_id: int | None = None) -> list[Any]:
+        self._locked.lease = time.perf_counter()
+        return super()._lease(n, after_id, through_id)
+
+
+class TimedAsyncOutbox(AsyncOutbox):
+    """When alarms reach the uplink on the loop (``--timing``): a lease's result, or handed over by their commit."""
+
+    def __init__(self, factory: Any) -> None:
+        super().__init__(factory)
+        self.on_loop: list[float] = []
+
+    async def lease(self, n: int, *, after_id: int = 0, through_id: int | None = None) -> list[Any]:
+        got = await super().lease(n, after_id=after_id, through_id=through_id)
+        if any(r.lane is Lane.ALARMS for r in got):
+            self.on_loop.append(time.perf_counter())
+        return got
+
+    def hand_alarms_to(self, taker: Any) -> None:
+        def timed(alarms: Any) -> None:
+            self.on_loop.append(time.perf_counter())
+            taker(alarms)
+
+        super().hand_alarms_to(None if taker is None else timed)
+
+
+TIMING_STEPS = (
+    "sample -> commit called",
+    "commit's lock wait",
+    "commit",
+    "commit -> lease called",
+    "lease's lock wait",
+    "lease",
+    "-> on the loop",
+    "-> twin",
+)
+
+
+def alarm_steps(
+    sent: list[float], arrived: list[float], store: TimedOutbox, on_loop: list[float]
+) -> tuple[list[list[float]], list[bool]]:
+    """Each alarm's time in each of ``TIMING_STEPS`` (ms), and whether a commit was under way when it was raised.
+
+    Matched by time: an alarm's commit is the first one with an alarm called after its sample,
+    its lease the first lease of an alarm after that commit, its arrival on the loop the first
+    after that.  An alarm its commit leased (no lease call) counts zero for the lease's steps.
+    """
+    puts = [p for p in store.puts if p[3]]
+    leases = [le for le in store.leases if le[3]]
+    out: list[list[float]] = []
+    behind: list[bool] = []
+    for s, a in zip(sent, arrived, strict=False):
+        put = next((p for p in puts if p[0] >= s), None)
+        if put is None or put[2] > a:
+            continue
+        loop_t = next((t for t in on_loop if put[2] <= t <= a), a)
+        lease = next((le for le in leases if le[0] >= put[2] - 1e-4 and le[2] <= loop_t), None)
+        if lease is None:
+            lease = (put[2], put[2], put[2], True)
+        points = (s, put[0], put[1], put[2], lease[0], lease[1], lease[2], loop_t, a)
+        out.append([(points[i + 1] - points[i]) * 1000 for i in range(len(points) - 1)])
+        behind.append(any(p[0] < s < p[2] for p in store.puts))
+    return out, behind
+
+
+def timing_rows(run: AlarmRun) -> str:
+    """Where alarms' time went: the mean of each step over all, the median and the worst 1 %."""
+    if not run.steps:
+        return ""
+    order = sorted(range(len(run.steps)), key=lambda i: sum(run.steps[i]))
+    worst = order[-max(1, len(order) // 100) :]
+    mid = order[len(order) // 2]
+    under = "beside the load" if run.load_changes_per_s else "no other load"
+    lines = [f"\n{under}: {len(run.steps)} alarms timed, {sum(run.behind)} raised while a commit ran"]
+    lines.append("| step | mean | median alarm | worst 1 % (each) |")
+    lines.append("|---|---|---|---|")
+    for k, name in enumerate(TIMING_STEPS):
+        mean = statistics.fmean(st[k] for st in run.steps)
+        each = ", ".join(f"{run.steps[i][k]:.1f}" for i in worst)
+        lines.append(f"| {name} | {mean:.2f} | {run.steps[mid][k]:.2f} | {each} |")
+    each = ", ".join(f"{sum(run.steps[i]):.1f}{' (behind a commit)' if run.behind[i] else ''}" for i in worst)
+    lines.append(f"| total | | {sum(run.steps[mid]):.2f} | {each} |")
+    return "\n".join(lines)
+
+
 @dataclass
 class AlarmRun:
     """What the alarm stage measured."""
@@ -187,10 +305,18 @@ class AlarmRun:
     wrong_kind: int  # arrivals whose kind was not the one injected (would mean a matching error)
     load_changes_per_s: float  # background samples handed to the pipeline per second, measured
     windows: int  # feature windows the pipeline closed meanwhile
+    steps: list[list[float]] = field(default_factory=list)  # --timing: ms per step of TIMING_STEPS
+    behind: list[bool] = field(default_factory=list)  # --timing: raised while a commit ran
 
 
 async def alarm_latency(
-    broker: MosquittoBroker, pki: DemoPKI, db: Path, n: int, load: bool = True, batch_s: float = 0.0
+    broker: MosquittoBroker,
+    pki: DemoPKI,
+    db: Path,
+    n: int,
+    load: bool = True,
+    batch_s: float = 0.0,
+    timing: bool = False,
 ) -> AlarmRun:
     """Seconds from the sample that raises an alarm to the decoded alarm at the twin.
 
@@ -225,7 +351,7 @@ async def alarm_latency(
     twin.start()
     config = validate(
         {
-            "gateway": {"state_dir": str(db.parent)},
+            "gateway": {"state_dir": str(db.with_suffix(".state"))},  # each run its own alarm state
             "pipeline": {"window_s": 30.0, "hop_s": 10.0, "sensor_restore_s": RESTORE_S},
         },
         "<bench>",
@@ -238,7 +364,7 @@ async def alarm_latency(
             "plc",
             f"line-{m:02d}",
             f"plc-{m:02d}",
-            industrial_metric(f"Line{m}/Tag{k}", "bar"),
+            industrial_metric(f"Press{m}/Tag{k}", "bar"),
             "industrial",
             10.0,
         )
@@ -273,7 +399,13 @@ async def alarm_latency(
                         await arrived.wait()
         return len(arrivals) > k
 
-    async with AsyncOutbox(lambda: Outbox(db)) as outbox:
+    stores: list[Outbox] = []
+
+    def open_store() -> Outbox:
+        stores.append(TimedOutbox(db) if timing else Outbox(db))
+        return stores[-1]
+
+    async with TimedAsyncOutbox(open_store) if timing else AsyncOutbox(open_store) as outbox:
         pipeline = Pipeline(config, anon, outbox)
         sink = pipeline.sink
         cfg = mqtt_cfg(broker, pki, replay_msgs_per_s=500.0, batch_s=batch_s)
@@ -321,7 +453,11 @@ async def alarm_latency(
         got = list(arrivals)
     wrong = sum(1 for (_, kind), want in zip(got, expected, strict=False) if kind != want)
     lat = [t - s for (t, _), s in zip(got, sent, strict=False)]
-    return AlarmRun(lat, len(expected), wrong, load_rate if load else 0.0, windows)
+    run = AlarmRun(lat, len(expected), wrong, load_rate if load else 0.0, windows)
+    if timing and isinstance(stores[-1], TimedOutbox):
+        on_loop = outbox.on_loop if isinstance(outbox, TimedAsyncOutbox) else []
+        run.steps, run.behind = alarm_steps(sent, [t for t, _ in got], stores[-1], on_loop)
+    return run
 
 
 def bare_alarm_floor(broker: MosquittoBroker, pki: DemoPKI, db: Path, n: int) -> list[float]:
@@ -589,6 +725,14 @@ def main() -> int:
         default=0.0,
         help="uplink.mqtt.batch_s for the alarm runs (windows held meanwhile)",
     )
+    parser.add_argument(
+        "--raw", type=Path, help="write every alarm's and the floor's latency (s) here as JSON"
+    )
+    parser.add_argument(
+        "--timing",
+        action="store_true",
+        help="alarm runs: time each alarm's steps in the outbox and print them",
+    )
     args = parser.parse_args()
     stages = set(args.only or STAGES)
     logging.basicConfig(level=logging.ERROR)
@@ -618,7 +762,9 @@ def main() -> int:
             if "alarms" in stages:
                 runs = [
                     asyncio.run(
-                        alarm_latency(broker, pki, tmp / f"lat{load}.db", args.alarms, load, args.batch_s)
+                        alarm_latency(
+                            broker, pki, tmp / f"lat{load}.db", args.alarms, load, args.batch_s, args.timing
+                        )
                     )
                     for load in (False, True)
                 ]
@@ -636,6 +782,17 @@ def main() -> int:
         f"Uplink benchmarks ({args.n} records x {args.repeat}, mosquitto on loopback, TLS 1.3 + client certs, QoS 1; "
         f"payload {len(window_payload(0))} bytes, a patient window of 5 streams)\n"
     )
+    if args.raw is not None:
+        args.raw.write_text(
+            json.dumps(
+                {
+                    "alarms": {("load" if r.load_changes_per_s else "idle"): r.latencies for r in runs},
+                    "steps": {("load" if r.load_changes_per_s else "idle"): r.steps for r in runs},
+                    "floor": floor,
+                }
+            )
+        )
+    print(f"gateway imported from {Path(sys.modules['gateway'].__file__ or '?').parent}\n")
     print("| measure | edgetwin | baseline | ratio |")
     print("|---|---|---|---|")
     if ours:
@@ -663,6 +820,9 @@ def main() -> int:
                 f"| alarm p50 / p99 over the floor's, {'with' if run.load_changes_per_s else 'without'} the load "
                 f"| {_pct(lat, 0.5) / _pct(floor, 0.5):.1f}x / {_pct(lat, 0.99) / _pct(floor, 0.99):.1f}x | | |"
             )
+    for run in runs:
+        if run.steps:
+            print(timing_rows(run))
     for r, w in wires.items():
         print(
             f"| bytes on the wire per stream-hour (features), sim at {r:g} Hz ({w['streams']} streams, window 30 s / hop 10 s) "
