@@ -17,6 +17,8 @@ that never resolved included, a wearable's profile without that characteristic) 
 or, for a device that names itself, another serial number, server or node in the first data
 after the start).
 
+A stream's faults of different origins (its sample flags, a plausibility rule, its driver:
+:func:`gateway.records.fault_origin`) are different conditions: one's ending leaves the others on.
 A stream's alarm belongs to the stream's source; a subject's anomaly episode to every source that
 fed the subject when it was raised.  The ledger is kept in ``state_dir/alarms.json`` so a restart
 with a configuration that lost a source ends that source's alarms too, and so that the conditions
@@ -40,6 +42,7 @@ from typing import Any, Literal
 
 from gateway.contracts import Alarm, AlarmKind, Node
 from gateway.privatefile import write_private_json
+from gateway.records import fault_origin
 from gateway.sample import Metric, Stream
 
 __all__ = ["FILE_NAME", "AlarmLedger", "Delivers", "EndReason", "Entry"]
@@ -146,8 +149,18 @@ def _key(alarm: Alarm) -> tuple[str, ...] | None:
     if family is AlarmKind.ANOMALY:
         return (family.value, alarm.subject, str(d.get("model", "")))
     metric = "" if s is None else s.metric.name
+    # A stream's faults by different judges (its flags, a plausibility rule, its driver) are apart.
+    origin = fault_origin(d) if family is AlarmKind.SENSOR_FAULT else ""
     # ``item`` alone: a node's fault a gateway left on before its alarms named the node.
-    return (family.value, alarm.subject, *where, metric, str(d.get("estimate", "")), str(d.get("item", "")))
+    return (
+        family.value,
+        alarm.subject,
+        *where,
+        metric,
+        str(d.get("estimate", "")),
+        str(d.get("item", "")),
+        origin,
+    )
 
 
 class AlarmLedger:

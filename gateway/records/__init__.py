@@ -39,6 +39,7 @@ from gateway.records.model import (
     StatusLoss,
     StatusRecord,
     StreamWindow,
+    fault_origin,
     order_key,
 )
 
@@ -69,6 +70,7 @@ __all__ = [
     "decode_status",
     "encode",
     "encode_status",
+    "fault_origin",
     "join",
     "on_wire",
     "order_key",

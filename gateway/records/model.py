@@ -93,6 +93,18 @@ class AlarmRecord:
     sv: int = SCHEMA_MAJOR
 
 
+def fault_origin(detail: Mapping[str, object]) -> str:
+    """Which judge a ``sensor_fault`` (or its ending) is of: ``rule``, ``driver`` or ``quality``."""
+    # A stream's faults from different judges are different conditions: one's ending leaves the
+    # others on.  A plausibility rule is one judge, whether the sample check or a model's window
+    # check applies it: a value plausible again ends it.
+    if "rule" in detail:
+        return "rule"
+    if "cause" in detail or "status" in detail:
+        return "driver"
+    return "quality"  # the device's sample flags (the windower), the only other judge
+
+
 @dataclass(frozen=True, slots=True)
 class DiagnosticRecord:
     """Gateway health, counters, clock steps, simulator ground truth."""

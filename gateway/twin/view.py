@@ -12,7 +12,8 @@ state directory was wiped numbers from 1 again in a new epoch), which their time
 ``privacy.time = "exact"``, and a clock stepped back times an ending before its raise.  So an
 ending that follows its raise ends it whatever its time, and a replayed older alarm (a lower
 sequence number) never undoes a newer one.  Records without a sequence number fall back on
-(epoch, run, t).
+(epoch, run, t).  A stream's faults of different origins (its sample flags, a plausibility rule,
+its driver) are different conditions, as in the gateway's alarm ledger.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gateway.records import (
     StatusRecord,
     StreamWindow,
     as_map,
+    fault_origin,
     order_key,
     status_map,
     stream_map,
@@ -236,6 +238,7 @@ def condition_key(rec: AlarmRecord) -> tuple[tuple[str, ...], bool] | None:
     # A fault on a node that never resolved has no stream: the node's pseudonym (``node``, of its
     # source and configured address) tells it from another such node of the subject, whatever its
     # place in its source's list (``item``: all a record of an older gateway has), as the ledger does.
+    # A stream's faults by different judges (its flags, a plausibility rule, its driver) are apart.
     detail = rec.detail
     node = detail.get("node")
     return (
@@ -245,6 +248,7 @@ def condition_key(rec: AlarmRecord) -> tuple[tuple[str, ...], bool] | None:
         str(detail.get("estimate", "")),
         "" if node is not None else str(detail.get("item", "")),
         "" if node is None else str(node),
+        fault_origin(detail) if kind == "sensor_fault" else "",
     ), raises
 
 
