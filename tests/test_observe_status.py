@@ -28,6 +28,7 @@ from gateway.cli import main
 from gateway.contracts import Lane
 from gateway.inference.novelty import CUSUM_AUTO_MIN_S
 from gateway.observe.config import StatusSection, socket_path
+from gateway.observe.metrics import families
 from gateway.observe.status import headline, health, render_text
 from gateway.outbox import Outbox, OutItem
 from gateway.uplink.broker import MosquittoBroker
@@ -512,6 +513,8 @@ def test_metric_names_holding_the_subject_are_a_reason_the_gateway_is_degraded(
         )
         assert snap["held_names"] == held
         assert snap["health"] == "degraded"
+        count = next(f for f in families(snap) if f.name == "edgetwin_metric_names_holding_identity")
+        assert [s.value for s in count.samples] == [len(PUMP_METRICS)]
         assert re.fullmatch(re.escape(held[0]) + r" \(\+7 more\)(, dropped \d+)?", snap["headline"])
         rc, text = gw.status(capsys)
         assert rc == 1
