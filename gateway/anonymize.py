@@ -309,7 +309,8 @@ def _leak(size: int) -> AnonymizationError:
     # Never name the identity itself: the log may leave the gateway too.
     return AnonymizationError(
         f"anonymizer: an identity ({size}-byte form) appears in an outgoing record: "
-        "record dropped; check metric names and driver metadata for identifiers"
+        "record dropped; check metric names and driver metadata for identifiers "
+        "('edgetwin check' names the metrics whose names hold one the config names)"
     )
 
 
