@@ -6,9 +6,10 @@ letter case, compact or not: a subject ``line-10`` is in the tag ``Line10/Temp``
 anonymizer's scan, and every record carrying it is dropped (:mod:`gateway.anonymize`).  That is
 right, the name names the machine or the patient, but a site would learn of it only by missing
 data.  The names each enabled source's config declares (``delivers()``) are scanned here with the
-records' own scan (:meth:`Anonymizer.holds_identity`), an anonymizer per configured identity, so a
-finding says which identity it is, by kind and where it is configured, without its text.  Names a
-server gives at run time (a node without ``name`` or browse path) are not known before then.
+records' own scan (:meth:`Anonymizer.holds_identity`): one anonymizer that knows them all, and on a
+hit one per identity, so a finding says which identity it is, by kind and where it is configured,
+without its text.  Names known only at run time (an OPC UA node without ``name`` or browse path, a
+microcontroller node's channels) and identities a device reports are not known before then.
 """
 
 from __future__ import annotations
