@@ -331,7 +331,8 @@ def _leak(size: int) -> AnonymizationError:
     # Never name the identity itself: the log may leave the gateway too.
     return AnonymizationError(
         f"anonymizer: an identity ({size}-byte form) appears in an outgoing record: "
-        "record dropped; check metric names and driver metadata for identifiers"
+        "record dropped; check metric names and driver metadata for identifiers "
+        "('edgetwin check' names the metrics whose names hold one the config names)"
     )
 
 
@@ -467,6 +468,7 @@ class Anonymizer:
         local_identities: Iterable[str] = (),
         timebase: TimeBase | None = None,
         legend: Legend | None = None,
+        host_name: bool = True,
     ) -> None:
         self._p = pseudonym
         self._time_mode = time_mode
@@ -497,7 +499,8 @@ class Anonymizer:
         # Told (identity, log label) the first time a subject or device is seen: the log redactor.
         self.on_identity: Callable[[str, str], None] | None = None
         self.dropped = 0  # records refused because they could not be proven anonymous
-        for identity in (socket.gethostname(), *local_identities):
+        # ``host_name=False``: a probe for named identities only (gateway.held_names).
+        for identity in ((socket.gethostname(),) if host_name else ()) + tuple(local_identities):
             self.register(identity)
 
     def register(self, identity: str, *, words: bool = True) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -46,6 +47,7 @@ from gateway.contracts import (
 )
 from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
 from gateway.estimation import Estimation
+from gateway.held_names import HeldName, Identity, held_names
 from gateway.inference.build import build_models, model_lengths, plausibility_checker
 from gateway.inference.coverage import log_coverage, novelty_streams
 from gateway.inference.fusion import FusionModel, build_fusions, fuse_window
@@ -626,6 +628,31 @@ def delivered(config: Config) -> dict[str, Delivers]:
     return out
 
 
+def configured_identities(config: Config) -> list[Identity]:
+    """Every identity the config names, as the start registers them (sources enabled or not), and the host's name."""
+    out = [
+        Identity("the gateway name (gateway.name)", config.core.gateway.name, renamable=True),
+        Identity("this machine's host name", socket.gethostname(), renamable=True),
+    ]
+    for e in config.sources:
+        for key, text in source_identities(e):
+            if key == SOURCE_NAME_KEY:
+                out.append(Identity(f"the name of source {e.info.name}", text, words=False, renamable=True))
+            elif key in SUBJECT_KEYS:
+                which = "the subject" if text == e.info.subject else "a device's subject"
+                out.append(Identity(f"{which} of source {e.info.name}", text, renamable=True))
+            elif key in DEVICE_KEYS:
+                out.append(Identity(f"a device of source {e.info.name} ({key})", text))
+            else:
+                out.append(Identity(f"the {key} of source {e.info.name}", text))
+    return out
+
+
+def config_held_names(config: Config) -> list[HeldName]:
+    """The metric names the enabled sources declare that hold an identity the config names (gateway.held_names)."""
+    return held_names(delivered(config), configured_identities(config))
+
+
 def node_addresses(config: Config) -> dict[str, frozenset[str]]:
     """The configured addresses of each enabled source that lists nodes (``node_addresses()``)."""
     out: dict[str, frozenset[str]] = {}
@@ -766,12 +793,10 @@ def register_source_identities(anonymizer: Anonymizer, entry: SourceEntry) -> No
     name, its subject and every subject its devices are bound to, and the device identities of its
     driver config, so no record or log line sent before its first sample can carry one.
     """
-    anonymizer.register(entry.info.name, words=False)
-    for subject in (entry.info.subject, *entry.subjects()):
-        anonymizer.register(subject)
-        logs.register_identity(subject, anonymizer.log_label("subject", subject))
-    for field_name, identity in driver_identity_items(entry.config):
-        anonymizer.register(identity)
+    for field_name, identity in source_identities(entry):
+        anonymizer.register(identity, words=field_name != SOURCE_NAME_KEY)
+        if field_name == SOURCE_NAME_KEY:
+            continue  # logs name sources by their config names
         # A subject or a device by the pseudonym its records carry; a port or an endpoint by its source.
         label = f"{entry.info.name}.{field_name}"
         if field_name in SUBJECT_KEYS:
@@ -779,6 +804,16 @@ def register_source_identities(anonymizer: Anonymizer, entry: SourceEntry) -> No
         elif field_name in DEVICE_KEYS:
             label = anonymizer.log_label("device", identity)
         logs.register_identity(identity, label)
+
+
+#: The key :func:`source_identities` gives a source's own name under (registered with ``words=False``).
+SOURCE_NAME_KEY = "name"
+
+
+def source_identities(entry: SourceEntry) -> list[tuple[str, str]]:
+    """Every identity a source's config names, with its key: the source's name, its subjects, its driver's identities."""
+    subjects = [("subject", s) for s in (entry.info.subject, *entry.subjects())]
+    return [(SOURCE_NAME_KEY, entry.info.name), *subjects, *driver_identity_items(entry.config)]
 
 
 async def source_unit(
@@ -985,6 +1020,10 @@ async def _supervise(
 
         slots = await asyncio.to_thread(open_slots, models, core.gateway.state_dir)
     log_coverage(config)
+    # A metric name holding an identity: every record carrying it would be dropped, one by one.
+    held = config_held_names(config)
+    for found in held:
+        log.error("config %s: %s: %s", config.file, found.reason(), found.fix())
     # Per-machine novelty detection ([models.novelty]) and the per-stream detector for subjects
     # no model scores ([models.streams]), beside the carded models.
     hop, state = core.pipeline.hop_s, core.gateway.state_dir
@@ -1096,6 +1135,7 @@ async def _supervise(
         sources=[(e.info.name, e.driver) for e in config.sources],
         pseudonym=anonymizer.subject_pseudonym,
         budget_bytes=int(core.outbox.max_mb * 1024 * 1024),
+        held_names=[found.reason() for found in held],
     )
 
     def status_units(status: StatusSection) -> list[Unit]:
@@ -1119,7 +1159,10 @@ async def _supervise(
             sup,
             anonymizer,
             pipeline.sink,
-            board.set_sources,
+            lambda new: board.set_sources(
+                [(e.info.name, e.driver) for e in new.sources],
+                [found.reason() for found in config_held_names(new)],
+            ),
             pipeline.set_alarms,
             status_units,
             pipeline.retire_source,

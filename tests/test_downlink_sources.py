@@ -61,7 +61,13 @@ def test_new_identities_are_refused_before_the_new_source_is_built(tmp_path: Pat
 
     async def main() -> list[str]:
         sup = Supervisor(Notifier(None))
-        switch = SourceSwitch(registry, sup, anonymizer, _Sink(), lambda s: shown.append(list(s)))
+        switch = SourceSwitch(
+            registry,
+            sup,
+            anonymizer,
+            _Sink(),
+            lambda c: shown.append([(e.info.name, e.driver) for e in c.sources]),
+        )
         units = await switch.apply(plan(old, new), new)
         try:
             for _ in range(500):

@@ -4,7 +4,8 @@ A revision that changes one source restarts that source alone (the other source,
 the uplink's session run on, records without a gap); one that adds a source that cannot start
 rolls back that source alone; one that changes the limit alarms retunes them in place; one that
 touches a process-level section still restarts the process; one that changes the broker
-connection reconnects the uplink alone.
+connection reconnects the uplink alone.  One whose metric names hold an identity is refused; one
+that renames it, applied in place, clears it from status.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from downlink_support import ROOT, SHORT_DEADLINE_S, Site, applied, new_site, running, source
@@ -155,3 +157,41 @@ def test_only_the_changed_units_restart_and_a_process_section_restarts_the_proce
         assert _log(site).count("unit source:bed7-sim started") == 2  # once per process start
     finally:
         twin.stop()
+
+
+def _status(site: Site) -> dict[str, Any]:
+    cli = [sys.executable, "-m", "gateway.cli", "status", "--config", str(site.config), "--json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RUNTIME_DIRECTORY", None)
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=False, env=env)
+    assert done.stdout, done.stderr
+    snap: dict[str, Any] = json.loads(done.stdout)
+    return snap
+
+
+def test_a_metric_name_holding_an_identity_is_refused_and_renaming_it_in_place_clears_status(
+    site: Site,
+) -> None:
+    # The subject "pump-1" is in every tag of the pump profile ("Pump1/..."): all its windows drop.
+    held = source("pump-sim", "pump", "SN-PLC-1").replace('"pump-sim-subject"', '"pump-1"')
+    site.config.write_text(site.text(source("bed7-sim") + held))
+    site.start()
+    assert site.proc is not None
+    pid = site.proc.pid
+    site.reported(running(site.unit("pump-sim")), "up")
+    before = _status(site)
+    assert len(before["held_names"]) == 8
+    assert before["health"] == "degraded"
+
+    # A revision that keeps such a name fails the check: refused, as every other check failure.
+    site.publish(site.envelope(1, source("bed7-sim") + held + BED9))
+    rep = site.reported(lambda r: [x["version"] for x in r["refused"]] == [1], "v1 refused")
+    assert rep["refused"][0]["reason"] == "invalid-config"
+
+    # The subject renamed: the source restarts in place, and status no longer names the metrics.
+    site.publish(site.envelope(2, source("bed7-sim") + source("pump-sim", "pump", "SN-PLC-1")))
+    rep = site.reported(applied(2), "v2 applied")
+    assert rep["applied"]["applied_by"] == "units"
+    after = _status(site)
+    assert after["pid"] == pid
+    assert after["held_names"] == []

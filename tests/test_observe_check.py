@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from drivers.serial.sim import PtyOximeter, VitalsModel
 from gateway.cli import main
 from gateway.config import load
 from gateway.observe.check import Level, clock_synchronised, run_check
-from gateway.runtime import build_problems
+from gateway.runtime import build_problems, config_held_names
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoCA, DemoPKI, demo_pki
 
@@ -814,3 +815,94 @@ def test_a_budget_that_fits_without_room_for_the_full_disk_reserve_fails(tmp_pat
     assert disk.message.startswith(
         "the outbox budget of 1 MB and its 4 MB full-disk reserve do not fit: 2 MB free"
     )
+
+
+def _held_config(tmp: Path, current: str, temperature: str) -> Path:
+    """An OPC UA source on subject ``line-10`` with two nodes named as given (the server is not asked)."""
+    path = tmp / "edgetwin.toml"
+    path.write_text(
+        f"""
+[gateway]
+name = "kiln-2"
+state_dir = "{tmp / "state"}"
+[[sources]]
+name = "plc"
+driver = "opcua"
+subject = "line-10"
+kind = "industrial"
+endpoint = "opc.tcp://127.0.0.1:{free_port()}/"
+security_policy = "None"
+security_mode = "None"
+nodes = [
+  {{ node_id = "ns=2;s=Pump1.Motor.Current", name = "{current}" }},
+  {{ node_id = "ns=2;s=Pump1.Motor.Temperature", name = "{temperature}" }},
+]
+"""
+    )
+    return path
+
+
+def test_a_metric_name_holding_the_subject_fails_with_where_and_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Letter case and the hyphen do not hide it: every window of line-10 would be dropped.
+    path = _held_config(tmp_path, "Line10/Motor/Current", "KILN2_temperature")
+    assert main(["check", "--config", str(path), "--quiet"]) == 78
+    assert capsys.readouterr().out.splitlines() == [
+        f"fail  privacy: {path}: source plc: metric 'KILN2_temperature' holds the gateway name (gateway.name): "
+        "the anonymizer drops every record carrying it (its subject's windows, its alarms and estimates)",
+        "      fix: give the metric a name without it (the name or metric key of its node or channel in "
+        "source plc), or rename the gateway name (gateway.name)",
+        f"fail  privacy: {path}: source plc: metric 'Line10/Motor/Current' holds the subject of source plc: "
+        "the anonymizer drops every record carrying it (its subject's windows, its alarms and estimates)",
+        "      fix: give the metric a name without it (the name or metric key of its node or channel in "
+        "source plc), or rename the subject of source plc",
+        f"config {path}: 2 failure(s), 0 warning(s): fix them and run 'edgetwin check --config {path}' again",
+    ]
+
+
+def test_metric_names_without_an_identity_pass(tmp_path: Path) -> None:
+    # "plc" in a metric's name is the source's own label (too short to be scanned as its identity).
+    report = run_check(_held_config(tmp_path, "Line/Motor/Current", "plc_temperature"), REGISTRY)
+    privacy = [(f.level, f.message) for f in report.findings if f.check == "privacy"]
+    assert privacy == [(Level.PASS, "no declared metric name holds an identity the config names")]
+    assert report.exit_code() == 0
+
+
+def test_each_kind_of_configured_identity_is_named_by_where_it_is_configured(tmp_path: Path) -> None:
+    host = socket.gethostname()
+    path = tmp_path / "edgetwin.toml"
+    path.write_text(
+        f"""
+[gateway]
+state_dir = "{tmp_path / "state"}"
+[[sources]]
+name = "press-4"
+driver = "opcua"
+subject = "line-2"
+kind = "industrial"
+endpoint = "opc.tcp://127.0.0.1:{free_port()}/"
+security_policy = "None"
+security_mode = "None"
+username = "shift-lead"
+password_file = "{_secret(tmp_path / "ua.pw")}"
+nodes = [
+  {{ node_id = "ns=2;s=a", name = "PRESS4/Force" }},
+  {{ node_id = "ns=2;s=b", name = "ShiftLead_setpoint" }},
+  {{ node_id = "ns=2;s=c", name = "{host.upper()}/uptime" }},
+  {{ node_id = "ns=2;s=d", name = "Line/Force" }},
+]
+"""
+    )
+    found = {h.metric: [i.who for i in h.holds] for h in config_held_names(load(path, REGISTRY))}
+    assert found == {
+        "PRESS4/Force": ["the name of source press-4"],
+        "ShiftLead_setpoint": ["the username of source press-4"],
+        f"{host.upper()}/uptime": ["this machine's host name"],
+    }
+
+
+def _secret(path: Path) -> Path:
+    path.write_text("pw\n")
+    path.chmod(0o600)
+    return path

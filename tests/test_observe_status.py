@@ -30,6 +30,7 @@ from gateway.cli import main
 from gateway.contracts import Lane
 from gateway.inference.novelty import CUSUM_AUTO_MIN_S
 from gateway.observe.config import StatusSection, socket_path
+from gateway.observe.metrics import families
 from gateway.observe.status import headline, health, render_text
 from gateway.outbox import Outbox, OutItem
 from gateway.uplink.broker import MosquittoBroker
@@ -561,3 +562,88 @@ def test_a_limit_alarm_stays_listed_through_a_probe_off_and_a_restart(
     sent = [json.loads(line) for line in records.read_text().splitlines()]
     kinds = [r.get("alarm") for r in sent if r.get("type") == "alarm"]
     assert "limit_cleared" not in kinds  # the twin was never told it ended
+
+
+PUMP = """
+[uplink]
+kind = "none"
+[[sources]]
+name = "pump-sim"
+driver = "sim"
+subject = "{subject}"
+kind = "industrial"
+profile = "pump"
+device = "SN-PLC-1"
+rate_hz = 4.0
+"""
+PUMP_METRICS = [
+    *("Pump1/Accelerometer1RMS", "Pump1/Accelerometer2RMS", "Pump1/Current", "Pump1/Pressure"),
+    *("Pump1/RateRMS", "Pump1/Temperature", "Pump1/Thermocouple", "Pump1/Voltage"),
+]
+
+
+def _running(snap: dict[str, Any]) -> bool:
+    return all(u["state"] == "running" for u in snap["units"])
+
+
+def test_metric_names_holding_the_subject_are_a_reason_the_gateway_is_degraded(
+    tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The plant calls the pump "pump-1"; its tags are "Pump1/...": every window of it is dropped.
+    gw = Gateway(_config(tmp_path, PUMP.format(subject="pump-1")), notify)
+    held = [
+        f"source pump-sim: metric {m!r} holds the subject of source pump-sim: the anonymizer drops every "
+        "record carrying it (its subject's windows, its alarms and estimates)"
+        for m in PUMP_METRICS
+    ]
+    try:
+        snap = gw.wait(
+            capsys,
+            lambda s: _running(s) and s["pipeline"]["anonymizer_dropped"] >= 1,
+            "running with a window dropped",
+        )
+        assert snap["held_names"] == held
+        assert snap["health"] == "degraded"
+        count = next(f for f in families(snap) if f.name == "edgetwin_metric_names_holding_identity")
+        assert [s.value for s in count.samples] == [len(PUMP_METRICS)]
+        assert re.fullmatch(re.escape(held[0]) + r" \(\+7 more\)(, dropped \d+)?", snap["headline"])
+        rc, text = gw.status(capsys)
+        assert rc == 1
+        section = [
+            "metric names holding an identity (records dropped; rename them):",
+            *(f"  {h}" for h in held),
+        ]
+        lines = text.splitlines()
+        start = lines.index(section[0])
+        assert lines[start : start + len(section)] == section
+        assert _wait_status_line(notify, "^source pump-sim: metric").startswith(held[0])
+    finally:
+        err = gw.stop()
+    assert gw.proc.returncode == 0, err
+    # Said once per metric at the start, at ERROR, with what to do; the log (which may leave the
+    # site) names the subject in the metric's name by its pseudonym.
+    logged = [line for line in err.splitlines() if line.startswith("<3>") and "holds the subject of" in line]
+    assert len(logged) == len(PUMP_METRICS), err
+    assert all("give the metric a name without it" in line for line in logged)
+    assert not [line for line in logged if "pump1" in line.lower() or "pump-1" in line]
+
+
+def test_metric_names_without_an_identity_leave_the_gateway_healthy(
+    tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw = Gateway(_config(tmp_path, PUMP.format(subject="line-7")), notify)
+    try:
+        snap = gw.wait(
+            capsys,
+            lambda s: _running(s) and s["pipeline"]["queued_features"] >= 1,
+            "running with a window queued",
+        )
+        assert snap["held_names"] == []
+        assert snap["pipeline"]["anonymizer_dropped"] == 0
+        assert snap["health"] == "healthy", snap["headline"]
+        _, text = gw.status(capsys)
+        assert "metric names holding an identity" not in text
+    finally:
+        err = gw.stop()
+    assert gw.proc.returncode == 0, err
+    assert "holds the subject" not in err

@@ -209,6 +209,7 @@ def test_metrics_follow_the_running_state(tmp_path: Path, run_gateway: Any) -> N
     got = _samples(families)
     assert got[("edgetwin_health", ())] == 0.0
     assert got[("edgetwin_outbox_degraded", ())] == 0.0
+    assert got[("edgetwin_metric_names_holding_identity", ())] == 0.0
     units = {dict(k[1])["unit"]: v for k, v in got.items() if k[0] == "edgetwin_unit_up"}
     assert units == {u["name"]: 1.0 for u in after["units"]}
     assert {"outbox", "uplink", "pipeline", "source:bed4-sim", "status", "web"} == set(units)

@@ -16,7 +16,7 @@ pipeline and every source not named in the plan keep running untouched.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 
 from gateway.alarms.config import AlarmsSection
@@ -41,7 +41,7 @@ class SourceSwitch:
         supervisor: Supervisor,
         anonymizer: Anonymizer,
         sink: SampleSink,
-        show: Callable[[Sequence[tuple[str, str]]], None],
+        show: Callable[[Config], None],
         set_alarms: Callable[[AlarmsSection], None] | None = None,
         status_units: Callable[[StatusSection], list[Unit]] | None = None,
         retire_source: Callable[[str, Config], Awaitable[int]] | None = None,
@@ -74,7 +74,7 @@ class SourceSwitch:
             self._sup.start_unit(await source_unit(entry, self._registry, self._anon, self._sink))
         if starting:  # what scores or watches the new sources' subjects, as the start log says it
             log_coverage(replace(new, sources=tuple(starting)))
-        self._show([(e.info.name, e.driver) for e in new.sources])
+        self._show(new)  # what status says of the config: its sources, names holding an identity
         if plan.alarms and self._set_alarms is not None:
             self._set_alarms(new.core.alarms)
             log.info("limit alarms retuned for a config revision")

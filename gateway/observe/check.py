@@ -2,7 +2,8 @@
 
 Offline (always): the file and its schema, the uplink's certificates (present, parseable, valid
 now, matching their key, chaining to the configured CA), secrets' modes (through the schema),
-drivers and models that refuse to build, and whatever :data:`OFFLINE_CHECKS` adds.  The
+drivers and models that refuse to build, metric names that hold an identity the config names
+(:mod:`gateway.held_names`), and whatever :data:`OFFLINE_CHECKS` adds.  The
 certificate checks read the raw TOML, so they run even when the schema has errors elsewhere:
 a technician sees all of them at once.
 
@@ -337,12 +338,26 @@ def offline(
         ]
         if not problems:
             report.findings.append(Finding(Level.PASS, "build", "every source and model builds"))
+        report.findings += held_name_findings(config)
         if not any(p.startswith("models:") for p in problems):
             # Coverage needs models that load; a model that does not is reported above.
             report.findings += coverage_findings(config)
         for extra in OFFLINE_CHECKS:
             report.findings += extra(config)
     return report, data
+
+
+def held_name_findings(config: Config) -> list[Finding]:
+    """A metric whose name holds an identity the config names fails: every record carrying it is dropped."""
+    from gateway.runtime import config_held_names  # noqa: PLC0415 - with build_problems, above
+
+    held = config_held_names(config)
+    out = [Finding(Level.FAIL, "privacy", f"{config.file}: {h.reason()}", h.fix()) for h in held]
+    if not held:
+        out.append(
+            Finding(Level.PASS, "privacy", "no declared metric name holds an identity the config names")
+        )
+    return out
 
 
 def coverage_findings(config: Config) -> list[Finding]:

@@ -70,7 +70,12 @@ def families(snap: dict[str, Any]) -> Iterator[GaugeMetricFamily | CounterMetric
     yield records
     refused = _counter("edgetwin_anonymizer_dropped", "records refused by the anonymizer (fail-closed)")
     refused.add_metric([], float(pipeline.get("anonymizer_dropped", 0)))
-    yield refused
+    held = _gauge(
+        "edgetwin_metric_names_holding_identity",
+        "metric names the config declares that hold an identity it names (their records are dropped)",
+    )
+    held.add_metric([], float(len(snap.get("held_names", []))))
+    yield from (refused, held)
 
     ob = snap["outbox"]
     depth = _gauge("edgetwin_outbox_records", "records in the outbox per lane", ["lane"])

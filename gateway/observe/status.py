@@ -66,6 +66,7 @@ class StatusBoard:
         sources: Sequence[tuple[str, str]],
         pseudonym: Callable[[str], str],
         budget_bytes: int,
+        held_names: Sequence[str] = (),
     ) -> None:
         self._sup = supervisor
         self._pipeline = pipeline
@@ -76,15 +77,18 @@ class StatusBoard:
         self._sources = tuple(sources)  # (name, driver)
         self._pseudonym = pseudonym
         self._budget = budget_bytes
+        # Metric names holding a configured identity, found at the start (gateway.held_names).
+        self._held_names = list(held_names)
         self._since = _Since()
         self._started = time.monotonic()
         self._acked: deque[tuple[float, int]] = deque()  # (monotonic, acked) over the rate window
         self._stats: Any = None
         self.snapshot: dict[str, Any] | None = None
 
-    def set_sources(self, sources: Sequence[tuple[str, str]]) -> None:
-        """The configured sources (name, driver) after a revision changed them in place."""
+    def set_sources(self, sources: Sequence[tuple[str, str]], held_names: Sequence[str] = ()) -> None:
+        """The sources (name, driver) and the names holding an identity of a config a revision applied in place."""
         self._sources = tuple(sources)
+        self._held_names = list(held_names)
 
     async def refresh(self) -> dict[str, Any]:
         """Read the outbox's figures from its database, then :meth:`compose` a new snapshot."""
@@ -108,6 +112,7 @@ class StatusBoard:
             "alarms": self._alarms(now),
             "pipeline": self._pipeline.counters(),
             "reports": self._reports(),
+            "held_names": self._held_names,
         }
         snap["health"] = health(snap)
         snap["headline"] = headline(snap)
@@ -340,6 +345,8 @@ def _problems(snap: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     if snap["outbox"].get("degraded"):
         # Capitals: a full disk or failing writes lose data; nothing else matters as much.
         degraded.append(f"OUTBOX DEGRADED: {snap['outbox']['degraded']}")
+    # Records dropped as long as the config stands: a name to change, said until it is.
+    degraded += snap.get("held_names", [])
     up = snap["uplink"]
     if up["state"] not in {"connected", "none"}:
         degraded.append(f"uplink {up['state']} {up['since_s']:.0f} s, {snap['outbox']['queued']} queued")
@@ -446,6 +453,10 @@ def render_text(snap: Mapping[str, Any]) -> str:
                 f"    {st['metric']:<28} {st['status']:<8} last sample {_age(st['last_sample_age_s'])} ago"
                 f"  subject {st['subject']}"
             )
+    held = snap.get("held_names", [])
+    if held:
+        lines += ["", "metric names holding an identity (records dropped; rename them):"]
+        lines += [f"  {reason}" for reason in held]
     reports = snap.get("reports", [])
     if reports:
         lines += ["", "driver and model reports (latest):"]
