@@ -52,7 +52,8 @@ events = [
 # Fused heart rate with its uncertainty and sources (README "Estimators"). Bed 7: the strap's HR and
 # RR intervals and the oximeter's pulse rate - the strap slips off at 40 s for 15 s (its contact bit
 # clears, its rate is noise): the oximeter carries the estimate on; bed 8: the monitor's HR and RR intervals - when the
-# probe comes off at 70 s its HR is blanked and the RR intervals carry the estimate on.
+# probe comes off at 70 s for 8 s its HR is blanked and no RR intervals come (no beat is seen):
+# every source silent, the estimate is bridged with a widening interval until the probe is back.
 [[estimators.fusion]]
 subject = "patient-MRN-0048213"
 sources = [

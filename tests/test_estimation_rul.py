@@ -324,8 +324,8 @@ def test_a_wearing_engine_shows_rul_falling_within_its_interval_and_a_restart_ke
         f"model=rul_cmapss at run {latest['run']} t={number(round(latest['t'], 1))}"
     ) in text.splitlines()
     assert (
-        f"    on: limit RUL {number(alarm['value'])} (limit 30) since t={number(round(alarm['t'], 1))}"
-        in text
+        f"    on: limit RUL {number(alarm['value'])} (limit 30) low, {alarm['priority']} priority "
+        f"since t={number(round(alarm['t'], 1))}" in text
     )
 
 

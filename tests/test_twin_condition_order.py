@@ -6,7 +6,8 @@ a clock stepped back, can time an ending before its raise.  The gateway's sequen
 outbox id) is the order it queued them in; the twin's view orders a condition's alarms by it.
 Two nodes of a source that never resolved (faults with no stream) are two conditions there, told
 apart by the node's pseudonym (``node``), whatever their place in the source's list (``item``, all
-a record of an older gateway has), as in the gateway's alarm ledger.
+a record of an older gateway has), as in the gateway's alarm ledger.  A limit escalated and
+stepped down is one condition shown since its first raise, at the level and priority it has now.
 Here the records leave a real pipeline and outbox, travel as the uplink wraps them (sequence
 record, epoch, replay mark) and are decoded and folded by the twin's own decoder and view.
 """
@@ -18,11 +19,12 @@ from itertools import zip_longest
 from pathlib import Path
 
 import pytest
-from test_alarm_source_removed import BED7, SPO2, WALL, Site, config
+from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
 
 from gateway.contracts import Alarm, AlarmKind, Lane, Node
 from gateway.outbox import AsyncOutbox, Leased, Outbox
 from gateway.records import SeqMeta, wrap
+from gateway.records.render import number
 from gateway.runtime import Pipeline
 from gateway.sample import Stream
 from gateway.twin.decoder import decode_messages
@@ -161,4 +163,47 @@ def test_two_nodes_never_resolved_are_two_conditions_at_the_twin(
     # The first node's ending ends its fault only: the one raised at item 2 stays on.
     (on,) = state.active.values()
     assert (on.alarm, on.detail) == ("sensor_fault", raised[2])
-    assert "on: sensor_fault item 2 since t=101" in view.render()
+    assert "on: sensor_fault item 2, low priority since t=101" in view.render()
+
+
+def test_a_limit_escalated_and_stepped_down_shows_its_newest_level_since_its_first_raise(
+    tmp_path: Path,
+) -> None:
+    site = Site(tmp_path)
+
+    async def main() -> list[Leased]:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
+            t = 100.0
+            # Falling and rising no faster than the plausibility rule's 4 %/s: a real desaturation.
+            for value, seconds in ((97.0, 3), (94.0, 1), (91.0, 1), (88.0, 12), (86.0, 1), (83.0, 12)):
+                t = await spo2(pipeline, SPO2, value, seconds, t)  # below 90 % 10 s: L; below 85 %: LL
+            t = await spo2(pipeline, SPO2, 85.5, 1, t)  # within the deadband: still LL
+            await spo2(pipeline, SPO2, 88.0, 5, t)  # back above 85 % and its deadband, still below 90 %
+            await outbox.flush()
+            return [i for i in await outbox.lease(100) if i.lane == Lane.ALARMS]
+
+    records = asyncio.run(main())
+    view = TwinView()
+    subject = site.anon.subject_pseudonym("ward3-bed7")
+    shown: list[tuple[str, str | None, float | None, float]] = []
+    lines: list[str] = []
+    for item in records:
+        deliver(view, item)
+        (on,) = view.snapshot()["gw"]["subjects"][subject]["active_alarms"]  # one condition
+        shown.append((on["detail"]["level"], on.get("priority"), on.get("limit"), on["t"]))
+        (line,) = [x.strip() for x in view.render().splitlines() if x.strip().startswith("on: ")]
+        lines.append(line)
+    assert view.gateways["gw"].subjects[subject].alarms == 3
+    onset = shown[0][3]
+    assert shown == [
+        ("low", "medium", 90.0, onset),
+        ("low_low", "high", 85.0, onset),
+        ("low", "medium", 90.0, onset),
+    ]
+    since = f"since t={number(round(onset, 1))}"
+    assert lines == [
+        f"on: limit SpO2 88 (limit 90) low, medium priority {since}",
+        f"on: limit SpO2 83 (limit 85) low_low, high priority {since}",
+        f"on: limit SpO2 88 (limit 90) low, medium priority {since}",
+    ]

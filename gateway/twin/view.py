@@ -68,7 +68,8 @@ class SubjectState:
     scores: dict[str, float] = field(default_factory=dict)
     last_alarm: AlarmRecord | None = None
     last_alarm_place: Place | None = None
-    # The conditions on now (raised, not yet ended), by condition_key; each with its raise.
+    # The conditions on now (raised, not yet ended), by condition_key; each as its newest raise
+    # says it is now, timed by its first (its onset).
     active: dict[tuple[str, ...], AlarmRecord] = field(default_factory=dict)
     active_place: dict[tuple[str, ...], Place] = field(default_factory=dict)
     alarms: int = 0
@@ -189,7 +190,7 @@ class TwinView:
                     ended = f" (ended: {a.detail['ended']})" if "ended" in a.detail else ""
                     lines.append(f"    last alarm: {alarm_what(a)} at t={number(round(a.t, 1))}{ended}")
                 lines.extend(
-                    f"    on: {alarm_what(a, model=True)} since t={number(round(a.t, 1))}"
+                    f"    on: {alarm_what(a, model=True)}{urgency(a)} since t={number(round(a.t, 1))}"
                     for a in s.active.values()
                 )
         return "\n".join(lines)
@@ -207,6 +208,12 @@ def alarm_what(a: AlarmRecord, *, model: bool = False) -> str:
     if a.value is not None and a.limit is not None:
         what += f" {number(a.value)} (limit {number(a.limit)})"
     return what
+
+
+def urgency(a: AlarmRecord) -> str:
+    """A raise's level (a limit's) and priority: ``" low_low, high priority"``; empty when it has neither."""
+    level = f" {a.detail['level']}" if "level" in a.detail else ""
+    return level + (f", {a.priority} priority" if a.priority else "")
 
 
 #: Kinds that end a condition, by the kind that raised it (``sensor_restored`` says which by ``after``).
@@ -263,12 +270,21 @@ def fold_condition(state: SubjectState, rec: AlarmRecord, place: Place) -> None:
         return  # a replayed older alarm of a condition already known further on
     state.active_place[key] = place
     if raises:
-        known = state.active.setdefault(key, rec)
-        status = rec.detail.get("status")
-        if status is not None and known.detail.get("status") != status:
-            # A driver's fault raised again with another status (a node absent, then its access
-            # refused): the same condition since its raise, shown with the reason it has now.
-            state.active[key] = replace(known, detail={**known.detail, "status": status})
+        known = state.active.get(key)
+        if known is None:
+            state.active[key] = rec
+        elif rec.alarm != "anomaly_indeterminate":  # inside an episode: the episode is what is on
+            # A limit escalated (L -> LL) or stepped down and still on, a driver's fault raised
+            # again with another status: the same condition since its first raise (its onset),
+            # shown as its newest raise says it is now - level, priority, value, limit, status.
+            state.active[key] = replace(
+                rec,
+                t=known.t,
+                run=known.run,
+                clock=known.clock,
+                detail={**known.detail, **rec.detail},
+                priority=rec.priority or known.priority,
+            )
     else:
         state.active.pop(key, None)
 
@@ -330,4 +346,5 @@ __all__ = [
     "fold_condition",
     "silent",
     "status_text",
+    "urgency",
 ]
