@@ -15,14 +15,15 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sparkplug_support import Host, Message, Tahu
-from uplink_support import mosquitto_pki, uplink_config, wait_until
+from tcp_proxy import TcpProxy
+from uplink_support import LeaseLog, LeaseRecorder, mosquitto_pki, uplink_config, wait_until
 
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.contracts import Lane
@@ -74,15 +75,22 @@ def scan(*identities: str) -> Anonymizer:
     return Anonymizer(Pseudonymizer(b"s" * 32), time_mode="relative", local_identities=(SECRET, *identities))
 
 
-async def deliver(node: SparkplugNode, n: int, name: str) -> None:
-    """Run ``node`` (a task named ``name``) until it has delivered ``n`` records, then stop it."""
+@contextlib.asynccontextmanager
+async def running(node: SparkplugNode, name: str) -> AsyncIterator[None]:
+    """``node`` runs (a task named ``name``) inside the block and is cancelled at its end."""
     task = asyncio.create_task(node.run(lambda: None), name=name)
     try:
-        await wait_until(lambda: node.delivered >= n, 10, f"{n} record(s) delivered")
+        yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def deliver(node: SparkplugNode, n: int, name: str) -> None:
+    """Run ``node`` (a task named ``name``) until it has delivered ``n`` records, then stop it."""
+    async with running(node, name):
+        await wait_until(lambda: node.delivered >= n, 10, f"{n} record(s) delivered")
 
 
 @dataclass
@@ -1123,6 +1131,123 @@ def test_a_batch_cut_short_is_released_and_delivered_after_reconnecting(tmp_path
     finally:
         host.close()
         broker.stop()
+
+
+@contextlib.contextmanager
+def broker_and_host(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, Host]]:
+    """A TLS broker and a host application on it, both stopped afterwards."""
+    from gateway.uplink.certs import demo_pki  # noqa: PLC0415
+
+    pki = demo_pki(tmp_path / "pki")
+    broker = MosquittoBroker(tmp_path / "broker", pki)
+    broker.start()
+    host = Host(broker, pki)
+    try:
+        yield broker, host
+    finally:
+        host.close()
+        broker.stop()
+
+
+def limit_alarm(value: float) -> OutItem:
+    """A limit alarm of SUBJ_A's SpO2 whose value (and time) is ``value``: each one a change to report."""
+    return alarm(SUBJ_A, value, "limit", dev=DEV_A, metric=SPO2, priority="medium", limit=90.0, value=value)
+
+
+def limit_alarm_values(msgs: list[Message]) -> list[float]:
+    """The values of SUBJ_A's limit alarm in its DDATA, in the order the host received them."""
+    name = f"Alarms/limit/{SPO2}/Value"
+    aliases: dict[int, str] = {}
+    out: list[float] = []
+    for m in msgs:
+        if m.device != SUBJ_A:
+            continue
+        payload = codec.decode(m.payload)
+        if m.kind == "DBIRTH":
+            aliases.update((x.alias, x.name) for x in payload.metrics)
+        elif m.kind == "DDATA":
+            out += [x.double_value for x in payload.metrics if aliases.get(x.alias) == name]
+    return out
+
+
+def test_live_alarms_go_out_from_their_commit_in_order_and_are_acknowledged(tmp_path: Path) -> None:
+    """Each live alarm is handed over by the commit that made it durable: no lease to wait for, in order, deleted on its PUBACK."""
+    leases = LeaseLog()
+    with broker_and_host(tmp_path) as (broker, host):
+
+        async def body() -> int:
+            async with AsyncOutbox(
+                lambda: LeaseRecorder(tmp_path / "outbox.db", leases), flush_interval_s=0.02
+            ) as outbox:
+                outbox.submit(window(SUBJ_A, 0.0, DEV_A, SPO2, "%", mean=80.0))
+                cfg = uplink_config(broker, broker.pki)
+                node = SparkplugNode(
+                    outbox, cfg, SparkplugSection(), NODE_ID, anonymizer=scan(), state_dir=tmp_path
+                )
+                async with running(node, "test-sparkplug-alarms"):
+                    await wait_until(lambda: node.delivered >= 1, 10, "the node delivering")
+                    # Alarms between windows, some in one commit, some alone, while windows stream.
+                    n = 0
+                    for i in range(1, 41):
+                        outbox.submit(window(SUBJ_A, float(i), DEV_A, SPO2, "%", mean=80.0 + i / 10))
+                        if i % 3 == 0:
+                            n += 1
+                            outbox.submit(limit_alarm(float(n)))
+                        if i % 7 == 0:
+                            n += 1
+                            outbox.submit(limit_alarm(float(n)))
+                            await asyncio.sleep(0.005)
+                    await outbox.flush()
+                    last = await outbox.last_id()
+                    await wait_until(lambda: node.delivered == last, 20, "every record acknowledged")
+                    assert (await outbox.stats()).queued == 0  # deleted once acknowledged
+                    host.wait(lambda ms: len(limit_alarm_values(ms)) >= n, 10, "every alarm at the host")
+                return n
+
+        n = asyncio.run(body())
+        values = limit_alarm_values(host.sparkplug())
+    assert values == [float(v) for v in range(1, n + 1)]  # each once, in order
+    # None of them waited for a lease: each was handed over by the commit that made it durable.
+    assert Lane.ALARMS not in leases.lanes
+    assert leases.lanes.count(Lane.FEATURES) == 41
+
+
+def test_alarms_handed_over_on_a_connection_that_dies_are_released_and_sent_again(tmp_path: Path) -> None:
+    """Alarms handed over and published into a dead link go back to the queue and out on the next connection, in order."""
+    leases = LeaseLog()
+    with broker_and_host(tmp_path) as (broker, host), TcpProxy(broker.host, broker.port) as proxy:
+
+        async def body() -> None:
+            async with AsyncOutbox(
+                lambda: LeaseRecorder(tmp_path / "outbox.db", leases), flush_interval_s=0.02
+            ) as outbox:
+                outbox.submit(limit_alarm(0.0))  # its metrics are born with the first births
+                cfg = uplink_config(broker, broker.pki, port=proxy.port)
+                node = SparkplugNode(
+                    outbox, cfg, SparkplugSection(), NODE_ID, anonymizer=scan(), state_dir=tmp_path
+                )
+                async with running(node, "test-sparkplug-alarms-lost"):
+                    await wait_until(lambda: node.delivered >= 1, 10, "the node delivering")
+                    published = node.counters.published
+                    proxy.stall()  # published into a black hole: no PUBACK comes
+                    for v in range(1, 6):
+                        outbox.submit(limit_alarm(float(v)))
+                        await outbox.flush()
+                    await wait_until(
+                        lambda: node.counters.published >= published + 5, 10, "the alarms published"
+                    )
+                    proxy.clear()  # the stalled connection is reset: a new one takes over
+                    await wait_until(lambda: node.delivered >= 6, 20, "the alarms acknowledged")
+                    assert (await outbox.stats()).queued == 0
+                    host.wait(lambda ms: len(limit_alarm_values(ms)) >= 6, 10, "the alarms at the host")
+
+        asyncio.run(body())
+        values = limit_alarm_values(host.sparkplug())
+    # Handed over by their commits (no lease), released when the connection died, then leased by
+    # the next connection as records sent once already.
+    assert [leases.attempts.get(rid) for rid in range(2, 7)] == [[1]] * 5
+    assert values[-5:] == [1.0, 2.0, 3.0, 4.0, 5.0]  # sent again, in order, after the connection died
+    assert list(dict.fromkeys(values)) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
 def test_an_older_state_snapshot_never_replaces_a_newer_one(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,8 @@ from peers import LoggedProcess
 from tcp_proxy import TcpProxy
 from uplink_support import (
     GATEWAY_ID,
+    LeaseLog,
+    LeaseRecorder,
     RunningUplink,
     listener,
     mosquitto_pki,
@@ -31,7 +32,7 @@ from uplink_support import (
 
 from gateway.contracts import Lane
 from gateway.downlink.twin_link import Broker, publish_desired
-from gateway.outbox import AsyncOutbox, FullPolicy, LaneBudget, Leased, Outbox, OutItem
+from gateway.outbox import AsyncOutbox, FullPolicy, LaneBudget, Outbox, OutItem
 from gateway.records import AlarmRecord, FeaturesWindow, StatusRecord, StreamWindow, encode, encode_status
 from gateway.records.topics import DEFAULT_PREFIX
 from gateway.uplink.broker import MosquittoBroker
@@ -199,29 +200,6 @@ def test_broker_outage_buffers_on_disk_then_everything_arrives_in_order(
                     seen.add(m.seq or 0)
                     firsts.append(m.seq or 0)
             assert firsts == sorted(firsts), f"{lane} historical={historical} out of order"
-
-
-@dataclass
-class LeaseLog:
-    """What an outbox's ``lease`` handed out: each record's lane, and its attempts at each lease."""
-
-    lanes: list[Lane] = field(default_factory=list)
-    attempts: dict[int, list[int]] = field(default_factory=dict)
-
-
-class LeaseRecorder(Outbox):
-    """The outbox, noting in a :class:`LeaseLog` every record its ``lease`` hands out."""
-
-    def __init__(self, path: Path, log: LeaseLog) -> None:
-        super().__init__(path)
-        self.log = log
-
-    def lease(self, n: int, *, after_id: int = 0, through_id: int | None = None) -> list[Leased]:
-        got = super().lease(n, after_id=after_id, through_id=through_id)
-        for r in got:
-            self.log.lanes.append(r.lane)
-            self.log.attempts.setdefault(r.id, []).append(r.attempts)
-        return got
 
 
 async def delivered_everywhere(run: RunningUplink, outbox: AsyncOutbox, twin: Any, n: int) -> None:

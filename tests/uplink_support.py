@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.outbox import AsyncOutbox, Outbox, OutItem
+from gateway.contracts import Lane
+from gateway.outbox import AsyncOutbox, Leased, Outbox, OutItem
 from gateway.twin.listen import Listener, ListenOptions
 from gateway.uplink.broker import MosquittoBroker, mosquitto_available
 from gateway.uplink.certs import DemoPKI, demo_pki
@@ -117,3 +119,26 @@ async def with_outbox(path: Path, body: Callable[[AsyncOutbox], Awaitable[None]]
 def items(kind: str, n: int, payload: Callable[[int], bytes], lane: Any, start: int = 0) -> list[OutItem]:
     now = time.time()
     return [OutItem(lane, f"{kind}/subj{i % 3}", payload(i), now) for i in range(start, start + n)]
+
+
+@dataclass
+class LeaseLog:
+    """What an outbox's ``lease`` handed out: each record's lane, and its attempts at each lease."""
+
+    lanes: list[Lane] = field(default_factory=list)
+    attempts: dict[int, list[int]] = field(default_factory=dict)
+
+
+class LeaseRecorder(Outbox):
+    """The outbox, noting in a :class:`LeaseLog` every record its ``lease`` hands out."""
+
+    def __init__(self, path: Path, log: LeaseLog) -> None:
+        super().__init__(path)
+        self.log = log
+
+    def lease(self, n: int, *, after_id: int = 0, through_id: int | None = None) -> list[Leased]:
+        got = super().lease(n, after_id=after_id, through_id=through_id)
+        for r in got:
+            self.log.lanes.append(r.lane)
+            self.log.attempts.setdefault(r.id, []).append(r.attempts)
+        return got

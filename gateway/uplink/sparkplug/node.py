@@ -11,7 +11,8 @@ staged timeouts as the SenML uplink):
 4. Records leave the outbox as NDATA/DDATA: report by exception for live records, everything for
    the backlog, which is marked ``is_historical`` with the records' own timestamps.  Data is
    published at QoS 1 and a record is deleted from the outbox only on its PUBACK (the
-   specification's QoS 0 would lose records on a cut link; see ``docs/sparkplug.md``).
+   specification's QoS 0 would lose records on a cut link; see ``docs/sparkplug.md``).  Once
+   born, a live alarm is handed over by the commit that makes it durable (no lease of its own).
 5. A new metric or device, a rebirth command or a device back from the dead: a complete birth
    sequence again (same bdSeq).  A device whose every sensor is lost: DDEATH.
 6. Primary host offline, or the gateway stopping: NDEATH, then DISCONNECT; reconnect (bdSeq + 1).
@@ -36,6 +37,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from gateway import backoff
 from gateway.anonymize import Anonymizer
 from gateway.cleanup import cancel_requested, run_shielded
+from gateway.contracts import Lane
 from gateway.errors import AnonymizationError, ConfigError, EdgetwinError, TransientError
 from gateway.liveness import Heartbeat
 from gateway.outbox import AsyncOutbox, Leased
@@ -120,6 +122,8 @@ class SparkplugNode:
         self.seq = 0  # of the last message published
         self.backlog_through = 0
         self._session: Session | None = None
+        # Alarms a commit leased and handed over (see _take_alarms), not yet in a round of _deliver.
+        self._handed: list[Leased] = []
         self._last: dict[tuple[str, str], tuple[codec.Value, int]] = {}  # reported values
         # Sparkplug device -> its sensors' pseudonyms -> the stream metrics each delivers.
         self._devs: dict[str, dict[str, set[str]]] = collections.defaultdict(dict)
@@ -276,6 +280,10 @@ class SparkplugNode:
             )
             for leased in held:
                 await self._send(session, leased, inflight)
+            # From here an alarm's commit leases it and hands it over: it waits for no lease behind
+            # the next commit of other records.  Those committed before are taken by a lease.
+            self._handed = []
+            self._outbox.hand_alarms_to(lambda alarms: self._take_alarms(session, alarms, inflight))
             await self._deliver(session, messages, inflight)
         except HostOfflineError:
             graceful = session.connected
@@ -286,6 +294,10 @@ class SparkplugNode:
         except TimeoutError as exc:
             raise TransientError("no SUBACK in time: reconnecting") from exc
         finally:
+            # Alarms committed from now on are leased by the next session; those handed over until
+            # now are in inflight, released by _end.
+            self._outbox.hand_alarms_to(None)
+            self._handed = []
             self.connected = False
             self._session = None
             await run_shielded(self._end(session, inflight, graceful), _CLEANUP_DEADLINE_S, who="sparkplug")
@@ -416,6 +428,7 @@ class SparkplugNode:
             if not inflight:
                 last_ack = now
             items = await self._lease(min(room, cfg.batch), inflight) if room > 0 else []
+            items = self._with_handed(items)
             for n, item in enumerate(items):
                 pause = self._replay.wait_for(len(item.payload), time.monotonic())
                 if item.id <= self.backlog_through and pause > 0:
@@ -463,6 +476,23 @@ class SparkplugNode:
             self.counters.rebirth_requests += 1
             log.info("sparkplug: rebirth requested: sending the births again (bdSeq %d)", self.bdseq)
             self._birth(session)
+
+    def _take_alarms(self, session: Session, alarms: list[Leased], inflight: dict[int, int]) -> None:
+        """Alarms leased by their own commit: noted in ``inflight`` and sent in the next round of _deliver."""
+        for item in alarms:
+            inflight[-item.id] = item.id
+        self._handed += alarms
+        session.wake.set()
+
+    def _with_handed(self, items: list[Leased]) -> list[Leased]:
+        """A round's records with the handed-over alarms: every alarm first, in id order, then the rest."""
+        if not self._handed:
+            return items
+        # A lease under way when an alarm was handed over may hold older alarms: sorting keeps the
+        # order, and a paced backlog record releases whatever follows it, handed alarms included.
+        alarms = sorted([*(i for i in items if i.lane is Lane.ALARMS), *self._handed], key=lambda i: i.id)
+        self._handed = []
+        return [*alarms, *(i for i in items if i.lane is not Lane.ALARMS)]
 
     async def _lease(self, n: int, inflight: dict[int, int]) -> list[Leased]:
         """Lease, each record noted in ``inflight`` as unsent; if cancelled meanwhile, released."""
