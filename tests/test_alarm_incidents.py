@@ -349,3 +349,25 @@ def test_beat_intervals_silent_through_a_short_probe_off_get_their_time_from_its
     assert [(k, s) for k, s, _ in kinds][-1] == ("sensor_lost", "rr"), kinds
     # Restored at 15 s; raised 6 s after that, not 0.5 s after it (6 s after its last interval at 9.5 s).
     assert 15.0 + 6.0 < kinds[-1][2] <= 15.0 + 7.0, kinds
+
+
+def test_beat_intervals_silent_through_a_probe_off_are_listed_silent_with_the_fault_that_explains_it() -> (
+    None
+):
+    w, _ = rig()
+    monitor(w, 0.0, 10.0)
+    monitor(w, 10.0, 14.0, probe_off=True)  # 4.5 s since the last interval: within its 6 s
+    assert {SHORT[s]: st["status"] for s, st in zip((HR, SPO2, RR), w.stream_states(14.0), strict=True)} == {
+        "hr": "faulted",
+        "spo2": "faulted",
+        "rr": "ok",
+    }
+    monitor(w, 14.0, 30.0, probe_off=True)
+    rr = next(st for st in w.stream_states(30.0) if st["metric"] == RR.metric.name)
+    assert rr["status"] == "silent"
+    assert rr["explained_by"] in [  # the two faults began together: either explains it
+        {"metric": s.metric.name, "fault": "sensor off (probe off, electrode detached)"} for s in (HR, SPO2)
+    ]
+    monitor(w, 30.0, 45.0)  # back, and beating
+    rr = next(st for st in w.stream_states(45.0) if st["metric"] == RR.metric.name)
+    assert (rr["status"], rr["explained_by"]) == ("ok", None)

@@ -647,3 +647,49 @@ def test_metric_names_without_an_identity_leave_the_gateway_healthy(
         err = gw.stop()
     assert gw.proc.returncode == 0, err
     assert "holds the subject" not in err
+
+
+RR = "MDC_ECG_TIME_PD_RR_GL"
+
+
+def _stream(snap: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The stream of that metric in a snapshot ({} before its first sample)."""
+    return next((st for s in snap["sources"] for st in s["streams"] if st["metric"] == metric), {})
+
+
+def test_beat_intervals_silent_through_a_probe_off_are_shown_silent_and_why(
+    tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A probe off flags SpO2 and pulse and stops the beat intervals: not ok, not lost, but silent,
+    # explained by the flagged stream's fault; ok again once the intervals come back.
+    gw = Gateway(
+        _config(
+            tmp_path,
+            '[uplink]\nkind = "none"\n'
+            + SIM
+            + 'events = [{kind = "sensor_off", at_s = 4.0, duration_s = 11.0}]\n',
+        ),
+        notify,
+    )
+    try:
+        snap = gw.wait(capsys, lambda s: _stream(s, RR).get("status") == "silent", "beat intervals silent")
+        rr = _stream(snap, RR)
+        assert rr["explained_by"] is not None, rr
+        assert _stream(snap, rr["explained_by"]["metric"])["status"] == "faulted"
+        assert rr["explained_by"]["fault"].startswith("sensor off (probe off")
+        assert rr["last_sample_age_s"] >= 6.0  # beyond its loss time of three 2 s intervals
+        assert "sensor_lost" not in {a["kind"] for a in snap["alarms"]}
+        rc, text = gw.status(capsys)
+        assert rc == 1  # the probe is off: degraded
+        line = next(x for x in text.splitlines() if x.strip().startswith(RR))
+        assert re.search(r"silent +last sample \d+ s ago", line), line
+        assert f"(explained by {rr['explained_by']['metric']}: sensor off (probe off" in line, line
+        snap = gw.wait(
+            capsys, lambda s: _stream(s, RR).get("status") == "ok", "beat intervals back", timeout=40
+        )
+        rr = _stream(snap, RR)
+        assert rr["explained_by"] is None
+        assert rr["last_sample_age_s"] < 6.0
+    finally:
+        err = gw.stop()
+    assert gw.proc.returncode == 0, err

@@ -143,7 +143,7 @@ class StatusBoard:
     def _streams(self) -> dict[str, list[dict[str, Any]]]:
         by_source: dict[str, list[dict[str, Any]]] = {}
         now = time.monotonic()
-        for st in self._pipeline.windower.stream_states():
+        for st in self._pipeline.windower.stream_states(now):
             last = st["last_t_mono"]
             by_source.setdefault(st["source"], []).append(
                 {
@@ -151,6 +151,8 @@ class StatusBoard:
                     "unit": st["unit"],
                     "subject": self._pseudonym(st["subject"]),
                     "status": st["status"],
+                    # What a silent stream's device reports instead (a probe off): {metric, fault}.
+                    "explained_by": st["explained_by"],
                     "last_sample_age_s": round(now - last, 1) if math.isfinite(last) else None,
                     "value": round(st["last_value"], 3) if math.isfinite(st["last_value"]) else None,
                     "samples": st["accepted"],
@@ -449,9 +451,11 @@ def render_text(snap: Mapping[str, Any]) -> str:
             f"  {s['name']} ({s['driver']}): link {s['link']} since {_age(s['since_s'])}, drops: {_drops(s['dropped'])}"
         )
         for st in s["streams"]:
+            why = st.get("explained_by")
             lines.append(
                 f"    {st['metric']:<28} {st['status']:<8} last sample {_age(st['last_sample_age_s'])} ago"
                 f"  subject {st['subject']}"
+                + (f"  (explained by {why['metric']}: {why['fault']})" if why else "")
             )
     held = snap.get("held_names", [])
     if held:

@@ -120,8 +120,9 @@ _RESUMED_STATUS = {kind: status for status, kind in _STATUS_ALARM.items()}
 class _StreamState:
     __slots__ = (
         "aliases",
-        "excused",
         "expected",
+        "explained_by",
+        "fault_quality",
         "faulted_at",
         "lost_after_s",
         "lost_rows",
@@ -142,8 +143,9 @@ class _StreamState:
         self.ring = ring
         self.status = _OK
         self.faulted_at = -math.inf  # when its current (or last) fault began
-        # Its silence was not raised as a loss, explained by a fault of another stream of its device.
-        self.excused = False
+        self.fault_quality = 0  # the flags of the sample that began it
+        # The stream of its device whose fault explains its silence (not raised as a loss), if any.
+        self.explained_by: _StreamState | None = None
         # Equal Stream objects seen under other ids (and the streams it replaced under its key);
         # held so their ids cannot be reused.
         self.aliases: list[Stream] = []
@@ -521,9 +523,10 @@ class Windower:
         # A loss is held for restore_after_s (see the module docstring); other states start clear.
         st.restore_at = t_mono + self.restore_after_s if status == _LOST else None
         stream = st.stream
-        st.excused = False
+        st.explained_by = None
         if status == _FAULTED:
             st.faulted_at = t_mono
+            st.fault_quality = quality
         elif old == _FAULTED:
             self._fault_ended(st, t_mono)
         if old == _LOST and self._device_lost:
@@ -575,9 +578,10 @@ class Windower:
         if any(o.status == _FAULTED for o in siblings):
             return
         for o in siblings:
-            if o.status == _OK and (o.excused or o.ring.last_t_mono >= st.faulted_at - o.lost_after_s):
+            explained = o.explained_by is not None
+            if o.status == _OK and (explained or o.ring.last_t_mono >= st.faulted_at - o.lost_after_s):
                 o.revived_at = max(o.revived_at, t_mono)
-            o.excused = False
+            o.explained_by = None
 
     # ---- windows (timer path) ------------------------------------------------------------
 
@@ -677,18 +681,19 @@ class Windower:
                     newly.setdefault((st.stream.source, st.stream.device), []).append(st)
                     quiet.add(id(st))
         if newly:
-            # When the latest fault of a stream still sending began, per device: looked up only
-            # now, when something fell silent.
-            since: dict[tuple[str, str], float] = {}
+            # The stream still sending whose fault began latest, per device: looked up only now,
+            # when something fell silent.
+            latest: dict[tuple[str, str], _StreamState] = {}
             for o in self._by_stream.values():
                 if o.status == _FAULTED and id(o) not in quiet:
                     key = (o.stream.source, o.stream.device)
-                    since[key] = max(since.get(key, -math.inf), o.faulted_at)
-            for key in since.keys() & newly.keys():
+                    if key not in latest or o.faulted_at > latest[key].faulted_at:
+                        latest[key] = o
+            for key in latest.keys() & newly.keys():
                 unexplained = []
                 for st in newly[key]:
-                    if since[key] >= st.ring.last_t_mono - st.lost_after_s:
-                        st.excused = True
+                    if latest[key].faulted_at >= st.ring.last_t_mono - st.lost_after_s:
+                        st.explained_by = latest[key]
                     else:
                         unexplained.append(st)
                 if unexplained:
@@ -938,8 +943,8 @@ class Windower:
         self._resumed_devices = {k: v for k, v in self._resumed_devices.items() if not mine(*k)}
         return len(gone)
 
-    def stream_states(self) -> list[dict[str, Any]]:
-        """Per stream: source, subject, metric, status (ok/faulted/lost), last sample time, ring counters."""
+    def stream_states(self, now_mono: float = math.inf) -> list[dict[str, Any]]:
+        """Per stream: source, subject, metric, status (ok/silent/faulted/lost), what explains a silence, last sample time, ring counters."""
         names = {_OK: "ok", _FAULTED: "faulted", _LOST: "lost"}
         return [
             {
@@ -948,7 +953,8 @@ class Windower:
                 "kind": st.stream.kind,
                 "metric": st.stream.metric.name,
                 "unit": st.stream.metric.unit,
-                "status": names[st.status],
+                "status": "silent" if self._explained(st, now_mono) else names[st.status],
+                "explained_by": self._explained(st, now_mono),
                 "last_t_mono": st.ring.last_t_mono,
                 "last_value": st.ring.last_value,
                 "accepted": st.ring.accepted,
@@ -957,6 +963,19 @@ class Windower:
             }
             for st in self._by_stream.values()
         ]
+
+    @staticmethod
+    def _explained(st: _StreamState, now_mono: float) -> dict[str, str] | None:
+        """The fault of its device's stream that explains a stream's silence now, or None when it is not silent."""
+        by = st.explained_by
+        # Still silent beyond its timeout (not delivering again), and the fault still on.
+        if by is None or by.status != _FAULTED or st.status != _OK:
+            return None
+        if now_mono - max(st.ring.last_t_mono, st.revived_at) <= st.lost_after_s:
+            return None
+        # A fault resumed from a previous run is known by its state alone, not by its flags.
+        fault = fault_words(by.fault_quality) if by.fault_quality else "sensor fault"
+        return {"metric": by.stream.metric.name, "fault": fault}
 
     def counters(self) -> dict[str, int]:
         """Running totals: samples accepted, dropped out of order, overwritten, windows, gaps, alarms."""
