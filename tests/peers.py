@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -196,14 +196,21 @@ def socat_ptys(a: Path, b: Path) -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def running_driver(driver: Driver, sink: SampleSink, start_s: float = 10.0) -> AsyncIterator[None]:
-    """``driver.run`` as a task: entered once it called ``started()``, cancelled on exit."""
-    started = asyncio.Event()
-    task = asyncio.create_task(driver.run(sink, started=started.set), name="driver-under-test")
+async def background(coro: Coroutine[Any, Any, object], name: str) -> AsyncIterator[asyncio.Task[object]]:
+    """``coro`` as a task named ``name`` while the block runs; cancelled and awaited at its end."""
+    task: asyncio.Task[object] = asyncio.create_task(coro, name=name)
     try:
-        await asyncio.wait_for(started.wait(), start_s)
-        yield
+        yield task
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@contextlib.asynccontextmanager
+async def running_driver(driver: Driver, sink: SampleSink, start_s: float = 10.0) -> AsyncIterator[None]:
+    """``driver.run`` as a task: entered once it called ``started()``, cancelled on exit."""
+    started = asyncio.Event()
+    async with background(driver.run(sink, started=started.set), "driver-under-test"):
+        await asyncio.wait_for(started.wait(), start_s)
+        yield

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import RecordingSink, socat_ptys
+from peers import RecordingSink, background, socat_ptys
 from test_alarm_source_removed import Site, config
 
 from drivers.serial import contec, masimo, nonin
@@ -196,13 +196,8 @@ async def stream_frames(fd: int, frame: bytes, seconds: float) -> None:
 @contextlib.asynccontextmanager
 async def streaming(fd: int, frame: bytes) -> AsyncIterator[None]:
     """The monitor sends ``frame`` five times a second while the block runs."""
-    task = asyncio.create_task(stream_frames(fd, frame, math.inf), name="test:monitor")
-    try:
+    async with background(stream_frames(fd, frame, math.inf), "test:monitor"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def alarms(sink: RecordingSink) -> list[tuple[AlarmKind, dict[str, float | str]]]:

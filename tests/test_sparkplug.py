@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peers import background
 from sparkplug_support import Host, Message, Tahu
 from tcp_proxy import TcpProxy
 from uplink_support import LeaseLog, LeaseRecorder, mosquitto_pki, uplink_config, wait_until
@@ -78,13 +79,8 @@ def scan(*identities: str) -> Anonymizer:
 @contextlib.asynccontextmanager
 async def running(node: SparkplugNode, name: str) -> AsyncIterator[None]:
     """``node`` runs (a task named ``name``) inside the block and is cancelled at its end."""
-    task = asyncio.create_task(node.run(lambda: None), name=name)
-    try:
+    async with background(node.run(lambda: None), name):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def deliver(node: SparkplugNode, n: int, name: str) -> None:
