@@ -7,12 +7,13 @@ a node removed and re-added; a node's data type changed; Bad and Uncertain statu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -140,6 +141,16 @@ class Running:
         assert not left, f"tasks left behind: {left}"
 
 
+@contextlib.asynccontextmanager
+async def started_driver(endpoint: str) -> AsyncIterator[tuple[OpcUaDriver, Recorder]]:
+    """A driver on ``endpoint`` (the fast keys) and its sink, running past ``started()`` for the block."""
+    sink = Recorder()
+    driver = make_driver(endpoint)
+    async with Running(driver, sink) as run:
+        await until(lambda: run.starts == 1, 10, "started()")
+        yield driver, sink
+
+
 @pytest.fixture(scope="module")
 def plc() -> Iterator[PlcSimProcess]:
     sim = PlcSimProcess(free_port(), "--rate-hz", "20")
@@ -218,10 +229,7 @@ def test_node_removed_and_readded_while_the_others_continue(plc: PlcSimProcess) 
     path = "Pump1/Hydraulics/Pressure"
 
     async def main() -> None:
-        sink = Recorder()
-        driver = make_driver(plc.endpoint)
-        async with Running(driver, sink) as run:
-            await until(lambda: run.starts == 1, 10, "started()")
+        async with started_driver(plc.endpoint) as (driver, sink):
             plc.command("remove Pressure")
             await until(lambda: driver.health[path] != "good", 15, "the removed node to go bad")
             n_flow = len(sink.of("Pump1/Hydraulics/Flow"))
@@ -241,6 +249,29 @@ def test_node_removed_and_readded_while_the_others_continue(plc: PlcSimProcess) 
         restored = [a for a in sink.alarms if a.kind == AlarmKind.SENSOR_RESTORED and a.stream is not None]
         assert len(restored) == 1
         assert restored[0].stream is faults[0].stream
+
+    asyncio.run(main())
+
+
+def test_a_node_recreated_under_the_same_node_id_is_heard_again_not_held(plc: PlcSimProcess) -> None:
+    path = "Pump1/Hydraulics/Pressure"
+
+    async def main() -> None:
+        async with started_driver(plc.endpoint) as (driver, sink):
+            await until(lambda: len(sink.of(path)) > 5, 15, "its data")
+            # A PLC program download: deleted and created again at once, same NodeId, name and type.
+            # The server tells the old monitored item nothing, and keeps confirming it unchanged.
+            plc.command("remove Pressure")
+            plc.command("add Pressure")
+            t0 = time.monotonic()
+            await until(
+                lambda: len({s.value for s in sink.of(path) if s.t_mono > t0}) > 3,
+                20,
+                "the recreated node's values, not its old one held",
+            )
+        assert driver.health[path] == "good"
+        # Never bad: the node was there at every check; nothing to raise or end at the twin.
+        assert not [a for a in sink.alarms if a.kind == AlarmKind.SENSOR_FAULT]
 
     asyncio.run(main())
 

@@ -102,6 +102,10 @@ HOLD_LAG_S = 0.25
 #: A subscription with nothing to report sends a keep-alive at least this often, so that quiet
 #: tags are confirmed (and held) about as fast as changing ones are delivered.
 CONFIRM_EVERY_S = 1.0
+#: A value the server holds that a node's monitored item did not deliver (``_Connection.verify``)
+#: is judged by the first publish response this long after the read, plus the node's sampling
+#: interval and two publishing intervals: a change still in flight has landed by then.
+PROBE_MARGIN_S = 0.5
 #: Held samples of one node at one tick handed over as one columnar block from this many on
 #: (a block costs a few numpy calls; a short run is cheaper sample by sample).
 HOLD_BLOCK_MIN = 8
@@ -563,6 +567,11 @@ class _Connection:
         self.restamp_said = False
         self.restamped = 0  # changes stamped before their node was confirmed unchanged, since the last report
         self.held = 0  # samples held since the last report
+        self.publishing_s = cfg.publishing_interval_ms / 1000.0  # as the server revised it
+        # Nodes whose value on the server differs from what their monitored item delivered, by
+        # item index: (the item, its newest delivered sample then, the value read, when read).
+        self.probes: dict[int, tuple[_Item, Sample, float, float]] = {}
+        self.stale: list[_Item] = []  # monitored items found deaf, created again at the next check
         self.next_clock_report = time.monotonic() + cfg.diagnostics_every_s
 
     @property
@@ -627,6 +636,7 @@ class _Connection:
         except UaStatusCodeError as exc:
             raise LinkLost(f"create subscription: {status_token(exc.code)}") from exc
         self.last_publish = time.monotonic()
+        self.publishing_s = result.RevisedPublishingInterval / 1000.0
         if result.RevisedPublishingInterval != cfg.publishing_interval_ms:
             log.info(
                 "opcua %s %s: server revised the publishing interval to %g ms",
@@ -903,12 +913,15 @@ class _Connection:
                 )
 
     async def verify(self) -> None:
-        """Check every good node still exists with the same data type; retry the bad ones."""
+        """Check every good node still exists with the same data type and is heard; retry the bad ones."""
         good = [item for item in self.d.items if item.state == "good"]
-        reads = [ua.ReadValueId(NodeId=item.node_id, AttributeId=AttributeIds.DataType) for item in good]
+        attrs = (AttributeIds.DataType, AttributeIds.Value)
+        reads = [ua.ReadValueId(NodeId=item.node_id, AttributeId=attr) for item in good for attr in attrs]
         values = await self._read(reads, "verify nodes")
+        read_at = time.monotonic()
         changed: list[_Item] = []
-        for item, dv in zip(good, values, strict=True):
+        for n, item in enumerate(good):
+            dv, now = values[2 * n], values[2 * n + 1]
             if dv.StatusCode is not None and not dv.StatusCode.is_good():
                 await self._unmonitor([item])
                 self._bad(item, status_token(dv.StatusCode.value))
@@ -923,7 +936,10 @@ class _Connection:
                     dt,
                 )
                 changed.append(item)
-        retry = [item for item in self.d.items if item.state != "good" or item in changed]
+            else:
+                self._probe(item, now, read_at)
+        stale, self.stale = self.stale, []
+        retry = [item for item in self.d.items if item.state != "good" or item in changed or item in stale]
         # Changed nodes, and nodes found bad in a publish, may still hold a monitored item here.
         await self._unmonitor([item for item in retry if item.index in self.monitored_id])
         if retry:
@@ -931,6 +947,63 @@ class _Connection:
                 if item.spec.browse_path is not None:
                     item.node_id = None  # re-resolve: the path may lead elsewhere now
             await self._resolve(retry)
+
+    def _probe(self, item: _Item, dv: ua.DataValue, read_at: float) -> None:
+        """Note ``item`` when the server holds a value its monitored item has not delivered.
+
+        A node deleted and created again under the same NodeId (a PLC program download) leaves
+        the old monitored item deaf: the server may say nothing to it, and every publish response
+        then confirms the old value unchanged, held as if the tag held still.  The value read
+        settles it: delivered within a publish (``_judge_probes``), or the item is deaf.
+        """
+        last = item.last
+        if (
+            last is None
+            or item.index in self.probes
+            or self.by_handle.get(self.handle_of.get(item.index, 0)) is not item
+        ):
+            return
+        if dv.StatusCode is not None and not dv.StatusCode.is_good():
+            return  # a bad or uncertain value is no figure to compare
+        value = to_float(dv.Value.Value if dv.Value is not None else None)
+        tolerance = self._tolerance(item.spec)
+        if value is None or tolerance is None:
+            return
+        if not last.quality & _BAD and abs(value - last.value) <= tolerance:
+            return
+        self.probes[item.index] = (item, last, value, read_at)
+
+    def _tolerance(self, spec: NodeSpec) -> float | None:
+        """How far a node's value may move unreported: its absolute deadband; None when unknown (percent)."""
+        kind = spec.deadband or self.cfg.deadband
+        if kind == "none":
+            return 0.0
+        if kind == "absolute":
+            return spec.deadband_value if spec.deadband_value is not None else self.cfg.deadband_value
+        return None
+
+    def _judge_probes(self) -> None:
+        """A probed node delivered since (alive), or a later publish response left it out: deaf."""
+        for index, (item, last, value, read_at) in list(self.probes.items()):
+            if item.last is not last or self.by_handle.get(self.handle_of.get(index, 0)) is not item:
+                del self.probes[index]
+                continue
+            due = read_at + (item.revised_ms or 0.0) / 1000.0 + 2 * self.publishing_s + PROBE_MARGIN_S
+            if self.confirmed <= due:
+                continue
+            del self.probes[index]
+            log.warning(
+                "opcua %s %s: node %s reads %g on the server, but its monitored item delivered %g last "
+                "and the subscription confirms it unchanged: the node was replaced under the same NodeId "
+                "(a PLC program download) without its monitored item being told; monitoring it again",
+                self.d._info.name,
+                self.d._endpoint,
+                item.spec.address,
+                value,
+                last.value,
+            )
+            self.stale.append(item)
+            self.verify_now = True
 
     # ---- streaming ---------------------------------------------------------------------------
 
@@ -947,6 +1020,8 @@ class _Connection:
                 async with asyncio.timeout(tick):
                     await self.lost.wait()
             self.hold()
+            if self.probes:
+                self._judge_probes()
             if self.d.unproven:  # empty once every node delivered a usable value in this run
                 self.d.first_data()
             if self.lost.is_set():
@@ -984,6 +1059,9 @@ class _Connection:
             # A node is due only when two ticks fit after its newest sample: one comparison per
             # node finds them (with thousands of changing nodes this scan is the whole cost).
             items = [item for item in items if item.last_t_mono + item.hold_span <= confirmed]
+        if self.probes:
+            # A value the server holds and the node did not deliver: its old one is not held on.
+            items = [item for item in items if item.index not in self.probes]
         for item in items:
             dt = item.hold_dt
             last = item.last
