@@ -1,7 +1,10 @@
 """Record time that survives restarts and clock steps, without dates leaving the gateway.
 
 A gateway keeps, in its state directory (``timebase.json``), a per-site *origin* (the wall time
-of its first start), a *boot counter* and the highest record time it has used.  Every process
+of its first start), a *boot counter* and the highest record time it has used.  That file is only
+ever replaced synced (at a start, a stop, a reset); the high mark a running gateway writes every
+``PERSIST_EVERY_S`` goes to ``timebase.high`` unsynced, so a power cut can tear only that one (and
+lose at most the high mark of the run it cut), never the origin or the counter.  Every process
 start increments the counter: that is the *run* every record carries.  Record time ``t`` is
 seconds since the origin, running on the monotonic clock within a run and starting each run no
 lower than where the previous run ended, so a consumer can order every record of a gateway by
@@ -30,10 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import ConfigError
+from gateway.privatefile import write_atomic
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "timebase.json"
+#: The running high mark (written unsynced, beside FILE_NAME): see the module doc.
+HIGH_NAME = "timebase.high"
 #: A change of the wall clock against the monotonic clock larger than this is a step, not drift.
 STEP_TOLERANCE_S = 2.0
 #: How often the highest record time is written back (a crash loses at most this much of it).
@@ -55,6 +61,20 @@ def _read(path: Path) -> tuple[float, int, float]:
     if not (math.isfinite(origin) and math.isfinite(high) and boot >= 0):
         raise ValueError(f"origin {origin}, boot {boot}, high {high}: non-finite or negative")
     return origin, boot, high
+
+
+def _running_high(path: Path, origin: float, boot: int) -> float:
+    """The high mark the run ``boot`` of ``origin`` wrote while running; 0 when none can be read."""
+    try:
+        h_origin, h_boot, high = _read(path)
+    except FileNotFoundError:
+        return 0.0
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # Written unsynced: a power cut may leave it torn.  Only the last run's high mark is lost;
+        # a wall clock that is right (or steps forward) starts the next run after it anyway.
+        log.warning("time base %s: unreadable (%s): the last run's time is taken from its start", path, exc)
+        return 0.0
+    return high if (h_origin, h_boot) == (origin, boot) else 0.0  # of a reset origin: not this one's
 
 
 class TimeBase:
@@ -108,6 +128,7 @@ class TimeBase:
         origin, boot, high = wall(), 0, 0.0
         try:
             origin, boot, high = _read(path)
+            high = max(high, _running_high(path.with_name(HIGH_NAME), origin, boot))
         except FileNotFoundError:
             log.info("time base: new site origin in %s", path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -196,19 +217,20 @@ class TimeBase:
         self._save(strict=False)
 
     def _save(self, *, sync: bool = True, strict: bool = True) -> None:
-        """Write the state file; ConfigError when ``strict`` (a start), else a warning."""
+        """Write the state file (synced), or only the running high mark; ConfigError when ``strict`` (a start), else a warning."""
         if self.path is None:
             return
-        body = {"origin": self.origin, "boot": self.run, "high": self.now()}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        body = json.dumps({"origin": self.origin, "boot": self.run, "high": self.now()}).encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with tmp.open("w", encoding="utf-8") as f:
-                json.dump(body, f)
-                f.flush()
-                if sync:
-                    os.fsync(f.fileno())
-            tmp.replace(self.path)
+            if sync:
+                write_atomic(self.path, body)
+            else:
+                # Not synced (on the event loop), so never over the origin and counter: see the module doc.
+                high = self.path.with_name(HIGH_NAME)
+                tmp = high.with_name(f".{high.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(body)
+                tmp.replace(high)
             if self._write_failed:
                 log.info("time base %s: written again", self.path)
             self._write_failed = False

@@ -182,3 +182,40 @@ def test_the_twin_shows_a_restarted_gateways_values_at_once(tmp_path: Path, wall
     diag = second.seal(lambda: second.diagnostic(Diagnostic("counters", None, c.w, {})), encode)
     assert diag is not None
     assert decode(diag[1]).t > decode(last).t
+
+
+def _files(state: Path) -> dict[str, tuple[int, int]]:
+    return {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in state.iterdir()}
+
+
+def test_a_power_cut_after_a_running_save_keeps_the_origin_and_the_run_counter(tmp_path: Path) -> None:
+    c = Clocks(1.7e9)
+    _open(tmp_path, c).close()
+    tb = _open(tmp_path, c)  # run 2
+    before = _files(tmp_path)
+    c.advance(30.0)
+    tb.check()  # the running save of the high mark, unsynced
+    written = [name for name, stamp in _files(tmp_path).items() if before.get(name) != stamp]
+    assert written
+    # The power cut: what was written unsynced is torn (its data never reached the disk).
+    for name in written:
+        (tmp_path / name).write_bytes(b"")
+    c.advance(10.0)
+    c.m = 5.0
+    after = _open(tmp_path, c)
+    assert after.run == 3  # the same site: its origin and counter survived
+    assert after.now() == pytest.approx(40.0)
+
+
+def test_a_killed_run_with_the_wall_clock_back_after_it_starts_after_its_running_high_mark(
+    tmp_path: Path,
+) -> None:
+    c = Clocks(1.7e9)
+    tb = _open(tmp_path, c)
+    c.advance(30.0)
+    tb.check()  # the running save; then killed: no close
+    c.w -= 3600.0
+    c.m = 5.0
+    after = _open(tmp_path, c)
+    assert after.run == 2
+    assert after.now() == pytest.approx(30.001)
