@@ -32,6 +32,8 @@ NEAR_BUDGET = 0.8
 RATE_WINDOW_S = 10.0
 #: The technical alarms that make a gateway degraded, as the headline words them.
 _TECHNICAL = {"sensor_lost": "lost", "sensor_fault": "faulted", "device_lost": "device lost"}
+#: A stream the windower finds ok shows the state of a condition on it that its driver raised.
+_STREAM_ALARM = {AlarmKind.SENSOR_FAULT: "faulted", AlarmKind.SENSOR_LOST: "lost"}
 #: Active alarms are listed by priority (IEC 60601-1-8: high first), then the oldest first.
 _RANK = {"high": 0, "medium": 1, "low": 2}
 
@@ -143,14 +145,24 @@ class StatusBoard:
     def _streams(self) -> dict[str, list[dict[str, Any]]]:
         by_source: dict[str, list[dict[str, Any]]] = {}
         now = time.monotonic()
+        # The windower judges a stream by its data; its driver's own verdict (an OPC UA node gone
+        # or retyped, its held value no longer delivered) is the condition on at the twin.
+        raised = {
+            (s.source, s.subject, s.metric.name): _STREAM_ALARM[e.kind]
+            for e in self._pipeline.alarms_on()
+            if (s := e.stream) is not None and e.kind in _STREAM_ALARM
+        }
         for st in self._pipeline.windower.stream_states(now):
             last = st["last_t_mono"]
+            status = st["status"]
+            if status == "ok":
+                status = raised.get((st["source"], st["subject"], st["metric"]), status)
             by_source.setdefault(st["source"], []).append(
                 {
                     "metric": st["metric"],
                     "unit": st["unit"],
                     "subject": self._pseudonym(st["subject"]),
-                    "status": st["status"],
+                    "status": status,
                     # What a silent stream's device reports instead (a probe off): {metric, fault}.
                     "explained_by": st["explained_by"],
                     "last_sample_age_s": round(now - last, 1) if math.isfinite(last) else None,
