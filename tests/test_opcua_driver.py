@@ -276,6 +276,26 @@ def test_a_node_recreated_under_the_same_node_id_is_heard_again_not_held(plc: Pl
     asyncio.run(main())
 
 
+def test_a_node_recreated_under_another_node_id_is_followed_by_its_browse_path_without_a_fault(
+    plc: PlcSimProcess,
+) -> None:
+    path = "Pump1/Hydraulics/Flow"
+
+    async def main() -> None:
+        async with started_driver(plc.endpoint) as (driver, sink):
+            await until(lambda: len(sink.of(path)) > 5, 15, "its data")
+            before = driver.items[3].node_id
+            plc.command("recreate Flow")  # a PLC program download: same browse name, a new NodeId
+            await until(lambda: driver.items[3].node_id not in (before, None), 15, "the new NodeId followed")
+            t0 = time.monotonic()
+            await until(lambda: len({s.value for s in sink.of(path) if s.t_mono > t0}) > 3, 15, "its values")
+        assert driver.health[path] == "good"
+        # The node the path names never went away for the plant: no fault raised, none ended.
+        assert [a for a in sink.alarms if a.stream is not None] == []
+
+    asyncio.run(main())
+
+
 def test_a_node_absent_at_the_start_ends_its_fault_as_it_was_raised_when_it_appears(
     plc: PlcSimProcess,
 ) -> None:

@@ -35,7 +35,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -663,8 +663,13 @@ class _Connection:
             raise LookupError(uri)
         return self.ns_array.index(uri)
 
-    async def _resolve(self, items: Sequence[_Item]) -> None:
-        """Find, check and monitor ``items``: NodeIds, data types, units, monitored items."""
+    async def _resolve(self, items: Sequence[_Item], gone: Mapping[int, str] | None = None) -> None:
+        """Find, check and monitor ``items``: NodeIds, data types, units, monitored items.
+
+        ``gone``: the status of each node (by index) whose NodeId vanished, reported if its browse
+        path now finds nothing.
+        """
+        gone = gone or {}
         assert self.client is not None
         client = self.client
         found: list[_Item] = []
@@ -704,9 +709,9 @@ class _Connection:
             )
             for (item, _), res in zip(by_path, results, strict=True):
                 if not res.StatusCode.is_good():
-                    self._bad(item, status_token(res.StatusCode.value))
+                    self._bad(item, gone.get(item.index) or status_token(res.StatusCode.value))
                 elif not res.Targets:
-                    self._bad(item, "bad_nomatch")
+                    self._bad(item, gone.get(item.index, "bad_nomatch"))
                 else:
                     item.node_id = res.Targets[0].TargetId
                     found.append(item)
@@ -920,11 +925,19 @@ class _Connection:
         values = await self._read(reads, "verify nodes")
         read_at = time.monotonic()
         changed: list[_Item] = []
+        gone: dict[int, str] = {}  # nodes by browse path whose NodeId is unknown now, by index: the status
         for n, item in enumerate(good):
             dv, now = values[2 * n], values[2 * n + 1]
             if dv.StatusCode is not None and not dv.StatusCode.is_good():
+                token = status_token(dv.StatusCode.value)
+                if item.spec.browse_path is not None and token in _GONE_TOKENS:
+                    # Its path may lead to the node recreated under a new NodeId (a PLC program
+                    # download): no fault unless it leads nowhere, then with this status.
+                    gone[item.index] = token
+                    changed.append(item)
+                    continue
                 await self._unmonitor([item])
-                self._bad(item, status_token(dv.StatusCode.value))
+                self._bad(item, token)
                 continue
             dt = dv.Value.Value if dv.Value is not None else None
             if dt != item.data_type:
@@ -946,7 +959,16 @@ class _Connection:
             for item in retry:
                 if item.spec.browse_path is not None:
                     item.node_id = None  # re-resolve: the path may lead elsewhere now
-            await self._resolve(retry)
+            await self._resolve(retry, gone)
+        for item in retry:
+            if item.index in gone and item.state == "good":
+                log.info(
+                    "opcua %s %s: node %s was recreated under another NodeId (%s); its browse path follows it",
+                    self.d._info.name,
+                    self.d._endpoint,
+                    item.spec.address,
+                    item.node_id.to_string() if item.node_id is not None else "?",
+                )
 
     def _probe(self, item: _Item, dv: ua.DataValue, read_at: float) -> None:
         """Note ``item`` when the server holds a value its monitored item has not delivered.
