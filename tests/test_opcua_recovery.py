@@ -152,3 +152,37 @@ def test_plc_restart_storm_every_healthy_node_back_within_3_s() -> None:
         sim.stop()
     print(f"\nOPC UA restart storm: fresh data from every healthy node {min(took):.2f}-{max(took):.2f} s")
     assert max(took) < 3.0, took
+
+
+def test_a_plc_restarted_with_its_namespace_renumbered_is_followed_by_uri_and_named_by_index(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sim = PlcSimProcess(free_port(), "--rate-hz", "20")
+    sim.start()
+    caplog.set_level(logging.WARNING, logger="drivers.opcua.driver")
+    by_uri = [
+        {"browse_path": "Pump1/Motor/Current"},  # the source's namespace_uri
+        {"node_id": f"nsu={NAMESPACE_URI};s=Pump1.Hydraulics.Pressure", "name": PRESSURE},
+    ]
+    by_index = {"node_id": "ns=2;s=Pump1.Hydraulics.Flow", "name": FLOW}
+
+    async def main() -> None:
+        sink = Arrivals()
+        driver = make_driver(sim.endpoint, nodes=[*by_uri, by_index])
+        async with Running(driver, sink) as run:
+            await until(lambda: run.starts == 1 and len(sink.fresh_since(0)) == 3, 10, "all nodes")
+            # Another project on the PLC: the simulator's namespace URI is index 5 after the restart.
+            ready = await restart(sim, 0.5, "--namespaces-before", "3")
+            await until(lambda: {"Pump1/Motor/Current", PRESSURE} <= sink.fresh_since(ready), 10, "by URI")
+            await until(lambda: driver.health[by_index["node_id"]] != "good", 10, "the node by index bad")
+        assert {s.stream for s in sink.samples if s.stream.metric.name == PRESSURE} == {
+            s.stream for s in sink.samples if s.stream.metric.name == PRESSURE and s.t_mono < ready
+        }  # one stream per node across the renumbering
+        (said,) = [r.getMessage() for r in caplog.records if "namespace 2 was" in r.getMessage()]
+        assert f"namespace 2 was {NAMESPACE_URI} and is urn:edgetwin:plcsim:other0 now" in said
+        assert f"{NAMESPACE_URI} is index 5 now" in said
+
+    try:
+        asyncio.run(main())
+    finally:
+        sim.stop()

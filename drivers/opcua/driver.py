@@ -130,6 +130,17 @@ _RECREATED_HINT = (
 )
 
 
+def _numbered_namespaces(nodes: Iterable[NodeSpec]) -> set[int]:
+    """The namespace indexes (above 0, the standard one) nodes are addressed by: ``ns=N;`` and ``N:name``."""
+    out: set[int] = set()
+    for spec in nodes:
+        if spec.node_id is not None and spec.node_id.startswith("ns="):
+            out.add(int(spec.node_id[3:].partition(";")[0]))
+        if spec.browse_path is not None:
+            out |= {seg.ns for seg in parse_browse_path(spec.browse_path) if seg.ns}
+    return out
+
+
 def requested_ms(spec: NodeSpec, cfg: OpcUaConfig) -> float:
     """The sampling interval asked for a node: its own, else the source's."""
     return spec.sampling_interval_ms if spec.sampling_interval_ms is not None else cfg.sampling_interval_ms
@@ -242,6 +253,9 @@ class OpcUaDriver:
         self.pulse = Pulse(stale_after_s=PULSE_STALE_S)
         # Nodes with no usable value and no fault of this run raised by their node yet (``first_data``).
         self.unproven: set[int] = {item.index for item in self.items}
+        # The server's namespace array as last read, and the indexes the configuration names by number.
+        self._namespaces: list[str] | None = None
+        self._indexes = _numbered_namespaces(cfg.nodes)
 
     # ---- what tests and status lines read --------------------------------------------------
 
@@ -515,6 +529,29 @@ class OpcUaDriver:
         item.stream = stream
         return stream
 
+    def see_namespaces(self, namespaces: list[str]) -> None:
+        """Warn when a namespace index the configuration names holds another URI than before (a PLC restarted)."""
+        before, self._namespaces = self._namespaces, namespaces
+        if before is None:
+            return
+        for index in sorted(self._indexes):
+            was = before[index] if index < len(before) else None
+            now = namespaces[index] if index < len(namespaces) else None
+            if was == now:
+                continue
+            log.warning(
+                "opcua %s %s: the server's namespace %d was %s and is %s now (%s): the nodes addressed "
+                "by namespace index %d name other nodes or none; address them by namespace URI instead "
+                "(nsu=<uri>; in node_id, namespace_uri for browse paths), which follows a renumbering",
+                self._info.name,
+                self._endpoint,
+                index,
+                was,
+                now,
+                f"{was} is index {namespaces.index(was)} now" if was in namespaces else f"{was} is gone",
+                index,
+            )
+
     def set_device(self, server_uri: str) -> str:
         """The server identity for Stream.device; a different server at the same endpoint is logged."""
         device = f"{server_uri} at {self._endpoint}"
@@ -605,6 +642,7 @@ class _Connection:
         server_array = client.get_node(node_id(ObjectIds.Server_ServerArray))
         ns_array, servers = await self._call("read namespaces", client.read_values([ns_node, server_array]))
         self.ns_array = list(ns_array or [])
+        self.d.see_namespaces(self.ns_array)
         server_uri = servers[0] if servers else "unknown-server"
         self.device = self.d.set_device(str(server_uri))
         await self._subscribe()

@@ -269,6 +269,9 @@ class PlcSim:
     # Variables written rounded to a step (path below Pump1 -> step): a quantised tag that holds
     # its value for long stretches, which the server then reports only when it changes.
     quantize: dict[str, float] = field(default_factory=dict)
+    # Other namespaces registered before the simulator's own: a PLC restarted with another project
+    # serves the same namespace URI under another index.
+    namespaces_before: int = 0
     server: Server = field(init=False)
     nodes: dict[str, Node] = field(init=False, default_factory=dict)
     types: dict[str, str] = field(init=False, default_factory=dict)
@@ -322,6 +325,8 @@ class PlcSim:
         if self.trusted_clients is not None:
             self.server.set_certificate_validator(self._validate_client)
         self._revise_sampling()
+        for n in range(self.namespaces_before):
+            await self.server.register_namespace(f"urn:edgetwin:plcsim:other{n}")
         self.idx = await self.server.register_namespace(NAMESPACE_URI)
         objects = self.server.nodes.objects
         root = await objects.add_object(node_id(ROOT, self.idx), ua.QualifiedName(ROOT, self.idx))
@@ -629,6 +634,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help='write a variable rounded to STEP (e.g. "Flow:4"): a tag that holds its value; repeatable',
     )
     p.add_argument(
+        "--namespaces-before",
+        type=int,
+        default=0,
+        metavar="N",
+        help="register N other namespaces first, so the simulator's own gets another index (default 0)",
+    )
+    p.add_argument(
         "--start-with",
         action="append",
         default=[],
@@ -689,6 +701,7 @@ def sim_from_args(
         extra=args.extra,
         extra_every=max(0, args.extra_every),
         quantize=quantize,
+        namespaces_before=max(0, args.namespaces_before),
     )
     source: ModelSource | SkabSource = (
         SkabSource(args.skab, args.speed) if args.skab else ModelSource(args.seed, args.rate_hz)
