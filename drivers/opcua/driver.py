@@ -539,16 +539,19 @@ class OpcUaDriver:
             now = namespaces[index] if index < len(namespaces) else None
             if was == now:
                 continue
+            # Namespace URIs are not named: a plant's may name the site (the log redactor knows
+            # only the configured one).
             log.warning(
-                "opcua %s %s: the server's namespace %d was %s and is %s now (%s): the nodes addressed "
-                "by namespace index %d name other nodes or none; address them by namespace URI instead "
-                "(nsu=<uri>; in node_id, namespace_uri for browse paths), which follows a renumbering",
+                "opcua %s %s: the server's namespace %d holds another URI than at the last connection "
+                "(%s): the nodes addressed by namespace index %d name other nodes or none; address them "
+                "by namespace URI instead (nsu=<uri>; in node_id, namespace_uri for browse paths), "
+                "which follows a renumbering",
                 self._info.name,
                 self._endpoint,
                 index,
-                was,
-                now,
-                f"{was} is index {namespaces.index(was)} now" if was in namespaces else f"{was} is gone",
+                f"the URI it held is index {namespaces.index(was)} now"
+                if was in namespaces
+                else "the URI it held is gone",
                 index,
             )
 
@@ -1001,11 +1004,10 @@ class _Connection:
         for item in retry:
             if item.index in gone and item.state == "good":
                 log.info(
-                    "opcua %s %s: node %s was recreated under another NodeId (%s); its browse path follows it",
+                    "opcua %s %s: node %s was recreated under another NodeId; its browse path follows it",
                     self.d._info.name,
                     self.d._endpoint,
                     item.spec.address,
-                    item.node_id.to_string() if item.node_id is not None else "?",
                 )
 
     def _probe(self, item: _Item, dv: ua.DataValue, read_at: float) -> None:
