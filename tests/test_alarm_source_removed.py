@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pytest
 
 from drivers import REGISTRY
 from gateway.alarms.ledger import FILE_NAME, AlarmLedger
@@ -239,13 +240,16 @@ def test_a_low_estimate_ended_with_its_changed_source_is_raised_again_while_it_h
     assert len(site.subject("ward3-bed7").active) == 1
 
 
-def test_an_unreadable_ledger_is_set_aside(tmp_path: Path) -> None:
+def test_an_unreadable_ledger_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / FILE_NAME
     path.write_text("{not json", encoding="utf-8")
     ledger = AlarmLedger(path, {})
     assert len(ledger) == 0
     assert (tmp_path / "alarms.corrupt").exists()
     assert not path.exists()
+    # What is lost with it, said once: every condition on, not only a removed source's.
+    (said,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "the alarms on before this start are unknown: one that ended while the gateway was down" in said
 
 
 def test_an_escalated_limit_alarm_ends_at_the_level_it_reached(tmp_path: Path) -> None:

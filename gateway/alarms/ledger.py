@@ -470,9 +470,12 @@ def _entry_key(e: Entry) -> tuple[str, ...] | None:
 
 def _set_aside(path: Path, why: str) -> None:
     aside = path.with_suffix(".corrupt")
+    # Every condition on before the start is unknown now, not only those of removed sources.
     log.error(
-        "alarm ledger %s: unreadable (%s): set aside as %s; alarms on before this start that belong "
-        "to a removed source stay on at the twin until acknowledged there",
+        "alarm ledger %s: unreadable (%s): set aside as %s; the alarms on before this start are "
+        "unknown: one that ended while the gateway was down, or whose source was removed, stays on "
+        "at the twin until acknowledged there, and one that still holds is raised again after its "
+        "delay; check the twin's active alarms of this gateway",
         path,
         why,
         aside.name,
