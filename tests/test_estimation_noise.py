@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -118,4 +119,26 @@ def test_damaged_state_is_relearnt_with_a_log_line(
     _learn(stage, 0.0, 300, np.random.default_rng(2))
     assert fused.filter.noise[OXI_LABEL] > 36.0
     stage.save(300.0, WALL + 300.0)
+    assert json.loads((tmp_path / STATE_FILE).read_text(encoding="utf-8"))["v"] == 1
+
+
+def test_the_saved_state_is_on_disk_before_it_replaces_the_last_one_and_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A power cut right after a save must leave the old state or the new one, never an empty file:
+    # the new data is synced before its rename, and the rename (the directory) after it.  The file
+    # names subjects (its keys), so it is the owner's only.
+    stage, _ = _stage(tmp_path, 0.0, [])
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    stage.save(10.0, WALL + 10.0)
+    monkeypatch.undo()
+    assert [Path(p).name for p in synced] == [f".{STATE_FILE}.tmp", tmp_path.name]
+    assert (tmp_path / STATE_FILE).stat().st_mode & 0o777 == 0o600
     assert json.loads((tmp_path / STATE_FILE).read_text(encoding="utf-8"))["v"] == 1

@@ -22,6 +22,7 @@ from gateway.contracts import Alarm, Estimate
 from gateway.errors import ConfigError
 from gateway.estimation.config import EstimatorsSection
 from gateway.estimation.limits import LowLimits
+from gateway.privatefile import write_private_json
 from gateway.sample import Sample, SampleBlock, Stream
 
 if TYPE_CHECKING:
@@ -209,12 +210,10 @@ class Estimation:
         if self._path is None:
             return
         states = {e.key: s for e in self.estimators if (s := e.save(now_mono, now_wall)) is not None}
-        tmp = self._path.with_name(f".{self._path.name}.tmp")
         try:
-            tmp.write_text(
-                json.dumps({"v": STATE_VERSION, "t_wall": now_wall, "estimators": states}), encoding="utf-8"
-            )
-            tmp.replace(self._path)
+            # Synced before it replaces the last state: a power cut leaves one of the two, never a
+            # torn file that would make every estimator relearn.  0600: its keys name subjects.
+            write_private_json(self._path, {"v": STATE_VERSION, "t_wall": now_wall, "estimators": states})
         except OSError as exc:
             if not self._save_failed:
                 log.warning(
