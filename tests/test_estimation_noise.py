@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from durability import synced_during
 
 from gateway.contracts import Estimate
 from gateway.estimation import Estimation, EstimatorsSection
@@ -129,16 +129,7 @@ def test_the_saved_state_is_on_disk_before_it_replaces_the_last_one_and_private(
     # the new data is synced before its rename, and the rename (the directory) after it.  The file
     # names subjects (its keys), so it is the owner's only.
     stage, _ = _stage(tmp_path, 0.0, [])
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    stage.save(10.0, WALL + 10.0)
-    monkeypatch.undo()
-    assert [Path(p).name for p in synced] == [f".{STATE_FILE}.tmp", tmp_path.name]
+    synced = synced_during(monkeypatch, lambda: stage.save(10.0, WALL + 10.0))
+    assert [p.name for p in synced] == [f".{STATE_FILE}.tmp", tmp_path.name]
     assert (tmp_path / STATE_FILE).stat().st_mode & 0o777 == 0o600
     assert json.loads((tmp_path / STATE_FILE).read_text(encoding="utf-8"))["v"] == 1

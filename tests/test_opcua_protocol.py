@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from durability import synced_during
 from pydantic import ValidationError
 
 from drivers.opcua.config import OpcUaConfig, is_loopback
@@ -183,6 +184,27 @@ def test_tree_rendering_shows_types_units_and_non_numeric() -> None:
     assert lines[0].startswith("2:Pump1  [Object]")
     assert lines[1] == "  2:Current = 1.5 A  [Double]  ns=2;s=c"
     assert "not numeric" in lines[2]
+
+
+def test_the_gateway_s_own_key_and_certificate_are_each_synced_before_they_are_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A power cut at the first start must not leave a torn certificate: the next start would make
+    # a new key pair, and every PLC that trusted the first would refuse the gateway.
+    pki = Pki(tmp_path / "pki")
+    synced = synced_during(monkeypatch, lambda: pki.ensure_own(application_uri="urn:test:gw", hostname="gw"))
+    own = pki.own_cert.parent
+    assert synced == [
+        own / "private" / ".key.pem.tmp",
+        own / "private",
+        own / ".cert.der.tmp",
+        own,
+    ]
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    key = serialization.load_pem_private_key(pki.own_key.read_bytes(), None)
+    assert load_certificate(pki.own_cert).public_key().public_bytes(*spki) == key.public_key().public_bytes(
+        *spki
+    )
 
 
 def test_pki_trusts_exact_certificates_and_their_issuers(tmp_path: Path) -> None:

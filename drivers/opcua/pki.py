@@ -17,7 +17,6 @@ import datetime as dt
 import hashlib
 import ipaddress
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import ConfigError
+from gateway.privatefile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,27 +101,18 @@ def generate_certificate(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     cert = builder.sign(sign_key, hashes.SHA256())
-    write_private(
+    # Each whole and synced (a power cut leaves the old file or the new one): a torn certificate
+    # would be replaced by a new key pair at the next start, which every server must trust again.
+    key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(
         key_path,
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ),
     )
     cert_path.parent.mkdir(parents=True, exist_ok=True)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.DER), 0o644)
     return cert
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret file atomically with mode 0600 (its folder 0700)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def load_certificate(path: Path) -> x509.Certificate:
