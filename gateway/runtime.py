@@ -64,7 +64,7 @@ from gateway.observe.lock import StateDirBusyError, state_dir_lock
 from gateway.observe.status import StatusBoard
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
-from gateway.records import FeaturesWindow, Record, RecordError, as_map, decode, encode
+from gateway.records import FeaturesWindow, Record, RecordError, as_map, decode, encode, fault_origin
 from gateway.records.render import describe
 from gateway.records.thin import Thinner
 from gateway.sample import Quality, Sample, SampleBlock, Stream
@@ -197,7 +197,7 @@ class Pipeline:
             elif e.kind is AlarmKind.LIMIT:
                 if not self._limits.resume(e.stream, str(e.detail.get("level", "")), e.onset):
                     self._unjudged.append((e, "rule_removed"))
-            elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail:
+            elif e.kind is AlarmKind.SENSOR_FAULT and fault_origin(e.detail) == "rule":
                 # A value out of range: the sample check judges it, and the model whose window check
                 # raised it (both raise and restore it in their own time, as without the restart).
                 self._plausibility.resume(e.stream)
@@ -205,7 +205,7 @@ class Pipeline:
                     resume_fault = getattr(m, "resume_fault", None)
                     if m.name == model and resume_fault is not None:
                         resume_fault(e.subject, e.stream.key)
-            elif e.kind is AlarmKind.SENSOR_FAULT and {"cause", "status"} & e.detail.keys():
+            elif e.kind is AlarmKind.SENSOR_FAULT and fault_origin(e.detail) == "driver":
                 self._driver_faults.resume(e.stream, e.detail)  # the driver's own (a node, a battery)
             elif e.kind in _WINDOWER_KINDS:
                 self.windower.resume(e.kind, e.stream)
