@@ -45,7 +45,7 @@ from gateway.contracts import (
     WindowModel,
     WindowRecord,
 )
-from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
+from gateway.errors import AnonymizationError, ConfigError, CorruptDataError, EdgetwinError
 from gateway.estimation import Estimation
 from gateway.held_names import HeldName, Identity, held_names
 from gateway.inference.build import build_models, model_lengths, plausibility_checker
@@ -64,7 +64,16 @@ from gateway.observe.lock import StateDirBusyError, state_dir_lock
 from gateway.observe.status import StatusBoard
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
-from gateway.records import FeaturesWindow, Record, RecordError, as_map, decode, encode, fault_origin
+from gateway.records import (
+    AlarmRecord,
+    FeaturesWindow,
+    Record,
+    RecordError,
+    as_map,
+    decode,
+    encode,
+    fault_origin,
+)
 from gateway.records.render import describe
 from gateway.records.thin import Thinner
 from gateway.sample import Quality, Sample, SampleBlock, Stream
@@ -595,6 +604,24 @@ class Pipeline:
         """The conditions on at the twin now: raised and not yet ended, this run's or carried over a restart."""
         return self._ledger.entries()
 
+    def alarms_on_records(self) -> list[AlarmRecord]:
+        """The conditions on now as the records that raised them (pseudonymized), for an uplink that must know them at its start.
+
+        A condition carried over a restart is resumed without a second raise: an uplink that
+        keeps no state of its own (a new Sparkplug state file) would not learn it is on.
+        """
+        now_mono, now_wall = time.monotonic(), time.time()
+        out: list[AlarmRecord] = []
+        for e in self._ledger.entries():
+            try:
+                record = self._anon.alarm(e.raising(now_mono, now_wall)).payload
+            except AnonymizationError as exc:  # fail closed: the uplink learns it from its ending
+                log.warning("alarm ledger: a condition on cannot be told to the uplink: %s", exc)
+                continue
+            if isinstance(record, AlarmRecord):
+                out.append(record)
+        return out
+
     def counters(self) -> dict[str, float | str]:
         """Pipeline counters for diagnostics and STATUS."""
         out: dict[str, float | str] = {f"windower_{k}": v for k, v in self.windower.counters().items()}
@@ -1071,6 +1098,7 @@ async def _supervise(
                 state_dir=core.gateway.state_dir,
                 password=password,
             )
+            uplink.carry(pipeline.alarms_on_records())  # conditions on that no record will raise again
         else:
             uplink = MqttUplink(
                 outbox,

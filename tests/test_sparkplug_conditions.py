@@ -248,3 +248,46 @@ def test_nodes_streams_and_estimates_each_have_their_own_alarm_metric(tmp_path: 
     assert now["Alarms/limit/estimate/spo2/Active"] is True
     assert "Alarms/sensor/subject/Active" not in now
     assert "Alarms/limit/subject/Active" not in now
+
+
+def test_a_node_with_a_new_state_learns_at_its_start_the_conditions_the_gateway_carried_over(
+    tmp_path: Path, tahu: Tahu
+) -> None:
+    """A fault raised before the restart (delivered as SenML, say) is on at the births of a node with no state."""
+    site = Site(tmp_path)
+
+    async def before() -> None:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+            pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
+            await spo2(pipeline, SPO2, 30.0, 5, 1.0)  # implausible: a fault of a plausibility rule
+            await outbox.flush()
+            items = await outbox.lease(1000)
+            assert any(i.lane is Lane.ALARMS for i in items)
+            await outbox.ack([i.id for i in items])  # delivered by another uplink
+
+    asyncio.run(before())
+    with broker_and_host(tmp_path) as (broker, host):
+        view = HostView(tahu)
+
+        async def after() -> list[Any]:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
+                (tmp_path / "new-state").mkdir()
+                node = new_node(broker, outbox, site, tmp_path / "new-state")
+                node.carry(pipeline.alarms_on_records())  # as edgetwin run does at its start
+                async with running(node, "test-sparkplug-carried"):
+                    await wait_until(lambda: node.connected, 10, "the node born")
+                    await settle(outbox, node, host)
+                    steps = view.fold(host.sparkplug())
+                    await spo2(pipeline, SPO2, 97.0, 8, 10.0)  # plausible again: the fault ends
+                    await settle(outbox, node, host)
+                    return steps + view.fold(host.sparkplug())
+
+        steps = asyncio.run(after())
+    seen = told(steps, site.anon.subject_pseudonym("ward3-bed7"), SENSOR)
+    assert seen[0] == ("DBIRTH", True, "rule")  # the first births: on, by the rule
+    assert [x for x in seen if x[0] == "DDATA"] == [("DDATA", False, "")]
+    ended = seen.index(("DDATA", False, ""))
+    # Births for the windows' new metrics say what is on at each moment.
+    assert set(seen[:ended]) == {("DBIRTH", True, "rule")}
+    assert set(seen[ended + 1 :]) <= {("DBIRTH", False, "")}

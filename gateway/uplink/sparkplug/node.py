@@ -16,7 +16,8 @@ staged timeouts as the SenML uplink):
 5. A new metric or device, a rebirth command or a device back from the dead: a complete birth
    sequence again (same bdSeq).  A device whose every sensor is lost: DDEATH.  An alarm metric
    is on while any condition under it is (``codec.fold``): the conditions the host was told are
-   on are kept with the catalog, so every birth, after a restart too, says which are on.
+   on are kept with the catalog, and those the alarm ledger holds are taken at the start
+   (:meth:`SparkplugNode.carry`), so every birth, after a restart too, says which are on.
 6. Primary host offline, or the gateway stopping: NDEATH, then DISCONNECT; reconnect (bdSeq + 1).
 """
 
@@ -28,7 +29,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,29 @@ class SparkplugNode:
         self._dead: set[str] = set()  # devices whose DDEATH was sent
         self._host_ts = -1  # timestamp of the newest STATE seen from the primary host
         self._replay = Pacer(config.replay_msgs_per_s, config.replay_bytes_per_s, now=time.monotonic())
+
+    def carry(self, records: Iterable[AlarmRecord]) -> None:
+        """Conditions on at the gateway's start (raises as its alarm ledger keeps them): on at the births.
+
+        The gateway resumes a condition carried over a restart without raising it again; a node
+        whose state does not hold it (a new or set-aside ``sparkplug.json``) learns it here.  Only
+        adds: an ending still queued reaches the node in its turn.
+        """
+        for rec in records:
+            holding = self._holding(rec)
+            key = rec.subject if rec.subject is not None else NODE
+            if holding is None or holding[1] == self.catalog.holding(key, holding[0]):
+                continue
+            _, pts = codec.points(rec, holding[1])
+            try:
+                codec.check_id("device_id", key)
+                self._anon.check_texts([key, *(p.name for p in pts), *(p.unit or "" for p in pts)])
+            except (codec.SparkplugError, AnonymizationError) as exc:
+                log.warning("sparkplug: a condition on at the start cannot be announced: %s", exc)
+                continue
+            # Written before the first CONNECT, with the bdSeq (see run).
+            self.catalog.learn(key, pts)
+            self.catalog.hold(key, *holding)
 
     # --- liveness, as the supervisor reads it ---------------------------------------------------------
 
