@@ -45,7 +45,7 @@ from gateway.contracts import (
     WindowModel,
     WindowRecord,
 )
-from gateway.errors import ConfigError, CorruptDataError, EdgetwinError
+from gateway.errors import AnonymizationError, ConfigError, CorruptDataError, EdgetwinError
 from gateway.estimation import Estimation
 from gateway.held_names import HeldName, Identity, held_names
 from gateway.inference.build import build_models, model_lengths, plausibility_checker
@@ -64,7 +64,16 @@ from gateway.observe.lock import StateDirBusyError, state_dir_lock
 from gateway.observe.status import StatusBoard
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
-from gateway.records import FeaturesWindow, Record, RecordError, as_map, decode, encode
+from gateway.records import (
+    AlarmRecord,
+    FeaturesWindow,
+    Record,
+    RecordError,
+    as_map,
+    decode,
+    encode,
+    fault_origin,
+)
 from gateway.records.render import describe
 from gateway.records.thin import Thinner
 from gateway.sample import Quality, Sample, SampleBlock, Stream
@@ -197,7 +206,7 @@ class Pipeline:
             elif e.kind is AlarmKind.LIMIT:
                 if not self._limits.resume(e.stream, str(e.detail.get("level", "")), e.onset):
                     self._unjudged.append((e, "rule_removed"))
-            elif e.kind is AlarmKind.SENSOR_FAULT and "rule" in e.detail:
+            elif e.kind is AlarmKind.SENSOR_FAULT and fault_origin(e.detail) == "rule":
                 # A value out of range: the sample check judges it, and the model whose window check
                 # raised it (both raise and restore it in their own time, as without the restart).
                 self._plausibility.resume(e.stream)
@@ -205,7 +214,7 @@ class Pipeline:
                     resume_fault = getattr(m, "resume_fault", None)
                     if m.name == model and resume_fault is not None:
                         resume_fault(e.subject, e.stream.key)
-            elif e.kind is AlarmKind.SENSOR_FAULT and {"cause", "status"} & e.detail.keys():
+            elif e.kind is AlarmKind.SENSOR_FAULT and fault_origin(e.detail) == "driver":
                 self._driver_faults.resume(e.stream, e.detail)  # the driver's own (a node, a battery)
             elif e.kind in _WINDOWER_KINDS:
                 self.windower.resume(e.kind, e.stream)
@@ -594,6 +603,24 @@ class Pipeline:
     def alarms_on(self) -> list[Entry]:
         """The conditions on at the twin now: raised and not yet ended, this run's or carried over a restart."""
         return self._ledger.entries()
+
+    def alarms_on_records(self) -> list[AlarmRecord]:
+        """The conditions on now as the records that raised them (pseudonymized), for an uplink that must know them at its start.
+
+        A condition carried over a restart is resumed without a second raise: an uplink that
+        keeps no state of its own (a new Sparkplug state file) would not learn it is on.
+        """
+        now_mono, now_wall = time.monotonic(), time.time()
+        out: list[AlarmRecord] = []
+        for e in self._ledger.entries():
+            try:
+                record = self._anon.alarm(e.raising(now_mono, now_wall)).payload
+            except AnonymizationError as exc:  # fail closed: the uplink learns it from its ending
+                log.warning("alarm ledger: a condition on cannot be told to the uplink: %s", exc)
+                continue
+            if isinstance(record, AlarmRecord):
+                out.append(record)
+        return out
 
     def counters(self) -> dict[str, float | str]:
         """Pipeline counters for diagnostics and STATUS."""
@@ -1071,6 +1098,7 @@ async def _supervise(
                 state_dir=core.gateway.state_dir,
                 password=password,
             )
+            uplink.carry(pipeline.alarms_on_records())  # conditions on that no record will raise again
         else:
             uplink = MqttUplink(
                 outbox,

@@ -120,11 +120,15 @@ class Site:
         return self.alarms[before:]
 
 
-async def spo2(pipeline: Pipeline, stream: Stream, value: float, seconds: int, t0: float) -> float:
-    """``seconds`` of SpO2 at ``value``, one sample a second from ``t0``; the time after."""
+async def spo2(
+    pipeline: Pipeline, stream: Stream, value: float, seconds: int, t0: float, flags: int = 0
+) -> float:
+    """``seconds`` of SpO2 at ``value`` (with quality ``flags``), one sample a second from ``t0``; the time after."""
     for k in range(seconds):
         t = np.array([t0 + k])
-        pipeline.sink.put_block(SampleBlock(stream, t, t + WALL, np.array([value]), np.zeros(1, np.uint8)))
+        pipeline.sink.put_block(
+            SampleBlock(stream, t, t + WALL, np.array([value]), np.full(1, flags, np.uint8))
+        )
         await pipeline.step(now_mono=t0 + k + 1.0, now_wall=WALL + t0 + k + 1.0)
     return t0 + seconds
 

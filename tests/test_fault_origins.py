@@ -4,7 +4,8 @@ A stream's ``sensor_fault`` comes from three judges: the device's own sample fla
 the windower), a plausibility rule of the gateway (``rule``: the sample check, or a model's window
 check with its ``model``) and the driver's report on its device (``status``, ``cause``).  One
 ending names its origin, and the gateway's alarm ledger (what ``edgetwin status`` lists) and the
-twin's view end the condition of that origin only: the others on the stream stay on.
+twin's view end the condition of that origin only: the others on the stream stay on; the view
+names each one's origin in words.
 Here a real pipeline and outbox judge the samples, and the twin's view folds the decoded records.
 """
 
@@ -14,15 +15,16 @@ import asyncio
 import json
 from pathlib import Path
 
-import numpy as np
-from test_alarm_source_removed import BED7, SPO2, WALL, Site, config
+from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
 
 from gateway.alarms.ledger import FILE_NAME, AlarmLedger
 from gateway.contracts import Alarm, AlarmKind, Lane
-from gateway.outbox import AsyncOutbox, Outbox
+from gateway.outbox import AsyncOutbox, Leased, Outbox
 from gateway.records import fault_origin as origin
 from gateway.runtime import Pipeline
-from gateway.sample import Quality, SampleBlock
+from gateway.sample import Quality
+from gateway.twin.decoder import decode_message
+from gateway.twin.view import TwinView
 
 OFF = int(Quality.SENSOR_OFF)
 
@@ -47,12 +49,7 @@ def run(tmp: Path, site: Site, *, driver_fault: bool) -> list[list[str]]:
                 )
             t = 1.0
             for flags, seconds in ((0, 5), (OFF, 5), (0, 8)):
-                for _ in range(seconds):
-                    ts = np.array([t])
-                    block = SampleBlock(SPO2, ts, ts + WALL, np.array([value]), np.full(1, flags, np.uint8))
-                    pipeline.sink.put_block(block)
-                    await pipeline.step(now_mono=t + 1.0, now_wall=WALL + t + 1.0)
-                    t += 1.0
+                t = await spo2(pipeline, SPO2, value, seconds, t, flags)
                 state = json.loads((tmp / "state" / FILE_NAME).read_text(encoding="utf-8"))
                 on.append(sorted(origin(e["detail"]) for e in state["on"] if e["kind"] == "sensor_fault"))
             await outbox.flush()
@@ -104,3 +101,26 @@ def test_faults_of_two_origins_stay_two_conditions_across_a_restart(tmp_path: Pa
         )
     )
     assert [e.detail for e in kept.entries()] == [{"status": "bad_nodata"}]
+
+
+def test_the_twin_names_the_origin_of_each_fault_a_stream_holds(tmp_path: Path) -> None:
+    """Implausible (30 %) and then also flagged off: two faults of SpO2, each line saying whose it is."""
+    site = Site(tmp_path)
+
+    async def main() -> list[Leased]:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
+            pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
+            t = await spo2(pipeline, SPO2, 30.0, 5, 1.0)
+            await spo2(pipeline, SPO2, 30.0, 5, t, OFF)
+            await outbox.flush()
+            return [i for i in await outbox.lease(1000) if i.lane == Lane.ALARMS]
+
+    view = TwinView()
+    for item in asyncio.run(main()):
+        msg = decode_message(f"edgetwin/v1/gw/{item.topic}", item.payload)  # as the twin reads it
+        assert msg is not None
+        view.update(msg)
+    on = [x.strip() for x in view.render().splitlines() if x.strip().startswith("on: sensor_fault")]
+    assert len(on) == 2, on
+    assert on[0].startswith("on: sensor_fault SpO2 (implausible value (out of range))"), on
+    assert on[1].startswith("on: sensor_fault SpO2 (flagged by the device)"), on

@@ -26,9 +26,8 @@ from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, SourceInfo
 from gateway.errors import ConfigError
 from gateway.pipeline.windows import Windower
-from gateway.records import AlarmRecord, decode, encode
+from gateway.records import AlarmRecord, condition_key, decode, encode
 from gateway.sample import Quality, Sample, SampleBlock
-from gateway.twin.view import condition_key
 
 INFO = SourceInfo("pump-3-plc", "plant-A/pump-3", "industrial")
 # The scenario is a server started 30 s after the gateway; the mechanism is the same at

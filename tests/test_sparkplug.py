@@ -89,6 +89,15 @@ async def deliver(node: SparkplugNode, n: int, name: str) -> None:
         await wait_until(lambda: node.delivered >= n, 10, f"{n} record(s) delivered")
 
 
+def current(msgs: list[Message]) -> list[Message]:
+    """The data messages that carry current (not historical) values."""
+    return [
+        m
+        for m in msgs
+        if m.kind in ("DDATA", "NDATA") and not all(x.is_historical for x in codec.decode(m.payload).metrics)
+    ]
+
+
 @dataclass
 class Run:
     messages: list[Message]
@@ -144,6 +153,8 @@ async def _scenario(tmp: Path, broker: MosquittoBroker, host: Host, tahu: Tahu) 
             await mark("after_offline_state")
             host.state(online=True, ts=1000)
             await wait_until(lambda: node.delivered >= 6, 10, "the backlog delivered")
+            # The alarm raised in the backlog is history: the host is then told it is on now.
+            await wait_until(lambda: bool(current(host.sparkplug())), 10, "the alarm's current value")
             await mark("live")
             host.state(online=False, ts=900)  # older than the online STATE: ignored, the session goes on
             # Live: a change, the same values again (nothing to report), one changed value.
@@ -803,6 +814,20 @@ def test_historical_backlog_replayed_after_births_with_original_timestamps(run: 
     assert run.pending_after == 0
 
 
+def test_an_alarm_replayed_as_history_is_then_told_as_on_now(run: Run) -> None:
+    # History is not a current value: after the backlog the host holds what the births said
+    # (never reported: null) until the node tells it what the backlog left on.
+    first = sessions(run.messages)[0]
+    birth = next(m for m in first if m.kind == "DBIRTH" and m.device == SUBJ_A)
+    assert metric(birth, f"Alarms/limit/{SPO2}/Active")["value"] is None
+    told = current(run.messages[: run.marks["live"]])
+    assert [m.device for m in told] == [SUBJ_A]
+    index = run.messages.index(told[0])
+    values = data_values(run, index)
+    assert values == {f"Alarms/limit/{SPO2}/Active": True, f"Alarms/limit/{SPO2}/Priority": 2}
+    assert all(x.timestamp >= run.began_ms for x in codec.decode(told[0].payload).metrics)
+
+
 def test_sensor_fault_as_quality_with_the_opcua_status_code(run: Run) -> None:
     after = run.messages[run.marks["fault"] : run.marks["host_offline"]]
     data = [m for m in after if m.kind == "DDATA"]
@@ -896,7 +921,10 @@ def test_docs_table_names_existing_tests() -> None:
     import re  # noqa: PLC0415
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "sparkplug.md").read_text()
-    here = Path(__file__).read_text() + (Path(__file__).parent / "test_sparkplug_gateway.py").read_text()
+    here = Path(__file__).read_text() + "".join(
+        (Path(__file__).parent / f"test_sparkplug_{name}.py").read_text()
+        for name in ("gateway", "conditions")
+    )
     named = set(re.findall(r"`(test_[a-z0-9_]+)`", doc))
     assert len(named) > 40
     missing = [n for n in named if f"def {n}(" not in here]

@@ -163,7 +163,10 @@ def test_two_nodes_never_resolved_are_two_conditions_at_the_twin(
     # The first node's ending ends its fault only: the one raised at item 2 stays on.
     (on,) = state.active.values()
     assert (on.alarm, on.detail) == ("sensor_fault", raised[2])
-    assert "on: sensor_fault item 2, low priority since t=101" in view.render()
+    assert (
+        "on: sensor_fault item 2 (reported by the driver: bad_nomatch), low priority since t=101"
+        in view.render()
+    )
 
 
 def test_a_limit_escalated_and_stepped_down_shows_its_newest_level_since_its_first_raise(

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway.contracts import Alarm, AlarmKind, Node
+from gateway.contracts import Alarm, AlarmKind, AlarmPriority, Node
 from gateway.privatefile import write_private_json
 from gateway.records import fault_origin
 from gateway.sample import Metric, Stream
@@ -97,6 +97,20 @@ class Entry:
     def since(self) -> float | None:
         """Wall time since which the twin shows it on: its onset where known, else its raise."""
         return self.onset if self.onset is not None else self.raised
+
+    def raising(self, t_mono: float, t_wall: float) -> Alarm:
+        """The alarm that raised this condition as the ledger knows it (kept detail, priority), at its onset where known."""
+        return Alarm(
+            self.kind,
+            self.subject,
+            t_mono,
+            self.since if self.since is not None else t_wall,
+            self.stream,
+            dict(self.detail),
+            priority=None if self.priority is None else AlarmPriority(self.priority),
+            subject_kind=self.subject_kind,
+            node=self.node,
+        )
 
     def ending(self, reason: EndReason, t_mono: float, t_wall: float) -> Alarm:
         """The alarm that ends this condition, saying why."""

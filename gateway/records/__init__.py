@@ -23,6 +23,7 @@ from gateway.records.codec import (
     wire_number,
     wrap,
 )
+from gateway.records.conditions import ORIGIN_WORDS, condition_key, origin_words
 from gateway.records.errors import CorruptRecordError, RecordError, UnsupportedVersionError
 from gateway.records.model import (
     SCHEMA_MAJOR,
@@ -45,6 +46,7 @@ from gateway.records.model import (
 
 __all__ = [
     "CONTENT_TYPE",
+    "ORIGIN_WORDS",
     "SCHEMA_MAJOR",
     "SCHEMA_MINOR",
     "AlarmRecord",
@@ -64,6 +66,7 @@ __all__ = [
     "StreamWindow",
     "UnsupportedVersionError",
     "as_map",
+    "condition_key",
     "decode",
     "decode_batch",
     "decode_pack",
@@ -74,6 +77,7 @@ __all__ = [
     "join",
     "on_wire",
     "order_key",
+    "origin_words",
     "resolved",
     "status_map",
     "stream_map",

@@ -13,7 +13,8 @@ state directory was wiped numbers from 1 again in a new epoch), which their time
 ending that follows its raise ends it whatever its time, and a replayed older alarm (a lower
 sequence number) never undoes a newer one.  Records without a sequence number fall back on
 (epoch, run, t).  A stream's faults of different origins (its sample flags, a plausibility rule,
-its driver) are different conditions, as in the gateway's alarm ledger.
+its driver) are different conditions, as in the gateway's alarm ledger (``condition_key``), and
+each is shown with its origin in words.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from gateway.records import (
     StatusRecord,
     StreamWindow,
     as_map,
-    fault_origin,
+    condition_key,
     order_key,
+    origin_words,
     status_map,
     stream_map,
 )
@@ -205,6 +207,9 @@ def alarm_what(a: AlarmRecord, *, model: bool = False) -> str:
     else:
         about = str(a.detail.get("estimate", "")).upper()
     what = " ".join(x for x in (a.alarm, str(a.detail.get("model", "")) if model else "", about) if x)
+    origin = origin_words(a)
+    if origin is not None:  # a stream may hold faults of several origins at once: say whose this is
+        what += f" ({origin})"
     if a.value is not None and a.limit is not None:
         what += f" {number(a.value)} (limit {number(a.limit)})"
     return what
@@ -214,49 +219,6 @@ def urgency(a: AlarmRecord) -> str:
     """A raise's level (a limit's) and priority: ``" low_low, high priority"``; empty when it has neither."""
     level = f" {a.detail['level']}" if "level" in a.detail else ""
     return level + (f", {a.priority} priority" if a.priority else "")
-
-
-#: Kinds that end a condition, by the kind that raised it (``sensor_restored`` says which by ``after``).
-_ENDS = {
-    "limit_cleared": "limit",
-    "anomaly_cleared": "anomaly",
-    "device_restored": "device_lost",
-}
-_RAISES = frozenset(
-    {"limit", "anomaly", "anomaly_indeterminate", "sensor_fault", "sensor_lost", "device_lost"}
-)
-
-
-def condition_key(rec: AlarmRecord) -> tuple[tuple[str, ...], bool] | None:
-    """The condition an alarm raises or ends (True: raises or continues it); None: none."""
-    kind = rec.alarm
-    raises = kind in _RAISES
-    if kind == "sensor_restored":
-        kind = str(rec.detail.get("after", "sensor_lost"))
-    kind = _ENDS.get(kind, kind)
-    if kind == "anomaly_indeterminate":
-        kind = "anomaly"
-    if kind not in _RAISES:
-        return None
-    if kind == "anomaly":
-        return (kind, str(rec.detail.get("model", ""))), raises
-    if kind == "device_lost":
-        return (kind, rec.dev or ""), raises
-    # A fault on a node that never resolved has no stream: the node's pseudonym (``node``, of its
-    # source and configured address) tells it from another such node of the subject, whatever its
-    # place in its source's list (``item``: all a record of an older gateway has), as the ledger does.
-    # A stream's faults by different judges (its flags, a plausibility rule, its driver) are apart.
-    detail = rec.detail
-    node = detail.get("node")
-    return (
-        kind,
-        rec.dev or "",
-        rec.metric or "",
-        str(detail.get("estimate", "")),
-        "" if node is not None else str(detail.get("item", "")),
-        "" if node is None else str(node),
-        fault_origin(detail) if kind == "sensor_fault" else "",
-    ), raises
 
 
 def fold_condition(state: SubjectState, rec: AlarmRecord, place: Place) -> None:
@@ -341,7 +303,6 @@ __all__ = [
     "SubjectState",
     "TwinView",
     "before",
-    "condition_key",
     "describe",
     "fold_condition",
     "silent",

@@ -12,13 +12,22 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
 from gateway.errors import AnonymizationError, EdgetwinError
-from gateway.records import AlarmRecord, DiagnosticRecord, EstimateRecord, FeaturesWindow, Record
+from gateway.records import (
+    AlarmRecord,
+    DiagnosticRecord,
+    EstimateRecord,
+    FeaturesWindow,
+    Record,
+    condition_key,
+    fault_origin,
+)
 from gateway.uplink.sparkplug import sparkplug_b_pb2
 
 # The generated message classes carry no type hints (protobuf ships none).
@@ -119,17 +128,6 @@ def _stream_points(rec: FeaturesWindow) -> list[Point]:
     return out
 
 
-_ACTIVE = {
-    "limit": True,
-    "limit_cleared": False,
-    "anomaly": True,
-    "anomaly_cleared": False,
-    "sensor_lost": True,
-    "sensor_fault": True,
-    "sensor_restored": False,
-    "device_lost": True,
-    "device_restored": False,
-}
 _FAMILY = {
     "limit_cleared": "limit",
     "anomaly_cleared": "anomaly",
@@ -145,22 +143,89 @@ SENSOR_QUALITY = {"sensor_lost": STALE, "sensor_fault": BAD, "device_lost": STAL
 
 
 def alarm_base(rec: AlarmRecord) -> str:
-    """``Alarms/<family>/<what>``: one condition, whose raise and clear share the name."""
+    """``Alarms/<family>/<what>``: the alarm metric whose raise and clear share the name."""
     family = _FAMILY.get(rec.alarm, rec.alarm)
-    what = (rec.dev if family == "device" else rec.metric) or "subject"
+    d = rec.detail
+    if family == "device":
+        what = rec.dev or "subject"
+    elif rec.metric:
+        what = rec.metric
+    elif "node" in d:  # a configured node that never resolved (no stream): by its pseudonym
+        what = f"node/{d['node']}"
+    elif "estimate" in d:  # a limit on a subject's estimate
+        what = f"estimate/{d['estimate']}"
+    elif "item" in d:  # a node's fault an older gateway named by its place in its source's list only
+        what = f"item/{d['item']}"
+    else:
+        what = "subject"
     return f"Alarms/{family}/{what}"
 
 
-def _alarm_points(rec: AlarmRecord) -> list[Point]:
+@dataclass(frozen=True, slots=True)
+class Held:
+    """One condition on under an alarm metric: what it is and the priority it holds at."""
+
+    what: str  # "lost", a fault's origin ("quality", "rule", "driver"), else the raising kind
+    priority: int  # PRIORITY number; 0: none stated
+    definite: bool = True  # False: an episode known only as indeterminate
+
+
+def _held_word(rec: AlarmRecord) -> str:
+    if rec.alarm == "sensor_lost":
+        return "lost"
+    if rec.alarm == "sensor_fault":
+        return fault_origin(rec.detail)
+    return rec.alarm
+
+
+def fold(rec: AlarmRecord, before: Mapping[str, Held]) -> dict[str, Held] | None:
+    """The conditions on under ``rec``'s alarm metric once it is folded into ``before``; None: it names none.
+
+    Conditions are told apart by :func:`gateway.records.condition_key` (a stream's loss and its
+    faults of each origin, two streams of one metric on two devices, ...): the metric is on while
+    any of them is.
+    """
+    found = condition_key(rec)
+    if found is None:
+        return None
+    key, raises = found
+    cid = json.dumps(key)
+    out = dict(before)
+    known = out.get(cid)
+    if not raises:
+        out.pop(cid, None)
+    elif rec.alarm == "anomaly_indeterminate":
+        if known is None:  # inside a known episode it changes nothing
+            out[cid] = Held("anomaly", PRIORITY.get(rec.priority or "", 0), definite=False)
+    else:
+        stated = PRIORITY.get(rec.priority or "")
+        out[cid] = Held(_held_word(rec), stated if stated is not None else known.priority if known else 0)
+    return out
+
+
+def held_points(base: str, held: Mapping[str, Held]) -> list[Point]:
+    """What the host is told about an alarm metric: ``Active``, ``Priority`` (while on), ``Conditions`` (sensor)."""
+    if any(h.definite for h in held.values()):
+        out = [Point(f"{base}/Active", BOOLEAN, True)]
+    elif held:  # an indeterminate episode: the condition can be neither confirmed nor cleared
+        out = [Point(f"{base}/Active", BOOLEAN, None, quality=STALE)]
+    else:
+        out = [Point(f"{base}/Active", BOOLEAN, False)]
+    if held:
+        out.append(Point(f"{base}/Priority", INT32, max(h.priority for h in held.values())))
+    if base.startswith("Alarms/sensor/"):
+        # Which of a stream's conditions hold: its loss, its faults by origin ("" when none).
+        out.append(Point(f"{base}/Conditions", STRING, ",".join(sorted({h.what for h in held.values()}))))
+    return out
+
+
+def _alarm_points(rec: AlarmRecord, held: Mapping[str, Held] | None) -> list[Point]:
     base = alarm_base(rec)
-    active = _ACTIVE.get(rec.alarm)
-    out: list[Point] = []
-    if active is not None:
-        out.append(Point(f"{base}/Active", BOOLEAN, active))
-    else:  # an indeterminate episode: the condition can be neither confirmed nor cleared
-        out.append(Point(f"{base}/Active", BOOLEAN, None, quality=STALE))
-    if rec.priority is not None or active:
-        out.append(Point(f"{base}/Priority", INT32, PRIORITY.get(rec.priority or "", 0)))
+    if held is None:
+        held = fold(rec, {})
+    # A kind that names no condition this node knows: neither on nor off.
+    unknown = [Point(f"{base}/Active", BOOLEAN, None, quality=STALE)]
+    out = unknown if held is None else held_points(base, held)
     if rec.value is not None or rec.limit is not None:
         out.append(Point(f"{base}/Value", DOUBLE, rec.value, None, GOOD if rec.value is not None else BAD))
         out.append(Point(f"{base}/Limit", DOUBLE, rec.limit, None, GOOD if rec.limit is not None else BAD))
@@ -181,12 +246,16 @@ def _diag_points(rec: DiagnosticRecord) -> list[Point]:
     return [Point(f"Diagnostics/{rec.diag}", STRING, json.dumps(dict(rec.detail), sort_keys=True))]
 
 
-def points(rec: Record) -> tuple[str | None, list[Point]]:
-    """The device (subject pseudonym; None: the edge node) and metric values of one record."""
+def points(rec: Record, held: Mapping[str, Held] | None = None) -> tuple[str | None, list[Point]]:
+    """The device (subject pseudonym; None: the edge node) and metric values of one record.
+
+    ``held``: for an alarm, the conditions on under its metric with the alarm folded in
+    (:func:`fold`); None: the alarm's own condition alone.
+    """
     if isinstance(rec, FeaturesWindow):
         return rec.subject, _stream_points(rec)
     if isinstance(rec, AlarmRecord):
-        return rec.subject, _alarm_points(rec)
+        return rec.subject, _alarm_points(rec, held)
     if isinstance(rec, EstimateRecord):
         return rec.subject, _estimate_points(rec)
     return rec.subject, _diag_points(rec)

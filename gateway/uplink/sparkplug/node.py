@@ -14,7 +14,10 @@ staged timeouts as the SenML uplink):
    specification's QoS 0 would lose records on a cut link; see ``docs/sparkplug.md``).  Once
    born, a live alarm is handed over by the commit that makes it durable (no lease of its own).
 5. A new metric or device, a rebirth command or a device back from the dead: a complete birth
-   sequence again (same bdSeq).  A device whose every sensor is lost: DDEATH.
+   sequence again (same bdSeq).  A device whose every sensor is lost: DDEATH.  An alarm metric
+   is on while any condition under it is (``codec.fold``): the conditions the host was told are
+   on are kept with the catalog, and those the alarm ledger holds are taken at the start
+   (:meth:`SparkplugNode.carry`), so every birth, after a restart too, says which are on.
 6. Primary host offline, or the gateway stopping: NDEATH, then DISCONNECT; reconnect (bdSeq + 1).
 """
 
@@ -26,7 +29,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,9 @@ IDLE_POLL_S = 0.5
 _CLEANUP_DEADLINE_S = 5.0
 _GOODBYE_WAIT_S = 1.0
 _ACK_STALL_S = 15.0
+
+# An alarm's metric (``Alarms/<family>/<what>``) and the conditions on under it; None: not an alarm.
+_Holding = tuple[str, dict[str, codec.Held]] | None
 
 
 class HostOfflineError(TransientError):
@@ -125,12 +131,37 @@ class SparkplugNode:
         # Alarms a commit leased and handed over (see _take_alarms), not yet in a round of _deliver.
         self._handed: list[Leased] = []
         self._last: dict[tuple[str, str], tuple[codec.Value, int]] = {}  # reported values
+        self._held_unsaved = False  # conditions held changed since the catalog was last written
+        self._replayed_alarms = False  # alarms replayed as history since the host was last told what is on
         # Sparkplug device -> its sensors' pseudonyms -> the stream metrics each delivers.
         self._devs: dict[str, dict[str, set[str]]] = collections.defaultdict(dict)
         self._lost: dict[str, set[str]] = collections.defaultdict(set)
         self._dead: set[str] = set()  # devices whose DDEATH was sent
         self._host_ts = -1  # timestamp of the newest STATE seen from the primary host
         self._replay = Pacer(config.replay_msgs_per_s, config.replay_bytes_per_s, now=time.monotonic())
+
+    def carry(self, records: Iterable[AlarmRecord]) -> None:
+        """Conditions on at the gateway's start (raises as its alarm ledger keeps them): on at the births.
+
+        The gateway resumes a condition carried over a restart without raising it again; a node
+        whose state does not hold it (a new or set-aside ``sparkplug.json``) learns it here.  Only
+        adds: an ending still queued reaches the node in its turn.
+        """
+        for rec in records:
+            holding = self._holding(rec)
+            key = rec.subject if rec.subject is not None else NODE
+            if holding is None or holding[1] == self.catalog.holding(key, holding[0]):
+                continue
+            _, pts = codec.points(rec, holding[1])
+            try:
+                codec.check_id("device_id", key)
+                self._anon.check_texts([key, *(p.name for p in pts), *(p.unit or "" for p in pts)])
+            except (codec.SparkplugError, AnonymizationError) as exc:
+                log.warning("sparkplug: a condition on at the start cannot be announced: %s", exc)
+                continue
+            # Written before the first CONNECT, with the bdSeq (see run).
+            self.catalog.learn(key, pts)
+            self.catalog.hold(key, *holding)
 
     # --- liveness, as the supervisor reads it ---------------------------------------------------------
 
@@ -280,6 +311,7 @@ class SparkplugNode:
             )
             for leased in held:
                 await self._send(session, leased, inflight)
+            await self._save_held()
             # From here an alarm's commit leases it and hands it over: it waits for no lease behind
             # the next commit of other records.  Those committed before are taken by a lease.
             self._handed = []
@@ -370,6 +402,7 @@ class SparkplugNode:
                 # The device id itself may be what leaks: it is not logged.
                 log.error("sparkplug: a device's names no longer pass the identity scan (%s): forgotten", exc)
                 del self.catalog.devices[device]
+                self.catalog.held.pop(device, None)
                 self.catalog.save()
         nbirth = codec.nbirth_head(self.bdseq, now)
         self._add_known(nbirth, NODE, now)
@@ -389,10 +422,28 @@ class SparkplugNode:
         session.client.loop_write()
 
     def _add_known(self, payload: codec.Payload, device: str, now: int) -> None:
+        held = self._held_now(device)
         for name, entry in self.catalog.devices.get(device, {}).items():
-            value, quality = self._last.get((device, name), (None, codec.STALE))
+            if name in held:
+                # What is on now, the conditions carried over a restart included.
+                value, quality = held[name]
+                self._last[(device, name)] = (value, quality)
+            else:
+                value, quality = self._last.get((device, name), (None, codec.STALE))
             point = Point(name, entry.datatype, value, entry.unit, quality, entry.low, entry.high)
             codec.add_metric(payload, point, alias=entry.alias, ts_ms=now, birth=True)
+
+    def _held_now(self, device: str) -> dict[str, tuple[codec.Value, int]]:
+        """The values of ``device``'s alarm metrics as the conditions held say (name -> value, quality)."""
+        out: dict[str, tuple[codec.Value, int]] = {}
+        bases = self.catalog.held.get(device, {})
+        for name in self.catalog.devices.get(device, {}):
+            if not (name.startswith("Alarms/") and name.endswith("/Active")):
+                continue
+            base = name.removesuffix("/Active")
+            if base in bases:  # else never reported: unknown (null) until it is
+                out.update((p.name, (p.value, p.quality)) for p in codec.held_points(base, bases[base]))
+        return out
 
     async def _deliver(
         self, session: Session, messages: collections.deque[tuple[str, bytes]], inflight: dict[int, int]
@@ -441,10 +492,13 @@ class SparkplugNode:
                 await self._send(session, item, inflight)
             if session.client.want_write():
                 session.client.loop_write()
+            await self._save_held()  # before their PUBACKs are taken: an unacknowledged record is re-sent
             if items:
                 await asyncio.sleep(0)
                 continue
             session.replaying = False
+            if self._replayed_alarms:
+                self._tell_held(session)
             if inflight:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(IDLE_POLL_S):
@@ -528,11 +582,12 @@ class SparkplugNode:
             log.debug("sparkplug: record %d cannot be sent: %s", item.id, why)
         await self._outbox.dead_letter([item.id], why)
 
-    def _prepare(self, item: Leased) -> tuple[str, list[Point], Record] | str:
-        """The device key, values and record of an outbox item; why not, when it cannot be sent."""
+    def _prepare(self, item: Leased) -> tuple[str, list[Point], Record, _Holding] | str:
+        """The device key, values, record and alarm conditions of an outbox item; why not, when it cannot be sent."""
         try:
             record = decode_record(item.payload)
-            device, pts = codec.points(record)
+            holding = self._holding(record)
+            device, pts = codec.points(record, holding[1] if holding is not None else None)
             if device is not None:
                 codec.check_id("device_id", device)
             # Names are scanned before they are learnt: a name that would leak is never announced.
@@ -540,7 +595,27 @@ class SparkplugNode:
             self._anon.check_texts([key, *(p.name for p in pts), *(p.unit or "" for p in pts)])
         except (RecordError, codec.SparkplugError, AnonymizationError) as exc:
             return str(exc)
-        return key, pts, record
+        return key, pts, record, holding
+
+    def _holding(self, record: Record) -> _Holding:
+        """An alarm's metric and the conditions on under it once the alarm is folded in (not noted yet)."""
+        if not isinstance(record, AlarmRecord):
+            return None
+        base = codec.alarm_base(record)
+        key = record.subject if record.subject is not None else NODE
+        on = codec.fold(record, self.catalog.holding(key, base))
+        return None if on is None else (base, on)
+
+    def _note_held(self, key: str, holding: _Holding) -> None:
+        """The host was told (or already knew) what is on under an alarm metric: kept for births."""
+        if holding is not None and self.catalog.hold(key, *holding):
+            self._held_unsaved = True
+
+    async def _save_held(self) -> None:
+        """Write the conditions held, when they changed, off the loop (after the round's messages went out)."""
+        if self._held_unsaved:
+            await asyncio.to_thread(self.catalog.writer())
+            self._held_unsaved = False
 
     async def _send(self, session: Session, item: Leased, inflight: dict[int, int]) -> None:
         """One record as NDATA/DDATA (or nothing, when none of its values changed).
@@ -553,7 +628,7 @@ class SparkplugNode:
             await self._dead_letter(item, prepared)
             inflight.pop(-item.id, None)
             return
-        key, pts, record = prepared
+        key, pts, record, holding = prepared
         device = None if key == NODE else key
         historical = item.id <= self.backlog_through
         session.replaying = historical  # the status shows a replay in progress
@@ -571,6 +646,7 @@ class SparkplugNode:
             pts = [p for p in pts if self._last.get((key, p.name)) != (p.value, p.quality)]
         if not pts:
             self.counters.unchanged += 1
+            self._note_held(key, holding)
             await self._ack([item.id])
             inflight.pop(-item.id, None)
             return
@@ -598,6 +674,9 @@ class SparkplugNode:
             return
         self._next_seq()
         mid = self._publish(session, topic, data, 1)
+        # A restart re-sends what was not acknowledged: folding it again changes nothing.
+        self._note_held(key, holding)
+        self._replayed_alarms |= historical and holding is not None
         del inflight[-item.id]
         inflight[mid] = item.id
         if historical:
@@ -646,6 +725,46 @@ class SparkplugNode:
     def _device_down(self, key: str) -> bool:
         return bool(self._devs.get(key)) and set(self._devs[key]) <= self._lost.get(key, set())
 
+    def _tell_held(self, session: Session) -> None:
+        """After a replayed backlog: the alarm metrics whose current value it changed, as current values.
+
+        History is not a current value: a host holds what the births before the backlog said
+        until it is told otherwise.  Not a record's message: nothing is acknowledged by it, and a
+        connection lost before it arrives is followed by births that say the same.
+        """
+        self._replayed_alarms = False
+        now = _now_ms()
+        for key, bases in self.catalog.held.items():
+            if key in self._dead:
+                continue  # a dead device is told at its next birth
+            known = self.catalog.devices.get(key, {})
+            pts = [
+                p
+                for base, on in bases.items()
+                for p in codec.held_points(base, on)
+                if p.name in known and self._last.get((key, p.name)) != (p.value, p.quality)
+            ]
+            if not pts:
+                continue
+            payload = codec.new_payload(now, (self.seq + 1) % 256)
+            for p in pts:
+                was = self._last.get((key, p.name))
+                alias = self.catalog.alias(key, p.name)
+                quality = was is not None and was[1] != p.quality
+                codec.add_metric(payload, p, alias=alias, ts_ms=now, birth=False, quality=quality)
+            data = payload.SerializeToString()
+            try:
+                self._anon.check_within(data, codec.field_spans)
+            except AnonymizationError as exc:  # fail closed: the next births say it instead
+                log.error("sparkplug: the alarm values after a backlog are not sent: %s", exc)
+                continue
+            self._next_seq()
+            topic = self.topic("NDATA") if key == NODE else self.topic("DDATA", key)
+            self._publish(session, topic, data, 1)
+            self.counters.published += 1
+            self._last.update(((key, p.name), (p.value, p.quality)) for p in pts)
+        session.client.loop_write()
+
     def _ddeath(self, session: Session, key: str) -> None:
         payload = codec.new_payload(_now_ms(), self._next_seq())
         data = payload.SerializeToString()
@@ -663,6 +782,8 @@ class SparkplugNode:
                 done.append(mid)
         try:
             if done:
+                # An alarm leaves the outbox only once what it changed of the conditions held is on disk.
+                await self._save_held()
                 await self._ack([inflight[mid] for mid in done])
                 for mid in done:
                     del inflight[mid]

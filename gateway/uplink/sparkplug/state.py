@@ -4,7 +4,9 @@ bdSeq is incremented and written (atomically, fsync'd) before each MQTT CONNECT,
 the broker holds as our Will and the NBIRTH that follows carry the same number, and a restart
 never reuses one.  The catalog holds every metric ever reported, per device, with its datatype,
 unit and alias: births after a restart announce them all (current value unknown: ``is_null``),
-and aliases stay the same.
+and aliases stay the same.  It also holds the alarm conditions the host was told are on, per
+alarm metric (:func:`codec.fold`), so a birth after a restart says which are on: the gateway's
+trackers resume a condition carried over a restart without raising it again.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import TransientError
-from gateway.uplink.sparkplug.codec import Point
+from gateway.uplink.sparkplug.codec import Held, Point
 
 log = logging.getLogger(__name__)
 
 NODE = ""  # the catalog's key for the edge node's own metrics
 
-_VERSION = 1
+_VERSION = 2  # 2: with the conditions held (a version 1 file is read with none known)
 
 
 @dataclass(slots=True)
@@ -46,6 +48,9 @@ class Catalog:
     bdseq: int = -1  # the last one used; the first connection uses 0
     devices: dict[str, dict[str, Entry]] = field(default_factory=dict)
     next_alias: int = 1
+    # Device -> alarm metric (``Alarms/<family>/<what>``) -> condition id -> the condition on; a
+    # metric with none on was reported off, one missing was never reported (its value is unknown).
+    held: dict[str, dict[str, dict[str, Held]]] = field(default_factory=dict)
     # Writes may run in worker threads: one at a time, and an older snapshot never replaces a newer one.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _taken: int = field(default=0, repr=False, compare=False)
@@ -68,7 +73,12 @@ class Catalog:
                     for name, e in metrics.items()
                 }
             cat.next_alias = 1 + max((e.alias for m in cat.devices.values() for e in m.values()), default=0)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            for device, bases in doc.get("held", {}).items():  # version 1: none known
+                cat.held[str(device)] = {
+                    str(base): {str(cid): Held(str(h[0]), int(h[1]), bool(h[2])) for cid, h in on.items()}
+                    for base, on in bases.items()
+                }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             aside = path.with_suffix(".corrupt")
             log.error(
                 "sparkplug state %s: unreadable (%s): set aside as %s; bdSeq and aliases start again",
@@ -99,6 +109,13 @@ class Catalog:
                     for name, e in metrics.items()
                 }
                 for device, metrics in self.devices.items()
+            },
+            "held": {
+                device: {
+                    base: {cid: [h.what, h.priority, h.definite] for cid, h in on.items()}
+                    for base, on in bases.items()
+                }
+                for device, bases in self.held.items()
             },
         }
         self._taken += 1
@@ -143,6 +160,18 @@ class Catalog:
                 self.next_alias += 1
                 added = True
         return added
+
+    def holding(self, device: str, base: str) -> dict[str, Held]:
+        """The conditions the host was told are on under an alarm metric of ``device``."""
+        return self.held.get(device, {}).get(base, {})
+
+    def hold(self, device: str, base: str, on: dict[str, Held]) -> bool:
+        """Note the conditions on under an alarm metric (the host was told); True when that changed them."""
+        bases = self.held.setdefault(device, {})
+        if bases.get(base) == on:
+            return False
+        bases[base] = on
+        return True
 
     def alias(self, device: str, name: str) -> int:
         """The alias of an announced metric."""

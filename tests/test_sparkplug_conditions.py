@@ -1,0 +1,293 @@
+"""What a Sparkplug host is told about a stream with several alarm conditions at once.
+
+A stream's loss and its faults of each origin (its device's flags, a plausibility rule, its
+driver) are separate conditions, as the gateway's alarm ledger and the twin keep them; a node
+that never resolved is a condition of its own.  The host sees one alarm metric per stream (per
+node): ``Active`` stays true while any condition under it holds and is false only once the last
+ends, ``Conditions`` says which hold, and every birth - a rebirth, the births after a restart,
+with conditions the gateway carried over it - says what is on now.
+
+Real peers: mosquitto with TLS, the edge node, a host application recording what the broker
+delivers, births decoded by Eclipse Tahu's codec in its own process; the first test's alarms
+come from a real pipeline judging samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sparkplug_support import Host, Message, Tahu
+from test_alarm_source_removed import BED7, SPO2, Site, config, spo2
+from test_sparkplug import DEV_B, NODE_ID, SUBJ_B, alarm, broker_and_host, running, scan
+from uplink_support import uplink_config, wait_until
+
+from gateway.contracts import Lane
+from gateway.outbox import AsyncOutbox, Outbox
+from gateway.runtime import Pipeline
+from gateway.sample import Quality
+from gateway.uplink.broker import MosquittoBroker
+from gateway.uplink.sparkplug import codec
+from gateway.uplink.sparkplug.config import SparkplugSection
+from gateway.uplink.sparkplug.node import SparkplugNode
+
+pytestmark = pytest.mark.slow
+
+OFF = int(Quality.SENSOR_OFF)
+SENSOR = f"Alarms/sensor/{SPO2.metric.name}"
+_FIELD = {"Boolean": "boolean_value", "Int32": "int_value", "String": "string_value"}
+
+
+class HostView:
+    """What a host application holds now, per device and metric name, from the messages in order.
+
+    Births are read with Tahu's codec (names, types, aliases, values); a data message carries
+    aliases only, so its values are read with the types its births announced.  Historical
+    values are history, not the current value.
+    """
+
+    def __init__(self, tahu: Tahu) -> None:
+        self.tahu = tahu
+        self.born: dict[tuple[str | None, int], tuple[str, str]] = {}  # (device, alias) -> name, type
+        self.now: dict[str | None, dict[str, Any]] = {}
+        self.seen = 0
+
+    def fold(self, msgs: list[Message]) -> list[tuple[str, str | None, dict[str, Any]]]:
+        """Fold the messages not seen yet; each one's kind, device and the values it set."""
+        out = []
+        for m in msgs[self.seen :]:
+            self.seen += 1
+            if m.kind not in ("NBIRTH", "DBIRTH", "NDATA", "DDATA"):
+                continue
+            values: dict[str, Any] = {}
+            if m.kind.endswith("BIRTH"):
+                for x in self.tahu.decode(m.payload)["metrics"]:
+                    if "alias" in x:
+                        self.born[(m.device, x["alias"])] = (x["name"], x["type"])
+                    values[x["name"]] = x.get("value")
+            else:
+                self.tahu.decode(m.payload)  # the independent codec reads every message
+                for x in codec.decode(m.payload).metrics:
+                    name, kind = self.born[(m.device, x.alias)]
+                    if not x.is_historical:
+                        values[name] = None if x.is_null else getattr(x, _FIELD.get(kind, "double_value"))
+            self.now.setdefault(m.device, {}).update(values)
+            out.append((m.kind, m.device, values))
+        return out
+
+
+def told(steps: list[tuple[str, str | None, dict[str, Any]]], device: str, base: str) -> list[Any]:
+    """(kind, Active, Conditions) of each message that told ``device``'s host about ``base`` ("-": not in it)."""
+    return [
+        (kind, v.get(f"{base}/Active", "-"), v.get(f"{base}/Conditions", "-"))
+        for kind, dev, v in steps
+        if dev == device and (f"{base}/Active" in v or f"{base}/Conditions" in v)
+    ]
+
+
+async def settle(outbox: AsyncOutbox, node: SparkplugNode, host: Host) -> None:
+    """Until the node delivered everything queued and the host received all it published."""
+    await outbox.flush()
+    deadline = time.monotonic() + 10.0
+    while (await outbox.stats()).queued:  # deleted once acknowledged
+        assert time.monotonic() < deadline, "timed out after 10 s waiting for every record acknowledged"
+        await asyncio.sleep(0.02)
+    await wait_until(
+        lambda: sum(m.kind != "NDEATH" for m in host.sparkplug()) >= node.counters.messages,
+        10,
+        "the host to receive everything published",
+    )
+
+
+@pytest.fixture
+def tahu(tmp_path: Path) -> Iterator[Tahu]:
+    """Tahu's codec in its own process, ended after the test."""
+    codec_process = Tahu(tmp_path / "tahu.log")
+    try:
+        yield codec_process
+    finally:
+        codec_process.close()
+
+
+def new_node(broker: MosquittoBroker, outbox: AsyncOutbox, site: Site, state: Path) -> SparkplugNode:
+    cfg = uplink_config(broker, broker.pki)
+    return SparkplugNode(outbox, cfg, SparkplugSection(), NODE_ID, anonymizer=site.anon, state_dir=state)
+
+
+def test_a_stream_stays_on_at_the_host_while_any_of_its_faults_holds_through_rebirth_and_restart(
+    tmp_path: Path, tahu: Tahu
+) -> None:
+    """Bed 7's SpO2 implausible (30 %), then also flagged off, then unflagged but still 30 %: on throughout."""
+    site = Site(tmp_path)
+    state = tmp_path / "sparkplug"
+    state.mkdir()
+    with broker_and_host(tmp_path) as (broker, host):
+        view = HostView(tahu)
+
+        async def first_run() -> tuple[list[Any], list[Any]]:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                node = new_node(broker, outbox, site, state)
+                async with running(node, "test-sparkplug-conditions"):
+                    await wait_until(lambda: node.connected, 10, "the node born")
+                    pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
+                    t = 1.0
+                    for flags, seconds in ((0, 5), (OFF, 5), (0, 8)):
+                        t = await spo2(pipeline, SPO2, 30.0, seconds, t, flags)
+                    await settle(outbox, node, host)
+                    live = view.fold(host.sparkplug())
+                    # The host asks for a rebirth: the births say what is on now.
+                    cmd = tahu.encode(
+                        {
+                            "timestamp": int(time.time() * 1000),
+                            "metrics": [{"name": codec.REBIRTH, "type": "Boolean", "value": True}],
+                        }
+                    )
+                    births = node.counters.births
+                    host.command(codec.topic("edgetwin", "NCMD", NODE_ID), cmd)
+                    await wait_until(lambda: node.counters.births > births, 10, "the rebirth")
+                    await settle(outbox, node, host)
+                    reborn = view.fold(host.sparkplug())
+            return live, reborn
+
+        live, reborn = asyncio.run(first_run())
+        subject = site.anon.subject_pseudonym("ward3-bed7")
+        steps = told(live, subject, SENSOR)
+        assert [x for x in steps if x[0] == "DDATA"] == [
+            ("DDATA", True, "rule"),  # 30 %: implausible
+            ("DDATA", "-", "quality,rule"),  # and flagged off: still on (unchanged, not repeated)
+            ("DDATA", "-", "rule"),  # the flags end: the implausible value still holds
+        ]
+        # New metrics (the windows' features, a limit) brought rebirths: each says what is on then.
+        first = steps.index(("DDATA", True, "rule"))
+        assert steps[:first] == [("DBIRTH", None, None)]  # announced before anything was reported
+        assert all(active is True for kind, active, _ in steps[first:] if kind == "DBIRTH")
+        assert any(kind == "DBIRTH" for kind, _, _ in steps[first:])
+        assert view.now[subject][f"{SENSOR}/Active"] is True
+        assert told(reborn, subject, SENSOR) == [("DBIRTH", True, "rule")]
+
+        async def restart() -> tuple[list[Any], int]:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                # The gateway starts again: its ledger hands the fault back to its judge, which
+                # raises nothing while the value stays implausible.
+                pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
+                t = await spo2(pipeline, SPO2, 30.0, 4, 40.0)
+                await outbox.flush()
+                queued = await outbox.lease(100)
+                raised = sum(i.lane is Lane.ALARMS for i in queued)
+                await outbox.release([i.id for i in queued])
+                node = new_node(broker, outbox, site, state)
+                async with running(node, "test-sparkplug-conditions-restart"):
+                    await settle(outbox, node, host)
+                    born = view.fold(host.sparkplug())
+                    # Plausible again: the last condition ends, the host is told it is off.
+                    await spo2(pipeline, SPO2, 97.0, 8, t)
+                    await settle(outbox, node, host)
+                    born += view.fold(host.sparkplug())
+            return born, raised
+
+        after, raised = asyncio.run(restart())
+    assert raised == 0
+    assert told(after, subject, SENSOR) == [("DBIRTH", True, "rule"), ("DDATA", False, "")]
+
+
+def test_nodes_streams_and_estimates_each_have_their_own_alarm_metric(tmp_path: Path, tahu: Tahu) -> None:
+    """Two unresolved nodes, a stream lost and faulted by its driver, two estimates' limits: each ends only its own."""
+    n1, n2 = "n1n1n1n1n1n1n1n1", "n2n2n2n2n2n2n2n2"
+    temp = "Alarms/sensor/Pump/temp"
+    pump = {"dev": DEV_B, "metric": "Pump/temp"}
+
+    def node(n: str, item: int, status: str = "bad_nomatch") -> dict[str, Any]:
+        """A fault of a node that never resolved (no stream), or its ending (``status`` good)."""
+        ending = {"after": "sensor_fault"} if status == "good" else {}
+        return {"dev": DEV_B, "detail": {**ending, "status": status, "item": item, "node": n}}
+
+    table: list[tuple[str, dict[str, Any]]] = [
+        ("sensor_fault", {**node(n1, 1), "priority": "low"}),
+        ("sensor_fault", {**node(n2, 2), "priority": "low"}),
+        ("sensor_lost", {**pump, "priority": "medium"}),
+        ("sensor_fault", {**pump, "priority": "low", "detail": {"status": "bad_nodata"}}),
+        ("limit", {"priority": "high", "limit": 40.0, "value": 35.0, "detail": {"estimate": "hr"}}),
+        ("limit", {"priority": "medium", "limit": 92.0, "value": 90.0, "detail": {"estimate": "spo2"}}),
+        # Endings: node 1, the stream's loss, the heart rate's limit.
+        ("sensor_restored", node(n1, 1, "good")),
+        ("sensor_restored", {**pump, "detail": {"after": "sensor_lost"}}),
+        ("limit_cleared", {"detail": {"estimate": "hr"}}),
+    ]
+    steps = [alarm(SUBJ_B, float(t), kind, **kw) for t, (kind, kw) in enumerate(table, 1)]
+    with broker_and_host(tmp_path) as (broker, host):
+        view = HostView(tahu)
+
+        async def body() -> None:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                cfg = uplink_config(broker, broker.pki)
+                node = SparkplugNode(
+                    outbox, cfg, SparkplugSection(), NODE_ID, anonymizer=scan(), state_dir=tmp_path
+                )
+                async with running(node, "test-sparkplug-node-conditions"):
+                    await wait_until(lambda: node.connected, 10, "the node born")
+                    for item in steps:
+                        outbox.submit(item)
+                        await outbox.flush()
+                    await settle(outbox, node, host)
+
+        asyncio.run(body())
+        view.fold(host.sparkplug())
+    now = view.now[SUBJ_B]
+    assert now[f"Alarms/sensor/node/{n1}/Active"] is False
+    assert now[f"Alarms/sensor/node/{n2}/Active"] is True
+    assert now[f"Alarms/sensor/node/{n2}/Conditions"] == "driver"
+    # Lost, then faulted by its driver; found again: the driver's fault still holds.
+    assert now[f"{temp}/Active"] is True
+    assert now[f"{temp}/Conditions"] == "driver"
+    assert now[f"{temp}/Priority"] == 1  # the loss's medium ended: the fault's low holds
+    assert now["Alarms/limit/estimate/hr/Active"] is False
+    assert now["Alarms/limit/estimate/spo2/Active"] is True
+    assert "Alarms/sensor/subject/Active" not in now
+    assert "Alarms/limit/subject/Active" not in now
+
+
+def test_a_node_with_a_new_state_learns_at_its_start_the_conditions_the_gateway_carried_over(
+    tmp_path: Path, tahu: Tahu
+) -> None:
+    """A fault raised before the restart (delivered as SenML, say) is on at the births of a node with no state."""
+    site = Site(tmp_path)
+
+    async def before() -> None:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+            pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
+            await spo2(pipeline, SPO2, 30.0, 5, 1.0)  # implausible: a fault of a plausibility rule
+            await outbox.flush()
+            items = await outbox.lease(1000)
+            assert any(i.lane is Lane.ALARMS for i in items)
+            await outbox.ack([i.id for i in items])  # delivered by another uplink
+
+    asyncio.run(before())
+    with broker_and_host(tmp_path) as (broker, host):
+        view = HostView(tahu)
+
+        async def after() -> list[Any]:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
+                (tmp_path / "new-state").mkdir()
+                node = new_node(broker, outbox, site, tmp_path / "new-state")
+                node.carry(pipeline.alarms_on_records())  # as edgetwin run does at its start
+                async with running(node, "test-sparkplug-carried"):
+                    await wait_until(lambda: node.connected, 10, "the node born")
+                    await settle(outbox, node, host)
+                    steps = view.fold(host.sparkplug())
+                    await spo2(pipeline, SPO2, 97.0, 8, 10.0)  # plausible again: the fault ends
+                    await settle(outbox, node, host)
+                    return steps + view.fold(host.sparkplug())
+
+        steps = asyncio.run(after())
+    seen = told(steps, site.anon.subject_pseudonym("ward3-bed7"), SENSOR)
+    assert seen[0] == ("DBIRTH", True, "rule")  # the first births: on, by the rule
+    assert [x for x in seen if x[0] == "DDATA"] == [("DDATA", False, "")]
+    ended = seen.index(("DDATA", False, ""))
+    # Births for the windows' new metrics say what is on at each moment.
+    assert set(seen[:ended]) == {("DBIRTH", True, "rule")}
+    assert set(seen[ended + 1 :]) <= {("DBIRTH", False, "")}
