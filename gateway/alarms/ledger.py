@@ -357,13 +357,25 @@ class AlarmLedger:
 
     def save(self) -> None:
         """Write the ledger when it changed (atomically, mode 0600: it names subjects and devices)."""
+        body = self.snapshot()
+        if body is not None:
+            self.write(body)
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The ledger as :meth:`write` keeps it, when it changed since the last one taken; else None."""
         if not self.dirty or self._path is None:
-            return
-        body = {"version": _VERSION, "on": [_dump(e) for e in self._on.values()]}
+            return None
+        self.dirty = False
+        return {"version": _VERSION, "on": [_dump(e) for e in self._on.values()]}
+
+    def write(self, body: dict[str, Any]) -> bool:
+        """Write a :meth:`snapshot` (fsynced: callable from a worker thread); a failure is logged once and retried at the next save."""
+        assert self._path is not None
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             write_private_json(self._path, body)
         except OSError as exc:
+            self.dirty = True  # the file still holds an older state: the next save writes again
             if not self._warned:
                 log.warning(
                     "alarm ledger %s: cannot write: %s: alarms of a source removed before the next "
@@ -372,8 +384,8 @@ class AlarmLedger:
                     exc.strerror,
                 )
                 self._warned = True
-            return
-        self.dirty = False
+            return False
+        return True
 
 
 def _dump(e: Entry) -> dict[str, Any]:
