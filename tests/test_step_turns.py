@@ -154,3 +154,25 @@ def test_a_ledger_write_a_cancelled_step_left_running_is_not_overtaken(tmp_path:
     # Cancelled before the write, while it runs, and after it: the file holds the latest state.
     for turns in (0, 1, 2, 5):
         assert asyncio.run(main(turns)) == [], turns
+
+
+def test_a_condition_raised_and_ended_between_two_steps_leaves_the_ledger_unwritten(tmp_path: Path) -> None:
+    # A flapping probe changes the ledger twice per flap: the file needs no fsync when it ends as it was.
+    async def main() -> tuple[int, int, list[str]]:
+        async with AsyncOutbox(lambda: Outbox(tmp_path / "o.db")) as outbox:
+            pipeline, stream = _probe_off(tmp_path, outbox)
+            pipeline.sink.put(Sample(stream, time.monotonic(), time.time(), 97.0))  # restored at once
+            await pipeline.step()
+            kept = (tmp_path / LEDGER_FILE).stat().st_ino
+            pipeline.sink.put(Sample(stream, time.monotonic(), time.time(), math.nan, Quality.SENSOR_OFF))
+            pipeline.sink.put(Sample(stream, time.monotonic(), time.time(), 97.0))
+            assert pipeline.submitted[Lane.ALARMS] == 4
+            await pipeline.step()
+            unchanged = (tmp_path / LEDGER_FILE).stat().st_ino
+            pipeline.sink.put(Sample(stream, time.monotonic(), time.time(), math.nan, Quality.SENSOR_OFF))
+            await pipeline.step()  # a condition on now: written
+            return kept, unchanged, _kept(tmp_path)
+
+    kept, unchanged, on = asyncio.run(main())
+    assert unchanged == kept  # not replaced (each write renames a new file over it)
+    assert on == ["sensor_fault"]
