@@ -134,6 +134,9 @@ class Pipeline:
         self._limits = limit_checker(config.core.alarms)
         # The conditions on at the twin, by source: ended when their source goes (gateway.alarms.ledger).
         self._ledger = AlarmLedger(config.core.gateway.state_dir / LEDGER_FILE, feeds(config))
+        # One write of it at a time, each after the one before (a cancelled caller leaves its running).
+        self._ledger_lock = asyncio.Lock()
+        self._ledger_write: asyncio.Future[bool] | None = None
         for entry in self._ledger.entries():  # of a source maybe gone: never in a record
             anonymizer.register(entry.subject)
             for source in entry.sources:
@@ -357,7 +360,27 @@ class Pipeline:
         self._send_endings(ended)
         if ended:
             await self._outbox.flush()
-        self._ledger.save()
+        await self._save_ledger()
+
+    async def _save_ledger(self) -> None:
+        """Keep the ledger when it changed, written in a worker thread: its two fsyncs held the loop, and every alarm behind it."""
+        async with self._ledger_lock:
+            await self._ledger_written()  # one a cancelled caller left running: the newer state goes last
+            body = self._ledger.snapshot()
+            if body is not None:
+                self._ledger_write = asyncio.get_running_loop().run_in_executor(
+                    None, self._ledger.write, body
+                )
+                await self._ledger_written()
+
+    async def _ledger_written(self) -> None:
+        """Wait for the ledger's write under way, never cancelling it (a rename half done), and raise what it raised."""
+        write = self._ledger_write
+        if write is None:
+            return
+        await asyncio.wait({write})
+        self._ledger_write = None
+        write.result()
 
     def _send_endings(self, ended: list[Alarm]) -> None:
         """Log and queue endings the gateway itself sends (``ended`` in their detail)."""
@@ -596,7 +619,7 @@ class Pipeline:
         if now_mono >= self._next_counters:
             self._next_counters = now_mono + COUNTERS_EVERY_S
             self.diagnostic(Diagnostic("counters", None, now_wall, self.counters()))
-        self._ledger.save()  # the conditions on now, for a restart that finds their source gone
+        await self._save_ledger()  # the conditions on now, for a restart that finds their source gone
         self.last_beat = now_mono
         return len(records)
 

@@ -186,6 +186,7 @@ class AlarmLedger:
         self.set_feeds(feeds)
         self._on: dict[tuple[str, ...], Entry] = {}
         self.dirty = False
+        self._written: dict[str, Any] | None = None  # the body last written by this process
         self._warned = False
         if path is not None:
             self._on = _load(path)
@@ -371,13 +372,28 @@ class AlarmLedger:
 
     def save(self) -> None:
         """Write the ledger when it changed (atomically, mode 0600: it names subjects and devices)."""
+        body = self.snapshot()
+        if body is not None:
+            self.write(body)
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The ledger as :meth:`write` keeps it, when it changed since the last one taken and is not what the file holds; else None."""
         if not self.dirty or self._path is None:
-            return
+            return None
+        self.dirty = False
         body = {"version": _VERSION, "on": [_dump(e) for e in self._on.values()]}
+        # A condition raised and ended since (a flapping probe) leaves the file as it is: no fsync.
+        return None if body == self._written else body
+
+    def write(self, body: dict[str, Any]) -> bool:
+        """Write a :meth:`snapshot` (fsynced: callable from a worker thread); a failure is logged once and retried at the next save."""
+        assert self._path is not None
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             write_private_json(self._path, body)
         except OSError as exc:
+            self._written = None
+            self.dirty = True  # the file still holds an older state: the next save writes again
             if not self._warned:
                 log.warning(
                     "alarm ledger %s: cannot write: %s: alarms of a source removed before the next "
@@ -386,8 +402,9 @@ class AlarmLedger:
                     exc.strerror,
                 )
                 self._warned = True
-            return
-        self.dirty = False
+            return False
+        self._written = body
+        return True
 
 
 def _dump(e: Entry) -> dict[str, Any]:

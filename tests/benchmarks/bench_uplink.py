@@ -11,7 +11,8 @@ archive``); the header names the one imported.  Prints a markdown table.  Each f
   delete) against a bare paho-mqtt publish loop of the same payloads to the same broker;
 * alarm latency: from the sample that raises a sensor-fault alarm, through pipeline, anonymizer,
   outbox (committed), uplink and broker, to the twin's decoded record (``--timing``: where each
-  alarm's time went, from its commit's call and lock to the twin);
+  alarm's time went, from its commit's call and lock to the twin); beside it, how long the event
+  loop was held (a probe's 1 ms sleeps, their overrun) and the process's CPU time per change;
 * bytes on the wire per stream-hour (TLS records both ways, counted by a TCP relay) for the
   simulated patient and pump against one JSON message per sample;
 * replay rate of a backlog after an outage, paced (the default) and unpaced.
@@ -180,6 +181,7 @@ async def uplink_drain(
 
 RESTORE_S = 0.05  # the restore debounce of the alarm stage (the rule as configured, shortened)
 LOAD_SUBJECTS, LOAD_STREAMS, LOAD_HZ = 50, 20, 10.0  # 1,000 items at 10 Hz: ~10 k changes/s
+PROBE_S = 0.001  # the loop probe's sleep
 
 
 class TimedOutbox(Outbox):
@@ -307,6 +309,9 @@ class AlarmRun:
     windows: int  # feature windows the pipeline closed meanwhile
     steps: list[list[float]] = field(default_factory=list)  # --timing: ms per step of TIMING_STEPS
     behind: list[bool] = field(default_factory=list)  # --timing: raised while a commit ran
+    held: list[float] = field(default_factory=list)  # seconds the loop overran each 1 ms sleep of a probe
+    cpu_s: float = 0.0  # the process's CPU time (every thread) while the alarms were timed
+    changes: int = 0  # background samples handed to the pipeline meanwhile
 
 
 async def alarm_latency(
@@ -390,6 +395,15 @@ async def alarm_latency(
             next_t += tick
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))
 
+    held: list[float] = []
+
+    async def probe() -> None:
+        # How long the loop was held: a 1 ms sleep's overrun is the turns that ran before it woke.
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(PROBE_S)
+            held.append(time.perf_counter() - t - PROBE_S)
+
     async def wait_arrival(k: int) -> bool:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
@@ -421,7 +435,8 @@ async def alarm_latency(
         if load:
             tasks.append(asyncio.create_task(background(sink), name="bench-load"))
         await asyncio.sleep(1.0)
-        load_from, load_t0 = loaded[0], time.monotonic()
+        tasks.append(asyncio.create_task(probe(), name="bench-loop-probe"))
+        load_from, load_t0, cpu_t0 = loaded[0], time.monotonic(), time.process_time()
         windows_from = pipeline.submitted[Lane.FEATURES]
         while len(expected) < n:
             # A fault: raised on the faulty sample itself.
@@ -442,6 +457,7 @@ async def alarm_latency(
                 break
             await asyncio.sleep(0.01)
         load_rate = (loaded[0] - load_from) / (time.monotonic() - load_t0)
+        cpu_s, changes = time.process_time() - cpu_t0, loaded[0] - load_from
         windows = pipeline.submitted[Lane.FEATURES] - windows_from
         for task in tasks:
             task.cancel()
@@ -454,6 +470,7 @@ async def alarm_latency(
     wrong = sum(1 for (_, kind), want in zip(got, expected, strict=False) if kind != want)
     lat = [t - s for (t, _), s in zip(got, sent, strict=False)]
     run = AlarmRun(lat, len(expected), wrong, load_rate if load else 0.0, windows)
+    run.held, run.cpu_s, run.changes = held, cpu_s, changes
     if timing and isinstance(stores[-1], TimedOutbox):
         on_loop = outbox.on_loop if isinstance(outbox, TimedAsyncOutbox) else []
         run.steps, run.behind = alarm_steps(sent, [t for t, _ in got], stores[-1], on_loop)
@@ -789,6 +806,7 @@ def main() -> int:
                     "alarms": {("load" if r.load_changes_per_s else "idle"): r.latencies for r in runs},
                     "steps": {("load" if r.load_changes_per_s else "idle"): r.steps for r in runs},
                     "floor": floor,
+                    "held": {("load" if r.load_changes_per_s else "idle"): r.held for r in runs},
                 }
             )
         )
@@ -819,6 +837,19 @@ def main() -> int:
             print(
                 f"| alarm p50 / p99 over the floor's, {'with' if run.load_changes_per_s else 'without'} the load "
                 f"| {_pct(lat, 0.5) / _pct(floor, 0.5):.1f}x / {_pct(lat, 0.99) / _pct(floor, 0.99):.1f}x | | |"
+            )
+    for run in runs:
+        held = sorted(run.held)
+        under = "with" if run.load_changes_per_s else "without"
+        print(
+            f"| event loop held (a {PROBE_S * 1e3:g} ms sleep's overrun), p50 / p99 / p99.9 / max, {under} the load "
+            f"| {_pct(held, 0.5):.2f} / {_pct(held, 0.99):.2f} / {_pct(held, 0.999):.2f} / {_pct(held, 1.0):.1f} ms "
+            f"({len(held)} sleeps) | | |"
+        )
+        if run.changes:
+            print(
+                f"| CPU per change while the alarms were timed, every thread (alarms, windows, uplink included) "
+                f"| {run.cpu_s / run.changes * 1e6:.1f} µs ({run.cpu_s:.1f} s for {run.changes:,} changes) | | |"
             )
     for run in runs:
         if run.steps:
