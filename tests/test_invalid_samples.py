@@ -10,15 +10,24 @@ Here a real pipeline, outbox and anonymizer judge the samples, one a second, as 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from pathlib import Path
 from typing import Any
 
+import pytest
+from peers import logged
 from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
+from test_limit_alarms_e2e import SinceOpened
 
+from drivers import REGISTRY
+from drivers.serial.protocol import Status
+from drivers.serial.sim import PtyOximeter, Vitals
+from gateway.config import validate
 from gateway.contracts import Lane
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import as_map, decode, fault_origin
-from gateway.runtime import Pipeline
+from gateway.runtime import Pipeline, run_gateway
 from gateway.sample import MDC, Quality, Sample, Stream
 
 OFF = int(Quality.SENSOR_OFF)
@@ -157,3 +166,59 @@ def test_an_implausible_value_is_no_measurement_to_an_estimator(tmp_path: Path) 
     assert all(state in ("bridged", "lost") for state, _ in later), estimates
     assert all(value is None or value > 90.0 for _, value in later), estimates
     assert later[-1][0] == "lost", estimates
+
+
+class ProbeOff(SinceOpened):
+    """SpO2 89 %, falling at 2.5 %/s to 84 % from 4 s after the port opened; the finger out 7.5-11.5 s."""
+
+    def at(self, t: float) -> Vitals:
+        since = self.since(t)
+        if 7.5 <= since < 11.5:
+            return Vitals(math.nan, math.nan, math.nan, int(Status.FINGER_OUT))
+        return Vitals(max(84.0, 89.0 - 2.5 * max(0.0, since - 4.0)), 72.0, 3.5)
+
+
+@pytest.mark.slow
+def test_a_nonin_monitor_whose_finger_comes_out_below_ll_escalates_only_on_valid_data(tmp_path: Path) -> None:
+    """A real serial driver on a pty through ``edgetwin run``, its limits' delay 3 s.
+
+    L on; below LL for ~2 s of its 3; the finger out 4 s; below LL again: the escalation comes ~1 s
+    after the finger is back, held ~3 s of valid data (at once, held ~6 s, if the probe-off counted).
+    """
+    out = tmp_path / "out.jsonl"
+    config = validate(
+        {
+            "gateway": {"state_dir": str(tmp_path)},
+            "pipeline": {"window_s": 2.0, "hop_s": 1.0, "grace_s": 0.1},
+            "uplink": {"kind": "local", "path": str(out)},
+            "runtime": {"drain_deadline_s": 2.0},
+            "alarms": {"limits": {"MDC_PULS_OXIM_SAT_O2": {"on_delay_s": 3.0}}},
+            "sources": [
+                {
+                    "name": "bed7-spo2",
+                    "driver": "serial",
+                    "subject": "bed-7",
+                    "port": str(tmp_path / "ttyNONIN"),
+                    "protocol": "nonin2",
+                }
+            ],
+        },
+        "<test>",
+        REGISTRY,
+    )
+    pty = tmp_path / "ttyNONIN"
+    with (
+        logged("drivers.serial.driver", "open at") as opened,
+        PtyOximeter("nonin2", link=pty, vitals=ProbeOff(opened)),
+    ):
+        code = asyncio.run(run_gateway(config, REGISTRY, stop_after_s=14.0, install_signal_handlers=False))
+    assert opened.is_set()
+    assert code == 0
+    records = [json.loads(line)["record"] for line in out.read_text().splitlines()]
+    alarms = [r for r in records if r["type"] == "alarm"]
+    spo2 = [a for a in alarms if a.get("metric") == "MDC_PULS_OXIM_SAT_O2"]
+    got = [(a["alarm"], a["detail"].get("level"), a["held_s"]) for a in spo2 if a["class"] != "technical"]
+    assert [(kind, level) for kind, level, _ in got] == [("limit", "low"), ("limit", "low_low")], got
+    assert 3.0 <= got[1][2] < 4.0, got  # the valid time below LL, not the probe-off's
+    technical = [a["alarm"] for a in spo2 if a["class"] == "technical"]
+    assert technical[:1] == ["sensor_fault"], technical  # the finger out: the device's flags

@@ -36,20 +36,28 @@ DESAT_FROM_S, DESAT_TO_S = 2.5, 16.5
 PACE = 2.5
 
 
-class Desaturation:
-    """SpO2 97 %, falling at PACE to 86 % from 2.5 s after ``opened`` is set, back up from 16.5 s.
-
-    Below 90 % from 5.7 s (the limit raised at 15.7 s), back above 91 % (its deadband) at 18.5 s.
-    """
+class SinceOpened:
+    """A simulated monitor's vitals timed from the moment ``opened`` is set (the driver's open)."""
 
     def __init__(self, opened: threading.Event) -> None:
         self.opened = opened
         self.t0: float | None = None  # monitor time at which the port was seen open
 
-    def at(self, t: float) -> Vitals:
+    def since(self, t: float) -> float:
+        """Seconds since the open at monitor time ``t`` (-1 before it)."""
         if self.t0 is None and self.opened.is_set():
             self.t0 = t
-        since = -1.0 if self.t0 is None else t - self.t0
+        return -1.0 if self.t0 is None else t - self.t0
+
+
+class Desaturation(SinceOpened):
+    """SpO2 97 %, falling at PACE to 86 % from 2.5 s after ``opened`` is set, back up from 16.5 s.
+
+    Below 90 % from 5.7 s (the limit raised at 15.7 s), back above 91 % (its deadband) at 18.5 s.
+    """
+
+    def at(self, t: float) -> Vitals:
+        since = self.since(t)
         spo2 = 97.0
         if since >= DESAT_FROM_S:
             spo2 = max(86.0, 97.0 - PACE * (since - DESAT_FROM_S))
