@@ -141,8 +141,14 @@ def test_an_implausible_beat_interval_makes_a_rhythm_episode_indeterminate_not_a
     assert site.alarms[-1]["detail"]["episode"] == "resumed"
 
 
-def test_an_implausible_value_is_no_measurement_to_an_estimator(tmp_path: Path) -> None:
-    """A fused SpO2 (its own range 20-300 takes 30 %): the gateway's rule keeps the 30 % out of it."""
+@pytest.mark.parametrize(
+    ("value", "flags"),
+    [(30.0, 0), (70.0, int(Quality.IMPUTED))],
+    ids=["implausible", "filled-in-by-the-device"],
+)
+def test_an_invalid_value_is_no_measurement_to_an_estimator(tmp_path: Path, value: float, flags: int) -> None:
+    """A fused SpO2 (its own range 20-300 takes 30 % and 70 %): 30 % breaks the gateway's rule, 70 %
+    is flagged imputed (filled in, not measured); neither enters the estimate."""
     fused = {"subject": "ward3-bed7", "name": "spo2", "unit": "%", "every_s": 1.0}
     sources = [{"metric": "MDC_PULS_OXIM_SAT_O2", "noise": 1.0}]
     site = Site(tmp_path)
@@ -152,7 +158,7 @@ def test_an_implausible_value_is_no_measurement_to_an_estimator(tmp_path: Path) 
             cfg = config(tmp_path, BED7, estimators={"fusion": [{**fused, "sources": sources}]})
             pipeline = Pipeline(cfg, site.anon, outbox)
             t = await spo2(pipeline, SPO2, 97.0, 5, 1.0)
-            await spo2(pipeline, SPO2, 30.0, 15, t)
+            await spo2(pipeline, SPO2, value, 15, t, flags)
             await outbox.flush()
             records = [as_map(decode(i.payload)) for i in await outbox.lease(1000)]
         return [r for r in records if r["type"] == "estimate"]
@@ -160,11 +166,11 @@ def test_an_implausible_value_is_no_measurement_to_an_estimator(tmp_path: Path) 
     estimates = [(e["t"], e["state"], e.get("value")) for e in asyncio.run(main())]
     assert estimates, "no estimate records"
     assert {state for t, state, _ in estimates if t <= 5.0} == {"measured"}, estimates
-    # From 6 s on only implausible values: bridged at 97 %, then lost, never measured at 30 %.
-    later = [(state, value) for t, state, value in estimates if t > 8.0]
+    # From 6 s on only invalid values: bridged at 97 %, then lost, never measured at 30 or 70 %.
+    later = [(state, v) for t, state, v in estimates if t > 8.0]
     assert later, estimates
     assert all(state in ("bridged", "lost") for state, _ in later), estimates
-    assert all(value is None or value > 90.0 for _, value in later), estimates
+    assert all(v is None or v > 90.0 for _, v in later), estimates
     assert later[-1][0] == "lost", estimates
 
 
