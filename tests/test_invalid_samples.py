@@ -51,6 +51,24 @@ def feed(tmp: Path, parts: list[tuple[float, int, int]], **sections: Any) -> Sit
     return site
 
 
+def beats(tmp: Path, rr: list[float]) -> Site:
+    """Bed 7's RR intervals (ms), one sample a beat, through a pipeline with the rhythm detector."""
+    site = Site(tmp)
+
+    async def main() -> None:
+        async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
+            pipeline = Pipeline(config(tmp, BED7, ectopy=True), site.anon, outbox)
+            t = 1.0
+            for x in rr:
+                t += x / 1000.0
+                pipeline.sink.put(Sample(RR, t, t + WALL, x))
+            await outbox.flush()
+            site.take([i for i in await outbox.lease(1000) if i.lane == Lane.ALARMS])
+
+    asyncio.run(main())
+    return site
+
+
 def limits(site: Site) -> list[tuple[str, str, float, float]]:
     """The limit alarms sent: (kind, level, time of the sample that decided it, held_s)."""
     return [
@@ -113,20 +131,7 @@ def test_an_implausible_beat_interval_makes_a_rhythm_episode_indeterminate_not_a
     tmp_path: Path,
 ) -> None:
     """Bigeminy on; three intervals of 120 ms (no heart's: a doubled detection); bigeminy again."""
-    site = Site(tmp_path)
-    rr = [800.0] * 20 + [560.0, 1040.0] * 20 + [120.0] * 3 + [560.0, 1040.0] * 10
-
-    async def main() -> None:
-        async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
-            pipeline = Pipeline(config(tmp_path, BED7, ectopy=True), site.anon, outbox)
-            t = 1.0
-            for x in rr:
-                t += x / 1000.0
-                pipeline.sink.put(Sample(RR, t, t + WALL, x))
-            await outbox.flush()
-            site.take([i for i in await outbox.lease(1000) if i.lane == Lane.ALARMS])
-
-    asyncio.run(main())
+    site = beats(tmp_path, [800.0] * 20 + [560.0, 1040.0] * 20 + [120.0] * 3 + [560.0, 1040.0] * 10)
     got = [(a["alarm"], a["detail"].get("reason") or a["detail"].get("rule")) for a in site.alarms]
     assert got == [
         ("anomaly", None),
@@ -228,3 +233,10 @@ def test_a_nonin_monitor_whose_finger_comes_out_below_ll_escalates_only_on_valid
     assert 3.0 <= got[1][2] < 4.0, got  # the valid time below LL, not the probe-off's
     technical = [a["alarm"] for a in spo2 if a["class"] == "technical"]
     assert technical[:1] == ["sensor_fault"], technical  # the finger out: the device's flags
+
+
+def test_a_sinus_pause_of_3_5_s_is_the_rhythm_detectors_not_a_sensor_fault(tmp_path: Path) -> None:
+    """Sinus rhythm at 800 ms with one 3.5 s pause: a rhythm episode (pause), no technical alarm."""
+    site = beats(tmp_path, [800.0] * 40 + [3500.0] + [800.0] * 40)
+    got = [(a["alarm"], a["detail"].get("pattern")) for a in site.alarms]
+    assert got == [("anomaly", "pause"), ("anomaly_cleared", "pause")], got

@@ -89,8 +89,10 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     "MDC_PULS_OXIM_PULS_RATE": Rule(20.0, 300.0, 25.0, "/min"),
     "MDC_PULS_RATE_NON_INV": Rule(20.0, 300.0, 25.0, "/min"),
     "MDC_PULS_OXIM_SAT_O2": Rule(50.0, 100.0, 4.0, "%"),
-    # Ectopic beats change RR abruptly: no rate limit.
-    "MDC_ECG_TIME_PD_RR_GL": Rule(200.0, 3000.0, None, "ms"),
+    # Ectopic beats change RR abruptly: no rate limit.  A sinus pause of 3 s and more is the rhythm
+    # detector's to judge (an implausible interval never reaches it), so the range reaches 6 s:
+    # three of the longest intervals of a rhythm (30/min), as an RR stream's shortest loss time.
+    "MDC_ECG_TIME_PD_RR_GL": Rule(200.0, 6000.0, None, "ms"),
     "MDC_RESP_RATE": Rule(2.0, 80.0, 10.0, "/min"),
     "MDC_TEMP_BODY": Rule(25.0, 44.0, 0.1, "Cel"),
     "MDC_PRESS_BLD_NONINV_SYS": Rule(40.0, 300.0, None, "mm[Hg]"),
