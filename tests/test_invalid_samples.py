@@ -177,6 +177,7 @@ def test_an_invalid_value_is_no_measurement_to_an_estimator(tmp_path: Path, valu
     assert all(state in ("bridged", "lost") for state, _ in later), estimates
     assert all(v is None or v > 90.0 for _, v in later), estimates
     assert later[-1][0] == "lost", estimates
+    assert [state for _, state, _ in estimates].count("lost") == 1, estimates  # said once
 
 
 class ProbeOff(SinceOpened):
