@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel
 
 from gateway import logs
@@ -76,7 +77,7 @@ from gateway.records import (
 )
 from gateway.records.render import describe
 from gateway.records.thin import Thinner
-from gateway.sample import Quality, Sample, SampleBlock, Stream
+from gateway.sample import UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream
 from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 from gateway.timebase import TimeBase
 
@@ -89,6 +90,8 @@ COUNTERS_EVERY_S = 60.0  # how often gateway counters go out as a diagnostic rec
 _WINDOWS_PER_TURN = 1  # windows sealed per event-loop turn (one costs 1-2 ms, up to ~20 ms on a busy machine)
 _SUBJECTS_PER_TURN = 8  # subjects whose windows are cut per event-loop turn (~20 streams each: ~5 ms)
 _LOGGED_HERE = frozenset({AlarmKind.ANOMALY, AlarmKind.ANOMALY_INDETERMINATE})
+#: The verdict of a detector on a window with an implausible value (it is not asked).
+_IMPLAUSIBLE = ModelResult(math.nan, False, reason="implausible_input")
 #: Conditions the windower ends: its own, and a device outage whoever reported it.
 _WINDOWER_KINDS = frozenset({AlarmKind.SENSOR_FAULT, AlarmKind.SENSOR_LOST, AlarmKind.DEVICE_LOST})
 
@@ -399,23 +402,27 @@ class Pipeline:
             self.alarm(alarm)
 
     def put(self, sample: Sample) -> None:
-        """One sample: into its window, through the plausibility rules, RR beats to the ectopy monitor."""
+        """One sample: into its window, through the plausibility rules, then (valid) to the judgements."""
         # Empty once every source whose device names itself has done so (one that never does, a
         # monitor without a serial number, keeps it: 0.1-0.2 us a sample).
         if self._devices_before:
             self._check_device(sample.stream, sample.t_mono, sample.t_wall)
         self.windower.put(sample)
-        self._estimation.put(sample)
         if self._driver_faults.by_data:  # empty once the faults a previous run left on are judged
             self._driver_data(sample.stream, sample.t_mono, sample.t_wall, int(sample.quality))
         alarm = self._plausibility.check_sample(sample)
         if alarm is not None:
             self.alarm(alarm)
-        alarm = self._limits.check_sample(sample)
+        # A value no body or machine produces is the sensor's fault, not the patient's or the
+        # process's: the limits, the rhythm detector and the estimators see it as no measurement.
+        q = sample.quality  # one the device flags is kept from them by its flags, and not checked
+        invalid = not (q and q & UNUSABLE_FLAGS) and self._plausibility.implausible(sample.stream)
+        self._estimation.put(replace(sample, value=math.nan) if invalid else sample)
+        alarm = self._limits.check_sample(sample, invalid=invalid)
         if alarm is not None:
             self.alarm(alarm)
         if self._ectopy is not None and sample.stream.metric.rr:
-            beat_alarm = self._ectopy.update(sample)
+            beat_alarm = self._ectopy.update(sample, implausible=invalid)
             if beat_alarm is not None:
                 self.alarm(beat_alarm)
 
@@ -424,14 +431,19 @@ class Pipeline:
         if self._devices_before and len(block):
             self._check_device(block.stream, float(block.t_mono[0]), float(block.t_wall[0]))
         self.windower.put_block(block)
-        self._estimation.put_block(block)
         if self._driver_faults.by_data and len(block):
             self._driver_data(
                 block.stream, float(block.t_mono[-1]), float(block.t_wall[-1]), int(block.quality[-1])
             )
-        for alarm in self._plausibility.check_block(block):
+        alarms, invalid = self._plausibility.judge_block(block)
+        for alarm in alarms:
             self.alarm(alarm)
-        for alarm in self._limits.check_block(block):
+        # As in put: the judgements see an implausible value as no measurement.
+        if invalid is None:
+            self._estimation.put_block(block)
+        else:
+            self._estimation.put_block(replace(block, value=np.where(invalid, np.nan, block.value)))
+        for alarm in self._limits.check_block(block, invalid):
             self.alarm(alarm)
         if self._ectopy is not None and block.stream.metric.rr:
             for i in range(len(block)):
@@ -442,7 +454,8 @@ class Pipeline:
                         float(block.t_wall[i]),
                         float(block.value[i]),
                         Quality(int(block.quality[i])),
-                    )
+                    ),
+                    implausible=invalid is not None and bool(invalid[i]),
                 )
                 if beat_alarm is not None:
                     self.alarm(beat_alarm)
@@ -541,6 +554,14 @@ class Pipeline:
             length = getattr(model, "window_s", None)
             views = [r.over(length) for r in records]
             picked = [i for i, r in enumerate(views) if model.applies_to(r)]
+            if not getattr(model, "checks_plausibility", False):
+                # A detector that does not vet its inputs (novelty, per-stream) neither learns from
+                # nor judges a window holding a value no machine or body produces: a sensor fault,
+                # raised as one already, is not a change of the subject.
+                vetted = [i for i in picked if not self._plausibility.check_window(views[i])]
+                for i in set(picked).difference(vetted):
+                    verdicts[i][model.name] = _IMPLAUSIBLE
+                picked = vetted
             if not picked:
                 continue
             results = await asyncio.to_thread(model.score_batch, [views[i] for i in picked])

@@ -103,6 +103,24 @@ def test_probe_off_samples_neither_raise_nor_clear() -> None:
     assert not feed(SPO2, [math.nan] * 20)
 
 
+def test_implausible_samples_pause_the_delay_one_at_a_time_and_in_blocks() -> None:
+    # Below LL for 4 s, then 17 s of values the plausibility rules rejected, then below LL again:
+    # raised once 10 s of valid data held (6 s after the return), not on the rejected values.
+    values = [84.0] * 4 + [30.0] * 17 + [84.0] * 10
+    invalid = [False] * 4 + [True] * 17 + [False] * 10
+    t = np.arange(len(values), dtype=float)
+    checker = limit_checker(AlarmsSection())
+    one = [
+        checker.check_sample(Sample(SPO2, float(ti), ti + 1.7e9, v), invalid=bad)
+        for ti, v, bad in zip(t, values, invalid, strict=True)
+    ]
+    got = [(a.kind, a.t_mono, a.detail["level"], a.value, a.held_s) for a in one if a is not None]
+    assert got == [(AlarmKind.LIMIT, 27.0, "low_low", 84.0, 10.0)]
+    block = SampleBlock(SPO2, t, t + 1.7e9, np.array(values), np.zeros(t.size, np.uint8))
+    blocks = limit_checker(AlarmsSection()).check_block(block, np.array(invalid))
+    assert [(a.kind, a.t_mono, a.detail["level"], a.value, a.held_s) for a in blocks] == got
+
+
 def test_industrial_low_pressure_with_isa_on_and_off_delays() -> None:
     # Default pressure limits (bar): L 0.9 medium, LL 0.6 high, 15 s on and off delays, 0.02 deadband.
     noise = np.random.default_rng(1).normal(0.0, 0.01, 100)

@@ -76,10 +76,12 @@ def test_pipeline_scores_windows_and_raises_explained_anomalies(tmp_path: Path) 
         anon = Anonymizer(Pseudonymizer(b"s" * 32), time_mode="relative", start_wall=1.7e9)
         async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db")) as outbox:
             pipeline = Pipeline(config, anon, outbox, models=[model])
-            pipeline.sink.put_block(_block(100.0, 20, 70.0))  # calm: 100.0 .. 101.9
-            pipeline.sink.put_block(_block(102.0, 20, 150.0))  # tachycardia: 102.0 .. 103.9
+            # A step of 22 /min is one a heart makes (the plausibility rules allow 25 /min/s): a
+            # window holding an implausible value would not be judged by the model.
+            pipeline.sink.put_block(_block(100.0, 20, 90.0))  # calm: 100.0 .. 101.9
+            pipeline.sink.put_block(_block(102.0, 20, 112.0))  # tachycardia: 102.0 .. 103.9
             await pipeline.step(now_mono=104.0, now_wall=1.7e9 + 104.0)
-            pipeline.sink.put_block(_block(104.0, 40, 70.0))  # calm again: 104.0 .. 107.9
+            pipeline.sink.put_block(_block(104.0, 40, 90.0))  # calm again: 104.0 .. 107.9
             await pipeline.step(now_mono=108.0, now_wall=1.7e9 + 108.0)
             await outbox.flush()
             leased = await outbox.lease(100)
@@ -93,11 +95,7 @@ def test_pipeline_scores_windows_and_raises_explained_anomalies(tmp_path: Path) 
     # One alarm for the episode (not one per overlapping window), then one when it clears.
     episode = [a for a in alarms if a["alarm"].startswith("anomaly")]
     assert [a["alarm"] for a in episode] == ["anomaly", "anomaly_cleared"]
-    # A jump of 80 /min within 0.1 s is beyond what a heart does: the plausibility rules call it
-    # a sensor fault on the sample path, apart from the model's verdict on the window.
-    faults = [a for a in alarms if a["alarm"] == "sensor_fault"]
-    assert faults
-    assert faults[0]["detail"]["rule"] == "rate"
+    assert not [a for a in alarms if a["alarm"] == "sensor_fault"]  # the patient's, not the sensor's
     alarms = episode
     assert alarms[0]["contrib"] == {"MDC_ECG_HEART_RATE.mean": 0.8, "MDC_ECG_HEART_RATE.std": 0.2}
     assert alarms[0]["detail"]["model"] == "hr_limit"

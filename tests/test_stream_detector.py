@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,12 @@ def run(
     events: list[Label],
     seed: int = 5,
     hop_s: float = HOP_S,
+    lone_values: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """Alarms (decoded, with ``_t`` in simulated seconds) of the pump and of its pressure tag alone."""
+    """Alarms (decoded, with ``_t`` in simulated seconds) of the pump and of its pressure tag alone.
+
+    ``lone_values(t, values)``: what the tag alone reports instead of the pump's pressure.
+    """
     config = validate(
         {
             "gateway": {"state_dir": str(tmp)},
@@ -82,8 +87,11 @@ def run(
                     if not len(series):
                         continue
                     for st in (streams[name], lone) if name == PRESSURE else (streams[name],):
+                        value = series.value
+                        if st is lone and lone_values is not None:
+                            value = lone_values(series.t, value)
                         pipeline.sink.put_block(
-                            SampleBlock(st, T0 + series.t, WALL0 + series.t, series.value, series.quality)
+                            SampleBlock(st, T0 + series.t, WALL0 + series.t, value, series.quality)
                         )
                 t += hop_s
                 await pipeline.step(now_mono=T0 + t, now_wall=WALL0 + t)
@@ -127,6 +135,19 @@ def test_a_valve_fault_is_one_novelty_alarm_and_one_per_stream_alarm_and_its_end
     assert fault.start_s <= per_stream[0]["_t"] <= fault.start_s + 60.0
     # Cleared after the fault ended and the pressure was back at its baseline, and then quiet.
     assert fault.end_s < per_stream[1]["_t"] < fault.end_s + 600.0
+
+
+def test_a_lone_tag_reporting_impossible_values_is_a_sensor_fault_not_a_change(tmp_path: Path) -> None:
+    """25 bar from a tag whose plausible range ends at 16 bar: the per-stream detector neither
+    judges nor learns those windows; the plausibility rule's technical alarm says what is wrong."""
+
+    def impossible(t: np.ndarray, value: np.ndarray) -> np.ndarray:
+        return np.where((t >= 4000.0) & (t < 4200.0), 25.0, value)
+
+    alarms = run(tmp_path, 5000.0, {"streams": {"commissioning_s": 3600.0}}, [], lone_values=impossible)
+    assert of(alarms, "stream_change") == []
+    faults = [(a["alarm"], a["metric"], round(a["_t"])) for a in alarms if a["alarm"].startswith("sensor_")]
+    assert faults == [("sensor_fault", PRESSURE, 4000), ("sensor_restored", PRESSURE, 4200)], faults
 
 
 def test_with_the_residual_cusum_and_hours_of_commissioning_it_adds_no_alarm_of_its_own_before_the_fault(

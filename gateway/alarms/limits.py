@@ -13,8 +13,18 @@ medium / low), and three timings that keep it from crying wolf:
 Per stream there is one alarm at a time: a SpO2 falling through 90 % and then 85 % raises a
 medium-priority ``limit`` and then a high-priority one (an escalation), and one ``limit_cleared``
 when it is back.  Every alarm carries its level, priority, limit, value and how long the
-condition has held.  Samples flagged unusable (probe off) are no measurement: they neither raise
-nor clear a limit alarm - the technical alarm says what is wrong.  Pure logic, no I/O.
+condition has held.
+
+Only valid samples are judged.  A sample flagged unusable by its device (probe off, artifact,
+bad status, imputed) and one the plausibility rules call implausible (the pipeline says which, as
+``invalid``) is no measurement of the patient or process: it neither raises, escalates, steps down
+nor clears a limit alarm - the technical alarm says what is wrong.  While the data are invalid an
+alarm on stays on at its level (not indeterminate: the technical alarm beside it tells that its
+value is not being measured), and every timer running is paused, not restarted: an on-delay or an
+off-delay counts valid time only, so a stretch of invalid data neither completes it nor starts it
+over, and the first valid sample after the stretch carries it on from where it stood.  A raise's
+``held_s`` is the valid time beyond the limit; a clearance's is the time since the alarm's onset,
+the invalid stretch included (the alarm was on throughout).  Pure logic, no I/O.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import numpy.typing as npt
 
 from gateway.contracts import Alarm, AlarmKind, AlarmPriority
 from gateway.sample import UNUSABLE_FLAGS, Sample, SampleBlock, Stream
@@ -103,6 +114,8 @@ class _State:
     v: float = math.nan
     # Resumed after a restart: the wall time its condition began before the stop (None: unknown).
     resumed_onset: float | None = None
+    # The first invalid sample since the last valid one: its timers are paused from then on.
+    paused_at: float = math.nan
 
 
 class LimitChecker:
@@ -200,20 +213,23 @@ class LimitChecker:
         self._by_id[id(stream)] = (stream, rule)
         return rule
 
-    def check_sample(self, sample: Sample) -> Alarm | None:
-        """Check one sample; an alarm when the stream's limit state changes."""
+    def check_sample(self, sample: Sample, *, invalid: bool = False) -> Alarm | None:
+        """Check one sample (``invalid``: judged implausible); an alarm when the stream's limit state changes."""
         rule = self.rule_for(sample.stream)
         v = sample.value
         q = sample.quality
+        if rule is None:
+            return None
         # `q and ...`: an IntFlag `&` costs ~1 us, a truth test of GOOD (0) ~30 ns.
-        if rule is None or (q and q & UNUSABLE_FLAGS) or not math.isfinite(v):
+        if invalid or (q and q & UNUSABLE_FLAGS) or not math.isfinite(v):
+            self._pause(sample.stream.key, sample.t_mono)
             return None
         if rule.inner_lo <= v <= rule.inner_hi and sample.stream.key not in self._pending:
             return None  # inside every limit with nothing pending: the common case, no state
         return self._step(rule, sample.stream, sample.t_mono, sample.t_wall, v)
 
-    def check_block(self, block: SampleBlock) -> list[Alarm]:
-        """Check a block of one stream in order; the state-change alarms it caused."""
+    def check_block(self, block: SampleBlock, invalid: npt.NDArray[np.bool_] | None = None) -> list[Alarm]:
+        """Check a block of one stream in order (``invalid``: which were judged implausible); the alarms it caused."""
         stream = block.stream
         rule = self.rule_for(stream)
         if rule is None or len(block) == 0:
@@ -222,17 +238,37 @@ class LimitChecker:
         if stream.key not in self._pending and not bool(((v < rule.inner_lo) | (v > rule.inner_hi)).any()):
             return []  # nothing pending and every value inside every limit
         usable = ((np.asarray(block.quality, np.uint8) & UNUSABLE_FLAGS) == 0) & np.isfinite(v)
+        if invalid is not None:
+            usable &= ~invalid
         out: list[Alarm] = []
-        for i in np.flatnonzero(usable).tolist():
+        for i, ok in enumerate(usable.tolist()):
+            if not ok:
+                self._pause(stream.key, float(block.t_mono[i]))
+                continue
             alarm = self._step(rule, stream, float(block.t_mono[i]), float(block.t_wall[i]), float(v[i]))
             if alarm is not None:
                 out.append(alarm)
         return out
 
+    def _pause(self, key: str, t: float) -> None:
+        """An invalid sample at ``t``: the stream's timers stop counting until its next valid one."""
+        if key in self._pending:
+            st = self._state.get(key)
+            if st is not None and math.isnan(st.paused_at):
+                st.paused_at = t
+
     def _step(self, rule: LimitRule, stream: Stream, t: float, t_wall: float, v: float) -> Alarm | None:
         st = self._state.get(stream.key)
         if st is None:
             st = self._state[stream.key] = _State()
+        if not math.isnan(st.paused_at):
+            # Back to valid data: the invalid stretch counts neither for nor against a delay.
+            gap = max(0.0, t - st.paused_at)
+            st.paused_at = math.nan
+            for level in st.onset:
+                st.onset[level] += gap
+            if st.release_at is not None:
+                st.release_at += gap
         st.stream, st.rule, st.t, st.t_wall, st.v = stream, rule, t, t_wall, v
         active = st.active
         if active is not None and math.isnan(st.active_since):

@@ -78,7 +78,9 @@ class FusedRate:
         est = self.filter.update(label, t_mono, value, quality)
         if est is not None:
             self._last = est
-        if t_mono >= self._next_emit:
+        # Samples that are no measurement (faulted, implausible) after the estimate was lost say
+        # nothing new: "lost" is reported once, as when every source is silent.
+        if t_mono >= self._next_emit and not (est is None and self._last_state in ("", "lost")):
             self._send(est, t_mono)
 
     def tick(self, now_mono: float) -> None:

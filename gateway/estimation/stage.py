@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from gateway.contracts import Alarm, Estimate
 from gateway.errors import ConfigError
 from gateway.estimation.config import EstimatorsSection
 from gateway.estimation.limits import LowLimits
 from gateway.privatefile import write_private_json
-from gateway.sample import Sample, SampleBlock, Stream
+from gateway.sample import Quality, Sample, SampleBlock, Stream
 
 if TYPE_CHECKING:
     from gateway.estimation.rul import RulModel
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 SAVE_EVERY_S = 10.0
 STATE_FILE = "estimators.json"
 STATE_VERSION = 1  # of the file's layout: {"v", "t_wall", "estimators": {key: state}}
+_IMPUTED = int(Quality.IMPUTED)  # filled in by the device: no measurement to an estimator
 
 
 class Estimator(Protocol):
@@ -142,14 +146,15 @@ class Estimation:
         return routes
 
     def put(self, sample: Sample) -> None:
-        """One sample to every estimator that uses its stream."""
+        """One sample to every estimator that uses its stream (an imputed value as no value)."""
         if sample.stream.subject not in self._subjects:
             return
+        quality = int(sample.quality)
+        # A value the device filled in was not measured: no estimator may take it for one.
+        value = math.nan if quality & _IMPUTED else sample.value
         try:
             for est, role in self._route(sample.stream):
-                est.update(
-                    role, sample.stream, sample.t_mono, sample.t_wall, sample.value, int(sample.quality)
-                )
+                est.update(role, sample.stream, sample.t_mono, sample.t_wall, value, quality)
         except Exception as exc:  # noqa: BLE001 - an estimator's fault must never reach the driver's sink
             self._failed(exc)
 
@@ -161,7 +166,9 @@ class Estimation:
         if not routes:
             return
         t_mono, t_wall = block.t_mono.tolist(), block.t_wall.tolist()
-        values, quality = block.value.tolist(), block.quality.tolist()
+        imputed = (block.quality & _IMPUTED) != 0
+        values = (np.where(imputed, np.nan, block.value) if imputed.any() else block.value).tolist()
+        quality = block.quality.tolist()
         try:
             for i in range(len(t_mono)):
                 for est, role in routes:

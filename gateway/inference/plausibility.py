@@ -4,6 +4,9 @@ A value no body or machine can produce (SpO2 of 0 %, a temperature step of 3 Cel
 negative flow) says the sensor is at fault.  Such violations become ``SENSOR_FAULT`` alarms, raised
 on state changes only, and windows holding them are not scored by the anomaly models: a probe
 falling off must not page a nurse as a desaturation (alarm fatigue is the enemy at a bedside).
+Nor does an implausible sample reach the judgements of the patient or process - the limit alarms,
+the rhythm detector, the estimators: :meth:`PlausibilityChecker.implausible` and
+:meth:`~PlausibilityChecker.judge_block` tell the pipeline which samples to keep from them.
 
 Each rule is written in a unit and checked in the stream's own (a pressure rule in bar applies to
 a stream in kPa, converted once per stream by :mod:`gateway.units`); a stream whose unit does not
@@ -34,6 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowRecord
 from gateway.sample import UNUSABLE_FLAGS as UNUSABLE
@@ -85,8 +89,10 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     "MDC_PULS_OXIM_PULS_RATE": Rule(20.0, 300.0, 25.0, "/min"),
     "MDC_PULS_RATE_NON_INV": Rule(20.0, 300.0, 25.0, "/min"),
     "MDC_PULS_OXIM_SAT_O2": Rule(50.0, 100.0, 4.0, "%"),
-    # Ectopic beats change RR abruptly: no rate limit.
-    "MDC_ECG_TIME_PD_RR_GL": Rule(200.0, 3000.0, None, "ms"),
+    # Ectopic beats change RR abruptly: no rate limit.  A sinus pause of 3 s and more is the rhythm
+    # detector's to judge (an implausible interval never reaches it), so the range reaches 6 s:
+    # three of the longest intervals of a rhythm (30/min), as an RR stream's shortest loss time.
+    "MDC_ECG_TIME_PD_RR_GL": Rule(200.0, 6000.0, None, "ms"),
     "MDC_RESP_RATE": Rule(2.0, 80.0, 10.0, "/min"),
     "MDC_TEMP_BODY": Rule(25.0, 44.0, 0.1, "Cel"),
     "MDC_PRESS_BLD_NONINV_SYS": Rule(40.0, 300.0, None, "mm[Hg]"),
@@ -210,12 +216,25 @@ class PlausibilityChecker:
         bad = self.violation(sample.stream, sample.t_mono, sample.value, st.t, st.v)
         return self._step(st, bad, sample.stream, sample.t_mono, sample.t_wall, sample.value)
 
+    def implausible(self, stream: Stream) -> bool:
+        """True when the last unflagged sample checked of ``stream`` was judged implausible.
+
+        Faulted, or breaking a rate limit not yet persistent: a value a patient or process
+        judgement (a limit, the rhythm detector, an estimator) must not see.
+        """
+        st = self._state.get(stream.key)
+        return st is not None and (st.faulted or st.rate_run > 0)
+
     def check_block(self, block: SampleBlock) -> list[Alarm]:
         """Check a block of one stream in order; returns the state-change alarms it caused."""
+        return self.judge_block(block)[0]
+
+    def judge_block(self, block: SampleBlock) -> tuple[list[Alarm], npt.NDArray[np.bool_] | None]:
+        """:meth:`check_block`, and which samples were judged implausible (None: none was)."""
         stream = block.stream
         rule = self.rule_for(stream)
         if rule is None or len(block) == 0:
-            return []
+            return [], None
         v = block.value
         flagged = (np.asarray(block.quality, np.uint8) & UNUSABLE) != 0
         if flagged.any():
@@ -226,8 +245,9 @@ class PlausibilityChecker:
             finite = np.flatnonzero(np.isfinite(v))
             if finite.size:
                 st.t, st.v = float(block.t_mono[finite[-1]]), float(v[finite[-1]])
-            return []
+            return [], None
         out: list[Alarm] = []
+        bad = np.zeros(len(block), np.bool_)
         for i in range(len(block)):
             t, x = float(block.t_mono[i]), float(v[i])
             alarm = self._step(
@@ -235,7 +255,8 @@ class PlausibilityChecker:
             )
             if alarm is not None:
                 out.append(alarm)
-        return out
+            bad[i] = (st.faulted or st.rate_run > 0) and math.isfinite(x)  # a flagged one is not checked
+        return out, (bad if bad.any() else None)
 
     def _step(
         self, st: _State, bad: Violation | None, stream: Stream, t_mono: float, t_wall: float, v: float

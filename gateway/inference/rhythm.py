@@ -286,19 +286,25 @@ class RhythmMonitor:
         prefix = f"{source}/" if device is None else f"{source}/{device}/"
         self._state = {k: st for k, st in self._state.items() if not k.startswith(prefix)}
 
-    def update(self, sample: Sample) -> Alarm | None:
-        """Feed one RR sample; an alarm when a pattern episode starts, changes, turns unsure or ends."""
+    def update(self, sample: Sample, *, implausible: bool = False) -> Alarm | None:
+        """Feed one RR sample; an alarm when a pattern episode starts, changes, turns unsure or ends.
+
+        ``implausible``: the plausibility rules called its value no interval a heart produces (a
+        missed or doubled beat detection): like a beat its device flagged, it breaks the sequence.
+        """
         st = self._state.get(sample.stream.key)
         if st is None:
             st = self._state[sample.stream.key] = _State()
         st.times.append(sample.t_mono)
-        if sample.quality and sample.quality & UNUSABLE:  # GOOD first: IntFlag's & costs ~1 us
+        flagged = bool(sample.quality and sample.quality & UNUSABLE)  # GOOD first: IntFlag's & costs ~1 us
+        if flagged or implausible:
             st.det.interrupt()
             st.n += 1
             if st.pattern and not st.unsure:
                 st.unsure = True
                 st.quiet = 0
-                why: _Detail = {"pattern": st.pattern, "reason": "sensor_quality"}
+                reason = "sensor_quality" if flagged else "implausible_input"
+                why: _Detail = {"pattern": st.pattern, "reason": reason}
                 return self._alarm(AlarmKind.ANOMALY_INDETERMINATE, sample, why, held=st.onset)
             return None
         v = st.det.feed(sample.value)

@@ -261,6 +261,9 @@ class _Health:
 class AnomalyModel:
     """A carded anomaly model scoring window records; see the module docstring."""
 
+    #: It leaves a window whose inputs break a plausibility rule unjudged (``implausible_input``).
+    checks_plausibility = True
+
     def __init__(
         self,
         card: ModelCard,

@@ -123,6 +123,9 @@ def _judged(r: ModelResult) -> bool:
 class Slot:
     """One model slot: the active version, perhaps a candidate in shadow and the version before."""
 
+    #: Its versions (carded models) vet their own inputs: the pipeline need not vet its windows.
+    checks_plausibility = True
+
     def __init__(
         self,
         model: AnomalyModel,
