@@ -49,6 +49,7 @@ from gateway.config_base import secret_file_problem
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, Estimate, Lane, WindowRecord
 from gateway.errors import AnonymizationError, ConfigError
 from gateway.legend import Legend
+from gateway.privatefile import fsync_dir
 from gateway.records import (
     AlarmRecord,
     Clock,
@@ -88,11 +89,7 @@ def _write_key_file(path: Path) -> None:
         os.link(tmp, path)  # fails if a key appeared meanwhile: that one wins
     finally:
         tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -133,6 +130,9 @@ def rotate_key(path: Path) -> Path:
     new.unlink(missing_ok=True)
     _write_key_file(new)
     new.replace(path)
+    # The rotation (outbox set aside, time restarted) goes on only once the new key is the one a
+    # power cut leaves.
+    fsync_dir(path.parent)
     return retired
 
 
