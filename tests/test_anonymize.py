@@ -198,7 +198,7 @@ def test_token_with_a_trailing_newline_is_free_text() -> None:
 
 def test_a_record_that_cannot_be_built_is_dropped_not_raised() -> None:
     anon = _anon(time_mode="coarse")
-    alarm = Alarm(AlarmKind.SENSOR_LOST, PATIENT, 1.0, float("nan"), SPO2)
+    alarm = Alarm(AlarmKind.SENSOR_LOST, PATIENT, float("nan"), 1001.0, SPO2)
     assert anon.seal(lambda: anon.alarm(alarm), encode) is None
     assert anon.dropped == 1
 
