@@ -421,7 +421,7 @@ class Pipeline:
         if sealed is None:
             return False
         rec, data = sealed
-        if not self._outbox.submit(OutItem(rec.lane, rec.topic, data, rec.t_wall)):
+        if not self._outbox.submit(OutItem(rec.lane, rec.topic, data, time.time())):
             return False
         self.submitted[rec.lane] += 1
         return True

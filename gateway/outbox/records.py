@@ -41,7 +41,9 @@ class OutItem:
     lane: Lane
     topic: str  # relative topic, already anonymized, e.g. "features/k3j2..."
     payload: bytes
-    t_wall: float  # creation time (epoch s), used for the age budget
+    # When it was queued, on the gateway's wall clock (epoch s): the age budget's clock.  Never a
+    # driver's or device's stamp, which may be projected from before a clock step or be a PLC's.
+    t_wall: float
 
 
 @dataclass(frozen=True, slots=True)
