@@ -15,9 +15,9 @@ from test_e2e import _config as e2e_config
 
 from drivers import REGISTRY
 from gateway.anonymize import Anonymizer, Pseudonymizer
-from gateway.config import load
+from gateway.config import Config, load
 from gateway.contracts import Lane, StreamFeatures, WindowRecord
-from gateway.outbox import AsyncOutbox, Outbox
+from gateway.outbox import AsyncOutbox, Outbox, OutItem
 from gateway.runtime import Pipeline, budgets_for
 from gateway.sample import MDC, Stream
 
@@ -25,8 +25,12 @@ SPO2 = Stream("bed7-monitor", "MRN-0048213-SMITH", "A4:C1:38:5B:20:7E", MDC["MDC
 BEHIND_S = 3 * 3600.0
 
 
+def _an_hour_s_budget(tmp: Path) -> Config:
+    return load(e2e_config(tmp, sections="[outbox]\nfeature_max_age_h = 1.0\n"), REGISTRY)
+
+
 def test_a_window_stamped_hours_behind_is_not_aged_out_of_an_hour_s_budget(tmp_path: Path) -> None:
-    config = load(e2e_config(tmp_path, sections="[outbox]\nfeature_max_age_h = 1.0\n"), REGISTRY)
+    config = _an_hour_s_budget(tmp_path)
 
     async def main() -> tuple[int, int, float | None]:
         anon = Anonymizer(Pseudonymizer(b"a" * 32), time_mode="relative")
@@ -47,3 +51,21 @@ def test_a_window_stamped_hours_behind_is_not_aged_out_of_an_hour_s_budget(tmp_p
     assert (dropped, queued) == (0, 1)
     assert age is not None
     assert age < 60.0
+
+
+def test_a_step_reported_while_records_wait_neither_ages_them_now_nor_after_a_restart(tmp_path: Path) -> None:
+    # NTP steps the wall clock three hours forward while a window waits; the time base reports it
+    # and the outbox moves its clock and this run's stamps with it.  The next run reads the stepped
+    # clock: the window is as old as it is, not three hours older.
+    db = tmp_path / "outbox.db"
+    budgets = budgets_for(_an_hour_s_budget(tmp_path))
+    with Outbox(db, budgets=budgets) as ob:
+        ob.put_many([OutItem(Lane.FEATURES, "features/x", b"w" * 40)])
+        ob.restamp(BEHIND_S)
+        assert ob.expire() == 0
+        age = ob.stats().lanes[Lane.FEATURES].oldest_age_s
+        assert age is not None
+        assert age < 60.0
+    with Outbox(db, budgets=budgets) as ob:  # a restart, on the stepped wall clock
+        assert ob.expire(now_wall=time.time() + BEHIND_S) == 0
+        assert ob.stats().lanes[Lane.FEATURES].queued == 1
