@@ -49,6 +49,7 @@ from gateway.config_base import secret_file_problem
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, Estimate, Lane, WindowRecord
 from gateway.errors import AnonymizationError, ConfigError
 from gateway.legend import Legend
+from gateway.privatefile import fsync_dir
 from gateway.records import (
     AlarmRecord,
     Clock,
@@ -88,11 +89,7 @@ def _write_key_file(path: Path) -> None:
         os.link(tmp, path)  # fails if a key appeared meanwhile: that one wins
     finally:
         tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -133,6 +130,9 @@ def rotate_key(path: Path) -> Path:
     new.unlink(missing_ok=True)
     _write_key_file(new)
     new.replace(path)
+    # The rotation (outbox set aside, time restarted) goes on only once the new key is the one a
+    # power cut leaves.
+    fsync_dir(path.parent)
     return retired
 
 
@@ -581,14 +581,23 @@ class Anonymizer:
         return self._t(t_wall)
 
     def _t(self, t_wall: float) -> float:
-        """Record time: seconds since the site origin (coarsened as configured), or exact Unix time."""
-        if not math.isfinite(t_wall):
+        """Record time of an instant stamped only with wall time (a diagnostic, made as it is sent)."""
+        return self._record_clock(t_wall, self.timebase.site)
+
+    def _t_at(self, t_mono: float) -> float:
+        """Record time of a sample's or window's monotonic instant: a wall-clock step cannot move it back."""
+        return self._record_clock(t_mono, self.timebase.at)
+
+    def _record_clock(self, instant: float, site: Callable[[float], float]) -> float:
+        """``site(instant)`` as seconds since the site origin (coarsened as configured), or exact Unix time."""
+        if not math.isfinite(instant):
             raise AnonymizationError("anonymizer: record time is not a finite number: refused")
+        t = site(instant)
         if self._time_mode == "relative":
-            return round(self.timebase.site(t_wall), 3)
+            return round(t, 3)
         if self._time_mode == "coarse":
-            return math.floor(self.timebase.site(t_wall) / self._coarsen_s) * self._coarsen_s
-        return round(self.timebase.unix(t_wall), 3)
+            return math.floor(t / self._coarsen_s) * self._coarsen_s
+        return round(self.timebase.origin + t, 3)
 
     def log_label(self, purpose: str, identity: str) -> str:
         """How logs name an identity: its purpose and the pseudonym records carry (``subject~k3n...``)."""
@@ -662,7 +671,7 @@ class Anonymizer:
         payload = FeaturesWindow(
             subject=subject,
             kind=rec.kind,
-            t=self._t(rec.end_wall),
+            t=self._t_at(rec.end_mono),
             win=rec.length_s,
             streams=tuple(streams),
             scores={k: float(v) for k, v in rec.scores.items() if math.isfinite(v)},
@@ -678,7 +687,7 @@ class Anonymizer:
         payload = AlarmRecord(
             alarm=alarm.kind.value,
             subject=subject,
-            t=self._t(alarm.t_wall),
+            t=self._t_at(alarm.t_mono),
             dev=None if stream is None else self._device(stream.device, stream.source),
             # A device alarm names the device, not one of its streams.
             metric=None if stream is None or alarm.kind in _DEVICE_KINDS else stream.metric.name,
@@ -731,7 +740,7 @@ class Anonymizer:
         payload = EstimateRecord(
             subject=subject,
             kind=est.kind,
-            t=self._t(est.t_wall),
+            t=self._t_at(est.t_mono),
             est=est.name,
             unit=to_ucum(est.unit),
             state=est.state,

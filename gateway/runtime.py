@@ -466,7 +466,7 @@ class Pipeline:
         if sealed is None:
             return False
         rec, data = sealed
-        if not self._outbox.submit(OutItem(rec.lane, rec.topic, data, rec.t_wall)):
+        if not self._outbox.submit(OutItem(rec.lane, rec.topic, data)):
             return False
         self.submitted[rec.lane] += 1
         return True
@@ -635,6 +635,7 @@ class Pipeline:
                 for record in pending:  # cancelled between turns: queue the rest, lose none
                     self.window(record)
         for found in self._anon.timebase.take_steps():
+            await self._outbox.restamp(found.step_s)  # what waits is no older for the step
             detail = {"step_s": round(found.step_s, 3), "applied_s": round(found.applied_s, 3)}
             self.diagnostic(Diagnostic("clock_step", None, now_wall, detail))
         if now_mono >= self._next_counters:

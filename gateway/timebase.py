@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ HIGH_NAME = "timebase.high"
 STEP_TOLERANCE_S = 2.0
 #: How often the highest record time is written back (a crash loses at most this much of it).
 PERSIST_EVERY_S = 10.0
+#: Forward steps remembered for :meth:`TimeBase.at`; a record sealed after more steps than this
+#: since its instant takes the offset of the oldest one kept (a clock this unsteady has no true time).
+MOVES_KEPT = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,9 @@ class TimeBase:
         self._offset = start - mono0  # record time = monotonic + offset
         self._wm = wall0 - mono0  # wall minus monotonic, as last seen: its jumps are steps
         self._steps: list[ClockStep] = []
+        # (monotonic instant a forward step was seen, how far record time moved then), newest last:
+        # an instant before it keeps the record time it had (see :meth:`at`).
+        self._moves: deque[tuple[float, float]] = deque(maxlen=MOVES_KEPT)
         self._behind = 0.0  # how far the wall clock is behind record time (steps back absorbed)
         if high - (wall0 - origin) > STEP_TOLERANCE_S:
             # The wall clock reads less than when the last run stopped: stepped back while down.
@@ -145,8 +152,15 @@ class TimeBase:
 
     @classmethod
     def ephemeral(cls, start_wall: float | None = None) -> TimeBase:
-        """A time base kept in memory only (tools and tests): origin at ``start_wall``, run 1."""
-        return cls(origin=time.time() if start_wall is None else start_wall, boot=1, high=0.0)
+        """A time base kept in memory only (tools and tests), run 1.
+
+        Without ``start_wall``: origin now, on the real clocks.  With it (a replay that makes its
+        own times): origin at ``start_wall`` and monotonic 0, the clocks held there, so a record's
+        time is its monotonic instant and a wall stamp ``w`` is ``w - start_wall``.
+        """
+        if start_wall is None:
+            return cls(origin=time.time(), boot=1, high=0.0)
+        return cls(origin=start_wall, boot=1, high=0.0, wall=lambda: start_wall, mono=lambda: 0.0)
 
     def reset(self) -> None:
         """Start a new origin and boot counter (after a key rotation: nothing may link the two).
@@ -159,20 +173,29 @@ class TimeBase:
         self._wm = wall0 - mono0
         self._behind = 0.0
         self._steps.clear()
+        self._moves.clear()
         self._save()
 
     def now(self) -> float:
         """The current record time (seconds since the site origin)."""
         return self._mono() + self._offset
 
+    def at(self, t_mono: float) -> float:
+        """The record time of monotonic instant ``t_mono`` (the gateway's ``time.monotonic``).
+
+        The rule for stamps: a record's time is its monotonic instant plus the offset in force
+        then, so a forward step moves only the records of instants after it was seen, and a
+        sample stamped before it keeps its place even when its window is sealed after.  Its wall
+        stamp is not used: a driver's wall stamp may be projected from an earlier reading and so
+        be on either side of the step.
+        """
+        self.check()
+        return t_mono + self._offset - sum(applied for seen, applied in self._moves if seen > t_mono)
+
     def site(self, t_wall: float) -> float:
         """The record time of an instant the gateway stamped with wall time ``t_wall``."""
         self.check()
         return t_wall - self._wm + self._offset
-
-    def unix(self, t_wall: float) -> float:
-        """The same instant as Unix time on the record clock (for ``privacy.time = "exact"``)."""
-        return self.origin + self.site(t_wall)
 
     def check(self) -> ClockStep | None:
         """Look for a wall-clock step now; remember it for :meth:`take_steps` and return it."""
@@ -194,6 +217,8 @@ class TimeBase:
             self._behind -= caught_up
             applied = step - caught_up
             self._offset += applied
+            if applied:
+                self._moves.append((mono, applied))
         self._wm = wm
         found = ClockStep(step, applied, mono + self._offset)
         self._steps.append(found)

@@ -28,7 +28,11 @@ PUMP_ID = "plant-A/pump-3"
 SOURCE_NAMES = ("bed7-monitor", "pump3-plc")
 
 
-def _config(tmp: Path, *, stall: str = "") -> Path:
+SENSOR_OFF = '{ kind = "sensor_off", at_s = 1.0, duration_s = 1.5 }'
+
+
+def _config(tmp: Path, *, stall: str = "", sensor_off: str = SENSOR_OFF, sections: str = "") -> Path:
+    """Two simulated sources (a patient whose probe comes off as ``sensor_off`` says, a pump); ``sections`` added."""
     path = tmp / "edgetwin.toml"
     path.write_text(
         f"""
@@ -49,7 +53,7 @@ path = "{tmp / "out.jsonl"}"
 [runtime]
 drain_deadline_s = 5.0
 start_timeout_s = 10.0
-
+{sections}
 [[sources]]
 name = "{SOURCE_NAMES[0]}"
 driver = "sim"
@@ -57,7 +61,7 @@ subject = "{PATIENT_ID}"
 profile = "patient"
 device = "{BED_MAC}"
 rate_hz = 5.0
-events = [{{ kind = "sensor_off", at_s = 1.0, duration_s = 1.5 }}]
+events = [{sensor_off}]
 {stall}
 
 [[sources]]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bundle_support import PUMP, card_for, onnx_model, shipped_int8, write
+from durability import synced_during
 from test_inference_runtime import commission, pump_model, pump_window
 
 from gateway.anonymize import Anonymizer, Pseudonymizer
@@ -165,10 +166,15 @@ def test_an_alarm_storm_after_promotion_rolls_back(tmp_path: Path) -> None:
     assert slot.version == 0
 
 
-def test_a_restart_serves_the_promoted_version_and_can_still_roll_back(tmp_path: Path) -> None:
+def test_a_restart_serves_the_promoted_version_and_can_still_roll_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, card = shipped_int8()
     write(tmp_path / "models" / "bundles" / PUMP / "v7", card, model)
-    write_installed(tmp_path, PUMP, 7, 0)
+    # Which version serves is on disk before the promotion counts: a power cut must not leave an
+    # empty active.json (the shipped model would serve), so it is synced, renamed, its folder synced.
+    synced = synced_during(monkeypatch, lambda: write_installed(tmp_path, PUMP, 7, 0))
+    assert [p.name for p in synced] == [".active.json.tmp", PUMP]
     assert read_installed(tmp_path, PUMP) == (7, 0)
     shipped = pump_model(tmp_path)
     (slot,) = open_slots([shipped], tmp_path)

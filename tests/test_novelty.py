@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from data_support import DATA
+from durability import synced_during
 
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.inference.build import ModelsSection
@@ -120,6 +121,21 @@ def test_the_model_commissions_explains_persists_and_raises_on_a_fault(tmp_path:
     model.recommission("pump-1")
     assert model.fit_of("pump-1") is None
     assert not list((tmp_path / "models").glob("novelty-*.json"))
+
+
+def test_commissioning_saved_midway_is_on_disk_before_it_replaces_the_last_save_and_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hours of commissioning are in this file: a power cut after a save must leave that save or
+    # the one before, never an empty file - the data synced before its rename, the folder after.
+    model = NoveltyModel(NoveltyUse(commissioning_s=150.0), hop_s=1.0, state_dir=tmp_path)
+    normal = records(machine_rows(40, np.random.default_rng(3)))
+    model.score_batch(normal[:19])
+    synced = synced_during(monkeypatch, lambda: model.score_batch(normal[19:20]))
+    (saved,) = (tmp_path / "models").glob("novelty-*.json")
+    assert [p.name for p in synced] == [f".{saved.name}.tmp", "models"]
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert len(json.loads(saved.read_text(encoding="utf-8"))["rows"]) == 20
 
 
 def test_a_cusum_alarm_names_the_inputs_whose_sums_are_at_its_level_not_a_wide_column_below_it() -> None:

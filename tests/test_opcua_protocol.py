@@ -207,7 +207,9 @@ def test_the_gateway_s_own_key_and_certificate_are_each_synced_before_they_are_i
     )
 
 
-def test_pki_trusts_exact_certificates_and_their_issuers(tmp_path: Path) -> None:
+def test_pki_trusts_exact_certificates_and_their_issuers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pki = Pki(tmp_path / "pki")
     own_cert, own_key = pki.ensure_own(application_uri="urn:test:gw", hostname="gw")
     assert own_key.stat().st_mode & 0o777 == 0o600
@@ -227,11 +229,16 @@ def test_pki_trusts_exact_certificates_and_their_issuers(tmp_path: Path) -> None
     verdict = pki.verdict(der)
     assert not verdict.trusted
     assert verdict.reason == "untrusted"
-    saved = pki.reject(der)
-    assert saved.parent == pki.rejected_dir
+    # Rejected and trusted copies are whole after a power cut: each synced, renamed, folder synced.
+    synced = synced_during(monkeypatch, lambda: pki.reject(der))
+    (saved,) = pki.rejected()
+    assert synced == [saved.with_name(f".{saved.name}.tmp"), pki.rejected_dir]
     assert thumbprint(der) in saved.name
     assert pki.find_rejected(thumbprint(der)[:10]) == saved
-    moved = pki.trust(saved)
+    trusted: list[Path] = []
+    synced = synced_during(monkeypatch, lambda: trusted.append(pki.trust(saved)))
+    (moved,) = trusted
+    assert synced == [moved.with_name(f".{moved.name}.tmp"), pki.trusted_dir]
     assert not saved.exists()
     assert moved.parent == pki.trusted_dir
     assert pki.verdict(der).trusted

@@ -219,3 +219,46 @@ def test_a_killed_run_with_the_wall_clock_back_after_it_starts_after_its_running
     after = _open(tmp_path, c)
     assert after.run == 2
     assert after.now() == pytest.approx(30.001)
+
+
+def _t_of(anon: Anonymizer, end_mono: float, end_wall: float) -> float:
+    sf = StreamFeatures(SPO2, 10, 0.0, {"mean": 97.0})
+    sealed = anon.seal(
+        lambda: anon.window(WindowRecord("bed-7", "medical", 0, end_mono, end_wall, 10.0, (sf,))), encode
+    )
+    assert sealed is not None
+    payload = decode(sealed[1])
+    assert isinstance(payload, FeaturesWindow)
+    return payload.t
+
+
+def test_a_record_s_time_is_its_monotonic_instant_whatever_wall_stamp_a_driver_projected(
+    tmp_path: Path,
+) -> None:
+    # A Pi without a real-time clock boots two days behind; NTP steps it forward mid-run, later a
+    # few seconds back.  Drivers stamp wall time by projecting an earlier reading on the monotonic
+    # clock (the simulator from its start, the MCU link from its last offset, a held OPC UA node from
+    # its last change), so a stamp can be on either side of a step: record time must not follow it.
+    c = Clocks(1.7e9 - 2 * 86400.0)
+    anon = Anonymizer(Pseudonymizer(b"k" * 32), time_mode="relative", timebase=_open(tmp_path, c))
+    m0, w0 = c.m, c.w  # the driver's anchor
+
+    def projected(m: float) -> float:
+        return w0 + (m - m0)
+
+    c.advance(10.0)
+    before = c.m - 1.0  # a window that ended before the step, sealed after it
+    c.w += 2 * 86400.0
+    assert _t_of(anon, before, projected(before)) == pytest.approx(9.0)
+    (fwd,) = anon.timebase.take_steps()
+    assert fwd.applied_s == pytest.approx(2 * 86400.0)
+    c.advance(2.0)
+    after = _t_of(anon, c.m, projected(c.m))
+    assert after == pytest.approx(12.0 + 2 * 86400.0)  # moved ahead with the step it followed
+    assert after > fwd.t
+    c.advance(2.0)
+    c.w -= 5.0  # a step back: absorbed, and a stamp of the old clock is not 5 s in the future
+    old_clock = _t_of(anon, c.m, c.w + 5.0)
+    c.advance(1.0)
+    new_clock = _t_of(anon, c.m, c.w)
+    assert new_clock - old_clock == pytest.approx(1.0)

@@ -252,7 +252,8 @@ class Pki:
         cert = x509.load_der_x509_certificate(der)
         path = self.rejected_dir / f"{_safe_file_name(_common_name(cert))}[{thumbprint(der)}].der"
         if not path.exists():
-            path.write_bytes(der)
+            # Whole or absent after a power cut: a torn one would be the file the operator trusts.
+            write_atomic(path, der, 0o644)
         return path
 
     def rejected(self) -> list[Path]:
@@ -295,7 +296,8 @@ class Pki:
             ) from exc
         der = cert.public_bytes(serialization.Encoding.DER)
         target = self.trusted_dir / f"{_safe_file_name(_common_name(cert))}[{thumbprint(der)}].der"
-        target.write_bytes(der)
+        # On disk (synced, its folder too) before the rejected copy goes: a power cut leaves it in one place or both.
+        write_atomic(target, der, 0o644)
         if path.resolve().parent == self.rejected_dir.resolve():
             path.unlink()
         return target

@@ -92,6 +92,9 @@ class Entry:
     # Wall time the twin was told (its raise), and the priority it was raised (or escalated) at.
     raised: float | None = None
     priority: str | None = None
+    # Monotonic instant it is on since, for a condition raised in this run (never saved): how long
+    # it has been on is counted on it, so a wall-clock step cannot add days to an alarm's age.
+    since_mono: float | None = None
 
     @property
     def since(self) -> float | None:
@@ -239,6 +242,7 @@ class AlarmLedger:
             family = _family(alarm) or alarm.kind
             onset = known.onset if known is not None else _onset(alarm)
             raised = known.raised if known is not None else alarm.t_wall
+            since_mono = known.since_mono if known is not None else _onset_mono(alarm)
             priority = alarm.priority.value if alarm.priority is not None else None
             if priority is None and known is not None:
                 priority = known.priority
@@ -253,6 +257,7 @@ class AlarmLedger:
                 alarm.node,
                 raised,
                 priority,
+                since_mono,
             )
             if entry == known:
                 return
@@ -493,6 +498,12 @@ def _onset(alarm: Alarm) -> float | None:
     """When the condition a raise starts began: its time less the time held it reports."""
     held = alarm.held_s
     return None if held is None or not math.isfinite(held) else alarm.t_wall - held
+
+
+def _onset_mono(alarm: Alarm) -> float:
+    """The monotonic instant the condition a raise starts began (its raise where it gives no time held)."""
+    held = alarm.held_s
+    return alarm.t_mono - (held if held is not None and math.isfinite(held) else 0.0)
 
 
 def _entry_key(e: Entry) -> tuple[str, ...] | None:

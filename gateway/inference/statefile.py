@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from gateway.privatefile import write_private_json
 
 __all__ = ["state_file", "store_json"]
 
@@ -22,13 +23,13 @@ def state_file(state_dir: Path | None, model: str, subject: str) -> Path | None:
 
 
 def store_json(path: Path | None, body: dict[str, Any], model: str) -> None:
-    """Write ``body`` to ``path`` atomically (temporary file, then rename); log, never raise, on failure."""
+    """Replace ``path`` with ``body`` whole and synced (the state directory's private-file writer); log, never raise."""
     if path is None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body), encoding="utf-8")
-        tmp.replace(path)
+        # Synced before the rename and the directory after it: a power cut leaves the last state
+        # or this one, never an empty file that discards hours of commissioning.
+        write_private_json(path, body)
     except OSError as exc:
         log.warning("models %s: cannot store state in %s: %s", model, path, exc.strerror)

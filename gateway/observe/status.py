@@ -320,9 +320,11 @@ class StatusBoard:
                 what = ""  # the device, with every stream it delivers
             where = "" if s is None else s.source
             since = e.since
-            if since is None:  # a ledger written before raises were timed
+            if e.since_mono is not None:  # raised in this run: the monotonic clock, which does not step
+                since_s = max(0.0, now - e.since_mono)
+            elif since is None:  # a ledger written before raises were timed
                 since_s = self._since.see(f"alarm:{e.kind}/{where}/{what}/{e.subject}", True, now)
-            else:
+            else:  # carried over a restart: the wall clock is all there is
                 since_s = max(0.0, wall - since)
             out.append(
                 {

@@ -277,6 +277,10 @@ class AsyncOutbox:
         """See :meth:`Outbox.dead_letter`."""
         return await asyncio.to_thread(self.outbox.dead_letter, list(ids), reason)
 
+    async def restamp(self, step_s: float) -> None:
+        """See :meth:`Outbox.restamp` (records still waiting here are stamped when committed)."""
+        await asyncio.to_thread(self.outbox.restamp, step_s)
+
     async def expire(self, now_wall: float | None = None) -> int:
         """See :meth:`Outbox.expire`."""
         return await asyncio.to_thread(self.outbox.expire, now_wall)

@@ -41,7 +41,10 @@ class OutItem:
     lane: Lane
     topic: str  # relative topic, already anonymized, e.g. "features/k3j2..."
     payload: bytes
-    t_wall: float  # creation time (epoch s), used for the age budget
+    # For the age budget (epoch s); None: stamped when committed, on the outbox's age clock
+    # (Outbox.clock), as the gateway queues records.  Never a driver's or device's stamp, which
+    # may be projected from before a clock step or be a PLC's.
+    t_wall: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,6 +142,11 @@ class Outbox:
         self._prepare_directory()
         self._conn = self._open_or_recover()
         self._space.take()
+        # The age budget's clock: the wall time at open carried on the monotonic clock, so a wall
+        # clock step cannot age what waits; restamp() moves it, and this run's rows with it, when
+        # the time base reports a step, so a later run on the stepped clock agrees with them.
+        self._anchor = time.time() - time.monotonic()
+        self._run_floor = self._seq  # ids above it were stamped on this run's clock
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -276,9 +281,24 @@ class Outbox:
             if not self._closed:
                 self._state.save(sync=True)
 
+    def clock(self) -> float:
+        """Now on the age budget's clock (Unix seconds): what a record queued now is stamped with."""
+        return self._anchor + time.monotonic()
+
+    def restamp(self, step_s: float) -> None:
+        """The wall clock stepped by ``step_s``: move the age clock and this run's stamps with it (ages unchanged)."""
+        with self._lock:
+            self._require_open()
+            self._anchor += step_s
+            self._guarded("restamp", lambda: self._restamp(step_s))
+
+    def _restamp(self, step_s: float) -> None:
+        with self._transaction() as conn:
+            conn.execute("UPDATE records SET t_wall = t_wall + ? WHERE id > ?", (step_s, self._run_floor))
+
     def expire(self, now_wall: float | None = None) -> int:
-        """Drop records older than their lane's age budget; return how many were dropped."""
-        now = time.time() if now_wall is None else now_wall
+        """Drop records older than their lane's age budget (by :meth:`clock`); return how many were dropped."""
+        now = self.clock() if now_wall is None else now_wall
         with self._lock:
             self._require_open()
             return self._guarded("expire", lambda: self._expire(now))
@@ -842,9 +862,10 @@ class Outbox:
             if deleted:
                 conn.executemany("DELETE FROM records WHERE id = ?", deleted)
             rows: list[tuple[Lane, str, bytes, float, int]]
+            stamp = self.clock()  # under the lock, so restamp() moves a row or stamps it afresh, never both
             if not any(p.dropped for p in plans.values()):
                 rows = [
-                    (it.lane, it.topic, it.payload, it.t_wall, sz)
+                    (it.lane, it.topic, it.payload, stamp if it.t_wall is None else it.t_wall, sz)
                     for it, sz in zip(items, sizes, strict=True)
                 ]
             else:
@@ -855,7 +876,15 @@ class Outbox:
                     position[item.lane] = i + 1
                     p = plans.get(item.lane)
                     if p is None or p.first <= i < p.end:
-                        rows.append((item.lane, item.topic, item.payload, item.t_wall, size))
+                        rows.append(
+                            (
+                                item.lane,
+                                item.topic,
+                                item.payload,
+                                stamp if item.t_wall is None else item.t_wall,
+                                size,
+                            )
+                        )
             conn.executemany(
                 "INSERT INTO records (lane, topic, payload, t_wall, size) VALUES (?, ?, ?, ?, ?)", rows
             )
@@ -1126,7 +1155,7 @@ class Outbox:
         return found
 
     def _stats(self) -> OutboxStats:
-        now = time.time()
+        now = self.clock()
         lanes: dict[Lane, LaneStats] = {}
         for lane in Lane:
             oldest: float | None = None
