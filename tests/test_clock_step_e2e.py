@@ -25,11 +25,16 @@ from test_e2e import _config as e2e_config
 from test_e2e import _records as e2e_records
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+# Debian's libfaketime, under the machine's multiarch folder (x86_64, aarch64, ...).
+FAKETIME = next(
+    iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))),
+    Path("/usr/lib/faketime/libfaketime.so.1"),
+)
 DAYS_BEHIND_S = 2 * 86400.0
 
 pytestmark = pytest.mark.skipif(
-    not FAKETIME.exists(), reason=f"libfaketime not found at {FAKETIME} (apt install faketime)"
+    not FAKETIME.exists(),
+    reason=f"libfaketime not found at {FAKETIME} (apt install libfaketime; .ci/setup test installs it)",
 )
 
 
