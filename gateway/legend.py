@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.errors import ConfigError
-from gateway.privatefile import write_private_json
+from gateway.privatefile import WriteFailures, writer_of
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -36,40 +37,33 @@ class Entry:
 
 
 class Legend:
-    """Identities seen, persisted on first sight (a small file written once per new identity)."""
+    """Identities seen, persisted on first sight (a small file rewritten by its file's worker thread per new identity)."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._entries: set[Entry] = set(load(path)) if path is not None else set()
-        self._failed = False
+        self._writer = writer_of(path) if path is not None else None
+        # The legend is a convenience for technicians: never a reason to stop the data.
+        self._failures = WriteFailures(log, "legend", path, "the legend misses new identities")
+        # Noted from the loop and from the threads that build the pipeline: each state is taken and
+        # asked for in one go, so an older one is never asked for after a newer one.
+        self._lock = threading.Lock()
 
     def note(self, purpose: str, identity: str, source: str = "") -> None:
-        """Remember an identity; written to the file the first time it is seen."""
+        """Remember an identity; written to the file (off the event loop) the first time it is seen."""
         entry = Entry(purpose, identity, source)
         if entry in self._entries:
             return
-        self._entries.add(entry)
-        self._save()
+        with self._lock:
+            self._entries.add(entry)
+            if self._writer is None:
+                return
+            body = [[e.purpose, e.identity, e.source] for e in sorted(self._entries)]
+            self._writer.submit(json.dumps(body).encode(), self._failures)
 
     def entries(self) -> list[Entry]:
         """Every identity noted, sorted."""
         return sorted(self._entries)
-
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        body = [[e.purpose, e.identity, e.source] for e in sorted(self._entries)]
-        try:
-            write_private_json(self.path, body)
-        except OSError as exc:
-            # The legend is a convenience for technicians: never a reason to stop the data.
-            if not self._failed:
-                log.warning("legend %s: cannot write: %s: the legend misses new identities", self.path, exc)
-            self._failed = True
-        else:
-            if self._failed:
-                log.info("legend %s: written again", self.path)
-            self._failed = False
 
 
 def load(path: Path | None) -> list[Entry]:

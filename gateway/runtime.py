@@ -65,6 +65,7 @@ from gateway.observe.lock import StateDirBusyError, state_dir_lock
 from gateway.observe.status import StatusBoard
 from gateway.outbox import DEFAULT_BUDGETS, AsyncOutbox, LaneBudget, Outbox, OutItem
 from gateway.pipeline.windows import Windower
+from gateway.privatefile import all_written, landed
 from gateway.records import (
     AlarmRecord,
     FeaturesWindow,
@@ -137,9 +138,6 @@ class Pipeline:
         self._limits = limit_checker(config.core.alarms)
         # The conditions on at the twin, by source: ended when their source goes (gateway.alarms.ledger).
         self._ledger = AlarmLedger(config.core.gateway.state_dir / LEDGER_FILE, feeds(config))
-        # One write of it at a time, each after the one before (a cancelled caller leaves its running).
-        self._ledger_lock = asyncio.Lock()
-        self._ledger_write: asyncio.Future[bool] | None = None
         for entry in self._ledger.entries():  # of a source maybe gone: never in a record
             anonymizer.register(entry.subject)
             for source in entry.sources:
@@ -366,24 +364,11 @@ class Pipeline:
         await self._save_ledger()
 
     async def _save_ledger(self) -> None:
-        """Keep the ledger when it changed, written in a worker thread: its two fsyncs held the loop, and every alarm behind it."""
-        async with self._ledger_lock:
-            await self._ledger_written()  # one a cancelled caller left running: the newer state goes last
-            body = self._ledger.snapshot()
-            if body is not None:
-                self._ledger_write = asyncio.get_running_loop().run_in_executor(
-                    None, self._ledger.write, body
-                )
-                await self._ledger_written()
-
-    async def _ledger_written(self) -> None:
-        """Wait for the ledger's write under way, never cancelling it (a rename half done), and raise what it raised."""
-        write = self._ledger_write
-        if write is None:
-            return
-        await asyncio.wait({write})
-        self._ledger_write = None
-        write.result()
+        """Keep the ledger when it changed, written by its file's worker thread: its two fsyncs held the loop, and every alarm behind it."""
+        written = self._ledger.keep()
+        if written is not None:
+            with contextlib.suppress(OSError):  # logged by the ledger, written again at the next step
+                await landed(written)
 
     def _send_endings(self, ended: list[Alarm]) -> None:
         """Log and queue endings the gateway itself sends (``ended`` in their detail)."""
@@ -523,9 +508,12 @@ class Pipeline:
         """Seal and queue a state estimate (``gateway.estimation``)."""
         self._submit(lambda: self._anon.estimate(estimate))
 
-    def save_estimators(self) -> None:
-        """Keep the estimators' state for the next start (at the stop; periodically in the step)."""
-        self._estimation.save(time.monotonic(), time.time())
+    async def save_estimators(self) -> None:
+        """Keep the estimators' state for the next start, and wait until it is on disk (at the stop; the step saves it periodically)."""
+        written = self._estimation.save(time.monotonic(), time.time())
+        if written is not None:
+            with contextlib.suppress(OSError):  # logged by the estimation stage
+                await landed(written)
 
     def window(self, record: WindowRecord) -> None:
         """Seal and queue one window of features: unchanged streams as markers, unchanged windows not."""
@@ -1265,9 +1253,10 @@ async def _supervise(
 
     async def drain(deadline: float) -> None:
         await pipeline.step()
-        pipeline.save_estimators()
+        await pipeline.save_estimators()
         await outbox.flush()
         await uplink.drain(deadline)
+        await all_written()  # the state files' writes still under way (the legend's)
 
     # Everything built so far (modules, models, drivers) lives as long as the process: frozen out of
     # the collector's sight, a full collection scans only what the run allocates.  Unfrozen, one

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from data_support import DATA
+from durability import landed
 
 from drivers import REGISTRY
 from gateway.anonymize import Anonymizer, Pseudonymizer
@@ -126,7 +127,7 @@ def test_strap_dropped_mid_run_fused_hr_continues_within_its_uncertainty_and_res
                 pipeline.sink.put_block(_block(OXI, t[k : k + 10] + 0.5, oxi[k : k + 10]))
                 await pipeline.step(now_mono=float(t[k]) + 10.0, now_wall=WALL + float(t[k]) + 10.0)
             first = [r for lane, topic, r in await _records(outbox) if r["type"] == "estimate"]
-            pipeline._estimation.save(float(t[-1]) + 1.0, WALL + float(t[-1]) + 1.0)
+            landed(pipeline._estimation.save(float(t[-1]) + 1.0, WALL + float(t[-1]) + 1.0))
             # A restart 5 s later (the clocks of the run): the estimate resumes, bridged, before
             # any source speaks.
             now = float(t[-1]) + 6.0
@@ -276,7 +277,7 @@ def test_battery_learns_a_faded_capacity_and_raises_low_soc_and_low_health(tmp_p
     assert ("limit", "soc") in kinds  # ended below 20 %
     assert all(a.alarm_class.value == "process" for a in alarms)
     # The learnt capacity and the SoC survive a restart.
-    stage.save(t, WALL + t)
+    landed(stage.save(t, WALL + t))
     again = Estimation(EstimatorsSection(battery=[spec]), {"motor-1": "industrial"}, sent.append,
                        alarms.append, tmp_path)  # fmt: skip
     assert again.estimators[0].capacity_ah == pytest.approx(est.capacity_ah)

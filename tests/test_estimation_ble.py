@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from durability import landed
 
 from gateway.contracts import Alarm, AlarmKind, Estimate, SampleSink, SourceInfo
 from gateway.estimation import Estimation, EstimatorsSection
@@ -51,7 +52,7 @@ def test_reported_levels_give_the_drain_and_hours_left_across_a_restart(tmp_path
     assert last.detail["drain_pct_h"] == pytest.approx(5.0, abs=0.5)
     assert last.detail["hours_left"] == pytest.approx(80.0 / 5.0, rel=0.1)
     assert [s.metric.name for s, _ in last.sources] == [BATTERY]
-    stage.save(7200.0, WALL + 7200.0)
+    landed(stage.save(7200.0, WALL + 7200.0))
     # After a restart (a new monotonic clock) one more level: the drain is still known.
     out.clear()
     again = Estimation(_section(), {SUBJECT: "medical"}, out.append, lambda a: None, tmp_path,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from durability import synced_during
+from durability import landed, synced_during
 
 from gateway.contracts import Estimate
 from gateway.estimation import Estimation, EstimatorsSection
@@ -76,7 +76,7 @@ def test_learnt_source_noise_survives_a_restart_even_after_the_estimate_expired(
     learnt = fused.filter.noise[OXI_LABEL]
     assert learnt > 4.0 * 9.0  # found out: near 81, far above the configured 9
     assert fused.filter.noise["MDC_ECG_HEART_RATE"] < 4.0
-    stage.save(400.0, WALL + 400.0)
+    landed(stage.save(400.0, WALL + 400.0))
     saved = json.loads((tmp_path / STATE_FILE).read_text(encoding="utf-8"))
     assert saved["v"] == 1
     # An hour later: the estimate is far too old to resume, the oximeter's noise is not.
@@ -118,7 +118,7 @@ def test_damaged_state_is_relearnt_with_a_log_line(
     # Relearning works from there, and the next save replaces the damaged file.
     _learn(stage, 0.0, 300, np.random.default_rng(2))
     assert fused.filter.noise[OXI_LABEL] > 36.0
-    stage.save(300.0, WALL + 300.0)
+    landed(stage.save(300.0, WALL + 300.0))
     assert json.loads((tmp_path / STATE_FILE).read_text(encoding="utf-8"))["v"] == 1
 
 
@@ -129,7 +129,7 @@ def test_the_saved_state_is_on_disk_before_it_replaces_the_last_one_and_private(
     # the new data is synced before its rename, and the rename (the directory) after it.  The file
     # names subjects (its keys), so it is the owner's only.
     stage, _ = _stage(tmp_path, 0.0, [])
-    synced = synced_during(monkeypatch, lambda: stage.save(10.0, WALL + 10.0))
+    synced = synced_during(monkeypatch, lambda: landed(stage.save(10.0, WALL + 10.0)))
     assert [p.name for p in synced] == [f".{STATE_FILE}.tmp", tmp_path.name]
     assert (tmp_path / STATE_FILE).stat().st_mode & 0o777 == 0o600
     assert json.loads((tmp_path / STATE_FILE).read_text(encoding="utf-8"))["v"] == 1

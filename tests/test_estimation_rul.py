@@ -258,7 +258,7 @@ def _run(
                             )
                     t += CYCLE_S
                     await pipeline.step(now_mono=T0 + t, now_wall=WALL0 + t)
-                pipeline.save_estimators()  # as at the stop
+                await pipeline.save_estimators()  # as at the stop
                 await outbox.flush()
                 while batch := await outbox.lease(1000):
                     for i in batch:

@@ -13,6 +13,7 @@ from drivers import REGISTRY
 from gateway.cli import main
 from gateway.config import load
 from gateway.legend import FILE_NAME, Legend
+from gateway.privatefile import writer_of
 from gateway.runtime import run_gateway
 
 PATIENT = "MRN-0048213-SMITH"
@@ -91,6 +92,7 @@ def test_the_legend_holds_identities_not_pseudonyms_and_survives_a_damaged_file(
     legend = Legend(path)
     legend.note("device", "AA:BB:CC:DD:EE:FF", "bed7-oxi")
     legend.note("device", "AA:BB:CC:DD:EE:FF", "bed7-oxi")  # once
+    assert writer_of(path).wait(30)  # written off the caller's thread
     assert json.loads(path.read_text()) == [["device", "AA:BB:CC:DD:EE:FF", "bed7-oxi"]]
     path.write_text("{damaged")
     assert Legend(path).entries() == []

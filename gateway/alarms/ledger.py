@@ -36,12 +36,13 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from gateway.contracts import Alarm, AlarmKind, AlarmPriority, Node
-from gateway.privatefile import write_private_json
+from gateway.privatefile import WriteFailures, writer_of
 from gateway.records import fault_origin
 from gateway.sample import Metric, Stream
 
@@ -190,7 +191,13 @@ class AlarmLedger:
         self._on: dict[tuple[str, ...], Entry] = {}
         self.dirty = False
         self._written: dict[str, Any] | None = None  # the body last written by this process
-        self._warned = False
+        self._writer = writer_of(path) if path is not None else None
+        self._failures = WriteFailures(
+            log,
+            "alarm ledger",
+            path,
+            "alarms of a source removed before the next start will not be ended then; check the state directory",
+        )
         if path is not None:
             self._on = _load(path)
         self._carried = set(self._on)  # the conditions a previous run left on, until they end
@@ -376,40 +383,33 @@ class AlarmLedger:
         return out
 
     def save(self) -> None:
-        """Write the ledger when it changed (atomically, mode 0600: it names subjects and devices)."""
-        body = self.snapshot()
-        if body is not None:
-            self.write(body)
+        """Write the ledger when it changed, and wait for it (atomically, mode 0600: it names subjects and devices)."""
+        written = self.keep()
+        if written is not None:
+            with contextlib.suppress(OSError):  # told by _kept
+                written.result()
 
-    def snapshot(self) -> dict[str, Any] | None:
-        """The ledger as :meth:`write` keeps it, when it changed since the last one taken and is not what the file holds; else None."""
-        if not self.dirty or self._path is None:
+    def keep(self) -> Future[None] | None:
+        """Have the ledger written by its file's worker thread when it changed and is not what the file holds; that write, or None."""
+        if not self.dirty or self._writer is None:
             return None
         self.dirty = False
         body = {"version": _VERSION, "on": [_dump(e) for e in self._on.values()]}
         # A condition raised and ended since (a flapping probe) leaves the file as it is: no fsync.
-        return None if body == self._written else body
-
-    def write(self, body: dict[str, Any]) -> bool:
-        """Write a :meth:`snapshot` (fsynced: callable from a worker thread); a failure is logged once and retried at the next save."""
-        assert self._path is not None
-        try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            write_private_json(self._path, body)
-        except OSError as exc:
-            self._written = None
-            self.dirty = True  # the file still holds an older state: the next save writes again
-            if not self._warned:
-                log.warning(
-                    "alarm ledger %s: cannot write: %s: alarms of a source removed before the next "
-                    "start will not be ended then; check the state directory",
-                    self._path,
-                    exc.strerror,
-                )
-                self._warned = True
-            return False
+        if body == self._written:
+            return None
+        # What the file holds once the writes asked for are done: they are carried out in order.
         self._written = body
-        return True
+        return self._writer.submit(json.dumps(body).encode(), self._kept)
+
+    def _kept(self, failed: Exception | None) -> None:
+        """A write's outcome, in the writer's thread: a failure is told once and written again at the next keep."""
+        if failed is not None:
+            # The file still holds an older state; in this order, so that a keep on the loop
+            # meanwhile that sees ``dirty`` compares against nothing.
+            self._written = None
+            self.dirty = True
+        self._failures(failed)
 
 
 def _dump(e: Entry) -> dict[str, Any]:

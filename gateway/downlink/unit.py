@@ -364,7 +364,7 @@ class Downlink:
                 log.info("downlink: the renewed certificate connected; the old pair is removed")
                 self.report()
             elif now >= self._trial_until:
-                r.restore()
+                await asyncio.to_thread(r.restore)  # four files written and synced: off the loop
                 self._trial_until = None
                 detail = f"the new certificate did not connect within {self._section.apply_deadline_s:g} s"
                 await asyncio.to_thread(self.audit.append, "cert-rolled-back", detail=detail)
@@ -411,7 +411,7 @@ class Downlink:
         except RefusedError as exc:
             await self._refuse(None, exc.reason, f"certificate: {exc}")
             return
-        r.install(pem)
+        await asyncio.to_thread(r.install, pem)  # four files written and synced: off the loop
         await asyncio.to_thread(_remember, self.dir, digest)
         self._trial_until = time.monotonic() + self._section.apply_deadline_s
         self._attach_mark = self._attaches
