@@ -125,7 +125,11 @@ async def alarm_records(outbox: AsyncOutbox, pipeline: Pipeline) -> list[dict[st
     assert Counter(i.lane for i in items) == +Counter(pipeline.submitted), counters
     windows = pipeline.windower.counters()["windows"]
     assert pipeline.submitted[Lane.FEATURES] + pipeline.thinner.skipped == windows, counters
-    return [as_map(decode(i.payload)) | {"_t": i.t_wall - WALL0} for i in items if i.lane == Lane.ALARMS]
+    # The record's own time: the run's time base holds its clocks at the simulated start
+    # (``TimeBase.ephemeral(WALL0)``), so it is the monotonic instant, T0 at the start.  The outbox
+    # row's stamp is the outbox's own clock (when the row was committed), not simulated time.
+    alarms = [as_map(decode(i.payload)) for i in items if i.lane == Lane.ALARMS]
+    return [a | {"_t": a["t"] - T0} for a in alarms]
 
 
 def by_kind(alarms: list[dict[str, Any]]) -> Counter[str]:
