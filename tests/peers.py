@@ -1,6 +1,6 @@
 """Test peers shared by the driver tests: a SampleSink that records what a driver hands over, a
 driver running as a task, a free port, a socat pseudo-terminal pair, a process whose output goes
-to files, and the xdist group of tests that must not run beside each other."""
+to files, and the mark of tests that must not run beside each other."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import pytest
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, Driver, SampleSink
 from gateway.sample import Sample, SampleBlock
 
-# Under pytest-xdist the tests that must not run beside each other (bounds of real time on the event
-# loop or a stop, chromium, namespaces and mounts) share this group: one worker runs them in turn.
-ONE_AT_A_TIME = pytest.mark.xdist_group("one-at-a-time")
+# Tests that must not run beside each other (bounds of real time on the event loop or a stop,
+# chromium, namespaces and mounts) hold one lock across the pytest-xdist workers (tests/conftest.py).
+ONE_AT_A_TIME = pytest.mark.one_at_a_time
 
 
 class RecordingSink:

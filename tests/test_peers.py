@@ -1,9 +1,11 @@
 """The test peers' helpers: a process that logs a lot never blocks on its own output; free ports
-are each test worker's own."""
+are each test worker's own; tests marked one_at_a_time never overlap."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,3 +73,42 @@ def test_free_ports_are_the_workers_own_below_the_ephemeral_range_and_skip_a_tak
         held.listen()
         monkeypatch.setattr(peers, "_port_cursor", {"next": second - 23000})
         assert free_port() not in (second, first)
+
+
+_MARKED = """
+import os, time
+import pytest
+
+@pytest.mark.one_at_a_time
+def test_{name}() -> None:
+    with open(os.environ["RUNS"], "a") as runs:
+        runs.write(f"{{os.environ.get('PYTEST_XDIST_WORKER')}} start {{time.monotonic()}}\\n")
+    time.sleep(1.0)
+    with open(os.environ["RUNS"], "a") as runs:
+        runs.write(f"{{os.environ.get('PYTEST_XDIST_WORKER')}} end {{time.monotonic()}}\\n")
+"""
+
+
+def test_one_at_a_time_tests_in_two_workers_do_not_overlap(tmp_path: Path) -> None:
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    (suite / "pytest.ini").write_text("[pytest]\nmarkers =\n    one_at_a_time: one at a time\n")
+    for name in ("first", "second"):
+        (suite / f"test_{name}.py").write_text(_MARKED.format(name=name))
+    runs = tmp_path / "runs.txt"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "worksteal"],
+        cwd=suite,
+        env={**os.environ, "RUNS": str(runs)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line.split() for line in runs.read_text().splitlines()]
+    assert len({worker for worker, _, _ in lines}) == 2, lines  # each test in a worker of its own
+    # Started, ended, started, ended: the second began after the first ended.
+    assert [event for _, event, _ in lines] == ["start", "end", "start", "end"], lines
+    assert float(lines[2][2]) >= float(lines[1][2])
