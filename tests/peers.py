@@ -1,12 +1,13 @@
 """Test peers shared by the driver tests: a SampleSink that records what a driver hands over, a
 driver running as a task, a free port, a socat pseudo-terminal pair, a process whose output goes
-to files."""
+to files, and the mark of tests that must not run beside each other."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -17,9 +18,14 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import pytest
 
 from gateway.contracts import Alarm, AlarmKind, Diagnostic, Driver, SampleSink
 from gateway.sample import Sample, SampleBlock
+
+# Tests that must not run beside each other (bounds of real time on the event loop or a stop,
+# chromium, namespaces and mounts) hold one lock across the pytest-xdist workers (tests/conftest.py).
+ONE_AT_A_TIME = pytest.mark.one_at_a_time
 
 
 class RecordingSink:
@@ -143,12 +149,58 @@ class LoggedProcess(subprocess.Popen[str]):
         return self.out(), self.err()
 
 
+# Under pytest-xdist several test processes pick ports at once, and a port picked, closed and
+# handed to a peer that binds it a second later can meanwhile be picked by another worker or taken
+# by any outgoing connection's local port, as long as it is one of the kernel's ephemeral ports.
+# So each worker picks from its own range below the ephemeral range, in turn, checked free by a
+# bind: no other worker and no connection's local port can take it between pick and use.
+_PORT_BASE = 20000
+_PORTS_PER_WORKER = 1000
+_MAX_WORKERS = 12
+_port_cursor: dict[str, int] = {}
+
+
+def _worker_ports() -> range | None:
+    """This test process's own port range, or None when the ephemeral range leaves no room."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker.removeprefix("gw") or 0) % _MAX_WORKERS
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if ephemeral_low < _PORT_BASE + _MAX_WORKERS * _PORTS_PER_WORKER:
+        return None
+    start = _PORT_BASE + index * _PORTS_PER_WORKER
+    return range(start, start + _PORTS_PER_WORKER)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
-    """A loopback TCP port nothing listens on now (the kernel's pick)."""
+    """A loopback TCP port nothing listens on now, from this test worker's own range.
+
+    Falls back to the kernel's pick where the ephemeral range leaves no room for the ranges.
+    """
+    ports = _worker_ports()
+    if ports is not None:
+        # Started at a place of its own per process, so two suites on one machine seldom meet.
+        cursor = _port_cursor.setdefault("next", os.getpid() % len(ports))
+        for step in range(len(ports)):
+            port = ports[(cursor + step) % len(ports)]
+            if _bindable(port):
+                _port_cursor["next"] = (cursor + step + 1) % len(ports)
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        picked: int = s.getsockname()[1]
+        return picked
 
 
 @contextlib.contextmanager

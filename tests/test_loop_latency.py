@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import free_port
+from peers import ONE_AT_A_TIME, free_port
 
 from drivers import REGISTRY
 from drivers.opcua.pki import Pki
@@ -36,7 +36,7 @@ from gateway import demo
 from gateway.config import validate
 from gateway.runtime import run_gateway
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ONE_AT_A_TIME]
 
 SLOW_S = 0.05
 

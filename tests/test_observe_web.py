@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import LoggedProcess, free_port
+from peers import ONE_AT_A_TIME, LoggedProcess, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from drivers.serial.sim import PtyOximeter, VitalsModel
 from gateway.cli import main
 from gateway.uplink.certs import DemoCA
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ONE_AT_A_TIME]
 
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER = ROOT / "tests" / "browser"

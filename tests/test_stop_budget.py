@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from peers import ONE_AT_A_TIME
 
 from gateway.cleanup import CANCEL_GRACE_S
 from gateway.contracts import Lane
@@ -25,6 +26,8 @@ from gateway.supervisor import STOP_BUDGET_S, Group, Supervisor, Unit
 REPO = Path(__file__).resolve().parents[1]
 MARGIN_S = 3.0
 CLOSE_TIMEOUT_S = 5.0  # AsyncOutbox's default close timeout, as the runtime uses it
+
+pytestmark = ONE_AT_A_TIME  # its bounds are a few tenths of a second of real time
 
 
 def timeout_stop_s() -> float:

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 from downlink_support import DEADLINE_S, ROOT, Site, applied, broker_running, new_site, running, source
+from peers import ONE_AT_A_TIME
 from test_systemd_unit import SYSUSERS, TMPFILES, UNIT, _service_settings
 from uplink_support import mosquitto_pki
 
 from gateway.uplink.certs import DemoPKI
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ONE_AT_A_TIME]
 
 
 def writable_paths(unit_text: str) -> list[str]:
