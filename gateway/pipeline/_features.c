@@ -1,0 +1,217 @@
+/*
+ * The one-pass window features (gateway.pipeline.features._streams_pass) in one compiled call.
+ *
+ * Why: after a busy neighbour's time slice every distinct numpy function a window calls comes
+ * back from memory (4-8 us each, BENCHMARKS.md "what a cold window touches"); the numpy pass
+ * calls a dozen.  This pass is one small loop per stream over the window's own arrays and writes
+ * the result dictionaries itself.
+ *
+ * Identical to the bit to the numpy pass: every sum is taken in the order np.add.reduceat takes
+ * it (the segment's first element, plus numpy's pairwise sum of the rest: 8 accumulators up to
+ * 128 terms, halves above), every other operation is the same IEEE double operation.  Built
+ * with -ffp-contract=off so no compiler fuses a product into a sum (an FMA rounds once).
+ * Returns None where the numpy pass must decide (not 1-D float64 arrays, unequal lengths, an
+ * empty stream, values at or beyond +-1e100): the caller then runs it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#define HUGE_VALUE 1e100
+#define PW_BLOCK 128
+
+/* A column of doubles: its first element and its stride in doubles. */
+typedef struct {
+    const double *p;
+    npy_intp s;
+} Col;
+
+#define AT(c, k) ((c).p[(k) * (c).s])
+
+/*
+ * Pairwise sum of TERM over k in [off, off + n), in numpy's order (loops_utils.h.src): below 8
+ * terms one after the other, up to 128 in 8 accumulators, above that two halves (a multiple of 8
+ * first).  a, b: columns; m1, m2: the means the terms are centred on.
+ */
+#define DEF(NAME, TERM)                                                                    \
+    static double NAME(Col a, Col b, npy_intp n, npy_intp off, double m1, double m2)      \
+    {                                                                                     \
+        (void)b;                                                                          \
+        (void)m1;                                                                         \
+        (void)m2;                                                                         \
+        if (n < 8) {                                                                      \
+            double res = -0.0;                                                            \
+            for (npy_intp i = 0; i < n; i++) {                                            \
+                npy_intp k = off + i;                                                     \
+                res += (TERM);                                                            \
+            }                                                                             \
+            return res;                                                                   \
+        }                                                                                 \
+        if (n <= PW_BLOCK) {                                                              \
+            double r[8];                                                                  \
+            npy_intp i, k;                                                                \
+            for (i = 0; i < 8; i++) {                                                     \
+                k = off + i;                                                              \
+                r[i] = (TERM);                                                            \
+            }                                                                             \
+            for (i = 8; i < n - (n % 8); i += 8) {                                        \
+                for (npy_intp j = 0; j < 8; j++) {                                        \
+                    k = off + i + j;                                                      \
+                    r[j] += (TERM);                                                       \
+                }                                                                         \
+            }                                                                             \
+            double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])); \
+            for (; i < n; i++) {                                                          \
+                k = off + i;                                                              \
+                res += (TERM);                                                            \
+            }                                                                             \
+            return res;                                                                   \
+        }                                                                                 \
+        npy_intp n2 = n / 2;                                                              \
+        n2 -= n2 % 8;                                                                     \
+        return NAME(a, b, n2, off, m1, m2) + NAME(a, b, n - n2, off + n2, m1, m2);        \
+    }
+
+DEF(sum_at, AT(a, k))
+DEF(sq_at, (AT(a, k) - m1) * (AT(a, k) - m1))
+DEF(cross_at, (AT(a, k) - m1) * (AT(b, k) - m2))
+
+/*
+ * np.add.reduceat of one segment: its first term, plus the pairwise sum of the others.  The sum
+ * of one term is that term exactly (-0.0 + x == x for every x, signed zeros included).
+ */
+#define SEGMENT(FN, A, B, N, M1, M2) \
+    ((N) > 1 ? FN(A, B, 1, 0, M1, M2) + FN(A, B, (N) - 1, 1, M1, M2) : FN(A, B, 1, 0, M1, M2))
+
+static PyObject *key_mean, *key_std, *key_min, *key_max, *key_slope;
+
+/* A 1-D float64 array in native order and aligned, as a column; 0 when it is not one. */
+static int column(PyObject *o, Col *c, npy_intp *n)
+{
+    if (!PyArray_Check(o)) {
+        return 0;
+    }
+    PyArrayObject *a = (PyArrayObject *)o;
+    if (PyArray_NDIM(a) != 1 || PyArray_TYPE(a) != NPY_DOUBLE || !PyArray_ISNOTSWAPPED(a) ||
+        !PyArray_ISALIGNED(a) || PyArray_STRIDE(a, 0) % (npy_intp)sizeof(double) != 0) {
+        return 0;
+    }
+    c->p = (const double *)PyArray_DATA(a);
+    c->s = PyArray_STRIDE(a, 0) / (npy_intp)sizeof(double);
+    *n = PyArray_DIM(a, 0);
+    return 1;
+}
+
+static int put(PyObject *d, PyObject *key, double value)
+{
+    PyObject *f = PyFloat_FromDouble(value);
+    if (f == NULL) {
+        return -1;
+    }
+    int rc = PyDict_SetItem(d, key, f);
+    Py_DECREF(f);
+    return rc;
+}
+
+static PyObject *streams(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *ts, *vs;
+    if (!PyArg_ParseTuple(args, "OO", &ts, &vs)) {
+        return NULL;
+    }
+    if (!PyList_Check(ts) || !PyList_Check(vs) || PyList_GET_SIZE(ts) != PyList_GET_SIZE(vs)) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t s = PyList_GET_SIZE(vs);
+    /* First every check, so a window the numpy pass must take costs no dictionaries. */
+    for (Py_ssize_t i = 0; i < s; i++) {
+        Col t, v;
+        npy_intp nt, nv;
+        if (!column(PyList_GET_ITEM(ts, i), &t, &nt) || !column(PyList_GET_ITEM(vs, i), &v, &nv) ||
+            nt != nv || nv == 0) {
+            Py_RETURN_NONE;
+        }
+        for (npy_intp k = 0; k < nv; k++) {
+            double x = AT(v, k);
+            if (!(x > -HUGE_VALUE && x < HUGE_VALUE)) {
+                Py_RETURN_NONE;
+            }
+        }
+    }
+    PyObject *out = PyList_New(s);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < s; i++) {
+        Col t, v;
+        npy_intp n, nt;
+        column(PyList_GET_ITEM(ts, i), &t, &nt);
+        column(PyList_GET_ITEM(vs, i), &v, &n);
+        double lo = AT(v, 0), hi = lo;
+        for (npy_intp k = 1; k < n; k++) {
+            double x = AT(v, k);
+            lo = x < lo ? x : lo;
+            hi = x > hi ? x : hi;
+        }
+        double dn = (double)n;
+        double mean = SEGMENT(sum_at, v, v, n, 0.0, 0.0) / dn;
+        /* Rounding can put a sum/n mean a hair outside [min, max]: clamp so constants stay exact. */
+        mean = mean < lo ? lo : mean;
+        mean = mean > hi ? hi : mean;
+        double tmean = SEGMENT(sum_at, t, t, n, 0.0, 0.0) / dn;
+        double ss = SEGMENT(sq_at, v, v, n, mean, 0.0);
+        double den = SEGMENT(sq_at, t, t, n, tmean, 0.0);
+        double num = SEGMENT(cross_at, v, t, n, mean, tmean);
+        double sd, slope;
+        if (lo == hi) {
+            sd = 0.0;
+            slope = 0.0;
+        } else {
+            sd = sqrt(ss / dn);
+            slope = den > 0.0 ? num / den : NAN;
+        }
+        PyObject *d = PyDict_New();
+        if (d == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, d);
+        if (put(d, key_mean, mean) < 0 || put(d, key_std, sd) < 0 || put(d, key_min, lo) < 0 ||
+            put(d, key_max, hi) < 0 ||
+            (n >= 2 && den > 0.0 && isfinite(slope) && put(d, key_slope, slope) < 0)) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"streams", streams, METH_VARARGS,
+     "Features of two or more non-empty streams' windows in one pass, or None where the numpy pass decides."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "gateway.pipeline._features",
+    "The one-pass window features, compiled (see gateway.pipeline.features).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__features(void)
+{
+    import_array();
+    key_mean = PyUnicode_InternFromString("mean");
+    key_std = PyUnicode_InternFromString("std");
+    key_min = PyUnicode_InternFromString("min");
+    key_max = PyUnicode_InternFromString("max");
+    key_slope = PyUnicode_InternFromString("slope");
+    if (!key_mean || !key_std || !key_min || !key_max || !key_slope) {
+        return NULL;
+    }
+    return PyModule_Create(&module);
+}
