@@ -1,4 +1,8 @@
-"""The gateway's one compiled module: the window features in one call (optional: numpy serves without it)."""
+"""The gateway's one compiled module: a window's features and its dense-layer score, each in one call.
+
+Optional: where no C compiler builds it, the numpy paths serve with the same results (features to
+the bit, scores within DENSE_BATCH1_TOLERANCE).
+"""
 
 import numpy as np
 from setuptools import Extension, setup
@@ -6,10 +10,10 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "gateway.pipeline._features",
-            ["gateway/pipeline/_features.c"],
+            "gateway._window",
+            ["gateway/_window.c"],
             include_dirs=[np.get_include()],
-            # No fused multiply-add: the features must equal the numpy pass's to the bit.
+            # No fused multiply-add: the results must equal the numpy paths' operation for operation.
             extra_compile_args=["-O2", "-ffp-contract=off", "-fno-fast-math"],
             optional=True,
         )

@@ -1,6 +1,6 @@
 """The compiled one-pass features against the numpy pass, to the bit, and what they leave to it.
 
-``gateway/pipeline/_features.c`` takes every sum in the order ``np.add.reduceat`` takes it, so a
+``gateway/_window.c`` takes every sum in the order ``np.add.reduceat`` takes it, so a
 window's features (and so its encoded record and every model input) do not depend on which pass
 served it.  Sizes cross numpy's pairwise-sum boundaries (8 terms, 128, the halving above), values
 include -0.0, constants, one row, strided views of a ring, and equal times (no slope).
@@ -53,7 +53,7 @@ def _window(rng: np.random.Generator) -> tuple[list[F8], list[F8]]:
 @pytest.fixture(scope="module")
 def compiled() -> None:
     assert features.COMPILED, (
-        "the compiled features (gateway/pipeline/_features.c) are not built in this environment: "
+        "the compiled features (gateway/_window.c) are not built in this environment: "
         "bash .ci/setup test (needs gcc and the Python headers)"
     )
 

@@ -2,7 +2,8 @@
 
 The window's features (one pass over all its streams, few numpy calls, results read out once per
 step) and the numpy backend's window-at-a-time path (the last layer a dot product in Python floats)
-exist to touch less code per window; they must give what the textbook formulas give, on random
+exist to touch less code per window (compiled where the gateway was built with a C compiler, as
+the tests' environment is); they must give what the textbook formulas give, on random
 windows and on the edge cases a live gateway sees: gaps (empty streams), constant streams, a
 single row, mixed counts, and model inputs at zero, at the clip and far out.
 """
@@ -16,6 +17,7 @@ import numpy.typing as npt
 import pytest
 from model_support import MODELS, NEURAL, card_of
 
+from gateway.inference import backends
 from gateway.inference.backends import DENSE_BATCH1_TOLERANCE, DenseBackend, open_backend
 from gateway.pipeline.features import basic_features_streams
 
@@ -115,3 +117,29 @@ def test_window_at_a_time_scores_match_the_layers_and_the_verdicts(name: str) ->
     np.testing.assert_allclose(one, backend.run(rows), rtol=0.0, atol=DENSE_BATCH1_TOLERANCE)
     assert ((one > card.threshold) == (want > card.threshold)).all()
     assert ((one > card.threshold) == (backend.run(rows) > card.threshold)).all()
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_compiled_window_score_equals_the_python_path(name: str) -> None:
+    # The compiled row (gateway/_window.c) sums every layer in input order: a model
+    # whose only layer is the last gives the Python path's score to the bit, hidden layers within
+    # the tolerance of BLAS's order; rows the compiled call declines (float16) take the Python path.
+    assert backends.COMPILED, "gateway/_window.c is not built here: bash .ci/setup test"
+    card = card_of(name)
+    backend = open_backend(card, MODELS, backend="numpy")
+    assert isinstance(backend, DenseBackend)
+    n = card.n_inputs
+    clip = card.normalisation.clip
+    rng = np.random.default_rng(11)
+    rows = np.vstack(
+        [np.clip(rng.standard_normal((400, n)) * 4, -clip, clip), np.zeros(n), np.full(n, -clip)]
+    ).astype(np.float32)
+    compiled = np.array([backend.run(rows[i : i + 1])[0] for i in range(len(rows))])
+    python = np.array([backend.run_numpy(rows[i : i + 1])[0] for i in range(len(rows))])
+    single_layer = len(np.load(MODELS / card.dense_files["fp32"].path)["act"].reshape(-1)) == 1
+    if single_layer:
+        assert compiled.tolist() == python.tolist()
+    np.testing.assert_allclose(compiled, python, rtol=0.0, atol=DENSE_BATCH1_TOLERANCE)
+    assert ((compiled > card.threshold) == (python > card.threshold)).all()
+    half = rows[:1].astype(np.float16)
+    assert backend.run(half)[0] == backend.run_numpy(half)[0]  # type: ignore[arg-type]

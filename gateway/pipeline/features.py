@@ -26,10 +26,10 @@ _Pass = Callable[[Sequence[F8], Sequence[F8]], list[dict[str, float]] | None]
 def _compiled_pass() -> _Pass | None:
     """The compiled one-pass features, or None where the gateway was installed without a C compiler."""
     try:
-        from gateway.pipeline._features import streams  # noqa: PLC0415 - optional, built at install
+        from gateway._window import features  # noqa: PLC0415 - optional, built at install
     except ImportError:  # the numpy pass serves alone, with equal results
         return None
-    return streams
+    return features
 
 
 _compiled = _compiled_pass()
@@ -45,7 +45,7 @@ __all__ = [
     "waveform_features",
 ]
 
-#: True where the one-pass features run compiled (``gateway/pipeline/_features.c``, built at install).
+#: True where the one-pass features run compiled (``gateway/_window.c``, built at install).
 COMPILED = _compiled is not None
 
 #: Successive RR differences above this count towards pNN50 (milliseconds).

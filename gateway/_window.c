@@ -1,17 +1,15 @@
 /*
- * The one-pass window features (gateway.pipeline.features._streams_pass) in one compiled call.
+ * A window's compiled paths: its features, and its score through dense layers, each one call.
  *
  * Why: after a busy neighbour's time slice every distinct numpy function a window calls comes
- * back from memory (4-8 us each, BENCHMARKS.md "what a cold window touches"); the numpy pass
- * calls a dozen.  This pass is one small loop per stream over the window's own arrays and writes
- * the result dictionaries itself.
+ * back from memory (4-8 us each, BENCHMARKS.md "what a cold window touches"), and a window
+ * called about twenty.  Each path here is a small loop over the window's own arrays.  Both are
+ * optional (setup.py builds them where a C compiler is present); the numpy paths serve otherwise
+ * with the same results.  Built with -ffp-contract=off: no compiler fuses a product into a sum
+ * (an FMA rounds once), so every operation is the numpy path's IEEE double operation.
  *
- * Identical to the bit to the numpy pass: every sum is taken in the order np.add.reduceat takes
- * it (the segment's first element, plus numpy's pairwise sum of the rest: 8 accumulators up to
- * 128 terms, halves above), every other operation is the same IEEE double operation.  Built
- * with -ffp-contract=off so no compiler fuses a product into a sum (an FMA rounds once).
- * Returns None where the numpy pass must decide (not 1-D float64 arrays, unequal lengths, an
- * empty stream, values at or beyond +-1e100): the caller then runs it.
+ * features(ts, vs) -> list[dict] | None: gateway.pipeline.features._streams_pass.
+ * dense_row(x, layers) -> float | None: the numpy backend's window-at-a-time score.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -20,6 +18,13 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+/*
+ * features(ts, vs): identical to the bit to the numpy pass.  Every sum is taken in the order
+ * np.add.reduceat takes it (the segment's first element, plus numpy's pairwise sum of the rest:
+ * 8 accumulators up to 128 terms, halves above); every other operation is the same IEEE double
+ * operation.  None where the numpy pass must decide (not lists of 1-D float64 arrays, unequal
+ * lengths, an empty stream, values at or beyond +-1e100, not a number).
+ */
 #define HUGE_VALUE 1e100
 #define PW_BLOCK 128
 
@@ -116,7 +121,7 @@ static int put(PyObject *d, PyObject *key, double value)
     return rc;
 }
 
-static PyObject *streams(PyObject *self, PyObject *args)
+static PyObject *features(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *ts, *vs;
@@ -190,19 +195,121 @@ static PyObject *streams(PyObject *self, PyObject *args)
     return out;
 }
 
+/*
+ * dense_row(x, layers) -> float | None: gateway.inference.backends.DenseBackend at batch 1.
+ * Every layer is a loop of float64 products summed in input order from 0.0, then the bias, then
+ * the activation, as the numpy backend sums its last layer in Python: that layer is the same to
+ * the bit, hidden layers differ from BLAS's order by a few roundings (DENSE_BATCH1_TOLERANCE).
+ * x: a (1, n) or (n,) float32 or float64 array; layers: a tuple of (w (n_in, n_out) float64
+ * C-contiguous, b (n_out,) float64, activation code: 0 identity, 1 relu, 2 sigmoid).  None where
+ * the numpy path must run (another layout, widths that do not chain, a layer wider than MAX_WIDTH).
+ */
+#define MAX_WIDTH 1024
+
+static int as_matrix(PyObject *o, int ndim, npy_intp *rows, npy_intp *cols, const double **p)
+{
+    if (!PyArray_Check(o)) {
+        return 0;
+    }
+    PyArrayObject *a = (PyArrayObject *)o;
+    if (PyArray_NDIM(a) != ndim || PyArray_TYPE(a) != NPY_DOUBLE || !PyArray_IS_C_CONTIGUOUS(a) ||
+        !PyArray_ISNOTSWAPPED(a) || !PyArray_ISALIGNED(a)) {
+        return 0;
+    }
+    *rows = PyArray_DIM(a, 0);
+    *cols = ndim == 2 ? PyArray_DIM(a, 1) : 1;
+    *p = (const double *)PyArray_DATA(a);
+    return 1;
+}
+
+static double activate(double y, long act)
+{
+    if (act == 1) {
+        return isnan(y) ? y : (y > 0.0 ? y : 0.0); /* NaN stays NaN, as with np.maximum */
+    }
+    if (act == 2) {
+        return (tanh(y * 0.5) + 1.0) * 0.5; /* the tanh form: no overflow for large |y| */
+    }
+    return y;
+}
+
+static PyObject *dense_row(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *xo, *layers;
+    if (!PyArg_ParseTuple(args, "OO!", &xo, &PyTuple_Type, &layers)) {
+        return NULL;
+    }
+    if (!PyArray_Check(xo)) {
+        Py_RETURN_NONE;
+    }
+    PyArrayObject *x = (PyArrayObject *)xo;
+    int nd = PyArray_NDIM(x);
+    if (!(nd == 1 || (nd == 2 && PyArray_DIM(x, 0) == 1)) || !PyArray_IS_C_CONTIGUOUS(x) ||
+        !PyArray_ISNOTSWAPPED(x) || !PyArray_ISALIGNED(x)) {
+        Py_RETURN_NONE;
+    }
+    npy_intp width = PyArray_DIM(x, nd - 1);
+    int type = PyArray_TYPE(x);
+    if ((type != NPY_FLOAT && type != NPY_DOUBLE) || width > MAX_WIDTH) {
+        Py_RETURN_NONE;
+    }
+    double a[MAX_WIDTH], b[MAX_WIDTH];
+    double *h = a, *y = b;
+    for (npy_intp i = 0; i < width; i++) {
+        h[i] = type == NPY_FLOAT ? (double)((const float *)PyArray_DATA(x))[i]
+                                 : ((const double *)PyArray_DATA(x))[i];
+    }
+    Py_ssize_t n_layers = PyTuple_GET_SIZE(layers);
+    for (Py_ssize_t l = 0; l < n_layers; l++) {
+        PyObject *layer = PyTuple_GET_ITEM(layers, l);
+        if (!PyTuple_Check(layer) || PyTuple_GET_SIZE(layer) != 3) {
+            Py_RETURN_NONE;
+        }
+        npy_intp n_in, n_out, nb, one;
+        const double *w, *bias;
+        if (!as_matrix(PyTuple_GET_ITEM(layer, 0), 2, &n_in, &n_out, &w) ||
+            !as_matrix(PyTuple_GET_ITEM(layer, 1), 1, &nb, &one, &bias) || n_in != width ||
+            nb != n_out || n_out > MAX_WIDTH) {
+            Py_RETURN_NONE;
+        }
+        long act = PyLong_AsLong(PyTuple_GET_ITEM(layer, 2));
+        if (act == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        for (npy_intp j = 0; j < n_out; j++) {
+            double acc = 0.0;
+            for (npy_intp i = 0; i < n_in; i++) {
+                acc += h[i] * w[i * n_out + j];
+            }
+            y[j] = activate(acc + bias[j], act);
+        }
+        double *swap = h;
+        h = y;
+        y = swap;
+        width = n_out;
+    }
+    if (width != 1) {
+        Py_RETURN_NONE;
+    }
+    return PyFloat_FromDouble(h[0]);
+}
+
 static PyMethodDef methods[] = {
-    {"streams", streams, METH_VARARGS,
+    {"features", features, METH_VARARGS,
      "Features of two or more non-empty streams' windows in one pass, or None where the numpy pass decides."},
+    {"dense_row", dense_row, METH_VARARGS,
+     "One row's score through dense layers, or None where the numpy path must run."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "gateway.pipeline._features",
-    "The one-pass window features, compiled (see gateway.pipeline.features).", -1, methods,
-    NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "gateway._window",
+    "A window's compiled paths: features and a dense-layer score (see gateway.pipeline.features).", -1,
+    methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__features(void)
+PyMODINIT_FUNC PyInit__window(void)
 {
     import_array();
     key_mean = PyUnicode_InternFromString("mean");
