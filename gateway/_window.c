@@ -9,7 +9,9 @@
  * (an FMA rounds once), so every operation is the numpy path's IEEE double operation.
  *
  * features(ts, vs) -> list[dict] | None: gateway.pipeline.features._streams_pass.
- * dense_row(x, layers) -> float | None: the numpy backend's window-at-a-time score.
+ * dense_row(x, layers) -> (1,) array | None: the numpy backend's window-at-a-time score.
+ * vector(values), zrow(x, mean, std), follow(x, level, scaled, lo, hi): a window's input row,
+ * its z-scores and its baseline's step (gateway.inference.runner).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -196,7 +198,7 @@ static PyObject *features(PyObject *self, PyObject *args)
 }
 
 /*
- * dense_row(x, layers) -> float | None: gateway.inference.backends.DenseBackend at batch 1.
+ * dense_row(x, layers) -> (1,) float64 array | None: gateway.inference.backends.DenseBackend at batch 1.
  * Every layer is a loop of float64 products summed in input order from 0.0, then the bias, then
  * the activation, as the numpy backend sums its last layer in Python: that layer is the same to
  * the bit, hidden layers differ from BLAS's order by a few roundings (DENSE_BATCH1_TOLERANCE).
@@ -292,7 +294,142 @@ static PyObject *dense_row(PyObject *self, PyObject *args)
     if (width != 1) {
         Py_RETURN_NONE;
     }
-    return PyFloat_FromDouble(h[0]);
+    npy_intp one = 1;
+    PyObject *out = PyArray_SimpleNew(1, &one, NPY_DOUBLE);
+    if (out != NULL) {
+        *(double *)PyArray_DATA((PyArrayObject *)out) = h[0];
+    }
+    return out;
+}
+
+/*
+ * A window's input row and baseline (gateway.inference.runner), each the numpy operations it
+ * replaces to the bit: np.array of Python floats; (x - mean) / std; level += (x - level) * scaled
+ * clamped to [lo, hi].
+ */
+
+/* A 1-D float64 C-contiguous array of n elements (any n when n < 0), writable when asked; else NULL. */
+static double *vec(PyObject *o, npy_intp *n, int writable)
+{
+    if (!PyArray_Check(o)) {
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)o;
+    if (PyArray_NDIM(a) != 1 || PyArray_TYPE(a) != NPY_DOUBLE || !PyArray_IS_C_CONTIGUOUS(a) ||
+        !PyArray_ISNOTSWAPPED(a) || !PyArray_ISALIGNED(a) || (writable && !PyArray_ISWRITEABLE(a)) ||
+        (*n >= 0 && PyArray_DIM(a, 0) != *n)) {
+        return NULL;
+    }
+    *n = PyArray_DIM(a, 0);
+    return (double *)PyArray_DATA(a);
+}
+
+/* vector(values) -> float64 array | None: None unless every value is a Python float. */
+static PyObject *vector(PyObject *self, PyObject *values)
+{
+    (void)self;
+    if (!PyList_Check(values)) {
+        Py_RETURN_NONE;
+    }
+    npy_intp n = PyList_GET_SIZE(values);
+    for (npy_intp i = 0; i < n; i++) {
+        if (!PyFloat_CheckExact(PyList_GET_ITEM(values, i))) {
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *out = PyArray_SimpleNew(1, &n, NPY_DOUBLE);
+    if (out == NULL) {
+        return NULL;
+    }
+    double *p = (double *)PyArray_DATA((PyArrayObject *)out);
+    for (npy_intp i = 0; i < n; i++) {
+        p[i] = PyFloat_AS_DOUBLE(PyList_GET_ITEM(values, i));
+    }
+    return out;
+}
+
+/*
+ * zrow(x, mean, std) -> (z (1, n), max |z| with non-finite z as 0, every z finite) | None.
+ * None for arrays of other layouts or lengths.
+ */
+static PyObject *zrow(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *xo, *mo, *so;
+    if (!PyArg_ParseTuple(args, "OOO", &xo, &mo, &so)) {
+        return NULL;
+    }
+    npy_intp n = -1;
+    const double *x = vec(xo, &n, 0), *m = x ? vec(mo, &n, 0) : NULL, *sd = m ? vec(so, &n, 0) : NULL;
+    if (sd == NULL) {
+        Py_RETURN_NONE;
+    }
+    npy_intp dims[2] = {1, n};
+    PyObject *out = PyArray_SimpleNew(2, dims, NPY_DOUBLE);
+    if (out == NULL) {
+        return NULL;
+    }
+    double *z = (double *)PyArray_DATA((PyArrayObject *)out);
+    double zmax = 0.0;
+    int finite = 1;
+    for (npy_intp i = 0; i < n; i++) {
+        double v = x[i] - m[i];
+        v /= sd[i];
+        z[i] = v;
+        if (isfinite(v)) {
+            double a = fabs(v);
+            zmax = a > zmax ? a : zmax;
+        } else {
+            finite = 0;
+        }
+    }
+    return Py_BuildValue("NdO", out, zmax, finite ? Py_True : Py_False);
+}
+
+/*
+ * follow(x, level, scaled, lo, hi) -> bool: level += (x - level) * scaled in place, then each
+ * level below lo (above hi) set to it (lo, hi: arrays, or None for no bounds).  False, with the
+ * level untouched, when a step is not finite (an absent input, an overflow): the caller's numpy
+ * path decides those.  None for arrays of other layouts or lengths.
+ */
+static PyObject *follow(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *xo, *lo_o, *so, *lo_b, *hi_b;
+    if (!PyArg_ParseTuple(args, "OOOOO", &xo, &lo_o, &so, &lo_b, &hi_b)) {
+        return NULL;
+    }
+    npy_intp n = -1;
+    const double *x = vec(xo, &n, 0), *sc = x ? vec(so, &n, 0) : NULL;
+    double *level = sc ? vec(lo_o, &n, 1) : NULL;
+    const double *lo = NULL, *hi = NULL;
+    if (level == NULL || n > MAX_WIDTH) {
+        Py_RETURN_NONE;
+    }
+    if (lo_b != Py_None || hi_b != Py_None) {
+        lo = vec(lo_b, &n, 0);
+        hi = lo ? vec(hi_b, &n, 0) : NULL;
+        if (hi == NULL) {
+            Py_RETURN_NONE;
+        }
+    }
+    double step[MAX_WIDTH];
+    for (npy_intp i = 0; i < n; i++) {
+        double d = x[i] - level[i];
+        d *= sc[i];
+        if (!isfinite(d)) {
+            Py_RETURN_FALSE;
+        }
+        step[i] = d;
+    }
+    for (npy_intp i = 0; i < n; i++) {
+        double v = level[i] + step[i];
+        if (lo != NULL) {
+            v = v < lo[i] ? lo[i] : (v > hi[i] ? hi[i] : v);
+        }
+        level[i] = v;
+    }
+    Py_RETURN_TRUE;
 }
 
 static PyMethodDef methods[] = {
@@ -300,6 +437,9 @@ static PyMethodDef methods[] = {
      "Features of two or more non-empty streams' windows in one pass, or None where the numpy pass decides."},
     {"dense_row", dense_row, METH_VARARGS,
      "One row's score through dense layers, or None where the numpy path must run."},
+    {"vector", vector, METH_O, "A list of Python floats as a float64 array, or None."},
+    {"zrow", zrow, METH_VARARGS, "(x - mean) / std as a (1, n) array, its largest finite |z|, all finite."},
+    {"follow", follow, METH_VARARGS, "A baseline's step in place; False where the numpy path must take it."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -308,6 +448,9 @@ static struct PyModuleDef module = {
     "A window's compiled paths: features and a dense-layer score (see gateway.pipeline.features).", -1,
     methods, NULL, NULL, NULL, NULL,
 };
+
+/* What gateway/compiled.py checks: a build of other sources (an older install) is not used. */
+#define WINDOW_VERSION 1
 
 PyMODINIT_FUNC PyInit__window(void)
 {
@@ -320,5 +463,10 @@ PyMODINIT_FUNC PyInit__window(void)
     if (!key_mean || !key_std || !key_min || !key_max || !key_slope) {
         return NULL;
     }
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "VERSION", WINDOW_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from gateway.compiled import compiled
 from gateway.pipeline import features
 from gateway.pipeline.features import basic_features_finite, basic_features_streams
 
@@ -51,14 +52,14 @@ def _window(rng: np.random.Generator) -> tuple[list[F8], list[F8]]:
 
 
 @pytest.fixture(scope="module")
-def compiled() -> None:
+def built() -> None:
     assert features.COMPILED, (
         "the compiled features (gateway/_window.c) are not built in this environment: "
         "bash .ci/setup test (needs gcc and the Python headers)"
     )
 
 
-@pytest.mark.usefixtures("compiled")
+@pytest.mark.usefixtures("built")
 def test_compiled_pass_equals_the_numpy_pass_to_the_bit() -> None:
     rng = np.random.default_rng(20261205)
     for _ in range(1500):
@@ -69,7 +70,7 @@ def test_compiled_pass_equals_the_numpy_pass_to_the_bit() -> None:
         assert _bits(got) == _bits(want), counts
 
 
-@pytest.mark.usefixtures("compiled")
+@pytest.mark.usefixtures("built")
 def test_compiled_pass_matches_the_formulas_on_a_known_window() -> None:
     t = 1e5 + np.arange(10.0)
     ramp, const = 3.0 + 0.5 * np.arange(10.0), np.full(10, 7.25)
@@ -80,11 +81,11 @@ def test_compiled_pass_matches_the_formulas_on_a_known_window() -> None:
     assert got[1] == {"mean": 7.25, "std": 0.0, "min": 7.25, "max": 7.25, "slope": 0.0}
 
 
-@pytest.mark.usefixtures("compiled")
+@pytest.mark.usefixtures("built")
 def test_windows_the_compiled_pass_declines_take_the_numpy_pass() -> None:
     t = 1e5 + np.arange(20.0)
     v = np.sin(t)
-    stream = features._compiled_pass()
+    stream = compiled("features")
     assert stream is not None
     declined = {
         "tuples": ((t, t), (v, v)),

@@ -10,6 +10,7 @@ single row, mixed counts, and model inputs at zero, at the clip and far out.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy.typing as npt
 import pytest
 from model_support import MODELS, NEURAL, card_of
 
+from gateway.compiled import compiled
 from gateway.inference import backends
 from gateway.inference.backends import DENSE_BATCH1_TOLERANCE, DenseBackend, open_backend
 from gateway.pipeline.features import basic_features_streams
@@ -143,3 +145,69 @@ def test_compiled_window_score_equals_the_python_path(name: str) -> None:
     assert ((compiled > card.threshold) == (python > card.threshold)).all()
     half = rows[:1].astype(np.float16)
     assert backend.run(half)[0] == backend.run_numpy(half)[0]  # type: ignore[arg-type]
+
+
+def _same_bits(a: F8, b: F8) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_compiled_row_z_scores_and_baseline_step_equal_the_numpy_operations_to_the_bit() -> None:
+    # gateway/_window.c: np.array of floats, (x - mean) / std and the baseline's in-place step,
+    # each against the numpy it replaces, on rows with absent inputs, overflows and bounds hit.
+    vector, zrow, follow = compiled("vector"), compiled("zrow"), compiled("follow")
+    assert None not in (vector, zrow, follow), "gateway/_window.c is not built here: bash .ci/setup test"
+    rng = np.random.default_rng(5)
+    kinds = {"finite": 0, "absent": 0, "clamped": 0, "overflow": 0}
+    for k in range(3000):
+        n = int(rng.integers(1, 40))
+        got = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 4, n)).tolist()
+        x = vector(got)
+        assert _same_bits(x, np.array(got, np.float64))
+        mean, std = rng.standard_normal(n) * 50, 10.0 ** rng.uniform(-4, 2, n)
+        if k % 7 == 0:
+            x[int(rng.integers(n))] = np.nan  # an absent input
+        far = int(rng.integers(n))
+        if k % 11 == 0:
+            x[far], std[far] = 1e308, 1e-300  # z overflows
+        z, zmax, finite = zrow(x, mean, std)
+        with np.errstate(over="ignore", invalid="ignore"):  # numpy warns where the row overflows
+            want = (x - mean) / std
+        assert _same_bits(z, want[np.newaxis])
+        clean = np.where(np.isfinite(want), want, 0.0)
+        assert zmax == float(np.abs(clean).max())
+        assert finite == bool(np.isfinite(want).all())
+        # The baseline's step: level += (x - level) * scaled, clamped to [lo, hi].
+        level = mean + rng.standard_normal(n)
+        if k % 11 == 0:
+            level[far] = -1e308  # the step overflows
+        scaled = np.where(rng.random(n) < 0.5, 0.0, rng.uniform(0.0, 1.0))
+        lo, hi = level - rng.uniform(0, 3, n), level + rng.uniform(0, 3, n)
+        with np.errstate(over="ignore", invalid="ignore"):
+            step = (x - level) * scaled
+        bounded = k % 2 == 0
+        expect = np.clip(level + step, lo, hi) if bounded else level + step
+        before = level.copy()
+        moved = follow(x, level, scaled, lo if bounded else None, hi if bounded else None)
+        if np.isfinite(step).all():
+            assert moved is True
+            assert _same_bits(level, expect)
+            kinds["clamped" if bounded and not _same_bits(expect, before + step) else "finite"] += 1
+        else:
+            assert moved is False
+            assert _same_bits(level, before)  # untouched: the numpy path decides
+            kinds["overflow" if np.isnan(x).sum() == 0 else "absent"] += 1
+    assert min(kinds.values()) > 30, kinds
+    # Other layouts are declined, never misread.
+    assert vector([1.0, None]) is None
+    assert vector([1.0, 2]) is None
+    assert zrow(np.zeros(3, np.float32), np.zeros(3), np.ones(3)) is None
+    assert zrow(np.zeros(3), np.zeros(4), np.ones(3)) is None
+    assert follow(np.zeros(3), np.zeros(3)[::-1], np.ones(3), None, None) is None
+
+
+def test_a_build_of_other_sources_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An older install's module (another WINDOW_VERSION) must not serve these paths.
+    module = importlib.import_module("gateway._window")
+    assert compiled("zrow") is module.zrow
+    monkeypatch.setattr(module, "VERSION", module.VERSION + 1)
+    assert compiled("zrow") is None

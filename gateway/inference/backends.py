@@ -25,6 +25,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 import numpy.typing as npt
 
+from gateway.compiled import compiled
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.inference.card import ModelCard, read_verified
 
@@ -51,18 +52,8 @@ F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 #: Dense layers as the compiled row takes them: (weights, bias, activation's index in DENSE_ACTIVATIONS).
 _Packed = tuple[tuple[F64, F64, int], ...]
-
-
-def _compiled_row() -> Callable[[F32 | F64, _Packed], float | None] | None:
-    """The compiled batch-1 forward (``gateway/_window.c``), or None where the gateway was installed without a C compiler."""
-    try:
-        from gateway._window import dense_row  # noqa: PLC0415 - optional, built at install
-    except ImportError:  # the numpy path serves alone
-        return None
-    return dense_row
-
-
-_compiled = _compiled_row()
+#: The compiled batch-1 forward (``gateway/_window.c``): a (1,) score, or None where numpy must run.
+_compiled: Callable[[F32 | F64, _Packed], F64 | None] | None = compiled("dense_row")
 #: True where a window's score through dense layers runs compiled (``gateway/_window.c``).
 COMPILED = _compiled is not None
 
@@ -388,7 +379,7 @@ class DenseBackend:
         if _compiled is not None:
             y = _compiled(x, self._packed)
             if y is not None:
-                return np.array((y,))
+                return y
         return self.run_numpy(x)
 
     def run_numpy(self, x: F32) -> F64:

@@ -17,22 +17,12 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from gateway.compiled import compiled
 from gateway.errors import CorruptDataError
 
 F8 = npt.NDArray[np.float64]
-_Pass = Callable[[Sequence[F8], Sequence[F8]], list[dict[str, float]] | None]
-
-
-def _compiled_pass() -> _Pass | None:
-    """The compiled one-pass features, or None where the gateway was installed without a C compiler."""
-    try:
-        from gateway._window import features  # noqa: PLC0415 - optional, built at install
-    except ImportError:  # the numpy pass serves alone, with equal results
-        return None
-    return features
-
-
-_compiled = _compiled_pass()
+#: The compiled one-pass features (``gateway/_window.c``): a list, or None where the numpy pass decides.
+_compiled: Callable[[Sequence[F8], Sequence[F8]], list[dict[str, float]] | None] | None = compiled("features")
 
 __all__ = [
     "basic_features",
