@@ -9,13 +9,15 @@
  * (an FMA rounds once), so every operation is the numpy path's IEEE double operation.
  *
  * features(ts, vs) -> list[dict] | None: gateway.pipeline.features._streams_pass.
- * dense_row(x, layers) -> (1,) array | None: the numpy backend's window-at-a-time score.
+ * dense_row(x, layers) -> (1,) array | None: the numpy backend's window-at-a-time score;
+ * dense_occlusion(z, clip, layers): the scores of an anomaly's occlusion probes.
  * vector(values), zrow(x, mean, std), follow(x, level, scaled, lo, hi): a window's input row,
  * its z-scores and its baseline's step (gateway.inference.runner).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <string.h>
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
@@ -235,49 +237,31 @@ static double activate(double y, long act)
     return y;
 }
 
-static PyObject *dense_row(PyObject *self, PyObject *args)
+/*
+ * The score of the row h (width inputs; h is overwritten) through layers, into *score: 1, or 0
+ * where the layers are not of the expected layout (widths that do not chain, one output at the
+ * end), or -1 with an exception set.
+ */
+static int forward(double *h, npy_intp width, PyObject *layers, double *score)
 {
-    (void)self;
-    PyObject *xo, *layers;
-    if (!PyArg_ParseTuple(args, "OO!", &xo, &PyTuple_Type, &layers)) {
-        return NULL;
-    }
-    if (!PyArray_Check(xo)) {
-        Py_RETURN_NONE;
-    }
-    PyArrayObject *x = (PyArrayObject *)xo;
-    int nd = PyArray_NDIM(x);
-    if (!(nd == 1 || (nd == 2 && PyArray_DIM(x, 0) == 1)) || !PyArray_IS_C_CONTIGUOUS(x) ||
-        !PyArray_ISNOTSWAPPED(x) || !PyArray_ISALIGNED(x)) {
-        Py_RETURN_NONE;
-    }
-    npy_intp width = PyArray_DIM(x, nd - 1);
-    int type = PyArray_TYPE(x);
-    if ((type != NPY_FLOAT && type != NPY_DOUBLE) || width > MAX_WIDTH) {
-        Py_RETURN_NONE;
-    }
-    double a[MAX_WIDTH], b[MAX_WIDTH];
-    double *h = a, *y = b;
-    for (npy_intp i = 0; i < width; i++) {
-        h[i] = type == NPY_FLOAT ? (double)((const float *)PyArray_DATA(x))[i]
-                                 : ((const double *)PyArray_DATA(x))[i];
-    }
+    double spare[MAX_WIDTH];
+    double *y = spare;
     Py_ssize_t n_layers = PyTuple_GET_SIZE(layers);
     for (Py_ssize_t l = 0; l < n_layers; l++) {
         PyObject *layer = PyTuple_GET_ITEM(layers, l);
         if (!PyTuple_Check(layer) || PyTuple_GET_SIZE(layer) != 3) {
-            Py_RETURN_NONE;
+            return 0;
         }
         npy_intp n_in, n_out, nb, one;
         const double *w, *bias;
         if (!as_matrix(PyTuple_GET_ITEM(layer, 0), 2, &n_in, &n_out, &w) ||
             !as_matrix(PyTuple_GET_ITEM(layer, 1), 1, &nb, &one, &bias) || n_in != width ||
             nb != n_out || n_out > MAX_WIDTH) {
-            Py_RETURN_NONE;
+            return 0;
         }
         long act = PyLong_AsLong(PyTuple_GET_ITEM(layer, 2));
         if (act == -1 && PyErr_Occurred()) {
-            return NULL;
+            return -1;
         }
         for (npy_intp j = 0; j < n_out; j++) {
             double acc = 0.0;
@@ -292,12 +276,111 @@ static PyObject *dense_row(PyObject *self, PyObject *args)
         width = n_out;
     }
     if (width != 1) {
+        return 0;
+    }
+    *score = h[0];
+    return 1;
+}
+
+/* A C-contiguous float32 or float64 array of ndim dimensions in native order; else NULL. */
+static PyArrayObject *rows_of(PyObject *o)
+{
+    if (!PyArray_Check(o)) {
+        return NULL;
+    }
+    PyArrayObject *x = (PyArrayObject *)o;
+    int type = PyArray_TYPE(x);
+    if ((type != NPY_FLOAT && type != NPY_DOUBLE) || !PyArray_IS_C_CONTIGUOUS(x) ||
+        !PyArray_ISNOTSWAPPED(x) || !PyArray_ISALIGNED(x)) {
+        return NULL;
+    }
+    return x;
+}
+
+static double item(PyArrayObject *x, npy_intp k)
+{
+    return PyArray_TYPE(x) == NPY_FLOAT ? (double)((const float *)PyArray_DATA(x))[k]
+                                        : ((const double *)PyArray_DATA(x))[k];
+}
+
+static PyObject *dense_row(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *xo, *layers;
+    if (!PyArg_ParseTuple(args, "OO!", &xo, &PyTuple_Type, &layers)) {
+        return NULL;
+    }
+    PyArrayObject *x = rows_of(xo);
+    int nd = x ? PyArray_NDIM(x) : 0;
+    if (!(nd == 1 || (nd == 2 && PyArray_DIM(x, 0) == 1)) || PyArray_DIM(x, nd - 1) > MAX_WIDTH) {
+        Py_RETURN_NONE;
+    }
+    npy_intp width = PyArray_DIM(x, nd - 1);
+    double h[MAX_WIDTH], score;
+    for (npy_intp i = 0; i < width; i++) {
+        h[i] = item(x, i);
+    }
+    int rc = forward(h, width, layers, &score);
+    if (rc <= 0) {
+        if (rc < 0) {
+            return NULL;
+        }
         Py_RETURN_NONE;
     }
     npy_intp one = 1;
     PyObject *out = PyArray_SimpleNew(1, &one, NPY_DOUBLE);
     if (out != NULL) {
-        *(double *)PyArray_DATA((PyArrayObject *)out) = h[0];
+        *(double *)PyArray_DATA((PyArrayObject *)out) = score;
+    }
+    return out;
+}
+
+/*
+ * dense_occlusion(z, clip, layers) -> (k, n + 1) float64 array | None: for each row of z (k, n)
+ * the scores of its n occluded copies (input i at 0) and, last, of the row itself, each row
+ * clipped to +-clip and rounded to float32 first: the numpy backend's scores of the runner's
+ * occlusion probes, computed without building them (gateway.inference.runner, _explain).
+ */
+static PyObject *dense_occlusion(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *zo, *layers;
+    double clip;
+    if (!PyArg_ParseTuple(args, "OdO!", &zo, &clip, &PyTuple_Type, &layers)) {
+        return NULL;
+    }
+    PyArrayObject *z = rows_of(zo);
+    if (z == NULL || PyArray_NDIM(z) != 2 || PyArray_DIM(z, 1) > MAX_WIDTH) {
+        Py_RETURN_NONE;
+    }
+    npy_intp k = PyArray_DIM(z, 0), n = PyArray_DIM(z, 1);
+    npy_intp dims[2] = {k, n + 1};
+    PyObject *out = PyArray_SimpleNew(2, dims, NPY_DOUBLE);
+    if (out == NULL) {
+        return NULL;
+    }
+    double *scores = (double *)PyArray_DATA((PyArrayObject *)out);
+    double row[MAX_WIDTH], h[MAX_WIDTH];
+    for (npy_intp r = 0; r < k; r++) {
+        for (npy_intp i = 0; i < n; i++) {
+            double v = item(z, r * n + i);
+            v = v < -clip ? -clip : (v > clip ? clip : v); /* np.clip of finite values */
+            row[i] = (double)(float)v;                     /* astype(np.float32) */
+        }
+        for (npy_intp p = 0; p <= n; p++) {
+            memcpy(h, row, (size_t)n * sizeof(double));
+            if (p < n) {
+                h[p] = 0.0;
+            }
+            int rc = forward(h, n, layers, &scores[r * (n + 1) + p]);
+            if (rc <= 0) {
+                Py_DECREF(out);
+                if (rc < 0) {
+                    return NULL;
+                }
+                Py_RETURN_NONE;
+            }
+        }
     }
     return out;
 }
@@ -437,6 +520,8 @@ static PyMethodDef methods[] = {
      "Features of two or more non-empty streams' windows in one pass, or None where the numpy pass decides."},
     {"dense_row", dense_row, METH_VARARGS,
      "One row's score through dense layers, or None where the numpy path must run."},
+    {"dense_occlusion", dense_occlusion, METH_VARARGS,
+     "The scores of a window's occlusion probes and of the window itself, or None."},
     {"vector", vector, METH_O, "A list of Python floats as a float64 array, or None."},
     {"zrow", zrow, METH_VARARGS, "(x - mean) / std as a (1, n) array, its largest finite |z|, all finite."},
     {"follow", follow, METH_VARARGS, "A baseline's step in place; False where the numpy path must take it."},
@@ -450,7 +535,7 @@ static struct PyModuleDef module = {
 };
 
 /* What gateway/compiled.py checks: a build of other sources (an older install) is not used. */
-#define WINDOW_VERSION 1
+#define WINDOW_VERSION 2
 
 PyMODINIT_FUNC PyInit__window(void)
 {

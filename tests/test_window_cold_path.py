@@ -211,3 +211,35 @@ def test_a_build_of_other_sources_is_not_used(monkeypatch: pytest.MonkeyPatch) -
     assert compiled("zrow") is module.zrow
     monkeypatch.setattr(module, "VERSION", module.VERSION + 1)
     assert compiled("zrow") is None
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_compiled_occlusion_scores_the_probes_the_runner_would_build(name: str) -> None:
+    # DenseBackend.occlusion scores each row's probes (input i at 0, then the row itself) without
+    # building them: each score is the window-at-a-time score of that probe, to the bit, and the
+    # textbook layers' within 1e-12; an input already at 0 loses exactly nothing.
+    card = card_of(name)
+    backend = open_backend(card, MODELS, backend="numpy")
+    assert isinstance(backend, DenseBackend)
+    n, clip = card.n_inputs, card.normalisation.clip
+    with np.load(MODELS / card.dense_files["fp32"].path, allow_pickle=False) as npz:
+        acts = [str(a) for a in npz["act"].reshape(-1)]
+        layers = [
+            (npz[f"w{i}"].astype(np.float64), npz[f"b{i}"].astype(np.float64), a) for i, a in enumerate(acts)
+        ]
+    rng = np.random.default_rng(8)
+    z = rng.standard_normal((40, n)) * 5
+    z[::4, 0] = 0.0
+    got = backend.occlusion(z, clip)
+    assert got is not None, "gateway/_window.c is not built here: bash .ci/setup test"
+    assert got.shape == (40, n + 1)
+    probe = np.repeat(np.clip(z, -clip, clip), n + 1, axis=0).reshape(40, n + 1, n)
+    probe[:, np.arange(n), np.arange(n)] = 0.0
+    rows = probe.reshape(40 * (n + 1), n).astype(np.float32)
+    alone = np.array([backend.run(rows[i : i + 1])[0] for i in range(len(rows))]).reshape(40, n + 1)
+    assert got.tolist() == alone.tolist()
+    np.testing.assert_allclose(
+        got.reshape(-1), _forward(rows.astype(np.float64), layers), rtol=0.0, atol=1e-12
+    )
+    np.testing.assert_allclose(got.reshape(-1), backend.run(rows), rtol=0.0, atol=DENSE_BATCH1_TOLERANCE)
+    assert (got[::4, 0] == got[::4, n]).all()

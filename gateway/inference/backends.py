@@ -54,6 +54,8 @@ F64 = npt.NDArray[np.float64]
 _Packed = tuple[tuple[F64, F64, int], ...]
 #: The compiled batch-1 forward (``gateway/_window.c``): a (1,) score, or None where numpy must run.
 _compiled: Callable[[F32 | F64, _Packed], F64 | None] | None = compiled("dense_row")
+#: The compiled scores of an anomaly's occlusion probes (see DenseBackend.occlusion).
+_occlusion: Callable[[F64, float, _Packed], F64 | None] | None = compiled("dense_occlusion")
 #: True where a window's score through dense layers runs compiled (``gateway/_window.c``).
 COMPILED = _compiled is not None
 
@@ -381,6 +383,15 @@ class DenseBackend:
             if y is not None:
                 return y
         return self.run_numpy(x)
+
+    def occlusion(self, z: F64, clip: float) -> F64 | None:
+        """Scores ``(k, n + 1)`` of each row of ``z`` with each input at 0 in turn, then as it is, compiled.
+
+        The rows are clipped to +-``clip`` and rounded to float32 as the runner's occlusion probes
+        are; every score is summed in input order, as a window scored alone.  None where nothing
+        was compiled: the runner then builds the probes and calls :meth:`run`.
+        """
+        return None if _occlusion is None else _occlusion(z, clip, self._packed)
 
     def run_numpy(self, x: F32) -> F64:
         """The score of one row (``(1, n_inputs)``) in numpy and Python floats: where nothing was compiled."""
