@@ -4,9 +4,14 @@
  * Why: after a busy neighbour's time slice every distinct numpy function a window calls comes
  * back from memory (4-8 us each, BENCHMARKS.md "what a cold window touches"), and a window
  * called about twenty.  Each path here is a small loop over the window's own arrays.  Both are
- * optional (setup.py builds them where a C compiler is present); the numpy paths serve otherwise
- * with the same results.  Built with -ffp-contract=off: no compiler fuses a product into a sum
- * (an FMA rounds once), so every operation is the numpy path's IEEE double operation.
+ * optional (pyproject.toml's ext-modules builds them where a C compiler is present); the numpy
+ * paths serve otherwise with the same results.  Built with -ffp-contract=off: no compiler fuses a
+ * product into a sum (an FMA rounds once), so every operation is the numpy path's IEEE double
+ * operation.
+ *
+ * Arrays are read through the buffer protocol (format 'd' or 'f', native order, aligned) and made
+ * with numpy.empty, so the build needs no numpy headers and the module no numpy ABI: one build
+ * serves every numpy the gateway installs with.
  *
  * features(ts, vs) -> list[dict] | None: gateway.pipeline.features._streams_pass.
  * dense_row(x, layers) -> (1,) array | None: the numpy backend's window-at-a-time score;
@@ -19,8 +24,64 @@
 #include <math.h>
 #include <string.h>
 
-#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
-#include <numpy/arrayobject.h>
+#include <stdint.h>
+
+/* numpy.ndarray (what is read: the same arrays as the numpy paths take) and numpy.empty. */
+static PyObject *np_ndarray, *np_empty;
+
+/*
+ * A view of o, an ndarray, with its strides and format (and writable when asked): 1, or 0 where
+ * o is not an ndarray or refuses the view (the numpy path then decides).  Release with
+ * PyBuffer_Release.
+ */
+static int view_of(PyObject *o, Py_buffer *v, int writable)
+{
+    if (!PyObject_TypeCheck(o, (PyTypeObject *)np_ndarray)) {
+        return 0;
+    }
+    if (PyObject_GetBuffer(o, v, writable ? PyBUF_RECORDS : PyBUF_RECORDS_RO) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+/* The element type of a view: 'd' (native float64) or 'f' (native float32), aligned; else 0. */
+static char kind_of(const Py_buffer *v)
+{
+    const char *f = v->format;
+    if (f == NULL || f[0] == '\0' || f[1] != '\0' || v->suboffsets != NULL) {
+        return 0;
+    }
+    Py_ssize_t size = f[0] == 'd' ? (Py_ssize_t)sizeof(double) : f[0] == 'f' ? (Py_ssize_t)sizeof(float) : 0;
+    if (size == 0 || v->itemsize != size || (uintptr_t)v->buf % (uintptr_t)size != 0) {
+        return 0;
+    }
+    return f[0];
+}
+
+/* A new float64 ndarray of shape (n,) (rows < 0) or (rows, n), and its data; NULL with an exception. */
+static PyObject *new_doubles(Py_ssize_t rows, Py_ssize_t n, double **data)
+{
+    PyObject *shape = rows < 0 ? PyLong_FromSsize_t(n) : Py_BuildValue("(nn)", rows, n);
+    if (shape == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyObject_CallOneArg(np_empty, shape); /* float64, C order */
+    Py_DECREF(shape);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_buffer v;
+    if (PyObject_GetBuffer(out, &v, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    /* The data lives as long as the array, which nothing else holds yet (so nothing resizes it). */
+    *data = (double *)v.buf;
+    PyBuffer_Release(&v);
+    return out;
+}
 
 /*
  * features(ts, vs): identical to the bit to the numpy pass.  Every sum is taken in the order
@@ -35,7 +96,7 @@
 /* A column of doubles: its first element and its stride in doubles. */
 typedef struct {
     const double *p;
-    npy_intp s;
+    Py_ssize_t s;
 } Col;
 
 #define AT(c, k) ((c).p[(k) * (c).s])
@@ -46,28 +107,28 @@ typedef struct {
  * first).  a, b: columns; m1, m2: the means the terms are centred on.
  */
 #define DEF(NAME, TERM)                                                                    \
-    static double NAME(Col a, Col b, npy_intp n, npy_intp off, double m1, double m2)      \
+    static double NAME(Col a, Col b, Py_ssize_t n, Py_ssize_t off, double m1, double m2)      \
     {                                                                                     \
         (void)b;                                                                          \
         (void)m1;                                                                         \
         (void)m2;                                                                         \
         if (n < 8) {                                                                      \
             double res = -0.0;                                                            \
-            for (npy_intp i = 0; i < n; i++) {                                            \
-                npy_intp k = off + i;                                                     \
+            for (Py_ssize_t i = 0; i < n; i++) {                                            \
+                Py_ssize_t k = off + i;                                                     \
                 res += (TERM);                                                            \
             }                                                                             \
             return res;                                                                   \
         }                                                                                 \
         if (n <= PW_BLOCK) {                                                              \
             double r[8];                                                                  \
-            npy_intp i, k;                                                                \
+            Py_ssize_t i, k;                                                                \
             for (i = 0; i < 8; i++) {                                                     \
                 k = off + i;                                                              \
                 r[i] = (TERM);                                                            \
             }                                                                             \
             for (i = 8; i < n - (n % 8); i += 8) {                                        \
-                for (npy_intp j = 0; j < 8; j++) {                                        \
+                for (Py_ssize_t j = 0; j < 8; j++) {                                        \
                     k = off + i + j;                                                      \
                     r[j] += (TERM);                                                       \
                 }                                                                         \
@@ -79,7 +140,7 @@ typedef struct {
             }                                                                             \
             return res;                                                                   \
         }                                                                                 \
-        npy_intp n2 = n / 2;                                                              \
+        Py_ssize_t n2 = n / 2;                                                              \
         n2 -= n2 % 8;                                                                     \
         return NAME(a, b, n2, off, m1, m2) + NAME(a, b, n - n2, off + n2, m1, m2);        \
     }
@@ -97,20 +158,19 @@ DEF(cross_at, (AT(a, k) - m1) * (AT(b, k) - m2))
 
 static PyObject *key_mean, *key_std, *key_min, *key_max, *key_slope;
 
-/* A 1-D float64 array in native order and aligned, as a column; 0 when it is not one. */
-static int column(PyObject *o, Col *c, npy_intp *n)
+/* A 1-D float64 array in native order and aligned, as a column (v held); 0 when it is not one. */
+static int column(PyObject *o, Py_buffer *v, Col *c, Py_ssize_t *n)
 {
-    if (!PyArray_Check(o)) {
+    if (!view_of(o, v, 0)) {
         return 0;
     }
-    PyArrayObject *a = (PyArrayObject *)o;
-    if (PyArray_NDIM(a) != 1 || PyArray_TYPE(a) != NPY_DOUBLE || !PyArray_ISNOTSWAPPED(a) ||
-        !PyArray_ISALIGNED(a) || PyArray_STRIDE(a, 0) % (npy_intp)sizeof(double) != 0) {
+    if (v->ndim != 1 || kind_of(v) != 'd' || v->strides[0] % (Py_ssize_t)sizeof(double) != 0) {
+        PyBuffer_Release(v);
         return 0;
     }
-    c->p = (const double *)PyArray_DATA(a);
-    c->s = PyArray_STRIDE(a, 0) / (npy_intp)sizeof(double);
-    *n = PyArray_DIM(a, 0);
+    c->p = (const double *)v->buf;
+    c->s = v->strides[0] / (Py_ssize_t)sizeof(double);
+    *n = v->shape[0];
     return 1;
 }
 
@@ -125,6 +185,9 @@ static int put(PyObject *d, PyObject *key, double value)
     return rc;
 }
 
+/* Views of a window's arrays: on the stack for up to this many streams. */
+#define FEW_STREAMS 16
+
 static PyObject *features(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -136,32 +199,51 @@ static PyObject *features(PyObject *self, PyObject *args)
         Py_RETURN_NONE;
     }
     Py_ssize_t s = PyList_GET_SIZE(vs);
+    Py_buffer few_views[2 * FEW_STREAMS];
+    Col few_cols[2 * FEW_STREAMS];
+    Py_ssize_t few_lens[FEW_STREAMS];
+    int few = s <= FEW_STREAMS;
+    Py_buffer *views = few ? few_views : PyMem_New(Py_buffer, (size_t)(2 * s));
+    Col *cols = few ? few_cols : PyMem_New(Col, (size_t)(2 * s));
+    Py_ssize_t *lens = few ? few_lens : PyMem_New(Py_ssize_t, (size_t)s);
+    PyObject *out = NULL;
+    Py_ssize_t held = 0; /* views[0, held) are held */
+    if (views == NULL || cols == NULL || lens == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     /* First every check, so a window the numpy pass must take costs no dictionaries. */
     for (Py_ssize_t i = 0; i < s; i++) {
-        Col t, v;
-        npy_intp nt, nv;
-        if (!column(PyList_GET_ITEM(ts, i), &t, &nt) || !column(PyList_GET_ITEM(vs, i), &v, &nv) ||
-            nt != nv || nv == 0) {
-            Py_RETURN_NONE;
+        Py_ssize_t nt, nv;
+        if (!column(PyList_GET_ITEM(ts, i), &views[held], &cols[2 * i], &nt)) {
+            goto decline;
         }
-        for (npy_intp k = 0; k < nv; k++) {
+        held++;
+        if (!column(PyList_GET_ITEM(vs, i), &views[held], &cols[2 * i + 1], &nv)) {
+            goto decline;
+        }
+        held++;
+        if (nt != nv || nv == 0) {
+            goto decline;
+        }
+        Col v = cols[2 * i + 1];
+        for (Py_ssize_t k = 0; k < nv; k++) {
             double x = AT(v, k);
             if (!(x > -HUGE_VALUE && x < HUGE_VALUE)) {
-                Py_RETURN_NONE;
+                goto decline;
             }
         }
+        lens[i] = nv;
     }
-    PyObject *out = PyList_New(s);
+    out = PyList_New(s);
     if (out == NULL) {
-        return NULL;
+        goto done;
     }
     for (Py_ssize_t i = 0; i < s; i++) {
-        Col t, v;
-        npy_intp n, nt;
-        column(PyList_GET_ITEM(ts, i), &t, &nt);
-        column(PyList_GET_ITEM(vs, i), &v, &n);
+        Col t = cols[2 * i], v = cols[2 * i + 1];
+        Py_ssize_t n = lens[i];
         double lo = AT(v, 0), hi = lo;
-        for (npy_intp k = 1; k < n; k++) {
+        for (Py_ssize_t k = 1; k < n; k++) {
             double x = AT(v, k);
             lo = x < lo ? x : lo;
             hi = x > hi ? x : hi;
@@ -185,16 +267,28 @@ static PyObject *features(PyObject *self, PyObject *args)
         }
         PyObject *d = PyDict_New();
         if (d == NULL) {
-            Py_DECREF(out);
-            return NULL;
+            Py_CLEAR(out);
+            goto done;
         }
         PyList_SET_ITEM(out, i, d);
         if (put(d, key_mean, mean) < 0 || put(d, key_std, sd) < 0 || put(d, key_min, lo) < 0 ||
             put(d, key_max, hi) < 0 ||
             (n >= 2 && den > 0.0 && isfinite(slope) && put(d, key_slope, slope) < 0)) {
-            Py_DECREF(out);
-            return NULL;
+            Py_CLEAR(out);
+            goto done;
         }
+    }
+    goto done;
+decline:
+    out = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t i = 0; i < held; i++) {
+        PyBuffer_Release(&views[i]);
+    }
+    if (!few) {
+        PyMem_Free(views);
+        PyMem_Free(cols);
+        PyMem_Free(lens);
     }
     return out;
 }
@@ -209,22 +303,7 @@ static PyObject *features(PyObject *self, PyObject *args)
  * the numpy path must run (another layout, widths that do not chain, a layer wider than MAX_WIDTH).
  */
 #define MAX_WIDTH 1024
-
-static int as_matrix(PyObject *o, int ndim, npy_intp *rows, npy_intp *cols, const double **p)
-{
-    if (!PyArray_Check(o)) {
-        return 0;
-    }
-    PyArrayObject *a = (PyArrayObject *)o;
-    if (PyArray_NDIM(a) != ndim || PyArray_TYPE(a) != NPY_DOUBLE || !PyArray_IS_C_CONTIGUOUS(a) ||
-        !PyArray_ISNOTSWAPPED(a) || !PyArray_ISALIGNED(a)) {
-        return 0;
-    }
-    *rows = PyArray_DIM(a, 0);
-    *cols = ndim == 2 ? PyArray_DIM(a, 1) : 1;
-    *p = (const double *)PyArray_DATA(a);
-    return 1;
-}
+#define MAX_LAYERS 16
 
 static double activate(double y, long act)
 {
@@ -238,71 +317,123 @@ static double activate(double y, long act)
 }
 
 /*
- * The score of the row h (width inputs; h is overwritten) through layers, into *score: 1, or 0
- * where the layers are not of the expected layout (widths that do not chain, one output at the
- * end), or -1 with an exception set.
+ * A C-contiguous ndarray of ndim dimensions (any when ndim < 0) and element kind 'd' (or 'f' too
+ * when floats), writable when asked, v held; else 0.
  */
-static int forward(double *h, npy_intp width, PyObject *layers, double *score)
+static int dense_view(PyObject *o, Py_buffer *v, int ndim, int floats, int writable)
 {
-    double spare[MAX_WIDTH];
-    double *y = spare;
-    Py_ssize_t n_layers = PyTuple_GET_SIZE(layers);
-    for (Py_ssize_t l = 0; l < n_layers; l++) {
+    if (!view_of(o, v, writable)) {
+        return 0;
+    }
+    char kind = kind_of(v);
+    if ((ndim >= 0 && v->ndim != ndim) || !(kind == 'd' || (floats && kind == 'f')) || !PyBuffer_IsContiguous(v, 'C')) {
+        PyBuffer_Release(v);
+        return 0;
+    }
+    return 1;
+}
+
+/* The element k of a C-contiguous float32 or float64 view, as a double. */
+static double item(const Py_buffer *v, Py_ssize_t k)
+{
+    return v->format[0] == 'f' ? (double)((const float *)v->buf)[k] : ((const double *)v->buf)[k];
+}
+
+/* Dense layers read once per call: each layer's weights (n_in, n_out), bias and activation. */
+typedef struct {
+    const double *w, *b;
+    Py_ssize_t n_in, n_out;
+    long act;
+} Layer;
+
+typedef struct {
+    Layer layer[MAX_LAYERS];
+    Py_buffer views[2 * MAX_LAYERS];
+    Py_ssize_t n_layers, held;
+} Net;
+
+/*
+ * The layers (a tuple of (w (n_in, n_out) float64 C-contiguous, b (n_out,) float64, activation
+ * code)) for rows of width inputs: 1, or 0 where they are not of that layout (widths that do not
+ * chain, one output at the end, more than MAX_LAYERS), or -1 with an exception set.  Close with
+ * net_close either way.
+ */
+static int net_open(Net *net, PyObject *layers, Py_ssize_t width)
+{
+    net->held = 0;
+    net->n_layers = PyTuple_GET_SIZE(layers);
+    if (net->n_layers > MAX_LAYERS) {
+        return 0;
+    }
+    for (Py_ssize_t l = 0; l < net->n_layers; l++) {
         PyObject *layer = PyTuple_GET_ITEM(layers, l);
         if (!PyTuple_Check(layer) || PyTuple_GET_SIZE(layer) != 3) {
             return 0;
         }
-        npy_intp n_in, n_out, nb, one;
-        const double *w, *bias;
-        if (!as_matrix(PyTuple_GET_ITEM(layer, 0), 2, &n_in, &n_out, &w) ||
-            !as_matrix(PyTuple_GET_ITEM(layer, 1), 1, &nb, &one, &bias) || n_in != width ||
-            nb != n_out || n_out > MAX_WIDTH) {
+        Py_buffer *w = &net->views[net->held];
+        if (!dense_view(PyTuple_GET_ITEM(layer, 0), w, 2, 0, 0)) {
             return 0;
         }
-        long act = PyLong_AsLong(PyTuple_GET_ITEM(layer, 2));
-        if (act == -1 && PyErr_Occurred()) {
+        net->held++;
+        Py_buffer *b = &net->views[net->held];
+        if (!dense_view(PyTuple_GET_ITEM(layer, 1), b, 1, 0, 0)) {
+            return 0;
+        }
+        net->held++;
+        Layer *L = &net->layer[l];
+        L->n_in = w->shape[0];
+        L->n_out = w->shape[1];
+        if (L->n_in != width || b->shape[0] != L->n_out || L->n_out > MAX_WIDTH) {
+            return 0;
+        }
+        L->w = (const double *)w->buf;
+        L->b = (const double *)b->buf;
+        L->act = PyLong_AsLong(PyTuple_GET_ITEM(layer, 2));
+        if (L->act == -1 && PyErr_Occurred()) {
             return -1;
         }
-        for (npy_intp j = 0; j < n_out; j++) {
+        width = L->n_out;
+    }
+    return width == 1;
+}
+
+static void net_close(Net *net)
+{
+    for (Py_ssize_t i = 0; i < net->held; i++) {
+        PyBuffer_Release(&net->views[i]);
+    }
+    net->held = 0;
+}
+
+/* The score of the row h (the first layer's inputs; h is overwritten) through an open net. */
+static double forward(const Net *net, double *h)
+{
+    double spare[MAX_WIDTH];
+    double *y = spare;
+    for (Py_ssize_t l = 0; l < net->n_layers; l++) {
+        const Layer *L = &net->layer[l];
+        for (Py_ssize_t j = 0; j < L->n_out; j++) {
             double acc = 0.0;
-            for (npy_intp i = 0; i < n_in; i++) {
-                acc += h[i] * w[i * n_out + j];
+            for (Py_ssize_t i = 0; i < L->n_in; i++) {
+                acc += h[i] * L->w[i * L->n_out + j];
             }
-            y[j] = activate(acc + bias[j], act);
+            y[j] = activate(acc + L->b[j], L->act);
         }
         double *swap = h;
         h = y;
         y = swap;
-        width = n_out;
     }
-    if (width != 1) {
-        return 0;
-    }
-    *score = h[0];
-    return 1;
+    return h[0];
 }
 
-/* A C-contiguous float32 or float64 array of ndim dimensions in native order; else NULL. */
-static PyArrayObject *rows_of(PyObject *o)
-{
-    if (!PyArray_Check(o)) {
-        return NULL;
-    }
-    PyArrayObject *x = (PyArrayObject *)o;
-    int type = PyArray_TYPE(x);
-    if ((type != NPY_FLOAT && type != NPY_DOUBLE) || !PyArray_IS_C_CONTIGUOUS(x) ||
-        !PyArray_ISNOTSWAPPED(x) || !PyArray_ISALIGNED(x)) {
-        return NULL;
-    }
-    return x;
-}
-
-static double item(PyArrayObject *x, npy_intp k)
-{
-    return PyArray_TYPE(x) == NPY_FLOAT ? (double)((const float *)PyArray_DATA(x))[k]
-                                        : ((const double *)PyArray_DATA(x))[k];
-}
-
+/*
+ * dense_row(x, layers) -> (1,) float64 array | None: gateway.inference.backends.DenseBackend at batch 1.
+ * Every layer is a loop of float64 products summed in input order from 0.0, then the bias, then
+ * the activation, as the numpy backend sums its last layer in Python: that layer is the same to
+ * the bit, hidden layers differ from BLAS's order by a few roundings (DENSE_BATCH1_TOLERANCE).
+ * x: a (1, n) or (n,) float32 or float64 array; layers: see net_open.  None where the numpy path
+ * must run (another layout, widths that do not chain, a layer wider than MAX_WIDTH).
+ */
 static PyObject *dense_row(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -310,28 +441,35 @@ static PyObject *dense_row(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OO!", &xo, &PyTuple_Type, &layers)) {
         return NULL;
     }
-    PyArrayObject *x = rows_of(xo);
-    int nd = x ? PyArray_NDIM(x) : 0;
-    if (!(nd == 1 || (nd == 2 && PyArray_DIM(x, 0) == 1)) || PyArray_DIM(x, nd - 1) > MAX_WIDTH) {
+    Py_buffer xv;
+    if (!dense_view(xo, &xv, -1, 1, 0)) {
         Py_RETURN_NONE;
     }
-    npy_intp width = PyArray_DIM(x, nd - 1);
-    double h[MAX_WIDTH], score;
-    for (npy_intp i = 0; i < width; i++) {
-        h[i] = item(x, i);
+    int nd = xv.ndim;
+    if (!(nd == 1 || (nd == 2 && xv.shape[0] == 1)) || xv.shape[nd - 1] > MAX_WIDTH) {
+        PyBuffer_Release(&xv);
+        Py_RETURN_NONE;
     }
-    int rc = forward(h, width, layers, &score);
-    if (rc <= 0) {
-        if (rc < 0) {
-            return NULL;
+    Py_ssize_t width = xv.shape[nd - 1];
+    double h[MAX_WIDTH];
+    for (Py_ssize_t i = 0; i < width; i++) {
+        h[i] = item(&xv, i);
+    }
+    PyBuffer_Release(&xv);
+    Net net;
+    int rc = net_open(&net, layers, width);
+    PyObject *out = NULL;
+    if (rc > 0) {
+        double *y;
+        double score = forward(&net, h);
+        out = new_doubles(-1, 1, &y);
+        if (out != NULL) {
+            *y = score;
         }
-        Py_RETURN_NONE;
+    } else if (rc == 0) {
+        out = Py_NewRef(Py_None);
     }
-    npy_intp one = 1;
-    PyObject *out = PyArray_SimpleNew(1, &one, NPY_DOUBLE);
-    if (out != NULL) {
-        *(double *)PyArray_DATA((PyArrayObject *)out) = score;
-    }
+    net_close(&net);
     return out;
 }
 
@@ -349,39 +487,37 @@ static PyObject *dense_occlusion(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OdO!", &zo, &clip, &PyTuple_Type, &layers)) {
         return NULL;
     }
-    PyArrayObject *z = rows_of(zo);
-    if (z == NULL || PyArray_NDIM(z) != 2 || PyArray_DIM(z, 1) > MAX_WIDTH) {
+    Py_buffer zv;
+    if (!dense_view(zo, &zv, 2, 1, 0)) {
         Py_RETURN_NONE;
     }
-    npy_intp k = PyArray_DIM(z, 0), n = PyArray_DIM(z, 1);
-    npy_intp dims[2] = {k, n + 1};
-    PyObject *out = PyArray_SimpleNew(2, dims, NPY_DOUBLE);
-    if (out == NULL) {
-        return NULL;
-    }
-    double *scores = (double *)PyArray_DATA((PyArrayObject *)out);
-    double row[MAX_WIDTH], h[MAX_WIDTH];
-    for (npy_intp r = 0; r < k; r++) {
-        for (npy_intp i = 0; i < n; i++) {
-            double v = item(z, r * n + i);
-            v = v < -clip ? -clip : (v > clip ? clip : v); /* np.clip of finite values */
-            row[i] = (double)(float)v;                     /* astype(np.float32) */
-        }
-        for (npy_intp p = 0; p <= n; p++) {
-            memcpy(h, row, (size_t)n * sizeof(double));
-            if (p < n) {
-                h[p] = 0.0;
+    Py_ssize_t k = zv.shape[0], n = zv.shape[1];
+    Net net;
+    net.held = 0;
+    int rc = n > MAX_WIDTH ? 0 : k == 0 ? 1 : net_open(&net, layers, n);
+    PyObject *out = NULL;
+    double *scores;
+    if (rc > 0 && (out = new_doubles(k, n + 1, &scores)) != NULL) {
+        double row[MAX_WIDTH], h[MAX_WIDTH];
+        for (Py_ssize_t r = 0; r < k; r++) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                double v = item(&zv, r * n + i);
+                v = v < -clip ? -clip : (v > clip ? clip : v); /* np.clip of finite values */
+                row[i] = (double)(float)v;                     /* astype(np.float32) */
             }
-            int rc = forward(h, n, layers, &scores[r * (n + 1) + p]);
-            if (rc <= 0) {
-                Py_DECREF(out);
-                if (rc < 0) {
-                    return NULL;
+            for (Py_ssize_t p = 0; p <= n; p++) {
+                memcpy(h, row, (size_t)n * sizeof(double));
+                if (p < n) {
+                    h[p] = 0.0;
                 }
-                Py_RETURN_NONE;
+                scores[r * (n + 1) + p] = forward(&net, h);
             }
         }
+    } else if (rc == 0) {
+        out = Py_NewRef(Py_None);
     }
+    net_close(&net);
+    PyBuffer_Release(&zv);
     return out;
 }
 
@@ -391,20 +527,21 @@ static PyObject *dense_occlusion(PyObject *self, PyObject *args)
  * clamped to [lo, hi].
  */
 
-/* A 1-D float64 C-contiguous array of n elements (any n when n < 0), writable when asked; else NULL. */
-static double *vec(PyObject *o, npy_intp *n, int writable)
+/*
+ * A 1-D float64 C-contiguous array of n elements (any n when n < 0), writable when asked, as a
+ * pointer, v held; else NULL.
+ */
+static double *vec(PyObject *o, Py_buffer *v, Py_ssize_t *n, int writable)
 {
-    if (!PyArray_Check(o)) {
+    if (!dense_view(o, v, 1, 0, writable)) {
         return NULL;
     }
-    PyArrayObject *a = (PyArrayObject *)o;
-    if (PyArray_NDIM(a) != 1 || PyArray_TYPE(a) != NPY_DOUBLE || !PyArray_IS_C_CONTIGUOUS(a) ||
-        !PyArray_ISNOTSWAPPED(a) || !PyArray_ISALIGNED(a) || (writable && !PyArray_ISWRITEABLE(a)) ||
-        (*n >= 0 && PyArray_DIM(a, 0) != *n)) {
+    if (*n >= 0 && v->shape[0] != *n) {
+        PyBuffer_Release(v);
         return NULL;
     }
-    *n = PyArray_DIM(a, 0);
-    return (double *)PyArray_DATA(a);
+    *n = v->shape[0];
+    return (double *)v->buf;
 }
 
 /* vector(values) -> float64 array | None: None unless every value is a Python float. */
@@ -414,18 +551,18 @@ static PyObject *vector(PyObject *self, PyObject *values)
     if (!PyList_Check(values)) {
         Py_RETURN_NONE;
     }
-    npy_intp n = PyList_GET_SIZE(values);
-    for (npy_intp i = 0; i < n; i++) {
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    for (Py_ssize_t i = 0; i < n; i++) {
         if (!PyFloat_CheckExact(PyList_GET_ITEM(values, i))) {
             Py_RETURN_NONE;
         }
     }
-    PyObject *out = PyArray_SimpleNew(1, &n, NPY_DOUBLE);
+    double *p;
+    PyObject *out = new_doubles(-1, n, &p);
     if (out == NULL) {
         return NULL;
     }
-    double *p = (double *)PyArray_DATA((PyArrayObject *)out);
-    for (npy_intp i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < n; i++) {
         p[i] = PyFloat_AS_DOUBLE(PyList_GET_ITEM(values, i));
     }
     return out;
@@ -442,31 +579,41 @@ static PyObject *zrow(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOO", &xo, &mo, &so)) {
         return NULL;
     }
-    npy_intp n = -1;
-    const double *x = vec(xo, &n, 0), *m = x ? vec(mo, &n, 0) : NULL, *sd = m ? vec(so, &n, 0) : NULL;
-    if (sd == NULL) {
-        Py_RETURN_NONE;
-    }
-    npy_intp dims[2] = {1, n};
-    PyObject *out = PyArray_SimpleNew(2, dims, NPY_DOUBLE);
-    if (out == NULL) {
-        return NULL;
-    }
-    double *z = (double *)PyArray_DATA((PyArrayObject *)out);
-    double zmax = 0.0;
-    int finite = 1;
-    for (npy_intp i = 0; i < n; i++) {
-        double v = x[i] - m[i];
-        v /= sd[i];
-        z[i] = v;
-        if (isfinite(v)) {
-            double a = fabs(v);
-            zmax = a > zmax ? a : zmax;
-        } else {
-            finite = 0;
+    Py_buffer xv, mv, sv;
+    Py_ssize_t n = -1;
+    const double *x = vec(xo, &xv, &n, 0), *m = x ? vec(mo, &mv, &n, 0) : NULL;
+    const double *sd = m ? vec(so, &sv, &n, 0) : NULL;
+    PyObject *result = NULL;
+    double *z;
+    PyObject *out = sd ? new_doubles(1, n, &z) : NULL;
+    if (out != NULL) {
+        double zmax = 0.0;
+        int finite = 1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            double v = x[i] - m[i];
+            v /= sd[i];
+            z[i] = v;
+            if (isfinite(v)) {
+                double a = fabs(v);
+                zmax = a > zmax ? a : zmax;
+            } else {
+                finite = 0;
+            }
         }
+        result = Py_BuildValue("NdO", out, zmax, finite ? Py_True : Py_False);
+    } else if (sd == NULL) {
+        result = Py_NewRef(Py_None);
     }
-    return Py_BuildValue("NdO", out, zmax, finite ? Py_True : Py_False);
+    if (sd != NULL) {
+        PyBuffer_Release(&sv);
+    }
+    if (m != NULL) {
+        PyBuffer_Release(&mv);
+    }
+    if (x != NULL) {
+        PyBuffer_Release(&xv);
+    }
+    return result;
 }
 
 /*
@@ -482,37 +629,52 @@ static PyObject *follow(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOOO", &xo, &lo_o, &so, &lo_b, &hi_b)) {
         return NULL;
     }
-    npy_intp n = -1;
-    const double *x = vec(xo, &n, 0), *sc = x ? vec(so, &n, 0) : NULL;
-    double *level = sc ? vec(lo_o, &n, 1) : NULL;
+    Py_buffer views[5]; /* x, scaled, level, lo, hi */
+    int held = 0;
+    PyObject *result = Py_None;
+    Py_ssize_t n = -1;
+    const double *x = vec(xo, &views[held], &n, 0);
+    held += x != NULL;
+    const double *sc = x ? vec(so, &views[held], &n, 0) : NULL;
+    held += sc != NULL;
+    double *level = sc ? vec(lo_o, &views[held], &n, 1) : NULL;
+    held += level != NULL;
     const double *lo = NULL, *hi = NULL;
     if (level == NULL || n > MAX_WIDTH) {
-        Py_RETURN_NONE;
+        goto done;
     }
     if (lo_b != Py_None || hi_b != Py_None) {
-        lo = vec(lo_b, &n, 0);
-        hi = lo ? vec(hi_b, &n, 0) : NULL;
+        lo = vec(lo_b, &views[held], &n, 0);
+        held += lo != NULL;
+        hi = lo ? vec(hi_b, &views[held], &n, 0) : NULL;
+        held += hi != NULL;
         if (hi == NULL) {
-            Py_RETURN_NONE;
+            goto done;
         }
     }
     double step[MAX_WIDTH];
-    for (npy_intp i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < n; i++) {
         double d = x[i] - level[i];
         d *= sc[i];
         if (!isfinite(d)) {
-            Py_RETURN_FALSE;
+            result = Py_False;
+            goto done;
         }
         step[i] = d;
     }
-    for (npy_intp i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < n; i++) {
         double v = level[i] + step[i];
         if (lo != NULL) {
             v = v < lo[i] ? lo[i] : (v > hi[i] ? hi[i] : v);
         }
         level[i] = v;
     }
-    Py_RETURN_TRUE;
+    result = Py_True;
+done:
+    while (held > 0) {
+        PyBuffer_Release(&views[--held]);
+    }
+    return Py_NewRef(result);
 }
 
 static PyMethodDef methods[] = {
@@ -535,11 +697,22 @@ static struct PyModuleDef module = {
 };
 
 /* What gateway/compiled.py checks: a build of other sources (an older install) is not used. */
-#define WINDOW_VERSION 2
+#define WINDOW_VERSION 3
 
 PyMODINIT_FUNC PyInit__window(void)
 {
-    import_array();
+    /* numpy through its Python API only: no headers at build time, no ABI to match at import. */
+    PyObject *numpy = PyImport_ImportModule("numpy");
+    if (numpy == NULL) {
+        return NULL;
+    }
+    np_ndarray = PyObject_GetAttrString(numpy, "ndarray");
+    np_empty = PyObject_GetAttrString(numpy, "empty");
+    Py_DECREF(numpy);
+    if (np_ndarray == NULL || np_empty == NULL || !PyType_Check(np_ndarray)) {
+        PyErr_SetString(PyExc_ImportError, "gateway._window: numpy.ndarray or numpy.empty not found");
+        return NULL;
+    }
     key_mean = PyUnicode_InternFromString("mean");
     key_std = PyUnicode_InternFromString("std");
     key_min = PyUnicode_InternFromString("min");

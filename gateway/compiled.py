@@ -1,4 +1,4 @@
-"""The gateway's compiled window paths (``gateway/_window.c``, built at install by setup.py), where built.
+"""The gateway's compiled window paths (``gateway/_window.c``, built at install, pyproject.toml), where built.
 
 A window's features, input row, z-scores, baseline step and dense-layer score each have a numpy
 path with the same results; the compiled one is one call that touches a small loop instead of a
@@ -15,7 +15,7 @@ from typing import Any
 __all__ = ["VERSION", "compiled"]
 
 #: The build these sources expect (``WINDOW_VERSION`` in ``gateway/_window.c``).
-VERSION = 2
+VERSION = 3
 
 
 def compiled(name: str) -> Any:
