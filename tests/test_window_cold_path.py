@@ -205,6 +205,41 @@ def test_compiled_row_z_scores_and_baseline_step_equal_the_numpy_operations_to_t
     assert follow(np.zeros(3), np.zeros(3)[::-1], np.ones(3), None, None) is None
 
 
+def test_arrays_the_buffer_protocol_gives_in_another_layout_are_declined() -> None:
+    # gateway/_window.c reads arrays as buffers: only ndarrays, native float64 (float32 for rows),
+    # aligned, contiguous where it needs it, writable where it writes; anything else is declined
+    # (None), never read in the wrong element type, order or stride, nor written read-only.
+    zrow, follow = compiled("zrow"), compiled("follow")
+    features, dense_row = compiled("features"), compiled("dense_row")
+    assert None not in (zrow, follow, features, dense_row), "not built here: bash .ci/setup test"
+    x, ones = np.arange(3.0), np.ones(3)
+    unaligned = np.zeros(8 * 3 + 1, np.uint8)[1:].view(np.float64)
+    for odd in (
+        x.astype(">f8"),
+        x.astype(np.float32),
+        x.astype(np.int64),
+        unaligned,
+        x.data,  # a buffer, not an ndarray
+        x.tolist(),
+    ):
+        assert zrow(odd, x, ones) is None, odd
+        assert features([odd], [odd]) is None, odd
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    assert follow(x, frozen, ones, None, None) is None
+    assert (frozen == x).all()
+    assert follow(x, x.copy(), ones, None, None) is True
+    layers = ((np.ones((3, 1)), np.zeros(1), 0),)
+    assert dense_row(x.astype(np.float32), layers).tolist() == [3.0]
+    assert dense_row(x.astype(">f4"), layers) is None
+    assert dense_row(np.ones((3, 2))[:, 0], layers) is None  # strided row
+    assert dense_row(x, ((np.asfortranarray(np.ones((3, 2))), np.zeros(2), 0),)) is None
+    t = np.arange(10.0)
+    (got,) = features([t[::-2]], [2 * t[::-2]])  # strided, reversed columns are read as such
+    assert got["slope"] == 2.0
+    assert got["mean"] == 10.0
+
+
 def test_a_build_of_other_sources_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
     # An older install's module (another WINDOW_VERSION) must not serve these paths.
     module = importlib.import_module("gateway._window")
