@@ -18,6 +18,7 @@
  * dense_occlusion(z, clip, layers): the scores of an anomaly's occlusion probes.
  * vector(values), zrow(x, mean, std), follow(x, level, scaled, lo, hi): a window's input row,
  * its z-scores and its baseline's step (gateway.inference.runner).
+ * pca_row(z, center, load, eig): the novelty detector's T² and SPE of one window's row.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -677,6 +678,94 @@ done:
     return Py_NewRef(result);
 }
 
+/*
+ * pca_row(z, center, load, eig) -> (T², SPE) | None: gateway.inference.novelty._stats of one
+ * prepared row.  zc = z - center; t = zc @ load and the residual zc - t @ load.T, each product
+ * summed in input order (not BLAS's: within NOVELTY_TOLERANCE of it); T² = sum(t * t / eig) and
+ * SPE = sum(resid²) in numpy's order (the first term, then the pairwise sum of the rest).
+ * z: (1, m) or (m,) float64 C-contiguous; center (m,) and eig (r,) likewise; load (m, r) float64
+ * of any strides.  None for other layouts, sizes, or r or m above MAX_WIDTH.
+ */
+static PyObject *pca_row(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *zo, *co, *lo, *eo;
+    if (!PyArg_ParseTuple(args, "OOOO", &zo, &co, &lo, &eo)) {
+        return NULL;
+    }
+    Py_buffer zv, cv, lv, ev;
+    int held = 0;
+    PyObject *out = NULL;
+    if (!dense_view(zo, &zv, -1, 0, 0)) {
+        Py_RETURN_NONE;
+    }
+    held = 1;
+    Py_ssize_t m = zv.ndim >= 1 ? zv.shape[zv.ndim - 1] : -1, r = -1, s0 = 0, s1 = 0;
+    const double *center = NULL;
+    if (!(zv.ndim == 1 || (zv.ndim == 2 && zv.shape[0] == 1)) || m < 1 || m > MAX_WIDTH ||
+        (center = vec(co, &cv, &m, 0)) == NULL) {
+        goto decline;
+    }
+    held = 2;
+    if (!view_of(lo, &lv, 0)) {
+        goto decline;
+    }
+    held = 3;
+    if (lv.ndim != 2 || kind_of(&lv) != 'd' || lv.shape[0] != m || lv.shape[1] < 1 || lv.shape[1] > MAX_WIDTH ||
+        lv.strides[0] % (Py_ssize_t)sizeof(double) != 0 || lv.strides[1] % (Py_ssize_t)sizeof(double) != 0) {
+        goto decline;
+    }
+    r = lv.shape[1];
+    s0 = lv.strides[0] / (Py_ssize_t)sizeof(double);
+    s1 = lv.strides[1] / (Py_ssize_t)sizeof(double);
+    const double *eig = vec(eo, &ev, &r, 0);
+    if (eig == NULL) {
+        goto decline;
+    }
+    held = 4;
+    const double *z = (const double *)zv.buf, *load = (const double *)lv.buf;
+    double zc[MAX_WIDTH], t[MAX_WIDTH], part[MAX_WIDTH];
+    for (Py_ssize_t i = 0; i < m; i++) {
+        zc[i] = z[i] - center[i];
+    }
+    for (Py_ssize_t j = 0; j < r; j++) {
+        double acc = 0.0;
+        for (Py_ssize_t i = 0; i < m; i++) {
+            acc += zc[i] * load[i * s0 + j * s1];
+        }
+        t[j] = acc;
+        part[j] = t[j] * t[j];
+        part[j] /= eig[j];
+    }
+    Col pc = {part, 1};
+    double t2 = SEGMENT(sum_at, pc, pc, r, 0.0, 0.0);
+    for (Py_ssize_t i = 0; i < m; i++) {
+        double acc = 0.0;
+        for (Py_ssize_t j = 0; j < r; j++) {
+            acc += t[j] * load[i * s0 + j * s1];
+        }
+        double e = zc[i] - acc;
+        part[i] = e * e;
+    }
+    double spe = SEGMENT(sum_at, pc, pc, m, 0.0, 0.0);
+    out = Py_BuildValue("dd", t2, spe);
+    goto done;
+decline:
+    out = Py_NewRef(Py_None);
+done:
+    if (held >= 4) {
+        PyBuffer_Release(&ev);
+    }
+    if (held >= 3) {
+        PyBuffer_Release(&lv);
+    }
+    if (held >= 2) {
+        PyBuffer_Release(&cv);
+    }
+    PyBuffer_Release(&zv);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"features", features, METH_VARARGS,
      "Features of two or more non-empty streams' windows in one pass, or None where the numpy pass decides."},
@@ -687,6 +776,7 @@ static PyMethodDef methods[] = {
     {"vector", vector, METH_O, "A list of Python floats as a float64 array, or None."},
     {"zrow", zrow, METH_VARARGS, "(x - mean) / std as a (1, n) array, its largest finite |z|, all finite."},
     {"follow", follow, METH_VARARGS, "A baseline's step in place; False where the numpy path must take it."},
+    {"pca_row", pca_row, METH_VARARGS, "T² and SPE of one prepared row under a PCA subspace, or None."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -697,7 +787,7 @@ static struct PyModuleDef module = {
 };
 
 /* What gateway/compiled.py checks: a build of other sources (an older install) is not used. */
-#define WINDOW_VERSION 3
+#define WINDOW_VERSION 4
 
 PyMODINIT_FUNC PyInit__window(void)
 {
