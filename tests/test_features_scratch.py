@@ -1,4 +1,7 @@
-"""A window's features reuse per-thread work arrays: no fresh pages per window, the same bits.
+"""A window's features in numpy reuse per-thread work arrays: no fresh pages per window, the same bits.
+
+(The numpy pass serves where the compiled pass was not built or declines a window; the compiled
+pass keeps no temporaries: tests/test_features_compiled.py.)
 
 Above the mmap threshold the service pins (``gateway.memory``) every temporary array is mapped and
 faulted in afresh; the one-pass features keep three work arrays per thread instead.  The results
@@ -18,7 +21,6 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.pipeline import features
-from gateway.pipeline.features import basic_features_streams
 
 F8 = npt.NDArray[np.float64]
 
@@ -52,8 +54,8 @@ def _window(rng: np.random.Generator, streams: int, n: int) -> tuple[list[F8], l
 
 
 def _bits(ts: list[F8], vs: list[F8]) -> list[tuple[float, ...]]:
-    """Mean, std, min, max and slope of each stream, as the one-pass features give them."""
-    got = basic_features_streams(ts, vs)
+    """Mean, std, min, max and slope of each stream, as the numpy pass gives them (the work arrays')."""
+    got = features._numpy_pass(ts, vs, tuple(map(len, vs)))
     return [(f["mean"], f["std"], f["min"], f["max"], f.get("slope", 0.0)) for f in got]
 
 
@@ -103,14 +105,14 @@ def test_windows_above_the_mmap_threshold_fault_no_fresh_pages() -> None:
         import resource
         import numpy as np
         from gateway.memory import fix_mmap_threshold
-        from gateway.pipeline.features import basic_features_streams
+        from gateway.pipeline.features import _numpy_pass
         assert fix_mmap_threshold()
         t = 1e5 + 0.025 * np.arange(2000.0)
         vs = [np.sin(t * k) for k in range(1, 9)]  # 8 streams x 2,000: 256 KB concatenated
-        basic_features_streams([t] * 8, vs)  # the first window grows the work arrays
+        _numpy_pass([t] * 8, vs, (2000,) * 8)  # the first window grows the work arrays
         before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
         for _ in range(20):
-            basic_features_streams([t] * 8, vs)
+            _numpy_pass([t] * 8, vs, (2000,) * 8)
         print(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
         """
     )

@@ -2,13 +2,15 @@
 
 The window's features (one pass over all its streams, few numpy calls, results read out once per
 step) and the numpy backend's window-at-a-time path (the last layer a dot product in Python floats)
-exist to touch less code per window; they must give what the textbook formulas give, on random
+exist to touch less code per window (compiled where the gateway was built with a C compiler, as
+the tests' environment is); they must give what the textbook formulas give, on random
 windows and on the edge cases a live gateway sees: gaps (empty streams), constant streams, a
 single row, mixed counts, and model inputs at zero, at the clip and far out.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -16,6 +18,8 @@ import numpy.typing as npt
 import pytest
 from model_support import MODELS, NEURAL, card_of
 
+from gateway.compiled import compiled
+from gateway.inference import backends
 from gateway.inference.backends import DENSE_BATCH1_TOLERANCE, DenseBackend, open_backend
 from gateway.pipeline.features import basic_features_streams
 
@@ -115,3 +119,162 @@ def test_window_at_a_time_scores_match_the_layers_and_the_verdicts(name: str) ->
     np.testing.assert_allclose(one, backend.run(rows), rtol=0.0, atol=DENSE_BATCH1_TOLERANCE)
     assert ((one > card.threshold) == (want > card.threshold)).all()
     assert ((one > card.threshold) == (backend.run(rows) > card.threshold)).all()
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_compiled_window_score_equals_the_python_path(name: str) -> None:
+    # The compiled row (gateway/_window.c) sums every layer in input order: a model
+    # whose only layer is the last gives the Python path's score to the bit, hidden layers within
+    # the tolerance of BLAS's order; rows the compiled call declines (float16) take the Python path.
+    assert backends.COMPILED, "gateway/_window.c is not built here: bash .ci/setup test"
+    card = card_of(name)
+    backend = open_backend(card, MODELS, backend="numpy")
+    assert isinstance(backend, DenseBackend)
+    n = card.n_inputs
+    clip = card.normalisation.clip
+    rng = np.random.default_rng(11)
+    rows = np.vstack(
+        [np.clip(rng.standard_normal((400, n)) * 4, -clip, clip), np.zeros(n), np.full(n, -clip)]
+    ).astype(np.float32)
+    compiled = np.array([backend.run(rows[i : i + 1])[0] for i in range(len(rows))])
+    python = np.array([backend.run_numpy(rows[i : i + 1])[0] for i in range(len(rows))])
+    single_layer = len(np.load(MODELS / card.dense_files["fp32"].path)["act"].reshape(-1)) == 1
+    if single_layer:
+        assert compiled.tolist() == python.tolist()
+    np.testing.assert_allclose(compiled, python, rtol=0.0, atol=DENSE_BATCH1_TOLERANCE)
+    assert ((compiled > card.threshold) == (python > card.threshold)).all()
+    half = rows[:1].astype(np.float16)
+    assert backend.run(half)[0] == backend.run_numpy(half)[0]  # type: ignore[arg-type]
+
+
+def _same_bits(a: F8, b: F8) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_compiled_row_z_scores_and_baseline_step_equal_the_numpy_operations_to_the_bit() -> None:
+    # gateway/_window.c: np.array of floats, (x - mean) / std and the baseline's in-place step,
+    # each against the numpy it replaces, on rows with absent inputs, overflows and bounds hit.
+    vector, zrow, follow = compiled("vector"), compiled("zrow"), compiled("follow")
+    assert None not in (vector, zrow, follow), "gateway/_window.c is not built here: bash .ci/setup test"
+    rng = np.random.default_rng(5)
+    kinds = {"finite": 0, "absent": 0, "clamped": 0, "overflow": 0}
+    for k in range(3000):
+        n = int(rng.integers(1, 40))
+        got = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 4, n)).tolist()
+        x = vector(got)
+        assert _same_bits(x, np.array(got, np.float64))
+        mean, std = rng.standard_normal(n) * 50, 10.0 ** rng.uniform(-4, 2, n)
+        if k % 7 == 0:
+            x[int(rng.integers(n))] = np.nan  # an absent input
+        far = int(rng.integers(n))
+        if k % 11 == 0:
+            x[far], std[far] = 1e308, 1e-300  # z overflows
+        z, zmax, finite = zrow(x, mean, std)
+        with np.errstate(over="ignore", invalid="ignore"):  # numpy warns where the row overflows
+            want = (x - mean) / std
+        assert _same_bits(z, want[np.newaxis])
+        clean = np.where(np.isfinite(want), want, 0.0)
+        assert zmax == float(np.abs(clean).max())
+        assert finite == bool(np.isfinite(want).all())
+        # The baseline's step: level += (x - level) * scaled, clamped to [lo, hi].
+        level = mean + rng.standard_normal(n)
+        if k % 11 == 0:
+            level[far] = -1e308  # the step overflows
+        scaled = np.where(rng.random(n) < 0.5, 0.0, rng.uniform(0.0, 1.0))
+        lo, hi = level - rng.uniform(0, 3, n), level + rng.uniform(0, 3, n)
+        with np.errstate(over="ignore", invalid="ignore"):
+            step = (x - level) * scaled
+        bounded = k % 2 == 0
+        expect = np.clip(level + step, lo, hi) if bounded else level + step
+        before = level.copy()
+        moved = follow(x, level, scaled, lo if bounded else None, hi if bounded else None)
+        if np.isfinite(step).all():
+            assert moved is True
+            assert _same_bits(level, expect)
+            kinds["clamped" if bounded and not _same_bits(expect, before + step) else "finite"] += 1
+        else:
+            assert moved is False
+            assert _same_bits(level, before)  # untouched: the numpy path decides
+            kinds["overflow" if np.isnan(x).sum() == 0 else "absent"] += 1
+    assert min(kinds.values()) > 30, kinds
+    # Other layouts are declined, never misread.
+    assert vector([1.0, None]) is None
+    assert vector([1.0, 2]) is None
+    assert zrow(np.zeros(3, np.float32), np.zeros(3), np.ones(3)) is None
+    assert zrow(np.zeros(3), np.zeros(4), np.ones(3)) is None
+    assert follow(np.zeros(3), np.zeros(3)[::-1], np.ones(3), None, None) is None
+
+
+def test_arrays_the_buffer_protocol_gives_in_another_layout_are_declined() -> None:
+    # gateway/_window.c reads arrays as buffers: only ndarrays, native float64 (float32 for rows),
+    # aligned, contiguous where it needs it, writable where it writes; anything else is declined
+    # (None), never read in the wrong element type, order or stride, nor written read-only.
+    zrow, follow = compiled("zrow"), compiled("follow")
+    features, dense_row = compiled("features"), compiled("dense_row")
+    assert None not in (zrow, follow, features, dense_row), "not built here: bash .ci/setup test"
+    x, ones = np.arange(3.0), np.ones(3)
+    unaligned = np.zeros(8 * 3 + 1, np.uint8)[1:].view(np.float64)
+    for odd in (
+        x.astype(">f8"),
+        x.astype(np.float32),
+        x.astype(np.int64),
+        unaligned,
+        x.data,  # a buffer, not an ndarray
+        x.tolist(),
+    ):
+        assert zrow(odd, x, ones) is None, odd
+        assert features([odd], [odd]) is None, odd
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    assert follow(x, frozen, ones, None, None) is None
+    assert (frozen == x).all()
+    assert follow(x, x.copy(), ones, None, None) is True
+    layers = ((np.ones((3, 1)), np.zeros(1), 0),)
+    assert dense_row(x.astype(np.float32), layers).tolist() == [3.0]
+    assert dense_row(x.astype(">f4"), layers) is None
+    assert dense_row(np.ones((3, 2))[:, 0], layers) is None  # strided row
+    assert dense_row(x, ((np.asfortranarray(np.ones((3, 2))), np.zeros(2), 0),)) is None
+    t = np.arange(10.0)
+    (got,) = features([t[::-2]], [2 * t[::-2]])  # strided, reversed columns are read as such
+    assert got["slope"] == 2.0
+    assert got["mean"] == 10.0
+
+
+def test_a_build_of_other_sources_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An older install's module (another WINDOW_VERSION) must not serve these paths.
+    module = importlib.import_module("gateway._window")
+    assert compiled("zrow") is module.zrow
+    monkeypatch.setattr(module, "VERSION", module.VERSION + 1)
+    assert compiled("zrow") is None
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_compiled_occlusion_scores_the_probes_the_runner_would_build(name: str) -> None:
+    # DenseBackend.occlusion scores each row's probes (input i at 0, then the row itself) without
+    # building them: each score is the window-at-a-time score of that probe, to the bit, and the
+    # textbook layers' within 1e-12; an input already at 0 loses exactly nothing.
+    card = card_of(name)
+    backend = open_backend(card, MODELS, backend="numpy")
+    assert isinstance(backend, DenseBackend)
+    n, clip = card.n_inputs, card.normalisation.clip
+    with np.load(MODELS / card.dense_files["fp32"].path, allow_pickle=False) as npz:
+        acts = [str(a) for a in npz["act"].reshape(-1)]
+        layers = [
+            (npz[f"w{i}"].astype(np.float64), npz[f"b{i}"].astype(np.float64), a) for i, a in enumerate(acts)
+        ]
+    rng = np.random.default_rng(8)
+    z = rng.standard_normal((40, n)) * 5
+    z[::4, 0] = 0.0
+    got = backend.occlusion(z, clip)
+    assert got is not None, "gateway/_window.c is not built here: bash .ci/setup test"
+    assert got.shape == (40, n + 1)
+    probe = np.repeat(np.clip(z, -clip, clip), n + 1, axis=0).reshape(40, n + 1, n)
+    probe[:, np.arange(n), np.arange(n)] = 0.0
+    rows = probe.reshape(40 * (n + 1), n).astype(np.float32)
+    alone = np.array([backend.run(rows[i : i + 1])[0] for i in range(len(rows))]).reshape(40, n + 1)
+    assert got.tolist() == alone.tolist()
+    np.testing.assert_allclose(
+        got.reshape(-1), _forward(rows.astype(np.float64), layers), rtol=0.0, atol=1e-12
+    )
+    np.testing.assert_allclose(got.reshape(-1), backend.run(rows), rtol=0.0, atol=DENSE_BATCH1_TOLERANCE)
+    assert (got[::4, 0] == got[::4, n]).all()

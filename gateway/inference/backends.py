@@ -18,17 +18,20 @@ import math
 import operator
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
 
+from gateway.compiled import compiled
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.inference.card import ModelCard, read_verified
 
 __all__ = [
     "BACKENDS",
+    "COMPILED",
     "DENSE_ACTIVATIONS",
     "DENSE_BATCH1_TOLERANCE",
     "DENSE_TOLERANCE",
@@ -47,6 +50,14 @@ log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+#: Dense layers as the compiled row takes them: (weights, bias, activation's index in DENSE_ACTIVATIONS).
+_Packed = tuple[tuple[F64, F64, int], ...]
+#: The compiled batch-1 forward (``gateway/_window.c``): a (1,) score, or None where numpy must run.
+_compiled: Callable[[F32 | F64, _Packed], F64 | None] | None = compiled("dense_row")
+#: The compiled scores of an anomaly's occlusion probes (see DenseBackend.occlusion).
+_occlusion: Callable[[F64, float, _Packed], F64 | None] | None = compiled("dense_occlusion")
+#: True where a window's score through dense layers runs compiled (``gateway/_window.c``).
+COMPILED = _compiled is not None
 
 
 class GraphCard(Protocol):
@@ -308,6 +319,13 @@ class DenseBackend:
         # 20-25 us of code a busy neighbour evicts, for 14 products (bench_models.py --evict).
         *self._hidden, (w, b, act) = self._layers
         self._last = (w[:, 0].tolist(), float(b[0]), act)
+        # Compiled, the whole row is one call: every layer a dot product in input order, the last
+        # one the same to the bit as the Python sum below, the hidden ones within
+        # DENSE_BATCH1_TOLERANCE of BLAS (vitals_mimic's call cold: 21 -> 3 us).
+        self._packed: _Packed = tuple(
+            (np.ascontiguousarray(w), np.ascontiguousarray(b), DENSE_ACTIVATIONS.index(a))
+            for w, b, a in self._layers
+        )
         got = self.run(ref_x)
         # The window-at-a-time path (see run) must reproduce them too.
         one = np.array([self.run(ref_x[i : i + 1])[0] for i in range(len(ref_x))])
@@ -360,6 +378,23 @@ class DenseBackend:
         """Scores of a ``(batch, n_inputs)`` float32 array."""
         if len(x) != 1:
             return dense_forward(x, self._layers)
+        if _compiled is not None:
+            y = _compiled(x, self._packed)
+            if y is not None:
+                return y
+        return self.run_numpy(x)
+
+    def occlusion(self, z: F64, clip: float) -> F64 | None:
+        """Scores ``(k, n + 1)`` of each row of ``z`` with each input at 0 in turn, then as it is, compiled.
+
+        The rows are clipped to +-``clip`` and rounded to float32 as the runner's occlusion probes
+        are; every score is summed in input order, as a window scored alone.  None where nothing
+        was compiled: the runner then builds the probes and calls :meth:`run`.
+        """
+        return None if _occlusion is None else _occlusion(z, clip, self._packed)
+
+    def run_numpy(self, x: F32) -> F64:
+        """The score of one row (``(1, n_inputs)``) in numpy and Python floats: where nothing was compiled."""
         w, b, act = self._last
         # Hidden layers on a float64 row: a matmul of equal types skips the casting path.
         h = _layers_forward(x.astype(np.float64), self._hidden) if self._hidden else x

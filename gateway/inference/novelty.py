@@ -82,6 +82,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.compiled import compiled
 from gateway.contracts import DEFAULT_MIN_COVERAGE, ModelResult, WindowRecord
 from gateway.inference.deferred import Deferred
 from gateway.inference.partial import PARTIAL, Coverage
@@ -101,6 +102,7 @@ __all__ = [
     "min_rows",
     "named",
     "prepare",
+    "score_row",
     "score_rows",
 ]
 
@@ -122,6 +124,11 @@ CUSUM_CLEAR = 10  # default clearing horizon of the residual CUSUM, windows (see
 CUSUM_AUTO_K = 1.0
 CUSUM_AUTO_MIN_S = 21_600.0
 _SAVE_EVERY = 20  # commissioning rows between saves of the partial state
+#: A window's T² and SPE compiled (gateway/_window.c): (T², SPE), or None where numpy must run.
+_pca_row: Callable[[F64, F64, F64, F64], tuple[float, float] | None] | None = compiled("pca_row")
+#: How far the compiled T² and SPE may be from numpy's, relative: its products are summed in input
+#: order where numpy's matmul sums them in BLAS's (tests/test_novelty_compiled.py).
+NOVELTY_TOLERANCE = 1e-12
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,6 +478,21 @@ def score_rows(fit: PcaFit, z: F64, sums: CusumSums | None = None) -> tuple[F64,
     return ratio / fit.threshold, t2, spe
 
 
+def score_row(fit: PcaFit, z: F64, sums: CusumSums | None = None) -> float:
+    """The score (anomalous above 1) of one prepared row ``(1, m)``: :func:`score_rows`' first.
+
+    Without the residual CUSUM, T² and SPE are one compiled call where built (within
+    NOVELTY_TOLERANCE of numpy's, relative): after a busy neighbour's time slice each of the
+    dozen numpy calls it replaces comes back from memory (BENCHMARKS.md).
+    """
+    if _pca_row is not None and not (fit.spec.cusum_k > 0.0 and fit.res_scale is not None):
+        got = _pca_row(z, fit.center, fit.load, fit.eig)
+        if got is not None:
+            a, b = got[0] / fit.lim_t2, got[1] / fit.lim_spe
+            return (a if a > b or math.isnan(a) else b) / fit.threshold  # as np.maximum: a NaN wins
+    return float(score_rows(fit, z, sums)[0][0])
+
+
 def contributions(
     fit: PcaFit, z: F64, keys: Sequence[str], top: int = 5, sums: CusumSums | None = None
 ) -> dict[str, float]:
@@ -753,7 +775,7 @@ class NoveltyModel:
         row = np.concatenate(list(subj.history))[None, :]
         if fit.spec.cusum_k > 0.0 and subj.sums is None:
             subj.sums = CusumSums.zeros(row.shape[1])
-        score = float(score_rows(fit, row, subj.sums)[0][0])
+        score = score_row(fit, row, subj.sums)
         anomalous = score > 1.0
         if anomalous:
             subj.normal_run = 0

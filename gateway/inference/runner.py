@@ -53,8 +53,9 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from gateway.compiled import compiled
 from gateway.contracts import DEFAULT_MIN_COVERAGE, Alarm, AlarmKind, Diagnostic, ModelResult, WindowRecord
-from gateway.inference.backends import Backend, open_backend, wanted_backend
+from gateway.inference.backends import Backend, DenseBackend, open_backend, wanted_backend
 from gateway.inference.card import ModelCard, ModelFile, input_matches
 from gateway.inference.deferred import Deferred
 from gateway.inference.partial import PARTIAL, Coverage
@@ -80,6 +81,26 @@ _PENDING = ModelResult(math.nan, False)  # a placeholder score_batch overwrites 
 _STREAM_OF = operator.attrgetter("stream")
 
 Event: TypeAlias = Alarm | Diagnostic
+
+# A window's input row, its z-scores and its baseline's step compiled (gateway/_window.c): each the
+# numpy operations it replaces to the bit, in one call; None where numpy must decide (the same
+# numpy paths serve where nothing was built).  After a busy neighbour's time slice each distinct
+# numpy call here cost 1-6 us (bench_models.py --evict), and a window made about fifteen.
+_vector_of: Callable[[list[float | None]], F64 | None] | None = compiled("vector")
+_zrow_of: Callable[[F64, F64, F64], tuple[F64, float, bool] | None] | None = compiled("zrow")
+_follow_of: Callable[[F64, F64, F64, F64 | None, F64 | None], bool | None] | None = compiled("follow")
+
+
+def _zrow(x: F64, mean: F64, std: F64) -> tuple[F64, float, bool]:
+    """``(x - mean) / std`` as a ``(1, n)`` row, its largest ``|z|`` (non-finite ones as 0), whether all are finite."""
+    if _zrow_of is not None:
+        got = _zrow_of(x, mean, std)
+        if got is not None:
+            return got
+    z = x - mean
+    z /= std  # absent inputs stay NaN here: score_batch sets them to 0 (their normal value)
+    row = z.tolist()
+    return z[np.newaxis], max(abs(v) if math.isfinite(v) else 0.0 for v in row), all(map(math.isfinite, row))
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +212,8 @@ class Normaliser:
         scaled = self._scaled
         if scaled is None or scaled[0] != rate:  # windows a hop apart repeat the rate
             scaled = self._scaled = (rate, self._weight * rate)
+        if _follow_of is not None and _follow_of(x, self.level, scaled[1], self._lo, self._hi) is True:
+            return  # the step below in one call, to the bit (False: a step is not finite)
         # In place and few operations: this runs for every window of every machine.  One product
         # by weight x rate is the product by weight then by rate to the bit (each weight is 1 or 0
         # and rate > 0), one numpy call fewer per window.
@@ -555,7 +578,8 @@ class AnomalyModel:
         got = [streams[pos].features.get(feat) for pos, feat in res.picks]
         present = len(got) - got.count(None)
         if res.found == self._n:
-            return np.array(got, np.float64), present, bad
+            x = None if _vector_of is None else _vector_of(got)
+            return (np.array(got, np.float64) if x is None else x), present, bad
         x = np.full(self._n, np.nan)
         x[res.columns] = np.array(got, np.float64)
         return x, present, bad
@@ -602,8 +626,8 @@ class AnomalyModel:
             self._norm[subject] = norm
         return norm
 
-    def _z(self, record: WindowRecord, x: F64, present: int) -> tuple[F64 | None, str]:
-        """Normalised inputs, or None and why not (commissioning, a gap, too little present)."""
+    def _z(self, record: WindowRecord, x: F64, present: int) -> tuple[tuple[F64, float, bool] | None, str]:
+        """Normalised inputs (see :func:`_zrow`), or None and why not (commissioning, a gap, too little present)."""
         if self._fixed:
             mean, std = self._fixed_mean, self._fixed_std
         else:
@@ -618,9 +642,7 @@ class AnomalyModel:
             mean, std = (norm.level if norm.level is not None else norm.mean), norm.std
         if 2 * present < self._n:
             return None, self._absent_reason(record)
-        z = x - mean
-        z /= std  # absent inputs stay NaN here: score_batch sets them to 0 (their normal value)
-        return z, ""
+        return _zrow(x, mean, std), ""
 
     def _follow(self, record: WindowRecord, x: F64, flagged: bool | None) -> None:
         """Let a commissioned subject's baseline follow this window (see Normaliser); saved now and then."""
@@ -653,6 +675,8 @@ class AnomalyModel:
         rows: list[int] = []
         zs: list[F64] = []
         xs: list[F64] = []
+        zmax_list: list[float] = []  # per row: the largest |z|, an absent (non-finite) input as 0
+        finite = True
         for i, rec in enumerate(records):
             x, present, bad = self._vector(rec)
             if (bad or self._faulted) and self._fault_alarms:
@@ -667,29 +691,27 @@ class AnomalyModel:
                 results[i] = PARTIAL
                 self._follow(rec, x, None)
                 continue
-            z, why = self._z(rec, x, present)
-            if z is None:
+            zrow, why = self._z(rec, x, present)
+            if zrow is None:
                 results[i] = ModelResult(nan, False, reason=why)
                 if why != "commissioning":
                     self._follow(rec, x, None)
             else:
                 rows.append(i)
-                zs.append(z)
+                zs.append(zrow[0])
+                zmax_list.append(zrow[1])
+                finite = finite and zrow[2]
                 xs.append(x)
         if not rows:
             return results
-        z_all = zs[0][np.newaxis] if len(zs) == 1 else np.array(zs)
+        z_all = zs[0] if len(zs) == 1 else np.concatenate(zs)
         clip = self.card.normalisation.clip
         # The per-row decisions are taken on Python lists: a batch holds a few windows, and each
         # numpy operation on them cost more than the loop (most of a window's bookkeeping).
-        z_rows: list[list[float]] = z_all.tolist()
-        if not all(math.isfinite(sum(row)) for row in z_rows):
-            # An absent input (NaN) or an overflow sits at its normal value, z = 0.  Most windows
-            # have every input: the row sums say when the mask is needed (a sum that overflows
-            # only costs the mask).
+        if not finite:
+            # An absent input (NaN) or an overflow sits at its normal value, z = 0 (as zmax_list
+            # already counts it).  Most windows have every input: the mask is rarely needed.
             z_all[~np.isfinite(z_all)] = 0.0
-            z_rows = z_all.tolist()
-        zmax_list = [max(map(abs, row)) for row in z_rows]
         ood_z = spec.ood_z
         ood = [zm > ood_z for zm in zmax_list]
         any_ood = True in ood
@@ -838,12 +860,17 @@ class AnomalyModel:
         # Rows 0..n-1 each with one input at 0, row n the window itself: the score the drops are
         # taken from comes from the same batch call as the occluded ones.  A window scored alone
         # takes another path (the numpy backend sums its last layer in Python), which may differ
-        # in the last bit: an input without effect must lose exactly nothing, not 1e-22.
-        probe = np.repeat(np.clip(z, -clip, clip), n + 1, axis=0).reshape(k, n + 1, n)
-        probe[:, np.arange(n), np.arange(n)] = 0.0
+        # in the last bit: an input without effect must lose exactly nothing, not 1e-22.  The
+        # numpy backend scores the probes compiled without building them (an anomaly's window
+        # cold: ~89 -> ~53 us for pump_skab); every probe and the window in one call, as here.
         try:
             with self._run_lock:
-                out = self.backend.run(probe.reshape(k * (n + 1), n).astype(np.float32)).reshape(k, n + 1)
+                backend = self.backend
+                out = backend.occlusion(z, clip) if isinstance(backend, DenseBackend) else None
+                if out is None:
+                    probe = np.repeat(np.clip(z, -clip, clip), n + 1, axis=0).reshape(k, n + 1, n)
+                    probe[:, np.arange(n), np.arange(n)] = 0.0
+                    out = backend.run(probe.reshape(k * (n + 1), n).astype(np.float32)).reshape(k, n + 1)
         except Exception:  # explanations are best effort; the anomaly itself still goes out
             log.exception("models %s: explanation failed; sending the z-score shares", self.name)
             return [_zshare(row, self._keys) for row in z]
