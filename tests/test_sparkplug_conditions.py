@@ -15,6 +15,8 @@ come from a real pipeline judging samples.
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,3 +293,57 @@ def test_a_node_with_a_new_state_learns_at_its_start_the_conditions_the_gateway_
     # Births for the windows' new metrics say what is on at each moment.
     assert set(seen[:ended]) == {("DBIRTH", True, "rule")}
     assert set(seen[ended + 1 :]) <= {("DBIRTH", False, "")}
+
+
+def test_an_ending_the_host_cannot_see_is_on_disk_before_its_record_leaves_the_outbox(tmp_path: Path) -> None:
+    """SpO2 lost on two devices, then found on one: the metric stays on (nothing to send), but the
+    held conditions change and must be in ``sparkplug.json`` before the ending is deleted from the
+    outbox - a power cut in between would otherwise keep the ended loss in every birth for good."""
+    lost = {"metric": SPO2.metric.name, "priority": "medium"}
+    steps = [
+        alarm(SUBJ_B, 1.0, "sensor_lost", dev="devA", **lost),
+        alarm(SUBJ_B, 2.0, "sensor_lost", dev="devB", **lost),
+    ]
+    ending = alarm(
+        SUBJ_B, 3.0, "sensor_restored", dev="devA", metric=SPO2.metric.name, detail={"after": "sensor_lost"}
+    )
+    seen: list[int] = []  # conditions held on disk at the moment the ending's row was gone
+
+    def held_on_disk() -> int:
+        doc = json.loads((tmp_path / "sparkplug.json").read_text(encoding="utf-8"))
+        return sum(len(on) for bases in doc.get("held", {}).values() for on in bases.values())
+
+    with broker_and_host(tmp_path) as (broker, host):
+
+        async def body() -> None:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                node = SparkplugNode(
+                    outbox,
+                    uplink_config(broker, broker.pki),
+                    SparkplugSection(),
+                    NODE_ID,
+                    anonymizer=scan(),
+                    state_dir=tmp_path,
+                )
+                async with running(node, "test-sparkplug-node-unseen-ending"):
+                    await wait_until(lambda: node.connected, 10, "the node born")
+                    for item in steps:
+                        outbox.submit(item)
+                    await settle(outbox, node, host)
+                    assert held_on_disk() == 2
+                    db = sqlite3.connect(f"file:{tmp_path / 'outbox.db'}?mode=ro", uri=True)
+                    try:
+                        outbox.submit(ending)
+                        await outbox.flush()
+                        # Watch the loop's every turn: the moment the row is deleted, read the file.
+                        deadline = time.monotonic() + 10.0
+                        while db.execute("SELECT count(*) FROM records").fetchone()[0]:
+                            assert time.monotonic() < deadline, "the ending was not acknowledged within 10 s"
+                            await asyncio.sleep(0)
+                        seen.append(held_on_disk())
+                    finally:
+                        db.close()
+                    assert node.counters.unchanged >= 1  # the host was sent nothing for it
+
+        asyncio.run(body())
+    assert seen == [1], seen

@@ -647,6 +647,10 @@ class SparkplugNode:
         if not pts:
             self.counters.unchanged += 1
             self._note_held(key, holding)
+            # An ending the host cannot see (another condition keeps the metric on) still changes
+            # what is held: on disk before the record leaves the outbox, or a crash would keep the
+            # ended condition in every birth for good.
+            await self._save_held()
             await self._ack([item.id])
             inflight.pop(-item.id, None)
             return
