@@ -13,6 +13,7 @@ from test_uplink_batch import _features, feature_items
 from uplink_support import GATEWAY_ID, RunningUplink, listener, mosquitto_pki, uplink_config, wait_until
 
 from gateway.outbox import AsyncOutbox, Outbox
+from gateway.records.batch import Joiner
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoPKI
 from gateway.uplink.mqtt import MqttUplink
@@ -69,6 +70,12 @@ def test_a_joined_backlog_never_overruns_receive_maximum_with_a_small_packet_lim
     assert messages < 30  # joined within the packet limit, not each sent alone
 
 
+def _two_windows_fit(limit: int) -> bool:
+    """Whether two of the test's windows join into a message payload of at most ``limit`` bytes."""
+    joiner = Joiner(1, historical=False, batch_s=0.2, limit=max(limit, 0))
+    return all(joiner.add(item.payload, seq) for seq, item in enumerate(feature_items(2, start=0)[0], 1))
+
+
 def test_joined_messages_over_a_silent_311_packet_limit_do_not_end_every_batch(
     tmp_path: Path, pki: DemoPKI
 ) -> None:
@@ -99,12 +106,27 @@ def test_joined_messages_over_a_silent_311_packet_limit_do_not_end_every_batch(
             await produce(120)
             await wait_until(lambda: uplink.delivered >= n, 30, "the first windows delivered")
             seen["connects"] = uplink.counters.connects
-            first, received = n, twin.received
+            # Acknowledged by the broker is not yet received by the twin: count the later
+            # messages from when the twin holds every earlier window (on a busy machine the
+            # listener lags the PUBACKs by a few messages).
+            first = n
+            assert await asyncio.to_thread(
+                twin.wait_for, lambda t: len({m.seq for m in _features(t)}) >= first, 10
+            )
+            received = twin.received
             await produce(120)  # 12 or more batches of 0.2 s
             await wait_until(lambda: uplink.delivered >= n, 20, "the later windows delivered")
             seen["later_connects"] = uplink.counters.connects - seen["connects"]
             seen["later_records"] = n - first
+            last = n
+            assert await asyncio.to_thread(
+                twin.wait_for, lambda t: len({m.seq for m in _features(t)}) >= last, 10
+            )
             seen["later_messages"] = twin.received - received
+            # What the halvings left a joined message (see the assertion below).
+            seen["join_max"] = uplink._delivery._join_max or 0
+            seen["two_fit"] = _two_windows_fit(seen["join_max"] - 64)  # 64: a topic and header's worth
+            seen["two_may_fit"] = _two_windows_fit(seen["join_max"])
             seen["n"] = n
             await run.stop()
 
@@ -118,5 +140,11 @@ def test_joined_messages_over_a_silent_311_packet_limit_do_not_end_every_batch(
     # sizes depend on timing), then joins fit: not a connection ended every batch.
     assert seen["connects"] + seen["later_connects"] <= 5, seen
     assert seen["later_connects"] <= 1, seen
-    assert seen["later_messages"] < seen["later_records"], seen  # still joined
+    # Still joined wherever the halvings left room for two windows: a first joined message just
+    # over the limit (455 bytes against 400, on a busy machine) is halved below two windows, and
+    # then every window goes alone - with no more reconnecting, which is what this test is for.
+    if seen["two_fit"]:
+        assert seen["later_messages"] < seen["later_records"], seen
+    elif not seen["two_may_fit"]:
+        assert seen["later_messages"] == seen["later_records"], seen
     assert {m.seq for m in _features(twin)} == set(range(1, seen["n"] + 1))
