@@ -30,6 +30,7 @@ from gateway.errors import ConfigProblem, InvalidConfigError
 from gateway.estimation.config import EstimatorsSection
 from gateway.inference.build import ModelsSection
 from gateway.observe.config import StatusSection
+from gateway.sample import SENSOR_LOST_S
 from gateway.uplink.config import MqttSection
 from gateway.uplink.sparkplug.config import SparkplugSection
 
@@ -60,7 +61,7 @@ class PipelineSection(ConfigModel):
     window_s: float = Field(30.0, gt=0, le=3600)
     hop_s: float = Field(10.0, gt=0, le=3600)
     grace_s: float = Field(2.0, ge=0, le=60)  # wait for late samples before closing a window
-    sensor_lost_s: float = Field(15.0, gt=0, le=3600)
+    sensor_lost_s: float = Field(SENSOR_LOST_S, gt=0, le=3600)
     # After a sensor fault, good data must flow this long before it counts as restored, so a
     # flapping probe raises one fault and one restore, not a pair per flip; a loss is restored no
     # sooner than this after its alarm, so a device coming and going cannot flap either.

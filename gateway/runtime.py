@@ -135,7 +135,7 @@ class Pipeline:
         m = config.core.models
         self._plausibility = plausibility_checker(m)
         self._ectopy = RhythmMonitor() if m.ectopy else None
-        self._limits = limit_checker(config.core.alarms)
+        self._limits = limit_checker(config.core.alarms, p.sensor_lost_s)
         # The conditions on at the twin, by source: ended when their source goes (gateway.alarms.ledger).
         self._ledger = AlarmLedger(config.core.gateway.state_dir / LEDGER_FILE, feeds(config))
         for entry in self._ledger.entries():  # of a source maybe gone: never in a record
@@ -399,11 +399,14 @@ class Pipeline:
         if alarm is not None:
             self.alarm(alarm)
         # A value no body or machine produces is the sensor's fault, not the patient's or the
-        # process's: the limits, the rhythm detector and the estimators see it as no measurement.
+        # process's: the rhythm detector and the estimators see it as no measurement, the limits
+        # too when it is out of range - one that only broke the rate rule may be a real fast
+        # change, and their on-delays are what filter a brief artifact.
         q = sample.quality  # one the device flags is kept from them by its flags, and not checked
         invalid = not (q and q & UNUSABLE_FLAGS) and self._plausibility.implausible(sample.stream)
         self._estimation.put(replace(sample, value=math.nan) if invalid else sample)
-        alarm = self._limits.check_sample(sample, invalid=invalid)
+        out_of_range = invalid and self._plausibility.out_of_range(sample.stream)
+        alarm = self._limits.check_sample(sample, invalid=out_of_range)
         if alarm is not None:
             self.alarm(alarm)
         if self._ectopy is not None and sample.stream.metric.rr:
@@ -420,7 +423,7 @@ class Pipeline:
             self._driver_data(
                 block.stream, float(block.t_mono[-1]), float(block.t_wall[-1]), int(block.quality[-1])
             )
-        alarms, invalid = self._plausibility.judge_block(block)
+        alarms, invalid, out_of_range = self._plausibility.judge_block(block)
         for alarm in alarms:
             self.alarm(alarm)
         # As in put: the judgements see an implausible value as no measurement.
@@ -428,7 +431,7 @@ class Pipeline:
             self._estimation.put_block(block)
         else:
             self._estimation.put_block(replace(block, value=np.where(invalid, np.nan, block.value)))
-        for alarm in self._limits.check_block(block, invalid):
+        for alarm in self._limits.check_block(block, out_of_range):
             self.alarm(alarm)
         if self._ectopy is not None and block.stream.metric.rr:
             for i in range(len(block)):

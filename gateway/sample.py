@@ -42,6 +42,8 @@ FAULT_FLAGS = Quality.SENSOR_OFF | Quality.BAD_STATUS
 #: Flags that make a sample no measurement of the subject: kept out of features and detectors.
 # IMPUTED values were filled in, not measured.
 UNUSABLE_FLAGS = int(Quality.SENSOR_OFF | Quality.BAD_STATUS | Quality.ARTIFACT | Quality.IMPUTED)
+#: A stream silent this long is lost (``[pipeline] sensor_lost_s``, unless the config says otherwise).
+SENSOR_LOST_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)

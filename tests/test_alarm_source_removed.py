@@ -22,7 +22,7 @@ from drivers import REGISTRY
 from gateway.alarms.ledger import FILE_NAME, AlarmLedger
 from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.config import Config, validate
-from gateway.contracts import Alarm, AlarmKind, Lane
+from gateway.contracts import Alarm, AlarmKind, AlarmPriority, Lane
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.records import AlarmRecord, as_map, decode
 from gateway.runtime import Pipeline
@@ -254,6 +254,22 @@ def test_an_unreadable_ledger_is_set_aside(tmp_path: Path, caplog: pytest.LogCap
     # What is lost with it, said once: every condition on, not only a removed source's.
     (said,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert "the alarms on before this start are unknown: one that ended while the gateway was down" in said
+
+
+def test_a_ledger_entry_with_an_unknown_priority_sets_the_ledger_aside(tmp_path: Path) -> None:
+    """As any other malformed entry: set aside at the load, not a crash when it is raised again."""
+    path = tmp_path / FILE_NAME
+    ledger = AlarmLedger(path, {"ward3-bed7": ["bed7-ox"]})
+    ledger.note(
+        Alarm(AlarmKind.LIMIT, "ward3-bed7", 1.0, WALL, SPO2, {"level": "low"}, priority=AlarmPriority.HIGH)
+    )
+    ledger.save()
+    assert [e.raising(2.0, WALL).priority for e in AlarmLedger(path, {}).entries()] == [AlarmPriority.HIGH]
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw["on"][0]["priority"] = "urgent"
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    assert AlarmLedger(path, {}).entries() == []
+    assert (tmp_path / "alarms.corrupt").exists()
 
 
 def test_an_escalated_limit_alarm_ends_at_the_level_it_reached(tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
 """A sensor fault is not a patient event: invalid samples reach no patient or process judgement.
 
 A sample its device flags (probe off) or the plausibility rules call implausible (SpO2 30 %) gives a
-technical alarm; the limit alarms, the rhythm detector and the estimators do not see it.  An alarm
-on when the data turn invalid stays on at its level; its delays pause over the invalid stretch
-(neither completed nor started over by it) and carry on with the valid data after it.
+technical alarm; the limit alarms, the rhythm detector and the estimators do not see it - save a
+value in range that only changed faster than the rate rule allows, which may be real: the limits
+judge it (their on-delays filter a brief artifact).  An alarm on when the data turn invalid stays
+on at its level; its delays pause over the invalid stretch (neither completed nor started over by
+it) and carry on with the valid data after it.
 Here a real pipeline, outbox and anonymizer judge the samples, one a second, as a monitor sends them.
 """
 
@@ -87,6 +89,19 @@ def test_an_implausible_spo2_raises_one_technical_alarm_and_no_limit_alarm(tmp_p
     assert site.alarms[0]["class"] == "technical"
     assert site.alarms[0]["detail"] == {"rule": "range", "value": 30.0, "limit": 50.0}
     assert "on: limit" not in site.view.render()
+
+
+def test_a_fast_fall_within_the_plausible_range_reaches_the_limits_on_time(tmp_path: Path) -> None:
+    """SpO2 97 % to 84 % at once (a rate the rule calls suspect): LL raised after its 10 s delay.
+
+    The step may be a probe's artifact or a real desaturation; the sensor fault says it is suspect,
+    and the on-delay, not the rate rule, keeps a brief artifact from the limits.
+    """
+    site = feed(tmp_path, [(97.0, 3, 0), (84.0, 15, 0), (97.0, 3, 0)])
+    # Below LL from t 4: raised at 14 with 10 s held (not once the rate rule accepts the level).
+    assert limits(site) == [("limit", "low_low", 14.0, 10.0), ("limit_cleared", "low_low", 19.0, 15.0)]
+    technical = [(a["alarm"], a["detail"].get("rule")) for a in site.alarms if a["class"] == "technical"]
+    assert ("sensor_fault", "rate") in technical, technical
 
 
 def test_a_limit_on_when_the_probe_comes_off_is_judged_again_only_by_valid_data(tmp_path: Path) -> None:

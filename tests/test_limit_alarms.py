@@ -121,6 +121,39 @@ def test_implausible_samples_pause_the_delay_one_at_a_time_and_in_blocks() -> No
     assert [(a.kind, a.t_mono, a.detail["level"], a.value, a.held_s) for a in blocks] == got
 
 
+def _timed(
+    checker: Any, stream: Stream, samples: list[tuple[float, float]]
+) -> list[tuple[AlarmKind, float, float]]:
+    """(t, value) samples through ``checker``, one at a time; each alarm's kind, time and held_s."""
+    out = []
+    for t, v in samples:
+        a = checker.check_sample(Sample(stream, t, 1.7e9 + t, v))
+        if a is not None:
+            out.append((a.kind, a.t_mono, a.held_s))
+    return out
+
+
+def test_a_silence_longer_than_the_loss_time_pauses_the_delays() -> None:
+    # SpO2 below LL for 4 s, then nothing for 60 s (lost after 15 s), then below again: the silence
+    # is no measurement, so the on-delay goes on from 4 s held, 6 s more.  The same with a silence
+    # shorter than the loss time (a few missed samples) counts it, as the sensor was not lost.
+    checker = limit_checker(AlarmsSection(), lost_after_s=15.0)
+    below = [(float(t), 80.0) for t in range(5)] + [(65.0 + t, 80.0) for t in range(10)]
+    assert _timed(checker, SPO2, below) == [(AlarmKind.LIMIT, 71.0, 10.0)]
+    short = [(float(t), 80.0) for t in range(5)] + [(17.0 + t, 80.0) for t in range(3)]
+    assert _timed(limit_checker(AlarmsSection(), lost_after_s=15.0), SPO2, short) == [
+        (AlarmKind.LIMIT, 17.0, 17.0)
+    ]
+    # Alarm on (t=10), back within from t=12 (off-delay 10 s, 3 s of it run at t=15), 60 s silent:
+    # still on at the first sample after; cleared once 10 s back within were measured.
+    rule = {"limits": {"MDC_PULS_OXIM_SAT_O2": {"off_delay_s": 10}}}
+    checker = limit_checker(AlarmsSection.model_validate(rule), lost_after_s=15.0)
+    samples = [(float(t), 80.0) for t in range(12)] + [(float(t), 95.0) for t in range(12, 16)]
+    samples += [(76.0 + t, 95.0) for t in range(8)]
+    got = _timed(checker, SPO2, samples)
+    assert got == [(AlarmKind.LIMIT, 10.0, 10.0), (AlarmKind.LIMIT_CLEARED, 83.0, 83.0)]
+
+
 def test_industrial_low_pressure_with_isa_on_and_off_delays() -> None:
     # Default pressure limits (bar): L 0.9 medium, LL 0.6 high, 15 s on and off delays, 0.02 deadband.
     noise = np.random.default_rng(1).normal(0.0, 0.01, 100)

@@ -168,3 +168,21 @@ def test_a_stream_rebuilt_in_another_unit_is_judged_in_its_own_unit_with_no_rate
     # A fault raised in Kelvin is ended by the first plausible value in Celsius, the unit going back.
     cool = [chk.check_sample(Sample(MOTOR, 16.0 + 0.1 * k, 0.0, 72.0)) for k in range(5)]
     assert _kinds(cool) == ["sensor_restored:plausibility"]
+
+
+def test_only_a_value_out_of_range_is_kept_from_the_limits_one_at_a_time_and_in_blocks() -> None:
+    # 97 %, a step to 84 % (in range, faster than 4 %/s: a rate suspect, then a rate fault), 30 %
+    # (out of range), 84 % again (4 s after the 97 %: plausible).  Only 30 % is kept from the limits.
+    values = [97.0, 84.0, 84.0, 30.0, 84.0]
+    one = PlausibilityChecker()
+    verdicts = []
+    for i, v in enumerate(values):
+        one.check_sample(Sample(SPO2_5HZ, float(i), 1.7e9 + i, v))
+        verdicts.append((one.implausible(SPO2_5HZ), one.out_of_range(SPO2_5HZ)))
+    assert verdicts == [(False, False), (True, False), (True, False), (True, True), (False, False)]
+    t = np.arange(len(values), dtype=float)
+    block = SampleBlock(SPO2_5HZ, t, t + 1.7e9, np.array(values), np.zeros(t.size, np.uint8))
+    _, implausible, out_of_range = PlausibilityChecker().judge_block(block)
+    assert implausible is not None
+    assert out_of_range is not None
+    assert list(zip(implausible.tolist(), out_of_range.tolist(), strict=True)) == verdicts

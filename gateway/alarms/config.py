@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.alarms.limits import LEVELS, LimitChecker, LimitRule
 from gateway.contracts import AlarmPriority
+from gateway.sample import SENSOR_LOST_S
 
 __all__ = ["DEFAULT_LIMITS", "AlarmsSection", "LimitSpec", "limit_checker", "merged_limits"]
 
@@ -150,11 +151,11 @@ def merged_limits(section: AlarmsSection) -> tuple[dict[str, LimitSpec], dict[st
     return general, subjects
 
 
-def limit_checker(section: AlarmsSection) -> LimitChecker:
-    """The checker for a config's ``[alarms]`` section."""
+def limit_checker(section: AlarmsSection, lost_after_s: float = SENSOR_LOST_S) -> LimitChecker:
+    """The checker for a config's ``[alarms]`` section (``lost_after_s``: the pipeline's ``sensor_lost_s``)."""
     general, subjects = merged_limits(section)
 
     def rules(table: dict[str, LimitSpec]) -> dict[str, LimitRule | None]:
         return {m: (s.rule() if s.enabled else None) for m, s in table.items()}
 
-    return LimitChecker(rules(general), {s: rules(t) for s, t in subjects.items()})
+    return LimitChecker(rules(general), {s: rules(t) for s, t in subjects.items()}, lost_after_s=lost_after_s)

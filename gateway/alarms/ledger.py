@@ -465,7 +465,8 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
         None if raw.get("onset") is None else float(raw["onset"]),
         None if n is None else Node(str(n["source"]), str(n["address"])),
         None if raw.get("raised") is None else float(raw["raised"]),
-        None if raw.get("priority") is None else str(raw["priority"]),
+        # An unknown priority is a malformed entry (ValueError), not a crash when it is raised again.
+        None if raw.get("priority") is None else AlarmPriority(str(raw["priority"])).value,
     )
 
 

@@ -16,15 +16,19 @@ when it is back.  Every alarm carries its level, priority, limit, value and how 
 condition has held.
 
 Only valid samples are judged.  A sample flagged unusable by its device (probe off, artifact,
-bad status, imputed) and one the plausibility rules call implausible (the pipeline says which, as
-``invalid``) is no measurement of the patient or process: it neither raises, escalates, steps down
-nor clears a limit alarm - the technical alarm says what is wrong.  While the data are invalid an
-alarm on stays on at its level (not indeterminate: the technical alarm beside it tells that its
-value is not being measured), and every timer running is paused, not restarted: an on-delay or an
-off-delay counts valid time only, so a stretch of invalid data neither completes it nor starts it
-over, and the first valid sample after the stretch carries it on from where it stood.  A raise's
-``held_s`` is the valid time beyond the limit; a clearance's is the time since the alarm's onset,
-the invalid stretch included (the alarm was on throughout).  Pure logic, no I/O.
+bad status, imputed) and one the plausibility rules put out of range (the pipeline says which, as
+``invalid``; a value that only broke a rate rule may be real and is judged) is no measurement of
+the patient or process: it neither raises, escalates, steps down nor clears a limit alarm - the
+technical alarm says what is wrong.  Nor is a silence longer than the stream's loss time
+(``lost_after_s``, as the windower reckons it per stream), whose ``sensor_lost`` says so.  While
+the data are invalid an alarm on stays on at its level (not indeterminate: the technical alarm
+beside it tells that its value is not being measured), and every timer running is paused, not
+restarted: an on-delay or an off-delay counts valid time only, so a stretch of invalid data (a
+silence: from the last valid sample) neither completes it nor starts it over, and the first valid
+sample after the stretch carries it on from where it stood.  A raise's ``held_s`` is the valid
+time beyond the limit; a clearance's is the first raise's ``held_s`` plus the whole time since
+that raise, the invalid stretches after it included (the alarm was on throughout).  Pure logic,
+no I/O.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.contracts import Alarm, AlarmKind, AlarmPriority
-from gateway.sample import UNUSABLE_FLAGS, Sample, SampleBlock, Stream
+from gateway.pipeline.windows import loss_time
+from gateway.sample import SENSOR_LOST_S, UNUSABLE_FLAGS, Sample, SampleBlock, Stream
 from gateway.units import converter
 
 __all__ = ["LEVELS", "LimitChecker", "LimitRule"]
@@ -125,6 +130,8 @@ class LimitChecker:
         self,
         rules: Mapping[str, LimitRule | None],
         subjects: Mapping[str, Mapping[str, LimitRule | None]] | None = None,
+        *,
+        lost_after_s: float = SENSOR_LOST_S,
     ) -> None:
         # A None rule is a disabled one: it hides a general rule of the same metric.
         self._rules = dict(rules)
@@ -132,6 +139,7 @@ class LimitChecker:
         self._by_id: dict[int, tuple[Stream, LimitRule | None]] = {}
         self._state: dict[str, _State] = {}
         self._pending: set[str] = set()  # streams with a condition starting, held or clearing
+        self._lost_after_s = lost_after_s  # a longer silence of a stream pauses its timers
         self.alarms = 0
 
     def take_rules(self, other: LimitChecker) -> list[Alarm]:
@@ -261,6 +269,16 @@ class LimitChecker:
         st = self._state.get(stream.key)
         if st is None:
             st = self._state[stream.key] = _State()
+        # A silence as long as a lost stream's is no measurement either (its sensor_lost alarm says
+        # so): paused from the last valid sample, as a flagged stretch from its first.  The cheap
+        # test first: the stream's loss time is never below the gateway-wide one.
+        silent = t - st.t
+        if (
+            silent > self._lost_after_s
+            and math.isnan(st.paused_at)
+            and silent > loss_time(stream, self._lost_after_s)
+        ):
+            st.paused_at = st.t
         if not math.isnan(st.paused_at):
             # Back to valid data: the invalid stretch counts neither for nor against a delay.
             gap = max(0.0, t - st.paused_at)

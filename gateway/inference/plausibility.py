@@ -4,9 +4,13 @@ A value no body or machine can produce (SpO2 of 0 %, a temperature step of 3 Cel
 negative flow) says the sensor is at fault.  Such violations become ``SENSOR_FAULT`` alarms, raised
 on state changes only, and windows holding them are not scored by the anomaly models: a probe
 falling off must not page a nurse as a desaturation (alarm fatigue is the enemy at a bedside).
-Nor does an implausible sample reach the judgements of the patient or process - the limit alarms,
-the rhythm detector, the estimators: :meth:`PlausibilityChecker.implausible` and
-:meth:`~PlausibilityChecker.judge_block` tell the pipeline which samples to keep from them.
+Nor does an implausible sample reach the judgements of the patient or process - the rhythm
+detector, the estimators: :meth:`PlausibilityChecker.implausible` and
+:meth:`~PlausibilityChecker.judge_block` tell the pipeline which samples to keep from them.  The
+limit alarms are kept only from values out of range (:meth:`~PlausibilityChecker.out_of_range`):
+a value in range that only changed faster than the rate rule allows may be real (a desaturation,
+a tachycardia starting), and the limits' on-delays are what filter a brief artifact, so it
+reaches them, while its sensor fault says the change is suspect.
 
 Each rule is written in a unit and checked in the stream's own (a pressure rule in bar applies to
 a stream in kPa, converted once per stream by :mod:`gateway.units`); a stream whose unit does not
@@ -118,7 +122,7 @@ RATE_DEBOUNCE = 2
 
 
 class _State:
-    __slots__ = ("faulted", "rate_run", "rate_since", "stream", "t", "v")
+    __slots__ = ("faulted", "out_of_range", "rate_run", "rate_since", "stream", "t", "v")
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream  # the object last seen under the key: its unit is the reference's
@@ -127,6 +131,7 @@ class _State:
         self.faulted = False
         self.rate_run = 0  # consecutive samples over the rate limit
         self.rate_since = math.nan  # when that run started
+        self.out_of_range = False  # the last sample checked broke the range rule
 
 
 class PlausibilityChecker:
@@ -225,16 +230,23 @@ class PlausibilityChecker:
         st = self._state.get(stream.key)
         return st is not None and (st.faulted or st.rate_run > 0)
 
+    def out_of_range(self, stream: Stream) -> bool:
+        """True when the last unflagged sample checked of ``stream`` broke its range rule (what the limits must not see)."""
+        st = self._state.get(stream.key)
+        return st is not None and st.out_of_range
+
     def check_block(self, block: SampleBlock) -> list[Alarm]:
         """Check a block of one stream in order; returns the state-change alarms it caused."""
         return self.judge_block(block)[0]
 
-    def judge_block(self, block: SampleBlock) -> tuple[list[Alarm], npt.NDArray[np.bool_] | None]:
-        """:meth:`check_block`, and which samples were judged implausible (None: none was)."""
+    def judge_block(
+        self, block: SampleBlock
+    ) -> tuple[list[Alarm], npt.NDArray[np.bool_] | None, npt.NDArray[np.bool_] | None]:
+        """:meth:`check_block`; which samples were judged implausible, and which of them out of range (None: none)."""
         stream = block.stream
         rule = self.rule_for(stream)
         if rule is None or len(block) == 0:
-            return [], None
+            return [], None, None
         v = block.value
         flagged = (np.asarray(block.quality, np.uint8) & UNUSABLE) != 0
         if flagged.any():
@@ -245,9 +257,10 @@ class PlausibilityChecker:
             finite = np.flatnonzero(np.isfinite(v))
             if finite.size:
                 st.t, st.v = float(block.t_mono[finite[-1]]), float(v[finite[-1]])
-            return [], None
+            return [], None, None
         out: list[Alarm] = []
         bad = np.zeros(len(block), np.bool_)
+        off = np.zeros(len(block), np.bool_)
         for i in range(len(block)):
             t, x = float(block.t_mono[i]), float(v[i])
             alarm = self._step(
@@ -256,11 +269,13 @@ class PlausibilityChecker:
             if alarm is not None:
                 out.append(alarm)
             bad[i] = (st.faulted or st.rate_run > 0) and math.isfinite(x)  # a flagged one is not checked
-        return out, (bad if bad.any() else None)
+            off[i] = st.out_of_range
+        return out, (bad if bad.any() else None), (off if off.any() else None)
 
     def _step(
         self, st: _State, bad: Violation | None, stream: Stream, t_mono: float, t_wall: float, v: float
     ) -> Alarm | None:
+        st.out_of_range = bad is not None and bad.rule == "range"
         if bad is not None and bad.rule == "rate" and not st.faulted:
             if st.rate_run == 0:
                 st.rate_since = t_mono

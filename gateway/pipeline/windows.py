@@ -70,7 +70,7 @@ from gateway.pipeline.features import (
 from gateway.pipeline.ring import RingBuffer, in_order
 from gateway.sample import FAULT_FLAGS, UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream
 
-__all__ = ["Windower"]
+__all__ = ["Windower", "loss_time"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,22 @@ F8 = npt.NDArray[np.float64]
 U1 = npt.NDArray[np.uint8]
 
 _OK, _FAULTED, _LOST = 0, 1, 2
+
+
+def loss_time(stream: Stream, lost_after_s: float) -> float:
+    """How long ``stream`` may be silent before it is lost, given the gateway-wide ``lost_after_s``."""
+    if stream.on_change:
+        return math.inf  # a Boolean or a state reports only when it changes: silence is no loss
+    # A slow stream (a temperature every 10 s) is lost only after three missed samples,
+    # not after the gateway-wide timeout that suits 1 Hz vitals.
+    if stream.rate_hz:
+        return max(lost_after_s, 3.0 / stream.rate_hz)
+    if stream.metric.rr:
+        # Beat intervals come as the heart beats: a pause of a slow rhythm is no lost sensor.
+        return max(lost_after_s, 3.0 * RR_LONGEST_S)
+    return lost_after_s
+
+
 #: What a device's quality flags say, in words for the log.
 _FLAG_WORDS = (
     (Quality.SENSOR_OFF, "sensor off (probe off, electrode detached)"),
@@ -158,18 +174,7 @@ class _StreamState:
     def bind(self, stream: Stream, window_s: float, lost_after_s: float) -> None:
         """Take the stream's rate, unit and shape: at creation, and when a driver rebuilds it."""
         self.stream = stream
-        # A slow stream (a temperature every 10 s) is lost only after three missed samples,
-        # not after the gateway-wide timeout that suits 1 Hz vitals.
-        if stream.rate_hz:
-            self.lost_after_s = max(lost_after_s, 3.0 / stream.rate_hz)
-        elif stream.metric.rr:
-            # Beat intervals come as the heart beats: a pause of a slow rhythm is no lost sensor.
-            self.lost_after_s = max(lost_after_s, 3.0 * RR_LONGEST_S)
-        else:
-            self.lost_after_s = lost_after_s
-        if stream.on_change:
-            # A Boolean or a state reports only when it changes: silence is no loss.
-            self.lost_after_s = math.inf
+        self.lost_after_s = loss_time(stream, lost_after_s)
         self.rr = stream.metric.rr
         self.shape = stream.metric.shape
         self.expected = window_s * stream.rate_hz if stream.rate_hz else None

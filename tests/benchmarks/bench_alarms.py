@@ -69,7 +69,9 @@ def main() -> None:
     one_at_a_time: dict[str, Callable[[Any], object]] = {
         "windower hand-off (baseline)": lambda w: [w.put(x) for x in samples],
         # As the pipeline calls it: the check, then whether the sample may reach the judgements.
-        "plausibility checker": lambda c: [(c.check_sample(x), c.implausible(x.stream)) for x in samples],
+        "plausibility checker": lambda c: [
+            (c.check_sample(x), c.implausible(x.stream) and c.out_of_range(x.stream)) for x in samples
+        ],
         "limit checker": lambda c: [c.check_sample(x) for x in samples],
     }
     in_blocks: dict[str, Callable[[Any], object]] = {
