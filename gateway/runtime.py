@@ -80,7 +80,7 @@ from gateway.records.render import describe
 from gateway.records.thin import Thinner
 from gateway.sample import UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream
 from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
-from gateway.timebase import TimeBase
+from gateway.timebase import ClockStep, TimeBase
 
 if TYPE_CHECKING:
     from gateway.inference.shadow import Slot
@@ -150,6 +150,7 @@ class Pipeline:
             now_mono=time.monotonic(), now_wall=time.time(), models_dir=m.dir,
         )  # fmt: skip
         self._driver_faults = DriverFaults()
+        self._clock_steps: list[ClockStep] = []  # seen, until the outbox is restamped and they are sent
         # Conditions a previous run left on that nothing here judges: ended by end_vanished.  Those
         # of a stream or device their source no longer delivers first: no tracker takes them.
         delivers = delivered(config)
@@ -625,10 +626,15 @@ class Pipeline:
             finally:
                 for record in pending:  # cancelled between turns: queue the rest, lose none
                     self.window(record)
-        for found in self._anon.timebase.take_steps():
-            await self._outbox.restamp(found.step_s)  # what waits is no older for the step
-            detail = {"step_s": round(found.step_s, 3), "applied_s": round(found.applied_s, 3)}
-            self.diagnostic(Diagnostic("clock_step", None, now_wall, detail))
+        # Kept until the restamp is done: if it fails or is cancelled the next step retries it
+        # (a second restamp moves nothing twice) and the clock_step diagnostics still go out.
+        self._clock_steps.extend(self._anon.timebase.take_steps())
+        if self._clock_steps:
+            await self._outbox.restamp()  # what waits is no older for the step
+            for found in self._clock_steps:
+                detail = {"step_s": round(found.step_s, 3), "applied_s": round(found.applied_s, 3)}
+                self.diagnostic(Diagnostic("clock_step", None, now_wall, detail))
+            self._clock_steps = []
         if now_mono >= self._next_counters:
             self._next_counters = now_mono + COUNTERS_EVERY_S
             self.diagnostic(Diagnostic("counters", None, now_wall, self.counters()))

@@ -277,9 +277,9 @@ class AsyncOutbox:
         """See :meth:`Outbox.dead_letter`."""
         return await asyncio.to_thread(self.outbox.dead_letter, list(ids), reason)
 
-    async def restamp(self, step_s: float) -> None:
+    async def restamp(self) -> float:
         """See :meth:`Outbox.restamp` (records still waiting here are stamped when committed)."""
-        await asyncio.to_thread(self.outbox.restamp, step_s)
+        return await asyncio.to_thread(self.outbox.restamp)
 
     async def expire(self, now_wall: float | None = None) -> int:
         """See :meth:`Outbox.expire`."""

@@ -98,8 +98,10 @@ class Outbox:
         total_max_bytes: int | None = DEFAULT_TOTAL_MAX_BYTES,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
         reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._path = Path(path)
+        self._wall = wall
         self._budgets = self._resolve_budgets(budgets)
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigError(
@@ -143,9 +145,10 @@ class Outbox:
         self._conn = self._open_or_recover()
         self._space.take()
         # The age budget's clock: the wall time at open carried on the monotonic clock, so a wall
-        # clock step cannot age what waits; restamp() moves it, and this run's rows with it, when
-        # the time base reports a step, so a later run on the stepped clock agrees with them.
-        self._anchor = time.time() - time.monotonic()
+        # clock step cannot age what waits; restamp() moves it, and this run's rows with it, onto
+        # the wall clock when the time base reports a step, so a later run on the stepped clock
+        # agrees with them.
+        self._anchor = self._wall() - time.monotonic()
         self._run_floor = self._seq  # ids above it were stamped on this run's clock
 
     # --- public API ---------------------------------------------------------------------------
@@ -285,16 +288,21 @@ class Outbox:
         """Now on the age budget's clock (Unix seconds): what a record queued now is stamped with."""
         return self._anchor + time.monotonic()
 
-    def restamp(self, step_s: float) -> None:
-        """The wall clock stepped by ``step_s``: move the age clock and this run's stamps with it (ages unchanged)."""
+    def restamp(self) -> float:
+        """The wall clock stepped: move the age clock onto it and this run's stamps with it; return the move."""
         with self._lock:
             self._require_open()
-            self._anchor += step_s
-            self._guarded("restamp", lambda: self._restamp(step_s))
+            # By how far this clock is off the wall clock now, not by the step the time base
+            # reports: a step taken before this file was opened is in the anchor already, and a
+            # second call (a retry) moves nothing.
+            move = (self._wall() - time.monotonic()) - self._anchor
+            self._guarded("restamp", lambda: self._restamp(move))
+            self._anchor += move  # only once the rows moved: the clock and the stamps move as one
+            return move
 
-    def _restamp(self, step_s: float) -> None:
+    def _restamp(self, move: float) -> None:
         with self._transaction() as conn:
-            conn.execute("UPDATE records SET t_wall = t_wall + ? WHERE id > ?", (step_s, self._run_floor))
+            conn.execute("UPDATE records SET t_wall = t_wall + ? WHERE id > ?", (move, self._run_floor))
 
     def expire(self, now_wall: float | None = None) -> int:
         """Drop records older than their lane's age budget (by :meth:`clock`); return how many were dropped."""
