@@ -78,7 +78,7 @@ from gateway.records import (
 )
 from gateway.records.render import describe
 from gateway.records.thin import Thinner
-from gateway.sample import UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream
+from gateway.sample import UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream, valid_rows
 from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 from gateway.timebase import TimeBase
 
@@ -393,8 +393,6 @@ class Pipeline:
         if self._devices_before:
             self._check_device(sample.stream, sample.t_mono, sample.t_wall)
         self.windower.put(sample)
-        if self._driver_faults.by_data:  # empty once the faults a previous run left on are judged
-            self._driver_data(sample.stream, sample.t_mono, sample.t_wall, int(sample.quality))
         alarm = self._plausibility.check_sample(sample)
         if alarm is not None:
             self.alarm(alarm)
@@ -402,6 +400,11 @@ class Pipeline:
         # process's: the limits, the rhythm detector and the estimators see it as no measurement.
         q = sample.quality  # one the device flags is kept from them by its flags, and not checked
         invalid = not (q and q & UNUSABLE_FLAGS) and self._plausibility.implausible(sample.stream)
+        # by_data is empty once the faults a previous run left on are judged: the test costs ~20 ns.
+        if self._driver_faults.by_data and not (
+            invalid or (q and q & UNUSABLE_FLAGS) or not math.isfinite(sample.value)
+        ):
+            self._driver_data(sample.stream, sample.t_mono, sample.t_wall)
         self._estimation.put(replace(sample, value=math.nan) if invalid else sample)
         alarm = self._limits.check_sample(sample, invalid=invalid)
         if alarm is not None:
@@ -416,13 +419,14 @@ class Pipeline:
         if self._devices_before and len(block):
             self._check_device(block.stream, float(block.t_mono[0]), float(block.t_wall[0]))
         self.windower.put_block(block)
-        if self._driver_faults.by_data and len(block):
-            self._driver_data(
-                block.stream, float(block.t_mono[-1]), float(block.t_wall[-1]), int(block.quality[-1])
-            )
         alarms, invalid = self._plausibility.judge_block(block)
         for alarm in alarms:
             self.alarm(alarm)
+        if self._driver_faults.by_data and len(block):
+            valid = np.flatnonzero(valid_rows(block, invalid))
+            if valid.size:
+                i = int(valid[0])
+                self._driver_data(block.stream, float(block.t_mono[i]), float(block.t_wall[i]))
         # As in put: the judgements see an implausible value as no measurement.
         if invalid is None:
             self._estimation.put_block(block)
@@ -473,8 +477,9 @@ class Pipeline:
         if self._submit(lambda: self._anon.alarm(alarm)):
             self._ledger.note(alarm)
 
-    def _driver_data(self, stream: Stream, t_mono: float, t_wall: float, quality: int) -> None:
-        alarm = self._driver_faults.data(stream, t_mono, t_wall, quality)
+    def _driver_data(self, stream: Stream, t_mono: float, t_wall: float) -> None:
+        """A valid sample of ``stream`` (no unusable flag, a value, plausible) for the resumed driver faults."""
+        alarm = self._driver_faults.data(stream, t_mono, t_wall)
         if alarm is not None:
             self.alarm(alarm)
 
