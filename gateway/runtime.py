@@ -78,7 +78,7 @@ from gateway.records import (
 )
 from gateway.records.render import describe
 from gateway.records.thin import Thinner
-from gateway.sample import UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream
+from gateway.sample import UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream, valid_rows
 from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 from gateway.timebase import ClockStep, TimeBase
 
@@ -394,8 +394,6 @@ class Pipeline:
         if self._devices_before:
             self._check_device(sample.stream, sample.t_mono, sample.t_wall)
         self.windower.put(sample)
-        if self._driver_faults.by_data:  # empty once the faults a previous run left on are judged
-            self._driver_data(sample.stream, sample.t_mono, sample.t_wall, int(sample.quality))
         alarm = self._plausibility.check_sample(sample)
         if alarm is not None:
             self.alarm(alarm)
@@ -405,6 +403,11 @@ class Pipeline:
         # change, and their on-delays are what filter a brief artifact.
         q = sample.quality  # one the device flags is kept from them by its flags, and not checked
         invalid = not (q and q & UNUSABLE_FLAGS) and self._plausibility.implausible(sample.stream)
+        # by_data is empty once the faults a previous run left on are judged: the test costs ~20 ns.
+        if self._driver_faults.by_data and not (
+            invalid or (q and q & UNUSABLE_FLAGS) or not math.isfinite(sample.value)
+        ):
+            self._driver_data(sample.stream, sample.t_mono, sample.t_wall)
         self._estimation.put(replace(sample, value=math.nan) if invalid else sample)
         out_of_range = invalid and self._plausibility.out_of_range(sample.stream)
         alarm = self._limits.check_sample(sample, invalid=out_of_range)
@@ -420,13 +423,14 @@ class Pipeline:
         if self._devices_before and len(block):
             self._check_device(block.stream, float(block.t_mono[0]), float(block.t_wall[0]))
         self.windower.put_block(block)
-        if self._driver_faults.by_data and len(block):
-            self._driver_data(
-                block.stream, float(block.t_mono[-1]), float(block.t_wall[-1]), int(block.quality[-1])
-            )
         alarms, invalid, out_of_range = self._plausibility.judge_block(block)
         for alarm in alarms:
             self.alarm(alarm)
+        if self._driver_faults.by_data and len(block):
+            valid = np.flatnonzero(valid_rows(block, invalid))
+            if valid.size:
+                i = int(valid[0])
+                self._driver_data(block.stream, float(block.t_mono[i]), float(block.t_wall[i]))
         # As in put: the judgements see an implausible value as no measurement.
         if invalid is None:
             self._estimation.put_block(block)
@@ -477,8 +481,9 @@ class Pipeline:
         if self._submit(lambda: self._anon.alarm(alarm)):
             self._ledger.note(alarm)
 
-    def _driver_data(self, stream: Stream, t_mono: float, t_wall: float, quality: int) -> None:
-        alarm = self._driver_faults.data(stream, t_mono, t_wall, quality)
+    def _driver_data(self, stream: Stream, t_mono: float, t_wall: float) -> None:
+        """A valid sample of ``stream`` (no unusable flag, a value, plausible) for the resumed driver faults."""
+        alarm = self._driver_faults.data(stream, t_mono, t_wall)
         if alarm is not None:
             self.alarm(alarm)
 

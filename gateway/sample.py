@@ -122,3 +122,11 @@ class SampleBlock:
 
     def __len__(self) -> int:
         return len(self.t_mono)
+
+
+def valid_rows(block: SampleBlock, implausible: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.bool_]:
+    """Which samples of ``block`` measure the subject: no unusable flag, a value, not ``implausible``."""
+    usable: npt.NDArray[np.bool_] = (
+        (np.asarray(block.quality, np.uint8) & UNUSABLE_FLAGS) == 0
+    ) & np.isfinite(block.value)
+    return usable if implausible is None else usable & ~implausible

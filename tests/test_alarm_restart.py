@@ -28,7 +28,7 @@ from gateway.legend import Entry as LegendEntry
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.outbox.aio import DEFAULT_MAX_PENDING_BYTES
 from gateway.runtime import Pipeline
-from gateway.sample import MDC, Metric, Quality, SampleBlock, Stream
+from gateway.sample import MDC, Metric, Quality, Sample, SampleBlock, Stream
 
 Run = Callable[[Pipeline], Awaitable[None]]
 
@@ -458,6 +458,39 @@ def test_a_node_fault_the_driver_raised_ends_with_the_nodes_data_after_the_resta
     after = run(site, tmp_path, normal(2000.0))  # the node delivers again
     assert kinds(after) == [("sensor_restored", None)]
     assert after[0]["detail"] == {"after": "sensor_fault", "status": "good"}
+    assert site.subject("ward3-bed7").active == {}
+
+
+@pytest.mark.parametrize("blocks", [True, False], ids=["blocks", "samples"])
+def test_a_node_fault_left_on_is_not_ended_by_an_implausible_value_after_the_restart(
+    tmp_path: Path, blocks: bool
+) -> None:
+    # 0 % SpO2 with no flag is no reading of the node: it raises its own fault and leaves the
+    # node's on; the first plausible value ends both, each by its own origin.
+    site = Site(tmp_path)
+    assert kinds(run(site, tmp_path, driver_fault(100.0, {"status": "bad_nodeidunknown"}))) == [
+        ("sensor_fault", None)
+    ]
+
+    async def implausible_then_plausible(pipeline: Pipeline) -> None:
+        for k, value in enumerate([0.0] * 5 + [97.0] * 2):
+            t = 1000.0 + k
+            if blocks:
+                pipeline.sink.put_block(
+                    SampleBlock(
+                        SPO2, np.array([t]), np.array([t + WALL]), np.array([value]), np.zeros(1, np.uint8)
+                    )
+                )
+            else:
+                pipeline.sink.put(Sample(SPO2, t, t + WALL, value))
+            await pipeline.step(now_mono=t + 1.0, now_wall=WALL + t + 1.0)
+
+    after = run(site, tmp_path, implausible_then_plausible)
+    assert [(a["alarm"], a["t"], a["detail"]) for a in after] == [
+        ("sensor_fault", 1000.0, {"rule": "range", "value": 0.0, "limit": 50.0}),
+        ("sensor_restored", 1005.0, {"after": "sensor_fault", "rule": "plausibility"}),
+        ("sensor_restored", 1005.0, {"after": "sensor_fault", "status": "good"}),
+    ]
     assert site.subject("ward3-bed7").active == {}
 
 

@@ -4,7 +4,7 @@ A driver keeps no state across a restart: a PLC node whose status was bad, or a 
 battery was low, is judged afresh.  Without this the driver would raise such a fault a second
 time while it holds, and never end one that ended while the gateway was down.  So, per stream:
 the driver raising it again is the same condition (not sent; the driver ends it itself from then
-on), and for a node's status (``status``) the stream's first usable sample shows the node good
+on), and for a node's status (``status``) the stream's first valid sample (flag-free, a value, plausible) shows the node good
 again and ends it as the driver would have.  A fault by ``cause`` (a battery, a node's self-test)
 has no such evidence in the data: it waits for the driver, whose first reading of the run ends it
 when it is good (and after which a raise is a new condition).  A fault raised with no stream (an
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gateway.contracts import Alarm, AlarmKind
-from gateway.sample import UNUSABLE_FLAGS, Stream
+from gateway.sample import Stream
 
 __all__ = ["DriverFaults"]
 
@@ -62,10 +62,12 @@ class DriverFaults:
         self.resumed.discard(key)
         return True
 
-    def data(self, stream: Stream, t_mono: float, t_wall: float, quality: int) -> Alarm | None:
-        """A sample of ``stream``: the restore of a resumed node-status fault it shows over, if any."""
+    def data(self, stream: Stream, t_mono: float, t_wall: float) -> Alarm | None:
+        """A valid sample of ``stream``: the restore of a resumed node-status fault it shows over, if any."""
+        # Valid as every judgement takes it (no unusable flag, a value, plausible): a value the
+        # plausibility rules reject is no reading of the node (``gateway.runtime.Pipeline.put``).
         key = stream.key
-        if key not in self.by_data or quality & UNUSABLE_FLAGS:
+        if key not in self.by_data:
             return None
         self.by_data.discard(key)
         self.resumed.discard(key)
