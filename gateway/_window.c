@@ -19,8 +19,7 @@
  * the layers exported once, for either in their place.
  * vector(values), zrow(x, mean, std), follow(x, level, scaled, lo, hi): a window's input row,
  * its z-scores and its baseline's step (gateway.inference.runner).
- * pca_row(z, center, load, eig): the novelty detector's T² and SPE of one window's row; pca_net:
- * the subspace's arrays exported once, for pca_row in their place.
+ * pca_row(z, center, load, eig): the novelty detector's T² and SPE of one window's row.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -414,40 +413,22 @@ static void net_close(Net *net)
  * touches no export of the model's constant arrays (numpy describes an array anew at each export).
  */
 #define NET_NAME "gateway._window.net"
-#define PCA_NAME "gateway._window.pca"
 
-static void pca_close_any(void *p);
-
-/* Close and free p, held by a capsule of dense_net or pca_net (name says which). */
-static void held_close(void *p, const char *name)
+/* Close and free a net of dense_net. */
+static void net_free(Net *net)
 {
-    if (strcmp(name, NET_NAME) == 0) {
-        net_close((Net *)p);
-    } else {
-        pca_close_any(p);
-    }
-    PyMem_Free(p);
+    net_close(net);
+    PyMem_Free(net);
 }
 
-static void held_free(PyObject *capsule)
+static void net_release(PyObject *capsule)
 {
-    const char *name = PyCapsule_GetName(capsule);
-    void *p = name == NULL ? NULL : PyCapsule_GetPointer(capsule, name);
-    if (p == NULL) {
+    Net *net = (Net *)PyCapsule_GetPointer(capsule, NET_NAME);
+    if (net == NULL) {
         PyErr_Clear();
         return;
     }
-    held_close(p, name);
-}
-
-/* p (opened, of PyMem_Malloc) as a capsule named name; closed and freed where that fails. */
-static PyObject *hold(void *p, const char *name)
-{
-    PyObject *capsule = PyCapsule_New(p, name, held_free);
-    if (capsule == NULL) {
-        held_close(p, name);
-    }
-    return capsule;
+    net_free(net);
 }
 
 /* dense_net(layers) -> capsule | None: the layers (see net_open) held open for dense_row and dense_occlusion. */
@@ -463,13 +444,17 @@ static PyObject *dense_net(PyObject *self, PyObject *layers)
     }
     int rc = net_open(net, layers, -1);
     if (rc <= 0) {
-        held_close(net, NET_NAME);
+        net_free(net);
         if (rc < 0) {
             return NULL;
         }
         Py_RETURN_NONE;
     }
-    return hold(net, NET_NAME);
+    PyObject *capsule = PyCapsule_New(net, NET_NAME, net_release);
+    if (capsule == NULL) {
+        net_free(net);
+    }
+    return capsule;
 }
 
 /*
@@ -519,8 +504,9 @@ static double forward(const Net *net, double *h)
  * Every layer is a loop of float64 products summed in input order from 0.0, then the bias, then
  * the activation, as the numpy backend sums its last layer in Python: that layer is the same to
  * the bit, hidden layers differ from BLAS's order by a few roundings (DENSE_BATCH1_TOLERANCE).
- * x: a (1, n) or (n,) float32 or float64 array; layers: see net_open, or their dense_net.  None where the numpy path
- * must run (another layout, widths that do not chain, a layer wider than MAX_WIDTH).
+ * x: a (1, n) or (n,) float32 or float64 array; layers: see net_open, or their dense_net.  None
+ * where the numpy path must run (another layout, widths that do not chain, a layer wider than
+ * MAX_WIDTH).
  */
 static PyObject *dense_row(PyObject *self, PyObject *args)
 {
@@ -767,148 +753,90 @@ done:
     return Py_NewRef(result);
 }
 
-/* A PCA subspace's arrays read once: center (m,), load (m, r) at strides s0, s1 doubles, eig (r,). */
-typedef struct {
-    Py_buffer views[3];
-    int held;
-    const double *center, *load, *eig;
-    Py_ssize_t m, r, s0, s1;
-} Pca;
-
-static void pca_close(Pca *p)
-{
-    while (p->held > 0) {
-        PyBuffer_Release(&p->views[--p->held]);
-    }
-}
-
 /*
- * center (m,) and eig (r,) float64 C-contiguous, load (m, r) float64 of any strides, 0 < m, r <=
- * MAX_WIDTH (m = *m when *m >= 0): 1, else 0 (the numpy path decides).  Close with pca_close either way.
- */
-static int pca_open(Pca *p, PyObject *co, PyObject *lo, PyObject *eo, Py_ssize_t m)
-{
-    p->held = 0;
-    p->center = vec(co, &p->views[0], &m, 0);
-    if (p->center == NULL) {
-        return 0;
-    }
-    p->held = 1;
-    Py_buffer *lv = &p->views[1];
-    if (m < 1 || m > MAX_WIDTH || !view_of(lo, lv, 0)) {
-        return 0;
-    }
-    p->held = 2;
-    if (lv->ndim != 2 || kind_of(lv) != 'd' || lv->shape[0] != m || lv->shape[1] < 1 || lv->shape[1] > MAX_WIDTH ||
-        lv->strides[0] % (Py_ssize_t)sizeof(double) != 0 || lv->strides[1] % (Py_ssize_t)sizeof(double) != 0) {
-        return 0;
-    }
-    p->m = m;
-    p->r = lv->shape[1];
-    p->s0 = lv->strides[0] / (Py_ssize_t)sizeof(double);
-    p->s1 = lv->strides[1] / (Py_ssize_t)sizeof(double);
-    p->load = (const double *)lv->buf;
-    p->eig = vec(eo, &p->views[2], &p->r, 0);
-    if (p->eig == NULL) {
-        return 0;
-    }
-    p->held = 3;
-    return 1;
-}
-
-static void pca_close_any(void *p)
-{
-    pca_close((Pca *)p);
-}
-
-/* pca_net(center, load, eig) -> capsule | None: a subspace's arrays held open for pca_row (see NET_NAME). */
-static PyObject *pca_net(PyObject *self, PyObject *args)
-{
-    (void)self;
-    PyObject *co, *lo, *eo;
-    if (!PyArg_ParseTuple(args, "OOO", &co, &lo, &eo)) {
-        return NULL;
-    }
-    Pca *p = (Pca *)PyMem_Malloc(sizeof(Pca));
-    if (p == NULL) {
-        return PyErr_NoMemory();
-    }
-    if (!pca_open(p, co, lo, eo, -1)) {
-        held_close(p, PCA_NAME);
-        Py_RETURN_NONE;
-    }
-    return hold(p, PCA_NAME);
-}
-
-/*
- * pca_row(z, center, load, eig) or pca_row(z, pca_net(...)) -> (T², SPE) | None:
- * gateway.inference.novelty._stats of one prepared row.  zc = z - center; t = zc @ load and the
- * residual zc - t @ load.T, each product summed in input order (not BLAS's: within
- * NOVELTY_TOLERANCE of it); T² = sum(t * t / eig) and SPE = sum(resid²) in numpy's order (the
- * first term, then the pairwise sum of the rest).  z: (1, m) or (m,) float64 C-contiguous; center
- * (m,) and eig (r,) likewise; load (m, r) float64 of any strides.  None for other layouts, sizes,
- * or r or m above MAX_WIDTH.
+ * pca_row(z, center, load, eig) -> (T², SPE) | None: gateway.inference.novelty._stats of one
+ * prepared row.  zc = z - center; t = zc @ load and the residual zc - t @ load.T, each product
+ * summed in input order (not BLAS's: within NOVELTY_TOLERANCE of it); T² = sum(t * t / eig) and
+ * SPE = sum(resid²) in numpy's order (the first term, then the pairwise sum of the rest).
+ * z: (1, m) or (m,) float64 C-contiguous; center (m,) and eig (r,) likewise; load (m, r) float64
+ * of any strides.  None for other layouts, sizes, or r or m above MAX_WIDTH.
  */
 static PyObject *pca_row(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *zo, *co, *lo = NULL, *eo = NULL;
-    if (!PyArg_ParseTuple(args, "OO|OO", &zo, &co, &lo, &eo)) {
+    PyObject *zo, *co, *lo, *eo;
+    if (!PyArg_ParseTuple(args, "OOOO", &zo, &co, &lo, &eo)) {
         return NULL;
     }
-    Py_buffer zv;
+    Py_buffer zv, cv, lv, ev;
+    int held = 0;
+    PyObject *out = NULL;
     if (!dense_view(zo, &zv, -1, 0, 0)) {
         Py_RETURN_NONE;
     }
-    Py_ssize_t m = zv.ndim >= 1 ? zv.shape[zv.ndim - 1] : -1;
-    Pca own;
-    own.held = 0;
-    const Pca *p = NULL;
-    if ((zv.ndim == 1 || (zv.ndim == 2 && zv.shape[0] == 1)) && m >= 1 && m <= MAX_WIDTH) {
-        if (lo == NULL && PyCapsule_CheckExact(co)) {
-            p = (const Pca *)PyCapsule_GetPointer(co, PCA_NAME);
-            if (p == NULL) {
-                PyErr_Clear();
-            } else if (p->m != m) {
-                p = NULL;
-            }
-        } else if (lo != NULL && eo != NULL && pca_open(&own, co, lo, eo, m)) {
-            p = &own;
-        }
+    held = 1;
+    Py_ssize_t m = zv.ndim >= 1 ? zv.shape[zv.ndim - 1] : -1, r = -1, s0 = 0, s1 = 0;
+    const double *center = NULL;
+    if (!(zv.ndim == 1 || (zv.ndim == 2 && zv.shape[0] == 1)) || m < 1 || m > MAX_WIDTH ||
+        (center = vec(co, &cv, &m, 0)) == NULL) {
+        goto decline;
     }
-    PyObject *out;
-    if (p == NULL) {
-        out = Py_NewRef(Py_None);
-    } else {
-        const double *z = (const double *)zv.buf, *center = p->center, *load = p->load, *eig = p->eig;
-        Py_ssize_t r = p->r, s0 = p->s0, s1 = p->s1;
-        double zc[MAX_WIDTH], t[MAX_WIDTH], part[MAX_WIDTH];
+    held = 2;
+    if (!view_of(lo, &lv, 0)) {
+        goto decline;
+    }
+    held = 3;
+    if (lv.ndim != 2 || kind_of(&lv) != 'd' || lv.shape[0] != m || lv.shape[1] < 1 || lv.shape[1] > MAX_WIDTH ||
+        lv.strides[0] % (Py_ssize_t)sizeof(double) != 0 || lv.strides[1] % (Py_ssize_t)sizeof(double) != 0) {
+        goto decline;
+    }
+    r = lv.shape[1];
+    s0 = lv.strides[0] / (Py_ssize_t)sizeof(double);
+    s1 = lv.strides[1] / (Py_ssize_t)sizeof(double);
+    const double *eig = vec(eo, &ev, &r, 0);
+    if (eig == NULL) {
+        goto decline;
+    }
+    held = 4;
+    const double *z = (const double *)zv.buf, *load = (const double *)lv.buf;
+    double zc[MAX_WIDTH], t[MAX_WIDTH], part[MAX_WIDTH];
+    for (Py_ssize_t i = 0; i < m; i++) {
+        zc[i] = z[i] - center[i];
+    }
+    for (Py_ssize_t j = 0; j < r; j++) {
+        double acc = 0.0;
         for (Py_ssize_t i = 0; i < m; i++) {
-            zc[i] = z[i] - center[i];
+            acc += zc[i] * load[i * s0 + j * s1];
         }
+        t[j] = acc;
+        part[j] = t[j] * t[j];
+        part[j] /= eig[j];
+    }
+    Col pc = {part, 1};
+    double t2 = SEGMENT(sum_at, pc, pc, r, 0.0, 0.0);
+    for (Py_ssize_t i = 0; i < m; i++) {
+        double acc = 0.0;
         for (Py_ssize_t j = 0; j < r; j++) {
-            double acc = 0.0;
-            for (Py_ssize_t i = 0; i < m; i++) {
-                acc += zc[i] * load[i * s0 + j * s1];
-            }
-            t[j] = acc;
-            part[j] = t[j] * t[j];
-            part[j] /= eig[j];
+            acc += t[j] * load[i * s0 + j * s1];
         }
-        Col pc = {part, 1};
-        double t2 = SEGMENT(sum_at, pc, pc, r, 0.0, 0.0);
-        for (Py_ssize_t i = 0; i < m; i++) {
-            double acc = 0.0;
-            for (Py_ssize_t j = 0; j < r; j++) {
-                acc += t[j] * load[i * s0 + j * s1];
-            }
-            double e = zc[i] - acc;
-            part[i] = e * e;
-        }
-        double spe = SEGMENT(sum_at, pc, pc, m, 0.0, 0.0);
-        out = Py_BuildValue("dd", t2, spe);
+        double e = zc[i] - acc;
+        part[i] = e * e;
     }
-    pca_close(&own);
+    double spe = SEGMENT(sum_at, pc, pc, m, 0.0, 0.0);
+    out = Py_BuildValue("dd", t2, spe);
+    goto done;
+decline:
+    out = Py_NewRef(Py_None);
+done:
+    if (held >= 4) {
+        PyBuffer_Release(&ev);
+    }
+    if (held >= 3) {
+        PyBuffer_Release(&lv);
+    }
+    if (held >= 2) {
+        PyBuffer_Release(&cv);
+    }
     PyBuffer_Release(&zv);
     return out;
 }
@@ -925,7 +853,6 @@ static PyMethodDef methods[] = {
     {"zrow", zrow, METH_VARARGS, "(x - mean) / std as a (1, n) array, its largest finite |z|, all finite."},
     {"follow", follow, METH_VARARGS, "A baseline's step in place; False where the numpy path must take it."},
     {"pca_row", pca_row, METH_VARARGS, "T² and SPE of one prepared row under a PCA subspace, or None."},
-    {"pca_net", pca_net, METH_VARARGS, "A PCA subspace's arrays held open for pca_row, or None."},
     {NULL, NULL, 0, NULL},
 };
 

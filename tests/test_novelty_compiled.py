@@ -60,31 +60,3 @@ def test_other_layouts_are_declined_and_the_cusum_scores_in_numpy() -> None:
     assert score_row(fit, row, sums) == float(score_rows(fit, row, copy)[0][0])
     assert sums.up.tolist() == copy.up.tolist()
     assert sums.up.any()
-
-
-def test_a_subspace_exported_once_scores_as_its_arrays_do() -> None:
-    # score_row exports a fit's center, loadings and eigenvalues once (pca_net) instead of at
-    # every window: the held handle gives T² and SPE equal to the bit to the arrays passed per
-    # call, on strided loadings too, holds its arrays alive and declines rows of another width.
-    pca_row, pca_net = compiled("pca_row"), compiled("pca_net")
-    assert None not in (pca_row, pca_net), "gateway/_window.c is not built here: bash .ci/setup test"
-    rng = np.random.default_rng(6)
-    fit = fit_pca(machine_rows(600, rng), PcaSpec(lags=1, ewma=0.3, var_keep=0.95))
-    rows = prepare(machine_rows(200, rng), fit.mean, fit.std, fit.spec)
-    rows[::3] *= 20.0
-    for load in (fit.load, np.ascontiguousarray(fit.load), np.asfortranarray(fit.load)):
-        center, eig = fit.center.copy(), fit.eig.copy()
-        want = [pca_row(rows[i], center, load, eig) for i in range(len(rows))]
-        held = pca_net(center, load.copy(order="K"), eig)
-        assert held is not None
-        del center, eig
-        assert [pca_row(rows[i : i + 1], held) for i in range(len(rows))] == want
-        assert pca_row(rows[:1, :-1], held) is None
-    assert pca_net(fit.center, fit.load[:, :0], fit.eig[:0]) is None
-    assert pca_net(fit.center[:-1], fit.load, fit.eig) is None
-    assert pca_row(rows[:1], object()) is None
-    # score_row holds the handle on the fit from its first row on: the same scores as before it.
-    first = score_row(fit, rows[:1])
-    assert fit.held is not None
-    assert len(fit.held) == 1
-    assert score_row(fit, rows[:1]) == first

@@ -125,9 +125,7 @@ CUSUM_AUTO_K = 1.0
 CUSUM_AUTO_MIN_S = 21_600.0
 _SAVE_EVERY = 20  # commissioning rows between saves of the partial state
 #: A window's T² and SPE compiled (gateway/_window.c): (T², SPE), or None where numpy must run.
-_pca_row: Callable[..., tuple[float, float] | None] | None = compiled("pca_row")
-#: A fit's center, loadings and eigenvalues exported once for _pca_row (an opaque handle, or None).
-_pca_net: Callable[[F64, F64, F64], object] | None = compiled("pca_net")
+_pca_row: Callable[[F64, F64, F64, F64], tuple[float, float] | None] | None = compiled("pca_row")
 #: How far the compiled T² and SPE may be from numpy's, relative: its products are summed in input
 #: order where numpy's matmul sums them in BLAS's (tests/test_novelty_compiled.py).
 NOVELTY_TOLERANCE = 1e-12
@@ -192,9 +190,6 @@ class PcaFit:
     # the largest sum.
     res_scale: F64 | None = None
     lim_cusum: float = 0.0
-    # The subspace exported once for the compiled T² and SPE (score_row), made at the first row:
-    # numpy describes an array anew at each export, code a cold window would touch three times.
-    held: tuple[object, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n_inputs(self) -> int:
@@ -491,10 +486,7 @@ def score_row(fit: PcaFit, z: F64, sums: CusumSums | None = None) -> float:
     dozen numpy calls it replaces comes back from memory (BENCHMARKS.md).
     """
     if _pca_row is not None and not (fit.spec.cusum_k > 0.0 and fit.res_scale is not None):
-        if fit.held is None:
-            net = None if _pca_net is None else _pca_net(fit.center, fit.load, fit.eig)
-            fit.held = (fit.center, fit.load, fit.eig) if net is None else (net,)
-        got = _pca_row(z, *fit.held)
+        got = _pca_row(z, fit.center, fit.load, fit.eig)
         if got is not None:
             a, b = got[0] / fit.lim_t2, got[1] / fit.lim_spe
             return (a if a > b or math.isnan(a) else b) / fit.threshold  # as np.maximum: a NaN wins
