@@ -15,7 +15,8 @@
  *
  * features(ts, vs) -> list[dict] | None: gateway.pipeline.features._streams_pass.
  * dense_row(x, layers) -> (1,) array | None: the numpy backend's window-at-a-time score;
- * dense_occlusion(z, clip, layers): the scores of an anomaly's occlusion probes.
+ * dense_occlusion(z, clip, layers): the scores of an anomaly's occlusion probes; dense_net(layers):
+ * the layers exported once, for either in their place.
  * vector(values), zrow(x, mean, std), follow(x, level, scaled, lo, hi): a window's input row,
  * its z-scores and its baseline's step (gateway.inference.runner).
  * pca_row(z, center, load, eig): the novelty detector's T² and SPE of one window's row.
@@ -355,9 +356,9 @@ typedef struct {
 
 /*
  * The layers (a tuple of (w (n_in, n_out) float64 C-contiguous, b (n_out,) float64, activation
- * code)) for rows of width inputs: 1, or 0 where they are not of that layout (widths that do not
- * chain, one output at the end, more than MAX_LAYERS), or -1 with an exception set.  Close with
- * net_close either way.
+ * code)) for rows of width inputs (the first layer's when width < 0): 1, or 0 where they are not
+ * of that layout (widths that do not chain, one output at the end, more than MAX_LAYERS), or -1
+ * with an exception set.  Close with net_close either way.
  */
 static int net_open(Net *net, PyObject *layers, Py_ssize_t width)
 {
@@ -384,6 +385,7 @@ static int net_open(Net *net, PyObject *layers, Py_ssize_t width)
         Layer *L = &net->layer[l];
         L->n_in = w->shape[0];
         L->n_out = w->shape[1];
+        width = l == 0 && width < 0 ? L->n_in : width;
         if (L->n_in != width || b->shape[0] != L->n_out || L->n_out > MAX_WIDTH) {
             return 0;
         }
@@ -404,6 +406,76 @@ static void net_close(Net *net)
         PyBuffer_Release(&net->views[i]);
     }
     net->held = 0;
+}
+
+/*
+ * A model's layers exported once (dense_net) and held until the capsule goes: a cold window then
+ * touches no export of the model's constant arrays (numpy describes an array anew at each export).
+ */
+#define NET_NAME "gateway._window.net"
+
+/* Close and free a net of dense_net. */
+static void net_free(Net *net)
+{
+    net_close(net);
+    PyMem_Free(net);
+}
+
+static void net_release(PyObject *capsule)
+{
+    Net *net = (Net *)PyCapsule_GetPointer(capsule, NET_NAME);
+    if (net == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    net_free(net);
+}
+
+/* dense_net(layers) -> capsule | None: the layers (see net_open) held open for dense_row and dense_occlusion. */
+static PyObject *dense_net(PyObject *self, PyObject *layers)
+{
+    (void)self;
+    if (!PyTuple_Check(layers)) {
+        Py_RETURN_NONE;
+    }
+    Net *net = (Net *)PyMem_Malloc(sizeof(Net));
+    if (net == NULL) {
+        return PyErr_NoMemory();
+    }
+    int rc = net_open(net, layers, -1);
+    if (rc <= 0) {
+        net_free(net);
+        if (rc < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject *capsule = PyCapsule_New(net, NET_NAME, net_release);
+    if (capsule == NULL) {
+        net_free(net);
+    }
+    return capsule;
+}
+
+/*
+ * The net for rows of width inputs: a capsule of dense_net (*net points into it, nothing to close)
+ * or a tuple of layers opened into *own (close it): 1, 0 where the numpy path must run, -1 with
+ * an exception set.
+ */
+static int net_for(PyObject *layers, Py_ssize_t width, Net *own, const Net **net)
+{
+    own->held = 0;
+    if (PyCapsule_CheckExact(layers)) {
+        const Net *held = (const Net *)PyCapsule_GetPointer(layers, NET_NAME);
+        if (held == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        *net = held;
+        return held->layer[0].n_in == width;
+    }
+    *net = own;
+    return PyTuple_Check(layers) ? net_open(own, layers, width) : 0;
 }
 
 /* The score of the row h (the first layer's inputs; h is overwritten) through an open net. */
@@ -432,14 +504,15 @@ static double forward(const Net *net, double *h)
  * Every layer is a loop of float64 products summed in input order from 0.0, then the bias, then
  * the activation, as the numpy backend sums its last layer in Python: that layer is the same to
  * the bit, hidden layers differ from BLAS's order by a few roundings (DENSE_BATCH1_TOLERANCE).
- * x: a (1, n) or (n,) float32 or float64 array; layers: see net_open.  None where the numpy path
- * must run (another layout, widths that do not chain, a layer wider than MAX_WIDTH).
+ * x: a (1, n) or (n,) float32 or float64 array; layers: see net_open, or their dense_net.  None
+ * where the numpy path must run (another layout, widths that do not chain, a layer wider than
+ * MAX_WIDTH).
  */
 static PyObject *dense_row(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *xo, *layers;
-    if (!PyArg_ParseTuple(args, "OO!", &xo, &PyTuple_Type, &layers)) {
+    if (!PyArg_ParseTuple(args, "OO", &xo, &layers)) {
         return NULL;
     }
     Py_buffer xv;
@@ -457,12 +530,13 @@ static PyObject *dense_row(PyObject *self, PyObject *args)
         h[i] = item(&xv, i);
     }
     PyBuffer_Release(&xv);
-    Net net;
-    int rc = net_open(&net, layers, width);
+    Net own;
+    const Net *net;
+    int rc = net_for(layers, width, &own, &net);
     PyObject *out = NULL;
     if (rc > 0) {
         double *y;
-        double score = forward(&net, h);
+        double score = forward(net, h);
         out = new_doubles(-1, 1, &y);
         if (out != NULL) {
             *y = score;
@@ -470,7 +544,7 @@ static PyObject *dense_row(PyObject *self, PyObject *args)
     } else if (rc == 0) {
         out = Py_NewRef(Py_None);
     }
-    net_close(&net);
+    net_close(&own);
     return out;
 }
 
@@ -485,7 +559,7 @@ static PyObject *dense_occlusion(PyObject *self, PyObject *args)
     (void)self;
     PyObject *zo, *layers;
     double clip;
-    if (!PyArg_ParseTuple(args, "OdO!", &zo, &clip, &PyTuple_Type, &layers)) {
+    if (!PyArg_ParseTuple(args, "OdO", &zo, &clip, &layers)) {
         return NULL;
     }
     Py_buffer zv;
@@ -493,9 +567,10 @@ static PyObject *dense_occlusion(PyObject *self, PyObject *args)
         Py_RETURN_NONE;
     }
     Py_ssize_t k = zv.shape[0], n = zv.shape[1];
-    Net net;
-    net.held = 0;
-    int rc = n > MAX_WIDTH ? 0 : k == 0 ? 1 : net_open(&net, layers, n);
+    Net own;
+    const Net *net = &own;
+    own.held = 0;
+    int rc = n > MAX_WIDTH ? 0 : k == 0 ? 1 : net_for(layers, n, &own, &net);
     PyObject *out = NULL;
     double *scores;
     if (rc > 0 && (out = new_doubles(k, n + 1, &scores)) != NULL) {
@@ -511,13 +586,13 @@ static PyObject *dense_occlusion(PyObject *self, PyObject *args)
                 if (p < n) {
                     h[p] = 0.0;
                 }
-                scores[r * (n + 1) + p] = forward(&net, h);
+                scores[r * (n + 1) + p] = forward(net, h);
             }
         }
     } else if (rc == 0) {
         out = Py_NewRef(Py_None);
     }
-    net_close(&net);
+    net_close(&own);
     PyBuffer_Release(&zv);
     return out;
 }
@@ -771,6 +846,7 @@ static PyMethodDef methods[] = {
      "Features of two or more non-empty streams' windows in one pass, or None where the numpy pass decides."},
     {"dense_row", dense_row, METH_VARARGS,
      "One row's score through dense layers, or None where the numpy path must run."},
+    {"dense_net", dense_net, METH_O, "Dense layers held open for dense_row and dense_occlusion, or None."},
     {"dense_occlusion", dense_occlusion, METH_VARARGS,
      "The scores of a window's occlusion probes and of the window itself, or None."},
     {"vector", vector, METH_O, "A list of Python floats as a float64 array, or None."},
@@ -787,7 +863,7 @@ static struct PyModuleDef module = {
 };
 
 /* What gateway/compiled.py checks: a build of other sources (an older install) is not used. */
-#define WINDOW_VERSION 4
+#define WINDOW_VERSION 5
 
 PyMODINIT_FUNC PyInit__window(void)
 {

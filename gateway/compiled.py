@@ -15,7 +15,7 @@ from typing import Any
 __all__ = ["VERSION", "compiled"]
 
 #: The build these sources expect (``WINDOW_VERSION`` in ``gateway/_window.c``).
-VERSION = 4
+VERSION = 5
 
 
 def compiled(name: str) -> Any:

@@ -21,6 +21,7 @@ from model_support import MODELS, NEURAL, card_of
 from gateway.compiled import compiled
 from gateway.inference import backends
 from gateway.inference.backends import DENSE_BATCH1_TOLERANCE, DenseBackend, open_backend
+from gateway.inference.card import ModelCard
 from gateway.pipeline.features import basic_features_streams
 
 F8 = npt.NDArray[np.float64]
@@ -94,8 +95,8 @@ def _forward(x: F8, layers: list[tuple[F8, F8, str]]) -> F8:
     return y.reshape(len(x))
 
 
-@pytest.mark.parametrize("name", NEURAL)
-def test_window_at_a_time_scores_match_the_layers_and_the_verdicts(name: str) -> None:
+def _opened(name: str) -> tuple[ModelCard, DenseBackend, list[tuple[F8, F8, str]], npt.NDArray[np.float32]]:
+    """A model's card, its numpy backend, its fp32 layers in float64 and its recorded rows."""
     card = card_of(name)
     backend = open_backend(card, MODELS, backend="numpy")
     assert isinstance(backend, DenseBackend)
@@ -104,7 +105,12 @@ def test_window_at_a_time_scores_match_the_layers_and_the_verdicts(name: str) ->
         layers = [
             (npz[f"w{i}"].astype(np.float64), npz[f"b{i}"].astype(np.float64), a) for i, a in enumerate(acts)
         ]
-        recorded = np.asarray(npz["ref_x"], np.float32)
+        return card, backend, layers, np.asarray(npz["ref_x"], np.float32)
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_window_at_a_time_scores_match_the_layers_and_the_verdicts(name: str) -> None:
+    card, backend, layers, recorded = _opened(name)
     n = card.n_inputs
     clip = card.normalisation.clip
     rng = np.random.default_rng(3)
@@ -253,15 +259,8 @@ def test_compiled_occlusion_scores_the_probes_the_runner_would_build(name: str) 
     # DenseBackend.occlusion scores each row's probes (input i at 0, then the row itself) without
     # building them: each score is the window-at-a-time score of that probe, to the bit, and the
     # textbook layers' within 1e-12; an input already at 0 loses exactly nothing.
-    card = card_of(name)
-    backend = open_backend(card, MODELS, backend="numpy")
-    assert isinstance(backend, DenseBackend)
+    card, backend, layers, _ = _opened(name)
     n, clip = card.n_inputs, card.normalisation.clip
-    with np.load(MODELS / card.dense_files["fp32"].path, allow_pickle=False) as npz:
-        acts = [str(a) for a in npz["act"].reshape(-1)]
-        layers = [
-            (npz[f"w{i}"].astype(np.float64), npz[f"b{i}"].astype(np.float64), a) for i, a in enumerate(acts)
-        ]
     rng = np.random.default_rng(8)
     z = rng.standard_normal((40, n)) * 5
     z[::4, 0] = 0.0
@@ -278,3 +277,41 @@ def test_compiled_occlusion_scores_the_probes_the_runner_would_build(name: str) 
     )
     np.testing.assert_allclose(got.reshape(-1), backend.run(rows), rtol=0.0, atol=DENSE_BATCH1_TOLERANCE)
     assert (got[::4, 0] == got[::4, n]).all()
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_layers_exported_once_score_as_the_layers_do(name: str) -> None:
+    # DenseBackend exports its layers once at load (dense_net) instead of at every window: the
+    # held handle gives the same scores and occlusion scores to the bit as the layers passed per
+    # call, keeps its arrays alive without them, and declines what the layers decline.
+    dense_net, dense_row, occlusion = (
+        compiled("dense_net"),
+        compiled("dense_row"),
+        compiled("dense_occlusion"),
+    )
+    assert None not in (dense_net, dense_row, occlusion), "not built here: bash .ci/setup test"
+    card, backend, layers, _ = _opened(name)
+    n, clip = card.n_inputs, card.normalisation.clip
+    packed = tuple((w.copy(), b.copy(), backends.DENSE_ACTIVATIONS.index(a)) for w, b, a in layers)
+    net = dense_net(packed)
+    assert net is not None
+    assert not isinstance(net, tuple)
+    rng = np.random.default_rng(5)
+    rows = np.clip(rng.standard_normal((200, n)) * 4, -clip, clip).astype(np.float32)
+    by_layers = [dense_row(rows[i : i + 1], packed)[0] for i in range(len(rows))]
+    by_net = [dense_row(rows[i : i + 1], net)[0] for i in range(len(rows))]
+    assert by_net == by_layers
+    assert occlusion(rows[:20].astype(np.float64), clip, net).tolist() == (
+        occlusion(rows[:20].astype(np.float64), clip, packed).tolist()
+    )
+    assert backend.run(rows[:1]).tolist() == [by_net[0]]
+    del packed  # the handle holds the weights: nothing else does now
+    for w, _, _ in layers:
+        w[...] = np.nan  # the originals, overwritten: the handle reads its own copies' buffers
+    assert [dense_row(rows[i : i + 1], net)[0] for i in range(len(rows))] == by_layers
+    assert dense_row(rows[:1, :-1], net) is None  # a row of another width
+    assert dense_row(rows[:1], object()) is None
+    wide = ((np.ones((n, 2)), np.zeros(2), 0),)  # two outputs at the end
+    assert dense_net(wide) is None
+    assert dense_net(((np.ones((n, 2))[:, :1], np.zeros(1), 0),)) is None  # strided weights
+    assert dense_net(((np.ones((n, 1)), np.zeros(1), 0),)) is not None

@@ -53,9 +53,12 @@ F64 = npt.NDArray[np.float64]
 #: Dense layers as the compiled row takes them: (weights, bias, activation's index in DENSE_ACTIVATIONS).
 _Packed = tuple[tuple[F64, F64, int], ...]
 #: The compiled batch-1 forward (``gateway/_window.c``): a (1,) score, or None where numpy must run.
-_compiled: Callable[[F32 | F64, _Packed], F64 | None] | None = compiled("dense_row")
+_compiled: Callable[[F32 | F64, object], F64 | None] | None = compiled("dense_row")
 #: The compiled scores of an anomaly's occlusion probes (see DenseBackend.occlusion).
-_occlusion: Callable[[F64, float, _Packed], F64 | None] | None = compiled("dense_occlusion")
+_occlusion: Callable[[F64, float, object], F64 | None] | None = compiled("dense_occlusion")
+#: The layers exported once for both (an opaque handle, or None where they are not of its layout):
+#: either takes it, or the layers themselves.
+_net_of: Callable[[_Packed], object] | None = compiled("dense_net")
 #: True where a window's score through dense layers runs compiled (``gateway/_window.c``).
 COMPILED = _compiled is not None
 
@@ -326,6 +329,10 @@ class DenseBackend:
             (np.ascontiguousarray(w), np.ascontiguousarray(b), DENSE_ACTIVATIONS.index(a))
             for w, b, a in self._layers
         )
+        # Exported once here, not at every window: numpy describes an array anew at each export,
+        # code a cold window would touch twice per layer.  Released with the backend.
+        net = None if _net_of is None else _net_of(self._packed)
+        self._net: object = self._packed if net is None else net
         got = self.run(ref_x)
         # The window-at-a-time path (see run) must reproduce them too.
         one = np.array([self.run(ref_x[i : i + 1])[0] for i in range(len(ref_x))])
@@ -379,7 +386,7 @@ class DenseBackend:
         if len(x) != 1:
             return dense_forward(x, self._layers)
         if _compiled is not None:
-            y = _compiled(x, self._packed)
+            y = _compiled(x, self._net)
             if y is not None:
                 return y
         return self.run_numpy(x)
@@ -391,7 +398,7 @@ class DenseBackend:
         are; every score is summed in input order, as a window scored alone.  None where nothing
         was compiled: the runner then builds the probes and calls :meth:`run`.
         """
-        return None if _occlusion is None else _occlusion(z, clip, self._packed)
+        return None if _occlusion is None else _occlusion(z, clip, self._net)
 
     def run_numpy(self, x: F32) -> F64:
         """The score of one row (``(1, n_inputs)``) in numpy and Python floats: where nothing was compiled."""

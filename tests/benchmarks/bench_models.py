@@ -12,8 +12,9 @@ stage's thread CPU, collections, switches inside and before a window, page fault
 pump's streams (it has no backend; the name only labels the case); with ``--fusion-member`` as
 that fusion's member.
 ``--compare MODEL --baseline REV`` runs the same cases on the ``gateway`` of git revision ``REV`` too
-(imported in this process as ``gateway_base``), in the same alternating rounds: a same-run
-baseline that the machine's changing load hits alike.
+(imported in this process as ``gateway_base``, its compiled window paths built where it has
+them), in the same alternating rounds: a same-run baseline that the machine's changing load hits
+alike.
 ``--features-sizes 20,1200`` measures the one-pass features of 8 streams x N samples per window
 with glibc's mmap threshold pinned as ``edgetwin run`` pins it (CPU and page faults per window).
 
@@ -48,6 +49,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 import time
@@ -131,6 +133,24 @@ HERE = SimpleNamespace(
 )
 
 
+def _build_window_module(package: Path) -> None:
+    """The revision's compiled window paths (``_window.c``), where it has them, built into its package.
+
+    With the flags ``pyproject.toml`` gives the build; without it the revision's numpy paths serve,
+    as they would on an install without a compiler.
+    """
+    source = package / "_window.c"
+    if not source.exists():
+        return
+    target = package / f"_window{sysconfig.get_config_var('EXT_SUFFIX')}"
+    cc = (sysconfig.get_config_var("CC") or "cc").split()
+    # As setuptools compiles it: the interpreter's flags, then the project's (which win).
+    flags = [*(sysconfig.get_config_var("CFLAGS") or "").split(), "-shared", "-fPIC"]
+    flags += ["-O2", "-ffp-contract=off", "-fno-fast-math"]
+    include = f"-I{sysconfig.get_paths()['include']}"
+    subprocess.run([*cc, *flags, include, str(source), "-o", str(target), "-lm"], check=True)
+
+
 def baseline_modules(rev: str) -> SimpleNamespace:
     """The ``gateway`` of git revision ``rev``, imported beside this one as ``gateway_base``.
 
@@ -146,7 +166,9 @@ def baseline_modules(rev: str) -> SimpleNamespace:
     (root / "gateway").rename(root / "gateway_base")
     own = re.compile(r"^(\s*)(from|import) gateway\b", re.MULTILINE)
     for f in (root / "gateway_base").rglob("*.py"):
-        f.write_text(own.sub(r"\1\2 gateway_base", f.read_text()))
+        text = own.sub(r"\1\2 gateway_base", f.read_text())
+        f.write_text(text.replace('"gateway._window"', '"gateway_base._window"'))
+    _build_window_module(root / "gateway_base")
     sys.path.insert(0, str(root))
     mod = importlib.import_module
     contracts, sample = mod("gateway_base.contracts"), mod("gateway_base.sample")
