@@ -154,6 +154,44 @@ def test_a_silence_longer_than_the_loss_time_pauses_the_delays() -> None:
     assert got == [(AlarmKind.LIMIT, 10.0, 10.0), (AlarmKind.LIMIT_CLEARED, 83.0, 83.0)]
 
 
+def test_a_silence_then_invalid_samples_pauses_the_delays_from_the_last_valid_sample() -> None:
+    # A probe put back after a loss sends flagged (or implausible) samples first: the silence before
+    # them is no measurement either, one sample at a time and in blocks.
+    artifact = int(Quality.ARTIFACT)
+    below = [(float(t), 80.0, 0) for t in range(5)]
+    after = [(65.0, 97.0, artifact), (66.0, 97.0, artifact)] + [(67.0 + t, 80.0, 0) for t in range(10)]
+    checker = limit_checker(AlarmsSection(), lost_after_s=15.0)
+    got = []
+    for t, v, q in below + after:
+        a = checker.check_sample(Sample(SPO2, t, 1.7e9 + t, v, Quality(q)))
+        if a is not None:
+            got.append((a.kind, a.t_mono, a.held_s))
+    assert got == [(AlarmKind.LIMIT, 73.0, 10.0)]  # 4 s held before, 6 more from 67 s: not at once
+    # In blocks, an out-of-range sample (judged implausible) after the silence.
+    checker = limit_checker(AlarmsSection(), lost_after_s=15.0)
+
+    def block(ts: list[float], vs: list[float]) -> SampleBlock:
+        t = np.array(ts, float)
+        return SampleBlock(SPO2, t, t + 1.7e9, np.array(vs, float), np.zeros(len(ts), np.uint8))
+
+    alarms = checker.check_block(block([float(t) for t in range(5)], [80.0] * 5))
+    alarms += checker.check_block(block([65.0], [0.0]), np.array([True]))
+    alarms += checker.check_block(block([66.0 + k for k in range(10)], [80.0] * 10))
+    assert [(a.kind, a.t_mono, a.held_s) for a in alarms] == [(AlarmKind.LIMIT, 72.0, 10.0)]
+    # Off-delay: alarm on, 3 s back within, 60 s silent, one flagged sample: still on until 10 s
+    # back within were measured.
+    rule = {"limits": {"MDC_PULS_OXIM_SAT_O2": {"off_delay_s": 10}}}
+    checker = limit_checker(AlarmsSection.model_validate(rule), lost_after_s=15.0)
+    samples = [(float(t), 80.0, 0) for t in range(12)] + [(float(t), 95.0, 0) for t in range(12, 16)]
+    samples += [(76.0, 95.0, artifact)] + [(77.0 + t, 95.0, 0) for t in range(10)]
+    got = []
+    for t, v, q in samples:
+        a = checker.check_sample(Sample(SPO2, t, 1.7e9 + t, v, Quality(q)))
+        if a is not None:
+            got.append((a.kind, a.t_mono, a.held_s))
+    assert [(k, t) for k, t, _ in got] == [(AlarmKind.LIMIT, 10.0), (AlarmKind.LIMIT_CLEARED, 84.0)]
+
+
 def test_industrial_low_pressure_with_isa_on_and_off_delays() -> None:
     # Default pressure limits (bar): L 0.9 medium, LL 0.6 high, 15 s on and off delays, 0.02 deadband.
     noise = np.random.default_rng(1).normal(0.0, 0.01, 100)

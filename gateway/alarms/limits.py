@@ -230,7 +230,7 @@ class LimitChecker:
             return None
         # `q and ...`: an IntFlag `&` costs ~1 us, a truth test of GOOD (0) ~30 ns.
         if invalid or (q and q & UNUSABLE_FLAGS) or not math.isfinite(v):
-            self._pause(sample.stream.key, sample.t_mono)
+            self._pause(sample.stream, sample.t_mono)
             return None
         if rule.inner_lo <= v <= rule.inner_hi and sample.stream.key not in self._pending:
             return None  # inside every limit with nothing pending: the common case, no state
@@ -251,33 +251,35 @@ class LimitChecker:
         out: list[Alarm] = []
         for i, ok in enumerate(usable.tolist()):
             if not ok:
-                self._pause(stream.key, float(block.t_mono[i]))
+                self._pause(stream, float(block.t_mono[i]))
                 continue
             alarm = self._step(rule, stream, float(block.t_mono[i]), float(block.t_wall[i]), float(v[i]))
             if alarm is not None:
                 out.append(alarm)
         return out
 
-    def _pause(self, key: str, t: float) -> None:
+    def _pause(self, stream: Stream, t: float) -> None:
         """An invalid sample at ``t``: the stream's timers stop counting until its next valid one."""
-        if key in self._pending:
-            st = self._state.get(key)
+        if stream.key in self._pending:
+            st = self._state.get(stream.key)
             if st is not None and math.isnan(st.paused_at):
-                st.paused_at = t
+                # After a silence (a probe put back sends flagged samples first): paused from the
+                # last valid sample, as :meth:`_step` does, not from this one.
+                st.paused_at = st.t if self._silent(stream, st, t) else t
+
+    def _silent(self, stream: Stream, st: _State, t: float) -> bool:
+        """Whether the stream sent nothing valid for longer than its loss time before ``t``."""
+        # The cheap test first: the stream's loss time is never below the gateway-wide one.
+        silent = t - st.t
+        return silent > self._lost_after_s and silent > loss_time(stream, self._lost_after_s)
 
     def _step(self, rule: LimitRule, stream: Stream, t: float, t_wall: float, v: float) -> Alarm | None:
         st = self._state.get(stream.key)
         if st is None:
             st = self._state[stream.key] = _State()
         # A silence as long as a lost stream's is no measurement either (its sensor_lost alarm says
-        # so): paused from the last valid sample, as a flagged stretch from its first.  The cheap
-        # test first: the stream's loss time is never below the gateway-wide one.
-        silent = t - st.t
-        if (
-            silent > self._lost_after_s
-            and math.isnan(st.paused_at)
-            and silent > loss_time(stream, self._lost_after_s)
-        ):
+        # so): paused from the last valid sample, as a flagged stretch from its first.
+        if math.isnan(st.paused_at) and self._silent(stream, st, t):
             st.paused_at = st.t
         if not math.isnan(st.paused_at):
             # Back to valid data: the invalid stretch counts neither for nor against a delay.
