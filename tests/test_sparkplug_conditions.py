@@ -28,6 +28,7 @@ from test_alarm_source_removed import BED7, SPO2, Site, config, spo2
 from test_sparkplug import DEV_B, NODE_ID, SUBJ_B, alarm, broker_and_host, running, scan
 from uplink_support import uplink_config, wait_until
 
+from gateway.anonymize import Anonymizer
 from gateway.contracts import Lane
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.runtime import Pipeline
@@ -115,9 +116,9 @@ def tahu(tmp_path: Path) -> Iterator[Tahu]:
         codec_process.close()
 
 
-def new_node(broker: MosquittoBroker, outbox: AsyncOutbox, site: Site, state: Path) -> SparkplugNode:
+def new_node(broker: MosquittoBroker, outbox: AsyncOutbox, anon: Anonymizer, state: Path) -> SparkplugNode:
     cfg = uplink_config(broker, broker.pki)
-    return SparkplugNode(outbox, cfg, SparkplugSection(), NODE_ID, anonymizer=site.anon, state_dir=state)
+    return SparkplugNode(outbox, cfg, SparkplugSection(), NODE_ID, anonymizer=anon, state_dir=state)
 
 
 def test_a_stream_stays_on_at_the_host_while_any_of_its_faults_holds_through_rebirth_and_restart(
@@ -132,7 +133,7 @@ def test_a_stream_stays_on_at_the_host_while_any_of_its_faults_holds_through_reb
 
         async def first_run() -> tuple[list[Any], list[Any]]:
             async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
-                node = new_node(broker, outbox, site, state)
+                node = new_node(broker, outbox, site.anon, state)
                 async with running(node, "test-sparkplug-conditions"):
                     await wait_until(lambda: node.connected, 10, "the node born")
                     pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
@@ -181,7 +182,7 @@ def test_a_stream_stays_on_at_the_host_while_any_of_its_faults_holds_through_reb
                 queued = await outbox.lease(100)
                 raised = sum(i.lane is Lane.ALARMS for i in queued)
                 await outbox.release([i.id for i in queued])
-                node = new_node(broker, outbox, site, state)
+                node = new_node(broker, outbox, site.anon, state)
                 async with running(node, "test-sparkplug-conditions-restart"):
                     await settle(outbox, node, host)
                     born = view.fold(host.sparkplug())
@@ -275,7 +276,7 @@ def test_a_node_with_a_new_state_learns_at_its_start_the_conditions_the_gateway_
             async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
                 pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
                 (tmp_path / "new-state").mkdir()
-                node = new_node(broker, outbox, site, tmp_path / "new-state")
+                node = new_node(broker, outbox, site.anon, tmp_path / "new-state")
                 node.carry(pipeline.alarms_on_records())  # as edgetwin run does at its start
                 async with running(node, "test-sparkplug-carried"):
                     await wait_until(lambda: node.connected, 10, "the node born")
@@ -317,14 +318,7 @@ def test_an_ending_the_host_cannot_see_is_on_disk_before_its_record_leaves_the_o
 
         async def body() -> None:
             async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
-                node = SparkplugNode(
-                    outbox,
-                    uplink_config(broker, broker.pki),
-                    SparkplugSection(),
-                    NODE_ID,
-                    anonymizer=scan(),
-                    state_dir=tmp_path,
-                )
+                node = new_node(broker, outbox, scan(), tmp_path)
                 async with running(node, "test-sparkplug-node-unseen-ending"):
                     await wait_until(lambda: node.connected, 10, "the node born")
                     for item in steps:
@@ -347,3 +341,55 @@ def test_an_ending_the_host_cannot_see_is_on_disk_before_its_record_leaves_the_o
 
         asyncio.run(body())
     assert seen == [1], seen
+
+
+def v1_entry(alias: int, datatype: int, unit: str | None = None) -> dict[str, Any]:
+    """A metric as a version 1 ``sparkplug.json`` holds it."""
+    return {"alias": alias, "type": datatype, "unit": unit, "low": None, "high": None}
+
+
+def test_a_version_1_state_retires_the_alarm_metrics_it_named_by_the_subject(
+    tmp_path: Path, tahu: Tahu
+) -> None:
+    """``sparkplug.json`` as version 1 wrote it: its node-fault and estimate-limit metrics named by the
+    subject are not in the births after the upgrade; the rest keep their aliases, none is reused."""
+    double, boolean = 10, 11  # Sparkplug B datatypes
+    kept = {
+        "SpO2/mean": v1_entry(1, double, "%"),
+        "Alarms/anomaly/subject/Active": v1_entry(2, boolean),
+        "Alarms/sensor/SpO2/Active": v1_entry(5, boolean),
+    }
+    retired = {
+        "Alarms/sensor/subject/Active": v1_entry(6, boolean),
+        "Alarms/limit/subject/Active": v1_entry(7, boolean),
+        "Alarms/limit/subject/Value": v1_entry(8, double),
+        "Alarms/limit/subject/Limit": v1_entry(9, double),
+    }
+    v1 = {"version": 1, "bdseq": 4, "devices": {SUBJ_B: {**kept, **retired}}}
+    (tmp_path / "sparkplug.json").write_text(json.dumps(v1), encoding="utf-8")
+    limit = alarm(SUBJ_B, 1.0, "limit", priority="high", limit=40.0, value=35.0, detail={"estimate": "hr"})
+    with broker_and_host(tmp_path) as (broker, host):
+        view = HostView(tahu)
+
+        async def body() -> None:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                node = new_node(broker, outbox, scan(), tmp_path)
+                async with running(node, "test-sparkplug-node-v1-state"):
+                    await wait_until(lambda: node.connected, 10, "the node born")
+                    outbox.submit(limit)  # a new metric: a rebirth
+                    await settle(outbox, node, host)
+
+        asyncio.run(body())
+        steps = view.fold(host.sparkplug())
+    births = [v for kind, dev, v in steps if kind == "DBIRTH" and dev == SUBJ_B]
+    assert len(births) >= 2  # the first births and the rebirth for the new metric
+    for names in births:
+        assert not set(retired) & set(names)
+        assert set(kept) <= set(names)
+    aliases = {name: alias for (dev, alias), (name, _) in view.born.items() if dev == SUBJ_B}
+    assert {name: aliases[name] for name in kept} == {name: e["alias"] for name, e in kept.items()}
+    assert aliases["Alarms/limit/estimate/hr/Active"] > 9  # 6 to 9 were the retired ones
+    doc = json.loads((tmp_path / "sparkplug.json").read_text(encoding="utf-8"))
+    assert doc["version"] == 2
+    assert not set(retired) & set(doc["devices"][SUBJ_B])
+    assert view.now[SUBJ_B]["Alarms/limit/estimate/hr/Active"] is True

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 NODE = ""  # the catalog's key for the edge node's own metrics
 
 _VERSION = 2  # 2: with the conditions held (a version 1 file is read with none known)
+# Version 1 named a subject's unresolved nodes' faults and its estimates' limits by the subject
+# (``Alarms/sensor/subject``, ``Alarms/limit/subject``); version 2 gives each its own metric, so
+# these are never reported again: retired at the upgrade, the next births go without them (a
+# birth's metrics are all its session reports on: tck-id-topics-nbirth-metric-reqs, -dbirth-).
+_RETIRED_V1 = ("Alarms/sensor/subject/", "Alarms/limit/subject/")
 
 
 @dataclass(slots=True)
@@ -72,7 +77,13 @@ class Catalog:
                     )
                     for name, e in metrics.items()
                 }
-            cat.next_alias = 1 + max((e.alias for m in cat.devices.values() for e in m.values()), default=0)
+            # Kept apart from the entries: the alias of a retired metric is not given to another.
+            cat.next_alias = max(
+                int(doc.get("next_alias", 1)),
+                1 + max((e.alias for m in cat.devices.values() for e in m.values()), default=0),
+            )
+            if int(doc.get("version", 1)) < 2:
+                cat._retire_v1(path)
             for device, bases in doc.get("held", {}).items():  # version 1: none known
                 cat.held[str(device)] = {
                     str(base): {str(cid): Held(str(h[0]), int(h[1]), bool(h[2])) for cid, h in on.items()}
@@ -90,6 +101,20 @@ class Catalog:
             return cls(path)
         return cat
 
+    def _retire_v1(self, path: Path) -> None:
+        retired = 0
+        for metrics in self.devices.values():
+            for name in [n for n in metrics if n.startswith(_RETIRED_V1)]:
+                del metrics[name]
+                retired += 1
+        if retired:
+            log.info(
+                "sparkplug state %s: version 1: %d alarm metrics named by the subject retired "
+                "(each node and estimate has its own now); the next births go without them",
+                path,
+                retired,
+            )
+
     def save(self) -> None:
         """Write atomically: a temporary file, fsync, rename."""
         self.writer()()
@@ -103,6 +128,7 @@ class Catalog:
         doc = {
             "version": _VERSION,
             "bdseq": self.bdseq,
+            "next_alias": self.next_alias,
             "devices": {
                 device: {
                     name: {"alias": e.alias, "type": e.datatype, "unit": e.unit, "low": e.low, "high": e.high}
