@@ -28,8 +28,9 @@ from test_alarm_source_removed import BED7, SPO2, Site, config, spo2
 from test_sparkplug import DEV_B, NODE_ID, SUBJ_B, alarm, broker_and_host, running, scan
 from uplink_support import uplink_config, wait_until
 
+from gateway.anonymize import Anonymizer
 from gateway.contracts import Lane
-from gateway.outbox import AsyncOutbox, Outbox
+from gateway.outbox import AsyncOutbox, Outbox, OutItem
 from gateway.runtime import Pipeline
 from gateway.sample import Quality
 from gateway.uplink.broker import MosquittoBroker
@@ -41,6 +42,7 @@ pytestmark = pytest.mark.slow
 
 OFF = int(Quality.SENSOR_OFF)
 SENSOR = f"Alarms/sensor/{SPO2.metric.name}"
+Steps = list[tuple[str, str | None, dict[str, Any]]]  # each message's kind, device and the values it set
 _FIELD = {"Boolean": "boolean_value", "Int32": "int_value", "String": "string_value"}
 
 
@@ -115,9 +117,9 @@ def tahu(tmp_path: Path) -> Iterator[Tahu]:
         codec_process.close()
 
 
-def new_node(broker: MosquittoBroker, outbox: AsyncOutbox, site: Site, state: Path) -> SparkplugNode:
+def new_node(broker: MosquittoBroker, outbox: AsyncOutbox, anon: Anonymizer, state: Path) -> SparkplugNode:
     cfg = uplink_config(broker, broker.pki)
-    return SparkplugNode(outbox, cfg, SparkplugSection(), NODE_ID, anonymizer=site.anon, state_dir=state)
+    return SparkplugNode(outbox, cfg, SparkplugSection(), NODE_ID, anonymizer=anon, state_dir=state)
 
 
 def test_a_stream_stays_on_at_the_host_while_any_of_its_faults_holds_through_rebirth_and_restart(
@@ -132,7 +134,7 @@ def test_a_stream_stays_on_at_the_host_while_any_of_its_faults_holds_through_reb
 
         async def first_run() -> tuple[list[Any], list[Any]]:
             async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
-                node = new_node(broker, outbox, site, state)
+                node = new_node(broker, outbox, site.anon, state)
                 async with running(node, "test-sparkplug-conditions"):
                     await wait_until(lambda: node.connected, 10, "the node born")
                     pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
@@ -181,7 +183,7 @@ def test_a_stream_stays_on_at_the_host_while_any_of_its_faults_holds_through_reb
                 queued = await outbox.lease(100)
                 raised = sum(i.lane is Lane.ALARMS for i in queued)
                 await outbox.release([i.id for i in queued])
-                node = new_node(broker, outbox, site, state)
+                node = new_node(broker, outbox, site.anon, state)
                 async with running(node, "test-sparkplug-conditions-restart"):
                     await settle(outbox, node, host)
                     born = view.fold(host.sparkplug())
@@ -275,7 +277,7 @@ def test_a_node_with_a_new_state_learns_at_its_start_the_conditions_the_gateway_
             async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
                 pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
                 (tmp_path / "new-state").mkdir()
-                node = new_node(broker, outbox, site, tmp_path / "new-state")
+                node = new_node(broker, outbox, site.anon, tmp_path / "new-state")
                 node.carry(pipeline.alarms_on_records())  # as edgetwin run does at its start
                 async with running(node, "test-sparkplug-carried"):
                     await wait_until(lambda: node.connected, 10, "the node born")
@@ -317,14 +319,7 @@ def test_an_ending_the_host_cannot_see_is_on_disk_before_its_record_leaves_the_o
 
         async def body() -> None:
             async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
-                node = SparkplugNode(
-                    outbox,
-                    uplink_config(broker, broker.pki),
-                    SparkplugSection(),
-                    NODE_ID,
-                    anonymizer=scan(),
-                    state_dir=tmp_path,
-                )
+                node = new_node(broker, outbox, scan(), tmp_path)
                 async with running(node, "test-sparkplug-node-unseen-ending"):
                     await wait_until(lambda: node.connected, 10, "the node born")
                     for item in steps:
@@ -347,3 +342,111 @@ def test_an_ending_the_host_cannot_see_is_on_disk_before_its_record_leaves_the_o
 
         asyncio.run(body())
     assert seen == [1], seen
+
+
+def v1_entry(alias: int, datatype: int, unit: str | None = None) -> dict[str, Any]:
+    """A metric as ``sparkplug.json`` of versions 1 and 2 holds it."""
+    return {"alias": alias, "type": datatype, "unit": unit, "low": None, "high": None}
+
+
+def born_from(
+    tmp_path: Path, tahu: Tahu, doc: dict[str, Any], items: list[OutItem]
+) -> tuple[HostView, Steps]:
+    """A node started on the state file ``doc``, then sending ``items``: the host's view and what it was told."""
+    (tmp_path / "sparkplug.json").write_text(json.dumps(doc), encoding="utf-8")
+    with broker_and_host(tmp_path) as (broker, host):
+        view = HostView(tahu)
+
+        async def body() -> None:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                node = new_node(broker, outbox, scan(), tmp_path)
+                async with running(node, "test-sparkplug-node-older-state"):
+                    await wait_until(lambda: node.connected, 10, "the node born")
+                    for item in items:
+                        outbox.submit(item)
+                    await settle(outbox, node, host)
+
+        asyncio.run(body())
+        return view, view.fold(host.sparkplug())
+
+
+DOUBLE, BOOLEAN, INT32 = 10, 11, 3  # Sparkplug B datatypes
+
+
+def test_a_version_1_state_retires_the_alarm_metrics_it_named_by_the_subject(
+    tmp_path: Path, tahu: Tahu
+) -> None:
+    """``sparkplug.json`` as version 1 wrote it: its node-fault, estimate-limit and episode metrics named
+    by the subject are not in the births after the upgrade; the rest keep their aliases, none is reused."""
+    kept = {
+        "SpO2/mean": v1_entry(1, DOUBLE, "%"),
+        "Alarms/anomaly/SpO2/Active": v1_entry(2, BOOLEAN),  # a stream's anomaly
+        "Alarms/sensor/SpO2/Active": v1_entry(5, BOOLEAN),
+    }
+    retired = {
+        "Alarms/sensor/subject/Active": v1_entry(6, BOOLEAN),
+        "Alarms/limit/subject/Active": v1_entry(7, BOOLEAN),
+        "Alarms/limit/subject/Value": v1_entry(8, DOUBLE),
+        "Alarms/anomaly/subject/Active": v1_entry(9, BOOLEAN),
+    }
+    v1 = {"version": 1, "bdseq": 4, "devices": {SUBJ_B: {**kept, **retired}}}
+    limit = alarm(SUBJ_B, 1.0, "limit", priority="high", limit=40.0, value=35.0, detail={"estimate": "hr"})
+    view, steps = born_from(tmp_path, tahu, v1, [limit])  # a new metric: a rebirth
+    births = [v for kind, dev, v in steps if kind == "DBIRTH" and dev == SUBJ_B]
+    assert len(births) >= 2  # the first births and the rebirth for the new metric
+    for names in births:
+        assert not set(retired) & set(names)
+        assert set(kept) <= set(names)
+    aliases = {name: alias for (dev, alias), (name, _) in view.born.items() if dev == SUBJ_B}
+    assert {name: aliases[name] for name in kept} == {name: e["alias"] for name, e in kept.items()}
+    assert aliases["Alarms/limit/estimate/hr/Active"] > 9  # 6 to 9 were the retired ones
+    doc = json.loads((tmp_path / "sparkplug.json").read_text(encoding="utf-8"))
+    assert doc["version"] == 3
+    assert not set(retired) & set(doc["devices"][SUBJ_B])
+    assert view.now[SUBJ_B]["Alarms/limit/estimate/hr/Active"] is True
+
+
+def test_two_models_episodes_on_one_subject_each_have_their_own_metric_after_the_upgrade(
+    tmp_path: Path, tahu: Tahu
+) -> None:
+    """Version 2 held both models' episodes under one metric: each is on under its own at the first
+    births; then one model's episode goes on with its value, the other's ends: neither mixes."""
+    old = "Alarms/anomaly/subject"
+    mimic, novelty = "Alarms/anomaly/model/vitals_mimic", "Alarms/anomaly/model/novelty"
+    v2 = {
+        "version": 2,
+        "bdseq": 7,
+        "devices": {
+            SUBJ_B: {
+                f"{old}/Active": v1_entry(1, BOOLEAN),
+                f"{old}/Priority": v1_entry(2, INT32),
+                f"{old}/Value": v1_entry(3, DOUBLE),
+                f"{old}/Limit": v1_entry(4, DOUBLE),
+            }
+        },
+        "held": {
+            SUBJ_B: {
+                old: {
+                    json.dumps(["anomaly", "vitals_mimic"]): ["anomaly", 2, True],
+                    json.dumps(["anomaly", "novelty"]): ["anomaly", 3, True],
+                }
+            }
+        },
+    }
+    items = [
+        alarm(
+            SUBJ_B, 1.0, "anomaly", priority="medium", value=4.0, limit=3.0, detail={"model": "vitals_mimic"}
+        ),
+        alarm(SUBJ_B, 2.0, "anomaly_cleared", detail={"model": "novelty"}),
+    ]
+    view, steps = born_from(tmp_path, tahu, v2, items)
+    first = next(v for kind, dev, v in steps if kind == "DBIRTH" and dev == SUBJ_B)
+    assert not any(name.startswith(old) for _, _, v in steps for name in v)
+    assert (first[f"{mimic}/Active"], first[f"{mimic}/Priority"]) == (True, 2)
+    assert (first[f"{novelty}/Active"], first[f"{novelty}/Priority"]) == (True, 3)
+    now = view.now[SUBJ_B]
+    assert (now[f"{mimic}/Active"], now[f"{mimic}/Value"], now[f"{mimic}/Limit"]) == (True, 4.0, 3.0)
+    assert now[f"{novelty}/Active"] is False
+    assert now.get(f"{novelty}/Value") is None  # never reported: not the other model's
+    doc = json.loads((tmp_path / "sparkplug.json").read_text(encoding="utf-8"))
+    assert {base for base, on in doc["held"][SUBJ_B].items() if on} == {mimic}

@@ -148,6 +148,8 @@ def alarm_base(rec: AlarmRecord) -> str:
     d = rec.detail
     if family == "device":
         what = rec.dev or "subject"
+    elif family == "anomaly" and not rec.metric and d.get("model"):
+        return anomaly_base(str(d["model"]))
     elif rec.metric:
         what = rec.metric
     elif "node" in d:  # a configured node that never resolved (no stream): by its pseudonym
@@ -159,6 +161,13 @@ def alarm_base(rec: AlarmRecord) -> str:
     else:
         what = "subject"
     return f"Alarms/{family}/{what}"
+
+
+def anomaly_base(model: str) -> str:
+    """The alarm metric of a model's episodes on a subject (as a whole, not on one stream)."""
+    # Under ``model/``: one metric per model, so one model's Value and Limit never stand beside
+    # another's Active; apart from the streams' anomaly metrics, named by the stream's metric.
+    return f"Alarms/anomaly/model/{model}"
 
 
 @dataclass(frozen=True, slots=True)

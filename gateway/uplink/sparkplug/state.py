@@ -20,13 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import TransientError
-from gateway.uplink.sparkplug.codec import Held, Point
+from gateway.uplink.sparkplug.codec import Held, Point, anomaly_base, held_points
 
 log = logging.getLogger(__name__)
 
 NODE = ""  # the catalog's key for the edge node's own metrics
 
-_VERSION = 2  # 2: with the conditions held (a version 1 file is read with none known)
+_VERSION = 3  # 2: with the conditions held (version 1: none known); 3: a subject's episodes by model
+# Alarm metrics an older version named that this one never reports, by the last version naming
+# them; retired when such a file is read, so the next births go without them (a birth's metrics
+# are all its session reports on: tck-id-topics-nbirth-metric-reqs, tck-id-topics-dbirth-metric-reqs).
+# Version 1 named a subject's unresolved nodes' faults and its estimates' limits by the subject;
+# version 2 its models' episodes (one metric for all models: one's Value beside another's Active).
+_RETIRED = {1: ("Alarms/sensor/subject/", "Alarms/limit/subject/"), 2: ("Alarms/anomaly/subject/",)}
+_EPISODES_V2 = "Alarms/anomaly/subject"
 
 
 @dataclass(slots=True)
@@ -72,12 +79,17 @@ class Catalog:
                     )
                     for name, e in metrics.items()
                 }
-            cat.next_alias = 1 + max((e.alias for m in cat.devices.values() for e in m.values()), default=0)
+            # Kept apart from the entries: the alias of a retired metric is not given to another.
+            cat.next_alias = max(
+                int(doc.get("next_alias", 1)),
+                1 + max((e.alias for m in cat.devices.values() for e in m.values()), default=0),
+            )
             for device, bases in doc.get("held", {}).items():  # version 1: none known
                 cat.held[str(device)] = {
                     str(base): {str(cid): Held(str(h[0]), int(h[1]), bool(h[2])) for cid, h in on.items()}
                     for base, on in bases.items()
                 }
+            cat._upgrade(int(doc.get("version", 1)), path)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             aside = path.with_suffix(".corrupt")
             log.error(
@@ -89,6 +101,28 @@ class Catalog:
             path.replace(aside)
             return cls(path)
         return cat
+
+    def _upgrade(self, version: int, path: Path) -> None:
+        retire = tuple(prefix for v, prefixes in _RETIRED.items() if version <= v for prefix in prefixes)
+        retired = 0
+        for metrics in self.devices.values():
+            for name in [n for n in metrics if n.startswith(retire)]:
+                del metrics[name]
+                retired += 1
+        # A model's episode on under the one metric of version 2: on under its model's own.
+        for device, bases in self.held.items() if version < 3 else ():
+            for cid, h in bases.pop(_EPISODES_V2, {}).items():
+                base = anomaly_base(str(json.loads(cid)[1]))
+                self.learn(device, held_points(base, {cid: h}))
+                bases[base] = {**bases.get(base, {}), cid: h}
+        if retired:
+            log.info(
+                "sparkplug state %s: version %d: %d alarm metrics it named that this version does not "
+                "report retired (nodes, estimates and models have their own); the next births go without them",
+                path,
+                version,
+                retired,
+            )
 
     def save(self) -> None:
         """Write atomically: a temporary file, fsync, rename."""
@@ -103,6 +137,7 @@ class Catalog:
         doc = {
             "version": _VERSION,
             "bdseq": self.bdseq,
+            "next_alias": self.next_alias,
             "devices": {
                 device: {
                     name: {"alias": e.alias, "type": e.datatype, "unit": e.unit, "low": e.low, "high": e.high}
