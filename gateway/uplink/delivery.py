@@ -49,6 +49,10 @@ _ACK_GATHER = 256
 _ACK_GATHER_S = 0.005
 # MQTT 3.1.1: a connection the broker ends this soon after a publish may have been ended by it.
 _OVERSIZE_CLOSE_S = 2.0
+# MQTT 3.1.1: connections a joined message may end, at most, while the search for the broker's
+# silent packet limit goes on (a bisection: a few for any batch_bytes); then joins keep to what
+# the broker took.
+_JOIN_PROBES = 6
 
 
 @dataclass(slots=True)
@@ -103,9 +107,10 @@ class Delivery:
         # The largest 3.1.1 PUBLISH the broker acknowledged: a record no larger than that cannot be
         # what it ends connections for (a flaky link can end three in a row with it in flight).
         self._acked_max = 0
-        # MQTT 3.1.1: the largest joined PUBLISH still tried, lowered each time the broker ends a
-        # connection at a joined message (its first record is not to blame for the others' bytes).
-        self._join_max: int | None = None
+        # MQTT 3.1.1: the smallest joined PUBLISH the broker ended a connection at (its first record
+        # is not to blame for the others' bytes), and how many it ended so: see :meth:`_join_max`.
+        self._join_refused: int | None = None
+        self._join_refusals = 0
         self._sizes: dict[int, int] = {}  # record id -> PUBLISH bytes, while in flight (3.1.1)
         self._releasing: set[asyncio.Future[None]] = set()
         # Alarms handed over by a commit while a lease is under way: that lease may hold older
@@ -200,17 +205,21 @@ class Delivery:
         size = self._sizes.get(rid, 0)
         if session.joined.get(mid) and size > self._acked_max:
             # A joined message: its size, not its first record, is what may be too large.  Join
-            # smaller (half this one, or what the broker took): else the records go out one by one,
-            # are taken, and the next batch ends the connection again, every batch.  Halving ends
-            # after a few connections, and the limit stays.
-            self._join_max = max(self._acked_max, size // 2)
+            # smaller, between what the broker took and this (see _join_max): else the records go
+            # out one by one, are taken, and the next batch ends the connection again, every batch.
+            self._join_refused = size if self._join_refused is None else min(self._join_refused, size)
+            self._join_refusals += 1
             log.warning(
                 "uplink mqtt: the broker ended the connection with a joined message of %d bytes the oldest "
                 "in flight: taken as over its maximum packet size (MQTT 3.1.1 does not announce it); "
-                "joined messages are now kept to %d bytes: set the broker's limit higher, lower "
-                'batch_bytes or use protocol = "5"',
+                "joined messages are now kept to %s bytes (%d taken, %d refused, %d of at most %d "
+                'connections ended so): set the broker\'s limit higher, lower batch_bytes or use protocol = "5"',
                 size,
-                self._join_max,
+                self._join_max(),
+                self._acked_max,
+                self._join_refused,
+                self._join_refusals,
+                _JOIN_PROBES,
             )
             return
         self._suspects[rid] = self._suspects.get(rid, 0) + 1
@@ -219,6 +228,28 @@ class Delivery:
             rid,
             self._suspects[rid],
         )
+
+    def _join_probing(self) -> bool:
+        """MQTT 3.1.1: whether joins still look for the broker's limit above what it took."""
+        refused = self._join_refused
+        if refused is None or self._join_refusals >= _JOIN_PROBES:
+            return False
+        return refused - self._acked_max > refused // 8  # closer than that: not worth a reconnect
+
+    def _join_max(self) -> int | None:
+        """MQTT 3.1.1: the largest joined PUBLISH to send: between the largest taken and the smallest refused.
+
+        A bisection: each connection a joined message ends halves the gap at least, and each larger
+        message taken narrows it from below; nothing is sent at or above a refused size again.  The
+        search stops after _JOIN_PROBES ended connections or within an eighth of the refused size,
+        and joins keep to the largest message taken.
+        """
+        refused = self._join_refused
+        if refused is None or self._acked_max >= refused:
+            return None  # nothing refused, or as large was taken since: the link ended that one
+        if self._join_probing():
+            return (self._acked_max + refused) // 2
+        return self._acked_max
 
     def _properties(self, session: Session, seq: int, historical: bool) -> packets.Packed | None:
         # Encoded by hand: paho's Properties object costs more per message than the rest of the path.
@@ -368,12 +399,28 @@ class Delivery:
 
     def _join_limit(self, session: Session, topic: str, properties: packets.Packed | None) -> int:
         """Payload bytes a joined message may have: batch_bytes, within the broker's packet limit."""
-        limit = self._batch_bytes
         v5 = self._cfg.protocol == "5"
-        packet = (
-            session.max_packet if v5 else min(filter(None, (self._learned_max, self._join_max)), default=None)
+        limits = (session.max_packet,) if v5 else (self._learned_max, self._join_max())
+        return self._payload_within(
+            topic, min((p for p in limits if p is not None), default=None), properties
         )
+
+    def _pair_limit(self, topic: str) -> int | None:
+        """MQTT 3.1.1: payload bytes two records may join to while the limit is searched for, or None.
+
+        Below the smallest refused size, as the bisection's own limit may be below any two records'
+        (its lower bound is then a record sent alone): a pair taken raises that bound.
+        """
+        if self._cfg.protocol == "5" or not self._join_probing() or self._join_refused is None:
+            return None
+        limits = (self._learned_max, self._join_refused - 1)
+        return self._payload_within(topic, min(p for p in limits if p is not None), None)
+
+    def _payload_within(self, topic: str, packet: int | None, properties: packets.Packed | None) -> int:
+        """batch_bytes, or less: what a message's payload may have to make a packet of at most ``packet``."""
+        limit = self._batch_bytes
         if packet is not None:
+            v5 = self._cfg.protocol == "5"
             overhead = packets.publish_size(topic, packet, properties, v5=v5) - packet
             limit = min(limit, packet - overhead)
         return limit
@@ -413,12 +460,21 @@ class Delivery:
             return self._publish_each(session, items, historical=historical, now=now)
         topic = self._topic(items[0].topic, None)
         limit = self._join_limit(session, topic, self._properties(session, items[-1].id, historical))
+        pair = self._pair_limit(topic)
         groups: list[tuple[list[Leased], Joiner | None]] = []
         joiner: Joiner | None = None
         for item in items:
             if joiner is not None and joiner.add(item.payload, item.id):
                 groups[-1][0].append(item)
                 continue
+            if pair is not None and joiner is not None and len(groups[-1][0]) == 1:
+                # A record the limit leaves alone: joined with the next as a probe, if the two fit.
+                probe = Joiner(self.epoch, historical=historical, batch_s=self._batch_s, limit=pair)
+                first = groups[-1][0][0]
+                if probe.add(first.payload, first.id) and probe.add(item.payload, item.id):
+                    groups[-1] = ([first, item], probe)
+                    joiner = None
+                    continue
             joiner = Joiner(self.epoch, historical=historical, batch_s=self._batch_s, limit=limit)
             if not joiner.add(item.payload, item.id):
                 joiner = None  # goes alone (an older schema, or unreadable: handled there)
