@@ -1,0 +1,97 @@
+"""A value no body produces is left out of the published window, like a flagged one, and counted.
+
+SpO2 read 30 % for 20 s (below the plausible 50 %: a sensor fault) between stretches of 97 %: the
+windows the twin decodes hold the 97 % samples only (min and mean 97, their count), the window
+record counts what it left out (flagged, implausible), and a detector that does not vet its inputs
+still finds the window implausible.  Here a real pipeline, outbox and anonymizer cut the windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
+
+from gateway.contracts import Lane, WindowRecord
+from gateway.outbox import AsyncOutbox, Outbox
+from gateway.records import FeaturesWindow, StreamWindow, decode
+from gateway.records.thin import carry
+from gateway.runtime import Pipeline
+from gateway.sample import Quality, Sample
+
+OFF = int(Quality.SENSOR_OFF)
+WINDOWS = {"window_s": 30.0, "hop_s": 10.0, "grace_s": 0.0}
+
+
+def spo2_windows(tmp: Path, parts: list[tuple[float, int, int]]) -> list[tuple[int, float, dict[str, float]]]:
+    """Bed 7's SpO2 one sample a second from t = 1 s, as (value, seconds, flags); the windows published: (n, miss, features)."""
+    site = Site(tmp)
+
+    async def main() -> list[FeaturesWindow]:
+        async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
+            pipeline = Pipeline(config(tmp, BED7, pipeline=WINDOWS), site.anon, outbox)
+            t = 1.0
+            for value, seconds, flags in parts:
+                t = await spo2(pipeline, SPO2, value, seconds, t, flags)
+            await outbox.flush()
+            got = [decode(i.payload) for i in await outbox.lease(1000) if i.lane == Lane.FEATURES]
+            return [r for r in got if isinstance(r, FeaturesWindow)]
+
+    out = []
+    last: dict[str, StreamWindow] = {}
+    for sent in asyncio.run(main()):
+        rec = carry(last, sent)
+        last = {s.metric: s for s in rec.streams if s.features}
+        s = next(s for s in rec.streams if s.metric == SPO2.metric.name)
+        out.append((s.n, s.missing, dict(s.features)))
+    return out
+
+
+def test_a_spo2_of_30_for_20_s_leaves_the_published_windows_min_and_mean_at_the_valid_97(
+    tmp_path: Path,
+) -> None:
+    windows = spo2_windows(tmp_path, [(97.0, 10, 0), (30.0, 20, 0), (97.0, 30, 0)])
+    assert len(windows) >= 3, windows
+    for n, _, features in windows:
+        if n:
+            assert (features["min"], features["mean"]) == (97.0, 97.0), windows
+    # [20 s, 50 s) held 30 % until 30 s: 19 samples of 97 %; the 11 left out count as missing.
+    assert [round(miss, 4) for n, miss, _ in windows if n == 19] == [round(11 / 30, 4)], windows
+
+
+def cut(tmp: Path, samples: list[tuple[float, int]]) -> tuple[Pipeline, list[WindowRecord]]:
+    """Samples of bed 7's SpO2 one a second from t = 1 s, one by one into a pipeline; the windows then due."""
+
+    async def main() -> tuple[Pipeline, list[WindowRecord]]:
+        async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db")) as outbox:
+            pipeline = Pipeline(config(tmp, BED7, pipeline=WINDOWS), Site(tmp).anon, outbox)
+            for k, (value, flags) in enumerate(samples):
+                t = 1.0 + k
+                pipeline.sink.put(Sample(SPO2, t, t + WALL, value, Quality(flags)))
+            end = 1.0 + len(samples)
+            return pipeline, pipeline.windower.close_due(end, end + WALL)
+
+    return asyncio.run(main())
+
+
+def test_the_window_counts_what_it_left_out_and_a_detector_still_finds_it_implausible(tmp_path: Path) -> None:
+    # 1..5 s 97 %, 6..9 s probe off, 10..29 s 30 %: window [0, 30 s) keeps five samples.
+    pipeline, records = cut(tmp_path, [(97.0, 0)] * 5 + [(97.0, OFF)] * 4 + [(30.0, 0)] * 20)
+    window = next(r for r in records if r.end_mono == 30.0)
+    (sf,) = window.streams
+    assert (sf.count, sf.flagged, sf.implausible) == (5, 4, 20), sf
+    assert sf.features["min"] == sf.features["max"] == 97.0, sf.features
+    assert sf.implausible_span == (30.0, 30.0), sf
+    bad = pipeline._plausibility.check_window(window)
+    assert [(v.rule, v.value) for v in bad] == [("range", 30.0)], bad
+
+
+def test_a_window_of_implausible_values_only_is_a_gap_a_detector_still_finds_implausible(
+    tmp_path: Path,
+) -> None:
+    pipeline, records = cut(tmp_path, [(30.0, 0)] * 29)
+    window = next(r for r in records if r.end_mono == 30.0)
+    (sf,) = window.streams
+    assert (sf.count, sf.flagged, sf.implausible, sf.gap) == (0, 0, 29, True), sf
+    assert pipeline._plausibility.check_window(window), sf
