@@ -1,22 +1,24 @@
 """A value no body produces is left out of the published window, like a flagged one, and counted.
 
 SpO2 read 30 % for 20 s (below the plausible 50 %: a sensor fault) between stretches of 97 %: the
-windows the twin decodes hold the 97 % samples only (min and mean 97, their count), the window
-record counts what it left out (flagged, implausible), and a detector that does not vet its inputs
-still finds the window implausible.  Here a real pipeline, outbox and anonymizer cut the windows.
+windows the twin decodes hold the 97 % samples only (min and mean 97, their count) and say how many
+they left out (flagged, implausible), and a detector that does not vet its inputs still finds the
+window implausible.  Here a real pipeline, outbox and anonymizer cut the windows.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
 
 from gateway.contracts import Lane, WindowRecord
 from gateway.outbox import AsyncOutbox, Outbox
-from gateway.records import FeaturesWindow, StreamWindow, decode
-from gateway.records.thin import carry
+from gateway.records import SCHEMA_MAJOR, FeaturesWindow, StreamWindow, decode, encode, stream_map
+from gateway.records.render import stream_text
+from gateway.records.thin import Thinner, carry
 from gateway.runtime import Pipeline
 from gateway.sample import Quality, Sample
 
@@ -24,8 +26,8 @@ OFF = int(Quality.SENSOR_OFF)
 WINDOWS = {"window_s": 30.0, "hop_s": 10.0, "grace_s": 0.0}
 
 
-def spo2_windows(tmp: Path, parts: list[tuple[float, int, int]]) -> list[tuple[int, float, dict[str, float]]]:
-    """Bed 7's SpO2 one sample a second from t = 1 s, as (value, seconds, flags); the windows published: (n, miss, features)."""
+def spo2_windows(tmp: Path, parts: list[tuple[float, int, int]]) -> list[StreamWindow]:
+    """Bed 7's SpO2 one sample a second from t = 1 s, as (value, seconds, flags); its windows as the twin reads them."""
     site = Site(tmp)
 
     async def main() -> list[FeaturesWindow]:
@@ -43,8 +45,7 @@ def spo2_windows(tmp: Path, parts: list[tuple[float, int, int]]) -> list[tuple[i
     for sent in asyncio.run(main()):
         rec = carry(last, sent)
         last = {s.metric: s for s in rec.streams if s.features}
-        s = next(s for s in rec.streams if s.metric == SPO2.metric.name)
-        out.append((s.n, s.missing, dict(s.features)))
+        out.append(next(s for s in rec.streams if s.metric == SPO2.metric.name))
     return out
 
 
@@ -52,12 +53,42 @@ def test_a_spo2_of_30_for_20_s_leaves_the_published_windows_min_and_mean_at_the_
     tmp_path: Path,
 ) -> None:
     windows = spo2_windows(tmp_path, [(97.0, 10, 0), (30.0, 20, 0), (97.0, 30, 0)])
-    assert len(windows) >= 3, windows
-    for n, _, features in windows:
-        if n:
-            assert (features["min"], features["mean"]) == (97.0, 97.0), windows
+    assert len(windows) >= 5, windows
+    for s in windows:
+        if s.n:
+            assert (s.features["min"], s.features["mean"]) == (97.0, 97.0), windows
+    # Window by window (ends 10, 20 ... 60 s): the valid samples, the 30 % ones left out, missing.
+    assert [(s.n, s.implausible, s.flagged) for s in windows] == [
+        (9, 0, 0),
+        (10, 9, 0),
+        (10, 19, 0),
+        (10, 20, 0),
+        (19, 11, 0),
+        (29, 1, 0),
+    ], windows
     # [20 s, 50 s) held 30 % until 30 s: 19 samples of 97 %; the 11 left out count as missing.
-    assert [round(miss, 4) for n, miss, _ in windows if n == 19] == [round(11 / 30, 4)], windows
+    assert round(windows[4].missing, 4) == round(11 / 30, 4), windows[4]
+    assert stream_text(windows[4]).endswith("(left out: 11 implausible)"), stream_text(windows[4])
+    assert stream_map(windows[4])["implausible"] == 11
+    assert "flagged" not in stream_map(windows[4])
+    assert "implausible" not in stream_map(windows[0])
+
+
+def test_the_counts_travel_in_every_schema_and_a_change_of_them_is_sent(tmp_path: Path) -> None:
+    s = StreamWindow(
+        "MDC_PULS_OXIM_SAT_O2", "%", "d0", 10, 0.67, features={"mean": 97.0}, flagged=2, implausible=18
+    )
+    for sv in (2, 3, SCHEMA_MAJOR):
+        back = decode(encode(FeaturesWindow("p", "medical", 30.0, 30.0, (s,), sv=sv)))
+        assert isinstance(back, FeaturesWindow)
+        assert (back.streams[0].flagged, back.streams[0].implausible) == (2, 18), (sv, back)
+    thinner = Thinner(10.0)
+    steady = replace(s, flagged=0, implausible=0)
+    assert thinner.thin(FeaturesWindow("p", "medical", 30.0, 30.0, (steady,))) is not None
+    assert thinner.thin(FeaturesWindow("p", "medical", 40.0, 30.0, (steady,))) is None  # unchanged
+    sent = thinner.thin(FeaturesWindow("p", "medical", 50.0, 30.0, (s,)))
+    assert sent is not None
+    assert (sent.streams[0].unchanged, sent.streams[0].implausible) == (True, 18), sent
 
 
 def cut(tmp: Path, samples: list[tuple[float, int]]) -> tuple[Pipeline, list[WindowRecord]]:
