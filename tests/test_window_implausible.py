@@ -12,15 +12,17 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from test_alarm_source_removed import BED7, SPO2, WALL, Site, config, spo2
 
 from gateway.contracts import Lane, WindowRecord
 from gateway.outbox import AsyncOutbox, Outbox
+from gateway.pipeline.windows import Windower
 from gateway.records import SCHEMA_MAJOR, FeaturesWindow, StreamWindow, decode, encode, stream_map
 from gateway.records.render import stream_text
 from gateway.records.thin import Thinner, carry
 from gateway.runtime import Pipeline
-from gateway.sample import Quality, Sample
+from gateway.sample import Quality, Sample, SampleBlock
 
 OFF = int(Quality.SENSOR_OFF)
 WINDOWS = {"window_s": 30.0, "hop_s": 10.0, "grace_s": 0.0}
@@ -126,3 +128,27 @@ def test_a_window_of_implausible_values_only_is_a_gap_a_detector_still_finds_imp
     (sf,) = window.streams
     assert (sf.count, sf.flagged, sf.implausible, sf.gap) == (0, 0, 29, True), sf
     assert pipeline._plausibility.check_window(window), sf
+
+
+def test_each_model_length_counts_what_its_own_tail_left_out() -> None:
+    """Window 30 s with a 10 s tail: 30 % at 11..15 s is in the long window only, probe off at 25..27 s in both."""
+    w = Windower(
+        window_s=30.0,
+        hop_s=10.0,
+        grace_s=0.0,
+        lost_after_s=60.0,
+        on_alarm=lambda a: None,
+        lengths={"medical": [10.0]},
+    )
+    values = np.full(29, 97.0)
+    values[10:15] = 30.0  # t = 11..15 s
+    quality = np.zeros(29, np.uint8)
+    quality[24:27] = int(Quality.ARTIFACT)  # t = 25..27 s
+    t = np.arange(1.0, 30.0)
+    w.put_block(SampleBlock(SPO2, t, t + WALL, values, quality), values < 50.0)
+    window = next(r for r in w.close_due(30.0, 30.0 + WALL) if r.end_mono == 30.0)
+    (whole,) = window.streams
+    (tail,) = window.over(10.0).streams
+    assert (whole.count, whole.flagged, whole.implausible, whole.implausible_span) == (21, 3, 5, (30.0, 30.0))
+    assert (tail.count, tail.flagged, tail.implausible, tail.implausible_span) == (7, 3, 0, None)
+    assert whole.features["min"] == tail.features["min"] == 97.0
