@@ -666,6 +666,8 @@ class Anonymizer:
                     gap=sf.gap,
                     features={k: float(v) for k, v in sf.features.items() if math.isfinite(v)},
                     shape=metric.shape,
+                    flagged=sf.flagged,
+                    implausible=sf.implausible,
                 )
             )
         payload = FeaturesWindow(

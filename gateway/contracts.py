@@ -138,6 +138,13 @@ class StreamFeatures:
     count: int  # usable samples in the window
     missing: float  # fraction of expected samples absent or unusable, 0..1
     features: Mapping[str, float]  # NaN-free: a feature that cannot be computed is absent
+    # Samples of the window left out of ``count`` and the features: with an unusable device flag
+    # or no value, and out of a plausibility rule's range (no body or machine reads so).
+    flagged: int = 0
+    implausible: int = 0
+    # The lowest and highest value left out as implausible: a model's own plausibility check
+    # still sees the breach the features no longer show.  Local to the gateway: never published.
+    implausible_span: tuple[float, float] | None = None
 
     @property
     def gap(self) -> bool:

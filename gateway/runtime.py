@@ -393,23 +393,23 @@ class Pipeline:
         # monitor without a serial number, keeps it: 0.1-0.2 us a sample).
         if self._devices_before:
             self._check_device(sample.stream, sample.t_mono, sample.t_wall)
-        self.windower.put(sample)
         alarm = self._plausibility.check_sample(sample)
-        if alarm is not None:
-            self.alarm(alarm)
         # A value no body or machine produces is the sensor's fault, not the patient's or the
         # process's: the rhythm detector and the estimators see it as no measurement, the limits
-        # too when it is out of range - one that only broke the rate rule may be a real fast
-        # change, and their on-delays are what filter a brief artifact.
+        # and the window's features too when it is out of range - one that only broke the rate
+        # rule may be a real fast change, and the limits' on-delays filter a brief artifact.
         q = sample.quality  # one the device flags is kept from them by its flags, and not checked
         invalid = not (q and q & UNUSABLE_FLAGS) and self._plausibility.implausible(sample.stream)
+        out_of_range = invalid and self._plausibility.out_of_range(sample.stream)
+        self.windower.put(sample, out_of_range)  # its alarms before the rule's, as the data came
+        if alarm is not None:
+            self.alarm(alarm)
         # by_data is empty once the faults a previous run left on are judged: the test costs ~20 ns.
         if self._driver_faults.by_data and not (
             invalid or (q and q & UNUSABLE_FLAGS) or not math.isfinite(sample.value)
         ):
             self._driver_data(sample.stream, sample.t_mono, sample.t_wall)
         self._estimation.put(replace(sample, value=math.nan) if invalid else sample)
-        out_of_range = invalid and self._plausibility.out_of_range(sample.stream)
         alarm = self._limits.check_sample(sample, invalid=out_of_range)
         if alarm is not None:
             self.alarm(alarm)
@@ -422,8 +422,8 @@ class Pipeline:
         """A block of one stream: as :meth:`put`, vectorised where the stage allows."""
         if self._devices_before and len(block):
             self._check_device(block.stream, float(block.t_mono[0]), float(block.t_wall[0]))
-        self.windower.put_block(block)
         alarms, invalid, out_of_range = self._plausibility.judge_block(block)
+        self.windower.put_block(block, out_of_range)
         for alarm in alarms:
             self.alarm(alarm)
         if self._driver_faults.by_data and len(block):

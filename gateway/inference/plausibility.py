@@ -324,16 +324,20 @@ def window_breaches(streams: Sequence[StreamFeatures], rules: Iterable[tuple[int
     """For each (position in ``streams``, rule): the first part of it the stream's window breaks (pure).
 
     Callers that vet every window look each stream's rule up once (:meth:`PlausibilityChecker.rule_for`)
-    and call this once per window; a stream without a usable sample (a gap) breaks nothing.
+    and call this once per window; a stream without a usable sample (a gap) breaks nothing, unless
+    the windower left values out of it as implausible (``implausible_span``).
     """
     out: list[Violation] = []
     for pos, rule in rules:
         sf = streams[pos]
-        if not sf.count:
+        span = sf.implausible_span
+        if not sf.count and span is None:
             continue
         f = sf.features
         lo = f.get("min", math.inf)
         hi = f.get("max", -math.inf)
+        if span is not None:  # values the windower left out as implausible still break the rule
+            lo, hi = min(lo, span[0]), max(hi, span[1])
         if lo < rule.lo:
             out.append(Violation(sf.stream, "range", lo, rule.lo))
         elif hi > rule.hi:

@@ -80,7 +80,12 @@ _IS_FAULT: tuple[bool, ...] = tuple(bool(q & _FAULT) for q in range(256))
 # bytes.translate(None, these) deletes every quality byte that is not a fault (or is usable): an
 # empty result answers "any fault in this block?" in ~0.1 us, where numpy takes ~1 us on short arrays.
 _NOT_FAULT_BYTES = bytes(q for q in range(256) if not q & _FAULT)
-_USABLE_BYTES = bytes(q for q in range(256) if not q & UNUSABLE_FLAGS)
+#: A ring row's quality bit (above the device's flags) for a value a plausibility rule puts out of
+#: range: left out of the window's features like a flagged row, and counted apart.
+IMPLAUSIBLE = 1 << 7
+_LEFT_OUT = UNUSABLE_FLAGS | IMPLAUSIBLE
+_USABLE_BYTES = bytes(q for q in range(256) if not q & _LEFT_OUT)
+_FLAGGED_BYTES = bytes(q for q in range(256) if q & _LEFT_OUT != IMPLAUSIBLE)
 
 #: Ring capacity = rate x (window + grace + hop) x this, so a window is still held when it closes.
 CAPACITY_SAFETY = 2.0
@@ -97,6 +102,7 @@ F8 = npt.NDArray[np.float64]
 U1 = npt.NDArray[np.uint8]
 
 _OK, _FAULTED, _LOST = 0, 1, 2
+_NO_ROWS: F8 = np.empty(0)
 
 
 def loss_time(stream: Stream, lost_after_s: float) -> float:
@@ -286,12 +292,13 @@ class Windower:
 
     # ---- hand-off (hot path) -------------------------------------------------------------
 
-    def put(self, sample: Sample) -> None:
-        """Accept one sample (out-of-order ones are dropped and counted)."""
+    def put(self, sample: Sample, implausible: bool = False) -> None:
+        """Accept one sample (out-of-order ones are dropped and counted); ``implausible``: out of a rule's range."""
         st = self._by_id.get(id(sample.stream))
         if st is None:
             st = self._adopt(sample.stream, sample.t_mono)
-        if st.ring.append(sample.t_mono, sample.t_wall, sample.value, sample.quality):
+        q = int(sample.quality) | IMPLAUSIBLE if implausible else sample.quality
+        if st.ring.append(sample.t_mono, sample.t_wall, sample.value, q):
             if _IS_FAULT[sample.quality]:
                 if st.status != _FAULTED:
                     self._change(st, _FAULTED, sample.t_mono, sample.t_wall, int(sample.quality))
@@ -313,8 +320,11 @@ class Windower:
                 return
         self._change(st, _OK, t_mono, t_wall, quality)
 
-    def put_block(self, block: SampleBlock) -> None:
-        """Accept many samples of one stream; state changes are evaluated row by row, in order."""
+    def put_block(self, block: SampleBlock, implausible: npt.NDArray[np.bool_] | None = None) -> None:
+        """Accept many samples of one stream; state changes are evaluated row by row, in order.
+
+        ``implausible``: which rows a plausibility rule puts out of range (None: none).
+        """
         n = len(block)
         if n == 0:
             return
@@ -324,7 +334,12 @@ class Windower:
             st = self._adopt(block.stream, float(finite[0]) if finite.size else math.nan)
         ring = st.ring
         before = ring.last_t_mono
-        stored = ring.extend(block.t_mono, block.t_wall, block.value, block.quality)
+        quality = block.quality
+        if implausible is not None:
+            quality = np.asarray(quality, np.uint8) | np.where(
+                implausible, np.uint8(IMPLAUSIBLE), np.uint8(0)
+            )
+        stored = ring.extend(block.t_mono, block.t_wall, block.value, quality)
         if stored == 0:
             return
         tm, tw, q = block.t_mono, block.t_wall, np.asarray(block.quality, np.uint8)
@@ -851,12 +866,21 @@ class Windower:
         first = self._start_of(k, subj.span) if subj.lengths else start
         ts: list[F8] = []
         vs: list[F8] = []
-        for st in subj.streams:
+        # Per stream with rows left out: the times of its flagged rows and of its implausible ones,
+        # and the implausible values (their counts and span are taken per length below).
+        left: dict[int, tuple[F8, F8, F8]] = {}
+        for j, st in enumerate(subj.streams):
             t, v, q = st.ring.peek(first, end)
-            if q.tobytes().translate(None, _USABLE_BYTES) or not math.isfinite(float(v.sum())):
-                # Some row is flagged or not a number (a sum of finite values that overflows also
-                # lands here, harmlessly): keep only the usable rows.
-                usable = ((q & UNUSABLE_FLAGS) == 0) & np.isfinite(v)
+            marked = q.tobytes().translate(None, _USABLE_BYTES)
+            if marked or not math.isfinite(float(v.sum())):
+                # Some row is flagged, implausible or not a number (a sum of finite values that
+                # overflows also lands here, harmlessly): keep only the usable rows.
+                usable = ((q & _LEFT_OUT) == 0) & np.isfinite(v)
+                if marked.translate(None, _FLAGGED_BYTES):  # an unflagged row marked implausible
+                    odd = (q & _LEFT_OUT) == IMPLAUSIBLE
+                    left[j] = (t[~(usable | odd)], t[odd], v[odd])
+                else:
+                    left[j] = (t[~usable], _NO_ROWS, _NO_ROWS)
                 t = t[usable]
                 v = v[usable]
             ts.append(t)
@@ -880,7 +904,12 @@ class Windower:
         n = len(ts)
         cut = [
             self._features(
-                subj, all_v[j * n : (j + 1) * n], basics[j * n : (j + 1) * n], length / self.window_s
+                subj,
+                all_v[j * n : (j + 1) * n],
+                basics[j * n : (j + 1) * n],
+                length / self.window_s,
+                left,
+                first if length == subj.span else self._start_of(k, length),
             )
             for j, length in enumerate(lengths)
         ]
@@ -901,11 +930,20 @@ class Windower:
 
     @staticmethod
     def _features(
-        subj: _SubjectState, vs: list[F8], basics: list[dict[str, float]], scale: float
+        subj: _SubjectState,
+        vs: list[F8],
+        basics: list[dict[str, float]],
+        scale: float,
+        left: Mapping[int, tuple[F8, F8, F8]],
+        lo: float,
     ) -> tuple[StreamFeatures, ...]:
-        """Every stream's features over one length (``scale`` x the pipeline window's expected count)."""
+        """Every stream's features over one length (``scale`` x the pipeline window's expected count).
+
+        ``left``: per stream position, the times of its rows left out as flagged, of those left out
+        as implausible, and the implausible values; counted from ``lo``, the length's start.
+        """
         out: list[StreamFeatures] = []
-        for st, v, features in zip(subj.streams, vs, basics, strict=True):
+        for j, (st, v, features) in enumerate(zip(subj.streams, vs, basics, strict=True)):
             count = v.size
             if count:
                 if st.rr:
@@ -915,7 +953,16 @@ class Windower:
                 elif st.shape == "state":
                     features.update(state_features(v))
             expected = None if st.expected is None else st.expected * scale
-            out.append(StreamFeatures(st.stream, count, missing_fraction(count, expected), features))
+            missing = missing_fraction(count, expected)
+            rows = left.get(j)
+            if rows is None:
+                out.append(StreamFeatures(st.stream, count, missing, features))
+                continue
+            t_flagged, t_odd, v_odd = rows
+            odd = v_odd[int(t_odd.searchsorted(lo)) :]
+            span = (float(odd.min()), float(odd.max())) if odd.size else None
+            flagged = t_flagged.size - int(t_flagged.searchsorted(lo))
+            out.append(StreamFeatures(st.stream, count, missing, features, flagged, odd.size, span))
         return tuple(out)
 
     # ---- accounting ----------------------------------------------------------------------

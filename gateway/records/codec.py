@@ -237,6 +237,7 @@ def _stream_record(s: StreamWindow, win: float) -> dict[Any, Any]:
         rec["mdc"] = s.mdc  # None: a name from the table used without its code
     if s.gap:
         rec["gap"] = True
+    _left_out(s, rec)
     if s.shape != "level":
         rec["sh"] = None if s.shape is None else _SHAPE_CODE[s.shape]
     if s.unchanged:
@@ -256,6 +257,25 @@ def _stream_record(s: StreamWindow, win: float) -> dict[Any, Any]:
         rec["fn"] = names
     rec["f"] = [_feature_item(k, s.features[k], res, win)[0] if k in s.features else None for k in names]
     return rec
+
+
+def _left_out(s: StreamWindow, rec: dict[Any, Any]) -> None:
+    """The samples a stream's window left out, flagged (``flg``) and implausible (``imp``), when any."""
+    if s.flagged:
+        rec["flg"] = int(s.flagged)
+    if s.implausible:
+        rec["imp"] = int(s.implausible)
+
+
+def _left_out_counts(rec: Mapping[Any, Any], metric: str) -> dict[str, int]:
+    """A stream record's ``flg`` and ``imp`` (0 when absent) as StreamWindow fields."""
+    out = {}
+    for key, name in (("flg", "flagged"), ("imp", "implausible")):
+        count = rec.get(key, 0)
+        if not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
+            raise _corrupt(f"stream {metric!r}: {key} {count!r} is not a count of samples")
+        out[name] = count
+    return out
 
 
 def _features_pack(w: FeaturesWindow) -> list[dict[Any, Any]]:
@@ -303,6 +323,7 @@ def _features_pack_v2(w: FeaturesWindow) -> list[dict[Any, Any]]:
             rec["mdc"] = s.mdc  # None: a name from the table used without its code
         if s.gap:
             rec["gap"] = True
+        _left_out(s, rec)
         if s.shape is not None:
             rec["sh"] = _SHAPE_CODE[s.shape]
         pack.append(rec)
@@ -497,6 +518,7 @@ def _decode_features(
                 shape=shape,
                 res=res,
                 unchanged=bool(rec.get("eq", False)),
+                **_left_out_counts(rec, metric),
             )
         )
     hb = head.get("hb")
@@ -571,6 +593,7 @@ def _decode_features_v2(
                 "gap": bool(rec.get("gap", False)),
                 "features": {},
                 "shape": shape,
+                **_left_out_counts(rec, metric),
             }
         elif current is None:
             scores[_key(rec, "score/")] = _value(rec)
@@ -947,12 +970,13 @@ def as_map(record: Record) -> dict[str, Any]:
 
 
 def stream_map(stream: StreamWindow) -> dict[str, Any]:
-    """A window's stream as plain data (``res`` only when stated, ``unchanged`` only when true)."""
+    """A window's stream as plain data (``res`` only when stated; ``unchanged``, ``flagged``, ``implausible`` only when set)."""
     out = {f.name: _plain(getattr(stream, f.name)) for f in dataclasses.fields(stream)}
     if stream.res is None:
         del out["res"]
-    if not stream.unchanged:
-        del out["unchanged"]
+    for name in ("unchanged", "flagged", "implausible"):
+        if not out[name]:
+            del out[name]
     return out
 
 

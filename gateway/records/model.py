@@ -49,6 +49,10 @@ class StreamWindow:
     # Schema 3: the features are as in this stream's last record that carried them (at ``res``);
     # a decoded record holds none until :func:`gateway.records.thin.carry` fills them in.
     unchanged: bool = False
+    # Samples of the window left out of ``n`` and the features: flagged unusable by the device or
+    # without a value, and out of a plausibility rule's range.  Absent on the wire when 0.
+    flagged: int = 0
+    implausible: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,10 @@ def feature(stream: StreamWindow, name: str) -> str:
 
 def stream_text(stream: StreamWindow) -> str:
     """A stream's label and the features its shape shows: ``RR mean 928 ms, RMSSD 27 ms``."""
+    return _shown(stream) + left_out_text(stream)
+
+
+def _shown(stream: StreamWindow) -> str:
     label = metric_label(stream.metric)
     if stream.gap:
         return f"{label} GAP"
@@ -101,6 +105,14 @@ def stream_text(stream: StreamWindow) -> str:
     if not names:
         return f"{label} ?"
     return f"{label} " + ", ".join(feature(stream, n) for n in names)
+
+
+def left_out_text(stream: StreamWindow) -> str:
+    """What the stream's window left out, e.g. `` (left out: 11 implausible)``; empty when nothing."""
+    parts = [
+        f"{n} {what}" for n, what in ((stream.implausible, "implausible"), (stream.flagged, "flagged")) if n
+    ]
+    return f" (left out: {', '.join(parts)})" if parts else ""
 
 
 def detail_text(detail: Mapping[str, float | int | str | bool]) -> str:

@@ -2,8 +2,8 @@
 
 A stream whose features, at their resolution on the wire, are those of its last record that
 carried features is sent as an *unchanged* marker (its name, sample count and missing fraction,
-no features).  A window whose streams are all unchanged (and whose model scores are too) is not
-sent, unless the subject's heartbeat is due: then the whole window goes with every feature, so a
+no features).  A window whose streams are all unchanged (and whose model scores and counts of
+samples left out are too) is not sent, unless the subject's heartbeat is due: then the whole window goes with every feature, so a
 consumer that joined late or lost a record has the values again within one heartbeat.  Every
 window record states the heartbeat (``hb``, seconds): the next record of the subject follows
 within it unless it is lost or the gateway stopped, so a consumer tells "unchanged" from "silent".
@@ -31,6 +31,11 @@ def _same(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
     if a.keys() != b.keys():
         return False
     return all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+def _same_left(a: StreamWindow, b: StreamWindow) -> bool:
+    """Whether two windows of a stream left out as many samples (a window that did is news to the twin)."""
+    return a.flagged == b.flagged and a.implausible == b.implausible
 
 
 @dataclass(slots=True)
@@ -78,7 +83,13 @@ class Thinner:
             if last is None or raw.gap or last.gap or not raw.features:
                 streams.append(raw)
                 state.streams[raw.metric] = sent_form
-                skip = skip and last is not None and raw.gap == last.gap and not raw.features
+                skip = (
+                    skip
+                    and last is not None
+                    and raw.gap == last.gap
+                    and not raw.features
+                    and _same_left(raw, last)
+                )
                 continue
             unchanged = (
                 last.dev == raw.dev
@@ -90,7 +101,7 @@ class Thinner:
             if unchanged:
                 streams.append(dataclasses.replace(raw, features={}, unchanged=True))
                 markers += 1
-                skip = skip and abs(raw.missing - last.missing) <= MISSING_TOLERANCE
+                skip = skip and abs(raw.missing - last.missing) <= MISSING_TOLERANCE and _same_left(raw, last)
             else:
                 streams.append(raw)
                 state.streams[raw.metric] = sent_form

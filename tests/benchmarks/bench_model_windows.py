@@ -17,16 +17,16 @@ Run: ``.venv/bin/python tests/benchmarks/bench_model_windows.py [--hops 3000] [-
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
-from revisions import module_at
+from revisions import alternate, module_at, print_ratios
 
 from gateway.pipeline.windows import Windower
 from gateway.sample import SampleBlock, Stream, industrial_metric
@@ -83,19 +83,13 @@ def main() -> None:
         "one length": lambda: Windower(**common),
         "+5 s +40 s": lambda: Windower(**common, lengths={"industrial": [5.0, 40.0]}),
     }
-    times: dict[str, list[float]] = {k: [] for k in designs}
-    for _ in range(args.repeat):
-        for name, make in designs.items():
-            times[name].append(run(make, args.hops, args.rate))
-    base = statistics.median(times["before"])
+    times = alternate(
+        {name: partial(run, make, args.hops, args.rate) for name, make in designs.items()}, args.repeat
+    )
     print(
         f"8 streams x {args.rate:g} Hz, window {WINDOW_S:g} s, hop {HOP_S:g} s, {args.hops} hops, median of {args.repeat} alternating rounds"
     )
-    print("| windower | us per subject-window | vs before |")
-    print("|---|---:|---:|")
-    for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"| {name} | {m:.1f} | {m / base:.2f}x |")
+    print_ratios(times, "before", "us per subject-window")
 
 
 if __name__ == "__main__":

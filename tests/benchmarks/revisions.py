@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -33,3 +35,22 @@ def module_at(rev: str, path: str) -> ModuleType:
     sys.modules[name] = mod  # dataclasses look their module up while the class is made
     spec.loader.exec_module(mod)
     return mod
+
+
+def alternate(designs: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each design's figure from ``rounds`` rounds, every round running them all in turn (ratios hold under load)."""
+    times: dict[str, list[float]] = {name: [] for name in designs}
+    for _ in range(rounds):
+        for name, measure in designs.items():
+            times[name].append(measure())
+    return times
+
+
+def print_ratios(times: Mapping[str, list[float]], base: str, column: str, digits: int = 1) -> None:
+    """A Markdown table of each design's median and its ratio to ``base``'s median."""
+    ref = statistics.median(times[base])
+    print(f"| windower | {column} | vs before |")
+    print("|---|---:|---:|")
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        print(f"| {name} | {m:.{digits}f} | {m / ref:.2f}x |")
