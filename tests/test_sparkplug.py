@@ -296,9 +296,12 @@ def data_values(run: Run, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for x in codec.decode(msg.payload).metrics:
         born = known[(msg.device, x.alias)]
-        field = {"Boolean": "boolean_value", "Int32": "int_value", "String": "string_value"}.get(
-            born["type"], "double_value"
-        )
+        field = {
+            "Boolean": "boolean_value",
+            "Int32": "int_value",
+            "Int64": "long_value",
+            "String": "string_value",
+        }.get(born["type"], "double_value")
         assert x.WhichOneof("value") in (field, None)
         out[born["name"]] = None if x.is_null else getattr(x, field)
     return out
@@ -564,7 +567,12 @@ def test_tck_id_topics_ddata_payload(run: Run) -> None:
     # Report by exception: the live record with the same values sent nothing; the next only its change.
     live = [i for i in range(run.marks["live"], run.marks["rebirth"]) if run.messages[i].kind == "DDATA"]
     assert len(live) == 2
-    assert data_values(run, live[0]) == {f"{SPO2}/mean": 93.0, f"{SPO2}/missing": 0.0}
+    assert data_values(run, live[0]) == {
+        f"{SPO2}/mean": 93.0,
+        f"{SPO2}/left_out/flagged": 0,
+        f"{SPO2}/left_out/implausible": 0,
+        f"{SPO2}/missing": 0.0,
+    }
     assert data_values(run, live[1]) == {f"{SPO2}/mean": 92.0}
     assert run.node.counters.unchanged >= 1
 
@@ -601,7 +609,9 @@ def test_tck_id_operational_behavior_device_ddeath(run: Run) -> None:
         for x in after[3].decoded["metrics"]
         if x.get("properties", {}).get("Quality", {}).get("value") == 500
     ]
-    assert len(stale) == 5  # temp: mean, sd, missing; flow: mean, missing
+    assert (
+        len(stale) == 9
+    )  # temp: mean, sd, missing; flow: mean, missing; both: left_out/flagged, /implausible
     assert all(x["value"] is None for x in stale)
     nulls = {name for name, v in values.items() if v is None}
     assert {"Pump/temp/mean", "Pump/temp/sd", "Pump/flow/mean", "Pump/flow/missing"} <= nulls
@@ -833,7 +843,7 @@ def test_sensor_fault_as_quality_with_the_opcua_status_code(run: Run) -> None:
     data = [m for m in after if m.kind == "DDATA"]
     assert len(data) == 1
     faulted = [x for x in data[0].decoded["metrics"] if "opcuaStatus" in x.get("properties", {})]
-    assert len(faulted) == 3  # Pump/temp/mean, /sd and /missing
+    assert len(faulted) == 5  # Pump/temp/mean, /sd, /missing, /left_out/flagged and /left_out/implausible
     for x in faulted:
         props = x["properties"]
         assert x["value"] is None

@@ -26,14 +26,24 @@ log = logging.getLogger(__name__)
 
 NODE = ""  # the catalog's key for the edge node's own metrics
 
-_VERSION = 3  # 2: with the conditions held (version 1: none known); 3: a subject's episodes by model
+# 2: with the conditions held (version 1: none known); 3: a subject's episodes by model; 4: a
+# stream's episodes by model too.
+_VERSION = 4
 # Alarm metrics an older version named that this one never reports, by the last version naming
 # them; retired when such a file is read, so the next births go without them (a birth's metrics
 # are all its session reports on: tck-id-topics-nbirth-metric-reqs, tck-id-topics-dbirth-metric-reqs).
 # Version 1 named a subject's unresolved nodes' faults and its estimates' limits by the subject;
-# version 2 its models' episodes (one metric for all models: one's Value beside another's Active).
-_RETIRED = {1: ("Alarms/sensor/subject/", "Alarms/limit/subject/"), 2: ("Alarms/anomaly/subject/",)}
+# version 2 its models' episodes (one metric for all models: one's Value beside another's Active);
+# version 3 a stream's episodes by the stream's metric alone (its models sharing Value and Limit).
+# Names under _MODELS are this version's own, never retired.
+_RETIRED = {
+    1: ("Alarms/sensor/subject/", "Alarms/limit/subject/"),
+    2: ("Alarms/anomaly/subject/",),
+    3: ("Alarms/anomaly/",),
+}
+_MODELS = "Alarms/anomaly/model/"
 _EPISODES_V2 = "Alarms/anomaly/subject"
+_STREAM_EPISODES_V3 = "Alarms/anomaly/"  # + the stream's metric
 
 
 @dataclass(slots=True)
@@ -106,23 +116,37 @@ class Catalog:
         retire = tuple(prefix for v, prefixes in _RETIRED.items() if version <= v for prefix in prefixes)
         retired = 0
         for metrics in self.devices.values():
-            for name in [n for n in metrics if n.startswith(retire)]:
+            for name in [n for n in metrics if n.startswith(retire) and not n.startswith(_MODELS)]:
                 del metrics[name]
                 retired += 1
         # A model's episode on under the one metric of version 2: on under its model's own.
         for device, bases in self.held.items() if version < 3 else ():
             for cid, h in bases.pop(_EPISODES_V2, {}).items():
-                base = anomaly_base(str(json.loads(cid)[1]))
-                self.learn(device, held_points(base, {cid: h}))
-                bases[base] = {**bases.get(base, {}), cid: h}
+                self._hold_moved(device, bases, anomaly_base(str(json.loads(cid)[1])), cid, h)
+        # A model's episode on under its stream's metric of version 3: on under its model's and stream's.
+        for device, bases in self.held.items() if version < 4 else ():
+            for old in [b for b in bases if b.startswith(_STREAM_EPISODES_V3) and not b.startswith(_MODELS)]:
+                metric = old.removeprefix(_STREAM_EPISODES_V3)
+                for cid, h in bases.pop(old).items():
+                    model = str(json.loads(cid)[1])
+                    if model:  # an episode of no model (none of this gateway's) ends with its metric
+                        self._hold_moved(device, bases, anomaly_base(model, metric), cid, h)
         if retired:
             log.info(
                 "sparkplug state %s: version %d: %d alarm metrics it named that this version does not "
-                "report retired (nodes, estimates and models have their own); the next births go without them",
+                "report retired (nodes, estimates and models, on a subject or a stream, have their own); the next "
+                "births go without them",
                 path,
                 version,
                 retired,
             )
+
+    def _hold_moved(
+        self, device: str, bases: dict[str, dict[str, Held]], base: str, cid: str, h: Held
+    ) -> None:
+        """A condition an older version held under a retired metric, on under ``base`` (announced)."""
+        self.learn(device, held_points(base, {cid: h}))
+        bases[base] = {**bases.get(base, {}), cid: h}
 
     def save(self) -> None:
         """Write atomically: a temporary file, fsync, rename."""
