@@ -2,7 +2,9 @@
 
 bdSeq is incremented and written (atomically, fsync'd) before each MQTT CONNECT, so the NDEATH
 the broker holds as our Will and the NBIRTH that follows carry the same number, and a restart
-never reuses one.  The catalog holds every metric ever reported, per device, with its datatype,
+never reuses one.  Every write goes through the file's one writer (:func:`gateway.privatefile.writer_of`):
+synced in a worker thread, in the order asked for, so the event loop never waits for the disk and
+an older state never lands after a newer one.  The catalog holds every metric ever reported, per device, with its datatype,
 unit and alias: births after a restart announce them all (current value unknown: ``is_null``),
 and aliases stay the same.  It also holds the alarm conditions the host was told are on, per
 alarm metric (:func:`codec.fold`), so a birth after a restart says which are on: the gateway's
@@ -13,13 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
-from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import TransientError
+from gateway.privatefile import FileWriter, WriteFailures, landed, writer_of
 from gateway.uplink.sparkplug.codec import Held, Point, anomaly_base, held_points
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,16 @@ class Catalog:
     # Device -> alarm metric (``Alarms/<family>/<what>``) -> condition id -> the condition on; a
     # metric with none on was reported off, one missing was never reported (its value is unknown).
     held: dict[str, dict[str, dict[str, Held]]] = field(default_factory=dict)
-    # Writes may run in worker threads: one at a time, and an older snapshot never replaces a newer one.
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    _taken: int = field(default=0, repr=False, compare=False)
-    _written: int = field(default=0, repr=False, compare=False)
+    _writer: FileWriter | None = field(default=None, init=False, repr=False, compare=False)
+    # Told the outcome of writes nobody waits for (see submit): once when failing, once when recovered.
+    _failures: WriteFailures | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            self._writer = writer_of(self.path)
+            self._failures = WriteFailures(
+                log, "sparkplug state", self.path, "a restart may announce forgotten devices again"
+            )
 
     @classmethod
     def load(cls, path: Path | None) -> Catalog:
@@ -148,16 +155,8 @@ class Catalog:
         self.learn(device, held_points(base, {cid: h}))
         bases[base] = {**bases.get(base, {}), cid: h}
 
-    def save(self) -> None:
-        """Write atomically: a temporary file, fsync, rename."""
-        self.writer()()
-
-    def writer(self) -> Callable[[], None]:
-        """The catalog as it is now, to be written by the returned call (in a worker thread, say).
-
-        Taken on the caller's thread, so later changes are not in it; when a newer snapshot was
-        written first, the call writes nothing (the file never goes back to an older bdSeq).
-        """
+    def _body(self) -> bytes:
+        """The catalog as it is now, as the file holds it."""
         doc = {
             "version": _VERSION,
             "bdseq": self.bdseq,
@@ -177,24 +176,20 @@ class Catalog:
                 for device, bases in self.held.items()
             },
         }
-        self._taken += 1
-        taken = self._taken
-        return lambda: self._write(doc, taken)
+        return json.dumps(doc, sort_keys=True).encode()
 
-    def _write(self, doc: dict[str, object], taken: int) -> None:
-        if self.path is None:
+    def submit(self) -> Future[None] | None:
+        """Ask for the catalog as it is now to be written (never blocks; a failure is logged); None: no file."""
+        if self._writer is None:
+            return None
+        return self._writer.submit(self._body(), self._failures)
+
+    async def write(self) -> None:
+        """Write the catalog as it is now and wait, off the event loop, until it is on disk; raises TransientError."""
+        if self._writer is None:
             return
-        tmp = self.path.with_suffix(".tmp")
         try:
-            with self._lock:
-                if taken <= self._written:
-                    return
-                with tmp.open("w", encoding="utf-8") as f:
-                    json.dump(doc, f, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                tmp.replace(self.path)
-                self._written = taken
+            await landed(self._writer.submit(self._body()))
         except OSError as exc:
             # Without a persisted bdSeq a restart could reuse one: no CONNECT until it is written.
             raise TransientError(
@@ -202,10 +197,10 @@ class Catalog:
                 "published until it can; free space or fix the state directory's permissions"
             ) from exc
 
-    def next_bdseq(self) -> int:
-        """The bdSeq of the next CONNECT (0..255, wrapping), written before it is used."""
+    async def next_bdseq(self) -> int:
+        """The bdSeq of the next CONNECT (0..255, wrapping), on disk when this returns (raises TransientError)."""
         self.bdseq = (self.bdseq + 1) % 256
-        self.save()
+        await self.write()
         return self.bdseq
 
     def learn(self, device: str, pts: list[Point]) -> bool:
