@@ -94,6 +94,13 @@ def faked(offset: Path) -> dict[str, str]:
     )
 
 
+def set_clock(offset: Path, clock: str) -> None:
+    """Set the faked clock to ``clock``, replacing the file whole: a process reading it meanwhile never sees it empty."""
+    tmp = offset.with_name(offset.name + ".new")
+    tmp.write_text(f"{clock}\n")
+    tmp.replace(offset)
+
+
 @dataclass(frozen=True)
 class Faked:
     """``edgetwin run`` on ``tmp_path`` under a faked wall clock: its offset file, environment, config."""
@@ -107,7 +114,7 @@ class Faked:
     def at(cls, tmp_path: Path, clock: str, off_at_s: float) -> Faked:
         """The clock at offset ``clock``; the probe off ``off_at_s`` after the start, for longer than the test."""
         offset = tmp_path / "faketime"
-        offset.write_text(f"{clock}\n")
+        set_clock(offset, clock)
         off = f'{{ kind = "sensor_off", at_s = {off_at_s}, duration_s = 600.0 }}'
         config = e2e_config(
             tmp_path, sensor_off=off, sections=f'[status]\nsocket = "{tmp_path / "control.sock"}"\n'
@@ -121,7 +128,7 @@ class Faked:
 
     def set(self, clock: str) -> None:
         """Set the faked clock to ``clock`` (read by the process at its next reading)."""
-        self.offset.write_text(f"{clock}\n")
+        set_clock(self.offset, clock)
 
 
 def _stop(proc: LoggedProcess) -> None:
