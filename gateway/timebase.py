@@ -214,7 +214,8 @@ class TimeBase:
         self._offset = -mono0
         self._wm = wall0 - mono0
         self._behind = 0.0
-        self._life0, self._mono0, self._downtime = 0.0, mono0, None
+        # The life clock goes on: the alarm ledger, kept across a rotation, counts the spans of its
+        # conditions on it, as it did on the wall clock.
         self._steps.clear()
         self._moves.clear()
         self._save()

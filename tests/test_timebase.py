@@ -132,6 +132,8 @@ def test_reset_starts_a_new_origin_and_counter(tmp_path: Path) -> None:
     c.advance(1.0)
     again = _open(tmp_path, c)
     assert (again.run, again.now()) == (1, 1.0)  # the first run of the new identity
+    # The alarms kept across the rotation go on counting how long they have held (life is never sent).
+    assert again.life(c.m) == pytest.approx(5001.0)
 
 
 def _window(anon: Anonymizer, c: Clocks, spo2: float) -> bytes:
