@@ -146,7 +146,7 @@ def clock_behind(
     return ClockBehindError(
         f"uplink mqtt {cfg.host}:{cfg.port}: TLS handshake refused: the gateway's clock reads "
         f"{now:%Y-%m-%d %H:%M:%S} UTC, the broker certificate {since}: the clock is behind; "
-        "check NTP/time sync (timedatectl status: 'System clock synchronized: yes'); "
+        "check NTP/time sync (timedatectl status shows whether the clock is synchronized); "
         "it connects by itself once the clock is right",
         valid_from,
     )
