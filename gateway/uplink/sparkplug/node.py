@@ -222,8 +222,8 @@ class SparkplugNode:
                     raise asyncio.CancelledError from exc
                 attempt += 1
                 self.problem = str(exc.cause)
-                if str(exc.cause) != reported:
-                    reported = str(exc.cause)
+                if transport.reported_as(exc.cause) != reported:
+                    reported = transport.reported_as(exc.cause)
                     log.warning("%s: %s (records stay in the outbox)", where, exc.cause)
                 else:
                     log.debug("%s: still cannot connect (attempt %d): %s", where, attempt, exc.cause)
