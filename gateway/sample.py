@@ -42,7 +42,8 @@ class Quality(enum.IntFlag):
 FAULT_FLAGS = Quality.SENSOR_OFF | Quality.BAD_STATUS
 #: Flags that make a sample no measurement of the subject (IMPUTED values were filled in, not
 #: measured): such a sample, like one with no value, is invalid (:func:`valid_sample`,
-#: :func:`valid_rows`) and kept out of every judgement, feature and detector.
+#: :func:`valid_rows`): kept out of the features, the plausibility rules, the limits and the
+#: detectors (an estimator weighs its own flags: a fused rate counts an artifact's, inflated).
 UNUSABLE_FLAGS = int(Quality.SENSOR_OFF | Quality.BAD_STATUS | Quality.ARTIFACT | Quality.IMPUTED)
 #: A stream silent this long is lost (``[pipeline] sensor_lost_s``, unless the config says otherwise).
 SENSOR_LOST_S = 15.0
