@@ -78,7 +78,7 @@ from gateway.records import (
 )
 from gateway.records.render import describe
 from gateway.records.thin import Thinner
-from gateway.sample import UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream, valid_rows
+from gateway.sample import Quality, Sample, SampleBlock, Stream, valid_rows, valid_sample
 from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 from gateway.timebase import ClockStep, TimeBase
 
@@ -401,16 +401,14 @@ class Pipeline:
         # process's: the rhythm detector and the estimators see it as no measurement, the limits
         # and the window's features too when it is out of range - one that only broke the rate
         # rule may be a real fast change, and the limits' on-delays filter a brief artifact.
-        q = sample.quality  # one the device flags is kept from them by its flags, and not checked
-        invalid = not (q and q & UNUSABLE_FLAGS) and self._plausibility.implausible(sample.stream)
+        valid = valid_sample(sample)  # one flagged or with no value is kept from them as such, not checked
+        invalid = valid and self._plausibility.implausible(sample.stream)
         out_of_range = invalid and self._plausibility.out_of_range(sample.stream)
         self.windower.put(sample, out_of_range)  # its alarms before the rule's, as the data came
         if alarm is not None:
             self.alarm(alarm)
         # by_data is empty once the faults a previous run left on are judged: the test costs ~20 ns.
-        if self._driver_faults.by_data and not (
-            invalid or (q and q & UNUSABLE_FLAGS) or not math.isfinite(sample.value)
-        ):
+        if self._driver_faults.by_data and valid and not invalid:
             self._driver_data(sample.stream, sample.t_mono, sample.t_wall)
         self._estimation.put(replace(sample, value=math.nan) if invalid else sample)
         alarm = self._limits.check_sample(sample, invalid=out_of_range)
