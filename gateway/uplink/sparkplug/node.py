@@ -646,6 +646,10 @@ class SparkplugNode:
         session.replaying = historical  # the status shows a replay in progress
         ts = codec.timestamp_ms(record)
         pts += self._sensor_quality(key, record)
+        if not codec.opcua_codes_loaded() and any(p.status is not None for p in pts):
+            # The first OPC UA status: its table's import (0.7 s on x86, seconds on a Pi or at load)
+            # runs off the loop, once; gateways without OPC UA never load asyncua for it.
+            await asyncio.to_thread(codec.opcua_status_code, "")
         self._track_devices(key, record)
         if self.catalog.learn(key, pts):
             # On disk before the birth announces the new aliases; written off the loop (fsync).
@@ -721,6 +725,9 @@ class SparkplugNode:
         out: list[Point] = []
         for name, entry in known.items():
             if name.startswith(("Alarms/", "Scores/", "Estimates/", "Diagnostics/")):
+                continue
+            # The left-out counts are the evidence on a fault and stay true when the values are not.
+            if "/left_out/" in name:
                 continue
             if not prefixes or name.startswith(prefixes):
                 out.append(
