@@ -122,10 +122,12 @@ def test_a_restart_while_a_stream_commissions_again_does_not_bring_the_old_basel
     det.score_batch(tag_windows(celsius(need + 10, 4), "Cel"))
     det.score_batch(tag_windows(to_fahrenheit(celsius(10, 5)), "[degF]", start=need + 10))
     # Stored at once: a restart in the middle goes on commissioning in degF (from the windows it
-    # had stored, as any commissioning), the old baseline does not come back.
+    # had stored, as any commissioning), the old baseline does not come back, the status says why.
     det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path)
-    more = to_fahrenheit(celsius(need, 6))
-    res = det.score_batch(tag_windows(more, "[degF]", start=need + 20))
+    more = tag_windows(to_fahrenheit(celsius(need, 6)), "[degF]", start=need + 20)
+    res = det.score_batch(more[:1])
+    assert det.subject_states() == {"tank-1": f"commissioning (unit changed from degC to degF: {TAG})"}
+    res = [*res, *det.score_batch(more[1:])]
     assert not any(r.anomaly for r in res)
     assert res[0].reason == "commissioning"
     assert det.subject_states() == {"tank-1": "active"}

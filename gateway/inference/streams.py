@@ -46,8 +46,8 @@ values are not judged against a baseline in another unit (a false change) nor le
 The baseline is not converted: a new unit label does not say whether the values changed with it
 (a PLC rescaled, or a wrong label corrected) and commissioning again is right either way.  Units
 are compared as :func:`gateway.units.normalise` spells them (``°C`` and ``Cel`` are one unit).
-The change is logged once, and until that stream is commissioned again the subject's status says
-``commissioning (unit changed from X to Y: <stream>)``.
+The change is logged once, and until that stream is commissioned again (across restarts too) the
+subject's status says ``commissioning (unit changed from X to Y: <stream>)``.
 
 Commissioning values, fitted levels and each stream's unit persist per subject under
 ``<state_dir>/models/``.  A state stored before units were kept (version 2) is loaded with its
@@ -151,6 +151,7 @@ class _Stream:
     # The unit of its values and baseline; None: unknown (stored before units were kept), taken
     # from the stream's next window.
     unit: str | None = None
+    why: str = ""  # why it commissions again: "X to Y" after a change of unit
 
 
 class StreamChange:
@@ -175,9 +176,6 @@ class StreamChange:
         self._subjects = frozenset(use.subjects)
         self._state: dict[str, dict[str, _Stream]] = {}
         self._learned: dict[str, int] = {}  # windows each subject has commissioned on
-        # Per subject, the streams commissioning again after a change of unit: "X to Y: stream".
-        # Written by the scoring thread, read whole (a copy) by the status.
-        self._unit_changes: dict[str, dict[str, str]] = {}
         self.coverage = Coverage(NAME, use.min_coverage)
 
     @property
@@ -189,8 +187,9 @@ class StreamChange:
         """Per subject scored so far: ``commissioning`` (and why, after a change of unit) or ``active``."""
         del known  # only subjects the scoring thread has seen: reading a state file here would race
         out: dict[str, str] = {}
+        # Copies: the scoring thread adds subjects and streams meanwhile.
         for subject, streams in list(self._state.items()):
-            changed = list(self._unit_changes.get(subject, {}).values())
+            changed = [f"{st.why}: {key}" for key, st in list(streams.items()) if st.why]
             if changed:
                 out[subject] = f"commissioning (unit changed from {'; '.join(changed)})"
             elif not streams or any(st.level is None for st in list(streams.values())):
@@ -259,7 +258,7 @@ class StreamChange:
                 if len(st.values) >= self._need:
                     self._fit(st, stride)
                     fitted = True
-                    self._unit_changes.get(record.subject, {}).pop(key, None)
+                    st.why = ""
                     log.info("models %s: subject %s stream %s commissioned", NAME, record.subject, key)
                 continue
             z = (value - (st.levels[hour] if st.levels else st.level)) / st.spread
@@ -316,8 +315,7 @@ class StreamChange:
             new or "(none)",
             self._need * self._hop_s,
         )
-        self._unit_changes.setdefault(subject, {})[key] = f"{old or '(none)'} to {new or '(none)'}: {key}"
-        return _Stream(unit=new)
+        return _Stream(unit=new, why=f"{old or '(none)'} to {new or '(none)'}")
 
     def _fit(self, st: _Stream, stride: int) -> None:
         u = self.use
@@ -389,6 +387,7 @@ class StreamChange:
                     float(v["memory"]),
                     float(v["slack"]),
                     unit=None if v.get("unit") is None else str(v["unit"]),
+                    why=str(v.get("why", "")),
                 )
                 for k, v in raw["streams"].items()
             }
@@ -410,6 +409,7 @@ class StreamChange:
                     "memory": s.memory,
                     "slack": s.slack,
                     "unit": s.unit,
+                    "why": s.why,
                 }
                 for k, s in streams.items()
             },
