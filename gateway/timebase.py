@@ -23,7 +23,11 @@ downtime the wall clock shows (its reading at the start less its reading at the 
 less than 0).  A wall-clock step seen during the run is taken as the wall clock setting itself
 right, so it corrects that downtime and nothing else: a Pi that booted days behind counts its true
 downtime once NTP steps its clock, one that booted ahead loses the excess when it is stepped back,
-and a step never lengthens a span within a run.  Record time cannot serve: it moves ahead with a
+and a step never lengthens a span within a run.  A run whose clock is never set right writes its
+wall reading in the last stop's frame (less a downtime its clock showed as negative), so the
+first start on a clock that is right counts every downtime since; and an excess counted for a
+clock ahead that was never stepped back is taken off the downtimes after (the life clock never
+goes back).  Record time cannot serve: it moves ahead with a
 forward step and never goes back, so a condition raised before NTP stepped the clock would have
 held the whole step longer after the next restart.
 
@@ -209,6 +213,7 @@ class TimeBase:
 
         The counter is left at 0: the next start is run 1, as for a gateway that never ran.
         """
+        self.check()  # the life clock goes on (below): a step not yet seen is taken in first
         wall0, mono0 = self._wall(), self._mono()
         self.origin, self.run = wall0, 0
         self._offset = -mono0
@@ -254,13 +259,17 @@ class TimeBase:
         mono = self._mono()
         wm = self._wall() - mono
         step = wm - self._wm
+        found = None if abs(step) <= STEP_TOLERANCE_S else self._stepped(mono, wm, step)
+        # After the step is taken in: the life clock and the wall reading written are of one frame.
         if mono - self._persisted_at >= PERSIST_EVERY_S:
             self._persisted_at = mono
             # Not synced: this runs on the event loop, and a lost high mark only matters when the
             # wall clock also went back; the run counter is synced at every start.
             self._save(sync=False, strict=False)
-        if abs(step) <= STEP_TOLERANCE_S:
-            return None
+        return found
+
+    def _stepped(self, mono: float, wm: float, step: float) -> ClockStep:
+        """Take in a wall-clock step of ``step`` seen at monotonic ``mono`` (wall minus monotonic now ``wm``)."""
         if self._downtime is not None:
             self._downtime += step  # the wall clock setting itself right: so was its reading at the start
         if step < 0:
@@ -293,6 +302,7 @@ class TimeBase:
 
     def close(self) -> None:
         """Write the highest record time back (an orderly stop)."""
+        self.check()  # a step not yet seen belongs to this run's life clock, not the next downtime
         self._save(strict=False)
 
     def _save(self, *, sync: bool = True, strict: bool = True) -> None:
@@ -305,7 +315,10 @@ class TimeBase:
             "boot": self.run,
             "high": self.now(),
             "life": life,
-            "wall": self._wall(),
+            # In the frame of the last stop: a downtime the wall clock shows as negative (behind,
+            # never set right in this run) is not known yet, and the next start's reading makes
+            # it good; so does it an excess counted when the clock read ahead at this start.
+            "wall": self._wall() - min(0.0, self._downtime or 0.0),
         }
         body = json.dumps(state).encode()
         try:
