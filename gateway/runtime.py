@@ -637,6 +637,7 @@ class Pipeline:
         self._clock_steps.extend(self._anon.timebase.take_steps())
         if self._clock_steps:
             self._ledger.reframe()  # the life clock counts the step into the last downtime
+            self._limits.reframe()  # and so do the onsets of the limit alarms resumed before it
             await self._outbox.restamp()  # what waits is no older for the step
             for found in self._clock_steps:
                 detail = {"step_s": round(found.step_s, 3), "applied_s": round(found.applied_s, 3)}
