@@ -37,6 +37,8 @@ across a rotation would link the old identity to the new one.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import math
@@ -110,6 +112,22 @@ def _running(path: Path, saved: _Saved) -> _Saved:
     if (running.origin, running.boot) != (saved.origin, saved.boot) or running.high <= saved.high:
         return saved  # of a reset origin (not this one's), or older than the orderly stop's
     return running
+
+
+def clock_synchronised() -> bool | None:
+    """What the kernel says about the wall clock (adjtimex): True synchronised, False not, None unknown."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        buf = ctypes.create_string_buffer(512)  # struct timex, modes = 0: read only
+        state = int(libc.adjtimex(buf))
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return state != 5  # TIME_ERROR: the clock is not synchronised
 
 
 class TimeBase:
