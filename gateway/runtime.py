@@ -138,7 +138,10 @@ class Pipeline:
         self._limits = limit_checker(config.core.alarms, p.sensor_lost_s)
         # The conditions on at the twin, by source: ended when their source goes (gateway.alarms.ledger).
         self._ledger = AlarmLedger(
-            config.core.gateway.state_dir / LEDGER_FILE, feeds(config), anonymizer.timebase.life
+            config.core.gateway.state_dir / LEDGER_FILE,
+            feeds(config),
+            anonymizer.timebase.life,
+            anonymizer.timebase.life_id,
         )
         for entry in self._ledger.entries():  # of a source maybe gone: never in a record
             anonymizer.register(entry.subject)

@@ -27,7 +27,9 @@ and a step never lengthens a span within a run.  A run whose clock is never set 
 wall reading in the last stop's frame (less a downtime its clock showed as negative), so the
 first start on a clock that is right counts every downtime since; and an excess counted for a
 clock ahead that was never stepped back is taken off the downtimes after (the life clock never
-goes back).  Record time cannot serve: it moves ahead with a
+goes back).  The life clock has a random id (``life_id``, kept with it): a state directory
+whose time base was lost starts a new life clock at 0, and what was counted on the old one
+(the alarm ledger's onsets) is told apart by its id, not taken as days in the future.  Record time cannot serve: it moves ahead with a
 forward step and never goes back, so a condition raised before NTP stepped the clock would have
 held the whole step longer after the next restart.
 
@@ -43,6 +45,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -84,6 +87,7 @@ class _Saved:
     high: float  # the highest record time used
     life: float  # :meth:`TimeBase.life` when written
     wall: float  # the wall clock's reading when written
+    life_id: str | None  # which life clock ``life`` is on (None: written before it had one)
 
 
 def _read(path: Path) -> _Saved:
@@ -95,7 +99,10 @@ def _read(path: Path) -> _Saved:
         raise ValueError(
             f"origin {origin}, boot {boot}, high {high}, life {life}, wall {wall}: non-finite or negative"
         )
-    return _Saved(origin, boot, high, life, wall)
+    life_id = state.get("life_id")
+    if life_id is not None and not isinstance(life_id, str):
+        raise ValueError(f"life_id {life_id!r}: not a string")
+    return _Saved(origin, boot, high, life, wall, life_id)
 
 
 def _running(path: Path, saved: _Saved) -> _Saved:
@@ -144,8 +151,12 @@ class TimeBase:
         mono: Callable[[], float] = time.monotonic,
         life: float = 0.0,
         last_wall: float | None = None,
+        life_id: str | None = None,
     ) -> None:
         self.path = path
+        # Names the life clock: what keeps spans on it (the alarm ledger) tells by it that this is
+        # the clock they were counted on, not a new one started from 0 (this file lost or unreadable).
+        self.life_id = life_id or secrets.token_hex(8)
         self._write_failed = False
         self.origin = origin  # wall time (Unix seconds) of the site's first start: never sent
         self.run = boot
@@ -212,6 +223,7 @@ class TimeBase:
             mono=mono,
             life=saved.life,
             last_wall=saved.wall,
+            life_id=saved.life_id,
         )
 
     @classmethod
@@ -333,6 +345,7 @@ class TimeBase:
             "boot": self.run,
             "high": self.now(),
             "life": life,
+            "life_id": self.life_id,
             # In the frame of the last stop: a downtime the wall clock shows as negative (behind,
             # never set right in this run) is not known yet, and the next start's reading makes
             # it good; so does it an excess counted when the clock read ahead at this start.

@@ -22,6 +22,8 @@ from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.runtime import Pipeline
 from gateway.sample import SampleBlock
+from gateway.timebase import FILE_NAME as TIMEBASE_FILE
+from gateway.timebase import HIGH_NAME as TIMEBASE_HIGH
 from gateway.timebase import TimeBase
 
 DAYS_2 = 2 * 86400.0
@@ -167,3 +169,15 @@ def test_a_resumed_limit_steps_down_with_the_downtime_a_later_step_makes_known(t
         held[name] = low["held_s"]
     assert held["right"] > DOWN_S + 20.0
     assert held["behind"] == pytest.approx(held["right"], abs=0.01)  # the downtime counted, not lost
+
+
+def test_a_lost_time_base_leaves_the_alarms_carried_over_on_the_wall_clock(tmp_path: Path) -> None:
+    right = held_at_clearance(tmp_path / "right", 0.0, 0.0)
+    site, c = Site(tmp_path), Clocks()
+    assert [a["alarm"] for a in run(site, tmp_path, c, 86.0, 20)] == ["limit"]
+    for name in (TIMEBASE_FILE, TIMEBASE_HIGH):  # lost: a new life clock starts at 0
+        (tmp_path / "state" / name).unlink(missing_ok=True)
+    down(c, 0.0)
+    (cleared,) = run(site, tmp_path, c, 97.0, 20)
+    # Not 0 (the onset kept on the old life clock, ahead of the new one): the wall clock's count.
+    assert cleared["held_s"] == pytest.approx(right, abs=0.01)
