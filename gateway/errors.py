@@ -8,7 +8,8 @@ what to do with a failing unit from the error's *class* alone (see ``gateway.sup
 * :class:`AuthError` - the peer refused our credentials or certificate: retrying fast only
   locks accounts and fills logs, so retry with a long backoff.
 * :class:`ClockBehindError` - a transient error: a certificate not valid yet by our clock, which
-  is behind (a Pi without a real-time clock before NTP has set it).
+  is behind (a Pi without a real-time clock before NTP has set it), or, by a synchronised clock,
+  a certificate whose start date is in the future.
 * :class:`ConfigError` - the configuration cannot work: never retry; report and keep the rest of
   the gateway running.
 
@@ -34,11 +35,15 @@ class TransientError(EdgetwinError):
 
 
 class ClockBehindError(TransientError):
-    """A peer's certificate is not valid yet by this machine's clock: the clock is behind (it clears once set right)."""
+    """A peer's certificate is not valid yet by this machine's clock: behind (it clears once set right), or the certificate's dates."""
 
-    def __init__(self, message: str, valid_from: dt.datetime | None = None) -> None:
+    def __init__(
+        self, message: str, valid_from: dt.datetime | None = None, synchronised: bool | None = None
+    ) -> None:
         super().__init__(message)
         self.valid_from = valid_from  # the certificate's notBefore (a datetime), when it could be read
+        # What the kernel said of the clock (None: unknown): synchronised, the certificate is to blame.
+        self.synchronised = synchronised
 
 
 class AuthError(EdgetwinError):

@@ -138,7 +138,10 @@ class Pipeline:
         self._limits = limit_checker(config.core.alarms, p.sensor_lost_s)
         # The conditions on at the twin, by source: ended when their source goes (gateway.alarms.ledger).
         self._ledger = AlarmLedger(
-            config.core.gateway.state_dir / LEDGER_FILE, feeds(config), anonymizer.timebase.life
+            config.core.gateway.state_dir / LEDGER_FILE,
+            feeds(config),
+            anonymizer.timebase.life,
+            anonymizer.timebase.life_id,
         )
         for entry in self._ledger.entries():  # of a source maybe gone: never in a record
             anonymizer.register(entry.subject)
@@ -637,6 +640,7 @@ class Pipeline:
         self._clock_steps.extend(self._anon.timebase.take_steps())
         if self._clock_steps:
             self._ledger.reframe()  # the life clock counts the step into the last downtime
+            self._limits.reframe()  # and so do the onsets of the limit alarms resumed before it
             await self._outbox.restamp()  # what waits is no older for the step
             for found in self._clock_steps:
                 detail = {"step_s": round(found.step_s, 3), "applied_s": round(found.applied_s, 3)}

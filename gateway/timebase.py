@@ -23,7 +23,13 @@ downtime the wall clock shows (its reading at the start less its reading at the 
 less than 0).  A wall-clock step seen during the run is taken as the wall clock setting itself
 right, so it corrects that downtime and nothing else: a Pi that booted days behind counts its true
 downtime once NTP steps its clock, one that booted ahead loses the excess when it is stepped back,
-and a step never lengthens a span within a run.  Record time cannot serve: it moves ahead with a
+and a step never lengthens a span within a run.  A run whose clock is never set right writes its
+wall reading in the last stop's frame (less a downtime its clock showed as negative), so the
+first start on a clock that is right counts every downtime since; and an excess counted for a
+clock ahead that was never stepped back is taken off the downtimes after (the life clock never
+goes back).  The life clock has a random id (``life_id``, kept with it): a state directory
+whose time base was lost starts a new life clock at 0, and what was counted on the old one
+(the alarm ledger's onsets) is told apart by its id, not taken as days in the future.  Record time cannot serve: it moves ahead with a
 forward step and never goes back, so a condition raised before NTP stepped the clock would have
 held the whole step longer after the next restart.
 
@@ -33,10 +39,13 @@ across a rotation would link the old identity to the new one.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -78,6 +87,7 @@ class _Saved:
     high: float  # the highest record time used
     life: float  # :meth:`TimeBase.life` when written
     wall: float  # the wall clock's reading when written
+    life_id: str | None  # which life clock ``life`` is on (None: written before it had one)
 
 
 def _read(path: Path) -> _Saved:
@@ -89,7 +99,10 @@ def _read(path: Path) -> _Saved:
         raise ValueError(
             f"origin {origin}, boot {boot}, high {high}, life {life}, wall {wall}: non-finite or negative"
         )
-    return _Saved(origin, boot, high, life, wall)
+    life_id = state.get("life_id")
+    if life_id is not None and not isinstance(life_id, str):
+        raise ValueError(f"life_id {life_id!r}: not a string")
+    return _Saved(origin, boot, high, life, wall, life_id)
 
 
 def _running(path: Path, saved: _Saved) -> _Saved:
@@ -108,6 +121,22 @@ def _running(path: Path, saved: _Saved) -> _Saved:
     return running
 
 
+def clock_synchronised() -> bool | None:
+    """What the kernel says about the wall clock (adjtimex): True synchronised, False not, None unknown."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        buf = ctypes.create_string_buffer(512)  # struct timex, modes = 0: read only
+        state = int(libc.adjtimex(buf))
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return state != 5  # TIME_ERROR: the clock is not synchronised
+
+
 class TimeBase:
     """The gateway's record clock: run number, site origin, monotonic record time; see the module doc."""
 
@@ -122,8 +151,12 @@ class TimeBase:
         mono: Callable[[], float] = time.monotonic,
         life: float = 0.0,
         last_wall: float | None = None,
+        life_id: str | None = None,
     ) -> None:
         self.path = path
+        # Names the life clock: what keeps spans on it (the alarm ledger) tells by it that this is
+        # the clock they were counted on, not a new one started from 0 (this file lost or unreadable).
+        self.life_id = life_id or secrets.token_hex(8)
         self._write_failed = False
         self.origin = origin  # wall time (Unix seconds) of the site's first start: never sent
         self.run = boot
@@ -190,6 +223,7 @@ class TimeBase:
             mono=mono,
             life=saved.life,
             last_wall=saved.wall,
+            life_id=saved.life_id,
         )
 
     @classmethod
@@ -209,6 +243,7 @@ class TimeBase:
 
         The counter is left at 0: the next start is run 1, as for a gateway that never ran.
         """
+        self.check()  # the life clock goes on (below): a step not yet seen is taken in first
         wall0, mono0 = self._wall(), self._mono()
         self.origin, self.run = wall0, 0
         self._offset = -mono0
@@ -254,13 +289,17 @@ class TimeBase:
         mono = self._mono()
         wm = self._wall() - mono
         step = wm - self._wm
+        found = None if abs(step) <= STEP_TOLERANCE_S else self._stepped(mono, wm, step)
+        # After the step is taken in: the life clock and the wall reading written are of one frame.
         if mono - self._persisted_at >= PERSIST_EVERY_S:
             self._persisted_at = mono
             # Not synced: this runs on the event loop, and a lost high mark only matters when the
             # wall clock also went back; the run counter is synced at every start.
             self._save(sync=False, strict=False)
-        if abs(step) <= STEP_TOLERANCE_S:
-            return None
+        return found
+
+    def _stepped(self, mono: float, wm: float, step: float) -> ClockStep:
+        """Take in a wall-clock step of ``step`` seen at monotonic ``mono`` (wall minus monotonic now ``wm``)."""
         if self._downtime is not None:
             self._downtime += step  # the wall clock setting itself right: so was its reading at the start
         if step < 0:
@@ -293,6 +332,7 @@ class TimeBase:
 
     def close(self) -> None:
         """Write the highest record time back (an orderly stop)."""
+        self.check()  # a step not yet seen belongs to this run's life clock, not the next downtime
         self._save(strict=False)
 
     def _save(self, *, sync: bool = True, strict: bool = True) -> None:
@@ -305,7 +345,11 @@ class TimeBase:
             "boot": self.run,
             "high": self.now(),
             "life": life,
-            "wall": self._wall(),
+            "life_id": self.life_id,
+            # In the frame of the last stop: a downtime the wall clock shows as negative (behind,
+            # never set right in this run) is not known yet, and the next start's reading makes
+            # it good; so does it an excess counted when the clock read ahead at this start.
+            "wall": self._wall() - min(0.0, self._downtime or 0.0),
         }
         body = json.dumps(state).encode()
         try:

@@ -22,6 +22,8 @@ from gateway.anonymize import Anonymizer, Pseudonymizer
 from gateway.outbox import AsyncOutbox, Outbox
 from gateway.runtime import Pipeline
 from gateway.sample import SampleBlock
+from gateway.timebase import FILE_NAME as TIMEBASE_FILE
+from gateway.timebase import HIGH_NAME as TIMEBASE_HIGH
 from gateway.timebase import TimeBase
 
 DAYS_2 = 2 * 86400.0
@@ -43,9 +45,17 @@ class Clocks:
 
 
 def run(
-    site: Site, tmp: Path, c: Clocks, value: float, seconds: int, *, step_s: float = 0.0, step_at: int = 0
+    site: Site,
+    tmp: Path,
+    c: Clocks,
+    value: float | list[float],
+    seconds: int,
+    *,
+    step_s: float = 0.0,
+    step_at: int = 0,
 ) -> list[dict[str, Any]]:
-    """One start on ``tmp``'s state: ``seconds`` of SpO2 at ``value`` a second apart, the wall clock stepped by ``step_s`` before sample ``step_at``; the alarms the twin got."""
+    """One start on ``tmp``'s state: ``seconds`` of SpO2 at ``value`` (or the k-th of them) a second apart, the wall clock stepped by ``step_s`` before sample ``step_at``; the alarms the twin got."""
+    values = value if isinstance(value, list) else [value] * seconds
     timebase = TimeBase.open(tmp / "state", wall=c.wall, mono=c.mono)
     site.anon = Anonymizer(Pseudonymizer(b"s" * 32), time_mode="relative", timebase=timebase)
     before = len(site.alarms)
@@ -61,7 +71,7 @@ def run(
                 c.w += 1.0
                 t = np.array([c.m])
                 pipeline.sink.put_block(
-                    SampleBlock(SPO2, t, np.array([c.w]), np.array([value]), np.zeros(1, np.uint8))
+                    SampleBlock(SPO2, t, np.array([c.w]), np.array([values[k]]), np.zeros(1, np.uint8))
                 )
                 await pipeline.step(now_mono=c.m, now_wall=c.w)
             await outbox.flush()
@@ -129,3 +139,45 @@ def test_an_alarm_raised_before_ntp_stepped_the_clock_counts_only_the_true_downt
     # From the first low sample to the stop (20 s), one downtime, the clearance a second after the start.
     assert cleared["held_s"] == pytest.approx(20.0 + DOWN_S, abs=1.01)
     assert cleared["held_s"] < 21.0 + DOWN_S  # not the first downtime too, which NTP's step made known
+
+
+def test_a_run_whose_clock_stays_behind_leaves_the_downtime_to_the_next_one_whose_clock_is_right(
+    tmp_path: Path,
+) -> None:
+    right = held_at_clearance(tmp_path / "right", 0.0, 0.0)
+    site, c = Site(tmp_path), Clocks()
+    assert [a["alarm"] for a in run(site, tmp_path, c, 86.0, 20)] == ["limit"]
+    down(c, -DAYS_2)  # booted two days behind; restarted before NTP synced, the alarm still on
+    assert run(site, tmp_path, c, 86.0, 5) == []
+    c.w += DAYS_2  # the next boot at once, with the clock right
+    c.m = 0.0
+    (cleared,) = run(site, tmp_path, c, 97.0, 20)
+    assert cleared["held_s"] == pytest.approx(right + 5.0, abs=0.01)  # not two days more
+
+
+def test_a_resumed_limit_steps_down_with_the_downtime_a_later_step_makes_known(tmp_path: Path) -> None:
+    """Resumed at the first sample, before NTP steps the clock: its level's onset moves with the step."""
+    held = {}
+    for name, wall_error_s in (("right", 0.0), ("behind", -DAYS_2)):
+        site, c = Site(tmp_path / name), Clocks()
+        assert [a["alarm"] for a in run(site, tmp_path / name, c, 80.0, 20)] == ["limit"]  # below 85 %
+        down(c, wall_error_s)
+        # Still below 85 % at the start; NTP steps the clock 5 s in; then between 85 % and 90 %.
+        alarms = run(site, tmp_path / name, c, [80.0] * 10 + [87.0] * 5, 15, step_s=-wall_error_s, step_at=5)
+        (low,) = alarms
+        assert (low["alarm"], low["detail"]["level"]) == ("limit", "low")  # stepped down from low_low
+        held[name] = low["held_s"]
+    assert held["right"] > DOWN_S + 20.0
+    assert held["behind"] == pytest.approx(held["right"], abs=0.01)  # the downtime counted, not lost
+
+
+def test_a_lost_time_base_leaves_the_alarms_carried_over_on_the_wall_clock(tmp_path: Path) -> None:
+    right = held_at_clearance(tmp_path / "right", 0.0, 0.0)
+    site, c = Site(tmp_path), Clocks()
+    assert [a["alarm"] for a in run(site, tmp_path, c, 86.0, 20)] == ["limit"]
+    for name in (TIMEBASE_FILE, TIMEBASE_HIGH):  # lost: a new life clock starts at 0
+        (tmp_path / "state" / name).unlink(missing_ok=True)
+    down(c, 0.0)
+    (cleared,) = run(site, tmp_path, c, 97.0, 20)
+    # Not 0 (the onset kept on the old life clock, ahead of the new one): the wall clock's count.
+    assert cleared["held_s"] == pytest.approx(right, abs=0.01)

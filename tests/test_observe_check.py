@@ -27,8 +27,9 @@ from drivers.opcua.plcsim import PlcSimProcess
 from drivers.serial.sim import PtyOximeter, VitalsModel
 from gateway.cli import main
 from gateway.config import load
-from gateway.observe.check import Level, clock_synchronised, run_check
+from gateway.observe.check import Level, run_check
 from gateway.runtime import build_problems, config_held_names
+from gateway.timebase import clock_synchronised
 from gateway.uplink.broker import MosquittoBroker
 from gateway.uplink.certs import DemoCA, DemoPKI, demo_pki
 

@@ -311,3 +311,78 @@ def test_a_time_base_written_before_the_life_clock_counts_from_its_high_mark(tmp
     assert tb.life(c.m) == pytest.approx(600.0)  # the high mark, and 100 s down
     saved = json.loads((tmp_path / FILE_NAME).read_text())
     assert (saved["life"], saved["wall"]) == (pytest.approx(600.0), 1.7e9 + 600.0)
+
+
+DAY = 86400.0
+
+
+def _first_run(tmp_path: Path, c: Clocks) -> float:
+    """A run on a clock that is right: a condition begins 100 s in, the stop 50 s later; its onset on the life clock."""
+    first = _open(tmp_path, c)
+    c.advance(100.0)
+    onset = first.life(c.m)
+    c.advance(50.0)
+    first.close()
+    return onset
+
+
+def _boot(c: Clocks, down_s: float, error_s: float) -> None:
+    """The machine is off ``down_s`` and boots with its wall clock ``error_s`` off (its monotonic clock anew)."""
+    c.w += down_s + error_s
+    c.m = 1.0
+
+
+@pytest.mark.parametrize("end", ["close", "killed", "reset"])
+def test_a_run_whose_clock_stays_behind_does_not_make_its_error_a_downtime_later(
+    tmp_path: Path, end: str
+) -> None:
+    c = Clocks(1.7e9)
+    onset = _first_run(tmp_path, c)
+    _boot(c, 3600.0, -2 * DAY)  # an hour down, booted two days behind; NTP never steps it in this run
+    second = _open(tmp_path, c)
+    c.advance(20.0)
+    if end == "close":
+        second.close()
+    elif end == "killed":
+        second.check()  # 20 s in: the high mark is written; then kill -9
+    else:
+        second.reset()  # the site key rotated before NTP synced; then kill -9
+    _boot(c, 60.0, 2 * DAY)  # down a minute, boots with the clock right
+    # Both downtimes, now that the wall clock shows them; not the two days it was behind.
+    assert _open(tmp_path, c).life(c.m) - onset == pytest.approx(50.0 + 3600.0 + 20.0 + 60.0)
+
+
+def test_a_clock_ahead_never_stepped_back_is_made_good_by_the_downtimes_after(tmp_path: Path) -> None:
+    c = Clocks(1.7e9)
+    onset = _first_run(tmp_path, c)
+    _boot(c, 3600.0, 2 * DAY)  # booted two days ahead, never stepped back: the excess counts in this run
+    second = _open(tmp_path, c)
+    c.advance(20.0)
+    second.close()
+    _boot(c, 60.0, -2 * DAY)  # a minute down, the clock right: reads less than the stop, nothing counted
+    third = _open(tmp_path, c)
+    assert third.life(c.m) - onset == pytest.approx(50.0 + 3600.0 + 2 * DAY + 20.0)  # never back
+    c.advance(10.0)
+    third.close()
+    _boot(c, 3 * DAY, 0.0)  # three days down: the excess counted before is taken off them
+    assert _open(tmp_path, c).life(c.m) - onset == pytest.approx(50.0 + 3600.0 + 20.0 + 60.0 + 10.0 + 3 * DAY)
+
+
+@pytest.mark.parametrize("end", ["persisted", "close", "reset"])
+def test_a_step_seen_as_the_state_is_written_is_written_with_it(tmp_path: Path, end: str) -> None:
+    c = Clocks(1.7e9)
+    onset = _first_run(tmp_path, c)
+    _boot(c, DAY, -DAY)  # a day down; fake-hwclock gives back the stop's time
+    tb = _open(tmp_path, c)
+    c.advance(5.0)
+    tb.check()
+    c.advance(5.0)
+    c.w += DAY  # NTP steps the clock right, seen first as the state is written
+    if end == "persisted":
+        tb.check()  # 10 s in: the high mark is written; then kill -9
+    elif end == "close":
+        tb.close()
+    else:
+        tb.reset()
+    _boot(c, 30.0, 0.0)
+    assert _open(tmp_path, c).life(c.m) - onset == pytest.approx(50.0 + DAY + 10.0 + 30.0)

@@ -1,7 +1,9 @@
-"""Uplink settings, broker profiles, pacing, certificates and TLS error wording (offline)."""
+"""Uplink settings, broker profiles, pacing, certificates and TLS error wording (offline: a loopback listener at most)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import ssl
 import stat
@@ -10,6 +12,9 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from gateway.errors import AuthError, ClockBehindError, ConfigError, TransientError
@@ -223,9 +228,79 @@ def test_a_broker_certificate_not_valid_yet_names_the_clock_and_is_reported_once
     # The clock's reading changes at every attempt; what the log says once does not.
     later = tls.clock_behind(c, valid_from, valid_from - dt.timedelta(days=1))
     assert str(later) != str(first)
-    assert transport.reported_as(later) == transport.reported_as(first) != transport.reported_as(err)
+    # Nor does the certificate's date, the peer's to present (unverified: a forger changes it at will).
+    forged = tls.clock_behind(c, valid_from + dt.timedelta(days=400), valid_from - dt.timedelta(days=1))
+    assert transport.reported_as(later) == transport.reported_as(first) == transport.reported_as(forged)
     # edgetwin check --online splits a failure at its last ": " into what and what to do.
     assert str(first).rpartition(": ")[2].startswith("the clock is behind; check NTP/time sync")
+
+
+def test_a_certificate_from_the_future_by_a_synchronised_clock_is_the_certificate_s_fault() -> None:
+    c = MqttSection(host="h")
+    valid_from = dt.datetime(2026, 12, 5, 3, 20, 41, tzinfo=dt.UTC)
+    err = tls.clock_behind(c, valid_from, valid_from - dt.timedelta(days=2), synchronised=True)
+    assert isinstance(err, ClockBehindError)
+    what, _, fix = str(err).rpartition(": ")
+    assert what.endswith(
+        "the gateway's clock reads 2026-12-03 03:20:41 UTC and is synchronised, "
+        "the broker certificate is valid from 2026-12-05 03:20:41 UTC"
+    ), what
+    assert fix.startswith("the certificate starts in the future; have it reissued"), fix
+    assert "NTP" not in str(err)
+    unsure = tls.clock_behind(c, valid_from, valid_from - dt.timedelta(days=2), synchronised=None)
+    assert "the clock is behind; check NTP" in str(unsure)  # unknown: the clock is the likelier cause
+    assert transport.reported_as(err) != transport.reported_as(unsure)  # each said once
+
+
+def _forged_pem(not_before: bytes) -> tuple[bytes, bytes]:
+    """A self-signed certificate for localhost whose notBefore reads ``not_before`` (GeneralizedTime), and its key (PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(dt.datetime(2061, 1, 1, tzinfo=dt.UTC))
+        .not_valid_after(dt.datetime(2062, 1, 1, tzinfo=dt.UTC))
+        .sign(key, hashes.SHA256())
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert der.count(b"20610101000000Z") == 1
+    forged = x509.load_der_x509_certificate(der.replace(b"20610101000000Z", not_before))  # signature broken
+    pem = forged.public_bytes(serialization.Encoding.PEM)
+    return pem, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@pytest.mark.parametrize("not_before", [b"09990101000000Z", b"00010101000000Z"])
+def test_a_presented_certificate_whose_dates_cannot_be_read_gives_no_dates(
+    tmp_path: Path, not_before: bytes
+) -> None:
+    """A man in the middle presents a certificate dated before the year 1000: no dates, no crash."""
+    pem, key = _forged_pem(not_before)
+    (tmp_path / "c.pem").write_bytes(pem)
+    (tmp_path / "k.pem").write_bytes(key)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+
+    async def main() -> tuple[Any, ClockBehindError]:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await reader.read(10)
+            writer.close()
+
+        listening = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server)
+        async with listening:
+            c = MqttSection(host="127.0.0.1", port=listening.sockets[0].getsockname()[1])
+            return await transport.presented(c, 3.0), await transport.clock_behind(c, 3.0)
+
+    info, err = asyncio.run(main())
+    assert info is None
+    assert err.valid_from is None
+    assert "the broker certificate or its CA is not valid yet" in str(err)
 
 
 def _not_yet_valid() -> ssl.SSLCertVerificationError:

@@ -39,7 +39,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -194,10 +194,12 @@ class AlarmLedger:
         path: Path | None,
         feeds: Mapping[str, Iterable[str]],
         life: Callable[[float], float] | None = None,
+        life_id: str | None = None,
     ) -> None:
-        """``life``: the time base's life clock (:meth:`gateway.timebase.TimeBase.life`); without it, the monotonic clock."""
+        """``life``: the time base's life clock (:meth:`gateway.timebase.TimeBase.life`), ``life_id`` its id; without it, the monotonic clock."""
         self._path = path
         self._life = life if life is not None else _same
+        self._life_id = life_id
         self._feeds: dict[str, tuple[str, ...]] = {}
         self.set_feeds(feeds)
         self._on: dict[tuple[str, ...], Entry] = {}
@@ -211,7 +213,17 @@ class AlarmLedger:
             "alarms of a source removed before the next start will not be ended then; check the state directory",
         )
         if path is not None:
-            self._on = _load(path)
+            self._on, written_on = _load(path)
+            if life_id is not None and written_on is not None and written_on != life_id:
+                # The time base was lost and started a new life clock at 0: the onsets kept on the
+                # old one would read as days ahead (ages 0).  The wall clock is all there is now.
+                log.warning(
+                    "alarm ledger %s: written on another life clock (the time base in the state directory "
+                    "was replaced): the %d alarms carried over count how long they held on the wall clock",
+                    path,
+                    len(self._on),
+                )
+                self._on = {k: replace(e, life=None) for k, e in self._on.items()}
         self._carried = set(self._on)  # the conditions a previous run left on, until they end
 
     def set_feeds(self, feeds: Mapping[str, Iterable[str]]) -> None:
@@ -430,7 +442,11 @@ class AlarmLedger:
         if not self.dirty or self._writer is None:
             return None
         self.dirty = False
-        body = {"version": _VERSION, "on": [_dump(e, self._life_of(e)) for e in self._on.values()]}
+        body = {
+            "version": _VERSION,
+            "life_id": self._life_id,  # which life clock the entries' ``life`` is on
+            "on": [_dump(e, self._life_of(e)) for e in self._on.values()],
+        }
         # A condition raised and ended since (a flapping probe) leaves the file as it is: no fsync.
         if body == self._written:
             return None
@@ -516,29 +532,30 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
     )
 
 
-def _load(path: Path) -> dict[tuple[str, ...], Entry]:
-    """The ledger a previous run left; an unreadable one is set aside (its alarms cannot be ended)."""
+def _load(path: Path) -> tuple[dict[tuple[str, ...], Entry], str | None]:
+    """The ledger a previous run left, and the id of the life clock it was written on; an unreadable one is set aside (its alarms cannot be ended)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {}
+        return {}, None
     except (OSError, ValueError) as exc:
         _set_aside(path, str(exc))
-        return {}
+        return {}, None
     if not isinstance(raw, dict) or raw.get("version") != _VERSION:
         _set_aside(path, f"not a version {_VERSION} ledger")
-        return {}
+        return {}, None
     try:
         entries = [_entry(e) for e in raw["on"]]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         _set_aside(path, str(exc))
-        return {}
+        return {}, None
     out: dict[tuple[str, ...], Entry] = {}
     for e in entries:
         key = _entry_key(e)
         if key is not None:
             out[key] = e
-    return out
+    life_id = raw.get("life_id")  # None: written before the life clock had an id
+    return out, life_id if isinstance(life_id, str) else None
 
 
 def _onset(alarm: Alarm) -> float | None:

@@ -120,8 +120,20 @@ class _State:
     # Resumed after a restart: how long its condition, begun before the stop, has held at an instant
     # (monotonic, wall) (None: unknown).
     resumed_held: Callable[[float, float], float] | None = None
+    # Where it was taken (the first valid sample after the start: monotonic, wall), the onset it gave
+    # and the levels whose onsets came from it: a later clock step that corrects the downtime
+    # (:meth:`LimitChecker.reframe`) moves them with it, while the alarm is on.
+    resumed_at: tuple[float, float] | None = None
+    resumed_since: float = math.nan
+    resumed_levels: set[str] = field(default_factory=set)
     # The first invalid sample since the last valid one: its timers are paused from then on.
     paused_at: float = math.nan
+
+
+def _unresume(st: _State) -> None:
+    """The resumed alarm is over: nothing of it moves with a later step."""
+    st.resumed_held, st.resumed_at, st.resumed_since = None, None, math.nan
+    st.resumed_levels.clear()
 
 
 class LimitChecker:
@@ -161,8 +173,10 @@ class LimitChecker:
             for level in [lv for lv in st.onset if lv not in levels]:
                 del st.onset[level]
             active = st.active
+            st.resumed_levels &= set(levels)
             if active is not None and active not in levels:
                 st.active, st.release_at = None, None
+                _unresume(st)
                 if st.rule is not None and active in st.rule.bounds:
                     out.append(
                         self._raise(
@@ -179,6 +193,22 @@ class LimitChecker:
             if not st.onset and st.active is None:
                 self._pending.discard(key)
         return out
+
+    def reframe(self) -> None:
+        """The life clock was corrected (a wall-clock step): the resumed alarms' onsets move with it.
+
+        An alarm resumed before the step took how long it had held at its first sample, with the
+        downtime the clock showed then (none while it was behind); asked again at that sample, its
+        ``held`` now counts the downtime as corrected.
+        """
+        for st in self._state.values():
+            if st.resumed_held is None or st.resumed_at is None or st.active is None:
+                continue
+            since = st.resumed_at[0] - st.resumed_held(*st.resumed_at)
+            moved, st.resumed_since = since - st.resumed_since, since
+            st.active_since += moved
+            for level in st.resumed_levels:
+                st.onset[level] += moved
 
     def resume(self, stream: Stream, level: str, held: Callable[[float, float], float] | None = None) -> bool:
         """Hold ``stream``'s alarm at ``level`` on, as a previous run left it; False if the rule lacks it.
@@ -296,19 +326,20 @@ class LimitChecker:
             # at once, as without the restart, instead of clearing and raising L again 10 s later.
             st.active_since = t
             if st.resumed_held is not None:
-                st.active_since = t - st.resumed_held(t, t_wall)
+                st.active_since = st.resumed_since = t - st.resumed_held(t, t_wall)
+                st.resumed_at = (t, t_wall)
                 for level in rule.bounds:
                     if _SIDE[level] == _SIDE[active] and _SEVERITY[level] <= _SEVERITY[active]:
                         st.onset[level] = st.active_since
-            st.resumed_held = None
+                        st.resumed_levels.add(level)
         for level in rule.bounds:
             latched = (
                 active is not None and _SIDE[level] == _SIDE[active] and _SEVERITY[level] <= _SEVERITY[active]
             )
             if rule.beyond(level, v, latched):
                 st.onset.setdefault(level, t)
-            else:
-                st.onset.pop(level, None)
+            elif st.onset.pop(level, None) is not None:
+                st.resumed_levels.discard(level)
         if st.onset or active is not None:
             self._pending.add(stream.key)
         else:
@@ -335,6 +366,7 @@ class LimitChecker:
             st.active = target  # de-escalation: still beyond the milder limit
             return self._raise(AlarmKind.LIMIT, rule, stream, target, t, t_wall, v, t - st.onset[target])
         st.active = None
+        _unresume(st)
         return self._raise(AlarmKind.LIMIT_CLEARED, rule, stream, active, t, t_wall, v, t - st.active_since)
 
     def _raise(

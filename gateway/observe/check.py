@@ -18,8 +18,6 @@ configuration itself is wrong, 1 when only the environment is).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import datetime as dt
 import enum
 import os
@@ -37,6 +35,7 @@ from gateway.config import Config, validate
 from gateway.contracts import DriverSpec
 from gateway.errors import ConfigError, ConfigProblem, EdgetwinError, InvalidConfigError
 from gateway.outbox.space import DEFAULT_RESERVE_BYTES, DiskReserve
+from gateway.timebase import clock_synchronised
 
 EXIT_OK = 0
 EXIT_ENVIRONMENT = 1
@@ -374,22 +373,6 @@ def coverage_findings(config: Config) -> list[Finding]:
 
 
 # --- online -----------------------------------------------------------------------------------------
-
-
-def clock_synchronised() -> bool | None:
-    """What the kernel says about the clock (adjtimex): True synchronised, False not, None unknown."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name, use_errno=True)
-        buf = ctypes.create_string_buffer(512)  # struct timex, modes = 0: read only
-        state = int(libc.adjtimex(buf))
-    except (OSError, AttributeError):
-        return None
-    if state < 0:
-        return None
-    return state != 5  # TIME_ERROR: the clock is not synchronised
 
 
 def _env(level: Level, check: str, message: str, fix: str = "") -> Finding:

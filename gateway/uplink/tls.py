@@ -135,20 +135,36 @@ def _untrusted(cfg: MqttSection) -> str:
 
 
 def clock_behind(
-    cfg: MqttSection, valid_from: dt.datetime | None, now: dt.datetime | None = None
+    cfg: MqttSection,
+    valid_from: dt.datetime | None,
+    now: dt.datetime | None = None,
+    synchronised: bool | None = None,
 ) -> ClockBehindError:
-    """The broker's certificate (or its CA) is not valid yet by our clock: say what the clock reads and from when it is valid."""
+    """The broker's certificate (or its CA) is not valid yet by our clock: say what the clock reads, from when it is valid, and whose fault it is.
+
+    ``synchronised``: what the kernel says of the clock (:func:`gateway.timebase.clock_synchronised`);
+    a clock it calls synchronised is right, so the certificate's start date is in the future.
+    """
     now = now or dt.datetime.now(dt.UTC)
     if valid_from is None or valid_from <= now:  # unknown, or its CA is the one not valid yet
         since = "or its CA is not valid yet"
     else:
         since = f"is valid from {valid_from:%Y-%m-%d %H:%M:%S} UTC"
+    where = f"uplink mqtt {cfg.host}:{cfg.port}: TLS handshake refused"
+    if synchronised:
+        return ClockBehindError(
+            f"{where}: the gateway's clock reads {now:%Y-%m-%d %H:%M:%S} UTC and is synchronised, "
+            f"the broker certificate {since}: the certificate starts in the future; have it reissued, "
+            "or check the dates it was issued with (and the CA's)",
+            valid_from,
+            synchronised,
+        )
     return ClockBehindError(
-        f"uplink mqtt {cfg.host}:{cfg.port}: TLS handshake refused: the gateway's clock reads "
-        f"{now:%Y-%m-%d %H:%M:%S} UTC, the broker certificate {since}: the clock is behind; "
-        "check NTP/time sync (timedatectl status shows whether the clock is synchronized); "
-        "it connects by itself once the clock is right",
+        f"{where}: the gateway's clock reads {now:%Y-%m-%d %H:%M:%S} UTC, the broker certificate {since}: "
+        "the clock is behind; check NTP/time sync (timedatectl status shows whether the clock is "
+        "synchronized); it connects by itself once the clock is right",
         valid_from,
+        synchronised,
     )
 
 

@@ -23,6 +23,7 @@ import ssl
 from pathlib import Path
 
 from gateway.errors import ClockBehindError, EdgetwinError, TransientError
+from gateway.timebase import clock_synchronised
 from gateway.uplink import expiry, tls
 from gateway.uplink.config import MqttSection
 
@@ -157,20 +158,25 @@ async def presented(cfg: MqttSection, timeout_s: float) -> expiry.CertInfo | Non
         return None
     try:
         return await asyncio.to_thread(expiry.presented_info, der, f"{cfg.host}:{cfg.port}")
-    except (EdgetwinError, OSError):
+    except Exception:  # noqa: BLE001 - unverified, the peer's to make: one whose dates cannot be read has none to give
         return None
 
 
 async def clock_behind(cfg: MqttSection, timeout_s: float) -> ClockBehindError:
     """The error for a broker certificate not valid yet by our clock, with its start date when the broker presents it."""
     info = await presented(cfg, timeout_s)
-    return tls.clock_behind(cfg, None if info is None else info.not_before)
+    synchronised = await asyncio.to_thread(clock_synchronised)  # find_library may run ldconfig
+    return tls.clock_behind(cfg, None if info is None else info.not_before, synchronised=synchronised)
 
 
 def reported_as(cause: EdgetwinError) -> str:
-    """What a failure is logged once as: its message; a clock behind by its certificate's date (the clock's reading changes)."""
+    """What a failure is logged once as: its message; a certificate not valid yet by its kind only.
+
+    The clock's reading changes at every attempt, and the certificate's date is whatever the peer
+    presents (unverified): neither makes it a new failure.
+    """
     if isinstance(cause, ClockBehindError):
-        return f"clock behind: valid from {cause.valid_from}"
+        return f"{type(cause).__name__} (clock synchronised: {cause.synchronised})"
     return str(cause)
 
 
