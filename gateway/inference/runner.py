@@ -15,14 +15,17 @@ thread and does, per batch of windows (any mix of subjects):
 4. explain each anomaly by occlusion: the share of the score lost when one input is set to its
    normal value (``z = 0``), over the inputs that lower it.
 
-Self-healing: a model that returns NaN/inf, raises or overruns its latency budget
-``health.overruns_to_demote`` batches in a row is demoted: its windows are scored by the
+Self-healing: a model that returns NaN/inf or raises is demoted: its windows are scored by the
 statistical fallback (largest ``|z|``) and flagged ``fallback``.  While demoted the model still
-runs as a probe, and ``health.healthy_to_promote`` healthy probes in a row promote it back.  The
-latency is the worker thread's own CPU time (``time.thread_time``; the backend runs in that
-thread), so a busy machine does not change verdicts.  Inputs beyond ``health.ood_z`` demote the
-model for *that subject only*, which is promoted back after ``healthy_to_promote`` of its windows
-in range.  Every change is queued as a ``model_health`` diagnostic saying why (see
+runs as a probe, and ``health.healthy_to_promote`` healthy probes in a row promote it back.  A
+model over its latency budget ``health.overruns_to_demote`` batches in a row is demoted too (its
+state, a ``model_health`` diagnostic, a trial's rollback) but keeps serving its own verdicts: its
+scores are computed anyway, and the time a window takes depends on the machine's load and on
+whether it was explained (anomalies cost most), so verdicts must not.  The latency is the worker
+thread's own CPU time (``time.thread_time``; the backend runs in that thread), which a busy
+machine still inflates (caches, a hypervisor's steal); ``healthy_to_promote`` windows in a row
+under budget promote it back.  Inputs beyond ``health.ood_z`` demote the model for *that subject
+only*, which is promoted back after ``healthy_to_promote`` of its windows in range.  Every change is queued as a ``model_health`` diagnostic saying why (see
 :meth:`AnomalyModel.drain_events`).
 
 Each result is a three-valued verdict (:attr:`gateway.contracts.ModelResult.verdict`): a window
@@ -752,7 +755,11 @@ class AnomalyModel:
             self._demote(reason)
         elif h.demoted and not h.reason.startswith("latency"):
             self._probe(not reason)
-        serving = not h.demoted
+        # An overrun of the latency budget is reported (state, diagnostic, a trial's rollback) but
+        # never swaps the verdict: the model's scores are computed anyway (it keeps running as a
+        # probe), and the CPU time a window took varies with load and with whether the window was
+        # explained - anomalies cost most - so a fallback there made verdicts depend on the machine.
+        serving = not h.demoted or h.reason.startswith("latency")
         threshold = self.threshold
         served = [
             serving and not o and ok and math.isfinite(sc)
@@ -841,7 +848,8 @@ class AnomalyModel:
 
     def demoted_for(self, subject: str) -> bool:
         """True while the fallback scores this subject (the model's or the subject's demotion)."""
-        return self._health.demoted or subject in self._subject_demoted
+        h = self._health
+        return (h.demoted and not h.reason.startswith("latency")) or subject in self._subject_demoted
 
     def _latency(self, per_window_us: float, budget_us: float, limit: int) -> None:
         h = self._health
