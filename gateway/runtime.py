@@ -1109,7 +1109,8 @@ async def _supervise(
     hop, state = core.pipeline.hop_s, core.gateway.state_dir
     novelty = build_novelty(core.models.novelty, hop_s=hop, state_dir=state)
     scored: list[WindowModel] = [*slots, *novelty]
-    scored += build_stream_change(core.models.streams, hop_s=hop, state_dir=state, others=scored)
+    per_stream = build_stream_change(core.models.streams, hop_s=hop, state_dir=state, others=scored)
+    scored += per_stream
     try:
         fusions = config_fusions(config, scored)
         # Off the loop: building the estimators (their models among them) took ~45 ms of CPU.
@@ -1212,7 +1213,13 @@ async def _supervise(
         outbox=outbox,
         uplink=uplink,
         uplink_kind=core.uplink.kind,
-        models=[*slots, *novelty],  # the novelty detector's subjects say what judges them
+        # The novelty detector's subjects say what judges them, the per-stream detector's which
+        # streams commission (again, after a change of unit): listed where a source is of its kind.
+        models=[
+            *slots,
+            *novelty,
+            *(m for m in per_stream if any(e.info.kind == m.use.subject_kind for e in config.sources)),
+        ],
         sources=[(e.info.name, e.driver) for e in config.sources],
         pseudonym=anonymizer.subject_pseudonym,
         budget_bytes=int(core.outbox.max_mb * 1024 * 1024),

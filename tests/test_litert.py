@@ -21,7 +21,12 @@ from model_support import MODELS, NEURAL, card_of, copy_model, needs_litert
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.errors import ConfigError, CorruptDataError
 from gateway.estimation.rul import RIDGE_TOLERANCE, load_rul_model
-from gateway.inference.backends import LiteRtBackend, litert_interpreter_class, open_backend
+from gateway.inference.backends import (
+    LITERT_INTERPRETER_MODULES,
+    LiteRtBackend,
+    litert_interpreter_class,
+    open_backend,
+)
 from gateway.inference.build import ModelsSection, ModelUse, build_models
 from gateway.inference.card import CARD_SUFFIX, file_sha256, load_card
 from gateway.pipeline.features import basic_features_finite
@@ -41,7 +46,7 @@ def z_rows(n: int, width: int, seed: int) -> npt.NDArray[np.float32]:
 @pytest.fixture
 def no_litert(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make both LiteRT wheels fail to import, as on a platform without them."""
-    for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+    for module in LITERT_INTERPRETER_MODULES:
         monkeypatch.setitem(sys.modules, module, None)
 
 

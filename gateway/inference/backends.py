@@ -35,6 +35,7 @@ __all__ = [
     "DENSE_ACTIVATIONS",
     "DENSE_BATCH1_TOLERANCE",
     "DENSE_TOLERANCE",
+    "LITERT_INTERPRETER_MODULES",
     "Backend",
     "DenseBackend",
     "GraphCard",
@@ -174,9 +175,13 @@ class OnnxBackend:
         return np.asarray(y, np.float64).reshape(len(x))
 
 
+#: Where the LiteRT ``Interpreter`` class is looked for, in order: ai-edge-litert, then tflite-runtime.
+LITERT_INTERPRETER_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
+
+
 def litert_interpreter_class() -> Any | None:
     """The LiteRT ``Interpreter`` class from ai-edge-litert or tflite-runtime, or None."""
-    for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+    for module in LITERT_INTERPRETER_MODULES:
         try:
             return importlib.import_module(module).Interpreter
         except ImportError:

@@ -61,6 +61,17 @@ means and the CUSUM's scales and limit) is kept per subject in one JSON file und
 while the spreads adapted too keeps the spreads it had reached, no longer moved; recommissioning
 restores commissioning's).  The running EWMA and CUSUM sums are not kept: after a restart they
 start again from the settling windows.
+
+The means and spreads are in the units of the inputs' streams, kept with the state.  When an
+input's unit changes (degC to degF after a PLC program change, a corrected ``unit`` in the config)
+the subject is commissioned again from that window: the subspace ties the inputs together in
+their commissioning spreads, and a mean in the old unit would make the new values a false
+anomaly.  Nothing is converted: a new unit label does not say whether the values changed with it
+(a PLC rescaled, or a wrong label corrected), and commissioning again is right either way.  Units
+are compared as :func:`gateway.units.normalise` spells them (``°C`` and ``Cel`` are one unit).  The
+change is logged once and the subject's status says ``commissioning (unit changed from X to Y:
+<input>)`` until it is commissioned again.  A state stored before units were kept (version 1) is
+loaded with its units unknown: kept, each input taking its stream's unit from the next window.
 """
 
 from __future__ import annotations
@@ -83,10 +94,11 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.compiled import compiled
-from gateway.contracts import DEFAULT_MIN_COVERAGE, ModelResult, WindowRecord
+from gateway.contracts import DEFAULT_MIN_COVERAGE, ModelResult, StreamFeatures, WindowRecord
 from gateway.inference.deferred import Deferred
 from gateway.inference.partial import PARTIAL, Coverage
 from gateway.inference.statefile import state_file, store_json
+from gateway.units import normalise
 
 __all__ = [
     "CusumSums",
@@ -110,7 +122,7 @@ log = logging.getLogger(__name__)
 
 F64 = npt.NDArray[np.float64]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the inputs' units; 1 (no units) loads with its units unknown
 CUSUM_CLEAR = 10  # default clearing horizon of the residual CUSUM, windows (see PcaSpec.cusum_clear)
 # The residual CUSUM by default (NoveltyUse.cusum_k unset): its allowance (the TEP protocol's
 # choice; 1.5.0: 1.0, after 1.4.0's 0.5 held false alarms for hours on long normal operation),
@@ -603,6 +615,10 @@ class _Subject:
     normal_run: int = 0
     adapted: int = 0
     warm: int = 0  # windows scored since the detector (re)started for this subject
+    # Each input stream's unit (metric name: unit as normalise spells it); an input not listed
+    # (a state stored before units were kept) takes its stream's unit from the next window.
+    units: dict[str, str] = field(default_factory=dict)
+    why: str = ""  # why it commissions again: "X to Y: input" after a change of unit
 
 
 class NoveltyModel:
@@ -681,7 +697,9 @@ class NoveltyModel:
             if subj is None:
                 out[subject] = "not scored yet"
             elif fit is None:
-                out[subject] = "commissioning"
+                out[subject] = (
+                    f"commissioning (unit changed from {subj.why})" if subj.why else "commissioning"
+                )
             elif fit.spec.cusum_k > 0.0:
                 out[subject] = f"active (T2, SPE, residual CUSUM {fit.spec.cusum_k:g}: {self._cusum_why})"
             elif self.spec.cusum_k > 0.0:
@@ -729,8 +747,9 @@ class NoveltyModel:
             log.info(
                 "models %s: subject %s: commissioning on %d inputs", self.name, record.subject, len(subj.keys)
             )
-        self._subj[record.subject] = subj
         wanted = [sf for sf in record.streams if self._wanted(sf.stream.metric.name)]
+        subj = self._check_units(record, subj, wanted)
+        self._subj[record.subject] = subj
         if self.coverage.short_stream(record.subject, wanted):
             # Features over part of the span: not commissioned on, not judged, and no adaptation
             # follows until a run of whole normal windows (as after a gap).
@@ -789,6 +808,34 @@ class NoveltyModel:
         # fit's subspace and limits are never changed in place (adaptation rebinds the means).
         return ModelResult(score, False, Deferred(functools.partial(self._explain, fit, row[0], subj.keys)))
 
+    def _check_units(
+        self, record: WindowRecord, subj: _Subject, wanted: Sequence[StreamFeatures]
+    ) -> _Subject:
+        """``subj``, or a subject commissioning afresh when an input's unit is not the one it learned in."""
+        changed: dict[str, str] = {}
+        for sf in wanted:
+            metric, unit = sf.stream.metric.name, normalise(sf.stream.metric.unit)
+            known = subj.units.setdefault(metric, unit)  # unknown (first seen, or stored without): taken
+            if known != unit:
+                changed[metric] = f"{known or '(none)'} to {unit or '(none)'}: {metric}"
+        if not changed:
+            return subj
+        units = subj.units | {sf.stream.metric.name: normalise(sf.stream.metric.unit) for sf in wanted}
+        why = "; ".join(changed.values())
+        log.warning(
+            "models %s: subject %s: unit changed from %s: its statistics are in the old unit, so it is "
+            "commissioned again from this window (%d windows) and not judged until then",
+            self.name,
+            record.subject,
+            why,
+            self._need,
+        )
+        self.recommission(record.subject)
+        fresh = _Subject(self._keys(record), units=units, why=why)
+        # Stored at once: a restart must not bring the statistics in the old unit back.
+        self._save(record.subject, fresh)
+        return fresh
+
     def _explain(
         self, fit: PcaFit, row: F64, keys: tuple[str, ...], sums: CusumSums | None = None
     ) -> dict[str, float]:
@@ -836,6 +883,7 @@ class NoveltyModel:
             self._cusum_why,
         )
         subj.rows = []
+        subj.why = ""
         self._save(subject, subj)
 
     def recommission(self, subject: str) -> None:
@@ -857,7 +905,7 @@ class NoveltyModel:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             key = raw["spec"]
-            if raw["version"] != STATE_VERSION or key not in (
+            if raw["version"] not in (1, STATE_VERSION) or key not in (
                 list(self._spec_key()),
                 list(self._spec_key(cusum=False)),
             ):
@@ -865,11 +913,24 @@ class NoveltyModel:
                     "models %s: stored state of another version or settings; commissioning again", self.name
                 )
                 return None
-            subj = _Subject(tuple(raw["keys"]), [list(map(float, r)) for r in raw["rows"]])
+            subj = _Subject(
+                tuple(raw["keys"]),
+                [list(map(float, r)) for r in raw["rows"]],
+                # Version 1 kept no units: each input's is taken from its next window.
+                units={str(m): str(u) for m, u in dict(raw.get("units", {})).items()},
+                why=str(raw.get("why", "")),
+            )
             subj.fit = None if raw["fit"] is None else PcaFit.from_json(raw["fit"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("models %s: stored state %s unusable (%s); commissioning again", self.name, path, exc)
             return None
+        if raw["version"] == 1:
+            log.info(
+                "models %s: subject %s: stored state has no units (version 1): kept, each input in its "
+                "stream's unit from the next window",
+                self.name,
+                subject,
+            )
         if subj.fit is not None and subj.fit.n_inputs != len(subj.keys):
             log.warning(
                 "models %s: stored state %s: inputs and fit differ; commissioning again", self.name, path
@@ -911,6 +972,8 @@ class NoveltyModel:
             "keys": list(subj.keys),
             "rows": subj.rows,
             "fit": None if subj.fit is None else subj.fit.to_json(),
+            "units": subj.units,
+            "why": subj.why,
         }
         store_json(path, body, self.name)
 

@@ -39,7 +39,19 @@ outage: :mod:`gateway.inference.partial`) is skipped for that window like an abs
 learned from nor stepped; while it is flagged the window is indeterminate (``partial``), not a
 sign that the subject is normal again.
 
-Commissioning values and fitted levels persist per subject under ``<state_dir>/models/``.
+A stream's baseline is in its unit (the OPC UA tag's EngineeringUnits, a configured unit, a
+driver's UCUM code).  When a stream's unit changes (degC to degF after a PLC program change, a
+corrected ``unit`` in the config) that stream is commissioned again from its next window: its
+values are not judged against a baseline in another unit (a false change) nor learned into it.
+The baseline is not converted: a new unit label does not say whether the values changed with it
+(a PLC rescaled, or a wrong label corrected) and commissioning again is right either way.  Units
+are compared as :func:`gateway.units.normalise` spells them (``°C`` and ``Cel`` are one unit).
+The change is logged once, and until that stream is commissioned again (across restarts too) the
+subject's status says ``commissioning (unit changed from X to Y: <stream>)``.
+
+Commissioning values, fitted levels and each stream's unit persist per subject under
+``<state_dir>/models/``.  A state stored before units were kept (version 2) is loaded with its
+baselines' units unknown: kept, each taking its stream's unit from the next window.
 """
 
 from __future__ import annotations
@@ -49,7 +61,7 @@ import json
 import logging
 import math
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -59,6 +71,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gateway.contracts import DEFAULT_MIN_COVERAGE, ModelResult, WindowModel, WindowRecord
 from gateway.inference.partial import PARTIAL, Coverage
 from gateway.inference.statefile import state_file, store_json
+from gateway.units import normalise
 
 __all__ = ["StreamChange", "StreamUse", "build_stream_change"]
 
@@ -66,7 +79,7 @@ log = logging.getLogger(__name__)
 
 NAME = "stream_change"
 _SAVE_EVERY = 20
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: each stream's unit; 2 (no units) loads with its units unknown
 DAY_S = 86_400.0
 _MIN_PER_HOUR = 3  # commissioning values an hour of the day needs for its own level
 
@@ -135,6 +148,10 @@ class _Stream:
     down: float = 0.0
     active: bool = False  # flagged, until back at its baseline
     recent: list[float] = field(default_factory=list)  # CUSUM-step deviations while flagged
+    # The unit of its values and baseline; None: unknown (stored before units were kept), taken
+    # from the stream's next window.
+    unit: str | None = None
+    why: str = ""  # why it commissions again: "X to Y" after a change of unit
 
 
 class StreamChange:
@@ -166,6 +183,21 @@ class StreamChange:
         """Windows each stream needs before it is judged."""
         return self._need
 
+    def subject_states(self, known: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
+        """Per subject scored so far: ``commissioning`` (and why, after a change of unit) or ``active``."""
+        del known  # only subjects the scoring thread has seen: reading a state file here would race
+        out: dict[str, str] = {}
+        # Copies: the scoring thread adds subjects and streams meanwhile.
+        for subject, streams in list(self._state.items()):
+            changed = [f"{st.why}: {key}" for key, st in list(streams.items()) if st.why]
+            if changed:
+                out[subject] = f"commissioning (unit changed from {'; '.join(changed)})"
+            elif not streams or any(st.level is None for st in list(streams.values())):
+                out[subject] = "commissioning"
+            else:
+                out[subject] = "active"
+        return out
+
     def applies_to(self, record: WindowRecord) -> bool:
         """Subjects of the configured kind that no other model scores."""
         if record.kind != self.use.subject_kind or (self._subjects and record.subject not in self._subjects):
@@ -190,7 +222,7 @@ class StreamChange:
         hour = self._hour(record) if u.seasonality == "daily" else 0
         scores: dict[str, float] = {}
         flagged: list[str] = []
-        learning = fitted = False
+        learning = fitted = recommission = False
         # A stream holding part of its window is skipped like an absent one: not learned from,
         # no CUSUM step; while it is flagged the window cannot say the subject is normal.
         cover = self.coverage
@@ -199,14 +231,25 @@ class StreamChange:
         for sf in record.streams:
             value = sf.features.get(u.feature)
             key = sf.stream.metric.name
+            unit = normalise(sf.stream.metric.unit)
+            st = streams.get(key)
+            # Before the gap and partial checks: a window a stream only starts to fill in its new
+            # unit (after a restart, a reconnect) already says its baseline is in another.
+            if st is not None and st.unit != unit:
+                if st.unit is None:
+                    st.unit = unit  # stored before units were kept: the baseline is taken to be in this one
+                else:
+                    st = streams[key] = self._unit_changed(record.subject, key, st.unit, unit)
+                    recommission = True
             if value is None or not math.isfinite(value):
                 # A flagged stream in a gap says nothing either: its change is not over.
-                gapped = gapped or (key in streams and streams[key].active)
+                gapped = gapped or (st is not None and st.active)
                 continue
             if short and sf.partial(cover.min_coverage):
-                held = held or (key in streams and streams[key].active)
+                held = held or (st is not None and st.active)
                 continue
-            st = streams.setdefault(key, _Stream())
+            if st is None:
+                st = streams[key] = _Stream(unit=unit)
             if st.level is None:
                 learning = True
                 st.values.append(value)
@@ -215,6 +258,7 @@ class StreamChange:
                 if len(st.values) >= self._need:
                     self._fit(st, stride)
                     fitted = True
+                    st.why = ""
                     log.info("models %s: subject %s stream %s commissioned", NAME, record.subject, key)
                 continue
             z = (value - (st.levels[hour] if st.levels else st.level)) / st.spread
@@ -241,10 +285,11 @@ class StreamChange:
                 st.active, st.recent = True, []
             if st.active:
                 flagged.append(key)
-        if learning:
-            n = self._learned[record.subject] = self._learned.get(record.subject, 0) + 1
-            if fitted or n % self._save_every == 0:
-                self._save(record.subject, streams)
+        n = self._learned.get(record.subject, 0) + learning
+        self._learned[record.subject] = n
+        # Stored at once after a change of unit: a restart must not bring the old baseline back.
+        if recommission or (learning and (fitted or n % self._save_every == 0)):
+            self._save(record.subject, streams)
         if (short and not scores and not learning) or (held and not flagged):
             cover.partial_windows += 1
             return PARTIAL
@@ -257,6 +302,20 @@ class StreamChange:
         total = sum(weight.values())
         contributions = {k: round(v / total, 4) for k, v in sorted(weight.items(), key=lambda kv: -kv[1])}
         return ModelResult(score, True, dict(list(contributions.items())[:5]))
+
+    def _unit_changed(self, subject: str, key: str, old: str, new: str) -> _Stream:
+        """A fresh stream in ``new`` in place of one whose baseline is in ``old``; logged and shown in the status."""
+        log.warning(
+            "models %s: subject %s stream %s: unit changed from %s to %s: its baseline is in the old unit, "
+            "so it is commissioned again from this window (about %.0f s) and not judged until then",
+            NAME,
+            subject,
+            key,
+            old or "(none)",
+            new or "(none)",
+            self._need * self._hop_s,
+        )
+        return _Stream(unit=new, why=f"{old or '(none)'} to {new or '(none)'}")
 
     def _fit(self, st: _Stream, stride: int) -> None:
         u = self.use
@@ -297,8 +356,8 @@ class StreamChange:
     def _path(self, subject: str) -> Path | None:
         return state_file(self._state_dir, NAME, subject)
 
-    def _key(self) -> list[object]:
-        return [STATE_VERSION, self._need, self.use.seasonality, self.use.day_offset_h]
+    def _key(self, version: int = STATE_VERSION) -> list[object]:
+        return [version, self._need, self.use.seasonality, self.use.day_offset_h]
 
     def _load(self, subject: str) -> dict[str, _Stream]:
         path = self._path(subject)
@@ -306,7 +365,16 @@ class StreamChange:
             return {}
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            if raw.get("key") != self._key():
+            if raw.get("key") == self._key(2):
+                # Stored before units were kept: each baseline is taken to be in its stream's unit
+                # at the next window (a unit that changed while the gateway was down is not seen).
+                log.info(
+                    "models %s: subject %s: stored state has no units (version 2): baselines kept, "
+                    "each in its stream's unit from the next window",
+                    NAME,
+                    subject,
+                )
+            elif raw.get("key") != self._key():
                 log.info("models %s: stored state of other settings; commissioning again", NAME)
                 return {}
             return {
@@ -318,6 +386,8 @@ class StreamChange:
                     float(v["spread"]),
                     float(v["memory"]),
                     float(v["slack"]),
+                    unit=None if v.get("unit") is None else str(v["unit"]),
+                    why=str(v.get("why", "")),
                 )
                 for k, v in raw["streams"].items()
             }
@@ -338,6 +408,8 @@ class StreamChange:
                     "spread": s.spread,
                     "memory": s.memory,
                     "slack": s.slack,
+                    "unit": s.unit,
+                    "why": s.why,
                 }
                 for k, s in streams.items()
             },

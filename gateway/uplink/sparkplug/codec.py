@@ -291,6 +291,11 @@ def _opcua_codes() -> dict[str, int]:
     return status_numbers()
 
 
+def opcua_codes_loaded() -> bool:
+    """True once the OPC UA status table is read (its first read imports asyncua: seconds on a Pi)."""
+    return _opcua_codes.cache_info().currsize > 0
+
+
 def opcua_status_code(token: str) -> int | None:
     """The numeric OPC UA StatusCode a driver's status token names, or None when unknown."""
     return _opcua_codes().get(token)

@@ -125,6 +125,7 @@ class SparkplugNode:
         self.counters = NodeCounters()
         self.delivered = 0
         self.bdseq = -1  # of the current connection
+        self._will_given = False  # the bdSeq went out in a CONNECT's Will: the next CONNECT takes a new one
         self.seq = 0  # of the last message published
         self.backlog_through = 0
         self._session: Session | None = None
@@ -187,7 +188,8 @@ class SparkplugNode:
         return codec.topic(self.group, message_type, self.node_id, device)
 
     def _will(self) -> tuple[str, bytes]:
-        # Called once per CONNECT, after run has put this connection's bdSeq on disk.
+        # Called once per CONNECT (after the TCP connection is up), once run has put this bdSeq on disk.
+        self._will_given = True
         return self.topic("NDEATH"), codec.ndeath(self.bdseq, _now_ms())
 
     # --- the reconnect loop ---------------------------------------------------------------------------------
@@ -210,7 +212,13 @@ class SparkplugNode:
             try:
                 # This connection's bdSeq is on disk before a socket is opened (a restart after a
                 # power cut never reuses the one the broker holds in our Will), written off the loop.
-                self.bdseq = await self.catalog.next_bdseq()
+                # A new one only once the last went out in a CONNECT: attempts that failed before
+                # (files, DNS, TCP) use none, so the next NBIRTH carries the last CONNECT's bdSeq + 1.
+                if self._will_given or self.bdseq < 0:
+                    self.bdseq = await self.catalog.next_bdseq()
+                    self._will_given = False
+                else:
+                    await self.catalog.write()  # no CONNECT while the state file cannot be written
                 async with self._connection as session:
                     self.counters.connects += 1
                     if attempt or reported:
@@ -638,6 +646,10 @@ class SparkplugNode:
         session.replaying = historical  # the status shows a replay in progress
         ts = codec.timestamp_ms(record)
         pts += self._sensor_quality(key, record)
+        if not codec.opcua_codes_loaded() and any(p.status is not None for p in pts):
+            # The first OPC UA status: its table's import (0.7 s on x86, seconds on a Pi or at load)
+            # runs off the loop, once; gateways without OPC UA never load asyncua for it.
+            await asyncio.to_thread(codec.opcua_status_code, "")
         self._track_devices(key, record)
         if self.catalog.learn(key, pts):
             # On disk before the birth announces the new aliases; written off the loop (fsync).
@@ -713,6 +725,9 @@ class SparkplugNode:
         out: list[Point] = []
         for name, entry in known.items():
             if name.startswith(("Alarms/", "Scores/", "Estimates/", "Diagnostics/")):
+                continue
+            # The left-out counts are the evidence on a fault and stay true when the values are not.
+            if "/left_out/" in name:
                 continue
             if not prefixes or name.startswith(prefixes):
                 out.append(

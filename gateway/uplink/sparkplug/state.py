@@ -198,7 +198,7 @@ class Catalog:
             ) from exc
 
     async def next_bdseq(self) -> int:
-        """The bdSeq of the next CONNECT (0..255, wrapping), on disk when this returns (raises TransientError)."""
+        """A new bdSeq (0..255, wrapping) for the next CONNECT, on disk when this returns (raises TransientError)."""
         self.bdseq = (self.bdseq + 1) % 256
         await self.write()
         return self.bdseq
