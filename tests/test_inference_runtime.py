@@ -334,7 +334,7 @@ def test_out_of_range_inputs_demote_one_subject_only_then_promote_it() -> None:
     assert r.verdict == "normal"
 
 
-def test_latency_overrun_demotes_and_recovers() -> None:
+def test_latency_overrun_is_over_budget_not_demoted_and_recovers() -> None:
     model = pump_model()
     rng = np.random.default_rng(7)
     commission(model, rng)
@@ -344,19 +344,28 @@ def test_latency_overrun_demotes_and_recovers() -> None:
     model.card = tight
     for k in range(3):
         model.score_batch([pump_window(20 + k, rng)])
-    assert model.demoted
-    assert [e.detail["reason"] for e in health_events(model)] == ["latency_budget"]
+    assert not model.demoted  # the fallback does not score it: "demoted" would be untrue
+    assert model.over_budget
+    assert model.stats()["state"] == "over_budget"
+    (ev,) = health_events(model)
+    assert (ev.detail["state"], ev.detail["reason"]) == ("over_budget", "latency_budget")
+    assert float(ev.detail["latency_p99_us"]) > float(ev.detail["latency_budget_us"]) == 1e-3
+    # Reported, but the model's own verdict still serves (the fallback would not save the time).
     (r,) = model.score_batch([pump_window(30, rng)])
-    assert r.fallback
+    assert not r.fallback
+    assert r.verdict == "normal"
+    assert not model.demoted_for("pump-1")
     model.card = tight.model_copy(
         update={"health": tight.health.model_copy(update={"latency_budget_us": 1e6})}
     )
     for k in range(5):
         model.score_batch([pump_window(31 + k, rng)])
     assert model.stats()["state"] == "healthy"
+    assert [e.detail["state"] for e in health_events(model)] == ["within_budget"]
     stats = model.stats()
-    assert stats["demotions"] == 1
-    assert stats["promotions"] == 1
+    assert stats["budget_overruns"] == 1
+    assert stats["demotions"] == 0
+    assert stats["promotions"] == 0
     assert float(stats["latency_p99_us"]) > 0
 
 

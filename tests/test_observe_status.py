@@ -297,14 +297,15 @@ def test_windows_held_for_their_batch_are_counted(
     assert gw.proc.returncode == 0, err
 
 
-def test_outbox_near_budget_and_model_demoted(
+def test_outbox_near_budget_and_model_over_budget(
     tmp_path: Path, notify: Notify, capsys: pytest.CaptureFixture[str]
 ) -> None:
     state = tmp_path / "state"
     with Outbox(state / "outbox.db") as ob:
         now = time.time()
         ob.put_many([OutItem(Lane.FEATURES, "features/aaaa", b"x" * 1000, now) for _ in range(92)])
-    # A latency budget no model can meet: three overruns in a row demote it to the fallback.  On
+    # A latency budget no model can meet: three overruns in a row put it over budget (reported, its
+    # own verdicts still serve: no fallback, so the status must not say "demoted").  On
     # 10 s windows (not the card's 5 min) it judges a window a few seconds after the start.
     config = _config(
         tmp_path,
@@ -330,10 +331,12 @@ def test_outbox_near_budget_and_model_demoted(
         assert re.search(r"^  features +\d+ queued +\d+ bytes  oldest \d+ s", text, re.MULTILINE)
         assert re.match(budget, _wait_status_line(notify, "^outbox at"))
 
-        # Model demoted: per subject in the JSON and the text, counted in the headline.
-        snap = gw.wait(capsys, lambda s: s["models"] and s["models"][0]["state"] == "demoted", "demoted")
+        # Model over budget: in the JSON and the text with its figures, counted in the headline.
+        snap = gw.wait(capsys, lambda s: s["models"] and s["models"][0]["state"] == "over_budget", "over")
         (model,) = snap["models"]
-        assert [x["state"] for x in model["subjects"]] == ["demoted"]
+        assert model["latency_budget_us"] == 0.001
+        assert model["latency_p99_us"] > model["latency_budget_us"]
+        assert [x["state"] for x in model["subjects"]] == ["active"]
         # The first windows after the start held only the seconds since: counted, not judged.
         assert model["partial_windows"] >= 5
         assert snap["health"] == "degraded"
@@ -341,7 +344,8 @@ def test_outbox_near_budget_and_model_demoted(
         rc, text = gw.status(capsys)
         assert rc == 1
         assert re.search(
-            r"^  vitals_mimic: demoted; [a-z2-7]{16} demoted; \d+ windows partial, not judged$",
+            r"^  vitals_mimic: over its latency budget \(p99 \d+ us > 0 us\), its own verdicts serve; "
+            r"[a-z2-7]{16} active; \d+ windows partial, not judged$",
             text,
             re.MULTILINE,
         )
@@ -354,6 +358,13 @@ def test_model_demoted_is_the_headline_when_alone() -> None:
     snap = _snap(models=[{"name": "vitals_mimic", "state": "demoted", "subjects": []}])
     assert health(snap) == "degraded"
     assert headline(snap) == "model vitals_mimic demoted"
+
+
+def test_model_over_budget_is_not_called_demoted() -> None:
+    m = {"name": "vitals_mimic", "state": "over_budget", "latency_p99_us": 812.4, "latency_budget_us": 200.0}
+    snap = _snap(models=[m | {"subjects": []}])
+    assert health(snap) == "degraded"
+    assert headline(snap) == "model vitals_mimic over its latency budget (p99 812 us > 200 us)"
 
 
 def _snap(**over: Any) -> dict[str, Any]:

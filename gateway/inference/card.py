@@ -85,12 +85,13 @@ class FallbackSpec(_Strict):
 
 
 class HealthSpec(_Strict):
-    """When the runtime demotes a model to its fallback and when it promotes it back."""
+    """When the runtime demotes a model to its fallback (or reports it over budget), and back."""
 
     latency_budget_us: float = Field(200.0, gt=0)  # per window, model call plus pre/post-processing
-    overruns_to_demote: int = Field(3, ge=1)  # consecutive batches over budget
+    # Consecutive batches over budget that report it ``over_budget`` (the name is older: no demotion).
+    overruns_to_demote: int = Field(3, ge=1)
     ood_z: float = Field(200.0, gt=0)  # |z| beyond this is far outside the training statistics
-    healthy_to_promote: int = Field(5, ge=1)  # consecutive healthy probes while demoted
+    healthy_to_promote: int = Field(5, ge=1)  # consecutive healthy probes (or windows under budget)
 
 
 class ModelCard(_Strict):

@@ -15,14 +15,18 @@ thread and does, per batch of windows (any mix of subjects):
 4. explain each anomaly by occlusion: the share of the score lost when one input is set to its
    normal value (``z = 0``), over the inputs that lower it.
 
-Self-healing: a model that returns NaN/inf, raises or overruns its latency budget
-``health.overruns_to_demote`` batches in a row is demoted: its windows are scored by the
+Self-healing: a model that returns NaN/inf or raises is demoted: its windows are scored by the
 statistical fallback (largest ``|z|``) and flagged ``fallback``.  While demoted the model still
-runs as a probe, and ``health.healthy_to_promote`` healthy probes in a row promote it back.  The
-latency is the worker thread's own CPU time (``time.thread_time``; the backend runs in that
-thread), so a busy machine does not change verdicts.  Inputs beyond ``health.ood_z`` demote the
-model for *that subject only*, which is promoted back after ``healthy_to_promote`` of its windows
-in range.  Every change is queued as a ``model_health`` diagnostic saying why (see
+runs as a probe, and ``health.healthy_to_promote`` healthy probes in a row promote it back.  A
+model over its latency budget ``health.overruns_to_demote`` batches in a row is *not* demoted: it
+is ``over_budget`` (its state, a ``model_health`` diagnostic with the p99 and the budget, a
+trial's rollback) and keeps serving its own verdicts: its scores are computed anyway, and the
+time a window takes depends on the machine's load and on whether it was explained (anomalies
+cost most), so verdicts must not.  The latency is the worker
+thread's own CPU time (``time.thread_time``; the backend runs in that thread), which a busy
+machine still inflates (caches, a hypervisor's steal); ``healthy_to_promote`` windows in a row
+under budget end the overrun (``within_budget``).  Inputs beyond ``health.ood_z`` demote the model for *that subject
+only*, which is promoted back after ``healthy_to_promote`` of its windows in range.  Every change is queued as a ``model_health`` diagnostic saying why (see
 :meth:`AnomalyModel.drain_events`).
 
 Each result is a three-valued verdict (:attr:`gateway.contracts.ModelResult.verdict`): a window
@@ -270,9 +274,12 @@ class _Resolved:
 
 @dataclass(slots=True)
 class _Health:
-    demoted: bool = False
+    demoted: bool = False  # the fallback scores the model's windows
     reason: str = ""
+    over_budget: bool = False  # reported only: the model's own verdicts still serve
     overruns: int = 0
+    under_budget: int = 0
+    budget_overruns: int = 0
     healthy_probes: int = 0
     demotions: int = 0
     promotions: int = 0
@@ -401,15 +408,17 @@ class AnomalyModel:
         lat = np.asarray(h.latencies_us) if h.latencies_us else np.zeros(1)
         return {
             "model": self.name,
-            "state": "demoted" if h.demoted else "healthy",
+            "state": "demoted" if h.demoted else "over_budget" if h.over_budget else "healthy",
             "precision": self.backend.precision,
             "latency_p50_us": float(np.percentile(lat, 50)),
             "latency_p99_us": float(np.percentile(lat, 99)),
+            "latency_budget_us": self.card.health.latency_budget_us,
             "model_windows": h.model_windows,
             "fallback_windows": h.fallback_windows,
             "partial_windows": self.coverage.partial_windows,
             "demotions": h.demotions,
             "promotions": h.promotions,
+            "budget_overruns": h.budget_overruns,
         }
 
     def subject_states(self, known: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
@@ -440,8 +449,13 @@ class AnomalyModel:
 
     @property
     def demotion_reason(self) -> str:
-        """Why the whole model is demoted now (``non_finite_output``, ``latency_budget``, ...), or ""."""
+        """Why the whole model is demoted now (``non_finite_output``, ``backend_error``), or ""."""
         return self._health.reason if self._health.demoted else ""
+
+    @property
+    def over_budget(self) -> bool:
+        """True while the model runs over its latency budget (its own verdicts still serve)."""
+        return self._health.over_budget
 
     def sibling(self, card: ModelCard, card_dir: Path, *, tag: str) -> AnomalyModel:
         """Another version of this model with this site's settings (subjects, input mapping, rules).
@@ -750,8 +764,10 @@ class AnomalyModel:
             score_list = scores.tolist()
         if not h.demoted and reason:
             self._demote(reason)
-        elif h.demoted and not h.reason.startswith("latency"):
+        elif h.demoted:
             self._probe(not reason)
+        # An overrun of the latency budget is reported (state, diagnostic, a trial's rollback) but
+        # never swaps the verdict (see _latency).
         serving = not h.demoted
         threshold = self.threshold
         served = [
@@ -827,13 +843,21 @@ class AnomalyModel:
         )
         self._queue_health(state, reason, subject, key)
 
-    def _queue_health(self, state: str, reason: str, subject: str | None = None, key: str = "") -> None:
+    def _queue_health(
+        self,
+        state: str,
+        reason: str,
+        subject: str | None = None,
+        key: str = "",
+        figures: Mapping[str, float] | None = None,
+    ) -> None:
         """Queue one ``model_health`` diagnostic: the model's (no subject) or a subject's, of one input."""
         detail: dict[str, float | str] = {
             "model": self.name,
             "state": state,
             "reason": reason,
             "precision": self.backend.precision,
+            **(figures or {}),
         }
         if key:
             detail["input"] = key
@@ -841,18 +865,45 @@ class AnomalyModel:
 
     def demoted_for(self, subject: str) -> bool:
         """True while the fallback scores this subject (the model's or the subject's demotion)."""
-        return self._health.demoted or subject in self._subject_demoted
+        h = self._health
+        return h.demoted or subject in self._subject_demoted
 
     def _latency(self, per_window_us: float, budget_us: float, limit: int) -> None:
+        """Report (never act on) runs over the latency budget: ``over_budget`` / ``within_budget``.
+
+        The model's verdicts stay its own: the CPU time a window took varies with load and with
+        whether the window was explained (anomalies cost most), so a fallback here would make
+        verdicts depend on the machine, and the fallback would not give the time back anyway.
+        """
         h = self._health
         if per_window_us > budget_us:
             h.overruns += 1
-            if not h.demoted and h.overruns >= limit:
-                self._demote("latency_budget")
+            h.under_budget = 0
+            if not h.over_budget and h.overruns >= limit:
+                h.over_budget = True
+                h.budget_overruns += 1
+                p99 = float(np.percentile(np.asarray(h.latencies_us), 99))
+                log.warning(
+                    "models %s: over its latency budget (p99 %.0f us per window > %.0f us, %d batches "
+                    "in a row); its own verdicts still serve: check the machine's load or the card's budget",
+                    self.name,
+                    p99,
+                    budget_us,
+                    h.overruns,
+                )
+                figures = {"latency_p99_us": round(p99, 1), "latency_budget_us": budget_us}
+                self._queue_health("over_budget", "latency_budget", figures=figures)
         else:
             h.overruns = 0
-            if h.demoted and h.reason.startswith("latency"):
-                self._probe(True)
+            if h.over_budget:
+                h.under_budget += 1
+                if h.under_budget >= self.card.health.healthy_to_promote:
+                    h.over_budget = False
+                    h.under_budget = 0
+                    log.info("models %s: back within its latency budget (%.0f us)", self.name, budget_us)
+                    self._queue_health(
+                        "within_budget", "latency_budget", figures={"latency_budget_us": budget_us}
+                    )
 
     def _explain_one(self, z: F64, clip: float) -> dict[str, float]:
         """The occlusion shares of one window (a row of ``z``)."""

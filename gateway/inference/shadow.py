@@ -45,8 +45,14 @@ __all__ = ["Acceptance", "Outcome", "Slot", "ks_statistic", "open_slots", "versi
 
 log = logging.getLogger(__name__)
 
-#: Demotion reasons of a promoted version that roll it back at once.
+#: Health reasons of a promoted version that roll it back at once (a demotion or a latency overrun).
 REGRESSIONS = frozenset({"non_finite_output", "backend_error", "latency_budget"})
+#: How a rollback's detail says each regression (an overrun is no demotion: its verdicts served).
+_ROLLBACK_WORDS = {
+    "non_finite_output": "demoted for non-finite output",
+    "backend_error": "demoted for a backend error",
+    "latency_budget": "over its latency budget",
+}
 
 
 class Acceptance(BaseModel):
@@ -320,7 +326,7 @@ class Slot:
                     trial.active_scores.append(a.score)
         # The candidate's alarms are counted above, never raised; its health changes are counted.
         for event in trial.model.drain_events():
-            if isinstance(event, Diagnostic) and event.detail.get("state") == "demoted":
+            if isinstance(event, Diagnostic) and event.detail.get("state") in ("demoted", "over_budget"):
                 trial.health += 1
         rules = trial.rules
         if trial.health > rules.max_health_events:
@@ -404,7 +410,7 @@ class Slot:
 
     def _regression(self, active: AnomalyModel, results: Sequence[ModelResult]) -> str:
         """Why the freshly promoted version must go back ("" when it is healthy)."""
-        why = active.demotion_reason
+        why = active.demotion_reason or ("latency_budget" if active.over_budget else "")
         if why in REGRESSIONS:
             return why
         for r in results:
@@ -426,7 +432,9 @@ class Slot:
             self.previous, self.previous_version = None, None
         bad.drain_events()  # its own demotion notice: the rollback below says what happened
         self.active.keep_state_in(self._state_dir)  # its statistics files again (the other wrote there)
-        detail = f"v{bad_version} {why.replace('_', ' ')}: v{self.version} serves again"
+        detail = (
+            f"v{bad_version} {_ROLLBACK_WORDS.get(why, why.replace('_', ' '))}: v{self.version} serves again"
+        )
         log.warning("models %s: rolled back: %s", self.name, detail)
         self._note(Outcome("rolled-back", bad_version, why.replace("_", "-"), detail, restored=self.version))
         return self.active.score_batch(records)

@@ -115,12 +115,18 @@ def families(snap: dict[str, Any]) -> Iterator[GaugeMetricFamily | CounterMetric
     yield from (connected, since, delivered, backlog, held, latency)
 
     demoted = _gauge("edgetwin_model_demoted", "1 while the model is demoted to its fallback", ["model"])
+    over = _gauge(
+        "edgetwin_model_over_budget",
+        "1 while the model runs over its latency budget (its verdicts serve)",
+        ["model"],
+    )
     model_latency = _gauge("edgetwin_model_latency_seconds", "median model latency per window", ["model"])
     for m in snap["models"]:
         demoted.add_metric([m["name"]], 1.0 if m["state"] == "demoted" else 0.0)
+        over.add_metric([m["name"]], 1.0 if m["state"] == "over_budget" else 0.0)
         if m.get("latency_p50_us") is not None:
             model_latency.add_metric([m["name"]], m["latency_p50_us"] / 1e6)
-    yield from (demoted, model_latency)
+    yield from (demoted, over, model_latency)
 
     alarms = _gauge("edgetwin_alarms_active", "alarms active now per kind", ["kind"])
     counts: dict[str, int] = {}

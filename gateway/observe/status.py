@@ -208,8 +208,13 @@ class StatusBoard:
             out.append(
                 {
                     "name": model.name,
-                    "state": "demoted" if getattr(model, "demoted", False) else "active",
+                    # "over_budget": reported only, the model's own verdicts still serve.
+                    "state": {"healthy": "active"}.get(
+                        str(stats.get("state")), str(stats.get("state", "active"))
+                    ),
                     "latency_p50_us": stats.get("latency_p50_us"),
+                    "latency_p99_us": stats.get("latency_p99_us"),
+                    "latency_budget_us": stats.get("latency_budget_us"),
                     # Windows not judged because an input held too little of its span (a start, an outage).
                     "partial_windows": coverage.partial_windows if coverage is not None else 0,
                     "subjects": [
@@ -395,6 +400,9 @@ def _problems(snap: Mapping[str, Any]) -> tuple[list[str], list[str]]:
             where = " ".join(x for x in (alarm["source"], alarm["metric"]) if x)
             degraded.append(f"{where} {what} {alarm['since_s']:.0f} s")
     degraded += [f"model {m['name']} demoted" for m in snap["models"] if m["state"] == "demoted"]
+    degraded += [
+        f"model {m['name']} {_over_budget(m)}" for m in snap["models"] if m["state"] == "over_budget"
+    ]
     return down, degraded
 
 
@@ -490,7 +498,10 @@ def render_text(snap: Mapping[str, Any]) -> str:
             subjects = ", ".join(f"{x['subject']} {x['state']}" for x in m["subjects"]) or "no subject yet"
             partial = m.get("partial_windows", 0)
             held = f"; {partial} windows partial, not judged" if partial else ""
-            lines.append(f"  {m['name']}: {m['state']}; {subjects}{held}")
+            state = (
+                f"{_over_budget(m)}, its own verdicts serve" if m["state"] == "over_budget" else m["state"]
+            )
+            lines.append(f"  {m['name']}: {state}; {subjects}{held}")
     ob = snap["outbox"]
     lines += [
         "",
@@ -527,3 +538,10 @@ def _last_loss(outbox: Any) -> dict[str, object] | None:
     """The newest loss, as the status topic and the diagnostics name it (None when none)."""
     last = outbox.report().last if hasattr(outbox, "report") else None
     return None if last is None else last.as_dict()
+
+
+def _over_budget(model: Mapping[str, Any]) -> str:
+    """A latency overrun with its figures: "over its latency budget (p99 812 us > 200 us)"."""
+    p99, budget = model.get("latency_p99_us"), model.get("latency_budget_us")
+    figures = f" (p99 {p99:.0f} us > {budget:.0f} us)" if p99 is not None and budget is not None else ""
+    return f"over its latency budget{figures}"
