@@ -8,6 +8,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests judge what is generated, not how fast: beside five other workers on two cores
+# input generation alone can take over a second, which Hypothesis's speed check would fail.
+settings.register_profile("suite", suppress_health_check=[HealthCheck.too_slow], deadline=None)
+settings.load_profile("suite")
 
 # Longer than any one of the marked tests takes on a loaded machine, shorter than pytest's timeout.
 _LOCK_WAIT_S = 600.0
