@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -145,6 +146,32 @@ def test_a_promoted_model_that_returns_nan_is_rolled_back_within_the_window(tmp_
     (r,) = slot.score_batch([pump_window(122, rng)])
     assert r.verdict == "normal"
     assert not r.fallback
+
+
+def test_a_version_over_its_latency_budget_is_judged_by_its_median_not_rejected_or_rolled_back(
+    tmp_path: Path,
+) -> None:
+    """Load alone neither rejects a candidate nor rolls a promoted one back: the median rule judges time."""
+    rng = np.random.default_rng(5)
+    # Every window takes 10 ms of the model's clock, ten times the card's budget: over budget after
+    # three batches, as on a machine under load (the candidate shares the serving version's clock).
+    active = pump_model(tmp_path, clock=itertools.count(0.0, 0.01).__next__)
+    commission(active, rng)
+    slot = Slot(active, state_dir=tmp_path)
+    model, card = shipped_int8()
+    candidate = _candidate(slot.active, tmp_path, card, model)
+    slot.stage(candidate, 2, Acceptance(windows=10, max_latency_us=50_000.0))
+    for k in range(10):
+        slot.score_batch([pump_window(100 + k, rng)])
+    assert candidate.over_budget
+    (outcome,) = slot.take_outcomes()
+    assert (outcome.kind, outcome.reason) == ("promoted", "rules-met")
+    for k in range(5):
+        (r,) = slot.score_batch([pump_window(120 + k, rng)])
+        assert r.verdict == "normal"
+    assert slot.take_outcomes() == []
+    assert (slot.version, slot.active) == (2, candidate)
+    assert slot.stats()["state"] == "over_budget"
 
 
 def test_an_alarm_storm_after_promotion_rolls_back(tmp_path: Path) -> None:

@@ -336,6 +336,11 @@ def test_outbox_near_budget_and_model_over_budget(
         (model,) = snap["models"]
         assert model["latency_budget_us"] == 0.001
         assert model["latency_p99_us"] > model["latency_budget_us"]
+        assert model["over_budget"] is True
+        assert model["over_budget_batches"] >= 3
+        assert model["over_budget_last_us"] > model["latency_budget_us"]
+        over = next(f for f in families(snap) if f.name == "edgetwin_model_over_budget")
+        assert [s.value for s in over.samples] == [1.0]
         assert [x["state"] for x in model["subjects"]] == ["active"]
         # The first windows after the start held only the seconds since: counted, not judged.
         assert model["partial_windows"] >= 5
@@ -344,7 +349,8 @@ def test_outbox_near_budget_and_model_over_budget(
         rc, text = gw.status(capsys)
         assert rc == 1
         assert re.search(
-            r"^  vitals_mimic: over its latency budget \(p99 \d+ us > 0 us\), its own verdicts serve; "
+            r"^  vitals_mimic: over its latency budget \(\d+ batches over 0 us, last \d+ us; p99 \d+ us\), "
+            r"its own verdicts serve; "
             r"[a-z2-7]{16} active; \d+ windows partial, not judged$",
             text,
             re.MULTILINE,
@@ -361,10 +367,34 @@ def test_model_demoted_is_the_headline_when_alone() -> None:
 
 
 def test_model_over_budget_is_not_called_demoted() -> None:
-    m = {"name": "vitals_mimic", "state": "over_budget", "latency_p99_us": 812.4, "latency_budget_us": 200.0}
+    m = {
+        "name": "vitals_mimic",
+        "state": "over_budget",
+        "over_budget": True,
+        "over_budget_batches": 3,
+        "over_budget_last_us": 1450.2,
+        # The p99 of the last 4,096 batches: after a long healthy run it is under the budget while
+        # three batches in a row over it are what put the model over budget.
+        "latency_p99_us": 300.4,
+        "latency_budget_us": 1000.0,
+    }
     snap = _snap(models=[m | {"subjects": []}])
     assert health(snap) == "degraded"
-    assert headline(snap) == "model vitals_mimic over its latency budget (p99 812 us > 200 us)"
+    assert (
+        headline(snap)
+        == "model vitals_mimic over its latency budget (3 batches over 1000 us, last 1450 us; p99 300 us)"
+    )
+
+
+def test_a_demoted_model_over_budget_reads_over_budget_in_the_metrics() -> None:
+    m = {"name": "vitals_mimic", "state": "demoted", "over_budget": True, "subjects": []}
+    snap = _snap(models=[m, m | {"name": "pump_skab", "over_budget": False}])
+    snap["health"] = health(snap)
+    snap["uplink"]["delivered"] = 0
+    over = next(f for f in families(snap) if f.name == "edgetwin_model_over_budget")
+    assert [(s.labels["model"], s.value) for s in over.samples] == [("vitals_mimic", 1.0), ("pump_skab", 0.0)]
+    demoted = next(f for f in families(snap) if f.name == "edgetwin_model_demoted")
+    assert [s.value for s in demoted.samples] == [1.0, 1.0]
 
 
 def _snap(**over: Any) -> dict[str, Any]:

@@ -91,7 +91,7 @@ class HealthSpec(_Strict):
     # Consecutive batches over budget that report it ``over_budget`` (the name is older: no demotion).
     overruns_to_demote: int = Field(3, ge=1)
     ood_z: float = Field(200.0, gt=0)  # |z| beyond this is far outside the training statistics
-    healthy_to_promote: int = Field(5, ge=1)  # consecutive healthy probes (or windows under budget)
+    healthy_to_promote: int = Field(5, ge=1)  # consecutive healthy probes (or batches under budget)
 
 
 class ModelCard(_Strict):

@@ -45,13 +45,14 @@ __all__ = ["Acceptance", "Outcome", "Slot", "ks_statistic", "open_slots", "versi
 
 log = logging.getLogger(__name__)
 
-#: Health reasons of a promoted version that roll it back at once (a demotion or a latency overrun).
-REGRESSIONS = frozenset({"non_finite_output", "backend_error", "latency_budget"})
-#: How a rollback's detail says each regression (an overrun is no demotion: its verdicts served).
+#: Health reasons of a promoted version that roll it back at once (a demotion). A latency overrun
+#: is not one: it follows the machine's load, and the shadow's median ``latency`` rule judged the
+#: version's own time before it was promoted.
+REGRESSIONS = frozenset({"non_finite_output", "backend_error"})
+#: How a rollback's detail says each regression.
 _ROLLBACK_WORDS = {
     "non_finite_output": "demoted for non-finite output",
     "backend_error": "demoted for a backend error",
-    "latency_budget": "over its latency budget",
 }
 
 
@@ -324,9 +325,10 @@ class Slot:
                     trial.both += 1
                     trial.agree += a.anomaly == c.anomaly
                     trial.active_scores.append(a.score)
-        # The candidate's alarms are counted above, never raised; its health changes are counted.
+        # The candidate's alarms are counted above, never raised; its demotions are counted. Being
+        # over budget is not: load alone would reject it; the median ``latency`` rule judges time.
         for event in trial.model.drain_events():
-            if isinstance(event, Diagnostic) and event.detail.get("state") in ("demoted", "over_budget"):
+            if isinstance(event, Diagnostic) and event.detail.get("state") == "demoted":
                 trial.health += 1
         rules = trial.rules
         if trial.health > rules.max_health_events:
@@ -334,7 +336,7 @@ class Slot:
                 trial,
                 "rejected",
                 "health",
-                f"{trial.health} health event(s) (non-finite scores, errors, latency), "
+                f"{trial.health} health event(s) (demotions for non-finite scores or backend errors), "
                 f"{rules.max_health_events} allowed",
             )
             return
@@ -410,7 +412,7 @@ class Slot:
 
     def _regression(self, active: AnomalyModel, results: Sequence[ModelResult]) -> str:
         """Why the freshly promoted version must go back ("" when it is healthy)."""
-        why = active.demotion_reason or ("latency_budget" if active.over_budget else "")
+        why = active.demotion_reason
         if why in REGRESSIONS:
             return why
         for r in results:

@@ -123,7 +123,7 @@ def families(snap: dict[str, Any]) -> Iterator[GaugeMetricFamily | CounterMetric
     model_latency = _gauge("edgetwin_model_latency_seconds", "median model latency per window", ["model"])
     for m in snap["models"]:
         demoted.add_metric([m["name"]], 1.0 if m["state"] == "demoted" else 0.0)
-        over.add_metric([m["name"]], 1.0 if m["state"] == "over_budget" else 0.0)
+        over.add_metric([m["name"]], 1.0 if m.get("over_budget", m["state"] == "over_budget") else 0.0)
         if m.get("latency_p50_us") is not None:
             model_latency.add_metric([m["name"]], m["latency_p50_us"] / 1e6)
     yield from (demoted, over, model_latency)

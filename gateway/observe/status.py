@@ -215,6 +215,10 @@ class StatusBoard:
                     "latency_p50_us": stats.get("latency_p50_us"),
                     "latency_p99_us": stats.get("latency_p99_us"),
                     "latency_budget_us": stats.get("latency_budget_us"),
+                    # Over budget on its own: a demoted model can be over budget too.
+                    "over_budget": bool(stats.get("over_budget", stats.get("state") == "over_budget")),
+                    "over_budget_batches": stats.get("over_budget_batches"),
+                    "over_budget_last_us": stats.get("over_budget_last_us"),
                     # Windows not judged because an input held too little of its span (a start, an outage).
                     "partial_windows": coverage.partial_windows if coverage is not None else 0,
                     "subjects": [
@@ -541,7 +545,13 @@ def _last_loss(outbox: Any) -> dict[str, object] | None:
 
 
 def _over_budget(model: Mapping[str, Any]) -> str:
-    """A latency overrun with its figures: "over its latency budget (p99 812 us > 200 us)"."""
-    p99, budget = model.get("latency_p99_us"), model.get("latency_budget_us")
-    figures = f" (p99 {p99:.0f} us > {budget:.0f} us)" if p99 is not None and budget is not None else ""
-    return f"over its latency budget{figures}"
+    """A latency overrun by what triggered it: "over its latency budget (3 batches over 200 us, last 812 us)"."""
+    runs, last, budget = (
+        model.get(k) for k in ("over_budget_batches", "over_budget_last_us", "latency_budget_us")
+    )
+    if runs is None or last is None or budget is None:
+        return "over its latency budget"
+    # The p99 spans the last 4,096 batches: beside the trigger, never as the reason.
+    p99 = model.get("latency_p99_us")
+    tail = f"; p99 {p99:.0f} us" if p99 is not None else ""
+    return f"over its latency budget ({runs} batches over {budget:.0f} us, last {last:.0f} us{tail})"
