@@ -152,6 +152,10 @@ connect_timeout_s = 2.0
             f"not {what} within {timeout} s: {rep}\n{(self.tmp / 'gateway.log').read_text()[-3000:]}"
         )
 
+    def retained(self) -> dict[str, Any]:
+        """The reported state the broker holds now: the last process's, whether it still runs or not."""
+        return collect_reported(self.twin, DEFAULT_PREFIX, [self.gateway], 1.0).get(self.gateway, {})
+
     def unit(self, name: str) -> str:
         """A source's unit as the reported state names it: by its pseudonym under the site's key."""
         return source_label(self.config, name)
@@ -198,6 +202,17 @@ def source_label(config_path: Path, name: str) -> str:
 def running(name: str) -> Callable[[dict[str, Any]], bool]:
     """A predicate on the reported state: unit ``name`` runs."""
     return lambda rep: rep.get("units", {}).get(name) == "running"
+
+
+def anew(before: dict[str, Any], until: Callable[[dict[str, Any]], bool]) -> Callable[[dict[str, Any]], bool]:
+    """``until``, on a reported state of a process other than the one that reported ``before``.
+
+    The reported state is retained: right after a restart the broker still hands out the last
+    process's, which says its units ran while the new process may still be importing (seconds on
+    a loaded machine), not yet counted as a run.
+    """
+    started = (before.get("process") or {}).get("started_at")
+    return lambda rep: (rep.get("process") or {}).get("started_at") != started and until(rep)
 
 
 def applied(version: int) -> Callable[[dict[str, Any]], bool]:

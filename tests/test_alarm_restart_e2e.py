@@ -8,12 +8,13 @@ stops once more and starts with the probe back on: the twin receives the ordinar
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from downlink_support import Site, running, running_site, source
+from downlink_support import Site, anew, running, running_site, source
 from test_alarm_source_removed_e2e import active, bed7, on_at_the_twin
 from uplink_support import listener, mosquitto_pki
 
@@ -27,6 +28,8 @@ BED7_ON = source("bed7-sim")
 BED7_OFF = BED7_ON + 'events = [{ kind = "sensor_off", at_s = 0.0, duration_s = 600.0 }]\n'
 # The monitor sends for 2 s, then nothing (unplugged) for longer than the test.
 BED7_GONE = BED7_ON + 'events = [{ kind = "disconnect", at_s = 2.0, duration_s = 600.0 }]\n'
+# A start as slow as on a loaded two-core machine (seconds of imports before the run is counted).
+SLOW_START = "import time\ntime.sleep(8.0)\n"
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +51,26 @@ def alarms_of_run(twin: Listener, subject: str, run: int) -> list[AlarmRecord]:
 
 
 def restart(site: Site, sources: str) -> None:
+    """Stop the gateway and start it with ``sources``; back once the new process reports bed 7 running."""
+    before = site.retained()
     site.stop()
     site.config.write_text(site.text(sources))
     site.start()
+    site.reported(anew(before, running(site.unit("bed7-sim"))), "running after the restart")
+
+
+def test_a_restart_is_over_once_the_new_process_runs(site: Site, tmp_path: Path) -> None:
+    """The last process's retained reported state is no sign that the new one runs (nor counted its run)."""
+    site.start()
     site.reported(running(site.unit("bed7-sim")), "running")
+    timebase = site.tmp / "state" / "timebase.json"
+    first_run = json.loads(timebase.read_text())["boot"]
+    hook = tmp_path / "slow-start"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_START)
+    site.env = {"PYTHONPATH": f"{hook}:{Path(__file__).resolve().parents[1]}"}
+    restart(site, BED7_OFF)
+    assert json.loads(timebase.read_text())["boot"] == first_run + 1
 
 
 def test_a_probe_back_on_after_a_restart_ends_the_alarms_it_left_on(site: Site, pki: DemoPKI) -> None:
