@@ -236,7 +236,8 @@ class ModelResult:
     fallback: bool = False  # produced by the statistical fallback, not the model
     # Non-empty when the window could not be judged: "gap", "partial" (an input stream holds fewer
     # than the model's min_coverage of its expected samples: after a start or an outage),
-    # "implausible_input", "missing_inputs", "commissioning", "demoted". Such a verdict is
+    # "implausible_input", "missing_inputs", "commissioning", "unit_changed" (learning a subject again
+    # after a unit change while its anomaly was open), "demoted". Such a verdict is
     # indeterminate, neither anomalous nor normal.
     reason: str = ""
 

@@ -5,7 +5,8 @@ The per-stream detector recommissions that stream, the novelty detector the subj
 are tied together in their commissioning spreads); both say so once in the log and in the status
 until commissioned again, keep each baseline's unit in their state files, and load the state
 files stored before units were kept with the units unknown (kept, taken from the next window).
-A unit spelt another way (``°F`` for ``[degF]``) is the same unit: nothing is recommissioned.
+A unit spelt another way (``°F`` for ``[degF]``) is the same unit, an empty one unknown: nothing is
+recommissioned.  A change open when its unit changes stays open, indeterminate, until recommissioned.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import numpy as np
 import pytest
 from test_novelty import single_stream
 
-from gateway.contracts import WindowRecord
+from gateway.alarms.episodes import EpisodeTracker
+from gateway.contracts import AlarmKind, StreamFeatures, WindowRecord
 from gateway.inference.novelty import NoveltyModel, NoveltyUse
 from gateway.inference.streams import StreamChange, StreamUse
-from gateway.sample import Metric, industrial_metric
+from gateway.sample import Metric, Stream, industrial_metric
 from models.recipes.novelty_tep import machine_rows, window_records
 
 TAG = "Tank1/Temperature"
@@ -156,6 +158,96 @@ def test_a_per_stream_state_stored_without_units_is_kept_and_takes_the_next_wind
     assert all(r.reason == "commissioning" and not r.anomaly for r in res)
 
 
+def tank_windows(temps: np.ndarray, unit: str, start: int) -> list[WindowRecord]:
+    """Window records of a tank's temperature (in ``unit``) beside its pressure (bar, 2.0)."""
+    temp = Stream("plc", "tank-1", "SN", industrial_metric(TAG, unit), "industrial", 1.0)
+    press = Stream("plc", "tank-1", "SN", industrial_metric("Tank1/Pressure", "bar"), "industrial", 1.0)
+    noise = 0.01 * np.random.default_rng(start).standard_normal(len(temps))
+    return [
+        WindowRecord(
+            "tank-1",
+            "industrial",
+            start + i,
+            float(start + i),
+            1e9 + start + i,
+            1.0,
+            (
+                StreamFeatures(press, 10, 0.0, {"mean": 2.0 + float(p)}),
+                StreamFeatures(temp, 10, 0.0, {"mean": float(t)}),
+            ),
+        )
+        for i, (t, p) in enumerate(zip(temps, noise, strict=True))
+    ]
+
+
+def test_a_change_open_when_its_stream_s_unit_changes_is_neither_cleared_nor_judged_until_recommissioned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path)
+    need = det.commissioning_windows
+    det.score_batch(tank_windows(celsius(need + 50, 20), "Cel", 0))
+    episodes = EpisodeTracker(clear_after=2)
+    said = []
+    for r in det.score_batch(tank_windows(celsius(10, 21) + 10.0, "Cel", need + 50)):  # overheated: 60 degC
+        e = episodes.update(("tank-1", "stream_change"), r)
+        said += [e.kind] if e else []
+    assert said == [AlarmKind.ANOMALY]
+    # The PLC now reports the same overheated tank in degF, the pressure normal throughout.
+    with caplog.at_level(logging.INFO, "gateway.inference.streams"):
+        res = det.score_batch(tank_windows(to_fahrenheit(celsius(need, 22) + 10.0), "[degF]", need + 60))
+    for r in res:
+        e = episodes.update(("tank-1", "stream_change"), r)
+        said += [e.kind] if e else []
+    assert all(r.verdict == "indeterminate" and r.reason == "unit_changed" for r in res)
+    assert AlarmKind.ANOMALY_CLEARED not in said, said
+    assert said == [AlarmKind.ANOMALY, AlarmKind.ANOMALY_INDETERMINATE]
+    # Commissioned on the overheated values: said, the change still open.
+    assert any("while its change was open" in r.getMessage() for r in caplog.records)
+    assert det.score_batch(tank_windows(to_fahrenheit(celsius(1, 27) + 10.0), "[degF]", 2 * need + 60))[
+        0
+    ].anomaly
+
+
+def test_an_unread_unit_is_unknown_not_a_change(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path)
+    need = det.commissioning_windows
+    fahr = to_fahrenheit(celsius(need + 30, 23))
+    det.score_batch(tag_windows(fahr[:need], "[degF]"))
+    # Restarted with the unit not read (the OPC UA driver gives ""), then read again.
+    det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path)
+    with caplog.at_level(logging.INFO, "gateway.inference.streams"):
+        res = det.score_batch(tag_windows(fahr[need : need + 10], "", start=need))
+        res = [*res, *det.score_batch(tag_windows(fahr[need + 10 :], "[degF]", start=need + 10))]
+    assert not any("unit changed" in r.getMessage() for r in caplog.records)
+    assert all(r.reason == "" and not r.anomaly for r in res)
+    assert det.subject_states() == {"tank-1": "active"}
+    # A stream first seen without its unit takes it from the first window that has one.
+    det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path / "new")
+    det.score_batch(tag_windows(fahr[:need], ""))
+    det.score_batch(tag_windows(fahr[need : need + 5], "[degF]", start=need))
+    path = next((tmp_path / "new" / "models").glob("stream_change-*.json"))
+    assert json.loads(path.read_text())["streams"][TAG]["unit"] == "degF"
+
+
+def test_a_unit_taken_for_a_state_stored_without_units_is_stored_at_once(tmp_path: Path) -> None:
+    det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path)
+    need = det.commissioning_windows
+    det.score_batch(tag_windows(celsius(need, 24), "Cel"))
+    path = next((tmp_path / "models").glob("stream_change-*.json"))
+    state = json.loads(path.read_text())
+    state["key"][0] = 2
+    for s in state["streams"].values():
+        del s["unit"]
+    path.write_text(json.dumps(state))
+    det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path)
+    det.score_batch(tag_windows(celsius(5, 25), "Cel", start=need))
+    assert json.loads(path.read_text())["streams"][TAG]["unit"] == "degC"
+    # So a change while the gateway is down is seen at the restart.
+    det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path)
+    res = det.score_batch(tag_windows(to_fahrenheit(celsius(30, 26)), "[degF]", start=need + 5))
+    assert all(r.reason == "commissioning" and not r.anomaly for r in res)
+
+
 NOVELTY = NoveltyUse(commissioning_s=150.0, adapt_rate=0.0)
 TEMP = "Pump1/Temperature"
 
@@ -227,3 +319,56 @@ def test_a_novelty_state_stored_without_units_is_kept_until_a_unit_changes(
     assert any("no units (version 1)" in r.getMessage() for r in caplog.records)
     res = model.score_batch(in_fahrenheit(window_records(machine_rows(10, rng), start=need + 30)))
     assert all(r.reason == "commissioning" and not r.anomaly for r in res)
+
+
+def test_a_novelty_state_stored_without_units_stores_the_units_it_takes_at_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(14)
+    path, need = commissioned_machine(tmp_path, rng)
+    state = json.loads(path.read_text())
+    state["version"] = 1
+    del state["units"], state["why"]
+    path.write_text(json.dumps(state))
+    model = NoveltyModel(NOVELTY, hop_s=1.0, state_dir=tmp_path)  # adapt_rate 0: no other save
+    model.score_batch(in_celsius(window_records(machine_rows(3, rng), start=need)))
+    assert json.loads(path.read_text())["units"][TEMP] == "degC"
+    model = NoveltyModel(NOVELTY, hop_s=1.0, state_dir=tmp_path)
+    res = model.score_batch(in_fahrenheit(window_records(machine_rows(10, rng), start=need + 3)))
+    assert all(r.reason == "commissioning" and not r.anomaly for r in res)
+
+
+def test_an_unread_unit_does_not_recommission_a_machine(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(15)
+    path, need = commissioned_machine(tmp_path, rng)
+    model = NoveltyModel(NOVELTY, hop_s=1.0, state_dir=tmp_path)
+    unread = relabel(window_records(machine_rows(10, rng), start=need), TEMP, industrial_metric(TEMP, ""))
+    with caplog.at_level(logging.INFO, "gateway.inference.novelty"):
+        res = model.score_batch(unread)
+        res = [*res, *model.score_batch(in_celsius(window_records(machine_rows(10, rng), start=need + 10)))]
+    assert not any("unit changed" in r.getMessage() for r in caplog.records)
+    assert model.fit_of("pump-1") is not None
+    assert model.subject_states()["pump-1"].startswith("active")
+    assert any(r.reason == "" for r in res)  # judged once warmed up again after the restart
+    assert json.loads(path.read_text())["units"][TEMP] == "degC"
+
+
+def test_a_machine_recommissioned_with_an_anomaly_open_says_so_and_leaves_it_unjudged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(16)
+    _, need = commissioned_machine(tmp_path, rng)
+    model = NoveltyModel(NOVELTY, hop_s=1.0, state_dir=tmp_path)
+    hot = relabel(
+        window_records(machine_rows(need + 10, rng), start=need),
+        TEMP,
+        industrial_metric(TEMP, "Cel"),
+        lambda v: v + 20.0,
+    )
+    res = model.score_batch(hot[:10])
+    assert res[-1].anomaly
+    in_f = relabel(hot[10:], TEMP, industrial_metric(TEMP, "[degF]"), lambda v: v * 1.8 + 32.0)
+    with caplog.at_level(logging.INFO, "gateway.inference.novelty"):
+        res = model.score_batch(in_f)
+    assert all(r.reason == "unit_changed" and r.verdict == "indeterminate" for r in res)
+    assert any("while an anomaly was open" in r.getMessage() for r in caplog.records)

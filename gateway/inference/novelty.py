@@ -71,7 +71,11 @@ anomaly.  Nothing is converted: a new unit label does not say whether the values
 are compared as :func:`gateway.units.normalise` spells them (``°C`` and ``Cel`` are one unit).  The
 change is logged once and the subject's status says ``commissioning (unit changed from X to Y:
 <input>)`` until it is commissioned again.  A state stored before units were kept (version 1) is
-loaded with its units unknown: kept, each input taking its stream's unit from the next window.
+loaded with its units unknown: kept, each input taking its stream's unit from the next window and
+stored at once (so a change while the gateway is down is seen at the next start).  An empty unit
+(a driver that could not read it) is unknown, never a change; UCUM ``1`` (dimensionless) is a unit.
+A machine recommissioned with an anomaly open says ``unit_changed`` (indeterminate) while it
+commissions, and logs that its new statistics hold that condition.
 """
 
 from __future__ import annotations
@@ -619,6 +623,7 @@ class _Subject:
     # (a state stored before units were kept) takes its stream's unit from the next window.
     units: dict[str, str] = field(default_factory=dict)
     why: str = ""  # why it commissions again: "X to Y: input" after a change of unit
+    open: bool = False  # its last judged window anomalous (kept across a change of unit)
 
 
 class NoveltyModel:
@@ -765,7 +770,8 @@ class NoveltyModel:
                     self._commission(record.subject, subj)
                 elif len(subj.rows) % _SAVE_EVERY == 0:
                     self._save(record.subject, subj)
-            return ModelResult(nan, False, reason="commissioning")
+            # Recommissioned with an anomaly open: that anomaly is not judged until it is commissioned.
+            return ModelResult(nan, False, reason="unit_changed" if subj.open else "commissioning")
         fit = subj.fit
         if 2 * present < len(subj.keys):
             subj.normal_run = 0
@@ -796,6 +802,7 @@ class NoveltyModel:
             subj.sums = CusumSums.zeros(row.shape[1])
         score = score_row(fit, row, subj.sums)
         anomalous = score > 1.0
+        subj.open = anomalous
         if anomalous:
             subj.normal_run = 0
             return ModelResult(score, True, self._explain(fit, row[0], subj.keys, subj.sums))
@@ -813,14 +820,24 @@ class NoveltyModel:
     ) -> _Subject:
         """``subj``, or a subject commissioning afresh when an input's unit is not the one it learned in."""
         changed: dict[str, str] = {}
+        units = dict(subj.units)
         for sf in wanted:
-            metric, unit = sf.stream.metric.name, normalise(sf.stream.metric.unit)
-            known = subj.units.setdefault(metric, unit)  # unknown (first seen, or stored without): taken
-            if known != unit:
-                changed[metric] = f"{known or '(none)'} to {unit or '(none)'}: {metric}"
+            # "" (a driver that could not read the unit) is unknown, never a change; UCUM "1"
+            # (dimensionless) is a unit like any other.
+            metric, unit = sf.stream.metric.name, normalise(sf.stream.metric.unit or "")
+            known = units.get(metric)
+            if unit and known and known != unit:
+                changed[metric] = f"{known} to {unit}: {metric}"
+            if unit:
+                units[metric] = unit
         if not changed:
+            if units != subj.units:
+                # Unknown until now (first seen, stored without, or unread): taken, and stored with a
+                # fitted subject so that a change while the gateway is down is seen.
+                subj.units = units
+                if subj.fit is not None:
+                    self._save(record.subject, subj)
             return subj
-        units = subj.units | {sf.stream.metric.name: normalise(sf.stream.metric.unit) for sf in wanted}
         why = "; ".join(changed.values())
         log.warning(
             "models %s: subject %s: unit changed from %s: its statistics are in the old unit, so it is "
@@ -831,7 +848,7 @@ class NoveltyModel:
             self._need,
         )
         self.recommission(record.subject)
-        fresh = _Subject(self._keys(record), units=units, why=why)
+        fresh = _Subject(self._keys(record), units=units, why=why, open=subj.open)
         # Stored at once: a restart must not bring the statistics in the old unit back.
         self._save(record.subject, fresh)
         return fresh
@@ -882,6 +899,13 @@ class NoveltyModel:
             f"{self.spec.cusum_k:g}" if self.spec.cusum_k > 0.0 else "off",
             self._cusum_why,
         )
+        if subj.open:
+            log.warning(
+                "models %s: subject %s: commissioned again while an anomaly was open: its new baseline "
+                "holds that condition, so the anomaly may end against it",
+                self.name,
+                subject,
+            )
         subj.rows = []
         subj.why = ""
         self._save(subject, subj)

@@ -47,11 +47,18 @@ The baseline is not converted: a new unit label does not say whether the values 
 (a PLC rescaled, or a wrong label corrected) and commissioning again is right either way.  Units
 are compared as :func:`gateway.units.normalise` spells them (``°C`` and ``Cel`` are one unit).
 The change is logged once, and until that stream is commissioned again (across restarts too) the
-subject's status says ``commissioning (unit changed from X to Y: <stream>)``.
+subject's status says ``commissioning (unit changed from X to Y: <stream>)``.  A stream flagged
+when its unit changes keeps its change open: until commissioned again the subject's windows are
+indeterminate (``unit_changed``), neither cleared by its other streams nor judged; commissioned
+on the values of the open change, it is judged against them (logged) and may settle there.
+An empty unit (a driver that could not read it, as the OPC UA driver when a tag's EngineeringUnits
+read is not good) is unknown, never a change: a known unit is kept, an unknown one taken from the
+next window that has one (UCUM ``1``, dimensionless, is a unit like any other).
 
 Commissioning values, fitted levels and each stream's unit persist per subject under
 ``<state_dir>/models/``.  A state stored before units were kept (version 2) is loaded with its
-baselines' units unknown: kept, each taking its stream's unit from the next window.
+baselines' units unknown: kept, each taking its stream's unit from the next window and stored
+at once, so a change of unit while the gateway is down is seen at the next start.
 """
 
 from __future__ import annotations
@@ -222,7 +229,7 @@ class StreamChange:
         hour = self._hour(record) if u.seasonality == "daily" else 0
         scores: dict[str, float] = {}
         flagged: list[str] = []
-        learning = fitted = recommission = False
+        learning = fitted = recommission = adopted = pending = False
         # A stream holding part of its window is skipped like an absent one: not learned from,
         # no CUSUM step; while it is flagged the window cannot say the subject is normal.
         cover = self.coverage
@@ -231,15 +238,20 @@ class StreamChange:
         for sf in record.streams:
             value = sf.features.get(u.feature)
             key = sf.stream.metric.name
-            unit = normalise(sf.stream.metric.unit)
+            # "" (a driver that could not read the unit) is unknown, never a change; UCUM "1"
+            # (dimensionless) is a unit like any other.
+            unit = normalise(sf.stream.metric.unit or "")
             st = streams.get(key)
             # Before the gap and partial checks: a window a stream only starts to fill in its new
             # unit (after a restart, a reconnect) already says its baseline is in another.
-            if st is not None and st.unit != unit:
-                if st.unit is None:
-                    st.unit = unit  # stored before units were kept: the baseline is taken to be in this one
+            if st is not None and unit and st.unit != unit:
+                if not st.unit:
+                    # Unknown (stored before units were kept, or unread): the baseline is taken to
+                    # be in this one, stored so that a change while the gateway is down is seen.
+                    st.unit = unit
+                    adopted = adopted or st.level is not None
                 else:
-                    st = streams[key] = self._unit_changed(record.subject, key, st.unit, unit)
+                    st = streams[key] = self._unit_changed(record.subject, key, st, unit)
                     recommission = True
             if value is None or not math.isfinite(value):
                 # A flagged stream in a gap says nothing either: its change is not over.
@@ -249,9 +261,12 @@ class StreamChange:
                 held = held or (st is not None and st.active)
                 continue
             if st is None:
-                st = streams[key] = _Stream(unit=unit)
+                st = streams[key] = _Stream(unit=unit or None)
             if st.level is None:
                 learning = True
+                # Flagged when its unit changed: the change is not over, nor judged, until it is
+                # commissioned again.
+                pending = pending or st.active
                 st.values.append(value)
                 if u.seasonality == "daily":
                     st.hours.append(hour)
@@ -260,6 +275,14 @@ class StreamChange:
                     fitted = True
                     st.why = ""
                     log.info("models %s: subject %s stream %s commissioned", NAME, record.subject, key)
+                    if st.active:
+                        log.warning(
+                            "models %s: subject %s stream %s: commissioned again while its change was "
+                            "open: its new baseline holds that condition, so the change may end against it",
+                            NAME,
+                            record.subject,
+                            key,
+                        )
                 continue
             z = (value - (st.levels[hour] if st.levels else st.level)) / st.spread
             if step:
@@ -288,11 +311,14 @@ class StreamChange:
         n = self._learned.get(record.subject, 0) + learning
         self._learned[record.subject] = n
         # Stored at once after a change of unit: a restart must not bring the old baseline back.
-        if recommission or (learning and (fitted or n % self._save_every == 0)):
+        if recommission or adopted or (learning and (fitted or n % self._save_every == 0)):
             self._save(record.subject, streams)
         if (short and not scores and not learning) or (held and not flagged):
             cover.partial_windows += 1
             return PARTIAL
+        if pending and not flagged:
+            # Its other streams normal say nothing of the one whose change is open.
+            return ModelResult(math.nan, False, reason="unit_changed")
         if not scores or (gapped and not flagged):
             return ModelResult(math.nan, False, reason="commissioning" if learning and not gapped else "gap")
         score = max(scores.values())
@@ -303,19 +329,20 @@ class StreamChange:
         contributions = {k: round(v / total, 4) for k, v in sorted(weight.items(), key=lambda kv: -kv[1])}
         return ModelResult(score, True, dict(list(contributions.items())[:5]))
 
-    def _unit_changed(self, subject: str, key: str, old: str, new: str) -> _Stream:
-        """A fresh stream in ``new`` in place of one whose baseline is in ``old``; logged and shown in the status."""
+    def _unit_changed(self, subject: str, key: str, was: _Stream, new: str) -> _Stream:
+        """A fresh stream in ``new`` in place of ``was`` (its change, if open, kept); logged and shown in the status."""
+        old = was.unit or ""
         log.warning(
             "models %s: subject %s stream %s: unit changed from %s to %s: its baseline is in the old unit, "
             "so it is commissioned again from this window (about %.0f s) and not judged until then",
             NAME,
             subject,
             key,
-            old or "(none)",
-            new or "(none)",
+            old,
+            new,
             self._need * self._hop_s,
         )
-        return _Stream(unit=new, why=f"{old or '(none)'} to {new or '(none)'}")
+        return _Stream(unit=new, why=f"{old} to {new}", active=was.active)
 
     def _fit(self, st: _Stream, stride: int) -> None:
         u = self.use
@@ -386,7 +413,7 @@ class StreamChange:
                     float(v["spread"]),
                     float(v["memory"]),
                     float(v["slack"]),
-                    unit=None if v.get("unit") is None else str(v["unit"]),
+                    unit=str(v["unit"]) if v.get("unit") else None,
                     why=str(v.get("why", "")),
                 )
                 for k, v in raw["streams"].items()
