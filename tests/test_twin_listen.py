@@ -81,8 +81,13 @@ def test_a_listener_restarted_mid_stream_with_a_session_misses_nothing(
     assert second.wait_for(lambda t: t.records_received >= 40, 10)
     second.stop()
     assert _seqs(first) | _seqs(second) == set(range(1, 61))
+    # QoS 1 is at least once: the broker sends again what the first listener received but had not
+    # acknowledged when it stopped (on a loaded machine, its last few), and nothing else.
+    again = _seqs(second) - set(range(21, 61))
+    assert again <= _seqs(first), again
+    assert again == set(range(21 - len(again), 21)), again
     (state,) = second.checker.gateways.values()
-    assert (state.missing, state.duplicates, state.received) == (0, 0, 40), state.summary()
+    assert (state.missing, state.duplicates, state.received) == (0, 0, 40 + len(again)), state.summary()
 
     # The same restart without a session: what was published meanwhile is lost to this twin.
     third = listener(broker, pki, client_id="twin-ops-2")
