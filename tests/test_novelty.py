@@ -27,13 +27,20 @@ from gateway.inference.novelty import (
     PcaSpec,
     contributions,
     episode_limit,
+    episode_rate_limit,
     fit_pca,
     prepare,
     score_rows,
 )
 from gateway.sample import Stream, industrial_metric
 from models.recipes.common import MODELS_DIR
-from models.recipes.novelty_tep import SIGNALS, drift_then_slow_fault, machine_rows, window_records
+from models.recipes.novelty_tep import (
+    SIGNALS,
+    drift_then_slow_fault,
+    false_episodes,
+    machine_rows,
+    window_records,
+)
 
 TEP = DATA / "industrial" / "tep_braatz"
 records = window_records
@@ -79,6 +86,70 @@ def test_a_slow_statistic_s_limit_lets_its_commissioning_raise_no_episode() -> N
     iid = np.random.default_rng(1).standard_normal(500)
     assert runs_above(iid, float(np.quantile(iid, 0.99))) == 0
     assert episode_limit(np.split(iid, 5), 0.99) == float(np.quantile(iid, 0.99))
+
+
+def ar1(n: int, phi: float, rng: np.random.Generator) -> np.ndarray:
+    """A slowly moving normal statistic: an AR(1) series of unit innovations."""
+    e = rng.standard_normal(n)
+    x = np.zeros(n)
+    for i in range(1, n):
+        x[i] = phi * x[i - 1] + e[i]
+    return x
+
+
+def test_a_limit_at_a_stated_episode_rate_holds_that_rate_on_long_fresh_normal_data() -> None:
+    # A day of commissioning (480 windows of 3 min, 5 folds) of a slow statistic (AR(1), 0.9),
+    # then 60 fresh days each, 12 machines (seeds).  The limit that lets the commissioning raise
+    # none says only "no episode in a day": on the fresh days it raises 1.34 a day (mean over the
+    # seeds).  Set at 0.5 a day from the tail of the run statistic it raises 0.67: within half
+    # the target of it, on average.  Single machines still range 0.08-1.75 a day: a day of a slow
+    # statistic holds few excursions to fit a tail to (and its spread is itself uncertain).
+    per_day, days, target = 480, 60, 0.5
+    plain, rated = [], []
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        folds = np.split(ar1(per_day, 0.9, rng), 5)
+        fresh = ar1(per_day * days, 0.9, rng)
+        limit = episode_limit(folds, 0.99)
+        at_rate = max(limit, episode_rate_limit(folds, target / per_day))
+        assert at_rate >= limit
+        plain.append(false_episodes(fresh > limit) / days)
+        rated.append(false_episodes(fresh > at_rate) / days)
+    assert np.mean(plain) > 1.5 * target
+    assert abs(np.mean(rated) - target) <= 0.5 * target
+    # A rate the commissioning's windows already keep at the tail's base: the base, nothing extrapolated.
+    runs = np.concatenate([np.minimum(f[:-1], f[1:]) for f in folds])
+    assert episode_rate_limit(folds, 1.0) == float(np.quantile(runs, 0.9))
+
+
+def test_the_episode_rate_option_raises_the_threshold_and_keeps_its_state(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    base = NoveltyUse(commissioning_s=600.0, adapt_rate=0.0, cusum_k=1.0)
+    rated = base.model_copy(update={"false_episodes_per_day": 0.5})
+    off = NoveltyModel(base, hop_s=180.0, state_dir=tmp_path / "off")
+    on = NoveltyModel(rated, hop_s=180.0, state_dir=tmp_path / "on")
+    assert off.spec.episodes_per_window == 0.0
+    assert on.spec.episodes_per_window == pytest.approx(0.5 * 180.0 / 86_400.0)
+    normal = records(machine_rows(on.commissioning_windows, rng))
+    off.score_batch(normal)
+    on.score_batch(normal)
+    fit_off, fit_on = off.fit_of("pump-1"), on.fit_of("pump-1")
+    assert fit_off is not None
+    assert fit_on is not None
+    assert fit_on.threshold > fit_off.threshold  # a day of 3-min windows: the tail sets it higher
+    assert (fit_on.lim_t2, fit_on.lim_spe, fit_on.lim_cusum) == (
+        fit_off.lim_t2,
+        fit_off.lim_spe,
+        fit_off.lim_cusum,
+    )
+    # Restarted: the stored fit (its rate in it) is loaded, not commissioned again; off loads none of it.
+    again = NoveltyModel(rated, hop_s=180.0, state_dir=tmp_path / "on")
+    stored = again._load("pump-1")
+    assert stored is not None
+    assert stored.fit is not None
+    assert stored.fit.spec.episodes_per_window == on.spec.episodes_per_window
+    assert stored.fit.threshold == fit_on.threshold
+    assert NoveltyModel(base, hop_s=180.0, state_dir=tmp_path / "on")._load("pump-1") is None
 
 
 def test_the_model_commissions_explains_persists_and_raises_on_a_fault(tmp_path: Path) -> None:

@@ -100,14 +100,17 @@ def pump_scores(
     return {i: log_odds_over(served(valve[i], w, model, thr, tracking())[0], thr) for i in test}
 
 
-def novelty_scores(valve: list[Experiment], windows: tuple[int, ...] = GRID_W) -> dict[Setting, list[F64]]:
-    """``u_pca`` of rows FIT_ROWS.. of every file, for every novelty setting."""
+def novelty_scores(
+    valve: list[Experiment], windows: tuple[int, ...] = GRID_W, per_day: float | None = None
+) -> dict[Setting, list[F64]]:
+    """``u_pca`` of rows FIT_ROWS.. of every file, for every novelty setting (``per_day``: see pca_scores)."""
     out: dict[Setting, list[F64]] = {}
     for w in windows:
         feats = [window_features(e.x, w) for e in valve]
         for ewma, var in itertools.product(GRID_EWMA, GRID_VAR):
             out[(w, ewma, var)] = [
-                np.log(np.maximum(pca_scores(f, w, ewma, var)[FIT_ROWS - (w - 1) :], EPS)) for f in feats
+                np.log(np.maximum(pca_scores(f, w, ewma, var, per_day)[FIT_ROWS - (w - 1) :], EPS))
+                for f in feats
             ]
     return out
 

@@ -66,9 +66,16 @@ LEADERBOARD = {
 }
 
 
-def pca_scores(f: F64, w: int, ewma: float, var: float) -> F64:
-    """PCA T²/SPE scores (1 at the 1 % limit) of windows w-1.. of one file, fitted on rows before FIT_ROWS."""
-    fit = fit_pca(f[w - 1 : FIT_ROWS], PcaSpec(ewma=ewma, var_keep=var, far=FAR))
+def pca_scores(f: F64, w: int, ewma: float, var: float, per_day: float | None = None) -> F64:
+    """PCA T²/SPE scores (1 at the 1 % limit) of windows w-1.. of one file, fitted on rows before FIT_ROWS.
+
+    ``per_day``: the threshold at that many expected false episodes per day of 1-s windows
+    (the gateway's ``false_episodes_per_day``).
+    """
+    per_window = 0.0 if per_day is None else per_day / 86_400.0
+    fit = fit_pca(
+        f[w - 1 : FIT_ROWS], PcaSpec(ewma=ewma, var_keep=var, far=FAR, episodes_per_window=per_window)
+    )
     return score_rows(fit, prepare(f[w - 1 :], fit.mean, fit.std, fit.spec))[0]
 
 

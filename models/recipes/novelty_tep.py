@@ -152,6 +152,11 @@ SETTINGS = {
         "are back; applies to a commissioned machine at the next start"
     ),
     "var_keep": "share of the commissioning variance the principal subspace keeps",
+    "false_episodes_per_day": (
+        "expected false episodes per day of normal operation the threshold is set at, extrapolated from the "
+        "tail of the commissioning's out-of-fold scores at the machine's hop (episode_rate_limit), never below "
+        "the limit that lets the commissioning raise none; unset (default): that limit alone (a change recommissions)"
+    ),
     "adapt_rate": "step of the guarded adaptation of the inputs' means on normal windows (0: none)",
     "latency_budget_us": "per-window compute budget on one core",
     "min_coverage": (
