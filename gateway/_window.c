@@ -873,11 +873,11 @@ PyMODINIT_FUNC PyInit__window(void)
         return NULL;
     }
     np_ndarray = PyObject_GetAttrString(numpy, "ndarray");
-    np_empty = PyObject_GetAttrString(numpy, "empty");
+    np_empty = np_ndarray != NULL ? PyObject_GetAttrString(numpy, "empty") : NULL;
     Py_DECREF(numpy);
     if (np_ndarray == NULL || np_empty == NULL || !PyType_Check(np_ndarray)) {
         PyErr_SetString(PyExc_ImportError, "gateway._window: numpy.ndarray or numpy.empty not found");
-        return NULL;
+        goto error;
     }
     key_mean = PyUnicode_InternFromString("mean");
     key_std = PyUnicode_InternFromString("std");
@@ -885,12 +885,26 @@ PyMODINIT_FUNC PyInit__window(void)
     key_max = PyUnicode_InternFromString("max");
     key_slope = PyUnicode_InternFromString("slope");
     if (!key_mean || !key_std || !key_min || !key_max || !key_slope) {
-        return NULL;
+        goto error;
     }
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "VERSION", WINDOW_VERSION) < 0) {
+    if (m == NULL) {
+        goto error;
+    }
+    if (PyModule_AddIntConstant(m, "VERSION", WINDOW_VERSION) < 0) {
         Py_DECREF(m);
-        return NULL;
+        goto error;
     }
     return m;
+error:
+    /* A failed import is tried again on the next one: what this one took is given back (and the
+       pointers cleared, so a later successful init starts from nothing). */
+    Py_CLEAR(np_ndarray);
+    Py_CLEAR(np_empty);
+    Py_CLEAR(key_mean);
+    Py_CLEAR(key_std);
+    Py_CLEAR(key_min);
+    Py_CLEAR(key_max);
+    Py_CLEAR(key_slope);
+    return NULL;
 }

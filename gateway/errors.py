@@ -7,6 +7,8 @@ what to do with a failing unit from the error's *class* alone (see ``gateway.sup
   jittered exponential backoff.
 * :class:`AuthError` - the peer refused our credentials or certificate: retrying fast only
   locks accounts and fills logs, so retry with a long backoff.
+* :class:`ClockBehindError` - a transient error: a certificate not valid yet by our clock, which
+  is behind (a Pi without a real-time clock before NTP has set it).
 * :class:`ConfigError` - the configuration cannot work: never retry; report and keep the rest of
   the gateway running.
 
@@ -15,6 +17,8 @@ knows which unit failed, on which device, and what to try next.
 """
 
 from __future__ import annotations
+
+import datetime as dt
 
 
 class EdgetwinError(Exception):
@@ -27,6 +31,14 @@ class ConfigError(EdgetwinError):
 
 class TransientError(EdgetwinError):
     """A failure that may clear by itself (link down, timeout, peer restarting)."""
+
+
+class ClockBehindError(TransientError):
+    """A peer's certificate is not valid yet by this machine's clock: the clock is behind (it clears once set right)."""
+
+    def __init__(self, message: str, valid_from: dt.datetime | None = None) -> None:
+        super().__init__(message)
+        self.valid_from = valid_from  # the certificate's notBefore (a datetime), when it could be read
 
 
 class AuthError(EdgetwinError):

@@ -1,11 +1,12 @@
 """Files in the state directory: written whole (a crash leaves the old file or the new one), owner-only by default.
 
-A file the running gateway rewrites (the alarm ledger, the estimators' state, the legend) goes
-through its :class:`FileWriter`, :func:`writer_of` its path: each write is synced (file, then its
-folder: two fsyncs, 3 ms to 170 ms on a loaded machine) in a worker thread, so the event loop and
-every alarm it carries never wait for the disk.  One writer per file: its writes run one at a time
-in the order they were asked for, a newer state replaces one not yet begun (the last state asked
-for is the one the file ends with), and a caller cancelled meanwhile leaves its write to finish.
+A file the running gateway rewrites (the alarm ledger, the estimators' state, the legend, the
+Sparkplug node's state) goes through its :class:`FileWriter`, :func:`writer_of` its path: each
+write is synced (file, then its folder: two fsyncs, 3 ms to 170 ms on a loaded machine) in a
+worker thread, so the event loop and every alarm it carries never wait for the disk.  One writer
+per file: its writes run one at a time in the order they were asked for, a newer state replaces
+one not yet begun (the last state asked for is the one the file ends with), and a caller
+cancelled meanwhile leaves its write to finish.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ from gateway.records import (
 )
 from gateway.records.render import describe
 from gateway.records.thin import Thinner
-from gateway.sample import UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream, valid_rows
+from gateway.sample import Quality, Sample, SampleBlock, Stream, valid_rows, valid_sample
 from gateway.supervisor import DEVICE_BACKOFF, EXIT_CONFIG, EXIT_FAILURE, Group, Supervisor, Unit
 from gateway.timebase import ClockStep, TimeBase
 
@@ -137,7 +137,9 @@ class Pipeline:
         self._ectopy = RhythmMonitor() if m.ectopy else None
         self._limits = limit_checker(config.core.alarms, p.sensor_lost_s)
         # The conditions on at the twin, by source: ended when their source goes (gateway.alarms.ledger).
-        self._ledger = AlarmLedger(config.core.gateway.state_dir / LEDGER_FILE, feeds(config))
+        self._ledger = AlarmLedger(
+            config.core.gateway.state_dir / LEDGER_FILE, feeds(config), anonymizer.timebase.life
+        )
         for entry in self._ledger.entries():  # of a source maybe gone: never in a record
             anonymizer.register(entry.subject)
             for source in entry.sources:
@@ -209,7 +211,8 @@ class Pipeline:
             elif e.stream is None:
                 continue
             elif e.kind is AlarmKind.LIMIT:
-                if not self._limits.resume(e.stream, str(e.detail.get("level", "")), e.onset):
+                held = None if e.onset is None else functools.partial(self._ledger.held_for, e)
+                if not self._limits.resume(e.stream, str(e.detail.get("level", "")), held):
                     self._unjudged.append((e, "rule_removed"))
             elif e.kind is AlarmKind.SENSOR_FAULT and fault_origin(e.detail) == "rule":
                 # A value out of range: the sample check judges it, and the model whose window check
@@ -398,16 +401,14 @@ class Pipeline:
         # process's: the rhythm detector and the estimators see it as no measurement, the limits
         # and the window's features too when it is out of range - one that only broke the rate
         # rule may be a real fast change, and the limits' on-delays filter a brief artifact.
-        q = sample.quality  # one the device flags is kept from them by its flags, and not checked
-        invalid = not (q and q & UNUSABLE_FLAGS) and self._plausibility.implausible(sample.stream)
+        valid = valid_sample(sample)  # one flagged or with no value is kept from them as such, not checked
+        invalid = valid and self._plausibility.implausible(sample.stream)
         out_of_range = invalid and self._plausibility.out_of_range(sample.stream)
         self.windower.put(sample, out_of_range)  # its alarms before the rule's, as the data came
         if alarm is not None:
             self.alarm(alarm)
         # by_data is empty once the faults a previous run left on are judged: the test costs ~20 ns.
-        if self._driver_faults.by_data and not (
-            invalid or (q and q & UNUSABLE_FLAGS) or not math.isfinite(sample.value)
-        ):
+        if self._driver_faults.by_data and valid and not invalid:
             self._driver_data(sample.stream, sample.t_mono, sample.t_wall)
         self._estimation.put(replace(sample, value=math.nan) if invalid else sample)
         alarm = self._limits.check_sample(sample, invalid=out_of_range)
@@ -635,6 +636,7 @@ class Pipeline:
         # (a second restamp moves nothing twice) and the clock_step diagnostics still go out.
         self._clock_steps.extend(self._anon.timebase.take_steps())
         if self._clock_steps:
+            self._ledger.reframe()  # the life clock counts the step into the last downtime
             await self._outbox.restamp()  # what waits is no older for the step
             for found in self._clock_steps:
                 detail = {"step_s": round(found.step_s, 3), "applied_s": round(found.applied_s, 3)}
@@ -650,6 +652,10 @@ class Pipeline:
     def alarms_on(self) -> list[Entry]:
         """The conditions on at the twin now: raised and not yet ended, this run's or carried over a restart."""
         return self._ledger.entries()
+
+    def alarm_age(self, entry: Entry, now_mono: float) -> float | None:
+        """How long a condition on has been on (carried over a restart: its time before the stop too); None when unknown."""
+        return self._ledger.age(entry, now_mono)
 
     def alarms_on_records(self) -> list[AlarmRecord]:
         """The conditions on now as the records that raised them (pseudonymized), for an uplink that must know them at its start.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from math import isfinite
 
 import numpy as np
 import numpy.typing as npt
@@ -39,8 +40,10 @@ class Quality(enum.IntFlag):
 #: Flags that make a sample unusable as a measurement of the subject: it says the sensor, not
 #: the patient or machine, is at fault.
 FAULT_FLAGS = Quality.SENSOR_OFF | Quality.BAD_STATUS
-#: Flags that make a sample no measurement of the subject: kept out of features and detectors.
-# IMPUTED values were filled in, not measured.
+#: Flags that make a sample no measurement of the subject (IMPUTED values were filled in, not
+#: measured): such a sample, like one with no value, is invalid (:func:`valid_sample`,
+#: :func:`valid_rows`): kept out of the features, the plausibility rules, the limits and the
+#: detectors (an estimator weighs its own flags: a fused rate counts an artifact's, inflated).
 UNUSABLE_FLAGS = int(Quality.SENSOR_OFF | Quality.BAD_STATUS | Quality.ARTIFACT | Quality.IMPUTED)
 #: A stream silent this long is lost (``[pipeline] sensor_lost_s``, unless the config says otherwise).
 SENSOR_LOST_S = 15.0
@@ -124,9 +127,23 @@ class SampleBlock:
         return len(self.t_mono)
 
 
+def valid_sample(sample: Sample) -> bool:
+    """Whether one sample measures the subject: no unusable flag and a value (:func:`valid_rows` for a block)."""
+    q = sample.quality  # a truth test of GOOD (0) costs ~30 ns, an IntFlag `&` ~1 us
+    return not (q and q & UNUSABLE_FLAGS) and isfinite(sample.value)
+
+
+def valid_values(
+    quality: npt.NDArray[np.uint8],
+    value: npt.NDArray[np.float64],
+    implausible: npt.NDArray[np.bool_] | None = None,
+) -> npt.NDArray[np.bool_]:
+    """Which rows of these columns measure the subject: no unusable flag, a value, not ``implausible``."""
+    unflagged = (np.asarray(quality, np.uint8) & UNUSABLE_FLAGS) == 0
+    usable: npt.NDArray[np.bool_] = unflagged & np.isfinite(value)
+    return usable if implausible is None else usable & ~implausible
+
+
 def valid_rows(block: SampleBlock, implausible: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.bool_]:
     """Which samples of ``block`` measure the subject: no unusable flag, a value, not ``implausible``."""
-    usable: npt.NDArray[np.bool_] = (
-        (np.asarray(block.quality, np.uint8) & UNUSABLE_FLAGS) == 0
-    ) & np.isfinite(block.value)
-    return usable if implausible is None else usable & ~implausible
+    return valid_values(block.quality, block.value, implausible)

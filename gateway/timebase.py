@@ -17,6 +17,16 @@ running backwards.  A forward step first makes up for what was absorbed (the clo
 again, as NTP does on a Pi that booted with an old time) and moves record time ahead only by the
 rest.  So record time follows the wall clock whenever the wall clock is not behind it.
 
+Durations across restarts (how long an alarm carried over a restart has held) are counted on a
+third clock, :meth:`TimeBase.life`: the monotonic clock within a run, and between two runs the
+downtime the wall clock shows (its reading at the start less its reading at the last stop, never
+less than 0).  A wall-clock step seen during the run is taken as the wall clock setting itself
+right, so it corrects that downtime and nothing else: a Pi that booted days behind counts its true
+downtime once NTP steps its clock, one that booted ahead loses the excess when it is stepped back,
+and a step never lengthens a span within a run.  Record time cannot serve: it moves ahead with a
+forward step and never goes back, so a condition raised before NTP stepped the clock would have
+held the whole step longer after the next restart.
+
 Rotating the site key starts a new origin and counter (:meth:`TimeBase.reset`): time that went on
 across a rotation would link the old identity to the new one.
 """
@@ -59,26 +69,43 @@ class ClockStep:
     t: float  # record time (site seconds) when it was seen
 
 
-def _read(path: Path) -> tuple[float, int, float]:
+@dataclass(frozen=True, slots=True)
+class _Saved:
+    """What a time base file holds."""
+
+    origin: float
+    boot: int
+    high: float  # the highest record time used
+    life: float  # :meth:`TimeBase.life` when written
+    wall: float  # the wall clock's reading when written
+
+
+def _read(path: Path) -> _Saved:
     state = json.loads(path.read_text(encoding="utf-8"))
     origin, boot, high = float(state["origin"]), int(state["boot"]), float(state["high"])
-    if not (math.isfinite(origin) and math.isfinite(high) and boot >= 0):
-        raise ValueError(f"origin {origin}, boot {boot}, high {high}: non-finite or negative")
-    return origin, boot, high
+    # Written before the life clock: record time stands in for it, the wall clock it followed.
+    life, wall = float(state.get("life", high)), float(state.get("wall", origin + high))
+    if not (all(map(math.isfinite, (origin, high, life, wall))) and boot >= 0):
+        raise ValueError(
+            f"origin {origin}, boot {boot}, high {high}, life {life}, wall {wall}: non-finite or negative"
+        )
+    return _Saved(origin, boot, high, life, wall)
 
 
-def _running_high(path: Path, origin: float, boot: int) -> float:
-    """The high mark the run ``boot`` of ``origin`` wrote while running; 0 when none can be read."""
+def _running(path: Path, saved: _Saved) -> _Saved:
+    """What the run ``saved.boot`` of ``saved.origin`` wrote while running, when newer than ``saved``."""
     try:
-        h_origin, h_boot, high = _read(path)
+        running = _read(path)
     except FileNotFoundError:
-        return 0.0
+        return saved
     except (OSError, ValueError, KeyError, TypeError) as exc:
         # Written unsynced: a power cut may leave it torn.  Only the last run's high mark is lost;
         # a wall clock that is right (or steps forward) starts the next run after it anyway.
         log.warning("time base %s: unreadable (%s): the last run's time is taken from its start", path, exc)
-        return 0.0
-    return high if (h_origin, h_boot) == (origin, boot) else 0.0  # of a reset origin: not this one's
+        return saved
+    if (running.origin, running.boot) != (saved.origin, saved.boot) or running.high <= saved.high:
+        return saved  # of a reset origin (not this one's), or older than the orderly stop's
+    return running
 
 
 class TimeBase:
@@ -93,6 +120,8 @@ class TimeBase:
         path: Path | None = None,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
+        life: float = 0.0,
+        last_wall: float | None = None,
     ) -> None:
         self.path = path
         self._write_failed = False
@@ -110,6 +139,10 @@ class TimeBase:
         # an instant before it keeps the record time it had (see :meth:`at`).
         self._moves: deque[tuple[float, float]] = deque(maxlen=MOVES_KEPT)
         self._behind = 0.0  # how far the wall clock is behind record time (steps back absorbed)
+        # The life clock (see the module doc): the last run's at its stop, and the downtime since as
+        # the wall clock shows it, signed (a clock behind reads less than the stop), steps added.
+        self._life0, self._mono0 = life, mono0
+        self._downtime: float | None = None if last_wall is None else wall0 - last_wall
         if high - (wall0 - origin) > STEP_TOLERANCE_S:
             # The wall clock reads less than when the last run stopped: stepped back while down.
             self._behind = high - (wall0 - origin)
@@ -132,10 +165,9 @@ class TimeBase:
     ) -> TimeBase:
         """Start a new run: read the state directory's time base (creating it) and count this start."""
         path = state_dir / FILE_NAME
-        origin, boot, high = wall(), 0, 0.0
+        saved: _Saved | None = None
         try:
-            origin, boot, high = _read(path)
-            high = max(high, _running_high(path.with_name(HIGH_NAME), origin, boot))
+            saved = _running(path.with_name(HIGH_NAME), _read(path))
         except FileNotFoundError:
             log.info("time base: new site origin in %s", path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -147,8 +179,18 @@ class TimeBase:
                 path,
                 exc,
             )
-            origin, boot, high = wall(), 0, 0.0
-        return cls(origin=origin, boot=boot + 1, high=high, path=path, wall=wall, mono=mono)
+        if saved is None:
+            return cls(origin=wall(), boot=1, high=0.0, path=path, wall=wall, mono=mono)
+        return cls(
+            origin=saved.origin,
+            boot=saved.boot + 1,
+            high=saved.high,
+            path=path,
+            wall=wall,
+            mono=mono,
+            life=saved.life,
+            last_wall=saved.wall,
+        )
 
     @classmethod
     def ephemeral(cls, start_wall: float | None = None) -> TimeBase:
@@ -172,6 +214,8 @@ class TimeBase:
         self._offset = -mono0
         self._wm = wall0 - mono0
         self._behind = 0.0
+        # The life clock goes on: the alarm ledger, kept across a rotation, counts the spans of its
+        # conditions on it, as it did on the wall clock.
         self._steps.clear()
         self._moves.clear()
         self._save()
@@ -192,6 +236,14 @@ class TimeBase:
         self.check()
         return t_mono + self._offset - sum(applied for seen, applied in self._moves if seen > t_mono)
 
+    def life(self, t_mono: float) -> float:
+        """The life clock at monotonic instant ``t_mono``: spans across restarts are differences of it (see the module doc)."""
+        self.check()
+        return self._life_at(t_mono)
+
+    def _life_at(self, t_mono: float) -> float:
+        return self._life0 + max(0.0, self._downtime or 0.0) + (t_mono - self._mono0)
+
     def site(self, t_wall: float) -> float:
         """The record time of an instant the gateway stamped with wall time ``t_wall``."""
         self.check()
@@ -209,6 +261,8 @@ class TimeBase:
             self._save(sync=False, strict=False)
         if abs(step) <= STEP_TOLERANCE_S:
             return None
+        if self._downtime is not None:
+            self._downtime += step  # the wall clock setting itself right: so was its reading at the start
         if step < 0:
             self._behind -= step
             applied = 0.0
@@ -245,7 +299,15 @@ class TimeBase:
         """Write the state file (synced), or only the running high mark; ConfigError when ``strict`` (a start), else a warning."""
         if self.path is None:
             return
-        body = json.dumps({"origin": self.origin, "boot": self.run, "high": self.now()}).encode()
+        life = self._life_at(self._mono())
+        state = {
+            "origin": self.origin,
+            "boot": self.run,
+            "high": self.now(),
+            "life": life,
+            "wall": self._wall(),
+        }
+        body = json.dumps(state).encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if sync:

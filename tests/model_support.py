@@ -7,15 +7,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from drivers import REGISTRY
 from drivers.sim.protocol import STREAM_KIND, Generator, Label, make_generator
 from gateway.config import Config, validate
+from gateway.inference.backends import litert_interpreter_class
 from gateway.inference.build import default_models_dir
 from gateway.inference.card import CARD_SUFFIX, ModelCard, load_card
 from gateway.sample import Stream
 
 MODELS = default_models_dir()
 NEURAL = ("pump_skab", "vitals_mimic")
+
+#: Tests of the LiteRT backend run where its runtime installs (Linux x86-64 and aarch64).
+needs_litert = pytest.mark.skipif(
+    litert_interpreter_class() is None, reason="ai-edge-litert has no wheel for this platform"
+)
 
 
 def card_of(name: str, d: Path = MODELS) -> ModelCard:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from bundle_support import LOOSE_HEALTH, MODELS, PUMP, PUMP_SITE, card_for, onnx_model, tampered_weights
 from downlink_support import Site, new_site
+from model_support import needs_litert
 from uplink_support import mosquitto_pki, running_broker
 
 from gateway.downlink import audit
@@ -27,14 +28,10 @@ from gateway.downlink.bundles import make_bundle
 from gateway.downlink.model_commands import chunk_messages
 from gateway.downlink.signing import sign as sign_envelope
 from gateway.downlink.twin_link import fetch_retained, publish_many
-from gateway.inference.backends import litert_interpreter_class
 from gateway.records.topics import DEFAULT_PREFIX
 from gateway.uplink.certs import DemoPKI
 
 pytestmark = pytest.mark.slow
-needs_litert = pytest.mark.skipif(
-    litert_interpreter_class() is None, reason="ai-edge-litert has no wheel for this platform"
-)
 
 TWIN = [sys.executable, "-m", "gateway.cli", "twin"]
 

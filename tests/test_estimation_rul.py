@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from data_support import DATA
-from test_litert import needs_litert
+from model_support import needs_litert
 
 from drivers import REGISTRY
 from drivers.sim.engine import EngineGenerator

@@ -32,7 +32,6 @@ from peers import free_port, stop_process
 from test_alarm_campaign import T0, WALL0, alarm_records
 from test_fusion_verdict import NOVELTY
 from test_novelty_e2e import INPUTS
-from test_opcua_commands import cli as scan_cli
 from uplink_support import listener, mosquitto_pki, mqtt_toml, running_broker
 
 from drivers.opcua.plcsim import PlcSimProcess
@@ -77,7 +76,7 @@ def write_config(tmp: Path, sim: PlcSimProcess, broker: MosquittoBroker, pki: De
     snippet = tmp / "plc.toml"
     args = ["scan", "opcua", sim.endpoint, "--select", "Pump1/*/*", "--write-config", str(snippet)]
     args += ["--name", "pump-3-plc", "--subject", SUBJECT, "--model", "pump_skab"]
-    assert scan_cli(args) == 0
+    assert cli.main(args) == 0
     scanned = snippet.read_text(encoding="utf-8").replace(
         'name = "pump_skab"', f'name = "pump_skab"\ncommissioning_s = {COMMISSION_S}'
     )

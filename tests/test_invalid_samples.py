@@ -62,7 +62,7 @@ def beats(tmp: Path, rr: list[float]) -> Site:
             pipeline = Pipeline(config(tmp, BED7, ectopy=True), site.anon, outbox)
             t = 1.0
             for x in rr:
-                t += x / 1000.0
+                t += x / 1000.0 if math.isfinite(x) else 0.8  # one with no value still comes in time
                 pipeline.sink.put(Sample(RR, t, t + WALL, x))
             await outbox.flush()
             site.take([i for i in await outbox.lease(1000) if i.lane == Lane.ALARMS])
@@ -158,6 +158,22 @@ def test_an_implausible_beat_interval_makes_a_rhythm_episode_indeterminate_not_a
     assert [a["detail"]["pattern"] for a in site.alarms if a["alarm"].startswith("anomaly")] == [
         "bigeminy"
     ] * 3
+    assert site.alarms[-1]["detail"]["episode"] == "resumed"
+
+
+def test_a_beat_with_no_value_makes_a_rhythm_episode_indeterminate(tmp_path: Path) -> None:
+    """Bigeminy on; three intervals the device sends with no value, unflagged; bigeminy again.
+
+    No value is no measurement, as a flagged one: the episode turns indeterminate (the device's
+    data, ``sensor_quality``) and no plausibility rule is broken.
+    """
+    site = beats(tmp_path, [800.0] * 20 + [560.0, 1040.0] * 20 + [math.nan] * 3 + [560.0, 1040.0] * 10)
+    got = [(a["alarm"], a["detail"].get("reason") or a["detail"].get("rule")) for a in site.alarms]
+    assert got == [
+        ("anomaly", None),
+        ("anomaly_indeterminate", "sensor_quality"),
+        ("anomaly", None),
+    ], got
     assert site.alarms[-1]["detail"]["episode"] == "resumed"
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from data_support import DATA
-from model_support import MODELS, NEURAL, card_of, copy_model
+from model_support import MODELS, NEURAL, card_of, copy_model, needs_litert
 
 from gateway.contracts import StreamFeatures, WindowRecord
 from gateway.errors import ConfigError, CorruptDataError
@@ -26,10 +26,6 @@ from gateway.inference.build import ModelsSection, ModelUse, build_models
 from gateway.inference.card import CARD_SUFFIX, file_sha256, load_card
 from gateway.pipeline.features import basic_features_finite
 from gateway.sample import MDC, Stream
-
-needs_litert = pytest.mark.skipif(
-    litert_interpreter_class() is None, reason="ai-edge-litert has no wheel for this platform"
-)
 
 
 def z_rows(n: int, width: int, seed: int) -> npt.NDArray[np.float32]:

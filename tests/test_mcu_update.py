@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -15,7 +14,6 @@ from pathlib import Path
 import pytest
 from peers import LoggedProcess, RecordingSink, running_driver
 
-from drivers.mcu.commands import add_commands
 from drivers.mcu.config import McuConfig, SimNodeConfig
 from drivers.mcu.driver import McuDriver, factory
 from drivers.mcu.link import Link, NodeRefusedError
@@ -34,6 +32,7 @@ from firmware_bridge.manifest import (
     sign_image,
 )
 from firmware_bridge.messages import BootState, Cap, Health, MsgType, NackCode, begin_body, parse_version
+from gateway.cli import main as edgetwin
 from gateway.contracts import SourceInfo
 from gateway.errors import TransientError
 
@@ -232,44 +231,38 @@ def test_an_image_that_does_not_report_healthy_is_rolled_back(tmp_path: Path, ke
     assert asyncio.run(_push(tmp_path, keys, fixed, keys.sign(fixed, V1_2_0))).outcome == "committed"
 
 
-def _cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="edgetwin")
-    sub = parser.add_subparsers(dest="command", required=True)
-    groups = {"top": sub}
-    for name in ("scan", "sim"):
-        groups[name] = sub.add_parser(name).add_subparsers(dest=f"{name}_what", required=True)
-    add_commands(groups)
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
-
-
 def test_cli_keygen_sign_verify_push(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     prefix = tmp_path / "rel"
-    assert _cli("firmware", "keygen", "--out", str(prefix)) == 0
+    assert edgetwin(["firmware", "keygen", "--out", str(prefix)]) == 0
     key, pub = tmp_path / "rel.key", tmp_path / "rel.pub"
     assert os.stat(key).st_mode & 0o777 == 0o600
-    assert _cli("firmware", "keygen", "--out", str(prefix)) == 78  # never overwritten
+    assert edgetwin(["firmware", "keygen", "--out", str(prefix)]) == 78  # never overwritten
     image = tmp_path / "fw.bin"
-    assert _cli("sim", "node-image", str(image), "--version", "1.1.0") == 0
+    assert edgetwin(["sim", "node-image", str(image), "--version", "1.1.0"]) == 0
     assert (
-        _cli("firmware", "sign", str(image), "--key", str(key), "--target", SIM_TARGET, "--version", "1.1.0")
+        edgetwin(
+            ["firmware", "sign", str(image), "--key", str(key), "--target", SIM_TARGET, "--version", "1.1.0"]
+        )
         == 0
     )
     assert manifest_path_for(image).exists()
-    assert _cli("firmware", "verify", str(image), "--pubkey", str(pub)) == 0
+    assert edgetwin(["firmware", "verify", str(image), "--pubkey", str(pub)]) == 0
     image.write_bytes(image.read_bytes()[:-1] + b"\x00")
-    assert _cli("firmware", "verify", str(image), "--pubkey", str(pub)) == 1
+    assert edgetwin(["firmware", "verify", str(image), "--pubkey", str(pub)]) == 1
     assert "REJECTED (hash)" in capsys.readouterr().err
     os.chmod(key, 0o644)
     assert (
-        _cli("firmware", "sign", str(image), "--key", str(key), "--target", SIM_TARGET, "--version", "1.1.0")
+        edgetwin(
+            ["firmware", "sign", str(image), "--key", str(key), "--target", SIM_TARGET, "--version", "1.1.0"]
+        )
         == 78
     )
     assert "chmod 600" in capsys.readouterr().err
     os.chmod(key, 0o600)
     assert (
-        _cli("firmware", "sign", str(image), "--key", str(key), "--target", SIM_TARGET, "--version", "1.1.0")
+        edgetwin(
+            ["firmware", "sign", str(image), "--key", str(key), "--target", SIM_TARGET, "--version", "1.1.0"]
+        )
         == 0
     )
 
@@ -281,9 +274,9 @@ def test_cli_keygen_sign_verify_push(tmp_path: Path, capsys: pytest.CaptureFixtu
         async with run_sim_node(_node_cfg(tmp_path, CliKeys()), "cli node") as node:
             # The command runs its own event loop, so it goes to a worker thread.
             pushed = await asyncio.to_thread(
-                _cli, "firmware", "push", str(image), "--port", str(node.path), "--pubkey", str(pub)
+                edgetwin, ["firmware", "push", str(image), "--port", str(node.path), "--pubkey", str(pub)]
             )
-            status = await asyncio.to_thread(_cli, "firmware", "status", "--port", str(node.path))
+            status = await asyncio.to_thread(edgetwin, ["firmware", "status", "--port", str(node.path)])
             return pushed, status
 
     assert asyncio.run(push_and_status()) == (0, 0)
@@ -331,9 +324,9 @@ def test_a_push_to_a_node_a_running_driver_reads_borrows_the_port_and_gives_it_b
     tmp_path: Path, keys: Keys
 ) -> None:
     image = tmp_path / "fw.bin"
-    assert _cli("sim", "node-image", str(image), "--version", "1.1.0") == 0
+    assert edgetwin(["sim", "node-image", str(image), "--version", "1.1.0"]) == 0
     signing = ("--key", str(keys.private), "--target", SIM_TARGET, "--version", "1.1.0")
-    assert _cli("firmware", "sign", str(image), *signing) == 0
+    assert edgetwin(["firmware", "sign", str(image), *signing]) == 0
     push = [
         sys.executable,
         "-m",

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from bundle_support import MODELS, PUMP, card_for, litert_card, onnx_model, shipped_int8, tampered_weights
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from model_support import needs_litert
 from pydantic import BaseModel, ValidationError, create_model
 from test_inference_runtime import commission, pump_model, pump_window
 
@@ -132,11 +133,6 @@ def litert_bundle(
     env = _signed(manifest, version)
     *chunks, _manifest = chunk_messages(ROOT, env, model, dense=dense, tflite=tflite)
     return env, chunks
-
-
-needs_litert = pytest.mark.skipif(
-    litert_interpreter_class() is None, reason="ai-edge-litert has no wheel for this platform"
-)
 
 
 def test_chunks_fit_each_profile() -> None:

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from peers import free_port
-from test_opcua_commands import cli as scan_cli
 
 from drivers import REGISTRY
 from drivers.opcua.plcsim import PlcSimProcess
@@ -43,7 +42,7 @@ def write_config(tmp: Path, plc: PlcSimProcess, *, model: bool) -> Path:
     args += ["--name", "pump-3-plc", "--subject", "plant-A/pump-3"]
     if model:
         args += ["--model", "pump_skab"]
-    assert scan_cli(args) == 0
+    assert cli.main(args) == 0
     text = snippet.read_text(encoding="utf-8")
     if not model:
         text += '\n[[models.use]]\nname = "pump_skab"\n'

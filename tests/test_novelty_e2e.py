@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from peers import free_port
-from test_opcua_commands import cli as scan_cli
 
 from drivers import REGISTRY
 from drivers.opcua.plcsim import PlcSimProcess
@@ -71,12 +70,12 @@ def test_an_unseen_valve_fault_raises_one_novelty_alarm_and_one_per_stream_alarm
     try:
         snippet = tmp_path / "plc.toml"
         args = ["scan", "opcua", sim.endpoint, "--select", "Pump1/*/*", "--write-config", str(snippet)]
-        assert scan_cli([*args, "--name", "pump-3-plc", "--subject", "plant-A/pump-3"]) == 0
+        assert cli.main([*args, "--name", "pump-3-plc", "--subject", "plant-A/pump-3"]) == 0
         # A second subject of one tag only, which no model scores: the per-stream detector's.
         single = tmp_path / "tag.toml"
         args = ["scan", "opcua", sim.endpoint, "--select", "Pump1/Hydraulics/Pressure"]
         args += ["--write-config", str(single), "--name", "line-plc", "--subject", SINGLE]
-        assert scan_cli(args) == 0
+        assert cli.main(args) == 0
         path = tmp_path / "edgetwin.toml"
         path.write_text(
             f"""

@@ -95,8 +95,9 @@ def _config(tmp: Path, body: str) -> Path:
 
 
 class Gateway:
-    def __init__(self, config: Path, notify: Notify) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(notify.path))
+    def __init__(self, config: Path, notify: Notify, env: dict[str, str] | None = None) -> None:
+        """``edgetwin run`` on ``config`` (in ``env``: a faked clock's, else this process's)."""
+        env = dict(env or os.environ, PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(notify.path))
         env.pop("RUNTIME_DIRECTORY", None)
         self.config = config
         self.proc = LoggedProcess(

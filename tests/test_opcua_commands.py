@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import tomllib
 from collections.abc import Iterator
@@ -11,21 +10,10 @@ from pathlib import Path
 import pytest
 from peers import free_port
 
-from drivers.opcua.commands import add_commands
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.plcsim import PlcSimProcess
-
-
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="edgetwin")
-    sub = parser.add_subparsers(dest="command", required=True)
-    groups = {"top": sub}
-    for name in ("scan", "sim"):
-        groups[name] = sub.add_parser(name).add_subparsers(dest=f"{name}_what", required=True)
-    add_commands(groups)
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
+from gateway.cli import build_parser
+from gateway.cli import main as edgetwin
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +27,7 @@ def plc() -> Iterator[PlcSimProcess]:
 def test_scan_prints_the_tree_with_types_units_and_values(
     plc: PlcSimProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli(["scan", "opcua", plc.endpoint]) == 0
+    assert edgetwin(["scan", "opcua", plc.endpoint]) == 0
     out = capsys.readouterr().out
     assert "urn:edgetwin:plcsim" in out
     assert "  2:Pump1  [Object]" not in out
@@ -60,7 +48,7 @@ def test_scan_writes_a_config_snippet_that_validates(
     plc: PlcSimProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out_file = tmp_path / "plc.toml"
-    code = cli(
+    code = edgetwin(
         [
             "scan",
             "opcua",
@@ -100,18 +88,12 @@ def test_scan_writes_a_config_snippet_that_validates(
 
 
 def test_scan_of_a_closed_port_fails_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli(["scan", "opcua", f"opc.tcp://127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
+    assert edgetwin(["scan", "opcua", f"opc.tcp://127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
     assert "ConnectionRefusedError" in capsys.readouterr().err
 
 
 def test_sim_plc_command_line() -> None:
-    parser = argparse.ArgumentParser(prog="edgetwin")
-    sub = parser.add_subparsers(dest="command", required=True)
-    groups = {"top": sub}
-    for name in ("scan", "sim"):
-        groups[name] = sub.add_parser(name).add_subparsers(dest=f"{name}_what", required=True)
-    add_commands(groups)
-    args = parser.parse_args(
+    args = build_parser().parse_args(
         ["sim", "plc", "--port", "4999", "--rate-hz", "5", "--fault", "valve_fault:10:20"]
     )
     assert args.port == 4999

@@ -6,7 +6,6 @@ every policy and mode asyncua offers; a wrong password; a server that does not t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import time
@@ -18,11 +17,11 @@ import pytest
 from peers import free_port
 
 from drivers.opcua import lean
-from drivers.opcua.commands import add_commands
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.driver import factory
 from drivers.opcua.pki import Pki
 from drivers.opcua.plcsim import PlcSimProcess
+from gateway.cli import main as edgetwin
 from gateway.contracts import Alarm, Diagnostic, SourceInfo
 from gateway.errors import AuthError, ConfigError
 from gateway.sample import Sample, SampleBlock
@@ -102,18 +101,6 @@ async def attempt(
     return len(sink.samples), None
 
 
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="edgetwin")
-    sub = parser.add_subparsers(dest="command", required=True)
-    groups = {"top": sub}
-    for name in ("scan", "sim"):
-        groups[name] = sub.add_parser(name).add_subparsers(dest=f"{name}_what", required=True)
-    add_commands(groups)
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
-
-
 def test_untrusted_server_then_trust_then_every_policy_and_mode(
     secure_plc: tuple[PlcSimProcess, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -135,10 +122,10 @@ def test_untrusted_server_then_trust_then_every_policy_and_mode(
     ).is_file()  # the application instance certificate, created on first start
     assert (pki / "own" / "private" / "key.pem").stat().st_mode & 0o777 == 0o600
 
-    assert cli(["opcua", "trust", "--pki-dir", str(pki), "--list"]) == 0
+    assert edgetwin(["opcua", "trust", "--pki-dir", str(pki), "--list"]) == 0
     assert rejected[0].name in capsys.readouterr().out
     thumb = rejected[0].name.partition("[")[2][:12]
-    assert cli(["opcua", "trust", "--pki-dir", str(pki), thumb]) == 0
+    assert edgetwin(["opcua", "trust", "--pki-dir", str(pki), thumb]) == 0
     assert not Pki(pki).rejected()
     assert len(list((pki / "trusted").iterdir())) == 1
 

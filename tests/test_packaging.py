@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import gateway
@@ -56,3 +58,34 @@ def test_ci_runs_the_readme_test_command() -> None:
     command = "bash .ci/setup test && .venv/bin/python -m pytest"
     assert command in readme
     assert command in ci
+
+
+def test_license_is_an_spdx_expression_with_its_text_shipped() -> None:
+    # PEP 639: setuptools refuses the table form (license = { text = ... }) from 2027-02-18.  The
+    # wheel and sdist builds themselves need the build backend from a package index, so they are
+    # checked by hand (pip wheel / python -m build); here, what they are built from and the
+    # metadata of this checkout's install.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    assert pyproject["project"]["license-files"] == ["LICENSE"]
+    assert "Apache License\n                           Version 2.0" in (ROOT / "LICENSE").read_text()
+    # The first setuptools that reads both fields.
+    (setuptools,) = [r for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    assert re.fullmatch(r"setuptools>=(\d+)", setuptools), setuptools
+    assert int(setuptools.split(">=")[1]) >= 77
+    # A license classifier beside an expression is refused by PEP 639 builds.
+    assert not [c for c in pyproject["project"].get("classifiers", []) if c.startswith("License ::")]
+    metadata = importlib.metadata.metadata("edgetwin")
+    assert metadata["License-Expression"] == "Apache-2.0", (
+        "the install predates pyproject.toml: bash .ci/setup"
+    )
+    assert metadata.get_all("License-File") == ["LICENSE"]
+    assert metadata["License"] is None
+
+
+def test_the_wheel_leaves_out_the_compiled_module_source() -> None:
+    # The sdist carries gateway/_window.c (an ext-module source); a wheel holds the built module.
+    # The node's firmware sources stay package data: the simulated node is built on first use.
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["exclude-package-data"]["gateway"] == ["_window.c"]
+    assert "firmware/*.c" in setuptools["package-data"]["firmware_bridge"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from gateway.contracts import Alarm, AlarmKind
 from gateway.inference.plausibility import DEFAULT_RULES, PlausibilityChecker, Rule
-from gateway.sample import MDC, Sample, SampleBlock, Stream, industrial_metric
+from gateway.sample import MDC, Quality, Sample, SampleBlock, Stream, industrial_metric, valid_sample
 from gateway.units import converter
 
 SPO2_5HZ = Stream("ox", "bed-1", "OX-1", MDC["MDC_PULS_OXIM_SAT_O2"], rate_hz=5.0)
@@ -186,3 +187,102 @@ def test_only_a_value_out_of_range_is_kept_from_the_limits_one_at_a_time_and_in_
     assert implausible is not None
     assert out_of_range is not None
     assert list(zip(implausible.tolist(), out_of_range.tolist(), strict=True)) == verdicts
+
+
+ART, OFF, NO_VALUE = int(Quality.ARTIFACT), int(Quality.SENSOR_OFF), math.nan
+#: Instants (sample indexes) of a stream's plausibility alarms, and per sample whether it was judged
+#: implausible and out of range (an invalid sample: neither, it is not checked).
+_Verdicts = tuple[list[tuple[str, str, int]], list[tuple[bool, bool]]]
+
+
+def _one_by_one(rows: list[tuple[float, int]], dt: float) -> _Verdicts:
+    chk = PlausibilityChecker()
+    alarms, per = [], []
+    for i, (v, q) in enumerate(rows):
+        sample = Sample(SPO2_5HZ, i * dt, 1.7e9 + i * dt, v, Quality(q))
+        a = chk.check_sample(sample)
+        if a is not None:
+            alarms.append((a.kind.value, str(a.detail["rule"]), i))
+        checked = valid_sample(sample)  # as the pipeline asks the checker after each sample
+        per.append((checked and chk.implausible(SPO2_5HZ), checked and chk.out_of_range(SPO2_5HZ)))
+    return alarms, per
+
+
+def _in_blocks(rows: list[tuple[float, int]], dt: float, size: int) -> _Verdicts:
+    chk = PlausibilityChecker()
+    alarms: list[tuple[str, str, int]] = []
+    per: list[tuple[bool, bool]] = []
+    for k in range(0, len(rows), size):
+        part = rows[k : k + size]
+        t = np.arange(k, k + len(part), dtype=np.float64) * dt
+        v = np.array([x for x, _ in part])
+        block = SampleBlock(SPO2_5HZ, t, t + 1.7e9, v, np.array([q for _, q in part], np.uint8))
+        got, bad, off = chk.judge_block(block)
+        alarms += [(a.kind.value, str(a.detail["rule"]), round(a.t_mono / dt)) for a in got]
+        none = [False] * len(part)
+        per += zip(none if bad is None else bad.tolist(), none if off is None else off.tolist(), strict=True)
+    return alarms, per
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        (  # 97 %, then 84 % at once, held (artifact-flagged every other sample at first), then 97 % again
+            [(97.0, 0)] * 10 + [(84.0, 0), (84.0, ART)] * 3 + [(84.0, 0)] * 10 + [(97.0, 0)] * 10,
+            [
+                ("sensor_fault", "rate", 16),
+                ("sensor_restored", "plausibility", 22),
+                ("sensor_fault", "rate", 31),
+            ],
+        ),
+        (  # the same with the device sending no value every other sample at first
+            [(97.0, 0)] * 10 + [(84.0, 0), (NO_VALUE, 0)] * 3 + [(84.0, 0)] * 10 + [(97.0, 0)] * 10,
+            [
+                ("sensor_fault", "rate", 16),
+                ("sensor_restored", "plausibility", 22),
+                ("sensor_fault", "rate", 31),
+            ],
+        ),
+        (  # 30 % out of range, through a probe off, a flagged 97 % and 0 %, no value, back to 96 %
+            [(97.0, 0)] * 5
+            + [(30.0, 0), (30.0, OFF), (NO_VALUE, 0), (30.0, 0), (97.0, ART), (0.0, ART), (96.0, 0)]
+            + [(97.0, 0)] * 5,
+            [("sensor_fault", "range", 5), ("sensor_restored", "plausibility", 11)],
+        ),
+    ],
+    ids=["flagged-inside-a-rate-excursion", "no-value-inside-a-rate-excursion", "out-of-range"],
+)
+def test_a_block_one_or_several_raises_and_clears_at_the_samples_that_one_by_one_do(
+    rows: list[tuple[float, int]], expected: list[tuple[str, str, int]]
+) -> None:
+    """An invalid sample (flagged, no value) neither extends nor breaks a rate run, in a block or alone.
+
+    5 Hz SpO2, 4 %/s at most: the step to 84 % at sample 10 is a fault once valid samples over the
+    limit span a second (at 16; the flagged or empty ones between count for nothing, nor break the
+    run); 84 % is plausible again once its step from the last plausible 97 % (sample 5) is under
+    4 %/s over the time between (at 22); the step back to 97 % is a fault again 1 s on (26 to 31).
+    """
+    alone = _one_by_one(rows, 0.2)
+    assert alone[0] == expected
+    for size in (len(rows), 7, 3, 1):
+        assert _in_blocks(rows, 0.2, size) == alone, size
+
+
+def test_a_block_ends_a_fault_a_previous_run_left_on_a_stream_that_now_has_no_rule() -> None:
+    # The rule of a previous run: the fault it raised ends at the first valid value, as one by one.
+    cpm = Stream("plc", "line", "PLC", industrial_metric("Line2/Pressure", "counts"), "industrial", 1.0)
+    for by_block in (False, True):
+        chk = PlausibilityChecker()
+        chk.resume(cpm)
+        rows = [(1.0, ART), (NO_VALUE, 0), (250.0, 0), (260.0, 0)]
+        t = np.arange(4.0)
+        if by_block:
+            v, q = np.array([x for x, _ in rows]), np.array([f for _, f in rows], np.uint8)
+            got = chk.check_block(SampleBlock(cpm, t, t, v, q))
+        else:
+            got = [
+                a
+                for i, (x, f) in enumerate(rows)
+                if (a := chk.check_sample(Sample(cpm, i, i, x, Quality(f))))
+            ]
+        assert [(a.kind, a.t_mono) for a in got] == [(AlarmKind.SENSOR_RESTORED, 2.0)], by_block

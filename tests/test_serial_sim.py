@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -17,7 +16,6 @@ from data_support import DATA
 from peers import LoggedProcess
 
 from drivers.serial import contec
-from drivers.serial.commands import add_commands
 from drivers.serial.formats import make_parser
 from drivers.serial.protocol import LineSettings, Reading, Status
 from drivers.serial.sim import (
@@ -30,6 +28,7 @@ from drivers.serial.sim import (
     VitalsModel,
     uart_misread,
 )
+from gateway.cli import main as edgetwin
 
 REPO = Path(__file__).resolve().parent.parent
 MIMIC = DATA / "physio" / "mimic_numerics" / "s25047-2704-05-04-10-44n.hea"
@@ -165,26 +164,14 @@ def test_pty_oximeter_unplug_replug_and_start_command(tmp_path: Path) -> None:
         assert not is_streaming(sim)  # a replugged monitor waits for its start command again
 
 
-def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="edgetwin")
-    sub = parser.add_subparsers(dest="command", required=True)
-    groups = {"top": sub}
-    for name in ("scan", "sim"):
-        groups[name] = sub.add_parser(name).add_subparsers(dest=f"{name}_what", required=True)
-    add_commands(groups)
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
-
-
 def test_scan_serial_probes_only_what_it_is_told(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with PtyOximeter("masimo", link=tmp_path / "ox") as sim:
-        assert run_cli("scan", "serial", "--probe", sim.path, "--probe-s", "3") == 0
+        assert edgetwin(["scan", "serial", "--probe", sim.path, "--probe-s", "3"]) == 0
         out = capsys.readouterr().out
         assert f"probe {sim.path}: masimo at 9600 8N1" in out
         assert "PATH" in out
         assert "BY-ID" in out
-        assert run_cli("scan", "serial", "--port", sim.path, "--json") == 0
+        assert edgetwin(["scan", "serial", "--port", sim.path, "--json"]) == 0
         listing = json.loads(capsys.readouterr().out)
         assert sim.path in [p["path"] for p in listing["ports"]]
         assert listing["probes"] == []
@@ -192,11 +179,11 @@ def test_scan_serial_probes_only_what_it_is_told(tmp_path: Path, capsys: pytest.
 
 def test_scan_serial_reports_garbage_and_absence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with PtyOximeter("nonin2", link=tmp_path / "ox", corruption=Corruption(wrong_speed=4800)) as sim:
-        assert run_cli("scan", "serial", "--probe", sim.path, "--probe-s", "0.6", "--json") == 1
+        assert edgetwin(["scan", "serial", "--probe", sim.path, "--probe-s", "0.6", "--json"]) == 1
         (probe,) = json.loads(capsys.readouterr().out)["probes"]
         assert probe["protocol"] is None
         assert probe["result"].startswith("no recognisable frames at 9600 8N1, 19200 8O1 on ")
-    assert run_cli("scan", "serial", "--probe", str(tmp_path / "gone"), "--probe-s", "0.2") == 1
+    assert edgetwin(["scan", "serial", "--probe", str(tmp_path / "gone"), "--probe-s", "0.2"]) == 1
     assert "port not found" in capsys.readouterr().out
 
 

@@ -296,9 +296,12 @@ def data_values(run: Run, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for x in codec.decode(msg.payload).metrics:
         born = known[(msg.device, x.alias)]
-        field = {"Boolean": "boolean_value", "Int32": "int_value", "String": "string_value"}.get(
-            born["type"], "double_value"
-        )
+        field = {
+            "Boolean": "boolean_value",
+            "Int32": "int_value",
+            "Int64": "long_value",
+            "String": "string_value",
+        }.get(born["type"], "double_value")
         assert x.WhichOneof("value") in (field, None)
         out[born["name"]] = None if x.is_null else getattr(x, field)
     return out
@@ -564,7 +567,12 @@ def test_tck_id_topics_ddata_payload(run: Run) -> None:
     # Report by exception: the live record with the same values sent nothing; the next only its change.
     live = [i for i in range(run.marks["live"], run.marks["rebirth"]) if run.messages[i].kind == "DDATA"]
     assert len(live) == 2
-    assert data_values(run, live[0]) == {f"{SPO2}/mean": 93.0, f"{SPO2}/missing": 0.0}
+    assert data_values(run, live[0]) == {
+        f"{SPO2}/mean": 93.0,
+        f"{SPO2}/left_out/flagged": 0,
+        f"{SPO2}/left_out/implausible": 0,
+        f"{SPO2}/missing": 0.0,
+    }
     assert data_values(run, live[1]) == {f"{SPO2}/mean": 92.0}
     assert run.node.counters.unchanged >= 1
 
@@ -601,7 +609,9 @@ def test_tck_id_operational_behavior_device_ddeath(run: Run) -> None:
         for x in after[3].decoded["metrics"]
         if x.get("properties", {}).get("Quality", {}).get("value") == 500
     ]
-    assert len(stale) == 5  # temp: mean, sd, missing; flow: mean, missing
+    assert (
+        len(stale) == 9
+    )  # temp: mean, sd, missing; flow: mean, missing; both: left_out/flagged, /implausible
     assert all(x["value"] is None for x in stale)
     nulls = {name for name, v in values.items() if v is None}
     assert {"Pump/temp/mean", "Pump/temp/sd", "Pump/flow/mean", "Pump/flow/missing"} <= nulls
@@ -833,7 +843,7 @@ def test_sensor_fault_as_quality_with_the_opcua_status_code(run: Run) -> None:
     data = [m for m in after if m.kind == "DDATA"]
     assert len(data) == 1
     faulted = [x for x in data[0].decoded["metrics"] if "opcuaStatus" in x.get("properties", {})]
-    assert len(faulted) == 3  # Pump/temp/mean, /sd and /missing
+    assert len(faulted) == 5  # Pump/temp/mean, /sd, /missing, /left_out/flagged and /left_out/implausible
     for x in faulted:
         props = x["properties"]
         assert x["value"] is None
@@ -874,7 +884,7 @@ def test_bdseq_and_aliases_persist(run: Run, tmp_path: Path) -> None:
     again = Catalog.load(copy)
     assert again.bdseq == 1
     assert again.alias(SUBJ_A, f"{SPO2}/mean") == run.node.catalog.alias(SUBJ_A, f"{SPO2}/mean")
-    assert again.next_bdseq() == 2
+    assert asyncio.run(again.next_bdseq()) == 2
 
 
 # --- configuration ----------------------------------------------------------------------------------------------
@@ -1088,11 +1098,16 @@ def test_bdseq_not_writable_means_no_connect(tmp_path: Path) -> None:
     from gateway.errors import TransientError  # noqa: PLC0415
     from gateway.uplink.sparkplug.state import Catalog  # noqa: PLC0415
 
-    cat = Catalog.load(tmp_path / "missing-dir" / "sparkplug.json")
+    (tmp_path / "a-file").write_text("where the state directory should be")
+    cat = Catalog.load(tmp_path / "a-file" / "sparkplug.json")
     with pytest.raises(TransientError, match="cannot be written"):
-        cat.next_bdseq()
+        asyncio.run(cat.next_bdseq())
     ok = Catalog.load(tmp_path / "sparkplug.json")
-    assert [ok.next_bdseq() for _ in range(257)][-2:] == [255, 0]  # 0..255, wrapping
+
+    async def taken(n: int) -> list[int]:
+        return [await ok.next_bdseq() for _ in range(n)]
+
+    assert asyncio.run(taken(257))[-2:] == [255, 0]  # 0..255, wrapping
     (tmp_path / "sparkplug.json").write_text("{not json")
     fresh = Catalog.load(tmp_path / "sparkplug.json")  # set aside, said so, starts again
     assert fresh.bdseq == -1
@@ -1111,7 +1126,7 @@ def test_a_batch_cut_short_is_released_and_delivered_after_reconnecting(tmp_path
     broker = MosquittoBroker(tmp_path / "broker", pki)
     broker.start()
     host = Host(broker, pki)
-    blocker = tmp_path / "sparkplug.tmp"  # where the state is written before its rename
+    blocker = tmp_path / ".sparkplug.json.tmp"  # where the state is written before its rename
     try:
 
         async def body() -> None:
@@ -1274,15 +1289,67 @@ def test_alarms_handed_over_on_a_connection_that_dies_are_released_and_sent_agai
     assert list(dict.fromkeys(values)) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
-def test_an_older_state_snapshot_never_replaces_a_newer_one(tmp_path: Path) -> None:
-    """Writes run in worker threads: one that comes late writes nothing, the bdSeq on disk never goes back."""
+def test_state_writes_leave_the_loop_free_and_each_bdseq_is_on_disk_before_its_connect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each fsync 0.3 s slower (an SD card at its worst): the bdSeq written at each CONNECT and the
+    catalog written when the births forget a device never hold the event loop, and every CONNECT
+    goes out with its bdSeq already in ``sparkplug.json``."""
     import json  # noqa: PLC0415
 
-    from gateway.uplink.sparkplug.state import Catalog  # noqa: PLC0415
+    from durability import syncs  # noqa: PLC0415
+    from test_step_turns import SLOW_SYNC_S, _watch  # noqa: PLC0415
 
-    cat = Catalog.load(tmp_path / "sparkplug.json")
-    older = cat.writer()  # bdSeq -1
-    assert cat.next_bdseq() == 0  # written at once
-    older()  # late: skipped
-    assert json.loads((tmp_path / "sparkplug.json").read_text())["bdseq"] == 0
-    assert Catalog.load(tmp_path / "sparkplug.json").bdseq == 0
+    from gateway.uplink.connection import PahoClient  # noqa: PLC0415
+
+    state = tmp_path / "sparkplug.json"
+    # A device learnt before its id became a known identity: the births forget it and write the catalog.
+    entry = {"alias": 1, "type": codec.DOUBLE, "unit": "%", "low": None, "high": None}
+    state.write_text(
+        json.dumps({"version": 4, "bdseq": 4, "devices": {f"x{SECRET}": {f"{SPO2}/mean": entry}}})
+    )
+    at_connect: list[tuple[int, int]] = []  # (the bdSeq on disk, the node's) as each CONNECT goes out
+    nodes: list[SparkplugNode] = []
+    real_connect = PahoClient.connect
+
+    def connect(self: PahoClient, *args: Any, **kwargs: Any) -> Any:
+        at_connect.append((json.loads(state.read_text())["bdseq"], nodes[0].bdseq))
+        return real_connect(self, *args, **kwargs)
+
+    monkeypatch.setattr(PahoClient, "connect", connect)  # the gateway's client only, passed through
+    with broker_and_host(tmp_path) as (broker, host):
+
+        async def body() -> tuple[float, list[int]]:
+            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
+                node = SparkplugNode(
+                    outbox,
+                    uplink_config(broker, broker.pki),
+                    SparkplugSection(),
+                    NODE_ID,
+                    anonymizer=scan(),
+                    state_dir=tmp_path,
+                )
+                nodes.append(node)
+                with syncs(monkeypatch, SLOW_SYNC_S):
+                    async with _watch(0.005) as loop, running(node, "test-sparkplug-slow-disk"):
+                        await wait_until(lambda: node.connected, 10, "the node born")
+                        bdseqs = [node.bdseq]
+                        broker.stop()  # the connection drops: a new bdSeq at the next CONNECT
+                        await wait_until(lambda: not node.connected, 10, "the connection lost")
+                        broker.start()
+                        await wait_until(lambda: node.connected, 20, "the node born again")
+                        bdseqs.append(node.bdseq)
+                        await asyncio.sleep(4 * SLOW_SYNC_S)  # the forgetting's write, not awaited, lands
+                return loop.held_s, bdseqs
+
+        held, bdseqs = asyncio.run(body())
+        births = [m for m in host.sparkplug() if m.kind == "NBIRTH"]
+    assert held < SLOW_SYNC_S, held  # the loop ran on while each write waited for two slow syncs
+    assert bdseqs[0] == 5
+    assert bdseqs[1] > bdseqs[0]  # one per CONNECT, the failed ones while the broker was down too
+    assert at_connect[0] == (5, 5)
+    assert all(disk == mine for disk, mine in at_connect), at_connect
+    assert len(births) >= 2
+    assert json.loads(state.read_text())["bdseq"] == bdseqs[1]
+    doc = json.loads(state.read_text())
+    assert f"x{SECRET}" not in doc["devices"]  # forgotten, and written so

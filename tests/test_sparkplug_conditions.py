@@ -9,16 +9,18 @@ with conditions the gateway carried over it - says what is on now.
 
 Real peers: mosquitto with TLS, the edge node, a host application recording what the broker
 delivers, births decoded by Eclipse Tahu's codec in its own process; the first test's alarms
-come from a real pipeline judging samples.
+come from a real pipeline judging samples.  A window's counts of samples it left out (flagged,
+implausible) reach the host beside its features.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ pytestmark = pytest.mark.slow
 OFF = int(Quality.SENSOR_OFF)
 SENSOR = f"Alarms/sensor/{SPO2.metric.name}"
 Steps = list[tuple[str, str | None, dict[str, Any]]]  # each message's kind, device and the values it set
-_FIELD = {"Boolean": "boolean_value", "Int32": "int_value", "String": "string_value"}
+_FIELD = {"Boolean": "boolean_value", "Int32": "int_value", "Int64": "long_value", "String": "string_value"}
 
 
 class HostView:
@@ -122,6 +124,18 @@ def new_node(broker: MosquittoBroker, outbox: AsyncOutbox, anon: Anonymizer, sta
     return SparkplugNode(outbox, cfg, SparkplugSection(), NODE_ID, anonymizer=anon, state_dir=state)
 
 
+@contextlib.asynccontextmanager
+async def bed7_delivered(
+    tmp: Path, broker: MosquittoBroker, anon: Anonymizer, state: Path, name: str
+) -> AsyncIterator[tuple[AsyncOutbox, SparkplugNode, Pipeline]]:
+    """Bed 7's pipeline over an outbox that a node (a task named ``name``, born) delivers, in the block."""
+    async with AsyncOutbox(lambda: Outbox(tmp / "outbox.db"), flush_interval_s=0.02) as outbox:
+        node = new_node(broker, outbox, anon, state)
+        async with running(node, name):
+            await wait_until(lambda: node.connected, 10, "the node born")
+            yield outbox, node, Pipeline(config(tmp, BED7), anon, outbox)
+
+
 def test_a_stream_stays_on_at_the_host_while_any_of_its_faults_holds_through_rebirth_and_restart(
     tmp_path: Path, tahu: Tahu
 ) -> None:
@@ -133,28 +147,28 @@ def test_a_stream_stays_on_at_the_host_while_any_of_its_faults_holds_through_reb
         view = HostView(tahu)
 
         async def first_run() -> tuple[list[Any], list[Any]]:
-            async with AsyncOutbox(lambda: Outbox(tmp_path / "outbox.db"), flush_interval_s=0.02) as outbox:
-                node = new_node(broker, outbox, site.anon, state)
-                async with running(node, "test-sparkplug-conditions"):
-                    await wait_until(lambda: node.connected, 10, "the node born")
-                    pipeline = Pipeline(config(tmp_path, BED7), site.anon, outbox)
-                    t = 1.0
-                    for flags, seconds in ((0, 5), (OFF, 5), (0, 8)):
-                        t = await spo2(pipeline, SPO2, 30.0, seconds, t, flags)
-                    await settle(outbox, node, host)
-                    live = view.fold(host.sparkplug())
-                    # The host asks for a rebirth: the births say what is on now.
-                    cmd = tahu.encode(
-                        {
-                            "timestamp": int(time.time() * 1000),
-                            "metrics": [{"name": codec.REBIRTH, "type": "Boolean", "value": True}],
-                        }
-                    )
-                    births = node.counters.births
-                    host.command(codec.topic("edgetwin", "NCMD", NODE_ID), cmd)
-                    await wait_until(lambda: node.counters.births > births, 10, "the rebirth")
-                    await settle(outbox, node, host)
-                    reborn = view.fold(host.sparkplug())
+            async with bed7_delivered(tmp_path, broker, site.anon, state, "test-sparkplug-conditions") as (
+                outbox,
+                node,
+                pipeline,
+            ):
+                t = 1.0
+                for flags, seconds in ((0, 5), (OFF, 5), (0, 8)):
+                    t = await spo2(pipeline, SPO2, 30.0, seconds, t, flags)
+                await settle(outbox, node, host)
+                live = view.fold(host.sparkplug())
+                # The host asks for a rebirth: the births say what is on now.
+                cmd = tahu.encode(
+                    {
+                        "timestamp": int(time.time() * 1000),
+                        "metrics": [{"name": codec.REBIRTH, "type": "Boolean", "value": True}],
+                    }
+                )
+                births = node.counters.births
+                host.command(codec.topic("edgetwin", "NCMD", NODE_ID), cmd)
+                await wait_until(lambda: node.counters.births > births, 10, "the rebirth")
+                await settle(outbox, node, host)
+                reborn = view.fold(host.sparkplug())
             return live, reborn
 
         live, reborn = asyncio.run(first_run())
@@ -200,6 +214,53 @@ def test_a_stream_stays_on_at_the_host_while_any_of_its_faults_holds_through_reb
     # The 30 % windows were left out of the features (gaps), so the 97 % ones bring new metrics:
     # a rebirth each time, every one saying the stream is off now.
     assert all(step == ("DBIRTH", False, "") for step in steps[2:]), steps
+
+
+def test_the_host_is_told_how_many_samples_each_window_left_out(tmp_path: Path, tahu: Tahu) -> None:
+    """Bed 7's SpO2 at 97 %, then 3 s at 30 % (implausible), then 3 s flagged off: each window's counts reach the host."""
+    site = Site(tmp_path)
+    flagged, implausible = f"{SPO2.metric.name}/left_out/flagged", f"{SPO2.metric.name}/left_out/implausible"
+    with broker_and_host(tmp_path) as (broker, host):
+        view = HostView(tahu)
+
+        async def body() -> Steps:
+            async with bed7_delivered(tmp_path, broker, site.anon, tmp_path, "test-sparkplug-left-out") as (
+                outbox,
+                node,
+                pipeline,
+            ):
+                t = 1.0
+                stretches = ((97.0, 0, 6), (30.0, 0, 3), (97.0, 0, 6), (97.0, OFF, 3), (97.0, 0, 6))
+                for value, flags, seconds in stretches:
+                    t = await spo2(pipeline, SPO2, value, seconds, t, flags)
+                await settle(outbox, node, host)
+                return view.fold(host.sparkplug())
+
+        steps = asyncio.run(body())
+    subject = site.anon.subject_pseudonym("ward3-bed7")
+    # Every birth that announces the stream's features announces its counts.
+    mean = f"{SPO2.metric.name}/mean"
+    births = [v for kind, dev, v in steps if kind == "DBIRTH" and dev == subject and mean in v]
+    assert births
+    assert all({flagged, implausible} <= set(v) for v in births)
+    types = {name: kind for (dev, _), (name, kind) in view.born.items() if dev == subject}
+    assert types[flagged] == types[implausible] == "Int64"
+
+    def counts(name: str) -> list[int]:
+        """The current values the host was told for ``name``, in order, repeats folded."""
+        out: list[int] = []
+        for kind, dev, v in steps:
+            value = v.get(name)
+            if kind == "DDATA" and dev == subject and value is not None and (not out or out[-1] != value):
+                out.append(value)
+        return out
+
+    # A 4 s window over the 30 % stretch leaves out up to its 3 samples; the flagged stretch likewise.
+    assert counts(implausible)[0] == counts(flagged)[0] == 0
+    assert max(counts(implausible)) == 3, counts(implausible)
+    assert max(counts(flagged)) == 3, counts(flagged)
+    # Clean again: the host holds 0 for both.
+    assert (view.now[subject][flagged], view.now[subject][implausible]) == (0, 0)
 
 
 def test_nodes_streams_and_estimates_each_have_their_own_alarm_metric(tmp_path: Path, tahu: Tahu) -> None:
@@ -377,6 +438,19 @@ def born_from(
 DOUBLE, BOOLEAN, INT32 = 10, 11, 3  # Sparkplug B datatypes
 
 
+def alarm_entries(base: str, alias: int) -> dict[str, dict[str, Any]]:
+    """An alarm metric's Active, Priority, Value and Limit as an older state file holds them, aliases from ``alias``."""
+    leaves = (("Active", BOOLEAN), ("Priority", INT32), ("Value", DOUBLE), ("Limit", DOUBLE))
+    return {f"{base}/{leaf}": v1_entry(alias + k, datatype) for k, (leaf, datatype) in enumerate(leaves)}
+
+
+def episodes_on(**priorities: int) -> dict[str, list[Any]]:
+    """Models' episodes on (model -> priority) as an older state file holds them under one metric."""
+    return {
+        json.dumps(["anomaly", model]): ["anomaly", priority, True] for model, priority in priorities.items()
+    }
+
+
 def test_a_version_1_state_retires_the_alarm_metrics_it_named_by_the_subject(
     tmp_path: Path, tahu: Tahu
 ) -> None:
@@ -384,10 +458,10 @@ def test_a_version_1_state_retires_the_alarm_metrics_it_named_by_the_subject(
     by the subject are not in the births after the upgrade; the rest keep their aliases, none is reused."""
     kept = {
         "SpO2/mean": v1_entry(1, DOUBLE, "%"),
-        "Alarms/anomaly/SpO2/Active": v1_entry(2, BOOLEAN),  # a stream's anomaly
         "Alarms/sensor/SpO2/Active": v1_entry(5, BOOLEAN),
     }
     retired = {
+        "Alarms/anomaly/SpO2/Active": v1_entry(2, BOOLEAN),  # a stream's anomaly, by the stream alone
         "Alarms/sensor/subject/Active": v1_entry(6, BOOLEAN),
         "Alarms/limit/subject/Active": v1_entry(7, BOOLEAN),
         "Alarms/limit/subject/Value": v1_entry(8, DOUBLE),
@@ -403,9 +477,9 @@ def test_a_version_1_state_retires_the_alarm_metrics_it_named_by_the_subject(
         assert set(kept) <= set(names)
     aliases = {name: alias for (dev, alias), (name, _) in view.born.items() if dev == SUBJ_B}
     assert {name: aliases[name] for name in kept} == {name: e["alias"] for name, e in kept.items()}
-    assert aliases["Alarms/limit/estimate/hr/Active"] > 9  # 6 to 9 were the retired ones
+    assert aliases["Alarms/limit/estimate/hr/Active"] > 9  # 2 and 6 to 9 were the retired ones
     doc = json.loads((tmp_path / "sparkplug.json").read_text(encoding="utf-8"))
-    assert doc["version"] == 3
+    assert doc["version"] == 4
     assert not set(retired) & set(doc["devices"][SUBJ_B])
     assert view.now[SUBJ_B]["Alarms/limit/estimate/hr/Active"] is True
 
@@ -420,22 +494,8 @@ def test_two_models_episodes_on_one_subject_each_have_their_own_metric_after_the
     v2 = {
         "version": 2,
         "bdseq": 7,
-        "devices": {
-            SUBJ_B: {
-                f"{old}/Active": v1_entry(1, BOOLEAN),
-                f"{old}/Priority": v1_entry(2, INT32),
-                f"{old}/Value": v1_entry(3, DOUBLE),
-                f"{old}/Limit": v1_entry(4, DOUBLE),
-            }
-        },
-        "held": {
-            SUBJ_B: {
-                old: {
-                    json.dumps(["anomaly", "vitals_mimic"]): ["anomaly", 2, True],
-                    json.dumps(["anomaly", "novelty"]): ["anomaly", 3, True],
-                }
-            }
-        },
+        "devices": {SUBJ_B: alarm_entries(old, 1)},
+        "held": {SUBJ_B: {old: episodes_on(vitals_mimic=2, novelty=3)}},
     }
     items = [
         alarm(
@@ -454,3 +514,77 @@ def test_two_models_episodes_on_one_subject_each_have_their_own_metric_after_the
     assert now.get(f"{novelty}/Value") is None  # never reported: not the other model's
     doc = json.loads((tmp_path / "sparkplug.json").read_text(encoding="utf-8"))
     assert {base for base, on in doc["held"][SUBJ_B].items() if on} == {mimic}
+
+
+RR = "MDC_ECG_TIME_PD_RR_GL"  # one ECG stream's RR intervals, which both rhythm models read
+
+
+def ecg_episode(t: float, kind: str, model: str, **kw: Any) -> OutItem:
+    """An alarm of ``model``'s episode on SUBJ_B's ECG stream (its RR intervals)."""
+    return alarm(SUBJ_B, t, kind, dev=DEV_B, metric=RR, detail={"model": model}, **kw)
+
+
+def test_two_models_raising_on_one_stream_at_once_each_keep_their_own_value_and_limit(
+    tmp_path: Path, tahu: Tahu
+) -> None:
+    """The rhythm and the ectopy detector on one ECG stream, both on at once: one metric each, apart
+    from the stream's other alarms; one model's ending leaves the other's episode, value and limit."""
+    rhythm, ectopy = (
+        f"Alarms/anomaly/model/rr_rhythm/stream/{RR}",
+        f"Alarms/anomaly/model/rr_ectopic/stream/{RR}",
+    )
+    items = [
+        ecg_episode(1.0, "anomaly", "rr_rhythm", priority="medium", value=0.42, limit=0.2),
+        ecg_episode(2.0, "anomaly", "rr_ectopic", priority="high", value=0.31, limit=0.1),
+        ecg_episode(3.0, "anomaly_cleared", "rr_rhythm"),
+    ]
+    view, steps = born_from(tmp_path, tahu, {"version": 4, "bdseq": 0, "devices": {}}, items)
+    assert not any(name.startswith(f"Alarms/anomaly/{RR}") for _, _, v in steps for name in v)
+    held: dict[str, Any] = {}  # what the host held after each message
+    moments = []
+    for _, dev, values in steps:
+        if dev == SUBJ_B:
+            held.update(values)
+            moments.append(dict(held))
+    both = next(m for m in moments if m.get(f"{rhythm}/Active") is True and m.get(f"{ectopy}/Active") is True)
+    assert (both[f"{rhythm}/Priority"], both[f"{rhythm}/Value"], both[f"{rhythm}/Limit"]) == (2, 0.42, 0.2)
+    assert (both[f"{ectopy}/Priority"], both[f"{ectopy}/Value"], both[f"{ectopy}/Limit"]) == (3, 0.31, 0.1)
+    now = view.now[SUBJ_B]
+    assert now[f"{rhythm}/Active"] is False
+    assert (now[f"{ectopy}/Active"], now[f"{ectopy}/Value"], now[f"{ectopy}/Limit"]) == (True, 0.31, 0.1)
+
+
+def test_a_version_3_state_moves_a_streams_episodes_to_each_models_own_metric(
+    tmp_path: Path, tahu: Tahu
+) -> None:
+    """Version 3 held two models' episodes on one stream under the stream's metric: after the upgrade each
+    is on under its own at the first births, the old metric is in none and its aliases go to no other."""
+    old = f"Alarms/anomaly/{RR}"
+    subject_wide = "Alarms/anomaly/model/vitals_mimic"
+    rhythm, ectopy = (
+        f"Alarms/anomaly/model/rr_rhythm/stream/{RR}",
+        f"Alarms/anomaly/model/rr_ectopic/stream/{RR}",
+    )
+    v3 = {
+        "version": 3,
+        "bdseq": 9,
+        "next_alias": 9,
+        "devices": {SUBJ_B: {**alarm_entries(old, 1), **alarm_entries(subject_wide, 5)}},
+        "held": {
+            SUBJ_B: {old: episodes_on(rr_rhythm=2, rr_ectopic=3), subject_wide: episodes_on(vitals_mimic=1)}
+        },
+    }
+    view, steps = born_from(tmp_path, tahu, v3, [ecg_episode(1.0, "anomaly_cleared", "rr_ectopic")])
+    first = next(v for kind, dev, v in steps if kind == "DBIRTH" and dev == SUBJ_B)
+    assert not any(name.startswith(f"{old}/") for _, _, v in steps for name in v)
+    assert (first[f"{rhythm}/Active"], first[f"{rhythm}/Priority"]) == (True, 2)
+    assert (first[f"{ectopy}/Active"], first[f"{ectopy}/Priority"]) == (True, 3)
+    assert (first[f"{subject_wide}/Active"], first[f"{subject_wide}/Priority"]) == (True, 1)
+    aliases = {name: alias for (dev, alias), (name, _) in view.born.items() if dev == SUBJ_B}
+    assert (aliases[f"{subject_wide}/Active"], aliases[f"{subject_wide}/Priority"]) == (5, 6)
+    assert min(aliases[f"{rhythm}/Active"], aliases[f"{ectopy}/Active"]) >= 9  # 1 to 4 stay retired
+    now = view.now[SUBJ_B]
+    assert (now[f"{rhythm}/Active"], now[f"{ectopy}/Active"]) == (True, False)
+    doc = json.loads((tmp_path / "sparkplug.json").read_text(encoding="utf-8"))
+    assert doc["version"] == 4
+    assert {base for base, on in doc["held"][SUBJ_B].items() if on} == {rhythm, subject_wide}

@@ -2,8 +2,9 @@
 
 A real gateway process (a simulated patient, the pipeline, the outbox) publishes to mosquitto with
 TLS and client certificates; a host application records ``spBv1.0/#`` and Eclipse Tahu's
-JavaScript codec decodes it.  SIGKILL: the broker publishes the NDEATH Will with the bdSeq of
-the NBIRTH, and the restarted gateway is born with bdSeq + 1.  Broker outage (campaign): what
+JavaScript codec decodes it.  SIGKILL (after the first data, and right after a CONNECT): the
+broker publishes the NDEATH Will with the bdSeq of the NBIRTH, and the restarted gateway is born
+with bdSeq + 1, never one already used.  Broker outage (campaign): what
 was queued meanwhile comes back as historical data, none of it lost.
 """
 
@@ -135,7 +136,7 @@ def _after(msgs: list[Message], start: int, kind: str) -> list[Message]:
 def test_tck_id_message_flow_edge_node_birth_publish_will_message_payload_bdseq(
     tmp_path: Path, setup: tuple[MosquittoBroker, DemoPKI, Host, Tahu]
 ) -> None:
-    """SIGKILL: the broker's NDEATH (our Will) carries the NBIRTH's bdSeq; the restart uses bdSeq + 1."""
+    """SIGKILL: the broker's NDEATH (our Will) carries the NBIRTH's bdSeq; each restart uses bdSeq + 1, killed right after its CONNECT too."""
     broker, pki, host, tahu = setup
     config = _config(tmp_path, broker, pki)
     gw = Gateway(config)
@@ -166,11 +167,24 @@ def test_tck_id_message_flow_edge_node_birth_publish_will_message_payload_bdseq(
         assert first
         assert set(first) <= set(again)
         assert all(again[name] == alias for name, alias in first.items())
+        # SIGKILL as soon as the NBIRTH is out (right after the CONNECT), twice: the bdSeq was on
+        # disk before the CONNECT, so each Will names its NBIRTH's and each restart takes the next.
+        for expected in (2, 3):
+            mark = len(msgs)
+            gw.kill()
+            msgs = host.wait(lambda ms, m=mark: bool(_after(ms, m, "NDEATH")), 15, "the NDEATH Will")
+            assert _bdseq(tahu, _after(msgs, mark, "NDEATH")[0]) == expected - 1
+            mark = len(msgs)
+            gw = Gateway(config)
+            msgs = host.wait(
+                lambda ms, m=mark: bool(_after(ms, m, "NBIRTH")), 40, "the NBIRTH after the restart"
+            )
+            assert _bdseq(tahu, _after(msgs, mark, "NBIRTH")[0]) == expected
         # An orderly stop: NDEATH (the Will, sent on DISCONNECT "with Will message") with the same bdSeq.
         mark = len(msgs)
         gw.stop()
         msgs = host.wait(lambda ms: bool(_after(ms, mark, "NDEATH")), 15, "the NDEATH of the stop")
-        assert _bdseq(tahu, _after(msgs, mark, "NDEATH")[0]) == 1
+        assert _bdseq(tahu, _after(msgs, mark, "NDEATH")[0]) == 3
     finally:
         gw.stop()
 

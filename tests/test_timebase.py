@@ -132,6 +132,8 @@ def test_reset_starts_a_new_origin_and_counter(tmp_path: Path) -> None:
     c.advance(1.0)
     again = _open(tmp_path, c)
     assert (again.run, again.now()) == (1, 1.0)  # the first run of the new identity
+    # The alarms kept across the rotation go on counting how long they have held (life is never sent).
+    assert again.life(c.m) == pytest.approx(5001.0)
 
 
 def _window(anon: Anonymizer, c: Clocks, spo2: float) -> bytes:
@@ -262,3 +264,50 @@ def test_a_record_s_time_is_its_monotonic_instant_whatever_wall_stamp_a_driver_p
     c.advance(1.0)
     new_clock = _t_of(anon, c.m, c.w)
     assert new_clock - old_clock == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("boot_error_s", [-2 * 86400.0, 2 * 86400.0])
+def test_the_life_clock_counts_the_true_downtime_once_the_wall_clock_is_set_right(
+    tmp_path: Path, boot_error_s: float
+) -> None:
+    c = Clocks(1.7e9)
+    first = _open(tmp_path, c)
+    c.advance(100.0)
+    onset = first.life(c.m)  # a condition begins
+    c.advance(50.0)
+    first.close()
+    c.advance(3600.0)  # an hour down; the machine boots with its wall clock two days off
+    c.m = 5.0
+    c.w += boot_error_s
+    second = _open(tmp_path, c)
+    c.advance(10.0)
+    # Unknown downtime (the clock behind): what is known, never less; ahead: the excess until set right.
+    assert second.life(c.m) - onset == pytest.approx(60.0 + max(0.0, 3600.0 + boot_error_s))
+    c.w -= boot_error_s  # NTP sets it right
+    c.advance(10.0)
+    assert second.life(c.m) - onset == pytest.approx(3670.0)
+    second.close()
+    c.advance(60.0)  # down a minute, the clock right: the step before is not counted again
+    c.m = 1.0
+    assert _open(tmp_path, c).life(c.m) - onset == pytest.approx(3730.0)
+
+
+def test_a_step_within_a_run_does_not_move_its_life_clock(tmp_path: Path) -> None:
+    c = Clocks(1.7e9 - 2 * 86400.0)  # the first start, two days behind
+    tb = _open(tmp_path, c)
+    c.advance(10.0)
+    onset = tb.life(c.m)
+    c.w += 2 * 86400.0
+    c.advance(10.0)
+    assert tb.life(c.m) - onset == pytest.approx(10.0)
+    assert tb.now() == pytest.approx(20.0 + 2 * 86400.0)  # record time follows the wall clock
+
+
+def test_a_time_base_written_before_the_life_clock_counts_from_its_high_mark(tmp_path: Path) -> None:
+    (tmp_path / FILE_NAME).write_text(json.dumps({"origin": 1.7e9, "boot": 3, "high": 500.0}))
+    c = Clocks(1.7e9 + 600.0, mono=7.0)
+    tb = _open(tmp_path, c)
+    assert tb.run == 4
+    assert tb.life(c.m) == pytest.approx(600.0)  # the high mark, and 100 s down
+    saved = json.loads((tmp_path / FILE_NAME).read_text())
+    assert (saved["life"], saved["wall"]) == (pytest.approx(600.0), 1.7e9 + 600.0)

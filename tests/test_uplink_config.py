@@ -12,9 +12,9 @@ import pytest
 from cryptography import x509
 from pydantic import ValidationError
 
-from gateway.errors import AuthError, ConfigError, TransientError
+from gateway.errors import AuthError, ClockBehindError, ConfigError, TransientError
 from gateway.records.topics import azure_topic, parse_azure_topic
-from gateway.uplink import certs, tls
+from gateway.uplink import certs, tls, transport
 from gateway.uplink.commands import main as commands_main
 from gateway.uplink.config import MqttSection, is_loopback
 from gateway.uplink.pacing import Pacer, TokenBucket
@@ -206,6 +206,33 @@ def test_network_failures_are_transient() -> None:
     assert isinstance(tls.classify(ConnectionRefusedError(), c), TransientError)
     assert isinstance(tls.classify(TimeoutError(), c), TransientError)
     assert "the broker is not listening" in str(tls.classify(ConnectionRefusedError(), c))
+
+
+def test_a_broker_certificate_not_valid_yet_names_the_clock_and_is_reported_once() -> None:
+    c = MqttSection(host="h")
+    valid_from = dt.datetime(2026, 12, 5, 3, 20, 41, tzinfo=dt.UTC)
+    err = tls.verification_error(_not_yet_valid(), c)
+    assert isinstance(err, ClockBehindError)
+    assert isinstance(err, TransientError)
+    assert "the broker certificate or its CA is not valid yet: the clock is behind; check NTP" in str(err)
+    first = tls.clock_behind(c, valid_from, valid_from - dt.timedelta(days=2))
+    assert str(first).startswith(
+        "uplink mqtt h:8883: TLS handshake refused: the gateway's clock reads 2026-12-03 03:20:41 UTC, "
+        "the broker certificate is valid from 2026-12-05 03:20:41 UTC: the clock is behind; check NTP/time sync"
+    )
+    # The clock's reading changes at every attempt; what the log says once does not.
+    later = tls.clock_behind(c, valid_from, valid_from - dt.timedelta(days=1))
+    assert str(later) != str(first)
+    assert transport.reported_as(later) == transport.reported_as(first) != transport.reported_as(err)
+    # edgetwin check --online splits a failure at its last ": " into what and what to do.
+    assert str(first).rpartition(": ")[2].startswith("the clock is behind; check NTP/time sync")
+
+
+def _not_yet_valid() -> ssl.SSLCertVerificationError:
+    exc = ssl.SSLCertVerificationError(1, "certificate verify failed: certificate is not yet valid")
+    exc.verify_code = 9  # X509_V_ERR_CERT_NOT_YET_VALID
+    exc.verify_message = "certificate is not yet valid"
+    return exc
 
 
 def test_uplink_topics_and_preflight_follow_the_profile(tmp_path: Path) -> None:

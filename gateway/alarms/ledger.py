@@ -25,7 +25,9 @@ with a configuration that lost a source ends that source's alarms too, and so th
 of the sources it still has are handed back to their trackers (:meth:`AlarmLedger.kept`), which
 end them by their own rules when the data after the start show them over.  With a condition whose
 raise said how long it had held (a limit, an episode) the ledger keeps its onset, so its ending
-after a restart says how long it held since then (:meth:`AlarmLedger.held`).  Pure bookkeeping: the
+after a restart says how long it held since then (:meth:`AlarmLedger.held`), counted on the time
+base's life clock (:meth:`gateway.timebase.TimeBase.life`): a restart with the wall clock behind or
+ahead, or a step of it, does not make it 0 or days.  Pure bookkeeping: the
 pipeline sends what :meth:`AlarmLedger.end_source` and :meth:`AlarmLedger.end_vanished` return.
 """
 
@@ -35,7 +37,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +98,9 @@ class Entry:
     # Monotonic instant it is on since, for a condition raised in this run (never saved): how long
     # it has been on is counted on it, so a wall-clock step cannot add days to an alarm's age.
     since_mono: float | None = None
+    # The time base's life clock at ``since``, for a condition a previous run left on (saved; one
+    # raised in this run is saved with its ``since_mono`` on the life clock as it reads then).
+    life: float | None = None
 
     @property
     def since(self) -> float | None:
@@ -184,8 +189,15 @@ def _key(alarm: Alarm) -> tuple[str, ...] | None:
 class AlarmLedger:
     """The conditions on at the twin, by source; see the module docstring."""
 
-    def __init__(self, path: Path | None, feeds: Mapping[str, Iterable[str]]) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        feeds: Mapping[str, Iterable[str]],
+        life: Callable[[float], float] | None = None,
+    ) -> None:
+        """``life``: the time base's life clock (:meth:`gateway.timebase.TimeBase.life`); without it, the monotonic clock."""
         self._path = path
+        self._life = life if life is not None else _same
         self._feeds: dict[str, tuple[str, ...]] = {}
         self.set_feeds(feeds)
         self._on: dict[tuple[str, ...], Entry] = {}
@@ -265,6 +277,7 @@ class AlarmLedger:
                 raised,
                 priority,
                 since_mono,
+                known.life if known is not None else None,
             )
             if entry == known:
                 return
@@ -286,10 +299,33 @@ class AlarmLedger:
         key = _key(alarm)
         if key is None or key not in self._carried or "ended" in alarm.detail:
             return None
-        onset = self._on[key].onset
-        if onset is None or alarm.kind is AlarmKind.LIMIT:
+        e = self._on[key]
+        if e.onset is None or alarm.kind is AlarmKind.LIMIT:
             return None  # a limit's raise (escalation) says how long *its* level has held
-        return round(max(0.0, alarm.t_wall - onset), 3)
+        return round(self.held_for(e, alarm.t_mono, alarm.t_wall), 3)
+
+    def held_for(self, e: Entry, t_mono: float, t_wall: float) -> float:
+        """How long ``e``, a condition on since its ``since``, has held at monotonic instant ``t_mono``.
+
+        ``t_wall``, the wall time of that instant, counts only for one a ledger written before the
+        life clock left on: the wall clock is all there is then.
+        """
+        age = self.age(e, t_mono)
+        if age is not None:
+            return age
+        return max(0.0, t_wall - (t_wall if e.since is None else e.since))
+
+    def age(self, e: Entry, t_mono: float) -> float | None:
+        """How long ``e`` has been on at monotonic instant ``t_mono``, on clocks that do not step; None when unknown."""
+        if e.since_mono is not None:  # raised in this run
+            return max(0.0, t_mono - e.since_mono)
+        if e.life is not None:  # carried over a restart
+            return max(0.0, self._life(t_mono) - e.life)
+        return None
+
+    def reframe(self) -> None:
+        """The life clock was corrected (a wall-clock step): this run's conditions are written again on it."""
+        self.dirty = self.dirty or any(e.since_mono is not None for e in self._on.values())
 
     def end_source(self, source: str, feeds_now: Iterable[str], t_mono: float, t_wall: float) -> list[Alarm]:
         """End every condition of ``source`` (its streams', its subjects' episodes); the alarms to send.
@@ -394,13 +430,17 @@ class AlarmLedger:
         if not self.dirty or self._writer is None:
             return None
         self.dirty = False
-        body = {"version": _VERSION, "on": [_dump(e) for e in self._on.values()]}
+        body = {"version": _VERSION, "on": [_dump(e, self._life_of(e)) for e in self._on.values()]}
         # A condition raised and ended since (a flapping probe) leaves the file as it is: no fsync.
         if body == self._written:
             return None
         # What the file holds once the writes asked for are done: they are carried out in order.
         self._written = body
         return self._writer.submit(json.dumps(body).encode(), self._kept)
+
+    def _life_of(self, e: Entry) -> float | None:
+        """``e.life``; for a condition raised in this run, its ``since_mono`` on the life clock now."""
+        return self._life(e.since_mono) if e.since_mono is not None else e.life
 
     def _kept(self, failed: Exception | None) -> None:
         """A write's outcome, in the writer's thread: a failure is told once and written again at the next keep."""
@@ -412,7 +452,11 @@ class AlarmLedger:
         self._failures(failed)
 
 
-def _dump(e: Entry) -> dict[str, Any]:
+def _same(t_mono: float) -> float:
+    return t_mono
+
+
+def _dump(e: Entry, life: float | None) -> dict[str, Any]:
     s = e.stream
     stream = None
     if s is not None:
@@ -438,6 +482,7 @@ def _dump(e: Entry) -> dict[str, Any]:
         "node": None if e.node is None else {"source": e.node.source, "address": e.node.address},
         "raised": e.raised,
         "priority": e.priority,
+        "life": life,
     }
 
 
@@ -467,6 +512,7 @@ def _entry(raw: Mapping[str, Any]) -> Entry:
         None if raw.get("raised") is None else float(raw["raised"]),
         # An unknown priority is a malformed entry (ValueError), not a crash when it is raised again.
         None if raw.get("priority") is None else AlarmPriority(str(raw["priority"])).value,
+        life=None if raw.get("life") is None else float(raw["life"]),
     )
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -43,7 +43,7 @@ import numpy.typing as npt
 
 from gateway.contracts import Alarm, AlarmKind, AlarmPriority
 from gateway.pipeline.windows import loss_time
-from gateway.sample import SENSOR_LOST_S, UNUSABLE_FLAGS, Sample, SampleBlock, Stream
+from gateway.sample import SENSOR_LOST_S, Sample, SampleBlock, Stream, valid_rows, valid_sample
 from gateway.units import converter
 
 __all__ = ["LEVELS", "LimitChecker", "LimitRule"]
@@ -117,8 +117,9 @@ class _State:
     t: float = math.nan
     t_wall: float = math.nan
     v: float = math.nan
-    # Resumed after a restart: the wall time its condition began before the stop (None: unknown).
-    resumed_onset: float | None = None
+    # Resumed after a restart: how long its condition, begun before the stop, has held at an instant
+    # (monotonic, wall) (None: unknown).
+    resumed_held: Callable[[float, float], float] | None = None
     # The first invalid sample since the last valid one: its timers are paused from then on.
     paused_at: float = math.nan
 
@@ -179,20 +180,21 @@ class LimitChecker:
                 self._pending.discard(key)
         return out
 
-    def resume(self, stream: Stream, level: str, onset_wall: float | None = None) -> bool:
+    def resume(self, stream: Stream, level: str, held: Callable[[float, float], float] | None = None) -> bool:
         """Hold ``stream``'s alarm at ``level`` on, as a previous run left it; False if the rule lacks it.
 
         Its samples then judge it as if the gateway had never stopped: back inside the limit by the
         deadband for the off-delay clears it, still beyond it sends nothing, beyond only a milder
-        limit steps down to it.  ``onset_wall`` (wall time the condition began, before the stop):
-        the level and the milder ones of its side count as held since then, the downtime included,
-        as the twin was told; unknown, they count from the first sample after the start.
+        limit steps down to it.  ``held`` (how long the condition, begun before the stop, has held
+        at a monotonic instant and its wall time: :meth:`gateway.alarms.ledger.AlarmLedger.held_for`):
+        the level and the milder ones of its side count as held since its onset, the downtime
+        included, as the twin was told; unknown, they count from the first sample after the start.
         """
         rule = self.rule_for(stream)
         if rule is None or level not in rule.bounds:
             return False
         st = self._state.setdefault(stream.key, _State())
-        st.active, st.release_at, st.resumed_onset = level, None, onset_wall
+        st.active, st.release_at, st.resumed_held = level, None, held
         self._pending.add(stream.key)
         return True
 
@@ -224,14 +226,12 @@ class LimitChecker:
     def check_sample(self, sample: Sample, *, invalid: bool = False) -> Alarm | None:
         """Check one sample (``invalid``: judged implausible); an alarm when the stream's limit state changes."""
         rule = self.rule_for(sample.stream)
-        v = sample.value
-        q = sample.quality
         if rule is None:
             return None
-        # `q and ...`: an IntFlag `&` costs ~1 us, a truth test of GOOD (0) ~30 ns.
-        if invalid or (q and q & UNUSABLE_FLAGS) or not math.isfinite(v):
+        if invalid or not valid_sample(sample):
             self._pause(sample.stream, sample.t_mono)
             return None
+        v = sample.value
         if rule.inner_lo <= v <= rule.inner_hi and sample.stream.key not in self._pending:
             return None  # inside every limit with nothing pending: the common case, no state
         return self._step(rule, sample.stream, sample.t_mono, sample.t_wall, v)
@@ -245,9 +245,7 @@ class LimitChecker:
         v = block.value
         if stream.key not in self._pending and not bool(((v < rule.inner_lo) | (v > rule.inner_hi)).any()):
             return []  # nothing pending and every value inside every limit
-        usable = ((np.asarray(block.quality, np.uint8) & UNUSABLE_FLAGS) == 0) & np.isfinite(v)
-        if invalid is not None:
-            usable &= ~invalid
+        usable = valid_rows(block, invalid)
         out: list[Alarm] = []
         for i, ok in enumerate(usable.tolist()):
             if not ok:
@@ -297,12 +295,12 @@ class LimitChecker:
             # one of its side, so they held as long: a value now between LL and L steps down to L
             # at once, as without the restart, instead of clearing and raising L again 10 s later.
             st.active_since = t
-            if st.resumed_onset is not None:
-                st.active_since = t - max(0.0, t_wall - st.resumed_onset)
+            if st.resumed_held is not None:
+                st.active_since = t - st.resumed_held(t, t_wall)
                 for level in rule.bounds:
                     if _SIDE[level] == _SIDE[active] and _SEVERITY[level] <= _SEVERITY[active]:
                         st.onset[level] = st.active_since
-            st.resumed_onset = None
+            st.resumed_held = None
         for level in rule.bounds:
             latched = (
                 active is not None and _SIDE[level] == _SIDE[active] and _SEVERITY[level] <= _SEVERITY[active]

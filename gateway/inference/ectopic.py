@@ -28,8 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from gateway.contracts import Alarm, AlarmKind
-from gateway.sample import UNUSABLE_FLAGS as UNUSABLE
-from gateway.sample import Sample
+from gateway.sample import Sample, valid_sample
 
 __all__ = [
     "ALARM_BURDEN",
@@ -168,7 +167,7 @@ class EctopyMonitor:
             self._alarmed[key] = False
             self._since[key] = 0
             self._unsure[key] = False
-        if sample.quality and sample.quality & UNUSABLE:
+        if not valid_sample(sample):  # flagged unusable by its device, or no value
             det.interrupt()
             if self._alarmed[key] and not self._unsure[key]:
                 self._unsure[key] = True

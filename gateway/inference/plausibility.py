@@ -28,9 +28,12 @@ rate reference (a value in the old unit says nothing about a rate in the new one
 value in it is never a rate fault, only a range one.
 
 The device's own status flags (``Quality.SENSOR_OFF``, ``BAD_STATUS``) are handled by the windower,
-which raises ``SENSOR_FAULT`` for them and keeps flagged samples out of the features; flagged
-samples are neither checked nor used as a reference here.  This module adds the checks a device
-cannot make about itself.  Pure logic, no I/O; not thread-safe (one checker per thread).
+which raises ``SENSOR_FAULT`` for them and keeps flagged samples out of the features.  A sample that
+is no measurement (:func:`gateway.sample.valid_sample`: flagged unusable, or no value) is skipped
+here: neither checked nor a reference, it neither extends nor breaks a rate run and ends no fault,
+so a block gives the verdicts its samples give one by one, at the same samples.  This module adds
+the checks a device cannot make about itself.  Pure logic, no I/O; not thread-safe (one checker
+per thread).
 """
 
 from __future__ import annotations
@@ -44,8 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.contracts import Alarm, AlarmKind, StreamFeatures, WindowRecord
-from gateway.sample import UNUSABLE_FLAGS as UNUSABLE
-from gateway.sample import Sample, SampleBlock, Stream
+from gateway.sample import Sample, SampleBlock, Stream, valid_rows, valid_sample
 from gateway.units import converter
 
 __all__ = ["DEFAULT_RULES", "PlausibilityChecker", "Rule", "Violation", "describe", "window_breaches"]
@@ -116,7 +118,7 @@ DEFAULT_RULES: Mapping[str, Rule] = {
 
 #: A rate of change is measured over at least this span: a 1 % step of a 5 Hz SpO2 is not 5 %/s.
 RATE_SPAN_S = 1.0
-#: A rate fault needs this many consecutive samples over the limit, spanning RATE_SPAN_S: noise
+#: A rate fault needs this many consecutive valid samples over the limit, spanning RATE_SPAN_S: noise
 #: spikes do not persist, a real jump (measured against the last plausible value) does.
 RATE_DEBOUNCE = 2
 
@@ -215,14 +217,14 @@ class PlausibilityChecker:
 
     def check_sample(self, sample: Sample) -> Alarm | None:
         """Check one sample; an alarm only when the stream enters or leaves the faulted state."""
-        if sample.quality and sample.quality & UNUSABLE:  # a GOOD flag skips the slow IntFlag `&`
-            return None  # flagged by the device: not a measurement, neither a fault nor a reference
+        if not valid_sample(sample):
+            return None  # flagged by the device or no value: neither a fault nor a reference
         st = self._state_of(sample.stream)
         bad = self.violation(sample.stream, sample.t_mono, sample.value, st.t, st.v)
         return self._step(st, bad, sample.stream, sample.t_mono, sample.t_wall, sample.value)
 
     def implausible(self, stream: Stream) -> bool:
-        """True when the last unflagged sample checked of ``stream`` was judged implausible.
+        """True when the last valid sample checked of ``stream`` was judged implausible.
 
         Faulted, or breaking a rate limit not yet persistent: a value a patient or process
         judgement (a limit, the rhythm detector, an estimator) must not see.
@@ -231,7 +233,7 @@ class PlausibilityChecker:
         return st is not None and (st.faulted or st.rate_run > 0)
 
     def out_of_range(self, stream: Stream) -> bool:
-        """True when the last unflagged sample checked of ``stream`` broke its range rule (what the limits must not see)."""
+        """True when the last valid sample checked of ``stream`` broke its range rule (what the limits must not see)."""
         st = self._state.get(stream.key)
         return st is not None and st.out_of_range
 
@@ -245,30 +247,34 @@ class PlausibilityChecker:
         """:meth:`check_block`; which samples were judged implausible, and which of them out of range (None: none)."""
         stream = block.stream
         rule = self.rule_for(stream)
-        if rule is None or len(block) == 0:
+        st = self._state.get(stream.key)
+        # No rule, nothing to check - but a fault a previous run left on ends at the first valid
+        # value, as check_sample ends it.
+        if len(block) == 0 or (rule is None and (st is None or not st.faulted)):
             return [], None, None
-        v = block.value
-        flagged = (np.asarray(block.quality, np.uint8) & UNUSABLE) != 0
-        if flagged.any():
-            v = np.where(flagged, np.nan, v)  # NaN: neither a fault nor a reference for the rate
-        in_range = ~((v < rule.lo) | (v > rule.hi))  # NaN counts as in range: "no value" is not a fault
         st = self._state_of(stream)
-        if rule.max_rate_per_s is None and not st.faulted and bool(in_range.all()):
-            finite = np.flatnonzero(np.isfinite(v))
-            if finite.size:
-                st.t, st.v = float(block.t_mono[finite[-1]]), float(v[finite[-1]])
+        v = block.value
+        ok = valid_rows(block)  # an invalid sample is skipped, as check_sample skips it
+        if (
+            rule is not None
+            and rule.max_rate_per_s is None
+            and not st.faulted
+            and not bool((ok & ((v < rule.lo) | (v > rule.hi))).any())
+        ):
+            last = np.flatnonzero(ok)
+            if last.size:  # no rate rule: the reference only carries the newest valid value
+                st.t, st.v = float(block.t_mono[last[-1]]), float(v[last[-1]])
             return [], None, None
         out: list[Alarm] = []
         bad = np.zeros(len(block), np.bool_)
         off = np.zeros(len(block), np.bool_)
-        for i in range(len(block)):
-            t, x = float(block.t_mono[i]), float(v[i])
-            alarm = self._step(
-                st, self.violation(stream, t, x, st.t, st.v), stream, t, float(block.t_wall[i]), x
-            )
+        t_mono, t_wall, values = block.t_mono.tolist(), block.t_wall.tolist(), v.tolist()
+        for i in np.flatnonzero(ok).tolist():
+            t, x = t_mono[i], values[i]
+            alarm = self._step(st, self.violation(stream, t, x, st.t, st.v), stream, t, t_wall[i], x)
             if alarm is not None:
                 out.append(alarm)
-            bad[i] = (st.faulted or st.rate_run > 0) and math.isfinite(x)  # a flagged one is not checked
+            bad[i] = st.faulted or st.rate_run > 0
             off[i] = st.out_of_range
         return out, (bad if bad.any() else None), (off if off.any() else None)
 

@@ -45,8 +45,7 @@ from statistics import fmean, median, pstdev
 
 from gateway.contracts import Alarm, AlarmKind
 from gateway.inference.ectopic import ALARM_BURDEN, BURDEN_BEATS, CLEAR_BURDEN, PREMATURITY, EctopicDetector
-from gateway.sample import UNUSABLE_FLAGS as UNUSABLE
-from gateway.sample import Sample, Stream
+from gateway.sample import Sample, Stream, valid_sample
 
 __all__ = [
     "CLEAR_CYCLES",
@@ -296,7 +295,7 @@ class RhythmMonitor:
         if st is None:
             st = self._state[sample.stream.key] = _State()
         st.times.append(sample.t_mono)
-        flagged = bool(sample.quality and sample.quality & UNUSABLE)  # GOOD first: IntFlag's & costs ~1 us
+        flagged = not valid_sample(sample)  # flagged unusable by its device, or no value
         if flagged or implausible:
             st.det.interrupt()
             st.n += 1

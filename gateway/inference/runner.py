@@ -825,6 +825,10 @@ class AnomalyModel:
         (log.warning if state == "demoted" else log.info)(
             "models %s: %s for subject %s: %s", self.name, state, subject, why
         )
+        self._queue_health(state, reason, subject, key)
+
+    def _queue_health(self, state: str, reason: str, subject: str | None = None, key: str = "") -> None:
+        """Queue one ``model_health`` diagnostic: the model's (no subject) or a subject's, of one input."""
         detail: dict[str, float | str] = {
             "model": self.name,
             "state": state,
@@ -889,19 +893,7 @@ class AnomalyModel:
         h.healthy_probes = 0
         h.demotions += 1
         log.warning("models %s: demoted to the statistical fallback: %s", self.name, reason)
-        self._events.append(
-            Diagnostic(
-                "model_health",
-                None,
-                time.time(),
-                {
-                    "model": self.name,
-                    "state": "demoted",
-                    "reason": reason,
-                    "precision": self.backend.precision,
-                },
-            )
-        )
+        self._queue_health("demoted", reason)
 
     def _probe(self, healthy: bool) -> None:
         h = self._health
@@ -913,19 +905,7 @@ class AnomalyModel:
             log.info(
                 "models %s: promoted back after %d healthy probes (%s)", self.name, h.healthy_probes, h.reason
             )
-            self._events.append(
-                Diagnostic(
-                    "model_health",
-                    None,
-                    time.time(),
-                    {
-                        "model": self.name,
-                        "state": "promoted",
-                        "reason": h.reason,
-                        "precision": self.backend.precision,
-                    },
-                )
-            )
+            self._queue_health("promoted", h.reason)
             h.reason = ""
             h.healthy_probes = 0
 

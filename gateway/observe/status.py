@@ -320,11 +320,13 @@ class StatusBoard:
                 what = ""  # the device, with every stream it delivers
             where = "" if s is None else s.source
             since = e.since
-            if e.since_mono is not None:  # raised in this run: the monotonic clock, which does not step
-                since_s = max(0.0, now - e.since_mono)
+            # On the monotonic clock, and across a restart on the time base's life clock: no step moves it.
+            age = self._pipeline.alarm_age(e, now)
+            if age is not None:
+                since_s = age
             elif since is None:  # a ledger written before raises were timed
                 since_s = self._since.see(f"alarm:{e.kind}/{where}/{what}/{e.subject}", True, now)
-            else:  # carried over a restart: the wall clock is all there is
+            else:  # a ledger written before the life clock: the wall clock is all there is
                 since_s = max(0.0, wall - since)
             out.append(
                 {

@@ -68,7 +68,7 @@ from gateway.pipeline.features import (
     waveform_features,
 )
 from gateway.pipeline.ring import RingBuffer, in_order
-from gateway.sample import FAULT_FLAGS, UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream
+from gateway.sample import FAULT_FLAGS, UNUSABLE_FLAGS, Quality, Sample, SampleBlock, Stream, valid_values
 
 __all__ = ["Windower", "loss_time"]
 
@@ -875,11 +875,12 @@ class Windower:
             if marked or not math.isfinite(float(v.sum())):
                 # Some row is flagged, implausible or not a number (a sum of finite values that
                 # overflows also lands here, harmlessly): keep only the usable rows.
-                usable = ((q & _LEFT_OUT) == 0) & np.isfinite(v)
                 if marked.translate(None, _FLAGGED_BYTES):  # an unflagged row marked implausible
                     odd = (q & _LEFT_OUT) == IMPLAUSIBLE
+                    usable = valid_values(q, v, odd)
                     left[j] = (t[~(usable | odd)], t[odd], v[odd])
                 else:
+                    usable = valid_values(q, v)  # a row marked implausible here is flagged too
                     left[j] = (t[~usable], _NO_ROWS, _NO_ROWS)
                 t = t[usable]
                 v = v[usable]

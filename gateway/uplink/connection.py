@@ -31,7 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
+from gateway.errors import AuthError, ClockBehindError, ConfigError, EdgetwinError, TransientError
 from gateway.outbox import Leased
 from gateway.uplink import expiry, tls, transport
 from gateway.uplink.config import MqttSection
@@ -415,7 +415,10 @@ class Connection:
                 ) from exc
             if not isinstance(exc, OSError | ssl.SSLError | ValueError):
                 raise
-            raise transport.AttemptError(tls.classify(exc, cfg), stage) from exc
+            error = tls.classify(exc, cfg)
+            if isinstance(error, ClockBehindError):  # say from when the broker's certificate is valid
+                error = await transport.clock_behind(cfg, cfg.connect_timeout_s)
+            raise transport.AttemptError(error, stage) from exc
         if isinstance(context, tls.NamedContext):
             context.forget(fd)
         session.tls_desc = tls.describe_peer(client.socket())

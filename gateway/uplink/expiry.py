@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,14 @@ def read_cert_info(path: Path) -> CertInfo:
     return CertInfo(
         path, rfc4514(decoded.get("subject", ())), _when(decoded["notBefore"]), _when(decoded["notAfter"])
     )
+
+
+def presented_info(der: bytes, name: str) -> CertInfo:
+    """Subject and validity of a certificate a peer presented (DER); ``name`` says whose it is."""
+    with tempfile.TemporaryDirectory(prefix="edgetwin-peer-") as folder:
+        path = Path(folder) / "peer.pem"
+        path.write_text(ssl.DER_cert_to_PEM_cert(der), encoding="ascii")
+        return replace(read_cert_info(path), path=Path(name))
 
 
 def rfc4514(subject: Any) -> str:

@@ -284,8 +284,8 @@ class MqttUplink:
                     raise asyncio.CancelledError from exc
                 attempt += 1
                 self.problem = str(exc.cause)
-                if str(exc.cause) != reported:
-                    reported = str(exc.cause)
+                if transport.reported_as(exc.cause) != reported:
+                    reported = transport.reported_as(exc.cause)
                     retrying = "" if "retrying" in reported else "retrying; "
                     log.warning("%s (%srecords stay in the outbox)", exc.cause, retrying)
                 else:

@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from gateway.errors import AuthError, ConfigError, EdgetwinError, TransientError
+from gateway.errors import AuthError, ClockBehindError, ConfigError, EdgetwinError, TransientError
 from gateway.uplink.config import MqttSection
 
 # X509_V_ERR_* codes of OpenSSL (x509_vfy.h) that SSLCertVerificationError.verify_code carries.
@@ -134,7 +134,25 @@ def _untrusted(cfg: MqttSection) -> str:
     )
 
 
-def verification_error(exc: ssl.SSLCertVerificationError, cfg: MqttSection) -> AuthError:
+def clock_behind(
+    cfg: MqttSection, valid_from: dt.datetime | None, now: dt.datetime | None = None
+) -> ClockBehindError:
+    """The broker's certificate (or its CA) is not valid yet by our clock: say what the clock reads and from when it is valid."""
+    now = now or dt.datetime.now(dt.UTC)
+    if valid_from is None or valid_from <= now:  # unknown, or its CA is the one not valid yet
+        since = "or its CA is not valid yet"
+    else:
+        since = f"is valid from {valid_from:%Y-%m-%d %H:%M:%S} UTC"
+    return ClockBehindError(
+        f"uplink mqtt {cfg.host}:{cfg.port}: TLS handshake refused: the gateway's clock reads "
+        f"{now:%Y-%m-%d %H:%M:%S} UTC, the broker certificate {since}: the clock is behind; "
+        "check NTP/time sync (timedatectl status shows whether the clock is synchronized); "
+        "it connects by itself once the clock is right",
+        valid_from,
+    )
+
+
+def verification_error(exc: ssl.SSLCertVerificationError, cfg: MqttSection) -> EdgetwinError:
     """The broker's certificate failed verification: say which check failed and what to do."""
     where = f"uplink mqtt {cfg.host}:{cfg.port}"
     code = getattr(exc, "verify_code", None)
@@ -150,10 +168,7 @@ def verification_error(exc: ssl.SSLCertVerificationError, cfg: MqttSection) -> A
             f"(or set this gateway's clock if it is wrong: it reads {now:%Y-%m-%d %H:%M} UTC)"
         )
     elif code == _X509_NOT_YET_VALID:
-        why = (
-            "the server certificate is not valid yet: set this gateway's clock "
-            f"(it reads {now:%Y-%m-%d %H:%M} UTC; enable NTP) or check the certificate's dates"
-        )
+        return clock_behind(cfg, None, now)
     elif code in _X509_UNTRUSTED:
         why = _untrusted(cfg)
     else:

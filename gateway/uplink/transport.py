@@ -22,8 +22,8 @@ import socket
 import ssl
 from pathlib import Path
 
-from gateway.errors import EdgetwinError, TransientError
-from gateway.uplink import tls
+from gateway.errors import ClockBehindError, EdgetwinError, TransientError
+from gateway.uplink import expiry, tls
 from gateway.uplink.config import MqttSection
 
 
@@ -137,6 +137,43 @@ async def open_tcp(cfg: MqttSection, timeout_s: float) -> socket.socket:
     raise AttemptError(error, Stage.TCP)
 
 
+async def presented(cfg: MqttSection, timeout_s: float) -> expiry.CertInfo | None:
+    """The certificate the broker presents, read without verifying it (to say why it failed); None when it cannot be had."""
+    try:
+        sock = await open_tcp(cfg, timeout_s)
+    except AttemptError:
+        return None
+    # Not verified, and used for nothing but its dates: the connection is closed at once.
+    unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    writer = await _handshake(cfg, sock, unverified, timeout_s)
+    if writer is None:
+        return None
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if isinstance(ssl_object, ssl.SSLObject) else None
+    await _close(writer)
+    if der is None:
+        return None
+    try:
+        return await asyncio.to_thread(expiry.presented_info, der, f"{cfg.host}:{cfg.port}")
+    except (EdgetwinError, OSError):
+        return None
+
+
+async def clock_behind(cfg: MqttSection, timeout_s: float) -> ClockBehindError:
+    """The error for a broker certificate not valid yet by our clock, with its start date when the broker presents it."""
+    info = await presented(cfg, timeout_s)
+    return tls.clock_behind(cfg, None if info is None else info.not_before)
+
+
+def reported_as(cause: EdgetwinError) -> str:
+    """What a failure is logged once as: its message; a clock behind by its certificate's date (the clock's reading changes)."""
+    if isinstance(cause, ClockBehindError):
+        return f"clock behind: valid from {cause.valid_from}"
+    return str(cause)
+
+
 async def probe(cfg: MqttSection, material: TlsMaterial | None, failed: Stage, timeout_s: float) -> bool:
     """True when the stage a connection attempt failed at would pass now (a cheap check).
 
@@ -159,15 +196,29 @@ async def probe(cfg: MqttSection, material: TlsMaterial | None, failed: Stage, t
     except AttemptError:
         sock.close()
         return False
+    writer = await _handshake(cfg, sock, context, timeout_s)
+    if writer is None:
+        return False
+    await _close(writer)
+    return True
+
+
+async def _handshake(
+    cfg: MqttSection, sock: socket.socket, context: ssl.SSLContext, timeout_s: float
+) -> asyncio.StreamWriter | None:
+    """A TLS handshake with the broker over ``sock``: its writer, or None (``sock`` closed) when it fails."""
     try:
         _reader, writer = await asyncio.open_connection(
             sock=sock, ssl=context, server_hostname=cfg.verify_name, ssl_handshake_timeout=timeout_s
         )
     except (OSError, ssl.SSLError, TimeoutError, EOFError):
         sock.close()
-        return False
+        return None
+    return writer
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(Exception):
         async with asyncio.timeout(1.0):
             await writer.wait_closed()
-    return True

@@ -5,22 +5,34 @@ checkers do their full work) go, one at a time and in blocks of 25, through: the
 (baseline), the plausibility checker (with its verdict on each sample, as the pipeline asks it),
 and the limit checker.
 
-Run: ``python tests/benchmarks/bench_alarms.py``
+With ``--before REV`` the plausibility and limit checkers of REV (``git show``) and today's take
+the same samples in alternating rounds of one process instead (the ratios hold under load): the
+median per-sample cost of each, and the median of the rounds' after/before ratios, with no sample
+flagged and with ``--flagged`` of them flagged as artifacts by the device.
+
+Run: ``python tests/benchmarks/bench_alarms.py [--before REV --rounds 15 --flagged 0.05 --samples 40000]``
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gateway.alarms.config import AlarmsSection, limit_checker
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from revisions import module_at
+
+from gateway.alarms.config import AlarmsSection, limit_checker, merged_limits
 from gateway.inference.plausibility import PlausibilityChecker
 from gateway.pipeline.windows import Windower
-from gateway.sample import MDC, Sample, SampleBlock, Stream
+from gateway.sample import MDC, Quality, Sample, SampleBlock, Stream
 
 N = 200_000
 BLOCK = 25
@@ -53,9 +65,82 @@ def timed(fn: Callable[[], object]) -> float:
     return best
 
 
+def flagged(samples: list[Sample], share: float) -> tuple[list[Sample], list[SampleBlock]]:
+    """The same samples with ``share`` of them (at random) flagged as artifacts, and their blocks."""
+    art = np.random.default_rng(2).random(len(samples)) < share
+    q = np.where(art, np.uint8(Quality.ARTIFACT), np.uint8(0))
+    out = [
+        Sample(x.stream, x.t_mono, x.t_wall, x.value, Quality(int(f)))
+        for x, f in zip(samples, q, strict=True)
+    ]
+    t = np.array([x.t_mono for x in samples])
+    v = np.array([x.value for x in samples])
+    sl = [slice(i, i + BLOCK) for i in range(0, len(samples), BLOCK)]
+    return out, [SampleBlock(SPO2, t[s], t[s], v[s], q[s]) for s in sl]
+
+
+def before_after(rev: str, rounds: int, share: float, n: int) -> None:
+    """Print REV's and today's checkers' per-sample cost, alternated, and the after/before ratio."""
+    old_plaus = module_at(rev, "gateway/inference/plausibility.py").PlausibilityChecker
+    old_limits = module_at(rev, "gateway/alarms/limits.py").LimitChecker
+    general, subjects = merged_limits(AlarmsSection())
+
+    def rules(table: dict[str, Any]) -> dict[str, Any]:
+        return {m: (s.rule() if s.enabled else None) for m, s in table.items()}
+
+    def limits(cls: Any) -> Any:
+        return cls(rules(general), {k: rules(t) for k, t in subjects.items()}, lost_after_s=15.0)
+
+    ss, bb = data()
+    ss, bb = ss[:n], bb[: n // BLOCK]
+    sets = {"no flag": (ss, bb), f"{share:.0%} flagged": flagged(ss, share)}
+    checkers: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+        "plausibility": (old_plaus, PlausibilityChecker),
+        "limits": (lambda: limits(old_limits), lambda: limit_checker(AlarmsSection())),
+    }
+
+    def cost(c: Any, way: str, ss: list[Sample], bb: list[SampleBlock]) -> float:
+        t0 = time.perf_counter()
+        if way == "blocks of 25":
+            for b in bb:
+                c.check_block(b)
+        elif isinstance(c, old_plaus | PlausibilityChecker):  # with its verdict, as the pipeline asks
+            for x in ss:
+                c.check_sample(x)
+                _ = c.implausible(x.stream) and c.out_of_range(x.stream)
+        else:
+            for x in ss:
+                c.check_sample(x)
+        return (time.perf_counter() - t0) / len(ss) * 1e6
+
+    print(f"before {rev}, after today's tree; {n} samples, median of {rounds} alternating rounds")
+    print("| stage | samples | µs/sample before | µs/sample after | after/before |")
+    print("|---|---|---:|---:|---:|")
+    for name, (make_old, make_new) in checkers.items():
+        for way in ("one at a time", "blocks of 25"):
+            for label, (s_, b_) in sets.items():
+                b: list[float] = []
+                a: list[float] = []
+                for _ in range(rounds):
+                    b.append(cost(make_old(), way, s_, b_))
+                    a.append(cost(make_new(), way, s_, b_))
+                ratio = statistics.median(x / y for x, y in zip(a, b, strict=True))
+                before, after = statistics.median(b), statistics.median(a)
+                print(f"| {name}, {way} | {label} | {before:.2f} | {after:.2f} | {ratio:.2f}x |")
+
+
 def main() -> None:
-    """Print the table of BENCHMARKS.md's alarm-stage section."""
+    """Print the table of BENCHMARKS.md's alarm-stage section (or, with --before, the ratios to a revision)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", help="revision whose plausibility and limit checkers to compare with today's")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--flagged", type=float, default=0.05, help="share of samples flagged, with --before")
+    ap.add_argument("--samples", type=int, default=40_000, help="samples per round, with --before")
+    args = ap.parse_args()
     logging.disable(logging.WARNING)  # the checkers log every alarm they raise
+    if args.before:
+        before_after(args.before, args.rounds, args.flagged, args.samples)
+        return
     samples, blocks = data()
 
     def windower() -> Windower:

@@ -97,7 +97,14 @@ class Point:
 def _stream_points(rec: FeaturesWindow) -> list[Point]:
     out: list[Point] = []
     for s in rec.streams:
+        # Every window says how many samples it left out (0 when none): a mean over a window that
+        # left most of them out, or a gap of implausible values, is not taken for a clean one.
+        left_out = [
+            Point(f"{s.metric}/left_out/flagged", INT64, s.flagged, None, GOOD, 0.0),
+            Point(f"{s.metric}/left_out/implausible", INT64, s.implausible, None, GOOD, 0.0),
+        ]
         if s.gap:
+            out += left_out
             out.append(Point(f"{s.metric}/missing", DOUBLE, 1.0, "1", GOOD, 0.0, 1.0))
             continue
         low, high = (0.0, 100.0) if s.unit == "%" else (None, None)
@@ -119,6 +126,7 @@ def _stream_points(rec: FeaturesWindow) -> list[Point]:
                 )
             else:
                 out.append(Point(name, DOUBLE, None, s.unit, BAD))
+        out += left_out
         out.append(Point(f"{s.metric}/missing", DOUBLE, float(s.missing), "1", GOOD, 0.0, 1.0))
     for model, score in sorted(rec.scores.items()):
         finite = math.isfinite(score)
@@ -148,8 +156,8 @@ def alarm_base(rec: AlarmRecord) -> str:
     d = rec.detail
     if family == "device":
         what = rec.dev or "subject"
-    elif family == "anomaly" and not rec.metric and d.get("model"):
-        return anomaly_base(str(d["model"]))
+    elif family == "anomaly" and d.get("model"):
+        return anomaly_base(str(d["model"]), rec.metric or None)
     elif rec.metric:
         what = rec.metric
     elif "node" in d:  # a configured node that never resolved (no stream): by its pseudonym
@@ -163,11 +171,13 @@ def alarm_base(rec: AlarmRecord) -> str:
     return f"Alarms/{family}/{what}"
 
 
-def anomaly_base(model: str) -> str:
-    """The alarm metric of a model's episodes on a subject (as a whole, not on one stream)."""
-    # Under ``model/``: one metric per model, so one model's Value and Limit never stand beside
-    # another's Active; apart from the streams' anomaly metrics, named by the stream's metric.
-    return f"Alarms/anomaly/model/{model}"
+def anomaly_base(model: str, metric: str | None = None) -> str:
+    """The alarm metric of a model's episodes on a subject as a whole, or on one of its streams (``metric``)."""
+    # One metric per model (and stream), so one model's Value and Limit never stand beside
+    # another's Active, on a subject or on one stream (a rhythm and an ectopy detector on one ECG).
+    # A stream's under ``stream/``: no stream's metric is taken for the subject's Active or Value.
+    base = f"Alarms/anomaly/model/{model}"
+    return base if metric is None else f"{base}/stream/{metric}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ Per connection (:class:`~gateway.uplink.connection.Connection`, the same transpo
 staged timeouts as the SenML uplink):
 
 1. CONNECT with clean start and an NDEATH Will (QoS 1, not retained) carrying the next bdSeq,
-   written to the state directory before the CONNECT goes out.
+   written to the state directory (in a worker thread, awaited) before the CONNECT goes out.
 2. Subscribe to NCMD (and DCMD) and, with a primary host configured, to its STATE; wait for
    STATE online before anything is published.
 3. NBIRTH (seq 0, bdSeq, ``Node Control/Rebirth``, every node metric) then one DBIRTH per device.
@@ -187,8 +187,7 @@ class SparkplugNode:
         return codec.topic(self.group, message_type, self.node_id, device)
 
     def _will(self) -> tuple[str, bytes]:
-        # Called once per CONNECT: the next bdSeq is persisted before the broker holds it as our Will.
-        self.bdseq = self.catalog.next_bdseq()
+        # Called once per CONNECT, after run has put this connection's bdSeq on disk.
         return self.topic("NDEATH"), codec.ndeath(self.bdseq, _now_ms())
 
     # --- the reconnect loop ---------------------------------------------------------------------------------
@@ -209,8 +208,9 @@ class SparkplugNode:
         while True:
             self._set_beat(time.monotonic())
             try:
-                # The state directory must take the next bdSeq: find out before a socket is opened.
-                await asyncio.to_thread(self.catalog.writer())
+                # This connection's bdSeq is on disk before a socket is opened (a restart after a
+                # power cut never reuses the one the broker holds in our Will), written off the loop.
+                self.bdseq = await self.catalog.next_bdseq()
                 async with self._connection as session:
                     self.counters.connects += 1
                     if attempt or reported:
@@ -222,8 +222,8 @@ class SparkplugNode:
                     raise asyncio.CancelledError from exc
                 attempt += 1
                 self.problem = str(exc.cause)
-                if str(exc.cause) != reported:
-                    reported = str(exc.cause)
+                if transport.reported_as(exc.cause) != reported:
+                    reported = transport.reported_as(exc.cause)
                     log.warning("%s: %s (records stay in the outbox)", where, exc.cause)
                 else:
                     log.debug("%s: still cannot connect (attempt %d): %s", where, attempt, exc.cause)
@@ -297,7 +297,7 @@ class SparkplugNode:
             for leased in held:
                 learnable = self._prepare(leased)
                 if isinstance(learnable, tuple) and self.catalog.learn(learnable[0], learnable[1]):
-                    await asyncio.to_thread(self.catalog.writer())
+                    await self.catalog.write()
             self._birth(session)
             # Connected, for the status: born, so the host sees what the node publishes.
             self.connected, self.problem = True, None
@@ -391,6 +391,7 @@ class SparkplugNode:
     def _birth(self, session: Session) -> None:
         """A complete birth sequence: NBIRTH (seq 0) and one DBIRTH per live device."""
         now = _now_ms()
+        forgotten = False
         for device in list(self.catalog.devices):
             if device == NODE:
                 continue
@@ -403,7 +404,10 @@ class SparkplugNode:
                 log.error("sparkplug: a device's names no longer pass the identity scan (%s): forgotten", exc)
                 del self.catalog.devices[device]
                 self.catalog.held.pop(device, None)
-                self.catalog.save()
+                forgotten = True
+        if forgotten:
+            # Not awaited (the births go out now): lost in a crash, the next start forgets them again.
+            self.catalog.submit()
         nbirth = codec.nbirth_head(self.bdseq, now)
         self._add_known(nbirth, NODE, now)
         data = nbirth.SerializeToString()
@@ -614,7 +618,7 @@ class SparkplugNode:
     async def _save_held(self) -> None:
         """Write the conditions held, when they changed, off the loop (after the round's messages went out)."""
         if self._held_unsaved:
-            await asyncio.to_thread(self.catalog.writer())
+            await self.catalog.write()
             self._held_unsaved = False
 
     async def _send(self, session: Session, item: Leased, inflight: dict[int, int]) -> None:
@@ -637,7 +641,7 @@ class SparkplugNode:
         self._track_devices(key, record)
         if self.catalog.learn(key, pts):
             # On disk before the birth announces the new aliases; written off the loop (fsync).
-            await asyncio.to_thread(self.catalog.writer())
+            await self.catalog.write()
             self._birth(session)
         elif key in self._dead and not self._device_down(key):
             self._dead.discard(key)

@@ -2,7 +2,9 @@
 
 bdSeq is incremented and written (atomically, fsync'd) before each MQTT CONNECT, so the NDEATH
 the broker holds as our Will and the NBIRTH that follows carry the same number, and a restart
-never reuses one.  The catalog holds every metric ever reported, per device, with its datatype,
+never reuses one.  Every write goes through the file's one writer (:func:`gateway.privatefile.writer_of`):
+synced in a worker thread, in the order asked for, so the event loop never waits for the disk and
+an older state never lands after a newer one.  The catalog holds every metric ever reported, per device, with its datatype,
 unit and alias: births after a restart announce them all (current value unknown: ``is_null``),
 and aliases stay the same.  It also holds the alarm conditions the host was told are on, per
 alarm metric (:func:`codec.fold`), so a birth after a restart says which are on: the gateway's
@@ -13,27 +15,36 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
-from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.errors import TransientError
+from gateway.privatefile import FileWriter, WriteFailures, landed, writer_of
 from gateway.uplink.sparkplug.codec import Held, Point, anomaly_base, held_points
 
 log = logging.getLogger(__name__)
 
 NODE = ""  # the catalog's key for the edge node's own metrics
 
-_VERSION = 3  # 2: with the conditions held (version 1: none known); 3: a subject's episodes by model
+# 2: with the conditions held (version 1: none known); 3: a subject's episodes by model; 4: a
+# stream's episodes by model too.
+_VERSION = 4
 # Alarm metrics an older version named that this one never reports, by the last version naming
 # them; retired when such a file is read, so the next births go without them (a birth's metrics
 # are all its session reports on: tck-id-topics-nbirth-metric-reqs, tck-id-topics-dbirth-metric-reqs).
 # Version 1 named a subject's unresolved nodes' faults and its estimates' limits by the subject;
-# version 2 its models' episodes (one metric for all models: one's Value beside another's Active).
-_RETIRED = {1: ("Alarms/sensor/subject/", "Alarms/limit/subject/"), 2: ("Alarms/anomaly/subject/",)}
+# version 2 its models' episodes (one metric for all models: one's Value beside another's Active);
+# version 3 a stream's episodes by the stream's metric alone (its models sharing Value and Limit).
+# Names under _MODELS are this version's own, never retired.
+_RETIRED = {
+    1: ("Alarms/sensor/subject/", "Alarms/limit/subject/"),
+    2: ("Alarms/anomaly/subject/",),
+    3: ("Alarms/anomaly/",),
+}
+_MODELS = "Alarms/anomaly/model/"
 _EPISODES_V2 = "Alarms/anomaly/subject"
+_STREAM_EPISODES_V3 = "Alarms/anomaly/"  # + the stream's metric
 
 
 @dataclass(slots=True)
@@ -58,10 +69,16 @@ class Catalog:
     # Device -> alarm metric (``Alarms/<family>/<what>``) -> condition id -> the condition on; a
     # metric with none on was reported off, one missing was never reported (its value is unknown).
     held: dict[str, dict[str, dict[str, Held]]] = field(default_factory=dict)
-    # Writes may run in worker threads: one at a time, and an older snapshot never replaces a newer one.
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    _taken: int = field(default=0, repr=False, compare=False)
-    _written: int = field(default=0, repr=False, compare=False)
+    _writer: FileWriter | None = field(default=None, init=False, repr=False, compare=False)
+    # Told the outcome of writes nobody waits for (see submit): once when failing, once when recovered.
+    _failures: WriteFailures | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            self._writer = writer_of(self.path)
+            self._failures = WriteFailures(
+                log, "sparkplug state", self.path, "a restart may announce forgotten devices again"
+            )
 
     @classmethod
     def load(cls, path: Path | None) -> Catalog:
@@ -106,34 +123,40 @@ class Catalog:
         retire = tuple(prefix for v, prefixes in _RETIRED.items() if version <= v for prefix in prefixes)
         retired = 0
         for metrics in self.devices.values():
-            for name in [n for n in metrics if n.startswith(retire)]:
+            for name in [n for n in metrics if n.startswith(retire) and not n.startswith(_MODELS)]:
                 del metrics[name]
                 retired += 1
         # A model's episode on under the one metric of version 2: on under its model's own.
         for device, bases in self.held.items() if version < 3 else ():
             for cid, h in bases.pop(_EPISODES_V2, {}).items():
-                base = anomaly_base(str(json.loads(cid)[1]))
-                self.learn(device, held_points(base, {cid: h}))
-                bases[base] = {**bases.get(base, {}), cid: h}
+                self._hold_moved(device, bases, anomaly_base(str(json.loads(cid)[1])), cid, h)
+        # A model's episode on under its stream's metric of version 3: on under its model's and stream's.
+        for device, bases in self.held.items() if version < 4 else ():
+            for old in [b for b in bases if b.startswith(_STREAM_EPISODES_V3) and not b.startswith(_MODELS)]:
+                metric = old.removeprefix(_STREAM_EPISODES_V3)
+                for cid, h in bases.pop(old).items():
+                    model = str(json.loads(cid)[1])
+                    if model:  # an episode of no model (none of this gateway's) ends with its metric
+                        self._hold_moved(device, bases, anomaly_base(model, metric), cid, h)
         if retired:
             log.info(
                 "sparkplug state %s: version %d: %d alarm metrics it named that this version does not "
-                "report retired (nodes, estimates and models have their own); the next births go without them",
+                "report retired (nodes, estimates and models, on a subject or a stream, have their own); the next "
+                "births go without them",
                 path,
                 version,
                 retired,
             )
 
-    def save(self) -> None:
-        """Write atomically: a temporary file, fsync, rename."""
-        self.writer()()
+    def _hold_moved(
+        self, device: str, bases: dict[str, dict[str, Held]], base: str, cid: str, h: Held
+    ) -> None:
+        """A condition an older version held under a retired metric, on under ``base`` (announced)."""
+        self.learn(device, held_points(base, {cid: h}))
+        bases[base] = {**bases.get(base, {}), cid: h}
 
-    def writer(self) -> Callable[[], None]:
-        """The catalog as it is now, to be written by the returned call (in a worker thread, say).
-
-        Taken on the caller's thread, so later changes are not in it; when a newer snapshot was
-        written first, the call writes nothing (the file never goes back to an older bdSeq).
-        """
+    def _body(self) -> bytes:
+        """The catalog as it is now, as the file holds it."""
         doc = {
             "version": _VERSION,
             "bdseq": self.bdseq,
@@ -153,24 +176,20 @@ class Catalog:
                 for device, bases in self.held.items()
             },
         }
-        self._taken += 1
-        taken = self._taken
-        return lambda: self._write(doc, taken)
+        return json.dumps(doc, sort_keys=True).encode()
 
-    def _write(self, doc: dict[str, object], taken: int) -> None:
-        if self.path is None:
+    def submit(self) -> Future[None] | None:
+        """Ask for the catalog as it is now to be written (never blocks; a failure is logged); None: no file."""
+        if self._writer is None:
+            return None
+        return self._writer.submit(self._body(), self._failures)
+
+    async def write(self) -> None:
+        """Write the catalog as it is now and wait, off the event loop, until it is on disk; raises TransientError."""
+        if self._writer is None:
             return
-        tmp = self.path.with_suffix(".tmp")
         try:
-            with self._lock:
-                if taken <= self._written:
-                    return
-                with tmp.open("w", encoding="utf-8") as f:
-                    json.dump(doc, f, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                tmp.replace(self.path)
-                self._written = taken
+            await landed(self._writer.submit(self._body()))
         except OSError as exc:
             # Without a persisted bdSeq a restart could reuse one: no CONNECT until it is written.
             raise TransientError(
@@ -178,10 +197,10 @@ class Catalog:
                 "published until it can; free space or fix the state directory's permissions"
             ) from exc
 
-    def next_bdseq(self) -> int:
-        """The bdSeq of the next CONNECT (0..255, wrapping), written before it is used."""
+    async def next_bdseq(self) -> int:
+        """The bdSeq of the next CONNECT (0..255, wrapping), on disk when this returns (raises TransientError)."""
         self.bdseq = (self.bdseq + 1) % 256
-        self.save()
+        await self.write()
         return self.bdseq
 
     def learn(self, device: str, pts: list[Point]) -> bool:
