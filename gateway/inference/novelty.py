@@ -25,8 +25,8 @@ held out in turn), so the stated false-alarm rate is one the detector actually s
 data it was not fitted on, not a distributional assumption; each is raised where needed so that no
 fold holds two windows above it in a row (:func:`episode_limit`, 1.4.0): alarms are raised on runs
 of flagged windows, and a quantile of a slow statistic (the CUSUM) alone let the commissioning's
-own normal data raise one.  With ``episodes_per_window`` set (``false_episodes_per_day``, off by
-default) the threshold is instead where the tail of those scores extrapolates to that rate of false
+own normal data raise one.  With ``episodes_per_window`` set (``false_episodes_per_day``, 0.5 by
+default from 1.6.0; 0 turns it off) the threshold is instead where the tail of those scores extrapolates to that rate of false
 episodes on new normal data (:func:`episode_rate_limit`), never below that limit: a commissioning
 that raised none in a day does not bound the rate near one a day.  A score above 1 is anomalous.
 
@@ -92,6 +92,7 @@ from gateway.inference.partial import PARTIAL, Coverage
 from gateway.inference.statefile import state_file, store_json
 
 __all__ = [
+    "FALSE_EPISODES_PER_DAY",
     "CusumSums",
     "NoveltyModel",
     "NoveltyUse",
@@ -115,6 +116,10 @@ log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]
 
 STATE_VERSION = 1
+# Expected false episodes per day the threshold is set at by default (NoveltyUse.false_episodes_per_day,
+# 1.6.0): the rate the TEP and SKAB evaluations were pre-registered at, half the aim of one a day
+# (BENCHMARKS.md, "the episode-rate threshold").  0 or None: episode_limit alone, 1.5.0's threshold.
+FALSE_EPISODES_PER_DAY = 0.5
 CUSUM_CLEAR = 10  # default clearing horizon of the residual CUSUM, windows (see PcaSpec.cusum_clear)
 # The residual CUSUM by default (NoveltyUse.cusum_k unset): its allowance (the TEP protocol's
 # choice; 1.5.0: 1.0, after 1.4.0's 0.5 held false alarms for hours on long normal operation),
@@ -628,8 +633,9 @@ class NoveltyUse(BaseModel):
     var_keep: float = Field(0.95, gt=0, lt=1)
     # Expected false episodes per day of normal operation the threshold is set at, from the tail
     # of the commissioning's out-of-fold scores at this machine's hop (episode_rate_limit; never
-    # below the limit that lets the commissioning raise none); unset: that limit alone.
-    false_episodes_per_day: float | None = Field(None, gt=0, le=1000)
+    # below the limit that lets the commissioning raise none); 0 or None: that limit alone (1.5.0).
+    # The stored fit's key holds it, so a machine commissioned under another value recommissions.
+    false_episodes_per_day: float | None = Field(FALSE_EPISODES_PER_DAY, ge=0, le=1000)
     adapt_rate: float = Field(0.001, ge=0, lt=0.5)  # step of the inputs' means on normal windows; 0: none
     latency_budget_us: float = Field(2000.0, gt=0)
     # Share of its expected samples each input stream must hold in a window for it to be judged
@@ -714,6 +720,7 @@ class NoveltyModel:
         self._subjects = frozenset(use.subjects)
         self._clock = clock
         self._subj: dict[str, _Subject] = {}
+        self._recommissioned: list[str] = []  # subjects commissioned before the rate threshold (_before_rate)
         self.latencies_us: deque[float] = deque(maxlen=4096)
         self.adapt_guard = use.lags + 5
         self.coverage = Coverage(name, use.min_coverage)
@@ -936,9 +943,16 @@ class NoveltyModel:
                 list(self._spec_key()),
                 list(self._spec_key(cusum=False)),
             ):
-                log.info(
-                    "models %s: stored state of another version or settings; commissioning again", self.name
-                )
+                if raw["version"] == STATE_VERSION and key in (
+                    list(self._spec_key(rate=False)),
+                    list(self._spec_key(cusum=False, rate=False)),
+                ):
+                    self._before_rate(subject)
+                else:
+                    log.info(
+                        "models %s: stored state of another version or settings; commissioning again",
+                        self.name,
+                    )
                 return None
             subj = _Subject(tuple(raw["keys"]), [list(map(float, r)) for r in raw["rows"]])
             subj.fit = None if raw["fit"] is None else PcaFit.from_json(raw["fit"])
@@ -965,8 +979,23 @@ class NoveltyModel:
         self._subj[subject] = subj
         return subj
 
-    def _spec_key(self, *, cusum: bool = True) -> tuple[float, ...]:
+    def _before_rate(self, subject: str) -> None:
+        # A machine commissioned with the threshold at episode_limit alone (1.5.0's, the default
+        # before 1.6.0) is commissioned again at the configured rate: said once, not per machine.
+        self._recommissioned.append(subject)
+        if len(self._recommissioned) == 1:
+            log.warning(
+                "models %s: subject %s (and any other machine commissioned before the threshold was set at "
+                "%g false episodes/day, false_episodes_per_day) is commissioned again from its next windows, "
+                "unscored until then; set false_episodes_per_day = 0 in [models.novelty] to keep the old fits",
+                self.name,
+                subject,
+                self.use.false_episodes_per_day,
+            )
+
+    def _spec_key(self, *, cusum: bool = True, rate: bool = True) -> tuple[float, ...]:
         s = self.spec if cusum else dataclasses.replace(self.spec, cusum_k=0.0)
+        s = s if rate else dataclasses.replace(s, episodes_per_window=0.0)
         key: tuple[float, ...] = (s.lags, s.ewma, s.var_keep, s.far, self._need)
         if self.window_s is not None:
             # Features over another length are not what it was fitted on; without a window of its

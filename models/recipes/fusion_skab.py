@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gateway.inference.novelty import FALSE_EPISODES_PER_DAY
 from models.recipes.common import MODELS_DIR, binary_scores, rounded
 from models.recipes.novelty_skab import GRID_EWMA, GRID_VAR, GRID_W, pca_scores
 from models.recipes.pump_skab import (
@@ -66,7 +67,7 @@ F64 = npt.NDArray[np.float64]
 B = npt.NDArray[np.bool_]
 Setting = tuple[int, float, float]
 FUSION_NAME = "fusion_skab"
-FUSION_VERSION = "1.0.0"
+FUSION_VERSION = "1.1.0"  # 1.1.0: the novelty member at false_episodes_per_day 0.5 (its 1.6.0 default)
 FOLDS = 4
 MAX_FAR = 0.10
 WEIGHTS = tuple(round(0.1 * k, 1) for k in range(11))
@@ -101,7 +102,7 @@ def pump_scores(
 
 
 def novelty_scores(
-    valve: list[Experiment], windows: tuple[int, ...] = GRID_W, per_day: float | None = None
+    valve: list[Experiment], windows: tuple[int, ...] = GRID_W, per_day: float | None = FALSE_EPISODES_PER_DAY
 ) -> dict[Setting, list[F64]]:
     """``u_pca`` of rows FIT_ROWS.. of every file, for every novelty setting (``per_day``: see pca_scores)."""
     out: dict[Setting, list[F64]] = {}
@@ -255,6 +256,7 @@ def shipped(valve: list[Experiment], normal: list[Experiment], out: Path) -> dic
                     "ewma_slow": 1.0,
                     "features": list(FEATURES),
                     "spread_only": list(DRIFTING),
+                    "false_episodes_per_day": FALSE_EPISODES_PER_DAY,
                 },
             },
         ],

@@ -53,7 +53,7 @@ from gateway.contracts import DEFAULT_MIN_COVERAGE, ModelResult, WindowModel
 from gateway.inference.build import model_lengths
 from gateway.inference.card import load_card
 from gateway.inference.fusion import FusionCard, FusionModel, Member, fuse_window
-from gateway.inference.novelty import NoveltyModel, NoveltyUse
+from gateway.inference.novelty import FALSE_EPISODES_PER_DAY, NoveltyModel, NoveltyUse
 from gateway.inference.runner import AnomalyModel
 from gateway.pipeline.windows import Windower
 from gateway.sample import SampleBlock, Stream, industrial_metric
@@ -99,7 +99,9 @@ def pump_member(
     return AnomalyModel(card, tmp, backend="onnxruntime", commissioning_windows=whole_windows(FIT_ROWS, w))
 
 
-def novelty_member(setting: tuple[int, float, float], per_day: float | None = None) -> NoveltyModel:
+def novelty_member(
+    setting: tuple[int, float, float], per_day: float | None = FALSE_EPISODES_PER_DAY
+) -> NoveltyModel:
     """The gateway's novelty detector at one setting, commissioned on the whole windows of the first FIT_ROWS."""
     w, ewma, var = setting
     use = NoveltyUse(
@@ -159,7 +161,7 @@ def held_out(
     valve: list[Experiment],
     normal: list[Experiment],
     tmp: Path,
-    per_day: float | None = None,
+    per_day: float | None = FALSE_EPISODES_PER_DAY,
 ) -> tuple[dict[str, list[B]], int]:
     """Flags of rows FIT_ROWS.. of fold ``k``'s held-out files through the gateway, and unjudged rows.
 
@@ -201,7 +203,10 @@ def held_out(
 
 
 def evaluate(
-    valve: list[Experiment], normal: list[Experiment], tmp: Path, per_day: float | None = None
+    valve: list[Experiment],
+    normal: list[Experiment],
+    tmp: Path,
+    per_day: float | None = FALSE_EPISODES_PER_DAY,
 ) -> dict[str, Any]:
     """Nested by file: choices on the training files (recipe), held-out files through the gateway.
 
@@ -257,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--false-episodes-per-day",
         type=float,
-        help="the novelty detector's threshold at this false-episode rate (an option; default: not set)",
+        default=FALSE_EPISODES_PER_DAY,
+        help="the novelty detector's threshold at this false-episode rate (default: the gateway's, %(default)s; 0: off)",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -4,12 +4,12 @@ Run: ``python -m models.recipes.novelty_episode_rate --data /work/shared/data`` 
 about two minutes); ``--held-out`` adds ``d00_te`` and the 14 held-out fault runs, frozen and
 through the gateway's pipeline (several minutes more).  Writes nothing but ``--json``.
 
-The limit shipped (:func:`gateway.inference.novelty.episode_limit`) lets no out-of-fold block of
+The limit shipped up to 1.5.0 (:func:`gateway.inference.novelty.episode_limit`) lets no out-of-fold block of
 the commissioning raise an episode: after 25 h of ``d00`` that is "none in a day", which does not
 bound the rate on new normal data near the aim of one a day.  The option
 ``false_episodes_per_day`` (:func:`gateway.inference.novelty.episode_rate_limit`) sets the
 threshold where the tail of the out-of-fold run statistic, extrapolated, gives that rate at the
-machine's own window rate, never below the shipped limit.  Both are compared at the card's chosen
+machine's own window rate, never below that limit (the default since 1.6.0).  Both are compared at the card's chosen
 settings (nothing is chosen here), the option at ``PER_DAY``:
 
 * allowed data (what the protocol may look at): the tuning faults' training runs (miss rate,
@@ -20,7 +20,7 @@ settings (nothing is chosen here), the option at ``PER_DAY``:
   :func:`models.recipes.novelty_tep_gateway.allowed` (alarms per case and column);
 * ``--held-out``: the card's evaluation (per-fault miss rates on all 21 test runs, ``d00_te``'s
   flagged share and false episodes per day, the 14 held-out runs before their faults) frozen, and
-  the gateway path with the option (the shipped limit's is the card's ``gateway_path``).
+  the gateway path with the option (episode_limit's is the 1.5.0 card's ``gateway_path``, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -60,18 +60,19 @@ log = logging.getLogger(__name__)
 
 #: The rate the option is evaluated at: half the aim of one false episode per machine-day.
 PER_DAY = 0.5
-#: The limits compared: the shipped one (None) and the option at PER_DAY.
-RULES: tuple[float | None, ...] = (None, PER_DAY)
+#: The limits compared: episode_limit alone (0: the option off, 1.5.0's threshold) and the option at
+#: PER_DAY (the default since 1.6.0).
+RULES: tuple[float, ...] = (0.0, PER_DAY)
 _KEYS = ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k")
 
 
 def rule_name(per_day: float | None) -> str:
     """How a rule is named in the tables."""
-    return "episode_limit" if per_day is None else f"{per_day:g} episodes/day"
+    return "episode_limit" if not per_day else f"{per_day:g} episodes/day"
 
 
 def spec_at(card: dict[str, Any], per_day: float | None) -> PcaSpec:
-    """The card's chosen settings, their threshold at ``per_day`` at TEP's 3-min windows (None: the shipped limit)."""
+    """The card's chosen settings, their threshold at ``per_day`` at TEP's 3-min windows (0: episode_limit alone)."""
     base = spec_of(card["chosen"])
     return PcaSpec(
         lags=base.lags,
@@ -80,7 +81,7 @@ def spec_at(card: dict[str, Any], per_day: float | None) -> PcaSpec:
         far=base.far,
         ewma_slow=base.ewma_slow,
         cusum_k=base.cusum_k,
-        episodes_per_window=0.0 if per_day is None else per_day * PERIOD_S / 86_400.0,
+        episodes_per_window=(per_day or 0.0) * PERIOD_S / 86_400.0,
     )
 
 
@@ -94,8 +95,7 @@ def frozen_allowed(runs: dict[str, F64], card: dict[str, Any], per_day: float | 
     }
     far, episodes = normal_before_faults(fit, runs, TUNE)
     settings: dict[str, Any] = {k: card["chosen"][k] for k in _KEYS}
-    if per_day is not None:
-        settings["false_episodes_per_day"] = per_day
+    settings["false_episodes_per_day"] = per_day  # stated either way: the gateway's default is the option
     drift_far, kept = follows_drift(settings)
     return {
         "threshold": round(fit.threshold, 4),
@@ -119,7 +119,7 @@ def run(runs: dict[str, F64], card: dict[str, Any], tmp: Path, *, held_out: bool
         log.info("%s: allowed data done", name)
         if held_out:
             fig["frozen_held_out"] = evaluate(runs, spec_at(card, per_day))["own_limits"]["novelty"]
-            if per_day is not None:
+            if per_day:  # episode_limit's held-out gateway figures: the 1.5.0 card's gateway_path
                 fig["gateway_held_out"] = gateway_evaluate(runs, card, tmp / "held-out", per_day)
         out[name] = fig
     return out

@@ -29,7 +29,7 @@ through that code, nothing re-implemented:
 * what is counted is what leaves the gateway: a window is flagged when the score it carries in its
   record is above 1, an alarm is an ``anomaly`` record of model ``novelty``.
 
-One setting, fixed by the card (1.5.0; no setting is chosen here, and no held-out figure chose
+One setting, fixed by the card (1.6.0, with its threshold at 0.5 false episodes per day; no setting is chosen here, and no held-out figure chose
 anything): the gateway's defaults, which since 1.4.0 are the card's ``chosen`` settings (the
 CUSUM on at the chosen allowance by ``gateway_cusum_default``); the recipe stops if they differ.
 It is replayed twice: as shipped (``adapt_rate`` default) and with ``adapt_rate = 0``, and beside
@@ -124,7 +124,7 @@ def novelty_table(
         table["false_episodes_per_day"] = per_day
     if setting == "card_choice":
         chosen = card["chosen"]
-        keys = ("lags", "ewma", "ewma_slow", "var_keep", "false_alarm_rate")
+        keys = ("lags", "ewma", "ewma_slow", "var_keep", "false_alarm_rate", "false_episodes_per_day")
         table |= {k: chosen[k] for k in keys}
         # cusum_k stays unset: the default rule turns it on at the chosen allowance (checked below).
     if not adapt:
@@ -293,11 +293,15 @@ def evaluate(
         use = NoveltyUse.model_validate(table)
         spec = spec_of_use(use)
         chosen = card["chosen"]
-        got = (spec.lags, spec.ewma, spec.ewma_slow, spec.var_keep, spec.cusum_k)
-        want = tuple(chosen[k] for k in ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k"))
+        got = (spec.lags, spec.ewma, spec.ewma_slow, spec.var_keep, spec.cusum_k, use.false_episodes_per_day)
+        want = tuple(
+            chosen.get(k)
+            for k in ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k", "false_episodes_per_day")
+        )
         if got != want:
             raise SystemExit(
-                f"novelty_tep_gateway: {setting} builds {got} (lags, ewma, ewma_slow, var_keep, cusum_k), "
+                f"novelty_tep_gateway: {setting} builds {got} (lags, ewma, ewma_slow, var_keep, cusum_k, "
+                "false_episodes_per_day), "
                 f"not the card's choice {want}: the defaults and the card must say one thing"
             )
         fit = fit_pca(runs["d00"], spec)
@@ -324,6 +328,7 @@ def evaluate(
                 "cusum_k": spec.cusum_k,
                 "cusum_clear": spec.cusum_clear,
                 "adapt_rate": use.adapt_rate,
+                "false_episodes_per_day": use.false_episodes_per_day,
             },
             **columns,
         }
