@@ -837,4 +837,6 @@ def test_on_normal_operation_the_protocol_may_look_at_the_gateway_raises_the_fro
         assert cols["gateway_no_adaptation"]["differ_from_frozen"] == [], name
         assert cols["gateway_no_adaptation"]["alarm_windows"] == base["alarm_windows"], name
         assert cols["gateway_adapting"]["alarm_windows"] == base["alarm_windows"], name
-        assert len(cols["gateway_adapting"]["differ_from_frozen"]) <= 1, (name, cols)
+        # 1.6.0 (the rate's threshold): the joined tuning runs differ on 2 windows (225, 235), each
+        # flagged frozen and alone, not adapting (1.07 % against 0.89 % flagged); 1.5.0: at most 1.
+        assert len(cols["gateway_adapting"]["differ_from_frozen"]) <= 2, (name, cols)
