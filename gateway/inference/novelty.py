@@ -25,7 +25,10 @@ held out in turn), so the stated false-alarm rate is one the detector actually s
 data it was not fitted on, not a distributional assumption; each is raised where needed so that no
 fold holds two windows above it in a row (:func:`episode_limit`, 1.4.0): alarms are raised on runs
 of flagged windows, and a quantile of a slow statistic (the CUSUM) alone let the commissioning's
-own normal data raise one.  A score above 1 is anomalous.
+own normal data raise one.  With ``episodes_per_window`` set (``false_episodes_per_day``, 0.5 by
+default from 1.6.0; 0 turns it off) the threshold is instead where the tail of those scores extrapolates to that rate of false
+episodes on new normal data (:func:`episode_rate_limit`), never below that limit: a commissioning
+that raised none in a day does not bound the rate near one a day.  A score above 1 is anomalous.
 
 Explanation: each input's share of the score, from the complete decomposition of T² and the
 squared residuals of SPE, summed over its lags and blocks; when the CUSUM raised the score, from
@@ -105,6 +108,7 @@ from gateway.inference.statefile import state_file, store_json
 from gateway.units import normalise
 
 __all__ = [
+    "FALSE_EPISODES_PER_DAY",
     "CusumSums",
     "NoveltyModel",
     "NoveltyUse",
@@ -113,6 +117,7 @@ __all__ = [
     "blocks",
     "build_novelty",
     "episode_limit",
+    "episode_rate_limit",
     "fit_pca",
     "gap_rows",
     "min_rows",
@@ -127,6 +132,10 @@ log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]
 
 STATE_VERSION = 2  # 2: the inputs' units; 1 (no units) loads with its units unknown
+# Expected false episodes per day the threshold is set at by default (NoveltyUse.false_episodes_per_day,
+# 1.6.0): the rate the TEP and SKAB evaluations were pre-registered at, half the aim of one a day
+# (BENCHMARKS.md, "the episode-rate threshold").  0 or None: episode_limit alone, 1.5.0's threshold.
+FALSE_EPISODES_PER_DAY = 0.5
 CUSUM_CLEAR = 10  # default clearing horizon of the residual CUSUM, windows (see PcaSpec.cusum_clear)
 # The residual CUSUM by default (NoveltyUse.cusum_k unset): its allowance (the TEP protocol's
 # choice; 1.5.0: 1.0, after 1.4.0's 0.5 held false alarms for hours on long normal operation),
@@ -168,6 +177,9 @@ class PcaSpec:
     # allowances above its alarm level, so once the residuals are back at their normal mean they
     # fall below it within about this many windows, however long the fault lasted.
     cusum_clear: int = CUSUM_CLEAR
+    # Expected false episodes per window the threshold is set at (0 = off: episode_limit alone;
+    # :func:`episode_rate_limit`); NoveltyUse.false_episodes_per_day at the machine's hop.
+    episodes_per_window: float = 0.0
 
 
 @dataclass(slots=True)
@@ -227,6 +239,7 @@ class PcaFit:
                 s.ewma_slow,
                 s.cusum_k,
                 s.cusum_clear,
+                s.episodes_per_window,
             ],
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
@@ -242,11 +255,12 @@ class PcaFit:
         """Back from :meth:`to_json`; raises ValueError/KeyError/TypeError on a bad body."""
         # Seven entries: a state saved before the slow block existed (none); eight: before the
         # residual CUSUM (none); nine: before its clearing horizon (the default: a scoring rule,
-        # nothing fitted depends on it).
+        # nothing fitted depends on it); ten: before the episode-rate threshold (off).
         lags, ewma, var_keep, far, folds, rel, abs_, *rest = raw["spec"]
         slow = rest[0] if rest else 1.0
         cusum_k = rest[1] if len(rest) > 1 else 0.0
         clear = rest[2] if len(rest) > 2 else CUSUM_CLEAR
+        per_window = rest[3] if len(rest) > 3 else 0.0
         spec = PcaSpec(
             int(lags),
             float(ewma),
@@ -258,6 +272,7 @@ class PcaFit:
             float(slow),
             float(cusum_k),
             int(clear),
+            float(per_window),
         )
         lim_t2, lim_spe, thr, *more = (float(v) for v in raw["limits"])
         scale = raw.get("res_scale")
@@ -423,8 +438,60 @@ def episode_limit(folds: Sequence[F64], q: float, run: int = EPISODE_RUN) -> flo
     peak = 0.0
     for scores in folds:
         if scores.shape[0] >= run:
-            peak = max(peak, float(np.lib.stride_tricks.sliding_window_view(scores, run).min(axis=1).max()))
+            peak = max(peak, float(_run_statistic(scores, run).max()))
     return max(float(np.quantile(np.concatenate(list(folds)), q)), peak, 1e-9)
+
+
+#: Flagged windows fewer than this many apart are one episode: the episode logic's default clearing.
+EPISODE_CLEAR = 3
+#: Share of the run statistic's windows above the level its tail is fitted from (episode_rate_limit).
+TAIL_SHARE = 0.1
+
+
+def _run_statistic(scores: F64, run: int) -> F64:
+    """Per window, the least of ``run`` consecutive scores: above a limit where ``run`` flagged windows raise."""
+    return np.asarray(np.lib.stride_tricks.sliding_window_view(scores, run).min(axis=1), np.float64)
+
+
+def _cluster_peaks(x: F64, level: float, gap: int) -> F64:
+    """The largest value of each cluster of ``x`` above ``level`` (clusters fewer than ``gap`` apart are one)."""
+    above = np.flatnonzero(x > level)
+    if above.size == 0:
+        return np.empty(0)
+    cut = np.flatnonzero(np.diff(above) > gap) + 1
+    return np.array([float(x[c[0] : c[-1] + 1].max()) for c in np.split(above, cut)])
+
+
+def episode_rate_limit(
+    folds: Sequence[F64],
+    per_window: float,
+    run: int = EPISODE_RUN,
+    tail: float = TAIL_SHARE,
+    gap: int = EPISODE_CLEAR,
+) -> float:
+    """The level at which out-of-fold scores would raise ``per_window`` episodes per window, by their tail.
+
+    :func:`episode_limit` lets the commissioning's own folds raise no episode; after a day of
+    commissioning that says "none in a day", which does not bound the rate on new normal data near
+    one a day.  Here the tail of the run statistic (the least of ``run`` windows in a row, the
+    level ``run`` flagged windows exceed) is extrapolated, peaks over threshold: above ``u``, its
+    ``1 - tail`` quantile pooled over folds, the episodes (clusters of windows above ``u``, fewer
+    than ``gap`` apart merged as the episode logic merges them) come at a rate ``lam`` per window,
+    and their peaks' excesses over ``u`` are fitted by an exponential of mean ``beta`` (its maximum
+    likelihood fit), so episodes above ``L`` come at ``lam * exp(-(L - u) / beta)``, set equal to
+    ``per_window``.  ``u`` if that rate is already below ``per_window`` at ``u`` (or nothing exceeds it).
+    """
+    stats = [_run_statistic(f, run) for f in folds if f.shape[0] >= run]
+    if not stats:
+        return 1e-9
+    pooled = np.concatenate(stats)
+    u = float(np.quantile(pooled, 1.0 - tail))
+    peaks = np.concatenate([_cluster_peaks(x, u, gap) for x in stats])
+    lam = peaks.size / pooled.size
+    if peaks.size == 0 or lam <= per_window:
+        return max(u, 1e-9)
+    beta = float((peaks - u).mean())
+    return u + beta * math.log(lam / per_window)
 
 
 def gap_rows(spec: PcaSpec) -> int:
@@ -475,6 +542,9 @@ def fit_pca(x: F64, spec: PcaSpec) -> PcaFit:
         lim_cus = episode_limit(oof_cus, q)
         combined = [np.maximum(c, cus / lim_cus) for c, cus in zip(combined, oof_cus, strict=True)]
     threshold = episode_limit(combined, q)
+    if spec.episodes_per_window > 0.0:
+        # A stated episode rate on new normal data, never below what the commissioning showed.
+        threshold = max(threshold, episode_rate_limit(combined, spec.episodes_per_window))
     center, load, eig = _subspace(z, spec.var_keep)
     scale_all = _long_run_scale(_stats(z, center, load, eig)[2], spec) if cusum else None
     return PcaFit(spec, mean, std, center, load, eig, lim_t2, lim_spe, threshold, scale_all, lim_cus)
@@ -577,6 +647,11 @@ class NoveltyUse(BaseModel):
     # a change applies to a commissioned machine at the next start.
     cusum_clear: int = Field(CUSUM_CLEAR, ge=1, le=10_000)
     var_keep: float = Field(0.95, gt=0, lt=1)
+    # Expected false episodes per day of normal operation the threshold is set at, from the tail
+    # of the commissioning's out-of-fold scores at this machine's hop (episode_rate_limit; never
+    # below the limit that lets the commissioning raise none); 0 or None: that limit alone (1.5.0).
+    # The stored fit's key holds it, so a machine commissioned under another value recommissions.
+    false_episodes_per_day: float | None = Field(FALSE_EPISODES_PER_DAY, ge=0, le=1000)
     adapt_rate: float = Field(0.001, ge=0, lt=0.5)  # step of the inputs' means on normal windows; 0: none
     latency_budget_us: float = Field(2000.0, gt=0)
     # Share of its expected samples each input stream must hold in a window for it to be judged
@@ -659,12 +734,14 @@ class NoveltyModel:
             ewma_slow=use.ewma_slow,
             cusum_k=cusum_k,
             cusum_clear=use.cusum_clear,
+            episodes_per_window=(use.false_episodes_per_day or 0.0) * hop_s / 86_400.0,
         )
         self._need = max(min_rows(self.spec), math.ceil(use.commissioning_s / hop_s))
         self._state_dir = state_dir
         self._subjects = frozenset(use.subjects)
         self._clock = clock
         self._subj: dict[str, _Subject] = {}
+        self._recommissioned: list[str] = []  # subjects commissioned before the rate threshold (_before_rate)
         self.latencies_us: deque[float] = deque(maxlen=4096)
         self.adapt_guard = use.lags + 5
         self.coverage = Coverage(name, use.min_coverage)
@@ -890,7 +967,8 @@ class NoveltyModel:
             subj.rows.clear()
             return
         log.info(
-            "models %s: subject %s commissioned on %d windows (%d inputs, %d components; residual CUSUM %s: %s)",
+            "models %s: subject %s commissioned on %d windows (%d inputs, %d components; residual CUSUM %s: %s; "
+            "threshold %.4g%s)",
             self.name,
             subject,
             len(subj.rows),
@@ -898,6 +976,10 @@ class NoveltyModel:
             subj.fit.eig.shape[0],
             f"{self.spec.cusum_k:g}" if self.spec.cusum_k > 0.0 else "off",
             self._cusum_why,
+            subj.fit.threshold,
+            f" at {self.use.false_episodes_per_day:g} false episodes/day"
+            if self.use.false_episodes_per_day
+            else "",
         )
         if subj.open:
             log.warning(
@@ -933,9 +1015,16 @@ class NoveltyModel:
                 list(self._spec_key()),
                 list(self._spec_key(cusum=False)),
             ):
-                log.info(
-                    "models %s: stored state of another version or settings; commissioning again", self.name
-                )
+                if raw["version"] == STATE_VERSION and key in (
+                    list(self._spec_key(rate=False)),
+                    list(self._spec_key(cusum=False, rate=False)),
+                ):
+                    self._before_rate(subject)
+                else:
+                    log.info(
+                        "models %s: stored state of another version or settings; commissioning again",
+                        self.name,
+                    )
                 return None
             subj = _Subject(
                 tuple(raw["keys"]),
@@ -975,8 +1064,23 @@ class NoveltyModel:
         self._subj[subject] = subj
         return subj
 
-    def _spec_key(self, *, cusum: bool = True) -> tuple[float, ...]:
+    def _before_rate(self, subject: str) -> None:
+        # A machine commissioned with the threshold at episode_limit alone (1.5.0's, the default
+        # before 1.6.0) is commissioned again at the configured rate: said once, not per machine.
+        self._recommissioned.append(subject)
+        if len(self._recommissioned) == 1:
+            log.warning(
+                "models %s: subject %s (and any other machine commissioned before the threshold was set at "
+                "%g false episodes/day, false_episodes_per_day) is commissioned again from its next windows, "
+                "unscored until then; set false_episodes_per_day = 0 in [models.novelty] to keep the old fits",
+                self.name,
+                subject,
+                self.use.false_episodes_per_day,
+            )
+
+    def _spec_key(self, *, cusum: bool = True, rate: bool = True) -> tuple[float, ...]:
         s = self.spec if cusum else dataclasses.replace(self.spec, cusum_k=0.0)
+        s = s if rate else dataclasses.replace(s, episodes_per_window=0.0)
         key: tuple[float, ...] = (s.lags, s.ewma, s.var_keep, s.far, self._need)
         if self.window_s is not None:
             # Features over another length are not what it was fitted on; without a window of its
@@ -986,7 +1090,9 @@ class NoveltyModel:
             # Without the slow block and the CUSUM the key is 1.0.0's (with the slow block alone,
             # 1.1.0's), so states commissioned before them still load.
             key = (*key, s.ewma_slow)
-        return key if s.cusum_k <= 0.0 else (*key, s.cusum_k)
+        key = key if s.cusum_k <= 0.0 else (*key, s.cusum_k)
+        # A threshold at a stated episode rate is another fit; without it the key is 1.5.0's.
+        return key if s.episodes_per_window <= 0.0 else (*key, s.episodes_per_window)
 
     def _save(self, subject: str, subj: _Subject) -> None:
         path = self._path(subject)

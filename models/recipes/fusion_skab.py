@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gateway.inference.novelty import FALSE_EPISODES_PER_DAY
 from models.recipes.common import MODELS_DIR, binary_scores, rounded
 from models.recipes.novelty_skab import GRID_EWMA, GRID_VAR, GRID_W, pca_scores
 from models.recipes.pump_skab import (
@@ -66,7 +67,7 @@ F64 = npt.NDArray[np.float64]
 B = npt.NDArray[np.bool_]
 Setting = tuple[int, float, float]
 FUSION_NAME = "fusion_skab"
-FUSION_VERSION = "1.0.0"
+FUSION_VERSION = "1.1.0"  # 1.1.0: the novelty member at false_episodes_per_day 0.5 (its 1.6.0 default)
 FOLDS = 4
 MAX_FAR = 0.10
 WEIGHTS = tuple(round(0.1 * k, 1) for k in range(11))
@@ -100,14 +101,17 @@ def pump_scores(
     return {i: log_odds_over(served(valve[i], w, model, thr, tracking())[0], thr) for i in test}
 
 
-def novelty_scores(valve: list[Experiment], windows: tuple[int, ...] = GRID_W) -> dict[Setting, list[F64]]:
-    """``u_pca`` of rows FIT_ROWS.. of every file, for every novelty setting."""
+def novelty_scores(
+    valve: list[Experiment], windows: tuple[int, ...] = GRID_W, per_day: float | None = FALSE_EPISODES_PER_DAY
+) -> dict[Setting, list[F64]]:
+    """``u_pca`` of rows FIT_ROWS.. of every file, for every novelty setting (``per_day``: see pca_scores)."""
     out: dict[Setting, list[F64]] = {}
     for w in windows:
         feats = [window_features(e.x, w) for e in valve]
         for ewma, var in itertools.product(GRID_EWMA, GRID_VAR):
             out[(w, ewma, var)] = [
-                np.log(np.maximum(pca_scores(f, w, ewma, var)[FIT_ROWS - (w - 1) :], EPS)) for f in feats
+                np.log(np.maximum(pca_scores(f, w, ewma, var, per_day)[FIT_ROWS - (w - 1) :], EPS))
+                for f in feats
             ]
     return out
 
@@ -252,6 +256,7 @@ def shipped(valve: list[Experiment], normal: list[Experiment], out: Path) -> dic
                     "ewma_slow": 1.0,
                     "features": list(FEATURES),
                     "spread_only": list(DRIFTING),
+                    "false_episodes_per_day": FALSE_EPISODES_PER_DAY,
                 },
             },
         ],

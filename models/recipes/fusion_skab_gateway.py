@@ -53,7 +53,7 @@ from gateway.contracts import DEFAULT_MIN_COVERAGE, ModelResult, WindowModel
 from gateway.inference.build import model_lengths
 from gateway.inference.card import load_card
 from gateway.inference.fusion import FusionCard, FusionModel, Member, fuse_window
-from gateway.inference.novelty import NoveltyModel, NoveltyUse
+from gateway.inference.novelty import FALSE_EPISODES_PER_DAY, NoveltyModel, NoveltyUse
 from gateway.inference.runner import AnomalyModel
 from gateway.pipeline.windows import Windower
 from gateway.sample import SampleBlock, Stream, industrial_metric
@@ -99,10 +99,13 @@ def pump_member(
     return AnomalyModel(card, tmp, backend="onnxruntime", commissioning_windows=whole_windows(FIT_ROWS, w))
 
 
-def novelty_member(setting: tuple[int, float, float]) -> NoveltyModel:
+def novelty_member(
+    setting: tuple[int, float, float], per_day: float | None = FALSE_EPISODES_PER_DAY
+) -> NoveltyModel:
     """The gateway's novelty detector at one setting, commissioned on the whole windows of the first FIT_ROWS."""
     w, ewma, var = setting
     use = NoveltyUse(
+        false_episodes_per_day=per_day,
         window_s=float(w),
         ewma=ewma,
         var_keep=var,
@@ -153,7 +156,12 @@ def episode_flags(verdicts: list[ModelResult]) -> B:
 
 
 def held_out(
-    k: int, choice: dict[str, Any], valve: list[Experiment], normal: list[Experiment], tmp: Path
+    k: int,
+    choice: dict[str, Any],
+    valve: list[Experiment],
+    normal: list[Experiment],
+    tmp: Path,
+    per_day: float | None = FALSE_EPISODES_PER_DAY,
 ) -> tuple[dict[str, list[B]], int]:
     """Flags of rows FIT_ROWS.. of fold ``k``'s held-out files through the gateway, and unjudged rows.
 
@@ -181,7 +189,7 @@ def held_out(
     flags: dict[str, list[B]] = {"fusion": [], "fusion_episodes": [], "pump": [], "novelty": []}
     unjudged = 0
     for i in test:
-        novelty = novelty_member((int(setting[0]), float(setting[1]), float(setting[2])))
+        novelty = novelty_member((int(setting[0]), float(setting[1]), float(setting[2])), per_day)
         rows = replay(valve[i], f"valve1-{i}", [pump, novelty], [fusion], float(w))
         # window k -> row k - 1: rows FIT_ROWS.. are windows FIT_ROWS + 1..
         held = rows[FIT_ROWS:]
@@ -194,10 +202,19 @@ def held_out(
     return flags, unjudged
 
 
-def evaluate(valve: list[Experiment], normal: list[Experiment], tmp: Path) -> dict[str, Any]:
-    """Nested by file: choices on the training files (recipe), held-out files through the gateway."""
+def evaluate(
+    valve: list[Experiment],
+    normal: list[Experiment],
+    tmp: Path,
+    per_day: float | None = FALSE_EPISODES_PER_DAY,
+) -> dict[str, Any]:
+    """Nested by file: choices on the training files (recipe), held-out files through the gateway.
+
+    ``per_day``: the novelty detector's threshold at that many false episodes per day, in the
+    recipe's choices and the gateway alike (``false_episodes_per_day``).
+    """
     truth = [e.y[FIT_ROWS:] for e in valve]
-    nov = novelty_scores(valve)
+    nov = novelty_scores(valve, per_day=per_day)
     pooled: dict[str, list[B]] = {"fusion": [], "fusion_episodes": [], "pump": [], "novelty": []}
     pooled_truth: list[B] = []
     folds: list[dict[str, Any]] = []
@@ -211,7 +228,7 @@ def evaluate(valve: list[Experiment], normal: list[Experiment], tmp: Path) -> di
             "fold": k, "pump_window_s": w, "novelty_setting": list(setting), "weight_pump": a, "tau": tau,
             "scale_pump": s_pump, "scale_pca": s_pca, "inner": {m: round(v, 4) for m, v in inner.items()},
         }  # fmt: skip
-        flags, n = held_out(k, record, valve, normal, tmp)
+        flags, n = held_out(k, record, valve, normal, tmp, per_day)
         unjudged += n
         y = np.concatenate([truth[i] for i in test])
         record["held_out"] = {
@@ -242,13 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models.recipes.fusion_skab_gateway", description=__doc__)
     ap.add_argument("--data", type=Path, default=Path("/work/shared/data"))
     ap.add_argument("--out", type=Path, default=MODELS_DIR)
+    ap.add_argument(
+        "--false-episodes-per-day",
+        type=float,
+        default=FALSE_EPISODES_PER_DAY,
+        help="the novelty detector's threshold at this false-episode rate (default: the gateway's, %(default)s; 0: off)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("gateway").setLevel(logging.WARNING)
     valve, normal = load(args.data)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        result = evaluate(valve, normal, Path(tmp))
+        result = evaluate(valve, normal, Path(tmp), args.false_episodes_per_day)
     result["seconds"] = round(time.monotonic() - t0, 1)
     path = args.out / "fusion_skab.eval.json"
     ev = json.loads(path.read_text("utf-8")) if path.exists() else {}

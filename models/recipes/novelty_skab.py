@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gateway.inference.novelty import PcaSpec, fit_pca, prepare, score_rows
+from gateway.inference.novelty import FALSE_EPISODES_PER_DAY, PcaSpec, fit_pca, prepare, score_rows
 from models.recipes.common import MODELS_DIR, binary_scores
 from models.recipes.novelty_tep import false_episodes
 from models.recipes.pump_skab import FIT_ROWS, Experiment, load, window_features
@@ -66,9 +66,18 @@ LEADERBOARD = {
 }
 
 
-def pca_scores(f: F64, w: int, ewma: float, var: float) -> F64:
-    """PCA T²/SPE scores (1 at the 1 % limit) of windows w-1.. of one file, fitted on rows before FIT_ROWS."""
-    fit = fit_pca(f[w - 1 : FIT_ROWS], PcaSpec(ewma=ewma, var_keep=var, far=FAR))
+def pca_scores(
+    f: F64, w: int, ewma: float, var: float, per_day: float | None = FALSE_EPISODES_PER_DAY
+) -> F64:
+    """PCA T²/SPE scores (1 at the 1 % limit) of windows w-1.. of one file, fitted on rows before FIT_ROWS.
+
+    ``per_day``: the threshold at that many expected false episodes per day of 1-s windows
+    (the gateway's ``false_episodes_per_day``, its default unless given; 0 or None: off).
+    """
+    per_window = (per_day or 0.0) / 86_400.0
+    fit = fit_pca(
+        f[w - 1 : FIT_ROWS], PcaSpec(ewma=ewma, var_keep=var, far=FAR, episodes_per_window=per_window)
+    )
     return score_rows(fit, prepare(f[w - 1 :], fit.mean, fit.std, fit.spec))[0]
 
 

@@ -62,6 +62,7 @@ from gateway.contracts import AlarmKind, ModelResult, StreamFeatures, WindowReco
 from gateway.inference.novelty import (
     CUSUM_AUTO_K,
     CUSUM_AUTO_MIN_S,
+    FALSE_EPISODES_PER_DAY,
     CusumSums,
     NoveltyModel,
     NoveltyUse,
@@ -81,7 +82,7 @@ log = logging.getLogger(__name__)
 F64 = npt.NDArray[np.float64]
 
 NAME = "novelty"
-VERSION = "1.5.0"
+VERSION = "1.6.0"
 FAULTS = tuple(range(1, 22))
 TUNE = (1, 4, 7, 10, 13, 16, 19)
 HARD = (3, 9, 15, 21)
@@ -121,6 +122,10 @@ LONG_BLOCKS = 3
 LONG_MAX_HELD = 20
 HOURS_TE = 48.0
 HOURS_PER_SAMPLE = 0.05  # 3 min
+# The chosen point ships with its threshold at the gateway's default false-episode rate (1.6.0):
+# the grid is chosen at episode_limit as before (the rate was pre-registered on the card's chosen
+# settings, BENCHMARKS.md), and the chosen point is evaluated and shipped at this rate.
+EPISODES_PER_WINDOW = FALSE_EPISODES_PER_DAY * HOURS_PER_SAMPLE / 24.0
 
 
 # Every key of the gateway's [models.novelty] table, what it does (the card's gateway_settings).
@@ -152,6 +157,12 @@ SETTINGS = {
         "are back; applies to a commissioned machine at the next start"
     ),
     "var_keep": "share of the commissioning variance the principal subspace keeps",
+    "false_episodes_per_day": (
+        "expected false episodes per day of normal operation the threshold is set at, extrapolated from the "
+        "tail of the commissioning's out-of-fold scores at the machine's hop (episode_rate_limit), never below "
+        f"the limit that lets the commissioning raise none (default {FALSE_EPISODES_PER_DAY:g}, 1.6.0); 0: that limit "
+        "alone, 1.5.0's threshold (a change recommissions)"
+    ),
     "adapt_rate": "step of the guarded adaptation of the inputs' means on normal windows (0: none)",
     "latency_budget_us": "per-window compute budget on one core",
     "min_coverage": (
@@ -393,7 +404,9 @@ def choose(runs: dict[str, F64]) -> tuple[PcaSpec, list[dict[str, Any]]]:
         )
     for g in filter(tuning_bounds, grid):
         # Only where the tuning bounds hold (a second each): the drift case is the gateway's own path.
-        share, kept = follows_drift({k: g[k] for k in ("lags", "ewma", "ewma_slow", "cusum_k", "var_keep")})
+        # At episode_limit, as the grid's other figures (false_episodes_per_day 0: the option off).
+        settings = {k: g[k] for k in ("lags", "ewma", "ewma_slow", "cusum_k", "var_keep")}
+        share, kept = follows_drift(settings | {"false_episodes_per_day": 0.0})
         g["drift_far"] = round(share, 4)
         g["drift_fault_kept"] = kept
         g.update(long_normal(spec_of(g), runs["d00"]) or {"long_false_episodes_per_day": None})
@@ -546,7 +559,8 @@ def report(ev: dict[str, Any], spec: PcaSpec, grid: list[dict[str, Any]]) -> str
     lines.append(
         f"Chosen on tuning faults {', '.join(map(str, TUNE))}: lags {spec.lags}, EWMA {spec.ewma}, "
         f"slower EWMA {spec.ewma_slow}, residual CUSUM allowance {spec.cusum_k}, "
-        f"variance kept {spec.var_keep}; {ev['components']} components; "
+        f"variance kept {spec.var_keep}; threshold at {FALSE_EPISODES_PER_DAY:g} false episodes per day "
+        f"(episode_rate_limit, never below episode_limit); {ev['components']} components; "
         f"{ev['score_us_per_window_52_inputs']} us per window (52 inputs)."
     )
     keys = ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k")
@@ -579,7 +593,7 @@ def report(ev: dict[str, Any], spec: PcaSpec, grid: list[dict[str, Any]]) -> str
     return "\n".join(lines) + "\n"
 
 
-# What the card says of the detector's limits (written with every run; figures as of 1.5.0).
+# What the card says of the detector's limits (written with every run; figures as of 1.6.0).
 LIMITS = (
     "Settings transfer as counts of windows, not minutes: TEP samples are 3 min apart. "
     "Faults that leave the joint distribution of the measured variables unchanged (3, 9, 15 in TEP) are "
@@ -602,13 +616,19 @@ LIMITS = (
     "most one false episode per day and no alarm held over 1 h on d00 out of fold in 8.3 h blocks; 1.4.0's "
     "allowance 0.5 held one 31 windows there, and on d00_te held false alarms for 2.85 h and 1.5 h+ (a "
     "residual sitting at about the allowance holds the sum at its level); at 1.0 the slow held-out faults "
-    "are found less (fault 21 misses 0.25 of its samples against 0.10 at 0.5). False episodes on "
-    "held-apart normal data, frozen after commissioning: 1.0 per day on d00_te at its own limit (2 in "
-    "48 h, 1.3 % of its windows flagged); 0.43 per day on the 14 held-out runs before their faults. "
-    "Through the gateway's own pipeline, adapting as it ships (gateway_path): 3 on d00_te (1.5 per day, "
-    "above the aim of one; 1.5 % flagged, none held over 9 min), 2 in the held-out runs' 112 h before "
-    "their faults, 1 in the tuning runs' 56 h. The long-operation guard has 25 h of one run; a plant "
-    "whose normal offsets last longer than d00's can still hold an alarm for hours."
+    "are found less (fault 21 misses 0.25 of its samples against 0.10 at 0.5). Threshold at 0.5 false "
+    "episodes per day (1.6.0, false_episodes_per_day): where the tail of the commissioning's out-of-fold "
+    "scores extrapolates to that rate at the machine's hop, never below the limit above (on d00 1.0645 "
+    "against 1.0456); the settings were chosen at the limit above and the rate applied to the choice, "
+    "pre-registered on the tuning data (BENCHMARKS.md, 2026-12-05). It is an extrapolation from one "
+    "commissioning's tail: on generated data it held 0.5 a day on average, single machines 0.08-1.75; at "
+    "1-s windows the same rate per day is far out in the tail (SKAB's novelty member alone misses more "
+    "faulty windows). False episodes on held-apart normal data, as shipped (through the gateway's own "
+    "pipeline, adapting: gateway_path): 2 on d00_te (1.0 per day, at the aim of one; 1.15 % flagged, "
+    "none held over 9 min), 2 in the held-out runs' 112 h before their faults, 1 in the tuning runs' "
+    "56 h; frozen after commissioning: 1.0 per day on d00_te (2 in 48 h, 1.25 % flagged), 0.43 per "
+    "day on the 14 held-out runs before their faults. The long-operation guard has 25 h of one run; a "
+    "plant whose normal offsets last longer than d00's can still hold an alarm for hours."
 )
 
 
@@ -629,7 +649,10 @@ SITE_VIEW = (
     "(T2 at 1.010 of the alarm level adapting, 0.9998 frozen), because the means of v19 and v50 had "
     "followed the run's offset (+0.22 spreads) before a -3.5-spread excursion against it; on the normal "
     "operation the protocol may look at (d00 out of fold, the tuning runs before their faults joined, "
-    "81 h) adapting, adapt_rate 0 and frozen raise the same alarms."
+    "81 h) adapting, adapt_rate 0 and frozen raise the same alarms. With 1.6.0 (the same settings, the "
+    "threshold at 0.5 false episodes per day, pre-registered on allowed data; d00_te read once after the "
+    "decision): 11 windows flagged (1.15 %), 2 alarms (257, 913), each cleared 9 min after it was "
+    "raised, 1.0 per day; the alarm at 827 (1.010 of 1.5.0's threshold) is below the raised one."
 )
 
 
@@ -643,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(0)  # nothing here draws; fixed for any future randomised candidate
     runs = load(args.data)
     spec, grid = choose(runs)
+    spec = dataclasses.replace(spec, episodes_per_window=EPISODES_PER_WINDOW)
     log.info("chosen %s", spec)
     ev = evaluate(runs, spec)
     text = report(ev, spec, grid)
@@ -661,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             "cusum_k": spec.cusum_k,
             "var_keep": spec.var_keep,
             "false_alarm_rate": FAR,
+            "false_episodes_per_day": FALSE_EPISODES_PER_DAY,
         },
         "gateway_defaults": {
             "lags": defaults.lags,
@@ -669,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             "cusum_k": defaults.cusum_k,
             "var_keep": defaults.var_keep,
             "false_alarm_rate": defaults.false_alarm_rate,
+            "false_episodes_per_day": defaults.false_episodes_per_day,
         },
         # cusum_k unset: the residual CUSUM at this allowance from this commissioning span, else off.
         "gateway_cusum_default": {"cusum_k": CUSUM_AUTO_K, "min_commissioning_s": CUSUM_AUTO_MIN_S},

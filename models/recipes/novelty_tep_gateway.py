@@ -29,7 +29,7 @@ through that code, nothing re-implemented:
 * what is counted is what leaves the gateway: a window is flagged when the score it carries in its
   record is above 1, an alarm is an ``anomaly`` record of model ``novelty``.
 
-One setting, fixed by the card (1.5.0; no setting is chosen here, and no held-out figure chose
+One setting, fixed by the card (1.6.0, with its threshold at 0.5 false episodes per day; no setting is chosen here, and no held-out figure chose
 anything): the gateway's defaults, which since 1.4.0 are the card's ``chosen`` settings (the
 CUSUM on at the chosen allowance by ``gateway_cusum_default``); the recipe stops if they differ.
 It is replayed twice: as shipped (``adapt_rate`` default) and with ``adapt_rate = 0``, and beside
@@ -112,12 +112,19 @@ class Replay:
     named: list[str] = field(default_factory=list)  # per raise, the input it names first
 
 
-def novelty_table(card: dict[str, Any], setting: str, *, adapt: bool, rows: int = 500) -> dict[str, Any]:
-    """The ``[models.novelty]`` table of a setting, commissioned on ``rows`` windows (all of ``d00``)."""
+def novelty_table(
+    card: dict[str, Any], setting: str, *, adapt: bool, rows: int = 500, per_day: float | None = None
+) -> dict[str, Any]:
+    """The ``[models.novelty]`` table of a setting, commissioned on ``rows`` windows (all of ``d00``).
+
+    ``per_day``: its threshold at that many expected false episodes per day (``false_episodes_per_day``).
+    """
     table: dict[str, Any] = {"commissioning_s": rows * PERIOD_S}
+    if per_day is not None:
+        table["false_episodes_per_day"] = per_day
     if setting == "card_choice":
         chosen = card["chosen"]
-        keys = ("lags", "ewma", "ewma_slow", "var_keep", "false_alarm_rate")
+        keys = ("lags", "ewma", "ewma_slow", "var_keep", "false_alarm_rate", "false_episodes_per_day")
         table |= {k: chosen[k] for k in keys}
         # cusum_k stays unset: the default rule turns it on at the chosen allowance (checked below).
     if not adapt:
@@ -276,19 +283,25 @@ def figures(replays: dict[str, Replay]) -> dict[str, Any]:
     return out
 
 
-def evaluate(runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp: Path) -> dict[str, Any]:
+def evaluate(
+    runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp: Path, per_day: float | None = None
+) -> dict[str, Any]:
     """Every setting through the gateway (adapting and not) and frozen, on the same runs."""
     result: dict[str, Any] = {}
     for setting in SETTINGS:
-        table = novelty_table(card, setting, adapt=True)
+        table = novelty_table(card, setting, adapt=True, per_day=per_day)
         use = NoveltyUse.model_validate(table)
         spec = spec_of_use(use)
         chosen = card["chosen"]
-        got = (spec.lags, spec.ewma, spec.ewma_slow, spec.var_keep, spec.cusum_k)
-        want = tuple(chosen[k] for k in ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k"))
+        got = (spec.lags, spec.ewma, spec.ewma_slow, spec.var_keep, spec.cusum_k, use.false_episodes_per_day)
+        want = tuple(
+            chosen.get(k)
+            for k in ("lags", "ewma", "ewma_slow", "var_keep", "cusum_k", "false_episodes_per_day")
+        )
         if got != want:
             raise SystemExit(
-                f"novelty_tep_gateway: {setting} builds {got} (lags, ewma, ewma_slow, var_keep, cusum_k), "
+                f"novelty_tep_gateway: {setting} builds {got} (lags, ewma, ewma_slow, var_keep, cusum_k, "
+                "false_episodes_per_day), "
                 f"not the card's choice {want}: the defaults and the card must say one thing"
             )
         fit = fit_pca(runs["d00"], spec)
@@ -301,7 +314,7 @@ def evaluate(runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp
         state = commission(tmp / setting / "commissioning", table, runs["d00"])
         for adapt in (False, True):
             t0 = time.monotonic()
-            table = novelty_table(card, setting, adapt=adapt)
+            table = novelty_table(card, setting, adapt=adapt, per_day=per_day)
             replays = {run: replay(state, table, x, tmp / setting / "run") for run, x in scored.items()}
             columns["gateway_adapting" if adapt else "gateway_no_adaptation"] = figures(replays)
             log.info("%s, adaptation %s: %.0f s", setting, "on" if adapt else "off", time.monotonic() - t0)
@@ -315,13 +328,16 @@ def evaluate(runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp
                 "cusum_k": spec.cusum_k,
                 "cusum_clear": spec.cusum_clear,
                 "adapt_rate": use.adapt_rate,
+                "false_episodes_per_day": use.false_episodes_per_day,
             },
             **columns,
         }
     return result
 
 
-def allowed(runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp: Path) -> dict[str, Any]:
+def allowed(
+    runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp: Path, per_day: float | None = None
+) -> dict[str, Any]:
     """Normal operation the protocol may look at, as shipped, with ``adapt_rate = 0`` and frozen.
 
     ``d00`` out of fold in the long-operation guard's blocks (each replayed from a commissioning
@@ -329,9 +345,12 @@ def allowed(runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp:
     before their faults joined into one run (56 h from one commissioning on ``d00``, adaptation
     carried from run to run): whether adaptation or the gateway's start-up adds false episodes
     where nothing is held out.  Per case and column: flagged share, the windows the alarms were
-    raised at, and the windows whose verdict differs from the frozen scoring's.
+    raised at, and the windows whose verdict differs from the frozen scoring's.  ``per_day``: see
+    :func:`novelty_table`.
     """
-    spec = spec_of_use(NoveltyUse.model_validate(novelty_table(card, SETTINGS[0], adapt=True)))
+    spec = spec_of_use(
+        NoveltyUse.model_validate(novelty_table(card, SETTINGS[0], adapt=True, per_day=per_day))
+    )
     d00 = runs["d00"]
     n, gap = len(d00), gap_rows(spec)
     cases: list[tuple[str, npt.NDArray[np.float64], npt.NDArray[np.float64]]] = []
@@ -343,11 +362,14 @@ def allowed(runs: dict[str, npt.NDArray[np.float64]], card: dict[str, Any], tmp:
     out: dict[str, Any] = {}
     for case, (name, normal, x) in enumerate(cases):
         base = frozen(novelty_scores(fit_pca(normal, spec), x) > 1.0)
-        table = novelty_table(card, SETTINGS[0], adapt=True, rows=len(normal))
+        table = novelty_table(card, SETTINGS[0], adapt=True, rows=len(normal), per_day=per_day)
         state = commission(tmp / f"allowed-{case}", table, normal)
         replays = {"frozen": base} | {
             col: replay(
-                state, novelty_table(card, SETTINGS[0], adapt=adapt, rows=len(normal)), x, tmp / "allowed-run"
+                state,
+                novelty_table(card, SETTINGS[0], adapt=adapt, rows=len(normal), per_day=per_day),
+                x,
+                tmp / "allowed-run",
             )
             for col, adapt in (("gateway_no_adaptation", False), ("gateway_adapting", True))
         }
