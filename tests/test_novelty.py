@@ -170,8 +170,14 @@ def test_a_machine_commissioned_before_the_default_rate_is_commissioned_again_at
     path = before._path("pump-1")
     assert path is not None
     stored = json.loads(path.read_text("utf-8"))
-    assert stored["version"] == 1
     assert len(stored["spec"]) == 7  # 1.5.0's key: no rate in it
+    for subject in ("pump-1", "pump-2"):  # as 1.5.0 wrote them: state version 1, no units
+        p = before._path(subject)
+        assert p is not None
+        raw = json.loads(p.read_text("utf-8"))
+        raw["version"] = 1
+        del raw["units"]
+        p.write_text(json.dumps(raw), "utf-8")
     old_threshold = before.fit_of("pump-1").threshold  # type: ignore[union-attr]
 
     after = NoveltyModel(new, hop_s=180.0, state_dir=tmp_path)

@@ -1015,7 +1015,7 @@ class NoveltyModel:
                 list(self._spec_key()),
                 list(self._spec_key(cusum=False)),
             ):
-                if raw["version"] == STATE_VERSION and key in (
+                if raw["version"] in (1, STATE_VERSION) and key in (
                     list(self._spec_key(rate=False)),
                     list(self._spec_key(cusum=False, rate=False)),
                 ):
