@@ -121,6 +121,9 @@ def test_a_limit_at_a_stated_episode_rate_holds_that_rate_on_long_fresh_normal_d
     # A rate the commissioning's windows already keep at the tail's base: the base, nothing extrapolated.
     runs = np.concatenate([np.minimum(f[:-1], f[1:]) for f in folds])
     assert episode_rate_limit(folds, 1.0) == float(np.quantile(runs, 0.9))
+    # Scores that are not all finite state no rate (the quantile would be NaN and drop the rule unseen).
+    broken = [np.where(np.arange(f.shape[0]) == 3, np.nan, f) for f in folds]
+    assert episode_rate_limit(broken, 1e-5) == 1e-9
 
 
 def test_the_episode_rate_option_raises_the_threshold_and_keeps_its_state(tmp_path: Path) -> None:

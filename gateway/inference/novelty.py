@@ -75,7 +75,8 @@ are compared as :func:`gateway.units.normalise` spells them (``°C`` and ``Cel``
 change is logged once and the subject's status says ``commissioning (unit changed from X to Y:
 <input>)`` until it is commissioned again.  A state stored before units were kept (version 1) is
 loaded with its units unknown: kept, each input taking its stream's unit from the next window and
-stored at once (so a change while the gateway is down is seen at the next start).  An empty unit
+stored at once (so a change while the gateway is down is seen at the next start); under the default
+false-episode rate such a state, written before the rate existed, commissions again instead.  An empty unit
 (a driver that could not read it) is unknown, never a change; UCUM ``1`` (dimensionless) is a unit.
 A machine recommissioned with an anomaly open says ``unit_changed`` (indeterminate) while it
 commissions, and logs that its new statistics hold that condition.
@@ -486,6 +487,8 @@ def episode_rate_limit(
         return 1e-9
     pooled = np.concatenate(stats)
     u = float(np.quantile(pooled, 1.0 - tail))
+    if not math.isfinite(u):
+        return 1e-9  # scores that are not all finite state no rate: episode_limit alone decides
     peaks = np.concatenate([_cluster_peaks(x, u, gap) for x in stats])
     lam = peaks.size / pooled.size
     if peaks.size == 0 or lam <= per_window:
@@ -1072,7 +1075,8 @@ class NoveltyModel:
             log.warning(
                 "models %s: subject %s (and any other machine commissioned before the threshold was set at "
                 "%g false episodes/day, false_episodes_per_day) is commissioned again from its next windows, "
-                "unscored until then; set false_episodes_per_day = 0 in [models.novelty] to keep the old fits",
+                "unscored until then (its old fit is overwritten at the first save, within 20 windows); to keep "
+                "the old fits set false_episodes_per_day = 0 in [models.novelty] before upgrading",
                 self.name,
                 subject,
                 self.use.false_episodes_per_day,
