@@ -135,19 +135,24 @@ def test_a_restart_while_a_stream_commissions_again_does_not_bring_the_old_basel
     assert det.subject_states() == {"tank-1": "active"}
 
 
-def test_a_per_stream_state_stored_without_units_is_kept_and_takes_the_next_window_s_unit(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def commissioned_as_version_2(tmp_path: Path, seed: int) -> tuple[Path, int]:
+    """A tag commissioned in Cel, its state file rewritten as version 2 wrote it (no unit per stream)."""
     det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path)
     need = det.commissioning_windows
-    det.score_batch(tag_windows(celsius(need, 8), "Cel"))
-    # The file as version 2 wrote it: no unit per stream.
+    det.score_batch(tag_windows(celsius(need, seed), "Cel"))
     path = next((tmp_path / "models").glob("stream_change-*.json"))
     state = json.loads(path.read_text())
     state["key"][0] = 2
     for s in state["streams"].values():
         del s["unit"]
     path.write_text(json.dumps(state))
+    return path, need
+
+
+def test_a_per_stream_state_stored_without_units_is_kept_and_takes_the_next_window_s_unit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, need = commissioned_as_version_2(tmp_path, 8)
     det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path)
     with caplog.at_level(logging.INFO, "gateway.inference.streams"):
         res = det.score_batch(tag_windows(celsius(20, 9), "Cel", start=need))
@@ -230,15 +235,7 @@ def test_an_unread_unit_is_unknown_not_a_change(tmp_path: Path, caplog: pytest.L
 
 
 def test_a_unit_taken_for_a_state_stored_without_units_is_stored_at_once(tmp_path: Path) -> None:
-    det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path)
-    need = det.commissioning_windows
-    det.score_batch(tag_windows(celsius(need, 24), "Cel"))
-    path = next((tmp_path / "models").glob("stream_change-*.json"))
-    state = json.loads(path.read_text())
-    state["key"][0] = 2
-    for s in state["streams"].values():
-        del s["unit"]
-    path.write_text(json.dumps(state))
+    path, need = commissioned_as_version_2(tmp_path, 24)
     det = StreamChange(USE, hop_s=1.0, state_dir=tmp_path)
     det.score_batch(tag_windows(celsius(5, 25), "Cel", start=need))
     assert json.loads(path.read_text())["streams"][TAG]["unit"] == "degC"
